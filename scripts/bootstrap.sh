@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine (run as root or with sudo):
+# redis-server and postgresql from Debian, uv from PyPI, the locked Python environment,
+# and the pinned Cosmos emulator from npm. Safe to run again: it skips what is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bootstrap] %s\n' "$*"; }
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need_apt+=(postgresql)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  say "installing ${need_apt[*]} from Debian"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv"
+  python3 -m pip install -q --disable-pip-version-check uv
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  uv venv --quiet --python 3.11 .venv 2>/dev/null || uv venv --quiet .venv
+fi
+say "syncing .venv with requirements-dev.lock"
+uv pip sync --quiet --python .venv/bin/python requirements-dev.lock
+uv pip install --quiet --python .venv/bin/python --no-deps -e .
+
+if [ ! -d node_modules/@vercel/cosmosdb-server ]; then
+  say "installing the Cosmos emulator (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+say "ready"

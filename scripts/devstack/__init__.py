@@ -1,0 +1,25 @@
+"""Start and stop the local stack (Redis, Cosmos emulator, Postgres) without Docker."""
+
+from .servers import (
+    COSMOS_EMULATOR_KEY,
+    CosmosEmulator,
+    PostgresServer,
+    RedisServer,
+    ServerStartError,
+    free_port,
+)
+from .stack import Stack, down, running, status, up
+
+__all__ = [
+    "COSMOS_EMULATOR_KEY",
+    "CosmosEmulator",
+    "PostgresServer",
+    "RedisServer",
+    "ServerStartError",
+    "Stack",
+    "down",
+    "free_port",
+    "running",
+    "status",
+    "up",
+]

@@ -1,0 +1,335 @@
+"""Real local servers (Redis, Cosmos emulator, Postgres) started as child processes.
+
+Each server binds to loopback on a port chosen by the caller (or a free one),
+keeps its data in a directory the caller owns, and is stopped by the pid this
+module started: nothing here touches a process it did not launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = "127.0.0.1"
+
+# The Cosmos emulator's well-known public key (documented by Microsoft; not a secret).
+COSMOS_EMULATOR_KEY = (
+    "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
+)
+
+
+class ServerStartError(RuntimeError):
+    """A local server did not become ready; the message carries its log tail."""
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (the OS picks it, so parallel runs do not collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(kw_only=True)
+class LocalServer:
+    """Base for one child-process server with a pid, a port and a log file."""
+
+    name: str
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return _port_open(self.port)
+
+    def prepare(self) -> None:
+        """Per-server setup before the first start (data directories and the like)."""
+
+    def popen_kwargs(self) -> dict[str, object]:
+        return {}
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        if _port_open(self.port):
+            raise ServerStartError(f"{self.name}: port {self.port} is already in use")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **self.popen_kwargs(),  # type: ignore[call-overload]
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"{self.name} exited with {self.process.returncode}:\n{_tail(self.log_path)}"
+                )
+            if self.ready():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise ServerStartError(f"{self.name} not ready after {timeout}s:\n{_tail(self.log_path)}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        stop_pid(self.process.pid, timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP the server (for fault tests): connections hang instead of failing."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+def stop_pid(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL if it lingers."""
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie that is not our child still answers kill(0); treat it as gone.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        return state != "Z"
+    return True
+
+
+@dataclass(kw_only=True)
+class RedisServer(LocalServer):
+    name: str = "redis"
+    maxmemory: str | None = None
+    maxmemory_policy: str | None = None
+
+    def command(self) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerStartError("redis-server not found: run scripts/bootstrap.sh")
+        argv = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            LOOPBACK,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "yes",
+        ]
+        if self.maxmemory:
+            argv += ["--maxmemory", self.maxmemory]
+        if self.maxmemory_policy:
+            argv += ["--maxmemory-policy", self.maxmemory_policy]
+        return argv
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.url}
+
+
+@dataclass(kw_only=True)
+class CosmosEmulator(LocalServer):
+    name: str = "cosmos"
+
+    def command(self) -> list[str]:
+        node = shutil.which("node")
+        if node is None:
+            raise ServerStartError("node not found: install Node.js")
+        script = REPO_ROOT / "scripts" / "cosmos-emulator.js"
+        if not (REPO_ROOT / "node_modules" / "@vercel" / "cosmosdb-server").exists():
+            raise ServerStartError("cosmos emulator not installed: run scripts/bootstrap.sh")
+        return [node, str(script), str(self.port), LOOPBACK]
+
+    def popen_kwargs(self) -> dict[str, object]:
+        return {"cwd": str(REPO_ROOT)}
+
+    def ready(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(self.endpoint, context=context, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://{LOOPBACK}:{self.port}/"
+
+    def env(self) -> dict[str, str]:
+        return {"COSMOS_ENDPOINT": self.endpoint, "COSMOS_KEY": COSMOS_EMULATOR_KEY}
+
+
+def _postgres_bin(tool: str) -> str:
+    found = shutil.which(tool)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for directory in versions:
+        if (directory / tool).exists():
+            return str(directory / tool)
+    raise ServerStartError(f"{tool} not found: run scripts/bootstrap.sh (installs postgresql)")
+
+
+@dataclass(kw_only=True)
+class PostgresServer(LocalServer):
+    """A throwaway cluster; Postgres refuses to run as root, so root drops to `postgres`."""
+
+    name: str = "postgres"
+    user: str = "postgres"
+
+    @property
+    def data_dir(self) -> Path:
+        if os.geteuid() != 0:
+            return self.workdir / "pgdata"
+        # The `postgres` account may not be able to traverse the caller's (often 0700)
+        # directories, so as root the cluster lives in a world-traversable temp folder
+        # named after the caller's workdir.
+        digest = hashlib.sha256(str(self.workdir.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"agent-state-pg-{digest}"
+
+    def _server_ids(self) -> tuple[int, int] | None:
+        """(uid, gid) to drop to when running as root; None otherwise."""
+        if os.geteuid() != 0:
+            return None
+        account = pwd.getpwnam(self.user)
+        return account.pw_uid, account.pw_gid
+
+    def prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ids = self._server_ids()
+        if ids:
+            os.chown(self.data_dir, *ids)
+        subprocess.run(
+            [
+                _postgres_bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            user=ids[0] if ids else None,
+            group=ids[1] if ids else None,
+        )
+
+    def command(self) -> list[str]:
+        return [
+            _postgres_bin("postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-c",
+            f"listen_addresses={LOOPBACK}",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
+
+    def popen_kwargs(self) -> dict[str, object]:
+        ids = self._server_ids()
+        return {"user": ids[0], "group": ids[1]} if ids else {}
+
+    def ready(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        result = subprocess.run(
+            [_postgres_bin("pg_isready"), "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres"],
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+
+    def env(self) -> dict[str, str]:
+        return {"POSTGRES_URL": self.url}
+
+    def remove_data(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)

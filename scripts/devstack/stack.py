@@ -1,0 +1,175 @@
+"""The local stack: which servers run, where, and how to find them again.
+
+`up` starts the servers detached and records their pids and ports in a state
+file; `down` stops exactly those pids. Tests use `Stack` directly with their
+own workdir and free ports, so they never collide with a developer's stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .servers import (
+    REPO_ROOT,
+    CosmosEmulator,
+    LocalServer,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    stop_pid,
+)
+
+DEFAULT_WORKDIR = REPO_ROOT / ".local" / "stack"
+DEFAULT_PORTS = {"redis": 6390, "cosmos": 8091, "postgres": 5440}
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    redis: RedisServer | None = None
+    cosmos: CosmosEmulator | None = None
+    postgres: PostgresServer | None = None
+    started: list[LocalServer] = field(default_factory=list)
+
+    @classmethod
+    def plan(
+        cls,
+        workdir: Path,
+        *,
+        with_redis: bool = True,
+        with_cosmos: bool = True,
+        with_postgres: bool = False,
+        ports: dict[str, int] | None = None,
+    ) -> Stack:
+        """Describe the servers to run; a port of 0 (or none given) means any free one."""
+        chosen = ports or {}
+
+        def port(name: str) -> int:
+            return chosen.get(name) or free_port()
+
+        return cls(
+            workdir=workdir,
+            redis=RedisServer(port=port("redis"), workdir=workdir / "redis")
+            if with_redis
+            else None,
+            cosmos=CosmosEmulator(port=port("cosmos"), workdir=workdir / "cosmos")
+            if with_cosmos
+            else None,
+            postgres=PostgresServer(port=port("postgres"), workdir=workdir / "postgres")
+            if with_postgres
+            else None,
+        )
+
+    @property
+    def servers(self) -> list[LocalServer]:
+        return [s for s in (self.redis, self.cosmos, self.postgres) if s is not None]
+
+    def start(self, progress: bool = False) -> None:
+        for server in self.servers:
+            if progress:
+                print(f"starting {server.name} on 127.0.0.1:{server.port} ...", flush=True)
+            server.start()
+            self.started.append(server)
+            if progress:
+                print(f"  {server.name} ready (pid {server.pid})", flush=True)
+
+    def stop(self) -> None:
+        for server in reversed(self.started):
+            server.stop()
+        self.started.clear()
+
+    def env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for server in self.servers:
+            values.update(server.env())  # type: ignore[attr-defined]
+        return values
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "workdir": str(self.workdir),
+            "servers": {s.name: {"port": s.port, "pid": s.pid} for s in self.servers},
+            "env": self.env(),
+        }
+
+
+@contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def state_file(workdir: Path) -> Path:
+    return workdir / "stack.json"
+
+
+def up(
+    workdir: Path = DEFAULT_WORKDIR,
+    *,
+    with_postgres: bool = False,
+    ports: dict[str, int] | None = None,
+) -> dict[str, object]:
+    """Start the stack detached (it outlives this process) and record what was started."""
+    existing = status(workdir)
+    if existing.get("running"):
+        raise RuntimeError(f"a stack is already running from {workdir}; run `down` first")
+    stack = Stack.plan(
+        workdir,
+        with_postgres=with_postgres,
+        ports={**DEFAULT_PORTS, **(ports or {})},
+    )
+    try:
+        stack.start(progress=True)
+    except BaseException:
+        stack.stop()
+        raise
+    description = stack.describe()
+    workdir.mkdir(parents=True, exist_ok=True)
+    state_file(workdir).write_text(json.dumps(description, indent=2))
+    return description
+
+
+def status(workdir: Path = DEFAULT_WORKDIR) -> dict[str, object]:
+    path = state_file(workdir)
+    if not path.exists():
+        return {"running": False}
+    description = json.loads(path.read_text())
+    alive = {
+        name: _pid_alive(int(info["pid"]))
+        for name, info in description["servers"].items()
+        if info.get("pid")
+    }
+    return {**description, "alive": alive, "running": any(alive.values())}
+
+
+def down(workdir: Path = DEFAULT_WORKDIR) -> list[str]:
+    """Stop the servers recorded by `up` (by pid), then forget them."""
+    path = state_file(workdir)
+    if not path.exists():
+        return []
+    description = json.loads(path.read_text())
+    stopped = []
+    for name, info in description["servers"].items():
+        pid = info.get("pid")
+        if pid and _pid_alive(int(pid)):
+            stop_pid(int(pid))
+            stopped.append(name)
+    path.unlink()
+    return stopped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

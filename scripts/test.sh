@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, checks lint, format and types,
+# then runs pytest (which starts and stops its own Redis, Cosmos emulator and
+# Postgres on free loopback ports). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+
+echo "[test] ruff check"; .venv/bin/ruff check .
+echo "[test] ruff format --check"; .venv/bin/ruff format --check .
+echo "[test] mypy"; .venv/bin/mypy
+echo "[test] pytest"
+set +e
+.venv/bin/pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "[test] pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$status"

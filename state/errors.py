@@ -1,0 +1,85 @@
+"""Typed errors of the state library. Callers catch these, never a client's own."""
+
+from __future__ import annotations
+
+
+class StateError(Exception):
+    """Base of every error the state library raises on purpose."""
+
+
+class VersionConflict(StateError):
+    """A write expected a version the store no longer holds (a concurrent writer won)."""
+
+    def __init__(self, thread_id: str, expected: int | None, actual: int | None) -> None:
+        super().__init__(
+            f"version conflict on {thread_id!r}: expected version {expected}, store has {actual}"
+        )
+        self.thread_id = thread_id
+        self.expected = expected
+        self.actual = actual
+
+
+class WorkflowExists(StateError):
+    """A create found a record already stored under that thread id."""
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"workflow {thread_id!r} already exists")
+        self.thread_id = thread_id
+
+
+class WorkflowNotFound(StateError):
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"workflow {thread_id!r} not found")
+        self.thread_id = thread_id
+
+
+class StaleFencingToken(StateError):
+    """A writer presented a fencing token older than one the store has already seen."""
+
+    def __init__(self, thread_id: str, presented: int, highest: int) -> None:
+        super().__init__(
+            f"stale fencing token on {thread_id!r}: presented {presented}, store has seen {highest}"
+        )
+        self.thread_id = thread_id
+        self.presented = presented
+        self.highest = highest
+
+
+class LockNotAcquired(StateError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"lock {name!r} is held by another owner")
+        self.name = name
+
+
+class StateTooLarge(StateError):
+    """A value cannot be stored within the backend's limits even after compression/chunking."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class BackendUnavailable(StateError):
+    """A store could not be reached (connection refused, timeout, service unavailable)."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        super().__init__(f"{backend} unavailable: {detail}")
+        self.backend = backend
+
+
+class UnsupportedSchemaVersion(StateError):
+    """A stored document was written by newer code than this one (no upcaster can read it)."""
+
+    def __init__(self, kind: str, found: int, supported: int) -> None:
+        super().__init__(
+            f"{kind} has schema_version {found}; this code reads up to {supported}. "
+            "Upgrade the application before reading this state."
+        )
+        self.kind = kind
+        self.found = found
+        self.supported = supported
+
+
+class SettingsError(StateError):
+    """The configuration is incomplete or contradictory."""

@@ -1,0 +1,292 @@
+"""The ports of the state library: what the tiers promise, not how they do it.
+
+Adapters (`state.hot.*`, `state.cold.*`) implement these; the composition
+(`state.tiered`), the LangGraph saver (`state.checkpoint`) and the app depend
+only on these protocols. Every document a cold store writes carries
+`schema_version`; every JSON value here is plain JSON (dict/list/str/number/
+bool/None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+JSON = Any  # a JSON-compatible value
+
+# (serde type tag, payload bytes) as produced by LangGraph's `serde.dumps_typed`.
+TypedBytes = tuple[str, bytes]
+
+
+# --------------------------------------------------------------------------- workflow records
+
+
+@dataclass(frozen=True)
+class WorkflowRecord:
+    """The durable per-thread workflow document: named sections plus a version."""
+
+    thread_id: str
+    version: int
+    sections: dict[str, JSON]
+    schema_version: int
+    created_at: str  # ISO 8601 UTC
+    updated_at: str
+    # Highest fencing token a writer presented so far (0: none).
+    fence: int = 0
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One append-only record of a change: who, what, before, after, which version."""
+
+    thread_id: str
+    version: int  # the record version this change produced
+    agent_id: str
+    section: str
+    before: JSON
+    after: JSON
+    at: str  # ISO 8601 UTC
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A held lock: the token proves ownership, the fence orders holders over time."""
+
+    name: str
+    token: str
+    fence: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class TierHealth:
+    name: str
+    up: bool
+    detail: str = ""
+    latency_ms: float | None = None
+
+
+@runtime_checkable
+class ColdStateStore(Protocol):
+    """Source of truth for workflow records and their audit trail (Cosmos, Postgres)."""
+
+    name: str
+
+    async def setup(self) -> None:
+        """Create what is missing (container / migrations) where the settings allow it."""
+
+    async def create(
+        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
+    ) -> WorkflowRecord:
+        """Store version 1; raise `WorkflowExists` if the thread already has a record."""
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None: ...
+
+    async def update_section(
+        self,
+        thread_id: str,
+        section: str,
+        value: JSON,
+        *,
+        expected_version: int,
+        agent_id: str,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """Replace one section if the record is still at `expected_version`.
+
+        Raises `VersionConflict` (stale version), `WorkflowNotFound`, or
+        `StaleFencingToken` (a token lower than one already presented). On
+        success the record is at `expected_version + 1` and an `AuditEntry`
+        for that version exists.
+        """
+
+    async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
+        """Newest first."""
+
+    async def delete(self, thread_id: str) -> None: ...
+
+    async def health(self) -> TierHealth: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class HotStateStore(Protocol):
+    """The Redis tier: a cache of workflow records plus coordination primitives.
+
+    All keys of one thread share the hash tag `{thread_id}`.
+    """
+
+    name: str
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None: ...
+
+    async def install(self, record: WorkflowRecord, *, ttl_seconds: int) -> bool:
+        """Cache `record` unless the cache already holds a newer version (atomic).
+
+        Returns whether it was installed.
+        """
+
+    async def merge_section(
+        self, thread_id: str, section: str, value: JSON, *, version: int | None = None
+    ) -> bool:
+        """Atomically replace one section of the cached record, keeping its TTL.
+
+        With `version`, only if the cached record is older than `version` (it
+        then becomes `version`). Returns False if nothing is cached.
+        """
+
+    async def update_field(self, thread_id: str, section: str, field: str, value: JSON) -> bool:
+        """Atomically set one field inside one section, keeping the TTL."""
+
+    async def invalidate(self, thread_id: str) -> None: ...
+
+    async def ttl(self, thread_id: str) -> int:
+        """Remaining TTL in seconds (-2 when absent, -1 without expiry)."""
+
+    async def acquire_lock(self, name: str, *, ttl_ms: int) -> Lock | None:
+        """Take the lock if free; the returned fence is higher than any issued before."""
+
+    async def release_lock(self, lock: Lock) -> bool:
+        """Release only if `lock.token` still owns it (compare-and-delete)."""
+
+    async def health(self) -> TierHealth: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One LangGraph checkpoint as a cold store keeps it.
+
+    `checkpoint` is the serialized checkpoint *without* channel values (those
+    live as blobs, one per channel version, written only when they change).
+    """
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_checkpoint_id: str | None
+    checkpoint: TypedBytes
+    metadata: dict[str, JSON]
+    channel_versions: dict[str, str | int | float]
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    channel: str
+    version: str | int | float
+    value: TypedBytes  # ("empty", b"") marks a channel with no value at that version
+
+
+@dataclass(frozen=True)
+class StoredWrite:
+    task_id: str
+    task_path: str
+    idx: int
+    channel: str
+    value: TypedBytes
+
+
+@dataclass(frozen=True)
+class CheckpointPage:
+    items: list[StoredCheckpoint]
+    continuation: str | None = None
+
+
+PruneStrategy = Literal["keep_latest", "delete"]
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Durable checkpoint storage behind the LangGraph saver (one partition per thread).
+
+    Semantics shared by every backend (the contract tests check them):
+    - `put_checkpoint` stores the new blobs, then the checkpoint; a crash in
+      between leaves unreferenced blobs, never a checkpoint missing blobs.
+    - checkpoint ids are time-ordered strings (LangGraph uuid6); "latest" and
+      `before` compare them as strings, newest first.
+    - `put_writes` keyed by (checkpoint, task_id, idx): with `upsert` a repeat
+      replaces, without it a repeat is ignored (LangGraph's special channels
+      such as errors/interrupts replace, ordinary writes do not).
+    """
+
+    name: str
+
+    async def setup(self) -> None: ...
+
+    async def put_checkpoint(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> None: ...
+
+    async def put_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> None: ...
+
+    async def get_checkpoint(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> StoredCheckpoint | None:
+        """By id, or the latest of (thread, namespace) when `checkpoint_id` is None."""
+
+    async def get_blobs(
+        self, thread_id: str, checkpoint_ns: str, versions: dict[str, str | int | float]
+    ) -> dict[str, TypedBytes]:
+        """The blob of each (channel, version) asked for; channels without one are left out."""
+
+    async def get_writes(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
+    ) -> list[StoredWrite]:
+        """Pending writes of a checkpoint, ordered by (task_id, idx)."""
+
+    def list_checkpoints(
+        self,
+        *,
+        thread_id: str | None,
+        checkpoint_ns: str | None,
+        before: str | None,
+        limit: int | None,
+        metadata_filter: dict[str, JSON] | None,
+    ) -> AsyncIterator[StoredCheckpoint]:
+        """Newest first, paged from the store (never the whole partition in memory)."""
+
+    async def delete_thread(self, thread_id: str) -> None: ...
+
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`."""
+
+    async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
+
+    async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
+        """keep_latest: keep only the newest checkpoint of each namespace; delete: all."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Counters:
+    """Round trips an adapter made, for the benchmark and for tests of O(1) claims."""
+
+    requests: int = 0
+    request_charge: float = 0.0
+    by_operation: dict[str, int] = field(default_factory=dict)
+
+    def count(self, operation: str, charge: float = 0.0) -> None:
+        self.requests += 1
+        self.request_charge += charge
+        self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.request_charge = 0.0
+        self.by_operation.clear()

@@ -1,0 +1,105 @@
+"""One typed settings object, read from the environment.
+
+The environment variable names are exactly the field names upper-cased; they
+are the keys of `local.settings.sample.json` Values and of the Function App's
+app settings in Bicep (a test checks all three agree). Secrets are `SecretStr`
+so they never appear in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import SettingsError
+
+
+class ColdBackend(StrEnum):
+    COSMOS = "cosmos"
+    POSTGRES = "postgres"
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Which cold tier is the source of truth for the whole app.
+    state_cold_backend: ColdBackend = ColdBackend.COSMOS
+
+    # Hot tier. REDIS_URL (may carry a password) for local use; in Azure,
+    # REDIS_HOST + Entra ID through the managed identity (no password at all).
+    # Neither set: the app runs on the cold tier alone.
+    redis_url: SecretStr | None = None
+    redis_host: str | None = None
+    redis_port: int = 6380
+    redis_ssl: bool = True
+
+    # Cosmos DB. No key: DefaultAzureCredential (managed identity in Azure).
+    cosmos_endpoint: str | None = None
+    cosmos_key: SecretStr | None = None
+    cosmos_database: str = "agentstate"
+    cosmos_container: str = "state"
+    # Data-plane RBAC cannot create databases/containers; in Azure Bicep does.
+    cosmos_create_if_missing: bool = False
+
+    # Postgres. POSTGRES_URL locally; in Azure host/database/user with an Entra token.
+    postgres_url: SecretStr | None = None
+    postgres_host: str | None = None
+    postgres_database: str = "agentstate"
+    postgres_user: str | None = None
+
+    # Client id of the user-assigned managed identity (read by azure-identity too).
+    azure_client_id: str | None = None
+
+    # Retention and size.
+    state_hot_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    state_cold_ttl_seconds: int = Field(default=-1, ge=-1)  # -1: keep forever
+    state_compress_threshold_bytes: int = Field(default=16 * 1024, gt=0)
+    state_max_item_bytes: int = Field(default=1_800_000, gt=1024, le=2 * 1024 * 1024)
+    state_lock_ttl_ms: int = Field(default=30_000, gt=0)
+    state_message_window: int = Field(default=50, gt=0)
+
+    # Workflow.
+    case_review_threshold: float = Field(default=500.0, ge=0)
+    case_stale_after_seconds: int = Field(default=300, gt=0)
+    case_max_body_bytes: int = Field(default=256 * 1024, gt=0)
+
+    # Telemetry: exported to Application Insights only when set.
+    applicationinsights_connection_string: SecretStr | None = None
+    applicationinsights_authentication_string: str | None = None
+    otel_service_name: str = "support-cases"
+
+    @model_validator(mode="after")
+    def _check_cold_backend(self) -> Settings:
+        if self.state_cold_backend is ColdBackend.COSMOS and not self.cosmos_endpoint:
+            raise SettingsError("STATE_COLD_BACKEND=cosmos needs COSMOS_ENDPOINT")
+        if (
+            self.state_cold_backend is ColdBackend.POSTGRES
+            and not self.postgres_url
+            and not (self.postgres_host and self.postgres_user)
+        ):
+            raise SettingsError(
+                "STATE_COLD_BACKEND=postgres needs POSTGRES_URL or POSTGRES_HOST + POSTGRES_USER"
+            )
+        return self
+
+    @property
+    def hot_tier_configured(self) -> bool:
+        return bool(self.redis_url or self.redis_host)
+
+    @property
+    def cosmos_is_local_emulator(self) -> bool:
+        """The local emulator serves a self-signed certificate on loopback only."""
+        host = urlparse(self.cosmos_endpoint or "").hostname or ""
+        return host in LOOPBACK_HOSTS
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,36 @@
+"""Session fixtures: one real local stack (Redis, Cosmos emulator, Postgres) per test run.
+
+Ports are picked free by the OS, so a second run (or a developer's `agent-state
+stack up`) on the same machine never collides; every server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from devstack import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    planned = Stack.plan(tmp_path_factory.mktemp("stack"), with_postgres=True)
+    try:
+        planned.start()
+        yield planned
+    finally:
+        planned.stop()
+        if planned.postgres is not None:
+            planned.postgres.remove_data()
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack: Stack) -> dict[str, str]:
+    """Environment values (same names as the app settings) pointing at the test stack."""
+    return stack.env()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from state.errors import SettingsError
+from state.settings import ColdBackend, Settings
+
+EMULATOR_KEY = (
+    "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
+)
+
+
+def test_reads_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_KEY", EMULATOR_KEY)
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:6390/0")
+    monkeypatch.setenv("STATE_HOT_TTL_SECONDS", "60")
+    settings = Settings()
+    assert settings.state_cold_backend is ColdBackend.COSMOS
+    assert settings.state_hot_ttl_seconds == 60
+    assert settings.hot_tier_configured
+    assert settings.cosmos_is_local_emulator
+
+
+def test_secrets_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_KEY", EMULATOR_KEY)
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:6390/0")
+    text = repr(Settings()) + str(Settings().model_dump())
+    assert EMULATOR_KEY not in text
+    assert "hunter2" not in text
+
+
+def test_postgres_backend_needs_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    with pytest.raises(SettingsError, match="POSTGRES_URL"):
+        Settings()
+
+
+def test_remote_cosmos_is_not_treated_as_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://acct.documents.azure.com:443/")
+    assert not Settings().cosmos_is_local_emulator
+    assert not Settings().hot_tier_configured
