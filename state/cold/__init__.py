@@ -1,0 +1,1 @@
+"""Cold tier adapters (Cosmos DB NoSQL, Postgres)."""

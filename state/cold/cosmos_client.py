@@ -1,0 +1,133 @@
+"""One Cosmos DB container per app, shared by every Cosmos adapter.
+
+Builds the async client from settings (emulator key locally, Entra ID in
+Azure), creates the database and container only when the settings allow it,
+maps transport failures to `BackendUnavailable`, and counts round trips and
+request charge for the benchmark and the O(1) tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.cosmos import PartitionKey
+from azure.cosmos.aio import ContainerProxy, CosmosClient
+from azure.cosmos.exceptions import CosmosHttpResponseError
+
+from ..errors import BackendUnavailable
+from ..ports import Counters
+from ..settings import Settings
+
+PARTITION_KEY_PATH = "/thread_id"
+# Status codes that mean "the service could not do it now", not "your request is wrong".
+UNAVAILABLE_STATUS = frozenset({408, 429, 449, 500, 502, 503, 504})
+# Blob payloads are never queried: keeping them out of the index saves RU and storage.
+INDEXING_POLICY: dict[str, Any] = {
+    "indexingMode": "consistent",
+    "includedPaths": [{"path": "/*"}],
+    "excludedPaths": [
+        {"path": "/data/?"},
+        {"path": "/chunks/*"},
+        {"path": "/sections/*"},
+        {"path": "/before/*"},
+        {"path": "/after/*"},
+        {"path": '/"_etag"/?'},
+    ],
+}
+
+
+class CosmosConnection:
+    """Lazily opened client + container; safe to share between adapters in one event loop."""
+
+    name = "cosmos"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: CosmosClient | None = None
+        self._container: ContainerProxy | None = None
+        self._credential: Any = None
+        self._lock = asyncio.Lock()
+        self.counters = Counters()
+
+    def _hook(self, headers: Mapping[str, Any], _body: Any) -> None:
+        charge = headers.get("x-ms-request-charge") if headers else None
+        self.counters.count("request", float(charge) if charge else 0.0)
+
+    async def container(self) -> ContainerProxy:
+        if self._container is not None:
+            return self._container
+        async with self._lock:
+            if self._container is None:
+                self._container = await self._open()
+        return self._container
+
+    async def _open(self) -> ContainerProxy:
+        settings = self._settings
+        credential: Any
+        if settings.cosmos_key is not None:
+            credential = settings.cosmos_key.get_secret_value()
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential(
+                managed_identity_client_id=settings.azure_client_id
+            )
+            credential = self._credential
+        self._client = CosmosClient(
+            settings.cosmos_endpoint or "",
+            credential=credential,
+            # The local emulator serves a self-signed certificate on loopback only.
+            connection_verify=not settings.cosmos_is_local_emulator,
+            consistency_level="Session",
+        )
+        if not settings.cosmos_create_if_missing:
+            database_client = self._client.get_database_client(settings.cosmos_database)
+            return database_client.get_container_client(settings.cosmos_container)
+        with cosmos_errors():
+            database = await self._client.create_database_if_not_exists(settings.cosmos_database)
+            return await database.create_container_if_not_exists(
+                settings.cosmos_container,
+                partition_key=PartitionKey(path=PARTITION_KEY_PATH),
+                indexing_policy=INDEXING_POLICY,
+                default_ttl=settings.state_cold_ttl_seconds,
+            )
+
+    @property
+    def response_hook(self) -> Any:
+        """Pass as `response_hook=` on each SDK call to count it."""
+        return self._hook
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+            self._container = None
+        if self._credential is not None:
+            await self._credential.close()
+            self._credential = None
+
+
+@contextmanager
+def cosmos_errors() -> Iterator[None]:
+    """Transport failures, timeouts and throttling become `BackendUnavailable`."""
+    try:
+        yield
+    except (ServiceRequestError, ServiceResponseError, TimeoutError) as exc:
+        raise BackendUnavailable("cosmos", str(exc)) from exc
+    except CosmosHttpResponseError as exc:
+        if exc.status_code in UNAVAILABLE_STATUS:
+            raise BackendUnavailable("cosmos", f"HTTP {exc.status_code}") from exc
+        raise
+
+
+@asynccontextmanager
+async def open_connection(settings: Settings) -> AsyncIterator[CosmosConnection]:
+    connection = CosmosConnection(settings)
+    try:
+        yield connection
+    finally:
+        await connection.close()

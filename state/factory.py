@@ -1,0 +1,80 @@
+"""Builds the configured tiers from settings: the one place that picks adapters.
+
+`STATE_COLD_BACKEND` chooses Cosmos or Postgres for the whole app; the Redis
+hot tier sits in front of either when REDIS_URL / REDIS_HOST is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from .ports import CheckpointStore, ColdStateStore, HotStateStore
+from .settings import ColdBackend, Settings
+
+
+@dataclass
+class Backends:
+    settings: Settings
+    cold: ColdStateStore
+    checkpoints: CheckpointStore
+    hot: HotStateStore | None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+        self._closers.clear()
+
+
+async def open_backends(settings: Settings) -> Backends:
+    """Connect every configured tier and run its setup (container / migrations)."""
+    closers: list[Callable[[], Awaitable[None]]] = []
+    cold: ColdStateStore
+    checkpoints: CheckpointStore
+    if settings.state_cold_backend is ColdBackend.COSMOS:
+        from .cold.cosmos_checkpoints import CosmosCheckpointStore
+        from .cold.cosmos_client import CosmosConnection
+        from .cold.cosmos_store import CosmosStateStore
+
+        connection = CosmosConnection(settings)
+        closers.append(connection.close)
+        cold = CosmosStateStore(connection, settings)
+        checkpoints = CosmosCheckpointStore(connection, settings)
+    else:
+        from .cold.postgres_checkpoints import PostgresCheckpointStore
+        from .cold.postgres_client import PostgresConnection
+        from .cold.postgres_store import PostgresStateStore
+
+        pg = PostgresConnection(settings)
+        closers.append(pg.close)
+        cold = PostgresStateStore(pg, settings)
+        checkpoints = PostgresCheckpointStore(pg, settings)
+
+    hot: HotStateStore | None = None
+    if settings.hot_tier_configured:
+        from .hot.redis_client import create_redis_client
+        from .hot.redis_store import RedisHotStore
+
+        client = create_redis_client(settings)
+        hot = RedisHotStore(client, settings)
+        closers.append(hot.close)
+
+    backends = Backends(settings, cold, checkpoints, hot, closers)
+    try:
+        await cold.setup()
+        await checkpoints.setup()
+    except BaseException:
+        await backends.close()
+        raise
+    return backends
+
+
+@asynccontextmanager
+async def backends_for(settings: Settings) -> AsyncIterator[Backends]:
+    backends = await open_backends(settings)
+    try:
+        yield backends
+    finally:
+        await backends.close()

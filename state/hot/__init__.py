@@ -1,0 +1,1 @@
+"""Hot tier adapters (Redis)."""
