@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import SettingsError
 
@@ -27,7 +28,10 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # An empty value means "unset": Bicep and local.settings files write "" for absent options.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     # Which cold tier is the source of truth for the whole app.
     state_cold_backend: ColdBackend = ColdBackend.COSMOS
@@ -64,16 +68,47 @@ class Settings(BaseSettings):
     state_max_item_bytes: int = Field(default=1_800_000, gt=1024, le=2 * 1024 * 1024)
     state_lock_ttl_ms: int = Field(default=30_000, gt=0)
     state_message_window: int = Field(default=50, gt=0)
+    # Which sections hold a message window, reasoning traces, or may be archived once the
+    # workflow is done with them: configuration (comma-separated names), never guessed.
+    state_message_sections: Annotated[tuple[str, ...], NoDecode] = ()
+    state_reasoning_sections: Annotated[tuple[str, ...], NoDecode] = ()
+    state_archivable_sections: Annotated[tuple[str, ...], NoDecode] = ()
+    state_reasoning_max_chars: int = Field(default=4000, ge=64)
 
     # Workflow.
     case_review_threshold: float = Field(default=500.0, ge=0)
     case_stale_after_seconds: int = Field(default=300, gt=0)
     case_max_body_bytes: int = Field(default=256 * 1024, gt=0)
+    # How long an HTTP call waits for a run before answering 202 with a status URL
+    # (below the Functions HTTP limit of 230 s).
+    case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
+    # Two charges at the same merchant for the same amount within this window are a duplicate.
+    case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
 
     # Telemetry: exported to Application Insights only when set.
     applicationinsights_connection_string: SecretStr | None = None
     applicationinsights_authentication_string: str | None = None
     otel_service_name: str = "support-cases"
+
+    @field_validator(
+        "state_message_sections",
+        "state_reasoning_sections",
+        "state_archivable_sections",
+        mode="before",
+    )
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("state_cold_ttl_seconds")
+    @classmethod
+    def _cosmos_ttl_rule(cls, value: int) -> int:
+        # Cosmos accepts a default TTL of -1 (no expiry) or a positive number of seconds only.
+        if value == 0:
+            raise ValueError("STATE_COLD_TTL_SECONDS must be -1 (keep forever) or > 0")
+        return value
 
     @model_validator(mode="after")
     def _check_cold_backend(self) -> Settings:

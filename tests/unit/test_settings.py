@@ -42,3 +42,19 @@ def test_remote_cosmos_is_not_treated_as_emulator(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://acct.documents.azure.com:443/")
     assert not Settings().cosmos_is_local_emulator
     assert not Settings().hot_tier_configured
+
+
+def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "")
+    monkeypatch.setenv("REDIS_HOST", "")
+    settings = Settings()
+    assert settings.applicationinsights_connection_string is None
+    assert not settings.hot_tier_configured
+
+
+def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
+    with pytest.raises(ValueError, match="STATE_COLD_TTL_SECONDS"):
+        Settings()

@@ -1,0 +1,162 @@
+// Cosmos DB for NoSQL: the cold tier (source of truth). Key (local) auth is
+// disabled, so the database and container are created here, not by the app
+// (data-plane RBAC cannot create them; COSMOS_CREATE_IF_MISSING is false in Azure).
+
+@description('Cosmos DB account name.')
+param accountName string
+
+@description('Azure region.')
+param location string
+
+@description('Tags for the account.')
+param tags object = {}
+
+@description('Database name (COSMOS_DATABASE).')
+param databaseName string
+
+@description('Container name (COSMOS_CONTAINER).')
+param containerName string
+
+@description('Serverless capacity mode (pay per request). False: provisioned autoscale throughput on the container.')
+param serverless bool = true
+
+@description('Autoscale maximum RU/s when not serverless.')
+param autoscaleMaxThroughput int = 1000
+
+@description('Container default TTL in seconds (-1: TTL on, items keep forever unless they set ttl). Same value as STATE_COLD_TTL_SECONDS.')
+@minValue(-1)
+param defaultTtl int = -1
+
+@description('Principal (object) id of the Function App identity.')
+param identityPrincipalId string
+
+@description('Optional principal (object) id of the deploying developer, for running the app locally against Azure. Empty: no grant.')
+param developerPrincipalId string = ''
+
+var roles = loadJsonContent('../roles.json')
+var dataContributorRoleDefinitionId = '${account.id}/sqlRoleDefinitions/${roles.cosmosSql.builtInDataContributor}'
+
+resource account 'Microsoft.DocumentDB/databaseAccounts@2024-11-15' = {
+  name: accountName
+  location: location
+  tags: tags
+  kind: 'GlobalDocumentDB'
+  properties: {
+    databaseAccountOfferType: 'Standard'
+    locations: [
+      {
+        locationName: location
+        failoverPriority: 0
+        isZoneRedundant: false
+      }
+    ]
+    consistencyPolicy: {
+      defaultConsistencyLevel: 'Session'
+    }
+    capabilities: serverless ? [
+      {
+        name: 'EnableServerless'
+      }
+    ] : []
+    disableLocalAuth: true
+    disableKeyBasedMetadataWriteAccess: true
+    minimalTlsVersion: 'Tls12'
+    publicNetworkAccess: 'Enabled'
+    enableFreeTier: false
+  }
+}
+
+resource database 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases@2024-11-15' = {
+  parent: account
+  name: databaseName
+  properties: {
+    resource: {
+      id: databaseName
+    }
+  }
+}
+
+resource container 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/containers@2024-11-15' = {
+  parent: database
+  name: containerName
+  properties: {
+    resource: {
+      id: containerName
+      // One logical partition per workflow thread.
+      partitionKey: {
+        paths: [
+          '/thread_id'
+        ]
+        kind: 'Hash'
+        version: 2
+      }
+      defaultTtl: defaultTtl
+      // Same policy as state/cold/cosmos_client.py INDEXING_POLICY: blob payloads,
+      // section bodies and audit before/after values are never queried, so they
+      // stay out of the index (RU and storage).
+      indexingPolicy: {
+        indexingMode: 'consistent'
+        automatic: true
+        includedPaths: [
+          {
+            path: '/*'
+          }
+        ]
+        excludedPaths: [
+          {
+            path: '/data/?'
+          }
+          {
+            path: '/chunks/*'
+          }
+          {
+            path: '/sections/*'
+          }
+          {
+            path: '/before/*'
+          }
+          {
+            path: '/after/*'
+          }
+          {
+            path: '/"_etag"/?'
+          }
+        ]
+      }
+    }
+    options: serverless ? {} : {
+      autoscaleSettings: {
+        maxThroughput: autoscaleMaxThroughput
+      }
+    }
+  }
+}
+
+// Data plane: Cosmos DB Built-in Data Contributor (items read/write/query), account scope.
+resource appDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@2024-11-15' = {
+  parent: account
+  name: guid(account.id, identityPrincipalId, roles.cosmosSql.builtInDataContributor)
+  properties: {
+    roleDefinitionId: dataContributorRoleDefinitionId
+    principalId: identityPrincipalId
+    scope: account.id
+  }
+}
+
+resource developerDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@2024-11-15' = if (!empty(developerPrincipalId)) {
+  parent: account
+  name: guid(account.id, developerPrincipalId, roles.cosmosSql.builtInDataContributor)
+  properties: {
+    roleDefinitionId: dataContributorRoleDefinitionId
+    principalId: developerPrincipalId
+    scope: account.id
+  }
+  dependsOn: [
+    appDataContributor
+  ]
+}
+
+output accountName string = account.name
+output endpoint string = account.properties.documentEndpoint
+output databaseName string = database.name
+output containerName string = container.name

@@ -1,0 +1,206 @@
+// The Function App on Flex Consumption, running as the user-assigned identity.
+// The app settings are exactly the names state/settings.py reads (plus the
+// Functions host's own identity-based storage settings); a test keeps them in
+// sync. Secrets with an identity alternative (COSMOS_KEY, REDIS_URL,
+// POSTGRES_URL) are deliberately absent.
+
+@description('Function App name.')
+param name string
+
+@description('Flex Consumption plan name.')
+param planName string
+
+@description('Azure region.')
+param location string
+
+@description('Tags for every resource in this module.')
+param tags object = {}
+
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity (AZURE_CLIENT_ID, AzureWebJobsStorage__clientId).')
+param identityClientId string
+
+@description('Storage account used by the host (AzureWebJobsStorage) and for deployment packages.')
+param storageAccountName string
+
+@description('Blob container holding deployment packages.')
+param deploymentContainerName string
+
+@description('Application Insights component the app sends telemetry to.')
+param applicationInsightsName string
+
+@description('Python version of the Functions worker.')
+@allowed([
+  '3.11'
+  '3.12'
+])
+param pythonVersion string = '3.11'
+
+@description('Memory per instance in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Scale-out limit (cost ceiling).')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('STATE_COLD_BACKEND.')
+@allowed([
+  'cosmos'
+  'postgres'
+])
+param stateColdBackend string
+
+@description('COSMOS_ENDPOINT.')
+param cosmosEndpoint string
+
+@description('COSMOS_DATABASE.')
+param cosmosDatabase string
+
+@description('COSMOS_CONTAINER.')
+param cosmosContainer string
+
+@description('REDIS_HOST.')
+param redisHost string
+
+@description('REDIS_PORT (TLS port).')
+param redisPort int
+
+@description('POSTGRES_HOST (empty when the Postgres backend is not deployed).')
+param postgresHost string = ''
+
+@description('POSTGRES_DATABASE.')
+param postgresDatabase string
+
+@description('POSTGRES_USER (empty when the Postgres backend is not deployed).')
+param postgresUser string = ''
+
+@description('STATE_HOT_TTL_SECONDS.')
+@minValue(1)
+param stateHotTtlSeconds int = 86400
+
+@description('STATE_COLD_TTL_SECONDS (-1: keep forever).')
+@minValue(-1)
+param stateColdTtlSeconds int = -1
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: applicationInsightsName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    publicNetworkAccess: 'Enabled'
+    siteConfig: {
+      minTlsVersion: '1.2'
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+  }
+
+  resource appSettings 'config' = {
+    name: 'appsettings'
+    properties: {
+      // Functions host: identity-based AzureWebJobsStorage (no connection string).
+      AzureWebJobsStorage__accountName: storage.name
+      AzureWebJobsStorage__credential: 'managedidentity'
+      AzureWebJobsStorage__clientId: identityClientId
+      // Telemetry: read by the host and by the app; ingestion is Entra-authenticated.
+      APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
+      APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+      OTEL_SERVICE_NAME: 'support-cases'
+      // Identity used by azure-identity (Cosmos, Postgres) and redis-entraid (Redis).
+      AZURE_CLIENT_ID: identityClientId
+      // Cold tier.
+      STATE_COLD_BACKEND: stateColdBackend
+      COSMOS_ENDPOINT: cosmosEndpoint
+      COSMOS_DATABASE: cosmosDatabase
+      COSMOS_CONTAINER: cosmosContainer
+      COSMOS_CREATE_IF_MISSING: 'false'
+      POSTGRES_HOST: postgresHost
+      POSTGRES_DATABASE: postgresDatabase
+      POSTGRES_USER: postgresUser
+      // Hot tier (Entra auth, TLS only).
+      REDIS_HOST: redisHost
+      REDIS_PORT: string(redisPort)
+      REDIS_SSL: 'true'
+      // Retention and size (defaults of state/settings.py).
+      STATE_HOT_TTL_SECONDS: string(stateHotTtlSeconds)
+      STATE_COLD_TTL_SECONDS: string(stateColdTtlSeconds)
+      STATE_COMPRESS_THRESHOLD_BYTES: '16384'
+      STATE_MAX_ITEM_BYTES: '1800000'
+      STATE_LOCK_TTL_MS: '30000'
+      STATE_MESSAGE_WINDOW: '50'
+      // Section names (comma-separated) the size manager prunes, truncates or archives.
+      STATE_MESSAGE_SECTIONS: ''
+      STATE_REASONING_SECTIONS: ''
+      STATE_ARCHIVABLE_SECTIONS: ''
+      STATE_REASONING_MAX_CHARS: '4000'
+      // Workflow.
+      CASE_REVIEW_THRESHOLD: '500'
+      CASE_STALE_AFTER_SECONDS: '300'
+      CASE_MAX_BODY_BYTES: '262144'
+      CASE_SYNC_WAIT_SECONDS: '20'
+      CASE_DUPLICATE_WINDOW_SECONDS: '86400'
+    }
+  }
+}
+
+output name string = functionApp.name
+output uri string = 'https://${functionApp.properties.defaultHostName}'
