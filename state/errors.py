@@ -83,3 +83,7 @@ class UnsupportedSchemaVersion(StateError):
 
 class SettingsError(StateError):
     """The configuration is incomplete or contradictory."""
+
+
+class CorruptState(StateError):
+    """A stored value cannot be read back as written (missing chunk, bad encoding)."""

@@ -36,6 +36,11 @@ class WorkflowRecord:
     fence: int = 0
 
 
+# `AuditEntry.section` of the entry a create writes: version 1, before None,
+# after = all sections. Every later entry names the one section it changed.
+CREATED_SECTION = "*"
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One append-only record of a change: who, what, before, after, which version."""
@@ -80,7 +85,10 @@ class ColdStateStore(Protocol):
     async def create(
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
     ) -> WorkflowRecord:
-        """Store version 1; raise `WorkflowExists` if the thread already has a record."""
+        """Store version 1 and its audit entry (section `CREATED_SECTION`).
+
+        Raises `WorkflowExists` if the thread already has a record.
+        """
 
     async def get(self, thread_id: str) -> WorkflowRecord | None: ...
 
@@ -157,6 +165,21 @@ class HotStateStore(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class SectionArchive(Protocol):
+    """Cold storage for sections a workflow has finished with, fetched back by reference.
+
+    Content-addressed: archiving the same value twice yields the same reference
+    and stores it once, so a retried archive never duplicates.
+    """
+
+    async def archive(self, thread_id: str, section: str, value: JSON) -> str:
+        """Store `value` durably and return the reference that fetches it back."""
+
+    async def fetch_archived(self, ref: str) -> JSON:
+        """The value stored under `ref`; raises `WorkflowNotFound` if it is gone."""
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -175,6 +198,11 @@ class StoredCheckpoint:
     checkpoint: TypedBytes
     metadata: dict[str, JSON]
     channel_versions: dict[str, str | int | float]
+    # Read side only. A store (or cache) that loaded the checkpoint's blobs (channel ->
+    # value at `channel_versions`) and its pending writes in the same round trips attaches
+    # them here; None means "not loaded: ask `get_blobs` / `get_writes`".
+    blobs: dict[str, TypedBytes] | None = None
+    writes: list[StoredWrite] | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +299,55 @@ class CheckpointStore(Protocol):
         """keep_latest: keep only the newest checkpoint of each namespace; delete: all."""
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """What the hot checkpoint cache holds for one (thread, namespace)."""
+
+    # The latest checkpoint with its blobs and writes attached, on a hit.
+    checkpoint: StoredCheckpoint | None
+    # On a miss, when asked for: a fill lease to hand back to `fill` with what the cold
+    # tier returned. A write that lands meanwhile revokes it, so a fill never installs
+    # state older than that write.
+    lease: str | None = None
+
+
+@runtime_checkable
+class CheckpointCache(Protocol):
+    """Hot copy of the latest checkpoint per (thread, namespace); never the source of truth.
+
+    Every method is best effort: a cache failure is counted and swallowed (the
+    saver then serves from the cold tier), never raised to the caller.
+    """
+
+    name: str
+
+    async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup: ...
+
+    async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
+        """Install a complete checkpoint read from the cold tier, if `lease` still holds."""
+
+    async def advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """After a cold put: move the cached latest to `checkpoint` if it is newer.
+
+        `blobs` are the channels that changed; the rest come from the cached
+        parent. A cache that cannot apply the change drops the entry instead.
+        """
+
+    async def add_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> None:
+        """After a cold put_writes: keep the cached checkpoint's pending writes exact."""
+
+    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+        """Drop one namespace of a thread, or all of them (None)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.core.pipeline.transport import AsyncHttpTransport
 from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosHttpResponseError
@@ -45,8 +46,10 @@ class CosmosConnection:
 
     name = "cosmos"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, transport: AsyncHttpTransport | None = None) -> None:
         self._settings = settings
+        # None: the SDK's own aiohttp transport. Fault tests pass a wrapper around it.
+        self._transport = transport
         self._client: CosmosClient | None = None
         self._container: ContainerProxy | None = None
         self._credential: Any = None
@@ -83,6 +86,7 @@ class CosmosConnection:
             # The local emulator serves a self-signed certificate on loopback only.
             connection_verify=not settings.cosmos_is_local_emulator,
             consistency_level="Session",
+            transport=self._transport,
         )
         if not settings.cosmos_create_if_missing:
             database_client = self._client.get_database_client(settings.cosmos_database)

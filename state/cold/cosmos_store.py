@@ -1,0 +1,411 @@
+"""Workflow records and their audit ledger in the Cosmos DB container (`ColdStateStore`).
+
+Everything of a thread lives in its logical partition (`/thread_id`), next to the
+checkpoint documents (ids "cp:", "blob:", "write:", "ptr:"); this adapter owns
+the ids "wf" (the record) and "audit:<version>:<write id>" (the ledger).
+
+Cosmos offers no transaction here (the local emulator has no transactional
+batch), so a change is two writes, ordered so that a crash between them can
+never show an audit trail that disagrees with the record:
+
+1. create the audit entry for version n+1 under a fresh write id, pointing at
+   the record's current `last_write_id` (`prev_write_id`);
+2. replace the record with If-Match on the ETag read, setting version n+1 and
+   `last_write_id` = this write id.
+
+The record's `last_write_id` and each entry's `prev_write_id` form a chain;
+`audit_trail` walks it from the record, so entries of losing writers or of a
+writer that crashed between 1 and 2 are never shown, even if their best-effort
+clean-up failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError
+from azure.cosmos.aio import ContainerProxy
+from azure.cosmos.exceptions import (
+    CosmosAccessConditionFailedError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
+
+from ..errors import (
+    StaleFencingToken,
+    StateError,
+    StateTooLarge,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
+from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord
+from ..schema import CURRENT, upcast
+from ..settings import Settings
+from .cosmos_client import CosmosConnection, cosmos_errors
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_ID = "wf"
+AUDIT_ID_PREFIX = "audit:"
+WORKFLOW_TYPE = "workflow"
+AUDIT_TYPE = "audit"
+# Audit queries fetch this many entries beyond the limit per page, so an orphan or
+# two in the range rarely costs a second round trip.
+AUDIT_PAGE_SLACK = 4
+DELETE_BATCH = 100
+
+# Queries name the partition key in the filter too: the local emulator ignores the
+# partition key option and refuses (or fans out) queries without it.
+_AUDIT_NEWEST_FIRST = (
+    "SELECT * FROM c WHERE c.thread_id = @thread_id AND c.type = @type"
+    " AND c.version <= @version ORDER BY c.version DESC"
+)
+_AUDIT_IDS = "SELECT TOP @n VALUE c.id FROM c WHERE c.thread_id = @thread_id AND c.type = @type"
+
+
+def audit_id(version: int, write_id: str) -> str:
+    # Zero-padded so ids sort like versions.
+    return f"{AUDIT_ID_PREFIX}{version:012d}:{write_id}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class CosmosStateStore:
+    """`ColdStateStore` on one Cosmos container shared through a `CosmosConnection`."""
+
+    name = "cosmos"
+
+    def __init__(self, connection: CosmosConnection, settings: Settings) -> None:
+        self._connection = connection
+        self._settings = settings
+
+    async def setup(self) -> None:
+        # Creates database and container when the settings allow it (locally).
+        await self._connection.container()
+
+    # ----------------------------------------------------------------- records
+
+    async def create(
+        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
+    ) -> WorkflowRecord:
+        container = await self._connection.container()
+        now = _now()
+        write_id = uuid.uuid4().hex
+        record = {
+            "id": WORKFLOW_ID,
+            "thread_id": thread_id,
+            "type": WORKFLOW_TYPE,
+            "schema_version": CURRENT["workflow"],
+            "version": 1,
+            "sections": sections,
+            "created_at": now,
+            "updated_at": now,
+            "fence": 0,
+            "last_write_id": write_id,
+        }
+        entry = self._audit_document(
+            thread_id,
+            version=1,
+            write_id=write_id,
+            prev_write_id=None,
+            agent_id=agent_id,
+            section=CREATED_SECTION,
+            before=None,
+            after=sections,
+            at=now,
+        )
+        self._check_size(thread_id, record, entry)
+        await self._append_audit(container, entry)
+        try:
+            with cosmos_errors():
+                created = await container.create_item(
+                    record, response_hook=self._connection.response_hook
+                )
+        except CosmosResourceExistsError as exc:
+            existing = await self._read_record(container, thread_id)
+            if existing is not None and existing.get("last_write_id") == write_id:
+                return _record(existing)  # the SDK retried a create of ours that had landed
+            await self._discard_audit(container, thread_id, entry["id"])
+            raise WorkflowExists(thread_id) from exc
+        return _record(upcast("workflow", dict(created)))
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        container = await self._connection.container()
+        document = await self._read_record(container, thread_id)
+        return None if document is None else _record(document)
+
+    async def update_section(
+        self,
+        thread_id: str,
+        section: str,
+        value: JSON,
+        *,
+        expected_version: int,
+        agent_id: str,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        container = await self._connection.container()
+        current = await self._read_record(container, thread_id)
+        if current is None:
+            raise WorkflowNotFound(thread_id)
+        if current["version"] != expected_version:
+            raise VersionConflict(thread_id, expected_version, current["version"])
+        fence = int(current.get("fence", 0))
+        if fencing_token is not None:
+            if fencing_token < fence:
+                raise StaleFencingToken(thread_id, fencing_token, fence)
+            fence = fencing_token
+
+        now = _now()
+        write_id = uuid.uuid4().hex
+        new_version = expected_version + 1
+        replacement = {
+            **_without_system_properties(current),
+            "schema_version": CURRENT["workflow"],
+            "version": new_version,
+            "sections": {**current["sections"], section: value},
+            "updated_at": now,
+            "fence": fence,
+            "last_write_id": write_id,
+        }
+        entry = self._audit_document(
+            thread_id,
+            version=new_version,
+            write_id=write_id,
+            prev_write_id=current.get("last_write_id"),
+            agent_id=agent_id,
+            section=section,
+            before=current["sections"].get(section),
+            after=value,
+            at=now,
+        )
+        self._check_size(thread_id, replacement, entry)
+        await self._append_audit(container, entry)
+        try:
+            with cosmos_errors():
+                replaced = await container.replace_item(
+                    WORKFLOW_ID,
+                    replacement,
+                    etag=current["_etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                    response_hook=self._connection.response_hook,
+                )
+        except CosmosAccessConditionFailedError as exc:
+            now_stored = await self._read_record(container, thread_id)
+            if now_stored is not None and now_stored.get("last_write_id") == write_id:
+                # The SDK retried a replace of ours that had landed (connection lost
+                # after the write); its ETag no longer matched our own change.
+                return _record(now_stored)
+            await self._discard_audit(container, thread_id, entry["id"])
+            actual = None if now_stored is None else int(now_stored["version"])
+            raise VersionConflict(thread_id, expected_version, actual) from exc
+        except CosmosResourceNotFoundError as exc:
+            await self._discard_audit(container, thread_id, entry["id"])
+            raise WorkflowNotFound(thread_id) from exc
+        return _record(upcast("workflow", dict(replaced)))
+
+    # ----------------------------------------------------------------- audit
+
+    async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        container = await self._connection.container()
+        head = await self._read_record(container, thread_id)
+        if head is None:
+            return []
+        expected_version = int(head["version"])
+        expected_write: str | None = head.get("last_write_id")
+        trail: list[AuditEntry] = []
+        pages = container.query_items(
+            _AUDIT_NEWEST_FIRST,
+            parameters=[
+                {"name": "@thread_id", "value": thread_id},
+                {"name": "@type", "value": AUDIT_TYPE},
+                {"name": "@version", "value": expected_version},
+            ],
+            partition_key=thread_id,
+            max_item_count=limit + AUDIT_PAGE_SLACK,
+            response_hook=self._connection.response_hook,
+        ).by_page()
+        with cosmos_errors():
+            async for page in pages:
+                async for document in page:
+                    version = int(document["version"])
+                    if version < expected_version:
+                        # The chain has a gap (expired by TTL, or deleted): nothing
+                        # older can be proven part of this record's history.
+                        logger.warning(
+                            "audit chain of %r ends at version %d", thread_id, expected_version
+                        )
+                        return trail
+                    if document.get("write_id") != expected_write:
+                        continue  # an orphan: a losing or crashed writer of this version
+                    trail.append(_audit_entry(upcast("audit", dict(document))))
+                    expected_write = document.get("prev_write_id")
+                    expected_version -= 1
+                    if len(trail) == limit or expected_write is None:
+                        return trail
+        return trail
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def delete(self, thread_id: str) -> None:
+        """Remove the record, then its audit entries (the thread's checkpoints stay)."""
+        container = await self._connection.container()
+        # Record first: a crash part-way leaves only entries no chain reaches.
+        await self._delete_document(container, thread_id, WORKFLOW_ID)
+        while True:
+            with cosmos_errors():
+                ids = [
+                    str(document_id)  # a VALUE query yields the ids themselves
+                    async for document_id in container.query_items(
+                        _AUDIT_IDS,
+                        parameters=[
+                            {"name": "@n", "value": DELETE_BATCH},
+                            {"name": "@thread_id", "value": thread_id},
+                            {"name": "@type", "value": AUDIT_TYPE},
+                        ],
+                        partition_key=thread_id,
+                        response_hook=self._connection.response_hook,
+                    )
+                ]
+            if not ids:
+                return
+            await asyncio.gather(*(self._delete_document(container, thread_id, i) for i in ids))
+
+    async def health(self) -> TierHealth:
+        started = time.perf_counter()
+        try:
+            container = await self._connection.container()
+            with cosmos_errors():
+                await container.read(response_hook=self._connection.response_hook)
+        except (StateError, AzureError) as exc:
+            return TierHealth(self.name, up=False, detail=f"{type(exc).__name__}: {exc}")
+        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def close(self) -> None:
+        """Nothing to release: the shared connection is closed by whoever opened it."""
+
+    # ----------------------------------------------------------------- steps
+
+    async def _read_record(
+        self, container: ContainerProxy, thread_id: str
+    ) -> dict[str, Any] | None:
+        """The stored record upcast to the current schema, with its `_etag`; None if absent."""
+        try:
+            with cosmos_errors():
+                document = await container.read_item(
+                    WORKFLOW_ID,
+                    partition_key=thread_id,
+                    response_hook=self._connection.response_hook,
+                )
+        except CosmosResourceNotFoundError:
+            return None
+        etag = document["_etag"]
+        return {**upcast("workflow", dict(document)), "_etag": etag}
+
+    async def _append_audit(self, container: ContainerProxy, entry: dict[str, Any]) -> None:
+        try:
+            with cosmos_errors():
+                await container.create_item(entry, response_hook=self._connection.response_hook)
+        except CosmosResourceExistsError:
+            # Entry ids are unique per write: only a retried attempt of this one wrote it.
+            pass
+
+    async def _discard_audit(
+        self, container: ContainerProxy, thread_id: str, entry_id: str
+    ) -> None:
+        """Best effort: an entry left behind is an orphan that `audit_trail` never shows."""
+        try:
+            await self._delete_document(container, thread_id, entry_id)
+        except (StateError, AzureError) as exc:
+            logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
+
+    async def _delete_document(
+        self, container: ContainerProxy, thread_id: str, document_id: str
+    ) -> None:
+        try:
+            with cosmos_errors():
+                await container.delete_item(
+                    document_id,
+                    partition_key=thread_id,
+                    response_hook=self._connection.response_hook,
+                )
+        except CosmosResourceNotFoundError:
+            pass
+
+    def _audit_document(
+        self,
+        thread_id: str,
+        *,
+        version: int,
+        write_id: str,
+        prev_write_id: str | None,
+        agent_id: str,
+        section: str,
+        before: JSON,
+        after: JSON,
+        at: str,
+    ) -> dict[str, Any]:
+        return {
+            "id": audit_id(version, write_id),
+            "thread_id": thread_id,
+            "type": AUDIT_TYPE,
+            "schema_version": CURRENT["audit"],
+            "version": version,
+            "write_id": write_id,
+            "prev_write_id": prev_write_id,
+            "agent_id": agent_id,
+            "section": section,
+            "before": before,
+            "after": after,
+            "at": at,
+        }
+
+    def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> None:
+        """Refuse before writing anything: Cosmos rejects items over 2 MB, the emulator does not."""
+        limit = self._settings.state_max_item_bytes
+        for document in documents:
+            size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode())
+            if size > limit:
+                raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
+
+
+def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:
+    """Drop `_etag`, `_rid`, `_ts`...: Cosmos sets them, a replacement body must not."""
+    return {key: value for key, value in document.items() if not key.startswith("_")}
+
+
+def _record(document: dict[str, Any]) -> WorkflowRecord:
+    return WorkflowRecord(
+        thread_id=document["thread_id"],
+        version=int(document["version"]),
+        sections=document["sections"],
+        schema_version=int(document["schema_version"]),
+        created_at=document["created_at"],
+        updated_at=document["updated_at"],
+        fence=int(document.get("fence", 0)),
+    )
+
+
+def _audit_entry(document: dict[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        thread_id=document["thread_id"],
+        version=int(document["version"]),
+        agent_id=document["agent_id"],
+        section=document["section"],
+        before=document.get("before"),
+        after=document.get("after"),
+        at=document["at"],
+        schema_version=int(document["schema_version"]),
+    )

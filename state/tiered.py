@@ -1,0 +1,284 @@
+"""Cache-aside composition of the cold store (source of truth) and the Redis hot tier.
+
+Reads go hot first; a miss reads cold and installs the record in hot only if hot
+does not already hold a newer version (compared inside Redis). Writes go to cold
+first, then install the new record in hot the same way, so a reader installing
+what it read before the write can never replace the newer copy.
+
+The hot tier is an optimisation: its failures never fail a call. They are
+counted, logged once per outage, and the call is served from cold. After a
+failure the hot tier is left alone for `HOT_RETRY_AFTER_SECONDS` (a hung Redis
+would otherwise cost a timeout per call). Threads written while the hot tier was
+unreachable may still have an older copy there (Redis may have been up but out
+of reach), so they are remembered and re-installed from cold before hot serves
+anything again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+
+from .errors import BackendUnavailable, LockNotAcquired, VersionConflict, WorkflowNotFound
+from .ports import JSON, AuditEntry, ColdStateStore, HotStateStore, Lock, TierHealth, WorkflowRecord
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .factory import Backends
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("state")
+
+HOT_RETRY_AFTER_SECONDS = 1.0
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    hot_errors: int = 0
+    # Installs refused because the hot tier already held a newer version.
+    installs_rejected: int = 0
+
+
+class TieredStateStore:
+    def __init__(self, cold: ColdStateStore, hot: HotStateStore | None, settings: Settings) -> None:
+        self._cold = cold
+        self._hot = hot
+        self._settings = settings
+        self.stats = CacheStats()
+        self._hot_skip_until = 0.0
+        self._hot_down = False
+        # Threads whose hot copy may be older than cold (written while hot was unreachable).
+        self._unsettled: set[str] = set()
+
+    @classmethod
+    def from_backends(cls, backends: Backends) -> TieredStateStore:
+        return cls(backends.cold, backends.hot, backends.settings)
+
+    # ----------------------------------------------------------------- records
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        with _span("get", thread_id=thread_id) as span:
+            hot = await self._usable_hot(thread_id)
+            if hot is not None:
+                try:
+                    cached = await hot.get(thread_id)
+                except BackendUnavailable as exc:
+                    self._hot_failed("get", exc)
+                    hot = None  # a read leaves nothing stale behind: just use cold
+                else:
+                    self._hot_recovered()
+                    if cached is not None:
+                        self.stats.hits += 1
+                        span.set_attribute("state.cache", "hit")
+                        return cached
+                    self.stats.misses += 1
+                    span.set_attribute("state.cache", "miss")
+            record = await self._cold.get(thread_id)
+            if record is not None and hot is not None:
+                await self._install(record)
+            return record
+
+    async def create(
+        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
+    ) -> WorkflowRecord:
+        with _span("create", thread_id=thread_id):
+            # A copy left from an earlier record of this thread id would outrank the
+            # new version 1; clearing it first is safe because cold has nothing older.
+            await self._invalidate(thread_id)
+            record = await self._cold.create(thread_id, sections, agent_id=agent_id)
+            await self._install(record)
+            return record
+
+    async def update_section(
+        self,
+        thread_id: str,
+        section: str,
+        value: JSON,
+        *,
+        agent_id: str,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        with _span("update_section", thread_id=thread_id, section=section):
+            if expected_version is None:
+                current = await self.get(thread_id)
+                if current is None:
+                    raise WorkflowNotFound(thread_id)
+                expected_version = current.version
+            try:
+                record = await self._cold.update_section(
+                    thread_id,
+                    section,
+                    value,
+                    expected_version=expected_version,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+            except VersionConflict:
+                # The caller may have read an outdated hot copy; refresh it so a retry
+                # reads what cold holds.
+                await self._reinstall_from_cold(thread_id)
+                raise
+            await self._install(record)
+            return record
+
+    async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
+        with _span("audit_trail", thread_id=thread_id):
+            return await self._cold.audit_trail(thread_id, limit=limit)
+
+    # ----------------------------------------------------------------- locks
+
+    async def lock(self, name: str, *, ttl_ms: int | None = None) -> Lock:
+        with _span("lock", lock=name):
+            if self._hot is None:
+                raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
+            try:
+                held = await self._hot.acquire_lock(
+                    name, ttl_ms=ttl_ms or self._settings.state_lock_ttl_ms
+                )
+            except BackendUnavailable as exc:
+                self._hot_failed("lock", exc)
+                raise
+            self._hot_recovered()
+            if held is None:
+                raise LockNotAcquired(name)
+            return held
+
+    async def unlock(self, lock: Lock) -> bool:
+        """False if the lock was no longer ours or Redis was unreachable (it then expires)."""
+        with _span("unlock", lock=lock.name):
+            if self._hot is None:
+                return False
+            try:
+                return await self._hot.release_lock(lock)
+            except BackendUnavailable as exc:
+                self._hot_failed("unlock", exc)
+                return False
+
+    # ----------------------------------------------------------------- health
+
+    async def health(self) -> list[TierHealth]:
+        """The cold tier, then the hot tier if one is configured; never raises."""
+        with _span("health"):
+            tiers = [await _probe(self._cold.name, self._cold.health())]
+            if self._hot is not None:
+                hot = await _probe(self._hot.name, self._hot.health())
+                tiers.append(hot)
+                if hot.up:
+                    self._hot_recovered()
+                else:
+                    self._hot_failed("health", BackendUnavailable(self._hot.name, hot.detail))
+            return tiers
+
+    # ----------------------------------------------------------------- hot tier upkeep
+
+    def _hot_skipped(self) -> bool:
+        return time.monotonic() < self._hot_skip_until
+
+    async def _usable_hot(self, thread_id: str) -> HotStateStore | None:
+        """The hot tier if it may serve `thread_id` now: unsettled threads are re-installed
+        first, and one that could not be stays served from cold."""
+        if self._hot is None or self._hot_skipped():
+            return None
+        for unsettled in list(self._unsettled):
+            if not await self._reinstall_from_cold(unsettled):
+                return None
+        return None if thread_id in self._unsettled else self._hot
+
+    async def _install(self, record: WorkflowRecord) -> None:
+        if self._hot is None:
+            return
+        if self._hot_skipped():
+            self._unsettled.add(record.thread_id)
+            return
+        try:
+            installed = await self._hot.install(
+                record, ttl_seconds=self._settings.state_hot_ttl_seconds
+            )
+        except BackendUnavailable as exc:
+            self._hot_failed("install", exc)
+            self._unsettled.add(record.thread_id)
+            return
+        self._hot_recovered()
+        if not installed:
+            self.stats.installs_rejected += 1
+
+    async def _invalidate(self, thread_id: str) -> None:
+        if self._hot is None:
+            return
+        if self._hot_skipped():
+            self._unsettled.add(thread_id)
+            return
+        try:
+            await self._hot.invalidate(thread_id)
+        except BackendUnavailable as exc:
+            self._hot_failed("invalidate", exc)
+            self._unsettled.add(thread_id)
+
+    async def _reinstall_from_cold(self, thread_id: str) -> bool:
+        """Make the hot copy at least as new as cold; False if the hot tier is failing."""
+        if self._hot is None:
+            return True
+        if self._hot_skipped():
+            self._unsettled.add(thread_id)
+            return False
+        self._unsettled.discard(thread_id)
+        try:
+            record = await self._cold.get(thread_id)
+        except BackendUnavailable as exc:
+            # Cold trouble is the caller's own call to report; keep it for next time.
+            logger.info("cannot settle hot copy of %r yet: %s", thread_id, exc)
+            self._unsettled.add(thread_id)
+            return True
+        try:
+            if record is None:
+                await self._hot.invalidate(thread_id)
+            elif not await self._hot.install(
+                record, ttl_seconds=self._settings.state_hot_ttl_seconds
+            ):
+                self.stats.installs_rejected += 1
+        except BackendUnavailable as exc:
+            self._hot_failed("reinstall", exc)
+            self._unsettled.add(thread_id)
+            return False
+        self._hot_recovered()
+        return True
+
+    def _hot_failed(self, operation: str, exc: BackendUnavailable) -> None:
+        self.stats.hot_errors += 1
+        self._hot_skip_until = time.monotonic() + HOT_RETRY_AFTER_SECONDS
+        if not self._hot_down:
+            self._hot_down = True
+            logger.warning("hot tier down during %s, serving from cold: %s", operation, exc)
+
+    def _hot_recovered(self) -> None:
+        self._hot_skip_until = 0.0
+        if self._hot_down:
+            self._hot_down = False
+            logger.warning("hot tier reachable again")
+
+
+async def _probe(name: str, check: Awaitable[TierHealth]) -> TierHealth:
+    """Await a tier's health check; whatever it raises becomes a down report."""
+    try:
+        return await check
+    # Health must answer whatever went wrong, so anything a check raises is a "down".
+    except Exception as exc:
+        return TierHealth(name, up=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def _span(operation: str, **attributes: str) -> Iterator[trace.Span]:
+    with tracer.start_as_current_span(
+        f"state.{operation}",
+        attributes={f"state.{name}": value for name, value in attributes.items()},
+    ) as span:
+        yield span

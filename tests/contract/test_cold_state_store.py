@@ -1,0 +1,467 @@
+"""The `ColdStateStore` contract, run against every cold backend on real servers.
+
+The parametrized cases go through `open_backends`, exactly as the app builds its
+tiers. The Cosmos-only cases at the end cover what only the Cosmos adapter has:
+two writes per change reconciled by readers, documents shared with the
+checkpoint store in one partition, and the 2 MB item limit the emulator does not
+enforce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from state import schema
+from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_store import CosmosStateStore, audit_id
+from state.errors import (
+    StaleFencingToken,
+    StateTooLarge,
+    UnsupportedSchemaVersion,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
+from state.factory import open_backends
+from state.ports import CREATED_SECTION, ColdStateStore, WorkflowRecord
+from state.settings import Settings
+from tests.contract.conftest import unique_thread
+from tests.faults.cosmos_faults import Fault, FaultyTransport
+
+LOST_UPDATE_WRITERS = 8
+LOST_UPDATE_ATTEMPTS = 5
+
+
+@pytest.fixture
+async def cold(
+    cold_backend: str, make_settings: Callable[..., Settings]
+) -> AsyncIterator[ColdStateStore]:
+    backends = await open_backends(make_settings(cold_backend, hot=False))
+    try:
+        yield backends.cold
+    finally:
+        await backends.close()
+
+
+def test_store_implements_the_port(cold: ColdStateStore, cold_backend: str) -> None:
+    assert isinstance(cold, ColdStateStore)
+    assert cold.name == cold_backend
+
+
+async def test_create_stores_version_one_and_audits_it(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    sections = {"intake": {"text": "I was charged twice"}, "billing": None, "messages": []}
+    created = await cold.create(thread, sections, agent_id="intake")
+    assert (created.thread_id, created.version, created.sections) == (thread, 1, sections)
+    assert (created.fence, created.schema_version) == (0, schema.CURRENT["workflow"])
+    assert created.created_at == created.updated_at
+    assert created.created_at.endswith("+00:00")
+    assert await cold.get(thread) == created
+
+    [entry] = await cold.audit_trail(thread)
+    assert (entry.version, entry.agent_id, entry.section) == (1, "intake", CREATED_SECTION)
+    assert (entry.before, entry.after) == (None, sections)
+    assert entry.schema_version == schema.CURRENT["audit"]
+
+
+async def test_a_second_create_raises_and_keeps_the_first(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    first = await cold.create(thread, {"a": 1}, agent_id="intake")
+    with pytest.raises(WorkflowExists):
+        await cold.create(thread, {"a": 2}, agent_id="intruder")
+    assert await cold.get(thread) == first
+    assert [e.agent_id for e in await cold.audit_trail(thread)] == ["intake"]
+
+
+async def test_an_unknown_thread_has_no_record_and_no_trail(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    assert await cold.get(thread) is None
+    assert await cold.audit_trail(thread) == []
+    with pytest.raises(WorkflowNotFound):
+        await cold.update_section(thread, "a", 1, expected_version=1, agent_id="a")
+
+
+async def test_update_replaces_one_section_and_audits_the_change(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    created = await cold.create(
+        thread, {"billing": {"refund": 0}, "account": {"locked": True}}, agent_id="intake"
+    )
+    updated = await cold.update_section(
+        thread, "billing", {"refund": 640.0}, expected_version=1, agent_id="billing"
+    )
+    assert updated.version == 2
+    assert updated.sections == {"billing": {"refund": 640.0}, "account": {"locked": True}}
+    assert updated.created_at == created.created_at
+    assert updated.updated_at >= created.updated_at
+    assert await cold.get(thread) == updated
+
+    added = await cold.update_section(
+        thread, "policy", {"escalate": True}, expected_version=2, agent_id="policy"
+    )
+    assert added.sections["policy"] == {"escalate": True}
+
+    trail = await cold.audit_trail(thread)
+    assert [(e.version, e.agent_id, e.section, e.before, e.after) for e in trail[:2]] == [
+        (3, "policy", "policy", None, {"escalate": True}),
+        (2, "billing", "billing", {"refund": 0}, {"refund": 640.0}),
+    ]
+
+
+async def test_a_stale_version_is_a_conflict_and_writes_nothing(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"s": 0}, agent_id="a")
+    current = await cold.update_section(thread, "s", 1, expected_version=1, agent_id="a")
+    with pytest.raises(VersionConflict) as conflict:
+        await cold.update_section(thread, "s", 99, expected_version=1, agent_id="stale")
+    assert (conflict.value.expected, conflict.value.actual) == (1, 2)
+    assert await cold.get(thread) == current
+    assert "stale" not in {e.agent_id for e in await cold.audit_trail(thread)}
+
+
+async def test_fencing_tokens_refuse_older_holders(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"s": 0}, agent_id="a")
+    record = await cold.update_section(
+        thread, "s", 1, expected_version=1, agent_id="a", fencing_token=5
+    )
+    assert record.fence == 5
+    # The same holder may write again; a writer without a token is not fenced.
+    record = await cold.update_section(
+        thread, "s", 2, expected_version=2, agent_id="a", fencing_token=5
+    )
+    record = await cold.update_section(thread, "s", 3, expected_version=3, agent_id="api")
+    assert (record.version, record.fence) == (4, 5)
+
+    with pytest.raises(StaleFencingToken) as stale:
+        await cold.update_section(
+            thread, "s", 99, expected_version=4, agent_id="zombie", fencing_token=4
+        )
+    assert (stale.value.presented, stale.value.highest) == (4, 5)
+    assert await cold.get(thread) == record
+
+    newer = await cold.update_section(
+        thread, "s", 5, expected_version=4, agent_id="b", fencing_token=9
+    )
+    assert (newer.version, newer.fence, newer.sections["s"]) == (5, 9, 5)
+
+
+async def test_audit_trail_is_newest_first_and_limited(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"n": 0}, agent_id="intake")
+    for version in range(1, 13):
+        await cold.update_section(
+            thread, "n", version, expected_version=version, agent_id=f"agent-{version}"
+        )
+    assert [e.version for e in await cold.audit_trail(thread, limit=5)] == [13, 12, 11, 10, 9]
+    full = await cold.audit_trail(thread, limit=100)
+    assert [e.version for e in full] == list(range(13, 0, -1))
+    assert [e.after for e in full[:-1]] == list(range(12, 0, -1))
+    assert [e.before for e in full[:-1]] == list(range(11, -1, -1))
+    assert all(newer.at >= older.at for newer, older in itertools.pairwise(full))
+    assert await cold.audit_trail(thread, limit=0) == []
+
+
+async def test_concurrent_read_then_update_writers_lose_no_update(
+    cold: ColdStateStore, cold_backend: str
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"billing": None}, agent_id="intake")
+
+    async def writer(n: int) -> list[tuple[WorkflowRecord, Any] | VersionConflict]:
+        outcomes: list[tuple[WorkflowRecord, Any] | VersionConflict] = []
+        for attempt in range(LOST_UPDATE_ATTEMPTS):
+            current = await cold.get(thread)
+            assert current is not None
+            await asyncio.sleep(0)  # let the other writers read the same version
+            value = {"writer": n, "attempt": attempt}
+            try:
+                record = await cold.update_section(
+                    thread,
+                    "billing",
+                    value,
+                    expected_version=current.version,
+                    agent_id=f"writer-{n}",
+                )
+            except VersionConflict as conflict:
+                outcomes.append(conflict)
+            else:
+                outcomes.append((record, value))
+        return outcomes
+
+    results = await asyncio.gather(*(writer(n) for n in range(LOST_UPDATE_WRITERS)))
+    outcomes = [outcome for per_writer in results for outcome in per_writer]
+    successes = [o for o in outcomes if not isinstance(o, VersionConflict)]
+    conflicts = [o for o in outcomes if isinstance(o, VersionConflict)]
+    print(
+        f"\n[{cold_backend}] lost-update: {len(outcomes)} attempts, {len(successes)} successes,"
+        f" {len(conflicts)} conflicts"
+    )
+    assert successes and len(successes) + len(conflicts) == len(outcomes)
+    assert all(c.actual is not None and c.actual > c.expected for c in conflicts)
+
+    final = await cold.get(thread)
+    assert final is not None
+    assert final.version == 1 + len(successes)  # 0 silent overwrites
+    versions = sorted(record.version for record, _ in successes)
+    assert versions == list(range(2, final.version + 1))
+    trail = await cold.audit_trail(thread, limit=len(successes) + 10)
+    assert [e.version for e in trail] == list(range(final.version, 0, -1))
+    by_version = {e.version: e for e in trail}
+    for record, value in successes:
+        entry = by_version[record.version]
+        assert (entry.after, entry.agent_id) == (value, f"writer-{value['writer']}")
+    # Each change starts from what the previous one wrote: nothing in between was lost.
+    for version in range(3, final.version + 1):
+        assert by_version[version].before == by_version[version - 1].after
+    assert final.sections["billing"] == by_version[final.version].after
+
+
+async def test_delete_removes_record_and_trail_and_the_thread_can_start_over(
+    cold: ColdStateStore,
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"s": 0}, agent_id="a")
+    for version in range(1, 4):
+        await cold.update_section(thread, "s", version, expected_version=version, agent_id="a")
+    await cold.delete(thread)
+    assert await cold.get(thread) is None
+    assert await cold.audit_trail(thread) == []
+    await cold.delete(thread)  # deleting nothing is fine
+
+    again = await cold.create(thread, {"s": "new"}, agent_id="b")
+    assert again.version == 1
+    assert [(e.version, e.agent_id) for e in await cold.audit_trail(thread)] == [(1, "b")]
+
+
+async def test_records_are_upcast_on_read(
+    cold: ColdStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"customer": "Ada"}, agent_id="intake")
+
+    def rename_customer(document: schema.Document) -> schema.Document:
+        sections = dict(document["sections"])
+        sections["customer_name"] = sections.pop("customer")
+        return {**document, "sections": sections}
+
+    monkeypatch.setitem(schema.CURRENT, "workflow", schema.CURRENT["workflow"] + 1)
+    monkeypatch.setitem(
+        schema._UPCASTERS, ("workflow", schema.CURRENT["workflow"] - 1), rename_customer
+    )
+    record = await cold.get(thread)
+    assert record is not None
+    assert record.sections == {"customer_name": "Ada"}
+    assert record.schema_version == schema.CURRENT["workflow"]
+    updated = await cold.update_section(thread, "x", 1, expected_version=1, agent_id="a")
+    assert updated.sections == {"customer_name": "Ada", "x": 1}
+
+
+async def test_health_reports_the_tier_up(cold: ColdStateStore, cold_backend: str) -> None:
+    health = await cold.health()
+    assert (health.name, health.up) == (cold_backend, True)
+    assert health.latency_ms is not None
+
+
+# --------------------------------------------------------------------------- Cosmos only
+
+
+@pytest.fixture
+async def cosmos_connection(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[CosmosConnection]:
+    connection = CosmosConnection(make_settings("cosmos", hot=False))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def cosmos(
+    cosmos_connection: CosmosConnection, make_settings: Callable[..., Settings]
+) -> CosmosStateStore:
+    store = CosmosStateStore(cosmos_connection, make_settings("cosmos", hot=False))
+    await store.setup()
+    return store
+
+
+async def _partition(connection: CosmosConnection, thread: str) -> list[dict[str, Any]]:
+    container = await connection.container()
+    return [
+        document
+        async for document in container.query_items(
+            "SELECT * FROM c WHERE c.thread_id = @thread_id",
+            parameters=[{"name": "@thread_id", "value": thread}],
+            partition_key=thread,
+        )
+    ]
+
+
+async def test_cosmos_documents_are_typed_versioned_and_keep_clear_of_checkpoints(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    thread = unique_thread()
+    await cosmos.create(thread, {"s": 0}, agent_id="a")
+    await cosmos.update_section(thread, "s", 1, expected_version=1, agent_id="a")
+    documents = await _partition(cosmos_connection, thread)
+    assert len(documents) == 3
+    for document in documents:
+        assert document["thread_id"] == thread
+        assert document["schema_version"] == schema.CURRENT[document["type"]]
+        expected_prefix = "wf" if document["type"] == "workflow" else "audit:"
+        assert document["id"].startswith(expected_prefix)
+        assert not document["id"].startswith(("cp:", "blob:", "write:", "ptr:"))
+
+
+async def test_cosmos_crash_between_audit_entry_and_record_is_reconciled(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    thread = unique_thread()
+    await cosmos.create(thread, {"billing": "v1"}, agent_id="intake")
+    head = await cosmos.update_section(thread, "billing", "v2", expected_version=1, agent_id="a")
+    container = await cosmos_connection.container()
+    stored = await container.read_item("wf", partition_key=thread)
+
+    # A writer crashed after its audit entry for version 3, before replacing the record.
+    crashed_write = uuid.uuid4().hex
+    await container.create_item(
+        {
+            "id": audit_id(3, crashed_write),
+            "thread_id": thread,
+            "type": "audit",
+            "schema_version": schema.CURRENT["audit"],
+            "version": 3,
+            "write_id": crashed_write,
+            "prev_write_id": stored["last_write_id"],
+            "agent_id": "crashed",
+            "section": "billing",
+            "before": "v2",
+            "after": "never applied",
+            "at": "2999-01-01T00:00:00+00:00",
+        }
+    )
+    assert await cosmos.get(thread) == head
+    assert [e.version for e in await cosmos.audit_trail(thread)] == [2, 1]
+
+    # The next writer produces version 3 too; only its entry belongs to the record.
+    after = await cosmos.update_section(thread, "billing", "v3", expected_version=2, agent_id="b")
+    trail = await cosmos.audit_trail(thread)
+    assert [(e.version, e.agent_id, e.after) for e in trail] == [
+        (3, "b", "v3"),
+        (2, "a", "v2"),
+        (1, "intake", {"billing": "v1"}),
+    ]
+    assert after.sections["billing"] == trail[0].after
+    at_version_3 = [d for d in await _partition(cosmos_connection, thread) if d.get("version") == 3]
+    assert len(at_version_3) == 3  # record, the real entry, and the orphan still stored
+
+
+async def test_cosmos_losing_writers_leave_no_audit_entry(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    thread = unique_thread()
+    await cosmos.create(thread, {"s": 0}, agent_id="a")
+    results = await asyncio.gather(
+        *(
+            cosmos.update_section(thread, "s", n, expected_version=1, agent_id=f"w{n}")
+            for n in range(6)
+        ),
+        return_exceptions=True,
+    )
+    conflicts = [r for r in results if isinstance(r, VersionConflict)]
+    assert len(conflicts) == 5 and all(c.actual == 2 for c in conflicts)
+    entries = [d for d in await _partition(cosmos_connection, thread) if d["type"] == "audit"]
+    assert sorted(e["version"] for e in entries) == [1, 2]
+
+
+async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings("cosmos", hot=False)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings, transport=transport)
+    try:
+        store = CosmosStateStore(connection, settings)
+        thread = unique_thread()
+        # The connection drops after the server applied each write (audit entry and
+        # record of the create, then the replace); the SDK sends each again.
+        transport.inject(Fault("reset_after", frozenset({"create"}), times=2, body_contains=thread))
+        transport.inject(Fault("reset_after", frozenset({"replace"}), body_contains=thread))
+        created = await store.create(thread, {"s": 0}, agent_id="a")
+        updated = await store.update_section(thread, "s", 1, expected_version=1, agent_id="a")
+        assert transport.count("create", "reset_after") == 2
+        assert transport.count("replace", "reset_after") == 1
+        assert (created.version, updated.version) == (1, 2)
+        assert await store.get(thread) == updated
+        assert [(e.version, e.after) for e in await store.audit_trail(thread)] == [
+            (2, 1),
+            (1, {"s": 0}),
+        ]
+    finally:
+        await connection.close()
+
+
+async def test_cosmos_refuses_a_document_over_the_item_limit(
+    make_settings: Callable[..., Settings], cosmos_connection: CosmosConnection
+) -> None:
+    limit = 64 * 1024
+    settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
+    store = CosmosStateStore(cosmos_connection, settings)
+    thread = unique_thread()
+    created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
+    with pytest.raises(StateTooLarge) as too_large:
+        await store.update_section(
+            thread, "transcript", "y" * limit, expected_version=1, agent_id="a"
+        )
+    assert too_large.value.limit == limit and too_large.value.size > limit
+    with pytest.raises(StateTooLarge):
+        await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
+    assert await store.get(thread) == created
+    documents = await _partition(cosmos_connection, thread)
+    assert len(documents) == 2
+    assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+
+
+async def test_cosmos_refuses_a_record_written_by_newer_code(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    thread = unique_thread()
+    await cosmos.create(thread, {"s": 0}, agent_id="a")
+    container = await cosmos_connection.container()
+    stored = await container.read_item("wf", partition_key=thread)
+    stored["schema_version"] = schema.CURRENT["workflow"] + 1
+    await container.replace_item("wf", stored)
+    with pytest.raises(UnsupportedSchemaVersion):
+        await cosmos.get(thread)
+    with pytest.raises(UnsupportedSchemaVersion):
+        await cosmos.update_section(thread, "s", 1, expected_version=1, agent_id="a")
+
+
+async def test_cosmos_round_trips_do_not_grow_with_history(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    thread = unique_thread()
+    await cosmos.create(thread, {"n": 0}, agent_id="a")
+    for version in range(1, 41):
+        await cosmos.update_section(thread, "n", version, expected_version=version, agent_id="a")
+    counters = cosmos_connection.counters
+
+    counters.reset()
+    await cosmos.get(thread)
+    assert counters.requests == 1
+
+    counters.reset()
+    await cosmos.update_section(thread, "n", 41, expected_version=41, agent_id="a")
+    assert counters.requests == 3  # read, audit entry, conditional replace
+
+    counters.reset()
+    trail = await cosmos.audit_trail(thread, limit=5)
+    assert [e.version for e in trail] == [42, 41, 40, 39, 38]
+    assert counters.requests == 2  # the record, one page of entries

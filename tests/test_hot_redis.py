@@ -1,0 +1,359 @@
+"""The Redis hot tier against a real redis-server: atomic writes, TTL, fenced locks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from devstack import RedisServer, free_port
+from redis.crc import key_slot
+
+from state.errors import BackendUnavailable
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_store import RedisHotStore
+from state.ports import HotStateStore, WorkflowRecord
+from state.schema import CURRENT
+from state.settings import Settings
+
+MERGES_PER_WRITER = 1000
+# Commands each writer keeps in flight, so the two writers' scripts really interleave.
+IN_FLIGHT = 25
+
+T = TypeVar("T")
+
+
+def _settings(redis_url: str, stack_env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": redis_url}
+    )
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str]) -> Settings:
+    return _settings(stack_env["REDIS_URL"], stack_env)
+
+
+@pytest.fixture
+async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
+    store = RedisHotStore(create_redis_client(settings), settings)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def raw(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A plain client to look at what the store wrote (and to damage it on purpose)."""
+    client = create_redis_client(settings)
+    yield client
+    await client.aclose()
+
+
+def _thread() -> str:
+    return f"hot-{uuid.uuid4().hex[:12]}"
+
+
+def _record(thread_id: str, version: int = 1, **sections: object) -> WorkflowRecord:
+    return WorkflowRecord(
+        thread_id=thread_id,
+        version=version,
+        sections=dict(sections),
+        schema_version=CURRENT["workflow"],
+        created_at="2025-01-01T00:00:00+00:00",
+        updated_at="2025-01-01T00:00:00+00:00",
+        fence=0,
+    )
+
+
+async def _in_batches(calls: list[Awaitable[T]], size: int = IN_FLIGHT) -> list[T]:
+    results: list[T] = []
+    for start in range(0, len(calls), size):
+        results += await asyncio.gather(*calls[start : start + size])
+    return results
+
+
+def test_implements_the_port(hot: RedisHotStore) -> None:
+    assert isinstance(hot, HotStateStore)
+
+
+async def test_install_then_get_returns_the_same_record(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    record = _record(
+        thread_id,
+        version=3,
+        case={"id": "case_8842", "amount": 12345678901234567890, "ratio": 0.1 + 0.2},
+        messages=[],
+        notes={"empty": {}, "tags": [], "text": "charged twice — can't log in"},
+        flag=None,
+    )
+    assert await hot.install(record, ttl_seconds=60)
+    assert await hot.get(thread_id) == record
+    assert 55 <= await hot.ttl(thread_id) <= 60
+
+
+async def test_get_of_uncached_thread_is_none(hot: RedisHotStore) -> None:
+    assert await hot.get(_thread()) is None
+    assert await hot.ttl(_thread()) == -2
+
+
+async def test_install_never_replaces_a_newer_version(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    assert await hot.install(_record(thread_id, 5, s="v5"), ttl_seconds=60)
+    assert not await hot.install(_record(thread_id, 4, s="v4"), ttl_seconds=60)
+    assert await hot.get(thread_id) == _record(thread_id, 5, s="v5")
+    # The same version may be re-installed (refreshes the TTL), a newer one replaces.
+    assert await hot.install(_record(thread_id, 5, s="v5"), ttl_seconds=60)
+    assert await hot.install(_record(thread_id, 6, t="v6"), ttl_seconds=60)
+    assert await hot.get(thread_id) == _record(thread_id, 6, t="v6")
+
+
+async def test_two_writers_merging_different_sections_concurrently_lose_nothing(
+    settings: Settings,
+) -> None:
+    thread_id = _thread()
+    # Two clients, as two workers would have.
+    billing = RedisHotStore(create_redis_client(settings), settings)
+    account = RedisHotStore(create_redis_client(settings), settings)
+    try:
+        assert await billing.install(_record(thread_id, intake={"case": 1}), ttl_seconds=300)
+
+        async def writer(store: RedisHotStore, name: str) -> list[bool]:
+            calls = [
+                store.merge_section(thread_id, f"{name}-{i:04d}", {"writer": name, "n": i})
+                for i in range(MERGES_PER_WRITER)
+            ]
+            return await _in_batches(calls)
+
+        merged_billing, merged_account = await asyncio.gather(
+            writer(billing, "billing"), writer(account, "account")
+        )
+        assert all(merged_billing) and all(merged_account)
+
+        final = await billing.get(thread_id)
+        assert final is not None
+        assert len(final.sections) == 1 + 2 * MERGES_PER_WRITER
+        for name in ("billing", "account"):
+            for i in range(MERGES_PER_WRITER):
+                assert final.sections[f"{name}-{i:04d}"] == {"writer": name, "n": i}
+        assert final.sections["intake"] == {"case": 1}
+        assert final.version == 1  # merges without a version leave it alone
+        assert 0 < await billing.ttl(thread_id) <= 300
+    finally:
+        await billing.close()
+        await account.close()
+
+
+async def test_a_merge_keeps_the_remaining_ttl(hot: RedisHotStore, raw: aioredis.Redis) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, a=1), ttl_seconds=100)
+    await asyncio.sleep(1.1)
+    assert await hot.merge_section(thread_id, "a", 2)
+    assert await hot.update_field(thread_id, "b", "x", 1)
+    remaining_ms = await raw.pttl(f"{{{thread_id}}}:wf")
+    assert 90_000 < remaining_ms < 99_000
+
+
+async def test_merge_with_a_version_applies_only_to_an_older_copy(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 3, a=1, b=1), ttl_seconds=60)
+    assert not await hot.merge_section(thread_id, "a", 2, version=3)
+    assert await hot.merge_section(thread_id, "a", 2, version=4)
+    cached = await hot.get(thread_id)
+    assert cached is not None
+    assert (cached.version, cached.sections) == (4, {"a": 2, "b": 1})
+
+
+async def test_writes_to_an_uncached_thread_create_nothing(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    assert not await hot.merge_section(thread_id, "a", 1)
+    assert not await hot.merge_section(thread_id, "a", 1, version=2)
+    assert not await hot.update_field(thread_id, "a", "x", 1)
+    assert await hot.ttl(thread_id) == -2
+
+
+async def test_update_field_sets_one_field_and_keeps_the_others(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(
+        _record(thread_id, billing={"status": "open", "refund": 120.5}, account={"locked": True}),
+        ttl_seconds=60,
+    )
+    assert await hot.update_field(thread_id, "billing", "status", {"code": "refunded"})
+    assert await hot.update_field(thread_id, "policy", "decision", "approve")
+    cached = await hot.get(thread_id)
+    assert cached is not None
+    assert cached.sections == {
+        "billing": {"status": {"code": "refunded"}, "refund": 120.5},
+        "account": {"locked": True},
+        "policy": {"decision": "approve"},
+    }
+
+
+async def test_update_field_keeps_values_lua_json_would_alter(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    sections = {
+        "transactions": {"items": [], "count": 0},
+        "card": {"number": 12345678901234567890},
+        "ratio": {"value": 0.1 + 0.2},
+        "refund": {"amount": 640.0},
+        "nested": {"deep": {"empty_list": [], "empty_object": {}}},
+    }
+    await hot.install(_record(thread_id, **sections), ttl_seconds=60)
+    value = {"ids": [], "big": 2**60 + 1, "whole": 2.0}
+    for section in sections:
+        assert await hot.update_field(thread_id, section, "extra", value)
+    cached = await hot.get(thread_id)
+    assert cached is not None
+    assert cached.sections == {name: {**s, "extra": value} for name, s in sections.items()}
+    assert isinstance(cached.sections["refund"]["amount"], float)
+    assert isinstance(cached.sections["refund"]["extra"]["whole"], float)
+
+
+# Compare-and-set retries grow with contention, so that path runs a smaller load.
+@pytest.mark.parametrize(
+    ("initial", "fields_per_writer", "in_flight"),
+    [({}, 300, IN_FLIGHT), ({"transactions": []}, 100, 5)],
+    ids=["lua", "compare-and-set"],
+)
+async def test_concurrent_field_updates_of_one_section_lose_nothing(
+    settings: Settings, initial: dict[str, object], fields_per_writer: int, in_flight: int
+) -> None:
+    thread_id = _thread()
+    first = RedisHotStore(create_redis_client(settings), settings)
+    second = RedisHotStore(create_redis_client(settings), settings)
+    try:
+        await first.install(_record(thread_id, billing=initial), ttl_seconds=60)
+
+        async def writer(store: RedisHotStore, name: str) -> list[bool]:
+            calls = [
+                store.update_field(thread_id, "billing", f"{name}-{i}", i)
+                for i in range(fields_per_writer)
+            ]
+            return await _in_batches(calls, in_flight)
+
+        results = await asyncio.gather(writer(first, "a"), writer(second, "b"))
+        assert all(results[0]) and all(results[1])
+        cached = await first.get(thread_id)
+        assert cached is not None
+        expected = dict(initial)
+        for name in ("a", "b"):
+            expected.update({f"{name}-{i}": i for i in range(fields_per_writer)})
+        assert cached.sections["billing"] == expected
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_update_field_of_a_non_object_section_is_refused(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, messages=["hi"], big=[10**20]), ttl_seconds=60)
+    with pytest.raises(ValueError, match="not a JSON object"):
+        await hot.update_field(thread_id, "messages", "x", 1)
+    with pytest.raises(ValueError, match="not a JSON object"):
+        await hot.update_field(thread_id, "big", "x", 1)
+    cached = await hot.get(thread_id)
+    assert cached is not None and cached.sections == {"messages": ["hi"], "big": [10**20]}
+
+
+async def test_invalidate_removes_the_copy(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    await hot.invalidate(thread_id)
+    assert await hot.get(thread_id) is None
+
+
+async def test_a_copy_of_another_schema_version_is_a_miss(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    await raw.hset(f"{{{thread_id}}}:wf", "schema_version", CURRENT["workflow"] + 1)
+    assert await hot.get(thread_id) is None
+
+
+async def test_lock_is_exclusive_and_only_its_owner_releases_it(hot: RedisHotStore) -> None:
+    name = f"case_{uuid.uuid4().hex[:8]}"
+    held = await hot.acquire_lock(name, ttl_ms=10_000)
+    assert held is not None and held.name == name and held.ttl_ms == 10_000
+    assert await hot.acquire_lock(name, ttl_ms=10_000) is None
+
+    impostor = type(held)(name=name, token="not-the-owner", fence=held.fence, ttl_ms=10_000)
+    assert not await hot.release_lock(impostor)
+    assert await hot.acquire_lock(name, ttl_ms=10_000) is None  # still held
+
+    assert await hot.release_lock(held)
+    assert not await hot.release_lock(held)  # a second release finds nothing of ours
+
+
+async def test_each_new_holder_gets_a_higher_fencing_token(hot: RedisHotStore) -> None:
+    name = f"case_{uuid.uuid4().hex[:8]}"
+    first = await hot.acquire_lock(name, ttl_ms=10_000)
+    assert first is not None
+    assert await hot.release_lock(first)
+    second = await hot.acquire_lock(name, ttl_ms=100)
+    assert second is not None and second.fence > first.fence
+    await asyncio.sleep(0.2)  # expires without a release
+    third = await hot.acquire_lock(name, ttl_ms=10_000)
+    assert third is not None and third.fence > second.fence
+    # The expired holder can no longer release the new holder's lock.
+    assert not await hot.release_lock(second)
+    assert await hot.release_lock(third)
+
+
+async def test_fencing_tokens_stay_monotonic_when_redis_loses_its_data(
+    tmp_path: Path, stack_env: dict[str, str]
+) -> None:
+    server = RedisServer(port=free_port(), workdir=tmp_path)
+    server.start()
+    try:
+        settings = _settings(server.url, stack_env)
+        store = RedisHotStore(create_redis_client(settings), settings)
+        try:
+            before = await store.acquire_lock("case_8842", ttl_ms=60_000)
+            assert before is not None
+            server.stop()  # no persistence: the lock and the fence counter are gone
+            server.start()
+            after = await store.acquire_lock("case_8842", ttl_ms=60_000)
+            assert after is not None and after.fence > before.fence
+        finally:
+            await store.close()
+    finally:
+        server.stop()
+
+
+async def test_every_key_of_a_thread_shares_its_hash_tag(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    held = await hot.acquire_lock(thread_id, ttl_ms=10_000)
+    assert held is not None
+    keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{thread_id}*")])
+    assert keys == [f"{{{thread_id}}}:fence", f"{{{thread_id}}}:lock", f"{{{thread_id}}}:wf"]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+    await hot.release_lock(held)
+
+
+async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
+    stack_env: dict[str, str],
+) -> None:
+    settings = _settings(f"redis://127.0.0.1:{free_port()}/0", stack_env)
+    store = RedisHotStore(create_redis_client(settings), settings)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await store.get(_thread())
+        assert raised.value.backend == "redis"
+        with pytest.raises(BackendUnavailable):
+            await store.acquire_lock("case_8842", ttl_ms=1000)
+        health = await store.health()
+        assert (health.name, health.up) == ("redis", False)
+    finally:
+        await store.close()
+
+
+async def test_health_reports_a_reachable_server(hot: RedisHotStore) -> None:
+    health = await hot.health()
+    assert health.up and health.latency_ms is not None

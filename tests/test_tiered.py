@@ -1,0 +1,453 @@
+"""Cache-aside over the real tiers: Cosmos emulator (cold) and redis-server (hot).
+
+The outage tests start their own Redis on a free loopback port and stop it
+themselves; the session's Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from devstack import RedisServer, free_port
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_store import CosmosStateStore
+from state.errors import (
+    BackendUnavailable,
+    LockNotAcquired,
+    StaleFencingToken,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
+from state.factory import open_backends
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_store import RedisHotStore
+from state.ports import ColdStateStore, WorkflowRecord
+from state.settings import Settings
+from state.tiered import TieredStateStore
+
+RACE_ROUNDS = 15
+READERS_PER_ROUND = 3
+MAX_READ_LAG_SECONDS = 0.01
+
+
+@pytest.fixture(scope="module")
+def settings_for(stack_env: dict[str, str]) -> Callable[..., Settings]:
+    def build(redis_url: str | None = stack_env["REDIS_URL"], **overrides: Any) -> Settings:
+        return Settings.model_validate(
+            {
+                "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+                "cosmos_key": stack_env["COSMOS_KEY"],
+                "cosmos_create_if_missing": True,
+                "postgres_url": stack_env["POSTGRES_URL"],
+                "redis_url": redis_url,
+                **overrides,
+            }
+        )
+
+    return build
+
+
+@pytest.fixture
+def settings(settings_for: Callable[..., Settings]) -> Settings:
+    return settings_for()
+
+
+@pytest.fixture
+async def cold(settings: Settings) -> AsyncIterator[CosmosStateStore]:
+    connection = CosmosConnection(settings)
+    store = CosmosStateStore(connection, settings)
+    await store.setup()
+    yield store
+    await connection.close()
+
+
+@pytest.fixture
+async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
+    store = RedisHotStore(create_redis_client(settings), settings)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def tiered(cold: CosmosStateStore, hot: RedisHotStore, settings: Settings) -> TieredStateStore:
+    return TieredStateStore(cold, hot, settings)
+
+
+@pytest.fixture
+async def other_process(
+    cold: CosmosStateStore, settings: Settings
+) -> AsyncIterator[Callable[[ColdStateStore], TieredStateStore]]:
+    """Another worker: its own Redis client in front of the same cold store."""
+    opened: list[RedisHotStore] = []
+
+    def build(cold_store: ColdStateStore = cold) -> TieredStateStore:
+        hot_store = RedisHotStore(create_redis_client(settings), settings)
+        opened.append(hot_store)
+        return TieredStateStore(cold_store, hot_store, settings)
+
+    yield build
+    for hot_store in opened:
+        await hot_store.close()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()  # the processor stays registered; a shut exporter drops spans
+
+
+def _thread() -> str:
+    return f"tiered-{uuid.uuid4().hex[:12]}"
+
+
+class HeldCold:
+    """The real cold store, whose reads can be held after they return (to order a race)."""
+
+    def __init__(self, inner: ColdStateStore) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.read_done = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        record = await self._inner.get(thread_id)
+        self.read_done.set()
+        await self.release.wait()
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class LaggingCold:
+    """The real cold store, whose read results arrive a little late (a slow network)."""
+
+    def __init__(self, inner: ColdStateStore, seed: int) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self._random = random.Random(seed)
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        record = await self._inner.get(thread_id)
+        await asyncio.sleep(self._random.uniform(0, MAX_READ_LAG_SECONDS))
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+# --------------------------------------------------------------------------- cache-aside
+
+
+async def test_a_miss_reads_cold_and_fills_hot_then_hits(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore, settings: Settings
+) -> None:
+    thread = _thread()
+    stored = await cold.create(thread, {"intake": {"case": "case_8842"}}, agent_id="intake")
+    assert await tiered.get(thread) == stored
+    assert (tiered.stats.misses, tiered.stats.hits) == (1, 0)
+    assert await hot.get(thread) == stored
+    assert await tiered.get(thread) == stored
+    assert (tiered.stats.misses, tiered.stats.hits) == (1, 1)
+    assert 0 < await hot.ttl(thread) <= settings.state_hot_ttl_seconds
+
+
+async def test_an_unknown_thread_is_none_and_caches_nothing(
+    tiered: TieredStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    assert await tiered.get(thread) is None
+    assert await hot.ttl(thread) == -2
+    with pytest.raises(WorkflowNotFound):
+        await tiered.update_section(thread, "s", 1, agent_id="a")
+
+
+async def test_create_writes_cold_and_installs_hot(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    created = await tiered.create(thread, {"s": 1}, agent_id="intake")
+    assert await cold.get(thread) == created
+    assert await hot.get(thread) == created
+    with pytest.raises(WorkflowExists):
+        await tiered.create(thread, {"s": 2}, agent_id="intake")
+    assert await tiered.get(thread) == created
+
+
+async def test_create_replaces_a_copy_left_from_an_earlier_record(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": "old"}, agent_id="a")
+    for version in range(1, 4):
+        await tiered.update_section(thread, "s", version, agent_id="a")
+    await cold.delete(thread)  # the hot copy (version 4) outlives the record
+    fresh = await tiered.create(thread, {"s": "new"}, agent_id="b")
+    assert await tiered.get(thread) == fresh
+    assert await hot.get(thread) == fresh
+
+
+async def test_update_goes_to_cold_first_then_updates_hot(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"billing": None, "account": {"locked": True}}, agent_id="intake")
+    updated = await tiered.update_section(
+        thread, "billing", {"duplicate": 640.0}, agent_id="billing"
+    )
+    assert updated.version == 2
+    assert updated.sections == {"billing": {"duplicate": 640.0}, "account": {"locked": True}}
+    assert await cold.get(thread) == updated
+    assert await hot.get(thread) == updated
+    trail = await tiered.audit_trail(thread)
+    assert [(e.version, e.agent_id) for e in trail] == [(2, "billing"), (1, "intake")]
+    assert [e.version for e in await tiered.audit_trail(thread, limit=1)] == [2]
+
+
+async def test_a_conflict_reaches_the_caller_and_refreshes_an_outdated_hot_copy(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    # Another writer changed cold without updating this hot copy.
+    newer = await cold.update_section(thread, "s", 1, expected_version=1, agent_id="other")
+    with pytest.raises(VersionConflict) as conflict:
+        await tiered.update_section(thread, "s", 2, agent_id="a")
+    assert (conflict.value.expected, conflict.value.actual) == (1, 2)
+    assert await hot.get(thread) == newer
+    # The caller's retry reads the refreshed copy and succeeds.
+    retried = await tiered.update_section(thread, "s", 2, agent_id="a")
+    assert retried.version == 3
+    with pytest.raises(VersionConflict):
+        await tiered.update_section(thread, "s", 9, agent_id="a", expected_version=2)
+
+
+async def test_a_stale_install_racing_a_newer_write_cannot_win(
+    tiered: TieredStateStore,
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
+    await hot.invalidate(thread)  # evicted: the next read misses
+
+    held = HeldCold(cold)
+    reader = other_process(held)  # type: ignore[arg-type]
+    reading = asyncio.create_task(reader.get(thread))
+    await held.read_done.wait()  # the reader holds version 1, read from cold
+
+    newer = await tiered.update_section(
+        thread, "billing", "v2", agent_id="billing", expected_version=1
+    )
+    held.release.set()  # now the reader installs what it read
+    assert (await reading).version == 1
+
+    assert reader.stats.installs_rejected == 1
+    assert await hot.get(thread) == newer
+    assert await reader.get(thread) == newer
+    assert reader.stats.hits == 1
+
+
+async def test_concurrent_readers_and_writers_leave_hot_no_older_than_cold(
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    writer = other_process(cold)
+    readers = [
+        other_process(LaggingCold(cold, seed))  # type: ignore[arg-type]
+        for seed in range(READERS_PER_ROUND)
+    ]
+    await writer.create(thread, {"n": 0}, agent_id="writer")
+    for round_number in range(RACE_ROUNDS):
+        await hot.invalidate(thread)  # eviction, so the readers install what they read
+        await asyncio.gather(
+            writer.update_section(thread, "n", round_number + 1, agent_id="writer"),
+            *(reader.get(thread) for reader in readers),
+        )
+        cached = await hot.get(thread)
+        stored = await cold.get(thread)
+        assert stored is not None and stored.version == round_number + 2
+        assert cached is None or cached == stored, f"round {round_number}"
+    rejected = sum(reader.stats.installs_rejected for reader in readers)
+    print(f"\nrace: {RACE_ROUNDS} rounds, {rejected} stale installs rejected")
+
+
+async def test_store_calls_are_traced(
+    tiered: TieredStateStore, spans: InMemorySpanExporter
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    await tiered.get(thread)
+    await tiered.update_section(thread, "s", 1, agent_id="a")
+    await tiered.audit_trail(thread)
+    traced = [
+        (span.name, span.attributes.get("state.cache") if span.attributes else None)
+        for span in spans.get_finished_spans()
+        if span.attributes and span.attributes.get("state.thread_id") == thread
+    ]
+    assert ("state.create", None) in traced
+    assert ("state.get", "hit") in traced
+    assert ("state.update_section", None) in traced
+    assert ("state.audit_trail", None) in traced
+
+
+async def test_from_backends_composes_the_configured_tiers(
+    settings_for: Callable[..., Settings],
+) -> None:
+    # Postgres here: the composition must not care which cold backend it fronts.
+    backends = await open_backends(settings_for(state_cold_backend="postgres"))
+    try:
+        tiered = TieredStateStore.from_backends(backends)
+        thread = _thread()
+        created = await tiered.create(thread, {"s": 0}, agent_id="a")
+        assert await tiered.get(thread) == created and tiered.stats.hits == 1
+        health = await tiered.health()
+        assert [(h.name, h.up) for h in health] == [("postgres", True), ("redis", True)]
+    finally:
+        await backends.close()
+
+
+# --------------------------------------------------------------------------- locks
+
+
+async def test_locks_fence_out_an_older_holder_in_the_cold_store(
+    tiered: TieredStateStore,
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    first = await tiered.lock(thread, ttl_ms=200)
+    with pytest.raises(LockNotAcquired):
+        await tiered.lock(thread)
+    await tiered.update_section(thread, "s", 1, agent_id="a", fencing_token=first.fence)
+
+    await asyncio.sleep(0.3)  # the first holder stalls past its TTL
+    second = await tiered.lock(thread)
+    assert second.fence > first.fence
+    await tiered.update_section(thread, "s", 2, agent_id="b", fencing_token=second.fence)
+    with pytest.raises(StaleFencingToken):
+        await tiered.update_section(thread, "s", 99, agent_id="a", fencing_token=first.fence)
+    assert not await tiered.unlock(first)
+    assert await tiered.unlock(second)
+    record = await tiered.get(thread)
+    assert record is not None and (record.sections["s"], record.fence) == (2, second.fence)
+
+
+async def test_without_a_hot_tier_everything_but_locks_works(
+    cold: CosmosStateStore, settings_for: Callable[..., Settings]
+) -> None:
+    tiered = TieredStateStore(cold, None, settings_for(redis_url=None))
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    updated = await tiered.update_section(thread, "s", 1, agent_id="a")
+    assert await tiered.get(thread) == updated
+    with pytest.raises(BackendUnavailable):
+        await tiered.lock(thread)
+    assert [(h.name, h.up) for h in await tiered.health()] == [("cosmos", True)]
+    assert tiered.stats.hot_errors == 0
+
+
+# --------------------------------------------------------------------------- Redis outages
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(port=free_port(), workdir=tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_redis_stopped_mid_run_then_restarted(
+    dedicated_redis: RedisServer,
+    cold: CosmosStateStore,
+    settings_for: Callable[..., Settings],
+) -> None:
+    settings = settings_for(redis_url=dedicated_redis.url)
+    hot = RedisHotStore(create_redis_client(settings), settings)
+    tiered = TieredStateStore(cold, hot, settings)
+    try:
+        thread, second_thread, untouched = _thread(), _thread(), _thread()
+        await tiered.create(thread, {"billing": 0}, agent_id="intake")
+        kept = await tiered.create(untouched, {"billing": 0}, agent_id="intake")
+        assert await tiered.get(thread) is not None and tiered.stats.hits == 1
+
+        dedicated_redis.stop()
+        for amount in range(1, 6):
+            record = await tiered.update_section(thread, "billing", amount, agent_id="billing")
+        assert record.version == 6
+        assert await tiered.get(thread) == record
+        created = await tiered.create(second_thread, {"account": "locked"}, agent_id="intake")
+        health = {h.name: h for h in await tiered.health()}
+        assert health["cosmos"].up and not health["redis"].up
+        assert tiered.stats.hot_errors >= 1
+        with pytest.raises(BackendUnavailable):
+            await tiered.lock(thread)
+        assert await cold.get(thread) == record  # nothing lost
+
+        dedicated_redis.start()  # no persistence: it comes back empty
+        health = {h.name: h for h in await tiered.health()}
+        assert health["cosmos"].up and health["redis"].up
+        errors_before = tiered.stats.hot_errors
+        assert await tiered.get(thread) == record
+        assert await tiered.get(second_thread) == created
+        assert await hot.get(thread) == record and await hot.get(second_thread) == created
+        misses = tiered.stats.misses
+        assert await tiered.get(untouched) == kept and tiered.stats.misses == misses + 1
+        assert await hot.get(untouched) == kept
+        hits = tiered.stats.hits
+        assert await tiered.get(thread) == record and tiered.stats.hits == hits + 1
+        assert tiered.stats.hot_errors == errors_before
+        trail = await tiered.audit_trail(thread)
+        assert [e.version for e in trail] == [6, 5, 4, 3, 2, 1]
+        print(f"\nredis outage: stats {tiered.stats}")
+    finally:
+        await hot.close()
+
+
+async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
+    dedicated_redis: RedisServer,
+    cold: CosmosStateStore,
+    settings_for: Callable[..., Settings],
+) -> None:
+    settings = settings_for(redis_url=dedicated_redis.url)
+    hot = RedisHotStore(create_redis_client(settings), settings)
+    tiered = TieredStateStore(cold, hot, settings)
+    try:
+        thread = _thread()
+        await tiered.create(thread, {"s": 0}, agent_id="a")
+        dedicated_redis.pause()  # hung, not gone: it keeps version 1
+        try:
+            updated = await tiered.update_section(thread, "s", 1, agent_id="a")
+        finally:
+            dedicated_redis.resume()
+        assert updated.version == 2 and tiered.stats.hot_errors >= 1
+        assert (await hot.get(thread)).version == 1  # type: ignore[union-attr]
+
+        await tiered.health()  # reachable again
+        assert await tiered.get(thread) == updated
+        assert await hot.get(thread) == updated
+    finally:
+        await hot.close()
