@@ -10,9 +10,9 @@ from typing import TypeVar
 
 import pytest
 import redis.asyncio as aioredis
-from devstack import RedisServer, free_port
 from redis.crc import key_slot
 
+from devstack import RedisServer, free_port
 from state.errors import BackendUnavailable
 from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import RedisHotStore

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from devstack import RedisServer, free_port
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from devstack import RedisServer, free_port
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore
 from state.errors import (

@@ -161,6 +161,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       AzureWebJobsStorage__accountName: storage.name
       AzureWebJobsStorage__credential: 'managedidentity'
       AzureWebJobsStorage__clientId: identityClientId
+      // The Python worker emits OpenTelemetry (host.json telemetryMode: OpenTelemetry).
+      PYTHON_ENABLE_OPENTELEMETRY: 'true'
       // Telemetry: read by the host and by the app; ingestion is Entra-authenticated.
       APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
       APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'

@@ -87,6 +87,7 @@ AZURE_HOST_SETTINGS = {
     "AzureWebJobsStorage__accountName",
     "AzureWebJobsStorage__credential",
     "AzureWebJobsStorage__clientId",
+    "PYTHON_ENABLE_OPENTELEMETRY",
 }
 # The Functions host's own settings when run locally (`func start`).
 LOCAL_HOST_SETTINGS = {"AzureWebJobsStorage", "FUNCTIONS_WORKER_RUNTIME"}

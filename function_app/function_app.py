@@ -1,0 +1,30 @@
+"""Azure Functions worker entry: the FastAPI app as one HTTP function, plus the stale-run timer.
+
+The worker imports this file by its stem from the deployed folder's root, where
+`support_cases` and `state` (copied in by the prepackage hook) sit beside it.
+Nothing here touches settings or backends at import time: indexing must work
+before any app setting is read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import azure.functions as func
+
+from support_cases.api import create_app
+from support_cases.runtime import process_runtime
+
+# Every route is under /api: host.json keeps the default routePrefix "api" and the
+# ASGI function passes the full path through to FastAPI.
+app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.FUNCTION)
+
+
+@app.function_name(name="resume_stale_runs")
+@app.timer_trigger(
+    arg_name="timer", schedule="0 */1 * * * *", run_on_startup=False, use_monitor=True
+)
+async def resume_stale_runs(timer: func.TimerRequest) -> None:
+    runtime = await process_runtime.get()
+    report = await runtime.service.resume_stale()
+    logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)

@@ -1,0 +1,97 @@
+"""The StatefulAgent: one graph node that owns one section of the case record.
+
+An agent decides from the graph state, writes its result as its own section
+through the state library (cold: versioned update + audit entry under its
+agent id; hot: section merge) and returns the same result to the graph. It
+passes the run's fencing token, so a run that lost its lock cannot overwrite a
+newer run's state. A re-run (after a crash) recomputes the same value and finds
+it already stored, so it writes nothing twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
+
+from state.ports import JSON
+from state.settings import Settings
+from state.tiered import TieredStateStore
+
+from ..effects import Effects
+from ..faults import pause_after
+from ..models import CaseState, Message
+from ..records import set_section
+from ..telemetry import traced
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Per-run values LangGraph hands every node (not checkpointed: each run brings its own)."""
+
+    fencing_token: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentDeps:
+    store: TieredStateStore
+    effects: Effects
+    settings: Settings
+
+
+class StatefulAgent(ABC):
+    agent_id: ClassVar[str]
+    section: ClassVar[str]  # the one record section this agent writes
+    step: ClassVar[str]  # its name in completed_steps
+    node: ClassVar[str]  # its graph node name (LangGraph forbids reusing a state key)
+
+    def __init__(self, deps: AgentDeps) -> None:
+        self.deps = deps
+
+    async def __call__(self, state: CaseState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        case_id = state["case_id"]
+        fencing_token = runtime.context.fencing_token if runtime.context else None
+        with traced(
+            f"agent.{self.step}",
+            expected=(GraphBubbleUp,),
+            agent_id=self.agent_id,
+            case_id=case_id,
+        ):
+            value = await self.decide(state, fencing_token)
+            await set_section(
+                self.deps.store,
+                case_id,
+                self.section,
+                value,
+                agent_id=self.author(value),
+                fencing_token=fencing_token,
+            )
+            await pause_after(self.step)
+            update = self.state_update(value)
+            update["completed_steps"] = [self.step]
+            messages = self.messages(state, value)
+            if messages:
+                update["messages"] = messages
+            return update
+
+    @abstractmethod
+    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+        """The section's new value (effects, if any, go through `self.deps.effects`)."""
+
+    def author(self, value: JSON) -> str:
+        """Who the audit trail names for this write."""
+        return self.agent_id
+
+    def state_update(self, value: JSON) -> dict[str, Any]:
+        return {self.section: value}
+
+    def note(self, value: JSON) -> str | None:
+        """A short line for the case's message log."""
+        return None
+
+    def messages(self, state: CaseState, value: JSON) -> list[Message]:
+        note = self.note(value)
+        return [Message(role=self.agent_id, content=note)] if note else []

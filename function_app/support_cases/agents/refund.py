@@ -1,0 +1,59 @@
+"""Refund: issues the approved refund once, or records why none goes out."""
+
+from __future__ import annotations
+
+from state.ports import JSON
+
+from ..models import CaseState, RefundResult
+from .base import StatefulAgent
+
+
+def refund_approved(state: CaseState) -> bool | None:
+    """True / False once decided; None when there is nothing to refund."""
+    decision = state["policy"]["decision"]
+    if decision == "no_refund":
+        return None
+    if decision == "auto_approved":
+        return True
+    return state["review"]["decision"] == "approve"
+
+
+class RefundAgent(StatefulAgent):
+    agent_id = "refund-agent"
+    section = "refund"
+    step = "refund"
+    node = "refund_agent"
+
+    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+        billing = state["billing"]
+        approved = refund_approved(state)
+        amount = state["policy"]["refund_amount"]
+        if approved is None:
+            return RefundResult(status="not_applicable", amount=0.0, currency=None, reference=None)
+        if not approved:
+            return RefundResult(
+                status="refused", amount=amount, currency=billing["currency"], reference=None
+            )
+        issued = await self.deps.effects.once(
+            state["case_id"],
+            "refund",
+            {
+                "customer_id": state["customer_id"],
+                "amount": amount,
+                "currency": billing["currency"],
+                "transactions": [charge["transaction_id"] for charge in billing["duplicates"]],
+            },
+            agent_id=self.agent_id,
+            fencing_token=fencing_token,
+        )
+        return RefundResult(
+            status="issued",
+            amount=amount,
+            currency=billing["currency"],
+            reference=issued["reference"],
+        )
+
+    def note(self, value: JSON) -> str | None:
+        return f"Refund {value['status']}" + (
+            f" ({value['reference']})." if value["reference"] else "."
+        )

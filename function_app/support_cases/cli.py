@@ -1,0 +1,336 @@
+"""`agent-state`: run the local stack and API, submit cases, read them back, decide reviews.
+
+    agent-state stack up|down|status       the local Redis + Cosmos emulator (+ Postgres)
+    agent-state serve                      stack up (if needed) + the API on 127.0.0.1:7071
+    agent-state submit --demo              submit case_8842
+    agent-state show CASE | checkpoints CASE | audit CASE
+    agent-state review CASE approve|reject --reviewer ID
+    agent-state resume CASE | health
+
+Every client command takes `--api URL` (default $AGENT_STATE_API or
+http://127.0.0.1:7071) and `--json` for the raw JSON answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .demo import demo_case
+
+DEFAULT_API = "http://127.0.0.1:7071"
+DEFAULT_PORT = 7071
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
+stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+console = Console()
+
+ApiOption = Annotated[
+    str, typer.Option("--api", envvar="AGENT_STATE_API", help="Base URL of the API.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
+WorkdirOption = Annotated[
+    Path | None, typer.Option("--workdir", help="Where the stack keeps its data and pid file.")
+]
+
+
+# --------------------------------------------------------------------------- local stack
+
+
+def _stack_workdir(workdir: Path | None) -> Path:
+    from devstack.stack import DEFAULT_WORKDIR
+
+    return workdir or DEFAULT_WORKDIR
+
+
+@stack_app.command("up")
+def stack_up(
+    postgres: Annotated[bool, typer.Option(help="Also start Postgres.")] = False,
+    workdir: WorkdirOption = None,
+) -> None:
+    """Start Redis and the Cosmos emulator (and Postgres) detached on loopback."""
+    import devstack
+
+    description = devstack.up(_stack_workdir(workdir), with_postgres=postgres)
+    _print_env(description)
+
+
+@stack_app.command("down")
+def stack_down(workdir: WorkdirOption = None) -> None:
+    """Stop the servers `stack up` started."""
+    import devstack
+
+    stopped = devstack.down(_stack_workdir(workdir))
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> None:
+    """Show which local servers run and the settings that point at them."""
+    import devstack
+
+    status = devstack.status(_stack_workdir(workdir))
+    if as_json:
+        _print_json(status)
+        return
+    if not status.get("running"):
+        console.print("the local stack is not running (agent-state stack up)")
+        return
+    table = Table("server", "port", "pid", "alive")
+    alive = status.get("alive")
+    servers = status.get("servers")
+    for name, info in (servers if isinstance(servers, dict) else {}).items():
+        up = isinstance(alive, dict) and alive.get(name)
+        table.add_row(name, str(info["port"]), str(info["pid"]), "yes" if up else "NO")
+    console.print(table)
+    _print_env(status)
+
+
+def _stack_env(description: dict[str, object]) -> dict[str, str]:
+    env = description.get("env")
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+
+
+def _print_env(description: dict[str, object]) -> None:
+    env = _stack_env(description)
+    console.print("settings for this stack:")
+    for name, value in env.items():
+        console.print(f"  {name}={'***' if 'KEY' in name else value}")
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
+    backend: Annotated[str, typer.Option(help="Cold backend: cosmos or postgres.")] = "cosmos",
+    workdir: WorkdirOption = None,
+) -> None:
+    """Run the API on 127.0.0.1 against the local stack (started if it is not running)."""
+    import uvicorn
+
+    import devstack
+
+    if backend not in ("cosmos", "postgres"):
+        raise typer.BadParameter("backend must be cosmos or postgres")
+    where = _stack_workdir(workdir)
+    status = devstack.status(where)
+    started_here = not status.get("running")
+    if started_here:
+        status = devstack.up(where, with_postgres=backend == "postgres")
+    env = _stack_env(status)
+    if backend == "postgres" and "POSTGRES_URL" not in env:
+        raise typer.BadParameter("the running stack has no Postgres: stack down, then serve again")
+    os.environ.update(env)
+    os.environ["STATE_COLD_BACKEND"] = backend
+    os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
+    console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
+    console.print(f"submit the demo case:  agent-state submit --demo --api http://127.0.0.1:{port}")
+    try:
+        uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
+    finally:
+        if started_here:
+            devstack.down(where)
+
+
+# --------------------------------------------------------------------------- API client
+
+
+def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        response = httpx.request(method, f"{api.rstrip('/')}/api{path}", timeout=60, **kwargs)
+    except httpx.TransportError as error:
+        console.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
+        raise typer.Exit(2) from error
+    body: dict[str, Any] = response.json() if response.content else {}
+    if response.status_code >= 400:
+        console.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
+        raise typer.Exit(1)
+    if response.status_code == 202:
+        console.print(f"[yellow]still running; status at {response.headers.get('location')}[/]")
+    return body
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _print_case(case: dict[str, Any]) -> None:
+    table = Table("field", "value", show_header=False)
+    table.add_row("case", case["case_id"])
+    table.add_row("status", f"[bold]{case['status']}[/bold]")
+    table.add_row("customer", case["customer_id"])
+    table.add_row("completed steps", ", ".join(case["completed_steps"]) or "-")
+    if case.get("billing"):
+        billing = case["billing"]
+        table.add_row(
+            "billing",
+            f"{len(billing['duplicates'])} duplicate(s), {billing['refund_amount']:.2f} "
+            f"{billing['currency'] or ''} at {billing['merchant'] or '-'}",
+        )
+    if case.get("account"):
+        table.add_row("account", f"issue: {case['account']['issue'] or 'none'}")
+    if case.get("policy"):
+        table.add_row("policy", f"{case['policy']['decision']}: {case['policy']['reason']}")
+    if case.get("review"):
+        review = case["review"]
+        table.add_row("review", f"{review['decision']} by {review['reviewer_id']}")
+    if case.get("refund"):
+        refund = case["refund"]
+        table.add_row("refund", f"{refund['status']} {refund['reference'] or ''}".strip())
+    for effect in case.get("effects", []):
+        result = effect.get("result") or {}
+        table.add_row(
+            f"effect {effect['kind']}", f"{effect['status']} {result.get('reference', '')}"
+        )
+    if case.get("awaiting_review"):
+        waiting = case["awaiting_review"]
+        table.add_row(
+            "awaiting review",
+            f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject "
+            "--reviewer ID",
+        )
+    if case.get("error"):
+        table.add_row("error", f"[red]{case['error']}[/red]")
+    table.add_row("response", case.get("final_response") or "-")
+    console.print(table)
+
+
+@app.command()
+def submit(
+    demo: Annotated[bool, typer.Option("--demo", help="Submit the case_8842 demo.")] = False,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A JSON request body to submit.")
+    ] = None,
+    case_id: Annotated[str | None, typer.Option("--case-id", help="Override the case id.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option("--idempotency-key", help="Makes a retried submit safe.")
+    ] = None,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a support case (the demo, or a JSON body from a file)."""
+    if demo == (file is not None):
+        raise typer.BadParameter("give exactly one of --demo or --file")
+    body: dict[str, Any] = demo_case() if demo else json.loads(file.read_text())  # type: ignore[union-attr]
+    if case_id:
+        body["case_id"] = case_id
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    case = _call("POST", api, "/cases", json=body, headers=headers)
+    _print_json(case) if as_json else _print_case(case)
+
+
+@app.command()
+def show(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+    """A case's status and result."""
+    answer = _call("GET", api, f"/cases/{case}")
+    _print_json(answer) if as_json else _print_case(answer)
+
+
+@app.command()
+def checkpoints(
+    case: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """A case's checkpoint history, newest first."""
+    answer = _call("GET", api, f"/cases/{case}/checkpoints", params={"limit": limit})
+    if as_json:
+        _print_json(answer)
+        return
+    table = Table("step", "source", "created", "next", "completed steps", "checkpoint id")
+    for item in answer["checkpoints"]:
+        table.add_row(
+            str(item["step"]),
+            item["source"] or "",
+            (item["created_at"] or "")[:23],
+            ", ".join(item["next"]) + (" (interrupted)" if item["interrupts"] else ""),
+            ", ".join(item["completed_steps"]),
+            item["checkpoint_id"],
+        )
+    console.print(table)
+
+
+@app.command()
+def audit(
+    case: str,
+    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 100,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """A case's audit trail: who wrote which section, at which version."""
+    answer = _call("GET", api, f"/cases/{case}/audit", params={"limit": limit})
+    if as_json:
+        _print_json(answer)
+        return
+    table = Table("version", "agent", "section", "at", "after")
+    for entry in answer["entries"]:
+        after = json.dumps(entry["after"], default=str)
+        table.add_row(
+            str(entry["version"]),
+            entry["agent_id"],
+            entry["section"],
+            entry["at"][:23],
+            after if len(after) <= 70 else after[:67] + "...",
+        )
+    console.print(table)
+
+
+@app.command()
+def review(
+    case: str,
+    decision: Annotated[str, typer.Argument(help="approve or reject")],
+    reviewer: Annotated[str, typer.Option("--reviewer", help="Who decides.")],
+    note: Annotated[str | None, typer.Option(help="Why.")] = None,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """Approve or reject an escalated refund; the case then runs to completion."""
+    if decision not in ("approve", "reject"):
+        raise typer.BadParameter("decision must be approve or reject")
+    answer = _call(
+        "POST",
+        api,
+        f"/cases/{case}/review",
+        json={"decision": decision, "reviewer_id": reviewer, "note": note},
+    )
+    _print_json(answer) if as_json else _print_case(answer)
+
+
+@app.command()
+def resume(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+    """Resume a stalled or failed run from its last checkpoint."""
+    answer = _call("POST", api, f"/cases/{case}/resume")
+    _print_json(answer) if as_json else _print_case(answer)
+
+
+@app.command()
+def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+    """Each tier's health as the API sees it."""
+    answer = _call("GET", api, "/health")
+    if as_json:
+        _print_json(answer)
+        return
+    table = Table("tier", "up", "latency ms", "detail")
+    for tier in answer["tiers"]:
+        latency = tier["latency_ms"]
+        table.add_row(
+            tier["name"],
+            "yes" if tier["up"] else "[red]NO[/red]",
+            f"{latency:.1f}" if latency is not None else "-",
+            tier["detail"],
+        )
+    console.print(f"overall: {answer['status']}")
+    console.print(table)
+
+
+def main() -> None:
+    app()

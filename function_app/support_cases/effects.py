@@ -1,0 +1,165 @@
+"""Side effects (refund issued, reset link sent) at most once per case, even when a step re-runs.
+
+Protocol, per idempotency key `<case_id>:<kind>`:
+1. the case record already says `done` -> return what was recorded, call nothing;
+2. otherwise claim the key durably (`pending`, in the case record) before calling out;
+3. a `pending` claim found on a re-run means a previous attempt may have reached the
+   provider, so ask the provider by key first and perform only if it has no trace;
+4. record `done` with the provider's answer.
+The provider here is simulated: it keeps its own durable ledger of every call it
+honoured, so tests can count what really happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from state.errors import WorkflowExists
+from state.ports import WorkflowRecord
+from state.tiered import TieredStateStore
+
+from .models import EffectView
+from .records import UNCHANGED, set_section, write_section
+from .telemetry import traced
+
+EFFECT_SECTION_PREFIX = "effect_"
+
+
+def idempotency_key(case_id: str, kind: str) -> str:
+    return f"{case_id}:{kind}"
+
+
+def effect_section(kind: str) -> str:
+    return f"{EFFECT_SECTION_PREFIX}{kind}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class EffectProvider(Protocol):
+    """An external system that acts on a request and can be asked what it did for a key."""
+
+    async def lookup(self, key: str) -> dict[str, Any] | None: ...
+
+    async def perform(self, key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class SimulatedProvider:
+    """A stand-in payment gateway and mail sender with its own durable ledger.
+
+    Unlike a real gateway it does not deduplicate by key: every `perform` acts
+    and is recorded, so a caller that performed twice shows up as two entries.
+    """
+
+    LEDGER_PREFIX = "sim-provider-"
+    AGENT_ID = "simulated-provider"
+
+    def __init__(self, store: TieredStateStore) -> None:
+        self._store = store
+
+    @classmethod
+    def ledger_id(cls, key: str) -> str:
+        return f"{cls.LEDGER_PREFIX}{key.replace(':', '-')}"
+
+    async def performed(self, key: str) -> list[dict[str, Any]]:
+        record = await self._store.get(self.ledger_id(key))
+        return list(record.sections.get("performed", [])) if record else []
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        done = await self.performed(key)
+        return done[-1] if done else None
+
+    async def perform(self, key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+        ledger = self.ledger_id(key)
+        entry = {
+            "reference": f"{kind.upper()}-{uuid.uuid4().hex[:10]}",
+            "kind": kind,
+            "idempotency_key": key,
+            "request": request,
+            "at": now_iso(),
+        }
+        with contextlib.suppress(WorkflowExists):
+            await self._store.create(ledger, {"performed": []}, agent_id=self.AGENT_ID)
+
+        def append(record: WorkflowRecord) -> object:
+            return [*record.sections.get("performed", []), entry]
+
+        with traced("provider.perform", kind=kind, idempotency_key=key):
+            await write_section(self._store, ledger, "performed", append, agent_id=self.AGENT_ID)
+        return entry
+
+
+class Effects:
+    """Runs side effects at most once per (case, kind), recorded in the case's own record."""
+
+    def __init__(self, store: TieredStateStore, provider: EffectProvider) -> None:
+        self._store = store
+        self._provider = provider
+
+    async def once(
+        self,
+        case_id: str,
+        kind: str,
+        request: dict[str, Any],
+        *,
+        agent_id: str,
+        fencing_token: int | None = None,
+    ) -> dict[str, Any]:
+        key = idempotency_key(case_id, kind)
+        section = effect_section(kind)
+        with traced("effect.once", kind=kind, idempotency_key=key) as span:
+            claim: dict[str, Any] = {
+                "kind": kind,
+                "idempotency_key": key,
+                "status": "pending",
+                "request": request,
+            }
+
+            def claim_unless_present(record: WorkflowRecord) -> object:
+                return UNCHANGED if record.sections.get(section) is not None else claim
+
+            record = await write_section(
+                self._store,
+                case_id,
+                section,
+                claim_unless_present,
+                agent_id=agent_id,
+                fencing_token=fencing_token,
+            )
+            entry: dict[str, Any] = record.sections.get(section) or claim
+            if entry.get("status") == "done":
+                span.set_attribute("outcome", "already-done")
+                return dict(entry["result"])
+            result = await self._provider.lookup(key)
+            span.set_attribute("outcome", "recovered" if result else "performed")
+            if result is None:
+                result = await self._provider.perform(key, kind, request)
+            await set_section(
+                self._store,
+                case_id,
+                section,
+                {**claim, "status": "done", "result": result},
+                agent_id=agent_id,
+                fencing_token=fencing_token,
+            )
+            return result
+
+
+def effects_in(record: WorkflowRecord) -> list[EffectView]:
+    """The effect ledger entries of a case record, for status views."""
+    views = []
+    for name, entry in sorted(record.sections.items()):
+        if name.startswith(EFFECT_SECTION_PREFIX) and isinstance(entry, dict):
+            views.append(
+                EffectView(
+                    kind=str(entry.get("kind")),
+                    idempotency_key=str(entry.get("idempotency_key")),
+                    status=str(entry.get("status")),
+                    result=entry.get("result"),
+                )
+            )
+    return views

@@ -1,0 +1,68 @@
+"""Maps use-case and state-library errors to HTTP answers: client mistakes are 4xx, never 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from state.errors import (
+    BackendUnavailable,
+    LockNotAcquired,
+    StaleFencingToken,
+    StateTooLarge,
+    VersionConflict,
+    WorkflowNotFound,
+)
+
+from .service import CaseConflict, CaseNotFound, IdempotencyMismatch
+
+STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (CaseNotFound, 404),
+    (WorkflowNotFound, 404),
+    (CaseConflict, 409),
+    (VersionConflict, 409),
+    (StaleFencingToken, 409),
+    (LockNotAcquired, 409),
+    (IdempotencyMismatch, 422),
+    (StateTooLarge, 413),
+    (BackendUnavailable, 503),
+)
+
+
+def error_response(status: int, message: str, detail: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for error_type, status in STATUS_BY_ERROR:
+
+        async def handle(request: Request, error: Exception, status: int = status) -> JSONResponse:
+            return error_response(status, str(error))
+
+        app.add_exception_handler(error_type, handle)
+
+    async def invalid_request(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        problems = [
+            {
+                "where": ".".join(str(part) for part in problem.get("loc", ())),
+                "problem": problem.get("msg", "invalid"),
+            }
+            for problem in error.errors()
+        ]
+        summary = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
+        return error_response(422, f"invalid request: {summary}", problems)
+
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        return error_response(error.status_code, str(error.detail))
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)

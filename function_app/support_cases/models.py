@@ -1,0 +1,233 @@
+"""The shapes of a support case: the graph's typed state and the HTTP contract.
+
+Graph sections are TypedDicts of plain JSON, because each one is also stored
+verbatim as a section of the case's workflow record. The API models are
+pydantic, so malformed input is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import operator
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Case ids are Cosmos item ids and partition keys: no '/', '\\', '?', '#'.
+CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+
+
+# --------------------------------------------------------------------------- graph state
+
+
+class Charge(TypedDict):
+    transaction_id: str
+    merchant: str
+    amount: float
+    currency: str
+    timestamp: str
+
+
+class BillingResult(TypedDict):
+    duplicate_found: bool
+    duplicates: list[Charge]  # the extra charges (each one after the first of its group)
+    refund_amount: float
+    currency: str | None
+    merchant: str | None
+
+
+AccountIssue = Literal["login", "password", "locked"]
+
+
+class AccountResult(TypedDict):
+    issue: AccountIssue | None
+    reset_link_sent: bool
+    reset_reference: str | None
+
+
+PolicyDecision = Literal["auto_approved", "needs_review", "no_refund"]
+
+
+class PolicyResult(TypedDict):
+    decision: PolicyDecision
+    refund_amount: float
+    threshold: float
+    reason: str
+
+
+ReviewVerdict = Literal["approve", "reject"]
+
+
+class ReviewResult(TypedDict):
+    decision: ReviewVerdict
+    reviewer_id: str
+    note: str | None
+
+
+RefundStatus = Literal["issued", "refused", "not_applicable"]
+
+
+class RefundResult(TypedDict):
+    status: RefundStatus
+    amount: float
+    currency: str | None
+    reference: str | None
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+class CaseState(TypedDict, total=False):
+    case_id: str
+    customer_id: str
+    text: str
+    transactions: list[dict[str, Any]]
+    messages: Annotated[list[Message], operator.add]
+    # Each node appends its own name once; a re-run step's writes replace, never repeat.
+    completed_steps: Annotated[list[str], operator.add]
+    billing: BillingResult
+    account: AccountResult
+    policy: PolicyResult
+    review: ReviewResult
+    refund: RefundResult
+    final_response: str
+    error: str | None
+
+
+# --------------------------------------------------------------------------- HTTP contract
+
+
+class CaseStatus(StrEnum):
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    STALLED = "stalled"
+    AWAITING_REVIEW = "awaiting_review"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Transaction(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    merchant: str = Field(min_length=1, max_length=256)
+    amount: float = Field(gt=0, le=1_000_000_000, allow_inf_nan=False)
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    timestamp: datetime
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("timestamp needs a time zone (e.g. 2024-05-01T10:00:00Z)")
+        return value
+
+
+class CaseSubmission(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    customer_id: str = Field(pattern=CUSTOMER_ID_PATTERN)
+    text: str = Field(min_length=1, max_length=10_000)
+    transactions: list[Transaction] = Field(default_factory=list, max_length=1000)
+    case_id: str | None = Field(default=None, pattern=CASE_ID_PATTERN)
+    # Alternative to the Idempotency-Key header for clients that cannot set headers.
+    client_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ReviewDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    decision: ReviewVerdict
+    reviewer_id: str = Field(min_length=1, max_length=128)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class EffectView(BaseModel):
+    kind: str
+    idempotency_key: str
+    status: str
+    result: dict[str, Any] | None = None
+
+
+class CaseLinks(BaseModel):
+    self: str
+    checkpoints: str
+    audit: str
+    review: str
+    resume: str
+
+
+class CaseView(BaseModel):
+    case_id: str
+    status: CaseStatus
+    customer_id: str
+    completed_steps: list[str] = Field(default_factory=list)
+    billing: dict[str, Any] | None = None
+    account: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    review: dict[str, Any] | None = None
+    refund: dict[str, Any] | None = None
+    final_response: str | None = None
+    awaiting_review: dict[str, Any] | None = None
+    error: str | None = None
+    effects: list[EffectView] = Field(default_factory=list)
+    heartbeat_at: str | None = None
+    version: int
+    links: CaseLinks | None = None
+
+
+class CheckpointView(BaseModel):
+    checkpoint_id: str
+    parent_checkpoint_id: str | None
+    step: int | None
+    source: str | None
+    created_at: str | None
+    next: list[str]
+    completed_steps: list[str]
+    interrupts: list[dict[str, Any]]
+
+
+class CheckpointPageView(BaseModel):
+    case_id: str
+    checkpoints: list[CheckpointView]
+    next_before: str | None = None
+
+
+class AuditEntryView(BaseModel):
+    version: int
+    agent_id: str
+    section: str
+    before: Any
+    after: Any
+    at: str
+
+
+class AuditTrailView(BaseModel):
+    case_id: str
+    entries: list[AuditEntryView]
+
+
+class TierView(BaseModel):
+    name: str
+    up: bool
+    detail: str = ""
+    latency_ms: float | None = None
+
+
+class HealthView(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    tiers: list[TierView]
+
+
+class ResumeReport(BaseModel):
+    resumed: list[str]
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None

@@ -1,0 +1,83 @@
+"""Settings -> backends -> store, saver, graph and service: built once per process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from state.checkpoint import TieredCheckpointSaver
+from state.factory import Backends, open_backends
+from state.settings import Settings, get_settings
+from state.tiered import TieredStateStore
+
+from .agents import AgentDeps
+from .effects import Effects, SimulatedProvider
+from .graph import CaseGraph, build_graph
+from .service import CaseService
+from .telemetry import configure_telemetry
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    backends: Backends
+    store: TieredStateStore
+    saver: BaseCheckpointSaver[Any]
+    graph: CaseGraph
+    provider: SimulatedProvider
+    service: CaseService
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        configure_telemetry(settings)
+        backends = await open_backends(settings)
+        try:
+            return cls.assemble(backends, TieredCheckpointSaver.from_backends(backends))
+        except BaseException:
+            await backends.close()
+            raise
+
+    @classmethod
+    def assemble(cls, backends: Backends, saver: BaseCheckpointSaver[Any]) -> Runtime:
+        """Wire the app over open backends and a checkpoint saver."""
+        settings = backends.settings
+        store = TieredStateStore.from_backends(backends)
+        provider = SimulatedProvider(store)
+        graph = build_graph(AgentDeps(store, Effects(store, provider), settings), saver)
+        service = CaseService(store, graph, settings)
+        return cls(settings, backends, store, saver, graph, provider, service)
+
+    async def close(self) -> None:
+        await self.service.close()
+        await self.backends.close()
+
+
+class RuntimeHolder:
+    """The process's one Runtime, opened on first use (HTTP and timer functions share it)."""
+
+    def __init__(self, settings: Callable[[], Settings] = get_settings) -> None:
+        self._settings = settings
+        self._runtime: Runtime | None = None
+        self._opening = asyncio.Lock()
+
+    def settings(self) -> Settings:
+        return self._runtime.settings if self._runtime else self._settings()
+
+    async def get(self) -> Runtime:
+        if self._runtime is None:
+            async with self._opening:
+                if self._runtime is None:
+                    self._runtime = await Runtime.open(self._settings())
+        return self._runtime
+
+    async def close(self) -> None:
+        if self._runtime is not None:
+            runtime, self._runtime = self._runtime, None
+            await runtime.close()
+
+
+process_runtime = RuntimeHolder()

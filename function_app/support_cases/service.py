@@ -1,0 +1,426 @@
+"""The support-case use cases: submit, status, history, audit, decide, resume, resume_stale.
+
+Knows nothing of HTTP. A run is driven in a background task so a caller can
+stop waiting after CASE_SYNC_WAIT_SECONDS (and answer 202) while the run goes
+on; a run holds the case's lock from the hot tier, and its fencing token goes
+with every write, so a stale runner cannot overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command, StateSnapshot
+
+from state.errors import (
+    BackendUnavailable,
+    LockNotAcquired,
+    StaleFencingToken,
+    WorkflowExists,
+)
+from state.ports import Lock, WorkflowRecord
+from state.settings import Settings
+from state.tiered import TieredStateStore
+
+from .agents import RunContext
+from .effects import effects_in
+from .graph import CaseGraph
+from .models import (
+    AuditEntryView,
+    AuditTrailView,
+    CaseStatus,
+    CaseSubmission,
+    CaseView,
+    CheckpointPageView,
+    CheckpointView,
+    HealthView,
+    ResumeReport,
+    ReviewDecision,
+    TierView,
+)
+from .runs import AT_REST, RUN_SECTION, RunTracker, new_run_section
+from .telemetry import traced
+
+log = logging.getLogger(__name__)
+
+API_AGENT_ID = "case-api"
+REQUEST_SECTION = "request"
+GraphInput = dict[str, Any] | Command | None
+
+
+class CaseError(Exception):
+    """A use case refused a request; the API maps each subclass to a status code."""
+
+
+class CaseNotFound(CaseError):
+    def __init__(self, case_id: str) -> None:
+        super().__init__(f"case {case_id!r} not found")
+
+
+class CaseConflict(CaseError):
+    """The case is not in a state that allows the request (maps to 409)."""
+
+
+class IdempotencyMismatch(CaseError):
+    """A case id / idempotency key reused with a different request body (maps to 422)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    view: CaseView
+    created: bool  # a new case was stored (False: an idempotent replay)
+    finished: bool  # the run reached rest before the caller stopped waiting
+
+
+def case_config(case_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": case_id}}
+
+
+def fingerprint(submission: CaseSubmission) -> str:
+    payload = submission.model_dump(mode="json", exclude={"case_id", "client_key"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def case_id_for(submission: CaseSubmission, idempotency_key: str | None) -> str:
+    """The given id; else one derived from the client's key (so a retry finds it); else new."""
+    if submission.case_id:
+        return submission.case_id
+    key = idempotency_key or submission.client_key
+    if key:
+        digest = hashlib.sha256(f"{submission.customer_id}\n{key}".encode()).hexdigest()
+        return f"case-{digest[:24]}"
+    return f"case-{uuid.uuid4().hex}"
+
+
+class CaseService:
+    def __init__(
+        self,
+        store: TieredStateStore,
+        graph: CaseGraph,
+        settings: Settings,
+    ) -> None:
+        self._store = store
+        self._graph = graph
+        self._settings = settings
+        self._tracker = RunTracker(store, settings)
+        self._sync_wait = settings.case_sync_wait_seconds
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ use cases
+
+    async def submit(self, submission: CaseSubmission, idempotency_key: str | None) -> Outcome:
+        case_id = case_id_for(submission, idempotency_key)
+        request = {
+            **submission.model_dump(mode="json", exclude={"case_id", "client_key"}),
+            "fingerprint": fingerprint(submission),
+            "idempotency_key": idempotency_key or submission.client_key,
+        }
+        # Indexed before it exists: a crash in between leaves an index entry the
+        # timer drops, never a case nobody would resume.
+        await self._tracker.register(case_id)
+        try:
+            await self._store.create(
+                case_id,
+                {REQUEST_SECTION: request, RUN_SECTION: new_run_section(CaseStatus.ACCEPTED)},
+                agent_id=API_AGENT_ID,
+            )
+        except WorkflowExists:
+            existing = await self._record(case_id)
+            if (
+                existing.sections.get(REQUEST_SECTION, {}).get("fingerprint")
+                != request["fingerprint"]
+            ):
+                raise IdempotencyMismatch(
+                    f"case {case_id!r} already exists with a different request; "
+                    "use a new case id / idempotency key for a new case"
+                ) from None
+            return Outcome(await self.status(case_id), created=False, finished=True)
+
+        async def initial_input(snapshot: StateSnapshot) -> GraphInput:
+            return self._initial_input(case_id, request)
+
+        return await self._launch(
+            case_id, initial_input, created=True, wait_seconds=self._sync_wait
+        )
+
+    async def status(self, case_id: str) -> CaseView:
+        record = await self._record(case_id)
+        snapshot = await self._graph.aget_state(case_config(case_id))
+        return self._view(record, snapshot)
+
+    async def history(
+        self, case_id: str, *, limit: int = 20, before: str | None = None
+    ) -> CheckpointPageView:
+        await self._record(case_id)
+        before_config: RunnableConfig | None = None
+        if before:
+            before_config = {"configurable": {"thread_id": case_id, "checkpoint_id": before}}
+        items: list[CheckpointView] = []
+        async for snapshot in self._graph.aget_state_history(
+            case_config(case_id), before=before_config, limit=limit + 1
+        ):
+            items.append(_checkpoint_view(snapshot))
+        more = len(items) > limit
+        items = items[:limit]
+        return CheckpointPageView(
+            case_id=case_id,
+            checkpoints=items,
+            next_before=items[-1].checkpoint_id if more and items else None,
+        )
+
+    async def audit(self, case_id: str, *, limit: int = 50) -> AuditTrailView:
+        await self._record(case_id)
+        entries = await self._store.audit_trail(case_id, limit=limit)
+        return AuditTrailView(
+            case_id=case_id,
+            entries=[
+                AuditEntryView(
+                    version=entry.version,
+                    agent_id=entry.agent_id,
+                    section=entry.section,
+                    before=entry.before,
+                    after=entry.after,
+                    at=entry.at,
+                )
+                for entry in entries
+            ],
+        )
+
+    async def decide(self, case_id: str, decision: ReviewDecision) -> Outcome:
+        await self._record(case_id)
+
+        async def resume_with_decision(snapshot: StateSnapshot) -> GraphInput:
+            if not snapshot.interrupts:
+                status = (await self.status(case_id)).status
+                raise CaseConflict(
+                    f"case {case_id!r} is not awaiting review (status: {status.value})"
+                )
+            return Command(resume=decision.model_dump(mode="json"))
+
+        return await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
+
+    async def resume(self, case_id: str, *, wait_until_rest: bool = False) -> Outcome:
+        """Continue a stalled or failed run from its last checkpoint."""
+        await self._record(case_id)
+
+        async def continue_run(snapshot: StateSnapshot) -> GraphInput:
+            record = await self._record(case_id)
+            status = self._view(record, snapshot).status
+            if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
+                raise CaseConflict(
+                    f"case {case_id!r} has nothing to resume (status: {status.value}); "
+                    "only stalled or failed runs are resumed"
+                )
+            if snapshot.created_at is None:  # died before the first checkpoint
+                return self._initial_input(case_id, record.sections[REQUEST_SECTION])
+            return None
+
+        return await self._launch(
+            case_id, continue_run, wait_seconds=None if wait_until_rest else self._sync_wait
+        )
+
+    async def resume_stale(self) -> ResumeReport:
+        """What the timer runs: resume every active case whose heartbeat went stale."""
+        report = ResumeReport(resumed=[])
+        with traced("case.resume_stale") as span:
+            for case_id in await self._tracker.active_cases():
+                record = await self._store.get(case_id)
+                run = record.sections.get(RUN_SECTION) if record else None
+                if record is None or run is None or run.get("status") in AT_REST:
+                    await self._tracker.forget(case_id)
+                    continue
+                if not self._tracker.is_stale(run):
+                    report.skipped[case_id] = "heartbeat is fresh"
+                    continue
+                try:
+                    # The timer waits for the run: a Functions instance may freeze once it returns.
+                    await self.resume(case_id, wait_until_rest=True)
+                    report.resumed.append(case_id)
+                except CaseError as refused:
+                    report.skipped[case_id] = str(refused)
+            span.set_attribute("resumed", len(report.resumed))
+        return report
+
+    async def health(self) -> HealthView:
+        tiers = await self._store.health()
+        cold_name = self._settings.state_cold_backend.value
+        cold_up = all(tier.up for tier in tiers if cold_name in tier.name.lower())
+        status: Literal["ok", "degraded", "down"] = (
+            "ok" if all(t.up for t in tiers) else ("degraded" if cold_up else "down")
+        )
+        return HealthView(
+            status=status,
+            tiers=[TierView(**vars(tier)) for tier in tiers],
+        )
+
+    async def close(self) -> None:
+        """Stop driving runs (they resume later from their checkpoints)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Wait for runs still going in the background (tests, graceful shutdown)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ running the graph
+
+    async def _launch(
+        self,
+        case_id: str,
+        prepare: Callable[[StateSnapshot], Awaitable[GraphInput]],
+        *,
+        wait_seconds: float | None,
+        created: bool = False,
+    ) -> Outcome:
+        """Take the case's lock, check preconditions under it, then drive the run.
+
+        Waits up to `wait_seconds` (None: until the run rests) before reporting.
+        """
+        lock = await self._acquire(case_id)
+        try:
+            graph_input = await prepare(await self._graph.aget_state(case_config(case_id)))
+        except BaseException:
+            await self._release(lock)
+            raise
+        task = asyncio.create_task(self._drive(case_id, graph_input, lock))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        # asyncio.wait never cancels what it waits for: a caller that stops waiting
+        # (timeout, client gone) leaves the run going.
+        await asyncio.wait({task}, timeout=wait_seconds)
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+        return Outcome(await self.status(case_id), created=created, finished=task.done())
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Retrieved here so a run nobody waited for does not log "never retrieved";
+        # _drive has already logged what went wrong.
+        if not task.cancelled():
+            task.exception()
+
+    async def _drive(self, case_id: str, graph_input: GraphInput, lock: Lock | None) -> None:
+        fence = lock.fence if lock else None
+        config = case_config(case_id)
+        try:
+            with traced("case.run", case_id=case_id, fencing_token=fence):
+                await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+                async for _ in self._graph.astream(
+                    graph_input,
+                    config,
+                    context=RunContext(fencing_token=fence),
+                    stream_mode="updates",
+                    durability="sync",
+                ):
+                    await self._tracker.heartbeat(case_id, fencing_token=fence)
+                snapshot = await self._graph.aget_state(config)
+                rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
+                await self._tracker.mark(case_id, rest, fencing_token=fence)
+        except StaleFencingToken:
+            log.warning("case %s: a newer run took over; this one stops", case_id)
+        except BackendUnavailable:
+            # Left "running": its heartbeat goes stale and the timer resumes it.
+            log.exception("case %s: a tier is unavailable; run left for the timer", case_id)
+            raise
+        except Exception as error:
+            log.exception("case %s: run failed", case_id)
+            try:
+                await self._tracker.mark(
+                    case_id,
+                    CaseStatus.FAILED,
+                    fencing_token=fence,
+                    error=f"{type(error).__name__}: {error}",
+                )
+            except Exception:
+                log.exception("case %s: could not record the failure", case_id)
+        finally:
+            await self._release(lock)
+
+    async def _acquire(self, case_id: str) -> Lock | None:
+        try:
+            return await self._store.lock(
+                f"case-run-{case_id}", ttl_ms=self._settings.state_lock_ttl_ms
+            )
+        except LockNotAcquired:
+            raise CaseConflict(f"case {case_id!r} is being worked on; try again shortly") from None
+        except BackendUnavailable:
+            # Cold-only mode (no reachable hot tier): runs go unlocked; versions still guard writes.
+            log.warning("case %s: no hot tier for the run lock; running without one", case_id)
+            return None
+
+    async def _release(self, lock: Lock | None) -> None:
+        if lock is None:
+            return
+        try:
+            await self._store.unlock(lock)
+        except Exception:
+            # The lock expires on its own; a failed release must not mask the run's outcome.
+            log.warning("could not release %s", lock.name, exc_info=True)
+
+    # ------------------------------------------------------------------ reading
+
+    async def _record(self, case_id: str) -> WorkflowRecord:
+        record = await self._store.get(case_id)
+        if record is None or REQUEST_SECTION not in record.sections:
+            raise CaseNotFound(case_id)
+        return record
+
+    @staticmethod
+    def _initial_input(case_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "case_id": case_id,
+            "customer_id": request["customer_id"],
+            "text": request["text"],
+            "transactions": request["transactions"],
+        }
+
+    def _view(self, record: WorkflowRecord, snapshot: StateSnapshot) -> CaseView:
+        values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
+        sections = record.sections
+        run = sections.get(RUN_SECTION, {})
+        status = CaseStatus(run.get("status", CaseStatus.ACCEPTED.value))
+        if self._tracker.is_stale(run):
+            status = CaseStatus.STALLED
+        return CaseView(
+            case_id=record.thread_id,
+            status=status,
+            customer_id=sections[REQUEST_SECTION]["customer_id"],
+            completed_steps=list(values.get("completed_steps", [])),
+            billing=sections.get("billing"),
+            account=sections.get("account"),
+            policy=sections.get("policy"),
+            review=sections.get("review"),
+            refund=sections.get("refund"),
+            final_response=values.get("final_response"),
+            awaiting_review=snapshot.interrupts[0].value if snapshot.interrupts else None,
+            error=run.get("error") or values.get("error"),
+            effects=effects_in(record),
+            heartbeat_at=run.get("heartbeat_at"),
+            version=record.version,
+        )
+
+
+def _checkpoint_view(snapshot: StateSnapshot) -> CheckpointView:
+    configurable = snapshot.config.get("configurable", {})
+    parent = (snapshot.parent_config or {}).get("configurable", {})
+    metadata = snapshot.metadata or {}
+    values = snapshot.values if isinstance(snapshot.values, dict) else {}
+    return CheckpointView(
+        checkpoint_id=str(configurable.get("checkpoint_id")),
+        parent_checkpoint_id=parent.get("checkpoint_id"),
+        step=metadata.get("step"),
+        source=metadata.get("source"),
+        created_at=snapshot.created_at,
+        next=list(snapshot.next),
+        completed_steps=list(values.get("completed_steps", [])),
+        interrupts=[{"id": item.id, "value": item.value} for item in snapshot.interrupts],
+    )

@@ -1,0 +1,98 @@
+"""OpenTelemetry for the app: one setup per process, spans per agent node and store call.
+
+With APPLICATIONINSIGHTS_CONNECTION_STRING set, `azure-monitor-opentelemetry`
+exports to Application Insights (Entra-authenticated when
+APPLICATIONINSIGHTS_AUTHENTICATION_STRING says `Authorization=AAD`). In Azure
+Functions, host.json's `"telemetryMode": "OpenTelemetry"` plus the app setting
+`PYTHON_ENABLE_OPENTELEMETRY=true` let the host and this worker share one
+trace. Without a connection string a plain SDK TracerProvider is installed, so
+spans still exist (tests read them) and nothing is exported or fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span, Status, StatusCode
+
+from state.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "support_cases"
+_configured = False
+_configure_lock = threading.Lock()
+
+
+def configure_telemetry(settings: Settings) -> str:
+    """Install the tracer provider once per process; returns which exporter is active."""
+    global _configured
+    with _configure_lock:
+        if _configured:
+            return "already-configured"
+        _configured = True
+        connection = settings.applicationinsights_connection_string
+        if connection is not None:
+            from azure.monitor.opentelemetry import configure_azure_monitor
+
+            configure_azure_monitor(
+                connection_string=connection.get_secret_value(),
+                credential=_ingestion_credential(settings),
+                resource=Resource.create({SERVICE_NAME: settings.otel_service_name}),
+            )
+            return "azure-monitor"
+        if not isinstance(trace.get_tracer_provider(), TracerProvider):
+            trace.set_tracer_provider(
+                TracerProvider(resource=Resource.create({SERVICE_NAME: settings.otel_service_name}))
+            )
+        return "sdk"
+
+
+def _ingestion_credential(settings: Settings) -> object | None:
+    """An Entra credential when the authentication string asks for AAD ingestion."""
+    raw = settings.applicationinsights_authentication_string or ""
+    parts = dict(
+        part.split("=", 1) for part in raw.split(";") if "=" in part
+    )  # "Authorization=AAD;ClientId=<uuid>"
+    if parts.get("Authorization", "").upper() != "AAD":
+        return None
+    from azure.identity import ManagedIdentityCredential
+
+    client_id = parts.get("ClientId") or settings.azure_client_id
+    return (
+        ManagedIdentityCredential(client_id=client_id) if client_id else ManagedIdentityCredential()
+    )
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+@contextmanager
+def traced(
+    name: str,
+    *,
+    expected: tuple[type[BaseException], ...] = (),
+    **attributes: str | int | float | bool | None,
+) -> Iterator[Span]:
+    """A span named `name`; an exception marks it as an error (unless `expected`) and propagates."""
+    clean = {key: value for key, value in attributes.items() if value is not None}
+    with tracer().start_as_current_span(
+        name, attributes=clean, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except expected as signal:
+            # Control flow such as LangGraph's interrupt is not a failure.
+            span.set_attribute("outcome", type(signal).__name__)
+            raise
+        except BaseException as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            raise

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs everything locally: installs what is missing, starts the local stack (Redis +
+# Cosmos emulator, or + Postgres with STATE_COLD_BACKEND=postgres), and serves the API
+# on http://127.0.0.1:${PORT:-7071}/api until Ctrl-C; the stack it started stops on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+
+backend="${STATE_COLD_BACKEND:-cosmos}"
+port="${PORT:-7071}"
+cli=.venv/bin/agent-state
+
+if "$cli" stack status --json | grep -q '"running": true'; then
+  echo "[run] reusing the local stack that is already running"
+else
+  if [ "$backend" = postgres ]; then "$cli" stack up --postgres; else "$cli" stack up; fi
+  trap '"$cli" stack down' EXIT
+fi
+
+cat <<HINT
+[run] API: http://127.0.0.1:${port}/api   (OpenAPI UI: http://127.0.0.1:${port}/api/docs)
+[run] submit the demo case from another terminal:
+        .venv/bin/agent-state submit --demo
+   or   curl -s -X POST http://127.0.0.1:${port}/api/cases -H 'content-type: application/json' \\
+          -d @docs/case_8842.json
+HINT
+"$cli" serve --port "$port" --backend "$backend"

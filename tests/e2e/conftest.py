@@ -1,0 +1,69 @@
+"""End-to-end fixtures: the real app (graph, store, saver) over HTTP on the real local stack.
+
+One Runtime per cold backend for the whole session (opening Cosmos/Postgres
+clients is the slow part); every test uses its own case ids, so tests never
+see each other's state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from state.settings import Settings
+from support_cases.api import create_app
+from support_cases.runtime import Runtime
+
+COLD_BACKENDS = ["cosmos", "postgres"]
+
+
+def redis_database(url: str, database: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{database}"
+
+
+@pytest.fixture(scope="session")
+def e2e_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
+    """Settings for one cold backend against the test stack (Redis in front); overrides by name."""
+
+    def build(backend: str, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "state_cold_backend": backend,
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+            "postgres_url": stack_env["POSTGRES_URL"],
+            # One Redis database per cold backend: both runtimes share the session's
+            # Redis, and a hot copy must never stand for a record of the other backend.
+            "redis_url": redis_database(stack_env["REDIS_URL"], COLD_BACKENDS.index(backend)),
+        }
+        values.update(overrides)
+        return Settings.model_validate(values)
+
+    return build
+
+
+@pytest.fixture(scope="session", params=COLD_BACKENDS)
+async def runtime(
+    request: pytest.FixtureRequest, e2e_settings: Callable[..., Settings]
+) -> AsyncIterator[Runtime]:
+    opened = await Runtime.open(e2e_settings(str(request.param)))
+    try:
+        yield opened
+    finally:
+        await opened.service.wait_idle()
+        await opened.close()
+
+
+@pytest.fixture
+async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as http:
+        yield http
+
+
+@pytest.fixture
+def case_id() -> str:
+    return f"case-e2e-{uuid.uuid4().hex[:16]}"

@@ -1,0 +1,168 @@
+"""Client mistakes get a clear 4xx and write nothing (checked in the store itself)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from support_cases.demo import demo_case
+from support_cases.runtime import Runtime
+
+
+def _without(body: dict[str, Any], field: str) -> dict[str, Any]:
+    return {key: value for key, value in body.items() if key != field}
+
+
+def _with_transaction(body: dict[str, Any], **change: Any) -> dict[str, Any]:
+    first = {**body["transactions"][0], **change}
+    return {**body, "transactions": [first, *body["transactions"][1:]]}
+
+
+BAD_BODIES: dict[str, Any] = {
+    "missing customer_id": lambda b: _without(b, "customer_id"),
+    "missing text": lambda b: _without(b, "text"),
+    "text is a number": lambda b: {**b, "text": 42},
+    "empty text": lambda b: {**b, "text": "   "},
+    "transactions not a list": lambda b: {**b, "transactions": {"id": "x"}},
+    "negative amount": lambda b: _with_transaction(b, amount=-5),
+    "amount is text": lambda b: _with_transaction(b, amount="lots"),
+    "timestamp without zone": lambda b: _with_transaction(b, timestamp="2024-05-01T10:00:00"),
+    "timestamp garbage": lambda b: _with_transaction(b, timestamp="yesterday"),
+    "unknown field": lambda b: {**b, "priority": "urgent"},
+    "bad currency": lambda b: _with_transaction(b, currency="dollars"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(BAD_BODIES))
+async def test_invalid_submission_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, mistake: str
+) -> None:
+    body = BAD_BODIES[mistake](demo_case(case_id))
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request:")
+    assert await runtime.store.get(case_id) is None
+    assert (await client.get(f"/api/cases/{case_id}")).status_code == 404
+
+
+async def test_invalid_case_id_is_422(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    body = demo_case("bad/id?#")
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 422
+    assert "case_id" in response.json()["error"]
+
+
+async def test_malformed_json_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    text = json.dumps(demo_case(case_id))[:-10]
+    response = await client.post(
+        "/api/cases", content=text, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert await runtime.store.get(case_id) is None
+
+
+async def test_oversized_body_is_413_and_writes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    body = demo_case(case_id)
+    body["text"] = "x" * (runtime.settings.case_max_body_bytes + 1)
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 413
+    assert "larger than" in response.json()["error"]
+    assert await runtime.store.get(case_id) is None
+
+
+async def test_oversized_chunked_body_is_413(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    payload = json.dumps(demo_case(case_id)).encode() + b" " * runtime.settings.case_max_body_bytes
+
+    async def chunks() -> Any:
+        for start in range(0, len(payload), 64 * 1024):
+            yield payload[start : start + 64 * 1024]
+
+    response = await client.post(
+        "/api/cases", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/cases/{id}", None),
+        ("GET", "/api/cases/{id}/checkpoints", None),
+        ("GET", "/api/cases/{id}/audit", None),
+        ("POST", "/api/cases/{id}/review", {"decision": "approve", "reviewer_id": "alice"}),
+        ("POST", "/api/cases/{id}/resume", None),
+    ],
+)
+async def test_unknown_case_is_404_and_writes_nothing(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+) -> None:
+    response = await client.request(method, path.format(id=case_id), json=body)
+    assert response.status_code == 404
+    assert case_id in response.json()["error"]
+    assert await runtime.store.get(case_id) is None
+
+
+async def test_decision_on_a_case_not_awaiting_review_is_409_and_changes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    before = await runtime.store.get(case_id)
+    response = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "alice"}
+    )
+    assert response.status_code == 409
+    assert "not awaiting review (status: completed)" in response.json()["error"]
+    resume = await client.post(f"/api/cases/{case_id}/resume")
+    assert resume.status_code == 409
+    after = await runtime.store.get(case_id)
+    assert before is not None and after is not None and after.version == before.version
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        {"decision": "maybe", "reviewer_id": "alice"},
+        {"decision": "approve"},
+        {"decision": "approve", "reviewer_id": ""},
+        {"decision": "approve", "reviewer_id": 7},
+    ],
+)
+async def test_malformed_decision_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, decision: dict[str, Any]
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    before = await runtime.store.get(case_id)
+    response = await client.post(f"/api/cases/{case_id}/review", json=decision)
+    assert response.status_code == 422
+    after = await runtime.store.get(case_id)
+    assert before is not None and after is not None and after.version == before.version
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/cases/{id}/checkpoints", {"limit": 0}),
+        ("/api/cases/{id}/checkpoints", {"limit": "ten"}),
+        ("/api/cases/{id}/audit", {"limit": 100000}),
+    ],
+)
+async def test_bad_query_parameters_are_422(
+    client: httpx.AsyncClient, case_id: str, path: str, params: dict[str, Any]
+) -> None:
+    response = await client.get(path.format(id=case_id), params=params)
+    assert response.status_code == 422

@@ -1,0 +1,78 @@
+"""The `agent-state` CLI against a real API process: readable output, JSON on request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+from api_server import api_process, app_env
+from typer.testing import CliRunner
+
+from support_cases.cli import app
+from support_cases.runtime import Runtime
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    result = await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+async def test_submit_show_audit_checkpoints_review(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    demo_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    escalated_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    async with api_process(app_env(runtime, stack_env), tmp_path / "api.log") as (_, client):
+        api = ("--api", str(client.base_url))
+
+        code, out = await cli("submit", "--demo", "--case-id", demo_id, "--json", *api)
+        assert code == 0, out
+        case = json.loads(out)
+        assert case["case_id"] == demo_id and case["status"] == "completed"
+
+        code, out = await cli("show", demo_id, *api)
+        assert code == 0 and "completed" in out and "refunded 49.99 USD" in out
+
+        code, out = await cli("audit", demo_id, *api)
+        assert code == 0
+        for agent in ("billing-agent", "account-agent", "policy-agent", "response-agent"):
+            assert agent in out
+
+        code, out = await cli("checkpoints", demo_id, "--json", *api)
+        assert code == 0 and json.loads(out)["checkpoints"][0]["next"] == []
+
+        body = tmp_path / "escalated.json"
+        body.write_text(
+            json.dumps(
+                {
+                    "case_id": escalated_id,
+                    "customer_id": "cust-cli",
+                    "text": "double charge on my flight",
+                    "transactions": [
+                        {
+                            "id": f"t{n}",
+                            "merchant": "SkyAir",
+                            "amount": 980.0,
+                            "timestamp": f"2024-06-01T09:0{n}:00Z",
+                        }
+                        for n in range(2)
+                    ],
+                }
+            )
+        )
+        code, out = await cli("submit", "--file", str(body), *api)
+        assert code == 0 and "awaiting_review" in out and "agent-state review" in out
+
+        code, out = await cli("review", escalated_id, "reject", "--reviewer", "dana", *api)
+        assert code == 0 and "refused" in out
+
+        code, out = await cli("review", escalated_id, "approve", "--reviewer", "dana", *api)
+        assert code == 1 and "409" in out and "not awaiting review" in out
+
+        code, out = await cli("show", "case-does-not-exist", *api)
+        assert code == 1 and "404" in out
+
+        code, out = await cli("health", "--json", *api)
+        assert code == 0 and json.loads(out)["status"] == "ok"

@@ -1,0 +1,34 @@
+"""Without a hot tier (no Redis configured) the workflow still runs: no lock, cold only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from state.settings import Settings
+from support_cases.api import create_app
+from support_cases.demo import demo_case
+from support_cases.effects import idempotency_key
+from support_cases.runtime import Runtime
+
+
+async def test_case_completes_on_the_cold_tier_alone(
+    runtime: Runtime, e2e_settings: Callable[..., Settings], case_id: str
+) -> None:
+    settings = e2e_settings(runtime.settings.state_cold_backend.value, redis_url=None)
+    assert not settings.hot_tier_configured
+    cold_only = await Runtime.open(settings)
+    try:
+        transport = httpx.ASGITransport(app=create_app(cold_only))
+        async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as client:
+            response = await client.post("/api/cases", json=demo_case(case_id))
+            assert response.status_code == 201, response.text
+            assert response.json()["status"] == "completed"
+            health = (await client.get("/api/health")).json()
+        assert [tier["name"] for tier in health["tiers"]] == [settings.state_cold_backend.value]
+        for kind in ("refund", "reset_link"):
+            done = await cold_only.provider.performed(idempotency_key(case_id, kind))
+            assert len(done) == 1
+    finally:
+        await cold_only.close()

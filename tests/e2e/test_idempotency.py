@@ -1,0 +1,90 @@
+"""A retried POST returns the same case (Idempotency-Key header, client key, or case id)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+
+from support_cases.demo import demo_case
+from support_cases.effects import idempotency_key
+from support_cases.runtime import Runtime
+
+
+def _no_case_id(case_id: str) -> dict[str, object]:
+    body = demo_case(case_id)
+    del body["case_id"]
+    return body
+
+
+async def test_retry_with_the_same_idempotency_key_returns_the_same_case(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    key = f"key-{uuid.uuid4().hex}"
+    body = _no_case_id("unused")
+    first = await client.post("/api/cases", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    retry = await client.post("/api/cases", json=body, headers={"Idempotency-Key": key})
+    assert retry.status_code == 200
+    assert retry.headers["idempotent-replayed"] == "true"
+    case_id = first.json()["case_id"]
+    assert retry.json()["case_id"] == case_id
+    assert retry.json()["final_response"] == first.json()["final_response"]
+    refunds = await runtime.provider.performed(idempotency_key(case_id, "refund"))
+    assert len(refunds) == 1
+
+    other = await client.post(
+        "/api/cases", json=body, headers={"Idempotency-Key": f"key-{uuid.uuid4().hex}"}
+    )
+    assert other.status_code == 201 and other.json()["case_id"] != case_id
+
+
+async def test_client_key_in_the_body_works_like_the_header(client: httpx.AsyncClient) -> None:
+    body = {**_no_case_id("unused"), "client_key": f"ck-{uuid.uuid4().hex}"}
+    first = await client.post("/api/cases", json=body)
+    retry = await client.post("/api/cases", json=body)
+    assert (first.status_code, retry.status_code) == (201, 200)
+    assert first.json()["case_id"] == retry.json()["case_id"]
+
+
+async def test_same_key_with_a_different_body_is_refused(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    key = f"key-{uuid.uuid4().hex}"
+    body = _no_case_id("unused")
+    first = await client.post("/api/cases", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201
+    version = (await runtime.store.get(first.json()["case_id"])).version  # type: ignore[union-attr]
+    changed = {**body, "text": "Something else entirely"}
+    response = await client.post("/api/cases", json=changed, headers={"Idempotency-Key": key})
+    assert response.status_code == 422
+    assert "different request" in response.json()["error"]
+    after = await runtime.store.get(first.json()["case_id"])
+    assert after is not None and after.version == version
+
+
+async def test_resubmitting_a_case_id_returns_the_existing_case(
+    client: httpx.AsyncClient, case_id: str
+) -> None:
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    again = await client.post("/api/cases", json=demo_case(case_id))
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["case_id"] == case_id
+
+
+async def test_concurrent_retries_create_one_case(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    key = f"key-{uuid.uuid4().hex}"
+    body = _no_case_id("unused")
+    answers = await asyncio.gather(
+        *(client.post("/api/cases", json=body, headers={"Idempotency-Key": key}) for _ in range(4))
+    )
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 201]
+    case_ids = {a.json()["case_id"] for a in answers}
+    assert len(case_ids) == 1
+    await runtime.service.wait_idle()
+    case_id = case_ids.pop()
+    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+    assert len(await runtime.provider.performed(idempotency_key(case_id, "reset_link"))) == 1

@@ -1,0 +1,66 @@
+"""Spans per agent node and per store call, recorded by the SDK provider the app installs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from support_cases.demo import demo_case
+from support_cases.runtime import Runtime
+
+
+@pytest.fixture
+def spans(runtime: Runtime) -> Iterator[InMemorySpanExporter]:
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "the app installs an SDK provider"
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    try:
+        yield exporter
+    finally:
+        exporter.clear()
+        # SDK providers cannot drop a processor; a shut-down one ignores further spans.
+        processor.shutdown()
+
+
+async def test_each_agent_node_and_store_call_has_a_span(
+    client: httpx.AsyncClient, case_id: str, spans: InMemorySpanExporter
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    finished = spans.get_finished_spans()
+    agent_spans = {
+        span.name: span for span in finished if span.attributes.get("case_id") == case_id
+    }
+    for step in ("intake", "billing", "account", "policy", "refund", "response"):
+        span = agent_spans[f"agent.{step}"]
+        assert span.status.is_ok
+        assert str(span.attributes["agent_id"]).endswith("-agent")
+    writes = [
+        span
+        for span in finished
+        if span.name == "state.update_section" and span.attributes.get("state.thread_id") == case_id
+    ]
+    assert {span.attributes["state.section"] for span in writes} >= {
+        "intake",
+        "billing",
+        "account",
+        "policy",
+        "refund",
+        "response",
+        "run",
+    }
+    # Store calls nest under the agent node that made them.
+    billing = agent_spans["agent.billing"]
+    assert any(
+        span.parent is not None
+        and span.parent.span_id == billing.context.span_id
+        and span.attributes.get("state.section") == "billing"
+        for span in writes
+    )

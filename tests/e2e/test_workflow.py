@@ -1,0 +1,231 @@
+"""The "Done when" scenarios over HTTP, on the real stack, for each cold backend."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import httpx
+from e2e_payloads import duplicate_charges
+
+from support_cases.api import create_app
+from support_cases.demo import demo_case
+from support_cases.effects import idempotency_key
+from support_cases.runtime import Runtime
+from support_cases.service import CaseService
+
+AGENT_WRITES = [
+    ("intake-agent", "intake"),
+    ("billing-agent", "billing"),
+    ("account-agent", "account"),
+    ("policy-agent", "policy"),
+    ("refund-agent", "refund"),
+    ("response-agent", "response"),
+]
+
+
+async def performed(runtime: Runtime, case_id: str, kind: str) -> int:
+    return len(await runtime.provider.performed(idempotency_key(case_id, kind)))
+
+
+async def audit_of(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/api/cases/{case_id}/audit", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    return list(response.json()["entries"])
+
+
+async def test_case_8842_completes_with_refund_and_reset_link(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 201, response.text
+    assert response.headers["location"] == f"/api/cases/{case_id}"
+    case = response.json()
+    assert case["status"] == "completed"
+    assert case["billing"]["refund_amount"] == 49.99
+    assert [d["transaction_id"] for d in case["billing"]["duplicates"]] == ["txn_1002"]
+    assert case["account"]["issue"] == "login"
+    assert case["policy"]["decision"] == "auto_approved"
+    assert case["refund"]["status"] == "issued"
+    text = case["final_response"]
+    assert "refunded 49.99 USD" in text and case["refund"]["reference"] in text
+    assert "password reset link" in text and case["account"]["reset_reference"] in text
+
+    steps = case["completed_steps"]
+    assert len(steps) == len(set(steps))
+    assert set(steps) == {"intake", "billing", "account", "policy", "refund", "response"}
+    assert steps[0] == "intake" and steps[-2:] == ["refund", "response"]
+
+    # The same result when read back later.
+    again = (await client.get(f"/api/cases/{case_id}")).json()
+    assert again["status"] == "completed" and again["final_response"] == text
+
+    entries = await audit_of(client, case_id)
+    versions = [entry["version"] for entry in entries]
+    assert versions == sorted(versions, reverse=True) and len(set(versions)) == len(versions)
+    expected_after = {
+        "intake": {"customer_id": "cust_1042", "transaction_count": 3, "text_length": 39},
+        "response": {"text": text},
+    }
+    for agent_id, section in AGENT_WRITES:
+        writes = [e for e in entries if e["agent_id"] == agent_id and e["section"] == section]
+        assert len(writes) == 1, (agent_id, section, writes)
+        assert writes[0]["before"] is None
+        assert writes[0]["after"] == expected_after.get(section, case.get(section))
+    # Effects: claimed, then recorded done, by the agent that performed them; each happened once.
+    assert {(e["kind"], e["status"]) for e in case["effects"]} == {
+        ("refund", "done"),
+        ("reset_link", "done"),
+    }
+    assert await performed(runtime, case_id, "refund") == 1
+    assert await performed(runtime, case_id, "reset_link") == 1
+
+
+async def test_checkpoint_history_is_newest_first_and_paginates(
+    client: httpx.AsyncClient, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    first = (await client.get(f"/api/cases/{case_id}/checkpoints", params={"limit": 3})).json()
+    assert len(first["checkpoints"]) == 3 and first["next_before"]
+    latest = first["checkpoints"][0]
+    assert latest["next"] == [] and "response" in latest["completed_steps"]
+    steps = [c["step"] for c in first["checkpoints"]]
+    assert steps == sorted(steps, reverse=True)
+    rest = (
+        await client.get(
+            f"/api/cases/{case_id}/checkpoints",
+            params={"limit": 100, "before": first["next_before"]},
+        )
+    ).json()
+    ids = [c["checkpoint_id"] for c in first["checkpoints"] + rest["checkpoints"]]
+    assert len(ids) == len(set(ids))
+    assert rest["next_before"] is None
+    assert rest["checkpoints"][-1]["completed_steps"] == []  # the input checkpoint
+
+
+async def _escalated(client: httpx.AsyncClient, runtime: Runtime, case_id: str) -> dict[str, Any]:
+    body = {
+        "case_id": case_id,
+        "customer_id": "cust-escalated",
+        "text": "The hotel charged me twice",
+        "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
+    }
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 201, response.text
+    case = response.json()
+    assert case["status"] == "awaiting_review"
+    assert case["policy"]["decision"] == "needs_review"
+    assert case["awaiting_review"]["refund_amount"] == 612.40
+    assert case["refund"] is None and case["final_response"] is None
+    assert await performed(runtime, case_id, "refund") == 0
+    return dict(case)
+
+
+async def test_over_threshold_waits_for_review_then_approve_refunds(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    await _escalated(client, runtime, case_id)
+    response = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "alice"}
+    )
+    assert response.status_code == 200, response.text
+    case = response.json()
+    assert case["status"] == "completed"
+    assert case["review"] == {"decision": "approve", "reviewer_id": "alice", "note": None}
+    assert case["refund"]["status"] == "issued" and case["refund"]["amount"] == 612.40
+    assert "refunded 612.40 USD" in case["final_response"]
+    assert case["completed_steps"].count("human_review") == 1
+    assert await performed(runtime, case_id, "refund") == 1
+    entries = await audit_of(client, case_id)
+    assert [e["section"] for e in entries if e["agent_id"] == "reviewer:alice"] == ["review"]
+
+    # A second decision is refused and changes nothing.
+    second = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "reject", "reviewer_id": "bob"}
+    )
+    assert second.status_code == 409
+    assert "not awaiting review" in second.json()["error"]
+    assert await audit_of(client, case_id) == entries
+    assert (await client.get(f"/api/cases/{case_id}")).json()["refund"]["status"] == "issued"
+
+
+async def test_over_threshold_reject_completes_with_a_refusal(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    await _escalated(client, runtime, case_id)
+    response = await client.post(
+        f"/api/cases/{case_id}/review",
+        json={"decision": "reject", "reviewer_id": "carol", "note": "charge was legitimate"},
+    )
+    assert response.status_code == 200, response.text
+    case = response.json()
+    assert case["status"] == "completed"
+    assert case["refund"]["status"] == "refused" and case["refund"]["reference"] is None
+    assert "unable to approve a refund" in case["final_response"]
+    assert await performed(runtime, case_id, "refund") == 0
+    again = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "carol"}
+    )
+    assert again.status_code == 409
+
+
+async def test_concurrent_decisions_only_one_wins(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    await _escalated(client, runtime, case_id)
+    answers = await asyncio.gather(
+        *(
+            client.post(
+                f"/api/cases/{case_id}/review",
+                json={"decision": "approve", "reviewer_id": f"reviewer-{n}"},
+            )
+            for n in range(3)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [200, 409, 409]
+    assert await performed(runtime, case_id, "refund") == 1
+
+
+async def test_a_long_run_answers_202_with_a_status_url(runtime: Runtime, case_id: str) -> None:
+    patient = dataclasses.replace(
+        runtime,
+        service=CaseService(
+            runtime.store,
+            runtime.graph,
+            runtime.settings.model_copy(update={"case_sync_wait_seconds": 0.0}),
+        ),
+    )
+    transport = httpx.ASGITransport(app=create_app(patient))
+    async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as http:
+        response = await http.post("/api/cases", json=demo_case(case_id))
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] in {"accepted", "running"}
+        status_url = response.headers["location"]
+        await patient.service.wait_idle()
+        final = await http.get(status_url)
+    assert final.json()["status"] == "completed"
+
+
+async def test_health_reports_each_tier(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    response = await client.get("/api/health")
+    assert response.status_code == 200
+    report = response.json()
+    assert report["status"] == "ok"
+    names = [tier["name"] for tier in report["tiers"]]
+    assert runtime.settings.state_cold_backend.value in names and "redis" in names
+    assert all(tier["up"] for tier in report["tiers"])
+
+
+async def test_openapi_schema_is_served(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/api/openapi.json")).json()
+    for path in (
+        "/api/cases",
+        "/api/cases/{case_id}",
+        "/api/cases/{case_id}/checkpoints",
+        "/api/cases/{case_id}/audit",
+        "/api/cases/{case_id}/review",
+        "/api/cases/{case_id}/resume",
+        "/api/health",
+    ):
+        assert path in schema["paths"], path

@@ -1,0 +1,168 @@
+"""The agents' rules, as pure functions: duplicate charges, account intent, policy, response."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from support_cases.agents.account import classify_account_request
+from support_cases.agents.billing import find_duplicate_charges, summarize_duplicates
+from support_cases.agents.policy import apply_policy
+from support_cases.agents.response import compose_response
+from support_cases.models import CaseState
+
+DAY = timedelta(days=1)
+
+
+def tx(tx_id: str, merchant: str, amount: float, at: str, currency: str = "USD") -> dict[str, Any]:
+    return {
+        "id": tx_id,
+        "merchant": merchant,
+        "amount": amount,
+        "currency": currency,
+        "timestamp": at,
+    }
+
+
+def test_two_identical_charges_close_in_time_are_one_duplicate() -> None:
+    transactions = [
+        tx("t1", "Acme Streaming", 49.99, "2024-05-01T10:00:00+00:00"),
+        tx("t2", "Acme Streaming", 49.99, "2024-05-01T10:03:00+00:00"),
+        tx("t3", "Coffee Bar", 4.50, "2024-05-01T11:00:00+00:00"),
+    ]
+    duplicates = find_duplicate_charges(transactions, DAY)
+    assert [d["transaction_id"] for d in duplicates] == ["t2"]
+    billing = summarize_duplicates(duplicates)
+    assert billing["duplicate_found"] is True
+    assert billing["refund_amount"] == 49.99
+    assert billing["currency"] == "USD"
+    assert billing["merchant"] == "Acme Streaming"
+
+
+def test_refund_amount_follows_the_transactions_not_a_constant() -> None:
+    transactions = [
+        tx("a", "Hotel Europa", 612.40, "2024-05-02T08:00:00+00:00"),
+        tx("b", "Hotel Europa", 612.40, "2024-05-02T08:00:30+00:00"),
+        tx("c", "Hotel Europa", 612.40, "2024-05-02T09:00:00+00:00"),
+    ]
+    billing = summarize_duplicates(find_duplicate_charges(transactions, DAY))
+    assert [d["transaction_id"] for d in billing["duplicates"]] == ["b", "c"]
+    assert billing["refund_amount"] == pytest.approx(1224.80)
+
+
+@pytest.mark.parametrize(
+    ("second", "why"),
+    [
+        (tx("t2", "Acme Streaming", 49.98, "2024-05-01T10:03:00+00:00"), "different amount"),
+        (tx("t2", "Other Shop", 49.99, "2024-05-01T10:03:00+00:00"), "different merchant"),
+        (tx("t2", "Acme Streaming", 49.99, "2024-05-03T10:00:01+00:00"), "outside the window"),
+        (tx("t2", "Acme Streaming", 49.99, "2024-05-01T10:03:00+00:00", "EUR"), "other currency"),
+        (tx("t1", "Acme Streaming", 49.99, "2024-05-01T10:00:00+00:00"), "same transaction twice"),
+    ],
+)
+def test_not_a_duplicate(second: dict[str, Any], why: str) -> None:
+    first = tx("t1", "Acme Streaming", 49.99, "2024-05-01T10:00:00+00:00")
+    assert find_duplicate_charges([first, second], DAY) == [], why
+
+
+def test_merchant_names_compare_case_and_space_insensitively_and_order_does_not_matter() -> None:
+    transactions = [
+        tx("late", "ACME  streaming", 10.0, "2024-05-01T12:00:00+00:00"),
+        tx("early", "Acme Streaming", 10.0, "2024-05-01T11:00:00+00:00"),
+    ]
+    assert [d["transaction_id"] for d in find_duplicate_charges(transactions, DAY)] == ["late"]
+
+
+def test_window_is_configurable() -> None:
+    transactions = [
+        tx("t1", "Gym", 30.0, "2024-05-01T10:00:00+00:00"),
+        tx("t2", "Gym", 30.0, "2024-05-01T10:10:00+00:00"),
+    ]
+    assert find_duplicate_charges(transactions, timedelta(minutes=5)) == []
+    assert len(find_duplicate_charges(transactions, timedelta(minutes=15))) == 1
+
+
+def test_duplicates_in_several_currencies_have_no_single_currency() -> None:
+    transactions = [
+        tx("u1", "Shop", 5.0, "2024-05-01T10:00:00+00:00", "USD"),
+        tx("u2", "Shop", 5.0, "2024-05-01T10:01:00+00:00", "USD"),
+        tx("e1", "Shop", 5.0, "2024-05-01T10:00:00+00:00", "EUR"),
+        tx("e2", "Shop", 5.0, "2024-05-01T10:01:00+00:00", "EUR"),
+    ]
+    billing = summarize_duplicates(find_duplicate_charges(transactions, DAY))
+    assert billing["currency"] is None
+    assert apply_policy(billing, 500.0)["decision"] == "needs_review"
+
+
+@pytest.mark.parametrize(
+    ("text", "issue"),
+    [
+        ("I was charged twice, and I can't log in", "login"),
+        ("I was charged twice, and I can\u2019t log in", "login"),
+        ("Cannot sign in to the app since yesterday", "login"),
+        ("I forgot my password", "password"),
+        ("Please reset my PASSWORD", "password"),
+        ("My account is locked after three attempts", "locked"),
+        ("I am locked out", "locked"),
+        ("I was charged twice for my subscription", None),
+        ("Where is my parcel?", None),
+    ],
+)
+def test_account_intent(text: str, issue: str | None) -> None:
+    assert classify_account_request(text) == issue
+
+
+def _billing(amount: float, found: bool = True) -> Any:
+    return {
+        "duplicate_found": found,
+        "duplicates": [],
+        "refund_amount": amount if found else 0.0,
+        "currency": "USD",
+        "merchant": "Shop",
+    }
+
+
+@pytest.mark.parametrize(
+    ("amount", "threshold", "decision"),
+    [
+        (49.99, 500.0, "auto_approved"),
+        (500.0, 500.0, "auto_approved"),  # "exceeds" is strict
+        (500.01, 500.0, "needs_review"),
+        (120.0, 100.0, "needs_review"),  # the threshold is a setting, not a constant
+    ],
+)
+def test_policy_threshold(amount: float, threshold: float, decision: str) -> None:
+    result = apply_policy(_billing(amount), threshold)
+    assert result["decision"] == decision
+    assert result["refund_amount"] == amount
+    assert result["threshold"] == threshold
+
+
+def test_policy_without_duplicates_refunds_nothing() -> None:
+    assert apply_policy(_billing(0.0, found=False), 500.0)["decision"] == "no_refund"
+
+
+def test_response_confirms_refund_and_reset_link() -> None:
+    state: CaseState = {
+        "transactions": [{}],
+        "billing": _billing(49.99),
+        "refund": {"status": "issued", "amount": 49.99, "currency": "USD", "reference": "R-1"},
+        "account": {"issue": "login", "reset_link_sent": True, "reset_reference": "L-1"},
+    }
+    text = compose_response(state)
+    assert "refunded 49.99 USD" in text and "R-1" in text
+    assert "password reset link" in text and "L-1" in text
+
+
+def test_response_states_a_refused_refund() -> None:
+    state: CaseState = {
+        "transactions": [{}],
+        "billing": _billing(900.0),
+        "refund": {"status": "refused", "amount": 900.0, "currency": "USD", "reference": None},
+        "account": {"issue": None, "reset_link_sent": False, "reset_reference": None},
+    }
+    text = compose_response(state)
+    assert "unable to approve a refund" in text
+    assert "reset link" not in text
