@@ -1,6 +1,6 @@
 // `azd up` entry point: one resource group with everything the support-case app
 // needs, all reached with one user-assigned managed identity (no keys, no
-// passwords). See docs/DEPLOY.md.
+// passwords). See README.md, "Deploy to Azure".
 targetScope = 'subscription'
 
 @minLength(1)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 SAMPLE = REPO / "local.settings.sample.json"
 AZURE_YAML = REPO / "azure.yaml"
-DEPLOY_DOC = REPO / "docs" / "DEPLOY.md"
+DEPLOY_DOC = REPO / "README.md"
 
 LANGUAGE = Language(tree_sitter_bicep.language())
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
