@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from .errors import BackendUnavailable, LockNotAcquired, VersionConflict, WorkflowNotFound
+from .errors import (
+    BackendUnavailable,
+    LockNotAcquired,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
 from .ports import JSON, AuditEntry, ColdStateStore, HotStateStore, Lock, TierHealth, WorkflowRecord
 from .settings import Settings
 
@@ -57,6 +63,8 @@ class TieredStateStore:
         self._hot_down = False
         # Threads whose hot copy may be older than cold (written while hot was unreachable).
         self._unsettled: set[str] = set()
+        # Threads being re-installed right now: no longer in `_unsettled`, not yet fresh in hot.
+        self._settling: set[str] = set()
 
     @classmethod
     def from_backends(cls, backends: Backends) -> TieredStateStore:
@@ -93,7 +101,13 @@ class TieredStateStore:
             # A copy left from an earlier record of this thread id would outrank the
             # new version 1; clearing it first is safe because cold has nothing older.
             await self._invalidate(thread_id)
-            record = await self._cold.create(thread_id, sections, agent_id=agent_id)
+            try:
+                record = await self._cold.create(thread_id, sections, agent_id=agent_id)
+            except WorkflowExists:
+                # The thread was live (a retried create): a reader holding an older copy
+                # could now install it over the gap the invalidation left; put cold's back.
+                await self._reinstall_from_cold(thread_id)
+                raise
             await self._install(record)
             return record
 
@@ -191,7 +205,9 @@ class TieredStateStore:
         for unsettled in list(self._unsettled):
             if not await self._reinstall_from_cold(unsettled):
                 return None
-        return None if thread_id in self._unsettled else self._hot
+        if thread_id in self._unsettled or thread_id in self._settling:
+            return None
+        return self._hot
 
     async def _install(self, record: WorkflowRecord) -> None:
         if self._hot is None:
@@ -230,25 +246,31 @@ class TieredStateStore:
         if self._hot_skipped():
             self._unsettled.add(thread_id)
             return False
+        # Discarded before the cold read, so a writer that fails meanwhile marks it again;
+        # `_settling` keeps readers off the hot copy until the install below lands.
         self._unsettled.discard(thread_id)
+        self._settling.add(thread_id)
         try:
-            record = await self._cold.get(thread_id)
-        except BackendUnavailable as exc:
-            # Cold trouble is the caller's own call to report; keep it for next time.
-            logger.info("cannot settle hot copy of %r yet: %s", thread_id, exc)
-            self._unsettled.add(thread_id)
-            return True
-        try:
-            if record is None:
-                await self._hot.invalidate(thread_id)
-            elif not await self._hot.install(
-                record, ttl_seconds=self._settings.state_hot_ttl_seconds
-            ):
-                self.stats.installs_rejected += 1
-        except BackendUnavailable as exc:
-            self._hot_failed("reinstall", exc)
-            self._unsettled.add(thread_id)
-            return False
+            try:
+                record = await self._cold.get(thread_id)
+            except BackendUnavailable as exc:
+                # Cold trouble is the caller's own call to report; keep it for next time.
+                logger.info("cannot settle hot copy of %r yet: %s", thread_id, exc)
+                self._unsettled.add(thread_id)
+                return True
+            try:
+                if record is None:
+                    await self._hot.invalidate(thread_id)
+                elif not await self._hot.install(
+                    record, ttl_seconds=self._settings.state_hot_ttl_seconds
+                ):
+                    self.stats.installs_rejected += 1
+            except BackendUnavailable as exc:
+                self._hot_failed("reinstall", exc)
+                self._unsettled.add(thread_id)
+                return False
+        finally:
+            self._settling.discard(thread_id)
         self._hot_recovered()
         return True
 

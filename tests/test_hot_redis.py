@@ -274,6 +274,17 @@ async def test_a_copy_of_another_schema_version_is_a_miss(
     assert await hot.get(thread_id) is None
 
 
+async def test_a_damaged_copy_is_a_miss_and_a_new_install_replaces_it(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    await raw.hset(f"{{{thread_id}}}:wf", "s:a", "{not json")
+    assert await hot.get(thread_id) is None
+    assert await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    assert await hot.get(thread_id) == _record(thread_id, a=1)
+
+
 async def test_lock_is_exclusive_and_only_its_owner_releases_it(hot: RedisHotStore) -> None:
     name = f"case_{uuid.uuid4().hex[:8]}"
     held = await hot.acquire_lock(name, ttl_ms=10_000)

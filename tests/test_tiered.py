@@ -154,6 +154,27 @@ class LaggingCold:
         return getattr(self._inner, name)
 
 
+class GatedCold:
+    """The real cold store, whose reads wait at a gate while it is closed (to order a race)."""
+
+    def __init__(self, inner: ColdStateStore) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.gate = asyncio.Event()
+        self.gate.set()
+        # One item per read that reached the closed gate.
+        self.arrivals: asyncio.Queue[str] = asyncio.Queue()
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        if not self.gate.is_set():
+            self.arrivals.put_nowait(thread_id)
+            await self.gate.wait()
+        return await self._inner.get(thread_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 # --------------------------------------------------------------------------- cache-aside
 
 
@@ -265,6 +286,32 @@ async def test_a_stale_install_racing_a_newer_write_cannot_win(
     assert await hot.get(thread) == newer
     assert await reader.get(thread) == newer
     assert reader.stats.hits == 1
+
+
+async def test_a_retried_create_does_not_let_a_stale_install_stick(
+    tiered: TieredStateStore,
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
+    await hot.invalidate(thread)  # evicted: the next read misses
+
+    held = HeldCold(cold)
+    reader = other_process(held)  # type: ignore[arg-type]
+    reading = asyncio.create_task(reader.get(thread))
+    await held.read_done.wait()  # the reader holds version 1, read from cold
+    newer = await tiered.update_section(
+        thread, "billing", "v2", agent_id="billing", expected_version=1
+    )
+    # A client retries the create: it fails, but clears the hot copy on the way.
+    with pytest.raises(WorkflowExists):
+        await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
+    held.release.set()  # now the reader installs what it read
+    assert (await reading).version == 1
+
+    assert await hot.get(thread) == newer
 
 
 async def test_concurrent_readers_and_writers_leave_hot_no_older_than_cold(
@@ -448,6 +495,40 @@ async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
 
         await tiered.health()  # reachable again
         assert await tiered.get(thread) == updated
+        assert await hot.get(thread) == updated
+    finally:
+        await hot.close()
+
+
+async def test_a_read_during_settling_is_served_from_cold(
+    dedicated_redis: RedisServer,
+    cold: CosmosStateStore,
+    settings_for: Callable[..., Settings],
+) -> None:
+    settings = settings_for(redis_url=dedicated_redis.url)
+    hot = RedisHotStore(create_redis_client(settings), settings)
+    gated = GatedCold(cold)
+    tiered = TieredStateStore(gated, hot, settings)  # type: ignore[arg-type]
+    try:
+        thread = _thread()
+        await tiered.create(thread, {"s": 0}, agent_id="a")
+        dedicated_redis.pause()  # hung, not gone: it keeps version 1
+        try:
+            updated = await tiered.update_section(thread, "s", 1, agent_id="a")
+        finally:
+            dedicated_redis.resume()
+        await tiered.health()  # reachable again; the thread still waits to be settled
+
+        gated.gate.clear()
+        settling = asyncio.create_task(tiered.get(thread))
+        assert await gated.arrivals.get() == thread  # settling: its cold read is held
+        reading = asyncio.create_task(tiered.get(thread))
+        went_cold = asyncio.create_task(gated.arrivals.get())
+        await asyncio.wait({reading, went_cold}, return_when=asyncio.FIRST_COMPLETED)
+        gated.gate.set()
+        assert await reading == updated  # never the version-1 copy still in Redis
+        assert await settling == updated
+        went_cold.cancel()
         assert await hot.get(thread) == updated
     finally:
         await hot.close()

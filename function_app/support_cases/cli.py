@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -33,6 +34,8 @@ app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_comple
 stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console()
+# Notices and errors go to stderr, so `--json` leaves stdout parseable.
+errors = Console(stderr=True)
 
 ApiOption = Annotated[
     str, typer.Option("--api", envvar="AGENT_STATE_API", help="Base URL of the API.")
@@ -104,7 +107,17 @@ def _print_env(description: dict[str, object]) -> None:
     env = _stack_env(description)
     console.print("settings for this stack:")
     for name, value in env.items():
-        console.print(f"  {name}={'***' if 'KEY' in name else value}")
+        console.print(f"  {name}={_masked(name, value)}")
+
+
+def _masked(name: str, value: str) -> str:
+    """Keys hidden whole; a URL (REDIS_URL, POSTGRES_URL) only loses its password."""
+    if "KEY" in name:
+        return "***"
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 @app.command()
@@ -147,14 +160,17 @@ def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
     try:
         response = httpx.request(method, f"{api.rstrip('/')}/api{path}", timeout=60, **kwargs)
     except httpx.TransportError as error:
-        console.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
+        errors.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
         raise typer.Exit(2) from error
-    body: dict[str, Any] = response.json() if response.content else {}
+    try:
+        body: dict[str, Any] = response.json() if response.content else {}
+    except ValueError:  # not JSON: a proxy's or the Functions host's own error page
+        body = {"error": response.text}
     if response.status_code >= 400:
-        console.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
+        errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
         raise typer.Exit(1)
     if response.status_code == 202:
-        console.print(f"[yellow]still running; status at {response.headers.get('location')}[/]")
+        errors.print(f"[yellow]still running; status at {response.headers.get('location')}[/]")
     return body
 
 

@@ -2,10 +2,16 @@
 
 Protocol, per idempotency key `<case_id>:<kind>`:
 1. the case record already says `done` -> return what was recorded, call nothing;
-2. otherwise claim the key durably (`pending`, in the case record) before calling out;
-3. a `pending` claim found on a re-run means a previous attempt may have reached the
+2. otherwise claim the key durably before calling out: a versioned write of a
+   `pending` claim carrying this attempt's token and a lease. Only the attempt whose
+   write installed its token may call out; another attempt that finds a live lease
+   stops with `EffectInProgress` (two runners of one case never both call out), and
+   a lease left by a crashed attempt may be taken over once it has expired;
+3. a `pending` claim taken over means a previous attempt may have reached the
    provider, so ask the provider by key first and perform only if it has no trace;
 4. record `done` with the provider's answer.
+The claim write goes through the run's fencing token, so a runner that lost its
+lock cannot claim either.
 The provider here is simulated: it keeps its own durable ledger of every call it
 honoured, so tests can count what really happened.
 """
@@ -13,6 +19,7 @@ honoured, so tests can count what really happened.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -38,6 +45,14 @@ def effect_section(kind: str) -> str:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
+
+
+class EffectInProgress(Exception):
+    """Another attempt holds a live claim on this side effect; this attempt must not call out."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"side effect {key!r} is being performed by another attempt")
+        self.key = key
 
 
 class EffectProvider(Protocol):
@@ -96,9 +111,12 @@ class SimulatedProvider:
 class Effects:
     """Runs side effects at most once per (case, kind), recorded in the case's own record."""
 
-    def __init__(self, store: TieredStateStore, provider: EffectProvider) -> None:
+    def __init__(
+        self, store: TieredStateStore, provider: EffectProvider, *, lease_seconds: float
+    ) -> None:
         self._store = store
         self._provider = provider
+        self._lease_seconds = lease_seconds
 
     async def once(
         self,
@@ -112,28 +130,40 @@ class Effects:
         key = idempotency_key(case_id, kind)
         section = effect_section(kind)
         with traced("effect.once", kind=kind, idempotency_key=key) as span:
+            token = uuid.uuid4().hex
             claim: dict[str, Any] = {
                 "kind": kind,
                 "idempotency_key": key,
                 "status": "pending",
                 "request": request,
+                "claim": token,
             }
 
-            def claim_unless_present(record: WorkflowRecord) -> object:
-                return UNCHANGED if record.sections.get(section) is not None else claim
+            def claim_unless_held(record: WorkflowRecord) -> object:
+                entry = record.sections.get(section)
+                if entry is not None:
+                    if entry.get("status") == "done":
+                        return UNCHANGED
+                    live = (entry.get("lease_until") or 0) > time.time()
+                    if live and entry.get("claim") != token:
+                        return UNCHANGED
+                return {**claim, "lease_until": time.time() + self._lease_seconds}
 
             record = await write_section(
                 self._store,
                 case_id,
                 section,
-                claim_unless_present,
+                claim_unless_held,
                 agent_id=agent_id,
                 fencing_token=fencing_token,
             )
-            entry: dict[str, Any] = record.sections.get(section) or claim
+            entry: dict[str, Any] = record.sections[section]
             if entry.get("status") == "done":
                 span.set_attribute("outcome", "already-done")
                 return dict(entry["result"])
+            if entry.get("claim") != token:
+                span.set_attribute("outcome", "in-progress-elsewhere")
+                raise EffectInProgress(key)
             result = await self._provider.lookup(key)
             span.set_attribute("outcome", "recovered" if result else "performed")
             if result is None:
@@ -142,7 +172,7 @@ class Effects:
                 self._store,
                 case_id,
                 section,
-                {**claim, "status": "done", "result": result},
+                {**claim, "status": "done", "result": result, "lease_until": None},
                 agent_id=agent_id,
                 fencing_token=fencing_token,
             )

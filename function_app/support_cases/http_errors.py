@@ -18,7 +18,7 @@ from state.errors import (
     WorkflowNotFound,
 )
 
-from .service import CaseConflict, CaseNotFound, IdempotencyMismatch
+from .service import CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
@@ -28,6 +28,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (StaleFencingToken, 409),
     (LockNotAcquired, 409),
     (IdempotencyMismatch, 422),
+    (ReservedCaseId, 422),
     (StateTooLarge, 413),
     (BackendUnavailable, 503),
 )

@@ -47,7 +47,14 @@ class Runtime:
         settings = backends.settings
         store = TieredStateStore.from_backends(backends)
         provider = SimulatedProvider(store)
-        graph = build_graph(AgentDeps(store, Effects(store, provider), settings), saver)
+        graph = build_graph(
+            AgentDeps(
+                store,
+                Effects(store, provider, lease_seconds=settings.state_lock_ttl_ms / 1000),
+                settings,
+            ),
+            saver,
+        )
         service = CaseService(store, graph, settings)
         return cls(settings, backends, store, saver, graph, provider, service)
 

@@ -31,7 +31,7 @@ from state.settings import Settings
 from state.tiered import TieredStateStore
 
 from .agents import RunContext
-from .effects import effects_in
+from .effects import EffectInProgress, SimulatedProvider, effects_in
 from .graph import CaseGraph
 from .models import (
     AuditEntryView,
@@ -46,7 +46,7 @@ from .models import (
     ReviewDecision,
     TierView,
 )
-from .runs import AT_REST, RUN_SECTION, RunTracker, new_run_section
+from .runs import AT_REST, INDEX_PREFIX, RUN_SECTION, RunTracker, new_run_section
 from .telemetry import traced
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 API_AGENT_ID = "case-api"
 REQUEST_SECTION = "request"
 GraphInput = dict[str, Any] | Command | None
+# Ids of the app's own records, which share the thread-id space with case ids.
+RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
 
 
 class CaseError(Exception):
@@ -71,6 +73,10 @@ class CaseConflict(CaseError):
 
 class IdempotencyMismatch(CaseError):
     """A case id / idempotency key reused with a different request body (maps to 422)."""
+
+
+class ReservedCaseId(CaseError):
+    """A case id that names one of the app's own records (maps to 422)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ class CaseService:
 
     async def submit(self, submission: CaseSubmission, idempotency_key: str | None) -> Outcome:
         case_id = case_id_for(submission, idempotency_key)
+        if case_id.startswith(RESERVED_ID_PREFIXES):
+            raise ReservedCaseId(f"case id {case_id!r} is reserved; choose another case id")
         request = {
             **submission.model_dump(mode="json", exclude={"case_id", "client_key"}),
             "fingerprint": fingerprint(submission),
@@ -327,6 +335,9 @@ class CaseService:
                 await self._tracker.mark(case_id, rest, fencing_token=fence)
         except StaleFencingToken:
             log.warning("case %s: a newer run took over; this one stops", case_id)
+        except EffectInProgress as busy:
+            # Another runner of this case holds the side effect's claim and finishes the case.
+            log.warning("case %s: %s; this run stops", case_id, busy)
         except BackendUnavailable:
             # Left "running": its heartbeat goes stale and the timer resumes it.
             log.exception("case %s: a tier is unavailable; run left for the timer", case_id)

@@ -78,8 +78,9 @@ return 1
 # Set one field of one (object) section. cjson turns `[]` into `{}`, keeps only 14
 # significant digits and writes 640.0 as 640, so a section holding an empty array,
 # a 15+ digit run or a whole-valued float is not re-encoded here: the script answers
-# -1 and the caller falls back to a compare-and-set of the whole section. The new value itself is never decoded: a
-# random marker stands in for it during encoding and is then replaced by its JSON.
+# -1 and the caller falls back to a compare-and-set of the whole section. The new
+# value itself is never decoded: a random marker stands in for it during encoding
+# and is then replaced by its JSON.
 # KEYS[1] record; ARGV[1] section field, ARGV[2] field name, ARGV[3] value JSON,
 # ARGV[4] marker, ARGV[5] now. Returns 1 done, 0 not cached, -1 unsafe, -2 not an object.
 _UPDATE_FIELD = """
@@ -306,19 +307,23 @@ def _record_from_hash(thread_id: str, raw: dict[Any, Any]) -> WorkflowRecord | N
     # it through the upcasters and installs the current shape.
     if "version" not in fields or fields.get("schema_version") != str(CURRENT["workflow"]):
         return None
-    return WorkflowRecord(
-        thread_id=thread_id,
-        version=int(fields["version"]),
-        sections={
-            key.removeprefix(SECTION_PREFIX): json.loads(value)
-            for key, value in fields.items()
-            if key.startswith(SECTION_PREFIX)
-        },
-        schema_version=int(fields["schema_version"]),
-        created_at=fields.get("created_at", ""),
-        updated_at=fields.get("updated_at", ""),
-        fence=int(fields.get("fence", 0)),
-    )
+    try:
+        return WorkflowRecord(
+            thread_id=thread_id,
+            version=int(fields["version"]),
+            sections={
+                key.removeprefix(SECTION_PREFIX): json.loads(value)
+                for key, value in fields.items()
+                if key.startswith(SECTION_PREFIX)
+            },
+            schema_version=int(fields["schema_version"]),
+            created_at=fields.get("created_at", ""),
+            updated_at=fields.get("updated_at", ""),
+            fence=int(fields.get("fence", 0)),
+        )
+    except ValueError:
+        # A damaged copy is a miss, not a failed call: the cold read re-installs it whole.
+        return None
 
 
 def _text(value: bytes | str) -> str:

@@ -55,6 +55,18 @@ async def test_invalid_case_id_is_422(client: httpx.AsyncClient, runtime: Runtim
     assert "case_id" in response.json()["error"]
 
 
+@pytest.mark.parametrize("reserved", ["support-cases-active-runs-0", "sim-provider-case_8842"])
+async def test_a_case_id_naming_an_internal_record_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, reserved: str
+) -> None:
+    response = await client.post("/api/cases", json=demo_case(reserved))
+    assert response.status_code == 422, response.text
+    assert "reserved" in response.json()["error"]
+    # The run index may exist (other cases' runs write it); no case was stored in it.
+    record = await runtime.store.get(reserved)
+    assert record is None or "request" not in record.sections
+
+
 async def test_malformed_json_is_422(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 from api_server import api_process, app_env
 from typer.testing import CliRunner
@@ -15,8 +16,21 @@ from support_cases.runtime import Runtime
 
 
 async def cli(*args: str) -> tuple[int, str]:
+    """Exit code and what a terminal shows (stdout and stderr together)."""
+    code, output, _ = await cli_streams(*args)
+    return code, output
+
+
+async def cli_json(*args: str) -> Any:
+    """Stdout of a successful `--json` call, parsed (notices on stderr must not break it)."""
+    code, output, stdout = await cli_streams(*args, "--json")
+    assert code == 0, output
+    return json.loads(stdout)
+
+
+async def cli_streams(*args: str) -> tuple[int, str, str]:
     result = await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "200"})
-    return result.exit_code, result.output
+    return result.exit_code, result.output, result.stdout
 
 
 async def test_submit_show_audit_checkpoints_review(
@@ -24,12 +38,12 @@ async def test_submit_show_audit_checkpoints_review(
 ) -> None:
     demo_id = f"case-cli-{uuid.uuid4().hex[:12]}"
     escalated_id = f"case-cli-{uuid.uuid4().hex[:12]}"
-    async with api_process(app_env(runtime, stack_env), tmp_path / "api.log") as (_, client):
+    # Long enough that a slow run still answers "completed" rather than 202.
+    env = {**app_env(runtime, stack_env), "CASE_SYNC_WAIT_SECONDS": "60"}
+    async with api_process(env, tmp_path / "api.log") as (_, client):
         api = ("--api", str(client.base_url))
 
-        code, out = await cli("submit", "--demo", "--case-id", demo_id, "--json", *api)
-        assert code == 0, out
-        case = json.loads(out)
+        case = await cli_json("submit", "--demo", "--case-id", demo_id, *api)
         assert case["case_id"] == demo_id and case["status"] == "completed"
 
         code, out = await cli("show", demo_id, *api)
@@ -40,8 +54,8 @@ async def test_submit_show_audit_checkpoints_review(
         for agent in ("billing-agent", "account-agent", "policy-agent", "response-agent"):
             assert agent in out
 
-        code, out = await cli("checkpoints", demo_id, "--json", *api)
-        assert code == 0 and json.loads(out)["checkpoints"][0]["next"] == []
+        history = await cli_json("checkpoints", demo_id, *api)
+        assert history["checkpoints"][0]["next"] == []
 
         body = tmp_path / "escalated.json"
         body.write_text(
@@ -74,5 +88,5 @@ async def test_submit_show_audit_checkpoints_review(
         code, out = await cli("show", "case-does-not-exist", *api)
         assert code == 1 and "404" in out
 
-        code, out = await cli("health", "--json", *api)
-        assert code == 0 and json.loads(out)["status"] == "ok"
+        health = await cli_json("health", *api)
+        assert health["status"] == "ok"

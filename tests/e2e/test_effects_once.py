@@ -1,0 +1,83 @@
+"""Side effects at most once when two attempts of one case race without a run lock."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from support_cases.effects import EffectInProgress, Effects
+from support_cases.runtime import Runtime
+
+
+async def test_two_unlocked_attempts_call_the_provider_once(runtime: Runtime) -> None:
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+
+    outcomes = await asyncio.gather(
+        *(
+            effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+            for _ in range(4)
+        ),
+        return_exceptions=True,
+    )
+
+    performed = await runtime.provider.performed(f"{case_id}:refund")
+    assert len(performed) == 1
+    winners = [o for o in outcomes if isinstance(o, dict)]
+    assert winners and all(w["reference"] == performed[0]["reference"] for w in winners)
+    assert all(isinstance(o, EffectInProgress) for o in outcomes if not isinstance(o, dict))
+    # Once done, every later attempt gets the recorded result and calls nothing.
+    again = await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    assert again["reference"] == performed[0]["reference"]
+    assert len(await runtime.provider.performed(f"{case_id}:refund")) == 1
+
+
+async def test_an_expired_claim_is_taken_over_without_performing_twice(runtime: Runtime) -> None:
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    # A crashed attempt: it claimed, reached the provider, and died before recording done.
+    await runtime.store.update_section(
+        case_id,
+        "effect_refund",
+        {
+            "kind": "refund",
+            "idempotency_key": key,
+            "status": "pending",
+            "claim": "dead",
+            "lease_until": 0,
+            "request": {"amount": 10},
+        },
+        agent_id="refund-agent",
+    )
+    reached = await runtime.provider.perform(key, "refund", {"amount": 10})
+
+    result = await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
+        case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+    )
+
+    assert result["reference"] == reached["reference"]
+    assert len(await runtime.provider.performed(key)) == 1
+
+
+async def test_a_live_claim_of_another_attempt_is_respected(runtime: Runtime) -> None:
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    live = {
+        "kind": "refund",
+        "idempotency_key": f"{case_id}:refund",
+        "status": "pending",
+        "claim": "other",
+        "lease_until": 4102444800,
+        "request": {"amount": 10},
+    }
+    await runtime.store.update_section(case_id, "effect_refund", live, agent_id="refund-agent")
+
+    with pytest.raises(EffectInProgress):
+        await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
+            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+        )
+    assert await runtime.provider.performed(f"{case_id}:refund") == []
