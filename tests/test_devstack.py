@@ -48,3 +48,31 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_an_attached_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A test run killed from outside leaves no server behind."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    starter = (
+        "import sys, time, pathlib\n"
+        "from devstack import RedisServer\n"
+        f"RedisServer(port={port}, workdir=pathlib.Path({str(tmp_path)!r}), die_with_parent=True).start()\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+        assert _listening(port)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _listening(port)
+    finally:
+        proc.kill()

@@ -8,6 +8,7 @@ module started: nothing here touches a process it did not launch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import pwd
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
 
 # The Cosmos emulator's well-known public key (documented by Microsoft; not a secret).
 COSMOS_EMULATOR_KEY = (
@@ -61,7 +63,12 @@ class LocalServer:
     name: str
     port: int
     workdir: Path
+    # Ask the kernel to stop the server when the thread that started it dies, so a
+    # test run killed from outside leaves no server behind. Off for a detached stack.
+    die_with_parent: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # The signal that asks this server for a prompt, clean shutdown.
+    stop_signal: signal.Signals = field(default=signal.SIGTERM, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -91,6 +98,7 @@ class LocalServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=self._child_setup if self.die_with_parent else None,
             **self.popen_kwargs(),  # type: ignore[call-overload]
         )
         deadline = time.monotonic() + timeout
@@ -105,6 +113,10 @@ class LocalServer:
         self.stop()
         raise ServerStartError(f"{self.name} not ready after {timeout}s:\n{_tail(self.log_path)}")
 
+    def _child_setup(self) -> None:
+        # Runs in the child between fork and exec (after any setuid), so it survives exec.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(self.stop_signal))
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
@@ -112,7 +124,7 @@ class LocalServer:
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None:
             return
-        stop_pid(self.process.pid, timeout)
+        stop_pid(self.process.pid, timeout, self.stop_signal)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
         self.process = None
@@ -127,9 +139,9 @@ class LocalServer:
             os.kill(self.process.pid, signal.SIGCONT)
 
 
-def stop_pid(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group we started, then SIGKILL if it lingers."""
-    for sig in (signal.SIGCONT, signal.SIGTERM):
+def stop_pid(pid: int, timeout: float = 15.0, sig_stop: signal.Signals = signal.SIGTERM) -> None:
+    """Signal the process group we started to stop, then SIGKILL it if it lingers."""
+    for sig in (signal.SIGCONT, sig_stop):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
     deadline = time.monotonic() + timeout
@@ -251,6 +263,8 @@ class PostgresServer(LocalServer):
 
     name: str = "postgres"
     user: str = "postgres"
+    # SIGINT is Postgres's "fast" shutdown; SIGTERM would wait for clients to disconnect.
+    stop_signal: signal.Signals = field(default=signal.SIGINT, repr=False)
 
     @property
     def data_dir(self) -> Path:

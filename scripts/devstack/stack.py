@@ -45,22 +45,33 @@ class Stack:
         with_cosmos: bool = True,
         with_postgres: bool = False,
         ports: dict[str, int] | None = None,
+        detached: bool = False,
     ) -> Stack:
-        """Describe the servers to run; a port of 0 (or none given) means any free one."""
+        """Describe the servers to run; a port of 0 (or none given) means any free one.
+
+        A stack that is not `detached` dies with the process (thread) that starts it.
+        """
         chosen = ports or {}
+        attached = not detached
 
         def port(name: str) -> int:
             return chosen.get(name) or free_port()
 
         return cls(
             workdir=workdir,
-            redis=RedisServer(port=port("redis"), workdir=workdir / "redis")
+            redis=RedisServer(
+                port=port("redis"), workdir=workdir / "redis", die_with_parent=attached
+            )
             if with_redis
             else None,
-            cosmos=CosmosEmulator(port=port("cosmos"), workdir=workdir / "cosmos")
+            cosmos=CosmosEmulator(
+                port=port("cosmos"), workdir=workdir / "cosmos", die_with_parent=attached
+            )
             if with_cosmos
             else None,
-            postgres=PostgresServer(port=port("postgres"), workdir=workdir / "postgres")
+            postgres=PostgresServer(
+                port=port("postgres"), workdir=workdir / "postgres", die_with_parent=attached
+            )
             if with_postgres
             else None,
         )
@@ -124,6 +135,7 @@ def up(
         workdir,
         with_postgres=with_postgres,
         ports={**DEFAULT_PORTS, **(ports or {})},
+        detached=True,
     )
     try:
         stack.start(progress=True)

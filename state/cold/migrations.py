@@ -1,0 +1,155 @@
+"""The Postgres schema, as ordered migrations recorded in `schema_migrations`.
+
+`migrate` applies, in one transaction, every migration the database has not
+recorded yet, in id order. It first takes a transaction-scoped advisory lock,
+so two processes starting at once queue instead of racing (the second sees the
+first one's records and applies nothing); running it again is a no-op.
+
+To change the schema, append a migration with the next id; never edit or
+reorder one that has shipped (databases have already applied it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import tuple_row
+
+# Any fixed 64-bit number works; it only has to be the same in every process of the app.
+MIGRATION_LOCK_KEY = 7_146_320_551_820_913_731
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    id integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: int
+    name: str
+    sql: str
+
+
+# Checkpoint ids are compared as plain strings ("newest first" in LangGraph's
+# sense), so id columns use the "C" collation whatever the database locale is.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "workflow_records_and_audit_log",
+        """
+        CREATE TABLE workflow_records (
+            thread_id text PRIMARY KEY,
+            version bigint NOT NULL CHECK (version >= 1),
+            sections jsonb NOT NULL,
+            schema_version integer NOT NULL,
+            fence bigint NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        );
+        CREATE TABLE state_audit_log (
+            id bigserial PRIMARY KEY,
+            thread_id text NOT NULL,
+            version bigint NOT NULL,
+            agent_id text NOT NULL,
+            section text NOT NULL,
+            before jsonb NOT NULL,
+            after jsonb NOT NULL,
+            at timestamptz NOT NULL,
+            schema_version integer NOT NULL
+        );
+        CREATE INDEX state_audit_log_thread_at ON state_audit_log (thread_id, at);
+        CREATE INDEX state_audit_log_thread_version ON state_audit_log (thread_id, version);
+        CREATE FUNCTION state_audit_log_reject_update() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'state_audit_log is append-only';
+            END
+            $$;
+        CREATE TRIGGER state_audit_log_append_only
+            BEFORE UPDATE ON state_audit_log
+            FOR EACH ROW EXECUTE FUNCTION state_audit_log_reject_update();
+        """,
+    ),
+    Migration(
+        2,
+        "checkpoints_blobs_writes",
+        """
+        CREATE TABLE cp_checkpoints (
+            thread_id text NOT NULL,
+            checkpoint_ns text NOT NULL,
+            checkpoint_id text COLLATE "C" NOT NULL,
+            parent_checkpoint_id text COLLATE "C",
+            type text NOT NULL,
+            checkpoint bytea NOT NULL,
+            metadata jsonb NOT NULL,
+            channel_versions jsonb NOT NULL,
+            schema_version integer NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            -- Scanned backwards, this key also serves "latest of (thread, namespace)".
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id)
+        );
+        -- Listing a thread across namespaces, newest first, page by page.
+        CREATE INDEX cp_checkpoints_thread_order
+            ON cp_checkpoints (thread_id, checkpoint_id, checkpoint_ns);
+        -- delete_for_runs finds a run's checkpoints without scanning every thread.
+        CREATE INDEX cp_checkpoints_run_id ON cp_checkpoints ((metadata ->> 'run_id'));
+        CREATE TABLE cp_blobs (
+            thread_id text NOT NULL,
+            checkpoint_ns text NOT NULL,
+            channel text NOT NULL,
+            version text NOT NULL,
+            type text NOT NULL,
+            blob bytea NOT NULL,
+            schema_version integer NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, channel, version)
+        );
+        CREATE TABLE cp_writes (
+            thread_id text NOT NULL,
+            checkpoint_ns text NOT NULL,
+            checkpoint_id text COLLATE "C" NOT NULL,
+            task_id text COLLATE "C" NOT NULL,
+            idx integer NOT NULL,
+            task_path text NOT NULL,
+            channel text NOT NULL,
+            type text NOT NULL,
+            blob bytea NOT NULL,
+            schema_version integer NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+        );
+        """,
+    ),
+)
+
+
+async def migrate(conn: AsyncConnection[Any]) -> list[Migration]:
+    """Apply the migrations this database lacks, in order; return the ones applied now."""
+    applied_now: list[Migration] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        await conn.execute(CREATE_MIGRATIONS_TABLE)
+        async with conn.cursor(row_factory=tuple_row) as cursor:
+            await cursor.execute("SELECT id FROM schema_migrations")
+            recorded = {row[0] for row in await cursor.fetchall()}
+        for migration in MIGRATIONS:
+            if migration.id in recorded:
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (id, name) VALUES (%s, %s)",
+                (migration.id, migration.name),
+            )
+            applied_now.append(migration)
+    return applied_now
+
+
+async def recorded_migrations(conn: AsyncConnection[Any]) -> list[tuple[int, str]]:
+    """(id, name) of every migration the database has recorded, in id order."""
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        await cursor.execute("SELECT id, name FROM schema_migrations ORDER BY id")
+        return [(int(row[0]), str(row[1])) for row in await cursor.fetchall()]

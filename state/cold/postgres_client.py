@@ -1,0 +1,206 @@
+"""One Postgres connection pool per app, shared by every Postgres adapter.
+
+Connects with POSTGRES_URL locally or, in Azure, to POSTGRES_HOST as
+POSTGRES_USER with a Microsoft Entra access token as the password (fetched
+afresh for every new connection, since tokens expire and a pooled connection
+outlives many of them). Runs the schema migrations once in `setup()`, maps
+transport failures and pool timeouts to `BackendUnavailable`, and counts the
+statements sent for the benchmark and the O(1) tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Self, cast
+
+from azure.core.credentials_async import AsyncTokenCredential
+from psycopg import AsyncConnection, AsyncCursor, OperationalError
+from psycopg.abc import Params, Query, QueryNoTemplate
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import BackendUnavailable
+from ..ports import Counters
+from ..settings import Settings
+from .migrations import migrate
+
+ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
+POSTGRES_PORT = 5432
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE = 10
+# How long a caller waits for a pooled connection before the backend counts as down.
+ACQUIRE_TIMEOUT_SECONDS = 10.0
+# A server that stops answering mid-query (paused, network cut) must not hang a worker.
+OPERATION_TIMEOUT_SECONDS = 30.0
+
+
+class CountedConnection(AsyncConnection[DictRow]):
+    """A pooled connection that knows which counters and operation its statements belong to."""
+
+    counters: Counters | None = None
+    operation: str = "statement"
+
+
+class CountingCursor(AsyncCursor[DictRow]):
+    """Counts each statement sent; `executemany` counts once (it is sent as one pipeline)."""
+
+    def _count(self) -> None:
+        connection = self.connection
+        if isinstance(connection, CountedConnection) and connection.counters is not None:
+            connection.counters.count(connection.operation)
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        self._count()
+        # The cast only picks the base overload; a template query passes through unchanged.
+        return await super().execute(
+            cast(QueryNoTemplate, query), params, prepare=prepare, binary=binary
+        )
+
+    async def executemany(self, query: Query, params_seq: Any, *, returning: bool = False) -> None:
+        self._count()
+        await super().executemany(query, params_seq, returning=returning)
+
+
+class PostgresConnection:
+    """Lazily opened pool; safe to share between adapters in one event loop."""
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential: AsyncTokenCredential | None = None,
+        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
+    ) -> None:
+        """`credential`: sign in with its Entra tokens (the caller closes it). Without
+        one, POSTGRES_URL carries any password, or else DefaultAzureCredential is used."""
+        self._settings = settings
+        self._acquire_timeout = acquire_timeout
+        self._pool: AsyncConnectionPool[CountedConnection] | None = None
+        self._credential = credential
+        self._owned_credential: AsyncTokenCredential | None = None
+        self._lock = asyncio.Lock()
+        self._migrated = False
+        self.counters = Counters()
+
+    def _conninfo(self) -> str:
+        settings = self._settings
+        if settings.postgres_url is not None:
+            return settings.postgres_url.get_secret_value()
+        return make_conninfo(
+            host=settings.postgres_host,
+            port=POSTGRES_PORT,
+            dbname=settings.postgres_database,
+            user=settings.postgres_user,
+            sslmode="require",
+        )
+
+    async def _connect_kwargs(self) -> dict[str, Any]:
+        """Called by the pool for every new connection, so each gets a fresh token."""
+        kwargs: dict[str, Any] = {
+            # Reads need no transaction; writes open one explicitly.
+            "autocommit": True,
+            "row_factory": dict_row,
+            "cursor_factory": CountingCursor,
+        }
+        if self._credential is not None:
+            token = await self._credential.get_token(ENTRA_SCOPE)
+            kwargs["password"] = token.token
+        return kwargs
+
+    async def _configure(self, connection: CountedConnection) -> None:
+        connection.counters = self.counters
+
+    async def pool(self) -> AsyncConnectionPool[CountedConnection]:
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await self._open()
+        return self._pool
+
+    async def _open(self) -> AsyncConnectionPool[CountedConnection]:
+        settings = self._settings
+        if self._credential is None and settings.postgres_url is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._owned_credential = DefaultAzureCredential(
+                managed_identity_client_id=settings.azure_client_id
+            )
+            self._credential = self._owned_credential
+        pool = AsyncConnectionPool(
+            self._conninfo(),
+            connection_class=CountedConnection,
+            kwargs=self._connect_kwargs,
+            configure=self._configure,
+            min_size=POOL_MIN_SIZE,
+            max_size=POOL_MAX_SIZE,
+            timeout=self._acquire_timeout,
+            name="agent-state",
+            open=False,
+        )
+        # Not waiting: an unreachable server surfaces on first use, as BackendUnavailable.
+        await pool.open(wait=False)
+        return pool
+
+    @asynccontextmanager
+    async def connection(self, operation: str) -> AsyncIterator[CountedConnection]:
+        """A pooled connection (autocommit) whose statements count under `operation`."""
+        pool = await self.pool()
+        with postgres_errors():
+            async with asyncio.timeout(OPERATION_TIMEOUT_SECONDS), pool.connection() as conn:
+                conn.operation = operation
+                try:
+                    yield conn
+                except OperationalError:
+                    if conn.broken:
+                        # The server went away (restart, failover): drop the other idle
+                        # connections now, so one caller sees the outage instead of each.
+                        await pool.check()
+                    raise
+
+    @asynccontextmanager
+    async def transaction(self, operation: str) -> AsyncIterator[CountedConnection]:
+        """A pooled connection inside one transaction: committed on exit, rolled back on error."""
+        async with self.connection(operation) as conn, conn.transaction():
+            yield conn
+
+    async def setup(self) -> None:
+        """Apply pending migrations once per process (each adapter's setup calls this)."""
+        if self._migrated:
+            return
+        # Two adapters setting up at once both migrate: harmless, Postgres serializes them.
+        async with self.connection("migrate") as conn:
+            await migrate(conn)
+        self._migrated = True
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._owned_credential is not None:
+            await self._owned_credential.close()
+            self._owned_credential = None
+            self._credential = None
+
+
+@contextmanager
+def postgres_errors() -> Iterator[None]:
+    """Connection failures, pool timeouts and stalled servers become `BackendUnavailable`."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise BackendUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+    except TimeoutError as exc:
+        raise BackendUnavailable("postgres", "no answer in time") from exc

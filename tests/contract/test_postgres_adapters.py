@@ -1,0 +1,573 @@
+"""Postgres-specific behaviour of the cold adapters, against the session's real Postgres server.
+
+The backend-independent cases live in the shared contract suites; these cover
+what only Postgres has (transactions, SQL-level atomicity, round-trip counts,
+keyset paging, bytea sizes) and its error mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from azure.core.credentials import AccessToken
+
+from devstack import PostgresServer, free_port
+from state import schema
+from state.cold.postgres_checkpoints import (
+    GET_BLOBS_SQL,
+    LIST_PAGE_SIZE,
+    SELECT_CHECKPOINTS_SQL,
+    PostgresCheckpointStore,
+)
+from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.cold.postgres_store import PostgresStateStore
+from state.errors import (
+    BackendUnavailable,
+    StaleFencingToken,
+    UnsupportedSchemaVersion,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
+from state.ports import (
+    CREATED_SECTION,
+    CheckpointStore,
+    ColdStateStore,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+)
+from state.settings import Settings
+from tests.contract.conftest import unique_thread
+
+
+@pytest.fixture
+async def pg(make_settings: Callable[..., Settings]) -> AsyncIterator[PostgresConnection]:
+    connection = PostgresConnection(make_settings("postgres", hot=False))
+    await connection.setup()
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def store(pg: PostgresConnection, make_settings: Callable[..., Settings]) -> PostgresStateStore:
+    return PostgresStateStore(pg, make_settings("postgres", hot=False))
+
+
+@pytest.fixture
+def checkpoints(
+    pg: PostgresConnection, make_settings: Callable[..., Settings]
+) -> PostgresCheckpointStore:
+    return PostgresCheckpointStore(pg, make_settings("postgres", hot=False))
+
+
+def test_adapters_implement_the_ports(
+    store: PostgresStateStore, checkpoints: PostgresCheckpointStore
+) -> None:
+    assert isinstance(store, ColdStateStore)
+    assert isinstance(checkpoints, CheckpointStore)
+
+
+# --------------------------------------------------------------------------- workflow records
+
+
+async def test_create_get_update_and_errors(store: PostgresStateStore) -> None:
+    thread = unique_thread()
+    created = await store.create(thread, {"intake": {"text": "charged twice"}}, agent_id="intake")
+    assert (created.version, created.fence, created.schema_version) == (1, 0, 1)
+    assert created.created_at.endswith("+00:00")
+    with pytest.raises(WorkflowExists):
+        await store.create(thread, {}, agent_id="intake")
+
+    updated = await store.update_section(
+        thread, "billing", {"refund": 120.5}, expected_version=1, agent_id="billing"
+    )
+    assert updated.version == 2
+    assert updated.sections == {"intake": {"text": "charged twice"}, "billing": {"refund": 120.5}}
+    assert await store.get(thread) == updated
+
+    with pytest.raises(VersionConflict) as conflict:
+        await store.update_section(thread, "billing", None, expected_version=1, agent_id="x")
+    assert (conflict.value.expected, conflict.value.actual) == (1, 2)
+    with pytest.raises(WorkflowNotFound):
+        await store.update_section(unique_thread(), "s", 1, expected_version=1, agent_id="x")
+    assert await store.get(unique_thread()) is None
+
+    await store.delete(thread)
+    assert await store.get(thread) is None
+    assert await store.audit_trail(thread) == []
+    recreated = await store.create(thread, {}, agent_id="intake")
+    assert recreated.version == 1
+
+
+async def test_concurrent_writers_at_one_version_lose_no_update(store: PostgresStateStore) -> None:
+    thread = unique_thread()
+    await store.create(thread, {"counter": 0}, agent_id="intake")
+    writers = 8
+    results = await asyncio.gather(
+        *(
+            store.update_section(thread, "counter", n, expected_version=1, agent_id=f"agent-{n}")
+            for n in range(writers)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, VersionConflict)]
+    assert len(winners) == 1 and len(losers) == writers - 1
+    assert all(loser.actual == 2 for loser in losers)
+    record = await store.get(thread)
+    assert record is not None and record.version == 2
+    assert record.sections["counter"] == winners[0].sections["counter"]
+    trail = await store.audit_trail(thread)
+    # Exactly one change was recorded for version 2: the winner's.
+    assert [(e.version, e.after) for e in trail if e.version == 2] == [
+        (2, winners[0].sections["counter"])
+    ]
+
+
+async def test_fencing_tokens(store: PostgresStateStore) -> None:
+    thread = unique_thread()
+    await store.create(thread, {"s": 0}, agent_id="a")
+    record = await store.update_section(
+        thread, "s", 1, expected_version=1, agent_id="a", fencing_token=5
+    )
+    assert record.fence == 5
+    # The same holder writes again with its token; a writer without one is not fenced.
+    record = await store.update_section(
+        thread, "s", 2, expected_version=2, agent_id="a", fencing_token=5
+    )
+    record = await store.update_section(thread, "s", 3, expected_version=3, agent_id="b")
+    assert (record.version, record.fence) == (4, 5)
+    with pytest.raises(StaleFencingToken) as stale:
+        await store.update_section(
+            thread, "s", 9, expected_version=4, agent_id="old", fencing_token=4
+        )
+    assert (stale.value.presented, stale.value.highest) == (4, 5)
+    record = await store.update_section(
+        thread, "s", 5, expected_version=4, agent_id="new", fencing_token=7
+    )
+    assert (record.version, record.fence, record.sections["s"]) == (5, 7, 5)
+
+
+async def test_audit_trail_newest_first_with_before_and_after(store: PostgresStateStore) -> None:
+    thread = unique_thread()
+    await store.create(thread, {"policy": None}, agent_id="intake")
+    await store.update_section(
+        thread, "policy", {"escalate": False}, expected_version=1, agent_id="policy"
+    )
+    await store.update_section(
+        thread, "policy", {"escalate": True}, expected_version=2, agent_id="reviewer"
+    )
+    trail = await store.audit_trail(thread)
+    assert [(e.version, e.agent_id, e.section, e.before, e.after) for e in trail] == [
+        (3, "reviewer", "policy", {"escalate": False}, {"escalate": True}),
+        (2, "policy", "policy", None, {"escalate": False}),
+        (1, "intake", CREATED_SECTION, None, {"policy": None}),
+    ]
+    assert all(e.schema_version == schema.CURRENT["audit"] for e in trail)
+    assert await store.audit_trail(thread, limit=0) == []
+    assert trail[0].at >= trail[1].at >= trail[2].at
+    assert [e.version for e in await store.audit_trail(thread, limit=2)] == [3, 2]
+
+
+async def test_audit_log_rejects_updates(pg: PostgresConnection, store: PostgresStateStore) -> None:
+    thread = unique_thread()
+    await store.create(thread, {"s": 1}, agent_id="a")
+    async with pg.connection("tamper") as conn:
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            await conn.execute(
+                "UPDATE state_audit_log SET agent_id = 'someone else' WHERE thread_id = %s",
+                (thread,),
+            )
+
+
+async def test_a_failed_audit_insert_rolls_the_update_back(
+    fresh_postgres_url: str,
+) -> None:
+    settings = Settings(state_cold_backend="postgres", postgres_url=fresh_postgres_url)
+    pg = PostgresConnection(settings)
+    try:
+        store = PostgresStateStore(pg, settings)
+        await store.setup()
+        await store.create("t", {"s": 1}, agent_id="a")
+        async with pg.connection("sabotage") as conn:
+            await conn.execute(
+                "ALTER TABLE state_audit_log ADD CONSTRAINT no_mallory CHECK (agent_id <> 'mallory')"
+            )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await store.update_section("t", "s", 2, expected_version=1, agent_id="mallory")
+        record = await store.get("t")
+        assert record is not None and (record.version, record.sections) == (1, {"s": 1})
+    finally:
+        await pg.close()
+
+
+async def test_a_write_stores_an_old_record_in_the_current_schema(
+    pg: PostgresConnection, store: PostgresStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thread = unique_thread()
+    await store.create(thread, {"customer": "Ada"}, agent_id="v1-code")
+    calls: list[int] = []
+
+    def rename_customer(document: schema.Document) -> schema.Document:
+        calls.append(document["version"])
+        sections = dict(document["sections"])
+        sections["customer_name"] = sections.pop("customer")
+        return {**document, "sections": sections}
+
+    monkeypatch.setitem(schema.CURRENT, "workflow", 2)
+    monkeypatch.setitem(schema._UPCASTERS, ("workflow", 1), rename_customer)
+    record = await store.get(thread)
+    assert record is not None
+    assert (record.sections, record.schema_version) == ({"customer_name": "Ada"}, 2)
+
+    updated = await store.update_section(thread, "notes", ["v2"], expected_version=1, agent_id="v2")
+    assert (updated.schema_version, updated.version) == (2, 2)
+    assert updated.sections == {"customer_name": "Ada", "notes": ["v2"]}
+    async with pg.connection("inspect") as conn:
+        cursor = await conn.execute(
+            "SELECT schema_version, sections FROM workflow_records WHERE thread_id = %s", (thread,)
+        )
+        assert await cursor.fetchone() == {"schema_version": 2, "sections": updated.sections}
+    calls.clear()
+    assert await store.get(thread) == updated
+    assert calls == []  # stored in the current schema: nothing left to upcast
+    assert [e.before for e in await store.audit_trail(thread, limit=1)] == [None]
+
+    # Version-1 code meeting version-2 state refuses it instead of misreading it.
+    monkeypatch.setitem(schema.CURRENT, "workflow", 1)
+    with pytest.raises(UnsupportedSchemaVersion):
+        await store.get(thread)
+    with pytest.raises(UnsupportedSchemaVersion):
+        await store.update_section(thread, "notes", ["v1"], expected_version=2, agent_id="v1")
+
+
+async def test_unreachable_server_is_backend_unavailable() -> None:
+    settings = Settings(
+        state_cold_backend="postgres",
+        postgres_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+    )
+    pg = PostgresConnection(settings, acquire_timeout=0.5)
+    try:
+        store = PostgresStateStore(pg, settings)
+        with pytest.raises(BackendUnavailable):
+            await store.get("t")
+        health = await store.health()
+        assert not health.up and "postgres" in health.detail
+    finally:
+        await pg.close()
+
+
+class RecordingCredential:
+    """Stands in for Entra ID: hands out numbered tokens and records the scopes asked for."""
+
+    def __init__(self) -> None:
+        self.scopes: list[tuple[str, ...]] = []
+
+    async def get_token(self, *scopes: str, **_: object) -> AccessToken:
+        self.scopes.append(scopes)
+        return AccessToken(f"token-{len(self.scopes)}", int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+async def test_each_new_connection_signs_in_with_a_fresh_token(
+    make_settings: Callable[..., Settings],
+) -> None:
+    credential = RecordingCredential()
+    pg = PostgresConnection(make_settings("postgres", hot=False), credential=credential)
+    try:
+        async with pg.connection("first") as first, pg.connection("second") as second:
+            passwords = {first.info.password, second.info.password}
+    finally:
+        await pg.close()
+    # The pool may open a spare connection in the background: at least two tokens.
+    issued = {f"token-{n}" for n in range(1, len(credential.scopes) + 1)}
+    assert len(passwords) == 2 and passwords <= issued
+    assert set(credential.scopes) == {(ENTRA_SCOPE,)}
+
+
+async def test_health_reports_latency(store: PostgresStateStore) -> None:
+    health = await store.health()
+    assert health.up and health.latency_ms is not None and health.latency_ms >= 0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(
+    thread: str,
+    checkpoint_id: str,
+    *,
+    ns: str = "",
+    parent: str | None = None,
+    metadata: dict[str, object] | None = None,
+    versions: dict[str, str | int | float] | None = None,
+) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread,
+        checkpoint_ns=ns,
+        checkpoint_id=checkpoint_id,
+        parent_checkpoint_id=parent,
+        checkpoint=("msgpack", f"checkpoint {checkpoint_id}".encode()),
+        metadata=metadata or {},
+        channel_versions=versions or {},
+    )
+
+
+def _ids(count: int) -> list[str]:
+    """Time-ordered ids shaped like LangGraph's uuid6 strings (ascending)."""
+    return [f"1f0{n:05x}-0000-6000-8000-{uuid.uuid4().hex[:12]}" for n in range(count)]
+
+
+async def _blob_versions(pg: PostgresConnection, thread: str) -> set[tuple[str, str]]:
+    async with pg.connection("inspect") as conn:
+        cursor = await conn.execute(
+            "SELECT channel, version FROM cp_blobs WHERE thread_id = %s", (thread,)
+        )
+        return {(row["channel"], row["version"]) for row in await cursor.fetchall()}
+
+
+async def test_ten_megabyte_values_round_trip(checkpoints: PostgresCheckpointStore) -> None:
+    thread = unique_thread()
+    big = os.urandom(10 * 1024 * 1024)
+    (checkpoint_id,) = _ids(1)
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, checkpoint_id, versions={"messages": "v1"}),
+        [StoredBlob("messages", "v1", ("bytes", big)), StoredBlob("empty", "v1", ("empty", b""))],
+    )
+    await checkpoints.put_writes(
+        thread,
+        "",
+        checkpoint_id,
+        [StoredWrite("task", "", 0, "messages", ("bytes", big))],
+        upsert=False,
+    )
+    blobs = await checkpoints.get_blobs(thread, "", {"messages": "v1", "empty": "v1", "gone": "v1"})
+    assert blobs == {"messages": ("bytes", big), "empty": ("empty", b"")}
+    (write,) = await checkpoints.get_writes(thread, "", checkpoint_id)
+    assert write.value == ("bytes", big)
+
+
+async def test_latest_with_blobs_and_writes_is_one_statement_whatever_the_history(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    ids = _ids(50)
+    # Stored out of order: "latest" is the greatest id, not the last written.
+    for checkpoint_id in [*ids[25:], *ids[:25]]:
+        await checkpoints.put_checkpoint(_checkpoint(thread, checkpoint_id), [])
+    newest = _ids(51)[-1]
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, newest, versions={"a": 2, "b": "v\\1", "c": 1.5}),
+        [
+            StoredBlob("a", 2, ("json", b"a2")),
+            StoredBlob("b", "v\\1", ("json", b"b")),
+            StoredBlob("c", 1.5, ("empty", b"")),
+        ],
+    )
+    writes = [StoredWrite("task", "path", 0, "ch\\an", ("json", b"w"))]
+    await checkpoints.put_writes(thread, "", newest, writes, upsert=False)
+
+    pg.counters.reset()
+    latest = await checkpoints.get_checkpoint(thread, "", None)
+    assert pg.counters.requests == 1
+    assert latest is not None and latest.checkpoint_id == newest
+    assert latest.blobs == {"a": ("json", b"a2"), "b": ("json", b"b"), "c": ("empty", b"")}
+    assert latest.writes == writes
+    older = await checkpoints.get_checkpoint(thread, "", ids[3])
+    assert older is not None and (older.blobs, older.writes) == ({}, [])
+    assert await checkpoints.get_checkpoint(thread, "child", None) is None
+
+
+async def test_blob_reads_are_key_lookups_not_scans_of_the_thread(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    for checkpoint_id, n in zip(_ids(300), range(300), strict=True):
+        await checkpoints.put_checkpoint(
+            _checkpoint(thread, checkpoint_id, versions={"a": str(n)}),
+            [StoredBlob("a", str(n), ("json", b"1"))],
+        )
+    async with pg.connection("inspect") as conn:
+        await conn.execute("ANALYZE cp_blobs")
+        plans = []
+        for query, params in (
+            (
+                f"{SELECT_CHECKPOINTS_SQL} WHERE thread_id = %s AND checkpoint_ns = ''"
+                " ORDER BY checkpoint_id DESC LIMIT 1",
+                (thread,),
+            ),
+            (GET_BLOBS_SQL, (["a"], ["7"], thread, "")),
+        ):
+            cursor = await conn.execute(f"EXPLAIN {query}", params)
+            plans.append("\n".join(row["QUERY PLAN"] for row in await cursor.fetchall()))
+    for plan in plans:
+        blob_scans = [line for line in plan.splitlines() if "on cp_blobs" in line]
+        assert blob_scans and all("Index Scan using cp_blobs_pkey" in s for s in blob_scans), plan
+        assert "channel = " in plan and "version = " in plan, plan
+
+
+async def test_list_pages_with_keyset_pagination(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    count = LIST_PAGE_SIZE * 2 + 7
+    ids = _ids(count)
+    async with pg.transaction("seed") as conn, conn.cursor() as cursor:
+        await cursor.executemany(
+            "INSERT INTO cp_checkpoints (thread_id, checkpoint_ns, checkpoint_id, type,"
+            " checkpoint, metadata, channel_versions, schema_version)"
+            " VALUES (%s, %s, %s, 'msgpack', '\\x00', %s, '{}', 1)",
+            [
+                (thread, "" if n % 2 else "child", cid, psycopg.types.json.Jsonb({"step": n}))
+                for n, cid in enumerate(ids)
+            ],
+        )
+
+    async def listed(**kwargs: object) -> list[str]:
+        arguments: dict[str, object] = {
+            "thread_id": thread,
+            "checkpoint_ns": None,
+            "before": None,
+            "limit": None,
+            "metadata_filter": None,
+            **kwargs,
+        }
+        return [c.checkpoint_id async for c in checkpoints.list_checkpoints(**arguments)]  # type: ignore[arg-type]
+
+    pg.counters.reset()
+    assert await listed() == ids[::-1]
+    assert pg.counters.requests == 3  # pages of LIST_PAGE_SIZE, not the whole thread at once
+    pg.counters.reset()
+    assert await listed(limit=5) == ids[::-1][:5]
+    assert pg.counters.requests == 1
+    assert await listed(checkpoint_ns="", before=ids[11], limit=3) == [ids[9], ids[7], ids[5]]
+    assert await listed(metadata_filter={"step": 42}) == [ids[42]]
+    across_threads = await listed(thread_id=None, metadata_filter={"step": 3})
+    assert ids[3] in across_threads
+
+
+async def test_writes_insert_or_upsert(checkpoints: PostgresCheckpointStore) -> None:
+    thread = unique_thread()
+    (checkpoint_id,) = _ids(1)
+    first = [
+        StoredWrite("b-task", "p", 1, "x", ("json", b"1")),
+        StoredWrite("a-task", "p", 0, "y", ("json", b"2")),
+    ]
+    await checkpoints.put_writes(thread, "", checkpoint_id, first, upsert=False)
+    repeat = [StoredWrite("b-task", "p", 1, "x", ("json", b"changed"))]
+    await checkpoints.put_writes(thread, "", checkpoint_id, repeat, upsert=False)
+    assert await checkpoints.get_writes(thread, "", checkpoint_id) == first[::-1]
+    await checkpoints.put_writes(thread, "", checkpoint_id, repeat, upsert=True)
+    assert (await checkpoints.get_writes(thread, "", checkpoint_id))[1] == repeat[0]
+
+    # Repeats inside one call: the first is kept without upsert, the last with it.
+    twice = [
+        StoredWrite("c-task", "", 0, "z", ("json", b"first")),
+        StoredWrite("c-task", "", 0, "z", ("json", b"last")),
+    ]
+    await checkpoints.put_writes(thread, "", checkpoint_id, twice, upsert=False)
+    assert (await checkpoints.get_writes(thread, "", checkpoint_id))[2].value == ("json", b"first")
+    await checkpoints.put_writes(thread, "", checkpoint_id, twice, upsert=True)
+    assert (await checkpoints.get_writes(thread, "", checkpoint_id))[2].value == ("json", b"last")
+
+
+async def test_delete_for_runs_and_prune_collect_unused_blobs(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    first, second, third = _ids(3)
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, first, metadata={"run_id": "run-1"}, versions={"a": "1", "b": "1"}),
+        [StoredBlob("a", "1", ("json", b"a1")), StoredBlob("b", "1", ("json", b"b1"))],
+    )
+    await checkpoints.put_writes(
+        thread, "", first, [StoredWrite("t", "", 0, "a", ("json", b"w"))], upsert=False
+    )
+    # The second checkpoint still uses a@1 but has a new b.
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, second, metadata={"run_id": "run-2"}, versions={"a": "1", "b": "2"}),
+        [StoredBlob("b", "2", ("json", b"b2"))],
+    )
+    await checkpoints.delete_for_runs(["run-1"])
+    assert await checkpoints.get_checkpoint(thread, "", first) is None
+    assert await checkpoints.get_writes(thread, "", first) == []
+    assert await _blob_versions(pg, thread) == {("a", "1"), ("b", "2")}
+
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, third, metadata={"run_id": "run-3"}, versions={"a": "3", "b": "2"}),
+        [StoredBlob("a", "3", ("json", b"a3"))],
+    )
+    await checkpoints.prune([thread], strategy="keep_latest")
+    assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [third]
+    assert await _blob_versions(pg, thread) == {("a", "3"), ("b", "2")}
+
+    await checkpoints.prune([thread], strategy="delete")
+    assert [c async for c in _list(checkpoints, thread)] == []
+    assert await _blob_versions(pg, thread) == set()
+
+
+async def test_copy_thread_copies_blobs_and_writes(checkpoints: PostgresCheckpointStore) -> None:
+    source, target = unique_thread(), unique_thread()
+    (checkpoint_id,) = _ids(1)
+    await checkpoints.put_checkpoint(
+        _checkpoint(source, checkpoint_id, ns="child:1", versions={"a": 1}),
+        [StoredBlob("a", 1, ("json", b"a"))],
+    )
+    write = StoredWrite("t", "", 0, "a", ("json", b"w"))
+    await checkpoints.put_writes(source, "child:1", checkpoint_id, [write], upsert=False)
+    await checkpoints.copy_thread(source, target)
+    copied = await checkpoints.get_checkpoint(target, "child:1", None)
+    assert copied is not None and copied.channel_versions == {"a": 1}
+    assert await checkpoints.get_blobs(target, "child:1", {"a": 1}) == {"a": ("json", b"a")}
+    assert await checkpoints.get_writes(target, "child:1", checkpoint_id) == [write]
+    await checkpoints.delete_thread(source)
+    assert await checkpoints.get_checkpoint(source, "child:1", None) is None
+    assert await checkpoints.get_checkpoint(target, "child:1", None) is not None
+
+
+def _list(checkpoints: PostgresCheckpointStore, thread: str) -> AsyncIterator[StoredCheckpoint]:
+    return checkpoints.list_checkpoints(
+        thread_id=thread, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
+    )
+
+
+async def test_after_a_server_restart_only_one_call_sees_the_dead_connections(
+    tmp_path: Path,
+) -> None:
+    server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
+    await asyncio.to_thread(server.start)
+    settings = Settings(state_cold_backend="postgres", postgres_url=server.url)
+    pg = PostgresConnection(settings)
+    try:
+        store = PostgresStateStore(pg, settings)
+        await store.setup()
+        await store.create("t", {"s": 1}, agent_id="a")
+        # Fill the pool with several idle connections.
+        await asyncio.gather(*(store.get("t") for _ in range(4)))
+        # Fast shutdown (SIGINT) cuts every session, as a restart or failover does.
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGINT)
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+
+        with pytest.raises(BackendUnavailable):
+            await store.get("t")
+        record = await store.get("t")
+        assert record is not None and record.sections == {"s": 1}
+    finally:
+        await pg.close()
+        await asyncio.to_thread(server.stop)
+        server.remove_data()

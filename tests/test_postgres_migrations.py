@@ -1,0 +1,120 @@
+"""Postgres schema migrations against a real server: ordered, recorded, idempotent, race-free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import AsyncConnection
+
+from state.cold.migrations import MIGRATION_LOCK_KEY, MIGRATIONS, migrate, recorded_migrations
+from state.cold.postgres_client import PostgresConnection
+from state.settings import Settings
+
+CODE_MIGRATIONS = [(migration.id, migration.name) for migration in MIGRATIONS]
+
+MIGRATE_IN_A_PROCESS = """
+import asyncio, json, sys
+from psycopg import AsyncConnection
+from state.cold.migrations import migrate
+
+async def main() -> None:
+    async with await AsyncConnection.connect(sys.argv[1], autocommit=True) as conn:
+        applied = await migrate(conn)
+    print(json.dumps([migration.id for migration in applied]))
+
+asyncio.run(main())
+"""
+
+
+def test_migration_ids_are_unique_and_ascending() -> None:
+    ids = [migration.id for migration in MIGRATIONS]
+    assert ids == sorted(set(ids))
+    assert ids[0] == 1
+
+
+async def test_running_migrations_twice_is_harmless(fresh_postgres_url: str) -> None:
+    async with await AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        first = await migrate(conn)
+        second = await migrate(conn)
+        recorded = await recorded_migrations(conn)
+    assert [migration.id for migration in first] == [m.id for m in MIGRATIONS]
+    assert second == []
+    assert recorded == CODE_MIGRATIONS
+
+
+async def test_app_setup_migrates_a_fresh_database(fresh_postgres_url: str) -> None:
+    settings = Settings(state_cold_backend="postgres", postgres_url=fresh_postgres_url)
+    pg = PostgresConnection(settings)
+    try:
+        await pg.setup()
+        await pg.setup()
+        async with pg.connection("check") as conn:
+            recorded = await recorded_migrations(conn)
+            cursor = await conn.execute(
+                "SELECT count(*) AS n FROM pg_tables WHERE tablename = ANY(%s)",
+                (
+                    [
+                        "workflow_records",
+                        "state_audit_log",
+                        "cp_checkpoints",
+                        "cp_blobs",
+                        "cp_writes",
+                    ],
+                ),
+            )
+            row = await cursor.fetchone()
+    finally:
+        await pg.close()
+    assert recorded == CODE_MIGRATIONS
+    assert row is not None and row["n"] == 5
+
+
+def _waiting_for_migration_lock(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_two_processes_migrating_at_once_both_succeed(
+    fresh_postgres_url: str, repo_root: Path
+) -> None:
+    # Hold the migration lock so both processes are provably inside `migrate` at the
+    # same moment; releasing it lets them go at once. Without the lock in `migrate`
+    # they would not wait here and would race on the empty database.
+    holder = psycopg.connect(fresh_postgres_url)
+    holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE_IN_A_PROCESS, fresh_postgres_url],
+            cwd=repo_root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while _waiting_for_migration_lock(fresh_postgres_url) < 2:
+            assert time.monotonic() < deadline, "the processes never reached the migration lock"
+            assert all(p.poll() is None for p in processes), "a process exited early"
+            time.sleep(0.05)
+    finally:
+        holder.rollback()
+        holder.close()
+    outputs = [p.communicate(timeout=60) for p in processes]
+
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr.decode()
+    applied = [json.loads(stdout) for stdout, _ in outputs]
+    # One process applied everything, the other found it done.
+    assert sorted(applied, key=len) == [[], [m.id for m in MIGRATIONS]]
+    with psycopg.connect(fresh_postgres_url) as conn:
+        recorded = conn.execute("SELECT id, name FROM schema_migrations ORDER BY id").fetchall()
+    assert recorded == CODE_MIGRATIONS
