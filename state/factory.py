@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from .ports import CheckpointStore, ColdStateStore, HotStateStore
+from .ports import CheckpointCache, CheckpointStore, ColdStateStore, HotStateStore
 from .settings import ColdBackend, Settings
 
 
@@ -21,6 +21,8 @@ class Backends:
     checkpoints: CheckpointStore
     hot: HotStateStore | None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+    # Hot cache of the latest checkpoint per thread (None without a hot tier).
+    hot_checkpoints: CheckpointCache | None = None
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -53,15 +55,19 @@ async def open_backends(settings: Settings) -> Backends:
         checkpoints = PostgresCheckpointStore(pg, settings)
 
     hot: HotStateStore | None = None
+    hot_checkpoints: CheckpointCache | None = None
     if settings.hot_tier_configured:
+        from .hot.redis_checkpoints import RedisCheckpointCache
         from .hot.redis_client import create_redis_client
         from .hot.redis_store import RedisHotStore
 
         client = create_redis_client(settings)
         hot = RedisHotStore(client, settings)
         closers.append(hot.close)
+        # Shares the hot store's client (one per process), which the hot store closes.
+        hot_checkpoints = RedisCheckpointCache(client, settings)
 
-    backends = Backends(settings, cold, checkpoints, hot, closers)
+    backends = Backends(settings, cold, checkpoints, hot, closers, hot_checkpoints)
     try:
         await cold.setup()
         await checkpoints.setup()

@@ -105,8 +105,8 @@ def _error_response(request: HttpRequest, status: int, extra: dict[str, str]) ->
 
 
 @dataclass
-class FaultyTransport(AsyncHttpTransport):  # type: ignore[type-arg]
-    inner: AsyncHttpTransport = field(default_factory=AioHttpTransport)  # type: ignore[type-arg]
+class FaultyTransport(AsyncHttpTransport):
+    inner: AsyncHttpTransport = field(default_factory=AioHttpTransport)
     faults: list[Fault] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
 
@@ -150,7 +150,7 @@ class FaultyTransport(AsyncHttpTransport):  # type: ignore[type-arg]
             Attempt(operation, request.method, path, fault.kind if fault else None)
         )
         if fault is None:
-            return await self.inner.send(request, **kwargs)  # type: ignore[no-any-return]
+            return await self.inner.send(request, **kwargs)
         if fault.kind == "throttle":
             return _error_response(
                 request,

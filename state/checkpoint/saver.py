@@ -1,0 +1,486 @@
+"""`TieredCheckpointSaver`: LangGraph's checkpointer over the cold store and the hot cache.
+
+The cold `CheckpointStore` (Cosmos or Postgres) is the source of truth; the
+optional `CheckpointCache` (Redis) holds the latest checkpoint of each (thread,
+namespace) so that reading it costs one Redis round trip and no cold request.
+Writes go cold first, then update the cache; cache failures never fail a call.
+
+A checkpoint is stored without its channel values, except small scalars (and
+short collections of them) kept inline, as LangGraph's Postgres saver keeps
+primitives: every other value is a blob per (channel, version), written only in
+the step that changed it.
+
+The async methods run on the loop that owns the clients (`self.loop`), from
+any loop; the sync ones hand their call to that loop from another thread.
+`open_sync` gives purely synchronous code a saver on a private loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+    writes_sort_key,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from ..ports import (
+    CheckpointCache,
+    CheckpointStore,
+    PruneStrategy,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+)
+from .loop_thread import LoopThread
+
+if TYPE_CHECKING:
+    from ..factory import Backends
+    from ..settings import Settings
+
+T = TypeVar("T")
+
+PRUNE_STRATEGIES: tuple[PruneStrategy, ...] = ("keep_latest", "delete")
+# Values this small stay inline in the checkpoint instead of costing a blob document
+# (and a round trip) of their own. The test looks at the value only, so an unchanged
+# channel is inline in every checkpoint or in none.
+INLINE_MAX_CHARS = 256
+INLINE_MAX_ITEMS = 16
+
+
+def _scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float):
+        return True
+    return isinstance(value, str) and len(value) <= INLINE_MAX_CHARS
+
+
+def _inline(value: Any) -> bool:
+    if _scalar(value):
+        return True
+    return (
+        isinstance(value, list | tuple | set | frozenset)
+        and len(value) <= INLINE_MAX_ITEMS
+        and all(_scalar(item) for item in value)
+    )
+
+
+class TieredCheckpointSaver(BaseCheckpointSaver[str]):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        cache: CheckpointCache | None = None,
+        *,
+        serde: SerializerProtocol | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        self.store = store
+        self.cache = cache
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise asyncio.InvalidStateError(
+                    "TieredCheckpointSaver needs the event loop its stores run on: build it "
+                    "inside that loop, pass `loop=`, or use TieredCheckpointSaver.open_sync()"
+                ) from None
+        self.loop = loop
+
+    @classmethod
+    def from_backends(
+        cls,
+        backends: Backends,
+        *,
+        serde: SerializerProtocol | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> TieredCheckpointSaver:
+        """The saver over opened backends (call it on the loop that opened them)."""
+        return cls(backends.checkpoints, backends.hot_checkpoints, serde=serde, loop=loop)
+
+    @classmethod
+    @contextmanager
+    def open_sync(
+        cls, settings: Settings, *, serde: SerializerProtocol | None = None
+    ) -> Iterator[TieredCheckpointSaver]:
+        """For code with no event loop: opens the backends on a private loop thread."""
+        from ..factory import open_backends
+
+        runner = LoopThread()
+        try:
+            backends = runner.run(open_backends(settings))
+            try:
+                yield cls.from_backends(backends, serde=serde, loop=runner.loop)
+            finally:
+                runner.run(backends.close())
+        finally:
+            runner.stop()
+
+    # ----------------------------------------------------------------------- async API
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        if asyncio.get_running_loop() is self.loop:  # the hot path: no extra coroutine layer
+            return await self._get_tuple(config)
+        return await self._on_loop(self._get_tuple(config))
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        found = self._list(config, filter=filter, before=before, limit=limit)
+        if asyncio.get_running_loop() is self.loop:
+            async for item in found:
+                yield item
+            return
+        try:
+            while True:
+                try:
+                    item = await self._on_loop(_next(found))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            await self._on_loop(_close(found))
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await self._on_loop(self._put(config, checkpoint, metadata, new_versions))
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        await self._on_loop(self._put_writes(config, writes, task_id, task_path))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._on_loop(self._delete_thread(str(thread_id)))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self._on_loop(self._delete_for_runs([str(run_id) for run_id in run_ids]))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._on_loop(self._copy_thread(str(source_thread_id), str(target_thread_id)))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await self._on_loop(self._prune(thread_ids, strategy))
+
+    # ----------------------------------------------------------------------- sync API
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._sync(self._get_tuple(config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        found = self._list(config, filter=filter, before=before, limit=limit)
+        try:
+            while True:
+                try:
+                    yield self._sync(_next(found))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._sync(_close(found))
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._sync(self._put(config, checkpoint, metadata, new_versions))
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self._sync(self._put_writes(config, writes, task_id, task_path))
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._sync(self._delete_thread(str(thread_id)))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._sync(self._delete_for_runs([str(run_id) for run_id in run_ids]))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._sync(self._copy_thread(str(source_thread_id), str(target_thread_id)))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._sync(self._prune(thread_ids, strategy))
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """Monotonic, with a random tail: two forks of one parent never share a blob key."""
+        if current is None:
+            current_v = 0
+        elif isinstance(current, int):
+            current_v = current
+        else:
+            current_v = int(current.split(".")[0])
+        return f"{current_v + 1:032}.{random.random():016}"
+
+    # ----------------------------------------------------------------------- loop bridging
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        if asyncio.get_running_loop() is self.loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise asyncio.InvalidStateError(
+                "synchronous TieredCheckpointSaver calls would block the loop they wait for: "
+                "from inside it, use the async methods (e.g. `await graph.ainvoke(...)`)"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    # ----------------------------------------------------------------------- operations
+
+    async def _get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        checkpoint_id = get_checkpoint_id(config)
+        lease = None
+        if self.cache is not None:
+            cached = await self.cache.lookup(thread_id, checkpoint_ns, lease=checkpoint_id is None)
+            hit = cached.checkpoint
+            if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
+                return self._tuple(hit)
+            lease = cached.lease
+        stored = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
+        if stored is None:
+            return None
+        stored = await self._complete(stored)
+        if self.cache is not None and lease is not None:
+            await self.cache.fill(stored, lease)
+        return self._tuple(stored)
+
+    async def _list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        limit: int | None,
+    ) -> AsyncGenerator[CheckpointTuple, None]:
+        configurable = (config or {}).get("configurable") or {}
+        thread_id = str(configurable["thread_id"]) if "thread_id" in configurable else None
+        checkpoint_ns = configurable.get("checkpoint_ns")
+        before_id = get_checkpoint_id(before) if before else None
+        if thread_id is not None and (checkpoint_id := configurable.get("checkpoint_id")):
+            # One named checkpoint: a point read, then the same filters as a listing.
+            found = await self.store.get_checkpoint(thread_id, checkpoint_ns or "", checkpoint_id)
+            if (
+                found is not None
+                and (limit is None or limit > 0)
+                and (before_id is None or found.checkpoint_id < before_id)
+                and all(found.metadata.get(k) == v for k, v in (filter or {}).items())
+            ):
+                yield self._tuple(await self._complete(found))
+            return
+        async for stored in self.store.list_checkpoints(
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
+            before=before_id,
+            limit=limit,
+            metadata_filter=filter,
+        ):
+            yield self._tuple(await self._complete(stored))
+
+    async def _put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        values = checkpoint["channel_values"]
+        inline = {channel: value for channel, value in values.items() if _inline(value)}
+        blobs = [
+            StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
+            for channel, version in new_versions.items()
+            if channel in values and channel not in inline
+        ]
+        stored = StoredCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
+            checkpoint_id=checkpoint["id"],
+            parent_checkpoint_id=configurable.get("checkpoint_id"),
+            checkpoint=self.serde.dumps_typed({**checkpoint, "channel_values": inline}),
+            metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
+            channel_versions=dict(checkpoint["channel_versions"]),
+        )
+        await self.store.put_checkpoint(stored, blobs)
+        if self.cache is not None:
+            await self.cache.advance(stored, blobs)
+        return {
+            "configurable": {
+                "thread_id": thread_id,
+                "checkpoint_ns": checkpoint_ns,
+                "checkpoint_id": checkpoint["id"],
+            }
+        }
+
+    async def _put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> None:
+        configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        checkpoint_id = configurable["checkpoint_id"]
+        # Special channels (errors, interrupts, resume) replace; ordinary writes are
+        # keyed by position and a repeat is ignored, as in LangGraph's own savers.
+        upsert = all(channel in WRITES_IDX_MAP for channel, _ in writes)
+        stored = [
+            StoredWrite(
+                task_id,
+                task_path,
+                WRITES_IDX_MAP.get(channel, idx),
+                channel,
+                self.serde.dumps_typed(value),
+            )
+            for idx, (channel, value) in enumerate(writes)
+        ]
+        await self.store.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
+        if self.cache is not None:
+            await self.cache.add_writes(
+                thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
+            )
+
+    async def _delete_thread(self, thread_id: str) -> None:
+        await self.store.delete_thread(thread_id)
+        if self.cache is not None:
+            await self.cache.invalidate(thread_id)
+
+    async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        if not run_ids:
+            return
+        affected: set[str] = set()
+        if self.cache is not None:
+            for run_id in run_ids:
+                async for stored in self.store.list_checkpoints(
+                    thread_id=None,
+                    checkpoint_ns=None,
+                    before=None,
+                    limit=None,
+                    metadata_filter={"run_id": run_id},
+                ):
+                    affected.add(stored.thread_id)
+        await self.store.delete_for_runs(run_ids)
+        if self.cache is not None:
+            for thread_id in affected:
+                await self.cache.invalidate(thread_id)
+
+    async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self.store.copy_thread(source_thread_id, target_thread_id)
+        if self.cache is not None:
+            await self.cache.invalidate(target_thread_id)
+
+    async def _prune(self, thread_ids: Sequence[str], strategy: str) -> None:
+        if isinstance(thread_ids, str):
+            raise TypeError("thread_ids must be a sequence of thread ids, not a str")
+        if strategy not in PRUNE_STRATEGIES:
+            raise ValueError(f"unknown prune strategy {strategy!r}; use one of {PRUNE_STRATEGIES}")
+        threads = [str(thread_id) for thread_id in thread_ids]
+        if not threads:
+            return
+        await self.store.prune(
+            threads, strategy="delete" if strategy == "delete" else "keep_latest"
+        )
+        if self.cache is not None:
+            for thread_id in threads:
+                await self.cache.invalidate(thread_id)
+
+    # ----------------------------------------------------------------------- conversion
+
+    async def _complete(self, stored: StoredCheckpoint) -> StoredCheckpoint:
+        """Attach blobs and writes a store did not load with the checkpoint."""
+        blobs, writes = stored.blobs, stored.writes
+        if blobs is None:
+            blobs = await self.store.get_blobs(
+                stored.thread_id, stored.checkpoint_ns, stored.channel_versions
+            )
+        if writes is None:
+            writes = await self.store.get_writes(
+                stored.thread_id, stored.checkpoint_ns, stored.checkpoint_id
+            )
+        return dataclasses.replace(stored, blobs=blobs, writes=writes)
+
+    def _tuple(self, stored: StoredCheckpoint) -> CheckpointTuple:
+        checkpoint: Checkpoint = self.serde.loads_typed(stored.checkpoint)
+        values = dict(checkpoint.get("channel_values") or {})
+        for channel, value in (stored.blobs or {}).items():
+            if value[0] != "empty":
+                values[channel] = self.serde.loads_typed(value)
+        checkpoint["channel_values"] = values
+        writes = sorted(
+            stored.writes or [], key=lambda w: writes_sort_key(w.task_path, w.task_id, w.idx)
+        )
+        location = {"thread_id": stored.thread_id, "checkpoint_ns": stored.checkpoint_ns}
+        return CheckpointTuple(
+            config={"configurable": {**location, "checkpoint_id": stored.checkpoint_id}},
+            checkpoint=checkpoint,
+            metadata=stored.metadata,  # type: ignore[arg-type]
+            parent_config=(
+                {"configurable": {**location, "checkpoint_id": stored.parent_checkpoint_id}}
+                if stored.parent_checkpoint_id
+                else None
+            ),
+            pending_writes=[
+                (w.task_id, w.channel, self.serde.loads_typed(w.value)) for w in writes
+            ],
+        )
+
+
+async def _next(iterator: AsyncIterator[T]) -> T:
+    return await anext(iterator)
+
+
+async def _close(iterator: AsyncGenerator[Any, None]) -> None:
+    await iterator.aclose()

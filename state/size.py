@@ -1,0 +1,430 @@
+"""Keeps workflow state bounded: measure, prune, truncate, compress, archive by reference.
+
+What each step may touch is configuration (`SizePolicy`, read from `Settings`),
+never inferred from content:
+
+- message sections (`STATE_MESSAGE_SECTIONS`) keep the newest
+  `STATE_MESSAGE_WINDOW` messages; what was dropped is counted in a summary
+  message at the head of the list, so the count survives repeated pruning;
+- reasoning sections (`STATE_REASONING_SECTIONS`) have every string cut to
+  `STATE_REASONING_MAX_CHARS`, with a marker saying how much was cut;
+- archivable sections (`STATE_ARCHIVABLE_SECTIONS`) that the caller says the
+  workflow has completed move to the cold tier and leave a reference behind;
+- any section whose canonical JSON exceeds `STATE_COMPRESS_THRESHOLD_BYTES`
+  is stored compressed;
+- what still does not fit one item (`STATE_MAX_ITEM_BYTES`, under Cosmos's
+  2 MB) is offloaded to the cold tier by reference, whatever its name: that
+  moves data, it never drops any.
+
+Pruning and truncation are lossy on purpose and only ever apply to the
+sections configured for them; compression, archiving and offloading are
+reversed by `expand`. Archived and offloaded values live in the cold store as
+ordinary workflow records under a derived, content-addressed thread id,
+chunked to fit an item (`ColdRecordArchive`), so the same code works on Cosmos
+and Postgres and inherits their retention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .errors import CorruptState, WorkflowExists, WorkflowNotFound
+from .ports import JSON, ColdStateStore, SectionArchive
+from .settings import Settings
+
+# Reserved single-key envelopes that replace a section's value.
+COMPRESSED_KEY = "$compressed"
+ARCHIVED_KEY = "$archived"  # completed, no longer needed by the workflow
+OFFLOADED_KEY = "$offloaded"  # still needed, stored apart only because of its size
+# The summary message that heads a pruned message list.
+PRUNED_SUMMARY_TYPE = "pruned_summary"
+ARCHIVE_AGENT_ID = "state-size"
+_ARCHIVE_SEPARATOR = "~archive~"
+
+
+def canonical_json(value: JSON) -> bytes:
+    """The bytes a value occupies as stored: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Canonical-JSON bytes per section and of the whole sections document."""
+
+    sections: dict[str, int]
+    total: int
+
+    def largest(self, count: int = 3) -> list[tuple[str, int]]:
+        return sorted(self.sections.items(), key=lambda item: (-item[1], item[0]))[:count]
+
+
+def measure(sections: Mapping[str, JSON]) -> SizeReport:
+    return SizeReport(
+        sections={name: len(canonical_json(value)) for name, value in sections.items()},
+        total=len(canonical_json(dict(sections))),
+    )
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    message_window: int
+    message_sections: frozenset[str]
+    reasoning_sections: frozenset[str]
+    reasoning_max_chars: int
+    compress_threshold_bytes: int
+    archivable_sections: frozenset[str]
+    max_item_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SizePolicy:
+        return cls(
+            message_window=settings.state_message_window,
+            message_sections=frozenset(settings.state_message_sections),
+            reasoning_sections=frozenset(settings.state_reasoning_sections),
+            reasoning_max_chars=settings.state_reasoning_max_chars,
+            compress_threshold_bytes=settings.state_compress_threshold_bytes,
+            archivable_sections=frozenset(settings.state_archivable_sections),
+            max_item_bytes=settings.state_max_item_bytes,
+        )
+
+
+@dataclass
+class SizeActions:
+    """What one `shrink` did, for logs, metrics and tests."""
+
+    before: SizeReport
+    after: SizeReport
+    pruned: dict[str, int] = field(default_factory=dict)  # section -> messages dropped
+    truncated: dict[str, int] = field(default_factory=dict)  # section -> characters dropped
+    archived: dict[str, str] = field(default_factory=dict)  # section -> reference
+    offloaded: dict[str, str] = field(default_factory=dict)  # section -> reference
+    compressed: dict[str, tuple[int, int]] = field(default_factory=dict)  # bytes before, after
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def pruned_summary(count: int) -> dict[str, Any]:
+    return {
+        "type": PRUNED_SUMMARY_TYPE,
+        "role": "system",
+        "content": f"[{count} earlier messages pruned]",
+        "pruned_count": count,
+    }
+
+
+def _is_summary(message: JSON) -> bool:
+    return isinstance(message, dict) and message.get("type") == PRUNED_SUMMARY_TYPE
+
+
+def pruned_count(messages: list[JSON]) -> int:
+    """How many messages were pruned from this list so far (0 if never)."""
+    return int(messages[0]["pruned_count"]) if messages and _is_summary(messages[0]) else 0
+
+
+def prune_messages(messages: list[JSON], window: int) -> tuple[list[JSON], int]:
+    """Keep the newest `window` messages behind a summary counting every pruned one."""
+    earlier = pruned_count(messages)
+    body = messages[1:] if earlier else messages
+    dropped = max(0, len(body) - window)
+    if not dropped:
+        return messages, 0
+    return [pruned_summary(earlier + dropped), *body[-window:]], dropped
+
+
+def _truncation_marker(cut: int) -> str:
+    return f"…[truncated {cut} chars]"
+
+
+def truncate_strings(value: JSON, max_chars: int) -> tuple[JSON, int]:
+    """Cut every string inside `value` to at most `max_chars` (marker included).
+
+    Idempotent: a truncated string already fits, so a second pass keeps it.
+    """
+    if isinstance(value, str):
+        if len(value) <= max_chars:
+            return value, 0
+        # The marker's length depends on the count it reports; the count only shrinks
+        # as the marker does, so this settles within a few rounds (one per digit).
+        cut = len(value)
+        for _ in range(8):
+            keep = max_chars - len(_truncation_marker(cut))
+            if len(value) - keep == cut:
+                break
+            cut = len(value) - keep
+        return value[:keep] + _truncation_marker(cut), cut
+    if isinstance(value, list):
+        total = 0
+        items = []
+        for item in value:
+            new, cut = truncate_strings(item, max_chars)
+            items.append(new)
+            total += cut
+        return items, total
+    if isinstance(value, dict):
+        total = 0
+        mapping = {}
+        for key, item in value.items():
+            new, cut = truncate_strings(item, max_chars)
+            mapping[key] = new
+            total += cut
+        return mapping, total
+    return value, 0
+
+
+def is_compressed(value: JSON) -> bool:
+    return isinstance(value, dict) and set(value) == {COMPRESSED_KEY}
+
+
+def is_archived(value: JSON) -> bool:
+    return isinstance(value, dict) and set(value) == {ARCHIVED_KEY}
+
+
+def is_offloaded(value: JSON) -> bool:
+    return isinstance(value, dict) and set(value) == {OFFLOADED_KEY}
+
+
+def _is_reference(value: JSON) -> bool:
+    return is_archived(value) or is_offloaded(value)
+
+
+def compress(value: JSON, threshold_bytes: int) -> JSON:
+    """The value itself below the threshold (or when compressing would not shrink it)."""
+    if is_compressed(value) or _is_reference(value):
+        return value
+    raw = canonical_json(value)
+    encoding, payload = codec.compress(raw, threshold_bytes)
+    if encoding == codec.RAW:
+        return value
+    envelope = {
+        COMPRESSED_KEY: {"codec": encoding, "bytes": len(raw), "data": codec.to_text(payload)}
+    }
+    # base64 costs a third: only worth it when the compressed text is still smaller.
+    return envelope if len(canonical_json(envelope)) < len(raw) else value
+
+
+def decompress(value: JSON) -> JSON:
+    if not is_compressed(value):
+        return value
+    body = value[COMPRESSED_KEY]
+    raw = codec.decompress(str(body.get("codec")), codec.from_text(str(body.get("data", ""))))
+    if len(raw) != body.get("bytes"):
+        raise CorruptState(f"compressed section holds {len(raw)} bytes, not {body.get('bytes')}")
+    return json.loads(raw)
+
+
+# --------------------------------------------------------------------------- archive
+
+
+class ColdRecordArchive:
+    """`SectionArchive` over any `ColdStateStore`: values kept as ordinary workflow records.
+
+    A value is compressed and split (state.codec) into chunk records
+    `<ref>~<n>`, each small enough that it and its audit entry fit one Cosmos
+    item, then a head record `<ref>` naming the chunks is written last, so a
+    crash mid-archive leaves no head and nothing readable half-done. The
+    reference `<thread_id>~archive~<sha256>` is content-addressed: archiving
+    the same value again finds every record already there. Each record is its
+    own logical partition on Cosmos and its own row on Postgres, and expires
+    with the cold tier's retention like every other record.
+    """
+
+    # Room for what surrounds a chunk in its record and audit documents (ids, metadata).
+    ENVELOPE_BYTES = 4096
+
+    def __init__(
+        self, cold: ColdStateStore, *, max_item_bytes: int, compress_threshold_bytes: int
+    ) -> None:
+        self._cold = cold
+        self._chunk_bytes = codec.base64_chunk_budget(max_item_bytes, self.ENVELOPE_BYTES)
+        self._compress_threshold = compress_threshold_bytes
+
+    @classmethod
+    def from_settings(cls, cold: ColdStateStore, settings: Settings) -> ColdRecordArchive:
+        return cls(
+            cold,
+            max_item_bytes=settings.state_max_item_bytes,
+            compress_threshold_bytes=settings.state_compress_threshold_bytes,
+        )
+
+    @staticmethod
+    def reference(thread_id: str, value: JSON) -> str:
+        return f"{thread_id}{_ARCHIVE_SEPARATOR}{hashlib.sha256(canonical_json(value)).hexdigest()}"
+
+    async def archive(self, thread_id: str, section: str, value: JSON) -> str:
+        raw = canonical_json(value)
+        ref = self.reference(thread_id, value)
+        encoded = codec.encode(
+            raw, compress_threshold=self._compress_threshold, chunk_bytes=self._chunk_bytes
+        )
+        for index, chunk in enumerate(encoded.chunks):
+            await self._create(f"{ref}~{index}", {"data": codec.to_text(chunk)})
+        head = {
+            "source": {"thread_id": thread_id, "section": section},
+            "encoding": encoded.encoding,
+            "chunks": len(encoded.chunks),
+            "bytes": len(raw),
+        }
+        await self._create(ref, head)
+        return ref
+
+    async def _create(self, record_id: str, sections: dict[str, JSON]) -> None:
+        # Content-addressed: an existing record under this id already holds these bytes.
+        with contextlib.suppress(WorkflowExists):
+            await self._cold.create(record_id, sections, agent_id=ARCHIVE_AGENT_ID)
+
+    async def fetch_archived(self, ref: str) -> JSON:
+        head = await self._cold.get(ref)
+        if head is None:
+            raise WorkflowNotFound(ref)
+        chunks = []
+        for index in range(int(head.sections["chunks"])):
+            record = await self._cold.get(f"{ref}~{index}")
+            if record is None:
+                raise CorruptState(f"archived value {ref!r} lost chunk {index}")
+            chunks.append(codec.from_text(record.sections["data"]))
+        raw = codec.decode(head.sections["encoding"], chunks)
+        if hashlib.sha256(raw).hexdigest() != ref.rsplit(_ARCHIVE_SEPARATOR, 1)[1]:
+            raise CorruptState(f"archived value {ref!r} does not match its reference")
+        return json.loads(raw)
+
+    async def delete(self, ref: str) -> None:
+        """Remove an archived value (its head first, so it is never half-readable)."""
+        head = await self._cold.get(ref)
+        if head is None:
+            return
+        await self._cold.delete(ref)
+        for index in range(int(head.sections["chunks"])):
+            await self._cold.delete(f"{ref}~{index}")
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+def _reference(ref: str, value: JSON) -> dict[str, JSON]:
+    raw = canonical_json(value)
+    return {"ref": ref, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+
+
+class StateSizeManager:
+    def __init__(self, policy: SizePolicy, archive: SectionArchive | None = None) -> None:
+        self.policy = policy
+        self._archive = archive
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, archive: SectionArchive | None = None
+    ) -> StateSizeManager:
+        return cls(SizePolicy.from_settings(settings), archive)
+
+    def measure(self, sections: Mapping[str, JSON]) -> SizeReport:
+        return measure(sections)
+
+    def compact(self, sections: Mapping[str, JSON]) -> tuple[dict[str, JSON], SizeActions]:
+        """Prune, truncate and compress (no I/O): `shrink` short of moving anything cold."""
+        return self._compact(dict(sections), SizeActions(measure(sections), measure({})))
+
+    async def shrink(
+        self,
+        thread_id: str,
+        sections: Mapping[str, JSON],
+        *,
+        completed: Collection[str] = (),
+    ) -> tuple[dict[str, JSON], SizeActions]:
+        """Every step, then whatever still does not fit one item moves to the archive.
+
+        Sections in `completed` that are configured archivable are archived
+        (only the caller knows what the workflow has finished with). A section
+        still larger than a quarter of an item after compression is offloaded,
+        so its audit entry (before and after) fits one item too; then the
+        largest sections are offloaded while the record exceeds half an item.
+        Offloading keeps every byte: `expand` always brings offloaded sections back.
+        """
+        result = dict(sections)
+        actions = SizeActions(measure(sections), measure({}))
+        for name in sorted(completed):
+            if (
+                name in self.policy.archivable_sections
+                and name in result
+                and not _is_reference(result[name])
+            ):
+                value = decompress(result[name])
+                ref = await self._require_archive().archive(thread_id, name, value)
+                result[name] = {ARCHIVED_KEY: _reference(ref, value)}
+                actions.archived[name] = ref
+        result, actions = self._compact(result, actions)
+        limit = self.policy.max_item_bytes
+        sizes = measure(result).sections
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+            if _is_reference(result[name]):
+                continue
+            if sizes[name] <= limit // 4 and measure(result).total <= limit // 2:
+                break
+            value = decompress(result[name])
+            ref = await self._require_archive().archive(thread_id, name, value)
+            result[name] = {OFFLOADED_KEY: _reference(ref, value)}
+            actions.offloaded[name] = ref
+        actions.after = measure(result)
+        return result, actions
+
+    def _require_archive(self) -> SectionArchive:
+        if self._archive is None:
+            raise ValueError("moving sections to the cold tier needs a SectionArchive")
+        return self._archive
+
+    def _compact(
+        self, result: dict[str, JSON], actions: SizeActions
+    ) -> tuple[dict[str, JSON], SizeActions]:
+        policy = self.policy
+        for name in sorted(result):
+            value = result[name]
+            if _is_reference(value):
+                continue
+            if name in policy.message_sections and value is not None:
+                messages = decompress(value)
+                if not isinstance(messages, list):
+                    raise TypeError(
+                        f"section {name!r} is configured as a message window but holds "
+                        f"{type(messages).__name__}, not a list"
+                    )
+                pruned, dropped = prune_messages(messages, policy.message_window)
+                if dropped:
+                    value = pruned
+                    actions.pruned[name] = dropped
+            if name in policy.reasoning_sections:
+                truncated, cut = truncate_strings(decompress(value), policy.reasoning_max_chars)
+                if cut:
+                    value = truncated
+                    actions.truncated[name] = cut
+            packed = compress(value, policy.compress_threshold_bytes)
+            if packed is not value:
+                actions.compressed[name] = (
+                    len(canonical_json(value)),
+                    len(canonical_json(packed)),
+                )
+            result[name] = packed
+        actions.after = measure(result)
+        return result, actions
+
+    async def expand(
+        self, sections: Mapping[str, JSON], *, fetch_archived: bool = True
+    ) -> dict[str, JSON]:
+        """Undo compression and offloading (and archiving, if asked); checks digests."""
+        result: dict[str, JSON] = {}
+        for name, value in sections.items():
+            key = next(iter(value)) if _is_reference(value) else None
+            if key == OFFLOADED_KEY or (key == ARCHIVED_KEY and fetch_archived):
+                envelope = value[key]
+                fetched = await self._require_archive().fetch_archived(envelope["ref"])
+                if hashlib.sha256(canonical_json(fetched)).hexdigest() != envelope["sha256"]:
+                    raise CorruptState(f"section {name!r} does not match its stored digest")
+                result[name] = fetched
+            else:
+                result[name] = decompress(value)
+        return result

@@ -1,0 +1,246 @@
+"""Cosmos throttling, 503s and timeouts injected at the SDK's HTTP transport.
+
+Each fault hits the next matching request of one store operation, the way
+Azure would answer it; the caller behaves like the app (re-read before any
+retry, never a blind re-send). Checked per call:
+
+- retries are bounded, and a write whose outcome is unknown (the response
+  was lost after the service applied it) is not re-sent blindly by anyone:
+  either the store reconciles it (the SDK retried on a dropped connection and
+  the store recognised its own write) or the caller sees `BackendUnavailable`
+  and reconciles by reading;
+- the end state has each logical write exactly once: one version step and one
+  audit entry per write, nothing lost, nothing applied twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from state.cold.cosmos_checkpoints import CosmosCheckpointStore
+from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_store import CosmosStateStore
+from state.errors import BackendUnavailable, VersionConflict, WorkflowExists
+from state.ports import StoredBlob, StoredCheckpoint
+from state.settings import Settings
+
+from .conftest import Recorder
+from .cosmos_faults import Fault, FaultKind, FaultyTransport, Operation
+
+REPEATS = 3
+CALLER_TRIES = 4
+# The record document (not its audit entry) is what a fault on a write targets.
+RECORD_BODY = '"type":"workflow"'
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    lost_writes: int = 0
+    duplicates: int = 0
+    surfaced: int = 0  # BackendUnavailable the caller saw (and reconciled)
+    store_reconciled: int = 0  # the store returned success for a write the SDK re-sent
+    max_attempts: int = 0
+    blind_resends: int = 0  # an unknown-outcome write sent again without reconciling
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cosmos:
+    cold: CosmosStateStore
+    checkpoints: CosmosCheckpointStore
+    transport: FaultyTransport
+
+
+@pytest.fixture
+async def cosmos(settings_for: Callable[..., Settings]) -> AsyncIterator[Cosmos]:
+    settings = settings_for("cosmos", redis_url=None)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings, transport=transport)
+    cold = CosmosStateStore(connection, settings)
+    checkpoints = CosmosCheckpointStore(connection, settings)
+    await cold.setup()
+    await checkpoints.setup()
+    try:
+        yield Cosmos(cold, checkpoints, transport)
+    finally:
+        await connection.close()
+
+
+def arm(cosmos: Cosmos, kind: FaultKind, operations: Sequence[Operation], body: str | None) -> None:
+    cosmos.transport.clear()
+    cosmos.transport.inject(
+        Fault(kind, frozenset(operations), times=1, retry_after_ms=20, body_contains=body)
+    )
+
+
+def attempts(cosmos: Cosmos, operations: Sequence[Operation]) -> int:
+    return sum(cosmos.transport.count(op) for op in operations)
+
+
+async def create_like_the_app(cosmos: Cosmos, thread_id: str, tally: Tally) -> None:
+    sections = {"n": 0, "owner": thread_id}
+    for _ in range(CALLER_TRIES):
+        try:
+            await cosmos.cold.create(thread_id, sections, agent_id="caller")
+            return
+        except BackendUnavailable:
+            tally.surfaced += 1
+        except WorkflowExists:
+            pass
+        # Unknown outcome: read before deciding to send again.
+        found = await cosmos.cold.get(thread_id)
+        if found is not None and found.sections == sections and found.version == 1:
+            return
+    raise AssertionError(f"create of {thread_id} never acknowledged")
+
+
+async def update_like_the_app(cosmos: Cosmos, thread_id: str, value: int, tally: Tally) -> None:
+    for _ in range(CALLER_TRIES):
+        current = await cosmos.cold.get(thread_id)
+        assert current is not None
+        if current.sections["n"] == value:
+            return  # an earlier attempt whose answer was lost did land
+        try:
+            await cosmos.cold.update_section(
+                thread_id, "n", value, expected_version=current.version, agent_id="caller"
+            )
+            return
+        except BackendUnavailable:
+            tally.surfaced += 1
+        except VersionConflict:
+            pass
+    raise AssertionError(f"update of {thread_id} never acknowledged")
+
+
+def checkpoint(thread_id: str, index: int) -> tuple[StoredCheckpoint, list[StoredBlob]]:
+    stored = StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id=f"1ef{index:05d}-0000-6000-8000-000000000000",
+        parent_checkpoint_id=None,
+        checkpoint=("json", b'{"v": 1}'),
+        metadata={"step": index},
+        channel_versions={"messages": f"{index:032d}"},
+    )
+    return stored, [StoredBlob("messages", f"{index:032d}", ("json", f'["m{index}"]'.encode()))]
+
+
+@pytest.mark.parametrize(
+    "kind", ["throttle", "unavailable", "timeout_before", "timeout_after", "reset_after"]
+)
+async def test_cosmos_transport_fault(
+    kind: FaultKind, cosmos: Cosmos, reliability: Recorder
+) -> None:
+    tally = Tally()
+    unknown_outcome = kind in ("timeout_after", "reset_after")
+    for repeat in range(REPEATS):
+        thread_id = f"cf-{kind}-{repeat}-{uuid.uuid4().hex[:8]}"
+
+        # create: the record document's create fails
+        arm(cosmos, kind, ["create"], RECORD_BODY)
+        await create_like_the_app(cosmos, thread_id, tally)
+        tally.calls += 1
+        sent = sum(
+            1 for a in cosmos.transport.attempts if a.operation == "create" and a.injected is None
+        )
+        tally.max_attempts = max(tally.max_attempts, attempts(cosmos, ["create"]))
+        if kind == "timeout_after" and sent > 2:
+            tally.blind_resends += 1  # the audit entry's create plus at most our own
+
+        # update: the record document's replace fails
+        for value in (1, 2):
+            arm(cosmos, kind, ["replace"], RECORD_BODY)
+            await update_like_the_app(cosmos, thread_id, value, tally)
+            tally.calls += 1
+            tally.max_attempts = max(tally.max_attempts, attempts(cosmos, ["replace"]))
+            retried = [a for a in cosmos.transport.attempts if a.operation == "replace"]
+            if kind == "reset_after" and len(retried) > 1:
+                tally.store_reconciled += 1
+            if kind == "timeout_after" and len(retried) > 1:
+                tally.blind_resends += 1
+
+        # read and audit query (idempotent: retried freely)
+        arm(cosmos, kind, ["read"], None)
+        for _ in range(CALLER_TRIES):
+            try:
+                record = await cosmos.cold.get(thread_id)
+                break
+            except BackendUnavailable:
+                tally.surfaced += 1
+        tally.calls += 1
+        tally.max_attempts = max(tally.max_attempts, attempts(cosmos, ["read"]))
+        arm(cosmos, kind, ["query"], None)
+        for _ in range(CALLER_TRIES):
+            try:
+                trail = await cosmos.cold.audit_trail(thread_id, limit=20)
+                break
+            except BackendUnavailable:
+                tally.surfaced += 1
+        tally.calls += 1
+
+        # checkpoint put: every document it writes is idempotent (fixed ids)
+        stored, blobs = checkpoint(thread_id, repeat)
+        arm(cosmos, kind, ["create", "upsert", "replace"], None)
+        for _ in range(CALLER_TRIES):
+            try:
+                await cosmos.checkpoints.put_checkpoint(stored, blobs)
+                break
+            except BackendUnavailable:
+                tally.surfaced += 1
+        tally.calls += 1
+        cosmos.transport.clear()
+        latest = await cosmos.checkpoints.get_checkpoint(thread_id, "", None)
+        if latest is None or latest.checkpoint_id != stored.checkpoint_id:
+            tally.lost_writes += 1
+        else:
+            got = await cosmos.checkpoints.get_blobs(thread_id, "", latest.channel_versions)
+            if got.get("messages") != blobs[0].value:
+                tally.lost_writes += 1
+
+        # Oracle: version 3 = create + two updates, each exactly once in the trail.
+        record = await cosmos.cold.get(thread_id)
+        trail = await cosmos.cold.audit_trail(thread_id, limit=20)
+        assert record is not None
+        if record.sections["n"] != 2:
+            tally.lost_writes += 1
+        tally.duplicates += max(0, record.version - 3)
+        versions = [entry.version for entry in trail]
+        tally.duplicates += len(versions) - len(set(versions))
+        if sorted(versions) != [1, 2, 3]:
+            tally.notes.append(f"{thread_id}: audit versions {sorted(versions)}")
+            tally.lost_writes += max(0, 3 - len(set(versions)))
+        await cosmos.checkpoints.delete_thread(thread_id)
+        await cosmos.cold.delete(thread_id)
+
+    names = {
+        "throttle": "Cosmos 429 throttling (x-ms-retry-after-ms)",
+        "unavailable": "Cosmos 503 service unavailable",
+        "timeout_before": "Cosmos timeout before the request was sent",
+        "timeout_after": "Cosmos timeout after a write was applied (unknown outcome)",
+        "reset_after": "Cosmos connection dropped after a write was applied (unknown outcome)",
+    }
+    reliability.record(
+        names[kind],
+        injected=f"FaultyTransport: one {kind} on each create, replace, read, query and "
+        "checkpoint write",
+        runs=tally.calls,
+        lost_writes=tally.lost_writes,
+        silent_overwrites=tally.duplicates,
+        observed=f"at most {tally.max_attempts} requests of the faulted kind per call; "
+        f"{tally.surfaced} BackendUnavailable reconciled by reading; "
+        f"{tally.store_reconciled} SDK re-sends recognised by the store; "
+        f"{tally.blind_resends} blind re-sends",
+    )
+    assert tally.lost_writes == 0, tally.notes
+    assert tally.duplicates == 0, tally.notes
+    assert tally.blind_resends == 0
+    assert tally.max_attempts <= 3
+    if kind in ("throttle", "unavailable", "timeout_before"):
+        assert tally.surfaced == 0  # never applied, so the SDK's own retry is safe and enough
+    if unknown_outcome and kind == "reset_after":
+        assert tally.store_reconciled == 2 * REPEATS

@@ -1,0 +1,109 @@
+"""A lock holder paused past its TTL (SIGSTOP) must not write once another worker took over.
+
+Worker A takes the lock and keeps writing with its fencing token. The test
+SIGSTOPs it, waits past the lock TTL, lets worker B take the lock (a higher
+fence) and write, then SIGCONTs A. A's very next accepted write would be a
+silent overwrite; the cold store must reject it with `StaleFencingToken`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from state.factory import backends_for
+from state.settings import Settings
+from state.tiered import TieredStateStore
+
+from .conftest import Recorder
+from .processes import Worker
+
+RUNS_PER_BACKEND = 3
+LOCK_TTL_MS = 1500
+
+
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+async def test_paused_lock_holder_is_fenced_off(
+    backend: str,
+    env_for: Callable[..., dict[str, str]],
+    settings_for: Callable[..., Settings],
+    tmp_path: Path,
+    reliability: Recorder,
+) -> None:
+    env = env_for(backend)
+    stale_rejections = 0
+    silent_overwrites = 0
+    lost_writes = 0
+    version_rejections = 0
+    async with backends_for(settings_for(backend)) as backends:
+        store = TieredStateStore.from_backends(backends)
+        for run in range(RUNS_PER_BACKEND):
+            thread_id = f"fence-{backend}-{uuid.uuid4().hex[:10]}"
+            lock_name = f"lock-{thread_id}"
+            await store.create(thread_id, {"holder": None}, agent_id="fence-test")
+            args = [thread_id, lock_name, str(LOCK_TTL_MS)]
+            # B starts first (it only waits), so both interpreters boot in parallel.
+            taker = Worker(["fence-take", *args], env, tmp_path / f"take-{run}.log")
+            holder = Worker(["fence-hold", *args], env, tmp_path / f"hold-{run}.log")
+            try:
+                taker.expect(lambda e: e.get("event") == "ready", 60, "taker ready")
+                locked = holder.expect(lambda e: e.get("event") == "locked", 60, "holder's lock")
+                holder.expect(lambda e: e.get("event") == "wrote", 60, "holder's first write")
+                holder.signal(signal.SIGSTOP)
+                paused_at = time.monotonic()
+                # A is paused while its lock is still valid ...
+                assert paused_at < locked["at"] + LOCK_TTL_MS / 1000
+                written_before = [e for e in holder.drain() if e.get("event") == "wrote"]
+                taker.send("go")
+                took = taker.expect(lambda e: e.get("event") == "took", 30, "takeover")
+                # ... and B could only lock once that TTL had run out while A was stopped.
+                assert time.monotonic() >= locked["at"] + LOCK_TTL_MS / 1000
+                assert took["fence"] > locked["fence"]
+                holder.signal(signal.SIGCONT)
+                ending = holder.expect(
+                    lambda e: e.get("event") in ("stale", "exhausted"), 30, "holder's end"
+                )
+                after = [
+                    e
+                    for e in holder.events
+                    if e.get("event") == "wrote" and e not in written_before
+                ]
+                version_rejections += sum(1 for e in holder.events if e.get("event") == "conflict")
+                if ending["event"] == "stale":
+                    stale_rejections += 1
+                    assert ending["presented"] < ending["highest"] == took["fence"]
+                silent_overwrites += len(after)
+
+                final = await backends.cold.get(thread_id)
+                assert final is not None
+                if (
+                    final.sections["holder"]["fence"] != took["fence"]
+                    or final.version != took["version"]
+                ):
+                    lost_writes += 1
+                # The hot tier agrees with cold (the rejected write touched neither).
+                cached = await store.get(thread_id)
+                assert cached is not None and cached.sections == final.sections
+            finally:
+                holder.stop()
+                taker.stop()
+            await backends.cold.delete(thread_id)
+
+    reliability.record(
+        f"Lock holder paused past its TTL ({backend})",
+        injected=f"SIGSTOP the lock-holding worker process for > {LOCK_TTL_MS} ms TTL, "
+        "another worker takes the lock and writes, then SIGCONT",
+        runs=RUNS_PER_BACKEND,
+        lost_writes=lost_writes,
+        silent_overwrites=silent_overwrites,
+        observed=f"{stale_rejections}/{RUNS_PER_BACKEND} late writes rejected with "
+        f"StaleFencingToken ({version_rejections} first refused as VersionConflict)",
+    )
+    assert silent_overwrites == 0
+    assert lost_writes == 0
+    assert stale_rejections == RUNS_PER_BACKEND

@@ -1,0 +1,142 @@
+"""The network between the app and a store cut mid-workflow, through a loopback proxy.
+
+The app reaches Redis (or Postgres) only through `LoopbackProxy`; mid-way the
+test cuts it (connections reset and new ones refused, or a blackhole where
+bytes vanish and clients hit their timeouts) and restores it. Nothing
+acknowledged may be lost, every case completes, health reports the cut tier
+down while it is cut, and the hot tier fills up again afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from urllib.parse import urlparse
+
+import pytest
+
+from state.settings import Settings
+
+from .apps import App, normalized, open_runtime, settle, submit_until_accepted
+from .conftest import Deadline, Recorder
+from .proxy import CutMode, LoopbackProxy
+from .workload import Workload
+
+CASES = 3
+WRITES_EACH = 15
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[int], LoopbackProxy]]:
+    started: list[LoopbackProxy] = []
+
+    def start(target_port: int) -> LoopbackProxy:
+        proxy = LoopbackProxy(target_port).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+async def cut_for(app: App, proxy: LoopbackProxy, mode: CutMode, seconds: float, tier: str) -> bool:
+    """Cut, check health names the tier down meanwhile, restore; whether it did."""
+    await asyncio.sleep(0.3)
+    proxy.cut(mode)
+    try:
+        await asyncio.sleep(seconds / 2)
+        health = await app.runtime.service.health()
+        reported = any(t.name == tier and not t.up for t in health.tiers)
+        await asyncio.sleep(seconds / 2)
+    finally:
+        proxy.restore()
+    return reported
+
+
+async def reference_of(app: App, deadline: Deadline) -> dict[str, object]:
+    case_id = f"cut-reference-{uuid.uuid4().hex[:8]}"
+    await submit_until_accepted(app, case_id, deadline)
+    await app.runtime.service.wait_idle()
+    record = await app.runtime.backends.cold.get(case_id)
+    assert record is not None
+    return normalized(dict(record.sections), case_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tier", "mode", "seconds"),
+    [("redis", "reset", 1.5), ("redis", "blackhole", 3.0), ("postgres", "reset", 1.5)],
+)
+async def test_network_cut_mid_workflow(
+    tier: str,
+    mode: CutMode,
+    seconds: float,
+    stack_env: dict[str, str],
+    settings_for: Callable[..., Settings],
+    proxies: Callable[[int], LoopbackProxy],
+    reliability: Recorder,
+) -> None:
+    target = urlparse(stack_env["REDIS_URL" if tier == "redis" else "POSTGRES_URL"])
+    assert target.hostname == "127.0.0.1" and target.port is not None
+    proxy = proxies(target.port)
+    proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}").geturl()
+    if tier == "redis":
+        settings = settings_for("postgres", redis_url=proxied.rsplit("/", 1)[0] + "/3")
+    else:
+        settings = settings_for("postgres", postgres_url=proxied, case_stale_after_seconds=1)
+    deadline = Deadline(150)
+    async with open_runtime(settings) as app:
+        reference = await reference_of(app, deadline)
+        workload = Workload(app.runtime.store)
+        await workload.setup()
+        case_ids = [f"cut-{tier}-{n}-{uuid.uuid4().hex[:8]}" for n in range(CASES)]
+
+        async def submit_all() -> None:
+            for case_id in case_ids:
+                await submit_until_accepted(app, case_id, deadline)
+
+        _, _, reported = await asyncio.gather(
+            submit_all(),
+            workload.run(WRITES_EACH, deadline, pause=0.05),
+            cut_for(app, proxy, mode, seconds, tier),
+        )
+        statuses = await settle(app, case_ids, deadline)
+        result = await workload.verify(app.runtime.backends.cold)
+        wrong = 0
+        for case_id in case_ids:
+            record = await workload.settled(partial(app.runtime.backends.cold.get, case_id))
+            if record is None or normalized(dict(record.sections), case_id) != reference:
+                wrong += 1
+        refilled = 0
+        if tier == "redis":
+            hot = app.runtime.backends.hot
+            assert hot is not None
+            await asyncio.sleep(1.1)  # the tiered store rests a failed hot tier for a second
+            for thread_id in [*workload.threads, *case_ids]:
+                await app.runtime.store.get(thread_id)
+                cached = await hot.get(thread_id)
+                refilled += cached is not None
+        await workload.cleanup(app.runtime.backends.cold)
+
+    completed = sum(1 for status in statuses.values() if status.value == "completed")
+    total = len(workload.threads) + CASES
+    refill_note = f"; hot tier refilled {refilled}/{total}" if tier == "redis" else ""
+    reliability.record(
+        f"Network cut to {tier} ({mode})",
+        injected=f"loopback proxy between app and {tier}: {mode} for {seconds} s mid-run",
+        runs=CASES + result.acknowledged,
+        lost_writes=result.lost_writes,
+        silent_overwrites=result.silent_overwrites,
+        observed=f"{completed}/{CASES} cases completed as undisturbed ({wrong} differ); health "
+        f"{'reported' if reported else 'did NOT report'} {tier} down during the cut; "
+        f"slowest write {result.slowest_write_s:.1f} s; "
+        f"{sum(result.unavailable.values())} typed BackendUnavailable retried{refill_note}",
+    )
+    assert result.lost_writes == 0 and result.silent_overwrites == 0
+    assert completed == CASES and wrong == 0
+    assert reported
+    if tier == "redis":
+        assert refilled == total

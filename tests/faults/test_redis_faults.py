@@ -1,0 +1,169 @@
+"""Redis killed, flushed, and evicting under maxmemory while cases and writers run.
+
+Each scenario gets its own Redis server, so killing or flooding it touches
+nothing else. Support cases run through the app while the workload's writers
+count in shared records; mid-way the fault hits. The hot tier is a cache:
+nothing acknowledged may be lost, every case must complete with the result an
+undisturbed run gives, and once Redis is back the hot tier fills up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack import RedisServer
+from state.settings import Settings
+
+from .apps import EFFECT_KEYS, App, normalized, open_runtime, submission
+from .conftest import Deadline, Recorder
+from .workload import Workload
+
+CASES = 4
+WRITES_EACH = 20
+FILLER_VALUE = b"x" * 64 * 1024
+
+
+async def run_cases(app: App, prefix: str, deadline: Deadline) -> list[str]:
+    """Submit cases one after another (each waits for its run); the ids of those that completed."""
+    completed = []
+    for n in range(CASES):
+        deadline.check("cases")
+        case_id = f"{prefix}-{n}"
+        await app.runtime.service.submit(submission(case_id), None)
+        await app.runtime.service.wait_idle()
+        view = await app.runtime.service.status(case_id)
+        if view.status.value == "completed":
+            completed.append(case_id)
+    return completed
+
+
+async def check_cases(app: App, case_ids: list[str], reference: dict[str, object]) -> int:
+    """How many cases differ from the undisturbed reference, or performed an effect twice."""
+    wrong = 0
+    for case_id in case_ids:
+        record = await app.runtime.backends.cold.get(case_id)
+        assert record is not None
+        if normalized(dict(record.sections), case_id) != reference:
+            wrong += 1
+        for kind in EFFECT_KEYS:
+            if len(await app.runtime.provider.performed(f"{case_id}:{kind}")) != 1:
+                wrong += 1
+    return wrong
+
+
+async def refilled(app: App, thread_ids: list[str]) -> int:
+    """Read each thread through the tiers, then count those the hot tier now holds, current."""
+    hot = app.runtime.backends.hot
+    assert hot is not None
+    await asyncio.sleep(1.1)  # the tiered store leaves a failed hot tier alone for a second
+    count = 0
+    for thread_id in thread_ids:
+        await app.runtime.store.get(thread_id)
+        cached = await hot.get(thread_id)
+        cold = await app.runtime.backends.cold.get(thread_id)
+        if cached is not None and cold is not None and cached.version == cold.version:
+            count += 1
+    return count
+
+
+async def kill_and_restart(server: RedisServer) -> str:
+    await asyncio.sleep(0.4)
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGKILL)
+    server.stop()
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(server.start)
+    return "redis-server SIGKILLed mid-run, down 1 s, restarted empty"
+
+
+async def flush_twice(server: RedisServer) -> str:
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        for _ in range(2):
+            await asyncio.sleep(0.4)
+            await client.flushall()
+    finally:
+        await client.aclose()
+    return "FLUSHALL twice mid-run"
+
+
+async def flood(server: RedisServer, stop: asyncio.Event) -> int:
+    """Fill memory with other keys until told to stop (bounded), forcing LRU evictions."""
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        for n in range(5_000):
+            if stop.is_set():
+                break
+            await client.set(f"filler:{n}", FILLER_VALUE)
+            await asyncio.sleep(0.002)
+        info = await client.info("stats")
+        return int(info["evicted_keys"])
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill", "flushall", "eviction"])
+async def test_redis_fault_mid_workflow(
+    fault: str,
+    redis_server: Callable[..., RedisServer],
+    settings_for: Callable[..., Settings],
+    reliability: Recorder,
+) -> None:
+    options = {"maxmemory": "3mb", "maxmemory_policy": "allkeys-lru"} if fault == "eviction" else {}
+    server = redis_server(**options)
+    settings = settings_for("cosmos", redis_url=server.url)
+    deadline = Deadline(120)
+    async with open_runtime(settings) as app:
+        # An undisturbed case first: the result every case must reach.
+        reference_id = f"redis-{fault}-reference-{os.getpid()}"
+        await app.runtime.service.submit(submission(reference_id), None)
+        await app.runtime.service.wait_idle()
+        reference_record = await app.runtime.backends.cold.get(reference_id)
+        assert reference_record is not None
+        reference = normalized(dict(reference_record.sections), reference_id)
+
+        workload = Workload(app.runtime.store)
+        await workload.setup()
+        stop_flood = asyncio.Event()
+        evicted = 0
+        injected: str
+        prefix = f"redis-{fault}-{workload.threads[0][5:13]}"
+        writes = workload.run(WRITES_EACH, deadline, pause=0.02)
+        cases = run_cases(app, prefix, deadline)
+        if fault == "eviction":
+            flooding = asyncio.create_task(flood(server, stop_flood))
+            completed, _ = await asyncio.gather(cases, writes)
+            stop_flood.set()
+            evicted = await flooding
+            injected = f"maxmemory 3mb + allkeys-lru, 64 KiB filler keys written throughout ({evicted} keys evicted)"
+        else:
+            inject = kill_and_restart(server) if fault == "kill" else flush_twice(server)
+            completed, _, injected = await asyncio.gather(cases, writes, inject)
+        result = await workload.verify(app.runtime.backends.cold)
+        wrong_cases = await check_cases(app, completed, reference)
+        threads = [*workload.threads, *completed]
+        hot_after = await refilled(app, threads)
+        await workload.cleanup(app.runtime.backends.cold)
+
+    reliability.record(
+        f"Redis {fault} mid-workflow",
+        injected=injected,
+        runs=CASES + result.acknowledged,
+        lost_writes=result.lost_writes,
+        silent_overwrites=result.silent_overwrites,
+        observed=f"{len(completed)}/{CASES} cases completed as undisturbed ({wrong_cases} differ), "
+        f"{result.acknowledged} writes acknowledged, {sum(result.unavailable.values())} "
+        f"unavailable errors retried; hot tier refilled {hot_after}/{len(threads)} after",
+    )
+    assert result.lost_writes == 0 and result.silent_overwrites == 0
+    assert len(completed) == CASES and wrong_cases == 0
+    if fault == "eviction":
+        assert evicted > 0
+    assert hot_after == len(threads)

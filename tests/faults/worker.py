@@ -1,0 +1,195 @@
+"""Worker processes the fault tests start, stop, pause and kill (run by path, not imported).
+
+Settings come from the environment (the app's own names). Every worker talks
+JSON lines: events on stdout, commands on stdin, each bounded in count and time.
+
+- `fence-hold THREAD LOCK TTL_MS`: take the lock, then keep writing the
+  `holder` section with its fencing token until the store rejects it (the test
+  SIGSTOPs it past the TTL and SIGCONTs it after another worker took over).
+- `fence-take THREAD LOCK TTL_MS`: wait for "go" on stdin, take the lock
+  (retrying until the old holder's TTL ran out), write once, exit.
+- `zygote`: import the app once, then for each `{"case_id", "mode", "pause"}`
+  line fork a child that runs the support-case graph with that LangGraph
+  durability mode and reports each node update, so a test can SIGKILL the
+  child at any point without paying interpreter start-up per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from state.errors import LockNotAcquired, StaleFencingToken, VersionConflict, WorkflowExists
+from state.factory import open_backends
+from state.settings import Settings
+from state.tiered import TieredStateStore
+
+MAX_WRITES = 400
+WRITE_INTERVAL_S = 0.02
+TAKE_DEADLINE_S = 20.0
+
+
+def emit(**event: Any) -> None:
+    # One write(2) per line: lines from forked children never interleave.
+    os.write(1, (json.dumps(event) + "\n").encode())
+
+
+async def fence_hold(thread_id: str, lock_name: str, ttl_ms: int) -> None:
+    backends = await open_backends(Settings())
+    store = TieredStateStore.from_backends(backends)
+    try:
+        lock = await store.lock(lock_name, ttl_ms=ttl_ms)
+        # CLOCK_MONOTONIC is system-wide on Linux: the test compares it with its own.
+        emit(event="locked", fence=lock.fence, pid=os.getpid(), at=time.monotonic())
+        for i in range(MAX_WRITES):
+            record = await store.get(thread_id)
+            assert record is not None
+            try:
+                written = await store.update_section(
+                    thread_id,
+                    "holder",
+                    {"pid": os.getpid(), "fence": lock.fence, "i": i},
+                    agent_id="fence-hold",
+                    expected_version=record.version,
+                    fencing_token=lock.fence,
+                )
+            except StaleFencingToken as stale:
+                emit(event="stale", i=i, presented=stale.presented, highest=stale.highest)
+                return
+            except VersionConflict:
+                emit(event="conflict", i=i)
+            else:
+                emit(event="wrote", i=i, version=written.version, at=time.monotonic())
+            await asyncio.sleep(WRITE_INTERVAL_S)
+        emit(event="exhausted")
+    finally:
+        await backends.close()
+
+
+async def fence_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
+    backends = await open_backends(Settings())
+    store = TieredStateStore.from_backends(backends)
+    try:
+        emit(event="ready")
+        await asyncio.to_thread(sys.stdin.readline)
+        deadline = time.monotonic() + TAKE_DEADLINE_S
+        while True:
+            try:
+                lock = await store.lock(lock_name, ttl_ms=ttl_ms)
+                break
+            except LockNotAcquired:
+                if time.monotonic() > deadline:
+                    emit(event="never-locked")
+                    return
+                await asyncio.sleep(0.02)
+        # The paused holder may have written cold but not yet hot: a conflict means
+        # "re-read", exactly as the app's writers do.
+        for _ in range(MAX_WRITES):
+            record = await store.get(thread_id)
+            assert record is not None
+            try:
+                written = await store.update_section(
+                    thread_id,
+                    "holder",
+                    {"pid": os.getpid(), "fence": lock.fence, "i": -1},
+                    agent_id="fence-take",
+                    expected_version=record.version,
+                    fencing_token=lock.fence,
+                )
+            except VersionConflict:
+                emit(event="conflict")
+                continue
+            emit(event="took", fence=lock.fence, version=written.version)
+            return
+        emit(event="never-wrote")
+    finally:
+        await backends.close()
+
+
+# --------------------------------------------------------------------------- kill runs
+
+
+async def run_case(case_id: str, mode: str) -> None:
+    # Imported here: the fence workers do not need the app (nor its start-up time).
+    from support_cases.agents import RunContext
+    from support_cases.demo import demo_case
+    from support_cases.models import CaseStatus
+    from support_cases.runs import RUN_SECTION, new_run_section
+    from support_cases.runtime import Runtime
+    from support_cases.service import REQUEST_SECTION, case_config
+
+    runtime = await Runtime.open(Settings())
+    try:
+        request = demo_case(case_id)
+        with contextlib.suppress(WorkflowExists):  # a re-run of the same case
+            await runtime.store.create(
+                case_id,
+                {REQUEST_SECTION: request, RUN_SECTION: new_run_section(CaseStatus.RUNNING)},
+                agent_id="kill-test",
+            )
+        emit(case_id=case_id, event="started", pid=os.getpid())
+        graph_input = {
+            "case_id": case_id,
+            "customer_id": request["customer_id"],
+            "text": request["text"],
+            "transactions": request["transactions"],
+        }
+        async for update in runtime.graph.astream(
+            graph_input,
+            case_config(case_id),
+            context=RunContext(),
+            stream_mode="updates",
+            durability=mode,
+        ):
+            emit(case_id=case_id, event="update", nodes=sorted(update))
+        emit(case_id=case_id, event="done")
+    finally:
+        await runtime.close()
+
+
+def zygote() -> None:
+    # Import everything a run needs before forking: children start in milliseconds.
+    import support_cases.runtime  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    emit(event="ready", pid=os.getpid())
+    for _ in range(10_000):
+        line = sys.stdin.readline()
+        if not line:
+            return
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                if job.get("pause"):
+                    os.environ["SUPPORT_CASES_FAULT_PAUSE_AFTER"] = job["pause"]
+                asyncio.run(run_case(job["case_id"], job["mode"]))
+            except BaseException as error:
+                emit(case_id=job["case_id"], event="error", error=repr(error))
+                status = 1
+            finally:
+                os._exit(status)
+        emit(case_id=job["case_id"], event="forked", pid=pid)
+
+
+def main(argv: list[str]) -> None:
+    command, *args = argv
+    if command == "fence-hold":
+        asyncio.run(fence_hold(args[0], args[1], int(args[2])))
+    elif command == "fence-take":
+        asyncio.run(fence_take(args[0], args[1], int(args[2])))
+    elif command == "zygote":
+        zygote()
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
