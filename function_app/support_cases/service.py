@@ -3,7 +3,10 @@
 Knows nothing of HTTP. A run is driven in a background task so a caller can
 stop waiting after CASE_SYNC_WAIT_SECONDS (and answer 202) while the run goes
 on; a run holds the case's lock from the hot tier, and its fencing token goes
-with every write, so a stale runner cannot overwrite a newer one.
+with every write, so a stale runner cannot overwrite a newer one. Without a
+reachable hot tier, a lease in the case's cold record (claimed by a versioned
+write) keeps a second runner out instead: two review decisions or resumes
+racing on one case never both drive the graph.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +50,8 @@ from .models import (
     ReviewDecision,
     TierView,
 )
-from .runs import AT_REST, INDEX_PREFIX, RUN_SECTION, RunTracker, new_run_section
+from .records import UNCHANGED, write_section
+from .runs import AT_REST, INDEX_PREFIX, RUN_SECTION, RUNNER_ID, RunTracker, new_run_section
 from .telemetry import traced
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,21 @@ class IdempotencyMismatch(CaseError):
 
 class ReservedCaseId(CaseError):
     """A case id that names one of the app's own records (maps to 422)."""
+
+
+RUN_LEASE_SECTION = "run_lease"
+
+
+@dataclass(frozen=True)
+class RunGuard:
+    """What keeps a second runner of a case out: the hot-tier lock, else a cold-tier lease."""
+
+    lock: Lock | None = None
+    lease_token: str | None = None
+
+    @property
+    def fence(self) -> int | None:
+        return self.lock.fence if self.lock else None
 
 
 @dataclass(frozen=True)
@@ -293,13 +313,13 @@ class CaseService:
 
         Waits up to `wait_seconds` (None: until the run rests) before reporting.
         """
-        lock = await self._acquire(case_id)
+        guard = await self._acquire(case_id)
         try:
             graph_input = await prepare(await self._graph.aget_state(case_config(case_id)))
         except BaseException:
-            await self._release(lock)
+            await self._release(case_id, guard)
             raise
-        task = asyncio.create_task(self._drive(case_id, graph_input, lock))
+        task = asyncio.create_task(self._drive(case_id, graph_input, guard))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
@@ -316,8 +336,8 @@ class CaseService:
         if not task.cancelled():
             task.exception()
 
-    async def _drive(self, case_id: str, graph_input: GraphInput, lock: Lock | None) -> None:
-        fence = lock.fence if lock else None
+    async def _drive(self, case_id: str, graph_input: GraphInput, guard: RunGuard) -> None:
+        fence = guard.fence
         config = case_config(case_id)
         try:
             with traced("case.run", case_id=case_id, fencing_token=fence):
@@ -354,28 +374,49 @@ class CaseService:
             except Exception:
                 log.exception("case %s: could not record the failure", case_id)
         finally:
-            await self._release(lock)
+            await self._release(case_id, guard)
 
-    async def _acquire(self, case_id: str) -> Lock | None:
+    async def _acquire(self, case_id: str) -> RunGuard:
         try:
-            return await self._store.lock(
+            lock = await self._store.lock(
                 f"case-run-{case_id}", ttl_ms=self._settings.state_lock_ttl_ms
             )
+            return RunGuard(lock=lock)
         except LockNotAcquired:
             raise CaseConflict(f"case {case_id!r} is being worked on; try again shortly") from None
         except BackendUnavailable:
-            # Cold-only mode (no reachable hot tier): runs go unlocked; versions still guard writes.
-            log.warning("case %s: no hot tier for the run lock; running without one", case_id)
-            return None
+            log.warning("case %s: no hot tier for the run lock; using a cold-tier lease", case_id)
+            return RunGuard(lease_token=await self._claim_lease(case_id))
 
-    async def _release(self, lock: Lock | None) -> None:
-        if lock is None:
-            return
+    async def _claim_lease(self, case_id: str) -> str:
+        token = uuid.uuid4().hex
+        ttl_seconds = self._settings.state_lock_ttl_ms / 1000
+
+        def claim(record: WorkflowRecord) -> object:
+            lease = record.sections.get(RUN_LEASE_SECTION) or {}
+            if lease.get("token") and lease.get("until", 0) > time.time():
+                raise CaseConflict(f"case {case_id!r} is being worked on; try again shortly")
+            return {"token": token, "until": time.time() + ttl_seconds}
+
+        await write_section(self._store, case_id, RUN_LEASE_SECTION, claim, agent_id=RUNNER_ID)
+        return token
+
+    async def _release(self, case_id: str, guard: RunGuard) -> None:
         try:
-            await self._store.unlock(lock)
+            if guard.lock is not None:
+                await self._store.unlock(guard.lock)
+            elif guard.lease_token is not None:
+
+                def clear_own(record: WorkflowRecord) -> object:
+                    lease = record.sections.get(RUN_LEASE_SECTION) or {}
+                    return {} if lease.get("token") == guard.lease_token else UNCHANGED
+
+                await write_section(
+                    self._store, case_id, RUN_LEASE_SECTION, clear_own, agent_id=RUNNER_ID
+                )
         except Exception:
-            # The lock expires on its own; a failed release must not mask the run's outcome.
-            log.warning("could not release %s", lock.name, exc_info=True)
+            # A lock or lease expires on its own; a failed release must not mask the outcome.
+            log.warning("case %s: could not release the run guard", case_id, exc_info=True)
 
     # ------------------------------------------------------------------ reading
 

@@ -94,19 +94,7 @@ async def test_two_writers_same_version(
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "hot",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="support_cases.service runs unlocked when no hot tier is reachable and "
-                "records.set_section re-reads and overwrites on VersionConflict: both decisions "
-                "run, the later one replaces the review and refund sections even after the "
-                "earlier one's refund went out",
-            ),
-        ),
-    ],
+    [True, False],
     ids=["with-redis-lock", "cold-only"],
 )
 async def test_two_workers_decide_the_same_review(
