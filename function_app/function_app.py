@@ -1,4 +1,5 @@
-"""Azure Functions worker entry: the FastAPI app as one HTTP function, plus the stale-run timer.
+"""Azure Functions worker entry: the FastAPI app as one HTTP function, plus the maintenance
+timer (resume stale runs, then sweep expired state).
 
 The worker imports this file by its stem from the deployed folder's root, where
 `support_cases` and `state` (copied in by the prepackage hook) sit beside it.
@@ -28,3 +29,5 @@ async def resume_stale_runs(timer: func.TimerRequest) -> None:
     runtime = await process_runtime.get()
     report = await runtime.service.resume_stale()
     logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)
+    swept = await runtime.service.sweep_expired()
+    logging.info("expired threads deleted: %d", swept)

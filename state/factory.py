@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from .ports import CheckpointCache, CheckpointStore, ColdStateStore, HotStateStore
+from .ports import (
+    CheckpointCache,
+    CheckpointStore,
+    ColdRetention,
+    ColdStateStore,
+    HotStateStore,
+)
 from .settings import ColdBackend, Settings
 
 
@@ -23,6 +29,8 @@ class Backends:
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
     # Hot cache of the latest checkpoint per thread (None without a hot tier).
     hot_checkpoints: CheckpointCache | None = None
+    # Keyword-only: required, yet after fields with defaults (positional callers unchanged).
+    retention: ColdRetention = field(kw_only=True)
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -35,24 +43,29 @@ async def open_backends(settings: Settings) -> Backends:
     closers: list[Callable[[], Awaitable[None]]] = []
     cold: ColdStateStore
     checkpoints: CheckpointStore
+    retention: ColdRetention
     if settings.state_cold_backend is ColdBackend.COSMOS:
         from .cold.cosmos_checkpoints import CosmosCheckpointStore
         from .cold.cosmos_client import CosmosConnection
+        from .cold.cosmos_retention import CosmosRetention
         from .cold.cosmos_store import CosmosStateStore
 
         connection = CosmosConnection(settings)
         closers.append(connection.close)
         cold = CosmosStateStore(connection, settings)
         checkpoints = CosmosCheckpointStore(connection, settings)
+        retention = CosmosRetention(connection)
     else:
         from .cold.postgres_checkpoints import PostgresCheckpointStore
         from .cold.postgres_client import PostgresConnection
+        from .cold.postgres_retention import PostgresRetention
         from .cold.postgres_store import PostgresStateStore
 
         pg = PostgresConnection(settings)
         closers.append(pg.close)
         cold = PostgresStateStore(pg, settings)
         checkpoints = PostgresCheckpointStore(pg, settings)
+        retention = PostgresRetention(pg, settings)
 
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
@@ -67,7 +80,9 @@ async def open_backends(settings: Settings) -> Backends:
         # Shares the hot store's client (one per process), which the hot store closes.
         hot_checkpoints = RedisCheckpointCache(client, settings)
 
-    backends = Backends(settings, cold, checkpoints, hot, closers, hot_checkpoints)
+    backends = Backends(
+        settings, cold, checkpoints, hot, closers, hot_checkpoints, retention=retention
+    )
     try:
         await cold.setup()
         await checkpoints.setup()

@@ -121,20 +121,92 @@ class ColdStateStore(Protocol):
 
 
 @runtime_checkable
-class HotStateStore(Protocol):
-    """The Redis tier: a cache of workflow records plus coordination primitives.
+class ColdRetention(Protocol):
+    """How long a thread's cold state outlives its activity (STATE_COLD_TTL_SECONDS).
 
-    All keys of one thread share the hash tag `{thread_id}`.
+    State expires that long after it was last written (Cosmos: each item by its
+    own last write; Postgres: a whole thread after its newest record update or
+    checkpoint); -1 keeps everything forever. A held thread never expires.
+    `hold` and `release` are idempotent, so a retry after an error or a crash
+    part-way is always safe.
     """
 
     name: str
 
-    async def get(self, thread_id: str) -> WorkflowRecord | None: ...
+    async def hold(self, thread_id: str) -> None:
+        """Exempt every item of the thread from expiry until `release`."""
 
-    async def install(self, record: WorkflowRecord, *, ttl_seconds: int) -> bool:
+    async def release(self, thread_id: str) -> None:
+        """Back to the default retention, counted from now (a no-op if not held)."""
+
+    async def sweep(self, *, limit: int) -> int:
+        """Delete up to `limit` expired, unheld threads; return how many were deleted.
+
+        A no-op (0) where the service expires items itself (Cosmos per-item TTL).
+        """
+
+
+@dataclass(frozen=True)
+class WriteIntent:
+    """A writer's mark on a thread's hot entry while its cold write is in flight."""
+
+    thread_id: str
+    token: str
+    # The hot tier's clock (microseconds) when the intent was registered.
+    registered_at: int
+
+
+@dataclass(frozen=True)
+class HotRead:
+    """One read of a thread's hot entry."""
+
+    # The cached record if it may be served: None on a miss, or while a write is pending.
+    record: WorkflowRecord | None
+    # The hot tier's clock (microseconds) at the read; see `HotStateStore.install`.
+    observed_at: int
+    # A write intent hides the entry (its writer may have committed a newer version).
+    pending: bool = False
+
+
+@runtime_checkable
+class HotStateStore(Protocol):
+    """The Redis tier: a cache of workflow records plus coordination primitives.
+
+    All keys of one thread share the hash tag `{thread_id}`; keys are namespaced
+    by the cold store they cache, so stores sharing one Redis never see each
+    other's entries.
+    """
+
+    name: str
+
+    async def read(self, thread_id: str) -> HotRead:
+        """The servable record (if any) and the hot tier's clock, in one round trip."""
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        """`read(thread_id).record`."""
+
+    async def begin_write(self, thread_id: str, *, bound_ms: int, ttl_seconds: int) -> WriteIntent:
+        """Mark the entry (creating it if absent) before a cold write: hidden until the
+        intent is removed, or its deadline (`bound_ms` from now) passes and a reader
+        installs what it read from cold after that."""
+
+    async def abandon_write(self, intent: WriteIntent) -> None:
+        """Remove `intent` after a cold write that certainly did not happen."""
+
+    async def install(
+        self,
+        record: WorkflowRecord,
+        *,
+        ttl_seconds: int,
+        intent: WriteIntent | None = None,
+        expired_before: int | None = None,
+    ) -> bool:
         """Cache `record` unless the cache already holds a newer version (atomic).
 
-        Returns whether it was installed.
+        In the same step, remove `intent` and every intent whose deadline is before
+        `expired_before` (a hot-tier clock reading taken before the cold read that
+        produced `record`); others stay and keep the entry hidden.
+        Returns whether the record was installed.
         """
 
     async def merge_section(
@@ -149,7 +221,8 @@ class HotStateStore(Protocol):
     async def update_field(self, thread_id: str, section: str, field: str, value: JSON) -> bool:
         """Atomically set one field inside one section, keeping the TTL."""
 
-    async def invalidate(self, thread_id: str) -> None: ...
+    async def invalidate(self, thread_id: str) -> None:
+        """Drop the cached record; write intents stay."""
 
     async def ttl(self, thread_id: str) -> int:
         """Remaining TTL in seconds (-2 when absent, -1 without expiry)."""

@@ -5,6 +5,38 @@ does not already hold a newer version (compared inside Redis). Writes go to cold
 first, then install the new record in hot the same way, so a reader installing
 what it read before the write can never replace the newer copy.
 
+A writer can die between its cold write and its hot install, so before the cold
+write it registers a write intent on the thread's hot entry: a token with a
+deadline `now + STATE_LOCK_TTL_MS` on the Redis clock (a writer is assumed to
+finish one cold write within its lock's TTL, as fencing already assumes). While
+any intent is present, the hot copy is not served: readers go to cold. Who
+removes an intent:
+
+- its writer's post-commit install (install-if-not-older, as before);
+- its writer, after a cold write that certainly did not happen (conflict, not
+  found, stale fence, too large). After any other failure (timeout,
+  cancellation, cold unreachable) the write may have landed, so the intent
+  stays to its deadline;
+- a reader's install from cold, but only intents whose deadline had passed when
+  that reader read hot, *before* its cold read. Their writer is presumed dead
+  and its commit, if any, happened before the deadline, so the cold read saw it.
+
+Races, and why they are safe:
+
+- Writer dies after its cold commit: its intent hides the old copy; once the
+  deadline passes, the next reader reads cold (which has the commit) and
+  installs it.
+- Two writers, one dies: each has its own intent and removes only its own, so
+  the survivor's install leaves the dead one's intent hiding the entry.
+- Reader vs live writer: an intent registered after the reader's hot read, or
+  not yet expired then, has a deadline later than that read, so the reader's
+  install keeps it. A cold read older than the writer's commit can therefore
+  never make the entry servable; install-if-not-older keeps the record itself
+  from going backwards.
+- A conflict (`VersionConflict`) proves the caller's copy may be stale: the
+  writer re-reads cold and installs that in place of its intent, so a retry
+  reads what cold holds.
+
 The hot tier is an optimisation: its failures never fail a call. They are
 counted, logged once per outage, and the call is served from cold. After a
 failure the hot tier is left alone for `HOT_RETRY_AFTER_SECONDS` (a hung Redis
@@ -12,6 +44,13 @@ would otherwise cost a timeout per call). Threads written while the hot tier was
 unreachable may still have an older copy there (Redis may have been up but out
 of reach), so they are remembered and re-installed from cold before hot serves
 anything again.
+
+Known limits: a cold write that commits after its deadline and whose writer
+then dies before installing can leave the older copy a reader installed in the
+meantime; so can an intent lost to eviction, FLUSHALL or a failover without
+persistence while a reader's cold read predates the commit. In both the old copy
+lasts until a later write or the hot TTL. A writer that cannot reach Redis
+writes without an intent: as before, only its own process knows to re-install.
 """
 
 from __future__ import annotations
@@ -28,11 +67,22 @@ from opentelemetry import trace
 from .errors import (
     BackendUnavailable,
     LockNotAcquired,
+    StaleFencingToken,
+    StateTooLarge,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
 )
-from .ports import JSON, AuditEntry, ColdStateStore, HotStateStore, Lock, TierHealth, WorkflowRecord
+from .ports import (
+    JSON,
+    AuditEntry,
+    ColdStateStore,
+    HotStateStore,
+    Lock,
+    TierHealth,
+    WorkflowRecord,
+    WriteIntent,
+)
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -51,6 +101,8 @@ class CacheStats:
     hot_errors: int = 0
     # Installs refused because the hot tier already held a newer version.
     installs_rejected: int = 0
+    # Reads served from cold because a write intent hid the hot copy (also misses).
+    pending: int = 0
 
 
 class TieredStateStore:
@@ -75,23 +127,29 @@ class TieredStateStore:
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
+            observed_at: int | None = None
             if hot is not None:
                 try:
-                    cached = await hot.get(thread_id)
+                    found = await hot.read(thread_id)
                 except BackendUnavailable as exc:
                     self._hot_failed("get", exc)
                     hot = None  # a read leaves nothing stale behind: just use cold
                 else:
                     self._hot_recovered()
-                    if cached is not None:
+                    if found.record is not None:
                         self.stats.hits += 1
                         span.set_attribute("state.cache", "hit")
-                        return cached
+                        return found.record
                     self.stats.misses += 1
-                    span.set_attribute("state.cache", "miss")
+                    if found.pending:
+                        self.stats.pending += 1
+                    span.set_attribute("state.cache", "pending" if found.pending else "miss")
+                    observed_at = found.observed_at
+            # Only after the hot read: what this cold read returns includes the commit
+            # of every writer whose intent had expired by `observed_at`.
             record = await self._cold.get(thread_id)
             if record is not None and hot is not None:
-                await self._install(record)
+                await self._install(record, expired_before=observed_at)
             return record
 
     async def create(
@@ -127,6 +185,7 @@ class TieredStateStore:
                 if current is None:
                     raise WorkflowNotFound(thread_id)
                 expected_version = current.version
+            intent = await self._begin_write(thread_id)
             try:
                 record = await self._cold.update_section(
                     thread_id,
@@ -139,9 +198,18 @@ class TieredStateStore:
             except VersionConflict:
                 # The caller may have read an outdated hot copy; refresh it so a retry
                 # reads what cold holds.
-                await self._reinstall_from_cold(thread_id)
+                await self._reinstall_from_cold(thread_id, intent)
                 raise
-            await self._install(record)
+            except WorkflowNotFound:
+                # Gone from cold (deleted or expired there): a hot copy must not outlive it.
+                await self._abandon_write(intent)
+                await self._invalidate(thread_id)
+                raise
+            except (StaleFencingToken, StateTooLarge):
+                # Refused before anything was written; other failures may have written.
+                await self._abandon_write(intent)
+                raise
+            await self._install(record, intent=intent)
             return record
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
@@ -209,7 +277,43 @@ class TieredStateStore:
             return None
         return self._hot
 
-    async def _install(self, record: WorkflowRecord) -> None:
+    async def _begin_write(self, thread_id: str) -> WriteIntent | None:
+        """Register a write intent; None if the hot tier cannot take one (the thread is
+        then unsettled: re-installed from cold before this process serves it from hot)."""
+        if self._hot is None:
+            return None
+        if self._hot_skipped():
+            self._unsettled.add(thread_id)
+            return None
+        try:
+            intent = await self._hot.begin_write(
+                thread_id,
+                bound_ms=self._settings.state_lock_ttl_ms,
+                ttl_seconds=self._settings.state_hot_ttl_seconds,
+            )
+        except BackendUnavailable as exc:
+            self._hot_failed("begin_write", exc)
+            self._unsettled.add(thread_id)
+            return None
+        self._hot_recovered()
+        return intent
+
+    async def _abandon_write(self, intent: WriteIntent | None) -> None:
+        if self._hot is None or intent is None:
+            return
+        try:
+            await self._hot.abandon_write(intent)
+        except BackendUnavailable as exc:
+            # The intent expires at its deadline; until then readers just go to cold.
+            self._hot_failed("abandon_write", exc)
+
+    async def _install(
+        self,
+        record: WorkflowRecord,
+        *,
+        intent: WriteIntent | None = None,
+        expired_before: int | None = None,
+    ) -> None:
         if self._hot is None:
             return
         if self._hot_skipped():
@@ -217,7 +321,10 @@ class TieredStateStore:
             return
         try:
             installed = await self._hot.install(
-                record, ttl_seconds=self._settings.state_hot_ttl_seconds
+                record,
+                ttl_seconds=self._settings.state_hot_ttl_seconds,
+                intent=intent,
+                expired_before=expired_before,
             )
         except BackendUnavailable as exc:
             self._hot_failed("install", exc)
@@ -239,8 +346,9 @@ class TieredStateStore:
             self._hot_failed("invalidate", exc)
             self._unsettled.add(thread_id)
 
-    async def _reinstall_from_cold(self, thread_id: str) -> bool:
-        """Make the hot copy at least as new as cold; False if the hot tier is failing."""
+    async def _reinstall_from_cold(self, thread_id: str, intent: WriteIntent | None = None) -> bool:
+        """Make the hot copy at least as new as cold, replacing `intent` (whose write
+        did not happen) if given; False if the hot tier is failing."""
         if self._hot is None:
             return True
         if self._hot_skipped():
@@ -255,14 +363,22 @@ class TieredStateStore:
                 record = await self._cold.get(thread_id)
             except BackendUnavailable as exc:
                 # Cold trouble is the caller's own call to report; keep it for next time.
+                # Our intent, if any, hides the entry until its deadline meanwhile.
                 logger.info("cannot settle hot copy of %r yet: %s", thread_id, exc)
                 self._unsettled.add(thread_id)
                 return True
             try:
                 if record is None:
                     await self._hot.invalidate(thread_id)
+                    if intent is not None:
+                        await self._hot.abandon_write(intent)
                 elif not await self._hot.install(
-                    record, ttl_seconds=self._settings.state_hot_ttl_seconds
+                    record,
+                    ttl_seconds=self._settings.state_hot_ttl_seconds,
+                    intent=intent,
+                    # Registered before this cold read: intents expired by then are safe
+                    # to clear, as for a reader.
+                    expired_before=None if intent is None else intent.registered_at,
                 ):
                     self.stats.installs_rejected += 1
             except BackendUnavailable as exc:

@@ -27,7 +27,7 @@ from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
-from state.hot.redis_checkpoints import RedisCheckpointCache, entry_key
+from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
@@ -500,7 +500,7 @@ async def test_an_unreadable_cache_entry_is_dropped_and_read_from_cold(tiers: Ti
     config = thread_config()
     await build_case_graph(tiers.saver).ainvoke(case_input(30.0), config)
     assert tiers.redis is not None and tiers.cache is not None
-    key = entry_key(config["configurable"]["thread_id"], "")
+    key = tiers.cache.key(config["configurable"]["thread_id"], "")
     await tiers.redis.hset(key, "snap", b"\x00\x00\x00\x09not a snapshot")
 
     latest = await tiers.saver.aget_tuple(config)

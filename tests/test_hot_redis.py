@@ -14,13 +14,16 @@ from redis.crc import key_slot
 
 from devstack import RedisServer, free_port
 from state.errors import BackendUnavailable
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_store import RedisHotStore
-from state.ports import HotStateStore, WorkflowRecord
+from state.ports import HotStateStore, StoredCheckpoint, WorkflowRecord
 from state.schema import CURRENT
 from state.settings import Settings
 
 MERGES_PER_WRITER = 1000
+# A write bound no test outlives: the intent stays live throughout.
+LIVE_MS = 60_000
 # Commands each writer keeps in flight, so the two writers' scripts really interleave.
 IN_FLIGHT = 25
 
@@ -153,7 +156,7 @@ async def test_a_merge_keeps_the_remaining_ttl(hot: RedisHotStore, raw: aioredis
     await asyncio.sleep(1.1)
     assert await hot.merge_section(thread_id, "a", 2)
     assert await hot.update_field(thread_id, "b", "x", 1)
-    remaining_ms = await raw.pttl(f"{{{thread_id}}}:wf")
+    remaining_ms = await raw.pttl(hot.key(thread_id))
     assert 90_000 < remaining_ms < 99_000
 
 
@@ -270,7 +273,7 @@ async def test_a_copy_of_another_schema_version_is_a_miss(
 ) -> None:
     thread_id = _thread()
     await hot.install(_record(thread_id, a=1), ttl_seconds=60)
-    await raw.hset(f"{{{thread_id}}}:wf", "schema_version", CURRENT["workflow"] + 1)
+    await raw.hset(hot.key(thread_id), "schema_version", CURRENT["workflow"] + 1)
     assert await hot.get(thread_id) is None
 
 
@@ -279,10 +282,180 @@ async def test_a_damaged_copy_is_a_miss_and_a_new_install_replaces_it(
 ) -> None:
     thread_id = _thread()
     await hot.install(_record(thread_id, a=1), ttl_seconds=60)
-    await raw.hset(f"{{{thread_id}}}:wf", "s:a", "{not json")
+    await raw.hset(hot.key(thread_id), "s:a", "{not json")
     assert await hot.get(thread_id) is None
     assert await hot.install(_record(thread_id, a=1), ttl_seconds=60)
     assert await hot.get(thread_id) == _record(thread_id, a=1)
+
+
+# --------------------------------------------------------------------------- write intents
+
+
+async def test_a_write_intent_hides_the_copy_until_its_writer_installs(
+    hot: RedisHotStore,
+) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    intent = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    seen = await hot.read(thread_id)
+    assert (seen.record, seen.pending) == (None, True)
+    assert await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=intent)
+    assert await hot.get(thread_id) == _record(thread_id, 2, s="v2")
+
+
+async def test_an_intent_on_an_uncached_thread_creates_an_entry_that_expires(
+    hot: RedisHotStore,
+) -> None:
+    thread_id = _thread()
+    await hot.begin_write(thread_id, bound_ms=1000, ttl_seconds=60)
+    assert (await hot.read(thread_id)).pending
+    assert 55 <= await hot.ttl(thread_id) <= 60
+
+
+async def test_an_intent_keeps_an_expiring_entry_until_its_deadline(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, s="v1"), ttl_seconds=1)
+    await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=1)
+    assert 55 <= await hot.ttl(thread_id) <= 60
+
+
+async def test_each_writer_removes_only_its_own_intent(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    first = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    second = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    assert await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=first)
+    assert (await hot.read(thread_id)).pending  # the second writer may have committed v3
+    # Refused as older than what is cached, yet it still removes its writer's intent.
+    await hot.install(_record(thread_id, 3, s="v3"), ttl_seconds=60)
+    assert not await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=second)
+    assert await hot.get(thread_id) == _record(thread_id, 3, s="v3")
+
+
+async def test_an_abandoned_write_removes_its_intent(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, s="v1"), ttl_seconds=60)
+    intent = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    await hot.abandon_write(intent)
+    assert await hot.get(thread_id) == _record(thread_id, s="v1")
+
+
+async def test_a_reader_install_keeps_intents_that_had_not_expired_at_its_read(
+    hot: RedisHotStore,
+) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    live = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    observed = (await hot.read(thread_id)).observed_at
+    # Registered after the reader's read: already expired, yet its writer may have
+    # committed after the reader's cold read.
+    later = await hot.begin_write(thread_id, bound_ms=0, ttl_seconds=60)
+    assert later.registered_at >= observed
+    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60, expired_before=observed)
+    await hot.abandon_write(live)
+    assert (await hot.read(thread_id)).pending  # `later` still hides the copy
+
+
+async def test_a_reader_install_clears_intents_expired_before_its_read(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    dead = await hot.begin_write(thread_id, bound_ms=0, ttl_seconds=60)
+    seen = await hot.read(thread_id)
+    while seen.observed_at <= dead.registered_at:  # the server clock has to tick once
+        seen = await hot.read(thread_id)
+    assert seen.pending
+    fresh = _record(thread_id, 2, s="v2")  # what that reader then read from cold
+    assert await hot.install(fresh, ttl_seconds=60, expired_before=seen.observed_at)
+    assert await hot.get(thread_id) == fresh
+
+
+async def test_invalidate_drops_the_record_but_keeps_intents(hot: RedisHotStore) -> None:
+    thread_id = _thread()
+    await hot.install(_record(thread_id, 4, s="v4"), ttl_seconds=60)
+    await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    await hot.invalidate(thread_id)
+    assert await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    assert (await hot.read(thread_id)).pending
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def _store_settings(stack_env: dict[str, str], **values: object) -> Settings:
+    return Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": stack_env["REDIS_URL"]}
+        | values
+    )
+
+
+def test_the_namespace_names_the_cold_store_and_no_secret(stack_env: dict[str, str]) -> None:
+    cosmos = _store_settings(stack_env, cosmos_key="key-1")
+    pg_url = "postgresql://app:secret-1@db.example:5433/cases"
+    postgres = _store_settings(stack_env, state_cold_backend="postgres", postgres_url=pg_url)
+    namespaces = {
+        hot_namespace(settings)
+        for settings in (
+            cosmos,
+            _store_settings(stack_env, cosmos_container="other"),
+            _store_settings(stack_env, cosmos_database="other"),
+            _store_settings(stack_env, cosmos_endpoint="https://other.documents.azure.com:443/"),
+            postgres,
+            _store_settings(
+                stack_env, state_cold_backend="postgres", postgres_url=pg_url.replace("5433", "5")
+            ),
+            _store_settings(
+                stack_env, state_cold_backend="postgres", postgres_url=pg_url + "-archive"
+            ),
+            _store_settings(
+                stack_env,
+                state_cold_backend="postgres",
+                postgres_host="db.example",
+                postgres_user="app",
+            ),
+        )
+    }
+    assert len(namespaces) == 8
+    assert all(len(namespace) <= 12 and ":" not in namespace for namespace in namespaces)
+    # Credentials are not part of the identity: rotating them keeps the cache.
+    assert hot_namespace(_store_settings(stack_env, cosmos_key="key-2")) == hot_namespace(cosmos)
+    rotated = pg_url.replace("secret-1", "secret-2")
+    assert hot_namespace(
+        _store_settings(stack_env, state_cold_backend="postgres", postgres_url=rotated)
+    ) == hot_namespace(postgres)
+    as_conninfo = "host=db.example port=5433 dbname=cases user=app password=x"
+    assert hot_namespace(
+        _store_settings(stack_env, state_cold_backend="postgres", postgres_url=as_conninfo)
+    ) == hot_namespace(postgres)
+
+
+async def test_stores_of_different_cold_stores_share_no_key(
+    stack_env: dict[str, str], raw: aioredis.Redis
+) -> None:
+    first_settings = _store_settings(stack_env)
+    second_settings = _store_settings(stack_env, cosmos_container="other")
+    first = RedisHotStore(create_redis_client(first_settings), first_settings)
+    second = RedisHotStore(create_redis_client(second_settings), second_settings)
+    try:
+        thread_id = _thread()
+        await first.install(_record(thread_id, 5, s="first"), ttl_seconds=60)
+        assert await second.get(thread_id) is None
+        assert await second.install(_record(thread_id, 1, s="second"), ttl_seconds=60)
+        assert await first.get(thread_id) == _record(thread_id, 5, s="first")
+        assert await second.get(thread_id) == _record(thread_id, 1, s="second")
+        held = await first.acquire_lock(thread_id, ttl_ms=10_000)
+        assert held is not None and await second.acquire_lock(thread_id, ttl_ms=10_000)
+
+        checkpoint = StoredCheckpoint(
+            thread_id, "", "0001", None, ("json", b"{}"), {}, {}, blobs={}, writes=[]
+        )
+        first_cache = RedisCheckpointCache(raw, first_settings)
+        second_cache = RedisCheckpointCache(raw, second_settings)
+        await first_cache.advance(checkpoint, [])
+        assert (await first_cache.lookup(thread_id, "", lease=False)).checkpoint is not None
+        assert (await second_cache.lookup(thread_id, "", lease=False)).checkpoint is None
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_lock_is_exclusive_and_only_its_owner_releases_it(hot: RedisHotStore) -> None:
@@ -336,14 +509,15 @@ async def test_fencing_tokens_stay_monotonic_when_redis_loses_its_data(
 
 
 async def test_every_key_of_a_thread_shares_its_hash_tag(
-    hot: RedisHotStore, raw: aioredis.Redis
+    hot: RedisHotStore, raw: aioredis.Redis, settings: Settings
 ) -> None:
     thread_id = _thread()
     await hot.install(_record(thread_id, a=1), ttl_seconds=60)
     held = await hot.acquire_lock(thread_id, ttl_ms=10_000)
     assert held is not None
     keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{thread_id}*")])
-    assert keys == [f"{{{thread_id}}}:fence", f"{{{thread_id}}}:lock", f"{{{thread_id}}}:wf"]
+    namespace = hot_namespace(settings)
+    assert keys == [f"{{{thread_id}}}:{namespace}:{kind}" for kind in ("fence", "lock", "wf")]
     assert len({key_slot(key.encode()) for key in keys}) == 1
     await hot.release_lock(held)
 

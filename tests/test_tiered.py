@@ -10,6 +10,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from state.errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from state.factory import open_backends
+from state.factory import backends_for, open_backends
 from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import RedisHotStore
 from state.ports import ColdStateStore, WorkflowRecord
@@ -175,6 +176,35 @@ class GatedCold:
         return getattr(self._inner, name)
 
 
+class WorkerKilled(BaseException):
+    """The worker process dying: no handler of the store may run (none catches this)."""
+
+
+class DyingCold:
+    """The real cold store, whose writer fails right after its write is committed.
+
+    `error` is how: killed by default. Each write first waits at `gate` (open unless
+    a test closes it), announcing itself on `arrived`, to order a race.
+    """
+
+    def __init__(self, inner: ColdStateStore, error: BaseException | None = None) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self._error = error or WorkerKilled()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.arrived = asyncio.Event()
+
+    async def update_section(self, thread_id: str, section: str, value: Any, **kwargs: Any) -> Any:
+        self.arrived.set()
+        await self.gate.wait()
+        await self._inner.update_section(thread_id, section, value, **kwargs)
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 # --------------------------------------------------------------------------- cache-aside
 
 
@@ -314,6 +344,157 @@ async def test_a_retried_create_does_not_let_a_stale_install_stick(
     assert await hot.get(thread) == newer
 
 
+# --------------------------------------------------------------------------- half-done writes
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [WorkerKilled(), BackendUnavailable("cosmos", "timed out after the write was applied")],
+    ids=["killed", "unknown-outcome"],
+)
+async def test_a_writer_failing_after_its_cold_commit_leaves_no_stale_copy(
+    failure: BaseException,
+    tiered: TieredStateStore,
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    created = await tiered.create(thread, {"performed": []}, agent_id="a")
+    assert await tiered.get(thread) == created and tiered.stats.hits == 1
+    writer = other_process(DyingCold(cold, failure))  # type: ignore[arg-type]
+    with pytest.raises(type(failure)):
+        await writer.update_section(
+            thread, "performed", ["REFUND-1"], agent_id="a", expected_version=1
+        )
+    committed = await cold.get(thread)
+    assert committed is not None and committed.version == 2
+
+    assert await hot.get(thread) is None  # hidden by the writer's intent, not served stale
+    assert await tiered.get(thread) == committed
+    assert tiered.stats.pending == 1
+
+
+async def test_two_writers_one_dies_and_the_survivor_does_not_unhide_a_stale_copy(
+    tiered: TieredStateStore,
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"billing": None, "account": None}, agent_id="intake")
+    doomed_cold = DyingCold(cold)
+    doomed_cold.gate.clear()
+    doomed = other_process(doomed_cold)  # type: ignore[arg-type]
+    dying = asyncio.create_task(
+        doomed.update_section(thread, "account", "done", agent_id="account", expected_version=2)
+    )
+    await doomed_cold.arrived.wait()  # its intent is registered, its cold write not yet sent
+
+    survivor = await tiered.update_section(
+        thread, "billing", "done", agent_id="billing", expected_version=1
+    )
+    assert await hot.get(thread) is None  # the other intent still hides version 2
+    doomed_cold.gate.set()
+    with pytest.raises(WorkerKilled):
+        await dying
+    committed = await cold.get(thread)
+    assert committed is not None and committed.version == survivor.version + 1
+
+    assert await hot.get(thread) is None
+    assert await tiered.get(thread) == committed
+
+
+async def test_a_reader_install_cannot_clear_a_live_writers_intent(
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    settings_for: Callable[..., Settings],
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+) -> None:
+    thread = _thread()
+    writer_settings = settings_for(state_lock_ttl_ms=1)  # its intent expires almost at once
+    writer = TieredStateStore(DyingCold(cold), hot, writer_settings)  # type: ignore[arg-type]
+    await writer.create(thread, {"billing": "v1"}, agent_id="intake")
+    await hot.invalidate(thread)  # evicted: the next read misses
+
+    held = HeldCold(cold)
+    reader = other_process(held)  # type: ignore[arg-type]
+    reading = asyncio.create_task(reader.get(thread))
+    await held.read_done.wait()  # the reader holds version 1, read from cold
+    with pytest.raises(WorkerKilled):
+        await writer.update_section(thread, "billing", "v2", agent_id="billing", expected_version=1)
+    # The writer registered its intent before now and its bound is 1 ms: wait on the
+    # Redis clock until the intent has expired, so only the read order protects it.
+    dead_by = (await hot.read(thread)).observed_at + 1000
+    while (await hot.read(thread)).observed_at <= dead_by:
+        pass
+    held.release.set()  # now the reader installs what it read
+    assert (await reading).version == 1
+
+    assert await hot.get(thread) is None
+    committed = await cold.get(thread)
+    assert committed is not None and committed.version == 2
+    assert await reader.get(thread) == committed
+
+
+async def test_an_expired_intent_is_cleared_by_the_next_readers_install(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore, settings: Settings
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    # A writer's steps up to its death after the cold commit, with a bound already over.
+    await hot.begin_write(thread, bound_ms=0, ttl_seconds=settings.state_hot_ttl_seconds)
+    committed = await cold.update_section(thread, "s", 1, expected_version=1, agent_id="dead")
+
+    assert await tiered.get(thread) == committed
+    assert tiered.stats.pending == 1
+    assert await hot.get(thread) == committed
+    assert await tiered.get(thread) == committed and tiered.stats.hits == 1
+
+
+async def test_a_refused_write_removes_its_intent(
+    tiered: TieredStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    fenced = await tiered.update_section(thread, "s", 1, agent_id="a", fencing_token=10)
+    with pytest.raises(StaleFencingToken):
+        await tiered.update_section(thread, "s", 2, agent_id="b", fencing_token=9)
+    with pytest.raises(WorkflowNotFound):
+        await tiered.update_section(_thread(), "s", 2, agent_id="b", expected_version=1)
+    assert await hot.get(thread) == fenced
+
+
+async def test_a_read_takes_one_redis_round_trip_and_a_write_two(
+    cold: CosmosStateStore, settings: Settings
+) -> None:
+    client = create_redis_client(settings)
+    commands: list[str] = []
+    send = client.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        commands.append(str(args[0]))
+        return await send(*args, **options)
+
+    client.execute_command = counted  # type: ignore[method-assign]
+    hot = RedisHotStore(client, settings)
+    try:
+        tiered = TieredStateStore(cold, hot, settings)
+        thread = _thread()
+        await tiered.create(thread, {"s": 0}, agent_id="a")
+        # Once first, so every script is loaded on the server.
+        await tiered.update_section(thread, "s", 1, agent_id="a", expected_version=1)
+        await tiered.get(thread)
+        commands.clear()
+        assert (await tiered.get(thread)) is not None and tiered.stats.hits == 2
+        assert commands == ["EVALSHA"]
+        commands.clear()
+        await tiered.update_section(thread, "s", 2, agent_id="a", expected_version=2)
+        assert commands == ["EVALSHA", "EVALSHA"]  # the intent, then the install
+    finally:
+        await hot.close()
+
+
 async def test_concurrent_readers_and_writers_leave_hot_no_older_than_cold(
     cold: CosmosStateStore,
     hot: RedisHotStore,
@@ -373,6 +554,32 @@ async def test_from_backends_composes_the_configured_tiers(
         assert [(h.name, h.up) for h in health] == [("postgres", True), ("redis", True)]
     finally:
         await backends.close()
+
+
+async def test_stores_over_different_cold_stores_share_one_redis_without_sharing_copies(
+    settings_for: Callable[..., Settings],
+) -> None:
+    stores: list[TieredStateStore] = []
+    async with AsyncExitStack() as stack:
+        for overrides in (
+            {},
+            {"cosmos_container": "state-second"},
+            {"state_cold_backend": "postgres"},
+        ):
+            backends = await stack.enter_async_context(backends_for(settings_for(**overrides)))
+            stores.append(TieredStateStore.from_backends(backends))
+        thread = _thread()
+        # The same thread id in every store, each cached right after its create.
+        records = [
+            await store.create(thread, {"owner": owner}, agent_id="a")
+            for owner, store in enumerate(stores)
+        ]
+        for store, record in zip(stores, records, strict=True):
+            assert await store.get(thread) == record
+            assert store.stats.hits == 1
+        held = await stores[0].lock(thread)
+        assert await stores[1].lock(thread) and await stores[2].lock(thread)
+        assert await stores[0].unlock(held)
 
 
 # --------------------------------------------------------------------------- locks
@@ -532,3 +739,16 @@ async def test_a_read_during_settling_is_served_from_cold(
         assert await hot.get(thread) == updated
     finally:
         await hot.close()
+
+
+async def test_a_record_gone_from_cold_is_not_served_from_hot_after_a_write_finds_it_gone(
+    tiered: TieredStateStore, cold: CosmosStateStore
+) -> None:
+    """Cold retention (TTL, sweep) removes records behind Redis's back; the next write notices."""
+    thread_id = _thread()
+    await tiered.create(thread_id, {"a": 1}, agent_id="t")
+    assert await tiered.get(thread_id) is not None  # cached
+    await cold.delete(thread_id)
+    with pytest.raises(WorkflowNotFound):
+        await tiered.update_section(thread_id, "a", 2, agent_id="t", expected_version=1)
+    assert await tiered.get(thread_id) is None

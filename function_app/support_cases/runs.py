@@ -5,6 +5,12 @@ whose heartbeat is older than CASE_STALE_AFTER_SECONDS belongs to a worker that
 died, and is resumed from its last checkpoint. The state library has no
 cross-thread query, so active case ids are kept in a few index records
 (sharded to spread optimistic-concurrency contention).
+
+Retention follows the status: a case is held (never expires from the cold
+tier) before it is marked awaiting review, so a case shown waiting for a human
+is never expiring, and released before it is marked completed or failed. A
+crash between the two steps leaves a run marked running, which the timer
+resumes and which then takes both steps again (each is idempotent).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from state.errors import WorkflowExists
-from state.ports import WorkflowRecord
+from state.errors import WorkflowExists, WorkflowNotFound
+from state.ports import ColdRetention, WorkflowRecord
 from state.settings import Settings
 from state.tiered import TieredStateStore
 
@@ -45,8 +51,11 @@ def shard_of(case_id: str) -> str:
 
 
 class RunTracker:
-    def __init__(self, store: TieredStateStore, settings: Settings) -> None:
+    def __init__(
+        self, store: TieredStateStore, retention: ColdRetention, settings: Settings
+    ) -> None:
         self._store = store
+        self._retention = retention
         self._stale_after = timedelta(seconds=settings.case_stale_after_seconds)
 
     async def mark(
@@ -64,6 +73,10 @@ class RunTracker:
             run.update(status=status.value, heartbeat_at=utcnow().isoformat(), error=error)
             return run
 
+        if status is CaseStatus.AWAITING_REVIEW:
+            await self._retention.hold(case_id)
+        elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
+            await self._retention.release(case_id)
         await write_section(
             self._store,
             case_id,
@@ -115,11 +128,6 @@ class RunTracker:
 
     async def _index(self, case_id: str, *, present: bool) -> None:
         shard = shard_of(case_id)
-        if await self._store.get(shard) is None:
-            if not present:
-                return
-            with contextlib.suppress(WorkflowExists):
-                await self._store.create(shard, {"cases": {}}, agent_id=RUNNER_ID)
 
         def compute(record: WorkflowRecord) -> object:
             cases = dict(record.sections.get("cases", {}))
@@ -131,4 +139,14 @@ class RunTracker:
                 cases.pop(case_id)
             return cases
 
+        try:
+            await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)
+            return
+        except WorkflowNotFound:
+            # Not created yet, or expired from the cold tier (retention) while a hot
+            # copy may still stand for it; `create` drops such a copy.
+            if not present:
+                return
+        with contextlib.suppress(WorkflowExists):
+            await self._store.create(shard, {"cases": {}}, agent_id=RUNNER_ID)
         await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)

@@ -55,7 +55,7 @@ class Runtime:
             ),
             saver,
         )
-        service = CaseService(store, graph, settings)
+        service = CaseService(store, graph, settings, backends.retention)
         return cls(settings, backends, store, saver, graph, provider, service)
 
     async def close(self) -> None:

@@ -1,4 +1,5 @@
-"""The support-case use cases: submit, status, history, audit, decide, resume, resume_stale.
+"""The support-case use cases: submit, status, history, audit, decide, resume, and the
+timer's resume_stale and sweep_expired.
 
 Knows nothing of HTTP. A run is driven in a background task so a caller can
 stop waiting after CASE_SYNC_WAIT_SECONDS (and answer 202) while the run goes
@@ -30,7 +31,7 @@ from state.errors import (
     StaleFencingToken,
     WorkflowExists,
 )
-from state.ports import Lock, WorkflowRecord
+from state.ports import ColdRetention, Lock, WorkflowRecord
 from state.settings import Settings
 from state.tiered import TieredStateStore
 
@@ -61,6 +62,8 @@ REQUEST_SECTION = "request"
 GraphInput = dict[str, Any] | Command | None
 # Ids of the app's own records, which share the thread-id space with case ids.
 RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
+# Expired threads the timer deletes per tick: keeps one tick short; the next takes the rest.
+SWEEP_LIMIT = 500
 
 
 class CaseError(Exception):
@@ -132,11 +135,13 @@ class CaseService:
         store: TieredStateStore,
         graph: CaseGraph,
         settings: Settings,
+        retention: ColdRetention,
     ) -> None:
         self._store = store
         self._graph = graph
         self._settings = settings
-        self._tracker = RunTracker(store, settings)
+        self._retention = retention
+        self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -276,6 +281,15 @@ class CaseService:
                     report.skipped[case_id] = str(refused)
             span.set_attribute("resumed", len(report.resumed))
         return report
+
+    async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
+        """The timer's other job: delete up to `limit` threads past the cold TTL (a case
+        held for review never is); returns how many, 0 where the cold tier expires
+        items itself."""
+        with traced("case.sweep_expired") as span:
+            swept = await self._retention.sweep(limit=limit)
+            span.set_attribute("swept", swept)
+        return swept
 
     async def health(self) -> HealthView:
         tiers = await self._store.health()

@@ -189,6 +189,10 @@ class CosmosStateStore:
             after=value,
             at=now,
         )
+        if "ttl" in current:
+            # A held thread (`cosmos_retention`): its ledger must not expire while the
+            # record it explains is kept (the replacement keeps the record's `ttl`).
+            entry["ttl"] = current["ttl"]
         self._check_size(thread_id, replacement, entry)
         await self._append_audit(container, entry)
         try:

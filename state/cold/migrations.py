@@ -124,6 +124,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "retention_holds_and_activity_indexes",
+        """
+        -- A thread with a held row never expires; a released one (held = false) counts
+        -- its inactivity from `changed_at` at the earliest. Removed with the thread.
+        CREATE TABLE retention_holds (
+            thread_id text PRIMARY KEY,
+            held boolean NOT NULL,
+            changed_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- The sweep walks records oldest first, checks a thread for recent checkpoints,
+        -- and finds threads that have checkpoints only.
+        CREATE INDEX workflow_records_updated_at ON workflow_records (updated_at);
+        CREATE INDEX cp_checkpoints_thread_created_at ON cp_checkpoints (thread_id, created_at);
+        CREATE INDEX cp_checkpoints_created_at ON cp_checkpoints (created_at);
+        """,
+    ),
 )
 
 

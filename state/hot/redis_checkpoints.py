@@ -1,8 +1,9 @@
 """Hot copy of the latest LangGraph checkpoint per (thread, namespace) in Redis.
 
-One hash per (thread, namespace), key `{thread_id}:cp1:{ns}` (hash-tagged, so a
-thread's keys share a cluster slot; the digit is the snapshot format, so code
-that changes the format never reads entries written by the previous one):
+One hash per (thread, namespace), key `{thread_id}:<store>:cp1:{ns}` (hash-tagged,
+so a thread's keys share a cluster slot; `<store>` names the cold store cached,
+so stores sharing one Redis stay apart; the digit is the snapshot format, so
+code that changes the format never reads entries written by the previous one):
 
 - `id`: the cached checkpoint's id, which every script compares byte-wise so
   the cache only ever moves forward;
@@ -41,7 +42,7 @@ from .. import codec
 from ..errors import CorruptState
 from ..ports import CacheLookup, StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
 from ..settings import Settings
-from .redis_client import hot_key
+from .redis_client import hot_key, hot_namespace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,14 +204,6 @@ return 1
 _LENGTH = struct.Struct(">I")
 
 
-def entry_key(thread_id: str, checkpoint_ns: str) -> str:
-    return hot_key(thread_id, f"cp{SNAPSHOT_FORMAT}:{checkpoint_ns}")
-
-
-def namespaces_key(thread_id: str) -> str:
-    return hot_key(thread_id, "cp-namespaces")
-
-
 def _pack(*parts: bytes) -> bytes:
     return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 
@@ -256,6 +249,7 @@ class RedisCheckpointCache:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         # The client is shared with the hot store, whose owner closes it.
         self._client = client
+        self._store = hot_namespace(settings)
         self._ttl = settings.state_hot_ttl_seconds
         self._compress_threshold = settings.state_compress_threshold_bytes
         self._advance = client.register_script(_ADVANCE)
@@ -268,10 +262,17 @@ class RedisCheckpointCache:
         self._healthy = True
         self.stats = CacheStats()
 
+    def key(self, thread_id: str, checkpoint_ns: str) -> str:
+        """The entry of one (thread, checkpoint namespace)."""
+        return hot_key(thread_id, f"cp{SNAPSHOT_FORMAT}:{checkpoint_ns}", namespace=self._store)
+
+    def _namespaces_key(self, thread_id: str) -> str:
+        return hot_key(thread_id, "cp-namespaces", namespace=self._store)
+
     # ----------------------------------------------------------------------- port
 
     async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup:
-        key = entry_key(thread_id, checkpoint_ns)
+        key = self.key(thread_id, checkpoint_ns)
         if key in self._suspect and not await self._clear_if_suspect(key):
             return CacheLookup(None)
         try:
@@ -298,7 +299,7 @@ class RedisCheckpointCache:
         return CacheLookup(None, token if granted == 1 else None)
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
-        key = entry_key(checkpoint.thread_id, checkpoint.checkpoint_ns)
+        key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
         entries = self._checkpoint_entries(checkpoint)
         for channel, value in (checkpoint.blobs or {}).items():
             entries += self._blob_entry(channel, checkpoint.channel_versions[channel], value)
@@ -307,7 +308,7 @@ class RedisCheckpointCache:
         await self._call(
             key,
             self._fill(
-                keys=[key, namespaces_key(checkpoint.thread_id)],
+                keys=[key, self._namespaces_key(checkpoint.thread_id)],
                 args=[
                     lease,
                     checkpoint.checkpoint_id,
@@ -319,7 +320,7 @@ class RedisCheckpointCache:
         )
 
     async def advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
-        key = entry_key(checkpoint.thread_id, checkpoint.checkpoint_ns)
+        key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
         if not await self._clear_if_suspect(key):
             return
         entries = self._checkpoint_entries(checkpoint)
@@ -328,7 +329,7 @@ class RedisCheckpointCache:
         await self._call(
             key,
             self._advance(
-                keys=[key, namespaces_key(checkpoint.thread_id)],
+                keys=[key, self._namespaces_key(checkpoint.thread_id)],
                 args=[
                     checkpoint.checkpoint_id,
                     checkpoint.parent_checkpoint_id or "",
@@ -350,7 +351,7 @@ class RedisCheckpointCache:
     ) -> None:
         if not writes:
             return
-        key = entry_key(thread_id, checkpoint_ns)
+        key = self.key(thread_id, checkpoint_ns)
         if not await self._clear_if_suspect(key):
             return
         entries = [part for write in writes for part in self._write_entry(write)]
@@ -363,18 +364,18 @@ class RedisCheckpointCache:
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         if checkpoint_ns is not None:
-            key = entry_key(thread_id, checkpoint_ns)
+            key = self.key(thread_id, checkpoint_ns)
             if await self._call(key, self._client.delete(key)) is not None:
                 self._suspect.discard(key)
             return
-        index = namespaces_key(thread_id)
+        index = self._namespaces_key(thread_id)
         namespaces = cast(
             "set[bytes] | None", await self._call(index, self._client.smembers(index))
         )
         if namespaces is None:
             return
-        keys = [entry_key(thread_id, ns.decode()) for ns in namespaces]
-        keys += [key for key in self._suspect if key.startswith(entry_key(thread_id, ""))]
+        keys = [self.key(thread_id, ns.decode()) for ns in namespaces]
+        keys += [key for key in self._suspect if key.startswith(self.key(thread_id, ""))]
         if await self._call(index, self._client.delete(index, *keys)) is not None:
             self._suspect.difference_update(keys)
 

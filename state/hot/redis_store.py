@@ -1,12 +1,22 @@
 """The Redis hot tier: cached workflow records, atomic section/field writes, fenced locks.
 
-Layout, all keys hash-tagged with the thread id (one cluster slot per thread):
+Layout, all keys hash-tagged with the thread id (one cluster slot per thread) and
+namespaced by the cold store they cache (`hot_namespace`: two stores may share
+one Redis):
 
-- `{tid}:wf`     hash: `version`, `schema_version`, `created_at`, `updated_at`,
-                 `fence`, and one `s:<section>` field per section (JSON). HSET
-                 leaves the key's TTL alone, so section writes keep it by nature.
-- `{name}:lock`  lock owner token, `SET NX PX`.
-- `{name}:fence` last fencing token issued for that lock name.
+- `{tid}:<ns>:wf`     hash: `version`, `schema_version`, `created_at`,
+                      `updated_at`, `fence`, one `s:<section>` field per section
+                      (JSON), and one `i:<token>` field per write in flight (its
+                      deadline on the server clock, in microseconds). HSET leaves
+                      the key's TTL alone, so section writes keep it by nature.
+- `{name}:<ns>:lock`  lock owner token, `SET NX PX`.
+- `{name}:<ns>:fence` last fencing token issued for that lock name.
+
+Write intents (`i:` fields) are what keep a half-finished write from leaving a
+stale copy: while one is present the record is not served (see `read`), and
+`state.tiered` explains who adds and removes them and why that is race-free.
+Deadlines and read times come from the server's `TIME`, so every worker
+compares them on one clock.
 
 Every read-modify-write is one Lua script, so concurrent writers never lose
 each other's changes. Scripts never decode JSON they do not have to: only
@@ -22,40 +32,99 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
-from ..ports import JSON, Lock, TierHealth, WorkflowRecord
+from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent
 from ..schema import CURRENT
 from ..settings import Settings
-from .redis_client import hot_key
+from .redis_client import hot_key, hot_namespace
 
 WORKFLOW_KIND = "wf"
 LOCK_KIND = "lock"
 FENCE_KIND = "fence"
 SECTION_PREFIX = "s:"
+INTENT_PREFIX = "i:"
 # The fence counter outlives any lock on it; it is re-seeded from the clock if lost.
 FENCE_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 # What the section-editing scripts answer (see each script).
 DONE, NOT_CACHED, TRY_AGAIN, NOT_AN_OBJECT = 1, 0, -1, -2
 
-# Replace the whole cached record unless the cache holds a newer version.
-# KEYS[1] record; ARGV[1] version, ARGV[2] ttl seconds, ARGV[3..] field/value pairs.
+# The server clock and the whole entry, in one step. KEYS[1] record.
+_READ = """
+local now = redis.call('TIME')
+return {now[1], now[2], redis.call('HGETALL', KEYS[1])}
+"""
+
+# Register a write intent, creating the entry if absent. The entry is kept at least
+# until the intent's deadline (an expired key would take the intent with it) and an
+# entry the intent created expires with the hot TTL, so intents never linger.
+# KEYS[1] record; ARGV[1] intent field, ARGV[2] bound ms, ARGV[3] ttl seconds.
+# Returns the server clock (microseconds) at registration.
+_BEGIN_WRITE = """
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', clock + tonumber(ARGV[2]) * 1000))
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  ttl = tonumber(ARGV[3]) * 1000
+end
+redis.call('PEXPIRE', KEYS[1], math.max(ttl, tonumber(ARGV[2])))
+return string.format('%.0f', clock)
+"""
+
+# Replace the whole cached record unless the cache holds a newer version, and drop
+# write intents: the caller's own, and those whose deadline is before ARGV[4].
+# Every other intent survives the replacement, so the entry stays hidden.
+# KEYS[1] record; ARGV[1] version, ARGV[2] ttl seconds, ARGV[3] own intent field or '',
+# ARGV[4] clock (microseconds) or '', ARGV[5..] field/value pairs.
 _INSTALL = """
+local kept, dropped = {}, {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 2) == 'i:' then
+    local deadline = redis.call('HGET', KEYS[1], field)
+    if field == ARGV[3] or (ARGV[4] ~= '' and tonumber(deadline) < tonumber(ARGV[4])) then
+      dropped[#dropped + 1] = field
+    else
+      kept[#kept + 1] = field
+      kept[#kept + 1] = deadline
+    end
+  end
+end
 local cached = redis.call('HGET', KEYS[1], 'version')
 if cached and tonumber(cached) > tonumber(ARGV[1]) then
+  if #dropped > 0 then
+    redis.call('HDEL', KEYS[1], unpack(dropped))
+  end
   return 0
 end
 redis.call('DEL', KEYS[1])
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+for i = 1, #kept, 2 do
+  redis.call('HSET', KEYS[1], kept[i], kept[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# Drop the cached record but keep write intents: a writer in flight still hides the
+# entry from readers installing what they read meanwhile. KEYS[1] record.
+_INVALIDATE = """
+local record = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 2) ~= 'i:' then
+    record[#record + 1] = field
+  end
+end
+if #record > 0 then
+  redis.call('HDEL', KEYS[1], unpack(record))
+end
+return #record
 """
 
 # Replace one section of a cached record; with a version, only if the cache is older.
@@ -171,7 +240,11 @@ class RedisHotStore:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self._client = client
         self._settings = settings
+        self._namespace = hot_namespace(settings)
+        self._read = client.register_script(_READ)
+        self._begin_write = client.register_script(_BEGIN_WRITE)
         self._install = client.register_script(_INSTALL)
+        self._invalidate = client.register_script(_INVALIDATE)
         self._merge_section = client.register_script(_MERGE_SECTION)
         self._update_field = client.register_script(_UPDATE_FIELD)
         self._compare_and_set_section = client.register_script(_COMPARE_AND_SET_SECTION)
@@ -180,19 +253,51 @@ class RedisHotStore:
 
     # ----------------------------------------------------------------- records
 
-    async def get(self, thread_id: str) -> WorkflowRecord | None:
-        with redis_errors():
-            fields = await self._client.hgetall(hot_key(thread_id, WORKFLOW_KIND))
-        return _record_from_hash(thread_id, fields)
+    def key(self, thread_id: str, kind: str = WORKFLOW_KIND) -> str:
+        return hot_key(thread_id, kind, namespace=self._namespace)
 
-    async def install(self, record: WorkflowRecord, *, ttl_seconds: int) -> bool:
-        args: list[str | int] = [record.version, ttl_seconds]
+    async def read(self, thread_id: str) -> HotRead:
+        with redis_errors():
+            seconds, micros, flat = await self._read(keys=[self.key(thread_id)])
+        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        observed_at = int(seconds) * 1_000_000 + int(micros)
+        if any(field.startswith(INTENT_PREFIX) for field in fields):
+            return HotRead(None, observed_at, pending=True)
+        return HotRead(_record_from_hash(thread_id, fields), observed_at)
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        return (await self.read(thread_id)).record
+
+    async def begin_write(self, thread_id: str, *, bound_ms: int, ttl_seconds: int) -> WriteIntent:
+        token = secrets.token_hex(8)
+        with redis_errors():
+            registered_at = await self._begin_write(
+                keys=[self.key(thread_id)], args=[INTENT_PREFIX + token, bound_ms, ttl_seconds]
+            )
+        return WriteIntent(thread_id, token, int(registered_at))
+
+    async def abandon_write(self, intent: WriteIntent) -> None:
+        with redis_errors():
+            await self._client.hdel(self.key(intent.thread_id), INTENT_PREFIX + intent.token)
+
+    async def install(
+        self,
+        record: WorkflowRecord,
+        *,
+        ttl_seconds: int,
+        intent: WriteIntent | None = None,
+        expired_before: int | None = None,
+    ) -> bool:
+        args: list[str | int] = [
+            record.version,
+            ttl_seconds,
+            "" if intent is None else INTENT_PREFIX + intent.token,
+            "" if expired_before is None else expired_before,
+        ]
         for field, value in _hash_from_record(record).items():
             args += [field, value]
         with redis_errors():
-            installed = await self._install(
-                keys=[hot_key(record.thread_id, WORKFLOW_KIND)], args=args
-            )
+            installed = await self._install(keys=[self.key(record.thread_id)], args=args)
         return bool(installed)
 
     async def merge_section(
@@ -200,11 +305,11 @@ class RedisHotStore:
     ) -> bool:
         args = [SECTION_PREFIX + section, _dumps(value), "" if version is None else version, _now()]
         with redis_errors():
-            merged = await self._merge_section(keys=[hot_key(thread_id, WORKFLOW_KIND)], args=args)
+            merged = await self._merge_section(keys=[self.key(thread_id)], args=args)
         return bool(merged)
 
     async def update_field(self, thread_id: str, section: str, field: str, value: JSON) -> bool:
-        key = hot_key(thread_id, WORKFLOW_KIND)
+        key = self.key(thread_id)
         section_field = SECTION_PREFIX + section
         encoded = _dumps(value)
         marker = f"__value_{secrets.token_hex(16)}__"
@@ -245,11 +350,11 @@ class RedisHotStore:
 
     async def invalidate(self, thread_id: str) -> None:
         with redis_errors():
-            await self._client.delete(hot_key(thread_id, WORKFLOW_KIND))
+            await self._invalidate(keys=[self.key(thread_id)])
 
     async def ttl(self, thread_id: str) -> int:
         with redis_errors():
-            return int(await self._client.ttl(hot_key(thread_id, WORKFLOW_KIND)))
+            return int(await self._client.ttl(self.key(thread_id)))
 
     # ----------------------------------------------------------------- locks
 
@@ -258,7 +363,7 @@ class RedisHotStore:
         with redis_errors():
             fence = int(
                 await self._acquire_lock(
-                    keys=[hot_key(name, LOCK_KIND), hot_key(name, FENCE_KIND)],
+                    keys=[self.key(name, LOCK_KIND), self.key(name, FENCE_KIND)],
                     args=[token, ttl_ms, max(FENCE_RETENTION_MS, ttl_ms)],
                 )
             )
@@ -269,7 +374,7 @@ class RedisHotStore:
     async def release_lock(self, lock: Lock) -> bool:
         with redis_errors():
             released = await self._release_lock(
-                keys=[hot_key(lock.name, LOCK_KIND)], args=[lock.token]
+                keys=[self.key(lock.name, LOCK_KIND)], args=[lock.token]
             )
         return bool(released)
 
@@ -301,8 +406,7 @@ def _hash_from_record(record: WorkflowRecord) -> dict[str, str | int]:
     return fields
 
 
-def _record_from_hash(thread_id: str, raw: dict[Any, Any]) -> WorkflowRecord | None:
-    fields = {_text(key): _text(value) for key, value in raw.items()}
+def _record_from_hash(thread_id: str, fields: dict[str, str]) -> WorkflowRecord | None:
     # A copy cached by other code (another schema) is a miss: the cold tier re-reads
     # it through the upcasters and installs the current shape.
     if "version" not in fields or fields.get("schema_version") != str(CURRENT["workflow"]):

@@ -194,6 +194,7 @@ async def test_a_long_run_answers_202_with_a_status_url(runtime: Runtime, case_i
             runtime.store,
             runtime.graph,
             runtime.settings.model_copy(update={"case_sync_wait_seconds": 0.0}),
+            runtime.backends.retention,
         ),
     )
     transport = httpx.ASGITransport(app=create_app(patient))

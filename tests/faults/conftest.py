@@ -113,11 +113,6 @@ class Deadline:
             raise TimeoutError(f"{what}: gave up after {self.seconds}s")
 
 
-# The session Redis is shared with other suites: each backend gets its own database,
-# since hot-tier keys name only the thread (an app has one cold backend, tests have two).
-REDIS_DB = {"cosmos": 1, "postgres": 2}
-
-
 @pytest.fixture
 def env_for(stack_env: dict[str, str]) -> Callable[..., dict[str, str]]:
     """App settings as environment variables for one backend on the session stack.
@@ -133,7 +128,8 @@ def env_for(stack_env: dict[str, str]) -> Callable[..., dict[str, str]]:
             "COSMOS_KEY": stack_env["COSMOS_KEY"],
             "COSMOS_CREATE_IF_MISSING": "true",
             "POSTGRES_URL": stack_env["POSTGRES_URL"],
-            "REDIS_URL": stack_env["REDIS_URL"].rsplit("/", 1)[0] + f"/{REDIS_DB[backend]}",
+            # Shared by both backends: hot-tier keys are namespaced by the cold store.
+            "REDIS_URL": stack_env["REDIS_URL"],
         }
         for name, value in overrides.items():
             if value is None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from devstack import PostgresServer, RedisServer
+from devstack import PostgresServer
 from state.settings import Settings
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
@@ -52,17 +52,11 @@ async def submit_all(app: App, case_ids: list[str], deadline: Deadline) -> int:
 @pytest.mark.slow
 async def test_postgres_restart_mid_workflow(
     postgres_server: PostgresServer,
-    redis_server: Callable[..., RedisServer],
     settings_for: Callable[..., Settings],
     reliability: Recorder,
 ) -> None:
-    # Its own Redis too: hot-tier keys name only the thread, and this Postgres is not
-    # the session's (whose records other tests cached under the same ids).
     settings = settings_for(
-        "postgres",
-        postgres_url=postgres_server.url,
-        redis_url=redis_server().url,
-        case_stale_after_seconds=1,
+        "postgres", postgres_url=postgres_server.url, case_stale_after_seconds=1
     )
     deadline = Deadline(150)
     async with open_runtime(settings) as app:

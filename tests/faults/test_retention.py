@@ -4,7 +4,8 @@ The hot tier's TTL is observed directly (the copy expires, the record does
 not, and the next read refills it). Cosmos TTL is enforced by the service, not
 by the local emulator, so what the container and each item carry is
 inspected instead: a case interrupted for human review must be exempt (item
-`ttl` -1) from the container's default TTL.
+`ttl` -1) from the container's default TTL. Postgres expires nothing itself:
+the timer's sweep does, and rows are backdated so the test controls the clock.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from devstack import RedisServer
@@ -21,6 +23,7 @@ from state.cold.cosmos_client import CosmosConnection
 from state.factory import backends_for
 from state.settings import Settings
 from state.tiered import TieredStateStore
+from support_cases.models import CaseStatus
 
 from .apps import open_runtime, review_case, submission
 from .conftest import Recorder
@@ -82,12 +85,6 @@ async def cosmos_items(settings: Settings, thread_id: str) -> list[dict[str, Any
         await connection.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no per-item TTL exemption: the Cosmos adapters never set an item `ttl`, so a case "
-    "interrupted for human review inherits the container's default TTL "
-    "(STATE_COLD_TTL_SECONDS) and would expire while it waits",
-)
 async def test_cosmos_item_ttl_spares_cases_awaiting_review(
     settings_for: Callable[..., Settings],
     redis_server: Callable[..., RedisServer],
@@ -109,31 +106,41 @@ async def test_cosmos_item_ttl_spares_cases_awaiting_review(
             await review_case(app, waiting)
             await app.runtime.service.submit(submission(done), None)
             await app.runtime.service.wait_idle()
+            waiting_items = await cosmos_items(settings, waiting)
+            done_items = await cosmos_items(settings, done)
+            # The review ends the hold: the case completes and its items expire again.
+            decided = await app.decide(waiting, "approve", "retention-reviewer")
+            await app.runtime.service.wait_idle()
+            final = (await app.runtime.service.status(waiting)).status
+            decided_items = await cosmos_items(settings, waiting)
         connection = CosmosConnection(settings)
         try:
             container = await connection.container()
             default_ttl = (await container.read()).get("defaultTtl")
         finally:
             await connection.close()
-        waiting_items = await cosmos_items(settings, waiting)
-        done_items = await cosmos_items(settings, done)
         exempt = [item for item in waiting_items if item.get("ttl") == -1]
         # An item without its own `ttl` follows the container's default.
         expiring_done = [item for item in done_items if (item.get("ttl", default_ttl) or -1) > 0]
+        still_exempt = [item for item in decided_items if "ttl" in item]
         reliability.record(
             "Retention: Cosmos per-item TTL, case awaiting review exempt",
-            injected=f"container default TTL {COLD_TTL} s; one completed case, one awaiting review",
+            injected=f"container default TTL {COLD_TTL} s; one completed case, one awaiting "
+            "review, then approved",
             runs=2,
             # Nothing is lost yet (the emulator does not expire items): the risk is reported.
             lost_writes=0,
             silent_overwrites=0,
             observed=f"container defaultTtl {default_ttl}; {len(exempt)}/{len(waiting_items)} "
-            f"items of the waiting case exempt (the rest would expire in Azure); "
-            f"{len(expiring_done)}/{len(done_items)} items of the completed case expire",
+            f"items of the waiting case exempt (ttl -1); {len(expiring_done)}/{len(done_items)} "
+            f"items of the completed case expire; after the review ({final.value}) "
+            f"{len(still_exempt)}/{len(decided_items)} items of that case keep an own ttl",
         )
         assert default_ttl == COLD_TTL
         assert waiting_items and len(exempt) == len(waiting_items)
         assert done_items and len(expiring_done) == len(done_items)
+        assert decided.accepted and final is CaseStatus.COMPLETED
+        assert len(decided_items) > len(waiting_items) and still_exempt == []
     finally:
         connection = CosmosConnection(settings)
         try:
@@ -144,35 +151,54 @@ async def test_cosmos_item_ttl_spares_cases_awaiting_review(
             await connection.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no Postgres retention sweep: STATE_COLD_TTL_SECONDS is ignored on Postgres (no "
-    "expiry column, no sweep in the store or the timer), so nothing ever expires there",
-)
+async def backdate_postgres(url: str, seconds: int) -> None:
+    """Every thread's activity `seconds` into the past: the sweep reads the server's clock."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE workflow_records SET updated_at = updated_at - make_interval(secs => %s)",
+            (seconds,),
+        )
+        await conn.execute(
+            "UPDATE cp_checkpoints SET created_at = created_at - make_interval(secs => %s)",
+            (seconds,),
+        )
+
+
 async def test_postgres_sweep_spares_cases_awaiting_review(
-    settings_for: Callable[..., Settings], reliability: Recorder
+    settings_for: Callable[..., Settings], fresh_postgres_url: str, reliability: Recorder
 ) -> None:
-    settings = settings_for("postgres", state_cold_ttl_seconds=1)
+    # A database of its own: the sweep deletes every expired thread it finds.
+    settings = settings_for(
+        "postgres", state_cold_ttl_seconds=COLD_TTL, postgres_url=fresh_postgres_url
+    )
     suffix = uuid.uuid4().hex[:8]
     waiting, done = f"ret-review-{suffix}", f"ret-done-{suffix}"
     async with open_runtime(settings) as app:
+        service = app.runtime.service
         await review_case(app, waiting)
-        await app.runtime.service.submit(submission(done), None)
-        await app.runtime.service.wait_idle()
-        await asyncio.sleep(2)
-        sweep = getattr(app.runtime.backends.cold, "sweep_expired", None)
-        swept = callable(sweep)
-        if swept:
-            await sweep()  # type: ignore[misc]
-        kept = await app.runtime.backends.cold.get(waiting) is not None
-        removed = await app.runtime.backends.cold.get(done) is None
+        await service.submit(submission(done), None)
+        await service.wait_idle()
+        await backdate_postgres(fresh_postgres_url, 2 * COLD_TTL)
+        swept = await service.sweep_expired()
+        cold = app.runtime.backends
+        kept = await cold.cold.get(waiting) is not None
+        kept_checkpoint = await cold.checkpoints.get_checkpoint(waiting, "", None) is not None
+        removed = await cold.cold.get(done) is None
+        removed_checkpoint = await cold.checkpoints.get_checkpoint(done, "", None) is None
+        # Kept means usable: the held case still resumes from what the sweep left.
+        decided = await app.decide(waiting, "approve", "retention-reviewer")
+        await service.wait_idle()
+        final = (await service.status(waiting)).status
     reliability.record(
         "Retention: Postgres sweep, case awaiting review exempt",
-        injected="STATE_COLD_TTL_SECONDS=1; one completed case, one awaiting review; waited 2 s",
+        injected=f"STATE_COLD_TTL_SECONDS={COLD_TTL}; one completed case, one awaiting review; "
+        f"every row backdated {2 * COLD_TTL} s, then the timer's sweep",
         runs=2,
-        lost_writes=0 if kept else 1,
+        lost_writes=0 if kept and kept_checkpoint else 1,
         silent_overwrites=0,
-        observed=f"sweep {'ran' if swept else 'does not exist'}; waiting case "
-        f"{'kept' if kept else 'EXPIRED'}; completed case {'removed' if removed else 'kept'}",
+        observed=f"sweep deleted {swept} threads; waiting case "
+        f"{'kept' if kept and kept_checkpoint else 'EXPIRED'} and {final.value} after the "
+        f"review; completed case {'removed' if removed and removed_checkpoint else 'kept'}",
     )
-    assert swept and kept and removed
+    assert kept and kept_checkpoint and removed and removed_checkpoint
+    assert decided.accepted and final is CaseStatus.COMPLETED

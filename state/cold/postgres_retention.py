@@ -1,0 +1,127 @@
+"""Retention in Postgres (`ColdRetention`): holds in a table, a sweep deletes expired threads.
+
+Postgres expires nothing by itself, so `sweep` does what Cosmos's TTL does,
+thread by thread: a thread whose workflow record was last updated, and whose
+newest checkpoint was written, more than STATE_COLD_TTL_SECONDS ago (database
+clock) is deleted whole: record, audit trail, checkpoints, blobs, writes.
+Threads that have checkpoints but no record expire the same way.
+
+`retention_holds` (migration 3) exempts a thread while `held`; a released row
+stays until the thread is swept, so inactivity counts from the release at the
+earliest, as on Cosmos, where the release is itself a write.
+
+Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
+sweepers take different threads), so a writer that comes back to one waits for
+the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
+"""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .postgres_client import CountedConnection, PostgresConnection
+
+# Threads per transaction: keeps each sweep's locks and WAL burst small.
+SWEEP_BATCH = 100
+
+HOLD_SQL = """
+INSERT INTO retention_holds AS h (thread_id, held, changed_at) VALUES (%s, true, now())
+ON CONFLICT (thread_id) DO UPDATE SET held = true, changed_at = now() WHERE NOT h.held
+"""
+
+RELEASE_SQL = """
+UPDATE retention_holds SET held = false, changed_at = now() WHERE thread_id = %s AND held
+"""
+
+_EXEMPT = """
+EXISTS (
+    SELECT 1 FROM retention_holds AS h
+    WHERE h.thread_id = {thread}.thread_id AND (h.held OR h.changed_at >= {cutoff})
+)
+OR EXISTS (
+    SELECT 1 FROM cp_checkpoints AS n
+    WHERE n.thread_id = {thread}.thread_id AND n.created_at >= {cutoff}
+)
+"""
+_CUTOFF = "now() - %(ttl)s * interval '1 second'"
+
+EXPIRED_RECORDS_SQL = f"""
+SELECT r.thread_id FROM workflow_records AS r
+WHERE r.updated_at < {_CUTOFF}
+  AND NOT ({_EXEMPT.format(thread="r", cutoff=_CUTOFF)})
+ORDER BY r.updated_at
+LIMIT %(limit)s
+FOR UPDATE OF r SKIP LOCKED
+"""
+
+# Rows, not threads: DISTINCT would read every old checkpoint before the LIMIT applied.
+EXPIRED_CHECKPOINT_ONLY_SQL = f"""
+SELECT c.thread_id FROM cp_checkpoints AS c
+WHERE c.created_at < {_CUTOFF}
+  AND NOT EXISTS (SELECT 1 FROM workflow_records AS r WHERE r.thread_id = c.thread_id)
+  AND NOT ({_EXEMPT.format(thread="c", cutoff=_CUTOFF)})
+ORDER BY c.created_at
+LIMIT %(limit)s
+"""
+
+DELETE_THREADS_SQL = """
+WITH dropped_audit AS (
+    DELETE FROM state_audit_log WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_writes AS (
+    DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_blobs AS (
+    DELETE FROM cp_blobs WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_checkpoints AS (
+    DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_holds AS (
+    DELETE FROM retention_holds WHERE thread_id = ANY(%(thread_ids)s)
+)
+DELETE FROM workflow_records WHERE thread_id = ANY(%(thread_ids)s)
+"""
+
+
+class PostgresRetention:
+    """`ColdRetention` on the Postgres pool shared through a `PostgresConnection`."""
+
+    name = "postgres"
+
+    def __init__(self, connection: PostgresConnection, settings: Settings) -> None:
+        self._pg = connection
+        self._ttl_seconds = settings.state_cold_ttl_seconds
+
+    async def hold(self, thread_id: str) -> None:
+        async with self._pg.connection("hold") as conn:
+            await conn.execute(HOLD_SQL, (thread_id,))
+
+    async def release(self, thread_id: str) -> None:
+        async with self._pg.connection("release") as conn:
+            await conn.execute(RELEASE_SQL, (thread_id,))
+
+    async def sweep(self, *, limit: int) -> int:
+        if self._ttl_seconds < 0:
+            return 0
+        swept = 0
+        while swept < limit:
+            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept))
+            if not deleted:
+                break
+            swept += deleted
+        return swept
+
+    async def _sweep_batch(self, limit: int) -> int:
+        params = {"ttl": self._ttl_seconds, "limit": limit}
+        async with self._pg.transaction("sweep") as conn:
+            expired = await _thread_ids(conn, EXPIRED_RECORDS_SQL, params)
+            if len(expired) < limit:
+                more = await _thread_ids(
+                    conn, EXPIRED_CHECKPOINT_ONLY_SQL, {**params, "limit": limit - len(expired)}
+                )
+                expired += [thread_id for thread_id in more if thread_id not in expired]
+            if expired:
+                await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
+        return len(expired)
+
+
+async def _thread_ids(conn: CountedConnection, query: str, params: dict[str, int]) -> list[str]:
+    """Distinct thread ids in the order the query returns them."""
+    cursor = await conn.execute(query, params)
+    return list(dict.fromkeys(str(row["thread_id"]) for row in await cursor.fetchall()))
