@@ -69,7 +69,8 @@ def build_package(repo_root: Path, target: Path) -> None:
 
 
 def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Path) -> None:
-    uv = shutil.which("uv")
+    # The venv's own uv (a dev dependency) first: the machine's may not be on PATH.
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.fail("uv is not on PATH: run scripts/bootstrap.sh")
     package = tmp_path / "package"
