@@ -366,12 +366,20 @@ class StateSizeManager:
                 continue
             if sizes[name] <= limit // 4 and measure(result).total <= limit // 2:
                 break
-            value = decompress(result[name])
-            ref = await self._require_archive().archive(thread_id, name, value)
-            result[name] = {OFFLOADED_KEY: _reference(ref, value)}
-            actions.offloaded[name] = ref
+            result[name] = await self.offload(thread_id, name, result[name])
+            actions.offloaded[name] = result[name][OFFLOADED_KEY]["ref"]
         actions.after = measure(result)
         return result, actions
+
+    async def offload(self, thread_id: str, section: str, value: JSON) -> JSON:
+        """Move a section's value (plain or compressed) to the archive; return the reference.
+
+        Lossless and not tied to the policy: for a caller that learns only from the
+        cold store that a record will not fit (`StateTooLarge`).
+        """
+        plain = decompress(value)
+        ref = await self._require_archive().archive(thread_id, section, plain)
+        return {OFFLOADED_KEY: _reference(ref, plain)}
 
     def _require_archive(self) -> SectionArchive:
         if self._archive is None:

@@ -51,13 +51,41 @@ meantime; so can an intent lost to eviction, FLUSHALL or a failover without
 persistence while a reader's cold read predates the commit. In both the old copy
 lasts until a later write or the hot TTL. A writer that cannot reach Redis
 writes without an intent: as before, only its own process knows to re-install.
+
+Size management (`state.size.StateSizeManager`, policy from `Settings`): both
+tiers hold bounded, *stored* forms and callers see plain values.
+
+- `create` shrinks every section (prune, truncate, compress, offload), which
+  keeps the record and its creation audit entry within half an item;
+- `update_section` shrinks the section it writes: offloaded when it alone passes
+  a quarter of an item. The other sections are not read (a write stays one cold
+  write and two Redis round trips), so if the cold store refuses the whole record
+  as over the item limit (`StateTooLarge`, Cosmos), the section is offloaded and
+  written again under a new intent; Postgres has no item limit and keeps such a
+  record inline;
+- `get`, and the records `create` and `update_section` return, are expanded:
+  compressed and offloaded sections come back as written (after any pruning or
+  truncation the policy asked for). Archived sections stay references unless
+  `get(..., fetch_archived=True)`: the caller said the workflow is done with them.
+- Archiving is the caller's call: `create(completed_sections=...)` or
+  `update_section(..., completed=True)` archives a section configured in
+  `STATE_ARCHIVABLE_SECTIONS`.
+
+The hot entry and the cold record hold the same stored form (the cold write's
+result is what is installed), so expansion happens only on the way out. Audit
+entries (`audit_trail`) hold stored forms too: a reference in `before`/`after`
+is fetched back with `StateSizeManager.expand`. Offloaded and archived values are
+content-addressed cold records that are never deleted here (an audit entry may
+still name them, and a write that failed after offloading may leave one behind):
+the cold tier's retention expires them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -84,6 +112,7 @@ from .ports import (
     WriteIntent,
 )
 from .settings import Settings
+from .size import ColdRecordArchive, StateSizeManager, is_archived, is_offloaded
 
 if TYPE_CHECKING:
     from .factory import Backends
@@ -106,10 +135,20 @@ class CacheStats:
 
 
 class TieredStateStore:
-    def __init__(self, cold: ColdStateStore, hot: HotStateStore | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        cold: ColdStateStore,
+        hot: HotStateStore | None,
+        settings: Settings,
+        size: StateSizeManager | None = None,
+    ) -> None:
         self._cold = cold
         self._hot = hot
         self._settings = settings
+        # Default: the settings' policy, archiving into the cold store itself.
+        self.size = size or StateSizeManager.from_settings(
+            settings, ColdRecordArchive.from_settings(cold, settings)
+        )
         self.stats = CacheStats()
         self._hot_skip_until = 0.0
         self._hot_down = False
@@ -124,7 +163,13 @@ class TieredStateStore:
 
     # ----------------------------------------------------------------- records
 
-    async def get(self, thread_id: str) -> WorkflowRecord | None:
+    async def get(self, thread_id: str, *, fetch_archived: bool = False) -> WorkflowRecord | None:
+        """The record with plain sections; archived ones stay references unless asked."""
+        record = await self._read(thread_id)
+        return None if record is None else await self._expand(record, fetch_archived=fetch_archived)
+
+    async def _read(self, thread_id: str) -> WorkflowRecord | None:
+        """The record as both tiers store it (sections in their shrunk form)."""
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
             observed_at: int | None = None
@@ -153,21 +198,28 @@ class TieredStateStore:
             return record
 
     async def create(
-        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
+        self,
+        thread_id: str,
+        sections: dict[str, JSON],
+        *,
+        agent_id: str,
+        completed_sections: Collection[str] = (),
     ) -> WorkflowRecord:
+        """Store version 1; `completed_sections` that are archivable are archived."""
         with _span("create", thread_id=thread_id):
+            stored, _ = await self.size.shrink(thread_id, sections, completed=completed_sections)
             # A copy left from an earlier record of this thread id would outrank the
             # new version 1; clearing it first is safe because cold has nothing older.
             await self._invalidate(thread_id)
             try:
-                record = await self._cold.create(thread_id, sections, agent_id=agent_id)
+                record = await self._cold.create(thread_id, stored, agent_id=agent_id)
             except WorkflowExists:
                 # The thread was live (a retried create): a reader holding an older copy
                 # could now install it over the gap the invalidation left; put cold's back.
                 await self._reinstall_from_cold(thread_id)
                 raise
             await self._install(record)
-            return record
+            return await self._expand(record)
 
     async def update_section(
         self,
@@ -178,41 +230,85 @@ class TieredStateStore:
         agent_id: str,
         expected_version: int | None = None,
         fencing_token: int | None = None,
+        completed: bool = False,
     ) -> WorkflowRecord:
+        """Replace one section; `completed` archives it if it is archivable.
+
+        The section is shrunk alone (see the module docstring for how the record
+        stays within an item) before any write intent is registered, and each
+        intent covers exactly one cold write, so archive I/O never lengthens the
+        window in which the hot copy is hidden.
+        """
         with _span("update_section", thread_id=thread_id, section=section):
             if expected_version is None:
-                current = await self.get(thread_id)
+                current = await self._read(thread_id)
                 if current is None:
                     raise WorkflowNotFound(thread_id)
                 expected_version = current.version
-            intent = await self._begin_write(thread_id)
+            shrunk, _ = await self.size.shrink(
+                thread_id, {section: value}, completed=(section,) if completed else ()
+            )
+            stored = shrunk[section]
             try:
-                record = await self._cold.update_section(
-                    thread_id,
-                    section,
-                    value,
-                    expected_version=expected_version,
-                    agent_id=agent_id,
-                    fencing_token=fencing_token,
+                record = await self._write_section(
+                    thread_id, section, stored, agent_id, expected_version, fencing_token
                 )
-            except VersionConflict:
-                # The caller may have read an outdated hot copy; refresh it so a retry
-                # reads what cold holds.
-                await self._reinstall_from_cold(thread_id, intent)
-                raise
-            except WorkflowNotFound:
-                # Gone from cold (deleted or expired there): a hot copy must not outlive it.
-                await self._abandon_write(intent)
-                await self._invalidate(thread_id)
-                raise
-            except (StaleFencingToken, StateTooLarge):
-                # Refused before anything was written; other failures may have written.
-                await self._abandon_write(intent)
-                raise
-            await self._install(record, intent=intent)
-            return record
+            except StateTooLarge:
+                if is_offloaded(stored) or is_archived(stored):
+                    raise  # the other sections are what does not fit: nothing more to move
+                # Refused before anything was written (its intent is gone), so the same
+                # expected version still holds: move this section out and write again.
+                stored = await self.size.offload(thread_id, section, stored)
+                record = await self._write_section(
+                    thread_id, section, stored, agent_id, expected_version, fencing_token
+                )
+            return await self._expand(record)
+
+    async def _write_section(
+        self,
+        thread_id: str,
+        section: str,
+        stored: JSON,
+        agent_id: str,
+        expected_version: int,
+        fencing_token: int | None,
+    ) -> WorkflowRecord:
+        """One cold write of a section's stored form under a write intent, then install."""
+        intent = await self._begin_write(thread_id)
+        try:
+            record = await self._cold.update_section(
+                thread_id,
+                section,
+                stored,
+                expected_version=expected_version,
+                agent_id=agent_id,
+                fencing_token=fencing_token,
+            )
+        except VersionConflict:
+            # The caller may have read an outdated hot copy; refresh it so a retry
+            # reads what cold holds.
+            await self._reinstall_from_cold(thread_id, intent)
+            raise
+        except WorkflowNotFound:
+            # Gone from cold (deleted or expired there): a hot copy must not outlive it.
+            await self._abandon_write(intent)
+            await self._invalidate(thread_id)
+            raise
+        except (StaleFencingToken, StateTooLarge):
+            # Refused before anything was written; other failures may have written.
+            await self._abandon_write(intent)
+            raise
+        await self._install(record, intent=intent)
+        return record
+
+    async def _expand(
+        self, record: WorkflowRecord, *, fetch_archived: bool = False
+    ) -> WorkflowRecord:
+        sections = await self.size.expand(record.sections, fetch_archived=fetch_archived)
+        return dataclasses.replace(record, sections=sections)
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
+        """Newest first; `before` and `after` are the stored (shrunk) forms."""
         with _span("audit_trail", thread_id=thread_id):
             return await self._cold.audit_trail(thread_id, limit=limit)
 

@@ -7,6 +7,7 @@ themselves; the session's Redis is never touched.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,6 +37,7 @@ from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import RedisHotStore
 from state.ports import ColdStateStore, WorkflowRecord
 from state.settings import Settings
+from state.size import is_archived, is_offloaded, pruned_summary
 from state.tiered import TieredStateStore
 
 RACE_ROUNDS = 15
@@ -580,6 +582,93 @@ async def test_stores_over_different_cold_stores_share_one_redis_without_sharing
         held = await stores[0].lock(thread)
         assert await stores[1].lock(thread) and await stores[2].lock(thread)
         assert await stores[0].unlock(held)
+
+
+# --------------------------------------------------------------------------- size management
+
+
+@pytest.fixture
+def windowed(
+    cold: CosmosStateStore, hot: RedisHotStore, settings_for: Callable[..., Settings]
+) -> TieredStateStore:
+    """A store whose settings name `messages`, and only it, as a window of 5 messages."""
+    settings = settings_for(state_message_sections="messages", state_message_window=5)
+    return TieredStateStore(cold, hot, settings)
+
+
+def _messages(start: int, stop: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"m{n}"} for n in range(start, stop)]
+
+
+async def test_a_message_window_keeps_the_newest_and_counts_what_it_dropped(
+    windowed: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    thread = _thread()
+    await windowed.create(thread, {"messages": [], "notes": _messages(0, 12)}, agent_id="a")
+    # One message per write, as agents append them: the summary count accumulates.
+    for n in range(12):
+        current = await windowed.get(thread)
+        assert current is not None
+        record = await windowed.update_section(
+            thread,
+            "messages",
+            [*current.sections["messages"], *_messages(n, n + 1)],
+            agent_id="a",
+            expected_version=current.version,
+        )
+    # Unconfigured sections keep every message, whether created or updated.
+    record = await windowed.update_section(thread, "notes", _messages(0, 13), agent_id="a")
+    assert record.sections == {
+        "messages": [pruned_summary(7), *_messages(7, 12)],
+        "notes": _messages(0, 13),
+    }
+    assert await windowed.get(thread) == record
+    # Pruned in what both tiers store, not only in what callers see.
+    assert await cold.get(thread) == record and await hot.get(thread) == record
+
+    created = await windowed.create(_thread(), {"messages": _messages(0, 12)}, agent_id="a")
+    assert created.sections["messages"] == [pruned_summary(7), *_messages(7, 12)]
+
+
+async def test_a_section_that_would_push_the_record_past_an_item_is_offloaded(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore, settings: Settings
+) -> None:
+    """Under a quarter item alone, but the record already holds most of one (written raw)."""
+    randomness = random.Random(7)
+
+    def incompressible() -> str:
+        # Compressing base64 of random bytes gains less than re-encoding it costs.
+        return base64.b64encode(randomness.randbytes(300_000)).decode()
+
+    thread = _thread()
+    await cold.create(thread, {f"s{n}": incompressible() for n in range(4)}, agent_id="raw")
+    value = incompressible()
+    assert len(value) < settings.state_max_item_bytes // 4  # inline on its own
+    record = await tiered.update_section(thread, "s4", value, agent_id="a")
+    assert record.version == 2 and record.sections["s4"] == value
+    stored = await cold.get(thread)
+    assert stored is not None and is_offloaded(stored.sections["s4"])
+    assert await hot.get(thread) == stored
+    assert [entry.version for entry in await tiered.audit_trail(thread)] == [2, 1]
+    fetched = await tiered.get(thread)
+    assert fetched is not None and fetched.sections == record.sections
+
+
+async def test_a_completed_archivable_section_is_archived_and_fetched_only_when_asked(
+    cold: CosmosStateStore, hot: RedisHotStore, settings_for: Callable[..., Settings]
+) -> None:
+    store = TieredStateStore(cold, hot, settings_for(state_archivable_sections="billing"))
+    thread = _thread()
+    billing = {"refund": 120.0, "charges": list(range(50))}
+    await store.create(thread, {"billing": billing, "account": "ok"}, agent_id="a")
+    # Completed, but not configured archivable: stays inline.
+    kept = await store.update_section(thread, "account", "ok", agent_id="a", completed=True)
+    assert kept.sections["account"] == "ok"
+    done = await store.update_section(thread, "billing", billing, agent_id="a", completed=True)
+    assert is_archived(done.sections["billing"])  # the workflow said it is done with it
+    assert await hot.get(thread) == await cold.get(thread)
+    fetched = await store.get(thread, fetch_archived=True)
+    assert fetched is not None and fetched.sections == {"billing": billing, "account": "ok"}
 
 
 # --------------------------------------------------------------------------- locks

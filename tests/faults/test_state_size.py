@@ -5,13 +5,17 @@ Per size and backend:
 
 - a LangGraph checkpoint holding a channel value of that size goes through the
   tiered saver and comes back byte for byte;
-- a workflow record with a section of that size goes through the
-  StateSizeManager (which offloads what does not fit one item, by reference)
-  and the tiered store, and comes back equal after `expand`;
-- the same record written raw is stored whole where the backend can (Postgres),
-  or refused with a typed `StateTooLarge` and nothing written (Cosmos);
-- every document the Cosmos container holds for it is inspected: none may pass
-  2 MiB, since the local emulator does not enforce the limit itself.
+- a workflow record with a section of that size is created through the tiered
+  store, then that section is replaced by another value of that size through
+  `update_section`; `get` (and each call's result) gives back exactly what was
+  written, while both tiers hold the offloaded, by-reference form, because
+  the store size-manages what it writes by itself;
+- the same record written raw to the cold store (no size management) is
+  stored whole where the backend can (Postgres), or refused with a typed
+  `StateTooLarge` and nothing written (Cosmos);
+- every document the Cosmos container holds for it (record, audit entries,
+  offloaded chunks of both values) is inspected: none may pass 2 MiB, since
+  the local emulator does not enforce the limit itself.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import json
 import random
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -31,8 +34,9 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold.cosmos_client import CosmosConnection
 from state.errors import StateTooLarge
 from state.factory import backends_for
+from state.ports import JSON, ColdStateStore
 from state.settings import Settings
-from state.size import ColdRecordArchive, StateSizeManager
+from state.size import ARCHIVED_KEY, OFFLOADED_KEY, is_offloaded
 from state.tiered import TieredStateStore
 
 from .conftest import Recorder
@@ -63,17 +67,30 @@ async def cosmos_items(settings: Settings, thread_ids: list[str]) -> list[int]:
         await connection.close()
 
 
-async def archive_threads(store: TieredStateStore, sections: dict[str, Any]) -> list[str]:
-    """The cold record ids an offloaded section occupies (head and chunks)."""
+def references(value: JSON) -> set[str]:
+    """Every offloaded or archived reference inside a stored value."""
+    if isinstance(value, dict):
+        if set(value) in ({OFFLOADED_KEY}, {ARCHIVED_KEY}):
+            return {next(iter(value.values()))["ref"]}
+        return {ref for item in value.values() for ref in references(item)}
+    if isinstance(value, list):
+        return {ref for item in value for ref in references(item)}
+    return set()
+
+
+async def archive_threads(cold: ColdStateStore, thread_id: str) -> list[str]:
+    """The cold record ids (heads and chunks) of every value the thread's record or its
+    audit trail refers to: what a replaced section left behind is stored there too."""
+    stored = await cold.get(thread_id)
+    assert stored is not None
+    refs = references(stored.sections)
+    for entry in await cold.audit_trail(thread_id):
+        refs |= references(entry.before) | references(entry.after)
     ids = []
-    for value in sections.values():
-        if isinstance(value, dict) and len(value) == 1:
-            (envelope,) = value.values()
-            if isinstance(envelope, dict) and "ref" in envelope:
-                head = await store.get(envelope["ref"])
-                assert head is not None
-                chunks = int(head.sections["chunks"])
-                ids += [envelope["ref"], *(f"{envelope['ref']}~{n}" for n in range(chunks))]
+    for ref in sorted(refs):
+        head = await cold.get(ref)
+        assert head is not None
+        ids += [ref, *(f"{ref}~{n}" for n in range(int(head.sections["chunks"])))]
     return ids
 
 
@@ -105,31 +122,46 @@ async def test_large_state_round_trips(
             if back is None or back.checkpoint["channel_values"].get("big") != data:
                 mismatches += 1
 
-            # 2. workflow record through the size manager (offloads by reference)
-            manager = StateSizeManager.from_settings(
-                settings, ColdRecordArchive.from_settings(backends.cold, settings)
-            )
+            # 2. workflow record through the tiered store alone: create, then update_section
             sections = {"attachment": base64.b64encode(data).decode(), "status": "open"}
-            shrunk, actions = await manager.shrink(thread_id, sections)
-            await store.create(thread_id, shrunk, agent_id="size-test")
+            created = await store.create(thread_id, sections, agent_id="size-test")
             read = await store.get(thread_id)
-            assert read is not None
             runs += 1
-            if await manager.expand(read.sections) != sections:
+            if created.sections != sections or read is None or read.sections != sections:
                 mismatches += 1
-            assert actions.offloaded or megabytes < 1  # nothing this big stays inline
-            touched = [thread_id, *await archive_threads(store, read.sections)]
+            replacement = base64.b64encode(payload(megabytes, seed=int(megabytes * 10) + 1))
+            updated_sections = {**sections, "attachment": replacement.decode()}
+            updated = await store.update_section(
+                thread_id,
+                "attachment",
+                updated_sections["attachment"],
+                agent_id="size-test",
+                expected_version=1,
+            )
+            read = await store.get(thread_id)
+            runs += 1
+            read_back = None if read is None else read.sections
+            if updated.sections != updated_sections or read_back != updated_sections:
+                mismatches += 1
+            # Stored bounded in both tiers, and the same form in each: nothing this big
+            # stays inline.
+            stored = await backends.cold.get(thread_id)
+            assert stored is not None and stored.version == 2
+            assert is_offloaded(stored.sections["attachment"])
+            assert backends.hot is not None and await backends.hot.get(thread_id) == stored
+            touched = [thread_id, *await archive_threads(backends.cold, thread_id)]
 
-            # 3. the same record raw: stored whole, or refused typed with nothing written
+            # 3. the same record raw to the cold store (no size management): stored whole,
+            # or refused typed with nothing written
             raw_id = f"{thread_id}-raw"
             try:
-                await store.create(raw_id, sections, agent_id="size-test")
+                await backends.cold.create(raw_id, sections, agent_id="size-test")
             except StateTooLarge:
                 refused_raw[backend] = True
                 assert await backends.cold.get(raw_id) is None
             else:
                 refused_raw[backend] = False
-                raw = await store.get(raw_id)
+                raw = await backends.cold.get(raw_id)
                 runs += 1
                 if raw is None or raw.sections != sections:
                     mismatches += 1
@@ -151,12 +183,14 @@ async def test_large_state_round_trips(
     reliability.record(
         f"State of {megabytes:g} MB round trip",
         injected=f"a {megabytes:g} MB random (incompressible) value as a checkpoint channel "
-        "and as a workflow-record section, on Cosmos and Postgres",
+        "and as a workflow-record section (create, then update_section), on Cosmos and "
+        "Postgres with Redis in front",
         runs=runs,
         lost_writes=mismatches,
         silent_overwrites=0,
-        observed=f"checkpoint and size-managed record came back equal; largest Cosmos item "
-        f"{largest_item / 1_048_576:.2f} MiB (limit 2 MiB); raw record: {raw_note}",
+        observed=f"checkpoint and record (size-managed by TieredStateStore itself, offloaded "
+        f"by reference) came back equal; largest Cosmos item {largest_item / 1_048_576:.2f} "
+        f"MiB (limit 2 MiB); raw record written past the store: {raw_note}",
     )
     assert mismatches == 0
     assert refused_raw["postgres"] is False
