@@ -185,10 +185,13 @@ class HotStateStore(Protocol):
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         """`read(thread_id).record`."""
 
-    async def begin_write(self, thread_id: str, *, bound_ms: int, ttl_seconds: int) -> WriteIntent:
+    async def begin_write(
+        self, thread_id: str, *, bound_ms: int, ttl_seconds: int, token: str | None = None
+    ) -> WriteIntent:
         """Mark the entry (creating it if absent) before a cold write: hidden until the
         intent is removed, or its deadline (`bound_ms` from now) passes and a reader
-        installs what it read from cold after that."""
+        installs what it read from cold after that. A caller that chooses `token` can
+        still remove the intent when this call failed without saying whether it landed."""
 
     async def abandon_write(self, intent: WriteIntent) -> None:
         """Remove `intent` after a cold write that certainly did not happen."""

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Collection, Iterator
 from contextlib import contextmanager
@@ -156,6 +157,10 @@ class TieredStateStore:
         self._unsettled: set[str] = set()
         # Threads being re-installed right now: no longer in `_unsettled`, not yet fresh in hot.
         self._settling: set[str] = set()
+        # Our own intents whose cold write committed but whose install could not reach
+        # Redis: the re-install that settles the thread clears them, instead of leaving
+        # the entry hidden (and the hot tier unfilled) until their deadlines.
+        self._stranded_intents: dict[str, list[WriteIntent]] = {}
 
     @classmethod
     def from_backends(cls, backends: Backends) -> TieredStateStore:
@@ -381,15 +386,18 @@ class TieredStateStore:
         if self._hot_skipped():
             self._unsettled.add(thread_id)
             return None
+        token = secrets.token_hex(8)
         try:
             intent = await self._hot.begin_write(
                 thread_id,
                 bound_ms=self._settings.state_lock_ttl_ms,
                 ttl_seconds=self._settings.state_hot_ttl_seconds,
+                token=token,
             )
         except BackendUnavailable as exc:
             self._hot_failed("begin_write", exc)
-            self._unsettled.add(thread_id)
+            # The intent may have landed with its reply lost: settling removes it by token.
+            self._strand(thread_id, WriteIntent(thread_id, token, registered_at=0))
             return None
         self._hot_recovered()
         return intent
@@ -413,7 +421,7 @@ class TieredStateStore:
         if self._hot is None:
             return
         if self._hot_skipped():
-            self._unsettled.add(record.thread_id)
+            self._strand(record.thread_id, intent)
             return
         try:
             installed = await self._hot.install(
@@ -424,11 +432,16 @@ class TieredStateStore:
             )
         except BackendUnavailable as exc:
             self._hot_failed("install", exc)
-            self._unsettled.add(record.thread_id)
+            self._strand(record.thread_id, intent)
             return
         self._hot_recovered()
         if not installed:
             self.stats.installs_rejected += 1
+
+    def _strand(self, thread_id: str, intent: WriteIntent | None) -> None:
+        self._unsettled.add(thread_id)
+        if intent is not None:
+            self._stranded_intents.setdefault(thread_id, []).append(intent)
 
     async def _invalidate(self, thread_id: str) -> None:
         if self._hot is None:
@@ -448,8 +461,14 @@ class TieredStateStore:
         if self._hot is None:
             return True
         if self._hot_skipped():
-            self._unsettled.add(thread_id)
+            self._strand(thread_id, intent)
             return False
+        # Committed writes of ours (their cold writes are done, so the cold read below
+        # sees them): their intents go with this install.
+        stranded = self._stranded_intents.pop(thread_id, [])
+        if intent is not None:
+            stranded.append(intent)
+        own = stranded[0] if stranded else None
         # Discarded before the cold read, so a writer that fails meanwhile marks it again;
         # `_settling` keeps readers off the hot copy until the install below lands.
         self._unsettled.discard(thread_id)
@@ -459,27 +478,29 @@ class TieredStateStore:
                 record = await self._cold.get(thread_id)
             except BackendUnavailable as exc:
                 # Cold trouble is the caller's own call to report; keep it for next time.
-                # Our intent, if any, hides the entry until its deadline meanwhile.
+                # Our intents hide the entry until their deadlines meanwhile.
                 logger.info("cannot settle hot copy of %r yet: %s", thread_id, exc)
                 self._unsettled.add(thread_id)
+                self._stranded_intents.setdefault(thread_id, []).extend(stranded)
                 return True
             try:
                 if record is None:
                     await self._hot.invalidate(thread_id)
-                    if intent is not None:
-                        await self._hot.abandon_write(intent)
                 elif not await self._hot.install(
                     record,
                     ttl_seconds=self._settings.state_hot_ttl_seconds,
-                    intent=intent,
+                    intent=own,
                     # Registered before this cold read: intents expired by then are safe
                     # to clear, as for a reader.
-                    expired_before=None if intent is None else intent.registered_at,
+                    expired_before=None if own is None else own.registered_at,
                 ):
                     self.stats.installs_rejected += 1
+                for leftover in stranded[1:] if record is not None else stranded:
+                    await self._hot.abandon_write(leftover)
             except BackendUnavailable as exc:
                 self._hot_failed("reinstall", exc)
-                self._unsettled.add(thread_id)
+                self._strand(thread_id, None)
+                self._stranded_intents.setdefault(thread_id, []).extend(stranded)
                 return False
         finally:
             self._settling.discard(thread_id)

@@ -268,8 +268,10 @@ class RedisHotStore:
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         return (await self.read(thread_id)).record
 
-    async def begin_write(self, thread_id: str, *, bound_ms: int, ttl_seconds: int) -> WriteIntent:
-        token = secrets.token_hex(8)
+    async def begin_write(
+        self, thread_id: str, *, bound_ms: int, ttl_seconds: int, token: str | None = None
+    ) -> WriteIntent:
+        token = token or secrets.token_hex(8)
         with redis_errors():
             registered_at = await self._begin_write(
                 keys=[self.key(thread_id)], args=[INTENT_PREFIX + token, bound_ms, ttl_seconds]

@@ -54,6 +54,13 @@ SCENARIOS: tuple[str, ...] = (
     "Two workers decide the same review at once (cosmos, cold store only)",
     "Two workers decide the same review at once (postgres, with the Redis run lock)",
     "Two workers decide the same review at once (postgres, cold store only)",
+    *(
+        f"Two workers resume the same stalled case at once ({backend}, {against}, {tier})"
+        for backend in ("cosmos", "postgres")
+        for against in ("resume vs resume", "resume vs the timer's resume_stale")
+        for tier in ("with the Redis run lock", "cold store only")
+    ),
+    "Network cut to cosmos (reset)",
 )
 
 

@@ -1,10 +1,17 @@
 """The network between the app and a store cut mid-workflow, through a loopback proxy.
 
-The app reaches Redis (or Postgres) only through `LoopbackProxy`; mid-way the
+The app reaches Redis (or Postgres, or Cosmos) only through `LoopbackProxy`; mid-way the
 test cuts it (connections reset and new ones refused, or a blackhole where
 bytes vanish and clients hit their timeouts) and restores it. Nothing
 acknowledged may be lost, every case completes, health reports the cut tier
 down while it is cut, and the hot tier fills up again afterwards.
+
+Cosmos speaks HTTPS: the proxy forwards TCP, so TLS runs end to end between the
+SDK and the emulator. The SDK's endpoint is the proxy's address, but its
+follow-up requests would go straight to the emulator's own port, around the
+proxy: the emulator describes its account (the endpoint the SDK then uses for
+every request) from its listening address, not from the request's Host header.
+So the Cosmos case runs a dedicated emulator that advertises the proxy's port.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
+from devstack import CosmosEmulator, free_port
 from state.settings import Settings
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
@@ -28,18 +38,51 @@ CASES = 3
 WRITES_EACH = 15
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@dataclass(kw_only=True)
+class AdvertisingCosmosEmulator(CosmosEmulator):
+    """The project's emulator, describing its account at `advertised_port` (a proxy's)."""
+
+    advertised_port: int
+
+    def command(self) -> list[str]:
+        node, _, port, host = super().command()
+        script = FIXTURES / "cosmos-emulator-advertising.js"
+        return [node, str(script), port, host, str(self.advertised_port)]
+
+
 @pytest.fixture
-def proxies() -> Iterator[Callable[[int], LoopbackProxy]]:
+def proxies() -> Iterator[Callable[..., LoopbackProxy]]:
     started: list[LoopbackProxy] = []
 
-    def start(target_port: int) -> LoopbackProxy:
-        proxy = LoopbackProxy(target_port).start()
+    def start(target_port: int, port: int | None = None) -> LoopbackProxy:
+        proxy = LoopbackProxy(target_port, port=port).start()
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture
+def cosmos_behind(tmp_path: Path) -> Iterator[Callable[[int], CosmosEmulator]]:
+    """Start a dedicated emulator that advertises the given (proxy) port; stopped after."""
+    started: list[CosmosEmulator] = []
+
+    def start(proxy_port: int) -> CosmosEmulator:
+        emulator = AdvertisingCosmosEmulator(
+            port=free_port(), workdir=tmp_path / "cosmos", advertised_port=proxy_port
+        )
+        emulator.start()
+        started.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.stop()
 
 
 async def cut_for(app: App, proxy: LoopbackProxy, mode: CutMode, seconds: float, tier: str) -> bool:
@@ -68,7 +111,12 @@ async def reference_of(app: App, deadline: Deadline) -> dict[str, object]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("tier", "mode", "seconds"),
-    [("redis", "reset", 1.5), ("redis", "blackhole", 3.0), ("postgres", "reset", 1.5)],
+    [
+        ("redis", "reset", 1.5),
+        ("redis", "blackhole", 3.0),
+        ("postgres", "reset", 1.5),
+        ("cosmos", "reset", 1.5),
+    ],
 )
 async def test_network_cut_mid_workflow(
     tier: str,
@@ -76,17 +124,26 @@ async def test_network_cut_mid_workflow(
     seconds: float,
     stack_env: dict[str, str],
     settings_for: Callable[..., Settings],
-    proxies: Callable[[int], LoopbackProxy],
+    proxies: Callable[..., LoopbackProxy],
+    cosmos_behind: Callable[[int], CosmosEmulator],
     reliability: Recorder,
 ) -> None:
-    target = urlparse(stack_env["REDIS_URL" if tier == "redis" else "POSTGRES_URL"])
-    assert target.hostname == "127.0.0.1" and target.port is not None
-    proxy = proxies(target.port)
-    proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}").geturl()
+    if tier == "cosmos":
+        proxy_port = free_port()
+        emulator = cosmos_behind(proxy_port)
+        proxy = proxies(emulator.port, port=proxy_port)
+        proxied = f"https://127.0.0.1:{proxy.port}/"
+    else:
+        target = urlparse(stack_env["REDIS_URL" if tier == "redis" else "POSTGRES_URL"])
+        assert target.hostname == "127.0.0.1" and target.port is not None
+        proxy = proxies(target.port)
+        proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}").geturl()
     if tier == "redis":
         settings = settings_for("postgres", redis_url=proxied.rsplit("/", 1)[0] + "/3")
-    else:
+    elif tier == "postgres":
         settings = settings_for("postgres", postgres_url=proxied, case_stale_after_seconds=1)
+    else:
+        settings = settings_for("cosmos", cosmos_endpoint=proxied, case_stale_after_seconds=1)
     deadline = Deadline(150)
     async with open_runtime(settings) as app:
         reference = await reference_of(app, deadline)

@@ -1,8 +1,15 @@
-"""Telemetry setup: no connection string means no exporter and no failure; AAD ingestion parsing."""
+"""Telemetry setup: no connection string means no exporter and no failure; AAD ingestion parsing;
+with a connection string, Azure Monitor configured once per process."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+import azure.identity
+import azure.monitor.opentelemetry
+import pytest
 from azure.identity import ManagedIdentityCredential
+from opentelemetry.sdk.resources import SERVICE_NAME
 
 from state.settings import Settings
 from support_cases import telemetry
@@ -29,3 +36,80 @@ def test_aad_authentication_string_gives_a_managed_identity_credential() -> None
 
 def test_no_aad_means_no_credential() -> None:
     assert telemetry._ingestion_credential(Settings.model_validate(EMULATOR)) is None
+
+
+# ---------------------------------------------------------------------- Azure Monitor setup
+
+CONNECTION_STRING = "InstrumentationKey=00000000-0000-0000-0000-000000000000"
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+class RecordingManagedIdentityCredential(ManagedIdentityCredential):
+    """The real credential (built offline), remembering the arguments it was built with."""
+
+    built: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        RecordingManagedIdentityCredential.built.append(kwargs)
+        super().__init__(**kwargs)
+
+
+@pytest.fixture
+def azure_monitor_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """A process that has not set telemetry up yet, with configure_azure_monitor recorded."""
+    calls: list[dict[str, Any]] = []
+    # The one-per-process guard: restored after the test, so other tests' state stands.
+    monkeypatch.setattr(telemetry, "_configured", False)
+    # configure_telemetry imports it when it needs it, so the module attribute is what runs.
+    monkeypatch.setattr(
+        azure.monitor.opentelemetry, "configure_azure_monitor", lambda **kw: calls.append(kw)
+    )
+    RecordingManagedIdentityCredential.built = []
+    monkeypatch.setattr(
+        azure.identity, "ManagedIdentityCredential", RecordingManagedIdentityCredential
+    )
+    for name in (
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+        "AZURE_CLIENT_ID",
+        "OTEL_SERVICE_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COSMOS_ENDPOINT", EMULATOR["cosmos_endpoint"])
+    return calls
+
+
+def test_connection_string_configures_azure_monitor_once_with_the_managed_identity(
+    azure_monitor_calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", CONNECTION_STRING)
+    monkeypatch.setenv(
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", f"Authorization=AAD;ClientId={CLIENT_ID}"
+    )
+    settings = Settings()
+    assert telemetry.configure_telemetry(settings) == "azure-monitor"
+    assert telemetry.configure_telemetry(settings) == "already-configured"
+
+    (call,) = azure_monitor_calls
+    assert call["connection_string"] == CONNECTION_STRING
+    assert isinstance(call["credential"], ManagedIdentityCredential)
+    assert RecordingManagedIdentityCredential.built == [{"client_id": CLIENT_ID}]
+    assert call["resource"].attributes[SERVICE_NAME] == "support-cases"
+
+
+def test_connection_string_without_aad_configures_without_a_credential(
+    azure_monitor_calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", CONNECTION_STRING)
+    assert telemetry.configure_telemetry(Settings()) == "azure-monitor"
+    (call,) = azure_monitor_calls
+    assert call["credential"] is None
+    assert RecordingManagedIdentityCredential.built == []
+
+
+def test_no_connection_string_never_configures_azure_monitor(
+    azure_monitor_calls: list[dict[str, Any]],
+) -> None:
+    assert telemetry.configure_telemetry(Settings()) == "sdk"
+    assert telemetry.configure_telemetry(Settings()) == "already-configured"
+    assert azure_monitor_calls == []

@@ -1,0 +1,290 @@
+"""Entra ID sign-in for every store client, offline: credentials are built, nothing connects.
+
+In Azure there is no key, password or connection string with a secret: Cosmos
+gets an azure-identity credential for the app's user-assigned identity, Redis a
+redis-entraid credential provider, Postgres an Entra token as its password.
+Each test stops at the seam where the client would open a socket (the SDK
+client's constructor, the Redis client object, the connection pool) and checks
+what would have been sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import azure.identity.aio
+import pytest
+import redis.asyncio as aioredis
+import redis_entraid.cred_provider
+from azure.core.credentials import AccessToken
+from psycopg.conninfo import conninfo_to_dict
+from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
+
+from state.cold import cosmos_client, postgres_client
+from state.cold.cosmos_client import CosmosConnection
+from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.hot.redis_client import REDIS_ENTRA_SCOPE, create_redis_client
+from state.settings import Settings
+
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+COSMOS_ENDPOINT = "https://acct.documents.azure.com:443/"
+REDIS_HOST = "cache.redis.cache.windows.net"
+POSTGRES_HOST = "pg.postgres.database.azure.com"
+POSTGRES_USER = "id-api-test"
+TOKEN = "entra-token-value"
+
+# Settings the outer environment might carry: each test states the ones it means.
+SETTING_NAMES = (
+    "STATE_COLD_BACKEND",
+    "COSMOS_ENDPOINT",
+    "COSMOS_KEY",
+    "COSMOS_CREATE_IF_MISSING",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_SSL",
+    "POSTGRES_URL",
+    "POSTGRES_HOST",
+    "POSTGRES_USER",
+    "POSTGRES_DATABASE",
+    "AZURE_CLIENT_ID",
+)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """Settings read from exactly the given environment variables (the app's own path)."""
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+    def build(**values: str) -> Settings:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        return Settings()
+
+    return build
+
+
+class RecordingDefaultCredential(azure.identity.aio.DefaultAzureCredential):
+    """The real async DefaultAzureCredential, remembering how it was built."""
+
+    built: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        RecordingDefaultCredential.built.append(kwargs)
+        super().__init__(**kwargs)
+
+
+@pytest.fixture
+def recorded_default_credential(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[list[dict[str, Any]]]:
+    RecordingDefaultCredential.built = []
+    # The adapters import it from azure.identity.aio when they need it (not at module load).
+    monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", RecordingDefaultCredential)
+    yield RecordingDefaultCredential.built
+
+
+# ---------------------------------------------------------------------- Cosmos
+
+
+class FakeCosmosClient:
+    """Stands in for azure.cosmos.aio.CosmosClient: records its arguments, never connects."""
+
+    def __init__(self, url: str, credential: Any, **kwargs: Any) -> None:
+        self.url = url
+        self.credential = credential
+        self.kwargs = kwargs
+        self.closed = False
+
+    def get_database_client(self, database: str) -> FakeCosmosClient:
+        return self
+
+    def get_container_client(self, container: str) -> str:
+        return f"container:{container}"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
+    env: Callable[..., Settings],
+    recorded_default_credential: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clients: list[FakeCosmosClient] = []
+
+    def fake_client(url: str, credential: Any, **kwargs: Any) -> FakeCosmosClient:
+        clients.append(FakeCosmosClient(url, credential, **kwargs))
+        return clients[-1]
+
+    monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
+    settings = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, AZURE_CLIENT_ID=CLIENT_ID)
+    connection = CosmosConnection(settings)
+    try:
+        assert await connection.container() == "container:state"
+        (client,) = clients
+        assert client.url == COSMOS_ENDPOINT
+        assert isinstance(client.credential, azure.identity.aio.DefaultAzureCredential)
+        assert recorded_default_credential == [{"managed_identity_client_id": CLIENT_ID}]
+        # A real account's certificate is verified (only the loopback emulator's is not).
+        assert client.kwargs["connection_verify"] is True
+    finally:
+        await connection.close()
+    assert client.closed
+
+
+async def test_cosmos_with_a_key_uses_it_and_no_credential(
+    env: Callable[..., Settings],
+    recorded_default_credential: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clients: list[FakeCosmosClient] = []
+
+    def fake_client(url: str, credential: Any, **kwargs: Any) -> FakeCosmosClient:
+        clients.append(FakeCosmosClient(url, credential, **kwargs))
+        return clients[-1]
+
+    monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
+    connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5"))
+    try:
+        await connection.container()
+    finally:
+        await connection.close()
+    assert clients[0].credential == "a2V5"
+    assert recorded_default_credential == []
+
+
+# ---------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def recorded_redis_providers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, Any]]:
+    """Wrap redis-entraid's factories: the real provider is built (offline), calls recorded."""
+    calls: list[tuple[str, Any, Any]] = []
+    for name in ("create_from_managed_identity", "create_from_default_azure_credential"):
+        real = getattr(redis_entraid.cred_provider, name)
+
+        def record(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
+            provider = _real(*args, **kwargs)
+            calls.append((_name, (args, kwargs), provider))
+            return provider
+
+        monkeypatch.setattr(redis_entraid.cred_provider, name, record)
+    return calls
+
+
+def _connection_kwargs(client: aioredis.Redis) -> dict[str, Any]:
+    return dict(client.connection_pool.connection_kwargs)
+
+
+async def test_redis_host_uses_the_user_assigned_identity_over_tls(
+    env: Callable[..., Settings], recorded_redis_providers: list[tuple[str, Any, Any]]
+) -> None:
+    settings = env(
+        COSMOS_ENDPOINT=COSMOS_ENDPOINT,
+        REDIS_HOST=REDIS_HOST,
+        REDIS_PORT="10000",
+        AZURE_CLIENT_ID=CLIENT_ID,
+    )
+    client = create_redis_client(settings)
+    try:
+        kwargs = _connection_kwargs(client)
+        ((factory, (_, call_kwargs), provider),) = recorded_redis_providers
+        assert factory == "create_from_managed_identity"
+        assert call_kwargs["identity_type"] is ManagedIdentityType.USER_ASSIGNED
+        assert call_kwargs["id_type"] is ManagedIdentityIdType.CLIENT_ID
+        assert call_kwargs["id_value"] == CLIENT_ID
+        assert call_kwargs["resource"] == "https://redis.azure.com"
+        assert kwargs["credential_provider"] is provider
+        assert kwargs["host"] == REDIS_HOST and kwargs["port"] == 10000
+        assert issubclass(client.connection_pool.connection_class, aioredis.SSLConnection)
+        assert kwargs.get("password") is None and kwargs.get("username") is None
+    finally:
+        await client.aclose()
+
+
+async def test_redis_host_without_a_client_id_uses_the_default_chain(
+    env: Callable[..., Settings], recorded_redis_providers: list[tuple[str, Any, Any]]
+) -> None:
+    client = create_redis_client(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_HOST=REDIS_HOST))
+    try:
+        kwargs = _connection_kwargs(client)
+        ((factory, (args, call_kwargs), provider),) = recorded_redis_providers
+        assert factory == "create_from_default_azure_credential"
+        assert tuple(args[0] if args else call_kwargs["scopes"]) == (REDIS_ENTRA_SCOPE,)
+        assert kwargs["credential_provider"] is provider
+        # REDIS_PORT / REDIS_SSL unset: Azure Cache for Redis's TLS port.
+        assert kwargs["port"] == 6380
+        assert issubclass(client.connection_pool.connection_class, aioredis.SSLConnection)
+        assert kwargs.get("password") is None
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------------- Postgres
+
+
+class FakeTokenCredential:
+    """Stands in for azure.identity.aio.DefaultAzureCredential: hands out a token offline."""
+
+    built: ClassVar[list[dict[str, Any]]] = []
+    scopes: ClassVar[list[tuple[str, ...]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        FakeTokenCredential.built.append(kwargs)
+        self.closed = False
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        FakeTokenCredential.scopes.append(scopes)
+        return AccessToken(TOKEN, 2**31)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakePool:
+    """Stands in for psycopg_pool.AsyncConnectionPool: records how it was built, never connects."""
+
+    def __init__(self, conninfo: str, **kwargs: Any) -> None:
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+
+    async def open(self, wait: bool = True) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
+    env: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FakeTokenCredential.built, FakeTokenCredential.scopes = [], []
+    monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", FakeTokenCredential)
+    monkeypatch.setattr(postgres_client, "AsyncConnectionPool", FakePool)
+    settings = env(
+        STATE_COLD_BACKEND="postgres",
+        POSTGRES_HOST=POSTGRES_HOST,
+        POSTGRES_USER=POSTGRES_USER,
+        AZURE_CLIENT_ID=CLIENT_ID,
+    )
+    connection = PostgresConnection(settings)
+    try:
+        pool = await connection.pool()
+        assert isinstance(pool, FakePool)
+        assert FakeTokenCredential.built == [{"managed_identity_client_id": CLIENT_ID}]
+        info = conninfo_to_dict(pool.conninfo)
+        assert info["host"] == POSTGRES_HOST and info["user"] == POSTGRES_USER
+        assert info["dbname"] == "agentstate" and info["sslmode"] == "require"
+        assert "password" not in info
+        # The pool calls this for every new connection: a fresh token each time.
+        connect_kwargs = await pool.kwargs["kwargs"]()
+        assert connect_kwargs["password"] == TOKEN
+        assert FakeTokenCredential.scopes == [(ENTRA_SCOPE,)]
+        assert ENTRA_SCOPE == "https://ossrdbms-aad.database.windows.net/.default"
+        await pool.kwargs["kwargs"]()
+        assert len(FakeTokenCredential.scopes) == 2
+    finally:
+        await connection.close()
