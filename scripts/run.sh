@@ -20,8 +20,15 @@ fi
 cat <<HINT
 [run] API: http://127.0.0.1:${port}/api   (OpenAPI UI: http://127.0.0.1:${port}/api/docs)
 [run] submit the demo case from another terminal:
-        .venv/bin/agent-state submit --demo
+        .venv/bin/agent-state submit --demo --api http://127.0.0.1:${port}
    or   curl -s -X POST http://127.0.0.1:${port}/api/cases -H 'content-type: application/json' \\
           -d @docs/case_8842.json
 HINT
-"$cli" serve --port "$port" --backend "$backend"
+# In the background so this shell handles signals while it waits: SIGINT / SIGTERM stop
+# the API, then the EXIT trap stops the stack.
+"$cli" serve --port "$port" --backend "$backend" &
+server=$!
+stop_server() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
+trap 'stop_server; exit 130' INT
+trap 'stop_server; exit 143' TERM
+wait "$server"
