@@ -18,6 +18,7 @@ from state.errors import (
     WorkflowNotFound,
 )
 
+from .runs import RunIndexBusy
 from .service import CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
@@ -31,6 +32,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (ReservedCaseId, 422),
     (StateTooLarge, 413),
     (BackendUnavailable, 503),
+    (RunIndexBusy, 503),
 )
 
 

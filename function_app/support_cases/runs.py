@@ -20,7 +20,7 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from state.errors import WorkflowExists, WorkflowNotFound
+from state.errors import StateTooLarge, VersionConflict, WorkflowExists, WorkflowNotFound
 from state.ports import ColdRetention, WorkflowRecord
 from state.settings import Settings
 from state.tiered import TieredStateStore
@@ -34,6 +34,11 @@ INDEX_PREFIX = "support-cases-active-runs-"
 INDEX_SHARDS = 8
 # Statuses during which nobody is working on the case and nobody needs to.
 AT_REST = frozenset({CaseStatus.AWAITING_REVIEW, CaseStatus.COMPLETED, CaseStatus.FAILED})
+
+
+class RunIndexBusy(Exception):
+    """The app's own run index could not be updated now (contention, size): the server's
+    problem, not the client's, so callers answer 503 and the client retries."""
 
 
 def utcnow() -> datetime:
@@ -127,6 +132,12 @@ class RunTracker:
         await self._index(case_id, present=False)
 
     async def _index(self, case_id: str, *, present: bool) -> None:
+        try:
+            await self._update_index(case_id, present=present)
+        except (VersionConflict, StateTooLarge) as error:
+            raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
+
+    async def _update_index(self, case_id: str, *, present: bool) -> None:
         shard = shard_of(case_id)
 
         def compute(record: WorkflowRecord) -> object:
