@@ -35,6 +35,19 @@ class WorkflowRecord:
     # Highest fencing token a writer presented so far (0: none).
     fence: int = 0
 
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> WorkflowRecord:
+        """From a stored document already upcast to the current schema (any cold backend)."""
+        return cls(
+            thread_id=document["thread_id"],
+            version=int(document["version"]),
+            sections=document["sections"],
+            schema_version=int(document["schema_version"]),
+            created_at=document["created_at"],
+            updated_at=document["updated_at"],
+            fence=int(document.get("fence", 0)),
+        )
+
 
 # `AuditEntry.section` of the entry a create writes: version 1, before None,
 # after = all sections. Every later entry names the one section it changed.
@@ -53,6 +66,20 @@ class AuditEntry:
     after: JSON
     at: str  # ISO 8601 UTC
     schema_version: int
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> AuditEntry:
+        """From a stored document already upcast to the current schema (any cold backend)."""
+        return cls(
+            thread_id=document["thread_id"],
+            version=int(document["version"]),
+            agent_id=document["agent_id"],
+            section=document["section"],
+            before=document.get("before"),
+            after=document.get("after"),
+            at=document["at"],
+            schema_version=int(document["schema_version"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -134,15 +134,17 @@ class CosmosStateStore:
         except CosmosResourceExistsError as exc:
             existing = await self._read_record(container, thread_id)
             if existing is not None and existing.get("last_write_id") == write_id:
-                return _record(existing)  # the SDK retried a create of ours that had landed
+                return WorkflowRecord.from_document(
+                    existing
+                )  # the SDK retried a create of ours that had landed
             await self._discard_audit(container, thread_id, entry["id"])
             raise WorkflowExists(thread_id) from exc
-        return _record(upcast("workflow", dict(created)))
+        return WorkflowRecord.from_document(upcast("workflow", dict(created)))
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         container = await self._connection.container()
         document = await self._read_record(container, thread_id)
-        return None if document is None else _record(document)
+        return None if document is None else WorkflowRecord.from_document(document)
 
     async def update_section(
         self,
@@ -209,14 +211,14 @@ class CosmosStateStore:
             if now_stored is not None and now_stored.get("last_write_id") == write_id:
                 # The SDK retried a replace of ours that had landed (connection lost
                 # after the write); its ETag no longer matched our own change.
-                return _record(now_stored)
+                return WorkflowRecord.from_document(now_stored)
             await self._discard_audit(container, thread_id, entry["id"])
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from exc
         except CosmosResourceNotFoundError as exc:
             await self._discard_audit(container, thread_id, entry["id"])
             raise WorkflowNotFound(thread_id) from exc
-        return _record(upcast("workflow", dict(replaced)))
+        return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
 
     # ----------------------------------------------------------------- audit
 
@@ -254,7 +256,7 @@ class CosmosStateStore:
                         return trail
                     if document.get("write_id") != expected_write:
                         continue  # an orphan: a losing or crashed writer of this version
-                    trail.append(_audit_entry(upcast("audit", dict(document))))
+                    trail.append(AuditEntry.from_document(upcast("audit", dict(document))))
                     expected_write = document.get("prev_write_id")
                     expected_version -= 1
                     if len(trail) == limit or expected_write is None:
@@ -388,28 +390,3 @@ class CosmosStateStore:
 def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:
     """Drop `_etag`, `_rid`, `_ts`...: Cosmos sets them, a replacement body must not."""
     return {key: value for key, value in document.items() if not key.startswith("_")}
-
-
-def _record(document: dict[str, Any]) -> WorkflowRecord:
-    return WorkflowRecord(
-        thread_id=document["thread_id"],
-        version=int(document["version"]),
-        sections=document["sections"],
-        schema_version=int(document["schema_version"]),
-        created_at=document["created_at"],
-        updated_at=document["updated_at"],
-        fence=int(document.get("fence", 0)),
-    )
-
-
-def _audit_entry(document: dict[str, Any]) -> AuditEntry:
-    return AuditEntry(
-        thread_id=document["thread_id"],
-        version=int(document["version"]),
-        agent_id=document["agent_id"],
-        section=document["section"],
-        before=document.get("before"),
-        after=document.get("after"),
-        at=document["at"],
-        schema_version=int(document["schema_version"]),
-    )

@@ -259,26 +259,8 @@ def _record(row: dict[str, Any]) -> WorkflowRecord:
             "updated_at": _iso(row["updated_at"]),
         },
     )
-    return WorkflowRecord(
-        thread_id=document["thread_id"],
-        version=document["version"],
-        sections=document["sections"],
-        schema_version=document["schema_version"],
-        created_at=document["created_at"],
-        updated_at=document["updated_at"],
-        fence=document["fence"],
-    )
+    return WorkflowRecord.from_document(document)
 
 
 def _audit_entry(row: dict[str, Any]) -> AuditEntry:
-    document = upcast("audit", {**row, "at": _iso(row["at"])})
-    return AuditEntry(
-        thread_id=document["thread_id"],
-        version=document["version"],
-        agent_id=document["agent_id"],
-        section=document["section"],
-        before=document["before"],
-        after=document["after"],
-        at=document["at"],
-        schema_version=document["schema_version"],
-    )
+    return AuditEntry.from_document(upcast("audit", {**row, "at": _iso(row["at"])}))
