@@ -333,6 +333,28 @@ class CheckpointPage:
 PruneStrategy = Literal["keep_latest", "delete"]
 
 
+@dataclass(frozen=True)
+class CheckpointPut:
+    """A `put_checkpoint` waiting in the write-behind backlog."""
+
+    checkpoint: StoredCheckpoint
+    blobs: Sequence[StoredBlob]
+
+
+@dataclass(frozen=True)
+class WritesPut:
+    """A `put_writes` waiting in the write-behind backlog."""
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    writes: Sequence[StoredWrite]
+    upsert: bool
+
+
+FlushOp = CheckpointPut | WritesPut
+
+
 @runtime_checkable
 class CheckpointStore(Protocol):
     """Durable checkpoint storage behind the LangGraph saver (one partition per thread).
@@ -364,6 +386,14 @@ class CheckpointStore(Protocol):
         *,
         upsert: bool,
     ) -> None: ...
+
+    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+        """Apply write-behind work with the same effect as the calls in order.
+
+        Idempotent: applying a batch twice, or a prefix of it and then all of it,
+        leaves the same state as applying it once. Ops of one thread keep their
+        order; a store may batch them into fewer round trips.
+        """
 
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None

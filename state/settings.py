@@ -24,6 +24,16 @@ class ColdBackend(StrEnum):
     POSTGRES = "postgres"
 
 
+class WriteMode(StrEnum):
+    """When a checkpoint reaches the cold tier (see README, "Write modes")."""
+
+    # Every put is in the cold tier before it returns.
+    WRITE_THROUGH = "write-through"
+    # A put is one Redis round trip; a flusher drains it to the cold tier, and natural
+    # boundaries (interrupt, end of run, durability="sync", flush()) wait for it.
+    WRITE_BEHIND = "write-behind"
+
+
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -67,6 +77,10 @@ class Settings(BaseSettings):
     state_compress_threshold_bytes: int = Field(default=16 * 1024, gt=0)
     state_max_item_bytes: int = Field(default=1_800_000, gt=1024, le=2 * 1024 * 1024)
     state_lock_ttl_ms: int = Field(default=30_000, gt=0)
+    # Unset: write-behind with a hot tier, write-through without one.
+    state_write_mode: WriteMode | None = None
+    # Health reports "degraded" when the oldest unflushed write-behind entry is older.
+    state_backlog_degraded_seconds: int = Field(default=60, gt=0)
     state_message_window: int = Field(default=50, gt=0)
     # Which sections hold a message window, reasoning traces, or may be archived once the
     # workflow is done with them: configuration (comma-separated names), never guessed.
@@ -122,11 +136,20 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "STATE_COLD_BACKEND=postgres needs POSTGRES_URL or POSTGRES_HOST + POSTGRES_USER"
             )
+        if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:
+            raise SettingsError("STATE_WRITE_MODE=write-behind needs REDIS_URL or REDIS_HOST")
         return self
 
     @property
     def hot_tier_configured(self) -> bool:
         return bool(self.redis_url or self.redis_host)
+
+    @property
+    def write_mode(self) -> WriteMode:
+        """The effective write mode (STATE_WRITE_MODE, or the default for the tiers set)."""
+        if self.state_write_mode is not None:
+            return self.state_write_mode
+        return WriteMode.WRITE_BEHIND if self.hot_tier_configured else WriteMode.WRITE_THROUGH
 
     @property
     def cosmos_is_local_emulator(self) -> bool:

@@ -188,6 +188,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       STATE_COMPRESS_THRESHOLD_BYTES: '16384'
       STATE_MAX_ITEM_BYTES: '1800000'
       STATE_LOCK_TTL_MS: '30000'
+      STATE_WRITE_MODE: 'write-behind'
+      STATE_BACKLOG_DEGRADED_SECONDS: '60'
       STATE_MESSAGE_WINDOW: '50'
       // Section names (comma-separated) the size manager prunes, truncates or archives.
       STATE_MESSAGE_SECTIONS: ''

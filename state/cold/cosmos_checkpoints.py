@@ -43,6 +43,8 @@ from .. import codec
 from ..errors import CorruptState, VersionConflict
 from ..ports import (
     JSON,
+    CheckpointPut,
+    FlushOp,
     PruneStrategy,
     StoredBlob,
     StoredCheckpoint,
@@ -213,6 +215,15 @@ class CosmosCheckpointStore:
         created = await self._gather([self._create_if_absent(e.main) for e in encoded])
         losers = [e for e, was_created in zip(encoded, created, strict=True) if not was_created]
         await self._delete_ids(thread_id, [c["id"] for e in losers for c in e.chunks])
+
+    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+        for op in ops:
+            if isinstance(op, CheckpointPut):
+                await self.put_checkpoint(op.checkpoint, op.blobs)
+            else:
+                await self.put_writes(
+                    op.thread_id, op.checkpoint_ns, op.checkpoint_id, op.writes, upsert=op.upsert
+                )
 
     # ----------------------------------------------------------------------- reads
 

@@ -17,6 +17,8 @@ from psycopg.types.json import Jsonb
 
 from ..ports import (
     JSON,
+    CheckpointPut,
+    FlushOp,
     PruneStrategy,
     StoredBlob,
     StoredCheckpoint,
@@ -271,6 +273,15 @@ class PostgresCheckpointStore:
                     "payloads": [write.value[1] for write in unique],
                 },
             )
+
+    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+        for op in ops:
+            if isinstance(op, CheckpointPut):
+                await self.put_checkpoint(op.checkpoint, op.blobs)
+            else:
+                await self.put_writes(
+                    op.thread_id, op.checkpoint_ns, op.checkpoint_id, op.writes, upsert=op.upsert
+                )
 
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
