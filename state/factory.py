@@ -1,7 +1,10 @@
 """Builds the configured tiers from settings: the one place that picks adapters.
 
 `STATE_COLD_BACKEND` chooses Cosmos or Postgres for the whole app; the Redis
-hot tier sits in front of either when REDIS_URL / REDIS_HOST is set.
+hot tier sits in front of either when REDIS_URL / REDIS_HOST is set, and
+`STATE_WRITE_MODE` (write-behind by default with Redis) adds the write-behind
+log and its flusher, which runs in the background on the loop that opened the
+backends until they close.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .ports import (
     CheckpointCache,
@@ -17,7 +21,10 @@ from .ports import (
     ColdStateStore,
     HotStateStore,
 )
-from .settings import ColdBackend, Settings
+from .settings import ColdBackend, Settings, WriteMode
+
+if TYPE_CHECKING:
+    from .checkpoint.flusher import Flusher
 
 
 @dataclass
@@ -31,6 +38,8 @@ class Backends:
     hot_checkpoints: CheckpointCache | None = None
     # Keyword-only: required, yet after fields with defaults (positional callers unchanged).
     retention: ColdRetention = field(kw_only=True)
+    # Write-behind mode only: drains the hot log into the cold checkpoint store.
+    flusher: Flusher | None = field(default=None, kw_only=True)
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -69,6 +78,7 @@ async def open_backends(settings: Settings) -> Backends:
 
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
+    flusher: Flusher | None = None
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
         from .hot.redis_client import create_redis_client
@@ -79,9 +89,25 @@ async def open_backends(settings: Settings) -> Backends:
         closers.append(hot.close)
         # Shares the hot store's client (one per process), which the hot store closes.
         hot_checkpoints = RedisCheckpointCache(client, settings)
+        if settings.write_mode is WriteMode.WRITE_BEHIND:
+            from .checkpoint.flusher import Flusher
+            from .hot.redis_write_behind import RedisWriteBehindLog
+
+            flusher = Flusher(
+                RedisWriteBehindLog(client, hot_checkpoints),
+                checkpoints,
+                lock_ttl_ms=settings.state_lock_ttl_ms,
+            )
 
     backends = Backends(
-        settings, cold, checkpoints, hot, closers, hot_checkpoints, retention=retention
+        settings,
+        cold,
+        checkpoints,
+        hot,
+        closers,
+        hot_checkpoints,
+        retention=retention,
+        flusher=flusher,
     )
     try:
         await cold.setup()
@@ -89,6 +115,10 @@ async def open_backends(settings: Settings) -> Backends:
     except BaseException:
         await backends.close()
         raise
+    if flusher is not None:
+        flusher.start()
+        # Closed first (closers run in reverse): its last drain still has every client.
+        closers.append(flusher.close)
     return backends
 
 

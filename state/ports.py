@@ -500,3 +500,82 @@ class Counters:
         self.requests = 0
         self.request_charge = 0.0
         self.by_operation.clear()
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One unflushed write-behind operation and its position in the thread's log."""
+
+    entry_id: str
+    op: FlushOp
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Write-behind work not yet in the cold tier."""
+
+    entries: int
+    threads: int
+    oldest_age_seconds: float | None  # None: nothing is waiting
+
+
+@runtime_checkable
+class WriteBehindLog(Protocol):
+    """The hot tier's record of checkpoint work the cold tier has not received yet.
+
+    An append is one round trip that updates the hot copy of the latest checkpoint
+    (as `CheckpointCache.advance` / `add_writes` do) and records the work for the
+    flusher in the same atomic step. Unlike the cache, failures raise
+    (`BackendUnavailable`): an append that failed is not acknowledged. Entries never
+    expire and are never evicted under a volatile-* eviction policy.
+    """
+
+    name: str
+
+    async def append_put(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+    ) -> None:
+        """Raises `StaleFencingToken` if a writer with a higher fence wrote this thread."""
+
+    async def append_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+    ) -> None: ...
+
+    async def pending(self, thread_id: str) -> bool:
+        """Whether the thread has unflushed entries."""
+
+    async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
+        """The oldest `count` unflushed entries of the thread, in order."""
+
+    async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+        """Forget entries the cold tier now holds; returns how many are left."""
+
+    async def discard(self, thread_id: str) -> None:
+        """Drop every unflushed entry of the thread (it was deleted)."""
+
+    async def dirty_threads(self, *, limit: int) -> list[tuple[str, float]]:
+        """Threads with unflushed entries, oldest first, with a marker for `settle`."""
+
+    async def settle(self, thread_id: str, marker: float) -> bool:
+        """Unlist the thread unless it was appended to since `marker` was read; True if
+        unlisted."""
+
+    async def mark_dirty(self, thread_id: str) -> None:
+        """List the thread again (entries were found after a settle)."""
+
+    async def marker(self, thread_id: str) -> float | None:
+        """The thread's current marker (None: not listed)."""
+
+    async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
+        """The right to flush the thread (None: another flusher holds it)."""
+
+    async def unlock_thread(self, thread_id: str, token: str) -> None: ...
+
+    async def backlog(self) -> Backlog: ...

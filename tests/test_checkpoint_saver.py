@@ -501,14 +501,14 @@ async def test_an_unreadable_cache_entry_is_dropped_and_read_from_cold(tiers: Ti
     await build_case_graph(tiers.saver).ainvoke(case_input(30.0), config)
     assert tiers.redis is not None and tiers.cache is not None
     key = tiers.cache.key(config["configurable"]["thread_id"], "")
-    await tiers.redis.hset(key, "snap", b"\x00\x00\x00\x09not a snapshot")
+    await tiers.redis.hset(key, "cp", b"\x00\x00\x00\xffcut short")
 
     latest = await tiers.saver.aget_tuple(config)
 
     assert latest is not None
     assert sorted(latest.checkpoint["channel_values"]["completed_steps"]) == ALL_STEPS
     assert tiers.cache.stats.errors == 1
-    assert await tiers.redis.hget(key, "snap") is None  # dropped; the next read refills it
+    assert await tiers.redis.hget(key, "cp") is None  # dropped; the next read refills it
 
 
 async def test_writes_that_arrive_before_their_checkpoint_is_cached_are_not_lost(

@@ -3,7 +3,18 @@
 The cold `CheckpointStore` (Cosmos or Postgres) is the source of truth; the
 optional `CheckpointCache` (Redis) holds the latest checkpoint of each (thread,
 namespace) so that reading it costs one Redis round trip and no cold request.
-Writes go cold first, then update the cache; cache failures never fail a call.
+
+Two write modes (`STATE_WRITE_MODE`):
+- write-through: writes go cold first, then update the cache; cache failures
+  never fail a call.
+- write-behind (with a `Flusher`): a put or put_writes is one Redis round trip
+  that updates the hot copy and records the work in the write-behind log; the
+  flusher moves it to the cold tier in the background. Natural boundaries wait
+  for it: a write carrying an interrupt or an error, `durability="sync"`, and
+  `flush(thread_id)`. Reads the cold tier answers (a cache miss, `list`, a
+  checkpoint by id) first flush the thread's backlog, so they never see a gap.
+  With Redis unreachable a put writes through instead, with every channel value,
+  so the cold checkpoint stands on its own whatever the log still holds.
 
 A checkpoint is stored without its channel values, except small scalars (and
 short collections of them) kept inline, as LangGraph's Postgres saver keeps
@@ -38,6 +49,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from ..errors import BackendUnavailable
 from ..ports import (
     CheckpointCache,
     CheckpointStore,
@@ -46,6 +58,7 @@ from ..ports import (
     StoredCheckpoint,
     StoredWrite,
 )
+from .flusher import Flusher
 from .loop_thread import LoopThread
 
 if TYPE_CHECKING:
@@ -55,6 +68,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PRUNE_STRATEGIES: tuple[PruneStrategy, ...] = ("keep_latest", "delete")
+# `configurable` key of a run's fencing token: a write-behind write presenting a lower
+# token than one the thread has seen is refused (StaleFencingToken).
+FENCING_TOKEN_KEY = "fencing_token"
+# LangGraph passes the run's durability to the saver under this `configurable` key.
+DURABILITY_KEY = "__pregel_durability"
+# Writes on these channels end a step the caller must find again after a crash.
+BOUNDARY_CHANNELS = frozenset({"__interrupt__", "__error__"})
 # Values this small stay inline in the checkpoint instead of costing a blob document
 # (and a round trip) of their own. The test looks at the value only, so an unchanged
 # channel is inline in every checkpoint or in none.
@@ -84,12 +104,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         store: CheckpointStore,
         cache: CheckpointCache | None = None,
         *,
+        flusher: Flusher | None = None,
         serde: SerializerProtocol | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(serde=serde)
+        if flusher is not None and cache is None:
+            raise ValueError("write-behind needs the hot checkpoint cache its log updates")
         self.store = store
         self.cache = cache
+        # Set: write-behind mode.
+        self.flusher = flusher
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -108,8 +133,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         serde: SerializerProtocol | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> TieredCheckpointSaver:
-        """The saver over opened backends (call it on the loop that opened them)."""
-        return cls(backends.checkpoints, backends.hot_checkpoints, serde=serde, loop=loop)
+        """The saver over opened backends (call it on the loop that opened them), in the
+        write mode the settings chose."""
+        return cls(
+            backends.checkpoints,
+            backends.hot_checkpoints,
+            flusher=backends.flusher,
+            serde=serde,
+            loop=loop,
+        )
 
     @classmethod
     @contextmanager
@@ -177,6 +209,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         await self._on_loop(self._put_writes(config, writes, task_id, task_path))
 
+    async def aflush(self, thread_id: str) -> None:
+        """Return once the thread's write-behind backlog is in the cold tier (a no-op in
+        write-through mode): call it at the end of a run before reporting its outcome."""
+        if self.flusher is not None:
+            await self._on_loop(self.flusher.flush_thread(str(thread_id)))
+
     async def adelete_thread(self, thread_id: str) -> None:
         await self._on_loop(self._delete_thread(str(thread_id)))
 
@@ -229,6 +267,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_path: str = "",
     ) -> None:
         self._sync(self._put_writes(config, writes, task_id, task_path))
+
+    def flush(self, thread_id: str) -> None:
+        """Synchronous `aflush`."""
+        if self.flusher is not None:
+            self._sync(self.flusher.flush_thread(str(thread_id)))
 
     def delete_thread(self, thread_id: str) -> None:
         self._sync(self._delete_thread(str(thread_id)))
@@ -286,6 +329,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
                 return self._tuple(hit)
             lease = cached.lease
+        if self.flusher is not None:
+            await self.flusher.settle_thread(thread_id)
         stored = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
         if stored is None:
             return None
@@ -306,6 +351,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = str(configurable["thread_id"]) if "thread_id" in configurable else None
         checkpoint_ns = configurable.get("checkpoint_ns")
         before_id = get_checkpoint_id(before) if before else None
+        if self.flusher is not None:
+            if thread_id is not None:
+                await self.flusher.settle_thread(thread_id)
+            else:
+                await self.flusher.drain()
         if thread_id is not None and (checkpoint_id := configurable.get("checkpoint_id")):
             # One named checkpoint: a point read, then the same filters as a listing.
             found = await self.store.get_checkpoint(thread_id, checkpoint_ns or "", checkpoint_id)
@@ -352,9 +402,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
             channel_versions=dict(checkpoint["channel_versions"]),
         )
-        await self.store.put_checkpoint(stored, blobs)
-        if self.cache is not None:
-            await self.cache.advance(stored, blobs)
+        if self.flusher is None:
+            await self.store.put_checkpoint(stored, blobs)
+            if self.cache is not None:
+                await self.cache.advance(stored, blobs)
+        else:
+            try:
+                await self.flusher.log.append_put(
+                    stored, blobs, fence=configurable.get(FENCING_TOKEN_KEY)
+                )
+            except BackendUnavailable:
+                every_value = [
+                    StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
+                    for channel, version in checkpoint["channel_versions"].items()
+                    if channel in values and channel not in inline
+                ]
+                await self.store.put_checkpoint(stored, every_value)
+            else:
+                await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -387,20 +452,59 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
             for idx, (channel, value) in enumerate(writes)
         ]
-        await self.store.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
-        if self.cache is not None:
-            await self.cache.add_writes(
+        if self.flusher is None:
+            await self.store.put_writes(
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
+            if self.cache is not None:
+                await self.cache.add_writes(
+                    thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
+                )
+            return
+        try:
+            await self.flusher.log.append_writes(
+                thread_id,
+                checkpoint_ns,
+                checkpoint_id,
+                stored,
+                upsert=upsert,
+                fence=configurable.get(FENCING_TOKEN_KEY),
+            )
+        except BackendUnavailable:
+            await self.store.put_writes(
+                thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
+            )
+        else:
+            await self._boundary(
+                thread_id,
+                configurable.get(DURABILITY_KEY) == "sync"
+                or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
+            )
+
+    async def _boundary(self, thread_id: str, synchronous: bool) -> None:
+        """After a write-behind append: flush now at a boundary, else let the flusher run."""
+        assert self.flusher is not None
+        if synchronous:
+            await self.flusher.flush_thread(thread_id)
+        else:
+            self.flusher.notify()
 
     async def _delete_thread(self, thread_id: str) -> None:
-        await self.store.delete_thread(thread_id)
+        if self.flusher is None:
+            await self.store.delete_thread(thread_id)
+        else:
+            # Under the flush lock, so no flusher applies (resurrects) the dropped backlog.
+            async with self.flusher.holding(thread_id):
+                await self.flusher.log.discard(thread_id)
+                await self.store.delete_thread(thread_id)
         if self.cache is not None:
             await self.cache.invalidate(thread_id)
 
     async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
         if not run_ids:
             return
+        if self.flusher is not None:
+            await self.flusher.drain()
         affected: set[str] = set()
         if self.cache is not None:
             for run_id in run_ids:
@@ -418,6 +522,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.cache.invalidate(thread_id)
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        if self.flusher is not None:
+            await self.flusher.settle_thread(source_thread_id)
+            await self.flusher.settle_thread(target_thread_id)
         await self.store.copy_thread(source_thread_id, target_thread_id)
         if self.cache is not None:
             await self.cache.invalidate(target_thread_id)
@@ -430,6 +537,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         threads = [str(thread_id) for thread_id in thread_ids]
         if not threads:
             return
+        if self.flusher is not None:
+            for thread_id in threads:
+                await self.flusher.settle_thread(thread_id)
         await self.store.prune(
             threads, strategy="delete" if strategy == "delete" else "keep_latest"
         )

@@ -1,21 +1,25 @@
 """Hot copy of the latest LangGraph checkpoint per (thread, namespace) in Redis.
 
-One hash per (thread, namespace), key `{thread_id}:<store>:cp1:{ns}` (hash-tagged,
+One hash per (thread, namespace), key `{thread_id}:<store>:cp2:{ns}` (hash-tagged,
 so a thread's keys share a cluster slot; `<store>` names the cold store cached,
-so stores sharing one Redis stay apart; the digit is the snapshot format, so
-code that changes the format never reads entries written by the previous one):
+so stores sharing one Redis stay apart; the digit is the entry format, so code
+that changes the format never reads entries written by the previous one). Fields:
 
 - `id`: the cached checkpoint's id, which every script compares byte-wise so
   the cache only ever moves forward;
-- `snap`: the whole entry as one packed value (length-prefixed name/value
-  pairs): `head` (id, parent, metadata, channel versions as JSON), `cp` (the
-  checkpoint), `b:{channel}` (a value with its version) and
-  `w:{task_id}\\0{idx}` (the pending writes). A warm read is one HGET of a
-  single bulk string, which parses far faster than a field per channel;
+- `head`: id, parent, metadata and channel versions as JSON; `cp`: the checkpoint;
+- `b:{channel}`: the channel's latest cached value, prefixed by its version (a
+  checkpoint whose version differs does not see it);
+- `w:{task_id}\\0{idx}`: the cached checkpoint's pending writes;
 - `e:{checkpoint_id}\\0{task_id}\\0{idx}`: early writes, saved for a checkpoint
   newer than the cached one while that checkpoint's own save is still in flight
   (LangGraph overlaps the two); its `advance` turns them into `w:` entries;
 - `lease`: a reader's fill lease on an empty entry.
+
+A field per value (not one packed value) keeps a put O(what changed): `advance`
+writes the changed fields only, so a long conversation is not re-encoded on
+every step. A warm read is one HGETALL. Values are stored uncompressed: the hot
+tier trades memory for never compressing on the request path.
 
 `advance` applies a put as a delta on the cached parent (or drops the entry if
 the parent is not what is cached), `add_writes` keeps pending writes exact, and
@@ -30,7 +34,6 @@ import json
 import logging
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -38,7 +41,6 @@ from typing import TypeVar, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .. import codec
 from ..errors import CorruptState
 from ..ports import CacheLookup, StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
 from ..settings import Settings
@@ -47,15 +49,11 @@ from .redis_client import hot_key, hot_namespace
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SNAPSHOT_FORMAT = 1
+ENTRY_FORMAT = 2
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
-# Parsed snapshots kept per process, so a warm read of an unchanged entry skips the
-# parse (it still fetches the snapshot from Redis every time).
-PARSED_SNAPSHOTS = 256
-PARSED_SNAPSHOT_MAX_BYTES = 64 * 1024
 
-_LUA_HELPERS = """
+LUA_HELPERS = """
 -- Byte-wise order (Lua's `<` on strings follows the server's collation locale).
 local function older(a, b)
   local n = math.min(#a, #b)
@@ -71,112 +69,87 @@ local function early_id(field)
   return string.sub(field, 3, string.find(field, '\\0', 3, true) - 1)
 end
 
-local function decode(snap)
-  local entries, order, pos = {}, {}, 1
-  while snap and pos <= #snap do
-    local size = struct.unpack('>I4', snap, pos)
-    local name = string.sub(snap, pos + 4, pos + 3 + size)
-    pos = pos + 4 + size
-    size = struct.unpack('>I4', snap, pos)
-    entries[name] = string.sub(snap, pos + 4, pos + 3 + size)
-    order[#order + 1] = name
-    pos = pos + 4 + size
-  end
-  return entries, order
-end
-
-local function put(entries, order, name, value)
-  if entries[name] == nil then order[#order + 1] = name end
-  entries[name] = value
-end
-
-local function encode(entries, order)
-  local parts, seen = {}, {}
-  for _, name in ipairs(order) do
-    local value = entries[name]
-    if value ~= nil and not seen[name] then
-      seen[name] = true
-      parts[#parts + 1] = struct.pack('>I4', #name) .. name .. struct.pack('>I4', #value) .. value
-    end
-  end
-  return table.concat(parts)
-end
-
 local function keep(key, ttl, index, namespace)
   redis.call('EXPIRE', key, ttl)
   redis.call('SADD', index, namespace)
   redis.call('EXPIRE', index, ttl)
 end
+
+-- Move the cached entry `key` to checkpoint `id` (child of `parent`), setting the
+-- fields ARGV[first..] (name/value pairs). 1: moved; 0: the cache is already at `id`
+-- or newer; -1: the parent is not what is cached, so the entry is dropped.
+local function advance(key, index, id, parent, ttl, namespace, first)
+  local current = redis.call('HGET', key, 'id')
+  if current and not older(current, id) then return 0 end
+  if (current or '') ~= parent then
+    redis.call('DEL', key)
+    return -1
+  end
+  local drop, set = {'lease'}, {'id', id}
+  local prefix = 'e:' .. id .. '\\0'
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    local kind = string.sub(field, 1, 2)
+    if kind == 'w:' then
+      drop[#drop + 1] = field
+    elseif kind == 'e:' then
+      if string.sub(field, 1, #prefix) == prefix then
+        set[#set + 1] = 'w:' .. string.sub(field, #prefix + 1)
+        set[#set + 1] = redis.call('HGET', key, field)
+        drop[#drop + 1] = field
+      elseif older(early_id(field), id) then
+        drop[#drop + 1] = field
+      end
+    end
+  end
+  redis.call('HDEL', key, unpack(drop))
+  for i = first, #ARGV do set[#set + 1] = ARGV[i] end
+  redis.call('HSET', key, unpack(set))
+  keep(key, ttl, index, namespace)
+  return 1
+end
+
+-- Pending writes of checkpoint `id` (ARGV[first..], name/value pairs of `w:` fields).
+-- 1: added to the cached checkpoint; 0: the cache is newer; -1: kept as early writes.
+local function add_writes(key, id, upsert, ttl, first)
+  local current = redis.call('HGET', key, 'id')
+  if current == id then
+    for i = first, #ARGV, 2 do
+      if upsert then
+        redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+      else
+        redis.call('HSETNX', key, ARGV[i], ARGV[i + 1])
+      end
+    end
+    return 1
+  end
+  if current and not older(current, id) then return 0 end
+  redis.call('HDEL', key, 'lease')
+  local prefix = 'e:' .. id .. '\\0'
+  for i = first, #ARGV, 2 do
+    local field = prefix .. string.sub(ARGV[i], 3)
+    if upsert then
+      redis.call('HSET', key, field, ARGV[i + 1])
+    else
+      redis.call('HSETNX', key, field, ARGV[i + 1])
+    end
+  end
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  return -1
+end
 """
 
 # KEYS: entry, namespace index. ARGV: new id, parent id ('' for none), ttl, namespace,
-# then name/value pairs of the entries that changed.
-_ADVANCE = (
-    _LUA_HELPERS
-    + """
-local current = redis.call('HGET', KEYS[1], 'id')
-if current and not older(current, ARGV[1]) then return 0 end
-if (current or '') ~= ARGV[2] then
-  redis.call('DEL', KEYS[1])
-  return -1
-end
-local entries, order = decode(redis.call('HGET', KEYS[1], 'snap'))
-for name in pairs(entries) do
-  if string.sub(name, 1, 2) == 'w:' then entries[name] = nil end
-end
-for i = 5, #ARGV, 2 do put(entries, order, ARGV[i], ARGV[i + 1]) end
-local prefix = 'e:' .. ARGV[1] .. '\\0'
-local done = {'lease'}
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 2) == 'e:' then
-    if string.sub(field, 1, #prefix) == prefix then
-      put(entries, order, 'w:' .. string.sub(field, #prefix + 1), redis.call('HGET', KEYS[1], field))
-      done[#done + 1] = field
-    elseif older(early_id(field), ARGV[1]) then
-      done[#done + 1] = field
-    end
-  end
-end
-redis.call('HDEL', KEYS[1], unpack(done))
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'snap', encode(entries, order))
-keep(KEYS[1], ARGV[3], KEYS[2], ARGV[4])
-return 1
-"""
-)
+# then name/value pairs of the fields that changed.
+_ADVANCE = LUA_HELPERS + "return advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5)"
 
 # KEYS: entry. ARGV: checkpoint id, '1' to replace existing writes, ttl, then write
-# name/value pairs. Writes for a checkpoint newer than the cached one wait as early writes.
-_ADD_WRITES = (
-    _LUA_HELPERS
-    + """
-local current = redis.call('HGET', KEYS[1], 'id')
-if current == ARGV[1] then
-  local entries, order = decode(redis.call('HGET', KEYS[1], 'snap'))
-  for i = 4, #ARGV, 2 do
-    if ARGV[2] == '1' or entries[ARGV[i]] == nil then put(entries, order, ARGV[i], ARGV[i + 1]) end
-  end
-  redis.call('HSET', KEYS[1], 'snap', encode(entries, order))
-  return 1
-end
-if current and not older(current, ARGV[1]) then return 0 end
-redis.call('HDEL', KEYS[1], 'lease')
-local prefix = 'e:' .. ARGV[1] .. '\\0'
-for i = 4, #ARGV, 2 do
-  local field = prefix .. string.sub(ARGV[i], 3)
-  if ARGV[2] == '1' then
-    redis.call('HSET', KEYS[1], field, ARGV[i + 1])
-  else
-    redis.call('HSETNX', KEYS[1], field, ARGV[i + 1])
-  end
-end
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return -1
-"""
-)
+# name/value pairs.
+_ADD_WRITES = LUA_HELPERS + "return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)"
 
-# KEYS: entry, namespace index. ARGV: lease token, checkpoint id, ttl, namespace, snapshot.
+# KEYS: entry, namespace index. ARGV: lease token, checkpoint id, ttl, namespace, then
+# name/value pairs of every field of the checkpoint.
 _FILL = (
-    _LUA_HELPERS
+    LUA_HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 local done = {'lease'}
@@ -187,7 +160,9 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   end
 end
 redis.call('HDEL', KEYS[1], unpack(done))
-redis.call('HSET', KEYS[1], 'id', ARGV[2], 'snap', ARGV[5])
+local set = {'id', ARGV[2]}
+for i = 5, #ARGV do set[#set + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(set))
 keep(KEYS[1], ARGV[3], KEYS[2], ARGV[4])
 return 1
 """
@@ -204,11 +179,11 @@ return 1
 _LENGTH = struct.Struct(">I")
 
 
-def _pack(*parts: bytes) -> bytes:
+def pack(*parts: bytes) -> bytes:
     return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 
 
-def _unpack(packed: bytes) -> list[bytes]:
+def unpack(packed: bytes) -> list[bytes]:
     parts: list[bytes] = []
     offset, end = 0, len(packed)
     while offset < end:
@@ -220,22 +195,97 @@ def _unpack(packed: bytes) -> list[bytes]:
 
 
 def _version_prefix(version: str | int | float) -> bytes:
-    """Starts a blob entry: framed, so version 1 never matches an entry of version 10."""
-    return _pack(json.dumps(version).encode())
+    """Starts a blob field: framed, so version 1 never matches a field of version 10."""
+    return pack(json.dumps(version).encode())
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """The immutable parts of a snapshot; metadata and versions are re-read per call."""
+def typed_field(value: TypedBytes) -> bytes:
+    return pack(value[0].encode(), value[1])
 
-    head: bytes
-    checkpoint: TypedBytes
-    blobs: dict[str, TypedBytes]
-    writes: tuple[StoredWrite, ...]
+
+def untyped(field: bytes) -> TypedBytes:
+    serde_type, payload = unpack(field)
+    return serde_type.decode(), payload
+
+
+def head_field(checkpoint: StoredCheckpoint) -> bytes:
+    return json.dumps(
+        {
+            "id": checkpoint.checkpoint_id,
+            "parent": checkpoint.parent_checkpoint_id,
+            "metadata": checkpoint.metadata,
+            "versions": checkpoint.channel_versions,
+        }
+    ).encode()
+
+
+def checkpoint_fields(checkpoint: StoredCheckpoint) -> list[bytes]:
+    """`head` and `cp` name/value pairs of a checkpoint."""
+    return [b"head", head_field(checkpoint), b"cp", typed_field(checkpoint.checkpoint)]
+
+
+def blob_fields(blobs: Sequence[StoredBlob]) -> list[bytes]:
+    fields: list[bytes] = []
+    for blob in blobs:
+        fields += [
+            b"b:" + blob.channel.encode(),
+            _version_prefix(blob.version) + typed_field(blob.value),
+        ]
+    return fields
+
+
+def write_fields(writes: Sequence[StoredWrite]) -> list[bytes]:
+    fields: list[bytes] = []
+    for write in writes:
+        header = pack(
+            write.task_id.encode(),
+            write.task_path.encode(),
+            str(write.idx).encode(),
+            write.channel.encode(),
+        )
+        fields += [
+            f"w:{write.task_id}\0{write.idx}".encode(),
+            pack(header, typed_field(write.value)),
+        ]
+    return fields
+
+
+def parse_write(field: bytes) -> StoredWrite:
+    header, typed = unpack(field)
+    task_id, task_path, idx, channel = unpack(header)
+    return StoredWrite(
+        task_id.decode(), task_path.decode(), int(idx), channel.decode(), untyped(typed)
+    )
+
+
+def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) -> StoredCheckpoint:
+    """A checkpoint from its cached fields (`head`, `cp`, `b:*`, `w:*`)."""
+    head = json.loads(fields[b"head"])
+    versions: dict[str, str | int | float] = head["versions"]
+    blobs: dict[str, TypedBytes] = {}
+    for channel, version in versions.items():
+        blob = fields.get(b"b:" + channel.encode())
+        expected = _version_prefix(version)
+        # A channel's field holds its latest cached version; older checkpoints' don't match.
+        if blob is not None and blob.startswith(expected):
+            blobs[channel] = untyped(blob[len(expected) :])
+    writes = [parse_write(value) for name, value in fields.items() if name.startswith(b"w:")]
+    writes.sort(key=lambda w: (w.task_id, w.idx))
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns=checkpoint_ns,
+        checkpoint_id=head["id"],
+        parent_checkpoint_id=head["parent"],
+        checkpoint=untyped(fields[b"cp"]),
+        metadata=head["metadata"],
+        channel_versions=versions,
+        blobs=blobs,
+        writes=writes,
+    )
 
 
 @dataclass
-class CacheStats:
+class CheckpointCacheStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
@@ -251,22 +301,28 @@ class RedisCheckpointCache:
         self._client = client
         self._store = hot_namespace(settings)
         self._ttl = settings.state_hot_ttl_seconds
-        self._compress_threshold = settings.state_compress_threshold_bytes
         self._advance = client.register_script(_ADVANCE)
         self._add_writes = client.register_script(_ADD_WRITES)
         self._fill = client.register_script(_FILL)
         self._lease = client.register_script(_LEASE)
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
-        self._parsed: OrderedDict[str, tuple[bytes, _Parsed]] = OrderedDict()
         self._healthy = True
-        self.stats = CacheStats()
+        self.stats = CheckpointCacheStats()
+
+    @property
+    def ttl_seconds(self) -> int:
+        return self._ttl
+
+    @property
+    def namespace(self) -> str:
+        return self._store
 
     def key(self, thread_id: str, checkpoint_ns: str) -> str:
         """The entry of one (thread, checkpoint namespace)."""
-        return hot_key(thread_id, f"cp{SNAPSHOT_FORMAT}:{checkpoint_ns}", namespace=self._store)
+        return hot_key(thread_id, f"cp{ENTRY_FORMAT}:{checkpoint_ns}", namespace=self._store)
 
-    def _namespaces_key(self, thread_id: str) -> str:
+    def namespaces_key(self, thread_id: str) -> str:
         return hot_key(thread_id, "cp-namespaces", namespace=self._store)
 
     # ----------------------------------------------------------------------- port
@@ -276,14 +332,14 @@ class RedisCheckpointCache:
         if key in self._suspect and not await self._clear_if_suspect(key):
             return CacheLookup(None)
         try:
-            snapshot = cast("bytes | None", await self._client.hget(key, "snap"))
+            fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
             return CacheLookup(None)
         self._healthy = True
-        if snapshot is not None:
+        if b"id" in fields:
             try:
-                found = self._checkpoint(key, thread_id, checkpoint_ns, snapshot)
+                found = parse_entry(thread_id, checkpoint_ns, fields)
             except (CorruptState, ValueError, KeyError, struct.error) as exc:
                 # Never fail a read over a cache entry: drop it and read the cold tier.
                 self._failed(key, exc)
@@ -300,21 +356,25 @@ class RedisCheckpointCache:
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
-        entries = self._checkpoint_entries(checkpoint)
-        for channel, value in (checkpoint.blobs or {}).items():
-            entries += self._blob_entry(channel, checkpoint.channel_versions[channel], value)
-        for write in checkpoint.writes or []:
-            entries += self._write_entry(write)
+        blobs = [
+            StoredBlob(channel, checkpoint.channel_versions[channel], value)
+            for channel, value in (checkpoint.blobs or {}).items()
+        ]
+        fields = (
+            checkpoint_fields(checkpoint)
+            + blob_fields(blobs)
+            + write_fields(checkpoint.writes or [])
+        )
         await self._call(
             key,
             self._fill(
-                keys=[key, self._namespaces_key(checkpoint.thread_id)],
+                keys=[key, self.namespaces_key(checkpoint.thread_id)],
                 args=[
                     lease,
                     checkpoint.checkpoint_id,
                     self._ttl,
                     checkpoint.checkpoint_ns,
-                    _pack(*(_bytes(entry) for entry in entries)),
+                    *fields,
                 ],
             ),
         )
@@ -323,19 +383,17 @@ class RedisCheckpointCache:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
         if not await self._clear_if_suspect(key):
             return
-        entries = self._checkpoint_entries(checkpoint)
-        for blob in blobs:
-            entries += self._blob_entry(blob.channel, blob.version, blob.value)
         await self._call(
             key,
             self._advance(
-                keys=[key, self._namespaces_key(checkpoint.thread_id)],
+                keys=[key, self.namespaces_key(checkpoint.thread_id)],
                 args=[
                     checkpoint.checkpoint_id,
                     checkpoint.parent_checkpoint_id or "",
                     self._ttl,
                     checkpoint.checkpoint_ns,
-                    *entries,
+                    *checkpoint_fields(checkpoint),
+                    *blob_fields(blobs),
                 ],
             ),
         )
@@ -354,11 +412,11 @@ class RedisCheckpointCache:
         key = self.key(thread_id, checkpoint_ns)
         if not await self._clear_if_suspect(key):
             return
-        entries = [part for write in writes for part in self._write_entry(write)]
         await self._call(
             key,
             self._add_writes(
-                keys=[key], args=[checkpoint_id, "1" if upsert else "0", self._ttl, *entries]
+                keys=[key],
+                args=[checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
             ),
         )
 
@@ -368,7 +426,7 @@ class RedisCheckpointCache:
             if await self._call(key, self._client.delete(key)) is not None:
                 self._suspect.discard(key)
             return
-        index = self._namespaces_key(thread_id)
+        index = self.namespaces_key(thread_id)
         namespaces = cast(
             "set[bytes] | None", await self._call(index, self._client.smembers(index))
         )
@@ -378,95 +436,6 @@ class RedisCheckpointCache:
         keys += [key for key in self._suspect if key.startswith(self.key(thread_id, ""))]
         if await self._call(index, self._client.delete(index, *keys)) is not None:
             self._suspect.difference_update(keys)
-
-    # ----------------------------------------------------------------------- encoding
-
-    def _typed(self, value: TypedBytes) -> bytes:
-        serde_type, data = value
-        encoding, payload = codec.compress(data, self._compress_threshold)
-        return _pack(serde_type.encode(), encoding.encode(), payload)
-
-    def _checkpoint_entries(self, checkpoint: StoredCheckpoint) -> list[str | bytes]:
-        head = {
-            "id": checkpoint.checkpoint_id,
-            "parent": checkpoint.parent_checkpoint_id,
-            "metadata": checkpoint.metadata,
-            "versions": checkpoint.channel_versions,
-        }
-        return ["head", json.dumps(head), "cp", self._typed(checkpoint.checkpoint)]
-
-    def _blob_entry(
-        self, channel: str, version: str | int | float, value: TypedBytes
-    ) -> list[str | bytes]:
-        return [f"b:{channel}", _version_prefix(version) + self._typed(value)]
-
-    def _write_entry(self, write: StoredWrite) -> list[str | bytes]:
-        header = _pack(
-            write.task_id.encode(),
-            write.task_path.encode(),
-            str(write.idx).encode(),
-            write.channel.encode(),
-        )
-        return [f"w:{write.task_id}\0{write.idx}", _pack(header, self._typed(write.value))]
-
-    @staticmethod
-    def _untyped(packed: bytes) -> TypedBytes:
-        serde_type, encoding, payload = _unpack(packed)
-        return serde_type.decode(), codec.decompress(encoding.decode(), payload)
-
-    def _checkpoint(
-        self, key: str, thread_id: str, checkpoint_ns: str, snapshot: bytes
-    ) -> StoredCheckpoint:
-        memo = self._parsed.get(key)
-        if memo is not None and memo[0] == snapshot:
-            parsed = memo[1]
-        else:
-            parsed = self._parse(snapshot)
-            if len(snapshot) <= PARSED_SNAPSHOT_MAX_BYTES:
-                self._parsed[key] = (snapshot, parsed)
-                self._parsed.move_to_end(key)
-                if len(self._parsed) > PARSED_SNAPSHOTS:
-                    self._parsed.popitem(last=False)
-        head = json.loads(parsed.head)  # fresh objects for every caller
-        return StoredCheckpoint(
-            thread_id=thread_id,
-            checkpoint_ns=checkpoint_ns,
-            checkpoint_id=head["id"],
-            parent_checkpoint_id=head["parent"],
-            checkpoint=parsed.checkpoint,
-            metadata=head["metadata"],
-            channel_versions=head["versions"],
-            blobs=dict(parsed.blobs),
-            writes=list(parsed.writes),
-        )
-
-    def _parse(self, snapshot: bytes) -> _Parsed:
-        parts = _unpack(snapshot)
-        entries = dict(zip(parts[::2], parts[1::2], strict=True))
-        versions: dict[str, str | int | float] = json.loads(entries[b"head"])["versions"]
-        blobs: dict[str, TypedBytes] = {}
-        for channel, version in versions.items():
-            blob = entries.get(b"b:" + channel.encode())
-            expected = _version_prefix(version)
-            # A channel's entry holds its latest cached version; older checkpoints' don't match.
-            if blob is not None and blob.startswith(expected):
-                blobs[channel] = self._untyped(blob[len(expected) :])
-        writes = []
-        for name, value in entries.items():
-            if name.startswith(b"w:"):
-                header, typed = _unpack(value)
-                task_id, task_path, idx, channel_name = _unpack(header)
-                writes.append(
-                    StoredWrite(
-                        task_id.decode(),
-                        task_path.decode(),
-                        int(idx),
-                        channel_name.decode(),
-                        self._untyped(typed),
-                    )
-                )
-        writes.sort(key=lambda w: (w.task_id, w.idx))
-        return _Parsed(entries[b"head"], self._untyped(entries[b"cp"]), blobs, tuple(writes))
 
     # ----------------------------------------------------------------------- failures
 
@@ -495,7 +464,3 @@ class RedisCheckpointCache:
             return False
         self._suspect.discard(key)
         return True
-
-
-def _bytes(entry: str | bytes) -> bytes:
-    return entry.encode() if isinstance(entry, str) else entry

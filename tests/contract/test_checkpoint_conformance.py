@@ -1,7 +1,7 @@
 """LangGraph's own checkpointer conformance suite against the saver on real servers.
 
-Every base and extended capability, by name, for each cold backend with and
-without the Redis hot tier. The suite's report only counts what it detects, so
+Every base and extended capability, by name, for each cold backend: with the
+Redis hot tier in each write mode, and on the cold tier alone. The suite's report only counts what it detects, so
 each capability is asserted explicitly: detected, run, and all its tests passed.
 """
 
@@ -20,24 +20,37 @@ from langgraph.checkpoint.conformance.capabilities import (
 
 from state.checkpoint import TieredCheckpointSaver
 from state.factory import backends_for
-from state.settings import Settings
+from state.settings import Settings, WriteMode
 
 CAPABILITIES = sorted(BASE_CAPABILITIES | EXTENDED_CAPABILITIES, key=lambda c: c.value)
 
 
-@pytest.mark.parametrize("hot", [True, False], ids=["with-redis", "cold-only"])
+CONFIGURATIONS = [
+    (True, WriteMode.WRITE_THROUGH),
+    (True, WriteMode.WRITE_BEHIND),
+    (False, WriteMode.WRITE_THROUGH),
+]
+
+
+@pytest.mark.parametrize(
+    ("hot", "mode"),
+    CONFIGURATIONS,
+    ids=["redis-write-through", "redis-write-behind", "cold-only"],
+)
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=[c.value for c in CAPABILITIES])
 async def test_capability_passes(
     cold_backend: str,
     hot: bool,
+    mode: WriteMode,
     capability: Capability,
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(cold_backend, hot=hot)
+    settings = make_settings(cold_backend, hot=hot, state_write_mode=mode)
     async with backends_for(settings) as backends:
         assert (backends.hot_checkpoints is not None) is hot
+        assert (backends.flusher is not None) is (mode is WriteMode.WRITE_BEHIND)
 
-        @checkpointer_test(name=f"TieredCheckpointSaver[{cold_backend}, hot={hot}]")
+        @checkpointer_test(name=f"TieredCheckpointSaver[{cold_backend}, hot={hot}, {mode}]")
         async def saver() -> AsyncIterator[BaseCheckpointSaver]:
             yield TieredCheckpointSaver.from_backends(backends)
 

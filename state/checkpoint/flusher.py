@@ -1,0 +1,195 @@
+"""The write-behind flusher: moves acknowledged checkpoint work from the hot log to the cold tier.
+
+Every worker runs one in the background (woken by its own appends, and polling
+for work other workers left behind); the timer function runs a `drain` pass too.
+A thread is flushed by one flusher at a time (the log's per-thread lock), oldest
+entry first, so the cold tier receives a thread's operations in order; entries
+leave the log only after the cold tier has them, and applying one twice is
+harmless (`CheckpointStore.apply_batch` is idempotent). A flusher that dies
+mid-batch leaves its lock to expire; the next one re-applies that batch.
+
+`flush_thread` is the synchronous boundary: it returns once everything appended
+to the thread before the call is in the cold tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import BackendUnavailable, StateError
+from ..ports import Backlog, CheckpointStore, WriteBehindLog
+
+log = logging.getLogger(__name__)
+
+# Entries applied per cold batch: large enough to amortise round trips, small enough
+# that a batch finishes well within the flush lock.
+BATCH_ENTRIES = 64
+# Threads flushed at once by a drain pass.
+CONCURRENT_THREADS = 8
+# How often an idle flusher looks for work other workers left behind.
+POLL_SECONDS = 1.0
+# After its own append wakes it, a flusher waits this long so one pass takes several.
+WAKE_DELAY_SECONDS = 0.02
+LOCK_POLL_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class _Drained:
+    applied: int
+    unlisted: bool
+
+
+class Flusher:
+    def __init__(self, log: WriteBehindLog, store: CheckpointStore, *, lock_ttl_ms: int) -> None:
+        self.log = log
+        self.store = store
+        self._lock_ttl_ms = lock_ttl_ms
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.flushed_entries = 0
+
+    # ----------------------------------------------------------------------- boundaries
+
+    async def flush_thread(self, thread_id: str) -> int:
+        """Return once every entry appended to the thread before this call is in the cold
+        tier; how many entries this call applied."""
+        async with self.holding(thread_id):
+            return (await self._drain_locked(thread_id)).applied
+
+    async def settle_thread(self, thread_id: str) -> None:
+        """Flush the thread if it has a backlog (before a read the cold tier answers).
+
+        With the hot tier unreachable there is nothing to flush from: the read goes on
+        against the cold tier, which is what a reader can have.
+        """
+        try:
+            if await self.log.pending(thread_id):
+                await self.flush_thread(thread_id)
+        except BackendUnavailable as exc:
+            log.warning("write-behind log unreachable (%s): reading the cold tier as is", exc)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, thread_id: str) -> AsyncIterator[None]:
+        """The thread's flush lock, waited for: no flusher applies its entries meanwhile."""
+        deadline = time.monotonic() + 2 * self._lock_ttl_ms / 1000
+        while (token := await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)) is None:
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(
+                    "write-behind", f"the flush lock of {thread_id!r} was not released in time"
+                )
+            await asyncio.sleep(LOCK_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            await self.log.unlock_thread(thread_id, token)
+
+    # ----------------------------------------------------------------------- draining
+
+    async def drain(self, *, limit: int | None = None) -> int:
+        """Flush listed threads (oldest backlog first) until none is left that this
+        flusher can take, or `limit` entries were applied; returns entries applied."""
+        total = 0
+        while limit is None or total < limit:
+            listed = await self.log.dirty_threads(limit=CONCURRENT_THREADS * 4)
+            if not listed:
+                break
+            slots = asyncio.Semaphore(CONCURRENT_THREADS)
+
+            async def take(thread_id: str) -> _Drained | None:
+                async with slots:
+                    token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
+                    if token is None:
+                        return None  # another flusher has it
+                    try:
+                        return await self._drain_locked(thread_id)
+                    except StateError as exc:
+                        # Left in the log (the backlog's age shows it); other threads go on.
+                        log.warning("write-behind flush of %r failed: %s", thread_id, exc)
+                        return None
+                    finally:
+                        await self.log.unlock_thread(thread_id, token)
+
+            results = await asyncio.gather(*(take(thread) for thread, _ in listed))
+            done = [result for result in results if result is not None]
+            total += sum(result.applied for result in done)
+            if not any(result.applied or result.unlisted for result in done):
+                break  # what is left belongs to other flushers
+        return total
+
+    async def _drain_locked(self, thread_id: str) -> _Drained:
+        marker = await self.log.marker(thread_id)
+        applied = 0
+        while True:
+            entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
+            if not entries:
+                break
+            await self.store.apply_batch([entry.op for entry in entries])
+            left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
+            applied += len(entries)
+            if left == 0:
+                break
+        self.flushed_entries += applied
+        unlisted = False
+        if marker is not None:
+            unlisted = await self.log.settle(thread_id, marker)
+            # On a cluster the listing and the entry live on different nodes: an entry
+            # can land after the read above yet be counted in `marker`. Keep it listed.
+            if unlisted and await self.log.pending(thread_id):
+                await self.log.mark_dirty(thread_id)
+                unlisted = False
+        return _Drained(applied, unlisted)
+
+    async def backlog(self) -> Backlog:
+        return await self.log.backlog()
+
+    # ----------------------------------------------------------------------- background
+
+    def notify(self) -> None:
+        """An append happened: drain soon."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Run in the background on the current loop until `close`."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="write-behind-flusher")
+
+    async def close(self, *, final_drain_seconds: float = 5.0) -> None:
+        """Stop the background task, then try to leave nothing behind (bounded)."""
+        if self._task is not None:
+            # A flag, not only a cancel: a cancel that races a wake-up can be lost.
+            self._closing = True
+            self._wake.set()
+            await asyncio.wait({self._task}, timeout=final_drain_seconds)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        try:
+            await asyncio.wait_for(self.drain(), timeout=final_drain_seconds)
+        except (TimeoutError, StateError) as exc:
+            # Nothing is lost: the entries stay in the log for the next flusher.
+            log.warning("write-behind backlog left for another flusher: %s", exc)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._wake.wait()
+            if self._closing:
+                return
+            if self._wake.is_set():
+                await asyncio.sleep(WAKE_DELAY_SECONDS)
+                self._wake.clear()
+            try:
+                await self.drain()
+            except Exception:
+                # The loop must outlive any one failure; the entries wait in the log.
+                log.exception("write-behind flush pass failed; retrying")
+                await asyncio.sleep(POLL_SECONDS)

@@ -1,0 +1,403 @@
+"""The write-behind log on Redis: checkpoint work acknowledged before the cold tier has it.
+
+Per thread (hash tag `{thread_id}`, so one cluster slot), next to the cache entry
+of `redis_checkpoints`:
+
+- `wb-log`: a stream of unflushed operations, one entry per put / put_writes,
+  holding everything the cold tier needs (the same fields as the cache entry);
+- `wb-flushing`: the flush lock (token, expiring), so one flusher at a time
+  applies a thread's entries, in order; a dead flusher's lock expires and
+  another takes the thread over;
+- `wb-fence`: the highest fencing token a writer presented.
+
+An append is one script: fence check, cache advance, stream entry, all atomic in
+the thread's slot. It is pipelined (same round trip) with a second script on the
+shared `{wb:<store>}` slot that lists the thread as dirty: `dirty` (score bumped
+by every append, so a flusher can tell whether anything arrived while it
+flushed), `since` (when the thread became dirty: the backlog's age) and
+`entries` (a count for health and metrics). The append goes first, so a thread
+is never listed after its entry is lost, only (harmlessly) listed with nothing
+to flush. None of these keys has a TTL except the fence: under a volatile-*
+eviction policy they are never evicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from ..errors import BackendUnavailable, CorruptState, StaleFencingToken
+from ..ports import (
+    Backlog,
+    CheckpointPut,
+    FlushOp,
+    LogEntry,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    WritesPut,
+)
+from .redis_checkpoints import (
+    LUA_HELPERS,
+    RedisCheckpointCache,
+    blob_fields,
+    checkpoint_fields,
+    parse_write,
+    unpack,
+    untyped,
+    write_fields,
+)
+
+# Fence check shared by both appends. KEYS[fence_key], ARGV[fence_arg]: '' for none.
+_FENCE = """
+local function fenced(fence_key, presented, ttl)
+  if presented == '' then return nil end
+  local seen = tonumber(redis.call('GET', fence_key) or '0')
+  if tonumber(presented) < seen then return seen end
+  if tonumber(presented) > seen then
+    redis.call('SET', fence_key, presented, 'EX', ttl)
+  end
+  return nil
+end
+"""
+
+# KEYS: entry, namespace index, log, fence. ARGV: id, parent, ttl, namespace, fence,
+# then the checkpoint's name/value fields. Returns {cache outcome, highest fence or 0}.
+_APPEND_PUT = (
+    LUA_HELPERS
+    + _FENCE
+    + """
+local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
+if stale then return {-2, stale} end
+local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6)
+local entry = {'op', 'put', 'ns', ARGV[4]}
+for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
+redis.call('XADD', KEYS[3], '*', unpack(entry))
+return {moved, 0}
+"""
+)
+
+# KEYS: entry, log, fence. ARGV: checkpoint id, '1' to upsert, ttl, namespace, fence,
+# then the writes' name/value fields.
+_APPEND_WRITES = (
+    LUA_HELPERS
+    + _FENCE
+    + """
+local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
+if stale then return {-2, stale} end
+local added = add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 6)
+local entry = {'op', 'writes', 'ns', ARGV[4], 'cid', ARGV[1], 'upsert', ARGV[2]}
+for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(entry))
+return {added, 0}
+"""
+)
+
+# KEYS: dirty, since, entries. ARGV: thread id.
+_MARK_DIRTY = """
+redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+
+# KEYS: dirty, since, entries. ARGV: thread id, marker ('' to unlist unconditionally).
+_SETTLE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and (ARGV[2] == '' or tonumber(score) == tonumber(ARGV[2])) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SET', KEYS[3], 0) end
+  return 1
+end
+return 0
+"""
+
+# KEYS: log, entries. ARGV: entry ids. Returns entries left in the log.
+_ACK = """
+local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
+local left = redis.call('XLEN', KEYS[1])
+if left == 0 then redis.call('DEL', KEYS[1]) end
+if redis.call('DECRBY', KEYS[2], removed) < 0 then redis.call('SET', KEYS[2], 0) end
+return left
+"""
+
+# KEYS: lock. ARGV: token.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisWriteBehindLog:
+    """The `WriteBehindLog` port on Redis (see the module docstring)."""
+
+    name = "redis"
+
+    def __init__(self, client: aioredis.Redis, cache: RedisCheckpointCache) -> None:
+        self._client = client
+        self._cache = cache
+        store = cache.namespace
+        # Keys shared by every thread: one slot of their own.
+        self._dirty = f"{{wb:{store}}}:dirty"
+        self._since = f"{{wb:{store}}}:since"
+        self._entries = f"{{wb:{store}}}:entries"
+        self._scripts = {
+            name: (source, _sha(source))
+            for name, source in {
+                "put": _APPEND_PUT,
+                "writes": _APPEND_WRITES,
+                "dirty": _MARK_DIRTY,
+                "settle": _SETTLE,
+                "ack": _ACK,
+                "unlock": _UNLOCK,
+            }.items()
+        }
+
+    def _key(self, thread_id: str, kind: str) -> str:
+        return f"{{{thread_id}}}:{self._cache.namespace}:{kind}"
+
+    # ----------------------------------------------------------------------- appends
+
+    async def append_put(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+    ) -> None:
+        thread_id = checkpoint.thread_id
+        keys = [
+            self._cache.key(thread_id, checkpoint.checkpoint_ns),
+            self._cache.namespaces_key(thread_id),
+            self._key(thread_id, "wb-log"),
+            self._key(thread_id, "wb-fence"),
+        ]
+        args: list[Any] = [
+            checkpoint.checkpoint_id,
+            checkpoint.parent_checkpoint_id or "",
+            self._cache.ttl_seconds,
+            checkpoint.checkpoint_ns,
+            "" if fence is None else fence,
+            *checkpoint_fields(checkpoint),
+            *blob_fields(blobs),
+        ]
+        await self._append(thread_id, "put", keys, args, fence)
+
+    async def append_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+    ) -> None:
+        keys = [
+            self._cache.key(thread_id, checkpoint_ns),
+            self._key(thread_id, "wb-log"),
+            self._key(thread_id, "wb-fence"),
+        ]
+        args: list[Any] = [
+            checkpoint_id,
+            "1" if upsert else "0",
+            self._cache.ttl_seconds,
+            checkpoint_ns,
+            "" if fence is None else fence,
+            *write_fields(writes),
+        ]
+        await self._append(thread_id, "writes", keys, args, fence)
+
+    async def _append(
+        self, thread_id: str, script: str, keys: list[str], args: list[Any], fence: int | None
+    ) -> None:
+        """The append and the dirty listing in one round trip (a pipeline, not a transaction:
+        they live on different cluster slots)."""
+        dirty_keys = [self._dirty, self._since, self._entries]
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
+            pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
+            try:
+                appended, _ = await pipe.execute(raise_on_error=True)
+            except NoScriptError:
+                # The server lost its script cache (restart, failover): neither script ran
+                # past the error, and listing a thread twice is harmless.
+                if attempt:
+                    raise
+                await self._load_scripts()
+                continue
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable("redis", str(exc)) from exc
+            outcome, highest = appended
+            if outcome == -2:
+                raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
+            return
+
+    async def _load_scripts(self) -> None:
+        try:
+            for source, _ in self._scripts.values():
+                await self._client.script_load(source)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        source, sha = self._scripts[script]
+        try:
+            try:
+                return await self._client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._client.eval(source, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+
+    # ----------------------------------------------------------------------- flusher side
+
+    async def pending(self, thread_id: str) -> bool:
+        try:
+            return bool(await self._client.exists(self._key(thread_id, "wb-log")))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+
+    async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
+        try:
+            found = cast(
+                "list[tuple[bytes, dict[bytes, bytes]]]",
+                await self._client.xrange(self._key(thread_id, "wb-log"), count=count),
+            )
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return [LogEntry(entry_id.decode(), _op(thread_id, fields)) for entry_id, fields in found]
+
+    async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+        if not entry_ids:
+            return await self._length(thread_id)
+        left = await self._run(
+            "ack", [self._key(thread_id, "wb-log"), self._entries], list(entry_ids)
+        )
+        return int(left)
+
+    async def _length(self, thread_id: str) -> int:
+        try:
+            return int(await self._client.xlen(self._key(thread_id, "wb-log")))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+
+    async def discard(self, thread_id: str) -> None:
+        try:
+            length = await self._length(thread_id)
+            await self._client.delete(self._key(thread_id, "wb-log"))
+            if length:
+                await self._client.decrby(self._entries, length)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        await self._run("settle", [self._dirty, self._since, self._entries], [thread_id, ""])
+
+    async def dirty_threads(self, *, limit: int) -> list[tuple[str, float]]:
+        try:
+            oldest = cast(
+                "list[bytes]", await self._client.zrange(self._since, 0, max(limit - 1, 0))
+            )
+            if not oldest:
+                return []
+            markers = await self._client.zmscore(self._dirty, oldest)  # type: ignore[arg-type]
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return [
+            (thread.decode(), float(marker if marker is not None else 0.0))
+            for thread, marker in zip(oldest, markers, strict=True)
+        ]
+
+    async def marker(self, thread_id: str) -> float | None:
+        try:
+            score = await self._client.zscore(self._dirty, thread_id)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return None if score is None else float(score)
+
+    async def settle(self, thread_id: str, marker: float) -> bool:
+        settled = await self._run(
+            "settle", [self._dirty, self._since, self._entries], [thread_id, marker]
+        )
+        return bool(settled)
+
+    async def mark_dirty(self, thread_id: str) -> None:
+        await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
+
+    async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
+        token = os.urandom(12).hex()
+        try:
+            taken = await self._client.set(
+                self._key(thread_id, "wb-flushing"), token, nx=True, px=ttl_ms
+            )
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return token if taken else None
+
+    async def unlock_thread(self, thread_id: str, token: str) -> None:
+        await self._run("unlock", [self._key(thread_id, "wb-flushing")], [token])
+
+    async def backlog(self) -> Backlog:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zcard(self._dirty)
+            pipe.zrange(self._since, 0, 0, withscores=True)
+            pipe.get(self._entries)
+            pipe.time()
+            threads, oldest, entries, (seconds, micros) = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        age = None
+        if threads and oldest:
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            age = max(0.0, (now_ms - float(oldest[0][1])) / 1000)
+        return Backlog(
+            entries=max(0, int(entries or 0)), threads=int(threads), oldest_age_seconds=age
+        )
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _op(thread_id: str, fields: dict[bytes, bytes]) -> FlushOp:
+    """A stream entry back into the operation it recorded."""
+    try:
+        checkpoint_ns = fields[b"ns"].decode()
+        if fields[b"op"] == b"put":
+            head = json.loads(fields[b"head"])
+            blobs = []
+            for name, value in fields.items():
+                if name.startswith(b"b:"):
+                    version, serde_type, payload = unpack(value)
+                    blobs.append(
+                        StoredBlob(
+                            name[2:].decode(), json.loads(version), (serde_type.decode(), payload)
+                        )
+                    )
+            checkpoint = StoredCheckpoint(
+                thread_id=thread_id,
+                checkpoint_ns=checkpoint_ns,
+                checkpoint_id=head["id"],
+                parent_checkpoint_id=head["parent"],
+                checkpoint=untyped(fields[b"cp"]),
+                metadata=head["metadata"],
+                channel_versions=head["versions"],
+            )
+            return CheckpointPut(checkpoint, blobs)
+        writes: list[StoredWrite] = [
+            parse_write(value) for name, value in fields.items() if name.startswith(b"w:")
+        ]
+        return WritesPut(
+            thread_id,
+            checkpoint_ns,
+            fields[b"cid"].decode(),
+            writes,
+            upsert=fields[b"upsert"] == b"1",
+        )
+    except (KeyError, ValueError) as exc:
+        raise CorruptState(f"unreadable write-behind entry of {thread_id!r}: {exc}") from exc
