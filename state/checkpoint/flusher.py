@@ -95,32 +95,32 @@ class Flusher:
         """Flush listed threads (oldest backlog first) until none is left that this
         flusher can take, or `limit` entries were applied; returns entries applied."""
         total = 0
+        slots = asyncio.Semaphore(CONCURRENT_THREADS)
         while limit is None or total < limit:
             listed = await self.log.dirty_threads(limit=CONCURRENT_THREADS * 4)
             if not listed:
                 break
-            slots = asyncio.Semaphore(CONCURRENT_THREADS)
-
-            async def take(thread_id: str) -> _Drained | None:
-                async with slots:
-                    token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
-                    if token is None:
-                        return None  # another flusher has it
-                    try:
-                        return await self._drain_locked(thread_id)
-                    except StateError as exc:
-                        # Left in the log (the backlog's age shows it); other threads go on.
-                        log.warning("write-behind flush of %r failed: %s", thread_id, exc)
-                        return None
-                    finally:
-                        await self.log.unlock_thread(thread_id, token)
-
-            results = await asyncio.gather(*(take(thread) for thread, _ in listed))
+            results = await asyncio.gather(*(self._take(thread, slots) for thread, _ in listed))
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
             if not any(result.applied or result.unlisted for result in done):
                 break  # what is left belongs to other flushers
         return total
+
+    async def _take(self, thread_id: str, slots: asyncio.Semaphore) -> _Drained | None:
+        """Flush the thread unless another flusher has it (None)."""
+        async with slots:
+            token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
+            if token is None:
+                return None
+            try:
+                return await self._drain_locked(thread_id)
+            except StateError as exc:
+                # Left in the log (the backlog's age shows it); other threads go on.
+                log.warning("write-behind flush of %r failed: %s", thread_id, exc)
+                return None
+            finally:
+                await self.log.unlock_thread(thread_id, token)
 
     async def _drain_locked(self, thread_id: str) -> _Drained:
         marker = await self.log.marker(thread_id)
