@@ -21,6 +21,7 @@ from azure.core.credentials import AccessToken
 
 from devstack import PostgresServer, free_port
 from state import schema
+from state.cold import postgres_checkpoints
 from state.cold.postgres_checkpoints import (
     GET_BLOBS_SQL,
     LIST_PAGE_SIZE,
@@ -32,6 +33,7 @@ from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
     StaleFencingToken,
+    StateError,
     UnsupportedSchemaVersion,
     VersionConflict,
     WorkflowExists,
@@ -39,11 +41,14 @@ from state.errors import (
 )
 from state.ports import (
     CREATED_SECTION,
+    CheckpointPut,
     CheckpointStore,
     ColdStateStore,
+    FlushOp,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
+    WritesPut,
 )
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
@@ -536,6 +541,146 @@ async def test_copy_thread_copies_blobs_and_writes(checkpoints: PostgresCheckpoi
     await checkpoints.delete_thread(source)
     assert await checkpoints.get_checkpoint(source, "child:1", None) is None
     assert await checkpoints.get_checkpoint(target, "child:1", None) is not None
+
+
+def _batch(thread: str, other: str, ids: list[str]) -> list[FlushOp]:
+    """Write-behind work for two threads, interleaved, with every kind of repeat in it."""
+    first, second = ids
+
+    def put(
+        thread_id: str, checkpoint_id: str, parent: str | None, blobs: list[StoredBlob]
+    ) -> CheckpointPut:
+        versions = {blob.channel: blob.version for blob in blobs}
+        return CheckpointPut(
+            _checkpoint(
+                thread_id,
+                checkpoint_id,
+                parent=parent,
+                metadata={"step": checkpoint_id},
+                versions=versions,
+            ),
+            blobs,
+        )
+
+    def write(idx: int, value: bytes, task: str = "task") -> StoredWrite:
+        return StoredWrite(task, "path", idx, "messages", ("json", value))
+
+    return [
+        put(
+            thread,
+            first,
+            None,
+            [StoredBlob("messages", "1", ("json", b"m1")), StoredBlob("a", 1, ("json", b"a1"))],
+        ),
+        put(other, first, None, [StoredBlob("messages", "1", ("json", b"other"))]),
+        WritesPut(
+            thread,
+            "",
+            first,
+            [write(0, b"w0"), write(1, b"w1"), write(0, b"w0 repeated")],
+            upsert=False,
+        ),
+        # A retried put of the same checkpoint: its blob keeps the first value, the row the last.
+        put(thread, first, None, [StoredBlob("messages", "1", ("json", b"m1 retried"))]),
+        WritesPut(thread, "", first, [write(1, b"w1 replaced")], upsert=True),
+        WritesPut(thread, "", first, [write(1, b"w1 ignored")], upsert=False),
+        WritesPut(thread, "", first, [write(-1, b"error", task="other-task")], upsert=True),
+        WritesPut(
+            thread, "", first, [write(-1, b"error replaced", task="other-task")], upsert=True
+        ),
+        put(thread, second, first, [StoredBlob("messages", "2", ("json", b"m2" * 1000))]),
+        WritesPut(other, "", first, [write(0, b"other write")], upsert=False),
+    ]
+
+
+async def _state(checkpoints: PostgresCheckpointStore, thread: str) -> list[tuple[object, ...]]:
+    """Everything stored for a thread, with the thread id left out."""
+    return [
+        (
+            c.checkpoint_id,
+            c.parent_checkpoint_id,
+            c.checkpoint,
+            c.metadata,
+            c.channel_versions,
+            c.blobs,
+            c.writes,
+            await checkpoints.get_blobs(thread, "", {"messages": "1", "a": 1}),
+        )
+        async for c in _list(checkpoints, thread)
+    ]
+
+
+async def test_apply_batch_is_one_statement_with_the_effect_of_the_calls_in_order(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    ids = _ids(2)
+    called, called_other = unique_thread(), unique_thread()
+    for op in _batch(called, called_other, ids):
+        if isinstance(op, CheckpointPut):
+            await checkpoints.put_checkpoint(op.checkpoint, op.blobs)
+        else:
+            await checkpoints.put_writes(
+                op.thread_id, op.checkpoint_ns, op.checkpoint_id, op.writes, upsert=op.upsert
+            )
+    expected, expected_other = (
+        await _state(checkpoints, called),
+        await _state(checkpoints, called_other),
+    )
+    assert expected[1][6] == [
+        StoredWrite("other-task", "path", -1, "messages", ("json", b"error replaced")),
+        StoredWrite("task", "path", 0, "messages", ("json", b"w0")),
+        StoredWrite("task", "path", 1, "messages", ("json", b"w1 replaced")),
+    ]
+    assert expected[1][7] == {"messages": ("json", b"m1"), "a": ("json", b"a1")}
+
+    batched, batched_other = unique_thread(), unique_thread()
+    batch = _batch(batched, batched_other, ids)
+    pg.counters.reset()
+    await checkpoints.apply_batch(batch)
+    assert pg.counters.requests == 1
+    assert await _state(checkpoints, batched) == expected
+    assert await _state(checkpoints, batched_other) == expected_other
+
+    # Idempotent: applied again, or a prefix first and then all of it, the same state.
+    await checkpoints.apply_batch(batch)
+    assert await _state(checkpoints, batched) == expected
+    replayed, replayed_other = unique_thread(), unique_thread()
+    replay = _batch(replayed, replayed_other, ids)
+    await checkpoints.apply_batch(replay[:5])
+    await checkpoints.apply_batch(replay)
+    assert await _state(checkpoints, replayed) == expected
+    assert await _state(checkpoints, replayed_other) == expected_other
+    await checkpoints.apply_batch([])
+
+
+async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(
+    pg: PostgresConnection,
+    checkpoints: PostgresCheckpointStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A limit of 20 parameters puts each row in a statement of its own.
+    monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", 20)
+    thread = unique_thread()
+    ids = _ids(2)
+    batch = _batch(thread, unique_thread(), ids)
+    pg.counters.reset()
+    await checkpoints.apply_batch(batch)
+    assert pg.counters.requests > 5
+    reference = unique_thread()
+    monkeypatch.undo()
+    await checkpoints.apply_batch(_batch(reference, unique_thread(), ids))
+    assert await _state(checkpoints, thread) == await _state(checkpoints, reference)
+
+    # The last statement fails on the server (idx out of integer range): nothing stays.
+    monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", 20)
+    failing = unique_thread()
+    bad = WritesPut(
+        failing, "", ids[0], [StoredWrite("t", "", 2**40, "c", ("json", b""))], upsert=True
+    )
+    # Raw or mapped to a typed error, it is the server's refusal of the last statement.
+    with pytest.raises((psycopg.DataError, StateError), match="out of range"):
+        await checkpoints.apply_batch([*_batch(failing, unique_thread(), ids), bad])
+    assert await _state(checkpoints, failing) == []
 
 
 def _list(checkpoints: PostgresCheckpointStore, thread: str) -> AsyncIterator[StoredCheckpoint]:
