@@ -29,12 +29,6 @@ from .migrations import migrate
 
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
 POSTGRES_PORT = 5432
-POOL_MIN_SIZE = 1
-POOL_MAX_SIZE = 10
-# How long a caller waits for a pooled connection before the backend counts as down.
-ACQUIRE_TIMEOUT_SECONDS = 10.0
-# A server that stops answering mid-query (paused, network cut) must not hang a worker.
-OPERATION_TIMEOUT_SECONDS = 30.0
 
 
 class CountedConnection(AsyncConnection[DictRow]):
@@ -81,12 +75,10 @@ class PostgresConnection:
         settings: Settings,
         *,
         credential: AsyncTokenCredential | None = None,
-        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
     ) -> None:
         """`credential`: sign in with its Entra tokens (the caller closes it). Without
         one, POSTGRES_URL carries any password, or else DefaultAzureCredential is used."""
         self._settings = settings
-        self._acquire_timeout = acquire_timeout
         self._pool: AsyncConnectionPool[CountedConnection] | None = None
         self._credential = credential
         self._owned_credential: AsyncTokenCredential | None = None
@@ -144,9 +136,9 @@ class PostgresConnection:
             connection_class=CountedConnection,
             kwargs=self._connect_kwargs,
             configure=self._configure,
-            min_size=POOL_MIN_SIZE,
-            max_size=POOL_MAX_SIZE,
-            timeout=self._acquire_timeout,
+            min_size=settings.postgres_pool_min_size,
+            max_size=settings.postgres_pool_max_size,
+            timeout=settings.postgres_pool_timeout_seconds,
             name="agent-state",
             open=False,
         )
@@ -159,7 +151,10 @@ class PostgresConnection:
         """A pooled connection (autocommit) whose statements count under `operation`."""
         pool = await self.pool()
         with postgres_errors():
-            async with asyncio.timeout(OPERATION_TIMEOUT_SECONDS), pool.connection() as conn:
+            async with (
+                asyncio.timeout(self._settings.postgres_operation_timeout_seconds),
+                pool.connection() as conn,
+            ):
                 conn.operation = operation
                 try:
                     yield conn

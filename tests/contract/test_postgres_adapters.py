@@ -261,14 +261,47 @@ async def test_unreachable_server_is_backend_unavailable() -> None:
     settings = Settings(
         state_cold_backend="postgres",
         postgres_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        postgres_pool_timeout_seconds=0.5,
     )
-    pg = PostgresConnection(settings, acquire_timeout=0.5)
+    pg = PostgresConnection(settings)
     try:
         store = PostgresStateStore(pg, settings)
         with pytest.raises(BackendUnavailable):
             await store.get("t")
         health = await store.health()
         assert not health.up and "postgres" in health.detail
+    finally:
+        await pg.close()
+
+
+async def test_pool_size_and_timeouts_come_from_the_settings(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(
+        "postgres",
+        hot=False,
+        postgres_pool_min_size=1,
+        postgres_pool_max_size=1,
+        postgres_pool_timeout_seconds=0.3,
+        postgres_operation_timeout_seconds=1.0,
+    )
+    pg = PostgresConnection(settings)
+    try:
+        pool = await pg.pool()
+        assert (pool.min_size, pool.max_size, pool.timeout) == (1, 1, 0.3)
+        # The only connection is busy: a second caller gives up after the pool timeout.
+        async with pg.connection("holder"):
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                async with pg.connection("waiter"):
+                    pass
+            assert 0.25 <= time.monotonic() - started < 0.9
+        # A statement that does not answer in time is abandoned after the operation timeout.
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="no answer in time"):
+            async with pg.connection("slow") as conn:
+                await conn.execute("SELECT pg_sleep(5)")
+        assert 0.9 <= time.monotonic() - started < 3
     finally:
         await pg.close()
 
