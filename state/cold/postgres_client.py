@@ -4,13 +4,16 @@ Connects with POSTGRES_URL locally or, in Azure, to POSTGRES_HOST as
 POSTGRES_USER with a Microsoft Entra access token as the password (fetched
 afresh for every new connection, since tokens expire and a pooled connection
 outlives many of them). Runs the schema migrations once in `setup()`, maps
-transport failures and pool timeouts to `BackendUnavailable`, and counts the
-statements sent for the benchmark and the O(1) tests.
+transport failures and pool timeouts to `BackendUnavailable`, refuses JSON
+that jsonb cannot hold (a NUL character) as `UnsupportedValue` before sending
+it, and counts the statements sent for the benchmark and the O(1) tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, cast
@@ -20,15 +23,19 @@ from psycopg import AsyncConnection, AsyncCursor, OperationalError
 from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, UnsupportedValue
 from ..ports import Counters
 from ..settings import Settings
 from .migrations import migrate
 
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
 POSTGRES_PORT = 5432
+# json.dumps writes a NUL character as \u0000, which jsonb refuses. Preceded by an
+# even run of backslashes it is that escape; after an odd one it is literal text.
+NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class CountedConnection(AsyncConnection[DictRow]):
@@ -113,6 +120,7 @@ class PostgresConnection:
 
     async def _configure(self, connection: CountedConnection) -> None:
         connection.counters = self.counters
+        set_json_dumps(dump_json, connection)
 
     async def pool(self) -> AsyncConnectionPool[CountedConnection]:
         if self._pool is not None:
@@ -188,6 +196,16 @@ class PostgresConnection:
             await self._owned_credential.close()
             self._owned_credential = None
             self._credential = None
+
+
+def dump_json(value: Any) -> str:
+    """JSON for a jsonb parameter; a NUL character is the caller's error, found before sending."""
+    text = json.dumps(value)
+    if "\\u0000" in text and NUL_ESCAPE.search(text):
+        raise UnsupportedValue(
+            "postgres", "JSON text contains a NUL character (\\u0000), which jsonb cannot hold"
+        )
+    return text
 
 
 @contextmanager

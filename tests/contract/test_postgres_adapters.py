@@ -35,6 +35,7 @@ from state.errors import (
     StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
+    UnsupportedValue,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -255,6 +256,34 @@ async def test_a_write_stores_an_old_record_in_the_current_schema(
         await store.get(thread)
     with pytest.raises(UnsupportedSchemaVersion):
         await store.update_section(thread, "notes", ["v1"], expected_version=2, agent_id="v1")
+
+
+async def test_a_nul_character_in_json_is_a_typed_error_and_writes_nothing(
+    store: PostgresStateStore, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    with pytest.raises(UnsupportedValue, match="NUL"):
+        await store.create(thread, {"intake": {"text": "charged\x00twice"}}, agent_id="intake")
+    assert await store.get(thread) is None
+    with pytest.raises(UnsupportedValue):
+        await store.create(thread, {"key\x00": 1}, agent_id="intake")
+
+    # The six characters backslash-u-0-0-0-0 are text like any other, escaped backslash or not.
+    literal = {"text": "\\u0000", "after_a_backslash": "\\\\u0000"}
+    await store.create(thread, {"intake": literal}, agent_id="intake")
+    with pytest.raises(UnsupportedValue):
+        await store.update_section(
+            thread, "intake", {"text": "\\\x00"}, expected_version=1, agent_id="intake"
+        )
+    record = await store.get(thread)
+    assert record is not None and (record.version, record.sections) == (1, {"intake": literal})
+
+    (checkpoint_id,) = _ids(1)
+    with pytest.raises(UnsupportedValue):
+        await checkpoints.put_checkpoint(
+            _checkpoint(thread, checkpoint_id, metadata={"source": "in\x00put"}), []
+        )
+    assert await checkpoints.get_checkpoint(thread, "", None) is None
 
 
 async def test_unreachable_server_is_backend_unavailable() -> None:
