@@ -8,6 +8,7 @@ keyset paging, bytea sizes) and its error mapping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -425,6 +426,41 @@ async def test_ten_megabyte_values_round_trip(checkpoints: PostgresCheckpointSto
     assert blobs == {"messages": ("bytes", big), "empty": ("empty", b"")}
     (write,) = await checkpoints.get_writes(thread, "", checkpoint_id)
     assert write.value == ("bytes", big)
+
+
+async def test_large_payloads_are_stored_with_lz4_where_the_server_has_it(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    (checkpoint_id,) = _ids(1)
+    text = b"refund charge account login " * 4096  # compressible, well over the TOAST threshold
+    await checkpoints.put_checkpoint(
+        dataclasses.replace(
+            _checkpoint(thread, checkpoint_id, versions={"messages": "1"}),
+            checkpoint=("msgpack", text),
+        ),
+        [StoredBlob("messages", "1", ("msgpack", text))],
+    )
+    await checkpoints.put_writes(
+        thread, "", checkpoint_id, [StoredWrite("t", "", 0, "m", ("msgpack", text))], upsert=False
+    )
+    async with pg.connection("inspect") as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE TEMPORARY TABLE lz4_probe (b bytea COMPRESSION lz4)")
+            expected = "lz4"
+        except psycopg.errors.FeatureNotSupported:
+            expected = "pglz"
+        cursor = await conn.execute(
+            "SELECT (SELECT pg_column_compression(blob) FROM cp_blobs WHERE thread_id = %(t)s),"
+            " (SELECT pg_column_compression(blob) FROM cp_writes WHERE thread_id = %(t)s),"
+            " (SELECT pg_column_compression(checkpoint) FROM cp_checkpoints"
+            "  WHERE thread_id = %(t)s) AS checkpoint",
+            {"t": thread},
+        )
+        row = await cursor.fetchone()
+    assert row is not None and set(row.values()) == {expected}
+    assert (await checkpoints.get_blobs(thread, "", {"messages": "1"}))["messages"][1] == text
 
 
 async def test_latest_with_blobs_and_writes_is_one_statement_whatever_the_history(
