@@ -243,8 +243,13 @@ class PostgresCheckpointStore:
             async with self._pg.connection(operation) as conn:
                 await conn.execute(*statements[0])
             return
-        # Past the parameter limit: several statements, still atomic and one round trip.
-        async with self._pg.transaction(operation) as conn, conn.pipeline():
+        # Past the parameter limit: several statements, still atomic and, pipelined
+        # (BEGIN and COMMIT included), one round trip.
+        async with (
+            self._pg.connection(operation) as conn,
+            conn.pipeline(),
+            conn.transaction(),
+        ):
             for query, params in statements:
                 await conn.execute(query, params)
 
@@ -404,7 +409,8 @@ def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
     land as the same rows. Blob versions are immutable, so the first one of a key
     stands; a checkpoint put replaces, so the last one stands; of a pending write,
     the last upsert stands (inserts after it are ignored), and without an upsert the
-    first insert (the later ones are ignored).
+    first insert (the later ones are ignored). Rows come out sorted by key, so two
+    batches that overlap take their row locks in the same order (no deadlock).
     """
     blobs: dict[tuple[str, str, str, str], Row] = {}
     checkpoints: dict[tuple[str, str, str], Row] = {}
@@ -448,11 +454,12 @@ def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
                         CURRENT["write"],
                     ),
                 )
+    ordered_writes = [writes[key] for key in sorted(writes)]
     return [
-        list(blobs.values()),
-        list(checkpoints.values()),
-        [row for upsert, row in writes.values() if not upsert],
-        [row for upsert, row in writes.values() if upsert],
+        [blobs[key] for key in sorted(blobs)],
+        [checkpoints[key] for key in sorted(checkpoints)],
+        [row for upsert, row in ordered_writes if not upsert],
+        [row for upsert, row in ordered_writes if upsert],
     ]
 
 
