@@ -81,6 +81,18 @@ class UnsupportedSchemaVersion(StateError):
         self.supported = supported
 
 
+class UnsupportedValue(StateError):
+    """A value this backend cannot store as given (e.g. a NUL character in JSON on Postgres).
+
+    The caller's data is at fault, not the server: retrying cannot help, and the
+    API answers it as a client error.
+    """
+
+    def __init__(self, backend: str, detail: str) -> None:
+        super().__init__(f"{backend} cannot store this value: {detail}")
+        self.backend = backend
+
+
 class SettingsError(StateError):
     """The configuration is incomplete or contradictory."""
 

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     postgres_host: str | None = None
     postgres_database: str = "agentstate"
     postgres_user: str | None = None
+    # Connection pool per process: connections kept open, the most it opens, how long a
+    # call waits for a free one, and how long one call (wait included) may take before
+    # the backend counts as unavailable (a paused server or a cut network must not hang).
+    postgres_pool_min_size: int = Field(default=1, ge=0)
+    postgres_pool_max_size: int = Field(default=10, gt=0)
+    postgres_pool_timeout_seconds: float = Field(default=10.0, gt=0)
+    postgres_operation_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Client id of the user-assigned managed identity (read by azure-identity too).
     azure_client_id: str | None = None
@@ -136,6 +143,8 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "STATE_COLD_BACKEND=postgres needs POSTGRES_URL or POSTGRES_HOST + POSTGRES_USER"
             )
+        if self.postgres_pool_min_size > self.postgres_pool_max_size:
+            raise SettingsError("POSTGRES_POOL_MIN_SIZE must not exceed POSTGRES_POOL_MAX_SIZE")
         if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:
             raise SettingsError("STATE_WRITE_MODE=write-behind needs REDIS_URL or REDIS_HOST")
         return self

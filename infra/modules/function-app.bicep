@@ -178,6 +178,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       POSTGRES_HOST: postgresHost
       POSTGRES_DATABASE: postgresDatabase
       POSTGRES_USER: postgresUser
+      POSTGRES_POOL_MIN_SIZE: '1'
+      POSTGRES_POOL_MAX_SIZE: '10'
+      POSTGRES_POOL_TIMEOUT_SECONDS: '10'
+      POSTGRES_OPERATION_TIMEOUT_SECONDS: '30'
       // Hot tier (Entra auth, TLS only).
       REDIS_HOST: redisHost
       REDIS_PORT: string(redisPort)

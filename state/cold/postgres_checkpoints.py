@@ -5,7 +5,10 @@ out), `cp_blobs` (one row per channel version, written only when it changes)
 and `cp_writes` (pending writes per task). Payloads are bytea, so values of
 any size fit. The latest checkpoint, with its blobs and pending writes, is one
 statement led by a backward scan of the primary key; `list_checkpoints` pages
-with keyset pagination, never loading a whole thread.
+with keyset pagination, never loading a whole thread. Payloads cross the wire
+in binary both ways (parameters and results): text format would hex-escape
+every blob and cost more than the statement itself once a thread holds a
+megabyte of messages. Every write, and any write-behind batch, is one statement.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..ports import (
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
+    WritesPut,
 )
 from ..schema import CURRENT, upcast
 from ..settings import Settings
@@ -41,6 +45,7 @@ CHECKPOINT_COLUMNS = (
 # arrays of bytea arrays (text fields via convert_to, which never reinterprets
 # backslashes the way a ::bytea cast would). Each blob is a primary-key lookup
 # (LATERAL ... LIMIT 1), never a join over every blob version of the thread.
+# Executed with binary results, so blobs arrive as raw bytes.
 SELECT_CHECKPOINTS_SQL = f"""
 SELECT {CHECKPOINT_COLUMNS},
     (
@@ -67,54 +72,49 @@ SELECT {CHECKPOINT_COLUMNS},
 FROM cp_checkpoints AS c
 """
 
-# Every write below is one statement, hence atomic on its own and one round
-# trip: rows arrive as parallel arrays and data-modifying CTEs do the rest.
+WRITE_COLUMNS = "task_id, task_path, idx, channel, type, blob, schema_version"
 
-# The new blobs and the checkpoint commit together: never a checkpoint without its blobs.
-PUT_CHECKPOINT_SQL = f"""
-WITH new_blobs AS (
-    INSERT INTO cp_blobs
-        (thread_id, checkpoint_ns, channel, version, type, blob, schema_version)
-    SELECT %(thread_id)s, %(checkpoint_ns)s, b.channel, b.version, b.type, b.blob,
-           %(blob_schema_version)s
-    FROM unnest(%(channels)s::text[], %(versions)s::text[], %(types)s::text[],
-                %(payloads)s::bytea[]) AS b (channel, version, type, blob)
-    ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO NOTHING
-)
-INSERT INTO cp_checkpoints ({CHECKPOINT_COLUMNS})
-VALUES (%(thread_id)s, %(checkpoint_ns)s, %(checkpoint_id)s, %(parent_checkpoint_id)s,
-        %(type)s, %(checkpoint)s, %(metadata)s, %(channel_versions)s, %(schema_version)s)
-ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET
+# Writes are multi-row VALUES with one bind parameter per field: payloads travel as
+# binary bytea parameters, never escaped into text nor packed into an array the
+# server must take apart again (both cost more than the insert itself at 1 MB).
+# `%b` marks the binary ones. Each data-modifying CTE inserts one kind of row, so
+# a batch of any mix is one statement: atomic on its own and one round trip.
+BLOB_TABLE = "cp_blobs (thread_id, checkpoint_ns, channel, version, type, blob, schema_version)"
+BLOB_ROW = "(%s, %s, %s, %s, %s, %b, %s)"
+# A blob version never changes once written, so a repeat is ignored.
+BLOB_CONFLICT = "ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO NOTHING"
+
+CHECKPOINT_TABLE = f"cp_checkpoints ({CHECKPOINT_COLUMNS})"
+CHECKPOINT_ROW = "(%s, %s, %s, %s, %s, %b, %b, %b, %s)"
+CHECKPOINT_CONFLICT = """ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET
     parent_checkpoint_id = EXCLUDED.parent_checkpoint_id,
     type = EXCLUDED.type,
     checkpoint = EXCLUDED.checkpoint,
     metadata = EXCLUDED.metadata,
     channel_versions = EXCLUDED.channel_versions,
-    schema_version = EXCLUDED.schema_version
-"""
+    schema_version = EXCLUDED.schema_version"""
 
-WRITE_COLUMNS = "task_id, task_path, idx, channel, type, blob, schema_version"
-
-PUT_WRITES_SQL = f"""
-INSERT INTO cp_writes (thread_id, checkpoint_ns, checkpoint_id, {WRITE_COLUMNS})
-SELECT %(thread_id)s, %(checkpoint_ns)s, %(checkpoint_id)s,
-       w.task_id, w.task_path, w.idx, w.channel, w.type, w.blob, %(schema_version)s
-FROM unnest(%(task_ids)s::text[], %(task_paths)s::text[], %(idxs)s::integer[],
-            %(channels)s::text[], %(types)s::text[], %(payloads)s::bytea[])
-    AS w (task_id, task_path, idx, channel, type, blob)
-ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
-"""
-INSERT_WRITES_SQL = PUT_WRITES_SQL + "DO NOTHING"
-UPSERT_WRITES_SQL = (
-    PUT_WRITES_SQL
-    + """DO UPDATE SET
+WRITE_TABLE = f"cp_writes (thread_id, checkpoint_ns, checkpoint_id, {WRITE_COLUMNS})"
+WRITE_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %b, %s)"
+WRITE_KEY = "(thread_id, checkpoint_ns, checkpoint_id, task_id, idx)"
+INSERT_WRITE_CONFLICT = f"ON CONFLICT {WRITE_KEY} DO NOTHING"
+UPSERT_WRITE_CONFLICT = f"""ON CONFLICT {WRITE_KEY} DO UPDATE SET
     task_path = EXCLUDED.task_path,
     channel = EXCLUDED.channel,
     type = EXCLUDED.type,
     blob = EXCLUDED.blob,
-    schema_version = EXCLUDED.schema_version
-"""
+    schema_version = EXCLUDED.schema_version"""
+
+# In the order they are inserted: the blobs a checkpoint references come first, so
+# a batch split over several statements (in one transaction) keeps that order too.
+ROW_KINDS: tuple[tuple[str, str, str], ...] = (
+    (BLOB_TABLE, BLOB_ROW, BLOB_CONFLICT),
+    (CHECKPOINT_TABLE, CHECKPOINT_ROW, CHECKPOINT_CONFLICT),
+    (WRITE_TABLE, WRITE_ROW, INSERT_WRITE_CONFLICT),
+    (WRITE_TABLE, WRITE_ROW, UPSERT_WRITE_CONFLICT),
 )
+# Postgres takes at most 65,535 bind parameters per statement.
+MAX_STATEMENT_PARAMETERS = 65_535
 
 GET_BLOBS_SQL = """
 SELECT b.channel, b.version, b.type, b.blob, b.schema_version
@@ -217,30 +217,7 @@ class PostgresCheckpointStore:
     async def put_checkpoint(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
-        # A repeated (channel, version) keeps its first value, as ON CONFLICT DO NOTHING would.
-        unique = list(
-            {(blob.channel, str(blob.version)): blob for blob in reversed(blobs)}.values()
-        )
-        async with self._pg.connection("put_checkpoint") as conn:
-            await conn.execute(
-                PUT_CHECKPOINT_SQL,
-                {
-                    "thread_id": checkpoint.thread_id,
-                    "checkpoint_ns": checkpoint.checkpoint_ns,
-                    "checkpoint_id": checkpoint.checkpoint_id,
-                    "parent_checkpoint_id": checkpoint.parent_checkpoint_id,
-                    "type": checkpoint.checkpoint[0],
-                    "checkpoint": checkpoint.checkpoint[1],
-                    "metadata": Jsonb(checkpoint.metadata),
-                    "channel_versions": Jsonb(checkpoint.channel_versions),
-                    "schema_version": CURRENT["checkpoint"],
-                    "channels": [blob.channel for blob in unique],
-                    "versions": [str(blob.version) for blob in unique],
-                    "types": [blob.value[0] for blob in unique],
-                    "payloads": [blob.value[1] for blob in unique],
-                    "blob_schema_version": CURRENT["blob"],
-                },
-            )
+        await self._write("put_checkpoint", [CheckpointPut(checkpoint, blobs)])
 
     async def put_writes(
         self,
@@ -251,37 +228,30 @@ class PostgresCheckpointStore:
         *,
         upsert: bool,
     ) -> None:
-        if not writes:
-            return
-        # One statement may not touch a row twice: a repeated (task_id, idx) in one call
-        # keeps the last write when upserting, the first otherwise.
-        ordered = writes if upsert else list(reversed(writes))
-        unique = list({(write.task_id, write.idx): write for write in ordered}.values())
-        async with self._pg.connection("put_writes") as conn:
-            await conn.execute(
-                UPSERT_WRITES_SQL if upsert else INSERT_WRITES_SQL,
-                {
-                    "thread_id": thread_id,
-                    "checkpoint_ns": checkpoint_ns,
-                    "checkpoint_id": checkpoint_id,
-                    "schema_version": CURRENT["write"],
-                    "task_ids": [write.task_id for write in unique],
-                    "task_paths": [write.task_path for write in unique],
-                    "idxs": [write.idx for write in unique],
-                    "channels": [write.channel for write in unique],
-                    "types": [write.value[0] for write in unique],
-                    "payloads": [write.value[1] for write in unique],
-                },
-            )
+        await self._write(
+            "put_writes", [WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert)]
+        )
 
     async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
-        for op in ops:
-            if isinstance(op, CheckpointPut):
-                await self.put_checkpoint(op.checkpoint, op.blobs)
-            else:
-                await self.put_writes(
-                    op.thread_id, op.checkpoint_ns, op.checkpoint_id, op.writes, upsert=op.upsert
-                )
+        await self._write("apply_batch", ops)
+
+    async def _write(self, operation: str, ops: Sequence[FlushOp]) -> None:
+        statements = _statements(_fold(ops))
+        if not statements:
+            return
+        if len(statements) == 1:
+            async with self._pg.connection(operation) as conn:
+                await conn.execute(*statements[0])
+            return
+        # Past the parameter limit: several statements, still atomic and, pipelined
+        # (BEGIN and COMMIT included), one round trip.
+        async with (
+            self._pg.connection(operation) as conn,
+            conn.pipeline(),
+            conn.transaction(),
+        ):
+            for query, params in statements:
+                await conn.execute(query, params)
 
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
@@ -292,12 +262,14 @@ class PostgresCheckpointStore:
                     f"{SELECT_CHECKPOINTS_SQL} WHERE thread_id = %s AND checkpoint_ns = %s"
                     " ORDER BY checkpoint_id DESC LIMIT 1",
                     (thread_id, checkpoint_ns),
+                    binary=True,
                 )
             else:
                 cursor = await conn.execute(
                     f"{SELECT_CHECKPOINTS_SQL}"
                     " WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
                     (thread_id, checkpoint_ns, checkpoint_id),
+                    binary=True,
                 )
             row = await cursor.fetchone()
         return _stored_checkpoint(row) if row is not None else None
@@ -316,6 +288,7 @@ class PostgresCheckpointStore:
                     thread_id,
                     checkpoint_ns,
                 ),
+                binary=True,
             )
             rows = await cursor.fetchall()
         blobs = (upcast("blob", row) for row in rows)
@@ -330,6 +303,7 @@ class PostgresCheckpointStore:
                 " WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s"
                 " ORDER BY task_id, idx",
                 (thread_id, checkpoint_ns, checkpoint_id),
+                binary=True,
             )
             rows = await cursor.fetchall()
         return [_stored_write(row) for row in rows]
@@ -381,6 +355,7 @@ class PostgresCheckpointStore:
                 cursor = await conn.execute(
                     f"{SELECT_CHECKPOINTS_SQL}{where} ORDER BY {order} LIMIT %s",
                     [*page_params, page_size],
+                    binary=True,
                 )
                 rows = await cursor.fetchall()
             # Yielded after the connection went back to the pool: a slow consumer holds none.
@@ -422,6 +397,105 @@ class PostgresCheckpointStore:
 
     async def close(self) -> None:
         """The shared connection is closed by whoever opened it (the backend factory)."""
+
+
+Row = tuple[Any, ...]
+
+
+def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
+    """The rows of `ops` per entry of ROW_KINDS: one per key, with the effect of the ops in order.
+
+    One statement may not touch a row twice, and folding also makes a replayed batch
+    land as the same rows. Blob versions are immutable, so the first one of a key
+    stands; a checkpoint put replaces, so the last one stands; of a pending write,
+    the last upsert stands (inserts after it are ignored), and without an upsert the
+    first insert (the later ones are ignored). Rows come out sorted by key, so two
+    batches that overlap take their row locks in the same order (no deadlock).
+    """
+    blobs: dict[tuple[str, str, str, str], Row] = {}
+    checkpoints: dict[tuple[str, str, str], Row] = {}
+    writes: dict[tuple[str, str, str, str, int], tuple[bool, Row]] = {}
+    for op in ops:
+        if isinstance(op, CheckpointPut):
+            checkpoint = op.checkpoint
+            for blob in op.blobs:
+                blob_key = (
+                    checkpoint.thread_id,
+                    checkpoint.checkpoint_ns,
+                    blob.channel,
+                    str(blob.version),
+                )
+                if blob_key not in blobs:
+                    blobs[blob_key] = (*blob_key, *blob.value, CURRENT["blob"])
+            checkpoints[
+                (checkpoint.thread_id, checkpoint.checkpoint_ns, checkpoint.checkpoint_id)
+            ] = (
+                checkpoint.thread_id,
+                checkpoint.checkpoint_ns,
+                checkpoint.checkpoint_id,
+                checkpoint.parent_checkpoint_id,
+                *checkpoint.checkpoint,
+                Jsonb(checkpoint.metadata),
+                Jsonb(checkpoint.channel_versions),
+                CURRENT["checkpoint"],
+            )
+            continue
+        for write in op.writes:
+            write_key = (op.thread_id, op.checkpoint_ns, op.checkpoint_id, write.task_id, write.idx)
+            if op.upsert or write_key not in writes:
+                writes[write_key] = (
+                    op.upsert,
+                    (
+                        *write_key[:4],
+                        write.task_path,
+                        write.idx,
+                        write.channel,
+                        *write.value,
+                        CURRENT["write"],
+                    ),
+                )
+    ordered_writes = [writes[key] for key in sorted(writes)]
+    return [
+        [blobs[key] for key in sorted(blobs)],
+        [checkpoints[key] for key in sorted(checkpoints)],
+        [row for upsert, row in ordered_writes if not upsert],
+        [row for upsert, row in ordered_writes if upsert],
+    ]
+
+
+def _statements(rows_by_kind: list[list[Row]]) -> list[tuple[str, list[Any]]]:
+    """INSERTs for the folded rows, as few statements as the parameter limit allows."""
+    statements: list[tuple[str, list[Any]]] = []
+    inserts: list[str] = []
+    params: list[Any] = []
+    for (table, row_sql, conflict), rows in zip(ROW_KINDS, rows_by_kind, strict=True):
+        per_row = row_sql.count("%")
+        done = 0
+        while done < len(rows):
+            room = (MAX_STATEMENT_PARAMETERS - len(params)) // per_row
+            if room == 0:
+                statements.append(_statement(inserts, params))
+                inserts, params = [], []
+                continue
+            chunk = rows[done : done + room]
+            inserts.append(
+                f"INSERT INTO {table} VALUES {', '.join([row_sql] * len(chunk))} {conflict}"
+            )
+            for row in chunk:
+                params.extend(row)
+            done += len(chunk)
+    if inserts:
+        statements.append(_statement(inserts, params))
+    return statements
+
+
+def _statement(inserts: list[str], params: list[Any]) -> tuple[str, list[Any]]:
+    """One INSERT as it is; several as data-modifying CTEs of one statement."""
+    *leading, last = inserts
+    if not leading:
+        return last, params
+    ctes = ", ".join(f"insert_{n} AS ({insert})" for n, insert in enumerate(leading))
+    return f"WITH {ctes} {last}", params
 
 
 async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, Any]]) -> None:

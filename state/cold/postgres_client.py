@@ -4,13 +4,16 @@ Connects with POSTGRES_URL locally or, in Azure, to POSTGRES_HOST as
 POSTGRES_USER with a Microsoft Entra access token as the password (fetched
 afresh for every new connection, since tokens expire and a pooled connection
 outlives many of them). Runs the schema migrations once in `setup()`, maps
-transport failures and pool timeouts to `BackendUnavailable`, and counts the
-statements sent for the benchmark and the O(1) tests.
+transport failures and pool timeouts to `BackendUnavailable`, refuses JSON
+that jsonb cannot hold (a NUL character) as `UnsupportedValue` before sending
+it, and counts the statements sent for the benchmark and the O(1) tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, cast
@@ -20,21 +23,19 @@ from psycopg import AsyncConnection, AsyncCursor, OperationalError
 from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, UnsupportedValue
 from ..ports import Counters
 from ..settings import Settings
 from .migrations import migrate
 
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
 POSTGRES_PORT = 5432
-POOL_MIN_SIZE = 1
-POOL_MAX_SIZE = 10
-# How long a caller waits for a pooled connection before the backend counts as down.
-ACQUIRE_TIMEOUT_SECONDS = 10.0
-# A server that stops answering mid-query (paused, network cut) must not hang a worker.
-OPERATION_TIMEOUT_SECONDS = 30.0
+# json.dumps writes a NUL character as \u0000, which jsonb refuses. Preceded by an
+# even run of backslashes it is that escape; after an odd one it is literal text.
+NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class CountedConnection(AsyncConnection[DictRow]):
@@ -81,12 +82,10 @@ class PostgresConnection:
         settings: Settings,
         *,
         credential: AsyncTokenCredential | None = None,
-        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
     ) -> None:
         """`credential`: sign in with its Entra tokens (the caller closes it). Without
         one, POSTGRES_URL carries any password, or else DefaultAzureCredential is used."""
         self._settings = settings
-        self._acquire_timeout = acquire_timeout
         self._pool: AsyncConnectionPool[CountedConnection] | None = None
         self._credential = credential
         self._owned_credential: AsyncTokenCredential | None = None
@@ -121,6 +120,7 @@ class PostgresConnection:
 
     async def _configure(self, connection: CountedConnection) -> None:
         connection.counters = self.counters
+        set_json_dumps(dump_json, connection)
 
     async def pool(self) -> AsyncConnectionPool[CountedConnection]:
         if self._pool is not None:
@@ -144,9 +144,9 @@ class PostgresConnection:
             connection_class=CountedConnection,
             kwargs=self._connect_kwargs,
             configure=self._configure,
-            min_size=POOL_MIN_SIZE,
-            max_size=POOL_MAX_SIZE,
-            timeout=self._acquire_timeout,
+            min_size=settings.postgres_pool_min_size,
+            max_size=settings.postgres_pool_max_size,
+            timeout=settings.postgres_pool_timeout_seconds,
             name="agent-state",
             open=False,
         )
@@ -159,7 +159,10 @@ class PostgresConnection:
         """A pooled connection (autocommit) whose statements count under `operation`."""
         pool = await self.pool()
         with postgres_errors():
-            async with asyncio.timeout(OPERATION_TIMEOUT_SECONDS), pool.connection() as conn:
+            async with (
+                asyncio.timeout(self._settings.postgres_operation_timeout_seconds),
+                pool.connection() as conn,
+            ):
                 conn.operation = operation
                 try:
                     yield conn
@@ -193,6 +196,16 @@ class PostgresConnection:
             await self._owned_credential.close()
             self._owned_credential = None
             self._credential = None
+
+
+def dump_json(value: Any) -> str:
+    """JSON for a jsonb parameter; a NUL character is the caller's error, found before sending."""
+    text = json.dumps(value)
+    if "\\u0000" in text and NUL_ESCAPE.search(text):
+        raise UnsupportedValue(
+            "postgres", "JSON text contains a NUL character (\\u0000), which jsonb cannot hold"
+        )
+    return text
 
 
 @contextmanager

@@ -8,6 +8,7 @@ keyset paging, bytea sizes) and its error mapping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from azure.core.credentials import AccessToken
 
 from devstack import PostgresServer, free_port
 from state import schema
+from state.cold import postgres_checkpoints
 from state.cold.postgres_checkpoints import (
     GET_BLOBS_SQL,
     LIST_PAGE_SIZE,
@@ -32,18 +34,23 @@ from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
     StaleFencingToken,
+    StateError,
     UnsupportedSchemaVersion,
+    UnsupportedValue,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
 )
 from state.ports import (
     CREATED_SECTION,
+    CheckpointPut,
     CheckpointStore,
     ColdStateStore,
+    FlushOp,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
+    WritesPut,
 )
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
@@ -252,18 +259,79 @@ async def test_a_write_stores_an_old_record_in_the_current_schema(
         await store.update_section(thread, "notes", ["v1"], expected_version=2, agent_id="v1")
 
 
+async def test_a_nul_character_in_json_is_a_typed_error_and_writes_nothing(
+    store: PostgresStateStore, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    with pytest.raises(UnsupportedValue, match="NUL"):
+        await store.create(thread, {"intake": {"text": "charged\x00twice"}}, agent_id="intake")
+    assert await store.get(thread) is None
+    with pytest.raises(UnsupportedValue):
+        await store.create(thread, {"key\x00": 1}, agent_id="intake")
+
+    # The six characters backslash-u-0-0-0-0 are text like any other, escaped backslash or not.
+    literal = {"text": "\\u0000", "after_a_backslash": "\\\\u0000"}
+    await store.create(thread, {"intake": literal}, agent_id="intake")
+    with pytest.raises(UnsupportedValue):
+        await store.update_section(
+            thread, "intake", {"text": "\\\x00"}, expected_version=1, agent_id="intake"
+        )
+    record = await store.get(thread)
+    assert record is not None and (record.version, record.sections) == (1, {"intake": literal})
+
+    (checkpoint_id,) = _ids(1)
+    with pytest.raises(UnsupportedValue):
+        await checkpoints.put_checkpoint(
+            _checkpoint(thread, checkpoint_id, metadata={"source": "in\x00put"}), []
+        )
+    assert await checkpoints.get_checkpoint(thread, "", None) is None
+
+
 async def test_unreachable_server_is_backend_unavailable() -> None:
     settings = Settings(
         state_cold_backend="postgres",
         postgres_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        postgres_pool_timeout_seconds=0.5,
     )
-    pg = PostgresConnection(settings, acquire_timeout=0.5)
+    pg = PostgresConnection(settings)
     try:
         store = PostgresStateStore(pg, settings)
         with pytest.raises(BackendUnavailable):
             await store.get("t")
         health = await store.health()
         assert not health.up and "postgres" in health.detail
+    finally:
+        await pg.close()
+
+
+async def test_pool_size_and_timeouts_come_from_the_settings(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(
+        "postgres",
+        hot=False,
+        postgres_pool_min_size=1,
+        postgres_pool_max_size=1,
+        postgres_pool_timeout_seconds=0.3,
+        postgres_operation_timeout_seconds=1.0,
+    )
+    pg = PostgresConnection(settings)
+    try:
+        pool = await pg.pool()
+        assert (pool.min_size, pool.max_size, pool.timeout) == (1, 1, 0.3)
+        # The only connection is busy: a second caller gives up after the pool timeout.
+        async with pg.connection("holder"):
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                async with pg.connection("waiter"):
+                    pass
+            assert 0.25 <= time.monotonic() - started < 0.9
+        # A statement that does not answer in time is abandoned after the operation timeout.
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="no answer in time"):
+            async with pg.connection("slow") as conn:
+                await conn.execute("SELECT pg_sleep(5)")
+        assert 0.9 <= time.monotonic() - started < 3
     finally:
         await pg.close()
 
@@ -358,6 +426,41 @@ async def test_ten_megabyte_values_round_trip(checkpoints: PostgresCheckpointSto
     assert blobs == {"messages": ("bytes", big), "empty": ("empty", b"")}
     (write,) = await checkpoints.get_writes(thread, "", checkpoint_id)
     assert write.value == ("bytes", big)
+
+
+async def test_large_payloads_are_stored_with_lz4_where_the_server_has_it(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    thread = unique_thread()
+    (checkpoint_id,) = _ids(1)
+    text = b"refund charge account login " * 4096  # compressible, well over the TOAST threshold
+    await checkpoints.put_checkpoint(
+        dataclasses.replace(
+            _checkpoint(thread, checkpoint_id, versions={"messages": "1"}),
+            checkpoint=("msgpack", text),
+        ),
+        [StoredBlob("messages", "1", ("msgpack", text))],
+    )
+    await checkpoints.put_writes(
+        thread, "", checkpoint_id, [StoredWrite("t", "", 0, "m", ("msgpack", text))], upsert=False
+    )
+    async with pg.connection("inspect") as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE TEMPORARY TABLE lz4_probe (b bytea COMPRESSION lz4)")
+            expected = "lz4"
+        except psycopg.errors.FeatureNotSupported:
+            expected = "pglz"
+        cursor = await conn.execute(
+            "SELECT (SELECT pg_column_compression(blob) FROM cp_blobs WHERE thread_id = %(t)s),"
+            " (SELECT pg_column_compression(blob) FROM cp_writes WHERE thread_id = %(t)s),"
+            " (SELECT pg_column_compression(checkpoint) FROM cp_checkpoints"
+            "  WHERE thread_id = %(t)s) AS checkpoint",
+            {"t": thread},
+        )
+        row = await cursor.fetchone()
+    assert row is not None and set(row.values()) == {expected}
+    assert (await checkpoints.get_blobs(thread, "", {"messages": "1"}))["messages"][1] == text
 
 
 async def test_latest_with_blobs_and_writes_is_one_statement_whatever_the_history(
@@ -536,6 +639,146 @@ async def test_copy_thread_copies_blobs_and_writes(checkpoints: PostgresCheckpoi
     await checkpoints.delete_thread(source)
     assert await checkpoints.get_checkpoint(source, "child:1", None) is None
     assert await checkpoints.get_checkpoint(target, "child:1", None) is not None
+
+
+def _batch(thread: str, other: str, ids: list[str]) -> list[FlushOp]:
+    """Write-behind work for two threads, interleaved, with every kind of repeat in it."""
+    first, second = ids
+
+    def put(
+        thread_id: str, checkpoint_id: str, parent: str | None, blobs: list[StoredBlob]
+    ) -> CheckpointPut:
+        versions = {blob.channel: blob.version for blob in blobs}
+        return CheckpointPut(
+            _checkpoint(
+                thread_id,
+                checkpoint_id,
+                parent=parent,
+                metadata={"step": checkpoint_id},
+                versions=versions,
+            ),
+            blobs,
+        )
+
+    def write(idx: int, value: bytes, task: str = "task") -> StoredWrite:
+        return StoredWrite(task, "path", idx, "messages", ("json", value))
+
+    return [
+        put(
+            thread,
+            first,
+            None,
+            [StoredBlob("messages", "1", ("json", b"m1")), StoredBlob("a", 1, ("json", b"a1"))],
+        ),
+        put(other, first, None, [StoredBlob("messages", "1", ("json", b"other"))]),
+        WritesPut(
+            thread,
+            "",
+            first,
+            [write(0, b"w0"), write(1, b"w1"), write(0, b"w0 repeated")],
+            upsert=False,
+        ),
+        # A retried put of the same checkpoint: its blob keeps the first value, the row the last.
+        put(thread, first, None, [StoredBlob("messages", "1", ("json", b"m1 retried"))]),
+        WritesPut(thread, "", first, [write(1, b"w1 replaced")], upsert=True),
+        WritesPut(thread, "", first, [write(1, b"w1 ignored")], upsert=False),
+        WritesPut(thread, "", first, [write(-1, b"error", task="other-task")], upsert=True),
+        WritesPut(
+            thread, "", first, [write(-1, b"error replaced", task="other-task")], upsert=True
+        ),
+        put(thread, second, first, [StoredBlob("messages", "2", ("json", b"m2" * 1000))]),
+        WritesPut(other, "", first, [write(0, b"other write")], upsert=False),
+    ]
+
+
+async def _state(checkpoints: PostgresCheckpointStore, thread: str) -> list[tuple[object, ...]]:
+    """Everything stored for a thread, with the thread id left out."""
+    return [
+        (
+            c.checkpoint_id,
+            c.parent_checkpoint_id,
+            c.checkpoint,
+            c.metadata,
+            c.channel_versions,
+            c.blobs,
+            c.writes,
+            await checkpoints.get_blobs(thread, "", {"messages": "1", "a": 1}),
+        )
+        async for c in _list(checkpoints, thread)
+    ]
+
+
+async def test_apply_batch_is_one_statement_with_the_effect_of_the_calls_in_order(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    ids = _ids(2)
+    called, called_other = unique_thread(), unique_thread()
+    for op in _batch(called, called_other, ids):
+        if isinstance(op, CheckpointPut):
+            await checkpoints.put_checkpoint(op.checkpoint, op.blobs)
+        else:
+            await checkpoints.put_writes(
+                op.thread_id, op.checkpoint_ns, op.checkpoint_id, op.writes, upsert=op.upsert
+            )
+    expected, expected_other = (
+        await _state(checkpoints, called),
+        await _state(checkpoints, called_other),
+    )
+    assert expected[1][6] == [
+        StoredWrite("other-task", "path", -1, "messages", ("json", b"error replaced")),
+        StoredWrite("task", "path", 0, "messages", ("json", b"w0")),
+        StoredWrite("task", "path", 1, "messages", ("json", b"w1 replaced")),
+    ]
+    assert expected[1][7] == {"messages": ("json", b"m1"), "a": ("json", b"a1")}
+
+    batched, batched_other = unique_thread(), unique_thread()
+    batch = _batch(batched, batched_other, ids)
+    pg.counters.reset()
+    await checkpoints.apply_batch(batch)
+    assert pg.counters.requests == 1
+    assert await _state(checkpoints, batched) == expected
+    assert await _state(checkpoints, batched_other) == expected_other
+
+    # Idempotent: applied again, or a prefix first and then all of it, the same state.
+    await checkpoints.apply_batch(batch)
+    assert await _state(checkpoints, batched) == expected
+    replayed, replayed_other = unique_thread(), unique_thread()
+    replay = _batch(replayed, replayed_other, ids)
+    await checkpoints.apply_batch(replay[:5])
+    await checkpoints.apply_batch(replay)
+    assert await _state(checkpoints, replayed) == expected
+    assert await _state(checkpoints, replayed_other) == expected_other
+    await checkpoints.apply_batch([])
+
+
+async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(
+    pg: PostgresConnection,
+    checkpoints: PostgresCheckpointStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A limit of 20 parameters puts each row in a statement of its own.
+    monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", 20)
+    thread = unique_thread()
+    ids = _ids(2)
+    batch = _batch(thread, unique_thread(), ids)
+    pg.counters.reset()
+    await checkpoints.apply_batch(batch)
+    assert pg.counters.requests > 5
+    reference = unique_thread()
+    monkeypatch.undo()
+    await checkpoints.apply_batch(_batch(reference, unique_thread(), ids))
+    assert await _state(checkpoints, thread) == await _state(checkpoints, reference)
+
+    # The last statement fails on the server (idx out of integer range): nothing stays.
+    monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", 20)
+    failing = unique_thread()
+    bad = WritesPut(
+        failing, "", ids[0], [StoredWrite("t", "", 2**40, "c", ("json", b""))], upsert=True
+    )
+    # Raw or mapped to a typed error, it is the server's refusal of the last statement.
+    with pytest.raises((psycopg.DataError, StateError), match="out of range"):
+        await checkpoints.apply_batch([*_batch(failing, unique_thread(), ids), bad])
+    assert await _state(checkpoints, failing) == []
 
 
 def _list(checkpoints: PostgresCheckpointStore, thread: str) -> AsyncIterator[StoredCheckpoint]:

@@ -58,3 +58,23 @@ def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
     with pytest.raises(ValueError, match="STATE_COLD_TTL_SECONDS"):
         Settings()
+
+
+def test_postgres_pool_settings_have_documented_defaults_and_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5440/postgres")
+    defaults = Settings()
+    assert (
+        defaults.postgres_pool_min_size,
+        defaults.postgres_pool_max_size,
+        defaults.postgres_pool_timeout_seconds,
+        defaults.postgres_operation_timeout_seconds,
+    ) == (1, 10, 10.0, 30.0)
+    monkeypatch.setenv("POSTGRES_POOL_MAX_SIZE", "4")
+    monkeypatch.setenv("POSTGRES_POOL_TIMEOUT_SECONDS", "2.5")
+    assert (Settings().postgres_pool_max_size, Settings().postgres_pool_timeout_seconds) == (4, 2.5)
+    monkeypatch.setenv("POSTGRES_POOL_MIN_SIZE", "5")
+    with pytest.raises(SettingsError, match="POSTGRES_POOL_MIN_SIZE"):
+        Settings()
