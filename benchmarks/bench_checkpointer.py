@@ -1749,8 +1749,8 @@ def render(
         *report.flush_table(),
         *report.stored_table(),
         *report.postgres_table(),
-        *report.target_lines(),
         *report.notes(),
+        *report.target_lines(),
     ]
     return "\n".join(lines) + "\n"
 
