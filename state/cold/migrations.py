@@ -142,6 +142,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX cp_checkpoints_created_at ON cp_checkpoints (created_at);
         """,
     ),
+    Migration(
+        4,
+        "audit_caller",
+        """
+        -- The authenticated HTTP caller ({"id", "name"}) a change was made for; NULL for
+        -- the system's own writes and for entries written before callers were recorded.
+        ALTER TABLE state_audit_log ADD COLUMN caller jsonb;
+        """,
+    ),
 )
 
 
