@@ -18,6 +18,7 @@ from .auth import (
     AuthNotConfigured,
     Forbidden,
     Principal,
+    RequireToken,
     install_auth_errors,
     optional_principal,
     principal,
@@ -43,6 +44,10 @@ from .service import CaseNotFound, CaseService, Outcome
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api"
+# Answered without a token: up/down for the availability test, and the API's description.
+PUBLIC_PATHS = frozenset(
+    {f"{API_PREFIX}/health", f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/docs"}
+)
 
 CaseId = Annotated[str, Path(pattern=CASE_ID_PATTERN, description="the case (thread) id")]
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -237,4 +242,6 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         BodySizeLimit,
         max_bytes=lambda: (settings or holder.settings()).case_max_body_bytes,
     )
+    # Added last, so it runs first: no token, no reading of the body.
+    app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
     return app

@@ -26,6 +26,7 @@ import jwt
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from state.errors import BackendUnavailable, SettingsError
 from state.ports import Caller
@@ -274,6 +275,40 @@ def role(required: str) -> Callable[..., Any]:
         return caller
 
     return holder
+
+
+class RequireToken:
+    """ASGI middleware: a request without any Authorization header is answered 401 before
+    its input is read or validated (the routes' dependencies then validate the token).
+
+    `public` paths (health, the OpenAPI document and its UI) pass without one.
+    """
+
+    def __init__(self, app: ASGIApp, gate: AuthGate, public: frozenset[str]) -> None:
+        self.app = app
+        self.gate = gate
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] in self.public
+            or any(name == b"authorization" for name, _ in scope["headers"])
+            or self._disabled()
+        ):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "missing bearer token (Authorization: Bearer <access token>)"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+    def _disabled(self) -> bool:
+        try:
+            return self.gate.get().disabled
+        except AuthNotConfigured:
+            return True  # not decided here: the routes answer 503 naming the problem
 
 
 def install_auth_errors(app: FastAPI) -> None:
