@@ -113,8 +113,8 @@ router = APIRouter(prefix=API_PREFIX, responses=ERRORS)
 async def submit_case(
     submission: CaseSubmission,
     response: Response,
-    cases: Cases,
     caller: Submitter,
+    cases: Cases,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
@@ -124,7 +124,7 @@ async def submit_case(
 
 
 @router.get("/cases/{case_id}", summary="Case status and result")
-async def case_status(case_id: CaseId, cases: Cases, caller: Caller) -> CaseView:
+async def case_status(case_id: CaseId, caller: Caller, cases: Cases) -> CaseView:
     if not caller.roles & ALL_ROLES:
         raise Forbidden(f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))}")
     view = await cases.status(case_id)
@@ -136,8 +136,8 @@ async def case_status(case_id: CaseId, cases: Cases, caller: Caller) -> CaseView
 @router.get("/cases/{case_id}/checkpoints", summary="Checkpoint history, newest first")
 async def case_checkpoints(
     case_id: CaseId,
-    cases: Cases,
     caller: Operator,
+    cases: Cases,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[str | None, Query(max_length=100)] = None,
 ) -> CheckpointPageView:
@@ -147,8 +147,8 @@ async def case_checkpoints(
 @router.get("/cases/{case_id}/audit", summary="Audit trail of section writes, newest first")
 async def case_audit(
     case_id: CaseId,
-    cases: Cases,
     caller: Operator,
+    cases: Cases,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditTrailView:
     return await cases.audit(case_id, limit=limit)
@@ -160,7 +160,7 @@ async def case_audit(
     responses={202: {"model": CaseView}},
 )
 async def review_case(
-    case_id: CaseId, decision: ReviewDecision, response: Response, cases: Cases, caller: Reviewer
+    case_id: CaseId, decision: ReviewDecision, response: Response, caller: Reviewer, cases: Cases
 ) -> CaseView:
     if decision.reviewer_id is not None and decision.reviewer_id not in (caller.id, caller.name):
         raise Forbidden(
@@ -176,7 +176,7 @@ async def review_case(
     responses={202: {"model": CaseView}},
 )
 async def resume_case(
-    case_id: CaseId, response: Response, cases: Cases, caller: Operator
+    case_id: CaseId, response: Response, caller: Operator, cases: Cases
 ) -> CaseView:
     return _answer(await cases.resume(case_id, caller=caller.caller), response)
 
@@ -188,8 +188,8 @@ async def resume_case(
 )
 async def health(
     response: Response,
-    cases: Cases,
     caller: Annotated[Principal | None, Depends(optional_principal)],
+    cases: Cases,
 ) -> HealthView:
     report = await cases.health()
     if report.status == "down":
