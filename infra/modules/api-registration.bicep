@@ -45,6 +45,20 @@ resource api 'Microsoft.Graph/applications@v1.0' = {
   api: {
     // v2 access tokens: `aud` is the client id, `iss` is the tenant's v2.0 issuer.
     requestedAccessTokenVersion: 2
+    // A delegated scope, so a user can consent to a client (e.g. the Azure CLI) asking
+    // for a token on their behalf; what the user may do is still their app roles.
+    oauth2PermissionScopes: [
+      {
+        id: guid(uniqueName, 'user_impersonation')
+        value: 'user_impersonation'
+        type: 'User'
+        isEnabled: true
+        adminConsentDisplayName: 'Call the agent-state API'
+        adminConsentDescription: 'Lets the client call the agent-state API as the signed-in user.'
+        userConsentDisplayName: 'Call the agent-state API'
+        userConsentDescription: 'Lets the client call the agent-state API as you.'
+      }
+    ]
   }
   appRoles: [
     for role in appRoles: {
