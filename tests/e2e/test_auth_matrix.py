@@ -5,7 +5,7 @@ run, its JWKS served on loopback); the API validates them exactly as it
 validates Entra's. Callers: one per app role, a token with no role, and the bad
 tokens (none, expired, not yet valid, another audience, another issuer, a
 signature by another key, a key id the issuer never published, garbage, another
-scheme). Each answer must be the specified one: 401 / 403 with the problem
+scheme, an unsigned one, one signed with HMAC instead of the issuer's RSA key). Each answer must be the specified one: 401 / 403 with the problem
 named, 404 for a case the caller may not see, and the route's own answer
 otherwise.
 """
@@ -36,6 +36,14 @@ def resigned(token: str, *, kid: str | None = None) -> str:
     header = jwt.get_unverified_header(token)
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return jwt.encode(claims, stranger, algorithm="RS256", headers={"kid": kid or header["kid"]})
+
+
+def with_algorithm(token: str, algorithm: str) -> str:
+    """The same claims, unsigned (`none`) or HMAC-signed with a guessable secret."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = None if algorithm == "none" else "a-shared-secret-anyone-could-guess-32b"
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid})
 
 
 @pytest.fixture
@@ -70,6 +78,8 @@ def callers(issue_token: Callable[..., str]) -> dict[str, dict[str, str]]:
         ),
         "wrong signature": bearer(resigned(valid)),
         "unknown key": bearer(resigned(valid, kid=uuid.uuid4().hex)),
+        "unsigned": bearer(with_algorithm(valid, "none")),
+        "hmac signed": bearer(with_algorithm(valid, "HS256")),
         "garbage": bearer("not-a-jwt"),
         "basic scheme": {"Authorization": "Basic dXNlcjpwYXNz"},
     }
@@ -84,6 +94,8 @@ BAD_TOKENS = {
     "wrong issuer": "issuer",
     "wrong signature": "signature",
     "unknown key": "signing key",
+    "unsigned": "not RS256",
+    "hmac signed": "not RS256",
     "garbage": "invalid token",
     "basic scheme": "Bearer",
 }
