@@ -4,10 +4,10 @@ Tokens come from the test stack's own issuer (an RS256 key generated for this
 run, its JWKS served on loopback); the API validates them exactly as it
 validates Entra's. Callers: one per app role, a token with no role, and the bad
 tokens (none, expired, not yet valid, another audience, another issuer, a
-signature by another key, a key id the issuer never published, garbage, another
-scheme, an unsigned one, one signed with HMAC instead of the issuer's RSA key). Each answer must be the specified one: 401 / 403 with the problem
-named, 404 for a case the caller may not see, and the route's own answer
-otherwise.
+signature by another key, a key id the issuer never published, unsigned, signed
+with HMAC instead of RSA, garbage, another scheme). Each answer must be the
+specified one: 401 / 403 with the problem named, 404 for a case the caller may
+not see, and the route's own answer otherwise.
 """
 
 from __future__ import annotations
