@@ -17,8 +17,10 @@ from support_cases.api import create_app
 from support_cases.runtime import process_runtime
 
 # Every route is under /api: host.json keeps the default routePrefix "api" and the
-# ASGI function passes the full path through to FastAPI.
-app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.FUNCTION)
+# ASGI function passes the full path through to FastAPI. No host key: callers present
+# Entra ID access tokens, which the app validates on every request (support_cases.auth),
+# and /api/health must answer the availability test without any credential.
+app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS)
 
 
 @app.function_name(name="resume_stale_runs")

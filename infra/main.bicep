@@ -153,6 +153,16 @@ module postgres 'modules/postgres.bicep' = if (usePostgres) {
   }
 }
 
+module apiRegistration 'modules/api-registration.bicep' = {
+  name: 'api-registration'
+  scope: rg
+  params: {
+    uniqueName: 'agent-state-api-${resourceToken}'
+    displayName: 'agent-state API (${environmentName})'
+    developerPrincipalId: principalId
+  }
+}
+
 module functionApp 'modules/function-app.bicep' = {
   name: 'function-app'
   scope: rg
@@ -179,6 +189,16 @@ module functionApp 'modules/function-app.bicep' = {
     postgresUser: usePostgres ? postgres.outputs.user : ''
     stateHotTtlSeconds: stateHotTtlSeconds
     stateColdTtlSeconds: stateColdTtlSeconds
+    authClientId: apiRegistration.outputs.clientId
+  }
+}
+
+module apiAuthSettings 'modules/api-auth-settings.bicep' = {
+  name: 'api-auth-settings'
+  scope: rg
+  params: {
+    functionAppName: functionApp.outputs.name
+    clientId: apiRegistration.outputs.clientId
   }
 }
 
@@ -198,6 +218,10 @@ output AZURE_REDIS_NAME string = redis.outputs.name
 output AZURE_APPLICATION_INSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output STATE_COLD_BACKEND string = stateColdBackend
 output COSMOS_ENDPOINT string = cosmos.outputs.endpoint
+// Callers (and `agent-state` with AGENT_STATE_SCOPE=<AUTH_AUDIENCE>/.default) ask Entra
+// for tokens for this client id.
+output AUTH_TENANT_ID string = tenant().tenantId
+output AUTH_AUDIENCE string = apiRegistration.outputs.clientId
 output COSMOS_DATABASE string = cosmos.outputs.databaseName
 output COSMOS_CONTAINER string = cosmos.outputs.containerName
 output REDIS_HOST string = redis.outputs.hostName

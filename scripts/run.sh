@@ -21,8 +21,11 @@ cat <<HINT
 [run] API: http://127.0.0.1:${port}/api   (OpenAPI UI: http://127.0.0.1:${port}/api/docs)
 [run] submit the demo case from another terminal:
         .venv/bin/agent-state submit --demo --api http://127.0.0.1:${port}
-   or   curl -s -X POST http://127.0.0.1:${port}/api/cases -H 'content-type: application/json' \\
-          -d @docs/case_8842.json
+   or   token=\$(curl -s -X POST http://127.0.0.1:8095/token -d '{"name": "me"}' \\
+          | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
+        curl -s -X POST http://127.0.0.1:${port}/api/cases -H 'content-type: application/json' \\
+          -H "Authorization: Bearer \$token" -d @docs/case_8842.json
+[run] callers need a token (README, "Who may do what"); the stack's issuer on :8095 mints them
 HINT
 # In the background so this shell handles signals while it waits: SIGINT / SIGTERM stop
 # the API, then the EXIT trap stops the stack.

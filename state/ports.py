@@ -9,7 +9,9 @@ bool/None).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -55,6 +57,43 @@ CREATED_SECTION = "*"
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who a write is made on behalf of (an authenticated HTTP caller), next to the agent."""
+
+    id: str  # the caller's stable id (Entra object id)
+    name: str  # a display name, for people reading the trail
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Caller | None:
+        if isinstance(value, dict) and value.get("id"):
+            return cls(id=str(value["id"]), name=str(value.get("name") or ""))
+        return None
+
+
+# Set around the work done for a caller; cold stores record it on every audit entry they
+# write meanwhile. A context variable, not a parameter: a run started for a caller goes
+# on in its own task (which copies the context) through agents that know nothing of HTTP.
+_acting_for: ContextVar[Caller | None] = ContextVar("acting_for", default=None)
+
+
+def acting_caller() -> Caller | None:
+    """The caller on whose behalf the current task writes (None: the system itself)."""
+    return _acting_for.get()
+
+
+@contextmanager
+def acting_for(caller: Caller | None) -> Iterator[None]:
+    token = _acting_for.set(caller)
+    try:
+        yield
+    finally:
+        _acting_for.reset(token)
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     """One append-only record of a change: who, what, before, after, which version."""
 
@@ -66,6 +105,8 @@ class AuditEntry:
     after: JSON
     at: str  # ISO 8601 UTC
     schema_version: int
+    # The HTTP caller the write was made for; None for the system's own writes (the timer).
+    caller: Caller | None = None
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> AuditEntry:
@@ -79,6 +120,7 @@ class AuditEntry:
             after=document.get("after"),
             at=document["at"],
             schema_version=int(document["schema_version"]),
+            caller=Caller.from_json(document.get("caller")),
         )
 
 

@@ -8,6 +8,7 @@ so they never appear in a repr or a log line.
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
@@ -35,6 +36,13 @@ class WriteMode(StrEnum):
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# Set by App Service / Azure Functions on every instance (Flex Consumption included).
+AZURE_HOST_MARKERS = ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID")
+ENTRA_LOGIN = "https://login.microsoftonline.com"
+
+
+def running_in_azure() -> bool:
+    return any(os.environ.get(name) for name in AZURE_HOST_MARKERS)
 
 
 class Settings(BaseSettings):
@@ -106,6 +114,18 @@ class Settings(BaseSettings):
     # Two charges at the same merchant for the same amount within this window are a duplicate.
     case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # Callers: Entra ID access tokens for the API's app registration (see README,
+    # "Who may do what"). AUTH_DISABLED=true turns checking off for local use only: the
+    # API announces it on every start, and it is refused in Azure.
+    auth_disabled: bool = False
+    auth_tenant_id: str | None = None
+    # The `aud` the API accepts: its app registration's client id (v2 tokens).
+    auth_audience: str | None = None
+    # Unset: Entra's v2 issuer and signing keys (JWKS) of AUTH_TENANT_ID. Set: another
+    # issuer (the local one of the dev stack and the tests).
+    auth_issuer: str | None = None
+    auth_jwks_url: str | None = None
+
     # Telemetry: exported to Application Insights only when set.
     applicationinsights_connection_string: SecretStr | None = None
     applicationinsights_authentication_string: str | None = None
@@ -147,7 +167,34 @@ class Settings(BaseSettings):
             raise SettingsError("POSTGRES_POOL_MIN_SIZE must not exceed POSTGRES_POOL_MAX_SIZE")
         if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:
             raise SettingsError("STATE_WRITE_MODE=write-behind needs REDIS_URL or REDIS_HOST")
+        if running_in_azure():
+            if self.auth_disabled:
+                raise SettingsError(
+                    "AUTH_DISABLED=true is refused in Azure: callers must present Entra ID tokens"
+                )
+            for name, url in (
+                ("AUTH_ISSUER", self.auth_issuer),
+                ("AUTH_JWKS_URL", self.auth_jwks_url),
+            ):
+                if url and urlparse(url).scheme != "https":
+                    raise SettingsError(f"{name} must be an https URL in Azure, got {url!r}")
         return self
+
+    @property
+    def auth_issuer_url(self) -> str | None:
+        """The issuer tokens must name: AUTH_ISSUER, else Entra's v2 issuer of the tenant."""
+        if self.auth_issuer:
+            return self.auth_issuer
+        return f"{ENTRA_LOGIN}/{self.auth_tenant_id}/v2.0" if self.auth_tenant_id else None
+
+    @property
+    def auth_keys_url(self) -> str | None:
+        """Where the signing keys are: AUTH_JWKS_URL, else the tenant's Entra JWKS."""
+        if self.auth_jwks_url:
+            return self.auth_jwks_url
+        if self.auth_tenant_id:
+            return f"{ENTRA_LOGIN}/{self.auth_tenant_id}/discovery/v2.0/keys"
+        return None
 
     @property
     def hot_tier_configured(self) -> bool:

@@ -6,12 +6,13 @@ stack up`) on the same machine never collides; every server is stopped at the en
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from devstack import Stack
+from devstack.issuer import ROLES, request_token
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def stack_env(stack: Stack) -> dict[str, str]:
     """Environment values (same names as the app settings) pointing at the test stack."""
     return stack.env()
+
+
+@pytest.fixture(scope="session")
+def issue_token(stack_env: dict[str, str]) -> Callable[..., str]:
+    """An access token from the stack's own issuer (real RS256, served JWKS): by default for
+    every role; claim overrides (expires_in, audience, issuer, ...) make the bad ones."""
+
+    def issue(name: str = "tester", roles: list[str] | None = None, **claims: object) -> str:
+        return request_token(
+            stack_env["AUTH_ISSUER"], name, list(ROLES) if roles is None else roles, **claims
+        )
+
+    return issue
+
+
+@pytest.fixture(scope="session")
+def bearer(issue_token: Callable[..., str]) -> Callable[..., dict[str, str]]:
+    """`Authorization` headers for a caller `name` holding `roles` (default: every role)."""
+
+    def headers(name: str = "tester", roles: list[str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {issue_token(name, roles)}"}
+
+    return headers
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,34 @@ def test_session_stack_serves_every_tier(stack: Stack) -> None:
     assert env["COSMOS_ENDPOINT"].startswith("https://127.0.0.1:")
     assert env["REDIS_URL"].startswith("redis://127.0.0.1:")
     assert env["POSTGRES_URL"].startswith("postgresql://postgres@127.0.0.1:")
+    assert env["AUTH_ISSUER"].startswith("http://127.0.0.1:")
+    assert env["AUTH_JWKS_URL"] == f"{env['AUTH_ISSUER']}/keys"
+
+
+def test_the_stack_issuer_signs_tokens_its_jwks_verifies(stack: Stack) -> None:
+    """The local stand-in for Entra: RS256 with a key made at start, Entra's v2 claims."""
+    import json
+    import urllib.request
+
+    import jwt
+
+    from devstack.issuer import object_id_for, request_token
+
+    env = stack.env()
+    token = request_token(env["AUTH_ISSUER"], "dana", ["Cases.Review"])
+    with urllib.request.urlopen(env["AUTH_JWKS_URL"], timeout=5) as answer:
+        keys = jwt.PyJWKSet.from_dict(json.loads(answer.read()))
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = next(k for k in keys.keys if k.key_id == kid)
+    claims = jwt.decode(
+        token,
+        key.key,
+        algorithms=["RS256"],
+        audience=env["AUTH_AUDIENCE"],
+        issuer=env["AUTH_ISSUER"],
+    )
+    assert claims["roles"] == ["Cases.Review"] and claims["name"] == "dana"
+    assert claims["oid"] == object_id_for("dana") and claims["nbf"] <= claims["exp"]
 
 
 def test_second_stack_gets_other_ports_and_stops_its_own(tmp_path: Path, stack: Stack) -> None:

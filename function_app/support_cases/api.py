@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 
+from .auth import (
+    ALL_ROLES,
+    ROLE_OPERATE,
+    ROLE_REVIEW,
+    ROLE_SUBMIT,
+    AuthGate,
+    AuthNotConfigured,
+    Forbidden,
+    Principal,
+    RequireToken,
+    install_auth_errors,
+    optional_principal,
+    principal,
+    role,
+)
 from .body_limit import BodySizeLimit
 from .http_errors import install_error_handlers
 from .models import (
     CASE_ID_PATTERN,
     AuditTrailView,
     CaseLinks,
+    CaseStatus,
     CaseSubmission,
     CaseView,
     CheckpointPageView,
@@ -22,13 +39,19 @@ from .models import (
     ReviewDecision,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
-from .service import CaseService, Outcome
+from .service import CaseNotFound, CaseService, Outcome
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/api"
+# Answered without a token: up/down for the availability test, and the API's description.
+PUBLIC_PATHS = frozenset(
+    {f"{API_PREFIX}/health", f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/docs"}
+)
 
 CaseId = Annotated[str, Path(pattern=CASE_ID_PATTERN, description="the case (thread) id")]
 ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (404, 409, 413, 422, 503)
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 503)
 }
 
 
@@ -63,6 +86,19 @@ async def case_service(request: Request) -> CaseService:
 
 
 Cases = Annotated[CaseService, Depends(case_service)]
+Caller = Annotated[Principal, Depends(principal)]
+Submitter = Annotated[Principal, Depends(role(ROLE_SUBMIT))]
+Reviewer = Annotated[Principal, Depends(role(ROLE_REVIEW))]
+Operator = Annotated[Principal, Depends(role(ROLE_OPERATE))]
+
+
+def may_read(caller: Principal, view: CaseView) -> bool:
+    """Operators read every case, submitters their own, reviewers those awaiting review."""
+    if caller.has(ROLE_OPERATE):
+        return True
+    if caller.has(ROLE_SUBMIT) and view.submitted_by and view.submitted_by.id == caller.id:
+        return True
+    return caller.has(ROLE_REVIEW) and view.status is CaseStatus.AWAITING_REVIEW
 
 
 router = APIRouter(prefix=API_PREFIX, responses=ERRORS)
@@ -77,24 +113,30 @@ router = APIRouter(prefix=API_PREFIX, responses=ERRORS)
 async def submit_case(
     submission: CaseSubmission,
     response: Response,
+    caller: Submitter,
     cases: Cases,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
 ) -> CaseView:
-    outcome = await cases.submit(submission, idempotency_key)
+    outcome = await cases.submit(submission, idempotency_key, caller.caller)
     return _answer(outcome, response, new_status=201)
 
 
 @router.get("/cases/{case_id}", summary="Case status and result")
-async def case_status(case_id: CaseId, cases: Cases) -> CaseView:
+async def case_status(case_id: CaseId, caller: Caller, cases: Cases) -> CaseView:
+    if not caller.roles & ALL_ROLES:
+        raise Forbidden(f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))}")
     view = await cases.status(case_id)
+    if not may_read(caller, view):
+        raise CaseNotFound(case_id)  # never say whose it is
     return view.model_copy(update={"links": case_links(case_id)})
 
 
 @router.get("/cases/{case_id}/checkpoints", summary="Checkpoint history, newest first")
 async def case_checkpoints(
     case_id: CaseId,
+    caller: Operator,
     cases: Cases,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[str | None, Query(max_length=100)] = None,
@@ -105,6 +147,7 @@ async def case_checkpoints(
 @router.get("/cases/{case_id}/audit", summary="Audit trail of section writes, newest first")
 async def case_audit(
     case_id: CaseId,
+    caller: Operator,
     cases: Cases,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditTrailView:
@@ -117,9 +160,14 @@ async def case_audit(
     responses={202: {"model": CaseView}},
 )
 async def review_case(
-    case_id: CaseId, decision: ReviewDecision, response: Response, cases: Cases
+    case_id: CaseId, decision: ReviewDecision, response: Response, caller: Reviewer, cases: Cases
 ) -> CaseView:
-    return _answer(await cases.decide(case_id, decision), response)
+    if decision.reviewer_id is not None and decision.reviewer_id not in (caller.id, caller.name):
+        raise Forbidden(
+            f"reviewer_id {decision.reviewer_id!r} is not the caller: a decision is recorded "
+            f"under the token's principal ({caller.name}, {caller.id}); leave reviewer_id out"
+        )
+    return _answer(await cases.decide(case_id, decision, caller.caller), response)
 
 
 @router.post(
@@ -127,15 +175,27 @@ async def review_case(
     summary="Resume a stalled or failed run from its last checkpoint",
     responses={202: {"model": CaseView}},
 )
-async def resume_case(case_id: CaseId, response: Response, cases: Cases) -> CaseView:
-    return _answer(await cases.resume(case_id), response)
+async def resume_case(
+    case_id: CaseId, response: Response, caller: Operator, cases: Cases
+) -> CaseView:
+    return _answer(await cases.resume(case_id, caller=caller.caller), response)
 
 
-@router.get("/health", summary="Each tier's health", responses={503: {"model": HealthView}})
-async def health(response: Response, cases: Cases) -> HealthView:
+@router.get(
+    "/health",
+    summary="Up or down for anyone; each tier's health for Cases.Operate",
+    responses={503: {"model": HealthView}},
+)
+async def health(
+    response: Response,
+    caller: Annotated[Principal | None, Depends(optional_principal)],
+    cases: Cases,
+) -> HealthView:
     report = await cases.health()
     if report.status == "down":
         response.status_code = 503
+    if caller is None or not caller.has(ROLE_OPERATE):
+        return HealthView(status=report.status)
     return report
 
 
@@ -147,6 +207,12 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         # Opened lazily by the first request (a tier down at startup must not
         # stop the worker from indexing or answering /health); closed here.
         try:
+            # Announces AUTH_DISABLED on every start; a configuration problem is logged
+            # here and answered (503, named) on every request that needs a caller.
+            gate.get()
+        except AuthNotConfigured as problem:
+            log.error("the API cannot authenticate callers: %s", problem)
+        try:
             yield
         finally:
             if runtime is None:
@@ -154,6 +220,8 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
 
     async def runtime_source() -> Runtime:
         return runtime or await holder.get()
+
+    gate = AuthGate(lambda: runtime.settings if runtime else holder.settings())
 
     app = FastAPI(
         title="Support cases",
@@ -165,11 +233,15 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         lifespan=lifespan,
     )
     app.state.runtime_source = runtime_source
+    app.state.auth_gate = gate
     app.include_router(router)
     install_error_handlers(app)
+    install_auth_errors(app)
     settings = runtime.settings if runtime else None
     app.add_middleware(
         BodySizeLimit,
         max_bytes=lambda: (settings or holder.settings()).case_max_body_bytes,
     )
+    # Added last, so it runs first: no token, no reading of the body.
+    app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
     return app

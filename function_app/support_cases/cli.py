@@ -4,11 +4,13 @@
     agent-state serve                      stack up (if needed) + the API on 127.0.0.1:7071
     agent-state submit --demo              submit case_8842
     agent-state show CASE | checkpoints CASE | audit CASE
-    agent-state review CASE approve|reject --reviewer ID
+    agent-state review CASE approve|reject [--note TEXT]
     agent-state resume CASE | health
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
-http://127.0.0.1:7071) and `--json` for the raw JSON answer.
+http://127.0.0.1:7071) and `--json` for the raw JSON answer. It calls with an
+access token (see `tokens.py`): $AGENT_STATE_TOKEN, else one from the local
+stack's issuer for a loopback API, else azure-identity for $AGENT_STATE_SCOPE.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .demo import demo_case
+from .tokens import TokenUnavailable, access_token
 
 DEFAULT_API = "http://127.0.0.1:7071"
 DEFAULT_PORT = 7071
@@ -158,7 +161,17 @@ def serve(
 
 def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
     try:
-        response = httpx.request(method, f"{api.rstrip('/')}/api{path}", timeout=60, **kwargs)
+        token = access_token(api)
+    except TokenUnavailable as error:
+        errors.print(f"[red]no access token: {error}[/red]")
+        raise typer.Exit(2) from error
+    headers = dict(kwargs.pop("headers", None) or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.request(
+            method, f"{api.rstrip('/')}/api{path}", timeout=60, headers=headers, **kwargs
+        )
     except httpx.TransportError as error:
         errors.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
         raise typer.Exit(2) from error
@@ -197,7 +210,8 @@ def _print_case(case: dict[str, Any]) -> None:
         table.add_row("policy", f"{case['policy']['decision']}: {case['policy']['reason']}")
     if case.get("review"):
         review = case["review"]
-        table.add_row("review", f"{review['decision']} by {review['reviewer_id']}")
+        reviewer = review.get("reviewer_name") or review["reviewer_id"]
+        table.add_row("review", f"{review['decision']} by {reviewer}")
     if case.get("refund"):
         refund = case["refund"]
         table.add_row("refund", f"{refund['status']} {refund['reference'] or ''}".strip())
@@ -210,8 +224,7 @@ def _print_case(case: dict[str, Any]) -> None:
         waiting = case["awaiting_review"]
         table.add_row(
             "awaiting review",
-            f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject "
-            "--reviewer ID",
+            f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject",
         )
     if case.get("error"):
         table.add_row("error", f"[red]{case['error']}[/red]")
@@ -304,20 +317,14 @@ def audit(
 def review(
     case: str,
     decision: Annotated[str, typer.Argument(help="approve or reject")],
-    reviewer: Annotated[str, typer.Option("--reviewer", help="Who decides.")],
     note: Annotated[str | None, typer.Option(help="Why.")] = None,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
 ) -> None:
-    """Approve or reject an escalated refund; the case then runs to completion."""
+    """Approve or reject an escalated refund (as the token's caller); the case then runs on."""
     if decision not in ("approve", "reject"):
         raise typer.BadParameter("decision must be approve or reject")
-    answer = _call(
-        "POST",
-        api,
-        f"/cases/{case}/review",
-        json={"decision": decision, "reviewer_id": reviewer, "note": note},
-    )
+    answer = _call("POST", api, f"/cases/{case}/review", json={"decision": decision, "note": note})
     _print_json(answer) if as_json else _print_case(answer)
 
 
@@ -330,10 +337,13 @@ def resume(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False)
 
 @app.command()
 def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
-    """Each tier's health as the API sees it."""
+    """Up or down; each tier's health too for a caller with Cases.Operate."""
     answer = _call("GET", api, "/health")
     if as_json:
         _print_json(answer)
+        return
+    if answer.get("tiers") is None:
+        console.print(f"overall: {answer['status']} (tier details need Cases.Operate)")
         return
     table = Table("tier", "up", "latency ms", "detail")
     for tier in answer["tiers"]:

@@ -62,7 +62,8 @@ ReviewVerdict = Literal["approve", "reject"]
 
 class ReviewResult(TypedDict):
     decision: ReviewVerdict
-    reviewer_id: str
+    reviewer_id: str  # the deciding caller's object id (from the token, never the body)
+    reviewer_name: str | None
     note: str | None
 
 
@@ -142,7 +143,9 @@ class ReviewDecision(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     decision: ReviewVerdict
-    reviewer_id: str = Field(min_length=1, max_length=128)
+    # The reviewer is the caller (the token's principal). Optional, and if given it must
+    # name the caller (object id or name): a decision cannot be made in someone else's name.
+    reviewer_id: str | None = Field(default=None, min_length=1, max_length=128)
     note: str | None = Field(default=None, max_length=2000)
 
 
@@ -161,10 +164,16 @@ class CaseLinks(BaseModel):
     resume: str
 
 
+class CallerView(BaseModel):
+    id: str
+    name: str
+
+
 class CaseView(BaseModel):
     case_id: str
     status: CaseStatus
     customer_id: str
+    submitted_by: CallerView | None = None
     completed_steps: list[str] = Field(default_factory=list)
     billing: dict[str, Any] | None = None
     account: dict[str, Any] | None = None
@@ -200,6 +209,8 @@ class CheckpointPageView(BaseModel):
 class AuditEntryView(BaseModel):
     version: int
     agent_id: str
+    # The authenticated caller the write was made for (None: the system's own work).
+    caller: CallerView | None = None
     section: str
     before: Any
     after: Any
@@ -220,7 +231,8 @@ class TierView(BaseModel):
 
 class HealthView(BaseModel):
     status: Literal["ok", "degraded", "down"]
-    tiers: list[TierView]
+    # Only for callers with Cases.Operate; everyone else sees the status alone.
+    tiers: list[TierView] | None = None
 
 
 class ResumeReport(BaseModel):

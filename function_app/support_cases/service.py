@@ -31,7 +31,7 @@ from state.errors import (
     StaleFencingToken,
     WorkflowExists,
 )
-from state.ports import ColdRetention, Lock, WorkflowRecord
+from state.ports import Caller, ColdRetention, Lock, WorkflowRecord, acting_for
 from state.settings import Settings
 from state.tiered import TieredStateStore
 
@@ -41,6 +41,7 @@ from .graph import CaseGraph
 from .models import (
     AuditEntryView,
     AuditTrailView,
+    CallerView,
     CaseStatus,
     CaseSubmission,
     CaseView,
@@ -118,13 +119,19 @@ def fingerprint(submission: CaseSubmission) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def case_id_for(submission: CaseSubmission, idempotency_key: str | None) -> str:
-    """The given id; else one derived from the client's key (so a retry finds it); else new."""
+def case_id_for(
+    submission: CaseSubmission, idempotency_key: str | None, caller: Caller | None = None
+) -> str:
+    """The given id; else one derived from the client's key (so a retry finds it); else new.
+
+    A derived id includes the caller: two callers who happen to pick one key get two cases.
+    """
     if submission.case_id:
         return submission.case_id
     key = idempotency_key or submission.client_key
     if key:
-        digest = hashlib.sha256(f"{submission.customer_id}\n{key}".encode()).hexdigest()
+        scope = f"{caller.id}\n" if caller else ""
+        digest = hashlib.sha256(f"{scope}{submission.customer_id}\n{key}".encode()).hexdigest()
         return f"case-{digest[:24]}"
     return f"case-{uuid.uuid4().hex}"
 
@@ -147,14 +154,27 @@ class CaseService:
 
     # ------------------------------------------------------------------ use cases
 
-    async def submit(self, submission: CaseSubmission, idempotency_key: str | None) -> Outcome:
-        case_id = case_id_for(submission, idempotency_key)
+    async def submit(
+        self,
+        submission: CaseSubmission,
+        idempotency_key: str | None,
+        caller: Caller | None = None,
+    ) -> Outcome:
+        """Store and start a case; `caller` (the authenticated submitter) owns it."""
+        with acting_for(caller):
+            return await self._submit(submission, idempotency_key, caller)
+
+    async def _submit(
+        self, submission: CaseSubmission, idempotency_key: str | None, caller: Caller | None
+    ) -> Outcome:
+        case_id = case_id_for(submission, idempotency_key, caller)
         if case_id.startswith(RESERVED_ID_PREFIXES):
             raise ReservedCaseId(f"case id {case_id!r} is reserved; choose another case id")
         request = {
             **submission.model_dump(mode="json", exclude={"case_id", "client_key"}),
             "fingerprint": fingerprint(submission),
             "idempotency_key": idempotency_key or submission.client_key,
+            "submitted_by": caller.to_json() if caller else None,
         }
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
@@ -167,6 +187,12 @@ class CaseService:
             )
         except WorkflowExists:
             existing = await self._record(case_id)
+            owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
+            if caller is not None and (owner is None or owner.id != caller.id):
+                # Said without showing the case: it is someone else's.
+                raise CaseConflict(
+                    f"case id {case_id!r} is taken by another caller; choose another case id"
+                ) from None
             if (
                 existing.sections.get(REQUEST_SECTION, {}).get("fingerprint")
                 != request["fingerprint"]
@@ -218,6 +244,7 @@ class CaseService:
                 AuditEntryView(
                     version=entry.version,
                     agent_id=entry.agent_id,
+                    caller=CallerView(**entry.caller.to_json()) if entry.caller else None,
                     section=entry.section,
                     before=entry.before,
                     after=entry.after,
@@ -227,7 +254,19 @@ class CaseService:
             ],
         )
 
-    async def decide(self, case_id: str, decision: ReviewDecision) -> Outcome:
+    async def decide(
+        self, case_id: str, decision: ReviewDecision, caller: Caller | None = None
+    ) -> Outcome:
+        """Resume an interrupted case with a decision; `caller` is the reviewer of record."""
+        answer = decision.model_dump(mode="json")
+        if caller is not None:
+            answer.update(reviewer_id=caller.id, reviewer_name=caller.name)
+        elif not decision.reviewer_id:
+            raise CaseConflict("a review decision needs a reviewer")
+        with acting_for(caller):
+            return await self._decide(case_id, answer)
+
+    async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
         await self._record(case_id)
 
         async def resume_with_decision(snapshot: StateSnapshot) -> GraphInput:
@@ -236,12 +275,18 @@ class CaseService:
                 raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
                 )
-            return Command(resume=decision.model_dump(mode="json"))
+            return Command(resume=answer)
 
         return await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
 
-    async def resume(self, case_id: str, *, wait_until_rest: bool = False) -> Outcome:
+    async def resume(
+        self, case_id: str, *, wait_until_rest: bool = False, caller: Caller | None = None
+    ) -> Outcome:
         """Continue a stalled or failed run from its last checkpoint."""
+        with acting_for(caller):
+            return await self._resume(case_id, wait_until_rest)
+
+    async def _resume(self, case_id: str, wait_until_rest: bool) -> Outcome:
         await self._record(case_id)
 
         async def continue_run(snapshot: StateSnapshot) -> GraphInput:
@@ -460,6 +505,7 @@ class CaseService:
             case_id=record.thread_id,
             status=status,
             customer_id=sections[REQUEST_SECTION]["customer_id"],
+            submitted_by=_caller_view(sections[REQUEST_SECTION].get("submitted_by")),
             completed_steps=list(values.get("completed_steps", [])),
             billing=sections.get("billing"),
             account=sections.get("account"),
@@ -473,6 +519,11 @@ class CaseService:
             heartbeat_at=run.get("heartbeat_at"),
             version=record.version,
         )
+
+
+def _caller_view(stored: Any) -> CallerView | None:
+    caller = Caller.from_json(stored)
+    return CallerView(**caller.to_json()) if caller else None
 
 
 def _checkpoint_view(snapshot: StateSnapshot) -> CheckpointView:

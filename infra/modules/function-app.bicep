@@ -90,6 +90,9 @@ param stateHotTtlSeconds int = 86400
 @minValue(-1)
 param stateColdTtlSeconds int = -1
 
+@description('AUTH_AUDIENCE: client id of the API app registration (api-registration.bicep).')
+param authClientId string
+
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
@@ -206,6 +209,13 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_MAX_BODY_BYTES: '262144'
       CASE_SYNC_WAIT_SECONDS: '20'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'
+      // Callers: Entra ID tokens for the API's app registration, checked by the app.
+      // Never AUTH_DISABLED in Azure (the app refuses it); issuer and keys are Entra's.
+      AUTH_DISABLED: 'false'
+      AUTH_TENANT_ID: tenant().tenantId
+      AUTH_AUDIENCE: authClientId
+      AUTH_ISSUER: ''
+      AUTH_JWKS_URL: ''
     }
   }
 }

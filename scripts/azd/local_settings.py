@@ -44,6 +44,9 @@ FROM_AZURE = (
     "POSTGRES_HOST",
     "POSTGRES_DATABASE",
     "POSTGRES_USER",
+    # Callers need Entra tokens for the provisioned API registration, locally too.
+    "AUTH_TENANT_ID",
+    "AUTH_AUDIENCE",
 )
 # Outputs without which the file would point at nothing in Azure.
 REQUIRED = ("COSMOS_ENDPOINT", "REDIS_HOST")
@@ -56,6 +59,9 @@ OVERRIDES = {
     # Empty: DefaultAzureCredential / redis-entraid use your own sign-in locally,
     # not the Function App's managed identity (which only exists in Azure).
     "AZURE_CLIENT_ID": "",
+    # Empty: Entra's issuer and signing keys of AUTH_TENANT_ID, not the local issuer.
+    "AUTH_ISSUER": "",
+    "AUTH_JWKS_URL": "",
 }
 
 

@@ -1,4 +1,4 @@
-"""Start and stop the local stack (Redis, Cosmos emulator, Postgres) without Docker."""
+"""Start and stop the local stack (Redis, Cosmos emulator, Postgres, token issuer) without Docker."""
 
 from .servers import (
     COSMOS_EMULATOR_KEY,
@@ -6,6 +6,7 @@ from .servers import (
     PostgresServer,
     RedisServer,
     ServerStartError,
+    TokenIssuer,
     free_port,
 )
 from .stack import Stack, down, running, status, up
@@ -17,6 +18,7 @@ __all__ = [
     "RedisServer",
     "ServerStartError",
     "Stack",
+    "TokenIssuer",
     "down",
     "free_port",
     "running",

@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -244,6 +245,43 @@ class CosmosEmulator(LocalServer):
 
     def env(self) -> dict[str, str]:
         return {"COSMOS_ENDPOINT": self.endpoint, "COSMOS_KEY": COSMOS_EMULATOR_KEY}
+
+
+@dataclass(kw_only=True)
+class TokenIssuer(LocalServer):
+    """The local stand-in for Entra ID (`devstack.issuer`): a new signing key per start."""
+
+    name: str = "issuer"
+    audience: str = "api://agent-state-local"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "devstack.issuer",
+            "--port",
+            str(self.port),
+            "--audience",
+            self.audience,
+        ]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/keys", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AUTH_ISSUER": self.url,
+            "AUTH_JWKS_URL": f"{self.url}/keys",
+            "AUTH_AUDIENCE": self.audience,
+        }
 
 
 def _postgres_bin(tool: str) -> str:

@@ -20,12 +20,13 @@ from .servers import (
     LocalServer,
     PostgresServer,
     RedisServer,
+    TokenIssuer,
     free_port,
     stop_pid,
 )
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local" / "stack"
-DEFAULT_PORTS = {"redis": 6390, "cosmos": 8091, "postgres": 5440}
+DEFAULT_PORTS = {"redis": 6390, "cosmos": 8091, "postgres": 5440, "issuer": 8095}
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Stack:
     redis: RedisServer | None = None
     cosmos: CosmosEmulator | None = None
     postgres: PostgresServer | None = None
+    issuer: TokenIssuer | None = None
     started: list[LocalServer] = field(default_factory=list)
 
     @classmethod
@@ -44,6 +46,7 @@ class Stack:
         with_redis: bool = True,
         with_cosmos: bool = True,
         with_postgres: bool = False,
+        with_issuer: bool = True,
         ports: dict[str, int] | None = None,
         detached: bool = False,
     ) -> Stack:
@@ -74,11 +77,16 @@ class Stack:
             )
             if with_postgres
             else None,
+            issuer=TokenIssuer(
+                port=port("issuer"), workdir=workdir / "issuer", die_with_parent=attached
+            )
+            if with_issuer
+            else None,
         )
 
     @property
     def servers(self) -> list[LocalServer]:
-        return [s for s in (self.redis, self.cosmos, self.postgres) if s is not None]
+        return [s for s in (self.redis, self.cosmos, self.postgres, self.issuer) if s is not None]
 
     def start(self, progress: bool = False) -> None:
         for server in self.servers:

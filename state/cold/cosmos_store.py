@@ -46,7 +46,7 @@ from ..errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord
+from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
 from ..schema import CURRENT, upcast
 from ..settings import Settings
 from .cosmos_client import CosmosConnection, cosmos_errors
@@ -376,6 +376,7 @@ class CosmosStateStore:
             "before": before,
             "after": after,
             "at": at,
+            "caller": caller.to_json() if (caller := acting_caller()) else None,
         }
 
     def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> None:

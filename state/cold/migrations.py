@@ -162,6 +162,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         $$;
         """,
     ),
+    Migration(
+        5,
+        "audit_caller",
+        """
+        -- The authenticated HTTP caller ({"id", "name"}) a change was made for; NULL for
+        -- the system's own writes and for entries written before callers were recorded.
+        ALTER TABLE state_audit_log ADD COLUMN caller jsonb;
+        """,
+    ),
 )
 
 

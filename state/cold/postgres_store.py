@@ -23,7 +23,7 @@ from ..errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord
+from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
 from ..schema import CURRENT, upcast
 from ..settings import Settings
 from .postgres_client import PostgresConnection
@@ -39,9 +39,9 @@ WITH created AS (
     RETURNING {RECORD_COLUMNS}
 ), audited AS (
     INSERT INTO state_audit_log
-        (thread_id, version, agent_id, section, before, after, at, schema_version)
+        (thread_id, version, agent_id, section, before, after, at, schema_version, caller)
     SELECT thread_id, version, %(agent_id)s, %(created_section)s, 'null'::jsonb, sections,
-           created_at, %(audit_schema_version)s
+           created_at, %(audit_schema_version)s, %(caller)s::jsonb
     FROM created
 )
 SELECT {RECORD_COLUMNS} FROM created
@@ -75,10 +75,10 @@ WITH previous AS (
               r.created_at, r.updated_at, previous.before
 ), audited AS (
     INSERT INTO state_audit_log
-        (thread_id, version, agent_id, section, before, after, at, schema_version)
+        (thread_id, version, agent_id, section, before, after, at, schema_version, caller)
     SELECT u.thread_id, u.version, %(agent_id)s, %(section)s,
            COALESCE(u.before, 'null'::jsonb), u.sections -> %(section)s,
-           u.updated_at, %(audit_schema_version)s
+           u.updated_at, %(audit_schema_version)s, %(caller)s::jsonb
     FROM updated AS u
 )
 SELECT {RECORD_COLUMNS} FROM updated
@@ -95,7 +95,7 @@ DELETE FROM workflow_records WHERE thread_id = %(thread_id)s
 """
 
 AUDIT_TRAIL_SQL = """
-SELECT thread_id, version, agent_id, section, before, after, at, schema_version
+SELECT thread_id, version, agent_id, section, before, after, at, schema_version, caller
 FROM state_audit_log
 WHERE thread_id = %s
 ORDER BY at DESC, id DESC
@@ -128,6 +128,7 @@ class PostgresStateStore:
                     "agent_id": agent_id,
                     "created_section": CREATED_SECTION,
                     "audit_schema_version": CURRENT["audit"],
+                    "caller": _caller(),
                 },
             )
             row = await cursor.fetchone()
@@ -162,6 +163,7 @@ class PostgresStateStore:
             "read_schema_version": CURRENT["workflow"],
             "base_sections": None,
             "audit_schema_version": CURRENT["audit"],
+            "caller": _caller(),
         }
         async with self._pg.connection("update_section") as conn:
             cursor = await conn.execute(UPDATE_SECTION_SQL, params)
@@ -260,6 +262,11 @@ def _record(row: dict[str, Any]) -> WorkflowRecord:
         },
     )
     return WorkflowRecord.from_document(document)
+
+
+def _caller() -> Jsonb | None:
+    caller = acting_caller()
+    return Jsonb(caller.to_json()) if caller else None
 
 
 def _audit_entry(row: dict[str, Any]) -> AuditEntry:

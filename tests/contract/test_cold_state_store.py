@@ -30,7 +30,7 @@ from state.errors import (
     WorkflowNotFound,
 )
 from state.factory import open_backends
-from state.ports import CREATED_SECTION, ColdStateStore, WorkflowRecord
+from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
 from tests.faults.cosmos_faults import Fault, FaultyTransport
@@ -166,6 +166,25 @@ async def test_audit_trail_is_newest_first_and_limited(cold: ColdStateStore) -> 
     assert [e.before for e in full[:-1]] == list(range(11, -1, -1))
     assert all(newer.at >= older.at for newer, older in itertools.pairwise(full))
     assert await cold.audit_trail(thread, limit=0) == []
+
+
+async def test_audit_entries_carry_the_caller_they_were_written_for(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    alice = Caller(id="00000000-0000-0000-0000-00000000a11c", name="Alice Reviewer")
+    with acting_for(alice):
+        await cold.create(thread, {"review": None}, agent_id="case-api")
+        await cold.update_section(
+            thread, "review", {"decision": "approve"}, expected_version=1, agent_id="reviewer"
+        )
+    await cold.update_section(
+        thread, "run", {"status": "done"}, expected_version=2, agent_id="runner"
+    )
+    trail = await cold.audit_trail(thread, limit=10)
+    assert [(e.agent_id, e.caller) for e in trail] == [
+        ("runner", None),
+        ("reviewer", alice),
+        ("case-api", alice),
+    ]
 
 
 async def test_concurrent_read_then_update_writers_lose_no_update(

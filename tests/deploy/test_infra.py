@@ -40,6 +40,10 @@ AZURE_YAML = REPO / "azure.yaml"
 DEPLOY_DOC = REPO / "README.md"
 
 LANGUAGE = Language(tree_sitter_bicep.language())
+EXTENSION_STATEMENT = re.compile(r"^extension[ \t]+([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", re.MULTILINE)
+BICEP_CONFIG = INFRA / "bicepconfig.json"
+# The Microsoft Graph Bicep extension (v1.0 endpoint) as published on MCR.
+GRAPH_EXTENSION_REGISTRY = "br:mcr.microsoft.com/bicep/extensions/microsoftgraph/v1.0:"
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 # ------------------------------------------------------------------ expectations
@@ -199,9 +203,19 @@ class BicepFile:
     modules: list[Module] = field(default_factory=list)
     outputs: list[Output] = field(default_factory=list)
     target_scope: str = "resourceGroup"
+    # `extension <alias>` statements (aliases configured in bicepconfig.json).
+    extensions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        tree = Parser(LANGUAGE).parse(self.source.encode())
+        # tree-sitter-bicep 1.1 predates the `extension` statement (Bicep 0.30): an
+        # alias-form one is recorded, then blanked (same length, so positions hold)
+        # before parsing. Any other form is left in and still fails to parse.
+        def blank(match: re.Match[str]) -> str:
+            self.extensions.append(match.group(1))
+            return " " * len(match.group(0))
+
+        source = EXTENSION_STATEMENT.sub(blank, self.source)
+        tree = Parser(LANGUAGE).parse(source.encode())
         self._tree = tree  # keep the tree alive while nodes are in use
         self.tree_root = tree.root_node
         for node in self.tree_root.named_children:
@@ -491,6 +505,87 @@ def all_resources(files: tuple[BicepFile, ...] | list[BicepFile]) -> list[Resour
 
 def check_parses(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
     return [problem for f in files for problem in f.parse_errors]
+
+
+def check_api_registration(
+    files: list[BicepFile] | tuple[BicepFile, ...], config: dict[str, Any]
+) -> list[str]:
+    """The API's app registration: idempotent, v2 tokens, the app's roles, assignment required."""
+    from support_cases.auth import ALL_ROLES
+
+    problems = []
+    apps = [r for f in files for r in f.of_type("Microsoft.Graph/applications")]
+    if len(apps) != 1:
+        return [f"expected one Microsoft.Graph/applications resource, found {len(apps)}"]
+    app = apps[0]
+    aliases = config.get("extensions") or {}
+    graph = [
+        a
+        for a in app.file.extensions
+        if str(aliases.get(a, "")).startswith(GRAPH_EXTENSION_REGISTRY)
+    ]
+    if not graph:
+        problems.append(f"{app.file.name}: no `extension` mapped to {GRAPH_EXTENSION_REGISTRY}")
+    if not app.get("uniqueName"):
+        problems.append(f"{app.label}: needs uniqueName (re-provisioning must not duplicate it)")
+    if app.get("api.requestedAccessTokenVersion") != 2:
+        problems.append(f"{app.label}: api.requestedAccessTokenVersion must be 2")
+    if app.get("signInAudience") != "AzureADMyOrg":
+        problems.append(f"{app.label}: signInAudience must be AzureADMyOrg")
+    roles = (
+        app.file.evaluate(app.file.variables["appRoles"])
+        if "appRoles" in app.file.variables
+        else []
+    )
+    values = {role.get("value") for role in roles if isinstance(role, dict)}
+    if values != set(ALL_ROLES):
+        problems.append(f"{app.label}: app roles {sorted(map(str, values))} != {sorted(ALL_ROLES)}")
+    declared = app.get("appRoles")
+    if not (isinstance(declared, Expr) and "in appRoles" in declared.text):
+        problems.append(f"{app.label}: appRoles must be declared from the appRoles variable")
+    elif "'User'" not in declared.text or "'Application'" not in declared.text:
+        problems.append(f"{app.label}: roles must be assignable to users and applications")
+    principals = [r for f in files for r in f.of_type("Microsoft.Graph/servicePrincipals")]
+    if not principals or any(sp.get("appRoleAssignmentRequired") is not True for sp in principals):
+        problems.append("the API's service principal must set appRoleAssignmentRequired: true")
+    return problems
+
+
+def check_auth_settings(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
+    """Built-in authentication in front of the app: 401 without a token, health excluded."""
+    configs = [
+        r
+        for f in files
+        for r in f.of_type("Microsoft.Web/sites/config")
+        if r.get("name") == "authsettingsV2"
+    ]
+    if len(configs) != 1:
+        return [f"expected one authsettingsV2 config resource, found {len(configs)}"]
+    config = configs[0]
+    wanted = {
+        "properties.platform.enabled": True,
+        "properties.globalValidation.requireAuthentication": True,
+        "properties.globalValidation.unauthenticatedClientAction": "Return401",
+        "properties.globalValidation.excludedPaths": ["/api/health"],
+        "properties.httpSettings.requireHttps": True,
+        "properties.identityProviders.azureActiveDirectory.enabled": True,
+    }
+    problems = [
+        f"{config.label}: {path} must be {value!r}, got {config.get(path)!r}"
+        for path, value in wanted.items()
+        if config.get(path) != value
+    ]
+    audiences = config.get(
+        "properties.identityProviders.azureActiveDirectory.validation.allowedAudiences"
+    )
+    if not audiences:
+        problems.append(f"{config.label}: allowedAudiences must name the API's client id")
+    issuer = config.get(
+        "properties.identityProviders.azureActiveDirectory.registration.openIdIssuer"
+    )
+    if not str(issuer).endswith("/v2.0"):
+        problems.append(f"{config.label}: openIdIssuer must be the tenant's v2.0 issuer")
+    return problems
 
 
 def check_storage(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
@@ -1039,6 +1134,8 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         "string(redisPort)": "6380",
         "string(stateHotTtlSeconds)": "86400",
         "string(stateColdTtlSeconds)": "-1",
+        "tenant().tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "authClientId": "22222222-2222-2222-2222-222222222222",
     }
     settings_values = app_settings_resource(infra_files()).get("properties") or {}
     for name in app_setting_names():
@@ -1055,6 +1152,10 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
     assert settings.cosmos_create_if_missing is False
     assert settings.hot_tier_configured and settings.redis_ssl
     assert settings.azure_client_id == deployed["identityClientId"]
+    assert not settings.auth_disabled and settings.auth_audience == deployed["authClientId"]
+    assert settings.auth_issuer_url == (
+        f"https://login.microsoftonline.com/{deployed['tenant().tenantId']}/v2.0"
+    )
     assert not settings.cosmos_is_local_emulator
 
 
@@ -1184,6 +1285,8 @@ def test_postprovision_writes_local_settings_without_secrets(
         "POSTGRES_DATABASE": "agentstate",
         "POSTGRES_USER": "",
         "AZURE_FUNCTION_IDENTITY_CLIENT_ID": "11111111-1111-1111-1111-111111111111",
+        "AUTH_TENANT_ID": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "AUTH_AUDIENCE": "22222222-2222-2222-2222-222222222222",
     }
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(azd_values))
@@ -1205,6 +1308,11 @@ def test_postprovision_writes_local_settings_without_secrets(
     assert not settings.cosmos_is_local_emulator
     assert settings.cosmos_key is None and settings.redis_url is None
     assert settings.redis_host == azd_values["REDIS_HOST"] and settings.redis_ssl
+    # Tokens from Entra for the provisioned registration, not from the local issuer.
+    assert settings.auth_audience == azd_values["AUTH_AUDIENCE"]
+    assert settings.auth_issuer_url == (
+        f"https://login.microsoftonline.com/{azd_values['AUTH_TENANT_ID']}/v2.0"
+    )
 
 
 def test_postprovision_fails_clearly_before_provisioning(tmp_path: Path) -> None:
@@ -1551,6 +1659,132 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         "azd-service-name" in p
         for p in check_function_app([parse(snippet % "UserAssignedIdentity")], "web")
     )
+
+
+def test_api_registration_has_the_app_roles_and_requires_assignment() -> None:
+    assert check_api_registration(infra_files(), json.loads(BICEP_CONFIG.read_text())) == []
+
+
+def test_function_app_requires_entra_tokens_in_front_of_the_app() -> None:
+    assert check_auth_settings(infra_files()) == []
+
+
+def test_the_app_checks_tokens_for_the_registration_bicep_creates() -> None:
+    """AUTH_AUDIENCE and the built-in authentication's audience are the registration's id."""
+    main = infra_file("main.bicep")
+    modules = {m.symbol: m for m in main.modules}
+    for module, param in (("functionApp", "authClientId"), ("apiAuthSettings", "clientId")):
+        assert text(modules[module].params()[param]) == "apiRegistration.outputs.clientId"
+    settings = app_settings_resource(infra_files()).get("properties") or {}
+    assert settings["AUTH_DISABLED"] == "false"
+    assert settings["AUTH_AUDIENCE"] == Expr("authClientId")
+    assert settings["AUTH_ISSUER"] == settings["AUTH_JWKS_URL"] == ""
+
+
+GOOD_REGISTRATION = """
+extension microsoftGraphV1
+var appRoles = [
+  { value: 'Cases.Submit' }
+  { value: 'Cases.Review' }
+  { value: 'Cases.Operate' }
+]
+resource api 'Microsoft.Graph/applications@v1.0' = {
+  uniqueName: 'agent-state-api'
+  displayName: 'api'
+  signInAudience: 'AzureADMyOrg'
+  api: {
+    requestedAccessTokenVersion: 2
+  }
+  appRoles: [for role in appRoles: {
+    value: role.value
+    allowedMemberTypes: [
+      'User'
+      'Application'
+    ]
+  }]
+}
+resource sp 'Microsoft.Graph/servicePrincipals@v1.0' = {
+  appId: api.appId
+  appRoleAssignmentRequired: true
+}
+"""
+GRAPH_CONFIG = {"extensions": {"microsoftGraphV1": GRAPH_EXTENSION_REGISTRY + "1.0.0"}}
+
+
+def test_checker_catches_a_broken_app_registration() -> None:
+    assert check_api_registration([parse(GOOD_REGISTRATION)], GRAPH_CONFIG) == []
+    for change, complaint in (
+        (("  { value: 'Cases.Operate' }\n", ""), "app roles"),
+        (("requestedAccessTokenVersion: 2", "requestedAccessTokenVersion: 1"), "Version must be 2"),
+        (
+            ("appRoleAssignmentRequired: true", "appRoleAssignmentRequired: false"),
+            "appRoleAssignmentRequired",
+        ),
+        (("  uniqueName: 'agent-state-api'\n", ""), "uniqueName"),
+        (("      'Application'\n", ""), "users and applications"),
+        (("extension microsoftGraphV1\n", ""), "no `extension`"),
+    ):
+        broken = parse(GOOD_REGISTRATION.replace(*change))
+        assert any(complaint in p for p in check_api_registration([broken], GRAPH_CONFIG)), change
+    unmapped = {"extensions": {"microsoftGraphV1": "br:example.com/other:1.0"}}
+    assert check_api_registration([parse(GOOD_REGISTRATION)], unmapped)
+
+
+GOOD_AUTH_SETTINGS = """
+resource site 'Microsoft.Web/sites@2024-04-01' existing = {
+  name: 'func'
+}
+resource auth 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: site
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+      excludedPaths: [
+        '/api/health'
+      ]
+    }
+    httpSettings: {
+      requireHttps: true
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: clientId
+          openIdIssuer: 'https://login.microsoftonline.com/${tenant().tenantId}/v2.0'
+        }
+        validation: {
+          allowedAudiences: [
+            clientId
+          ]
+        }
+      }
+    }
+  }
+}
+"""
+
+
+def test_checker_catches_authentication_that_lets_callers_through() -> None:
+    assert check_auth_settings([parse(GOOD_AUTH_SETTINGS)]) == []
+    for change in (
+        ("requireAuthentication: true", "requireAuthentication: false"),
+        ("'Return401'", "'AllowAnonymous'"),
+        ("        '/api/health'\n", "        '/api/health'\n        '/api/cases'\n"),
+        ("      enabled: true\n        registration", "      enabled: false\n        registration"),
+    ):
+        broken = parse(GOOD_AUTH_SETTINGS.replace(*change))
+        assert check_auth_settings([broken]), change
+
+
+def test_only_the_alias_form_of_extension_is_blanked() -> None:
+    assert parse("extension microsoftGraphV1\nparam p string\n").extensions == ["microsoftGraphV1"]
+    assert check_parses([parse("extension 'br:example.com/x:1.0' as g\nparam p string\n")])
 
 
 def test_settings_parity_fails_when_the_app_gains_a_setting() -> None:

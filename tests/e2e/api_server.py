@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from devstack import free_port
+from devstack.issuer import request_token
 from support_cases.runtime import Runtime
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,11 +78,19 @@ def start_uvicorn(env: dict[str, str], log: Path, port: int) -> subprocess.Popen
 async def api_process(
     env: dict[str, str], log: Path
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
-    """Start the API, wait until /api/health answers, stop it (by its pid) afterwards."""
+    """Start the API, wait until /api/health answers, stop it (by its pid) afterwards.
+
+    The client calls as "e2e-client" with every role, its token from the stack's issuer.
+    """
     port = free_port()
+    token = await asyncio.to_thread(request_token, env["AUTH_ISSUER"], "e2e-client")
     process = start_uvicorn(env, log, port)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
 
             async def healthy() -> bool:
                 if process.poll() is not None:

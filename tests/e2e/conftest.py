@@ -38,6 +38,10 @@ def e2e_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
             # One Redis database per cold backend: both runtimes share the session's
             # Redis, and a hot copy must never stand for a record of the other backend.
             "redis_url": redis_database(stack_env["REDIS_URL"], COLD_BACKENDS.index(backend)),
+            # Tokens from the stack's own issuer, validated as the app validates Entra's.
+            "auth_issuer": stack_env["AUTH_ISSUER"],
+            "auth_jwks_url": stack_env["AUTH_JWKS_URL"],
+            "auth_audience": stack_env["AUTH_AUDIENCE"],
         }
         values.update(overrides)
         return Settings.model_validate(values)
@@ -58,9 +62,14 @@ async def runtime(
 
 
 @pytest.fixture
-async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    runtime: Runtime, bearer: Callable[..., dict[str, str]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process, called by one caller holding every role ("e2e-client")."""
     transport = httpx.ASGITransport(app=create_app(runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+    ) as http:
         yield http
 
 

@@ -111,7 +111,7 @@ async def test_oversized_chunked_body_is_413(
         ("GET", "/api/cases/{id}", None),
         ("GET", "/api/cases/{id}/checkpoints", None),
         ("GET", "/api/cases/{id}/audit", None),
-        ("POST", "/api/cases/{id}/review", {"decision": "approve", "reviewer_id": "alice"}),
+        ("POST", "/api/cases/{id}/review", {"decision": "approve"}),
         ("POST", "/api/cases/{id}/resume", None),
     ],
 )
@@ -134,9 +134,7 @@ async def test_decision_on_a_case_not_awaiting_review_is_409_and_changes_nothing
 ) -> None:
     assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
     before = await runtime.store.get(case_id)
-    response = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "alice"}
-    )
+    response = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
     assert response.status_code == 409
     assert "not awaiting review (status: completed)" in response.json()["error"]
     resume = await client.post(f"/api/cases/{case_id}/resume")
@@ -148,8 +146,8 @@ async def test_decision_on_a_case_not_awaiting_review_is_409_and_changes_nothing
 @pytest.mark.parametrize(
     "decision",
     [
-        {"decision": "maybe", "reviewer_id": "alice"},
-        {"decision": "approve"},
+        {"decision": "maybe"},
+        {"reviewer_id": "e2e-client"},
         {"decision": "approve", "reviewer_id": ""},
         {"decision": "approve", "reviewer_id": 7},
     ],

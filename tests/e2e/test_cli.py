@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from api_server import api_process, app_env
 from typer.testing import CliRunner
 
@@ -34,8 +35,11 @@ async def cli_streams(*args: str) -> tuple[int, str, str]:
 
 
 async def test_submit_show_audit_checkpoints_review(
-    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The CLI gets its tokens from the stack's issuer, as "dana" with every role.
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "dana")
     demo_id = f"case-cli-{uuid.uuid4().hex[:12]}"
     escalated_id = f"case-cli-{uuid.uuid4().hex[:12]}"
     # Long enough that a slow run still answers "completed" rather than 202.
@@ -79,14 +83,19 @@ async def test_submit_show_audit_checkpoints_review(
         code, out = await cli("submit", "--file", str(body), *api)
         assert code == 0 and "awaiting_review" in out and "agent-state review" in out
 
-        code, out = await cli("review", escalated_id, "reject", "--reviewer", "dana", *api)
-        assert code == 0 and "refused" in out
+        code, out = await cli("review", escalated_id, "reject", *api)
+        assert code == 0 and "refused" in out and "reject by dana" in out
 
-        code, out = await cli("review", escalated_id, "approve", "--reviewer", "dana", *api)
+        code, out = await cli("review", escalated_id, "approve", *api)
         assert code == 1 and "409" in out and "not awaiting review" in out
 
         code, out = await cli("show", "case-does-not-exist", *api)
         assert code == 1 and "404" in out
 
         health = await cli_json("health", *api)
-        assert health["status"] == "ok"
+        assert health["status"] == "ok" and health["tiers"]
+
+        # A token without Cases.Operate: the audit trail is refused, the role named.
+        monkeypatch.setenv("AGENT_STATE_ROLES", "Cases.Submit")
+        code, out = await cli("audit", demo_id, *api)
+        assert code == 1 and "403" in out and "Cases.Operate" in out

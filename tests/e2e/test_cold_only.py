@@ -14,14 +14,19 @@ from support_cases.runtime import Runtime
 
 
 async def test_case_completes_on_the_cold_tier_alone(
-    runtime: Runtime, e2e_settings: Callable[..., Settings], case_id: str
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
 ) -> None:
     settings = e2e_settings(runtime.settings.state_cold_backend.value, redis_url=None)
     assert not settings.hot_tier_configured
     cold_only = await Runtime.open(settings)
     try:
         transport = httpx.ASGITransport(app=create_app(cold_only))
-        async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+        ) as client:
             response = await client.post("/api/cases", json=demo_case(case_id))
             assert response.status_code == 201, response.text
             assert response.json()["status"] == "completed"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 from e2e_payloads import duplicate_charges
 
+from devstack.issuer import object_id_for
 from support_cases.api import create_app
+from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
@@ -123,26 +126,46 @@ async def _escalated(client: httpx.AsyncClient, runtime: Runtime, case_id: str) 
 
 
 async def test_over_threshold_waits_for_review_then_approve_refunds(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
 ) -> None:
     await _escalated(client, runtime, case_id)
+    alice = object_id_for("alice")
     response = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "alice"}
+        f"/api/cases/{case_id}/review",
+        json={"decision": "approve"},
+        headers=bearer("alice", [ROLE_REVIEW]),
     )
     assert response.status_code == 200, response.text
     case = response.json()
     assert case["status"] == "completed"
-    assert case["review"] == {"decision": "approve", "reviewer_id": "alice", "note": None}
+    # The reviewer of record is the token's principal.
+    assert case["review"] == {
+        "decision": "approve",
+        "reviewer_id": alice,
+        "reviewer_name": "alice",
+        "note": None,
+    }
     assert case["refund"]["status"] == "issued" and case["refund"]["amount"] == 612.40
     assert "refunded 612.40 USD" in case["final_response"]
     assert case["completed_steps"].count("human_review") == 1
     assert await performed(runtime, case_id, "refund") == 1
     entries = await audit_of(client, case_id)
-    assert [e["section"] for e in entries if e["agent_id"] == "reviewer:alice"] == ["review"]
+    reviewed = [e for e in entries if e["agent_id"] == f"reviewer:{alice}"]
+    assert [e["section"] for e in reviewed] == ["review"]
+    assert reviewed[0]["caller"] == {"id": alice, "name": "alice"}
+    # Everything the resumed run wrote was on alice's behalf; the intake on the submitter's.
+    resumed = [e for e in entries if e["version"] >= reviewed[0]["version"]]
+    assert {e["caller"]["name"] for e in resumed} == {"alice"}
+    assert entries[-1]["caller"]["name"] == "e2e-client"
 
     # A second decision is refused and changes nothing.
     second = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "reject", "reviewer_id": "bob"}
+        f"/api/cases/{case_id}/review",
+        json={"decision": "reject"},
+        headers=bearer("bob", [ROLE_REVIEW]),
     )
     assert second.status_code == 409
     assert "not awaiting review" in second.json()["error"]
@@ -156,7 +179,7 @@ async def test_over_threshold_reject_completes_with_a_refusal(
     await _escalated(client, runtime, case_id)
     response = await client.post(
         f"/api/cases/{case_id}/review",
-        json={"decision": "reject", "reviewer_id": "carol", "note": "charge was legitimate"},
+        json={"decision": "reject", "note": "charge was legitimate"},
     )
     assert response.status_code == 200, response.text
     case = response.json()
@@ -164,21 +187,23 @@ async def test_over_threshold_reject_completes_with_a_refusal(
     assert case["refund"]["status"] == "refused" and case["refund"]["reference"] is None
     assert "unable to approve a refund" in case["final_response"]
     assert await performed(runtime, case_id, "refund") == 0
-    again = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "approve", "reviewer_id": "carol"}
-    )
+    again = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
     assert again.status_code == 409
 
 
 async def test_concurrent_decisions_only_one_wins(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
 ) -> None:
     await _escalated(client, runtime, case_id)
     answers = await asyncio.gather(
         *(
             client.post(
                 f"/api/cases/{case_id}/review",
-                json={"decision": "approve", "reviewer_id": f"reviewer-{n}"},
+                json={"decision": "approve"},
+                headers=bearer(f"reviewer-{n}", [ROLE_REVIEW]),
             )
             for n in range(3)
         )
@@ -187,7 +212,9 @@ async def test_concurrent_decisions_only_one_wins(
     assert await performed(runtime, case_id, "refund") == 1
 
 
-async def test_a_long_run_answers_202_with_a_status_url(runtime: Runtime, case_id: str) -> None:
+async def test_a_long_run_answers_202_with_a_status_url(
+    runtime: Runtime, case_id: str, bearer: Callable[..., dict[str, str]]
+) -> None:
     patient = dataclasses.replace(
         runtime,
         service=CaseService(
@@ -198,7 +225,9 @@ async def test_a_long_run_answers_202_with_a_status_url(runtime: Runtime, case_i
         ),
     )
     transport = httpx.ASGITransport(app=create_app(patient))
-    async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+    ) as http:
         response = await http.post("/api/cases", json=demo_case(case_id))
         assert response.status_code == 202, response.text
         assert response.json()["status"] in {"accepted", "running"}

@@ -130,6 +130,10 @@ def env_for(stack_env: dict[str, str]) -> Callable[..., dict[str, str]]:
             "POSTGRES_URL": stack_env["POSTGRES_URL"],
             # Shared by both backends: hot-tier keys are namespaced by the cold store.
             "REDIS_URL": stack_env["REDIS_URL"],
+            # Callers are checked against the stack's own token issuer.
+            "AUTH_ISSUER": stack_env["AUTH_ISSUER"],
+            "AUTH_JWKS_URL": stack_env["AUTH_JWKS_URL"],
+            "AUTH_AUDIENCE": stack_env["AUTH_AUDIENCE"],
         }
         for name, value in overrides.items():
             if value is None:

@@ -61,6 +61,7 @@ SCENARIOS: tuple[str, ...] = (
         for tier in ("with the Redis run lock", "cold store only")
     ),
     "Network cut to cosmos (reset)",
+    "Review decision naming someone else than the token's caller",
 )
 
 

@@ -40,6 +40,7 @@ class HumanReview(StatefulAgent):
         return ReviewResult(
             decision=answer["decision"],
             reviewer_id=answer["reviewer_id"],
+            reviewer_name=answer.get("reviewer_name"),
             note=answer.get("note"),
         )
 
@@ -47,4 +48,5 @@ class HumanReview(StatefulAgent):
         return f"reviewer:{value['reviewer_id']}"
 
     def note(self, value: JSON) -> str | None:
-        return f"Reviewer {value['reviewer_id']} chose to {value['decision']} the refund."
+        reviewer = value.get("reviewer_name") or value["reviewer_id"]
+        return f"Reviewer {reviewer} chose to {value['decision']} the refund."

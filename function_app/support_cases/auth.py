@@ -1,0 +1,336 @@
+"""Who may do what: Entra ID access tokens, app roles, and the caller behind a request.
+
+Every request but `/api/health` carries `Authorization: Bearer <access token>`
+for the API's app registration. The app validates it itself, in Azure and
+locally alike: RS256 signature against the issuer's published keys (JWKS),
+issuer, audience, expiry and not-before. The token's `roles` claim (app roles
+assigned to the user or client application) decides what the caller may do;
+its object id and name are the caller recorded on reviews and audit entries.
+
+With AUTH_DISABLED=true (local use only; refused in Azure by the settings)
+every request acts as one local principal holding every role, and the API
+says so in its log when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import jwt
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from state.errors import BackendUnavailable, SettingsError
+from state.ports import Caller
+from state.settings import Settings
+
+from .http_errors import error_response
+
+log = logging.getLogger(__name__)
+
+ROLE_SUBMIT = "Cases.Submit"  # intake, follow-ups, read the cases this caller submitted
+ROLE_REVIEW = "Cases.Review"  # review decisions, read cases awaiting review
+ROLE_OPERATE = "Cases.Operate"  # resume, runs, checkpoints, audit, detailed health
+ALL_ROLES = frozenset({ROLE_SUBMIT, ROLE_REVIEW, ROLE_OPERATE})
+
+# Clock skew tolerated on exp / nbf, as Entra's own libraries do by default.
+LEEWAY_SECONDS = 60
+# A token naming a key id the cached JWKS lacks refreshes the keys (Entra rotates
+# them), but at most this often: unknown key ids must not make every request fetch.
+KEYS_REFRESH_MIN_SECONDS = 60.0
+KEYS_FETCH_TIMEOUT_SECONDS = 10.0
+ANONYMOUS = Caller(id="local-anonymous", name="anonymous (AUTH_DISABLED)")
+
+
+class AuthError(Exception):
+    """A request refused for who its caller is (or is not)."""
+
+
+class Unauthenticated(AuthError):
+    """No token, or a token that does not validate (maps to 401)."""
+
+
+class Forbidden(AuthError):
+    """A valid token without the role the request needs (maps to 403)."""
+
+
+class AuthNotConfigured(AuthError):
+    """The API cannot check tokens: settings missing or contradictory (maps to 503)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: stable id (Entra object id), display name, app roles."""
+
+    id: str
+    name: str
+    roles: frozenset[str]
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(id=self.id, name=self.name)
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def require(self, role: str) -> None:
+        if not self.has(role):
+            held = ", ".join(sorted(self.roles)) or "no app role"
+            raise Forbidden(f"this request needs the app role {role}; the caller has {held}")
+
+
+class SigningKeys:
+    """The issuer's JWKS, fetched on first use and again for a key id it does not hold."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._refreshing = asyncio.Lock()
+
+    async def key(self, kid: str) -> jwt.PyJWK:
+        if kid not in self._keys:
+            async with self._refreshing:
+                fresh = time.monotonic() - self._fetched_at < KEYS_REFRESH_MIN_SECONDS
+                if kid not in self._keys and not fresh:
+                    await self._fetch()
+        found = self._keys.get(kid)
+        if found is None:
+            raise Unauthenticated(f"invalid token: no signing key {kid!r} at the issuer")
+        return found
+
+    async def _fetch(self) -> None:
+        try:
+            async with httpx.AsyncClient(timeout=KEYS_FETCH_TIMEOUT_SECONDS) as client:
+                response = await client.get(self._url)
+                response.raise_for_status()
+                document = response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
+        self._fetched_at = time.monotonic()
+        try:
+            keys = jwt.PyJWKSet.from_dict(document).keys
+        except (jwt.PyJWKSetError, jwt.InvalidKeyError, AttributeError) as error:
+            raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
+        self._keys = {key.key_id: key for key in keys if key.key_id}
+
+
+class TokenValidator:
+    """Validates Entra-style access tokens against one issuer, audience and JWKS."""
+
+    def __init__(self, *, issuer: str, audience: str, keys_url: str) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self._keys = SigningKeys(keys_url)
+
+    async def principal(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as error:
+            raise Unauthenticated(f"invalid token: {error}") from None
+        if header.get("alg") != "RS256":
+            raise Unauthenticated(f"invalid token: algorithm {header.get('alg')!r} is not RS256")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("invalid token: no key id (kid) in its header")
+        key = await self._keys.key(kid)
+        claims = self._verify(token, key)
+        object_id = claims.get("oid") or claims.get("sub")
+        if not isinstance(object_id, str) or not object_id:
+            raise Unauthenticated("invalid token: no object id (oid) claim")
+        roles = claims.get("roles") or []
+        if not isinstance(roles, list):
+            raise Unauthenticated("invalid token: the roles claim is not a list")
+        # Users have a name; a client application (client credentials) has only its id.
+        name = claims.get("name") or claims.get("preferred_username") or claims.get("azp")
+        return Principal(
+            id=object_id,
+            name=str(name or object_id),
+            roles=frozenset(role for role in roles if isinstance(role, str)),
+        )
+
+    def _verify(self, token: str, key: jwt.PyJWK) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=["RS256"],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "nbf", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("invalid token: it has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("invalid token: it is not valid yet (nbf)") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated(
+                f"invalid token: its audience is not this API ({self.audience})"
+            ) from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated(f"invalid token: its issuer is not {self.issuer}") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("invalid token: the signature does not verify") from None
+        except jwt.InvalidTokenError as error:
+            raise Unauthenticated(f"invalid token: {error}") from None
+        return claims
+
+
+class Authenticator:
+    """Turns a request's bearer token into a Principal, per the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.disabled = settings.auth_disabled
+        self._validator: TokenValidator | None = None
+        if self.disabled:
+            return
+        issuer, keys_url = settings.auth_issuer_url, settings.auth_keys_url
+        if not (settings.auth_audience and issuer and keys_url):
+            raise AuthNotConfigured(
+                "authentication is not configured: set AUTH_TENANT_ID and AUTH_AUDIENCE "
+                "(or AUTH_ISSUER + AUTH_JWKS_URL + AUTH_AUDIENCE), or AUTH_DISABLED=true "
+                "for local use"
+            )
+        self._validator = TokenValidator(
+            issuer=issuer, audience=settings.auth_audience, keys_url=keys_url
+        )
+
+    async def principal(self, token: str | None) -> Principal:
+        if self._validator is None:
+            return Principal(id=ANONYMOUS.id, name=ANONYMOUS.name, roles=ALL_ROLES)
+        if not token:
+            raise Unauthenticated("missing bearer token (Authorization: Bearer <access token>)")
+        return await self._validator.principal(token)
+
+
+def announce(authenticator: Authenticator) -> None:
+    if authenticator.disabled:
+        log.warning(
+            "AUTHENTICATION IS OFF (AUTH_DISABLED=true): every caller acts as %r with every "
+            "role. Local use only; the app refuses this setting in Azure.",
+            ANONYMOUS.name,
+        )
+
+
+class AuthGate:
+    """The app's one Authenticator, built (and announced) once from the settings."""
+
+    def __init__(self, settings: Callable[[], Settings]) -> None:
+        self._settings = settings
+        self._authenticator: Authenticator | None = None
+
+    def get(self) -> Authenticator:
+        if self._authenticator is None:
+            try:
+                settings = self._settings()
+            except SettingsError as error:
+                raise AuthNotConfigured(str(error)) from error
+            authenticator = Authenticator(settings)
+            announce(authenticator)
+            self._authenticator = authenticator
+        return self._authenticator
+
+
+# auto_error=False: a missing token is answered by the app's own 401 (with its reason).
+bearer = HTTPBearer(auto_error=False, description="An Entra ID access token for the API")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+async def optional_principal(request: Request, credentials: Credentials) -> Principal | None:
+    """The caller when a token is presented (validated: a bad one is still a 401), else None."""
+    if credentials is None and not request.headers.get("authorization"):
+        gate: AuthGate = request.app.state.auth_gate
+        try:
+            authenticator = gate.get()
+        except AuthNotConfigured:
+            return None  # answering without a caller needs no token checking
+        return await authenticator.principal(None) if authenticator.disabled else None
+    return await principal(request, credentials)
+
+
+async def principal(request: Request, credentials: Credentials) -> Principal:
+    """The authenticated caller; 401 without a valid token."""
+    gate: AuthGate = request.app.state.auth_gate
+    if credentials is None and request.headers.get("authorization"):
+        raise Unauthenticated("the Authorization header is not 'Bearer <access token>'")
+    return await gate.get().principal(credentials.credentials if credentials else None)
+
+
+def role(required: str) -> Callable[..., Any]:
+    """A dependency: the caller, who must hold `required` (403 naming it otherwise)."""
+
+    async def holder(
+        caller: Annotated[Principal, Depends(principal)],
+    ) -> Principal:
+        caller.require(required)
+        return caller
+
+    return holder
+
+
+class RequireToken:
+    """ASGI middleware: a request without any Authorization header is answered 401 before
+    its input is read or validated (the routes' dependencies then validate the token).
+
+    `public` paths (health, the OpenAPI document and its UI) pass without one.
+    """
+
+    def __init__(self, app: ASGIApp, gate: AuthGate, public: frozenset[str]) -> None:
+        self.app = app
+        self.gate = gate
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] in self.public
+            or any(name == b"authorization" for name, _ in scope["headers"])
+            or self._disabled()
+        ):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "missing bearer token (Authorization: Bearer <access token>)"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+    def _disabled(self) -> bool:
+        try:
+            return self.gate.get().disabled
+        except AuthNotConfigured:
+            return True  # not decided here: the routes answer 503 naming the problem
+
+
+def install_auth_errors(app: FastAPI) -> None:
+    async def unauthenticated(request: Request, error: Exception) -> JSONResponse:
+        response = error_response(401, str(error))
+        # RFC 6750: the scheme, and what was wrong with a token that was presented.
+        challenge = "Bearer"
+        if request.headers.get("authorization"):
+            # Printable ASCII only: the reason may quote parts of an attacker's token.
+            reason = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in str(error))
+            reason = reason[:200]
+            challenge = f'Bearer error="invalid_token", error_description="{reason}"'
+        response.headers["WWW-Authenticate"] = challenge
+        return response
+
+    async def forbidden(request: Request, error: Exception) -> JSONResponse:
+        return error_response(403, str(error))
+
+    async def not_configured(request: Request, error: Exception) -> JSONResponse:
+        log.error("refusing requests: %s", error)
+        return error_response(503, str(error))
+
+    app.add_exception_handler(Unauthenticated, unauthenticated)
+    app.add_exception_handler(Forbidden, forbidden)
+    app.add_exception_handler(AuthNotConfigured, not_configured)

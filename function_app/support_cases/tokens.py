@@ -1,0 +1,74 @@
+"""Where the CLI's access token comes from (first that applies):
+
+1. `AGENT_STATE_TOKEN`: a token obtained elsewhere, e.g.
+   `az account get-access-token --scope api://<API client id>/.default --query accessToken -o tsv`;
+2. a loopback API: the local stack's token issuer (`AGENT_STATE_ISSUER`, else the one
+   `agent-state stack up` recorded), for `AGENT_STATE_USER` (default: the OS user)
+   holding `AGENT_STATE_ROLES` (default: every role);
+3. `AGENT_STATE_SCOPE` (`api://<API client id>/.default`): azure-identity's
+   DefaultAzureCredential (an `az login` / `azd auth login` session, a service
+   principal from the environment, or a managed identity).
+
+None applies: no token is sent, and the API answers 401 saying what is missing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import urllib.error
+from urllib.parse import urlsplit
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+ALL_ROLES = ("Cases.Submit", "Cases.Review", "Cases.Operate")
+
+
+class TokenUnavailable(Exception):
+    """A token source applies but could not produce a token."""
+
+
+def access_token(api: str) -> str | None:
+    explicit = os.environ.get("AGENT_STATE_TOKEN")
+    if explicit:
+        return explicit
+    if urlsplit(api).hostname in LOOPBACK_HOSTS:
+        issuer = os.environ.get("AGENT_STATE_ISSUER") or _stack_issuer()
+        if issuer:
+            return _local_token(issuer)
+    scope = os.environ.get("AGENT_STATE_SCOPE")
+    if scope:
+        return _entra_token(scope)
+    return None
+
+
+def _stack_issuer() -> str | None:
+    """The issuer of a running `agent-state stack up`, if any."""
+    from devstack.stack import status
+
+    env = status().get("env")
+    return str(env["AUTH_ISSUER"]) if isinstance(env, dict) and env.get("AUTH_ISSUER") else None
+
+
+def _local_token(issuer: str) -> str:
+    from devstack.issuer import request_token
+
+    name = os.environ.get("AGENT_STATE_USER") or getpass.getuser()
+    wanted = os.environ.get("AGENT_STATE_ROLES")
+    roles = [r.strip() for r in wanted.split(",") if r.strip()] if wanted else list(ALL_ROLES)
+    try:
+        return request_token(issuer, name, roles)
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+        raise TokenUnavailable(f"the local issuer {issuer} gave no token: {error}") from error
+
+
+def _entra_token(scope: str) -> str:
+    from azure.core.exceptions import ClientAuthenticationError
+    from azure.identity import DefaultAzureCredential
+
+    try:
+        with DefaultAzureCredential() as credential:
+            return credential.get_token(scope).token
+    except ClientAuthenticationError as error:
+        raise TokenUnavailable(
+            f"azure-identity found no credential for {scope} (run `az login`): {error}"
+        ) from error

@@ -1,0 +1,95 @@
+"""Authentication settings: Entra defaults, the explicit off switch, and its refusal in Azure."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from state.errors import SettingsError
+from state.settings import Settings
+from support_cases.api import create_app
+from support_cases.auth import Authenticator, AuthNotConfigured, Unauthenticated
+from support_cases.runtime import RuntimeHolder
+
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
+
+
+@pytest.fixture(autouse=True)
+def outside_azure(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_tenant_gives_entra_v2_issuer_and_keys() -> None:
+    settings = Settings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
+    assert settings.auth_issuer_url == f"https://login.microsoftonline.com/{TENANT}/v2.0"
+    assert settings.auth_keys_url == (
+        f"https://login.microsoftonline.com/{TENANT}/discovery/v2.0/keys"
+    )
+
+
+def test_explicit_issuer_and_keys_win_over_the_tenant() -> None:
+    settings = Settings.model_validate(
+        {
+            **BASE,
+            "auth_tenant_id": TENANT,
+            "auth_issuer": "http://127.0.0.1:8095",
+            "auth_jwks_url": "http://127.0.0.1:8095/keys",
+        }
+    )
+    assert settings.auth_issuer_url == "http://127.0.0.1:8095"
+    assert settings.auth_keys_url == "http://127.0.0.1:8095/keys"
+
+
+def test_auth_is_on_unless_explicitly_disabled() -> None:
+    assert Settings.model_validate(BASE).auth_disabled is False
+
+
+def test_disabling_auth_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTH_DISABLED", "true")
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://x.documents.azure.com:443/")
+    assert Settings().auth_disabled  # locally: allowed
+    monkeypatch.setenv("WEBSITE_SITE_NAME", "func-api-abc")
+    with pytest.raises(SettingsError, match="AUTH_DISABLED=true is refused in Azure"):
+        Settings()
+
+
+def test_a_plain_http_issuer_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBSITE_INSTANCE_ID", "abc123")
+    with pytest.raises(SettingsError, match="AUTH_ISSUER must be an https URL"):
+        Settings.model_validate({**BASE, "auth_issuer": "http://127.0.0.1:8095"})
+
+
+def test_unconfigured_authentication_refuses_instead_of_letting_callers_in() -> None:
+    with pytest.raises(AuthNotConfigured, match="AUTH_AUDIENCE"):
+        Authenticator(Settings.model_validate({**BASE, "auth_tenant_id": TENANT}))
+
+
+async def test_without_a_token_nothing_is_validated_and_the_caller_is_refused() -> None:
+    settings = Settings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
+    with pytest.raises(Unauthenticated, match="missing bearer token"):
+        await Authenticator(settings).principal(None)
+
+
+async def test_disabled_auth_is_announced_at_every_start(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings.model_validate({**BASE, "auth_disabled": True})
+    for _ in range(2):
+        app = create_app(holder=RuntimeHolder(lambda: settings))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            async with app.router.lifespan_context(app):
+                pass
+        assert "AUTHENTICATION IS OFF (AUTH_DISABLED=true)" in caplog.text
+
+
+async def test_an_unconfigured_api_answers_503_naming_the_problem() -> None:
+    settings = Settings.model_validate(BASE)
+    app = create_app(holder=RuntimeHolder(lambda: settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://u.test") as client:
+        answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
+        assert answer.status_code == 503
+        assert "authentication is not configured" in answer.json()["error"]
