@@ -1,0 +1,366 @@
+"""Write-behind mode on real servers, for each cold backend: what a put costs, when the cold
+tier receives it, what readers see before then, fencing, deletes, and a flusher that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import pytest
+import redis.asyncio as aioredis
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command, interrupt
+
+from devstack import RedisServer, free_port
+from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint.flusher import Flusher
+from state.errors import StaleFencingToken
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_write_behind import RedisWriteBehindLog
+from state.ports import CheckpointStore, Counters
+from state.settings import Settings
+
+COLD_BACKENDS = ["cosmos", "postgres"]
+MESSAGE = "x" * 1024
+
+
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[str], operator.add]
+    approved: bool
+
+
+def chat_graph(saver: TieredCheckpointSaver, *, ask: bool = False) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Four nodes in a row, each appending a ~1 KB message; optionally a review interrupt."""
+
+    def node(name: str) -> Any:
+        def run(state: Chat) -> Chat:
+            return {"messages": [f"{name}:{MESSAGE}"]}
+
+        return run
+
+    def review(state: Chat) -> Chat:
+        return {"approved": bool(interrupt({"question": "approve?"}))}
+
+    graph = StateGraph(Chat)
+    names = ["intake", "billing", "account", "reply"]
+    for name in names:
+        graph.add_node(name, node(name))
+    graph.add_edge(START, names[0])
+    for first, second in zip(names, names[1:], strict=False):
+        graph.add_edge(first, second)
+    if ask:
+        graph.add_node("review", review)
+        graph.add_edge(names[-1], "review")
+        graph.add_edge("review", END)
+    else:
+        graph.add_edge(names[-1], END)
+    return graph.compile(checkpointer=saver)
+
+
+def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id or f"wb-{uuid.uuid4().hex[:12]}", **extra}}
+
+
+@dataclass
+class RoundTrips:
+    """Client round trips: single commands and pipelines (one each)."""
+
+    count: int = 0
+
+    def wrap(self, client: aioredis.Redis) -> None:
+        single = client.execute_command
+        make_pipeline = client.pipeline
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            self.count += 1
+            return await single(*args, **options)
+
+        def pipeline(*args: Any, **options: Any) -> Any:
+            pipe = make_pipeline(*args, **options)
+            execute = pipe.execute
+
+            async def counted_execute(*a: Any, **k: Any) -> Any:
+                self.count += 1
+                return await execute(*a, **k)
+
+            pipe.execute = counted_execute  # type: ignore[method-assign]
+            return pipe
+
+        client.execute_command = counted  # type: ignore[method-assign]
+        client.pipeline = pipeline  # type: ignore[method-assign]
+
+
+@dataclass
+class WriteBehind:
+    """The saver in write-behind mode over its adapters; the flusher runs only when asked."""
+
+    saver: TieredCheckpointSaver
+    flusher: Flusher
+    store: CheckpointStore
+    cold_counters: Counters
+    redis: aioredis.Redis
+    round_trips: RoundTrips
+
+
+def settings_for(stack_env: dict[str, str], backend: str, redis_url: str) -> Settings:
+    return Settings.model_validate(
+        {
+            "state_cold_backend": backend,
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": redis_url,
+            "state_write_mode": "write-behind",
+            "state_lock_ttl_ms": 2_000,
+        }
+    )
+
+
+@asynccontextmanager
+async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
+    store: CheckpointStore
+    if settings.state_cold_backend.value == "cosmos":
+        from state.cold.cosmos_checkpoints import CosmosCheckpointStore
+        from state.cold.cosmos_client import CosmosConnection
+
+        cosmos = CosmosConnection(settings)
+        store, counters, close = CosmosCheckpointStore(cosmos, settings), cosmos.counters, cosmos.close
+    else:
+        from state.cold.postgres_checkpoints import PostgresCheckpointStore
+        from state.cold.postgres_client import PostgresConnection
+
+        pg = PostgresConnection(settings)
+        store, counters, close = PostgresCheckpointStore(pg, settings), pg.counters, pg.close
+    redis = create_redis_client(settings)
+    try:
+        await store.setup()
+        cache = RedisCheckpointCache(redis, settings)
+        flusher = Flusher(
+            RedisWriteBehindLog(redis, cache), store, lock_ttl_ms=settings.state_lock_ttl_ms
+        )
+        round_trips = RoundTrips()
+        round_trips.wrap(redis)
+        saver = TieredCheckpointSaver(store, cache, flusher=flusher)
+        yield WriteBehind(saver, flusher, store, counters, redis, round_trips)
+    finally:
+        await redis.aclose()
+        await close()
+
+
+@pytest.fixture(params=COLD_BACKENDS)
+async def tiers(
+    request: pytest.FixtureRequest, stack_env: dict[str, str]
+) -> AsyncIterator[WriteBehind]:
+    async with open_write_behind(
+        settings_for(stack_env, request.param, stack_env["REDIS_URL"])
+    ) as opened:
+        yield opened
+
+
+async def cold_latest_id(tiers: WriteBehind, thread_id: str) -> str | None:
+    stored = await tiers.store.get_checkpoint(thread_id, "", None)
+    return None if stored is None else stored.checkpoint_id
+
+
+async def test_an_invoke_makes_no_cold_request_and_one_round_trip_per_write(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg)  # the thread exists from now on
+    calls: list[str] = []
+    for name in ("aput", "aput_writes"):
+        original = getattr(tiers.saver, name)
+
+        async def counted(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            calls.append(_name)
+            return await _original(*args)
+
+        setattr(tiers.saver, name, counted)
+    tiers.cold_counters.reset()
+    tiers.round_trips.count = 0
+
+    await graph.ainvoke({"messages": ["again"]}, cfg, durability="async")
+
+    assert tiers.cold_counters.requests == 0, tiers.cold_counters.by_operation
+    # One round trip per put / put_writes, plus the one read of the latest checkpoint.
+    assert len(calls) >= 9
+    assert tiers.round_trips.count == len(calls) + 1
+    # Nothing of this run is in the cold tier until a flush.
+    latest = await tiers.saver.flusher.log.read(thread_id, count=1000)  # type: ignore[union-attr]
+    assert len(latest) == len(calls) + len(await tiers.flusher.log.read(thread_id, count=0))
+
+
+async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    hot = await tiers.saver.aget_tuple(cfg)
+    assert hot is not None
+    assert await cold_latest_id(tiers, thread_id) is None  # not flushed yet
+    backlog = await tiers.flusher.backlog()
+    assert backlog.entries > 0 and backlog.threads >= 1 and backlog.oldest_age_seconds is not None
+
+    # A listing is answered by the cold tier: it settles the thread's backlog first.
+    listed = [item async for item in tiers.saver.alist(cfg)]
+    assert listed[0].config["configurable"]["checkpoint_id"] == hot.config["configurable"]["checkpoint_id"]
+    assert len(listed) == 6  # input, start, four nodes
+    assert await cold_latest_id(tiers, thread_id) == hot.config["configurable"]["checkpoint_id"]
+    assert not await tiers.flusher.log.pending(thread_id)
+
+    await graph.ainvoke({"messages": ["more"]}, cfg, durability="async")
+    await tiers.saver.aflush(thread_id)
+    latest = await tiers.saver.aget_tuple(cfg)
+    assert latest is not None
+    assert await cold_latest_id(tiers, thread_id) == latest.config["configurable"]["checkpoint_id"]
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None
+    assert len(latest.checkpoint["channel_values"]["messages"]) == 10
+
+
+async def test_an_interrupt_and_durability_sync_are_synchronous_boundaries(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver, ask=True)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+
+    # No flush asked for: the interrupt's write already took the backlog to the cold tier.
+    assert not await tiers.flusher.log.pending(thread_id)
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None
+    writes = await tiers.store.get_writes(thread_id, "", cold.checkpoint_id)
+    assert any(write.channel == "__interrupt__" for write in writes)
+
+    # durability="sync": every put returns only once it is cold.
+    seen_pending = []
+    original = tiers.saver.aput
+
+    async def put_then_look(*args: Any) -> Any:
+        result = await original(*args)
+        seen_pending.append(await tiers.flusher.log.pending(thread_id))
+        return result
+
+    tiers.saver.aput = put_then_look  # type: ignore[method-assign]
+    await graph.ainvoke(Command(resume=True), cfg, durability="sync")
+    assert seen_pending and not any(seen_pending)
+    state = await graph.aget_state(cfg)
+    assert state.values["approved"] is True
+
+
+async def test_a_stale_fencing_token_is_refused_at_the_hot_tier(tiers: WriteBehind) -> None:
+    graph = chat_graph(tiers.saver)
+    thread_id = f"wb-{uuid.uuid4().hex[:12]}"
+    await graph.ainvoke({"messages": ["first"]}, config(thread_id, fencing_token=7))
+    entries_before = len(await tiers.flusher.log.read(thread_id, count=1000))
+
+    with pytest.raises(StaleFencingToken) as refused:
+        await graph.ainvoke({"messages": ["late"]}, config(thread_id, fencing_token=6))
+
+    assert (refused.value.presented, refused.value.highest) == (6, 7)
+    assert len(await tiers.flusher.log.read(thread_id, count=1000)) == entries_before
+    await graph.ainvoke({"messages": ["newer"]}, config(thread_id, fencing_token=8))
+    latest = await tiers.saver.aget_tuple(config(thread_id))
+    assert latest is not None
+    assert not any("late" in message for message in latest.checkpoint["channel_values"]["messages"])
+
+
+async def test_delete_drops_the_backlog_and_a_later_flush_resurrects_nothing(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    await tiers.saver.aflush(thread_id)
+    await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
+    assert await tiers.flusher.log.pending(thread_id)
+
+    await tiers.saver.adelete_thread(thread_id)
+    await tiers.flusher.drain()
+
+    assert await tiers.saver.aget_tuple(cfg) is None
+    assert await cold_latest_id(tiers, thread_id) is None
+    assert [item async for item in tiers.saver.alist(cfg)] == []
+
+
+async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_duplicate(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    log = tiers.flusher.log
+    entries = await log.read(thread_id, count=1000)
+
+    # The dead flusher: took the lock, applied half the batch, never acknowledged it.
+    assert await log.lock_thread(thread_id, ttl_ms=300) is not None
+    await tiers.store.apply_batch([entry.op for entry in entries[: len(entries) // 2]])
+    assert await tiers.flusher.drain() == 0  # its lock still holds
+    await asyncio.sleep(0.4)
+
+    assert await tiers.flusher.drain() == len(entries)
+    assert not await log.pending(thread_id)
+    hot = await tiers.saver.aget_tuple(cfg)
+    history = [item async for item in tiers.saver.alist(cfg)]
+    assert len(history) == 6
+    assert len({item.config["configurable"]["checkpoint_id"] for item in history}) == 6
+    assert history[0].checkpoint == hot.checkpoint if hot else False
+    for item in history:
+        assert len(item.pending_writes or []) == len(
+            {(w[0], w[1]) for w in item.pending_writes or []}
+        )
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_unflushed_entries_survive_memory_pressure_and_flushall_loses_only_them(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        settings = settings_for(stack_env, backend, server.url)
+        async with open_write_behind(settings) as tiers:
+            await tiers.redis.config_set("maxmemory", 4 * 1024 * 1024)
+            await tiers.redis.config_set("maxmemory-policy", "volatile-lru")
+            graph = chat_graph(tiers.saver)
+            cfg = config()
+            thread_id = cfg["configurable"]["thread_id"]
+            await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+            backlog = len(await tiers.flusher.log.read(thread_id, count=1000))
+            # Fill memory with keys that carry a TTL (as the hot cache's do) until Redis evicts.
+            filler = b"f" * 64 * 1024
+            for n in range(200):
+                await tiers.redis.set(f"filler:{n}", filler, ex=3600)
+            info = await tiers.redis.info("stats")
+            assert int(info["evicted_keys"]) > 0
+            assert len(await tiers.flusher.log.read(thread_id, count=1000)) == backlog
+
+            # The boundary (end of run) is flushed; what comes after it is lost with Redis.
+            await tiers.saver.aflush(thread_id)
+            boundary = await cold_latest_id(tiers, thread_id)
+            await tiers.redis.config_set("maxmemory", 0)
+            await graph.ainvoke({"messages": ["after the boundary"]}, cfg, durability="async")
+            await tiers.redis.flushall()
+            latest = await tiers.saver.aget_tuple(cfg)
+            assert latest is not None
+            assert latest.config["configurable"]["checkpoint_id"] == boundary
+            assert len(latest.checkpoint["channel_values"]["messages"]) == 5
+    finally:
+        server.stop()
