@@ -15,6 +15,7 @@ from .ports import (
     CheckpointStore,
     ColdRetention,
     ColdStateStore,
+    Counters,
     HotStateStore,
 )
 from .settings import ColdBackend, Settings
@@ -31,6 +32,8 @@ class Backends:
     hot_checkpoints: CheckpointCache | None = None
     # Keyword-only: required, yet after fields with defaults (positional callers unchanged).
     retention: ColdRetention = field(kw_only=True)
+    # Round trips (and request charge) of the cold connection, by operation (metrics).
+    cold_counters: Counters = field(default_factory=Counters, kw_only=True)
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -44,6 +47,7 @@ async def open_backends(settings: Settings) -> Backends:
     cold: ColdStateStore
     checkpoints: CheckpointStore
     retention: ColdRetention
+    cold_counters: Counters
     if settings.state_cold_backend is ColdBackend.COSMOS:
         from .cold.cosmos_checkpoints import CosmosCheckpointStore
         from .cold.cosmos_client import CosmosConnection
@@ -55,6 +59,7 @@ async def open_backends(settings: Settings) -> Backends:
         cold = CosmosStateStore(connection, settings)
         checkpoints = CosmosCheckpointStore(connection, settings)
         retention = CosmosRetention(connection)
+        cold_counters = connection.counters
     else:
         from .cold.postgres_checkpoints import PostgresCheckpointStore
         from .cold.postgres_client import PostgresConnection
@@ -66,6 +71,7 @@ async def open_backends(settings: Settings) -> Backends:
         cold = PostgresStateStore(pg, settings)
         checkpoints = PostgresCheckpointStore(pg, settings)
         retention = PostgresRetention(pg, settings)
+        cold_counters = pg.counters
 
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
@@ -81,7 +87,14 @@ async def open_backends(settings: Settings) -> Backends:
         hot_checkpoints = RedisCheckpointCache(client, settings)
 
     backends = Backends(
-        settings, cold, checkpoints, hot, closers, hot_checkpoints, retention=retention
+        settings,
+        cold,
+        checkpoints,
+        hot,
+        closers,
+        hot_checkpoints,
+        retention=retention,
+        cold_counters=cold_counters,
     )
     try:
         await cold.setup()
