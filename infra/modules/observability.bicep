@@ -262,7 +262,7 @@ resource healthTest 'Microsoft.Insights/webtests@2022-06-15' = if (availabilityT
     Name: 'GET /api/health'
     Kind: 'standard'
     Enabled: true
-    Frequency: 300
+    Frequency: 900
     Timeout: 30
     RetryEnabled: true
     Locations: [
