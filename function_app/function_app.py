@@ -15,6 +15,7 @@ import azure.functions as func
 
 from support_cases.api import create_app
 from support_cases.runtime import process_runtime
+from support_cases.telemetry import traced
 
 # Every route is under /api: host.json keeps the default routePrefix "api" and the
 # ASGI function passes the full path through to FastAPI. No host key: callers present
@@ -28,8 +29,13 @@ app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANON
     arg_name="timer", schedule="0 */1 * * * *", run_on_startup=False, use_monitor=True
 )
 async def resume_stale_runs(timer: func.TimerRequest) -> None:
+    # One span per tick: with PYTHON_ENABLE_OPENTELEMETRY the worker makes it a child of
+    # the host's invocation, so timer runs show up in the same traces as HTTP calls.
     runtime = await process_runtime.get()
-    report = await runtime.service.resume_stale()
-    logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)
-    swept = await runtime.service.sweep_expired()
-    logging.info("expired threads deleted: %d", swept)
+    with traced("timer.resume_stale_runs", past_due=timer.past_due) as span:
+        report = await runtime.service.resume_stale()
+        logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)
+        swept = await runtime.service.sweep_expired()
+        logging.info("expired threads deleted: %d", swept)
+        span.set_attribute("resumed", len(report.resumed))
+        span.set_attribute("swept", swept)

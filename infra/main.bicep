@@ -9,7 +9,7 @@ targetScope = 'subscription'
 param environmentName string
 
 @minLength(1)
-@description('Region for every resource. It must offer Flex Consumption, Cosmos DB serverless and the chosen Redis.')
+@description('Region for every resource. It must offer Flex Consumption, Cosmos DB serverless (or Postgres Flexible Server) and the chosen Redis.')
 @metadata({
   azd: {
     type: 'location'
@@ -17,29 +17,50 @@ param environmentName string
 })
 param location string
 
-@description('Object id of the deploying user (azd sets AZURE_PRINCIPAL_ID). Gets data access to Cosmos DB and Redis for running the app locally against Azure. Empty: no grant.')
+@description('Object id of the deploying principal (azd sets AZURE_PRINCIPAL_ID). Gets data access to Cosmos DB and Redis for running the app locally against Azure, and is the Postgres Entra administrator. Empty: no grant.')
 param principalId string = ''
 
-@description('STATE_COLD_BACKEND: the cold tier the app uses. postgres also deploys a PostgreSQL Flexible Server.')
+@description('Kind of the deploying principal (AZURE_PRINCIPAL_TYPE): a user, or a service principal in CI.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+])
+param principalType string = 'User'
+
+@description('Name of the deploying principal as Postgres sees it (AZURE_PRINCIPAL_NAME): your user principal name, or a service principal\'s display name. Needed with the Postgres backend: it becomes the Entra administrator that creates the app\'s role.')
+param principalName string = ''
+
+@description('STATE_COLD_BACKEND: the cold tier the app uses. postgres deploys a PostgreSQL Flexible Server instead of Cosmos DB.')
 @allowed([
   'cosmos'
   'postgres'
 ])
 param stateColdBackend string = 'cosmos'
 
-@description('Hot tier service.')
+@description('Hot tier service. Azure Managed Redis is the default; Azure Cache for Redis is retiring (new caches only where the subscription may still create them): see README.md "Hot tier".')
 @allowed([
   'AzureCacheForRedis'
   'AzureManagedRedis'
 ])
-param redisKind string = 'AzureCacheForRedis'
+param redisKind string = 'AzureManagedRedis'
+
+@description('Azure Managed Redis persistence (AZURE_REDIS_PERSISTENCE): None, or AOF (every second), which bounds what a Redis node failure loses of unflushed write-behind entries to about one second of writes.')
+@allowed([
+  'None'
+  'AOF'
+])
+param redisPersistence string = 'None'
 
 @description('Cosmos DB capacity mode: serverless (pay per request) or provisioned autoscale.')
 param cosmosServerless bool = true
 
-@description('STATE_COLD_TTL_SECONDS and the Cosmos container default TTL (-1: keep forever).')
-@minValue(-1)
-param stateColdTtlSeconds int = -1
+@description('Keep cold state forever (STATE_COLD_TTL_SECONDS=-1, the app default). False: cold state expires stateColdTtlSeconds after a thread\'s last activity.')
+param stateColdKeepForever bool = true
+
+@description('Cold-state retention in seconds when stateColdKeepForever is false. Cosmos DB accepts a default TTL of -1 or 1..2147483647, never 0.')
+@minValue(1)
+@maxValue(2147483647)
+param stateColdTtlSeconds int = 2592000
 
 @description('STATE_HOT_TTL_SECONDS: TTL of cached workflow documents in Redis.')
 @minValue(1)
@@ -52,10 +73,34 @@ param stateHotTtlSeconds int = 86400
 ])
 param pythonVersion string = '3.11'
 
-@description('Function App scale-out limit (cost ceiling).')
-@minValue(1)
+@description('Function App scale-out limit (cost ceiling). Flex Consumption accepts 40..1000.')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
+
+@description('VNET_ENABLED: private networking. The Function App joins a VNet; Storage, Cosmos DB, Redis and Postgres get private endpoints and private DNS zones, and their public network access is disabled.')
+param vnetEnabled bool = false
+
+@description('POSTGRES_CLIENT_IP: an IP address allowed through the Postgres firewall (your machine, for the role hook and local runs). Empty: none. Ignored with vnetEnabled.')
+param postgresClientIp string = ''
+
+@description('Send resource logs and metrics of Cosmos DB, Redis, Postgres and Storage to Log Analytics.')
+param diagnosticsEnabled bool = true
+
+@description('Create metric alerts (Functions 5xx, Cosmos DB 429s, Redis server load and memory, write-behind backlog age).')
+param alertsEnabled bool = true
+
+@description('Create an availability test against /api/health.')
+param availabilityTestEnabled bool = true
+
+@description('HTTP status the availability test expects from /api/health.')
+param healthExpectedStatus int = 200
+
+@description('Deploy the operations workbook (infra/workbooks/operations.workbook.json).')
+param workbookEnabled bool = true
+
+@description('ALERT_EMAIL: who the alerts notify. Empty: alerts fire in the portal only.')
+param alertEmail string = ''
 
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -65,11 +110,24 @@ var tags = {
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 var usePostgres = stateColdBackend == 'postgres'
+var useManagedRedis = redisKind == 'AzureManagedRedis'
+// STATE_COLD_TTL_SECONDS and the Cosmos container default TTL: -1 or >= 1, never 0.
+var stateColdTtl = stateColdKeepForever ? -1 : stateColdTtlSeconds
+var publicNetworkAccess = vnetEnabled ? 'Disabled' : 'Enabled'
 // Names the app reads as COSMOS_DATABASE / COSMOS_CONTAINER / POSTGRES_DATABASE
 // (same as the defaults in state/settings.py).
 var cosmosDatabaseName = 'agentstate'
 var cosmosContainerName = 'state'
 var postgresDatabaseName = 'agentstate'
+// Private DNS zones, in a fixed order the private endpoints below index into:
+// blob, queue, table, the cold tier, Redis.
+var privateDnsZoneNames = [
+  'privatelink.blob.${environment().suffixes.storage}'
+  'privatelink.queue.${environment().suffixes.storage}'
+  'privatelink.table.${environment().suffixes.storage}'
+  usePostgres ? 'privatelink.postgres.database.azure.com' : 'privatelink.documents.azure.com'
+  useManagedRedis ? 'privatelink.redis.azure.net' : 'privatelink.redis.cache.windows.net'
+]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: '${abbrs.resourcesResourceGroups}${environmentName}'
@@ -99,6 +157,19 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
+var logAnalyticsWorkspaceId = diagnosticsEnabled ? monitoring.outputs.logAnalyticsId : ''
+
+module network 'modules/network.bicep' = if (vnetEnabled) {
+  name: 'network'
+  scope: rg
+  params: {
+    name: '${abbrs.networkVirtualNetworks}${resourceToken}'
+    location: location
+    tags: tags
+    privateDnsZoneNames: privateDnsZoneNames
+  }
+}
+
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   scope: rg
@@ -108,10 +179,13 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     deploymentContainerName: deploymentContainerName
     identityPrincipalId: identity.outputs.principalId
+    publicNetworkAccess: publicNetworkAccess
+    logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
   }
 }
 
-module cosmos 'modules/cosmos.bicep' = {
+// Cosmos DB is the cold tier unless Postgres is chosen; it is not deployed then.
+module cosmos 'modules/cosmos.bicep' = if (!usePostgres) {
   name: 'cosmos'
   scope: rg
   params: {
@@ -121,9 +195,11 @@ module cosmos 'modules/cosmos.bicep' = {
     databaseName: cosmosDatabaseName
     containerName: cosmosContainerName
     serverless: cosmosServerless
-    defaultTtl: stateColdTtlSeconds
+    defaultTtl: stateColdTtl
     identityPrincipalId: identity.outputs.principalId
     developerPrincipalId: principalId
+    publicNetworkAccess: publicNetworkAccess
+    logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
   }
 }
 
@@ -132,11 +208,14 @@ module redis 'modules/redis.bicep' = {
   scope: rg
   params: {
     kind: redisKind
-    name: redisKind == 'AzureCacheForRedis' ? '${abbrs.cacheRedis}${resourceToken}' : '${abbrs.cacheRedisEnterprise}${resourceToken}'
+    name: useManagedRedis ? '${abbrs.cacheRedisEnterprise}${resourceToken}' : '${abbrs.cacheRedis}${resourceToken}'
     location: location
     tags: tags
+    managedRedisPersistence: redisPersistence
     identityPrincipalId: identity.outputs.principalId
     developerPrincipalId: principalId
+    publicNetworkAccess: publicNetworkAccess
+    logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
   }
 }
 
@@ -148,8 +227,99 @@ module postgres 'modules/postgres.bicep' = if (usePostgres) {
     location: location
     tags: tags
     databaseName: postgresDatabaseName
-    identityPrincipalId: identity.outputs.principalId
     identityName: identity.outputs.name
+    administratorObjectId: empty(principalName) ? '' : principalId
+    administratorName: principalName
+    administratorType: principalType
+    publicNetworkAccess: publicNetworkAccess
+    clientIpAddress: vnetEnabled ? '' : postgresClientIp
+    logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
+  }
+}
+
+// ---------------------------------------------------------------- private endpoints (vnetEnabled)
+
+module storageBlobEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
+  name: 'pe-storage-blob'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}blob-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: storage.outputs.id
+    groupId: 'blob'
+    privateDnsZoneId: network.outputs.zoneIds[0]
+  }
+}
+
+module storageQueueEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
+  name: 'pe-storage-queue'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}queue-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: storage.outputs.id
+    groupId: 'queue'
+    privateDnsZoneId: network.outputs.zoneIds[1]
+  }
+}
+
+module storageTableEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
+  name: 'pe-storage-table'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}table-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: storage.outputs.id
+    groupId: 'table'
+    privateDnsZoneId: network.outputs.zoneIds[2]
+  }
+}
+
+module cosmosEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled && !usePostgres) {
+  name: 'pe-cosmos'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}cosmos-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: cosmos.outputs.id
+    groupId: 'Sql'
+    privateDnsZoneId: network.outputs.zoneIds[3]
+  }
+}
+
+module postgresEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled && usePostgres) {
+  name: 'pe-postgres'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}psql-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: postgres.outputs.id
+    groupId: 'postgresqlServer'
+    privateDnsZoneId: network.outputs.zoneIds[3]
+  }
+}
+
+module redisEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
+  name: 'pe-redis'
+  scope: rg
+  params: {
+    name: '${abbrs.networkPrivateEndpoints}redis-${resourceToken}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    serviceId: redis.outputs.id
+    groupId: useManagedRedis ? 'redisEnterprise' : 'redisCache'
+    privateDnsZoneId: network.outputs.zoneIds[4]
   }
 }
 
@@ -179,18 +349,25 @@ module functionApp 'modules/function-app.bicep' = {
     pythonVersion: pythonVersion
     maximumInstanceCount: maximumInstanceCount
     stateColdBackend: stateColdBackend
-    cosmosEndpoint: cosmos.outputs.endpoint
-    cosmosDatabase: cosmos.outputs.databaseName
-    cosmosContainer: cosmos.outputs.containerName
+    cosmosEndpoint: usePostgres ? '' : cosmos.outputs.endpoint
+    cosmosDatabase: cosmosDatabaseName
+    cosmosContainer: cosmosContainerName
     redisHost: redis.outputs.hostName
     redisPort: redis.outputs.sslPort
     postgresHost: usePostgres ? postgres.outputs.host : ''
     postgresDatabase: postgresDatabaseName
     postgresUser: usePostgres ? postgres.outputs.user : ''
     stateHotTtlSeconds: stateHotTtlSeconds
-    stateColdTtlSeconds: stateColdTtlSeconds
+    stateColdTtlSeconds: stateColdTtl
+    virtualNetworkSubnetId: vnetEnabled ? network.outputs.appSubnetId : ''
     authClientId: apiRegistration.outputs.clientId
   }
+  // With private endpoints, the host must not start before its storage is reachable.
+  dependsOn: [
+    storageBlobEndpoint
+    storageQueueEndpoint
+    storageTableEndpoint
+  ]
 }
 
 module apiAuthSettings 'modules/api-auth-settings.bicep' = {
@@ -202,8 +379,30 @@ module apiAuthSettings 'modules/api-auth-settings.bicep' = {
   }
 }
 
+module observability 'modules/observability.bicep' = {
+  name: 'observability'
+  scope: rg
+  params: {
+    namePrefix: 'agent-state-${resourceToken}'
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    functionAppId: functionApp.outputs.id
+    functionAppUri: functionApp.outputs.uri
+    cosmosAccountId: usePostgres ? '' : cosmos.outputs.id
+    redisId: redis.outputs.id
+    redisKind: redisKind
+    alertsEnabled: alertsEnabled
+    availabilityTestEnabled: availabilityTestEnabled
+    healthExpectedStatus: healthExpectedStatus
+    workbookEnabled: workbookEnabled
+    alertEmail: alertEmail
+  }
+}
+
 // Outputs land in the azd environment (.azure/<env>/.env); scripts/azd/local_settings.py
-// turns them into function_app/local.settings.json. Names and endpoints only: no secret.
+// turns them into function_app/local.settings.json and scripts/azd/postgres_access.py
+// creates the app's Postgres role. Names and endpoints only: no secret.
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
@@ -211,19 +410,24 @@ output SERVICE_API_NAME string = functionApp.outputs.name
 output SERVICE_API_URI string = functionApp.outputs.uri
 output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
 output AZURE_FUNCTION_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+output AZURE_FUNCTION_IDENTITY_NAME string = identity.outputs.name
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
-output AZURE_COSMOS_ACCOUNT_NAME string = cosmos.outputs.accountName
+output AZURE_COSMOS_ACCOUNT_NAME string = usePostgres ? '' : cosmos.outputs.accountName
 output AZURE_REDIS_KIND string = redisKind
 output AZURE_REDIS_NAME string = redis.outputs.name
 output AZURE_APPLICATION_INSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+output AZURE_POSTGRES_SERVER_NAME string = usePostgres ? postgres.outputs.name : ''
+output VNET_ENABLED bool = vnetEnabled
 output STATE_COLD_BACKEND string = stateColdBackend
-output COSMOS_ENDPOINT string = cosmos.outputs.endpoint
+output STATE_COLD_TTL_SECONDS int = stateColdTtl
+output COSMOS_ENDPOINT string = usePostgres ? '' : cosmos.outputs.endpoint
 // Callers (and `agent-state` with AGENT_STATE_SCOPE=<AUTH_AUDIENCE>/.default) ask Entra
 // for tokens for this client id.
 output AUTH_TENANT_ID string = tenant().tenantId
 output AUTH_AUDIENCE string = apiRegistration.outputs.clientId
-output COSMOS_DATABASE string = cosmos.outputs.databaseName
-output COSMOS_CONTAINER string = cosmos.outputs.containerName
+output COSMOS_DATABASE string = cosmosDatabaseName
+output COSMOS_CONTAINER string = cosmosContainerName
 output REDIS_HOST string = redis.outputs.hostName
 output REDIS_PORT int = redis.outputs.sslPort
 output REDIS_SSL string = 'true'

@@ -19,6 +19,7 @@ from .ports import (
     CheckpointStore,
     ColdRetention,
     ColdStateStore,
+    Counters,
     HotStateStore,
 )
 from .settings import ColdBackend, Settings, WriteMode
@@ -40,6 +41,8 @@ class Backends:
     retention: ColdRetention = field(kw_only=True)
     # Write-behind mode only: drains the hot log into the cold checkpoint store.
     flusher: Flusher | None = field(default=None, kw_only=True)
+    # Round trips (and request charge) of the cold connection, by operation (metrics).
+    cold_counters: Counters = field(default_factory=Counters, kw_only=True)
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -53,6 +56,7 @@ async def open_backends(settings: Settings) -> Backends:
     cold: ColdStateStore
     checkpoints: CheckpointStore
     retention: ColdRetention
+    cold_counters: Counters
     if settings.state_cold_backend is ColdBackend.COSMOS:
         from .cold.cosmos_checkpoints import CosmosCheckpointStore
         from .cold.cosmos_client import CosmosConnection
@@ -64,6 +68,7 @@ async def open_backends(settings: Settings) -> Backends:
         cold = CosmosStateStore(connection, settings)
         checkpoints = CosmosCheckpointStore(connection, settings)
         retention = CosmosRetention(connection)
+        cold_counters = connection.counters
     else:
         from .cold.postgres_checkpoints import PostgresCheckpointStore
         from .cold.postgres_client import PostgresConnection
@@ -75,6 +80,7 @@ async def open_backends(settings: Settings) -> Backends:
         cold = PostgresStateStore(pg, settings)
         checkpoints = PostgresCheckpointStore(pg, settings)
         retention = PostgresRetention(pg, settings)
+        cold_counters = pg.counters
 
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
@@ -108,6 +114,7 @@ async def open_backends(settings: Settings) -> Backends:
         hot_checkpoints,
         retention=retention,
         flusher=flusher,
+        cold_counters=cold_counters,
     )
     try:
         await cold.setup()

@@ -525,23 +525,46 @@ class CheckpointCache(Protocol):
         """Drop one namespace of a thread, or all of them (None)."""
 
 
+# The state operation a cold-tier round trip serves ("state.update_section", ...), for
+# adapters that cannot name it themselves (the Cosmos request hook sees every call).
+cold_operation: ContextVar[str | None] = ContextVar("cold_operation", default=None)
+
+
+@contextmanager
+def attributed(operation: str) -> Iterator[None]:
+    """Cold round trips made inside count under `operation` (see `cold_operation`)."""
+    token = cold_operation.set(operation)
+    try:
+        yield
+    finally:
+        cold_operation.reset(token)
+
+
 @dataclass
 class Counters:
-    """Round trips an adapter made, for the benchmark and for tests of O(1) claims."""
+    """Round trips an adapter made, for the benchmark, tests of O(1) claims and metrics."""
 
     requests: int = 0
     request_charge: float = 0.0
     by_operation: dict[str, int] = field(default_factory=dict)
+    charge_by_operation: dict[str, float] = field(default_factory=dict)
 
     def count(self, operation: str, charge: float = 0.0) -> None:
         self.requests += 1
         self.request_charge += charge
         self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+        self.charge_by_operation[operation] = self.charge_by_operation.get(operation, 0.0) + charge
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        """(requests, charge) per operation; safe to call from another thread (metrics)."""
+        counts, charges = dict(self.by_operation), dict(self.charge_by_operation)
+        return {name: (count, charges.get(name, 0.0)) for name, count in counts.items()}
 
     def reset(self) -> None:
         self.requests = 0
         self.request_charge = 0.0
         self.by_operation.clear()
+        self.charge_by_operation.clear()
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -111,6 +111,7 @@ from .ports import (
     TierHealth,
     WorkflowRecord,
     WriteIntent,
+    attributed,
 )
 from .settings import Settings
 from .size import ColdRecordArchive, StateSizeManager, is_archived, is_offloaded
@@ -151,6 +152,8 @@ class TieredStateStore:
             settings, ColdRecordArchive.from_settings(cold, settings)
         )
         self.stats = CacheStats()
+        # Called with (operation, bytes) for every record or section stored (metrics).
+        self.size_listeners: list[Callable[[str, int], None]] = []
         self._hot_skip_until = 0.0
         self._hot_down = False
         # Threads whose hot copy may be older than cold (written while hot was unreachable).
@@ -212,7 +215,10 @@ class TieredStateStore:
     ) -> WorkflowRecord:
         """Store version 1; `completed_sections` that are archivable are archived."""
         with _span("create", thread_id=thread_id):
-            stored, _ = await self.size.shrink(thread_id, sections, completed=completed_sections)
+            stored, actions = await self.size.shrink(
+                thread_id, sections, completed=completed_sections
+            )
+            self._stored_size("create", actions.after.total)
             # A copy left from an earlier record of this thread id would outrank the
             # new version 1; clearing it first is safe because cold has nothing older.
             await self._invalidate(thread_id)
@@ -250,9 +256,10 @@ class TieredStateStore:
                 if current is None:
                     raise WorkflowNotFound(thread_id)
                 expected_version = current.version
-            shrunk, _ = await self.size.shrink(
+            shrunk, actions = await self.size.shrink(
                 thread_id, {section: value}, completed=(section,) if completed else ()
             )
+            self._stored_size("update_section", actions.after.sections[section])
             stored = shrunk[section]
             try:
                 record = await self._write_section(
@@ -268,6 +275,10 @@ class TieredStateStore:
                     thread_id, section, stored, agent_id, expected_version, fencing_token
                 )
             return await self._expand(record)
+
+    def _stored_size(self, operation: str, size: int) -> None:
+        for listener in self.size_listeners:
+            listener(operation, size)
 
     async def _write_section(
         self,
@@ -532,8 +543,11 @@ async def _probe(name: str, check: Awaitable[TierHealth]) -> TierHealth:
 
 @contextmanager
 def _span(operation: str, **attributes: str) -> Iterator[trace.Span]:
-    with tracer.start_as_current_span(
-        f"state.{operation}",
-        attributes={f"state.{name}": value for name, value in attributes.items()},
-    ) as span:
+    with (
+        tracer.start_as_current_span(
+            f"state.{operation}",
+            attributes={f"state.{name}": value for name, value in attributes.items()},
+        ) as span,
+        attributed(f"state.{operation}"),
+    ):
         yield span

@@ -17,6 +17,7 @@ from state.tiered import TieredStateStore
 from .agents import AgentDeps
 from .effects import Effects, SimulatedProvider
 from .graph import CaseGraph, build_graph
+from .metrics import app_metrics
 from .service import CaseService
 from .telemetry import configure_telemetry
 
@@ -56,6 +57,7 @@ class Runtime:
             saver,
         )
         service = CaseService(store, graph, settings, backends.retention)
+        app_metrics.register_backends(backends, store)
         return cls(settings, backends, store, saver, graph, provider, service)
 
     async def close(self) -> None:

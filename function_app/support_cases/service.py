@@ -38,6 +38,7 @@ from state.tiered import TieredStateStore
 from .agents import RunContext
 from .effects import EffectInProgress, SimulatedProvider, effects_in
 from .graph import CaseGraph
+from .metrics import app_metrics
 from .models import (
     AuditEntryView,
     AuditTrailView,
@@ -399,7 +400,10 @@ class CaseService:
         fence = guard.fence
         config = case_config(case_id)
         try:
-            with traced("case.run", case_id=case_id, fencing_token=fence):
+            with (
+                app_metrics.measure_run() as run,
+                traced("case.run", case_id=case_id, fencing_token=fence),
+            ):
                 await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
                 async for _ in self._graph.astream(
                     graph_input,
@@ -412,6 +416,7 @@ class CaseService:
                 snapshot = await self._graph.aget_state(config)
                 rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
                 await self._tracker.mark(case_id, rest, fencing_token=fence)
+                run.outcome = rest.value
         except StaleFencingToken:
             log.warning("case %s: a newer run took over; this one stops", case_id)
         except EffectInProgress as busy:

@@ -1,17 +1,22 @@
-"""OpenTelemetry for the app: one setup per process, spans per agent node and store call.
+"""OpenTelemetry for the app: one setup per process, spans per agent node and store call,
+metrics (support_cases/metrics.py).
 
 With APPLICATIONINSIGHTS_CONNECTION_STRING set, `azure-monitor-opentelemetry`
-exports to Application Insights (Entra-authenticated when
-APPLICATIONINSIGHTS_AUTHENTICATION_STRING says `Authorization=AAD`). In Azure
-Functions, host.json's `"telemetryMode": "OpenTelemetry"` plus the app setting
-`PYTHON_ENABLE_OPENTELEMETRY=true` let the host and this worker share one
-trace. Without a connection string a plain SDK TracerProvider is installed, so
-spans still exist (tests read them) and nothing is exported or fails.
+exports traces, metrics and logs to Application Insights (Entra-authenticated
+when APPLICATIONINSIGHTS_AUTHENTICATION_STRING says `Authorization=AAD`). This
+exporter is the only one: in Azure Functions, host.json's `"telemetryMode":
+"OpenTelemetry"` and the app setting `PYTHON_ENABLE_OPENTELEMETRY=true` only make
+the worker hand each invocation's trace context to the app (host and worker
+share one trace), while `PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY` must stay
+false: with it the worker calls `configure_azure_monitor()` itself, without a
+credential. Without a connection string a plain SDK TracerProvider is installed,
+so spans still exist (tests read them) and nothing is exported or fails.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +31,8 @@ from state.settings import Settings
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "support_cases"
+# The Functions Python worker's own Azure Monitor setup; this app must be the only exporter.
+WORKER_EXPORTER_SETTING = "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY"
 _configured = False
 _configure_lock = threading.Lock()
 
@@ -37,6 +44,12 @@ def configure_telemetry(settings: Settings) -> str:
         if _configured:
             return "already-configured"
         _configured = True
+        if os.environ.get(WORKER_EXPORTER_SETTING, "").strip().lower() == "true":
+            log.warning(
+                "%s=true: the Functions worker exports telemetry itself, without an Entra "
+                "credential and besides this app's exporter; set it to false",
+                WORKER_EXPORTER_SETTING,
+            )
         connection = settings.applicationinsights_connection_string
         if connection is not None:
             from azure.monitor.opentelemetry import configure_azure_monitor

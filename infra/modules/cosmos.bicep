@@ -23,9 +23,20 @@ param serverless bool = true
 @description('Autoscale maximum RU/s when not serverless.')
 param autoscaleMaxThroughput int = 1000
 
-@description('Container default TTL in seconds (-1: TTL on, items keep forever unless they set ttl). Same value as STATE_COLD_TTL_SECONDS.')
+@description('Container default TTL in seconds (-1: TTL on, items keep forever unless they set ttl). Same value as STATE_COLD_TTL_SECONDS. Cosmos DB accepts -1 or 1..2147483647, never 0: main.bicep cannot produce 0.')
 @minValue(-1)
+@maxValue(2147483647)
 param defaultTtl int = -1
+
+@description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled).')
+@allowed([
+  'Enabled'
+  'Disabled'
+])
+param publicNetworkAccess string = 'Enabled'
+
+@description('Log Analytics workspace for diagnostic settings. Empty: none.')
+param logAnalyticsWorkspaceId string = ''
 
 @description('Principal (object) id of the Function App identity.')
 param identityPrincipalId string
@@ -61,7 +72,7 @@ resource account 'Microsoft.DocumentDB/databaseAccounts@2024-11-15' = {
     disableLocalAuth: true
     disableKeyBasedMetadataWriteAccess: true
     minimalTlsVersion: 'Tls12'
-    publicNetworkAccess: 'Enabled'
+    publicNetworkAccess: publicNetworkAccess
     enableFreeTier: false
   }
 }
@@ -156,6 +167,42 @@ resource developerDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRole
   ]
 }
 
+// Data-plane requests (status codes, RU charge per operation) and partition RU use,
+// in resource-specific tables.
+resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = if (!empty(logAnalyticsWorkspaceId)) {
+  name: 'to-log-analytics'
+  scope: account
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logAnalyticsDestinationType: 'Dedicated'
+    logs: [
+      {
+        category: 'DataPlaneRequests'
+        enabled: true
+      }
+      {
+        category: 'QueryRuntimeStatistics'
+        enabled: true
+      }
+      {
+        category: 'PartitionKeyRUConsumption'
+        enabled: true
+      }
+      {
+        category: 'ControlPlaneRequests'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Requests'
+        enabled: true
+      }
+    ]
+  }
+}
+
+output id string = account.id
 output accountName string = account.name
 output endpoint string = account.properties.documentEndpoint
 output databaseName string = database.name

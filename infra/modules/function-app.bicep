@@ -46,8 +46,8 @@ param pythonVersion string = '3.11'
 ])
 param instanceMemoryMB int = 2048
 
-@description('Scale-out limit (cost ceiling).')
-@minValue(1)
+@description('Scale-out limit (cost ceiling). Flex Consumption accepts 40..1000.')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
@@ -86,12 +86,16 @@ param postgresUser string = ''
 @minValue(1)
 param stateHotTtlSeconds int = 86400
 
-@description('STATE_COLD_TTL_SECONDS (-1: keep forever).')
+@description('STATE_COLD_TTL_SECONDS (-1: keep forever; never 0, which Cosmos DB rejects).')
 @minValue(-1)
+@maxValue(2147483647)
 param stateColdTtlSeconds int = -1
 
 @description('AUTH_AUDIENCE: client id of the API app registration (api-registration.bicep).')
 param authClientId string
+
+@description('Subnet (delegated to Microsoft.App/environments) for outbound VNet integration. Empty: none.')
+param virtualNetworkSubnetId string = ''
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -132,6 +136,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     serverFarmId: plan.id
     httpsOnly: true
     publicNetworkAccess: 'Enabled'
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     siteConfig: {
       minTlsVersion: '1.2'
     }
@@ -164,8 +169,15 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       AzureWebJobsStorage__accountName: storage.name
       AzureWebJobsStorage__credential: 'managedidentity'
       AzureWebJobsStorage__clientId: identityClientId
-      // The Python worker emits OpenTelemetry (host.json telemetryMode: OpenTelemetry).
+      // Worker telemetry (host.json telemetryMode: OpenTelemetry). The app exports with its
+      // own Entra-authenticated Azure Monitor exporter (support_cases/telemetry.py), so:
+      // PYTHON_ENABLE_OPENTELEMETRY lets the worker hand each invocation's trace context
+      // to the app's spans (host and worker share one trace) without exporting anything;
+      // PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY stays false, or the worker would call
+      // configure_azure_monitor() itself, without a credential (rejected: local auth is
+      // disabled) and as a second exporter.
       PYTHON_ENABLE_OPENTELEMETRY: 'true'
+      PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'false'
       // Telemetry: read by the host and by the app; ingestion is Entra-authenticated.
       APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
       APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
@@ -220,5 +232,6 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
+output id string = functionApp.id
 output name string = functionApp.name
 output uri string = 'https://${functionApp.properties.defaultHostName}'

@@ -73,5 +73,7 @@ resource appMetricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01
   }
 }
 
+output applicationInsightsId string = applicationInsights.id
 output applicationInsightsName string = applicationInsights.name
+output logAnalyticsId string = logAnalytics.id
 output logAnalyticsName string = logAnalytics.name

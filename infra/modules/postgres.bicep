@@ -1,7 +1,13 @@
 // Optional cold tier for STATE_COLD_BACKEND=postgres: Azure Database for
-// PostgreSQL Flexible Server with Entra-only authentication. The app identity is
-// the server's Entra administrator; it signs in as POSTGRES_USER (the identity's
-// name) with an Entra token as the password. No password exists.
+// PostgreSQL Flexible Server with Entra-only authentication. No password exists.
+//
+// Least privilege: the Entra administrator is the deploying user (or another
+// principal named by the parameters), never the app. After provisioning, the
+// azd postprovision hook (scripts/azd/postgres_access.py) signs in as that
+// administrator and creates the app identity's role with only what the app
+// needs: CONNECT on the database and USAGE + CREATE on schema `public` (its
+// migrations create the tables it then owns). The app signs in as
+// POSTGRES_USER (the identity's name) with an Entra token as the password.
 
 @description('Server name.')
 param name string
@@ -15,11 +21,35 @@ param tags object = {}
 @description('Database name (POSTGRES_DATABASE).')
 param databaseName string
 
-@description('Principal (object) id of the Function App identity.')
-param identityPrincipalId string
-
 @description('Name of the Function App identity: its Postgres role name (POSTGRES_USER).')
 param identityName string
+
+@description('Object id of the Entra administrator (the deploying user by default). Empty: no administrator; the app role must then be created by hand.')
+param administratorObjectId string = ''
+
+@description('Name of the Entra administrator as Postgres sees it: a user principal name, or the display name of a service principal or group.')
+param administratorName string = ''
+
+@description('Kind of the Entra administrator.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param administratorType string = 'User'
+
+@description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled).')
+@allowed([
+  'Enabled'
+  'Disabled'
+])
+param publicNetworkAccess string = 'Enabled'
+
+@description('A client IP address allowed through the firewall (the developer running the role hook or the app locally). Empty: none.')
+param clientIpAddress string = ''
+
+@description('Log Analytics workspace for diagnostic settings. Empty: none.')
+param logAnalyticsWorkspaceId string = ''
 
 @description('Compute SKU (Burstable B1ms is the smallest).')
 param skuName string = 'Standard_B1ms'
@@ -61,17 +91,19 @@ resource server 'Microsoft.DBforPostgreSQL/flexibleServers@2024-08-01' = {
       tenantId: tenant().tenantId
     }
     network: {
-      publicNetworkAccess: 'Enabled'
+      publicNetworkAccess: publicNetworkAccess
     }
   }
 }
 
-resource administrator 'Microsoft.DBforPostgreSQL/flexibleServers/administrators@2024-08-01' = {
+var publicAccess = publicNetworkAccess == 'Enabled'
+
+resource administrator 'Microsoft.DBforPostgreSQL/flexibleServers/administrators@2024-08-01' = if (!empty(administratorObjectId)) {
   parent: server
-  name: identityPrincipalId
+  name: administratorObjectId
   properties: {
-    principalName: identityName
-    principalType: 'ServicePrincipal'
+    principalName: administratorName
+    principalType: administratorType
     tenantId: tenant().tenantId
   }
 }
@@ -90,7 +122,7 @@ resource database 'Microsoft.DBforPostgreSQL/flexibleServers/databases@2024-08-0
 }
 
 // Flex Consumption has no fixed outbound IPs without VNet integration.
-resource allowAzureServices 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@2024-08-01' = {
+resource allowAzureServices 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@2024-08-01' = if (publicAccess) {
   parent: server
   name: 'AllowAllAzureServicesAndResourcesWithinAzureIps'
   properties: {
@@ -102,6 +134,40 @@ resource allowAzureServices 'Microsoft.DBforPostgreSQL/flexibleServers/firewallR
   ]
 }
 
+resource allowClient 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@2024-08-01' = if (publicAccess && !empty(clientIpAddress)) {
+  parent: server
+  name: 'developer-client'
+  properties: {
+    startIpAddress: clientIpAddress
+    endIpAddress: clientIpAddress
+  }
+  dependsOn: [
+    allowAzureServices
+  ]
+}
+
+resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = if (!empty(logAnalyticsWorkspaceId)) {
+  name: 'to-log-analytics'
+  scope: server
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+output id string = server.id
+output name string = server.name
 output host string = server.properties.fullyQualifiedDomainName
 output databaseName string = database.name
 output user string = identityName

@@ -1,14 +1,20 @@
-// The hot tier: Azure Cache for Redis (default) or Azure Managed Redis, chosen
-// by `kind`. Both are Entra-only: access keys are disabled and the app's
-// identity gets a data access policy assignment. No key is ever output; the
-// app connects with REDIS_HOST + REDIS_PORT and a token from its identity.
+// The hot tier: Azure Managed Redis (default) or, for subscriptions that may
+// still create one, Azure Cache for Redis (retiring; see README.md "Hot tier").
+// Both are Entra-only: access keys are disabled and the app's identity gets a
+// data access policy assignment. No key is ever output; the app connects with
+// REDIS_HOST + REDIS_PORT and a token from its identity.
+//
+// Both evict only keys that carry a TTL (volatile-lru): write-behind journal
+// entries not yet flushed to the cold tier have no TTL, so memory pressure
+// never drops them (a full cache refuses writes instead, and the app falls
+// back to the cold tier).
 
 @description('Which Redis service to deploy.')
 @allowed([
   'AzureCacheForRedis'
   'AzureManagedRedis'
 ])
-param kind string = 'AzureCacheForRedis'
+param kind string = 'AzureManagedRedis'
 
 @description('Name of the cache / Managed Redis cluster.')
 param name string
@@ -49,6 +55,23 @@ param managedRedisSku string = 'Balanced_B0'
 ])
 param managedRedisHighAvailability string = 'Disabled'
 
+@description('Azure Managed Redis persistence: None, or AOF (append-only file written every second), which narrows what a Redis node failure can lose of unflushed write-behind entries from everything since the last flush to about one second.')
+@allowed([
+  'None'
+  'AOF'
+])
+param managedRedisPersistence string = 'None'
+
+@description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled).')
+@allowed([
+  'Enabled'
+  'Disabled'
+])
+param publicNetworkAccess string = 'Enabled'
+
+@description('Log Analytics workspace for diagnostic settings. Empty: none.')
+param logAnalyticsWorkspaceId string = ''
+
 @description('Principal (object) id of the Function App identity.')
 param identityPrincipalId string
 
@@ -58,6 +81,16 @@ param developerPrincipalId string = ''
 var roles = loadJsonContent('../roles.json')
 var useCache = kind == 'AzureCacheForRedis'
 var managedRedisPort = 10000
+// AOF every second ('always' is deprecated for its performance cost).
+var aofPersistence = {
+  aofEnabled: true
+  aofFrequency: '1s'
+  rdbEnabled: false
+}
+var noPersistence = {
+  aofEnabled: false
+  rdbEnabled: false
+}
 
 // ---------------------------------------------------------------- Azure Cache for Redis
 
@@ -74,11 +107,12 @@ resource cache 'Microsoft.Cache/redis@2024-11-01' = if (useCache) {
     redisVersion: '6'
     enableNonSslPort: false
     minimumTlsVersion: '1.2'
-    publicNetworkAccess: 'Enabled'
+    publicNetworkAccess: publicNetworkAccess
     disableAccessKeyAuthentication: true
     redisConfiguration: {
       'aad-enabled': 'true'
-      // Only keys with a TTL are evicted: fencing counters (no TTL) survive memory pressure.
+      // Only keys with a TTL are evicted: fencing counters and unflushed write-behind
+      // entries (no TTL) survive memory pressure.
       'maxmemory-policy': 'volatile-lru'
     }
   }
@@ -120,7 +154,7 @@ resource managedRedis 'Microsoft.Cache/redisEnterprise@2025-07-01' = if (!useCac
   properties: {
     minimumTlsVersion: '1.2'
     highAvailability: managedRedisHighAvailability
-    publicNetworkAccess: 'Enabled'
+    publicNetworkAccess: publicNetworkAccess
   }
 }
 
@@ -133,12 +167,10 @@ resource managedRedisDatabase 'Microsoft.Cache/redisEnterprise/databases@2025-07
     // One endpoint for a non-cluster client; keys of a thread share a hash tag, so
     // multi-key scripts stay on one slot.
     clusteringPolicy: 'EnterpriseCluster'
+    // Evict only keys with a TTL: unflushed write-behind entries carry none.
     evictionPolicy: 'VolatileLRU'
     accessKeysAuthentication: 'Disabled'
-    persistence: {
-      aofEnabled: false
-      rdbEnabled: false
-    }
+    persistence: managedRedisPersistence == 'AOF' ? aofPersistence : noPersistence
   }
 }
 
@@ -167,6 +199,44 @@ resource managedRedisDeveloperAccess 'Microsoft.Cache/redisEnterprise/databases/
   ]
 }
 
+// ---------------------------------------------------------------- diagnostics
+
+resource cacheDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = if (useCache && !empty(logAnalyticsWorkspaceId)) {
+  name: 'to-log-analytics'
+  scope: cache
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+// Managed Redis: connection audit logs are a category of the database.
+resource managedRedisDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = if (!useCache && !empty(logAnalyticsWorkspaceId)) {
+  name: 'to-log-analytics'
+  scope: managedRedisDatabase
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+  }
+}
+
+output id string = useCache ? cache.id : managedRedis.id
 output name string = useCache ? cache.name : managedRedis.name
 output hostName string = useCache ? cache.properties.hostName : managedRedis.properties.hostName
 output sslPort int = useCache ? cache.properties.sslPort : managedRedisPort

@@ -47,9 +47,14 @@ FROM_AZURE = (
     # Callers need Entra tokens for the provisioned API registration, locally too.
     "AUTH_TENANT_ID",
     "AUTH_AUDIENCE",
+    "STATE_COLD_TTL_SECONDS",
 )
-# Outputs without which the file would point at nothing in Azure.
-REQUIRED = ("COSMOS_ENDPOINT", "REDIS_HOST")
+# Outputs without which the file would point at nothing in Azure, per cold backend
+# (Cosmos DB is not deployed when Postgres is the cold tier).
+REQUIRED = {
+    "cosmos": ("COSMOS_ENDPOINT", "REDIS_HOST"),
+    "postgres": ("POSTGRES_HOST", "REDIS_HOST"),
+}
 # Secrets the local stack uses; in Azure an Entra identity replaces each of them.
 # They must be absent (not empty: an empty REDIS_URL would still be "set").
 LOCAL_ONLY_SECRETS = ("COSMOS_KEY", "REDIS_URL", "POSTGRES_URL")
@@ -89,7 +94,10 @@ def build_local_settings(
     azd_values: Mapping[str, str], sample: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The local.settings.json document for these azd values."""
-    missing = [name for name in REQUIRED if not azd_values.get(name)]
+    backend = azd_values.get("STATE_COLD_BACKEND") or "cosmos"
+    if backend not in REQUIRED:
+        raise LocalSettingsError(f"unknown STATE_COLD_BACKEND {backend!r}")
+    missing = [name for name in REQUIRED[backend] if not azd_values.get(name)]
     if missing:
         raise LocalSettingsError(
             f"the azd environment has no {', '.join(missing)}: run `azd provision` first"
@@ -101,6 +109,9 @@ def build_local_settings(
         if name in azd_values:
             values[name] = str(azd_values[name])
     values.update(OVERRIDES)
+    if backend == "postgres":
+        # Locally you sign in as yourself: the Entra administrator named at provisioning.
+        values["POSTGRES_USER"] = str(azd_values.get("AZURE_PRINCIPAL_NAME") or "")
     return {"IsEncrypted": False, "Values": values}
 
 

@@ -1,6 +1,16 @@
 #!/bin/sh
 # azd project hook (postprovision): write function_app/local.settings.json
-# (untracked) for running the app locally against the provisioned resources.
+# (untracked) for running the app locally against the provisioned resources and,
+# with the Postgres backend, give the app identity its least-privilege role.
 set -eu
 here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
-exec python3 "$here/local_settings.py" "$@"
+python3 "$here/local_settings.py" "$@"
+if [ "${STATE_COLD_BACKEND:-cosmos}" = "postgres" ]; then
+  # Needs psycopg and the `state` package: the project venv.
+  venv_python="$here/../../.venv/bin/python"
+  if [ ! -x "$venv_python" ]; then
+    echo "[azd] postgres: run 'bash scripts/bootstrap.sh', then '.venv/bin/python scripts/azd/postgres_access.py'" >&2
+    exit 1
+  fi
+  "$venv_python" "$here/postgres_access.py"
+fi

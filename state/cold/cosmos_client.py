@@ -20,7 +20,7 @@ from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosHttpResponseError
 
 from ..errors import BackendUnavailable
-from ..ports import Counters
+from ..ports import Counters, cold_operation
 from ..settings import Settings
 
 PARTITION_KEY_PATH = "/thread_id"
@@ -58,7 +58,8 @@ class CosmosConnection:
 
     def _hook(self, headers: Mapping[str, Any], _body: Any) -> None:
         charge = headers.get("x-ms-request-charge") if headers else None
-        self.counters.count("request", float(charge) if charge else 0.0)
+        operation = cold_operation.get() or "request"
+        self.counters.count(operation, float(charge) if charge else 0.0)
 
     async def container(self) -> ContainerProxy:
         if self._container is not None:

@@ -179,8 +179,14 @@ async def migrate(conn: AsyncConnection[Any]) -> list[Migration]:
     applied_now: list[Migration] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-        await conn.execute(CREATE_MIGRATIONS_TABLE)
         async with conn.cursor(row_factory=tuple_row) as cursor:
+            # CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table
+            # exists; an app role without it (least privilege in Azure, where the
+            # administrator applies the migrations) must still start.
+            await cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            found = await cursor.fetchone()
+            if found is None or not found[0]:
+                await conn.execute(CREATE_MIGRATIONS_TABLE)
             await cursor.execute("SELECT id FROM schema_migrations")
             recorded = {row[0] for row in await cursor.fetchall()}
         for migration in MIGRATIONS:

@@ -92,6 +92,7 @@ AZURE_HOST_SETTINGS = {
     "AzureWebJobsStorage__credential",
     "AzureWebJobsStorage__clientId",
     "PYTHON_ENABLE_OPENTELEMETRY",
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY",
 }
 # The Functions host's own settings when run locally (`func start`).
 LOCAL_HOST_SETTINGS = {"AzureWebJobsStorage", "FUNCTIONS_WORKER_RUNTIME"}
@@ -189,6 +190,8 @@ class Param:
     name: str
     default: Node | None
     decorators: list[str]
+    # Folded arguments of each decorator: {"minValue": [40], "allowed": [["a", "b"]]}.
+    decorator_args: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,6 +208,8 @@ class BicepFile:
     target_scope: str = "resourceGroup"
     # `extension <alias>` statements (aliases configured in bicepconfig.json).
     extensions: list[str] = field(default_factory=list)
+    # Parameter values to evaluate with (see `bind`); wins over defaults.
+    bound: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # tree-sitter-bicep 1.1 predates the `extension` statement (Bicep 0.30): an
@@ -225,6 +230,10 @@ class BicepFile:
     def load(cls, path: Path) -> BicepFile:
         return cls(name=path.name, source=path.read_text(), path=path)
 
+    def bind(self, **values: Any) -> BicepFile:
+        """A fresh copy that evaluates the named parameters as these values."""
+        return BicepFile(name=self.name, source=self.source, path=self.path, bound=values)
+
     # ---------------------------------------------------------------- declarations
 
     def _declare(self, node: Node) -> None:
@@ -235,7 +244,9 @@ class BicepFile:
         elif kind == "parameter_declaration":
             children = node.named_children
             default = children[-1] if len(children) >= 3 else None
-            self.params[text(children[0])] = Param(text(children[0]), default, decorators(node))
+            self.params[text(children[0])] = Param(
+                text(children[0]), default, decorators(node), self._decorator_args(node)
+            )
         elif kind == "variable_declaration":
             children = node.named_children
             self.variables[text(children[0])] = children[-1]
@@ -253,6 +264,20 @@ class BicepFile:
         elif kind == "output_declaration":
             children = node.named_children
             self.outputs.append(Output(text(children[0]), children[-1], decorators(node)))
+
+    def _decorator_args(self, node: Node) -> dict[str, list[Any]]:
+        previous = node.prev_named_sibling
+        if previous is None or previous.type != "decorators":
+            return {}
+        folded: dict[str, list[Any]] = {}
+        for decorator in previous.named_children:
+            call = decorator.named_children[0] if decorator.named_children else None
+            if call is not None and call.type == "call_expression":
+                arguments = call.named_children[-1]
+                folded[text(call.named_children[0])] = [
+                    self.evaluate(arg) for arg in arguments.named_children
+                ]
+        return folded
 
     def _resource(self, node: Node, parent: Resource | None) -> None:
         children = node.named_children
@@ -322,6 +347,8 @@ class BicepFile:
             return ev(node.named_children[0])
         if kind == "identifier":
             name = text(node)
+            if name in self.bound:
+                return self.bound[name]
             if name in self.variables:
                 return ev(self.variables[name])
             param = self.params.get(name)
@@ -340,14 +367,29 @@ class BicepFile:
             if isinstance(decided, bool):
                 return ev(consequence if decided else alternative)
             return Expr(text(node))
+        if kind == "unary_expression" and len(node.named_children) == 1:
+            operand = ev(node.named_children[0])
+            operator = text(node.children[0])
+            if operator == "!" and isinstance(operand, bool):
+                return not operand
+            if operator == "-" and isinstance(operand, int) and not isinstance(operand, bool):
+                return -operand
+            return Expr(text(node))
         if kind == "binary_expression" and len(node.named_children) == 2:
             left, right = (ev(child) for child in node.named_children)
             operator = text(node.children[1])
+            # Short-circuit on a known side, as Bicep does.
+            if operator == "&&" and (left is False or right is False):
+                return False
+            if operator == "||" and (left is True or right is True):
+                return True
             if not isinstance(left, Expr) and not isinstance(right, Expr):
                 if operator == "==":
                     return left == right
                 if operator == "!=":
                     return left != right
+                if operator in {"&&", "||"} and isinstance(left, bool) and isinstance(right, bool):
+                    return left and right if operator == "&&" else left or right
             return Expr(text(node))
         if kind == "call_expression":
             return self._call(node, ev)
@@ -377,6 +419,8 @@ class BicepFile:
         args = [ev(arg) for arg in arguments_node.named_children]
         if name == "loadJsonContent" and args and isinstance(args[0], str) and self.path:
             return json.loads((self.path.parent / args[0]).read_text())
+        if name == "loadTextContent" and args and isinstance(args[0], str) and self.path:
+            return (self.path.parent / args[0]).read_text()
         if name in {"subscriptionResourceId", "resourceId", "tenantResourceId"}:
             if all(isinstance(arg, str) for arg in args):
                 return "/".join(args)
@@ -900,7 +944,10 @@ def check_modules(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
             for missing in sorted(required - passed):
                 problems.append(f"{f.name}: module {module.symbol} misses required param {missing}")
         for node in walk(f.tree_root):
-            if node.type == "call_expression" and text(node.named_children[0]) == "loadJsonContent":
+            if node.type == "call_expression" and text(node.named_children[0]) in {
+                "loadJsonContent",
+                "loadTextContent",
+            }:
                 relative = f.evaluate(node.named_children[-1].named_children[0])
                 if not (f.path.parent / str(relative)).is_file():
                     problems.append(f"{f.name}: loadJsonContent({relative}) not found")
@@ -1008,7 +1055,7 @@ def test_cosmos_container_ttl_and_names_follow_the_app_settings() -> None:
     assert container.get("properties.resource.defaultTtl") == Expr("defaultTtl")
     main = infra_file("main.bicep")
     assert (
-        main.evaluate(main.params["stateColdTtlSeconds"].default)
+        main.evaluate(main.variables["stateColdTtl"], assume_defaults=True)
         == Settings.model_fields["state_cold_ttl_seconds"].default
     )
     assert (

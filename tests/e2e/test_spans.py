@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
+from azure.functions.timer import TimerRequest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -64,3 +68,35 @@ async def test_each_agent_node_and_store_call_has_a_span(
         and span.attributes.get("state.section") == "billing"
         for span in writes
     )
+
+
+def load_function_app() -> ModuleType:
+    """The worker entry file, imported by its stem as the Functions worker does."""
+    path = Path(__file__).resolve().parents[2] / "function_app" / "function_app.py"
+    spec = importlib.util.spec_from_file_location("function_app_entry", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_timer_tick_is_one_span_over_its_resume_and_sweep(
+    runtime: Runtime, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = load_function_app()
+    # The tick uses the process runtime; here, the test's runtime on the local stack.
+    monkeypatch.setattr(entry.process_runtime, "_runtime", runtime)
+    timer = TimerRequest(past_due=False)
+    await entry.resume_stale_runs._function.get_user_function()(timer)
+
+    finished = spans.get_finished_spans()
+    (tick,) = [span for span in finished if span.name == "timer.resume_stale_runs"]
+    assert tick.status.is_ok
+    assert tick.attributes["past_due"] is False
+    assert isinstance(tick.attributes["swept"], int)
+    children = {
+        span.name
+        for span in finished
+        if span.parent is not None and span.parent.span_id == tick.context.span_id
+    }
+    assert {"case.resume_stale", "case.sweep_expired"} <= children

@@ -4,6 +4,7 @@ tier receives it, what readers see before then, fencing, deletes, and a flusher 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import operator
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +39,9 @@ class Chat(TypedDict, total=False):
     approved: bool
 
 
-def chat_graph(saver: TieredCheckpointSaver, *, ask: bool = False) -> CompiledStateGraph[Any, Any, Any, Any]:
+def chat_graph(
+    saver: TieredCheckpointSaver, *, ask: bool = False
+) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Four nodes in a row, each appending a ~1 KB message; optionally a review interrupt."""
 
     def node(name: str) -> Any:
@@ -55,7 +58,7 @@ def chat_graph(saver: TieredCheckpointSaver, *, ask: bool = False) -> CompiledSt
     for name in names:
         graph.add_node(name, node(name))
     graph.add_edge(START, names[0])
-    for first, second in zip(names, names[1:], strict=False):
+    for first, second in itertools.pairwise(names):
         graph.add_edge(first, second)
     if ask:
         graph.add_node("review", review)
@@ -134,7 +137,11 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         from state.cold.cosmos_client import CosmosConnection
 
         cosmos = CosmosConnection(settings)
-        store, counters, close = CosmosCheckpointStore(cosmos, settings), cosmos.counters, cosmos.close
+        store, counters, close = (
+            CosmosCheckpointStore(cosmos, settings),
+            cosmos.counters,
+            cosmos.close,
+        )
     else:
         from state.cold.postgres_checkpoints import PostgresCheckpointStore
         from state.cold.postgres_client import PostgresConnection
@@ -217,7 +224,10 @@ async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
 
     # A listing is answered by the cold tier: it settles the thread's backlog first.
     listed = [item async for item in tiers.saver.alist(cfg)]
-    assert listed[0].config["configurable"]["checkpoint_id"] == hot.config["configurable"]["checkpoint_id"]
+    assert (
+        listed[0].config["configurable"]["checkpoint_id"]
+        == hot.config["configurable"]["checkpoint_id"]
+    )
     assert len(listed) == 6  # input, start, four nodes
     assert await cold_latest_id(tiers, thread_id) == hot.config["configurable"]["checkpoint_id"]
     assert not await tiers.flusher.log.pending(thread_id)

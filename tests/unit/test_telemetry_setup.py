@@ -113,3 +113,26 @@ def test_no_connection_string_never_configures_azure_monitor(
     assert telemetry.configure_telemetry(Settings()) == "sdk"
     assert telemetry.configure_telemetry(Settings()) == "already-configured"
     assert azure_monitor_calls == []
+
+
+def test_a_worker_that_would_export_too_is_reported(
+    azure_monitor_calls: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker's own configure_azure_monitor() (no credential) must stay off."""
+    monkeypatch.setenv(telemetry.WORKER_EXPORTER_SETTING, "true")
+    with caplog.at_level("WARNING", logger=telemetry.__name__):
+        telemetry.configure_telemetry(Settings())
+    assert any(telemetry.WORKER_EXPORTER_SETTING in r.getMessage() for r in caplog.records)
+
+
+def test_the_deployed_setting_keeps_the_worker_quiet(
+    azure_monitor_calls: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(telemetry.WORKER_EXPORTER_SETTING, "false")
+    with caplog.at_level("WARNING", logger=telemetry.__name__):
+        telemetry.configure_telemetry(Settings())
+    assert not any(telemetry.WORKER_EXPORTER_SETTING in r.getMessage() for r in caplog.records)
