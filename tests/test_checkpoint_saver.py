@@ -208,6 +208,11 @@ async def thread_docs(tiers: Tiers, thread_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def stored_values(docs: list[dict[str, Any]]) -> int:
+    """Channel values held by a thread's documents (checkpoints and values holders)."""
+    return sum(len(doc.get("values") or {}) for doc in docs)
+
+
 # --------------------------------------------------------------------------- O(1) latest
 
 
@@ -318,8 +323,8 @@ async def test_a_step_writes_only_the_channels_it_changed(tiers: Tiers) -> None:
     assert sum(channels.count("ledger") for channels in written) == 1
     assert all(channels.count("notes") <= 1 for channels in written)
     docs = await thread_docs(tiers, config["configurable"]["thread_id"])
-    ledger_blobs = [d for d in docs if d["type"] == "checkpoint_blob" and d["channel"] == "ledger"]
-    assert len(ledger_blobs) == 1
+    holding_ledger = [d for d in docs if "ledger" in (d.get("values") or {})]
+    assert len(holding_ledger) == 1
     # Every checkpoint still reads back complete, from blobs of different steps.
     cold = TieredCheckpointSaver(tiers.store)
     history = [t async for t in cold.alist(config)]
@@ -701,10 +706,12 @@ async def test_prune_keeps_the_latest_and_drops_unreferenced_blobs(tiers: Tiers)
     await tiers.saver.aprune([thread_id], strategy="keep_latest")
 
     after = await thread_docs(tiers, thread_id)
-    assert sum(d["type"] == "checkpoint" for d in after) == 1
-    assert sum(d["type"] == "checkpoint_blob" for d in after) < sum(
-        d["type"] == "checkpoint_blob" for d in before
-    )
+    [kept] = [d for d in after if d["type"] == "checkpoint"]
+    assert stored_values(after) < stored_values(before)
+    # What stays besides the checkpoint holds values it still names, nothing else.
+    holders = {d["id"] for d in after if d["type"] == "checkpoint_values"}
+    assert holders <= set(kept["value_at"].values())
+    assert {d["type"] for d in after} <= {"checkpoint", "checkpoint_values", "checkpoint_write"}
     cold = await TieredCheckpointSaver(tiers.store).aget_tuple(config)
     assert latest is not None and cold is not None
     assert cold.checkpoint == latest.checkpoint
