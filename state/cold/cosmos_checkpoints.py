@@ -146,7 +146,7 @@ class CosmosCheckpointStore:
             added = [entry for entry in packed.doc["writes"] if int(entry["idx"]) not in present]
             merged = {**strip_system(current), "writes": [*current["writes"], *added]}
             if added:
-                grown = self._packer.pack(merged, [e for e in added if int(e["parts"]) == 1])
+                grown = self._packer.pack(merged, {f"write:{e['idx']}": e for e in added})
                 await self._io.upsert_all(grown.chunks)
                 mine += [chunk["id"] for chunk in grown.chunks]
                 if not await self._io.replace_if_unchanged(

@@ -19,8 +19,11 @@ Documents of one thread share its logical partition; every one carries `type`,
   removed while a kept checkpoint still names it in `value_at`: only the
   referenced values stay.
 - `{owner id}:{chunk set}:{n}`  part n of an entry too large for its document.
-  A chunk set is named per entry and per attempt (random), so two attempts or
-  two entries never share chunk ids and cleaning up one never breaks another.
+  A chunk set is named by a digest of the entry's key in its document (channel,
+  write index) and its content: storing the same step again (a retry, a
+  write-behind batch applied twice) rewrites the same chunks instead of
+  leaving copies, and two entries never share chunks. Clean-up after a lost
+  first-write-wins race deletes only chunks the stored document does not use.
 
 An entry is `{serde, enc, data, parts, chunk_set}`: the value compressed over the
 threshold, base64 in `data`, or (spilled) `data` empty and the payload in chunks
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -285,25 +287,27 @@ class Packer:
             "chunk_set": "",
         }
 
-    def pack(self, doc: Doc, spillable: Sequence[Doc]) -> Packed:
-        """Spill the largest of `spillable` (entries inside `doc`) to chunks until it fits."""
+    def pack(self, doc: Doc, spillable: Mapping[str, Doc]) -> Packed:
+        """Spill the largest of `spillable` (entries inside `doc`, by key) until `doc` fits."""
         room = self.max_item_bytes - codec.ITEM_MARGIN_BYTES
         size = _json_size(doc)
         chunks: list[Doc] = []
-        for entry in sorted(spillable, key=lambda e: len(e["data"]), reverse=True):
+        for key, entry in sorted(spillable.items(), key=lambda e: len(e[1]["data"]), reverse=True):
             if size <= room:
                 break
             if int(entry["parts"]) > 1:
                 continue
             size -= len(entry["data"])
-            chunks.extend(self._spill(doc, entry))
+            chunks.extend(self._spill(doc, key, entry))
         if size > room:
             raise StateTooLarge(f"{doc['type']} document {doc['id']}", size, room)
         return Packed(doc, chunks)
 
-    def _spill(self, doc: Doc, entry: Doc) -> list[Doc]:
+    def _spill(self, doc: Doc, key: str, entry: Doc) -> list[Doc]:
         payload = codec.from_text(entry["data"])
-        chunk_set = uuid.uuid4().hex[:16]
+        digest = hashlib.blake2b(key.encode(), digest_size=8)
+        digest.update(b"\0" + entry["enc"].encode() + b"\0" + payload)
+        chunk_set = digest.hexdigest()
         widest = {
             "id": f"{doc['id']}:{chunk_set}:{10**6}",
             "type": CHUNK,
@@ -357,7 +361,10 @@ class Packer:
             "values": values,
             "value_at": value_at,
         }
-        return self.pack(doc, [checkpoint_entry, *values.values()])
+        return self.pack(
+            doc,
+            {"checkpoint": checkpoint_entry, **{f"value:{ch}": e for ch, e in values.items()}},
+        )
 
     def writes(
         self,
@@ -388,7 +395,7 @@ class Packer:
             "layout": LAYOUT,
             "writes": items,
         }
-        return self.pack(doc, items)
+        return self.pack(doc, {f"write:{item['idx']}": item for item in items})
 
     def values_holder(self, doc: Doc, channels: set[str]) -> tuple[Doc, list[str]]:
         """`doc` (a layout-2 checkpoint) reduced to the values of `channels`.
