@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from ..errors import VersionConflict
@@ -303,26 +304,28 @@ class CosmosCheckpointStore:
         if limit is not None and not local_filter:
             page_size = min(limit, page_size)
         remaining = limit
-        async for page in self._io.pages(query, params, partition=thread_id, page_size=page_size):
-            matching = [
-                doc
-                for doc in page
-                if all(doc["metadata"].get(key) == value for key, value in local_filter.items())
-            ]
-            if remaining is not None:
-                matching = matching[:remaining]
-                remaining -= len(matching)
-            by_thread: dict[str, list[Doc]] = defaultdict(list)
-            for doc in matching:
-                by_thread[doc["thread_id"]].append(doc)
-            loaded: dict[tuple[str, str, str], StoredCheckpoint] = {}
-            for thread, docs in by_thread.items():
-                for stored in await self._load_complete(thread, docs):
-                    loaded[(thread, stored.checkpoint_ns, stored.checkpoint_id)] = stored
-            for doc in matching:
-                yield loaded[(doc["thread_id"], doc["checkpoint_ns"], doc["checkpoint_id"])]
-            if remaining is not None and remaining <= 0:
-                return
+        pages = self._io.pages(query, params, partition=thread_id, page_size=page_size)
+        async with aclosing(pages):
+            async for page in pages:
+                matching = [
+                    doc
+                    for doc in page
+                    if all(doc["metadata"].get(key) == value for key, value in local_filter.items())
+                ]
+                if remaining is not None:
+                    matching = matching[:remaining]
+                    remaining -= len(matching)
+                by_thread: dict[str, list[Doc]] = defaultdict(list)
+                for doc in matching:
+                    by_thread[doc["thread_id"]].append(doc)
+                loaded: dict[tuple[str, str, str], StoredCheckpoint] = {}
+                for thread, docs in by_thread.items():
+                    for stored in await self._load_complete(thread, docs):
+                        loaded[(thread, stored.checkpoint_ns, stored.checkpoint_id)] = stored
+                for doc in matching:
+                    yield loaded[(doc["thread_id"], doc["checkpoint_ns"], doc["checkpoint_id"])]
+                if remaining is not None and remaining <= 0:
+                    return
 
     # ----------------------------------------------------------------------- maintenance
 

@@ -11,7 +11,7 @@ the option and would otherwise scan (or refuse) across partitions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -185,7 +185,7 @@ class PartitionIO:
         *,
         partition: str | None,
         page_size: int,
-    ) -> AsyncIterator[list[Any]]:
+    ) -> AsyncGenerator[list[Any], None]:
         """One list per page the service returns, following its continuation tokens.
 
         `partition` None: across partitions (the caller's query must allow it).
