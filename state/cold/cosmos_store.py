@@ -1,8 +1,9 @@
 """Workflow records and their audit ledger in the Cosmos DB container (`ColdStateStore`).
 
 Everything of a thread lives in its logical partition (`/thread_id`), next to the
-checkpoint documents (ids "cp:", "blob:", "write:", "ptr:"); this adapter owns
-the ids "wf" (the record) and "audit:<version>:<write id>" (the ledger).
+checkpoint documents (ids "cp:", "write:" and their chunks; "blob:" and "ptr:"
+from the previous layout: `cosmos_layout`); this adapter owns the ids "wf"
+(the record) and "audit:<version>:<write id>" (the ledger).
 
 Cosmos offers no transaction here (the local emulator has no transactional
 batch), so a change is two writes, ordered so that a crash between them can
