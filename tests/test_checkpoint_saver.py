@@ -264,6 +264,32 @@ async def test_cold_reads_cost_at_most_two_cosmos_round_trips(settings: Settings
         assert tiers.cosmos_requests <= 1
 
 
+async def test_an_invoke_costs_one_request_per_put_and_per_put_writes(settings: Settings) -> None:
+    """Plus one for the latest read that starts it (was 26 for the benchmark's 4-node graph)."""
+    async with open_tiers(settings, hot=False) as tiers:
+        calls = {"put": 0, "put_writes": 0}
+        put_checkpoint, put_writes = tiers.store.put_checkpoint, tiers.store.put_writes
+
+        async def counted_put(*args: Any, **kwargs: Any) -> None:
+            calls["put"] += 1
+            await put_checkpoint(*args, **kwargs)
+
+        async def counted_writes(*args: Any, **kwargs: Any) -> None:
+            calls["put_writes"] += 1
+            await put_writes(*args, **kwargs)
+
+        tiers.store.put_checkpoint = counted_put  # type: ignore[method-assign]
+        tiers.store.put_writes = counted_writes  # type: ignore[method-assign]
+        graph = build_case_graph(tiers.saver)
+        await graph.ainvoke(case_input(120.0), thread_config())  # warm the connection
+        calls.update(put=0, put_writes=0)
+        tiers.reset_counts()
+        done = await graph.ainvoke(case_input(120.0), thread_config())
+        assert sorted(done["completed_steps"]) == ALL_STEPS
+        assert calls == {"put": 6, "put_writes": 6}
+        assert tiers.cosmos_requests == 1 + 6 + 6
+
+
 async def test_a_hot_miss_reads_cold_once_then_serves_from_redis(tiers: Tiers) -> None:
     graph = build_case_graph(tiers.saver)
     config = thread_config()
