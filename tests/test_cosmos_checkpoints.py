@@ -3,6 +3,7 @@ documents, write-behind batches and maintenance that keeps what a checkpoint nam
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import os
 import uuid
@@ -125,6 +126,30 @@ async def test_a_retried_large_write_keeps_the_chunks_its_stored_document_uses(
     chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
     assert chunks == set(layout.chunks_of([write_doc]))
     assert len(chunks) >= 5
+
+
+async def test_racing_large_writes_leave_one_winner_and_only_its_chunks(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    thread_id = thread()
+    await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
+    small = settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    writers = [CosmosCheckpointStore(connection, small) for _ in range(4)]
+    values = [("bytes", os.urandom(12_000)) for _ in writers]
+    await asyncio.gather(
+        *(
+            writer.put_writes(
+                thread_id, "", checkpoint_id(1), [StoredWrite("t", "", 0, "x", value)], upsert=False
+            )
+            for writer, value in zip(writers, values, strict=True)
+        )
+    )
+    [write] = await small_items.get_writes(thread_id, "", checkpoint_id(1))
+    assert write.value in values
+    docs = await partition(connection, thread_id)
+    [write_doc] = [d for d in docs if d["type"] == "checkpoint_write"]
+    chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
+    assert chunks == set(layout.chunks_of([write_doc]))
 
 
 async def test_a_repeat_that_adds_indexes_merges_and_the_first_write_wins(
