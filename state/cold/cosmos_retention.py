@@ -21,22 +21,15 @@ ignores the partition key option.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from azure.cosmos.aio import ContainerProxy
-from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceNotFoundError
-
-from .cosmos_client import CosmosConnection, cosmos_errors
+from .cosmos_client import CosmosConnection
+from .cosmos_io import PartitionIO, gather
 
 PAGE_SIZE = 100
 CONCURRENT_PATCHES = 16
 HELD_TTL = -1
 
-_PAGE = (
-    "SELECT TOP @n VALUE c.id FROM c WHERE c.thread_id = @thread_id AND c.id > @after"
-    " AND ({condition}) ORDER BY c.id"
-)
 # `ttl` undefined compares as undefined, not as "not -1": hence the IS_DEFINED test.
 NOT_HELD = "NOT IS_DEFINED(c.ttl) OR c.ttl != -1"
 HELD = "c.ttl = -1"
@@ -48,7 +41,7 @@ class CosmosRetention:
     name = "cosmos"
 
     def __init__(self, connection: CosmosConnection) -> None:
-        self._connection = connection
+        self._io = PartitionIO(connection)
 
     async def hold(self, thread_id: str) -> None:
         await self._patch_partition(
@@ -74,43 +67,14 @@ class CosmosRetention:
         *,
         only_if: str | None = None,
     ) -> None:
-        container = await self._connection.container()
-        limit = asyncio.Semaphore(CONCURRENT_PATCHES)
-
-        async def patch(item_id: str) -> None:
-            async with limit:
-                try:
-                    with cosmos_errors():
-                        await container.patch_item(
-                            item_id,
-                            partition_key=thread_id,
-                            patch_operations=operations,
-                            filter_predicate=only_if,
-                            no_response=True,
-                            response_hook=self._connection.response_hook,
-                        )
-                except (CosmosResourceNotFoundError, CosmosAccessConditionFailedError):
-                    pass  # deleted meanwhile, or already in the wanted state
-
         after = ""
-        while ids := await self._page(container, thread_id, condition, after):
-            await asyncio.gather(*(patch(item_id) for item_id in ids))
+        # An item deleted meanwhile, or already in the wanted state, is skipped.
+        while ids := await self._io.ids_after(thread_id, condition, after, limit=PAGE_SIZE):
+            await gather(
+                [
+                    self._io.patch(item_id, thread_id, operations, only_if=only_if)
+                    for item_id in ids
+                ],
+                limit=CONCURRENT_PATCHES,
+            )
             after = ids[-1]
-
-    async def _page(
-        self, container: ContainerProxy, thread_id: str, condition: str, after: str
-    ) -> list[str]:
-        with cosmos_errors():
-            return [
-                str(item_id)  # a VALUE query yields the ids themselves
-                async for item_id in container.query_items(
-                    _PAGE.format(condition=condition),
-                    parameters=[
-                        {"name": "@n", "value": PAGE_SIZE},
-                        {"name": "@thread_id", "value": thread_id},
-                        {"name": "@after", "value": after},
-                    ],
-                    partition_key=thread_id,
-                    response_hook=self._connection.response_hook,
-                )
-            ]

@@ -1,8 +1,9 @@
 """Workflow records and their audit ledger in the Cosmos DB container (`ColdStateStore`).
 
 Everything of a thread lives in its logical partition (`/thread_id`), next to the
-checkpoint documents (ids "cp:", "blob:", "write:", "ptr:"); this adapter owns
-the ids "wf" (the record) and "audit:<version>:<write id>" (the ledger).
+checkpoint documents (ids "cp:", "write:" and their chunks; "blob:" and "ptr:"
+from the previous layout: `cosmos_layout`); this adapter owns the ids "wf"
+(the record) and "audit:<version>:<write id>" (the ledger).
 
 Cosmos offers no transaction here (the local emulator has no transactional
 batch), so a change is two writes, ordered so that a crash between them can
@@ -21,17 +22,15 @@ clean-up failed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
-from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
-from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import (
     CosmosAccessConditionFailedError,
     CosmosResourceExistsError,
@@ -50,6 +49,7 @@ from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecor
 from ..schema import CURRENT, upcast
 from ..settings import Settings
 from .cosmos_client import CosmosConnection, cosmos_errors
+from .cosmos_io import PartitionIO
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ AUDIT_TYPE = "audit"
 # Audit queries fetch this many entries beyond the limit per page, so an orphan or
 # two in the range rarely costs a second round trip.
 AUDIT_PAGE_SLACK = 4
-DELETE_BATCH = 100
 
 # Queries name the partition key in the filter too: the local emulator ignores the
 # partition key option and refuses (or fans out) queries without it.
@@ -68,7 +67,6 @@ _AUDIT_NEWEST_FIRST = (
     "SELECT * FROM c WHERE c.thread_id = @thread_id AND c.type = @type"
     " AND c.version <= @version ORDER BY c.version DESC"
 )
-_AUDIT_IDS = "SELECT TOP @n VALUE c.id FROM c WHERE c.thread_id = @thread_id AND c.type = @type"
 
 
 def audit_id(version: int, write_id: str) -> str:
@@ -87,6 +85,7 @@ class CosmosStateStore:
 
     def __init__(self, connection: CosmosConnection, settings: Settings) -> None:
         self._connection = connection
+        self._io = PartitionIO(connection)
         self._settings = settings
 
     async def setup(self) -> None:
@@ -98,7 +97,6 @@ class CosmosStateStore:
     async def create(
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
     ) -> WorkflowRecord:
-        container = await self._connection.container()
         now = _now()
         write_id = uuid.uuid4().hex
         record = {
@@ -125,25 +123,21 @@ class CosmosStateStore:
             at=now,
         )
         self._check_size(thread_id, record, entry)
-        await self._append_audit(container, entry)
+        await self._io.create_if_absent(entry)  # ids are unique per write: only ours exists
         try:
-            with cosmos_errors():
-                created = await container.create_item(
-                    record, response_hook=self._connection.response_hook
-                )
+            created = await self._io.create(record)
         except CosmosResourceExistsError as exc:
-            existing = await self._read_record(container, thread_id)
+            existing = await self._read_record(thread_id)
             if existing is not None and existing.get("last_write_id") == write_id:
                 return WorkflowRecord.from_document(
                     existing
                 )  # the SDK retried a create of ours that had landed
-            await self._discard_audit(container, thread_id, entry["id"])
+            await self._discard_audit(thread_id, entry["id"])
             raise WorkflowExists(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(created)))
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
-        container = await self._connection.container()
-        document = await self._read_record(container, thread_id)
+        document = await self._read_record(thread_id)
         return None if document is None else WorkflowRecord.from_document(document)
 
     async def update_section(
@@ -156,8 +150,7 @@ class CosmosStateStore:
         agent_id: str,
         fencing_token: int | None = None,
     ) -> WorkflowRecord:
-        container = await self._connection.container()
-        current = await self._read_record(container, thread_id)
+        current = await self._read_record(thread_id)
         if current is None:
             raise WorkflowNotFound(thread_id)
         if current["version"] != expected_version:
@@ -196,27 +189,20 @@ class CosmosStateStore:
             # record it explains is kept (the replacement keeps the record's `ttl`).
             entry["ttl"] = current["ttl"]
         self._check_size(thread_id, replacement, entry)
-        await self._append_audit(container, entry)
+        await self._io.create_if_absent(entry)
         try:
-            with cosmos_errors():
-                replaced = await container.replace_item(
-                    WORKFLOW_ID,
-                    replacement,
-                    etag=current["_etag"],
-                    match_condition=MatchConditions.IfNotModified,
-                    response_hook=self._connection.response_hook,
-                )
+            replaced = await self._io.replace(WORKFLOW_ID, replacement, etag=current["_etag"])
         except CosmosAccessConditionFailedError as exc:
-            now_stored = await self._read_record(container, thread_id)
+            now_stored = await self._read_record(thread_id)
             if now_stored is not None and now_stored.get("last_write_id") == write_id:
                 # The SDK retried a replace of ours that had landed (connection lost
                 # after the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(now_stored)
-            await self._discard_audit(container, thread_id, entry["id"])
+            await self._discard_audit(thread_id, entry["id"])
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from exc
         except CosmosResourceNotFoundError as exc:
-            await self._discard_audit(container, thread_id, entry["id"])
+            await self._discard_audit(thread_id, entry["id"])
             raise WorkflowNotFound(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
 
@@ -225,27 +211,21 @@ class CosmosStateStore:
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         if limit <= 0:
             return []
-        container = await self._connection.container()
-        head = await self._read_record(container, thread_id)
+        head = await self._read_record(thread_id)
         if head is None:
             return []
         expected_version = int(head["version"])
         expected_write: str | None = head.get("last_write_id")
         trail: list[AuditEntry] = []
-        pages = container.query_items(
+        pages = self._io.pages(
             _AUDIT_NEWEST_FIRST,
-            parameters=[
-                {"name": "@thread_id", "value": thread_id},
-                {"name": "@type", "value": AUDIT_TYPE},
-                {"name": "@version", "value": expected_version},
-            ],
-            partition_key=thread_id,
-            max_item_count=limit + AUDIT_PAGE_SLACK,
-            response_hook=self._connection.response_hook,
-        ).by_page()
-        with cosmos_errors():
+            {"@thread_id": thread_id, "@type": AUDIT_TYPE, "@version": expected_version},
+            partition=thread_id,
+            page_size=limit + AUDIT_PAGE_SLACK,
+        )
+        async with aclosing(pages):
             async for page in pages:
-                async for document in page:
+                for document in page:
                     version = int(document["version"])
                     if version < expected_version:
                         # The chain has a gap (expired by TTL, or deleted): nothing
@@ -267,27 +247,9 @@ class CosmosStateStore:
 
     async def delete(self, thread_id: str) -> None:
         """Remove the record, then its audit entries (the thread's checkpoints stay)."""
-        container = await self._connection.container()
         # Record first: a crash part-way leaves only entries no chain reaches.
-        await self._delete_document(container, thread_id, WORKFLOW_ID)
-        while True:
-            with cosmos_errors():
-                ids = [
-                    str(document_id)  # a VALUE query yields the ids themselves
-                    async for document_id in container.query_items(
-                        _AUDIT_IDS,
-                        parameters=[
-                            {"name": "@n", "value": DELETE_BATCH},
-                            {"name": "@thread_id", "value": thread_id},
-                            {"name": "@type", "value": AUDIT_TYPE},
-                        ],
-                        partition_key=thread_id,
-                        response_hook=self._connection.response_hook,
-                    )
-                ]
-            if not ids:
-                return
-            await asyncio.gather(*(self._delete_document(container, thread_id, i) for i in ids))
+        await self._io.delete(WORKFLOW_ID, thread_id)
+        await self._io.delete_matching(thread_id, "c.type = @type", {"@type": AUDIT_TYPE})
 
     async def health(self) -> TierHealth:
         started = time.perf_counter()
@@ -304,51 +266,20 @@ class CosmosStateStore:
 
     # ----------------------------------------------------------------- steps
 
-    async def _read_record(
-        self, container: ContainerProxy, thread_id: str
-    ) -> dict[str, Any] | None:
+    async def _read_record(self, thread_id: str) -> dict[str, Any] | None:
         """The stored record upcast to the current schema, with its `_etag`; None if absent."""
-        try:
-            with cosmos_errors():
-                document = await container.read_item(
-                    WORKFLOW_ID,
-                    partition_key=thread_id,
-                    response_hook=self._connection.response_hook,
-                )
-        except CosmosResourceNotFoundError:
+        document = await self._io.read(WORKFLOW_ID, thread_id)
+        if document is None:
             return None
         etag = document["_etag"]
         return {**upcast("workflow", dict(document)), "_etag": etag}
 
-    async def _append_audit(self, container: ContainerProxy, entry: dict[str, Any]) -> None:
-        try:
-            with cosmos_errors():
-                await container.create_item(entry, response_hook=self._connection.response_hook)
-        except CosmosResourceExistsError:
-            # Entry ids are unique per write: only a retried attempt of this one wrote it.
-            pass
-
-    async def _discard_audit(
-        self, container: ContainerProxy, thread_id: str, entry_id: str
-    ) -> None:
+    async def _discard_audit(self, thread_id: str, entry_id: str) -> None:
         """Best effort: an entry left behind is an orphan that `audit_trail` never shows."""
         try:
-            await self._delete_document(container, thread_id, entry_id)
+            await self._io.delete(entry_id, thread_id)
         except (StateError, AzureError) as exc:
             logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
-
-    async def _delete_document(
-        self, container: ContainerProxy, thread_id: str, document_id: str
-    ) -> None:
-        try:
-            with cosmos_errors():
-                await container.delete_item(
-                    document_id,
-                    partition_key=thread_id,
-                    response_hook=self._connection.response_hook,
-                )
-        except CosmosResourceNotFoundError:
-            pass
 
     def _audit_document(
         self,

@@ -245,8 +245,6 @@ async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
             "workflow",
             "audit",
             "checkpoint",
-            "checkpoint_pointer",
-            "checkpoint_blob",
             "checkpoint_chunk",
             "checkpoint_write",
         }

@@ -1,0 +1,246 @@
+"""Partition I/O on the shared Cosmos container: the requests every Cosmos adapter makes.
+
+Point reads, upserts, create-if-absent, conditional replace and delete, patch,
+paged queries and a bounded gather, each counted on the connection (the
+response hook sees successes; failed round trips are counted here) and each
+mapping transport failures through `cosmos_errors`. Queries name the thread in
+their text as well as in the partition key option: the local emulator ignores
+the option and would otherwise scan (or refuse) across partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from azure.core import MatchConditions
+from azure.cosmos.aio import ContainerProxy
+from azure.cosmos.exceptions import (
+    CosmosAccessConditionFailedError,
+    CosmosHttpResponseError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
+
+from .cosmos_client import CosmosConnection, cosmos_errors
+
+T = TypeVar("T")
+Doc = dict[str, Any]
+
+# Page size of internal queries that must read everything they match.
+BULK_PAGE_SIZE = 1000
+DELETE_BATCH = 100
+CONCURRENT_REQUESTS = 16
+SYSTEM_PROPERTIES = ("_rid", "_self", "_etag", "_ts", "_attachments")
+
+
+def strip_system(doc: Doc) -> Doc:
+    """Without `_etag`, `_rid`, `_ts`...: Cosmos sets them, a body written back must not."""
+    return {key: value for key, value in doc.items() if key not in SYSTEM_PROPERTIES}
+
+
+async def gather(calls: Sequence[Awaitable[T]], *, limit: int = CONCURRENT_REQUESTS) -> list[T]:
+    """All of `calls`, at most `limit` in flight; results in order."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    slots = asyncio.Semaphore(limit)
+
+    async def bounded(call: Awaitable[T]) -> T:
+        async with slots:
+            return await call
+
+    return list(await asyncio.gather(*(bounded(call) for call in calls)))
+
+
+class PartitionIO:
+    """Counted, error-mapped requests against one logical partition (one thread) at a time."""
+
+    def __init__(self, connection: CosmosConnection) -> None:
+        self.connection = connection
+
+    async def container(self) -> ContainerProxy:
+        return await self.connection.container()
+
+    @property
+    def hook(self) -> Any:
+        return self.connection.response_hook
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        # The response hook only sees successes; failed round trips count too.
+        with cosmos_errors():
+            try:
+                yield
+            except CosmosHttpResponseError:
+                self.connection.counters.count("failed")
+                raise
+
+    # ----------------------------------------------------------------------- items
+
+    async def read(self, doc_id: str, partition: str) -> Doc | None:
+        container = await self.container()
+        try:
+            with self.errors():
+                found: Doc = await container.read_item(
+                    doc_id, partition_key=partition, response_hook=self.hook
+                )
+        except CosmosResourceNotFoundError:
+            return None
+        return found
+
+    async def upsert(self, doc: Doc) -> None:
+        container = await self.container()
+        with self.errors():
+            await container.upsert_item(doc, no_response=True, response_hook=self.hook)
+
+    async def upsert_all(self, docs: Sequence[Doc]) -> None:
+        if docs:
+            await gather([self.upsert(doc) for doc in docs])
+
+    async def create(self, doc: Doc) -> Doc:
+        """The created item; raises `CosmosResourceExistsError` if the id is taken."""
+        container = await self.container()
+        with self.errors():
+            created: Doc = await container.create_item(doc, response_hook=self.hook)
+        return created
+
+    async def create_if_absent(self, doc: Doc) -> bool:
+        container = await self.container()
+        try:
+            with self.errors():
+                await container.create_item(doc, no_response=True, response_hook=self.hook)
+        except CosmosResourceExistsError:
+            return False
+        return True
+
+    async def replace(self, doc_id: str, doc: Doc, *, etag: str) -> Doc:
+        """If-Match `etag`; raises `CosmosAccessConditionFailedError` if it moved."""
+        container = await self.container()
+        with self.errors():
+            replaced: Doc = await container.replace_item(
+                doc_id,
+                doc,
+                etag=etag,
+                match_condition=MatchConditions.IfNotModified,
+                response_hook=self.hook,
+            )
+        return replaced
+
+    async def replace_if_unchanged(self, doc_id: str, doc: Doc, *, etag: str) -> bool:
+        try:
+            await self.replace(doc_id, doc, etag=etag)
+        except (CosmosAccessConditionFailedError, CosmosResourceNotFoundError):
+            return False
+        return True
+
+    async def delete(self, doc_id: str, partition: str) -> bool:
+        """False when it was already gone."""
+        container = await self.container()
+        try:
+            with self.errors():
+                await container.delete_item(
+                    doc_id, partition_key=partition, response_hook=self.hook
+                )
+        except CosmosResourceNotFoundError:
+            return False
+        return True
+
+    async def delete_ids(self, partition: str, ids: Sequence[str]) -> None:
+        """The emulator has no transactional batch: one delete each, concurrently."""
+        if ids:
+            await gather([self.delete(doc_id, partition) for doc_id in ids])
+
+    async def patch(
+        self,
+        doc_id: str,
+        partition: str,
+        operations: list[dict[str, Any]],
+        *,
+        only_if: str | None = None,
+    ) -> bool:
+        """False when the item is gone or `only_if` did not hold."""
+        container = await self.container()
+        try:
+            with self.errors():
+                await container.patch_item(
+                    doc_id,
+                    partition_key=partition,
+                    patch_operations=operations,
+                    filter_predicate=only_if,
+                    no_response=True,
+                    response_hook=self.hook,
+                )
+        except (CosmosResourceNotFoundError, CosmosAccessConditionFailedError):
+            return False
+        return True
+
+    # ----------------------------------------------------------------------- queries
+
+    async def pages(
+        self,
+        query: str,
+        params: dict[str, Any],
+        *,
+        partition: str | None,
+        page_size: int,
+    ) -> AsyncGenerator[list[Any], None]:
+        """One list per page the service returns, following its continuation tokens.
+
+        `partition` None: across partitions (the caller's query must allow it).
+        """
+        container = await self.container()
+        scope: dict[str, Any] = {} if partition is None else {"partition_key": partition}
+        with self.errors():
+            pager = container.query_items(
+                query,
+                parameters=[{"name": name, "value": value} for name, value in params.items()],
+                max_item_count=page_size,
+                response_hook=self.hook,
+                **scope,
+            ).by_page()
+            async for page in pager:
+                yield [item async for item in page]
+
+    async def query_all(self, query: str, params: dict[str, Any], *, partition: str) -> list[Any]:
+        found: list[Any] = []
+        async for page in self.pages(query, params, partition=partition, page_size=BULK_PAGE_SIZE):
+            found.extend(page)
+        return found
+
+    async def delete_matching(self, partition: str, condition: str, params: dict[str, Any]) -> int:
+        """Delete every item of the partition matching `condition`; returns how many.
+
+        Re-queries the first batch until nothing matches, so no continuation token
+        is held across deletes.
+        """
+        deleted = 0
+        while True:
+            ids = await self.query_all(
+                f"SELECT TOP {DELETE_BATCH} VALUE c.id FROM c"
+                f" WHERE c.thread_id = @thread AND ({condition})",
+                {"@thread": partition, **params},
+                partition=partition,
+            )
+            if not ids:
+                return deleted
+            await self.delete_ids(partition, [str(doc_id) for doc_id in ids])
+            deleted += len(ids)
+
+    async def ids_after(
+        self, partition: str, condition: str, after: str, *, limit: int
+    ) -> list[str]:
+        """Up to `limit` ids greater than `after` matching `condition`, in id order.
+
+        For walks that write as they go: keyed on the id, no continuation token is held.
+        """
+        return [
+            str(doc_id)  # a VALUE query yields the ids themselves
+            for doc_id in await self.query_all(
+                "SELECT TOP @n VALUE c.id FROM c WHERE c.thread_id = @thread AND c.id > @after"
+                f" AND ({condition}) ORDER BY c.id",
+                {"@n": limit, "@thread": partition, "@after": after},
+                partition=partition,
+            )
+        ]

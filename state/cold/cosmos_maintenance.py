@@ -1,0 +1,201 @@
+"""Maintenance of the Cosmos checkpoint documents: delete, copy, prune, and their garbage.
+
+A checkpoint names the documents holding its channel values (`value_at`:
+itself or ancestors, always older). Removing checkpoints therefore keeps what a
+kept one names: a removed checkpoint still named is reduced to a values holder
+under the same id (only the named values stay), and holders or layout-1 blobs
+that no kept checkpoint names any more are deleted with their chunks.
+
+Not safe against a writer of the same thread running meanwhile (a put in
+flight may name a document this pass removes): the app prunes and deletes
+threads whose runs have stopped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..ports import PruneStrategy
+from . import cosmos_layout as layout
+from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, strip_system
+
+
+class CheckpointMaintenance:
+    def __init__(
+        self, io: PartitionIO, packer: layout.Packer, forget: Callable[[str], None]
+    ) -> None:
+        self._io = io
+        self._packer = packer
+        # Drops what the store remembers of a thread (the lineage of its last put).
+        self._forget = forget
+
+    async def delete_thread(self, thread_id: str) -> None:
+        # Checkpoints newest first: whatever still reads as the latest names only
+        # older documents, which are still there.
+        while True:
+            ids = await self._io.query_all(
+                f"SELECT TOP {DELETE_BATCH} VALUE c.id FROM c WHERE c.thread_id = @thread"
+                " AND c.type = @type ORDER BY c.checkpoint_id DESC",
+                {"@thread": thread_id, "@type": layout.CHECKPOINT},
+                partition=thread_id,
+            )
+            if not ids:
+                break
+            await self._io.delete_ids(thread_id, [str(doc_id) for doc_id in ids])
+        await self._io.delete_matching(
+            thread_id, "ARRAY_CONTAINS(@types, c.type)", {"@types": layout.ALL_TYPES}
+        )
+        self._forget(thread_id)
+
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        if not run_ids:
+            return
+        victims: dict[tuple[str, str], set[str]] = defaultdict(set)
+        async for page in self._io.pages(
+            "SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id FROM c"
+            " WHERE c.type = @type AND ARRAY_CONTAINS(@runs, c.metadata.run_id)",
+            {"@type": layout.CHECKPOINT, "@runs": list(run_ids)},
+            partition=None,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            for doc in page:
+                victims[(doc["thread_id"], doc["checkpoint_ns"])].add(doc["checkpoint_id"])
+        for (thread_id, checkpoint_ns), checkpoint_ids in victims.items():
+            await self._remove(thread_id, checkpoint_ns, checkpoint_ids.__contains__)
+            self._forget(thread_id)
+
+    async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
+        if strategy not in ("keep_latest", "delete"):
+            raise ValueError(f"unknown prune strategy {strategy!r}")
+        for thread_id in thread_ids:
+            if strategy == "delete":
+                await self.delete_thread(thread_id)
+                continue
+            latest: dict[str, str] = {}
+            async for page in self._io.pages(
+                "SELECT c.checkpoint_ns, c.checkpoint_id FROM c"
+                " WHERE c.thread_id = @thread AND c.type = @type",
+                {"@thread": thread_id, "@type": layout.CHECKPOINT},
+                partition=thread_id,
+                page_size=BULK_PAGE_SIZE,
+            ):
+                for doc in page:
+                    ns, checkpoint_id = doc["checkpoint_ns"], doc["checkpoint_id"]
+                    latest[ns] = max(latest.get(ns, checkpoint_id), checkpoint_id)
+            for ns, newest in latest.items():
+                # The latest and anything newer (a put that landed meanwhile) stay.
+                await self._remove(thread_id, ns, newest.__gt__)
+            self._forget(thread_id)
+
+    async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        def moved(doc: Doc, **changes: Any) -> Doc:
+            return {**strip_system(doc), "thread_id": target_thread_id, **changes}
+
+        # Everything but checkpoints first, then the checkpoints as values holders,
+        # then as checkpoints: a checkpoint appears only once all it names is there.
+        await self._copy(
+            source_thread_id, [layout.CHUNK, layout.BLOB, layout.WRITE, layout.VALUES], moved
+        )
+        await self._copy(
+            source_thread_id,
+            [layout.CHECKPOINT],
+            lambda doc: moved(layout.to_layout_2(doc), type=layout.VALUES),
+        )
+        await self._copy(source_thread_id, [layout.CHECKPOINT], moved)
+        self._forget(target_thread_id)
+
+    async def _copy(
+        self, source_thread_id: str, types: list[str], change: Callable[[Doc], Doc]
+    ) -> None:
+        async for page in self._io.pages(
+            "SELECT * FROM c WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@types, c.type)",
+            {"@thread": source_thread_id, "@types": types},
+            partition=source_thread_id,
+            page_size=DELETE_BATCH,
+        ):
+            await self._io.upsert_all([change(doc) for doc in page])
+
+    async def _remove(
+        self, thread_id: str, checkpoint_ns: str, doomed: Callable[[str], bool]
+    ) -> None:
+        """Remove the namespace's checkpoints whose id is `doomed`, keeping what the rest name."""
+        named: dict[str, set[str]] = defaultdict(set)  # document id -> channels kept ones use
+        victims: list[str] = []
+        async for page in self._io.pages(
+            "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @type"
+            " AND c.checkpoint_ns = @ns",
+            {"@thread": thread_id, "@type": layout.CHECKPOINT, "@ns": checkpoint_ns},
+            partition=thread_id,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            for found in page:
+                doc = layout.to_layout_2(found)
+                if doomed(doc["checkpoint_id"]):
+                    victims.append(doc["id"])
+                    continue
+                for channel, holder in doc["value_at"].items():
+                    named[holder].add(channel)
+        if not victims:
+            return
+        victim_docs: list[Doc] = []
+        for start in range(0, len(victims), DELETE_BATCH):
+            victim_docs += [
+                layout.to_layout_2(doc)
+                for doc in await self._io.query_all(
+                    "SELECT * FROM c WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@ids, c.id)",
+                    {"@thread": thread_id, "@ids": victims[start : start + DELETE_BATCH]},
+                    partition=thread_id,
+                )
+            ]
+        # Pending writes of the removed checkpoints go first (nothing names them).
+        doomed_ids = sorted(doc["checkpoint_id"] for doc in victim_docs)
+        for start in range(0, len(doomed_ids), DELETE_BATCH):
+            await self._remove_docs(
+                thread_id,
+                "c.type = @type AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@checkpoints, c.checkpoint_id)",
+                {
+                    "@type": layout.WRITE,
+                    "@ns": checkpoint_ns,
+                    "@checkpoints": doomed_ids[start : start + DELETE_BATCH],
+                },
+            )
+        # Values only removed checkpoints named: earlier holders and layout-1 blobs.
+        orphans = {
+            holder
+            for doc in victim_docs
+            for holder in doc["value_at"].values()
+            if holder not in named and holder not in victims
+        }
+        holders: list[Doc] = []
+        unreferenced: list[str] = []
+        for doc in victim_docs:
+            channels = named.get(doc["id"])
+            if channels:
+                holder, dropped = self._packer.values_holder(doc, channels)
+                holders.append(holder)
+                unreferenced += dropped
+            else:
+                unreferenced += [doc["id"], *layout.chunks_of([doc])]
+        await self._io.upsert_all(holders)
+        await self._io.delete_ids(thread_id, unreferenced)
+        ordered = sorted(orphans)
+        for start in range(0, len(ordered), DELETE_BATCH):
+            await self._remove_docs(
+                thread_id,
+                "ARRAY_CONTAINS(@ids, c.id) AND c.type != @checkpoint",
+                {"@ids": ordered[start : start + DELETE_BATCH], "@checkpoint": layout.CHECKPOINT},
+            )
+
+    async def _remove_docs(self, thread_id: str, condition: str, params: dict[str, Any]) -> None:
+        """Documents matching `condition`, with their chunks."""
+        docs = [
+            layout.to_layout_2(doc)
+            for doc in await self._io.query_all(
+                f"SELECT * FROM c WHERE c.thread_id = @thread AND ({condition})",
+                {"@thread": thread_id, **params},
+                partition=thread_id,
+            )
+        ]
+        await self._io.delete_ids(thread_id, [doc["id"] for doc in docs] + layout.chunks_of(docs))

@@ -1,0 +1,454 @@
+"""The Cosmos checkpoint store on the emulator: request counts, chunk safety, layout-1
+documents, write-behind batches and maintenance that keeps what a checkpoint names."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langgraph.graph import END, START, StateGraph
+
+from state.checkpoint import TieredCheckpointSaver
+from state.cold import cosmos_layout as layout
+from state.cold.cosmos_checkpoints import CosmosCheckpointStore
+from state.cold.cosmos_client import CosmosConnection
+from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
+from state.settings import Settings
+
+# Small items, so a 20 kB value is chunked.
+ITEM_LIMIT = 4096
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+        }
+    )
+
+
+@pytest.fixture
+async def connection(settings: Settings) -> AsyncIterator[CosmosConnection]:
+    opened = CosmosConnection(settings)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def store(connection: CosmosConnection, settings: Settings) -> CosmosCheckpointStore:
+    opened = CosmosCheckpointStore(connection, settings)
+    await opened.setup()
+    return opened
+
+
+@pytest.fixture
+async def small_items(connection: CosmosConnection, settings: Settings) -> CosmosCheckpointStore:
+    opened = CosmosCheckpointStore(
+        connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    )
+    await opened.setup()
+    return opened
+
+
+def thread() -> str:
+    return f"cs-{uuid.uuid4().hex[:12]}"
+
+
+def checkpoint_id(n: int) -> str:
+    return f"1f0{n:05x}-0000-6000-8000-000000000000"
+
+
+def stored(
+    thread_id: str, n: int, versions: dict[str, str | int | float], *, run_id: str = "run"
+) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id=checkpoint_id(n),
+        parent_checkpoint_id=checkpoint_id(n - 1) if n > 1 else None,
+        checkpoint=("json", f'{{"n": {n}}}'.encode()),
+        metadata={"step": n, "run_id": run_id},
+        channel_versions=versions,
+    )
+
+
+async def partition(connection: CosmosConnection, thread_id: str) -> list[dict[str, Any]]:
+    container = await connection.container()
+    return [
+        doc
+        async for doc in container.query_items(
+            "SELECT * FROM c WHERE c.thread_id = @t",
+            parameters=[{"name": "@t", "value": thread_id}],
+            partition_key=thread_id,
+        )
+    ]
+
+
+def comparable(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Documents by id without what Cosmos adds."""
+    return {doc["id"]: {k: v for k, v in doc.items() if not k.startswith("_")} for doc in docs}
+
+
+# --------------------------------------------------------------------------- #13 item 1
+
+
+async def test_a_retried_large_write_keeps_the_chunks_its_stored_document_uses(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    thread_id = thread()
+    await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
+    big = ("bytes", os.urandom(20_000))  # incompressible: several chunks
+    write = StoredWrite("task-1", "", 0, "attachment", big)
+
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [write], upsert=False)
+    # The caller retries the same write (its first answer was lost) ...
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [write], upsert=False)
+    # ... and a buggy caller sends one write twice in one call.
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [write, write], upsert=False)
+
+    writes = await small_items.get_writes(thread_id, "", checkpoint_id(1))
+    assert [(w.task_id, w.idx, w.value) for w in writes] == [("task-1", 0, big)]
+    loaded = await small_items.get_checkpoint(thread_id, "", None)
+    assert loaded is not None and loaded.writes == writes
+    # Exactly the stored document's chunks are left: no loser's chunks, none missing.
+    docs = await partition(connection, thread_id)
+    [write_doc] = [d for d in docs if d["type"] == "checkpoint_write"]
+    chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
+    assert chunks == set(layout.chunks_of([write_doc]))
+    assert len(chunks) >= 5
+
+
+async def test_racing_large_writes_leave_one_winner_and_only_its_chunks(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    thread_id = thread()
+    await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
+    small = settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    writers = [CosmosCheckpointStore(connection, small) for _ in range(4)]
+    values = [("bytes", os.urandom(12_000)) for _ in writers]
+    await asyncio.gather(
+        *(
+            writer.put_writes(
+                thread_id, "", checkpoint_id(1), [StoredWrite("t", "", 0, "x", value)], upsert=False
+            )
+            for writer, value in zip(writers, values, strict=True)
+        )
+    )
+    [write] = await small_items.get_writes(thread_id, "", checkpoint_id(1))
+    assert write.value in values
+    docs = await partition(connection, thread_id)
+    [write_doc] = [d for d in docs if d["type"] == "checkpoint_write"]
+    chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
+    assert chunks == set(layout.chunks_of([write_doc]))
+
+
+async def test_a_repeat_that_adds_indexes_merges_and_the_first_write_wins(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    """LangGraph saves the null task's writes again with one more each time."""
+    thread_id = thread()
+    await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
+    first = StoredWrite("task-1", "", 0, "a", ("bytes", os.urandom(9_000)))
+    later = StoredWrite("task-1", "", 0, "a", ("json", b'"late"'))
+    second = StoredWrite("task-1", "", 1, "b", ("bytes", os.urandom(9_000)))
+
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [first], upsert=False)
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [later, second], upsert=False)
+
+    writes = await small_items.get_writes(thread_id, "", checkpoint_id(1))
+    assert [(w.idx, w.value) for w in writes] == [(0, first.value), (1, second.value)]
+    docs = await partition(connection, thread_id)
+    [write_doc] = [d for d in docs if d["type"] == "checkpoint_write"]
+    chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
+    assert chunks == set(layout.chunks_of([write_doc]))
+
+
+async def test_special_writes_replace_per_index(store: CosmosCheckpointStore) -> None:
+    thread_id = thread()
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    ordinary = StoredWrite("task-1", "", 0, "a", ("json", b"1"))
+    await store.put_writes(thread_id, "", checkpoint_id(1), [ordinary], upsert=False)
+    for value in (b'"first"', b'"second"'):
+        interrupt = StoredWrite("task-1", "", -3, "__interrupt__", ("json", value))
+        await store.put_writes(thread_id, "", checkpoint_id(1), [interrupt], upsert=True)
+    writes = await store.get_writes(thread_id, "", checkpoint_id(1))
+    assert [(w.idx, w.value) for w in writes] == [(-3, ("json", b'"second"')), (0, ordinary.value)]
+
+
+# --------------------------------------------------------------------------- request counts
+
+
+async def test_a_put_and_a_put_writes_are_one_request_each(
+    store: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    thread_id = thread()
+    value = ("json", b'["' + b"x" * 2000 + b'"]')
+    await store.put_checkpoint(stored(thread_id, 1, {"a": "1"}), [StoredBlob("a", "1", value)])
+    for n in (2, 3):
+        connection.counters.reset()
+        await store.put_checkpoint(
+            stored(thread_id, n, {"a": "1", "b": str(n)}), [StoredBlob("b", str(n), value)]
+        )
+        assert connection.counters.requests == 1
+        connection.counters.reset()
+        await store.put_writes(
+            thread_id,
+            "",
+            checkpoint_id(n),
+            [StoredWrite("t", "", 0, "a", value), StoredWrite("t", "", 1, "b", value)],
+            upsert=False,
+        )
+        assert connection.counters.requests == 1
+
+    # A process that has not seen the parent reads it once.
+    fresh = CosmosCheckpointStore(connection, settings)
+    connection.counters.reset()
+    await fresh.put_checkpoint(
+        stored(thread_id, 4, {"a": "1", "b": "3", "c": "4"}), [StoredBlob("c", "4", value)]
+    )
+    assert connection.counters.requests == 2
+
+    # Latest: the TOP 1 query, then its writes and (concurrently) the ancestors holding
+    # `a` and `b`: two round trips, three requests.
+    connection.counters.reset()
+    latest = await CosmosCheckpointStore(connection, settings).get_checkpoint(thread_id, "", None)
+    assert connection.counters.requests == 3
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(4)
+    assert latest.blobs == {"a": value, "b": value, "c": value}
+
+
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[dict[str, str]], operator.add]
+
+
+async def test_a_four_node_invoke_costs_at_most_twelve_requests(
+    store: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    """The benchmark's workload: each node appends one ~1 KB message (was 27 requests)."""
+    graph = StateGraph(Chat)
+    names = ["intake", "billing", "policy", "response"]
+    for name in names:
+        graph.add_node(name, lambda state, n=name: {"messages": [{"role": n, "content": n * 200}]})
+    for a, b in zip([START, *names], [*names, END], strict=True):
+        graph.add_edge(a, b)
+    compiled = graph.compile(checkpointer=TieredCheckpointSaver(store))
+    for _ in range(3):
+        config = {"configurable": {"thread_id": thread()}}
+        connection.counters.reset()
+        done = await compiled.ainvoke({"messages": []}, config)  # type: ignore[arg-type]
+        assert len(done["messages"]) == 4
+        # 1 latest read + 6 puts + 5 put_writes.
+        assert connection.counters.requests <= 12
+        latest = await TieredCheckpointSaver(store).aget_tuple(config)  # type: ignore[arg-type]
+        assert latest is not None and latest.checkpoint["channel_values"] == done
+
+
+# --------------------------------------------------------------------------- layout 1
+
+
+async def test_threads_written_in_layout_1_read_and_continue(
+    store: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    """Documents exactly as the previous code wrote them (blob documents, a pointer)."""
+    thread_id = thread()
+    container = await connection.container()
+    cp_id = checkpoint_id(1)
+    messages = ("json", b'["hello"]')
+    base = {"thread_id": thread_id, "schema_version": 1}
+    entry = {"enc": "raw", "parts": 1, "chunk_set": ""}
+    checkpoint_doc = {
+        **base,
+        **entry,
+        "id": f"cp::{cp_id}",
+        "type": "checkpoint",
+        "checkpoint_ns": "",
+        "checkpoint_id": cp_id,
+        "parent_checkpoint_id": None,
+        "metadata": {"step": 1},
+        "channel_versions": {"messages": "1", "count": "1"},
+        "serde": "json",
+        "data": "eyJuIjogMX0=",  # {"n": 1}
+    }
+    for doc in (
+        checkpoint_doc,
+        {**checkpoint_doc, "id": "ptr:", "type": "checkpoint_pointer", "inline": True},
+        {
+            **base,
+            **entry,
+            "id": "blob::messages:1",
+            "type": "checkpoint_blob",
+            "checkpoint_ns": "",
+            "channel": "messages",
+            "version": "1",
+            "serde": "json",
+            "data": "WyJoZWxsbyJd",  # ["hello"]
+        },
+        {
+            **base,
+            **entry,
+            "id": f"write::{cp_id}:task-1:0",
+            "type": "checkpoint_write",
+            "checkpoint_ns": "",
+            "checkpoint_id": cp_id,
+            "task_id": "task-1",
+            "task_path": "",
+            "idx": 0,
+            "channel": "messages",
+            "serde": "json",
+            "data": "WyJoaSJd",  # ["hi"]
+        },
+    ):
+        await container.upsert_item(doc)
+
+    old = await store.get_checkpoint(thread_id, "", None)
+    assert old is not None and old.checkpoint == ("json", b'{"n": 1}')
+    assert old.blobs == {"messages": messages}
+    assert old.writes == [StoredWrite("task-1", "", 0, "messages", ("json", b'["hi"]'))]
+    assert await store.get_blobs(thread_id, "", {"messages": "1"}) == {"messages": messages}
+
+    # A new step on top of it: unchanged `messages` still comes from the blob document.
+    count = ("json", b"2")
+    # (by a process that has not seen the parent: it reads the layout-1 document)
+    await CosmosCheckpointStore(connection, settings).put_checkpoint(
+        stored(thread_id, 2, {"messages": "1", "count": "2"}), [StoredBlob("count", "2", count)]
+    )
+    new = await store.get_checkpoint(thread_id, "", None)
+    assert new is not None and new.checkpoint_id == checkpoint_id(2)
+    assert new.blobs == {"messages": messages, "count": count}
+    assert [c.checkpoint_id async for c in _list(store, thread_id)] == [
+        checkpoint_id(2),
+        cp_id,
+    ]
+    await store.delete_thread(thread_id)
+    assert await partition(connection, thread_id) == []
+
+
+def _list(store: CosmosCheckpointStore, thread_id: str) -> AsyncIterator[StoredCheckpoint]:
+    return store.list_checkpoints(
+        thread_id=thread_id, checkpoint_ns="", before=None, limit=None, metadata_filter=None
+    )
+
+
+# --------------------------------------------------------------------------- write-behind batches
+
+
+async def test_apply_batch_is_idempotent_and_keeps_each_threads_order(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    threads = [thread(), thread()]
+    big = ("bytes", os.urandom(12_000))
+    ops: list[CheckpointPut | WritesPut] = []
+    for thread_id in threads:
+        ops.append(CheckpointPut(stored(thread_id, 1, {"a": "1"}), [StoredBlob("a", "1", big)]))
+        for n in (2, 3):
+            ops.append(
+                WritesPut(
+                    thread_id,
+                    "",
+                    checkpoint_id(n - 1),
+                    [StoredWrite(f"t{n}", "", 0, "b", ("json", str(n).encode()))],
+                    upsert=False,
+                )
+            )
+            ops.append(
+                CheckpointPut(
+                    stored(thread_id, n, {"a": "1", "b": str(n)}),
+                    [StoredBlob("b", str(n), ("json", str(n).encode()))],
+                )
+            )
+
+    await small_items.apply_batch(ops[:4])  # a prefix (a flusher that died) ...
+    await small_items.apply_batch(ops)  # ... then all of it ...
+    once = {t: comparable(await partition(connection, t)) for t in threads}
+    # ... and again by another flusher that knows nothing of this thread.
+    again_store = CosmosCheckpointStore(
+        connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    )
+    await again_store.apply_batch(ops)
+    assert {t: comparable(await partition(connection, t)) for t in threads} == once
+    for thread_id in threads:
+        latest = await small_items.get_checkpoint(thread_id, "", None)
+        assert latest is not None and latest.checkpoint_id == checkpoint_id(3)
+        assert latest.blobs == {"a": big, "b": ("json", b"3")}
+        history = [c async for c in _list(small_items, thread_id)]
+        assert [c.writes for c in history][1:] == [
+            [StoredWrite("t3", "", 0, "b", ("json", b"3"))],
+            [StoredWrite("t2", "", 0, "b", ("json", b"2"))],
+        ]
+
+
+# --------------------------------------------------------------------------- maintenance
+
+
+async def test_removing_checkpoints_keeps_the_values_kept_ones_name(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    thread_id = thread()
+    ledger = ("bytes", os.urandom(15_000))  # chunked, written once in run A
+    await small_items.put_checkpoint(
+        stored(thread_id, 1, {"ledger": "1"}, run_id="A"), [StoredBlob("ledger", "1", ledger)]
+    )
+    for n, run in ((2, "A"), (3, "B"), (4, "B")):
+        await small_items.put_checkpoint(
+            stored(thread_id, n, {"ledger": "1", "n": str(n)}, run_id=run),
+            [StoredBlob("n", str(n), ("json", str(n).encode()))],
+        )
+    await small_items.put_writes(
+        thread_id,
+        "",
+        checkpoint_id(1),
+        [StoredWrite("t", "", 0, "x", ("json", b"1"))],
+        upsert=False,
+    )
+
+    await small_items.delete_for_runs(["A"])
+    left = [c async for c in _list(small_items, thread_id)]
+    assert [c.checkpoint_id for c in left] == [checkpoint_id(4), checkpoint_id(3)]
+    assert all(c.blobs is not None and c.blobs["ledger"] == ledger for c in left)
+    docs = await partition(connection, thread_id)
+    assert sorted(d["type"] for d in docs if d["type"] != "checkpoint_chunk") == [
+        "checkpoint",
+        "checkpoint",
+        "checkpoint_values",  # checkpoint 1 reduced to the ledger checkpoint 3 and 4 name
+    ]
+
+    await small_items.prune([thread_id], strategy="keep_latest")
+    [latest] = [c async for c in _list(small_items, thread_id)]
+    assert latest.checkpoint_id == checkpoint_id(4)
+    assert latest.blobs == {"ledger": ledger, "n": ("json", b"4")}
+    docs = await partition(connection, thread_id)
+    holders = [d for d in docs if d["type"] == "checkpoint_values"]
+    assert [sorted(d["values"]) for d in holders] == [["ledger"]]
+    chunks = {d["id"] for d in docs if d["type"] == "checkpoint_chunk"}
+    assert chunks == set(layout.chunks_of([layout.to_layout_2(d) for d in docs]))
+
+
+async def test_a_copied_thread_reads_like_its_source(
+    small_items: CosmosCheckpointStore,
+) -> None:
+    source, target = thread(), thread()
+    ledger = ("bytes", os.urandom(15_000))
+    await small_items.put_checkpoint(
+        stored(source, 1, {"ledger": "1"}), [StoredBlob("ledger", "1", ledger)]
+    )
+    await small_items.put_checkpoint(stored(source, 2, {"ledger": "1"}), [])
+    await small_items.put_writes(
+        source, "", checkpoint_id(2), [StoredWrite("t", "", 0, "x", ("json", b"1"))], upsert=False
+    )
+    await small_items.copy_thread(source, target)
+    copied = [c async for c in _list(small_items, target)]
+    original = [c async for c in _list(small_items, source)]
+    assert [(c.checkpoint_id, c.blobs, c.writes) for c in copied] == [
+        (c.checkpoint_id, c.blobs, c.writes) for c in original
+    ]
+    assert {c.thread_id for c in copied} == {target}
