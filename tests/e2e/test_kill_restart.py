@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from api_server import REPO_ROOT, api_process, app_env, wait_for
+from azure.functions.timer import TimerRequest
 
 from state.settings import get_settings
 from support_cases.demo import demo_case
@@ -61,7 +62,7 @@ async def resume_by_timer(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
         f for f in entry.app.get_functions() if f.get_function_name() == "resume_stale_runs"
     )
     try:
-        await timer.get_user_function()(None)
+        await timer.get_user_function()(TimerRequest(past_due=False))
     finally:
         await entry.process_runtime.close()
         get_settings.cache_clear()
