@@ -9,11 +9,10 @@ before any app setting is read.
 
 from __future__ import annotations
 
-import logging
-
 import azure.functions as func
 
 from support_cases.api import create_app
+from support_cases.maintenance import run_tick
 from support_cases.runtime import process_runtime
 
 # Every route is under /api: host.json keeps the default routePrefix "api" and the
@@ -27,7 +26,5 @@ app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.FUNC
 )
 async def resume_stale_runs(timer: func.TimerRequest) -> None:
     runtime = await process_runtime.get()
-    report = await runtime.service.resume_stale()
-    logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)
-    swept = await runtime.service.sweep_expired()
-    logging.info("expired threads deleted: %d", swept)
+    # Logs the counts and exports them as metrics; one failing case never stops the tick.
+    await run_tick(runtime.service)

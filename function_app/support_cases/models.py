@@ -226,6 +226,8 @@ class HealthView(BaseModel):
 class ResumeReport(BaseModel):
     resumed: list[str]
     skipped: dict[str, str] = Field(default_factory=dict)
+    # Cases whose resume raised something other than a refusal (tier down, bad record).
+    failed: dict[str, str] = Field(default_factory=dict)
 
 
 class ErrorBody(BaseModel):

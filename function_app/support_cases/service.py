@@ -261,26 +261,38 @@ class CaseService:
         )
 
     async def resume_stale(self) -> ResumeReport:
-        """What the timer runs: resume every active case whose heartbeat went stale."""
+        """What the timer runs: resume every active case whose heartbeat went stale.
+
+        Each case is isolated: whatever one case raises is logged and reported under
+        `failed`, and the other cases are still tried."""
         report = ResumeReport(resumed=[])
         with traced("case.resume_stale") as span:
             for case_id in await self._tracker.active_cases():
-                record = await self._store.get(case_id)
-                run = record.sections.get(RUN_SECTION) if record else None
-                if record is None or run is None or run.get("status") in AT_REST:
-                    await self._tracker.forget(case_id)
-                    continue
-                if not self._tracker.is_stale(run):
-                    report.skipped[case_id] = "heartbeat is fresh"
-                    continue
                 try:
-                    # The timer waits for the run: a Functions instance may freeze once it returns.
-                    await self.resume(case_id, wait_until_rest=True)
-                    report.resumed.append(case_id)
+                    await self._resume_if_stale(case_id, report)
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
+                # One case's trouble (a tier down, a busy run index, a damaged record)
+                # must not cost the others their resume, nor the tick its sweep.
+                except Exception as error:
+                    log.exception("case %s: the timer could not resume it", case_id)
+                    report.failed[case_id] = f"{type(error).__name__}: {error}"
             span.set_attribute("resumed", len(report.resumed))
+            span.set_attribute("failed", len(report.failed))
         return report
+
+    async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> None:
+        record = await self._store.get(case_id)
+        run = record.sections.get(RUN_SECTION) if record else None
+        if record is None or run is None or run.get("status") in AT_REST:
+            await self._tracker.forget(case_id)
+            return
+        if not self._tracker.is_stale(run):
+            report.skipped[case_id] = "heartbeat is fresh"
+            return
+        # The timer waits for the run: a Functions instance may freeze once it returns.
+        await self.resume(case_id, wait_until_rest=True)
+        report.resumed.append(case_id)
 
     async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
         """The timer's other job: delete up to `limit` threads past the cold TTL (a case
