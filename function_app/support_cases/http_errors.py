@@ -11,7 +11,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from state.errors import (
     BackendUnavailable,
+    InvalidValue,
     LockNotAcquired,
+    RequestRejected,
     StaleFencingToken,
     StateTooLarge,
     VersionConflict,
@@ -31,7 +33,12 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyMismatch, 422),
     (ReservedCaseId, 422),
     (StateTooLarge, 413),
+    # The caller's value cannot be stored as given (e.g. a NUL character on Postgres).
+    (InvalidValue, 422),
     (BackendUnavailable, 503),
+    # A store refused for good for a reason that is not the caller's value (permissions,
+    # a broken invariant): the server's fault, not transient.
+    (RequestRejected, 500),
     (RunIndexBusy, 503),
 )
 

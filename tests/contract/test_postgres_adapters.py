@@ -31,6 +31,7 @@ from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
+    RequestRejected,
     StaleFencingToken,
     UnsupportedSchemaVersion,
     VersionConflict,
@@ -204,8 +205,9 @@ async def test_a_failed_audit_insert_rolls_the_update_back(
             await conn.execute(
                 "ALTER TABLE state_audit_log ADD CONSTRAINT no_mallory CHECK (agent_id <> 'mallory')"
             )
-        with pytest.raises(psycopg.errors.CheckViolation):
+        with pytest.raises(RequestRejected) as refused:
             await store.update_section("t", "s", 2, expected_version=1, agent_id="mallory")
+        assert isinstance(refused.value.__cause__, psycopg.errors.CheckViolation)
         record = await store.get("t")
         assert record is not None and (record.version, record.sections) == (1, {"s": 1})
     finally:

@@ -178,3 +178,15 @@ async def test_bad_query_parameters_are_422(
 ) -> None:
     response = await client.get(path.format(id=case_id), params=params)
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize("runtime", ["postgres"], indirect=True)
+async def test_a_value_the_cold_store_cannot_hold_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Postgres JSON cannot hold a NUL character: a typed refusal, 422, never a 500."""
+    body = {**demo_case(case_id), "text": "I was charged twice \u0000 and I can't log in"}
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("postgres refused the request:")
+    assert await runtime.store.get(case_id) is None
