@@ -345,6 +345,20 @@ class TieredStateStore:
                 raise LockNotAcquired(name)
             return held
 
+    async def lock_expires_in(self, name: str) -> float | None:
+        """Seconds until the lock's current holder loses it; None if nobody holds it, or
+        the hot tier cannot say (absent or unreachable)."""
+        with _span("lock_ttl", lock=name):
+            if self._hot is None or self._hot_skipped():
+                return None
+            try:
+                remaining = await self._hot.lock_ttl_ms(name)
+            except BackendUnavailable as exc:
+                self._hot_failed("lock_ttl", exc)
+                return None
+            self._hot_recovered()
+            return None if remaining is None else remaining / 1000
+
     async def unlock(self, lock: Lock) -> bool:
         """False if the lock was no longer ours or Redis was unreachable (it then expires)."""
         with _span("unlock", lock=lock.name):

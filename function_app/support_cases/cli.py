@@ -5,7 +5,7 @@
     agent-state submit --demo              submit case_8842
     agent-state show CASE | checkpoints CASE | audit CASE
     agent-state review CASE approve|reject --reviewer ID
-    agent-state resume CASE | health
+    agent-state resume CASE [--no-wait] | health
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
 http://127.0.0.1:7071) and `--json` for the raw JSON answer.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -157,6 +158,10 @@ def serve(
 
 
 def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    return _answer(*_send(method, api, path, **kwargs))
+
+
+def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
     try:
         response = httpx.request(method, f"{api.rstrip('/')}/api{path}", timeout=60, **kwargs)
     except httpx.TransportError as error:
@@ -166,6 +171,11 @@ def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body: dict[str, Any] = response.json() if response.content else {}
     except ValueError:  # not JSON: a proxy's or the Functions host's own error page
         body = {"error": response.text}
+    return response, body
+
+
+def _answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
+    """The body of a successful answer; an error is printed and ends the command."""
     if response.status_code >= 400:
         errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
         raise typer.Exit(1)
@@ -213,6 +223,8 @@ def _print_case(case: dict[str, Any]) -> None:
             f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject "
             "--reviewer ID",
         )
+    if case.get("lease_ends_at"):
+        table.add_row("lease ends", f"{case['lease_ends_at']} (a resume waits until then)")
     if case.get("error"):
         table.add_row("error", f"[red]{case['error']}[/red]")
     table.add_row("response", case.get("final_response") or "-")
@@ -322,9 +334,36 @@ def review(
 
 
 @app.command()
-def resume(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+def resume(
+    case: str,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="While a previous runner's lease keeps the case, wait for it to end "
+            "(the answer's Retry-After), then resume.",
+        ),
+    ] = True,
+    max_wait: Annotated[
+        float, typer.Option(help="Give up waiting after this many seconds in all.")
+    ] = 600.0,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
     """Resume a stalled or failed run from its last checkpoint."""
-    answer = _call("POST", api, f"/cases/{case}/resume")
+    give_up_at = time.monotonic() + max_wait
+    while True:
+        response, body = _send("POST", api, f"/cases/{case}/resume")
+        retry_after = response.headers.get("retry-after")
+        if not (wait and response.status_code == 409 and retry_after and retry_after.isdigit()):
+            break
+        pause = int(retry_after)
+        if time.monotonic() + pause > give_up_at:
+            errors.print(f"[yellow]gave up waiting after {max_wait:.0f} s[/yellow]")
+            break
+        errors.print(f"[yellow]{body.get('error')}: waiting {pause} s (--no-wait not to)[/yellow]")
+        time.sleep(pause)
+    answer = _answer(response, body)
     _print_json(answer) if as_json else _print_case(answer)
 
 

@@ -21,7 +21,7 @@ from state.errors import (
 )
 
 from .runs import RunIndexBusy
-from .service import CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
+from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
@@ -74,5 +74,14 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         return error_response(error.status_code, str(error.detail))
 
+    async def busy(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, CaseBusy)
+        ends = error.lease_ends_at.isoformat() if error.lease_ends_at else None
+        detail = {"stalled": error.stalled, "lease_ends_at": ends}
+        response = error_response(409, str(error), detail)
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
+
+    app.add_exception_handler(CaseBusy, busy)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
