@@ -72,7 +72,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
-        return error_response(error.status_code, str(error.detail))
+        if error.status_code == 400 and isinstance(error.__cause__, ValueError):
+            # FastAPI's answer to a body it cannot even decode (not UTF-8): the same
+            # 422 as malformed JSON, which the OpenAPI document declares.
+            return error_response(
+                422,
+                "invalid request: body: not valid JSON (cannot be decoded as UTF-8)",
+                [{"where": "body", "problem": "not valid JSON"}],
+            )
+        response = error_response(error.status_code, str(error.detail))
+        # e.g. a 405's `Allow` (RFC 9110 requires it).
+        response.headers.update(error.headers or {})
+        return response
 
     async def busy(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, CaseBusy)
