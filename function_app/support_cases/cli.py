@@ -56,25 +56,68 @@ def _stack_workdir(workdir: Path | None) -> Path:
     return workdir or DEFAULT_WORKDIR
 
 
+def _port_option(server: str) -> Any:
+    return typer.Option(
+        f"--{server}-port",
+        envvar=f"AGENT_STATE_{server.upper()}_PORT",
+        help=f"Port of {server} on 127.0.0.1 (0: any free port).",
+    )
+
+
+RedisPort = Annotated[int, _port_option("redis")]
+CosmosPort = Annotated[int, _port_option("cosmos")]
+PostgresPort = Annotated[int, _port_option("postgres")]
+
+
+def _start_stack(workdir: Path, *, with_postgres: bool, ports: dict[str, int]) -> dict[str, object]:
+    """`devstack.up`; a server that cannot start ends the command with one line saying why."""
+    import devstack
+
+    try:
+        return devstack.up(workdir, with_postgres=with_postgres, ports=ports)
+    except devstack.PortInUse as busy:
+        holder = f" by {busy.holder}" if busy.holder else ""
+        errors.print(
+            f"[red]port {busy.port} ({busy.server}) is already in use{holder}[/red]; pick "
+            f"another with --{busy.server}-port N (0: any free port), or stop that process",
+            soft_wrap=True,
+        )
+    except devstack.ServerStartError as failed:
+        # Its message may carry the server's log tail: the first line says what failed.
+        errors.print(f"[red]{str(failed).splitlines()[0]}[/red]", soft_wrap=True)
+    raise typer.Exit(1)
+
+
 @stack_app.command("up")
 def stack_up(
     postgres: Annotated[bool, typer.Option(help="Also start Postgres.")] = False,
+    redis_port: RedisPort = 6390,
+    cosmos_port: CosmosPort = 8091,
+    postgres_port: PostgresPort = 5440,
     workdir: WorkdirOption = None,
 ) -> None:
     """Start Redis and the Cosmos emulator (and Postgres) detached on loopback."""
-    import devstack
-
-    description = devstack.up(_stack_workdir(workdir), with_postgres=postgres)
+    ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+    description = _start_stack(_stack_workdir(workdir), with_postgres=postgres, ports=ports)
     _print_env(description)
+    console.print(f"note: {_memory_only_note()}")
 
 
 @stack_app.command("down")
 def stack_down(workdir: WorkdirOption = None) -> None:
-    """Stop the servers `stack up` started."""
+    """Stop the servers `stack up` started (Cosmos emulator and Redis data is lost)."""
     import devstack
 
     stopped = devstack.down(_stack_workdir(workdir))
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    if stopped:
+        console.print(f"note: {_memory_only_note()}")
+
+
+def _memory_only_note() -> str:
+    from devstack import MEMORY_ONLY_NOTE
+
+    return MEMORY_ONLY_NOTE
 
 
 @stack_app.command("status")
@@ -125,6 +168,9 @@ def _masked(name: str, value: str) -> str:
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
     backend: Annotated[str, typer.Option(help="Cold backend: cosmos or postgres.")] = "cosmos",
+    redis_port: RedisPort = 6390,
+    cosmos_port: CosmosPort = 8091,
+    postgres_port: PostgresPort = 5440,
     workdir: WorkdirOption = None,
 ) -> None:
     """Run the API on 127.0.0.1 against the local stack (started if it is not running)."""
@@ -138,7 +184,8 @@ def serve(
     status = devstack.status(where)
     started_here = not status.get("running")
     if started_here:
-        status = devstack.up(where, with_postgres=backend == "postgres")
+        ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+        status = _start_stack(where, with_postgres=backend == "postgres", ports=ports)
     env = _stack_env(status)
     if backend == "postgres" and "POSTGRES_URL" not in env:
         raise typer.BadParameter("the running stack has no Postgres: stack down, then serve again")
