@@ -9,11 +9,10 @@ before any app setting is read.
 
 from __future__ import annotations
 
-import logging
-
 import azure.functions as func
 
 from support_cases.api import create_app
+from support_cases.maintenance import run_tick
 from support_cases.runtime import process_runtime
 from support_cases.telemetry import traced
 
@@ -32,10 +31,6 @@ async def resume_stale_runs(timer: func.TimerRequest) -> None:
     # One span per tick: with PYTHON_ENABLE_OPENTELEMETRY the worker makes it a child of
     # the host's invocation, so timer runs show up in the same traces as HTTP calls.
     runtime = await process_runtime.get()
-    with traced("timer.resume_stale_runs", past_due=timer.past_due) as span:
-        report = await runtime.service.resume_stale()
-        logging.info("stale runs resumed: %s; skipped: %s", report.resumed, report.skipped)
-        swept = await runtime.service.sweep_expired()
-        logging.info("expired threads deleted: %d", swept)
-        span.set_attribute("resumed", len(report.resumed))
-        span.set_attribute("swept", swept)
+    with traced("timer.resume_stale_runs", past_due=timer.past_due):
+        # Logs the counts and exports them as metrics; one failing case never stops the tick.
+        await run_tick(runtime.service)

@@ -68,6 +68,23 @@ class BackendUnavailable(StateError):
         self.backend = backend
 
 
+class RequestRejected(StateError):
+    """A store refused a request for good: sent again unchanged, it fails the same way
+    (no permission, a broken invariant, a value it cannot hold). Transient trouble is
+    `BackendUnavailable` instead."""
+
+    def __init__(self, backend: str, detail: str, *, code: int | str | None = None) -> None:
+        super().__init__(f"{backend} refused the request: {detail}")
+        self.backend = backend
+        # The store's own code when known: an HTTP status (Cosmos), a SQLSTATE (Postgres).
+        self.code = code
+
+
+class InvalidValue(RequestRejected):
+    """The store cannot hold a value as given (a NUL character in Postgres JSON, a number
+    JSON cannot carry, a document Cosmos refuses as malformed)."""
+
+
 class UnsupportedSchemaVersion(StateError):
     """A stored document was written by newer code than this one (no upcaster can read it)."""
 
@@ -79,18 +96,6 @@ class UnsupportedSchemaVersion(StateError):
         self.kind = kind
         self.found = found
         self.supported = supported
-
-
-class UnsupportedValue(StateError):
-    """A value this backend cannot store as given (e.g. a NUL character in JSON on Postgres).
-
-    The caller's data is at fault, not the server: retrying cannot help, and the
-    API answers it as a client error.
-    """
-
-    def __init__(self, backend: str, detail: str) -> None:
-        super().__init__(f"{backend} cannot store this value: {detail}")
-        self.backend = backend
 
 
 class SettingsError(StateError):

@@ -305,6 +305,9 @@ class HotStateStore(Protocol):
     async def release_lock(self, lock: Lock) -> bool:
         """Release only if `lock.token` still owns it (compare-and-delete)."""
 
+    async def lock_ttl_ms(self, name: str) -> int | None:
+        """How long whoever holds the lock keeps it, in milliseconds; None if nobody does."""
+
     async def health(self) -> TierHealth: ...
 
     async def close(self) -> None: ...

@@ -42,8 +42,11 @@ counted, logged once per outage, and the call is served from cold. After a
 failure the hot tier is left alone for `HOT_RETRY_AFTER_SECONDS` (a hung Redis
 would otherwise cost a timeout per call). Threads written while the hot tier was
 unreachable may still have an older copy there (Redis may have been up but out
-of reach), so they are remembered and re-installed from cold before hot serves
-anything again.
+of reach), so they are remembered and re-installed from cold ("settled") before
+hot serves them again. Settling runs in the background, `SETTLE_CONCURRENCY`
+threads at a time, started by the first read that finds the hot tier usable:
+no request waits for other threads' re-installs, and a read of a thread not yet
+settled is served from cold.
 
 Known limits: a cold write that commits after its deadline and whose writer
 then dies before installing can leave the older copy a reader installed in the
@@ -82,6 +85,8 @@ the cold tier's retention expires them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -123,6 +128,9 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("state")
 
 HOT_RETRY_AFTER_SECONDS = 1.0
+# Threads re-installed at once while settling after an outage (each is one cold read
+# and one Redis call): enough to drain a backlog quickly without flooding either tier.
+SETTLE_CONCURRENCY = 8
 
 
 @dataclass
@@ -164,6 +172,8 @@ class TieredStateStore:
         # Redis: the re-install that settles the thread clears them, instead of leaving
         # the entry hidden (and the hot tier unfilled) until their deadlines.
         self._stranded_intents: dict[str, list[WriteIntent]] = {}
+        # The background pass settling `_unsettled` (at most one at a time).
+        self._settler: asyncio.Task[None] | None = None
 
     @classmethod
     def from_backends(cls, backends: Backends) -> TieredStateStore:
@@ -346,6 +356,20 @@ class TieredStateStore:
                 raise LockNotAcquired(name)
             return held
 
+    async def lock_expires_in(self, name: str) -> float | None:
+        """Seconds until the lock's current holder loses it; None if nobody holds it, or
+        the hot tier cannot say (absent or unreachable)."""
+        with _span("lock_ttl", lock=name):
+            if self._hot is None or self._hot_skipped():
+                return None
+            try:
+                remaining = await self._hot.lock_ttl_ms(name)
+            except BackendUnavailable as exc:
+                self._hot_failed("lock_ttl", exc)
+                return None
+            self._hot_recovered()
+            return None if remaining is None else remaining / 1000
+
     async def unlock(self, lock: Lock) -> bool:
         """False if the lock was no longer ours or Redis was unreachable (it then expires)."""
         with _span("unlock", lock=lock.name):
@@ -378,16 +402,57 @@ class TieredStateStore:
         return time.monotonic() < self._hot_skip_until
 
     async def _usable_hot(self, thread_id: str) -> HotStateStore | None:
-        """The hot tier if it may serve `thread_id` now: unsettled threads are re-installed
-        first, and one that could not be stays served from cold."""
+        """The hot tier if it may serve `thread_id` now. Unsettled threads are settled in
+        the background (started here if needed); until then they are served from cold."""
         if self._hot is None or self._hot_skipped():
             return None
-        for unsettled in list(self._unsettled):
-            if not await self._reinstall_from_cold(unsettled):
-                return None
+        if self._unsettled:
+            self._start_settling()
         if thread_id in self._unsettled or thread_id in self._settling:
             return None
         return self._hot
+
+    def _start_settling(self) -> None:
+        loop = asyncio.get_running_loop()
+        running = self._settler
+        if running is not None and not running.done() and running.get_loop() is loop:
+            return
+        self._settler = loop.create_task(self._settle(), name="state-settle-hot-tier")
+
+    async def _settle(self) -> None:
+        """One pass over the threads unsettled when it starts, `SETTLE_CONCURRENCY` at a
+        time. It stops early when the hot tier fails again; threads it could not settle
+        (or marked meanwhile) wait for the pass the next read starts."""
+        pending = list(self._unsettled)
+        for start in range(0, len(pending), SETTLE_CONCURRENCY):
+            if self._hot_skipped():
+                return
+            # A thread settled meanwhile (by a writer's conflict) needs nothing more.
+            batch = [t for t in pending[start : start + SETTLE_CONCURRENCY] if t in self._unsettled]
+            outcomes = await asyncio.gather(
+                *(self._reinstall_from_cold(thread_id) for thread_id in batch),
+                return_exceptions=True,
+            )
+            for thread_id, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
+                if isinstance(outcome, BaseException):
+                    # Nobody awaits this pass: log it; the thread stays unsettled.
+                    logger.warning("cannot settle hot copy of %r: %r", thread_id, outcome)
+
+    async def settled(self) -> None:
+        """Wait for the background settling pass in progress, if any (tests, shutdown)."""
+        running = self._settler
+        if running is not None and running.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(running)
+
+    async def close(self) -> None:
+        """Stop settling; what is left unsettled is served from cold by whoever reopens."""
+        running, self._settler = self._settler, None
+        if running is not None and running.get_loop() is asyncio.get_running_loop():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
     async def _begin_write(self, thread_id: str) -> WriteIntent | None:
         """Register a write intent; None if the hot tier cannot take one (the thread is
@@ -494,6 +559,11 @@ class TieredStateStore:
                 self._unsettled.add(thread_id)
                 self._stranded_intents.setdefault(thread_id, []).extend(stranded)
                 return True
+            except BaseException:
+                # Whatever else stopped the cold read (cancelled, refused): still unsettled.
+                self._unsettled.add(thread_id)
+                self._stranded_intents.setdefault(thread_id, []).extend(stranded)
+                raise
             try:
                 if record is None:
                     await self._hot.invalidate(thread_id)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
+import devstack
 from devstack import RedisServer, ServerStartError, Stack, free_port, running
 
 
@@ -104,3 +106,43 @@ def test_an_attached_server_dies_with_the_process_that_started_it(tmp_path: Path
         assert not _listening(port)
     finally:
         proc.kill()
+
+
+def _stack_cli(*args: str) -> tuple[int, str, str]:
+    """Exit code, what a terminal shows (stdout and stderr together), and stderr alone."""
+    from typer.testing import CliRunner
+
+    from support_cases.cli import app
+
+    result = CliRunner().invoke(app, ["stack", *args], env={"COLUMNS": "200"})
+    return result.exit_code, result.output, result.stderr
+
+
+def test_stack_up_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        code, output, error = _stack_cli(
+            "up", "--workdir", str(tmp_path), "--redis-port", str(busy), "--cosmos-port", "0"
+        )
+    assert code == 1 and "Traceback" not in output
+    lines = error.strip().splitlines()
+    assert len(lines) == 1, output
+    assert f"port {busy} (redis) is already in use" in lines[0]
+    assert f"pid {os.getpid()}" in lines[0]  # this test's own process holds it
+    assert "--redis-port" in lines[0]
+    assert devstack.status(tmp_path) == {"running": False}
+
+
+def test_stack_down_says_the_emulator_data_is_gone(tmp_path: Path) -> None:
+    code, output, _ = _stack_cli(
+        "up", "--workdir", str(tmp_path), "--redis-port", "0", "--cosmos-port", "0"
+    )
+    try:
+        assert code == 0, output
+        assert "memory only" in output
+    finally:
+        code, output, _ = _stack_cli("down", "--workdir", str(tmp_path))
+    assert code == 0 and "stopped: redis, cosmos" in output
+    assert "memory only" in output and "gone" in output

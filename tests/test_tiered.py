@@ -38,7 +38,7 @@ from state.hot.redis_store import RedisHotStore
 from state.ports import ColdStateStore, WorkflowRecord
 from state.settings import Settings
 from state.size import is_archived, is_offloaded, pruned_summary
-from state.tiered import TieredStateStore
+from state.tiered import SETTLE_CONCURRENCY, TieredStateStore
 
 RACE_ROUNDS = 15
 READERS_PER_ROUND = 3
@@ -756,6 +756,7 @@ async def test_redis_stopped_mid_run_then_restarted(
         errors_before = tiered.stats.hot_errors
         assert await tiered.get(thread) == record
         assert await tiered.get(second_thread) == created
+        await tiered.settled()  # the reads started settling, in the background
         assert await hot.get(thread) == record and await hot.get(second_thread) == created
         misses = tiered.stats.misses
         assert await tiered.get(untouched) == kept and tiered.stats.misses == misses + 1
@@ -767,6 +768,7 @@ async def test_redis_stopped_mid_run_then_restarted(
         assert [e.version for e in trail] == [6, 5, 4, 3, 2, 1]
         print(f"\nredis outage: stats {tiered.stats}")
     finally:
+        await tiered.close()
         await hot.close()
 
 
@@ -791,8 +793,10 @@ async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
 
         await tiered.health()  # reachable again
         assert await tiered.get(thread) == updated
+        await tiered.settled()
         assert await hot.get(thread) == updated
     finally:
+        await tiered.close()
         await hot.close()
 
 
@@ -816,17 +820,86 @@ async def test_a_read_during_settling_is_served_from_cold(
         await tiered.health()  # reachable again; the thread still waits to be settled
 
         gated.gate.clear()
-        settling = asyncio.create_task(tiered.get(thread))
-        assert await gated.arrivals.get() == thread  # settling: its cold read is held
-        reading = asyncio.create_task(tiered.get(thread))
-        went_cold = asyncio.create_task(gated.arrivals.get())
-        await asyncio.wait({reading, went_cold}, return_when=asyncio.FIRST_COMPLETED)
+        first = asyncio.create_task(tiered.get(thread))
+        # The read starts settling in the background and goes to cold itself.
+        assert [await gated.arrivals.get(), await gated.arrivals.get()] == [thread, thread]
+        second = asyncio.create_task(tiered.get(thread))  # settling's cold read is held
+        assert await gated.arrivals.get() == thread  # so this one goes to cold too
         gated.gate.set()
-        assert await reading == updated  # never the version-1 copy still in Redis
-        assert await settling == updated
-        went_cold.cancel()
+        assert await first == updated  # never the version-1 copy still in Redis
+        assert await second == updated
+        await tiered.settled()
         assert await hot.get(thread) == updated
     finally:
+        await tiered.close()
+        await hot.close()
+
+
+class HeldThreadsCold:
+    """The real cold store, whose reads of `held` threads wait at a gate (settling's reads)."""
+
+    def __init__(self, inner: ColdStateStore) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.held: set[str] = set()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.most_waiting = 0
+        self.arrived = asyncio.Event()
+
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
+        if thread_id in self.held and not self.gate.is_set():
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+            self.arrived.set()
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
+        return await self._inner.get(thread_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+OUTAGE_THREADS = 3 * SETTLE_CONCURRENCY
+
+
+async def test_the_first_read_after_an_outage_does_not_settle_every_thread_on_its_path(
+    dedicated_redis: RedisServer,
+    cold: CosmosStateStore,
+    settings_for: Callable[..., Settings],
+) -> None:
+    settings = settings_for(redis_url=dedicated_redis.url)
+    hot = RedisHotStore(create_redis_client(settings), settings)
+    held = HeldThreadsCold(cold)
+    tiered = TieredStateStore(held, hot, settings)  # type: ignore[arg-type]
+    try:
+        untouched = _thread()
+        kept = await tiered.create(untouched, {"s": 0}, agent_id="a")
+        dedicated_redis.stop()
+        written = [_thread() for _ in range(OUTAGE_THREADS)]
+        records = {t: await tiered.create(t, {"s": 1}, agent_id="a") for t in written}
+        dedicated_redis.start()  # back, empty
+        await tiered.health()  # reachable again; the outage's threads wait to be settled
+
+        held.held.update(written)  # settling them now waits at the gate
+        assert await asyncio.wait_for(tiered.get(untouched), timeout=5) == kept
+        while held.waiting < SETTLE_CONCURRENCY:  # settling goes on in the background...
+            held.arrived.clear()
+            await asyncio.wait_for(held.arrived.wait(), timeout=5)
+        await asyncio.sleep(0.2)  # time for more to arrive, were it not bounded
+        assert held.most_waiting == SETTLE_CONCURRENCY  # ...bounded
+        assert await hot.get(untouched) == kept
+
+        held.gate.set()
+        await tiered.settled()
+        for thread, record in records.items():
+            assert await hot.get(thread) == record
+            assert await tiered.get(thread) == record
+        assert held.most_waiting == SETTLE_CONCURRENCY
+    finally:
+        await tiered.close()
         await hot.close()
 
 

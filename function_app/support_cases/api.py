@@ -53,6 +53,13 @@ CaseId = Annotated[str, Path(pattern=CASE_ID_PATTERN, description="the case (thr
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 503)
 }
+ERRORS[409]["headers"] = {
+    "Retry-After": {
+        "description": "Seconds until the lease of the case's current (or dead) runner ends; "
+        "only when another runner holds the case",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 
 
 def case_links(case_id: str) -> CaseLinks:

@@ -5,7 +5,7 @@
     agent-state submit --demo              submit case_8842
     agent-state show CASE | checkpoints CASE | audit CASE
     agent-state review CASE approve|reject [--note TEXT]
-    agent-state resume CASE | health
+    agent-state resume CASE [--no-wait] | health
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
 http://127.0.0.1:7071) and `--json` for the raw JSON answer. It calls with an
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -58,25 +59,68 @@ def _stack_workdir(workdir: Path | None) -> Path:
     return workdir or DEFAULT_WORKDIR
 
 
+def _port_option(server: str) -> Any:
+    return typer.Option(
+        f"--{server}-port",
+        envvar=f"AGENT_STATE_{server.upper()}_PORT",
+        help=f"Port of {server} on 127.0.0.1 (0: any free port).",
+    )
+
+
+RedisPort = Annotated[int, _port_option("redis")]
+CosmosPort = Annotated[int, _port_option("cosmos")]
+PostgresPort = Annotated[int, _port_option("postgres")]
+
+
+def _start_stack(workdir: Path, *, with_postgres: bool, ports: dict[str, int]) -> dict[str, object]:
+    """`devstack.up`; a server that cannot start ends the command with one line saying why."""
+    import devstack
+
+    try:
+        return devstack.up(workdir, with_postgres=with_postgres, ports=ports)
+    except devstack.PortInUse as busy:
+        holder = f" by {busy.holder}" if busy.holder else ""
+        errors.print(
+            f"[red]port {busy.port} ({busy.server}) is already in use{holder}[/red]; pick "
+            f"another with --{busy.server}-port N (0: any free port), or stop that process",
+            soft_wrap=True,
+        )
+    except devstack.ServerStartError as failed:
+        # Its message may carry the server's log tail: the first line says what failed.
+        errors.print(f"[red]{str(failed).splitlines()[0]}[/red]", soft_wrap=True)
+    raise typer.Exit(1)
+
+
 @stack_app.command("up")
 def stack_up(
     postgres: Annotated[bool, typer.Option(help="Also start Postgres.")] = False,
+    redis_port: RedisPort = 6390,
+    cosmos_port: CosmosPort = 8091,
+    postgres_port: PostgresPort = 5440,
     workdir: WorkdirOption = None,
 ) -> None:
     """Start Redis and the Cosmos emulator (and Postgres) detached on loopback."""
-    import devstack
-
-    description = devstack.up(_stack_workdir(workdir), with_postgres=postgres)
+    ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+    description = _start_stack(_stack_workdir(workdir), with_postgres=postgres, ports=ports)
     _print_env(description)
+    console.print(f"note: {_memory_only_note()}")
 
 
 @stack_app.command("down")
 def stack_down(workdir: WorkdirOption = None) -> None:
-    """Stop the servers `stack up` started."""
+    """Stop the servers `stack up` started (Cosmos emulator and Redis data is lost)."""
     import devstack
 
     stopped = devstack.down(_stack_workdir(workdir))
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    if stopped:
+        console.print(f"note: {_memory_only_note()}")
+
+
+def _memory_only_note() -> str:
+    from devstack import MEMORY_ONLY_NOTE
+
+    return MEMORY_ONLY_NOTE
 
 
 @stack_app.command("status")
@@ -127,6 +171,9 @@ def _masked(name: str, value: str) -> str:
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
     backend: Annotated[str, typer.Option(help="Cold backend: cosmos or postgres.")] = "cosmos",
+    redis_port: RedisPort = 6390,
+    cosmos_port: CosmosPort = 8091,
+    postgres_port: PostgresPort = 5440,
     workdir: WorkdirOption = None,
 ) -> None:
     """Run the API on 127.0.0.1 against the local stack (started if it is not running)."""
@@ -140,7 +187,8 @@ def serve(
     status = devstack.status(where)
     started_here = not status.get("running")
     if started_here:
-        status = devstack.up(where, with_postgres=backend == "postgres")
+        ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+        status = _start_stack(where, with_postgres=backend == "postgres", ports=ports)
     env = _stack_env(status)
     if backend == "postgres" and "POSTGRES_URL" not in env:
         raise typer.BadParameter("the running stack has no Postgres: stack down, then serve again")
@@ -160,6 +208,10 @@ def serve(
 
 
 def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    return _answer(*_send(method, api, path, **kwargs))
+
+
+def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
     try:
         token = access_token(api)
     except TokenUnavailable as error:
@@ -179,6 +231,11 @@ def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body: dict[str, Any] = response.json() if response.content else {}
     except ValueError:  # not JSON: a proxy's or the Functions host's own error page
         body = {"error": response.text}
+    return response, body
+
+
+def _answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
+    """The body of a successful answer; an error is printed and ends the command."""
     if response.status_code >= 400:
         errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
         raise typer.Exit(1)
@@ -226,6 +283,8 @@ def _print_case(case: dict[str, Any]) -> None:
             "awaiting review",
             f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject",
         )
+    if case.get("lease_ends_at"):
+        table.add_row("lease ends", f"{case['lease_ends_at']} (a resume waits until then)")
     if case.get("error"):
         table.add_row("error", f"[red]{case['error']}[/red]")
     table.add_row("response", case.get("final_response") or "-")
@@ -329,9 +388,36 @@ def review(
 
 
 @app.command()
-def resume(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+def resume(
+    case: str,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="While a previous runner's lease keeps the case, wait for it to end "
+            "(the answer's Retry-After), then resume.",
+        ),
+    ] = True,
+    max_wait: Annotated[
+        float, typer.Option(help="Give up waiting after this many seconds in all.")
+    ] = 600.0,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
     """Resume a stalled or failed run from its last checkpoint."""
-    answer = _call("POST", api, f"/cases/{case}/resume")
+    give_up_at = time.monotonic() + max_wait
+    while True:
+        response, body = _send("POST", api, f"/cases/{case}/resume")
+        retry_after = response.headers.get("retry-after")
+        if not (wait and response.status_code == 409 and retry_after and retry_after.isdigit()):
+            break
+        pause = int(retry_after)
+        if time.monotonic() + pause > give_up_at:
+            errors.print(f"[yellow]gave up waiting after {max_wait:.0f} s[/yellow]")
+            break
+        errors.print(f"[yellow]{body.get('error')}: waiting {pause} s (--no-wait not to)[/yellow]")
+        time.sleep(pause)
+    answer = _answer(response, body)
     _print_json(answer) if as_json else _print_case(answer)
 
 

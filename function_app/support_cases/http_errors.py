@@ -11,7 +11,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from state.errors import (
     BackendUnavailable,
+    InvalidValue,
     LockNotAcquired,
+    RequestRejected,
     StaleFencingToken,
     StateTooLarge,
     VersionConflict,
@@ -19,7 +21,7 @@ from state.errors import (
 )
 
 from .runs import RunIndexBusy
-from .service import CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
+from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
@@ -31,7 +33,12 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyMismatch, 422),
     (ReservedCaseId, 422),
     (StateTooLarge, 413),
+    # The caller's value cannot be stored as given (e.g. a NUL character on Postgres).
+    (InvalidValue, 422),
     (BackendUnavailable, 503),
+    # A store refused for good for a reason that is not the caller's value (permissions,
+    # a broken invariant): the server's fault, not transient.
+    (RequestRejected, 500),
     (RunIndexBusy, 503),
 )
 
@@ -65,7 +72,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
-        return error_response(error.status_code, str(error.detail))
+        if error.status_code == 400 and isinstance(error.__cause__, ValueError):
+            # FastAPI's answer to a body it cannot even decode (not UTF-8): the same
+            # 422 as malformed JSON, which the OpenAPI document declares.
+            return error_response(
+                422,
+                "invalid request: body: not valid JSON (cannot be decoded as UTF-8)",
+                [{"where": "body", "problem": "not valid JSON"}],
+            )
+        response = error_response(error.status_code, str(error.detail))
+        # e.g. a 405's `Allow` (RFC 9110 requires it).
+        response.headers.update(error.headers or {})
+        return response
 
+    async def busy(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, CaseBusy)
+        ends = error.lease_ends_at.isoformat() if error.lease_ends_at else None
+        detail = {"stalled": error.stalled, "lease_ends_at": ends}
+        response = error_response(409, str(error), detail)
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
+
+    app.add_exception_handler(CaseBusy, busy)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -185,6 +185,9 @@ class CaseView(BaseModel):
     error: str | None = None
     effects: list[EffectView] = Field(default_factory=list)
     heartbeat_at: str | None = None
+    # When the runner holding the case (live, or dead if stalled) loses its lease; None
+    # when nobody holds one. A resume before then is refused with 409 and Retry-After.
+    lease_ends_at: str | None = None
     version: int
     links: CaseLinks | None = None
 
@@ -238,6 +241,8 @@ class HealthView(BaseModel):
 class ResumeReport(BaseModel):
     resumed: list[str]
     skipped: dict[str, str] = Field(default_factory=dict)
+    # Cases whose resume raised something other than a refusal (tier down, bad record).
+    failed: dict[str, str] = Field(default_factory=dict)
 
 
 class ErrorBody(BaseModel):

@@ -62,6 +62,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.service.close()
+        await self.store.close()
         await self.backends.close()
 
 

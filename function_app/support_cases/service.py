@@ -16,10 +16,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from langchain_core.runnables import RunnableConfig
@@ -54,7 +56,15 @@ from .models import (
     TierView,
 )
 from .records import UNCHANGED, write_section
-from .runs import AT_REST, INDEX_PREFIX, RUN_SECTION, RUNNER_ID, RunTracker, new_run_section
+from .runs import (
+    AT_REST,
+    INDEX_PREFIX,
+    RUN_SECTION,
+    RUNNER_ID,
+    RunTracker,
+    new_run_section,
+    utcnow,
+)
 from .telemetry import traced
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,32 @@ class CaseNotFound(CaseError):
 
 class CaseConflict(CaseError):
     """The case is not in a state that allows the request (maps to 409)."""
+
+
+class CaseBusy(CaseConflict):
+    """Another runner's lease (hot-tier lock or cold-tier lease) keeps the case; maps to 409
+    with `Retry-After`. A stalled case's runner is dead: its lease only has to run out."""
+
+    def __init__(self, case_id: str, *, stalled: bool, lease_ends_at: datetime | None) -> None:
+        self.case_id = case_id
+        self.stalled = stalled
+        self.lease_ends_at = lease_ends_at
+        left = (lease_ends_at - utcnow()).total_seconds() if lease_ends_at else 0.0
+        # Whole seconds, rounded up so a client retrying on time finds the lease gone.
+        self.retry_after = max(1, math.ceil(left))
+        ends = (
+            f"ends at {lease_ends_at.isoformat(timespec='seconds')} (in {self.retry_after} s)"
+            if lease_ends_at
+            else "is ending"
+        )
+        if stalled:
+            message = (
+                f"case {case_id!r} is stalled: its previous runner stopped sending heartbeats, "
+                f"and that runner's lease {ends}; resume it then"
+            )
+        else:
+            message = f"case {case_id!r} is being worked on; its runner's lease {ends}"
+        super().__init__(message)
 
 
 class IdempotencyMismatch(CaseError):
@@ -214,7 +250,7 @@ class CaseService:
     async def status(self, case_id: str) -> CaseView:
         record = await self._record(case_id)
         snapshot = await self._graph.aget_state(case_config(case_id))
-        return self._view(record, snapshot)
+        return self._view(record, snapshot, lease_ends_at=await self._lease_end(case_id, record))
 
     async def history(
         self, case_id: str, *, limit: int = 20, before: str | None = None
@@ -307,26 +343,38 @@ class CaseService:
         )
 
     async def resume_stale(self) -> ResumeReport:
-        """What the timer runs: resume every active case whose heartbeat went stale."""
+        """What the timer runs: resume every active case whose heartbeat went stale.
+
+        Each case is isolated: whatever one case raises is logged and reported under
+        `failed`, and the other cases are still tried."""
         report = ResumeReport(resumed=[])
         with traced("case.resume_stale") as span:
             for case_id in await self._tracker.active_cases():
-                record = await self._store.get(case_id)
-                run = record.sections.get(RUN_SECTION) if record else None
-                if record is None or run is None or run.get("status") in AT_REST:
-                    await self._tracker.forget(case_id)
-                    continue
-                if not self._tracker.is_stale(run):
-                    report.skipped[case_id] = "heartbeat is fresh"
-                    continue
                 try:
-                    # The timer waits for the run: a Functions instance may freeze once it returns.
-                    await self.resume(case_id, wait_until_rest=True)
-                    report.resumed.append(case_id)
+                    await self._resume_if_stale(case_id, report)
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
+                # One case's trouble (a tier down, a busy run index, a damaged record)
+                # must not cost the others their resume, nor the tick its sweep.
+                except Exception as error:
+                    log.exception("case %s: the timer could not resume it", case_id)
+                    report.failed[case_id] = f"{type(error).__name__}: {error}"
             span.set_attribute("resumed", len(report.resumed))
+            span.set_attribute("failed", len(report.failed))
         return report
+
+    async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> None:
+        record = await self._store.get(case_id)
+        run = record.sections.get(RUN_SECTION) if record else None
+        if record is None or run is None or run.get("status") in AT_REST:
+            await self._tracker.forget(case_id)
+            return
+        if not self._tracker.is_stale(run):
+            report.skipped[case_id] = "heartbeat is fresh"
+            return
+        # The timer waits for the run: a Functions instance may freeze once it returns.
+        await self.resume(case_id, wait_until_rest=True)
+        report.resumed.append(case_id)
 
     async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
         """The timer's other job: delete up to `limit` threads past the cold TTL (a case
@@ -443,11 +491,16 @@ class CaseService:
     async def _acquire(self, case_id: str) -> RunGuard:
         try:
             lock = await self._store.lock(
-                f"case-run-{case_id}", ttl_ms=self._settings.state_lock_ttl_ms
+                run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
             )
             return RunGuard(lock=lock)
         except LockNotAcquired:
-            raise CaseConflict(f"case {case_id!r} is being worked on; try again shortly") from None
+            record = await self._record(case_id)
+            raise CaseBusy(
+                case_id,
+                stalled=self._tracker.is_stale(record.sections.get(RUN_SECTION)),
+                lease_ends_at=await self._lease_end(case_id, record),
+            ) from None
         except BackendUnavailable:
             log.warning("case %s: no hot tier for the run lock; using a cold-tier lease", case_id)
             return RunGuard(lease_token=await self._claim_lease(case_id))
@@ -457,9 +510,12 @@ class CaseService:
         ttl_seconds = self._settings.state_lock_ttl_ms / 1000
 
         def claim(record: WorkflowRecord) -> object:
-            lease = record.sections.get(RUN_LEASE_SECTION) or {}
-            if lease.get("token") and lease.get("until", 0) > time.time():
-                raise CaseConflict(f"case {case_id!r} is being worked on; try again shortly")
+            if (held_until := _lease_until(record)) is not None:
+                raise CaseBusy(
+                    case_id,
+                    stalled=self._tracker.is_stale(record.sections.get(RUN_SECTION)),
+                    lease_ends_at=held_until,
+                )
             return {"token": token, "until": time.time() + ttl_seconds}
 
         await write_section(self._store, case_id, RUN_LEASE_SECTION, claim, agent_id=RUNNER_ID)
@@ -484,6 +540,14 @@ class CaseService:
 
     # ------------------------------------------------------------------ reading
 
+    async def _lease_end(self, case_id: str, record: WorkflowRecord) -> datetime | None:
+        """When the case's current runner loses its lock or lease; None if nobody holds one."""
+        ends = [until] if (until := _lease_until(record)) is not None else []
+        remaining = await self._store.lock_expires_in(run_lock_name(case_id))
+        if remaining is not None:
+            ends.append(utcnow() + timedelta(seconds=remaining))
+        return max(ends, default=None)
+
     async def _record(self, case_id: str) -> WorkflowRecord:
         record = await self._store.get(case_id)
         if record is None or REQUEST_SECTION not in record.sections:
@@ -499,7 +563,13 @@ class CaseService:
             "transactions": request["transactions"],
         }
 
-    def _view(self, record: WorkflowRecord, snapshot: StateSnapshot) -> CaseView:
+    def _view(
+        self,
+        record: WorkflowRecord,
+        snapshot: StateSnapshot,
+        *,
+        lease_ends_at: datetime | None = None,
+    ) -> CaseView:
         values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
         sections = record.sections
         run = sections.get(RUN_SECTION, {})
@@ -522,6 +592,7 @@ class CaseService:
             error=run.get("error") or values.get("error"),
             effects=effects_in(record),
             heartbeat_at=run.get("heartbeat_at"),
+            lease_ends_at=lease_ends_at.isoformat() if lease_ends_at else None,
             version=record.version,
         )
 
@@ -529,6 +600,19 @@ class CaseService:
 def _caller_view(stored: Any) -> CallerView | None:
     caller = Caller.from_json(stored)
     return CallerView(**caller.to_json()) if caller else None
+
+
+def run_lock_name(case_id: str) -> str:
+    return f"case-run-{case_id}"
+
+
+def _lease_until(record: WorkflowRecord) -> datetime | None:
+    """The end of the cold-tier run lease the record holds, if one is held now."""
+    lease = record.sections.get(RUN_LEASE_SECTION) or {}
+    until = lease.get("until", 0)
+    if not lease.get("token") or until <= time.time():
+        return None
+    return datetime.fromtimestamp(until, UTC)
 
 
 def _checkpoint_view(snapshot: StateSnapshot) -> CheckpointView:

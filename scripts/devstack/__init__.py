@@ -3,17 +3,21 @@
 from .servers import (
     COSMOS_EMULATOR_KEY,
     CosmosEmulator,
+    PortInUse,
     PostgresServer,
     RedisServer,
     ServerStartError,
     TokenIssuer,
     free_port,
 )
-from .stack import Stack, down, running, status, up
+from .stack import DEFAULT_PORTS, MEMORY_ONLY_NOTE, Stack, down, running, status, up
 
 __all__ = [
     "COSMOS_EMULATOR_KEY",
+    "DEFAULT_PORTS",
+    "MEMORY_ONLY_NOTE",
     "CosmosEmulator",
+    "PortInUse",
     "PostgresServer",
     "RedisServer",
     "ServerStartError",

@@ -27,6 +27,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
+# The state column of /proc/net/tcp for a listening socket.
+_TCP_LISTEN = "0A"
 
 # The Cosmos emulator's well-known public key (documented by Microsoft; not a secret).
 COSMOS_EMULATOR_KEY = (
@@ -36,6 +38,42 @@ COSMOS_EMULATOR_KEY = (
 
 class ServerStartError(RuntimeError):
     """A local server did not become ready; the message carries its log tail."""
+
+
+class PortInUse(ServerStartError):
+    """The port a server should listen on is taken (by `holder`, when it can be told)."""
+
+    def __init__(self, server: str, port: int, holder: str | None) -> None:
+        by = f" by {holder}" if holder else ""
+        super().__init__(f"{server}: port {port} is already in use{by}")
+        self.server = server
+        self.port = port
+        self.holder = holder
+
+
+def port_holder(port: int) -> str | None:
+    """`pid N (name)` of the process listening on TCP `port`, if this user can see it
+    (Linux /proc); None when it cannot be told."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == _TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return None
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        # Processes come and go, and others' fds may be unreadable: skip those.
+        with contextlib.suppress(OSError):
+            for descriptor in (process / "fd").iterdir():
+                if os.readlink(descriptor) in inodes:
+                    name = (process / "comm").read_text().strip()
+                    return f"pid {process.name} ({name})"
+    return None
 
 
 def free_port() -> int:
@@ -91,7 +129,7 @@ class LocalServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prepare()
         if _port_open(self.port):
-            raise ServerStartError(f"{self.name}: port {self.port} is already in use")
+            raise PortInUse(self.name, self.port, port_holder(self.port))
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.command(),

@@ -20,6 +20,7 @@ from .servers import (
     LocalServer,
     PostgresServer,
     RedisServer,
+    ServerStartError,
     TokenIssuer,
     free_port,
     stop_pid,
@@ -27,6 +28,11 @@ from .servers import (
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local" / "stack"
 DEFAULT_PORTS = {"redis": 6390, "cosmos": 8091, "postgres": 5440, "issuer": 8095}
+# Redis runs without persistence and the emulator keeps everything in memory.
+MEMORY_ONLY_NOTE = (
+    "the Cosmos emulator (and Redis) keep data in memory only: what they held is gone "
+    "once stopped; Postgres keeps its data"
+)
 
 
 @dataclass
@@ -138,7 +144,9 @@ def up(
     """Start the stack detached (it outlives this process) and record what was started."""
     existing = status(workdir)
     if existing.get("running"):
-        raise RuntimeError(f"a stack is already running from {workdir}; run `down` first")
+        raise ServerStartError(
+            f"a stack is already running from {workdir}; stop it first (agent-state stack down)"
+        )
     stack = Stack.plan(
         workdir,
         with_postgres=with_postgres,

@@ -2,8 +2,8 @@
 
 Builds the async client from settings (emulator key locally, Entra ID in
 Azure), creates the database and container only when the settings allow it,
-maps transport failures to `BackendUnavailable`, and counts round trips and
-request charge for the benchmark and the O(1) tests.
+maps transport failures to `BackendUnavailable` and refusals to the library's typed
+errors, and counts round trips and request charge for the benchmark and the O(1) tests.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosHttpResponseError
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InvalidValue, RequestRejected
 from ..ports import Counters, cold_operation
 from ..settings import Settings
 
 PARTITION_KEY_PATH = "/thread_id"
 # Status codes that mean "the service could not do it now", not "your request is wrong".
 UNAVAILABLE_STATUS = frozenset({408, 429, 449, 500, 502, 503, 504})
+# Answers to a conditional request (absent, exists, changed meanwhile) the adapters handle.
+ANSWER_STATUS = frozenset({404, 409, 412})
+# Refusals of what was sent: a malformed document or query, an entity over the size limit.
+INVALID_VALUE_STATUS = frozenset({400, 413})
+# How much of the service's message an error carries.
+MESSAGE_CHARS = 300
 # Blob payloads are never queried: keeping them out of the index saves RU and storage.
 INDEXING_POLICY: dict[str, Any] = {
     "indexingMode": "consistent",
@@ -118,15 +124,37 @@ class CosmosConnection:
 
 @contextmanager
 def cosmos_errors() -> Iterator[None]:
-    """Transport failures, timeouts and throttling become `BackendUnavailable`."""
+    """Transport failures, timeouts and throttling become `BackendUnavailable`; a request
+    Cosmos refuses for good becomes `InvalidValue` (the document or query is malformed,
+    or too large) or `RequestRejected` (not authorized, anything else).
+
+    404, 409 and 412 stay the SDK's own exceptions: they answer a conditional request
+    (absent, already exists, changed meanwhile), and every adapter call site that can
+    get one turns it into its own outcome.
+    """
     try:
         yield
     except (ServiceRequestError, ServiceResponseError, TimeoutError) as exc:
         raise BackendUnavailable("cosmos", str(exc)) from exc
     except CosmosHttpResponseError as exc:
-        if exc.status_code in UNAVAILABLE_STATUS:
-            raise BackendUnavailable("cosmos", f"HTTP {exc.status_code}") from exc
-        raise
+        status = exc.status_code
+        if status in UNAVAILABLE_STATUS:
+            raise BackendUnavailable("cosmos", f"HTTP {status}") from exc
+        if status in ANSWER_STATUS:
+            raise
+        detail = f"HTTP {status}: {_first_line(exc.message)}"
+        if status in INVALID_VALUE_STATUS:
+            raise InvalidValue("cosmos", detail, code=status) from exc
+        raise RequestRejected("cosmos", detail, code=status) from exc
+
+
+def _first_line(message: str | None) -> str:
+    """The service's own message without the SDK's multi-line decoration."""
+    for line in (message or "").splitlines():
+        text = line.removeprefix("Message:").strip()
+        if text and not line.startswith(("Code:", "Content:", "Status code:")):
+            return text[:MESSAGE_CHARS]
+    return "no message"
 
 
 @asynccontextmanager

@@ -4,9 +4,10 @@ Connects with POSTGRES_URL locally or, in Azure, to POSTGRES_HOST as
 POSTGRES_USER with a Microsoft Entra access token as the password (fetched
 afresh for every new connection, since tokens expire and a pooled connection
 outlives many of them). Runs the schema migrations once in `setup()`, maps
-transport failures and pool timeouts to `BackendUnavailable`, refuses JSON
-that jsonb cannot hold (a NUL character) as `UnsupportedValue` before sending
-it, and counts the statements sent for the benchmark and the O(1) tests.
+transport failures and pool timeouts to `BackendUnavailable` and the server's refusals to
+the library's typed errors, refuses JSON that jsonb cannot hold (a NUL character) as
+`InvalidValue` before sending it, and counts the statements sent for the benchmark and
+the O(1) tests.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, cast
 
+import psycopg
 from azure.core.credentials_async import AsyncTokenCredential
-from psycopg import AsyncConnection, AsyncCursor, OperationalError
+from psycopg import AsyncConnection, AsyncCursor, DataError, OperationalError
 from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import BackendUnavailable, UnsupportedValue
+from ..errors import BackendUnavailable, InvalidValue, RequestRejected
 from ..ports import Counters
 from ..settings import Settings
 from .migrations import migrate
@@ -202,7 +204,7 @@ def dump_json(value: Any) -> str:
     """JSON for a jsonb parameter; a NUL character is the caller's error, found before sending."""
     text = json.dumps(value)
     if "\\u0000" in text and NUL_ESCAPE.search(text):
-        raise UnsupportedValue(
+        raise InvalidValue(
             "postgres", "JSON text contains a NUL character (\\u0000), which jsonb cannot hold"
         )
     return text
@@ -210,10 +212,26 @@ def dump_json(value: Any) -> str:
 
 @contextmanager
 def postgres_errors() -> Iterator[None]:
-    """Connection failures, pool timeouts and stalled servers become `BackendUnavailable`."""
+    """Connection failures, pool timeouts and stalled servers become `BackendUnavailable`;
+    data errors (SQLSTATE class 22: a NUL character in JSON, a number JSON cannot carry)
+    become `InvalidValue`, and any other error the server or driver raises becomes
+    `RequestRejected`."""
     try:
         yield
     except OperationalError as exc:
         raise BackendUnavailable("postgres", str(exc) or type(exc).__name__) from exc
     except TimeoutError as exc:
         raise BackendUnavailable("postgres", "no answer in time") from exc
+    except DataError as exc:
+        raise InvalidValue("postgres", _describe(exc), code=exc.sqlstate) from exc
+    except psycopg.Error as exc:
+        raise RequestRejected("postgres", _describe(exc), code=exc.sqlstate) from exc
+
+
+def _describe(exc: psycopg.Error) -> str:
+    """The server's message and detail, never the statement or its parameters."""
+    lines = str(exc).splitlines()
+    primary = exc.diag.message_primary or (lines[0] if lines else "")
+    detail = exc.diag.message_detail
+    text = f"{primary} ({detail})" if detail else primary
+    return text or type(exc).__name__

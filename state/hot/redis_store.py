@@ -373,6 +373,11 @@ class RedisHotStore:
             return None
         return Lock(name=name, token=token, fence=fence, ttl_ms=ttl_ms)
 
+    async def lock_ttl_ms(self, name: str) -> int | None:
+        with redis_errors():
+            remaining = int(await self._client.pttl(self.key(name, LOCK_KIND)))
+        return remaining if remaining >= 0 else None
+
     async def release_lock(self, lock: Lock) -> bool:
         with redis_errors():
             released = await self._release_lock(

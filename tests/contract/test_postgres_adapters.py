@@ -33,10 +33,11 @@ from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
+    InvalidValue,
+    RequestRejected,
     StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
-    UnsupportedValue,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -211,8 +212,9 @@ async def test_a_failed_audit_insert_rolls_the_update_back(
             await conn.execute(
                 "ALTER TABLE state_audit_log ADD CONSTRAINT no_mallory CHECK (agent_id <> 'mallory')"
             )
-        with pytest.raises(psycopg.errors.CheckViolation):
+        with pytest.raises(RequestRejected) as refused:
             await store.update_section("t", "s", 2, expected_version=1, agent_id="mallory")
+        assert isinstance(refused.value.__cause__, psycopg.errors.CheckViolation)
         record = await store.get("t")
         assert record is not None and (record.version, record.sections) == (1, {"s": 1})
     finally:
@@ -263,16 +265,16 @@ async def test_a_nul_character_in_json_is_a_typed_error_and_writes_nothing(
     store: PostgresStateStore, checkpoints: PostgresCheckpointStore
 ) -> None:
     thread = unique_thread()
-    with pytest.raises(UnsupportedValue, match="NUL"):
+    with pytest.raises(InvalidValue, match="NUL"):
         await store.create(thread, {"intake": {"text": "charged\x00twice"}}, agent_id="intake")
     assert await store.get(thread) is None
-    with pytest.raises(UnsupportedValue):
+    with pytest.raises(InvalidValue):
         await store.create(thread, {"key\x00": 1}, agent_id="intake")
 
     # The six characters backslash-u-0-0-0-0 are text like any other, escaped backslash or not.
     literal = {"text": "\\u0000", "after_a_backslash": "\\\\u0000"}
     await store.create(thread, {"intake": literal}, agent_id="intake")
-    with pytest.raises(UnsupportedValue):
+    with pytest.raises(InvalidValue):
         await store.update_section(
             thread, "intake", {"text": "\\\x00"}, expected_version=1, agent_id="intake"
         )
@@ -280,7 +282,7 @@ async def test_a_nul_character_in_json_is_a_typed_error_and_writes_nothing(
     assert record is not None and (record.version, record.sections) == (1, {"intake": literal})
 
     (checkpoint_id,) = _ids(1)
-    with pytest.raises(UnsupportedValue):
+    with pytest.raises(InvalidValue):
         await checkpoints.put_checkpoint(
             _checkpoint(thread, checkpoint_id, metadata={"source": "in\x00put"}), []
         )

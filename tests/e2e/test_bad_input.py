@@ -176,3 +176,44 @@ async def test_bad_query_parameters_are_422(
 ) -> None:
     response = await client.get(path.format(id=case_id), params=params)
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize("runtime", ["postgres"], indirect=True)
+async def test_a_value_the_cold_store_cannot_hold_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Postgres JSON cannot hold a NUL character: a typed refusal, 422, never a 500."""
+    body = {**demo_case(case_id), "text": "I was charged twice \u0000 and I can't log in"}
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("postgres refused the request:")
+    assert await runtime.store.get(case_id) is None
+
+
+async def test_a_body_that_cannot_be_decoded_is_422(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Not UTF-8, so not JSON: the declared 422 like any malformed JSON, not an undeclared 400."""
+    response = await client.post(
+        "/api/cases", content=b"F\xff", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request:")
+    schema = (await client.get("/api/openapi.json")).json()
+    assert "422" in schema["paths"]["/api/cases"]["post"]["responses"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("TRACE", "/api/health", {"GET"}),
+        ("DELETE", "/api/cases", {"POST"}),
+        ("PUT", "/api/cases/case_1/resume", {"POST"}),
+    ],
+)
+async def test_a_405_names_the_allowed_methods(
+    client: httpx.AsyncClient, method: str, path: str, allowed: set[str]
+) -> None:
+    response = await client.request(method, path)
+    assert response.status_code == 405, response.text
+    assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}

@@ -1,29 +1,45 @@
-"""The HTTP API fuzzed from its own OpenAPI schema: no input may cause a server error.
+"""The HTTP API fuzzed from its own OpenAPI schema: no input may cause a server error, and
+every answer keeps to HTTP and to the document.
 
 Schemathesis generates requests for every operation (valid and invalid bodies,
 paths, queries and headers, derandomized and bounded per operation) and sends
 them in-process through ASGI to the real app over the real tiers, as a caller
 holding every app role (a token from the test stack's issuer, validated like
 Entra's). The same requests without a token must all be refused with 401,
-`/api/health` aside. Any answer of 500 or above counts as a failure.
+`/api/health` aside. Any answer of 500 or above counts as a failure. Then the
+schemathesis CLI runs with every check (`--checks all`: status codes, content
+types and headers as documented, `Allow` on 405, ...) against the app served by
+uvicorn, as a client holding every role would see it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
+import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Err
 from schemathesis.python import asgi
 
+from devstack import free_port
 from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.runtime import RuntimeHolder
 
-from .conftest import Recorder
+from .conftest import Deadline, Recorder
+from .processes import PYTHONPATH
+from .report import REPO_ROOT
 
 EXAMPLES_PER_OPERATION = 25
 SCHEMA_PATH = "/api/openapi.json"
@@ -33,6 +49,14 @@ PUBLIC_OPERATIONS = {"GET /api/health"}
 def without_authorization(headers: dict[str, Any] | None) -> dict[str, Any]:
     """The generated headers minus any Authorization schemathesis made up itself."""
     return {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+
+
+CLI_CONFIG = Path(__file__).with_name("schemathesis.toml")
+CLI_EXAMPLES_PER_OPERATION = 10
+CLI_BUDGET_SECONDS = 55
+# Operations the OpenAPI document declares: submit, status, checkpoints, audit, review,
+# resume, health.
+SERVED_OPERATIONS = 7
 
 
 def test_api_fuzz_never_answers_5xx(
@@ -122,3 +146,79 @@ def test_api_fuzz_never_answers_5xx(
     assert runs >= operations
     # The valid token got past authentication: the use cases answered.
     assert not auth_refused, auth_refused[:5]
+
+
+def test_served_api_passes_every_schemathesis_check(
+    env_for: Callable[..., dict[str, str]], issue_token: Callable[..., str], tmp_path: Path
+) -> None:
+    env = {**env_for("cosmos"), "CASE_SYNC_WAIT_SECONDS": "1"}
+    started = time.monotonic()
+    with served_api(env, tmp_path / "api.log") as base_url:
+        command = [
+            str(Path(sys.executable).with_name("st")),
+            "--config-file",
+            str(CLI_CONFIG),
+            "run",
+            f"{base_url}{SCHEMA_PATH}",
+            "--checks",
+            "all",
+            "--max-examples",
+            str(CLI_EXAMPLES_PER_OPERATION),
+            "--seed",
+            "1",
+            "--header",
+            f"Authorization: Bearer {issue_token('schemathesis')}",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "10",
+            "--report",
+            "junit",
+            "--report-junit-path",
+            str(tmp_path / "junit.xml"),
+        ]
+        left = CLI_BUDGET_SECONDS - (time.monotonic() - started)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=left, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert time.monotonic() - started < CLI_BUDGET_SECONDS
+    # Every operation of the document was exercised (one JUnit test case each).
+    report = ElementTree.parse(tmp_path / "junit.xml").getroot()
+    operations = {case.get("name") for case in report.iter("testcase")}
+    assert len(operations) >= SERVED_OPERATIONS, operations
+
+
+@contextlib.contextmanager
+def served_api(env: dict[str, str], log: Path) -> Iterator[str]:
+    """The app's own factory under uvicorn on a free loopback port; stopped by its pid."""
+    port = free_port()
+    with log.open("ab") as output:
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "uvicorn", "support_cases.api:create_app", "--factory"),
+                *("--host", "127.0.0.1", "--port", str(port)),
+            ],
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
+            cwd=REPO_ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = Deadline(30)
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base_url}/api/health", timeout=5).status_code == 200:
+                    break
+            deadline.check("the API to start")
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(5)

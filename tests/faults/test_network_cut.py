@@ -174,6 +174,8 @@ async def test_network_cut_mid_workflow(
             await asyncio.sleep(1.1)  # the tiered store rests a failed hot tier for a second
             for thread_id in [*workload.threads, *case_ids]:
                 await app.runtime.store.get(thread_id)
+                # Threads written during the cut are settled in the background.
+                await app.runtime.store.settled()
                 cached = await hot.get(thread_id)
                 refilled += cached is not None
         await workload.cleanup(app.runtime.backends.cold)

@@ -65,6 +65,7 @@ async def refilled(app: App, thread_ids: list[str]) -> int:
     count = 0
     for thread_id in thread_ids:
         await app.runtime.store.get(thread_id)
+        await app.runtime.store.settled()  # threads written in the outage settle in the background
         cached = await hot.get(thread_id)
         cold = await app.runtime.backends.cold.get(thread_id)
         if cached is not None and cold is not None and cached.version == cold.version:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from state.errors import BackendUnavailable, VersionConflict
+from state.errors import BackendUnavailable, InvalidValue, RequestRejected, VersionConflict
 from support_cases.http_errors import install_error_handlers
 from support_cases.runs import RunIndexBusy
 from support_cases.service import CaseConflict
@@ -19,6 +19,8 @@ from support_cases.service import CaseConflict
         (BackendUnavailable("cosmos", "HTTP 503"), 503),
         (CaseConflict("case 'c' is not awaiting review"), 409),
         (VersionConflict("c", 1, 2), 409),
+        (InvalidValue("postgres", "unsupported Unicode escape sequence", code="22P05"), 422),
+        (RequestRejected("cosmos", "HTTP 403: not authorized", code=403), 500),
     ],
 )
 async def test_errors_map_to_their_status(error: Exception, status: int) -> None:

@@ -1,0 +1,97 @@
+"""The timer's tick: resume stale runs, then sweep expired state.
+
+Neither job stops the other: a failure of one is logged and the other still
+runs, and the first failure is raised only at the end, so the Functions host
+records the invocation as failed. Each tick logs its counts and adds them to
+OpenTelemetry counters (exported wherever the process's meter provider sends
+metrics; a no-op without one).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from opentelemetry import metrics
+
+from .models import ResumeReport
+from .service import CaseService
+
+log = logging.getLogger(__name__)
+
+METER_NAME = "support_cases.timer"
+# The counter of stale-run cases, one series per `outcome` attribute value.
+CASES_METRIC = "support_cases.timer.cases"
+SWEPT_METRIC = "support_cases.timer.swept_threads"
+OUTCOMES = ("resumed", "skipped", "failed")
+
+
+class TimerMetrics:
+    """The timer's counters on `meter` (default: the global meter provider's)."""
+
+    def __init__(self, meter: metrics.Meter | None = None) -> None:
+        meter = meter or metrics.get_meter(METER_NAME)
+        self.cases = meter.create_counter(
+            CASES_METRIC,
+            unit="{case}",
+            description="Active cases the timer looked at, by outcome: resumed, skipped "
+            "(refused or heartbeat fresh) or failed (an error, logged)",
+        )
+        self.swept = meter.create_counter(
+            SWEPT_METRIC,
+            unit="{thread}",
+            description="Expired threads the timer's retention sweep deleted",
+        )
+
+
+# Instruments of the global (proxy) meter bind to whatever provider telemetry installs later.
+TIMER_METRICS = TimerMetrics()
+
+
+@dataclass
+class TickReport:
+    resumed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    # None: the sweep itself failed.
+    swept: int | None = None
+
+
+async def run_tick(service: CaseService, *, meters: TimerMetrics = TIMER_METRICS) -> TickReport:
+    tick = TickReport()
+    errors: list[Exception] = []
+    # Both jobs are guarded whole: a failure of either (the run index unreadable, the
+    # cold tier down) must not skip the other.
+    try:
+        report: ResumeReport = await service.resume_stale()
+        tick.resumed, tick.skipped, tick.failed = report.resumed, report.skipped, report.failed
+    except Exception as error:
+        log.exception("timer: could not list the active cases")
+        errors.append(error)
+    try:
+        tick.swept = await service.sweep_expired()
+    except Exception as error:
+        log.exception("timer: the retention sweep failed")
+        errors.append(error)
+
+    counts = {
+        "resumed": len(tick.resumed),
+        "skipped": len(tick.skipped),
+        "failed": len(tick.failed),
+    }
+    for outcome in OUTCOMES:
+        meters.cases.add(counts[outcome], {"outcome": outcome})
+    if tick.swept is not None:
+        meters.swept.add(tick.swept)
+    log.info(
+        "timer: stale runs resumed %d, skipped %d, failed %d; expired threads deleted: %s",
+        counts["resumed"],
+        counts["skipped"],
+        counts["failed"],
+        "sweep failed" if tick.swept is None else tick.swept,
+    )
+    for case_id, why in tick.failed.items():
+        log.warning("timer: case %s failed: %s", case_id, why)
+    if errors:
+        raise errors[0]
+    return tick
