@@ -1,6 +1,7 @@
-"""The timer's tick: resume stale runs, then sweep expired state.
+"""The timer's tick: resume stale runs, drain the write-behind backlog, then sweep
+expired state.
 
-Neither job stops the other: a failure of one is logged and the other still
+No job stops another: a failure of one is logged and the other still
 runs, and the first failure is raised only at the end, so the Functions host
 records the invocation as failed. Each tick logs its counts and adds them to
 OpenTelemetry counters (exported wherever the process's meter provider sends
@@ -55,6 +56,8 @@ class TickReport:
     failed: dict[str, str] = field(default_factory=dict)
     # None: the sweep itself failed.
     swept: int | None = None
+    # Write-behind entries this tick moved to the cold tier (None: the drain failed).
+    flushed: int | None = None
 
 
 async def run_tick(service: CaseService, *, meters: TimerMetrics = TIMER_METRICS) -> TickReport:
@@ -67,6 +70,11 @@ async def run_tick(service: CaseService, *, meters: TimerMetrics = TIMER_METRICS
         tick.resumed, tick.skipped, tick.failed = report.resumed, report.skipped, report.failed
     except Exception as error:
         log.exception("timer: could not list the active cases")
+        errors.append(error)
+    try:
+        tick.flushed = await service.drain_backlog()
+    except Exception as error:
+        log.exception("timer: the write-behind drain failed")
         errors.append(error)
     try:
         tick.swept = await service.sweep_expired()
@@ -84,10 +92,12 @@ async def run_tick(service: CaseService, *, meters: TimerMetrics = TIMER_METRICS
     if tick.swept is not None:
         meters.swept.add(tick.swept)
     log.info(
-        "timer: stale runs resumed %d, skipped %d, failed %d; expired threads deleted: %s",
+        "timer: stale runs resumed %d, skipped %d, failed %d; write-behind entries flushed: "
+        "%s; expired threads deleted: %s",
         counts["resumed"],
         counts["skipped"],
         counts["failed"],
+        "drain failed" if tick.flushed is None else tick.flushed,
         "sweep failed" if tick.swept is None else tick.swept,
     )
     for case_id, why in tick.failed.items():

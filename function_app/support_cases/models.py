@@ -232,10 +232,20 @@ class TierView(BaseModel):
     latency_ms: float | None = None
 
 
+class BacklogView(BaseModel):
+    """Write-behind work acknowledged in Redis and not yet in the cold tier."""
+
+    entries: int
+    threads: int
+    oldest_age_seconds: float | None
+
+
 class HealthView(BaseModel):
     status: Literal["ok", "degraded", "down"]
     # Only for callers with Cases.Operate; everyone else sees the status alone.
     tiers: list[TierView] | None = None
+    # Write-behind mode only (same audience as `tiers`).
+    backlog: BacklogView | None = None
 
 
 class ResumeReport(BaseModel):

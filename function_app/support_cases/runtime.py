@@ -17,7 +17,7 @@ from state.tiered import TieredStateStore
 from .agents import AgentDeps
 from .effects import Effects, SimulatedProvider
 from .graph import CaseGraph, build_graph
-from .metrics import app_metrics
+from .metrics import BacklogSampler, app_metrics
 from .service import CaseService
 from .telemetry import configure_telemetry
 
@@ -31,6 +31,8 @@ class Runtime:
     graph: CaseGraph
     provider: SimulatedProvider
     service: CaseService
+    # Write-behind mode: keeps the backlog gauges' reading fresh.
+    backlog_sampler: BacklogSampler | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -56,11 +58,19 @@ class Runtime:
             ),
             saver,
         )
-        service = CaseService(store, graph, settings, backends.retention)
+        service = CaseService(store, graph, settings, backends.retention, backends.flusher)
         app_metrics.register_backends(backends, store)
-        return cls(settings, backends, store, saver, graph, provider, service)
+        sampler = None
+        if backends.flusher is not None:
+            sampler = BacklogSampler(backends.flusher.backlog)
+            sampler.start()
+            app_metrics.register_backlog_source(sampler.latest)
+        return cls(settings, backends, store, saver, graph, provider, service, sampler)
 
     async def close(self) -> None:
+        if self.backlog_sampler is not None:
+            app_metrics.register_backlog_source(None)
+            await self.backlog_sampler.stop()
         await self.service.close()
         await self.store.close()
         await self.backends.close()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, StateSnapshot
 
+from state.checkpoint import FENCING_TOKEN_KEY, Flusher
 from state.errors import (
     BackendUnavailable,
     LockNotAcquired,
@@ -44,6 +45,7 @@ from .metrics import app_metrics
 from .models import (
     AuditEntryView,
     AuditTrailView,
+    BacklogView,
     CallerView,
     CaseStatus,
     CaseSubmission,
@@ -147,8 +149,13 @@ class Outcome:
     finished: bool  # the run reached rest before the caller stopped waiting
 
 
-def case_config(case_id: str) -> RunnableConfig:
-    return {"configurable": {"thread_id": case_id}}
+def case_config(case_id: str, *, fencing_token: int | None = None) -> RunnableConfig:
+    """The case's thread; a run passes its fencing token, which write-behind checkpoint
+    writes present to the hot tier (a run that lost its lock is refused there)."""
+    configurable: dict[str, Any] = {"thread_id": case_id}
+    if fencing_token is not None:
+        configurable[FENCING_TOKEN_KEY] = fencing_token
+    return {"configurable": configurable}
 
 
 def fingerprint(submission: CaseSubmission) -> str:
@@ -180,11 +187,15 @@ class CaseService:
         graph: CaseGraph,
         settings: Settings,
         retention: ColdRetention,
+        flusher: Flusher | None = None,
     ) -> None:
         self._store = store
         self._graph = graph
         self._settings = settings
         self._retention = retention
+        # Write-behind mode: a run's checkpoints reach the cold tier at its end, before
+        # any answer reports the state it rests in.
+        self._flusher = flusher
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
         self._tasks: set[asyncio.Task[None]] = set()
@@ -392,10 +403,38 @@ class CaseService:
         status: Literal["ok", "degraded", "down"] = (
             "ok" if all(t.up for t in tiers) else ("degraded" if cold_up else "down")
         )
+        backlog = await self._backlog()
+        if (
+            status == "ok"
+            and backlog is not None
+            and backlog.oldest_age_seconds is not None
+            and backlog.oldest_age_seconds > self._settings.state_backlog_degraded_seconds
+        ):
+            status = "degraded"  # the cold tier is falling behind what Redis acknowledged
         return HealthView(
             status=status,
             tiers=[TierView(**vars(tier)) for tier in tiers],
+            backlog=backlog,
         )
+
+    async def _backlog(self) -> BacklogView | None:
+        if self._flusher is None:
+            return None
+        try:
+            found = await self._flusher.backlog()
+        except BackendUnavailable:
+            return None  # Redis is down: its tier already reports it
+        return BacklogView(
+            entries=found.entries,
+            threads=found.threads,
+            oldest_age_seconds=found.oldest_age_seconds,
+        )
+
+    async def drain_backlog(self) -> int:
+        """The timer's write-behind pass: flush what dead workers left (entries applied)."""
+        if self._flusher is None:
+            return 0
+        return await self._flusher.drain()
 
     async def close(self) -> None:
         """Stop driving runs (they resume later from their checkpoints)."""
@@ -446,7 +485,10 @@ class CaseService:
 
     async def _drive(self, case_id: str, graph_input: GraphInput, guard: RunGuard) -> None:
         fence = guard.fence
-        config = case_config(case_id)
+        config = case_config(case_id, fencing_token=fence)
+        # Write-through: every step durable before the next. Write-behind: steps move at
+        # Redis speed and the run's end (and an interrupt) is the boundary.
+        durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
         try:
             with (
                 app_metrics.measure_run() as run,
@@ -458,9 +500,10 @@ class CaseService:
                     config,
                     context=RunContext(fencing_token=fence),
                     stream_mode="updates",
-                    durability="sync",
+                    durability=durability,
                 ):
                     await self._tracker.heartbeat(case_id, fencing_token=fence)
+                await self._flush(case_id)
                 snapshot = await self._graph.aget_state(config)
                 rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
                 await self._tracker.mark(case_id, rest, fencing_token=fence)
@@ -477,6 +520,7 @@ class CaseService:
         except Exception as error:
             log.exception("case %s: run failed", case_id)
             try:
+                await self._flush(case_id)
                 await self._tracker.mark(
                     case_id,
                     CaseStatus.FAILED,
@@ -487,6 +531,10 @@ class CaseService:
                 log.exception("case %s: could not record the failure", case_id)
         finally:
             await self._release(case_id, guard)
+
+    async def _flush(self, case_id: str) -> None:
+        if self._flusher is not None:
+            await self._flusher.flush_thread(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
         try:
