@@ -31,6 +31,9 @@ async def resume_stale_runs(timer: func.TimerRequest) -> None:
     # One span per tick: with PYTHON_ENABLE_OPENTELEMETRY the worker makes it a child of
     # the host's invocation, so timer runs show up in the same traces as HTTP calls.
     runtime = await process_runtime.get()
-    with traced("timer.resume_stale_runs", past_due=timer.past_due):
+    with traced("timer.resume_stale_runs", past_due=timer.past_due) as span:
         # Logs the counts and exports them as metrics; one failing case never stops the tick.
-        await run_tick(runtime.service)
+        tick = await run_tick(runtime.service)
+        span.set_attribute("resumed", len(tick.resumed))
+        span.set_attribute("swept", tick.swept if tick.swept is not None else -1)
+        span.set_attribute("flushed", tick.flushed if tick.flushed is not None else -1)

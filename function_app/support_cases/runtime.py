@@ -58,7 +58,13 @@ class Runtime:
             ),
             saver,
         )
-        service = CaseService(store, graph, settings, backends.retention, backends.flusher)
+        service = CaseService(
+            store,
+            graph,
+            settings,
+            backends.retention,
+            saver if isinstance(saver, TieredCheckpointSaver) else None,
+        )
         app_metrics.register_backends(backends, store)
         sampler = None
         if backends.flusher is not None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, StateSnapshot
 
-from state.checkpoint import FENCING_TOKEN_KEY, Flusher
+from state.checkpoint import FENCING_TOKEN_KEY, TieredCheckpointSaver
 from state.errors import (
     BackendUnavailable,
     LockNotAcquired,
@@ -187,7 +187,7 @@ class CaseService:
         graph: CaseGraph,
         settings: Settings,
         retention: ColdRetention,
-        flusher: Flusher | None = None,
+        saver: TieredCheckpointSaver | None = None,
     ) -> None:
         self._store = store
         self._graph = graph
@@ -195,7 +195,8 @@ class CaseService:
         self._retention = retention
         # Write-behind mode: a run's checkpoints reach the cold tier at its end, before
         # any answer reports the state it rests in.
-        self._flusher = flusher
+        self._saver = saver
+        self._flusher = saver.flusher if saver is not None else None
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
         self._tasks: set[asyncio.Task[None]] = set()
@@ -533,8 +534,8 @@ class CaseService:
             await self._release(case_id, guard)
 
     async def _flush(self, case_id: str) -> None:
-        if self._flusher is not None:
-            await self._flusher.flush_thread(case_id)
+        if self._saver is not None:
+            await self._saver.aflush(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
         try:

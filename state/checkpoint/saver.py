@@ -115,6 +115,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self.cache = cache
         # Set: write-behind mode.
         self.flusher = flusher
+        # Write-behind threads whose newest write this process sent straight to the cold
+        # tier because Redis could not be reached: that state is durable already.
+        self._written_through: set[str] = set()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -213,7 +216,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
         write-through mode): call it at the end of a run before reporting its outcome."""
         if self.flusher is not None:
-            await self._on_loop(self.flusher.flush_thread(str(thread_id)))
+            await self._on_loop(self._flush_thread(str(thread_id)))
 
     async def adelete_thread(self, thread_id: str) -> None:
         await self._on_loop(self._delete_thread(str(thread_id)))
@@ -271,7 +274,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def flush(self, thread_id: str) -> None:
         """Synchronous `aflush`."""
         if self.flusher is not None:
-            self._sync(self.flusher.flush_thread(str(thread_id)))
+            self._sync(self._flush_thread(str(thread_id)))
 
     def delete_thread(self, thread_id: str) -> None:
         self._sync(self._delete_thread(str(thread_id)))
@@ -418,7 +421,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     if channel in values and channel not in inline
                 ]
                 await self.store.put_checkpoint(stored, every_value)
+                self._written_through.add(thread_id)
             else:
+                self._written_through.discard(thread_id)
                 await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
         return {
             "configurable": {
@@ -474,7 +479,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.store.put_writes(
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
+            self._written_through.add(thread_id)
         else:
+            self._written_through.discard(thread_id)
             await self._boundary(
                 thread_id,
                 configurable.get(DURABILITY_KEY) == "sync"
@@ -485,9 +492,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """After a write-behind append: flush now at a boundary, else let the flusher run."""
         assert self.flusher is not None
         if synchronous:
-            await self.flusher.flush_thread(thread_id)
+            await self._flush_thread(thread_id)
         else:
             self.flusher.notify()
+
+    async def _flush_thread(self, thread_id: str) -> None:
+        assert self.flusher is not None
+        try:
+            await self.flusher.flush_thread(thread_id)
+        except BackendUnavailable:
+            if thread_id not in self._written_through:
+                raise  # the newest state may live only in Redis: not durable
+            # Redis is out, and this process wrote the thread's newest state straight to
+            # the cold tier, whole; older entries wait in the log for Redis to return.
+        self._written_through.discard(thread_id)
 
     async def _delete_thread(self, thread_id: str) -> None:
         if self.flusher is None:

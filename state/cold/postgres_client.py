@@ -205,7 +205,10 @@ def dump_json(value: Any) -> str:
     text = json.dumps(value)
     if "\\u0000" in text and NUL_ESCAPE.search(text):
         raise InvalidValue(
-            "postgres", "JSON text contains a NUL character (\\u0000), which jsonb cannot hold"
+            "postgres",
+            "JSON text contains a NUL character (\\u0000), which jsonb cannot hold",
+            # What the server answers for it (untranslatable_character): found before sending.
+            code="22P05",
         )
     return text
 

@@ -96,14 +96,18 @@ async def test_resume_of_a_stalled_case_says_when_the_dead_runners_lock_ends(
 
 
 async def test_without_a_hot_tier_the_cold_lease_is_reported_the_same_way(
-    e2e_settings: Callable[..., Settings], case_id: str
+    e2e_settings: Callable[..., Settings],
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
 ) -> None:
     runtime = await Runtime.open(e2e_settings("postgres", redis_url=None))
     try:
         dead_lease = {"token": "dead-runner", "until": time.time() + DEAD_RUNNER_LEASE_MS / 1000}
         await stalled_case(runtime, case_id, **{RUN_LEASE_SECTION: dead_lease})
         transport = httpx.ASGITransport(app=create_app(runtime))
-        async with httpx.AsyncClient(transport=transport, base_url="http://e2e.test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+        ) as client:
             retry_after = assert_refused_until_lease_ends(
                 await client.post(f"/api/cases/{case_id}/resume")
             )
@@ -118,8 +122,15 @@ async def test_without_a_hot_tier_the_cold_lease_is_reported_the_same_way(
 
 @pytest.mark.parametrize("runtime", ["cosmos"], indirect=True)
 async def test_the_cli_resume_waits_for_the_lease_unless_told_not_to(
-    runtime: Runtime, stack_env: dict[str, str], case_id: str, tmp_path: Path
+    runtime: Runtime,
+    stack_env: dict[str, str],
+    case_id: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The CLI gets its token from the stack's issuer, as an operator.
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "olga")
     await stalled_case(runtime, case_id)
     env = {**app_env(runtime, stack_env), "CASE_SYNC_WAIT_SECONDS": "30"}
     async with api_process(env, tmp_path / "api.log") as (_, client):

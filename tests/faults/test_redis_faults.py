@@ -101,7 +101,8 @@ async def flood(server: RedisServer, stop: asyncio.Event) -> int:
         for n in range(5_000):
             if stop.is_set():
                 break
-            await client.set(f"filler:{n}", FILLER_VALUE)
+            # With a TTL, as the hot tier's cache entries have: evictable under volatile-lru.
+            await client.set(f"filler:{n}", FILLER_VALUE, ex=3600)
             await asyncio.sleep(0.002)
         info = await client.info("stats")
         return int(info["evicted_keys"])
@@ -117,7 +118,8 @@ async def test_redis_fault_mid_workflow(
     settings_for: Callable[..., Settings],
     reliability: Recorder,
 ) -> None:
-    options = {"maxmemory": "3mb", "maxmemory_policy": "allkeys-lru"} if fault == "eviction" else {}
+    # The deployed policy: only keys with a TTL are evicted, never the write-behind log.
+    options = {"maxmemory": "3mb", "maxmemory_policy": "volatile-lru"} if fault == "eviction" else {}
     server = redis_server(**options)
     settings = settings_for("cosmos", redis_url=server.url)
     deadline = Deadline(120)
@@ -143,7 +145,10 @@ async def test_redis_fault_mid_workflow(
             completed, _ = await asyncio.gather(cases, writes)
             stop_flood.set()
             evicted = await flooding
-            injected = f"maxmemory 3mb + allkeys-lru, 64 KiB filler keys written throughout ({evicted} keys evicted)"
+            injected = (
+                "maxmemory 3mb + volatile-lru (the deployed policy), write-behind, 64 KiB "
+                f"filler keys with a TTL written throughout ({evicted} keys evicted)"
+            )
         else:
             inject = kill_and_restart(server) if fault == "kill" else flush_twice(server)
             completed, _, injected = await asyncio.gather(cases, writes, inject)
