@@ -955,6 +955,10 @@ class PairRun:
         applied: int = await self.handle.on_backends(self.handle.flusher.drain())
         return applied
 
+    @staticmethod
+    async def _restart(flusher: Flusher) -> None:
+        flusher.start()  # on the loop that owns the backends
+
     def turn(self, index: int) -> dict[str, Any]:
         return {"messages": [self.messages[index % len(self.messages)]]}
 
@@ -1081,6 +1085,9 @@ class PairRun:
         flusher = self.handle.flusher
         before = None
         if flusher is not None:
+            # The background flusher waits while the puts run, so the drain timed below
+            # has the whole backlog to move (its rate, not the puts', is measured).
+            await self.handle.on_backends(flusher.stop())
             await self.drain()
             before = await self.handle.on_backends(flusher.backlog())
         window = self.messages[:PUT_WINDOW]
@@ -1099,6 +1106,7 @@ class PairRun:
         drain_started = time.perf_counter()
         applied = await self.drain()
         drain_seconds = time.perf_counter() - drain_started
+        await self.handle.on_backends(self._restart(flusher))
         results.flush[self.key] = FlushSample(
             puts=sample.operations,
             put_seconds=sum(sample.seconds),

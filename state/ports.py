@@ -468,8 +468,9 @@ class CheckpointStore(Protocol):
 
     async def delete_thread(self, thread_id: str) -> None: ...
 
-    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`."""
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
+        """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`;
+        returns the threads that lost any (what a cache in front must drop)."""
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
 

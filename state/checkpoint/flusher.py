@@ -155,22 +155,28 @@ class Flusher:
         self._wake.set()
 
     def start(self) -> None:
-        """Run in the background on the current loop until `close`."""
+        """Run in the background on the current loop until `stop` or `close`."""
         if self._task is None:
+            self._closing = False
             self._task = asyncio.create_task(self._run(), name="write-behind-flusher")
+
+    async def stop(self, *, timeout_seconds: float = 5.0) -> None:
+        """Stop the background task (its pass in progress finishes first, within the bound)."""
+        if self._task is None:
+            return
+        # A flag, not only a cancel: a cancel that races a wake-up can be lost.
+        self._closing = True
+        self._wake.set()
+        await asyncio.wait({self._task}, timeout=timeout_seconds)
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
 
     async def close(self, *, final_drain_seconds: float = 5.0) -> None:
         """Stop the background task, then try to leave nothing behind (bounded)."""
-        if self._task is not None:
-            # A flag, not only a cancel: a cancel that races a wake-up can be lost.
-            self._closing = True
-            self._wake.set()
-            await asyncio.wait({self._task}, timeout=final_drain_seconds)
-            if not self._task.done():
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
+        await self.stop(timeout_seconds=final_drain_seconds)
         try:
             await asyncio.wait_for(self.drain(), timeout=final_drain_seconds)
         except (TimeoutError, StateError) as exc:

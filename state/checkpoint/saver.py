@@ -71,6 +71,8 @@ PRUNE_STRATEGIES: tuple[PruneStrategy, ...] = ("keep_latest", "delete")
 # `configurable` key of a run's fencing token: a write-behind write presenting a lower
 # token than one the thread has seen is refused (StaleFencingToken).
 FENCING_TOKEN_KEY = "fencing_token"
+# Checkpoints a synchronous `list` fetches per hop to the loop thread.
+SYNC_LIST_BATCH = 50
 # LangGraph passes the run's durability to the saver under this `configurable` key.
 DURABILITY_KEY = "__pregel_durability"
 # Writes on these channels end a step the caller must find again after a crash.
@@ -245,10 +247,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> Iterator[CheckpointTuple]:
         found = self._list(config, filter=filter, before=before, limit=limit)
         try:
-            while True:
-                try:
-                    yield self._sync(_next(found))
-                except StopAsyncIteration:
+            # A batch per hop to the loop thread, not an item: a hop costs as much as a
+            # small read.
+            while batch := self._sync(_take(found, SYNC_LIST_BATCH)):
+                yield from batch
+                if len(batch) < SYNC_LIST_BATCH:
                     return
         finally:
             self._sync(_close(found))
@@ -447,16 +450,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Special channels (errors, interrupts, resume) replace; ordinary writes are
         # keyed by position and a repeat is ignored, as in LangGraph's own savers.
         upsert = all(channel in WRITES_IDX_MAP for channel, _ in writes)
-        stored = [
-            StoredWrite(
-                task_id,
-                task_path,
-                WRITES_IDX_MAP.get(channel, idx),
-                channel,
-                self.serde.dumps_typed(value),
-            )
-            for idx, (channel, value) in enumerate(writes)
-        ]
+        # One rule for every store: a (task_id, idx) repeated inside one call keeps its
+        # first write, or its last when the writes replace (two interrupts of one task).
+        by_key: dict[int, StoredWrite] = {}
+        for idx, (channel, value) in enumerate(writes):
+            key = WRITES_IDX_MAP.get(channel, idx)
+            if upsert or key not in by_key:
+                by_key[key] = StoredWrite(
+                    task_id, task_path, key, channel, self.serde.dumps_typed(value)
+                )
+        stored = list(by_key.values())
         if self.flusher is None:
             await self.store.put_writes(
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
@@ -523,18 +526,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         if self.flusher is not None:
             await self.flusher.drain()
-        affected: set[str] = set()
-        if self.cache is not None:
-            for run_id in run_ids:
-                async for stored in self.store.list_checkpoints(
-                    thread_id=None,
-                    checkpoint_ns=None,
-                    before=None,
-                    limit=None,
-                    metadata_filter={"run_id": run_id},
-                ):
-                    affected.add(stored.thread_id)
-        await self.store.delete_for_runs(run_ids)
+        # The store names the threads it touched: no read of whole checkpoints to find them.
+        affected = await self.store.delete_for_runs(run_ids)
         if self.cache is not None:
             for thread_id in affected:
                 await self.cache.invalidate(thread_id)
@@ -608,6 +601,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
 async def _next(iterator: AsyncIterator[T]) -> T:
     return await anext(iterator)
+
+
+async def _take(iterator: AsyncIterator[T], count: int) -> list[T]:
+    taken: list[T] = []
+    async for item in iterator:
+        taken.append(item)
+        if len(taken) == count:
+            break
+    return taken
 
 
 async def _close(iterator: AsyncGenerator[Any, None]) -> None:

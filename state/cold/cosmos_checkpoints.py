@@ -174,7 +174,9 @@ class CosmosCheckpointStore:
                 if isinstance(op, WritesPut):
                     pending.append(op)
                     continue
-                if pending:
+                # Writes to different task documents go together; a repeat of one waits
+                # for what came before it (the first ordinary write must win).
+                for wave in _waves(pending):
                     await gather(
                         [
                             self.put_writes(
@@ -184,10 +186,10 @@ class CosmosCheckpointStore:
                                 w.writes,
                                 upsert=w.upsert,
                             )
-                            for w in pending
+                            for w in wave
                         ]
                     )
-                    pending = []
+                pending = []
                 if op is not None:
                     await self.put_checkpoint(op.checkpoint, op.blobs)
 
@@ -332,8 +334,8 @@ class CosmosCheckpointStore:
     async def delete_thread(self, thread_id: str) -> None:
         await self._maintenance.delete_thread(thread_id)
 
-    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._maintenance.delete_for_runs(run_ids)
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
+        return await self._maintenance.delete_for_runs(run_ids)
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self._maintenance.copy_thread(source_thread_id, target_thread_id)
@@ -446,3 +448,18 @@ class CosmosCheckpointStore:
 def _sql_name(name: str) -> str:
     """A JSON string literal is a valid Cosmos SQL property name in brackets."""
     return json.dumps(name)
+
+
+def _waves(ops: Sequence[WritesPut]) -> list[list[WritesPut]]:
+    """`ops` in order, cut wherever an op touches a task document an earlier op of the
+    same wave touches."""
+    waves: list[list[WritesPut]] = []
+    touched: set[tuple[str, str, str]] = set()
+    for op in ops:
+        keys = {(op.checkpoint_ns, op.checkpoint_id, w.task_id) for w in op.writes}
+        if not waves or keys & touched:
+            waves.append([])
+            touched = set()
+        waves[-1].append(op)
+        touched |= keys
+    return waves

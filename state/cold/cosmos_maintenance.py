@@ -49,9 +49,9 @@ class CheckpointMaintenance:
         )
         self._forget(thread_id)
 
-    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
-            return
+            return set()
         victims: dict[tuple[str, str], set[str]] = defaultdict(set)
         async for page in self._io.pages(
             "SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id FROM c"
@@ -65,6 +65,7 @@ class CheckpointMaintenance:
         for (thread_id, checkpoint_ns), checkpoint_ids in victims.items():
             await self._remove(thread_id, checkpoint_ns, checkpoint_ids.__contains__)
             self._forget(thread_id)
+        return {thread_id for thread_id, _ in victims}
 
     async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
         if strategy not in ("keep_latest", "delete"):

@@ -371,12 +371,14 @@ class PostgresCheckpointStore:
         async with self._pg.connection("delete_thread") as conn:
             await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
 
-    async def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+    async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
-            return
+            return set()
         async with self._pg.transaction("delete_for_runs") as conn:
             cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, (list(run_ids),))
-            await _delete_dependents(conn, await cursor.fetchall())
+            deleted = await cursor.fetchall()
+            await _delete_dependents(conn, deleted)
+        return {row["thread_id"] for row in deleted}
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         async with self._pg.connection("copy_thread") as conn:

@@ -61,6 +61,9 @@ SCENARIOS: tuple[str, ...] = (
         for tier in ("with the Redis run lock", "cold store only")
     ),
     "Network cut to cosmos (reset)",
+    "Write-behind flusher SIGKILLed mid-drain (cosmos)",
+    "Write-behind flusher SIGKILLed mid-drain (postgres)",
+    "Cold store (postgres) down for 10 s while write-behind runs continue",
     "Review decision naming someone else than the token's caller",
 )
 

@@ -119,7 +119,9 @@ async def test_redis_fault_mid_workflow(
     reliability: Recorder,
 ) -> None:
     # The deployed policy: only keys with a TTL are evicted, never the write-behind log.
-    options = {"maxmemory": "3mb", "maxmemory_policy": "volatile-lru"} if fault == "eviction" else {}
+    options = (
+        {"maxmemory": "3mb", "maxmemory_policy": "volatile-lru"} if fault == "eviction" else {}
+    )
     server = redis_server(**options)
     settings = settings_for("cosmos", redis_url=server.url)
     deadline = Deadline(120)

@@ -8,6 +8,8 @@ JSON lines: events on stdout, commands on stdin, each bounded in count and time.
   SIGSTOPs it past the TTL and SIGCONTs it after another worker took over).
 - `fence-take THREAD LOCK TTL_MS`: wait for "go" on stdin, take the lock
   (retrying until the old holder's TTL ran out), write once, exit.
+- `drain`: open the backends in write-behind mode and drain the write-behind
+  backlog into the cold tier (the test SIGKILLs it part-way).
 - `zygote`: import the app once, then for each `{"case_id", "mode", "pause"}`
   line fork a child that runs the support-case graph with that LangGraph
   durability mode and reports each node update, so a test can SIGKILL the
@@ -179,6 +181,16 @@ def zygote() -> None:
         emit(case_id=job["case_id"], event="forked", pid=pid)
 
 
+async def drain() -> None:
+    backends = await open_backends(Settings())
+    assert backends.flusher is not None, "drain needs STATE_WRITE_MODE=write-behind"
+    before = await backends.flusher.backlog()
+    emit(event="draining", entries=before.entries, pid=os.getpid())
+    applied = await backends.flusher.drain()
+    emit(event="drained", applied=applied)
+    await backends.close()
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "fence-hold":
@@ -187,6 +199,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(fence_take(args[0], args[1], int(args[2])))
     elif command == "zygote":
         zygote()
+    elif command == "drain":
+        asyncio.run(drain())
     else:
         raise SystemExit(f"unknown command {command!r}")
 

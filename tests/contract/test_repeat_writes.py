@@ -1,0 +1,55 @@
+"""Repeated pending writes through the saver: one rule on every backend and in both write
+modes (LangGraph's: ordinary writes keep the first, special channels keep the last)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+
+from state.checkpoint import TieredCheckpointSaver
+from state.factory import backends_for
+from state.settings import Settings, WriteMode
+from tests.contract.conftest import unique_thread
+
+
+@pytest.mark.parametrize(
+    ("hot", "mode"),
+    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
+    ids=["redis-write-through", "redis-write-behind", "cold-only"],
+)
+async def test_repeated_writes_keep_the_first_and_special_ones_the_last(
+    cold_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(cold_backend, hot=hot, state_write_mode=mode)
+    async with backends_for(settings) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread = unique_thread("repeat")
+        checkpoint = empty_checkpoint()
+        config = await saver.aput(
+            {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}, checkpoint, {}, {}
+        )
+
+        await saver.aput_writes(config, [("a", "first"), ("b", "kept")], "task-1")
+        # A retried task: ordinary writes are ignored, the first ones stay.
+        await saver.aput_writes(config, [("a", "retried")], "task-1")
+        # Two interrupts of one task in one call: the last replaces the first.
+        await saver.aput_writes(
+            config, [("__interrupt__", "one"), ("__interrupt__", "two")], "task-2"
+        )
+        await saver.aflush(thread)
+
+        for source in ("saver", "cold"):
+            if source == "cold" and backends.hot_checkpoints is not None:
+                await backends.hot_checkpoints.invalidate(thread)
+            latest = await saver.aget_tuple({"configurable": {"thread_id": thread}})
+            assert latest is not None
+            assert sorted(latest.pending_writes or []) == [
+                ("task-1", "a", "first"),
+                ("task-1", "b", "kept"),
+                ("task-2", "__interrupt__", "two"),
+            ], source
