@@ -2,9 +2,9 @@
 
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
-agent id; hot: section merge) and returns the same result to the graph. It
-passes the run's fencing token, so a run that lost its lock cannot overwrite a
-newer run's state. A re-run (after a crash) recomputes the same value and finds
+agent id; hot: the new record installed) and returns the same result to the
+graph. It passes the run's fencing token, so a run that lost its lock cannot
+overwrite a newer run's state. A re-run (after a crash) recomputes the same value and finds
 it already stored, so it writes nothing twice.
 """
 
