@@ -11,6 +11,7 @@ it already stored, so it writes nothing twice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +23,6 @@ from state.settings import Settings
 from state.tiered import TieredStateStore
 
 from ..effects import Effects
-from ..faults import pause_after
 from ..models import CaseState, Message
 from ..records import set_section
 from ..telemetry import traced
@@ -35,11 +35,17 @@ class RunContext:
     fencing_token: int | None = None
 
 
+# Awaited with the step's name once its section is written, before LangGraph checkpoints
+# the step: the seam a test uses to hold a step open and kill the process there.
+StepHook = Callable[[str], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class AgentDeps:
     store: TieredStateStore
     effects: Effects
     settings: Settings
+    after_step: StepHook | None = None
 
 
 class StatefulAgent(ABC):
@@ -69,7 +75,8 @@ class StatefulAgent(ABC):
                 agent_id=self.author(value),
                 fencing_token=fencing_token,
             )
-            await pause_after(self.step)
+            if self.deps.after_step is not None:
+                await self.deps.after_step(self.step)
             update = self.state_update(value)
             update["completed_steps"] = [self.step]
             messages = self.messages(state, value)
