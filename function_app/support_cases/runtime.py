@@ -9,10 +9,14 @@ from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from state.checkpoint import TieredCheckpointSaver
-from state.factory import Backends, open_backends
-from state.settings import Settings, get_settings
-from state.tiered import TieredStateStore
+from state import (
+    Backends,
+    Settings,
+    TieredCheckpointSaver,
+    TieredStateStore,
+    get_settings,
+    open_backends,
+)
 
 from .agents import AgentDeps, StepHook
 from .effects import Effects, SimulatedProvider

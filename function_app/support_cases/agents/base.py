@@ -18,9 +18,7 @@ from typing import Any, ClassVar
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 
-from state.ports import JSON
-from state.settings import Settings
-from state.tiered import TieredStateStore
+from state import JSON, Settings, TieredStateStore
 
 from ..effects import Effects
 from ..models import CaseState, Message
