@@ -9,6 +9,7 @@ from __future__ import annotations
 import operator
 import textwrap
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -40,17 +41,12 @@ def test_the_module_docstring_shows_the_readme_example(repo_root: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["cosmos", "postgres"])
 def test_the_readme_saver_example_runs(
-    backend: str, repo_root: Path, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    backend: str,
+    repo_root: Path,
+    env_for: Callable[..., dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    env = {
-        "STATE_COLD_BACKEND": backend,
-        "COSMOS_ENDPOINT": stack_env["COSMOS_ENDPOINT"],
-        "COSMOS_KEY": stack_env["COSMOS_KEY"],
-        "COSMOS_CREATE_IF_MISSING": "true",
-        "POSTGRES_URL": stack_env["POSTGRES_URL"],
-        "REDIS_URL": stack_env["REDIS_URL"],
-    }
-    for name, value in env.items():
+    for name, value in env_for(backend).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("STATE_WRITE_MODE", raising=False)
     assert Settings().write_mode is WriteMode.WRITE_BEHIND  # the default with Redis
