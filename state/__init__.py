@@ -1,0 +1,114 @@
+"""agent-state: durable, fast state for LangGraph workflows (Redis hot tier, Cosmos DB or
+Postgres cold tier). Import what you use from here; the submodules are its parts.
+
+Settings
+    `Settings` reads every option from the environment (variable names: the field
+    names upper-cased); `get_settings()` is the process's cached instance.
+    `ColdBackend` picks Cosmos or Postgres, `WriteMode` write-behind or write-through.
+
+Backends
+    `open_backends(settings)` connects every configured tier (and creates the
+    container or runs the migrations) and returns `Backends`; close it with
+    `await backends.close()`, or use `async with backends_for(settings) as backends`.
+
+Stores
+    `TieredStateStore.from_backends(backends)`: workflow records (named sections,
+    versioned, audited, size-bounded) cache-aside over the cold tier, plus
+    fenced locks. Its types: `WorkflowRecord`, `AuditEntry`, `Lock`, `TierHealth`,
+    `Caller` / `acting_for` (who an audit entry names), `JSON`. The ports the
+    adapters implement: `ColdStateStore`, `HotStateStore`, `CheckpointStore`,
+    `ColdRetention`.
+
+Checkpoints
+    `TieredCheckpointSaver`, a LangGraph checkpointer: `from_backends(backends)`
+    in async code, `open_sync(settings)` without an event loop. In write-behind
+    mode `flush(thread_id)` / `aflush` make a thread durable in the cold tier, and
+    the `Flusher` (`backends.flusher`) drains the backlog in the background. A run
+    passes its lock's fencing token as `configurable[FENCING_TOKEN_KEY]`.
+
+Errors
+    Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
+    `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
+    `BackendUnavailable`, `RequestRejected` (and its `InvalidValue`),
+    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`.
+
+Using the saver from any LangGraph program (the README's example)::
+
+    from state import Settings, TieredCheckpointSaver
+
+    with TieredCheckpointSaver.open_sync(Settings()) as saver:  # settings from the environment
+        graph = builder.compile(checkpointer=saver)
+        graph.invoke(inputs, {"configurable": {"thread_id": "case_8842"}})
+        saver.flush("case_8842")  # the end of the run: durable in the cold tier
+"""
+
+from .checkpoint import FENCING_TOKEN_KEY, Flusher, TieredCheckpointSaver
+from .errors import (
+    BackendUnavailable,
+    CorruptState,
+    InvalidValue,
+    LockNotAcquired,
+    RequestRejected,
+    SettingsError,
+    StaleFencingToken,
+    StateError,
+    StateTooLarge,
+    UnsupportedSchemaVersion,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+)
+from .factory import Backends, backends_for, open_backends
+from .ports import (
+    JSON,
+    AuditEntry,
+    Caller,
+    CheckpointStore,
+    ColdRetention,
+    ColdStateStore,
+    HotStateStore,
+    Lock,
+    TierHealth,
+    WorkflowRecord,
+    acting_for,
+)
+from .settings import ColdBackend, Settings, WriteMode, get_settings
+from .tiered import TieredStateStore
+
+__all__ = [
+    "FENCING_TOKEN_KEY",
+    "JSON",
+    "AuditEntry",
+    "BackendUnavailable",
+    "Backends",
+    "Caller",
+    "CheckpointStore",
+    "ColdBackend",
+    "ColdRetention",
+    "ColdStateStore",
+    "CorruptState",
+    "Flusher",
+    "HotStateStore",
+    "InvalidValue",
+    "Lock",
+    "LockNotAcquired",
+    "RequestRejected",
+    "Settings",
+    "SettingsError",
+    "StaleFencingToken",
+    "StateError",
+    "StateTooLarge",
+    "TierHealth",
+    "TieredCheckpointSaver",
+    "TieredStateStore",
+    "UnsupportedSchemaVersion",
+    "VersionConflict",
+    "WorkflowExists",
+    "WorkflowNotFound",
+    "WorkflowRecord",
+    "WriteMode",
+    "acting_for",
+    "backends_for",
+    "get_settings",
+    "open_backends",
+]

@@ -281,23 +281,8 @@ class HotStateStore(Protocol):
         Returns whether the record was installed.
         """
 
-    async def merge_section(
-        self, thread_id: str, section: str, value: JSON, *, version: int | None = None
-    ) -> bool:
-        """Atomically replace one section of the cached record, keeping its TTL.
-
-        With `version`, only if the cached record is older than `version` (it
-        then becomes `version`). Returns False if nothing is cached.
-        """
-
-    async def update_field(self, thread_id: str, section: str, field: str, value: JSON) -> bool:
-        """Atomically set one field inside one section, keeping the TTL."""
-
     async def invalidate(self, thread_id: str) -> None:
         """Drop the cached record; write intents stay."""
-
-    async def ttl(self, thread_id: str) -> int:
-        """Remaining TTL in seconds (-2 when absent, -1 without expiry)."""
 
     async def acquire_lock(self, name: str, *, ttl_ms: int) -> Lock | None:
         """Take the lock if free; the returned fence is higher than any issued before."""

@@ -194,8 +194,9 @@ def _is_reference(value: JSON) -> bool:
     return is_archived(value) or is_offloaded(value)
 
 
-def compress(value: JSON, threshold_bytes: int) -> JSON:
-    """The value itself below the threshold (or when compressing would not shrink it)."""
+def wrap_compressed(value: JSON, threshold_bytes: int) -> JSON:
+    """A JSON value in its compressed envelope (bytes via `codec.compress`); the value
+    itself below the threshold, or when the envelope would not be smaller."""
     if is_compressed(value) or _is_reference(value):
         return value
     raw = canonical_json(value)
@@ -209,7 +210,8 @@ def compress(value: JSON, threshold_bytes: int) -> JSON:
     return envelope if len(canonical_json(envelope)) < len(raw) else value
 
 
-def decompress(value: JSON) -> JSON:
+def unwrap_compressed(value: JSON) -> JSON:
+    """The value a compressed envelope holds; any other value as it is."""
     if not is_compressed(value):
         return value
     body = value[COMPRESSED_KEY]
@@ -354,7 +356,7 @@ class StateSizeManager:
                 and name in result
                 and not _is_reference(result[name])
             ):
-                value = decompress(result[name])
+                value = unwrap_compressed(result[name])
                 ref = await self._require_archive().archive(thread_id, name, value)
                 result[name] = {ARCHIVED_KEY: _reference(ref, value)}
                 actions.archived[name] = ref
@@ -377,7 +379,7 @@ class StateSizeManager:
         Lossless and not tied to the policy: for a caller that learns only from the
         cold store that a record will not fit (`StateTooLarge`).
         """
-        plain = decompress(value)
+        plain = unwrap_compressed(value)
         ref = await self._require_archive().archive(thread_id, section, plain)
         return {OFFLOADED_KEY: _reference(ref, plain)}
 
@@ -395,7 +397,7 @@ class StateSizeManager:
             if _is_reference(value):
                 continue
             if name in policy.message_sections and value is not None:
-                messages = decompress(value)
+                messages = unwrap_compressed(value)
                 if not isinstance(messages, list):
                     raise TypeError(
                         f"section {name!r} is configured as a message window but holds "
@@ -406,11 +408,13 @@ class StateSizeManager:
                     value = pruned
                     actions.pruned[name] = dropped
             if name in policy.reasoning_sections:
-                truncated, cut = truncate_strings(decompress(value), policy.reasoning_max_chars)
+                truncated, cut = truncate_strings(
+                    unwrap_compressed(value), policy.reasoning_max_chars
+                )
                 if cut:
                     value = truncated
                     actions.truncated[name] = cut
-            packed = compress(value, policy.compress_threshold_bytes)
+            packed = wrap_compressed(value, policy.compress_threshold_bytes)
             if packed is not value:
                 actions.compressed[name] = (
                     len(canonical_json(value)),
@@ -434,5 +438,5 @@ class StateSizeManager:
                     raise CorruptState(f"section {name!r} does not match its stored digest")
                 result[name] = fetched
             else:
-                result[name] = decompress(value)
+                result[name] = unwrap_compressed(value)
         return result

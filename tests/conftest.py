@@ -81,3 +81,35 @@ def fresh_postgres_url(stack_env: dict[str, str]) -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def env_for(stack_env: dict[str, str]) -> Callable[..., dict[str, str]]:
+    """App settings as environment variables for one backend on the session stack.
+
+    Overrides by field name; `redis_url=None` runs without a hot tier, a URL
+    points at a dedicated server (likewise `postgres_url`).
+    """
+
+    def build(backend: str, **overrides: object) -> dict[str, str]:
+        values = {
+            "STATE_COLD_BACKEND": backend,
+            "COSMOS_ENDPOINT": stack_env["COSMOS_ENDPOINT"],
+            "COSMOS_KEY": stack_env["COSMOS_KEY"],
+            "COSMOS_CREATE_IF_MISSING": "true",
+            "POSTGRES_URL": stack_env["POSTGRES_URL"],
+            # Shared by both backends: hot-tier keys are namespaced by the cold store.
+            "REDIS_URL": stack_env["REDIS_URL"],
+            # Callers are checked against the stack's own token issuer.
+            "AUTH_ISSUER": stack_env["AUTH_ISSUER"],
+            "AUTH_JWKS_URL": stack_env["AUTH_JWKS_URL"],
+            "AUTH_AUDIENCE": stack_env["AUTH_AUDIENCE"],
+        }
+        for name, value in overrides.items():
+            if value is None:
+                values.pop(name.upper(), None)
+            else:
+                values[name.upper()] = str(value)
+        return values
+
+    return build

@@ -112,7 +112,7 @@ def _stack_cli(*args: str) -> tuple[int, str, str]:
     """Exit code, what a terminal shows (stdout and stderr together), and stderr alone."""
     from typer.testing import CliRunner
 
-    from support_cases.cli import app
+    from agent_state_cli.cli import app
 
     result = CliRunner().invoke(app, ["stack", *args], env={"COLUMNS": "200"})
     return result.exit_code, result.output, result.stderr

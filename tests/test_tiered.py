@@ -10,7 +10,7 @@ import asyncio
 import base64
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,20 @@ async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
     store = RedisHotStore(create_redis_client(settings), settings)
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def hot_ttl(
+    hot: RedisHotStore, settings: Settings
+) -> AsyncIterator[Callable[[str], Awaitable[int]]]:
+    """A thread's hot-entry TTL in seconds, read past the store (-2: no entry)."""
+    client = create_redis_client(settings)
+
+    async def ttl(thread_id: str) -> int:
+        return int(await client.ttl(hot.key(thread_id)))
+
+    yield ttl
+    await client.aclose()
 
 
 @pytest.fixture
@@ -211,7 +225,11 @@ class DyingCold:
 
 
 async def test_a_miss_reads_cold_and_fills_hot_then_hits(
-    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore, settings: Settings
+    tiered: TieredStateStore,
+    cold: CosmosStateStore,
+    hot: RedisHotStore,
+    settings: Settings,
+    hot_ttl: Callable[[str], Awaitable[int]],
 ) -> None:
     thread = _thread()
     stored = await cold.create(thread, {"intake": {"case": "case_8842"}}, agent_id="intake")
@@ -220,15 +238,15 @@ async def test_a_miss_reads_cold_and_fills_hot_then_hits(
     assert await hot.get(thread) == stored
     assert await tiered.get(thread) == stored
     assert (tiered.stats.misses, tiered.stats.hits) == (1, 1)
-    assert 0 < await hot.ttl(thread) <= settings.state_hot_ttl_seconds
+    assert 0 < await hot_ttl(thread) <= settings.state_hot_ttl_seconds
 
 
 async def test_an_unknown_thread_is_none_and_caches_nothing(
-    tiered: TieredStateStore, hot: RedisHotStore
+    tiered: TieredStateStore, hot_ttl: Callable[[str], Awaitable[int]]
 ) -> None:
     thread = _thread()
     assert await tiered.get(thread) is None
-    assert await hot.ttl(thread) == -2
+    assert await hot_ttl(thread) == -2
     with pytest.raises(WorkflowNotFound):
         await tiered.update_section(thread, "s", 1, agent_id="a")
 

@@ -28,9 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from state.errors import BackendUnavailable, SettingsError
-from state.ports import Caller
-from state.settings import Settings
+from state import BackendUnavailable, Caller, Settings, SettingsError
 
 from .http_errors import error_response
 

@@ -24,9 +24,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from state.errors import WorkflowExists
-from state.ports import WorkflowRecord
-from state.tiered import TieredStateStore
+from state import TieredStateStore, WorkflowExists, WorkflowRecord
 
 from .models import EffectView
 from .records import UNCHANGED, set_section, write_section

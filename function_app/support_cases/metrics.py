@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Protocol
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from state.errors import StateError
+from state import StateError
 from state.ports import Counters
 
 if TYPE_CHECKING:
-    from state.factory import Backends
-    from state.tiered import TieredStateStore
+    from state import Backends, TieredStateStore
 
 log = logging.getLogger(__name__)
 

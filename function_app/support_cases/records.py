@@ -13,9 +13,7 @@ import asyncio
 import random
 from collections.abc import Callable
 
-from state.errors import VersionConflict, WorkflowNotFound
-from state.ports import JSON, WorkflowRecord
-from state.tiered import TieredStateStore
+from state import JSON, TieredStateStore, VersionConflict, WorkflowNotFound, WorkflowRecord
 
 MAX_ATTEMPTS = 25
 

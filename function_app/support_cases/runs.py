@@ -20,10 +20,16 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from state.errors import StateTooLarge, VersionConflict, WorkflowExists, WorkflowNotFound
-from state.ports import ColdRetention, WorkflowRecord
-from state.settings import Settings
-from state.tiered import TieredStateStore
+from state import (
+    ColdRetention,
+    Settings,
+    StateTooLarge,
+    TieredStateStore,
+    VersionConflict,
+    WorkflowExists,
+    WorkflowNotFound,
+    WorkflowRecord,
+)
 
 from .models import CaseStatus
 from .records import UNCHANGED, write_section

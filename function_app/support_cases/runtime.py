@@ -9,12 +9,16 @@ from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from state.checkpoint import TieredCheckpointSaver
-from state.factory import Backends, open_backends
-from state.settings import Settings, get_settings
-from state.tiered import TieredStateStore
+from state import (
+    Backends,
+    Settings,
+    TieredCheckpointSaver,
+    TieredStateStore,
+    get_settings,
+    open_backends,
+)
 
-from .agents import AgentDeps
+from .agents import AgentDeps, StepHook
 from .effects import Effects, SimulatedProvider
 from .graph import CaseGraph, build_graph
 from .metrics import BacklogSampler, app_metrics
@@ -35,18 +39,25 @@ class Runtime:
     backlog_sampler: BacklogSampler | None = None
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
+    async def open(cls, settings: Settings, *, after_step: StepHook | None = None) -> Runtime:
         configure_telemetry(settings)
         backends = await open_backends(settings)
         try:
-            return cls.assemble(backends, TieredCheckpointSaver.from_backends(backends))
+            saver = TieredCheckpointSaver.from_backends(backends)
+            return cls.assemble(backends, saver, after_step=after_step)
         except BaseException:
             await backends.close()
             raise
 
     @classmethod
-    def assemble(cls, backends: Backends, saver: BaseCheckpointSaver[Any]) -> Runtime:
-        """Wire the app over open backends and a checkpoint saver."""
+    def assemble(
+        cls,
+        backends: Backends,
+        saver: BaseCheckpointSaver[Any],
+        *,
+        after_step: StepHook | None = None,
+    ) -> Runtime:
+        """Wire the app over open backends and a checkpoint saver (`after_step`: tests only)."""
         settings = backends.settings
         store = TieredStateStore.from_backends(backends)
         provider = SimulatedProvider(store)
@@ -55,6 +66,7 @@ class Runtime:
                 store,
                 Effects(store, provider, lease_seconds=settings.state_lock_ttl_ms / 1000),
                 settings,
+                after_step,
             ),
             saver,
         )
@@ -85,8 +97,14 @@ class Runtime:
 class RuntimeHolder:
     """The process's one Runtime, opened on first use (HTTP and timer functions share it)."""
 
-    def __init__(self, settings: Callable[[], Settings] = get_settings) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], Settings] = get_settings,
+        *,
+        after_step: StepHook | None = None,
+    ) -> None:
         self._settings = settings
+        self._after_step = after_step
         self._runtime: Runtime | None = None
         self._opening = asyncio.Lock()
 
@@ -97,7 +115,9 @@ class RuntimeHolder:
         if self._runtime is None:
             async with self._opening:
                 if self._runtime is None:
-                    self._runtime = await Runtime.open(self._settings())
+                    self._runtime = await Runtime.open(
+                        self._settings(), after_step=self._after_step
+                    )
         return self._runtime
 
     async def close(self) -> None:

@@ -27,16 +27,21 @@ from typing import Any, Literal
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, StateSnapshot
 
-from state.checkpoint import FENCING_TOKEN_KEY, TieredCheckpointSaver
-from state.errors import (
+from state import (
+    FENCING_TOKEN_KEY,
     BackendUnavailable,
+    Caller,
+    ColdRetention,
+    Lock,
     LockNotAcquired,
+    Settings,
     StaleFencingToken,
+    TieredCheckpointSaver,
+    TieredStateStore,
     WorkflowExists,
+    WorkflowRecord,
+    acting_for,
 )
-from state.ports import Caller, ColdRetention, Lock, WorkflowRecord, acting_for
-from state.settings import Settings
-from state.tiered import TieredStateStore
 
 from .agents import RunContext
 from .effects import EffectInProgress, SimulatedProvider, effects_in

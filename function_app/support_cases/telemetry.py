@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-from state.settings import Settings
+from state import Settings
 
 log = logging.getLogger(__name__)
 

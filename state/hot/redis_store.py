@@ -1,4 +1,4 @@
-"""The Redis hot tier: cached workflow records, atomic section/field writes, fenced locks.
+"""The Redis hot tier: cached workflow records, write intents, fenced locks.
 
 Layout, all keys hash-tagged with the thread id (one cluster slot per thread) and
 namespaced by the cold store they cache (`hot_namespace`: two stores may share
@@ -7,8 +7,7 @@ one Redis):
 - `{tid}:<ns>:wf`     hash: `version`, `schema_version`, `created_at`,
                       `updated_at`, `fence`, one `s:<section>` field per section
                       (JSON), and one `i:<token>` field per write in flight (its
-                      deadline on the server clock, in microseconds). HSET leaves
-                      the key's TTL alone, so section writes keep it by nature.
+                      deadline on the server clock, in microseconds).
 - `{name}:<ns>:lock`  lock owner token, `SET NX PX`.
 - `{name}:<ns>:fence` last fencing token issued for that lock name.
 
@@ -19,9 +18,7 @@ Deadlines and read times come from the server's `TIME`, so every worker
 compares them on one clock.
 
 Every read-modify-write is one Lua script, so concurrent writers never lose
-each other's changes. Scripts never decode JSON they do not have to: only
-`update_field` decodes the one section it edits, and only when that section
-survives Lua's cjson round trip unchanged (see `_UPDATE_FIELD`).
+each other's changes. Scripts never decode JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -49,9 +45,6 @@ SECTION_PREFIX = "s:"
 INTENT_PREFIX = "i:"
 # The fence counter outlives any lock on it; it is re-seeded from the clock if lost.
 FENCE_RETENTION_MS = 7 * 24 * 3600 * 1000
-
-# What the section-editing scripts answer (see each script).
-DONE, NOT_CACHED, TRY_AGAIN, NOT_AN_OBJECT = 1, 0, -1, -2
 
 # The server clock and the whole entry, in one step. KEYS[1] record.
 _READ = """
@@ -127,70 +120,6 @@ end
 return #record
 """
 
-# Replace one section of a cached record; with a version, only if the cache is older.
-# KEYS[1] record; ARGV[1] section field, ARGV[2] JSON, ARGV[3] version or '', ARGV[4] now.
-_MERGE_SECTION = """
-local cached = redis.call('HGET', KEYS[1], 'version')
-if not cached then
-  return 0
-end
-if ARGV[3] ~= '' then
-  if tonumber(cached) >= tonumber(ARGV[3]) then
-    return 0
-  end
-  redis.call('HSET', KEYS[1], 'version', ARGV[3])
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'updated_at', ARGV[4])
-return 1
-"""
-
-# Set one field of one (object) section. cjson turns `[]` into `{}`, keeps only 14
-# significant digits and writes 640.0 as 640, so a section holding an empty array,
-# a 15+ digit run or a whole-valued float is not re-encoded here: the script answers
-# -1 and the caller falls back to a compare-and-set of the whole section. The new
-# value itself is never decoded: a random marker stands in for it during encoding
-# and is then replaced by its JSON.
-# KEYS[1] record; ARGV[1] section field, ARGV[2] field name, ARGV[3] value JSON,
-# ARGV[4] marker, ARGV[5] now. Returns 1 done, 0 not cached, -1 unsafe, -2 not an object.
-_UPDATE_FIELD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local section = {}
-if raw then
-  if string.sub(raw, 1, 1) ~= '{' then
-    return -2
-  end
-  if string.find(raw, '%[%s*%]') or string.find(raw, string.rep('%d', 15))
-      or string.find(raw, '%d%.0[^%d]') then
-    return -1
-  end
-  section = cjson.decode(raw)
-end
-section[ARGV[2]] = ARGV[4]
-local encoded = cjson.encode(section)
-local first, last = string.find(encoded, '"' .. ARGV[4] .. '"', 1, true)
-encoded = string.sub(encoded, 1, first - 1) .. ARGV[3] .. string.sub(encoded, last + 1)
-redis.call('HSET', KEYS[1], ARGV[1], encoded, 'updated_at', ARGV[5])
-return 1
-"""
-
-# Replace a section only if it still holds what the caller read ('' = absent).
-# KEYS[1] record; ARGV[1] section field, ARGV[2] expected JSON, ARGV[3] new JSON, ARGV[4] now.
-# Returns 1 done, 0 not cached, -1 changed meanwhile.
-_COMPARE_AND_SET_SECTION = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-local raw = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if raw ~= ARGV[2] then
-  return -1
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], 'updated_at', ARGV[4])
-return 1
-"""
-
 # Take the lock and issue the next fencing token in one step. The token is at least
 # the server clock in microseconds, so it stays monotonic even if the counter is lost
 # (restart without persistence, eviction, failover).
@@ -219,10 +148,6 @@ def _dumps(value: JSON) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
 @contextmanager
 def redis_errors() -> Iterator[None]:
     """Any Redis failure (down, timeout, out of memory, read-only replica) is the tier's."""
@@ -245,9 +170,6 @@ class RedisHotStore:
         self._begin_write = client.register_script(_BEGIN_WRITE)
         self._install = client.register_script(_INSTALL)
         self._invalidate = client.register_script(_INVALIDATE)
-        self._merge_section = client.register_script(_MERGE_SECTION)
-        self._update_field = client.register_script(_UPDATE_FIELD)
-        self._compare_and_set_section = client.register_script(_COMPARE_AND_SET_SECTION)
         self._acquire_lock = client.register_script(_ACQUIRE_LOCK)
         self._release_lock = client.register_script(_RELEASE_LOCK)
 
@@ -302,61 +224,9 @@ class RedisHotStore:
             installed = await self._install(keys=[self.key(record.thread_id)], args=args)
         return bool(installed)
 
-    async def merge_section(
-        self, thread_id: str, section: str, value: JSON, *, version: int | None = None
-    ) -> bool:
-        args = [SECTION_PREFIX + section, _dumps(value), "" if version is None else version, _now()]
-        with redis_errors():
-            merged = await self._merge_section(keys=[self.key(thread_id)], args=args)
-        return bool(merged)
-
-    async def update_field(self, thread_id: str, section: str, field: str, value: JSON) -> bool:
-        key = self.key(thread_id)
-        section_field = SECTION_PREFIX + section
-        encoded = _dumps(value)
-        marker = f"__value_{secrets.token_hex(16)}__"
-        with redis_errors():
-            outcome = int(
-                await self._update_field(
-                    keys=[key], args=[section_field, field, encoded, marker, _now()]
-                )
-            )
-            if outcome == TRY_AGAIN:
-                outcome = await self._update_field_by_compare_and_set(key, section, field, value)
-        if outcome == NOT_AN_OBJECT:
-            raise ValueError(f"section {section!r} of {thread_id!r} is not a JSON object")
-        return outcome == DONE
-
-    async def _update_field_by_compare_and_set(
-        self, key: str, section: str, field: str, value: JSON
-    ) -> int:
-        """Edit the section in Python and write it back only if nobody changed it meanwhile.
-
-        Lock-free: a failed compare means another writer succeeded, so this terminates.
-        """
-        section_field = SECTION_PREFIX + section
-        while True:
-            raw = await self._client.hget(key, section_field)
-            current = json.loads(raw) if raw is not None else {}
-            if not isinstance(current, dict):
-                return NOT_AN_OBJECT
-            current[field] = value
-            outcome = int(
-                await self._compare_and_set_section(
-                    keys=[key],
-                    args=[section_field, raw or b"", _dumps(current), _now()],
-                )
-            )
-            if outcome != TRY_AGAIN:
-                return outcome
-
     async def invalidate(self, thread_id: str) -> None:
         with redis_errors():
             await self._invalidate(keys=[self.key(thread_id)])
-
-    async def ttl(self, thread_id: str) -> int:
-        with redis_errors():
-            return int(await self._client.ttl(self.key(thread_id)))
 
     # ----------------------------------------------------------------- locks
 

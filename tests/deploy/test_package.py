@@ -44,6 +44,7 @@ INDEX_SCRIPT = textwrap.dedent(
         "support_cases_file": support_cases.__file__,
         "openapi_status": status,
         "openapi_paths": paths,
+        "modules": sorted(sys.modules),
     }))
     """
 )
@@ -77,6 +78,16 @@ def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Pat
     build_package(repo_root, package)
     assert (package / "state" / "tiered.py").is_file()
     assert (package / "host.json").is_file() and not (package / "tests").exists()
+    # No developer or test tool ships: the CLI, its token helper, the local stack, test hooks.
+    shipped = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
+    assert "support_cases/api.py" in shipped and "support_cases/runtime.py" in shipped
+    tools = {
+        path
+        for path in shipped
+        if path.split("/")[0] in ("devstack", "agent_state_cli", "tests")
+        or path.rsplit("/", 1)[-1] in ("cli.py", "tokens.py", "faults.py", "step_pause.py")
+    }
+    assert tools == set()
 
     venv = tmp_path / "venv"
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
@@ -102,6 +113,10 @@ def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Pat
     # Everything came from the package itself, not from the repository.
     assert Path(report["state_file"]).resolve().is_relative_to(package.resolve())
     assert Path(report["support_cases_file"]).resolve().is_relative_to(package.resolve())
+    # Indexing and serving a request imported no developer tool (nor the CLI's libraries).
+    loaded = {name.split(".")[0] for name in report["modules"]}
+    assert loaded.isdisjoint({"devstack", "agent_state_cli", "typer", "tests"})
+    assert "support_cases.api" in report["modules"]
 
     functions = {f["name"]: f for f in report["functions"]}
     assert set(functions) == {"http_app_func", "resume_stale_runs"}

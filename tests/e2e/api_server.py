@@ -52,14 +52,19 @@ async def wait_for(check: Callable[[], Any], what: str, log: Path, within: float
     raise AssertionError(f"timed out waiting for {what}; server log:\n{tail[-3000:]}")
 
 
-def start_uvicorn(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+APP_FACTORY = "support_cases.api:create_app"
+
+
+def start_uvicorn(
+    env: dict[str, str], log: Path, port: int, factory: str = APP_FACTORY
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
         return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "support_cases.api:create_app",
+                factory,
                 "--factory",
                 "--host",
                 "127.0.0.1",
@@ -76,15 +81,16 @@ def start_uvicorn(env: dict[str, str], log: Path, port: int) -> subprocess.Popen
 
 @asynccontextmanager
 async def api_process(
-    env: dict[str, str], log: Path
+    env: dict[str, str], log: Path, factory: str = APP_FACTORY
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
-    """Start the API, wait until /api/health answers, stop it (by its pid) afterwards.
+    """Start the API (`factory`: the app's own), wait until /api/health answers, stop it
+    (by its pid) afterwards.
 
     The client calls as "e2e-client" with every role, its token from the stack's issuer.
     """
     port = free_port()
     token = await asyncio.to_thread(request_token, env["AUTH_ISSUER"], "e2e-client")
-    process = start_uvicorn(env, log, port)
+    process = start_uvicorn(env, log, port, factory)
     try:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",

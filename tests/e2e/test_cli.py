@@ -12,7 +12,7 @@ import pytest
 from api_server import api_process, app_env
 from typer.testing import CliRunner
 
-from support_cases.cli import app
+from agent_state_cli.cli import app
 from support_cases.runtime import Runtime
 
 

@@ -22,15 +22,16 @@ from azure.functions.timer import TimerRequest
 from state.settings import get_settings
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
-from support_cases.faults import PAUSE_AFTER_ENV
 from support_cases.runtime import Runtime
+from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
 
 pytestmark = pytest.mark.slow
 
 
 async def run_until_killed(env: dict[str, str], log: Path, case_id: str, runtime: Runtime) -> None:
     """Submit the demo case to an API that stalls in the refund step, then SIGKILL it."""
-    async with api_process({**env, PAUSE_AFTER_ENV: "refund=60"}, log) as (process, client):
+    paused = {**env, PAUSE_AFTER_ENV: "refund=60"}
+    async with api_process(paused, log, PAUSED_APP) as (process, client):
         response = await client.post("/api/cases", json=demo_case(case_id))
         assert response.status_code == 202, response.text
 

@@ -19,9 +19,9 @@ import pytest
 from api_server import api_process, app_env
 from typer.testing import CliRunner
 
+from agent_state_cli.cli import app as cli_app
 from state.settings import Settings
 from support_cases.api import create_app
-from support_cases.cli import app as cli_app
 from support_cases.demo import demo_case
 from support_cases.models import CaseStatus, CaseSubmission
 from support_cases.runs import RUN_SECTION, new_run_section, utcnow

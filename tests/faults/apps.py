@@ -12,6 +12,7 @@ from typing import Any
 
 from state.errors import BackendUnavailable
 from state.settings import Settings
+from support_cases.agents import StepHook
 from support_cases.demo import demo_case
 from support_cases.models import CaseStatus, CaseSubmission, ReviewDecision
 from support_cases.runtime import Runtime
@@ -56,8 +57,10 @@ class App:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[App]:
-    runtime = await Runtime.open(settings)
+async def open_runtime(
+    settings: Settings, after_step: StepHook | None = None
+) -> AsyncIterator[App]:
+    runtime = await Runtime.open(settings, after_step=after_step)
     try:
         yield App(runtime)
     finally:

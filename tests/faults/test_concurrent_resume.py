@@ -25,10 +25,10 @@ from state.factory import backends_for
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.effects import idempotency_key
-from support_cases.faults import PAUSE_AFTER_ENV
 from support_cases.models import CaseStatus
 from support_cases.runs import RUN_SECTION
 from support_cases.service import CaseConflict, Outcome
+from tests.step_pause import pause_after
 
 from .apps import EFFECT_KEYS, App, open_runtime, review_case, submission
 from .conftest import Deadline, Recorder
@@ -198,33 +198,24 @@ async def isolated_settings(
             await connection.close()
 
 
-async def stall(
-    settings: Settings,
-    case_ids: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-    deadline: Deadline,
-) -> None:
+async def stall(settings: Settings, case_ids: list[str], deadline: Deadline) -> None:
     """Leave each case as a dead worker does: marked running, its heartbeat going stale.
 
     A runtime runs the cases up to a pause after STALL_AFTER_STEP and is closed
     there, which cancels its runs mid-step: their `run` section still says
     running, nothing marks them done, and the step is not checkpointed.
     """
-    monkeypatch.setenv(PAUSE_AFTER_ENV, f"{STALL_AFTER_STEP}=120")
-    try:
-        dying = settings.model_copy(update={"case_sync_wait_seconds": 0.0})
-        async with open_runtime(dying) as worker:
-            for case_id in case_ids:
-                await worker.runtime.service.submit(submission(case_id), None)
-            while True:
-                records = [await worker.runtime.store.get(case_id) for case_id in case_ids]
-                if all(r is not None and STALL_AFTER_STEP in r.sections for r in records):
-                    break
-                deadline.check("cases reaching the stall point")
-                await asyncio.sleep(0.05)
-    finally:
-        # The resuming runtimes must run the graph through.
-        monkeypatch.delenv(PAUSE_AFTER_ENV)
+    dying = settings.model_copy(update={"case_sync_wait_seconds": 0.0})
+    pause = pause_after(f"{STALL_AFTER_STEP}=120")
+    async with open_runtime(dying, after_step=pause) as worker:
+        for case_id in case_ids:
+            await worker.runtime.service.submit(submission(case_id), None)
+        while True:
+            records = [await worker.runtime.store.get(case_id) for case_id in case_ids]
+            if all(r is not None and STALL_AFTER_STEP in r.sections for r in records):
+                break
+            deadline.check("cases reaching the stall point")
+            await asyncio.sleep(0.05)
 
 
 async def wait_stalled(app: App, case_ids: list[str], deadline: Deadline) -> None:
@@ -262,7 +253,7 @@ async def test_two_workers_resume_the_same_stalled_case(
     case_ids = [f"resume-{backend}-{n}-{uuid.uuid4().hex[:8]}" for n in range(RESUME_CASES)]
     one_winner = conflicts = nothing_to_do = silent = lost = duplicate_effects = 0
     async with isolated_settings(backend, hot, settings_for, request) as settings:
-        await stall(settings, case_ids, monkeypatch, deadline)
+        await stall(settings, case_ids, deadline)
         async with open_runtime(settings) as left, open_runtime(settings) as right:
             await wait_stalled(left, case_ids, deadline)
             if rival == "resume":

@@ -21,6 +21,8 @@ import pytest
 from devstack import RedisServer
 from state.cold.cosmos_client import CosmosConnection
 from state.factory import backends_for
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_store import RedisHotStore
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.models import CaseStatus
@@ -41,18 +43,20 @@ async def test_hot_tier_ttl(
     async with backends_for(settings) as backends:
         store = TieredStateStore.from_backends(backends)
         hot = backends.hot
-        assert hot is not None
+        assert isinstance(hot, RedisHotStore)
+        raw = create_redis_client(settings)
         thread_id = f"ttl-{backend}-{uuid.uuid4().hex[:8]}"
         await store.create(thread_id, {"n": 0}, agent_id="ttl")
-        after_create = await hot.ttl(thread_id)
-        await hot.merge_section(thread_id, "n", 1)
-        after_merge = await hot.ttl(thread_id)
+        after_create = await raw.ttl(hot.key(thread_id))
+        await store.update_section(thread_id, "n", 1, agent_id="ttl")
+        after_update = await raw.ttl(hot.key(thread_id))
         await asyncio.sleep(HOT_TTL + 1)
         expired = await hot.get(thread_id) is None
         record = await store.get(thread_id)  # served from cold, then cached again
-        if record is None or record.sections != {"n": 0}:
+        if record is None or record.sections != {"n": 1}:
             lost += 1
-        refilled = await hot.ttl(thread_id)
+        refilled = await raw.ttl(hot.key(thread_id))
+        await raw.aclose()
         await backends.cold.delete(thread_id)
 
     reliability.record(
@@ -61,11 +65,11 @@ async def test_hot_tier_ttl(
         runs=1,
         lost_writes=lost,
         silent_overwrites=0,
-        observed=f"TTL {after_create} s on install, {after_merge} s after a section merge "
-        f"(kept); hot copy {'expired' if expired else 'still there'}; cold record intact and "
+        observed=f"TTL {after_create} s on install, {after_update} s after a section update; "
+        f"hot copy {'expired' if expired else 'still there'}; cold record intact and "
         f"re-cached with TTL {refilled} s",
     )
-    assert 0 < after_create <= HOT_TTL and 0 < after_merge <= HOT_TTL
+    assert 0 < after_create <= HOT_TTL and 0 < after_update <= HOT_TTL
     assert expired and lost == 0 and 0 < refilled <= HOT_TTL
 
 

@@ -117,7 +117,7 @@ async def fence_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
 # --------------------------------------------------------------------------- kill runs
 
 
-async def run_case(case_id: str, mode: str) -> None:
+async def run_case(case_id: str, mode: str, pause: str | None) -> None:
     # Imported here: the fence workers do not need the app (nor its start-up time).
     from support_cases.agents import RunContext
     from support_cases.demo import demo_case
@@ -125,8 +125,9 @@ async def run_case(case_id: str, mode: str) -> None:
     from support_cases.runs import RUN_SECTION, new_run_section
     from support_cases.runtime import Runtime
     from support_cases.service import REQUEST_SECTION, case_config
+    from tests.step_pause import pause_after
 
-    runtime = await Runtime.open(Settings())
+    runtime = await Runtime.open(Settings(), after_step=pause_after(pause) if pause else None)
     try:
         request = demo_case(case_id)
         with contextlib.suppress(WorkflowExists):  # a re-run of the same case
@@ -170,9 +171,7 @@ def zygote() -> None:
         if pid == 0:
             status = 0
             try:
-                if job.get("pause"):
-                    os.environ["SUPPORT_CASES_FAULT_PAUSE_AFTER"] = job["pause"]
-                asyncio.run(run_case(job["case_id"], job["mode"]))
+                asyncio.run(run_case(job["case_id"], job["mode"], job.get("pause")))
             except BaseException as error:
                 emit(case_id=job["case_id"], event="error", error=repr(error))
                 status = 1

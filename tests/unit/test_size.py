@@ -19,12 +19,12 @@ from state.size import (
     SizePolicy,
     StateSizeManager,
     canonical_json,
-    compress,
-    decompress,
     measure,
     prune_messages,
     pruned_count,
     truncate_strings,
+    unwrap_compressed,
+    wrap_compressed,
 )
 
 json_values = st.recursive(
@@ -116,28 +116,28 @@ def test_truncation_says_how_much_was_cut() -> None:
 @settings(max_examples=50)
 @given(json_values)
 def test_compression_round_trips(value: JSON) -> None:
-    assert decompress(compress(value, 16)) == value
+    assert unwrap_compressed(wrap_compressed(value, 16)) == value
 
 
 def test_compression_only_above_threshold_and_only_when_smaller() -> None:
     small = {"a": "b"}
-    assert compress(small, 2048) is small
+    assert wrap_compressed(small, 2048) is small
     big = {"text": "abc" * 5000}
-    packed = compress(big, 2048)
+    packed = wrap_compressed(big, 2048)
     assert set(packed) == {COMPRESSED_KEY}
     assert len(canonical_json(packed)) < len(canonical_json(big)) / 10
     # Incompressible data stays as it is rather than growing.
     noise = {"n": [hash((i, "salt")) for i in range(400)]}
-    assert decompress(compress(noise, 64)) == noise
+    assert unwrap_compressed(wrap_compressed(noise, 64)) == noise
 
 
 def test_unknown_codec_or_damaged_payload_is_a_clear_error() -> None:
     with pytest.raises(CorruptState, match="unknown value encoding"):
-        decompress({COMPRESSED_KEY: {"codec": "lz4", "bytes": 1, "data": ""}})
-    packed = compress({"text": "abc" * 5000}, 2048)
+        unwrap_compressed({COMPRESSED_KEY: {"codec": "lz4", "bytes": 1, "data": ""}})
+    packed = wrap_compressed({"text": "abc" * 5000}, 2048)
     packed[COMPRESSED_KEY]["bytes"] += 1
     with pytest.raises(CorruptState, match="bytes"):
-        decompress(packed)
+        unwrap_compressed(packed)
 
 
 async def test_shrink_touches_only_configured_sections_and_expand_restores_lossless_ones() -> None:
@@ -302,4 +302,4 @@ def test_defaults_prune_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     sections: dict[str, JSON] = {"messages": list(range(500)), "reasoning": "r" * 10_000}
     shrunk, actions = manager.compact(sections)
     assert not actions.pruned and not actions.truncated
-    assert {name: decompress(value) for name, value in shrunk.items()} == sections
+    assert {name: unwrap_compressed(value) for name, value in shrunk.items()} == sections

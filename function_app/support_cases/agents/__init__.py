@@ -1,7 +1,7 @@
 """One module per agent; each owns one section of the case record."""
 
 from .account import AccountAgent
-from .base import AgentDeps, RunContext, StatefulAgent
+from .base import AgentDeps, RunContext, StatefulAgent, StepHook
 from .billing import BillingAgent
 from .intake import IntakeAgent
 from .policy import PolicyAgent
@@ -20,4 +20,5 @@ __all__ = [
     "ResponseAgent",
     "RunContext",
     "StatefulAgent",
+    "StepHook",
 ]

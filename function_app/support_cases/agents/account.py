@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from state.ports import JSON
+from state import JSON
 
 from ..models import AccountIssue, AccountResult, CaseState
 from .base import StatefulAgent

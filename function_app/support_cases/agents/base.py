@@ -2,27 +2,25 @@
 
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
-agent id; hot: section merge) and returns the same result to the graph. It
-passes the run's fencing token, so a run that lost its lock cannot overwrite a
-newer run's state. A re-run (after a crash) recomputes the same value and finds
+agent id; hot: the new record installed) and returns the same result to the
+graph. It passes the run's fencing token, so a run that lost its lock cannot
+overwrite a newer run's state. A re-run (after a crash) recomputes the same value and finds
 it already stored, so it writes nothing twice.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 
-from state.ports import JSON
-from state.settings import Settings
-from state.tiered import TieredStateStore
+from state import JSON, Settings, TieredStateStore
 
 from ..effects import Effects
-from ..faults import pause_after
 from ..models import CaseState, Message
 from ..records import set_section
 from ..telemetry import traced
@@ -35,11 +33,17 @@ class RunContext:
     fencing_token: int | None = None
 
 
+# Awaited with the step's name once its section is written, before LangGraph checkpoints
+# the step: the seam a test uses to hold a step open and kill the process there.
+StepHook = Callable[[str], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class AgentDeps:
     store: TieredStateStore
     effects: Effects
     settings: Settings
+    after_step: StepHook | None = None
 
 
 class StatefulAgent(ABC):
@@ -69,7 +73,8 @@ class StatefulAgent(ABC):
                 agent_id=self.author(value),
                 fencing_token=fencing_token,
             )
-            await pause_after(self.step)
+            if self.deps.after_step is not None:
+                await self.deps.after_step(self.step)
             update = self.state_update(value)
             update["completed_steps"] = [self.step]
             messages = self.messages(state, value)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from state.ports import JSON
+from state import JSON
 
 from ..models import BillingResult, CaseState, Charge
 from .base import StatefulAgent

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from state.ports import JSON
+from state import JSON
 
 from ..models import CaseState, RefundResult
 from .base import StatefulAgent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from state.ports import JSON
+from state import JSON
 
 from ..models import CaseState, Message
 from .base import StatefulAgent

@@ -6,7 +6,7 @@ from typing import Any
 
 from langgraph.types import interrupt
 
-from state.ports import JSON
+from state import JSON
 
 from ..models import CaseState, ReviewResult
 from .base import StatefulAgent

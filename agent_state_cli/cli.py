@@ -28,7 +28,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .demo import demo_case
+from support_cases.demo import demo_case
+
 from .tokens import TokenUnavailable, access_token
 
 DEFAULT_API = "http://127.0.0.1:7071"
