@@ -45,7 +45,7 @@ OFFLOADED_KEY = "$offloaded"  # still needed, stored apart only because of its s
 # The summary message that heads a pruned message list.
 PRUNED_SUMMARY_TYPE = "pruned_summary"
 ARCHIVE_AGENT_ID = "state-size"
-_ARCHIVE_SEPARATOR = "~archive~"
+ARCHIVE_SEPARATOR = "~archive~"
 
 
 def canonical_json(value: JSON) -> bytes:
@@ -255,7 +255,7 @@ class ColdRecordArchive:
 
     @staticmethod
     def reference(thread_id: str, value: JSON) -> str:
-        return f"{thread_id}{_ARCHIVE_SEPARATOR}{hashlib.sha256(canonical_json(value)).hexdigest()}"
+        return f"{thread_id}{ARCHIVE_SEPARATOR}{hashlib.sha256(canonical_json(value)).hexdigest()}"
 
     async def archive(self, thread_id: str, section: str, value: JSON) -> str:
         raw = canonical_json(value)
@@ -290,7 +290,7 @@ class ColdRecordArchive:
                 raise CorruptState(f"archived value {ref!r} lost chunk {index}")
             chunks.append(codec.from_text(record.sections["data"]))
         raw = codec.decode(head.sections["encoding"], chunks)
-        if hashlib.sha256(raw).hexdigest() != ref.rsplit(_ARCHIVE_SEPARATOR, 1)[1]:
+        if hashlib.sha256(raw).hexdigest() != ref.rsplit(ARCHIVE_SEPARATOR, 1)[1]:
             raise CorruptState(f"archived value {ref!r} does not match its reference")
         return json.loads(raw)
 
