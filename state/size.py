@@ -21,7 +21,8 @@ sections configured for them; compression, archiving and offloading are
 reversed by `expand`. Archived and offloaded values live in the cold store as
 ordinary workflow records under a derived, content-addressed thread id,
 chunked to fit an item (`ColdRecordArchive`), so the same code works on Cosmos
-and Postgres and inherits their retention.
+and Postgres; retention deletes them with the thread that owns them
+(`ColdRetention`), never by their own age while it lives.
 """
 
 from __future__ import annotations
@@ -231,8 +232,9 @@ class ColdRecordArchive:
     crash mid-archive leaves no head and nothing readable half-done. The
     reference `<thread_id>~archive~<sha256>` is content-addressed: archiving
     the same value again finds every record already there. Each record is its
-    own logical partition on Cosmos and its own row on Postgres, and expires
-    with the cold tier's retention like every other record.
+    own logical partition on Cosmos and its own row on Postgres; retention
+    deletes it with its thread (the id's prefix), or by its own age once no
+    such thread is left.
     """
 
     # Room for what surrounds a chunk in its record and audit documents (ids, metadata).
