@@ -23,7 +23,8 @@ container's default TTL is -1 (on, but nothing expires by itself:
   item falls in a later slice and brings it back. So each tick reads only what
   crossed the cutoff since the last one, not every old item of every thread.
   The watermark moves past a slice only once every thread seen in it was
-  settled, so a tick cut short by `limit` repeats that slice.
+  settled, so a tick cut short by `limit` repeats that slice; an empty slice
+  jumps to the next write, so a quiet stretch costs one query.
 
 `hold` patches `ttl: -1` onto every item of the thread's partition; the sweep
 spares a thread any of whose items carries it (and so would the service, were
@@ -60,6 +61,9 @@ HELD_TTL = -1
 # Seconds of item history one sweep query reads at a time: bounds the thread ids
 # a tick holds in memory when it catches up (first run, or after a pause).
 SLICE_SECONDS = 3600
+# Slices one sweep reads at most: a catch-up over a long history of live threads
+# spreads over ticks instead of lengthening one.
+SLICES_PER_SWEEP = 24
 # The sweep's own bookkeeping, in a partition of its own.
 WATERMARK_PARTITION = "~retention~sweep"
 WATERMARK_ID = "watermark"
@@ -97,11 +101,11 @@ class CosmosRetention:
         cutoff = math.floor(time.time() if now is None else now) - self._ttl_seconds
         start = await self._watermark()
         if start is None:
-            start = await self._oldest_ts()
-            if start is None:
-                return 0
+            start = await self._oldest_ts(since=0)
         swept = 0
-        while start < cutoff:
+        for _ in range(SLICES_PER_SWEEP):
+            if start is None or start >= cutoff:
+                break
             end = min(cutoff, start + SLICE_SECONDS)
             seen = await self._threads_in(start, end)
             for thread_id in seen:
@@ -109,8 +113,9 @@ class CosmosRetention:
                     return swept  # this slice again next time: not all of it was settled
                 if await self._sweep_thread(thread_id, cutoff):
                     swept += 1
-            await self._set_watermark(end)
-            start = end
+            # Past a quiet stretch in one step: the next slice starts at the next write.
+            start = end if seen else await self._oldest_ts(since=end)
+            await self._set_watermark(cutoff if start is None else min(start, cutoff))
         return swept
 
     # ----------------------------------------------------------------------- sweep steps
@@ -180,12 +185,13 @@ class CosmosRetention:
         )
         return bool(found)
 
-    async def _oldest_ts(self) -> int | None:
+    async def _oldest_ts(self, *, since: int) -> int | None:
+        """The oldest `_ts` at or after `since` in the whole container."""
         found = [
             ts
             async for page in self._io.pages(
-                "SELECT TOP 1 VALUE c._ts FROM c ORDER BY c._ts",
-                {},
+                "SELECT TOP 1 VALUE c._ts FROM c WHERE c._ts >= @since ORDER BY c._ts",
+                {"@since": since},
                 partition=None,
                 page_size=1,
             )

@@ -566,3 +566,27 @@ async def test_postgres_sweep_is_bounded_and_batched(
         assert await backends.retention.sweep(limit=3) == 0
         for thread_id in threads:
             assert await backends.cold.get(thread_id) is None
+
+
+async def test_cosmos_sweep_reads_time_slices_a_few_per_tick(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cosmos_retention, "SLICE_SECONDS", 1)
+    monkeypatch.setattr(cosmos_retention, "SLICES_PER_SWEEP", 2)
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        threads = [unique_thread("sliced") for _ in range(3)]
+        for thread_id in threads:
+            await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+            await next_second(await last_write(backends, thread_id))
+        now = await last_write(backends, *threads) + TTL + 1
+        # Two one-second slices per tick (the quiet seconds between writes are skipped).
+        assert await backends.retention.sweep(limit=100, now=now) == 2
+        assert [await backends.cold.get(t) is None for t in threads] == [True, True, False]
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+        # The watermark stands at the cutoff: a later write is read by a later tick.
+        late = unique_thread("late")
+        await backends.cold.create(late, {"n": 0}, agent_id="seed")
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+        later = await last_write(backends, late) + TTL + 1
+        assert await backends.retention.sweep(limit=100, now=later) == 1
