@@ -57,7 +57,7 @@ param cosmosServerless bool = true
 @description('Keep cold state forever (STATE_COLD_TTL_SECONDS=-1, the app default). False: cold state expires stateColdTtlSeconds after a thread\'s last activity.')
 param stateColdKeepForever bool = true
 
-@description('Cold-state retention in seconds when stateColdKeepForever is false. Cosmos DB accepts a default TTL of -1 or 1..2147483647, never 0.')
+@description('Cold-state retention in seconds when stateColdKeepForever is false: the app\'s timer deletes a thread, whole, this long after its last activity.')
 @minValue(1)
 @maxValue(2147483647)
 param stateColdTtlSeconds int = 2592000
@@ -111,7 +111,8 @@ var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 var usePostgres = stateColdBackend == 'postgres'
 var useManagedRedis = redisKind == 'AzureManagedRedis'
-// STATE_COLD_TTL_SECONDS and the Cosmos container default TTL: -1 or >= 1, never 0.
+// STATE_COLD_TTL_SECONDS: -1 or >= 1, never 0 (the app refuses 0). The app's timer sweeps
+// whole threads past it; the Cosmos container's own default TTL stays -1 (cosmos.bicep).
 var stateColdTtl = stateColdKeepForever ? -1 : stateColdTtlSeconds
 var publicNetworkAccess = vnetEnabled ? 'Disabled' : 'Enabled'
 // Names the app reads as COSMOS_DATABASE / COSMOS_CONTAINER / POSTGRES_DATABASE
@@ -195,7 +196,6 @@ module cosmos 'modules/cosmos.bicep' = if (!usePostgres) {
     databaseName: cosmosDatabaseName
     containerName: cosmosContainerName
     serverless: cosmosServerless
-    defaultTtl: stateColdTtl
     identityPrincipalId: identity.outputs.principalId
     developerPrincipalId: principalId
     publicNetworkAccess: publicNetworkAccess

@@ -67,7 +67,7 @@ async def open_backends(settings: Settings) -> Backends:
         closers.append(connection.close)
         cold = CosmosStateStore(connection, settings)
         checkpoints = CosmosCheckpointStore(connection, settings)
-        retention = CosmosRetention(connection)
+        retention = CosmosRetention(connection, settings)
         cold_counters = connection.counters
     else:
         from .cold.postgres_checkpoints import PostgresCheckpointStore

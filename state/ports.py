@@ -193,9 +193,14 @@ class ColdStateStore(Protocol):
 class ColdRetention(Protocol):
     """How long a thread's cold state outlives its activity (STATE_COLD_TTL_SECONDS).
 
-    State expires that long after it was last written (Cosmos: each item by its
-    own last write; Postgres: a whole thread after its newest record update or
-    checkpoint); -1 keeps everything forever. A held thread never expires.
+    Retention is per thread: a thread expires whole, that long after its last
+    activity, so nothing its latest checkpoint or record references (a channel
+    value written at step 1, an offloaded or archived section stored as
+    `<thread>~archive~...` records) expires before it does. Neither backend
+    lets items expire by their own age: on both `sweep` (the timer) deletes
+    expired threads. Last activity: Cosmos, the newest write of any item of
+    the thread; Postgres, its newest record update or checkpoint. -1 keeps
+    everything forever. A held thread never expires, archive records included.
     `hold` and `release` are idempotent, so a retry after an error or a crash
     part-way is always safe.
     """
@@ -203,15 +208,17 @@ class ColdRetention(Protocol):
     name: str
 
     async def hold(self, thread_id: str) -> None:
-        """Exempt every item of the thread from expiry until `release`."""
+        """Exempt the thread (and its archive records) from expiry until `release`."""
 
     async def release(self, thread_id: str) -> None:
         """Back to the default retention, counted from now (a no-op if not held)."""
 
-    async def sweep(self, *, limit: int) -> int:
+    async def sweep(self, *, limit: int, now: float | None = None) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
-        A no-op (0) where the service expires items itself (Cosmos per-item TTL).
+        `now` (seconds since the epoch) sets the clock expiry is judged by; None:
+        the backend's own (Cosmos: this process's, against items' `_ts`; Postgres:
+        the database's).
         """
 
 

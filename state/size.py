@@ -21,7 +21,8 @@ sections configured for them; compression, archiving and offloading are
 reversed by `expand`. Archived and offloaded values live in the cold store as
 ordinary workflow records under a derived, content-addressed thread id,
 chunked to fit an item (`ColdRecordArchive`), so the same code works on Cosmos
-and Postgres and inherits their retention.
+and Postgres; retention deletes them with the thread that owns them
+(`ColdRetention`), never by their own age while it lives.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ OFFLOADED_KEY = "$offloaded"  # still needed, stored apart only because of its s
 # The summary message that heads a pruned message list.
 PRUNED_SUMMARY_TYPE = "pruned_summary"
 ARCHIVE_AGENT_ID = "state-size"
-_ARCHIVE_SEPARATOR = "~archive~"
+ARCHIVE_SEPARATOR = "~archive~"
 
 
 def canonical_json(value: JSON) -> bytes:
@@ -233,8 +234,9 @@ class ColdRecordArchive:
     crash mid-archive leaves no head and nothing readable half-done. The
     reference `<thread_id>~archive~<sha256>` is content-addressed: archiving
     the same value again finds every record already there. Each record is its
-    own logical partition on Cosmos and its own row on Postgres, and expires
-    with the cold tier's retention like every other record.
+    own logical partition on Cosmos and its own row on Postgres; retention
+    deletes it with its thread (the id's prefix), or by its own age once no
+    such thread is left.
     """
 
     # Room for what surrounds a chunk in its record and audit documents (ids, metadata).
@@ -257,7 +259,7 @@ class ColdRecordArchive:
 
     @staticmethod
     def reference(thread_id: str, value: JSON) -> str:
-        return f"{thread_id}{_ARCHIVE_SEPARATOR}{hashlib.sha256(canonical_json(value)).hexdigest()}"
+        return f"{thread_id}{ARCHIVE_SEPARATOR}{hashlib.sha256(canonical_json(value)).hexdigest()}"
 
     async def archive(self, thread_id: str, section: str, value: JSON) -> str:
         raw = canonical_json(value)
@@ -292,7 +294,7 @@ class ColdRecordArchive:
                 raise CorruptState(f"archived value {ref!r} lost chunk {index}")
             chunks.append(codec.from_text(record.sections["data"]))
         raw = codec.decode(head.sections["encoding"], chunks)
-        if hashlib.sha256(raw).hexdigest() != ref.rsplit(_ARCHIVE_SEPARATOR, 1)[1]:
+        if hashlib.sha256(raw).hexdigest() != ref.rsplit(ARCHIVE_SEPARATOR, 1)[1]:
             raise CorruptState(f"archived value {ref!r} does not match its reference")
         return json.loads(raw)
 

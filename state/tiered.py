@@ -80,7 +80,7 @@ entries (`audit_trail`) hold stored forms too: a reference in `before`/`after`
 is fetched back with `StateSizeManager.expand`. Offloaded and archived values are
 content-addressed cold records that are never deleted here (an audit entry may
 still name them, and a write that failed after offloading may leave one behind):
-the cold tier's retention expires them.
+the cold tier's retention deletes them with their thread, or as orphans.
 """
 
 from __future__ import annotations

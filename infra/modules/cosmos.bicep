@@ -23,11 +23,6 @@ param serverless bool = true
 @description('Autoscale maximum RU/s when not serverless.')
 param autoscaleMaxThroughput int = 1000
 
-@description('Container default TTL in seconds (-1: TTL on, items keep forever unless they set ttl). Same value as STATE_COLD_TTL_SECONDS. Cosmos DB accepts -1 or 1..2147483647, never 0: main.bicep cannot produce 0.')
-@minValue(-1)
-@maxValue(2147483647)
-param defaultTtl int = -1
-
 @description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled).')
 @allowed([
   'Enabled'
@@ -101,7 +96,10 @@ resource container 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/container
         kind: 'Hash'
         version: 2
       }
-      defaultTtl: defaultTtl
+      // TTL on, nothing expires by itself: an item's own age says nothing of whether a
+      // live thread still names it, so the app's timer sweeps whole threads past
+      // STATE_COLD_TTL_SECONDS instead (state/cold/cosmos_retention.py).
+      defaultTtl: -1
       // Same policy as state/cold/cosmos_client.py INDEXING_POLICY: blob payloads,
       // section bodies and audit before/after values are never queried, so they
       // stay out of the index (RU and storage).

@@ -32,6 +32,7 @@ ANSWER_STATUS = frozenset({404, 409, 412})
 INVALID_VALUE_STATUS = frozenset({400, 413})
 # How much of the service's message an error carries.
 MESSAGE_CHARS = 300
+CONTAINER_DEFAULT_TTL = -1
 # Blob payloads are never queried: keeping them out of the index saves RU and storage.
 INDEXING_POLICY: dict[str, Any] = {
     "indexingMode": "consistent",
@@ -104,7 +105,10 @@ class CosmosConnection:
                 settings.cosmos_container,
                 partition_key=PartitionKey(path=PARTITION_KEY_PATH),
                 indexing_policy=INDEXING_POLICY,
-                default_ttl=settings.state_cold_ttl_seconds,
+                # TTL on, nothing expires by itself: retention sweeps whole threads
+                # (`cosmos_retention`), since an item's own age says nothing of whether
+                # a live thread still names it.
+                default_ttl=CONTAINER_DEFAULT_TTL,
             )
 
     @property

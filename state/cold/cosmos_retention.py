@@ -1,18 +1,41 @@
-"""Retention in the Cosmos container (`ColdRetention`): the service expires, a hold exempts.
+"""Retention in the Cosmos container (`ColdRetention`): a per-thread sweep, holds exempt.
 
-Every item without a `ttl` of its own expires STATE_COLD_TTL_SECONDS after its
-last write: that is the container's default TTL (Bicep sets it in Azure,
-`create_if_missing` locally). So there is nothing to sweep. `hold` patches
-`ttl: -1` (never expires) onto every item of the thread's partition; `release`
-removes it again, and since a patch is a write, the default TTL then counts
-from the release.
+Per-item TTL cannot keep a thread whole: an item expires by its own last
+write, and a live thread's latest checkpoint names values written steps (or
+weeks) before it, its record names offloaded and archived sections stored as
+records under other ids. Refreshing every referenced item's `ttl` would cost
+the write path requests it does not have (a put is one request). So the
+container's default TTL is -1 (on, but nothing expires by itself:
+`cosmos_client`, Bicep) and `sweep` expires whole threads, like Postgres's:
 
-Items written while a thread is held: the workflow record keeps its `ttl`
-across updates and every audit entry takes the record's (`cosmos_store`), so
-the record and its ledger stay exempt. Checkpoint documents are not: callers
-hold a thread once its writer has stopped (the app holds a case as its run
-stops for review, after the run's last checkpoint), and a run that starts
-again afterwards ends by holding again or by releasing.
+- a thread's last activity is the newest `_ts` (server time of the last
+  write) of any item in its partition; it expires when that is more than
+  STATE_COLD_TTL_SECONDS before `now`;
+- what it deletes: the record first (a writer coming back gets
+  `WorkflowNotFound`), then checkpoints, then every other item, then the
+  archive records `<thread>~archive~...` (offloaded and archived sections,
+  `state.size`), heads before chunks. Archive records never expire on their
+  own: one whose owner has no item left (an offload whose record write
+  failed) goes once it is itself older than the TTL;
+- which threads it looks at: the items whose `_ts` falls in a time slice
+  between a watermark (a document in partition `WATERMARK_PARTITION`) and the
+  cutoff, oldest slice first. A live thread seen there is skipped: its newest
+  item falls in a later slice and brings it back. So each tick reads only what
+  crossed the cutoff since the last one, not every old item of every thread.
+  The watermark moves past a slice only once every thread seen in it was
+  settled, so a tick cut short by `limit` repeats that slice; an empty slice
+  jumps to the next write, so a quiet stretch costs one query.
+
+`hold` patches `ttl: -1` onto every item of the thread's partition; the sweep
+spares a thread any of whose items carries it (and so would the service, were
+a container TTL ever set as a backstop). `release` removes it again; since a
+patch is a write, inactivity then counts from the release. Items written while
+held: the workflow record keeps its `ttl` across updates and every audit entry
+takes the record's (`cosmos_store`); the record alone keeps the thread held.
+
+Not safe against a writer that returns to a thread while the sweep deletes it
+(Cosmos has no transaction to lock it with): that needs a thread idle for a
+whole TTL to resume within the milliseconds of its deletion.
 
 The partition is read page by page, keyed on the id (no continuation token is
 held across writes), with the thread id in the query text: the local emulator
@@ -21,14 +44,30 @@ ignores the partition key option.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
+from ..settings import Settings
+from ..size import ARCHIVE_SEPARATOR
 from .cosmos_client import CosmosConnection
-from .cosmos_io import PartitionIO, gather
+from .cosmos_io import BULK_PAGE_SIZE, PartitionIO, gather
+from .cosmos_layout import CHECKPOINT
+from .cosmos_store import WORKFLOW_ID
 
 PAGE_SIZE = 100
 CONCURRENT_PATCHES = 16
 HELD_TTL = -1
+# Seconds of item history one sweep query reads at a time: bounds the thread ids
+# a tick holds in memory when it catches up (first run, or after a pause).
+SLICE_SECONDS = 3600
+# Slices one sweep reads at most: a catch-up over a long history of live threads
+# spreads over ticks instead of lengthening one.
+SLICES_PER_SWEEP = 24
+# The sweep's own bookkeeping, in a partition of its own.
+WATERMARK_PARTITION = "~retention~sweep"
+WATERMARK_ID = "watermark"
+WATERMARK_TYPE = "retention_watermark"
 
 # `ttl` undefined compares as undefined, not as "not -1": hence the IS_DEFINED test.
 NOT_HELD = "NOT IS_DEFINED(c.ttl) OR c.ttl != -1"
@@ -40,8 +79,9 @@ class CosmosRetention:
 
     name = "cosmos"
 
-    def __init__(self, connection: CosmosConnection) -> None:
+    def __init__(self, connection: CosmosConnection, settings: Settings) -> None:
         self._io = PartitionIO(connection)
+        self._ttl_seconds = settings.state_cold_ttl_seconds
 
     async def hold(self, thread_id: str) -> None:
         await self._patch_partition(
@@ -55,9 +95,125 @@ class CosmosRetention:
             thread_id, HELD, [{"op": "remove", "path": "/ttl"}], only_if=f"FROM c WHERE {HELD}"
         )
 
-    async def sweep(self, *, limit: int) -> int:
-        """Nothing to do: Cosmos deletes expired items itself."""
-        return 0
+    async def sweep(self, *, limit: int, now: float | None = None) -> int:
+        if self._ttl_seconds < 0 or limit <= 0:
+            return 0
+        cutoff = math.floor(time.time() if now is None else now) - self._ttl_seconds
+        start = await self._watermark()
+        if start is None:
+            start = await self._oldest_ts(since=0)
+        swept = 0
+        for _ in range(SLICES_PER_SWEEP):
+            if start is None or start >= cutoff:
+                break
+            end = min(cutoff, start + SLICE_SECONDS)
+            seen = await self._threads_in(start, end)
+            for thread_id in seen:
+                if swept >= limit:
+                    return swept  # this slice again next time: not all of it was settled
+                if await self._sweep_thread(thread_id, cutoff):
+                    swept += 1
+            # Past a quiet stretch in one step: the next slice starts at the next write.
+            start = end if seen else await self._oldest_ts(since=end)
+            await self._set_watermark(cutoff if start is None else min(start, cutoff))
+        return swept
+
+    # ----------------------------------------------------------------------- sweep steps
+
+    async def _sweep_thread(self, thread_id: str, cutoff: int) -> bool:
+        """Delete `thread_id` if it expired (True); archive records only as orphans."""
+        if thread_id == WATERMARK_PARTITION:
+            return False
+        owner, separator, _ = thread_id.partition(ARCHIVE_SEPARATOR)
+        if separator:
+            # Expires with its owner; alone only when the owner is gone.
+            if await self._last_write(owner) is not None:
+                return False
+            last = await self._last_write(thread_id)
+            if last is None or last >= cutoff:
+                return False
+            await self._io.delete_matching(thread_id, "true", {})
+            return True
+        last = await self._last_write(thread_id)
+        if last is None or last >= cutoff or await self._held(thread_id):
+            return False
+        await self._delete_thread(thread_id)
+        return True
+
+    async def _delete_thread(self, thread_id: str) -> None:
+        await self._io.delete(WORKFLOW_ID, thread_id)
+        await self._io.delete_matching(thread_id, "c.type = @type", {"@type": CHECKPOINT})
+        await self._io.delete_matching(thread_id, "true", {})
+        archives: set[str] = set()
+        async for page in self._io.pages(
+            "SELECT VALUE c.thread_id FROM c WHERE STARTSWITH(c.thread_id, @prefix)",
+            {"@prefix": thread_id + ARCHIVE_SEPARATOR},
+            partition=None,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            archives.update(str(found) for found in page)
+        # A head `<ref>` is shorter than its chunks `<ref>~<n>`: never half-readable.
+        for archive in sorted(archives, key=len):
+            await self._io.delete_matching(archive, "true", {})
+
+    async def _threads_in(self, start: int, end: int) -> list[str]:
+        """Threads with an item last written in [start, end), in order of first sight."""
+        seen: dict[str, None] = {}
+        async for page in self._io.pages(
+            "SELECT VALUE c.thread_id FROM c WHERE c._ts >= @start AND c._ts < @end",
+            {"@start": start, "@end": end},
+            partition=None,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            seen.update(dict.fromkeys(str(thread_id) for thread_id in page))
+        return list(seen)
+
+    async def _last_write(self, thread_id: str) -> int | None:
+        """`_ts` of the thread's newest item; None if it has none."""
+        found = await self._io.query_all(
+            "SELECT TOP 1 VALUE c._ts FROM c WHERE c.thread_id = @thread ORDER BY c._ts DESC",
+            {"@thread": thread_id},
+            partition=thread_id,
+        )
+        return int(found[0]) if found else None
+
+    async def _held(self, thread_id: str) -> bool:
+        found = await self._io.query_all(
+            f"SELECT TOP 1 VALUE c.id FROM c WHERE c.thread_id = @thread AND {HELD}",
+            {"@thread": thread_id},
+            partition=thread_id,
+        )
+        return bool(found)
+
+    async def _oldest_ts(self, *, since: int) -> int | None:
+        """The oldest `_ts` at or after `since` in the whole container."""
+        found = [
+            ts
+            async for page in self._io.pages(
+                "SELECT TOP 1 VALUE c._ts FROM c WHERE c._ts >= @since ORDER BY c._ts",
+                {"@since": since},
+                partition=None,
+                page_size=1,
+            )
+            for ts in page
+        ]
+        return int(min(found)) if found else None
+
+    async def _watermark(self) -> int | None:
+        doc = await self._io.read(WATERMARK_ID, WATERMARK_PARTITION)
+        return None if doc is None else int(doc["swept_to"])
+
+    async def _set_watermark(self, swept_to: int) -> None:
+        # Two sweepers may race: a watermark set back a little only means a slice
+        # is read twice, and sweeping is idempotent.
+        await self._io.upsert(
+            {
+                "id": WATERMARK_ID,
+                "thread_id": WATERMARK_PARTITION,
+                "type": WATERMARK_TYPE,
+                "swept_to": swept_to,
+            }
+        )
 
     async def _patch_partition(
         self,

@@ -1,10 +1,18 @@
 """Retention in Postgres (`ColdRetention`): holds in a table, a sweep deletes expired threads.
 
-Postgres expires nothing by itself, so `sweep` does what Cosmos's TTL does,
-thread by thread: a thread whose workflow record was last updated, and whose
-newest checkpoint was written, more than STATE_COLD_TTL_SECONDS ago (database
-clock) is deleted whole: record, audit trail, checkpoints, blobs, writes.
-Threads that have checkpoints but no record expire the same way.
+Postgres expires nothing by itself, so `sweep` expires whole threads (the Cosmos
+sweep does the same): a thread whose workflow record was last updated, and
+whose newest checkpoint was written, more than STATE_COLD_TTL_SECONDS ago
+(database clock, or the `now` given) is deleted whole: record, audit trail,
+checkpoints, blobs, writes, and its archive records (`<thread>~archive~...`:
+offloaded and archived sections, `state.size`). Threads that have checkpoints
+but no record expire the same way. Since a whole thread goes at once, nothing
+its latest checkpoint or record names (a blob written at step 1, an archived
+section) can expire before it.
+
+Archive records are rows of `workflow_records` too, but never expire on their
+own: only with their owner, or, when no owner is left (an offload whose record
+write failed), once they are themselves older than the TTL.
 
 `retention_holds` (migration 3) exempts a thread while `held`; a released row
 stays until the thread is swept, so inactivity counts from the release at the
@@ -18,6 +26,7 @@ the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 from __future__ import annotations
 
 from ..settings import Settings
+from ..size import ARCHIVE_SEPARATOR
 from .postgres_client import CountedConnection, PostgresConnection
 
 # Threads per transaction: keeps each sweep's locks and WAL burst small.
@@ -42,11 +51,14 @@ OR EXISTS (
     WHERE n.thread_id = {thread}.thread_id AND n.created_at >= {cutoff}
 )
 """
-_CUTOFF = "now() - %(ttl)s * interval '1 second'"
+_CUTOFF = "coalesce(to_timestamp(%(now)s::float8), now()) - %(ttl)s * interval '1 second'"
+_IS_ARCHIVE = "strpos({thread_id}, '" + ARCHIVE_SEPARATOR + "') > 0"
+_OWNER = "split_part({thread_id}, '" + ARCHIVE_SEPARATOR + "', 1)"
 
 EXPIRED_RECORDS_SQL = f"""
 SELECT r.thread_id FROM workflow_records AS r
 WHERE r.updated_at < {_CUTOFF}
+  AND NOT {_IS_ARCHIVE.format(thread_id="r.thread_id")}
   AND NOT ({_EXEMPT.format(thread="r", cutoff=_CUTOFF)})
 ORDER BY r.updated_at
 LIMIT %(limit)s
@@ -63,9 +75,32 @@ ORDER BY c.created_at
 LIMIT %(limit)s
 """
 
-DELETE_THREADS_SQL = """
-WITH dropped_audit AS (
-    DELETE FROM state_audit_log WHERE thread_id = ANY(%(thread_ids)s)
+# Archive records whose owner has neither a record nor a checkpoint left.
+EXPIRED_ORPHAN_ARCHIVES_SQL = f"""
+SELECT r.thread_id FROM workflow_records AS r
+WHERE {_IS_ARCHIVE.format(thread_id="r.thread_id")}
+  AND r.updated_at < {_CUTOFF}
+  AND NOT EXISTS (
+    SELECT 1 FROM workflow_records AS o WHERE o.thread_id = {_OWNER.format(thread_id="r.thread_id")}
+  )
+  AND NOT EXISTS (
+    SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = {_OWNER.format(thread_id="r.thread_id")}
+  )
+ORDER BY r.updated_at
+LIMIT %(limit)s
+FOR UPDATE OF r SKIP LOCKED
+"""
+
+# The threads, and the archive records they own.
+DELETE_THREADS_SQL = f"""
+WITH doomed AS (
+    SELECT unnest(%(thread_ids)s::text[]) AS thread_id
+    UNION
+    SELECT w.thread_id FROM workflow_records AS w
+    WHERE {_IS_ARCHIVE.format(thread_id="w.thread_id")}
+      AND {_OWNER.format(thread_id="w.thread_id")} = ANY(%(thread_ids)s)
+), dropped_audit AS (
+    DELETE FROM state_audit_log WHERE thread_id IN (SELECT thread_id FROM doomed)
 ), dropped_writes AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_blobs AS (
@@ -75,7 +110,7 @@ WITH dropped_audit AS (
 ), dropped_holds AS (
     DELETE FROM retention_holds WHERE thread_id = ANY(%(thread_ids)s)
 )
-DELETE FROM workflow_records WHERE thread_id = ANY(%(thread_ids)s)
+DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
 """
 
 
@@ -96,32 +131,37 @@ class PostgresRetention:
         async with self._pg.connection("release") as conn:
             await conn.execute(RELEASE_SQL, (thread_id,))
 
-    async def sweep(self, *, limit: int) -> int:
+    async def sweep(self, *, limit: int, now: float | None = None) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
         while swept < limit:
-            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept))
+            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now)
             if not deleted:
                 break
             swept += deleted
         return swept
 
-    async def _sweep_batch(self, limit: int) -> int:
-        params = {"ttl": self._ttl_seconds, "limit": limit}
+    async def _sweep_batch(self, limit: int, now: float | None) -> int:
+        params: dict[str, int | float | None] = {
+            "ttl": self._ttl_seconds,
+            "limit": limit,
+            "now": now,
+        }
         async with self._pg.transaction("sweep") as conn:
             expired = await _thread_ids(conn, EXPIRED_RECORDS_SQL, params)
-            if len(expired) < limit:
-                more = await _thread_ids(
-                    conn, EXPIRED_CHECKPOINT_ONLY_SQL, {**params, "limit": limit - len(expired)}
-                )
-                expired += [thread_id for thread_id in more if thread_id not in expired]
+            for query in (EXPIRED_CHECKPOINT_ONLY_SQL, EXPIRED_ORPHAN_ARCHIVES_SQL):
+                if len(expired) < limit:
+                    more = await _thread_ids(conn, query, {**params, "limit": limit - len(expired)})
+                    expired += [thread_id for thread_id in more if thread_id not in expired]
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)
 
 
-async def _thread_ids(conn: CountedConnection, query: str, params: dict[str, int]) -> list[str]:
+async def _thread_ids(
+    conn: CountedConnection, query: str, params: dict[str, int | float | None]
+) -> list[str]:
     """Distinct thread ids in the order the query returns them."""
     cursor = await conn.execute(query, params)
     return list(dict.fromkeys(str(row["thread_id"]) for row in await cursor.fetchall()))

@@ -1,14 +1,21 @@
 """Retention (`ColdRetention`: hold, release, sweep) on every cold backend, on the real servers.
 
-Cosmos expires items itself and the local emulator never does, so what each
-item carries (`ttl`) is inspected. The Postgres sweep runs against a clock the
-test controls: rows are backdated. Every Postgres case gets a database of its
-own, since a sweep deletes across the whole database.
+Both backends expire whole threads in a sweep, run against a clock the test
+controls: Postgres rows are backdated; Cosmos items carry the server's `_ts`,
+so the sweep is given a `now` ahead of them. The local Cosmos emulator
+implements no TTL, so what the service would expire by itself is applied by
+`service_ttl` (Cosmos's documented rule: an item's own `ttl`, else the
+container's default, counted from its `_ts`): per-item expiry must never take
+what a live thread names. Every case gets a database (Postgres) or container
+(Cosmos) of its own, since a sweep deletes across all of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,9 +25,12 @@ import pytest
 
 from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
+from state.errors import StateError
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
+from state.size import ARCHIVE_SEPARATOR
+from state.tiered import TieredStateStore
 from tests.contract.conftest import unique_thread
 
 TTL = 3600
@@ -40,10 +50,23 @@ def open_cold(
     async def open_(backend: str, **overrides: object) -> AsyncIterator[Backends]:
         if backend == "postgres":
             overrides.setdefault("postgres_url", request.getfixturevalue("fresh_postgres_url"))
-        # A small item limit, so a large value is stored as chunk items too.
-        settings = make_settings(backend, hot=False, state_max_item_bytes=4096, **overrides)
-        async with backends_for(settings) as backends:
-            yield backends
+        else:
+            overrides.setdefault("cosmos_container", f"retention-{uuid.uuid4().hex[:8]}")
+        # A small item limit, so a large value is stored as chunk items too (and a
+        # section over a quarter of it is offloaded).
+        settings = make_settings(
+            backend,
+            hot=False,
+            state_max_item_bytes=16384,
+            state_archivable_sections="history",
+            **overrides,
+        )
+        try:
+            async with backends_for(settings) as backends:
+                yield backends
+        finally:
+            if backend == "cosmos":
+                await drop_container(settings)
 
     return open_
 
@@ -102,7 +125,132 @@ async def intact(backends: Backends, thread_id: str) -> bool:
     )
 
 
+async def seed_references(backends: Backends, thread_id: str) -> None:
+    """A record naming an offloaded and an archived section, and a checkpoint at step 1."""
+    store = TieredStateStore(backends.cold, None, backends.settings)
+    await store.create(thread_id, {"n": 0, "big": os.urandom(3000).hex()}, agent_id="seed")
+    await store.update_section(thread_id, "history", ["done"], agent_id="seed", completed=True)
+    record = await backends.cold.get(thread_id)
+    assert record is not None
+    assert set(record.sections["big"]) == {"$offloaded"}
+    assert set(record.sections["history"]) == {"$archived"}
+    await backends.checkpoints.put_checkpoint(
+        step(thread_id, 1, {"small": "1", "large": "1"}),
+        [
+            StoredBlob("small", "1", ("json", b"[1]")),
+            StoredBlob("large", "1", ("bytes", os.urandom(20_000))),
+        ],
+    )
+
+
+async def step_two(backends: Backends, thread_id: str) -> None:
+    """Activity that changes only `other`: step 2 still names step 1's values."""
+    await backends.checkpoints.put_checkpoint(
+        step(thread_id, 2, {"small": "1", "large": "1", "other": "2"}),
+        [StoredBlob("other", "2", ("json", b"[2]"))],
+    )
+    await backends.cold.update_section(thread_id, "n", 1, expected_version=2, agent_id="seed")
+
+
+def step(thread_id: str, n: int, versions: dict[str, str | int | float]) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id=checkpoint_id(n),
+        parent_checkpoint_id=checkpoint_id(n - 1) if n > 1 else None,
+        checkpoint=("msgpack", b"checkpoint"),
+        metadata={"step": n},
+        channel_versions=versions,
+    )
+
+
+async def references_intact(backends: Backends, thread_id: str) -> bool:
+    """The latest checkpoint with every value, the record with its sections fetched back."""
+    store = TieredStateStore(backends.cold, None, backends.settings)
+    try:
+        record = await store.get(thread_id, fetch_archived=True)
+        stored = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+    except StateError:
+        return False  # an offloaded or archived section's records are gone
+    return (
+        record is not None
+        and len(str(record.sections["big"])) == 6000
+        and record.sections["history"] == ["done"]
+        and stored is not None
+        and stored.checkpoint_id == checkpoint_id(2)
+        and set(stored.blobs) == {"small", "large", "other"}
+    )
+
+
 # --------------------------------------------------------------------------- inspection
+
+
+async def drop_container(settings: Settings) -> None:
+    connection = CosmosConnection(settings)
+    try:
+        container = await connection.container()
+        database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
+        await database.delete_container(container)
+    finally:
+        await connection.close()
+
+
+async def cosmos_all_items(backends: Backends) -> list[dict[str, Any]]:
+    connection = CosmosConnection(backends.settings)
+    try:
+        container = await connection.container()
+        return [item async for item in container.query_items("SELECT * FROM c")]
+    finally:
+        await connection.close()
+
+
+async def service_ttl(backends: Backends, now: int) -> list[str]:
+    """Delete what Cosmos's own TTL would have expired by `now` (the emulator never does).
+
+    The documented rule: with TTL on in the container (`defaultTtl` set), an
+    item expires `ttl` seconds after its last write (`_ts`), its own `ttl` if
+    it has one, else the container's; -1 never. Returns the thread ids hit.
+    """
+    connection = CosmosConnection(backends.settings)
+    try:
+        container = await connection.container()
+        default = (await container.read()).get("defaultTtl")
+        hit: list[str] = []
+        if default is None:
+            return hit  # TTL off: nothing expires
+        for item in await cosmos_all_items(backends):
+            ttl = item.get("ttl", default)
+            if ttl > 0 and item["_ts"] + ttl < now:
+                await container.delete_item(item["id"], partition_key=item["thread_id"])
+                hit.append(item["thread_id"])
+        return hit
+    finally:
+        await connection.close()
+
+
+async def last_write(backends: Backends, *thread_ids: str) -> int:
+    """The newest `_ts` among the threads' Cosmos items."""
+    stamps = [item["_ts"] for t in thread_ids for item in await cosmos_items(backends, t)]
+    return int(max(stamps))
+
+
+async def next_second(ts: int) -> None:
+    """Wait until the server's `_ts` of a new write is past `ts` (it counts whole seconds)."""
+    await asyncio.sleep(max(0.0, ts + 1.05 - time.time()))
+
+
+async def archive_ids(backends: Backends, thread_id: str) -> set[str]:
+    """Thread ids of the archive records (offloaded, archived sections) the thread owns."""
+    prefix = thread_id + ARCHIVE_SEPARATOR
+    if backends.settings.state_cold_backend.value == "cosmos":
+        items = await cosmos_all_items(backends)
+        return {str(i["thread_id"]) for i in items if str(i["thread_id"]).startswith(prefix)}
+    rows = await pg_execute(
+        backends,
+        "SELECT thread_id FROM workflow_records WHERE starts_with(thread_id, %s)",
+        (prefix,),
+    )
+    return {str(row[0]) for row in rows}
 
 
 async def cosmos_items(backends: Backends, thread_id: str) -> list[dict[str, Any]]:
@@ -207,24 +355,104 @@ async def test_hold_and_release_are_idempotent(cold_backend: str, open_cold: Ope
 async def test_a_held_thread_is_never_swept(cold_backend: str, open_cold: Open) -> None:
     async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
         thread_id = unique_thread("held")
-        await seed(backends, thread_id)
+        await seed_references(backends, thread_id)
+        await step_two(backends, thread_id)
+        archives = await archive_ids(backends, thread_id)
+        assert len(archives) >= 2  # an offloaded and an archived section
         await backends.retention.hold(thread_id)
-        if cold_backend == "postgres":
-            await backdate(backends, thread_id)
-        # Cosmos sweeps nothing: the service expires items, and held ones never.
-        assert await backends.retention.sweep(limit=100) == 0
+        now = await age_everything(backends, thread_id, *archives)
+        assert await backends.retention.sweep(limit=100, now=now) == 0
         assert await exempt(backends, thread_id)
-        assert await intact(backends, thread_id)
+        assert await references_intact(backends, thread_id)
+        assert await archive_ids(backends, thread_id) == archives  # archive records too
 
 
 async def test_keep_forever_sweeps_nothing(cold_backend: str, open_cold: Open) -> None:
     async with open_cold(cold_backend, state_cold_ttl_seconds=-1) as backends:
         thread_id = unique_thread("forever")
         await seed(backends, thread_id)
-        if cold_backend == "postgres":
-            await backdate(backends, thread_id)
-        assert await backends.retention.sweep(limit=100) == 0
+        now = await age_everything(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now) == 0
         assert await intact(backends, thread_id)
+
+
+async def test_a_live_thread_keeps_everything_its_latest_state_names(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """Step 1's values and the archive records are old; step 2 and a record update are
+    recent. Nothing the thread names may expire until the thread itself does, whole."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        thread_id, neighbour = unique_thread("live"), unique_thread("neighbour")
+        await seed_references(backends, thread_id)
+        await seed_references(backends, neighbour)
+        archives = await archive_ids(backends, thread_id)
+        assert len(archives) >= 2
+        if cold_backend == "cosmos":
+            first = await last_write(backends, thread_id, *archives)
+            await next_second(first)
+            await step_two(backends, thread_id)
+            await step_two(backends, neighbour)
+            latest = await last_write(backends, thread_id, neighbour)
+            assert first < latest
+            # A TTL after the latest activity: everything written before it is older
+            # than the TTL, the thread itself is not.
+            now = latest + TTL
+            assert await service_ttl(backends, now) == []
+        else:
+            await step_two(backends, thread_id)
+            await step_two(backends, neighbour)
+            # Step 1 and the archive records far in the past, the latest activity now.
+            await pg_execute(
+                backends,
+                "UPDATE cp_checkpoints SET created_at = created_at - make_interval(secs => %s)"
+                " WHERE thread_id = ANY(%s) AND checkpoint_id = %s",
+                (LONG_AGO, [thread_id, neighbour], checkpoint_id(1)),
+            )
+            await backdate(backends, *archives, tables=("workflow_records",))
+            now = time.time()
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+        assert await references_intact(backends, thread_id)
+        assert await archive_ids(backends, thread_id) == archives
+
+        # Once the thread is idle for a TTL it goes whole, its archive records with it.
+        if cold_backend == "cosmos":
+            later = latest + TTL + 1
+        else:
+            await backdate(backends, thread_id, neighbour)
+            later = time.time()
+        assert await backends.retention.sweep(limit=1, now=later) == 1
+        assert await backends.retention.sweep(limit=100, now=later) == 1
+        for gone in (thread_id, neighbour):
+            assert await archive_ids(backends, gone) == set()
+            assert await backends.cold.get(gone) is None
+            assert await backends.checkpoints.get_checkpoint(gone, "", None) is None
+        if cold_backend == "cosmos":
+            assert await cosmos_items(backends, thread_id) == []
+        else:
+            assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
+
+
+async def test_an_orphan_archive_record_expires_by_its_own_age(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """An offload whose record write never happened leaves archive records no thread owns."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("never-created")
+        store = TieredStateStore(backends.cold, None, backends.settings)
+        await store.size.offload(thread_id, "big", os.urandom(3000).hex())
+        archives = await archive_ids(backends, thread_id)
+        assert archives
+        now = await age_everything(backends, *archives)
+        assert await backends.retention.sweep(limit=100, now=now) == len(archives)
+        assert await archive_ids(backends, thread_id) == set()
+
+
+async def age_everything(backends: Backends, *thread_ids: str) -> float:
+    """A `now` at which every write so far to these threads is older than LONG_AGO."""
+    if backends.settings.state_cold_backend.value == "cosmos":
+        return time.time() + LONG_AGO
+    await backdate(backends, *thread_ids)
+    return time.time()
 
 
 # --------------------------------------------------------------------------- Cosmos
@@ -233,7 +461,7 @@ async def test_keep_forever_sweeps_nothing(cold_backend: str, open_cold: Open) -
 async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
     open_cold: Open, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cosmos_retention, "PAGE_SIZE", 3)
+    monkeypatch.setattr(cosmos_retention, "PAGE_SIZE", 2)
     async with open_cold("cosmos") as backends:
         thread_id, neighbour = unique_thread("held"), unique_thread("neighbour")
         await seed(backends, thread_id)
@@ -338,3 +566,27 @@ async def test_postgres_sweep_is_bounded_and_batched(
         assert await backends.retention.sweep(limit=3) == 0
         for thread_id in threads:
             assert await backends.cold.get(thread_id) is None
+
+
+async def test_cosmos_sweep_reads_time_slices_a_few_per_tick(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cosmos_retention, "SLICE_SECONDS", 1)
+    monkeypatch.setattr(cosmos_retention, "SLICES_PER_SWEEP", 2)
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        threads = [unique_thread("sliced") for _ in range(3)]
+        for thread_id in threads:
+            await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+            await next_second(await last_write(backends, thread_id))
+        now = await last_write(backends, *threads) + TTL + 1
+        # Two one-second slices per tick (the quiet seconds between writes are skipped).
+        assert await backends.retention.sweep(limit=100, now=now) == 2
+        assert [await backends.cold.get(t) is None for t in threads] == [True, True, False]
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+        # The watermark stands at the cutoff: a later write is read by a later tick.
+        late = unique_thread("late")
+        await backends.cold.create(late, {"n": 0}, agent_id="seed")
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+        later = await last_write(backends, late) + TTL + 1
+        assert await backends.retention.sweep(limit=100, now=later) == 1

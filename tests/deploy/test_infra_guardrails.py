@@ -45,7 +45,6 @@ EXPECTED_BOUNDS = {
     ("function-app.bicep", "maximumInstanceCount"): (40, 1000),
     ("main.bicep", "stateColdTtlSeconds"): (1, COSMOS_TTL_MAX),
     ("function-app.bicep", "stateColdTtlSeconds"): (-1, COSMOS_TTL_MAX),
-    ("cosmos.bicep", "defaultTtl"): (-1, COSMOS_TTL_MAX),
 }
 PRIVATE_GROUPS = {
     ("cosmos", "AzureManagedRedis"): {"blob", "queue", "table", "Sql", "redisEnterprise"},
@@ -232,10 +231,7 @@ def check_cold_ttl_never_zero(main: BicepFile) -> list[str]:
         ttl = bound.evaluate(bound.variables["stateColdTtl"])
         if not isinstance(ttl, int) or ttl == 0 or ttl < -1:
             problems.append(f"main.bicep: keepForever={keep} gives a cold TTL of {ttl!r}")
-    for file_name, name in (
-        ("cosmos.bicep", "defaultTtl"),
-        ("function-app.bicep", "stateColdTtlSeconds"),
-    ):
+    for file_name, name in (("function-app.bicep", "stateColdTtlSeconds"),):
         for module in module_by_file(main, file_name):
             passed = module.params().get(name)
             if passed is None or passed.text != b"stateColdTtl":

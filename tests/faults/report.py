@@ -25,7 +25,7 @@ SCENARIOS: tuple[str, ...] = (
     "Schema drift v1 -> v2 (postgres)",
     "Retention: Redis TTL (cosmos)",
     "Retention: Redis TTL (postgres)",
-    "Retention: Cosmos per-item TTL, case awaiting review exempt",
+    "Retention: Cosmos sweep, case awaiting review exempt",
     "Retention: Postgres sweep, case awaiting review exempt",
     "State of 1.9 MB round trip",
     "State of 2 MB round trip",

@@ -1,16 +1,17 @@
-"""Retention per tier: Redis TTL, Cosmos per-item TTL, a Postgres sweep; review cases never expire.
+"""Retention per tier: Redis TTL, a per-thread sweep of the cold tier; review cases never expire.
 
 The hot tier's TTL is observed directly (the copy expires, the record does
-not, and the next read refills it). Cosmos TTL is enforced by the service, not
-by the local emulator, so what the container and each item carry is
-inspected instead: a case interrupted for human review must be exempt (item
-`ttl` -1) from the container's default TTL. Postgres expires nothing itself:
-the timer's sweep does, and rows are backdated so the test controls the clock.
+not, and the next read refills it). The cold tier expires whole threads in
+the timer's sweep on both backends, judged against a clock the test
+controls: Postgres rows are backdated; Cosmos items carry the server's `_ts`,
+so the sweep is given a `now` past them (and the container's own TTL must
+expire nothing: the local emulator would not show it if it did).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -89,13 +90,19 @@ async def cosmos_items(settings: Settings, thread_id: str) -> list[dict[str, Any
         await connection.close()
 
 
-async def test_cosmos_item_ttl_spares_cases_awaiting_review(
+async def last_write(settings: Settings, *thread_ids: str) -> int:
+    """The newest `_ts` (server seconds) among the threads' items."""
+    stamps = [item["_ts"] for t in thread_ids for item in await cosmos_items(settings, t)]
+    return int(max(stamps))
+
+
+async def test_cosmos_sweep_spares_cases_awaiting_review(
     settings_for: Callable[..., Settings],
     redis_server: Callable[..., RedisServer],
     reliability: Recorder,
 ) -> None:
     container_name = f"retention-{uuid.uuid4().hex[:8]}"
-    # A container of its own (created with the default TTL) and so a Redis of its own:
+    # A container of its own (the sweep reads all of it) and so a Redis of its own:
     # hot-tier keys name only the thread, and other containers hold the same ids.
     settings = settings_for(
         "cosmos",
@@ -107,44 +114,54 @@ async def test_cosmos_item_ttl_spares_cases_awaiting_review(
     waiting, done = f"ret-review-{suffix}", f"ret-done-{suffix}"
     try:
         async with open_runtime(settings) as app:
+            service, backends = app.runtime.service, app.runtime.backends
             await review_case(app, waiting)
-            await app.runtime.service.submit(submission(done), None)
-            await app.runtime.service.wait_idle()
-            waiting_items = await cosmos_items(settings, waiting)
-            done_items = await cosmos_items(settings, done)
-            # The review ends the hold: the case completes and its items expire again.
+            await service.submit(submission(done), None)
+            await service.wait_idle()
+            waiting_items = len(await cosmos_items(settings, waiting))
+            done_items = len(await cosmos_items(settings, done))
+            # A TTL past both cases' last write: by their age, both have expired.
+            first = await last_write(settings, waiting, done)
+            swept = await backends.retention.sweep(limit=100, now=first + COLD_TTL + 1)
+            waiting_left = len(await cosmos_items(settings, waiting))
+            kept = await backends.checkpoints.get_checkpoint(waiting, "", None) is not None
+            done_left = len(await cosmos_items(settings, done))
+            # Kept means usable: the review resumes the case, which ends the hold.
+            await asyncio.sleep(max(0.0, first + 1.05 - time.time()))  # writes past `first`
             decided = await app.decide(waiting, "approve", "retention-reviewer")
-            await app.runtime.service.wait_idle()
-            final = (await app.runtime.service.status(waiting)).status
-            decided_items = await cosmos_items(settings, waiting)
+            await service.wait_idle()
+            final = (await service.status(waiting)).status
+            last = await last_write(settings, waiting)
+            kept_early = await backends.retention.sweep(limit=100, now=last + COLD_TTL)
+            swept_after = await backends.retention.sweep(limit=100, now=last + COLD_TTL + 1)
+            decided_left = len(await cosmos_items(settings, waiting))
         connection = CosmosConnection(settings)
         try:
             container = await connection.container()
             default_ttl = (await container.read()).get("defaultTtl")
         finally:
             await connection.close()
-        exempt = [item for item in waiting_items if item.get("ttl") == -1]
-        # An item without its own `ttl` follows the container's default.
-        expiring_done = [item for item in done_items if (item.get("ttl", default_ttl) or -1) > 0]
-        still_exempt = [item for item in decided_items if "ttl" in item]
         reliability.record(
-            "Retention: Cosmos per-item TTL, case awaiting review exempt",
-            injected=f"container default TTL {COLD_TTL} s; one completed case, one awaiting "
-            "review, then approved",
+            "Retention: Cosmos sweep, case awaiting review exempt",
+            injected=f"STATE_COLD_TTL_SECONDS={COLD_TTL}; one completed case, one awaiting "
+            f"review; the sweep run {COLD_TTL + 1} s after their last write, then again "
+            "after the review approved the waiting one",
             runs=2,
-            # Nothing is lost yet (the emulator does not expire items): the risk is reported.
-            lost_writes=0,
+            lost_writes=0 if kept and waiting_left == waiting_items else 1,
             silent_overwrites=0,
-            observed=f"container defaultTtl {default_ttl}; {len(exempt)}/{len(waiting_items)} "
-            f"items of the waiting case exempt (ttl -1); {len(expiring_done)}/{len(done_items)} "
-            f"items of the completed case expire; after the review ({final.value}) "
-            f"{len(still_exempt)}/{len(decided_items)} items of that case keep an own ttl",
+            observed=f"container defaultTtl {default_ttl} (nothing expires by itself); sweep "
+            f"deleted {swept} threads (the app's own among them): waiting case {waiting_left}/{waiting_items} items "
+            f"kept, completed case {done_left}/{done_items} left; after the review "
+            f"({final.value}) kept at its TTL ({kept_early} swept), deleted 1 s later "
+            f"({swept_after} swept with the app's threads, {decided_left} items left)",
         )
-        assert default_ttl == COLD_TTL
-        assert waiting_items and len(exempt) == len(waiting_items)
-        assert done_items and len(expiring_done) == len(done_items)
+        assert default_ttl == -1
+        # Besides the completed case: the app's own threads (run index shards, provider
+        # ledgers) written as long ago.
+        assert swept >= 1 and done_left == 0
+        assert kept and waiting_left == waiting_items
         assert decided.accepted and final is CaseStatus.COMPLETED
-        assert len(decided_items) > len(waiting_items) and still_exempt == []
+        assert kept_early == 0 and swept_after >= 1 and decided_left == 0
     finally:
         connection = CosmosConnection(settings)
         try:
