@@ -394,9 +394,8 @@ class CaseService:
         report.resumed.append(case_id)
 
     async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
-        """The timer's other job: delete up to `limit` threads past the cold TTL (a case
-        held for review never is); returns how many, 0 where the cold tier expires
-        items itself."""
+        """The timer's other job: delete up to `limit` threads whose last activity is older
+        than the cold TTL, whole (a case held for review never is); returns how many."""
         with traced("case.sweep_expired") as span:
             swept = await self._retention.sweep(limit=limit)
             span.set_attribute("swept", swept)
