@@ -275,7 +275,9 @@ async def test_kill_mid_node(mode: str, zygote: Worker, app: App, reliability: R
     reliability.record(
         f"Process killed mid-node (durability={mode})",
         injected=f"SIGKILL the worker process at a seeded random point ({KILLS_PER_MODE} kills; "
-        "half inside the window after a step stored its section, before LangGraph saw it)",
+        "half inside the window after a step stored its section, before LangGraph saw it); "
+        f"Cosmos + Redis, {app.runtime.settings.write_mode} (the next worker continues from "
+        "what Redis holds)",
         runs=tally.kills,
         lost_writes=tally.lost_writes,
         silent_overwrites=tally.silent_overwrites,
