@@ -70,11 +70,12 @@ def open_tiers(request: pytest.FixtureRequest, stack_env: dict[str, str]) -> Ope
 
 
 async def cold_messages(backends: Backends, thread_id: str) -> list[str]:
-    stored = await backends.checkpoints.get_checkpoint(thread_id, "", None)
-    assert stored is not None
-    blobs = await backends.checkpoints.get_blobs(thread_id, "", stored.channel_versions)
-    saver = TieredCheckpointSaver(backends.checkpoints)
-    return list(saver.serde.loads_typed(blobs["messages"]))
+    """The latest checkpoint's messages as the cold tier alone has them."""
+    latest = await TieredCheckpointSaver(backends.checkpoints).aget_tuple(
+        {"configurable": {"thread_id": thread_id}}
+    )
+    assert latest is not None
+    return list(latest.checkpoint["channel_values"]["messages"])
 
 
 @pytest.fixture
