@@ -148,6 +148,8 @@ class RunGuard:
     lease_token: str | None = None
     # The cold lease's fencing token: the record's fence its claim raised.
     lease_fence: int | None = None
+    # time.monotonic() when the claim was sent: the lock or lease is ours until then + TTL.
+    taken_at: float = 0.0
 
     @property
     def fence(self) -> int | None:
@@ -577,9 +579,8 @@ class CaseService:
         runner has it, or when no renewal landed before it could have run out."""
         ttl = self._settings.state_lock_ttl_ms / 1000
         name = run_lock_name(case_id)
-        # Counted from now: the guard was taken earlier, so this errs on the safe side
-        # only if renewals succeed; a failing tier is judged against the last success.
-        held_until = time.monotonic() + ttl
+        # From when each successful claim or renewal was sent: never later than the truth.
+        held_until = guard.taken_at + ttl
         while True:
             await asyncio.sleep(ttl / RENEWALS_PER_TTL)
             sent = time.monotonic()
@@ -621,11 +622,12 @@ class CaseService:
             await self._saver.aflush(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
+        sent = time.monotonic()
         try:
             lock = await self._store.lock(
                 run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
             )
-            return RunGuard(lock=lock)
+            return RunGuard(lock=lock, taken_at=sent)
         except LockNotAcquired:
             record = await self._record(case_id)
             raise CaseBusy(
@@ -643,6 +645,7 @@ class CaseService:
         token = uuid.uuid4().hex
         ttl_seconds = self._settings.state_lock_ttl_ms / 1000
         for attempt in range(MAX_ATTEMPTS):
+            sent = time.monotonic()
             record = await self._record(case_id)
             if (held_until := _lease_until(record)) is not None:
                 raise CaseBusy(
@@ -665,7 +668,7 @@ class CaseService:
                     raise
                 await asyncio.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
                 continue
-            return RunGuard(lease_token=token, lease_fence=fence)
+            return RunGuard(lease_token=token, lease_fence=fence, taken_at=sent)
         raise AssertionError("unreachable")
 
     async def _release(self, case_id: str, guard: RunGuard) -> None:
