@@ -20,9 +20,15 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
+from devstack import free_port
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint.fencing import RecordFence
+from state.checkpoint.flusher import Flusher
 from state.errors import StaleFencingToken
 from state.factory import Backends, backends_for
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 from state.settings import Settings
 
 COLD_BACKENDS = ["cosmos", "postgres"]
@@ -144,3 +150,43 @@ async def test_without_a_hot_tier_the_records_fence_guards_checkpoint_writes(
         # A thread with no workflow record has no fence to hold a checkpoint to.
         await graph.ainvoke({"messages": ["free"]}, config(f"{thread_id}-bare", 1))
         await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_with_redis_unreachable_the_records_fence_guards_checkpoint_writes(
+    open_tiers: Open, thread_id: str, mode: str
+) -> None:
+    async with open_tiers(None) as backends:
+        # A Redis nobody listens on: every call to it fails with BackendUnavailable.
+        dead = Settings.model_validate(
+            {**backends.settings.model_dump(), "redis_url": f"redis://127.0.0.1:{free_port()}"}
+        )
+        client = create_redis_client(dead)
+        try:
+            cache = RedisCheckpointCache(client, dead)
+            saver = TieredCheckpointSaver(
+                backends.checkpoints,
+                cache,
+                flusher=(
+                    Flusher(RedisWriteBehindLog(client, cache), backends.checkpoints, lock_ttl_ms=1)
+                    if mode == "write-behind"
+                    else None
+                ),
+                fence=RedisCheckpointFence(client, cache),
+                record_fence=RecordFence(backends.cold),
+            )
+            graph = chat_graph(saver)
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=7
+            )
+            await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
+
+            with pytest.raises(StaleFencingToken) as refused:
+                await graph.ainvoke({"messages": ["late"]}, config(thread_id, 6))
+
+            assert (refused.value.presented, refused.value.highest) == (6, 7)
+            assert await cold_messages(backends, thread_id) == ["first", "reply"]
+        finally:
+            await client.aclose()
+            await backends.cold.delete(thread_id)
