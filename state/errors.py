@@ -51,6 +51,15 @@ class LockNotAcquired(StateError):
         self.name = name
 
 
+class LockLost(StateError):
+    """A held lock or lease is no longer its holder's (taken by another, or run out before
+    it could be renewed): the holder must stop writing."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"lock {name!r} lost: {detail}")
+        self.name = name
+
+
 class StateTooLarge(StateError):
     """A value cannot be stored within the backend's limits even after compression/chunking."""
 

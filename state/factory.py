@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .ports import (
     CheckpointCache,
+    CheckpointFence,
     CheckpointStore,
     ColdRetention,
     ColdStateStore,
@@ -41,6 +42,8 @@ class Backends:
     retention: ColdRetention = field(kw_only=True)
     # Write-behind mode only: drains the hot log into the cold checkpoint store.
     flusher: Flusher | None = field(default=None, kw_only=True)
+    # The hot tier's per-thread checkpoint fence (None without a hot tier).
+    checkpoint_fence: CheckpointFence | None = field(default=None, kw_only=True)
     # Round trips (and request charge) of the cold connection, by operation (metrics).
     cold_counters: Counters = field(default_factory=Counters, kw_only=True)
 
@@ -85,19 +88,21 @@ async def open_backends(settings: Settings) -> Backends:
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
     flusher: Flusher | None = None
+    checkpoint_fence: CheckpointFence | None = None
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
         from .hot.redis_client import create_redis_client
         from .hot.redis_store import RedisHotStore
+        from .hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 
         client = create_redis_client(settings)
         hot = RedisHotStore(client, settings)
         closers.append(hot.close)
         # Shares the hot store's client (one per process), which the hot store closes.
         hot_checkpoints = RedisCheckpointCache(client, settings)
+        checkpoint_fence = RedisCheckpointFence(client, hot_checkpoints)
         if settings.write_mode is WriteMode.WRITE_BEHIND:
             from .checkpoint.flusher import Flusher
-            from .hot.redis_write_behind import RedisWriteBehindLog
 
             flusher = Flusher(
                 RedisWriteBehindLog(client, hot_checkpoints),
@@ -114,6 +119,7 @@ async def open_backends(settings: Settings) -> Backends:
         hot_checkpoints,
         retention=retention,
         flusher=flusher,
+        checkpoint_fence=checkpoint_fence,
         cold_counters=cold_counters,
     )
     try:

@@ -297,6 +297,10 @@ class HotStateStore(Protocol):
     async def release_lock(self, lock: Lock) -> bool:
         """Release only if `lock.token` still owns it (compare-and-delete)."""
 
+    async def renew_lock(self, lock: Lock) -> bool:
+        """Extend the lock to `lock.ttl_ms` from now, only if `lock.token` still owns it
+        (compare-and-expire); False means another holder has it, or nobody does."""
+
     async def lock_ttl_ms(self, name: str) -> int | None:
         """How long whoever holds the lock keeps it, in milliseconds; None if nobody does."""
 
@@ -640,3 +644,15 @@ class WriteBehindLog(Protocol):
     async def unlock_thread(self, thread_id: str, token: str) -> None: ...
 
     async def backlog(self) -> Backlog: ...
+
+
+@runtime_checkable
+class CheckpointFence(Protocol):
+    """What refuses checkpoint writes from a writer that lost its thread to a newer one.
+
+    Checked before a checkpoint write reaches the cold tier, in every write mode.
+    """
+
+    async def admit(self, thread_id: str, fence: int) -> None:
+        """Raise `StaleFencingToken` if a writer presented a higher fence for the thread;
+        else remember `fence` as the highest seen (where this fence keeps one)."""

@@ -370,6 +370,20 @@ class TieredStateStore:
             self._hot_recovered()
             return None if remaining is None else remaining / 1000
 
+    async def renew(self, lock: Lock) -> bool:
+        """Extend `lock` by its TTL if it is still ours; False if it is not (taken by
+        another holder, or run out). Raises `BackendUnavailable` if Redis cannot be reached."""
+        with _span("renew", lock=lock.name):
+            if self._hot is None:
+                raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
+            try:
+                renewed = await self._hot.renew_lock(lock)
+            except BackendUnavailable as exc:
+                self._hot_failed("renew", exc)
+                raise
+            self._hot_recovered()
+            return renewed
+
     async def unlock(self, lock: Lock) -> bool:
         """False if the lock was no longer ours or Redis was unreachable (it then expires)."""
         with _span("unlock", lock=lock.name):

@@ -387,3 +387,26 @@ async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
 async def test_health_reports_a_reachable_server(hot: RedisHotStore) -> None:
     health = await hot.health()
     assert health.up and health.latency_ms is not None
+
+
+async def test_only_the_owner_renews_a_lock_and_a_renewed_lock_outlives_its_first_ttl(
+    hot: RedisHotStore,
+) -> None:
+    name = f"case_{uuid.uuid4().hex[:8]}"
+    held = await hot.acquire_lock(name, ttl_ms=300)
+    assert held is not None
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        assert await hot.renew_lock(held)
+    # 450 ms after taking a 300 ms lock: still ours, because it was renewed.
+    assert await hot.acquire_lock(name, ttl_ms=10_000) is None
+    remaining = await hot.lock_ttl_ms(name)
+    assert remaining is not None and 150 < remaining <= 300
+
+    impostor = type(held)(name=name, token="not-the-owner", fence=held.fence, ttl_ms=60_000)
+    assert not await hot.renew_lock(impostor)
+    await asyncio.sleep(0.35)  # not renewed: it expires, and another worker takes it
+    taker = await hot.acquire_lock(name, ttl_ms=10_000)
+    assert taker is not None and taker.fence > held.fence
+    assert not await hot.renew_lock(held)  # the lock is someone else's now
+    assert await hot.lock_ttl_ms(name) is not None and await hot.release_lock(taker)

@@ -4,19 +4,24 @@ timer's resume_stale and sweep_expired.
 Knows nothing of HTTP. A run is driven in a background task so a caller can
 stop waiting after CASE_SYNC_WAIT_SECONDS (and answer 202) while the run goes
 on; a run holds the case's lock from the hot tier, and its fencing token goes
-with every write, so a stale runner cannot overwrite a newer one. Without a
-reachable hot tier, a lease in the case's cold record (claimed by a versioned
-write) keeps a second runner out instead: two review decisions or resumes
-racing on one case never both drive the graph.
+with every write (records and checkpoints), so a stale runner cannot overwrite a
+newer one. Without a reachable hot tier, a lease in the case's cold record
+(claimed by a versioned write that raises the record's fence) keeps a second
+runner out instead: two review decisions or resumes racing on one case never
+both drive the graph. A run renews its lock or lease RENEWALS_PER_TTL times per
+STATE_LOCK_TTL_MS for as long as it lives; a renewal that finds it taken (or that
+cannot land before it runs out) stops the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,11 +38,13 @@ from state import (
     Caller,
     ColdRetention,
     Lock,
+    LockLost,
     LockNotAcquired,
     Settings,
     StaleFencingToken,
     TieredCheckpointSaver,
     TieredStateStore,
+    VersionConflict,
     WorkflowExists,
     WorkflowRecord,
     acting_for,
@@ -62,7 +69,7 @@ from .models import (
     ReviewDecision,
     TierView,
 )
-from .records import UNCHANGED, write_section
+from .records import MAX_ATTEMPTS, UNCHANGED, write_section
 from .runs import (
     AT_REST,
     INDEX_PREFIX,
@@ -83,6 +90,9 @@ GraphInput = dict[str, Any] | Command | None
 RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
 # Expired threads the timer deletes per tick: keeps one tick short; the next takes the rest.
 SWEEP_LIMIT = 500
+# Renewals of a run's lock or lease per STATE_LOCK_TTL_MS: one may be late or fail and
+# the next still lands before the lock runs out.
+RENEWALS_PER_TTL = 3
 
 
 class CaseError(Exception):
@@ -141,10 +151,14 @@ class RunGuard:
 
     lock: Lock | None = None
     lease_token: str | None = None
+    # The cold lease's fencing token: the record's fence its claim raised.
+    lease_fence: int | None = None
+    # time.monotonic() when the claim was sent: the lock or lease is ours until then + TTL.
+    taken_at: float = 0.0
 
     @property
     def fence(self) -> int | None:
-        return self.lock.fence if self.lock else None
+        return self.lock.fence if self.lock else self.lease_fence
 
 
 @dataclass(frozen=True)
@@ -155,8 +169,8 @@ class Outcome:
 
 
 def case_config(case_id: str, *, fencing_token: int | None = None) -> RunnableConfig:
-    """The case's thread; a run passes its fencing token, which write-behind checkpoint
-    writes present to the hot tier (a run that lost its lock is refused there)."""
+    """The case's thread; a run passes its fencing token, which its checkpoint writes
+    present (a run that lost its lock is refused before the cold tier)."""
     configurable: dict[str, Any] = {"thread_id": case_id}
     if fencing_token is not None:
         configurable[FENCING_TOKEN_KEY] = fencing_token
@@ -490,31 +504,17 @@ class CaseService:
 
     async def _drive(self, case_id: str, graph_input: GraphInput, guard: RunGuard) -> None:
         fence = guard.fence
-        config = case_config(case_id, fencing_token=fence)
-        # Write-through: every step durable before the next. Write-behind: steps move at
-        # Redis speed and the run's end (and an interrupt) is the boundary.
-        durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
         try:
             with (
                 app_metrics.measure_run() as run,
                 traced("case.run", case_id=case_id, fencing_token=fence),
             ):
-                await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
-                async for _ in self._graph.astream(
-                    graph_input,
-                    config,
-                    context=RunContext(fencing_token=fence),
-                    stream_mode="updates",
-                    durability=durability,
-                ):
-                    await self._tracker.heartbeat(case_id, fencing_token=fence)
-                await self._flush(case_id)
-                snapshot = await self._graph.aget_state(config)
-                rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
-                await self._tracker.mark(case_id, rest, fencing_token=fence)
+                rest = await self._while_held(
+                    case_id, guard, self._run(case_id, graph_input, fence)
+                )
                 run.outcome = rest.value
-        except StaleFencingToken:
-            log.warning("case %s: a newer run took over; this one stops", case_id)
+        except (StaleFencingToken, LockLost) as lost:
+            log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
         except EffectInProgress as busy:
             # Another runner of this case holds the side effect's claim and finishes the case.
             log.warning("case %s: %s; this run stops", case_id, busy)
@@ -537,16 +537,101 @@ class CaseService:
         finally:
             await self._release(case_id, guard)
 
+    async def _run(self, case_id: str, graph_input: GraphInput, fence: int | None) -> CaseStatus:
+        """Drive the graph to rest; returns the status the case rests in."""
+        config = case_config(case_id, fencing_token=fence)
+        # Write-through: every step durable before the next. Write-behind: steps move at
+        # Redis speed and the run's end (and an interrupt) is the boundary.
+        durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
+        await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        async for _ in self._graph.astream(
+            graph_input,
+            config,
+            context=RunContext(fencing_token=fence),
+            stream_mode="updates",
+            durability=durability,
+        ):
+            await self._tracker.heartbeat(case_id, fencing_token=fence)
+        await self._flush(case_id)
+        snapshot = await self._graph.aget_state(config)
+        rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
+        await self._tracker.mark(case_id, rest, fencing_token=fence)
+        return rest
+
+    async def _while_held(
+        self, case_id: str, guard: RunGuard, work: Awaitable[CaseStatus]
+    ) -> CaseStatus:
+        """Await `work` while renewing `guard`; once the guard is lost, cancel the work
+        and raise `LockLost` (the run must not keep writing)."""
+        working = asyncio.ensure_future(work)
+        keeper = asyncio.create_task(self._keep(case_id, guard))
+        try:
+            await asyncio.wait({working, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            if not working.done():
+                keeper.result()  # raises what ended the keeper (it never returns)
+            return working.result()
+        finally:
+            for task in (keeper, working):
+                task.cancel()
+            for task in (keeper, working):
+                # Either may have failed too; the outcome above is what is reported.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _keep(self, case_id: str, guard: RunGuard) -> None:
+        """Renew the run's lock or lease until cancelled; raises `LockLost` when another
+        runner has it, or when no renewal landed before it could have run out."""
+        ttl = self._settings.state_lock_ttl_ms / 1000
+        name = run_lock_name(case_id)
+        # From when each successful claim or renewal was sent: never later than the truth.
+        held_until = guard.taken_at + ttl
+        while True:
+            await asyncio.sleep(ttl / RENEWALS_PER_TTL)
+            sent = time.monotonic()
+            try:
+                renewed = await self._renew(case_id, guard)
+            except (BackendUnavailable, VersionConflict) as error:
+                if time.monotonic() >= held_until:
+                    raise LockLost(name, f"not renewed before it ran out ({error})") from error
+                log.warning("case %s: could not renew the run guard yet: %s", case_id, error)
+                continue
+            if not renewed:
+                raise LockLost(name, "taken by another runner, or run out")
+            held_until = sent + ttl
+
+    async def _renew(self, case_id: str, guard: RunGuard) -> bool:
+        if guard.lock is not None:
+            return await self._store.renew(guard.lock)
+        held = True
+        ttl_seconds = self._settings.state_lock_ttl_ms / 1000
+
+        def extend(record: WorkflowRecord) -> object:
+            nonlocal held
+            lease = record.sections.get(RUN_LEASE_SECTION) or {}
+            held = lease.get("token") == guard.lease_token
+            return {**lease, "until": time.time() + ttl_seconds} if held else UNCHANGED
+
+        await write_section(
+            self._store,
+            case_id,
+            RUN_LEASE_SECTION,
+            extend,
+            agent_id=RUNNER_ID,
+            fencing_token=guard.fence,
+        )
+        return held
+
     async def _flush(self, case_id: str) -> None:
         if self._saver is not None:
             await self._saver.aflush(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
+        sent = time.monotonic()
         try:
             lock = await self._store.lock(
                 run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
             )
-            return RunGuard(lock=lock)
+            return RunGuard(lock=lock, taken_at=sent)
         except LockNotAcquired:
             record = await self._record(case_id)
             raise CaseBusy(
@@ -556,23 +641,39 @@ class CaseService:
             ) from None
         except BackendUnavailable:
             log.warning("case %s: no hot tier for the run lock; using a cold-tier lease", case_id)
-            return RunGuard(lease_token=await self._claim_lease(case_id))
+            return await self._claim_lease(case_id)
 
-    async def _claim_lease(self, case_id: str) -> str:
+    async def _claim_lease(self, case_id: str) -> RunGuard:
+        """Claim the cold-tier lease with a versioned write that also raises the record's
+        fence by one: each claim gets a fence higher than every earlier holder's."""
         token = uuid.uuid4().hex
         ttl_seconds = self._settings.state_lock_ttl_ms / 1000
-
-        def claim(record: WorkflowRecord) -> object:
+        for attempt in range(MAX_ATTEMPTS):
+            sent = time.monotonic()
+            record = await self._record(case_id)
             if (held_until := _lease_until(record)) is not None:
                 raise CaseBusy(
                     case_id,
                     stalled=self._tracker.is_stale(record.sections.get(RUN_SECTION)),
                     lease_ends_at=held_until,
                 )
-            return {"token": token, "until": time.time() + ttl_seconds}
-
-        await write_section(self._store, case_id, RUN_LEASE_SECTION, claim, agent_id=RUNNER_ID)
-        return token
+            fence = record.fence + 1
+            try:
+                await self._store.update_section(
+                    case_id,
+                    RUN_LEASE_SECTION,
+                    {"token": token, "until": time.time() + ttl_seconds},
+                    agent_id=RUNNER_ID,
+                    expected_version=record.version,
+                    fencing_token=fence,
+                )
+            except VersionConflict:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
+                continue
+            return RunGuard(lease_token=token, lease_fence=fence, taken_at=sent)
+        raise AssertionError("unreachable")
 
     async def _release(self, case_id: str, guard: RunGuard) -> None:
         try:

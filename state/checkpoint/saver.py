@@ -16,6 +16,13 @@ Two write modes (`STATE_WRITE_MODE`):
   With Redis unreachable a put writes through instead, with every channel value,
   so the cold checkpoint stands on its own whatever the log still holds.
 
+Fencing: a write whose config carries a fencing token (`FENCING_TOKEN_KEY`) is
+refused with `StaleFencingToken` before it reaches the cold tier if a writer with a
+higher token wrote the thread. Write-behind appends check the thread's fence in
+Redis atomically with the append; write-through writes first check and raise the
+same fence (`fence`, one Redis round trip); without a reachable Redis, both check
+the fence of the thread's workflow record in the cold tier (`record_fence`).
+
 A checkpoint is stored without its channel values, except small scalars (and
 short collections of them) kept inline, as LangGraph's Postgres saver keeps
 primitives: every other value is a blob per (channel, version), written only in
@@ -52,12 +59,14 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from ..errors import BackendUnavailable
 from ..ports import (
     CheckpointCache,
+    CheckpointFence,
     CheckpointStore,
     PruneStrategy,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
 )
+from .fencing import RecordFence
 from .flusher import Flusher
 from .loop_thread import LoopThread
 
@@ -68,8 +77,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PRUNE_STRATEGIES: tuple[PruneStrategy, ...] = ("keep_latest", "delete")
-# `configurable` key of a run's fencing token: a write-behind write presenting a lower
-# token than one the thread has seen is refused (StaleFencingToken).
+# `configurable` key of a run's fencing token: a checkpoint write presenting a lower
+# token than one the thread has seen is refused (StaleFencingToken), in either mode.
 FENCING_TOKEN_KEY = "fencing_token"
 # Checkpoints a synchronous `list` fetches per hop to the loop thread.
 SYNC_LIST_BATCH = 50
@@ -107,6 +116,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         cache: CheckpointCache | None = None,
         *,
         flusher: Flusher | None = None,
+        fence: CheckpointFence | None = None,
+        record_fence: CheckpointFence | None = None,
         serde: SerializerProtocol | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -117,6 +128,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self.cache = cache
         # Set: write-behind mode.
         self.flusher = flusher
+        # The hot tier's fence per thread (write-through writes check it), and the cold
+        # tier's, checked instead while the hot one cannot be reached (or is absent).
+        self.fence = fence
+        self.record_fence = record_fence
         # Write-behind threads whose newest write this process sent straight to the cold
         # tier because Redis could not be reached: that state is durable already.
         self._written_through: set[str] = set()
@@ -144,6 +159,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             backends.checkpoints,
             backends.hot_checkpoints,
             flusher=backends.flusher,
+            fence=backends.checkpoint_fence,
+            record_fence=RecordFence(backends.cold),
             serde=serde,
             loop=loop,
         )
@@ -408,16 +425,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
             channel_versions=dict(checkpoint["channel_versions"]),
         )
+        fence = configurable.get(FENCING_TOKEN_KEY)
         if self.flusher is None:
+            await self._admit(thread_id, fence, hot=True)
             await self.store.put_checkpoint(stored, blobs)
             if self.cache is not None:
                 await self.cache.advance(stored, blobs)
         else:
             try:
-                await self.flusher.log.append_put(
-                    stored, blobs, fence=configurable.get(FENCING_TOKEN_KEY)
-                )
+                await self.flusher.log.append_put(stored, blobs, fence=fence)
             except BackendUnavailable:
+                await self._admit(thread_id, fence, hot=False)
                 every_value = [
                     StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
                     for channel, version in checkpoint["channel_versions"].items()
@@ -460,7 +478,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     task_id, task_path, key, channel, self.serde.dumps_typed(value)
                 )
         stored = list(by_key.values())
+        fence = configurable.get(FENCING_TOKEN_KEY)
         if self.flusher is None:
+            await self._admit(thread_id, fence, hot=True)
             await self.store.put_writes(
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
@@ -476,9 +496,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 checkpoint_id,
                 stored,
                 upsert=upsert,
-                fence=configurable.get(FENCING_TOKEN_KEY),
+                fence=fence,
             )
         except BackendUnavailable:
+            await self._admit(thread_id, fence, hot=False)
             await self.store.put_writes(
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
@@ -490,6 +511,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 configurable.get(DURABILITY_KEY) == "sync"
                 or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
             )
+
+    async def _admit(self, thread_id: str, fence: int | None, *, hot: bool) -> None:
+        """Before a cold write: refuse a stale fencing token (see the module docstring).
+        `hot=False`: Redis just failed, so only the record's fence is asked."""
+        if fence is None:
+            return
+        if hot and self.fence is not None:
+            try:
+                await self.fence.admit(thread_id, int(fence))
+                return
+            except BackendUnavailable:
+                pass  # Redis out: the record's fence still orders the thread's writers
+        if self.record_fence is not None:
+            await self.record_fence.admit(thread_id, int(fence))
 
     async def _boundary(self, thread_id: str, synchronous: bool) -> None:
         """After a write-behind append: flush now at a boundary, else let the flusher run."""

@@ -135,6 +135,15 @@ redis.call('SET', KEYS[2], string.format('%.0f', fence), 'PX', ARGV[3])
 return fence
 """
 
+# Extend the lock only if the caller's token still owns it. KEYS[1] lock; ARGV[1] token,
+# ARGV[2] ttl ms.
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 # Delete the lock only if the caller's token still owns it.
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -172,6 +181,7 @@ class RedisHotStore:
         self._invalidate = client.register_script(_INVALIDATE)
         self._acquire_lock = client.register_script(_ACQUIRE_LOCK)
         self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._renew_lock = client.register_script(_RENEW_LOCK)
 
     # ----------------------------------------------------------------- records
 
@@ -254,6 +264,13 @@ class RedisHotStore:
                 keys=[self.key(lock.name, LOCK_KIND)], args=[lock.token]
             )
         return bool(released)
+
+    async def renew_lock(self, lock: Lock) -> bool:
+        with redis_errors():
+            renewed = await self._renew_lock(
+                keys=[self.key(lock.name, LOCK_KIND)], args=[lock.token, lock.ttl_ms]
+            )
+        return bool(renewed)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -8,7 +8,9 @@ of `redis_checkpoints`:
 - `wb-flushing`: the flush lock (token, expiring), so one flusher at a time
   applies a thread's entries, in order; a dead flusher's lock expires and
   another takes the thread over;
-- `wb-fence`: the highest fencing token a writer presented.
+- `wb-fence`: the highest fencing token a writer presented. Write-through checkpoint
+  writes check and raise the same key (`RedisCheckpointFence`) before their cold
+  write, so both write modes keep one fence per thread.
 
 An append is one script: fence check, cache advance, stream entry, all atomic in
 the thread's slot. It is pipelined (same round trip) with a second script on the
@@ -99,6 +101,14 @@ return {added, 0}
 """
 )
 
+# KEYS: fence. ARGV: fence, ttl. Returns the highest fence seen if ARGV[1] is lower, else 0.
+_ADMIT = (
+    _FENCE
+    + """
+return fenced(KEYS[1], ARGV[1], ARGV[2]) or 0
+"""
+)
+
 # KEYS: dirty, since, entries. ARGV: thread id.
 _MARK_DIRTY = """
 redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])
@@ -162,7 +172,7 @@ class RedisWriteBehindLog:
         }
 
     def _key(self, thread_id: str, kind: str) -> str:
-        return f"{{{thread_id}}}:{self._cache.namespace}:{kind}"
+        return _thread_key(self._cache, thread_id, kind)
 
     # ----------------------------------------------------------------------- appends
 
@@ -358,6 +368,34 @@ class RedisWriteBehindLog:
         return Backlog(
             entries=max(0, int(entries or 0)), threads=int(threads), oldest_age_seconds=age
         )
+
+
+class RedisCheckpointFence:
+    """The `CheckpointFence` port on Redis, for write-through checkpoint writes: one
+    script checks and raises the thread's `wb-fence` (the key write-behind appends
+    check), atomically in the thread's slot."""
+
+    def __init__(self, client: aioredis.Redis, cache: RedisCheckpointCache) -> None:
+        self._client = client
+        self._cache = cache
+        self._admit = client.register_script(_ADMIT)
+
+    async def admit(self, thread_id: str, fence: int) -> None:
+        try:
+            highest = int(
+                await self._admit(
+                    keys=[_thread_key(self._cache, thread_id, "wb-fence")],
+                    args=[fence, self._cache.ttl_seconds],
+                )
+            )
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        if highest:
+            raise StaleFencingToken(thread_id, fence, highest)
+
+
+def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:
+    return f"{{{thread_id}}}:{cache.namespace}:{kind}"
 
 
 def _sha(source: str) -> str:

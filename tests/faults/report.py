@@ -48,6 +48,11 @@ SCENARIOS: tuple[str, ...] = (
     "Process killed mid-node (durability=exit)",
     "Lock holder paused past its TTL (cosmos)",
     "Lock holder paused past its TTL (postgres)",
+    *(
+        f"Runner paused past its TTL writes a late checkpoint ({backend}, {mode})"
+        for backend in ("cosmos", "postgres")
+        for mode in ("write-through", "write-behind")
+    ),
     "Two workers write one record at the same version (cosmos)",
     "Two workers write one record at the same version (postgres)",
     "Two workers decide the same review at once (cosmos, with the Redis run lock)",

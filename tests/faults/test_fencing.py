@@ -3,7 +3,9 @@
 Worker A takes the lock and keeps writing with its fencing token. The test
 SIGSTOPs it, waits past the lock TTL, lets worker B take the lock (a higher
 fence) and write, then SIGCONTs A. A's very next accepted write would be a
-silent overwrite; the cold store must reject it with `StaleFencingToken`.
+silent overwrite; the store must reject it with `StaleFencingToken`: the cold
+store for record writes, and for checkpoint writes the thread's fence, checked
+before the cold write in both write modes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from state.checkpoint import TieredCheckpointSaver
 from state.factory import backends_for
 from state.settings import Settings
 from state.tiered import TieredStateStore
@@ -107,3 +110,85 @@ async def test_paused_lock_holder_is_fenced_off(
     assert silent_overwrites == 0
     assert lost_writes == 0
     assert stale_rejections == RUNS_PER_BACKEND
+
+
+CHECKPOINT_RUNS = 2
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+async def test_a_paused_runners_late_checkpoint_is_refused(
+    backend: str,
+    mode: str,
+    env_for: Callable[..., dict[str, str]],
+    settings_for: Callable[..., Settings],
+    tmp_path: Path,
+    reliability: Recorder,
+) -> None:
+    env = env_for(backend, state_write_mode=mode)
+    stale_rejections = 0
+    silent_overwrites = 0
+    lost_writes = 0
+    async with backends_for(settings_for(backend, state_write_mode=mode)) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        cold_only = TieredCheckpointSaver(backends.checkpoints)
+        for run in range(CHECKPOINT_RUNS):
+            thread_id = f"cp-fence-{backend}-{uuid.uuid4().hex[:10]}"
+            args = [thread_id, f"lock-{thread_id}", str(LOCK_TTL_MS)]
+            taker = Worker(["cp-take", *args], env, tmp_path / f"cp-take-{run}.log")
+            holder = Worker(["cp-hold", *args], env, tmp_path / f"cp-hold-{run}.log")
+            try:
+                taker.expect(lambda e: e.get("event") == "ready", 60, "taker ready")
+                locked = holder.expect(lambda e: e.get("event") == "locked", 60, "holder's lock")
+                holder.expect(lambda e: e.get("event") == "wrote", 60, "holder's first run")
+                holder.signal(signal.SIGSTOP)
+                assert time.monotonic() < locked["at"] + LOCK_TTL_MS / 1000
+                written_before = [e for e in holder.drain() if e.get("event") == "wrote"]
+                taker.send("go")
+                took = taker.expect(lambda e: e.get("event") == "took", 30, "takeover")
+                assert time.monotonic() >= locked["at"] + LOCK_TTL_MS / 1000
+                assert took["fence"] > locked["fence"]
+                holder.signal(signal.SIGCONT)
+                ending = holder.expect(
+                    lambda e: e.get("event") in ("stale", "exhausted"), 30, "holder's end"
+                )
+                silent_overwrites += sum(
+                    1
+                    for e in holder.events
+                    if e.get("event") == "wrote" and e not in written_before
+                )
+                if ending["event"] == "stale":
+                    stale_rejections += 1
+                    assert ending["presented"] < ending["highest"] == took["fence"]
+
+                # The newer run's checkpoint is the latest, whole, in the cold tier and in
+                # what readers are served.
+                config = {"configurable": {"thread_id": thread_id}}
+                for reader in (cold_only, saver):
+                    latest = await reader.aget_tuple(config)
+                    if (
+                        latest is None
+                        or latest.config["configurable"]["checkpoint_id"] != took["checkpoint_id"]
+                        or latest.checkpoint["channel_values"]["messages"] != took["messages"]
+                    ):
+                        lost_writes += 1
+            finally:
+                holder.stop()
+                taker.stop()
+            await saver.adelete_thread(thread_id)
+
+    reliability.record(
+        f"Runner paused past its TTL writes a late checkpoint ({backend}, {mode})",
+        injected=f"SIGSTOP the lock-holding runner (a graph checkpointing with its fencing "
+        f"token) for > {LOCK_TTL_MS} ms TTL, another runner takes the lock and checkpoints, "
+        "then SIGCONT",
+        runs=CHECKPOINT_RUNS,
+        lost_writes=lost_writes,
+        silent_overwrites=silent_overwrites,
+        observed=f"{stale_rejections}/{CHECKPOINT_RUNS} late checkpoints refused with "
+        f"StaleFencingToken; the newer run's checkpoint was the latest in "
+        f"{2 * CHECKPOINT_RUNS - lost_writes}/{2 * CHECKPOINT_RUNS} reads (cold tier, served)",
+    )
+    assert silent_overwrites == 0
+    assert lost_writes == 0
+    assert stale_rejections == CHECKPOINT_RUNS

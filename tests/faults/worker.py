@@ -8,6 +8,12 @@ JSON lines: events on stdout, commands on stdin, each bounded in count and time.
   SIGSTOPs it past the TTL and SIGCONTs it after another worker took over).
 - `fence-take THREAD LOCK TTL_MS`: wait for "go" on stdin, take the lock
   (retrying until the old holder's TTL ran out), write once, exit.
+- `cp-hold THREAD LOCK TTL_MS`: take the lock, then keep running a one-node graph on
+  the thread with the lock's fencing token (a checkpoint per run) until a checkpoint
+  write is refused (paused and resumed by the test as `fence-hold` is).
+- `cp-take THREAD LOCK TTL_MS`: wait for "go", take the lock once the old holder's
+  TTL ran out, run the graph once with its fence, flush, report the checkpoint, exit.
+  Both run in the write mode STATE_WRITE_MODE sets.
 - `drain`: open the backends in write-behind mode and drain the write-behind
   backlog into the cold tier (the test SIGKILLs it part-way).
 - `zygote`: import the app once, then for each `{"case_id", "mode", "pause"}`
@@ -21,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import operator
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 from state.errors import LockNotAcquired, StaleFencingToken, VersionConflict, WorkflowExists
 from state.factory import open_backends
@@ -114,6 +121,91 @@ async def fence_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
         await backends.close()
 
 
+# --------------------------------------------------------------------------- fenced checkpoints
+
+
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[str], operator.add]
+
+
+def chat_graph(saver: Any) -> Any:
+    from langgraph.graph import END, START, StateGraph
+
+    def note(state: Chat) -> Chat:
+        return {"messages": [f"note-{len(state.get('messages', []))}"]}
+
+    graph = StateGraph(Chat)
+    graph.add_node("note", note)
+    graph.add_edge(START, "note")
+    graph.add_edge("note", END)
+    return graph.compile(checkpointer=saver)
+
+
+def fenced_config(thread_id: str, fence: int) -> dict[str, Any]:
+    from state.checkpoint import FENCING_TOKEN_KEY
+
+    return {"configurable": {"thread_id": thread_id, FENCING_TOKEN_KEY: fence}}
+
+
+async def checkpoint_hold(thread_id: str, lock_name: str, ttl_ms: int) -> None:
+    from state.checkpoint import TieredCheckpointSaver
+
+    backends = await open_backends(Settings())
+    store = TieredStateStore.from_backends(backends)
+    graph = chat_graph(TieredCheckpointSaver.from_backends(backends))
+    try:
+        lock = await store.lock(lock_name, ttl_ms=ttl_ms)
+        emit(event="locked", fence=lock.fence, pid=os.getpid(), at=time.monotonic())
+        for i in range(MAX_WRITES):
+            try:
+                state = await graph.ainvoke(
+                    {"messages": [f"hold-{i}"]}, fenced_config(thread_id, lock.fence)
+                )
+            except StaleFencingToken as stale:
+                emit(event="stale", i=i, presented=stale.presented, highest=stale.highest)
+                return
+            emit(event="wrote", i=i, messages=len(state["messages"]), at=time.monotonic())
+            await asyncio.sleep(WRITE_INTERVAL_S)
+        emit(event="exhausted")
+    finally:
+        await backends.close()
+
+
+async def checkpoint_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
+    from state.checkpoint import TieredCheckpointSaver
+
+    backends = await open_backends(Settings())
+    store = TieredStateStore.from_backends(backends)
+    saver = TieredCheckpointSaver.from_backends(backends)
+    graph = chat_graph(saver)
+    try:
+        emit(event="ready")
+        await asyncio.to_thread(sys.stdin.readline)
+        deadline = time.monotonic() + TAKE_DEADLINE_S
+        while True:
+            try:
+                lock = await store.lock(lock_name, ttl_ms=ttl_ms)
+                break
+            except LockNotAcquired:
+                if time.monotonic() > deadline:
+                    emit(event="never-locked")
+                    return
+                await asyncio.sleep(0.02)
+        config = fenced_config(thread_id, lock.fence)
+        state = await graph.ainvoke({"messages": ["take"]}, config)
+        await saver.aflush(thread_id)
+        latest = await saver.aget_tuple(config)
+        assert latest is not None
+        emit(
+            event="took",
+            fence=lock.fence,
+            checkpoint_id=latest.config["configurable"]["checkpoint_id"],
+            messages=state["messages"],
+        )
+    finally:
+        await backends.close()
+
+
 # --------------------------------------------------------------------------- kill runs
 
 
@@ -196,6 +288,10 @@ def main(argv: list[str]) -> None:
         asyncio.run(fence_hold(args[0], args[1], int(args[2])))
     elif command == "fence-take":
         asyncio.run(fence_take(args[0], args[1], int(args[2])))
+    elif command == "cp-hold":
+        asyncio.run(checkpoint_hold(args[0], args[1], int(args[2])))
+    elif command == "cp-take":
+        asyncio.run(checkpoint_take(args[0], args[1], int(args[2])))
     elif command == "zygote":
         zygote()
     elif command == "drain":

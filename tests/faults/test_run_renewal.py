@@ -1,0 +1,130 @@
+"""A case run renews its lock (Redis) or lease (cold tier) for as long as it lives, and a
+renewal that finds it taken stops the run: it writes no checkpoint and no record after.
+
+The refund step is held open (the app's pause hook) for several lock TTLs, so the
+run outlives its first TTL many times over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from state.errors import LockNotAcquired
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_store import LOCK_KIND, RedisHotStore
+from state.settings import Settings
+from state.tiered import TieredStateStore
+from support_cases.models import CaseStatus
+from support_cases.runs import RUN_SECTION
+from support_cases.service import RUN_LEASE_SECTION, run_lock_name
+from tests.step_pause import pause_after
+
+from .apps import open_runtime, submission
+
+LOCK_TTL_MS = 900
+PAUSE_SECONDS = 3.0
+# The app's test hook that holds a step open (an environment variable, read per call).
+# The refund step is held open this long, for several lock TTLs.
+PAUSE_REFUND = pause_after(f"refund={PAUSE_SECONDS}")
+
+
+def run_settings(settings_for: Callable[..., Settings], backend: str, tier: str) -> Settings:
+    overrides: dict[str, object] = {
+        "state_lock_ttl_ms": LOCK_TTL_MS,
+        "case_sync_wait_seconds": 0,
+        "state_write_mode": "write-through",
+    }
+    if tier == "cold":
+        overrides.update(redis_url=None)
+    return settings_for(backend, **overrides)
+
+
+async def wait_for_step(store: TieredStateStore, case_id: str, section: str) -> None:
+    for _ in range(600):
+        record = await store.get(case_id)
+        if record is not None and section in record.sections:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"case {case_id}: no {section!r} section")
+
+
+@pytest.mark.parametrize("tier", ["redis", "cold"])
+async def test_a_run_longer_than_its_lock_ttl_keeps_its_lock(
+    tier: str, settings_for: Callable[..., Settings]
+) -> None:
+    case_id = f"renew-{tier}-{uuid.uuid4().hex[:10]}"
+    async with open_runtime(
+        run_settings(settings_for, "postgres", tier), after_step=PAUSE_REFUND
+    ) as app:
+        store, service = app.runtime.store, app.runtime.service
+        await service.submit(submission(case_id), None)
+        await wait_for_step(store, case_id, "refund")
+        # Held open for over three TTLs by now: without renewals anyone could take it.
+        await asyncio.sleep(3 * LOCK_TTL_MS / 1000)
+        if tier == "redis":
+            with pytest.raises(LockNotAcquired):
+                await store.lock(run_lock_name(case_id), ttl_ms=LOCK_TTL_MS)
+        else:
+            record = await store.get(case_id)
+            assert record is not None
+            lease = record.sections[RUN_LEASE_SECTION]
+            assert lease["token"] and lease["until"] > time.time()
+        await service.wait_idle()
+        assert (await service.status(case_id)).status is CaseStatus.COMPLETED
+
+
+@pytest.mark.parametrize("tier", ["redis", "cold"])
+async def test_a_renewal_that_finds_the_lock_taken_stops_the_run(
+    tier: str, settings_for: Callable[..., Settings]
+) -> None:
+    case_id = f"taken-{tier}-{uuid.uuid4().hex[:10]}"
+    async with open_runtime(
+        run_settings(settings_for, "postgres", tier), after_step=PAUSE_REFUND
+    ) as app:
+        runtime = app.runtime
+        store, service = runtime.store, runtime.service
+        await service.submit(submission(case_id), None)
+        await wait_for_step(store, case_id, "refund")
+        # Another runner takes the case over, as after a pause past the TTL.
+        if tier == "redis":
+            hot = runtime.backends.hot
+            assert isinstance(hot, RedisHotStore)
+            raw = create_redis_client(runtime.settings)
+            try:
+                await raw.delete(hot.key(run_lock_name(case_id), LOCK_KIND))
+            finally:
+                await raw.aclose()
+            taker = await store.lock(run_lock_name(case_id), ttl_ms=60_000)
+            fence = taker.fence
+        else:
+            record = await store.get(case_id)
+            assert record is not None
+            fence = record.fence + 1
+            await store.update_section(
+                case_id,
+                RUN_LEASE_SECTION,
+                {"token": "the-taker", "until": 4_000_000_000},
+                agent_id="taker",
+                expected_version=record.version,
+                fencing_token=fence,
+            )
+        checkpoints = [
+            c async for c in runtime.saver.alist({"configurable": {"thread_id": case_id}})
+        ]
+        # The next renewal (within a third of the TTL) finds it taken and stops the run,
+        # long before the refund step's pause ends.
+        await asyncio.wait_for(service.wait_idle(), timeout=LOCK_TTL_MS / 1000)
+        await asyncio.sleep(PAUSE_SECONDS)  # past where the step would have gone on
+        after = [c async for c in runtime.saver.alist({"configurable": {"thread_id": case_id}})]
+        assert [c.config for c in after] == [c.config for c in checkpoints]
+        record = await store.get(case_id)
+        assert record is not None
+        assert record.sections[RUN_SECTION]["status"] == CaseStatus.RUNNING.value
+        assert "response" not in record.sections
+        if tier == "cold":
+            assert record.fence == fence  # no write of the stopped run landed after the claim

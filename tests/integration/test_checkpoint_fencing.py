@@ -1,0 +1,192 @@
+"""Checkpoint writes are fenced in every write mode, on real servers, for each cold backend.
+
+A run presents its fencing token (`configurable["fencing_token"]`); a checkpoint
+write presenting a lower token than one the thread has seen is refused with
+`StaleFencingToken` before it reaches the cold tier. With Redis, both write modes
+share one fence per thread; without it, the thread's workflow record's fence (raised
+by fenced record writes) is what a checkpoint write is checked against.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+
+from devstack import free_port
+from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint.fencing import RecordFence
+from state.checkpoint.flusher import Flusher
+from state.errors import StaleFencingToken
+from state.factory import Backends, backends_for
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
+from state.settings import Settings
+
+COLD_BACKENDS = ["cosmos", "postgres"]
+
+
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[str], operator.add]
+
+
+def chat_graph(saver: TieredCheckpointSaver) -> CompiledStateGraph[Any, Any, Any, Any]:
+    def reply(state: Chat) -> Chat:
+        return {"messages": ["reply"]}
+
+    graph = StateGraph(Chat)
+    graph.add_node("reply", reply)
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph.compile(checkpointer=saver)
+
+
+def config(thread_id: str, fence: int) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "fencing_token": fence}}
+
+
+Open = Callable[..., AbstractAsyncContextManager[Backends]]
+
+
+@pytest.fixture(params=COLD_BACKENDS)
+def open_tiers(request: pytest.FixtureRequest, stack_env: dict[str, str]) -> Open:
+    """Backends on the session stack for one cold backend; `mode=None` means no Redis."""
+
+    def build(mode: str | None) -> AbstractAsyncContextManager[Backends]:
+        values: dict[str, Any] = {
+            "state_cold_backend": request.param,
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+            "postgres_url": stack_env["POSTGRES_URL"],
+        }
+        if mode is not None:
+            values.update(redis_url=stack_env["REDIS_URL"], state_write_mode=mode)
+        return backends_for(Settings.model_validate(values))
+
+    return build
+
+
+async def cold_messages(backends: Backends, thread_id: str) -> list[str]:
+    """The latest checkpoint's messages as the cold tier alone has them."""
+    latest = await TieredCheckpointSaver(backends.checkpoints).aget_tuple(
+        {"configurable": {"thread_id": thread_id}}
+    )
+    assert latest is not None
+    return list(latest.checkpoint["channel_values"]["messages"])
+
+
+@pytest.fixture
+def thread_id() -> str:
+    return f"fence-cp-{uuid.uuid4().hex[:12]}"
+
+
+async def test_write_through_refuses_a_stale_token_before_the_cold_write(
+    open_tiers: Open, thread_id: str
+) -> None:
+    async with open_tiers("write-through") as backends:
+        graph = chat_graph(TieredCheckpointSaver.from_backends(backends))
+        await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
+        before = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+
+        with pytest.raises(StaleFencingToken) as refused:
+            await graph.ainvoke({"messages": ["late"]}, config(thread_id, 6))
+
+        assert (refused.value.presented, refused.value.highest) == (6, 7)
+        after = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert before is not None and after is not None
+        assert after.checkpoint_id == before.checkpoint_id  # nothing reached the cold tier
+        await graph.ainvoke({"messages": ["newer"]}, config(thread_id, 8))
+        assert "late" not in await cold_messages(backends, thread_id)
+        assert "newer" in await cold_messages(backends, thread_id)
+
+
+async def test_both_write_modes_share_one_fence_per_thread(
+    open_tiers: Open, thread_id: str
+) -> None:
+    async with open_tiers("write-behind") as behind, open_tiers("write-through") as through:
+        await chat_graph(TieredCheckpointSaver.from_backends(behind)).ainvoke(
+            {"messages": ["behind"]}, config(thread_id, 9)
+        )
+        with pytest.raises(StaleFencingToken):
+            await chat_graph(TieredCheckpointSaver.from_backends(through)).ainvoke(
+                {"messages": ["through"]}, config(thread_id, 8)
+            )
+        await chat_graph(TieredCheckpointSaver.from_backends(through)).ainvoke(
+            {"messages": ["through"]}, config(thread_id, 10)
+        )
+        with pytest.raises(StaleFencingToken):
+            await chat_graph(TieredCheckpointSaver.from_backends(behind)).ainvoke(
+                {"messages": ["late"]}, config(thread_id, 9)
+            )
+        assert "late" not in await cold_messages(through, thread_id)
+
+
+async def test_without_a_hot_tier_the_records_fence_guards_checkpoint_writes(
+    open_tiers: Open, thread_id: str
+) -> None:
+    async with open_tiers(None) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        graph = chat_graph(saver)
+        await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+        await backends.cold.update_section(
+            thread_id, "run", {"by": 7}, expected_version=1, agent_id="fence-test", fencing_token=7
+        )
+        await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
+
+        with pytest.raises(StaleFencingToken) as refused:
+            await graph.ainvoke({"messages": ["late"]}, config(thread_id, 6))
+
+        assert (refused.value.presented, refused.value.highest) == (6, 7)
+        assert "late" not in await cold_messages(backends, thread_id)
+        # A thread with no workflow record has no fence to hold a checkpoint to.
+        await graph.ainvoke({"messages": ["free"]}, config(f"{thread_id}-bare", 1))
+        await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_with_redis_unreachable_the_records_fence_guards_checkpoint_writes(
+    open_tiers: Open, thread_id: str, mode: str
+) -> None:
+    async with open_tiers(None) as backends:
+        # A Redis nobody listens on: every call to it fails with BackendUnavailable.
+        dead = Settings.model_validate(
+            {**backends.settings.model_dump(), "redis_url": f"redis://127.0.0.1:{free_port()}"}
+        )
+        client = create_redis_client(dead)
+        try:
+            cache = RedisCheckpointCache(client, dead)
+            saver = TieredCheckpointSaver(
+                backends.checkpoints,
+                cache,
+                flusher=(
+                    Flusher(RedisWriteBehindLog(client, cache), backends.checkpoints, lock_ttl_ms=1)
+                    if mode == "write-behind"
+                    else None
+                ),
+                fence=RedisCheckpointFence(client, cache),
+                record_fence=RecordFence(backends.cold),
+            )
+            graph = chat_graph(saver)
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=7
+            )
+            await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
+
+            with pytest.raises(StaleFencingToken) as refused:
+                await graph.ainvoke({"messages": ["late"]}, config(thread_id, 6))
+
+            assert (refused.value.presented, refused.value.highest) == (6, 7)
+            assert await cold_messages(backends, thread_id) == ["first", "reply"]
+        finally:
+            await client.aclose()
+            await backends.cold.delete(thread_id)
