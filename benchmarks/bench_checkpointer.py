@@ -423,7 +423,7 @@ class Scale:
 FULL = Scale(
     warmup=10,
     fresh_invokes=50,
-    sized_invokes=6,
+    sized_invokes=20,
     message_counts=(10, 100, 1000),
     reads=200,
     puts=200,
