@@ -9,56 +9,28 @@ run wrote while the cold store was down is lost once it is back.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import operator
 import random
 import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
 
 from devstack import PostgresServer
 from state.checkpoint import TieredCheckpointSaver
 from state.factory import backends_for
 from state.settings import Settings
+from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 
 from .conftest import Deadline, Recorder
 from .processes import Worker
 
 THREADS = 12
 INVOKES_EACH = 2
-# Checkpoints one invoke of the graph below leaves: input, start, four nodes.
-CHECKPOINTS_PER_INVOKE = 6
 KILLS = 3
 SEED = 8842
-
-
-class Chat(TypedDict, total=False):
-    messages: Annotated[list[str], operator.add]
-
-
-def chat_graph(saver: TieredCheckpointSaver) -> CompiledStateGraph[Any, Any, Any, Any]:
-    def node(name: str) -> Any:
-        def run(state: Chat) -> Chat:
-            return {"messages": [f"{name}:" + "x" * 1024]}
-
-        return run
-
-    graph = StateGraph(Chat)
-    names = ["intake", "billing", "account", "reply"]
-    for name in names:
-        graph.add_node(name, node(name))
-    graph.add_edge(START, names[0])
-    for first, second in itertools.pairwise(names):
-        graph.add_edge(first, second)
-    graph.add_edge(names[-1], END)
-    return graph.compile(checkpointer=saver)
 
 
 def config(thread_id: str) -> RunnableConfig:

@@ -4,21 +4,17 @@ tier receives it, what readers see before then, fencing, deletes, and a flusher 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import operator
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from langchain_core.runnables import RunnableConfig
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command, interrupt
+from langgraph.types import Command
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
@@ -29,44 +25,9 @@ from state.hot.redis_client import create_redis_client
 from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import CheckpointStore, Counters
 from state.settings import Settings
+from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 
 COLD_BACKENDS = ["cosmos", "postgres"]
-MESSAGE = "x" * 1024
-
-
-class Chat(TypedDict, total=False):
-    messages: Annotated[list[str], operator.add]
-    approved: bool
-
-
-def chat_graph(
-    saver: TieredCheckpointSaver, *, ask: bool = False
-) -> CompiledStateGraph[Any, Any, Any, Any]:
-    """Four nodes in a row, each appending a ~1 KB message; optionally a review interrupt."""
-
-    def node(name: str) -> Any:
-        def run(state: Chat) -> Chat:
-            return {"messages": [f"{name}:{MESSAGE}"]}
-
-        return run
-
-    def review(state: Chat) -> Chat:
-        return {"approved": bool(interrupt({"question": "approve?"}))}
-
-    graph = StateGraph(Chat)
-    names = ["intake", "billing", "account", "reply"]
-    for name in names:
-        graph.add_node(name, node(name))
-    graph.add_edge(START, names[0])
-    for first, second in itertools.pairwise(names):
-        graph.add_edge(first, second)
-    if ask:
-        graph.add_node("review", review)
-        graph.add_edge(names[-1], "review")
-        graph.add_edge("review", END)
-    else:
-        graph.add_edge(names[-1], END)
-    return graph.compile(checkpointer=saver)
 
 
 def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
@@ -229,7 +190,7 @@ async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
         listed[0].config["configurable"]["checkpoint_id"]
         == hot.config["configurable"]["checkpoint_id"]
     )
-    assert len(listed) == 6  # input, start, four nodes
+    assert len(listed) == CHECKPOINTS_PER_INVOKE
     assert await cold_latest_id(tiers, thread_id) == hot.config["configurable"]["checkpoint_id"]
     assert not await tiers.flusher.log.pending(thread_id)
 
@@ -330,8 +291,8 @@ async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_dupli
     assert not await log.pending(thread_id)
     hot = await tiers.saver.aget_tuple(cfg)
     history = [item async for item in tiers.saver.alist(cfg)]
-    assert len(history) == 6
-    assert len({item.config["configurable"]["checkpoint_id"] for item in history}) == 6
+    assert len(history) == CHECKPOINTS_PER_INVOKE
+    assert len({item.config["configurable"]["checkpoint_id"] for item in history}) == len(history)
     assert history[0].checkpoint == hot.checkpoint if hot else False
     for item in history:
         assert len(item.pending_writes or []) == len(
