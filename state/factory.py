@@ -107,7 +107,7 @@ async def open_backends(settings: Settings) -> Backends:
             flusher = Flusher(
                 RedisWriteBehindLog(client, hot_checkpoints),
                 checkpoints,
-                lock_ttl_ms=settings.state_lock_ttl_ms,
+                lock_ttl_ms=settings.state_flush_lock_ttl_ms,
             )
 
     backends = Backends(

@@ -641,6 +641,9 @@ class WriteBehindLog(Protocol):
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         """The right to flush the thread (None: another flusher holds it)."""
 
+    async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
+        """Extend the flush lock while `token` still holds it; False if it was lost."""
+
     async def unlock_thread(self, thread_id: str, token: str) -> None: ...
 
     async def backlog(self) -> Backlog: ...

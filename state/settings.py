@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     state_compress_threshold_bytes: int = Field(default=16 * 1024, gt=0)
     state_max_item_bytes: int = Field(default=1_800_000, gt=1024, le=2 * 1024 * 1024)
     state_lock_ttl_ms: int = Field(default=30_000, gt=0)
+    # The write-behind flush lock: renewed while held, so short; a paused or dead flusher
+    # holds its threads up for this long at most.
+    state_flush_lock_ttl_ms: int = Field(default=5_000, ge=100)
     # Unset: write-behind with a hot tier, write-through without one.
     state_write_mode: WriteMode | None = None
     # Health reports "degraded" when the oldest unflushed write-behind entry is older.

@@ -5,8 +5,9 @@ for work other workers left behind); the timer function runs a `drain` pass too.
 A thread is flushed by one flusher at a time (the log's per-thread lock), oldest
 entry first, so the cold tier receives a thread's operations in order; entries
 leave the log only after the cold tier has them, and applying one twice is
-harmless (`CheckpointStore.apply_batch` is idempotent). A flusher that dies
-mid-batch leaves its lock to expire; the next one re-applies that batch.
+harmless (`CheckpointStore.apply_batch` is idempotent). The lock is short and
+renewed while its holder works: a flusher that dies or is paused mid-batch holds
+the thread up for one lock TTL at most, and the next one re-applies that batch.
 
 `flush_thread` is the synchronous boundary: it returns once everything appended
 to the thread before the call is in the cold tier.
@@ -21,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, StateError
+from ..errors import BackendUnavailable, LockLost, StateError
 from ..ports import Backlog, CheckpointStore, WriteBehindLog
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,49 @@ POLL_SECONDS = 1.0
 # After its own append wakes it, a flusher waits this long so one pass takes several.
 WAKE_DELAY_SECONDS = 0.02
 LOCK_POLL_SECONDS = 0.005
+# How long a boundary waits for the thread's flush lock: its holder renews it while it
+# drains, so this bounds a long drain by another flusher, not a dead one.
+LOCK_WAIT_SECONDS = 60.0
+
+
+class _Lease:
+    """A held flush lock, renewed in the background at a third of its TTL; `lost` once
+    it was taken by another or could not be renewed before it ran out."""
+
+    def __init__(self, log: WriteBehindLog, thread_id: str, token: str, ttl_ms: int) -> None:
+        self.thread_id = thread_id
+        self.token = token
+        self.lost = False
+        self._log = log
+        self._ttl_ms = ttl_ms
+        self._renewer = asyncio.create_task(self._renew(), name=f"flush-lease:{thread_id}")
+
+    async def _renew(self) -> None:
+        renewed_at = time.monotonic()
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            try:
+                held = await self._log.renew_thread_lock(
+                    self.thread_id, self.token, ttl_ms=self._ttl_ms
+                )
+            except BackendUnavailable:
+                held = time.monotonic() - renewed_at < self._ttl_ms / 1000
+            else:
+                renewed_at = time.monotonic()
+            if not held:
+                self.lost = True
+                return
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(f"flush of {self.thread_id!r}", "not renewed within its TTL")
+
+    async def release(self) -> None:
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        if not self.lost:
+            await self._log.unlock_thread(self.thread_id, self.token)
 
 
 @dataclass(frozen=True)
@@ -59,8 +103,17 @@ class Flusher:
     async def flush_thread(self, thread_id: str) -> int:
         """Return once every entry appended to the thread before this call is in the cold
         tier; how many entries this call applied."""
-        async with self.holding(thread_id):
-            return (await self._drain_locked(thread_id)).applied
+        applied = 0
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                async with self._holding(thread_id, deadline) as lease:
+                    return applied + (await self._drain_locked(lease)).applied
+            except LockLost:
+                # Paused past the lock's TTL: whoever took the lock over may not have
+                # flushed all of it yet; take it again and finish.
+                if time.monotonic() > deadline:
+                    raise
 
     async def settle_thread(self, thread_id: str) -> None:
         """Flush the thread if it has a backlog (before a read the cold tier answers).
@@ -77,17 +130,22 @@ class Flusher:
     @contextlib.asynccontextmanager
     async def holding(self, thread_id: str) -> AsyncIterator[None]:
         """The thread's flush lock, waited for: no flusher applies its entries meanwhile."""
-        deadline = time.monotonic() + 2 * self._lock_ttl_ms / 1000
+        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, thread_id: str, deadline: float) -> AsyncIterator[_Lease]:
         while (token := await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)) is None:
             if time.monotonic() > deadline:
                 raise BackendUnavailable(
                     "write-behind", f"the flush lock of {thread_id!r} was not released in time"
                 )
             await asyncio.sleep(LOCK_POLL_SECONDS)
+        lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms)
         try:
-            yield
+            yield lease
         finally:
-            await self.log.unlock_thread(thread_id, token)
+            await lease.release()
 
     # ----------------------------------------------------------------------- draining
 
@@ -113,22 +171,25 @@ class Flusher:
             token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
             if token is None:
                 return None
+            lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms)
             try:
-                return await self._drain_locked(thread_id)
+                return await self._drain_locked(lease)
             except StateError as exc:
                 # Left in the log (the backlog's age shows it); other threads go on.
                 log.warning("write-behind flush of %r failed: %s", thread_id, exc)
                 return None
             finally:
-                await self.log.unlock_thread(thread_id, token)
+                await lease.release()
 
-    async def _drain_locked(self, thread_id: str) -> _Drained:
+    async def _drain_locked(self, lease: _Lease) -> _Drained:
+        thread_id = lease.thread_id
         marker = await self.log.marker(thread_id)
         applied = 0
         while True:
             entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
             if not entries:
                 break
+            lease.check()
             await self.store.apply_batch([entry.op for entry in entries])
             left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
             applied += len(entries)

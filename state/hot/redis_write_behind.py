@@ -145,6 +145,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 class RedisWriteBehindLog:
     """The `WriteBehindLog` port on Redis (see the module docstring)."""
@@ -168,6 +173,7 @@ class RedisWriteBehindLog:
                 "settle": _SETTLE,
                 "ack": _ACK,
                 "unlock": _UNLOCK,
+                "renew": _RENEW,
             }.items()
         }
 
@@ -347,6 +353,10 @@ class RedisWriteBehindLog:
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
         return token if taken else None
+
+    async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
+        renewed = await self._run("renew", [self._key(thread_id, "wb-flushing")], [token, ttl_ms])
+        return bool(renewed)
 
     async def unlock_thread(self, thread_id: str, token: str) -> None:
         await self._run("unlock", [self._key(thread_id, "wb-flushing")], [token])

@@ -271,6 +271,30 @@ async def test_delete_drops_the_backlog_and_a_later_flush_resurrects_nothing(
     assert [item async for item in tiers.saver.alist(cfg)] == []
 
 
+async def test_a_working_flusher_keeps_its_lock_past_the_ttl_and_a_paused_one_loses_it(
+    tiers: WriteBehind,
+) -> None:
+    log = tiers.flusher.log
+    thread_id = config()["configurable"]["thread_id"]
+    working = Flusher(log, tiers.store, lock_ttl_ms=300)
+    async with working.holding(thread_id):
+        await asyncio.sleep(1.0)  # three TTLs: renewed meanwhile
+        assert await log.lock_thread(thread_id, ttl_ms=300) is None
+
+    # A paused holder cannot renew: the lock runs out one TTL later and others go on.
+    paused = await log.lock_thread(thread_id, ttl_ms=300)
+    assert paused is not None
+    await asyncio.sleep(0.4)
+    assert await working.flush_thread(thread_id) == 0
+    # Back from its pause, the old holder neither renews nor releases the new one's lock.
+    taken = await log.lock_thread(thread_id, ttl_ms=5_000)
+    assert taken is not None
+    assert not await log.renew_thread_lock(thread_id, paused, ttl_ms=300)
+    await log.unlock_thread(thread_id, paused)
+    assert await log.lock_thread(thread_id, ttl_ms=300) is None
+    await log.unlock_thread(thread_id, taken)
+
+
 async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_duplicate(
     tiers: WriteBehind,
 ) -> None:
