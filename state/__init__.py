@@ -13,11 +13,12 @@ Backends
 
 Stores
     `TieredStateStore.from_backends(backends)`: workflow records (named sections,
-    versioned, audited, size-bounded) cache-aside over the cold tier, plus
-    fenced locks. Its types: `WorkflowRecord`, `AuditEntry`, `Lock`, `TierHealth`,
-    `Caller` / `acting_for` (who an audit entry names), `JSON`. The ports the
-    adapters implement: `ColdStateStore`, `HotStateStore`, `CheckpointStore`,
-    `ColdRetention`.
+    versioned, audited), size-bounded (`state.sized`) over a cache-aside of the
+    cold tier (`state.tiered.CacheAsideStore`), plus fenced locks. Its types:
+    `WorkflowRecord`, `AuditEntry`, `Lock`, `TierHealth`, `Caller` / `acting_for`
+    (who an audit entry names), `JSON`. The ports: `RecordStore` (what every layer
+    of records offers), and what the adapters implement: `ColdStateStore`,
+    `HotStateStore`, `CheckpointStore`, `ColdRetention`.
 
 Checkpoints
     `TieredCheckpointSaver`, a LangGraph checkpointer: `from_backends(backends)`
@@ -69,6 +70,7 @@ from .ports import (
     ColdStateStore,
     HotStateStore,
     Lock,
+    RecordStore,
     TierHealth,
     WorkflowRecord,
     acting_for,
@@ -94,6 +96,7 @@ __all__ = [
     "Lock",
     "LockLost",
     "LockNotAcquired",
+    "RecordStore",
     "RequestRejected",
     "Settings",
     "SettingsError",

@@ -143,13 +143,12 @@ class TierHealth:
 
 
 @runtime_checkable
-class ColdStateStore(Protocol):
-    """Source of truth for workflow records and their audit trail (Cosmos, Postgres)."""
+class RecordStore(Protocol):
+    """Versioned, audited workflow records: what every layer of the record stack offers.
 
-    name: str
-
-    async def setup(self) -> None:
-        """Create what is missing (container / migrations) where the settings allow it."""
+    A cold store is one; the cache-aside composition (`state.tiered`) is one over a
+    cold store, and the size layer (`state.sized`) is one over either.
+    """
 
     async def create(
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
@@ -173,14 +172,25 @@ class ColdStateStore(Protocol):
     ) -> WorkflowRecord:
         """Replace one section if the record is still at `expected_version`.
 
-        Raises `VersionConflict` (stale version), `WorkflowNotFound`, or
-        `StaleFencingToken` (a token lower than one already presented). On
+        Raises `VersionConflict` (stale version), `WorkflowNotFound`,
+        `StaleFencingToken` (a token lower than one already presented), or
+        `StateTooLarge` (the record would pass the store's item limit). On
         success the record is at `expected_version + 1` and an `AuditEntry`
         for that version exists.
         """
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first."""
+
+
+@runtime_checkable
+class ColdStateStore(RecordStore, Protocol):
+    """Source of truth for workflow records and their audit trail (Cosmos, Postgres)."""
+
+    name: str
+
+    async def setup(self) -> None:
+        """Create what is missing (container / migrations) where the settings allow it."""
 
     async def delete(self, thread_id: str) -> None: ...
 

@@ -55,43 +55,20 @@ persistence while a reader's cold read predates the commit. In both the old copy
 lasts until a later write or the hot TTL. A writer that cannot reach Redis
 writes without an intent: as before, only its own process knows to re-install.
 
-Size management (`state.size.StateSizeManager`, policy from `Settings`): both
-tiers hold bounded, *stored* forms and callers see plain values.
-
-- `create` shrinks every section (prune, truncate, compress, offload), which
-  keeps the record and its creation audit entry within half an item;
-- `update_section` shrinks the section it writes: offloaded when it alone passes
-  a quarter of an item. The other sections are not read (a write stays one cold
-  write and two Redis round trips), so if the cold store refuses the whole record
-  as over the item limit (`StateTooLarge`, Cosmos), the section is offloaded and
-  written again under a new intent; Postgres has no item limit and keeps such a
-  record inline;
-- `get`, and the records `create` and `update_section` return, are expanded:
-  compressed and offloaded sections come back as written (after any pruning or
-  truncation the policy asked for). Archived sections stay references unless
-  `get(..., fetch_archived=True)`: the caller said the workflow is done with them.
-- Archiving is the caller's call: `create(completed_sections=...)` or
-  `update_section(..., completed=True)` archives a section configured in
-  `STATE_ARCHIVABLE_SECTIONS`.
-
-The hot entry and the cold record hold the same stored form (the cold write's
-result is what is installed), so expansion happens only on the way out. Audit
-entries (`audit_trail`) hold stored forms too: a reference in `before`/`after`
-is fetched back with `StateSizeManager.expand`. Offloaded and archived values are
-content-addressed cold records that are never deleted here (an audit entry may
-still name them, and a write that failed after offloading may leave one behind):
-the cold tier's retention deletes them with their thread, or as orphans.
+`CacheAsideStore` is this protocol alone, over records in whatever form the
+layer above stores them. `TieredStateStore`, what an app uses, is the size layer
+(`state.sized`) over it, so both tiers hold bounded, stored forms and callers see
+plain values; each call passes each layer once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -119,7 +96,8 @@ from .ports import (
     attributed,
 )
 from .settings import Settings
-from .size import ColdRecordArchive, StateSizeManager, is_archived, is_offloaded
+from .size import ColdRecordArchive, StateSizeManager
+from .sized import SizedStateStore
 
 if TYPE_CHECKING:
     from .factory import Backends
@@ -144,24 +122,23 @@ class CacheStats:
     pending: int = 0
 
 
-class TieredStateStore:
+class CacheAsideStore:
+    """A `RecordStore` cache-aside over a cold store and an optional hot tier, plus locks."""
+
     def __init__(
         self,
         cold: ColdStateStore,
         hot: HotStateStore | None,
-        settings: Settings,
-        size: StateSizeManager | None = None,
+        *,
+        lock_ttl_ms: int,
+        hot_ttl_seconds: int,
     ) -> None:
         self._cold = cold
         self._hot = hot
-        self._settings = settings
-        # Default: the settings' policy, archiving into the cold store itself.
-        self.size = size or StateSizeManager.from_settings(
-            settings, ColdRecordArchive.from_settings(cold, settings)
-        )
+        # Also the bound of a write intent: a writer finishes a cold write within it.
+        self._lock_ttl_ms = lock_ttl_ms
+        self._hot_ttl_seconds = hot_ttl_seconds
         self.stats = CacheStats()
-        # Called with (operation, bytes) for every record or section stored (metrics).
-        self.size_listeners: list[Callable[[str, int], None]] = []
         self._hot_skip_until = 0.0
         self._hot_down = False
         # Threads whose hot copy may be older than cold (written while hot was unreachable).
@@ -175,19 +152,9 @@ class TieredStateStore:
         # The background pass settling `_unsettled` (at most one at a time).
         self._settler: asyncio.Task[None] | None = None
 
-    @classmethod
-    def from_backends(cls, backends: Backends) -> TieredStateStore:
-        return cls(backends.cold, backends.hot, backends.settings)
-
     # ----------------------------------------------------------------- records
 
-    async def get(self, thread_id: str, *, fetch_archived: bool = False) -> WorkflowRecord | None:
-        """The record with plain sections; archived ones stay references unless asked."""
-        record = await self._read(thread_id)
-        return None if record is None else await self._expand(record, fetch_archived=fetch_archived)
-
-    async def _read(self, thread_id: str) -> WorkflowRecord | None:
-        """The record as both tiers store it (sections in their shrunk form)."""
+    async def get(self, thread_id: str) -> WorkflowRecord | None:
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
             observed_at: int | None = None
@@ -216,31 +183,21 @@ class TieredStateStore:
             return record
 
     async def create(
-        self,
-        thread_id: str,
-        sections: dict[str, JSON],
-        *,
-        agent_id: str,
-        completed_sections: Collection[str] = (),
+        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
     ) -> WorkflowRecord:
-        """Store version 1; `completed_sections` that are archivable are archived."""
         with _span("create", thread_id=thread_id):
-            stored, actions = await self.size.shrink(
-                thread_id, sections, completed=completed_sections
-            )
-            self._stored_size("create", actions.after.total)
             # A copy left from an earlier record of this thread id would outrank the
             # new version 1; clearing it first is safe because cold has nothing older.
             await self._invalidate(thread_id)
             try:
-                record = await self._cold.create(thread_id, stored, agent_id=agent_id)
+                record = await self._cold.create(thread_id, sections, agent_id=agent_id)
             except WorkflowExists:
                 # The thread was live (a retried create): a reader holding an older copy
                 # could now install it over the gap the invalidation left; put cold's back.
                 await self._reinstall_from_cold(thread_id)
                 raise
             await self._install(record)
-            return await self._expand(record)
+            return record
 
     async def update_section(
         self,
@@ -248,47 +205,16 @@ class TieredStateStore:
         section: str,
         value: JSON,
         *,
+        expected_version: int,
         agent_id: str,
-        expected_version: int | None = None,
         fencing_token: int | None = None,
-        completed: bool = False,
     ) -> WorkflowRecord:
-        """Replace one section; `completed` archives it if it is archivable.
-
-        The section is shrunk alone (see the module docstring for how the record
-        stays within an item) before any write intent is registered, and each
-        intent covers exactly one cold write, so archive I/O never lengthens the
-        window in which the hot copy is hidden.
-        """
+        """One cold write under a write intent, then install: an intent covers exactly
+        one cold write, so nothing else lengthens the window the hot copy is hidden."""
         with _span("update_section", thread_id=thread_id, section=section):
-            if expected_version is None:
-                current = await self._read(thread_id)
-                if current is None:
-                    raise WorkflowNotFound(thread_id)
-                expected_version = current.version
-            shrunk, actions = await self.size.shrink(
-                thread_id, {section: value}, completed=(section,) if completed else ()
+            return await self._write_section(
+                thread_id, section, value, agent_id, expected_version, fencing_token
             )
-            self._stored_size("update_section", actions.after.sections[section])
-            stored = shrunk[section]
-            try:
-                record = await self._write_section(
-                    thread_id, section, stored, agent_id, expected_version, fencing_token
-                )
-            except StateTooLarge:
-                if is_offloaded(stored) or is_archived(stored):
-                    raise  # the other sections are what does not fit: nothing more to move
-                # Refused before anything was written (its intent is gone), so the same
-                # expected version still holds: move this section out and write again.
-                stored = await self.size.offload(thread_id, section, stored)
-                record = await self._write_section(
-                    thread_id, section, stored, agent_id, expected_version, fencing_token
-                )
-            return await self._expand(record)
-
-    def _stored_size(self, operation: str, size: int) -> None:
-        for listener in self.size_listeners:
-            listener(operation, size)
 
     async def _write_section(
         self,
@@ -327,14 +253,8 @@ class TieredStateStore:
         await self._install(record, intent=intent)
         return record
 
-    async def _expand(
-        self, record: WorkflowRecord, *, fetch_archived: bool = False
-    ) -> WorkflowRecord:
-        sections = await self.size.expand(record.sections, fetch_archived=fetch_archived)
-        return dataclasses.replace(record, sections=sections)
-
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
-        """Newest first; `before` and `after` are the stored (shrunk) forms."""
+        """Newest first; `before` and `after` as the layer above stored them."""
         with _span("audit_trail", thread_id=thread_id):
             return await self._cold.audit_trail(thread_id, limit=limit)
 
@@ -345,9 +265,7 @@ class TieredStateStore:
             if self._hot is None:
                 raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
             try:
-                held = await self._hot.acquire_lock(
-                    name, ttl_ms=ttl_ms or self._settings.state_lock_ttl_ms
-                )
+                held = await self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms)
             except BackendUnavailable as exc:
                 self._hot_failed("lock", exc)
                 raise
@@ -480,8 +398,8 @@ class TieredStateStore:
         try:
             intent = await self._hot.begin_write(
                 thread_id,
-                bound_ms=self._settings.state_lock_ttl_ms,
-                ttl_seconds=self._settings.state_hot_ttl_seconds,
+                bound_ms=self._lock_ttl_ms,
+                ttl_seconds=self._hot_ttl_seconds,
                 token=token,
             )
         except BackendUnavailable as exc:
@@ -516,7 +434,7 @@ class TieredStateStore:
         try:
             installed = await self._hot.install(
                 record,
-                ttl_seconds=self._settings.state_hot_ttl_seconds,
+                ttl_seconds=self._hot_ttl_seconds,
                 intent=intent,
                 expired_before=expired_before,
             )
@@ -583,7 +501,7 @@ class TieredStateStore:
                     await self._hot.invalidate(thread_id)
                 elif not await self._hot.install(
                     record,
-                    ttl_seconds=self._settings.state_hot_ttl_seconds,
+                    ttl_seconds=self._hot_ttl_seconds,
                     intent=own,
                     # Registered before this cold read: intents expired by then are safe
                     # to clear, as for a reader.
@@ -614,6 +532,62 @@ class TieredStateStore:
         if self._hot_down:
             self._hot_down = False
             logger.warning("hot tier reachable again")
+
+
+class TieredStateStore(SizedStateStore):
+    """What an app uses: size-bounded records (`SizedStateStore`) over `CacheAsideStore`,
+    with its locks, health and hot-tier upkeep."""
+
+    def __init__(
+        self,
+        cold: ColdStateStore,
+        hot: HotStateStore | None,
+        settings: Settings,
+        size: StateSizeManager | None = None,
+    ) -> None:
+        self.cache = CacheAsideStore(
+            cold,
+            hot,
+            lock_ttl_ms=settings.state_lock_ttl_ms,
+            hot_ttl_seconds=settings.state_hot_ttl_seconds,
+        )
+        # Default: the settings' policy, archiving into the cold store itself.
+        super().__init__(
+            self.cache,
+            size
+            or StateSizeManager.from_settings(
+                settings, ColdRecordArchive.from_settings(cold, settings)
+            ),
+        )
+
+    @classmethod
+    def from_backends(cls, backends: Backends) -> TieredStateStore:
+        return cls(backends.cold, backends.hot, backends.settings)
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.cache.stats
+
+    async def lock(self, name: str, *, ttl_ms: int | None = None) -> Lock:
+        return await self.cache.lock(name, ttl_ms=ttl_ms)
+
+    async def lock_expires_in(self, name: str) -> float | None:
+        return await self.cache.lock_expires_in(name)
+
+    async def renew(self, lock: Lock) -> bool:
+        return await self.cache.renew(lock)
+
+    async def unlock(self, lock: Lock) -> bool:
+        return await self.cache.unlock(lock)
+
+    async def health(self) -> list[TierHealth]:
+        return await self.cache.health()
+
+    async def settled(self) -> None:
+        await self.cache.settled()
+
+    async def close(self) -> None:
+        await self.cache.close()
 
 
 async def _probe(name: str, check: Awaitable[TierHealth]) -> TierHealth:

@@ -1,0 +1,135 @@
+"""Size bounding as a layer over any `RecordStore`: what it stores is bounded, what it
+returns is plain.
+
+The policy and its steps (prune, truncate, compress, archive, offload) are
+`state.size.StateSizeManager`; this layer decides when they run:
+
+- `create` shrinks every section (prune, truncate, compress, offload), which
+  keeps the record and its creation audit entry within half an item;
+- `update_section` shrinks the section it writes: offloaded when it alone passes
+  a quarter of an item. The other sections are not read (a write stays one write
+  to the store below), so if that store refuses the whole record as over the item
+  limit (`StateTooLarge`, Cosmos), the section is offloaded and written again
+  with the same expected version: the refusal wrote nothing. Postgres has no item
+  limit and keeps such a record inline;
+- `get`, and the records `create` and `update_section` return, are expanded:
+  compressed and offloaded sections come back as written (after any pruning or
+  truncation the policy asked for). Archived sections stay references unless
+  `get(..., fetch_archived=True)`: the caller said the workflow is done with them.
+- Archiving is the caller's call: `create(completed_sections=...)` or
+  `update_section(..., completed=True)` archives a section configured in
+  `STATE_ARCHIVABLE_SECTIONS`.
+
+Everything below this layer (the cache-aside composition, both tiers) holds the
+stored form, so expansion happens only on the way out, and archive I/O runs
+before or after a write below, never inside it. Audit entries (`audit_trail`)
+hold stored forms too: a reference in `before`/`after` is fetched back with
+`StateSizeManager.expand`. Offloaded and archived values are content-addressed
+cold records that are never deleted here (an audit entry may still name them,
+and a write that failed after offloading may leave one behind): the cold
+tier's retention deletes them with their thread, or as orphans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection
+
+from .errors import StateTooLarge, WorkflowNotFound
+from .ports import JSON, AuditEntry, RecordStore, WorkflowRecord, attributed
+from .size import StateSizeManager, is_archived, is_offloaded
+
+
+class SizedStateStore:
+    """A `RecordStore` whose records stay within an item, over `inner` holding stored forms."""
+
+    def __init__(self, inner: RecordStore, size: StateSizeManager) -> None:
+        self._inner = inner
+        self.size = size
+        # Called with (operation, bytes) for every record or section stored (metrics).
+        self.size_listeners: list[Callable[[str, int], None]] = []
+
+    # Each call counts the cold round trips of its archive I/O under its own operation,
+    # as the layers below count theirs.
+
+    async def get(self, thread_id: str, *, fetch_archived: bool = False) -> WorkflowRecord | None:
+        """The record with plain sections; archived ones stay references unless asked."""
+        with attributed("state.get"):
+            record = await self._inner.get(thread_id)
+            return None if record is None else await self._expand(record, fetch_archived)
+
+    async def create(
+        self,
+        thread_id: str,
+        sections: dict[str, JSON],
+        *,
+        agent_id: str,
+        completed_sections: Collection[str] = (),
+    ) -> WorkflowRecord:
+        """Store version 1; `completed_sections` that are archivable are archived."""
+        with attributed("state.create"):
+            stored, actions = await self.size.shrink(
+                thread_id, sections, completed=completed_sections
+            )
+            self._stored_size("create", actions.after.total)
+            record = await self._inner.create(thread_id, stored, agent_id=agent_id)
+            return await self._expand(record)
+
+    async def update_section(
+        self,
+        thread_id: str,
+        section: str,
+        value: JSON,
+        *,
+        agent_id: str,
+        expected_version: int | None = None,
+        fencing_token: int | None = None,
+        completed: bool = False,
+    ) -> WorkflowRecord:
+        """Replace one section (at the current version unless `expected_version`);
+        `completed` archives it if it is archivable."""
+        with attributed("state.update_section"):
+            if expected_version is None:
+                current = await self._inner.get(thread_id)
+                if current is None:
+                    raise WorkflowNotFound(thread_id)
+                expected_version = current.version
+            shrunk, actions = await self.size.shrink(
+                thread_id, {section: value}, completed=(section,) if completed else ()
+            )
+            self._stored_size("update_section", actions.after.sections[section])
+            stored = shrunk[section]
+            try:
+                record = await self._inner.update_section(
+                    thread_id,
+                    section,
+                    stored,
+                    expected_version=expected_version,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+            except StateTooLarge:
+                if is_offloaded(stored) or is_archived(stored):
+                    raise  # the other sections are what does not fit: nothing more to move
+                stored = await self.size.offload(thread_id, section, stored)
+                record = await self._inner.update_section(
+                    thread_id,
+                    section,
+                    stored,
+                    expected_version=expected_version,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+            return await self._expand(record)
+
+    async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
+        """Newest first; `before` and `after` are the stored (shrunk) forms."""
+        return await self._inner.audit_trail(thread_id, limit=limit)
+
+    def _stored_size(self, operation: str, size: int) -> None:
+        for listener in self.size_listeners:
+            listener(operation, size)
+
+    async def _expand(self, record: WorkflowRecord, fetch_archived: bool = False) -> WorkflowRecord:
+        sections = await self.size.expand(record.sections, fetch_archived=fetch_archived)
+        return dataclasses.replace(record, sections=sections)
