@@ -1,14 +1,16 @@
-"""One typed settings object, read from the environment.
+"""The state library's settings, read from the environment: backends, endpoints, TTLs,
+size policy, write mode.
 
 The environment variable names are exactly the field names upper-cased; they
-are the keys of `local.settings.sample.json` Values and of the Function App's
-app settings in Bicep (a test checks all three agree). Secrets are `SecretStr`
-so they never appear in a repr or a log line.
+are keys of `local.settings.sample.json` Values and of the Function App's app
+settings in Bicep (a test checks all three agree). An application extends this
+class with its own fields (the support-cases app: `support_cases.settings`);
+unknown variables are ignored, so both read one environment. Secrets are
+`SecretStr` so they never appear in a repr or a log line.
 """
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
@@ -36,13 +38,6 @@ class WriteMode(StrEnum):
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-# Set by App Service / Azure Functions on every instance (Flex Consumption included).
-AZURE_HOST_MARKERS = ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID")
-ENTRA_LOGIN = "https://login.microsoftonline.com"
-
-
-def running_in_azure() -> bool:
-    return any(os.environ.get(name) for name in AZURE_HOST_MARKERS)
 
 
 class Settings(BaseSettings):
@@ -97,8 +92,6 @@ class Settings(BaseSettings):
     state_flush_lock_ttl_ms: int = Field(default=5_000, ge=100)
     # Unset: write-behind with a hot tier, write-through without one.
     state_write_mode: WriteMode | None = None
-    # Health reports "degraded" when the oldest unflushed write-behind entry is older.
-    state_backlog_degraded_seconds: int = Field(default=60, gt=0)
     state_message_window: int = Field(default=50, gt=0)
     # Which sections hold a message window, reasoning traces, or may be archived once the
     # workflow is done with them: configuration (comma-separated names), never guessed.
@@ -106,33 +99,6 @@ class Settings(BaseSettings):
     state_reasoning_sections: Annotated[tuple[str, ...], NoDecode] = ()
     state_archivable_sections: Annotated[tuple[str, ...], NoDecode] = ()
     state_reasoning_max_chars: int = Field(default=4000, ge=64)
-
-    # Workflow.
-    case_review_threshold: float = Field(default=500.0, ge=0)
-    case_stale_after_seconds: int = Field(default=300, gt=0)
-    case_max_body_bytes: int = Field(default=256 * 1024, gt=0)
-    # How long an HTTP call waits for a run before answering 202 with a status URL
-    # (below the Functions HTTP limit of 230 s).
-    case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
-    # Two charges at the same merchant for the same amount within this window are a duplicate.
-    case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
-
-    # Callers: Entra ID access tokens for the API's app registration (see README,
-    # "Who may do what"). AUTH_DISABLED=true turns checking off for local use only: the
-    # API announces it on every start, and it is refused in Azure.
-    auth_disabled: bool = False
-    auth_tenant_id: str | None = None
-    # The `aud` the API accepts: its app registration's client id (v2 tokens).
-    auth_audience: str | None = None
-    # Unset: Entra's v2 issuer and signing keys (JWKS) of AUTH_TENANT_ID. Set: another
-    # issuer (the local one of the dev stack and the tests).
-    auth_issuer: str | None = None
-    auth_jwks_url: str | None = None
-
-    # Telemetry: exported to Application Insights only when set.
-    applicationinsights_connection_string: SecretStr | None = None
-    applicationinsights_authentication_string: str | None = None
-    otel_service_name: str = "support-cases"
 
     @field_validator(
         "state_message_sections",
@@ -170,34 +136,7 @@ class Settings(BaseSettings):
             raise SettingsError("POSTGRES_POOL_MIN_SIZE must not exceed POSTGRES_POOL_MAX_SIZE")
         if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:
             raise SettingsError("STATE_WRITE_MODE=write-behind needs REDIS_URL or REDIS_HOST")
-        if running_in_azure():
-            if self.auth_disabled:
-                raise SettingsError(
-                    "AUTH_DISABLED=true is refused in Azure: callers must present Entra ID tokens"
-                )
-            for name, url in (
-                ("AUTH_ISSUER", self.auth_issuer),
-                ("AUTH_JWKS_URL", self.auth_jwks_url),
-            ):
-                if url and urlparse(url).scheme != "https":
-                    raise SettingsError(f"{name} must be an https URL in Azure, got {url!r}")
         return self
-
-    @property
-    def auth_issuer_url(self) -> str | None:
-        """The issuer tokens must name: AUTH_ISSUER, else Entra's v2 issuer of the tenant."""
-        if self.auth_issuer:
-            return self.auth_issuer
-        return f"{ENTRA_LOGIN}/{self.auth_tenant_id}/v2.0" if self.auth_tenant_id else None
-
-    @property
-    def auth_keys_url(self) -> str | None:
-        """Where the signing keys are: AUTH_JWKS_URL, else the tenant's Entra JWKS."""
-        if self.auth_jwks_url:
-            return self.auth_jwks_url
-        if self.auth_tenant_id:
-            return f"{ENTRA_LOGIN}/{self.auth_tenant_id}/discovery/v2.0/keys"
-        return None
 
     @property
     def hot_tier_configured(self) -> bool:

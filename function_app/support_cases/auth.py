@@ -28,9 +28,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from state import BackendUnavailable, Caller, Settings, SettingsError
+from state import BackendUnavailable, Caller, SettingsError
 
 from .http_errors import error_response
+from .settings import AppSettings
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class TokenValidator:
 class Authenticator:
     """Turns a request's bearer token into a Principal, per the settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: AppSettings) -> None:
         self.disabled = settings.auth_disabled
         self._validator: TokenValidator | None = None
         if self.disabled:
@@ -222,7 +223,7 @@ def announce(authenticator: Authenticator) -> None:
 class AuthGate:
     """The app's one Authenticator, built (and announced) once from the settings."""
 
-    def __init__(self, settings: Callable[[], Settings]) -> None:
+    def __init__(self, settings: Callable[[], AppSettings]) -> None:
         self._settings = settings
         self._authenticator: Authenticator | None = None
 

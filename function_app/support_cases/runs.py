@@ -22,7 +22,6 @@ from typing import Any
 
 from state import (
     ColdRetention,
-    Settings,
     StateTooLarge,
     TieredStateStore,
     VersionConflict,
@@ -33,6 +32,7 @@ from state import (
 
 from .models import CaseStatus
 from .records import UNCHANGED, write_section
+from .settings import AppSettings
 
 RUNNER_ID = "case-runner"
 RUN_SECTION = "run"
@@ -63,7 +63,7 @@ def shard_of(case_id: str) -> str:
 
 class RunTracker:
     def __init__(
-        self, store: TieredStateStore, retention: ColdRetention, settings: Settings
+        self, store: TieredStateStore, retention: ColdRetention, settings: AppSettings
     ) -> None:
         self._store = store
         self._retention = retention

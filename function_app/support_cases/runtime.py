@@ -11,10 +11,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from state import (
     Backends,
-    Settings,
     TieredCheckpointSaver,
     TieredStateStore,
-    get_settings,
     open_backends,
 )
 
@@ -23,12 +21,13 @@ from .effects import Effects, SimulatedProvider
 from .graph import CaseGraph, build_graph
 from .metrics import BacklogSampler, app_metrics
 from .service import CaseService
+from .settings import AppSettings, get_app_settings
 from .telemetry import configure_telemetry
 
 
 @dataclass
 class Runtime:
-    settings: Settings
+    settings: AppSettings
     backends: Backends
     store: TieredStateStore
     saver: BaseCheckpointSaver[Any]
@@ -39,12 +38,12 @@ class Runtime:
     backlog_sampler: BacklogSampler | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, after_step: StepHook | None = None) -> Runtime:
+    async def open(cls, settings: AppSettings, *, after_step: StepHook | None = None) -> Runtime:
         configure_telemetry(settings)
         backends = await open_backends(settings)
         try:
             saver = TieredCheckpointSaver.from_backends(backends)
-            return cls.assemble(backends, saver, after_step=after_step)
+            return cls.assemble(settings, backends, saver, after_step=after_step)
         except BaseException:
             await backends.close()
             raise
@@ -52,13 +51,13 @@ class Runtime:
     @classmethod
     def assemble(
         cls,
+        settings: AppSettings,
         backends: Backends,
         saver: BaseCheckpointSaver[Any],
         *,
         after_step: StepHook | None = None,
     ) -> Runtime:
         """Wire the app over open backends and a checkpoint saver (`after_step`: tests only)."""
-        settings = backends.settings
         store = TieredStateStore.from_backends(backends)
         provider = SimulatedProvider(store)
         graph = build_graph(
@@ -99,7 +98,7 @@ class RuntimeHolder:
 
     def __init__(
         self,
-        settings: Callable[[], Settings] = get_settings,
+        settings: Callable[[], AppSettings] = get_app_settings,
         *,
         after_step: StepHook | None = None,
     ) -> None:
@@ -108,7 +107,7 @@ class RuntimeHolder:
         self._runtime: Runtime | None = None
         self._opening = asyncio.Lock()
 
-    def settings(self) -> Settings:
+    def settings(self) -> AppSettings:
         return self._runtime.settings if self._runtime else self._settings()
 
     async def get(self) -> Runtime:

@@ -40,7 +40,6 @@ from state import (
     Lock,
     LockLost,
     LockNotAcquired,
-    Settings,
     StaleFencingToken,
     TieredCheckpointSaver,
     TieredStateStore,
@@ -79,6 +78,7 @@ from .runs import (
     new_run_section,
     utcnow,
 )
+from .settings import AppSettings
 from .telemetry import traced
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class CaseService:
         self,
         store: TieredStateStore,
         graph: CaseGraph,
-        settings: Settings,
+        settings: AppSettings,
         retention: ColdRetention,
         saver: TieredCheckpointSaver | None = None,
     ) -> None:

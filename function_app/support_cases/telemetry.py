@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-from state import Settings
+from .settings import AppSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _configured = False
 _configure_lock = threading.Lock()
 
 
-def configure_telemetry(settings: Settings) -> str:
+def configure_telemetry(settings: AppSettings) -> str:
     """Install the tracer provider once per process; returns which exporter is active."""
     global _configured
     with _configure_lock:
@@ -67,7 +67,7 @@ def configure_telemetry(settings: Settings) -> str:
         return "sdk"
 
 
-def _ingestion_credential(settings: Settings) -> object | None:
+def _ingestion_credential(settings: AppSettings) -> object | None:
     """An Entra credential when the authentication string asks for AAD ingestion."""
     raw = settings.applicationinsights_authentication_string or ""
     parts = dict(

@@ -1,5 +1,5 @@
 // The Function App on Flex Consumption, running as the user-assigned identity.
-// The app settings are exactly the names state/settings.py reads (plus the
+// The app settings are exactly the names support_cases/settings.py reads (plus the
 // Functions host's own identity-based storage settings); a test keeps them in
 // sync. Secrets with an identity alternative (COSMOS_KEY, REDIS_URL,
 // POSTGRES_URL) are deliberately absent.

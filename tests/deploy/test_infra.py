@@ -31,7 +31,7 @@ import tree_sitter_bicep
 import yaml
 from tree_sitter import Language, Node, Parser
 
-from state.settings import Settings
+from support_cases.settings import AppSettings
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -84,7 +84,7 @@ EXPECTED_REDIS_ACCESS = {
     ("redis.bicep", "managedRedisDeveloperAccess"): "default",
 }
 
-# The Functions host's own settings in Azure (not read by the app's Settings).
+# The Functions host's own settings in Azure (not read by the app's AppSettings).
 # On Flex Consumption FUNCTIONS_WORKER_RUNTIME / FUNCTIONS_EXTENSION_VERSION are not
 # app settings: the runtime lives in functionAppConfig.runtime.
 AZURE_HOST_SETTINGS = {
@@ -958,8 +958,8 @@ def check_modules(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
 
 
 def app_setting_names() -> set[str]:
-    """What the app reads: `Settings` field names upper-cased (env var names)."""
-    return {name.upper() for name in Settings.model_fields}
+    """What the app reads: `AppSettings` field names upper-cased (env var names)."""
+    return {name.upper() for name in AppSettings.model_fields}
 
 
 def sample_values() -> dict[str, Any]:
@@ -1057,19 +1057,19 @@ def test_cosmos_container_ttl_and_names_follow_the_app_settings() -> None:
     main = infra_file("main.bicep")
     assert (
         main.evaluate(main.variables["stateColdTtl"], assume_defaults=True)
-        == Settings.model_fields["state_cold_ttl_seconds"].default
+        == AppSettings.model_fields["state_cold_ttl_seconds"].default
     )
     assert (
         main.evaluate(main.variables["cosmosDatabaseName"])
-        == Settings.model_fields["cosmos_database"].default
+        == AppSettings.model_fields["cosmos_database"].default
     )
     assert (
         main.evaluate(main.variables["cosmosContainerName"])
-        == Settings.model_fields["cosmos_container"].default
+        == AppSettings.model_fields["cosmos_container"].default
     )
     assert (
         main.evaluate(main.variables["postgresDatabaseName"])
-        == Settings.model_fields["postgres_database"].default
+        == AppSettings.model_fields["postgres_database"].default
     )
 
 
@@ -1143,10 +1143,10 @@ def test_settings_with_an_identity_alternative_are_not_in_bicep() -> None:
 
 
 def test_bicep_literal_app_settings_equal_the_app_defaults() -> None:
-    """Tunables written as literals in Bicep keep the defaults of state/settings.py."""
+    """Tunables written as literals in Bicep keep the defaults of the settings classes."""
     settings = app_settings_resource(infra_files()).get("properties") or {}
     checked = 0
-    for name, field_info in Settings.model_fields.items():
+    for name, field_info in AppSettings.model_fields.items():
         value = settings.get(name.upper())
         if not isinstance(value, str) or field_info.default is None:
             continue
@@ -1166,7 +1166,7 @@ def test_bicep_literal_app_settings_equal_the_app_defaults() -> None:
 
 
 def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With deployment-time values in place of the expressions, Settings accepts Azure's values."""
+    """With deployment-time values in place of the expressions, AppSettings accepts Azure's values."""
     deployed = {
         "storage.name": "stabc",
         "identityClientId": "11111111-1111-1111-1111-111111111111",
@@ -1194,7 +1194,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
             value = deployed[value.text]
         assert isinstance(value, str), name
         monkeypatch.setenv(name, value.replace("${identityClientId}", deployed["identityClientId"]))
-    settings = Settings()
+    settings = AppSettings()
     assert settings.cosmos_key is None and settings.redis_url is None
     assert settings.postgres_url is None
     assert settings.cosmos_create_if_missing is False
@@ -1219,7 +1219,7 @@ def test_sample_values_run_the_app_against_the_local_stack(
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    settings = Settings()
+    settings = AppSettings()
     assert settings.cosmos_is_local_emulator
     assert settings.cosmos_endpoint == f"https://127.0.0.1:{DEFAULT_PORTS['cosmos']}/"
     assert settings.cosmos_key is not None
@@ -1352,7 +1352,7 @@ def test_postprovision_writes_local_settings_without_secrets(
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    settings = Settings()
+    settings = AppSettings()
     assert not settings.cosmos_is_local_emulator
     assert settings.cosmos_key is None and settings.redis_url is None
     assert settings.redis_host == azd_values["REDIS_HOST"] and settings.redis_ssl
@@ -1836,7 +1836,7 @@ def test_only_the_alias_form_of_extension_is_blanked() -> None:
 
 
 def test_settings_parity_fails_when_the_app_gains_a_setting() -> None:
-    """A new Settings field breaks parity until Bicep and the sample learn it."""
+    """A new AppSettings field breaks parity until Bicep and the sample learn it."""
     with_new_field = app_setting_names() | {"STATE_NEW_KNOB"}
     assert set(sample_values()) != with_new_field | LOCAL_HOST_SETTINGS
     assert (

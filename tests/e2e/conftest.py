@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
 
 COLD_BACKENDS = ["cosmos", "postgres"]
 
@@ -25,10 +25,10 @@ def redis_database(url: str, database: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def e2e_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
+def e2e_settings(stack_env: dict[str, str]) -> Callable[..., AppSettings]:
     """Settings for one cold backend against the test stack (Redis in front); overrides by name."""
 
-    def build(backend: str, **overrides: object) -> Settings:
+    def build(backend: str, **overrides: object) -> AppSettings:
         values: dict[str, object] = {
             "state_cold_backend": backend,
             "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
@@ -44,14 +44,14 @@ def e2e_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
             "auth_audience": stack_env["AUTH_AUDIENCE"],
         }
         values.update(overrides)
-        return Settings.model_validate(values)
+        return AppSettings.model_validate(values)
 
     return build
 
 
 @pytest.fixture(scope="session", params=COLD_BACKENDS)
 async def runtime(
-    request: pytest.FixtureRequest, e2e_settings: Callable[..., Settings]
+    request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings]
 ) -> AsyncIterator[Runtime]:
     opened = await Runtime.open(e2e_settings(str(request.param)))
     try:

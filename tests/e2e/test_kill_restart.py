@@ -19,10 +19,10 @@ import pytest
 from api_server import REPO_ROOT, api_process, app_env, wait_for
 from azure.functions.timer import TimerRequest
 
-from state.settings import get_settings
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
+from support_cases.settings import get_app_settings
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ async def resume_by_timer(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
     """Invoke the deployed timer function's code in this process, configured like the app."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
+    get_app_settings.cache_clear()
     spec = importlib.util.spec_from_file_location(
         "function_app_entry", REPO_ROOT / "function_app" / "function_app.py"
     )
@@ -66,7 +66,7 @@ async def resume_by_timer(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
         await timer.get_user_function()(TimerRequest(past_due=False))
     finally:
         await entry.process_runtime.close()
-        get_settings.cache_clear()
+        get_app_settings.cache_clear()
 
 
 @pytest.mark.parametrize("resume_via", ["endpoint", "timer"])

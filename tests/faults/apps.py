@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from state.errors import BackendUnavailable
-from state.settings import Settings
 from support_cases.agents import StepHook
 from support_cases.demo import demo_case
 from support_cases.models import CaseStatus, CaseSubmission, ReviewDecision
 from support_cases.runtime import Runtime
 from support_cases.service import CaseConflict, CaseError
+from support_cases.settings import AppSettings
 
 from .conftest import Deadline
 
@@ -58,7 +58,7 @@ class App:
 
 @asynccontextmanager
 async def open_runtime(
-    settings: Settings, after_step: StepHook | None = None
+    settings: AppSettings, after_step: StepHook | None = None
 ) -> AsyncIterator[App]:
     runtime = await Runtime.open(settings, after_step=after_step)
     try:

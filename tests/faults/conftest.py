@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from devstack import PostgresServer, RedisServer, free_port
-from state.settings import Settings
+from support_cases.settings import AppSettings
 
 from .report import REPORT_PATH, ReliabilityReport, ScenarioRow
 
@@ -114,11 +114,11 @@ class Deadline:
 
 
 @pytest.fixture
-def settings_for(env_for: Callable[..., dict[str, str]]) -> Callable[..., Settings]:
-    """The same, as a `Settings` object (the process environment is not read)."""
+def settings_for(env_for: Callable[..., dict[str, str]]) -> Callable[..., AppSettings]:
+    """The same, as an `AppSettings` object (the process environment is not read)."""
 
-    def build(backend: str, **overrides: object) -> Settings:
-        return Settings.model_validate(
+    def build(backend: str, **overrides: object) -> AppSettings:
+        return AppSettings.model_validate(
             {name.lower(): value for name, value in env_for(backend, **overrides).items()}
         )
 

@@ -217,9 +217,10 @@ async def run_case(case_id: str, mode: str, pause: str | None) -> None:
     from support_cases.runs import RUN_SECTION, new_run_section
     from support_cases.runtime import Runtime
     from support_cases.service import REQUEST_SECTION, case_config
+    from support_cases.settings import AppSettings
     from tests.step_pause import pause_after
 
-    runtime = await Runtime.open(Settings(), after_step=pause_after(pause) if pause else None)
+    runtime = await Runtime.open(AppSettings(), after_step=pause_after(pause) if pause else None)
     try:
         request = demo_case(case_id)
         with contextlib.suppress(WorkflowExists):  # a re-run of the same case

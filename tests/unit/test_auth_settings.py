@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from state.errors import SettingsError
-from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.auth import Authenticator, AuthNotConfigured, Unauthenticated
 from support_cases.runtime import RuntimeHolder
+from support_cases.settings import AppSettings
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
@@ -24,7 +24,7 @@ def outside_azure(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tenant_gives_entra_v2_issuer_and_keys() -> None:
-    settings = Settings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
+    settings = AppSettings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
     assert settings.auth_issuer_url == f"https://login.microsoftonline.com/{TENANT}/v2.0"
     assert settings.auth_keys_url == (
         f"https://login.microsoftonline.com/{TENANT}/discovery/v2.0/keys"
@@ -32,7 +32,7 @@ def test_tenant_gives_entra_v2_issuer_and_keys() -> None:
 
 
 def test_explicit_issuer_and_keys_win_over_the_tenant() -> None:
-    settings = Settings.model_validate(
+    settings = AppSettings.model_validate(
         {
             **BASE,
             "auth_tenant_id": TENANT,
@@ -45,37 +45,37 @@ def test_explicit_issuer_and_keys_win_over_the_tenant() -> None:
 
 
 def test_auth_is_on_unless_explicitly_disabled() -> None:
-    assert Settings.model_validate(BASE).auth_disabled is False
+    assert AppSettings.model_validate(BASE).auth_disabled is False
 
 
 def test_disabling_auth_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTH_DISABLED", "true")
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://x.documents.azure.com:443/")
-    assert Settings().auth_disabled  # locally: allowed
+    assert AppSettings().auth_disabled  # locally: allowed
     monkeypatch.setenv("WEBSITE_SITE_NAME", "func-api-abc")
     with pytest.raises(SettingsError, match="AUTH_DISABLED=true is refused in Azure"):
-        Settings()
+        AppSettings()
 
 
 def test_a_plain_http_issuer_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBSITE_INSTANCE_ID", "abc123")
     with pytest.raises(SettingsError, match="AUTH_ISSUER must be an https URL"):
-        Settings.model_validate({**BASE, "auth_issuer": "http://127.0.0.1:8095"})
+        AppSettings.model_validate({**BASE, "auth_issuer": "http://127.0.0.1:8095"})
 
 
 def test_unconfigured_authentication_refuses_instead_of_letting_callers_in() -> None:
     with pytest.raises(AuthNotConfigured, match="AUTH_AUDIENCE"):
-        Authenticator(Settings.model_validate({**BASE, "auth_tenant_id": TENANT}))
+        Authenticator(AppSettings.model_validate({**BASE, "auth_tenant_id": TENANT}))
 
 
 async def test_without_a_token_nothing_is_validated_and_the_caller_is_refused() -> None:
-    settings = Settings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
+    settings = AppSettings.model_validate({**BASE, "auth_tenant_id": TENANT, "auth_audience": "x"})
     with pytest.raises(Unauthenticated, match="missing bearer token"):
         await Authenticator(settings).principal(None)
 
 
 async def test_disabled_auth_is_announced_at_every_start(caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings.model_validate({**BASE, "auth_disabled": True})
+    settings = AppSettings.model_validate({**BASE, "auth_disabled": True})
     for _ in range(2):
         app = create_app(holder=RuntimeHolder(lambda: settings))
         caplog.clear()
@@ -86,7 +86,7 @@ async def test_disabled_auth_is_announced_at_every_start(caplog: pytest.LogCaptu
 
 
 async def test_an_unconfigured_api_answers_503_naming_the_problem() -> None:
-    settings = Settings.model_validate(BASE)
+    settings = AppSettings.model_validate(BASE)
     app = create_app(holder=RuntimeHolder(lambda: settings))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://u.test") as client:

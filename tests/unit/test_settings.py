@@ -46,10 +46,10 @@ def test_remote_cosmos_is_not_treated_as_emulator(monkeypatch: pytest.MonkeyPatc
 
 def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
-    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "")
+    monkeypatch.setenv("COSMOS_KEY", "")
     monkeypatch.setenv("REDIS_HOST", "")
     settings = Settings()
-    assert settings.applicationinsights_connection_string is None
+    assert settings.cosmos_key is None
     assert not settings.hot_tier_configured
 
 

@@ -11,21 +11,21 @@ import pytest
 from azure.identity import ManagedIdentityCredential
 from opentelemetry.sdk.resources import SERVICE_NAME
 
-from state.settings import Settings
 from support_cases import telemetry
+from support_cases.settings import AppSettings
 
 EMULATOR = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
 
 
 def test_without_connection_string_spans_work_and_nothing_is_exported() -> None:
-    outcome = telemetry.configure_telemetry(Settings.model_validate(EMULATOR))
+    outcome = telemetry.configure_telemetry(AppSettings.model_validate(EMULATOR))
     assert outcome in {"sdk", "already-configured"}
     with telemetry.traced("unit.span", answer=42) as span:
         assert span.get_span_context().is_valid
 
 
 def test_aad_authentication_string_gives_a_managed_identity_credential() -> None:
-    settings = Settings.model_validate(
+    settings = AppSettings.model_validate(
         {
             **EMULATOR,
             "applicationinsights_authentication_string": "Authorization=AAD;ClientId=0000-1111",
@@ -35,7 +35,7 @@ def test_aad_authentication_string_gives_a_managed_identity_credential() -> None
 
 
 def test_no_aad_means_no_credential() -> None:
-    assert telemetry._ingestion_credential(Settings.model_validate(EMULATOR)) is None
+    assert telemetry._ingestion_credential(AppSettings.model_validate(EMULATOR)) is None
 
 
 # ---------------------------------------------------------------------- Azure Monitor setup
@@ -86,7 +86,7 @@ def test_connection_string_configures_azure_monitor_once_with_the_managed_identi
     monkeypatch.setenv(
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", f"Authorization=AAD;ClientId={CLIENT_ID}"
     )
-    settings = Settings()
+    settings = AppSettings()
     assert telemetry.configure_telemetry(settings) == "azure-monitor"
     assert telemetry.configure_telemetry(settings) == "already-configured"
 
@@ -101,7 +101,7 @@ def test_connection_string_without_aad_configures_without_a_credential(
     azure_monitor_calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", CONNECTION_STRING)
-    assert telemetry.configure_telemetry(Settings()) == "azure-monitor"
+    assert telemetry.configure_telemetry(AppSettings()) == "azure-monitor"
     (call,) = azure_monitor_calls
     assert call["credential"] is None
     assert RecordingManagedIdentityCredential.built == []
@@ -110,8 +110,8 @@ def test_connection_string_without_aad_configures_without_a_credential(
 def test_no_connection_string_never_configures_azure_monitor(
     azure_monitor_calls: list[dict[str, Any]],
 ) -> None:
-    assert telemetry.configure_telemetry(Settings()) == "sdk"
-    assert telemetry.configure_telemetry(Settings()) == "already-configured"
+    assert telemetry.configure_telemetry(AppSettings()) == "sdk"
+    assert telemetry.configure_telemetry(AppSettings()) == "already-configured"
     assert azure_monitor_calls == []
 
 
@@ -123,7 +123,7 @@ def test_a_worker_that_would_export_too_is_reported(
     """The worker's own configure_azure_monitor() (no credential) must stay off."""
     monkeypatch.setenv(telemetry.WORKER_EXPORTER_SETTING, "true")
     with caplog.at_level("WARNING", logger=telemetry.__name__):
-        telemetry.configure_telemetry(Settings())
+        telemetry.configure_telemetry(AppSettings())
     assert any(telemetry.WORKER_EXPORTER_SETTING in r.getMessage() for r in caplog.records)
 
 
@@ -134,5 +134,5 @@ def test_the_deployed_setting_keeps_the_worker_quiet(
 ) -> None:
     monkeypatch.setenv(telemetry.WORKER_EXPORTER_SETTING, "false")
     with caplog.at_level("WARNING", logger=telemetry.__name__):
-        telemetry.configure_telemetry(Settings())
+        telemetry.configure_telemetry(AppSettings())
     assert not any(telemetry.WORKER_EXPORTER_SETTING in r.getMessage() for r in caplog.records)

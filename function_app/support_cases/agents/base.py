@@ -18,11 +18,12 @@ from typing import Any, ClassVar
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 
-from state import JSON, Settings, TieredStateStore
+from state import JSON, TieredStateStore
 
 from ..effects import Effects
 from ..models import CaseState, Message
 from ..records import set_section
+from ..settings import AppSettings
 from ..telemetry import traced
 
 
@@ -42,7 +43,7 @@ StepHook = Callable[[str], Awaitable[None]]
 class AgentDeps:
     store: TieredStateStore
     effects: Effects
-    settings: Settings
+    settings: AppSettings
     after_step: StepHook | None = None
 
 
