@@ -68,9 +68,9 @@ async def open_backends(settings: Settings) -> Backends:
 
         connection = CosmosConnection(settings)
         closers.append(connection.close)
-        cold = CosmosStateStore(connection, settings)
+        cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
         checkpoints = CosmosCheckpointStore(connection, settings)
-        retention = CosmosRetention(connection, settings)
+        retention = CosmosRetention(connection, ttl_seconds=settings.state_cold_ttl_seconds)
         cold_counters = connection.counters
     else:
         from .cold.postgres_checkpoints import PostgresCheckpointStore
@@ -80,9 +80,9 @@ async def open_backends(settings: Settings) -> Backends:
 
         pg = PostgresConnection(settings)
         closers.append(pg.close)
-        cold = PostgresStateStore(pg, settings)
+        cold = PostgresStateStore(pg)
         checkpoints = PostgresCheckpointStore(pg, settings)
-        retention = PostgresRetention(pg, settings)
+        retention = PostgresRetention(pg, ttl_seconds=settings.state_cold_ttl_seconds)
         cold_counters = pg.counters
 
     hot: HotStateStore | None = None
@@ -91,12 +91,12 @@ async def open_backends(settings: Settings) -> Backends:
     checkpoint_fence: CheckpointFence | None = None
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
-        from .hot.redis_client import create_redis_client
+        from .hot.redis_client import create_redis_client, hot_namespace
         from .hot.redis_store import RedisHotStore
         from .hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 
         client = create_redis_client(settings)
-        hot = RedisHotStore(client, settings)
+        hot = RedisHotStore(client, namespace=hot_namespace(settings))
         closers.append(hot.close)
         # Shares the hot store's client (one per process), which the hot store closes.
         hot_checkpoints = RedisCheckpointCache(client, settings)

@@ -37,7 +37,7 @@ def settings(stack_env: dict[str, str]) -> Settings:
 
 @pytest.fixture
 async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
-    store = RedisHotStore(create_redis_client(settings), settings)
+    store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     yield store
     await store.close()
 
@@ -278,8 +278,12 @@ async def test_stores_of_different_cold_stores_share_no_key(
 ) -> None:
     first_settings = _store_settings(stack_env)
     second_settings = _store_settings(stack_env, cosmos_container="other")
-    first = RedisHotStore(create_redis_client(first_settings), first_settings)
-    second = RedisHotStore(create_redis_client(second_settings), second_settings)
+    first = RedisHotStore(
+        create_redis_client(first_settings), namespace=hot_namespace(first_settings)
+    )
+    second = RedisHotStore(
+        create_redis_client(second_settings), namespace=hot_namespace(second_settings)
+    )
     try:
         thread_id = _thread()
         await first.install(_record(thread_id, 5, s="first"), ttl_seconds=60)
@@ -339,7 +343,7 @@ async def test_fencing_tokens_stay_monotonic_when_redis_loses_its_data(
     server.start()
     try:
         settings = _settings(server.url, stack_env)
-        store = RedisHotStore(create_redis_client(settings), settings)
+        store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
         try:
             before = await store.acquire_lock("case_8842", ttl_ms=60_000)
             assert before is not None
@@ -371,7 +375,7 @@ async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
     stack_env: dict[str, str],
 ) -> None:
     settings = _settings(f"redis://127.0.0.1:{free_port()}/0", stack_env)
-    store = RedisHotStore(create_redis_client(settings), settings)
+    store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     try:
         with pytest.raises(BackendUnavailable) as raised:
             await store.get(_thread())

@@ -33,7 +33,7 @@ from state.errors import (
     WorkflowNotFound,
 )
 from state.factory import backends_for, open_backends
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_store import RedisHotStore
 from state.ports import ColdStateStore, WorkflowRecord
 from state.settings import Settings
@@ -70,7 +70,7 @@ def settings(settings_for: Callable[..., Settings]) -> Settings:
 @pytest.fixture
 async def cold(settings: Settings) -> AsyncIterator[CosmosStateStore]:
     connection = CosmosConnection(settings)
-    store = CosmosStateStore(connection, settings)
+    store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
     await store.setup()
     yield store
     await connection.close()
@@ -78,7 +78,7 @@ async def cold(settings: Settings) -> AsyncIterator[CosmosStateStore]:
 
 @pytest.fixture
 async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
-    store = RedisHotStore(create_redis_client(settings), settings)
+    store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     yield store
     await store.close()
 
@@ -110,7 +110,7 @@ async def other_process(
     opened: list[RedisHotStore] = []
 
     def build(cold_store: ColdStateStore = cold) -> TieredStateStore:
-        hot_store = RedisHotStore(create_redis_client(settings), settings)
+        hot_store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
         opened.append(hot_store)
         return TieredStateStore(cold_store, hot_store, settings)
 
@@ -497,7 +497,7 @@ async def test_a_read_takes_one_redis_round_trip_and_a_write_two(
         return await send(*args, **options)
 
     client.execute_command = counted  # type: ignore[method-assign]
-    hot = RedisHotStore(client, settings)
+    hot = RedisHotStore(client, namespace=hot_namespace(settings))
     try:
         tiered = TieredStateStore(cold, hot, settings)
         thread = _thread()
@@ -747,7 +747,7 @@ async def test_redis_stopped_mid_run_then_restarted(
     settings_for: Callable[..., Settings],
 ) -> None:
     settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), settings)
+    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     tiered = TieredStateStore(cold, hot, settings)
     try:
         thread, second_thread, untouched = _thread(), _thread(), _thread()
@@ -796,7 +796,7 @@ async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
     settings_for: Callable[..., Settings],
 ) -> None:
     settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), settings)
+    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     tiered = TieredStateStore(cold, hot, settings)
     try:
         thread = _thread()
@@ -824,7 +824,7 @@ async def test_a_read_during_settling_is_served_from_cold(
     settings_for: Callable[..., Settings],
 ) -> None:
     settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), settings)
+    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     gated = GatedCold(cold)
     tiered = TieredStateStore(gated, hot, settings)  # type: ignore[arg-type]
     try:
@@ -889,7 +889,7 @@ async def test_the_first_read_after_an_outage_does_not_settle_every_thread_on_it
     settings_for: Callable[..., Settings],
 ) -> None:
     settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), settings)
+    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     held = HeldThreadsCold(cold)
     tiered = TieredStateStore(held, hot, settings)  # type: ignore[arg-type]
     try:

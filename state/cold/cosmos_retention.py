@@ -48,7 +48,6 @@ import math
 import time
 from typing import Any
 
-from ..settings import Settings
 from ..size import ARCHIVE_SEPARATOR
 from .cosmos_client import CosmosConnection
 from .cosmos_io import BULK_PAGE_SIZE, PartitionIO, gather
@@ -79,9 +78,9 @@ class CosmosRetention:
 
     name = "cosmos"
 
-    def __init__(self, connection: CosmosConnection, settings: Settings) -> None:
+    def __init__(self, connection: CosmosConnection, *, ttl_seconds: int) -> None:
         self._io = PartitionIO(connection)
-        self._ttl_seconds = settings.state_cold_ttl_seconds
+        self._ttl_seconds = ttl_seconds
 
     async def hold(self, thread_id: str) -> None:
         await self._patch_partition(

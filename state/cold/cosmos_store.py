@@ -47,7 +47,6 @@ from ..errors import (
 )
 from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
 from ..schema import CURRENT, upcast
-from ..settings import Settings
 from .cosmos_client import CosmosConnection, cosmos_errors
 from .cosmos_io import PartitionIO
 
@@ -83,10 +82,10 @@ class CosmosStateStore:
 
     name = "cosmos"
 
-    def __init__(self, connection: CosmosConnection, settings: Settings) -> None:
+    def __init__(self, connection: CosmosConnection, *, max_item_bytes: int) -> None:
         self._connection = connection
         self._io = PartitionIO(connection)
-        self._settings = settings
+        self._max_item_bytes = max_item_bytes
 
     async def setup(self) -> None:
         # Creates database and container when the settings allow it (locally).
@@ -312,7 +311,7 @@ class CosmosStateStore:
 
     def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> None:
         """Refuse before writing anything: Cosmos rejects items over 2 MB, the emulator does not."""
-        limit = self._settings.state_max_item_bytes
+        limit = self._max_item_bytes
         for document in documents:
             size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode())
             if size > limit:

@@ -25,7 +25,6 @@ the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 
 from __future__ import annotations
 
-from ..settings import Settings
 from ..size import ARCHIVE_SEPARATOR
 from .postgres_client import CountedConnection, PostgresConnection
 
@@ -119,9 +118,9 @@ class PostgresRetention:
 
     name = "postgres"
 
-    def __init__(self, connection: PostgresConnection, settings: Settings) -> None:
+    def __init__(self, connection: PostgresConnection, *, ttl_seconds: int) -> None:
         self._pg = connection
-        self._ttl_seconds = settings.state_cold_ttl_seconds
+        self._ttl_seconds = ttl_seconds
 
     async def hold(self, thread_id: str) -> None:
         async with self._pg.connection("hold") as conn:

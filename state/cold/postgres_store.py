@@ -25,7 +25,6 @@ from ..errors import (
 )
 from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
 from ..schema import CURRENT, upcast
-from ..settings import Settings
 from .postgres_client import PostgresConnection
 
 RECORD_COLUMNS = "thread_id, version, sections, schema_version, fence, created_at, updated_at"
@@ -108,9 +107,8 @@ class PostgresStateStore:
 
     name = "postgres"
 
-    def __init__(self, connection: PostgresConnection, settings: Settings) -> None:
+    def __init__(self, connection: PostgresConnection) -> None:
         self._pg = connection
-        self._settings = settings
 
     async def setup(self) -> None:
         await self._pg.setup()

@@ -35,8 +35,7 @@ from redis.exceptions import RedisError
 from ..errors import BackendUnavailable
 from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent
 from ..schema import CURRENT
-from ..settings import Settings
-from .redis_client import hot_key, hot_namespace
+from .redis_client import hot_key
 
 WORKFLOW_KIND = "wf"
 LOCK_KIND = "lock"
@@ -171,10 +170,10 @@ class RedisHotStore:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, *, namespace: str) -> None:
         self._client = client
-        self._settings = settings
-        self._namespace = hot_namespace(settings)
+        # Which cold store's records these are (`hot_namespace`).
+        self._namespace = namespace
         self._read = client.register_script(_READ)
         self._begin_write = client.register_script(_BEGIN_WRITE)
         self._install = client.register_script(_INSTALL)

@@ -306,7 +306,10 @@ async def cosmos_connection(
 async def cosmos(
     cosmos_connection: CosmosConnection, make_settings: Callable[..., Settings]
 ) -> CosmosStateStore:
-    store = CosmosStateStore(cosmos_connection, make_settings("cosmos", hot=False))
+    store = CosmosStateStore(
+        cosmos_connection,
+        max_item_bytes=make_settings("cosmos", hot=False).state_max_item_bytes,
+    )
     await store.setup()
     return store
 
@@ -407,7 +410,7 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
     transport = FaultyTransport()
     connection = CosmosConnection(settings, transport=transport)
     try:
-        store = CosmosStateStore(connection, settings)
+        store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
         thread = unique_thread()
         # The connection drops after the server applied each write (audit entry and
         # record of the create, then the replace); the SDK sends each again.
@@ -432,7 +435,7 @@ async def test_cosmos_refuses_a_document_over_the_item_limit(
 ) -> None:
     limit = 64 * 1024
     settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
-    store = CosmosStateStore(cosmos_connection, settings)
+    store = CosmosStateStore(cosmos_connection, max_item_bytes=settings.state_max_item_bytes)
     thread = unique_thread()
     created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
     with pytest.raises(StateTooLarge) as too_large:

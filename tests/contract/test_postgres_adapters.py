@@ -69,7 +69,7 @@ async def pg(make_settings: Callable[..., Settings]) -> AsyncIterator[PostgresCo
 
 @pytest.fixture
 def store(pg: PostgresConnection, make_settings: Callable[..., Settings]) -> PostgresStateStore:
-    return PostgresStateStore(pg, make_settings("postgres", hot=False))
+    return PostgresStateStore(pg)
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ async def test_a_failed_audit_insert_rolls_the_update_back(
     settings = Settings(state_cold_backend="postgres", postgres_url=fresh_postgres_url)
     pg = PostgresConnection(settings)
     try:
-        store = PostgresStateStore(pg, settings)
+        store = PostgresStateStore(pg)
         await store.setup()
         await store.create("t", {"s": 1}, agent_id="a")
         async with pg.connection("sabotage") as conn:
@@ -297,7 +297,7 @@ async def test_unreachable_server_is_backend_unavailable() -> None:
     )
     pg = PostgresConnection(settings)
     try:
-        store = PostgresStateStore(pg, settings)
+        store = PostgresStateStore(pg)
         with pytest.raises(BackendUnavailable):
             await store.get("t")
         health = await store.health()
@@ -797,7 +797,7 @@ async def test_after_a_server_restart_only_one_call_sees_the_dead_connections(
     settings = Settings(state_cold_backend="postgres", postgres_url=server.url)
     pg = PostgresConnection(settings)
     try:
-        store = PostgresStateStore(pg, settings)
+        store = PostgresStateStore(pg)
         await store.setup()
         await store.create("t", {"s": 1}, agent_id="a")
         # Fill the pool with several idle connections.

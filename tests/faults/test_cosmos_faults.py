@@ -61,7 +61,7 @@ async def cosmos(settings_for: Callable[..., Settings]) -> AsyncIterator[Cosmos]
     settings = settings_for("cosmos", redis_url=None)
     transport = FaultyTransport()
     connection = CosmosConnection(settings, transport=transport)
-    cold = CosmosStateStore(connection, settings)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
     checkpoints = CosmosCheckpointStore(connection, settings)
     await cold.setup()
     await checkpoints.setup()
