@@ -69,7 +69,11 @@ async def open_backends(settings: Settings) -> Backends:
         connection = CosmosConnection(settings)
         closers.append(connection.close)
         cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-        checkpoints = CosmosCheckpointStore(connection, settings)
+        checkpoints = CosmosCheckpointStore(
+            connection,
+            max_item_bytes=settings.state_max_item_bytes,
+            compress_threshold_bytes=settings.state_compress_threshold_bytes,
+        )
         retention = CosmosRetention(connection, ttl_seconds=settings.state_cold_ttl_seconds)
         cold_counters = connection.counters
     else:
@@ -81,7 +85,7 @@ async def open_backends(settings: Settings) -> Backends:
         pg = PostgresConnection(settings)
         closers.append(pg.close)
         cold = PostgresStateStore(pg)
-        checkpoints = PostgresCheckpointStore(pg, settings)
+        checkpoints = PostgresCheckpointStore(pg)
         retention = PostgresRetention(pg, ttl_seconds=settings.state_cold_ttl_seconds)
         cold_counters = pg.counters
 
@@ -96,10 +100,13 @@ async def open_backends(settings: Settings) -> Backends:
         from .hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 
         client = create_redis_client(settings)
-        hot = RedisHotStore(client, namespace=hot_namespace(settings))
+        namespace = hot_namespace(settings)
+        hot = RedisHotStore(client, namespace=namespace)
         closers.append(hot.close)
         # Shares the hot store's client (one per process), which the hot store closes.
-        hot_checkpoints = RedisCheckpointCache(client, settings)
+        hot_checkpoints = RedisCheckpointCache(
+            client, namespace=namespace, ttl_seconds=settings.state_hot_ttl_seconds
+        )
         checkpoint_fence = RedisCheckpointFence(client, hot_checkpoints)
         if settings.write_mode is WriteMode.WRITE_BEHIND:
             from .checkpoint.flusher import Flusher

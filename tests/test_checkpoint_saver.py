@@ -28,7 +28,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
 
@@ -159,13 +159,22 @@ async def open_tiers(
     connection = CosmosConnection(settings)
     redis = create_redis_client(settings) if hot else None
     try:
-        store = CosmosCheckpointStore(connection, settings, page_size=page_size)
+        store = CosmosCheckpointStore(
+            connection,
+            max_item_bytes=settings.state_max_item_bytes,
+            compress_threshold_bytes=settings.state_compress_threshold_bytes,
+            page_size=page_size,
+        )
         await store.setup()
         calls = RedisCalls()
         cache = None
         if redis is not None:
             calls.wrap(redis)
-            cache = RedisCheckpointCache(redis, settings)
+            cache = RedisCheckpointCache(
+                redis,
+                namespace=hot_namespace(settings),
+                ttl_seconds=settings.state_hot_ttl_seconds,
+            )
         yield Tiers(connection, store, TieredCheckpointSaver(store, cache), cache, redis, calls)
     finally:
         if redis is not None:

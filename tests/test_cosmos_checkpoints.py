@@ -24,6 +24,14 @@ from state.settings import Settings
 ITEM_LIMIT = 4096
 
 
+def checkpoint_store(connection: CosmosConnection, settings: Settings) -> CosmosCheckpointStore:
+    return CosmosCheckpointStore(
+        connection,
+        max_item_bytes=settings.state_max_item_bytes,
+        compress_threshold_bytes=settings.state_compress_threshold_bytes,
+    )
+
+
 @pytest.fixture
 def settings(stack_env: dict[str, str]) -> Settings:
     return Settings.model_validate(
@@ -46,14 +54,14 @@ async def connection(settings: Settings) -> AsyncIterator[CosmosConnection]:
 
 @pytest.fixture
 async def store(connection: CosmosConnection, settings: Settings) -> CosmosCheckpointStore:
-    opened = CosmosCheckpointStore(connection, settings)
+    opened = checkpoint_store(connection, settings)
     await opened.setup()
     return opened
 
 
 @pytest.fixture
 async def small_items(connection: CosmosConnection, settings: Settings) -> CosmosCheckpointStore:
-    opened = CosmosCheckpointStore(
+    opened = checkpoint_store(
         connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
     )
     await opened.setup()
@@ -134,7 +142,7 @@ async def test_racing_large_writes_leave_one_winner_and_only_its_chunks(
     thread_id = thread()
     await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
     small = settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
-    writers = [CosmosCheckpointStore(connection, small) for _ in range(4)]
+    writers = [checkpoint_store(connection, small) for _ in range(4)]
     values = [("bytes", os.urandom(12_000)) for _ in writers]
     await asyncio.gather(
         *(
@@ -211,7 +219,7 @@ async def test_a_put_and_a_put_writes_are_one_request_each(
         assert connection.counters.requests == 1
 
     # A process that has not seen the parent reads it once.
-    fresh = CosmosCheckpointStore(connection, settings)
+    fresh = checkpoint_store(connection, settings)
     connection.counters.reset()
     await fresh.put_checkpoint(
         stored(thread_id, 4, {"a": "1", "b": "3", "c": "4"}), [StoredBlob("c", "4", value)]
@@ -221,7 +229,7 @@ async def test_a_put_and_a_put_writes_are_one_request_each(
     # Latest: the TOP 1 query, then its writes and (concurrently) the ancestors holding
     # `a` and `b`: two round trips, three requests.
     connection.counters.reset()
-    latest = await CosmosCheckpointStore(connection, settings).get_checkpoint(thread_id, "", None)
+    latest = await checkpoint_store(connection, settings).get_checkpoint(thread_id, "", None)
     assert connection.counters.requests == 3
     assert latest is not None and latest.checkpoint_id == checkpoint_id(4)
     assert latest.blobs == {"a": value, "b": value, "c": value}
@@ -319,7 +327,7 @@ async def test_threads_written_in_layout_1_read_and_continue(
     # A new step on top of it: unchanged `messages` still comes from the blob document.
     count = ("json", b"2")
     # (by a process that has not seen the parent: it reads the layout-1 document)
-    await CosmosCheckpointStore(connection, settings).put_checkpoint(
+    await checkpoint_store(connection, settings).put_checkpoint(
         stored(thread_id, 2, {"messages": "1", "count": "2"}), [StoredBlob("count", "2", count)]
     )
     new = await store.get_checkpoint(thread_id, "", None)
@@ -371,7 +379,7 @@ async def test_apply_batch_is_idempotent_and_keeps_each_threads_order(
     await small_items.apply_batch(ops)  # ... then all of it ...
     once = {t: comparable(await partition(connection, t)) for t in threads}
     # ... and again by another flusher that knows nothing of this thread.
-    again_store = CosmosCheckpointStore(
+    again_store = checkpoint_store(
         connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
     )
     await again_store.apply_batch(ops)

@@ -297,8 +297,16 @@ async def test_stores_of_different_cold_stores_share_no_key(
         checkpoint = StoredCheckpoint(
             thread_id, "", "0001", None, ("json", b"{}"), {}, {}, blobs={}, writes=[]
         )
-        first_cache = RedisCheckpointCache(raw, first_settings)
-        second_cache = RedisCheckpointCache(raw, second_settings)
+        first_cache = RedisCheckpointCache(
+            raw,
+            namespace=hot_namespace(first_settings),
+            ttl_seconds=first_settings.state_hot_ttl_seconds,
+        )
+        second_cache = RedisCheckpointCache(
+            raw,
+            namespace=hot_namespace(second_settings),
+            ttl_seconds=second_settings.state_hot_ttl_seconds,
+        )
         await first_cache.advance(checkpoint, [])
         assert (await first_cache.lookup(thread_id, "", lease=False)).checkpoint is not None
         assert (await second_cache.lookup(thread_id, "", lease=False)).checkpoint is None

@@ -35,7 +35,6 @@ from ..ports import (
     TypedBytes,
     WritesPut,
 )
-from ..settings import Settings
 from . import cosmos_layout as layout
 from .cosmos_client import CosmosConnection
 from .cosmos_io import Doc, PartitionIO, gather, strip_system
@@ -56,14 +55,14 @@ class CosmosCheckpointStore:
     def __init__(
         self,
         connection: CosmosConnection,
-        settings: Settings,
         *,
+        max_item_bytes: int,
+        compress_threshold_bytes: int,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self._io = PartitionIO(connection)
         self._packer = layout.Packer(
-            max_item_bytes=settings.state_max_item_bytes,
-            compress_threshold=settings.state_compress_threshold_bytes,
+            max_item_bytes=max_item_bytes, compress_threshold=compress_threshold_bytes
         )
         self._page_size = page_size
         self._lineage: OrderedDict[tuple[str, str], layout.Lineage] = OrderedDict()

@@ -29,7 +29,6 @@ from ..ports import (
     WritesPut,
 )
 from ..schema import CURRENT, upcast
-from ..settings import Settings
 from .postgres_client import CountedConnection, PostgresConnection
 
 # Checkpoints (with their blobs and writes) per round trip when listing; a caller's
@@ -207,9 +206,8 @@ class PostgresCheckpointStore:
 
     name = "postgres"
 
-    def __init__(self, connection: PostgresConnection, settings: Settings) -> None:
+    def __init__(self, connection: PostgresConnection) -> None:
         self._pg = connection
-        self._settings = settings
 
     async def setup(self) -> None:
         await self._pg.setup()

@@ -43,8 +43,7 @@ from redis.exceptions import RedisError
 
 from ..errors import CorruptState
 from ..ports import CacheLookup, StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
-from ..settings import Settings
-from .redis_client import hot_key, hot_namespace
+from .redis_client import hot_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -296,11 +295,11 @@ class RedisCheckpointCache:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, *, namespace: str, ttl_seconds: int) -> None:
         # The client is shared with the hot store, whose owner closes it.
         self._client = client
-        self._store = hot_namespace(settings)
-        self._ttl = settings.state_hot_ttl_seconds
+        self._store = namespace
+        self._ttl = ttl_seconds
         self._advance = client.register_script(_ADVANCE)
         self._add_writes = client.register_script(_ADD_WRITES)
         self._fill = client.register_script(_FILL)

@@ -76,7 +76,7 @@ def store(pg: PostgresConnection, make_settings: Callable[..., Settings]) -> Pos
 def checkpoints(
     pg: PostgresConnection, make_settings: Callable[..., Settings]
 ) -> PostgresCheckpointStore:
-    return PostgresCheckpointStore(pg, make_settings("postgres", hot=False))
+    return PostgresCheckpointStore(pg)
 
 
 def test_adapters_implement_the_ports(

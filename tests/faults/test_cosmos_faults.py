@@ -62,7 +62,11 @@ async def cosmos(settings_for: Callable[..., Settings]) -> AsyncIterator[Cosmos]
     transport = FaultyTransport()
     connection = CosmosConnection(settings, transport=transport)
     cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-    checkpoints = CosmosCheckpointStore(connection, settings)
+    checkpoints = CosmosCheckpointStore(
+        connection,
+        max_item_bytes=settings.state_max_item_bytes,
+        compress_threshold_bytes=settings.state_compress_threshold_bytes,
+    )
     await cold.setup()
     await checkpoints.setup()
     try:

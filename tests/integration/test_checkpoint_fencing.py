@@ -27,7 +27,7 @@ from state.checkpoint.flusher import Flusher
 from state.errors import StaleFencingToken
 from state.factory import Backends, backends_for
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 from state.settings import Settings
 
@@ -163,7 +163,9 @@ async def test_with_redis_unreachable_the_records_fence_guards_checkpoint_writes
         )
         client = create_redis_client(dead)
         try:
-            cache = RedisCheckpointCache(client, dead)
+            cache = RedisCheckpointCache(
+                client, namespace=hot_namespace(dead), ttl_seconds=dead.state_hot_ttl_seconds
+            )
             saver = TieredCheckpointSaver(
                 backends.checkpoints,
                 cache,

@@ -21,7 +21,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.flusher import Flusher
 from state.errors import StaleFencingToken
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import CheckpointStore, Counters
 from state.settings import Settings
@@ -99,7 +99,11 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
 
         cosmos = CosmosConnection(settings)
         store, counters, close = (
-            CosmosCheckpointStore(cosmos, settings),
+            CosmosCheckpointStore(
+                cosmos,
+                max_item_bytes=settings.state_max_item_bytes,
+                compress_threshold_bytes=settings.state_compress_threshold_bytes,
+            ),
             cosmos.counters,
             cosmos.close,
         )
@@ -108,11 +112,13 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         from state.cold.postgres_client import PostgresConnection
 
         pg = PostgresConnection(settings)
-        store, counters, close = PostgresCheckpointStore(pg, settings), pg.counters, pg.close
+        store, counters, close = PostgresCheckpointStore(pg), pg.counters, pg.close
     redis = create_redis_client(settings)
     try:
         await store.setup()
-        cache = RedisCheckpointCache(redis, settings)
+        cache = RedisCheckpointCache(
+            redis, namespace=hot_namespace(settings), ttl_seconds=settings.state_hot_ttl_seconds
+        )
         flusher = Flusher(
             RedisWriteBehindLog(redis, cache), store, lock_ttl_ms=settings.state_lock_ttl_ms
         )
