@@ -9,7 +9,8 @@ bool/None).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -140,6 +141,19 @@ class TierHealth:
     up: bool
     detail: str = ""
     latency_ms: float | None = None
+
+
+async def timed_probe(
+    name: str, check: Callable[[], Awaitable[object]], *, errors: tuple[type[Exception], ...]
+) -> TierHealth:
+    """A tier's health from one round trip `check`: up with its latency, or down with
+    the error it raised, if one of `errors` (how that tier reports being unreachable)."""
+    started = time.perf_counter()
+    try:
+        await check()
+    except errors as exc:
+        return TierHealth(name, up=False, detail=f"{type(exc).__name__}: {exc}")
+    return TierHealth(name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
 
 
 @runtime_checkable

@@ -89,37 +89,35 @@ class SizedStateStore:
         """Replace one section (at the current version unless `expected_version`);
         `completed` archives it if it is archivable."""
         with attributed("state.update_section"):
-            if expected_version is None:
+            version = expected_version
+            if version is None:
                 current = await self._inner.get(thread_id)
                 if current is None:
                     raise WorkflowNotFound(thread_id)
-                expected_version = current.version
+                version = current.version
+
+            async def write(stored: JSON) -> WorkflowRecord:
+                return await self._inner.update_section(
+                    thread_id,
+                    section,
+                    stored,
+                    expected_version=version,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+
             shrunk, actions = await self.size.shrink(
                 thread_id, {section: value}, completed=(section,) if completed else ()
             )
             self._stored_size("update_section", actions.after.sections[section])
             stored = shrunk[section]
             try:
-                record = await self._inner.update_section(
-                    thread_id,
-                    section,
-                    stored,
-                    expected_version=expected_version,
-                    agent_id=agent_id,
-                    fencing_token=fencing_token,
-                )
+                record = await write(stored)
             except StateTooLarge:
                 if is_offloaded(stored) or is_archived(stored):
                     raise  # the other sections are what does not fit: nothing more to move
-                stored = await self.size.offload(thread_id, section, stored)
-                record = await self._inner.update_section(
-                    thread_id,
-                    section,
-                    stored,
-                    expected_version=expected_version,
-                    agent_id=agent_id,
-                    fencing_token=fencing_token,
-                )
+                # Refused before anything was written, so the same version still holds.
+                record = await write(await self.size.offload(thread_id, section, stored))
             return await self._expand(record)
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:

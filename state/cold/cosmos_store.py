@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -45,7 +44,15 @@ from ..errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
+from ..ports import (
+    CREATED_SECTION,
+    JSON,
+    AuditEntry,
+    TierHealth,
+    WorkflowRecord,
+    acting_caller,
+    timed_probe,
+)
 from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection, cosmos_errors
 from .cosmos_io import PartitionIO
@@ -251,14 +258,12 @@ class CosmosStateStore:
         await self._io.delete_matching(thread_id, "c.type = @type", {"@type": AUDIT_TYPE})
 
     async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            container = await self._connection.container()
-            with cosmos_errors():
-                await container.read(response_hook=self._connection.response_hook)
-        except (StateError, AzureError) as exc:
-            return TierHealth(self.name, up=False, detail=f"{type(exc).__name__}: {exc}")
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+        return await timed_probe(self.name, self._read_container, errors=(StateError, AzureError))
+
+    async def _read_container(self) -> None:
+        container = await self._connection.container()
+        with cosmos_errors():
+            await container.read(response_hook=self._connection.response_hook)
 
     async def close(self) -> None:
         """Nothing to release: the shared connection is closed by whoever opened it."""

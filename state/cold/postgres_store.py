@@ -10,7 +10,6 @@ instead of overwriting.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +22,15 @@ from ..errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
+from ..ports import (
+    CREATED_SECTION,
+    JSON,
+    AuditEntry,
+    TierHealth,
+    WorkflowRecord,
+    acting_caller,
+    timed_probe,
+)
 from ..schema import CURRENT, upcast
 from .postgres_client import PostgresConnection
 
@@ -213,13 +220,11 @@ class PostgresStateStore:
             await conn.execute(DELETE_SQL, {"thread_id": thread_id})
 
     async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            async with self._pg.connection("health") as conn:
-                await conn.execute("SELECT 1")
-        except BackendUnavailable as exc:
-            return TierHealth(self.name, up=False, detail=f"{type(exc).__name__}: {exc}")
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+        return await timed_probe(self.name, self._select_one, errors=(BackendUnavailable,))
+
+    async def _select_one(self) -> None:
+        async with self._pg.connection("health") as conn:
+            await conn.execute("SELECT 1")
 
     async def close(self) -> None:
         """The shared connection is closed by whoever opened it (the backend factory)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
-from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent
+from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent, timed_probe
 from ..schema import CURRENT
 from .redis_client import hot_key
 
@@ -274,13 +273,11 @@ class RedisHotStore:
     # ----------------------------------------------------------------- lifecycle
 
     async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            with redis_errors():
-                await self._client.ping()
-        except BackendUnavailable as exc:
-            return TierHealth(self.name, up=False, detail=str(exc))
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+        return await timed_probe(self.name, self._ping, errors=(BackendUnavailable,))
+
+    async def _ping(self) -> None:
+        with redis_errors():
+            await self._client.ping()
 
     async def close(self) -> None:
         await self._client.aclose()
