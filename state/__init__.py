@@ -2,8 +2,10 @@
 Postgres cold tier). Import what you use from here; the submodules are its parts.
 
 Settings
-    `Settings` reads every option from the environment (variable names: the field
-    names upper-cased); `get_settings()` is the process's cached instance.
+    `Settings` reads the library's options from the environment (variable names:
+    the field names upper-cased; other variables are ignored, so an application
+    may subclass it with its own fields); `get_settings()` is the process's cached
+    instance.
     `ColdBackend` picks Cosmos or Postgres, `WriteMode` write-behind or write-through.
 
 Backends
