@@ -212,46 +212,32 @@ class CacheAsideStore:
         """One cold write under a write intent, then install: an intent covers exactly
         one cold write, so nothing else lengthens the window the hot copy is hidden."""
         with _span("update_section", thread_id=thread_id, section=section):
-            return await self._write_section(
-                thread_id, section, value, agent_id, expected_version, fencing_token
-            )
-
-    async def _write_section(
-        self,
-        thread_id: str,
-        section: str,
-        stored: JSON,
-        agent_id: str,
-        expected_version: int,
-        fencing_token: int | None,
-    ) -> WorkflowRecord:
-        """One cold write of a section's stored form under a write intent, then install."""
-        intent = await self._begin_write(thread_id)
-        try:
-            record = await self._cold.update_section(
-                thread_id,
-                section,
-                stored,
-                expected_version=expected_version,
-                agent_id=agent_id,
-                fencing_token=fencing_token,
-            )
-        except VersionConflict:
-            # The caller may have read an outdated hot copy; refresh it so a retry
-            # reads what cold holds.
-            await self._reinstall_from_cold(thread_id, intent)
-            raise
-        except WorkflowNotFound:
-            # Gone from cold (deleted or expired there): a hot copy must not outlive it.
-            await self._abandon_write(intent)
-            await self._invalidate(thread_id)
-            raise
-        except (StaleFencingToken, StateTooLarge):
-            # Refused before anything was written; other failures may have written.
-            await self._abandon_write(intent)
-            raise
-        await self._install(record, intent=intent)
-        return record
+            intent = await self._begin_write(thread_id)
+            try:
+                record = await self._cold.update_section(
+                    thread_id,
+                    section,
+                    value,
+                    expected_version=expected_version,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+            except VersionConflict:
+                # The caller may have read an outdated hot copy; refresh it so a retry
+                # reads what cold holds.
+                await self._reinstall_from_cold(thread_id, intent)
+                raise
+            except WorkflowNotFound:
+                # Gone from cold (deleted or expired there): a hot copy must not outlive it.
+                await self._abandon_write(intent)
+                await self._invalidate(thread_id)
+                raise
+            except (StaleFencingToken, StateTooLarge):
+                # Refused before anything was written; other failures may have written.
+                await self._abandon_write(intent)
+                raise
+            await self._install(record, intent=intent)
+            return record
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` as the layer above stored them."""
