@@ -681,7 +681,9 @@ def contenders(base: dict[str, Any], observer: aioredis.Redis) -> list[Contender
                     "cosmos_container": f"bench-{slug}-{api}",
                 }
             )
-            connection = CosmosConnection(settings) if backend is ColdBackend.COSMOS else None
+            connection = (
+                CosmosConnection(settings.cosmos) if backend is ColdBackend.COSMOS else None
+            )
 
             async def cosmos_stored(thread_id: str) -> int:
                 assert connection is not None
@@ -1167,7 +1169,7 @@ async def alternate(
 
 async def probe_emulator(settings: Settings, count: int = 50) -> EmulatorFloor | None:
     """What one point read and one trivial single-partition query cost on the emulator."""
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     try:
         container = await connection.container()
         documents = [doc async for doc in container.query_items("SELECT c.id, c.thread_id FROM c")]

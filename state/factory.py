@@ -66,7 +66,7 @@ async def open_backends(settings: Settings) -> Backends:
         from .cold.cosmos_retention import CosmosRetention
         from .cold.cosmos_store import CosmosStateStore
 
-        connection = CosmosConnection(settings)
+        connection = CosmosConnection(settings.cosmos)
         closers.append(connection.close)
         cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
         checkpoints = CosmosCheckpointStore(
@@ -82,7 +82,7 @@ async def open_backends(settings: Settings) -> Backends:
         from .cold.postgres_retention import PostgresRetention
         from .cold.postgres_store import PostgresStateStore
 
-        pg = PostgresConnection(settings)
+        pg = PostgresConnection(settings.postgres)
         closers.append(pg.close)
         cold = PostgresStateStore(pg)
         checkpoints = PostgresCheckpointStore(pg)

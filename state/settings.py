@@ -11,6 +11,7 @@ unknown variables are ignored, so both read one environment. Secrets are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
@@ -38,6 +39,38 @@ class WriteMode(StrEnum):
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True)
+class CosmosConfig:
+    """What a Cosmos connection uses (`Settings.cosmos`)."""
+
+    endpoint: str
+    # None: Entra ID through DefaultAzureCredential.
+    key: SecretStr | None
+    database: str
+    container: str
+    create_if_missing: bool
+    # The user-assigned managed identity to sign in as (None: the credential chain's choice).
+    client_id: str | None
+    # The local emulator serves a self-signed certificate on loopback only.
+    verify_tls: bool
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """What a Postgres connection uses (`Settings.postgres`)."""
+
+    # A connection string (any password in it); None: host/database/user with Entra ID.
+    url: SecretStr | None
+    host: str | None
+    database: str
+    user: str | None
+    client_id: str | None
+    pool_min_size: int
+    pool_max_size: int
+    pool_timeout_seconds: float
+    operation_timeout_seconds: float
 
 
 class Settings(BaseSettings):
@@ -148,6 +181,32 @@ class Settings(BaseSettings):
         if self.state_write_mode is not None:
             return self.state_write_mode
         return WriteMode.WRITE_BEHIND if self.hot_tier_configured else WriteMode.WRITE_THROUGH
+
+    @property
+    def cosmos(self) -> CosmosConfig:
+        return CosmosConfig(
+            endpoint=self.cosmos_endpoint or "",
+            key=self.cosmos_key,
+            database=self.cosmos_database,
+            container=self.cosmos_container,
+            create_if_missing=self.cosmos_create_if_missing,
+            client_id=self.azure_client_id,
+            verify_tls=not self.cosmos_is_local_emulator,
+        )
+
+    @property
+    def postgres(self) -> PostgresConfig:
+        return PostgresConfig(
+            url=self.postgres_url,
+            host=self.postgres_host,
+            database=self.postgres_database,
+            user=self.postgres_user,
+            client_id=self.azure_client_id,
+            pool_min_size=self.postgres_pool_min_size,
+            pool_max_size=self.postgres_pool_max_size,
+            pool_timeout_seconds=self.postgres_pool_timeout_seconds,
+            operation_timeout_seconds=self.postgres_operation_timeout_seconds,
+        )
 
     @property
     def cosmos_is_local_emulator(self) -> bool:

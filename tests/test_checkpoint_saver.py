@@ -156,7 +156,7 @@ async def open_tiers(
     settings: Settings, *, hot: bool = True, page_size: int = 50
 ) -> AsyncIterator[Tiers]:
     """The saver over its adapters, built directly so the test can count their requests."""
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     redis = create_redis_client(settings) if hot else None
     try:
         store = CosmosCheckpointStore(

@@ -45,7 +45,7 @@ def settings(stack_env: dict[str, str]) -> Settings:
 
 @pytest.fixture
 async def connection(settings: Settings) -> AsyncIterator[CosmosConnection]:
-    opened = CosmosConnection(settings)
+    opened = CosmosConnection(settings.cosmos)
     try:
         yield opened
     finally:

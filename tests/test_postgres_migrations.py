@@ -49,7 +49,7 @@ async def test_running_migrations_twice_is_harmless(fresh_postgres_url: str) -> 
 
 async def test_app_setup_migrates_a_fresh_database(fresh_postgres_url: str) -> None:
     settings = Settings(state_cold_backend="postgres", postgres_url=fresh_postgres_url)
-    pg = PostgresConnection(settings)
+    pg = PostgresConnection(settings.postgres)
     try:
         await pg.setup()
         await pg.setup()

@@ -69,7 +69,7 @@ def settings(settings_for: Callable[..., Settings]) -> Settings:
 
 @pytest.fixture
 async def cold(settings: Settings) -> AsyncIterator[CosmosStateStore]:
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
     await store.setup()
     yield store

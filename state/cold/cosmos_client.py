@@ -9,8 +9,8 @@ errors, and counts round trips and request charge for the benchmark and the O(1)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
@@ -21,7 +21,7 @@ from azure.cosmos.exceptions import CosmosHttpResponseError
 
 from ..errors import BackendUnavailable, InvalidValue, RequestRejected
 from ..ports import Counters, cold_operation
-from ..settings import Settings
+from ..settings import CosmosConfig
 
 PARTITION_KEY_PATH = "/thread_id"
 # Status codes that mean "the service could not do it now", not "your request is wrong".
@@ -53,8 +53,10 @@ class CosmosConnection:
 
     name = "cosmos"
 
-    def __init__(self, settings: Settings, *, transport: AsyncHttpTransport | None = None) -> None:
-        self._settings = settings
+    def __init__(
+        self, config: CosmosConfig, *, transport: AsyncHttpTransport | None = None
+    ) -> None:
+        self._config = config
         # None: the SDK's own aiohttp transport. Fault tests pass a wrapper around it.
         self._transport = transport
         self._client: CosmosClient | None = None
@@ -77,32 +79,29 @@ class CosmosConnection:
         return self._container
 
     async def _open(self) -> ContainerProxy:
-        settings = self._settings
+        config = self._config
         credential: Any
-        if settings.cosmos_key is not None:
-            credential = settings.cosmos_key.get_secret_value()
+        if config.key is not None:
+            credential = config.key.get_secret_value()
         else:
             from azure.identity.aio import DefaultAzureCredential
 
-            self._credential = DefaultAzureCredential(
-                managed_identity_client_id=settings.azure_client_id
-            )
+            self._credential = DefaultAzureCredential(managed_identity_client_id=config.client_id)
             credential = self._credential
         self._client = CosmosClient(
-            settings.cosmos_endpoint or "",
+            config.endpoint,
             credential=credential,
-            # The local emulator serves a self-signed certificate on loopback only.
-            connection_verify=not settings.cosmos_is_local_emulator,
+            connection_verify=config.verify_tls,
             consistency_level="Session",
             transport=self._transport,
         )
-        if not settings.cosmos_create_if_missing:
-            database_client = self._client.get_database_client(settings.cosmos_database)
-            return database_client.get_container_client(settings.cosmos_container)
+        if not config.create_if_missing:
+            database_client = self._client.get_database_client(config.database)
+            return database_client.get_container_client(config.container)
         with cosmos_errors():
-            database = await self._client.create_database_if_not_exists(settings.cosmos_database)
+            database = await self._client.create_database_if_not_exists(config.database)
             return await database.create_container_if_not_exists(
-                settings.cosmos_container,
+                config.container,
                 partition_key=PartitionKey(path=PARTITION_KEY_PATH),
                 indexing_policy=INDEXING_POLICY,
                 # TTL on, nothing expires by itself: retention sweeps whole threads
@@ -159,12 +158,3 @@ def _first_line(message: str | None) -> str:
         if text and not line.startswith(("Code:", "Content:", "Status code:")):
             return text[:MESSAGE_CHARS]
     return "no message"
-
-
-@asynccontextmanager
-async def open_connection(settings: Settings) -> AsyncIterator[CosmosConnection]:
-    connection = CosmosConnection(settings)
-    try:
-        yield connection
-    finally:
-        await connection.close()

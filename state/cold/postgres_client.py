@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..errors import BackendUnavailable, InvalidValue, RequestRejected
 from ..ports import Counters
-from ..settings import Settings
+from ..settings import PostgresConfig
 from .migrations import migrate
 
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
@@ -81,13 +81,13 @@ class PostgresConnection:
 
     def __init__(
         self,
-        settings: Settings,
+        config: PostgresConfig,
         *,
         credential: AsyncTokenCredential | None = None,
     ) -> None:
         """`credential`: sign in with its Entra tokens (the caller closes it). Without
         one, POSTGRES_URL carries any password, or else DefaultAzureCredential is used."""
-        self._settings = settings
+        self._config = config
         self._pool: AsyncConnectionPool[CountedConnection] | None = None
         self._credential = credential
         self._owned_credential: AsyncTokenCredential | None = None
@@ -96,14 +96,14 @@ class PostgresConnection:
         self.counters = Counters()
 
     def _conninfo(self) -> str:
-        settings = self._settings
-        if settings.postgres_url is not None:
-            return settings.postgres_url.get_secret_value()
+        config = self._config
+        if config.url is not None:
+            return config.url.get_secret_value()
         return make_conninfo(
-            host=settings.postgres_host,
+            host=config.host,
             port=POSTGRES_PORT,
-            dbname=settings.postgres_database,
-            user=settings.postgres_user,
+            dbname=config.database,
+            user=config.user,
             sslmode="require",
         )
 
@@ -133,12 +133,12 @@ class PostgresConnection:
         return self._pool
 
     async def _open(self) -> AsyncConnectionPool[CountedConnection]:
-        settings = self._settings
-        if self._credential is None and settings.postgres_url is None:
+        config = self._config
+        if self._credential is None and config.url is None:
             from azure.identity.aio import DefaultAzureCredential
 
             self._owned_credential = DefaultAzureCredential(
-                managed_identity_client_id=settings.azure_client_id
+                managed_identity_client_id=config.client_id
             )
             self._credential = self._owned_credential
         pool = AsyncConnectionPool(
@@ -146,9 +146,9 @@ class PostgresConnection:
             connection_class=CountedConnection,
             kwargs=self._connect_kwargs,
             configure=self._configure,
-            min_size=settings.postgres_pool_min_size,
-            max_size=settings.postgres_pool_max_size,
-            timeout=settings.postgres_pool_timeout_seconds,
+            min_size=config.pool_min_size,
+            max_size=config.pool_max_size,
+            timeout=config.pool_timeout_seconds,
             name="agent-state",
             open=False,
         )
@@ -162,7 +162,7 @@ class PostgresConnection:
         pool = await self.pool()
         with postgres_errors():
             async with (
-                asyncio.timeout(self._settings.postgres_operation_timeout_seconds),
+                asyncio.timeout(self._config.operation_timeout_seconds),
                 pool.connection() as conn,
             ):
                 conn.operation = operation

@@ -295,7 +295,7 @@ async def test_health_reports_the_tier_up(cold: ColdStateStore, cold_backend: st
 async def cosmos_connection(
     make_settings: Callable[..., Settings],
 ) -> AsyncIterator[CosmosConnection]:
-    connection = CosmosConnection(make_settings("cosmos", hot=False))
+    connection = CosmosConnection(make_settings("cosmos", hot=False).cosmos)
     try:
         yield connection
     finally:
@@ -408,7 +408,7 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
 ) -> None:
     settings = make_settings("cosmos", hot=False)
     transport = FaultyTransport()
-    connection = CosmosConnection(settings, transport=transport)
+    connection = CosmosConnection(settings.cosmos, transport=transport)
     try:
         store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
         thread = unique_thread()

@@ -59,7 +59,7 @@ from tests.contract.conftest import unique_thread
 
 @pytest.fixture
 async def pg(make_settings: Callable[..., Settings]) -> AsyncIterator[PostgresConnection]:
-    connection = PostgresConnection(make_settings("postgres", hot=False))
+    connection = PostgresConnection(make_settings("postgres", hot=False).postgres)
     await connection.setup()
     try:
         yield connection
@@ -203,7 +203,7 @@ async def test_a_failed_audit_insert_rolls_the_update_back(
     fresh_postgres_url: str,
 ) -> None:
     settings = Settings(state_cold_backend="postgres", postgres_url=fresh_postgres_url)
-    pg = PostgresConnection(settings)
+    pg = PostgresConnection(settings.postgres)
     try:
         store = PostgresStateStore(pg)
         await store.setup()
@@ -295,7 +295,7 @@ async def test_unreachable_server_is_backend_unavailable() -> None:
         postgres_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
         postgres_pool_timeout_seconds=0.5,
     )
-    pg = PostgresConnection(settings)
+    pg = PostgresConnection(settings.postgres)
     try:
         store = PostgresStateStore(pg)
         with pytest.raises(BackendUnavailable):
@@ -317,7 +317,7 @@ async def test_pool_size_and_timeouts_come_from_the_settings(
         postgres_pool_timeout_seconds=0.3,
         postgres_operation_timeout_seconds=1.0,
     )
-    pg = PostgresConnection(settings)
+    pg = PostgresConnection(settings.postgres)
     try:
         pool = await pg.pool()
         assert (pool.min_size, pool.max_size, pool.timeout) == (1, 1, 0.3)
@@ -356,7 +356,7 @@ async def test_each_new_connection_signs_in_with_a_fresh_token(
     make_settings: Callable[..., Settings],
 ) -> None:
     credential = RecordingCredential()
-    pg = PostgresConnection(make_settings("postgres", hot=False), credential=credential)
+    pg = PostgresConnection(make_settings("postgres", hot=False).postgres, credential=credential)
     try:
         async with pg.connection("first") as first, pg.connection("second") as second:
             passwords = {first.info.password, second.info.password}
@@ -795,7 +795,7 @@ async def test_after_a_server_restart_only_one_call_sees_the_dead_connections(
     server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
     await asyncio.to_thread(server.start)
     settings = Settings(state_cold_backend="postgres", postgres_url=server.url)
-    pg = PostgresConnection(settings)
+    pg = PostgresConnection(settings.postgres)
     try:
         store = PostgresStateStore(pg)
         await store.setup()

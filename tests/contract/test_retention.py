@@ -186,7 +186,7 @@ async def references_intact(backends: Backends, thread_id: str) -> bool:
 
 
 async def drop_container(settings: Settings) -> None:
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     try:
         container = await connection.container()
         database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
@@ -196,7 +196,7 @@ async def drop_container(settings: Settings) -> None:
 
 
 async def cosmos_all_items(backends: Backends) -> list[dict[str, Any]]:
-    connection = CosmosConnection(backends.settings)
+    connection = CosmosConnection(backends.settings.cosmos)
     try:
         container = await connection.container()
         return [item async for item in container.query_items("SELECT * FROM c")]
@@ -211,7 +211,7 @@ async def service_ttl(backends: Backends, now: int) -> list[str]:
     item expires `ttl` seconds after its last write (`_ts`), its own `ttl` if
     it has one, else the container's; -1 never. Returns the thread ids hit.
     """
-    connection = CosmosConnection(backends.settings)
+    connection = CosmosConnection(backends.settings.cosmos)
     try:
         container = await connection.container()
         default = (await container.read()).get("defaultTtl")
@@ -254,7 +254,7 @@ async def archive_ids(backends: Backends, thread_id: str) -> set[str]:
 
 
 async def cosmos_items(backends: Backends, thread_id: str) -> list[dict[str, Any]]:
-    connection = CosmosConnection(backends.settings)
+    connection = CosmosConnection(backends.settings.cosmos)
     try:
         container = await connection.container()
         return [

@@ -44,7 +44,7 @@ async def test_postgres_data_errors_are_invalid_value(
 
 @pytest.fixture
 async def cosmos(make_settings: Callable[..., Settings]) -> AsyncIterator[CosmosConnection]:
-    connection = CosmosConnection(make_settings("cosmos", hot=False))
+    connection = CosmosConnection(make_settings("cosmos", hot=False).cosmos)
     try:
         yield connection
     finally:

@@ -110,7 +110,7 @@ async def test_app_role_reads_and_writes_but_cannot_change_the_schema(server: Se
 
     # The app, signed in as its own role: startup migrations find nothing to do,
     # a record round-trips, the audit trail is written.
-    pg = PostgresConnection(app_settings(server.url(server.app)))
+    pg = PostgresConnection(app_settings(server.url(server.app)).postgres)
     store = PostgresStateStore(pg)
     try:
         await store.setup()

@@ -1,7 +1,7 @@
 """Cosmos faults injected at the azure-core transport: what the SDK would see from Azure.
 
 `FaultyTransport` wraps the SDK's own aiohttp transport (passed to the client
-through `CosmosConnection(settings, transport=...)`). Each armed `Fault`
+through `CosmosConnection(settings.cosmos, transport=...)`). Each armed `Fault`
 matches document operations by kind and hits the next `times` of them:
 
 - `throttle`: a synthetic 429 with `x-ms-retry-after-ms` (never reaches the server);

@@ -189,7 +189,7 @@ async def isolated_settings(
     try:
         yield settings
     finally:
-        connection = CosmosConnection(settings)
+        connection = CosmosConnection(settings.cosmos)
         try:
             container = await connection.container()
             database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]

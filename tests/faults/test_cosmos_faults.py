@@ -60,7 +60,7 @@ class Cosmos:
 async def cosmos(settings_for: Callable[..., Settings]) -> AsyncIterator[Cosmos]:
     settings = settings_for("cosmos", redis_url=None)
     transport = FaultyTransport()
-    connection = CosmosConnection(settings, transport=transport)
+    connection = CosmosConnection(settings.cosmos, transport=transport)
     cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
     checkpoints = CosmosCheckpointStore(
         connection,

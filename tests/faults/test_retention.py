@@ -75,7 +75,7 @@ async def test_hot_tier_ttl(
 
 
 async def cosmos_items(settings: Settings, thread_id: str) -> list[dict[str, Any]]:
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     try:
         container = await connection.container()
         return [
@@ -135,7 +135,7 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
             kept_early = await backends.retention.sweep(limit=100, now=last + COLD_TTL)
             swept_after = await backends.retention.sweep(limit=100, now=last + COLD_TTL + 1)
             decided_left = len(await cosmos_items(settings, waiting))
-        connection = CosmosConnection(settings)
+        connection = CosmosConnection(settings.cosmos)
         try:
             container = await connection.container()
             default_ttl = (await container.read()).get("defaultTtl")
@@ -163,7 +163,7 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
         assert decided.accepted and final is CaseStatus.COMPLETED
         assert kept_early == 0 and swept_after >= 1 and decided_left == 0
     finally:
-        connection = CosmosConnection(settings)
+        connection = CosmosConnection(settings.cosmos)
         try:
             container = await connection.container()
             database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]

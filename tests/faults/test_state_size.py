@@ -51,7 +51,7 @@ def payload(megabytes: float, seed: int) -> bytes:
 
 async def cosmos_items(settings: Settings, thread_ids: list[str]) -> list[int]:
     """Sizes of every stored document in these threads' partitions, as Cosmos would count them."""
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     try:
         container = await connection.container()
         sizes = []

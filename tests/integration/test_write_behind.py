@@ -97,7 +97,7 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         from state.cold.cosmos_checkpoints import CosmosCheckpointStore
         from state.cold.cosmos_client import CosmosConnection
 
-        cosmos = CosmosConnection(settings)
+        cosmos = CosmosConnection(settings.cosmos)
         store, counters, close = (
             CosmosCheckpointStore(
                 cosmos,
@@ -111,7 +111,7 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         from state.cold.postgres_checkpoints import PostgresCheckpointStore
         from state.cold.postgres_client import PostgresConnection
 
-        pg = PostgresConnection(settings)
+        pg = PostgresConnection(settings.postgres)
         store, counters, close = PostgresCheckpointStore(pg), pg.counters, pg.close
     redis = create_redis_client(settings)
     try:

@@ -121,7 +121,7 @@ async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
 
     monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
     settings = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, AZURE_CLIENT_ID=CLIENT_ID)
-    connection = CosmosConnection(settings)
+    connection = CosmosConnection(settings.cosmos)
     try:
         assert await connection.container() == "container:state"
         (client,) = clients
@@ -147,7 +147,7 @@ async def test_cosmos_with_a_key_uses_it_and_no_credential(
         return clients[-1]
 
     monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
-    connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5"))
+    connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5").cosmos)
     try:
         await connection.container()
     finally:
@@ -270,7 +270,7 @@ async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
         POSTGRES_USER=POSTGRES_USER,
         AZURE_CLIENT_ID=CLIENT_ID,
     )
-    connection = PostgresConnection(settings)
+    connection = PostgresConnection(settings.postgres)
     try:
         pool = await connection.pool()
         assert isinstance(pool, FakePool)

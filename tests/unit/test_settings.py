@@ -78,3 +78,25 @@ def test_postgres_pool_settings_have_documented_defaults_and_bounds(
     monkeypatch.setenv("POSTGRES_POOL_MIN_SIZE", "5")
     with pytest.raises(SettingsError, match="POSTGRES_POOL_MIN_SIZE"):
         Settings()
+
+
+def test_each_connection_gets_its_backends_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_CONTAINER", "second")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "11111111-1111-1111-1111-111111111111")
+    monkeypatch.setenv("POSTGRES_HOST", "pg.example")
+    monkeypatch.setenv("POSTGRES_USER", "app")
+    monkeypatch.setenv("POSTGRES_OPERATION_TIMEOUT_SECONDS", "7")
+    settings = Settings()
+    cosmos, postgres = settings.cosmos, settings.postgres
+    assert (cosmos.endpoint, cosmos.database, cosmos.container) == (
+        "https://127.0.0.1:8091/",
+        "agentstate",
+        "second",
+    )
+    assert cosmos.key is None and not cosmos.verify_tls  # the emulator's certificate
+    assert cosmos.client_id == postgres.client_id == settings.azure_client_id
+    assert (postgres.url, postgres.host, postgres.user) == (None, "pg.example", "app")
+    assert postgres.operation_timeout_seconds == 7.0
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://acct.documents.azure.com:443/")
+    assert Settings().cosmos.verify_tls
