@@ -33,7 +33,7 @@ from state.factory import open_backends
 from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
-from tests.faults.cosmos_faults import Fault, FaultyTransport
+from tests.support.cosmos_faults import Fault, FaultyTransport
 
 LOST_UPDATE_WRITERS = 8
 LOST_UPDATE_ATTEMPTS = 5
