@@ -1,10 +1,10 @@
 """The `ColdStateStore` contract, run against every cold backend on real servers.
 
 The parametrized cases go through `open_backends`, exactly as the app builds its
-tiers. The Cosmos-only cases at the end cover what only the Cosmos adapter has:
-two writes per change reconciled by readers, documents shared with the
-checkpoint store in one partition, and the 2 MB item limit the emulator does not
-enforce.
+tiers, and run against the in-memory fake the unit tests use as well. The Cosmos-only
+cases at the end cover what only the Cosmos adapter has: two writes per change
+reconciled by readers, documents shared with the checkpoint store in one partition,
+and the 2 MB item limit the emulator does not enforce (which the fake enforces too).
 """
 
 from __future__ import annotations
@@ -34,25 +34,28 @@ from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord,
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
 from tests.support.cosmos_faults import Fault, FaultyTransport
+from tests.support.fakes import MEMORY, MemoryColdStore
 
 LOST_UPDATE_WRITERS = 8
 LOST_UPDATE_ATTEMPTS = 5
 
 
 @pytest.fixture
-async def cold(
-    cold_backend: str, make_settings: Callable[..., Settings]
-) -> AsyncIterator[ColdStateStore]:
-    backends = await open_backends(make_settings(cold_backend, hot=False))
+async def cold(any_backend: str, request: pytest.FixtureRequest) -> AsyncIterator[ColdStateStore]:
+    if any_backend == MEMORY:
+        yield MemoryColdStore()
+        return
+    make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+    backends = await open_backends(make_settings(any_backend, hot=False))
     try:
         yield backends.cold
     finally:
         await backends.close()
 
 
-def test_store_implements_the_port(cold: ColdStateStore, cold_backend: str) -> None:
+def test_store_implements_the_port(cold: ColdStateStore, any_backend: str) -> None:
     assert isinstance(cold, ColdStateStore)
-    assert cold.name == cold_backend
+    assert cold.name == any_backend
 
 
 async def test_create_stores_version_one_and_audits_it(cold: ColdStateStore) -> None:
@@ -188,7 +191,7 @@ async def test_audit_entries_carry_the_caller_they_were_written_for(cold: ColdSt
 
 
 async def test_concurrent_read_then_update_writers_lose_no_update(
-    cold: ColdStateStore, cold_backend: str
+    cold: ColdStateStore, any_backend: str
 ) -> None:
     thread = unique_thread()
     await cold.create(thread, {"billing": None}, agent_id="intake")
@@ -219,7 +222,7 @@ async def test_concurrent_read_then_update_writers_lose_no_update(
     successes = [o for o in outcomes if not isinstance(o, VersionConflict)]
     conflicts = [o for o in outcomes if isinstance(o, VersionConflict)]
     print(
-        f"\n[{cold_backend}] lost-update: {len(outcomes)} attempts, {len(successes)} successes,"
+        f"\n[{any_backend}] lost-update: {len(outcomes)} attempts, {len(successes)} successes,"
         f" {len(conflicts)} conflicts"
     )
     assert successes and len(successes) + len(conflicts) == len(outcomes)
@@ -282,9 +285,9 @@ async def test_records_are_upcast_on_read(
     assert updated.sections == {"customer_name": "Ada", "x": 1}
 
 
-async def test_health_reports_the_tier_up(cold: ColdStateStore, cold_backend: str) -> None:
+async def test_health_reports_the_tier_up(cold: ColdStateStore, any_backend: str) -> None:
     health = await cold.health()
-    assert (health.name, health.up) == (cold_backend, True)
+    assert (health.name, health.up) == (any_backend, True)
     assert health.latency_ms is not None
 
 
@@ -427,12 +430,20 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
         await connection.close()
 
 
-async def test_cosmos_refuses_a_document_over_the_item_limit(
-    make_settings: Callable[..., Settings], cosmos_connection: CosmosConnection
+@pytest.mark.parametrize("backend", ["cosmos", MEMORY])
+async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
+    backend: str, request: pytest.FixtureRequest
 ) -> None:
     limit = 64 * 1024
-    settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
-    store = CosmosStateStore(cosmos_connection, settings)
+    connection: CosmosConnection | None = None
+    store: ColdStateStore
+    if backend == MEMORY:
+        store = MemoryColdStore(max_item_bytes=limit)
+    else:
+        make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+        connection = request.getfixturevalue("cosmos_connection")
+        settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
+        store = CosmosStateStore(connection, settings)
     thread = unique_thread()
     created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
     with pytest.raises(StateTooLarge) as too_large:
@@ -443,9 +454,11 @@ async def test_cosmos_refuses_a_document_over_the_item_limit(
     with pytest.raises(StateTooLarge):
         await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
     assert await store.get(thread) == created
-    documents = await _partition(cosmos_connection, thread)
-    assert len(documents) == 2
-    assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+    assert [e.version for e in await store.audit_trail(thread)] == [1]
+    if connection is not None:
+        documents = await _partition(connection, thread)
+        assert len(documents) == 2
+        assert all(len(json.dumps(d).encode()) <= limit for d in documents)
 
 
 async def test_cosmos_refuses_a_record_written_by_newer_code(
