@@ -441,24 +441,28 @@ async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
         store = MemoryColdStore(max_item_bytes=limit)
     else:
         make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
-        connection = request.getfixturevalue("cosmos_connection")
         settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
+        connection = CosmosConnection(settings)
         store = CosmosStateStore(connection, settings)
-    thread = unique_thread()
-    created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
-    with pytest.raises(StateTooLarge) as too_large:
-        await store.update_section(
-            thread, "transcript", "y" * limit, expected_version=1, agent_id="a"
-        )
-    assert too_large.value.limit == limit and too_large.value.size > limit
-    with pytest.raises(StateTooLarge):
-        await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
-    assert await store.get(thread) == created
-    assert [e.version for e in await store.audit_trail(thread)] == [1]
-    if connection is not None:
-        documents = await _partition(connection, thread)
-        assert len(documents) == 2
-        assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+    try:
+        thread = unique_thread()
+        created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
+        with pytest.raises(StateTooLarge) as too_large:
+            await store.update_section(
+                thread, "transcript", "y" * limit, expected_version=1, agent_id="a"
+            )
+        assert too_large.value.limit == limit and too_large.value.size > limit
+        with pytest.raises(StateTooLarge):
+            await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
+        assert await store.get(thread) == created
+        assert [e.version for e in await store.audit_trail(thread)] == [1]
+        if connection is not None:
+            documents = await _partition(connection, thread)
+            assert len(documents) == 2
+            assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+    finally:
+        if connection is not None:
+            await connection.close()
 
 
 async def test_cosmos_refuses_a_record_written_by_newer_code(
