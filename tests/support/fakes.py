@@ -859,6 +859,7 @@ class MemoryWriteBehindLog:
     def __init__(self, cache: MemoryCheckpointCache) -> None:
         self.cache = cache
         self.outage = cache.outage
+        self.requests: Counter[str] = Counter()
         self.fences: dict[str, int] = {}
         self._logs: dict[str, list[LogEntry]] = {}
         self._sequence = 0
@@ -868,6 +869,7 @@ class MemoryWriteBehindLog:
 
     def _call(self, operation: str) -> None:
         self.outage.check(self.name, operation)
+        self.requests[operation] += 1
 
     def admit(self, thread_id: str, fence: int | None) -> None:
         if fence is None:
