@@ -33,6 +33,7 @@ from state.factory import open_backends
 from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
 from state.settings import Settings
 from tests.contract.conftest import unique_thread
+from tests.support.cosmos import partition
 from tests.support.cosmos_faults import Fault, FaultyTransport
 from tests.support.fakes import MEMORY, MemoryColdStore
 
@@ -314,25 +315,13 @@ async def cosmos(
     return store
 
 
-async def _partition(connection: CosmosConnection, thread: str) -> list[dict[str, Any]]:
-    container = await connection.container()
-    return [
-        document
-        async for document in container.query_items(
-            "SELECT * FROM c WHERE c.thread_id = @thread_id",
-            parameters=[{"name": "@thread_id", "value": thread}],
-            partition_key=thread,
-        )
-    ]
-
-
 async def test_cosmos_documents_are_typed_versioned_and_keep_clear_of_checkpoints(
     cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
 ) -> None:
     thread = unique_thread()
     await cosmos.create(thread, {"s": 0}, agent_id="a")
     await cosmos.update_section(thread, "s", 1, expected_version=1, agent_id="a")
-    documents = await _partition(cosmos_connection, thread)
+    documents = await partition(cosmos_connection, thread)
     assert len(documents) == 3
     for document in documents:
         assert document["thread_id"] == thread
@@ -381,7 +370,7 @@ async def test_cosmos_crash_between_audit_entry_and_record_is_reconciled(
         (1, "intake", {"billing": "v1"}),
     ]
     assert after.sections["billing"] == trail[0].after
-    at_version_3 = [d for d in await _partition(cosmos_connection, thread) if d.get("version") == 3]
+    at_version_3 = [d for d in await partition(cosmos_connection, thread) if d.get("version") == 3]
     assert len(at_version_3) == 3  # record, the real entry, and the orphan still stored
 
 
@@ -399,7 +388,7 @@ async def test_cosmos_losing_writers_leave_no_audit_entry(
     )
     conflicts = [r for r in results if isinstance(r, VersionConflict)]
     assert len(conflicts) == 5 and all(c.actual == 2 for c in conflicts)
-    entries = [d for d in await _partition(cosmos_connection, thread) if d["type"] == "audit"]
+    entries = [d for d in await partition(cosmos_connection, thread) if d["type"] == "audit"]
     assert sorted(e["version"] for e in entries) == [1, 2]
 
 
@@ -457,7 +446,7 @@ async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
         assert await store.get(thread) == created
         assert [e.version for e in await store.audit_trail(thread)] == [1]
         if connection is not None:
-            documents = await _partition(connection, thread)
+            documents = await partition(connection, thread)
             assert len(documents) == 2
             assert all(len(json.dumps(d).encode()) <= limit for d in documents)
     finally:

@@ -17,8 +17,14 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 UNIT = TESTS / "unit"
 # What starts servers, or belongs to a suite that does.
-FORBIDDEN_MODULES = ("devstack", "tests.conftest", "tests.contract", "tests.e2e", "tests.faults")
-FORBIDDEN_MODULES += ("tests.integration",)
+FORBIDDEN_MODULES: tuple[str, ...] = (
+    "devstack",
+    "tests.conftest",
+    "tests.contract",
+    "tests.e2e",
+    "tests.faults",
+    "tests.integration",
+)
 
 
 def _fixtures(tree: ast.Module) -> dict[str, set[str]]:

@@ -120,7 +120,8 @@ async def test_a_reader_never_installs_what_it_read_before_a_newer_write(
     await cold.reached["get"].wait()
     newer = await store.update_section(THREAD, "s", "v2", agent_id="a", expected_version=1)
     gate.set()
-    assert (await reader).sections == {"s": "v1"}  # what it read, returned as is
+    stale = await reader
+    assert stale is not None and stale.sections == {"s": "v1"}  # what it read, as is
     assert store.stats.installs_rejected == 1  # ...but never installed over v2
     assert await hot.get(THREAD) == newer
     assert await store.get(THREAD) == newer
