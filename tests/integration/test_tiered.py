@@ -154,6 +154,22 @@ class HeldCold:
         return getattr(self._inner, name)
 
 
+async def evicted_then_read(
+    hot: RedisHotStore,
+    cold: ColdStateStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+    thread: str,
+) -> tuple[HeldCold, TieredStateStore, asyncio.Task[WorkflowRecord | None]]:
+    """Evict the thread's hot copy, then start another worker's read of it: it misses and
+    reads cold, and waits holding what it read (version 1) until `held.release` is set."""
+    await hot.invalidate(thread)
+    held = HeldCold(cold)
+    reader = other_process(held)  # type: ignore[arg-type]
+    reading = asyncio.create_task(reader.get(thread))
+    await held.read_done.wait()
+    return held, reader, reading
+
+
 class LaggingCold:
     """The real cold store, whose read results arrive a little late (a slow network)."""
 
@@ -319,12 +335,7 @@ async def test_a_stale_install_racing_a_newer_write_cannot_win(
 ) -> None:
     thread = _thread()
     await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, reader, reading = await evicted_then_read(hot, cold, other_process, thread)
 
     newer = await tiered.update_section(
         thread, "billing", "v2", agent_id="billing", expected_version=1
@@ -346,12 +357,7 @@ async def test_a_retried_create_does_not_let_a_stale_install_stick(
 ) -> None:
     thread = _thread()
     await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, _, reading = await evicted_then_read(hot, cold, other_process, thread)
     newer = await tiered.update_section(
         thread, "billing", "v2", agent_id="billing", expected_version=1
     )
@@ -435,12 +441,7 @@ async def test_a_reader_install_cannot_clear_a_live_writers_intent(
     writer_settings = settings_for(state_lock_ttl_ms=1)  # its intent expires almost at once
     writer = TieredStateStore(DyingCold(cold), hot, writer_settings)  # type: ignore[arg-type]
     await writer.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, reader, reading = await evicted_then_read(hot, cold, other_process, thread)
     with pytest.raises(WorkerKilled):
         await writer.update_section(thread, "billing", "v2", agent_id="billing", expected_version=1)
     # The writer registered its intent before now and its bound is 1 ms: wait on the
