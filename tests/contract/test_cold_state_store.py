@@ -246,6 +246,33 @@ async def test_concurrent_read_then_update_writers_lose_no_update(
     assert final.sections["billing"] == by_version[final.version].after
 
 
+async def test_writers_at_one_version_leave_one_winner_and_one_audit_entry(
+    cold: ColdStateStore,
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"counter": 0}, agent_id="intake")
+    writers = 8
+    results = await asyncio.gather(
+        *(
+            cold.update_section(thread, "counter", n, expected_version=1, agent_id=f"agent-{n}")
+            for n in range(writers)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, WorkflowRecord)]
+    losers = [r for r in results if isinstance(r, VersionConflict)]
+    assert len(winners) == 1 and len(losers) == writers - 1
+    assert all(loser.actual == 2 for loser in losers)
+    record = await cold.get(thread)
+    assert record is not None and record.version == 2
+    assert record.sections["counter"] == winners[0].sections["counter"]
+    trail = await cold.audit_trail(thread)
+    # Exactly one change was recorded for version 2: the winner's.
+    assert [(e.version, e.after) for e in trail if e.version == 2] == [
+        (2, winners[0].sections["counter"])
+    ]
+
+
 async def test_delete_removes_record_and_trail_and_the_thread_can_start_over(
     cold: ColdStateStore,
 ) -> None:
