@@ -4,7 +4,6 @@ which proves the fakes the unit tests use behave as the real adapters do."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -65,7 +64,3 @@ def make_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
         return Settings.model_validate(values)
 
     return build
-
-
-def unique_thread(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -32,10 +32,10 @@ from state.errors import (
 from state.factory import open_backends
 from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
 from state.settings import Settings
-from tests.contract.conftest import unique_thread
 from tests.support.cosmos import partition
 from tests.support.cosmos_faults import Fault, FaultyTransport
 from tests.support.fakes import MEMORY, MemoryColdStore
+from tests.support.records import unique_thread
 
 LOST_UPDATE_WRITERS = 8
 LOST_UPDATE_ATTEMPTS = 5

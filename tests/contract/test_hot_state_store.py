@@ -15,10 +15,10 @@ import pytest
 
 from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import RedisHotStore
-from state.ports import HotStateStore, WorkflowRecord
-from state.schema import CURRENT
+from state.ports import HotStateStore
 from state.settings import Settings
 from tests.support.fakes import MEMORY, MemoryHotStore
+from tests.support.records import unique_thread, workflow_record
 
 # A write bound no test outlives: the intent stays live throughout.
 LIVE_MS = 60_000
@@ -38,40 +38,24 @@ async def hot(request: pytest.FixtureRequest) -> AsyncIterator[HotStateStore]:
     await store.close()
 
 
-def _thread() -> str:
-    return f"hot-{uuid.uuid4().hex[:12]}"
-
-
-def _record(thread_id: str, version: int = 1, **sections: object) -> WorkflowRecord:
-    return WorkflowRecord(
-        thread_id=thread_id,
-        version=version,
-        sections=dict(sections),
-        schema_version=CURRENT["workflow"],
-        created_at="2025-01-01T00:00:00+00:00",
-        updated_at="2025-01-01T00:00:00+00:00",
-        fence=0,
-    )
-
-
 def test_implements_the_port(hot: HotStateStore) -> None:
     assert isinstance(hot, HotStateStore)
 
 
 async def test_install_never_replaces_a_newer_version(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    assert await hot.install(_record(thread_id, 5, s="v5"), ttl_seconds=60)
-    assert not await hot.install(_record(thread_id, 4, s="v4"), ttl_seconds=60)
-    assert await hot.get(thread_id) == _record(thread_id, 5, s="v5")
+    thread_id = unique_thread("hot")
+    assert await hot.install(workflow_record(thread_id, 5, s="v5"), ttl_seconds=60)
+    assert not await hot.install(workflow_record(thread_id, 4, s="v4"), ttl_seconds=60)
+    assert await hot.get(thread_id) == workflow_record(thread_id, 5, s="v5")
     # The same version may be re-installed (refreshes the TTL), a newer one replaces.
-    assert await hot.install(_record(thread_id, 5, s="v5"), ttl_seconds=60)
-    assert await hot.install(_record(thread_id, 6, t="v6"), ttl_seconds=60)
-    assert await hot.get(thread_id) == _record(thread_id, 6, t="v6")
+    assert await hot.install(workflow_record(thread_id, 5, s="v5"), ttl_seconds=60)
+    assert await hot.install(workflow_record(thread_id, 6, t="v6"), ttl_seconds=60)
+    assert await hot.get(thread_id) == workflow_record(thread_id, 6, t="v6")
 
 
 async def test_invalidate_removes_the_copy(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
     await hot.invalidate(thread_id)
     assert await hot.get(thread_id) is None
 
@@ -79,71 +63,75 @@ async def test_invalidate_removes_the_copy(hot: HotStateStore) -> None:
 async def test_a_write_intent_hides_the_copy_until_its_writer_installs(
     hot: HotStateStore,
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
     intent = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
     seen = await hot.read(thread_id)
     assert (seen.record, seen.pending) == (None, True)
-    assert await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=intent)
-    assert await hot.get(thread_id) == _record(thread_id, 2, s="v2")
+    assert await hot.install(workflow_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=intent)
+    assert await hot.get(thread_id) == workflow_record(thread_id, 2, s="v2")
 
 
 async def test_each_writer_removes_only_its_own_intent(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
     first = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
     second = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
-    assert await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=first)
+    assert await hot.install(workflow_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=first)
     assert (await hot.read(thread_id)).pending  # the second writer may have committed v3
     # Refused as older than what is cached, yet it still removes its writer's intent.
-    await hot.install(_record(thread_id, 3, s="v3"), ttl_seconds=60)
-    assert not await hot.install(_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=second)
-    assert await hot.get(thread_id) == _record(thread_id, 3, s="v3")
+    await hot.install(workflow_record(thread_id, 3, s="v3"), ttl_seconds=60)
+    assert not await hot.install(
+        workflow_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=second
+    )
+    assert await hot.get(thread_id) == workflow_record(thread_id, 3, s="v3")
 
 
 async def test_an_abandoned_write_removes_its_intent(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, s="v1"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, s="v1"), ttl_seconds=60)
     intent = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
     await hot.abandon_write(intent)
-    assert await hot.get(thread_id) == _record(thread_id, s="v1")
+    assert await hot.get(thread_id) == workflow_record(thread_id, s="v1")
 
 
 async def test_a_reader_install_keeps_intents_that_had_not_expired_at_its_read(
     hot: HotStateStore,
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
     live = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
     observed = (await hot.read(thread_id)).observed_at
     # Registered after the reader's read: already expired, yet its writer may have
     # committed after the reader's cold read.
     later = await hot.begin_write(thread_id, bound_ms=0, ttl_seconds=60)
     assert later.registered_at >= observed
-    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60, expired_before=observed)
+    await hot.install(
+        workflow_record(thread_id, 1, s="v1"), ttl_seconds=60, expired_before=observed
+    )
     await hot.abandon_write(live)
     assert (await hot.read(thread_id)).pending  # `later` still hides the copy
 
 
 async def test_a_reader_install_clears_intents_expired_before_its_read(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
     dead = await hot.begin_write(thread_id, bound_ms=0, ttl_seconds=60)
     seen = await hot.read(thread_id)
     while seen.observed_at <= dead.registered_at:  # the server clock has to tick once
         seen = await hot.read(thread_id)
     assert seen.pending
-    fresh = _record(thread_id, 2, s="v2")  # what that reader then read from cold
+    fresh = workflow_record(thread_id, 2, s="v2")  # what that reader then read from cold
     assert await hot.install(fresh, ttl_seconds=60, expired_before=seen.observed_at)
     assert await hot.get(thread_id) == fresh
 
 
 async def test_invalidate_drops_the_record_but_keeps_intents(hot: HotStateStore) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, 4, s="v4"), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 4, s="v4"), ttl_seconds=60)
     await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
     await hot.invalidate(thread_id)
-    assert await hot.install(_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    assert await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
     assert (await hot.read(thread_id)).pending
 
 

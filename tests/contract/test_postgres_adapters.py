@@ -49,7 +49,7 @@ from state.ports import (
     WritesPut,
 )
 from state.settings import Settings
-from tests.contract.conftest import unique_thread
+from tests.support.records import unique_thread
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
 from state.settings import WriteMode
-from tests.contract.conftest import OpenBackends, unique_thread
+from tests.contract.conftest import OpenBackends
+from tests.support.records import unique_thread
 
 
 @pytest.mark.parametrize(

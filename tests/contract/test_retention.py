@@ -31,8 +31,8 @@ from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
 from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
-from tests.contract.conftest import unique_thread
 from tests.support.cosmos import drop_container, partition_of
+from tests.support.records import unique_thread
 
 TTL = 3600
 # Far enough back to be past the TTL whatever the test's own duration.

@@ -7,7 +7,6 @@ the in-memory fake in tests/contract/test_hot_state_store.py.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from state.errors import BackendUnavailable
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_store import RedisHotStore
-from state.ports import StoredCheckpoint, WorkflowRecord
+from state.ports import StoredCheckpoint
 from state.schema import CURRENT
 from state.settings import Settings
+from tests.support.records import unique_thread, workflow_record
 
 # A write bound no test outlives: the intent stays live throughout.
 LIVE_MS = 60_000
@@ -54,27 +54,11 @@ async def raw(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def _thread() -> str:
-    return f"hot-{uuid.uuid4().hex[:12]}"
-
-
-def _record(thread_id: str, version: int = 1, **sections: object) -> WorkflowRecord:
-    return WorkflowRecord(
-        thread_id=thread_id,
-        version=version,
-        sections=dict(sections),
-        schema_version=CURRENT["workflow"],
-        created_at="2025-01-01T00:00:00+00:00",
-        updated_at="2025-01-01T00:00:00+00:00",
-        fence=0,
-    )
-
-
-async def test_install_then_get_returns_the_same_record(
+async def test_install_then_get_returns_the_sameworkflow_record(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:
-    thread_id = _thread()
-    record = _record(
+    thread_id = unique_thread("hot")
+    record = workflow_record(
         thread_id,
         version=3,
         case={"id": "case_8842", "amount": 12345678901234567890, "ratio": 0.1 + 0.2},
@@ -88,7 +72,7 @@ async def test_install_then_get_returns_the_same_record(
 
 
 async def test_get_of_uncached_thread_is_none(hot: RedisHotStore, raw: aioredis.Redis) -> None:
-    thread_id = _thread()
+    thread_id = unique_thread("hot")
     assert await hot.get(thread_id) is None
     assert await raw.exists(hot.key(thread_id)) == 0
 
@@ -96,8 +80,8 @@ async def test_get_of_uncached_thread_is_none(hot: RedisHotStore, raw: aioredis.
 async def test_a_copy_of_another_schema_version_is_a_miss(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
     await raw.hset(hot.key(thread_id), "schema_version", CURRENT["workflow"] + 1)
     assert await hot.get(thread_id) is None
 
@@ -105,12 +89,12 @@ async def test_a_copy_of_another_schema_version_is_a_miss(
 async def test_a_damaged_copy_is_a_miss_and_a_new_install_replaces_it(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
     await raw.hset(hot.key(thread_id), "s:a", "{not json")
     assert await hot.get(thread_id) is None
-    assert await hot.install(_record(thread_id, a=1), ttl_seconds=60)
-    assert await hot.get(thread_id) == _record(thread_id, a=1)
+    assert await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
+    assert await hot.get(thread_id) == workflow_record(thread_id, a=1)
 
 
 # --------------------------------------------------------------------------- write intents
@@ -119,7 +103,7 @@ async def test_a_damaged_copy_is_a_miss_and_a_new_install_replaces_it(
 async def test_an_intent_on_an_uncached_thread_creates_an_entry_that_expires(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:
-    thread_id = _thread()
+    thread_id = unique_thread("hot")
     await hot.begin_write(thread_id, bound_ms=1000, ttl_seconds=60)
     assert (await hot.read(thread_id)).pending
     assert 55 <= await raw.ttl(hot.key(thread_id)) <= 60
@@ -128,8 +112,8 @@ async def test_an_intent_on_an_uncached_thread_creates_an_entry_that_expires(
 async def test_an_intent_keeps_an_expiring_entry_until_its_deadline(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, s="v1"), ttl_seconds=1)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, s="v1"), ttl_seconds=1)
     await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=1)
     assert 55 <= await raw.ttl(hot.key(thread_id)) <= 60
 
@@ -192,12 +176,12 @@ async def test_stores_of_different_cold_stores_share_no_key(
     first = RedisHotStore(create_redis_client(first_settings), first_settings)
     second = RedisHotStore(create_redis_client(second_settings), second_settings)
     try:
-        thread_id = _thread()
-        await first.install(_record(thread_id, 5, s="first"), ttl_seconds=60)
+        thread_id = unique_thread("hot")
+        await first.install(workflow_record(thread_id, 5, s="first"), ttl_seconds=60)
         assert await second.get(thread_id) is None
-        assert await second.install(_record(thread_id, 1, s="second"), ttl_seconds=60)
-        assert await first.get(thread_id) == _record(thread_id, 5, s="first")
-        assert await second.get(thread_id) == _record(thread_id, 1, s="second")
+        assert await second.install(workflow_record(thread_id, 1, s="second"), ttl_seconds=60)
+        assert await first.get(thread_id) == workflow_record(thread_id, 5, s="first")
+        assert await second.get(thread_id) == workflow_record(thread_id, 1, s="second")
         held = await first.acquire_lock(thread_id, ttl_ms=10_000)
         assert held is not None and await second.acquire_lock(thread_id, ttl_ms=10_000)
 
@@ -238,8 +222,8 @@ async def test_fencing_tokens_stay_monotonic_when_redis_loses_its_data(
 async def test_every_key_of_a_thread_shares_its_hash_tag(
     hot: RedisHotStore, raw: aioredis.Redis, settings: Settings
 ) -> None:
-    thread_id = _thread()
-    await hot.install(_record(thread_id, a=1), ttl_seconds=60)
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
     held = await hot.acquire_lock(thread_id, ttl_ms=10_000)
     assert held is not None
     keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{thread_id}*")])
@@ -256,7 +240,7 @@ async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
     store = RedisHotStore(create_redis_client(settings), settings)
     try:
         with pytest.raises(BackendUnavailable) as raised:
-            await store.get(_thread())
+            await store.get(unique_thread("hot"))
         assert raised.value.backend == "redis"
         with pytest.raises(BackendUnavailable):
             await store.acquire_lock("case_8842", ttl_ms=1000)
