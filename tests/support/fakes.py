@@ -131,10 +131,69 @@ def _deadline(ms: int) -> float:
     return time.monotonic() + ms / 1000
 
 
+class _Locks:
+    """Named locks that expire, owned by a token (Redis SET NX PX, compare-and-delete)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Expiring] = {}
+
+    def take(self, name: str, token: str, ttl_ms: int) -> bool:
+        held = self._held.get(name)
+        if held is not None and held.alive():
+            return False
+        self._held[name] = _Expiring(token, _deadline(ttl_ms))
+        return True
+
+    def owns(self, name: str, token: str) -> bool:
+        held = self._held.get(name)
+        return held is not None and held.alive() and held.value == token
+
+    def renew(self, name: str, token: str, ttl_ms: int) -> bool:
+        if not self.owns(name, token):
+            return False
+        self._held[name] = _Expiring(token, _deadline(ttl_ms))
+        return True
+
+    def release(self, name: str, token: str) -> bool:
+        if not self.owns(name, token):
+            return False
+        del self._held[name]
+        return True
+
+    def remaining_ms(self, name: str) -> int | None:
+        held = self._held.get(name)
+        return held.remaining_ms() if held is not None and held.alive() else None
+
+
+class _Tier:
+    """What every fake of a server shares: its name, an outage switch, calls per operation."""
+
+    name = MEMORY
+
+    def __init__(self, outage: Outage | None = None) -> None:
+        self.outage = outage or Outage()
+        self.requests: Counter[str] = Counter()
+
+    def _call(self, operation: str) -> None:
+        self.outage.check(self.name, operation)
+        self.requests[operation] += 1
+
+    async def health(self) -> TierHealth:
+        started = time.perf_counter()
+        try:
+            self._call("health")
+        except BackendUnavailable as exc:
+            return TierHealth(self.name, up=False, detail=str(exc))
+        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
 # --------------------------------------------------------------------------- cold: records
 
 
-class MemoryColdStore:
+class MemoryColdStore(_Tier):
     """`ColdStateStore` in a dict: documents versioned and upcast on read, like the real ones.
 
     `max_item_bytes` sets an item limit (Cosmos has one, Postgres none): a record or audit
@@ -142,20 +201,13 @@ class MemoryColdStore:
     `requests` counts calls per operation.
     """
 
-    name = MEMORY
-
     def __init__(self, *, max_item_bytes: int | None = None) -> None:
+        super().__init__()
         self.max_item_bytes = max_item_bytes
-        self.outage = Outage()
-        self.requests: Counter[str] = Counter()
         self._records: dict[str, dict[str, Any]] = {}
         self._trails: dict[str, list[dict[str, Any]]] = {}
         # Wall-clock seconds of each thread's newest write (retention's last activity).
         self.last_write: dict[str, float] = {}
-
-    def _call(self, operation: str) -> None:
-        self.outage.check(self.name, operation)
-        self.requests[operation] += 1
 
     async def setup(self) -> None:
         self._call("setup")
@@ -273,17 +325,6 @@ class MemoryColdStore:
         """Every stored record id (archive records included)."""
         return list(self._records)
 
-    async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            self._call("health")
-        except BackendUnavailable as exc:
-            return TierHealth(self.name, up=False, detail=str(exc))
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
 
 # --------------------------------------------------------------------------- cold: checkpoints
 
@@ -292,25 +333,18 @@ BlobKey = tuple[str, str, str, str]  # thread, namespace, channel, str(version)
 CheckpointKey = tuple[str, str, str]  # thread, namespace, checkpoint id
 
 
-class MemoryCheckpointStore:
+class MemoryCheckpointStore(_Tier):
     """`CheckpointStore` in dicts, with the Postgres adapter's semantics: blob versions are
     immutable, a checkpoint put replaces, repeated writes keep the first (or the last with
     `upsert`), and deletes keep every blob a remaining checkpoint references.
     Checkpoints are returned without their blobs and writes (the saver asks for them)."""
 
-    name = MEMORY
-
     def __init__(self) -> None:
-        self.outage = Outage()
-        self.requests: Counter[str] = Counter()
+        super().__init__()
         self._checkpoints: dict[CheckpointKey, StoredCheckpoint] = {}
         self._blobs: dict[BlobKey, TypedBytes] = {}
         self._writes: dict[CheckpointKey, dict[tuple[str, int], StoredWrite]] = {}
         self.last_write: dict[str, float] = {}
-
-    def _call(self, operation: str) -> None:
-        self.outage.check(self.name, operation)
-        self.requests[operation] += 1
 
     async def setup(self) -> None:
         self._call("setup")
@@ -471,9 +505,6 @@ class MemoryCheckpointStore:
     def thread_ids(self) -> set[str]:
         return {thread for thread, _, _ in self._checkpoints}
 
-    async def close(self) -> None:
-        """Nothing to release."""
-
 
 class MemoryRetention:
     """`ColdRetention` over the two memory stores: a thread expires whole (records, archive
@@ -532,24 +563,17 @@ class _HotEntry:
     expires_at: float | None = None
 
 
-class MemoryHotStore:
+class MemoryHotStore(_Tier):
     """`HotStateStore` in a dict, with the Redis scripts' semantics (see state.hot.redis_store):
     intents hide an entry until removed, install never goes back a version and drops only
     its own intent and those expired before `expired_before`, locks are fenced."""
 
-    name = MEMORY
-
     def __init__(self, outage: Outage | None = None) -> None:
-        self.outage = outage or Outage()
-        self.requests: Counter[str] = Counter()
+        super().__init__(outage)
         self._clock = _Clock()
         self._entries: dict[str, _HotEntry] = {}
-        self._locks: dict[str, _Expiring] = {}
+        self._locks = _Locks()
         self._fences: dict[str, int] = {}
-
-    def _call(self, operation: str) -> None:
-        self.outage.check(self.name, operation)
-        self.requests[operation] += 1
 
     def _entry(self, thread_id: str) -> _HotEntry | None:
         entry = self._entries.get(thread_id)
@@ -635,47 +659,23 @@ class MemoryHotStore:
 
     async def acquire_lock(self, name: str, *, ttl_ms: int) -> Lock | None:
         self._call("acquire_lock")
-        held = self._locks.get(name)
-        if held is not None and held.alive():
-            return None
         token = secrets.token_hex(16)
-        self._locks[name] = _Expiring(token, _deadline(ttl_ms))
+        if not self._locks.take(name, token, ttl_ms):
+            return None
         self._fences[name] = max(self._fences.get(name, 0) + 1, self._clock.micros())
         return Lock(name=name, token=token, fence=self._fences[name], ttl_ms=ttl_ms)
 
-    def _owns(self, name: str, token: str) -> bool:
-        held = self._locks.get(name)
-        return held is not None and held.alive() and held.value == token
-
     async def release_lock(self, lock: Lock) -> bool:
         self._call("release_lock")
-        if not self._owns(lock.name, lock.token):
-            return False
-        del self._locks[lock.name]
-        return True
+        return self._locks.release(lock.name, lock.token)
 
     async def renew_lock(self, lock: Lock) -> bool:
         self._call("renew_lock")
-        if not self._owns(lock.name, lock.token):
-            return False
-        self._locks[lock.name] = _Expiring(lock.token, _deadline(lock.ttl_ms))
-        return True
+        return self._locks.renew(lock.name, lock.token, lock.ttl_ms)
 
     async def lock_ttl_ms(self, name: str) -> int | None:
         self._call("lock_ttl_ms")
-        held = self._locks.get(name)
-        return held.remaining_ms() if held is not None and held.alive() else None
-
-    async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            self._call("health")
-        except BackendUnavailable as exc:
-            return TierHealth(self.name, up=False, detail=str(exc))
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
-
-    async def close(self) -> None:
-        """Nothing to release."""
+        return self._locks.remaining_ms(name)
 
 
 # --------------------------------------------------------------------------- hot: checkpoints
@@ -849,27 +849,20 @@ class MemoryCheckpointCache:
 # --------------------------------------------------------------------------- hot: write-behind
 
 
-class MemoryWriteBehindLog:
+class MemoryWriteBehindLog(_Tier):
     """`WriteBehindLog` over a `MemoryCheckpointCache`: an append checks the thread's fence,
     moves the cached checkpoint and records the entry in one step, as the Redis script
     does; failures raise. `MemoryCheckpointFence` checks and raises the same fence."""
 
-    name = MEMORY
-
     def __init__(self, cache: MemoryCheckpointCache) -> None:
+        super().__init__(cache.outage)
         self.cache = cache
-        self.outage = cache.outage
-        self.requests: Counter[str] = Counter()
         self.fences: dict[str, int] = {}
         self._logs: dict[str, list[LogEntry]] = {}
         self._sequence = 0
         self._dirty: dict[str, float] = {}  # thread -> marker, bumped by every append
         self._since: dict[str, float] = {}  # thread -> when it became dirty (seconds)
-        self._locks: dict[str, _Expiring] = {}
-
-    def _call(self, operation: str) -> None:
-        self.outage.check(self.name, operation)
-        self.requests[operation] += 1
+        self._locks = _Locks()
 
     def admit(self, thread_id: str, fence: int | None) -> None:
         if fence is None:
@@ -963,28 +956,16 @@ class MemoryWriteBehindLog:
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         self._call("lock_thread")
-        held = self._locks.get(thread_id)
-        if held is not None and held.alive():
-            return None
         token = secrets.token_hex(12)
-        self._locks[thread_id] = _Expiring(token, _deadline(ttl_ms))
-        return token
-
-    def _owns(self, thread_id: str, token: str) -> bool:
-        held = self._locks.get(thread_id)
-        return held is not None and held.alive() and held.value == token
+        return token if self._locks.take(thread_id, token, ttl_ms) else None
 
     async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
         self._call("renew_thread_lock")
-        if not self._owns(thread_id, token):
-            return False
-        self._locks[thread_id] = _Expiring(token, _deadline(ttl_ms))
-        return True
+        return self._locks.renew(thread_id, token, ttl_ms)
 
     async def unlock_thread(self, thread_id: str, token: str) -> None:
         self._call("unlock_thread")
-        if self._owns(thread_id, token):
-            del self._locks[thread_id]
+        self._locks.release(thread_id, token)
 
     async def backlog(self) -> Backlog:
         self._call("backlog")
