@@ -24,38 +24,10 @@ from state.settings import Settings
 from state.tiered import TieredStateStore
 
 from .conftest import Recorder
-from .processes import Event, Worker
+from .processes import Worker
 
 RUNS_PER_BACKEND = 3
 LOCK_TTL_MS = 1500
-
-
-def pause_past_the_ttl_while_taken_over(
-    holder: Worker, taker: Worker
-) -> tuple[Event, bool, list[Event]]:
-    """The holder locks and writes; it is SIGSTOPped while its lock is still valid, the
-    taker takes the lock once that TTL ran out and writes, then the holder is SIGCONTed.
-    Returns the taker's `took` event, whether the holder's next write was refused as
-    stale, and the holder's writes accepted after its pause (silent overwrites)."""
-    taker.expect(lambda e: e.get("event") == "ready", 60, "taker ready")
-    locked = holder.expect(lambda e: e.get("event") == "locked", 60, "holder's lock")
-    holder.expect(lambda e: e.get("event") == "wrote", 60, "holder's first write")
-    holder.signal(signal.SIGSTOP)
-    # The holder is paused while its lock is still valid ...
-    assert time.monotonic() < locked["at"] + LOCK_TTL_MS / 1000
-    written_before = [e for e in holder.drain() if e.get("event") == "wrote"]
-    taker.send("go")
-    took = taker.expect(lambda e: e.get("event") == "took", 30, "takeover")
-    # ... and the taker could only lock once that TTL had run out while it was stopped.
-    assert time.monotonic() >= locked["at"] + LOCK_TTL_MS / 1000
-    assert took["fence"] > locked["fence"]
-    holder.signal(signal.SIGCONT)
-    ending = holder.expect(lambda e: e.get("event") in ("stale", "exhausted"), 30, "holder's end")
-    stale = ending["event"] == "stale"
-    if stale:
-        assert ending["presented"] < ending["highest"] == took["fence"]
-    late = [e for e in holder.events if e.get("event") == "wrote" and e not in written_before]
-    return took, stale, late
 
 
 @pytest.mark.parametrize("backend", ["cosmos", "postgres"])
@@ -82,10 +54,33 @@ async def test_paused_lock_holder_is_fenced_off(
             taker = Worker(["fence-take", *args], env, tmp_path / f"take-{run}.log")
             holder = Worker(["fence-hold", *args], env, tmp_path / f"hold-{run}.log")
             try:
-                took, stale, late = pause_past_the_ttl_while_taken_over(holder, taker)
+                taker.expect(lambda e: e.get("event") == "ready", 60, "taker ready")
+                locked = holder.expect(lambda e: e.get("event") == "locked", 60, "holder's lock")
+                holder.expect(lambda e: e.get("event") == "wrote", 60, "holder's first write")
+                holder.signal(signal.SIGSTOP)
+                paused_at = time.monotonic()
+                # A is paused while its lock is still valid ...
+                assert paused_at < locked["at"] + LOCK_TTL_MS / 1000
+                written_before = [e for e in holder.drain() if e.get("event") == "wrote"]
+                taker.send("go")
+                took = taker.expect(lambda e: e.get("event") == "took", 30, "takeover")
+                # ... and B could only lock once that TTL had run out while A was stopped.
+                assert time.monotonic() >= locked["at"] + LOCK_TTL_MS / 1000
+                assert took["fence"] > locked["fence"]
+                holder.signal(signal.SIGCONT)
+                ending = holder.expect(
+                    lambda e: e.get("event") in ("stale", "exhausted"), 30, "holder's end"
+                )
+                after = [
+                    e
+                    for e in holder.events
+                    if e.get("event") == "wrote" and e not in written_before
+                ]
                 version_rejections += sum(1 for e in holder.events if e.get("event") == "conflict")
-                stale_rejections += stale
-                silent_overwrites += len(late)
+                if ending["event"] == "stale":
+                    stale_rejections += 1
+                    assert ending["presented"] < ending["highest"] == took["fence"]
+                silent_overwrites += len(after)
 
                 final = await backends.cold.get(thread_id)
                 assert final is not None
@@ -143,9 +138,28 @@ async def test_a_paused_runners_late_checkpoint_is_refused(
             taker = Worker(["cp-take", *args], env, tmp_path / f"cp-take-{run}.log")
             holder = Worker(["cp-hold", *args], env, tmp_path / f"cp-hold-{run}.log")
             try:
-                took, stale, late = pause_past_the_ttl_while_taken_over(holder, taker)
-                stale_rejections += stale
-                silent_overwrites += len(late)
+                taker.expect(lambda e: e.get("event") == "ready", 60, "taker ready")
+                locked = holder.expect(lambda e: e.get("event") == "locked", 60, "holder's lock")
+                holder.expect(lambda e: e.get("event") == "wrote", 60, "holder's first run")
+                holder.signal(signal.SIGSTOP)
+                assert time.monotonic() < locked["at"] + LOCK_TTL_MS / 1000
+                written_before = [e for e in holder.drain() if e.get("event") == "wrote"]
+                taker.send("go")
+                took = taker.expect(lambda e: e.get("event") == "took", 30, "takeover")
+                assert time.monotonic() >= locked["at"] + LOCK_TTL_MS / 1000
+                assert took["fence"] > locked["fence"]
+                holder.signal(signal.SIGCONT)
+                ending = holder.expect(
+                    lambda e: e.get("event") in ("stale", "exhausted"), 30, "holder's end"
+                )
+                silent_overwrites += sum(
+                    1
+                    for e in holder.events
+                    if e.get("event") == "wrote" and e not in written_before
+                )
+                if ending["event"] == "stale":
+                    stale_rejections += 1
+                    assert ending["presented"] < ending["highest"] == took["fence"]
 
                 # The newer run's checkpoint is the latest, whole, in the cold tier and in
                 # what readers are served.
