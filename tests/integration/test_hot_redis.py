@@ -1,0 +1,250 @@
+"""What only the Redis hot tier has, against a real redis-server: TTLs, the encoding of
+values, key layout and namespaces, a server that loses its data or cannot be reached.
+
+The `HotStateStore` contract (installs, write intents, fenced locks) runs on Redis and on
+the in-memory fake in tests/contract/test_hot_state_store.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from devstack import RedisServer, free_port
+from state.errors import BackendUnavailable
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_store import RedisHotStore
+from state.ports import StoredCheckpoint
+from state.schema import CURRENT
+from state.settings import Settings
+from tests.support.records import unique_thread, workflow_record
+
+# A write bound no test outlives: the intent stays live throughout.
+LIVE_MS = 60_000
+
+
+def _settings(redis_url: str, stack_env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": redis_url}
+    )
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str]) -> Settings:
+    return _settings(stack_env["REDIS_URL"], stack_env)
+
+
+@pytest.fixture
+async def hot(settings: Settings) -> AsyncIterator[RedisHotStore]:
+    store = RedisHotStore(create_redis_client(settings), settings)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def raw(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A plain client to look at what the store wrote (and to damage it on purpose)."""
+    client = create_redis_client(settings)
+    yield client
+    await client.aclose()
+
+
+async def test_install_then_get_returns_the_sameworkflow_record(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = unique_thread("hot")
+    record = workflow_record(
+        thread_id,
+        version=3,
+        case={"id": "case_8842", "amount": 12345678901234567890, "ratio": 0.1 + 0.2},
+        messages=[],
+        notes={"empty": {}, "tags": [], "text": "charged twice — can't log in"},
+        flag=None,
+    )
+    assert await hot.install(record, ttl_seconds=60)
+    assert await hot.get(thread_id) == record
+    assert 55 <= await raw.ttl(hot.key(thread_id)) <= 60
+
+
+async def test_get_of_uncached_thread_is_none(hot: RedisHotStore, raw: aioredis.Redis) -> None:
+    thread_id = unique_thread("hot")
+    assert await hot.get(thread_id) is None
+    assert await raw.exists(hot.key(thread_id)) == 0
+
+
+async def test_a_copy_of_another_schema_version_is_a_miss(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
+    await raw.hset(hot.key(thread_id), "schema_version", CURRENT["workflow"] + 1)
+    assert await hot.get(thread_id) is None
+
+
+async def test_a_damaged_copy_is_a_miss_and_a_new_install_replaces_it(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
+    await raw.hset(hot.key(thread_id), "s:a", "{not json")
+    assert await hot.get(thread_id) is None
+    assert await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
+    assert await hot.get(thread_id) == workflow_record(thread_id, a=1)
+
+
+# --------------------------------------------------------------------------- write intents
+
+
+async def test_an_intent_on_an_uncached_thread_creates_an_entry_that_expires(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = unique_thread("hot")
+    await hot.begin_write(thread_id, bound_ms=1000, ttl_seconds=60)
+    assert (await hot.read(thread_id)).pending
+    assert 55 <= await raw.ttl(hot.key(thread_id)) <= 60
+
+
+async def test_an_intent_keeps_an_expiring_entry_until_its_deadline(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, s="v1"), ttl_seconds=1)
+    await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=1)
+    assert 55 <= await raw.ttl(hot.key(thread_id)) <= 60
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def _store_settings(stack_env: dict[str, str], **values: object) -> Settings:
+    return Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": stack_env["REDIS_URL"]}
+        | values
+    )
+
+
+def test_the_namespace_names_the_cold_store_and_no_secret(stack_env: dict[str, str]) -> None:
+    cosmos = _store_settings(stack_env, cosmos_key="key-1")
+    pg_url = "postgresql://app:secret-1@db.example:5433/cases"
+    postgres = _store_settings(stack_env, state_cold_backend="postgres", postgres_url=pg_url)
+    namespaces = {
+        hot_namespace(settings)
+        for settings in (
+            cosmos,
+            _store_settings(stack_env, cosmos_container="other"),
+            _store_settings(stack_env, cosmos_database="other"),
+            _store_settings(stack_env, cosmos_endpoint="https://other.documents.azure.com:443/"),
+            postgres,
+            _store_settings(
+                stack_env, state_cold_backend="postgres", postgres_url=pg_url.replace("5433", "5")
+            ),
+            _store_settings(
+                stack_env, state_cold_backend="postgres", postgres_url=pg_url + "-archive"
+            ),
+            _store_settings(
+                stack_env,
+                state_cold_backend="postgres",
+                postgres_host="db.example",
+                postgres_user="app",
+            ),
+        )
+    }
+    assert len(namespaces) == 8
+    assert all(len(namespace) <= 12 and ":" not in namespace for namespace in namespaces)
+    # Credentials are not part of the identity: rotating them keeps the cache.
+    assert hot_namespace(_store_settings(stack_env, cosmos_key="key-2")) == hot_namespace(cosmos)
+    rotated = pg_url.replace("secret-1", "secret-2")
+    assert hot_namespace(
+        _store_settings(stack_env, state_cold_backend="postgres", postgres_url=rotated)
+    ) == hot_namespace(postgres)
+    as_conninfo = "host=db.example port=5433 dbname=cases user=app password=x"
+    assert hot_namespace(
+        _store_settings(stack_env, state_cold_backend="postgres", postgres_url=as_conninfo)
+    ) == hot_namespace(postgres)
+
+
+async def test_stores_of_different_cold_stores_share_no_key(
+    stack_env: dict[str, str], raw: aioredis.Redis
+) -> None:
+    first_settings = _store_settings(stack_env)
+    second_settings = _store_settings(stack_env, cosmos_container="other")
+    first = RedisHotStore(create_redis_client(first_settings), first_settings)
+    second = RedisHotStore(create_redis_client(second_settings), second_settings)
+    try:
+        thread_id = unique_thread("hot")
+        await first.install(workflow_record(thread_id, 5, s="first"), ttl_seconds=60)
+        assert await second.get(thread_id) is None
+        assert await second.install(workflow_record(thread_id, 1, s="second"), ttl_seconds=60)
+        assert await first.get(thread_id) == workflow_record(thread_id, 5, s="first")
+        assert await second.get(thread_id) == workflow_record(thread_id, 1, s="second")
+        held = await first.acquire_lock(thread_id, ttl_ms=10_000)
+        assert held is not None and await second.acquire_lock(thread_id, ttl_ms=10_000)
+
+        checkpoint = StoredCheckpoint(
+            thread_id, "", "0001", None, ("json", b"{}"), {}, {}, blobs={}, writes=[]
+        )
+        first_cache = RedisCheckpointCache(raw, first_settings)
+        second_cache = RedisCheckpointCache(raw, second_settings)
+        await first_cache.advance(checkpoint, [])
+        assert (await first_cache.lookup(thread_id, "", lease=False)).checkpoint is not None
+        assert (await second_cache.lookup(thread_id, "", lease=False)).checkpoint is None
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_fencing_tokens_stay_monotonic_when_redis_loses_its_data(
+    tmp_path: Path, stack_env: dict[str, str]
+) -> None:
+    server = RedisServer(port=free_port(), workdir=tmp_path)
+    server.start()
+    try:
+        settings = _settings(server.url, stack_env)
+        store = RedisHotStore(create_redis_client(settings), settings)
+        try:
+            before = await store.acquire_lock("case_8842", ttl_ms=60_000)
+            assert before is not None
+            server.stop()  # no persistence: the lock and the fence counter are gone
+            server.start()
+            after = await store.acquire_lock("case_8842", ttl_ms=60_000)
+            assert after is not None and after.fence > before.fence
+        finally:
+            await store.close()
+    finally:
+        server.stop()
+
+
+async def test_every_key_of_a_thread_shares_its_hash_tag(
+    hot: RedisHotStore, raw: aioredis.Redis, settings: Settings
+) -> None:
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=60)
+    held = await hot.acquire_lock(thread_id, ttl_ms=10_000)
+    assert held is not None
+    keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{thread_id}*")])
+    namespace = hot_namespace(settings)
+    assert keys == [f"{{{thread_id}}}:{namespace}:{kind}" for kind in ("fence", "lock", "wf")]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+    await hot.release_lock(held)
+
+
+async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
+    stack_env: dict[str, str],
+) -> None:
+    settings = _settings(f"redis://127.0.0.1:{free_port()}/0", stack_env)
+    store = RedisHotStore(create_redis_client(settings), settings)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await store.get(unique_thread("hot"))
+        assert raised.value.backend == "redis"
+        with pytest.raises(BackendUnavailable):
+            await store.acquire_lock("case_8842", ttl_ms=1000)
+        health = await store.health()
+        assert (health.name, health.up) == ("redis", False)
+    finally:
+        await store.close()
