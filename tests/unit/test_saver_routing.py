@@ -222,12 +222,6 @@ async def test_write_behind_without_redis_writes_through_with_every_value() -> N
     assert latest is not None and latest.checkpoint_id == stored.checkpoint_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fallback write does not drop the hot copy its failed append left behind: "
-    "once Redis answers, the cache serves the older checkpoint as the latest (also seen "
-    "on real Redis and Postgres) until the next put",
-)
 async def test_after_a_write_through_fallback_the_latest_read_is_the_written_checkpoint() -> None:
     tiers = Tiers(write_behind=True)
     run = Run(tiers.saver)
