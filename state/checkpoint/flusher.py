@@ -50,6 +50,7 @@ class _Lease:
         self.thread_id = thread_id
         self.token = token
         self.lost = False
+        self.applied = 0  # entries applied under this lease, kept if it is lost midway
         self._log = log
         self._ttl_ms = ttl_ms
         self._renewer = asyncio.create_task(self._renew(), name=f"flush-lease:{thread_id}")
@@ -108,8 +109,10 @@ class Flusher:
         while True:
             try:
                 async with self._holding(thread_id, deadline) as lease:
-                    return applied + (await self._drain_locked(lease)).applied
+                    await self._drain_locked(lease)
+                    return applied + lease.applied
             except LockLost:
+                applied += lease.applied
                 # Paused past the lock's TTL: whoever took the lock over may not have
                 # flushed all of it yet; take it again and finish.
                 if time.monotonic() > deadline:
@@ -184,7 +187,6 @@ class Flusher:
     async def _drain_locked(self, lease: _Lease) -> _Drained:
         thread_id = lease.thread_id
         marker = await self.log.marker(thread_id)
-        applied = 0
         while True:
             entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
             if not entries:
@@ -192,10 +194,10 @@ class Flusher:
             lease.check()
             await self.store.apply_batch([entry.op for entry in entries])
             left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
-            applied += len(entries)
+            lease.applied += len(entries)
+            self.flushed_entries += len(entries)
             if left == 0:
                 break
-        self.flushed_entries += applied
         unlisted = False
         if marker is not None:
             unlisted = await self.log.settle(thread_id, marker)
@@ -204,7 +206,7 @@ class Flusher:
             if unlisted and await self.log.pending(thread_id):
                 await self.log.mark_dirty(thread_id)
                 unlisted = False
-        return _Drained(applied, unlisted)
+        return _Drained(lease.applied, unlisted)
 
     async def backlog(self) -> Backlog:
         return await self.log.backlog()

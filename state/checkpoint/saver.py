@@ -443,6 +443,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 ]
                 await self.store.put_checkpoint(stored, every_value)
                 self._written_through.add(thread_id)
+                await self._drop_hot_copy(thread_id, checkpoint_ns)
             else:
                 self._written_through.discard(thread_id)
                 await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
@@ -504,6 +505,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
             self._written_through.add(thread_id)
+            await self._drop_hot_copy(thread_id, checkpoint_ns)
         else:
             self._written_through.discard(thread_id)
             await self._boundary(
@@ -511,6 +513,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 configurable.get(DURABILITY_KEY) == "sync"
                 or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
             )
+
+    async def _drop_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
+        """The cold tier moved past the hot copy: drop it now, or (Redis still out) on the
+        cache's next contact with it, so it is never served as the latest."""
+        if self.cache is not None:
+            await self.cache.invalidate(thread_id, checkpoint_ns)
 
     async def _admit(self, thread_id: str, fence: int | None, *, hot: bool) -> None:
         """Before a cold write: refuse a stale fencing token (see the module docstring).

@@ -1,20 +1,49 @@
-"""Contract fixtures: the same cases run against every cold backend (real servers)."""
+"""Contract fixtures: the same cases run against every cold backend (real servers) and,
+where a case names `any_backend`, against the in-memory fakes too (tests/support/fakes.py),
+which proves the fakes the unit tests use behave as the real adapters do."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from state.settings import Settings
+from state.factory import Backends, backends_for
+from state.settings import Settings, WriteMode
+from tests.support.fakes import MEMORY, memory_backends
 
 COLD_BACKENDS = ["cosmos", "postgres"]
+
+OpenBackends = Callable[..., AbstractAsyncContextManager[Backends]]
 
 
 @pytest.fixture(params=COLD_BACKENDS)
 def cold_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(params=[*COLD_BACKENDS, MEMORY])
+def any_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_tiers(request: pytest.FixtureRequest) -> OpenBackends:
+    """Opens the tiers of one backend, as `backends_for` does: real servers for a cold
+    backend (the stack starts only then), every tier a fake for `memory`."""
+
+    def open_(
+        backend: str, *, hot: bool = True, mode: WriteMode | None = None
+    ) -> AbstractAsyncContextManager[Backends]:
+        if backend == MEMORY:
+            # The settings' default: write-behind whenever there is a hot tier.
+            write_behind = hot and mode is not WriteMode.WRITE_THROUGH
+            return memory_backends(hot=hot, write_behind=write_behind)
+        make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+        return backends_for(make_settings(backend, hot=hot, state_write_mode=mode))
+
+    return open_
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +64,3 @@ def make_settings(stack_env: dict[str, str]) -> Callable[..., Settings]:
         return Settings.model_validate(values)
 
     return build
-
-
-def unique_thread(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -1,13 +1,14 @@
 """LangGraph's own checkpointer conformance suite against the saver on real servers.
 
 Every base and extended capability, by name, for each cold backend: with the
-Redis hot tier in each write mode, and on the cold tier alone. The suite's report only counts what it detects, so
-each capability is asserted explicitly: detected, run, and all its tests passed.
+Redis hot tier in each write mode, and on the cold tier alone; and for the in-memory
+fakes of the same ports in the same three shapes. The suite's report only counts what it
+detects, so each capability is asserted explicitly: detected, run, and all its tests passed.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -19,8 +20,8 @@ from langgraph.checkpoint.conformance.capabilities import (
 )
 
 from state.checkpoint import TieredCheckpointSaver
-from state.factory import backends_for
-from state.settings import Settings, WriteMode
+from state.settings import WriteMode
+from tests.contract.conftest import OpenBackends
 
 CAPABILITIES = sorted(BASE_CAPABILITIES | EXTENDED_CAPABILITIES, key=lambda c: c.value)
 
@@ -39,18 +40,17 @@ CONFIGURATIONS = [
 )
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=[c.value for c in CAPABILITIES])
 async def test_capability_passes(
-    cold_backend: str,
+    any_backend: str,
     hot: bool,
     mode: WriteMode,
     capability: Capability,
-    make_settings: Callable[..., Settings],
+    open_tiers: OpenBackends,
 ) -> None:
-    settings = make_settings(cold_backend, hot=hot, state_write_mode=mode)
-    async with backends_for(settings) as backends:
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
         assert (backends.hot_checkpoints is not None) is hot
         assert (backends.flusher is not None) is (mode is WriteMode.WRITE_BEHIND)
 
-        @checkpointer_test(name=f"TieredCheckpointSaver[{cold_backend}, hot={hot}, {mode}]")
+        @checkpointer_test(name=f"TieredCheckpointSaver[{any_backend}, hot={hot}, {mode}]")
         async def saver() -> AsyncIterator[BaseCheckpointSaver]:
             yield TieredCheckpointSaver.from_backends(backends)
 

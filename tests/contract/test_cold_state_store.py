@@ -1,10 +1,10 @@
 """The `ColdStateStore` contract, run against every cold backend on real servers.
 
 The parametrized cases go through `open_backends`, exactly as the app builds its
-tiers. The Cosmos-only cases at the end cover what only the Cosmos adapter has:
-two writes per change reconciled by readers, documents shared with the
-checkpoint store in one partition, and the 2 MB item limit the emulator does not
-enforce.
+tiers, and run against the in-memory fake the unit tests use as well. The Cosmos-only
+cases at the end cover what only the Cosmos adapter has: two writes per change
+reconciled by readers, documents shared with the checkpoint store in one partition,
+and the 2 MB item limit the emulator does not enforce (which the fake enforces too).
 """
 
 from __future__ import annotations
@@ -32,27 +32,31 @@ from state.errors import (
 from state.factory import open_backends
 from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
 from state.settings import Settings
-from tests.contract.conftest import unique_thread
-from tests.faults.cosmos_faults import Fault, FaultyTransport
+from tests.support.cosmos import partition
+from tests.support.cosmos_faults import Fault, FaultyTransport
+from tests.support.fakes import MEMORY, MemoryColdStore
+from tests.support.records import unique_thread
 
 LOST_UPDATE_WRITERS = 8
 LOST_UPDATE_ATTEMPTS = 5
 
 
 @pytest.fixture
-async def cold(
-    cold_backend: str, make_settings: Callable[..., Settings]
-) -> AsyncIterator[ColdStateStore]:
-    backends = await open_backends(make_settings(cold_backend, hot=False))
+async def cold(any_backend: str, request: pytest.FixtureRequest) -> AsyncIterator[ColdStateStore]:
+    if any_backend == MEMORY:
+        yield MemoryColdStore()
+        return
+    make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+    backends = await open_backends(make_settings(any_backend, hot=False))
     try:
         yield backends.cold
     finally:
         await backends.close()
 
 
-def test_store_implements_the_port(cold: ColdStateStore, cold_backend: str) -> None:
+def test_store_implements_the_port(cold: ColdStateStore, any_backend: str) -> None:
     assert isinstance(cold, ColdStateStore)
-    assert cold.name == cold_backend
+    assert cold.name == any_backend
 
 
 async def test_create_stores_version_one_and_audits_it(cold: ColdStateStore) -> None:
@@ -188,7 +192,7 @@ async def test_audit_entries_carry_the_caller_they_were_written_for(cold: ColdSt
 
 
 async def test_concurrent_read_then_update_writers_lose_no_update(
-    cold: ColdStateStore, cold_backend: str
+    cold: ColdStateStore, any_backend: str
 ) -> None:
     thread = unique_thread()
     await cold.create(thread, {"billing": None}, agent_id="intake")
@@ -219,7 +223,7 @@ async def test_concurrent_read_then_update_writers_lose_no_update(
     successes = [o for o in outcomes if not isinstance(o, VersionConflict)]
     conflicts = [o for o in outcomes if isinstance(o, VersionConflict)]
     print(
-        f"\n[{cold_backend}] lost-update: {len(outcomes)} attempts, {len(successes)} successes,"
+        f"\n[{any_backend}] lost-update: {len(outcomes)} attempts, {len(successes)} successes,"
         f" {len(conflicts)} conflicts"
     )
     assert successes and len(successes) + len(conflicts) == len(outcomes)
@@ -240,6 +244,33 @@ async def test_concurrent_read_then_update_writers_lose_no_update(
     for version in range(3, final.version + 1):
         assert by_version[version].before == by_version[version - 1].after
     assert final.sections["billing"] == by_version[final.version].after
+
+
+async def test_writers_at_one_version_leave_one_winner_and_one_audit_entry(
+    cold: ColdStateStore,
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"counter": 0}, agent_id="intake")
+    writers = 8
+    results = await asyncio.gather(
+        *(
+            cold.update_section(thread, "counter", n, expected_version=1, agent_id=f"agent-{n}")
+            for n in range(writers)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, WorkflowRecord)]
+    losers = [r for r in results if isinstance(r, VersionConflict)]
+    assert len(winners) == 1 and len(losers) == writers - 1
+    assert all(loser.actual == 2 for loser in losers)
+    record = await cold.get(thread)
+    assert record is not None and record.version == 2
+    assert record.sections["counter"] == winners[0].sections["counter"]
+    trail = await cold.audit_trail(thread)
+    # Exactly one change was recorded for version 2: the winner's.
+    assert [(e.version, e.after) for e in trail if e.version == 2] == [
+        (2, winners[0].sections["counter"])
+    ]
 
 
 async def test_delete_removes_record_and_trail_and_the_thread_can_start_over(
@@ -282,9 +313,9 @@ async def test_records_are_upcast_on_read(
     assert updated.sections == {"customer_name": "Ada", "x": 1}
 
 
-async def test_health_reports_the_tier_up(cold: ColdStateStore, cold_backend: str) -> None:
+async def test_health_reports_the_tier_up(cold: ColdStateStore, any_backend: str) -> None:
     health = await cold.health()
-    assert (health.name, health.up) == (cold_backend, True)
+    assert (health.name, health.up) == (any_backend, True)
     assert health.latency_ms is not None
 
 
@@ -307,23 +338,10 @@ async def cosmos(
     cosmos_connection: CosmosConnection, make_settings: Callable[..., Settings]
 ) -> CosmosStateStore:
     store = CosmosStateStore(
-        cosmos_connection,
-        max_item_bytes=make_settings("cosmos", hot=False).state_max_item_bytes,
+        cosmos_connection, max_item_bytes=make_settings("cosmos", hot=False).state_max_item_bytes
     )
     await store.setup()
     return store
-
-
-async def _partition(connection: CosmosConnection, thread: str) -> list[dict[str, Any]]:
-    container = await connection.container()
-    return [
-        document
-        async for document in container.query_items(
-            "SELECT * FROM c WHERE c.thread_id = @thread_id",
-            parameters=[{"name": "@thread_id", "value": thread}],
-            partition_key=thread,
-        )
-    ]
 
 
 async def test_cosmos_documents_are_typed_versioned_and_keep_clear_of_checkpoints(
@@ -332,7 +350,7 @@ async def test_cosmos_documents_are_typed_versioned_and_keep_clear_of_checkpoint
     thread = unique_thread()
     await cosmos.create(thread, {"s": 0}, agent_id="a")
     await cosmos.update_section(thread, "s", 1, expected_version=1, agent_id="a")
-    documents = await _partition(cosmos_connection, thread)
+    documents = await partition(cosmos_connection, thread)
     assert len(documents) == 3
     for document in documents:
         assert document["thread_id"] == thread
@@ -381,7 +399,7 @@ async def test_cosmos_crash_between_audit_entry_and_record_is_reconciled(
         (1, "intake", {"billing": "v1"}),
     ]
     assert after.sections["billing"] == trail[0].after
-    at_version_3 = [d for d in await _partition(cosmos_connection, thread) if d.get("version") == 3]
+    at_version_3 = [d for d in await partition(cosmos_connection, thread) if d.get("version") == 3]
     assert len(at_version_3) == 3  # record, the real entry, and the orphan still stored
 
 
@@ -399,7 +417,7 @@ async def test_cosmos_losing_writers_leave_no_audit_entry(
     )
     conflicts = [r for r in results if isinstance(r, VersionConflict)]
     assert len(conflicts) == 5 and all(c.actual == 2 for c in conflicts)
-    entries = [d for d in await _partition(cosmos_connection, thread) if d["type"] == "audit"]
+    entries = [d for d in await partition(cosmos_connection, thread) if d["type"] == "audit"]
     assert sorted(e["version"] for e in entries) == [1, 2]
 
 
@@ -430,25 +448,39 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
         await connection.close()
 
 
-async def test_cosmos_refuses_a_document_over_the_item_limit(
-    make_settings: Callable[..., Settings], cosmos_connection: CosmosConnection
+@pytest.mark.parametrize("backend", ["cosmos", MEMORY])
+async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
+    backend: str, request: pytest.FixtureRequest
 ) -> None:
     limit = 64 * 1024
-    settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
-    store = CosmosStateStore(cosmos_connection, max_item_bytes=settings.state_max_item_bytes)
-    thread = unique_thread()
-    created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
-    with pytest.raises(StateTooLarge) as too_large:
-        await store.update_section(
-            thread, "transcript", "y" * limit, expected_version=1, agent_id="a"
-        )
-    assert too_large.value.limit == limit and too_large.value.size > limit
-    with pytest.raises(StateTooLarge):
-        await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
-    assert await store.get(thread) == created
-    documents = await _partition(cosmos_connection, thread)
-    assert len(documents) == 2
-    assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+    connection: CosmosConnection | None = None
+    store: ColdStateStore
+    if backend == MEMORY:
+        store = MemoryColdStore(max_item_bytes=limit)
+    else:
+        make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+        settings = make_settings("cosmos", hot=False, state_max_item_bytes=limit)
+        connection = CosmosConnection(settings.cosmos)
+        store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    try:
+        thread = unique_thread()
+        created = await store.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
+        with pytest.raises(StateTooLarge) as too_large:
+            await store.update_section(
+                thread, "transcript", "y" * limit, expected_version=1, agent_id="a"
+            )
+        assert too_large.value.limit == limit and too_large.value.size > limit
+        with pytest.raises(StateTooLarge):
+            await store.create(unique_thread(), {"blob": "z" * limit}, agent_id="a")
+        assert await store.get(thread) == created
+        assert [e.version for e in await store.audit_trail(thread)] == [1]
+        if connection is not None:
+            documents = await partition(connection, thread)
+            assert len(documents) == 2
+            assert all(len(json.dumps(d).encode()) <= limit for d in documents)
+    finally:
+        if connection is not None:
+            await connection.close()
 
 
 async def test_cosmos_refuses_a_record_written_by_newer_code(

@@ -35,15 +35,10 @@ from state.errors import (
     BackendUnavailable,
     InvalidValue,
     RequestRejected,
-    StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
-    VersionConflict,
-    WorkflowExists,
-    WorkflowNotFound,
 )
 from state.ports import (
-    CREATED_SECTION,
     CheckpointPut,
     CheckpointStore,
     ColdStateStore,
@@ -54,7 +49,7 @@ from state.ports import (
     WritesPut,
 )
 from state.settings import Settings
-from tests.contract.conftest import unique_thread
+from tests.support.records import unique_thread
 
 
 @pytest.fixture
@@ -87,105 +82,6 @@ def test_adapters_implement_the_ports(
 
 
 # --------------------------------------------------------------------------- workflow records
-
-
-async def test_create_get_update_and_errors(store: PostgresStateStore) -> None:
-    thread = unique_thread()
-    created = await store.create(thread, {"intake": {"text": "charged twice"}}, agent_id="intake")
-    assert (created.version, created.fence, created.schema_version) == (1, 0, 1)
-    assert created.created_at.endswith("+00:00")
-    with pytest.raises(WorkflowExists):
-        await store.create(thread, {}, agent_id="intake")
-
-    updated = await store.update_section(
-        thread, "billing", {"refund": 120.5}, expected_version=1, agent_id="billing"
-    )
-    assert updated.version == 2
-    assert updated.sections == {"intake": {"text": "charged twice"}, "billing": {"refund": 120.5}}
-    assert await store.get(thread) == updated
-
-    with pytest.raises(VersionConflict) as conflict:
-        await store.update_section(thread, "billing", None, expected_version=1, agent_id="x")
-    assert (conflict.value.expected, conflict.value.actual) == (1, 2)
-    with pytest.raises(WorkflowNotFound):
-        await store.update_section(unique_thread(), "s", 1, expected_version=1, agent_id="x")
-    assert await store.get(unique_thread()) is None
-
-    await store.delete(thread)
-    assert await store.get(thread) is None
-    assert await store.audit_trail(thread) == []
-    recreated = await store.create(thread, {}, agent_id="intake")
-    assert recreated.version == 1
-
-
-async def test_concurrent_writers_at_one_version_lose_no_update(store: PostgresStateStore) -> None:
-    thread = unique_thread()
-    await store.create(thread, {"counter": 0}, agent_id="intake")
-    writers = 8
-    results = await asyncio.gather(
-        *(
-            store.update_section(thread, "counter", n, expected_version=1, agent_id=f"agent-{n}")
-            for n in range(writers)
-        ),
-        return_exceptions=True,
-    )
-    winners = [r for r in results if not isinstance(r, BaseException)]
-    losers = [r for r in results if isinstance(r, VersionConflict)]
-    assert len(winners) == 1 and len(losers) == writers - 1
-    assert all(loser.actual == 2 for loser in losers)
-    record = await store.get(thread)
-    assert record is not None and record.version == 2
-    assert record.sections["counter"] == winners[0].sections["counter"]
-    trail = await store.audit_trail(thread)
-    # Exactly one change was recorded for version 2: the winner's.
-    assert [(e.version, e.after) for e in trail if e.version == 2] == [
-        (2, winners[0].sections["counter"])
-    ]
-
-
-async def test_fencing_tokens(store: PostgresStateStore) -> None:
-    thread = unique_thread()
-    await store.create(thread, {"s": 0}, agent_id="a")
-    record = await store.update_section(
-        thread, "s", 1, expected_version=1, agent_id="a", fencing_token=5
-    )
-    assert record.fence == 5
-    # The same holder writes again with its token; a writer without one is not fenced.
-    record = await store.update_section(
-        thread, "s", 2, expected_version=2, agent_id="a", fencing_token=5
-    )
-    record = await store.update_section(thread, "s", 3, expected_version=3, agent_id="b")
-    assert (record.version, record.fence) == (4, 5)
-    with pytest.raises(StaleFencingToken) as stale:
-        await store.update_section(
-            thread, "s", 9, expected_version=4, agent_id="old", fencing_token=4
-        )
-    assert (stale.value.presented, stale.value.highest) == (4, 5)
-    record = await store.update_section(
-        thread, "s", 5, expected_version=4, agent_id="new", fencing_token=7
-    )
-    assert (record.version, record.fence, record.sections["s"]) == (5, 7, 5)
-
-
-async def test_audit_trail_newest_first_with_before_and_after(store: PostgresStateStore) -> None:
-    thread = unique_thread()
-    await store.create(thread, {"policy": None}, agent_id="intake")
-    await store.update_section(
-        thread, "policy", {"escalate": False}, expected_version=1, agent_id="policy"
-    )
-    await store.update_section(
-        thread, "policy", {"escalate": True}, expected_version=2, agent_id="reviewer"
-    )
-    trail = await store.audit_trail(thread)
-    assert [(e.version, e.agent_id, e.section, e.before, e.after) for e in trail] == [
-        (3, "reviewer", "policy", {"escalate": False}, {"escalate": True}),
-        (2, "policy", "policy", None, {"escalate": False}),
-        (1, "intake", CREATED_SECTION, None, {"policy": None}),
-    ]
-    assert all(e.schema_version == schema.CURRENT["audit"] for e in trail)
-    assert await store.audit_trail(thread, limit=0) == []
-    assert trail[0].at >= trail[1].at >= trail[2].at
-    assert [e.version for e in await store.audit_trail(thread, limit=2)] == [3, 2]
 
 
 async def test_audit_log_rejects_updates(pg: PostgresConnection, store: PostgresStateStore) -> None:
@@ -366,11 +262,6 @@ async def test_each_new_connection_signs_in_with_a_fresh_token(
     issued = {f"token-{n}" for n in range(1, len(credential.scopes) + 1)}
     assert len(passwords) == 2 and passwords <= issued
     assert set(credential.scopes) == {(ENTRA_SCOPE,)}
-
-
-async def test_health_reports_latency(store: PostgresStateStore) -> None:
-    health = await store.health()
-    assert health.up and health.latency_ms is not None and health.latency_ms >= 0
 
 
 # --------------------------------------------------------------------------- checkpoints

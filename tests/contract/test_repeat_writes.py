@@ -1,17 +1,16 @@
 """Repeated pending writes through the saver: one rule on every backend and in both write
-modes (LangGraph's: ordinary writes keep the first, special channels keep the last)."""
+modes (LangGraph's: ordinary writes keep the first, special channels keep the last), and
+on the in-memory fakes."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
-from state.factory import backends_for
-from state.settings import Settings, WriteMode
-from tests.contract.conftest import unique_thread
+from state.settings import WriteMode
+from tests.contract.conftest import OpenBackends
+from tests.support.records import unique_thread
 
 
 @pytest.mark.parametrize(
@@ -20,13 +19,12 @@ from tests.contract.conftest import unique_thread
     ids=["redis-write-through", "redis-write-behind", "cold-only"],
 )
 async def test_repeated_writes_keep_the_first_and_special_ones_the_last(
-    cold_backend: str,
+    any_backend: str,
     hot: bool,
     mode: WriteMode | None,
-    make_settings: Callable[..., Settings],
+    open_tiers: OpenBackends,
 ) -> None:
-    settings = make_settings(cold_backend, hot=hot, state_write_mode=mode)
-    async with backends_for(settings) as backends:
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         thread = unique_thread("repeat")
         checkpoint = empty_checkpoint()

@@ -31,7 +31,8 @@ from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
 from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
-from tests.contract.conftest import unique_thread
+from tests.support.cosmos import drop_container, partition_of
+from tests.support.records import unique_thread
 
 TTL = 3600
 # Far enough back to be past the TTL whatever the test's own duration.
@@ -185,16 +186,6 @@ async def references_intact(backends: Backends, thread_id: str) -> bool:
 # --------------------------------------------------------------------------- inspection
 
 
-async def drop_container(settings: Settings) -> None:
-    connection = CosmosConnection(settings.cosmos)
-    try:
-        container = await connection.container()
-        database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
-        await database.delete_container(container)
-    finally:
-        await connection.close()
-
-
 async def cosmos_all_items(backends: Backends) -> list[dict[str, Any]]:
     connection = CosmosConnection(backends.settings.cosmos)
     try:
@@ -230,7 +221,7 @@ async def service_ttl(backends: Backends, now: int) -> list[str]:
 
 async def last_write(backends: Backends, *thread_ids: str) -> int:
     """The newest `_ts` among the threads' Cosmos items."""
-    stamps = [item["_ts"] for t in thread_ids for item in await cosmos_items(backends, t)]
+    stamps = [item["_ts"] for t in thread_ids for item in await partition_of(backends.settings, t)]
     return int(max(stamps))
 
 
@@ -251,22 +242,6 @@ async def archive_ids(backends: Backends, thread_id: str) -> set[str]:
         (prefix,),
     )
     return {str(row[0]) for row in rows}
-
-
-async def cosmos_items(backends: Backends, thread_id: str) -> list[dict[str, Any]]:
-    connection = CosmosConnection(backends.settings.cosmos)
-    try:
-        container = await connection.container()
-        return [
-            item
-            async for item in container.query_items(
-                "SELECT * FROM c WHERE c.thread_id = @t",
-                parameters=[{"name": "@t", "value": thread_id}],
-                partition_key=thread_id,
-            )
-        ]
-    finally:
-        await connection.close()
 
 
 async def pg_execute(
@@ -312,7 +287,7 @@ async def backdate(backends: Backends, *thread_ids: str, tables: tuple[str, ...]
 async def exempt(backends: Backends, thread_id: str) -> bool:
     """Whether the backend keeps the thread whatever its age."""
     if backends.settings.state_cold_backend.value == "cosmos":
-        items = await cosmos_items(backends, thread_id)
+        items = await partition_of(backends.settings, thread_id)
         assert items
         held = [item.get("ttl") == -1 for item in items]
         assert all(held) or not any(held), "a thread is held whole or not at all"
@@ -427,7 +402,7 @@ async def test_a_live_thread_keeps_everything_its_latest_state_names(
             assert await backends.cold.get(gone) is None
             assert await backends.checkpoints.get_checkpoint(gone, "", None) is None
         if cold_backend == "cosmos":
-            assert await cosmos_items(backends, thread_id) == []
+            assert await partition_of(backends.settings, thread_id) == []
         else:
             assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
 
@@ -467,7 +442,7 @@ async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
         await seed(backends, thread_id)
         await seed(backends, neighbour)
         await backends.retention.hold(thread_id)
-        items = await cosmos_items(backends, thread_id)
+        items = await partition_of(backends.settings, thread_id)
         assert len(items) > 3 * cosmos_retention.PAGE_SIZE
         assert {item["type"] for item in items} >= {
             "workflow",
@@ -477,10 +452,10 @@ async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
             "checkpoint_write",
         }
         assert [item["id"] for item in items if item.get("ttl") != -1] == []
-        assert all("ttl" not in item for item in await cosmos_items(backends, neighbour))
+        assert all("ttl" not in item for item in await partition_of(backends.settings, neighbour))
         await backends.retention.release(thread_id)
         assert [
-            item["id"] for item in await cosmos_items(backends, thread_id) if "ttl" in item
+            item["id"] for item in await partition_of(backends.settings, thread_id) if "ttl" in item
         ] == []
 
 
@@ -492,13 +467,15 @@ async def test_cosmos_record_updates_while_held_stay_held(open_cold: Open) -> No
         await backends.retention.hold(thread_id)
         await backends.retention.hold(other)
         await backends.cold.update_section(thread_id, "n", 2, expected_version=2, agent_id="t")
-        items = await cosmos_items(backends, thread_id)
+        items = await partition_of(backends.settings, thread_id)
         assert len([item for item in items if item["type"] == "audit"]) == 3
         assert [item["id"] for item in items if item.get("ttl") != -1] == []
 
         await backends.retention.release(thread_id)
         await backends.cold.update_section(thread_id, "n", 3, expected_version=3, agent_id="t")
-        assert [i["id"] for i in await cosmos_items(backends, thread_id) if "ttl" in i] == []
+        assert [
+            i["id"] for i in await partition_of(backends.settings, thread_id) if "ttl" in i
+        ] == []
         assert [entry.version for entry in await backends.cold.audit_trail(thread_id)] == [
             4,
             3,

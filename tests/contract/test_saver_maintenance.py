@@ -1,28 +1,28 @@
 """delete_for_runs through the saver with the hot tier in front: the cache drops exactly
-what the store deleted, learnt from the delete itself (no read of whole checkpoints)."""
+what the store deleted, learnt from the delete itself (no read of whole checkpoints); on
+every backend and on the in-memory fakes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
-from state.factory import backends_for
-from state.settings import Settings, WriteMode
-from tests.contract.conftest import unique_thread
+from state.settings import WriteMode
+from tests.contract.conftest import OpenBackends
+from tests.support.records import unique_thread
 
 
 @pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
 async def test_delete_for_runs_invalidates_the_cache_without_reading_checkpoints(
-    cold_backend: str,
+    any_backend: str,
     mode: WriteMode,
-    make_settings: Callable[..., Settings],
+    open_tiers: OpenBackends,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with backends_for(make_settings(cold_backend, state_write_mode=mode)) as backends:
+    async with open_tiers(any_backend, mode=mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         doomed, kept = unique_thread("runs"), unique_thread("runs")
         for thread, run_id in ((doomed, "run-doomed"), (kept, "run-kept")):

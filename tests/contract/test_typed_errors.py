@@ -12,7 +12,7 @@ from state.cold.cosmos_client import CosmosConnection, cosmos_errors
 from state.errors import InvalidValue, RequestRejected, StateError
 from state.factory import Backends, backends_for
 from state.settings import Settings
-from tests.contract.conftest import unique_thread
+from tests.support.records import unique_thread
 
 
 @pytest.fixture

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,10 @@ WORKER = Path(__file__).with_name("worker.py")
 # What the editable install puts on the path, spelled out so a worker never depends on it.
 PYTHONPATH = os.pathsep.join(str(REPO_ROOT / part) for part in (".", "function_app", "scripts"))
 Event = dict[str, Any]
+
+
+def _unread_bytes(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 class Worker:
@@ -80,6 +87,17 @@ class Worker:
         raise TimeoutError(
             f"worker {self.pid}: no {what} within {timeout}s; saw {self.events[-5:]}\n{tail}"
         )
+
+    def drain_stopped(self) -> list[Event]:
+        """Everything a SIGSTOPped worker printed before it stopped: what is still in the
+        pipe or in the reader's hands is waited for, so no earlier event arrives later."""
+        assert self.process.stdout is not None
+        pipe = self.process.stdout.fileno()
+        deadline = time.monotonic() + 5
+        while _unread_bytes(pipe) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # lines the reader already took from the pipe reach the queue
+        return self.drain()
 
     def drain(self) -> list[Event]:
         while True:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from state.cold.cosmos_client import CosmosConnection
 from state.errors import VersionConflict
 from state.factory import backends_for
 from state.settings import Settings
@@ -29,6 +28,7 @@ from support_cases.models import CaseStatus
 from support_cases.runs import RUN_SECTION
 from support_cases.service import CaseConflict, Outcome
 from tests.step_pause import pause_after
+from tests.support.cosmos import drop_container
 
 from .apps import EFFECT_KEYS, App, open_runtime, review_case, submission
 from .conftest import Deadline, Recorder
@@ -189,13 +189,7 @@ async def isolated_settings(
     try:
         yield settings
     finally:
-        connection = CosmosConnection(settings.cosmos)
-        try:
-            container = await connection.container()
-            database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
-            await database.delete_container(container)
-        finally:
-            await connection.close()
+        await drop_container(settings)
 
 
 async def stall(settings: Settings, case_ids: list[str], deadline: Deadline) -> None:

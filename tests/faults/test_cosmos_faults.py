@@ -27,9 +27,9 @@ from state.cold.cosmos_store import CosmosStateStore
 from state.errors import BackendUnavailable, VersionConflict, WorkflowExists
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
+from tests.support.cosmos_faults import Fault, FaultKind, FaultyTransport, Operation
 
 from .conftest import Recorder
-from .cosmos_faults import Fault, FaultKind, FaultyTransport, Operation
 
 REPEATS = 3
 CALLER_TRIES = 4

@@ -14,7 +14,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 import pytest
@@ -27,6 +26,7 @@ from state.hot.redis_store import RedisHotStore
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.models import CaseStatus
+from tests.support.cosmos import drop_container, partition_of
 
 from .apps import open_runtime, review_case, submission
 from .conftest import Recorder
@@ -74,25 +74,9 @@ async def test_hot_tier_ttl(
     assert expired and lost == 0 and 0 < refilled <= HOT_TTL
 
 
-async def cosmos_items(settings: Settings, thread_id: str) -> list[dict[str, Any]]:
-    connection = CosmosConnection(settings.cosmos)
-    try:
-        container = await connection.container()
-        return [
-            item
-            async for item in container.query_items(
-                "SELECT * FROM c WHERE c.thread_id = @t",
-                parameters=[{"name": "@t", "value": thread_id}],
-                partition_key=thread_id,
-            )
-        ]
-    finally:
-        await connection.close()
-
-
 async def last_write(settings: Settings, *thread_ids: str) -> int:
     """The newest `_ts` (server seconds) among the threads' items."""
-    stamps = [item["_ts"] for t in thread_ids for item in await cosmos_items(settings, t)]
+    stamps = [item["_ts"] for t in thread_ids for item in await partition_of(settings, t)]
     return int(max(stamps))
 
 
@@ -118,14 +102,14 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
             await review_case(app, waiting)
             await service.submit(submission(done), None)
             await service.wait_idle()
-            waiting_items = len(await cosmos_items(settings, waiting))
-            done_items = len(await cosmos_items(settings, done))
+            waiting_items = len(await partition_of(settings, waiting))
+            done_items = len(await partition_of(settings, done))
             # A TTL past both cases' last write: by their age, both have expired.
             first = await last_write(settings, waiting, done)
             swept = await backends.retention.sweep(limit=100, now=first + COLD_TTL + 1)
-            waiting_left = len(await cosmos_items(settings, waiting))
+            waiting_left = len(await partition_of(settings, waiting))
             kept = await backends.checkpoints.get_checkpoint(waiting, "", None) is not None
-            done_left = len(await cosmos_items(settings, done))
+            done_left = len(await partition_of(settings, done))
             # Kept means usable: the review resumes the case, which ends the hold.
             await asyncio.sleep(max(0.0, first + 1.05 - time.time()))  # writes past `first`
             decided = await app.decide(waiting, "approve", "retention-reviewer")
@@ -134,7 +118,7 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
             last = await last_write(settings, waiting)
             kept_early = await backends.retention.sweep(limit=100, now=last + COLD_TTL)
             swept_after = await backends.retention.sweep(limit=100, now=last + COLD_TTL + 1)
-            decided_left = len(await cosmos_items(settings, waiting))
+            decided_left = len(await partition_of(settings, waiting))
         connection = CosmosConnection(settings.cosmos)
         try:
             container = await connection.container()
@@ -163,13 +147,7 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
         assert decided.accepted and final is CaseStatus.COMPLETED
         assert kept_early == 0 and swept_after >= 1 and decided_left == 0
     finally:
-        connection = CosmosConnection(settings.cosmos)
-        try:
-            container = await connection.container()
-            database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
-            await database.delete_container(container)
-        finally:
-            await connection.close()
+        await drop_container(settings)
 
 
 async def backdate_postgres(url: str, seconds: int) -> None:

@@ -31,13 +31,13 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
-from state.cold.cosmos_client import CosmosConnection
 from state.errors import StateTooLarge
 from state.factory import backends_for
 from state.ports import JSON, ColdStateStore
 from state.settings import Settings
 from state.size import ARCHIVED_KEY, OFFLOADED_KEY, is_offloaded
 from state.tiered import TieredStateStore
+from tests.support.cosmos import partition_of
 
 from .conftest import Recorder
 
@@ -51,20 +51,11 @@ def payload(megabytes: float, seed: int) -> bytes:
 
 async def cosmos_items(settings: Settings, thread_ids: list[str]) -> list[int]:
     """Sizes of every stored document in these threads' partitions, as Cosmos would count them."""
-    connection = CosmosConnection(settings.cosmos)
-    try:
-        container = await connection.container()
-        sizes = []
-        for thread_id in thread_ids:
-            async for item in container.query_items(
-                "SELECT * FROM c WHERE c.thread_id = @t",
-                parameters=[{"name": "@t", "value": thread_id}],
-                partition_key=thread_id,
-            ):
-                sizes.append(len(json.dumps(item, separators=(",", ":")).encode()))
-        return sizes
-    finally:
-        await connection.close()
+    return [
+        len(json.dumps(item, separators=(",", ":")).encode())
+        for thread_id in thread_ids
+        for item in await partition_of(settings, thread_id)
+    ]
 
 
 def references(value: JSON) -> set[str]:

@@ -36,6 +36,7 @@ from typing import Annotated, Any, TypedDict
 
 from state.errors import LockNotAcquired, StaleFencingToken, VersionConflict, WorkflowExists
 from state.factory import open_backends
+from state.ports import Lock
 from state.settings import Settings
 from state.tiered import TieredStateStore
 
@@ -47,6 +48,22 @@ TAKE_DEADLINE_S = 20.0
 def emit(**event: Any) -> None:
     # One write(2) per line: lines from forked children never interleave.
     os.write(1, (json.dumps(event) + "\n").encode())
+
+
+async def take_when_told(store: TieredStateStore, lock_name: str, ttl_ms: int) -> Lock | None:
+    """Say "ready", wait for a line on stdin, then take the lock, retrying until the old
+    holder's TTL has run out (None, reported, if it never does)."""
+    emit(event="ready")
+    await asyncio.to_thread(sys.stdin.readline)
+    deadline = time.monotonic() + TAKE_DEADLINE_S
+    while True:
+        try:
+            return await store.lock(lock_name, ttl_ms=ttl_ms)
+        except LockNotAcquired:
+            if time.monotonic() > deadline:
+                emit(event="never-locked")
+                return None
+            await asyncio.sleep(0.02)
 
 
 async def fence_hold(thread_id: str, lock_name: str, ttl_ms: int) -> None:
@@ -85,18 +102,9 @@ async def fence_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
     backends = await open_backends(Settings())
     store = TieredStateStore.from_backends(backends)
     try:
-        emit(event="ready")
-        await asyncio.to_thread(sys.stdin.readline)
-        deadline = time.monotonic() + TAKE_DEADLINE_S
-        while True:
-            try:
-                lock = await store.lock(lock_name, ttl_ms=ttl_ms)
-                break
-            except LockNotAcquired:
-                if time.monotonic() > deadline:
-                    emit(event="never-locked")
-                    return
-                await asyncio.sleep(0.02)
+        lock = await take_when_told(store, lock_name, ttl_ms)
+        if lock is None:
+            return
         # The paused holder may have written cold but not yet hot: a conflict means
         # "re-read", exactly as the app's writers do.
         for _ in range(MAX_WRITES):
@@ -179,18 +187,9 @@ async def checkpoint_take(thread_id: str, lock_name: str, ttl_ms: int) -> None:
     saver = TieredCheckpointSaver.from_backends(backends)
     graph = chat_graph(saver)
     try:
-        emit(event="ready")
-        await asyncio.to_thread(sys.stdin.readline)
-        deadline = time.monotonic() + TAKE_DEADLINE_S
-        while True:
-            try:
-                lock = await store.lock(lock_name, ttl_ms=ttl_ms)
-                break
-            except LockNotAcquired:
-                if time.monotonic() > deadline:
-                    emit(event="never-locked")
-                    return
-                await asyncio.sleep(0.02)
+        lock = await take_when_told(store, lock_name, ttl_ms)
+        if lock is None:
+            return
         config = fenced_config(thread_id, lock.fence)
         state = await graph.ainvoke({"messages": ["take"]}, config)
         await saver.aflush(thread_id)

@@ -108,11 +108,9 @@ class FakeCosmosClient:
         self.closed = True
 
 
-async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
-    env: Callable[..., Settings],
-    recorded_default_credential: list[dict[str, Any]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def cosmos_clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeCosmosClient]:
+    """The Cosmos clients the adapter builds, each a `FakeCosmosClient` recording its arguments."""
     clients: list[FakeCosmosClient] = []
 
     def fake_client(url: str, credential: Any, **kwargs: Any) -> FakeCosmosClient:
@@ -120,11 +118,19 @@ async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
         return clients[-1]
 
     monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
+    return clients
+
+
+async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
+    env: Callable[..., Settings],
+    recorded_default_credential: list[dict[str, Any]],
+    cosmos_clients: list[FakeCosmosClient],
+) -> None:
     settings = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, AZURE_CLIENT_ID=CLIENT_ID)
     connection = CosmosConnection(settings.cosmos)
     try:
         assert await connection.container() == "container:state"
-        (client,) = clients
+        (client,) = cosmos_clients
         assert client.url == COSMOS_ENDPOINT
         assert isinstance(client.credential, azure.identity.aio.DefaultAzureCredential)
         assert recorded_default_credential == [{"managed_identity_client_id": CLIENT_ID}]
@@ -138,21 +144,14 @@ async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
 async def test_cosmos_with_a_key_uses_it_and_no_credential(
     env: Callable[..., Settings],
     recorded_default_credential: list[dict[str, Any]],
-    monkeypatch: pytest.MonkeyPatch,
+    cosmos_clients: list[FakeCosmosClient],
 ) -> None:
-    clients: list[FakeCosmosClient] = []
-
-    def fake_client(url: str, credential: Any, **kwargs: Any) -> FakeCosmosClient:
-        clients.append(FakeCosmosClient(url, credential, **kwargs))
-        return clients[-1]
-
-    monkeypatch.setattr(cosmos_client, "CosmosClient", fake_client)
     connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5").cosmos)
     try:
         await connection.container()
     finally:
         await connection.close()
-    assert clients[0].credential == "a2V5"
+    assert cosmos_clients[0].credential == "a2V5"
     assert recorded_default_credential == []
 
 

@@ -31,6 +31,7 @@ from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_namespace
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
+from tests.support.cosmos import partition
 
 COSMOS_ITEM_LIMIT = 2 * 1024 * 1024
 
@@ -204,19 +205,6 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-async def thread_docs(tiers: Tiers, thread_id: str) -> list[dict[str, Any]]:
-    """Every document stored for a thread, to look at what the store wrote."""
-    container = await tiers.connection.container()
-    return [
-        doc
-        async for doc in container.query_items(
-            "SELECT * FROM c WHERE c.thread_id = @thread",
-            parameters=[{"name": "@thread", "value": thread_id}],
-            partition_key=thread_id,
-        )
-    ]
-
-
 def stored_values(docs: list[dict[str, Any]]) -> int:
     """Channel values held by a thread's documents (checkpoints and values holders)."""
     return sum(len(doc.get("values") or {}) for doc in docs)
@@ -357,7 +345,7 @@ async def test_a_step_writes_only_the_channels_it_changed(tiers: Tiers) -> None:
     # The large ledger is stored once, in the step that wrote it, never again.
     assert sum(channels.count("ledger") for channels in written) == 1
     assert all(channels.count("notes") <= 1 for channels in written)
-    docs = await thread_docs(tiers, config["configurable"]["thread_id"])
+    docs = await partition(tiers.connection, config["configurable"]["thread_id"])
     holding_ledger = [d for d in docs if "ledger" in (d.get("values") or {})]
     assert len(holding_ledger) == 1
     # Every checkpoint still reads back complete, from blobs of different steps.
@@ -475,7 +463,7 @@ async def test_a_5_mb_value_is_chunked_under_the_item_limit_and_read_back_intact
         assert read.checkpoint["channel_values"]["attachment"] == huge
         assert read.checkpoint["channel_values"]["transcript"] == huge_text
         assert read.pending_writes == [("task-1", "attachment", huge)]
-    docs = await thread_docs(tiers, config["configurable"]["thread_id"])
+    docs = await partition(tiers.connection, config["configurable"]["thread_id"])
     assert max(len(json.dumps(doc).encode()) for doc in docs) <= COSMOS_ITEM_LIMIT
     assert sum(doc["type"] == "checkpoint_chunk" for doc in docs) >= 4
 
@@ -735,12 +723,12 @@ async def test_prune_keeps_the_latest_and_drops_unreferenced_blobs(tiers: Tiers)
     config = thread_config()
     await graph.ainvoke(case_input(75.0), config)
     thread_id = config["configurable"]["thread_id"]
-    before = await thread_docs(tiers, thread_id)
+    before = await partition(tiers.connection, thread_id)
     latest = await tiers.saver.aget_tuple(config)
 
     await tiers.saver.aprune([thread_id], strategy="keep_latest")
 
-    after = await thread_docs(tiers, thread_id)
+    after = await partition(tiers.connection, thread_id)
     [kept] = [d for d in after if d["type"] == "checkpoint"]
     assert stored_values(after) < stored_values(before)
     # What stays besides the checkpoint holds values it still names, nothing else.

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_checkpointer.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_checkpointer.py"
 
 
 @pytest.fixture(scope="module")

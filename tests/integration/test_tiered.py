@@ -154,6 +154,22 @@ class HeldCold:
         return getattr(self._inner, name)
 
 
+async def evicted_then_read(
+    hot: RedisHotStore,
+    cold: ColdStateStore,
+    other_process: Callable[[ColdStateStore], TieredStateStore],
+    thread: str,
+) -> tuple[HeldCold, TieredStateStore, asyncio.Task[WorkflowRecord | None]]:
+    """Evict the thread's hot copy, then start another worker's read of it: it misses and
+    reads cold, and waits holding what it read (version 1) until `held.release` is set."""
+    await hot.invalidate(thread)
+    held = HeldCold(cold)
+    reader = other_process(held)  # type: ignore[arg-type]
+    reading = asyncio.create_task(reader.get(thread))
+    await held.read_done.wait()
+    return held, reader, reading
+
+
 class LaggingCold:
     """The real cold store, whose read results arrive a little late (a slow network)."""
 
@@ -319,12 +335,7 @@ async def test_a_stale_install_racing_a_newer_write_cannot_win(
 ) -> None:
     thread = _thread()
     await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, reader, reading = await evicted_then_read(hot, cold, other_process, thread)
 
     newer = await tiered.update_section(
         thread, "billing", "v2", agent_id="billing", expected_version=1
@@ -346,12 +357,7 @@ async def test_a_retried_create_does_not_let_a_stale_install_stick(
 ) -> None:
     thread = _thread()
     await tiered.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, _, reading = await evicted_then_read(hot, cold, other_process, thread)
     newer = await tiered.update_section(
         thread, "billing", "v2", agent_id="billing", expected_version=1
     )
@@ -435,12 +441,7 @@ async def test_a_reader_install_cannot_clear_a_live_writers_intent(
     writer_settings = settings_for(state_lock_ttl_ms=1)  # its intent expires almost at once
     writer = TieredStateStore(DyingCold(cold), hot, writer_settings)  # type: ignore[arg-type]
     await writer.create(thread, {"billing": "v1"}, agent_id="intake")
-    await hot.invalidate(thread)  # evicted: the next read misses
-
-    held = HeldCold(cold)
-    reader = other_process(held)  # type: ignore[arg-type]
-    reading = asyncio.create_task(reader.get(thread))
-    await held.read_done.wait()  # the reader holds version 1, read from cold
+    held, reader, reading = await evicted_then_read(hot, cold, other_process, thread)
     with pytest.raises(WorkerKilled):
         await writer.update_section(thread, "billing", "v2", agent_id="billing", expected_version=1)
     # The writer registered its intent before now and its bound is 1 ms: wait on the
@@ -741,116 +742,117 @@ def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture
+async def on_dedicated_redis(
+    dedicated_redis: RedisServer, cold: CosmosStateStore, settings_for: Callable[..., Settings]
+) -> AsyncIterator[Callable[..., tuple[RedisHotStore, TieredStateStore]]]:
+    """Builds a tiered store over `cold` (or a wrapper of it) and the test's own Redis;
+    whatever it built is closed after the test."""
+    settings = settings_for(redis_url=dedicated_redis.url)
+    opened: list[tuple[RedisHotStore, TieredStateStore]] = []
+
+    def build(cold_store: ColdStateStore = cold) -> tuple[RedisHotStore, TieredStateStore]:
+        hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
+        opened.append((hot, TieredStateStore(cold_store, hot, settings)))
+        return opened[-1]
+
+    yield build
+    for hot, tiered in opened:
+        await tiered.close()
+        await hot.close()
+
+
 async def test_redis_stopped_mid_run_then_restarted(
     dedicated_redis: RedisServer,
     cold: CosmosStateStore,
-    settings_for: Callable[..., Settings],
+    on_dedicated_redis: Callable[..., tuple[RedisHotStore, TieredStateStore]],
 ) -> None:
-    settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
-    tiered = TieredStateStore(cold, hot, settings)
-    try:
-        thread, second_thread, untouched = _thread(), _thread(), _thread()
-        await tiered.create(thread, {"billing": 0}, agent_id="intake")
-        kept = await tiered.create(untouched, {"billing": 0}, agent_id="intake")
-        assert await tiered.get(thread) is not None and tiered.stats.hits == 1
+    hot, tiered = on_dedicated_redis()
+    thread, second_thread, untouched = _thread(), _thread(), _thread()
+    await tiered.create(thread, {"billing": 0}, agent_id="intake")
+    kept = await tiered.create(untouched, {"billing": 0}, agent_id="intake")
+    assert await tiered.get(thread) is not None and tiered.stats.hits == 1
 
-        dedicated_redis.stop()
-        for amount in range(1, 6):
-            record = await tiered.update_section(thread, "billing", amount, agent_id="billing")
-        assert record.version == 6
-        assert await tiered.get(thread) == record
-        created = await tiered.create(second_thread, {"account": "locked"}, agent_id="intake")
-        health = {h.name: h for h in await tiered.health()}
-        assert health["cosmos"].up and not health["redis"].up
-        assert tiered.stats.hot_errors >= 1
-        with pytest.raises(BackendUnavailable):
-            await tiered.lock(thread)
-        assert await cold.get(thread) == record  # nothing lost
+    dedicated_redis.stop()
+    for amount in range(1, 6):
+        record = await tiered.update_section(thread, "billing", amount, agent_id="billing")
+    assert record.version == 6
+    assert await tiered.get(thread) == record
+    created = await tiered.create(second_thread, {"account": "locked"}, agent_id="intake")
+    health = {h.name: h for h in await tiered.health()}
+    assert health["cosmos"].up and not health["redis"].up
+    assert tiered.stats.hot_errors >= 1
+    with pytest.raises(BackendUnavailable):
+        await tiered.lock(thread)
+    assert await cold.get(thread) == record  # nothing lost
 
-        dedicated_redis.start()  # no persistence: it comes back empty
-        health = {h.name: h for h in await tiered.health()}
-        assert health["cosmos"].up and health["redis"].up
-        errors_before = tiered.stats.hot_errors
-        assert await tiered.get(thread) == record
-        assert await tiered.get(second_thread) == created
-        await tiered.settled()  # the reads started settling, in the background
-        assert await hot.get(thread) == record and await hot.get(second_thread) == created
-        misses = tiered.stats.misses
-        assert await tiered.get(untouched) == kept and tiered.stats.misses == misses + 1
-        assert await hot.get(untouched) == kept
-        hits = tiered.stats.hits
-        assert await tiered.get(thread) == record and tiered.stats.hits == hits + 1
-        assert tiered.stats.hot_errors == errors_before
-        trail = await tiered.audit_trail(thread)
-        assert [e.version for e in trail] == [6, 5, 4, 3, 2, 1]
-        print(f"\nredis outage: stats {tiered.stats}")
-    finally:
-        await tiered.close()
-        await hot.close()
+    dedicated_redis.start()  # no persistence: it comes back empty
+    health = {h.name: h for h in await tiered.health()}
+    assert health["cosmos"].up and health["redis"].up
+    errors_before = tiered.stats.hot_errors
+    assert await tiered.get(thread) == record
+    assert await tiered.get(second_thread) == created
+    await tiered.settled()  # the reads started settling, in the background
+    assert await hot.get(thread) == record and await hot.get(second_thread) == created
+    misses = tiered.stats.misses
+    assert await tiered.get(untouched) == kept and tiered.stats.misses == misses + 1
+    assert await hot.get(untouched) == kept
+    hits = tiered.stats.hits
+    assert await tiered.get(thread) == record and tiered.stats.hits == hits + 1
+    assert tiered.stats.hot_errors == errors_before
+    trail = await tiered.audit_trail(thread)
+    assert [e.version for e in trail] == [6, 5, 4, 3, 2, 1]
+    print(f"\nredis outage: stats {tiered.stats}")
 
 
 async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
     dedicated_redis: RedisServer,
-    cold: CosmosStateStore,
-    settings_for: Callable[..., Settings],
+    on_dedicated_redis: Callable[..., tuple[RedisHotStore, TieredStateStore]],
 ) -> None:
-    settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
-    tiered = TieredStateStore(cold, hot, settings)
+    hot, tiered = on_dedicated_redis()
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    dedicated_redis.pause()  # hung, not gone: it keeps version 1
     try:
-        thread = _thread()
-        await tiered.create(thread, {"s": 0}, agent_id="a")
-        dedicated_redis.pause()  # hung, not gone: it keeps version 1
-        try:
-            updated = await tiered.update_section(thread, "s", 1, agent_id="a")
-        finally:
-            dedicated_redis.resume()
-        assert updated.version == 2 and tiered.stats.hot_errors >= 1
-        assert (await hot.get(thread)).version == 1  # type: ignore[union-attr]
-
-        await tiered.health()  # reachable again
-        assert await tiered.get(thread) == updated
-        await tiered.settled()
-        assert await hot.get(thread) == updated
+        updated = await tiered.update_section(thread, "s", 1, agent_id="a")
     finally:
-        await tiered.close()
-        await hot.close()
+        dedicated_redis.resume()
+    assert updated.version == 2 and tiered.stats.hot_errors >= 1
+    assert (await hot.get(thread)).version == 1  # type: ignore[union-attr]
+
+    await tiered.health()  # reachable again
+    assert await tiered.get(thread) == updated
+    await tiered.settled()
+    assert await hot.get(thread) == updated
 
 
 async def test_a_read_during_settling_is_served_from_cold(
     dedicated_redis: RedisServer,
     cold: CosmosStateStore,
-    settings_for: Callable[..., Settings],
+    on_dedicated_redis: Callable[..., tuple[RedisHotStore, TieredStateStore]],
 ) -> None:
-    settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     gated = GatedCold(cold)
-    tiered = TieredStateStore(gated, hot, settings)  # type: ignore[arg-type]
+    hot, tiered = on_dedicated_redis(gated)
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    dedicated_redis.pause()  # hung, not gone: it keeps version 1
     try:
-        thread = _thread()
-        await tiered.create(thread, {"s": 0}, agent_id="a")
-        dedicated_redis.pause()  # hung, not gone: it keeps version 1
-        try:
-            updated = await tiered.update_section(thread, "s", 1, agent_id="a")
-        finally:
-            dedicated_redis.resume()
-        await tiered.health()  # reachable again; the thread still waits to be settled
-
-        gated.gate.clear()
-        first = asyncio.create_task(tiered.get(thread))
-        # The read starts settling in the background and goes to cold itself.
-        assert [await gated.arrivals.get(), await gated.arrivals.get()] == [thread, thread]
-        second = asyncio.create_task(tiered.get(thread))  # settling's cold read is held
-        assert await gated.arrivals.get() == thread  # so this one goes to cold too
-        gated.gate.set()
-        assert await first == updated  # never the version-1 copy still in Redis
-        assert await second == updated
-        await tiered.settled()
-        assert await hot.get(thread) == updated
+        updated = await tiered.update_section(thread, "s", 1, agent_id="a")
     finally:
-        await tiered.close()
-        await hot.close()
+        dedicated_redis.resume()
+    await tiered.health()  # reachable again; the thread still waits to be settled
+
+    gated.gate.clear()
+    first = asyncio.create_task(tiered.get(thread))
+    # The read starts settling in the background and goes to cold itself.
+    assert [await gated.arrivals.get(), await gated.arrivals.get()] == [thread, thread]
+    second = asyncio.create_task(tiered.get(thread))  # settling's cold read is held
+    assert await gated.arrivals.get() == thread  # so this one goes to cold too
+    gated.gate.set()
+    assert await first == updated  # never the version-1 copy still in Redis
+    assert await second == updated
+    await tiered.settled()
+    assert await hot.get(thread) == updated
 
 
 class HeldThreadsCold:
@@ -886,39 +888,33 @@ OUTAGE_THREADS = 3 * SETTLE_CONCURRENCY
 async def test_the_first_read_after_an_outage_does_not_settle_every_thread_on_its_path(
     dedicated_redis: RedisServer,
     cold: CosmosStateStore,
-    settings_for: Callable[..., Settings],
+    on_dedicated_redis: Callable[..., tuple[RedisHotStore, TieredStateStore]],
 ) -> None:
-    settings = settings_for(redis_url=dedicated_redis.url)
-    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
     held = HeldThreadsCold(cold)
-    tiered = TieredStateStore(held, hot, settings)  # type: ignore[arg-type]
-    try:
-        untouched = _thread()
-        kept = await tiered.create(untouched, {"s": 0}, agent_id="a")
-        dedicated_redis.stop()
-        written = [_thread() for _ in range(OUTAGE_THREADS)]
-        records = {t: await tiered.create(t, {"s": 1}, agent_id="a") for t in written}
-        dedicated_redis.start()  # back, empty
-        await tiered.health()  # reachable again; the outage's threads wait to be settled
+    hot, tiered = on_dedicated_redis(held)
+    untouched = _thread()
+    kept = await tiered.create(untouched, {"s": 0}, agent_id="a")
+    dedicated_redis.stop()
+    written = [_thread() for _ in range(OUTAGE_THREADS)]
+    records = {t: await tiered.create(t, {"s": 1}, agent_id="a") for t in written}
+    dedicated_redis.start()  # back, empty
+    await tiered.health()  # reachable again; the outage's threads wait to be settled
 
-        held.held.update(written)  # settling them now waits at the gate
-        assert await asyncio.wait_for(tiered.get(untouched), timeout=5) == kept
-        while held.waiting < SETTLE_CONCURRENCY:  # settling goes on in the background...
-            held.arrived.clear()
-            await asyncio.wait_for(held.arrived.wait(), timeout=5)
-        await asyncio.sleep(0.2)  # time for more to arrive, were it not bounded
-        assert held.most_waiting == SETTLE_CONCURRENCY  # ...bounded
-        assert await hot.get(untouched) == kept
+    held.held.update(written)  # settling them now waits at the gate
+    assert await asyncio.wait_for(tiered.get(untouched), timeout=5) == kept
+    while held.waiting < SETTLE_CONCURRENCY:  # settling goes on in the background...
+        held.arrived.clear()
+        await asyncio.wait_for(held.arrived.wait(), timeout=5)
+    await asyncio.sleep(0.2)  # time for more to arrive, were it not bounded
+    assert held.most_waiting == SETTLE_CONCURRENCY  # ...bounded
+    assert await hot.get(untouched) == kept
 
-        held.gate.set()
-        await tiered.settled()
-        for thread, record in records.items():
-            assert await hot.get(thread) == record
-            assert await tiered.get(thread) == record
-        assert held.most_waiting == SETTLE_CONCURRENCY
-    finally:
-        await tiered.close()
-        await hot.close()
+    held.gate.set()
+    await tiered.settled()
+    for thread, record in records.items():
+        assert await hot.get(thread) == record
+        assert await tiered.get(thread) == record
+    assert held.most_waiting == SETTLE_CONCURRENCY
 
 
 async def test_a_record_gone_from_cold_is_not_served_from_hot_after_a_write_finds_it_gone(

@@ -2,7 +2,7 @@
 node finishing and the step committing, and the run resumes without re-running that node.
 
 Run as a script, this module is the worker that gets killed:
-`python tests/test_crash_resume.py <workdir> <thread_id>` (settings from the environment).
+`python tests/integration/test_crash_resume.py <workdir> <thread_id>` (settings from the environment).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.factory import backends_for
 from state.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Side effects, one line per node execution: what a resume must not repeat.
 RUNS_LOG = "runs.log"
 # The slow node waits for this file; the crashed worker never sees it.

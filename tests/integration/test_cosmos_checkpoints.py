@@ -19,6 +19,7 @@ from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
+from tests.support.cosmos import partition
 
 # Small items, so a 20 kB value is chunked.
 ITEM_LIMIT = 4096
@@ -88,18 +89,6 @@ def stored(
         metadata={"step": n, "run_id": run_id},
         channel_versions=versions,
     )
-
-
-async def partition(connection: CosmosConnection, thread_id: str) -> list[dict[str, Any]]:
-    container = await connection.container()
-    return [
-        doc
-        async for doc in container.query_items(
-            "SELECT * FROM c WHERE c.thread_id = @t",
-            parameters=[{"name": "@t", "value": thread_id}],
-            partition_key=thread_id,
-        )
-    ]
 
 
 def comparable(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,265 @@
+"""The `CheckpointCache` and `WriteBehindLog` contracts on a real redis-server and on the
+in-memory fakes: the cache only moves forward, keeps early writes for their checkpoint and
+fills only under an unrevoked lease; the log keeps a thread's work in order until it is
+acknowledged, fences stale writers, lists dirty threads and locks a thread for one flusher.
+
+Each store gets a namespace of its own (a cold store identity no other test uses), so
+the dirty listing holds this test's threads only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from state.errors import StaleFencingToken
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
+from state.ports import (
+    CheckpointCache,
+    CheckpointFence,
+    CheckpointPut,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    WriteBehindLog,
+    WritesPut,
+)
+from state.settings import Settings
+from tests.support.fakes import MEMORY, MemoryHotTier
+from tests.support.records import unique_thread
+
+
+@dataclass
+class HotCheckpoints:
+    cache: CheckpointCache
+    log: WriteBehindLog
+    fence: CheckpointFence
+
+
+@pytest.fixture(params=["redis", MEMORY])
+async def hot(request: pytest.FixtureRequest) -> AsyncIterator[HotCheckpoints]:
+    if request.param == MEMORY:
+        tier = MemoryHotTier()
+        yield HotCheckpoints(tier.cache, tier.log, tier.fence)
+        return
+    stack_env: dict[str, str] = request.getfixturevalue("stack_env")
+    settings = Settings.model_validate(
+        {
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_container": f"hot-{uuid.uuid4().hex[:8]}",
+            "redis_url": stack_env["REDIS_URL"],
+        }
+    )
+    client = create_redis_client(settings)
+    cache = RedisCheckpointCache(
+        client, namespace=hot_namespace(settings), ttl_seconds=settings.state_hot_ttl_seconds
+    )
+    yield HotCheckpoints(
+        cache, RedisWriteBehindLog(client, cache), RedisCheckpointFence(client, cache)
+    )
+    await client.aclose()
+
+
+def checkpoint(thread_id: str, n: int, *, ns: str = "") -> StoredCheckpoint:
+    """Checkpoint `n` of a thread (ids order as LangGraph's do), child of `n - 1`."""
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns=ns,
+        checkpoint_id=f"{n:08}",
+        parent_checkpoint_id=f"{n - 1:08}" if n > 1 else None,
+        checkpoint=("json", b'{"n": %d}' % n),
+        metadata={"step": n},
+        channel_versions={"chat": n, "notes": 1},
+    )
+
+
+def blob(channel: str, version: int) -> StoredBlob:
+    return StoredBlob(channel, version, ("json", f"{channel}@{version}".encode()))
+
+
+def write(task_id: str, value: str, idx: int = 0) -> StoredWrite:
+    return StoredWrite(task_id, "", idx, "chat", ("json", value.encode()))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+async def test_the_cache_moves_forward_by_deltas_and_never_back(hot: HotCheckpoints) -> None:
+    thread = unique_thread("cpc")
+    await hot.cache.advance(checkpoint(thread, 1), [blob("chat", 1), blob("notes", 1)])
+    await hot.cache.advance(checkpoint(thread, 2), [blob("chat", 2)])  # `notes` unchanged
+    found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert found is not None and found.checkpoint_id == checkpoint(thread, 2).checkpoint_id
+    assert found.blobs == {"chat": blob("chat", 2).value, "notes": blob("notes", 1).value}
+    assert (found.metadata, found.channel_versions) == ({"step": 2}, {"chat": 2, "notes": 1})
+
+    await hot.cache.advance(checkpoint(thread, 1), [blob("chat", 1)])  # late, older
+    again = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert again is not None and again.checkpoint_id == found.checkpoint_id
+
+
+async def test_a_put_whose_parent_is_not_cached_drops_the_entry(hot: HotCheckpoints) -> None:
+    thread = unique_thread("cpc")
+    await hot.cache.advance(checkpoint(thread, 1), [blob("chat", 1), blob("notes", 1)])
+    await hot.cache.advance(checkpoint(thread, 3), [blob("chat", 3)])  # 2 never arrived
+    assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is None
+
+
+async def test_pending_writes_are_kept_exact_and_early_ones_wait_for_their_checkpoint(
+    hot: HotCheckpoints,
+) -> None:
+    thread = unique_thread("cpc")
+    first, second = checkpoint(thread, 1), checkpoint(thread, 2)
+    await hot.cache.advance(first, [blob("chat", 1), blob("notes", 1)])
+    cid = first.checkpoint_id
+    await hot.cache.add_writes(thread, "", cid, [write("a", "first")], upsert=False)
+    await hot.cache.add_writes(thread, "", cid, [write("a", "retried")], upsert=False)
+    await hot.cache.add_writes(thread, "", cid, [write("b", "one")], upsert=True)
+    await hot.cache.add_writes(thread, "", cid, [write("b", "two")], upsert=True)
+    found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert found is not None and found.writes == [write("a", "first"), write("b", "two")]
+
+    # The next step's writes, saved before its checkpoint (LangGraph overlaps the two).
+    await hot.cache.add_writes(
+        thread, "", second.checkpoint_id, [write("c", "early")], upsert=False
+    )
+    await hot.cache.advance(second, [blob("chat", 2)])
+    found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert found is not None and found.writes == [write("c", "early")]
+
+
+async def test_a_fill_installs_under_its_lease_and_a_write_meanwhile_revokes_it(
+    hot: HotCheckpoints,
+) -> None:
+    thread, other = unique_thread("cpc"), unique_thread("cpc")
+    filled = StoredCheckpoint(
+        **{**checkpoint(thread, 1).__dict__, "blobs": {"chat": ("json", b"1")}, "writes": []}
+    )
+    miss = await hot.cache.lookup(thread, "", lease=True)
+    assert miss.checkpoint is None and miss.lease is not None
+    await hot.cache.fill(filled, miss.lease)
+    assert (await hot.cache.lookup(thread, "", lease=True)).checkpoint == filled
+
+    revoked = await hot.cache.lookup(other, "", lease=True)
+    assert revoked.lease is not None
+    await hot.cache.add_writes(
+        other, "", checkpoint(other, 2).checkpoint_id, [write("a", "x")], upsert=False
+    )
+    await hot.cache.fill(checkpoint(other, 1), revoked.lease)  # what it read before
+    assert (await hot.cache.lookup(other, "", lease=False)).checkpoint is None
+
+
+async def test_invalidating_a_thread_drops_every_namespace(hot: HotCheckpoints) -> None:
+    thread = unique_thread("cpc")
+    for ns in ("", "child"):
+        await hot.cache.advance(checkpoint(thread, 1, ns=ns), [blob("chat", 1)])
+    await hot.cache.invalidate(thread, "child")
+    assert (await hot.cache.lookup(thread, "child", lease=False)).checkpoint is None
+    assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is not None
+    await hot.cache.invalidate(thread)
+    assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is None
+
+
+# --------------------------------------------------------------------------- write-behind log
+
+
+async def test_appends_wait_in_order_until_acknowledged_and_move_the_cache(
+    hot: HotCheckpoints,
+) -> None:
+    thread = unique_thread("wbl")
+    assert not await hot.log.pending(thread)
+    put = CheckpointPut(checkpoint(thread, 1), [blob("chat", 1), blob("notes", 1)])
+    writes = WritesPut(thread, "", put.checkpoint.checkpoint_id, [write("a", "w")], False)
+    await hot.log.append_put(put.checkpoint, put.blobs, fence=None)
+    await hot.log.append_writes(thread, "", writes.checkpoint_id, writes.writes, upsert=False, fence=None)  # fmt: skip
+
+    cached = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert cached is not None and cached.writes == [write("a", "w")]
+    assert await hot.log.pending(thread)
+    entries = await hot.log.read(thread, count=10)
+    assert [entry.op for entry in entries] == [put, writes]
+    assert [entry.op for entry in await hot.log.read(thread, count=1)] == [put]
+    assert (await hot.log.backlog()).entries == 2
+
+    assert await hot.log.ack(thread, [entries[0].entry_id]) == 1
+    assert [entry.op for entry in await hot.log.read(thread, count=10)] == [writes]
+    assert await hot.log.ack(thread, [entries[1].entry_id]) == 0
+    assert not await hot.log.pending(thread)
+    assert (await hot.log.backlog()).entries == 0
+
+
+async def test_a_stale_fence_is_refused_and_appends_nothing(hot: HotCheckpoints) -> None:
+    thread = unique_thread("wbl")
+    await hot.log.append_put(checkpoint(thread, 1), [blob("chat", 1)], fence=7)
+    with pytest.raises(StaleFencingToken) as stale:
+        await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=6)
+    assert (stale.value.presented, stale.value.highest) == (6, 7)
+    with pytest.raises(StaleFencingToken):
+        await hot.log.append_writes(
+            thread,
+            "",
+            checkpoint(thread, 1).checkpoint_id,
+            [write("a", "x")],
+            upsert=False,
+            fence=3,
+        )
+    with pytest.raises(StaleFencingToken):
+        await hot.fence.admit(thread, 6)  # write-through writes check the same fence
+    assert len(await hot.log.read(thread, count=10)) == 1
+    await hot.fence.admit(thread, 9)
+    with pytest.raises(StaleFencingToken):
+        await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=8)
+    await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=None)
+    assert len(await hot.log.read(thread, count=10)) == 2
+
+
+async def test_dirty_threads_are_listed_oldest_first_and_settled_only_if_unchanged(
+    hot: HotCheckpoints,
+) -> None:
+    older, newer = unique_thread("wbl"), unique_thread("wbl")
+    await hot.log.append_put(checkpoint(older, 1), [], fence=None)
+    await asyncio.sleep(0.01)  # the listing orders by when a thread became dirty (ms)
+    await hot.log.append_put(checkpoint(newer, 1), [], fence=None)
+    listed = await hot.log.dirty_threads(limit=10)
+    assert [thread for thread, _ in listed] == [older, newer]
+    assert (await hot.log.backlog()).threads == 2
+    marker = dict(listed)[older]
+    assert await hot.log.marker(older) == marker
+
+    await hot.log.append_put(checkpoint(older, 2), [], fence=None)  # arrives meanwhile
+    assert not await hot.log.settle(older, marker)
+    assert await hot.log.settle(older, await hot.log.marker(older) or 0)
+    assert await hot.log.marker(older) is None
+    assert [thread for thread, _ in await hot.log.dirty_threads(limit=10)] == [newer]
+    await hot.log.mark_dirty(older)
+    assert {thread for thread, _ in await hot.log.dirty_threads(limit=10)} == {older, newer}
+
+    await hot.log.discard(older)
+    assert not await hot.log.pending(older)
+    assert [thread for thread, _ in await hot.log.dirty_threads(limit=10)] == [newer]
+
+
+async def test_one_flusher_at_a_time_holds_a_thread(hot: HotCheckpoints) -> None:
+    thread = unique_thread("wbl")
+    token = await hot.log.lock_thread(thread, ttl_ms=200)
+    assert token is not None
+    assert await hot.log.lock_thread(thread, ttl_ms=200) is None
+    assert not await hot.log.renew_thread_lock(thread, "not-the-owner", ttl_ms=200)
+    await hot.log.unlock_thread(thread, "not-the-owner")
+    assert await hot.log.lock_thread(thread, ttl_ms=200) is None  # still held
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        assert await hot.log.renew_thread_lock(thread, token, ttl_ms=200)
+    assert await hot.log.lock_thread(thread, ttl_ms=200) is None  # renewed past its TTL
+    await hot.log.unlock_thread(thread, token)
+    taker = await hot.log.lock_thread(thread, ttl_ms=100)
+    assert taker is not None
+    await asyncio.sleep(0.25)  # not renewed: it runs out
+    assert not await hot.log.renew_thread_lock(thread, taker, ttl_ms=100)
+    assert await hot.log.lock_thread(thread, ttl_ms=100) is not None

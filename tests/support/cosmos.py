@@ -1,0 +1,41 @@
+"""What the Cosmos adapters stored, read straight from the container (any suite's tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from state.cold.cosmos_client import CosmosConnection
+from state.settings import Settings
+
+
+async def partition(connection: CosmosConnection, thread_id: str) -> list[dict[str, Any]]:
+    """Every item of the thread's logical partition, as stored."""
+    container = await connection.container()
+    return [
+        item
+        async for item in container.query_items(
+            "SELECT * FROM c WHERE c.thread_id = @t",
+            parameters=[{"name": "@t", "value": thread_id}],
+            partition_key=thread_id,
+        )
+    ]
+
+
+async def partition_of(settings: Settings, thread_id: str) -> list[dict[str, Any]]:
+    """`partition` over a connection of its own (closed before returning)."""
+    connection = CosmosConnection(settings.cosmos)
+    try:
+        return await partition(connection, thread_id)
+    finally:
+        await connection.close()
+
+
+async def drop_container(settings: Settings) -> None:
+    """Delete the settings' container (one a test created for itself)."""
+    connection = CosmosConnection(settings.cosmos)
+    try:
+        container = await connection.container()
+        database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
+        await database.delete_container(container)
+    finally:
+        await connection.close()

@@ -1,0 +1,219 @@
+"""The write-behind `Flusher` over the in-memory fakes of its ports: drain order, the per-thread
+flush lock and its lease, failures that leave work in the log, in milliseconds.
+
+The fakes keep the ports' contracts (tests/contract runs the same cases on them and on
+the real servers), so what these tests prove is the flusher's own logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from state.checkpoint import flusher as flusher_module
+from state.checkpoint.flusher import Flusher
+from state.errors import BackendUnavailable
+from state.ports import Backlog, FlushOp, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
+from tests.support.fakes import MemoryCheckpointCache, MemoryCheckpointStore, MemoryWriteBehindLog
+
+# Short, so a lease that is not renewed runs out within a test.
+LOCK_TTL_MS = 60
+
+
+def checkpoint(thread_id: str, n: int) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id=f"{n:04}",
+        parent_checkpoint_id=f"{n - 1:04}" if n > 1 else None,
+        checkpoint=("json", b"{}"),
+        metadata={"step": n},
+        channel_versions={"chat": n},
+    )
+
+
+async def append(log: MemoryWriteBehindLog, thread_id: str, steps: int) -> None:
+    """`steps` checkpoints of the thread, each with one pending write."""
+    for n in range(1, steps + 1):
+        await log.append_put(
+            checkpoint(thread_id, n), [StoredBlob("chat", n, ("json", b"%d" % n))], fence=None
+        )
+        write = StoredWrite("task", "", 0, "chat", ("json", b"w%d" % n))
+        await log.append_writes(thread_id, "", f"{n:04}", [write], upsert=False, fence=None)
+
+
+async def stored_ids(store: MemoryCheckpointStore, thread_id: str) -> list[str]:
+    found = store.list_checkpoints(
+        thread_id=thread_id, checkpoint_ns="", before=None, limit=None, metadata_filter=None
+    )
+    return [c.checkpoint_id async for c in found]
+
+
+class RecordingStore(MemoryCheckpointStore):
+    """Records every batch it applies; `fail` makes the next ones raise as a cold outage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[FlushOp]] = []
+        self.fail = False
+        self.pause: asyncio.Event | None = None
+
+    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+        if self.fail:
+            raise BackendUnavailable("memory", "cold tier down (test)")
+        if self.pause is not None:
+            await self.pause.wait()
+        await super().apply_batch(ops)
+        self.batches.append(list(ops))
+
+
+@pytest.fixture
+def log() -> MemoryWriteBehindLog:
+    return MemoryWriteBehindLog(MemoryCheckpointCache())
+
+
+@pytest.fixture
+def store() -> RecordingStore:
+    return RecordingStore()
+
+
+@pytest.fixture
+def flusher(log: MemoryWriteBehindLog, store: RecordingStore) -> Flusher:
+    return Flusher(log, store, lock_ttl_ms=LOCK_TTL_MS)
+
+
+async def test_a_drain_applies_every_thread_in_order_and_empties_the_backlog(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    for thread in ("a", "b", "c"):
+        await append(log, thread, 3)
+    assert (await log.backlog()).entries == 18
+    assert await flusher.drain() == 18
+    assert flusher.flushed_entries == 18
+    for thread in ("a", "b", "c"):
+        assert await stored_ids(store, thread) == ["0003", "0002", "0001"]
+        applied = [op for batch in store.batches for op in batch if _thread(op) == thread]
+        assert [_position(op) for op in applied] == [
+            ("put", 1), ("writes", 1), ("put", 2), ("writes", 2), ("put", 3), ("writes", 3)
+        ]  # fmt: skip
+    assert await log.backlog() == Backlog(0, 0, None)
+    assert await flusher.drain() == 0
+
+
+async def test_batches_are_bounded_and_each_is_acknowledged_before_the_next(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(flusher_module, "BATCH_ENTRIES", 4)
+    await append(log, "a", 5)
+    assert await flusher.flush_thread("a") == 10
+    assert [len(batch) for batch in store.batches] == [4, 4, 2]
+    assert not await log.pending("a")
+
+
+async def test_a_drain_leaves_a_thread_another_flusher_holds(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    await append(log, "held", 1)
+    await append(log, "free", 1)
+    token = await log.lock_thread("held", ttl_ms=10_000)
+    assert token is not None
+    assert await flusher.drain() == 2
+    assert await log.pending("held") and not await log.pending("free")
+    await log.unlock_thread("held", token)
+    assert await flusher.drain() == 2
+    assert not await log.pending("held")
+
+
+async def test_a_boundary_waits_for_the_lock_and_then_flushes_everything(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    await append(log, "a", 2)
+    token = await log.lock_thread("a", ttl_ms=10_000)
+    assert token is not None
+    boundary = asyncio.create_task(flusher.flush_thread("a"))
+    await asyncio.sleep(0.03)
+    assert not boundary.done() and store.batches == []
+    await log.unlock_thread("a", token)
+    assert await boundary == 4
+    assert await stored_ids(store, "a") == ["0002", "0001"]
+
+
+async def test_a_holder_keeps_its_lock_past_the_ttl_by_renewing_it(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    await append(log, "a", 1)
+    store.pause = asyncio.Event()
+    flushing = asyncio.create_task(flusher.flush_thread("a"))
+    await asyncio.sleep(3 * LOCK_TTL_MS / 1000)  # three TTLs inside one batch
+    assert await log.lock_thread("a", ttl_ms=10_000) is None  # still the flusher's
+    store.pause.set()
+    assert await flushing == 2
+
+
+async def test_a_lease_lost_mid_flush_is_taken_again_and_the_flush_finishes(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(flusher_module, "BATCH_ENTRIES", 2)
+    await append(log, "a", 2)
+    store.pause = asyncio.Event()
+    flushing = asyncio.create_task(flusher.flush_thread("a"))
+    await asyncio.sleep(0.01)
+    # Redis out of reach for longer than the TTL: the renewals fail, the lease runs out.
+    log.outage.down = True
+    await asyncio.sleep(3 * LOCK_TTL_MS / 1000)
+    log.outage.down = False
+    store.pause.set()
+    await flushing
+    assert log.requests["lock_thread"] == 2  # lost once, taken again
+    assert await stored_ids(store, "a") == ["0002", "0001"]
+    assert not await log.pending("a")
+
+
+async def test_a_failing_cold_tier_leaves_the_work_in_the_log_for_the_next_pass(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    await append(log, "a", 2)
+    store.fail = True
+    assert await flusher.drain() == 0
+    assert (await log.backlog()).entries == 4
+    with pytest.raises(BackendUnavailable):
+        await flusher.flush_thread("a")
+    store.fail = False
+    assert await flusher.drain() == 4
+    assert (await log.backlog()).entries == 0
+
+
+async def test_the_background_task_drains_after_an_append_and_close_leaves_nothing(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    flusher.start()
+    try:
+        await append(log, "a", 1)
+        flusher.notify()
+        for _ in range(50):  # well before the idle poll (1 s): the notify woke it
+            if not await log.pending("a"):
+                break
+            await asyncio.sleep(0.01)
+        assert await stored_ids(store, "a") == ["0001"]
+        await append(log, "b", 1)  # no notify: close's last drain takes it
+    finally:
+        await flusher.close(final_drain_seconds=1)
+    assert (await log.backlog()).entries == 0
+
+
+def _thread(op: FlushOp) -> str:
+    return op.thread_id if isinstance(op, WritesPut) else op.checkpoint.thread_id
+
+
+def _position(op: FlushOp) -> tuple[str, int]:
+    if isinstance(op, WritesPut):
+        return ("writes", int(op.checkpoint_id))
+    return ("put", int(op.checkpoint.checkpoint_id))
