@@ -60,6 +60,7 @@ from state.ports import (
     WriteIntent,
     WritesPut,
     acting_caller,
+    timed_probe,
 )
 from state.settings import Settings
 
@@ -179,12 +180,10 @@ class _Tier:
         self.requests[operation] += 1
 
     async def health(self) -> TierHealth:
-        started = time.perf_counter()
-        try:
-            self._call("health")
-        except BackendUnavailable as exc:
-            return TierHealth(self.name, up=False, detail=str(exc))
-        return TierHealth(self.name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+        return await timed_probe(self.name, self._ping, errors=(BackendUnavailable,))
+
+    async def _ping(self) -> None:
+        self._call("health")
 
     async def close(self) -> None:
         """Nothing to release."""

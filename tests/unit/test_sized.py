@@ -1,6 +1,6 @@
-"""SizedStateStore over in-memory fakes of the record store and the archive: the size
-layer's own decisions (what it writes below, when it offloads and writes again), in
-milliseconds. Over the real tiers: tests/test_tiered.py."""
+"""SizedStateStore over the in-memory cold store (tests/support/fakes.py) and the real
+archive: the size layer's own decisions (what it writes below, when it offloads and
+writes again), in milliseconds. Over the real tiers: tests/integration/test_tiered.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import pytest
 
 from state.errors import StateTooLarge, VersionConflict, WorkflowNotFound
-from state.ports import JSON, AuditEntry, WorkflowRecord
 from state.size import (
     ARCHIVED_KEY,
+    ColdRecordArchive,
     SizePolicy,
     StateSizeManager,
     canonical_json,
@@ -19,85 +19,25 @@ from state.size import (
     pruned_summary,
 )
 from state.sized import SizedStateStore
+from tests.support.fakes import MemoryColdStore
 
 ITEM_LIMIT = 40_000
 
 
-class MemoryRecords:
-    """A `RecordStore` in a dict that refuses records over `limit` bytes, as Cosmos does."""
-
-    def __init__(self, limit: int = ITEM_LIMIT) -> None:
-        self.records: dict[str, WorkflowRecord] = {}
-        self.limit = limit
-        self.reads = 0
-        # (section, expected version) of every update tried, refused ones included.
-        self.updates: list[tuple[str, int]] = []
-
-    async def get(self, thread_id: str) -> WorkflowRecord | None:
-        self.reads += 1
-        return self.records.get(thread_id)
-
-    async def create(
-        self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
-    ) -> WorkflowRecord:
-        return self._store(WorkflowRecord(thread_id, 1, dict(sections), 1, "t0", "t0"))
-
-    async def update_section(
-        self,
-        thread_id: str,
-        section: str,
-        value: JSON,
-        *,
-        expected_version: int,
-        agent_id: str,
-        fencing_token: int | None = None,
-    ) -> WorkflowRecord:
-        self.updates.append((section, expected_version))
-        current = self.records.get(thread_id)
-        if current is None:
-            raise WorkflowNotFound(thread_id)
-        if current.version != expected_version:
-            raise VersionConflict(thread_id, expected_version, current.version)
-        sections = {**current.sections, section: value}
-        return self._store(WorkflowRecord(thread_id, current.version + 1, sections, 1, "t0", "t1"))
-
-    async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
-        return []
-
-    def _store(self, record: WorkflowRecord) -> WorkflowRecord:
-        size = len(canonical_json(record.sections))
-        if size > self.limit:
-            raise StateTooLarge(f"record {record.thread_id!r}", size, self.limit)
-        self.records[record.thread_id] = record
-        return record
-
-
-class MemoryArchive:
-    def __init__(self) -> None:
-        self.values: dict[str, JSON] = {}
-
-    async def archive(self, thread_id: str, section: str, value: JSON) -> str:
-        ref = f"{thread_id}~archive~{canonical_json(value).hex()[:32]}"
-        self.values[ref] = value
-        return ref
-
-    async def fetch_archived(self, ref: str) -> JSON:
-        return self.values[ref]
-
-
-def sized(records: MemoryRecords, **policy: object) -> SizedStateStore:
-    values: dict[str, object] = {
-        "message_window": 3,
-        "message_sections": frozenset({"messages"}),
-        "reasoning_sections": frozenset(),
-        "reasoning_max_chars": 80,
-        "compress_threshold_bytes": 2048,
-        "archivable_sections": frozenset({"billing"}),
-        "max_item_bytes": ITEM_LIMIT,
-    }
-    values.update(policy)
-    manager = StateSizeManager(SizePolicy(**values), MemoryArchive())  # type: ignore[arg-type]
-    return SizedStateStore(records, manager)
+def sized(cold: MemoryColdStore, archive_to: MemoryColdStore | None = None) -> SizedStateStore:
+    policy = SizePolicy(
+        message_window=3,
+        message_sections=frozenset({"messages"}),
+        reasoning_sections=frozenset(),
+        reasoning_max_chars=80,
+        compress_threshold_bytes=2048,
+        archivable_sections=frozenset({"billing"}),
+        max_item_bytes=ITEM_LIMIT,
+    )
+    archive = ColdRecordArchive(
+        archive_to or cold, max_item_bytes=ITEM_LIMIT, compress_threshold_bytes=2048
+    )
+    return SizedStateStore(cold, StateSizeManager(policy, archive))
 
 
 def noise(size: int) -> str:
@@ -106,41 +46,43 @@ def noise(size: int) -> str:
 
 
 async def test_a_refused_section_is_offloaded_and_written_again_at_the_same_version() -> None:
-    records = MemoryRecords()
-    store = sized(records)
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold)
     # Written past the layer: most of an item already, yet each section alone is small.
-    await records.create("t", {f"s{n}": noise(11_000) for n in range(3)}, agent_id="x")
+    await cold.create("t", {f"s{n}": noise(11_000) for n in range(3)}, agent_id="x")
     value = noise(9000)
     assert len(value) < ITEM_LIMIT // 4  # inline on its own
     record = await store.update_section("t", "d", value, agent_id="x")
-    assert record.version == 2 and record.sections["d"] == value  # plain on the way out
-    assert records.updates == [("d", 1), ("d", 1)]  # refused, then the same version again
-    assert is_offloaded(records.records["t"].sections["d"])
+    # Refused, then written again: at the version read first, or it would conflict.
+    assert cold.requests["update_section"] == 2 and record.version == 2
+    assert record.sections["d"] == value  # plain on the way out
+    stored = await cold.get("t")
+    assert stored is not None and is_offloaded(stored.sections["d"])
     fetched = await store.get("t")
     assert fetched is not None and fetched.sections["d"] == value
 
 
 async def test_a_record_too_large_for_reasons_of_other_sections_is_refused_once() -> None:
-    records = MemoryRecords()
-    store = sized(records)
-    await records.create("t", {f"s{n}": noise(9000) for n in range(4)}, agent_id="x")
-    records.limit = ITEM_LIMIT // 2  # what is already there no longer fits
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold, archive_to=MemoryColdStore())
+    await cold.create("t", {f"s{n}": noise(9000) for n in range(4)}, agent_id="x")
+    cold.max_item_bytes = ITEM_LIMIT // 2  # what is already there no longer fits
     big = noise(ITEM_LIMIT // 2)  # offloaded by the layer at once: nothing left to move
     with pytest.raises(StateTooLarge):
         await store.update_section("t", "d", big, agent_id="x")
-    assert records.updates == [("d", 1)]
-    assert records.records["t"].version == 1
+    assert cold.requests["update_section"] == 1
+    current = await cold.get("t")
+    assert current is not None and current.version == 1
 
 
 async def test_without_an_expected_version_the_current_one_is_read_once_below() -> None:
-    records = MemoryRecords()
-    store = sized(records)
+    cold = MemoryColdStore()
+    store = sized(cold)
     await store.create("t", {"s": 0}, agent_id="x")
-    reads = records.reads
+    reads = cold.requests["get"]
     for value in (1, 2):
         updated = await store.update_section("t", "s", value, agent_id="x")
-    assert updated.version == 3 and records.reads == reads + 2
-    assert records.updates == [("s", 1), ("s", 2)]
+    assert updated.version == 3 and cold.requests["get"] == reads + 2
     with pytest.raises(VersionConflict):
         await store.update_section("t", "s", 3, agent_id="x", expected_version=1)
     with pytest.raises(WorkflowNotFound):
@@ -148,8 +90,8 @@ async def test_without_an_expected_version_the_current_one_is_read_once_below() 
 
 
 async def test_stored_forms_go_below_plain_values_come_back_and_sizes_are_reported() -> None:
-    records = MemoryRecords()
-    store = sized(records)
+    cold = MemoryColdStore()
+    store = sized(cold)
     reported: list[tuple[str, int]] = []
     store.size_listeners.append(lambda operation, size: reported.append((operation, size)))
     messages = [{"role": "user", "content": f"m{n}"} for n in range(6)]
@@ -163,7 +105,8 @@ async def test_stored_forms_go_below_plain_values_come_back_and_sizes_are_report
     # Pruned (lossy, configured) and archived (the caller said it is done with it).
     assert created.sections["messages"] == [pruned_summary(3), *messages[3:]]
     assert set(created.sections["billing"]) == {ARCHIVED_KEY}
-    assert records.records["t"].sections == created.sections  # the stored form, below
+    stored = await cold.get("t")
+    assert stored is not None and stored.sections == created.sections  # the stored form
     fetched = await store.get("t", fetch_archived=True)
     assert fetched is not None and fetched.sections["billing"] == billing
     await store.update_section("t", "notes", "n", agent_id="x")
