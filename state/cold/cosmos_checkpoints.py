@@ -12,7 +12,10 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   If-Match;
 - latest (or by id): two (a `TOP 1` query ordered by checkpoint id, or a point
   read; then a query for its writes and, only when some of its values live in
-  ancestors, one for those, concurrently), plus one for chunks of large values.
+  ancestors, one for those, concurrently), plus one for chunks of large values;
+- delta history (LangGraph's DeltaChannel): two whatever the chain's depth (the
+  namespace's lineage as ids, then the chain's writes and the seeds' holders,
+  concurrently), plus one for chunks of large values.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from ..errors import VersionConflict
 from ..ports import (
     JSON,
+    ChannelHistory,
     CheckpointPut,
     FlushOp,
     PruneStrategy,
@@ -38,7 +42,7 @@ from ..ports import (
 from ..settings import Settings
 from . import cosmos_layout as layout
 from .cosmos_client import CosmosConnection
-from .cosmos_io import Doc, PartitionIO, gather, strip_system
+from .cosmos_io import BULK_PAGE_SIZE, Doc, PartitionIO, gather, strip_system
 from .cosmos_maintenance import CheckpointMaintenance
 
 DEFAULT_PAGE_SIZE = 50
@@ -329,6 +333,100 @@ class CosmosCheckpointStore:
                 if remaining is not None and remaining <= 0:
                     return
 
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        """Two sequential requests whatever the chain's depth, both in the thread's partition
+        (a third only for chunks of values over the item limit).
+
+        First the lineage of the namespace up to the target, newest first: ids, parents,
+        and per channel its version and the document holding its value (small rows; one
+        page holds a thousand checkpoints, and reading stops once every channel met its
+        seed). The chain and each channel's seed are resolved from those ids here; then
+        the writes of exactly the chain's checkpoints and the seeds' holders, concurrently.
+        """
+        if not channels:
+            return {}
+        projected = ", ".join(
+            f"c.value_at[{_sql_name(ch)}] AS a{n}, c.channel_versions[{_sql_name(ch)}] AS v{n}"
+            for n, ch in enumerate(channels)
+        )
+        pages = self._io.pages(
+            f"SELECT c.checkpoint_id, c.parent_checkpoint_id, c.layout, {projected} FROM c"
+            " WHERE c.thread_id = @thread AND c.type = @type AND c.checkpoint_ns = @ns"
+            " AND c.checkpoint_id <= @target ORDER BY c.checkpoint_id DESC",
+            {
+                "@thread": thread_id,
+                "@type": layout.CHECKPOINT,
+                "@ns": checkpoint_ns,
+                "@target": checkpoint_id,
+            },
+            partition=thread_id,
+            page_size=BULK_PAGE_SIZE,
+        )
+        rows: dict[str, Doc] = {}
+        walk = _ChainWalk(checkpoint_id, list(channels), checkpoint_ns)
+        async with aclosing(pages):
+            async for page in pages:
+                rows.update((row["checkpoint_id"], row) for row in page)
+                if walk.advance(rows):
+                    break
+        chain = walk.chain
+        holders = sorted({holder for holder, _ in walk.seed_holder.values()})
+        found_writes: list[Doc] = []
+        found_holders: list[Doc] = []
+        if chain:
+            writes_query = self._io.query_all(
+                "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @write"
+                " AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@checkpoints, c.checkpoint_id)",
+                {
+                    "@thread": thread_id,
+                    "@write": layout.WRITE,
+                    "@ns": checkpoint_ns,
+                    "@checkpoints": sorted(chain),
+                },
+                partition=thread_id,
+            )
+            if holders:
+                found_writes, found_holders = await gather(
+                    [writes_query, self._fetch_list(thread_id, holders)]
+                )
+            else:
+                found_writes = await writes_query
+        # Only the entries of the channels each checkpoint contributes to.
+        docs: list[Doc] = []
+        for doc in found_writes:
+            doc = layout.to_layout_2(doc)
+            wanted = chain.get(doc["checkpoint_id"], set())
+            kept = [entry for entry in doc["writes"] if entry["channel"] in wanted]
+            if kept:
+                docs.append({**doc, "writes": kept})
+        seeds: dict[str, tuple[str, Doc, Doc]] = {}
+        by_id = {doc["id"]: layout.to_layout_2(doc) for doc in found_holders}
+        for ch, (holder_id, version) in walk.seed_holder.items():
+            holder = by_id.get(holder_id)
+            entry = layout.held_values(holder).get(ch) if holder is not None else None
+            if holder is not None and entry is not None and str(entry["version"]) == version:
+                seeds[ch] = (walk.seed_at[ch], holder, entry)
+        chunks = await self._chunks(thread_id, [*docs, *(h for _, h, _ in seeds.values())])
+        by_checkpoint: dict[str, list[Doc]] = defaultdict(list)
+        for doc in docs:
+            by_checkpoint[doc["checkpoint_id"]].append(doc)
+        writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
+        for cid, cid_docs in by_checkpoint.items():
+            for write in layout.stored_writes(cid_docs, chunks):
+                writes[write.channel].append((cid, write))
+        return {
+            ch: ChannelHistory(
+                writes[ch],
+                seed=layout.decode(seeds[ch][1]["id"], seeds[ch][2], chunks)
+                if ch in seeds
+                else None,
+                seed_at=seeds[ch][0] if ch in seeds else None,
+            )
+            for ch in channels
+        }
+
     # ----------------------------------------------------------------------- maintenance
 
     async def delete_thread(self, thread_id: str) -> None:
@@ -443,6 +541,50 @@ class CosmosCheckpointStore:
             partition=thread_id,
         )
         return found
+
+
+class _ChainWalk:
+    """The parent chain of a target resolved from lineage rows (see `delta_history`)."""
+
+    def __init__(self, target: str, channels: list[str], checkpoint_ns: str) -> None:
+        self.checkpoint_ns = checkpoint_ns
+        self.channels = channels
+        # Checkpoint id -> the channels whose writes it contributes.
+        self.chain: dict[str, set[str]] = {}
+        # Channel -> (holder document id, version) and the checkpoint id of its seed.
+        self.seed_holder: dict[str, tuple[str, str]] = {}
+        self.seed_at: dict[str, str] = {}
+        self._remaining = set(channels)
+        self._next: str | None = None
+        self._target = target
+        self._started = False
+
+    def advance(self, rows: dict[str, Doc]) -> bool:
+        """Walk as far as `rows` reach; True once the walk is over (no more rows needed)."""
+        if not self._started:
+            target = rows.get(self._target)
+            if target is None:
+                return bool(rows)  # rows are newest first: the target would be the first
+            self._started = True
+            self._next = target.get("parent_checkpoint_id")
+        while self._next is not None and self._remaining:
+            row = rows.get(self._next)
+            if row is None:
+                return False  # on a later page
+            self.chain[self._next] = set(self._remaining)
+            for n, ch in enumerate(self.channels):
+                if ch not in self._remaining or f"v{n}" not in row:
+                    continue
+                version = str(row[f"v{n}"])
+                holder = row.get(f"a{n}")
+                if holder is None and row.get("layout", 1) < layout.LAYOUT:
+                    holder = layout.blob_doc_id(self.checkpoint_ns, ch, version)
+                if holder is not None:
+                    self.seed_holder[ch] = (holder, version)
+                    self.seed_at[ch] = self._next
+                    self._remaining.discard(ch)
+            self._next = row.get("parent_checkpoint_id")
+        return True
 
 
 def _sql_name(name: str) -> str:

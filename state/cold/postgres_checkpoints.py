@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from ..ports import (
     JSON,
+    ChannelHistory,
     CheckpointPut,
     FlushOp,
     PruneStrategy,
@@ -154,6 +155,73 @@ SELECT %(target)s, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type, che
        metadata, channel_versions, schema_version
 FROM cp_checkpoints WHERE thread_id = %(source)s
 ON CONFLICT DO NOTHING
+"""
+
+# The delta history of a checkpoint (LangGraph's DeltaChannel) in one statement: a walk
+# up the parent chain from the target's parent that goes on while some channel asked
+# for has not met a stored value (its seed); each row carries the channels whose writes
+# it contributes (`wanted`: those not seeded below it) and those seeded at it. Every
+# step is a primary-key lookup, so the cost follows the chain, not the thread.
+DELTA_HISTORY_SQL = """
+WITH RECURSIVE chain AS (
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
+           c.channel_versions, %(channels)s::text[] AS wanted, s.seeded, 1 AS depth
+    FROM cp_checkpoints AS t
+    JOIN cp_checkpoints AS c
+      ON c.thread_id = t.thread_id AND c.checkpoint_ns = t.checkpoint_ns
+     AND c.checkpoint_id = t.parent_checkpoint_id
+    CROSS JOIN LATERAL (
+        SELECT ARRAY(
+            SELECT ch FROM unnest(%(channels)s::text[]) AS ch
+            WHERE EXISTS (
+                SELECT 1 FROM cp_blobs AS b
+                WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                  AND b.channel = ch AND b.version = c.channel_versions ->> ch
+                  AND b.type <> 'empty'
+            )
+        ) AS seeded
+    ) AS s
+    WHERE t.thread_id = %(thread_id)s AND t.checkpoint_ns = %(checkpoint_ns)s
+      AND t.checkpoint_id = %(checkpoint_id)s
+  UNION ALL
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
+           c.channel_versions, n.wanted, s.seeded, p.depth + 1
+    FROM chain AS p
+    CROSS JOIN LATERAL (
+        SELECT ARRAY(SELECT unnest(p.wanted) EXCEPT SELECT unnest(p.seeded)) AS wanted
+    ) AS n
+    JOIN cp_checkpoints AS c
+      ON c.thread_id = p.thread_id AND c.checkpoint_ns = p.checkpoint_ns
+     AND c.checkpoint_id = p.parent_checkpoint_id
+    CROSS JOIN LATERAL (
+        SELECT ARRAY(
+            SELECT ch FROM unnest(n.wanted) AS ch
+            WHERE EXISTS (
+                SELECT 1 FROM cp_blobs AS b
+                WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                  AND b.channel = ch AND b.version = c.channel_versions ->> ch
+                  AND b.type <> 'empty'
+            )
+        ) AS seeded
+    ) AS s
+    -- A parent id is always older than its child: the depth bound only stops a corrupt
+    -- (cyclic) chain from looping.
+    WHERE cardinality(n.wanted) > 0 AND p.depth < 1000000
+)
+SELECT 'w' AS kind, ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
+       w.blob, w.schema_version
+FROM chain AS ch
+JOIN cp_writes AS w
+  ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
+ AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ANY(ch.wanted)
+UNION ALL
+SELECT 'b' AS kind, ch.checkpoint_id, '' AS task_id, '' AS task_path, 0 AS idx, b.channel,
+       b.type, b.blob, b.schema_version
+FROM chain AS ch
+CROSS JOIN LATERAL unnest(ch.seeded) AS seed (channel)
+JOIN cp_blobs AS b
+  ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
+ AND b.channel = seed.channel AND b.version = ch.channel_versions ->> seed.channel
 """
 
 DELETE_RUN_CHECKPOINTS_SQL = """
@@ -366,6 +434,44 @@ class PostgresCheckpointStore:
             if remaining is not None:
                 remaining -= len(rows)
             last_key = [rows[-1][column] for column in key_columns]
+
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        if not channels:
+            return {}
+        async with self._pg.connection("delta_history") as conn:
+            cursor = await conn.execute(
+                DELTA_HISTORY_SQL,
+                {
+                    "thread_id": thread_id,
+                    "checkpoint_ns": checkpoint_ns,
+                    "checkpoint_id": checkpoint_id,
+                    "channels": list(channels),
+                },
+                binary=True,
+            )
+            rows = await cursor.fetchall()
+        writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
+        seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
+        for row in rows:
+            if row["kind"] == "w":
+                write = _stored_write(row)
+                writes[write.channel].append((row["checkpoint_id"], write))
+            else:
+                blob = upcast("blob", row)
+                seeds[blob["channel"]] = (
+                    row["checkpoint_id"],
+                    (blob["type"], bytes(blob["blob"])),
+                )
+        return {
+            ch: ChannelHistory(
+                writes[ch],
+                seed=seeds[ch][1] if ch in seeds else None,
+                seed_at=seeds[ch][0] if ch in seeds else None,
+            )
+            for ch in channels
+        }
 
     async def delete_thread(self, thread_id: str) -> None:
         async with self._pg.connection("delete_thread") as conn:

@@ -1,0 +1,174 @@
+"""DeltaChannel history on every backend and mode: the state rebuilt from the saver's
+`get_delta_channel_history` equals LangGraph's InMemorySaver's for the same inputs
+(after many invokes, after Redis loses everything, at older checkpoints), and the cold
+tiers answer in their bounded round trips (Postgres one statement, Cosmos two sequential
+requests whatever the chain's depth)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from state.hot.redis_client import create_redis_client
+from tests.integration.delta_graph import (
+    STACK_IDS,
+    STACKS,
+    delta_graph,
+    open_stack,
+    settings_for,
+    thread_config,
+)
+
+INVOKES = 14
+
+
+async def states(graph: Any, config: RunnableConfig) -> list[tuple[list[str], int | None]]:
+    """Every checkpoint's messages (newest first) with its step, as `get_state` rebuilds them
+    at that checkpoint."""
+    found = []
+    async for snapshot in graph.aget_state_history(config):
+        at = await graph.aget_state(snapshot.config)
+        found.append((at.values.get("messages", []), at.metadata["step"]))
+    return found
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_rebuilt_state_matches_in_memory_saver(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver())
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(INVOKES):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert len(want["messages"]) == 3 * INVOKES
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+        # Every older checkpoint, read by id (the cold tier's path, not the cache's).
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+        if redis:
+            # Redis loses everything (after a flush, so write-behind loses nothing durable).
+            await opened.saver.aflush(thread_id)
+            client = create_redis_client(settings)
+            try:
+                await client.flushall()
+            finally:
+                await client.aclose()
+        for n in range(INVOKES, INVOKES + 4):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_history_contract(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """Writes oldest first in writes_sort_key order, the target's own writes left out, the
+    seed the nearest stored value; the same answer from the cache and the cold tier."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver, snapshot_frequency=4)
+        cfg = thread_config()
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        got = await saver.aget_delta_channel_history(config=latest.config, channels=["messages"])
+        # LangGraph's own walk (one get_tuple per ancestor) over this saver.
+        walked = await asyncio.to_thread(
+            BaseCheckpointSaver.get_delta_channel_history,
+            saver,
+            config=latest.config,
+            channels=["messages"],
+        )
+        assert got == walked
+        assert "seed" in got["messages"]  # a snapshot is within reach (every 4 updates)
+        assert got["messages"]["writes"]
+        # Without a cached history (cold tier only), the same answer.
+        if saver.cache is not None:
+            await saver.aflush(cfg["configurable"]["thread_id"])
+            await saver.cache.invalidate(cfg["configurable"]["thread_id"])
+        cold = await saver.aget_delta_channel_history(config=latest.config, channels=["messages"])
+        assert cold == walked
+        empty = await saver.aget_delta_channel_history(
+            config={"configurable": {**latest.config["configurable"], "checkpoint_id": "0"}},
+            channels=["messages"],
+        )
+        assert empty == {"messages": {"writes": []}}
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_cold_history_round_trips_do_not_grow_with_depth(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Postgres: one statement; Cosmos: the lineage query, then the chain's writes and the
+    seed's holder together (3 requests, 2 sequential), for a short and a long chain."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        counters = opened.backends.cold_counters
+        requests = []
+        for invokes in (3, 30):
+            graph = delta_graph(opened.saver, snapshot_frequency=10_000)
+            cfg = thread_config()
+            for n in range(invokes):
+                await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            latest = await opened.saver.aget_tuple(cfg)
+            assert latest is not None
+            counters.reset()
+            history = await opened.saver.aget_delta_channel_history(
+                config=latest.config, channels=["messages"]
+            )
+            requests.append(counters.requests)
+            # No snapshot in reach: every write from the root, input included.
+            writes = history["messages"]["writes"]
+            assert sum(len(value) for _, _, value in writes) == 3 * invokes
+            assert "seed" not in history["messages"]
+        assert requests[0] == requests[1]
+        assert requests[0] == (1 if backend == "postgres" else 2)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_warm_load_is_one_round_trip_and_no_cold_request(
+    backend: str, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, True, mode)
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver)
+        cfg = thread_config()
+        for n in range(12):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await opened.saver.aflush(cfg["configurable"]["thread_id"])
+        cache = opened.saver.cache
+        assert cache is not None
+        hits = cache.stats.hits  # type: ignore[attr-defined]
+        calls: list[str] = []
+        original = cache.history
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append("history")
+            return await original(*args, **kwargs)
+
+        cache.history = counted  # type: ignore[method-assign]
+        opened.backends.cold_counters.reset()
+        snapshot = await graph.aget_state(cfg)
+        assert len(snapshot.values["messages"]) == 36
+        assert opened.backends.cold_counters.requests == 0
+        # The history came with the cached checkpoint (one HGETALL), no second read.
+        assert cache.stats.hits == hits + 1  # type: ignore[attr-defined]
+        assert calls == []
