@@ -157,87 +157,128 @@ FROM cp_checkpoints WHERE thread_id = %(source)s
 ON CONFLICT DO NOTHING
 """
 
-# The delta history of a checkpoint (LangGraph's DeltaChannel) in one statement: a walk
-# up the parent chain from the target's parent that goes on while some channel asked
-# for has not met a stored value (its seed); each row carries the channels whose writes
-# it contributes (`wanted`: those not seeded below it) and those seeded at it. Every
-# step is a primary-key lookup, so the cost follows the chain, not the thread.
-DELTA_HISTORY_SQL = """
-WITH RECURSIVE chain AS (
+# LangGraph's DeltaChannel keeps no value in most checkpoints: a channel's value is its
+# seed (the value stored at the nearest ancestor that has one) replayed with the writes
+# of the ancestors from there on. `DELTA_CHAIN_CTE` walks those chains in SQL: from
+# `delta_starts` rows (thread, namespace, parent id to start at, channel) up the parent
+# links, a row per (checkpoint, channel) whose writes count, until the checkpoint stores a
+# value of the channel (`seeded`). UNION keeps each (checkpoint, channel) once, so many
+# starts sharing ancestors cost no more than the ancestors, and a corrupt cyclic chain
+# ends. Every step is a primary-key lookup: the cost follows the chains, not the thread.
+DELTA_CHAIN_CTE = """
+delta_chain AS (
     SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
-           c.channel_versions, %(channels)s::text[] AS wanted, s.seeded, 1 AS depth
-    FROM cp_checkpoints AS t
+           c.channel_versions ->> s.channel AS version, s.channel,
+           EXISTS (
+               SELECT 1 FROM cp_blobs AS b
+               WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                 AND b.channel = s.channel AND b.version = c.channel_versions ->> s.channel
+                 AND b.type <> 'empty'
+           ) AS seeded
+    FROM delta_starts AS s
     JOIN cp_checkpoints AS c
-      ON c.thread_id = t.thread_id AND c.checkpoint_ns = t.checkpoint_ns
-     AND c.checkpoint_id = t.parent_checkpoint_id
-    CROSS JOIN LATERAL (
-        SELECT ARRAY(
-            SELECT ch FROM unnest(%(channels)s::text[]) AS ch
-            WHERE EXISTS (
-                SELECT 1 FROM cp_blobs AS b
-                WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
-                  AND b.channel = ch AND b.version = c.channel_versions ->> ch
-                  AND b.type <> 'empty'
-            )
-        ) AS seeded
-    ) AS s
-    WHERE t.thread_id = %(thread_id)s AND t.checkpoint_ns = %(checkpoint_ns)s
-      AND t.checkpoint_id = %(checkpoint_id)s
-  UNION ALL
+      ON c.thread_id = s.thread_id AND c.checkpoint_ns = s.checkpoint_ns
+     AND c.checkpoint_id = s.parent_checkpoint_id
+  UNION
     SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
-           c.channel_versions, n.wanted, s.seeded, p.depth + 1
-    FROM chain AS p
-    CROSS JOIN LATERAL (
-        SELECT ARRAY(SELECT unnest(p.wanted) EXCEPT SELECT unnest(p.seeded)) AS wanted
-    ) AS n
+           c.channel_versions ->> p.channel, p.channel,
+           EXISTS (
+               SELECT 1 FROM cp_blobs AS b
+               WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                 AND b.channel = p.channel AND b.version = c.channel_versions ->> p.channel
+                 AND b.type <> 'empty'
+           )
+    FROM delta_chain AS p
     JOIN cp_checkpoints AS c
       ON c.thread_id = p.thread_id AND c.checkpoint_ns = p.checkpoint_ns
      AND c.checkpoint_id = p.parent_checkpoint_id
-    CROSS JOIN LATERAL (
-        SELECT ARRAY(
-            SELECT ch FROM unnest(n.wanted) AS ch
-            WHERE EXISTS (
-                SELECT 1 FROM cp_blobs AS b
-                WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
-                  AND b.channel = ch AND b.version = c.channel_versions ->> ch
-                  AND b.type <> 'empty'
-            )
-        ) AS seeded
-    ) AS s
-    -- A parent id is always older than its child: the depth bound only stops a corrupt
-    -- (cyclic) chain from looping.
-    WHERE cardinality(n.wanted) > 0 AND p.depth < 1000000
+    WHERE NOT p.seeded
 )
+"""
+
+# Starts for the checkpoints `checkpoint` names: each channel its metadata counts as
+# updated since its last DeltaChannel snapshot (LangGraph's own record of the delta
+# channels whose value at this checkpoint is rebuilt from ancestors).
+DELTA_STARTS_OF = """
+SELECT {checkpoint}.thread_id, {checkpoint}.checkpoint_ns,
+       {checkpoint}.parent_checkpoint_id, counted.channel
+FROM {source}
+CROSS JOIN LATERAL jsonb_object_keys(
+    COALESCE({checkpoint}.metadata -> 'counters_since_delta_snapshot', '{{}}'::jsonb)
+) AS counted (channel)
+WHERE {checkpoint}.channel_versions ? counted.channel
+"""
+
+# The delta history of one checkpoint in one statement: the chain's writes of each
+# channel asked for, and the seed where its walk stopped.
+DELTA_HISTORY_SQL = f"""
+WITH RECURSIVE delta_starts AS (
+    SELECT thread_id, checkpoint_ns, parent_checkpoint_id, channel
+    FROM cp_checkpoints CROSS JOIN unnest(%(channels)s::text[]) AS wanted (channel)
+    WHERE thread_id = %(thread_id)s AND checkpoint_ns = %(checkpoint_ns)s
+      AND checkpoint_id = %(checkpoint_id)s
+), {DELTA_CHAIN_CTE}
 SELECT 'w' AS kind, ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
        w.blob, w.schema_version
-FROM chain AS ch
+FROM delta_chain AS ch
 JOIN cp_writes AS w
   ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
- AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ANY(ch.wanted)
+ AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
 UNION ALL
 SELECT 'b' AS kind, ch.checkpoint_id, '' AS task_id, '' AS task_path, 0 AS idx, b.channel,
        b.type, b.blob, b.schema_version
-FROM chain AS ch
-CROSS JOIN LATERAL unnest(ch.seeded) AS seed (channel)
+FROM delta_chain AS ch
 JOIN cp_blobs AS b
   ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
- AND b.channel = seed.channel AND b.version = ch.channel_versions ->> seed.channel
+ AND b.channel = ch.channel AND b.version = ch.version
+WHERE ch.seeded
 """
 
-DELETE_RUN_CHECKPOINTS_SQL = """
-DELETE FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%s)
-RETURNING thread_id, checkpoint_ns, checkpoint_id, channel_versions
-"""
-
-# Everything but the newest checkpoint of each (thread, namespace).
-DELETE_ALL_BUT_LATEST_SQL = """
+# A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
+# (another run's descendant): deleting them would silently empty its delta channels.
+DELETE_RUN_CHECKPOINTS_SQL = f"""
+WITH RECURSIVE doomed AS (
+    SELECT thread_id, checkpoint_ns, checkpoint_id FROM cp_checkpoints
+    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+), survivors AS (
+    SELECT * FROM cp_checkpoints AS c
+    WHERE c.thread_id IN (SELECT thread_id FROM doomed)
+      AND NOT COALESCE(c.metadata ->> 'run_id' = ANY(%(run_ids)s), false)
+), delta_starts AS (
+    {DELTA_STARTS_OF.format(checkpoint="survivors", source="survivors")}
+), {DELTA_CHAIN_CTE}
 DELETE FROM cp_checkpoints AS c
-WHERE c.thread_id = ANY(%s)
-  AND c.checkpoint_id < (
-      SELECT max(m.checkpoint_id) FROM cp_checkpoints AS m
-      WHERE m.thread_id = c.thread_id AND m.checkpoint_ns = c.checkpoint_ns
+USING doomed AS d
+WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+  AND c.checkpoint_id = d.checkpoint_id
+  AND NOT EXISTS (
+      SELECT 1 FROM delta_chain AS k
+      WHERE k.thread_id = c.thread_id AND k.checkpoint_ns = c.checkpoint_ns
+        AND k.checkpoint_id = c.checkpoint_id
   )
-RETURNING thread_id, checkpoint_ns, checkpoint_id, channel_versions
+RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.channel_versions
+"""
+
+# Everything but the newest checkpoint of each (thread, namespace) and the ancestors its
+# DeltaChannel values are rebuilt from (back to each channel's nearest snapshot).
+DELETE_ALL_BUT_LATEST_SQL = f"""
+WITH RECURSIVE latest AS (
+    SELECT DISTINCT ON (thread_id, checkpoint_ns) *
+    FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
+    ORDER BY thread_id, checkpoint_ns, checkpoint_id DESC
+), delta_starts AS (
+    {DELTA_STARTS_OF.format(checkpoint="latest", source="latest")}
+), {DELTA_CHAIN_CTE}
+DELETE FROM cp_checkpoints AS c
+USING latest AS l
+WHERE c.thread_id = l.thread_id AND c.checkpoint_ns = l.checkpoint_ns
+  AND c.checkpoint_id < l.checkpoint_id
+  AND NOT EXISTS (
+      SELECT 1 FROM delta_chain AS k
+      WHERE k.thread_id = c.thread_id AND k.checkpoint_ns = c.checkpoint_ns
+        AND k.checkpoint_id = c.checkpoint_id
+  )
+RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.channel_versions
 """
 
 # Runs after the checkpoints were deleted (same transaction), so `NOT EXISTS`
@@ -481,7 +522,7 @@ class PostgresCheckpointStore:
         if not run_ids:
             return set()
         async with self._pg.transaction("delete_for_runs") as conn:
-            cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, (list(run_ids),))
+            cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids)})
             deleted = await cursor.fetchall()
             await _delete_dependents(conn, deleted)
         return {row["thread_id"] for row in deleted}
@@ -500,7 +541,7 @@ class PostgresCheckpointStore:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": list(thread_ids)})
             return
         async with self._pg.transaction("prune") as conn:
-            cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, (list(thread_ids),))
+            cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": list(thread_ids)})
             await _delete_dependents(conn, await cursor.fetchall())
 
     async def close(self) -> None:
