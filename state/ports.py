@@ -347,6 +347,9 @@ class StoredCheckpoint:
     # them here; None means "not loaded: ask `get_blobs` / `get_writes`".
     blobs: dict[str, TypedBytes] | None = None
     writes: list[StoredWrite] | None = None
+    # The delta history of channels LangGraph rebuilds at this checkpoint, when the store
+    # read it in the same round trips (None: not read; ask `delta_history`).
+    history: dict[str, ChannelHistory] | None = None
 
 
 @dataclass(frozen=True)

@@ -381,8 +381,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if stored is None:
             return None
         stored = await self._complete(stored)
+        if stored.history is not None:
+            self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
             await self.cache.fill(stored, lease)
+            if stored.history:
+                await self.cache.fill_history(
+                    thread_id, checkpoint_ns, stored.checkpoint_id, stored.history
+                )
         return self._tuple(stored)
 
     async def _list(

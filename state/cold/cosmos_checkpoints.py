@@ -13,13 +13,18 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 - latest (or by id): two (a `TOP 1` query ordered by checkpoint id, or a point
   read; then a query for its writes and, only when some of its values live in
   ancestors, one for those, concurrently), plus one for chunks of large values;
-- delta history (LangGraph's DeltaChannel): two whatever the chain's depth (the
-  namespace's lineage as ids, then the chain's writes and the seeds' holders,
-  concurrently), plus one for chunks of large values.
+- a checkpoint whose DeltaChannel history starts where its `delta_seed` says
+  (see `cosmos_layout.delta_seeds`): still two, the history included (its
+  range of writes replaces the query for the checkpoint's own writes; the
+  range's lineage and the seeds' holders are read concurrently);
+- delta history on its own (LangGraph's DeltaChannel): two whatever the chain's
+  depth (the namespace's lineage as ids, then the chain's writes and the seeds'
+  holders, concurrently), plus one for chunks of large values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -221,7 +226,11 @@ class CosmosCheckpointStore:
                 main = None  # a values holder left by maintenance is not a checkpoint
         if main is None:
             return None
-        [loaded] = await self._load_complete(thread_id, [main])
+        main = layout.to_layout_2(main)
+        if main.get("delta_seed") and main.get("parent_checkpoint_id"):
+            loaded = await self._load_with_history(thread_id, main)
+        else:
+            [loaded] = await self._load_complete(thread_id, [main])
         if checkpoint_id is None:
             self._remember(thread_id, checkpoint_ns, layout.to_layout_2(main))
         return loaded
@@ -526,6 +535,90 @@ class CosmosCheckpointStore:
             )
             for doc in mains
         ]
+
+    async def _load_with_history(self, thread_id: str, main: Doc) -> StoredCheckpoint:
+        """One checkpoint whose DeltaChannel history starts where its `delta_seed` says, with
+        that history, in the round trips `_load_complete` takes without it: its writes and
+        the writes of the ancestors down to the oldest `since` are one range query, the
+        seeds' holders join its own holders, and the lineage of that range (to keep only
+        the parent chain, not a fork's checkpoints in the range) is read alongside."""
+        seeds: dict[str, Doc] = main["delta_seed"]
+        checkpoint_id = main["checkpoint_id"]
+        holder_ids = {*main["value_at"].values()} | {
+            seed["holder"] for seed in seeds.values() if seed.get("holder")
+        }
+        holder_ids.discard(main["id"])
+        ids = sorted(holder_ids) + layout.chunks_of([main])
+        span = {
+            "@thread": thread_id,
+            "@ns": main["checkpoint_ns"],
+            "@since": min(seed["since"] for seed in seeds.values()),
+            "@until": checkpoint_id,
+        }
+        calls = [
+            self._io.query_all(
+                "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @write"
+                " AND c.checkpoint_ns = @ns AND c.checkpoint_id >= @since"
+                " AND c.checkpoint_id <= @until",
+                {**span, "@write": layout.WRITE},
+                partition=thread_id,
+            ),
+            self._io.query_all(
+                "SELECT c.checkpoint_id, c.parent_checkpoint_id, c.channel_versions FROM c"
+                " WHERE c.thread_id = @thread AND c.type = @type AND c.checkpoint_ns = @ns"
+                " AND c.checkpoint_id >= @since AND c.checkpoint_id < @until",
+                {**span, "@type": layout.CHECKPOINT},
+                partition=thread_id,
+            ),
+        ]
+        if ids:
+            calls.append(self._fetch_list(thread_id, ids))
+        found_writes, lineage, *by_id = await gather(calls)
+        found = by_id[0] if by_id else []
+        chunks = {doc["id"]: doc for doc in found if doc["type"] == layout.CHUNK}
+        holders = {doc["id"]: layout.to_layout_2(doc) for doc in found if doc["id"] in holder_ids}
+        writes = [layout.to_layout_2(doc) for doc in found_writes]
+        missing = [c for c in layout.chunks_of([*holders.values(), *writes]) if c not in chunks]
+        if missing:
+            chunks.update(await self._fetch(thread_id, missing))
+        holders[main["id"]] = main
+        writes_of: dict[str, list[Doc]] = defaultdict(list)
+        for doc in writes:
+            writes_of[doc["checkpoint_id"]].append(doc)
+        stored = layout.stored_checkpoint(
+            main, holders, chunks, layout.stored_writes(writes_of[checkpoint_id], chunks)
+        )
+        rows = {row["checkpoint_id"]: row for row in lineage}
+        history: dict[str, ChannelHistory] = {}
+        for channel, seed in seeds.items():
+            chain: list[str] = []
+            at = main.get("parent_checkpoint_id")
+            while at is not None and at in rows:
+                chain.append(at)
+                if at == seed["since"]:
+                    break
+                at = rows[at].get("parent_checkpoint_id")
+            if not chain or chain[-1] != seed["since"]:
+                continue  # a gap in the chain: `delta_history` resolves it from the lineage
+            value: TypedBytes | None = None
+            if seed.get("holder"):
+                holder = holders.get(seed["holder"])
+                entry = layout.held_values(holder).get(channel) if holder is not None else None
+                version = (rows[seed["since"]].get("channel_versions") or {}).get(channel)
+                if holder is None or entry is None or str(entry["version"]) != str(version):
+                    continue
+                value = layout.decode(holder["id"], entry, chunks)
+            channel_writes: list[tuple[str, StoredWrite]] = []
+            for at in chain:
+                docs = [
+                    {**doc, "writes": [e for e in doc["writes"] if e["channel"] == channel]}
+                    for doc in writes_of[at]
+                ]
+                channel_writes += [(at, w) for w in layout.stored_writes(docs, chunks)]
+            history[channel] = ChannelHistory(
+                channel_writes, seed=value, seed_at=seed["since"] if value is not None else None
+            )
+        return dataclasses.replace(stored, history=history)
 
     async def _chunks(self, thread_id: str, docs: Sequence[Doc]) -> dict[str, Doc]:
         needed = layout.chunks_of(docs)

@@ -7,6 +7,9 @@ requests whatever the chain's depth)."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -112,16 +115,51 @@ async def test_history_contract(
         assert empty == {"messages": {"writes": []}}
 
 
+@contextmanager
+def cosmos_requests() -> Iterator[list[tuple[float, float]]]:
+    """(start, end) of every Cosmos HTTP request made inside, at the SDK's transport."""
+    from azure.core.pipeline.transport import AioHttpTransport
+
+    spans: list[tuple[float, float]] = []
+    send = AioHttpTransport.send
+
+    async def timed(transport: Any, request: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await send(transport, request, **kwargs)
+        finally:
+            spans.append((started, time.perf_counter()))
+
+    AioHttpTransport.send = timed  # type: ignore[method-assign]
+    try:
+        yield spans
+    finally:
+        AioHttpTransport.send = send  # type: ignore[method-assign]
+
+
+def sequential(spans: list[tuple[float, float]]) -> int:
+    """The longest run of requests each sent after the previous one answered."""
+    longest: list[int] = []
+    ordered = sorted(spans)
+    for n, (start, _) in enumerate(ordered):
+        before = [longest[m] for m in range(n) if ordered[m][1] <= start]
+        longest.append(1 + max(before, default=0))
+    return max(longest, default=0)
+
+
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 async def test_cold_history_round_trips_do_not_grow_with_depth(
     backend: str, stack_env: dict[str, str]
 ) -> None:
-    """Postgres: one statement; Cosmos: the lineage query, then the chain's writes and the
-    seed's holder together (3 requests, 2 sequential), for a short and a long chain."""
+    """The store's own walk: Postgres one statement; Cosmos the lineage query, then the
+    chain's writes (and the seed's holder, concurrently), for a short and a long chain.
+    A cold load of the thread (get_state, nothing cached): Postgres two statements (the
+    checkpoint, its history); Cosmos two sequential requests, as without a DeltaChannel
+    (the history's range is read with the checkpoint's own writes)."""
     settings = settings_for(stack_env, backend, False, "write-through")
     async with open_stack(settings) as opened:
         counters = opened.backends.cold_counters
-        requests = []
+        walks, loads = [], []
         for invokes in (3, 30):
             graph = delta_graph(opened.saver, snapshot_frequency=10_000)
             cfg = thread_config()
@@ -130,16 +168,24 @@ async def test_cold_history_round_trips_do_not_grow_with_depth(
             latest = await opened.saver.aget_tuple(cfg)
             assert latest is not None
             counters.reset()
-            history = await opened.saver.aget_delta_channel_history(
-                config=latest.config, channels=["messages"]
+            history = await opened.saver.store.delta_history(
+                cfg["configurable"]["thread_id"],
+                "",
+                latest.config["configurable"]["checkpoint_id"],
+                ["messages"],
             )
-            requests.append(counters.requests)
+            walks.append(counters.requests)
             # No snapshot in reach: every write from the root, input included.
-            writes = history["messages"]["writes"]
-            assert sum(len(value) for _, _, value in writes) == 3 * invokes
-            assert "seed" not in history["messages"]
-        assert requests[0] == requests[1]
-        assert requests[0] == (1 if backend == "postgres" else 2)
+            assert sum(len(w.value[1]) > 0 for _, w in history["messages"].writes) == 2 * invokes
+            assert history["messages"].seed is None
+
+            counters.reset()
+            with cosmos_requests() as spans:
+                state = await graph.aget_state(cfg)
+            assert len(state.values["messages"]) == 3 * invokes
+            loads.append(counters.requests if backend == "postgres" else sequential(spans))
+        assert walks[0] == walks[1] == (1 if backend == "postgres" else 2)
+        assert loads == [2, 2]
 
 
 @pytest.mark.parametrize("mode", ["write-through", "write-behind"])
