@@ -234,6 +234,43 @@ JOIN cp_blobs AS b
 WHERE ch.seeded
 """
 
+# A checkpoint with its blobs, its writes and the delta history of the channels its
+# metadata names as rebuilt (LangGraph's `counters_since_delta_snapshot`), all in one
+# statement: the history rows (`s` one per channel walked, `w` writes, `b` seeds) as
+# arrays of bytea arrays, like the blobs and writes.
+SELECT_CHECKPOINT_WITH_HISTORY_SQL = f"""
+SELECT q.*, (
+    WITH RECURSIVE delta_starts AS (
+        {DELTA_STARTS_OF.format(checkpoint="q", source="(SELECT 1) AS one")}
+    ), {DELTA_CHAIN_CTE}
+    SELECT array_agg(ARRAY[convert_to(h.kind, 'UTF8'), convert_to(h.checkpoint_id, 'UTF8'),
+                           convert_to(h.task_id, 'UTF8'), convert_to(h.task_path, 'UTF8'),
+                           convert_to(h.idx::text, 'UTF8'), convert_to(h.channel, 'UTF8'),
+                           convert_to(h.type, 'UTF8'), h.blob,
+                           convert_to(h.schema_version::text, 'UTF8')])
+    FROM (
+        SELECT DISTINCT 's' AS kind, '' AS checkpoint_id, '' AS task_id, '' AS task_path,
+               0 AS idx, s.channel, '' AS type, ''::bytea AS blob, 0 AS schema_version
+        FROM delta_starts AS s
+        UNION ALL
+        SELECT 'w', ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
+               w.blob, w.schema_version
+        FROM delta_chain AS ch
+        JOIN cp_writes AS w
+          ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
+         AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
+        UNION ALL
+        SELECT 'b', ch.checkpoint_id, '', '', 0, b.channel, b.type, b.blob, b.schema_version
+        FROM delta_chain AS ch
+        JOIN cp_blobs AS b
+          ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
+         AND b.channel = ch.channel AND b.version = ch.version
+        WHERE ch.seeded
+    ) AS h
+) AS history_rows
+FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q
+"""
+
 # A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
 # (another run's descendant): deleting them would silently empty its delta channels.
 DELETE_RUN_CHECKPOINTS_SQL = f"""
@@ -368,15 +405,20 @@ class PostgresCheckpointStore:
         async with self._pg.connection("get_checkpoint") as conn:
             if checkpoint_id is None:
                 cursor = await conn.execute(
-                    f"{SELECT_CHECKPOINTS_SQL} WHERE thread_id = %s AND checkpoint_ns = %s"
-                    " ORDER BY checkpoint_id DESC LIMIT 1",
+                    SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
+                        "{where}",
+                        "WHERE thread_id = %s AND checkpoint_ns = %s"
+                        " ORDER BY checkpoint_id DESC LIMIT 1",
+                    ),
                     (thread_id, checkpoint_ns),
                     binary=True,
                 )
             else:
                 cursor = await conn.execute(
-                    f"{SELECT_CHECKPOINTS_SQL}"
-                    " WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
+                    SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
+                        "{where}",
+                        "WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
+                    ),
                     (thread_id, checkpoint_ns, checkpoint_id),
                     binary=True,
                 )
@@ -701,7 +743,40 @@ def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:
         channel_versions=document["channel_versions"],
         blobs=blobs,
         writes=writes,
+        history=_history(row["history_rows"]) if row.get("history_rows") else None,
     )
+
+
+def _history(rows: Sequence[Sequence[bytes]]) -> dict[str, ChannelHistory]:
+    """`history_rows` of SELECT_CHECKPOINT_WITH_HISTORY_SQL, per channel walked."""
+    writes: dict[str, list[tuple[str, StoredWrite]]] = {}
+    seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
+    for kind, checkpoint_id, task_id, task_path, idx, channel, type_, blob, version in rows:
+        name = channel.decode()
+        writes.setdefault(name, [])
+        fields = {"type": type_.decode(), "blob": blob, "schema_version": int(version)}
+        if kind == b"w":
+            write = _stored_write(
+                {
+                    "task_id": task_id.decode(),
+                    "task_path": task_path.decode(),
+                    "idx": int(idx),
+                    "channel": name,
+                    **fields,
+                }
+            )
+            writes[name].append((checkpoint_id.decode(), write))
+        elif kind == b"b":
+            loaded = upcast("blob", {"channel": name, **fields})
+            seeds[name] = (checkpoint_id.decode(), (loaded["type"], bytes(loaded["blob"])))
+    return {
+        ch: ChannelHistory(
+            found,
+            seed=seeds[ch][1] if ch in seeds else None,
+            seed_at=seeds[ch][0] if ch in seeds else None,
+        )
+        for ch, found in writes.items()
+    }
 
 
 def _stored_write(row: dict[str, Any]) -> StoredWrite:
