@@ -187,6 +187,25 @@ async def test_cold_history_round_trips_do_not_grow_with_depth(
         assert walks[0] == walks[1] == (1 if backend == "postgres" else 2)
         assert loads == ([1, 1] if backend == "postgres" else [2, 2])
 
+        # With a snapshot in reach, its holder is read alongside: still the same bounds.
+        graph = delta_graph(opened.saver, snapshot_frequency=7)
+        cfg = thread_config()
+        for n in range(12):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        latest = await opened.saver.aget_tuple(cfg)
+        assert latest is not None
+        history = await opened.saver.aget_delta_channel_history(
+            config=latest.config, channels=["messages"]
+        )
+        assert "seed" in history["messages"]
+        counters.reset()
+        with cosmos_requests() as spans:
+            state = await graph.aget_state(cfg)
+        assert len(state.values["messages"]) == 36
+        assert (counters.requests if backend == "postgres" else sequential(spans)) == (
+            1 if backend == "postgres" else 2
+        )
+
 
 @pytest.mark.parametrize("mode", ["write-through", "write-behind"])
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
