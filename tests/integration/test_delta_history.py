@@ -237,3 +237,29 @@ async def test_warm_load_is_one_round_trip_and_no_cold_request(
         # The history came with the cached checkpoint (one HGETALL), no second read.
         assert cache.stats.hits == hits + 1  # type: ignore[attr-defined]
         assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "redis", "mode"),
+    [("postgres", True, "write-through"), ("cosmos", True, "write-behind")],
+    ids=["postgres-redis-write-through", "cosmos-redis-write-behind"],
+)
+@pytest.mark.parametrize("durability", ["exit", "sync"])
+async def test_other_durabilities_rebuild_like_in_memory_saver(
+    backend: str, redis: bool, mode: str, durability: str, stack_env: dict[str, str]
+) -> None:
+    """`durability="exit"` stores a run's delta writes at the exit under the checkpoint it
+    started from; `"sync"` waits for each write: both rebuild the same state."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=3)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=3)
+        cfg = thread_config()
+        for n in range(10):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg, durability=durability)
+            want = await reference.ainvoke(
+                {"messages": [f"user {n}"]}, ref_cfg, durability=durability
+            )
+            assert got == want, n
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
