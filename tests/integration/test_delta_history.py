@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
 from state.hot.redis_client import create_redis_client
+from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.integration.delta_graph import (
     STACK_IDS,
     STACKS,
@@ -263,3 +265,74 @@ async def test_other_durabilities_rebuild_like_in_memory_saver(
             )
             assert got == want, n
         assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_forks_rebuild_only_their_own_branch(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """A run from an older checkpoint forks the thread: the branch's checkpoints rebuild
+    from their own ancestors only, never from the writes of the checkpoints the fork
+    left behind (newer ids, in the same range)."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=4)
+        cfg = thread_config()
+        for n in range(6):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+        ours = [s.config async for s in graph.aget_state_history(cfg)]
+        theirs = [s.config async for s in reference.aget_state_history(ref_cfg)]
+        assert len(ours) == len(theirs)
+        for n in range(6, 10):
+            got = await graph.ainvoke({"messages": [f"fork {n}"]}, ours[7])
+            want = await reference.ainvoke({"messages": [f"fork {n}"]}, theirs[7])
+            assert got == want, n
+            # Then the thread goes on from the fork's tip.
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_store_history_follows_the_parent_chain_across_a_fork(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Stored directly (LangGraph snapshots a fork's first checkpoint, so its own runs never
+    make this shape): a fork without a snapshot, whose range of ancestors holds a sibling's
+    writes. Neither the store's walk nor the history read with the checkpoint takes them."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        store = opened.backends.checkpoints
+        thread_id = f"fork-{uuid.uuid4().hex[:8]}"
+
+        def stored(n: int, parent: int | None) -> StoredCheckpoint:
+            return StoredCheckpoint(
+                thread_id=thread_id,
+                checkpoint_ns="",
+                checkpoint_id=f"cp-{n:02}",
+                parent_checkpoint_id=None if parent is None else f"cp-{parent:02}",
+                checkpoint=("json", b"{}"),
+                metadata={"counters_since_delta_snapshot": {"messages": [1, 1]}},
+                channel_versions={"messages": f"v{n:02}"},
+            )
+
+        def write(n: int) -> StoredWrite:
+            return StoredWrite(f"t{n}", "~", 0, "messages", ("json", f"[{n}]".encode()))
+
+        seed = ("json", b'"seed"')
+        # cp-00 (seed) -> cp-01 -> cp-02 (a sibling), and cp-01 -> cp-03 -> cp-04.
+        for n, parent in ((0, None), (1, 0), (2, 1), (3, 1), (4, 3)):
+            blobs = [StoredBlob("messages", "v00", seed)] if n == 0 else []
+            await store.put_checkpoint(stored(n, parent), blobs)
+            await store.put_writes(thread_id, "", f"cp-{n:02}", [write(n)], upsert=False)
+
+        walked = (await store.delta_history(thread_id, "", "cp-04", ["messages"]))["messages"]
+        loaded = await store.get_checkpoint(thread_id, "", "cp-04")
+        assert loaded is not None and loaded.history is not None
+        for history in (walked, loaded.history["messages"]):
+            assert sorted(cid for cid, _ in history.writes) == ["cp-00", "cp-01", "cp-03"]
+            assert history.seed == seed and history.seed_at == "cp-00"
