@@ -17,8 +17,10 @@ that changes the format never reads entries written by the previous one). Fields
 - `lease`: a reader's fill lease on an empty entry;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
-  belongs to), `dc` (the channels tracked), per channel `ds:{channel}` / `df:{channel}`
-  (its seed and the checkpoint that stored it), and `dx:{checkpoint_id}\\0{task_id}\\0{idx}`
+  belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
+  that stored its seed) and the seed itself: `dv:{channel}`, the version of it that the
+  channel's `b:` field holds (no copy), or `ds:{channel}`, a copy where a reader filled
+  it from the cold tier; and `dx:{checkpoint_id}\\0{task_id}\\0{idx}`
   (ancestors' writes). `advance` carries it to the child: the parent's stored values of
   the tracked channels become their seeds, its pending writes join the history, and
   writes older than every tracked channel's seed go. So a warm load reads the history
@@ -131,10 +133,13 @@ local function advance(key, index, id, parent, ttl, namespace, first)
         framed = struct.pack('>I4', #framed) .. framed
         local blob = redis.call('HGET', key, 'b:' .. ch)
         if blob and string.sub(blob, 1, #framed) == framed then
-          set[#set + 1] = 'ds:' .. ch
-          set[#set + 1] = string.sub(blob, #framed + 1)
+          -- The seed is the parent's value, which its `b:` field keeps: name its version
+          -- rather than copy it.
+          set[#set + 1] = 'dv:' .. ch
+          set[#set + 1] = framed
           set[#set + 1] = 'df:' .. ch
           set[#set + 1] = parent
+          drop[#drop + 1] = 'ds:' .. ch
           seed_at = parent
         end
       end
@@ -418,13 +423,20 @@ def parse_history(fields: dict[bytes, bytes]) -> dict[str, ChannelHistory] | Non
             writes[write.channel].append((checkpoint_id.decode(), write))
     history: dict[str, ChannelHistory] = {}
     for ch in tracked:
-        seed = fields.get(b"ds:" + ch.encode())
         at = seed_at[ch]
-        history[ch] = ChannelHistory(
-            writes[ch],
-            seed=untyped(seed) if seed is not None and at is not None else None,
-            seed_at=at.decode() if seed is not None and at is not None else None,
-        )
+        if at is None:
+            history[ch] = ChannelHistory(writes[ch])
+            continue
+        seed = fields.get(b"ds:" + ch.encode())
+        if seed is None:
+            # Named by version: the channel's `b:` field, unless a newer value replaced it
+            # (then this channel's history is not the cache's to answer).
+            version = fields.get(b"dv:" + ch.encode())
+            blob = fields.get(b"b:" + ch.encode())
+            if version is None or blob is None or not blob.startswith(version):
+                continue
+            seed = blob[len(version) :]
+        history[ch] = ChannelHistory(writes[ch], seed=untyped(seed), seed_at=at.decode())
     return history
 
 
