@@ -336,3 +336,35 @@ async def test_store_history_follows_the_parent_chain_across_a_fork(
         for history in (walked, loaded.history["messages"]):
             assert sorted(cid for cid, _ in history.writes) == ["cp-00", "cp-01", "cp-03"]
             assert history.seed == seed and history.seed_at == "cp-00"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_write_behind_eviction_with_unflushed_entries(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Write-behind, the flusher stopped so entries wait in the log, then the cache entry is
+    evicted: the next load and history come from the cold tier after settling the thread,
+    and the rebuilt state includes every unflushed step."""
+    settings = settings_for(stack_env, backend, True, "write-behind")
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        flusher = opened.backends.flusher
+        assert flusher is not None
+        await flusher.stop()
+        graph = delta_graph(opened.saver, snapshot_frequency=4)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(5):
+            assert await graph.ainvoke({"messages": [f"user {n}"]}, cfg) == await reference.ainvoke(
+                {"messages": [f"user {n}"]}, ref_cfg
+            )
+        assert await flusher.log.pending(thread_id)  # the cold tier lags
+        cache = opened.saver.cache
+        assert cache is not None
+        await cache.invalidate(thread_id)  # evicted
+        for n in range(5, 9):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            assert got == await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg), n
+        await opened.saver.aflush(thread_id)
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
