@@ -368,3 +368,28 @@ async def test_write_behind_eviction_with_unflushed_entries(
             assert got == await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg), n
         await opened.saver.aflush(thread_id)
         assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+
+async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, str]) -> None:
+    """A process that did not write the thread reads its first checkpoint without the
+    history (it cannot know the thread uses a DeltaChannel), asks for it in a statement of
+    its own, and from then on reads both in one."""
+    settings = settings_for(stack_env, "postgres", False, "write-through")
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    cfg = thread_config()
+    async with open_stack(settings) as writer:
+        graph = delta_graph(writer.saver, snapshot_frequency=4)
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+    async with open_stack(settings) as reader:
+        graph = delta_graph(reader.saver, snapshot_frequency=4)
+        counters = reader.backends.cold_counters
+        want = (await reference.aget_state(ref_cfg)).values
+        statements = []
+        for _ in range(2):
+            counters.reset()
+            assert (await graph.aget_state(cfg)).values == want
+            statements.append(counters.requests)
+        assert statements == [2, 1]
