@@ -16,7 +16,14 @@ Workload: a 4-node sequential graph, each node appending one ~1 KB
 message to `messages: Annotated[list, operator.add]`, invoked with one new ~1 KB
 user message on fresh threads and on threads already holding 10 / 100 / 1000
 messages; then get_tuple, put and list on their own; the write-behind flusher's
-drain rate against the put rate; stored bytes of a growing conversation.
+drain rate against the put rate; stored bytes of a growing conversation. Then
+a DeltaChannel conversation (async API): one node appending two ~1 KB messages
+per invoke to a `DeltaChannel` list (snapshot every 50 updates), invoked on one
+thread until it holds 300 messages; on Cosmos also the same graph with
+`operator.add` (the request count a DeltaChannel adds) and a cold `get_state`
+of the DeltaChannel thread (nothing cached) at its newest checkpoint whose value
+is rebuilt from history. langgraph-checkpoint-cosmosdb is left out of it (no
+DeltaChannel fast path: one get_tuple per ancestor).
 
 Contenders: InMemorySaver; LangGraph's PostgresSaver (sync API) and
 AsyncPostgresSaver (async API); langgraph-checkpoint-cosmosdb on the emulator;
@@ -68,6 +75,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 import psycopg  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from langchain_core.runnables import RunnableConfig  # noqa: E402
+from langgraph.channels.delta import DeltaChannel  # noqa: E402
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint  # noqa: E402
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.checkpoint.postgres import PostgresSaver  # noqa: E402
@@ -137,6 +145,34 @@ def chat_graph(checkpointer: BaseCheckpointSaver[Any], replies: dict[str, dict[s
     return graph.compile(checkpointer=checkpointer)
 
 
+DELTA_SNAPSHOT_FREQUENCY = 50
+
+
+def append_batches(
+    state: list[dict[str, str]], batches: list[list[dict[str, str]]]
+) -> list[dict[str, str]]:
+    return [*state, *(item for batch in batches for item in batch)]
+
+
+class DeltaChatState(TypedDict):
+    messages: Annotated[
+        list[dict[str, str]],
+        DeltaChannel(append_batches, snapshot_frequency=DELTA_SNAPSHOT_FREQUENCY),
+    ]
+
+
+def pair_graph(
+    checkpointer: BaseCheckpointSaver[Any], replies: list[dict[str, str]], *, delta: bool
+) -> Any:
+    """One node appending two ~1 KB messages per invoke, to a DeltaChannel list or (for
+    comparison) an `operator.add` one."""
+    graph = StateGraph(DeltaChatState if delta else ChatState)
+    graph.add_node("reply", lambda _state: {"messages": list(replies)})
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph.compile(checkpointer=checkpointer)
+
+
 def config_for(thread_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
 
@@ -171,6 +207,8 @@ class Meter:
     def __init__(self) -> None:
         self.totals = {"cosmos": 0, "redis": 0, "postgres": 0}
         self.calls: list[Call] | None = None
+        # (sent, answered) of each Cosmos request while `spans()` collects them.
+        self.cosmos_spans: list[tuple[float, float]] | None = None
         self._lock = threading.Lock()  # requests come from several threads
         self._undo: list[Callable[[], None]] = []
 
@@ -209,6 +247,16 @@ class Meter:
         finally:
             self.calls = None
 
+    @contextmanager
+    def spans(self) -> Iterator[list[tuple[float, float]]]:
+        """Collects when each Cosmos request made inside was sent and answered."""
+        spans: list[tuple[float, float]] = []
+        self.cosmos_spans = spans
+        try:
+            yield spans
+        finally:
+            self.cosmos_spans = None
+
     def cold_total(self) -> int:
         return self.totals["cosmos"] + self.totals["postgres"]
 
@@ -222,7 +270,12 @@ class Meter:
 
         async def counted_aio_send(transport: Any, request: Any, **kwargs: Any) -> Any:
             meter.count("cosmos")
-            return await aio_send(transport, request, **kwargs)
+            spans, sent = meter.cosmos_spans, time.perf_counter()
+            try:
+                return await aio_send(transport, request, **kwargs)
+            finally:
+                if spans is not None:
+                    spans.append((sent, time.perf_counter()))
 
         def counted_requests_send(transport: Any, request: Any, **kwargs: Any) -> Any:
             meter.count("cosmos")
@@ -281,9 +334,21 @@ class Meter:
             self._undo.pop()()
 
 
+def sequential(spans: list[tuple[float, float]]) -> int:
+    """The longest run of requests each sent after the previous one was answered: the
+    round trips a caller waited for one after the other."""
+    ordered = sorted(spans)
+    longest: list[int] = []
+    for n, (sent, _) in enumerate(ordered):
+        before = [longest[m] for m in range(n) if ordered[m][1] <= sent]
+        longest.append(1 + max(before, default=0))
+    return max(longest, default=0)
+
+
 def trace(saver: BaseCheckpointSaver[Any], meter: Meter) -> None:
-    """Make each get_tuple / put / put_writes a call of its own (on this instance only)."""
-    for kind in ("get_tuple", "put", "put_writes"):
+    """Make each get_tuple / put / put_writes / delta history read a call of its own (on
+    this instance only)."""
+    for kind in ("get_tuple", "put", "put_writes", "get_delta_channel_history"):
         original = getattr(saver, kind)
         async_original = getattr(saver, f"a{kind}")
 
@@ -321,6 +386,8 @@ class Sample:
     # Write-behind: the explicit flush after each invoke (the app's boundary).
     flush_seconds: list[float] = field(default_factory=list)
     flush_cold: int = 0
+    # Cosmos requests waited for one after the other, per operation (where measured).
+    cosmos_sequential: list[int] = field(default_factory=list)
 
     @property
     def operations(self) -> int:
@@ -415,6 +482,8 @@ class Scale:
     puts: int
     list_runs: int
     stored_counts: tuple[int, ...]
+    # Messages the DeltaChannel conversation grows to (two per invoke).
+    delta_messages: int
     # A series stops early once it has run this long (and has its minimum): a slow
     # contender cannot hold up the run; its row shows how many operations it did.
     budget_seconds: float
@@ -429,6 +498,7 @@ FULL = Scale(
     puts=200,
     list_runs=8,
     stored_counts=(10, 100),
+    delta_messages=300,
     budget_seconds=15.0,
 )
 QUICK = Scale(
@@ -440,6 +510,7 @@ QUICK = Scale(
     puts=20,
     list_runs=2,
     stored_counts=(10,),
+    delta_messages=40,
     budget_seconds=3.0,
 )
 LIST_DEPTH = 120
@@ -469,6 +540,11 @@ class Results:
     warm_vs_ping: tuple[Sample, Sample] | None = None
     cold_latest_round_trips: float | None = None
     emulator: EmulatorFloor | None = None
+    # The DeltaChannel conversation (async API): every invoke of it, the same workload on
+    # an operator.add list (Cosmos contenders), and a cold get_state of its thread.
+    delta: dict[str, Sample] = field(default_factory=dict)
+    delta_plain: dict[str, Sample] = field(default_factory=dict)
+    delta_cold_state: dict[str, Sample] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- contenders
@@ -1062,6 +1138,10 @@ class PairRun:
         await self.bench_list(results)
         if with_stored:
             await self.bench_stored(results)
+        # langgraph-checkpoint-cosmosdb has no DeltaChannel fast path: LangGraph's default
+        # walk (a get_tuple per ancestor) would take minutes at 300 messages.
+        if self.api == "async" and self.contender.name != COSMOSDB_PACKAGE:
+            await self.bench_delta(results)
 
     async def bench_reads(self, results: Results) -> None:
         started = time.perf_counter()
@@ -1152,6 +1232,73 @@ class PairRun:
                 pruned = await handle.stored_bytes(thread)
             results.stored[(self.contender.name, count)] = (full, pruned, hot)
         self.phase("stored bytes", started)
+
+    async def conversation(self, delta: bool) -> tuple[Sample, str]:
+        """Invokes on one thread until it holds `delta_messages` messages; the thread id."""
+        graph = pair_graph(self.saver, self.messages[-2:], delta=delta)
+        thread = new_thread("delta" if delta else "pairs")
+        config = config_for(thread)
+        sample = Sample()
+        for index in range(self.scale.delta_messages // 2):
+            commands = await self.redis_commands()
+            with self.meter.window() as calls, self.meter.spans() as spans:
+                seconds, result = await self.driver.invoke(graph, {"messages": []}, config)
+            sample.add_invoke(seconds, calls, await self.redis_commands() - commands)
+            sample.cosmos_sequential.append(sequential(spans))
+            if len(result["messages"]) != 2 * (index + 1):
+                raise BenchmarkError(
+                    f"invoke {index} left {len(result['messages'])} messages, not {2 * (index + 1)}"
+                )
+            if self.contender.write_behind:
+                with self.meter.window() as calls:
+                    flushed = await self.driver.flush(self.saver, thread)
+                sample.add_flush(flushed, calls)
+        return sample, thread
+
+    async def bench_delta(self, results: Results) -> None:
+        name = self.contender.name
+        started = time.perf_counter()
+        sample, thread = await self.conversation(delta=True)
+        results.delta[name] = sample
+        self.phase(
+            f"DeltaChannel conversation to {self.scale.delta_messages} messages", started, sample
+        )
+        if not contender_uses_cosmos(name) or self.contender.backend is None:
+            return
+        started = time.perf_counter()
+        plain, _ = await self.conversation(delta=False)
+        results.delta_plain[name] = plain
+        self.phase("the same with operator.add", started, plain)
+        # Nothing cached: the cold tier alone answers (the thread's backlog is flushed).
+        await self.settle(thread)
+        saver = self.saver
+        assert isinstance(saver, TieredCheckpointSaver)
+        if saver.cache is not None:
+            await self.handle.on_backends(saver.cache.invalidate(thread))
+        # The newest checkpoint whose DeltaChannel value is rebuilt (the conversation may
+        # end on a snapshot, which needs no history): the longest chain of the window.
+        target = None
+        async for found in saver.alist(config_for(thread), limit=8):
+            if "messages" in (found.metadata.get("counters_since_delta_snapshot") or {}):
+                target = found.config
+                break
+        if target is None:
+            raise BenchmarkError("no checkpoint of the DeltaChannel thread rebuilds its value")
+        graph = pair_graph(self.saver, self.messages[-2:], delta=True)
+        cold = Sample()
+        with (
+            self.meter.window() as calls,
+            self.meter.spans() as spans,
+            self.meter.call("get_state"),
+        ):
+            begun = time.perf_counter()
+            state = await graph.aget_state(target)
+            cold.seconds.append(time.perf_counter() - begun)
+        cold.absorb(calls)
+        cold.cosmos_sequential.append(sequential(spans))
+        if len(state.values["messages"]) < self.scale.delta_messages - 2:
+            raise BenchmarkError("a cold get_state rebuilt the wrong DeltaChannel value")
+        results.delta_cold_state[name] = cold
 
 
 async def alternate(
@@ -1697,7 +1844,119 @@ class Report:
                     verdict(trips <= 2),
                 )
             )
+        rows += self.delta_targets(verdict)
         return rows
+
+    def delta_p50(self, name: str, last: int | None = None) -> float | None:
+        sample = self.r.delta.get(name)
+        if sample is None or not sample.seconds:
+            return None
+        seconds = sample.seconds[-last:] if last else sample.seconds
+        return statistics.median(seconds) * 1000
+
+    def delta_targets(self, verdict: Callable[[bool | None], str]) -> list[tuple[str, str, str]]:
+        """The DeltaChannel conversation's targets (async API, whole conversation)."""
+        rows: list[tuple[str, str, str]] = []
+        size = self.scale.delta_messages
+
+        def against(name: str, reference: str, limit: float, what: str) -> None:
+            ours, theirs = self.delta_p50(name), self.delta_p50(reference)
+            ratio = _ratio(ours, theirs)
+            rows.append(
+                (
+                    f"DeltaChannel graph at {size} messages, {name}: invoke p50 <= {limit}x "
+                    f"{what} (async)",
+                    "-" if ratio is None else f"{ratio:.2f}x ({ours:.2f} ms vs {theirs:.2f} ms)",
+                    verdict(None if ratio is None else ratio <= limit),
+                )
+            )
+
+        for name in WRITE_BEHIND:
+            against(name, MEMORY, 2.0, "InMemorySaver")
+        for name in (PG_WT, PGR_WT):
+            against(name, LG_POSTGRES, 1.0, "LangGraph PostgresSaver")
+        for name in (CO_WT, COR_WT):
+            delta, plain = self.r.delta.get(name), self.r.delta_plain.get(name)
+            measured, extra = "-", None
+            if delta is not None and plain is not None and delta.seconds and plain.seconds:
+                ours = statistics.median(delta.cosmos_sequential)
+                theirs = statistics.median(plain.cosmos_sequential)
+                extra = ours - theirs
+                measured = (
+                    f"{extra:+.1f} ({ours:.1f} vs {theirs:.1f} sequential requests per invoke, "
+                    f"median; {delta.per_op(delta.cosmos):.2f} vs "
+                    f"{plain.per_op(plain.cosmos):.2f} requests in all)"
+                )
+            rows.append(
+                (
+                    f"DeltaChannel graph at {size} messages, {name}: at most one more sequential "
+                    "Cosmos request per invoke than the same graph with operator.add (async)",
+                    measured,
+                    verdict(None if extra is None else extra <= 1),
+                )
+            )
+        for name in (CO_WT, COR_WT, COR_WB):
+            cold = self.r.delta_cold_state.get(name)
+            rows.append(
+                (
+                    f"DeltaChannel thread of {size} messages, {name}: cold get_state <= 2 "
+                    "sequential Cosmos requests (async)",
+                    "-"
+                    if cold is None
+                    else f"{cold.cosmos_sequential[0]} sequential ({cold.cosmos} in all), "
+                    f"{cold.p50:.1f} ms",
+                    verdict(None if cold is None else cold.cosmos_sequential[0] <= 2),
+                )
+            )
+        return rows
+
+    def delta_table(self) -> list[str]:
+        if not self.r.delta:
+            return []
+        lines = [
+            "",
+            f"## DeltaChannel conversation ({self.scale.delta_messages} messages on one thread)",
+            "",
+            "Async API. One node appends two ~1 KB messages per invoke to a `DeltaChannel` "
+            f"list (snapshot every {DELTA_SNAPSHOT_FREQUENCY} updates); each invoke loads the "
+            "thread (its latest checkpoint, then the channel's history), runs the node and "
+            "writes. Requests are per invoke (write-behind: the flush after each invoke is not "
+            "counted); on Cosmos also the median of those waited for one after the other. `operator.add`: the same workload on an ordinary list, for comparison.",
+            "",
+            "| Saver | invoke p50 ms | last 10 invokes p50 ms | cold req/invoke "
+            "| Redis round trips/invoke | operator.add invoke p50 ms (cold req/invoke) "
+            "| cold get_state (Cosmos requests) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for contender in self.contenders:
+            sample = self.r.delta.get(contender.name)
+            if sample is None or not sample.seconds:
+                continue
+            plain = self.r.delta_plain.get(contender.name)
+            cold = self.r.delta_cold_state.get(contender.name)
+            lines.append(
+                f"| {contender.name} | {_ms(self.delta_p50(contender.name))} "
+                f"| {_ms(self.delta_p50(contender.name, 10))} "
+                f"| {sample.per_op(sample.cold):.2f}"
+                + (
+                    f" ({statistics.median(sample.cosmos_sequential):.0f} sequential)"
+                    if contender.backend is ColdBackend.COSMOS and sample.cosmos_sequential
+                    else ""
+                )
+                + f" | {sample.per_op(sample.redis):.2f} "
+                + (
+                    f"| {plain.p50:.2f} ({plain.per_op(plain.cold):.2f}) "
+                    if plain is not None and plain.seconds
+                    else "| - "
+                )
+                + (
+                    f"| {cold.cosmos_sequential[0]} sequential, {cold.cosmos} in all "
+                    f"({cold.p50:.1f} ms) |"
+                    if cold is not None
+                    else "| - |"
+                )
+            )
+        return lines
 
     def target_lines(self) -> list[str]:
         rows = self.targets()
@@ -1758,6 +2017,7 @@ def render(
         *report.micro(),
         *report.flush_table(),
         *report.stored_table(),
+        *report.delta_table(),
         *report.postgres_table(),
         *report.notes(),
         *report.target_lines(),

@@ -371,6 +371,9 @@ class StoredCheckpoint:
     # them here; None means "not loaded: ask `get_blobs` / `get_writes`".
     blobs: dict[str, TypedBytes] | None = None
     writes: list[StoredWrite] | None = None
+    # The delta history of channels LangGraph rebuilds at this checkpoint, when the store
+    # read it in the same round trips (None: not read; ask `delta_history`).
+    history: dict[str, ChannelHistory] | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,23 @@ class StoredWrite:
     idx: int
     channel: str
     value: TypedBytes
+
+
+@dataclass(frozen=True)
+class ChannelHistory:
+    """What one channel contributed along the parent chain of a checkpoint (the store
+    side of LangGraph's `DeltaChannelHistory`).
+
+    `writes` are the channel's writes stored at the ancestors from the nearest one
+    holding a value (`seed_at`, included) up to the parent (the target's own writes
+    are pending, not history), each with the id of the checkpoint it belongs to, in
+    any order: the saver sorts them by checkpoint id, then `writes_sort_key`.
+    `seed` is the value stored at `seed_at`; None when the walk reached the root.
+    """
+
+    writes: list[tuple[str, StoredWrite]]
+    seed: TypedBytes | None = None
+    seed_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -486,6 +506,13 @@ class CheckpointStore(Protocol):
     ) -> AsyncIterator[StoredCheckpoint]:
         """Newest first, paged from the store (never the whole partition in memory)."""
 
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        """Per channel, its writes and seed along the parent chain of `checkpoint_id` (see
+        `ChannelHistory`), in a bounded number of round trips whatever the chain's depth;
+        an unknown checkpoint has an empty history."""
+
     async def delete_thread(self, thread_id: str) -> None: ...
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
@@ -510,6 +537,9 @@ class CacheLookup:
     # tier returned. A write that lands meanwhile revokes it, so a fill never installs
     # state older than that write.
     lease: str | None = None
+    # On a hit, the delta history of the cached checkpoint for the channels the cache
+    # tracks (None: it tracks none), read in the same round trip.
+    history: dict[str, ChannelHistory] | None = None
 
 
 @runtime_checkable
@@ -547,6 +577,22 @@ class CheckpointCache(Protocol):
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         """Drop one namespace of a thread, or all of them (None)."""
+
+    async def history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory] | None:
+        """The delta history of the cached latest checkpoint, if it is `checkpoint_id` and
+        the cache tracks every channel asked for; else None (ask the cold tier)."""
+
+    async def fill_history(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        history: dict[str, ChannelHistory],
+    ) -> None:
+        """Track `history` (read from the cold tier) if `checkpoint_id` is still the cached
+        latest; later puts of its descendants keep it current."""
 
 
 # The state operation a cold-tier round trip serves ("state.update_section", ...), for

@@ -38,7 +38,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +51,7 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
     writes_sort_key,
@@ -58,6 +60,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from ..errors import BackendUnavailable
 from ..ports import (
+    ChannelHistory,
     CheckpointCache,
     CheckpointFence,
     CheckpointStore,
@@ -91,6 +94,8 @@ BOUNDARY_CHANNELS = frozenset({"__interrupt__", "__error__"})
 # channel is inline in every checkpoint or in none.
 INLINE_MAX_CHARS = 256
 INLINE_MAX_ITEMS = 16
+# Delta histories kept from cache hits until the request that follows asks for them.
+HISTORY_MEMO_SIZE = 1_000
 
 
 def _scalar(value: Any) -> bool:
@@ -135,6 +140,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Write-behind threads whose newest write this process sent straight to the cold
         # tier because Redis could not be reached: that state is durable already.
         self._written_through: set[str] = set()
+        # (thread, namespace) -> the latest checkpoint's delta history a cache hit brought.
+        self._histories: OrderedDict[tuple[str, str], tuple[str, dict[str, ChannelHistory]]] = (
+            OrderedDict()
+        )
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -231,6 +240,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         await self._on_loop(self._put_writes(config, writes, task_id, task_path))
 
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        if asyncio.get_running_loop() is self.loop:
+            return await self._delta_history(config, channels)
+        return await self._on_loop(self._delta_history(config, channels))
+
     async def aflush(self, thread_id: str) -> None:
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
         write-through mode): call it at the end of a run before reporting its outcome."""
@@ -291,6 +307,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         self._sync(self._put_writes(config, writes, task_id, task_path))
 
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        return self._sync(self._delta_history(config, channels))
+
     def flush(self, thread_id: str) -> None:
         """Synchronous `aflush`."""
         if self.flusher is not None:
@@ -350,6 +371,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             cached = await self.cache.lookup(thread_id, checkpoint_ns, lease=checkpoint_id is None)
             hit = cached.checkpoint
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
+                if cached.history is not None:
+                    self._remember_history(hit, cached.history)
                 return self._tuple(hit)
             lease = cached.lease
         if self.flusher is not None:
@@ -358,8 +381,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if stored is None:
             return None
         stored = await self._complete(stored)
+        if stored.history is not None:
+            self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
             await self.cache.fill(stored, lease)
+            if stored.history:
+                await self.cache.fill_history(
+                    thread_id, checkpoint_ns, stored.checkpoint_id, stored.history
+                )
         return self._tuple(stored)
 
     async def _list(
@@ -520,6 +549,71 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self.cache is not None:
             await self.cache.invalidate(thread_id, checkpoint_ns)
 
+    async def _delta_history(
+        self, config: RunnableConfig, channels: Sequence[str]
+    ) -> dict[str, DeltaChannelHistory]:
+        """LangGraph's DeltaChannel history: from the cached latest checkpoint when it is the
+        one asked for (usually read with it, so no round trip at all), else in the cold
+        tier's bounded round trips, then tracked by the cache for the puts that follow."""
+        if not channels:
+            return {}
+        configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        checkpoint_id = get_checkpoint_id(config)
+        if checkpoint_id is None:
+            latest = await self._get_tuple(config)
+            if latest is None:
+                return {ch: {"writes": []} for ch in channels}
+            checkpoint_id = str(latest.config["configurable"]["checkpoint_id"])
+        history: dict[str, ChannelHistory] | None = None
+        remembered = self._histories.pop((thread_id, checkpoint_ns), None)
+        if (
+            remembered is not None
+            and remembered[0] == checkpoint_id
+            and set(channels) <= remembered[1].keys()
+        ):
+            history = remembered[1]
+        elif self.cache is not None:
+            history = await self.cache.history(thread_id, checkpoint_ns, checkpoint_id, channels)
+        if history is None:
+            if self.flusher is not None:
+                await self.flusher.settle_thread(thread_id)  # the cold tier must hold it all
+            history = await self.store.delta_history(
+                thread_id, checkpoint_ns, checkpoint_id, channels
+            )
+            if self.cache is not None:
+                await self.cache.fill_history(thread_id, checkpoint_ns, checkpoint_id, history)
+        return {ch: self._channel_history(history[ch]) for ch in channels}
+
+    def _remember_history(
+        self, checkpoint: StoredCheckpoint, history: dict[str, ChannelHistory]
+    ) -> None:
+        """Keep what a cache hit brought along for the history request that follows it
+        (LangGraph asks right after loading the checkpoint); taken once."""
+        key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
+        self._histories[key] = (checkpoint.checkpoint_id, history)
+        self._histories.move_to_end(key)
+        while len(self._histories) > HISTORY_MEMO_SIZE:
+            self._histories.popitem(last=False)
+
+    def _forget_histories(self, thread_id: str) -> None:
+        for key in [key for key in self._histories if key[0] == thread_id]:
+            del self._histories[key]
+
+    def _channel_history(self, history: ChannelHistory) -> DeltaChannelHistory:
+        # Chain order (ancestor ids grow toward the target), then a step's own order.
+        writes = sorted(
+            history.writes,
+            key=lambda w: (w[0], *writes_sort_key(w[1].task_path, w[1].task_id, w[1].idx)),
+        )
+        entry: DeltaChannelHistory = {
+            "writes": [(w.task_id, w.channel, self.serde.loads_typed(w.value)) for _, w in writes]
+        }
+        if history.seed is not None:
+            entry["seed"] = self.serde.loads_typed(history.seed)
+        return entry
+
     async def _admit(self, thread_id: str, fence: int | None, *, hot: bool) -> None:
         """Before a cold write: refuse a stale fencing token (see the module docstring).
         `hot=False`: Redis just failed, so only the record's fence is asked."""
@@ -554,6 +648,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._written_through.discard(thread_id)
 
     async def _delete_thread(self, thread_id: str) -> None:
+        self._forget_histories(thread_id)
         if self.flusher is None:
             await self.store.delete_thread(thread_id)
         else:
@@ -571,8 +666,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.flusher.drain()
         # The store names the threads it touched: no read of whole checkpoints to find them.
         affected = await self.store.delete_for_runs(run_ids)
-        if self.cache is not None:
-            for thread_id in affected:
+        for thread_id in affected:
+            self._forget_histories(thread_id)
+            if self.cache is not None:
                 await self.cache.invalidate(thread_id)
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
@@ -580,6 +676,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.flusher.settle_thread(source_thread_id)
             await self.flusher.settle_thread(target_thread_id)
         await self.store.copy_thread(source_thread_id, target_thread_id)
+        self._forget_histories(target_thread_id)
         if self.cache is not None:
             await self.cache.invalidate(target_thread_id)
 
@@ -597,8 +694,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         await self.store.prune(
             threads, strategy="delete" if strategy == "delete" else "keep_latest"
         )
-        if self.cache is not None:
-            for thread_id in threads:
+        for thread_id in threads:
+            self._forget_histories(thread_id)
+            if self.cache is not None:
                 await self.cache.invalidate(thread_id)
 
     # ----------------------------------------------------------------------- conversion

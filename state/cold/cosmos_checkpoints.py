@@ -12,11 +12,19 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   If-Match;
 - latest (or by id): two (a `TOP 1` query ordered by checkpoint id, or a point
   read; then a query for its writes and, only when some of its values live in
-  ancestors, one for those, concurrently), plus one for chunks of large values.
+  ancestors, one for those, concurrently), plus one for chunks of large values;
+- a checkpoint whose DeltaChannel history starts where its `delta_seed` says
+  (see `cosmos_layout.delta_seeds`): still two, the history included (its
+  range of writes replaces the query for the checkpoint's own writes; the
+  range's lineage and the seeds' holders are read concurrently);
+- delta history on its own (LangGraph's DeltaChannel): two whatever the chain's
+  depth (the namespace's lineage as ids, then the chain's writes and the seeds'
+  holders, concurrently), plus one for chunks of large values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +34,7 @@ from typing import Any
 from ..errors import VersionConflict
 from ..ports import (
     JSON,
+    ChannelHistory,
     CheckpointPut,
     FlushOp,
     PruneStrategy,
@@ -37,7 +46,7 @@ from ..ports import (
 )
 from . import cosmos_layout as layout
 from .cosmos_client import CosmosConnection
-from .cosmos_io import Doc, PartitionIO, gather, strip_system
+from .cosmos_io import BULK_PAGE_SIZE, Doc, PartitionIO, gather, strip_system
 from .cosmos_maintenance import CheckpointMaintenance
 
 DEFAULT_PAGE_SIZE = 50
@@ -216,7 +225,11 @@ class CosmosCheckpointStore:
                 main = None  # a values holder left by maintenance is not a checkpoint
         if main is None:
             return None
-        [loaded] = await self._load_complete(thread_id, [main])
+        main = layout.to_layout_2(main)
+        if main.get("delta_seed") and main.get("parent_checkpoint_id"):
+            loaded = await self._load_with_history(thread_id, main)
+        else:
+            [loaded] = await self._load_complete(thread_id, [main])
         if checkpoint_id is None:
             self._remember(thread_id, checkpoint_ns, layout.to_layout_2(main))
         return loaded
@@ -328,6 +341,100 @@ class CosmosCheckpointStore:
                 if remaining is not None and remaining <= 0:
                     return
 
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        """Two sequential requests whatever the chain's depth, both in the thread's partition
+        (a third only for chunks of values over the item limit).
+
+        First the lineage of the namespace up to the target, newest first: ids, parents,
+        and per channel its version and the document holding its value (small rows; one
+        page holds a thousand checkpoints, and reading stops once every channel met its
+        seed). The chain and each channel's seed are resolved from those ids here; then
+        the writes of exactly the chain's checkpoints and the seeds' holders, concurrently.
+        """
+        if not channels:
+            return {}
+        projected = ", ".join(
+            f"c.value_at[{_sql_name(ch)}] AS a{n}, c.channel_versions[{_sql_name(ch)}] AS v{n}"
+            for n, ch in enumerate(channels)
+        )
+        pages = self._io.pages(
+            f"SELECT c.checkpoint_id, c.parent_checkpoint_id, c.layout, {projected} FROM c"
+            " WHERE c.thread_id = @thread AND c.type = @type AND c.checkpoint_ns = @ns"
+            " AND c.checkpoint_id <= @target ORDER BY c.checkpoint_id DESC",
+            {
+                "@thread": thread_id,
+                "@type": layout.CHECKPOINT,
+                "@ns": checkpoint_ns,
+                "@target": checkpoint_id,
+            },
+            partition=thread_id,
+            page_size=BULK_PAGE_SIZE,
+        )
+        rows: dict[str, Doc] = {}
+        walk = _ChainWalk(checkpoint_id, list(channels), checkpoint_ns)
+        async with aclosing(pages):
+            async for page in pages:
+                rows.update((row["checkpoint_id"], row) for row in page)
+                if walk.advance(rows):
+                    break
+        chain = walk.chain
+        holders = sorted({holder for holder, _ in walk.seed_holder.values()})
+        found_writes: list[Doc] = []
+        found_holders: list[Doc] = []
+        if chain:
+            writes_query = self._io.query_all(
+                "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @write"
+                " AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@checkpoints, c.checkpoint_id)",
+                {
+                    "@thread": thread_id,
+                    "@write": layout.WRITE,
+                    "@ns": checkpoint_ns,
+                    "@checkpoints": sorted(chain),
+                },
+                partition=thread_id,
+            )
+            if holders:
+                found_writes, found_holders = await gather(
+                    [writes_query, self._fetch_list(thread_id, holders)]
+                )
+            else:
+                found_writes = await writes_query
+        # Only the entries of the channels each checkpoint contributes to.
+        docs: list[Doc] = []
+        for doc in found_writes:
+            doc = layout.to_layout_2(doc)
+            wanted = chain.get(doc["checkpoint_id"], set())
+            kept = [entry for entry in doc["writes"] if entry["channel"] in wanted]
+            if kept:
+                docs.append({**doc, "writes": kept})
+        seeds: dict[str, tuple[str, Doc, Doc]] = {}
+        by_id = {doc["id"]: layout.to_layout_2(doc) for doc in found_holders}
+        for ch, (holder_id, version) in walk.seed_holder.items():
+            holder = by_id.get(holder_id)
+            entry = layout.held_values(holder).get(ch) if holder is not None else None
+            if holder is not None and entry is not None and str(entry["version"]) == version:
+                seeds[ch] = (walk.seed_at[ch], holder, entry)
+        chunks = await self._chunks(thread_id, [*docs, *(h for _, h, _ in seeds.values())])
+        by_checkpoint: dict[str, list[Doc]] = defaultdict(list)
+        for doc in docs:
+            by_checkpoint[doc["checkpoint_id"]].append(doc)
+        writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
+        for cid, cid_docs in by_checkpoint.items():
+            for write in layout.stored_writes(cid_docs, chunks):
+                writes[write.channel].append((cid, write))
+        return {
+            ch: ChannelHistory(
+                writes[ch],
+                seed=layout.decode(seeds[ch][1]["id"], seeds[ch][2], chunks)
+                if ch in seeds
+                else None,
+                seed_at=seeds[ch][0] if ch in seeds else None,
+            )
+            for ch in channels
+        }
+
     # ----------------------------------------------------------------------- maintenance
 
     async def delete_thread(self, thread_id: str) -> None:
@@ -428,6 +535,90 @@ class CosmosCheckpointStore:
             for doc in mains
         ]
 
+    async def _load_with_history(self, thread_id: str, main: Doc) -> StoredCheckpoint:
+        """One checkpoint whose DeltaChannel history starts where its `delta_seed` says, with
+        that history, in the round trips `_load_complete` takes without it: its writes and
+        the writes of the ancestors down to the oldest `since` are one range query, the
+        seeds' holders join its own holders, and the lineage of that range (to keep only
+        the parent chain, not a fork's checkpoints in the range) is read alongside."""
+        seeds: dict[str, Doc] = main["delta_seed"]
+        checkpoint_id = main["checkpoint_id"]
+        holder_ids = {*main["value_at"].values()} | {
+            seed["holder"] for seed in seeds.values() if seed.get("holder")
+        }
+        holder_ids.discard(main["id"])
+        ids = sorted(holder_ids) + layout.chunks_of([main])
+        span = {
+            "@thread": thread_id,
+            "@ns": main["checkpoint_ns"],
+            "@since": min(seed["since"] for seed in seeds.values()),
+            "@until": checkpoint_id,
+        }
+        calls = [
+            self._io.query_all(
+                "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @write"
+                " AND c.checkpoint_ns = @ns AND c.checkpoint_id >= @since"
+                " AND c.checkpoint_id <= @until",
+                {**span, "@write": layout.WRITE},
+                partition=thread_id,
+            ),
+            self._io.query_all(
+                "SELECT c.checkpoint_id, c.parent_checkpoint_id, c.channel_versions FROM c"
+                " WHERE c.thread_id = @thread AND c.type = @type AND c.checkpoint_ns = @ns"
+                " AND c.checkpoint_id >= @since AND c.checkpoint_id < @until",
+                {**span, "@type": layout.CHECKPOINT},
+                partition=thread_id,
+            ),
+        ]
+        if ids:
+            calls.append(self._fetch_list(thread_id, ids))
+        found_writes, lineage, *by_id = await gather(calls)
+        found = by_id[0] if by_id else []
+        chunks = {doc["id"]: doc for doc in found if doc["type"] == layout.CHUNK}
+        holders = {doc["id"]: layout.to_layout_2(doc) for doc in found if doc["id"] in holder_ids}
+        writes = [layout.to_layout_2(doc) for doc in found_writes]
+        missing = [c for c in layout.chunks_of([*holders.values(), *writes]) if c not in chunks]
+        if missing:
+            chunks.update(await self._fetch(thread_id, missing))
+        holders[main["id"]] = main
+        writes_of: dict[str, list[Doc]] = defaultdict(list)
+        for doc in writes:
+            writes_of[doc["checkpoint_id"]].append(doc)
+        stored = layout.stored_checkpoint(
+            main, holders, chunks, layout.stored_writes(writes_of[checkpoint_id], chunks)
+        )
+        rows = {row["checkpoint_id"]: row for row in lineage}
+        history: dict[str, ChannelHistory] = {}
+        for channel, seed in seeds.items():
+            chain: list[str] = []
+            at = main.get("parent_checkpoint_id")
+            while at is not None and at in rows:
+                chain.append(at)
+                if at == seed["since"]:
+                    break
+                at = rows[at].get("parent_checkpoint_id")
+            if not chain or chain[-1] != seed["since"]:
+                continue  # a gap in the chain: `delta_history` resolves it from the lineage
+            value: TypedBytes | None = None
+            if seed.get("holder"):
+                holder = holders.get(seed["holder"])
+                entry = layout.held_values(holder).get(channel) if holder is not None else None
+                version = (rows[seed["since"]].get("channel_versions") or {}).get(channel)
+                if holder is None or entry is None or str(entry["version"]) != str(version):
+                    continue
+                value = layout.decode(holder["id"], entry, chunks)
+            channel_writes: list[tuple[str, StoredWrite]] = []
+            for at in chain:
+                docs = [
+                    {**doc, "writes": [e for e in doc["writes"] if e["channel"] == channel]}
+                    for doc in writes_of[at]
+                ]
+                channel_writes += [(at, w) for w in layout.stored_writes(docs, chunks)]
+            history[channel] = ChannelHistory(
+                channel_writes, seed=value, seed_at=seed["since"] if value is not None else None
+            )
+        return dataclasses.replace(stored, history=history)
+
     async def _chunks(self, thread_id: str, docs: Sequence[Doc]) -> dict[str, Doc]:
         needed = layout.chunks_of(docs)
         return await self._fetch(thread_id, needed) if needed else {}
@@ -442,6 +633,50 @@ class CosmosCheckpointStore:
             partition=thread_id,
         )
         return found
+
+
+class _ChainWalk:
+    """The parent chain of a target resolved from lineage rows (see `delta_history`)."""
+
+    def __init__(self, target: str, channels: list[str], checkpoint_ns: str) -> None:
+        self.checkpoint_ns = checkpoint_ns
+        self.channels = channels
+        # Checkpoint id -> the channels whose writes it contributes.
+        self.chain: dict[str, set[str]] = {}
+        # Channel -> (holder document id, version) and the checkpoint id of its seed.
+        self.seed_holder: dict[str, tuple[str, str]] = {}
+        self.seed_at: dict[str, str] = {}
+        self._remaining = set(channels)
+        self._next: str | None = None
+        self._target = target
+        self._started = False
+
+    def advance(self, rows: dict[str, Doc]) -> bool:
+        """Walk as far as `rows` reach; True once the walk is over (no more rows needed)."""
+        if not self._started:
+            target = rows.get(self._target)
+            if target is None:
+                return bool(rows)  # rows are newest first: the target would be the first
+            self._started = True
+            self._next = target.get("parent_checkpoint_id")
+        while self._next is not None and self._remaining:
+            row = rows.get(self._next)
+            if row is None:
+                return False  # on a later page
+            self.chain[self._next] = set(self._remaining)
+            for n, ch in enumerate(self.channels):
+                if ch not in self._remaining or f"v{n}" not in row:
+                    continue
+                version = str(row[f"v{n}"])
+                holder = row.get(f"a{n}")
+                if holder is None and row.get("layout", 1) < layout.LAYOUT:
+                    holder = layout.blob_doc_id(self.checkpoint_ns, ch, version)
+                if holder is not None:
+                    self.seed_holder[ch] = (holder, version)
+                    self.seed_at[ch] = self._next
+                    self._remaining.discard(ch)
+            self._next = row.get("parent_checkpoint_id")
+        return True
 
 
 def _sql_name(name: str) -> str:

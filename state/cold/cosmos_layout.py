@@ -8,7 +8,9 @@ Documents of one thread share its logical partition; every one carries `type`,
   (`checkpoint`), the values of the channels that changed in its step
   (`values`: channel -> entry with its `version`), and where the current value
   of every channel lives (`value_at`: channel -> id of the document holding it,
-  itself or an ancestor, inherited from the parent). One write stores a step,
+  itself or an ancestor, inherited from the parent), and for LangGraph's
+  DeltaChannel, where each rebuilt channel's history starts (`delta_seed`, see
+  `delta_seeds`). One write stores a step,
   and the ids it names were all written before it, so a reader that can see a
   checkpoint can see everything it references: no ordering of requests needed.
 - `write:{ns}:{checkpoint_id}:{task_id}`  the ordinary pending writes of one
@@ -214,15 +216,52 @@ def decode(owner_id: str, entry: Mapping[str, Any], chunks: Mapping[str, Doc]) -
 
 @dataclass(frozen=True)
 class Lineage:
-    """What a child checkpoint inherits: where each channel's value lives, at which version."""
+    """What a child checkpoint inherits: where each channel's value lives, at which version,
+    and where the history of each DeltaChannel rebuilt at it starts."""
 
     checkpoint_id: str
     channel_versions: dict[str, str | int | float]
     value_at: dict[str, str]
+    delta_seed: dict[str, Doc]
 
     @classmethod
     def of(cls, doc: Doc) -> Lineage:
-        return cls(doc["checkpoint_id"], dict(doc["channel_versions"]), dict(doc["value_at"]))
+        return cls(
+            doc["checkpoint_id"],
+            dict(doc["channel_versions"]),
+            dict(doc["value_at"]),
+            dict(doc.get("delta_seed") or {}),
+        )
+
+
+def delta_seeds(
+    checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], parent: Lineage | None
+) -> dict[str, Doc]:
+    """Where the history of each DeltaChannel LangGraph rebuilds at `checkpoint` starts.
+
+    LangGraph names those channels in the metadata (`counters_since_delta_snapshot`:
+    updated since their last snapshot). Per channel, `since` is the id of the nearest
+    ancestor storing its value (`holder`: the document holding it) or, for a channel first
+    written at the parent, the parent (`holder` None: nothing before it). Inherited from
+    the parent, so a reader of the checkpoint knows the range of ancestors to read with
+    it, in the same round trip as its writes; a channel whose start the parent does not
+    know is left out (its history is then resolved from the lineage).
+    """
+    counted = checkpoint.metadata.get("counters_since_delta_snapshot")
+    if parent is None or not isinstance(counted, dict):
+        return {}
+    stored_here = {blob.channel for blob in blobs}
+    seeds: dict[str, Doc] = {}
+    for channel in counted:
+        if channel not in checkpoint.channel_versions or channel in stored_here:
+            continue
+        if channel in parent.value_at:
+            seeds[channel] = {"since": parent.checkpoint_id, "holder": parent.value_at[channel]}
+        elif channel not in parent.channel_versions:
+            seeds[channel] = {"since": parent.checkpoint_id, "holder": None}
+        elif channel in parent.delta_seed:
+            seeds[channel] = parent.delta_seed[channel]
+    return seeds
 
 
 def stored_checkpoint(
@@ -373,6 +412,9 @@ class Packer:
             "values": values,
             "value_at": value_at,
         }
+        seeds = delta_seeds(checkpoint, blobs, parent)
+        if seeds:
+            doc["delta_seed"] = seeds
         return self.pack(
             doc,
             {"checkpoint": checkpoint_entry, **{f"value:{ch}": e for ch, e in values.items()}},

@@ -6,6 +6,11 @@ kept one names: a removed checkpoint still named is reduced to a values holder
 under the same id (only the named values stay), and holders or layout-1 blobs
 that no kept checkpoint names any more are deleted with their chunks.
 
+LangGraph's DeltaChannel keeps no value in most checkpoints: it is rebuilt from
+the writes of the ancestors back to the nearest one holding a snapshot. Removing
+checkpoints (prune, delete_for_runs) spares every one on such a chain of a
+checkpoint that stays, so no surviving checkpoint loses its history.
+
 Not safe against a writer of the same thread running meanwhile (a put in
 flight may name a document this pass removes): the app prunes and deletes
 threads whose runs have stopped.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..ports import PruneStrategy
@@ -122,8 +128,7 @@ class CheckpointMaintenance:
         self, thread_id: str, checkpoint_ns: str, doomed: Callable[[str], bool]
     ) -> None:
         """Remove the namespace's checkpoints whose id is `doomed`, keeping what the rest name."""
-        named: dict[str, set[str]] = defaultdict(set)  # document id -> channels kept ones use
-        victims: list[str] = []
+        lineage: dict[str, _Lineage] = {}
         async for page in self._io.pages(
             "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @type"
             " AND c.checkpoint_ns = @ns",
@@ -133,11 +138,18 @@ class CheckpointMaintenance:
         ):
             for found in page:
                 doc = layout.to_layout_2(found)
-                if doomed(doc["checkpoint_id"]):
-                    victims.append(doc["id"])
-                    continue
-                for channel, holder in doc["value_at"].items():
-                    named[holder].add(channel)
+                lineage[doc["checkpoint_id"]] = _Lineage.of(doc)
+        # A doomed checkpoint on the DeltaChannel chain of one that stays is spared: its
+        # writes (and seed) are what that one's delta channels are rebuilt from.
+        spared = _delta_chains(lineage, [cid for cid in lineage if not doomed(cid)])
+        named: dict[str, set[str]] = defaultdict(set)  # document id -> channels kept ones use
+        victims: list[str] = []
+        for checkpoint_id, kept in lineage.items():
+            if doomed(checkpoint_id) and checkpoint_id not in spared:
+                victims.append(kept.doc_id)
+                continue
+            for channel, holder_id in kept.value_at.items():
+                named[holder_id].add(channel)
         if not victims:
             return
         victim_docs: list[Doc] = []
@@ -200,3 +212,43 @@ class CheckpointMaintenance:
             )
         ]
         await self._io.delete_ids(thread_id, [doc["id"] for doc in docs] + layout.chunks_of(docs))
+
+
+@dataclass(frozen=True)
+class _Lineage:
+    """What maintenance needs of a checkpoint document (not its values)."""
+
+    doc_id: str
+    parent_checkpoint_id: str | None
+    value_at: dict[str, str]
+    # Channels LangGraph's DeltaChannel rebuilds at this checkpoint from its ancestors:
+    # those its metadata counts as updated since their last snapshot.
+    delta_channels: list[str]
+
+    @classmethod
+    def of(cls, doc: Doc) -> _Lineage:
+        counted = (doc.get("metadata") or {}).get("counters_since_delta_snapshot") or {}
+        versions = doc.get("channel_versions") or {}
+        return cls(
+            doc["id"],
+            doc.get("parent_checkpoint_id"),
+            dict(doc["value_at"]),
+            [channel for channel in counted if channel in versions],
+        )
+
+
+def _delta_chains(lineage: dict[str, _Lineage], starts: list[str]) -> set[str]:
+    """Checkpoint ids on the DeltaChannel chains of `starts`: per delta channel, the
+    ancestors from the parent back to the nearest one holding the channel's value."""
+    on_chain: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    for start in starts:
+        for channel in lineage[start].delta_channels:
+            at = lineage[start].parent_checkpoint_id
+            while at is not None and at in lineage and (at, channel) not in seen:
+                seen.add((at, channel))
+                on_chain.add(at)
+                if channel in lineage[at].value_at:
+                    break
+                at = lineage[at].parent_checkpoint_id
+    return on_chain

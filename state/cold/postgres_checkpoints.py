@@ -13,6 +13,7 @@ megabyte of messages. Every write, and any write-behind batch, is one statement.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from ..ports import (
     JSON,
+    ChannelHistory,
     CheckpointPut,
     FlushOp,
     PruneStrategy,
@@ -31,6 +33,8 @@ from ..ports import (
 from ..schema import CURRENT, upcast
 from .postgres_client import CountedConnection, PostgresConnection
 
+# Threads this process remembers as using a DeltaChannel (see `_delta_threads`).
+DELTA_THREADS_MEMO_SIZE = 10_000
 # Checkpoints (with their blobs and writes) per round trip when listing; a caller's
 # `limit` below it fetches only that many.
 LIST_PAGE_SIZE = 50
@@ -155,20 +159,165 @@ FROM cp_checkpoints WHERE thread_id = %(source)s
 ON CONFLICT DO NOTHING
 """
 
-DELETE_RUN_CHECKPOINTS_SQL = """
-DELETE FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%s)
-RETURNING thread_id, checkpoint_ns, checkpoint_id, channel_versions
+# LangGraph's DeltaChannel keeps no value in most checkpoints: a channel's value is its
+# seed (the value stored at the nearest ancestor that has one) replayed with the writes
+# of the ancestors from there on. `DELTA_CHAIN_CTE` walks those chains in SQL: from
+# `delta_starts` rows (thread, namespace, parent id to start at, channel) up the parent
+# links, a row per (checkpoint, channel) whose writes count, until the checkpoint stores a
+# value of the channel (`seeded`). UNION keeps each (checkpoint, channel) once, so many
+# starts sharing ancestors cost no more than the ancestors, and a corrupt cyclic chain
+# ends. Every step is a primary-key lookup: the cost follows the chains, not the thread.
+DELTA_CHAIN_CTE = """
+delta_chain AS (
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
+           c.channel_versions ->> s.channel AS version, s.channel,
+           EXISTS (
+               SELECT 1 FROM cp_blobs AS b
+               WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                 AND b.channel = s.channel AND b.version = c.channel_versions ->> s.channel
+                 AND b.type <> 'empty'
+           ) AS seeded
+    FROM delta_starts AS s
+    JOIN cp_checkpoints AS c
+      ON c.thread_id = s.thread_id AND c.checkpoint_ns = s.checkpoint_ns
+     AND c.checkpoint_id = s.parent_checkpoint_id
+  UNION
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,
+           c.channel_versions ->> p.channel, p.channel,
+           EXISTS (
+               SELECT 1 FROM cp_blobs AS b
+               WHERE b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+                 AND b.channel = p.channel AND b.version = c.channel_versions ->> p.channel
+                 AND b.type <> 'empty'
+           )
+    FROM delta_chain AS p
+    JOIN cp_checkpoints AS c
+      ON c.thread_id = p.thread_id AND c.checkpoint_ns = p.checkpoint_ns
+     AND c.checkpoint_id = p.parent_checkpoint_id
+    WHERE NOT p.seeded
+)
 """
 
-# Everything but the newest checkpoint of each (thread, namespace).
-DELETE_ALL_BUT_LATEST_SQL = """
+# Starts for the checkpoints `checkpoint` names: each channel its metadata counts as
+# updated since its last DeltaChannel snapshot (LangGraph's own record of the delta
+# channels whose value at this checkpoint is rebuilt from ancestors).
+DELTA_STARTS_OF = """
+SELECT {checkpoint}.thread_id, {checkpoint}.checkpoint_ns,
+       {checkpoint}.parent_checkpoint_id, counted.channel
+FROM {source}
+CROSS JOIN LATERAL jsonb_object_keys(
+    COALESCE({checkpoint}.metadata -> 'counters_since_delta_snapshot', '{{}}'::jsonb)
+) AS counted (channel)
+WHERE {checkpoint}.channel_versions ? counted.channel
+"""
+
+# The delta history of one checkpoint in one statement: the chain's writes of each
+# channel asked for, and the seed where its walk stopped.
+DELTA_HISTORY_SQL = f"""
+WITH RECURSIVE delta_starts AS (
+    SELECT thread_id, checkpoint_ns, parent_checkpoint_id, channel
+    FROM cp_checkpoints CROSS JOIN unnest(%(channels)s::text[]) AS wanted (channel)
+    WHERE thread_id = %(thread_id)s AND checkpoint_ns = %(checkpoint_ns)s
+      AND checkpoint_id = %(checkpoint_id)s
+), {DELTA_CHAIN_CTE}
+SELECT 'w' AS kind, ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
+       w.blob, w.schema_version
+FROM delta_chain AS ch
+JOIN cp_writes AS w
+  ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
+ AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
+UNION ALL
+SELECT 'b' AS kind, ch.checkpoint_id, '' AS task_id, '' AS task_path, 0 AS idx, b.channel,
+       b.type, b.blob, b.schema_version
+FROM delta_chain AS ch
+JOIN cp_blobs AS b
+  ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
+ AND b.channel = ch.channel AND b.version = ch.version
+WHERE ch.seeded
+"""
+
+# A checkpoint with its blobs, its writes and the delta history of the channels its
+# metadata names as rebuilt (LangGraph's `counters_since_delta_snapshot`), all in one
+# statement: the history rows (`s` one per channel walked, `w` writes, `b` seeds) as
+# arrays of bytea arrays, like the blobs and writes.
+SELECT_CHECKPOINT_WITH_HISTORY_SQL = f"""
+SELECT q.*, (
+    WITH RECURSIVE delta_starts AS (
+        {DELTA_STARTS_OF.format(checkpoint="q", source="(SELECT 1) AS one")}
+    ), {DELTA_CHAIN_CTE}
+    SELECT array_agg(ARRAY[convert_to(h.kind, 'UTF8'), convert_to(h.checkpoint_id, 'UTF8'),
+                           convert_to(h.task_id, 'UTF8'), convert_to(h.task_path, 'UTF8'),
+                           convert_to(h.idx::text, 'UTF8'), convert_to(h.channel, 'UTF8'),
+                           convert_to(h.type, 'UTF8'), h.blob,
+                           convert_to(h.schema_version::text, 'UTF8')])
+    FROM (
+        SELECT DISTINCT 's' AS kind, '' AS checkpoint_id, '' AS task_id, '' AS task_path,
+               0 AS idx, s.channel, '' AS type, ''::bytea AS blob, 0 AS schema_version
+        FROM delta_starts AS s
+        UNION ALL
+        SELECT 'w', ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
+               w.blob, w.schema_version
+        FROM delta_chain AS ch
+        JOIN cp_writes AS w
+          ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
+         AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
+        UNION ALL
+        SELECT 'b', ch.checkpoint_id, '', '', 0, b.channel, b.type, b.blob, b.schema_version
+        FROM delta_chain AS ch
+        JOIN cp_blobs AS b
+          ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
+         AND b.channel = ch.channel AND b.version = ch.version
+        WHERE ch.seeded
+    ) AS h
+) AS history_rows
+FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q
+"""
+
+# A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
+# (another run's descendant): deleting them would silently empty its delta channels.
+DELETE_RUN_CHECKPOINTS_SQL = f"""
+WITH RECURSIVE doomed AS (
+    SELECT thread_id, checkpoint_ns, checkpoint_id FROM cp_checkpoints
+    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+), survivors AS (
+    SELECT * FROM cp_checkpoints AS c
+    WHERE c.thread_id IN (SELECT thread_id FROM doomed)
+      AND NOT COALESCE(c.metadata ->> 'run_id' = ANY(%(run_ids)s), false)
+), delta_starts AS (
+    {DELTA_STARTS_OF.format(checkpoint="survivors", source="survivors")}
+), {DELTA_CHAIN_CTE}
 DELETE FROM cp_checkpoints AS c
-WHERE c.thread_id = ANY(%s)
-  AND c.checkpoint_id < (
-      SELECT max(m.checkpoint_id) FROM cp_checkpoints AS m
-      WHERE m.thread_id = c.thread_id AND m.checkpoint_ns = c.checkpoint_ns
+USING doomed AS d
+WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+  AND c.checkpoint_id = d.checkpoint_id
+  AND NOT EXISTS (
+      SELECT 1 FROM delta_chain AS k
+      WHERE k.thread_id = c.thread_id AND k.checkpoint_ns = c.checkpoint_ns
+        AND k.checkpoint_id = c.checkpoint_id
   )
-RETURNING thread_id, checkpoint_ns, checkpoint_id, channel_versions
+RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.channel_versions
+"""
+
+# Everything but the newest checkpoint of each (thread, namespace) and the ancestors its
+# DeltaChannel values are rebuilt from (back to each channel's nearest snapshot).
+DELETE_ALL_BUT_LATEST_SQL = f"""
+WITH RECURSIVE latest AS (
+    SELECT DISTINCT ON (thread_id, checkpoint_ns) *
+    FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
+    ORDER BY thread_id, checkpoint_ns, checkpoint_id DESC
+), delta_starts AS (
+    {DELTA_STARTS_OF.format(checkpoint="latest", source="latest")}
+), {DELTA_CHAIN_CTE}
+DELETE FROM cp_checkpoints AS c
+USING latest AS l
+WHERE c.thread_id = l.thread_id AND c.checkpoint_ns = l.checkpoint_ns
+  AND c.checkpoint_id < l.checkpoint_id
+  AND NOT EXISTS (
+      SELECT 1 FROM delta_chain AS k
+      WHERE k.thread_id = c.thread_id AND k.checkpoint_ns = c.checkpoint_ns
+        AND k.checkpoint_id = c.checkpoint_id
+  )
+RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.channel_versions
 """
 
 # Runs after the checkpoints were deleted (same transaction), so `NOT EXISTS`
@@ -208,6 +357,10 @@ class PostgresCheckpointStore:
 
     def __init__(self, connection: PostgresConnection) -> None:
         self._pg = connection
+        # Threads seen with DeltaChannel counters (a put or a read of this process): their
+        # checkpoints are read with their delta history. Others skip that part of the
+        # statement: planning it makes an ordinary read measurably slower.
+        self._delta_threads: OrderedDict[str, None] = OrderedDict()
 
     async def setup(self) -> None:
         await self._pg.setup()
@@ -233,7 +386,18 @@ class PostgresCheckpointStore:
     async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
         await self._write("apply_batch", ops)
 
+    def _note(self, thread_id: str, metadata: dict[str, JSON]) -> None:
+        if "counters_since_delta_snapshot" not in metadata:
+            return
+        self._delta_threads[thread_id] = None
+        self._delta_threads.move_to_end(thread_id)
+        while len(self._delta_threads) > DELTA_THREADS_MEMO_SIZE:
+            self._delta_threads.popitem(last=False)
+
     async def _write(self, operation: str, ops: Sequence[FlushOp]) -> None:
+        for op in ops:
+            if isinstance(op, CheckpointPut):
+                self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
         statements = _statements(_fold(ops))
         if not statements:
             return
@@ -254,23 +418,37 @@ class PostgresCheckpointStore:
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
     ) -> StoredCheckpoint | None:
+        select = (
+            SELECT_CHECKPOINT_WITH_HISTORY_SQL
+            if thread_id in self._delta_threads
+            else f"{SELECT_CHECKPOINTS_SQL} {{where}}"
+        )
         async with self._pg.connection("get_checkpoint") as conn:
             if checkpoint_id is None:
                 cursor = await conn.execute(
-                    f"{SELECT_CHECKPOINTS_SQL} WHERE thread_id = %s AND checkpoint_ns = %s"
-                    " ORDER BY checkpoint_id DESC LIMIT 1",
+                    select.replace(
+                        "{where}",
+                        "WHERE thread_id = %s AND checkpoint_ns = %s"
+                        " ORDER BY checkpoint_id DESC LIMIT 1",
+                    ),
                     (thread_id, checkpoint_ns),
                     binary=True,
                 )
             else:
                 cursor = await conn.execute(
-                    f"{SELECT_CHECKPOINTS_SQL}"
-                    " WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
+                    select.replace(
+                        "{where}",
+                        "WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
+                    ),
                     (thread_id, checkpoint_ns, checkpoint_id),
                     binary=True,
                 )
             row = await cursor.fetchone()
-        return _stored_checkpoint(row) if row is not None else None
+        if row is None:
+            return None
+        stored = _stored_checkpoint(row)
+        self._note(thread_id, stored.metadata)
+        return stored
 
     async def get_blobs(
         self, thread_id: str, checkpoint_ns: str, versions: dict[str, str | int | float]
@@ -365,6 +543,44 @@ class PostgresCheckpointStore:
                 remaining -= len(rows)
             last_key = [rows[-1][column] for column in key_columns]
 
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        if not channels:
+            return {}
+        async with self._pg.connection("delta_history") as conn:
+            cursor = await conn.execute(
+                DELTA_HISTORY_SQL,
+                {
+                    "thread_id": thread_id,
+                    "checkpoint_ns": checkpoint_ns,
+                    "checkpoint_id": checkpoint_id,
+                    "channels": list(channels),
+                },
+                binary=True,
+            )
+            rows = await cursor.fetchall()
+        writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
+        seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
+        for row in rows:
+            if row["kind"] == "w":
+                write = _stored_write(row)
+                writes[write.channel].append((row["checkpoint_id"], write))
+            else:
+                blob = upcast("blob", row)
+                seeds[blob["channel"]] = (
+                    row["checkpoint_id"],
+                    (blob["type"], bytes(blob["blob"])),
+                )
+        return {
+            ch: ChannelHistory(
+                writes[ch],
+                seed=seeds[ch][1] if ch in seeds else None,
+                seed_at=seeds[ch][0] if ch in seeds else None,
+            )
+            for ch in channels
+        }
+
     async def delete_thread(self, thread_id: str) -> None:
         async with self._pg.connection("delete_thread") as conn:
             await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
@@ -373,7 +589,7 @@ class PostgresCheckpointStore:
         if not run_ids:
             return set()
         async with self._pg.transaction("delete_for_runs") as conn:
-            cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, (list(run_ids),))
+            cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids)})
             deleted = await cursor.fetchall()
             await _delete_dependents(conn, deleted)
         return {row["thread_id"] for row in deleted}
@@ -392,7 +608,7 @@ class PostgresCheckpointStore:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": list(thread_ids)})
             return
         async with self._pg.transaction("prune") as conn:
-            cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, (list(thread_ids),))
+            cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": list(thread_ids)})
             await _delete_dependents(conn, await cursor.fetchall())
 
     async def close(self) -> None:
@@ -552,7 +768,40 @@ def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:
         channel_versions=document["channel_versions"],
         blobs=blobs,
         writes=writes,
+        history=_history(row["history_rows"]) if row.get("history_rows") else None,
     )
+
+
+def _history(rows: Sequence[Sequence[bytes]]) -> dict[str, ChannelHistory]:
+    """`history_rows` of SELECT_CHECKPOINT_WITH_HISTORY_SQL, per channel walked."""
+    writes: dict[str, list[tuple[str, StoredWrite]]] = {}
+    seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
+    for kind, checkpoint_id, task_id, task_path, idx, channel, type_, blob, version in rows:
+        name = channel.decode()
+        writes.setdefault(name, [])
+        fields = {"type": type_.decode(), "blob": blob, "schema_version": int(version)}
+        if kind == b"w":
+            write = _stored_write(
+                {
+                    "task_id": task_id.decode(),
+                    "task_path": task_path.decode(),
+                    "idx": int(idx),
+                    "channel": name,
+                    **fields,
+                }
+            )
+            writes[name].append((checkpoint_id.decode(), write))
+        elif kind == b"b":
+            loaded = upcast("blob", {"channel": name, **fields})
+            seeds[name] = (checkpoint_id.decode(), (loaded["type"], bytes(loaded["blob"])))
+    return {
+        ch: ChannelHistory(
+            found,
+            seed=seeds[ch][1] if ch in seeds else None,
+            seed_at=seeds[ch][0] if ch in seeds else None,
+        )
+        for ch, found in writes.items()
+    }
 
 
 def _stored_write(row: dict[str, Any]) -> StoredWrite:

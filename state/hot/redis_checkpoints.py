@@ -14,7 +14,18 @@ that changes the format never reads entries written by the previous one). Fields
 - `e:{checkpoint_id}\\0{task_id}\\0{idx}`: early writes, saved for a checkpoint
   newer than the cached one while that checkpoint's own save is still in flight
   (LangGraph overlaps the two); its `advance` turns them into `w:` entries;
-- `lease`: a reader's fill lease on an empty entry.
+- `lease`: a reader's fill lease on an empty entry;
+- the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
+  reader filled it from the cold tier for some channels: `d@` (the checkpoint it
+  belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
+  that stored its seed) and the seed itself: `dv:{channel}`, the version of it that the
+  channel's `b:` field holds (no copy), or `ds:{channel}`, a copy where a reader filled
+  it from the cold tier; and `dx:{checkpoint_id}\\0{task_id}\\0{idx}`
+  (ancestors' writes). `advance` carries it to the child: the parent's stored values of
+  the tracked channels become their seeds, its pending writes join the history, and
+  writes older than every tracked channel's seed go. So a warm load reads the history
+  in the same HGETALL as the checkpoint; any mismatch (a fork, a dropped entry, a late
+  write older than the parent) drops it and the next reader refills it.
 
 A field per value (not one packed value) keeps a put O(what changed): `advance`
 writes the changed fields only, so a long conversation is not re-encoded on
@@ -42,7 +53,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import CorruptState
-from ..ports import CacheLookup, StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
+from ..ports import (
+    CacheLookup,
+    ChannelHistory,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    TypedBytes,
+)
 from .redis_client import hot_key
 
 log = logging.getLogger(__name__)
@@ -68,6 +86,19 @@ local function early_id(field)
   return string.sub(field, 3, string.find(field, '\\0', 3, true) - 1)
 end
 
+-- `dx:{checkpoint id}\\0...` -> the checkpoint id.
+local function history_id(field)
+  return string.sub(field, 4, string.find(field, '\\0', 4, true) - 1)
+end
+
+local function drop_history(key)
+  local drop = {}
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, 1) == 'd' then drop[#drop + 1] = field end
+  end
+  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+end
+
 local function keep(key, ttl, index, namespace)
   redis.call('EXPIRE', key, ttl)
   redis.call('SADD', index, namespace)
@@ -86,9 +117,55 @@ local function advance(key, index, id, parent, ttl, namespace, first)
   end
   local drop, set = {'lease'}, {'id', id}
   local prefix = 'e:' .. id .. '\\0'
+  -- The delta history moves from the parent to `id`: the parent's stored values of
+  -- the tracked channels become their seeds, its pending writes history.
+  local tracked, oldest = nil, nil
+  if parent ~= '' and redis.call('HGET', key, 'd@') == parent then
+    tracked = cjson.decode(redis.call('HGET', key, 'dc'))
+    local versions = cjson.decode(redis.call('HGET', key, 'head'))['versions']
+    local bounded = true
+    for _, ch in ipairs(tracked) do
+      local seed_at = redis.call('HGET', key, 'df:' .. ch)
+      local version = versions[ch]
+      if version ~= nil then
+        local framed = cjson.encode(version)
+        framed = struct.pack('>I4', #framed) .. framed
+        local blob = redis.call('HGET', key, 'b:' .. ch)
+        if blob and string.sub(blob, 1, #framed) == framed then
+          -- The seed is the parent's value, which its `b:` field keeps: name its version
+          -- rather than copy it.
+          set[#set + 1] = 'dv:' .. ch
+          set[#set + 1] = framed
+          set[#set + 1] = 'df:' .. ch
+          set[#set + 1] = parent
+          drop[#drop + 1] = 'ds:' .. ch
+          seed_at = parent
+        end
+      end
+      if not seed_at then
+        bounded = false
+      elseif oldest == nil or older(seed_at, oldest) then
+        oldest = seed_at
+      end
+    end
+    if not bounded then oldest = nil end
+    set[#set + 1] = 'd@'
+    set[#set + 1] = id
+  end
   for _, field in ipairs(redis.call('HKEYS', key)) do
     local kind = string.sub(field, 1, 2)
     if kind == 'w:' then
+      drop[#drop + 1] = field
+      if tracked then
+        set[#set + 1] = 'dx:' .. parent .. '\\0' .. string.sub(field, 3)
+        set[#set + 1] = redis.call('HGET', key, field)
+      end
+    elseif kind == 'dx' then
+      -- Writes older than every tracked channel's seed are no longer history.
+      if not tracked or (oldest and older(history_id(field), oldest)) then
+        drop[#drop + 1] = field
+      end
+    elseif string.sub(field, 1, 1) == 'd' and not tracked then
       drop[#drop + 1] = field
     elseif kind == 'e:' then
       if string.sub(field, 1, #prefix) == prefix then
@@ -121,7 +198,25 @@ local function add_writes(key, id, upsert, ttl, first)
     end
     return 1
   end
-  if current and not older(current, id) then return 0 end
+  if current and not older(current, id) then
+    -- Writes of the cached checkpoint's parent landing after its child (LangGraph
+    -- overlaps the two) join the delta history; older ones void it.
+    if redis.call('HGET', key, 'd@') == current then
+      if cjson.decode(redis.call('HGET', key, 'head'))['parent'] == id then
+        for i = first, #ARGV, 2 do
+          local field = 'dx:' .. id .. '\\0' .. string.sub(ARGV[i], 3)
+          if upsert then
+            redis.call('HSET', key, field, ARGV[i + 1])
+          else
+            redis.call('HSETNX', key, field, ARGV[i + 1])
+          end
+        end
+      else
+        drop_history(key)
+      end
+    end
+    return 0
+  end
   redis.call('HDEL', key, 'lease')
   local prefix = 'e:' .. id .. '\\0'
   for i = first, #ARGV, 2 do
@@ -163,6 +258,20 @@ local set = {'id', ARGV[2]}
 for i = 5, #ARGV do set[#set + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(set))
 keep(KEYS[1], ARGV[3], KEYS[2], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: entry. ARGV: checkpoint id, tracked channels (JSON), then name/value pairs of the
+# history fields.
+_FILL_HISTORY = (
+    LUA_HELPERS
+    + """
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+drop_history(KEYS[1])
+local set = {'d@', ARGV[1], 'dc', ARGV[2]}
+for i = 3, #ARGV do set[#set + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(set))
 return 1
 """
 )
@@ -283,6 +392,53 @@ def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) 
     )
 
 
+def history_fields(history: dict[str, ChannelHistory]) -> list[bytes]:
+    """`ds:`/`df:` (seed and where it was stored) and `dx:` name/value pairs of a history."""
+    fields: list[bytes] = []
+    for channel, entry in history.items():
+        if entry.seed is not None and entry.seed_at is not None:
+            fields += [b"ds:" + channel.encode(), typed_field(entry.seed)]
+            fields += [b"df:" + channel.encode(), entry.seed_at.encode()]
+        for checkpoint_id, write in entry.writes:
+            [name, value] = write_fields([write])
+            fields += [b"dx:" + checkpoint_id.encode() + b"\0" + name[2:], value]
+    return fields
+
+
+def parse_history(fields: dict[bytes, bytes]) -> dict[str, ChannelHistory] | None:
+    """The delta history of the cached checkpoint, per tracked channel (None: none kept)."""
+    if b"d@" not in fields or fields[b"d@"] != fields.get(b"id"):
+        return None
+    tracked: list[str] = json.loads(fields[b"dc"])
+    seed_at = {ch: fields.get(b"df:" + ch.encode()) for ch in tracked}
+    writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in tracked}
+    for name, value in fields.items():
+        if not name.startswith(b"dx:"):
+            continue
+        checkpoint_id = name[3:].split(b"\0", 1)[0]
+        write = parse_write(value)
+        since = seed_at.get(write.channel)
+        if write.channel in writes and (since is None or checkpoint_id >= since):
+            writes[write.channel].append((checkpoint_id.decode(), write))
+    history: dict[str, ChannelHistory] = {}
+    for ch in tracked:
+        at = seed_at[ch]
+        if at is None:
+            history[ch] = ChannelHistory(writes[ch])
+            continue
+        seed = fields.get(b"ds:" + ch.encode())
+        if seed is None:
+            # Named by version: the channel's `b:` field, unless a newer value replaced it
+            # (then this channel's history is not the cache's to answer).
+            version = fields.get(b"dv:" + ch.encode())
+            blob = fields.get(b"b:" + ch.encode())
+            if version is None or blob is None or not blob.startswith(version):
+                continue
+            seed = blob[len(version) :]
+        history[ch] = ChannelHistory(writes[ch], seed=untyped(seed), seed_at=at.decode())
+    return history
+
+
 @dataclass
 class CheckpointCacheStats:
     hits: int = 0
@@ -304,6 +460,7 @@ class RedisCheckpointCache:
         self._add_writes = client.register_script(_ADD_WRITES)
         self._fill = client.register_script(_FILL)
         self._lease = client.register_script(_LEASE)
+        self._fill_history = client.register_script(_FILL_HISTORY)
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
         self._healthy = True
@@ -345,7 +502,12 @@ class RedisCheckpointCache:
                 await self._clear_if_suspect(key)
                 return CacheLookup(None)
             self.stats.hits += 1
-            return CacheLookup(found)
+            try:
+                history = parse_history(fields)
+            except (ValueError, KeyError, struct.error) as exc:
+                self._failed(key, exc)
+                history = None
+            return CacheLookup(found, history=history)
         self.stats.misses += 1
         if not lease:
             return CacheLookup(None)
@@ -416,6 +578,42 @@ class RedisCheckpointCache:
             self._add_writes(
                 keys=[key],
                 args=[checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
+            ),
+        )
+
+    async def history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory] | None:
+        key = self.key(thread_id, checkpoint_ns)
+        if key in self._suspect and not await self._clear_if_suspect(key):
+            return None
+        fields = cast("dict[bytes, bytes] | None", await self._call(key, self._client.hgetall(key)))
+        if not fields or fields.get(b"id") != checkpoint_id.encode():
+            return None
+        try:
+            history = parse_history(fields)
+        except (ValueError, KeyError, struct.error) as exc:
+            self._failed(key, exc)
+            return None
+        if history is None or not set(channels) <= history.keys():
+            return None
+        return {ch: history[ch] for ch in channels}
+
+    async def fill_history(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        history: dict[str, ChannelHistory],
+    ) -> None:
+        key = self.key(thread_id, checkpoint_ns)
+        if not await self._clear_if_suspect(key):
+            return
+        await self._call(
+            key,
+            self._fill_history(
+                keys=[key],
+                args=[checkpoint_id, json.dumps(sorted(history)), *history_fields(history)],
             ),
         )
 

@@ -45,6 +45,7 @@ from state.ports import (
     AuditEntry,
     Backlog,
     CacheLookup,
+    ChannelHistory,
     CheckpointPut,
     FlushOp,
     HotRead,
@@ -414,6 +415,32 @@ class MemoryCheckpointStore(_Tier):
         self._call("get_writes")
         stored = self._writes.get((thread_id, checkpoint_ns, checkpoint_id), {})
         return [stored[key] for key in sorted(stored)]
+
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory]:
+        self._call("delta_history")
+        target = self._checkpoints.get((thread_id, checkpoint_ns, checkpoint_id))
+        history: dict[str, ChannelHistory] = {}
+        for channel in channels:
+            found = ChannelHistory(writes=[])
+            parent_id = target.parent_checkpoint_id if target else None
+            while parent_id is not None:
+                ancestor = self._checkpoints.get((thread_id, checkpoint_ns, parent_id))
+                if ancestor is None:
+                    break
+                stored = self._writes.get((thread_id, checkpoint_ns, parent_id), {})
+                found.writes.extend(
+                    (parent_id, write) for write in stored.values() if write.channel == channel
+                )
+                version = ancestor.channel_versions.get(channel)
+                seed = self._blobs.get((thread_id, checkpoint_ns, channel, str(version)))
+                if version is not None and seed is not None and seed[0] != "empty":
+                    found = ChannelHistory(writes=found.writes, seed=seed, seed_at=parent_id)
+                    break
+                parent_id = ancestor.parent_checkpoint_id
+            history[channel] = found
+        return history
 
     async def list_checkpoints(
         self,
@@ -829,6 +856,21 @@ class MemoryCheckpointCache:
     ) -> None:
         if writes and self._reachable((thread_id, checkpoint_ns)):
             self._add_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
+
+    async def history(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
+    ) -> dict[str, ChannelHistory] | None:
+        # Not tracked here: the saver asks the cold tier, as after a Redis miss.
+        return None
+
+    async def fill_history(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        history: dict[str, ChannelHistory],
+    ) -> None:
+        return None
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         keys = [

@@ -1,0 +1,127 @@
+"""The delta history the Redis checkpoint cache keeps for the latest checkpoint, on a real
+Redis: carried forward by each put, joined by the parent's writes that land late, dropped
+(never wrong) when a put or a write does not fit it; and the saver's sync API over it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+
+from state.checkpoint import TieredCheckpointSaver
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import create_redis_client
+from state.ports import ChannelHistory, StoredBlob, StoredCheckpoint, StoredWrite
+from state.settings import Settings
+from tests.integration.delta_graph import delta_graph, settings_for, thread_config
+
+CHANNEL = "messages"
+
+
+@pytest.fixture
+async def cache(stack_env: dict[str, str]) -> AsyncIterator[RedisCheckpointCache]:
+    settings = settings_for(stack_env, "postgres", True, "write-through")
+    client = create_redis_client(settings)
+    try:
+        yield RedisCheckpointCache(client, settings)
+    finally:
+        await client.aclose()
+
+
+def checkpoint(thread_id: str, n: int, parent: int | None, **counted: int) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id=f"cp-{n:04}",
+        parent_checkpoint_id=None if parent is None else f"cp-{parent:04}",
+        checkpoint=("json", b"{}"),
+        metadata={"counters_since_delta_snapshot": {CHANNEL: [counted.get("updates", 1), 1]}},
+        channel_versions={CHANNEL: f"v{n:04}"},
+    )
+
+
+def write(n: int, idx: int = 0) -> StoredWrite:
+    return StoredWrite(f"task-{n}", "~", idx, CHANNEL, ("json", json.dumps([n, idx]).encode()))
+
+
+def values(history: dict[str, ChannelHistory] | None) -> list[tuple[str, list[int]]]:
+    assert history is not None
+    return sorted((cid, json.loads(w.value[1])) for cid, w in history[CHANNEL].writes)
+
+
+async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpointCache) -> None:
+    thread_id = f"dc-{uuid.uuid4().hex[:8]}"
+    root = checkpoint(thread_id, 0, None)
+    lease = (await cache.lookup(thread_id, "", lease=True)).lease
+    assert lease is not None
+    await cache.fill(root, lease)
+    await cache.fill_history(thread_id, "", root.checkpoint_id, {CHANNEL: ChannelHistory([])})
+    await cache.add_writes(thread_id, "", "cp-0000", [write(0)], upsert=False)
+    await cache.advance(checkpoint(thread_id, 1, 0), [])
+    await cache.add_writes(thread_id, "", "cp-0001", [write(1)], upsert=False)
+    await cache.advance(checkpoint(thread_id, 2, 1), [])
+    found = await cache.history(thread_id, "", "cp-0002", [CHANNEL])
+    assert values(found) == [("cp-0000", [0, 0]), ("cp-0001", [1, 0])]
+    assert found is not None and found[CHANNEL].seed is None
+
+    # cp-0002 stores the channel's value (a snapshot): its child's history starts there.
+    await cache.add_writes(thread_id, "", "cp-0002", [write(2)], upsert=False)
+    snapshot = ("json", b'"snapshot"')
+    await cache.advance(checkpoint(thread_id, 3, 2), [StoredBlob(CHANNEL, "v0003", snapshot)])
+    found = await cache.history(thread_id, "", "cp-0003", [CHANNEL])
+    assert values(found) == [("cp-0000", [0, 0]), ("cp-0001", [1, 0]), ("cp-0002", [2, 0])]
+    await cache.add_writes(thread_id, "", "cp-0003", [write(3)], upsert=False)
+    await cache.advance(checkpoint(thread_id, 4, 3), [])
+    found = await cache.history(thread_id, "", "cp-0004", [CHANNEL])
+    assert found is not None
+    assert found[CHANNEL].seed == snapshot and found[CHANNEL].seed_at == "cp-0003"
+    assert values(found) == [("cp-0003", [3, 0])]
+    # The lookup of the latest brings the same history along.
+    looked = await cache.lookup(thread_id, "", lease=False)
+    assert looked.checkpoint is not None and looked.history == found
+    # An older checkpoint, or a channel not tracked, is not the cache's to answer.
+    assert await cache.history(thread_id, "", "cp-0003", [CHANNEL]) is None
+    assert await cache.history(thread_id, "", "cp-0004", [CHANNEL, "other"]) is None
+
+
+async def test_late_parent_writes_join_and_anything_else_drops_it(
+    cache: RedisCheckpointCache,
+) -> None:
+    thread_id = f"dc-{uuid.uuid4().hex[:8]}"
+    lease = (await cache.lookup(thread_id, "", lease=True)).lease
+    assert lease is not None
+    await cache.fill(checkpoint(thread_id, 0, None), lease)
+    await cache.fill_history(thread_id, "", "cp-0000", {CHANNEL: ChannelHistory([])})
+    await cache.advance(checkpoint(thread_id, 1, 0), [])
+    await cache.advance(checkpoint(thread_id, 2, 1), [])
+    # The parent's writes land after its child's put (LangGraph overlaps the two).
+    await cache.add_writes(thread_id, "", "cp-0001", [write(1)], upsert=False)
+    assert values(await cache.history(thread_id, "", "cp-0002", [CHANNEL])) == [("cp-0001", [1, 0])]
+    # A write older than the parent: the history cannot say what it misses, so it goes.
+    await cache.add_writes(thread_id, "", "cp-0000", [write(0)], upsert=False)
+    assert await cache.history(thread_id, "", "cp-0002", [CHANNEL]) is None
+    looked = await cache.lookup(thread_id, "", lease=False)
+    assert looked.checkpoint is not None and looked.history is None
+
+    # A fork (a put whose parent is not the cached latest) drops the entry, history too.
+    await cache.fill_history(thread_id, "", "cp-0002", {CHANNEL: ChannelHistory([])})
+    assert await cache.history(thread_id, "", "cp-0002", [CHANNEL]) is not None
+    await cache.advance(checkpoint(thread_id, 5, 1), [])
+    assert (await cache.lookup(thread_id, "", lease=False)).checkpoint is None
+
+
+def test_sync_api_rebuilds_like_in_memory_saver(stack_env: dict[str, str]) -> None:
+    for redis in (False, True):
+        settings: Settings = settings_for(stack_env, "postgres", redis, "write-through")
+        reference = delta_graph(InMemorySaver(), snapshot_frequency=3)
+        ref_cfg = thread_config("ref")
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            graph = delta_graph(saver, snapshot_frequency=3)
+            cfg = thread_config("sync")
+            for n in range(8):
+                got = graph.invoke({"messages": [f"user {n}"]}, cfg)
+                assert got == reference.invoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert graph.get_state(cfg).values == reference.get_state(ref_cfg).values

@@ -1,0 +1,395 @@
+"""DeltaChannel history on every backend and mode: the state rebuilt from the saver's
+`get_delta_channel_history` equals LangGraph's InMemorySaver's for the same inputs
+(after many invokes, after Redis loses everything, at older checkpoints), and the cold
+tiers answer in their bounded round trips (Postgres one statement, Cosmos two sequential
+requests whatever the chain's depth)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from state.hot.redis_client import create_redis_client
+from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
+from tests.integration.delta_graph import (
+    STACK_IDS,
+    STACKS,
+    delta_graph,
+    open_stack,
+    settings_for,
+    thread_config,
+)
+
+INVOKES = 14
+
+
+async def states(graph: Any, config: RunnableConfig) -> list[tuple[list[str], int | None]]:
+    """Every checkpoint's messages (newest first) with its step, as `get_state` rebuilds them
+    at that checkpoint."""
+    found = []
+    async for snapshot in graph.aget_state_history(config):
+        at = await graph.aget_state(snapshot.config)
+        found.append((at.values.get("messages", []), at.metadata["step"]))
+    return found
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_rebuilt_state_matches_in_memory_saver(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver())
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(INVOKES):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert len(want["messages"]) == 3 * INVOKES
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+        # Every older checkpoint, read by id (the cold tier's path, not the cache's).
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+        if redis:
+            # Redis loses everything (after a flush, so write-behind loses nothing durable).
+            await opened.saver.aflush(thread_id)
+            client = create_redis_client(settings)
+            try:
+                await client.flushall()
+            finally:
+                await client.aclose()
+        for n in range(INVOKES, INVOKES + 4):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_history_contract(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """Writes oldest first in writes_sort_key order, the target's own writes left out, the
+    seed the nearest stored value; the same answer from the cache and the cold tier."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver, snapshot_frequency=4)
+        cfg = thread_config()
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        got = await saver.aget_delta_channel_history(config=latest.config, channels=["messages"])
+        # LangGraph's own walk (one get_tuple per ancestor) over this saver.
+        walked = await asyncio.to_thread(
+            BaseCheckpointSaver.get_delta_channel_history,
+            saver,
+            config=latest.config,
+            channels=["messages"],
+        )
+        assert got == walked
+        assert "seed" in got["messages"]  # a snapshot is within reach (every 4 updates)
+        assert got["messages"]["writes"]
+        # Without a cached history (cold tier only), the same answer.
+        if saver.cache is not None:
+            await saver.aflush(cfg["configurable"]["thread_id"])
+            await saver.cache.invalidate(cfg["configurable"]["thread_id"])
+        cold = await saver.aget_delta_channel_history(config=latest.config, channels=["messages"])
+        assert cold == walked
+        empty = await saver.aget_delta_channel_history(
+            config={"configurable": {**latest.config["configurable"], "checkpoint_id": "0"}},
+            channels=["messages"],
+        )
+        assert empty == {"messages": {"writes": []}}
+
+
+@contextmanager
+def cosmos_requests() -> Iterator[list[tuple[float, float]]]:
+    """(start, end) of every Cosmos HTTP request made inside, at the SDK's transport."""
+    from azure.core.pipeline.transport import AioHttpTransport
+
+    spans: list[tuple[float, float]] = []
+    send = AioHttpTransport.send
+
+    async def timed(transport: Any, request: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await send(transport, request, **kwargs)
+        finally:
+            spans.append((started, time.perf_counter()))
+
+    AioHttpTransport.send = timed  # type: ignore[method-assign]
+    try:
+        yield spans
+    finally:
+        AioHttpTransport.send = send  # type: ignore[method-assign]
+
+
+def sequential(spans: list[tuple[float, float]]) -> int:
+    """The longest run of requests each sent after the previous one answered."""
+    longest: list[int] = []
+    ordered = sorted(spans)
+    for n, (start, _) in enumerate(ordered):
+        before = [longest[m] for m in range(n) if ordered[m][1] <= start]
+        longest.append(1 + max(before, default=0))
+    return max(longest, default=0)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_cold_history_round_trips_do_not_grow_with_depth(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The store's own walk: Postgres one statement; Cosmos the lineage query, then the
+    chain's writes (and the seed's holder, concurrently), for a short and a long chain.
+    A cold load of the thread (get_state, nothing cached) reads the history with the
+    checkpoint: Postgres one statement; Cosmos two sequential requests, as without a
+    DeltaChannel (the history's range is read with the checkpoint's own writes)."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        counters = opened.backends.cold_counters
+        walks, loads = [], []
+        for invokes in (3, 30):
+            graph = delta_graph(opened.saver, snapshot_frequency=10_000)
+            cfg = thread_config()
+            for n in range(invokes):
+                await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            latest = await opened.saver.aget_tuple(cfg)
+            assert latest is not None
+            counters.reset()
+            history = await opened.saver.store.delta_history(
+                cfg["configurable"]["thread_id"],
+                "",
+                latest.config["configurable"]["checkpoint_id"],
+                ["messages"],
+            )
+            walks.append(counters.requests)
+            # No snapshot in reach: every write from the root, input included.
+            assert sum(len(w.value[1]) > 0 for _, w in history["messages"].writes) == 2 * invokes
+            assert history["messages"].seed is None
+
+            counters.reset()
+            with cosmos_requests() as spans:
+                state = await graph.aget_state(cfg)
+            assert len(state.values["messages"]) == 3 * invokes
+            loads.append(counters.requests if backend == "postgres" else sequential(spans))
+        assert walks[0] == walks[1] == (1 if backend == "postgres" else 2)
+        assert loads == ([1, 1] if backend == "postgres" else [2, 2])
+
+        # With a snapshot in reach, its holder is read alongside: still the same bounds.
+        graph = delta_graph(opened.saver, snapshot_frequency=7)
+        cfg = thread_config()
+        for n in range(12):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        latest = await opened.saver.aget_tuple(cfg)
+        assert latest is not None
+        history = await opened.saver.aget_delta_channel_history(
+            config=latest.config, channels=["messages"]
+        )
+        assert "seed" in history["messages"]
+        counters.reset()
+        with cosmos_requests() as spans:
+            state = await graph.aget_state(cfg)
+        assert len(state.values["messages"]) == 36
+        assert (counters.requests if backend == "postgres" else sequential(spans)) == (
+            1 if backend == "postgres" else 2
+        )
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_warm_load_is_one_round_trip_and_no_cold_request(
+    backend: str, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, True, mode)
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver)
+        cfg = thread_config()
+        for n in range(12):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await opened.saver.aflush(cfg["configurable"]["thread_id"])
+        cache = opened.saver.cache
+        assert cache is not None
+        hits = cache.stats.hits  # type: ignore[attr-defined]
+        calls: list[str] = []
+        original = cache.history
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append("history")
+            return await original(*args, **kwargs)
+
+        cache.history = counted  # type: ignore[method-assign]
+        opened.backends.cold_counters.reset()
+        snapshot = await graph.aget_state(cfg)
+        assert len(snapshot.values["messages"]) == 36
+        assert opened.backends.cold_counters.requests == 0
+        # The history came with the cached checkpoint (one HGETALL), no second read.
+        assert cache.stats.hits == hits + 1  # type: ignore[attr-defined]
+        assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "redis", "mode"),
+    [("postgres", True, "write-through"), ("cosmos", True, "write-behind")],
+    ids=["postgres-redis-write-through", "cosmos-redis-write-behind"],
+)
+@pytest.mark.parametrize("durability", ["exit", "sync"])
+async def test_other_durabilities_rebuild_like_in_memory_saver(
+    backend: str, redis: bool, mode: str, durability: str, stack_env: dict[str, str]
+) -> None:
+    """`durability="exit"` stores a run's delta writes at the exit under the checkpoint it
+    started from; `"sync"` waits for each write: both rebuild the same state."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=3)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=3)
+        cfg = thread_config()
+        for n in range(10):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg, durability=durability)
+            want = await reference.ainvoke(
+                {"messages": [f"user {n}"]}, ref_cfg, durability=durability
+            )
+            assert got == want, n
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_forks_rebuild_only_their_own_branch(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """A run from an older checkpoint forks the thread: the branch's checkpoints rebuild
+    from their own ancestors only, never from the writes of the checkpoints the fork
+    left behind (newer ids, in the same range)."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=4)
+        cfg = thread_config()
+        for n in range(6):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+        ours = [s.config async for s in graph.aget_state_history(cfg)]
+        theirs = [s.config async for s in reference.aget_state_history(ref_cfg)]
+        assert len(ours) == len(theirs)
+        for n in range(6, 10):
+            got = await graph.ainvoke({"messages": [f"fork {n}"]}, ours[7])
+            want = await reference.ainvoke({"messages": [f"fork {n}"]}, theirs[7])
+            assert got == want, n
+            # Then the thread goes on from the fork's tip.
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            want = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == want, n
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_store_history_follows_the_parent_chain_across_a_fork(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Stored directly (LangGraph snapshots a fork's first checkpoint, so its own runs never
+    make this shape): a fork without a snapshot, whose range of ancestors holds a sibling's
+    writes. Neither the store's walk nor the history read with the checkpoint takes them."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        store = opened.backends.checkpoints
+        thread_id = f"fork-{uuid.uuid4().hex[:8]}"
+
+        def stored(n: int, parent: int | None) -> StoredCheckpoint:
+            return StoredCheckpoint(
+                thread_id=thread_id,
+                checkpoint_ns="",
+                checkpoint_id=f"cp-{n:02}",
+                parent_checkpoint_id=None if parent is None else f"cp-{parent:02}",
+                checkpoint=("json", b"{}"),
+                metadata={"counters_since_delta_snapshot": {"messages": [1, 1]}},
+                channel_versions={"messages": f"v{n:02}"},
+            )
+
+        def write(n: int) -> StoredWrite:
+            return StoredWrite(f"t{n}", "~", 0, "messages", ("json", f"[{n}]".encode()))
+
+        seed = ("json", b'"seed"')
+        # cp-00 (seed) -> cp-01 -> cp-02 (a sibling), and cp-01 -> cp-03 -> cp-04.
+        for n, parent in ((0, None), (1, 0), (2, 1), (3, 1), (4, 3)):
+            blobs = [StoredBlob("messages", "v00", seed)] if n == 0 else []
+            await store.put_checkpoint(stored(n, parent), blobs)
+            await store.put_writes(thread_id, "", f"cp-{n:02}", [write(n)], upsert=False)
+
+        walked = (await store.delta_history(thread_id, "", "cp-04", ["messages"]))["messages"]
+        loaded = await store.get_checkpoint(thread_id, "", "cp-04")
+        assert loaded is not None and loaded.history is not None
+        for history in (walked, loaded.history["messages"]):
+            assert sorted(cid for cid, _ in history.writes) == ["cp-00", "cp-01", "cp-03"]
+            assert history.seed == seed and history.seed_at == "cp-00"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_write_behind_eviction_with_unflushed_entries(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Write-behind, the flusher stopped so entries wait in the log, then the cache entry is
+    evicted: the next load and history come from the cold tier after settling the thread,
+    and the rebuilt state includes every unflushed step."""
+    settings = settings_for(stack_env, backend, True, "write-behind")
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        flusher = opened.backends.flusher
+        assert flusher is not None
+        await flusher.stop()
+        graph = delta_graph(opened.saver, snapshot_frequency=4)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(5):
+            assert await graph.ainvoke({"messages": [f"user {n}"]}, cfg) == await reference.ainvoke(
+                {"messages": [f"user {n}"]}, ref_cfg
+            )
+        assert await flusher.log.pending(thread_id)  # the cold tier lags
+        cache = opened.saver.cache
+        assert cache is not None
+        await cache.invalidate(thread_id)  # evicted
+        for n in range(5, 9):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            assert got == await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg), n
+        await opened.saver.aflush(thread_id)
+        assert await states(graph, cfg) == await states(reference, ref_cfg)
+
+
+async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, str]) -> None:
+    """A process that did not write the thread reads its first checkpoint without the
+    history (it cannot know the thread uses a DeltaChannel), asks for it in a statement of
+    its own, and from then on reads both in one."""
+    settings = settings_for(stack_env, "postgres", False, "write-through")
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
+    ref_cfg = thread_config("ref")
+    cfg = thread_config()
+    async with open_stack(settings) as writer:
+        graph = delta_graph(writer.saver, snapshot_frequency=4)
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+    async with open_stack(settings) as reader:
+        graph = delta_graph(reader.saver, snapshot_frequency=4)
+        counters = reader.backends.cold_counters
+        want = (await reference.aget_state(ref_cfg)).values
+        statements = []
+        for _ in range(2):
+            counters.reset()
+            assert (await graph.aget_state(cfg)).values == want
+            statements.append(counters.requests)
+        assert statements == [2, 1]

@@ -1,0 +1,121 @@
+"""DeltaChannel-safe maintenance on every backend and mode: after `prune(keep_latest)`,
+`copy_thread` and `delete_for_runs`, every checkpoint that remains rebuilds the same
+DeltaChannel state as LangGraph's InMemorySaver at the same step (before this, a
+keep_latest prune of a 60-message DeltaChannel thread left 0 messages)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.memory import InMemorySaver
+
+from tests.integration.delta_graph import (
+    STACK_IDS,
+    STACKS,
+    delta_graph,
+    open_stack,
+    settings_for,
+    thread_config,
+)
+
+INVOKES = 21  # 63 messages (the issue saw 60), the latest checkpoint no snapshot
+
+
+async def by_step(graph: Any, config: RunnableConfig) -> dict[int, list[str]]:
+    """Messages rebuilt at every checkpoint of the thread (read by id), by step."""
+    found: dict[int, list[str]] = {}
+    async for snapshot in graph.aget_state_history(config):
+        at = await graph.aget_state(snapshot.config)
+        found[at.metadata["step"]] = at.values.get("messages", [])
+    return found
+
+
+async def run_both(
+    graph: Any, reference: Any, cfg: RunnableConfig, ref_cfg: RunnableConfig, invokes: range
+) -> list[str]:
+    """The same invokes on both graphs, each its own run; returns the run ids."""
+    runs = []
+    for n in invokes:
+        run_id = str(uuid.uuid4())
+        runs.append(run_id)
+        # The checkpoints' metadata carries the run id (LangGraph copies `configurable`).
+        run_cfg: RunnableConfig = {"configurable": {**cfg["configurable"], "run_id": run_id}}
+        got = await graph.ainvoke({"messages": [f"user {n}"]}, run_cfg)
+        assert got == await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+    return runs
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_prune_keep_latest_and_copy_keep_the_delta_chain(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver())
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await run_both(graph, reference, cfg, ref_cfg, range(INVOKES))
+        want = (await reference.aget_state(ref_cfg)).values
+        assert len(want["messages"]) == 3 * INVOKES
+        expected = await by_step(reference, ref_cfg)
+
+        await saver.aprune([thread_id], strategy="keep_latest")
+        assert (await graph.aget_state(cfg)).values == want
+        kept = await by_step(graph, cfg)
+        # Not everything stays (only the chain back to the nearest snapshot), and every
+        # checkpoint that stays rebuilds the state it had.
+        assert 1 < len(kept) < len(expected) / 3
+        assert all(kept[step] == expected[step] for step in kept)
+
+        copy_cfg = thread_config("copy")
+        await saver.acopy_thread(thread_id, copy_cfg["configurable"]["thread_id"])
+        assert (await graph.aget_state(copy_cfg)).values == want
+        assert await by_step(graph, copy_cfg) == kept
+
+        # Both threads go on from there like the reference.
+        ref_copy_cfg = thread_config("ref-copy")
+        await reference.aupdate_state(ref_copy_cfg, want)  # a reference twin of the copy
+        for n in range(INVOKES, INVOKES + 6):
+            got = await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            copied = await graph.ainvoke({"messages": [f"user {n}"]}, copy_cfg)
+            ref = await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+            assert got == ref
+            assert copied == ref
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_delete_for_runs_never_strands_a_surviving_checkpoint(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver())
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver)
+        cfg = thread_config()
+        runs = await run_both(graph, reference, cfg, ref_cfg, range(INVOKES))
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None and latest.metadata.get("run_id") == runs[-1]
+        expected = await by_step(reference, ref_cfg)
+
+        # A run in the middle: the later runs' checkpoints rebuild from its writes.
+        await saver.adelete_for_runs([runs[INVOKES // 2]])
+        survivors = await by_step(graph, cfg)
+        assert max(survivors) == max(expected)
+        assert all(survivors[step] == expected[step] for step in survivors)
+
+        # The latest run (a rollback): the thread is back where the run before left it.
+        await saver.adelete_for_runs([runs[-1]])
+        survivors = await by_step(graph, cfg)
+        assert all(survivors[step] == expected[step] for step in survivors)
+        assert max(survivors) < max(expected)
+        state = await graph.aget_state(cfg)
+        assert state.values["messages"] == expected[max(survivors)]
+        assert len(state.values["messages"]) == 3 * (INVOKES - 1)

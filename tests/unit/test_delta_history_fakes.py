@@ -1,0 +1,62 @@
+"""The saver's DeltaChannel history over the in-memory fakes: the same state as LangGraph's
+InMemorySaver after every invoke and at older checkpoints, in every mode, so the fake
+store's chain walk matches the real stores' (tests/integration/test_delta_history.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+
+from state.checkpoint import TieredCheckpointSaver
+from tests.support.fakes import memory_backends
+
+
+def append(state: list[str], batches: Sequence[list[str]]) -> list[str]:
+    return [*state, *(message for batch in batches for message in batch)]
+
+
+class Conversation(TypedDict):
+    messages: Annotated[list[str], DeltaChannel(append, snapshot_frequency=3)]
+
+
+def reply(state: Conversation) -> dict[str, list[str]]:
+    n = len(state["messages"])
+    return {"messages": [f"a{n}", f"b{n}"]}
+
+
+def graph(saver: BaseCheckpointSaver[Any]) -> Any:
+    builder = StateGraph(Conversation)
+    builder.add_node("reply", reply)
+    builder.add_edge(START, "reply")
+    builder.add_edge("reply", END)
+    return builder.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize(
+    ("hot", "write_behind"),
+    [(False, False), (True, False), (True, True)],
+    ids=["cold", "hot-write-through", "write-behind"],
+)
+async def test_the_rebuilt_conversation_matches_in_memory_savers(
+    hot: bool, write_behind: bool
+) -> None:
+    config: RunnableConfig = {"configurable": {"thread_id": "case_8842"}}
+    reference = graph(InMemorySaver())
+    async with memory_backends(hot=hot, write_behind=write_behind) as backends:
+        tiered = graph(TieredCheckpointSaver.from_backends(backends))
+        for turn in range(10):
+            expected = await reference.ainvoke({"messages": [f"user-{turn}"]}, config)
+            assert await tiered.ainvoke({"messages": [f"user-{turn}"]}, config) == expected
+        assert len(expected["messages"]) == 30
+        history = [s async for s in tiered.aget_state_history(config)]
+        assert len(history) == len([s async for s in reference.aget_state_history(config)])
+        for older in history[::4]:
+            state = await tiered.aget_state(older.config)
+            assert state.values == older.values
