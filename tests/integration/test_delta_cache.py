@@ -13,7 +13,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from state.checkpoint import TieredCheckpointSaver
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.ports import ChannelHistory, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
 from tests.integration.delta_graph import delta_graph, settings_for, thread_config
@@ -26,7 +26,9 @@ async def cache(stack_env: dict[str, str]) -> AsyncIterator[RedisCheckpointCache
     settings = settings_for(stack_env, "postgres", True, "write-through")
     client = create_redis_client(settings)
     try:
-        yield RedisCheckpointCache(client, settings)
+        yield RedisCheckpointCache(
+            client, namespace=hot_namespace(settings), ttl_seconds=settings.state_hot_ttl_seconds
+        )
     finally:
         await client.aclose()
 
