@@ -31,14 +31,17 @@ async def write_section(
     *,
     agent_id: str,
     fencing_token: int | None = None,
+    current: WorkflowRecord | None = None,
 ) -> WorkflowRecord:
     """Apply `compute` to the latest record and store the result as `section`.
 
+    `current`: a record the caller just got back from its own write, tried first
+    instead of reading again (a conflict re-reads as usual).
     Raises `WorkflowNotFound` / `StaleFencingToken` as the store does; gives up
     with the last `VersionConflict` only after MAX_ATTEMPTS contended tries.
     """
     for attempt in range(MAX_ATTEMPTS):
-        record = await store.get(thread_id)
+        record = current if attempt == 0 and current is not None else await store.get(thread_id)
         if record is None:
             raise WorkflowNotFound(thread_id)
         value = compute(record)
@@ -69,6 +72,7 @@ async def set_section(
     *,
     agent_id: str,
     fencing_token: int | None = None,
+    current: WorkflowRecord | None = None,
 ) -> WorkflowRecord:
     """Store `value` as `section`; a re-run that finds the same value writes nothing."""
 
@@ -76,5 +80,11 @@ async def set_section(
         return UNCHANGED if record.sections.get(section) == value else value
 
     return await write_section(
-        store, thread_id, section, compute, agent_id=agent_id, fencing_token=fencing_token
+        store,
+        thread_id,
+        section,
+        compute,
+        agent_id=agent_id,
+        fencing_token=fencing_token,
+        current=current,
     )

@@ -271,11 +271,16 @@ class CaseService:
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
 
-        async def initial_input(snapshot: StateSnapshot) -> GraphInput:
+        async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             return self._initial_input(case_id, request)
 
+        # A case just created has no checkpoint to look at: its first run starts fresh.
         return await self._launch(
-            case_id, initial_input, created=True, wait_seconds=self._sync_wait
+            case_id,
+            initial_input,
+            created=True,
+            wait_seconds=self._sync_wait,
+            needs_snapshot=False,
         )
 
     async def status(self, case_id: str) -> CaseView:
@@ -337,8 +342,8 @@ class CaseService:
     async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
         await self._record(case_id)
 
-        async def resume_with_decision(snapshot: StateSnapshot) -> GraphInput:
-            if not snapshot.interrupts:
+        async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
+            if snapshot is None or not snapshot.interrupts:
                 status = (await self.status(case_id)).status
                 raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
@@ -357,15 +362,15 @@ class CaseService:
     async def _resume(self, case_id: str, wait_until_rest: bool) -> Outcome:
         await self._record(case_id)
 
-        async def continue_run(snapshot: StateSnapshot) -> GraphInput:
+        async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
             record = await self._record(case_id)
-            status = self._view(record, snapshot).status
+            status = self._status_of(record)
             if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
                 raise CaseConflict(
                     f"case {case_id!r} has nothing to resume (status: {status.value}); "
                     "only stalled or failed runs are resumed"
                 )
-            if snapshot.created_at is None:  # died before the first checkpoint
+            if snapshot is None or snapshot.created_at is None:  # died before the first checkpoint
                 return self._initial_input(case_id, record.sections[REQUEST_SECTION])
             return None
 
@@ -470,18 +475,23 @@ class CaseService:
     async def _launch(
         self,
         case_id: str,
-        prepare: Callable[[StateSnapshot], Awaitable[GraphInput]],
+        prepare: Callable[[StateSnapshot | None], Awaitable[GraphInput]],
         *,
         wait_seconds: float | None,
         created: bool = False,
+        needs_snapshot: bool = True,
     ) -> Outcome:
         """Take the case's lock, check preconditions under it, then drive the run.
 
-        Waits up to `wait_seconds` (None: until the run rests) before reporting.
+        `prepare` gets the case's latest state (None if not `needs_snapshot`). Waits up
+        to `wait_seconds` (None: until the run rests) before reporting.
         """
         guard = await self._acquire(case_id)
         try:
-            graph_input = await prepare(await self._graph.aget_state(case_config(case_id)))
+            snapshot = (
+                await self._graph.aget_state(case_config(case_id)) if needs_snapshot else None
+            )
+            graph_input = await prepare(snapshot)
         except BaseException:
             await self._release(case_id, guard)
             raise
@@ -544,6 +554,10 @@ class CaseService:
         # Redis speed and the run's end (and an interrupt) is the boundary.
         durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
         await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        # The heartbeat is due a quarter of the stale period after the last one: checked
+        # here on the clock, so steps in between cost no read of the record.
+        beat_every = self._settings.case_stale_after_seconds / 4
+        beat_due = time.monotonic() + beat_every
         async for _ in self._graph.astream(
             graph_input,
             config,
@@ -551,7 +565,9 @@ class CaseService:
             stream_mode="updates",
             durability=durability,
         ):
-            await self._tracker.heartbeat(case_id, fencing_token=fence)
+            if time.monotonic() >= beat_due:
+                await self._tracker.heartbeat(case_id, fencing_token=fence)
+                beat_due = time.monotonic() + beat_every
         await self._flush(case_id)
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
@@ -717,6 +733,12 @@ class CaseService:
             "transactions": request["transactions"],
         }
 
+    def _status_of(self, record: WorkflowRecord) -> CaseStatus:
+        run = record.sections.get(RUN_SECTION, {})
+        if self._tracker.is_stale(run):
+            return CaseStatus.STALLED
+        return CaseStatus(run.get("status", CaseStatus.ACCEPTED.value))
+
     def _view(
         self,
         record: WorkflowRecord,
@@ -727,12 +749,9 @@ class CaseService:
         values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
         sections = record.sections
         run = sections.get(RUN_SECTION, {})
-        status = CaseStatus(run.get("status", CaseStatus.ACCEPTED.value))
-        if self._tracker.is_stale(run):
-            status = CaseStatus.STALLED
         return CaseView(
             case_id=record.thread_id,
-            status=status,
+            status=self._status_of(record),
             customer_id=sections[REQUEST_SECTION]["customer_id"],
             submitted_by=_caller_view(sections[REQUEST_SECTION].get("submitted_by")),
             completed_steps=list(values.get("completed_steps", [])),
