@@ -51,9 +51,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def new_run_section(status: CaseStatus) -> dict[str, Any]:
+def new_run_section(status: CaseStatus, *, attempt: int = 0) -> dict[str, Any]:
     now = utcnow().isoformat()
-    return {"status": status.value, "attempt": 0, "started_at": now, "heartbeat_at": now}
+    return {"status": status.value, "attempt": attempt, "started_at": now, "heartbeat_at": now}
 
 
 def shard_of(case_id: str) -> str:

@@ -250,7 +250,13 @@ class CaseService:
         try:
             await self._store.create(
                 case_id,
-                {REQUEST_SECTION: request, RUN_SECTION: new_run_section(CaseStatus.ACCEPTED)},
+                # Created as its first run, which starts right away: that run's RUNNING
+                # mark would be one more write. Should the run never start (a crash before
+                # it does), its heartbeat goes stale like any run's and the timer resumes it.
+                {
+                    REQUEST_SECTION: request,
+                    RUN_SECTION: new_run_section(CaseStatus.RUNNING, attempt=1),
+                },
                 agent_id=API_AGENT_ID,
             )
         except WorkflowExists:
@@ -495,7 +501,7 @@ class CaseService:
         except BaseException:
             await self._release(case_id, guard)
             raise
-        task = asyncio.create_task(self._drive(case_id, graph_input, guard))
+        task = asyncio.create_task(self._drive(case_id, graph_input, guard, marked=created))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
@@ -512,7 +518,10 @@ class CaseService:
         if not task.cancelled():
             task.exception()
 
-    async def _drive(self, case_id: str, graph_input: GraphInput, guard: RunGuard) -> None:
+    async def _drive(
+        self, case_id: str, graph_input: GraphInput, guard: RunGuard, *, marked: bool = False
+    ) -> None:
+        """Run the graph under `guard`; `marked`: the record already says this run is running."""
         fence = guard.fence
         try:
             with (
@@ -520,7 +529,7 @@ class CaseService:
                 traced("case.run", case_id=case_id, fencing_token=fence),
             ):
                 rest = await self._while_held(
-                    case_id, guard, self._run(case_id, graph_input, fence)
+                    case_id, guard, self._run(case_id, graph_input, fence, marked=marked)
                 )
                 run.outcome = rest.value
         except (StaleFencingToken, LockLost) as lost:
@@ -547,13 +556,19 @@ class CaseService:
         finally:
             await self._release(case_id, guard)
 
-    async def _run(self, case_id: str, graph_input: GraphInput, fence: int | None) -> CaseStatus:
-        """Drive the graph to rest; returns the status the case rests in."""
+    async def _run(
+        self, case_id: str, graph_input: GraphInput, fence: int | None, *, marked: bool = False
+    ) -> CaseStatus:
+        """Drive the graph to rest; returns the status the case rests in.
+
+        A new case's first run is `marked` already: no earlier runner exists to fence out,
+        and its first section write raises the record's fence to this run's token."""
         config = case_config(case_id, fencing_token=fence)
         # Write-through: every step durable before the next. Write-behind: steps move at
         # Redis speed and the run's end (and an interrupt) is the boundary.
         durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
-        await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        if not marked:
+            await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
         # The heartbeat is due a quarter of the stale period after the last one: checked
         # here on the clock, so steps in between cost no read of the record.
         beat_every = self._settings.case_stale_after_seconds / 4
