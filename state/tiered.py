@@ -91,7 +91,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,6 +101,7 @@ from opentelemetry import trace
 from .errors import (
     BackendUnavailable,
     LockNotAcquired,
+    RequestRejected,
     StaleFencingToken,
     StateTooLarge,
     VersionConflict,
@@ -113,6 +114,7 @@ from .ports import (
     ColdStateStore,
     HotStateStore,
     Lock,
+    SectionWrite,
     TierHealth,
     WorkflowRecord,
     WriteIntent,
@@ -300,16 +302,62 @@ class TieredStateStore:
         fencing_token: int | None,
     ) -> WorkflowRecord:
         """One cold write of a section's stored form under a write intent, then install."""
-        intent = await self._begin_write(thread_id)
-        try:
-            record = await self._cold.update_section(
+        return await self._under_intent(
+            thread_id,
+            lambda: self._cold.update_section(
                 thread_id,
                 section,
                 stored,
                 expected_version=expected_version,
                 agent_id=agent_id,
                 fencing_token=fencing_token,
+            ),
+        )
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """Several distinct sections in one cold write (one audit entry each, under its
+        own agent), then one install: what a batch of `update_section` calls would leave,
+        for one write's cost.
+
+        Each section is shrunk alone, as `update_section` does. If the cold store refuses
+        the record as too large (`StateTooLarge`), nothing was written and the error goes
+        to the caller, which writes the sections one by one (`update_section` offloads).
+        """
+        with _span(
+            "update_sections",
+            thread_id=thread_id,
+            sections=",".join(write.section for write in writes),
+        ):
+            stored: list[SectionWrite] = []
+            for write in writes:
+                shrunk, actions = await self.size.shrink(thread_id, {write.section: write.value})
+                self._stored_size("update_section", actions.after.sections[write.section])
+                stored.append(dataclasses.replace(write, value=shrunk[write.section]))
+            record = await self._under_intent(
+                thread_id,
+                lambda: self._cold.update_sections(
+                    thread_id,
+                    stored,
+                    expected_version=expected_version,
+                    fencing_token=fencing_token,
+                ),
             )
+            return await self._expand(record)
+
+    async def _under_intent(
+        self, thread_id: str, write: Callable[[], Awaitable[WorkflowRecord]]
+    ) -> WorkflowRecord:
+        """One cold write under a write intent, then install what it returned."""
+        intent = await self._begin_write(thread_id)
+        try:
+            record = await write()
         except VersionConflict:
             # The caller may have read an outdated hot copy; refresh it so a retry
             # reads what cold holds.
@@ -320,7 +368,7 @@ class TieredStateStore:
             await self._abandon_write(intent)
             await self._invalidate(thread_id)
             raise
-        except (StaleFencingToken, StateTooLarge):
+        except (StaleFencingToken, StateTooLarge, RequestRejected):
             # Refused before anything was written; other failures may have written.
             await self._abandon_write(intent)
             raise

@@ -82,6 +82,19 @@ class Message(TypedDict):
     content: str
 
 
+class PendingSection(TypedDict):
+    """A record section an agent produced, and who the audit trail names for it."""
+
+    value: Any
+    agent_id: str
+
+
+def merge_pending(
+    left: dict[str, PendingSection], right: dict[str, PendingSection]
+) -> dict[str, PendingSection]:
+    return {**left, **right}
+
+
 class CaseState(TypedDict, total=False):
     case_id: str
     customer_id: str
@@ -97,6 +110,10 @@ class CaseState(TypedDict, total=False):
     refund: RefundResult
     final_response: str
     error: str | None
+    # Write-behind: each agent's record section, written to the record at the run's
+    # boundary (its end, or an interrupt) in one write; a step checkpointed before a
+    # crash keeps its section here until the resumed run's boundary writes it.
+    record_sections: Annotated[dict[str, PendingSection], merge_pending]
 
 
 # --------------------------------------------------------------------------- HTTP contract

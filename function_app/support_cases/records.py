@@ -13,7 +13,15 @@ import asyncio
 import random
 from collections.abc import Callable
 
-from state import JSON, TieredStateStore, VersionConflict, WorkflowNotFound, WorkflowRecord
+from state import (
+    JSON,
+    SectionWrite,
+    StateTooLarge,
+    TieredStateStore,
+    VersionConflict,
+    WorkflowNotFound,
+    WorkflowRecord,
+)
 
 MAX_ATTEMPTS = 25
 
@@ -21,6 +29,8 @@ MAX_ATTEMPTS = 25
 # UNCHANGED when the record already holds what it should (nothing is written).
 UNCHANGED = object()
 Compute = Callable[[WorkflowRecord], object]
+# Several sections at once: the writes the record still needs (empty: none).
+ComputeMany = Callable[[WorkflowRecord], list[SectionWrite]]
 
 
 async def write_section(
@@ -88,3 +98,42 @@ async def set_section(
         fencing_token=fencing_token,
         current=current,
     )
+
+
+async def write_sections(
+    store: TieredStateStore,
+    thread_id: str,
+    compute: ComputeMany,
+    *,
+    fencing_token: int | None = None,
+) -> WorkflowRecord:
+    """`write_section` for several sections in one record write, each audited under its
+    own writer. A record the cold store refuses as too large with all of them
+    (`StateTooLarge`) takes them one by one, each offloaded as it needs."""
+    for attempt in range(MAX_ATTEMPTS):
+        record = await store.get(thread_id)
+        if record is None:
+            raise WorkflowNotFound(thread_id)
+        writes = compute(record)
+        if not writes:
+            return record
+        try:
+            return await store.update_sections(
+                thread_id, writes, expected_version=record.version, fencing_token=fencing_token
+            )
+        except StateTooLarge:
+            for write in writes:
+                record = await set_section(
+                    store,
+                    thread_id,
+                    write.section,
+                    write.value,
+                    agent_id=write.agent_id,
+                    fencing_token=fencing_token,
+                )
+            return record
+        except VersionConflict:
+            if attempt == MAX_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -65,6 +65,7 @@ from .models import (
     CheckpointPageView,
     CheckpointView,
     HealthView,
+    PendingSection,
     ResumeReport,
     ReviewDecision,
     TierView,
@@ -545,11 +546,14 @@ class CaseService:
             log.exception("case %s: run failed", case_id)
             try:
                 await self._flush(case_id)
+                # What the agents produced before the failure is recorded with it.
+                snapshot = await self._graph.aget_state(case_config(case_id))
                 await self._tracker.mark(
                     case_id,
                     CaseStatus.FAILED,
                     fencing_token=fence,
                     error=f"{type(error).__name__}: {error}",
+                    pending=pending_sections(snapshot),
                 )
             except Exception:
                 log.exception("case %s: could not record the failure", case_id)
@@ -586,7 +590,10 @@ class CaseService:
         await self._flush(case_id)
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
-        await self._tracker.mark(case_id, rest, fencing_token=fence)
+        # The boundary: the agents' sections (write-behind) go with the status, in one write.
+        await self._tracker.mark(
+            case_id, rest, fencing_token=fence, pending=pending_sections(snapshot)
+        )
         return rest
 
     async def _while_held(
@@ -762,7 +769,12 @@ class CaseService:
         lease_ends_at: datetime | None = None,
     ) -> CaseView:
         values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
-        sections = record.sections
+        # A write-behind run's sections reach the record at its boundary; until then the
+        # graph state has them (and has the newer ones after a resume).
+        sections = {
+            **record.sections,
+            **{name: entry["value"] for name, entry in pending_sections(snapshot).items()},
+        }
         run = sections.get(RUN_SECTION, {})
         return CaseView(
             case_id=record.thread_id,
@@ -783,6 +795,12 @@ class CaseService:
             lease_ends_at=lease_ends_at.isoformat() if lease_ends_at else None,
             version=record.version,
         )
+
+
+def pending_sections(snapshot: StateSnapshot) -> dict[str, PendingSection]:
+    """The agents' sections a write-behind run carries in its graph state."""
+    values = snapshot.values if isinstance(snapshot.values, dict) else {}
+    return dict(values.get("record_sections") or {})
 
 
 def _caller_view(stored: Any) -> CallerView | None:

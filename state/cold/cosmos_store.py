@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -45,11 +46,20 @@ from ..errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
-from ..ports import CREATED_SECTION, JSON, AuditEntry, TierHealth, WorkflowRecord, acting_caller
+from ..ports import (
+    CREATED_SECTION,
+    JSON,
+    AuditEntry,
+    SectionWrite,
+    TierHealth,
+    WorkflowRecord,
+    acting_caller,
+    check_distinct,
+)
 from ..schema import CURRENT, upcast
 from ..settings import Settings
 from .cosmos_client import CosmosConnection, cosmos_errors
-from .cosmos_io import PartitionIO
+from .cosmos_io import PartitionIO, gather
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +142,7 @@ class CosmosStateStore:
                 return WorkflowRecord.from_document(
                     existing
                 )  # the SDK retried a create of ours that had landed
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"]])
             raise WorkflowExists(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(created)))
 
@@ -150,6 +160,27 @@ class CosmosStateStore:
         agent_id: str,
         fencing_token: int | None = None,
     ) -> WorkflowRecord:
+        return await self.update_sections(
+            thread_id,
+            [SectionWrite(section, value, agent_id)],
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        )
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """One read, one audit entry per section (created together), one replace.
+
+        The entries chain in order (each names the one before as `prev_write_id`), and
+        the record names the last: until the replace lands, no chain reaches them.
+        """
+        check_distinct(self.name, writes)
         current = await self._read_record(thread_id)
         if current is None:
             raise WorkflowNotFound(thread_id)
@@ -162,47 +193,53 @@ class CosmosStateStore:
             fence = fencing_token
 
         now = _now()
-        write_id = uuid.uuid4().hex
-        new_version = expected_version + 1
+        sections = dict(current["sections"])
+        entries = []
+        prev_write_id = current.get("last_write_id")
+        for offset, write in enumerate(writes, start=1):
+            write_id = uuid.uuid4().hex
+            entry = self._audit_document(
+                thread_id,
+                version=expected_version + offset,
+                write_id=write_id,
+                prev_write_id=prev_write_id,
+                agent_id=write.agent_id,
+                section=write.section,
+                before=sections.get(write.section),
+                after=write.value,
+                at=now,
+            )
+            if "ttl" in current:
+                # A held thread (`cosmos_retention`): its ledger must not expire while the
+                # record it explains is kept (the replacement keeps the record's `ttl`).
+                entry["ttl"] = current["ttl"]
+            entries.append(entry)
+            sections[write.section] = write.value
+            prev_write_id = write_id
         replacement = {
             **_without_system_properties(current),
             "schema_version": CURRENT["workflow"],
-            "version": new_version,
-            "sections": {**current["sections"], section: value},
+            "version": expected_version + len(writes),
+            "sections": sections,
             "updated_at": now,
             "fence": fence,
-            "last_write_id": write_id,
+            "last_write_id": prev_write_id,
         }
-        entry = self._audit_document(
-            thread_id,
-            version=new_version,
-            write_id=write_id,
-            prev_write_id=current.get("last_write_id"),
-            agent_id=agent_id,
-            section=section,
-            before=current["sections"].get(section),
-            after=value,
-            at=now,
-        )
-        if "ttl" in current:
-            # A held thread (`cosmos_retention`): its ledger must not expire while the
-            # record it explains is kept (the replacement keeps the record's `ttl`).
-            entry["ttl"] = current["ttl"]
-        self._check_size(thread_id, replacement, entry)
-        await self._io.create_if_absent(entry)
+        self._check_size(thread_id, replacement, *entries)
+        await gather([self._io.create_if_absent(entry) for entry in entries])
         try:
             replaced = await self._io.replace(WORKFLOW_ID, replacement, etag=current["_etag"])
         except CosmosAccessConditionFailedError as exc:
             now_stored = await self._read_record(thread_id)
-            if now_stored is not None and now_stored.get("last_write_id") == write_id:
+            if now_stored is not None and now_stored.get("last_write_id") == prev_write_id:
                 # The SDK retried a replace of ours that had landed (connection lost
                 # after the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(now_stored)
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from exc
         except CosmosResourceNotFoundError as exc:
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
             raise WorkflowNotFound(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
 
@@ -274,12 +311,13 @@ class CosmosStateStore:
         etag = document["_etag"]
         return {**upcast("workflow", dict(document)), "_etag": etag}
 
-    async def _discard_audit(self, thread_id: str, entry_id: str) -> None:
+    async def _discard_audit(self, thread_id: str, entry_ids: Sequence[str]) -> None:
         """Best effort: an entry left behind is an orphan that `audit_trail` never shows."""
-        try:
-            await self._io.delete(entry_id, thread_id)
-        except (StateError, AzureError) as exc:
-            logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
+        for entry_id in entry_ids:
+            try:
+                await self._io.delete(entry_id, thread_id)
+            except (StateError, AzureError) as exc:
+                logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
 
     def _audit_document(
         self,

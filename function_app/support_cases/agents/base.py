@@ -3,9 +3,12 @@
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
 agent id; hot: the new record installed) and returns the same result to the
-graph. It passes the run's fencing token, so a run that lost its lock cannot
-overwrite a newer run's state. A re-run (after a crash) recomputes the same value and finds
-it already stored, so it writes nothing twice.
+graph. In write-behind mode the section write waits for the run's boundary: the
+agent hands it to the graph state and the run writes every pending section in one
+record write (still one audit entry per section, under each agent's id). Writes
+carry the run's fencing token, so a run that lost its lock cannot overwrite a newer
+run's state. A re-run (after a crash) recomputes the same value and finds it already
+stored, so it writes nothing twice.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class AgentDeps:
     effects: Effects
     settings: Settings
     after_step: StepHook | None = None
+    # Write-behind: sections go to the graph state, and the run writes them to the record
+    # at its boundary in one write (`CaseState.record_sections`), not one write per step.
+    defer_sections: bool = False
 
 
 class StatefulAgent(ABC):
@@ -65,17 +71,22 @@ class StatefulAgent(ABC):
             case_id=case_id,
         ):
             value = await self.decide(state, fencing_token)
-            await set_section(
-                self.deps.store,
-                case_id,
-                self.section,
-                value,
-                agent_id=self.author(value),
-                fencing_token=fencing_token,
-            )
+            update = self.state_update(value)
+            if self.deps.defer_sections:
+                update["record_sections"] = {
+                    self.section: {"value": value, "agent_id": self.author(value)}
+                }
+            else:
+                await set_section(
+                    self.deps.store,
+                    case_id,
+                    self.section,
+                    value,
+                    agent_id=self.author(value),
+                    fencing_token=fencing_token,
+                )
             if self.deps.after_step is not None:
                 await self.deps.after_step(self.step)
-            update = self.state_update(value)
             update["completed_steps"] = [self.step]
             messages = self.messages(state, value)
             if messages:
