@@ -61,14 +61,12 @@ class Runtime:
         settings = backends.settings
         store = TieredStateStore.from_backends(backends)
         provider = SimulatedProvider(store)
-        write_behind = isinstance(saver, TieredCheckpointSaver) and saver.flusher is not None
         graph = build_graph(
             AgentDeps(
                 store,
                 Effects(store, provider, lease_seconds=settings.state_lock_ttl_ms / 1000),
                 settings,
                 after_step,
-                defer_sections=write_behind,
             ),
             saver,
         )

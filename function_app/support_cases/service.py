@@ -580,7 +580,8 @@ class CaseService:
         async for _ in self._graph.astream(
             graph_input,
             config,
-            context=RunContext(fencing_token=fence),
+            # Write-behind: the agents' sections wait for the boundary below.
+            context=RunContext(fencing_token=fence, defer_sections=self._flusher is not None),
             stream_mode="updates",
             durability=durability,
         ):

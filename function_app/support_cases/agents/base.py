@@ -34,6 +34,11 @@ class RunContext:
     """Per-run values LangGraph hands every node (not checkpointed: each run brings its own)."""
 
     fencing_token: int | None = None
+    # Write-behind runs of the case service: sections go to the graph state, and the run
+    # writes them to the record at its boundary in one write (`CaseState.record_sections`)
+    # instead of one write per step. Without it (write-through, or a graph driven by
+    # other code) each agent writes its section at its step.
+    defer_sections: bool = False
 
 
 # Awaited with the step's name once its section is written, before LangGraph checkpoints
@@ -47,9 +52,6 @@ class AgentDeps:
     effects: Effects
     settings: Settings
     after_step: StepHook | None = None
-    # Write-behind: sections go to the graph state, and the run writes them to the record
-    # at its boundary in one write (`CaseState.record_sections`), not one write per step.
-    defer_sections: bool = False
 
 
 class StatefulAgent(ABC):
@@ -64,6 +66,7 @@ class StatefulAgent(ABC):
     async def __call__(self, state: CaseState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         case_id = state["case_id"]
         fencing_token = runtime.context.fencing_token if runtime.context else None
+        defer = runtime.context.defer_sections if runtime.context else False
         with traced(
             f"agent.{self.step}",
             expected=(GraphBubbleUp,),
@@ -72,7 +75,7 @@ class StatefulAgent(ABC):
         ):
             value = await self.decide(state, fencing_token)
             update = self.state_update(value)
-            if self.deps.defer_sections:
+            if defer:
                 update["record_sections"] = {
                     self.section: {"value": value, "agent_id": self.author(value)}
                 }
