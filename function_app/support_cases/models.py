@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -83,10 +83,11 @@ class Message(TypedDict):
 
 
 class PendingSection(TypedDict):
-    """A record section an agent produced, and who the audit trail names for it."""
+    """A record section an agent produced, and who the audit trail names for it. The value
+    is left out when the state holds it under the section's own name (not stored twice)."""
 
-    value: Any
     agent_id: str
+    value: NotRequired[Any]
 
 
 def merge_pending(

@@ -799,9 +799,12 @@ class CaseService:
 
 
 def pending_sections(snapshot: StateSnapshot) -> dict[str, PendingSection]:
-    """The agents' sections a write-behind run carries in its graph state."""
+    """The agents' sections a write-behind run carries in its graph state, with their values."""
     values = snapshot.values if isinstance(snapshot.values, dict) else {}
-    return dict(values.get("record_sections") or {})
+    return {
+        section: {"agent_id": entry["agent_id"], "value": entry.get("value", values.get(section))}
+        for section, entry in (values.get("record_sections") or {}).items()
+    }
 
 
 def _caller_view(stored: Any) -> CallerView | None:

@@ -14,6 +14,10 @@ never show an audit trail that disagrees with the record:
 2. replace the record with If-Match on the ETag read, setting version n+1 and
    `last_write_id` = this write id.
 
+A change of k sections (`update_sections`) creates k entries (versions n+1..n+k,
+each pointing at the one before) in step 1 and sets version n+k and the last
+entry's write id in step 2.
+
 The record's `last_write_id` and each entry's `prev_write_id` form a chain;
 `audit_trail` walks it from the record, so entries of losing writers or of a
 writer that crashed between 1 and 2 are never shown, even if their best-effort

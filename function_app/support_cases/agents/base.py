@@ -3,9 +3,10 @@
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
 agent id; hot: the new record installed) and returns the same result to the
-graph. In write-behind mode the section write waits for the run's boundary: the
-agent hands it to the graph state and the run writes every pending section in one
-record write (still one audit entry per section, under each agent's id). Writes
+graph. In a write-behind run of the case service (`RunContext.defer_sections`) the
+section write waits for the run's boundary: the agent hands it to the graph state
+and the run writes every pending section in one record write (still one audit
+entry per section, under each agent's id). Writes
 carry the run's fencing token, so a run that lost its lock cannot overwrite a newer
 run's state. A re-run (after a crash) recomputes the same value and finds it already
 stored, so it writes nothing twice.
@@ -24,7 +25,7 @@ from langgraph.runtime import Runtime
 from state import JSON, Settings, TieredStateStore
 
 from ..effects import Effects
-from ..models import CaseState, Message
+from ..models import CaseState, Message, PendingSection
 from ..records import set_section
 from ..telemetry import traced
 
@@ -76,9 +77,10 @@ class StatefulAgent(ABC):
             value = await self.decide(state, fencing_token)
             update = self.state_update(value)
             if defer:
-                update["record_sections"] = {
-                    self.section: {"value": value, "agent_id": self.author(value)}
-                }
+                pending: PendingSection = {"agent_id": self.author(value)}
+                if update.get(self.section) != value:
+                    pending["value"] = value  # not in the state under its own name
+                update["record_sections"] = {self.section: pending}
             else:
                 await set_section(
                     self.deps.store,
