@@ -154,6 +154,8 @@ class Phase:
     cpu: dict[str, float] = field(default_factory=dict)
     # What the phase's workers sent to the stores (load phases only).
     counts: dict[str, int] = field(default_factory=dict)
+    # The machine's 1-minute load average at the phase's end (others' work included).
+    load: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -702,6 +704,7 @@ async def run_backend(
                         phase = Phase(name, len(group), in_flight, runs, seconds)
                         phase.cpu = cpu_since(before, group, servers)
                         phase.counts = dict(await group_counts(clients, group) - sent)
+                        phase.load = os.getloadavg()[0]
                         result.phases.append(phase)
                         config.runs += runs
 
@@ -979,8 +982,8 @@ def render_cases(results: list[ConfigResult], options: Options, seconds: float) 
     out += [
         "| configuration | phase | cases/s | cold requests per case | "
         + " | ".join(components)
-        + " | total |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in components) + " | --- |",
+        + " | total | load average |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in components) + " | --- | --- |",
     ]
     for result in results:
         for phase in result.phases:
@@ -993,7 +996,7 @@ def render_cases(results: list[ConfigResult], options: Options, seconds: float) 
                 f"| {result.name} | {phase.name} | {phase.throughput:.2f}"
                 f" | {phase_cold(phase):.1f} | "
                 + " | ".join(f"{per_case[name]:.0f}" for name in components)
-                + f" | {sum(per_case.values()):.0f} |"
+                + f" | {sum(per_case.values()):.0f} | {phase.load or 0:.1f} |"
             )
     out += [
         "",
@@ -1208,10 +1211,12 @@ def bottlenecks(results: list[ConfigResult]) -> list[str]:
         "  sequential round trips; every record write goes to the cold store first (on",
         "  Cosmos 3 requests per section write: read, audit entry, replace), and the hot",
         "  tier serves the reads.",
-        "- More cases in flight, more instances: CPU-bound here. When the cores busy add",
-        "  up to the machine's cores, the API workers, the stores and the load driver share",
-        "  them and throughput stops growing with concurrency; the local Cosmos emulator is",
-        "  one Node.js process (one core at most). In Azure each Functions instance brings",
+        "- More cases in flight, more instances: CPU-bound here. The API workers, the",
+        "  stores and the load driver share the machine's cores with other work (the load",
+        "  average in CASES.md counts it): when what is left is used up, throughput stops",
+        "  growing with concurrency. The local Cosmos emulator is one Node.js process (one",
+        "  core at most) and costs about as much CPU per case as the API itself: fewer",
+        "  requests per case is what raises its ceiling. In Azure each Functions instance brings",
         "  its own CPU: the API workers' CPU per case (table in CASES.md) bounds cases/s per",
         "  instance, and the run index (8 shared records every case writes twice) adds",
         "  optimistic-concurrency retries as concurrency grows.",
