@@ -16,6 +16,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .errors import RequestRejected
+
 JSON = Any  # a JSON-compatible value
 
 # (serde type tag, payload bytes) as produced by LangGraph's `serde.dumps_typed`.
@@ -126,6 +128,23 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class SectionWrite:
+    """One section of a multi-section write (`update_sections`) and who wrote it."""
+
+    section: str
+    value: JSON
+    agent_id: str
+
+
+def check_distinct(backend: str, writes: Sequence[SectionWrite]) -> None:
+    """A multi-section write names each section once: each entry's `before` is the
+    value stored before the write."""
+    names = [write.section for write in writes]
+    if not names or len(set(names)) != len(names):
+        raise RequestRejected(backend, f"update_sections needs distinct sections, got {names}")
+
+
+@dataclass(frozen=True)
 class Lock:
     """A held lock: the token proves ownership, the fence orders holders over time."""
 
@@ -191,6 +210,20 @@ class RecordStore(Protocol):
         `StateTooLarge` (the record would pass the store's item limit). On
         success the record is at `expected_version + 1` and an `AuditEntry`
         for that version exists.
+        """
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """Replace several distinct sections in one write, or none of them.
+
+        As `update_section`, with one version and one `AuditEntry` per section, in
+        order: on success the record is at `expected_version + len(writes)`.
         """
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:

@@ -33,10 +33,10 @@ tier's retention deletes them with their thread, or as orphans.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from .errors import StateTooLarge, WorkflowNotFound
-from .ports import JSON, AuditEntry, RecordStore, WorkflowRecord, attributed
+from .ports import JSON, AuditEntry, RecordStore, SectionWrite, WorkflowRecord, attributed
 from .size import StateSizeManager, is_archived, is_offloaded
 
 
@@ -118,6 +118,29 @@ class SizedStateStore:
                     raise  # the other sections are what does not fit: nothing more to move
                 # Refused before anything was written, so the same version still holds.
                 record = await write(await self.size.offload(thread_id, section, stored))
+            return await self._expand(record)
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """Several distinct sections in one write below, each shrunk alone as
+        `update_section` does. If the store below refuses the record as too large
+        (`StateTooLarge`), nothing was written and the error goes to the caller, which
+        writes the sections one by one (`update_section` offloads)."""
+        with attributed("state.update_sections"):
+            stored: list[SectionWrite] = []
+            for write in writes:
+                shrunk, actions = await self.size.shrink(thread_id, {write.section: write.value})
+                self._stored_size("update_section", actions.after.sections[write.section])
+                stored.append(dataclasses.replace(write, value=shrunk[write.section]))
+            record = await self._inner.update_sections(
+                thread_id, stored, expected_version=expected_version, fencing_token=fencing_token
+            )
             return await self._expand(record)
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:

@@ -68,7 +68,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,6 +78,7 @@ from opentelemetry import trace
 from .errors import (
     BackendUnavailable,
     LockNotAcquired,
+    RequestRejected,
     StaleFencingToken,
     StateTooLarge,
     VersionConflict,
@@ -90,6 +91,7 @@ from .ports import (
     ColdStateStore,
     HotStateStore,
     Lock,
+    SectionWrite,
     TierHealth,
     WorkflowRecord,
     WriteIntent,
@@ -212,32 +214,67 @@ class CacheAsideStore:
         """One cold write under a write intent, then install: an intent covers exactly
         one cold write, so nothing else lengthens the window the hot copy is hidden."""
         with _span("update_section", thread_id=thread_id, section=section):
-            intent = await self._begin_write(thread_id)
-            try:
-                record = await self._cold.update_section(
+            return await self._under_intent(
+                thread_id,
+                lambda: self._cold.update_section(
                     thread_id,
                     section,
                     value,
                     expected_version=expected_version,
                     agent_id=agent_id,
                     fencing_token=fencing_token,
-                )
-            except VersionConflict:
-                # The caller may have read an outdated hot copy; refresh it so a retry
-                # reads what cold holds.
-                await self._reinstall_from_cold(thread_id, intent)
-                raise
-            except WorkflowNotFound:
-                # Gone from cold (deleted or expired there): a hot copy must not outlive it.
-                await self._abandon_write(intent)
-                await self._invalidate(thread_id)
-                raise
-            except (StaleFencingToken, StateTooLarge):
-                # Refused before anything was written; other failures may have written.
-                await self._abandon_write(intent)
-                raise
-            await self._install(record, intent=intent)
-            return record
+                ),
+            )
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """Several distinct sections in one cold write (one audit entry each, under its
+        own agent), then one install: what a batch of `update_section` calls would leave,
+        for one write's cost."""
+        with _span(
+            "update_sections",
+            thread_id=thread_id,
+            sections=",".join(write.section for write in writes),
+        ):
+            return await self._under_intent(
+                thread_id,
+                lambda: self._cold.update_sections(
+                    thread_id,
+                    writes,
+                    expected_version=expected_version,
+                    fencing_token=fencing_token,
+                ),
+            )
+
+    async def _under_intent(
+        self, thread_id: str, write: Callable[[], Awaitable[WorkflowRecord]]
+    ) -> WorkflowRecord:
+        """One cold write under a write intent, then install what it returned."""
+        intent = await self._begin_write(thread_id)
+        try:
+            record = await write()
+        except VersionConflict:
+            # The caller may have read an outdated hot copy; refresh it so a retry
+            # reads what cold holds.
+            await self._reinstall_from_cold(thread_id, intent)
+            raise
+        except WorkflowNotFound:
+            # Gone from cold (deleted or expired there): a hot copy must not outlive it.
+            await self._abandon_write(intent)
+            await self._invalidate(thread_id)
+            raise
+        except (StaleFencingToken, StateTooLarge, RequestRejected):
+            # Refused before anything was written; other failures may have written.
+            await self._abandon_write(intent)
+            raise
+        await self._install(record, intent=intent)
+        return record
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` as the layer above stored them."""

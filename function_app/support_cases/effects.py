@@ -8,7 +8,8 @@ Protocol, per idempotency key `<case_id>:<kind>`:
    stops with `EffectInProgress` (two runners of one case never both call out), and
    a lease left by a crashed attempt may be taken over once it has expired;
 3. a `pending` claim taken over means a previous attempt may have reached the
-   provider, so ask the provider by key first and perform only if it has no trace;
+   provider, so ask the provider by key first and perform only if it has no trace
+   (a first claim has no earlier attempt to ask about: it performs directly);
 4. record `done` with the provider's answer.
 The claim write goes through the run's fencing token, so a runner that lost its
 lock cannot claim either.
@@ -18,7 +19,6 @@ honoured, so tests can count what really happened.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -95,14 +95,18 @@ class SimulatedProvider:
             "request": request,
             "at": now_iso(),
         }
-        with contextlib.suppress(WorkflowExists):
-            await self._store.create(ledger, {"performed": []}, agent_id=self.AGENT_ID)
 
         def append(record: WorkflowRecord) -> object:
             return [*record.sections.get("performed", []), entry]
 
         with traced("provider.perform", kind=kind, idempotency_key=key):
-            await write_section(self._store, ledger, "performed", append, agent_id=self.AGENT_ID)
+            try:
+                # The first call for a key (the usual case) is one write.
+                await self._store.create(ledger, {"performed": [entry]}, agent_id=self.AGENT_ID)
+            except WorkflowExists:
+                await write_section(
+                    self._store, ledger, "performed", append, agent_id=self.AGENT_ID
+                )
         return entry
 
 
@@ -137,8 +141,13 @@ class Effects:
                 "claim": token,
             }
 
+            # Whether this attempt takes over a claim an earlier attempt left pending.
+            took_over = False
+
             def claim_unless_held(record: WorkflowRecord) -> object:
+                nonlocal took_over
                 entry = record.sections.get(section)
+                took_over = entry is not None and entry.get("status") == "pending"
                 if entry is not None:
                     if entry.get("status") == "done":
                         return UNCHANGED
@@ -162,7 +171,9 @@ class Effects:
             if entry.get("claim") != token:
                 span.set_attribute("outcome", "in-progress-elsewhere")
                 raise EffectInProgress(key)
-            result = await self._provider.lookup(key)
+            # Only a pending claim taken over means an earlier attempt may have reached
+            # the provider; a first claim has nothing to ask about.
+            result = await self._provider.lookup(key) if took_over else None
             span.set_attribute("outcome", "recovered" if result else "performed")
             if result is None:
                 result = await self._provider.perform(key, kind, request)
@@ -173,6 +184,7 @@ class Effects:
                 {**claim, "status": "done", "result": result, "lease_until": None},
                 agent_id=agent_id,
                 fencing_token=fencing_token,
+                current=record,
             )
             return result
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -82,6 +82,20 @@ class Message(TypedDict):
     content: str
 
 
+class PendingSection(TypedDict):
+    """A record section an agent produced, and who the audit trail names for it. The value
+    is left out when the state holds it under the section's own name (not stored twice)."""
+
+    agent_id: str
+    value: NotRequired[Any]
+
+
+def merge_pending(
+    left: dict[str, PendingSection], right: dict[str, PendingSection]
+) -> dict[str, PendingSection]:
+    return {**left, **right}
+
+
 class CaseState(TypedDict, total=False):
     case_id: str
     customer_id: str
@@ -97,6 +111,10 @@ class CaseState(TypedDict, total=False):
     refund: RefundResult
     final_response: str
     error: str | None
+    # Write-behind: each agent's record section, written to the record at the run's
+    # boundary (its end, or an interrupt) in one write; a step checkpointed before a
+    # crash keeps its section here until the resumed run's boundary writes it.
+    record_sections: Annotated[dict[str, PendingSection], merge_pending]
 
 
 # --------------------------------------------------------------------------- HTTP contract

@@ -13,7 +13,15 @@ import asyncio
 import random
 from collections.abc import Callable
 
-from state import JSON, TieredStateStore, VersionConflict, WorkflowNotFound, WorkflowRecord
+from state import (
+    JSON,
+    SectionWrite,
+    StateTooLarge,
+    TieredStateStore,
+    VersionConflict,
+    WorkflowNotFound,
+    WorkflowRecord,
+)
 
 MAX_ATTEMPTS = 25
 
@@ -21,6 +29,8 @@ MAX_ATTEMPTS = 25
 # UNCHANGED when the record already holds what it should (nothing is written).
 UNCHANGED = object()
 Compute = Callable[[WorkflowRecord], object]
+# Several sections at once: the writes the record still needs (empty: none).
+ComputeMany = Callable[[WorkflowRecord], list[SectionWrite]]
 
 
 async def write_section(
@@ -31,14 +41,17 @@ async def write_section(
     *,
     agent_id: str,
     fencing_token: int | None = None,
+    current: WorkflowRecord | None = None,
 ) -> WorkflowRecord:
     """Apply `compute` to the latest record and store the result as `section`.
 
+    `current`: a record the caller just got back from its own write, tried first
+    instead of reading again (a conflict re-reads as usual).
     Raises `WorkflowNotFound` / `StaleFencingToken` as the store does; gives up
     with the last `VersionConflict` only after MAX_ATTEMPTS contended tries.
     """
     for attempt in range(MAX_ATTEMPTS):
-        record = await store.get(thread_id)
+        record = current if attempt == 0 and current is not None else await store.get(thread_id)
         if record is None:
             raise WorkflowNotFound(thread_id)
         value = compute(record)
@@ -69,6 +82,7 @@ async def set_section(
     *,
     agent_id: str,
     fencing_token: int | None = None,
+    current: WorkflowRecord | None = None,
 ) -> WorkflowRecord:
     """Store `value` as `section`; a re-run that finds the same value writes nothing."""
 
@@ -76,5 +90,50 @@ async def set_section(
         return UNCHANGED if record.sections.get(section) == value else value
 
     return await write_section(
-        store, thread_id, section, compute, agent_id=agent_id, fencing_token=fencing_token
+        store,
+        thread_id,
+        section,
+        compute,
+        agent_id=agent_id,
+        fencing_token=fencing_token,
+        current=current,
     )
+
+
+async def write_sections(
+    store: TieredStateStore,
+    thread_id: str,
+    compute: ComputeMany,
+    *,
+    fencing_token: int | None = None,
+) -> WorkflowRecord:
+    """`write_section` for several sections in one record write, each audited under its
+    own writer. A record the cold store refuses as too large with all of them
+    (`StateTooLarge`) takes them one by one, each offloaded as it needs."""
+    for attempt in range(MAX_ATTEMPTS):
+        record = await store.get(thread_id)
+        if record is None:
+            raise WorkflowNotFound(thread_id)
+        writes = compute(record)
+        if not writes:
+            return record
+        try:
+            return await store.update_sections(
+                thread_id, writes, expected_version=record.version, fencing_token=fencing_token
+            )
+        except StateTooLarge:
+            for write in writes:
+                record = await set_section(
+                    store,
+                    thread_id,
+                    write.section,
+                    write.value,
+                    agent_id=write.agent_id,
+                    fencing_token=fencing_token,
+                )
+            return record
+        except VersionConflict:
+            if attempt == MAX_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -22,6 +22,7 @@ from typing import Any
 
 from state import (
     ColdRetention,
+    SectionWrite,
     StateTooLarge,
     TieredStateStore,
     VersionConflict,
@@ -30,8 +31,8 @@ from state import (
     WorkflowRecord,
 )
 
-from .models import CaseStatus
-from .records import UNCHANGED, write_section
+from .models import CaseStatus, PendingSection
+from .records import UNCHANGED, write_section, write_sections
 from .settings import AppSettings
 
 RUNNER_ID = "case-runner"
@@ -51,9 +52,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def new_run_section(status: CaseStatus) -> dict[str, Any]:
+def new_run_section(status: CaseStatus, *, attempt: int = 0) -> dict[str, Any]:
     now = utcnow().isoformat()
-    return {"status": status.value, "attempt": 0, "started_at": now, "heartbeat_at": now}
+    return {"status": status.value, "attempt": attempt, "started_at": now, "heartbeat_at": now}
 
 
 def shard_of(case_id: str) -> str:
@@ -76,7 +77,11 @@ class RunTracker:
         *,
         fencing_token: int | None = None,
         error: str | None = None,
+        pending: dict[str, PendingSection] | None = None,
     ) -> None:
+        """Record the run's status; `pending`: agents' sections the record does not hold
+        yet (write-behind), written with it in one record write."""
+
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
             if status is CaseStatus.RUNNING:
@@ -84,18 +89,29 @@ class RunTracker:
             run.update(status=status.value, heartbeat_at=utcnow().isoformat(), error=error)
             return run
 
+        def compute_all(record: WorkflowRecord) -> list[SectionWrite]:
+            writes = [
+                SectionWrite(section, entry["value"], entry["agent_id"])
+                for section, entry in (pending or {}).items()
+                if record.sections.get(section) != entry["value"]
+            ]
+            return [*writes, SectionWrite(RUN_SECTION, compute(record), RUNNER_ID)]
+
         if status is CaseStatus.AWAITING_REVIEW:
             await self._retention.hold(case_id)
         elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
             await self._retention.release(case_id)
-        await write_section(
-            self._store,
-            case_id,
-            RUN_SECTION,
-            compute,
-            agent_id=RUNNER_ID,
-            fencing_token=fencing_token,
-        )
+        if pending:
+            await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
+        else:
+            await write_section(
+                self._store,
+                case_id,
+                RUN_SECTION,
+                compute,
+                agent_id=RUNNER_ID,
+                fencing_token=fencing_token,
+            )
         await self._index(case_id, present=status not in AT_REST)
 
     async def heartbeat(self, case_id: str, *, fencing_token: int | None = None) -> None:

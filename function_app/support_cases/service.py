@@ -64,6 +64,7 @@ from .models import (
     CheckpointPageView,
     CheckpointView,
     HealthView,
+    PendingSection,
     ResumeReport,
     ReviewDecision,
     TierView,
@@ -250,7 +251,13 @@ class CaseService:
         try:
             await self._store.create(
                 case_id,
-                {REQUEST_SECTION: request, RUN_SECTION: new_run_section(CaseStatus.ACCEPTED)},
+                # Created as its first run, which starts right away: that run's RUNNING
+                # mark would be one more write. Should the run never start (a crash before
+                # it does), its heartbeat goes stale like any run's and the timer resumes it.
+                {
+                    REQUEST_SECTION: request,
+                    RUN_SECTION: new_run_section(CaseStatus.RUNNING, attempt=1),
+                },
                 agent_id=API_AGENT_ID,
             )
         except WorkflowExists:
@@ -271,11 +278,16 @@ class CaseService:
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
 
-        async def initial_input(snapshot: StateSnapshot) -> GraphInput:
+        async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             return self._initial_input(case_id, request)
 
+        # A case just created has no checkpoint to look at: its first run starts fresh.
         return await self._launch(
-            case_id, initial_input, created=True, wait_seconds=self._sync_wait
+            case_id,
+            initial_input,
+            created=True,
+            wait_seconds=self._sync_wait,
+            needs_snapshot=False,
         )
 
     async def status(self, case_id: str) -> CaseView:
@@ -337,8 +349,8 @@ class CaseService:
     async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
         await self._record(case_id)
 
-        async def resume_with_decision(snapshot: StateSnapshot) -> GraphInput:
-            if not snapshot.interrupts:
+        async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
+            if snapshot is None or not snapshot.interrupts:
                 status = (await self.status(case_id)).status
                 raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
@@ -357,15 +369,15 @@ class CaseService:
     async def _resume(self, case_id: str, wait_until_rest: bool) -> Outcome:
         await self._record(case_id)
 
-        async def continue_run(snapshot: StateSnapshot) -> GraphInput:
+        async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
             record = await self._record(case_id)
-            status = self._view(record, snapshot).status
+            status = self._status_of(record)
             if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
                 raise CaseConflict(
                     f"case {case_id!r} has nothing to resume (status: {status.value}); "
                     "only stalled or failed runs are resumed"
                 )
-            if snapshot.created_at is None:  # died before the first checkpoint
+            if snapshot is None or snapshot.created_at is None:  # died before the first checkpoint
                 return self._initial_input(case_id, record.sections[REQUEST_SECTION])
             return None
 
@@ -470,22 +482,27 @@ class CaseService:
     async def _launch(
         self,
         case_id: str,
-        prepare: Callable[[StateSnapshot], Awaitable[GraphInput]],
+        prepare: Callable[[StateSnapshot | None], Awaitable[GraphInput]],
         *,
         wait_seconds: float | None,
         created: bool = False,
+        needs_snapshot: bool = True,
     ) -> Outcome:
         """Take the case's lock, check preconditions under it, then drive the run.
 
-        Waits up to `wait_seconds` (None: until the run rests) before reporting.
+        `prepare` gets the case's latest state (None if not `needs_snapshot`). Waits up
+        to `wait_seconds` (None: until the run rests) before reporting.
         """
         guard = await self._acquire(case_id)
         try:
-            graph_input = await prepare(await self._graph.aget_state(case_config(case_id)))
+            snapshot = (
+                await self._graph.aget_state(case_config(case_id)) if needs_snapshot else None
+            )
+            graph_input = await prepare(snapshot)
         except BaseException:
             await self._release(case_id, guard)
             raise
-        task = asyncio.create_task(self._drive(case_id, graph_input, guard))
+        task = asyncio.create_task(self._drive(case_id, graph_input, guard, marked=created))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
@@ -502,7 +519,10 @@ class CaseService:
         if not task.cancelled():
             task.exception()
 
-    async def _drive(self, case_id: str, graph_input: GraphInput, guard: RunGuard) -> None:
+    async def _drive(
+        self, case_id: str, graph_input: GraphInput, guard: RunGuard, *, marked: bool = False
+    ) -> None:
+        """Run the graph under `guard`; `marked`: the record already says this run is running."""
         fence = guard.fence
         try:
             with (
@@ -510,7 +530,7 @@ class CaseService:
                 traced("case.run", case_id=case_id, fencing_token=fence),
             ):
                 rest = await self._while_held(
-                    case_id, guard, self._run(case_id, graph_input, fence)
+                    case_id, guard, self._run(case_id, graph_input, fence, marked=marked)
                 )
                 run.outcome = rest.value
         except (StaleFencingToken, LockLost) as lost:
@@ -526,36 +546,55 @@ class CaseService:
             log.exception("case %s: run failed", case_id)
             try:
                 await self._flush(case_id)
+                # What the agents produced before the failure is recorded with it.
+                snapshot = await self._graph.aget_state(case_config(case_id))
                 await self._tracker.mark(
                     case_id,
                     CaseStatus.FAILED,
                     fencing_token=fence,
                     error=f"{type(error).__name__}: {error}",
+                    pending=pending_sections(snapshot),
                 )
             except Exception:
                 log.exception("case %s: could not record the failure", case_id)
         finally:
             await self._release(case_id, guard)
 
-    async def _run(self, case_id: str, graph_input: GraphInput, fence: int | None) -> CaseStatus:
-        """Drive the graph to rest; returns the status the case rests in."""
+    async def _run(
+        self, case_id: str, graph_input: GraphInput, fence: int | None, *, marked: bool = False
+    ) -> CaseStatus:
+        """Drive the graph to rest; returns the status the case rests in.
+
+        A new case's first run is `marked` already: no earlier runner exists to fence out,
+        and its first section write raises the record's fence to this run's token."""
         config = case_config(case_id, fencing_token=fence)
         # Write-through: every step durable before the next. Write-behind: steps move at
         # Redis speed and the run's end (and an interrupt) is the boundary.
         durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
-        await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        if not marked:
+            await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        # The heartbeat is due a quarter of the stale period after the last one: checked
+        # here on the clock, so steps in between cost no read of the record.
+        beat_every = self._settings.case_stale_after_seconds / 4
+        beat_due = time.monotonic() + beat_every
         async for _ in self._graph.astream(
             graph_input,
             config,
-            context=RunContext(fencing_token=fence),
+            # Write-behind: the agents' sections wait for the boundary below.
+            context=RunContext(fencing_token=fence, defer_sections=self._flusher is not None),
             stream_mode="updates",
             durability=durability,
         ):
-            await self._tracker.heartbeat(case_id, fencing_token=fence)
+            if time.monotonic() >= beat_due:
+                await self._tracker.heartbeat(case_id, fencing_token=fence)
+                beat_due = time.monotonic() + beat_every
         await self._flush(case_id)
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
-        await self._tracker.mark(case_id, rest, fencing_token=fence)
+        # The boundary: the agents' sections (write-behind) go with the status, in one write.
+        await self._tracker.mark(
+            case_id, rest, fencing_token=fence, pending=pending_sections(snapshot)
+        )
         return rest
 
     async def _while_held(
@@ -717,6 +756,12 @@ class CaseService:
             "transactions": request["transactions"],
         }
 
+    def _status_of(self, record: WorkflowRecord) -> CaseStatus:
+        run = record.sections.get(RUN_SECTION, {})
+        if self._tracker.is_stale(run):
+            return CaseStatus.STALLED
+        return CaseStatus(run.get("status", CaseStatus.ACCEPTED.value))
+
     def _view(
         self,
         record: WorkflowRecord,
@@ -725,14 +770,16 @@ class CaseService:
         lease_ends_at: datetime | None = None,
     ) -> CaseView:
         values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
-        sections = record.sections
+        # A write-behind run's sections reach the record at its boundary; until then the
+        # graph state has them (and has the newer ones after a resume).
+        sections = {
+            **record.sections,
+            **{name: entry["value"] for name, entry in pending_sections(snapshot).items()},
+        }
         run = sections.get(RUN_SECTION, {})
-        status = CaseStatus(run.get("status", CaseStatus.ACCEPTED.value))
-        if self._tracker.is_stale(run):
-            status = CaseStatus.STALLED
         return CaseView(
             case_id=record.thread_id,
-            status=status,
+            status=self._status_of(record),
             customer_id=sections[REQUEST_SECTION]["customer_id"],
             submitted_by=_caller_view(sections[REQUEST_SECTION].get("submitted_by")),
             completed_steps=list(values.get("completed_steps", [])),
@@ -749,6 +796,15 @@ class CaseService:
             lease_ends_at=lease_ends_at.isoformat() if lease_ends_at else None,
             version=record.version,
         )
+
+
+def pending_sections(snapshot: StateSnapshot) -> dict[str, PendingSection]:
+    """The agents' sections a write-behind run carries in its graph state, with their values."""
+    values = snapshot.values if isinstance(snapshot.values, dict) else {}
+    return {
+        section: {"agent_id": entry["agent_id"], "value": entry.get("value", values.get(section))}
+        for section, entry in (values.get("record_sections") or {}).items()
+    }
 
 
 def _caller_view(stored: Any) -> CallerView | None:

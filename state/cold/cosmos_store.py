@@ -14,6 +14,10 @@ never show an audit trail that disagrees with the record:
 2. replace the record with If-Match on the ETag read, setting version n+1 and
    `last_write_id` = this write id.
 
+A change of k sections (`update_sections`) creates k entries (versions n+1..n+k,
+each pointing at the one before) in step 1 and sets version n+k and the last
+entry's write id in step 2.
+
 The record's `last_write_id` and each entry's `prev_write_id` form a chain;
 `audit_trail` walks it from the record, so entries of losing writers or of a
 writer that crashed between 1 and 2 are never shown, even if their best-effort
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -48,14 +53,16 @@ from ..ports import (
     CREATED_SECTION,
     JSON,
     AuditEntry,
+    SectionWrite,
     TierHealth,
     WorkflowRecord,
     acting_caller,
+    check_distinct,
     timed_probe,
 )
 from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection, cosmos_errors
-from .cosmos_io import PartitionIO
+from .cosmos_io import PartitionIO, gather
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +145,7 @@ class CosmosStateStore:
                 return WorkflowRecord.from_document(
                     existing
                 )  # the SDK retried a create of ours that had landed
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"]])
             raise WorkflowExists(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(created)))
 
@@ -156,6 +163,27 @@ class CosmosStateStore:
         agent_id: str,
         fencing_token: int | None = None,
     ) -> WorkflowRecord:
+        return await self.update_sections(
+            thread_id,
+            [SectionWrite(section, value, agent_id)],
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        )
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        """One read, one audit entry per section (created together), one replace.
+
+        The entries chain in order (each names the one before as `prev_write_id`), and
+        the record names the last: until the replace lands, no chain reaches them.
+        """
+        check_distinct(self.name, writes)
         current = await self._read_record(thread_id)
         if current is None:
             raise WorkflowNotFound(thread_id)
@@ -168,47 +196,53 @@ class CosmosStateStore:
             fence = fencing_token
 
         now = _now()
-        write_id = uuid.uuid4().hex
-        new_version = expected_version + 1
+        sections = dict(current["sections"])
+        entries = []
+        prev_write_id = current.get("last_write_id")
+        for offset, write in enumerate(writes, start=1):
+            write_id = uuid.uuid4().hex
+            entry = self._audit_document(
+                thread_id,
+                version=expected_version + offset,
+                write_id=write_id,
+                prev_write_id=prev_write_id,
+                agent_id=write.agent_id,
+                section=write.section,
+                before=sections.get(write.section),
+                after=write.value,
+                at=now,
+            )
+            if "ttl" in current:
+                # A held thread (`cosmos_retention`): its ledger must not expire while the
+                # record it explains is kept (the replacement keeps the record's `ttl`).
+                entry["ttl"] = current["ttl"]
+            entries.append(entry)
+            sections[write.section] = write.value
+            prev_write_id = write_id
         replacement = {
             **_without_system_properties(current),
             "schema_version": CURRENT["workflow"],
-            "version": new_version,
-            "sections": {**current["sections"], section: value},
+            "version": expected_version + len(writes),
+            "sections": sections,
             "updated_at": now,
             "fence": fence,
-            "last_write_id": write_id,
+            "last_write_id": prev_write_id,
         }
-        entry = self._audit_document(
-            thread_id,
-            version=new_version,
-            write_id=write_id,
-            prev_write_id=current.get("last_write_id"),
-            agent_id=agent_id,
-            section=section,
-            before=current["sections"].get(section),
-            after=value,
-            at=now,
-        )
-        if "ttl" in current:
-            # A held thread (`cosmos_retention`): its ledger must not expire while the
-            # record it explains is kept (the replacement keeps the record's `ttl`).
-            entry["ttl"] = current["ttl"]
-        self._check_size(thread_id, replacement, entry)
-        await self._io.create_if_absent(entry)
+        self._check_size(thread_id, replacement, *entries)
+        await gather([self._io.create_if_absent(entry) for entry in entries])
         try:
             replaced = await self._io.replace(WORKFLOW_ID, replacement, etag=current["_etag"])
         except CosmosAccessConditionFailedError as exc:
             now_stored = await self._read_record(thread_id)
-            if now_stored is not None and now_stored.get("last_write_id") == write_id:
+            if now_stored is not None and now_stored.get("last_write_id") == prev_write_id:
                 # The SDK retried a replace of ours that had landed (connection lost
                 # after the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(now_stored)
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from exc
         except CosmosResourceNotFoundError as exc:
-            await self._discard_audit(thread_id, entry["id"])
+            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
             raise WorkflowNotFound(thread_id) from exc
         return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
 
@@ -278,12 +312,13 @@ class CosmosStateStore:
         etag = document["_etag"]
         return {**upcast("workflow", dict(document)), "_etag": etag}
 
-    async def _discard_audit(self, thread_id: str, entry_id: str) -> None:
+    async def _discard_audit(self, thread_id: str, entry_ids: Sequence[str]) -> None:
         """Best effort: an entry left behind is an orphan that `audit_trail` never shows."""
-        try:
-            await self._io.delete(entry_id, thread_id)
-        except (StateError, AzureError) as exc:
-            logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
+        for entry_id in entry_ids:
+            try:
+                await self._io.delete(entry_id, thread_id)
+            except (StateError, AzureError) as exc:
+                logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
 
     def _audit_document(
         self,

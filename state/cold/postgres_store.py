@@ -10,6 +10,7 @@ instead of overwriting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +27,11 @@ from ..ports import (
     CREATED_SECTION,
     JSON,
     AuditEntry,
+    SectionWrite,
     TierHealth,
     WorkflowRecord,
     acting_caller,
+    check_distinct,
     timed_probe,
 )
 from ..schema import CURRENT, upcast
@@ -86,6 +89,38 @@ WITH previous AS (
            COALESCE(u.before, 'null'::jsonb), u.sections -> %(section)s,
            u.updated_at, %(audit_schema_version)s, %(caller)s::jsonb
     FROM updated AS u
+)
+SELECT {RECORD_COLUMNS} FROM updated
+"""
+
+# Several distinct sections in one statement: the record moves by one version per
+# section, and each gets its audit entry (in order: same time, ascending ids).
+UPDATE_SECTIONS_SQL = f"""
+WITH changes AS (
+    SELECT ord, c ->> 'section' AS section, c -> 'value' AS value, c ->> 'agent_id' AS agent_id
+    FROM jsonb_array_elements(%(writes)s::jsonb) WITH ORDINALITY AS t(c, ord)
+), previous AS (
+    SELECT sections FROM workflow_records WHERE thread_id = %(thread_id)s
+), updated AS (
+    UPDATE workflow_records AS r
+    SET sections = r.sections || %(merged)s::jsonb,
+        schema_version = %(schema_version)s,
+        version = r.version + %(count)s,
+        fence = GREATEST(r.fence, COALESCE(%(fence)s::bigint, 0)),
+        updated_at = now()
+    WHERE r.thread_id = %(thread_id)s
+      AND r.version = %(expected_version)s
+      AND r.schema_version = %(schema_version)s
+      AND r.fence <= COALESCE(%(fence)s::bigint, r.fence)
+    RETURNING {RECORD_COLUMNS}
+), audited AS (
+    INSERT INTO state_audit_log
+        (thread_id, version, agent_id, section, before, after, at, schema_version, caller)
+    SELECT u.thread_id, %(expected_version)s + c.ord, c.agent_id, c.section,
+           COALESCE(p.sections -> c.section, 'null'::jsonb), c.value,
+           u.updated_at, %(audit_schema_version)s, %(caller)s::jsonb
+    FROM updated AS u CROSS JOIN previous AS p CROSS JOIN changes AS c
+    ORDER BY c.ord
 )
 SELECT {RECORD_COLUMNS} FROM updated
 """
@@ -205,6 +240,51 @@ class PostgresStateStore:
         raise refusal or VersionConflict(
             thread_id, expected_version, current["version"] if current else None
         )
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        check_distinct(self.name, writes)
+        params: dict[str, Any] = {
+            "thread_id": thread_id,
+            "writes": Jsonb(
+                [{"section": w.section, "value": w.value, "agent_id": w.agent_id} for w in writes]
+            ),
+            "merged": Jsonb({write.section: write.value for write in writes}),
+            "count": len(writes),
+            "expected_version": expected_version,
+            "fence": fencing_token,
+            "schema_version": CURRENT["workflow"],
+            "audit_schema_version": CURRENT["audit"],
+            "caller": _caller(),
+        }
+        async with self._pg.connection("update_sections") as conn:
+            cursor = await conn.execute(UPDATE_SECTIONS_SQL, params)
+            row = await cursor.fetchone()
+            if row is not None:
+                return _record(row)
+            cursor = await conn.execute(SELECT_RECORD_SQL, (thread_id,))
+            current = await cursor.fetchone()
+        refusal = _refusal(thread_id, current, expected_version, fencing_token)
+        if refusal is not None:
+            raise refusal
+        # A record written by older code: the one-section path upcasts it first; the
+        # writes then go one by one (each audited; the record ends where one write would).
+        for offset, write in enumerate(writes):
+            record = await self.update_section(
+                thread_id,
+                write.section,
+                write.value,
+                expected_version=expected_version + offset,
+                agent_id=write.agent_id,
+                fencing_token=fencing_token,
+            )
+        return record  # `check_distinct` refused an empty list: the loop ran
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         if limit <= 0:

@@ -93,11 +93,11 @@ if cached and tonumber(cached) > tonumber(ARGV[1]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-for i = 1, #kept, 2 do
-  redis.call('HSET', KEYS[1], kept[i], kept[i + 1])
+-- One HSET for the whole record (and one for the surviving intents): a command per
+-- field made installs the bulk of the hot tier's work.
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if #kept > 0 then
+  redis.call('HSET', KEYS[1], unpack(kept))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1

@@ -22,6 +22,7 @@ from state import schema
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore, audit_id
 from state.errors import (
+    RequestRejected,
     StaleFencingToken,
     StateTooLarge,
     UnsupportedSchemaVersion,
@@ -30,7 +31,14 @@ from state.errors import (
     WorkflowNotFound,
 )
 from state.factory import open_backends
-from state.ports import CREATED_SECTION, Caller, ColdStateStore, WorkflowRecord, acting_for
+from state.ports import (
+    CREATED_SECTION,
+    Caller,
+    ColdStateStore,
+    SectionWrite,
+    WorkflowRecord,
+    acting_for,
+)
 from state.settings import Settings
 from tests.support.cosmos import partition
 from tests.support.cosmos_faults import Fault, FaultyTransport
@@ -116,6 +124,64 @@ async def test_update_replaces_one_section_and_audits_the_change(cold: ColdState
         (3, "policy", "policy", None, {"escalate": True}),
         (2, "billing", "billing", {"refund": 0}, {"refund": 640.0}),
     ]
+
+
+async def test_update_sections_writes_several_sections_each_audited_under_its_agent(
+    cold: ColdStateStore,
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"billing": {"refund": 0}}, agent_id="intake")
+    with acting_for(Caller("oid-1", "alice")):
+        updated = await cold.update_sections(
+            thread,
+            [
+                SectionWrite("billing", {"refund": 640.0}, "billing-agent"),
+                SectionWrite("policy", {"escalate": True}, "policy-agent"),
+                SectionWrite("run", {"status": "completed"}, "case-runner"),
+            ],
+            expected_version=1,
+            fencing_token=7,
+        )
+    assert (updated.version, updated.fence) == (4, 7)
+    assert updated.sections == {
+        "billing": {"refund": 640.0},
+        "policy": {"escalate": True},
+        "run": {"status": "completed"},
+    }
+    assert await cold.get(thread) == updated
+    trail = await cold.audit_trail(thread)
+    assert [(e.version, e.agent_id, e.section, e.before, e.after) for e in trail] == [
+        (4, "case-runner", "run", None, {"status": "completed"}),
+        (3, "policy-agent", "policy", None, {"escalate": True}),
+        (2, "billing-agent", "billing", {"refund": 0}, {"refund": 640.0}),
+        (1, "intake", CREATED_SECTION, None, {"billing": {"refund": 0}}),
+    ]
+    assert {e.caller for e in trail[:3]} == {Caller("oid-1", "alice")}
+    # The next single write continues the chain.
+    after = await cold.update_section(thread, "policy", {}, expected_version=4, agent_id="p")
+    assert after.version == 5
+    assert [e.version for e in await cold.audit_trail(thread)] == [5, 4, 3, 2, 1]
+
+
+async def test_update_sections_is_all_or_nothing(cold: ColdStateStore) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"s": 0}, agent_id="a")
+    current = await cold.update_section(
+        thread, "s", 1, expected_version=1, agent_id="a", fencing_token=5
+    )
+    writes = [SectionWrite("s", 2, "late"), SectionWrite("t", 2, "late")]
+    with pytest.raises(VersionConflict):
+        await cold.update_sections(thread, writes, expected_version=1)
+    with pytest.raises(StaleFencingToken):
+        await cold.update_sections(thread, writes, expected_version=2, fencing_token=4)
+    with pytest.raises(WorkflowNotFound):
+        await cold.update_sections(unique_thread(), writes, expected_version=1)
+    with pytest.raises(RequestRejected):
+        await cold.update_sections(
+            thread, [SectionWrite("s", 2, "a"), SectionWrite("s", 3, "b")], expected_version=2
+        )
+    assert await cold.get(thread) == current
+    assert "late" not in {e.agent_id for e in await cold.audit_trail(thread)}
 
 
 async def test_a_stale_version_is_a_conflict_and_writes_nothing(cold: ColdStateStore) -> None:

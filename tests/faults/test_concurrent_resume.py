@@ -201,13 +201,20 @@ async def stall(settings: Settings, case_ids: list[str], deadline: Deadline) -> 
     """
     dying = settings.model_copy(update={"case_sync_wait_seconds": 0.0})
     pause = pause_after(f"{STALL_AFTER_STEP}=120")
-    async with open_runtime(dying, after_step=pause) as worker:
+    paused = 0
+
+    async def count_then_pause(step: str) -> None:
+        # Counted by the hook: in write-behind mode the step's section is not in the
+        # record yet (the run's boundary writes it), so the record cannot tell.
+        nonlocal paused
+        if step == STALL_AFTER_STEP:
+            paused += 1
+        await pause(step)
+
+    async with open_runtime(dying, after_step=count_then_pause) as worker:
         for case_id in case_ids:
             await worker.runtime.service.submit(submission(case_id), None)
-        while True:
-            records = [await worker.runtime.store.get(case_id) for case_id in case_ids]
-            if all(r is not None and STALL_AFTER_STEP in r.sections for r in records):
-                break
+        while paused < len(case_ids):
             deadline.check("cases reaching the stall point")
             await asyncio.sleep(0.05)
 

@@ -52,6 +52,7 @@ from state.ports import (
     Lock,
     LogEntry,
     PruneStrategy,
+    SectionWrite,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
@@ -61,6 +62,7 @@ from state.ports import (
     WriteIntent,
     WritesPut,
     acting_caller,
+    check_distinct,
     timed_probe,
 )
 from state.settings import Settings
@@ -305,6 +307,53 @@ class MemoryColdStore(_Tier):
         self._fits(f"workflow record {thread_id!r}", document, entry)
         self._records[thread_id] = document
         self._trails[thread_id].append(entry)
+        self.last_write[thread_id] = time.time()
+        return WorkflowRecord.from_document(_copy(document))
+
+    async def update_sections(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None = None,
+    ) -> WorkflowRecord:
+        self._call("update_sections")
+        check_distinct(self.name, writes)
+        stored = self._records.get(thread_id)
+        if stored is None:
+            raise WorkflowNotFound(thread_id)
+        current = schema.upcast("workflow", _copy(stored))
+        if current["version"] != expected_version:
+            raise VersionConflict(thread_id, expected_version, current["version"])
+        if fencing_token is not None and fencing_token < current["fence"]:
+            raise StaleFencingToken(thread_id, fencing_token, current["fence"])
+        sections = dict(current["sections"])
+        entries = []
+        for version, write in enumerate(writes, start=expected_version + 1):
+            after = _copy(write.value)
+            entries.append(
+                self._audit(
+                    thread_id,
+                    version,
+                    write.agent_id,
+                    write.section,
+                    sections.get(write.section),
+                    after,
+                )
+            )
+            sections[write.section] = after
+        document = {
+            **current,
+            "version": expected_version + len(writes),
+            "sections": sections,
+            "schema_version": schema.CURRENT["workflow"],
+            "fence": max(current["fence"], fencing_token or 0),
+            "updated_at": _now_iso(),
+        }
+        self._fits(f"workflow record {thread_id!r}", document, *entries)
+        self._records[thread_id] = document
+        self._trails[thread_id].extend(entries)
         self.last_write[thread_id] = time.time()
         return WorkflowRecord.from_document(_copy(document))
 

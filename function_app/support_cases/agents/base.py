@@ -3,9 +3,13 @@
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
 agent id; hot: the new record installed) and returns the same result to the
-graph. It passes the run's fencing token, so a run that lost its lock cannot
-overwrite a newer run's state. A re-run (after a crash) recomputes the same value and finds
-it already stored, so it writes nothing twice.
+graph. In a write-behind run of the case service (`RunContext.defer_sections`) the
+section write waits for the run's boundary: the agent hands it to the graph state
+and the run writes every pending section in one record write (still one audit
+entry per section, under each agent's id). Writes
+carry the run's fencing token, so a run that lost its lock cannot overwrite a newer
+run's state. A re-run (after a crash) recomputes the same value and finds it already
+stored, so it writes nothing twice.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from langgraph.runtime import Runtime
 from state import JSON, TieredStateStore
 
 from ..effects import Effects
-from ..models import CaseState, Message
+from ..models import CaseState, Message, PendingSection
 from ..records import set_section
 from ..settings import AppSettings
 from ..telemetry import traced
@@ -32,6 +36,11 @@ class RunContext:
     """Per-run values LangGraph hands every node (not checkpointed: each run brings its own)."""
 
     fencing_token: int | None = None
+    # Write-behind runs of the case service: sections go to the graph state, and the run
+    # writes them to the record at its boundary in one write (`CaseState.record_sections`)
+    # instead of one write per step. Without it (write-through, or a graph driven by
+    # other code) each agent writes its section at its step.
+    defer_sections: bool = False
 
 
 # Awaited with the step's name once its section is written, before LangGraph checkpoints
@@ -59,6 +68,7 @@ class StatefulAgent(ABC):
     async def __call__(self, state: CaseState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         case_id = state["case_id"]
         fencing_token = runtime.context.fencing_token if runtime.context else None
+        defer = runtime.context.defer_sections if runtime.context else False
         with traced(
             f"agent.{self.step}",
             expected=(GraphBubbleUp,),
@@ -66,17 +76,23 @@ class StatefulAgent(ABC):
             case_id=case_id,
         ):
             value = await self.decide(state, fencing_token)
-            await set_section(
-                self.deps.store,
-                case_id,
-                self.section,
-                value,
-                agent_id=self.author(value),
-                fencing_token=fencing_token,
-            )
+            update = self.state_update(value)
+            if defer:
+                pending: PendingSection = {"agent_id": self.author(value)}
+                if update.get(self.section) != value:
+                    pending["value"] = value  # not in the state under its own name
+                update["record_sections"] = {self.section: pending}
+            else:
+                await set_section(
+                    self.deps.store,
+                    case_id,
+                    self.section,
+                    value,
+                    agent_id=self.author(value),
+                    fencing_token=fencing_token,
+                )
             if self.deps.after_step is not None:
                 await self.deps.after_step(self.step)
-            update = self.state_update(value)
             update["completed_steps"] = [self.step]
             messages = self.messages(state, value)
             if messages:
