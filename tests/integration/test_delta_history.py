@@ -7,17 +7,20 @@ requests whatever the chain's depth)."""
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
 
+from state.checkpoint import TieredCheckpointSaver
 from state.hot.redis_client import create_redis_client
 from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.integration.delta_graph import (
@@ -393,3 +396,41 @@ async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, s
             assert (await graph.aget_state(cfg)).values == want
             statements.append(counters.requests)
         assert statements == [2, 1]
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_thread_written_with_a_plain_list_continues_as_a_delta_channel(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """A graph that switches its list to a DeltaChannel reads the list stored before as
+    the seed (what the case app's older cases rely on)."""
+
+    class Plain(TypedDict):
+        messages: Annotated[list[str], operator.add]
+
+    def reply(state: Plain) -> dict[str, list[str]]:
+        n = len(state["messages"])
+        return {"messages": [f"a{n}", f"b{n}"]}
+
+    def plain_graph(saver: BaseCheckpointSaver[Any]) -> Any:
+        builder = StateGraph(Plain)
+        builder.add_node("reply", reply)
+        builder.add_edge(START, "reply")
+        builder.add_edge("reply", END)
+        return builder.compile(checkpointer=saver)
+
+    reference = InMemorySaver()
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings_for(stack_env, backend, redis, mode)) as opened:
+        cfg = thread_config()
+        for before, after in ((plain_graph, plain_graph), (delta_graph, delta_graph)):
+            for n in range(4):
+                got = await before(opened.saver).ainvoke({"messages": [f"user {n}"]}, cfg)
+                want = await after(reference).ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+                assert got == want, n
+        assert len(got["messages"]) == 24
+        await opened.saver.aflush(cfg["configurable"]["thread_id"])
+        # Read again from a fresh process's view: the cold tier's history alone.
+        cold_only = TieredCheckpointSaver(opened.backends.checkpoints)
+        state = await delta_graph(cold_only).aget_state(cfg)
+        assert state.values["messages"] == got["messages"]
