@@ -611,6 +611,10 @@ class CheckpointCache(Protocol):
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         """Drop one namespace of a thread, or all of them (None)."""
 
+    def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
+        """The cold tier moved past this entry while Redis was failing: never serve it; it
+        is dropped on the next contact with it (no round trip now)."""
+
     async def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
     ) -> dict[str, ChannelHistory] | None:

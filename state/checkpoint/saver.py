@@ -472,7 +472,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 ]
                 await self.store.put_checkpoint(stored, every_value)
                 self._written_through.add(thread_id)
-                await self._drop_hot_copy(thread_id, checkpoint_ns)
+                self._distrust_hot_copy(thread_id, checkpoint_ns)
             else:
                 self._written_through.discard(thread_id)
                 await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
@@ -534,7 +534,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
             )
             self._written_through.add(thread_id)
-            await self._drop_hot_copy(thread_id, checkpoint_ns)
+            self._distrust_hot_copy(thread_id, checkpoint_ns)
         else:
             self._written_through.discard(thread_id)
             await self._boundary(
@@ -543,11 +543,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
             )
 
-    async def _drop_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
-        """The cold tier moved past the hot copy: drop it now, or (Redis still out) on the
-        cache's next contact with it, so it is never served as the latest."""
+    def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
+        """Redis just failed and the cold tier moved past the hot copy: it is dropped on the
+        cache's next contact with it, never served as the latest."""
         if self.cache is not None:
-            await self.cache.invalidate(thread_id, checkpoint_ns)
+            self.cache.distrust(thread_id, checkpoint_ns)
 
     async def _delta_history(
         self, config: RunnableConfig, channels: Sequence[str]

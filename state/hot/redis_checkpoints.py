@@ -617,6 +617,9 @@ class RedisCheckpointCache:
             ),
         )
 
+    def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
+        self._suspect.add(self.key(thread_id, checkpoint_ns))
+
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         if checkpoint_ns is not None:
             key = self.key(thread_id, checkpoint_ns)

@@ -921,6 +921,9 @@ class MemoryCheckpointCache:
     ) -> None:
         return None
 
+    def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
+        self._suspect.add((thread_id, checkpoint_ns))
+
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         keys = [
             key
