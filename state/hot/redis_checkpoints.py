@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ENTRY_FORMAT = 2
+# Key kind of a thread's write-behind log (`redis_write_behind`): a cache miss checks it.
+LOG_KIND = "wb-log"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
 
@@ -276,12 +278,15 @@ return 1
 """
 )
 
-# KEYS: entry. ARGV: lease token, lease ttl in ms.
+# KEYS: entry, the thread's write-behind log. ARGV: lease token, lease ttl in ms.
+# Returns {1 if leased, else 0; 1 if the log holds entries, else 0}: a miss costs one
+# round trip more than a hit, not two (a reader that misses must flush the log first).
 _LEASE = """
-if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return 0 end
+local backlog = redis.call('EXISTS', KEYS[2])
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return {0, backlog} end
 redis.call('HSET', KEYS[1], 'lease', ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
+return {1, backlog}
 """
 
 _LENGTH = struct.Struct(">I")
@@ -495,6 +500,10 @@ class RedisCheckpointCache:
     def namespaces_key(self, thread_id: str) -> str:
         return hot_key(thread_id, "cp-namespaces", namespace=self._store)
 
+    def log_key(self, thread_id: str) -> str:
+        """The thread's write-behind log (`redis_write_behind`), which a miss looks at."""
+        return hot_key(thread_id, LOG_KIND, namespace=self._store)
+
     # ----------------------------------------------------------------------- port
 
     async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup:
@@ -526,8 +535,13 @@ class RedisCheckpointCache:
         if not lease:
             return CacheLookup(None)
         token = os.urandom(12).hex()
-        granted = await self._call(key, self._lease(keys=[key], args=[token, LEASE_TTL_MS]))
-        return CacheLookup(None, token if granted == 1 else None)
+        leased = await self._call(
+            key, self._lease(keys=[key, self.log_key(thread_id)], args=[token, LEASE_TTL_MS])
+        )
+        if leased is None:
+            return CacheLookup(None)
+        granted, backlog = cast("list[int]", leased)
+        return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
