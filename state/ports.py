@@ -573,6 +573,9 @@ class CacheLookup:
     # On a hit, the delta history of the cached checkpoint for the channels the cache
     # tracks (None: it tracks none), read in the same round trip.
     history: dict[str, ChannelHistory] | None = None
+    # On a miss with a lease asked for: whether the thread's write-behind log holds
+    # entries, read in the lease's round trip (None: not known, ask the log).
+    backlog: bool | None = None
 
 
 @runtime_checkable

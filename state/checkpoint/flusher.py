@@ -34,8 +34,13 @@ BATCH_ENTRIES = 64
 CONCURRENT_THREADS = 8
 # How often an idle flusher looks for work other workers left behind.
 POLL_SECONDS = 1.0
-# After its own append wakes it, a flusher waits this long so one pass takes several.
+# After its own append wakes it, a flusher waits until appends pause this long, so its
+# cold requests and CPU stay off the path of a run in progress (which appends every few
+# ms) and one pass takes a run's entries together ...
 WAKE_DELAY_SECONDS = 0.02
+# ... but no longer than this after the first wake, so a steady stream of appends (many
+# runs at once) is still drained.
+WAKE_DELAY_MAX_SECONDS = 0.25
 LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.
@@ -118,14 +123,17 @@ class Flusher:
                 if time.monotonic() > deadline:
                     raise
 
-    async def settle_thread(self, thread_id: str) -> None:
-        """Flush the thread if it has a backlog (before a read the cold tier answers).
+    async def settle_thread(self, thread_id: str, *, pending: bool | None = None) -> None:
+        """Flush the thread if it has a backlog (before a read the cold tier answers);
+        `pending`: whether it has, when the caller read it already (a cache miss does).
 
         With the hot tier unreachable there is nothing to flush from: the read goes on
         against the cold tier, which is what a reader can have.
         """
         try:
-            if await self.log.pending(thread_id):
+            if pending is None:
+                pending = await self.log.pending(thread_id)
+            if pending:
                 await self.flush_thread(thread_id)
         except BackendUnavailable as exc:
             log.warning("write-behind log unreachable (%s): reading the cold tier as is", exc)
@@ -246,6 +254,16 @@ class Flusher:
             # Nothing is lost: the entries stay in the log for the next flusher.
             log.warning("write-behind backlog left for another flusher: %s", exc)
 
+    async def _quiet(self) -> None:
+        """Wait for appends to pause (or the bound), then clear the wake-up."""
+        bound = time.monotonic() + WAKE_DELAY_MAX_SECONDS
+        while True:
+            self._wake.clear()
+            await asyncio.sleep(min(WAKE_DELAY_SECONDS, max(0.0, bound - time.monotonic())))
+            if self._closing or not self._wake.is_set() or time.monotonic() >= bound:
+                break
+        self._wake.clear()
+
     async def _run(self) -> None:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
@@ -254,8 +272,7 @@ class Flusher:
             if self._closing:
                 return
             if self._wake.is_set():
-                await asyncio.sleep(WAKE_DELAY_SECONDS)
-                self._wake.clear()
+                await self._quiet()
             try:
                 await self.drain()
             except Exception:

@@ -366,7 +366,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = str(configurable["thread_id"])
         checkpoint_ns = configurable.get("checkpoint_ns", "")
         checkpoint_id = get_checkpoint_id(config)
-        lease = None
+        lease, backlog = None, None
         if self.cache is not None:
             cached = await self.cache.lookup(thread_id, checkpoint_ns, lease=checkpoint_id is None)
             hit = cached.checkpoint
@@ -374,9 +374,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 if cached.history is not None:
                     self._remember_history(hit, cached.history)
                 return self._tuple(hit)
-            lease = cached.lease
+            lease, backlog = cached.lease, cached.backlog
         if self.flusher is not None:
-            await self.flusher.settle_thread(thread_id)
+            await self.flusher.settle_thread(thread_id, pending=backlog)
         stored = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
         if stored is None:
             return None

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ENTRY_FORMAT = 2
+# Key kind of a thread's write-behind log (`redis_write_behind`): a cache miss checks it.
+LOG_KIND = "wb-log"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
 
@@ -276,24 +278,34 @@ return 1
 """
 )
 
-# KEYS: entry. ARGV: lease token, lease ttl in ms.
+# KEYS: entry, the thread's write-behind log. ARGV: lease token, lease ttl in ms.
+# Returns {1 if leased, else 0; 1 if the log holds entries, else 0}: a miss costs one
+# round trip more than a hit, not two (a reader that misses must flush the log first).
 _LEASE = """
-if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return 0 end
+local backlog = redis.call('EXISTS', KEYS[2])
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return {0, backlog} end
 redis.call('HSET', KEYS[1], 'lease', ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
+return {1, backlog}
 """
 
 _LENGTH = struct.Struct(">I")
 
 
+def _framed(parts: Sequence[bytes], chunks: list[bytes]) -> list[bytes]:
+    for part in parts:
+        chunks += (_LENGTH.pack(len(part)), part)
+    return chunks
+
+
 def pack(*parts: bytes) -> bytes:
-    return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+    # One join: a value can be a megabyte, and every intermediate copy shows in a put.
+    return b"".join(_framed(parts, []))
 
 
-def unpack(packed: bytes) -> list[bytes]:
+def unpack(packed: bytes, offset: int = 0) -> list[bytes]:
     parts: list[bytes] = []
-    offset, end = 0, len(packed)
+    end = len(packed)
     while offset < end:
         (size,) = _LENGTH.unpack_from(packed, offset)
         offset += 4
@@ -311,8 +323,9 @@ def typed_field(value: TypedBytes) -> bytes:
     return pack(value[0].encode(), value[1])
 
 
-def untyped(field: bytes) -> TypedBytes:
-    serde_type, payload = unpack(field)
+def untyped(field: bytes, offset: int = 0) -> TypedBytes:
+    """The typed value framed at `offset` of `field` (its payload is the one copy made)."""
+    serde_type, payload = unpack(field, offset)
     return serde_type.decode(), payload
 
 
@@ -335,10 +348,9 @@ def checkpoint_fields(checkpoint: StoredCheckpoint) -> list[bytes]:
 def blob_fields(blobs: Sequence[StoredBlob]) -> list[bytes]:
     fields: list[bytes] = []
     for blob in blobs:
-        fields += [
-            b"b:" + blob.channel.encode(),
-            _version_prefix(blob.version) + typed_field(blob.value),
-        ]
+        serde_type, payload = blob.value
+        framed = _framed((serde_type.encode(), payload), [_version_prefix(blob.version)])
+        fields += [b"b:" + blob.channel.encode(), b"".join(framed)]
     return fields
 
 
@@ -351,19 +363,23 @@ def write_fields(writes: Sequence[StoredWrite]) -> list[bytes]:
             str(write.idx).encode(),
             write.channel.encode(),
         )
+        serde_type, payload = write.value[0].encode(), write.value[1]
+        # pack(header, typed_field(value)), joined once.
+        chunks = _framed((header,), [])
+        chunks.append(_LENGTH.pack(8 + len(serde_type) + len(payload)))
         fields += [
             f"w:{write.task_id}\0{write.idx}".encode(),
-            pack(header, typed_field(write.value)),
+            b"".join(_framed((serde_type, payload), chunks)),
         ]
     return fields
 
 
 def parse_write(field: bytes) -> StoredWrite:
-    header, typed = unpack(field)
-    task_id, task_path, idx, channel = unpack(header)
-    return StoredWrite(
-        task_id.decode(), task_path.decode(), int(idx), channel.decode(), untyped(typed)
-    )
+    (header_size,) = _LENGTH.unpack_from(field, 0)
+    task_id, task_path, idx, channel = unpack(field[4 : 4 + header_size])
+    # The typed value is framed after the header: parsed in place, not sliced out first.
+    value = untyped(field, 4 + header_size + 4)
+    return StoredWrite(task_id.decode(), task_path.decode(), int(idx), channel.decode(), value)
 
 
 def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) -> StoredCheckpoint:
@@ -376,7 +392,7 @@ def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) 
         expected = _version_prefix(version)
         # A channel's field holds its latest cached version; older checkpoints' don't match.
         if blob is not None and blob.startswith(expected):
-            blobs[channel] = untyped(blob[len(expected) :])
+            blobs[channel] = untyped(blob, len(expected))
     writes = [parse_write(value) for name, value in fields.items() if name.startswith(b"w:")]
     writes.sort(key=lambda w: (w.task_id, w.idx))
     return StoredCheckpoint(
@@ -434,7 +450,10 @@ def parse_history(fields: dict[bytes, bytes]) -> dict[str, ChannelHistory] | Non
             blob = fields.get(b"b:" + ch.encode())
             if version is None or blob is None or not blob.startswith(version):
                 continue
-            seed = blob[len(version) :]
+            history[ch] = ChannelHistory(
+                writes[ch], seed=untyped(blob, len(version)), seed_at=at.decode()
+            )
+            continue
         history[ch] = ChannelHistory(writes[ch], seed=untyped(seed), seed_at=at.decode())
     return history
 
@@ -481,6 +500,10 @@ class RedisCheckpointCache:
     def namespaces_key(self, thread_id: str) -> str:
         return hot_key(thread_id, "cp-namespaces", namespace=self._store)
 
+    def log_key(self, thread_id: str) -> str:
+        """The thread's write-behind log (`redis_write_behind`), which a miss looks at."""
+        return hot_key(thread_id, LOG_KIND, namespace=self._store)
+
     # ----------------------------------------------------------------------- port
 
     async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup:
@@ -512,8 +535,13 @@ class RedisCheckpointCache:
         if not lease:
             return CacheLookup(None)
         token = os.urandom(12).hex()
-        granted = await self._call(key, self._lease(keys=[key], args=[token, LEASE_TTL_MS]))
-        return CacheLookup(None, token if granted == 1 else None)
+        leased = await self._call(
+            key, self._lease(keys=[key, self.log_key(thread_id)], args=[token, LEASE_TTL_MS])
+        )
+        if leased is None:
+            return CacheLookup(None)
+        granted, backlog = cast("list[int]", leased)
+        return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)

@@ -3,7 +3,8 @@
 Per thread (hash tag `{thread_id}`, so one cluster slot), next to the cache entry
 of `redis_checkpoints`:
 
-- `wb-log`: a stream of unflushed operations, one entry per put / put_writes,
+- `wb-log`: a stream of unflushed operations, one entry per put / put_writes
+  (a cache miss checks it in its lease script: `LOG_KIND`),
   holding everything the cold tier needs (the same fields as the cache entry);
 - `wb-flushing`: the flush lock (token, expiring), so one flusher at a time
   applies a thread's entries, in order; a dead flusher's lock expires and
@@ -46,6 +47,7 @@ from ..ports import (
     WritesPut,
 )
 from .redis_checkpoints import (
+    LOG_KIND,
     LUA_HELPERS,
     RedisCheckpointCache,
     blob_fields,
@@ -55,6 +57,7 @@ from .redis_checkpoints import (
     untyped,
     write_fields,
 )
+from .redis_client import hot_key
 
 # Fence check shared by both appends. KEYS[fence_key], ARGV[fence_arg]: '' for none.
 _FENCE = """
@@ -189,7 +192,7 @@ class RedisWriteBehindLog:
         keys = [
             self._cache.key(thread_id, checkpoint.checkpoint_ns),
             self._cache.namespaces_key(thread_id),
-            self._key(thread_id, "wb-log"),
+            self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
         ]
         args: list[Any] = [
@@ -215,7 +218,7 @@ class RedisWriteBehindLog:
     ) -> None:
         keys = [
             self._cache.key(thread_id, checkpoint_ns),
-            self._key(thread_id, "wb-log"),
+            self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
         ]
         args: list[Any] = [
@@ -275,7 +278,7 @@ class RedisWriteBehindLog:
 
     async def pending(self, thread_id: str) -> bool:
         try:
-            return bool(await self._client.exists(self._key(thread_id, "wb-log")))
+            return bool(await self._client.exists(self._key(thread_id, LOG_KIND)))
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
 
@@ -283,7 +286,7 @@ class RedisWriteBehindLog:
         try:
             found = cast(
                 "list[tuple[bytes, dict[bytes, bytes]]]",
-                await self._client.xrange(self._key(thread_id, "wb-log"), count=count),
+                await self._client.xrange(self._key(thread_id, LOG_KIND), count=count),
             )
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
@@ -293,20 +296,20 @@ class RedisWriteBehindLog:
         if not entry_ids:
             return await self._length(thread_id)
         left = await self._run(
-            "ack", [self._key(thread_id, "wb-log"), self._entries], list(entry_ids)
+            "ack", [self._key(thread_id, LOG_KIND), self._entries], list(entry_ids)
         )
         return int(left)
 
     async def _length(self, thread_id: str) -> int:
         try:
-            return int(await self._client.xlen(self._key(thread_id, "wb-log")))
+            return int(await self._client.xlen(self._key(thread_id, LOG_KIND)))
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
 
     async def discard(self, thread_id: str) -> None:
         try:
             length = await self._length(thread_id)
-            await self._client.delete(self._key(thread_id, "wb-log"))
+            await self._client.delete(self._key(thread_id, LOG_KIND))
             if length:
                 await self._client.decrby(self._entries, length)
         except (RedisError, OSError) as exc:
@@ -405,7 +408,7 @@ class RedisCheckpointFence:
 
 
 def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:
-    return f"{{{thread_id}}}:{cache.namespace}:{kind}"
+    return hot_key(thread_id, kind, namespace=cache.namespace)
 
 
 def _sha(source: str) -> str:

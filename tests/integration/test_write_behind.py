@@ -210,6 +210,45 @@ async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
     assert len(latest.checkpoint["channel_values"]["messages"]) == 10
 
 
+async def test_a_cache_miss_learns_of_the_backlog_in_its_lease_round_trip(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    hot = await tiers.saver.aget_tuple(cfg)
+    assert hot is not None
+    newest = hot.config["configurable"]["checkpoint_id"]
+    asked_log: list[str] = []
+    pending = tiers.flusher.log.pending
+
+    async def counted_pending(thread: str) -> bool:
+        asked_log.append(thread)
+        return await pending(thread)
+
+    tiers.flusher.log.pending = counted_pending  # type: ignore[method-assign]
+
+    # A backlog and no cache entry: the miss flushes it before the cold read, so the read
+    # returns the newest checkpoint, not the cold tier's older (here: no) state.
+    assert tiers.saver.cache is not None
+    await tiers.saver.cache.invalidate(thread_id)
+    found = await tiers.saver.aget_tuple(cfg)
+    assert found is not None and found.config["configurable"]["checkpoint_id"] == newest
+    assert await cold_latest_id(tiers, thread_id) == newest
+
+    # No backlog: the cache read, its lease (which says the log is empty) and the fill.
+    await tiers.saver.cache.invalidate(thread_id)
+    asked_log.clear()
+    tiers.round_trips.count = 0
+    tiers.cold_counters.reset()
+    found = await tiers.saver.aget_tuple(cfg)
+    assert found is not None and found.config["configurable"]["checkpoint_id"] == newest
+    assert asked_log == []  # the lease's answer stood in for the log's
+    assert tiers.round_trips.count == 3
+    assert tiers.cold_counters.requests > 0
+
+
 async def test_an_interrupt_and_durability_sync_are_synchronous_boundaries(
     tiers: WriteBehind,
 ) -> None:

@@ -217,3 +217,41 @@ def _position(op: FlushOp) -> tuple[str, int]:
     if isinstance(op, WritesPut):
         return ("writes", int(op.checkpoint_id))
     return ("put", int(op.checkpoint.checkpoint_id))
+
+
+async def test_the_background_task_waits_for_appends_to_pause_within_a_bound(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run appends every few ms: its flush waits for the pause after it, off its path.
+    monkeypatch.setattr(flusher_module, "WAKE_DELAY_SECONDS", 0.1)
+    monkeypatch.setattr(flusher_module, "WAKE_DELAY_MAX_SECONDS", 5.0)
+    flusher.start()
+    try:
+        for n in range(1, 21):
+            await log.append_put(
+                checkpoint("a", n), [StoredBlob("chat", n, ("json", b"%d" % n))], fence=None
+            )
+            flusher.notify()
+            await asyncio.sleep(0.01)
+        assert store.batches == []
+        for _ in range(100):
+            if not await log.pending("a"):
+                break
+            await asyncio.sleep(0.01)
+        assert await log.backlog() == Backlog(entries=0, threads=0, oldest_age_seconds=None)
+        assert len(store.batches) == 1  # the whole run in one pass
+
+        # Appends that never pause are still drained once the bound is reached.
+        monkeypatch.setattr(flusher_module, "WAKE_DELAY_MAX_SECONDS", 0.2)
+        for n in range(21, 81):
+            await log.append_put(
+                checkpoint("a", n), [StoredBlob("chat", n, ("json", b"%d" % n))], fence=None
+            )
+            flusher.notify()
+            await asyncio.sleep(0.01)
+        assert len(store.batches) > 1
+    finally:
+        await flusher.close(final_drain_seconds=1)
