@@ -623,6 +623,7 @@ SELECT
      FROM cp_checkpoints WHERE thread_id = %s)
   + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM cp_blobs WHERE thread_id = %s)
   + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM cp_writes WHERE thread_id = %s)
+  + (SELECT COALESCE(SUM(pg_column_size(data)), 0) FROM cp_chunks WHERE thread_id = %s)
   AS bytes
 """
 
@@ -639,7 +640,7 @@ SELECT
 def postgres_stored_bytes(url: str, query: str) -> Callable[[str], Awaitable[int]]:
     async def stored(thread_id: str) -> int:
         async with await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as conn:
-            cursor = await conn.execute(query, (thread_id,) * 3)
+            cursor = await conn.execute(query, (thread_id,) * query.count("%s"))
             row = await cursor.fetchone()
         return int(row["bytes"]) if row else 0
 
