@@ -14,14 +14,17 @@ the first few bytes):
 - `HEAD_BYTES` leading bytes (where a serializer writes a container's length)
   stay inline in the manifest: they change with every append;
 - the rest is cut into fixed `LEAF_BYTES` leaves. An append leaves every full
-  leaf as it was; only the last, partial one changes. Fixed cuts are what an
-  append keeps stable (content-defined cuts would also survive insertions in the
-  middle, at a per-byte hashing cost the write path cannot pay in Python); a
-  value changed elsewhere is still stored correctly, it only shares less;
+  leaf as it was; only the last, partial one changes, and it stays inline in
+  the manifest too (compressed): a leaf is stored once, when it is full. Fixed
+  cuts are what an append keeps stable (content-defined cuts would also survive
+  insertions in the middle, at a per-byte hashing cost the write path cannot
+  pay in Python); a value changed elsewhere is still stored correctly, it only
+  shares less;
 - leaves are grouped `FANOUT` to a node, nodes `FANOUT` to a node one level up,
   until at most `FANOUT` digests remain: the manifest's roots. An append
-  changes the last node of each level only, so a version costs its new leaves,
-  one node per level and the manifest, whatever the length of the value (the
+  changes the last node of each level only, and only when a leaf fills, so a
+  version costs its manifest, and now and then a leaf and a node per level,
+  whatever the length of the value (the
   flat alternative, a manifest naming every leaf, grows with the value and is
   quadratic again).
 
@@ -102,10 +105,11 @@ class Manifest:
     depth: int
     roots: tuple[bytes, ...]
     head: bytes
+    tail: bytes
 
     def encode(self) -> bytes:
         header = MANIFEST_HEADER.pack(MANIFEST_MAGIC, self.total, self.depth, len(self.roots))
-        return header + b"".join(self.roots) + self.head
+        return header + b"".join(self.roots) + self.head + zlib.compress(self.tail, 1)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -118,7 +122,12 @@ class Manifest:
         if magic != MANIFEST_MAGIC or len(data) < end:
             raise CorruptState("not a chunk manifest")
         roots = tuple(data[at : at + DIGEST_BYTES] for at in range(start, end, DIGEST_BYTES))
-        return cls(total, depth, roots, data[end:])
+        tail_at = end + min(HEAD_BYTES, total)
+        try:
+            tail = zlib.decompress(data[tail_at:])
+        except zlib.error as exc:
+            raise CorruptState("chunk manifest's tail does not decompress") from exc
+        return cls(total, depth, roots, data[end:tail_at], tail)
 
 
 def is_manifest(type_: str) -> bool:
@@ -183,7 +192,7 @@ class Chunker:
         stored = known.stored if reused and known is not None else frozenset()
         chunks: list[Chunk] = []
         leaves = list(reused)
-        for at in range(len(reused) * LEAF_BYTES, len(body), LEAF_BYTES):
+        for at in range(len(reused) * LEAF_BYTES, full * LEAF_BYTES, LEAF_BYTES):
             raw = bytes(body[at : at + LEAF_BYTES])
             digest = leaf_digest(raw)
             leaves.append(digest)
@@ -192,7 +201,8 @@ class Chunker:
         levels, roots = _levels(leaves)
         nodes = [Chunk(node_digest(node), True, node) for level in levels for node in level]
         chunks.extend(node for node in nodes if node.digest not in stored)
-        manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head)).encode()
+        tail = bytes(body[full * LEAF_BYTES :])
+        manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head), tail).encode()
         remembered = Split(
             value=value,
             full_leaves=full,
@@ -247,6 +257,7 @@ def assemble(manifest: bytes, chunks: Mapping[bytes, Chunk]) -> bytes:
         if leaf_digest(raw) != digest:
             raise CorruptState("a chunk does not match its digest")
         parts.append(raw)
+    parts.append(decoded.tail)
     value = b"".join(parts)
     if len(value) != decoded.total:
         raise CorruptState("chunks do not add up to the manifest's length")
