@@ -15,7 +15,8 @@ the first few bytes):
   stay inline in the manifest: they change with every append;
 - the rest is cut into fixed `LEAF_BYTES` leaves. An append leaves every full
   leaf as it was; only the last, partial one changes, and it stays inline in
-  the manifest too (compressed): a leaf is stored once, when it is full. Fixed
+  the manifest too (compressed with the full leaf before it as the dictionary):
+  a leaf is stored once, when it is full. Fixed
   cuts are what an append keeps stable (content-defined cuts would also survive
   insertions in the middle, at a per-byte hashing cost the write path cannot
   pay in Python); a value changed elsewhere is still stored correctly, it only
@@ -37,10 +38,14 @@ while a manifest of its thread reaches it; stores delete the others after they
 delete blobs (`reachable`), copy them with the thread, and drop them with it.
 
 `Chunker` remembers the last split per (thread, namespace, channel) for a
-short while, so a put hashes and compresses only the leaves it adds and sends
-only the chunks that version added; a remembered split counts only once the
-store confirmed the write, and is forgotten when this store deletes from the
-thread.
+short while (`REMEMBER_SECONDS`), so a put hashes and compresses only the
+leaves it adds and sends only the chunks that version added; a remembered
+split counts only once the store confirmed the write, and is forgotten when
+this store deletes from the thread. Like the rest of maintenance, collecting
+chunks is not safe against a writer of the same thread running meanwhile (the
+app prunes and deletes threads whose runs have stopped): a put that builds on
+chunks another process has just deleted names chunks that are gone, which a
+reader reports as `CorruptState`, never as a wrong value.
 """
 
 from __future__ import annotations
@@ -61,9 +66,12 @@ from ..ports import StoredCheckpoint, TypedBytes
 K = TypeVar("K")
 
 # A blob of this many bytes or more is stored as chunks; smaller ones stay whole.
-CHUNK_THRESHOLD = 16 * 1024
+CHUNK_THRESHOLD = 8 * 1024
 HEAD_BYTES = 64
 LEAF_BYTES = 4096
+# zlib levels: leaves are compressed once, when full; the tail with every version.
+LEAF_LEVEL = 6
+TAIL_LEVEL = 6
 FANOUT = 64
 DIGEST_BYTES = 16
 # The stored `type` of a manifest blob: this prefix and the value's own serde type.
@@ -105,11 +113,11 @@ class Manifest:
     depth: int
     roots: tuple[bytes, ...]
     head: bytes
-    tail: bytes
+    tail: bytes  # compressed, with the last leaf as its dictionary (`_pack_tail`)
 
     def encode(self) -> bytes:
         header = MANIFEST_HEADER.pack(MANIFEST_MAGIC, self.total, self.depth, len(self.roots))
-        return header + b"".join(self.roots) + self.head + zlib.compress(self.tail, 1)
+        return header + b"".join(self.roots) + self.head + self.tail
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -123,11 +131,7 @@ class Manifest:
             raise CorruptState("not a chunk manifest")
         roots = tuple(data[at : at + DIGEST_BYTES] for at in range(start, end, DIGEST_BYTES))
         tail_at = end + min(HEAD_BYTES, total)
-        try:
-            tail = zlib.decompress(data[tail_at:])
-        except zlib.error as exc:
-            raise CorruptState("chunk manifest's tail does not decompress") from exc
-        return cls(total, depth, roots, data[end:tail_at], tail)
+        return cls(total, depth, roots, data[end:tail_at], data[tail_at:])
 
 
 def is_manifest(type_: str) -> bool:
@@ -197,11 +201,12 @@ class Chunker:
             digest = leaf_digest(raw)
             leaves.append(digest)
             if digest not in stored:
-                chunks.append(Chunk(digest, False, zlib.compress(raw, 1)))
+                chunks.append(Chunk(digest, False, zlib.compress(raw, LEAF_LEVEL)))
         levels, roots = _levels(leaves)
         nodes = [Chunk(node_digest(node), True, node) for level in levels for node in level]
         chunks.extend(node for node in nodes if node.digest not in stored)
-        tail = bytes(body[full * LEAF_BYTES :])
+        last_leaf = bytes(body[(full - 1) * LEAF_BYTES : full * LEAF_BYTES]) if full else b""
+        tail = _pack_tail(bytes(body[full * LEAF_BYTES :]), last_leaf)
         manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head), tail).encode()
         remembered = Split(
             value=value,
@@ -257,11 +262,31 @@ def assemble(manifest: bytes, chunks: Mapping[bytes, Chunk]) -> bytes:
         if leaf_digest(raw) != digest:
             raise CorruptState("a chunk does not match its digest")
         parts.append(raw)
-    parts.append(decoded.tail)
+    parts.append(_unpack_tail(decoded.tail, parts[-1] if digests else b""))
     value = b"".join(parts)
     if len(value) != decoded.total:
         raise CorruptState("chunks do not add up to the manifest's length")
     return value
+
+
+def _pack_tail(raw: bytes, last_leaf: bytes) -> bytes:
+    """The partial last leaf, compressed with the full one before it as the dictionary:
+    the same kind of content, so the tail a version stores inline costs a third less."""
+    packer = (
+        zlib.compressobj(TAIL_LEVEL, zdict=last_leaf) if last_leaf else zlib.compressobj(TAIL_LEVEL)
+    )
+    return packer.compress(raw) + packer.flush()
+
+
+def _unpack_tail(packed: bytes, last_leaf: bytes) -> bytes:
+    unpacker = zlib.decompressobj(zdict=last_leaf) if last_leaf else zlib.decompressobj()
+    try:
+        raw = unpacker.decompress(packed) + unpacker.flush()
+    except zlib.error as exc:
+        raise CorruptState("a chunk manifest's tail does not decompress") from exc
+    if not unpacker.eof:
+        raise CorruptState("a chunk manifest's tail is truncated")
+    return raw
 
 
 def _chunk(chunks: Mapping[bytes, Chunk], digest: bytes, *, node: bool) -> Chunk:
