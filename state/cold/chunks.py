@@ -134,6 +134,26 @@ class Manifest:
         return cls(total, depth, roots, data[end:tail_at], data[tail_at:])
 
 
+# LangGraph's serde writes a DeltaChannel snapshot as a top-level msgpack extension of
+# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte.
+DELTA_SNAPSHOT_EXT = 7
+_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5}
+
+
+def chunked(value: TypedBytes) -> bool:
+    """Whether a blob is stored as chunks: large enough, and not a DeltaChannel snapshot.
+
+    A DeltaChannel stores its value only every `snapshot_frequency` updates, and
+    LangGraph loads that snapshot with the thread's history: kept whole, it stays in
+    the round trips the history takes (chunks would add one per level of the tree).
+    """
+    type_, data = value
+    if len(data) < CHUNK_THRESHOLD:
+        return False
+    at = _EXT_TYPE_AT.get(data[0])
+    return not (type_ == "msgpack" and at is not None and data[at] == DELTA_SNAPSHOT_EXT)
+
+
 def is_manifest(type_: str) -> bool:
     return type_.startswith(MANIFEST_TYPE_PREFIX)
 

@@ -51,12 +51,12 @@ from ..ports import (
 )
 from . import cosmos_layout as layout
 from .chunks import (
-    CHUNK_THRESHOLD,
     MANIFEST_TYPE_PREFIX,
     Chunk,
     Chunker,
     Fetch,
     Split,
+    chunked,
     reachable,
     resolve,
     resolve_checkpoints,
@@ -124,7 +124,7 @@ class CosmosCheckpointStore:
         splits: dict[tuple[str, str, str], Split] = {}
         for blob in blobs:
             type_, data = blob.value
-            if len(data) < CHUNK_THRESHOLD:
+            if not chunked(blob.value):
                 stored.append(blob)
                 continue
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)

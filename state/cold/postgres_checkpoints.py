@@ -39,13 +39,13 @@ from ..ports import (
 )
 from ..schema import CURRENT, upcast
 from .chunks import (
-    CHUNK_THRESHOLD,
     DIGEST_BYTES,
     MANIFEST_TYPE_PREFIX,
     Chunk,
     Chunker,
     Fetch,
     Split,
+    chunked,
     reachable,
     resolve,
     resolve_checkpoints,
@@ -731,7 +731,7 @@ def _fold(
                 if blob_key in blobs:
                     continue
                 type_, data = blob.value
-                if len(data) < CHUNK_THRESHOLD:
+                if not chunked(blob.value):
                     blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
                     continue
                 split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.serde.types import _DeltaSnapshot
 
 from state.cold import chunks
 from state.errors import CorruptState
@@ -97,3 +98,12 @@ def test_reachable_follows_nodes_and_leaves_the_rest() -> None:
     assert chunks.reachable([first, second], nodes) == {
         c.digest for c in [*added_first, *added_second]
     }
+
+
+def test_delta_channel_snapshots_and_small_values_stay_whole() -> None:
+    serde = JsonPlusSerializer()
+    for count in (10, 100, 3000):  # ext 8, 16 and 32 headers
+        value = ["x" * 1000] * count
+        assert chunks.chunked(serde.dumps_typed(value))
+        assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)))
+    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5))
