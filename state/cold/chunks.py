@@ -15,19 +15,22 @@ the first few bytes):
   stay inline in the manifest: they change with every append;
 - the rest is cut into fixed `LEAF_BYTES` leaves. An append leaves every full
   leaf as it was; only the last, partial one changes, and it stays inline in
-  the manifest too (compressed with the full leaf before it as the dictionary):
-  a leaf is stored once, when it is full. Fixed
-  cuts are what an append keeps stable (content-defined cuts would also survive
-  insertions in the middle, at a per-byte hashing cost the write path cannot
-  pay in Python); a value changed elsewhere is still stored correctly, it only
-  shares less;
+  the manifest too (compressed with the full leaf before it as the
+  dictionary): a leaf is stored once, when it is full. Fixed cuts are what an
+  append keeps stable (content-defined cuts would also survive insertions in
+  the middle, at a per-byte hashing cost the write path cannot pay in Python);
+  a value changed elsewhere is still stored correctly, it only shares less;
 - leaves are grouped `FANOUT` to a node, nodes `FANOUT` to a node one level up,
   until at most `FANOUT` digests remain: the manifest's roots. An append
   changes the last node of each level only, and only when a leaf fills, so a
   version costs its manifest, and now and then a leaf and a node per level,
-  whatever the length of the value (the
-  flat alternative, a manifest naming every leaf, grows with the value and is
-  quadratic again).
+  whatever the length of the value (a flat manifest naming every leaf would
+  grow with the value: quadratic again).
+
+Blobs under `CHUNK_THRESHOLD` stay whole, and so do DeltaChannel snapshots
+(`chunked`). Every chunk and manifest is far below an item (Cosmos's 2 MB
+limit holds whatever the value's size; a manifest grows with the depth of
+the tree only).
 
 Each chunk is addressed by its BLAKE2b digest (leaf and node digests are
 personalized apart, so neither can stand for the other), stored once per
