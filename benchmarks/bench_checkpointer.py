@@ -497,7 +497,8 @@ FULL = Scale(
     reads=200,
     puts=200,
     list_runs=8,
-    stored_counts=(10, 100),
+    # 1000 for this project's savers only (see `bench_stored`).
+    stored_counts=(10, 100, 1000),
     delta_messages=300,
     budget_seconds=15.0,
 )
@@ -623,6 +624,7 @@ SELECT
      FROM cp_checkpoints WHERE thread_id = %s)
   + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM cp_blobs WHERE thread_id = %s)
   + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM cp_writes WHERE thread_id = %s)
+  + (SELECT COALESCE(SUM(pg_column_size(data)), 0) FROM cp_chunks WHERE thread_id = %s)
   AS bytes
 """
 
@@ -639,7 +641,7 @@ SELECT
 def postgres_stored_bytes(url: str, query: str) -> Callable[[str], Awaitable[int]]:
     async def stored(thread_id: str) -> int:
         async with await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as conn:
-            cursor = await conn.execute(query, (thread_id,) * 3)
+            cursor = await conn.execute(query, (thread_id,) * query.count("%s"))
             row = await cursor.fetchone()
         return int(row["bytes"]) if row else 0
 
@@ -1218,6 +1220,9 @@ class PairRun:
         handle = self.handle
         assert handle.stored_bytes is not None
         for count in self.scale.stored_counts:
+            if count > 100 and self.contender.backend is None:
+                # Savers that store every version whole write ~500 MB for 1000 messages.
+                continue
             thread = new_thread(f"stored{count}")
             await self.put_chain(
                 thread, count, lambda step: {"messages": self.messages[: step + 1]}
@@ -1636,7 +1641,9 @@ class Report:
             "",
             "Measured through the async API. Every checkpoint of the history is kept "
             "(LangGraph stores a channel's value per version, so a growing message list costs "
-            "O(n^2) over the history); the second figure is after `prune(keep_latest)`. Cosmos "
+            "O(n^2) over the history in a saver that stores each version whole; this project "
+            "stores large values as chunks shared between versions, its chunk rows and "
+            "documents counted too); the second figure is after `prune(keep_latest)`. Cosmos "
             "counts the JSON of every document; InMemorySaver counts serialized bytes; Postgres "
             "counts the stored size of the payload columns (after its own TOAST compression). "
             "Hot is the Redis memory of the thread's keys. Write-behind rows are flushed first.",
@@ -1845,6 +1852,41 @@ class Report:
                 )
             )
         rows += self.delta_targets(verdict)
+        rows += self.stored_targets(verdict)
+        return rows
+
+    def stored_targets(self, verdict: Callable[[bool | None], str]) -> list[tuple[str, str, str]]:
+        """Storage linear in history: at most 3 MB for 1000 messages with every checkpoint
+        kept, and the bytes per added message between 100 and 1000 within 25% of those of
+        the first 100."""
+        rows: list[tuple[str, str, str]] = []
+        for contender in self.contenders:
+            name = contender.name
+            if contender.backend is None:
+                continue
+            at = {count: self.r.stored.get((name, count)) for count in (100, 1000)}
+            full = {count: found[0] for count, found in at.items() if found is not None}
+            rows.append(
+                (
+                    f"{name}: stored bytes at 1000 messages, full history, <= 3 MB",
+                    f"{full[1000]:,}" if 1000 in full else "-",
+                    verdict(full[1000] <= 3_000_000 if 1000 in full else None),
+                )
+            )
+            if len(full) == 2:
+                first = full[100] / 100
+                then = (full[1000] - full[100]) / 900
+                measured = f"{first:,.0f} B/message to 100, {then:,.0f} B/message 100-1000"
+                ok: bool | None = abs(then - first) <= 0.25 * first
+            else:
+                measured, ok = "-", None
+            rows.append(
+                (
+                    f"{name}: stored bytes per added message constant within 25%",
+                    measured,
+                    verdict(ok),
+                )
+            )
         return rows
 
     def delta_p50(self, name: str, last: int | None = None) -> float | None:

@@ -4,9 +4,10 @@ The document layout is `cosmos_layout`'s, the requests `cosmos_io`'s, and
 delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 
 - put: one (an upsert of the checkpoint with its changed values embedded),
-  plus the chunks first when a value is over the item limit, plus one read of
-  the parent when this process has not seen it (the last put and the latest
-  read of each (thread, namespace) are remembered);
+  plus the chunks first when a value is over the item limit or large enough to
+  be stored as shared blocks (`state.cold.chunks`: only the blocks the version
+  added), plus one read of the parent when this process has not seen it (the
+  last put and the latest read of each (thread, namespace) are remembered);
 - put_writes: one (create of the task's writes document; special channels:
   an upsert each, concurrently); a repeat that adds indexes merges with
   If-Match;
@@ -19,7 +20,11 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   range's lineage and the seeds' holders are read concurrently);
 - delta history on its own (LangGraph's DeltaChannel): two whatever the chain's
   depth (the namespace's lineage as ids, then the chain's writes and the seeds'
-  holders, concurrently), plus one for chunks of large values.
+  holders, concurrently), plus one for chunks of large values;
+- values stored as blocks: one more query per level of the block tree (one
+  for a value up to 256 KB, two up to 16 MB).
+
+Prune and delete_for_runs delete the blocks no remaining manifest reaches.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ from ..ports import (
     WritesPut,
 )
 from . import cosmos_layout as layout
+from .chunks import (
+    MANIFEST_TYPE_PREFIX,
+    Chunk,
+    Chunker,
+    Fetch,
+    Split,
+    chunked,
+    reachable,
+    resolve,
+    resolve_checkpoints,
+)
 from .cosmos_client import CosmosConnection
 from .cosmos_io import BULK_PAGE_SIZE, Doc, PartitionIO, gather, strip_system
 from .cosmos_maintenance import CheckpointMaintenance
@@ -76,6 +92,7 @@ class CosmosCheckpointStore:
         self._page_size = page_size
         self._lineage: OrderedDict[tuple[str, str], layout.Lineage] = OrderedDict()
         self._maintenance = CheckpointMaintenance(self._io, self._packer, self._forget)
+        self._chunker = Chunker()
 
     async def setup(self) -> None:
         await self._io.container()
@@ -89,11 +106,32 @@ class CosmosCheckpointStore:
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
         parent = await self._parent(checkpoint)
+        blobs, blocks, splits = self._split(checkpoint, blobs)
         packed = self._packer.checkpoint(checkpoint, blobs, parent)
         # Chunks first: the checkpoint is the one document that makes them reachable.
-        await self._io.upsert_all(packed.chunks)
+        await self._io.upsert_all([*blocks, *packed.chunks])
         await self._io.upsert(packed.doc)
         self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
+        for key, split in splits.items():
+            self._chunker.confirm(key, split)
+
+    def _split(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> tuple[list[StoredBlob], list[Doc], dict[tuple[str, str, str], Split]]:
+        """Large values as manifests, the block documents this version adds, the splits."""
+        stored: list[StoredBlob] = []
+        blocks: list[Doc] = []
+        splits: dict[tuple[str, str, str], Split] = {}
+        for blob in blobs:
+            type_, data = blob.value
+            if not chunked(blob.value):
+                stored.append(blob)
+                continue
+            key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
+            manifest, added, splits[key] = self._chunker.split(data, self._chunker.remembered(key))
+            blocks += [layout.block_doc(checkpoint.thread_id, chunk) for chunk in added]
+            stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
+        return stored, blocks, splits
 
     async def put_writes(
         self,
@@ -230,6 +268,7 @@ class CosmosCheckpointStore:
             loaded = await self._load_with_history(thread_id, main)
         else:
             [loaded] = await self._load_complete(thread_id, [main])
+        [loaded] = await resolve_checkpoints([loaded], self._blocks)
         if checkpoint_id is None:
             self._remember(thread_id, checkpoint_ns, layout.to_layout_2(main))
         return loaded
@@ -263,7 +302,7 @@ class CosmosCheckpointStore:
                 wanted = versions.get(channel)
                 if wanted is not None and str(entry["version"]) == str(wanted):
                     values.setdefault(channel, layout.decode(holder["id"], entry, chunks))
-        return values
+        return await resolve(values, self._blocks(thread_id))
 
     async def get_writes(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
@@ -334,7 +373,8 @@ class CosmosCheckpointStore:
                     by_thread[doc["thread_id"]].append(doc)
                 loaded: dict[tuple[str, str, str], StoredCheckpoint] = {}
                 for thread, docs in by_thread.items():
-                    for stored in await self._load_complete(thread, docs):
+                    complete = await self._load_complete(thread, docs)
+                    for stored in await resolve_checkpoints(complete, self._blocks):
                         loaded[(thread, stored.checkpoint_ns, stored.checkpoint_id)] = stored
                 for doc in matching:
                     yield loaded[(doc["thread_id"], doc["checkpoint_ns"], doc["checkpoint_id"])]
@@ -424,12 +464,17 @@ class CosmosCheckpointStore:
         for cid, cid_docs in by_checkpoint.items():
             for write in layout.stored_writes(cid_docs, chunks):
                 writes[write.channel].append((cid, write))
+        seed_values = await resolve(
+            {
+                ch: layout.decode(holder["id"], entry, chunks)
+                for ch, (_, holder, entry) in seeds.items()
+            },
+            self._blocks(thread_id),
+        )
         return {
             ch: ChannelHistory(
                 writes[ch],
-                seed=layout.decode(seeds[ch][1]["id"], seeds[ch][2], chunks)
-                if ch in seeds
-                else None,
+                seed=seed_values.get(ch),
                 seed_at=seeds[ch][0] if ch in seeds else None,
             )
             for ch in channels
@@ -438,16 +483,54 @@ class CosmosCheckpointStore:
     # ----------------------------------------------------------------------- maintenance
 
     async def delete_thread(self, thread_id: str) -> None:
+        self._chunker.forget([thread_id])
         await self._maintenance.delete_thread(thread_id)
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
-        return await self._maintenance.delete_for_runs(run_ids)
+        threads = await self._maintenance.delete_for_runs(run_ids)
+        self._chunker.forget(threads)
+        for thread_id in sorted(threads):
+            await self._collect_blocks(thread_id)
+        return threads
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._chunker.forget([target_thread_id])
         await self._maintenance.copy_thread(source_thread_id, target_thread_id)
 
     async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
+        self._chunker.forget(thread_ids)
         await self._maintenance.prune(thread_ids, strategy=strategy)
+        if strategy == "keep_latest":
+            for thread_id in thread_ids:
+                await self._collect_blocks(thread_id)
+
+    async def _collect_blocks(self, thread_id: str) -> None:
+        """Delete the thread's blocks that no manifest of a remaining document reaches."""
+        holders = await self._io.query_all(
+            'SELECT c.id, c.type, c.layout, c["values"] FROM c'
+            " WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@types, c.type)",
+            {"@thread": thread_id, "@types": [layout.CHECKPOINT, layout.VALUES]},
+            partition=thread_id,
+        )
+        # Only layout 2 holds manifests (layout 1 was written before them).
+        docs = [doc for doc in holders if doc.get("layout", 1) >= layout.LAYOUT]
+        manifests = layout.manifests_of(docs, await self._chunks(thread_id, docs))
+        blocks = await self._io.query_all(
+            "SELECT c.id, c.node, c.data FROM c WHERE c.thread_id = @thread AND c.type = @type",
+            {"@thread": thread_id, "@type": layout.BLOCK},
+            partition=thread_id,
+        )
+        nodes = {chunk.digest: chunk for chunk in map(layout.block_of, blocks) if chunk.node}
+        kept = {layout.block_doc_id(digest) for digest in reachable(manifests, nodes)}
+        await self._io.delete_ids(thread_id, [doc["id"] for doc in blocks if doc["id"] not in kept])
+
+    def _blocks(self, thread_id: str) -> Fetch:
+        async def fetch(digests: list[bytes]) -> dict[bytes, Chunk]:
+            ids = [layout.block_doc_id(digest) for digest in digests]
+            found = await self._fetch_list(thread_id, ids)
+            return {chunk.digest: chunk for chunk in map(layout.block_of, found)}
+
+        return fetch
 
     # ----------------------------------------------------------------------- internals
 

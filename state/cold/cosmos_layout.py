@@ -20,6 +20,11 @@ Documents of one thread share its logical partition; every one carries `type`,
 - `checkpoint_values` documents keep the id of a checkpoint that maintenance
   removed while a kept checkpoint still names it in `value_at`: only the
   referenced values stay.
+- `blk:{digest}`  a chunk of a large value (`state.cold.chunks`): the value's
+  entry holds the manifest (its `serde` prefixed `chunked+`), its content is in
+  these documents, one per distinct chunk of the thread, shared by every
+  version (so an appended list stores what it grew by). Written before the
+  checkpoint naming them; maintenance deletes those no manifest reaches.
 - `{owner id}:{chunk set}:{n}`  part n of an entry too large for its document.
   A chunk set is named by a digest of the entry's key in its document (channel,
   write index) and its content: storing the same step again (a retry, a
@@ -52,6 +57,7 @@ from .. import codec
 from ..errors import CorruptState, StateTooLarge
 from ..ports import StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
 from ..schema import CURRENT, upcast
+from .chunks import Chunk, is_manifest
 
 Doc = dict[str, Any]
 
@@ -59,10 +65,12 @@ CHECKPOINT = "checkpoint"
 VALUES = "checkpoint_values"
 WRITE = "checkpoint_write"
 CHUNK = "checkpoint_chunk"
+# A content-addressed chunk of large values (`state.cold.chunks`), shared by their versions.
+BLOCK = "checkpoint_block"
 # Layout 1 only: read, deleted and copied, never written.
 BLOB = "checkpoint_blob"
 POINTER = "checkpoint_pointer"
-ALL_TYPES = [CHECKPOINT, VALUES, WRITE, CHUNK, BLOB, POINTER]
+ALL_TYPES = [CHECKPOINT, VALUES, WRITE, CHUNK, BLOCK, BLOB, POINTER]
 # Logical schema kind of each document type (chunks are raw slices of their owner).
 SCHEMA_KIND = {CHECKPOINT: "checkpoint", VALUES: "checkpoint", BLOB: "blob", WRITE: "write"}
 LAYOUT = 2
@@ -109,6 +117,40 @@ def blob_doc_id(checkpoint_ns: str, channel: str, version: str | int | float) ->
 
 def pointer_doc_id(checkpoint_ns: str) -> str:
     return _doc_id("ptr", checkpoint_ns)
+
+
+def block_doc_id(digest: bytes) -> str:
+    return f"blk:{digest.hex()}"
+
+
+def block_doc(thread_id: str, chunk: Chunk) -> Doc:
+    return {
+        "id": block_doc_id(chunk.digest),
+        "type": BLOCK,
+        "thread_id": thread_id,
+        "node": chunk.node,
+        "schema_version": 1,
+        "data": codec.to_text(chunk.data),
+    }
+
+
+def block_of(doc: Doc) -> Chunk:
+    """The chunk a block document holds (its digest from its id: checked on assembly)."""
+    try:
+        digest = bytes.fromhex(doc["id"].removeprefix("blk:"))
+    except ValueError as exc:
+        raise CorruptState(f"{doc['id']} is not a block id") from exc
+    return Chunk(digest, bool(doc["node"]), codec.from_text(doc["data"]))
+
+
+def manifests_of(docs: Iterable[Doc], chunks: Mapping[str, Doc]) -> list[bytes]:
+    """The chunk manifests among the values the documents hold (`chunks`: their spill)."""
+    return [
+        decode(doc["id"], entry, chunks)[1]
+        for doc in docs
+        for entry in held_values(doc).values()
+        if is_manifest(str(entry.get("serde", "")))
+    ]
 
 
 def chunk_ids(owner_id: str, entry: Mapping[str, Any]) -> list[str]:

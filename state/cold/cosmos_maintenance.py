@@ -103,7 +103,9 @@ class CheckpointMaintenance:
         # Everything but checkpoints first, then the checkpoints as values holders,
         # then as checkpoints: a checkpoint appears only once all it names is there.
         await self._copy(
-            source_thread_id, [layout.CHUNK, layout.BLOB, layout.WRITE, layout.VALUES], moved
+            source_thread_id,
+            [layout.CHUNK, layout.BLOCK, layout.BLOB, layout.WRITE, layout.VALUES],
+            moved,
         )
         await self._copy(
             source_thread_id,

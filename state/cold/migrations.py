@@ -171,6 +171,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE state_audit_log ADD COLUMN caller jsonb;
         """,
     ),
+    Migration(
+        6,
+        "checkpoint_chunks",
+        """
+        -- Content-addressed chunks of large checkpoint blobs, shared by every version of
+        -- a thread's values (state.cold.chunks): a leaf (compressed bytes) or a node (the
+        -- digests of its children). A blob whose type starts with 'chunked+' is a manifest.
+        CREATE TABLE cp_chunks (
+            thread_id text NOT NULL,
+            digest bytea NOT NULL,
+            node boolean NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (thread_id, digest)
+        );
+        """,
+    ),
 )
 
 

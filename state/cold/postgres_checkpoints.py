@@ -9,12 +9,19 @@ with keyset pagination, never loading a whole thread. Payloads cross the wire
 in binary both ways (parameters and results): text format would hex-escape
 every blob and cost more than the statement itself once a thread holds a
 megabyte of messages. Every write, and any write-behind batch, is one statement.
+
+A large blob is stored as a manifest over the thread's chunks in `cp_chunks`
+(`state.cold.chunks`: what a version that only grew stores is what it added).
+Chunk rows go in the statement that writes their manifest; a read that meets
+manifests fetches their chunks with one more statement (a recursive walk down
+the nodes). Deleting a thread drops its chunks; pruning and `delete_for_runs`
+then delete the chunks no remaining manifest reaches, in their transaction.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -31,6 +38,18 @@ from ..ports import (
     WritesPut,
 )
 from ..schema import CURRENT, upcast
+from .chunks import (
+    DIGEST_BYTES,
+    MANIFEST_TYPE_PREFIX,
+    Chunk,
+    Chunker,
+    Fetch,
+    Split,
+    chunked,
+    reachable,
+    resolve,
+    resolve_checkpoints,
+)
 from .postgres_client import CountedConnection, PostgresConnection
 
 # Threads this process remembers as using a DeltaChannel (see `_delta_threads`).
@@ -97,6 +116,11 @@ CHECKPOINT_CONFLICT = """ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) D
     channel_versions = EXCLUDED.channel_versions,
     schema_version = EXCLUDED.schema_version"""
 
+CHUNK_TABLE = "cp_chunks (thread_id, digest, node, data)"
+CHUNK_ROW = "(%s, %b, %s, %b)"
+# A chunk is named by its content: a repeat is the same row.
+CHUNK_CONFLICT = "ON CONFLICT (thread_id, digest) DO NOTHING"
+
 WRITE_TABLE = f"cp_writes (thread_id, checkpoint_ns, checkpoint_id, {WRITE_COLUMNS})"
 WRITE_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %b, %s)"
 WRITE_KEY = "(thread_id, checkpoint_ns, checkpoint_id, task_id, idx)"
@@ -108,9 +132,11 @@ UPSERT_WRITE_CONFLICT = f"""ON CONFLICT {WRITE_KEY} DO UPDATE SET
     blob = EXCLUDED.blob,
     schema_version = EXCLUDED.schema_version"""
 
-# In the order they are inserted: the blobs a checkpoint references come first, so
-# a batch split over several statements (in one transaction) keeps that order too.
+# In the order they are inserted: the chunks a manifest blob names and the blobs a
+# checkpoint references come first, so a batch split over several statements (in one
+# transaction) keeps that order too.
 ROW_KINDS: tuple[tuple[str, str, str], ...] = (
+    (CHUNK_TABLE, CHUNK_ROW, CHUNK_CONFLICT),
     (BLOB_TABLE, BLOB_ROW, BLOB_CONFLICT),
     (CHECKPOINT_TABLE, CHECKPOINT_ROW, CHECKPOINT_CONFLICT),
     (WRITE_TABLE, WRITE_ROW, INSERT_WRITE_CONFLICT),
@@ -130,17 +156,49 @@ CROSS JOIN LATERAL (
 ) AS b
 """
 
+# Every chunk the manifests' roots reach in a thread: down the nodes, one statement.
+GET_CHUNKS_SQL = f"""
+WITH RECURSIVE wanted (digest) AS (
+    SELECT unnest(%(roots)s::bytea[])
+  UNION
+    SELECT substring(c.data FROM n * {DIGEST_BYTES} + 1 FOR {DIGEST_BYTES})
+    FROM wanted AS w
+    JOIN cp_chunks AS c ON c.thread_id = %(thread_id)s AND c.digest = w.digest AND c.node
+    CROSS JOIN LATERAL generate_series(0, length(c.data) / {DIGEST_BYTES} - 1) AS n
+)
+SELECT c.digest, c.node, c.data FROM cp_chunks AS c
+WHERE c.thread_id = %(thread_id)s AND c.digest IN (SELECT digest FROM wanted)
+"""
+
+# What the chunk collection after a prune needs: the manifests and the nodes of threads.
+CHUNK_MANIFESTS_SQL = f"""
+SELECT thread_id, blob FROM cp_blobs
+WHERE thread_id = ANY(%(thread_ids)s) AND type LIKE '{MANIFEST_TYPE_PREFIX}%%'
+"""
+CHUNK_NODES_SQL = """
+SELECT thread_id, digest, data FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s) AND node
+"""
+DELETE_UNREACHED_CHUNKS_SQL = """
+DELETE FROM cp_chunks WHERE thread_id = %(thread_id)s AND NOT (digest = ANY(%(kept)s))
+"""
+
 DELETE_THREADS_SQL = """
 WITH dropped_writes AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_blobs AS (
     DELETE FROM cp_blobs WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_chunks AS (
+    DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 )
 DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
 """
 
 COPY_THREAD_SQL = f"""
-WITH copied_blobs AS (
+WITH copied_chunks AS (
+    INSERT INTO cp_chunks (thread_id, digest, node, data)
+    SELECT %(target)s, digest, node, data FROM cp_chunks WHERE thread_id = %(source)s
+    ON CONFLICT DO NOTHING
+), copied_blobs AS (
     INSERT INTO cp_blobs
         (thread_id, checkpoint_ns, channel, version, type, blob, schema_version)
     SELECT %(target)s, checkpoint_ns, channel, version, type, blob, schema_version
@@ -361,6 +419,7 @@ class PostgresCheckpointStore:
         # checkpoints are read with their delta history. Others skip that part of the
         # statement: planning it makes an ordinary read measurably slower.
         self._delta_threads: OrderedDict[str, None] = OrderedDict()
+        self._chunker = Chunker()
 
     async def setup(self) -> None:
         await self._pg.setup()
@@ -398,22 +457,25 @@ class PostgresCheckpointStore:
         for op in ops:
             if isinstance(op, CheckpointPut):
                 self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
-        statements = _statements(_fold(ops))
+        rows, splits = _fold(ops, self._chunker)
+        statements = _statements(rows)
         if not statements:
             return
         if len(statements) == 1:
             async with self._pg.connection(operation) as conn:
                 await conn.execute(*statements[0])
-            return
-        # Past the parameter limit: several statements, still atomic and, pipelined
-        # (BEGIN and COMMIT included), one round trip.
-        async with (
-            self._pg.connection(operation) as conn,
-            conn.pipeline(),
-            conn.transaction(),
-        ):
-            for query, params in statements:
-                await conn.execute(query, params)
+        else:
+            # Past the parameter limit: several statements, still atomic and, pipelined
+            # (BEGIN and COMMIT included), one round trip.
+            async with (
+                self._pg.connection(operation) as conn,
+                conn.pipeline(),
+                conn.transaction(),
+            ):
+                for query, params in statements:
+                    await conn.execute(query, params)
+        for key, split in splits.items():
+            self._chunker.confirm(key, split)
 
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
@@ -444,9 +506,9 @@ class PostgresCheckpointStore:
                     binary=True,
                 )
             row = await cursor.fetchone()
-        if row is None:
-            return None
-        stored = _stored_checkpoint(row)
+            if row is None:
+                return None
+            stored = (await _with_chunks(conn, [_stored_checkpoint(row)]))[0]
         self._note(thread_id, stored.metadata)
         return stored
 
@@ -467,8 +529,12 @@ class PostgresCheckpointStore:
                 binary=True,
             )
             rows = await cursor.fetchall()
-        blobs = (upcast("blob", row) for row in rows)
-        return {blob["channel"]: (blob["type"], bytes(blob["blob"])) for blob in blobs}
+            blobs = (upcast("blob", row) for row in rows)
+            return await _assembled(
+                conn,
+                thread_id,
+                {blob["channel"]: (blob["type"], bytes(blob["blob"])) for blob in blobs},
+            )
 
     async def get_writes(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
@@ -534,9 +600,10 @@ class PostgresCheckpointStore:
                     binary=True,
                 )
                 rows = await cursor.fetchall()
+                page = await _with_chunks(conn, [_stored_checkpoint(row) for row in rows])
             # Yielded after the connection went back to the pool: a slow consumer holds none.
-            for row in rows:
-                yield _stored_checkpoint(row)
+            for stored in page:
+                yield stored
             if len(rows) < page_size:
                 return
             if remaining is not None:
@@ -560,6 +627,12 @@ class PostgresCheckpointStore:
                 binary=True,
             )
             rows = await cursor.fetchall()
+            seed_blobs = {
+                row["channel"]: (row["type"], bytes(row["blob"]))
+                for row in rows
+                if row["kind"] != "w"
+            }
+            seed_values = await _assembled(conn, thread_id, seed_blobs)
         writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
         seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
         for row in rows:
@@ -568,10 +641,7 @@ class PostgresCheckpointStore:
                 writes[write.channel].append((row["checkpoint_id"], write))
             else:
                 blob = upcast("blob", row)
-                seeds[blob["channel"]] = (
-                    row["checkpoint_id"],
-                    (blob["type"], bytes(blob["blob"])),
-                )
+                seeds[blob["channel"]] = (row["checkpoint_id"], seed_values[blob["channel"]])
         return {
             ch: ChannelHistory(
                 writes[ch],
@@ -582,6 +652,7 @@ class PostgresCheckpointStore:
         }
 
     async def delete_thread(self, thread_id: str) -> None:
+        self._chunker.forget([thread_id])
         async with self._pg.connection("delete_thread") as conn:
             await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
 
@@ -592,9 +663,13 @@ class PostgresCheckpointStore:
             cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids)})
             deleted = await cursor.fetchall()
             await _delete_dependents(conn, deleted)
-        return {row["thread_id"] for row in deleted}
+            threads = {row["thread_id"] for row in deleted}
+            self._chunker.forget(threads)
+            await _collect_chunks(conn, threads)
+        return threads
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._chunker.forget([target_thread_id])
         async with self._pg.connection("copy_thread") as conn:
             await conn.execute(
                 COPY_THREAD_SQL, {"source": source_thread_id, "target": target_thread_id}
@@ -603,13 +678,16 @@ class PostgresCheckpointStore:
     async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
         if not thread_ids:
             return
+        self._chunker.forget(thread_ids)
         if strategy == "delete":
             async with self._pg.connection("prune") as conn:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": list(thread_ids)})
             return
         async with self._pg.transaction("prune") as conn:
             cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": list(thread_ids)})
-            await _delete_dependents(conn, await cursor.fetchall())
+            deleted = await cursor.fetchall()
+            await _delete_dependents(conn, deleted)
+            await _collect_chunks(conn, {row["thread_id"] for row in deleted})
 
     async def close(self) -> None:
         """The shared connection is closed by whoever opened it (the backend factory)."""
@@ -618,7 +696,9 @@ class PostgresCheckpointStore:
 Row = tuple[Any, ...]
 
 
-def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
+def _fold(
+    ops: Sequence[FlushOp], chunker: Chunker
+) -> tuple[list[list[Row]], dict[tuple[str, str, str], Split]]:
     """The rows of `ops` per entry of ROW_KINDS: one per key, with the effect of the ops in order.
 
     One statement may not touch a row twice, and folding also makes a replayed batch
@@ -627,7 +707,14 @@ def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
     the last upsert stands (inserts after it are ignored), and without an upsert the
     first insert (the later ones are ignored). Rows come out sorted by key, so two
     batches that overlap take their row locks in the same order (no deadlock).
+
+    A blob of `CHUNK_THRESHOLD` bytes or more becomes a manifest row and chunk rows:
+    each version of a channel builds on the split of its previous one (earlier in the
+    batch, or confirmed stored before), so only the chunks it adds are sent. Returns
+    the splits to confirm once the rows are stored.
     """
+    chunks: dict[tuple[str, bytes], Row] = {}
+    splits: dict[tuple[str, str, str], Split] = {}
     blobs: dict[tuple[str, str, str, str], Row] = {}
     checkpoints: dict[tuple[str, str, str], Row] = {}
     writes: dict[tuple[str, str, str, str, int], tuple[bool, Row]] = {}
@@ -641,8 +728,28 @@ def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
                     blob.channel,
                     str(blob.version),
                 )
-                if blob_key not in blobs:
-                    blobs[blob_key] = (*blob_key, *blob.value, CURRENT["blob"])
+                if blob_key in blobs:
+                    continue
+                type_, data = blob.value
+                if not chunked(blob.value):
+                    blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
+                    continue
+                split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
+                known = splits.get(split_key) or chunker.remembered(split_key)
+                manifest, added, splits[split_key] = chunker.split(data, known)
+                for chunk in added:
+                    chunks[(checkpoint.thread_id, chunk.digest)] = (
+                        checkpoint.thread_id,
+                        chunk.digest,
+                        chunk.node,
+                        chunk.data,
+                    )
+                blobs[blob_key] = (
+                    *blob_key,
+                    MANIFEST_TYPE_PREFIX + type_,
+                    manifest,
+                    CURRENT["blob"],
+                )
             checkpoints[
                 (checkpoint.thread_id, checkpoint.checkpoint_ns, checkpoint.checkpoint_id)
             ] = (
@@ -671,12 +778,14 @@ def _fold(ops: Sequence[FlushOp]) -> list[list[Row]]:
                     ),
                 )
     ordered_writes = [writes[key] for key in sorted(writes)]
-    return [
+    rows = [
+        [chunks[key] for key in sorted(chunks)],
         [blobs[key] for key in sorted(blobs)],
         [checkpoints[key] for key in sorted(checkpoints)],
         [row for upsert, row in ordered_writes if not upsert],
         [row for upsert, row in ordered_writes if upsert],
     ]
+    return rows, splits
 
 
 def _statements(rows_by_kind: list[list[Row]]) -> list[tuple[str, list[Any]]]:
@@ -727,6 +836,56 @@ async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, An
             "channel_versions": [Jsonb(row["channel_versions"]) for row in deleted],
         },
     )
+
+
+def _fetcher(conn: CountedConnection, thread_id: str) -> Fetch:
+    """Chunks by root digest with every descendant, in one statement."""
+
+    async def fetch(roots: list[bytes]) -> dict[bytes, Chunk]:
+        cursor = await conn.execute(
+            GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
+        )
+        return {
+            bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
+            for row in await cursor.fetchall()
+        }
+
+    return fetch
+
+
+async def _assembled(
+    conn: CountedConnection, thread_id: str, blobs: dict[str, tuple[str, bytes]]
+) -> dict[str, tuple[str, bytes]]:
+    """`blobs` with each manifest replaced by the value its chunks assemble to."""
+    return await resolve(blobs, _fetcher(conn, thread_id))
+
+
+async def _with_chunks(
+    conn: CountedConnection, checkpoints: list[StoredCheckpoint]
+) -> list[StoredCheckpoint]:
+    """The checkpoints with manifest blobs and seeds assembled (a statement per thread)."""
+    return await resolve_checkpoints(checkpoints, lambda thread: _fetcher(conn, thread))
+
+
+async def _collect_chunks(conn: CountedConnection, thread_ids: Iterable[str]) -> None:
+    """Delete the chunks of `thread_ids` that no remaining manifest reaches."""
+    threads = sorted(set(thread_ids))
+    if not threads:
+        return
+    cursor = await conn.execute(CHUNK_MANIFESTS_SQL, {"thread_ids": threads}, binary=True)
+    manifests: dict[str, list[bytes]] = {thread: [] for thread in threads}
+    for row in await cursor.fetchall():
+        manifests[row["thread_id"]].append(bytes(row["blob"]))
+    cursor = await conn.execute(CHUNK_NODES_SQL, {"thread_ids": threads}, binary=True)
+    nodes: dict[str, dict[bytes, Chunk]] = {thread: {} for thread in threads}
+    for row in await cursor.fetchall():
+        digest = bytes(row["digest"])
+        nodes[row["thread_id"]][digest] = Chunk(digest, True, bytes(row["data"]))
+    for thread in threads:
+        kept = reachable(manifests[thread], nodes[thread])
+        await conn.execute(
+            DELETE_UNREACHED_CHUNKS_SQL, {"thread_id": thread, "kept": list(kept)}, binary=True
+        )
 
 
 def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:

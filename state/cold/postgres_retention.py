@@ -104,6 +104,8 @@ WITH doomed AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_blobs AS (
     DELETE FROM cp_blobs WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_chunks AS (
+    DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_checkpoints AS (
     DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_holds AS (

@@ -77,7 +77,8 @@ def checkpoint_id(n: int) -> str:
 
 
 async def seed(backends: Backends, thread_id: str, *, record: bool = True) -> None:
-    """Everything a thread can have: record + audit, checkpoint, blobs (one chunked), writes."""
+    """Everything a thread can have: record + audit, checkpoint, blobs (one stored as shared
+    chunks), writes (one spilled over the item limit)."""
     if record:
         await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
         await backends.cold.update_section(thread_id, "n", 1, expected_version=1, agent_id="seed")
@@ -101,7 +102,10 @@ async def seed(backends: Backends, thread_id: str, *, record: bool = True) -> No
         thread_id,
         "",
         checkpoint_id(1),
-        [StoredWrite("task-1", "", 0, "small", ("json", b"[2]"))],
+        [
+            StoredWrite("task-1", "", 0, "small", ("json", b"[2]")),
+            StoredWrite("task-1", "", 1, "large", ("bytes", os.urandom(20_000))),
+        ],
         upsert=False,
     )
 
@@ -122,7 +126,7 @@ async def intact(backends: Backends, thread_id: str) -> bool:
         and record.sections == {"n": 1}
         and [entry.version for entry in trail] == [2, 1]
         and set(blobs) == {"small", "large"}
-        and len(writes) == 1
+        and len(writes) == 2
     )
 
 
@@ -448,6 +452,7 @@ async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
             "workflow",
             "audit",
             "checkpoint",
+            "checkpoint_block",
             "checkpoint_chunk",
             "checkpoint_write",
         }

@@ -1,0 +1,392 @@
+"""Checkpoint blobs stored as shared chunks, so a growing value costs what it grew by.
+
+LangGraph stores a channel's whole value at every version it changes: a message
+list appended to a thousand times is stored a thousand times, each copy longer
+(quadratic in the conversation). A cold store keeps a large blob here as a
+*manifest* whose content lives in per-thread, content-addressed chunks, so a
+new version of a value that only grew stores its new bytes plus a few hundred
+bytes of bookkeeping.
+
+The mechanism, chosen for appended lists (the serialized form LangGraph's
+serde gives a list that grew: the same bytes, a longer tail, and a length in
+the first few bytes):
+
+- `HEAD_BYTES` leading bytes (where a serializer writes a container's length)
+  stay inline in the manifest: they change with every append;
+- the rest is cut into fixed `LEAF_BYTES` leaves. An append leaves every full
+  leaf as it was; only the last, partial one changes, and it stays inline in
+  the manifest too (compressed with the full leaf before it as the
+  dictionary): a leaf is stored once, when it is full. Fixed cuts are what an
+  append keeps stable (content-defined cuts would also survive insertions in
+  the middle, at a per-byte hashing cost the write path cannot pay in Python);
+  a value changed elsewhere is still stored correctly, it only shares less;
+- leaves are grouped `FANOUT` to a node, nodes `FANOUT` to a node one level up,
+  until at most `FANOUT` digests remain: the manifest's roots. An append
+  changes the last node of each level only, and only when a leaf fills, so a
+  version costs its manifest, and now and then a leaf and a node per level,
+  whatever the length of the value (a flat manifest naming every leaf would
+  grow with the value: quadratic again).
+
+Blobs under `CHUNK_THRESHOLD` stay whole, and so do DeltaChannel snapshots
+(`chunked`). Every chunk and manifest is far below an item (Cosmos's 2 MB
+limit holds whatever the value's size; a manifest grows with the depth of
+the tree only).
+
+Each chunk is addressed by its BLAKE2b digest (leaf and node digests are
+personalized apart, so neither can stand for the other), stored once per
+thread, leaves compressed. A reader verifies every chunk against the digest
+that names it and the assembled length against the manifest: a value is never
+assembled from wrong or missing chunks (`CorruptState` instead). A chunk lives
+while a manifest of its thread reaches it; stores delete the others after they
+delete blobs (`reachable`), copy them with the thread, and drop them with it.
+
+`Chunker` remembers the last split per (thread, namespace, channel) for a
+short while (`REMEMBER_SECONDS`), so a put hashes and compresses only the
+leaves it adds and sends only the chunks that version added; a remembered
+split counts only once the store confirmed the write, and is forgotten when
+this store deletes from the thread. Like the rest of maintenance, collecting
+chunks is not safe against a writer of the same thread running meanwhile (the
+app prunes and deletes threads whose runs have stopped): a put that builds on
+chunks another process has just deleted names chunks that are gone, which a
+reader reports as `CorruptState`, never as a wrong value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..errors import CorruptState
+from ..ports import StoredCheckpoint, TypedBytes
+
+K = TypeVar("K")
+
+# A blob of this many bytes or more is stored as chunks; smaller ones stay whole.
+CHUNK_THRESHOLD = 8 * 1024
+HEAD_BYTES = 64
+LEAF_BYTES = 4096
+# zlib levels: leaves are compressed once, when full; the tail with every version.
+LEAF_LEVEL = 6
+TAIL_LEVEL = 6
+FANOUT = 64
+DIGEST_BYTES = 16
+# The stored `type` of a manifest blob: this prefix and the value's own serde type.
+MANIFEST_TYPE_PREFIX = "chunked+"
+MANIFEST_MAGIC = b"AGSCHNK1"
+# magic, total length, depth (levels of nodes above the leaves), number of roots
+MANIFEST_HEADER = struct.Struct(">8sQBH")
+# How long a remembered split may spare a put the chunks it already stored.
+REMEMBER_SECONDS = 30.0
+# Remembered splits hold their value's bytes (compared with the next version's):
+# at most this many bytes of them.
+REMEMBER_BYTES = 64 * 1024 * 1024
+
+
+def leaf_digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=DIGEST_BYTES, person=b"leaf").digest()
+
+
+def node_digest(children: bytes) -> bytes:
+    return hashlib.blake2b(children, digest_size=DIGEST_BYTES, person=b"node").digest()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A stored chunk: a leaf (`data` compressed) or a node (`data` its children's digests)."""
+
+    digest: bytes
+    node: bool
+    data: bytes
+
+
+# Fetches chunks of one thread by digest (a store may return more: their descendants).
+Fetch = Callable[[list[bytes]], Awaitable[Mapping[bytes, Chunk]]]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    total: int
+    depth: int
+    roots: tuple[bytes, ...]
+    head: bytes
+    tail: bytes  # compressed, with the last leaf as its dictionary (`_pack_tail`)
+
+    def encode(self) -> bytes:
+        header = MANIFEST_HEADER.pack(MANIFEST_MAGIC, self.total, self.depth, len(self.roots))
+        return header + b"".join(self.roots) + self.head + self.tail
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        try:
+            magic, total, depth, count = MANIFEST_HEADER.unpack_from(data)
+        except struct.error as exc:
+            raise CorruptState("chunk manifest is truncated") from exc
+        start = MANIFEST_HEADER.size
+        end = start + count * DIGEST_BYTES
+        if magic != MANIFEST_MAGIC or len(data) < end:
+            raise CorruptState("not a chunk manifest")
+        roots = tuple(data[at : at + DIGEST_BYTES] for at in range(start, end, DIGEST_BYTES))
+        tail_at = end + min(HEAD_BYTES, total)
+        return cls(total, depth, roots, data[end:tail_at], data[tail_at:])
+
+
+# LangGraph's serde writes a DeltaChannel snapshot as a top-level msgpack extension of
+# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte.
+DELTA_SNAPSHOT_EXT = 7
+_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5}
+
+
+def chunked(value: TypedBytes) -> bool:
+    """Whether a blob is stored as chunks: large enough, and not a DeltaChannel snapshot.
+
+    A DeltaChannel stores its value only every `snapshot_frequency` updates, and
+    LangGraph loads that snapshot with the thread's history: kept whole, it stays in
+    the round trips the history takes (chunks would add one per level of the tree).
+    """
+    type_, data = value
+    if len(data) < CHUNK_THRESHOLD:
+        return False
+    at = _EXT_TYPE_AT.get(data[0])
+    return not (type_ == "msgpack" and at is not None and data[at] == DELTA_SNAPSHOT_EXT)
+
+
+def is_manifest(type_: str) -> bool:
+    return type_.startswith(MANIFEST_TYPE_PREFIX)
+
+
+def children(node: Chunk) -> list[bytes]:
+    return [node.data[at : at + DIGEST_BYTES] for at in range(0, len(node.data), DIGEST_BYTES)]
+
+
+def manifest_digests(data: bytes) -> tuple[bytes, ...]:
+    return Manifest.decode(data).roots
+
+
+def _levels(leaves: list[bytes]) -> tuple[list[list[bytes]], list[bytes]]:
+    """The node levels above `leaves` (each a list of the nodes' children bytes) and the roots."""
+    levels: list[list[bytes]] = []
+    current = leaves
+    while len(current) > FANOUT:
+        nodes = [b"".join(current[at : at + FANOUT]) for at in range(0, len(current), FANOUT)]
+        levels.append(nodes)
+        current = [node_digest(node) for node in nodes]
+    return levels, current
+
+
+@dataclass
+class Split:
+    """What a confirmed write stored for one (thread, namespace, channel)."""
+
+    value: bytes
+    full_leaves: int
+    leaves: list[bytes]
+    stored: frozenset[bytes]
+    at: float
+
+
+class Chunker:
+    """Splits large blobs into a manifest and chunks; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._splits: OrderedDict[tuple[str, str, str], Split] = OrderedDict()
+        self._bytes = 0
+
+    def remembered(self, key: tuple[str, str, str]) -> Split | None:
+        """The confirmed split of `key`, unless it is too old to trust."""
+        known = self._splits.get(key)
+        if known is None or time.monotonic() - known.at > REMEMBER_SECONDS:
+            return None
+        return known
+
+    def split(self, value: bytes, known: Split | None) -> tuple[bytes, list[Chunk], Split]:
+        """The manifest of `value`, the chunks to store for it (those `known`, the split of
+        the same channel's previous version, has not stored), and what to `confirm`."""
+        head, body = value[:HEAD_BYTES], memoryview(value)[HEAD_BYTES:]
+        full = len(body) // LEAF_BYTES
+        reused: list[bytes] = []
+        if known is not None and known.full_leaves <= full:
+            end = HEAD_BYTES + known.full_leaves * LEAF_BYTES
+            # The full leaves `known` hashed are still there, byte for byte (one memcmp).
+            if value[HEAD_BYTES:end] == known.value[HEAD_BYTES:end]:
+                reused = known.leaves[: known.full_leaves]
+        stored = known.stored if reused and known is not None else frozenset()
+        chunks: list[Chunk] = []
+        leaves = list(reused)
+        for at in range(len(reused) * LEAF_BYTES, full * LEAF_BYTES, LEAF_BYTES):
+            raw = bytes(body[at : at + LEAF_BYTES])
+            digest = leaf_digest(raw)
+            leaves.append(digest)
+            if digest not in stored:
+                chunks.append(Chunk(digest, False, zlib.compress(raw, LEAF_LEVEL)))
+        levels, roots = _levels(leaves)
+        nodes = [Chunk(node_digest(node), True, node) for level in levels for node in level]
+        chunks.extend(node for node in nodes if node.digest not in stored)
+        last_leaf = bytes(body[(full - 1) * LEAF_BYTES : full * LEAF_BYTES]) if full else b""
+        tail = _pack_tail(bytes(body[full * LEAF_BYTES :]), last_leaf)
+        manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head), tail).encode()
+        remembered = Split(
+            value=value,
+            full_leaves=full,
+            leaves=leaves,
+            stored=stored | {chunk.digest for chunk in chunks},
+            at=time.monotonic(),
+        )
+        return manifest, _unique(chunks), remembered
+
+    def confirm(self, key: tuple[str, str, str], split: Split) -> None:
+        """`split` is stored: the next version of `key` may build on it."""
+        if key in self._splits:
+            self._bytes -= len(self._splits.pop(key).value)
+        self._splits[key] = split
+        self._bytes += len(split.value)
+        while self._bytes > REMEMBER_BYTES:
+            self._bytes -= len(self._splits.popitem(last=False)[1].value)
+
+    def forget(self, thread_ids: Iterable[str]) -> None:
+        """Chunks of these threads may have been deleted: send them again next time."""
+        doomed = set(thread_ids)
+        for key in [key for key in self._splits if key[0] in doomed]:
+            self._bytes -= len(self._splits.pop(key).value)
+
+
+def _unique(chunks: list[Chunk]) -> list[Chunk]:
+    seen: dict[bytes, Chunk] = {}
+    for chunk in chunks:
+        seen.setdefault(chunk.digest, chunk)
+    return list(seen.values())
+
+
+def assemble(manifest: bytes, chunks: Mapping[bytes, Chunk]) -> bytes:
+    """The value a manifest names, from its thread's chunks; every chunk verified."""
+    decoded = Manifest.decode(manifest)
+    digests = list(decoded.roots)
+    for _ in range(decoded.depth):
+        below: list[bytes] = []
+        for digest in digests:
+            node = _chunk(chunks, digest, node=True)
+            if node_digest(node.data) != digest:
+                raise CorruptState("a chunk node does not match its digest")
+            below.extend(children(node))
+        digests = below
+    parts = [decoded.head]
+    for digest in digests:
+        leaf = _chunk(chunks, digest, node=False)
+        try:
+            raw = zlib.decompress(leaf.data)
+        except zlib.error as exc:
+            raise CorruptState("a chunk does not decompress") from exc
+        if leaf_digest(raw) != digest:
+            raise CorruptState("a chunk does not match its digest")
+        parts.append(raw)
+    parts.append(_unpack_tail(decoded.tail, parts[-1] if digests else b""))
+    value = b"".join(parts)
+    if len(value) != decoded.total:
+        raise CorruptState("chunks do not add up to the manifest's length")
+    return value
+
+
+def _pack_tail(raw: bytes, last_leaf: bytes) -> bytes:
+    """The partial last leaf, compressed with the full one before it as the dictionary:
+    the same kind of content, so the tail a version stores inline costs a third less."""
+    packer = (
+        zlib.compressobj(TAIL_LEVEL, zdict=last_leaf) if last_leaf else zlib.compressobj(TAIL_LEVEL)
+    )
+    return packer.compress(raw) + packer.flush()
+
+
+def _unpack_tail(packed: bytes, last_leaf: bytes) -> bytes:
+    unpacker = zlib.decompressobj(zdict=last_leaf) if last_leaf else zlib.decompressobj()
+    try:
+        raw = unpacker.decompress(packed) + unpacker.flush()
+    except zlib.error as exc:
+        raise CorruptState("a chunk manifest's tail does not decompress") from exc
+    if not unpacker.eof:
+        raise CorruptState("a chunk manifest's tail is truncated")
+    return raw
+
+
+def _chunk(chunks: Mapping[bytes, Chunk], digest: bytes, *, node: bool) -> Chunk:
+    chunk = chunks.get(digest)
+    if chunk is None or chunk.node != node:
+        raise CorruptState(f"chunk {digest.hex()} is missing")
+    return chunk
+
+
+def reachable(manifests: Iterable[bytes], nodes: Mapping[bytes, Chunk]) -> set[bytes]:
+    """Digests of every chunk the manifests reach, given the thread's nodes."""
+    found: set[bytes] = set()
+    pending = [digest for manifest in manifests for digest in manifest_digests(manifest)]
+    while pending:
+        digest = pending.pop()
+        if digest in found:
+            continue
+        found.add(digest)
+        node = nodes.get(digest)
+        if node is not None:
+            pending.extend(children(node))
+    return found
+
+
+async def resolve(values: Mapping[K, TypedBytes], fetch: Fetch) -> dict[K, TypedBytes]:
+    """`values` (of one thread) with each manifest replaced by the value it names: one
+    `fetch` per level of nodes, for the digests not fetched yet."""
+    manifests = {key: data for key, (type_, data) in values.items() if is_manifest(type_)}
+    if not manifests:
+        return dict(values)
+    found: dict[bytes, Chunk] = {}
+    wanted = {digest for data in manifests.values() for digest in manifest_digests(data)}
+    while wanted:
+        found.update(await fetch(sorted(wanted)))
+        # Children of the nodes found, down to the leaves, not fetched yet (a store that
+        # returned the descendants with the roots leaves nothing to ask for).
+        wanted = set()
+        pending = [chunk for chunk in found.values() if chunk.node]
+        for node in pending:
+            wanted.update(child for child in children(node) if child not in found)
+    resolved = dict(values)
+    for key, data in manifests.items():
+        resolved[key] = (values[key][0].removeprefix(MANIFEST_TYPE_PREFIX), assemble(data, found))
+    return resolved
+
+
+async def resolve_checkpoints(
+    checkpoints: Sequence[StoredCheckpoint], fetcher: Callable[[str], Fetch]
+) -> list[StoredCheckpoint]:
+    """`checkpoints` with the manifests among their blobs and history seeds assembled:
+    one `resolve` per thread that has any (`fetcher(thread_id)` fetches its chunks)."""
+    by_thread: dict[str, dict[tuple[int, str, str], TypedBytes]] = {}
+    for n, stored in enumerate(checkpoints):
+        values = by_thread.setdefault(stored.thread_id, {})
+        for ch, value in (stored.blobs or {}).items():
+            values[(n, "blob", ch)] = value
+        for ch, history in (stored.history or {}).items():
+            if history.seed is not None:
+                values[(n, "seed", ch)] = history.seed
+    resolved: dict[tuple[int, str, str], TypedBytes] = {}
+    for thread_id, values in by_thread.items():
+        if any(is_manifest(type_) for type_, _ in values.values()):
+            resolved.update(await resolve(values, fetcher(thread_id)))
+    if not resolved:
+        return list(checkpoints)
+    return [
+        dataclasses.replace(
+            stored,
+            blobs=None
+            if stored.blobs is None
+            else {ch: resolved.get((n, "blob", ch), v) for ch, v in stored.blobs.items()},
+            history=None
+            if stored.history is None
+            else {
+                ch: dataclasses.replace(h, seed=resolved.get((n, "seed", ch), h.seed))
+                for ch, h in stored.history.items()
+            },
+        )
+        for n, stored in enumerate(checkpoints)
+    ]

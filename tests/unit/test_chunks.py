@@ -1,0 +1,109 @@
+"""The chunk layer on its own (`state.cold.chunks`): a split assembles back byte for byte,
+an appended value builds on the previous split and adds only what changed, and every way
+a stored chunk or manifest can be wrong is a `CorruptState`."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.serde.types import _DeltaSnapshot
+
+from state.cold import chunks
+from state.errors import CorruptState
+
+
+def packed(value: list[dict[str, str]]) -> bytes:
+    """The bytes LangGraph's serde stores for a value."""
+    return JsonPlusSerializer().dumps_typed(value)[1]
+
+
+def messages(count: int) -> list[dict[str, str]]:
+    rng = random.Random(count)
+    words = "ticket billing refund invoice account customer agent reply".split()  # noqa: SIM905
+    return [
+        {"role": "user", "content": " ".join(rng.choice(words) for _ in range(170))}
+        for _ in range(count)
+    ]
+
+
+def test_an_appended_list_adds_a_bounded_number_of_chunks_and_reads_back() -> None:
+    chunker = chunks.Chunker()
+    stored: dict[bytes, chunks.Chunk] = {}
+    history = messages(1500)
+    known = None
+    added_per_version = []
+    for count in range(20, 1500, 10):  # past one level of nodes (64 leaves of 4 KB)
+        value = packed(history[:count])
+        manifest, added, known = chunker.split(value, known)
+        added_per_version.append(sum(len(chunk.data) for chunk in added))
+        stored.update((chunk.digest, chunk) for chunk in added)
+        assert chunks.assemble(manifest, stored) == value
+    assert chunks.Manifest.decode(manifest).depth >= 1
+    # Ten ~1 KB messages per version: what a version adds does not grow with the list.
+    late = added_per_version[len(added_per_version) // 2 :]
+    assert max(late) < 4 * chunks.LEAF_BYTES
+
+
+def test_a_split_built_on_a_previous_one_equals_a_split_from_scratch() -> None:
+    chunker = chunks.Chunker()
+    before = packed(messages(300)[:200])
+    after = packed(messages(300))
+    _, _, known = chunker.split(before, None)
+    incremental, _, _ = chunker.split(after, known)
+    scratch, _, _ = chunker.split(after, None)
+    assert incremental == scratch
+
+
+def test_a_value_changed_in_the_middle_is_split_anew() -> None:
+    chunker = chunks.Chunker()
+    value = bytearray(packed(messages(100)))
+    _, added, known = chunker.split(bytes(value), None)
+    stored = {chunk.digest: chunk for chunk in added}
+    value[chunks.HEAD_BYTES + 10] ^= 0xFF
+    changed, added, _ = chunker.split(bytes(value), known)
+    stored.update((chunk.digest, chunk) for chunk in added)
+    assert chunks.assemble(changed, stored) == bytes(value)
+
+
+@pytest.mark.parametrize("damage", ["leaf", "missing", "manifest_tail", "manifest_length"])
+def test_damage_is_corrupt_state(damage: str) -> None:
+    value = packed(messages(100))
+    manifest, added, _ = chunks.Chunker().split(value, None)
+    stored = {chunk.digest: chunk for chunk in added}
+    leaf = next(chunk for chunk in added if not chunk.node)
+    if damage == "leaf":
+        other = chunks.Chunker().split(packed(messages(99)), None)[1][0]
+        stored[leaf.digest] = chunks.Chunk(leaf.digest, False, other.data)
+    elif damage == "missing":
+        del stored[leaf.digest]
+    elif damage == "manifest_tail":
+        manifest = manifest[:-3]
+    else:
+        decoded = chunks.Manifest.decode(manifest)
+        manifest = chunks.Manifest(
+            decoded.total + 1, decoded.depth, decoded.roots, decoded.head, decoded.tail
+        ).encode()
+    with pytest.raises(CorruptState):
+        chunks.assemble(manifest, stored)
+
+
+def test_reachable_follows_nodes_and_leaves_the_rest() -> None:
+    chunker = chunks.Chunker()
+    first, added_first, _ = chunker.split(packed(messages(400)), None)
+    second, added_second, _ = chunker.split(packed(messages(300)), None)
+    nodes = {c.digest: c for c in [*added_first, *added_second] if c.node}
+    assert chunks.reachable([first], nodes) == {c.digest for c in added_first}
+    assert chunks.reachable([first, second], nodes) == {
+        c.digest for c in [*added_first, *added_second]
+    }
+
+
+def test_delta_channel_snapshots_and_small_values_stay_whole() -> None:
+    serde = JsonPlusSerializer()
+    for count in (10, 100, 3000):  # ext 8, 16 and 32 headers
+        value = ["x" * 1000] * count
+        assert chunks.chunked(serde.dumps_typed(value))
+        assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)))
+    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5))
