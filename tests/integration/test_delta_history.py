@@ -403,7 +403,7 @@ async def test_a_thread_written_with_a_plain_list_continues_as_a_delta_channel(
     backend: str, redis: bool, mode: str, stack_env: dict[str, str]
 ) -> None:
     """A graph that switches its list to a DeltaChannel reads the list stored before as
-    the seed (what the case app's older cases rely on)."""
+    the seed (what an app switching its conversation to a DeltaChannel relies on)."""
 
     class Plain(TypedDict):
         messages: Annotated[list[str], operator.add]
