@@ -580,8 +580,9 @@ class CaseService:
         async for _ in self._graph.astream(
             graph_input,
             config,
-            # Write-behind: the agents' sections wait for the boundary below.
-            context=RunContext(fencing_token=fence, defer_sections=self._flusher is not None),
+            # Each agent writes its section at its step in both modes: deferring them to the
+            # boundary lost sections when Redis lost the run's unflushed checkpoints.
+            context=RunContext(fencing_token=fence, defer_sections=False),
             stream_mode="updates",
             durability=durability,
         ):
