@@ -44,7 +44,10 @@ delete blobs (`reachable`), copy them with the thread, and drop them with it.
 short while (`REMEMBER_SECONDS`), so a put hashes and compresses only the
 leaves it adds and sends only the chunks that version added; a remembered
 split counts only once the store confirmed the write, and is forgotten when
-this store deletes from the thread. Like the rest of maintenance, collecting
+this store deletes from the thread. Reading back a value whose manifest a
+remembered split produced is served from the split (`Chunker.value_of`: equal
+manifests name equal bytes, the digests see to that), so a thread this process
+writes is read without fetching its chunks. Like the rest of maintenance, collecting
 chunks is not safe against a writer of the same thread running meanwhile (the
 app prunes and deletes threads whose runs have stopped): a put that builds on
 chunks another process has just deleted names chunks that are gone, which a
@@ -185,6 +188,7 @@ class Split:
     """What a confirmed write stored for one (thread, namespace, channel)."""
 
     value: bytes
+    manifest: bytes
     full_leaves: int
     leaves: list[bytes]
     stored: frozenset[bytes]
@@ -196,6 +200,7 @@ class Chunker:
 
     def __init__(self) -> None:
         self._splits: OrderedDict[tuple[str, str, str], Split] = OrderedDict()
+        self._by_manifest: dict[bytes, tuple[str, str, str]] = {}
         self._bytes = 0
 
     def remembered(self, key: tuple[str, str, str]) -> Split | None:
@@ -233,6 +238,7 @@ class Chunker:
         manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head), tail).encode()
         remembered = Split(
             value=value,
+            manifest=manifest,
             full_leaves=full,
             leaves=leaves,
             stored=stored | {chunk.digest for chunk in chunks},
@@ -242,18 +248,30 @@ class Chunker:
 
     def confirm(self, key: tuple[str, str, str], split: Split) -> None:
         """`split` is stored: the next version of `key` may build on it."""
-        if key in self._splits:
-            self._bytes -= len(self._splits.pop(key).value)
+        self._drop(key)
         self._splits[key] = split
+        self._by_manifest[split.manifest] = key
         self._bytes += len(split.value)
         while self._bytes > REMEMBER_BYTES:
-            self._bytes -= len(self._splits.popitem(last=False)[1].value)
+            self._drop(next(iter(self._splits)))
+
+    def value_of(self, manifest: bytes) -> bytes | None:
+        """The value of `manifest` if a remembered split wrote it (at any age: a manifest
+        names its bytes by their digests, whatever became of the chunks since)."""
+        key = self._by_manifest.get(manifest)
+        return None if key is None else self._splits[key].value
 
     def forget(self, thread_ids: Iterable[str]) -> None:
         """Chunks of these threads may have been deleted: send them again next time."""
         doomed = set(thread_ids)
         for key in [key for key in self._splits if key[0] in doomed]:
-            self._bytes -= len(self._splits.pop(key).value)
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        split = self._splits.pop(key, None)
+        if split is not None:
+            self._bytes -= len(split.value)
+            del self._by_manifest[split.manifest]
 
 
 def _unique(chunks: list[Chunk]) -> list[Chunk]:
@@ -334,12 +352,28 @@ def reachable(manifests: Iterable[bytes], nodes: Mapping[bytes, Chunk]) -> set[b
     return found
 
 
-async def resolve(values: Mapping[K, TypedBytes], fetch: Fetch) -> dict[K, TypedBytes]:
-    """`values` (of one thread) with each manifest replaced by the value it names: one
-    `fetch` per level of nodes, for the digests not fetched yet."""
-    manifests = {key: data for key, (type_, data) in values.items() if is_manifest(type_)}
+# The value of a manifest known without fetching its chunks (`Chunker.value_of`).
+Known = Callable[[bytes], bytes | None]
+
+
+async def resolve(
+    values: Mapping[K, TypedBytes], fetch: Fetch, known: Known
+) -> dict[K, TypedBytes]:
+    """`values` (of one thread) with each manifest replaced by the value it names: the
+    `known` ones directly, the others with one `fetch` per level of nodes, for the
+    digests not fetched yet."""
+    resolved = dict(values)
+    manifests: dict[K, bytes] = {}
+    for key, (type_, data) in values.items():
+        if not is_manifest(type_):
+            continue
+        value = known(data)
+        if value is None:
+            manifests[key] = data
+        else:
+            resolved[key] = (type_.removeprefix(MANIFEST_TYPE_PREFIX), value)
     if not manifests:
-        return dict(values)
+        return resolved
     found: dict[bytes, Chunk] = {}
     wanted = {digest for data in manifests.values() for digest in manifest_digests(data)}
     while wanted:
@@ -350,14 +384,15 @@ async def resolve(values: Mapping[K, TypedBytes], fetch: Fetch) -> dict[K, Typed
         pending = [chunk for chunk in found.values() if chunk.node]
         for node in pending:
             wanted.update(child for child in children(node) if child not in found)
-    resolved = dict(values)
     for key, data in manifests.items():
         resolved[key] = (values[key][0].removeprefix(MANIFEST_TYPE_PREFIX), assemble(data, found))
     return resolved
 
 
 async def resolve_checkpoints(
-    checkpoints: Sequence[StoredCheckpoint], fetcher: Callable[[str], Fetch]
+    checkpoints: Sequence[StoredCheckpoint],
+    fetcher: Callable[[str], Fetch],
+    known: Known,
 ) -> list[StoredCheckpoint]:
     """`checkpoints` with the manifests among their blobs and history seeds assembled:
     one `resolve` per thread that has any (`fetcher(thread_id)` fetches its chunks)."""
@@ -372,7 +407,7 @@ async def resolve_checkpoints(
     resolved: dict[tuple[int, str, str], TypedBytes] = {}
     for thread_id, values in by_thread.items():
         if any(is_manifest(type_) for type_, _ in values.values()):
-            resolved.update(await resolve(values, fetcher(thread_id)))
+            resolved.update(await resolve(values, fetcher(thread_id), known))
     if not resolved:
         return list(checkpoints)
     return [

@@ -268,7 +268,7 @@ class CosmosCheckpointStore:
             loaded = await self._load_with_history(thread_id, main)
         else:
             [loaded] = await self._load_complete(thread_id, [main])
-        [loaded] = await resolve_checkpoints([loaded], self._blocks)
+        [loaded] = await resolve_checkpoints([loaded], self._blocks, self._chunker.value_of)
         if checkpoint_id is None:
             self._remember(thread_id, checkpoint_ns, layout.to_layout_2(main))
         return loaded
@@ -302,7 +302,7 @@ class CosmosCheckpointStore:
                 wanted = versions.get(channel)
                 if wanted is not None and str(entry["version"]) == str(wanted):
                     values.setdefault(channel, layout.decode(holder["id"], entry, chunks))
-        return await resolve(values, self._blocks(thread_id))
+        return await resolve(values, self._blocks(thread_id), self._chunker.value_of)
 
     async def get_writes(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
@@ -374,7 +374,9 @@ class CosmosCheckpointStore:
                 loaded: dict[tuple[str, str, str], StoredCheckpoint] = {}
                 for thread, docs in by_thread.items():
                     complete = await self._load_complete(thread, docs)
-                    for stored in await resolve_checkpoints(complete, self._blocks):
+                    for stored in await resolve_checkpoints(
+                        complete, self._blocks, self._chunker.value_of
+                    ):
                         loaded[(thread, stored.checkpoint_ns, stored.checkpoint_id)] = stored
                 for doc in matching:
                     yield loaded[(doc["thread_id"], doc["checkpoint_ns"], doc["checkpoint_id"])]
@@ -470,6 +472,7 @@ class CosmosCheckpointStore:
                 for ch, (_, holder, entry) in seeds.items()
             },
             self._blocks(thread_id),
+            self._chunker.value_of,
         )
         return {
             ch: ChannelHistory(

@@ -44,6 +44,7 @@ from .chunks import (
     Chunk,
     Chunker,
     Fetch,
+    Known,
     Split,
     chunked,
     reachable,
@@ -508,7 +509,9 @@ class PostgresCheckpointStore:
             row = await cursor.fetchone()
             if row is None:
                 return None
-            stored = (await _with_chunks(conn, [_stored_checkpoint(row)]))[0]
+            stored = (await _with_chunks(conn, [_stored_checkpoint(row)], self._chunker.value_of))[
+                0
+            ]
         self._note(thread_id, stored.metadata)
         return stored
 
@@ -534,6 +537,7 @@ class PostgresCheckpointStore:
                 conn,
                 thread_id,
                 {blob["channel"]: (blob["type"], bytes(blob["blob"])) for blob in blobs},
+                self._chunker.value_of,
             )
 
     async def get_writes(
@@ -600,7 +604,9 @@ class PostgresCheckpointStore:
                     binary=True,
                 )
                 rows = await cursor.fetchall()
-                page = await _with_chunks(conn, [_stored_checkpoint(row) for row in rows])
+                page = await _with_chunks(
+                    conn, [_stored_checkpoint(row) for row in rows], self._chunker.value_of
+                )
             # Yielded after the connection went back to the pool: a slow consumer holds none.
             for stored in page:
                 yield stored
@@ -632,7 +638,7 @@ class PostgresCheckpointStore:
                 for row in rows
                 if row["kind"] != "w"
             }
-            seed_values = await _assembled(conn, thread_id, seed_blobs)
+            seed_values = await _assembled(conn, thread_id, seed_blobs, self._chunker.value_of)
         writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
         seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
         for row in rows:
@@ -854,17 +860,17 @@ def _fetcher(conn: CountedConnection, thread_id: str) -> Fetch:
 
 
 async def _assembled(
-    conn: CountedConnection, thread_id: str, blobs: dict[str, tuple[str, bytes]]
+    conn: CountedConnection, thread_id: str, blobs: dict[str, tuple[str, bytes]], known: Known
 ) -> dict[str, tuple[str, bytes]]:
     """`blobs` with each manifest replaced by the value its chunks assemble to."""
-    return await resolve(blobs, _fetcher(conn, thread_id))
+    return await resolve(blobs, _fetcher(conn, thread_id), known)
 
 
 async def _with_chunks(
-    conn: CountedConnection, checkpoints: list[StoredCheckpoint]
+    conn: CountedConnection, checkpoints: list[StoredCheckpoint], known: Known
 ) -> list[StoredCheckpoint]:
     """The checkpoints with manifest blobs and seeds assembled (a statement per thread)."""
-    return await resolve_checkpoints(checkpoints, lambda thread: _fetcher(conn, thread))
+    return await resolve_checkpoints(checkpoints, lambda thread: _fetcher(conn, thread), known)
 
 
 async def _collect_chunks(conn: CountedConnection, thread_ids: Iterable[str]) -> None:

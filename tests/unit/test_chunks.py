@@ -107,3 +107,36 @@ def test_delta_channel_snapshots_and_small_values_stay_whole() -> None:
         assert chunks.chunked(serde.dumps_typed(value))
         assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)))
     assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5))
+
+
+async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> None:
+    chunker = chunks.Chunker()
+    value = packed(messages(200))
+    manifest, added, split = chunker.split(value, None)
+    stored = {chunk.digest: chunk for chunk in added}
+    fetched: list[list[bytes]] = []
+
+    async def fetch(digests: list[bytes]) -> dict[bytes, chunks.Chunk]:
+        fetched.append(digests)
+        return {digest: stored[digest] for digest in digests}
+
+    values = {"messages": ("chunked+msgpack", manifest)}
+    # Not confirmed yet (the write may have failed): fetched and assembled.
+    assert await chunks.resolve(values, fetch, chunker.value_of) == {
+        "messages": ("msgpack", value)
+    }
+    assert fetched
+    fetched.clear()
+    chunker.confirm(("thread", "", "messages"), split)
+    assert await chunks.resolve(values, fetch, chunker.value_of) == {
+        "messages": ("msgpack", value)
+    }
+    assert fetched == []
+    # Another version of the channel replaces the remembered one.
+    newer = packed(messages(210))
+    _, _, newer_split = chunker.split(newer, split)
+    chunker.confirm(("thread", "", "messages"), newer_split)
+    assert chunker.value_of(manifest) is None
+    assert chunker.value_of(newer_split.manifest) == newer
+    chunker.forget(["thread"])
+    assert chunker.value_of(newer_split.manifest) is None
