@@ -122,15 +122,11 @@ async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> 
 
     values = {"messages": ("chunked+msgpack", manifest)}
     # Not confirmed yet (the write may have failed): fetched and assembled.
-    assert await chunks.resolve(values, fetch, chunker.value_of) == {
-        "messages": ("msgpack", value)
-    }
+    assert await chunks.resolve(values, fetch, chunker.value_of) == {"messages": ("msgpack", value)}
     assert fetched
     fetched.clear()
     chunker.confirm(("thread", "", "messages"), split)
-    assert await chunks.resolve(values, fetch, chunker.value_of) == {
-        "messages": ("msgpack", value)
-    }
+    assert await chunks.resolve(values, fetch, chunker.value_of) == {"messages": ("msgpack", value)}
     assert fetched == []
     # Another version of the channel replaces the remembered one.
     newer = packed(messages(210))
