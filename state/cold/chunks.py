@@ -269,8 +269,11 @@ class Chunker:
 
     def _drop(self, key: tuple[str, str, str]) -> None:
         split = self._splits.pop(key, None)
-        if split is not None:
-            self._bytes -= len(split.value)
+        if split is None:
+            return
+        self._bytes -= len(split.value)
+        # Equal values (two channels, threads or namespaces) share one manifest entry.
+        if self._by_manifest.get(split.manifest) == key:
             del self._by_manifest[split.manifest]
 
 

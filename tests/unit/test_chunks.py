@@ -136,3 +136,21 @@ async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> 
     assert chunker.value_of(newer_split.manifest) == newer
     chunker.forget(["thread"])
     assert chunker.value_of(newer_split.manifest) is None
+
+
+def test_equal_values_under_two_keys_are_remembered_and_forgotten_apart() -> None:
+    chunker = chunks.Chunker()
+    value = packed(messages(100))
+    _, _, first = chunker.split(value, None)
+    _, _, second = chunker.split(value, None)
+    assert first.manifest == second.manifest
+    chunker.confirm(("thread-a", "", "messages"), first)
+    chunker.confirm(("thread-b", "", "messages"), second)
+    chunker.forget(["thread-b"])
+    chunker.forget(["thread-a"])
+    assert chunker.value_of(first.manifest) is None
+    chunker.confirm(("thread-a", "", "messages"), first)
+    chunker.confirm(("thread-b", "", "messages"), second)
+    chunker.forget(["thread-a"])
+    chunker.confirm(("thread-b", "", "messages"), second)
+    chunker.forget(["thread-b"])
