@@ -8,15 +8,18 @@ pydantic, so malformed input is refused before anything is written.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
+from langgraph.channels.delta import DeltaChannel
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Case ids are Cosmos item ids and partition keys: no '/', '\\', '?', '#'.
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+CONVERSATION_SNAPSHOT_EVERY = 50
 
 
 # --------------------------------------------------------------------------- graph state
@@ -96,12 +99,23 @@ def merge_pending(
     return {**left, **right}
 
 
+def append_messages(conversation: list[Message], batches: Sequence[list[Message]]) -> list[Message]:
+    """The conversation's reducer: each batch of new messages appended, in order (the same
+    result however LangGraph groups the batches when it replays them)."""
+    return [*conversation, *(message for batch in batches for message in batch)]
+
+
 class CaseState(TypedDict, total=False):
     case_id: str
     customer_id: str
     text: str
     transactions: list[dict[str, Any]]
-    messages: Annotated[list[Message], operator.add]
+    # The conversation (customer messages and agent replies) grows with every step: a
+    # DeltaChannel stores each step's new messages, with a whole copy every 50 updates,
+    # instead of the whole list at every checkpoint.
+    messages: Annotated[
+        list[Message], DeltaChannel(append_messages, snapshot_frequency=CONVERSATION_SNAPSHOT_EVERY)
+    ]
     # Each node appends its own name once; a re-run step's writes replace, never repeat.
     completed_steps: Annotated[list[str], operator.add]
     billing: BillingResult

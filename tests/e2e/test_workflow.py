@@ -11,12 +11,13 @@ import httpx
 from e2e_payloads import duplicate_charges
 
 from devstack.issuer import object_id_for
+from state.checkpoint import TieredCheckpointSaver
 from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
-from support_cases.service import CaseService
+from support_cases.service import CaseService, case_config
 
 AGENT_WRITES = [
     ("intake-agent", "intake"),
@@ -105,6 +106,32 @@ async def test_checkpoint_history_is_newest_first_and_paginates(
     assert len(ids) == len(set(ids))
     assert rest["next_before"] is None
     assert rest["checkpoints"][-1]["completed_steps"] == []  # the input checkpoint
+
+
+async def test_the_conversation_is_kept_as_deltas_and_read_back_whole(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    state = await runtime.graph.aget_state(case_config(case_id))
+    conversation = state.values["messages"]
+    assert conversation[0] == {"role": "customer", "content": demo_case(case_id)["text"]}
+    assert conversation[-1]["content"] == state.values["final_response"]
+    # Every earlier checkpoint rebuilds the conversation as it was then: a prefix.
+    async for earlier in runtime.graph.aget_state_history(case_config(case_id)):
+        messages = earlier.values.get("messages", [])
+        assert conversation[: len(messages)] == messages
+    # The latest checkpoint stores no copy of the conversation: LangGraph's DeltaChannel
+    # keeps each step's new messages as writes, and a whole copy every 50 updates.
+    saver = runtime.saver
+    assert isinstance(saver, TieredCheckpointSaver)
+    await saver.aflush(case_id)
+    latest = await saver.store.get_checkpoint(case_id, "", None)
+    assert latest is not None
+    stored = await saver.store.get_blobs(
+        case_id, "", {"messages": latest.channel_versions["messages"]}
+    )
+    kept = saver.serde.loads_typed(stored["messages"]) if "messages" in stored else None
+    assert kept != conversation
 
 
 async def _escalated(client: httpx.AsyncClient, runtime: Runtime, case_id: str) -> dict[str, Any]:
