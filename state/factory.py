@@ -21,9 +21,14 @@ from .ports import (
     ColdRetention,
     ColdStateStore,
     Counters,
+    EventLog,
     HotStateStore,
 )
 from .settings import ColdBackend, Settings, WriteMode
+
+# A thread's event log: its last thousand events, for a week after the last one.
+EVENTS_PER_THREAD = 1000
+EVENTS_TTL_SECONDS = 7 * 24 * 3600
 
 if TYPE_CHECKING:
     from .checkpoint.flusher import Flusher
@@ -44,6 +49,8 @@ class Backends:
     flusher: Flusher | None = field(default=None, kw_only=True)
     # The hot tier's per-thread checkpoint fence (None without a hot tier).
     checkpoint_fence: CheckpointFence | None = field(default=None, kw_only=True)
+    # Per-thread event logs (None without a hot tier).
+    events: EventLog | None = field(default=None, kw_only=True)
     # Round trips (and request charge) of the cold connection, by operation (metrics).
     cold_counters: Counters = field(default_factory=Counters, kw_only=True)
 
@@ -93,9 +100,11 @@ async def open_backends(settings: Settings) -> Backends:
     hot_checkpoints: CheckpointCache | None = None
     flusher: Flusher | None = None
     checkpoint_fence: CheckpointFence | None = None
+    events: EventLog | None = None
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
         from .hot.redis_client import create_redis_client, hot_namespace
+        from .hot.redis_events import RedisEventLog
         from .hot.redis_store import RedisHotStore
         from .hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 
@@ -108,6 +117,12 @@ async def open_backends(settings: Settings) -> Backends:
             client, namespace=namespace, ttl_seconds=settings.state_hot_ttl_seconds
         )
         checkpoint_fence = RedisCheckpointFence(client, hot_checkpoints)
+        events = RedisEventLog(
+            client,
+            namespace=namespace,
+            max_events=EVENTS_PER_THREAD,
+            ttl_seconds=EVENTS_TTL_SECONDS,
+        )
         if settings.write_mode is WriteMode.WRITE_BEHIND:
             from .checkpoint.flusher import Flusher
 
@@ -127,6 +142,7 @@ async def open_backends(settings: Settings) -> Backends:
         retention=retention,
         flusher=flusher,
         checkpoint_fence=checkpoint_fence,
+        events=events,
         cold_counters=cold_counters,
     )
     try:

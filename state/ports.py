@@ -366,6 +366,36 @@ class HotStateStore(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class StoredEvent:
+    """One entry of a thread's event log: its id orders it within the thread."""
+
+    id: str
+    data: JSON
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """A bounded, per-thread, append-only log of events that any process can read from
+    any point (what a client resuming a stream after `id` needs). Oldest entries go first
+    once a thread has `max_events`; a thread's log expires `ttl_seconds` after its last
+    append."""
+
+    async def append(self, thread_id: str, data: JSON) -> str:
+        """Add an event; returns its id (greater than every earlier id of the thread)."""
+
+    async def read(
+        self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
+    ) -> list[StoredEvent]:
+        """Events after `after` (None: from the oldest kept), oldest first, at most `count`;
+        with `wait_ms`, waits up to that long for one when there is none yet."""
+
+    def valid_id(self, event_id: str) -> bool:
+        """Whether `event_id` has the form of this log's ids (a client's Last-Event-ID)."""
+
+    async def delete(self, thread_id: str) -> None: ...
+
+
 @runtime_checkable
 class SectionArchive(Protocol):
     """Cold storage for sections a workflow has finished with, fetched back by reference.

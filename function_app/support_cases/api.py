@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from .auth import (
     ALL_ROLES,
@@ -25,6 +26,7 @@ from .auth import (
     role,
 )
 from .body_limit import BodySizeLimit
+from .events import sse_frame
 from .http_errors import install_error_handlers
 from .models import (
     CASE_ID_PATTERN,
@@ -35,8 +37,11 @@ from .models import (
     CaseView,
     CheckpointPageView,
     ErrorBody,
+    FollowUp,
     HealthView,
+    MessageAccepted,
     ReviewDecision,
+    RunsView,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
 from .service import CaseNotFound, CaseService, Outcome
@@ -70,6 +75,9 @@ def case_links(case_id: str) -> CaseLinks:
         audit=f"{base}/audit",
         review=f"{base}/review",
         resume=f"{base}/resume",
+        messages=f"{base}/messages",
+        events=f"{base}/events",
+        runs=f"{base}/runs",
     )
 
 
@@ -132,11 +140,7 @@ async def submit_case(
 
 @router.get("/cases/{case_id}", summary="Case status and result")
 async def case_status(case_id: CaseId, caller: Caller, cases: Cases) -> CaseView:
-    if not caller.roles & ALL_ROLES:
-        raise Forbidden(f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))}")
-    view = await cases.status(case_id)
-    if not may_read(caller, view):
-        raise CaseNotFound(case_id)  # never say whose it is
+    view = await readable_case(case_id, caller, cases)
     return view.model_copy(update={"links": case_links(case_id)})
 
 
@@ -186,6 +190,98 @@ async def resume_case(
     case_id: CaseId, response: Response, caller: Operator, cases: Cases
 ) -> CaseView:
     return _answer(await cases.resume(case_id, caller=caller.caller), response)
+
+
+async def readable_case(case_id: str, caller: Principal, cases: CaseService) -> CaseView:
+    """The case if the caller may read it; 404 otherwise (never say whose it is)."""
+    if not caller.roles & ALL_ROLES:
+        raise Forbidden(f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))}")
+    view = await cases.status(case_id)
+    if not may_read(caller, view):
+        raise CaseNotFound(case_id)
+    return view
+
+
+@router.post(
+    "/cases/{case_id}/messages",
+    status_code=202,
+    summary="Send a follow-up message to a case; its run is queued, or handled per strategy",
+    responses={200: {"model": MessageAccepted}},
+)
+async def post_message(
+    case_id: CaseId,
+    message: FollowUp,
+    response: Response,
+    caller: Submitter,
+    cases: Cases,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
+) -> MessageAccepted:
+    """The submitter of the case (or an operator) writes again. 202 while the message's
+    run is queued or running, 200 once it rested in time (or on a replay of the same
+    Idempotency-Key); 409 with `reject` while a run is in progress."""
+    owner = await cases.submitter(case_id)
+    if not caller.has(ROLE_OPERATE) and (owner is None or owner.id != caller.id):
+        raise CaseNotFound(case_id)
+    outcome = await cases.post_message(case_id, message, idempotency_key, caller.caller)
+    links = case_links(case_id)
+    response.headers["Location"] = links.runs
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.status_code = 200 if outcome.replayed or outcome.finished else 202
+    return MessageAccepted(case_id=case_id, run=outcome.run, links=links)
+
+
+@router.get(
+    "/cases/{case_id}/runs", summary="The case's runs, oldest first, with status and timing"
+)
+async def case_runs(case_id: CaseId, caller: Caller, cases: Cases) -> RunsView:
+    await readable_case(case_id, caller, cases)
+    return await cases.runs(case_id)
+
+
+@router.get(
+    "/cases/{case_id}/events",
+    summary="The case's progress as Server-Sent Events (resumable with Last-Event-ID)",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`text/event-stream`: one frame per event (`id`, `event`, "
+            "`data` as JSON), a `: keep-alive` comment while quiet; ends after `seconds`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def case_events(
+    case_id: CaseId,
+    caller: Caller,
+    cases: Cases,
+    seconds: Annotated[
+        float, Query(ge=0, le=200, description="How long the stream stays open")
+    ] = 60.0,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", min_length=1, max_length=64, description="Resume after"),
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(min_length=1, max_length=64, description="Resume after (Last-Event-ID)"),
+    ] = None,
+) -> StreamingResponse:
+    await readable_case(case_id, caller, cases)
+    start = last_event_id or after
+    cases.events.check(start)  # 503 without an event log, 422 for an id of another form
+
+    async def frames() -> AsyncIterator[str]:
+        async for event in cases.events.stream(case_id, start, seconds=seconds):
+            yield sse_frame(event)
+
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get(

@@ -181,12 +181,31 @@ class Effects:
                 self._store,
                 case_id,
                 section,
-                {**claim, "status": "done", "result": result, "lease_until": None},
+                # When it was done: a rolled-back run reports the effects done since it started.
+                {
+                    **claim,
+                    "status": "done",
+                    "result": result,
+                    "lease_until": None,
+                    "done_at": now_iso(),
+                },
                 agent_id=agent_id,
                 fencing_token=fencing_token,
                 current=record,
             )
             return result
+
+
+def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:
+    """The effects of a case done at or after `since` (ISO time): a rolled-back run's."""
+    if since is None:
+        return []
+    return [
+        view
+        for view in effects_in(record)
+        if view.status == "done"
+        and str(record.sections[effect_section(view.kind)].get("done_at") or "") >= since
+    ]
 
 
 def effects_in(record: WorkflowRecord) -> list[EffectView]:

@@ -1,4 +1,7 @@
-"""The support-case graph: intake -> (billing || account) -> policy -> [human review] -> refund -> response."""
+"""The support-case graph: intake -> (billing || account) -> policy -> [human review] -> refund -> response.
+
+A follow-up message runs the graph again on the case's thread: intake sends it to the
+agents it needs (`agents_needed`), and the response answers the whole conversation."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
 from .agents import (
+    AGENTS_AFTER_INTAKE,
     AccountAgent,
     AgentDeps,
     BillingAgent,
@@ -18,6 +22,7 @@ from .agents import (
     RefundAgent,
     ResponseAgent,
     RunContext,
+    agents_needed,
 )
 from .models import CaseState
 
@@ -25,7 +30,10 @@ CaseGraph = CompiledStateGraph[CaseState, RunContext, Any, Any]
 
 
 def route_after_policy(state: CaseState) -> Literal["human_review", "refund_agent"]:
-    return "human_review" if state["policy"]["decision"] == "needs_review" else "refund_agent"
+    # A decision a reviewer already made on the case stands for its follow-ups.
+    if state["policy"]["decision"] == "needs_review" and "review" not in state:
+        return "human_review"
+    return "refund_agent"
 
 
 def build_graph(deps: AgentDeps, checkpointer: BaseCheckpointSaver[Any]) -> CaseGraph:
@@ -42,10 +50,11 @@ def build_graph(deps: AgentDeps, checkpointer: BaseCheckpointSaver[Any]) -> Case
     for agent in agents:
         builder.add_node(agent.node, agent)
     builder.add_edge(START, IntakeAgent.node)
-    # Billing and account run in the same superstep; policy waits for both.
-    builder.add_edge(IntakeAgent.node, BillingAgent.node)
-    builder.add_edge(IntakeAgent.node, AccountAgent.node)
-    builder.add_edge([BillingAgent.node, AccountAgent.node], PolicyAgent.node)
+    # Billing and account run in the same superstep when both are needed; policy runs
+    # once in the next (either edge triggers it), or right after intake when neither is.
+    builder.add_conditional_edges(IntakeAgent.node, agents_needed, AGENTS_AFTER_INTAKE)
+    builder.add_edge(BillingAgent.node, PolicyAgent.node)
+    builder.add_edge(AccountAgent.node, PolicyAgent.node)
     builder.add_conditional_edges(
         PolicyAgent.node, route_after_policy, [HumanReview.node, RefundAgent.node]
     )

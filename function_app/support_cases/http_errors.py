@@ -20,6 +20,7 @@ from state import (
     WorkflowNotFound,
 )
 
+from .events import EventsUnavailable, InvalidEventId
 from .runs import RunIndexBusy
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
@@ -32,6 +33,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (LockNotAcquired, 409),
     (IdempotencyMismatch, 422),
     (ReservedCaseId, 422),
+    (InvalidEventId, 422),
     (StateTooLarge, 413),
     # The caller's value cannot be stored as given (e.g. a NUL character on Postgres).
     (InvalidValue, 422),
@@ -40,6 +42,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     # a broken invariant): the server's fault, not transient.
     (RequestRejected, 500),
     (RunIndexBusy, 503),
+    (EventsUnavailable, 503),
 )
 
 

@@ -108,6 +108,7 @@ def append_messages(conversation: list[Message], batches: Sequence[list[Message]
 class CaseState(TypedDict, total=False):
     case_id: str
     customer_id: str
+    # The customer's latest message: the first one, then each follow-up's.
     text: str
     transactions: list[dict[str, Any]]
     # The conversation (customer messages and agent replies) grows with every step: a
@@ -194,6 +195,65 @@ class CaseLinks(BaseModel):
     audit: str
     review: str
     resume: str
+    messages: str
+    events: str
+    runs: str
+
+
+class FollowUpStrategy(StrEnum):
+    """What a follow-up message does to a run in progress (LangGraph's double-texting)."""
+
+    REJECT = "reject"  # 409 while a run is in progress
+    ENQUEUE = "enqueue"  # runs after the current one, in arrival order
+    INTERRUPT = "interrupt"  # the current run stops at its next step; its progress is kept
+    ROLLBACK = "rollback"  # the current run stops and its checkpoints are discarded
+
+
+class FollowUp(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    text: str = Field(min_length=1, max_length=10_000)
+    # Unset: CASE_DEFAULT_STRATEGY.
+    strategy: FollowUpStrategy | None = None
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    AWAITING_REVIEW = "awaiting_review"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    ROLLED_BACK = "rolled_back"
+
+
+class RunView(BaseModel):
+    run_id: str
+    kind: Literal["intake", "message"]
+    status: RunStatus
+    strategy: FollowUpStrategy | None = None
+    text: str | None = None
+    queued_at: str
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_seconds: float | None = None
+    # A run stopped by a follow-up: the run that stopped it.
+    stopped_by: str | None = None
+    # A rolled-back run's side effects: done, kept in the case's effect ledger, and never
+    # performed again (a later run that needs the same effect gets this result).
+    discarded_effects: list[EffectView] = Field(default_factory=list)
+    error: str | None = None
+
+
+class RunsView(BaseModel):
+    case_id: str
+    runs: list[RunView]
+
+
+class MessageAccepted(BaseModel):
+    case_id: str
+    run: RunView
+    links: CaseLinks | None = None
 
 
 class CallerView(BaseModel):

@@ -31,16 +31,36 @@ from state import (
     WorkflowRecord,
 )
 
-from .models import CaseStatus, PendingSection
+from .models import CaseStatus, FollowUpStrategy, PendingSection, RunStatus
 from .records import UNCHANGED, write_section, write_sections
 from .settings import AppSettings
 
 RUNNER_ID = "case-runner"
 RUN_SECTION = "run"
+# The case's runs, oldest first: the intake run, then one per follow-up message.
+RUNS_SECTION = "runs"
+# Finished runs kept in the record (queued and active ones are always kept).
+FINISHED_RUNS_KEPT = 50
+RUN_AT_REST = {
+    CaseStatus.AWAITING_REVIEW: RunStatus.AWAITING_REVIEW,
+    CaseStatus.COMPLETED: RunStatus.COMPLETED,
+    CaseStatus.FAILED: RunStatus.FAILED,
+    CaseStatus.RUNNING: RunStatus.RUNNING,
+}
+ACTIVE_RUN = frozenset({RunStatus.RUNNING.value, RunStatus.AWAITING_REVIEW.value})
 INDEX_PREFIX = "support-cases-active-runs-"
 INDEX_SHARDS = 8
+STOPPING = frozenset({FollowUpStrategy.INTERRUPT.value, FollowUpStrategy.ROLLBACK.value})
 # Statuses during which nobody is working on the case and nobody needs to.
 AT_REST = frozenset({CaseStatus.AWAITING_REVIEW, CaseStatus.COMPLETED, CaseStatus.FAILED})
+
+
+class RunInProgress(Exception):
+    """A follow-up with the `reject` strategy while a run is in progress (maps to 409)."""
+
+
+class RunStopped(Exception):
+    """Raised at a step boundary of a run a follow-up asked to stop (interrupt, rollback)."""
 
 
 class RunIndexBusy(Exception):
@@ -55,6 +75,46 @@ def utcnow() -> datetime:
 def new_run_section(status: CaseStatus, *, attempt: int = 0) -> dict[str, Any]:
     now = utcnow().isoformat()
     return {"status": status.value, "attempt": attempt, "started_at": now, "heartbeat_at": now}
+
+
+def new_run_entry(
+    run_id: str,
+    kind: str,
+    status: RunStatus,
+    *,
+    text: str | None = None,
+    strategy: FollowUpStrategy | None = None,
+) -> dict[str, Any]:
+    now = utcnow().isoformat()
+    entry: dict[str, Any] = {"run_id": run_id, "kind": kind, "status": status.value}
+    entry.update(queued_at=now, started_at=now if status is RunStatus.RUNNING else None)
+    if text is not None:
+        entry.update(text=text, strategy=strategy.value if strategy else None)
+    return entry
+
+
+def runs_of(record: WorkflowRecord) -> list[dict[str, Any]]:
+    return [dict(entry) for entry in record.sections.get(RUNS_SECTION) or []]
+
+
+def current_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run the case is in (running, or paused for review); None between runs."""
+    return next((entry for entry in runs if entry["status"] in ACTIVE_RUN), None)
+
+
+def queued(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in runs if entry["status"] == RunStatus.QUEUED.value]
+
+
+def trimmed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every queued or active run, and the newest finished ones."""
+    finished = [e for e in runs if e["status"] not in ACTIVE_RUN | {RunStatus.QUEUED.value}]
+    dropped = {id(entry) for entry in finished[:-FINISHED_RUNS_KEPT]}
+    return [entry for entry in runs if id(entry) not in dropped]
+
+
+def ended(entry: dict[str, Any], status: RunStatus, **fields: Any) -> dict[str, Any]:
+    return {**entry, "status": status.value, "ended_at": utcnow().isoformat(), **fields}
 
 
 def shard_of(case_id: str) -> str:
@@ -78,9 +138,10 @@ class RunTracker:
         fencing_token: int | None = None,
         error: str | None = None,
         pending: dict[str, PendingSection] | None = None,
-    ) -> None:
+    ) -> int:
         """Record the run's status; `pending`: agents' sections the record does not hold
-        yet (write-behind), written with it in one record write."""
+        yet (write-behind), written with it in one record write. Returns how many runs
+        are queued after it."""
 
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
@@ -89,30 +150,139 @@ class RunTracker:
             run.update(status=status.value, heartbeat_at=utcnow().isoformat(), error=error)
             return run
 
+        waiting = 0
+
         def compute_all(record: WorkflowRecord) -> list[SectionWrite]:
+            nonlocal waiting
             writes = [
                 SectionWrite(section, entry["value"], entry["agent_id"])
                 for section, entry in (pending or {}).items()
                 if record.sections.get(section) != entry["value"]
             ]
-            return [*writes, SectionWrite(RUN_SECTION, compute(record), RUNNER_ID)]
+            run = compute(record)
+            runs = runs_of(record)
+            waiting = len(queued(runs))
+            run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
+            entry = next((e for e in runs if e["run_id"] == run_id), None) if run_id else None
+            if entry is not None and entry["status"] != RUN_AT_REST[status].value:
+                runs[runs.index(entry)] = (
+                    {**entry, "status": RunStatus.RUNNING.value, "ended_at": None}
+                    if status is CaseStatus.RUNNING
+                    else ended(entry, RUN_AT_REST[status], error=error)
+                )
+                writes.append(SectionWrite(RUNS_SECTION, trimmed(runs), RUNNER_ID))
+            return [*writes, SectionWrite(RUN_SECTION, run, RUNNER_ID)]
 
         if status is CaseStatus.AWAITING_REVIEW:
             await self._retention.hold(case_id)
         elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
             await self._retention.release(case_id)
-        if pending:
-            await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
-        else:
-            await write_section(
-                self._store,
-                case_id,
-                RUN_SECTION,
-                compute,
-                agent_id=RUNNER_ID,
-                fencing_token=fencing_token,
-            )
-        await self._index(case_id, present=status not in AT_REST)
+        await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
+        # A case with runs queued stays where the timer looks, whatever its status.
+        await self._index(case_id, present=status not in AT_REST or waiting > 0)
+        return waiting
+
+    async def enqueue(
+        self, case_id: str, entry: dict[str, Any], strategy: FollowUpStrategy, *, agent_id: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Queue a follow-up's run (FIFO; an interrupt or rollback goes before plain queued
+        runs and asks the current run to stop). Returns the stored entry and whether it was
+        there already (an idempotent replay)."""
+        stored: dict[str, Any] = entry
+        replayed = False
+
+        def compute(record: WorkflowRecord) -> object:
+            nonlocal stored, replayed
+            runs = runs_of(record)
+            same = next((e for e in runs if e["run_id"] == entry["run_id"]), None)
+            if same is not None:
+                stored, replayed = same, True
+                return UNCHANGED
+            stored, replayed = entry, False
+            current = current_run(runs)
+            waiting = queued(runs)
+            if strategy is FollowUpStrategy.REJECT and (current or waiting):
+                busy = current or waiting[0]
+                raise RunInProgress(
+                    f"case {case_id!r} has a run in progress ({busy['run_id']}, "
+                    f"{busy['status']}); send the message again when it ends, or with "
+                    "another strategy"
+                )
+            if strategy in (FollowUpStrategy.INTERRUPT, FollowUpStrategy.ROLLBACK):
+                if current is not None and not current.get("stop"):
+                    runs[runs.index(current)] = {
+                        **current,
+                        "stop": strategy.value,
+                        "stopped_by": entry["run_id"],
+                    }
+                # Next after the other stopping follow-ups, before plain queued runs.
+                ahead = [e for e in waiting if e.get("strategy") in STOPPING]
+                at = runs.index(ahead[-1]) + 1 if ahead else len(runs) - len(waiting)
+                runs.insert(at, entry)
+            else:
+                runs.append(entry)
+            return trimmed(runs)
+
+        await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
+        if not replayed:
+            await self._index(case_id, present=True)
+        return stored, replayed
+
+    async def start_next(self, case_id: str, *, fencing_token: int | None) -> dict[str, Any] | None:
+        """Start the oldest queued run (one write: the run section and its entry), unless the
+        case is in a run (running, or paused for review); the started entry, or None."""
+        started: dict[str, Any] | None = None
+
+        def compute(record: WorkflowRecord) -> list[SectionWrite]:
+            nonlocal started
+            runs = runs_of(record)
+            waiting = queued(runs)
+            started = None
+            if current_run(runs) is not None or not waiting:
+                return []
+            at = runs.index(waiting[0])
+            started = runs[at] = {
+                **waiting[0],
+                "status": RunStatus.RUNNING.value,
+                "started_at": utcnow().isoformat(),
+            }
+            run = {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": started["run_id"]}
+            return [
+                SectionWrite(RUNS_SECTION, runs, RUNNER_ID),
+                SectionWrite(RUN_SECTION, run, RUNNER_ID),
+            ]
+
+        await write_sections(self._store, case_id, compute, fencing_token=fencing_token)
+        return started
+
+    async def end_stopped(
+        self,
+        case_id: str,
+        run_id: str,
+        status: RunStatus,
+        *,
+        fencing_token: int | None,
+        discarded_effects: list[dict[str, Any]],
+    ) -> None:
+        """Record a run a follow-up stopped (interrupted, or rolled back with the effects it
+        had done); the case's status is the next run's, which starts right after."""
+
+        def compute(record: WorkflowRecord) -> object:
+            runs = runs_of(record)
+            entry = next((e for e in runs if e["run_id"] == run_id), None)
+            if entry is None or entry["status"] not in ACTIVE_RUN:
+                return UNCHANGED
+            runs[runs.index(entry)] = ended(entry, status, discarded_effects=discarded_effects)
+            return runs
+
+        await write_section(
+            self._store,
+            case_id,
+            RUNS_SECTION,
+            compute,
+            agent_id=RUNNER_ID,
+            fencing_token=fencing_token,
+        )
 
     async def heartbeat(self, case_id: str, *, fencing_token: int | None = None) -> None:
         """Refresh the heartbeat, at most every quarter of the stale period (each is a cold write)."""

@@ -18,6 +18,7 @@ from state import (
 
 from .agents import AgentDeps, StepHook
 from .effects import Effects, SimulatedProvider
+from .events import CaseEvents
 from .graph import CaseGraph, build_graph
 from .metrics import BacklogSampler, app_metrics
 from .service import CaseService
@@ -75,6 +76,7 @@ class Runtime:
             settings,
             backends.retention,
             saver if isinstance(saver, TieredCheckpointSaver) else None,
+            CaseEvents(backends.events),
         )
         app_metrics.register_backends(backends, store)
         sampler = None

@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command, StateSnapshot
 
 from state import (
@@ -50,7 +51,8 @@ from state import (
 )
 
 from .agents import RunContext
-from .effects import EffectInProgress, SimulatedProvider, effects_in
+from .effects import EffectInProgress, SimulatedProvider, effects_done_since, effects_in
+from .events import CaseEvents
 from .graph import CaseGraph
 from .metrics import app_metrics
 from .models import (
@@ -63,10 +65,16 @@ from .models import (
     CaseView,
     CheckpointPageView,
     CheckpointView,
+    EffectView,
+    FollowUp,
+    FollowUpStrategy,
     HealthView,
     PendingSection,
     ResumeReport,
     ReviewDecision,
+    RunStatus,
+    RunsView,
+    RunView,
     TierView,
 )
 from .records import MAX_ATTEMPTS, UNCHANGED, write_section
@@ -75,8 +83,15 @@ from .runs import (
     INDEX_PREFIX,
     RUN_SECTION,
     RUNNER_ID,
+    RUNS_SECTION,
+    RunInProgress,
+    RunStopped,
     RunTracker,
+    current_run,
+    new_run_entry,
     new_run_section,
+    queued,
+    runs_of,
     utcnow,
 )
 from .settings import AppSettings
@@ -169,13 +184,38 @@ class Outcome:
     finished: bool  # the run reached rest before the caller stopped waiting
 
 
-def case_config(case_id: str, *, fencing_token: int | None = None) -> RunnableConfig:
+@dataclass(frozen=True)
+class MessageOutcome:
+    run: RunView
+    replayed: bool  # the same message (idempotency key) was accepted before
+    finished: bool  # its run reached rest before the caller stopped waiting
+
+
+def case_config(
+    case_id: str, *, fencing_token: int | None = None, run_id: str | None = None
+) -> RunnableConfig:
     """The case's thread; a run passes its fencing token, which its checkpoint writes
-    present (a run that lost its lock is refused before the cold tier)."""
+    present (a run that lost its lock is refused before the cold tier), and its run id,
+    which LangGraph records in each checkpoint's metadata (a rollback deletes by it)."""
     configurable: dict[str, Any] = {"thread_id": case_id}
     if fencing_token is not None:
         configurable[FENCING_TOKEN_KEY] = fencing_token
-    return {"configurable": configurable}
+    config: RunnableConfig = {"configurable": configurable}
+    if run_id is not None:
+        config["metadata"] = {"run_id": run_id}
+    return config
+
+
+def new_run_id() -> str:
+    return f"run-{uuid.uuid4().hex}"
+
+
+def message_run_id(case_id: str, idempotency_key: str | None) -> str:
+    """A follow-up's run id: derived from its idempotency key (a retry finds its run), else new."""
+    if not idempotency_key:
+        return new_run_id()
+    digest = hashlib.sha256(f"{case_id}\n{idempotency_key}".encode()).hexdigest()
+    return f"run-{digest[:32]}"
 
 
 def fingerprint(submission: CaseSubmission) -> str:
@@ -208,9 +248,11 @@ class CaseService:
         settings: AppSettings,
         retention: ColdRetention,
         saver: TieredCheckpointSaver | None = None,
+        events: CaseEvents | None = None,
     ) -> None:
         self._store = store
         self._graph = graph
+        self._events = events or CaseEvents(None)
         self._settings = settings
         self._retention = retention
         # Write-behind mode: a run's checkpoints reach the cold tier at its end, before
@@ -245,6 +287,7 @@ class CaseService:
             "idempotency_key": idempotency_key or submission.client_key,
             "submitted_by": caller.to_json() if caller else None,
         }
+        run_id = new_run_id()
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
         await self._tracker.register(case_id)
@@ -256,7 +299,11 @@ class CaseService:
                 # it does), its heartbeat goes stale like any run's and the timer resumes it.
                 {
                     REQUEST_SECTION: request,
-                    RUN_SECTION: new_run_section(CaseStatus.RUNNING, attempt=1),
+                    RUN_SECTION: {
+                        **new_run_section(CaseStatus.RUNNING, attempt=1),
+                        "run_id": run_id,
+                    },
+                    RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
                 },
                 agent_id=API_AGENT_ID,
             )
@@ -282,6 +329,7 @@ class CaseService:
             return self._initial_input(case_id, request)
 
         # A case just created has no checkpoint to look at: its first run starts fresh.
+        await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
         return await self._launch(
             case_id,
             initial_input,
@@ -379,6 +427,16 @@ class CaseService:
                 )
             if snapshot is None or snapshot.created_at is None:  # died before the first checkpoint
                 return self._initial_input(case_id, record.sections[REQUEST_SECTION])
+            run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
+            entry = next((e for e in runs_of(record) if e["run_id"] == run_id), None)
+            # A follow-up's run that died before its message was checkpointed (the latest
+            # checkpoint is an earlier run's): its message goes in now, once.
+            if (
+                entry is not None
+                and entry.get("text") is not None
+                and (snapshot.metadata or {}).get("run_id") != run_id
+            ):
+                return self._message_input(case_id, record, entry["text"])
             return None
 
         return await self._launch(
@@ -409,6 +467,18 @@ class CaseService:
     async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> None:
         record = await self._store.get(case_id)
         run = record.sections.get(RUN_SECTION) if record else None
+        if record is not None and run is not None and run.get("status") in AT_REST:
+            runs = runs_of(record)
+            if queued(runs):
+                # Queued runs whose starter died before starting them (or a worker that
+                # ended its run and died before the next): start them now.
+                if current_run(runs) is not None:
+                    report.skipped[case_id] = "runs queued behind a review"
+                    return
+                if (task := await self._start_queued(case_id)) is not None:
+                    await task  # a Functions instance may freeze once the timer returns
+                    report.resumed.append(case_id)
+                return
         if record is None or run is None or run.get("status") in AT_REST:
             await self._tracker.forget(case_id)
             return
@@ -418,6 +488,78 @@ class CaseService:
         # The timer waits for the run: a Functions instance may freeze once it returns.
         await self.resume(case_id, wait_until_rest=True)
         report.resumed.append(case_id)
+
+    async def post_message(
+        self,
+        case_id: str,
+        message: FollowUp,
+        idempotency_key: str | None,
+        caller: Caller | None = None,
+    ) -> MessageOutcome:
+        """A follow-up message: queued as a run of the case, handled per its strategy
+        (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case."""
+        with acting_for(caller):
+            await self._record(case_id)
+            strategy = message.strategy or self._settings.case_default_strategy
+            entry = new_run_entry(
+                message_run_id(case_id, idempotency_key),
+                "message",
+                RunStatus.QUEUED,
+                text=message.text,
+                strategy=strategy,
+            )
+            try:
+                stored, replayed = await self._tracker.enqueue(
+                    case_id, entry, strategy, agent_id=API_AGENT_ID
+                )
+            except RunInProgress as busy:
+                raise CaseConflict(str(busy)) from None
+            if replayed:
+                if stored.get("text") != message.text:
+                    raise IdempotencyMismatch(
+                        f"Idempotency-Key already used on case {case_id!r} for another "
+                        "message; use a new key for a new message"
+                    )
+                view = run_view(stored)
+                return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
+            await self._events.publish(
+                case_id,
+                "run_queued",
+                run_id=entry["run_id"],
+                kind="message",
+                strategy=strategy.value,
+                text=message.text,
+            )
+            if (task := await self._start_queued(case_id)) is not None:
+                await asyncio.wait({task}, timeout=self._sync_wait)
+            view = await self._run_view(case_id, entry["run_id"])
+            return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
+
+    async def runs(self, case_id: str) -> RunsView:
+        record = await self._record(case_id)
+        return RunsView(case_id=case_id, runs=[run_view(entry) for entry in runs_of(record)])
+
+    async def submitter(self, case_id: str) -> Caller | None:
+        """Who submitted the case (None: submitted without authentication)."""
+        record = await self._record(case_id)
+        return Caller.from_json(record.sections[REQUEST_SECTION].get("submitted_by"))
+
+    @property
+    def events(self) -> CaseEvents:
+        return self._events
+
+    async def _run_view(self, case_id: str, run_id: str) -> RunView:
+        record = await self._record(case_id)
+        return run_view(next(e for e in runs_of(record) if e["run_id"] == run_id))
+
+    async def _start_queued(self, case_id: str) -> asyncio.Task[None] | None:
+        """Take the case and run its queue in the background; None if another runner holds
+        it (that runner starts the queued runs when its own ends)."""
+        try:
+            guard = await self._acquire(case_id)
+        except CaseBusy:
+            return None
+        return self._spawn(self._pump(case_id, guard))
 
     async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
         """The timer's other job: delete up to `limit` threads whose last activity is older
@@ -487,14 +629,20 @@ class CaseService:
         wait_seconds: float | None,
         created: bool = False,
         needs_snapshot: bool = True,
+        run_id: str | None = None,
     ) -> Outcome:
         """Take the case's lock, check preconditions under it, then drive the run.
 
         `prepare` gets the case's latest state (None if not `needs_snapshot`). Waits up
-        to `wait_seconds` (None: until the run rests) before reporting.
+        to `wait_seconds` (None: until the run rests) before reporting. `run_id`: the
+        run's id if known (else the record's current run).
         """
         guard = await self._acquire(case_id)
         try:
+            if run_id is None:
+                run_id = ((await self._record(case_id)).sections.get(RUN_SECTION) or {}).get(
+                    "run_id"
+                )
             snapshot = (
                 await self._graph.aget_state(case_config(case_id)) if needs_snapshot else None
             )
@@ -502,15 +650,19 @@ class CaseService:
         except BaseException:
             await self._release(case_id, guard)
             raise
-        task = asyncio.create_task(self._drive(case_id, graph_input, guard, marked=created))
-        self._tasks.add(task)
-        task.add_done_callback(self._forget)
+        task = self._spawn(self._drive(case_id, graph_input, guard, marked=created, run_id=run_id))
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
         await asyncio.wait({task}, timeout=wait_seconds)
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
         return Outcome(await self.status(case_id), created=created, finished=task.done())
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -520,19 +672,54 @@ class CaseService:
             task.exception()
 
     async def _drive(
-        self, case_id: str, graph_input: GraphInput, guard: RunGuard, *, marked: bool = False
+        self,
+        case_id: str,
+        graph_input: GraphInput,
+        guard: RunGuard,
+        *,
+        marked: bool = False,
+        run_id: str | None = None,
     ) -> None:
-        """Run the graph under `guard`; `marked`: the record already says this run is running."""
+        """Run the graph under `guard`, then the case's queued runs; releases the guard.
+        `marked`: the record already says this run is running."""
+        try:
+            going = await self._drive_one(case_id, graph_input, guard, marked=marked, run_id=run_id)
+        except BaseException:
+            await self._release(case_id, guard)
+            raise
+        if going:
+            await self._pump(case_id, guard)
+        else:
+            await self._release(case_id, guard)
+
+    async def _drive_one(
+        self,
+        case_id: str,
+        graph_input: GraphInput,
+        guard: RunGuard,
+        *,
+        marked: bool,
+        run_id: str | None,
+    ) -> bool:
+        """One run to rest; False when this runner must stop (it lost the case), True when
+        the case's queue may go on (the run rested, failed, or a follow-up stopped it)."""
         fence = guard.fence
+        await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
             with (
                 app_metrics.measure_run() as run,
                 traced("case.run", case_id=case_id, fencing_token=fence),
             ):
                 rest = await self._while_held(
-                    case_id, guard, self._run(case_id, graph_input, fence, marked=marked)
+                    case_id,
+                    guard,
+                    self._run(case_id, graph_input, fence, marked=marked, run_id=run_id),
                 )
                 run.outcome = rest.value
+            return True
+        except RunStopped as stopped:
+            log.info("case %s: %s", case_id, stopped)
+            return True
         except (StaleFencingToken, LockLost) as lost:
             log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
         except EffectInProgress as busy:
@@ -548,26 +735,113 @@ class CaseService:
                 await self._flush(case_id)
                 # What the agents produced before the failure is recorded with it.
                 snapshot = await self._graph.aget_state(case_config(case_id))
-                await self._tracker.mark(
+                waiting = await self._tracker.mark(
                     case_id,
                     CaseStatus.FAILED,
                     fencing_token=fence,
                     error=f"{type(error).__name__}: {error}",
                     pending=pending_sections(snapshot),
                 )
+                await self._events.publish(
+                    case_id,
+                    "run_failed",
+                    run_id=run_id,
+                    error=f"{type(error).__name__}: {error}",
+                    queued=waiting,
+                )
+                return True
             except Exception:
                 log.exception("case %s: could not record the failure", case_id)
-        finally:
-            await self._release(case_id, guard)
+        return False
+
+    async def _pump(self, case_id: str, guard: RunGuard) -> None:
+        """Run the case's queued runs under `guard`, then release it. A follow-up queued
+        while the guard was held found the case taken and left its run to the holder: after
+        releasing, look once more and take the case again for what was left."""
+        while True:
+            try:
+                await self._drain_queue(case_id, guard)
+            finally:
+                await self._release(case_id, guard)
+            record = await self._store.get(case_id)
+            runs = runs_of(record) if record is not None else []
+            if current_run(runs) is not None or not queued(runs):
+                return
+            try:
+                guard = await self._acquire(case_id)
+            except CaseBusy:
+                return  # its holder runs the queue
+
+    async def _drain_queue(self, case_id: str, guard: RunGuard) -> None:
+        while True:
+            record = await self._record(case_id)
+            current = current_run(runs_of(record))
+            if current is not None:
+                if not current.get("stop"):
+                    # Paused for review (the queue waits for the decision's run), or left
+                    # running by a dead runner (the timer resumes it first).
+                    return
+                await self._end_stopped(case_id, guard, current)
+                continue
+            entry = await self._tracker.start_next(case_id, fencing_token=guard.fence)
+            if entry is None:
+                return
+            going = await self._drive_one(
+                case_id,
+                self._message_input(case_id, record, entry["text"]),
+                guard,
+                marked=True,
+                run_id=entry["run_id"],
+            )
+            if not going:
+                return
+
+    async def _end_stopped(self, case_id: str, guard: RunGuard, run: dict[str, Any]) -> None:
+        """Close a run a follow-up stopped: interrupted (its checkpoints stay, the next run
+        starts from them) or rolled back (its checkpoints deleted, the next run starts from
+        the state before it; the side effects it had done are reported with it)."""
+        strategy = FollowUpStrategy(run["stop"])
+        discarded: list[EffectView] = []
+        if strategy is FollowUpStrategy.ROLLBACK:
+            await self._flush(case_id)
+            checkpointer = self._graph.checkpointer
+            if isinstance(checkpointer, BaseCheckpointSaver):
+                await checkpointer.adelete_for_runs([run["run_id"]])
+            discarded = effects_done_since(await self._record(case_id), run.get("started_at"))
+        status = (
+            RunStatus.ROLLED_BACK
+            if strategy is FollowUpStrategy.ROLLBACK
+            else RunStatus.INTERRUPTED
+        )
+        await self._tracker.end_stopped(
+            case_id,
+            run["run_id"],
+            status,
+            fencing_token=guard.fence,
+            discarded_effects=[view.model_dump(mode="json") for view in discarded],
+        )
+        await self._events.publish(
+            case_id,
+            f"run_{status.value}",
+            run_id=run["run_id"],
+            stopped_by=run.get("stopped_by"),
+            discarded_effects=[view.model_dump(mode="json") for view in discarded],
+        )
 
     async def _run(
-        self, case_id: str, graph_input: GraphInput, fence: int | None, *, marked: bool = False
+        self,
+        case_id: str,
+        graph_input: GraphInput,
+        fence: int | None,
+        *,
+        marked: bool = False,
+        run_id: str | None = None,
     ) -> CaseStatus:
         """Drive the graph to rest; returns the status the case rests in.
 
         A new case's first run is `marked` already: no earlier runner exists to fence out,
         and its first section write raises the record's fence to this run's token."""
-        config = case_config(case_id, fencing_token=fence)
+        config = case_config(case_id, fencing_token=fence, run_id=run_id)
         # Write-through: every step durable before the next. Write-behind: steps move at
         # Redis speed and the run's end (and an interrupt) is the boundary.
         durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
@@ -582,7 +856,11 @@ class CaseService:
             config,
             # Each agent writes its section at its step in both modes: deferring them to the
             # boundary lost sections when Redis lost the run's unflushed checkpoints.
-            context=RunContext(fencing_token=fence, defer_sections=False),
+            context=RunContext(
+                fencing_token=fence,
+                defer_sections=False,
+                observer=RunProgress(self._store, self._events, case_id, run_id),
+            ),
             stream_mode="updates",
             durability=durability,
         ):
@@ -593,9 +871,25 @@ class CaseService:
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
         # The boundary: the agents' sections (write-behind) go with the status, in one write.
-        await self._tracker.mark(
+        waiting = await self._tracker.mark(
             case_id, rest, fencing_token=fence, pending=pending_sections(snapshot)
         )
+        if rest is CaseStatus.AWAITING_REVIEW:
+            await self._events.publish(
+                case_id,
+                "interrupt",
+                run_id=run_id,
+                awaiting_review=snapshot.interrupts[0].value,
+                queued=waiting,
+            )
+        else:
+            await self._events.publish(
+                case_id,
+                "run_completed",
+                run_id=run_id,
+                final_response=snapshot.values.get("final_response"),
+                queued=waiting,
+            )
         return rest
 
     async def _while_held(
@@ -748,6 +1042,11 @@ class CaseService:
             raise CaseNotFound(case_id)
         return record
 
+    def _message_input(self, case_id: str, record: WorkflowRecord, text: str) -> dict[str, Any]:
+        """A follow-up's graph input: the case as submitted, with the new message as text
+        (whole, so a run rolled back to before the first one still has the case)."""
+        return {**self._initial_input(case_id, record.sections[REQUEST_SECTION]), "text": text}
+
     @staticmethod
     def _initial_input(case_id: str, request: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -797,6 +1096,65 @@ class CaseService:
             lease_ends_at=lease_ends_at.isoformat() if lease_ends_at else None,
             version=record.version,
         )
+
+
+class RunProgress:
+    """A run's `RunObserver`: each agent step as events, and the stop a follow-up asked for
+    (checked on the case record, a hot-tier read, as each step starts)."""
+
+    def __init__(
+        self, store: TieredStateStore, events: CaseEvents, case_id: str, run_id: str | None
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._case_id = case_id
+        self._run_id = run_id
+
+    async def node_started(self, node: str) -> None:
+        if self._run_id is not None:
+            record = await self._store.get(self._case_id)
+            runs = runs_of(record) if record is not None else []
+            entry = next((e for e in runs if e["run_id"] == self._run_id), None)
+            if entry is not None and entry.get("stop"):
+                raise RunStopped(
+                    f"run {self._run_id} stops before {node}: follow-up run "
+                    f"{entry.get('stopped_by')} asked to {entry['stop']} it"
+                )
+        await self._events.publish(self._case_id, "node_started", run_id=self._run_id, node=node)
+
+    async def node_finished(self, node: str, section: str, summary: str | None) -> None:
+        await self._events.publish(
+            self._case_id,
+            "node_finished",
+            run_id=self._run_id,
+            node=node,
+            section=section,
+            summary=summary,
+        )
+
+
+BUSY = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+
+
+def run_view(entry: dict[str, Any]) -> RunView:
+    duration = None
+    if entry.get("started_at") and entry.get("ended_at"):
+        started = datetime.fromisoformat(entry["started_at"])
+        duration = (datetime.fromisoformat(entry["ended_at"]) - started).total_seconds()
+    return RunView(
+        run_id=entry["run_id"],
+        kind=entry["kind"],
+        status=RunStatus(entry["status"]),
+        strategy=entry.get("strategy"),
+        text=entry.get("text"),
+        queued_at=entry["queued_at"],
+        started_at=entry.get("started_at"),
+        ended_at=entry.get("ended_at"),
+        duration_seconds=duration,
+        stopped_by=entry.get("stopped_by"),
+        discarded_effects=entry.get("discarded_effects") or [],
+        error=entry.get("error"),
+    )
 
 
 def pending_sections(snapshot: StateSnapshot) -> dict[str, PendingSection]:

@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, model_validator
 
 from state import Settings, SettingsError
 
+from .models import FollowUpStrategy
+
 # Set by App Service / Azure Functions on every instance (Flex Consumption included).
 AZURE_HOST_MARKERS = ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID")
 ENTRA_LOGIN = "https://login.microsoftonline.com"
@@ -34,6 +36,8 @@ class AppSettings(Settings):
     case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
     # Two charges at the same merchant for the same amount within this window are a duplicate.
     case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
+    # What a follow-up message without a strategy does to a run in progress.
+    case_default_strategy: FollowUpStrategy = FollowUpStrategy.ENQUEUE
     # Health reports "degraded" when the oldest unflushed write-behind entry is older.
     state_backlog_degraded_seconds: int = Field(default=60, gt=0)
 

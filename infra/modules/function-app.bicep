@@ -222,6 +222,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_MAX_BODY_BYTES: '262144'
       CASE_SYNC_WAIT_SECONDS: '20'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'
+      CASE_DEFAULT_STRATEGY: 'enqueue'
       // Callers: Entra ID tokens for the API's app registration, checked by the app.
       // Never AUTH_DISABLED in Azure (the app refuses it); issuer and keys are Entra's.
       AUTH_DISABLED: 'false'

@@ -16,6 +16,7 @@ port says), which is how a test takes the tier away and gives it back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -55,6 +56,7 @@ from state.ports import (
     SectionWrite,
     StoredBlob,
     StoredCheckpoint,
+    StoredEvent,
     StoredWrite,
     TierHealth,
     TypedBytes,
@@ -1082,6 +1084,64 @@ class MemoryCheckpointFence:
 # --------------------------------------------------------------------------- assembled tiers
 
 
+class MemoryEventLog(_Tier):
+    """`EventLog` in lists, with the stream semantics of state.hot.redis_events: ids
+    `<ms>-<seq>` increasing per thread, the oldest dropped past `max_events`, a read that
+    waits (woken by an append) when there is nothing after `after`."""
+
+    def __init__(self, outage: Outage | None = None, *, max_events: int = 1000) -> None:
+        super().__init__(outage)
+        self._max_events = max_events
+        self._logs: dict[str, list[StoredEvent]] = {}
+        self._appended = asyncio.Condition()
+
+    async def append(self, thread_id: str, data: JSON) -> str:
+        self._call("append")
+        log = self._logs.setdefault(thread_id, [])
+        millis = int(time.time() * 1000)
+        if log:
+            last_ms, last_seq = (int(part) for part in log[-1].id.split("-"))
+            event_id = f"{last_ms}-{last_seq + 1}" if millis <= last_ms else f"{millis}-0"
+        else:
+            event_id = f"{millis}-0"
+        log.append(StoredEvent(event_id, json.loads(json.dumps(data))))
+        del log[: -self._max_events]
+        async with self._appended:
+            self._appended.notify_all()
+        return event_id
+
+    def _after(self, thread_id: str, after: str | None, count: int) -> list[StoredEvent]:
+        def key(event_id: str) -> tuple[int, int]:
+            millis, seq = event_id.split("-")
+            return int(millis), int(seq)
+
+        start = key(after or "0-0")
+        return [e for e in self._logs.get(thread_id, []) if key(e.id) > start][:count]
+
+    async def read(
+        self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
+    ) -> list[StoredEvent]:
+        self._call("read")
+        found = self._after(thread_id, after, count)
+        if found or not wait_ms:
+            return found
+        async with self._appended:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._appended.wait_for(lambda: bool(self._after(thread_id, after, count))),
+                    wait_ms / 1000,
+                )
+        return self._after(thread_id, after, count)
+
+    def valid_id(self, event_id: str) -> bool:
+        millis, _, seq = event_id.partition("-")
+        return millis.isdigit() and seq.isdigit()
+
+    async def delete(self, thread_id: str) -> None:
+        self._call("delete")
+        self._logs.pop(thread_id, None)
+
+
 @dataclass
 class MemoryHotTier:
     """The fakes of one Redis: records, checkpoint cache, write-behind log, fence."""
@@ -1093,6 +1153,7 @@ class MemoryHotTier:
         self.cache = MemoryCheckpointCache(self.outage)
         self.log = MemoryWriteBehindLog(self.cache)
         self.fence = MemoryCheckpointFence(self.log)
+        self.events = MemoryEventLog(self.outage)
 
 
 @contextlib.asynccontextmanager
@@ -1118,6 +1179,7 @@ async def memory_backends(
         retention=MemoryRetention(cold, checkpoints, ttl_seconds=settings.state_cold_ttl_seconds),
         flusher=flusher,
         checkpoint_fence=tier.fence if tier else None,
+        events=tier.events if tier else None,
     )
     if flusher is not None:
         flusher.start()

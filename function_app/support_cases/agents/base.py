@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
@@ -31,6 +31,15 @@ from ..settings import AppSettings
 from ..telemetry import traced
 
 
+class RunObserver(Protocol):
+    """Told of each agent step of a run: the case's progress events, and the step boundary
+    where a run a follow-up asked to stop does stop (`node_started` raises `RunStopped`)."""
+
+    async def node_started(self, node: str) -> None: ...
+
+    async def node_finished(self, node: str, section: str, summary: str | None) -> None: ...
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Per-run values LangGraph hands every node (not checkpointed: each run brings its own)."""
@@ -41,6 +50,7 @@ class RunContext:
     # instead of one write per step. Without it (write-through, or a graph driven by
     # other code) each agent writes its section at its step.
     defer_sections: bool = False
+    observer: RunObserver | None = None
 
 
 # Awaited with the step's name once its section is written, before LangGraph checkpoints
@@ -69,6 +79,9 @@ class StatefulAgent(ABC):
         case_id = state["case_id"]
         fencing_token = runtime.context.fencing_token if runtime.context else None
         defer = runtime.context.defer_sections if runtime.context else False
+        observer = runtime.context.observer if runtime.context else None
+        if observer is not None:
+            await observer.node_started(self.node)
         with traced(
             f"agent.{self.step}",
             expected=(GraphBubbleUp,),
@@ -97,6 +110,9 @@ class StatefulAgent(ABC):
             messages = self.messages(state, value)
             if messages:
                 update["messages"] = messages
+            if observer is not None:
+                summary = " ".join(message["content"] for message in messages) or None
+                await observer.node_finished(self.node, self.section, summary)
             return update
 
     @abstractmethod

@@ -19,6 +19,13 @@ def compose_response(state: CaseState) -> str:
     refund = state["refund"]
     account = state["account"]
     parts = ["Thank you for contacting us."]
+    asked = [m["content"] for m in state.get("messages", []) if m["role"] == "customer"]
+    if len(asked) > 1:
+        # A follow-up: answered together with everything the customer wrote before.
+        parts = [
+            f'Thank you for your follow-up ("{asked[-1]}"); here is where your whole case '
+            f"stands ({len(asked)} messages from you)."
+        ]
     if refund["status"] == "issued":
         parts.append(
             f"We found a duplicate charge at {billing['merchant']} and have refunded "

@@ -1,0 +1,94 @@
+"""A case's progress as events: what the runner publishes and what `GET .../events` serves.
+
+Events go to the state library's per-thread event log (Redis Streams), never to one
+process's memory, so any instance serves any case's stream and a client resumes
+after the last id it saw (`Last-Event-ID`). Publishing is best effort: a run never
+fails, or waits, because its progress could not be told (the case's record and
+checkpoints are the truth; events are the view of it as it happens).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from state import BackendUnavailable, EventLog, StoredEvent
+
+log = logging.getLogger(__name__)
+
+# A comment line every so often keeps proxies from closing a quiet stream.
+KEEP_ALIVE_SECONDS = 15.0
+# One blocking read of the log waits this long at most (the stream checks its own end
+# and the client in between).
+READ_WAIT_MS = 1000
+
+
+class EventsUnavailable(Exception):
+    """No event log (no hot tier configured, or Redis unreachable): maps to 503."""
+
+
+class InvalidEventId(Exception):
+    """A Last-Event-ID not of the log's form: maps to 422."""
+
+
+class CaseEvents:
+    def __init__(self, log_: EventLog | None) -> None:
+        self._log = log_
+
+    async def publish(self, case_id: str, event: str, **fields: Any) -> None:
+        if self._log is None:
+            return
+        data = {"event": event, "at": datetime.now(UTC).isoformat(), **fields}
+        try:
+            await self._log.append(case_id, data)
+        except BackendUnavailable as error:
+            log.warning("case %s: event %s not published: %s", case_id, event, error)
+
+    def check(self, after: str | None) -> EventLog:
+        if self._log is None:
+            raise EventsUnavailable("case events need the hot tier (REDIS_URL or REDIS_HOST)")
+        if after is not None and not self._log.valid_id(after):
+            raise InvalidEventId(f"Last-Event-ID {after!r} is not an event id of this API")
+        return self._log
+
+    async def stream(
+        self, case_id: str, after: str | None, *, seconds: float
+    ) -> AsyncIterator[StoredEvent | None]:
+        """The case's events after `after`, for `seconds`; None now and then while quiet
+        (the caller sends a keep-alive). Ends early if the log becomes unreachable: the
+        client reconnects with the last id it got."""
+        events = self.check(after)
+        deadline = time.monotonic() + seconds
+        quiet_since = time.monotonic()
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            try:
+                found = await events.read(
+                    case_id, after=after, wait_ms=max(0, min(READ_WAIT_MS, left_ms)), count=100
+                )
+            except BackendUnavailable as error:
+                log.warning("case %s: event stream ended: %s", case_id, error)
+                return
+            for event in found:
+                after = event.id
+                yield event
+            if found:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEP_ALIVE_SECONDS:
+                quiet_since = time.monotonic()
+                yield None
+            if left_ms <= 0:
+                return
+
+
+def sse_frame(event: StoredEvent | None) -> str:
+    """One Server-Sent Events frame (a comment for None: keep-alive)."""
+    if event is None:
+        return ": keep-alive\n\n"
+    name = str(event.data.get("event", "message")) if isinstance(event.data, dict) else "message"
+    body = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.id}\nevent: {name}\ndata: {body}\n\n"

@@ -1,0 +1,90 @@
+"""The `EventLog` contract on a real redis-server (Streams) and on the in-memory fake:
+ordered ids, reading after any id, a bounded log, a read that waits for the next event."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_events import RedisEventLog
+from state.ports import EventLog
+from state.settings import Settings
+from tests.support.fakes import MEMORY, MemoryEventLog
+from tests.support.records import unique_thread
+
+MAX_EVENTS = 200
+
+
+@pytest.fixture(params=["redis", MEMORY])
+async def events(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
+    if request.param == MEMORY:
+        yield MemoryEventLog(max_events=MAX_EVENTS)
+        return
+    stack_env: dict[str, str] = request.getfixturevalue("stack_env")
+    settings = Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": stack_env["REDIS_URL"]}
+    )
+    client = create_redis_client(settings)
+    yield RedisEventLog(
+        client, namespace=hot_namespace(settings), max_events=MAX_EVENTS, ttl_seconds=60
+    )
+    await client.aclose()
+
+
+def test_implements_the_port(events: EventLog) -> None:
+    assert isinstance(events, EventLog)
+
+
+async def test_reads_in_order_from_the_start_or_after_any_id(events: EventLog) -> None:
+    thread = unique_thread("events")
+    ids = [await events.append(thread, {"n": n}) for n in range(5)]
+    assert all(events.valid_id(event_id) for event_id in ids)
+    everything = await events.read(thread)
+    assert [event.data for event in everything] == [{"n": n} for n in range(5)]
+    assert [event.id for event in everything] == ids
+    after_second = await events.read(thread, after=ids[1])
+    assert [event.data["n"] for event in after_second] == [2, 3, 4]
+    assert await events.read(thread, after=ids[-1]) == []
+    assert [event.data["n"] for event in await events.read(thread, count=2)] == [0, 1]
+
+
+async def test_threads_are_apart_and_delete_drops_one(events: EventLog) -> None:
+    one, other = unique_thread("events"), unique_thread("events")
+    await events.append(one, {"thread": "one"})
+    await events.append(other, {"thread": "other"})
+    await events.delete(one)
+    assert await events.read(one) == []
+    assert [event.data for event in await events.read(other)] == [{"thread": "other"}]
+
+
+async def test_a_long_log_keeps_at_least_its_bound_and_the_newest(events: EventLog) -> None:
+    thread = unique_thread("events")
+    for n in range(MAX_EVENTS * 3):
+        await events.append(thread, {"n": n})
+    kept = await events.read(thread, count=MAX_EVENTS * 3)
+    # Redis trims whole stream nodes (approximate MAXLEN): at least the bound is kept.
+    assert MAX_EVENTS <= len(kept) < MAX_EVENTS * 3
+    assert kept[-1].data == {"n": MAX_EVENTS * 3 - 1}
+
+
+async def test_a_waiting_read_returns_the_next_event_as_it_is_appended(events: EventLog) -> None:
+    thread = unique_thread("events")
+    last = await events.append(thread, {"n": 0})
+    started = time.monotonic()
+    waiting = asyncio.ensure_future(events.read(thread, after=last, wait_ms=1000))
+    await asyncio.sleep(0.1)
+    await events.append(thread, {"n": 1})
+    found = await waiting
+    assert [event.data for event in found] == [{"n": 1}]
+    assert time.monotonic() - started < 0.9
+    # Nothing comes: the wait ends empty after about wait_ms.
+    assert await events.read(thread, after=found[-1].id, wait_ms=200) == []
+
+
+def test_ids_of_another_form_are_not_valid(events: EventLog) -> None:
+    for bad in ("", "abc", "1-", "-1", "1-2-3", "12.5-0"):
+        assert not events.valid_id(bad)

@@ -1,0 +1,402 @@
+"""Cases as conversations, end to end on the real stack (both cold backends, Redis in
+front): follow-up messages under each strategy, the runs list, and the case's events
+over Server-Sent Events.
+
+A run is held open at a chosen step (the app's `after_step` seam) so a follow-up
+arrives while it is in progress, deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from support_cases.api import create_app
+from support_cases.auth import ROLE_REVIEW, ROLE_SUBMIT
+from support_cases.demo import demo_case
+from support_cases.effects import idempotency_key
+from support_cases.runtime import Runtime
+from support_cases.service import case_config
+from support_cases.settings import AppSettings
+
+INVOICE = "I also can't download my invoice"
+LOGIN_AGAIN = "The reset link did not arrive, I still cannot log in"
+THANKS = "Thanks, that is all"
+
+
+class StepGate:
+    """Holds the named steps of every run open until released."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.reached: dict[str, asyncio.Event] = {}
+        self.release: dict[str, asyncio.Event] = {}
+
+    def hold(self, step: str) -> None:
+        self.held.add(step)
+        self.reached[step] = asyncio.Event()
+        self.release[step] = asyncio.Event()
+
+    def open(self) -> None:
+        for event in self.release.values():
+            event.set()
+        self.held.clear()
+
+    async def hook(self, step: str) -> None:
+        if step in self.held:
+            self.reached[step].set()
+            await self.release[step].wait()
+
+
+@pytest.fixture(scope="module")
+def gate() -> StepGate:
+    return StepGate()
+
+
+@pytest.fixture(scope="module", params=["cosmos", "postgres"])
+async def runtime(
+    request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
+) -> AsyncIterator[Runtime]:
+    # A short wait: a request answers 202 while the held run goes on.
+    settings = e2e_settings(str(request.param), case_sync_wait_seconds=0.5)
+    opened = await Runtime.open(settings, after_step=gate.hook)
+    try:
+        yield opened
+    finally:
+        gate.open()
+        await opened.service.wait_idle()
+        await opened.close()
+
+
+@pytest.fixture
+async def client(
+    runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://conversation.test", headers=bearer("e2e-client")
+    ) as http:
+        yield http
+    gate.open()
+    await runtime.service.wait_idle()
+
+
+async def runs_of(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/api/cases/{case_id}/runs")
+    assert response.status_code == 200, response.text
+    return list(response.json()["runs"])
+
+
+async def until_idle(
+    runtime: Runtime, client: httpx.AsyncClient, case_id: str
+) -> list[dict[str, Any]]:
+    """The runs once none is queued or running (the runs go on in the background)."""
+    deadline = time.monotonic() + 60
+    while True:
+        await runtime.service.wait_idle()
+        runs = await runs_of(client, case_id)
+        if not any(run["status"] in ("queued", "running") for run in runs):
+            return runs
+        assert time.monotonic() < deadline, runs
+        await asyncio.sleep(0.05)
+
+
+async def post(
+    client: httpx.AsyncClient, case_id: str, text: str, strategy: str | None = None, **headers: str
+) -> httpx.Response:
+    body: dict[str, Any] = {"text": text}
+    if strategy:
+        body["strategy"] = strategy
+    return await client.post(f"/api/cases/{case_id}/messages", json=body, headers=headers)
+
+
+async def conversation(runtime: Runtime, case_id: str) -> list[dict[str, Any]]:
+    state = await runtime.graph.aget_state(case_config(case_id))
+    return list(state.values.get("messages", []))
+
+
+def customer_messages(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "customer"]
+
+
+async def start_held(client: httpx.AsyncClient, gate: StepGate, case_id: str, step: str) -> None:
+    """Submit case_8842 (as `case_id`) and hold its run after `step`."""
+    gate.hold(step)
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 202, response.text
+    await asyncio.wait_for(gate.reached[step].wait(), 30)
+
+
+async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_everything(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    response = await post(client, case_id, INVOICE)
+    assert response.status_code == 200, response.text
+    run = response.json()["run"]
+    assert run["status"] == "completed" and run["kind"] == "message"
+    assert run["strategy"] == "enqueue"  # the default strategy
+    assert response.headers["location"] == f"/api/cases/{case_id}/runs"
+
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "completed"
+    assert INVOICE in case["final_response"]
+    assert "refunded 49.99 USD" in case["final_response"]  # the whole case, not only the new
+    steps = case["completed_steps"]
+    # The invoice is about money: billing ran again; the account agent was not needed.
+    assert steps.count("billing") == 2 and steps.count("account") == 1
+    assert steps.count("intake") == 2 and steps.count("response") == 2
+    # The refund is not issued twice for one case.
+    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+    assert customer_messages(await conversation(runtime, case_id)) == [
+        demo_case(case_id)["text"],
+        INVOICE,
+    ]
+
+    await post(client, case_id, LOGIN_AGAIN)
+    await post(client, case_id, THANKS)
+    steps = (await client.get(f"/api/cases/{case_id}")).json()["completed_steps"]
+    # Access: the account agent; a thank-you: neither billing nor account, straight to policy.
+    assert steps.count("account") == 2 and steps.count("billing") == 2
+    assert steps.count("policy") == 4
+    runs = await runs_of(client, case_id)
+    assert [r["kind"] for r in runs] == ["intake", "message", "message", "message"]
+    assert all(r["status"] == "completed" and r["duration_seconds"] >= 0 for r in runs)
+
+
+async def test_reject_answers_409_while_a_run_is_in_progress(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    await start_held(client, gate, case_id, "billing")
+    refused = await post(client, case_id, INVOICE, "reject")
+    assert refused.status_code == 409, refused.text
+    assert "run in progress" in refused.json()["error"]
+    gate.open()
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed"]  # nothing was queued
+    accepted = await post(client, case_id, INVOICE, "reject")
+    assert accepted.status_code == 200 and accepted.json()["run"]["status"] == "completed"
+
+
+async def test_enqueue_runs_each_message_once_in_arrival_order_after_the_current_run(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    await start_held(client, gate, case_id, "billing")
+    first = await post(client, case_id, INVOICE, "enqueue")
+    second = await post(client, case_id, THANKS, "enqueue")
+    for response in (first, second):
+        assert response.status_code == 202, response.text
+        assert response.json()["run"]["status"] == "queued"
+    gate.open()
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed"] * 3
+    assert [r["text"] for r in runs[1:]] == [INVOICE, THANKS]
+    assert [r["run_id"] for r in runs[1:]] == [
+        first.json()["run"]["run_id"],
+        second.json()["run"]["run_id"],
+    ]
+    # FIFO: each run started after the one before it ended.
+    for earlier, later in itertools.pairwise(runs):
+        assert later["started_at"] >= earlier["ended_at"]
+    assert customer_messages(await conversation(runtime, case_id)) == [
+        demo_case(case_id)["text"],
+        INVOICE,
+        THANKS,
+    ]
+
+
+async def test_interrupt_stops_the_run_at_its_next_step_and_the_new_run_starts_from_its_state(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    await start_held(client, gate, case_id, "billing")
+    response = await post(client, case_id, INVOICE, "interrupt")
+    assert response.status_code == 202, response.text
+    gate.open()
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["interrupted", "completed"]
+    assert runs[0]["stopped_by"] == runs[1]["run_id"]
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    steps = case["completed_steps"]
+    # The first run's progress was kept (intake, billing, account); it stopped before policy.
+    assert steps[:3] == ["intake", "billing", "account"] or steps[:3] == [
+        "intake",
+        "account",
+        "billing",
+    ]
+    assert steps.count("policy") == 1 and steps.count("response") == 1
+    assert case["refund"]["status"] == "issued"
+    assert customer_messages(await conversation(runtime, case_id)) == [
+        demo_case(case_id)["text"],
+        INVOICE,
+    ]
+    # The interrupted run's checkpoints are still there.
+    first_run = [
+        s
+        async for s in runtime.graph.aget_state_history(case_config(case_id))
+        if (s.metadata or {}).get("run_id") == runs[0]["run_id"]
+    ]
+    assert first_run
+
+
+async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_done(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    # Held after the refund went out: the rolled-back run has done two side effects.
+    await start_held(client, gate, case_id, "refund")
+    response = await post(client, case_id, INVOICE, "rollback")
+    assert response.status_code == 202, response.text
+    gate.open()
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["rolled_back", "completed"]
+    discarded = {effect["kind"]: effect for effect in runs[0]["discarded_effects"]}
+    assert set(discarded) == {"refund", "reset_link"}
+    # None of its checkpoints is left; the new run started from before it.
+    history = [s async for s in runtime.graph.aget_state_history(case_config(case_id))]
+    assert history
+    assert not [s for s in history if (s.metadata or {}).get("run_id") == runs[0]["run_id"]]
+    assert customer_messages(await conversation(runtime, case_id)) == [INVOICE]
+    # Its side effects are not repeated: the new run found them done and reused them.
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["refund"]["reference"] == discarded["refund"]["result"]["reference"]
+    for kind in ("refund", "reset_link"):
+        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
+
+
+async def test_a_follow_up_waits_behind_a_review_and_runs_after_the_decision(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    case = demo_case(case_id)
+    for transaction in case["transactions"]:
+        transaction["amount"] = 900.0
+    assert (await client.post("/api/cases", json=case)).json()["status"] == "awaiting_review"
+    queued = await post(client, case_id, INVOICE)
+    assert queued.status_code == 202 and queued.json()["run"]["status"] == "queued"
+    assert (await post(client, case_id, THANKS, "reject")).status_code == 409
+    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    assert decided.status_code in (200, 202), decided.text
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed", "completed"]
+    assert runs[1]["started_at"] >= runs[0]["ended_at"]
+
+
+async def test_messages_are_idempotent_on_their_key(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    first = await post(client, case_id, INVOICE, **{"Idempotency-Key": "follow-up-1"})
+    again = await post(client, case_id, INVOICE, **{"Idempotency-Key": "follow-up-1"})
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["run"]["run_id"] == first.json()["run"]["run_id"]
+    other = await post(client, case_id, THANKS, **{"Idempotency-Key": "follow-up-1"})
+    assert other.status_code == 422, other.text
+    runs = await until_idle(runtime, client, case_id)
+    assert len(runs) == 2
+    assert customer_messages(await conversation(runtime, case_id)).count(INVOICE) == 1
+
+
+async def test_bad_messages_and_strangers_are_refused_before_anything_is_written(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    for body in ({}, {"text": ""}, {"text": "x", "strategy": "later"}, {"text": "x", "extra": 1}):
+        response = await client.post(f"/api/cases/{case_id}/messages", json=body)
+        assert response.status_code == 422, (body, response.text)
+    missing = await post(client, "case-e2e-nobody-has-this", INVOICE)
+    assert missing.status_code == 404
+    stranger = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": INVOICE},
+        headers=bearer("someone-else", [ROLE_SUBMIT]),
+    )
+    assert stranger.status_code == 404
+    reviewer = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": INVOICE},
+        headers=bearer("a-reviewer", [ROLE_REVIEW]),
+    )
+    assert reviewer.status_code == 403
+    assert len(await runs_of(client, case_id)) == 1
+
+
+def parse_sse(body: str) -> list[dict[str, Any]]:
+    events = []
+    for frame in body.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in frame.splitlines() if line and not line.startswith(":")
+        )
+        if fields:
+            events.append(
+                {"id": fields["id"], "event": fields["event"], **json.loads(fields["data"])}
+            )
+    return events
+
+
+async def test_events_tell_each_run_and_step_and_resume_after_the_last_id(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await post(client, case_id, INVOICE)
+    response = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    kinds = [e["event"] for e in events]
+    assert kinds[:3] == ["run_queued", "run_started", "node_started"]
+    assert kinds.count("run_completed") == 2 and kinds.count("run_queued") == 2
+    finished = [e for e in events if e["event"] == "node_finished"]
+    assert {e["node"] for e in finished} >= {"intake", "billing_agent", "response_agent"}
+    billing = next(e for e in finished if e["node"] == "billing_agent")
+    assert billing["section"] == "billing" and "duplicate" in billing["summary"]
+    assert events[-1]["event"] == "run_completed" and events[-1]["queued"] == 0
+    assert len({e["id"] for e in events}) == len(events)
+
+    middle = events[len(events) // 2]["id"]
+    rest = await client.get(
+        f"/api/cases/{case_id}/events", params={"seconds": 0}, headers={"Last-Event-ID": middle}
+    )
+    assert parse_sse(rest.text) == events[len(events) // 2 + 1 :]
+    bad = await client.get(
+        f"/api/cases/{case_id}/events", params={"seconds": 0}, headers={"Last-Event-ID": "x"}
+    )
+    assert bad.status_code == 422
+
+
+async def test_a_live_stream_gets_the_next_run_as_it_happens(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    backlog = parse_sse(
+        (await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})).text
+    )
+    seen: list[dict[str, Any]] = []
+
+    async def listen() -> None:
+        async with client.stream(
+            "GET",
+            f"/api/cases/{case_id}/events",
+            params={"seconds": 20},
+            headers={"Last-Event-ID": backlog[-1]["id"]},
+        ) as stream:
+            buffer = ""
+            async for chunk in stream.aiter_text():
+                buffer += chunk
+                *frames, buffer = buffer.split("\n\n")
+                seen.extend(parse_sse("\n\n".join(frames)))
+                if any(e["event"] == "run_completed" for e in seen):
+                    return
+
+    listener = asyncio.ensure_future(listen())
+    await asyncio.sleep(0.3)
+    await post(client, case_id, INVOICE)
+    await asyncio.wait_for(listener, 30)
+    assert seen[0]["event"] == "run_queued" and seen[-1]["event"] == "run_completed"
