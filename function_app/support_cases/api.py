@@ -67,6 +67,21 @@ ERRORS[409]["headers"] = {
 }
 
 
+# An event's id (`<ms>-<seq>`, or `<ms>` for `<ms>-0`); a client resumes after the last one
+# it got (`0`: from the oldest kept).
+EVENT_ID_PATTERN = r"^\d{1,20}(-\d{1,20})?$"
+# One Server-Sent Event as a client parses it: `data` is the event's JSON, `event` its type.
+SSE_EVENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": EVENT_ID_PATTERN},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["id", "event", "data"],
+}
+
+
 def case_links(case_id: str) -> CaseLinks:
     base = f"{API_PREFIX}/cases/{case_id}"
     return CaseLinks(
@@ -249,7 +264,7 @@ async def case_runs(case_id: CaseId, caller: Caller, cases: Cases) -> RunsView:
         200: {
             "description": "`text/event-stream`: one frame per event (`id`, `event`, "
             "`data` as JSON), a `: keep-alive` comment while quiet; ends after `seconds`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         }
     },
 )
@@ -260,17 +275,18 @@ async def case_events(
     seconds: Annotated[
         float, Query(ge=0, le=200, description="How long the stream stays open")
     ] = 60.0,
+    # Not nullable in the document (a client sends no header rather than "null"): absent is "".
     last_event_id: Annotated[
-        str | None,
-        Header(alias="Last-Event-ID", min_length=1, max_length=64, description="Resume after"),
-    ] = None,
+        str,
+        Header(alias="Last-Event-ID", pattern=EVENT_ID_PATTERN, description="Resume after"),
+    ] = "",
     after: Annotated[
-        str | None,
-        Query(min_length=1, max_length=64, description="Resume after (Last-Event-ID)"),
-    ] = None,
+        str,
+        Query(pattern=EVENT_ID_PATTERN, description="Resume after (as Last-Event-ID)"),
+    ] = "",
 ) -> StreamingResponse:
     await readable_case(case_id, caller, cases)
-    start = last_event_id or after
+    start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
 
     async def frames() -> AsyncIterator[str]:

@@ -21,7 +21,8 @@ from .redis_store import redis_errors
 EVENTS_KIND = "events"
 # Below the client's 2 s socket timeout: a blocking read must answer before it.
 MAX_WAIT_MS = 1500
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# `<ms>-<seq>`, or `<ms>` alone (Redis reads it as `<ms>-0`).
+_STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 
 
 class RedisEventLog:

@@ -85,6 +85,14 @@ async def test_a_waiting_read_returns_the_next_event_as_it_is_appended(events: E
     assert await events.read(thread, after=found[-1].id, wait_ms=200) == []
 
 
-def test_ids_of_another_form_are_not_valid(events: EventLog) -> None:
-    for bad in ("", "abc", "1-", "-1", "1-2-3", "12.5-0"):
+async def test_ids_of_another_form_are_not_valid_and_a_bare_time_reads_after_it(
+    events: EventLog,
+) -> None:
+    for bad in ("", "abc", "1-", "-1", "1-2-3", "12.5-0", "+1"):
         assert not events.valid_id(bad)
+    thread = unique_thread("events")
+    first = await events.append(thread, {"n": 0})
+    assert events.valid_id("0")
+    assert [e.data for e in await events.read(thread, after="0")] == [{"n": 0}]
+    millis = first.split("-")[0]
+    assert await events.read(thread, after=str(int(millis) + 1)) == []

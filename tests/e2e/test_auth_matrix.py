@@ -138,6 +138,28 @@ EXPECTED: dict[str, dict[str, int]] = {
         "operator": 200,
         "no role": 403,
     },
+    # Only the case's submitter writes to it again (an operator holding the submit role too).
+    "POST /api/cases/{done}/messages": {
+        "owner": 200,
+        "submitter": 404,
+        "reviewer": 403,
+        "operator": 403,
+        "no role": 403,
+    },
+    "GET /api/cases/{done}/runs": {
+        "owner": 200,
+        "submitter": 404,
+        "reviewer": 404,
+        "operator": 200,
+        "no role": 403,
+    },
+    "GET /api/cases/{waiting}/events": {
+        "owner": 200,
+        "submitter": 404,
+        "reviewer": 200,
+        "operator": 200,
+        "no role": 403,
+    },
     # Authorized callers reach the use case, which refuses a completed case (409).
     "POST /api/cases/{done}/review": {
         "owner": 403,
@@ -182,7 +204,13 @@ def _body_for(route: str) -> dict[str, Any] | None:
         return demo_case(f"case-matrix-{uuid.uuid4().hex[:12]}")
     if route.endswith("/review"):
         return {"decision": "approve"}
+    if route.endswith("/messages"):
+        return {"text": "Any news on my refund?"}
     return None
+
+
+# The event stream answers what it has and ends, rather than staying open.
+PARAMS = {"GET /api/cases/{waiting}/events": {"seconds": 0}}
 
 
 async def test_route_by_caller_matrix(
@@ -207,7 +235,9 @@ async def test_route_by_caller_matrix(
         path = template.format(done=done, waiting=waiting)
         for caller, headers in callers.items():
             expected = by_caller.get(caller, 401)
-            response = await api.request(method, path, json=_body_for(route), headers=headers)
+            response = await api.request(
+                method, path, json=_body_for(route), headers=headers, params=PARAMS.get(route)
+            )
             if response.status_code != expected:
                 mismatches.append(
                     f"{route} as {caller}: {response.status_code} (wanted {expected}) "

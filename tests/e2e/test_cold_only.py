@@ -30,6 +30,15 @@ async def test_case_completes_on_the_cold_tier_alone(
             response = await client.post("/api/cases", json=demo_case(case_id))
             assert response.status_code == 201, response.text
             assert response.json()["status"] == "completed"
+            # A follow-up runs too (the run lease is in the cold record); progress events
+            # need the hot tier's log: 503, said so.
+            follow_up = await client.post(
+                f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
+            )
+            assert follow_up.status_code == 200, follow_up.text
+            assert follow_up.json()["run"]["status"] == "completed"
+            events = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
+            assert events.status_code == 503 and "hot tier" in events.json()["error"]
             health = (await client.get("/api/health")).json()
         assert [tier["name"] for tier in health["tiers"]] == [settings.state_cold_backend.value]
         for kind in ("refund", "reset_link"):

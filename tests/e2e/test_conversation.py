@@ -1,5 +1,5 @@
-"""Cases as conversations, end to end on the real stack (both cold backends, Redis in
-front): follow-up messages under each strategy, the runs list, and the case's events
+"""Cases as conversations, end to end on the real stack (both cold backends and both write
+modes, Redis in front): follow-up messages under each strategy, the runs list, and the case's events
 over Server-Sent Events.
 
 A run is held open at a chosen step (the app's `after_step` seam) so a follow-up
@@ -60,12 +60,20 @@ def gate() -> StepGate:
     return StepGate()
 
 
-@pytest.fixture(scope="module", params=["cosmos", "postgres"])
+# Each cold backend, and each write mode once (a run's checkpoints in Redis until its
+# boundary, or every step in the cold store).
+@pytest.fixture(
+    scope="module",
+    params=[("cosmos", "write-behind"), ("postgres", "write-through")],
+    ids=lambda param: "-".join(param),
+)
 async def runtime(
     request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
 ) -> AsyncIterator[Runtime]:
+    backend, mode = request.param
     # A short wait: a request answers 202 while the held run goes on.
-    settings = e2e_settings(str(request.param), case_sync_wait_seconds=0.5)
+    settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5)
+    assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
     opened = await Runtime.open(settings, after_step=gate.hook)
     try:
         yield opened

@@ -1112,8 +1112,8 @@ class MemoryEventLog(_Tier):
 
     def _after(self, thread_id: str, after: str | None, count: int) -> list[StoredEvent]:
         def key(event_id: str) -> tuple[int, int]:
-            millis, seq = event_id.split("-")
-            return int(millis), int(seq)
+            millis, _, seq = event_id.partition("-")
+            return int(millis), int(seq or 0)
 
         start = key(after or "0-0")
         return [e for e in self._logs.get(thread_id, []) if key(e.id) > start][:count]
@@ -1134,8 +1134,8 @@ class MemoryEventLog(_Tier):
         return self._after(thread_id, after, count)
 
     def valid_id(self, event_id: str) -> bool:
-        millis, _, seq = event_id.partition("-")
-        return millis.isdigit() and seq.isdigit()
+        millis, dash, seq = event_id.partition("-")
+        return millis.isdigit() and (seq.isdigit() or not dash)
 
     async def delete(self, thread_id: str) -> None:
         self._call("delete")

@@ -1,0 +1,163 @@
+"""The case's run queue (`support_cases.runs`) over in-memory fakes of the tiers: the order
+follow-ups run in per strategy, what `reject` refuses, what `start_next` starts, what the
+record keeps."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from state import TieredStateStore
+from support_cases.models import CaseStatus, FollowUpStrategy, RunStatus
+from support_cases.runs import (
+    FINISHED_RUNS_KEPT,
+    RUN_SECTION,
+    RUNS_SECTION,
+    RunInProgress,
+    RunTracker,
+    current_run,
+    new_run_entry,
+    new_run_section,
+    queued,
+    runs_of,
+    trimmed,
+)
+from support_cases.settings import AppSettings
+from tests.support.fakes import memory_backends
+
+CASE = "case-queue"
+
+
+@pytest.fixture
+async def tracker() -> AsyncIterator[tuple[RunTracker, TieredStateStore]]:
+    settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        await store.create(
+            CASE,
+            {
+                RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
+                RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
+            },
+            agent_id="test",
+        )
+        yield RunTracker(store, backends.retention, settings), store
+
+
+def follow_up(run_id: str, strategy: FollowUpStrategy) -> dict[str, object]:
+    return new_run_entry(run_id, "message", RunStatus.QUEUED, text=run_id, strategy=strategy)
+
+
+async def runs(store: TieredStateStore) -> list[dict[str, object]]:
+    record = await store.get(CASE)
+    assert record is not None
+    return runs_of(record)
+
+
+async def test_stopping_follow_ups_go_first_in_arrival_order_and_the_first_one_stops_the_run(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    for run_id, strategy in (
+        ("e1", FollowUpStrategy.ENQUEUE),
+        ("i1", FollowUpStrategy.INTERRUPT),
+        ("r1", FollowUpStrategy.ROLLBACK),
+        ("e2", FollowUpStrategy.ENQUEUE),
+    ):
+        stored, replayed = await track.enqueue(
+            CASE, follow_up(run_id, strategy), strategy, agent_id="test"
+        )
+        assert stored["run_id"] == run_id and not replayed
+    found = await runs(store)
+    assert [entry["run_id"] for entry in queued(found)] == ["i1", "r1", "e1", "e2"]
+    current = current_run(found)
+    assert current is not None
+    assert (current["stop"], current["stopped_by"]) == ("interrupt", "i1")
+
+
+async def test_a_replayed_run_id_is_not_queued_twice(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    entry = follow_up("e1", FollowUpStrategy.ENQUEUE)
+    await track.enqueue(CASE, entry, FollowUpStrategy.ENQUEUE, agent_id="test")
+    again, replayed = await track.enqueue(CASE, entry, FollowUpStrategy.ENQUEUE, agent_id="test")
+    assert replayed and again["run_id"] == "e1"
+    assert [e["run_id"] for e in await runs(store)] == ["r0", "e1"]
+
+
+async def test_reject_refuses_while_a_run_is_current_or_queued_and_writes_nothing(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    with pytest.raises(RunInProgress, match="r0"):
+        await track.enqueue(
+            CASE, follow_up("x", FollowUpStrategy.REJECT), FollowUpStrategy.REJECT, agent_id="t"
+        )
+    await track.mark(CASE, CaseStatus.COMPLETED)
+    await track.enqueue(
+        CASE, follow_up("e1", FollowUpStrategy.ENQUEUE), FollowUpStrategy.ENQUEUE, agent_id="t"
+    )
+    with pytest.raises(RunInProgress, match="e1"):
+        await track.enqueue(
+            CASE, follow_up("x", FollowUpStrategy.REJECT), FollowUpStrategy.REJECT, agent_id="t"
+        )
+    assert [e["run_id"] for e in await runs(store)] == ["r0", "e1"]
+
+
+async def test_start_next_waits_for_the_current_run_then_starts_the_oldest(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    for run_id in ("e1", "e2"):
+        await track.enqueue(
+            CASE,
+            follow_up(run_id, FollowUpStrategy.ENQUEUE),
+            FollowUpStrategy.ENQUEUE,
+            agent_id="t",
+        )
+    assert await track.start_next(CASE, fencing_token=None) is None  # r0 still running
+    assert await track.mark(CASE, CaseStatus.AWAITING_REVIEW) == 2
+    assert await track.start_next(CASE, fencing_token=None) is None  # paused for review
+    assert await track.mark(CASE, CaseStatus.COMPLETED) == 2
+    started = await track.start_next(CASE, fencing_token=None)
+    assert started is not None and started["run_id"] == "e1"
+    record = await store.get(CASE)
+    assert record is not None and record.sections[RUN_SECTION]["run_id"] == "e1"
+    assert [(e["run_id"], e["status"]) for e in runs_of(record)] == [
+        ("r0", "completed"),
+        ("e1", "running"),
+        ("e2", "queued"),
+    ]
+    assert await track.mark(CASE, CaseStatus.COMPLETED) == 1
+    assert runs_of(await store.get(CASE) or record)[1]["status"] == "completed"
+
+
+async def test_a_stopped_run_ends_with_what_it_discarded(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    effect = {"kind": "refund", "idempotency_key": f"{CASE}:refund", "status": "done"}
+    await track.end_stopped(
+        CASE, "r0", RunStatus.ROLLED_BACK, fencing_token=None, discarded_effects=[effect]
+    )
+    (entry,) = await runs(store)
+    assert entry["status"] == "rolled_back" and entry["discarded_effects"] == [effect]
+    assert entry["ended_at"]
+
+
+def test_the_record_keeps_every_open_run_and_the_newest_finished_ones() -> None:
+    finished = [
+        {**new_run_entry(f"f{n}", "message", RunStatus.QUEUED), "status": "completed"}
+        for n in range(FINISHED_RUNS_KEPT + 10)
+    ]
+    open_runs = [
+        new_run_entry("q", "message", RunStatus.QUEUED),
+        new_run_entry("c", "message", RunStatus.RUNNING),
+    ]
+    kept = trimmed([finished[0], *open_runs, *finished[1:]])
+    assert [e["run_id"] for e in kept if e["status"] != "completed"] == ["q", "c"]
+    assert [e["run_id"] for e in kept if e["status"] == "completed"] == [
+        e["run_id"] for e in finished[-FINISHED_RUNS_KEPT:]
+    ]
