@@ -1,4 +1,4 @@
-"""`agent-state`: run the local stack and API, submit cases, read them back, decide reviews.
+"""`agent-state`: run the local stack and API, submit cases, read them back, decide reviews, reply.
 
     agent-state stack up|down|status       the local Redis + Cosmos emulator (+ Postgres)
     agent-state serve                      stack up (if needed) + the API on 127.0.0.1:7071
@@ -6,6 +6,9 @@
     agent-state show CASE | checkpoints CASE | audit CASE
     agent-state review CASE approve|reject [--note TEXT]
     agent-state resume CASE [--no-wait] | health
+    agent-state reply CASE TEXT [--strategy reject|enqueue|interrupt|rollback]
+    agent-state runs CASE                  the case's runs: intake, then one per reply
+    agent-state follow CASE                its progress as it happens, until it rests
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
 http://127.0.0.1:7071) and `--json` for the raw JSON answer. It calls with an
@@ -19,6 +22,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -26,9 +32,12 @@ from urllib.parse import urlsplit
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from support_cases.demo import demo_case
+from support_cases.models import FollowUpStrategy
 
 from .tokens import TokenUnavailable, access_token
 
@@ -214,32 +223,48 @@ def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
 
 def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
     try:
+        return _request(method, api, path, **kwargs)
+    except httpx.TransportError as error:
+        errors.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
+        raise typer.Exit(2) from error
+
+
+def _request(
+    method: str, api: str, path: str, **kwargs: Any
+) -> tuple[httpx.Response, dict[str, Any]]:
+    headers = {**_auth_headers(api), **(kwargs.pop("headers", None) or {})}
+    response = httpx.request(
+        method, f"{api.rstrip('/')}/api{path}", timeout=60, headers=headers, **kwargs
+    )
+    return response, _body(response)
+
+
+def _auth_headers(api: str) -> dict[str, str]:
+    try:
         token = access_token(api)
     except TokenUnavailable as error:
         errors.print(f"[red]no access token: {error}[/red]")
         raise typer.Exit(2) from error
-    headers = dict(kwargs.pop("headers", None) or {})
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _body(response: httpx.Response) -> dict[str, Any]:
     try:
-        response = httpx.request(
-            method, f"{api.rstrip('/')}/api{path}", timeout=60, headers=headers, **kwargs
-        )
-    except httpx.TransportError as error:
-        errors.print(f"[red]cannot reach {api}: {error}[/red] (is `agent-state serve` running?)")
-        raise typer.Exit(2) from error
-    try:
-        body: dict[str, Any] = response.json() if response.content else {}
+        return response.json() if response.content else {}
     except ValueError:  # not JSON: a proxy's or the Functions host's own error page
-        body = {"error": response.text}
-    return response, body
+        return {"error": response.text}
+
+
+def _refuse_errors(response: httpx.Response, body: dict[str, Any]) -> None:
+    """An error answer is printed and ends the command."""
+    if response.status_code >= 400:
+        errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
+        raise typer.Exit(1)
 
 
 def _answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
     """The body of a successful answer; an error is printed and ends the command."""
-    if response.status_code >= 400:
-        errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
-        raise typer.Exit(1)
+    _refuse_errors(response, body)
     if response.status_code == 202:
         errors.print(f"[yellow]still running; status at {response.headers.get('location')}[/]")
     return body
@@ -443,6 +468,318 @@ def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
         )
     console.print(f"overall: {answer['status']}")
     console.print(table)
+
+
+# --------------------------------------------------------------------------- conversations
+
+BUSY_RUNS = frozenset({"queued", "running"})
+# Events after which the case may be at rest; the runs list confirms it.
+RESTING_EVENTS = frozenset({"run_completed", "run_failed", "interrupt"})
+# The API sends a keep-alive every 15 s of quiet: a read that hears nothing for longer
+# than this is a dead connection.
+STREAM_READ_TIMEOUT_SECONDS = 45.0
+# A dropped stream is reconnected this many times in a row, pausing 1 s, 2 s, ... between.
+MAX_RECONNECTS = 5
+EVENT_STYLES = {
+    "run_completed": "green",
+    "run_failed": "red",
+    "interrupt": "yellow",
+    "run_interrupted": "yellow",
+    "run_rolled_back": "yellow",
+}
+
+
+@app.command()
+def reply(
+    case: str,
+    text: Annotated[str, typer.Argument(help="The customer's message.")],
+    strategy: Annotated[
+        FollowUpStrategy | None,
+        typer.Option(
+            help="If a run is in progress: reject the message (409), enqueue it after the "
+            "run, interrupt the run (its progress kept) or rollback the run (its progress "
+            "discarded). Default: the API's (enqueue).",
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option("--idempotency-key", help="Makes a retried reply safe.")
+    ] = None,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a follow-up message to a case: it becomes a run of the case."""
+    body: dict[str, Any] = {"text": text}
+    if strategy is not None:
+        body["strategy"] = strategy.value
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    response, answer = _send("POST", api, f"/cases/{case}/messages", json=body, headers=headers)
+    _refuse_errors(response, answer)
+    if as_json:
+        _print_json(answer)
+        return
+    run = answer["run"]
+    table = Table("field", "value", show_header=False)
+    table.add_row("case", case)
+    table.add_row("run", run["run_id"])
+    table.add_row("status", f"[bold]{run['status']}[/bold]{_took(run, ' in {:.2f} s')}")
+    table.add_row("strategy", run["strategy"] or "-")
+    if response.headers.get("idempotent-replayed") == "true":
+        table.add_row("replayed", "this Idempotency-Key was used before: that message's run")
+    for name, note in _run_notes(run):
+        table.add_row(name, note)
+    if run["status"] in BUSY_RUNS:
+        table.add_row("follow it", f"agent-state follow {case}")
+    else:
+        table.add_row("the answer", f"agent-state show {case}")
+    console.print(table)
+
+
+@app.command("runs")
+def list_runs(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+    """A case's runs, oldest first: its intake, then one per follow-up message."""
+    answer = _call("GET", api, f"/cases/{case}/runs")
+    if as_json:
+        _print_json(answer)
+        return
+    notes = [_run_notes(run) for run in answer["runs"]]
+    # The notes column only when a run has some (a stopped run, a failed one).
+    with_notes = any(notes)
+    table = Table("run", "kind", "status", "strategy", "text", "started", "duration")
+    if with_notes:
+        table.add_column("notes")
+    for run, run_notes in zip(answer["runs"], notes, strict=True):
+        cells = [
+            _short_run(run["run_id"]),
+            run["kind"],
+            run["status"],
+            run["strategy"] or "-",
+            escape(_shortened(run["text"] or "-", 32)),
+            (run["started_at"] or "-")[:19].replace("T", " "),
+            _took(run, "{:.2f} s") or "-",
+        ]
+        if with_notes:
+            cells.append("; ".join(f"{name}: {note}" for name, note in run_notes))
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def follow(
+    case: str,
+    stream_seconds: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            max=200,
+            help="How long one connection to the event stream stays open before it is "
+            "renewed (the API's `seconds`).",
+        ),
+    ] = 60.0,
+    api: ApiOption = DEFAULT_API,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per event: its data and its id.")
+    ] = False,
+) -> None:
+    """A case's progress as it happens, until no run is queued or running.
+
+    A case at rest shows its events so far."""
+    show = _print_event_json if as_json else _print_event
+    # An API out of reach now ends the command (as any command); later, it is a dropped
+    # connection, tried again.
+    at_rest = not _busy(_call("GET", api, f"/cases/{case}/runs")["runs"])
+    last_id: str | None = None
+    drops = 0
+    while True:
+        opened = time.monotonic()
+        try:
+            if at_rest:
+                for event in _case_events(api, case, seconds=0, after=last_id):
+                    show(event)
+                    last_id = event["id"]
+                return
+            for event in _case_events(api, case, seconds=stream_seconds, after=last_id):
+                drops = 0
+                show(event)
+                last_id = event["id"]
+                if (
+                    event["event"] in RESTING_EVENTS
+                    and event.get("queued") == 0
+                    and _told_last_end(_case_runs(api, case), event)
+                ):
+                    return
+            # The stream ended: its time was up, or the API lost its event log for a moment.
+            # Publishing events is best effort, so the runs list also decides when to stop.
+            at_rest = not _busy(_case_runs(api, case))
+        except httpx.TransportError as error:
+            drops += 1
+            if drops > MAX_RECONNECTS:
+                errors.print(f"[red]lost the event stream of {api}: {escape(str(error))}[/red]")
+                raise typer.Exit(2) from error
+            errors.print(
+                f"[yellow]event stream interrupted ({escape(str(error))}); reconnecting[/yellow]"
+            )
+            time.sleep(drops)
+            continue
+        drops = 0
+        # A stream cut short (its log out of reach) is not reopened in a tight loop.
+        if not at_rest and time.monotonic() - opened < stream_seconds:
+            time.sleep(1)
+
+
+def _case_runs(api: str, case: str) -> list[dict[str, Any]]:
+    """The case's runs; an API out of reach raises (for `follow` a dropped connection)."""
+    response, body = _request("GET", api, f"/cases/{case}/runs")
+    _refuse_errors(response, body)
+    return list(body["runs"])
+
+
+def _busy(runs: list[dict[str, Any]]) -> bool:
+    return any(run["status"] in BUSY_RUNS for run in runs)
+
+
+def _told_last_end(runs: list[dict[str, Any]], event: dict[str, Any]) -> bool:
+    """No run is queued or running, and none ended after `event` was published: it told the
+    case's last end (not an earlier one, replayed from the log's start)."""
+    at = datetime.fromisoformat(event["at"])
+    return not _busy(runs) and all(
+        datetime.fromisoformat(run["ended_at"]) <= at for run in runs if run["ended_at"]
+    )
+
+
+def _case_events(
+    api: str, case: str, *, seconds: float, after: str | None
+) -> Iterator[dict[str, Any]]:
+    """The case's events after `after` (from the oldest kept if None), as the API streams
+    them for `seconds`: each event's data with its id."""
+    headers = _auth_headers(api)
+    if after is not None:
+        headers["Last-Event-ID"] = after
+    with httpx.stream(
+        "GET",
+        f"{api.rstrip('/')}/api/cases/{case}/events",
+        params={"seconds": seconds},
+        headers=headers,
+        timeout=httpx.Timeout(10, read=STREAM_READ_TIMEOUT_SECONDS),
+    ) as response:
+        if response.status_code >= 400:
+            response.read()
+            _refuse_errors(response, _body(response))
+        for frame in sse_frames(response.iter_lines()):
+            try:
+                data = json.loads(frame.data)
+            except ValueError:
+                data = {"data": frame.data}
+            yield {"id": frame.id, "event": frame.event, **data}
+
+
+@dataclass(frozen=True)
+class SseFrame:
+    id: str | None
+    event: str
+    data: str
+
+
+def sse_frames(lines: Iterable[str]) -> Iterator[SseFrame]:
+    """Server-Sent Events from a stream's lines, parsed as the HTML standard says: the fields
+    up to a blank line make one event, its `data` lines joined by newlines; comments, frames
+    without data and an unfinished last frame (a dropped connection) yield nothing."""
+    last_id: str | None = None
+    event = ""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield SseFrame(last_id, event or "message", "\n".join(data))
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+
+
+def _print_event_json(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    name = event["event"]
+    line = Text.assemble(
+        (str(event.get("at", ""))[11:23], "dim"),
+        "  ",
+        (_short_run(event.get("run_id")), "cyan"),
+        "  ",
+        (f"{name:<15}", EVENT_STYLES.get(name, "bold")),
+        " ",
+        _event_detail(event),
+    )
+    line.rstrip()
+    console.print(line, soft_wrap=True)
+
+
+def _event_detail(event: dict[str, Any]) -> str:
+    match event["event"]:
+        case "run_queued":
+            strategy = f" ({event['strategy']})" if event.get("strategy") else ""
+            text = f': "{_shortened(event["text"], 60)}"' if event.get("text") else ""
+            return f"{event.get('kind', '')}{strategy}{text}"
+        case "node_started":
+            return str(event.get("node", ""))
+        case "node_finished":
+            summary = event.get("summary")
+            node = str(event.get("node", ""))
+            return f"{node}: {_shortened(summary, 90)}" if summary else node
+        case "interrupt":
+            reason = (event.get("awaiting_review") or {}).get("reason", "")
+            return f"awaiting review: {reason}; queued: {event.get('queued')}"
+        case "run_completed":
+            return f"queued: {event.get('queued')}"
+        case "run_failed":
+            return f"{event.get('error')}; queued: {event.get('queued')}"
+        case "run_interrupted" | "run_rolled_back":
+            stopped = f"by {_short_run(event.get('stopped_by'))}"
+            effects = _effects(event.get("discarded_effects") or [])
+            return f"{stopped}; discarded effects: {effects}" if effects else stopped
+    return ""
+
+
+def _run_notes(run: dict[str, Any]) -> list[tuple[str, str]]:
+    notes = []
+    if run["stopped_by"]:
+        notes.append(("stopped by", _short_run(run["stopped_by"])))
+    if run["discarded_effects"]:
+        notes.append(("discarded effects", escape(_effects(run["discarded_effects"]))))
+    if run["error"]:
+        notes.append(("error", f"[red]{escape(run['error'])}[/red]"))
+    return notes
+
+
+def _effects(effects: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{effect['kind']} {(effect.get('result') or {}).get('reference', '')}".strip()
+        for effect in effects
+    )
+
+
+def _took(run: dict[str, Any], form: str) -> str:
+    seconds = run["duration_seconds"]
+    return form.format(seconds) if seconds is not None else ""
+
+
+def _short_run(run_id: str | None) -> str:
+    """`run-` and 8 hex digits: enough to tell a case's runs apart."""
+    return run_id[:12] if run_id else "-"
+
+
+def _shortened(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def main() -> None:

@@ -55,6 +55,9 @@ PUBLIC_PATHS = frozenset(
 )
 
 CaseId = Annotated[str, Path(pattern=CASE_ID_PATTERN, description="the case (thread) id")]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+]
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 503)
 }
@@ -145,9 +148,7 @@ async def submit_case(
     response: Response,
     caller: Submitter,
     cases: Cases,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> CaseView:
     outcome = await cases.submit(submission, idempotency_key, caller.caller)
     return _answer(outcome, response, new_status=201)
@@ -229,11 +230,10 @@ async def post_message(
     response: Response,
     caller: Submitter,
     cases: Cases,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> MessageAccepted:
-    """The submitter of the case (or an operator) writes again. 202 while the message's
+    """The case's submitter writes again (an operator may too, holding Cases.Submit as
+    well). 202 while the message's
     run is queued or running, 200 once it rested in time (or on a replay of the same
     Idempotency-Key); 409 with `reject` while a run is in progress."""
     owner = await cases.submitter(case_id)

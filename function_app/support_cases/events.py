@@ -25,6 +25,8 @@ KEEP_ALIVE_SECONDS = 15.0
 # One blocking read of the log waits this long at most (the stream checks its own end
 # and the client in between).
 READ_WAIT_MS = 1000
+# Events per read of the log.
+PAGE = 100
 
 
 class EventsUnavailable(Exception):
@@ -64,24 +66,25 @@ class CaseEvents:
         events = self.check(after)
         deadline = time.monotonic() + seconds
         quiet_since = time.monotonic()
+        more = False  # the last page was full: read on without waiting, even past the end
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
+            wait_ms = 0 if more else max(0, min(READ_WAIT_MS, left_ms))
             try:
-                found = await events.read(
-                    case_id, after=after, wait_ms=max(0, min(READ_WAIT_MS, left_ms)), count=100
-                )
+                found = await events.read(case_id, after=after, wait_ms=wait_ms, count=PAGE)
             except BackendUnavailable as error:
                 log.warning("case %s: event stream ended: %s", case_id, error)
                 return
             for event in found:
                 after = event.id
                 yield event
+            more = len(found) == PAGE
             if found:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= KEEP_ALIVE_SECONDS:
                 quiet_since = time.monotonic()
                 yield None
-            if left_ms <= 0:
+            if left_ms <= 0 and not more:
                 return
 
 

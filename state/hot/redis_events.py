@@ -1,18 +1,24 @@
 """Per-thread event logs in Redis Streams: `{tid}:<ns>:events`.
 
-One XADD with an approximate MAXLEN (Redis trims whole macro nodes, so a thread keeps
-at least `max_events`) and an EXPIRE, pipelined: one round trip per event. Stream ids
-(`<ms>-<seq>`) are the event ids, so a reader resumes from any id it saw; a blocking
-XREAD waits for the next one without polling.
+An append is one script: XADD with an approximate MAXLEN (Redis trims whole macro
+nodes, so a thread keeps at least `max_events`) and an EXPIRE, in one round trip.
+Each append carries a token of its own, and the script adds nothing when one of the
+stream's newest entries has that token already: an append retried after a timeout
+whose first attempt did land (by redis-py's retry, or ours) is stored once. Stream
+ids (`<ms>-<seq>`) are the event ids, so a reader resumes from any id it saw; a
+blocking XREAD waits for the next one without polling.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..ports import JSON, StoredEvent
 from .redis_client import hot_key
@@ -23,10 +29,36 @@ EVENTS_KIND = "events"
 MAX_WAIT_MS = 1500
 # `<ms>-<seq>`, or `<ms>` alone (Redis reads it as `<ms>-0`).
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# Tries of one append whose outcome a timeout or a dropped connection left unknown.
+APPEND_ATTEMPTS = 3
+# How far back a retried append looks for itself: appends of other writers may land
+# between two tries of one, never this many.
+RECENT_ENTRIES = 32
+
+# KEYS[1] stream; ARGV[1] token, ARGV[2] body, ARGV[3] max events, ARGV[4] ttl seconds,
+# ARGV[5] how many of the newest entries to look through for the token.
+_APPEND = """
+local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[5])
+for _, entry in ipairs(recent) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' and fields[i + 1] == ARGV[1] then
+      return entry[1]
+    end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return id
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisEventLog:
-    """`EventLog` over the hot tier's client."""
+    """`EventLog` over the hot tier's client; a read waits at most `MAX_WAIT_MS`."""
 
     def __init__(
         self, client: aioredis.Redis, *, namespace: str, max_events: int, ttl_seconds: int
@@ -35,19 +67,28 @@ class RedisEventLog:
         self._namespace = namespace
         self._max_events = max_events
         self._ttl_seconds = ttl_seconds
+        self._append = client.register_script(_APPEND)
 
     def _key(self, thread_id: str) -> str:
         return hot_key(thread_id, EVENTS_KIND, namespace=self._namespace)
 
     async def append(self, thread_id: str, data: JSON) -> str:
-        key = self._key(thread_id)
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        args: list[str | int] = [
+            secrets.token_hex(8),
+            body,
+            self._max_events,
+            self._ttl_seconds,
+            RECENT_ENTRIES,
+        ]
         with redis_errors():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xadd(key, {"d": body}, maxlen=self._max_events, approximate=True)
-                pipe.expire(key, self._ttl_seconds)
-                event_id, _ = await pipe.execute()
-        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+            for attempt in range(APPEND_ATTEMPTS):
+                try:
+                    return _text(await self._append(keys=[self._key(thread_id)], args=args))
+                except (RedisConnectionError, RedisTimeoutError):
+                    if attempt == APPEND_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     async def read(
         self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
@@ -63,8 +104,7 @@ class RedisEventLog:
         for _key, entries in streams:
             for event_id, fields in entries:
                 raw = fields.get(b"d", fields.get("d"))
-                text = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
-                events.append(StoredEvent(text, json.loads(raw)))
+                events.append(StoredEvent(_text(event_id), json.loads(raw)))
         return events
 
     def valid_id(self, event_id: str) -> bool:

@@ -1,19 +1,27 @@
-"""The `agent-state` CLI against a real API process: readable output, JSON on request."""
+"""The `agent-state` CLI against a real API process: readable output, JSON on request; a
+case as a conversation (reply, runs, follow)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from api_server import api_process, app_env
+from api_server import api_process, app_env, start_uvicorn, wait_for
 from typer.testing import CliRunner
 
-from agent_state_cli.cli import app
+from agent_state_cli.cli import SseFrame, app, sse_frames
+from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
+from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
 
 
 async def cli(*args: str) -> tuple[int, str]:
@@ -99,3 +107,203 @@ async def test_submit_show_audit_checkpoints_review(
         monkeypatch.setenv("AGENT_STATE_ROLES", "Cases.Submit")
         code, out = await cli("audit", demo_id, *api)
         assert code == 1 and "403" in out and "Cases.Operate" in out
+
+
+INVOICE = "I also can't download my invoice"
+
+
+async def logged_events(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:
+    """Every event the API has logged for the case, each its data with its id (a stream
+    open for a moment: with `seconds=0` the API answers at most 100 events)."""
+    response = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0.5})
+    assert response.status_code == 200, response.text
+    frames = [frame for frame in response.text.split("\n\n") if frame.startswith("id: ")]
+    return [
+        {"id": frame.split("\n")[0].removeprefix("id: "), **json.loads(frame.split("data: ")[1])}
+        for frame in frames
+    ]
+
+
+def event_lines(output: str) -> list[str]:
+    """The lines `follow` printed for events (they start with the event's time)."""
+    return [line for line in output.splitlines() if re.match(r"\d\d:\d\d:\d\d\.\d{3}  run-", line)]
+
+
+def test_sse_frames_are_parsed_as_the_standard_says() -> None:
+    stream = (
+        ": keep-alive\r\n\r\n"
+        'id: 1-0\nevent: node_finished\ndata: {"a":\ndata:1}\n\n'
+        "event: no_data\n\n"
+        "id: 2-0\ndata:no space\r"
+        "\r"
+        "id: 3-0\ndata: cut off by a dropped connection"
+    )
+    frames = list(sse_frames(stream.splitlines()))
+    assert frames == [
+        SseFrame("1-0", "node_finished", '{"a":\n1}'),
+        SseFrame("2-0", "message", "no space"),
+    ]
+
+
+async def test_reply_runs_and_follow_on_a_case_at_rest(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "dana")
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    env = {**app_env(runtime, stack_env), "CASE_SYNC_WAIT_SECONDS": "60"}
+    async with api_process(env, tmp_path / "api.log") as (_, client):
+        api = ("--api", str(client.base_url))
+        assert (await cli_json("submit", "--demo", "--case-id", case_id, *api))["status"] == (
+            "completed"
+        )
+
+        answer = await cli_json("reply", case_id, INVOICE, "--idempotency-key", "k1", *api)
+        run = answer["run"]
+        assert run["status"] == "completed" and run["kind"] == "message"
+        assert run["strategy"] == "enqueue" and run["text"] == INVOICE
+        code, out = await cli("reply", case_id, INVOICE, "--idempotency-key", "k1", *api)
+        assert code == 0 and run["run_id"] in out and "replayed" in out
+        assert re.search(r"status\s+│ completed in \d+\.\d\d s", out), out
+        assert f"agent-state show {case_id}" in out
+
+        code, out = await cli("runs", case_id, *api)
+        assert code == 0, out
+        rows = [line for line in out.splitlines() if "run-" in line]
+        assert len(rows) == 2, out
+        assert re.search(r"run-\w{8} +│ intake +│ completed +│ -", rows[0]), out
+        assert run["run_id"][:12] in rows[1] and INVOICE in rows[1] and "enqueue" in rows[1]
+        assert (await cli_json("runs", case_id, *api))["runs"][1] == run
+
+        # A longer conversation: its log holds more than one read of it (100 events).
+        for n in range(7):
+            more = await client.post(
+                f"/api/cases/{case_id}/messages", json={"text": f"Where is my refund? ({n})"}
+            )
+            assert more.status_code == 200, more.text
+        logged = await logged_events(client, case_id)
+        assert len(logged) > 100
+        # At rest: the events so far, each once, and out at once (not after the stream's 60 s).
+        started = time.monotonic()
+        code, out = await cli("follow", case_id, *api)
+        assert code == 0 and time.monotonic() - started < 20, out
+        lines = event_lines(out)
+        assert [line.split()[2] for line in lines] == [event["event"] for event in logged]
+        assert any(
+            re.search(r"node_finished +billing_agent: 1 duplicate charge\(s\) at StreamFlix", line)
+            for line in lines
+        ), out
+        assert re.search(rf'run_queued +message \(enqueue\): "{INVOICE}"', out), out
+        assert lines[-1].endswith("run_completed   queued: 0"), out
+        code, _, stdout = await cli_streams("follow", case_id, "--json", *api)
+        assert code == 0 and [json.loads(line) for line in stdout.splitlines()] == logged
+
+        # Refused before anything is sent: the strategies are named.
+        code, out = await cli("reply", case_id, INVOICE, "--strategy", "later", *api)
+        assert code == 2 and "'later' is not one of 'reject', 'enqueue'" in out, out
+        # Refused by the API: its status and message.
+        code, out = await cli("reply", case_id, "   ", *api)
+        assert code == 1 and "422" in out and "body.text" in out, out
+        code, out = await cli("reply", "case-does-not-exist", INVOICE, *api)
+        assert code == 1 and "404" in out and "not found" in out, out
+        code, out = await cli("follow", "case-does-not-exist", *api)
+        assert code == 1 and "404" in out, out
+        assert len((await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]) == 9
+
+
+async def test_follow_shows_the_runs_as_they_go_and_stops_once_the_case_rests(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "dana")
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    # Every run's billing step takes 2 s: the intake is still running when the reply
+    # comes, which is queued behind it.
+    env = {**app_env(runtime, stack_env), PAUSE_AFTER_ENV: "billing=2"}
+    async with api_process(env, tmp_path / "api.log", PAUSED_APP) as (_, client):
+        api = ("--api", str(client.base_url))
+        submitted = await client.post("/api/cases", json=demo_case(case_id))
+        assert submitted.status_code == 202, submitted.text
+
+        code, out = await cli("reply", case_id, INVOICE, *api)
+        assert code == 0 and re.search(r"status\s+│ queued", out), out
+        assert f"agent-state follow {case_id}" in out
+        code, out = await cli("reply", case_id, "Thanks", "--strategy", "reject", *api)
+        assert code == 1 and "409" in out and "run in progress" in out, out
+
+        # One-second streams: `follow` reconnects a few times while the runs go on.
+        code, out = await cli("follow", case_id, "--stream-seconds", "1", *api)
+        assert code == 0, out
+        runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+        assert [run["status"] for run in runs] == ["completed", "completed"]
+        lines = event_lines(out)
+        # Each event once, in the log's order, though the stream was renewed mid-run.
+        logged = await logged_events(client, case_id)
+        assert [line.split()[1:3] for line in lines] == [
+            [event["run_id"][:12], event["event"]] for event in logged
+        ]
+        for run in runs:
+            short = run["run_id"][:12]
+            assert any(re.search(rf"{short}  node_started +billing_agent", x) for x in lines)
+            assert any(re.search(rf"{short}  run_completed", x) for x in lines)
+        assert lines[-1].split()[1:] == [runs[1]["run_id"][:12], "run_completed", "queued:", "0"]
+
+        # Another run: `follow` shows the log from its start, where the earlier runs'
+        # "run_completed, queued: 0" must not stop it before this run rests.
+        code, out = await cli("reply", case_id, "Where is my refund?", *api)
+        assert code == 0 and re.search(r"status\s+│ (queued|running)", out), out
+        code, out = await cli("follow", case_id, *api)
+        assert code == 0, out
+        runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+        assert [run["status"] for run in runs] == ["completed"] * 3
+        lines = event_lines(out)
+        assert len(lines) == len(await logged_events(client, case_id))
+        assert lines[-1].split()[1:3] == [runs[2]["run_id"][:12], "run_completed"]
+
+
+async def test_follow_reconnects_after_the_api_went_away_and_misses_nothing(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    env = app_env(runtime, stack_env)
+    log = tmp_path / "api.log"
+    # The intake run is held in its billing step until the API is killed.
+    async with api_process({**env, PAUSE_AFTER_ENV: "billing=60"}, log, PAUSED_APP) as (
+        first,
+        client,
+    ):
+        api = str(client.base_url)
+        submitted = await client.post("/api/cases", json=demo_case(case_id))
+        assert submitted.status_code == 202, submitted.text
+        following = asyncio.ensure_future(cli_streams("follow", case_id, "--json", "--api", api))
+
+        async def streaming() -> bool:
+            return f"/api/cases/{case_id}/events" in await asyncio.to_thread(log.read_text)
+
+        await wait_for(streaming, "follow to open the event stream", log)
+        os.killpg(first.pid, signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+    second = start_uvicorn(env, log, int(api.rsplit(":", 1)[1]))
+    try:
+        async with httpx.AsyncClient(base_url=api, headers=client.headers) as again:
+
+            async def resumed() -> bool:
+                answer = await again.post(f"/api/cases/{case_id}/resume")
+                return answer.status_code in (200, 202)
+
+            # Once the dead runner's lease and heartbeat ran out (1.5 s and 2 s here).
+            await wait_for(resumed, "the stalled run to resume", log)
+            code, output, stdout = await asyncio.wait_for(asyncio.shield(following), 60)
+            assert code == 0, output
+            assert "reconnecting" in output
+            shown = [json.loads(line) for line in stdout.splitlines()]
+            assert shown == await logged_events(again, case_id)
+            assert shown[-1]["event"] == "run_completed" and shown[-1]["queued"] == 0
+            assert [e["event"] for e in shown].count("run_started") == 2
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        await asyncio.to_thread(second.wait, 10)
+        # The CLI runs in a thread, which cannot be cancelled: without an API it gives up
+        # within seconds, and must be done before another test's CLI call swaps stdout.
+        await asyncio.wait({following}, timeout=60)

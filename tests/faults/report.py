@@ -70,6 +70,9 @@ SCENARIOS: tuple[str, ...] = (
     "Write-behind flusher SIGKILLed mid-drain (postgres)",
     "Cold store (postgres) down for 10 s while write-behind runs continue",
     "Review decision naming someone else than the token's caller",
+    "Workers SIGKILLed while runs are queued (cosmos)",
+    "Workers SIGKILLed while runs are queued (postgres)",
+    "SSE stream across an API restart",
 )
 
 
