@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,12 +36,16 @@ from .models import CaseStatus, FollowUpStrategy, PendingSection, RunStatus
 from .records import UNCHANGED, write_section, write_sections
 from .settings import AppSettings
 
+log = logging.getLogger(__name__)
+
 RUNNER_ID = "case-runner"
 RUN_SECTION = "run"
 # The case's runs, oldest first: the intake run, then one per follow-up message.
 RUNS_SECTION = "runs"
 # Finished runs kept in the record (queued and active ones are always kept).
 FINISHED_RUNS_KEPT = 50
+# Runs a case may have queued: bounds the record (each holds its message).
+MAX_QUEUED_RUNS = 20
 RUN_AT_REST = {
     CaseStatus.AWAITING_REVIEW: RunStatus.AWAITING_REVIEW,
     CaseStatus.COMPLETED: RunStatus.COMPLETED,
@@ -57,6 +62,10 @@ AT_REST = frozenset({CaseStatus.AWAITING_REVIEW, CaseStatus.COMPLETED, CaseStatu
 
 class RunInProgress(Exception):
     """A follow-up with the `reject` strategy while a run is in progress (maps to 409)."""
+
+
+class QueueFull(Exception):
+    """A follow-up to a case with `MAX_QUEUED_RUNS` runs queued already (maps to 409)."""
 
 
 class RunStopped(Exception):
@@ -164,7 +173,12 @@ class RunTracker:
             waiting = len(queued(runs))
             run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
             entry = next((e for e in runs if e["run_id"] == run_id), None) if run_id else None
-            if entry is not None and entry["status"] != RUN_AT_REST[status].value:
+            # Only an open run moves (a run a follow-up stopped stays as it ended).
+            if (
+                entry is not None
+                and entry["status"] in ACTIVE_RUN
+                and (entry["status"] != RUN_AT_REST[status].value)
+            ):
                 runs[runs.index(entry)] = (
                     {**entry, "status": RunStatus.RUNNING.value, "ended_at": None}
                     if status is CaseStatus.RUNNING
@@ -178,8 +192,16 @@ class RunTracker:
         elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
             await self._retention.release(case_id)
         await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
-        # A case with runs queued stays where the timer looks, whatever its status.
-        await self._index(case_id, present=status not in AT_REST or waiting > 0)
+        # A case with runs queued stays where the timer looks, whatever its status. The
+        # status is written: a busy index must not turn this run into a failed one (the
+        # next mark, enqueue or timer tick sets it right).
+        try:
+            if status not in AT_REST or waiting > 0:
+                await self._index(case_id, present=True)
+            else:
+                await self.forget(case_id)
+        except RunIndexBusy as busy:
+            log.warning("case %s: run index not updated: %s", case_id, busy)
         return waiting
 
     async def enqueue(
@@ -208,12 +230,21 @@ class RunTracker:
                     f"{busy['status']}); send the message again when it ends, or with "
                     "another strategy"
                 )
+            if len(waiting) >= MAX_QUEUED_RUNS:
+                raise QueueFull(
+                    f"case {case_id!r} has {len(waiting)} runs queued already; send the "
+                    "message again once some have run"
+                )
             if strategy in (FollowUpStrategy.INTERRUPT, FollowUpStrategy.ROLLBACK):
-                if current is not None and not current.get("stop"):
+                if current is not None and (
+                    not current.get("stop") or strategy is FollowUpStrategy.ROLLBACK
+                ):
+                    # The first follow-up to stop the run names it; a rollback also
+                    # upgrades an interrupt asked before it (its checkpoints go too).
                     runs[runs.index(current)] = {
                         **current,
                         "stop": strategy.value,
-                        "stopped_by": entry["run_id"],
+                        "stopped_by": current.get("stopped_by") or entry["run_id"],
                     }
                 # Next after the other stopping follow-ups, before plain queued runs.
                 ahead = [e for e in waiting if e.get("strategy") in STOPPING]
@@ -223,9 +254,10 @@ class RunTracker:
                 runs.append(entry)
             return trimmed(runs)
 
+        # Indexed first: a queued run is always where the timer looks, even if this request
+        # fails after queueing it (a stale entry the timer drops costs nothing).
+        await self._index(case_id, present=True)
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
-        if not replayed:
-            await self._index(case_id, present=True)
         return stored, replayed
 
     async def start_next(self, case_id: str, *, fencing_token: int | None) -> dict[str, Any] | None:
@@ -263,26 +295,27 @@ class RunTracker:
         *,
         fencing_token: int | None,
         discarded_effects: list[dict[str, Any]],
+        sections: dict[str, Any] | None = None,
     ) -> None:
         """Record a run a follow-up stopped (interrupted, or rolled back with the effects it
-        had done); the case's status is the next run's, which starts right after."""
+        had done); the case's status is the next run's, which starts right after.
+        `sections`: agents' sections set back to what the state before a rolled-back run
+        holds, in the same write."""
 
-        def compute(record: WorkflowRecord) -> object:
+        def compute(record: WorkflowRecord) -> list[SectionWrite]:
             runs = runs_of(record)
             entry = next((e for e in runs if e["run_id"] == run_id), None)
             if entry is None or entry["status"] not in ACTIVE_RUN:
-                return UNCHANGED
+                return []
             runs[runs.index(entry)] = ended(entry, status, discarded_effects=discarded_effects)
-            return runs
+            restored = [
+                SectionWrite(name, value, RUNNER_ID)
+                for name, value in (sections or {}).items()
+                if record.sections.get(name) != value
+            ]
+            return [*restored, SectionWrite(RUNS_SECTION, runs, RUNNER_ID)]
 
-        await write_section(
-            self._store,
-            case_id,
-            RUNS_SECTION,
-            compute,
-            agent_id=RUNNER_ID,
-            fencing_token=fencing_token,
-        )
+        await write_sections(self._store, case_id, compute, fencing_token=fencing_token)
 
     async def heartbeat(self, case_id: str, *, fencing_token: int | None = None) -> None:
         """Refresh the heartbeat, at most every quarter of the stale period (each is a cold write)."""
@@ -321,7 +354,15 @@ class RunTracker:
         return cases
 
     async def forget(self, case_id: str) -> None:
+        """Drop the case from the index, unless it has work: a run queued (or started) in
+        the meantime, whose own index update found the case still there, puts it back."""
         await self._index(case_id, present=False)
+        record = await self._store.get(case_id)
+        if record is not None:
+            runs = runs_of(record)
+            run = record.sections.get(RUN_SECTION) or {}
+            if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
+                await self._index(case_id, present=True)
 
     async def _index(self, case_id: str, *, present: bool) -> None:
         try:

@@ -84,6 +84,7 @@ from .runs import (
     RUN_SECTION,
     RUNNER_ID,
     RUNS_SECTION,
+    QueueFull,
     RunInProgress,
     RunStopped,
     RunTracker,
@@ -398,6 +399,12 @@ class CaseService:
         await self._record(case_id)
 
         async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
+            paused = current_run(runs_of(await self._record(case_id)))
+            if paused is not None and paused.get("stop"):
+                raise CaseConflict(
+                    f"case {case_id!r}: the run awaiting review was stopped by follow-up "
+                    f"{paused.get('stopped_by')} ({paused['stop']}); its run decides anew"
+                )
             if snapshot is None or not snapshot.interrupts:
                 status = (await self.status(case_id)).status
                 raise CaseConflict(
@@ -467,22 +474,25 @@ class CaseService:
     async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> None:
         record = await self._store.get(case_id)
         run = record.sections.get(RUN_SECTION) if record else None
-        if record is not None and run is not None and run.get("status") in AT_REST:
-            runs = runs_of(record)
+        runs = runs_of(record) if record is not None else []
+        at_rest = run is None or run.get("status") in AT_REST
+        stale = run is not None and self._tracker.is_stale(run)
+        entry = next((e for e in runs if e["run_id"] == (run or {}).get("run_id")), None)
+        if (at_rest and has_queue_work(runs)) or (stale and entry is not None and "stop" in entry):
+            # Queued runs whose starter died before starting them, a worker that ended its
+            # run and died before the next, a stop asked of a run nobody drives (paused for
+            # review, or its worker dead): the queue's runner takes it from here.
+            if (task := await self._start_queued(case_id)) is not None:
+                await task  # a Functions instance may freeze once the timer returns
+                report.resumed.append(case_id)
+            return
+        if record is None or at_rest:
             if queued(runs):
-                # Queued runs whose starter died before starting them (or a worker that
-                # ended its run and died before the next): start them now.
-                if current_run(runs) is not None:
-                    report.skipped[case_id] = "runs queued behind a review"
-                    return
-                if (task := await self._start_queued(case_id)) is not None:
-                    await task  # a Functions instance may freeze once the timer returns
-                    report.resumed.append(case_id)
+                report.skipped[case_id] = "runs queued behind a review"
                 return
-        if record is None or run is None or run.get("status") in AT_REST:
             await self._tracker.forget(case_id)
             return
-        if not self._tracker.is_stale(run):
+        if not stale:
             report.skipped[case_id] = "heartbeat is fresh"
             return
         # The timer waits for the run: a Functions instance may freeze once it returns.
@@ -512,14 +522,17 @@ class CaseService:
                 stored, replayed = await self._tracker.enqueue(
                     case_id, entry, strategy, agent_id=API_AGENT_ID
                 )
-            except RunInProgress as busy:
-                raise CaseConflict(str(busy)) from None
+            except (RunInProgress, QueueFull) as refused:
+                raise CaseConflict(str(refused)) from None
             if replayed:
                 if stored.get("text") != message.text:
                     raise IdempotencyMismatch(
                         f"Idempotency-Key already used on case {case_id!r} for another "
                         "message; use a new key for a new message"
                     )
+                if stored["status"] == RunStatus.QUEUED.value:
+                    # The first request may have ended before starting it (a 503, a crash).
+                    await self._start_queued(case_id)
                 view = run_view(stored)
                 return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
             await self._events.publish(
@@ -764,8 +777,7 @@ class CaseService:
             finally:
                 await self._release(case_id, guard)
             record = await self._store.get(case_id)
-            runs = runs_of(record) if record is not None else []
-            if current_run(runs) is not None or not queued(runs):
+            if record is None or not has_queue_work(runs_of(record)):
                 return
             try:
                 guard = await self._acquire(case_id)
@@ -802,12 +814,18 @@ class CaseService:
         the state before it; the side effects it had done are reported with it)."""
         strategy = FollowUpStrategy(run["stop"])
         discarded: list[EffectView] = []
+        restored: dict[str, Any] = {}
         if strategy is FollowUpStrategy.ROLLBACK:
             await self._flush(case_id)
             checkpointer = self._graph.checkpointer
             if isinstance(checkpointer, BaseCheckpointSaver):
                 await checkpointer.adelete_for_runs([run["run_id"]])
             discarded = effects_done_since(await self._record(case_id), run.get("started_at"))
+            # The record shows what the state before the run holds, not the discarded
+            # run's results (the next run writes its own).
+            before = await self._graph.aget_state(case_config(case_id))
+            values = before.values if isinstance(before.values, dict) else {}
+            restored = {name: values.get(name) for name in RESULT_SECTIONS}
         status = (
             RunStatus.ROLLED_BACK
             if strategy is FollowUpStrategy.ROLLBACK
@@ -819,6 +837,7 @@ class CaseService:
             status,
             fencing_token=guard.fence,
             discarded_effects=[view.model_dump(mode="json") for view in discarded],
+            sections=restored,
         )
         await self._events.publish(
             case_id,
@@ -1134,6 +1153,15 @@ class RunProgress:
 
 
 BUSY = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+# The agents' sections that hold the same value in the graph state under their own name.
+RESULT_SECTIONS = ("billing", "account", "policy", "review", "refund")
+
+
+def has_queue_work(runs: list[dict[str, Any]]) -> bool:
+    """Whether the queue's runner has something to do: a stop asked of the current run, or
+    a queued run with no current one."""
+    current = current_run(runs)
+    return bool(current.get("stop")) if current is not None else bool(queued(runs))
 
 
 def run_view(entry: dict[str, Any]) -> RunView:

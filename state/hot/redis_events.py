@@ -108,7 +108,10 @@ class RedisEventLog:
         return events
 
     def valid_id(self, event_id: str) -> bool:
-        return bool(_STREAM_ID.match(event_id))
+        # Each part is an unsigned 64-bit integer in Redis.
+        return bool(_STREAM_ID.match(event_id)) and all(
+            int(part) < 2**64 for part in event_id.split("-")
+        )
 
     async def delete(self, thread_id: str) -> None:
         with redis_errors():

@@ -23,7 +23,7 @@ from support_cases.auth import ROLE_REVIEW, ROLE_SUBMIT
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
-from support_cases.service import case_config
+from support_cases.service import case_config, run_lock_name
 from support_cases.settings import AppSettings
 
 INVOICE = "I also can't download my invoice"
@@ -125,6 +125,31 @@ async def post(
     return await client.post(f"/api/cases/{case_id}/messages", json=body, headers=headers)
 
 
+async def submitted(
+    client: httpx.AsyncClient, runtime: Runtime, case: dict[str, Any]
+) -> dict[str, Any]:
+    """Submit a case and wait for its run to rest (an answer may come before: 202)."""
+    response = await client.post("/api/cases", json=case)
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case["case_id"])
+    return dict((await client.get(f"/api/cases/{case['case_id']}")).json())
+
+
+async def answered(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    text: str,
+    strategy: str | None = None,
+) -> dict[str, Any]:
+    """Post a follow-up and wait until the case's runs rest; its run as the list has it."""
+    response = await post(client, case_id, text, strategy)
+    assert response.status_code in (200, 202), response.text
+    run_id = response.json()["run"]["run_id"]
+    runs = await until_idle(runtime, client, case_id)
+    return next(run for run in runs if run["run_id"] == run_id)
+
+
 async def conversation(runtime: Runtime, case_id: str) -> list[dict[str, Any]]:
     state = await runtime.graph.aget_state(case_config(case_id))
     return list(state.values.get("messages", []))
@@ -145,13 +170,15 @@ async def start_held(client: httpx.AsyncClient, gate: StepGate, case_id: str, st
 async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_everything(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
-    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await submitted(client, runtime, demo_case(case_id))
     response = await post(client, case_id, INVOICE)
-    assert response.status_code == 200, response.text
-    run = response.json()["run"]
+    assert response.status_code in (200, 202), response.text
+    assert response.headers["location"] == f"/api/cases/{case_id}/runs"
+    runs = await until_idle(runtime, client, case_id)
+    run = runs[-1]
+    assert run["run_id"] == response.json()["run"]["run_id"]
     assert run["status"] == "completed" and run["kind"] == "message"
     assert run["strategy"] == "enqueue"  # the default strategy
-    assert response.headers["location"] == f"/api/cases/{case_id}/runs"
 
     case = (await client.get(f"/api/cases/{case_id}")).json()
     assert case["status"] == "completed"
@@ -168,8 +195,8 @@ async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_every
         INVOICE,
     ]
 
-    await post(client, case_id, LOGIN_AGAIN)
-    await post(client, case_id, THANKS)
+    await answered(client, runtime, case_id, LOGIN_AGAIN)
+    await answered(client, runtime, case_id, THANKS)
     steps = (await client.get(f"/api/cases/{case_id}")).json()["completed_steps"]
     # Access: the account agent; a thank-you: neither billing nor account, straight to policy.
     assert steps.count("account") == 2 and steps.count("billing") == 2
@@ -189,8 +216,8 @@ async def test_reject_answers_409_while_a_run_is_in_progress(
     gate.open()
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed"]  # nothing was queued
-    accepted = await post(client, case_id, INVOICE, "reject")
-    assert accepted.status_code == 200 and accepted.json()["run"]["status"] == "completed"
+    accepted = await answered(client, runtime, case_id, INVOICE, "reject")
+    assert accepted["status"] == "completed"
 
 
 async def test_enqueue_runs_each_message_once_in_arrival_order_after_the_current_run(
@@ -280,10 +307,7 @@ async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_don
 async def test_a_follow_up_waits_behind_a_review_and_runs_after_the_decision(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
-    case = demo_case(case_id)
-    for transaction in case["transactions"]:
-        transaction["amount"] = 900.0
-    assert (await client.post("/api/cases", json=case)).json()["status"] == "awaiting_review"
+    assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
     queued = await post(client, case_id, INVOICE)
     assert queued.status_code == 202 and queued.json()["run"]["status"] == "queued"
     assert (await post(client, case_id, THANKS, "reject")).status_code == 409
@@ -297,7 +321,7 @@ async def test_a_follow_up_waits_behind_a_review_and_runs_after_the_decision(
 async def test_messages_are_idempotent_on_their_key(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
-    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await submitted(client, runtime, demo_case(case_id))
     first = await post(client, case_id, INVOICE, **{"Idempotency-Key": "follow-up-1"})
     again = await post(client, case_id, INVOICE, **{"Idempotency-Key": "follow-up-1"})
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
@@ -315,7 +339,7 @@ async def test_bad_messages_and_strangers_are_refused_before_anything_is_written
     case_id: str,
     bearer: Callable[..., dict[str, str]],
 ) -> None:
-    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await submitted(client, runtime, demo_case(case_id))
     for body in ({}, {"text": ""}, {"text": "x", "strategy": "later"}, {"text": "x", "extra": 1}):
         response = await client.post(f"/api/cases/{case_id}/messages", json=body)
         assert response.status_code == 422, (body, response.text)
@@ -352,8 +376,8 @@ def parse_sse(body: str) -> list[dict[str, Any]]:
 async def test_events_tell_each_run_and_step_and_resume_after_the_last_id(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
-    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
-    await post(client, case_id, INVOICE)
+    await submitted(client, runtime, demo_case(case_id))
+    await answered(client, runtime, case_id, INVOICE)
     response = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -382,7 +406,7 @@ async def test_events_tell_each_run_and_step_and_resume_after_the_last_id(
 async def test_a_live_stream_gets_the_next_run_as_it_happens(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
-    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await submitted(client, runtime, demo_case(case_id))
     backlog = parse_sse(
         (await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})).text
     )
@@ -408,3 +432,71 @@ async def test_a_live_stream_gets_the_next_run_as_it_happens(
     await post(client, case_id, INVOICE)
     await asyncio.wait_for(listener, 30)
     assert seen[0]["event"] == "run_queued" and seen[-1]["event"] == "run_completed"
+
+
+def escalated(case_id: str) -> dict[str, Any]:
+    """case_8842 with a refund above the review threshold."""
+    case = demo_case(case_id)
+    for transaction in case["transactions"]:
+        transaction["amount"] = 900.0
+    return case
+
+
+async def test_an_interrupt_ends_a_run_paused_for_review_and_its_run_asks_again(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
+    await answered(client, runtime, case_id, INVOICE, "interrupt")
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["interrupted", "awaiting_review"]
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "awaiting_review" and case["review"] is None
+    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    assert decided.status_code in (200, 202), decided.text
+    assert [r["status"] for r in await until_idle(runtime, client, case_id)] == [
+        "interrupted",
+        "completed",
+    ]
+
+
+async def test_a_decision_for_a_run_a_follow_up_stopped_is_refused_and_the_timer_runs_the_queue(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
+    # Another runner holds the case: the follow-up is queued and asks the paused run to stop.
+    held = await runtime.store.lock(run_lock_name(case_id), ttl_ms=60_000)
+    try:
+        queued_run = await post(client, case_id, INVOICE, "rollback")
+        assert queued_run.status_code == 202, queued_run.text
+    finally:
+        await runtime.store.unlock(held)
+    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    assert decided.status_code == 409, decided.text
+    assert "stopped by follow-up" in decided.json()["error"]
+    report = await runtime.service.resume_stale()
+    assert case_id in report.resumed
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["rolled_back", "awaiting_review"]
+    assert customer_messages(await conversation(runtime, case_id)) == [INVOICE]
+
+
+async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
+    # The decision's run (the intake run, resumed) is held after its refund went out.
+    gate.hold("refund")
+    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    assert decided.status_code == 202, decided.text
+    await asyncio.wait_for(gate.reached["refund"].wait(), 30)
+    assert (await post(client, case_id, THANKS, "rollback")).status_code == 202
+    gate.open()
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["rolled_back", "awaiting_review"]
+    assert {e["kind"] for e in runs[0]["discarded_effects"]} == {"refund", "reset_link"}
+    # The approval belonged to the discarded run: the record no longer shows it, and the
+    # new run asks for a review of its own.
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "awaiting_review"
+    assert case["review"] is None
+    assert case["awaiting_review"]["refund_amount"] == case["policy"]["refund_amount"]

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from api_server import api_process, app_env, wait_for
 from test_conversation import (
     LOGIN_AGAIN,
@@ -242,3 +243,42 @@ async def test_enqueued_follow_ups_posted_to_b_run_in_order_on_a_and_stream_live
         ("run_completed", posted[1]),
     ]
     assert [e["queued"] for e in live if e["event"] == "run_completed"] == [2, 1, 0]
+
+
+async def test_closed_event_streams_leave_nothing_waiting_on_the_server(
+    processes: Processes, runtime: Runtime, case_id: str
+) -> None:
+    """Clients that open a long stream and go away: within a read's wait (1 s) no read of
+    theirs is left blocked in Redis, and the API still answers at once."""
+    assert (await processes.b.post("/api/cases", json=demo_case(case_id))).status_code in (
+        201,
+        202,
+    )
+    redis = runtime.settings.redis_url
+    assert redis is not None
+    raw = aioredis.Redis.from_url(redis.get_secret_value())
+
+    async def blocked_reads() -> int:
+        clients = await raw.client_list()
+        # Flag `b`: waiting in a blocking command (`cmd` alone is the last one run).
+        return sum(1 for client in clients if "b" in client.get("flags", ""))
+
+    async def open_then_leave() -> None:
+        async with processes.b.stream(
+            "GET", f"/api/cases/{case_id}/events", params={"seconds": 120}
+        ) as stream:
+            assert stream.status_code == 200
+            async for _ in stream.aiter_text():
+                break  # the first frames arrived; the client goes away
+
+    try:
+        await asyncio.gather(*(open_then_leave() for _ in range(5)))
+        deadline = time.monotonic() + 10
+        while await blocked_reads():
+            assert time.monotonic() < deadline, "reads still blocked 10 s after the clients left"
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert (await processes.b.get("/api/health")).status_code == 200
+        assert time.monotonic() - started < 2
+    finally:
+        await raw.aclose()

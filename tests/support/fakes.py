@@ -1135,7 +1135,8 @@ class MemoryEventLog(_Tier):
 
     def valid_id(self, event_id: str) -> bool:
         millis, dash, seq = event_id.partition("-")
-        return millis.isdigit() and (seq.isdigit() or not dash)
+        parts_ok = millis.isdigit() and (seq.isdigit() or not dash)
+        return parts_ok and all(int(part) < 2**64 for part in (millis, seq or "0"))
 
     async def delete(self, thread_id: str) -> None:
         self._call("delete")

@@ -12,6 +12,8 @@ from state import TieredStateStore
 from support_cases.models import CaseStatus, FollowUpStrategy, RunStatus
 from support_cases.runs import (
     FINISHED_RUNS_KEPT,
+    MAX_QUEUED_RUNS,
+    QueueFull,
     RUN_SECTION,
     RUNS_SECTION,
     RunInProgress,
@@ -55,7 +57,7 @@ async def runs(store: TieredStateStore) -> list[dict[str, object]]:
     return runs_of(record)
 
 
-async def test_stopping_follow_ups_go_first_in_arrival_order_and_the_first_one_stops_the_run(
+async def test_stopping_follow_ups_go_first_in_arrival_order_and_a_rollback_upgrades_the_stop(
     tracker: tuple[RunTracker, TieredStateStore],
 ) -> None:
     track, store = tracker
@@ -73,7 +75,8 @@ async def test_stopping_follow_ups_go_first_in_arrival_order_and_the_first_one_s
     assert [entry["run_id"] for entry in queued(found)] == ["i1", "r1", "e1", "e2"]
     current = current_run(found)
     assert current is not None
-    assert (current["stop"], current["stopped_by"]) == ("interrupt", "i1")
+    # The first follow-up to stop the run names it; the rollback after it discards it too.
+    assert (current["stop"], current["stopped_by"]) == ("rollback", "i1")
 
 
 async def test_a_replayed_run_id_is_not_queued_twice(
@@ -161,3 +164,27 @@ def test_the_record_keeps_every_open_run_and_the_newest_finished_ones() -> None:
     assert [e["run_id"] for e in kept if e["status"] == "completed"] == [
         e["run_id"] for e in finished[-FINISHED_RUNS_KEPT:]
     ]
+
+
+async def test_a_full_queue_refuses_more_and_writes_nothing(
+    tracker: tuple[RunTracker, TieredStateStore],
+) -> None:
+    track, store = tracker
+    for n in range(MAX_QUEUED_RUNS):
+        await track.enqueue(
+            CASE,
+            follow_up(f"e{n}", FollowUpStrategy.ENQUEUE),
+            FollowUpStrategy.ENQUEUE,
+            agent_id="t",
+        )
+    with pytest.raises(QueueFull):
+        await track.enqueue(
+            CASE,
+            follow_up("more", FollowUpStrategy.INTERRUPT),
+            FollowUpStrategy.INTERRUPT,
+            agent_id="t",
+        )
+    found = await runs(store)
+    assert len(queued(found)) == MAX_QUEUED_RUNS
+    current = current_run(found)
+    assert current is not None and "stop" not in current
