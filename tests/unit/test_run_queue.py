@@ -13,9 +13,9 @@ from support_cases.models import CaseStatus, FollowUpStrategy, RunStatus
 from support_cases.runs import (
     FINISHED_RUNS_KEPT,
     MAX_QUEUED_RUNS,
-    QueueFull,
     RUN_SECTION,
     RUNS_SECTION,
+    QueueFull,
     RunInProgress,
     RunTracker,
     current_run,
