@@ -173,6 +173,22 @@ def pair_graph(
     return graph.compile(checkpointer=checkpointer)
 
 
+def growing_delta_graph(
+    checkpointer: BaseCheckpointSaver[Any], messages: list[dict[str, str]]
+) -> Any:
+    """One node appending the next two distinct messages per invoke to a DeltaChannel list."""
+
+    def reply(state: DeltaChatState) -> dict[str, Any]:
+        held = len(state["messages"])
+        return {"messages": messages[held : held + 2]}
+
+    graph = StateGraph(DeltaChatState)
+    graph.add_node("reply", reply)
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph.compile(checkpointer=checkpointer)
+
+
 def config_for(thread_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
 
@@ -536,6 +552,8 @@ class Results:
     flush: dict[Key, FlushSample] = field(default_factory=dict)
     # (all checkpoints, after prune(keep_latest) or None if the saver cannot prune, hot)
     stored: dict[tuple[str, int], tuple[int, int | None, int]] = field(default_factory=dict)
+    # The same history grown through a DeltaChannel graph (this project's savers).
+    stored_delta: dict[tuple[str, int], int] = field(default_factory=dict)
     failures: dict[Key, str] = field(default_factory=dict)
     # Warm reads and PINGs alternated: the earlier warm-read target's figures.
     warm_vs_ping: tuple[Sample, Sample] | None = None
@@ -1236,6 +1254,16 @@ class PairRun:
                 await self.settle(thread)
                 pruned = await handle.stored_bytes(thread)
             results.stored[(self.contender.name, count)] = (full, pruned, hot)
+        if self.contender.backend is not None:
+            # The same history grown by a graph whose list is a DeltaChannel (two new
+            # messages per invoke, a snapshot every DELTA_SNAPSHOT_FREQUENCY updates).
+            count = max(self.scale.stored_counts)
+            graph = growing_delta_graph(self.saver, self.messages)
+            thread = new_thread(f"stored-delta{count}")
+            for _ in range(count // 2):
+                await self.driver.invoke(graph, {"messages": []}, config_for(thread))
+            await self.settle(thread)
+            results.stored_delta[(self.contender.name, count)] = await handle.stored_bytes(thread)
         self.phase("stored bytes", started)
 
     async def conversation(self, delta: bool) -> tuple[Sample, str]:
@@ -1659,6 +1687,18 @@ class Report:
                 full, pruned, hot = found
                 after = "no prune" if pruned is None else f"{pruned:,}"
                 lines.append(f"| {contender.name} | {count} | {full:,} | {after} | {hot:,} |")
+        if self.r.stored_delta:
+            lines += [
+                "",
+                "The same history grown by a graph whose list is a `DeltaChannel` (two messages "
+                f"per invoke, a snapshot every {DELTA_SNAPSHOT_FREQUENCY} updates; snapshots are "
+                "stored whole, not as chunks):",
+                "",
+                "| Saver | messages | stored bytes |",
+                "| --- | ---: | ---: |",
+            ]
+            for (name, count), stored in self.r.stored_delta.items():
+                lines.append(f"| {name} | {count} | {stored:,} |")
         return lines
 
     def postgres_table(self) -> list[str]:
@@ -1885,6 +1925,15 @@ class Report:
                     f"{name}: stored bytes per added message constant within 25%",
                     measured,
                     verdict(ok),
+                )
+            )
+            delta = self.r.stored_delta.get((name, 1000))
+            rows.append(
+                (
+                    f"{name}: stored bytes at 1000 messages with DeltaChannel, full history, "
+                    "<= 2 MB",
+                    f"{delta:,}" if delta is not None else "-",
+                    verdict(delta <= 2_000_000 if delta is not None else None),
                 )
             )
         return rows

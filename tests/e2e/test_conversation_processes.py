@@ -248,8 +248,9 @@ async def test_enqueued_follow_ups_posted_to_b_run_in_order_on_a_and_stream_live
 async def test_closed_event_streams_leave_nothing_waiting_on_the_server(
     processes: Processes, runtime: Runtime, case_id: str
 ) -> None:
-    """Clients that open a long stream and go away: within a read's wait (1 s) no read of
-    theirs is left blocked in Redis, and the API still answers at once."""
+    """Clients that open a long stream and go away: within a read's wait (1 s) the server
+    stops reading their streams (no read left blocked in Redis, no read sent after), and
+    the API still answers at once."""
     assert (await processes.b.post("/api/cases", json=demo_case(case_id))).status_code in (
         201,
         202,
@@ -262,6 +263,10 @@ async def test_closed_event_streams_leave_nothing_waiting_on_the_server(
         clients = await raw.client_list()
         # Flag `b`: waiting in a blocking command (`cmd` alone is the last one run).
         return sum(1 for client in clients if "b" in client.get("flags", ""))
+
+    async def stream_reads() -> int:
+        stats = await raw.info("commandstats")
+        return int(stats.get("cmdstat_xread", {}).get("calls", 0))
 
     async def open_then_leave() -> None:
         async with processes.b.stream(
@@ -277,6 +282,10 @@ async def test_closed_event_streams_leave_nothing_waiting_on_the_server(
         while await blocked_reads():
             assert time.monotonic() < deadline, "reads still blocked 10 s after the clients left"
             await asyncio.sleep(0.2)
+        # Five streams still read would send about 5 reads a second.
+        before = await stream_reads()
+        await asyncio.sleep(3)
+        assert await stream_reads() - before <= 1
         started = time.monotonic()
         assert (await processes.b.get("/api/health")).status_code == 200
         assert time.monotonic() - started < 2
