@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +25,8 @@ from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.service import case_config, run_lock_name
 from support_cases.settings import AppSettings
+from tests.support.cosmos import drop_container
+from tests.support.sse import parse_sse
 
 INVOICE = "I also can't download my invoice"
 LOGIN_AGAIN = "The reset link did not arrive, I still cannot log in"
@@ -71,8 +73,13 @@ async def runtime(
     request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
 ) -> AsyncIterator[Runtime]:
     backend, mode = request.param
-    # A short wait: a request answers 202 while the held run goes on.
-    settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5)
+    # A short wait: a request answers 202 while the held run goes on. A Cosmos container
+    # of its own, dropped after: the emulator's queries scan the whole container, and the
+    # suite's shared one should not grow by these cases for every test after.
+    own = (
+        {"cosmos_container": f"conversation-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
+    )
+    settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
     assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
     opened = await Runtime.open(settings, after_step=gate.hook)
     try:
@@ -81,6 +88,8 @@ async def runtime(
         gate.open()
         await opened.service.wait_idle()
         await opened.close()
+        if own:
+            await drop_container(settings)
 
 
 @pytest.fixture
@@ -358,19 +367,6 @@ async def test_bad_messages_and_strangers_are_refused_before_anything_is_written
     )
     assert reviewer.status_code == 403
     assert len(await runs_of(client, case_id)) == 1
-
-
-def parse_sse(body: str) -> list[dict[str, Any]]:
-    events = []
-    for frame in body.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in frame.splitlines() if line and not line.startswith(":")
-        )
-        if fields:
-            events.append(
-                {"id": fields["id"], "event": fields["event"], **json.loads(fields["data"])}
-            )
-    return events
 
 
 async def test_events_tell_each_run_and_step_and_resume_after_the_last_id(

@@ -31,12 +31,12 @@ from test_conversation import (
     THANKS,
     conversation,
     customer_messages,
-    parse_sse,
 )
 
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
+from tests.support.sse import parse_sse
 
 # How long A holds the billing step of every run it drives: long enough for the test to
 # see the run there and post the follow-up to B before the step ends. The follow-ups

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import random
 import signal
@@ -51,6 +50,7 @@ from support_cases.settings import AppSettings
 from tests.e2e.api_server import api_process, wait_for
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
 from tests.support.cosmos import drop_container
+from tests.support.sse import parse_sse
 
 from .apps import open_runtime
 from .conftest import Deadline, Recorder
@@ -74,26 +74,12 @@ Client = httpx.AsyncClient
 ApiProcess = tuple[subprocess.Popen[bytes], Client]
 
 
-def parse_frames(text: str) -> list[dict[str, Any]]:
-    """Complete Server-Sent Events frames (`id`, `event`, `data`); comments skipped."""
-    events = []
-    for frame in text.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in frame.splitlines() if line and not line.startswith(":")
-        )
-        if fields:
-            events.append(
-                {"id": fields["id"], "event": fields["event"], **json.loads(fields["data"])}
-            )
-    return events
-
-
 async def events_of(client: Client, case_id: str, **headers: str) -> list[dict[str, Any]]:
     response = await client.get(
         f"/api/cases/{case_id}/events", params={"seconds": 0}, headers=headers
     )
     assert response.status_code == 200, response.text
-    return parse_frames(response.text)
+    return parse_sse(response.text)
 
 
 async def whole_log(client: Client, case_id: str) -> list[dict[str, Any]]:
@@ -414,7 +400,7 @@ class StreamClient:
                 async for chunk in stream.aiter_text():
                     buffer += chunk
                     *frames, buffer = buffer.split("\n\n")
-                    self.collected.extend(parse_frames("\n\n".join(frames)))
+                    self.collected.extend(parse_sse("\n\n".join(frames)))
                     if self.finished():
                         return True
         except httpx.TransportError:

@@ -31,6 +31,7 @@ from state.cold.cosmos_client import CosmosConnection
 from state.errors import CorruptState
 from state.settings import Settings
 from tests.integration.delta_graph import Opened, open_stack, settings_for, thread_config
+from tests.support.cosmos import drop_container
 
 WORDS = [
     "ticket",
@@ -177,10 +178,10 @@ def cosmos_cold(settings: Settings) -> Cold:
 BACKENDS = ["postgres", "cosmos"]
 
 
-def cold_for(backend: str, stack_env: dict[str, str]) -> Cold:
+def cold_for(backend: str, stack_env: dict[str, str], **extra: Any) -> Cold:
     if backend == "postgres":
         return postgres_cold(stack_env["POSTGRES_URL"])
-    return cosmos_cold(settings_for(stack_env, backend, False, "write-through"))
+    return cosmos_cold(settings_for(stack_env, backend, False, "write-through", **extra))
 
 
 @asynccontextmanager
@@ -259,51 +260,63 @@ async def test_stored_bytes_grow_linearly_with_an_appended_list(
 async def test_maintenance_keeps_chunks_reachable_and_only_those(
     backend: str, stack_env: dict[str, str]
 ) -> None:
-    cold = cold_for(backend, stack_env)
-    async with stack(stack_env, backend, state_cold_ttl_seconds=3600) as opened:
-        saver = opened.saver
-        graph = growing_graph(saver, notes=True)
-        cfg = thread_config("maint")
-        thread = cfg["configurable"]["thread_id"]
-        runs = await grow(graph, cfg, 25)
-        every, reached = await cold.chunk_sets(thread)
-        assert every == reached and len(every) > 100
+    # A container of its own on Cosmos: the retention sweep at the end deletes every thread
+    # it finds, and on the shared container that is every other test's too (document by
+    # document, minutes on the emulator once the suite has written many).
+    own = {"cosmos_container": f"chunks-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
+    cold = cold_for(backend, stack_env, **own)
+    async with stack(stack_env, backend, state_cold_ttl_seconds=3600, **own) as opened:
+        try:
+            await maintenance_keeps_chunks_reachable(opened, cold)
+        finally:
+            if own:
+                await drop_container(opened.backends.settings)
 
-        copy_cfg = thread_config("copy")
-        copy = copy_cfg["configurable"]["thread_id"]
-        await saver.acopy_thread(thread, copy)
-        assert await assert_every_checkpoint_reads(
-            graph, copy_cfg
-        ) == await assert_every_checkpoint_reads(graph, cfg)
-        assert await cold.chunk_sets(copy) == (every, reached)
 
-        # The last run goes: the checkpoint before it is the latest, read in full.
-        before_last = (await graph.aget_state(cfg)).values["messages"][:-2]
-        await saver.adelete_for_runs([runs[-1]])
-        assert (await graph.aget_state(cfg)).values["messages"] == before_last
-        await assert_every_checkpoint_reads(graph, cfg)
-        every_after, reached_after = await cold.chunk_sets(thread)
-        assert every_after == reached_after and every_after < every
+async def maintenance_keeps_chunks_reachable(opened: Opened, cold: Cold) -> None:
+    saver = opened.saver
+    graph = growing_graph(saver, notes=True)
+    cfg = thread_config("maint")
+    thread = cfg["configurable"]["thread_id"]
+    runs = await grow(graph, cfg, 25)
+    every, reached = await cold.chunk_sets(thread)
+    assert every == reached and len(every) > 100
 
-        latest = (await graph.aget_state(cfg)).values
-        await saver.aprune([thread], strategy="keep_latest")
-        assert (await graph.aget_state(cfg)).values == latest
-        assert await assert_every_checkpoint_reads(graph, cfg) == 1
-        every_pruned, reached_pruned = await cold.chunk_sets(thread)
-        assert every_pruned == reached_pruned and every_pruned < every_after
-        # The copy (its checkpoints carry the same run ids: it lost the last run too)
-        # kept its own chunks, all of them reached.
-        every_copy, reached_copy = await cold.chunk_sets(copy)
-        assert every_copy == reached_copy and every_pruned < every_copy
-        assert await assert_every_checkpoint_reads(graph, copy_cfg) > 1
+    copy_cfg = thread_config("copy")
+    copy = copy_cfg["configurable"]["thread_id"]
+    await saver.acopy_thread(thread, copy)
+    assert await assert_every_checkpoint_reads(
+        graph, copy_cfg
+    ) == await assert_every_checkpoint_reads(graph, cfg)
+    assert await cold.chunk_sets(copy) == (every, reached)
 
-        await saver.adelete_thread(thread)
-        assert await cold.chunk_sets(thread) == (set(), set())
+    # The last run goes: the checkpoint before it is the latest, read in full.
+    before_last = (await graph.aget_state(cfg)).values["messages"][:-2]
+    await saver.adelete_for_runs([runs[-1]])
+    assert (await graph.aget_state(cfg)).values["messages"] == before_last
+    await assert_every_checkpoint_reads(graph, cfg)
+    every_after, reached_after = await cold.chunk_sets(thread)
+    assert every_after == reached_after and every_after < every
 
-        # Retention: an expired thread goes with its chunks.
-        far_future = time.time() + 10 * opened.backends.settings.state_cold_ttl_seconds
-        while await cold.chunk_sets(copy) != (set(), set()):
-            assert await opened.backends.retention.sweep(limit=1000, now=far_future)
+    latest = (await graph.aget_state(cfg)).values
+    await saver.aprune([thread], strategy="keep_latest")
+    assert (await graph.aget_state(cfg)).values == latest
+    assert await assert_every_checkpoint_reads(graph, cfg) == 1
+    every_pruned, reached_pruned = await cold.chunk_sets(thread)
+    assert every_pruned == reached_pruned and every_pruned < every_after
+    # The copy (its checkpoints carry the same run ids: it lost the last run too)
+    # kept its own chunks, all of them reached.
+    every_copy, reached_copy = await cold.chunk_sets(copy)
+    assert every_copy == reached_copy and every_pruned < every_copy
+    assert await assert_every_checkpoint_reads(graph, copy_cfg) > 1
+
+    await saver.adelete_thread(thread)
+    assert await cold.chunk_sets(thread) == (set(), set())
+
+    # Retention: an expired thread goes with its chunks.
+    far_future = time.time() + 10 * opened.backends.settings.state_cold_ttl_seconds
+    while await cold.chunk_sets(copy) != (set(), set()):
+        assert await opened.backends.retention.sweep(limit=1000, now=far_future)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

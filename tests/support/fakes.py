@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import time
 from collections import Counter
@@ -1134,9 +1135,7 @@ class MemoryEventLog(_Tier):
         return self._after(thread_id, after, count)
 
     def valid_id(self, event_id: str) -> bool:
-        millis, dash, seq = event_id.partition("-")
-        parts_ok = millis.isdigit() and (seq.isdigit() or not dash)
-        return parts_ok and all(int(part) < 2**64 for part in (millis, seq or "0"))
+        return bool(re.fullmatch(r"\d{1,19}(-\d{1,19})?", event_id))
 
     async def delete(self, thread_id: str) -> None:
         self._call("delete")
