@@ -20,7 +20,8 @@ Stores
     `WorkflowRecord`, `AuditEntry`, `Lock`, `TierHealth`, `Caller` / `acting_for`
     (who an audit entry names), `JSON`. The ports: `RecordStore` (what every layer
     of records offers), and what the adapters implement: `ColdStateStore`,
-    `HotStateStore`, `CheckpointStore`, `ColdRetention`.
+    `HotStateStore`, `CheckpointStore`, `ColdRetention`, and `EventLog` (per-thread
+    event logs in Redis Streams, `backends.events`; its entries are `StoredEvent`).
 
 Checkpoints
     `TieredCheckpointSaver`, a LangGraph checkpointer: `from_backends(backends)`
