@@ -3,11 +3,12 @@
 The document layout is `cosmos_layout`'s, the requests `cosmos_io`'s, and
 delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 
-- put: one (an upsert of the checkpoint with its changed values embedded),
-  plus the chunks first when a value is over the item limit or large enough to
-  be stored as shared blocks (`state.cold.chunks`: only the blocks the version
-  added), plus one read of the parent when this process has not seen it (the
-  last put and the latest read of each (thread, namespace) are remembered);
+- put: one (an upsert of the checkpoint with its changed values embedded; with
+  the chunks of a value over the item limit or the blocks of one large enough
+  to be stored as shared blocks (`state.cold.chunks`: only the blocks the
+  version added), one transactional batch, chunks first), plus one read of the
+  parent when this process has not seen it (the last put and the latest read of
+  each (thread, namespace) are remembered);
 - put_writes: one (create of the task's writes document; special channels:
   an upsert each, concurrently); a repeat that adds indexes merges with
   If-Match;
@@ -24,6 +25,10 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 - values stored as blocks: one more query per level of the block tree (one
   for a value up to 256 KB, two up to 16 MB).
 
+- a flush (`apply_batch`): per thread, its operations in order as
+  transactional batches of up to 100 documents: one round trip for a run's
+  worth of steps, and a reader (or a crash) sees a batch whole or not at all.
+
 Prune and delete_for_runs delete the blocks no remaining manifest reaches.
 """
 
@@ -32,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -47,7 +52,6 @@ from ..ports import (
     StoredCheckpoint,
     StoredWrite,
     TypedBytes,
-    WritesPut,
 )
 from . import cosmos_layout as layout
 from .chunks import (
@@ -62,7 +66,16 @@ from .chunks import (
     resolve_checkpoints,
 )
 from .cosmos_client import CosmosConnection
-from .cosmos_io import BULK_PAGE_SIZE, Doc, PartitionIO, gather, strip_system
+from .cosmos_io import (
+    BATCH_BYTES,
+    BATCH_OPERATIONS,
+    BULK_PAGE_SIZE,
+    BatchOperation,
+    Doc,
+    PartitionIO,
+    gather,
+    strip_system,
+)
 from .cosmos_maintenance import CheckpointMaintenance
 
 DEFAULT_PAGE_SIZE = 50
@@ -105,33 +118,8 @@ class CosmosCheckpointStore:
     async def put_checkpoint(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
-        parent = await self._parent(checkpoint)
-        blobs, blocks, splits = self._split(checkpoint, blobs)
-        packed = self._packer.checkpoint(checkpoint, blobs, parent)
-        # Chunks first: the checkpoint is the one document that makes them reachable.
-        await self._io.upsert_all([*blocks, *packed.chunks])
-        await self._io.upsert(packed.doc)
-        self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
-        for key, split in splits.items():
-            self._chunker.confirm(key, split)
-
-    def _split(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
-    ) -> tuple[list[StoredBlob], list[Doc], dict[tuple[str, str, str], Split]]:
-        """Large values as manifests, the block documents this version adds, the splits."""
-        stored: list[StoredBlob] = []
-        blocks: list[Doc] = []
-        splits: dict[tuple[str, str, str], Split] = {}
-        for blob in blobs:
-            type_, data = blob.value
-            if not chunked(blob.value):
-                stored.append(blob)
-                continue
-            key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
-            manifest, added, splits[key] = self._chunker.split(data, self._chunker.remembered(key))
-            blocks += [layout.block_doc(checkpoint.thread_id, chunk) for chunk in added]
-            stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
-        return stored, blocks, splits
+        step = await self._pack_checkpoint(checkpoint, blobs, {})
+        await self._store(checkpoint.thread_id, [step])
 
     async def put_writes(
         self,
@@ -142,13 +130,100 @@ class CosmosCheckpointStore:
         *,
         upsert: bool,
     ) -> None:
-        if not writes:
-            return
+        if writes:
+            step = self._pack_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
+            await self._store(thread_id, [step])
+
+    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+        """Threads concurrently; within a thread, its operations in order in transactional
+        batches (see `_store`)."""
+        by_thread: dict[str, list[FlushOp]] = defaultdict(list)
+        for op in ops:
+            thread_id = op.checkpoint.thread_id if isinstance(op, CheckpointPut) else op.thread_id
+            by_thread[thread_id].append(op)
+
+        async def apply(thread_id: str, thread_ops: list[FlushOp]) -> None:
+            pending: dict[tuple[str, str, str], Split] = {}
+            steps: list[_Step] = []
+            try:
+                for op in thread_ops:
+                    if isinstance(op, CheckpointPut):
+                        steps.append(await self._pack_checkpoint(op.checkpoint, op.blobs, pending))
+                    elif op.writes:
+                        steps.append(
+                            self._pack_writes(
+                                op.thread_id,
+                                op.checkpoint_ns,
+                                op.checkpoint_id,
+                                op.writes,
+                                upsert=op.upsert,
+                            )
+                        )
+            except BaseException:
+                self._forget_unconfirmed(thread_id)
+                raise
+            await self._store(thread_id, steps)
+
+        if by_thread:
+            await gather(
+                [apply(thread_id, thread_ops) for thread_id, thread_ops in by_thread.items()]
+            )
+
+    async def _pack_checkpoint(
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        pending: dict[tuple[str, str, str], Split],
+    ) -> _Step:
+        """The checkpoint's documents; its lineage is remembered (the next put of the thread
+        packs against it) and its splits join `pending`, both forgotten if storing fails."""
+        parent = await self._parent(checkpoint)
+        blobs, blocks, splits = self._split(checkpoint, blobs, pending)
+        packed = self._packer.checkpoint(checkpoint, blobs, parent)
+        self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
+        pending.update(splits)
+        return _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc], splits=splits)
+
+    def _split(
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        pending: Mapping[tuple[str, str, str], Split],
+    ) -> tuple[list[StoredBlob], list[Doc], dict[tuple[str, str, str], Split]]:
+        """Large values as manifests, the block documents this version adds, the splits.
+
+        A split of `pending` (an earlier put of the same store call, not yet stored) goes
+        before what the chunker remembers: its blocks are stored before this version's.
+        """
+        stored: list[StoredBlob] = []
+        blocks: list[Doc] = []
+        splits: dict[tuple[str, str, str], Split] = {}
+        for blob in blobs:
+            type_, data = blob.value
+            if not chunked(blob.value):
+                stored.append(blob)
+                continue
+            key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
+            before = pending.get(key) or self._chunker.remembered(key)
+            manifest, added, splits[key] = self._chunker.split(data, before)
+            blocks += [layout.block_doc(checkpoint.thread_id, chunk) for chunk in added]
+            stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
+        return stored, blocks, splits
+
+    def _pack_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> _Step:
         where = (thread_id, checkpoint_ns, checkpoint_id)
         if upsert:
             # Each special write replaces its (task, idx); the last of a repeat wins.
             last = {(w.task_id, w.idx): w for w in writes}
-            packed = [
+            replaced = [
                 self._packer.writes(
                     layout.write_doc_id(checkpoint_ns, checkpoint_id, *key),
                     *where,
@@ -157,14 +232,15 @@ class CosmosCheckpointStore:
                 )
                 for key, w in last.items()
             ]
-            await self._io.upsert_all([chunk for p in packed for chunk in p.chunks])
-            await self._io.upsert_all([p.doc for p in packed])
-            return
+            return _Step(
+                prelude=[chunk for p in replaced for chunk in p.chunks],
+                upserts=[p.doc for p in replaced],
+            )
         # First write wins: per (task, idx) the first occurrence, one document per task.
         by_task: dict[str, dict[int, StoredWrite]] = defaultdict(dict)
         for write in writes:
             by_task[write.task_id].setdefault(write.idx, write)
-        packed = [
+        created = [
             self._packer.writes(
                 layout.task_writes_doc_id(checkpoint_ns, checkpoint_id, task_id),
                 *where,
@@ -173,8 +249,38 @@ class CosmosCheckpointStore:
             )
             for task_id, task_writes in by_task.items()
         ]
-        await self._io.upsert_all([chunk for p in packed for chunk in p.chunks])
-        await gather([self._create_or_merge(p) for p in packed])
+        return _Step(prelude=[chunk for p in created for chunk in p.chunks], creates=created)
+
+    async def _store(self, thread_id: str, steps: Sequence[_Step]) -> None:
+        """Store `steps` in order: as transactional batches (all of a batch or none of it,
+        one round trip; a reader sees a batch whole), one request per document where a
+        step alone is a single request, and one step at a time (its chunks first) for a
+        step too large for a batch or a batch the service refused (a task's writes that
+        are already stored: the step merges them)."""
+        try:
+            for group, batched in _transactions(steps):
+                operations = [operation for step in group for operation in step.operations()]
+                if not batched or not await self._io.batch(thread_id, operations):
+                    for step in group:
+                        await self._store_step(step)
+                for step in group:
+                    for key, split in step.splits.items():
+                        self._chunker.confirm(key, split)
+        except BaseException:
+            self._forget_unconfirmed(thread_id)
+            raise
+
+    async def _store_step(self, step: _Step) -> None:
+        await self._io.upsert_all(step.prelude)
+        await self._io.upsert_all(step.upserts)
+        if step.creates:
+            await gather([self._create_or_merge(packed) for packed in step.creates])
+
+    def _forget_unconfirmed(self, thread_id: str) -> None:
+        """After a failed store: what was packed against lineage and splits that may not
+        be stored must not be built on."""
+        self._forget(thread_id)
+        self._chunker.forget([thread_id])
 
     async def _create_or_merge(self, packed: layout.Packed) -> None:
         """Create the task's writes document, or add the indexes it lacks (If-Match)."""
@@ -206,41 +312,6 @@ class CosmosCheckpointStore:
             await self._io.delete_ids(thread_id, [c for c in mine if c not in used])
             return
         raise VersionConflict(thread_id, None, None)
-
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
-        """Threads concurrently; within a thread in order, consecutive writes together."""
-        by_thread: dict[str, list[FlushOp]] = defaultdict(list)
-        for op in ops:
-            thread_id = op.checkpoint.thread_id if isinstance(op, CheckpointPut) else op.thread_id
-            by_thread[thread_id].append(op)
-
-        async def apply(thread_ops: list[FlushOp]) -> None:
-            pending: list[WritesPut] = []
-            for op in [*thread_ops, None]:
-                if isinstance(op, WritesPut):
-                    pending.append(op)
-                    continue
-                # Writes to different task documents go together; a repeat of one waits
-                # for what came before it (the first ordinary write must win).
-                for wave in _waves(pending):
-                    await gather(
-                        [
-                            self.put_writes(
-                                w.thread_id,
-                                w.checkpoint_ns,
-                                w.checkpoint_id,
-                                w.writes,
-                                upsert=w.upsert,
-                            )
-                            for w in wave
-                        ]
-                    )
-                pending = []
-                if op is not None:
-                    await self.put_checkpoint(op.checkpoint, op.blobs)
-
-        if by_thread:
-            await gather([apply(thread_ops) for thread_ops in by_thread.values()])
 
     # ----------------------------------------------------------------------- reads
 
@@ -770,16 +841,43 @@ def _sql_name(name: str) -> str:
     return json.dumps(name)
 
 
-def _waves(ops: Sequence[WritesPut]) -> list[list[WritesPut]]:
-    """`ops` in order, cut wherever an op touches a task document an earlier op of the
-    same wave touches."""
-    waves: list[list[WritesPut]] = []
-    touched: set[tuple[str, str, str]] = set()
-    for op in ops:
-        keys = {(op.checkpoint_ns, op.checkpoint_id, w.task_id) for w in op.writes}
-        if not waves or keys & touched:
-            waves.append([])
-            touched = set()
-        waves[-1].append(op)
-        touched |= keys
-    return waves
+@dataclasses.dataclass
+class _Step:
+    """One put or put_writes packed: documents stored before its own (blocks, spilled
+    chunks), its own documents (upserted, or created: first write wins), and the splits
+    the chunker may remember once they are stored."""
+
+    prelude: list[Doc]
+    upserts: list[Doc] = dataclasses.field(default_factory=list)
+    creates: list[layout.Packed] = dataclasses.field(default_factory=list)
+    splits: dict[tuple[str, str, str], Split] = dataclasses.field(default_factory=dict)
+
+    def operations(self) -> list[BatchOperation]:
+        return [
+            *(("upsert", (doc,)) for doc in [*self.prelude, *self.upserts]),
+            *(("create", (packed.doc,)) for packed in self.creates),
+        ]
+
+    def size(self) -> int:
+        docs = [*self.prelude, *self.upserts, *(packed.doc for packed in self.creates)]
+        return sum(layout.packed_size(doc) for doc in docs)
+
+
+def _transactions(steps: Sequence[_Step]) -> Iterator[tuple[list[_Step], bool]]:
+    """`steps` in order, grouped within the service's limits for a transactional batch;
+    `False` for a group of one request (no batch needed) or a step too large for one."""
+    group: list[_Step] = []
+    count = size = 0
+    for step in steps:
+        step_count, step_size = len(step.operations()), step.size()
+        if group and (count + step_count > BATCH_OPERATIONS or size + step_size > BATCH_BYTES):
+            yield group, count > 1
+            group, count, size = [], 0, 0
+        if step_count > BATCH_OPERATIONS or step_size > BATCH_BYTES:
+            yield [step], False
+            continue
+        group.append(step)
+        count += step_count
+        size += step_size
+    if group:
+        yield group, count > 1

@@ -19,20 +19,28 @@ from azure.core import MatchConditions
 from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import (
     CosmosAccessConditionFailedError,
+    CosmosBatchOperationError,
     CosmosHttpResponseError,
     CosmosResourceExistsError,
     CosmosResourceNotFoundError,
 )
 
-from .cosmos_client import CosmosConnection, cosmos_errors
+from ..errors import BackendUnavailable
+from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection, cosmos_errors
 
 T = TypeVar("T")
 Doc = dict[str, Any]
+# One operation of a transactional batch, as the SDK takes it: ("upsert", (doc,)).
+BatchOperation = tuple[str, tuple[Any, ...]]
 
 # Page size of internal queries that must read everything they match.
 BULK_PAGE_SIZE = 1000
 DELETE_BATCH = 100
 CONCURRENT_REQUESTS = 16
+# A transactional batch holds at most 100 operations and a request body of 2 MB (the
+# service's limits); the body is estimated from the documents, so with a margin.
+BATCH_OPERATIONS = 100
+BATCH_BYTES = 1_600_000
 SYSTEM_PROPERTIES = ("_rid", "_self", "_etag", "_ts", "_attachments")
 
 
@@ -99,6 +107,25 @@ class PartitionIO:
         if docs:
             await gather([self.upsert(doc) for doc in docs])
 
+    async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> bool:
+        """One transactional batch: every operation applied in order, or none of them.
+
+        False when the service refused an operation (a create whose id exists, say: the
+        caller redoes the work one request at a time); unavailability raises.
+        """
+        container = await self.container()
+        try:
+            with self.errors():
+                await container.execute_item_batch(
+                    list(operations), partition_key=partition, response_hook=self.hook
+                )
+        except CosmosBatchOperationError as exc:
+            self.connection.counters.count("failed")
+            if exc.status_code in UNAVAILABLE_STATUS:
+                raise BackendUnavailable("cosmos", f"HTTP {exc.status_code} in a batch") from exc
+            return False
+        return True
+
     async def create(self, doc: Doc) -> Doc:
         """The created item; raises `CosmosResourceExistsError` if the id is taken."""
         container = await self.container()
@@ -148,7 +175,7 @@ class PartitionIO:
         return True
 
     async def delete_ids(self, partition: str, ids: Sequence[str]) -> None:
-        """The emulator has no transactional batch: one delete each, concurrently."""
+        """One delete each, concurrently (a missing one is no failure, as it would fail a batch)."""
         if ids:
             await gather([self.delete(doc_id, partition) for doc_id in ids])
 

@@ -162,7 +162,7 @@ def _json_size(doc: Doc) -> int:
     return len(json.dumps(doc).encode())
 
 
-def _packed_size(doc: Doc) -> int:
+def packed_size(doc: Doc) -> int:
     """`_json_size(doc)` without encoding the payloads (base64 is counted by its length)."""
     held = [(entry, entry["data"]) for entry in entries(doc)]
     for entry, _ in held:
@@ -383,7 +383,7 @@ class Packer:
     def pack(self, doc: Doc, spillable: Mapping[str, Doc]) -> Packed:
         """Spill the largest of `spillable` (entries inside `doc`, by key) until `doc` fits."""
         room = self.max_item_bytes - codec.ITEM_MARGIN_BYTES
-        size = _packed_size(doc)
+        size = packed_size(doc)
         chunks: list[Doc] = []
         for key, entry in sorted(spillable.items(), key=lambda e: len(e[1]["data"]), reverse=True):
             if size <= room:

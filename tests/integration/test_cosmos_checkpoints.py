@@ -17,6 +17,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_io import PartitionIO
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -382,6 +383,73 @@ async def test_apply_batch_is_idempotent_and_keeps_each_threads_order(
             [StoredWrite("t3", "", 0, "b", ("json", b"3"))],
             [StoredWrite("t2", "", 0, "b", ("json", b"2"))],
         ]
+
+
+async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(
+    store: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    """A run's worth of steps (20 puts, 20 put_writes) in one round trip, read back whole."""
+    thread_id = thread()
+    ops: list[CheckpointPut | WritesPut] = []
+    for n in range(1, 21):
+        ops.append(
+            CheckpointPut(
+                stored(thread_id, n, {"a": str(n)}),
+                [StoredBlob("a", str(n), ("json", f'"{n}"'.encode()))],
+            )
+        )
+        ops.append(
+            WritesPut(
+                thread_id,
+                "",
+                checkpoint_id(n),
+                [StoredWrite("t", "", 0, "a", ("json", f'"w{n}"'.encode()))],
+                upsert=False,
+            )
+        )
+    connection.counters.reset()
+    await store.apply_batch(ops)
+    assert connection.counters.requests == 1
+    fresh = checkpoint_store(connection, settings)
+    latest = await fresh.get_checkpoint(thread_id, "", None)
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(20)
+    assert latest.blobs == {"a": ("json", b'"20"')}
+    assert latest.writes == [StoredWrite("t", "", 0, "a", ("json", b'"w20"'))]
+    assert len([c async for c in _list(fresh, thread_id)]) == 20
+
+
+async def test_a_transactional_batch_applies_all_of_it_or_nothing(
+    connection: CosmosConnection,
+) -> None:
+    """The emulator's batch (scripts/cosmos-emulator.js) is all or nothing, as Cosmos's is."""
+    io = PartitionIO(connection)
+    thread_id = thread()
+    kept = {"id": "kept", "thread_id": thread_id, "v": 1}
+    await io.upsert(kept)
+
+    refused = await io.batch(
+        thread_id,
+        [
+            ("upsert", ({"id": "kept", "thread_id": thread_id, "v": 2},)),
+            ("upsert", ({"id": "new", "thread_id": thread_id},)),
+            ("create", ({"id": "kept", "thread_id": thread_id},)),  # exists: refused
+        ],
+    )
+    assert refused is False
+    assert comparable(await partition(connection, thread_id)) == {"kept": kept}
+
+    applied = await io.batch(
+        thread_id,
+        [
+            ("upsert", ({"id": "kept", "thread_id": thread_id, "v": 2},)),
+            ("create", ({"id": "new", "thread_id": thread_id},)),
+        ],
+    )
+    assert applied is True
+    assert comparable(await partition(connection, thread_id)) == {
+        "kept": {"id": "kept", "thread_id": thread_id, "v": 2},
+        "new": {"id": "new", "thread_id": thread_id},
+    }
 
 
 # --------------------------------------------------------------------------- maintenance
