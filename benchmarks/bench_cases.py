@@ -440,7 +440,7 @@ class ColdBytes:
     async def of(self, thread_ids: list[str]) -> int:
         if self._settings.state_cold_backend.value == "cosmos":
             if self._cosmos is None:
-                self._cosmos = CosmosConnection(self._settings)
+                self._cosmos = CosmosConnection(self._settings.cosmos)
             container = await self._cosmos.container()
             total = 0
             for thread_id in thread_ids:
@@ -812,7 +812,8 @@ def mean_of(runs: list[CaseRun], pick: Any) -> float:
 # Azure request-charge model for the counts (the emulator answers 1 RU for everything):
 # point read 1 RU per started KB; a write (create, replace, upsert, patch) about 5.5 RU
 # per started KB with this container's indexing (blob and section paths excluded); a
-# single-partition query about 3 RU; a delete about 5 RU. An estimate, not a measurement.
+# single-partition query about 3 RU; a delete about 5 RU; a transactional batch the sum
+# of its operations (each write at least one KB). An estimate, not a measurement.
 RU_MODEL = {"read": 1.0, "query": 3.0, "delete": 5.0, "write_per_kb": 5.5}
 
 
@@ -820,7 +821,7 @@ def estimated_ru(counts: dict[str, int], prefix: str = "") -> float:
     def n(kind: str) -> int:
         return counts.get(f"{prefix}cosmos.{kind}", 0)
 
-    writes = n("create") + n("replace") + n("upsert") + n("patch")
+    writes = n("create") + n("replace") + n("upsert") + n("patch") + n("batch_operations")
     written_kb = counts.get(f"{prefix}cosmos.bytes_written", 0) / 1024
     # Each write pays for at least one KB; larger ones for what they carry.
     write_ru = RU_MODEL["write_per_kb"] * max(writes, written_kb)
@@ -839,7 +840,7 @@ def phase_cold(phase: Phase) -> float:
 
 
 def cold_requests(counts: dict[str, int], prefix: str = "") -> int:
-    kinds = ("read", "query", "create", "replace", "upsert", "patch", "delete", "other")
+    kinds = ("read", "query", "create", "replace", "upsert", "patch", "delete", "batch", "other")
     cosmos = sum(counts.get(f"{prefix}cosmos.{kind}", 0) for kind in kinds)
     return cosmos + counts.get(f"{prefix}postgres.statements", 0)
 
@@ -857,7 +858,7 @@ class CaseCost:
 
 
 def case_cost(runs: list[CaseRun]) -> CaseCost:
-    kinds = ("read", "query", "create", "replace", "upsert", "patch", "delete")
+    kinds = ("read", "query", "create", "replace", "upsert", "patch", "delete", "batch")
     return CaseCost(
         cold=mean_of(runs, lambda r: cold_requests(r.counts)),
         provider_cold=mean_of(runs, lambda r: cold_requests(r.counts, "provider.")),
@@ -1012,7 +1013,7 @@ def render_cases(results: list[ConfigResult], options: Options, seconds: float) 
         "Redis memory of its keys right after it completed (hot copy, checkpoint cache).",
         "",
         "| configuration | case | cold requests | + provider | Cosmos read / query / create"
-        " / replace / upsert / patch / delete | est. RU | Redis commands | Redis round trips"
+        " / replace / upsert / patch / delete / batch | est. RU | Redis commands | Redis round trips"
         " | cold bytes | Redis bytes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

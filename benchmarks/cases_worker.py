@@ -15,6 +15,7 @@ apart (`provider`): that ledger stands for an external system, not for the case'
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from contextvars import ContextVar
 from typing import Any
@@ -48,6 +49,8 @@ def cosmos_kind(request: Any) -> str:
             return "query"
         if headers.get("x-ms-documentdb-is-upsert") == "true":
             return "upsert"
+        if headers.get("x-ms-cosmos-is-batch-request") == "true":
+            return "batch"
         return "create"
     return {"PUT": "replace", "PATCH": "patch", "DELETE": "delete"}.get(request.method, "other")
 
@@ -59,8 +62,10 @@ def install() -> None:
         kind = cosmos_kind(request)
         COUNTS[_bucket(f"cosmos.{kind}")] += 1
         body = request.body if request.body is not None else request.data
-        if kind in ("create", "replace", "upsert", "patch") and body is not None:
+        if kind in ("create", "replace", "upsert", "patch", "batch") and body is not None:
             COUNTS[_bucket("cosmos.bytes_written")] += len(body)
+        if kind == "batch" and body is not None:
+            COUNTS[_bucket("cosmos.batch_operations")] += len(json.loads(body))
         return await aio_send(transport, request, **kwargs)
 
     AioHttpTransport.send = counted_send  # type: ignore[method-assign]

@@ -71,6 +71,7 @@ from .cosmos_io import (
     BATCH_OPERATIONS,
     BULK_PAGE_SIZE,
     BatchOperation,
+    BatchRefused,
     Doc,
     PartitionIO,
     gather,
@@ -260,7 +261,7 @@ class CosmosCheckpointStore:
         try:
             for group, batched in _transactions(steps):
                 operations = [operation for step in group for operation in step.operations()]
-                if not batched or not await self._io.batch(thread_id, operations):
+                if not (batched and await self._applied_as_batch(thread_id, operations)):
                     for step in group:
                         await self._store_step(step)
                 for step in group:
@@ -269,6 +270,13 @@ class CosmosCheckpointStore:
         except BaseException:
             self._forget_unconfirmed(thread_id)
             raise
+
+    async def _applied_as_batch(self, thread_id: str, operations: list[BatchOperation]) -> bool:
+        try:
+            await self._io.batch(thread_id, operations)
+        except BatchRefused:
+            return False
+        return True
 
     async def _store_step(self, step: _Step) -> None:
         await self._io.upsert_all(step.prelude)

@@ -30,8 +30,9 @@ from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection, cosmos_errors
 
 T = TypeVar("T")
 Doc = dict[str, Any]
-# One operation of a transactional batch, as the SDK takes it: ("upsert", (doc,)).
-BatchOperation = tuple[str, tuple[Any, ...]]
+# One operation of a transactional batch, as the SDK takes it: ("upsert", (doc,)), or
+# with options: ("replace", (id, doc), {"if_match_etag": etag}).
+BatchOperation = tuple[str, tuple[Any, ...]] | tuple[str, tuple[Any, ...], dict[str, Any]]
 
 # Page size of internal queries that must read everything they match.
 BULK_PAGE_SIZE = 1000
@@ -42,6 +43,17 @@ CONCURRENT_REQUESTS = 16
 BATCH_OPERATIONS = 100
 BATCH_BYTES = 1_600_000
 SYSTEM_PROPERTIES = ("_rid", "_self", "_etag", "_ts", "_attachments")
+
+
+class BatchRefused(Exception):
+    """A transactional batch the service refused as a whole: operation `index` answered
+    `status` (404, 409, 412...), and none of the batch was applied. Adapters turn it into
+    their own outcome; it never leaves them."""
+
+    def __init__(self, status: int, index: int) -> None:
+        super().__init__(f"batch operation {index} refused with HTTP {status}")
+        self.status = status
+        self.index = index
 
 
 def strip_system(doc: Doc) -> Doc:
@@ -107,24 +119,26 @@ class PartitionIO:
         if docs:
             await gather([self.upsert(doc) for doc in docs])
 
-    async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> bool:
+    async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> list[Doc]:
         """One transactional batch: every operation applied in order, or none of them.
 
-        False when the service refused an operation (a create whose id exists, say: the
-        caller redoes the work one request at a time); unavailability raises.
+        The operations' results (`resourceBody` each, where one was returned); raises
+        `BatchRefused` when the service refused an operation (a create whose id exists,
+        an If-Match that no longer matches: nothing was applied) and
+        `BackendUnavailable` when it could not run the batch.
         """
         container = await self.container()
         try:
             with self.errors():
-                await container.execute_item_batch(
+                results = await container.execute_item_batch(
                     list(operations), partition_key=partition, response_hook=self.hook
                 )
         except CosmosBatchOperationError as exc:
             self.connection.counters.count("failed")
             if exc.status_code in UNAVAILABLE_STATUS:
                 raise BackendUnavailable("cosmos", f"HTTP {exc.status_code} in a batch") from exc
-            return False
-        return True
+            raise BatchRefused(int(exc.status_code or 0), exc.error_index) from exc
+        return [result.get("resourceBody") or {} for result in results]
 
     async def create(self, doc: Doc) -> Doc:
         """The created item; raises `CosmosResourceExistsError` if the id is taken."""

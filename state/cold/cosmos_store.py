@@ -5,23 +5,19 @@ checkpoint documents (ids "cp:", "write:" and their chunks; "blob:" and "ptr:"
 from the previous layout: `cosmos_layout`); this adapter owns the ids "wf"
 (the record) and "audit:<version>:<write id>" (the ledger).
 
-Cosmos offers no transaction here (the local emulator has no transactional
-batch), so a change is two writes, ordered so that a crash between them can
-never show an audit trail that disagrees with the record:
-
-1. create the audit entry for version n+1 under a fresh write id, pointing at
-   the record's current `last_write_id` (`prev_write_id`);
-2. replace the record with If-Match on the ETag read, setting version n+1 and
-   `last_write_id` = this write id.
-
-A change of k sections (`update_sections`) creates k entries (versions n+1..n+k,
-each pointing at the one before) in step 1 and sets version n+k and the last
-entry's write id in step 2.
+A change is one transactional batch (all of it or nothing, in the thread's
+partition): create the audit entry for version n+1 under a fresh write id,
+pointing at the record's current `last_write_id` (`prev_write_id`), and
+replace the record with If-Match on the ETag read, setting version n+1 and
+`last_write_id` = this write id. A change of k sections (`update_sections`)
+creates k entries (versions n+1..n+k, each pointing at the one before) and sets
+version n+k and the last entry's write id. A conflicting writer's batch fails
+whole, so it leaves no entry behind.
 
 The record's `last_write_id` and each entry's `prev_write_id` form a chain;
-`audit_trail` walks it from the record, so entries of losing writers or of a
-writer that crashed between 1 and 2 are never shown, even if their best-effort
-clean-up failed.
+`audit_trail` walks it from the record, so an entry no chain reaches (written
+by an earlier layout of this adapter, which created entries before the record
+changed) is never shown.
 """
 
 from __future__ import annotations
@@ -35,13 +31,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from azure.core.exceptions import AzureError
-from azure.cosmos.exceptions import (
-    CosmosAccessConditionFailedError,
-    CosmosResourceExistsError,
-    CosmosResourceNotFoundError,
-)
 
 from ..errors import (
+    RequestRejected,
     StaleFencingToken,
     StateError,
     StateTooLarge,
@@ -62,7 +54,7 @@ from ..ports import (
 )
 from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection, cosmos_errors
-from .cosmos_io import PartitionIO, gather
+from .cosmos_io import BatchRefused, PartitionIO
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +128,18 @@ class CosmosStateStore:
             at=now,
         )
         self._check_size(thread_id, record, entry)
-        await self._io.create_if_absent(entry)  # ids are unique per write: only ours exists
         try:
-            created = await self._io.create(record)
-        except CosmosResourceExistsError as exc:
+            _, created = await self._io.batch(
+                thread_id, [("create", (entry,)), ("create", (record,))]
+            )
+        except BatchRefused as refused:
             existing = await self._read_record(thread_id)
             if existing is not None and existing.get("last_write_id") == write_id:
-                return WorkflowRecord.from_document(
-                    existing
-                )  # the SDK retried a create of ours that had landed
-            await self._discard_audit(thread_id, [entry["id"]])
-            raise WorkflowExists(thread_id) from exc
+                # The SDK re-sent a batch of ours that had landed.
+                return WorkflowRecord.from_document(existing)
+            if existing is None:
+                raise _refusal(refused) from refused
+            raise WorkflowExists(thread_id) from refused
         return WorkflowRecord.from_document(upcast("workflow", dict(created)))
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
@@ -178,10 +171,11 @@ class CosmosStateStore:
         expected_version: int,
         fencing_token: int | None = None,
     ) -> WorkflowRecord:
-        """One read, one audit entry per section (created together), one replace.
+        """One read, then one transactional batch: an audit entry per section and the
+        replace of the record (If-Match on the ETag read).
 
         The entries chain in order (each names the one before as `prev_write_id`), and
-        the record names the last: until the replace lands, no chain reaches them.
+        the record names the last.
         """
         check_distinct(self.name, writes)
         current = await self._read_record(thread_id)
@@ -229,21 +223,23 @@ class CosmosStateStore:
             "last_write_id": prev_write_id,
         }
         self._check_size(thread_id, replacement, *entries)
-        await gather([self._io.create_if_absent(entry) for entry in entries])
+        replace = ("replace", (WORKFLOW_ID, replacement), {"if_match_etag": current["_etag"]})
         try:
-            replaced = await self._io.replace(WORKFLOW_ID, replacement, etag=current["_etag"])
-        except CosmosAccessConditionFailedError as exc:
+            *_, replaced = await self._io.batch(
+                thread_id, [*(("create", (entry,)) for entry in entries), replace]
+            )
+        except BatchRefused as refused:
+            if refused.status == 404:
+                raise WorkflowNotFound(thread_id) from refused
             now_stored = await self._read_record(thread_id)
             if now_stored is not None and now_stored.get("last_write_id") == prev_write_id:
-                # The SDK retried a replace of ours that had landed (connection lost
-                # after the write); its ETag no longer matched our own change.
+                # The SDK re-sent a batch of ours that had landed (connection lost after
+                # the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(now_stored)
-            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
+            if refused.status not in (409, 412):
+                raise _refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
-            raise VersionConflict(thread_id, expected_version, actual) from exc
-        except CosmosResourceNotFoundError as exc:
-            await self._discard_audit(thread_id, [entry["id"] for entry in entries])
-            raise WorkflowNotFound(thread_id) from exc
+            raise VersionConflict(thread_id, expected_version, actual) from refused
         return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
 
     # ----------------------------------------------------------------- audit
@@ -312,14 +308,6 @@ class CosmosStateStore:
         etag = document["_etag"]
         return {**upcast("workflow", dict(document)), "_etag": etag}
 
-    async def _discard_audit(self, thread_id: str, entry_ids: Sequence[str]) -> None:
-        """Best effort: an entry left behind is an orphan that `audit_trail` never shows."""
-        for entry_id in entry_ids:
-            try:
-                await self._io.delete(entry_id, thread_id)
-            except (StateError, AzureError) as exc:
-                logger.warning("orphan audit entry %s of %r kept: %s", entry_id, thread_id, exc)
-
     def _audit_document(
         self,
         thread_id: str,
@@ -356,6 +344,10 @@ class CosmosStateStore:
             size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode())
             if size > limit:
                 raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
+
+
+def _refusal(refused: BatchRefused) -> RequestRejected:
+    return RequestRejected("cosmos", str(refused), code=refused.status)
 
 
 def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:

@@ -435,7 +435,8 @@ async def test_cosmos_crash_between_audit_entry_and_record_is_reconciled(
     container = await cosmos_connection.container()
     stored = await container.read_item("wf", partition_key=thread)
 
-    # A writer crashed after its audit entry for version 3, before replacing the record.
+    # An entry no chain reaches (a writer of the earlier two-request layout crashed after
+    # its audit entry for version 3, before replacing the record).
     crashed_write = uuid.uuid4().hex
     await container.create_item(
         {
@@ -496,14 +497,12 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
     try:
         store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
         thread = unique_thread()
-        # The connection drops after the server applied each write (audit entry and
-        # record of the create, then the replace); the SDK sends each again.
-        transport.inject(Fault("reset_after", frozenset({"create"}), times=2, body_contains=thread))
-        transport.inject(Fault("reset_after", frozenset({"replace"}), body_contains=thread))
+        # The connection drops after the server applied each write (the batch of the
+        # create, then the batch of the update); the SDK sends each again.
+        transport.inject(Fault("reset_after", frozenset({"batch"}), times=2, body_contains=thread))
         created = await store.create(thread, {"s": 0}, agent_id="a")
         updated = await store.update_section(thread, "s", 1, expected_version=1, agent_id="a")
-        assert transport.count("create", "reset_after") == 2
-        assert transport.count("replace", "reset_after") == 1
+        assert transport.count("batch", "reset_after") == 2
         assert (created.version, updated.version) == (1, 2)
         assert await store.get(thread) == updated
         assert [(e.version, e.after) for e in await store.audit_trail(thread)] == [
@@ -579,7 +578,7 @@ async def test_cosmos_round_trips_do_not_grow_with_history(
 
     counters.reset()
     await cosmos.update_section(thread, "n", 41, expected_version=41, agent_id="a")
-    assert counters.requests == 3  # read, audit entry, conditional replace
+    assert counters.requests == 2  # read, then audit entry and conditional replace together
 
     counters.reset()
     trail = await cosmos.audit_trail(thread, limit=5)

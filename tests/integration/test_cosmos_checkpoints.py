@@ -17,7 +17,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
-from state.cold.cosmos_io import PartitionIO
+from state.cold.cosmos_io import BatchRefused, PartitionIO
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -427,15 +427,16 @@ async def test_a_transactional_batch_applies_all_of_it_or_nothing(
     kept = {"id": "kept", "thread_id": thread_id, "v": 1}
     await io.upsert(kept)
 
-    refused = await io.batch(
-        thread_id,
-        [
-            ("upsert", ({"id": "kept", "thread_id": thread_id, "v": 2},)),
-            ("upsert", ({"id": "new", "thread_id": thread_id},)),
-            ("create", ({"id": "kept", "thread_id": thread_id},)),  # exists: refused
-        ],
-    )
-    assert refused is False
+    with pytest.raises(BatchRefused) as refused:
+        await io.batch(
+            thread_id,
+            [
+                ("upsert", ({"id": "kept", "thread_id": thread_id, "v": 2},)),
+                ("upsert", ({"id": "new", "thread_id": thread_id},)),
+                ("create", ({"id": "kept", "thread_id": thread_id},)),  # exists: refused
+            ],
+        )
+    assert (refused.value.status, refused.value.index) == (409, 2)
     assert comparable(await partition(connection, thread_id)) == {"kept": kept}
 
     applied = await io.batch(
@@ -445,7 +446,7 @@ async def test_a_transactional_batch_applies_all_of_it_or_nothing(
             ("create", ({"id": "new", "thread_id": thread_id},)),
         ],
     )
-    assert applied is True
+    assert [doc["id"] for doc in applied] == ["kept", "new"]
     assert comparable(await partition(connection, thread_id)) == {
         "kept": {"id": "kept", "thread_id": thread_id, "v": 2},
         "new": {"id": "new", "thread_id": thread_id},
