@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -62,6 +63,12 @@ WORKFLOW_ID = "wf"
 AUDIT_ID_PREFIX = "audit:"
 WORKFLOW_TYPE = "workflow"
 AUDIT_TYPE = "audit"
+# The record of each of this many threads, as this process last read or wrote it
+# (records over `KNOWN_RECORD_BYTES` are not kept): an update expecting that version
+# sends its batch without reading first. The batch's If-Match guards it: a record
+# changed elsewhere meanwhile refuses it, and the update reads and tries once more.
+KNOWN_RECORDS = 1_000
+KNOWN_RECORD_BYTES = 256 * 1024
 # Audit queries fetch this many entries beyond the limit per page, so an orphan or
 # two in the range rarely costs a second round trip.
 AUDIT_PAGE_SLACK = 4
@@ -92,6 +99,7 @@ class CosmosStateStore:
         self._connection = connection
         self._io = PartitionIO(connection)
         self._max_item_bytes = max_item_bytes
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def setup(self) -> None:
         # Creates database and container when the settings allow it (locally).
@@ -140,7 +148,7 @@ class CosmosStateStore:
             if existing is None:
                 raise _refusal(refused) from refused
             raise WorkflowExists(thread_id) from refused
-        return WorkflowRecord.from_document(upcast("workflow", dict(created)))
+        return WorkflowRecord.from_document(self._remember(thread_id, created))
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         document = await self._read_record(thread_id)
@@ -171,14 +179,44 @@ class CosmosStateStore:
         expected_version: int,
         fencing_token: int | None = None,
     ) -> WorkflowRecord:
-        """One read, then one transactional batch: an audit entry per section and the
-        replace of the record (If-Match on the ETag read).
+        """One transactional batch: an audit entry per section and the replace of the
+        record (If-Match on the ETag read), after one read unless this process knows the
+        record at `expected_version` (`KNOWN_RECORDS`).
 
         The entries chain in order (each names the one before as `prev_write_id`), and
         the record names the last.
         """
         check_distinct(self.name, writes)
-        current = await self._read_record(thread_id)
+        known = self._known_at(thread_id, expected_version)
+        try:
+            return await self._update(
+                thread_id,
+                writes,
+                known or await self._read_record(thread_id),
+                expected_version=expected_version,
+                fencing_token=fencing_token,
+            )
+        except VersionConflict:
+            if known is None:
+                raise
+        # What this process knew was stale (a change elsewhere): read, and once more.
+        return await self._update(
+            thread_id,
+            writes,
+            await self._read_record(thread_id),
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        )
+
+    async def _update(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        current: dict[str, Any] | None,
+        *,
+        expected_version: int,
+        fencing_token: int | None,
+    ) -> WorkflowRecord:
         if current is None:
             raise WorkflowNotFound(thread_id)
         if current["version"] != expected_version:
@@ -229,6 +267,7 @@ class CosmosStateStore:
                 thread_id, [*(("create", (entry,)) for entry in entries), replace]
             )
         except BatchRefused as refused:
+            self._known.pop(thread_id, None)
             if refused.status == 404:
                 raise WorkflowNotFound(thread_id) from refused
             now_stored = await self._read_record(thread_id)
@@ -240,7 +279,7 @@ class CosmosStateStore:
                 raise _refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from refused
-        return WorkflowRecord.from_document(upcast("workflow", dict(replaced)))
+        return WorkflowRecord.from_document(self._remember(thread_id, replaced))
 
     # ----------------------------------------------------------------- audit
 
@@ -284,6 +323,7 @@ class CosmosStateStore:
     async def delete(self, thread_id: str) -> None:
         """Remove the record, then its audit entries (the thread's checkpoints stay)."""
         # Record first: a crash part-way leaves only entries no chain reaches.
+        self._known.pop(thread_id, None)
         await self._io.delete(WORKFLOW_ID, thread_id)
         await self._io.delete_matching(thread_id, "c.type = @type", {"@type": AUDIT_TYPE})
 
@@ -304,9 +344,23 @@ class CosmosStateStore:
         """The stored record upcast to the current schema, with its `_etag`; None if absent."""
         document = await self._io.read(WORKFLOW_ID, thread_id)
         if document is None:
+            self._known.pop(thread_id, None)
             return None
-        etag = document["_etag"]
-        return {**upcast("workflow", dict(document)), "_etag": etag}
+        return self._remember(thread_id, document)
+
+    def _remember(self, thread_id: str, document: dict[str, Any]) -> dict[str, Any]:
+        """`document` upcast, with its `_etag`, kept as what this process knows of the record."""
+        record = {**upcast("workflow", dict(document)), "_etag": document["_etag"]}
+        self._known.pop(thread_id, None)
+        if len(json.dumps(record["sections"])) <= KNOWN_RECORD_BYTES:
+            self._known[thread_id] = record
+            while len(self._known) > KNOWN_RECORDS:
+                self._known.popitem(last=False)
+        return record
+
+    def _known_at(self, thread_id: str, version: int) -> dict[str, Any] | None:
+        known = self._known.get(thread_id)
+        return known if known is not None and known["version"] == version else None
 
     def _audit_document(
         self,

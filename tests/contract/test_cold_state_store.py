@@ -563,6 +563,34 @@ async def test_cosmos_refuses_a_record_written_by_newer_code(
         await cosmos.update_section(thread, "s", 1, expected_version=1, agent_id="a")
 
 
+async def test_cosmos_a_record_changed_elsewhere_is_read_again_never_overwritten(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
+) -> None:
+    """What a process remembers of a record only spares a read: the batch's If-Match
+    refuses it once the record changed elsewhere."""
+    thread = unique_thread()
+    await cosmos.create(thread, {"n": 0}, agent_id="a")
+    other = CosmosStateStore(cosmos_connection, max_item_bytes=1_800_000)
+    await other.update_section(thread, "n", 1, expected_version=1, agent_id="other")
+
+    with pytest.raises(VersionConflict) as conflict:
+        await cosmos.update_section(thread, "n", 2, expected_version=1, agent_id="a")
+    assert conflict.value.actual == 2
+
+    # Same version, new ETag (a retention hold patches the record): read and applied.
+    container = await cosmos_connection.container()
+    stored = await container.read_item("wf", partition_key=thread)
+    await container.replace_item("wf", {k: v for k, v in stored.items() if k[0] != "_"})
+    await other.get(thread)  # `other` now knows the new ETag; `cosmos` an older one
+    await other.update_section(thread, "n", 2, expected_version=2, agent_id="other")
+    stale = await container.read_item("wf", partition_key=thread)
+    await container.replace_item("wf", {k: v for k, v in stale.items() if k[0] != "_"})
+    done = await other.update_section(thread, "n", 3, expected_version=3, agent_id="other")
+    assert (done.version, done.sections["n"]) == (4, 3)
+    trail = await cosmos.audit_trail(thread)
+    assert [(e.version, e.after) for e in trail][:3] == [(4, 3), (3, 2), (2, 1)]
+
+
 async def test_cosmos_round_trips_do_not_grow_with_history(
     cosmos: CosmosStateStore, cosmos_connection: CosmosConnection
 ) -> None:
@@ -578,9 +606,14 @@ async def test_cosmos_round_trips_do_not_grow_with_history(
 
     counters.reset()
     await cosmos.update_section(thread, "n", 41, expected_version=41, agent_id="a")
-    assert counters.requests == 2  # read, then audit entry and conditional replace together
+    assert counters.requests == 1  # audit entry and conditional replace in one batch
+
+    elsewhere = CosmosStateStore(cosmos_connection, max_item_bytes=1_800_000)
+    counters.reset()
+    await elsewhere.update_section(thread, "n", 42, expected_version=42, agent_id="a")
+    assert counters.requests == 2  # a process that has not seen the record reads it first
 
     counters.reset()
     trail = await cosmos.audit_trail(thread, limit=5)
-    assert [e.version for e in trail] == [42, 41, 40, 39, 38]
+    assert [e.version for e in trail] == [43, 42, 41, 40, 39]
     assert counters.requests == 2  # the record, one page of entries
