@@ -10,7 +10,10 @@ Protocol, per idempotency key `<case_id>:<kind>`:
 3. a `pending` claim taken over means a previous attempt may have reached the
    provider, so ask the provider by key first and perform only if it has no trace
    (a first claim has no earlier attempt to ask about: it performs directly);
-4. record `done` with the provider's answer.
+4. record `done` with the provider's answer: in a write of its own, or handed to the
+   caller (`done_with`) to go in the caller's next record write (an agent's section),
+   which saves a record write per effect. Until either lands, the claim stays
+   `pending`: a crash in between is step 3's case.
 The claim write goes through the run's fencing token, so a runner that lost its
 lock cannot claim either.
 The provider here is simulated: it keeps its own durable ledger of every call it
@@ -24,7 +27,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from state import TieredStateStore, WorkflowExists, WorkflowRecord
+from state import SectionWrite, TieredStateStore, WorkflowExists, WorkflowRecord
 
 from .models import EffectView
 from .records import UNCHANGED, set_section, write_section
@@ -128,7 +131,10 @@ class Effects:
         *,
         agent_id: str,
         fencing_token: int | None = None,
+        done_with: list[SectionWrite] | None = None,
     ) -> dict[str, Any]:
+        """The effect's result, performed at most once. `done_with`: where to put the `done`
+        entry for the caller to write (with its own section); without it, written here."""
         key = idempotency_key(case_id, kind)
         section = effect_section(kind)
         with traced("effect.once", kind=kind, idempotency_key=key) as span:
@@ -177,18 +183,22 @@ class Effects:
             span.set_attribute("outcome", "recovered" if result else "performed")
             if result is None:
                 result = await self._provider.perform(key, kind, request)
+            # When it was done: a rolled-back run reports the effects done since it started.
+            done = {
+                **claim,
+                "status": "done",
+                "result": result,
+                "lease_until": None,
+                "done_at": now_iso(),
+            }
+            if done_with is not None:
+                done_with.append(SectionWrite(section, done, agent_id))
+                return result
             await set_section(
                 self._store,
                 case_id,
                 section,
-                # When it was done: a rolled-back run reports the effects done since it started.
-                {
-                    **claim,
-                    "status": "done",
-                    "result": result,
-                    "lease_until": None,
-                    "done_at": now_iso(),
-                },
+                done,
                 agent_id=agent_id,
                 fencing_token=fencing_token,
                 current=record,

@@ -11,7 +11,7 @@ import operator
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.channels.delta import DeltaChannel
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -85,20 +85,6 @@ class Message(TypedDict):
     content: str
 
 
-class PendingSection(TypedDict):
-    """A record section an agent produced, and who the audit trail names for it. The value
-    is left out when the state holds it under the section's own name (not stored twice)."""
-
-    agent_id: str
-    value: NotRequired[Any]
-
-
-def merge_pending(
-    left: dict[str, PendingSection], right: dict[str, PendingSection]
-) -> dict[str, PendingSection]:
-    return {**left, **right}
-
-
 def append_messages(conversation: list[Message], batches: Sequence[list[Message]]) -> list[Message]:
     """The conversation's reducer: each batch of new messages appended, in order (the same
     result however LangGraph groups the batches when it replays them)."""
@@ -126,10 +112,6 @@ class CaseState(TypedDict, total=False):
     refund: RefundResult
     final_response: str
     error: str | None
-    # Write-behind: each agent's record section, written to the record at the run's
-    # boundary (its end, or an interrupt) in one write; a step checkpointed before a
-    # crash keeps its section here until the resumed run's boundary writes it.
-    record_sections: Annotated[dict[str, PendingSection], merge_pending]
 
 
 # --------------------------------------------------------------------------- HTTP contract

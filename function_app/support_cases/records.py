@@ -5,13 +5,22 @@ record, and the runner's heartbeat writes a third; every writer uses optimistic
 concurrency, so a `VersionConflict` only means "someone else wrote first". The
 writer re-reads and retries: correct because each section has a single owner
 and its new value is recomputed from the record just read.
+
+Writers of one record in one process take turns (`_turn`): read, compute and write
+under a per-record lock, so the parallel agents of a run never conflict with each
+other. A conflict costs a refused cold write and fresh reads from the cold tier (the
+hot copy is not trusted past a refused write); waiting for the other writer's few
+milliseconds costs nothing. Writers in other processes still meet optimistic
+concurrency as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 from state import (
     JSON,
@@ -24,6 +33,21 @@ from state import (
 )
 
 MAX_ATTEMPTS = 25
+
+# Per (event loop, record): an asyncio lock serves one loop. Kept only while a writer
+# is inside `_turn` or waiting for it.
+_turns: weakref.WeakValueDictionary[tuple[int, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _turn(thread_id: str) -> AsyncIterator[None]:
+    key = (id(asyncio.get_running_loop()), thread_id)
+    lock = _turns.get(key)
+    if lock is None:
+        lock = _turns[key] = asyncio.Lock()
+    async with lock:
+        yield
+
 
 # `compute` gets the current record and returns the section's new value, or
 # UNCHANGED when the record already holds what it should (nothing is written).
@@ -51,21 +75,26 @@ async def write_section(
     with the last `VersionConflict` only after MAX_ATTEMPTS contended tries.
     """
     for attempt in range(MAX_ATTEMPTS):
-        record = current if attempt == 0 and current is not None else await store.get(thread_id)
-        if record is None:
-            raise WorkflowNotFound(thread_id)
-        value = compute(record)
-        if value is UNCHANGED:
-            return record
         try:
-            return await store.update_section(
-                thread_id,
-                section,
-                value,
-                agent_id=agent_id,
-                expected_version=record.version,
-                fencing_token=fencing_token,
-            )
+            async with _turn(thread_id):
+                if attempt == 0 and current is not None:
+                    record = current
+                else:
+                    found = await store.get(thread_id)
+                    if found is None:
+                        raise WorkflowNotFound(thread_id)
+                    record = found
+                value = compute(record)
+                if value is UNCHANGED:
+                    return record
+                return await store.update_section(
+                    thread_id,
+                    section,
+                    value,
+                    agent_id=agent_id,
+                    expected_version=record.version,
+                    fencing_token=fencing_token,
+                )
         except VersionConflict:
             if attempt == MAX_ATTEMPTS - 1:
                 raise
@@ -111,17 +140,20 @@ async def write_sections(
     own writer. A record the cold store refuses as too large with all of them
     (`StateTooLarge`) takes them one by one, each offloaded as it needs."""
     for attempt in range(MAX_ATTEMPTS):
-        record = await store.get(thread_id)
-        if record is None:
-            raise WorkflowNotFound(thread_id)
-        writes = compute(record)
-        if not writes:
-            return record
         try:
-            return await store.update_sections(
-                thread_id, writes, expected_version=record.version, fencing_token=fencing_token
-            )
+            async with _turn(thread_id):
+                found = await store.get(thread_id)
+                if found is None:
+                    raise WorkflowNotFound(thread_id)
+                writes = compute(found)
+                if not writes:
+                    return found
+                return await store.update_sections(
+                    thread_id, writes, expected_version=found.version, fencing_token=fencing_token
+                )
         except StateTooLarge:
+            assert found is not None  # refused by `update_sections`: the record was there
+            record = found
             for write in writes:
                 record = await set_section(
                     store,

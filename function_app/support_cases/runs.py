@@ -32,7 +32,7 @@ from state import (
     WorkflowRecord,
 )
 
-from .models import CaseStatus, FollowUpStrategy, PendingSection, RunStatus
+from .models import CaseStatus, FollowUpStrategy, RunStatus
 from .records import UNCHANGED, write_section, write_sections
 from .settings import AppSettings
 
@@ -146,11 +146,8 @@ class RunTracker:
         *,
         fencing_token: int | None = None,
         error: str | None = None,
-        pending: dict[str, PendingSection] | None = None,
     ) -> int:
-        """Record the run's status; `pending`: agents' sections the record does not hold
-        yet (write-behind), written with it in one record write. Returns how many runs
-        are queued after it."""
+        """Record the run's status; returns how many runs are queued after it."""
 
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
@@ -163,11 +160,7 @@ class RunTracker:
 
         def compute_all(record: WorkflowRecord) -> list[SectionWrite]:
             nonlocal waiting
-            writes = [
-                SectionWrite(section, entry["value"], entry["agent_id"])
-                for section, entry in (pending or {}).items()
-                if record.sections.get(section) != entry["value"]
-            ]
+            writes: list[SectionWrite] = []
             run = compute(record)
             runs = runs_of(record)
             waiting = len(queued(runs))

@@ -69,7 +69,6 @@ from .models import (
     FollowUp,
     FollowUpStrategy,
     HealthView,
-    PendingSection,
     ResumeReport,
     ReviewDecision,
     RunStatus,
@@ -746,14 +745,11 @@ class CaseService:
             log.exception("case %s: run failed", case_id)
             try:
                 await self._flush(case_id)
-                # What the agents produced before the failure is recorded with it.
-                snapshot = await self._graph.aget_state(case_config(case_id))
                 waiting = await self._tracker.mark(
                     case_id,
                     CaseStatus.FAILED,
                     fencing_token=fence,
                     error=f"{type(error).__name__}: {error}",
-                    pending=pending_sections(snapshot),
                 )
                 await self._events.publish(
                     case_id,
@@ -873,11 +869,8 @@ class CaseService:
         async for _ in self._graph.astream(
             graph_input,
             config,
-            # Each agent writes its section at its step in both modes: deferring them to the
-            # boundary lost sections when Redis lost the run's unflushed checkpoints.
             context=RunContext(
                 fencing_token=fence,
-                defer_sections=False,
                 observer=RunProgress(self._store, self._events, case_id, run_id),
             ),
             stream_mode="updates",
@@ -889,10 +882,7 @@ class CaseService:
         await self._flush(case_id)
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
-        # The boundary: the agents' sections (write-behind) go with the status, in one write.
-        waiting = await self._tracker.mark(
-            case_id, rest, fencing_token=fence, pending=pending_sections(snapshot)
-        )
+        waiting = await self._tracker.mark(case_id, rest, fencing_token=fence)
         if rest is CaseStatus.AWAITING_REVIEW:
             await self._events.publish(
                 case_id,
@@ -1089,12 +1079,7 @@ class CaseService:
         lease_ends_at: datetime | None = None,
     ) -> CaseView:
         values: dict[str, Any] = snapshot.values if isinstance(snapshot.values, dict) else {}
-        # A write-behind run's sections reach the record at its boundary; until then the
-        # graph state has them (and has the newer ones after a resume).
-        sections = {
-            **record.sections,
-            **{name: entry["value"] for name, entry in pending_sections(snapshot).items()},
-        }
+        sections = record.sections
         run = sections.get(RUN_SECTION, {})
         return CaseView(
             case_id=record.thread_id,
@@ -1183,15 +1168,6 @@ def run_view(entry: dict[str, Any]) -> RunView:
         discarded_effects=entry.get("discarded_effects") or [],
         error=entry.get("error"),
     )
-
-
-def pending_sections(snapshot: StateSnapshot) -> dict[str, PendingSection]:
-    """The agents' sections a write-behind run carries in its graph state, with their values."""
-    values = snapshot.values if isinstance(snapshot.values, dict) else {}
-    return {
-        section: {"agent_id": entry["agent_id"], "value": entry.get("value", values.get(section))}
-        for section, entry in (values.get("record_sections") or {}).items()
-    }
 
 
 def _caller_view(stored: Any) -> CallerView | None:

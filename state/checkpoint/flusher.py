@@ -37,7 +37,7 @@ POLL_SECONDS = 1.0
 # After its own append wakes it, a flusher waits until appends pause this long, so its
 # cold requests and CPU stay off the path of a run in progress (which appends every few
 # ms) and one pass takes a run's entries together ...
-WAKE_DELAY_SECONDS = 0.02
+WAKE_DELAY_SECONDS = 0.1
 # ... but no longer than this after the first wake, so a steady stream of appends (many
 # runs at once) is still drained.
 WAKE_DELAY_MAX_SECONDS = 0.25

@@ -61,6 +61,25 @@ async def test_each_agent_node_and_store_call_has_a_span(
         and span.attributes.get("state.section") == "billing"
         for span in writes
     )
+    # An effect is recorded done in the same record write as its agent's section, under
+    # that agent's span (its claim is a write of its own, before the call out).
+    trail = await runtime.store.audit_trail(case_id, limit=500)
+    for step, section, effect in (
+        ("refund", "refund", "effect_refund"),
+        ("account", "account", "effect_reset_link"),
+    ):
+        agent = agent_spans[f"agent.{step}"]
+        together = [
+            span
+            for span in batches
+            if str(span.attributes["state.sections"]).split(",") == [effect, section]
+        ]
+        assert len(together) == 1, (step, [s.attributes for s in batches])
+        assert together[0].parent is not None
+        assert together[0].parent.span_id == agent.context.span_id
+        done = [e for e in trail if e.section == effect and e.after["status"] == "done"]
+        (mine,) = [e for e in trail if e.section == section]
+        assert len(done) == 1 and done[0].version == mine.version - 1
 
 
 def load_function_app() -> ModuleType:

@@ -7,7 +7,7 @@ import re
 from state import JSON
 
 from ..models import AccountIssue, AccountResult, CaseState
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 # Most specific first: a locked account needs more than a forgotten password.
 _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
@@ -44,7 +44,7 @@ class AccountAgent(StatefulAgent):
     step = "account"
     node = "account_agent"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         issue = classify_account_request(state["text"])
         if issue is None:
             return AccountResult(issue=None, reset_link_sent=False, reset_reference=None)
@@ -53,7 +53,8 @@ class AccountAgent(StatefulAgent):
             "reset_link",
             {"customer_id": state["customer_id"], "issue": issue},
             agent_id=self.agent_id,
-            fencing_token=fencing_token,
+            fencing_token=step.fencing_token,
+            done_with=step.effects_done,
         )
         return AccountResult(issue=issue, reset_link_sent=True, reset_reference=sent["reference"])
 

@@ -3,10 +3,10 @@
 An agent decides from the graph state, writes its result as its own section
 through the state library (cold: versioned update + audit entry under its
 agent id; hot: the new record installed) and returns the same result to the
-graph. In a write-behind run of the case service (`RunContext.defer_sections`) the
-section write waits for the run's boundary: the agent hands it to the graph state
-and the run writes every pending section in one record write (still one audit
-entry per section, under each agent's id). Writes
+graph. The sections are written at the step in both write modes: deferring them to
+the run's boundary lost them when Redis lost the run's unflushed checkpoints. An
+agent that performed a side effect records the effect `done` in the same record
+write as its section (one audit entry each), not in a write of its own. Writes
 carry the run's fencing token, so a run that lost its lock cannot overwrite a newer
 run's state. A re-run (after a crash) recomputes the same value and finds it already
 stored, so it writes nothing twice.
@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 
-from state import JSON, TieredStateStore
+from state import JSON, SectionWrite, TieredStateStore, WorkflowRecord
 
 from ..effects import Effects
-from ..models import CaseState, Message, PendingSection
-from ..records import set_section
+from ..models import CaseState, Message
+from ..records import set_section, write_sections
 from ..settings import AppSettings
 from ..telemetry import traced
 
@@ -45,12 +45,16 @@ class RunContext:
     """Per-run values LangGraph hands every node (not checkpointed: each run brings its own)."""
 
     fencing_token: int | None = None
-    # Write-behind runs of the case service: sections go to the graph state, and the run
-    # writes them to the record at its boundary in one write (`CaseState.record_sections`)
-    # instead of one write per step. Without it (write-through, or a graph driven by
-    # other code) each agent writes its section at its step.
-    defer_sections: bool = False
     observer: RunObserver | None = None
+
+
+@dataclass
+class Step:
+    """What an agent's decision works with: the run's fencing token, and the effects it
+    performed, recorded `done` with the agent's own section (`Effects.once(done_with=...)`)."""
+
+    fencing_token: int | None
+    effects_done: list[SectionWrite] = field(default_factory=list)
 
 
 # Awaited with the step's name once its section is written, before LangGraph checkpoints
@@ -78,7 +82,6 @@ class StatefulAgent(ABC):
     async def __call__(self, state: CaseState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         case_id = state["case_id"]
         fencing_token = runtime.context.fencing_token if runtime.context else None
-        defer = runtime.context.defer_sections if runtime.context else False
         observer = runtime.context.observer if runtime.context else None
         if observer is not None:
             await observer.node_started(self.node)
@@ -88,22 +91,10 @@ class StatefulAgent(ABC):
             agent_id=self.agent_id,
             case_id=case_id,
         ):
-            value = await self.decide(state, fencing_token)
+            step = Step(fencing_token)
+            value = await self.decide(state, step)
             update = self.state_update(value)
-            if defer:
-                pending: PendingSection = {"agent_id": self.author(value)}
-                if update.get(self.section) != value:
-                    pending["value"] = value  # not in the state under its own name
-                update["record_sections"] = {self.section: pending}
-            else:
-                await set_section(
-                    self.deps.store,
-                    case_id,
-                    self.section,
-                    value,
-                    agent_id=self.author(value),
-                    fencing_token=fencing_token,
-                )
+            await self._record(case_id, value, step)
             if self.deps.after_step is not None:
                 await self.deps.after_step(self.step)
             update["completed_steps"] = [self.step]
@@ -115,9 +106,32 @@ class StatefulAgent(ABC):
                 await observer.node_finished(self.node, self.section, summary)
             return update
 
+    async def _record(self, case_id: str, value: JSON, step: Step) -> None:
+        """The section, with the effects the step performed: one record write."""
+        mine = SectionWrite(self.section, value, self.author(value))
+        if not step.effects_done:
+            await set_section(
+                self.deps.store,
+                case_id,
+                mine.section,
+                mine.value,
+                agent_id=mine.agent_id,
+                fencing_token=step.fencing_token,
+            )
+            return
+        writes = [*step.effects_done, mine]
+
+        def still_needed(record: WorkflowRecord) -> list[SectionWrite]:
+            return [w for w in writes if record.sections.get(w.section) != w.value]
+
+        await write_sections(
+            self.deps.store, case_id, still_needed, fencing_token=step.fencing_token
+        )
+
     @abstractmethod
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
-        """The section's new value (effects, if any, go through `self.deps.effects`)."""
+    async def decide(self, state: CaseState, step: Step) -> JSON:
+        """The section's new value (effects, if any, go through `self.deps.effects` with
+        `done_with=step.effects_done`)."""
 
     def author(self, value: JSON) -> str:
         """Who the audit trail names for this write."""

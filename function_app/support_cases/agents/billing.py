@@ -15,7 +15,7 @@ from typing import Any
 from state import JSON
 
 from ..models import BillingResult, CaseState, Charge
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 
 def _merchant_key(merchant: str) -> str:
@@ -87,7 +87,7 @@ class BillingAgent(StatefulAgent):
     step = "billing"
     node = "billing_agent"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         window = timedelta(seconds=self.deps.settings.case_duplicate_window_seconds)
         return summarize_duplicates(find_duplicate_charges(state.get("transactions", []), window))
 

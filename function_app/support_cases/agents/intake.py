@@ -11,7 +11,7 @@ from state import JSON
 
 from ..models import CaseState, Message
 from .account import classify_account_request
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 BILLING_WORDS = re.compile(
     r"\b(charged?|charges|refunds?|invoices?|bills?|billing|payments?|paid|pay|receipts?"
@@ -43,7 +43,7 @@ class IntakeAgent(StatefulAgent):
     step = "intake"
     node = "intake"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         return {
             "customer_id": state["customer_id"],
             "transaction_count": len(state.get("transactions", [])),

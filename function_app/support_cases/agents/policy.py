@@ -5,7 +5,7 @@ from __future__ import annotations
 from state import JSON
 
 from ..models import BillingResult, CaseState, PolicyResult
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 
 def apply_policy(billing: BillingResult, threshold: float) -> PolicyResult:
@@ -45,7 +45,7 @@ class PolicyAgent(StatefulAgent):
     step = "policy"
     node = "policy_agent"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         return apply_policy(state["billing"], self.deps.settings.case_review_threshold)
 
     def note(self, value: JSON) -> str | None:

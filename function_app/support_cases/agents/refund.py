@@ -5,7 +5,7 @@ from __future__ import annotations
 from state import JSON
 
 from ..models import CaseState, RefundResult
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 
 def refund_approved(state: CaseState) -> bool | None:
@@ -24,7 +24,7 @@ class RefundAgent(StatefulAgent):
     step = "refund"
     node = "refund_agent"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         billing = state["billing"]
         approved = refund_approved(state)
         amount = state["policy"]["refund_amount"]
@@ -44,7 +44,8 @@ class RefundAgent(StatefulAgent):
                 "transactions": [charge["transaction_id"] for charge in billing["duplicates"]],
             },
             agent_id=self.agent_id,
-            fencing_token=fencing_token,
+            fencing_token=step.fencing_token,
+            done_with=step.effects_done,
         )
         return RefundResult(
             status="issued",

@@ -7,7 +7,7 @@ from typing import Any
 from state import JSON
 
 from ..models import CaseState, Message
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 
 def _money(amount: float, currency: str | None) -> str:
@@ -58,7 +58,7 @@ class ResponseAgent(StatefulAgent):
     step = "response"
     node = "response_agent"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         return {"text": compose_response(state)}
 
     def state_update(self, value: JSON) -> dict[str, Any]:

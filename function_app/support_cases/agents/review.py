@@ -9,7 +9,7 @@ from langgraph.types import interrupt
 from state import JSON
 
 from ..models import CaseState, ReviewResult
-from .base import StatefulAgent
+from .base import StatefulAgent, Step
 
 
 def review_request(state: CaseState) -> dict[str, Any]:
@@ -34,7 +34,7 @@ class HumanReview(StatefulAgent):
     step = "human_review"
     node = "human_review"
 
-    async def decide(self, state: CaseState, fencing_token: int | None) -> JSON:
+    async def decide(self, state: CaseState, step: Step) -> JSON:
         # Nothing before interrupt() may have effects: the node restarts from the top on resume.
         answer = interrupt(review_request(state))
         return ReviewResult(
