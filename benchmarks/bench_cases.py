@@ -10,7 +10,9 @@ docs/CAPACITY.md (every figure from this run) and stops everything it started.
     .venv/bin/python benchmarks/bench_cases.py [--quick] [--cases K] [--in-flight C]
         [--processes N] [--backends cosmos,postgres] [--modes write-through,write-behind]
 
-Per cold backend, for each write mode (its own Cosmos container or its own cases):
+Per cold backend, for each write mode (its own Cosmos container or its own cases),
+after a warm-up of one case per run-index shard (a shard's record is created with
+its first case, once per deployment: the phases below see the steady state):
 
 1. counted: one process, one case at a time; for each case the store requests it
    caused (the worker's counts before and after) and the Redis commands the server
@@ -74,6 +76,7 @@ from state.cold.cosmos_client import CosmosConnection  # noqa: E402
 from state.factory import open_backends  # noqa: E402
 from state.settings import Settings  # noqa: E402
 from support_cases.effects import SimulatedProvider, idempotency_key  # noqa: E402
+from support_cases.runs import INDEX_SHARDS, shard_of  # noqa: E402
 
 BACKENDS = ("cosmos", "postgres")
 MODES = ("write-through", "write-behind")
@@ -369,6 +372,23 @@ def new_runs(
     ]
 
 
+def warm_up_runs() -> list[CaseRun]:
+    """One case per shard of the run index, the first going to review: a store creates a
+    shard's record with its first case, once per deployment, and the counted cases that
+    follow should see a store in its steady state."""
+    tag = uuid.uuid4().hex[:6]
+    runs: list[CaseRun] = []
+    shards: set[str] = set()
+    for i in range(10_000):
+        case_id = f"bench-warm-{tag}-{i:05d}"
+        if shard_of(case_id) not in shards:
+            shards.add(shard_of(case_id))
+            runs.append(CaseRun(case_id=case_id, review=not runs, phase="warm"))
+        if len(shards) == INDEX_SHARDS:
+            break
+    return runs
+
+
 async def run_load(
     clients: Clients, urls: list[str], runs: list[CaseRun], in_flight: int, label: str
 ) -> float:
@@ -657,7 +677,7 @@ async def run_backend(
                 )
                 firsts[result.mode] = first
                 log(f"{result.name}: warm-up")
-                warm = new_runs("warm", 2, offset=REVIEW_EVERY - 1)
+                warm = warm_up_runs()
                 await run_load(clients, [first.url], warm, 1, "warm-up")
                 config.runs += warm
                 log(f"{result.name}: counted, 1 process, one case at a time")

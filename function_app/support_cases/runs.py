@@ -46,6 +46,10 @@ RUNS_SECTION = "runs"
 FINISHED_RUNS_KEPT = 50
 # Runs a case may have queued: bounds the record (each holds its message).
 MAX_QUEUED_RUNS = 20
+# {"held": bool}: whether a review hold keeps the case from retention, so a case that
+# never waited for review costs no release (a cold query or statement) when it ends.
+# A record without it (written before it existed) may be held.
+RETENTION_SECTION = "retention"
 RUN_AT_REST = {
     CaseStatus.AWAITING_REVIEW: RunStatus.AWAITING_REVIEW,
     CaseStatus.COMPLETED: RunStatus.COMPLETED,
@@ -100,6 +104,11 @@ def new_run_entry(
     if text is not None:
         entry.update(text=text, strategy=strategy.value if strategy else None)
     return entry
+
+
+def may_be_held(record: WorkflowRecord) -> bool:
+    retention = record.sections.get(RETENTION_SECTION)
+    return retention is None or bool(retention.get("held"))
 
 
 def runs_of(record: WorkflowRecord) -> list[dict[str, Any]]:
@@ -178,12 +187,20 @@ class RunTracker:
                     else ended(entry, RUN_AT_REST[status], error=error)
                 )
                 writes.append(SectionWrite(RUNS_SECTION, trimmed(runs), RUNNER_ID))
+            held = status is CaseStatus.AWAITING_REVIEW
+            recorded = (record.sections.get(RETENTION_SECTION) or {}).get("held")
+            if held is not recorded and (held or status in AT_REST):
+                writes.append(SectionWrite(RETENTION_SECTION, {"held": held}, RUNNER_ID))
             return [*writes, SectionWrite(RUN_SECTION, run, RUNNER_ID)]
 
+        # Held before the status says so, and released before the flag says so: a crash in
+        # between leaves a hold the next mark of the case takes care of.
         if status is CaseStatus.AWAITING_REVIEW:
             await self._retention.hold(case_id)
         elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
-            await self._retention.release(case_id)
+            record = await self._store.get(case_id)
+            if record is None or may_be_held(record):
+                await self._retention.release(case_id)
         await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
         # A case with runs queued stays where the timer looks, whatever its status. The
         # status is written: a busy index must not turn this run into a failed one (the

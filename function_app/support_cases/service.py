@@ -80,6 +80,7 @@ from .records import MAX_ATTEMPTS, UNCHANGED, write_section
 from .runs import (
     AT_REST,
     INDEX_PREFIX,
+    RETENTION_SECTION,
     RUN_SECTION,
     RUNNER_ID,
     RUNS_SECTION,
@@ -304,6 +305,7 @@ class CaseService:
                         "run_id": run_id,
                     },
                     RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
+                    RETENTION_SECTION: {"held": False},
                 },
                 agent_id=API_AGENT_ID,
             )

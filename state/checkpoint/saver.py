@@ -69,6 +69,7 @@ from ..ports import (
     StoredCheckpoint,
     StoredWrite,
 )
+from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
 from .loop_thread import LoopThread
@@ -140,6 +141,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Write-behind threads whose newest write this process sent straight to the cold
         # tier because Redis could not be reached: that state is durable already.
         self._written_through: set[str] = set()
+        # Delta histories of the threads this process writes from their root.
+        self._chains = WrittenChains()
         # (thread, namespace) -> the latest checkpoint's delta history a cache hit brought.
         self._histories: OrderedDict[tuple[str, str], tuple[str, dict[str, ChannelHistory]]] = (
             OrderedDict()
@@ -379,6 +382,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.flusher.settle_thread(thread_id, pending=backlog)
         stored = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
         if stored is None:
+            if checkpoint_id is None:
+                self._chains.found_empty(thread_id, checkpoint_ns)
             return None
         stored = await self._complete(stored)
         if stored.history is not None:
@@ -476,6 +481,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             else:
                 self._written_through.discard(thread_id)
                 await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
+        self._chains.put(
+            thread_id,
+            checkpoint_ns,
+            stored.checkpoint_id,
+            stored.parent_checkpoint_id,
+            values.keys(),
+            {blob.channel: blob.value for blob in blobs}
+            | {channel: self.serde.dumps_typed(value) for channel, value in inline.items()},
+        )
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -518,6 +532,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.cache.add_writes(
                     thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
                 )
+            self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
             return
         try:
             await self.flusher.log.append_writes(
@@ -542,6 +557,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 configurable.get(DURABILITY_KEY) == "sync"
                 or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
             )
+        self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the
@@ -552,9 +568,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _delta_history(
         self, config: RunnableConfig, channels: Sequence[str]
     ) -> dict[str, DeltaChannelHistory]:
-        """LangGraph's DeltaChannel history: from the cached latest checkpoint when it is the
-        one asked for (usually read with it, so no round trip at all), else in the cold
-        tier's bounded round trips, then tracked by the cache for the puts that follow."""
+        """LangGraph's DeltaChannel history: from this process's own chain of the thread when
+        it wrote the thread from its root (`chains`), or from the cached latest checkpoint
+        when it is the one asked for (usually read with it, so no round trip at all), else
+        in the cold tier's bounded round trips, then tracked by the cache for the puts
+        that follow."""
         if not channels:
             return {}
         configurable = config["configurable"]
@@ -566,15 +584,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if latest is None:
                 return {ch: {"writes": []} for ch in channels}
             checkpoint_id = str(latest.config["configurable"]["checkpoint_id"])
-        history: dict[str, ChannelHistory] | None = None
         remembered = self._histories.pop((thread_id, checkpoint_ns), None)
+        history = self._chains.history(thread_id, checkpoint_ns, checkpoint_id, channels)
         if (
-            remembered is not None
+            history is None
+            and remembered is not None
             and remembered[0] == checkpoint_id
             and set(channels) <= remembered[1].keys()
         ):
             history = remembered[1]
-        elif self.cache is not None:
+        if history is None and self.cache is not None:
             history = await self.cache.history(thread_id, checkpoint_ns, checkpoint_id, channels)
         if history is None:
             if self.flusher is not None:
@@ -598,6 +617,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._histories.popitem(last=False)
 
     def _forget_histories(self, thread_id: str) -> None:
+        self._chains.forget(thread_id)
         for key in [key for key in self._histories if key[0] == thread_id]:
             del self._histories[key]
 

@@ -15,7 +15,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from state.checkpoint import TieredCheckpointSaver
-from tests.support.fakes import memory_backends
+from tests.support.fakes import MemoryCheckpointStore, memory_backends
 
 
 def append(state: list[str], batches: Sequence[list[str]]) -> list[str]:
@@ -60,3 +60,38 @@ async def test_the_rebuilt_conversation_matches_in_memory_savers(
         for older in history[::4]:
             state = await tiered.aget_state(older.config)
             assert state.values == older.values
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
+async def test_a_thread_this_process_wrote_from_its_root_needs_no_history_read(
+    write_behind: bool,
+) -> None:
+    """The saver keeps the delta history of a thread it started: a load of its latest
+    state asks no tier for it; maintenance of the thread, or another process (a saver
+    of its own), goes back to the tiers and gets the same state."""
+    config: RunnableConfig = {"configurable": {"thread_id": "case-chain"}}
+    reference = graph(InMemorySaver())
+    async with memory_backends(write_behind=write_behind) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        tiered = graph(saver)
+        checkpoints = backends.checkpoints
+        assert isinstance(checkpoints, MemoryCheckpointStore)
+        for turn in range(8):  # past two snapshots (every 3 updates)
+            expected = await reference.ainvoke({"messages": [f"user-{turn}"]}, config)
+            assert await tiered.ainvoke({"messages": [f"user-{turn}"]}, config) == expected
+            before = checkpoints.requests["delta_history"]
+            assert (await tiered.aget_state(config)).values == expected
+            assert checkpoints.requests["delta_history"] == before
+
+        elsewhere = graph(TieredCheckpointSaver.from_backends(backends))
+        assert (await elsewhere.aget_state(config)).values == expected
+        assert checkpoints.requests["delta_history"] == before + 1
+
+        # A copy leaves the source as it was; a prune of it does not (what a prune keeps
+        # of a delta chain is the real stores' to show: test_delta_maintenance).
+        await saver.acopy_thread("case-chain", "case-chain-copy")
+        assert (await tiered.aget_state(config)).values == expected
+        assert checkpoints.requests["delta_history"] == before + 1
+        await saver.aprune(["case-chain"], strategy="keep_latest")
+        await tiered.aget_state(config)
+        assert checkpoints.requests["delta_history"] == before + 2

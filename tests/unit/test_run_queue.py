@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from state import TieredStateStore
+from state import JSON, TieredStateStore
+from state.ports import ColdRetention
 from support_cases.models import CaseStatus, FollowUpStrategy, RunStatus
 from support_cases.runs import (
     FINISHED_RUNS_KEPT,
     MAX_QUEUED_RUNS,
+    RETENTION_SECTION,
     RUN_SECTION,
     RUNS_SECTION,
     QueueFull,
@@ -188,3 +190,49 @@ async def test_a_full_queue_refuses_more_and_writes_nothing(
     assert len(queued(found)) == MAX_QUEUED_RUNS
     current = current_run(found)
     assert current is not None and "stop" not in current
+
+
+class CountingRetention:
+    """The fake retention, counting the holds and releases the tracker asks for."""
+
+    def __init__(self, inner: ColdRetention) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    async def hold(self, thread_id: str) -> None:
+        self.calls.append("hold")
+        await self.inner.hold(thread_id)
+
+    async def release(self, thread_id: str) -> None:
+        self.calls.append("release")
+        await self.inner.release(thread_id)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["flagged", "written-before-the-flag"])
+async def test_only_a_case_that_may_be_held_is_released(legacy: bool) -> None:
+    settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        sections: dict[str, JSON] = {
+            RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
+            RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
+        }
+        if not legacy:
+            sections[RETENTION_SECTION] = {"held": False}
+        await store.create(CASE, sections, agent_id="test")
+        retention = CountingRetention(backends.retention)
+        track = RunTracker(store, retention, settings)
+
+        await track.mark(CASE, CaseStatus.COMPLETED)
+        # A case that never waited for review ends without a release; one whose record
+        # predates the flag may have been held, so it is released (and flagged from then on).
+        assert retention.calls == (["release"] if legacy else [])
+        retention.calls.clear()
+        await track.mark(CASE, CaseStatus.RUNNING)
+        await track.mark(CASE, CaseStatus.AWAITING_REVIEW)
+        await track.mark(CASE, CaseStatus.RUNNING)
+        await track.mark(CASE, CaseStatus.COMPLETED)
+        await track.mark(CASE, CaseStatus.COMPLETED)
+        assert retention.calls == ["hold", "release"]
+        record = await store.get(CASE)
+        assert record is not None and record.sections[RETENTION_SECTION] == {"held": False}
