@@ -331,6 +331,8 @@ class CaseService:
             return self._initial_input(case_id, request)
 
         # A case just created has no checkpoint to look at: its first run starts fresh.
+        if self._saver is not None:
+            self._saver.expect_new_thread(case_id)
         await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
         return await self._launch(
             case_id,

@@ -78,10 +78,30 @@ def _add(
 class WrittenChains:
     def __init__(self) -> None:
         self._chains: OrderedDict[tuple[str, str], _Chain] = OrderedDict()
+        # Threads their caller declared new, until when.
+        self._declared: OrderedDict[tuple[str, str], float] = OrderedDict()
         # Threads found empty, with the writes that arrived before their root's put.
         self._empty: OrderedDict[tuple[str, str], dict[str, dict[_WriteKey, StoredWrite]]] = (
             OrderedDict()
         )
+
+    def declare_new(self, thread_id: str) -> None:
+        """The caller has just made `thread_id` (its root namespace has no checkpoint): the
+        next read of its latest checkpoint may take that as found (`take_new`)."""
+        key = (thread_id, "")
+        self._declared[key] = time.monotonic() + CHAIN_SECONDS
+        self._declared.move_to_end(key)
+        while len(self._declared) > CHAINS:
+            self._declared.popitem(last=False)
+
+    def take_new(self, thread_id: str, checkpoint_ns: str) -> bool:
+        """Whether the thread was declared new (once, within `CHAIN_SECONDS`); if so, it
+        counts as found empty."""
+        deadline = self._declared.pop((thread_id, checkpoint_ns), None)
+        if deadline is None or time.monotonic() > deadline:
+            return False
+        self.found_empty(thread_id, checkpoint_ns)
+        return True
 
     def found_empty(self, thread_id: str, checkpoint_ns: str) -> None:
         """A read of the latest checkpoint found none: the root put may follow."""
@@ -206,7 +226,7 @@ class WrittenChains:
         return found
 
     def forget(self, thread_id: str) -> None:
-        for kept in (self._chains, self._empty):
+        for kept in (self._chains, self._empty, self._declared):
             for key in [key for key in kept if key[0] == thread_id]:
                 del kept[key]
 

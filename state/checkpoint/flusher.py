@@ -39,8 +39,9 @@ POLL_SECONDS = 1.0
 # ms) and one pass takes a run's entries together ...
 WAKE_DELAY_SECONDS = 0.1
 # ... but no longer than this after the first wake, so a steady stream of appends (many
-# runs at once) is still drained.
-WAKE_DELAY_MAX_SECONDS = 0.25
+# runs at once) is still drained; longer than most runs, whose own boundary then flushes
+# them in one batch.
+WAKE_DELAY_MAX_SECONDS = 1.0
 LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.

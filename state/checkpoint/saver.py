@@ -250,6 +250,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return await self._delta_history(config, channels)
         return await self._on_loop(self._delta_history(config, channels))
 
+    def expect_new_thread(self, thread_id: str) -> None:
+        """Say that `thread_id` was just made and has no checkpoint (a case id its record's
+        creation has just claimed): LangGraph's first read of it then asks no tier. Wrong
+        only if checkpoints of that id exist, and then the run starts the thread afresh
+        rather than continue a stranger's state."""
+        self._chains.declare_new(thread_id)
+
     async def aflush(self, thread_id: str) -> None:
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
         write-through mode): call it at the end of a run before reporting its outcome."""
@@ -369,6 +376,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = str(configurable["thread_id"])
         checkpoint_ns = configurable.get("checkpoint_ns", "")
         checkpoint_id = get_checkpoint_id(config)
+        if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
+            return None
         lease, backlog = None, None
         if self.cache is not None:
             cached = await self.cache.lookup(thread_id, checkpoint_ns, lease=checkpoint_id is None)

@@ -95,3 +95,29 @@ async def test_a_thread_this_process_wrote_from_its_root_needs_no_history_read(
         await saver.aprune(["case-chain"], strategy="keep_latest")
         await tiered.aget_state(config)
         assert checkpoints.requests["delta_history"] == before + 2
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
+async def test_a_thread_declared_new_is_started_without_a_read(write_behind: bool) -> None:
+    """`expect_new_thread` (what the case app says of a case it has just created): the
+    first run and the state read after it ask the cold tier for nothing; the declaration
+    counts once, so a later reader of an unknown thread still asks."""
+    config: RunnableConfig = {"configurable": {"thread_id": "case-declared"}}
+    async with memory_backends(write_behind=write_behind) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        tiered = graph(saver)
+        checkpoints = backends.checkpoints
+        assert isinstance(checkpoints, MemoryCheckpointStore)
+        reads = ("get_checkpoint", "get_blobs", "get_writes", "delta_history")
+        saver.expect_new_thread("case-declared")
+        before = {kind: checkpoints.requests[kind] for kind in reads}
+        result = await tiered.ainvoke({"messages": ["user-0"]}, config)
+        assert result == {"messages": ["user-0", "a1", "b1"]}
+        assert (await tiered.aget_state(config)).values == result
+        assert {kind: checkpoints.requests[kind] for kind in reads} == before
+
+        saver.expect_new_thread("case-declared-late")
+        await tiered.aget_state({"configurable": {"thread_id": "case-declared-late"}})
+        unknown = checkpoints.requests["get_checkpoint"]
+        await tiered.aget_state({"configurable": {"thread_id": "case-declared-late"}})
+        assert checkpoints.requests["get_checkpoint"] == unknown + 1
