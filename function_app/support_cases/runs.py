@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -202,16 +203,16 @@ class RunTracker:
             if record is None or may_be_held(record):
                 await self._retention.release(case_id)
         await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
-        # A case with runs queued stays where the timer looks, whatever its status. The
-        # status is written: a busy index must not turn this run into a failed one (the
-        # next mark, enqueue or timer tick sets it right).
-        try:
-            if status not in AT_REST or waiting > 0:
-                await self._index(case_id, present=True)
-            else:
-                await self.forget(case_id)
-        except RunIndexBusy as busy:
-            log.warning("case %s: run index not updated: %s", case_id, busy)
+        # A case with runs queued stays where the timer looks, whatever its status. One at
+        # rest stays there too until the timer's next tick drops it with the others of its
+        # shard (one index write for them all, off the run's path). The status is written:
+        # a busy index must not turn this run into a failed one (the next mark, enqueue or
+        # timer tick sets it right).
+        if status not in AT_REST or waiting > 0:
+            try:
+                await self._index(case_id)
+            except RunIndexBusy as busy:
+                log.warning("case %s: run index not updated: %s", case_id, busy)
         return waiting
 
     async def enqueue(
@@ -266,7 +267,7 @@ class RunTracker:
 
         # Indexed first: a queued run is always where the timer looks, even if this request
         # fails after queueing it (a stale entry the timer drops costs nothing).
-        await self._index(case_id, present=True)
+        await self._index(case_id)
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
         return stored, replayed
 
@@ -353,7 +354,7 @@ class RunTracker:
         return utcnow() - beat > self._stale_after
 
     async def register(self, case_id: str) -> None:
-        await self._index(case_id, present=True)
+        await self._index(case_id)
 
     async def active_cases(self) -> list[str]:
         cases: list[str] = []
@@ -363,44 +364,58 @@ class RunTracker:
                 cases.extend(sorted(record.sections.get("cases", {})))
         return cases
 
-    async def forget(self, case_id: str) -> None:
-        """Drop the case from the index, unless it has work: a run queued (or started) in
-        the meantime, whose own index update found the case still there, puts it back."""
-        await self._index(case_id, present=False)
-        record = await self._store.get(case_id)
-        if record is not None:
-            runs = runs_of(record)
-            run = record.sections.get(RUN_SECTION) or {}
-            if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
-                await self._index(case_id, present=True)
+    async def forget(self, case_ids: Collection[str]) -> None:
+        """Drop cases at rest from the index, one write per shard, then put back any that
+        has work: a run queued (or started) in the meantime, whose own index update found
+        the case still there. Raises `RunIndexBusy` when a shard could not be written."""
+        by_shard: dict[str, set[str]] = {}
+        for case_id in case_ids:
+            by_shard.setdefault(shard_of(case_id), set()).add(case_id)
+        for shard, dropped in sorted(by_shard.items()):
+            await self._drop(shard, dropped)
+        for case_id in case_ids:
+            record = await self._store.get(case_id)
+            if record is not None:
+                runs = runs_of(record)
+                run = record.sections.get(RUN_SECTION) or {}
+                if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
+                    await self._index(case_id)
 
-    async def _index(self, case_id: str, *, present: bool) -> None:
+    async def _drop(self, shard: str, dropped: set[str]) -> None:
+        def compute(record: WorkflowRecord) -> object:
+            cases = dict(record.sections.get("cases", {}))
+            if not dropped & cases.keys():
+                return UNCHANGED
+            return {case_id: at for case_id, at in cases.items() if case_id not in dropped}
+
         try:
-            await self._update_index(case_id, present=present)
+            await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)
+        except WorkflowNotFound:
+            return  # nothing indexed there (or expired from the cold tier)
         except (VersionConflict, StateTooLarge) as error:
             raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
 
-    async def _update_index(self, case_id: str, *, present: bool) -> None:
+    async def _index(self, case_id: str) -> None:
+        try:
+            await self._add_to_index(case_id)
+        except (VersionConflict, StateTooLarge) as error:
+            raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
+
+    async def _add_to_index(self, case_id: str) -> None:
         shard = shard_of(case_id)
 
         def compute(record: WorkflowRecord) -> object:
             cases = dict(record.sections.get("cases", {}))
-            if (case_id in cases) == present:
+            if case_id in cases:
                 return UNCHANGED
-            if present:
-                cases[case_id] = utcnow().isoformat()
-            else:
-                cases.pop(case_id)
+            cases[case_id] = utcnow().isoformat()
             return cases
 
-        try:
+        # Not created yet, or expired from the cold tier (retention) while a hot copy may
+        # still stand for it: `create` drops such a copy.
+        with contextlib.suppress(WorkflowNotFound):
             await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)
             return
-        except WorkflowNotFound:
-            # Not created yet, or expired from the cold tier (retention) while a hot
-            # copy may still stand for it; `create` drops such a copy.
-            if not present:
-                return
         with contextlib.suppress(WorkflowExists):
             await self._store.create(shard, {"cases": {}}, agent_id=RUNNER_ID)
         await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)

@@ -85,6 +85,7 @@ from .runs import (
     RUNNER_ID,
     RUNS_SECTION,
     QueueFull,
+    RunIndexBusy,
     RunInProgress,
     RunStopped,
     RunTracker,
@@ -460,9 +461,11 @@ class CaseService:
         `failed`, and the other cases are still tried."""
         report = ResumeReport(resumed=[])
         with traced("case.resume_stale") as span:
+            resting: list[str] = []
             for case_id in await self._tracker.active_cases():
                 try:
-                    await self._resume_if_stale(case_id, report)
+                    if await self._resume_if_stale(case_id, report):
+                        resting.append(case_id)
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
                 # One case's trouble (a tier down, a busy run index, a damaged record)
@@ -470,11 +473,18 @@ class CaseService:
                 except Exception as error:
                     log.exception("case %s: the timer could not resume it", case_id)
                     report.failed[case_id] = f"{type(error).__name__}: {error}"
+            # Runs that ended since the last tick left their cases here: one write a shard.
+            try:
+                await self._tracker.forget(resting)
+            except RunIndexBusy as busy:
+                log.warning("run index not trimmed this tick: %s", busy)
             span.set_attribute("resumed", len(report.resumed))
             span.set_attribute("failed", len(report.failed))
         return report
 
-    async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> None:
+    async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> bool:
+        """Resume the case if its run stalled; True if it rests, with nothing for the timer
+        to do (it leaves the index)."""
         record = await self._store.get(case_id)
         run = record.sections.get(RUN_SECTION) if record else None
         runs = runs_of(record) if record is not None else []
@@ -488,19 +498,19 @@ class CaseService:
             if (task := await self._start_queued(case_id)) is not None:
                 await task  # a Functions instance may freeze once the timer returns
                 report.resumed.append(case_id)
-            return
+            return False
         if record is None or at_rest:
             if queued(runs):
                 report.skipped[case_id] = "runs queued behind a review"
-                return
-            await self._tracker.forget(case_id)
-            return
+                return False
+            return True
         if not stale:
             report.skipped[case_id] = "heartbeat is fresh"
-            return
+            return False
         # The timer waits for the run: a Functions instance may freeze once it returns.
         await self.resume(case_id, wait_until_rest=True)
         report.resumed.append(case_id)
+        return False
 
     async def post_message(
         self,

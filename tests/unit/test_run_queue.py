@@ -25,10 +25,11 @@ from support_cases.runs import (
     new_run_section,
     queued,
     runs_of,
+    shard_of,
     trimmed,
 )
 from support_cases.settings import AppSettings
-from tests.support.fakes import memory_backends
+from tests.support.fakes import MemoryColdStore, memory_backends
 
 CASE = "case-queue"
 
@@ -236,3 +237,46 @@ async def test_only_a_case_that_may_be_held_is_released(legacy: bool) -> None:
         assert retention.calls == ["hold", "release"]
         record = await store.get(CASE)
         assert record is not None and record.sections[RETENTION_SECTION] == {"held": False}
+
+
+async def test_cases_at_rest_leave_the_index_with_the_timer_one_write_a_shard() -> None:
+    settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        track = RunTracker(store, backends.retention, settings)
+        cold = backends.cold
+        assert isinstance(cold, MemoryColdStore)
+        # Cases of one shard: the timer drops them together.
+        shard = shard_of("case-rest-0")
+        cases = [c for c in (f"case-rest-{n}" for n in range(200)) if shard_of(c) == shard][:4]
+        for case_id in cases:
+            await store.create(
+                case_id,
+                {
+                    RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
+                    RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
+                    RETENTION_SECTION: {"held": False},
+                },
+                agent_id="test",
+            )
+            await track.register(case_id)
+        for case_id in cases[:3]:
+            await track.mark(case_id, CaseStatus.COMPLETED)
+        # A run's end leaves its case indexed: no index write on the run's path.
+        assert set(cases) <= set(await track.active_cases())
+
+        before = cold.requests.copy()
+        await track.forget(cases[:2])
+        assert (cold.requests - before)["update_section"] == 1  # one write for the shard
+        left = await track.active_cases()
+        assert cases[0] not in left and cases[1] not in left and cases[3] in left
+
+        # A follow-up queued after the timer saw the case at rest: the case is put back.
+        await track.enqueue(
+            cases[2],
+            follow_up("f1", FollowUpStrategy.ENQUEUE),
+            FollowUpStrategy.ENQUEUE,
+            agent_id="test",
+        )
+        await track.forget(cases[2:3])
+        assert cases[2] in await track.active_cases()
