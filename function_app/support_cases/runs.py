@@ -25,6 +25,7 @@ from typing import Any
 from state import (
     ColdRetention,
     SectionWrite,
+    StateError,
     StateTooLarge,
     TieredStateStore,
     VersionConflict,
@@ -188,15 +189,24 @@ class RunTracker:
                     else ended(entry, RUN_AT_REST[status], error=error)
                 )
                 writes.append(SectionWrite(RUNS_SECTION, trimmed(runs), RUNNER_ID))
-            held = status is CaseStatus.AWAITING_REVIEW
-            recorded = (record.sections.get(RETENTION_SECTION) or {}).get("held")
-            if held is not recorded and (held or status in AT_REST):
-                writes.append(SectionWrite(RETENTION_SECTION, {"held": held}, RUNNER_ID))
+            if status in (CaseStatus.COMPLETED, CaseStatus.FAILED) and (
+                record.sections.get(RETENTION_SECTION) != {"held": False}
+            ):
+                writes.append(SectionWrite(RETENTION_SECTION, {"held": False}, RUNNER_ID))
             return [*writes, SectionWrite(RUN_SECTION, run, RUNNER_ID)]
 
-        # Held before the status says so, and released before the flag says so: a crash in
-        # between leaves a hold the next mark of the case takes care of.
+        # The flag says "held" before the hold is taken, the hold is taken before the status
+        # says "awaiting review", and the flag says "not held" only after the release: a
+        # failure anywhere in between leaves at worst a release that was not needed.
         if status is CaseStatus.AWAITING_REVIEW:
+            await write_section(
+                self._store,
+                case_id,
+                RETENTION_SECTION,
+                lambda record: UNCHANGED if may_be_held(record) else {"held": True},
+                agent_id=RUNNER_ID,
+                fencing_token=fencing_token,
+            )
             await self._retention.hold(case_id)
         elif status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
             record = await self._store.get(case_id)
@@ -367,19 +377,32 @@ class RunTracker:
     async def forget(self, case_ids: Collection[str]) -> None:
         """Drop cases at rest from the index, one write per shard, then put back any that
         has work: a run queued (or started) in the meantime, whose own index update found
-        the case still there. Raises `RunIndexBusy` when a shard could not be written."""
+        the case still there. Every case is checked even when a write fails; the first
+        failure (`RunIndexBusy`, or the tier's own error) is raised at the end."""
         by_shard: dict[str, set[str]] = {}
         for case_id in case_ids:
             by_shard.setdefault(shard_of(case_id), set()).add(case_id)
+        failed: list[RunIndexBusy | StateError] = []
         for shard, dropped in sorted(by_shard.items()):
-            await self._drop(shard, dropped)
-        for case_id in case_ids:
-            record = await self._store.get(case_id)
-            if record is not None:
-                runs = runs_of(record)
-                run = record.sections.get(RUN_SECTION) or {}
-                if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
-                    await self._index(case_id)
+            try:
+                await self._drop(shard, dropped)
+            except (RunIndexBusy, StateError) as error:
+                failed.append(error)  # dropped or not: its cases are checked all the same
+            for case_id in sorted(dropped):
+                try:
+                    await self._keep_if_busy(case_id)
+                except (RunIndexBusy, StateError) as error:
+                    failed.append(error)
+        if failed:
+            raise failed[0]
+
+    async def _keep_if_busy(self, case_id: str) -> None:
+        record = await self._store.get(case_id)
+        if record is not None:
+            runs = runs_of(record)
+            run = record.sections.get(RUN_SECTION) or {}
+            if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
+                await self._index(case_id)
 
     async def _drop(self, shard: str, dropped: set[str]) -> None:
         def compute(record: WorkflowRecord) -> object:

@@ -42,6 +42,7 @@ from state import (
     LockLost,
     LockNotAcquired,
     StaleFencingToken,
+    StateError,
     TieredCheckpointSaver,
     TieredStateStore,
     VersionConflict,
@@ -476,8 +477,8 @@ class CaseService:
             # Runs that ended since the last tick left their cases here: one write a shard.
             try:
                 await self._tracker.forget(resting)
-            except RunIndexBusy as busy:
-                log.warning("run index not trimmed this tick: %s", busy)
+            except (RunIndexBusy, StateError) as error:
+                log.warning("run index not trimmed this tick: %s", error)
             span.set_attribute("resumed", len(report.resumed))
             span.set_attribute("failed", len(report.failed))
         return report

@@ -532,6 +532,34 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 )
         stored = list(by_key.values())
         fence = configurable.get(FENCING_TOKEN_KEY)
+        try:
+            await self._store_writes(
+                thread_id,
+                checkpoint_ns,
+                checkpoint_id,
+                stored,
+                upsert=upsert,
+                fence=fence,
+                boundary=configurable.get(DURABILITY_KEY) == "sync"
+                or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
+            )
+        except BaseException:
+            # Stored or not, this process cannot tell: its chain of the thread goes.
+            self._chains.forget(thread_id)
+            raise
+        self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
+
+    async def _store_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        stored: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+        boundary: bool,
+    ) -> None:
         if self.flusher is None:
             await self._admit(thread_id, fence, hot=True)
             await self.store.put_writes(
@@ -541,7 +569,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.cache.add_writes(
                     thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
                 )
-            self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
             return
         try:
             await self.flusher.log.append_writes(
@@ -561,12 +588,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._distrust_hot_copy(thread_id, checkpoint_ns)
         else:
             self._written_through.discard(thread_id)
-            await self._boundary(
-                thread_id,
-                configurable.get(DURABILITY_KEY) == "sync"
-                or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
-            )
-        self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
+            await self._boundary(thread_id, boundary)
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the

@@ -14,6 +14,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
+from state import BackendUnavailable
 from state.checkpoint import TieredCheckpointSaver
 from tests.support.fakes import MemoryCheckpointStore, memory_backends
 
@@ -121,3 +122,37 @@ async def test_a_thread_declared_new_is_started_without_a_read(write_behind: boo
         unknown = checkpoints.requests["get_checkpoint"]
         await tiered.aget_state({"configurable": {"thread_id": "case-declared-late"}})
         assert checkpoints.requests["get_checkpoint"] == unknown + 1
+
+
+@pytest.mark.parametrize("failing_flush", range(1, 6))
+async def test_a_write_whose_boundary_failed_is_not_missing_from_the_history(
+    failing_flush: int,
+) -> None:
+    """A synchronous boundary that fails after the append landed: the run fails, the step's
+    write is stored, and a resume in the same process rebuilds what another process
+    reads (the saver's own chain of the thread must not leave the write out)."""
+    config: RunnableConfig = {"configurable": {"thread_id": f"case-boundary-{failing_flush}"}}
+    async with memory_backends(write_behind=True) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        tiered = graph(saver)
+        flusher = saver.flusher
+        assert flusher is not None
+        flush_thread = flusher.flush_thread
+        calls = 0
+
+        async def failing(thread_id: str) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == failing_flush:
+                raise BackendUnavailable("memory", "the flush's cold write timed out")
+            return await flush_thread(thread_id)
+
+        flusher.flush_thread = failing  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await tiered.ainvoke({"messages": ["user-0"]}, config, durability="sync")
+        flusher.flush_thread = flush_thread  # type: ignore[method-assign]
+        await tiered.ainvoke(None, config, durability="sync")
+
+        mine = (await tiered.aget_state(config)).values
+        elsewhere = graph(TieredCheckpointSaver.from_backends(backends))
+        assert mine == (await elsewhere.aget_state(config)).values

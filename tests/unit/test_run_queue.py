@@ -18,6 +18,7 @@ from support_cases.runs import (
     RUN_SECTION,
     RUNS_SECTION,
     QueueFull,
+    RunIndexBusy,
     RunInProgress,
     RunTracker,
     current_run,
@@ -196,11 +197,16 @@ async def test_a_full_queue_refuses_more_and_writes_nothing(
 class CountingRetention:
     """The fake retention, counting the holds and releases the tracker asks for."""
 
-    def __init__(self, inner: ColdRetention) -> None:
+    def __init__(self, inner: ColdRetention, store: TieredStateStore) -> None:
         self.inner = inner
+        self.store = store
         self.calls: list[str] = []
 
     async def hold(self, thread_id: str) -> None:
+        # The record says "held" before the hold is taken: a failure after it can only
+        # leave a release that was not needed, never a hold nobody releases.
+        record = await self.store.get(thread_id)
+        assert record is not None and record.sections[RETENTION_SECTION] == {"held": True}
         self.calls.append("hold")
         await self.inner.hold(thread_id)
 
@@ -221,7 +227,7 @@ async def test_only_a_case_that_may_be_held_is_released(legacy: bool) -> None:
         if not legacy:
             sections[RETENTION_SECTION] = {"held": False}
         await store.create(CASE, sections, agent_id="test")
-        retention = CountingRetention(backends.retention)
+        retention = CountingRetention(backends.retention, store)
         track = RunTracker(store, retention, settings)
 
         await track.mark(CASE, CaseStatus.COMPLETED)
@@ -280,3 +286,47 @@ async def test_cases_at_rest_leave_the_index_with_the_timer_one_write_a_shard() 
         )
         await track.forget(cases[2:3])
         assert cases[2] in await track.active_cases()
+
+
+async def test_a_busy_shard_does_not_keep_a_case_with_work_out_of_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        track = RunTracker(store, backends.retention, settings)
+        ids = (f"case-busy-{n}" for n in range(200))
+        by_shard: dict[str, str] = {}
+        for case_id in ids:
+            by_shard.setdefault(shard_of(case_id), case_id)
+        (_, working), (busy_shard, resting) = sorted(by_shard.items())[:2]
+        for case_id in (resting, working):
+            await store.create(
+                case_id,
+                {
+                    RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
+                    RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
+                    RETENTION_SECTION: {"held": False},
+                },
+                agent_id="test",
+            )
+            await track.register(case_id)
+            await track.mark(case_id, CaseStatus.COMPLETED)
+        # Queued after the timer saw it at rest: it must stay where the timer looks.
+        await track.enqueue(
+            working,
+            follow_up("f1", FollowUpStrategy.ENQUEUE),
+            FollowUpStrategy.ENQUEUE,
+            agent_id="test",
+        )
+        drop = track._drop
+
+        async def busy_first(shard: str, dropped: set[str]) -> None:
+            if shard == busy_shard:
+                raise RunIndexBusy("the run index is busy (VersionConflict); retry")
+            await drop(shard, dropped)
+
+        monkeypatch.setattr(track, "_drop", busy_first)
+        with pytest.raises(RunIndexBusy):
+            await track.forget([resting, working])
+        assert {resting, working} <= set(await track.active_cases())
