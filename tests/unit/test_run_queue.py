@@ -245,6 +245,20 @@ async def test_only_a_case_that_may_be_held_is_released(legacy: bool) -> None:
         assert record is not None and record.sections[RETENTION_SECTION] == {"held": False}
 
 
+async def started_case(store: TieredStateStore, track: RunTracker, case_id: str) -> None:
+    """A case as the app creates it, its first run running, in the run index."""
+    await store.create(
+        case_id,
+        {
+            RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
+            RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
+            RETENTION_SECTION: {"held": False},
+        },
+        agent_id="test",
+    )
+    await track.register(case_id)
+
+
 async def test_cases_at_rest_leave_the_index_with_the_timer_one_write_a_shard() -> None:
     settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
     async with memory_backends() as backends:
@@ -256,16 +270,7 @@ async def test_cases_at_rest_leave_the_index_with_the_timer_one_write_a_shard() 
         shard = shard_of("case-rest-0")
         cases = [c for c in (f"case-rest-{n}" for n in range(200)) if shard_of(c) == shard][:4]
         for case_id in cases:
-            await store.create(
-                case_id,
-                {
-                    RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
-                    RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
-                    RETENTION_SECTION: {"held": False},
-                },
-                agent_id="test",
-            )
-            await track.register(case_id)
+            await started_case(store, track, case_id)
         for case_id in cases[:3]:
             await track.mark(case_id, CaseStatus.COMPLETED)
         # A run's end leaves its case indexed: no index write on the run's path.
@@ -301,16 +306,7 @@ async def test_a_busy_shard_does_not_keep_a_case_with_work_out_of_the_index(
             by_shard.setdefault(shard_of(case_id), case_id)
         (_, working), (busy_shard, resting) = sorted(by_shard.items())[:2]
         for case_id in (resting, working):
-            await store.create(
-                case_id,
-                {
-                    RUN_SECTION: {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": "r0"},
-                    RUNS_SECTION: [new_run_entry("r0", "intake", RunStatus.RUNNING)],
-                    RETENTION_SECTION: {"held": False},
-                },
-                agent_id="test",
-            )
-            await track.register(case_id)
+            await started_case(store, track, case_id)
             await track.mark(case_id, CaseStatus.COMPLETED)
         # Queued after the timer saw it at rest: it must stay where the timer looks.
         await track.enqueue(
