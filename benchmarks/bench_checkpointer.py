@@ -1892,7 +1892,31 @@ class Report:
                 )
             )
         rows += self.delta_targets(verdict)
+        rows += self.growth_targets(verdict)
         rows += self.stored_targets(verdict)
+        return rows
+
+    def growth_targets(self, verdict: Callable[[bool | None], str]) -> list[tuple[str, str, str]]:
+        """An invoke at 1000 messages costs at most twice one at 10, on every contender of
+        this project (the state stored per step does not grow with the conversation)."""
+        rows: list[tuple[str, str, str]] = []
+        for contender in self.contenders:
+            if contender.backend is None:
+                continue
+            for api in APIS:
+                small = self.sized_p50(contender.name, api, 10)
+                large = self.sized_p50(contender.name, api, 1000)
+                ratio = _ratio(large, small)
+                rows.append(
+                    (
+                        f"{contender.name}: invoke p50 at 1000 messages <= 2x at 10 messages "
+                        f"({api})",
+                        "-"
+                        if ratio is None
+                        else f"{ratio:.2f}x ({large:.2f} ms vs {small:.2f} ms)",
+                        verdict(None if ratio is None else ratio <= 2.0),
+                    )
+                )
         return rows
 
     def stored_targets(self, verdict: Callable[[bool | None], str]) -> list[tuple[str, str, str]]:

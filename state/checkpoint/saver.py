@@ -73,6 +73,7 @@ from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
 from .loop_thread import LoopThread
+from .values import dump_checkpoint, dump_value, load_checkpoint, load_value
 
 if TYPE_CHECKING:
     from ..factory import Backends
@@ -464,7 +465,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint["id"],
             parent_checkpoint_id=configurable.get("checkpoint_id"),
-            checkpoint=self.serde.dumps_typed({**checkpoint, "channel_values": inline}),
+            checkpoint=dump_checkpoint(self.serde, checkpoint, inline),
             metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
             channel_versions=dict(checkpoint["channel_versions"]),
         )
@@ -528,7 +529,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             key = WRITES_IDX_MAP.get(channel, idx)
             if upsert or key not in by_key:
                 by_key[key] = StoredWrite(
-                    task_id, task_path, key, channel, self.serde.dumps_typed(value)
+                    task_id, task_path, key, channel, dump_value(self.serde, value)
                 )
         stored = list(by_key.values())
         fence = configurable.get(FENCING_TOKEN_KEY)
@@ -659,7 +660,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             key=lambda w: (w[0], *writes_sort_key(w[1].task_path, w[1].task_id, w[1].idx)),
         )
         entry: DeltaChannelHistory = {
-            "writes": [(w.task_id, w.channel, self.serde.loads_typed(w.value)) for _, w in writes]
+            "writes": [(w.task_id, w.channel, load_value(self.serde, w.value)) for _, w in writes]
         }
         if history.seed is not None:
             entry["seed"] = self.serde.loads_typed(history.seed)
@@ -766,7 +767,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         return dataclasses.replace(stored, blobs=blobs, writes=writes)
 
     def _tuple(self, stored: StoredCheckpoint) -> CheckpointTuple:
-        checkpoint: Checkpoint = self.serde.loads_typed(stored.checkpoint)
+        checkpoint = load_checkpoint(self.serde, stored)
         values = dict(checkpoint.get("channel_values") or {})
         for channel, value in (stored.blobs or {}).items():
             if value[0] != "empty":
@@ -786,7 +787,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 else None
             ),
             pending_writes=[
-                (w.task_id, w.channel, self.serde.loads_typed(w.value)) for w in writes
+                (w.task_id, w.channel, load_value(self.serde, w.value)) for w in writes
             ],
         )
 

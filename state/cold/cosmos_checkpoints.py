@@ -201,7 +201,7 @@ class CosmosCheckpointStore:
         splits: dict[tuple[str, str, str], Split] = {}
         for blob in blobs:
             type_, data = blob.value
-            if not chunked(blob.value):
+            if not chunked(blob.value, snapshots=False):
                 stored.append(blob)
                 continue
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)

@@ -21,7 +21,7 @@ then delete the chunks no remaining manifest reaches, in their transaction.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -40,6 +40,7 @@ from ..ports import (
 from ..schema import CURRENT, upcast
 from .chunks import (
     DIGEST_BYTES,
+    MANIFEST_HEADER,
     MANIFEST_TYPE_PREFIX,
     Chunk,
     Chunker,
@@ -257,6 +258,40 @@ delta_chain AS (
 )
 """
 
+# The chunks of the seeds `delta_chain` stopped at that are stored as manifests (chunked
+# DeltaChannel snapshots, `state.cold.chunks`), every node and leaf of them: so a history
+# and the seed it starts from come in one statement. A manifest names its roots after a
+# fixed header (`MANIFEST_HEADER`), the root count in its last two bytes, big-endian.
+SEED_CHUNKS_CTE = f"""
+seed_manifests AS (
+    SELECT b.thread_id, b.blob
+    FROM delta_chain AS ch
+    JOIN cp_blobs AS b
+      ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
+     AND b.channel = ch.channel AND b.version = ch.version
+    WHERE ch.seeded AND b.type LIKE '{MANIFEST_TYPE_PREFIX}%%'
+), seed_chunks (thread_id, digest) AS (
+    SELECT m.thread_id, substring(m.blob FROM {MANIFEST_HEADER.size} + n * {DIGEST_BYTES} + 1
+                                  FOR {DIGEST_BYTES})
+    FROM seed_manifests AS m
+    CROSS JOIN LATERAL generate_series(
+        0,
+        get_byte(m.blob, {MANIFEST_HEADER.size - 2}) * 256
+            + get_byte(m.blob, {MANIFEST_HEADER.size - 1}) - 1
+    ) AS n
+  UNION
+    SELECT c.thread_id, substring(c.data FROM n * {DIGEST_BYTES} + 1 FOR {DIGEST_BYTES})
+    FROM seed_chunks AS w
+    JOIN cp_chunks AS c ON c.thread_id = w.thread_id AND c.digest = w.digest AND c.node
+    CROSS JOIN LATERAL generate_series(0, length(c.data) / {DIGEST_BYTES} - 1) AS n
+)
+"""
+SEED_CHUNK_ROWS = """
+SELECT CASE WHEN c.node THEN 'n' ELSE 'l' END, '', '', '', 0, '', '', c.data, 0, c.digest
+FROM cp_chunks AS c
+WHERE (c.thread_id, c.digest) IN (SELECT thread_id, digest FROM seed_chunks)
+"""
+
 # Starts for the checkpoints `checkpoint` names: each channel its metadata counts as
 # updated since its last DeltaChannel snapshot (LangGraph's own record of the delta
 # channels whose value at this checkpoint is rebuilt from ancestors).
@@ -271,62 +306,69 @@ WHERE {checkpoint}.channel_versions ? counted.channel
 """
 
 # The delta history of one checkpoint in one statement: the chain's writes of each
-# channel asked for, and the seed where its walk stopped.
+# channel asked for, the seed where its walk stopped, and the seed's chunks (kind `n`
+# for a node, `l` for a leaf) if it is stored as a manifest.
 DELTA_HISTORY_SQL = f"""
 WITH RECURSIVE delta_starts AS (
     SELECT thread_id, checkpoint_ns, parent_checkpoint_id, channel
     FROM cp_checkpoints CROSS JOIN unnest(%(channels)s::text[]) AS wanted (channel)
     WHERE thread_id = %(thread_id)s AND checkpoint_ns = %(checkpoint_ns)s
       AND checkpoint_id = %(checkpoint_id)s
-), {DELTA_CHAIN_CTE}
+), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE}
 SELECT 'w' AS kind, ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
-       w.blob, w.schema_version
+       w.blob, w.schema_version, NULL::bytea AS digest
 FROM delta_chain AS ch
 JOIN cp_writes AS w
   ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
  AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
 UNION ALL
 SELECT 'b' AS kind, ch.checkpoint_id, '' AS task_id, '' AS task_path, 0 AS idx, b.channel,
-       b.type, b.blob, b.schema_version
+       b.type, b.blob, b.schema_version, NULL
 FROM delta_chain AS ch
 JOIN cp_blobs AS b
   ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
  AND b.channel = ch.channel AND b.version = ch.version
 WHERE ch.seeded
+UNION ALL
+{SEED_CHUNK_ROWS}
 """
 
 # A checkpoint with its blobs, its writes and the delta history of the channels its
 # metadata names as rebuilt (LangGraph's `counters_since_delta_snapshot`), all in one
-# statement: the history rows (`s` one per channel walked, `w` writes, `b` seeds) as
-# arrays of bytea arrays, like the blobs and writes.
+# statement: the history rows (`s` one per channel walked, `w` writes, `b` seeds, `n` and
+# `l` the seeds' chunks) as arrays of bytea arrays, like the blobs and writes.
 SELECT_CHECKPOINT_WITH_HISTORY_SQL = f"""
 SELECT q.*, (
     WITH RECURSIVE delta_starts AS (
         {DELTA_STARTS_OF.format(checkpoint="q", source="(SELECT 1) AS one")}
-    ), {DELTA_CHAIN_CTE}
+    ), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE}
     SELECT array_agg(ARRAY[convert_to(h.kind, 'UTF8'), convert_to(h.checkpoint_id, 'UTF8'),
                            convert_to(h.task_id, 'UTF8'), convert_to(h.task_path, 'UTF8'),
                            convert_to(h.idx::text, 'UTF8'), convert_to(h.channel, 'UTF8'),
                            convert_to(h.type, 'UTF8'), h.blob,
-                           convert_to(h.schema_version::text, 'UTF8')])
+                           convert_to(h.schema_version::text, 'UTF8'), h.digest])
     FROM (
         SELECT DISTINCT 's' AS kind, '' AS checkpoint_id, '' AS task_id, '' AS task_path,
-               0 AS idx, s.channel, '' AS type, ''::bytea AS blob, 0 AS schema_version
+               0 AS idx, s.channel, '' AS type, ''::bytea AS blob, 0 AS schema_version,
+               ''::bytea AS digest
         FROM delta_starts AS s
         UNION ALL
         SELECT 'w', ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
-               w.blob, w.schema_version
+               w.blob, w.schema_version, ''::bytea
         FROM delta_chain AS ch
         JOIN cp_writes AS w
           ON w.thread_id = ch.thread_id AND w.checkpoint_ns = ch.checkpoint_ns
          AND w.checkpoint_id = ch.checkpoint_id AND w.channel = ch.channel
         UNION ALL
-        SELECT 'b', ch.checkpoint_id, '', '', 0, b.channel, b.type, b.blob, b.schema_version
+        SELECT 'b', ch.checkpoint_id, '', '', 0, b.channel, b.type, b.blob, b.schema_version,
+               ''::bytea
         FROM delta_chain AS ch
         JOIN cp_blobs AS b
           ON b.thread_id = ch.thread_id AND b.checkpoint_ns = ch.checkpoint_ns
          AND b.channel = ch.channel AND b.version = ch.version
         WHERE ch.seeded
+        UNION ALL
+        {SEED_CHUNK_ROWS}
     ) AS h
 ) AS history_rows
 FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q
@@ -509,9 +551,8 @@ class PostgresCheckpointStore:
             row = await cursor.fetchone()
             if row is None:
                 return None
-            stored = (await _with_chunks(conn, [_stored_checkpoint(row)], self._chunker.value_of))[
-                0
-            ]
+            loaded, chunks = _stored_checkpoint(row)
+            [stored] = await _with_chunks(conn, [loaded], self._chunker.value_of, chunks)
         self._note(thread_id, stored.metadata)
         return stored
 
@@ -605,7 +646,7 @@ class PostgresCheckpointStore:
                 )
                 rows = await cursor.fetchall()
                 page = await _with_chunks(
-                    conn, [_stored_checkpoint(row) for row in rows], self._chunker.value_of
+                    conn, [_stored_checkpoint(row)[0] for row in rows], self._chunker.value_of
                 )
             # Yielded after the connection went back to the pool: a slow consumer holds none.
             for stored in page:
@@ -636,16 +677,25 @@ class PostgresCheckpointStore:
             seed_blobs = {
                 row["channel"]: (row["type"], bytes(row["blob"]))
                 for row in rows
-                if row["kind"] != "w"
+                if row["kind"] == "b"
             }
-            seed_values = await _assembled(conn, thread_id, seed_blobs, self._chunker.value_of)
+            chunks = {
+                bytes(row["digest"]): Chunk(
+                    bytes(row["digest"]), row["kind"] == "n", bytes(row["blob"])
+                )
+                for row in rows
+                if row["kind"] in ("n", "l")
+            }
+            seed_values = await _assembled(
+                conn, thread_id, seed_blobs, self._chunker.value_of, chunks
+            )
         writes: dict[str, list[tuple[str, StoredWrite]]] = {ch: [] for ch in channels}
         seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
         for row in rows:
             if row["kind"] == "w":
                 write = _stored_write(row)
                 writes[write.channel].append((row["checkpoint_id"], write))
-            else:
+            elif row["kind"] == "b":
                 blob = upcast("blob", row)
                 seeds[blob["channel"]] = (row["checkpoint_id"], seed_values[blob["channel"]])
         return {
@@ -737,7 +787,7 @@ def _fold(
                 if blob_key in blobs:
                     continue
                 type_, data = blob.value
-                if not chunked(blob.value):
+                if not chunked(blob.value, snapshots=True):
                     blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
                     continue
                 split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
@@ -844,10 +894,15 @@ async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, An
     )
 
 
-def _fetcher(conn: CountedConnection, thread_id: str) -> Fetch:
-    """Chunks by root digest with every descendant, in one statement."""
+def _fetcher(
+    conn: CountedConnection, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None
+) -> Fetch:
+    """Chunks by root digest with every descendant, in one statement; none if the
+    statement that loaded the manifests `fetched` them already."""
 
-    async def fetch(roots: list[bytes]) -> dict[bytes, Chunk]:
+    async def fetch(roots: list[bytes]) -> Mapping[bytes, Chunk]:
+        if fetched is not None and all(root in fetched for root in roots):
+            return fetched
         cursor = await conn.execute(
             GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
         )
@@ -860,17 +915,27 @@ def _fetcher(conn: CountedConnection, thread_id: str) -> Fetch:
 
 
 async def _assembled(
-    conn: CountedConnection, thread_id: str, blobs: dict[str, tuple[str, bytes]], known: Known
+    conn: CountedConnection,
+    thread_id: str,
+    blobs: dict[str, tuple[str, bytes]],
+    known: Known,
+    fetched: Mapping[bytes, Chunk] | None = None,
 ) -> dict[str, tuple[str, bytes]]:
     """`blobs` with each manifest replaced by the value its chunks assemble to."""
-    return await resolve(blobs, _fetcher(conn, thread_id), known)
+    return await resolve(blobs, _fetcher(conn, thread_id, fetched), known)
 
 
 async def _with_chunks(
-    conn: CountedConnection, checkpoints: list[StoredCheckpoint], known: Known
+    conn: CountedConnection,
+    checkpoints: list[StoredCheckpoint],
+    known: Known,
+    fetched: Mapping[bytes, Chunk] | None = None,
 ) -> list[StoredCheckpoint]:
-    """The checkpoints with manifest blobs and seeds assembled (a statement per thread)."""
-    return await resolve_checkpoints(checkpoints, lambda thread: _fetcher(conn, thread), known)
+    """The checkpoints with manifest blobs and seeds assembled (a statement per thread,
+    unless the chunks were `fetched` with them)."""
+    return await resolve_checkpoints(
+        checkpoints, lambda thread: _fetcher(conn, thread, fetched), known
+    )
 
 
 async def _collect_chunks(conn: CountedConnection, thread_ids: Iterable[str]) -> None:
@@ -894,8 +959,9 @@ async def _collect_chunks(conn: CountedConnection, thread_ids: Iterable[str]) ->
         )
 
 
-def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:
-    """A checkpoint row, with the blobs and writes its query loaded alongside it."""
+def _stored_checkpoint(row: dict[str, Any]) -> tuple[StoredCheckpoint, dict[bytes, Chunk]]:
+    """A checkpoint row, with the blobs, writes and history its query loaded alongside
+    it, and the chunks of its history's seeds."""
     document = upcast("checkpoint", row)
     blobs = {}
     for channel, type_, blob, schema_version in row["blob_rows"] or ():
@@ -923,7 +989,8 @@ def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:
         )
         for task_id, task_path, idx, channel, type_, blob, schema_version in row["write_rows"] or ()
     ]
-    return StoredCheckpoint(
+    history, chunks = _history(row["history_rows"]) if row.get("history_rows") else (None, {})
+    stored = StoredCheckpoint(
         thread_id=document["thread_id"],
         checkpoint_ns=document["checkpoint_ns"],
         checkpoint_id=document["checkpoint_id"],
@@ -933,15 +1000,23 @@ def _stored_checkpoint(row: dict[str, Any]) -> StoredCheckpoint:
         channel_versions=document["channel_versions"],
         blobs=blobs,
         writes=writes,
-        history=_history(row["history_rows"]) if row.get("history_rows") else None,
+        history=history,
     )
+    return stored, chunks
 
 
-def _history(rows: Sequence[Sequence[bytes]]) -> dict[str, ChannelHistory]:
-    """`history_rows` of SELECT_CHECKPOINT_WITH_HISTORY_SQL, per channel walked."""
+def _history(
+    rows: Sequence[Sequence[bytes]],
+) -> tuple[dict[str, ChannelHistory], dict[bytes, Chunk]]:
+    """`history_rows` of SELECT_CHECKPOINT_WITH_HISTORY_SQL, per channel walked, and the
+    chunks of the seeds."""
     writes: dict[str, list[tuple[str, StoredWrite]]] = {}
     seeds: dict[str, tuple[str, tuple[str, bytes]]] = {}
-    for kind, checkpoint_id, task_id, task_path, idx, channel, type_, blob, version in rows:
+    chunks: dict[bytes, Chunk] = {}
+    for kind, checkpoint_id, task_id, task_path, idx, channel, type_, blob, version, digest in rows:
+        if kind in (b"n", b"l"):
+            chunks[bytes(digest)] = Chunk(bytes(digest), kind == b"n", bytes(blob))
+            continue
         name = channel.decode()
         writes.setdefault(name, [])
         fields = {"type": type_.decode(), "blob": blob, "schema_version": int(version)}
@@ -959,7 +1034,7 @@ def _history(rows: Sequence[Sequence[bytes]]) -> dict[str, ChannelHistory]:
         elif kind == b"b":
             loaded = upcast("blob", {"channel": name, **fields})
             seeds[name] = (checkpoint_id.decode(), (loaded["type"], bytes(loaded["blob"])))
-    return {
+    history = {
         ch: ChannelHistory(
             found,
             seed=seeds[ch][1] if ch in seeds else None,
@@ -967,6 +1042,7 @@ def _history(rows: Sequence[Sequence[bytes]]) -> dict[str, ChannelHistory]:
         )
         for ch, found in writes.items()
     }
+    return history, chunks
 
 
 def _stored_write(row: dict[str, Any]) -> StoredWrite:

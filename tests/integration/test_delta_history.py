@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypedDict
 
+import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -376,7 +377,9 @@ async def test_write_behind_eviction_with_unflushed_entries(
 async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, str]) -> None:
     """A process that did not write the thread reads its first checkpoint without the
     history (it cannot know the thread uses a DeltaChannel), asks for it in a statement of
-    its own, and from then on reads both in one."""
+    its own, and from then on reads both in one. The snapshots are stored as chunks (each
+    stores what the conversation gained since the one before), and the seed's chunks come
+    in those statements too: this process remembers none of them."""
     settings = settings_for(stack_env, "postgres", False, "write-through")
     reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
     ref_cfg = thread_config("ref")
@@ -396,6 +399,12 @@ async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, s
             assert (await graph.aget_state(cfg)).values == want
             statements.append(counters.requests)
         assert statements == [2, 1]
+    async with await psycopg.AsyncConnection.connect(stack_env["POSTGRES_URL"]) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM cp_blobs WHERE thread_id = %s AND type LIKE 'chunked+%%'",
+            (cfg["configurable"]["thread_id"],),
+        )
+        assert await cursor.fetchone() == (2,)
 
 
 @pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)

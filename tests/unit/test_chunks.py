@@ -104,9 +104,10 @@ def test_delta_channel_snapshots_and_small_values_stay_whole() -> None:
     serde = JsonPlusSerializer()
     for count in (10, 100, 3000):  # ext 8, 16 and 32 headers
         value = ["x" * 1000] * count
-        assert chunks.chunked(serde.dumps_typed(value))
-        assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)))
-    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5))
+        assert chunks.chunked(serde.dumps_typed(value), snapshots=False)
+        assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)), snapshots=False)
+        assert chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)), snapshots=True)
+    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5), snapshots=True)
 
 
 async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> None:
