@@ -27,8 +27,7 @@ the first few bytes):
   whatever the length of the value (a flat manifest naming every leaf would
   grow with the value: quadratic again).
 
-Blobs under `CHUNK_THRESHOLD` stay whole, and so do DeltaChannel snapshots in a
-store that cannot fetch their chunks with the history (`chunked`). Every chunk and manifest is far below an item (Cosmos's 2 MB
+Blobs under `CHUNK_THRESHOLD` stay whole (`chunked`). Every chunk and manifest is far below an item (Cosmos's 2 MB
 limit holds whatever the value's size; a manifest grows with the depth of
 the tree only).
 
@@ -140,31 +139,16 @@ class Manifest:
         return cls(total, depth, roots, data[end:tail_at], data[tail_at:])
 
 
-# LangGraph's serde writes a DeltaChannel snapshot as a top-level msgpack extension of
-# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte.
-DELTA_SNAPSHOT_EXT = 7
-_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5}
+def chunked(value: TypedBytes) -> bool:
+    """Whether a blob is stored as chunks: large enough.
 
-
-def chunked(value: TypedBytes, *, snapshots: bool) -> bool:
-    """Whether a blob is stored as chunks: large enough, and, unless the store chunks
-    `snapshots`, not a DeltaChannel snapshot.
-
-    A DeltaChannel stores its value only every `snapshot_frequency` updates, and
-    LangGraph loads that snapshot with the thread's history. Each snapshot is the
-    whole conversation so far, so kept whole they grow quadratically with it; chunked,
-    a snapshot stores what the conversation gained since the one before. A store
-    chunks them when it can fetch their chunks in the request that loads the history
-    (Postgres, in the same statement); one that cannot keeps them whole, in the round
-    trips the history takes (Cosmos: chunks would add a query per level of the tree).
+    DeltaChannel snapshots too: each is the whole conversation so far, so stored whole
+    they grow quadratically with it; chunked, a snapshot stores what the conversation
+    gained since the one before. The stores fetch a seed's chunks in the request that
+    loads its history (Postgres in the same statement, Cosmos by the blocks' channel
+    tag, alongside), so a history costs no extra round trip for them.
     """
-    type_, data = value
-    if len(data) < CHUNK_THRESHOLD:
-        return False
-    if snapshots:
-        return True
-    at = _EXT_TYPE_AT.get(data[0])
-    return not (type_ == "msgpack" and at is not None and data[at] == DELTA_SNAPSHOT_EXT)
+    return len(value[1]) >= CHUNK_THRESHOLD
 
 
 def is_manifest(type_: str) -> bool:

@@ -18,10 +18,15 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 - a checkpoint whose DeltaChannel history starts where its `delta_seed` says
   (see `cosmos_layout.delta_seeds`): still two, the history included (its
   range of writes replaces the query for the checkpoint's own writes; the
-  range's lineage and the seeds' holders are read concurrently);
+  range's lineage, the seeds' holders and the blocks of the seeds' channels
+  are read concurrently);
 - delta history on its own (LangGraph's DeltaChannel): two whatever the chain's
-  depth (the namespace's lineage as ids, then the chain's writes and the seeds'
-  holders, concurrently), plus one for chunks of large values;
+  depth (the namespace's lineage as ids, then the chain's writes, the seeds'
+  holders and their channels' blocks, concurrently), plus one for chunks of
+  values over the item limit. A snapshot is a manifest over blocks like any
+  large value; blocks carry the namespace and channel of the value that stored
+  them first, so a seed's blocks are one query by that tag, not one per level
+  of its tree;
 - values stored as blocks: one more query per level of the block tree (one
   for a value up to 256 KB, two up to 16 MB).
 
@@ -34,6 +39,7 @@ Prune and delete_for_runs delete the blocks no remaining manifest reaches.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections import OrderedDict, defaultdict
@@ -201,13 +207,13 @@ class CosmosCheckpointStore:
         splits: dict[tuple[str, str, str], Split] = {}
         for blob in blobs:
             type_, data = blob.value
-            if not chunked(blob.value, snapshots=False):
+            if not chunked(blob.value):
                 stored.append(blob)
                 continue
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
             before = pending.get(key) or self._chunker.remembered(key)
             manifest, added, splits[key] = self._chunker.split(data, before)
-            blocks += [layout.block_doc(checkpoint.thread_id, chunk) for chunk in added]
+            blocks += [layout.block_doc(*key, chunk) for chunk in added]
             stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
         return stored, blocks, splits
 
@@ -504,6 +510,7 @@ class CosmosCheckpointStore:
         holders = sorted({holder for holder, _ in walk.seed_holder.values()})
         found_writes: list[Doc] = []
         found_holders: list[Doc] = []
+        blocks: dict[bytes, Chunk] = {}
         if chain:
             writes_query = self._io.query_all(
                 "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @write"
@@ -517,8 +524,9 @@ class CosmosCheckpointStore:
                 partition=thread_id,
             )
             if holders:
-                found_writes, found_holders = await gather(
-                    [writes_query, self._fetch_list(thread_id, holders)]
+                (found_writes, found_holders), blocks = await asyncio.gather(
+                    gather([writes_query, self._fetch_list(thread_id, holders)]),
+                    self._channel_blocks(thread_id, checkpoint_ns, sorted(walk.seed_holder)),
                 )
             else:
                 found_writes = await writes_query
@@ -550,7 +558,7 @@ class CosmosCheckpointStore:
                 ch: layout.decode(holder["id"], entry, chunks)
                 for ch, (_, holder, entry) in seeds.items()
             },
-            self._blocks(thread_id),
+            self._blocks(thread_id, blocks),
             self._chunker.value_of,
         )
         return {
@@ -606,13 +614,40 @@ class CosmosCheckpointStore:
         kept = {layout.block_doc_id(digest) for digest in reachable(manifests, nodes)}
         await self._io.delete_ids(thread_id, [doc["id"] for doc in blocks if doc["id"] not in kept])
 
-    def _blocks(self, thread_id: str) -> Fetch:
-        async def fetch(digests: list[bytes]) -> dict[bytes, Chunk]:
+    def _blocks(self, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None) -> Fetch:
+        """Blocks by digest, one query per level of the tree; none while the blocks asked
+        for are among those already `fetched` (a seed's, with its history)."""
+
+        async def fetch(digests: list[bytes]) -> Mapping[bytes, Chunk]:
+            if fetched is not None and all(digest in fetched for digest in digests):
+                return fetched
             ids = [layout.block_doc_id(digest) for digest in digests]
             found = await self._fetch_list(thread_id, ids)
             return {chunk.digest: chunk for chunk in map(layout.block_of, found)}
 
         return fetch
+
+    async def _channel_blocks(
+        self, thread_id: str, checkpoint_ns: str, channels: list[str]
+    ) -> dict[bytes, Chunk]:
+        """Every block the channels' values stored first (see `layout.block_doc`): a
+        DeltaChannel's snapshot is a manifest over them, so its seed assembles from this
+        query, run alongside the history's. Blocks another channel stored first are not
+        here; `_blocks` fetches those after."""
+        if not channels:
+            return {}
+        found = await self._io.query_all(
+            "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @block"
+            " AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@channels, c.channel)",
+            {
+                "@thread": thread_id,
+                "@block": layout.BLOCK,
+                "@ns": checkpoint_ns,
+                "@channels": channels,
+            },
+            partition=thread_id,
+        )
+        return {chunk.digest: chunk for chunk in map(layout.block_of, found)}
 
     # ----------------------------------------------------------------------- internals
 
@@ -737,7 +772,10 @@ class CosmosCheckpointStore:
         ]
         if ids:
             calls.append(self._fetch_list(thread_id, ids))
-        found_writes, lineage, *by_id = await gather(calls)
+        seeded = sorted(channel for channel, seed in seeds.items() if seed.get("holder"))
+        (found_writes, lineage, *by_id), blocks = await asyncio.gather(
+            gather(calls), self._channel_blocks(thread_id, main["checkpoint_ns"], seeded)
+        )
         found = by_id[0] if by_id else []
         chunks = {doc["id"]: doc for doc in found if doc["type"] == layout.CHUNK}
         holders = {doc["id"]: layout.to_layout_2(doc) for doc in found if doc["id"] in holder_ids}
@@ -782,7 +820,12 @@ class CosmosCheckpointStore:
             history[channel] = ChannelHistory(
                 channel_writes, seed=value, seed_at=seed["since"] if value is not None else None
             )
-        return dataclasses.replace(stored, history=history)
+        [loaded] = await resolve_checkpoints(
+            [dataclasses.replace(stored, history=history)],
+            lambda thread: self._blocks(thread, blocks),
+            self._chunker.value_of,
+        )
+        return loaded
 
     async def _chunks(self, thread_id: str, docs: Sequence[Doc]) -> dict[str, Doc]:
         needed = layout.chunks_of(docs)

@@ -123,11 +123,15 @@ def block_doc_id(digest: bytes) -> str:
     return f"blk:{digest.hex()}"
 
 
-def block_doc(thread_id: str, chunk: Chunk) -> Doc:
+def block_doc(thread_id: str, checkpoint_ns: str, channel: str, chunk: Chunk) -> Doc:
+    """A block, tagged with the namespace and channel of the value that stored it first
+    (a DeltaChannel's seed is fetched by that tag, with its history: `channel_blocks`)."""
     return {
         "id": block_doc_id(chunk.digest),
         "type": BLOCK,
         "thread_id": thread_id,
+        "checkpoint_ns": checkpoint_ns,
+        "channel": channel,
         "node": chunk.node,
         "schema_version": 1,
         "data": codec.to_text(chunk.data),

@@ -787,7 +787,7 @@ def _fold(
                 if blob_key in blobs:
                     continue
                 type_, data = blob.value
-                if not chunked(blob.value, snapshots=True):
+                if not chunked(blob.value):
                     blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
                     continue
                 split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)

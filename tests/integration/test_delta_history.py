@@ -22,6 +22,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from state.checkpoint import TieredCheckpointSaver
+from state.cold import chunks
 from state.hot.redis_client import create_redis_client
 from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.integration.delta_graph import (
@@ -32,6 +33,7 @@ from tests.integration.delta_graph import (
     settings_for,
     thread_config,
 )
+from tests.integration.test_chunked_blobs import cosmos_cold, postgres_cold
 
 INVOKES = 14
 
@@ -211,6 +213,53 @@ async def test_cold_history_round_trips_do_not_grow_with_depth(
         assert (counters.requests if backend == "postgres" else sequential(spans)) == (
             1 if backend == "postgres" else 2
         )
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_another_process_loads_a_chunked_snapshot_with_its_history(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Snapshots are stored as chunks (each stores what the conversation gained since the
+    one before). A process that remembers none of them reads the seed's chunks with the
+    history: Postgres in the history's one statement, Cosmos in its second request (one
+    query by the blocks' channel tag, alongside the writes)."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    cold = (
+        postgres_cold(stack_env["POSTGRES_URL"]) if backend == "postgres" else cosmos_cold(settings)
+    )
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=7)
+    ref_cfg = thread_config("ref")
+    cfg = thread_config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_stack(settings) as writer:
+        graph = delta_graph(writer.saver, snapshot_frequency=7)
+        for n in range(12):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+        latest = await writer.saver.aget_tuple(cfg)
+        assert latest is not None
+    every, reached = await cold.chunk_sets(thread_id)
+    assert reached and reached == every  # the snapshots are manifests over these chunks
+    want = (await reference.aget_state(ref_cfg)).values
+    async with open_stack(settings) as reader:
+        counters = reader.backends.cold_counters
+        counters.reset()
+        with cosmos_requests() as spans:
+            history = await reader.saver.store.delta_history(
+                thread_id, "", latest.config["configurable"]["checkpoint_id"], ["messages"]
+            )
+        assert history["messages"].seed is not None
+        assert not history["messages"].seed[0].startswith(chunks.MANIFEST_TYPE_PREFIX)
+        assert (counters.requests if backend == "postgres" else sequential(spans)) == (
+            1 if backend == "postgres" else 2
+        )
+        graph = delta_graph(reader.saver, snapshot_frequency=7)
+        counters.reset()
+        with cosmos_requests() as spans:
+            assert (await graph.aget_state(cfg)).values == want
+        # Postgres: this process learns here that the thread has a DeltaChannel (the
+        # checkpoint, then its history); Cosmos reads both in two requests from the start.
+        assert (counters.requests if backend == "postgres" else sequential(spans)) == 2
 
 
 @pytest.mark.parametrize("mode", ["write-through", "write-behind"])

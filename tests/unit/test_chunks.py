@@ -100,14 +100,14 @@ def test_reachable_follows_nodes_and_leaves_the_rest() -> None:
     }
 
 
-def test_delta_channel_snapshots_and_small_values_stay_whole() -> None:
+def test_large_values_and_delta_channel_snapshots_are_chunked_small_ones_stay_whole() -> None:
     serde = JsonPlusSerializer()
-    for count in (10, 100, 3000):  # ext 8, 16 and 32 headers
+    for count in (10, 100, 3000):
         value = ["x" * 1000] * count
-        assert chunks.chunked(serde.dumps_typed(value), snapshots=False)
-        assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)), snapshots=False)
-        assert chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)), snapshots=True)
-    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5), snapshots=True)
+        assert chunks.chunked(serde.dumps_typed(value))
+        assert chunks.chunked(serde.dumps_typed(_DeltaSnapshot(value)))
+    assert not chunks.chunked(serde.dumps_typed(["x" * 1000] * 5))
+    assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(["x" * 1000] * 5)))
 
 
 async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> None:
