@@ -11,8 +11,8 @@ per step. Two savings, invisible to the stores (they keep the bytes opaque):
 - a record or a write value of `COMPRESS_MIN_BYTES` or more is deflated when
   that shrinks it, its type prefixed `COMPRESSED_PREFIX` (chat text shrinks to
   a third). Channel values (blobs) are left to the stores, which split large
-  ones into shared chunks (`state.cold.chunks`) and must recognise
-  DeltaChannel snapshots by their serde bytes.
+  ones into shared chunks (`state.cold.chunks`) and recognise DeltaChannel
+  snapshots by their serde bytes.
 """
 
 from __future__ import annotations

@@ -145,10 +145,30 @@ def chunked(value: TypedBytes) -> bool:
     DeltaChannel snapshots too: each is the whole conversation so far, so stored whole
     they grow quadratically with it; chunked, a snapshot stores what the conversation
     gained since the one before. The stores fetch a seed's chunks in the request that
-    loads its history (Postgres in the same statement, Cosmos by the blocks' channel
+    loads its history (Postgres in the same statement, Cosmos by the blocks' snapshot
     tag, alongside), so a history costs no extra round trip for them.
     """
     return len(value[1]) >= CHUNK_THRESHOLD
+
+
+# LangGraph's serde writes a DeltaChannel snapshot as a top-level msgpack extension of
+# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte.
+DELTA_SNAPSHOT_EXT = 7
+_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5}
+
+
+def delta_snapshot(type_: str, head: bytes) -> bool:
+    """Whether a value whose serde type is `type_` and whose bytes start with `head` (at
+    least 6 of them; a manifest keeps `HEAD_BYTES`) is a DeltaChannel snapshot."""
+    at = _EXT_TYPE_AT.get(head[0]) if head else None
+    return (
+        type_ == "msgpack" and at is not None and len(head) > at and head[at] == DELTA_SNAPSHOT_EXT
+    )
+
+
+def manifest_head(data: bytes) -> bytes:
+    """The first bytes of the value a manifest names (kept inline, `HEAD_BYTES`)."""
+    return Manifest.decode(data).head
 
 
 def is_manifest(type_: str) -> bool:
@@ -372,6 +392,10 @@ async def resolve(
     wanted = {digest for data in manifests.values() for digest in manifest_digests(data)}
     while wanted:
         found.update(await fetch(sorted(wanted)))
+        # The store has no chunk of that digest: asking again would not find it either.
+        missing = wanted - found.keys()
+        if missing:
+            raise CorruptState(f"chunk {min(missing).hex()} is missing")
         # Children of the nodes found, down to the leaves, not fetched yet (a store that
         # returned the descendants with the roots leaves nothing to ask for).
         wanted = set()

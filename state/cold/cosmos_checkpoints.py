@@ -18,17 +18,16 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
 - a checkpoint whose DeltaChannel history starts where its `delta_seed` says
   (see `cosmos_layout.delta_seeds`): still two, the history included (its
   range of writes replaces the query for the checkpoint's own writes; the
-  range's lineage, the seeds' holders and the blocks of the seeds' channels
-  are read concurrently);
+  range's lineage, the seeds' holders and the seeds' snapshot blocks are read
+  concurrently);
 - delta history on its own (LangGraph's DeltaChannel): two whatever the chain's
   depth (the namespace's lineage as ids, then the chain's writes, the seeds'
-  holders and their channels' blocks, concurrently), plus one for chunks of
-  values over the item limit. A snapshot is a manifest over blocks like any
-  large value; blocks carry the namespace and channel of the value that stored
-  them first, so a seed's blocks are one query by that tag, not one per level
-  of its tree;
+  holders and their snapshot blocks, concurrently), plus one for chunks of
+  values over the item limit;
 - values stored as blocks: one more query per level of the block tree (one
-  for a value up to 256 KB, two up to 16 MB).
+  for a value up to 256 KB, two up to 16 MB), except DeltaChannel snapshots:
+  their blocks carry the snapshot's namespace and channel, and come by one
+  query by that tag, alongside the history or the checkpoint's writes.
 
 - a flush (`apply_batch`): per thread, its operations in order as
   transactional batches of up to 100 documents: one round trip for a run's
@@ -61,12 +60,14 @@ from ..ports import (
 )
 from . import cosmos_layout as layout
 from .chunks import (
+    HEAD_BYTES,
     MANIFEST_TYPE_PREFIX,
     Chunk,
     Chunker,
     Fetch,
     Split,
     chunked,
+    delta_snapshot,
     reachable,
     resolve,
     resolve_checkpoints,
@@ -213,7 +214,12 @@ class CosmosCheckpointStore:
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
             before = pending.get(key) or self._chunker.remembered(key)
             manifest, added, splits[key] = self._chunker.split(data, before)
-            blocks += [layout.block_doc(*key, chunk) for chunk in added]
+            snapshot_of = (
+                (checkpoint.checkpoint_ns, blob.channel)
+                if delta_snapshot(type_, data[:HEAD_BYTES])
+                else None
+            )
+            blocks += [layout.block_doc(checkpoint.thread_id, c, snapshot_of) for c in added]
             stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
         return stored, blocks, splits
 
@@ -349,11 +355,18 @@ class CosmosCheckpointStore:
         if main is None:
             return None
         main = layout.to_layout_2(main)
+        # A snapshot it holds itself comes by its blocks' tag, alongside the rest.
+        own = layout.snapshot_channels(main)
         if main.get("delta_seed") and main.get("parent_checkpoint_id"):
-            loaded = await self._load_with_history(thread_id, main)
+            loaded, blocks = await self._load_with_history(thread_id, main, own)
         else:
-            [loaded] = await self._load_complete(thread_id, [main])
-        [loaded] = await resolve_checkpoints([loaded], self._blocks, self._chunker.value_of)
+            [loaded], blocks = await asyncio.gather(
+                self._load_complete(thread_id, [main]),
+                self._snapshot_blocks(thread_id, main["checkpoint_ns"], own),
+            )
+        [loaded] = await resolve_checkpoints(
+            [loaded], lambda thread: self._blocks(thread, blocks), self._chunker.value_of
+        )
         if checkpoint_id is None:
             self._remember(thread_id, checkpoint_ns, layout.to_layout_2(main))
         return loaded
@@ -526,7 +539,7 @@ class CosmosCheckpointStore:
             if holders:
                 (found_writes, found_holders), blocks = await asyncio.gather(
                     gather([writes_query, self._fetch_list(thread_id, holders)]),
-                    self._channel_blocks(thread_id, checkpoint_ns, sorted(walk.seed_holder)),
+                    self._snapshot_blocks(thread_id, checkpoint_ns, sorted(walk.seed_holder)),
                 )
             else:
                 found_writes = await writes_query
@@ -615,30 +628,34 @@ class CosmosCheckpointStore:
         await self._io.delete_ids(thread_id, [doc["id"] for doc in blocks if doc["id"] not in kept])
 
     def _blocks(self, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None) -> Fetch:
-        """Blocks by digest, one query per level of the tree; none while the blocks asked
-        for are among those already `fetched` (a seed's, with its history)."""
+        """Blocks by digest, one query per level of the tree, but for those already
+        `fetched` (a snapshot's, with the checkpoint or its history)."""
+        known: Mapping[bytes, Chunk] = fetched or {}
 
         async def fetch(digests: list[bytes]) -> Mapping[bytes, Chunk]:
-            if fetched is not None and all(digest in fetched for digest in digests):
-                return fetched
-            ids = [layout.block_doc_id(digest) for digest in digests]
+            asked = [digest for digest in digests if digest not in known]
+            if not asked:
+                return known
+            ids = [layout.block_doc_id(digest) for digest in asked]
             found = await self._fetch_list(thread_id, ids)
-            return {chunk.digest: chunk for chunk in map(layout.block_of, found)}
+            return {**known, **{chunk.digest: chunk for chunk in map(layout.block_of, found)}}
 
         return fetch
 
-    async def _channel_blocks(
+    async def _snapshot_blocks(
         self, thread_id: str, checkpoint_ns: str, channels: list[str]
     ) -> dict[bytes, Chunk]:
-        """Every block the channels' values stored first (see `layout.block_doc`): a
-        DeltaChannel's snapshot is a manifest over them, so its seed assembles from this
-        query, run alongside the history's. Blocks another channel stored first are not
-        here; `_blocks` fetches those after."""
+        """The blocks of the channels' DeltaChannel snapshots (`layout.block_doc`'s tag),
+        in one query run alongside the history's or the checkpoint's own. Every snapshot
+        of the channel still stored is among them: for a conversation that only grows,
+        the newest snapshot's blocks are all of them; a channel whose reducer drops or
+        rewrites items brings older snapshots' blocks too (until pruning drops them). A
+        block another value stored last is not here: `_blocks` fetches it by digest."""
         if not channels:
             return {}
         found = await self._io.query_all(
             "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @block"
-            " AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@channels, c.channel)",
+            " AND c.checkpoint_ns = @ns AND ARRAY_CONTAINS(@channels, c.snapshot_of)",
             {
                 "@thread": thread_id,
                 "@block": layout.BLOCK,
@@ -735,12 +752,16 @@ class CosmosCheckpointStore:
             for doc in mains
         ]
 
-    async def _load_with_history(self, thread_id: str, main: Doc) -> StoredCheckpoint:
+    async def _load_with_history(
+        self, thread_id: str, main: Doc, own_snapshots: list[str]
+    ) -> tuple[StoredCheckpoint, dict[bytes, Chunk]]:
         """One checkpoint whose DeltaChannel history starts where its `delta_seed` says, with
         that history, in the round trips `_load_complete` takes without it: its writes and
         the writes of the ancestors down to the oldest `since` are one range query, the
         seeds' holders join its own holders, and the lineage of that range (to keep only
-        the parent chain, not a fork's checkpoints in the range) is read alongside."""
+        the parent chain, not a fork's checkpoints in the range) and the blocks of the
+        seeds' snapshots and of `own_snapshots` are read alongside. Returns the checkpoint
+        (manifests not assembled yet) and those blocks."""
         seeds: dict[str, Doc] = main["delta_seed"]
         checkpoint_id = main["checkpoint_id"]
         holder_ids = {*main["value_at"].values()} | {
@@ -772,9 +793,12 @@ class CosmosCheckpointStore:
         ]
         if ids:
             calls.append(self._fetch_list(thread_id, ids))
-        seeded = sorted(channel for channel, seed in seeds.items() if seed.get("holder"))
+        snapshots = {channel for channel, seed in seeds.items() if seed.get("holder")}
         (found_writes, lineage, *by_id), blocks = await asyncio.gather(
-            gather(calls), self._channel_blocks(thread_id, main["checkpoint_ns"], seeded)
+            gather(calls),
+            self._snapshot_blocks(
+                thread_id, main["checkpoint_ns"], sorted(snapshots.union(own_snapshots))
+            ),
         )
         found = by_id[0] if by_id else []
         chunks = {doc["id"]: doc for doc in found if doc["type"] == layout.CHUNK}
@@ -820,12 +844,7 @@ class CosmosCheckpointStore:
             history[channel] = ChannelHistory(
                 channel_writes, seed=value, seed_at=seed["since"] if value is not None else None
             )
-        [loaded] = await resolve_checkpoints(
-            [dataclasses.replace(stored, history=history)],
-            lambda thread: self._blocks(thread, blocks),
-            self._chunker.value_of,
-        )
-        return loaded
+        return dataclasses.replace(stored, history=history), blocks
 
     async def _chunks(self, thread_id: str, docs: Sequence[Doc]) -> dict[str, Doc]:
         needed = layout.chunks_of(docs)

@@ -57,7 +57,7 @@ from .. import codec
 from ..errors import CorruptState, StateTooLarge
 from ..ports import StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
 from ..schema import CURRENT, upcast
-from .chunks import Chunk, is_manifest
+from .chunks import MANIFEST_TYPE_PREFIX, Chunk, delta_snapshot, is_manifest, manifest_head
 
 Doc = dict[str, Any]
 
@@ -123,19 +123,22 @@ def block_doc_id(digest: bytes) -> str:
     return f"blk:{digest.hex()}"
 
 
-def block_doc(thread_id: str, checkpoint_ns: str, channel: str, chunk: Chunk) -> Doc:
-    """A block, tagged with the namespace and channel of the value that stored it first
-    (a DeltaChannel's seed is fetched by that tag, with its history: `channel_blocks`)."""
-    return {
+def block_doc(thread_id: str, chunk: Chunk, snapshot_of: tuple[str, str] | None) -> Doc:
+    """A block; one of a DeltaChannel snapshot carries the snapshot's (namespace, channel),
+    so a snapshot's blocks come by one query by that tag, not one per level of its tree.
+    Blocks are upserted: the tag is the last storing snapshot's (a block another value
+    stored last is fetched by digest instead)."""
+    doc: Doc = {
         "id": block_doc_id(chunk.digest),
         "type": BLOCK,
         "thread_id": thread_id,
-        "checkpoint_ns": checkpoint_ns,
-        "channel": channel,
         "node": chunk.node,
         "schema_version": 1,
         "data": codec.to_text(chunk.data),
     }
+    if snapshot_of is not None:
+        doc["checkpoint_ns"], doc["snapshot_of"] = snapshot_of
+    return doc
 
 
 def block_of(doc: Doc) -> Chunk:
@@ -145,6 +148,18 @@ def block_of(doc: Doc) -> Chunk:
     except ValueError as exc:
         raise CorruptState(f"{doc['id']} is not a block id") from exc
     return Chunk(digest, bool(doc["node"]), codec.from_text(doc["data"]))
+
+
+def snapshot_channels(doc: Doc) -> list[str]:
+    """Channels whose value the document holds as a manifest of a DeltaChannel snapshot."""
+    found = []
+    for channel, entry in held_values(doc).items():
+        serde = str(entry.get("serde", ""))
+        if is_manifest(serde) and int(entry["parts"]) == 1:
+            head = manifest_head(decode(doc["id"], entry, {})[1])
+            if delta_snapshot(serde.removeprefix(MANIFEST_TYPE_PREFIX), head):
+                found.append(channel)
+    return found
 
 
 def manifests_of(docs: Iterable[Doc], chunks: Mapping[str, Doc]) -> list[bytes]:

@@ -897,18 +897,23 @@ async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, An
 def _fetcher(
     conn: CountedConnection, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None
 ) -> Fetch:
-    """Chunks by root digest with every descendant, in one statement; none if the
-    statement that loaded the manifests `fetched` them already."""
+    """Chunks by root digest with every descendant, in one statement, but for those the
+    statement that loaded the manifests `fetched` already."""
+    known: Mapping[bytes, Chunk] = fetched or {}
 
     async def fetch(roots: list[bytes]) -> Mapping[bytes, Chunk]:
-        if fetched is not None and all(root in fetched for root in roots):
-            return fetched
+        asked = [root for root in roots if root not in known]
+        if not asked:
+            return known
         cursor = await conn.execute(
-            GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
+            GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": asked}, binary=True
         )
         return {
-            bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
-            for row in await cursor.fetchall()
+            **known,
+            **{
+                bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
+                for row in await cursor.fetchall()
+            },
         }
 
     return fetch

@@ -1,11 +1,11 @@
 """State written under schema version N resumes under code at version N+1.
 
 Stored fixtures of the version-1 format (tests/faults/fixtures/) are written by
-today's code (version 1); then the code moves to version 2 (CURRENT bumped,
-a 1 -> 2 upcaster registered, both under monkeypatch) and must read them in the
-new shape through every tier. A support case interrupted for review under
-version 1 is resumed and completed under version 2. Finally, code still at
-version 1 meets what version 2 wrote and must refuse it with a clear error.
+today's code (version N of each kind: 1 for records, 2 for checkpoints); then the
+code moves to N+1 (CURRENT bumped, an N -> N+1 upcaster registered, both under
+monkeypatch) and must read them in the new shape through every tier. A support case
+interrupted for review under N is resumed and completed under N+1. Finally, code
+still at N meets what N+1 wrote and must refuse it with a clear error.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ class Upcasts:
     calls: dict[str, int] = field(default_factory=dict)
 
 
-def workflow_1_to_2(document: dict[str, Any]) -> dict[str, Any]:
+def workflow_to_next(document: dict[str, Any]) -> dict[str, Any]:
     sections = dict(document["sections"])
     if isinstance(sections.get("customer"), str):
         sections["customer"] = {"id": sections["customer"]}
     return {**document, "sections": sections}
 
 
-def checkpoint_1_to_2(document: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_to_next(document: dict[str, Any]) -> dict[str, Any]:
     metadata = document.get("metadata")
     if isinstance(metadata, str):  # a backend may hand metadata over still encoded
         metadata = json.loads(metadata)
@@ -56,8 +56,9 @@ def checkpoint_1_to_2(document: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def move_to_v2(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Upcasts]:
-    """Turn this process into version-2 code: bumped CURRENT plus counting upcasters."""
+def move_to_next(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Upcasts]:
+    """Turn this process into the next version's code: bumped CURRENT plus counting
+    upcasters from today's version."""
     upcasts = Upcasts()
 
     def counted(kind: str, step: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
@@ -68,14 +69,10 @@ def move_to_v2(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Upcasts]:
         return run
 
     def move() -> Upcasts:
-        monkeypatch.setitem(schema.CURRENT, "workflow", 2)
-        monkeypatch.setitem(schema.CURRENT, "checkpoint", 2)
-        monkeypatch.setitem(
-            schema._UPCASTERS, ("workflow", 1), counted("workflow", workflow_1_to_2)
-        )
-        monkeypatch.setitem(
-            schema._UPCASTERS, ("checkpoint", 1), counted("checkpoint", checkpoint_1_to_2)
-        )
+        for kind, step in (("workflow", workflow_to_next), ("checkpoint", checkpoint_to_next)):
+            today = schema.CURRENT[kind]
+            monkeypatch.setitem(schema.CURRENT, kind, today + 1)
+            monkeypatch.setitem(schema._UPCASTERS, (kind, today), counted(kind, step))
         return upcasts
 
     return move
@@ -101,16 +98,16 @@ def stored_checkpoint(
 
 
 @pytest.mark.parametrize("backend", ["cosmos", "postgres"])
-async def test_v1_state_resumes_under_v2(
+async def test_state_resumes_under_the_next_schema_version(
     backend: str,
     settings_for: Callable[..., Settings],
-    move_to_v2: Callable[[], Upcasts],
+    move_to_next: Callable[[], Upcasts],
     monkeypatch: pytest.MonkeyPatch,
     reliability: Recorder,
     request: pytest.FixtureRequest,
 ) -> None:
-    # A store of its own: v2 code rewrites shared records (the run index) in the v2 shape,
-    # which the v1 code of every later test would refuse to read.
+    # A store of its own: the next version rewrites shared records (the run index) in its shape,
+    # which today's code of every later test would refuse to read.
     isolated = (
         {"postgres_url": request.getfixturevalue("fresh_postgres_url")}
         if backend == "postgres"
@@ -129,21 +126,22 @@ async def test_v1_state_resumes_under_v2(
         await store.create(thread_id, record_fixture["sections"], agent_id="v1-code")
         stored, blobs = stored_checkpoint(thread_id, checkpoint_fixture)
         await backends.checkpoints.put_checkpoint(stored, blobs)
-        async with open_runtime(settings) as v1_app:
-            await review_case(v1_app, case_id)
+        async with open_runtime(settings) as today_app:
+            await review_case(today_app, case_id)
 
-        upcasts = move_to_v2()
-        expected = workflow_1_to_2({"sections": record_fixture["sections"]})["sections"]
+        upcasts = move_to_next()
+        expected = workflow_to_next({"sections": record_fixture["sections"]})["sections"]
         for _ in range(2):  # the first read may come from cold, the second from hot
             record = await store.get(thread_id)
             assert record is not None
-            if record.sections != expected or record.schema_version != 2:
+            if record.sections != expected or record.schema_version != schema.CURRENT["workflow"]:
                 lost += 1
         assert record is not None
         updated = await store.update_section(
             thread_id, "notes", ["upgraded"], agent_id="v2-code", expected_version=record.version
         )
-        assert updated.schema_version == 2 and updated.sections["customer"] == {"id": "cust_1042"}
+        assert updated.schema_version == schema.CURRENT["workflow"]
+        assert updated.sections["customer"] == {"id": "cust_1042"}
         checkpoint = await backends.checkpoints.get_checkpoint(thread_id, "", None)
         assert checkpoint is not None
         if (
@@ -155,14 +153,14 @@ async def test_v1_state_resumes_under_v2(
         if got.get("messages") != blobs[0].value:
             lost += 1
 
-        async with open_runtime(settings) as v2_app:
-            decided = await v2_app.decide(case_id, "approve", "reviewer-v2")
-            await v2_app.runtime.service.wait_idle()
-            view = await v2_app.runtime.service.status(case_id)
+        async with open_runtime(settings) as next_app:
+            decided = await next_app.decide(case_id, "approve", "reviewer-v2")
+            await next_app.runtime.service.wait_idle()
+            view = await next_app.runtime.service.status(case_id)
         resumed = decided.accepted and view.status.value == "completed"
 
-        # Version-1 code meeting version-2 state refuses it, clearly.
-        monkeypatch.setitem(schema.CURRENT, "workflow", 1)
+        # Today's code meeting the next version's state refuses it, clearly.
+        monkeypatch.setitem(schema.CURRENT, "workflow", schema.CURRENT["workflow"] - 1)
         try:
             await store.get(thread_id)
         except UnsupportedSchemaVersion as error:
@@ -170,20 +168,22 @@ async def test_v1_state_resumes_under_v2(
             refusal = type(error).__name__
         else:
             refused, refusal = False, "read it without any error"
-        monkeypatch.setitem(schema.CURRENT, "workflow", 2)
+        monkeypatch.setitem(schema.CURRENT, "workflow", schema.CURRENT["workflow"] + 1)
         await backends.checkpoints.delete_thread(thread_id)
         await backends.cold.delete(thread_id)
 
     reliability.record(
-        f"Schema drift v1 -> v2 ({backend})",
-        injected="fixtures stored by v1 code (record, checkpoint, a case interrupted for "
-        "review), then code moved to v2 (CURRENT bumped, 1 -> 2 upcasters)",
+        f"Schema drift N -> N+1 ({backend})",
+        injected="fixtures stored by today's code (record at 1, checkpoint at 2, a case "
+        "interrupted for review), then code moved to the next version (CURRENT bumped, "
+        "N -> N+1 upcasters)",
         runs=3,
         lost_writes=lost,
         silent_overwrites=0,
-        observed=f"record and checkpoint read in the v2 shape through every tier; case resumed "
-        f"under v2 {'to completion' if resumed else 'NOT to completion'}; upcaster calls "
-        f"{dict(sorted(upcasts.calls.items()))}; v1 code reading v2 state: "
+        observed=f"record and checkpoint read in the next version's shape through every tier; "
+        f"case resumed under it {'to completion' if resumed else 'NOT to completion'}; "
+        f"upcaster calls {dict(sorted(upcasts.calls.items()))}; today's code reading that "
+        "state: "
         f"{refusal}",
     )
     assert lost == 0

@@ -42,7 +42,7 @@ def append(state: list[str], batches: Sequence[list[str]]) -> list[str]:
 
 
 def delta_graph(
-    saver: BaseCheckpointSaver[Any], *, snapshot_frequency: int = 5
+    saver: BaseCheckpointSaver[Any], *, snapshot_frequency: int = 5, message: str = MESSAGE
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     # Built at run time: the channel's snapshot frequency is a parameter.
     conversation = TypedDict(  # type: ignore[misc]  # noqa: UP013
@@ -56,7 +56,7 @@ def delta_graph(
 
     def reply(state: dict[str, list[str]]) -> dict[str, list[str]]:
         n = len(state["messages"])
-        return {"messages": [f"a{n}:{MESSAGE}", f"b{n}:{MESSAGE}"]}
+        return {"messages": [f"a{n}:{message}", f"b{n}:{message}"]}
 
     graph = StateGraph(conversation)
     graph.add_node("reply", reply)

@@ -215,29 +215,43 @@ async def test_cold_history_round_trips_do_not_grow_with_depth(
         )
 
 
+@pytest.mark.parametrize("message_bytes", [1024, 24 * 1024], ids=["one-level", "tree"])
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 async def test_another_process_loads_a_chunked_snapshot_with_its_history(
-    backend: str, stack_env: dict[str, str]
+    backend: str, message_bytes: int, stack_env: dict[str, str]
 ) -> None:
     """Snapshots are stored as chunks (each stores what the conversation gained since the
-    one before). A process that remembers none of them reads the seed's chunks with the
+    one before), small ones as leaves under the manifest, large ones (over 256 KB) under a
+    level of nodes. A process that remembers none of them reads the seed's chunks with the
     history: Postgres in the history's one statement, Cosmos in its second request (one
-    query by the blocks' channel tag, alongside the writes)."""
+    query by the blocks' snapshot tag, alongside the writes). A checkpoint that holds a
+    snapshot itself: Cosmos reads its blocks alongside its writes (two requests), Postgres
+    with one more statement."""
     settings = settings_for(stack_env, backend, False, "write-through")
     cold = (
         postgres_cold(stack_env["POSTGRES_URL"]) if backend == "postgres" else cosmos_cold(settings)
     )
-    reference = delta_graph(InMemorySaver(), snapshot_frequency=7)
+    message = "m" * message_bytes
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=7, message=message)
     ref_cfg = thread_config("ref")
     cfg = thread_config()
     thread_id = cfg["configurable"]["thread_id"]
     async with open_stack(settings) as writer:
-        graph = delta_graph(writer.saver, snapshot_frequency=7)
+        graph = delta_graph(writer.saver, snapshot_frequency=7, message=message)
         for n in range(12):
             await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
             await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
         latest = await writer.saver.aget_tuple(cfg)
         assert latest is not None
+        holder = None
+        async for found in writer.saver.alist(cfg):
+            if "messages" in found.checkpoint["channel_values"]:
+                holder = found  # the newest checkpoint holding a snapshot
+                break
+        assert holder is not None
+        held = sum(len(m) for m in holder.checkpoint["channel_values"]["messages"].value)
+        # Past FANOUT leaves the manifest's roots are nodes: the tree is walked.
+        assert (held > chunks.FANOUT * chunks.LEAF_BYTES) is (message_bytes > 1024)
     every, reached = await cold.chunk_sets(thread_id)
     assert reached and reached == every  # the snapshots are manifests over these chunks
     want = (await reference.aget_state(ref_cfg)).values
@@ -253,12 +267,19 @@ async def test_another_process_loads_a_chunked_snapshot_with_its_history(
         assert (counters.requests if backend == "postgres" else sequential(spans)) == (
             1 if backend == "postgres" else 2
         )
-        graph = delta_graph(reader.saver, snapshot_frequency=7)
+        graph = delta_graph(reader.saver, snapshot_frequency=7, message=message)
         counters.reset()
         with cosmos_requests() as spans:
             assert (await graph.aget_state(cfg)).values == want
         # Postgres: this process learns here that the thread has a DeltaChannel (the
         # checkpoint, then its history); Cosmos reads both in two requests from the start.
+        assert (counters.requests if backend == "postgres" else sequential(spans)) == 2
+
+        counters.reset()
+        with cosmos_requests() as spans:
+            at_holder = await reader.saver.aget_tuple(holder.config)
+        assert at_holder is not None
+        assert at_holder.checkpoint["channel_values"] == holder.checkpoint["channel_values"]
         assert (counters.requests if backend == "postgres" else sequential(spans)) == 2
 
 

@@ -110,6 +110,35 @@ def test_large_values_and_delta_channel_snapshots_are_chunked_small_ones_stay_wh
     assert not chunks.chunked(serde.dumps_typed(_DeltaSnapshot(["x" * 1000] * 5)))
 
 
+def test_a_delta_channel_snapshot_is_recognised_from_its_manifest_alone() -> None:
+    serde = JsonPlusSerializer()
+    for count in (10, 100, 3000):  # ext 8, 16 and 32 headers
+        value = ["x" * 1000] * count
+        for wrapped, expected in ((_DeltaSnapshot(value), True), (value, False)):
+            type_, data = serde.dumps_typed(wrapped)
+            manifest, _, _ = chunks.Chunker().split(data, None)
+            assert chunks.delta_snapshot(type_, chunks.manifest_head(manifest)) is expected
+    assert not chunks.delta_snapshot("json", serde.dumps_typed(_DeltaSnapshot(["x"] * 9))[1])
+
+
+async def test_a_chunk_missing_below_a_node_is_corrupt_state_after_one_fetch_per_level() -> None:
+    value = packed(messages(300))
+    manifest, added, _ = chunks.Chunker().split(value, None)
+    assert chunks.Manifest.decode(manifest).depth == 1
+    leaf = next(chunk for chunk in added if not chunk.node)
+    stored = {chunk.digest: chunk for chunk in added if chunk.digest != leaf.digest}
+    fetches = 0
+
+    async def fetch(digests: list[bytes]) -> dict[bytes, chunks.Chunk]:
+        nonlocal fetches
+        fetches += 1
+        return {digest: stored[digest] for digest in digests if digest in stored}
+
+    with pytest.raises(CorruptState, match=leaf.digest.hex()):
+        await chunks.resolve({"m": ("chunked+msgpack", manifest)}, fetch, lambda _: None)
+    assert fetches == 2
+
+
 async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> None:
     chunker = chunks.Chunker()
     value = packed(messages(200))
