@@ -70,6 +70,9 @@ async def fence_hold(thread_id: str, lock_name: str, ttl_ms: int) -> None:
     backends = await open_backends(Settings())
     store = TieredStateStore.from_backends(backends)
     try:
+        # The first requests of a process open its connections (and Cosmos reads its
+        # container's metadata): done before the lock, so its TTL times the writes alone.
+        await store.get(thread_id)
         lock = await store.lock(lock_name, ttl_ms=ttl_ms)
         # CLOCK_MONOTONIC is system-wide on Linux: the test compares it with its own.
         emit(event="locked", fence=lock.fence, pid=os.getpid(), at=time.monotonic())
