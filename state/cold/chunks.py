@@ -171,6 +171,20 @@ def manifest_head(data: bytes) -> bytes:
     return Manifest.decode(data).head
 
 
+def fetched_first(fetched: Mapping[bytes, Chunk] | None, fetch: Fetch) -> Fetch:
+    """`fetch`, asked only for the digests not among those already `fetched` (by the
+    request that loaded the manifests), the answers merged with them."""
+    known: Mapping[bytes, Chunk] = fetched or {}
+
+    async def merged(digests: list[bytes]) -> Mapping[bytes, Chunk]:
+        asked = [digest for digest in digests if digest not in known]
+        if not asked:
+            return known
+        return {**known, **await fetch(asked)}
+
+    return merged
+
+
 def is_manifest(type_: str) -> bool:
     return type_.startswith(MANIFEST_TYPE_PREFIX)
 

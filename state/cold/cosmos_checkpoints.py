@@ -68,6 +68,7 @@ from .chunks import (
     Split,
     chunked,
     delta_snapshot,
+    fetched_first,
     reachable,
     resolve,
     resolve_checkpoints,
@@ -630,17 +631,13 @@ class CosmosCheckpointStore:
     def _blocks(self, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None) -> Fetch:
         """Blocks by digest, one query per level of the tree, but for those already
         `fetched` (a snapshot's, with the checkpoint or its history)."""
-        known: Mapping[bytes, Chunk] = fetched or {}
 
         async def fetch(digests: list[bytes]) -> Mapping[bytes, Chunk]:
-            asked = [digest for digest in digests if digest not in known]
-            if not asked:
-                return known
-            ids = [layout.block_doc_id(digest) for digest in asked]
+            ids = [layout.block_doc_id(digest) for digest in digests]
             found = await self._fetch_list(thread_id, ids)
-            return {**known, **{chunk.digest: chunk for chunk in map(layout.block_of, found)}}
+            return {chunk.digest: chunk for chunk in map(layout.block_of, found)}
 
-        return fetch
+        return fetched_first(fetched, fetch)
 
     async def _snapshot_blocks(
         self, thread_id: str, checkpoint_ns: str, channels: list[str]

@@ -48,6 +48,7 @@ from .chunks import (
     Known,
     Split,
     chunked,
+    fetched_first,
     reachable,
     resolve,
     resolve_checkpoints,
@@ -899,24 +900,17 @@ def _fetcher(
 ) -> Fetch:
     """Chunks by root digest with every descendant, in one statement, but for those the
     statement that loaded the manifests `fetched` already."""
-    known: Mapping[bytes, Chunk] = fetched or {}
 
     async def fetch(roots: list[bytes]) -> Mapping[bytes, Chunk]:
-        asked = [root for root in roots if root not in known]
-        if not asked:
-            return known
         cursor = await conn.execute(
-            GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": asked}, binary=True
+            GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
         )
         return {
-            **known,
-            **{
-                bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
-                for row in await cursor.fetchall()
-            },
+            bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
+            for row in await cursor.fetchall()
         }
 
-    return fetch
+    return fetched_first(fetched, fetch)
 
 
 async def _assembled(
