@@ -38,7 +38,6 @@ Prune and delete_for_runs delete the blocks no remaining manifest reaches.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections import OrderedDict, defaultdict
@@ -83,6 +82,7 @@ from .cosmos_io import (
     Doc,
     PartitionIO,
     gather,
+    gather_pair,
     strip_system,
 )
 from .cosmos_maintenance import CheckpointMaintenance
@@ -361,10 +361,11 @@ class CosmosCheckpointStore:
         if main.get("delta_seed") and main.get("parent_checkpoint_id"):
             loaded, blocks = await self._load_with_history(thread_id, main, own)
         else:
-            [loaded], blocks = await asyncio.gather(
+            complete, blocks = await gather_pair(
                 self._load_complete(thread_id, [main]),
                 self._snapshot_blocks(thread_id, main["checkpoint_ns"], own),
             )
+            [loaded] = complete
         [loaded] = await resolve_checkpoints(
             [loaded], lambda thread: self._blocks(thread, blocks), self._chunker.value_of
         )
@@ -538,10 +539,11 @@ class CosmosCheckpointStore:
                 partition=thread_id,
             )
             if holders:
-                (found_writes, found_holders), blocks = await asyncio.gather(
+                found, blocks = await gather_pair(
                     gather([writes_query, self._fetch_list(thread_id, holders)]),
                     self._snapshot_blocks(thread_id, checkpoint_ns, sorted(walk.seed_holder)),
                 )
+                found_writes, found_holders = found
             else:
                 found_writes = await writes_query
         # Only the entries of the channels each checkpoint contributes to.
@@ -791,7 +793,7 @@ class CosmosCheckpointStore:
         if ids:
             calls.append(self._fetch_list(thread_id, ids))
         snapshots = {channel for channel, seed in seeds.items() if seed.get("holder")}
-        (found_writes, lineage, *by_id), blocks = await asyncio.gather(
+        (found_writes, lineage, *by_id), blocks = await gather_pair(
             gather(calls),
             self._snapshot_blocks(
                 thread_id, main["checkpoint_ns"], sorted(snapshots.union(own_snapshots))

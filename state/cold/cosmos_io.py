@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from azure.core import MatchConditions
 from azure.cosmos.aio import ContainerProxy
@@ -29,6 +29,8 @@ from ..errors import BackendUnavailable
 from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection, cosmos_errors
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 Doc = dict[str, Any]
 # One operation of a transactional batch, as the SDK takes it: ("upsert", (doc,)), or
 # with options: ("replace", (id, doc), {"if_match_etag": etag}).
@@ -62,7 +64,11 @@ def strip_system(doc: Doc) -> Doc:
 
 
 async def gather(calls: Sequence[Awaitable[T]], *, limit: int = CONCURRENT_REQUESTS) -> list[T]:
-    """All of `calls`, at most `limit` in flight; results in order."""
+    """All of `calls`, at most `limit` in flight; results in order.
+
+    The first failure cancels the calls still running (their requests would be wasted)
+    and is raised as itself, not wrapped in a group: callers catch the typed errors.
+    """
     if len(calls) == 1:
         return [await calls[0]]
     slots = asyncio.Semaphore(limit)
@@ -71,7 +77,24 @@ async def gather(calls: Sequence[Awaitable[T]], *, limit: int = CONCURRENT_REQUE
         async with slots:
             return await call
 
-    return list(await asyncio.gather(*(bounded(call) for call in calls)))
+    tasks = [asyncio.ensure_future(bounded(call)) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        running = [task for task in tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        for call in calls:
+            if asyncio.iscoroutine(call):
+                call.close()  # one cancelled before it started was never awaited
+
+
+async def gather_pair(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """`gather` of two calls of different result types."""
+    one, other = await gather([first, second])
+    return cast(A, one), cast(B, other)
 
 
 class PartitionIO:
