@@ -1,6 +1,6 @@
 """Hot copy of the latest LangGraph checkpoint per (thread, namespace) in Redis.
 
-One hash per (thread, namespace), key `{thread_id}:<store>:cp2:{ns}` (hash-tagged,
+One hash per (thread, namespace), key `{thread_id}:<store>:cp3:{ns}` (hash-tagged,
 so a thread's keys share a cluster slot; `<store>` names the cold store cached,
 so stores sharing one Redis stay apart; the digit is the entry format, so code
 that changes the format never reads entries written by the previous one). Fields:
@@ -66,7 +66,9 @@ from .redis_client import hot_key
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENTRY_FORMAT = 2
+# 3: the checkpoint record and values as `state.checkpoint.values` stores them (a record
+# without its channel versions, `zlib+` types); code at 2 would fail in the serde.
+ENTRY_FORMAT = 3
 # Key kind of a thread's write-behind log (`redis_write_behind`): a cache miss checks it.
 LOG_KIND = "wb-log"
 # A reader's lease on an empty entry outlives any cold read it waits for.

@@ -5,7 +5,8 @@ of `redis_checkpoints`:
 
 - `wb-log`: a stream of unflushed operations, one entry per put / put_writes
   (a cache miss checks it in its lease script: `LOG_KIND`),
-  holding everything the cold tier needs (the same fields as the cache entry);
+  holding everything the cold tier needs (the same fields as the cache entry) and
+  the entry format (`f`, the cache's `ENTRY_FORMAT`);
 - `wb-flushing`: the flush lock (token, expiring), so one flusher at a time
   applies a thread's entries, in order; a dead flusher's lock expires and
   another takes the thread over;
@@ -35,7 +36,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from ..errors import BackendUnavailable, CorruptState, StaleFencingToken
+from ..errors import BackendUnavailable, CorruptState, StaleFencingToken, UnsupportedSchemaVersion
 from ..ports import (
     Backlog,
     CheckpointPut,
@@ -47,6 +48,7 @@ from ..ports import (
     WritesPut,
 )
 from .redis_checkpoints import (
+    ENTRY_FORMAT,
     LOG_KIND,
     LUA_HELPERS,
     RedisCheckpointCache,
@@ -81,11 +83,11 @@ _APPEND_PUT = (
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale then return {-2, stale} end
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6)
-local entry = {'op', 'put', 'ns', ARGV[4]}
+local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
 for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return {moved, 0}
-"""
+""".replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
 
 # KEYS: entry, log, fence. ARGV: checkpoint id, '1' to upsert, ttl, namespace, fence,
@@ -97,11 +99,11 @@ _APPEND_WRITES = (
 local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
 if stale then return {-2, stale} end
 local added = add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 6)
-local entry = {'op', 'writes', 'ns', ARGV[4], 'cid', ARGV[1], 'upsert', ARGV[2]}
+local entry = {'op', 'writes', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4], 'cid', ARGV[1], 'upsert', ARGV[2]}
 for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', unpack(entry))
 return {added, 0}
-"""
+""".replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
 
 # KEYS: fence. ARGV: fence, ttl. Returns the highest fence seen if ARGV[1] is lower, else 0.
@@ -416,7 +418,16 @@ def _sha(source: str) -> str:
 
 
 def _op(thread_id: str, fields: dict[bytes, bytes]) -> FlushOp:
-    """A stream entry back into the operation it recorded."""
+    """A stream entry back into the operation it recorded.
+
+    An entry of a newer format than this code's is refused, not misread: it stays in the
+    log for a flusher of the code that wrote it (a rolling deploy runs both)."""
+    try:
+        entry_format = int(fields.get(b"f", b"2"))  # entries before format 3 had no `f`
+    except ValueError as exc:
+        raise CorruptState(f"unreadable write-behind entry of {thread_id!r}: {exc}") from exc
+    if entry_format > ENTRY_FORMAT:
+        raise UnsupportedSchemaVersion("write-behind entry", entry_format, ENTRY_FORMAT)
     try:
         checkpoint_ns = fields[b"ns"].decode()
         if fields[b"op"] == b"put":

@@ -19,9 +19,9 @@ from langgraph.types import Command
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.flusher import Flusher
-from state.errors import StaleFencingToken
-from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client, hot_namespace
+from state.errors import StaleFencingToken, UnsupportedSchemaVersion
+from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
+from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import CheckpointStore, Counters
 from state.settings import Settings
@@ -73,6 +73,7 @@ class WriteBehind:
     cold_counters: Counters
     redis: aioredis.Redis
     round_trips: RoundTrips
+    cache: RedisCheckpointCache
 
 
 def settings_for(stack_env: dict[str, str], backend: str, redis_url: str) -> Settings:
@@ -125,7 +126,7 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         round_trips = RoundTrips()
         round_trips.wrap(redis)
         saver = TieredCheckpointSaver(store, cache, flusher=flusher)
-        yield WriteBehind(saver, flusher, store, counters, redis, round_trips)
+        yield WriteBehind(saver, flusher, store, counters, redis, round_trips, cache)
     finally:
         await redis.aclose()
         await close()
@@ -367,6 +368,50 @@ async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_dupli
         assert len(item.pending_writes or []) == len(
             {(w[0], w[1]) for w in item.pending_writes or []}
         )
+
+
+def log_key(tiers: WriteBehind, thread_id: str) -> str:
+    return hot_key(thread_id, LOG_KIND, namespace=tiers.cache.namespace)
+
+
+async def rewrite_log(tiers: WriteBehind, thread_id: str, entry_format: bytes | None) -> int:
+    """Rewrites the thread's log as code of another entry format would have written it
+    (`None`: before entries named their format); how many entries it holds."""
+    key = log_key(tiers, thread_id)
+    entries = await tiers.redis.xrange(key)
+    await tiers.redis.delete(key)
+    for _, fields in entries:
+        fields.pop(b"f", None)
+        if entry_format is not None:
+            fields = {b"f": entry_format, **fields}
+        await tiers.redis.xadd(key, fields)
+    return len(entries)
+
+
+async def test_a_log_entry_of_a_newer_format_waits_for_newer_code_and_older_ones_flush(
+    tiers: WriteBehind,
+) -> None:
+    """A rolling deploy runs two versions: a flusher never misreads what newer code wrote."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    hot = await tiers.saver.aget_tuple(cfg)
+    assert hot is not None
+    entries = await rewrite_log(tiers, thread_id, str(ENTRY_FORMAT + 1).encode())
+
+    with pytest.raises(UnsupportedSchemaVersion):
+        await tiers.flusher.flush_thread(thread_id)
+    await tiers.flusher.drain()  # logs the refusal and goes on with other threads
+    assert await tiers.redis.xlen(log_key(tiers, thread_id)) == entries  # none acknowledged
+    assert await cold_latest_id(tiers, thread_id) is None
+
+    # Entries from before the format was named (format 2) read as they always did.
+    await rewrite_log(tiers, thread_id, None)
+    assert await tiers.flusher.flush_thread(thread_id) == entries
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None
+    assert cold.checkpoint_id == hot.config["configurable"]["checkpoint_id"]
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
