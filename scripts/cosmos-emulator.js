@@ -107,15 +107,94 @@ batchDocuments.default = async (account, req, res, { dbId, collId }) => {
   }
   return results;
 };
+// A query runs over the documents of the partition it names. The package evaluates
+// every query over every document of the container, so a single-partition query
+// slowed down with everything stored (measured on 500-byte documents: 7 ms at 50,
+// 147 ms at 10,000, 8 s at 30,000), where real Cosmos reads the one partition. Each
+// container indexes its documents by partition where the package stores and removes
+// them (its only two writes); a cross-partition query still sees every document.
+const Items = require("@vercel/cosmosdb-server/lib/account/items").default;
+const partitionMembers = (items, partition) => {
+  if (!items._partitions) items._partitions = new Map();
+  let members = items._partitions.get(partition);
+  if (!members) {
+    members = new Map();
+    items._partitions.set(partition, members);
+  }
+  return members;
+};
+const setUnindexed = Items.prototype._set;
+Items.prototype._set = function set(data) {
+  const stored = setUnindexed.call(this, data);
+  partitionMembers(this, this._getPartition(data)).set(data._rid, this._data.get(data._rid));
+  return stored;
+};
+const deleteUnindexed = Items.prototype.delete;
+Items.prototype.delete = function remove(idOrRid, partition) {
+  const data = this._item("/id", idOrRid, partition).read();
+  deleteUnindexed.call(this, idOrRid, partition);
+  const members = this._partitions && this._partitions.get(this._getPartition(data));
+  if (members) {
+    members.delete(data._rid);
+    if (members.size === 0) this._partitions.delete(this._getPartition(data));
+  }
+};
+const readItems = require("@vercel/cosmosdb-server/lib/handler/_read-items").default;
+const trueHeader = require("@vercel/cosmosdb-server/lib/true-header").default;
+const cosmosQuery = require("@zeit/cosmosdb-query").default;
+const requestPartition = (req) => {
+  try {
+    const [partition] = JSON.parse(req.headers["x-ms-documentdb-partitionkey"]);
+    return typeof partition === "string" || typeof partition === "number" ? partition : undefined;
+  } catch (error) {
+    return undefined;
+  }
+};
+const queryInPartition = (account, req, res, { dbId, collId }) =>
+  readItems(req, res, "Documents", async ({ continuation, maxItemCount }) => {
+    const body = await readJson(req);
+    if (!body.query) {
+      res.statusCode = 400;
+      return { message: "missing query" };
+    }
+    const collection = account.database(dbId).collection(collId);
+    const meta = collection.read();
+    if (!meta) return null;
+    const crossPartition = trueHeader(req, "x-ms-documentdb-query-enablecrosspartition");
+    const paths = (meta.partitionKey || {}).paths || [];
+    if (!crossPartition && paths.length && !cosmosQuery(body.query).containsPartitionKeys(paths)) {
+      res.statusCode = 400;
+      return { message: "missing partition keys" };
+    }
+    const items = collection.documents;
+    const partition = crossPartition ? undefined : requestPartition(req);
+    const members =
+      partition === undefined
+        ? items._data
+        : (items._partitions && items._partitions.get(partition)) || new Map();
+    const data = [];
+    for (const item of members.values()) data.push(item.read());
+    const query = items._getQuery(body.query);
+    try {
+      return query.exec(data, {
+        parameters: body.parameters,
+        udf: items._userDefinedFunctions(),
+        maxItemCount,
+        continuation,
+        compositeIndexes: (meta.indexingPolicy && meta.indexingPolicy.compositeIndexes) || [],
+      });
+    } catch (error) {
+      res.statusCode = 400;
+      return { message: error.message };
+    }
+  });
 // The Python SDK sends a batch with the query content type, which the router takes
 // for a query: such a request goes to the batch handler.
 const queryDocuments = require("@vercel/cosmosdb-server/lib/handler/query-documents");
-const queryDocumentsUnpatched = queryDocuments.default;
-const trueHeader = require("@vercel/cosmosdb-server/lib/true-header").default;
 queryDocuments.default = (account, req, res, params) =>
   trueHeader(req, "x-ms-cosmos-is-batch-request")
     ? batchDocuments.default(account, req, res, params)
-    : queryDocumentsUnpatched(account, req, res, params);
+    : queryInPartition(account, req, res, params);
 const { createHttpsServer } = require("@vercel/cosmosdb-server");
 
 const port = parseInt(process.argv[2] || "8081", 10);
