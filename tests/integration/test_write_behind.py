@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.types import Command
 
 from devstack import RedisServer, free_port
@@ -147,6 +148,17 @@ async def cold_latest_id(tiers: WriteBehind, thread_id: str) -> str | None:
     return None if stored is None else stored.checkpoint_id
 
 
+async def invoked_once(tiers: WriteBehind) -> tuple[Any, RunnableConfig, str, CheckpointTuple]:
+    """The chat graph on a new thread after one invoke, its checkpoints left in the log:
+    the graph, its config, the thread and the latest checkpoint as the hot tier has it."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    hot = await tiers.saver.aget_tuple(cfg)
+    assert hot is not None
+    return graph, cfg, cfg["configurable"]["thread_id"], hot
+
+
 async def test_an_invoke_makes_no_cold_request_and_one_round_trip_per_write(
     tiers: WriteBehind,
 ) -> None:
@@ -181,12 +193,7 @@ async def test_an_invoke_makes_no_cold_request_and_one_round_trip_per_write(
 async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
     tiers: WriteBehind,
 ) -> None:
-    graph = chat_graph(tiers.saver)
-    cfg = config()
-    thread_id = cfg["configurable"]["thread_id"]
-    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
-    hot = await tiers.saver.aget_tuple(cfg)
-    assert hot is not None
+    graph, cfg, thread_id, hot = await invoked_once(tiers)
     assert await cold_latest_id(tiers, thread_id) is None  # not flushed yet
     backlog = await tiers.flusher.backlog()
     assert backlog.entries > 0 and backlog.threads >= 1 and backlog.oldest_age_seconds is not None
@@ -392,12 +399,7 @@ async def test_a_log_entry_of_a_newer_format_waits_for_newer_code_and_older_ones
     tiers: WriteBehind,
 ) -> None:
     """A rolling deploy runs two versions: a flusher never misreads what newer code wrote."""
-    graph = chat_graph(tiers.saver)
-    cfg = config()
-    thread_id = cfg["configurable"]["thread_id"]
-    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
-    hot = await tiers.saver.aget_tuple(cfg)
-    assert hot is not None
+    _, _, thread_id, hot = await invoked_once(tiers)
     entries = await rewrite_log(tiers, thread_id, str(ENTRY_FORMAT + 1).encode())
 
     with pytest.raises(UnsupportedSchemaVersion):
