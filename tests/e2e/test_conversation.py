@@ -74,8 +74,8 @@ async def runtime(
 ) -> AsyncIterator[Runtime]:
     backend, mode = request.param
     # A short wait: a request answers 202 while the held run goes on. A Cosmos container
-    # of its own, dropped after: the emulator's queries scan the whole container, and the
-    # suite's shared one should not grow by these cases for every test after.
+    # of its own, dropped after: the emulator's cross-partition queries scan the whole
+    # container, and the suite's shared one should not grow by these cases for every test after.
     own = (
         {"cosmos_container": f"conversation-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
     )

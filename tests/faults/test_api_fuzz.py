@@ -161,8 +161,8 @@ def test_served_api_passes_every_schemathesis_check(
     issue_token: Callable[..., str],
     tmp_path: Path,
 ) -> None:
-    # A container of its own: the emulator's queries scan a container, so on the one the
-    # suite shares, the same requests take longer the more the suite has written.
+    # A container of its own: the emulator's cross-partition queries scan a container, so on
+    # the one the suite shares, the same requests take longer the more the suite has written.
     container = f"fuzz-{uuid.uuid4().hex[:12]}"
     env = {**env_for("cosmos", cosmos_container=container), "CASE_SYNC_WAIT_SECONDS": "1"}
     started = time.monotonic()
