@@ -149,12 +149,15 @@ async def resume(app: App, case_id: str, mode: str) -> list[str]:
 async def resume_once(app: App, case_id: str, mode: str) -> list[str]:
     graph = app.runtime.graph
     config = case_config(case_id)
-    snapshot = await graph.aget_state(config)
+    latest = await app.runtime.saver.aget_tuple(config)
     # No `next` does not mean finished: a superstep whose tasks all saved their writes
     # has none either, yet still has to be applied. Streaming from a finished
-    # checkpoint runs nothing, so every case with a checkpoint just continues.
+    # checkpoint runs nothing, so every case with a checkpoint just continues. A run
+    # killed under durability="exit" may have stored only its stub (LangGraph's anchor
+    # for DeltaChannel writes: no channel versions), which LangGraph cannot resume
+    # from: the input goes again, as for a case with no checkpoint.
     graph_input: dict[str, Any] | None = None
-    if snapshot.created_at is None:
+    if latest is None or not latest.checkpoint["channel_versions"]:
         request = (await sections_of(app, case_id))["request"]
         graph_input = {key: request[key] for key in ("customer_id", "text", "transactions")}
         graph_input["case_id"] = case_id
