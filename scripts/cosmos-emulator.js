@@ -144,7 +144,8 @@ const trueHeader = require("@vercel/cosmosdb-server/lib/true-header").default;
 const cosmosQuery = require("@zeit/cosmosdb-query").default;
 const requestPartition = (req) => {
   try {
-    const [partition] = JSON.parse(req.headers["x-ms-documentdb-partitionkey"]);
+    const parsed = JSON.parse(req.headers["x-ms-documentdb-partitionkey"]);
+    const partition = Array.isArray(parsed) ? parsed[0] : parsed; // the package takes both
     return typeof partition === "string" || typeof partition === "number" ? partition : undefined;
   } catch (error) {
     return undefined;

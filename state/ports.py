@@ -765,8 +765,9 @@ class WriteBehindLog(Protocol):
     async def discard(self, thread_id: str) -> None:
         """Drop every unflushed entry of the thread (it was deleted)."""
 
-    async def dirty_threads(self, *, limit: int) -> list[tuple[str, float]]:
-        """Threads with unflushed entries, oldest first, with a marker for `settle`."""
+    async def dirty_threads(self, *, limit: int, skip: int = 0) -> list[tuple[str, float]]:
+        """Threads with unflushed entries, oldest first (past the `skip` oldest), with a
+        marker for `settle`."""
 
     async def settle(self, thread_id: str, marker: float) -> bool:
         """Unlist the thread unless it was appended to since `marker` was read; True if

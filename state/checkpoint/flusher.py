@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 # Entries applied per cold batch: large enough to amortise round trips, small enough
 # that a batch finishes well within the flush lock.
 BATCH_ENTRIES = 64
-# Threads flushed at once by a drain pass.
+# Threads flushed at once by a drain pass, out of the oldest listed ones.
 CONCURRENT_THREADS = 8
+LISTED_THREADS = CONCURRENT_THREADS * 4
 # How often an idle flusher looks for work other workers left behind.
 POLL_SECONDS = 1.0
 # After its own append wakes it, a flusher waits until appends pause this long, so its
@@ -165,16 +166,22 @@ class Flusher:
         """Flush listed threads (oldest backlog first) until none is left that this
         flusher can take, or `limit` entries were applied; returns entries applied."""
         total = 0
+        skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
         while limit is None or total < limit:
-            listed = await self.log.dirty_threads(limit=CONCURRENT_THREADS * 4)
+            listed = await self.log.dirty_threads(limit=LISTED_THREADS, skip=skip)
             if not listed:
                 break
             results = await asyncio.gather(*(self._take(thread, slots) for thread, _ in listed))
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
             if not any(result.applied or result.unlisted for result in done):
-                break  # what is left belongs to other flushers
+                # Nothing moved: these threads belong to other flushers, or cannot be
+                # flushed by this one (an entry of a newer format, a cold refusal). They
+                # stay the oldest listed, so look past them, or they would hide the rest.
+                if len(listed) < LISTED_THREADS:
+                    break
+                skip += len(listed)
         return total
 
     async def _take(self, thread_id: str, slots: asyncio.Semaphore) -> _Drained | None:

@@ -318,10 +318,11 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
         await self._run("settle", [self._dirty, self._since, self._entries], [thread_id, ""])
 
-    async def dirty_threads(self, *, limit: int) -> list[tuple[str, float]]:
+    async def dirty_threads(self, *, limit: int, skip: int = 0) -> list[tuple[str, float]]:
         try:
             oldest = cast(
-                "list[bytes]", await self._client.zrange(self._since, 0, max(limit - 1, 0))
+                "list[bytes]",
+                await self._client.zrange(self._since, skip, skip + max(limit - 1, 0)),
             )
             if not oldest:
                 return []

@@ -228,6 +228,9 @@ async def test_dirty_threads_are_listed_oldest_first_and_settled_only_if_unchang
     await hot.log.append_put(checkpoint(newer, 1), [], fence=None)
     listed = await hot.log.dirty_threads(limit=10)
     assert [thread for thread, _ in listed] == [older, newer]
+    assert [thread for thread, _ in await hot.log.dirty_threads(limit=1)] == [older]
+    assert [thread for thread, _ in await hot.log.dirty_threads(limit=10, skip=1)] == [newer]
+    assert await hot.log.dirty_threads(limit=10, skip=2) == []
     assert (await hot.log.backlog()).threads == 2
     marker = dict(listed)[older]
     assert await hot.log.marker(older) == marker

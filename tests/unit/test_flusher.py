@@ -14,8 +14,16 @@ import pytest
 
 from state.checkpoint import flusher as flusher_module
 from state.checkpoint.flusher import Flusher
-from state.errors import BackendUnavailable
-from state.ports import Backlog, FlushOp, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
+from state.errors import BackendUnavailable, UnsupportedSchemaVersion
+from state.ports import (
+    Backlog,
+    FlushOp,
+    LogEntry,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    WritesPut,
+)
 from tests.support.fakes import MemoryCheckpointCache, MemoryCheckpointStore, MemoryWriteBehindLog
 
 # Short, so a lease that is not renewed runs out within a test.
@@ -189,6 +197,28 @@ async def test_a_failing_cold_tier_leaves_the_work_in_the_log_for_the_next_pass(
     store.fail = False
     assert await flusher.drain() == 4
     assert (await log.backlog()).entries == 0
+
+
+async def test_threads_no_flusher_can_take_never_hide_the_ones_behind_them(
+    log: MemoryWriteBehindLog, flusher: Flusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More stuck threads than a pass lists (say, entries of a newer format after a
+    rollback) stay the oldest: a drain looks past them to the threads it can flush."""
+    stuck = [f"stuck-{n:02}" for n in range(flusher_module.LISTED_THREADS + 3)]
+    for thread in stuck:
+        await append(log, thread, 1)
+    await append(log, "fine", 2)
+    read = log.read
+
+    async def refusing(thread_id: str, *, count: int) -> list[LogEntry]:
+        if thread_id.startswith("stuck-"):
+            raise UnsupportedSchemaVersion("write-behind entry", 9, 3)
+        return await read(thread_id, count=count)
+
+    monkeypatch.setattr(log, "read", refusing)
+    assert await flusher.drain() == 4
+    assert not await log.pending("fine")
+    assert all([await log.pending(thread) for thread in stuck])
 
 
 async def test_the_background_task_drains_after_an_append_and_close_leaves_nothing(
