@@ -243,8 +243,9 @@ class Chunker:
         reused: list[bytes] = []
         if known is not None and known.full_leaves <= full:
             end = HEAD_BYTES + known.full_leaves * LEAF_BYTES
-            # The full leaves `known` hashed are still there, byte for byte (one memcmp).
-            if value[HEAD_BYTES:end] == known.value[HEAD_BYTES:end]:
+            # The full leaves `known` hashed are still there, byte for byte: one memcmp,
+            # without copying either side (a slice of a large value costs its page faults).
+            if value.startswith(memoryview(known.value)[HEAD_BYTES:end], HEAD_BYTES):
                 reused = known.leaves[: known.full_leaves]
         stored = known.stored if reused and known is not None else frozenset()
         chunks: list[Chunk] = []

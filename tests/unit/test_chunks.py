@@ -56,12 +56,17 @@ def test_a_split_built_on_a_previous_one_equals_a_split_from_scratch() -> None:
     assert incremental == scratch
 
 
-def test_a_value_changed_in_the_middle_is_split_anew() -> None:
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_value_changed_in_the_middle_is_split_anew(where: str) -> None:
+    """Any byte of the leaves a remembered split hashed: the first, one inside, the last."""
     chunker = chunks.Chunker()
     value = bytearray(packed(messages(100)))
     _, added, known = chunker.split(bytes(value), None)
     stored = {chunk.digest: chunk for chunk in added}
-    value[chunks.HEAD_BYTES + 10] ^= 0xFF
+    last = chunks.HEAD_BYTES + known.full_leaves * chunks.LEAF_BYTES - 1
+    value[{"first": chunks.HEAD_BYTES, "middle": chunks.HEAD_BYTES + 10, "last": last}[where]] ^= (
+        0xFF
+    )
     changed, added, _ = chunker.split(bytes(value), known)
     stored.update((chunk.digest, chunk) for chunk in added)
     assert chunks.assemble(changed, stored) == bytes(value)
