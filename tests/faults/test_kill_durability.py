@@ -68,6 +68,9 @@ REDO_BOUND: dict[str, int | None] = {"sync": 1, "async": 2, "exit": None}
 STALE_RUNS = 5
 # Effect claims are leased for the lock TTL: short, so a resume need not wait long.
 LOCK_TTL_MS = 400
+# Likewise the write-behind flush lock a killed child may hold: a read of its thread
+# waits for it to lapse (5 s by default; renewed at a third of it while held).
+FLUSH_LOCK_TTL_MS = 1_000
 LEASE_WAITS = 10
 
 
@@ -97,7 +100,9 @@ def pid_gone(pid: int) -> bool:
 
 @pytest.fixture
 def zygote(env_for: Callable[..., dict[str, str]], tmp_path: Path) -> Iterator[Worker]:
-    env = env_for("cosmos", state_lock_ttl_ms=LOCK_TTL_MS)
+    env = env_for(
+        "cosmos", state_lock_ttl_ms=LOCK_TTL_MS, state_flush_lock_ttl_ms=FLUSH_LOCK_TTL_MS
+    )
     worker = Worker(["zygote"], env, tmp_path / "zygote.log")
     try:
         worker.expect(lambda e: e.get("event") == "ready" and "case_id" not in e, 60, "zygote")
@@ -109,7 +114,11 @@ def zygote(env_for: Callable[..., dict[str, str]], tmp_path: Path) -> Iterator[W
 
 @pytest.fixture
 async def app(settings_for: Callable[..., Settings]) -> AsyncIterator[App]:
-    async with open_runtime(settings_for("cosmos", state_lock_ttl_ms=LOCK_TTL_MS)) as opened:
+    async with open_runtime(
+        settings_for(
+            "cosmos", state_lock_ttl_ms=LOCK_TTL_MS, state_flush_lock_ttl_ms=FLUSH_LOCK_TTL_MS
+        )
+    ) as opened:
         yield opened
 
 
