@@ -75,7 +75,11 @@ async def test_flusher_killed_mid_drain_loses_and_duplicates_nothing(
 ) -> None:
     rng = random.Random(SEED)
     deadline = Deadline(150)
-    overrides = {"state_write_mode": "write-behind", "state_lock_ttl_ms": 1000}
+    overrides = {
+        "state_write_mode": "write-behind",
+        "state_lock_ttl_ms": 1000,
+        "state_flush_lock_ttl_ms": 1000,
+    }
     settings = settings_for(backend, **overrides)
     killed_mid_drain = runs = 0
     missing_total = duplicated_total = 0
