@@ -25,6 +25,9 @@ ZLIB = "zlib"
 ZLIB_LEVEL = 1
 # Room left in an item for what the store adds around the payload (system properties).
 ITEM_MARGIN_BYTES = 1024
+# Starts the serde type of a value its writer deflated already (`state.checkpoint.values`):
+# a store does not try to deflate it again.
+COMPRESSED_TYPE_PREFIX = "zlib+"
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ per step. Two savings, invisible to the stores (they keep the bytes opaque):
   need as data), and they come back from there on read; a record stored with
   them (before this) still reads as it was;
 - a record or a write value of `COMPRESS_MIN_BYTES` or more is deflated when
-  that shrinks it, its type prefixed `COMPRESSED_PREFIX` (chat text shrinks to
-  a third). Channel values (blobs) are left to the stores, which split large
+  that shrinks it, its type prefixed `COMPRESSED_TYPE_PREFIX` (chat text shrinks
+  to a third; the stores do not deflate such a value again). Channel values (blobs) are left to the stores, which split large
   ones into shared chunks (`state.cold.chunks`) and recognise DeltaChannel
   snapshots by their serde bytes.
 """
@@ -23,10 +23,10 @@ from typing import Any
 from langgraph.checkpoint.base import Checkpoint
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from ..codec import COMPRESSED_TYPE_PREFIX
 from ..errors import CorruptState
 from ..ports import StoredCheckpoint, TypedBytes
 
-COMPRESSED_PREFIX = "zlib+"
 COMPRESS_MIN_BYTES = 256
 # Values are compressed once, on the write; level 6 costs ~15 us for a 2 KB message pair.
 COMPRESS_LEVEL = 6
@@ -66,14 +66,14 @@ def _deflated(value: TypedBytes) -> TypedBytes:
     if len(data) < COMPRESS_MIN_BYTES:
         return value
     packed = zlib.compress(data, COMPRESS_LEVEL)
-    return (COMPRESSED_PREFIX + type_, packed) if len(packed) < len(data) else value
+    return (COMPRESSED_TYPE_PREFIX + type_, packed) if len(packed) < len(data) else value
 
 
 def _inflated(value: TypedBytes) -> TypedBytes:
     type_, data = value
-    if not type_.startswith(COMPRESSED_PREFIX):
+    if not type_.startswith(COMPRESSED_TYPE_PREFIX):
         return value
     try:
-        return type_.removeprefix(COMPRESSED_PREFIX), zlib.decompress(data)
+        return type_.removeprefix(COMPRESSED_TYPE_PREFIX), zlib.decompress(data)
     except zlib.error as exc:
         raise CorruptState(f"a stored {type_} value does not decompress") from exc

@@ -390,7 +390,10 @@ class Packer:
 
     def entry(self, value: TypedBytes) -> Doc:
         serde_type, data = value
-        encoding, payload = codec.compress(data, self.compress_threshold)
+        if serde_type.startswith(codec.COMPRESSED_TYPE_PREFIX):
+            encoding, payload = codec.RAW, data
+        else:
+            encoding, payload = codec.compress(data, self.compress_threshold)
         return {
             "serde": serde_type,
             "enc": encoding,

@@ -10,6 +10,7 @@ import pytest
 from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
+from state import codec
 from state.checkpoint import values
 from state.errors import CorruptState
 from state.ports import StoredCheckpoint
@@ -34,7 +35,7 @@ def checkpoint() -> Checkpoint:
 def test_a_write_value_is_stored_deflated_and_reads_back() -> None:
     type_, data = values.dump_value(SERDE, MESSAGES)
     plain = SERDE.dumps_typed(MESSAGES)[1]
-    assert type_ == values.COMPRESSED_PREFIX + "msgpack"
+    assert type_ == codec.COMPRESSED_TYPE_PREFIX + "msgpack"
     assert len(data) < len(plain) / 3
     assert values.load_value(SERDE, (type_, data)) == MESSAGES
 
@@ -47,7 +48,7 @@ def test_small_values_and_values_stored_before_stay_as_the_serde_wrote_them() ->
 def test_a_checkpoint_record_leaves_out_versions_and_values_and_reads_back_whole() -> None:
     cp = checkpoint()
     record = values.dump_checkpoint(SERDE, cp, {"step": 3})
-    assert record[0] == values.COMPRESSED_PREFIX + "msgpack"
+    assert record[0] == codec.COMPRESSED_TYPE_PREFIX + "msgpack"
     as_stored = SERDE.loads_typed(("msgpack", zlib.decompress(record[1])))
     assert "channel_versions" not in as_stored
     assert as_stored["channel_values"] == {"step": 3}
@@ -64,4 +65,4 @@ def test_a_checkpoint_record_stored_with_its_versions_reads_as_it_was() -> None:
 
 def test_a_deflated_value_that_does_not_inflate_is_corrupt_state() -> None:
     with pytest.raises(CorruptState):
-        values.load_value(SERDE, (values.COMPRESSED_PREFIX + "msgpack", b"not zlib"))
+        values.load_value(SERDE, (codec.COMPRESSED_TYPE_PREFIX + "msgpack", b"not zlib"))
