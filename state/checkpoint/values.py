@@ -10,9 +10,10 @@ per step. Two savings, invisible to the stores (they keep the bytes opaque):
   them (before this) still reads as it was;
 - a record or a write value of `COMPRESS_MIN_BYTES` or more is deflated when
   that shrinks it, its type prefixed `COMPRESSED_TYPE_PREFIX` (chat text shrinks
-  to a third; the stores do not deflate such a value again). Channel values (blobs) are left to the stores, which split large
-  ones into shared chunks (`state.cold.chunks`) and recognise DeltaChannel
-  snapshots by their serde bytes.
+  to a third; the stores do not deflate such a value again). Channel values
+  (blobs) are left to the stores, which split large ones into shared chunks
+  (`state.cold.chunks`) and recognise DeltaChannel snapshots by their serde
+  bytes.
 """
 
 from __future__ import annotations

@@ -217,10 +217,15 @@ def finished(zygote: Worker, case_id: str) -> bool:
 async def test_kill_mid_node(mode: str, zygote: Worker, app: App, reliability: Recorder) -> None:
     rng = random.Random(f"{SEED}-{mode}")
     # Calibrate: how long an undisturbed run takes, and what it stores.
-    reference_id, _ = start_case(zygote, mode, None)
+    # Waits on the zygote run in a thread: this loop's own flusher must keep renewing its
+    # (short) flush lock meanwhile, or another flusher could take a thread it is applying.
+    reference_id, _ = await asyncio.to_thread(start_case, zygote, mode, None)
     started = time.monotonic()
-    zygote.expect(
-        lambda e: e.get("case_id") == reference_id and e.get("event") == "done", 60, "reference"
+    await asyncio.to_thread(
+        zygote.expect,
+        lambda e: e.get("case_id") == reference_id and e.get("event") == "done",
+        60,
+        "reference",
     )
     run_seconds = time.monotonic() - started
     reference = await sections_of(app, reference_id)
@@ -234,7 +239,9 @@ async def test_kill_mid_node(mode: str, zygote: Worker, app: App, reliability: R
         if kill_number % 2:
             # Hold a random step open right after it stored its section, and kill there.
             pause_step = rng.choice(["billing", "account", "policy", "refund", "response"])
-        case_id, pid = start_case(zygote, mode, f"{pause_step}=30" if pause_step else None)
+        case_id, pid = await asyncio.to_thread(
+            start_case, zygote, mode, f"{pause_step}=30" if pause_step else None
+        )
         if pause_step:
             wait = Deadline(30)
             while pause_step not in await sections_of(app, case_id):
@@ -243,7 +250,7 @@ async def test_kill_mid_node(mode: str, zygote: Worker, app: App, reliability: R
             tally.in_pause_window += 1
         else:
             await asyncio.sleep(rng.uniform(0, run_seconds))
-        kill(pid)
+        await asyncio.to_thread(kill, pid)
         tally.kills += 1
         if not finished(zygote, case_id):
             tally.mid_run += 1

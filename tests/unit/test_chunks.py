@@ -57,7 +57,7 @@ def test_a_split_built_on_a_previous_one_equals_a_split_from_scratch() -> None:
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_a_value_changed_in_the_middle_is_split_anew(where: str) -> None:
+def test_a_value_changed_within_the_remembered_leaves_is_split_anew(where: str) -> None:
     """Any byte of the leaves a remembered split hashed: the first, one inside, the last."""
     chunker = chunks.Chunker()
     value = bytearray(packed(messages(100)))
