@@ -64,9 +64,8 @@ def test_a_value_changed_within_the_remembered_leaves_is_split_anew(where: str) 
     _, added, known = chunker.split(bytes(value), None)
     stored = {chunk.digest: chunk for chunk in added}
     last = chunks.HEAD_BYTES + known.full_leaves * chunks.LEAF_BYTES - 1
-    value[{"first": chunks.HEAD_BYTES, "middle": chunks.HEAD_BYTES + 10, "last": last}[where]] ^= (
-        0xFF
-    )
+    at = {"first": chunks.HEAD_BYTES, "middle": chunks.HEAD_BYTES + 10, "last": last}[where]
+    value[at] ^= 0xFF
     changed, added, _ = chunker.split(bytes(value), known)
     stored.update((chunk.digest, chunk) for chunk in added)
     assert chunks.assemble(changed, stored) == bytes(value)
