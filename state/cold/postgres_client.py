@@ -21,7 +21,7 @@ from typing import Any, Self, cast
 
 import psycopg
 from azure.core.credentials_async import AsyncTokenCredential
-from psycopg import AsyncConnection, AsyncCursor, DataError, OperationalError
+from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, DataError, OperationalError
 from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
@@ -72,6 +72,11 @@ class CountingCursor(AsyncCursor[DictRow]):
     async def executemany(self, query: Query, params_seq: Any, *, returning: bool = False) -> None:
         self._count()
         await super().executemany(query, params_seq, returning=returning)
+
+
+class CountingRawCursor(CountingCursor, AsyncRawCursor[DictRow]):
+    """A `CountingCursor` for statements written with the server's own placeholders (`$1`):
+    psycopg sends them as they are, without parsing them first."""
 
 
 class PostgresConnection:
