@@ -1146,10 +1146,9 @@ def render_capacity(results: list[ConfigResult]) -> str:
     out += [
         "",
         "The provider ledger's requests are included here, as if the provider stored its",
-        "ledger in the same account; without them the figure is lower. The patches of a",
-        "review case are the retention hold and its release: each sets or removes `ttl` on",
-        "every item of the case's partition (checkpoints and audit entries included), so",
-        "their number grows with the case's history.",
+        "ledger in the same account; without them the figure is lower. A review case's",
+        "retention hold is one marker item (an upsert) and its release one patch of it plus",
+        "one query, whatever the size of the case's history.",
         "",
         f"A serverless container serves up to {COSMOS_SERVERLESS_RU_PER_SECOND:,} RU/s"
         f" ({COSMOS_SERVERLESS_PAGE}):",

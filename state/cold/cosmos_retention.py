@@ -26,12 +26,15 @@ container's default TTL is -1 (on, but nothing expires by itself:
   settled, so a tick cut short by `limit` repeats that slice; an empty slice
   jumps to the next write, so a quiet stretch costs one query.
 
-`hold` patches `ttl: -1` onto every item of the thread's partition; the sweep
-spares a thread any of whose items carries it (and so would the service, were
-a container TTL ever set as a backstop). `release` removes it again; since a
-patch is a write, inactivity then counts from the release. Items written while
-held: the workflow record keeps its `ttl` across updates and every audit entry
-takes the record's (`cosmos_store`); the record alone keeps the thread held.
+`hold` writes one marker item into the thread's partition (`HOLD_ID`, `ttl: -1`);
+the sweep spares a thread any of whose items carries `ttl: -1`. `release` removes
+the marker's `ttl` (a patch, so a write: inactivity then counts from the
+release). Two requests whatever the thread's size, where patching every item
+cost a review case about 50 (each a write of about 5 RU). The sweep deletes the
+marker with its thread. Threads held by earlier versions carry `ttl: -1` on
+every item instead; `release` clears those too (one query when there are none),
+and the workflow record passes its `ttl` on to its updates and audit entries
+(`cosmos_store`), so such a thread stays held whole until then.
 
 Not safe against a writer that returns to a thread while the sweep deletes it
 (Cosmos has no transaction to lock it with): that needs a thread idle for a
@@ -54,6 +57,7 @@ from .cosmos_io import BULK_PAGE_SIZE, PartitionIO, gather
 from .cosmos_layout import CHECKPOINT
 from .cosmos_store import WORKFLOW_ID
 
+# Items of a thread held by an earlier version, released a page at a time.
 PAGE_SIZE = 100
 CONCURRENT_PATCHES = 16
 HELD_TTL = -1
@@ -67,9 +71,10 @@ SLICES_PER_SWEEP = 24
 WATERMARK_PARTITION = "~retention~sweep"
 WATERMARK_ID = "watermark"
 WATERMARK_TYPE = "retention_watermark"
+# The hold marker, an item of the held thread's own partition.
+HOLD_ID = "~retention~hold"
+HOLD_TYPE = "retention_hold"
 
-# `ttl` undefined compares as undefined, not as "not -1": hence the IS_DEFINED test.
-NOT_HELD = "NOT IS_DEFINED(c.ttl) OR c.ttl != -1"
 HELD = "c.ttl = -1"
 
 
@@ -83,16 +88,16 @@ class CosmosRetention:
         self._ttl_seconds = ttl_seconds
 
     async def hold(self, thread_id: str) -> None:
-        await self._patch_partition(
-            thread_id, NOT_HELD, [{"op": "set", "path": "/ttl", "value": HELD_TTL}]
+        await self._io.upsert(
+            {"id": HOLD_ID, "thread_id": thread_id, "type": HOLD_TYPE, "ttl": HELD_TTL}
         )
 
     async def release(self, thread_id: str) -> None:
         # Conditional: removing an absent `ttl` is an error (400), so an item a
         # concurrent or earlier release got to first fails the condition (412) instead.
-        await self._patch_partition(
-            thread_id, HELD, [{"op": "remove", "path": "/ttl"}], only_if=f"FROM c WHERE {HELD}"
-        )
+        unheld = [{"op": "remove", "path": "/ttl"}]
+        await self._io.patch(HOLD_ID, thread_id, unheld, only_if=f"FROM c WHERE {HELD}")
+        await self._patch_partition(thread_id, HELD, unheld, only_if=f"FROM c WHERE {HELD}")
 
     async def sweep(self, *, limit: int, now: float | None = None) -> int:
         if self._ttl_seconds < 0 or limit <= 0:

@@ -245,8 +245,9 @@ class CosmosStateStore:
                 at=now,
             )
             if "ttl" in current:
-                # A held thread (`cosmos_retention`): its ledger must not expire while the
-                # record it explains is kept (the replacement keeps the record's `ttl`).
+                # A thread held by an earlier version, every item carrying `ttl: -1`
+                # (`cosmos_retention`): its ledger must not expire while the record it
+                # explains is kept (the replacement keeps the record's `ttl`).
                 entry["ttl"] = current["ttl"]
             entries.append(entry)
             sections[write.section] = write.value

@@ -293,9 +293,7 @@ async def exempt(backends: Backends, thread_id: str) -> bool:
     if backends.settings.state_cold_backend.value == "cosmos":
         items = await partition_of(backends.settings, thread_id)
         assert items
-        held = [item.get("ttl") == -1 for item in items]
-        assert all(held) or not any(held), "a thread is held whole or not at all"
-        return all(held)
+        return any(item.get("ttl") == -1 for item in items)
     rows = await pg_execute(
         backends, "SELECT held FROM retention_holds WHERE thread_id = %s", (thread_id,)
     )
@@ -437,42 +435,56 @@ async def age_everything(backends: Backends, *thread_ids: str) -> float:
 # --------------------------------------------------------------------------- Cosmos
 
 
-async def test_cosmos_hold_marks_every_item_of_the_partition_page_by_page(
-    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+async def test_cosmos_hold_and_release_cost_two_requests_whatever_the_threads_size(
+    open_cold: Open,
 ) -> None:
-    monkeypatch.setattr(cosmos_retention, "PAGE_SIZE", 2)
+    """One marker item holds the thread; no other item is written, so a review case pays
+    two requests, not a patch per item of its history."""
     async with open_cold("cosmos") as backends:
         thread_id, neighbour = unique_thread("held"), unique_thread("neighbour")
         await seed(backends, thread_id)
         await seed(backends, neighbour)
-        await backends.retention.hold(thread_id)
-        items = await partition_of(backends.settings, thread_id)
-        assert len(items) > 3 * cosmos_retention.PAGE_SIZE
-        assert {item["type"] for item in items} >= {
-            "workflow",
-            "audit",
-            "checkpoint",
-            "checkpoint_block",
-            "checkpoint_chunk",
-            "checkpoint_write",
+        before = {
+            item["id"]: item["_etag"] for item in await partition_of(backends.settings, thread_id)
         }
-        assert [item["id"] for item in items if item.get("ttl") != -1] == []
-        assert all("ttl" not in item for item in await partition_of(backends.settings, neighbour))
+        assert len(before) > 6
+        counters = backends.cold_counters
+        counters.reset()
+        await backends.retention.hold(thread_id)
+        assert counters.requests == 1
+        items = await partition_of(backends.settings, thread_id)
+        assert [item["id"] for item in items if item.get("ttl") == -1] == [cosmos_retention.HOLD_ID]
+        assert {i["id"]: i["_etag"] for i in items if i["id"] in before} == before
+        assert await exempt(backends, thread_id)
+        assert not await exempt(backends, neighbour)
+
+        held_at = next(i["_ts"] for i in items if i["id"] == cosmos_retention.HOLD_ID)
+        await next_second(held_at)
+        counters.reset()
         await backends.retention.release(thread_id)
-        assert [
-            item["id"] for item in await partition_of(backends.settings, thread_id) if "ttl" in item
-        ] == []
+        assert counters.requests == 2  # the marker, one query for items held the old way
+        items = await partition_of(backends.settings, thread_id)
+        assert [item["id"] for item in items if "ttl" in item] == []
+        # A patch is a write: inactivity counts from the release.
+        assert max(item["_ts"] for item in items) > held_at
+        assert await intact(backends, thread_id)
 
 
-async def test_cosmos_record_updates_while_held_stay_held(open_cold: Open) -> None:
+async def test_cosmos_release_clears_a_hold_of_every_item_page_by_page(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earlier versions held a thread by `ttl: -1` on every item, and the record passed it
+    on to its updates' audit entries: `release` ends such a hold too."""
+    monkeypatch.setattr(cosmos_retention, "PAGE_SIZE", 2)
     async with open_cold("cosmos") as backends:
         thread_id, other = unique_thread("held"), unique_thread("other")
         await seed(backends, thread_id)
         await seed(backends, other)
-        await backends.retention.hold(thread_id)
-        await backends.retention.hold(other)
+        for held in (thread_id, other):
+            await hold_every_item(backends, held)
         await backends.cold.update_section(thread_id, "n", 2, expected_version=2, agent_id="t")
         items = await partition_of(backends.settings, thread_id)
+        assert len(items) > 3 * cosmos_retention.PAGE_SIZE
         assert len([item for item in items if item["type"] == "audit"]) == 3
         assert [item["id"] for item in items if item.get("ttl") != -1] == []
 
@@ -488,6 +500,21 @@ async def test_cosmos_record_updates_while_held_stay_held(open_cold: Open) -> No
             1,
         ]
         assert await exempt(backends, other)  # released one thread, not its neighbours
+
+
+async def hold_every_item(backends: Backends, thread_id: str) -> None:
+    """Hold a thread as versions before the hold marker did."""
+    connection = CosmosConnection(backends.settings.cosmos)
+    try:
+        container = await connection.container()
+        for item in await partition_of(backends.settings, thread_id):
+            await container.patch_item(
+                item["id"],
+                partition_key=thread_id,
+                patch_operations=[{"op": "set", "path": "/ttl", "value": -1}],
+            )
+    finally:
+        await connection.close()
 
 
 # --------------------------------------------------------------------------- Postgres
