@@ -29,12 +29,16 @@ container's default TTL is -1 (on, but nothing expires by itself:
 `hold` writes one marker item into the thread's partition (`HOLD_ID`, `ttl: -1`);
 the sweep spares a thread any of whose items carries `ttl: -1`. `release` removes
 the marker's `ttl` (a patch, so a write: inactivity then counts from the
-release). Two requests whatever the thread's size, where patching every item
-cost a review case about 50 (each a write of about 5 RU). The sweep deletes the
-marker with its thread. Threads held by earlier versions carry `ttl: -1` on
-every item instead; `release` clears those too (one query when there are none),
-and the workflow record passes its `ttl` on to its updates and audit entries
-(`cosmos_store`), so such a thread stays held whole until then.
+release). A hold is one request and a release two whatever the thread's size,
+where patching every item cost a review case about 50 writes. The sweep deletes
+the marker with its thread, and a marker left alone (its thread deleted while
+held) once it is older than the TTL; a marker is no owner for archive records.
+Only the sweep honours the marker: a container TTL, were one ever set as a
+backstop, would expire a held thread's other items. Threads held by earlier
+versions carry `ttl: -1` on every item instead; `release` clears those too (one
+query when there are none), and the workflow record passes its `ttl` on to its
+updates and audit entries (`cosmos_store`), so such a thread stays held whole
+until then.
 
 Not safe against a writer that returns to a thread while the sweep deletes it
 (Cosmos has no transaction to lock it with): that needs a thread idle for a
@@ -76,6 +80,7 @@ HOLD_ID = "~retention~hold"
 HOLD_TYPE = "retention_hold"
 
 HELD = "c.ttl = -1"
+HELD_THE_OLD_WAY = f"{HELD} AND c.id != '{HOLD_ID}'"
 
 
 class CosmosRetention:
@@ -97,7 +102,10 @@ class CosmosRetention:
         # concurrent or earlier release got to first fails the condition (412) instead.
         unheld = [{"op": "remove", "path": "/ttl"}]
         await self._io.patch(HOLD_ID, thread_id, unheld, only_if=f"FROM c WHERE {HELD}")
-        await self._patch_partition(thread_id, HELD, unheld, only_if=f"FROM c WHERE {HELD}")
+        # Not the marker: a hold taken again since the patch above stays.
+        await self._patch_partition(
+            thread_id, HELD_THE_OLD_WAY, unheld, only_if=f"FROM c WHERE {HELD}"
+        )
 
     async def sweep(self, *, limit: int, now: float | None = None) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
@@ -130,8 +138,9 @@ class CosmosRetention:
             return False
         owner, separator, _ = thread_id.partition(ARCHIVE_SEPARATOR)
         if separator:
-            # Expires with its owner; alone only when the owner is gone.
-            if await self._last_write(owner) is not None:
+            # Expires with its owner; alone only when the owner is gone (a hold marker
+            # left behind is no owner).
+            if await self._has_items(owner):
                 return False
             last = await self._last_write(thread_id)
             if last is None or last >= cutoff:
@@ -139,7 +148,14 @@ class CosmosRetention:
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
-        if last is None or last >= cutoff or await self._held(thread_id):
+        if last is None or last >= cutoff:
+            return False
+        if not await self._has_items(thread_id):
+            # Only the hold marker is left, its thread deleted (held or not): no thread to
+            # keep, nor to count as swept.
+            await self._io.delete(HOLD_ID, thread_id)
+            return False
+        if await self._held(thread_id):
             return False
         await self._delete_thread(thread_id)
         return True
@@ -180,6 +196,15 @@ class CosmosRetention:
             partition=thread_id,
         )
         return int(found[0]) if found else None
+
+    async def _has_items(self, thread_id: str) -> bool:
+        """Whether the thread stores anything besides a hold marker."""
+        found = await self._io.query_all(
+            "SELECT TOP 1 VALUE c.id FROM c WHERE c.thread_id = @thread AND c.id != @marker",
+            {"@thread": thread_id, "@marker": HOLD_ID},
+            partition=thread_id,
+        )
+        return bool(found)
 
     async def _held(self, thread_id: str) -> bool:
         found = await self._io.query_all(
