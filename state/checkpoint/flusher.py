@@ -10,7 +10,10 @@ renewed while its holder works: a flusher that dies or is paused mid-batch holds
 the thread up for one lock TTL at most, and the next one re-applies that batch.
 
 `flush_thread` is the synchronous boundary: it returns once everything appended
-to the thread before the call is in the cold tier.
+to the thread before the call is in the cold tier. `settle_all` does that for
+every thread with a backlog, before an operation the cold tier answers across
+threads (`delete_for_runs`, a listing without a thread id); `drain`, the
+background pass, skips a thread another flusher holds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, LockLost, StateError
+from ..errors import (
+    BackendUnavailable,
+    CorruptState,
+    LockLost,
+    StateError,
+    UnsupportedSchemaVersion,
+)
 from ..ports import Backlog, CheckpointStore, WriteBehindLog
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,9 @@ LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.
 LOCK_WAIT_SECONDS = 60.0
+# `settle_all` lists every thread with a backlog in one read: paging could step over a
+# thread while other flushers unlist the ones before it.
+ALL_LISTED = 1_000_000
 
 
 class _Lease:
@@ -139,6 +151,25 @@ class Flusher:
                 await self.flush_thread(thread_id)
         except BackendUnavailable as exc:
             log.warning("write-behind log unreachable (%s): reading the cold tier as is", exc)
+
+    async def settle_all(self) -> int:
+        """Return once every entry appended before the call is in the cold tier, whatever
+        its thread (before an operation the cold tier answers across threads); how many
+        entries this call applied. Unlike `drain`, waits for a thread another flusher holds.
+        Entries this code cannot apply (a newer format, unreadable) stay in the log, as
+        they do for `drain`; an unreachable hot tier or a lock never released raises."""
+        listed = await self.log.dirty_threads(limit=ALL_LISTED)
+        slots = asyncio.Semaphore(CONCURRENT_THREADS)
+
+        async def settle(thread_id: str) -> int:
+            async with slots:
+                try:
+                    return await self.flush_thread(thread_id)
+                except (UnsupportedSchemaVersion, CorruptState) as exc:
+                    log.warning("write-behind backlog of %r left in the log: %s", thread_id, exc)
+                    return 0
+
+        return sum(await asyncio.gather(*(settle(thread_id) for thread_id, _ in listed)))
 
     @contextlib.asynccontextmanager
     async def holding(self, thread_id: str) -> AsyncIterator[None]:

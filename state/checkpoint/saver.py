@@ -422,7 +422,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if thread_id is not None:
                 await self.flusher.settle_thread(thread_id)
             else:
-                await self.flusher.drain()
+                await self.flusher.settle_all()
         if thread_id is not None and (checkpoint_id := configurable.get("checkpoint_id")):
             # One named checkpoint: a point read, then the same filters as a listing.
             found = await self.store.get_checkpoint(thread_id, checkpoint_ns or "", checkpoint_id)
@@ -715,7 +715,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if not run_ids:
             return
         if self.flusher is not None:
-            await self.flusher.drain()
+            await self.flusher.settle_all()
         # The store names the threads it touched: no read of whole checkpoints to find them.
         affected = await self.store.delete_for_runs(run_ids)
         for thread_id in affected:

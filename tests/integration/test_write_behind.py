@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -377,6 +378,66 @@ async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_dupli
         )
 
 
+@pytest.mark.parametrize("operation", ["delete_for_runs", "list_every_thread"])
+async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in_hand(
+    tiers: WriteBehind, operation: str
+) -> None:
+    """Another flusher (the background one, another worker's) is applying the thread's
+    batch when `delete_for_runs` or a listing across threads starts: they wait for it, or
+    the deleted run would land afterwards and the listing would miss it."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    first, second = f"first-{thread_id}", f"second-{thread_id}"
+    await graph.ainvoke({"messages": ["a"]}, config(thread_id, run_id=first))
+    await tiers.saver.aflush(thread_id)
+    await graph.ainvoke({"messages": ["b"]}, config(thread_id, run_id=second), durability="async")
+    assert await tiers.flusher.log.pending(thread_id)
+
+    applying, go_on = asyncio.Event(), asyncio.Event()
+    apply_batch = tiers.store.apply_batch
+
+    async def slow_apply(ops: Any) -> None:
+        applying.set()
+        await go_on.wait()
+        await apply_batch(ops)
+
+    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
+    other.store = SimpleNamespace(apply_batch=slow_apply)  # type: ignore[assignment]
+    other_pass = asyncio.create_task(other.drain())
+    await applying.wait()
+    if operation == "delete_for_runs":
+        waiting = asyncio.create_task(tiers.saver.adelete_for_runs([second]))
+    else:
+        waiting = asyncio.create_task(listed(tiers.saver.alist(None, filter={"run_id": second})))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    go_on.set()
+    await other_pass
+    found = await waiting
+
+    if operation == "delete_for_runs":
+        cold_runs = [
+            stored.metadata.get("run_id")
+            async for stored in tiers.store.list_checkpoints(
+                thread_id=thread_id,
+                checkpoint_ns=None,
+                before=None,
+                limit=None,
+                metadata_filter=None,
+            )
+        ]
+        assert second not in cold_runs and first in cold_runs
+        latest = await tiers.saver.aget_tuple(cfg)
+        assert latest is not None and latest.metadata.get("run_id") == first
+    else:
+        assert len(found or []) == CHECKPOINTS_PER_INVOKE
+
+
+async def listed(items: AsyncIterator[CheckpointTuple]) -> list[CheckpointTuple]:
+    return [item async for item in items]
+
+
 def log_key(tiers: WriteBehind, thread_id: str) -> str:
     return hot_key(thread_id, LOG_KIND, namespace=tiers.cache.namespace)
 
@@ -405,6 +466,7 @@ async def test_a_log_entry_of_a_newer_format_waits_for_newer_code_and_older_ones
     with pytest.raises(UnsupportedSchemaVersion):
         await tiers.flusher.flush_thread(thread_id)
     await tiers.flusher.drain()  # logs the refusal and goes on with other threads
+    await tiers.flusher.settle_all()  # so does the pass before an operation across threads
     assert await tiers.redis.xlen(log_key(tiers, thread_id)) == entries  # none acknowledged
     assert await cold_latest_id(tiers, thread_id) is None
 
