@@ -163,6 +163,15 @@ class ReviewDecision(BaseModel):
     reviewer_id: str | None = Field(default=None, min_length=1, max_length=128)
     note: str | None = Field(default=None, max_length=2000)
 
+    @field_validator("note")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        # The run writes the note after this request is answered, so a note a cold store
+        # refuses (Postgres JSON holds no NUL) would fail the case, not the request.
+        if value is not None and "\x00" in value:
+            raise ValueError("note must not contain NUL characters (U+0000)")
+        return value
+
 
 class EffectView(BaseModel):
     kind: str

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from e2e_payloads import duplicate_charges
 
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
@@ -188,6 +189,26 @@ async def test_a_value_the_cold_store_cannot_hold_is_422(
     assert response.status_code == 422, response.text
     assert response.json()["error"].startswith("postgres refused the request:")
     assert await runtime.store.get(case_id) is None
+
+
+async def test_a_review_note_no_cold_store_can_hold_is_422_and_the_case_still_waits(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """The run writes the note after the answer: a NUL in it (which Postgres JSON cannot hold)
+    is refused up front on every backend, or the case failed with the decision stuck in it."""
+    body = {**demo_case(case_id), "transactions": duplicate_charges(612.40)}
+    submitted = await client.post("/api/cases", json=body)
+    assert submitted.json()["status"] == "awaiting_review", submitted.text
+    response = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "note": "ok \u0000 ok"}
+    )
+    assert response.status_code == 422, response.text
+    assert "NUL" in response.json()["error"]
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "awaiting_review"
+    approved = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "note": "ok"}
+    )
+    assert approved.json()["status"] == "completed", approved.text
 
 
 async def test_a_body_that_cannot_be_decoded_is_422(
