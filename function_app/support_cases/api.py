@@ -30,6 +30,7 @@ from .events import sse_frame
 from .http_errors import install_error_handlers
 from .models import (
     CASE_ID_PATTERN,
+    CHECKPOINT_ID_PATTERN,
     AuditTrailView,
     CaseLinks,
     CaseStatus,
@@ -166,7 +167,8 @@ async def case_checkpoints(
     caller: Operator,
     cases: Cases,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[str | None, Query(max_length=100)] = None,
+    # A checkpoint id (LangGraph's are UUIDs): anything else would page from the newest.
+    before: Annotated[str | None, Query(pattern=CHECKPOINT_ID_PATTERN)] = None,
 ) -> CheckpointPageView:
     return await cases.history(case_id, limit=limit, before=before)
 

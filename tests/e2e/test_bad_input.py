@@ -169,6 +169,7 @@ async def test_malformed_decision_is_422(
     [
         ("/api/cases/{id}/checkpoints", {"limit": 0}),
         ("/api/cases/{id}/checkpoints", {"limit": "ten"}),
+        ("/api/cases/{id}/checkpoints", {"before": "junk"}),
         ("/api/cases/{id}/audit", {"limit": 100000}),
     ],
 )
