@@ -67,6 +67,16 @@ def test_not_a_duplicate(second: dict[str, Any], why: str) -> None:
     assert find_duplicate_charges([first, second], DAY) == [], why
 
 
+def test_charges_of_less_than_half_a_cent_are_no_duplicates() -> None:
+    """They round to no cents: a refund of 0.00 is nothing to issue."""
+    transactions = [
+        tx("t1", "Acme Streaming", 0.004, "2024-05-01T10:00:00+00:00"),
+        tx("t2", "Acme Streaming", 0.004, "2024-05-01T10:03:00+00:00"),
+    ]
+    assert find_duplicate_charges(transactions, DAY) == []
+    assert not summarize_duplicates(find_duplicate_charges(transactions, DAY))["duplicate_found"]
+
+
 def test_merchant_names_compare_case_and_space_insensitively_and_order_does_not_matter() -> None:
     transactions = [
         tx("late", "ACME  streaming", 10.0, "2024-05-01T12:00:00+00:00"),

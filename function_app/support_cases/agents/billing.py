@@ -49,8 +49,10 @@ def find_duplicate_charges(
         unique.setdefault(charge["transaction_id"], charge)
     groups: dict[tuple[str, str, int], list[Charge]] = defaultdict(list)
     for charge in unique.values():
-        key = (_merchant_key(charge["merchant"]), charge["currency"], _cents(charge["amount"]))
-        groups[key].append(charge)
+        cents = _cents(charge["amount"])
+        if cents == 0:
+            continue  # less than half a cent: nothing a refund could return
+        groups[(_merchant_key(charge["merchant"]), charge["currency"], cents)].append(charge)
     duplicates: list[Charge] = []
     for group in groups.values():
         group.sort(key=lambda charge: datetime.fromisoformat(charge["timestamp"]))
