@@ -48,9 +48,12 @@ remembered split produced is served from the split (`Chunker.value_of`: equal
 manifests name equal bytes, the digests see to that), so a thread this process
 writes is read without fetching its chunks. Like the rest of maintenance, collecting
 chunks is not safe against a writer of the same thread running meanwhile (the
-app prunes and deletes threads whose runs have stopped): a put that builds on
-chunks another process has just deleted names chunks that are gone, which a
-reader reports as `CorruptState`, never as a wrong value.
+app prunes and deletes threads whose runs have stopped), nor against one in
+another process that wrote the thread within `REMEMBER_SECONDS` before and writes
+it again after (its remembered split still counts the collected chunks as stored:
+a value that repeats a deleted run's, say): a put that builds on chunks another
+process has deleted names chunks that are gone, which a reader reports as
+`CorruptState`, never as a wrong value.
 """
 
 from __future__ import annotations
