@@ -402,8 +402,10 @@ class CaseService:
 
     async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
         await self._record(case_id)
+        resumed: str | None = None
 
         async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
+            nonlocal resumed
             paused = current_run(runs_of(await self._record(case_id)))
             if paused is not None and paused.get("stop"):
                 raise CaseConflict(
@@ -415,9 +417,21 @@ class CaseService:
                 raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
                 )
+            resumed = paused["run_id"] if paused is not None else None
             return Command(resume=answer)
 
-        return await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
+        outcome = await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
+        if outcome.finished and resumed is not None:
+            # A rollback asked while the decision's run went takes the decision with it.
+            ended = next(
+                (e for e in runs_of(await self._record(case_id)) if e["run_id"] == resumed), None
+            )
+            if ended is not None and ended["status"] == RunStatus.ROLLED_BACK:
+                raise CaseConflict(
+                    f"case {case_id!r}: follow-up {ended.get('stopped_by')} rolled back the "
+                    "run this decision resumed, and the decision with it; decide again"
+                )
+        return outcome
 
     async def resume(
         self, case_id: str, *, wait_until_rest: bool = False, caller: Caller | None = None
@@ -886,7 +900,13 @@ class CaseService:
             config,
             context=RunContext(
                 fencing_token=fence,
-                observer=RunProgress(self._store, self._events, case_id, run_id),
+                observer=RunProgress(
+                    self._store,
+                    self._events,
+                    case_id,
+                    run_id,
+                    deciding=isinstance(graph_input, Command),
+                ),
             ),
             stream_mode="updates",
             durability=durability,
@@ -1119,18 +1139,30 @@ class CaseService:
 
 class RunProgress:
     """A run's `RunObserver`: each agent step as events, and the stop a follow-up asked for
-    (checked on the case record, a hot-tier read, as each step starts)."""
+    (checked on the case record, a hot-tier read, as each step starts).
+
+    `deciding`: the run resumes with a review decision, whose step (the first) records it
+    whatever stop came meanwhile: the decision got in first, and stands for later runs."""
 
     def __init__(
-        self, store: TieredStateStore, events: CaseEvents, case_id: str, run_id: str | None
+        self,
+        store: TieredStateStore,
+        events: CaseEvents,
+        case_id: str,
+        run_id: str | None,
+        *,
+        deciding: bool = False,
     ) -> None:
         self._store = store
         self._events = events
         self._case_id = case_id
         self._run_id = run_id
+        self._deciding = deciding
 
     async def node_started(self, node: str) -> None:
-        if self._run_id is not None:
+        if self._deciding:
+            self._deciding = False
+        elif self._run_id is not None:
             record = await self._store.get(self._case_id)
             runs = runs_of(record) if record is not None else []
             entry = next((e for e in runs if e["run_id"] == self._run_id), None)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from e2e_payloads import duplicate_charges
 
 from devstack.issuer import object_id_for
@@ -16,6 +17,7 @@ from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
+from support_cases.models import CaseStatus
 from support_cases.runtime import Runtime
 from support_cases.service import CaseService, case_config
 
@@ -237,6 +239,53 @@ async def test_concurrent_decisions_only_one_wins(
     )
     assert sorted(a.status_code for a in answers) == [200, 409, 409]
     assert await performed(runtime, case_id, "refund") == 1
+
+
+@pytest.mark.parametrize("strategy", ["interrupt", "rollback"])
+async def test_a_decision_racing_a_follow_up_that_stops_its_run_stands_or_is_refused(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    strategy: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decision passed its checks and resumed the run; a follow-up then asks that run to
+    stop before its review step. An interrupt lets the decision stand (recorded, and the
+    refund follows); a rollback takes it with the run, and the decision answers 409. Never
+    a 200 for a decision that is gone."""
+    await _escalated(client, runtime, case_id)
+    tracker = runtime.service._tracker
+    mark = tracker.mark
+    resuming, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_at_start(target: str, status: CaseStatus, **kwargs: Any) -> Any:
+        if target == case_id and status is CaseStatus.RUNNING and not go_on.is_set():
+            resuming.set()
+            await go_on.wait()
+        return await mark(target, status, **kwargs)
+
+    monkeypatch.setattr(tracker, "mark", held_at_start)
+    decision = asyncio.create_task(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    )
+    await asyncio.wait_for(resuming.wait(), 30)
+    message = {"text": "Any news?", "strategy": strategy}
+    follow_up = await client.post(f"/api/cases/{case_id}/messages", json=message)
+    assert follow_up.status_code == 202, follow_up.text
+    go_on.set()
+    decided = await decision
+    await runtime.service.wait_idle()
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    if strategy == "interrupt":
+        assert decided.status_code == 200, decided.text
+        assert case["review"] is not None and case["review"]["decision"] == "approve"
+        assert case["status"] == "completed", case
+        assert await performed(runtime, case_id, "refund") == 1
+    else:
+        assert decided.status_code == 409, decided.text
+        assert "rolled back" in decided.json()["error"]
+        assert case["status"] == "awaiting_review" and case["review"] is None
+        assert await performed(runtime, case_id, "refund") == 0
 
 
 async def test_a_long_run_answers_202_with_a_status_url(
