@@ -421,8 +421,9 @@ class CaseService:
             return Command(resume=answer)
 
         outcome = await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
-        if outcome.finished and resumed is not None:
-            # A rollback asked while the decision's run went takes the decision with it.
+        if resumed is not None:
+            # A rollback asked while the decision's run went takes the decision with it (the
+            # follow-up's own run may still be going).
             ended = next(
                 (e for e in runs_of(await self._record(case_id)) if e["run_id"] == resumed), None
             )

@@ -25,13 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import (
-    BackendUnavailable,
-    CorruptState,
-    LockLost,
-    StateError,
-    UnsupportedSchemaVersion,
-)
+from ..errors import BackendUnavailable, LockLost, StateError
 from ..ports import Backlog, CheckpointStore, WriteBehindLog
 
 log = logging.getLogger(__name__)
@@ -154,22 +148,28 @@ class Flusher:
 
     async def settle_all(self) -> int:
         """Return once every entry appended before the call is in the cold tier, whatever
-        its thread (before an operation the cold tier answers across threads); how many
-        entries this call applied. Unlike `drain`, waits for a thread another flusher holds.
-        Entries this code cannot apply (a newer format, unreadable) stay in the log, as
-        they do for `drain`; an unreachable hot tier or a lock never released raises."""
-        listed = await self.log.dirty_threads(limit=ALL_LISTED)
+        its thread (before an operation the cold tier answers across threads), but for the
+        threads whose flush fails; how many entries this call applied. Unlike `drain`,
+        waits for a thread another flusher holds. A thread that cannot be flushed (a newer
+        format, a cold refusal, a lock never released) is logged and left in the log, as
+        `drain` leaves it: one bad thread must not stop an operation on all the others. An
+        unreachable hot tier raises (nothing could be flushed)."""
+        listed = [thread_id for thread_id, _ in await self.log.dirty_threads(limit=ALL_LISTED)]
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
 
         async def settle(thread_id: str) -> int:
             async with slots:
                 try:
                     return await self.flush_thread(thread_id)
-                except (UnsupportedSchemaVersion, CorruptState) as exc:
+                except StateError as exc:
                     log.warning("write-behind backlog of %r left in the log: %s", thread_id, exc)
                     return 0
 
-        return sum(await asyncio.gather(*(settle(thread_id) for thread_id, _ in listed)))
+        applied = 0
+        for start in range(0, len(listed), LISTED_THREADS):
+            page = listed[start : start + LISTED_THREADS]
+            applied += sum(await asyncio.gather(*(settle(thread_id) for thread_id in page)))
+        return applied
 
     @contextlib.asynccontextmanager
     async def holding(self, thread_id: str) -> AsyncIterator[None]:

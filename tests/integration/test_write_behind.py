@@ -21,7 +21,7 @@ from langgraph.types import Command
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.flusher import Flusher
-from state.errors import StaleFencingToken, UnsupportedSchemaVersion
+from state.errors import RequestRejected, StaleFencingToken, UnsupportedSchemaVersion
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
@@ -432,6 +432,36 @@ async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in
         assert latest is not None and latest.metadata.get("run_id") == first
     else:
         assert len(found or []) == CHECKPOINTS_PER_INVOKE
+
+
+async def test_a_thread_the_cold_store_refuses_does_not_stop_a_delete_for_runs_elsewhere(
+    tiers: WriteBehind,
+) -> None:
+    """One thread's backlog the cold store keeps refusing stays in the log (as the background
+    drain leaves it); `delete_for_runs` still flushes and deletes on every other thread."""
+    graph = chat_graph(tiers.saver)
+    refused, other = config(), config()
+    refused_id, other_id = refused["configurable"]["thread_id"], other["configurable"]["thread_id"]
+    run = f"run-{other_id}"
+    await graph.ainvoke({"messages": ["a"]}, refused, durability="async")
+    await graph.ainvoke({"messages": ["b"]}, config(other_id, run_id=run), durability="async")
+    apply_batch = tiers.store.apply_batch
+
+    async def refusing(ops: Any) -> None:
+        if any(getattr(op, "thread_id", None) == refused_id for op in ops) or any(
+            getattr(getattr(op, "checkpoint", None), "thread_id", None) == refused_id for op in ops
+        ):
+            raise RequestRejected("cold", "refused for the test")
+        await apply_batch(ops)
+
+    tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
+    try:
+        await tiers.saver.adelete_for_runs([run])
+    finally:
+        tiers.flusher.store = tiers.store
+    assert await tiers.flusher.log.pending(refused_id)
+    assert await tiers.saver.aget_tuple(other) is None
+    assert await cold_latest_id(tiers, other_id) is None
 
 
 async def listed(items: AsyncIterator[CheckpointTuple]) -> list[CheckpointTuple]:
