@@ -41,19 +41,24 @@ delete blobs (`reachable`), copy them with the thread, and drop them with it.
 
 `Chunker` remembers the last split per (thread, namespace, channel) for a
 short while (`REMEMBER_SECONDS`), so a put hashes and compresses only the
-leaves it adds and sends only the chunks that version added; a remembered
-split counts only once the store confirmed the write, and is forgotten when
-this store deletes from the thread. Reading back a value whose manifest a
-remembered split produced is served from the split (`Chunker.value_of`: equal
-manifests name equal bytes, the digests see to that), so a thread this process
-writes is read without fetching its chunks. Like the rest of maintenance, collecting
-chunks is not safe against a writer of the same thread running meanwhile (the
-app prunes and deletes threads whose runs have stopped), nor against one in
-another process that wrote the thread within `REMEMBER_SECONDS` before and writes
-it again after (its remembered split still counts the collected chunks as stored:
-a value that repeats a deleted run's, say): a put that builds on chunks another
-process has deleted names chunks that are gone, which a reader reports as
-`CorruptState`, never as a wrong value.
+leaves it adds and sends only the chunks that version added. A remembered split
+counts only once the store confirmed the write, is forgotten when this store
+deletes from the thread, and is built on only by a put that continues this
+store's own chain: its parent is the last checkpoint this store wrote for the
+thread and namespace (`PendingSplits`). Every chunk a remembered split names is
+reached from that parent's values, so while the parent exists no collection can
+have taken them, whichever process collects. A put anywhere else (the first of a
+thread, a new branch, the redo of a run another process rolled back, a step
+after another process's) sends its values' chunks again, and the store forgets
+what it remembered of that chain.
+
+Reading back a value whose manifest a remembered split produced is served from the
+split (`Chunker.value_of`: equal manifests name equal bytes, the digests see to
+that), so a thread this process writes is read without fetching its chunks. Like
+the rest of maintenance, collecting chunks is not safe against a writer of the
+same thread running meanwhile, one that puts onto a checkpoint being deleted (the
+app prunes and deletes threads whose runs have stopped): its put names chunks that
+are gone, which a reader reports as `CorruptState`, never as a wrong value.
 """
 
 from __future__ import annotations
@@ -92,6 +97,8 @@ REMEMBER_SECONDS = 30.0
 # Remembered splits hold their value's bytes (compared with the next version's):
 # at most this many bytes of them.
 REMEMBER_BYTES = 64 * 1024 * 1024
+# The last checkpoint stored per (thread, namespace): at most this many remembered.
+REMEMBER_TIPS = 4096
 
 
 def leaf_digest(raw: bytes) -> bytes:
@@ -219,6 +226,8 @@ class Split:
     manifest: bytes
     full_leaves: int
     leaves: list[bytes]
+    # The chunks this version's manifest reaches (not those of earlier versions: a
+    # chunk no manifest reaches any more may have been collected).
     stored: frozenset[bytes]
     at: float
 
@@ -230,6 +239,11 @@ class Chunker:
         self._splits: OrderedDict[tuple[str, str, str], Split] = OrderedDict()
         self._by_manifest: dict[bytes, tuple[str, str, str]] = {}
         self._bytes = 0
+        self._tips: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def tip(self, thread_id: str, checkpoint_ns: str) -> str | None:
+        """The last checkpoint of (thread, namespace) this chunker's store wrote, if known."""
+        return self._tips.get((thread_id, checkpoint_ns))
 
     def remembered(self, key: tuple[str, str, str]) -> Split | None:
         """The confirmed split of `key`, unless it is too old to trust."""
@@ -262,6 +276,7 @@ class Chunker:
         levels, roots = _levels(leaves)
         nodes = [Chunk(node_digest(node), True, node) for level in levels for node in level]
         chunks.extend(node for node in nodes if node.digest not in stored)
+        tree = frozenset(leaves).union(node.digest for node in nodes)
         last_leaf = bytes(body[(full - 1) * LEAF_BYTES : full * LEAF_BYTES]) if full else b""
         tail = _pack_tail(bytes(body[full * LEAF_BYTES :]), last_leaf)
         manifest = Manifest(len(value), len(levels), tuple(roots), bytes(head), tail).encode()
@@ -270,13 +285,27 @@ class Chunker:
             manifest=manifest,
             full_leaves=full,
             leaves=leaves,
-            stored=stored | {chunk.digest for chunk in chunks},
+            stored=tree,
             at=time.monotonic(),
         )
         return manifest, _unique(chunks), remembered
 
-    def confirm(self, key: tuple[str, str, str], split: Split) -> None:
-        """`split` is stored: the next version of `key` may build on it."""
+    def confirm(self, pending: PendingSplits) -> None:
+        """What `pending` packed is stored: the puts continuing its chains build on it."""
+        for where in pending.restarted:
+            for key in [key for key in self._splits if key[:2] == where]:
+                self._drop(key)
+        for key, split in pending.splits.items():
+            self._remember(key, split)
+        for where, checkpoint_id in pending.tips.items():
+            self._tips.pop(where, None)
+            self._tips[where] = checkpoint_id
+        while len(self._tips) > REMEMBER_TIPS:
+            where, _ = self._tips.popitem(last=False)
+            for key in [key for key in self._splits if key[:2] == where]:
+                self._drop(key)
+
+    def _remember(self, key: tuple[str, str, str], split: Split) -> None:
         self._drop(key)
         self._splits[key] = split
         self._by_manifest[split.manifest] = key
@@ -295,6 +324,8 @@ class Chunker:
         doomed = set(thread_ids)
         for key in [key for key in self._splits if key[0] in doomed]:
             self._drop(key)
+        for where in [where for where in self._tips if where[0] in doomed]:
+            del self._tips[where]
 
     def _drop(self, key: tuple[str, str, str]) -> None:
         split = self._splits.pop(key, None)
@@ -304,6 +335,42 @@ class Chunker:
         # Equal values (two channels, threads or namespaces) share one manifest entry.
         if self._by_manifest.get(split.manifest) == key:
             del self._by_manifest[split.manifest]
+
+
+class PendingSplits:
+    """The splits of one store call's checkpoints, in order, until the store confirms them.
+
+    Call `begin` for every checkpoint put (chunked values or not: it moves the chain),
+    then `split` for each of its chunked values. A put builds on what is remembered
+    only if it continues the chain: its parent is the last checkpoint written (by this
+    call, or confirmed before), or it is that checkpoint again (a repeated put).
+    """
+
+    def __init__(self, chunker: Chunker) -> None:
+        self._chunker = chunker
+        self.splits: dict[tuple[str, str, str], Split] = {}
+        self.tips: dict[tuple[str, str], str] = {}
+        # Chains this call broke: what the chunker remembers of them goes on confirm.
+        self.restarted: set[tuple[str, str]] = set()
+
+    def begin(self, checkpoint: StoredCheckpoint) -> None:
+        where = (checkpoint.thread_id, checkpoint.checkpoint_ns)
+        tip = self.tips[where] if where in self.tips else self._chunker.tip(*where)
+        parent = checkpoint.parent_checkpoint_id
+        if tip is None or tip not in (parent, checkpoint.checkpoint_id):
+            self.restarted.add(where)
+            for key in [key for key in self.splits if key[:2] == where]:
+                del self.splits[key]
+        self.tips[where] = checkpoint.checkpoint_id
+
+    def split(self, key: tuple[str, str, str], value: bytes) -> tuple[bytes, list[Chunk]]:
+        """The manifest of `value`, the `key` of a checkpoint `begin` was called for, and
+        the chunks to store for it."""
+        known = self.splits.get(key)
+        if known is None and key[:2] not in self.restarted:
+            known = self._chunker.remembered(key)
+        manifest, added, self.splits[key] = self._chunker.split(value, known)
+        return manifest, added
 
 
 def _unique(chunks: list[Chunk]) -> list[Chunk]:

@@ -64,7 +64,7 @@ from .chunks import (
     Chunk,
     Chunker,
     Fetch,
-    Split,
+    PendingSplits,
     chunked,
     delta_snapshot,
     fetched_first,
@@ -127,8 +127,9 @@ class CosmosCheckpointStore:
     async def put_checkpoint(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
-        step = await self._pack_checkpoint(checkpoint, blobs, {})
-        await self._store(checkpoint.thread_id, [step])
+        pending = PendingSplits(self._chunker)
+        step = await self._pack_checkpoint(checkpoint, blobs, pending)
+        await self._store(checkpoint.thread_id, [step], pending)
 
     async def put_writes(
         self,
@@ -152,7 +153,7 @@ class CosmosCheckpointStore:
             by_thread[thread_id].append(op)
 
         async def apply(thread_id: str, thread_ops: list[FlushOp]) -> None:
-            pending: dict[tuple[str, str, str], Split] = {}
+            pending = PendingSplits(self._chunker)
             steps: list[_Step] = []
             try:
                 for op in thread_ops:
@@ -171,7 +172,7 @@ class CosmosCheckpointStore:
             except BaseException:
                 self._forget_unconfirmed(thread_id)
                 raise
-            await self._store(thread_id, steps)
+            await self._store(thread_id, steps, pending)
 
         if by_thread:
             await gather(
@@ -182,39 +183,37 @@ class CosmosCheckpointStore:
         self,
         checkpoint: StoredCheckpoint,
         blobs: Sequence[StoredBlob],
-        pending: dict[tuple[str, str, str], Split],
+        pending: PendingSplits,
     ) -> _Step:
         """The checkpoint's documents; its lineage is remembered (the next put of the thread
         packs against it) and its splits join `pending`, both forgotten if storing fails."""
         parent = await self._parent(checkpoint)
-        blobs, blocks, splits = self._split(checkpoint, blobs, pending)
+        blobs, blocks = self._split(checkpoint, blobs, pending)
         packed = self._packer.checkpoint(checkpoint, blobs, parent)
         self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
-        pending.update(splits)
-        return _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc], splits=splits)
+        return _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc])
 
     def _split(
         self,
         checkpoint: StoredCheckpoint,
         blobs: Sequence[StoredBlob],
-        pending: Mapping[tuple[str, str, str], Split],
-    ) -> tuple[list[StoredBlob], list[Doc], dict[tuple[str, str, str], Split]]:
-        """Large values as manifests, the block documents this version adds, the splits.
+        pending: PendingSplits,
+    ) -> tuple[list[StoredBlob], list[Doc]]:
+        """Large values as manifests, and the block documents this version adds.
 
         A split of `pending` (an earlier put of the same store call, not yet stored) goes
         before what the chunker remembers: its blocks are stored before this version's.
         """
         stored: list[StoredBlob] = []
         blocks: list[Doc] = []
-        splits: dict[tuple[str, str, str], Split] = {}
+        pending.begin(checkpoint)
         for blob in blobs:
             type_, data = blob.value
             if not chunked(blob.value):
                 stored.append(blob)
                 continue
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
-            before = pending.get(key) or self._chunker.remembered(key)
-            manifest, added, splits[key] = self._chunker.split(data, before)
+            manifest, added = pending.split(key, data)
             snapshot_of = (
                 (checkpoint.checkpoint_ns, blob.channel)
                 if delta_snapshot(type_, data[:HEAD_BYTES])
@@ -222,7 +221,7 @@ class CosmosCheckpointStore:
             )
             blocks += [layout.block_doc(checkpoint.thread_id, c, snapshot_of) for c in added]
             stored.append(dataclasses.replace(blob, value=(MANIFEST_TYPE_PREFIX + type_, manifest)))
-        return stored, blocks, splits
+        return stored, blocks
 
     def _pack_writes(
         self,
@@ -265,21 +264,22 @@ class CosmosCheckpointStore:
         ]
         return _Step(prelude=[chunk for p in created for chunk in p.chunks], creates=created)
 
-    async def _store(self, thread_id: str, steps: Sequence[_Step]) -> None:
+    async def _store(
+        self, thread_id: str, steps: Sequence[_Step], pending: PendingSplits | None = None
+    ) -> None:
         """Store `steps` in order: as transactional batches (all of a batch or none of it,
         one round trip; a reader sees a batch whole), one request per document where a
         step alone is a single request, and one step at a time (its chunks first) for a
         step too large for a batch or a batch the service refused (a task's writes that
-        are already stored: the step merges them)."""
+        are already stored: the step merges them). Then the chunker may build on `pending`."""
         try:
             for group, batched in _transactions(steps):
                 operations = [operation for step in group for operation in step.operations()]
                 if not (batched and await self._applied_as_batch(thread_id, operations)):
                     for step in group:
                         await self._store_step(step)
-                for step in group:
-                    for key, split in step.splits.items():
-                        self._chunker.confirm(key, split)
+            if pending is not None:
+                self._chunker.confirm(pending)
         except BaseException:
             self._forget_unconfirmed(thread_id)
             raise
@@ -913,13 +913,11 @@ def _sql_name(name: str) -> str:
 @dataclasses.dataclass
 class _Step:
     """One put or put_writes packed: documents stored before its own (blocks, spilled
-    chunks), its own documents (upserted, or created: first write wins), and the splits
-    the chunker may remember once they are stored."""
+    chunks) and its own documents (upserted, or created: first write wins)."""
 
     prelude: list[Doc]
     upserts: list[Doc] = dataclasses.field(default_factory=list)
     creates: list[layout.Packed] = dataclasses.field(default_factory=list)
-    splits: dict[tuple[str, str, str], Split] = dataclasses.field(default_factory=dict)
 
     def operations(self) -> list[BatchOperation]:
         return [

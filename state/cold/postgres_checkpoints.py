@@ -46,7 +46,7 @@ from .chunks import (
     Chunker,
     Fetch,
     Known,
-    Split,
+    PendingSplits,
     chunked,
     fetched_first,
     reachable,
@@ -502,7 +502,8 @@ class PostgresCheckpointStore:
         for op in ops:
             if isinstance(op, CheckpointPut):
                 self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
-        rows, splits = _fold(ops, self._chunker)
+        pending = PendingSplits(self._chunker)
+        rows = _fold(ops, pending)
         statements = _statements(rows)
         if not statements:
             return
@@ -520,8 +521,7 @@ class PostgresCheckpointStore:
             ):
                 for query, params in statements:
                     await cursor.execute(query, params)
-        for key, split in splits.items():
-            self._chunker.confirm(key, split)
+        self._chunker.confirm(pending)
 
     async def get_checkpoint(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
@@ -755,9 +755,7 @@ class PostgresCheckpointStore:
 Row = tuple[Any, ...]
 
 
-def _fold(
-    ops: Sequence[FlushOp], chunker: Chunker
-) -> tuple[list[list[Row]], dict[tuple[str, str, str], Split]]:
+def _fold(ops: Sequence[FlushOp], pending: PendingSplits) -> list[list[Row]]:
     """The rows of `ops` per entry of ROW_KINDS: one per key, with the effect of the ops in order.
 
     One statement may not touch a row twice, and folding also makes a replayed batch
@@ -769,17 +767,17 @@ def _fold(
 
     A blob of `CHUNK_THRESHOLD` bytes or more becomes a manifest row and chunk rows:
     each version of a channel builds on the split of its previous one (earlier in the
-    batch, or confirmed stored before), so only the chunks it adds are sent. Returns
-    the splits to confirm once the rows are stored.
+    batch, or confirmed stored before), so only the chunks it adds are sent. `pending`
+    holds the splits to confirm once the rows are stored.
     """
     chunks: dict[tuple[str, bytes], Row] = {}
-    splits: dict[tuple[str, str, str], Split] = {}
     blobs: dict[tuple[str, str, str, str], Row] = {}
     checkpoints: dict[tuple[str, str, str], Row] = {}
     writes: dict[tuple[str, str, str, str, int], tuple[bool, Row]] = {}
     for op in ops:
         if isinstance(op, CheckpointPut):
             checkpoint = op.checkpoint
+            pending.begin(checkpoint)
             for blob in op.blobs:
                 blob_key = (
                     checkpoint.thread_id,
@@ -794,8 +792,7 @@ def _fold(
                     blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
                     continue
                 split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
-                known = splits.get(split_key) or chunker.remembered(split_key)
-                manifest, added, splits[split_key] = chunker.split(data, known)
+                manifest, added = pending.split(split_key, data)
                 for chunk in added:
                     chunks[(checkpoint.thread_id, chunk.digest)] = (
                         checkpoint.thread_id,
@@ -844,7 +841,7 @@ def _fold(
         [row for upsert, row in ordered_writes if not upsert],
         [row for upsert, row in ordered_writes if upsert],
     ]
-    return rows, splits
+    return rows
 
 
 def _statements(rows_by_kind: list[list[Row]]) -> list[tuple[str, list[Any]]]:

@@ -334,3 +334,43 @@ async def test_a_corrupted_chunk_is_detected(backend: str, stack_env: dict[str, 
             await reader.backends.checkpoints.get_checkpoint(thread, "", None)
         with pytest.raises(CorruptState):
             await growing_graph(reader.saver).aget_state(cfg)
+
+
+class Chat(TypedDict):
+    messages: Annotated[list[str], operator.add]
+
+
+def chat_graph(saver: Any) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """A short reply per turn: the customer's ~1 KB message fills leaves at the step that
+    takes the input, so a run that is deleted can own a leaf its predecessor lacks."""
+    graph = StateGraph(Chat)
+    graph.add_node("reply", lambda state: {"messages": [f"ok {len(state['messages'])}"]})
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_run_redone_after_another_process_deleted_it_reads_back_whole(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    # Process A runs a turn; process B rolls it back (its chunks collected); A, still
+    # remembering what it stored for that turn, runs it again with the same message.
+    # The repeated value must not lean on chunks B deleted.
+    cfg = thread_config("redo")
+    rng = random.Random(11)
+    async with stack(stack_env, backend) as writer, stack(stack_env, backend) as other:
+        graph = chat_graph(writer.saver)
+        for turn in range(16):
+            message = text(rng)
+            run_id = str(uuid.uuid4())
+            await graph.ainvoke({"messages": [message]}, _with_run(cfg, run_id))
+            await other.saver.adelete_for_runs([run_id])
+            await graph.ainvoke({"messages": [message]}, _with_run(cfg, str(uuid.uuid4())))
+            async with stack(stack_env, backend) as reader:  # sees only what is stored
+                values = (await chat_graph(reader.saver).aget_state(cfg)).values
+            assert len(values["messages"]) == 2 * (turn + 1), turn
+
+
+def _with_run(cfg: RunnableConfig, run_id: str) -> RunnableConfig:
+    return {"configurable": {**cfg["configurable"], "run_id": run_id}}

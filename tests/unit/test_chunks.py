@@ -12,6 +12,7 @@ from langgraph.checkpoint.serde.types import _DeltaSnapshot
 
 from state.cold import chunks
 from state.errors import CorruptState
+from state.ports import StoredCheckpoint
 
 
 def packed(value: list[dict[str, str]]) -> bytes:
@@ -143,10 +144,25 @@ async def test_a_chunk_missing_below_a_node_is_corrupt_state_after_one_fetch_per
     assert fetches == 2
 
 
+def put(
+    chunker: chunks.Chunker,
+    value: bytes,
+    checkpoint_id: str,
+    parent: str | None,
+    thread: str = "thread",
+) -> tuple[bytes, list[chunks.Chunk]]:
+    """A confirmed put of `value` as the `messages` channel of checkpoint `checkpoint_id`."""
+    pending = chunks.PendingSplits(chunker)
+    pending.begin(StoredCheckpoint(thread, "", checkpoint_id, parent, ("msgpack", b""), {}, {}))
+    manifest, added = pending.split((thread, "", "messages"), value)
+    chunker.confirm(pending)
+    return manifest, added
+
+
 async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> None:
     chunker = chunks.Chunker()
     value = packed(messages(200))
-    manifest, added, split = chunker.split(value, None)
+    manifest, added, _ = chunks.Chunker().split(value, None)
     stored = {chunk.digest: chunk for chunk in added}
     fetched: list[list[bytes]] = []
 
@@ -159,32 +175,64 @@ async def test_a_written_value_reads_back_without_fetching_until_forgotten() -> 
     assert await chunks.resolve(values, fetch, chunker.value_of) == {"messages": ("msgpack", value)}
     assert fetched
     fetched.clear()
-    chunker.confirm(("thread", "", "messages"), split)
+    assert put(chunker, value, "1", None)[0] == manifest
     assert await chunks.resolve(values, fetch, chunker.value_of) == {"messages": ("msgpack", value)}
     assert fetched == []
     # Another version of the channel replaces the remembered one.
     newer = packed(messages(210))
-    _, _, newer_split = chunker.split(newer, split)
-    chunker.confirm(("thread", "", "messages"), newer_split)
+    newer_manifest, _ = put(chunker, newer, "2", "1")
     assert chunker.value_of(manifest) is None
-    assert chunker.value_of(newer_split.manifest) == newer
+    assert chunker.value_of(newer_manifest) == newer
     chunker.forget(["thread"])
-    assert chunker.value_of(newer_split.manifest) is None
+    assert chunker.value_of(newer_manifest) is None
+
+
+def test_only_a_put_continuing_the_stores_own_chain_builds_on_what_it_stored() -> None:
+    """Chunks a remembered split names are reached from the parent only if the put's
+    parent is the last checkpoint written; anywhere else, another process may have
+    collected them (a rolled-back run redone), so they are sent again."""
+    history = messages(300)
+    chunker = chunks.Chunker()
+    _, first = put(chunker, packed(history[:200]), "1", None)
+    _, continued = put(chunker, packed(history[:210]), "2", "1")
+    assert len(continued) < len(first) // 4
+    # A branch from "1" repeating what "2" stored: everything again.
+    _, branched = put(chunker, packed(history[:210]), "3", "1")
+    assert {chunk.digest for chunk in continued} < {chunk.digest for chunk in branched}
+    assert len(branched) > len(first)
+    # Then the branch is the chain: its next put sends what it adds.
+    _, next_on_branch = put(chunker, packed(history[:220]), "4", "3")
+    assert len(next_on_branch) < len(first) // 4
+    # A step another writer stored ("5", unknown here) breaks the chain too.
+    _, after_other = put(chunker, packed(history[:240]), "6", "5")
+    assert len(after_other) > len(first)
+
+
+def test_a_branch_forgets_the_other_channels_of_the_chain_it_left() -> None:
+    chunker = chunks.Chunker()
+    value = packed(messages(200))
+    put(chunker, value, "1", None)
+    pending = chunks.PendingSplits(chunker)
+    # "2" branches from an unknown checkpoint and does not write `messages`.
+    pending.begin(StoredCheckpoint("thread", "", "2", "0", ("msgpack", b""), {}, {}))
+    chunker.confirm(pending)
+    grown = packed(messages(200) + messages(3))
+    _, added = put(chunker, grown, "3", "2")
+    _, from_scratch, _ = chunks.Chunker().split(grown, None)
+    assert {chunk.digest for chunk in added} == {chunk.digest for chunk in from_scratch}
 
 
 def test_equal_values_under_two_keys_are_remembered_and_forgotten_apart() -> None:
     chunker = chunks.Chunker()
     value = packed(messages(100))
-    _, _, first = chunker.split(value, None)
-    _, _, second = chunker.split(value, None)
-    assert first.manifest == second.manifest
-    chunker.confirm(("thread-a", "", "messages"), first)
-    chunker.confirm(("thread-b", "", "messages"), second)
+    manifest, _ = put(chunker, value, "1", None, thread="thread-a")
+    assert put(chunker, value, "1", None, thread="thread-b")[0] == manifest
     chunker.forget(["thread-b"])
     chunker.forget(["thread-a"])
-    assert chunker.value_of(first.manifest) is None
-    chunker.confirm(("thread-a", "", "messages"), first)
-    chunker.confirm(("thread-b", "", "messages"), second)
+    assert chunker.value_of(manifest) is None
+    put(chunker, value, "1", None, thread="thread-a")
+    put(chunker, value, "1", None, thread="thread-b")
     chunker.forget(["thread-a"])
-    chunker.confirm(("thread-b", "", "messages"), second)
+    put(chunker, value, "1", None, thread="thread-b")
     chunker.forget(["thread-b"])
+    assert chunker.value_of(manifest) is None
