@@ -205,6 +205,14 @@ class Effects:
             )
             return result
 
+    async def done(self, case_id: str, kind: str) -> dict[str, Any] | None:
+        """The result of the case's effect of `kind` if it was performed, else None."""
+        record = await self._store.get(case_id)
+        entry = None if record is None else record.sections.get(effect_section(kind))
+        if entry is None or entry.get("status") != "done":
+            return None
+        return dict(entry["result"])
+
 
 def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:
     """The effects of a case done at or after `since` (ISO time): a rolled-back run's."""

@@ -499,3 +499,16 @@ async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
     assert case["status"] == "awaiting_review"
     assert case["review"] is None
     assert case["awaiting_review"]["refund_amount"] == case["policy"]["refund_amount"]
+    # Rejected this time: the refund the discarded run issued still went out, once, and
+    # the case says so rather than "refused".
+    issued = {e["kind"]: e for e in runs[0]["discarded_effects"]}["refund"]["result"]
+    rejected = await client.post(f"/api/cases/{case_id}/review", json={"decision": "reject"})
+    assert rejected.status_code in (200, 202), rejected.text
+    await until_idle(runtime, client, case_id)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "completed"
+    assert case["review"]["decision"] == "reject"
+    assert case["refund"]["status"] == "issued"
+    assert case["refund"]["reference"] == issued["reference"]
+    assert issued["reference"] in case["final_response"]
+    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1

@@ -31,8 +31,14 @@ class RefundAgent(StatefulAgent):
         if approved is None:
             return RefundResult(status="not_applicable", amount=0.0, currency=None, reference=None)
         if not approved:
+            # A run rolled back after issuing it leaves the refund issued: money moved,
+            # whatever the new run decides, and the case must say so.
+            issued = await self.deps.effects.done(state["case_id"], "refund")
             return RefundResult(
-                status="refused", amount=amount, currency=billing["currency"], reference=None
+                status="refused" if issued is None else "issued",
+                amount=amount,
+                currency=billing["currency"],
+                reference=None if issued is None else issued["reference"],
             )
         issued = await self.deps.effects.once(
             state["case_id"],
