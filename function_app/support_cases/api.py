@@ -45,7 +45,7 @@ from .models import (
     RunsView,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
-from .service import CaseNotFound, CaseService, Outcome
+from .service import CaseNotFound, CaseService, NotAwaitingReview, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ def may_read(caller: Principal, view: CaseView) -> bool:
     return caller.has(ROLE_REVIEW) and view.status is CaseStatus.AWAITING_REVIEW
 
 
+def may_see_decision(caller: Principal, view: CaseView) -> bool:
+    """Whether a refused decision may say why: to a caller who may read the case, or to
+    its reviewer of record (a second decision)."""
+    decided_by = (view.review or {}).get("reviewer_id")
+    return may_read(caller, view) or decided_by == caller.id
+
+
 router = APIRouter(prefix=API_PREFIX, responses=ERRORS)
 
 
@@ -196,7 +203,15 @@ async def review_case(
             f"reviewer_id {decision.reviewer_id!r} is not the caller: a decision is recorded "
             f"under the token's principal ({caller.name}, {caller.id}); leave reviewer_id out"
         )
-    return _answer(await cases.decide(case_id, decision, caller.caller), response)
+    try:
+        outcome = await cases.decide(case_id, decision, caller.caller)
+    except NotAwaitingReview:
+        # Reviewers see only cases awaiting review: a decision must not tell them that
+        # another case exists, or its status, unless they decided it themselves.
+        if not may_see_decision(caller, await cases.status(case_id)):
+            raise CaseNotFound(case_id) from None
+        raise
+    return _answer(outcome, response)
 
 
 @router.post(

@@ -127,6 +127,11 @@ class CaseConflict(CaseError):
     """The case is not in a state that allows the request (maps to 409)."""
 
 
+class NotAwaitingReview(CaseConflict):
+    """A decision for a case that is not waiting for one (a second decision, a case that
+    never asked); maps to 409 for a caller who may see the case."""
+
+
 class CaseBusy(CaseConflict):
     """Another runner's lease (hot-tier lock or cold-tier lease) keeps the case; maps to 409
     with `Retry-After`. A stalled case's runner is dead: its lease only has to run out."""
@@ -414,7 +419,7 @@ class CaseService:
                 )
             if snapshot is None or not snapshot.interrupts:
                 status = (await self.status(case_id)).status
-                raise CaseConflict(
+                raise NotAwaitingReview(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
                 )
             resumed = paused["run_id"] if paused is not None else None

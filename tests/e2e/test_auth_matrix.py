@@ -160,11 +160,12 @@ EXPECTED: dict[str, dict[str, int]] = {
         "operator": 200,
         "no role": 403,
     },
-    # Authorized callers reach the use case, which refuses a completed case (409).
+    # A reviewer may not see a completed case it did not decide: 404, as for reading it
+    # (its reviewer of record hears 409: test_a_second_decision_...).
     "POST /api/cases/{done}/review": {
         "owner": 403,
         "submitter": 403,
-        "reviewer": 409,
+        "reviewer": 404,
         "operator": 403,
         "no role": 403,
     },
@@ -254,6 +255,38 @@ async def test_route_by_caller_matrix(
                 detailed = response.json().get("tiers") is not None
                 assert detailed == (caller == "operator"), (caller, response.json())
     assert not mismatches, "\n".join(mismatches)
+
+
+async def test_a_second_decision_is_409_to_its_reviewer_and_404_to_other_reviewers(
+    api: httpx.AsyncClient, callers: dict[str, dict[str, str]], issue_token: Callable[..., str]
+) -> None:
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    escalated = {
+        "case_id": case_id,
+        "customer_id": "cust-matrix",
+        "text": "The hotel charged me twice",
+        "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
+    }
+    answer = await api.post("/api/cases", json=escalated, headers=callers["owner"])
+    assert answer.status_code == 201 and answer.json()["status"] == "awaiting_review"
+    review = f"/api/cases/{case_id}/review"
+    decided = await api.post(review, json={"decision": "approve"}, headers=callers["reviewer"])
+    assert decided.status_code == 200 and decided.json()["status"] == "completed", decided.text
+
+    again = await api.post(review, json={"decision": "reject"}, headers=callers["reviewer"])
+    assert again.status_code == 409
+    assert "not awaiting review (status: completed)" in again.json()["error"]
+    other = {"Authorization": f"Bearer {issue_token('matrix-reviewer-2', [ROLE_REVIEW])}"}
+    late = await api.post(review, json={"decision": "reject"}, headers=other)
+    assert late.status_code == 404
+    assert late.json()["error"] == f"case {case_id!r} not found"
+    # Exactly what a case that does not exist answers.
+    unknown_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    unknown = await api.post(
+        f"/api/cases/{unknown_id}/review", json={"decision": "reject"}, headers=other
+    )
+    assert unknown.status_code == 404
+    assert unknown.json() == {**late.json(), "error": f"case {unknown_id!r} not found"}
 
 
 async def test_a_403_names_the_missing_role(

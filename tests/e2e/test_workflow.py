@@ -190,14 +190,21 @@ async def test_over_threshold_waits_for_review_then_approve_refunds(
     assert {e["caller"]["name"] for e in resumed} == {"alice"}
     assert entries[-1]["caller"]["name"] == "e2e-client"
 
-    # A second decision is refused and changes nothing.
+    # A second decision is refused and changes nothing: 409 to alice, who decided; bob,
+    # another reviewer, may no longer see the case at all (404).
     second = await client.post(
+        f"/api/cases/{case_id}/review",
+        json={"decision": "reject"},
+        headers=bearer("alice", [ROLE_REVIEW]),
+    )
+    assert second.status_code == 409
+    assert "not awaiting review" in second.json()["error"]
+    third = await client.post(
         f"/api/cases/{case_id}/review",
         json={"decision": "reject"},
         headers=bearer("bob", [ROLE_REVIEW]),
     )
-    assert second.status_code == 409
-    assert "not awaiting review" in second.json()["error"]
+    assert third.status_code == 404
     assert await audit_of(client, case_id) == entries
     assert (await client.get(f"/api/cases/{case_id}")).json()["refund"]["status"] == "issued"
 
