@@ -7,7 +7,10 @@ entry first, so the cold tier receives a thread's operations in order; entries
 leave the log only after the cold tier has them, and applying one twice is
 harmless (`CheckpointStore.apply_batch` is idempotent). The lock is short and
 renewed while its holder works: a flusher that dies or is paused mid-batch holds
-the thread up for one lock TTL at most, and the next one re-applies that batch.
+the thread up for one lock TTL at most, and the next one re-applies that batch. A
+flusher back from a pause longer than the TTL finds its lease run out (by the clock,
+before each batch) and applies nothing more; only a pause inside a batch's own cold
+requests can still land them late, as the cold stores keep no fence of their own.
 
 `flush_thread` is the synchronous boundary: it returns once everything appended
 to the thread before the call is in the cold tier. `settle_all` does that for
@@ -57,35 +60,46 @@ ALL_LISTED = 1_000_000
 
 class _Lease:
     """A held flush lock, renewed in the background at a third of its TTL; `lost` once
-    it was taken by another or could not be renewed before it ran out."""
+    it was taken by another or could not be renewed before it ran out.
 
-    def __init__(self, log: WriteBehindLog, thread_id: str, token: str, ttl_ms: int) -> None:
+    It also knows until when it is surely held: its TTL from when the lock (or the last
+    renewal that held) was asked for. A process paused past that (a long GC, a frozen
+    VM) finds the lease run out on `check` before its renewer has had a turn to say so,
+    and does not apply a batch another flusher may have applied and acknowledged since.
+    """
+
+    def __init__(
+        self, log: WriteBehindLog, thread_id: str, token: str, ttl_ms: int, asked_at: float
+    ) -> None:
         self.thread_id = thread_id
         self.token = token
         self.lost = False
         self.applied = 0  # entries applied under this lease, kept if it is lost midway
         self._log = log
         self._ttl_ms = ttl_ms
+        self._held_until = asked_at + ttl_ms / 1000
         self._renewer = asyncio.create_task(self._renew(), name=f"flush-lease:{thread_id}")
 
     async def _renew(self) -> None:
-        renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
+            asked_at = time.monotonic()
             try:
                 held = await self._log.renew_thread_lock(
                     self.thread_id, self.token, ttl_ms=self._ttl_ms
                 )
             except BackendUnavailable:
-                held = time.monotonic() - renewed_at < self._ttl_ms / 1000
+                held = time.monotonic() < self._held_until
             else:
-                renewed_at = time.monotonic()
+                if held:
+                    self._held_until = asked_at + self._ttl_ms / 1000
             if not held:
                 self.lost = True
                 return
 
     def check(self) -> None:
-        if self.lost:
+        if self.lost or time.monotonic() >= self._held_until:
+            self.lost = True
             raise LockLost(f"flush of {self.thread_id!r}", "not renewed within its TTL")
 
     async def release(self) -> None:
@@ -179,13 +193,17 @@ class Flusher:
 
     @contextlib.asynccontextmanager
     async def _holding(self, thread_id: str, deadline: float) -> AsyncIterator[_Lease]:
-        while (token := await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)) is None:
+        while True:
+            asked_at = time.monotonic()
+            token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
+            if token is not None:
+                break
             if time.monotonic() > deadline:
                 raise BackendUnavailable(
                     "write-behind", f"the flush lock of {thread_id!r} was not released in time"
                 )
             await asyncio.sleep(LOCK_POLL_SECONDS)
-        lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms)
+        lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
         try:
             yield lease
         finally:
@@ -218,10 +236,11 @@ class Flusher:
     async def _take(self, thread_id: str, slots: asyncio.Semaphore) -> _Drained | None:
         """Flush the thread unless another flusher has it (None)."""
         async with slots:
+            asked_at = time.monotonic()
             token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
             if token is None:
                 return None
-            lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms)
+            lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
             try:
                 return await self._drain_locked(lease)
             except StateError as exc:

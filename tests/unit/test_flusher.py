@@ -8,6 +8,7 @@ the real servers), so what these tests prove is the flusher's own logic.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -183,6 +184,29 @@ async def test_a_lease_lost_mid_flush_is_taken_again_and_the_flush_finishes(
     assert log.requests["lock_thread"] == 2  # lost once, taken again
     assert await stored_ids(store, "a") == ["0002", "0001"]
     assert not await log.pending("a")
+
+
+async def test_a_flusher_paused_past_its_lock_applies_nothing_the_next_holder_has(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    """Its process stalls (a long GC, a frozen VM) between reading entries and applying
+    them, longer than the lock's TTL, so its renewer never ran: another flusher has taken
+    the thread meanwhile. Back, it must not apply what it read."""
+    await append(log, "a", 2)
+    read = log.read
+    taken: list[str | None] = []
+
+    async def stalled_read(thread_id: str, *, count: int) -> list[LogEntry]:
+        entries = await read(thread_id, count=count)
+        time.sleep(2 * LOCK_TTL_MS / 1000)  # noqa: ASYNC251 (the whole process stops)
+        taken.append(await log.lock_thread(thread_id, ttl_ms=60_000))
+        return entries
+
+    log.read = stalled_read  # type: ignore[method-assign]
+    assert await flusher.drain() == 0
+    assert taken[0] is not None  # the other flusher's
+    assert store.batches == []
+    assert await log.pending("a")
 
 
 async def test_a_failing_cold_tier_leaves_the_work_in_the_log_for_the_next_pass(
