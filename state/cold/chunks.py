@@ -45,12 +45,15 @@ leaves it adds and sends only the chunks that version added. A remembered split
 counts only once the store confirmed the write, is forgotten when this store
 deletes from the thread, and is built on only by a put that continues this
 store's own chain: its parent is the last checkpoint this store wrote for the
-thread and namespace (`PendingSplits`). Every chunk a remembered split names is
-reached from that parent's values, so while the parent exists no collection can
-have taken them, whichever process collects. A put anywhere else (the first of a
-thread, a new branch, the redo of a run another process rolled back, a step
+thread and namespace, and that parent still holds the version of the channel the
+split stored (a DeltaChannel snapshot: still in the parent's chain, which
+maintenance keeps back to the snapshot; `PendingSplits`). Every chunk such a split
+names is then reached from the parent, so while the parent exists no collection
+can have taken them, whichever process collects. A put anywhere else (the first
+of a thread, a new branch, the redo of a run another process rolled back, a step
 after another process's) sends its values' chunks again, and the store forgets
-what it remembered of that chain.
+what it remembered of that chain; so does a value whose channel was set to a
+small value or cleared since (the graph's input is, at every step after it).
 
 Reading back a value whose manifest a remembered split produced is served from the
 split (`Chunker.value_of`: equal manifests name equal bytes, the digests see to
@@ -230,6 +233,18 @@ class Split:
     # chunk no manifest reaches any more may have been collected).
     stored: frozenset[bytes]
     at: float
+    # The channel version it was stored at, and whether it is a DeltaChannel snapshot.
+    version: str = ""
+    snapshot: bool = False
+
+
+@dataclass(frozen=True)
+class Tip:
+    """The last checkpoint a store wrote of one (thread, namespace), and its channels'
+    versions: what the chunks of a remembered split must be reached from."""
+
+    checkpoint_id: str
+    versions: Mapping[str, str]
 
 
 class Chunker:
@@ -239,9 +254,11 @@ class Chunker:
         self._splits: OrderedDict[tuple[str, str, str], Split] = OrderedDict()
         self._by_manifest: dict[bytes, tuple[str, str, str]] = {}
         self._bytes = 0
-        self._tips: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._tips: OrderedDict[tuple[str, str], Tip] = OrderedDict()
+        # The channels with a remembered split, per (thread, namespace).
+        self._channels: dict[tuple[str, str], set[str]] = {}
 
-    def tip(self, thread_id: str, checkpoint_ns: str) -> str | None:
+    def tip(self, thread_id: str, checkpoint_ns: str) -> Tip | None:
         """The last checkpoint of (thread, namespace) this chunker's store wrote, if known."""
         return self._tips.get((thread_id, checkpoint_ns))
 
@@ -252,7 +269,9 @@ class Chunker:
             return None
         return known
 
-    def split(self, value: bytes, known: Split | None) -> tuple[bytes, list[Chunk], Split]:
+    def split(
+        self, value: bytes, known: Split | None, *, version: str = "", snapshot: bool = False
+    ) -> tuple[bytes, list[Chunk], Split]:
         """The manifest of `value`, the chunks to store for it (those `known`, the split of
         the same channel's previous version, has not stored), and what to `confirm`."""
         head, body = value[:HEAD_BYTES], memoryview(value)[HEAD_BYTES:]
@@ -287,31 +306,36 @@ class Chunker:
             leaves=leaves,
             stored=tree,
             at=time.monotonic(),
+            version=version,
+            snapshot=snapshot,
         )
         return manifest, _unique(chunks), remembered
 
     def confirm(self, pending: PendingSplits) -> None:
         """What `pending` packed is stored: the puts continuing its chains build on it."""
         for where in pending.restarted:
-            for key in [key for key in self._splits if key[:2] == where]:
-                self._drop(key)
+            self._drop_chain(where)
         for key, split in pending.splits.items():
             self._remember(key, split)
-        for where, checkpoint_id in pending.tips.items():
+        for where, tip in pending.tips.items():
             self._tips.pop(where, None)
-            self._tips[where] = checkpoint_id
+            self._tips[where] = tip
         while len(self._tips) > REMEMBER_TIPS:
             where, _ = self._tips.popitem(last=False)
-            for key in [key for key in self._splits if key[:2] == where]:
-                self._drop(key)
+            self._drop_chain(where)
 
     def _remember(self, key: tuple[str, str, str], split: Split) -> None:
         self._drop(key)
         self._splits[key] = split
         self._by_manifest[split.manifest] = key
+        self._channels.setdefault(key[:2], set()).add(key[2])
         self._bytes += len(split.value)
         while self._bytes > REMEMBER_BYTES:
             self._drop(next(iter(self._splits)))
+
+    def _drop_chain(self, where: tuple[str, str]) -> None:
+        for channel in list(self._channels.get(where, ())):
+            self._drop((*where, channel))
 
     def value_of(self, manifest: bytes) -> bytes | None:
         """The value of `manifest` if a remembered split wrote it (at any age: a manifest
@@ -322,8 +346,8 @@ class Chunker:
     def forget(self, thread_ids: Iterable[str]) -> None:
         """Chunks of these threads may have been deleted: send them again next time."""
         doomed = set(thread_ids)
-        for key in [key for key in self._splits if key[0] in doomed]:
-            self._drop(key)
+        for where in [where for where in self._channels if where[0] in doomed]:
+            self._drop_chain(where)
         for where in [where for where in self._tips if where[0] in doomed]:
             del self._tips[where]
 
@@ -331,6 +355,10 @@ class Chunker:
         split = self._splits.pop(key, None)
         if split is None:
             return
+        channels = self._channels[key[:2]]
+        channels.discard(key[2])
+        if not channels:
+            del self._channels[key[:2]]
         self._bytes -= len(split.value)
         # Equal values (two channels, threads or namespaces) share one manifest entry.
         if self._by_manifest.get(split.manifest) == key:
@@ -341,35 +369,58 @@ class PendingSplits:
     """The splits of one store call's checkpoints, in order, until the store confirms them.
 
     Call `begin` for every checkpoint put (chunked values or not: it moves the chain),
-    then `split` for each of its chunked values. A put builds on what is remembered
-    only if it continues the chain: its parent is the last checkpoint written (by this
-    call, or confirmed before), or it is that checkpoint again (a repeated put).
+    then `split` for each of its chunked values. A value builds on what is remembered of
+    its channel only if the put continues the chain (its parent is the last checkpoint
+    written, by this call or confirmed before, or it is that checkpoint again) and that
+    checkpoint still holds the remembered version: a channel set to a small value or
+    cleared since (the graph's input, say) no longer reaches the old chunks. A
+    DeltaChannel snapshot stays remembered past the versions its updates add, as
+    maintenance keeps every checkpoint's chain back to its snapshot.
     """
 
     def __init__(self, chunker: Chunker) -> None:
         self._chunker = chunker
         self.splits: dict[tuple[str, str, str], Split] = {}
-        self.tips: dict[tuple[str, str], str] = {}
+        self.tips: dict[tuple[str, str], Tip] = {}
         # Chains this call broke: what the chunker remembers of them goes on confirm.
         self.restarted: set[tuple[str, str]] = set()
+        # Per (thread, namespace), the versions of the checkpoint the put being split
+        # builds on (None: it does not continue the chain).
+        self._built_on: dict[tuple[str, str], Mapping[str, str] | None] = {}
 
     def begin(self, checkpoint: StoredCheckpoint) -> None:
         where = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         tip = self.tips[where] if where in self.tips else self._chunker.tip(*where)
         parent = checkpoint.parent_checkpoint_id
-        if tip is None or tip not in (parent, checkpoint.checkpoint_id):
+        if tip is None or tip.checkpoint_id not in (parent, checkpoint.checkpoint_id):
             self.restarted.add(where)
             for key in [key for key in self.splits if key[:2] == where]:
                 del self.splits[key]
-        self.tips[where] = checkpoint.checkpoint_id
+            self._built_on[where] = None
+        else:
+            self._built_on[where] = tip.versions
+        versions = {channel: str(v) for channel, v in checkpoint.channel_versions.items()}
+        self.tips[where] = Tip(checkpoint.checkpoint_id, versions)
 
-    def split(self, key: tuple[str, str, str], value: bytes) -> tuple[bytes, list[Chunk]]:
-        """The manifest of `value`, the `key` of a checkpoint `begin` was called for, and
-        the chunks to store for it."""
+    def split(
+        self, key: tuple[str, str, str], value: TypedBytes, version: str | int | float
+    ) -> tuple[bytes, list[Chunk]]:
+        """The manifest of `value`, the channel `key` of the checkpoint `begin` was last
+        called for, stored at `version`, and the chunks to store for it."""
+        where, channel = key[:2], key[2]
+        type_, data = value
         known = self.splits.get(key)
-        if known is None and key[:2] not in self.restarted:
+        if known is None and where not in self.restarted:
             known = self._chunker.remembered(key)
-        manifest, added, self.splits[key] = self._chunker.split(value, known)
+        built_on = self._built_on.get(where)
+        if known is not None and (
+            built_on is None or (not known.snapshot and built_on.get(channel) != known.version)
+        ):
+            known = None
+        snapshot = delta_snapshot(type_, data[:HEAD_BYTES])
+        manifest, added, self.splits[key] = self._chunker.split(
+            data, known, version=str(version), snapshot=snapshot
+        )
         return manifest, added
 
 

@@ -213,7 +213,7 @@ class CosmosCheckpointStore:
                 stored.append(blob)
                 continue
             key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
-            manifest, added = pending.split(key, data)
+            manifest, added = pending.split(key, blob.value, blob.version)
             snapshot_of = (
                 (checkpoint.checkpoint_ns, blob.channel)
                 if delta_snapshot(type_, data[:HEAD_BYTES])

@@ -792,7 +792,7 @@ def _fold(ops: Sequence[FlushOp], pending: PendingSplits) -> list[list[Row]]:
                     blobs[blob_key] = (*blob_key, type_, data, CURRENT["blob"])
                     continue
                 split_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, blob.channel)
-                manifest, added = pending.split(split_key, data)
+                manifest, added = pending.split(split_key, blob.value, blob.version)
                 for chunk in added:
                     chunks[(checkpoint.thread_id, chunk.digest)] = (
                         checkpoint.thread_id,

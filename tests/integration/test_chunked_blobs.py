@@ -374,3 +374,78 @@ async def test_a_run_redone_after_another_process_deleted_it_reads_back_whole(
 
 def _with_run(cfg: RunnableConfig, run_id: str) -> RunnableConfig:
     return {"configurable": {**cfg["configurable"], "run_id": run_id}}
+
+
+class Retrieval(TypedDict):
+    messages: Annotated[list[str], operator.add]
+    context: str
+
+
+CONTEXT = " ".join(text(random.Random(5)) for _ in range(20))  # ~20 KB, the same every turn
+
+
+def retrieval_graph(saver: Any) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """A retrieval step puts a large context; the answer step clears it (a small value)."""
+    graph = StateGraph(Retrieval)
+    graph.add_node("fetch", lambda _state: {"context": CONTEXT})
+    graph.add_node("answer", lambda s: {"context": "", "messages": [f"ok {len(s['messages'])}"]})
+    graph.add_edge(START, "fetch")
+    graph.add_edge("fetch", "answer")
+    graph.add_edge("answer", END)
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("maintenance", ["prune", "delete_for_runs"])
+async def test_a_value_large_again_after_another_process_collected_it_reads_back_whole(
+    backend: str, maintenance: str, stack_env: dict[str, str]
+) -> None:
+    # Found by review: the writer's chain goes on (its tip is the latest checkpoint), but
+    # the tip holds the channel as a small value, so the large one's chunks were no longer
+    # reached and another process collected them.
+    cfg = thread_config("again")
+    thread = cfg["configurable"]["thread_id"]
+    async with stack(stack_env, backend) as writer, stack(stack_env, backend) as other:
+        graph = retrieval_graph(writer.saver)
+        first = str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["hi"]}, _with_run(cfg, first))
+        if maintenance == "prune":
+            await other.saver.aprune([thread], strategy="keep_latest")
+        else:
+            await graph.aupdate_state(_with_run(cfg, str(uuid.uuid4())), {"messages": ["note"]})
+            await other.saver.adelete_for_runs([first])
+        await graph.ainvoke(
+            {"messages": ["again"]}, _with_run(cfg, str(uuid.uuid4())), interrupt_after=["fetch"]
+        )
+        async with stack(stack_env, backend) as reader:
+            state = await retrieval_graph(reader.saver).aget_state(cfg)
+        assert state.values["context"] == CONTEXT
+
+
+class Document(TypedDict):
+    document: str
+    messages: Annotated[list[str], operator.add]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_large_input_sent_again_after_another_process_pruned_reads_back_whole(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    # LangGraph keeps a run's input in `__start__` at the input checkpoint only (the next
+    # step clears it): the latest checkpoint never holds it.
+    cfg = thread_config("input")
+    thread = cfg["configurable"]["thread_id"]
+    graph_of = StateGraph(Document)
+    graph_of.add_node("answer", lambda s: {"messages": [f"ok {len(s['messages'])}"]})
+    graph_of.add_edge(START, "answer")
+    graph_of.add_edge("answer", END)
+    async with stack(stack_env, backend) as writer, stack(stack_env, backend) as other:
+        graph = graph_of.compile(checkpointer=writer.saver)
+        turn = {"document": CONTEXT, "messages": ["q"]}
+        await graph.ainvoke(turn, _with_run(cfg, str(uuid.uuid4())))
+        await other.saver.aprune([thread], strategy="keep_latest")
+        await graph.ainvoke(turn, _with_run(cfg, str(uuid.uuid4())))
+        async with stack(stack_env, backend) as reader:
+            fresh = graph_of.compile(checkpointer=reader.saver)
+            read = [await fresh.aget_state(s.config) async for s in fresh.aget_state_history(cfg)]
+        assert len(read) == 4

@@ -146,15 +146,23 @@ async def test_a_chunk_missing_below_a_node_is_corrupt_state_after_one_fetch_per
 
 def put(
     chunker: chunks.Chunker,
-    value: bytes,
+    value: bytes | None,
     checkpoint_id: str,
     parent: str | None,
     thread: str = "thread",
 ) -> tuple[bytes, list[chunks.Chunk]]:
-    """A confirmed put of `value` as the `messages` channel of checkpoint `checkpoint_id`."""
+    """A confirmed put of checkpoint `checkpoint_id` that stores `value` as a new version
+    of its `messages` channel (None: a small value the chunker never sees)."""
     pending = chunks.PendingSplits(chunker)
-    pending.begin(StoredCheckpoint(thread, "", checkpoint_id, parent, ("msgpack", b""), {}, {}))
-    manifest, added = pending.split((thread, "", "messages"), value)
+    versions: dict[str, str | int | float] = {"messages": checkpoint_id}
+    pending.begin(
+        StoredCheckpoint(thread, "", checkpoint_id, parent, ("msgpack", b""), {}, versions)
+    )
+    manifest, added = (
+        (b"", [])
+        if value is None
+        else pending.split((thread, "", "messages"), ("msgpack", value), checkpoint_id)
+    )
     chunker.confirm(pending)
     return manifest, added
 
@@ -214,12 +222,24 @@ def test_a_branch_forgets_the_other_channels_of_the_chain_it_left() -> None:
     put(chunker, value, "1", None)
     pending = chunks.PendingSplits(chunker)
     # "2" branches from an unknown checkpoint and does not write `messages`.
-    pending.begin(StoredCheckpoint("thread", "", "2", "0", ("msgpack", b""), {}, {}))
+    pending.begin(StoredCheckpoint("thread", "", "2", "0", ("msgpack", b""), {}, {"messages": "1"}))
     chunker.confirm(pending)
     grown = packed(messages(200) + messages(3))
     _, added = put(chunker, grown, "3", "2")
     _, from_scratch, _ = chunks.Chunker().split(grown, None)
     assert {chunk.digest for chunk in added} == {chunk.digest for chunk in from_scratch}
+
+
+def test_a_channel_changed_to_a_small_value_no_longer_builds_on_its_old_chunks() -> None:
+    """Found by review: the graph's input (or any channel) is large at one checkpoint and
+    small or cleared at the next; another process's prune then collects the large value's
+    chunks, which the chain's tip no longer reaches. A large value later must send them."""
+    chunker = chunks.Chunker()
+    big = packed(messages(200))
+    _, first = put(chunker, big, "1", None)
+    put(chunker, None, "2", "1")  # small: the tip no longer holds the remembered version
+    _, again = put(chunker, big, "3", "2")
+    assert {chunk.digest for chunk in again} == {chunk.digest for chunk in first}
 
 
 def test_equal_values_under_two_keys_are_remembered_and_forgotten_apart() -> None:
