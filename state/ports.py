@@ -608,6 +608,17 @@ class CacheLookup:
     backlog: bool | None = None
 
 
+@dataclass(frozen=True)
+class HistoryLookup:
+    """What the cache holds of a checkpoint's delta history: `history` when it tracks it;
+    else, when that checkpoint is the cached latest, a `lease` to track what the caller
+    reads from the cold tier (`fill_history`), revoked by any write to an ancestor that
+    lands meanwhile, so a fill never installs a history that misses it."""
+
+    history: dict[str, ChannelHistory] | None
+    lease: str | None = None
+
+
 @runtime_checkable
 class CheckpointCache(Protocol):
     """Hot copy of the latest checkpoint per (thread, namespace); never the source of truth.
@@ -621,7 +632,9 @@ class CheckpointCache(Protocol):
     async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup: ...
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
-        """Install a complete checkpoint read from the cold tier, if `lease` still holds."""
+        """Install a complete checkpoint read from the cold tier, with its delta history
+        when it carries one (in the same step: a write that lands later joins it), if
+        `lease` still holds."""
 
     async def advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
         """After a cold put: move the cached latest to `checkpoint` if it is newer.
@@ -650,9 +663,10 @@ class CheckpointCache(Protocol):
 
     async def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
-    ) -> dict[str, ChannelHistory] | None:
+    ) -> HistoryLookup:
         """The delta history of the cached latest checkpoint, if it is `checkpoint_id` and
-        the cache tracks every channel asked for; else None (ask the cold tier)."""
+        the cache tracks every channel asked for; else none (ask the cold tier), with a
+        lease to fill it if the cache could track it."""
 
     async def fill_history(
         self,
@@ -660,9 +674,11 @@ class CheckpointCache(Protocol):
         checkpoint_ns: str,
         checkpoint_id: str,
         history: dict[str, ChannelHistory],
+        lease: str,
     ) -> None:
         """Track `history` (read from the cold tier) if `checkpoint_id` is still the cached
-        latest; later puts of its descendants keep it current."""
+        latest, untracked, and `lease` still holds; later puts of its descendants keep it
+        current."""
 
 
 # The state operation a cold-tier round trip serves ("state.update_section", ...), for

@@ -399,11 +399,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if stored.history is not None:
             self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
-            await self.cache.fill(stored, lease)
-            if stored.history:
-                await self.cache.fill_history(
-                    thread_id, checkpoint_ns, stored.checkpoint_id, stored.history
-                )
+            await self.cache.fill(stored, lease)  # its history with it, when it has one
         return self._tuple(stored)
 
     async def _list(
@@ -625,16 +621,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             and set(channels) <= remembered[1].keys()
         ):
             history = remembered[1]
+        lease = None
         if history is None and self.cache is not None:
-            history = await self.cache.history(thread_id, checkpoint_ns, checkpoint_id, channels)
+            cached = await self.cache.history(thread_id, checkpoint_ns, checkpoint_id, channels)
+            history, lease = cached.history, cached.lease
         if history is None:
             if self.flusher is not None:
                 await self.flusher.settle_thread(thread_id)  # the cold tier must hold it all
             history = await self.store.delta_history(
                 thread_id, checkpoint_ns, checkpoint_id, channels
             )
-            if self.cache is not None:
-                await self.cache.fill_history(thread_id, checkpoint_ns, checkpoint_id, history)
+            if self.cache is not None and lease is not None:
+                await self.cache.fill_history(
+                    thread_id, checkpoint_ns, checkpoint_id, history, lease
+                )
         return {ch: self._channel_history(history[ch]) for ch in channels}
 
     def _remember_history(

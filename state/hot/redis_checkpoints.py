@@ -50,12 +50,13 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import CorruptState
 from ..ports import (
     CacheLookup,
     ChannelHistory,
+    HistoryLookup,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
@@ -203,6 +204,8 @@ local function add_writes(key, id, upsert, ttl, first)
     return 1
   end
   if current and not older(current, id) then
+    -- A reader filling the history from the cold tier may have read before this write.
+    redis.call('HDEL', key, 'dl')
     -- Writes of the cached checkpoint's parent landing after its child (LangGraph
     -- overlaps the two) join the delta history; older ones void it.
     if redis.call('HGET', key, 'd@') == current then
@@ -266,15 +269,26 @@ return 1
 """
 )
 
-# KEYS: entry. ARGV: checkpoint id, tracked channels (JSON), then name/value pairs of the
-# history fields.
+# KEYS: entry. ARGV: checkpoint id, lease token. A lease on the history of the cached
+# latest checkpoint, when it is that one: 1 if granted (revoked by a write to an older
+# checkpoint, see add_writes), else 0.
+_LEASE_HISTORY = """
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'dl', ARGV[2])
+return 1
+"""
+
+# KEYS: entry. ARGV: checkpoint id, tracked channels (JSON), lease token, then name/value
+# pairs of the history fields. Installs only under the lease, so a history read from the
+# cold tier before a write to an ancestor landed is never tracked.
 _FILL_HISTORY = (
     LUA_HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'dl') ~= ARGV[3] then return 0 end
 drop_history(KEYS[1])
 local set = {'d@', ARGV[1], 'dc', ARGV[2]}
-for i = 3, #ARGV do set[#set + 1] = ARGV[i] end
+for i = 4, #ARGV do set[#set + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(set))
 return 1
 """
@@ -482,6 +496,7 @@ class RedisCheckpointCache:
         self._fill = client.register_script(_FILL)
         self._lease = client.register_script(_LEASE)
         self._fill_history = client.register_script(_FILL_HISTORY)
+        self._lease_history = client.register_script(_LEASE_HISTORY)
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
         self._healthy = True
@@ -556,6 +571,15 @@ class RedisCheckpointCache:
             + blob_fields(blobs)
             + write_fields(checkpoint.writes or [])
         )
+        if checkpoint.history:
+            # Tracked from the fill on: a write that lands after it joins the history.
+            fields += [
+                b"d@",
+                checkpoint.checkpoint_id.encode(),
+                b"dc",
+                json.dumps(sorted(checkpoint.history)).encode(),
+                *history_fields(checkpoint.history),
+            ]
         await self._call(
             key,
             self._fill(
@@ -613,21 +637,47 @@ class RedisCheckpointCache:
 
     async def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
-    ) -> dict[str, ChannelHistory] | None:
+    ) -> HistoryLookup:
         key = self.key(thread_id, checkpoint_ns)
         if key in self._suspect and not await self._clear_if_suspect(key):
-            return None
-        fields = cast("dict[bytes, bytes] | None", await self._call(key, self._client.hgetall(key)))
-        if not fields or fields.get(b"id") != checkpoint_id.encode():
-            return None
+            return HistoryLookup(None)
+        token = os.urandom(12).hex()
+        answers = await self._call(key, self._read_leasing_history(key, checkpoint_id, token))
+        if answers is None:
+            return HistoryLookup(None)
+        fields, granted = answers
+        lease = token if granted == 1 else None
+        if fields.get(b"id") != checkpoint_id.encode():
+            return HistoryLookup(None)
         try:
             history = parse_history(fields)
         except (ValueError, KeyError, struct.error) as exc:
             self._failed(key, exc)
-            return None
+            return HistoryLookup(None)
         if history is None or not set(channels) <= history.keys():
-            return None
-        return {ch: history[ch] for ch in channels}
+            return HistoryLookup(None, lease)
+        return HistoryLookup({ch: history[ch] for ch in channels})
+
+    async def _read_leasing_history(
+        self, key: str, checkpoint_id: str, token: str
+    ) -> tuple[dict[bytes, bytes], int]:
+        """The entry and, in the same round trip, a lease on its history in case it is not
+        the one asked for (a plain HGETALL and a script in a pipeline, not one script: a
+        large entry costs more passed through Lua)."""
+
+        async def read() -> tuple[dict[bytes, bytes], int]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(key)
+            pipe.evalsha(self._lease_history.sha, 1, key, checkpoint_id, token)
+            fields, granted = await pipe.execute(raise_on_error=True)
+            return cast("dict[bytes, bytes]", fields), int(granted)
+
+        try:
+            return await read()
+        except NoScriptError:
+            # The server lost its script cache (restart, failover): load it, once.
+            await self._client.script_load(_LEASE_HISTORY)
+            return await read()
 
     async def fill_history(
         self,
@@ -635,6 +685,7 @@ class RedisCheckpointCache:
         checkpoint_ns: str,
         checkpoint_id: str,
         history: dict[str, ChannelHistory],
+        lease: str,
     ) -> None:
         key = self.key(thread_id, checkpoint_ns)
         if not await self._clear_if_suspect(key):
@@ -643,7 +694,7 @@ class RedisCheckpointCache:
             key,
             self._fill_history(
                 keys=[key],
-                args=[checkpoint_id, json.dumps(sorted(history)), *history_fields(history)],
+                args=[checkpoint_id, json.dumps(sorted(history)), lease, *history_fields(history)],
             ),
         )
 

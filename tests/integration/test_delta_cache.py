@@ -4,6 +4,7 @@ Redis: carried forward by each put, joined by the parent's writes that land late
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -49,6 +50,26 @@ def write(n: int, idx: int = 0) -> StoredWrite:
     return StoredWrite(f"task-{n}", "~", idx, CHANNEL, ("json", json.dumps([n, idx]).encode()))
 
 
+async def tracked(
+    cache: RedisCheckpointCache, thread_id: str, checkpoint_id: str
+) -> dict[str, ChannelHistory] | None:
+    return (await cache.history(thread_id, "", checkpoint_id, [CHANNEL])).history
+
+
+async def track(
+    cache: RedisCheckpointCache,
+    thread_id: str,
+    checkpoint_id: str,
+    history: dict[str, ChannelHistory] | None = None,
+) -> None:
+    """What a reader does on a history miss: take the lease, read the cold tier, fill."""
+    lease = (await cache.history(thread_id, "", checkpoint_id, [CHANNEL])).lease
+    assert lease is not None
+    await cache.fill_history(
+        thread_id, "", checkpoint_id, history or {CHANNEL: ChannelHistory([])}, lease
+    )
+
+
 def values(history: dict[str, ChannelHistory] | None) -> list[tuple[str, list[int]]]:
     assert history is not None
     return sorted((cid, json.loads(w.value[1])) for cid, w in history[CHANNEL].writes)
@@ -60,12 +81,12 @@ async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpo
     lease = (await cache.lookup(thread_id, "", lease=True)).lease
     assert lease is not None
     await cache.fill(root, lease)
-    await cache.fill_history(thread_id, "", root.checkpoint_id, {CHANNEL: ChannelHistory([])})
+    await track(cache, thread_id, root.checkpoint_id)
     await cache.add_writes(thread_id, "", "cp-0000", [write(0)], upsert=False)
     await cache.advance(checkpoint(thread_id, 1, 0), [])
     await cache.add_writes(thread_id, "", "cp-0001", [write(1)], upsert=False)
     await cache.advance(checkpoint(thread_id, 2, 1), [])
-    found = await cache.history(thread_id, "", "cp-0002", [CHANNEL])
+    found = await tracked(cache, thread_id, "cp-0002")
     assert values(found) == [("cp-0000", [0, 0]), ("cp-0001", [1, 0])]
     assert found is not None and found[CHANNEL].seed is None
 
@@ -73,11 +94,11 @@ async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpo
     await cache.add_writes(thread_id, "", "cp-0002", [write(2)], upsert=False)
     snapshot = ("json", b'"snapshot"')
     await cache.advance(checkpoint(thread_id, 3, 2), [StoredBlob(CHANNEL, "v0003", snapshot)])
-    found = await cache.history(thread_id, "", "cp-0003", [CHANNEL])
+    found = await tracked(cache, thread_id, "cp-0003")
     assert values(found) == [("cp-0000", [0, 0]), ("cp-0001", [1, 0]), ("cp-0002", [2, 0])]
     await cache.add_writes(thread_id, "", "cp-0003", [write(3)], upsert=False)
     await cache.advance(checkpoint(thread_id, 4, 3), [])
-    found = await cache.history(thread_id, "", "cp-0004", [CHANNEL])
+    found = await tracked(cache, thread_id, "cp-0004")
     assert found is not None
     assert found[CHANNEL].seed == snapshot and found[CHANNEL].seed_at == "cp-0003"
     assert values(found) == [("cp-0003", [3, 0])]
@@ -85,8 +106,8 @@ async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpo
     looked = await cache.lookup(thread_id, "", lease=False)
     assert looked.checkpoint is not None and looked.history == found
     # An older checkpoint, or a channel not tracked, is not the cache's to answer.
-    assert await cache.history(thread_id, "", "cp-0003", [CHANNEL]) is None
-    assert await cache.history(thread_id, "", "cp-0004", [CHANNEL, "other"]) is None
+    assert await tracked(cache, thread_id, "cp-0003") is None
+    assert (await cache.history(thread_id, "", "cp-0004", [CHANNEL, "other"])).history is None
 
 
 async def test_late_parent_writes_join_and_anything_else_drops_it(
@@ -96,23 +117,62 @@ async def test_late_parent_writes_join_and_anything_else_drops_it(
     lease = (await cache.lookup(thread_id, "", lease=True)).lease
     assert lease is not None
     await cache.fill(checkpoint(thread_id, 0, None), lease)
-    await cache.fill_history(thread_id, "", "cp-0000", {CHANNEL: ChannelHistory([])})
+    await track(cache, thread_id, "cp-0000")
     await cache.advance(checkpoint(thread_id, 1, 0), [])
     await cache.advance(checkpoint(thread_id, 2, 1), [])
     # The parent's writes land after its child's put (LangGraph overlaps the two).
     await cache.add_writes(thread_id, "", "cp-0001", [write(1)], upsert=False)
-    assert values(await cache.history(thread_id, "", "cp-0002", [CHANNEL])) == [("cp-0001", [1, 0])]
+    assert values(await tracked(cache, thread_id, "cp-0002")) == [("cp-0001", [1, 0])]
     # A write older than the parent: the history cannot say what it misses, so it goes.
     await cache.add_writes(thread_id, "", "cp-0000", [write(0)], upsert=False)
-    assert await cache.history(thread_id, "", "cp-0002", [CHANNEL]) is None
+    assert await tracked(cache, thread_id, "cp-0002") is None
     looked = await cache.lookup(thread_id, "", lease=False)
     assert looked.checkpoint is not None and looked.history is None
 
     # A fork (a put whose parent is not the cached latest) drops the entry, history too.
-    await cache.fill_history(thread_id, "", "cp-0002", {CHANNEL: ChannelHistory([])})
-    assert await cache.history(thread_id, "", "cp-0002", [CHANNEL]) is not None
+    await track(cache, thread_id, "cp-0002")
+    assert await tracked(cache, thread_id, "cp-0002") is not None
     await cache.advance(checkpoint(thread_id, 5, 1), [])
     assert (await cache.lookup(thread_id, "", lease=False)).checkpoint is None
+
+
+async def test_a_history_read_before_an_ancestor_write_landed_is_never_tracked(
+    cache: RedisCheckpointCache,
+) -> None:
+    """A reader misses the history, reads the cold tier, and fills: a write to an ancestor
+    that lands between the read and the fill is not in what it read, so the fill must not
+    be tracked (the next put would carry the gap forward); a fill that comes with the
+    checkpoint itself is tracked at once, so the late write joins it."""
+    thread_id = f"dc-{uuid.uuid4().hex[:8]}"
+    lease = (await cache.lookup(thread_id, "", lease=True)).lease
+    assert lease is not None
+    await cache.fill(checkpoint(thread_id, 0, None), lease)
+    await cache.advance(checkpoint(thread_id, 1, 0), [])
+    await cache.advance(checkpoint(thread_id, 2, 1), [])
+    missed = await cache.history(thread_id, "", "cp-0002", [CHANNEL])
+    assert missed.history is None and missed.lease is not None
+    read_before = {CHANNEL: ChannelHistory([])}  # the cold read, without the write below
+    await cache.add_writes(thread_id, "", "cp-0001", [write(1)], upsert=False)
+    await cache.fill_history(thread_id, "", "cp-0002", read_before, missed.lease)
+    assert await tracked(cache, thread_id, "cp-0002") is None
+    # A reader whose lease no write revoked fills it.
+    await track(cache, thread_id, "cp-0002", {CHANNEL: ChannelHistory([("cp-0001", write(1))])})
+    assert values(await tracked(cache, thread_id, "cp-0002")) == [("cp-0001", [1, 0])]
+
+    # Filled with the checkpoint (a get_tuple miss): tracked in the same step.
+    other = f"dc-{uuid.uuid4().hex[:8]}"
+    lease = (await cache.lookup(other, "", lease=True)).lease
+    assert lease is not None
+    latest = checkpoint(other, 2, 1)
+    await cache.fill(
+        dataclasses.replace(latest, history={CHANNEL: ChannelHistory([("cp-0000", write(0))])}),
+        lease,
+    )
+    await cache.add_writes(other, "", "cp-0001", [write(1)], upsert=False)
+    assert values(await tracked(cache, other, "cp-0002")) == [
+        ("cp-0000", [0, 0]),
+        ("cp-0001", [1, 0]),
+    ]
 
 
 def test_sync_api_rebuilds_like_in_memory_saver(stack_env: dict[str, str]) -> None:

@@ -50,6 +50,7 @@ from state.ports import (
     ChannelHistory,
     CheckpointPut,
     FlushOp,
+    HistoryLookup,
     HotRead,
     Lock,
     LogEntry,
@@ -911,9 +912,9 @@ class MemoryCheckpointCache:
 
     async def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
-    ) -> dict[str, ChannelHistory] | None:
+    ) -> HistoryLookup:
         # Not tracked here: the saver asks the cold tier, as after a Redis miss.
-        return None
+        return HistoryLookup(None)
 
     async def fill_history(
         self,
@@ -921,6 +922,7 @@ class MemoryCheckpointCache:
         checkpoint_ns: str,
         checkpoint_id: str,
         history: dict[str, ChannelHistory],
+        lease: str,
     ) -> None:
         return None
 
