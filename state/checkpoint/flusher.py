@@ -1,7 +1,8 @@
 """The write-behind flusher: moves acknowledged checkpoint work from the hot log to the cold tier.
 
 Every worker runs one in the background (woken by its own appends, and polling
-for work other workers left behind); the timer function runs a `drain` pass too.
+for work other workers left behind, which it takes once it has lingered:
+ADOPT_AFTER_SECONDS); the timer function runs a `drain` pass too.
 A thread is flushed by one flusher at a time (the log's per-thread lock), oldest
 entry first, so the cold tier receives a thread's operations in order; entries
 leave the log only after the cold tier has them, and applying one twice is
@@ -41,6 +42,14 @@ CONCURRENT_THREADS = 8
 LISTED_THREADS = CONCURRENT_THREADS * 4
 # How often an idle flusher looks for work other workers left behind.
 POLL_SECONDS = 1.0
+# The background pass takes a thread this worker did not append to only once it has seen
+# it listed this long: its own worker is flushing it (within WAKE_DELAY_MAX_SECONDS),
+# unless it died. A thread that hops between workers mid-run costs each of them its
+# chunks again (a store builds on what it stored itself, `state.cold.chunks`) and a lock
+# handover per hop.
+ADOPT_AFTER_SECONDS = 5.0
+# How long an append makes a thread this worker's own, for the background pass.
+OWN_SECONDS = 60.0
 # After its own append wakes it, a flusher waits until appends pause this long, so its
 # cold requests and CPU stay off the path of a run in progress (which appends every few
 # ms) and one pass takes a run's entries together ...
@@ -125,6 +134,9 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.flushed_entries = 0
+        # Threads this worker appended to (last append), and others seen listed (first seen).
+        self._own: dict[str, float] = {}
+        self._foreign: dict[str, float] = {}
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -211,17 +223,22 @@ class Flusher:
 
     # ----------------------------------------------------------------------- draining
 
-    async def drain(self, *, limit: int | None = None) -> int:
+    async def drain(self, *, limit: int | None = None, adopt_after: float | None = None) -> int:
         """Flush listed threads (oldest backlog first) until none is left that this
-        flusher can take, or `limit` entries were applied; returns entries applied."""
+        flusher can take, or `limit` entries were applied; returns entries applied.
+        `adopt_after`: take a thread this worker did not append to only once this flusher
+        has seen it listed for that long (the background pass; see ADOPT_AFTER_SECONDS)."""
         total = 0
         skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
+        seen: set[str] = set()
         while limit is None or total < limit:
             listed = await self.log.dirty_threads(limit=LISTED_THREADS, skip=skip)
             if not listed:
                 break
-            results = await asyncio.gather(*(self._take(thread, slots) for thread, _ in listed))
+            seen.update(thread for thread, _ in listed)
+            taken = [thread for thread, _ in listed if self._takes(thread, adopt_after)]
+            results = await asyncio.gather(*(self._take(thread, slots) for thread in taken))
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
             if not any(result.applied or result.unlisted for result in done):
@@ -231,7 +248,17 @@ class Flusher:
                 if len(listed) < LISTED_THREADS:
                     break
                 skip += len(listed)
+        if adopt_after is not None:
+            self._foreign = {t: at for t, at in self._foreign.items() if t in seen}
         return total
+
+    def _takes(self, thread_id: str, adopt_after: float | None) -> bool:
+        if adopt_after is None:
+            return True
+        now = time.monotonic()
+        if now - self._own.get(thread_id, -OWN_SECONDS) < OWN_SECONDS:
+            return True
+        return now - self._foreign.setdefault(thread_id, now) >= adopt_after
 
     async def _take(self, thread_id: str, slots: asyncio.Semaphore) -> _Drained | None:
         """Flush the thread unless another flusher has it (None)."""
@@ -279,8 +306,12 @@ class Flusher:
 
     # ----------------------------------------------------------------------- background
 
-    def notify(self) -> None:
-        """An append happened: drain soon."""
+    def notify(self, thread_id: str) -> None:
+        """This worker appended to the thread: drain soon."""
+        now = time.monotonic()
+        self._own[thread_id] = now
+        if len(self._own) > 4 * LISTED_THREADS:
+            self._own = {t: at for t, at in self._own.items() if now - at < OWN_SECONDS}
         self._wake.set()
 
     def start(self) -> None:
@@ -332,7 +363,7 @@ class Flusher:
             if self._wake.is_set():
                 await self._quiet()
             try:
-                await self.drain()
+                await self.drain(adopt_after=ADOPT_AFTER_SECONDS)
             except Exception:
                 # The loop must outlive any one failure; the entries wait in the log.
                 log.exception("write-behind flush pass failed; retrying")

@@ -686,7 +686,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if synchronous:
             await self._flush_thread(thread_id)
         else:
-            self.flusher.notify()
+            self.flusher.notify(thread_id)
 
     async def _flush_thread(self, thread_id: str) -> None:
         assert self.flusher is not None

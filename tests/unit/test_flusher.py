@@ -251,7 +251,7 @@ async def test_the_background_task_drains_after_an_append_and_close_leaves_nothi
     flusher.start()
     try:
         await append(log, "a", 1)
-        flusher.notify()
+        flusher.notify("a")
         for _ in range(50):  # well before the idle poll (1 s): the notify woke it
             if not await log.pending("a"):
                 break
@@ -261,6 +261,38 @@ async def test_the_background_task_drains_after_an_append_and_close_leaves_nothi
     finally:
         await flusher.close(final_drain_seconds=1)
     assert (await log.backlog()).entries == 0
+
+
+async def test_the_background_pass_leaves_another_workers_thread_to_it_until_it_lingers(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each worker's flusher takes what its own worker appended; another worker's thread
+    only once it stayed listed (its worker died): a thread that hopped between workers mid-run
+    would cost each store its chunks again."""
+    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.3)
+    other = Flusher(log, store, lock_ttl_ms=LOCK_TTL_MS)
+    await append(log, "mine", 1)
+    await append(log, "theirs", 1)
+    flusher.notify("mine")
+    other.notify("theirs")
+    flusher.start()
+    try:
+        for _ in range(50):
+            if not await log.pending("mine"):
+                break
+            await asyncio.sleep(0.01)
+        assert not await log.pending("mine")
+        assert await log.pending("theirs")  # its worker (`other`) never flushes: it died
+        await asyncio.sleep(0.3 + 2 * flusher_module.POLL_SECONDS)
+        assert not await log.pending("theirs")
+    finally:
+        await flusher.close(final_drain_seconds=1)
+    # A pass that adopts at once (the timer's, close's) takes any thread.
+    await append(log, "theirs", 2)
+    assert await flusher.drain() == 4
 
 
 def _thread(op: FlushOp) -> str:
@@ -288,7 +320,7 @@ async def test_the_background_task_waits_for_appends_to_pause_within_a_bound(
             await log.append_put(
                 checkpoint("a", n), [StoredBlob("chat", n, ("json", b"%d" % n))], fence=None
             )
-            flusher.notify()
+            flusher.notify("a")
             await asyncio.sleep(0.01)
         assert store.batches == []
         for _ in range(100):
@@ -304,7 +336,7 @@ async def test_the_background_task_waits_for_appends_to_pause_within_a_bound(
             await log.append_put(
                 checkpoint("a", n), [StoredBlob("chat", n, ("json", b"%d" % n))], fence=None
             )
-            flusher.notify()
+            flusher.notify("a")
             await asyncio.sleep(0.01)
         assert len(store.batches) > 1
     finally:
