@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import CorruptState
-from ..ports import StoredCheckpoint, TypedBytes
+from ..ports import StoredBlob, StoredCheckpoint, TypedBytes
 
 K = TypeVar("K")
 
@@ -315,6 +315,8 @@ class Chunker:
         """What `pending` packed is stored: the puts continuing its chains build on it."""
         for where in pending.restarted:
             self._drop_chain(where)
+        for key in pending.stale:
+            self._drop(key)
         for key, split in pending.splits.items():
             self._remember(key, split)
         for where, tip in pending.tips.items():
@@ -368,14 +370,15 @@ class Chunker:
 class PendingSplits:
     """The splits of one store call's checkpoints, in order, until the store confirms them.
 
-    Call `begin` for every checkpoint put (chunked values or not: it moves the chain),
-    then `split` for each of its chunked values. A value builds on what is remembered of
-    its channel only if the put continues the chain (its parent is the last checkpoint
-    written, by this call or confirmed before, or it is that checkpoint again) and that
-    checkpoint still holds the remembered version: a channel set to a small value or
-    cleared since (the graph's input, say) no longer reaches the old chunks. A
-    DeltaChannel snapshot stays remembered past the versions its updates add, as
-    maintenance keeps every checkpoint's chain back to its snapshot.
+    Call `begin` for every checkpoint put with its blobs (chunked or not: it moves the
+    chain), then `split` for each of its chunked values. A value builds on what is
+    remembered of its channel only if the put continues the chain (its parent is the
+    last checkpoint written, by this call or confirmed before, or it is that checkpoint
+    again) and that checkpoint still holds the remembered version: a channel set to a
+    small value or cleared since (the graph's input, say) no longer reaches the old
+    chunks. A DeltaChannel snapshot stays remembered past the versions its updates add,
+    as maintenance keeps every checkpoint's chain back to its latest snapshot, until a
+    newer snapshot replaces it (one stored whole, too small to chunk, forgets it).
     """
 
     def __init__(self, chunker: Chunker) -> None:
@@ -387,8 +390,10 @@ class PendingSplits:
         # Per (thread, namespace), the versions of the checkpoint the put being split
         # builds on (None: it does not continue the chain).
         self._built_on: dict[tuple[str, str], Mapping[str, str] | None] = {}
+        # Channels whose remembered split this call made stale (on confirm: forgotten).
+        self.stale: set[tuple[str, str, str]] = set()
 
-    def begin(self, checkpoint: StoredCheckpoint) -> None:
+    def begin(self, checkpoint: StoredCheckpoint, blobs: Iterable[StoredBlob]) -> None:
         where = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         tip = self.tips[where] if where in self.tips else self._chunker.tip(*where)
         parent = checkpoint.parent_checkpoint_id
@@ -401,6 +406,12 @@ class PendingSplits:
             self._built_on[where] = tip.versions
         versions = {channel: str(v) for channel, v in checkpoint.channel_versions.items()}
         self.tips[where] = Tip(checkpoint.checkpoint_id, versions)
+        for blob in blobs:
+            type_, data = blob.value
+            if not chunked(blob.value) and delta_snapshot(type_, data[:HEAD_BYTES]):
+                key = (*where, blob.channel)
+                self.splits.pop(key, None)
+                self.stale.add(key)
 
     def split(
         self, key: tuple[str, str, str], value: TypedBytes, version: str | int | float
@@ -410,7 +421,7 @@ class PendingSplits:
         where, channel = key[:2], key[2]
         type_, data = value
         known = self.splits.get(key)
-        if known is None and where not in self.restarted:
+        if known is None and where not in self.restarted and key not in self.stale:
             known = self._chunker.remembered(key)
         built_on = self._built_on.get(where)
         if known is not None and (

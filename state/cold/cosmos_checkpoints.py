@@ -206,7 +206,7 @@ class CosmosCheckpointStore:
         """
         stored: list[StoredBlob] = []
         blocks: list[Doc] = []
-        pending.begin(checkpoint)
+        pending.begin(checkpoint, blobs)
         for blob in blobs:
             type_, data = blob.value
             if not chunked(blob.value):

@@ -777,7 +777,7 @@ def _fold(ops: Sequence[FlushOp], pending: PendingSplits) -> list[list[Row]]:
     for op in ops:
         if isinstance(op, CheckpointPut):
             checkpoint = op.checkpoint
-            pending.begin(checkpoint)
+            pending.begin(checkpoint, op.blobs)
             for blob in op.blobs:
                 blob_key = (
                     checkpoint.thread_id,

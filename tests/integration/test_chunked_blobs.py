@@ -21,8 +21,10 @@ from typing import Annotated, Any, TypedDict
 import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Overwrite
 
 from state import codec
 from state.cold import chunks
@@ -449,3 +451,39 @@ async def test_a_large_input_sent_again_after_another_process_pruned_reads_back_
             fresh = graph_of.compile(checkpointer=reader.saver)
             read = [await fresh.aget_state(s.config) async for s in fresh.aget_state_history(cfg)]
         assert len(read) == 4
+
+
+def _replace_batches(state: list[str], batches: list[list[str]]) -> list[str]:
+    return [*state, *(item for batch in batches for item in batch)]
+
+
+class SnapshottedContext(TypedDict):
+    context: Annotated[list[str], DeltaChannel(_replace_batches, snapshot_frequency=1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_large_snapshot_after_a_small_one_and_another_process_pruning_reads_back(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    # Found by review: a DeltaChannel snapshot large (chunked), then small (stored whole):
+    # maintenance keeps the chain back to the small one only, so the large one's chunks
+    # go; the next large snapshot must not build on them.
+    documents = [text(random.Random(n)) for n in range(24)]
+    graph_of = StateGraph(SnapshottedContext)
+    graph_of.add_node("fetch", lambda _state: {"context": Overwrite(list(documents))})
+    graph_of.add_node("answer", lambda _state: {"context": Overwrite(["done"])})
+    graph_of.add_edge(START, "fetch")
+    graph_of.add_edge("fetch", "answer")
+    graph_of.add_edge("answer", END)
+    cfg = thread_config("snapshots")
+    thread = cfg["configurable"]["thread_id"]
+    async with stack(stack_env, backend) as writer, stack(stack_env, backend) as other:
+        graph = graph_of.compile(checkpointer=writer.saver)
+        await graph.ainvoke({"context": []}, _with_run(cfg, str(uuid.uuid4())))
+        await other.saver.aprune([thread], strategy="keep_latest")
+        await graph.ainvoke(
+            {"context": []}, _with_run(cfg, str(uuid.uuid4())), interrupt_after=["fetch"]
+        )
+        async with stack(stack_env, backend) as reader:
+            state = await graph_of.compile(checkpointer=reader.saver).aget_state(cfg)
+        assert state.values["context"] == documents

@@ -156,7 +156,7 @@ def put(
     pending = chunks.PendingSplits(chunker)
     versions: dict[str, str | int | float] = {"messages": checkpoint_id}
     pending.begin(
-        StoredCheckpoint(thread, "", checkpoint_id, parent, ("msgpack", b""), {}, versions)
+        StoredCheckpoint(thread, "", checkpoint_id, parent, ("msgpack", b""), {}, versions), []
     )
     manifest, added = (
         (b"", [])
@@ -222,7 +222,9 @@ def test_a_branch_forgets_the_other_channels_of_the_chain_it_left() -> None:
     put(chunker, value, "1", None)
     pending = chunks.PendingSplits(chunker)
     # "2" branches from an unknown checkpoint and does not write `messages`.
-    pending.begin(StoredCheckpoint("thread", "", "2", "0", ("msgpack", b""), {}, {"messages": "1"}))
+    pending.begin(
+        StoredCheckpoint("thread", "", "2", "0", ("msgpack", b""), {}, {"messages": "1"}), []
+    )
     chunker.confirm(pending)
     grown = packed(messages(200) + messages(3))
     _, added = put(chunker, grown, "3", "2")
