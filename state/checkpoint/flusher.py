@@ -48,7 +48,8 @@ POLL_SECONDS = 1.0
 # chunks again (a store builds on what it stored itself, `state.cold.chunks`) and a lock
 # handover per hop.
 ADOPT_AFTER_SECONDS = 5.0
-# How long an append makes a thread this worker's own, for the background pass.
+# How long an append makes a thread this worker's own, for the background pass, unless
+# a flush empties the thread first (the run's end: its next run may be another worker's).
 OWN_SECONDS = 60.0
 # After its own append wakes it, a flusher waits until appends pause this long, so its
 # cold requests and CPU stay off the path of a run in progress (which appends every few
@@ -299,6 +300,8 @@ class Flusher:
             if unlisted and await self.log.pending(thread_id):
                 await self.log.mark_dirty(thread_id)
                 unlisted = False
+        if unlisted:
+            self._own.pop(thread_id, None)
         return _Drained(lease.applied, unlisted)
 
     async def backlog(self) -> Backlog:

@@ -272,7 +272,7 @@ async def test_the_background_pass_leaves_another_workers_thread_to_it_until_it_
     """Each worker's flusher takes what its own worker appended; another worker's thread
     only once it stayed listed (its worker died): a thread that hopped between workers mid-run
     would cost each store its chunks again."""
-    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.3)
+    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 1.5)
     other = Flusher(log, store, lock_ttl_ms=LOCK_TTL_MS)
     await append(log, "mine", 1)
     await append(log, "theirs", 1)
@@ -286,8 +286,13 @@ async def test_the_background_pass_leaves_another_workers_thread_to_it_until_it_
             await asyncio.sleep(0.01)
         assert not await log.pending("mine")
         assert await log.pending("theirs")  # its worker (`other`) never flushes: it died
-        await asyncio.sleep(0.3 + 2 * flusher_module.POLL_SECONDS)
-        assert not await log.pending("theirs")
+        # Flushed empty, "mine" is no longer this worker's: its next run may be another's.
+        await append(log, "mine", 1)
+        other.notify("mine")
+        await asyncio.sleep(flusher_module.POLL_SECONDS + 0.1)
+        assert await log.pending("mine")
+        await asyncio.sleep(1.5 + 2 * flusher_module.POLL_SECONDS)
+        assert not await log.pending("theirs") and not await log.pending("mine")
     finally:
         await flusher.close(final_drain_seconds=1)
     # A pass that adopts at once (the timer's, close's) takes any thread.
