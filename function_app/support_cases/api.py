@@ -45,7 +45,7 @@ from .models import (
     RunsView,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
-from .service import CaseNotFound, CaseService, NotAwaitingReview, Outcome
+from .service import CaseConflict, CaseNotFound, CaseService, DecisionTakenBack, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,12 @@ async def review_case(
         )
     try:
         outcome = await cases.decide(case_id, decision, caller.caller)
-    except NotAwaitingReview:
-        # Reviewers see only cases awaiting review: a decision must not tell them that
-        # another case exists, or its status, unless they decided it themselves.
+    except DecisionTakenBack:
+        raise  # the decision was taken: its reviewer saw the case awaiting review
+    except CaseConflict:
+        # Reviewers see only cases awaiting review: a refused decision (not awaiting
+        # review, being worked on, stopped by a follow-up) must not tell them that another
+        # case exists, or its state, unless they decided it themselves.
         if not may_see_decision(caller, await cases.status(case_id)):
             raise CaseNotFound(case_id) from None
         raise

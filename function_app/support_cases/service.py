@@ -127,9 +127,8 @@ class CaseConflict(CaseError):
     """The case is not in a state that allows the request (maps to 409)."""
 
 
-class NotAwaitingReview(CaseConflict):
-    """A decision for a case that is not waiting for one (a second decision, a case that
-    never asked); maps to 409 for a caller who may see the case."""
+class DecisionTakenBack(CaseConflict):
+    """A decision that resumed its run, which a rollback then took with the decision."""
 
 
 class CaseBusy(CaseConflict):
@@ -419,7 +418,7 @@ class CaseService:
                 )
             if snapshot is None or not snapshot.interrupts:
                 status = (await self.status(case_id)).status
-                raise NotAwaitingReview(
+                raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
                 )
             resumed = paused["run_id"] if paused is not None else None
@@ -433,7 +432,7 @@ class CaseService:
                 (e for e in runs_of(await self._record(case_id)) if e["run_id"] == resumed), None
             )
             if ended is not None and ended["status"] == RunStatus.ROLLED_BACK:
-                raise CaseConflict(
+                raise DecisionTakenBack(
                     f"case {case_id!r}: follow-up {ended.get('stopped_by')} rolled back the "
                     "run this decision resumed, and the decision with it; decide again"
                 )

@@ -26,6 +26,7 @@ from support_cases.api import create_app
 from support_cases.auth import ROLE_OPERATE, ROLE_REVIEW, ROLE_SUBMIT
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
+from support_cases.service import run_lock_name
 
 OWNER = "matrix-owner"
 
@@ -287,6 +288,26 @@ async def test_a_second_decision_is_409_to_its_reviewer_and_404_to_other_reviewe
     )
     assert unknown.status_code == 404
     assert unknown.json() == {**late.json(), "error": f"case {unknown_id!r} not found"}
+
+
+async def test_a_decision_on_a_case_being_worked_on_is_404_to_a_reviewer_who_may_not_see_it(
+    api: httpx.AsyncClient,
+    runtime: Runtime,
+    callers: dict[str, dict[str, str]],
+) -> None:
+    # Found by review: the case's runner lock answered 409 (with when its lease ends)
+    # before the decision's checks ran.
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    made = await api.post("/api/cases", json=demo_case(case_id), headers=callers["owner"])
+    assert made.status_code == 201 and made.json()["status"] == "completed", made.text
+    review = f"/api/cases/{case_id}/review"
+    held = await runtime.store.lock(run_lock_name(case_id), ttl_ms=60_000)
+    assert held is not None
+    try:
+        hidden = await api.post(review, json={"decision": "reject"}, headers=callers["reviewer"])
+    finally:
+        await runtime.store.unlock(held)
+    assert hidden.status_code == 404 and hidden.json()["error"] == f"case {case_id!r} not found"
 
 
 async def test_a_403_names_the_missing_role(
