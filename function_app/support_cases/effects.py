@@ -205,13 +205,20 @@ class Effects:
             )
             return result
 
-    async def done(self, case_id: str, kind: str) -> dict[str, Any] | None:
-        """The result of the case's effect of `kind` if it was performed, else None."""
+    async def performed(
+        self, case_id: str, kind: str
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The request and result of the case's effect of `kind` if it was performed:
+        recorded `done`, or claimed by an attempt that may have reached the provider before
+        it died (asked by key, as `once` does when it takes a claim over)."""
         record = await self._store.get(case_id)
         entry = None if record is None else record.sections.get(effect_section(kind))
-        if entry is None or entry.get("status") != "done":
+        if entry is None:
             return None
-        return dict(entry["result"])
+        if entry.get("status") == "done":
+            return dict(entry["request"]), dict(entry["result"])
+        result = await self._provider.lookup(idempotency_key(case_id, kind))
+        return None if result is None else (dict(entry["request"]), result)
 
 
 def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
+from support_cases.agents.base import AgentDeps, Step
+from support_cases.agents.refund import RefundAgent
 from support_cases.effects import EffectInProgress, Effects
 from support_cases.runtime import Runtime
 
@@ -81,3 +84,42 @@ async def test_a_live_claim_of_another_attempt_is_respected(runtime: Runtime) ->
             case_id, "refund", {"amount": 10}, agent_id="refund-agent"
         )
     assert await runtime.provider.performed(f"{case_id}:refund") == []
+
+
+@pytest.mark.parametrize("decision", ["reject", "no_refund"])
+async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued(
+    runtime: Runtime, decision: str
+) -> None:
+    """The earlier run (rolled back, or dead) paid the refund and never recorded it done:
+    its claim is pending. Whatever this run decides, the money went out, and the case
+    says so, with what was paid (found by review)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    claim = {
+        "kind": "refund",
+        "idempotency_key": key,
+        "status": "pending",
+        "claim": "dead",
+        "lease_until": 0,
+        "request": {"amount": 900.0, "currency": "EUR"},
+    }
+    await runtime.store.update_section(case_id, "effect_refund", claim, agent_id="refund-agent")
+    paid = await runtime.provider.perform(key, "refund", claim["request"])
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    agent = RefundAgent(AgentDeps(runtime.store, effects, runtime.settings))
+    policy = {"decision": "no_refund" if decision == "no_refund" else "needs_review"}
+    state: Any = {
+        "case_id": case_id,
+        "billing": {"currency": "EUR", "duplicates": []},
+        "policy": {**policy, "refund_amount": 612.40},
+        "review": {"decision": "reject"},
+    }
+    result = await agent.decide(state, Step(None))
+    assert result == {
+        "status": "issued",
+        "amount": 900.0,
+        "currency": "EUR",
+        "reference": paid["reference"],
+    }
+    assert len(await runtime.provider.performed(key)) == 1

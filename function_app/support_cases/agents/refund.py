@@ -28,17 +28,23 @@ class RefundAgent(StatefulAgent):
         billing = state["billing"]
         approved = refund_approved(state)
         amount = state["policy"]["refund_amount"]
+        if not approved:
+            # A run rolled back after issuing it (or that died issuing it) leaves the
+            # refund issued: money moved, whatever this run decides, and the case says so.
+            performed = await self.deps.effects.performed(state["case_id"], "refund")
+            if performed is not None:
+                request, result = performed
+                return RefundResult(
+                    status="issued",
+                    amount=request["amount"],
+                    currency=request["currency"],
+                    reference=result["reference"],
+                )
         if approved is None:
             return RefundResult(status="not_applicable", amount=0.0, currency=None, reference=None)
         if not approved:
-            # A run rolled back after issuing it leaves the refund issued: money moved,
-            # whatever the new run decides, and the case must say so.
-            issued = await self.deps.effects.done(state["case_id"], "refund")
             return RefundResult(
-                status="refused" if issued is None else "issued",
-                amount=amount,
-                currency=billing["currency"],
-                reference=None if issued is None else issued["reference"],
+                status="refused", amount=amount, currency=billing["currency"], reference=None
             )
         issued = await self.deps.effects.once(
             state["case_id"],
