@@ -165,9 +165,10 @@ def chunked(value: TypedBytes) -> bool:
 
 
 # LangGraph's serde writes a DeltaChannel snapshot as a top-level msgpack extension of
-# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte.
+# this type: ext 8/16/32, then a 1/2/4-byte length, then the type byte; or, for a payload
+# of 1, 2, 4, 8 or 16 bytes (an empty list), fixext, then the type byte.
 DELTA_SNAPSHOT_EXT = 7
-_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5}
+_EXT_TYPE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5, 0xD4: 1, 0xD5: 1, 0xD6: 1, 0xD7: 1, 0xD8: 1}
 
 
 def delta_snapshot(type_: str, head: bytes) -> bool:

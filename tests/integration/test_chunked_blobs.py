@@ -462,8 +462,9 @@ class SnapshottedContext(TypedDict):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("small", [["done"], [], ["ab"]], ids=["ext8", "empty", "fixext4"])
 async def test_a_large_snapshot_after_a_small_one_and_another_process_pruning_reads_back(
-    backend: str, stack_env: dict[str, str]
+    backend: str, small: list[str], stack_env: dict[str, str]
 ) -> None:
     # Found by review: a DeltaChannel snapshot large (chunked), then small (stored whole):
     # maintenance keeps the chain back to the small one only, so the large one's chunks
@@ -471,7 +472,7 @@ async def test_a_large_snapshot_after_a_small_one_and_another_process_pruning_re
     documents = [text(random.Random(n)) for n in range(24)]
     graph_of = StateGraph(SnapshottedContext)
     graph_of.add_node("fetch", lambda _state: {"context": Overwrite(list(documents))})
-    graph_of.add_node("answer", lambda _state: {"context": Overwrite(["done"])})
+    graph_of.add_node("answer", lambda _state: {"context": Overwrite(list(small))})
     graph_of.add_edge(START, "fetch")
     graph_of.add_edge("fetch", "answer")
     graph_of.add_edge("answer", END)

@@ -126,6 +126,16 @@ def test_a_delta_channel_snapshot_is_recognised_from_its_manifest_alone() -> Non
     assert not chunks.delta_snapshot("json", serde.dumps_typed(_DeltaSnapshot(["x"] * 9))[1])
 
 
+def test_a_small_delta_channel_snapshot_is_recognised_whatever_its_msgpack_header() -> None:
+    """Payloads of 1, 2, 4, 8 or 16 bytes (an empty list, a short one) get a fixext header."""
+    serde = JsonPlusSerializer()
+    for value in ([], None, ["ab"], ["a"], ["abcdefghijklm"], ["x" * 100]):
+        type_, data = serde.dumps_typed(_DeltaSnapshot(value))
+        assert chunks.delta_snapshot(type_, data[: chunks.HEAD_BYTES]), data[:4]
+        type_, data = serde.dumps_typed(value)
+        assert not chunks.delta_snapshot(type_, data[: chunks.HEAD_BYTES]), data[:4]
+
+
 async def test_a_chunk_missing_below_a_node_is_corrupt_state_after_one_fetch_per_level() -> None:
     value = packed(messages(300))
     manifest, added, _ = chunks.Chunker().split(value, None)
