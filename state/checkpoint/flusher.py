@@ -302,6 +302,7 @@ class Flusher:
                 unlisted = False
         if unlisted:
             self._own.pop(thread_id, None)
+            self._foreign.pop(thread_id, None)
         return _Drained(lease.applied, unlisted)
 
     async def backlog(self) -> Backlog:
@@ -313,6 +314,8 @@ class Flusher:
         """This worker appended to the thread: drain soon."""
         now = time.monotonic()
         self._own[thread_id] = now
+        # Listed from now on for this worker's appends, not another's lingering ones.
+        self._foreign.pop(thread_id, None)
         if len(self._own) > 4 * LISTED_THREADS:
             self._own = {t: at for t, at in self._own.items() if now - at < OWN_SECONDS}
         self._wake.set()

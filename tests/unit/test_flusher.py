@@ -300,6 +300,23 @@ async def test_the_background_pass_leaves_another_workers_thread_to_it_until_it_
     assert await flusher.drain() == 4
 
 
+async def test_a_thread_seen_listed_before_this_workers_own_run_is_not_adopted_after_it(
+    log: MemoryWriteBehindLog, flusher: Flusher
+) -> None:
+    """Worker B runs the thread, then this worker A, then B again, back to back: when A
+    was first seen the thread listed (B's first run) says nothing of B's next run
+    (found by review)."""
+    await append(log, "t", 1)  # B's run: seen listed, left to B
+    assert await flusher.drain(adopt_after=0.5) == 0
+    await log.ack("t", [entry.entry_id for entry in await log.read("t", count=10)])
+    await append(log, "t", 1)  # A's run, flushed at its end
+    flusher.notify("t")
+    await flusher.flush_thread("t")
+    await asyncio.sleep(0.6)
+    await append(log, "t", 1)  # B's next run
+    assert await flusher.drain(adopt_after=0.5) == 0
+
+
 def _thread(op: FlushOp) -> str:
     return op.thread_id if isinstance(op, WritesPut) else op.checkpoint.thread_id
 
