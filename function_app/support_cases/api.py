@@ -10,6 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from state import VersionConflict
+
 from .auth import (
     ALL_ROLES,
     ROLE_OPERATE,
@@ -207,7 +209,7 @@ async def review_case(
         outcome = await cases.decide(case_id, decision, caller.caller)
     except DecisionTakenBack:
         raise  # the decision was taken: its reviewer saw the case awaiting review
-    except CaseConflict:
+    except (CaseConflict, VersionConflict):
         # Reviewers see only cases awaiting review: a refused decision (not awaiting
         # review, being worked on, stopped by a follow-up) must not tell them that another
         # case exists, or its state, unless they decided it themselves.
