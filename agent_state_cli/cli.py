@@ -80,6 +80,7 @@ def _port_option(server: str) -> Any:
 RedisPort = Annotated[int, _port_option("redis")]
 CosmosPort = Annotated[int, _port_option("cosmos")]
 PostgresPort = Annotated[int, _port_option("postgres")]
+IssuerPort = Annotated[int, _port_option("issuer")]
 
 
 def _start_stack(workdir: Path, *, with_postgres: bool, ports: dict[str, int]) -> dict[str, object]:
@@ -107,10 +108,16 @@ def stack_up(
     redis_port: RedisPort = 6390,
     cosmos_port: CosmosPort = 8091,
     postgres_port: PostgresPort = 5440,
+    issuer_port: IssuerPort = 8095,
     workdir: WorkdirOption = None,
 ) -> None:
     """Start Redis and the Cosmos emulator (and Postgres) detached on loopback."""
-    ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+    ports = {
+        "redis": redis_port,
+        "cosmos": cosmos_port,
+        "postgres": postgres_port,
+        "issuer": issuer_port,
+    }
     description = _start_stack(_stack_workdir(workdir), with_postgres=postgres, ports=ports)
     _print_env(description)
     console.print(f"note: {_memory_only_note()}")
@@ -184,6 +191,7 @@ def serve(
     redis_port: RedisPort = 6390,
     cosmos_port: CosmosPort = 8091,
     postgres_port: PostgresPort = 5440,
+    issuer_port: IssuerPort = 8095,
     workdir: WorkdirOption = None,
 ) -> None:
     """Run the API on 127.0.0.1 against the local stack (started if it is not running)."""
@@ -197,7 +205,12 @@ def serve(
     status = devstack.status(where)
     started_here = not status.get("running")
     if started_here:
-        ports = {"redis": redis_port, "cosmos": cosmos_port, "postgres": postgres_port}
+        ports = {
+            "redis": redis_port,
+            "cosmos": cosmos_port,
+            "postgres": postgres_port,
+            "issuer": issuer_port,
+        }
         status = _start_stack(where, with_postgres=backend == "postgres", ports=ports)
     env = _stack_env(status)
     if backend == "postgres" and "POSTGRES_URL" not in env:

@@ -137,7 +137,15 @@ def test_stack_up_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
 
 def test_stack_down_says_the_emulator_data_is_gone(tmp_path: Path) -> None:
     code, output, _ = _stack_cli(
-        "up", "--workdir", str(tmp_path), "--redis-port", "0", "--cosmos-port", "0"
+        "up",
+        "--workdir",
+        str(tmp_path),
+        "--redis-port",
+        "0",
+        "--cosmos-port",
+        "0",
+        "--issuer-port",
+        "0",  # free ports only: a developer's own stack (or a second run) may hold 8095
     )
     try:
         assert code == 0, output
