@@ -206,19 +206,31 @@ class Effects:
             return result
 
     async def performed(
-        self, case_id: str, kind: str
+        self, case_id: str, kind: str, *, agent_id: str, done_with: list[SectionWrite]
     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The request and result of the case's effect of `kind` if it was performed:
         recorded `done`, or claimed by an attempt that may have reached the provider before
-        it died (asked by key, as `once` does when it takes a claim over)."""
+        it died (asked by key, as `once` does when it takes a claim over; what the provider
+        answers goes into `done_with`, recorded `done` with the caller's section)."""
         record = await self._store.get(case_id)
-        entry = None if record is None else record.sections.get(effect_section(kind))
+        section = effect_section(kind)
+        entry = None if record is None else record.sections.get(section)
         if entry is None:
             return None
         if entry.get("status") == "done":
             return dict(entry["request"]), dict(entry["result"])
         result = await self._provider.lookup(idempotency_key(case_id, kind))
-        return None if result is None else (dict(entry["request"]), result)
+        if result is None:
+            return None
+        done = {
+            **entry,
+            "status": "done",
+            "result": result,
+            "lease_until": None,
+            "done_at": now_iso(),
+        }
+        done_with.append(SectionWrite(section, done, agent_id))
+        return dict(entry["request"]), result
 
 
 def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:

@@ -115,7 +115,8 @@ async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued
         "policy": {**policy, "refund_amount": 612.40},
         "review": {"decision": "reject"},
     }
-    result = await agent.decide(state, Step(None))
+    step = Step(None)
+    result = await agent.decide(state, step)
     assert result == {
         "status": "issued",
         "amount": 900.0,
@@ -123,3 +124,7 @@ async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued
         "reference": paid["reference"],
     }
     assert len(await runtime.provider.performed(key)) == 1
+    # Recorded done with the step's own section, as a takeover would: later runs need not ask.
+    [recorded] = step.effects_done
+    assert recorded.section == "effect_refund" and recorded.value["status"] == "done"
+    assert recorded.value["result"] == paid

@@ -31,7 +31,9 @@ class RefundAgent(StatefulAgent):
         if not approved:
             # A run rolled back after issuing it (or that died issuing it) leaves the
             # refund issued: money moved, whatever this run decides, and the case says so.
-            performed = await self.deps.effects.performed(state["case_id"], "refund")
+            performed = await self.deps.effects.performed(
+                state["case_id"], "refund", agent_id=self.agent_id, done_with=step.effects_done
+            )
             if performed is not None:
                 request, result = performed
                 return RefundResult(
