@@ -183,14 +183,7 @@ class Effects:
             span.set_attribute("outcome", "recovered" if result else "performed")
             if result is None:
                 result = await self._provider.perform(key, kind, request)
-            # When it was done: a rolled-back run reports the effects done since it started.
-            done = {
-                **claim,
-                "status": "done",
-                "result": result,
-                "lease_until": None,
-                "done_at": now_iso(),
-            }
+            done = done_entry(claim, result)
             if done_with is not None:
                 done_with.append(SectionWrite(section, done, agent_id))
                 return result
@@ -222,15 +215,15 @@ class Effects:
         result = await self._provider.lookup(idempotency_key(case_id, kind))
         if result is None:
             return None
-        done = {
-            **entry,
-            "status": "done",
-            "result": result,
-            "lease_until": None,
-            "done_at": now_iso(),
-        }
+        done = done_entry(entry, result)
         done_with.append(SectionWrite(section, done, agent_id))
         return dict(entry["request"]), result
+
+
+def done_entry(claim: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The ledger entry of a claimed effect the provider performed, stamped now (a rolled-back
+    run reports the effects done since it started)."""
+    return {**claim, "status": "done", "result": result, "lease_until": None, "done_at": now_iso()}
 
 
 def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:
