@@ -26,6 +26,7 @@ from state.cold import postgres_checkpoints
 from state.cold.postgres_checkpoints import (
     GET_BLOBS_SQL,
     LIST_PAGE_SIZE,
+    SELECT_CHECKPOINT_WITH_HISTORY_SQL,
     SELECT_CHECKPOINTS_SQL,
     PostgresCheckpointStore,
 )
@@ -413,6 +414,41 @@ async def test_blob_reads_are_key_lookups_not_scans_of_the_thread(
         blob_scans = [line for line in plan.splitlines() if "on cp_blobs" in line]
         assert blob_scans and all("Index Scan using cp_blobs_pkey" in s for s in blob_scans), plan
         assert "channel = " in plan and "version = " in plan, plan
+
+
+async def test_a_read_with_its_delta_history_is_not_compiled_by_jit(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    # The planner guesses a thousand rows per step of the history's recursive walks, so
+    # the statement's estimated cost passes jit_above_cost: compiled, it took 80 ms with
+    # a small chunk table and over a second with a million chunks, for 2 ms of work.
+    thread = unique_thread()
+    parent, child = _ids(2)
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, parent, versions={"messages": 1}),
+        [StoredBlob("messages", 1, ("json", b"[]"))],
+    )
+    await checkpoints.put_checkpoint(
+        _checkpoint(
+            thread,
+            child,
+            parent=parent,
+            versions={"messages": 2},
+            metadata={"counters_since_delta_snapshot": {"messages": 1}},
+        ),
+        [],
+    )
+    read = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
+        "{where}", "WHERE thread_id = %s AND checkpoint_ns = '' AND checkpoint_id = %s"
+    )
+    async with pg.connection("inspect") as conn, conn.transaction():
+        # Whether this small table's estimate passes the threshold depends on its
+        # statistics: the threshold is lowered so that any JIT the session allows happens.
+        await conn.execute("SET LOCAL jit_above_cost = 0")
+        cursor = await conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {read}", (thread, child))
+        [plan] = (await cursor.fetchone() or {}).values()
+    assert plan[0]["Plan"]["Actual Rows"] == 1
+    assert "JIT" not in plan[0], plan[0]["JIT"]
 
 
 async def test_list_pages_with_keyset_pagination(
