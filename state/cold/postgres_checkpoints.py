@@ -264,6 +264,9 @@ delta_chain AS (
 # DeltaChannel snapshots, `state.cold.chunks`), every node and leaf of them: so a history
 # and the seed it starts from come in one statement. A manifest names its roots after a
 # fixed header (`MANIFEST_HEADER`), the root count in its last two bytes, big-endian.
+# `{{thread}}` is the one thread the statement reads: the planner guesses a thousand
+# digests per manifest or node, and with only the CTE's thread column to go by it chose
+# to hash a sequential scan of every thread's chunks once the table was large.
 SEED_CHUNKS_CTE = f"""
 seed_manifests AS (
     SELECT b.thread_id, b.blob
@@ -284,14 +287,14 @@ seed_manifests AS (
   UNION
     SELECT c.thread_id, substring(c.data FROM n * {DIGEST_BYTES} + 1 FOR {DIGEST_BYTES})
     FROM seed_chunks AS w
-    JOIN cp_chunks AS c ON c.thread_id = w.thread_id AND c.digest = w.digest AND c.node
+    JOIN cp_chunks AS c ON c.thread_id = {{thread}} AND c.digest = w.digest AND c.node
     CROSS JOIN LATERAL generate_series(0, length(c.data) / {DIGEST_BYTES} - 1) AS n
 )
 """
 SEED_CHUNK_ROWS = """
 SELECT CASE WHEN c.node THEN 'n' ELSE 'l' END, '', '', '', 0, '', '', c.data, 0, c.digest
 FROM cp_chunks AS c
-WHERE (c.thread_id, c.digest) IN (SELECT thread_id, digest FROM seed_chunks)
+WHERE c.thread_id = {thread} AND c.digest IN (SELECT digest FROM seed_chunks)
 """
 
 # Starts for the checkpoints `checkpoint` names: each channel its metadata counts as
@@ -316,7 +319,7 @@ WITH RECURSIVE delta_starts AS (
     FROM cp_checkpoints CROSS JOIN unnest(%(channels)s::text[]) AS wanted (channel)
     WHERE thread_id = %(thread_id)s AND checkpoint_ns = %(checkpoint_ns)s
       AND checkpoint_id = %(checkpoint_id)s
-), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE}
+), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE.format(thread="%(thread_id)s")}
 SELECT 'w' AS kind, ch.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
        w.blob, w.schema_version, NULL::bytea AS digest
 FROM delta_chain AS ch
@@ -332,7 +335,7 @@ JOIN cp_blobs AS b
  AND b.channel = ch.channel AND b.version = ch.version
 WHERE ch.seeded
 UNION ALL
-{SEED_CHUNK_ROWS}
+{SEED_CHUNK_ROWS.format(thread="%(thread_id)s")}
 """
 
 # A checkpoint with its blobs, its writes and the delta history of the channels its
@@ -343,7 +346,7 @@ SELECT_CHECKPOINT_WITH_HISTORY_SQL = f"""
 SELECT q.*, (
     WITH RECURSIVE delta_starts AS (
         {DELTA_STARTS_OF.format(checkpoint="q", source="(SELECT 1) AS one")}
-    ), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE}
+    ), {DELTA_CHAIN_CTE}, {SEED_CHUNKS_CTE.format(thread="q.thread_id")}
     SELECT array_agg(ARRAY[convert_to(h.kind, 'UTF8'), convert_to(h.checkpoint_id, 'UTF8'),
                            convert_to(h.task_id, 'UTF8'), convert_to(h.task_path, 'UTF8'),
                            convert_to(h.idx::text, 'UTF8'), convert_to(h.channel, 'UTF8'),
@@ -370,7 +373,7 @@ SELECT q.*, (
          AND b.channel = ch.channel AND b.version = ch.version
         WHERE ch.seeded
         UNION ALL
-        {SEED_CHUNK_ROWS}
+        {SEED_CHUNK_ROWS.format(thread="q.thread_id")}
     ) AS h
 ) AS history_rows
 FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q

@@ -24,6 +24,7 @@ from devstack import PostgresServer, free_port
 from state import schema
 from state.cold import postgres_checkpoints
 from state.cold.postgres_checkpoints import (
+    DELTA_HISTORY_SQL,
     GET_BLOBS_SQL,
     LIST_PAGE_SIZE,
     SELECT_CHECKPOINT_WITH_HISTORY_SQL,
@@ -449,6 +450,50 @@ async def test_a_read_with_its_delta_history_is_not_compiled_by_jit(
         [plan] = (await cursor.fetchone() or {}).values()
     assert plan[0]["Plan"]["Actual Rows"] == 1
     assert "JIT" not in plan[0], plan[0]["JIT"]
+
+
+async def test_delta_history_reads_chunks_by_key_however_many_other_threads_stored(
+    pg: PostgresConnection,
+) -> None:
+    # The planner cannot tell how many chunks a seed names; guessing thousands, it hashed
+    # a sequential scan of every thread's chunks once the table held ~100,000 of them
+    # (6 ms a read on a benchmark's store, growing with the table).
+    others = f"others-{uuid.uuid4().hex[:8]}"
+    async with pg.connection("inspect") as conn:
+        await conn.execute(
+            "INSERT INTO cp_chunks (thread_id, digest, node, data)"
+            " SELECT %s || (n / 100), sha256(int4send(n)), n %% 10 = 0, '\\x00'"
+            " FROM generate_series(1, 150000) AS n",
+            (others,),
+        )
+        await conn.execute("ANALYZE cp_chunks")
+        try:
+            plans = []
+            for query, params in (
+                (
+                    SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
+                        "{where}",
+                        "WHERE thread_id = %s AND checkpoint_ns = '' AND checkpoint_id = %s",
+                    ),
+                    ("thread", "id"),
+                ),
+                (
+                    DELTA_HISTORY_SQL,
+                    {
+                        "thread_id": "t",
+                        "checkpoint_ns": "",
+                        "checkpoint_id": "c",
+                        "channels": ["m"],
+                    },
+                ),
+            ):
+                cursor = await conn.execute(f"EXPLAIN {query}", params)
+                plans.append("\n".join(row["QUERY PLAN"] for row in await cursor.fetchall()))
+        finally:
+            await conn.execute("DELETE FROM cp_chunks WHERE thread_id LIKE %s", (f"{others}%",))
+    for plan in plans:
+        chunk_scans = [line for line in plan.splitlines() if "on cp_chunks" in line]
+        assert chunk_scans and not any("Seq Scan" in scan for scan in chunk_scans), plan
 
 
 async def test_list_pages_with_keyset_pagination(
