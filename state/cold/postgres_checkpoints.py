@@ -386,9 +386,15 @@ WITH RECURSIVE doomed AS (
     SELECT thread_id, checkpoint_ns, checkpoint_id FROM cp_checkpoints
     WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
 ), survivors AS (
-    SELECT * FROM cp_checkpoints AS c
-    WHERE c.thread_id IN (SELECT thread_id FROM doomed)
-      AND NOT COALESCE(c.metadata ->> 'run_id' = ANY(%(run_ids)s), false)
+    -- A lookup per thread (OFFSET 0 keeps the subquery from being flattened): joined
+    -- as a set, the planner hashed a scan of every thread's checkpoints.
+    SELECT c.* FROM (SELECT DISTINCT thread_id FROM doomed) AS t
+    CROSS JOIN LATERAL (
+        SELECT * FROM cp_checkpoints AS c
+        WHERE c.thread_id = t.thread_id
+          AND NOT COALESCE(c.metadata ->> 'run_id' = ANY(%(run_ids)s), false)
+        OFFSET 0
+    ) AS c
 ), delta_starts AS (
     {DELTA_STARTS_OF.format(checkpoint="survivors", source="survivors")}
 ), {DELTA_CHAIN_CTE}
@@ -416,7 +422,8 @@ WITH RECURSIVE latest AS (
 ), {DELTA_CHAIN_CTE}
 DELETE FROM cp_checkpoints AS c
 USING latest AS l
-WHERE c.thread_id = l.thread_id AND c.checkpoint_ns = l.checkpoint_ns
+WHERE c.thread_id = ANY(%(thread_ids)s)
+  AND c.thread_id = l.thread_id AND c.checkpoint_ns = l.checkpoint_ns
   AND c.checkpoint_id < l.checkpoint_id
   AND NOT EXISTS (
       SELECT 1 FROM delta_chain AS k
@@ -435,7 +442,8 @@ WITH deleted AS (
         AS d (thread_id, checkpoint_ns, checkpoint_id, channel_versions)
 ), dropped_writes AS (
     DELETE FROM cp_writes AS w USING deleted AS d
-    WHERE w.thread_id = d.thread_id
+    WHERE w.thread_id = ANY(%(thread_ids)s)
+      AND w.thread_id = d.thread_id
       AND w.checkpoint_ns = d.checkpoint_ns
       AND w.checkpoint_id = d.checkpoint_id
 ), freed AS (
@@ -443,13 +451,15 @@ WITH deleted AS (
     FROM deleted AS d CROSS JOIN LATERAL jsonb_each_text(d.channel_versions) AS v
 )
 DELETE FROM cp_blobs AS b USING freed AS f
-WHERE b.thread_id = f.thread_id
+WHERE b.thread_id = ANY(%(thread_ids)s)
+  AND b.thread_id = f.thread_id
   AND b.checkpoint_ns = f.checkpoint_ns
   AND b.channel = f.channel
   AND b.version = f.version
   AND NOT EXISTS (
       SELECT 1 FROM cp_checkpoints AS c
-      WHERE c.thread_id = f.thread_id
+      WHERE c.thread_id = ANY(%(thread_ids)s)
+        AND c.thread_id = f.thread_id
         AND c.checkpoint_ns = f.checkpoint_ns
         AND c.channel_versions ->> f.channel = f.version
   )
