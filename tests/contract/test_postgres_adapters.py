@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from devstack import PostgresServer, free_port
 from state import schema
-from state.cold import postgres_checkpoints
+from state.cold import postgres_checkpoints, postgres_retention
 from state.cold.postgres_checkpoints import (
     DELETE_ALL_BUT_LATEST_SQL,
     DELETE_DEPENDENTS_SQL,
@@ -481,11 +481,29 @@ WITH crowd AS (
                            channel, type, blob, schema_version)
     SELECT thread_id, '', checkpoint_id, 'task', 0, '', 'messages', 'msgpack', '\\x00', 1
     FROM crowd
+), chunks AS (
+    INSERT INTO cp_chunks (thread_id, digest, node, data)
+    SELECT thread_id, sha256(int4send(n)), n %% 10 = 0, '\\x00' FROM crowd
+), audit AS (
+    INSERT INTO state_audit_log (thread_id, version, agent_id, section, before, after, at,
+                                 schema_version)
+    SELECT %(prefix)s || 'case-' || n, 1, 'agent', 'case', '{}', '{}', now(), 1 FROM crowd
 )
-INSERT INTO cp_chunks (thread_id, digest, node, data)
-SELECT thread_id, sha256(int4send(n)), n %% 10 = 0, '\\x00' FROM crowd
+-- Workflow records of as many cases, and an archive of every hundredth.
+INSERT INTO workflow_records (thread_id, version, sections, schema_version, created_at,
+                              updated_at)
+SELECT %(prefix)s || 'case-' || n || CASE WHEN n %% 100 = 0 THEN '~archive~1' ELSE '' END,
+       1, '{}', 1, now(), now()
+FROM crowd
 """
-CROWDED_TABLES = ("cp_checkpoints", "cp_blobs", "cp_writes", "cp_chunks")
+CROWDED_TABLES = (
+    "cp_checkpoints",
+    "cp_blobs",
+    "cp_writes",
+    "cp_chunks",
+    "workflow_records",
+    "state_audit_log",
+)
 
 
 @pytest.fixture
@@ -559,6 +577,25 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
     )
     for plan in plans:
         scans = [line for line in plan.splitlines() if "Seq Scan on cp_" in line]
+        assert not scans, plan
+
+
+@pytest.mark.usefixtures("crowded")
+async def test_retention_reads_only_the_threads_it_deletes_however_many_others_stored(
+    pg: PostgresConnection,
+) -> None:
+    window = {"now": None, "ttl": 3600, "limit": 50}
+    plans = await _plans(
+        pg,
+        [
+            (postgres_retention.EXPIRED_RECORDS_SQL, window),
+            (postgres_retention.EXPIRED_CHECKPOINT_ONLY_SQL, window),
+            (postgres_retention.EXPIRED_ORPHAN_ARCHIVES_SQL, window),
+            (postgres_retention.DELETE_THREADS_SQL, {"thread_ids": ["thread-a", "thread-b"]}),
+        ],
+    )
+    for plan in plans:
+        scans = [line for line in plan.splitlines() if "Seq Scan on" in line]
         assert not scans, plan
 
 
