@@ -442,7 +442,7 @@ WITH deleted AS (
         AS d (thread_id, checkpoint_ns, checkpoint_id, channel_versions)
 ), dropped_writes AS (
     DELETE FROM cp_writes AS w USING deleted AS d
-    WHERE w.thread_id = ANY(%(thread_ids)s)
+    WHERE w.thread_id = ANY(%(threads)s)
       AND w.thread_id = d.thread_id
       AND w.checkpoint_ns = d.checkpoint_ns
       AND w.checkpoint_id = d.checkpoint_id
@@ -451,14 +451,14 @@ WITH deleted AS (
     FROM deleted AS d CROSS JOIN LATERAL jsonb_each_text(d.channel_versions) AS v
 )
 DELETE FROM cp_blobs AS b USING freed AS f
-WHERE b.thread_id = ANY(%(thread_ids)s)
+WHERE b.thread_id = ANY(%(threads)s)
   AND b.thread_id = f.thread_id
   AND b.checkpoint_ns = f.checkpoint_ns
   AND b.channel = f.channel
   AND b.version = f.version
   AND NOT EXISTS (
       SELECT 1 FROM cp_checkpoints AS c
-      WHERE c.thread_id = ANY(%(thread_ids)s)
+      WHERE c.thread_id = ANY(%(threads)s)
         AND c.thread_id = f.thread_id
         AND c.checkpoint_ns = f.checkpoint_ns
         AND c.channel_versions ->> f.channel = f.version
@@ -906,6 +906,8 @@ async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, An
         DELETE_DEPENDENTS_SQL,
         {
             "thread_ids": [row["thread_id"] for row in deleted],
+            # Each thread once: the planner counts every copy in `thread_id = ANY(...)`.
+            "threads": sorted({row["thread_id"] for row in deleted}),
             "namespaces": [row["checkpoint_ns"] for row in deleted],
             "checkpoint_ids": [row["checkpoint_id"] for row in deleted],
             "channel_versions": [Jsonb(row["channel_versions"]) for row in deleted],

@@ -561,11 +561,14 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
     pg: PostgresConnection,
 ) -> None:
     threads = ["thread-a", "thread-b"]
+    # A long thread's prune: 150 deleted checkpoints of one thread (a per-row array
+    # naming it 150 times once made the planner expect that many threads' rows).
     deleted = {
-        "thread_ids": threads * 20,
-        "namespaces": [""] * 40,
-        "checkpoint_ids": [f"{n:08x}" for n in range(40)],
-        "channel_versions": [Jsonb({"messages": str(n)}) for n in range(40)],
+        "thread_ids": ["thread-a"] * 150,
+        "threads": ["thread-a"],
+        "namespaces": [""] * 150,
+        "checkpoint_ids": [f"{n:08x}" for n in range(150)],
+        "channel_versions": [Jsonb({"messages": str(n)}) for n in range(150)],
     }
     plans = await _plans(
         pg,
