@@ -544,9 +544,19 @@ class CheckpointStore(Protocol):
         """
 
     async def get_checkpoint(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool = True,
     ) -> StoredCheckpoint | None:
-        """By id, or the latest of (thread, namespace) when `checkpoint_id` is None."""
+        """By id, or the latest of (thread, namespace) when `checkpoint_id` is None.
+
+        A store that reads a DeltaChannel history alongside its checkpoint
+        (`StoredCheckpoint.history`) skips that when `with_history` is False: the
+        caller has it at hand already.
+        """
 
     async def get_blobs(
         self, thread_id: str, checkpoint_ns: str, versions: dict[str, str | int | float]

@@ -206,6 +206,13 @@ class WrittenChains:
         else:
             del self._chains[key]
 
+    def head(self, thread_id: str, checkpoint_ns: str) -> str | None:
+        """The id of the checkpoint whose history a chain answers for now, if any."""
+        chain = self._chains.get((thread_id, checkpoint_ns))
+        if chain is None or time.monotonic() - chain.touched > CHAIN_SECONDS:
+            return None
+        return chain.head
+
     def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
     ) -> dict[str, ChannelHistory] | None:

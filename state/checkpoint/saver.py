@@ -390,7 +390,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             lease, backlog = cached.lease, cached.backlog
         if self.flusher is not None:
             await self.flusher.settle_thread(thread_id, pending=backlog)
-        stored = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
+        # This process's own chain of the thread has the history of its head: when that
+        # is the checkpoint asked for (as it is while one worker runs a thread), the
+        # store need not read it again. Another process's newer checkpoint has none
+        # then, and LangGraph's history request that follows reads it (`_delta_history`).
+        head = self._chains.head(thread_id, checkpoint_ns)
+        stored = await self.store.get_checkpoint(
+            thread_id,
+            checkpoint_ns,
+            checkpoint_id,
+            with_history=head is None or checkpoint_id not in (None, head),
+        )
         if stored is None:
             if checkpoint_id is None:
                 self._chains.found_empty(thread_id, checkpoint_ns)

@@ -337,7 +337,12 @@ class CosmosCheckpointStore:
     # ----------------------------------------------------------------------- reads
 
     async def get_checkpoint(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool = True,
     ) -> StoredCheckpoint | None:
         if checkpoint_id is None:
             found = await self._io.query_all(
@@ -358,7 +363,7 @@ class CosmosCheckpointStore:
         main = layout.to_layout_2(main)
         # A snapshot it holds itself comes by its blocks' tag, alongside the rest.
         own = layout.snapshot_channels(main)
-        if main.get("delta_seed") and main.get("parent_checkpoint_id"):
+        if with_history and main.get("delta_seed") and main.get("parent_checkpoint_id"):
             loaded, blocks = await self._load_with_history(thread_id, main, own)
         else:
             complete, blocks = await gather_pair(

@@ -537,11 +537,16 @@ class PostgresCheckpointStore:
         self._chunker.confirm(pending)
 
     async def get_checkpoint(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool = True,
     ) -> StoredCheckpoint | None:
         select = (
             SELECT_CHECKPOINT_WITH_HISTORY_SQL
-            if thread_id in self._delta_threads
+            if with_history and thread_id in self._delta_threads
             else f"{SELECT_CHECKPOINTS_SQL} {{where}}"
         )
         async with self._pg.connection("get_checkpoint") as conn:

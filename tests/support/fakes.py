@@ -444,7 +444,12 @@ class MemoryCheckpointStore(_Tier):
         self.last_write[thread] = time.time()
 
     async def get_checkpoint(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool = True,
     ) -> StoredCheckpoint | None:
         self._call("get_checkpoint")
         if checkpoint_id is not None:
