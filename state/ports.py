@@ -639,7 +639,11 @@ class CheckpointCache(Protocol):
 
     name: str
 
-    async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup: ...
+    async def lookup(
+        self, thread_id: str, checkpoint_ns: str, *, lease: bool, with_history: bool = True
+    ) -> CacheLookup:
+        """The cached latest checkpoint (with its delta history unless `with_history` is
+        False: the caller has it), or on a miss a lease to fill it when `lease`."""
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         """Install a complete checkpoint read from the cold tier, with its delta history

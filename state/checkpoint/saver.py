@@ -379,9 +379,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         checkpoint_id = get_checkpoint_id(config)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
+        # This process's own chain of the thread has the history of its head: when that
+        # is the checkpoint asked for (as it is while one worker runs a thread), neither
+        # tier need send it again. Another process's newer checkpoint has none then, and
+        # LangGraph's history request that follows reads it (`_delta_history`).
+        head = self._chains.head(thread_id, checkpoint_ns)
+        with_history = head is None or checkpoint_id not in (None, head)
         lease, backlog = None, None
         if self.cache is not None:
-            cached = await self.cache.lookup(thread_id, checkpoint_ns, lease=checkpoint_id is None)
+            cached = await self.cache.lookup(
+                thread_id, checkpoint_ns, lease=checkpoint_id is None, with_history=with_history
+            )
             hit = cached.checkpoint
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
                 if cached.history is not None:
@@ -390,16 +398,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             lease, backlog = cached.lease, cached.backlog
         if self.flusher is not None:
             await self.flusher.settle_thread(thread_id, pending=backlog)
-        # This process's own chain of the thread has the history of its head: when that
-        # is the checkpoint asked for (as it is while one worker runs a thread), the
-        # store need not read it again. Another process's newer checkpoint has none
-        # then, and LangGraph's history request that follows reads it (`_delta_history`).
-        head = self._chains.head(thread_id, checkpoint_ns)
         stored = await self.store.get_checkpoint(
-            thread_id,
-            checkpoint_ns,
-            checkpoint_id,
-            with_history=head is None or checkpoint_id not in (None, head),
+            thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
         )
         if stored is None:
             if checkpoint_id is None:

@@ -305,6 +305,21 @@ if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) 
 return {1, backlog}
 """
 
+# KEYS: entry. Its fields but the delta history's (seeds `ds:`, writes `dx:`): a reader
+# that has the history at hand need not receive a snapshot of the whole conversation.
+_WITHOUT_HISTORY = """
+local found = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local prefix = string.sub(fields[i], 1, 3)
+  if prefix ~= 'ds:' and prefix ~= 'dx:' then
+    found[#found + 1] = fields[i]
+    found[#found + 1] = fields[i + 1]
+  end
+end
+return found
+"""
+
 _LENGTH = struct.Struct(">I")
 
 
@@ -497,6 +512,7 @@ class RedisCheckpointCache:
         self._lease = client.register_script(_LEASE)
         self._fill_history = client.register_script(_FILL_HISTORY)
         self._lease_history = client.register_script(_LEASE_HISTORY)
+        self._without_history = client.register_script(_WITHOUT_HISTORY)
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
         self._healthy = True
@@ -523,12 +539,18 @@ class RedisCheckpointCache:
 
     # ----------------------------------------------------------------------- port
 
-    async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup:
+    async def lookup(
+        self, thread_id: str, checkpoint_ns: str, *, lease: bool, with_history: bool = True
+    ) -> CacheLookup:
         key = self.key(thread_id, checkpoint_ns)
         if key in self._suspect and not await self._clear_if_suspect(key):
             return CacheLookup(None)
         try:
-            fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
+            if with_history:
+                fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
+            else:
+                flat = cast("list[bytes]", await self._without_history(keys=[key]))
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
             return CacheLookup(None)
@@ -542,6 +564,8 @@ class RedisCheckpointCache:
                 await self._clear_if_suspect(key)
                 return CacheLookup(None)
             self.stats.hits += 1
+            if not with_history:
+                return CacheLookup(found)
             try:
                 history = parse_history(fields)
             except (ValueError, KeyError, struct.error) as exc:

@@ -105,6 +105,9 @@ async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpo
     # The lookup of the latest brings the same history along.
     looked = await cache.lookup(thread_id, "", lease=False)
     assert looked.checkpoint is not None and looked.history == found
+    # Unless the reader has it at hand: then the checkpoint alone, the same.
+    alone = await cache.lookup(thread_id, "", lease=False, with_history=False)
+    assert alone.checkpoint == looked.checkpoint and alone.history is None
     # An older checkpoint, or a channel not tracked, is not the cache's to answer.
     assert await tracked(cache, thread_id, "cp-0003") is None
     assert (await cache.history(thread_id, "", "cp-0004", [CHANNEL, "other"])).history is None

@@ -477,22 +477,24 @@ async def test_postgres_process_that_never_saw_the_thread(stack_env: dict[str, s
         assert await cursor.fetchone() == (2,)
 
 
+@pytest.mark.parametrize("redis", [False, True], ids=["cold", "redis"])
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 async def test_a_worker_loading_the_thread_it_writes_does_not_read_the_history_again(
-    backend: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    backend: str, redis: bool, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While one worker runs a thread, its own chain has the history of the latest
-    checkpoint: loading it asks the cold store for the checkpoint alone (on Postgres the
+    checkpoint: loading it asks the tier for the checkpoint alone (on Postgres the
     history walk cost 2 of a DeltaChannel invoke's 8 ms; on Cosmos it downloads every
-    write back to the snapshot). Once another process wrote a newer checkpoint, the
-    worker cannot know that before reading: the history comes in a request of its own,
-    and the state is right either way."""
-    settings = settings_for(stack_env, backend, False, "write-through")
+    write back to the snapshot; Redis sent the snapshot of the whole conversation).
+    Once another process wrote a newer checkpoint, the worker cannot know that before
+    reading: the history comes in a request of its own, and the state is right either
+    way."""
+    settings = settings_for(stack_env, backend, redis, "write-through")
     reference = delta_graph(InMemorySaver(), snapshot_frequency=4)
     ref_cfg, cfg = thread_config("ref"), thread_config()
     async with open_stack(settings) as worker, open_stack(settings) as other:
         asked: list[str] = []
-        store = worker.saver.store
+        store, cache = worker.saver.store, worker.saver.cache
         get_checkpoint, delta_history = store.get_checkpoint, store.delta_history
 
         async def spy_checkpoint(*args: Any, with_history: bool = True) -> StoredCheckpoint | None:
@@ -505,19 +507,35 @@ async def test_a_worker_loading_the_thread_it_writes_does_not_read_the_history_a
 
         monkeypatch.setattr(store, "get_checkpoint", spy_checkpoint)
         monkeypatch.setattr(store, "delta_history", spy_history)
+        if cache is not None:
+            lookup, cache_history = cache.lookup, cache.history
+
+            async def spy_lookup(*args: Any, with_history: bool = True, **kwargs: Any) -> Any:
+                asked.append("cached with history" if with_history else "cached")
+                return await lookup(*args, with_history=with_history, **kwargs)
+
+            async def spy_cache_history(*args: Any) -> Any:
+                asked.append("cached history")
+                return await cache_history(*args)
+
+            monkeypatch.setattr(cache, "lookup", spy_lookup)
+            monkeypatch.setattr(cache, "history", spy_cache_history)
         graph = delta_graph(worker.saver, snapshot_frequency=4)
         for n in range(6):
             await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
             await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
         asked.clear()
         assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
-        assert asked == ["checkpoint"]
+        assert asked == (["cached"] if redis else ["checkpoint"])
 
         await delta_graph(other.saver, snapshot_frequency=4).ainvoke({"messages": ["other"]}, cfg)
         await reference.ainvoke({"messages": ["other"]}, ref_cfg)
         asked.clear()
         assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
-        assert asked == ["checkpoint", "history"]
+        if redis:
+            assert asked[:2] == ["cached", "cached history"]
+        else:
+            assert asked == ["checkpoint", "history"]
 
 
 @pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)

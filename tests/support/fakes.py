@@ -813,7 +813,9 @@ class MemoryCheckpointCache:
         """What is cached (tests look at it)."""
         return self._entries.get((thread_id, checkpoint_ns))
 
-    async def lookup(self, thread_id: str, checkpoint_ns: str, *, lease: bool) -> CacheLookup:
+    async def lookup(
+        self, thread_id: str, checkpoint_ns: str, *, lease: bool, with_history: bool = True
+    ) -> CacheLookup:
         key = (thread_id, checkpoint_ns)
         if not self._reachable(key):
             return CacheLookup(None)
