@@ -206,6 +206,30 @@ class WrittenChains:
         else:
             del self._chains[key]
 
+    def loaded(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        latest: bool,
+    ) -> None:
+        """A read found `checkpoint_id` with these pending writes. The chain goes when it
+        cannot answer any more: the latest is not its head (another process moved the
+        thread on), or its head holds a write this process did not put (another worker
+        resumed one of the step's tasks: its child's history would lack that write)."""
+        key = (thread_id, checkpoint_ns)
+        chain = self._chains.get(key)
+        if chain is None:
+            return
+        if chain.head != checkpoint_id:
+            if latest:
+                del self._chains[key]
+            return
+        if any((write.task_id, write.idx) not in chain.head_writes for write in writes):
+            del self._chains[key]
+
     def head(self, thread_id: str, checkpoint_ns: str) -> str | None:
         """The id of the checkpoint whose history a chain answers for now, if any."""
         chain = self._chains.get((thread_id, checkpoint_ns))

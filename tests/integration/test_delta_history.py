@@ -17,9 +17,11 @@ from typing import Annotated, Any, TypedDict
 import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
 
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import chunks
@@ -28,6 +30,7 @@ from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.integration.delta_graph import (
     STACK_IDS,
     STACKS,
+    append,
     delta_graph,
     open_stack,
     settings_for,
@@ -536,6 +539,111 @@ async def test_a_worker_loading_the_thread_it_writes_does_not_read_the_history_a
             assert asked[:2] == ["cached", "cached history"]
         else:
             assert asked == ["checkpoint", "history"]
+
+
+def two_questions_graph(saver: BaseCheckpointSaver[Any], snapshot_frequency: int) -> Any:
+    """`x`, `y` and `z` in parallel; `y` and `z` each stop on a question the first time."""
+    conversation = TypedDict(  # type: ignore[misc]  # noqa: UP013
+        "conversation",
+        {
+            "messages": Annotated[
+                list[str], DeltaChannel(append, snapshot_frequency=snapshot_frequency)
+            ]
+        },
+    )
+
+    def asking(name: str) -> Any:
+        def node(state: dict[str, list[str]]) -> dict[str, list[str]]:
+            if len(state["messages"]) > 2:
+                return {"messages": [name]}
+            return {"messages": [f"{name}:{interrupt(f'{name}?')}"]}
+
+        return node
+
+    graph = StateGraph(conversation)
+    graph.add_node("x", lambda _state: {"messages": ["x"]})
+    graph.add_node("y", asking("y"))
+    graph.add_node("z", asking("z"))
+    for name in ("x", "y", "z"):
+        graph.add_edge(START, name)
+        graph.add_edge(name, END)
+    return graph.compile(checkpointer=saver)
+
+
+async def answer(graph: Any, config: RunnableConfig, question: str, reply: str) -> Any:
+    state = await graph.aget_state(config)
+    [asked] = [found for found in state.interrupts if found.value == question]
+    return await graph.ainvoke(Command(resume={asked.id: reply}), config)
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_write_another_worker_added_to_this_workers_head_is_in_the_next_history(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """Worker A starts the thread and its step stops on two questions; worker B answers
+    one (its task's write lands on A's latest checkpoint, no new checkpoint); A answers
+    the other within the minute its chain is trusted. A's chain must not answer for the
+    checkpoint that follows: it lacked B's write, so A read, then stored in its next
+    snapshot, a conversation without B's answer (found by review; every stack)."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    frequency = 4
+    reference = two_questions_graph(InMemorySaver(), frequency)
+    ref_cfg, cfg = thread_config("ref"), thread_config()
+    async with open_stack(settings) as a, open_stack(settings) as b:
+        on_a, on_b = (
+            two_questions_graph(a.saver, frequency),
+            two_questions_graph(b.saver, frequency),
+        )
+        for graph, config in ((on_a, cfg), (reference, ref_cfg)):
+            await graph.ainvoke({"messages": ["u0"]}, config)
+        for graph, config in ((on_b, cfg), (reference, ref_cfg)):
+            await answer(graph, config, "y?", "1")
+        for graph, config in ((on_a, cfg), (reference, ref_cfg)):
+            await answer(graph, config, "z?", "2")
+        for n in range(1, 4):  # on to A's next snapshot
+            for graph, config in ((on_a, cfg), (reference, ref_cfg)):
+                await graph.ainvoke({"messages": [f"u{n}"]}, config)
+            want = sorted((await reference.aget_state(ref_cfg)).values["messages"])
+            assert sorted((await on_a.aget_state(cfg)).values["messages"]) == want
+    async with open_stack(settings) as fresh:
+        got = (await two_questions_graph(fresh.saver, frequency).aget_state(cfg)).values
+        assert sorted(got["messages"]) == want
+
+
+@pytest.mark.parametrize("redis", [False, True], ids=["cold", "redis"])
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_a_worker_whose_thread_another_moved_on_pays_one_more_request_once(
+    backend: str, redis: bool, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A started the thread, B ran its next request; A's chain no longer describes the
+    latest checkpoint. A's first read learns that (its history then comes apart); from
+    then on A reads the checkpoint with its history, one request, as before chains."""
+    settings = settings_for(stack_env, backend, redis, "write-through")
+    cfg = thread_config()
+    async with open_stack(settings) as a, open_stack(settings) as b:
+        for n in range(3):
+            await delta_graph(a.saver).ainvoke({"messages": [f"u{n}"]}, cfg)
+        await delta_graph(b.saver).ainvoke({"messages": ["on b"]}, cfg)
+        asked: list[str] = []
+        for tier, names in (
+            (a.saver.store, ("get_checkpoint", "delta_history")),
+            (a.saver.cache, ("lookup", "history")),
+        ):
+            for name in names if tier is not None else ():
+                original = getattr(tier, name)
+
+                def spy(*args: Any, _call: Any = original, _name: str = name, **kw: Any) -> Any:
+                    asked.append(_name)
+                    return _call(*args, **kw)
+
+                monkeypatch.setattr(tier, name, spy)
+        graph = delta_graph(a.saver)
+        polls = []
+        for _ in range(2):
+            asked.clear()
+            assert len((await graph.aget_state(cfg)).values["messages"]) == 4 * 3
+            polls.append(len(asked))
+        assert polls == [2, 1]
 
 
 @pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
