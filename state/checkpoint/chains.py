@@ -22,8 +22,12 @@ serialized bytes the put already made, not copies.
 Another process may write the thread too (a resumed case on another worker); a
 chain describes only the checkpoints this process put, which are immutable, but
 writes another process adds to them are not in it. So a chain answers only for its
-head and only for `CHAIN_SECONDS` after its last put, and the saver drops a thread's
-chains whenever maintenance touches the thread.
+head and only for `CHAIN_SECONDS` after its last put; it goes when a read shows a
+write on its head this process did not put, or a latest checkpoint other than its
+head (`loaded`), and when it would move past a head left with a task unfinished (a
+question or an error: that checkpoint can be resumed later, by any process, and
+its new writes join every later history); and the saver drops a thread's chains
+whenever maintenance touches the thread.
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from langgraph.checkpoint.base import WRITES_IDX_MAP
+
 from ..ports import ChannelHistory, StoredWrite, TypedBytes
 
 # Chains kept (least recently written dropped first), and how long one is trusted.
 CHAINS = 1000
 CHAIN_SECONDS = 60.0
+# A task that wrote one of these and nothing else stopped without finishing (a question
+# asked, an error): its checkpoint can be resumed later, by any process.
+UNFINISHED = frozenset({"__interrupt__", "__error__"})
 
 _WriteKey = tuple[str, int]  # (task_id, idx)
 
@@ -137,7 +146,10 @@ class WrittenChains:
                 head_writes=early.pop(checkpoint_id, {}),
                 early=early,
             )
-        elif chain is None or chain.head != parent_id:
+        elif chain is None or chain.head != parent_id or _unfinished(chain.head_writes.values()):
+            # Left with a task unfinished, the head may yet be resumed, by another process
+            # too (an abandoned question answered at its own checkpoint): its writes would
+            # join every later history, and no read of the later checkpoints shows them.
             return
         else:
             kept = {
@@ -260,6 +272,12 @@ class WrittenChains:
         for kept in (self._chains, self._empty, self._declared):
             for key in [key for key in kept if key[0] == thread_id]:
                 del kept[key]
+
+
+def _unfinished(writes: Collection[StoredWrite]) -> bool:
+    stopped = {write.task_id for write in writes if write.channel in UNFINISHED}
+    finished = {write.task_id for write in writes if write.channel not in WRITES_IDX_MAP}
+    return bool(stopped - finished)
 
 
 def _channels(chain: _Chain) -> set[str]:

@@ -610,6 +610,67 @@ async def test_a_write_another_worker_added_to_this_workers_head_is_in_the_next_
         assert sorted(got["messages"]) == want
 
 
+def questions_on_q_graph(saver: BaseCheckpointSaver[Any], nodes: tuple[str, ...]) -> Any:
+    """`nodes` in parallel, each asking a question when the last message ends in `Q`."""
+    conversation = TypedDict(  # type: ignore[misc]  # noqa: UP013
+        "conversation",
+        {"messages": Annotated[list[str], DeltaChannel(append, snapshot_frequency=100)]},
+    )
+
+    def asking(name: str) -> Any:
+        def node(state: dict[str, list[str]]) -> dict[str, list[str]]:
+            if state["messages"][-1].endswith("Q"):
+                return {"messages": [f"{name}:{interrupt(f'{name}?')}"]}
+            return {"messages": [name]}
+
+        return node
+
+    graph = StateGraph(conversation)
+    for name in nodes:
+        graph.add_node(name, asking(name))
+        graph.add_edge(START, name)
+        graph.add_edge(name, END)
+    return graph.compile(checkpointer=saver)
+
+
+async def answer_abandoned(graph: Any, config: RunnableConfig, question: str) -> None:
+    """Answers `question` at the checkpoint that asked it, long after the thread moved on."""
+    async for snapshot in graph.aget_state_history(config):
+        if snapshot.interrupts:
+            break
+    [asked] = [found for found in snapshot.interrupts if found.value == question]
+    await graph.ainvoke(Command(resume={asked.id: "late"}), snapshot.config)
+
+
+@pytest.mark.parametrize("nodes", [("y",), ("y", "z")], ids=["one-question", "two-questions"])
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_an_abandoned_question_answered_later_by_another_worker_joins_the_history(
+    backend: str, redis: bool, mode: str, nodes: tuple[str, ...], stack_env: dict[str, str]
+) -> None:
+    """Worker A's step asks questions, then new input leaves them unanswered; worker B later
+    answers one at the checkpoint that asked it. LangGraph rebuilds every later checkpoint
+    with that answer (its history walk takes every ancestor's pending writes), and so must
+    A, whose chain had moved past that checkpoint: with two questions B's answer puts no
+    checkpoint, so nothing A reads shows it (found by a fault hunt; every stack)."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = questions_on_q_graph(InMemorySaver(), nodes)
+    ref_cfg, cfg = thread_config("ref"), thread_config()
+    async with open_stack(settings) as a, open_stack(settings) as b:
+        on_a, on_b = questions_on_q_graph(a.saver, nodes), questions_on_q_graph(b.saver, nodes)
+        heads = []
+        for graph, config in ((on_a, cfg), (reference, ref_cfg)):
+            for text in ("u0", "u1Q", "u2"):
+                await graph.ainvoke({"messages": [text]}, config)
+            heads.append((await graph.aget_state(config)).config)
+        for graph, config in ((on_b, cfg), (reference, ref_cfg)):
+            await answer_abandoned(graph, config, "y?")
+        # The checkpoint A put last, by its id; then A's next invoke.
+        want = (await reference.aget_state(heads[1])).values["messages"]
+        assert sorted((await on_a.aget_state(heads[0])).values["messages"]) == sorted(want)
+        want = (await reference.ainvoke({"messages": ["u3"]}, ref_cfg))["messages"]
+        assert sorted((await on_a.ainvoke({"messages": ["u3"]}, cfg))["messages"]) == sorted(want)
+
+
 @pytest.mark.parametrize("redis", [False, True], ids=["cold", "redis"])
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 async def test_a_worker_whose_thread_another_moved_on_pays_one_more_request_once(
