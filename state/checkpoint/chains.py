@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
 
-from ..ports import ChannelHistory, StoredWrite, TypedBytes
+from ..ports import ChannelHistory, StoredCheckpoint, StoredWrite, TypedBytes
 
 # Chains kept (least recently written dropped first), and how long one is trusted.
 CHAINS = 1000
@@ -218,27 +218,20 @@ class WrittenChains:
         else:
             del self._chains[key]
 
-    def loaded(
-        self,
-        thread_id: str,
-        checkpoint_ns: str,
-        checkpoint_id: str,
-        writes: Sequence[StoredWrite],
-        *,
-        latest: bool,
-    ) -> None:
-        """A read found `checkpoint_id` with these pending writes. The chain goes when it
+    def loaded(self, found: StoredCheckpoint, *, latest: bool) -> None:
+        """A read found this checkpoint (with its pending writes). The chain goes when it
         cannot answer any more: the latest is not its head (another process moved the
         thread on), or its head holds a write this process did not put (another worker
         resumed one of the step's tasks: its child's history would lack that write)."""
-        key = (thread_id, checkpoint_ns)
+        key = (found.thread_id, found.checkpoint_ns)
         chain = self._chains.get(key)
         if chain is None:
             return
-        if chain.head != checkpoint_id:
+        if chain.head != found.checkpoint_id:
             if latest:
                 del self._chains[key]
             return
+        writes = found.writes or []
         if any((write.task_id, write.idx) not in chain.head_writes for write in writes):
             del self._chains[key]
 

@@ -392,13 +392,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
             hit = cached.checkpoint
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
-                self._chains.loaded(
-                    thread_id,
-                    checkpoint_ns,
-                    hit.checkpoint_id,
-                    hit.writes or [],
-                    latest=checkpoint_id is None,
-                )
+                self._chains.loaded(hit, latest=checkpoint_id is None)
                 if cached.history is not None:
                     self._remember_history(hit, cached.history)
                 return self._tuple(hit)
@@ -413,13 +407,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._chains.found_empty(thread_id, checkpoint_ns)
             return None
         stored = await self._complete(stored)
-        self._chains.loaded(
-            thread_id,
-            checkpoint_ns,
-            stored.checkpoint_id,
-            stored.writes or [],
-            latest=checkpoint_id is None,
-        )
+        self._chains.loaded(stored, latest=checkpoint_id is None)
         if stored.history is not None:
             self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
