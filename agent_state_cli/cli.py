@@ -188,10 +188,12 @@ def _masked(name: str, value: str) -> str:
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
     backend: Annotated[str, typer.Option(help="Cold backend: cosmos or postgres.")] = "cosmos",
-    redis_port: RedisPort = 6390,
-    cosmos_port: CosmosPort = 8091,
-    postgres_port: PostgresPort = 5440,
-    issuer_port: IssuerPort = 8095,
+    # Unset by default: a stack already running keeps its ports, one started here takes
+    # `stack up`'s defaults.
+    redis_port: Annotated[int | None, _port_option("redis")] = None,
+    cosmos_port: Annotated[int | None, _port_option("cosmos")] = None,
+    postgres_port: Annotated[int | None, _port_option("postgres")] = None,
+    issuer_port: Annotated[int | None, _port_option("issuer")] = None,
     workdir: WorkdirOption = None,
 ) -> None:
     """Run the API on 127.0.0.1 against the local stack (started if it is not running)."""
@@ -204,14 +206,20 @@ def serve(
     where = _stack_workdir(workdir)
     status = devstack.status(where)
     started_here = not status.get("running")
-    if started_here:
-        ports = {
+    asked = {
+        server: chosen
+        for server, chosen in {
             "redis": redis_port,
             "cosmos": cosmos_port,
             "postgres": postgres_port,
             "issuer": issuer_port,
-        }
-        status = _start_stack(where, with_postgres=backend == "postgres", ports=ports)
+        }.items()
+        if chosen is not None
+    }
+    if started_here:
+        status = _start_stack(where, with_postgres=backend == "postgres", ports=asked)
+    else:
+        _refuse_ports_the_running_stack_ignores(where, status, asked)
     env = _stack_env(status)
     if backend == "postgres" and "POSTGRES_URL" not in env:
         raise typer.BadParameter("the running stack has no Postgres: stack down, then serve again")
@@ -225,6 +233,27 @@ def serve(
     finally:
         if started_here:
             devstack.down(where)
+
+
+def _refuse_ports_the_running_stack_ignores(
+    where: Path, status: dict[str, object], asked: dict[str, int]
+) -> None:
+    """A port asked for (option or environment) that the running stack does not use would
+    be silently ignored: say so and stop, rather than serve against other ports."""
+    servers = status.get("servers")
+    running = servers if isinstance(servers, dict) else {}
+    for server, port in asked.items():
+        found = running.get(server)
+        actual = found.get("port") if isinstance(found, dict) else None
+        if port != actual:
+            where_now = f"on port {actual}" if actual is not None else "not running"
+            errors.print(
+                f"[red]--{server}-port {port} cannot apply[/red]: the stack already running "
+                f"from {escape(str(where))} has {server} {where_now}; drop the option, or stop "
+                "that stack first (agent-state stack down)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
 
 
 # --------------------------------------------------------------------------- API client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 import devstack
 from devstack import RedisServer, ServerStartError, Stack, free_port, running
+from devstack.stack import state_file
 
 
 def _listening(port: int) -> bool:
@@ -154,3 +156,42 @@ def test_stack_down_says_the_emulator_data_is_gone(tmp_path: Path) -> None:
         code, output, _ = _stack_cli("down", "--workdir", str(tmp_path))
     assert code == 0 and "stopped: redis, cosmos" in output
     assert "memory only" in output and "gone" in output
+
+
+def test_serve_refuses_a_port_the_running_stack_does_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from agent_state_cli.cli import app
+
+    served: list[int] = []
+    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
+    # A stack recorded as running (its pids: this test's own process, alive).
+    servers = {"redis": 6390, "cosmos": 8091, "issuer": 8095}
+    state_file(tmp_path).write_text(
+        json.dumps(
+            {
+                "workdir": str(tmp_path),
+                "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
+                "env": {},
+            }
+        )
+    )
+    runner = CliRunner()
+    serve = ["serve", "--workdir", str(tmp_path), "--port", "7171"]
+    env = {"COLUMNS": "200"}
+    result = runner.invoke(app, [*serve, "--redis-port", "7001"], env=env)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert "--redis-port 7001 cannot apply" in lines[0] and "redis on port 6390" in lines[0]
+
+    result = runner.invoke(app, serve, env={**env, "AGENT_STATE_POSTGRES_PORT": "5440"})
+    assert result.exit_code == 2 and "has postgres not running" in result.stderr
+    assert served == []
+
+    # The running stack's own port, or none given: it serves against that stack.
+    assert runner.invoke(app, [*serve, "--redis-port", "6390"], env=env).exit_code == 0
+    assert runner.invoke(app, serve, env=env).exit_code == 0
+    assert served == [7171, 7171]
