@@ -31,7 +31,9 @@ this project's saver on Postgres, Postgres + Redis, Cosmos and Cosmos + Redis in
 write-through, and on Postgres + Redis and Cosmos + Redis in write-behind. The
 project's contenders are built as an app builds them, `open_backends(Settings(...))`
 then `TieredCheckpointSaver.from_backends(...)`: on the benchmark's loop for the
-async API, on a private loop thread for the sync API (what `open_sync` does).
+async API, on a private loop thread for the sync API (what `open_sync` does; in
+write-behind mode a sync put, put_writes or cache hit is read and written on the
+calling thread, with a blocking Redis client).
 
 Counting: Cosmos HTTP requests at the azure-core transport, Redis round trips at
 the connection (one per command or pipeline sent), Postgres statements at the
@@ -73,6 +75,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
 import psycopg  # noqa: E402
+import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from langchain_core.runnables import RunnableConfig  # noqa: E402
 from langgraph.channels.delta import DeltaChannel  # noqa: E402
@@ -309,6 +312,15 @@ class Meter:
             (Pipeline, "immediate_execute_command"),
         ):
             patches.append((owner, name, self._counted_redis(owner, name)))
+        # The sync API's write-behind appends, made on the caller's thread.
+        for blocking_owner, name in (
+            (redis.Redis, "execute_command"),
+            (redis.client.Pipeline, "execute"),
+            (redis.client.Pipeline, "immediate_execute_command"),
+        ):
+            patches.append(
+                (blocking_owner, name, self._counted_blocking_redis(blocking_owner, name))
+            )
         for cursor_class in (psycopg.Cursor, psycopg.AsyncCursor):
             for name in ("execute", "executemany"):
                 patches.append((cursor_class, name, self._counted_statement(cursor_class, name)))
@@ -325,6 +337,16 @@ class Meter:
             if client.connection_pool.connection_kwargs.get("client_name") != OBSERVER:
                 meter.count("redis")
             return await original(client, *args, **kwargs)
+
+        return counted
+
+    def _counted_blocking_redis(self, owner: type, name: str) -> Any:
+        original = getattr(owner, name)
+        meter = self
+
+        def counted(client: Any, *args: Any, **kwargs: Any) -> Any:
+            meter.count("redis")
+            return original(client, *args, **kwargs)
 
         return counted
 
@@ -1492,8 +1514,10 @@ class Report:
             f"{s.list_runs} listings of a {LIST_DEPTH}-checkpoint thread. A series stops early "
             f"after {s.budget_seconds:.0f} s (the ops column says how many ran). Sync API: "
             "`graph.invoke` and the saver's sync methods (this project's saver on a private loop "
-            "thread, as `TieredCheckpointSaver.open_sync` builds it); async API: `graph.ainvoke` "
-            "and the async methods on the benchmark's loop.",
+            "thread, as `TieredCheckpointSaver.open_sync` builds it; in write-behind mode its "
+            "puts, put_writes and cache-hit reads make their Redis round trip on the calling "
+            "thread instead); async API: `graph.ainvoke` and the async methods on the "
+            "benchmark's loop.",
             "",
             "Requests are counted at the clients and charged to the saver call that made them "
             "(request path): Cosmos HTTP requests at the azure-core transport, Redis round trips "

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .ports import (
+    BlockingAppends,
+    BlockingReads,
     CheckpointCache,
     CheckpointFence,
     CheckpointStore,
@@ -31,6 +33,8 @@ EVENTS_PER_THREAD = 1000
 EVENTS_TTL_SECONDS = 7 * 24 * 3600
 
 if TYPE_CHECKING:
+    import redis
+
     from .checkpoint.flusher import Flusher
 
 
@@ -47,6 +51,9 @@ class Backends:
     retention: ColdRetention = field(kw_only=True)
     # Write-behind mode only: drains the hot log into the cold checkpoint store.
     flusher: Flusher | None = field(default=None, kw_only=True)
+    # Write-behind mode only: the hot tier's calls the saver's sync API makes itself.
+    blocking_appends: BlockingAppends | None = field(default=None, kw_only=True)
+    blocking_reads: BlockingReads | None = field(default=None, kw_only=True)
     # The hot tier's per-thread checkpoint fence (None without a hot tier).
     checkpoint_fence: CheckpointFence | None = field(default=None, kw_only=True)
     # Per-thread event logs (None without a hot tier).
@@ -99,11 +106,17 @@ async def open_backends(settings: Settings) -> Backends:
     hot: HotStateStore | None = None
     hot_checkpoints: CheckpointCache | None = None
     flusher: Flusher | None = None
+    blocking_appends: BlockingAppends | None = None
+    blocking_reads: BlockingReads | None = None
     checkpoint_fence: CheckpointFence | None = None
     events: EventLog | None = None
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
-        from .hot.redis_client import create_redis_client, hot_namespace
+        from .hot.redis_client import (
+            create_blocking_redis_client,
+            create_redis_client,
+            hot_namespace,
+        )
         from .hot.redis_events import RedisEventLog
         from .hot.redis_store import RedisHotStore
         from .hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
@@ -112,24 +125,34 @@ async def open_backends(settings: Settings) -> Backends:
         namespace = hot_namespace(settings)
         hot = RedisHotStore(client, namespace=namespace)
         closers.append(hot.close)
+        write_behind = settings.write_mode is WriteMode.WRITE_BEHIND
+        # The saver's sync API reads and appends on its callers' threads with this one
+        # (write-behind: a write is one Redis round trip); it connects on first use only.
+        blocking_client = create_blocking_redis_client(settings) if write_behind else None
+        if blocking_client is not None:
+            closers.append(_closing(blocking_client))
         # Shares the hot store's client (one per process), which the hot store closes.
-        hot_checkpoints = RedisCheckpointCache(
-            client, namespace=namespace, ttl_seconds=settings.state_hot_ttl_seconds
+        cache = RedisCheckpointCache(
+            client,
+            namespace=namespace,
+            ttl_seconds=settings.state_hot_ttl_seconds,
+            blocking_client=blocking_client,
         )
-        checkpoint_fence = RedisCheckpointFence(client, hot_checkpoints)
+        hot_checkpoints = cache
+        checkpoint_fence = RedisCheckpointFence(client, cache)
         events = RedisEventLog(
             client,
             namespace=namespace,
             max_events=EVENTS_PER_THREAD,
             ttl_seconds=EVENTS_TTL_SECONDS,
         )
-        if settings.write_mode is WriteMode.WRITE_BEHIND:
+        if write_behind:
             from .checkpoint.flusher import Flusher
 
+            write_behind_log = RedisWriteBehindLog(client, cache, blocking_client=blocking_client)
+            blocking_appends, blocking_reads = write_behind_log, cache
             flusher = Flusher(
-                RedisWriteBehindLog(client, hot_checkpoints),
-                checkpoints,
-                lock_ttl_ms=settings.state_flush_lock_ttl_ms,
+                write_behind_log, checkpoints, lock_ttl_ms=settings.state_flush_lock_ttl_ms
             )
 
     backends = Backends(
@@ -141,6 +164,8 @@ async def open_backends(settings: Settings) -> Backends:
         hot_checkpoints,
         retention=retention,
         flusher=flusher,
+        blocking_appends=blocking_appends,
+        blocking_reads=blocking_reads,
         checkpoint_fence=checkpoint_fence,
         events=events,
         cold_counters=cold_counters,
@@ -156,6 +181,13 @@ async def open_backends(settings: Settings) -> Backends:
         # Closed first (closers run in reverse): its last drain still has every client.
         closers.append(flusher.close)
     return backends
+
+
+def _closing(client: redis.Redis) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        client.close()  # drops idle sockets: nothing to wait for
+
+    return close
 
 
 @asynccontextmanager

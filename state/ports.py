@@ -754,6 +754,36 @@ class Backlog:
     oldest_age_seconds: float | None  # None: nothing is waiting
 
 
+class BlockingAppends(Protocol):
+    """`WriteBehindLog`'s appends for a caller with no event loop (the saver's sync API):
+    the same single round trip, made on the caller's own thread, so an acknowledged write
+    never waits for the loop thread that runs everything else."""
+
+    def append_put_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+    ) -> None: ...
+
+    def append_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+    ) -> None: ...
+
+
+class BlockingReads(Protocol):
+    """`CheckpointCache.lookup` of a hit for a caller with no event loop (the saver's sync
+    API), made on the caller's own thread; None wherever `lookup` has more to do."""
+
+    def lookup_blocking(
+        self, thread_id: str, checkpoint_ns: str, *, with_history: bool
+    ) -> CacheLookup | None: ...
+
+
 @runtime_checkable
 class WriteBehindLog(Protocol):
     """The hot tier's record of checkpoint work the cold tier has not received yet.

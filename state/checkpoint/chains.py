@@ -32,10 +32,13 @@ whenever maintenance touches the thread.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar
 
 from langgraph.checkpoint.base import WRITES_IDX_MAP
 
@@ -84,8 +87,27 @@ def _add(
         into[key] = (checkpoint_id, write)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(
+    method: Callable[Concatenate[WrittenChains, P], R],
+) -> Callable[Concatenate[WrittenChains, P], R]:
+    @functools.wraps(method)
+    def locked(self: WrittenChains, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class WrittenChains:
+    """Thread-safe: the sync API's writes update it from their callers' threads while the
+    loop thread reads it."""
+
     def __init__(self) -> None:
+        self._lock = threading.RLock()
         self._chains: OrderedDict[tuple[str, str], _Chain] = OrderedDict()
         # Threads their caller declared new, until when.
         self._declared: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -94,6 +116,7 @@ class WrittenChains:
             OrderedDict()
         )
 
+    @_locked
     def declare_new(self, thread_id: str) -> None:
         """The caller has just made `thread_id` (its root namespace has no checkpoint): the
         next read of its latest checkpoint may take that as found (`take_new`)."""
@@ -103,6 +126,7 @@ class WrittenChains:
         while len(self._declared) > CHAINS:
             self._declared.popitem(last=False)
 
+    @_locked
     def take_new(self, thread_id: str, checkpoint_ns: str) -> bool:
         """Whether the thread was declared new (once, within `CHAIN_SECONDS`); if so, it
         counts as found empty."""
@@ -112,6 +136,7 @@ class WrittenChains:
         self.found_empty(thread_id, checkpoint_ns)
         return True
 
+    @_locked
     def found_empty(self, thread_id: str, checkpoint_ns: str) -> None:
         """A read of the latest checkpoint found none: the root put may follow."""
         key = (thread_id, checkpoint_ns)
@@ -121,6 +146,7 @@ class WrittenChains:
         while len(self._empty) > CHAINS:
             self._empty.popitem(last=False)
 
+    @_locked
     def put(
         self,
         thread_id: str,
@@ -182,6 +208,7 @@ class WrittenChains:
         while len(self._chains) > CHAINS:
             self._chains.popitem(last=False)
 
+    @_locked
     def put_writes(
         self,
         thread_id: str,
@@ -218,6 +245,7 @@ class WrittenChains:
         else:
             del self._chains[key]
 
+    @_locked
     def loaded(self, found: StoredCheckpoint, *, latest: bool) -> None:
         """A read found this checkpoint (with its pending writes). The chain goes when it
         cannot answer any more: the latest is not its head (another process moved the
@@ -235,6 +263,7 @@ class WrittenChains:
         if any((write.task_id, write.idx) not in chain.head_writes for write in writes):
             del self._chains[key]
 
+    @_locked
     def head(self, thread_id: str, checkpoint_ns: str) -> str | None:
         """The id of the checkpoint whose history a chain answers for now, if any."""
         chain = self._chains.get((thread_id, checkpoint_ns))
@@ -242,6 +271,7 @@ class WrittenChains:
             return None
         return chain.head
 
+    @_locked
     def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
     ) -> dict[str, ChannelHistory] | None:
@@ -261,6 +291,7 @@ class WrittenChains:
             )
         return found
 
+    @_locked
     def forget(self, thread_id: str) -> None:
         for kept in (self._chains, self._empty, self._declared):
             for key in [key for key in kept if key[0] == thread_id]:

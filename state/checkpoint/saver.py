@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,6 +61,8 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from ..errors import BackendUnavailable
 from ..ports import (
+    BlockingAppends,
+    BlockingReads,
     ChannelHistory,
     CheckpointCache,
     CheckpointFence,
@@ -116,6 +119,41 @@ def _inline(value: Any) -> bool:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Put:
+    """A put as the tiers store it, and what the saver does with it after."""
+
+    stored: StoredCheckpoint
+    blobs: list[StoredBlob]  # the new versions' values, not inline
+    inline: dict[str, Any]  # small values kept in the checkpoint record
+    present: list[str]  # every channel holding a value
+    fence: int | None
+    boundary: bool  # durability "sync": the put returns once it is cold
+
+
+@dataclasses.dataclass(frozen=True)
+class _Writes:
+    """A put_writes as the tiers store it."""
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    writes: list[StoredWrite]
+    upsert: bool
+    fence: int | None
+    boundary: bool  # an interrupt, an error, or durability "sync"
+
+
+def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
+    """(thread, namespace, checkpoint id or None for the latest) a config names."""
+    configurable = config["configurable"]
+    return (
+        str(configurable["thread_id"]),
+        configurable.get("checkpoint_ns", ""),
+        get_checkpoint_id(config),
+    )
+
+
 class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def __init__(
         self,
@@ -127,6 +165,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         record_fence: CheckpointFence | None = None,
         serde: SerializerProtocol | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        blocking_appends: BlockingAppends | None = None,
+        blocking_reads: BlockingReads | None = None,
     ) -> None:
         super().__init__(serde=serde)
         if flusher is not None and cache is None:
@@ -135,6 +175,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self.cache = cache
         # Set: write-behind mode.
         self.flusher = flusher
+        # Write-behind: the sync API appends, and reads a hit, from the caller's thread.
+        self._blocking = blocking_appends if flusher is not None else None
+        self._blocking_reads = blocking_reads if self._blocking is not None else None
         # The hot tier's fence per thread (write-through writes check it), and the cold
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
@@ -148,6 +191,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._histories: OrderedDict[tuple[str, str], tuple[str, dict[str, ChannelHistory]]] = (
             OrderedDict()
         )
+        # The sync API's reads fill it from their callers' threads.
+        self._histories_lock = threading.Lock()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -176,6 +221,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             record_fence=RecordFence(backends.cold),
             serde=serde,
             loop=loop,
+            blocking_appends=backends.blocking_appends,
+            blocking_reads=backends.blocking_reads,
         )
 
     @classmethod
@@ -279,6 +326,21 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # ----------------------------------------------------------------------- sync API
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        if self._blocking_reads is None:
+            return self._sync(self._get_tuple(config))
+        # Write-behind: a hit is read on this thread; anything else on the loop thread.
+        self._refuse_on_loop()
+        thread_id, checkpoint_ns, checkpoint_id = _address(config)
+        if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
+            return None
+        cached = self._blocking_reads.lookup_blocking(
+            thread_id,
+            checkpoint_ns,
+            with_history=self._with_history(thread_id, checkpoint_ns, checkpoint_id),
+        )
+        hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
+        if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
+            return self._hit(hit, history, latest=checkpoint_id is None)
         return self._sync(self._get_tuple(config))
 
     def list(
@@ -307,7 +369,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        return self._sync(self._put(config, checkpoint, metadata, new_versions))
+        if self._blocking is None:
+            return self._sync(self._put(config, checkpoint, metadata, new_versions))
+        # Write-behind: the append from this thread; the loop thread only for what needs
+        # it (a boundary's flush, the cold write when Redis fails).
+        self._refuse_on_loop()
+        put = self._prepared_put(config, checkpoint, metadata, new_versions)
+        try:
+            self._blocking.append_put_blocking(put.stored, put.blobs, fence=put.fence)
+        except BackendUnavailable:
+            self._sync(self._put_cold_instead(put, checkpoint))
+        else:
+            self._appended_sync(put.stored.thread_id, put.boundary)
+        return self._put_done(put)
 
     def put_writes(
         self,
@@ -316,7 +390,29 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        self._sync(self._put_writes(config, writes, task_id, task_path))
+        if self._blocking is None:
+            self._sync(self._put_writes(config, writes, task_id, task_path))
+            return
+        self._refuse_on_loop()
+        put = self._prepared_writes(config, writes, task_id, task_path)
+        try:
+            try:
+                self._blocking.append_writes_blocking(
+                    put.thread_id,
+                    put.checkpoint_ns,
+                    put.checkpoint_id,
+                    put.writes,
+                    upsert=put.upsert,
+                    fence=put.fence,
+                )
+            except BackendUnavailable:
+                self._sync(self._writes_cold_instead(put))
+            else:
+                self._appended_sync(put.thread_id, put.boundary)
+        except BaseException:
+            self._chains.forget(put.thread_id)  # stored or not, this process cannot tell
+            raise
+        self._writes_done(put)
 
     def get_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
@@ -359,32 +455,40 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
+            self._refuse_on_loop()
+        except asyncio.InvalidStateError:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _refuse_on_loop(self) -> None:
+        try:
             running = asyncio.get_running_loop()
         except RuntimeError:
-            running = None
+            return
         if running is self.loop:
-            coro.close()
             raise asyncio.InvalidStateError(
                 "synchronous TieredCheckpointSaver calls would block the loop they wait for: "
                 "from inside it, use the async methods (e.g. `await graph.ainvoke(...)`)"
             )
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _appended_sync(self, thread_id: str, boundary: bool) -> None:
+        """`_boundary` after a sync caller's own append: a boundary's flush waits on the
+        loop thread; otherwise the flusher is told, without waiting for it."""
+        assert self.flusher is not None
+        self._written_through.discard(thread_id)
+        if boundary:
+            self._sync(self._flush_thread(thread_id))
+        else:
+            self.loop.call_soon_threadsafe(self.flusher.notify, thread_id)
 
     # ----------------------------------------------------------------------- operations
 
     async def _get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        configurable = config["configurable"]
-        thread_id = str(configurable["thread_id"])
-        checkpoint_ns = configurable.get("checkpoint_ns", "")
-        checkpoint_id = get_checkpoint_id(config)
+        thread_id, checkpoint_ns, checkpoint_id = _address(config)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
-        # This process's own chain of the thread has the history of its head: when that
-        # is the checkpoint asked for (as it is while one worker runs a thread), neither
-        # tier need send it again. Another process's newer checkpoint has none then, and
-        # LangGraph's history request that follows reads it (`_delta_history`).
-        head = self._chains.head(thread_id, checkpoint_ns)
-        with_history = head is None or checkpoint_id not in (None, head)
+        with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
         lease, backlog = None, None
         if self.cache is not None:
             cached = await self.cache.lookup(
@@ -392,10 +496,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
             hit = cached.checkpoint
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
-                self._chains.loaded(hit, latest=checkpoint_id is None)
-                if cached.history is not None:
-                    self._remember_history(hit, cached.history)
-                return self._tuple(hit)
+                return self._hit(hit, cached.history, latest=checkpoint_id is None)
             lease, backlog = cached.lease, cached.backlog
         if self.flusher is not None:
             await self.flusher.settle_thread(thread_id, pending=backlog)
@@ -413,6 +514,27 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self.cache is not None and lease is not None:
             await self.cache.fill(stored, lease)  # its history with it, when it has one
         return self._tuple(stored)
+
+    def _with_history(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> bool:
+        """Whether a read should bring the checkpoint's delta history along. This process's
+        own chain of the thread has the history of its head: when that is the checkpoint
+        asked for (as it is while one worker runs a thread), neither tier need send it
+        again. Another process's newer checkpoint has none then, and LangGraph's history
+        request that follows reads it (`_delta_history`)."""
+        head = self._chains.head(thread_id, checkpoint_ns)
+        return head is None or checkpoint_id not in (None, head)
+
+    def _hit(
+        self,
+        hit: StoredCheckpoint,
+        history: dict[str, ChannelHistory] | None,
+        *,
+        latest: bool,
+    ) -> CheckpointTuple:
+        self._chains.loaded(hit, latest=latest)
+        if history is not None:
+            self._remember_history(hit, history)
+        return self._tuple(hit)
 
     async def _list(
         self,
@@ -458,9 +580,31 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
+        put = self._prepared_put(config, checkpoint, metadata, new_versions)
+        thread_id = put.stored.thread_id
+        if self.flusher is None:
+            await self._admit(thread_id, put.fence, hot=True)
+            await self.store.put_checkpoint(put.stored, put.blobs)
+            if self.cache is not None:
+                await self.cache.advance(put.stored, put.blobs)
+        else:
+            try:
+                await self.flusher.log.append_put(put.stored, put.blobs, fence=put.fence)
+            except BackendUnavailable:
+                await self._put_cold_instead(put, checkpoint)
+            else:
+                self._written_through.discard(thread_id)
+                await self._boundary(thread_id, put.boundary)
+        return self._put_done(put)
+
+    def _prepared_put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> _Put:
         configurable = config["configurable"]
-        thread_id = str(configurable["thread_id"])
-        checkpoint_ns = configurable.get("checkpoint_ns", "")
         values = checkpoint["channel_values"]
         inline = {channel: value for channel, value in values.items() if _inline(value)}
         blobs = [
@@ -469,50 +613,55 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if channel in values and channel not in inline
         ]
         stored = StoredCheckpoint(
-            thread_id=thread_id,
-            checkpoint_ns=checkpoint_ns,
+            thread_id=str(configurable["thread_id"]),
+            checkpoint_ns=configurable.get("checkpoint_ns", ""),
             checkpoint_id=checkpoint["id"],
             parent_checkpoint_id=configurable.get("checkpoint_id"),
             checkpoint=dump_checkpoint(self.serde, checkpoint, inline),
             metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
             channel_versions=dict(checkpoint["channel_versions"]),
         )
-        fence = configurable.get(FENCING_TOKEN_KEY)
-        if self.flusher is None:
-            await self._admit(thread_id, fence, hot=True)
-            await self.store.put_checkpoint(stored, blobs)
-            if self.cache is not None:
-                await self.cache.advance(stored, blobs)
-        else:
-            try:
-                await self.flusher.log.append_put(stored, blobs, fence=fence)
-            except BackendUnavailable:
-                await self._admit(thread_id, fence, hot=False)
-                every_value = [
-                    StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
-                    for channel, version in checkpoint["channel_versions"].items()
-                    if channel in values and channel not in inline
-                ]
-                await self.store.put_checkpoint(stored, every_value)
-                self._written_through.add(thread_id)
-                self._distrust_hot_copy(thread_id, checkpoint_ns)
-            else:
-                self._written_through.discard(thread_id)
-                await self._boundary(thread_id, configurable.get(DURABILITY_KEY) == "sync")
+        return _Put(
+            stored,
+            blobs,
+            inline,
+            present=list(values),
+            fence=configurable.get(FENCING_TOKEN_KEY),
+            boundary=configurable.get(DURABILITY_KEY) == "sync",
+        )
+
+    async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
+        """Write-behind with Redis out: the checkpoint goes straight to the cold tier, every
+        value with it (the log holding the older ones may never drain), and the hot copy
+        is not trusted any more."""
+        thread_id = put.stored.thread_id
+        await self._admit(thread_id, put.fence, hot=False)
+        values = checkpoint["channel_values"]
+        every_value = [
+            StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
+            for channel, version in checkpoint["channel_versions"].items()
+            if channel in values and channel not in put.inline
+        ]
+        await self.store.put_checkpoint(put.stored, every_value)
+        self._written_through.add(thread_id)
+        self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
+
+    def _put_done(self, put: _Put) -> RunnableConfig:
+        stored = put.stored
         self._chains.put(
-            thread_id,
-            checkpoint_ns,
+            stored.thread_id,
+            stored.checkpoint_ns,
             stored.checkpoint_id,
             stored.parent_checkpoint_id,
-            values.keys(),
-            {blob.channel: blob.value for blob in blobs}
-            | {channel: self.serde.dumps_typed(value) for channel, value in inline.items()},
+            put.present,
+            {blob.channel: blob.value for blob in put.blobs}
+            | {channel: self.serde.dumps_typed(value) for channel, value in put.inline.items()},
         )
         return {
             "configurable": {
-                "thread_id": thread_id,
-                "checkpoint_ns": checkpoint_ns,
-                "checkpoint_id": checkpoint["id"],
+                "thread_id": stored.thread_id,
+                "checkpoint_ns": stored.checkpoint_ns,
+                "checkpoint_id": stored.checkpoint_id,
             }
         }
 
@@ -523,10 +672,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str,
     ) -> None:
+        put = self._prepared_writes(config, writes, task_id, task_path)
+        try:
+            await self._store_writes(put)
+        except BaseException:
+            # Stored or not, this process cannot tell: its chain of the thread goes.
+            self._chains.forget(put.thread_id)
+            raise
+        self._writes_done(put)
+
+    def _prepared_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> _Writes:
         configurable = config["configurable"]
-        thread_id = str(configurable["thread_id"])
-        checkpoint_ns = configurable.get("checkpoint_ns", "")
-        checkpoint_id = configurable["checkpoint_id"]
         # Special channels (errors, interrupts, resume) replace; ordinary writes are
         # keyed by position and a repeat is ignored, as in LangGraph's own savers.
         upsert = all(channel in WRITES_IDX_MAP for channel, _ in writes)
@@ -539,65 +701,60 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 by_key[key] = StoredWrite(
                     task_id, task_path, key, channel, dump_value(self.serde, value)
                 )
-        stored = list(by_key.values())
-        fence = configurable.get(FENCING_TOKEN_KEY)
-        try:
-            await self._store_writes(
-                thread_id,
-                checkpoint_ns,
-                checkpoint_id,
-                stored,
-                upsert=upsert,
-                fence=fence,
-                boundary=configurable.get(DURABILITY_KEY) == "sync"
-                or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
-            )
-        except BaseException:
-            # Stored or not, this process cannot tell: its chain of the thread goes.
-            self._chains.forget(thread_id)
-            raise
-        self._chains.put_writes(thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert)
+        return _Writes(
+            thread_id=str(configurable["thread_id"]),
+            checkpoint_ns=configurable.get("checkpoint_ns", ""),
+            checkpoint_id=configurable["checkpoint_id"],
+            writes=list(by_key.values()),
+            upsert=upsert,
+            fence=configurable.get(FENCING_TOKEN_KEY),
+            boundary=configurable.get(DURABILITY_KEY) == "sync"
+            or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
+        )
 
-    async def _store_writes(
-        self,
-        thread_id: str,
-        checkpoint_ns: str,
-        checkpoint_id: str,
-        stored: Sequence[StoredWrite],
-        *,
-        upsert: bool,
-        fence: int | None,
-        boundary: bool,
-    ) -> None:
+    def _writes_done(self, put: _Writes) -> None:
+        self._chains.put_writes(
+            put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
+        )
+
+    async def _store_writes(self, put: _Writes) -> None:
         if self.flusher is None:
-            await self._admit(thread_id, fence, hot=True)
+            await self._admit(put.thread_id, put.fence, hot=True)
             await self.store.put_writes(
-                thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
+                put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
             )
             if self.cache is not None:
                 await self.cache.add_writes(
-                    thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
+                    put.thread_id,
+                    put.checkpoint_ns,
+                    put.checkpoint_id,
+                    put.writes,
+                    upsert=put.upsert,
                 )
             return
         try:
             await self.flusher.log.append_writes(
-                thread_id,
-                checkpoint_ns,
-                checkpoint_id,
-                stored,
-                upsert=upsert,
-                fence=fence,
+                put.thread_id,
+                put.checkpoint_ns,
+                put.checkpoint_id,
+                put.writes,
+                upsert=put.upsert,
+                fence=put.fence,
             )
         except BackendUnavailable:
-            await self._admit(thread_id, fence, hot=False)
-            await self.store.put_writes(
-                thread_id, checkpoint_ns, checkpoint_id, stored, upsert=upsert
-            )
-            self._written_through.add(thread_id)
-            self._distrust_hot_copy(thread_id, checkpoint_ns)
+            await self._writes_cold_instead(put)
         else:
-            self._written_through.discard(thread_id)
-            await self._boundary(thread_id, boundary)
+            self._written_through.discard(put.thread_id)
+            await self._boundary(put.thread_id, put.boundary)
+
+    async def _writes_cold_instead(self, put: _Writes) -> None:
+        """Write-behind with Redis out: the writes go straight to the cold tier."""
+        await self._admit(put.thread_id, put.fence, hot=False)
+        await self.store.put_writes(
+            put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
+        )
+        self._written_through.add(put.thread_id)
+        self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the
@@ -624,7 +781,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if latest is None:
                 return {ch: {"writes": []} for ch in channels}
             checkpoint_id = str(latest.config["configurable"]["checkpoint_id"])
-        remembered = self._histories.pop((thread_id, checkpoint_ns), None)
+        with self._histories_lock:
+            remembered = self._histories.pop((thread_id, checkpoint_ns), None)
         history = self._chains.history(thread_id, checkpoint_ns, checkpoint_id, channels)
         if (
             history is None
@@ -655,15 +813,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Keep what a cache hit brought along for the history request that follows it
         (LangGraph asks right after loading the checkpoint); taken once."""
         key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
-        self._histories[key] = (checkpoint.checkpoint_id, history)
-        self._histories.move_to_end(key)
-        while len(self._histories) > HISTORY_MEMO_SIZE:
-            self._histories.popitem(last=False)
+        with self._histories_lock:
+            self._histories[key] = (checkpoint.checkpoint_id, history)
+            self._histories.move_to_end(key)
+            while len(self._histories) > HISTORY_MEMO_SIZE:
+                self._histories.popitem(last=False)
 
     def _forget_histories(self, thread_id: str) -> None:
         self._chains.forget(thread_id)
-        for key in [key for key in self._histories if key[0] == thread_id]:
-            del self._histories[key]
+        with self._histories_lock:
+            for key in [key for key in self._histories if key[0] == thread_id]:
+                del self._histories[key]
 
     def _channel_history(self, history: ChannelHistory) -> DeltaChannelHistory:
         # Chain order (ancestor ids grow toward the target), then a step's own order.

@@ -49,10 +49,11 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from ..errors import CorruptState
+from ..errors import CorruptState, StateError
 from ..ports import (
     CacheLookup,
     ChannelHistory,
@@ -501,9 +502,18 @@ class RedisCheckpointCache:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, *, namespace: str, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        namespace: str,
+        ttl_seconds: int,
+        blocking_client: redis.Redis | None = None,
+    ) -> None:
         # The client is shared with the hot store, whose owner closes it.
         self._client = client
+        # For `BlockingReads`: a hit read from a thread with no event loop.
+        self._blocking_client = blocking_client
         self._store = namespace
         self._ttl = ttl_seconds
         self._advance = client.register_script(_ADVANCE)
@@ -583,6 +593,42 @@ class RedisCheckpointCache:
             return CacheLookup(None)
         granted, backlog = cast("list[int]", leased)
         return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
+
+    def lookup_blocking(
+        self, thread_id: str, checkpoint_ns: str, *, with_history: bool
+    ) -> CacheLookup | None:
+        """`lookup` of a hit, from the caller's own thread; None where `lookup` has more
+        to do (a miss and its lease, a suspect or unreadable entry, an error): the caller
+        then asks it."""
+        if self._blocking_client is None:
+            raise StateError("this checkpoint cache was opened without a blocking client")
+        key = self.key(thread_id, checkpoint_ns)
+        if key in self._suspect:
+            return None
+        try:
+            if with_history:
+                fields = cast("dict[bytes, bytes]", self._blocking_client.hgetall(key))
+            else:
+                flat = cast("list[bytes]", self._without_history_blocking(key))
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        except (RedisError, OSError):
+            return None
+        if b"id" not in fields:
+            return None
+        try:
+            found = parse_entry(thread_id, checkpoint_ns, fields)
+            history = parse_history(fields) if with_history else None
+        except (CorruptState, ValueError, KeyError, struct.error):
+            return None
+        self.stats.hits += 1
+        return CacheLookup(found, history=history)
+
+    def _without_history_blocking(self, key: str) -> object:
+        assert self._blocking_client is not None
+        try:
+            return self._blocking_client.evalsha(self._without_history.sha, 1, key)
+        except NoScriptError:
+            return self._blocking_client.eval(_WITHOUT_HISTORY, 1, key)
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)

@@ -1,5 +1,5 @@
-"""Builds the redis.asyncio client from settings (a URL locally, Entra ID in Azure) and
-names its keys."""
+"""Builds the Redis clients from settings (a URL locally, Entra ID in Azure): redis.asyncio's,
+and a blocking one for the saver's sync write-behind appends; and names their keys."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import hashlib
 from typing import Any
 from urllib.parse import urlparse
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as BlockingRetry
 
 from ..errors import SettingsError
 from ..settings import ColdBackend, Settings
@@ -58,38 +60,53 @@ def _postgres_identity(settings: Settings) -> list[str]:
 
 
 def create_redis_client(settings: Settings) -> aioredis.Redis:
-    # Short timeouts: the hot tier is an optimisation, a slow Redis must not stall the app.
-    common: dict[str, Any] = {
-        "socket_timeout": 2.0,
-        "socket_connect_timeout": 2.0,
-        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
-        "health_check_interval": 30,
-    }
+    kwargs = {**_client_kwargs(settings), "retry": Retry(_backoff(), retries=1)}
     if settings.redis_url is not None:
-        return aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **common)
-    if settings.redis_host:
-        from redis_entraid.cred_provider import (
-            create_from_default_azure_credential,
-            create_from_managed_identity,
-        )
-        from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
+        return aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    return aioredis.Redis(**_entra_kwargs(settings), **kwargs)
 
-        # The user-assigned identity when its client id is known, else the default chain.
-        provider = (
-            create_from_managed_identity(
-                identity_type=ManagedIdentityType.USER_ASSIGNED,
-                resource=REDIS_ENTRA_SCOPE.removesuffix("/.default"),
-                id_type=ManagedIdentityIdType.CLIENT_ID,
-                id_value=settings.azure_client_id,
-            )
-            if settings.azure_client_id
-            else create_from_default_azure_credential((REDIS_ENTRA_SCOPE,))
+
+def create_blocking_redis_client(settings: Settings) -> redis.Redis:
+    """The same server and options for callers without an event loop (the saver's sync
+    write-behind appends, made on the caller's own thread)."""
+    kwargs = {**_client_kwargs(settings), "retry": BlockingRetry(_backoff(), retries=1)}
+    if settings.redis_url is not None:
+        return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    return redis.Redis(**_entra_kwargs(settings), **kwargs)
+
+
+def _client_kwargs(settings: Settings) -> dict[str, Any]:
+    if settings.redis_url is None and not settings.redis_host:
+        raise SettingsError("no hot tier configured: set REDIS_URL or REDIS_HOST")
+    # Short timeouts: the hot tier is an optimisation, a slow Redis must not stall the app.
+    return {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 30}
+
+
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=0.2, base=0.02)
+
+
+def _entra_kwargs(settings: Settings) -> dict[str, Any]:
+    from redis_entraid.cred_provider import (
+        create_from_default_azure_credential,
+        create_from_managed_identity,
+    )
+    from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
+
+    # The user-assigned identity when its client id is known, else the default chain.
+    provider = (
+        create_from_managed_identity(
+            identity_type=ManagedIdentityType.USER_ASSIGNED,
+            resource=REDIS_ENTRA_SCOPE.removesuffix("/.default"),
+            id_type=ManagedIdentityIdType.CLIENT_ID,
+            id_value=settings.azure_client_id,
         )
-        return aioredis.Redis(
-            host=settings.redis_host,
-            port=settings.redis_port,
-            ssl=settings.redis_ssl,
-            credential_provider=provider,
-            **common,
-        )
-    raise SettingsError("no hot tier configured: set REDIS_URL or REDIS_HOST")
+        if settings.azure_client_id
+        else create_from_default_azure_credential((REDIS_ENTRA_SCOPE,))
+    )
+    return {
+        "host": settings.redis_host,
+        "port": settings.redis_port,
+        "ssl": settings.redis_ssl,
+        "credential_provider": provider,
+    }

@@ -33,10 +33,17 @@ import os
 from collections.abc import Sequence
 from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from ..errors import BackendUnavailable, CorruptState, StaleFencingToken, UnsupportedSchemaVersion
+from ..errors import (
+    BackendUnavailable,
+    CorruptState,
+    StaleFencingToken,
+    StateError,
+    UnsupportedSchemaVersion,
+)
 from ..ports import (
     Backlog,
     CheckpointPut,
@@ -161,8 +168,16 @@ class RedisWriteBehindLog:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, cache: RedisCheckpointCache) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        cache: RedisCheckpointCache,
+        *,
+        blocking_client: redis.Redis | None = None,
+    ) -> None:
         self._client = client
+        # For `BlockingAppends`: the same appends from a thread with no event loop.
+        self._blocking_client = blocking_client
         self._cache = cache
         store = cache.namespace
         # Keys shared by every thread: one slot of their own.
@@ -190,6 +205,43 @@ class RedisWriteBehindLog:
     async def append_put(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
     ) -> None:
+        await self._append(checkpoint.thread_id, "put", *self._put_call(checkpoint, blobs, fence))
+
+    async def append_writes(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+    ) -> None:
+        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
+        await self._append(thread_id, "writes", *call)
+
+    def append_put_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+    ) -> None:
+        call = self._put_call(checkpoint, blobs, fence)
+        self._append_blocking(checkpoint.thread_id, "put", *call)
+
+    def append_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+        fence: int | None,
+    ) -> None:
+        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
+        self._append_blocking(thread_id, "writes", *call)
+
+    def _put_call(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], fence: int | None
+    ) -> tuple[list[str], list[Any], int | None]:
         thread_id = checkpoint.thread_id
         keys = [
             self._cache.key(thread_id, checkpoint.checkpoint_ns),
@@ -206,18 +258,17 @@ class RedisWriteBehindLog:
             *checkpoint_fields(checkpoint),
             *blob_fields(blobs),
         ]
-        await self._append(thread_id, "put", keys, args, fence)
+        return keys, args, fence
 
-    async def append_writes(
+    def _writes_call(
         self,
         thread_id: str,
         checkpoint_ns: str,
         checkpoint_id: str,
         writes: Sequence[StoredWrite],
-        *,
         upsert: bool,
         fence: int | None,
-    ) -> None:
+    ) -> tuple[list[str], list[Any], int | None]:
         keys = [
             self._cache.key(thread_id, checkpoint_ns),
             self._key(thread_id, LOG_KIND),
@@ -231,33 +282,64 @@ class RedisWriteBehindLog:
             "" if fence is None else fence,
             *write_fields(writes),
         ]
-        await self._append(thread_id, "writes", keys, args, fence)
+        return keys, args, fence
+
+    # The append and the dirty listing go in one round trip (a pipeline, not a transaction:
+    # they live on different cluster slots). If the server lost its script cache (restart,
+    # failover), neither script ran past the error, and listing a thread twice is harmless:
+    # the scripts are loaded and the pipeline sent again.
 
     async def _append(
         self, thread_id: str, script: str, keys: list[str], args: list[Any], fence: int | None
     ) -> None:
-        """The append and the dirty listing in one round trip (a pipeline, not a transaction:
-        they live on different cluster slots)."""
-        dirty_keys = [self._dirty, self._since, self._entries]
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
-            pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
-            pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
+            self._queue_append(pipe, thread_id, script, keys, args)
             try:
                 appended, _ = await pipe.execute(raise_on_error=True)
             except NoScriptError:
-                # The server lost its script cache (restart, failover): neither script ran
-                # past the error, and listing a thread twice is harmless.
                 if attempt:
                     raise
                 await self._load_scripts()
                 continue
             except (RedisError, OSError) as exc:
                 raise BackendUnavailable("redis", str(exc)) from exc
-            outcome, highest = appended
-            if outcome == -2:
-                raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
-            return
+            return _appended(thread_id, appended, fence)
+
+    def _append_blocking(
+        self, thread_id: str, script: str, keys: list[str], args: list[Any], fence: int | None
+    ) -> None:
+        if self._blocking_client is None:
+            raise StateError("this write-behind log was opened without a blocking client")
+        for attempt in range(2):
+            pipe = self._blocking_client.pipeline(transaction=False)
+            self._queue_append(pipe, thread_id, script, keys, args)
+            try:
+                appended, _ = pipe.execute(raise_on_error=True)
+            except NoScriptError:
+                if attempt:
+                    raise
+                try:
+                    for source, _ in self._scripts.values():
+                        self._blocking_client.script_load(source)
+                except (RedisError, OSError) as exc:
+                    raise BackendUnavailable("redis", str(exc)) from exc
+                continue
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable("redis", str(exc)) from exc
+            return _appended(thread_id, appended, fence)
+
+    def _queue_append(
+        self,
+        pipe: aioredis.client.Pipeline | redis.client.Pipeline,
+        thread_id: str,
+        script: str,
+        keys: list[str],
+        args: list[Any],
+    ) -> None:
+        dirty_keys = [self._dirty, self._since, self._entries]
+        pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
+        pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
 
     async def _load_scripts(self) -> None:
         try:
@@ -391,8 +473,16 @@ class RedisCheckpointFence:
     script checks and raises the thread's `wb-fence` (the key write-behind appends
     check), atomically in the thread's slot."""
 
-    def __init__(self, client: aioredis.Redis, cache: RedisCheckpointCache) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        cache: RedisCheckpointCache,
+        *,
+        blocking_client: redis.Redis | None = None,
+    ) -> None:
         self._client = client
+        # For `BlockingAppends`: the same appends from a thread with no event loop.
+        self._blocking_client = blocking_client
         self._cache = cache
         self._admit = client.register_script(_ADMIT)
 
@@ -408,6 +498,12 @@ class RedisCheckpointFence:
             raise BackendUnavailable("redis", str(exc)) from exc
         if highest:
             raise StaleFencingToken(thread_id, fence, highest)
+
+
+def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
+    outcome, highest = appended
+    if outcome == -2:
+        raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
 
 
 def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:

@@ -1,0 +1,203 @@
+"""The sync API in write-behind mode (`TieredCheckpointSaver.open_sync`), on real servers for
+each cold backend: a write is the caller's own Redis round trip, made on the caller's
+thread, and keeps every guarantee of the async path (boundaries, fencing, Redis out)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.types import Command
+
+from devstack import RedisServer, free_port
+from state.checkpoint import TieredCheckpointSaver
+from state.errors import StaleFencingToken
+from state.settings import Settings
+from tests.chat_graph import chat_graph
+
+COLD_BACKENDS = ["cosmos", "postgres"]
+T = TypeVar("T")
+
+
+def settings_for(stack_env: dict[str, str], backend: str, redis_url: str) -> Settings:
+    return Settings.model_validate(
+        {
+            "state_cold_backend": backend,
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": redis_url,
+            "state_write_mode": "write-behind",
+        }
+    )
+
+
+def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
+    thread_id = thread_id or f"wbs-{uuid.uuid4().hex[:12]}"
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": "", **extra}}
+
+
+def in_thread(call: Callable[[], T], *, timeout: float) -> T:
+    """`call()` on a thread of its own; fails if it has not returned within `timeout`."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), f"still waiting after {timeout} s"
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+@contextmanager
+def loop_thread_held(saver: TieredCheckpointSaver) -> Iterator[None]:
+    """The saver's loop thread stuck in a callback (as under a long flush) until the end."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(30)
+
+    saver.loop.call_soon_threadsafe(hold)
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+@pytest.fixture(params=COLD_BACKENDS)
+def saver(
+    request: pytest.FixtureRequest, stack_env: dict[str, str]
+) -> Iterator[TieredCheckpointSaver]:
+    settings = settings_for(stack_env, request.param, stack_env["REDIS_URL"])
+    with TieredCheckpointSaver.open_sync(settings) as opened:
+        yield opened
+
+
+def test_a_sync_write_and_a_read_of_it_do_not_wait_for_the_loop_thread(
+    saver: TieredCheckpointSaver,
+) -> None:
+    base = config()
+    thread_id = base["configurable"]["thread_id"]
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"messages": ["a" * 2000]}
+    checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+    with loop_thread_held(saver):
+        stored = in_thread(
+            lambda: saver.put(
+                base, checkpoint, {"source": "input", "step": -1}, checkpoint["channel_versions"]
+            ),
+            timeout=10,
+        )
+        in_thread(lambda: saver.put_writes(stored, [("messages", ["b"])], "task-1"), timeout=10)
+        # Reading it back is a hit: answered on this thread too.
+        latest = in_thread(lambda: saver.get_tuple(config(thread_id)), timeout=10)
+
+    assert latest is not None and latest.checkpoint["id"] == checkpoint["id"]
+    assert latest.checkpoint["channel_values"]["messages"] == ["a" * 2000]
+    assert latest.pending_writes == [("task-1", "messages", ["b"])]
+    assert saver.flusher is not None
+    saver.flush(thread_id)
+    cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert cold is not None and cold.checkpoint_id == checkpoint["id"]
+    assert [(w.task_id, w.channel) for w in cold.writes or []] == [("task-1", "messages")]
+
+
+def test_a_sync_run_leaves_one_log_entry_per_write_and_flushes_at_its_boundaries(
+    saver: TieredCheckpointSaver,
+) -> None:
+    assert saver.flusher is not None
+    log = saver.flusher.log
+    graph = chat_graph(saver, ask=True)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    writes: list[str] = []
+    for name in ("put", "put_writes"):
+        original = getattr(saver, name)
+
+        def counted(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            writes.append(_name)
+            return _original(*args)
+
+        setattr(saver, name, counted)
+
+    # Stopped by the review's question: a boundary, so the whole run is cold already.
+    paused = graph.invoke({"messages": ["hello"]}, cfg, durability="async")
+    assert "__interrupt__" in paused
+    assert not saver._sync(log.pending(thread_id))
+    cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert cold is not None
+    assert any(write.channel == "__interrupt__" for write in cold.writes or [])
+
+    # Answered without a boundary: each write is one entry in the log, none cold yet.
+    writes.clear()
+    done = graph.invoke(Command(resume=True), cfg, durability="async")
+    assert done["approved"] is True
+    entries = saver._sync(log.read(thread_id, count=1000))
+    assert len(entries) == len(writes) >= 3
+    assert saver.get_tuple(cfg) is not None
+
+    saver.flush(thread_id)
+    assert not saver._sync(log.pending(thread_id))
+    fresh = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    latest = saver.get_tuple(cfg)
+    assert fresh is not None and latest is not None
+    assert fresh.checkpoint_id == latest.checkpoint["id"]
+
+
+def test_a_stale_fencing_token_is_refused_on_the_sync_path(saver: TieredCheckpointSaver) -> None:
+    graph = chat_graph(saver)
+    thread_id = f"wbs-{uuid.uuid4().hex[:12]}"
+    graph.invoke({"messages": ["first"]}, config(thread_id, fencing_token=7))
+
+    with pytest.raises(StaleFencingToken) as refused:
+        graph.invoke({"messages": ["late"]}, config(thread_id, fencing_token=6))
+
+    assert (refused.value.presented, refused.value.highest) == (6, 7)
+    latest = saver.get_tuple(config(thread_id))
+    assert latest is not None
+    assert not any("late" in message for message in latest.checkpoint["channel_values"]["messages"])
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_with_redis_out_a_sync_write_goes_to_the_cold_tier_and_loses_nothing(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            graph = chat_graph(saver)
+            graph.invoke({"messages": ["hello"]}, cfg)
+            redis.stop()
+            done = graph.invoke({"messages": ["while Redis is out"]}, cfg)
+            assert "while Redis is out" in done["messages"]
+            saver.flush(thread_id)  # the newest state is cold: nothing waits on Redis
+
+        # Another process, Redis still out: the cold tier holds every message.
+        with TieredCheckpointSaver.open_sync(settings) as fresh:
+            latest = fresh.get_tuple(cfg)
+            assert latest is not None
+            assert latest.checkpoint["channel_values"]["messages"] == done["messages"]
+    finally:
+        redis.stop()
