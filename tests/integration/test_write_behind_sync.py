@@ -19,25 +19,11 @@ from langgraph.types import Command
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import StaleFencingToken
-from state.settings import Settings
 from tests.chat_graph import chat_graph
+from tests.integration.test_write_behind import settings_for
 
 COLD_BACKENDS = ["cosmos", "postgres"]
 T = TypeVar("T")
-
-
-def settings_for(stack_env: dict[str, str], backend: str, redis_url: str) -> Settings:
-    return Settings.model_validate(
-        {
-            "state_cold_backend": backend,
-            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
-            "cosmos_key": stack_env["COSMOS_KEY"],
-            "cosmos_create_if_missing": True,
-            "postgres_url": stack_env["POSTGRES_URL"],
-            "redis_url": redis_url,
-            "state_write_mode": "write-behind",
-        }
-    )
 
 
 def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
