@@ -561,6 +561,7 @@ class EmulatorFloor:
     point_read_ms: float
     query_ms: float
     documents: int
+    upsert_ms: float  # of a document the size of the put series' checkpoints
 
 
 @dataclass
@@ -1370,7 +1371,8 @@ async def alternate(
 
 
 async def probe_emulator(settings: Settings, count: int = 50) -> EmulatorFloor | None:
-    """What one point read and one trivial single-partition query cost on the emulator."""
+    """What one point read, one trivial single-partition query and one upsert cost on the
+    emulator: the floor under any saver's request."""
     connection = CosmosConnection(settings.cosmos)
     try:
         container = await connection.container()
@@ -1378,8 +1380,14 @@ async def probe_emulator(settings: Settings, count: int = 50) -> EmulatorFloor |
         if not documents:
             return None
         anchor = documents[0]
-        reads, queries = [], []
+        # As large as a put of the put series stores whole (ten ~1 KB messages).
+        sized = {"id": f"floor-{uuid.uuid4().hex}", "thread_id": anchor["thread_id"]}
+        sized["padding"] = "x" * 11_000
+        reads, queries, upserts = [], [], []
         for _ in range(count):
+            started = time.perf_counter()
+            await container.upsert_item(sized)
+            upserts.append(time.perf_counter() - started)
             started = time.perf_counter()
             await container.read_item(anchor["id"], partition_key=anchor["thread_id"])
             reads.append(time.perf_counter() - started)
@@ -1398,8 +1406,12 @@ async def probe_emulator(settings: Settings, count: int = 50) -> EmulatorFloor |
             queries.append(time.perf_counter() - started)
             if len(found) != 1:
                 raise BenchmarkError("the emulator lost a document between two reads")
+        await container.delete_item(sized["id"], partition_key=anchor["thread_id"])
         return EmulatorFloor(
-            statistics.median(reads) * 1000, statistics.median(queries) * 1000, len(documents)
+            statistics.median(reads) * 1000,
+            statistics.median(queries) * 1000,
+            len(documents),
+            statistics.median(upserts) * 1000,
         )
     finally:
         await connection.close()
@@ -2127,6 +2139,15 @@ class Report:
                 "cosmos-emulator.js` runs a query over its partition's documents only, as Azure "
                 "Cosmos DB reads one partition; the package alone scans the whole container)."
             )
+            peer = self.put_rate(COSMOSDB_PACKAGE, "async")
+            if peer:
+                lines.append(
+                    f"- An upsert of an 11 KB document (a put of the put series, stored whole) "
+                    f"takes {floor.upsert_ms:.2f} ms on the emulator, so one request a put caps "
+                    f"any saver near {1000 / floor.upsert_ms:,.0f} puts/s; 2x "
+                    f"langgraph-checkpoint-cosmosdb (async) would be {2 * peer:,.0f} puts/s, "
+                    f"{1000 / (2 * peer):.2f} ms a put."
+                )
         lines += [
             "- langgraph-checkpoint-cosmosdb is a synchronous saver (its async methods run the "
             "sync ones in a worker thread); it reads COSMOSDB_ENDPOINT / COSMOSDB_KEY and builds "
