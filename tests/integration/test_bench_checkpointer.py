@@ -101,6 +101,18 @@ async def test_the_sync_api_charges_requests_made_on_the_saver_loop_thread(
     assert sample.postgres == 0
 
 
+async def test_the_sync_api_charges_write_behind_appends_made_on_the_callers_thread(
+    bench: ModuleType, base: dict[str, Any], meter: Any, observer: aioredis.Redis
+) -> None:
+    # The first run on a Redis loads the append scripts (a round trip each): not counted.
+    await fresh_invokes(bench, bench.COR_WB, "sync", base, meter, observer)
+    sample = await fresh_invokes(bench, bench.COR_WB, "sync", base, meter, observer)
+    assert sample.write_calls == 2 * 11
+    # Each put / put_writes: its one round trip, on the blocking client.
+    assert sample.write_redis == sample.write_calls and sample.max_write_redis == 1
+    assert sample.intermediate_cold == 0
+
+
 # Its client skips certificate checks (the emulator's is self-signed): urllib3 warns per request.
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 async def test_langgraph_checkpoint_cosmosdb_runs_on_the_emulator_and_is_counted(
