@@ -33,7 +33,7 @@ Checkpoints
 Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
-    `BackendUnavailable`, `RequestRejected` (and its `InvalidValue`),
+    `BackendUnavailable` (and its `HotStateLost`), `RequestRejected` (and its `InvalidValue`),
     `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`.
 
 Using the saver from any LangGraph program (the README's example)::
@@ -50,6 +50,7 @@ from .checkpoint import FENCING_TOKEN_KEY, Flusher, TieredCheckpointSaver
 from .errors import (
     BackendUnavailable,
     CorruptState,
+    HotStateLost,
     InvalidValue,
     LockLost,
     LockNotAcquired,
@@ -98,6 +99,7 @@ __all__ = [
     "CorruptState",
     "EventLog",
     "Flusher",
+    "HotStateLost",
     "HotStateStore",
     "InvalidValue",
     "Lock",

@@ -113,3 +113,30 @@ class SettingsError(StateError):
 
 class CorruptState(StateError):
     """A stored value cannot be read back as written (missing chunk, bad encoding)."""
+
+
+class UnknownParent(StateError):
+    """A write-behind put whose parent the hot tier has no trace of (neither its cache
+    entry nor its log entry): nothing was written. The caller checks the cold tier, then
+    appends again saying the parent is stored (`parent_stored`), or gives up
+    (`HotStateLost`)."""
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"the hot tier has no trace of the parent of a put on {thread_id!r}")
+        self.thread_id = thread_id
+
+
+class HotStateLost(BackendUnavailable):
+    """Redis lost checkpoints of a thread before they reached the cold tier (FLUSHALL, a
+    restart without persistence, a failover): the run cannot go on from them, nor may a
+    flush report them stored. The thread resumes from its last checkpoint in the cold
+    tier, as after any Redis outage."""
+
+    def __init__(self, thread_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            "redis",
+            f"checkpoint {checkpoint_id} of {thread_id!r} was acknowledged by Redis, then lost"
+            " before it reached the cold tier",
+        )
+        self.thread_id = thread_id
+        self.checkpoint_id = checkpoint_id

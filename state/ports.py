@@ -760,7 +760,12 @@ class BlockingAppends(Protocol):
     never waits for the loop thread that runs everything else."""
 
     def append_put_blocking(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        fence: int | None,
+        parent_stored: bool = False,
     ) -> None: ...
 
     def append_writes_blocking(
@@ -798,9 +803,16 @@ class WriteBehindLog(Protocol):
     name: str
 
     async def append_put(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        fence: int | None,
+        parent_stored: bool = False,
     ) -> None:
-        """Raises `StaleFencingToken` if a writer with a higher fence wrote this thread."""
+        """Raises `StaleFencingToken` if a writer with a higher fence wrote this thread, and
+        `UnknownParent` (writing nothing) if the hot tier has no trace of the checkpoint's
+        parent, unless the caller says the parent is stored (`parent_stored`)."""
 
     async def append_writes(
         self,

@@ -26,11 +26,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, LockLost, StateError
-from ..ports import Backlog, CheckpointStore, WriteBehindLog
+from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.
 LOCK_WAIT_SECONDS = 60.0
+# (thread, namespace) pairs whose last applied put is remembered, for the saver's check
+# that a boundary's flush really stored what this process appended.
+APPLIED_REMEMBERED = 10_000
 # `settle_all` lists every thread with a backlog in one read: paging could step over a
 # thread while other flushers unlist the ones before it.
 ALL_LISTED = 1_000_000
@@ -143,6 +147,8 @@ class Flusher:
         # Threads this worker appended to (last append), and others seen listed (first seen).
         self._own: dict[str, float] = {}
         self._foreign: dict[str, float] = {}
+        # (thread, namespace) -> the last checkpoint put this flusher applied.
+        self._applied_puts: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -292,6 +298,7 @@ class Flusher:
                 break
             lease.check()
             await self.store.apply_batch([entry.op for entry in entries])
+            self._note_applied(entries)
             left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
             lease.applied += len(entries)
             self.flushed_entries += len(entries)
@@ -309,6 +316,20 @@ class Flusher:
             self._own.pop(thread_id, None)
             self._foreign.pop(thread_id, None)
         return _Drained(lease.applied, unlisted)
+
+    def last_applied(self, thread_id: str, checkpoint_ns: str) -> str | None:
+        """The id of the last checkpoint put of the (thread, namespace) this flusher applied
+        to the cold tier, if it remembers one."""
+        return self._applied_puts.get((thread_id, checkpoint_ns))
+
+    def _note_applied(self, entries: list[LogEntry]) -> None:
+        for entry in entries:
+            if isinstance(entry.op, CheckpointPut):
+                key = (entry.op.checkpoint.thread_id, entry.op.checkpoint.checkpoint_ns)
+                self._applied_puts[key] = entry.op.checkpoint.checkpoint_id
+                self._applied_puts.move_to_end(key)
+        while len(self._applied_puts) > APPLIED_REMEMBERED:
+            self._applied_puts.popitem(last=False)
 
     async def backlog(self) -> Backlog:
         return await self.log.backlog()

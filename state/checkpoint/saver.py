@@ -59,7 +59,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, HotStateLost, UnknownParent
 from ..ports import (
     BlockingAppends,
     BlockingReads,
@@ -71,12 +71,13 @@ from ..ports import (
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
+    TypedBytes,
 )
 from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
 from .loop_thread import LoopThread
-from .values import dump_checkpoint, dump_value, load_checkpoint, load_value
+from .values import KeptInline, dump_checkpoint, dump_value, load_checkpoint, load_value
 
 if TYPE_CHECKING:
     from ..factory import Backends
@@ -126,6 +127,7 @@ class _Put:
     stored: StoredCheckpoint
     blobs: list[StoredBlob]  # the new versions' values, not inline
     inline: dict[str, Any]  # small values kept in the checkpoint record
+    inline_bytes: dict[str, TypedBytes]  # the same, serialized
     present: list[str]  # every channel holding a value
     fence: int | None
     boundary: bool  # durability "sync": the put returns once it is cold
@@ -193,6 +195,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         )
         # The sync API's reads fill it from their callers' threads.
         self._histories_lock = threading.Lock()
+        # Inline values as stored, for the next put of each thread (see KeptInline).
+        self._kept_inline = KeptInline()
+        # Write-behind: thread -> namespace -> the last put this process appended that no
+        # flush of its own has confirmed in the cold tier yet (under `_histories_lock`).
+        self._unconfirmed: OrderedDict[str, dict[str, str]] = OrderedDict()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -376,11 +383,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._refuse_on_loop()
         put = self._prepared_put(config, checkpoint, metadata, new_versions)
         try:
-            self._blocking.append_put_blocking(put.stored, put.blobs, fence=put.fence)
+            try:
+                self._blocking.append_put_blocking(put.stored, put.blobs, fence=put.fence)
+            except UnknownParent:
+                self._sync(self._parent_stored(put))
+                self._blocking.append_put_blocking(
+                    put.stored, put.blobs, fence=put.fence, parent_stored=True
+                )
+        except HotStateLost:
+            raise
         except BackendUnavailable:
             self._sync(self._put_cold_instead(put, checkpoint))
         else:
-            self._appended_sync(put.stored.thread_id, put.boundary)
+            self._appended(put)
+            self._boundary_sync(put.stored.thread_id, put.boundary)
         return self._put_done(put)
 
     def put_writes(
@@ -408,7 +424,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             except BackendUnavailable:
                 self._sync(self._writes_cold_instead(put))
             else:
-                self._appended_sync(put.thread_id, put.boundary)
+                self._written_through.discard(put.thread_id)
+                self._boundary_sync(put.thread_id, put.boundary)
         except BaseException:
             self._chains.forget(put.thread_id)  # stored or not, this process cannot tell
             raise
@@ -472,11 +489,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 "from inside it, use the async methods (e.g. `await graph.ainvoke(...)`)"
             )
 
-    def _appended_sync(self, thread_id: str, boundary: bool) -> None:
+    def _boundary_sync(self, thread_id: str, boundary: bool) -> None:
         """`_boundary` after a sync caller's own append: a boundary's flush waits on the
         loop thread; otherwise the flusher is told, without waiting for it."""
         assert self.flusher is not None
-        self._written_through.discard(thread_id)
         if boundary:
             self._sync(self._flush_thread(thread_id))
         else:
@@ -513,7 +529,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
             await self.cache.fill(stored, lease)  # its history with it, when it has one
-        return self._tuple(stored)
+        return self._tuple(stored, keep_inline=True)
 
     def _with_history(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> bool:
         """Whether a read should bring the checkpoint's delta history along. This process's
@@ -534,7 +550,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._chains.loaded(hit, latest=latest)
         if history is not None:
             self._remember_history(hit, history)
-        return self._tuple(hit)
+        return self._tuple(hit, keep_inline=True)
 
     async def _list(
         self,
@@ -588,14 +604,49 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if self.cache is not None:
                 await self.cache.advance(put.stored, put.blobs)
         else:
+            log = self.flusher.log
             try:
-                await self.flusher.log.append_put(put.stored, put.blobs, fence=put.fence)
+                try:
+                    await log.append_put(put.stored, put.blobs, fence=put.fence)
+                except UnknownParent:
+                    await self._parent_stored(put)
+                    await log.append_put(put.stored, put.blobs, fence=put.fence, parent_stored=True)
+            except HotStateLost:
+                raise
             except BackendUnavailable:
                 await self._put_cold_instead(put, checkpoint)
             else:
-                self._written_through.discard(thread_id)
+                self._appended(put)
                 await self._boundary(thread_id, put.boundary)
         return self._put_done(put)
+
+    async def _parent_stored(self, put: _Put) -> None:
+        """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,
+        a cache entry gone after its flush), Redis lost it, and the run cannot go on."""
+        stored = put.stored
+        parent = stored.parent_checkpoint_id
+        assert parent is not None
+        if not await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent):
+            self._forget_histories(stored.thread_id)
+            raise HotStateLost(stored.thread_id, parent)
+
+    async def _in_cold(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+        found = await self.store.get_checkpoint(
+            thread_id, checkpoint_ns, checkpoint_id, with_history=False
+        )
+        return found is not None
+
+    def _appended(self, put: _Put) -> None:
+        """A put is in the hot log: the thread's next boundary checks it reached the cold tier."""
+        stored = put.stored
+        self._written_through.discard(stored.thread_id)
+        with self._histories_lock:
+            heads = self._unconfirmed.setdefault(stored.thread_id, {})
+            heads[stored.checkpoint_ns] = stored.checkpoint_id
+            self._unconfirmed.move_to_end(stored.thread_id)
+            # Threads the background flush alone drains are never confirmed: keep the newest.
+            while len(self._unconfirmed) > HISTORY_MEMO_SIZE:
+                self._unconfirmed.popitem(last=False)
 
     def _prepared_put(
         self,
@@ -605,26 +656,46 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> _Put:
         configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        parent_id = configurable.get("checkpoint_id")
         values = checkpoint["channel_values"]
-        inline = {channel: value for channel, value in values.items() if _inline(value)}
+        versions = checkpoint["channel_versions"]
+        kept = self._kept_inline.of(thread_id, checkpoint_ns, parent_id)
+        inline: dict[str, Any] = {}
+        inline_bytes: dict[str, TypedBytes] = {}
+        for channel, value in values.items():
+            if kept is not None and channel not in new_versions:
+                # Unchanged since the parent: its value as stored then, not the live one.
+                was = kept.get(channel)
+                if was is None:
+                    continue  # a blob at the parent: that version's holds it
+                if was[0] == versions.get(channel):
+                    inline_bytes[channel] = was[1]
+                    inline[channel] = self.serde.loads_typed(was[1])
+                    continue
+            if _inline(value):
+                inline[channel] = value
+                inline_bytes[channel] = self.serde.dumps_typed(value)
         blobs = [
             StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
             for channel, version in new_versions.items()
             if channel in values and channel not in inline
         ]
         stored = StoredCheckpoint(
-            thread_id=str(configurable["thread_id"]),
-            checkpoint_ns=configurable.get("checkpoint_ns", ""),
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint["id"],
-            parent_checkpoint_id=configurable.get("checkpoint_id"),
+            parent_checkpoint_id=parent_id,
             checkpoint=dump_checkpoint(self.serde, checkpoint, inline),
             metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
-            channel_versions=dict(checkpoint["channel_versions"]),
+            channel_versions=dict(versions),
         )
         return _Put(
             stored,
             blobs,
             inline,
+            inline_bytes,
             present=list(values),
             fence=configurable.get(FENCING_TOKEN_KEY),
             boundary=configurable.get(DURABILITY_KEY) == "sync",
@@ -654,8 +725,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             stored.checkpoint_id,
             stored.parent_checkpoint_id,
             put.present,
-            {blob.channel: blob.value for blob in put.blobs}
-            | {channel: self.serde.dumps_typed(value) for channel, value in put.inline.items()},
+            {blob.channel: blob.value for blob in put.blobs} | put.inline_bytes,
+        )
+        self._kept_inline.keep(
+            stored.thread_id,
+            stored.checkpoint_ns,
+            stored.checkpoint_id,
+            {
+                channel: (stored.channel_versions.get(channel), value)
+                for channel, value in put.inline_bytes.items()
+            },
         )
         return {
             "configurable": {
@@ -821,6 +900,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _forget_histories(self, thread_id: str) -> None:
         self._chains.forget(thread_id)
+        self._kept_inline.forget(thread_id)
+        with self._histories_lock:
+            self._unconfirmed.pop(thread_id, None)
         with self._histories_lock:
             for key in [key for key in self._histories if key[0] == thread_id]:
                 del self._histories[key]
@@ -862,6 +944,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _flush_thread(self, thread_id: str) -> None:
         assert self.flusher is not None
+        with self._histories_lock:
+            expected = dict(self._unconfirmed.get(thread_id, {}))
         try:
             await self.flusher.flush_thread(thread_id)
         except BackendUnavailable:
@@ -869,7 +953,27 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 raise  # the newest state may live only in Redis: not durable
             # Redis is out, and this process wrote the thread's newest state straight to
             # the cold tier, whole; older entries wait in the log for Redis to return.
-        self._written_through.discard(thread_id)
+            self._written_through.discard(thread_id)
+            return
+        await self._confirm_flushed(thread_id, expected)
+
+    async def _confirm_flushed(self, thread_id: str, expected: dict[str, str]) -> None:
+        """An empty log is not proof the flush stored this process's puts: Redis may have
+        lost them (FLUSHALL, a restart without persistence). The last put of each namespace
+        is confirmed by the flusher having applied it, else by a cold read."""
+        assert self.flusher is not None
+        for checkpoint_ns, checkpoint_id in expected.items():
+            applied = self.flusher.last_applied(thread_id, checkpoint_ns) == checkpoint_id
+            if not applied and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id):
+                self._forget_histories(thread_id)
+                raise HotStateLost(thread_id, checkpoint_id)
+        with self._histories_lock:
+            heads = self._unconfirmed.get(thread_id, {})
+            for checkpoint_ns, checkpoint_id in expected.items():
+                if heads.get(checkpoint_ns) == checkpoint_id:
+                    del heads[checkpoint_ns]
+            if not heads:
+                self._unconfirmed.pop(thread_id, None)
 
     async def _delete_thread(self, thread_id: str) -> None:
         self._forget_histories(thread_id)
@@ -938,9 +1042,21 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
         return dataclasses.replace(stored, blobs=blobs, writes=writes)
 
-    def _tuple(self, stored: StoredCheckpoint) -> CheckpointTuple:
+    def _tuple(self, stored: StoredCheckpoint, *, keep_inline: bool = False) -> CheckpointTuple:
+        """`keep_inline`: a run may go on from this checkpoint (a latest or named read), so
+        its inline values are kept as stored, before LangGraph gets (and may change) them."""
         checkpoint = load_checkpoint(self.serde, stored)
         values = dict(checkpoint.get("channel_values") or {})
+        if keep_inline:
+            self._kept_inline.keep(
+                stored.thread_id,
+                stored.checkpoint_ns,
+                stored.checkpoint_id,
+                {
+                    channel: (stored.channel_versions.get(channel), self.serde.dumps_typed(value))
+                    for channel, value in values.items()
+                },
+            )
         for channel, value in (stored.blobs or {}).items():
             if value[0] != "empty":
                 values[channel] = self.serde.loads_typed(value)

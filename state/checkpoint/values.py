@@ -18,7 +18,9 @@ per step. Two savings, invisible to the stores (they keep the bytes opaque):
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 from langgraph.checkpoint.base import Checkpoint
@@ -78,3 +80,55 @@ def _inflated(value: TypedBytes) -> TypedBytes:
         return type_.removeprefix(COMPRESSED_TYPE_PREFIX), zlib.decompress(data)
     except zlib.error as exc:
         raise CorruptState(f"a stored {type_} value does not decompress") from exc
+
+
+# (thread, namespace) pairs whose latest inline values are kept.
+KEPT_THREADS = 10_000
+
+
+class KeptInline:
+    """The inline values of the checkpoint each (thread, namespace) was last read or put at,
+    serialized as they were stored.
+
+    LangGraph hands the saver its live channel objects, and some change in place after
+    the handover without a new version (a join barrier's set of finished nodes, an
+    accumulating `Topic`): a put serializing them again would store a value that version
+    never had. A put whose parent is kept takes an unchanged channel's value from here
+    instead (and only if it was inline there: otherwise its blob holds it). Thread-safe:
+    the sync API reads and puts on its callers' threads.
+    """
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[str, str], tuple[str, dict[str, tuple[Any, TypedBytes]]]]
+        self._kept = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        values: dict[str, tuple[Any, TypedBytes]],
+    ) -> None:
+        """`values`: channel -> (version, serialized value) of the checkpoint's inline ones."""
+        key = (thread_id, checkpoint_ns)
+        with self._lock:
+            self._kept[key] = (checkpoint_id, values)
+            self._kept.move_to_end(key)
+            while len(self._kept) > KEPT_THREADS:
+                self._kept.popitem(last=False)
+
+    def of(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> dict[str, tuple[Any, TypedBytes]] | None:
+        """The inline values kept for `checkpoint_id`, or None if it is not the one kept."""
+        with self._lock:
+            kept = self._kept.get((thread_id, checkpoint_ns))
+        if kept is None or checkpoint_id is None or kept[0] != checkpoint_id:
+            return None
+        return kept[1]
+
+    def forget(self, thread_id: str) -> None:
+        with self._lock:
+            for key in [key for key in self._kept if key[0] == thread_id]:
+                del self._kept[key]

@@ -42,6 +42,7 @@ from ..errors import (
     CorruptState,
     StaleFencingToken,
     StateError,
+    UnknownParent,
     UnsupportedSchemaVersion,
 )
 from ..ports import (
@@ -81,17 +82,45 @@ local function fenced(fence_key, presented, ttl)
 end
 """
 
+# Whether the log holds the put of checkpoint `id` in namespace `ns`.
+_LOGGED = """
+local function logged(log, ns, id)
+  for _, entry in ipairs(redis.call('XRANGE', log, '-', '+')) do
+    local fields, op, at, head = entry[2], nil, nil, nil
+    for i = 1, #fields, 2 do
+      local name = fields[i]
+      if name == 'op' then op = fields[i + 1]
+      elseif name == 'ns' then at = fields[i + 1]
+      elseif name == 'head' then head = fields[i + 1] end
+    end
+    if op == 'put' and at == ns and head and string.find(head, id, 1, true)
+        and cjson.decode(head)['id'] == id then
+      return true
+    end
+  end
+  return false
+end
+"""
+
 # KEYS: entry, namespace index, log, fence. ARGV: id, parent, ttl, namespace, fence,
-# then the checkpoint's name/value fields. Returns {cache outcome, highest fence or 0}.
+# '1' if the parent is known to be stored, then the checkpoint's name/value fields.
+# Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
+# hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
+# it may have lost it (FLUSHALL, a restart without persistence), which the caller checks.
 _APPEND_PUT = (
     LUA_HELPERS
     + _FENCE
+    + _LOGGED
     + """
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale then return {-2, stale} end
-local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6)
+if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 0
+    and not logged(KEYS[3], ARGV[4], ARGV[2]) then
+  return {-3, 0}
+end
+local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 7)
 local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
-for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
+for i = 7, #ARGV do entry[#entry + 1] = ARGV[i] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return {moved, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
@@ -203,9 +232,15 @@ class RedisWriteBehindLog:
     # ----------------------------------------------------------------------- appends
 
     async def append_put(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        fence: int | None,
+        parent_stored: bool = False,
     ) -> None:
-        await self._append(checkpoint.thread_id, "put", *self._put_call(checkpoint, blobs, fence))
+        call = self._put_call(checkpoint, blobs, fence, parent_stored)
+        await self._append(checkpoint.thread_id, "put", *call)
 
     async def append_writes(
         self,
@@ -221,9 +256,14 @@ class RedisWriteBehindLog:
         await self._append(thread_id, "writes", *call)
 
     def append_put_blocking(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        fence: int | None,
+        parent_stored: bool = False,
     ) -> None:
-        call = self._put_call(checkpoint, blobs, fence)
+        call = self._put_call(checkpoint, blobs, fence, parent_stored)
         self._append_blocking(checkpoint.thread_id, "put", *call)
 
     def append_writes_blocking(
@@ -240,7 +280,11 @@ class RedisWriteBehindLog:
         self._append_blocking(thread_id, "writes", *call)
 
     def _put_call(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        fence: int | None,
+        parent_stored: bool,
     ) -> tuple[list[str], list[Any], int | None]:
         thread_id = checkpoint.thread_id
         keys = [
@@ -255,6 +299,7 @@ class RedisWriteBehindLog:
             self._cache.ttl_seconds,
             checkpoint.checkpoint_ns,
             "" if fence is None else fence,
+            "1" if parent_stored else "0",
             *checkpoint_fields(checkpoint),
             *blob_fields(blobs),
         ]
@@ -504,6 +549,8 @@ def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
     outcome, highest = appended
     if outcome == -2:
         raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
+    if outcome == -3:
+        raise UnknownParent(thread_id)
 
 
 def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:

@@ -18,9 +18,10 @@ from langgraph.types import Command
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import StaleFencingToken
+from state.errors import HotStateLost, StaleFencingToken
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
+from tests.integration.test_write_behind_loss import Loss, two_steps
 
 COLD_BACKENDS = ["cosmos", "postgres"]
 T = TypeVar("T")
@@ -186,4 +187,29 @@ def test_with_redis_out_a_sync_write_goes_to_the_cold_tier_and_loses_nothing(
             assert latest is not None
             assert latest.checkpoint["channel_values"]["messages"] == done["messages"]
     finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_sync_run_whose_unflushed_checkpoints_redis_lost_stops_at_its_next_put(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    try:
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        with TieredCheckpointSaver.open_sync(settings_for(stack_env, backend, redis.url)) as saver:
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())  # only boundaries flush
+            graph = two_steps(saver, "add")
+            graph.invoke({"messages": ["u1"]}, cfg)
+            saver.flush(thread_id)
+            Loss.url = redis.url
+            with pytest.raises(HotStateLost):
+                graph.invoke({"messages": ["u2"]}, cfg)
+            state = graph.get_state(cfg)
+        assert state.values["messages"] == ["u1", "first", "second"]
+    finally:
+        Loss.url = None
         redis.stop()

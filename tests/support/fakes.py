@@ -987,7 +987,12 @@ class MemoryWriteBehindLog(_Tier):
         self._since.setdefault(thread_id, time.time())
 
     async def append_put(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, fence: int | None
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        fence: int | None,
+        parent_stored: bool = False,  # this fake never loses a parent
     ) -> None:
         self._call("append_put")
         self.admit(checkpoint.thread_id, fence)
