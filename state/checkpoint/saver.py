@@ -96,8 +96,8 @@ DURABILITY_KEY = "__pregel_durability"
 # Writes on these channels end a step the caller must find again after a crash.
 BOUNDARY_CHANNELS = frozenset({"__interrupt__", "__error__"})
 # Values this small stay inline in the checkpoint instead of costing a blob document
-# (and a round trip) of their own. The test looks at the value only, so an unchanged
-# channel is inline in every checkpoint or in none.
+# (and a round trip) of their own. An unchanged channel stays as its parent had it
+# (`KeptInline`), inline with the same value or in its version's blob.
 INLINE_MAX_CHARS = 256
 INLINE_MAX_ITEMS = 16
 # Delta histories kept from cache hits until the request that follows asks for them.
