@@ -38,6 +38,7 @@ from state import (
     BackendUnavailable,
     Caller,
     ColdRetention,
+    HotStateLost,
     Lock,
     LockLost,
     LockNotAcquired,
@@ -456,23 +457,29 @@ class CaseService:
                     f"case {case_id!r} has nothing to resume (status: {status.value}); "
                     "only stalled or failed runs are resumed"
                 )
-            if snapshot is None or snapshot.created_at is None:  # died before the first checkpoint
-                return self._initial_input(case_id, record.sections[REQUEST_SECTION])
-            run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
-            entry = next((e for e in runs_of(record) if e["run_id"] == run_id), None)
-            # A follow-up's run that died before its message was checkpointed (the latest
-            # checkpoint is an earlier run's): its message goes in now, once.
-            if (
-                entry is not None
-                and entry.get("text") is not None
-                and (snapshot.metadata or {}).get("run_id") != run_id
-            ):
-                return self._message_input(case_id, record, entry["text"])
-            return None
+            return self._continuation(case_id, record, snapshot)
 
         return await self._launch(
             case_id, continue_run, wait_seconds=None if wait_until_rest else self._sync_wait
         )
+
+    def _continuation(
+        self, case_id: str, record: WorkflowRecord, snapshot: StateSnapshot | None
+    ) -> GraphInput:
+        """The input that continues the case's current run from its latest checkpoint."""
+        if snapshot is None or snapshot.created_at is None:  # died before the first checkpoint
+            return self._initial_input(case_id, record.sections[REQUEST_SECTION])
+        run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
+        entry = next((e for e in runs_of(record) if e["run_id"] == run_id), None)
+        # A follow-up's run that died before its message was checkpointed (the latest
+        # checkpoint is an earlier run's): its message goes in now, once.
+        if (
+            entry is not None
+            and entry.get("text") is not None
+            and (snapshot.metadata or {}).get("run_id") != run_id
+        ):
+            return self._message_input(case_id, record, entry["text"])
+        return None
 
     async def resume_stale(self) -> ResumeReport:
         """What the timer runs: resume every active case whose heartbeat went stale.
@@ -746,9 +753,11 @@ class CaseService:
         *,
         marked: bool,
         run_id: str | None,
+        redone: bool = False,
     ) -> bool:
         """One run to rest; False when this runner must stop (it lost the case), True when
-        the case's queue may go on (the run rested, failed, or a follow-up stopped it)."""
+        the case's queue may go on (the run rested, failed, or a follow-up stopped it).
+        `redone`: this is the run going on after Redis lost its checkpoints."""
         fence = guard.fence
         await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
@@ -771,6 +780,19 @@ class CaseService:
         except EffectInProgress as busy:
             # Another runner of this case holds the side effect's claim and finishes the case.
             log.warning("case %s: %s; this run stops", case_id, busy)
+        except HotStateLost as lost:
+            if redone:
+                log.exception("case %s: Redis lost the run's checkpoints again", case_id)
+                raise
+            # Redis lost checkpoints the run wrote (its record sections are in the cold
+            # tier): the run goes on from the cold tier's latest at once, as the timer would
+            # resume it; the effects ledger keeps its side effects from happening twice.
+            log.warning("case %s: %s; the run goes on from the cold tier", case_id, lost)
+            snapshot = await self._graph.aget_state(case_config(case_id))
+            graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
+            return await self._drive_one(
+                case_id, graph_input, guard, marked=True, run_id=run_id, redone=True
+            )
         except BackendUnavailable:
             # Left "running": its heartbeat goes stale and the timer resumes it.
             log.exception("case %s: a tier is unavailable; run left for the timer", case_id)
