@@ -488,6 +488,10 @@ class CheckpointPut:
     checkpoint: StoredCheckpoint
     blobs: Sequence[StoredBlob]
 
+    @property
+    def thread_id(self) -> str:
+        return self.checkpoint.thread_id
+
 
 @dataclass(frozen=True)
 class WritesPut:
@@ -535,12 +539,18 @@ class CheckpointStore(Protocol):
         upsert: bool,
     ) -> None: ...
 
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         """Apply write-behind work with the same effect as the calls in order.
 
         Idempotent: applying a batch twice, or a prefix of it and then all of it,
         leaves the same state as applying it once. Ops of one thread keep their
         order; a store may batch them into fewer round trips.
+
+        `fence` (the flush lock's token; the ops are then of one thread): the store
+        keeps the highest fence each thread was written or deleted under and refuses,
+        with `StaleFencingToken` and nothing applied, a batch under a lower one: a
+        flusher paused past its lock cannot land a batch after the next holder (or a
+        `delete_thread` under the lock) has moved on.
         """
 
     async def get_checkpoint(
@@ -586,7 +596,9 @@ class CheckpointStore(Protocol):
         `ChannelHistory`), in a bounded number of round trips whatever the chain's depth;
         an unknown checkpoint has an empty history."""
 
-    async def delete_thread(self, thread_id: str) -> None: ...
+    async def delete_thread(self, thread_id: str, *, fence: int | None = None) -> None:
+        """Delete the thread's checkpoints; with `fence` (the flush lock's token), keep
+        it as the thread's fence, so a batch of an earlier lock holder is refused."""
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`;
@@ -852,7 +864,9 @@ class WriteBehindLog(Protocol):
         """The thread's current marker (None: not listed)."""
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
-        """The right to flush the thread (None: another flusher holds it)."""
+        """The right to flush the thread (None: another flusher holds it). The token is a
+        decimal fencing token, larger than every earlier holder's: the cold store refuses a
+        batch under an older one (`CheckpointStore.apply_batch`)."""
 
     async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
         """Extend the flush lock while `token` still holds it; False if it was lost."""

@@ -10,8 +10,10 @@ harmless (`CheckpointStore.apply_batch` is idempotent). The lock is short and
 renewed while its holder works: a flusher that dies or is paused mid-batch holds
 the thread up for one lock TTL at most, and the next one re-applies that batch. A
 flusher back from a pause longer than the TTL finds its lease run out (by the clock,
-before each batch) and applies nothing more; only a pause inside a batch's own cold
-requests can still land them late, as the cold stores keep no fence of their own.
+before each batch) and applies nothing more; a pause inside a batch's own cold
+requests is caught by the cold store: each batch carries the lock's fencing token,
+and the store refuses one older than the thread's newest (a later holder's, or a
+`delete_thread` made under the lock), even when Redis lost the lock key meanwhile.
 
 `flush_thread` is the synchronous boundary: it returns once everything appended
 to the thread before the call is in the cold tier. `settle_all` does that for
@@ -30,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, LockLost, StateError
+from ..errors import BackendUnavailable, LockLost, StaleFencingToken, StateError
 from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class _Lease:
     ) -> None:
         self.thread_id = thread_id
         self.token = token
+        self.fence = int(token)
         self.lost = False
         self.applied = 0  # entries applied under this lease, kept if it is lost midway
         self._log = log
@@ -210,10 +213,12 @@ class Flusher:
         return applied
 
     @contextlib.asynccontextmanager
-    async def holding(self, thread_id: str) -> AsyncIterator[None]:
-        """The thread's flush lock, waited for: no flusher applies its entries meanwhile."""
-        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS):
-            yield
+    async def holding(self, thread_id: str) -> AsyncIterator[int]:
+        """The thread's flush lock, waited for: no flusher applies its entries meanwhile.
+        Yields the lock's fencing token, for a cold write that must fence off earlier
+        holders (`CheckpointStore.delete_thread`)."""
+        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
+            yield lease.fence
 
     @contextlib.asynccontextmanager
     async def _holding(self, thread_id: str, deadline: float) -> AsyncIterator[_Lease]:
@@ -297,7 +302,11 @@ class Flusher:
             if not entries:
                 break
             lease.check()
-            await self.store.apply_batch([entry.op for entry in entries])
+            try:
+                await self.store.apply_batch([entry.op for entry in entries], fence=lease.fence)
+            except StaleFencingToken as exc:
+                lease.lost = True
+                raise LockLost(f"flush of {thread_id!r}", str(exc)) from exc
             self._note_applied(entries)
             left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
             lease.applied += len(entries)

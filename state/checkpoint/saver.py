@@ -981,9 +981,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.store.delete_thread(thread_id)
         else:
             # Under the flush lock, so no flusher applies (resurrects) the dropped backlog.
-            async with self.flusher.holding(thread_id):
+            async with self.flusher.holding(thread_id) as fence:
                 await self.flusher.log.discard(thread_id)
-                await self.store.delete_thread(thread_id)
+                await self.store.delete_thread(thread_id, fence=fence)
         if self.cache is not None:
             await self.cache.invalidate(thread_id)
 

@@ -73,6 +73,7 @@ from .chunks import (
     resolve_checkpoints,
 )
 from .cosmos_client import CosmosConnection
+from .cosmos_fences import FlushFences
 from .cosmos_io import (
     BATCH_BYTES,
     BATCH_OPERATIONS,
@@ -92,6 +93,8 @@ DEFAULT_PAGE_SIZE = 50
 # inherits `value_at` from it without reading its parent.
 LINEAGE_MEMO_SIZE = 10_000
 MERGE_ATTEMPTS = 8
+# Room a fenced batch keeps for its fence document (`cosmos_fences`).
+FENCE_BYTES = 1024
 
 
 class CosmosCheckpointStore:
@@ -115,6 +118,7 @@ class CosmosCheckpointStore:
         self._lineage: OrderedDict[tuple[str, str], layout.Lineage] = OrderedDict()
         self._maintenance = CheckpointMaintenance(self._io, self._packer, self._forget)
         self._chunker = Chunker()
+        self._fences = FlushFences(self._io)
 
     async def setup(self) -> None:
         await self._io.container()
@@ -144,13 +148,15 @@ class CosmosCheckpointStore:
             step = self._pack_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
             await self._store(thread_id, [step])
 
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         """Threads concurrently; within a thread, its operations in order in transactional
-        batches (see `_store`)."""
+        batches (see `_store`), each behind the thread's fence when `fence` is given
+        (`cosmos_fences`)."""
         by_thread: dict[str, list[FlushOp]] = defaultdict(list)
         for op in ops:
-            thread_id = op.checkpoint.thread_id if isinstance(op, CheckpointPut) else op.thread_id
-            by_thread[thread_id].append(op)
+            by_thread[op.thread_id].append(op)
+        if fence is not None and len(by_thread) > 1:
+            raise ValueError("a fenced batch holds the operations of one thread")
 
         async def apply(thread_id: str, thread_ops: list[FlushOp]) -> None:
             pending = PendingSplits(self._chunker)
@@ -172,7 +178,7 @@ class CosmosCheckpointStore:
             except BaseException:
                 self._forget_unconfirmed(thread_id)
                 raise
-            await self._store(thread_id, steps, pending)
+            await self._store(thread_id, steps, pending, fence=fence)
 
         if by_thread:
             await gather(
@@ -265,26 +271,40 @@ class CosmosCheckpointStore:
         return _Step(prelude=[chunk for p in created for chunk in p.chunks], creates=created)
 
     async def _store(
-        self, thread_id: str, steps: Sequence[_Step], pending: PendingSplits | None = None
+        self,
+        thread_id: str,
+        steps: Sequence[_Step],
+        pending: PendingSplits | None = None,
+        *,
+        fence: int | None = None,
     ) -> None:
         """Store `steps` in order: as transactional batches (all of a batch or none of it,
         one round trip; a reader sees a batch whole), one request per document where a
         step alone is a single request, and one step at a time (its chunks first) for a
         step too large for a batch or a batch the service refused (a task's writes that
-        are already stored: the step merges them). Then the chunker may build on `pending`."""
+        are already stored: the step merges them). Then the chunker may build on `pending`.
+        With `fence`, every batch moves the thread's fence first, and a step stored one
+        request at a time is preceded by a request that does."""
         try:
-            for group, batched in _transactions(steps):
+            for group, batched in _transactions(steps, fenced=fence is not None):
                 operations = [operation for step in group for operation in step.operations()]
-                if not (batched and await self._applied_as_batch(thread_id, operations)):
-                    for step in group:
-                        await self._store_step(step)
+                if batched and await self._applied_as_batch(thread_id, operations, fence):
+                    continue
+                if fence is not None:
+                    await self._fences.move(thread_id, fence)
+                for step in group:
+                    await self._store_step(step)
             if pending is not None:
                 self._chunker.confirm(pending)
         except BaseException:
             self._forget_unconfirmed(thread_id)
             raise
 
-    async def _applied_as_batch(self, thread_id: str, operations: list[BatchOperation]) -> bool:
+    async def _applied_as_batch(
+        self, thread_id: str, operations: list[BatchOperation], fence: int | None
+    ) -> bool:
+        if fence is not None:
+            return await self._fences.batch(thread_id, fence, operations)
         try:
             await self._io.batch(thread_id, operations)
         except BatchRefused:
@@ -593,8 +613,12 @@ class CosmosCheckpointStore:
 
     # ----------------------------------------------------------------------- maintenance
 
-    async def delete_thread(self, thread_id: str) -> None:
+    async def delete_thread(self, thread_id: str, *, fence: int | None = None) -> None:
         self._chunker.forget([thread_id])
+        if fence is not None:
+            # Raised first: a batch that got in before it is deleted below, a later one
+            # is refused. The fence document stays (`cosmos_fences`).
+            await self._fences.move(thread_id, fence, at_least=True)
         await self._maintenance.delete_thread(thread_id)
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
@@ -935,21 +959,26 @@ class _Step:
         return sum(layout.packed_size(doc) for doc in docs)
 
 
-def _transactions(steps: Sequence[_Step]) -> Iterator[tuple[list[_Step], bool]]:
-    """`steps` in order, grouped within the service's limits for a transactional batch;
-    `False` for a group of one request (no batch needed) or a step too large for one."""
+def _transactions(
+    steps: Sequence[_Step], *, fenced: bool = False
+) -> Iterator[tuple[list[_Step], bool]]:
+    """`steps` in order, grouped within the service's limits for a transactional batch
+    (`fenced`: less the fence's operation); `False` for a group of one request (no batch
+    needed, unless fenced) or a step too large for one."""
+    operations_room = BATCH_OPERATIONS - fenced
+    bytes_room = BATCH_BYTES - FENCE_BYTES * fenced
     group: list[_Step] = []
     count = size = 0
     for step in steps:
         step_count, step_size = len(step.operations()), step.size()
-        if group and (count + step_count > BATCH_OPERATIONS or size + step_size > BATCH_BYTES):
-            yield group, count > 1
+        if group and (count + step_count > operations_room or size + step_size > bytes_room):
+            yield group, count + fenced > 1
             group, count, size = [], 0, 0
-        if step_count > BATCH_OPERATIONS or step_size > BATCH_BYTES:
+        if step_count > operations_room or step_size > bytes_room:
             yield [step], False
             continue
         group.append(step)
         count += step_count
         size += step_size
     if group:
-        yield group, count > 1
+        yield group, count + fenced > 1

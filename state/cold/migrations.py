@@ -199,6 +199,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE strpos(thread_id, '~archive~') > 0;
         """,
     ),
+    Migration(
+        8,
+        "checkpoint_flush_fences",
+        """
+        -- The highest flush-lock fencing token each thread was flushed or deleted under
+        -- (state.checkpoint.flusher). The trigger refuses to lower it, which aborts the
+        -- statement of a write-behind batch from a flusher paused past its lock: a later
+        -- holder, or a delete under the lock, has raised it meanwhile. A deleted thread
+        -- keeps its row, so a late batch cannot bring the thread back.
+        CREATE TABLE cp_flush_fences (
+            thread_id text PRIMARY KEY,
+            token bigint NOT NULL
+        );
+        CREATE FUNCTION cp_refuse_stale_flush() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.token < OLD.token THEN
+                RAISE EXCEPTION 'stale flush of %: fencing token % after %',
+                    NEW.thread_id, NEW.token, OLD.token
+                    USING ERRCODE = 'SF001', DETAIL = OLD.token::text;
+            END IF;
+            RETURN NEW;
+        END
+        $$;
+        CREATE TRIGGER cp_flush_fences_forward_only BEFORE UPDATE ON cp_flush_fences
+            FOR EACH ROW EXECUTE FUNCTION cp_refuse_stale_flush();
+        """,
+    ),
 )
 
 

@@ -24,8 +24,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
+from ..errors import RequestRejected, StaleFencingToken
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -195,6 +197,17 @@ WITH dropped_writes AS (
     DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 )
 DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
+"""
+
+# SQLSTATE the fence trigger raises (migration 8, `checkpoint_flush_fences`).
+STALE_FLUSH_SQLSTATE = "SF001"
+
+FENCE_INSERT = """INSERT INTO cp_flush_fences AS f (thread_id, token) VALUES ($1, $2)
+    ON CONFLICT (thread_id) DO UPDATE SET token = EXCLUDED.token"""
+
+RAISE_FENCE_SQL = """
+INSERT INTO cp_flush_fences AS f (thread_id, token) VALUES (%(thread_id)s, %(token)s)
+ON CONFLICT (thread_id) DO UPDATE SET token = GREATEST(f.token, EXCLUDED.token)
 """
 
 COPY_THREAD_SQL = f"""
@@ -500,8 +513,19 @@ class PostgresCheckpointStore:
             "put_writes", [WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert)]
         )
 
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
-        await self._write("apply_batch", ops)
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
+        if fence is None or not ops:
+            await self._write("apply_batch", ops)
+            return
+        thread_id = ops[0].thread_id
+        if any(op.thread_id != thread_id for op in ops):
+            raise ValueError("a fenced batch holds the operations of one thread")
+        try:
+            await self._write("apply_batch", ops, fence=(thread_id, fence))
+        except RequestRejected as exc:
+            if exc.code != STALE_FLUSH_SQLSTATE:
+                raise
+            raise StaleFencingToken(thread_id, fence, _fence_of(exc)) from exc
 
     def _note(self, thread_id: str, metadata: dict[str, JSON]) -> None:
         if "counters_since_delta_snapshot" not in metadata:
@@ -511,13 +535,15 @@ class PostgresCheckpointStore:
         while len(self._delta_threads) > DELTA_THREADS_MEMO_SIZE:
             self._delta_threads.popitem(last=False)
 
-    async def _write(self, operation: str, ops: Sequence[FlushOp]) -> None:
+    async def _write(
+        self, operation: str, ops: Sequence[FlushOp], *, fence: tuple[str, int] | None = None
+    ) -> None:
         for op in ops:
             if isinstance(op, CheckpointPut):
                 self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
         pending = PendingSplits(self._chunker)
         rows = _fold(ops, pending)
-        statements = _statements(rows)
+        statements = _statements(rows, fence)
         if not statements:
             return
         if len(statements) == 1:
@@ -728,9 +754,17 @@ class PostgresCheckpointStore:
             for ch in channels
         }
 
-    async def delete_thread(self, thread_id: str) -> None:
+    async def delete_thread(self, thread_id: str, *, fence: int | None = None) -> None:
         self._chunker.forget([thread_id])
-        async with self._pg.connection("delete_thread") as conn:
+        if fence is None:
+            async with self._pg.connection("delete_thread") as conn:
+                await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
+            return
+        # The fence first, in a statement of its own: it waits for a batch still writing
+        # under an older token, and the delete's snapshot, taken after, sees what that
+        # batch stored. A batch arriving later finds the newer token and is refused.
+        async with self._pg.transaction("delete_thread") as conn:
+            await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
             await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
@@ -862,12 +896,16 @@ def _fold(ops: Sequence[FlushOp], pending: PendingSplits) -> list[list[Row]]:
     return rows
 
 
-def _statements(rows_by_kind: list[list[Row]]) -> list[tuple[str, list[Any]]]:
+def _statements(
+    rows_by_kind: list[list[Row]], fence: tuple[str, int] | None = None
+) -> list[tuple[str, list[Any]]]:
     """INSERTs for the folded rows, as few statements as the parameter limit allows
-    (`$n` placeholders: run them on a `RawCursor`)."""
+    (`$n` placeholders: run them on a `RawCursor`); with `fence` (thread, token), the
+    first statement also moves the thread's fence, whose trigger aborts it (and so the
+    transaction of every statement) if the token is older than the fence."""
     statements: list[tuple[str, list[Any]]] = []
-    inserts: list[str] = []
-    params: list[Any] = []
+    inserts: list[str] = [FENCE_INSERT] if fence is not None else []
+    params: list[Any] = list(fence) if fence is not None else []
     for (table, per_row, conflict), rows in zip(ROW_KINDS, rows_by_kind, strict=True):
         done = 0
         while done < len(rows):
@@ -887,6 +925,15 @@ def _statements(rows_by_kind: list[list[Row]]) -> list[tuple[str, list[Any]]]:
     if inserts:
         statements.append(_statement(inserts, params))
     return statements
+
+
+def _fence_of(refused: RequestRejected) -> int:
+    """The thread's fence, which the trigger reports as its error's detail."""
+    cause = refused.__cause__
+    detail = cause.diag.message_detail if isinstance(cause, psycopg.Error) else None
+    if detail is None or not detail.isdigit():
+        raise refused
+    return int(detail)
 
 
 def _placeholders(before: int, count: int) -> str:

@@ -9,7 +9,10 @@ of `redis_checkpoints`:
   the entry format (`f`, the cache's `ENTRY_FORMAT`);
 - `wb-flushing`: the flush lock (token, expiring), so one flusher at a time
   applies a thread's entries, in order; a dead flusher's lock expires and
-  another takes the thread over;
+  another takes the thread over. The token is the server's clock in
+  microseconds when the lock was taken: each holder's is larger than every
+  earlier one's, even after the key was lost (FLUSHALL), so the cold store can
+  refuse a batch from a holder paused past its lock (`CheckpointStore.apply_batch`);
 - `wb-fence`: the highest fencing token a writer presented. Write-through checkpoint
   writes check and raise the same key (`RedisCheckpointFence`) before their cold
   write, so both write modes keep one fence per thread.
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -181,6 +183,13 @@ return left
 """
 
 # KEYS: lock. ARGV: token.
+_LOCK = """
+local now = redis.call('TIME')
+local token = now[1] .. string.format('%06d', tonumber(now[2]))
+if redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[1]) then return token end
+return false
+"""
+
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -221,6 +230,7 @@ class RedisWriteBehindLog:
                 "dirty": _MARK_DIRTY,
                 "settle": _SETTLE,
                 "ack": _ACK,
+                "lock": _LOCK,
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
             }.items()
@@ -478,14 +488,8 @@ class RedisWriteBehindLog:
         await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
-        token = os.urandom(12).hex()
-        try:
-            taken = await self._client.set(
-                self._key(thread_id, "wb-flushing"), token, nx=True, px=ttl_ms
-            )
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable("redis", str(exc)) from exc
-        return token if taken else None
+        token = await self._run("lock", [self._key(thread_id, "wb-flushing")], [ttl_ms])
+        return None if token is None else cast("bytes", token).decode()
 
     async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
         renewed = await self._run("renew", [self._key(thread_id, "wb-flushing")], [token, ttl_ms])

@@ -42,6 +42,7 @@ from state.errors import (
     BackendUnavailable,
     InvalidValue,
     RequestRejected,
+    StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
 )
@@ -829,6 +830,43 @@ async def test_apply_batch_is_one_statement_with_the_effect_of_the_calls_in_orde
     assert await _state(checkpoints, replayed) == expected
     assert await _state(checkpoints, replayed_other) == expected_other
     await checkpoints.apply_batch([])
+
+
+@pytest.mark.parametrize("statement_parameters", [None, 20], ids=["one-statement", "several"])
+async def test_a_fenced_batch_under_an_older_token_is_refused_whole_even_after_a_delete(
+    pg: PostgresConnection,
+    checkpoints: PostgresCheckpointStore,
+    monkeypatch: pytest.MonkeyPatch,
+    statement_parameters: int | None,
+) -> None:
+    if statement_parameters is not None:
+        monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", statement_parameters)
+    thread = unique_thread()
+    ids = _ids(2)
+    ops = [op for op in _batch(thread, unique_thread(), ids) if op.thread_id == thread]
+    pg.counters.reset()
+    await checkpoints.apply_batch(ops[:4], fence=100)
+    if statement_parameters is None:
+        assert pg.counters.requests == 1  # the fence moves in the batch's own statement
+    await checkpoints.apply_batch(ops, fence=100)  # the same holder again: applied
+    whole = await _state(checkpoints, thread)
+    assert len(whole) == 2
+
+    with pytest.raises(StaleFencingToken) as refused:
+        await checkpoints.apply_batch(ops[:1], fence=99)
+    assert (refused.value.presented, refused.value.highest) == (99, 100)
+
+    await checkpoints.delete_thread(thread, fence=300)
+    with pytest.raises(StaleFencingToken):
+        await checkpoints.apply_batch(ops, fence=200)
+    assert await _state(checkpoints, thread) == []
+    await checkpoints.delete_thread(thread, fence=250)  # a delete never lowers the fence
+    with pytest.raises(StaleFencingToken):
+        await checkpoints.apply_batch(ops, fence=280)
+    await checkpoints.apply_batch(ops, fence=400)
+    assert await _state(checkpoints, thread) == whole
+    with pytest.raises(ValueError, match="one thread"):
+        await checkpoints.apply_batch(_batch(unique_thread(), unique_thread(), ids), fence=500)
 
 
 async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(

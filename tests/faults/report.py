@@ -68,6 +68,8 @@ SCENARIOS: tuple[str, ...] = (
     "Network cut to cosmos (reset)",
     "Write-behind flusher SIGKILLed mid-drain (cosmos)",
     "Write-behind flusher SIGKILLed mid-drain (postgres)",
+    "Write-behind flusher paused inside a batch past its lock, thread deleted (cosmos)",
+    "Write-behind flusher paused inside a batch past its lock, thread deleted (postgres)",
     "Cold store (postgres) down for 10 s while write-behind runs continue",
     "Review decision naming someone else than the token's caller",
     "Workers SIGKILLed while runs are queued (cosmos)",

@@ -208,3 +208,70 @@ async def test_cold_store_down_while_write_behind_runs_continue(
     )
     assert invokes_during >= len(threads) * 5
     assert missing == 0 and duplicated == 0
+
+
+PAUSE_ROUNDS = 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+async def test_flusher_paused_inside_a_batch_cannot_bring_a_deleted_thread_back(
+    backend: str,
+    env_for: Callable[..., dict[str, str]],
+    settings_for: Callable[..., Settings],
+    reliability: Recorder,
+    tmp_path: Path,
+) -> None:
+    """A flusher process stopped inside a cold batch (its lock checked, its request not yet
+    sent) outlives its flush lock; meanwhile the thread is deleted under a new lock. When
+    the process goes on, the batch it was sending must not land: the thread stays deleted."""
+    deadline = Deadline(120)
+    overrides = {"state_write_mode": "write-behind", "state_flush_lock_ttl_ms": 1000}
+    settings = settings_for(backend, **overrides)
+    refused = resurrected = 0
+    async with backends_for(settings) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        await backends.flusher.stop()  # only the paused worker flushes
+        graph = chat_graph(saver)
+        for round_ in range(PAUSE_ROUNDS):
+            deadline.check("rounds")
+            threads = [f"wb-paused-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+            for thread_id in threads:
+                await graph.ainvoke({"messages": ["hi"]}, config(thread_id), durability="async")
+            worker = Worker(
+                ["drain-paused"], env_for(backend, **overrides), tmp_path / f"paused-{round_}.log"
+            )
+            try:
+                paused = worker.expect(lambda e: e.get("event") == "paused", 60, "the pause")
+                # Its lease cannot be renewed while it is stopped: past the TTL, the lock
+                # is free, and the thread is deleted under a lock of its own.
+                await asyncio.sleep(1.5)
+                for thread_id in threads:
+                    await asyncio.wait_for(saver.adelete_thread(thread_id), timeout=30)
+                worker.signal(signal.SIGCONT)
+                worker.expect(lambda e: e.get("event") == "drained", 60, "the drain's end")
+            finally:
+                worker.stop()
+            refused += any(
+                e.get("event") == "refused" and e.get("thread_id") == paused["thread_id"]
+                for e in worker.events
+            )
+            for thread_id in threads:
+                resurrected += (
+                    await backends.checkpoints.get_checkpoint(thread_id, "", None) is not None
+                )
+
+    reliability.record(
+        f"Write-behind flusher paused inside a batch past its lock, thread deleted ({backend})",
+        injected=f"{PAUSE_ROUNDS} times: a flusher process SIGSTOPped inside its first cold "
+        "batch (lock checked, request not sent), held past its 1 s flush lock while the "
+        "thread was deleted under a new lock, then SIGCONTed",
+        runs=PAUSE_ROUNDS,
+        lost_writes=0,
+        silent_overwrites=resurrected,
+        observed=f"{refused}/{PAUSE_ROUNDS} late batches refused with StaleFencingToken by the "
+        f"cold store's fence; {resurrected} deleted threads came back",
+    )
+    assert resurrected == 0
+    assert refused == PAUSE_ROUNDS

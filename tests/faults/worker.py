@@ -16,6 +16,10 @@ JSON lines: events on stdout, commands on stdin, each bounded in count and time.
   Both run in the write mode STATE_WRITE_MODE sets.
 - `drain`: open the backends in write-behind mode and drain the write-behind
   backlog into the cold tier (the test SIGKILLs it part-way).
+- `drain-paused`: the same, but the process SIGSTOPs itself inside its first cold
+  batch, past the flush lock's check and before the batch's request (the test
+  lets the lock run out, deletes the thread, then SIGCONTs it); reports how the
+  batch ended.
 - `zygote`: import the app once, then for each `{"case_id", "mode", "pause"}`
   line fork a child that runs the support-case graph with that LangGraph
   durability mode and reports each node update, so a test can SIGKILL the
@@ -306,6 +310,32 @@ async def drain() -> None:
     await backends.close()
 
 
+async def drain_paused() -> None:
+    backends = await open_backends(Settings())
+    assert backends.flusher is not None, "drain-paused needs STATE_WRITE_MODE=write-behind"
+    store = backends.flusher.store
+    apply_batch = store.apply_batch
+    paused: list[str] = []
+
+    async def pausing(ops: Any, **options: Any) -> None:
+        if not paused:
+            paused.append(ops[0].thread_id)
+            emit(event="paused", thread_id=ops[0].thread_id, entries=len(ops))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        try:
+            await apply_batch(ops, **options)
+        except StaleFencingToken as exc:
+            emit(event="refused", thread_id=exc.thread_id)
+            raise
+        emit(event="applied", thread_id=ops[0].thread_id, entries=len(ops))
+
+    store.apply_batch = pausing  # type: ignore[method-assign]
+    emit(event="draining", pid=os.getpid())
+    applied = await backends.flusher.drain()
+    emit(event="drained", applied=applied)
+    await backends.close()
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "fence-hold":
@@ -320,6 +350,8 @@ def main(argv: list[str]) -> None:
         zygote()
     elif command == "drain":
         asyncio.run(drain())
+    elif command == "drain-paused":
+        asyncio.run(drain_paused())
     else:
         raise SystemExit(f"unknown command {command!r}")
 

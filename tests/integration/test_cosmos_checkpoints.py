@@ -17,7 +17,9 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import BatchRefused, PartitionIO
+from state.errors import StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -383,6 +385,55 @@ async def test_apply_batch_is_idempotent_and_keeps_each_threads_order(
             [StoredWrite("t3", "", 0, "b", ("json", b"3"))],
             [StoredWrite("t2", "", 0, "b", ("json", b"2"))],
         ]
+
+
+def _fenced_ops(thread_id: str, first: int, last: int, value: bytes) -> list[CheckpointPut]:
+    return [
+        CheckpointPut(
+            stored(thread_id, n, {"a": str(n)}), [StoredBlob("a", str(n), ("bytes", value))]
+        )
+        for n in range(first, last + 1)
+    ]
+
+
+@pytest.mark.parametrize("value_bytes", [10, 12_000], ids=["batched", "one-request-at-a-time"])
+async def test_a_fenced_flush_is_refused_behind_a_newer_fence_and_a_delete_keeps_it(
+    small_items: CosmosCheckpointStore,
+    connection: CosmosConnection,
+    settings: Settings,
+    value_bytes: int,
+) -> None:
+    """The fence travels in the batch (and, for steps too large for one, in a request
+    before them): an older token is refused with nothing stored, in this process or
+    another, and a delete under a newer token leaves no way back for the older one."""
+    thread_id = thread()
+    value = os.urandom(value_bytes)
+    await small_items.apply_batch(_fenced_ops(thread_id, 1, 2, value), fence=100)
+    connection.counters.reset()
+    await small_items.apply_batch(_fenced_ops(thread_id, 3, 3, value), fence=100)
+    if value_bytes == 10:
+        assert connection.counters.requests == 1  # the fence rides in the batch, its ETag known
+
+    other_process = checkpoint_store(
+        connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    )
+    await other_process.apply_batch(_fenced_ops(thread_id, 4, 4, value), fence=200)
+    with pytest.raises(StaleFencingToken) as refused:
+        await small_items.apply_batch(_fenced_ops(thread_id, 5, 5, value), fence=150)
+    assert (refused.value.presented, refused.value.highest) == (150, 200)
+    latest = await small_items.get_checkpoint(thread_id, "", None)
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(4)
+
+    await other_process.delete_thread(thread_id, fence=300)
+    for late in (small_items, other_process):
+        with pytest.raises(StaleFencingToken):
+            await late.apply_batch(_fenced_ops(thread_id, 6, 6, value), fence=250)
+    assert await small_items.get_checkpoint(thread_id, "", None) is None
+    assert [doc["type"] for doc in await partition(connection, thread_id)] == [FENCE_TYPE]
+    # The next holder's flush goes on as on a new thread.
+    await small_items.apply_batch(_fenced_ops(thread_id, 7, 7, value), fence=400)
+    latest = await other_process.get_checkpoint(thread_id, "", None)
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(7)
 
 
 async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(

@@ -399,10 +399,10 @@ async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in
     applying, go_on = asyncio.Event(), asyncio.Event()
     apply_batch = tiers.store.apply_batch
 
-    async def slow_apply(ops: Any) -> None:
+    async def slow_apply(ops: Any, **options: Any) -> None:
         applying.set()
         await go_on.wait()
-        await apply_batch(ops)
+        await apply_batch(ops, **options)
 
     other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
     other.store = SimpleNamespace(apply_batch=slow_apply)  # type: ignore[assignment]
@@ -436,6 +436,40 @@ async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in
         assert len(found or []) == CHECKPOINTS_PER_INVOKE
 
 
+async def test_a_batch_held_up_past_a_lost_lock_cannot_bring_a_deleted_thread_back(
+    tiers: WriteBehind,
+) -> None:
+    """A flusher's batch is on its way to the cold tier when Redis loses the flush lock (a
+    FLUSHALL, a failover), so `delete_thread` takes the lock at once and deletes the thread;
+    the batch arriving afterwards is refused by the cold store's fence, not applied."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    assert await tiers.flusher.log.pending(thread_id)
+
+    applying, go_on = asyncio.Event(), asyncio.Event()
+    apply_batch = tiers.store.apply_batch
+
+    async def held_up(ops: Any, **options: Any) -> None:
+        applying.set()
+        await go_on.wait()
+        await apply_batch(ops, **options)
+
+    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
+    other.store = SimpleNamespace(apply_batch=held_up)  # type: ignore[assignment]
+    other_pass = asyncio.create_task(other.drain())
+    await applying.wait()
+    await tiers.redis.delete(hot_key(thread_id, "wb-flushing", namespace=tiers.cache.namespace))
+    await asyncio.wait_for(tiers.saver.adelete_thread(thread_id), timeout=10)
+    go_on.set()
+
+    assert await other_pass == 0  # refused: nothing applied
+    assert await cold_latest_id(tiers, thread_id) is None
+    assert await tiers.saver.aget_tuple(cfg) is None
+    assert await listed(tiers.saver.alist(cfg)) == []
+
+
 async def test_a_thread_the_cold_store_refuses_does_not_stop_a_delete_for_runs_elsewhere(
     tiers: WriteBehind,
 ) -> None:
@@ -449,12 +483,12 @@ async def test_a_thread_the_cold_store_refuses_does_not_stop_a_delete_for_runs_e
     await graph.ainvoke({"messages": ["b"]}, config(other_id, run_id=run), durability="async")
     apply_batch = tiers.store.apply_batch
 
-    async def refusing(ops: Any) -> None:
+    async def refusing(ops: Any, **options: Any) -> None:
         if any(getattr(op, "thread_id", None) == refused_id for op in ops) or any(
             getattr(getattr(op, "checkpoint", None), "thread_id", None) == refused_id for op in ops
         ):
             raise RequestRejected("cold", "refused for the test")
-        await apply_batch(ops)
+        await apply_batch(ops, **options)
 
     tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import re
 import secrets
@@ -397,6 +398,7 @@ class MemoryCheckpointStore(_Tier):
         self._checkpoints: dict[CheckpointKey, StoredCheckpoint] = {}
         self._blobs: dict[BlobKey, TypedBytes] = {}
         self._writes: dict[CheckpointKey, dict[tuple[str, int], StoredWrite]] = {}
+        self._fences: dict[str, int] = {}  # thread -> highest flush fence (as the stores)
         self.last_write: dict[str, float] = {}
 
     async def setup(self) -> None:
@@ -420,10 +422,18 @@ class MemoryCheckpointStore(_Tier):
         self._call("put_writes")
         self._apply(WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert))
 
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         self._call("apply_batch")
+        if fence is not None and ops:
+            self._raise_fence(ops[0].thread_id, fence, at_least=False)
         for op in ops:
             self._apply(op)
+
+    def _raise_fence(self, thread_id: str, fence: int, *, at_least: bool) -> None:
+        highest = self._fences.get(thread_id, fence)
+        if highest > fence and not at_least:
+            raise StaleFencingToken(thread_id, fence, highest)
+        self._fences[thread_id] = max(highest, fence)
 
     def _apply(self, op: FlushOp) -> None:
         if isinstance(op, CheckpointPut):
@@ -536,8 +546,10 @@ class MemoryCheckpointStore(_Tier):
         for blob_key in [k for k in self._blobs if k[0] in threads and k not in referenced]:
             del self._blobs[blob_key]
 
-    async def delete_thread(self, thread_id: str) -> None:
+    async def delete_thread(self, thread_id: str, *, fence: int | None = None) -> None:
         self._call("delete_thread")
+        if fence is not None:
+            self._raise_fence(thread_id, fence, at_least=True)
         self._delete_threads([thread_id])
 
     def _delete_threads(self, thread_ids: Sequence[str]) -> None:
@@ -954,6 +966,10 @@ class MemoryCheckpointCache:
 # --------------------------------------------------------------------------- hot: write-behind
 
 
+# Flush-lock tokens of every fake log: each larger than the last, as Redis's clock gives.
+_LOCK_TOKENS = itertools.count(1)
+
+
 class MemoryWriteBehindLog(_Tier):
     """`WriteBehindLog` over a `MemoryCheckpointCache`: an append checks the thread's fence,
     moves the cached checkpoint and records the entry in one step, as the Redis script
@@ -1066,7 +1082,8 @@ class MemoryWriteBehindLog(_Tier):
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         self._call("lock_thread")
-        token = secrets.token_hex(12)
+        # A fencing token, as the Redis log's: larger than every earlier one.
+        token = str(next(_LOCK_TOKENS))
         return token if self._locks.take(thread_id, token, ttl_ms) else None
 
     async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:

@@ -69,12 +69,12 @@ class RecordingStore(MemoryCheckpointStore):
         self.fail = False
         self.pause: asyncio.Event | None = None
 
-    async def apply_batch(self, ops: Sequence[FlushOp]) -> None:
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         if self.fail:
             raise BackendUnavailable("memory", "cold tier down (test)")
         if self.pause is not None:
             await self.pause.wait()
-        await super().apply_batch(ops)
+        await super().apply_batch(ops, fence=fence)
         self.batches.append(list(ops))
 
 

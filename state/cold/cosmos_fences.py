@@ -1,0 +1,124 @@
+"""Flush fences on Cosmos: a write-behind batch from a flusher paused past its lock is refused.
+
+One document per thread (`FENCE_ID`, in the thread's partition) holds the highest
+flush-lock fencing token the thread was flushed or deleted under
+(`state.checkpoint.flusher`). A fenced flush puts a replace of that document, with
+If-Match on the ETag this process last saw and the batch's token, first in each of its
+transactional batches: a batch whose token is older than the document's is refused before
+anything is applied, and one racing another writer of the fence fails its If-Match and is
+retried against the document as it now is. `delete_thread` under the lock raises the
+fence before it deletes and leaves the document in place, so a late batch cannot bring a
+deleted thread back.
+
+Steps too large for a batch are written one request at a time; for those the fence is
+checked (and moved) by a request of its own just before, which narrows the window but
+cannot close it. Blocks a refused step had already stored are unreachable from any
+manifest and go with the thread's next block collection.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from azure.cosmos.exceptions import (
+    CosmosAccessConditionFailedError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
+
+from ..errors import StaleFencingToken, VersionConflict
+from .cosmos_io import BatchOperation, BatchRefused, Doc, PartitionIO
+
+FENCE_ID = "checkpoint-flush-fence"
+FENCE_TYPE = "checkpoint_flush_fence"
+# Fence ETags remembered (one per thread this process flushed lately).
+REMEMBERED_FENCES = 10_000
+# Reads of a fence another writer keeps moving, before giving up.
+FENCE_ATTEMPTS = 5
+
+
+class FlushFences:
+    def __init__(self, io: PartitionIO) -> None:
+        self._io = io
+        # thread -> (token, ETag) of its fence document as this process last saw it.
+        self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
+
+    async def operation(self, thread_id: str, token: int) -> BatchOperation:
+        """The batch operation that moves the thread's fence to `token`, first in a
+        fenced batch; raises `StaleFencingToken` if the fence is past `token` already."""
+        current = await self._current(thread_id)
+        if current is None:
+            return ("create", (_fence_doc(thread_id, token),))
+        fence, etag = current
+        if fence > token:
+            raise StaleFencingToken(thread_id, token, fence)
+        return ("replace", (FENCE_ID, _fence_doc(thread_id, token)), {"if_match_etag": etag})
+
+    async def batch(self, thread_id: str, token: int, operations: Sequence[BatchOperation]) -> bool:
+        """`operations` as one transactional batch behind the fence's move to `token`;
+        False if the service refused one of them (nothing applied)."""
+        for _ in range(FENCE_ATTEMPTS):
+            fence = await self.operation(thread_id, token)
+            try:
+                results = await self._io.batch(thread_id, [fence, *operations])
+            except BatchRefused as refused:
+                if refused.index != 0:
+                    return False
+                self.forget(thread_id)
+                continue
+            self._remember(thread_id, results[0])
+            return True
+        raise VersionConflict(thread_id, None, None)
+
+    def forget(self, thread_id: str) -> None:
+        """The fence moved under another writer (a refused If-Match): read it again."""
+        self._known.pop(thread_id, None)
+
+    async def move(self, thread_id: str, token: int, *, at_least: bool = False) -> None:
+        """Move the fence to `token` in a request of its own. `at_least`: a fence already
+        past it stays (a delete under the lock); otherwise that is `StaleFencingToken`."""
+        for _ in range(FENCE_ATTEMPTS):
+            current = await self._current(thread_id)
+            doc = _fence_doc(thread_id, token)
+            try:
+                if current is None:
+                    stored = await self._io.create(doc)
+                else:
+                    fence, etag = current
+                    if fence > token:
+                        if at_least:
+                            return
+                        raise StaleFencingToken(thread_id, token, fence)
+                    stored = await self._io.replace(FENCE_ID, doc, etag=etag)
+            except (
+                CosmosResourceExistsError,
+                CosmosAccessConditionFailedError,
+                CosmosResourceNotFoundError,
+            ):
+                self.forget(thread_id)
+                continue
+            self._remember(thread_id, stored)
+            return
+        raise VersionConflict(thread_id, None, None)
+
+    async def _current(self, thread_id: str) -> tuple[int, str] | None:
+        """(token, ETag) of the thread's fence: as last seen here, else read."""
+        known = self._known.get(thread_id)
+        if known is not None:
+            return known
+        stored = await self._io.read(FENCE_ID, thread_id)
+        return None if stored is None else self._remember(thread_id, stored)
+
+    def _remember(self, thread_id: str, doc: Doc) -> tuple[int, str]:
+        known = (int(doc["token"]), str(doc["_etag"]))
+        self._known[thread_id] = known
+        self._known.move_to_end(thread_id)
+        while len(self._known) > REMEMBERED_FENCES:
+            self._known.popitem(last=False)
+        return known
+
+
+def _fence_doc(thread_id: str, token: int) -> dict[str, Any]:
+    return {"id": FENCE_ID, "thread_id": thread_id, "type": FENCE_TYPE, "token": token}
