@@ -6,7 +6,9 @@ flush-lock fencing token the thread was flushed or deleted under
 If-Match on the ETag this process last saw and the batch's token, first in each of its
 transactional batches: a batch whose token is older than the document's is refused before
 anything is applied, and one racing another writer of the fence fails its If-Match and is
-retried against the document as it now is. `delete_thread` under the lock raises the
+retried against the document as it now is. A thread whose fence this process has not
+seen is tried with a create instead (a thread new to the cold tier, the common case, so
+costs no read), which a document already there refuses the same way. `delete_thread` under the lock raises the
 fence before it deletes and leaves the document in place, so a late batch cannot bring a
 deleted thread back.
 
@@ -45,10 +47,12 @@ class FlushFences:
         # thread -> (token, ETag) of its fence document as this process last saw it.
         self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
 
-    async def operation(self, thread_id: str, token: int) -> BatchOperation:
+    async def operation(self, thread_id: str, token: int, *, read: bool) -> BatchOperation:
         """The batch operation that moves the thread's fence to `token`, first in a
-        fenced batch; raises `StaleFencingToken` if the fence is past `token` already."""
-        current = await self._current(thread_id)
+        fenced batch; raises `StaleFencingToken` if the fence is past `token` already.
+        A fence this process has not seen is created unless `read` (a thread new to the
+        cold tier, the common case, costs no request); one that exists refuses that."""
+        current = await self._current(thread_id, read=read)
         if current is None:
             return ("create", (_fence_doc(thread_id, token),))
         fence, etag = current
@@ -59,28 +63,24 @@ class FlushFences:
     async def batch(self, thread_id: str, token: int, operations: Sequence[BatchOperation]) -> bool:
         """`operations` as one transactional batch behind the fence's move to `token`;
         False if the service refused one of them (nothing applied)."""
-        for _ in range(FENCE_ATTEMPTS):
-            fence = await self.operation(thread_id, token)
+        for attempt in range(FENCE_ATTEMPTS):
+            fence = await self.operation(thread_id, token, read=attempt > 0)
             try:
                 results = await self._io.batch(thread_id, [fence, *operations])
             except BatchRefused as refused:
                 if refused.index != 0:
                     return False
-                self.forget(thread_id)
+                self._known.pop(thread_id, None)  # moved by another writer: read it
                 continue
             self._remember(thread_id, results[0])
             return True
         raise VersionConflict(thread_id, None, None)
 
-    def forget(self, thread_id: str) -> None:
-        """The fence moved under another writer (a refused If-Match): read it again."""
-        self._known.pop(thread_id, None)
-
     async def move(self, thread_id: str, token: int, *, at_least: bool = False) -> None:
         """Move the fence to `token` in a request of its own. `at_least`: a fence already
         past it stays (a delete under the lock); otherwise that is `StaleFencingToken`."""
-        for _ in range(FENCE_ATTEMPTS):
-            current = await self._current(thread_id)
+        for attempt in range(FENCE_ATTEMPTS):
+            current = await self._current(thread_id, read=attempt > 0)
             doc = _fence_doc(thread_id, token)
             try:
                 if current is None:
@@ -97,16 +97,17 @@ class FlushFences:
                 CosmosAccessConditionFailedError,
                 CosmosResourceNotFoundError,
             ):
-                self.forget(thread_id)
+                self._known.pop(thread_id, None)
                 continue
             self._remember(thread_id, stored)
             return
         raise VersionConflict(thread_id, None, None)
 
-    async def _current(self, thread_id: str) -> tuple[int, str] | None:
-        """(token, ETag) of the thread's fence: as last seen here, else read."""
+    async def _current(self, thread_id: str, *, read: bool) -> tuple[int, str] | None:
+        """(token, ETag) of the thread's fence as last seen here; unseen: read if `read`,
+        else None (taken as absent)."""
         known = self._known.get(thread_id)
-        if known is not None:
+        if known is not None or not read:
             return known
         stored = await self._io.read(FENCE_ID, thread_id)
         return None if stored is None else self._remember(thread_id, stored)

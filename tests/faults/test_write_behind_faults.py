@@ -236,11 +236,15 @@ async def test_flusher_paused_inside_a_batch_cannot_bring_a_deleted_thread_back(
         graph = chat_graph(saver)
         for round_ in range(PAUSE_ROUNDS):
             deadline.check("rounds")
-            threads = [f"wb-paused-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+            # Other tests' threads may wait in the same log: the worker pauses on these.
+            prefix = f"wb-paused-{uuid.uuid4().hex[:10]}"
+            threads = [f"{prefix}-{n}" for n in range(3)]
             for thread_id in threads:
                 await graph.ainvoke({"messages": ["hi"]}, config(thread_id), durability="async")
             worker = Worker(
-                ["drain-paused"], env_for(backend, **overrides), tmp_path / f"paused-{round_}.log"
+                ["drain-paused", prefix],
+                env_for(backend, **overrides),
+                tmp_path / f"paused-{round_}.log",
             )
             try:
                 paused = worker.expect(lambda e: e.get("event") == "paused", 60, "the pause")

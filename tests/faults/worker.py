@@ -16,10 +16,10 @@ JSON lines: events on stdout, commands on stdin, each bounded in count and time.
   Both run in the write mode STATE_WRITE_MODE sets.
 - `drain`: open the backends in write-behind mode and drain the write-behind
   backlog into the cold tier (the test SIGKILLs it part-way).
-- `drain-paused`: the same, but the process SIGSTOPs itself inside its first cold
-  batch, past the flush lock's check and before the batch's request (the test
-  lets the lock run out, deletes the thread, then SIGCONTs it); reports how the
-  batch ended.
+- `drain-paused PREFIX`: the same, but the process SIGSTOPs itself inside its first
+  cold batch of a thread whose id starts with PREFIX, past the flush lock's check
+  and before the batch's request (the test lets the lock run out, deletes the
+  thread, then SIGCONTs it); reports how the batch ended.
 - `zygote`: import the app once, then for each `{"case_id", "mode", "pause"}`
   line fork a child that runs the support-case graph with that LangGraph
   durability mode and reports each node update, so a test can SIGKILL the
@@ -310,7 +310,7 @@ async def drain() -> None:
     await backends.close()
 
 
-async def drain_paused() -> None:
+async def drain_paused(prefix: str) -> None:
     backends = await open_backends(Settings())
     assert backends.flusher is not None, "drain-paused needs STATE_WRITE_MODE=write-behind"
     store = backends.flusher.store
@@ -318,7 +318,7 @@ async def drain_paused() -> None:
     paused: list[str] = []
 
     async def pausing(ops: Any, **options: Any) -> None:
-        if not paused:
+        if not paused and ops[0].thread_id.startswith(prefix):
             paused.append(ops[0].thread_id)
             emit(event="paused", thread_id=ops[0].thread_id, entries=len(ops))
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -351,7 +351,7 @@ def main(argv: list[str]) -> None:
     elif command == "drain":
         asyncio.run(drain())
     elif command == "drain-paused":
-        asyncio.run(drain_paused())
+        asyncio.run(drain_paused(args[0]))
     else:
         raise SystemExit(f"unknown command {command!r}")
 

@@ -408,7 +408,10 @@ async def test_a_fenced_flush_is_refused_behind_a_newer_fence_and_a_delete_keeps
     another, and a delete under a newer token leaves no way back for the older one."""
     thread_id = thread()
     value = os.urandom(value_bytes)
+    connection.counters.reset()
     await small_items.apply_batch(_fenced_ops(thread_id, 1, 2, value), fence=100)
+    if value_bytes == 10:
+        assert connection.counters.requests == 1  # a new thread: its fence created in the batch
     connection.counters.reset()
     await small_items.apply_batch(_fenced_ops(thread_id, 3, 3, value), fence=100)
     if value_bytes == 10:
