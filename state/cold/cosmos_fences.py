@@ -7,15 +7,15 @@ If-Match on the ETag this process last saw and the batch's token, first in each 
 transactional batches: a batch whose token is older than the document's is refused before
 anything is applied, and one racing another writer of the fence fails its If-Match and is
 retried against the document as it now is. A thread whose fence this process has not
-seen is tried with a create instead (a thread new to the cold tier, the common case, so
-costs no read), which a document already there refuses the same way. `delete_thread` under the lock raises the
-fence before it deletes and leaves the document in place, so a late batch cannot bring a
-deleted thread back.
+seen is tried with a create instead (a thread new to the cold tier, the common case,
+so costs no read), which a document already there refuses the same way.
+`delete_thread` under the lock raises the fence before it deletes and leaves the
+document in place, so a late batch cannot bring a deleted thread back.
 
 Steps too large for a batch are written one request at a time; for those the fence is
 checked (and moved) by a request of its own just before, which narrows the window but
-cannot close it. Blocks a refused step had already stored are unreachable from any
-manifest and go with the thread's next block collection.
+cannot close it. A refused batch leaves nothing behind: a step's blocks travel inside
+its batch, and a step stored one request at a time is refused before its first one.
 """
 
 from __future__ import annotations
