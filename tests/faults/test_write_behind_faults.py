@@ -30,6 +30,7 @@ from .processes import Worker
 THREADS = 12
 INVOKES_EACH = 2
 KILLS = 3
+PAUSE_ROUNDS = 2
 SEED = 8842
 
 
@@ -208,9 +209,6 @@ async def test_cold_store_down_while_write_behind_runs_continue(
     )
     assert invokes_during >= len(threads) * 5
     assert missing == 0 and duplicated == 0
-
-
-PAUSE_ROUNDS = 2
 
 
 @pytest.mark.slow

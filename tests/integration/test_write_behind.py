@@ -380,6 +380,24 @@ async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_dupli
         )
 
 
+async def drain_held_up(tiers: WriteBehind) -> tuple[asyncio.Task[int], asyncio.Event]:
+    """Another flusher's drain pass (the background one, another worker's), held up inside
+    its first cold batch until the returned event is set; returned once it is there."""
+    applying, go_on = asyncio.Event(), asyncio.Event()
+    apply_batch = tiers.store.apply_batch
+
+    async def held_up(ops: Any, **options: Any) -> None:
+        applying.set()
+        await go_on.wait()
+        await apply_batch(ops, **options)
+
+    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
+    other.store = SimpleNamespace(apply_batch=held_up)  # type: ignore[assignment]
+    other_pass = asyncio.create_task(other.drain())
+    await applying.wait()
+    return other_pass, go_on
+
+
 @pytest.mark.parametrize("operation", ["delete_for_runs", "list_every_thread"])
 async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in_hand(
     tiers: WriteBehind, operation: str
@@ -396,18 +414,7 @@ async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in
     await graph.ainvoke({"messages": ["b"]}, config(thread_id, run_id=second), durability="async")
     assert await tiers.flusher.log.pending(thread_id)
 
-    applying, go_on = asyncio.Event(), asyncio.Event()
-    apply_batch = tiers.store.apply_batch
-
-    async def slow_apply(ops: Any, **options: Any) -> None:
-        applying.set()
-        await go_on.wait()
-        await apply_batch(ops, **options)
-
-    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
-    other.store = SimpleNamespace(apply_batch=slow_apply)  # type: ignore[assignment]
-    other_pass = asyncio.create_task(other.drain())
-    await applying.wait()
+    other_pass, go_on = await drain_held_up(tiers)
     if operation == "delete_for_runs":
         waiting = asyncio.create_task(tiers.saver.adelete_for_runs([second]))
     else:
@@ -448,18 +455,7 @@ async def test_a_batch_held_up_past_a_lost_lock_cannot_bring_a_deleted_thread_ba
     await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
     assert await tiers.flusher.log.pending(thread_id)
 
-    applying, go_on = asyncio.Event(), asyncio.Event()
-    apply_batch = tiers.store.apply_batch
-
-    async def held_up(ops: Any, **options: Any) -> None:
-        applying.set()
-        await go_on.wait()
-        await apply_batch(ops, **options)
-
-    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=5_000)
-    other.store = SimpleNamespace(apply_batch=held_up)  # type: ignore[assignment]
-    other_pass = asyncio.create_task(other.drain())
-    await applying.wait()
+    other_pass, go_on = await drain_held_up(tiers)
     await tiers.redis.delete(hot_key(thread_id, "wb-flushing", namespace=tiers.cache.namespace))
     await asyncio.wait_for(tiers.saver.adelete_thread(thread_id), timeout=10)
     go_on.set()
