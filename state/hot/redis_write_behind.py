@@ -375,8 +375,10 @@ class RedisWriteBehindLog:
                 if attempt:
                     raise
                 try:
+                    loads = self._blocking_client.pipeline(transaction=False)
                     for source, _ in self._scripts.values():
-                        self._blocking_client.script_load(source)
+                        loads.script_load(source)
+                    loads.execute()
                 except (RedisError, OSError) as exc:
                     raise BackendUnavailable("redis", str(exc)) from exc
                 continue
@@ -397,9 +399,12 @@ class RedisWriteBehindLog:
         pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
 
     async def _load_scripts(self) -> None:
+        """Every script in one round trip (the server lost them all: a restart, a failover)."""
         try:
+            loads = self._client.pipeline(transaction=False)
             for source, _ in self._scripts.values():
-                await self._client.script_load(source)
+                loads.script_load(source)
+            await loads.execute()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
 

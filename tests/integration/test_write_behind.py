@@ -25,7 +25,7 @@ from state.errors import RequestRejected, StaleFencingToken, UnsupportedSchemaVe
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
-from state.ports import CheckpointStore, Counters
+from state.ports import CheckpointStore, Counters, WritesPut
 from state.settings import Settings
 from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 
@@ -191,6 +191,22 @@ async def test_an_invoke_makes_no_cold_request_and_one_round_trip_per_write(
     # Every write of the run waits in the log for the flusher.
     entries = await tiers.flusher.log.read(thread_id, count=1000)
     assert len(entries) == entries_before + len(calls)
+
+
+async def test_an_append_after_redis_lost_its_scripts_reloads_them_in_one_round_trip(
+    tiers: WriteBehind,
+) -> None:
+    _, _, thread_id, hot = await invoked_once(tiers)
+    await tiers.redis.script_flush()  # what a restart without persistence, or a failover, does
+    tiers.round_trips.count = 0
+    await tiers.saver.aput_writes(hot.config, [("messages", ["late"])], task_id="late-task")
+    # The refused append, every script loaded at once, the append again.
+    assert tiers.round_trips.count == 3
+    entries = await tiers.flusher.log.read(thread_id, count=1000)
+    assert any(
+        isinstance(entry.op, WritesPut) and entry.op.writes[0].task_id == "late-task"
+        for entry in entries
+    )
 
 
 async def test_flush_makes_the_cold_tier_match_and_reads_never_see_a_gap(
