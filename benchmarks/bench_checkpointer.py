@@ -312,7 +312,7 @@ class Meter:
             (Pipeline, "immediate_execute_command"),
         ):
             patches.append((owner, name, self._counted_redis(owner, name)))
-        # The sync API's write-behind appends, made on the caller's thread.
+        # The sync API's calls made on the caller's thread (cache-hit reads; write-behind appends).
         for blocking_owner, name in (
             (redis.Redis, "execute_command"),
             (redis.client.Pipeline, "execute"),

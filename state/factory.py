@@ -51,7 +51,8 @@ class Backends:
     retention: ColdRetention = field(kw_only=True)
     # Write-behind mode only: drains the hot log into the cold checkpoint store.
     flusher: Flusher | None = field(default=None, kw_only=True)
-    # Write-behind mode only: the hot tier's calls the saver's sync API makes itself.
+    # The hot tier's calls the saver's sync API makes on its callers' threads: appends in
+    # write-behind mode only, cache-hit reads whenever there is a hot tier.
     blocking_appends: BlockingAppends | None = field(default=None, kw_only=True)
     blocking_reads: BlockingReads | None = field(default=None, kw_only=True)
     # The hot tier's per-thread checkpoint fence (None without a hot tier).
@@ -126,11 +127,11 @@ async def open_backends(settings: Settings) -> Backends:
         hot = RedisHotStore(client, namespace=namespace)
         closers.append(hot.close)
         write_behind = settings.write_mode is WriteMode.WRITE_BEHIND
-        # The saver's sync API reads and appends on its callers' threads with this one
-        # (write-behind: a write is one Redis round trip); it connects on first use only.
-        blocking_client = create_blocking_redis_client(settings) if write_behind else None
-        if blocking_client is not None:
-            closers.append(_closing(blocking_client))
+        # The saver's sync API reads a cache hit (and, in write-behind mode, appends: a
+        # write is one Redis round trip) on its callers' threads with this one; it connects
+        # on first use only.
+        blocking_client = create_blocking_redis_client(settings)
+        closers.append(_closing(blocking_client))
         # Shares the hot store's client (one per process), which the hot store closes.
         cache = RedisCheckpointCache(
             client,
@@ -139,6 +140,7 @@ async def open_backends(settings: Settings) -> Backends:
             blocking_client=blocking_client,
         )
         hot_checkpoints = cache
+        blocking_reads = cache
         checkpoint_fence = RedisCheckpointFence(client, cache)
         events = RedisEventLog(
             client,
@@ -150,7 +152,7 @@ async def open_backends(settings: Settings) -> Backends:
             from .checkpoint.flusher import Flusher
 
             write_behind_log = RedisWriteBehindLog(client, cache, blocking_client=blocking_client)
-            blocking_appends, blocking_reads = write_behind_log, cache
+            blocking_appends = write_behind_log
             flusher = Flusher(
                 write_behind_log, checkpoints, lock_ttl_ms=settings.state_flush_lock_ttl_ms
             )

@@ -177,9 +177,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self.cache = cache
         # Set: write-behind mode.
         self.flusher = flusher
-        # Write-behind: the sync API appends, and reads a hit, from the caller's thread.
+        # The sync API reads a cache hit from the caller's thread, and in write-behind mode
+        # appends from there too (a write needs no cold request then).
         self._blocking = blocking_appends if flusher is not None else None
-        self._blocking_reads = blocking_reads if self._blocking is not None else None
+        self._blocking_reads = blocking_reads if cache is not None else None
         # The hot tier's fence per thread (write-through writes check it), and the cold
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
@@ -335,7 +336,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         if self._blocking_reads is None:
             return self._sync(self._get_tuple(config))
-        # Write-behind: a hit is read on this thread; anything else on the loop thread.
+        # A hit is read on this thread; anything else on the loop thread.
         self._refuse_on_loop()
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):

@@ -1,6 +1,7 @@
 """The sync API in write-behind mode (`TieredCheckpointSaver.open_sync`), on real servers for
 each cold backend: a write is the caller's own Redis round trip, made on the caller's
-thread, and keeps every guarantee of the async path (boundaries, fencing, Redis out)."""
+thread, and keeps every guarantee of the async path (boundaries, fencing, Redis out). A
+cache hit is read on the caller's thread in write-through mode too."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from langgraph.types import Command
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import HotStateLost, StaleFencingToken
+from state.settings import WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
 from tests.integration.test_write_behind_loss import Loss, two_steps
@@ -105,6 +107,27 @@ def test_a_sync_write_and_a_read_of_it_do_not_wait_for_the_loop_thread(
     cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
     assert cold is not None and cold.checkpoint_id == checkpoint["id"]
     assert [(w.task_id, w.channel) for w in cold.writes or []] == [("task-1", "messages")]
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_in_write_through_mode_a_sync_read_of_a_hit_does_not_wait_for_the_loop_thread(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """Write-through with Redis: the writes go through the loop thread (they need a cold
+    request), but the latest checkpoint, a cache hit, is read on the caller's thread."""
+    settings = settings_for(stack_env, backend, stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": WriteMode.WRITE_THROUGH}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        assert saver.flusher is None
+        cfg = config()
+        chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+        written = saver.get_tuple(cfg)
+        with loop_thread_held(saver):
+            latest = in_thread(lambda: saver.get_tuple(cfg), timeout=10)
+    assert written is not None and latest is not None
+    assert latest.checkpoint == written.checkpoint
+    assert latest.pending_writes == written.pending_writes
 
 
 def test_a_sync_run_leaves_one_log_entry_per_write_and_flushes_at_its_boundaries(
