@@ -33,6 +33,9 @@ release). A hold is one request and a release two whatever the thread's size,
 where patching every item cost a review case about 50 writes. The sweep deletes
 the marker with its thread, and a marker left alone (its thread deleted while
 held) once it is older than the TTL; a marker is no owner for archive records.
+The flush fence a thread deleted under the write-behind flush lock leaves behind
+(`cosmos_fences`) is treated as a lone marker is: no owner, deleted uncounted once
+older than the TTL.
 Only the sweep honours the marker: a container TTL, were one ever set as a
 backstop, would expire a held thread's other items. Threads held by earlier
 versions carry `ttl: -1` on every item instead; `release` clears those too (one
@@ -57,6 +60,7 @@ from typing import Any
 
 from ..size import ARCHIVE_SEPARATOR
 from .cosmos_client import CosmosConnection
+from .cosmos_fences import FENCE_ID
 from .cosmos_io import BULK_PAGE_SIZE, PartitionIO, gather
 from .cosmos_layout import CHECKPOINT
 from .cosmos_store import WORKFLOW_ID
@@ -78,6 +82,9 @@ WATERMARK_TYPE = "retention_watermark"
 # The hold marker, an item of the held thread's own partition.
 HOLD_ID = "~retention~hold"
 HOLD_TYPE = "retention_hold"
+# Items a deleted thread leaves in its partition (the flush fence stays so that a late
+# write-behind batch cannot bring the thread back): swept a TTL after their last write.
+LEFT_BEHIND = (HOLD_ID, FENCE_ID)
 
 HELD = "c.ttl = -1"
 HELD_THE_OLD_WAY = f"{HELD} AND c.id != '{HOLD_ID}'"
@@ -151,9 +158,9 @@ class CosmosRetention:
         if last is None or last >= cutoff:
             return False
         if not await self._has_items(thread_id):
-            # Only the hold marker is left, its thread deleted (held or not): no thread to
-            # keep, nor to count as swept.
-            await self._io.delete(HOLD_ID, thread_id)
+            # Only the hold marker or the flush fence is left, its thread deleted (held or
+            # not): no thread to keep, nor to count as swept.
+            await gather([self._io.delete(doc_id, thread_id) for doc_id in LEFT_BEHIND])
             return False
         if await self._held(thread_id):
             return False
@@ -198,10 +205,11 @@ class CosmosRetention:
         return int(found[0]) if found else None
 
     async def _has_items(self, thread_id: str) -> bool:
-        """Whether the thread stores anything besides a hold marker."""
+        """Whether the thread stores anything besides a hold marker and a flush fence."""
         found = await self._io.query_all(
-            "SELECT TOP 1 VALUE c.id FROM c WHERE c.thread_id = @thread AND c.id != @marker",
-            {"@thread": thread_id, "@marker": HOLD_ID},
+            "SELECT TOP 1 VALUE c.id FROM c WHERE c.thread_id = @thread"
+            " AND NOT ARRAY_CONTAINS(@left, c.id)",
+            {"@thread": thread_id, "@left": list(LEFT_BEHIND)},
             partition=thread_id,
         )
         return bool(found)

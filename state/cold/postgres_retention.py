@@ -18,6 +18,9 @@ write failed), once they are themselves older than the TTL.
 stays until the thread is swept, so inactivity counts from the release at the
 earliest, as on Cosmos, where the release is itself a write.
 
+Flush fences (`cp_flush_fences`) go once their token is older than the TTL, whether
+their thread was deleted or lives on (its next flush writes the fence again).
+
 Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for
 the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
@@ -115,6 +118,15 @@ DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
 """
 
 
+# Flush fences (`cp_flush_fences`, migration 8) of threads not flushed for a TTL, deleted
+# or not: a fence guards against a flusher paused mid-batch, never for that long. Its
+# token is the flush lock's time in microseconds.
+EXPIRED_FENCES_SQL = f"""
+DELETE FROM cp_flush_fences
+WHERE token < (extract(epoch FROM {_CUTOFF}) * 1000000)::bigint
+"""
+
+
 class PostgresRetention:
     """`ColdRetention` on the Postgres pool shared through a `PostgresConnection`."""
 
@@ -141,6 +153,8 @@ class PostgresRetention:
             if not deleted:
                 break
             swept += deleted
+        async with self._pg.connection("sweep") as conn:
+            await conn.execute(EXPIRED_FENCES_SQL, {"ttl": self._ttl_seconds, "now": now})
         return swept
 
     async def _sweep_batch(self, limit: int, now: float | None) -> int:

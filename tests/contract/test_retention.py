@@ -25,6 +25,7 @@ import pytest
 
 from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_fences import FENCE_ID
 from state.errors import StateError
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
@@ -542,6 +543,27 @@ async def test_cosmos_sweep_drops_a_marker_left_alone_uncounted(open_cold: Open)
             assert await partition_of(backends.settings, thread_id) == []
 
 
+async def test_cosmos_sweep_drops_the_flush_fence_a_deleted_thread_left_uncounted(
+    open_cold: Open,
+) -> None:
+    """A thread deleted under the flush lock keeps its fence document (a late write-behind
+    batch must not bring it back); the sweep deletes it a TTL later, as no thread, with a
+    hold marker beside it."""
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        fenced, held = unique_thread("fence-only"), unique_thread("fence-and-hold")
+        for thread_id in (fenced, held):
+            await seed(backends, thread_id, record=False)
+            await backends.checkpoints.delete_thread(thread_id, fence=1)
+        await backends.retention.hold(held)
+        assert [item["id"] for item in await partition_of(backends.settings, fenced)] == [FENCE_ID]
+        latest = await last_write(backends, fenced, held)
+        assert await backends.retention.sweep(limit=100, now=latest + TTL - 1) == 0
+        assert len(await partition_of(backends.settings, held)) == 2
+        assert await backends.retention.sweep(limit=100, now=latest + TTL + 1) == 0
+        for thread_id in (fenced, held):
+            assert await partition_of(backends.settings, thread_id) == []
+
+
 async def test_cosmos_release_spares_a_hold_taken_again_meanwhile(open_cold: Open) -> None:
     """The pass for holds of every item (earlier versions) leaves the marker alone: a hold
     that lands between the marker's patch and that pass stays."""
@@ -599,6 +621,21 @@ async def test_postgres_sweep_deletes_expired_threads_whole(open_cold: Open) -> 
         for kept in (recent, checkpointed, held):
             assert await intact(backends, kept), kept
         assert await backends.retention.sweep(limit=100) == 0
+
+
+async def test_postgres_sweep_drops_flush_fences_older_than_the_ttl(open_cold: Open) -> None:
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        old, recent = unique_thread("old-fence"), unique_thread("recent-fence")
+        now_us = int(time.time() * 1_000_000)
+        await backends.checkpoints.delete_thread(old, fence=now_us - LONG_AGO * 1_000_000)
+        await backends.checkpoints.delete_thread(recent, fence=now_us)
+        fences = "SELECT thread_id FROM cp_flush_fences WHERE thread_id = ANY(%s)"
+        assert sorted(await pg_execute(backends, fences, ([old, recent],))) == sorted(
+            [(old,), (recent,)]
+        )
+
+        assert await backends.retention.sweep(limit=100) == 0  # a fence is not a thread
+        assert await pg_execute(backends, fences, ([old, recent],)) == [(recent,)]
 
 
 async def test_postgres_a_released_thread_expires_a_ttl_after_the_release(
