@@ -901,18 +901,25 @@ def _statements(
 ) -> list[tuple[str, list[Any]]]:
     """INSERTs for the folded rows, as few statements as the parameter limit allows
     (`$n` placeholders: run them on a `RawCursor`); with `fence` (thread, token), the
-    first statement also moves the thread's fence, whose trigger aborts it (and so the
-    transaction of every statement) if the token is older than the fence."""
+    first statement moves the thread's fence before anything else, and its trigger
+    aborts the statement (and so the transaction of every statement) if the token is
+    older than the fence."""
     statements: list[tuple[str, list[Any]]] = []
-    inserts: list[str] = [FENCE_INSERT] if fence is not None else []
+    inserts: list[str] = []
     params: list[Any] = list(fence) if fence is not None else []
+    fenced = fence is not None  # the next statement carries the fence
+
+    def close() -> None:
+        nonlocal inserts, params, fenced
+        statements.append(_statement(inserts, params, fenced=fenced))
+        inserts, params, fenced = [], [], False
+
     for (table, per_row, conflict), rows in zip(ROW_KINDS, rows_by_kind, strict=True):
         done = 0
         while done < len(rows):
             room = (MAX_STATEMENT_PARAMETERS - len(params)) // per_row
             if room == 0:
-                statements.append(_statement(inserts, params))
-                inserts, params = [], []
+                close()
                 continue
             chunk = rows[done : done + room]
             values = ", ".join(
@@ -922,8 +929,8 @@ def _statements(
             for row in chunk:
                 params.extend(row)
             done += len(chunk)
-    if inserts:
-        statements.append(_statement(inserts, params))
+    if inserts or fenced:
+        close()
     return statements
 
 
@@ -941,8 +948,20 @@ def _placeholders(before: int, count: int) -> str:
     return "(" + ", ".join(f"${before + n}" for n in range(1, count + 1)) + ")"
 
 
-def _statement(inserts: list[str], params: list[Any]) -> tuple[str, list[Any]]:
-    """One INSERT as it is; several as data-modifying CTEs of one statement."""
+def _statement(
+    inserts: list[str], params: list[Any], *, fenced: bool = False
+) -> tuple[str, list[Any]]:
+    """One INSERT as it is; several as data-modifying CTEs of one statement. Fenced: the
+    fence's upsert is what the statement selects from, the INSERTs its CTEs; Postgres
+    runs the CTEs the main query does not read after it, so the fence row is locked (and
+    checked) before any checkpoint row is. A delete holding that row first (it raises the
+    fence, then deletes) then never waits on rows this statement locked: no deadlock."""
+    if fenced:
+        ctes = ", ".join(
+            [f"fence AS ({FENCE_INSERT} RETURNING f.token)"]
+            + [f"insert_{n} AS ({insert})" for n, insert in enumerate(inserts)]
+        )
+        return f"WITH {ctes} SELECT token FROM fence", params
     *leading, last = inserts
     if not leading:
         return last, params

@@ -869,6 +869,28 @@ async def test_a_fenced_batch_under_an_older_token_is_refused_whole_even_after_a
         await checkpoints.apply_batch(_batch(unique_thread(), unique_thread(), ids), fence=500)
 
 
+async def test_a_late_fenced_batch_waits_for_a_delete_then_is_refused_without_a_deadlock(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    """A batch under an older token arriving while `delete_thread` holds the raised fence:
+    it waits on the fence row (taken before any checkpoint row), then is refused, so the
+    delete never waits on rows the batch locked (a deadlock, one of them aborted)."""
+    thread = unique_thread()
+    ops = [op for op in _batch(thread, unique_thread(), _ids(2)) if op.thread_id == thread]
+    await checkpoints.apply_batch(ops, fence=100)
+    async with pg.transaction("delete_thread") as conn:  # what delete_thread(fence=300) runs
+        await conn.execute(
+            postgres_checkpoints.RAISE_FENCE_SQL, {"thread_id": thread, "token": 300}
+        )
+        late = asyncio.create_task(checkpoints.apply_batch(ops, fence=100))
+        await asyncio.sleep(0.3)
+        assert not late.done()  # waiting for the fence row
+        await conn.execute(postgres_checkpoints.DELETE_THREADS_SQL, {"thread_ids": [thread]})
+    with pytest.raises(StaleFencingToken):
+        await asyncio.wait_for(late, timeout=5)
+    assert await _state(checkpoints, thread) == []
+
+
 async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(
     pg: PostgresConnection,
     checkpoints: PostgresCheckpointStore,
