@@ -550,7 +550,8 @@ class CheckpointStore(Protocol):
         keeps the highest fence each thread was written or deleted under and refuses,
         with `StaleFencingToken` and nothing applied, a batch under a lower one: a
         flusher paused past its lock cannot land a batch after the next holder (or a
-        `delete_thread` under the lock) has moved on.
+        `delete_thread` under the lock) has moved on (on Cosmos, but for the writes it
+        stores outside a transactional batch: `cosmos_fences`).
         """
 
     async def get_checkpoint(

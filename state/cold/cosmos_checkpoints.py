@@ -283,17 +283,15 @@ class CosmosCheckpointStore:
         step alone is a single request, and one step at a time (its chunks first) for a
         step too large for a batch or a batch the service refused (a task's writes that
         are already stored: the step merges them). Then the chunker may build on `pending`.
-        With `fence`, every batch moves the thread's fence first, and a step stored one
-        request at a time is preceded by a request that does."""
+        With `fence`, every batch moves the thread's fence first (`_store_step` says how
+        a step stored one request at a time is fenced)."""
         try:
             for group, batched in _transactions(steps, fenced=fence is not None):
                 operations = [operation for step in group for operation in step.operations()]
                 if batched and await self._applied_as_batch(thread_id, operations, fence):
                     continue
-                if fence is not None:
-                    await self._fences.move(thread_id, fence)
                 for step in group:
-                    await self._store_step(step)
+                    await self._store_step(thread_id, step, fence)
             if pending is not None:
                 self._chunker.confirm(pending)
         except BaseException:
@@ -311,9 +309,25 @@ class CosmosCheckpointStore:
             return False
         return True
 
-    async def _store_step(self, step: _Step) -> None:
+    async def _store_step(self, thread_id: str, step: _Step, fence: int | None) -> None:
+        """One step, a request per document: its prelude first (blocks and chunks, which
+        nothing reaches until a document of the step names them). With `fence`, the
+        step's upserted documents (a checkpoint) go in a transactional batch behind the
+        fence's move, so a late step cannot land after a delete; where they do not fit
+        one, or the step has none (a task's writes, created or merged), a request moving
+        the fence goes first, which narrows that window without closing it."""
         await self._io.upsert_all(step.prelude)
-        await self._io.upsert_all(step.upserts)
+        upserts: list[BatchOperation] = [("upsert", (doc,)) for doc in step.upserts]
+        if fence is None:
+            await self._io.upsert_all(step.upserts)
+        elif not (
+            upserts
+            and len(upserts) < BATCH_OPERATIONS
+            and sum(map(layout.packed_size, step.upserts)) <= BATCH_BYTES - FENCE_BYTES
+            and await self._fences.batch(thread_id, fence, upserts)
+        ):
+            await self._fences.move(thread_id, fence)
+            await self._io.upsert_all(step.upserts)
         if step.creates:
             await gather([self._create_or_merge(packed) for packed in step.creates])
 

@@ -12,10 +12,14 @@ so costs no read), which a document already there refuses the same way.
 `delete_thread` under the lock raises the fence before it deletes and leaves the
 document in place, so a late batch cannot bring a deleted thread back.
 
-Steps too large for a batch are written one request at a time; for those the fence is
-checked (and moved) by a request of its own just before, which narrows the window but
-cannot close it. A refused batch leaves nothing behind: a step's blocks travel inside
-its batch, and a step stored one request at a time is refused before its first one.
+A step too large for a batch has its blocks and chunks written a request each (nothing
+reaches them until a document names them) and its own documents (a checkpoint) in a
+fenced batch. Only a step whose own documents do not fit one (a checkpoint document
+over the batch's size), or a task's writes, created or merged into a document already
+stored, is fenced by a request of its own just before, which narrows the window without
+closing it: such a late write can land after a delete, as an orphan no checkpoint names
+(retention takes it with the partition). A refused batch leaves nothing behind but
+blocks nothing reaches.
 """
 
 from __future__ import annotations

@@ -387,42 +387,51 @@ async def test_apply_batch_is_idempotent_and_keeps_each_threads_order(
         ]
 
 
-def _fenced_ops(thread_id: str, first: int, last: int, value: bytes) -> list[CheckpointPut]:
+# Random bytes (chunks never shared) of this size make a step of more than a batch's 100
+# operations at ITEM_LIMIT: stored a request at a time.
+TOO_LARGE_FOR_A_BATCH = 450_000
+
+
+def _fenced_ops(thread_id: str, first: int, last: int, value_bytes: int) -> list[CheckpointPut]:
+    """Puts `first`..`last`, each with a value of its own."""
     return [
         CheckpointPut(
-            stored(thread_id, n, {"a": str(n)}), [StoredBlob("a", str(n), ("bytes", value))]
+            stored(thread_id, n, {"a": str(n)}),
+            [StoredBlob("a", str(n), ("bytes", os.urandom(value_bytes)))],
         )
         for n in range(first, last + 1)
     ]
 
 
-@pytest.mark.parametrize("value_bytes", [10, 12_000], ids=["batched", "one-request-at-a-time"])
+@pytest.mark.parametrize(
+    "value_bytes", [10, TOO_LARGE_FOR_A_BATCH], ids=["batched", "one-request-at-a-time"]
+)
 async def test_a_fenced_flush_is_refused_behind_a_newer_fence_and_a_delete_keeps_it(
     small_items: CosmosCheckpointStore,
     connection: CosmosConnection,
     settings: Settings,
     value_bytes: int,
 ) -> None:
-    """The fence travels in the batch (and, for steps too large for one, in a request
-    before them): an older token is refused with nothing stored, in this process or
-    another, and a delete under a newer token leaves no way back for the older one."""
+    """The fence travels in the batch (for a step too large for one, in the batch of its
+    checkpoint document, after its blocks): an older token is refused with nothing a
+    reader reaches, in this process or another, and a delete under a newer token leaves
+    no way back for the older one."""
     thread_id = thread()
-    value = os.urandom(value_bytes)
     connection.counters.reset()
-    await small_items.apply_batch(_fenced_ops(thread_id, 1, 2, value), fence=100)
+    await small_items.apply_batch(_fenced_ops(thread_id, 1, 2, value_bytes), fence=100)
     if value_bytes == 10:
         assert connection.counters.requests == 1  # a new thread: its fence created in the batch
     connection.counters.reset()
-    await small_items.apply_batch(_fenced_ops(thread_id, 3, 3, value), fence=100)
+    await small_items.apply_batch(_fenced_ops(thread_id, 3, 3, value_bytes), fence=100)
     if value_bytes == 10:
         assert connection.counters.requests == 1  # the fence rides in the batch, its ETag known
 
     other_process = checkpoint_store(
         connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
     )
-    await other_process.apply_batch(_fenced_ops(thread_id, 4, 4, value), fence=200)
+    await other_process.apply_batch(_fenced_ops(thread_id, 4, 4, value_bytes), fence=200)
     with pytest.raises(StaleFencingToken) as refused:
-        await small_items.apply_batch(_fenced_ops(thread_id, 5, 5, value), fence=150)
+        await small_items.apply_batch(_fenced_ops(thread_id, 5, 5, value_bytes), fence=150)
     assert (refused.value.presented, refused.value.highest) == (150, 200)
     latest = await small_items.get_checkpoint(thread_id, "", None)
     assert latest is not None and latest.checkpoint_id == checkpoint_id(4)
@@ -430,13 +439,60 @@ async def test_a_fenced_flush_is_refused_behind_a_newer_fence_and_a_delete_keeps
     await other_process.delete_thread(thread_id, fence=300)
     for late in (small_items, other_process):
         with pytest.raises(StaleFencingToken):
-            await late.apply_batch(_fenced_ops(thread_id, 6, 6, value), fence=250)
+            await late.apply_batch(_fenced_ops(thread_id, 6, 6, value_bytes), fence=250)
     assert await small_items.get_checkpoint(thread_id, "", None) is None
-    assert [doc["type"] for doc in await partition(connection, thread_id)] == [FENCE_TYPE]
+    left = [doc["type"] for doc in await partition(connection, thread_id)]
+    # A refused step stored a request at a time leaves its blocks and chunks: unreached.
+    assert [t for t in left if t not in (layout.BLOCK, layout.CHUNK)] == [FENCE_TYPE]
+    assert value_bytes == TOO_LARGE_FOR_A_BATCH or left == [FENCE_TYPE]
     # The next holder's flush goes on as on a new thread.
-    await small_items.apply_batch(_fenced_ops(thread_id, 7, 7, value), fence=400)
+    await small_items.apply_batch(_fenced_ops(thread_id, 7, 7, value_bytes), fence=400)
     latest = await other_process.get_checkpoint(thread_id, "", None)
     assert latest is not None and latest.checkpoint_id == checkpoint_id(7)
+
+
+async def test_a_step_too_large_for_a_batch_held_up_after_its_blocks_cannot_land_after_a_delete(
+    small_items: CosmosCheckpointStore,
+    connection: CosmosConnection,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A late flusher of a step stored a request at a time, paused just before it sends
+    the step's checkpoint document (its blocks written, its fence checked if it checks it
+    apart): a delete under a newer fence goes ahead, and the document, sent in a batch
+    behind the fence, is refused."""
+    thread_id = thread()
+    await small_items.apply_batch(_fenced_ops(thread_id, 1, 1, TOO_LARGE_FOR_A_BATCH), fence=100)
+    held_up, go_on = asyncio.Event(), asyncio.Event()
+    batch, upsert_all = PartitionIO.batch, PartitionIO.upsert_all
+
+    async def pause_before_the_late_checkpoint(docs: list[Any]) -> None:
+        if any(doc.get("checkpoint_id") == checkpoint_id(2) for doc in docs):
+            held_up.set()
+            await go_on.wait()
+
+    async def paused_batch(self: PartitionIO, partition: str, operations: Any) -> Any:
+        await pause_before_the_late_checkpoint([op[1][-1] for op in operations])
+        return await batch(self, partition, operations)
+
+    async def paused_upsert_all(self: PartitionIO, docs: Any) -> None:
+        await pause_before_the_late_checkpoint(list(docs))
+        await upsert_all(self, docs)
+
+    monkeypatch.setattr(PartitionIO, "batch", paused_batch)
+    monkeypatch.setattr(PartitionIO, "upsert_all", paused_upsert_all)
+    late = asyncio.create_task(
+        small_items.apply_batch(_fenced_ops(thread_id, 2, 2, TOO_LARGE_FOR_A_BATCH), fence=100)
+    )
+    await asyncio.wait_for(held_up.wait(), timeout=20)
+    other_process = checkpoint_store(
+        connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    )
+    await other_process.delete_thread(thread_id, fence=300)
+    go_on.set()
+    with pytest.raises(StaleFencingToken):
+        await late
+    assert await other_process.get_checkpoint(thread_id, "", None) is None
 
 
 async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(
