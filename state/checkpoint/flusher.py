@@ -305,7 +305,8 @@ class Flusher:
             try:
                 await self.store.apply_batch([entry.op for entry in entries], fence=lease.fence)
             except StaleFencingToken as exc:
-                lease.lost = True
+                # Another holder came after this one; the lock is released as usual (a no-op
+                # unless it is still this one's: then a clock that went back refused it).
                 raise LockLost(f"flush of {thread_id!r}", str(exc)) from exc
             self._note_applied(entries)
             left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])

@@ -182,7 +182,8 @@ if redis.call('DECRBY', KEYS[2], removed) < 0 then redis.call('SET', KEYS[2], 0)
 return left
 """
 
-# KEYS: lock. ARGV: token.
+# KEYS: lock. ARGV: TTL (ms). The token (the server's clock in microseconds), or nil
+# while another holds the lock.
 _LOCK = """
 local now = redis.call('TIME')
 local token = now[1] .. string.format('%06d', tonumber(now[2]))
@@ -190,6 +191,7 @@ if redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[1]) then return token end
 return false
 """
 
+# KEYS: lock. ARGV: token (and, renewing, the TTL).
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

@@ -363,3 +363,19 @@ async def test_the_background_task_waits_for_appends_to_pause_within_a_bound(
         assert len(store.batches) > 1
     finally:
         await flusher.close(final_drain_seconds=1)
+
+
+async def test_a_batch_the_cold_fence_refuses_is_left_in_the_log_and_the_lock_released(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    """The cold store saw a newer token than this holder's (a clock that went back, say):
+    nothing is applied or acknowledged, and the lock is free again at once, not a TTL
+    later."""
+    await append(log, "a", 2)
+    await store.delete_thread("a", fence=10**18)
+    assert await flusher.drain() == 0
+    assert store.batches == []
+    assert (await log.backlog()).entries == 4
+    token = await log.lock_thread("a", ttl_ms=LOCK_TTL_MS * 100)
+    assert token is not None
+    await log.unlock_thread("a", token)
