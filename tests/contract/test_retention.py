@@ -426,10 +426,12 @@ async def test_an_orphan_archive_record_expires_by_its_own_age(
         assert await archive_ids(backends, thread_id) == set()
 
 
+@pytest.mark.parametrize("fence", [None, 1], ids=["unfenced", "under-the-flush-lock"])
 async def test_a_thread_deleted_while_held_keeps_nothing_from_expiring(
-    cold_backend: str, open_cold: Open
+    cold_backend: str, open_cold: Open, fence: int | None
 ) -> None:
-    """Its hold outlives it (a row, a marker item) but owns nothing: its archive records
+    """Its hold outlives it (a row, a marker item), and so does its flush fence when it was
+    deleted under the write-behind flush lock, but they own nothing: its archive records
     expire as orphans, and no thread is counted that was not there."""
     async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
         thread_id = unique_thread("deleted-held")
@@ -437,13 +439,16 @@ async def test_a_thread_deleted_while_held_keeps_nothing_from_expiring(
         archives = await archive_ids(backends, thread_id)
         assert len(archives) >= 2
         await backends.retention.hold(thread_id)
-        await backends.checkpoints.delete_thread(thread_id)
+        await backends.checkpoints.delete_thread(thread_id, fence=fence)
         await backends.cold.delete(thread_id)
         now = await age_everything(backends, thread_id, *archives)
         assert await backends.retention.sweep(limit=100, now=now) == len(archives)
         assert await archive_ids(backends, thread_id) == set()
         if cold_backend == "cosmos":
             assert await partition_of(backends.settings, thread_id) == []
+        else:
+            fences = "SELECT token FROM cp_flush_fences WHERE thread_id = %s"
+            assert await pg_execute(backends, fences, (thread_id,)) == []
 
 
 async def age_everything(backends: Backends, *thread_ids: str) -> float:
