@@ -113,6 +113,10 @@ SWEEP_LIMIT = 500
 # Renewals of a run's lock or lease per STATE_LOCK_TTL_MS: one may be late or fail and
 # the next still lands before the lock runs out.
 RENEWALS_PER_TTL = 3
+# Times a run goes on from the cold tier after Redis lost its unflushed checkpoints (a
+# FLUSHALL, a failover; each loss costs the steps since the last boundary) before it is
+# left for the timer: a Redis that keeps losing them is an outage, not a blip.
+REDOS_AFTER_HOT_STATE_LOST = 3
 
 
 class CaseError(Exception):
@@ -753,11 +757,11 @@ class CaseService:
         *,
         marked: bool,
         run_id: str | None,
-        redone: bool = False,
+        redone: int = 0,
     ) -> bool:
         """One run to rest; False when this runner must stop (it lost the case), True when
         the case's queue may go on (the run rested, failed, or a follow-up stopped it).
-        `redone`: this is the run going on after Redis lost its checkpoints."""
+        `redone`: how many times this run went on after Redis lost its checkpoints."""
         fence = guard.fence
         await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
@@ -781,7 +785,7 @@ class CaseService:
             # Another runner of this case holds the side effect's claim and finishes the case.
             log.warning("case %s: %s; this run stops", case_id, busy)
         except HotStateLost as lost:
-            if redone:
+            if redone >= REDOS_AFTER_HOT_STATE_LOST:
                 log.exception("case %s: Redis lost the run's checkpoints again", case_id)
                 raise
             # Redis lost checkpoints the run wrote (its record sections are in the cold
@@ -791,7 +795,7 @@ class CaseService:
             snapshot = await self._graph.aget_state(case_config(case_id))
             graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
             return await self._drive_one(
-                case_id, graph_input, guard, marked=True, run_id=run_id, redone=True
+                case_id, graph_input, guard, marked=True, run_id=run_id, redone=redone + 1
             )
         except BackendUnavailable:
             # Left "running": its heartbeat goes stale and the timer resumes it.

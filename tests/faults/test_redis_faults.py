@@ -175,3 +175,50 @@ async def test_redis_fault_mid_workflow(
     if fault == "eviction":
         assert evicted > 0
     assert hot_after == len(threads)
+
+
+@pytest.mark.parametrize("losses", [2, 3])
+async def test_a_run_that_redis_loses_several_times_goes_on_from_the_cold_tier(
+    losses: int,
+    redis_server: Callable[..., RedisServer],
+    settings_for: Callable[..., Settings],
+) -> None:
+    """FLUSHALL inside one run, `losses` times (after a step's section is written, before its
+    checkpoint): each time the run learns it lost its unflushed checkpoints and goes on from
+    the cold tier, redoing those steps; the case completes as an undisturbed one does, each
+    effect done once."""
+    server = redis_server()
+    settings = settings_for("cosmos", redis_url=server.url)
+    client = aioredis.Redis.from_url(server.url)
+    flushes_left = 0
+
+    async def flush_after_a_step(step: str) -> None:
+        # After "policy": the run's checkpoints since its start (or its last redo) are then
+        # in Redis only, so each flush costs the run those steps.
+        nonlocal flushes_left
+        if step == "policy" and flushes_left > 0:
+            flushes_left -= 1
+            await client.flushall()
+
+    try:
+        async with open_runtime(settings, after_step=flush_after_a_step) as app:
+            reference_id = f"redis-redo-reference-{os.getpid()}-{losses}"
+            await app.runtime.service.submit(submission(reference_id), None)
+            await app.runtime.service.wait_idle()
+            reference_record = await app.runtime.backends.cold.get(reference_id)
+            assert reference_record is not None
+
+            case_id = f"redis-redo-{os.getpid()}-{losses}"
+            flushes_left = losses
+            await app.runtime.service.submit(submission(case_id), None)
+            await app.runtime.service.wait_idle()
+            assert flushes_left == 0
+            assert (await app.runtime.service.status(case_id)).status.value == "completed"
+            assert (
+                await check_cases(
+                    app, [case_id], normalized(dict(reference_record.sections), reference_id)
+                )
+                == 0
+            )
+    finally:
+        await client.aclose()
