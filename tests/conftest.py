@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import Stack
+from devstack import RedisServer, Stack, free_port
 from devstack.issuer import ROLES, request_token
 
 
@@ -113,3 +113,14 @@ def env_for(stack_env: dict[str, str]) -> Callable[..., dict[str, str]]:
         return values
 
     return build
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own, free to flush or stop."""
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,10 +8,9 @@ import json
 import operator
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -192,17 +191,6 @@ def settings(stack_env: dict[str, str]) -> Settings:
 async def tiers(settings: Settings) -> AsyncIterator[Tiers]:
     async with open_tiers(settings) as opened:
         yield opened
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis server of this test's own, free to flush or stop."""
-    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def stored_values(docs: list[dict[str, Any]]) -> int:

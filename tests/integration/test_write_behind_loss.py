@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -22,7 +21,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
-from devstack import RedisServer, free_port
+from devstack import RedisServer
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import HotStateLost
 from state.factory import open_backends
@@ -67,16 +66,6 @@ def two_steps(saver: BaseCheckpointSaver[Any], kind: str) -> Any:
 
 def config() -> RunnableConfig:
     return {"configurable": {"thread_id": f"loss-{uuid.uuid4().hex[:12]}"}}
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @asynccontextmanager
