@@ -66,6 +66,7 @@ from .errors import (
 )
 from .factory import Backends, backends_for, open_backends
 from .ports import (
+    HEALTH_PROBE_SECONDS,
     JSON,
     AuditEntry,
     Caller,
@@ -87,6 +88,7 @@ from .tiered import TieredStateStore
 
 __all__ = [
     "FENCING_TOKEN_KEY",
+    "HEALTH_PROBE_SECONDS",
     "JSON",
     "AuditEntry",
     "BackendUnavailable",

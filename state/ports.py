@@ -9,6 +9,7 @@ bool/None).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -162,17 +163,41 @@ class TierHealth:
     latency_ms: float | None = None
 
 
+# A tier that has not answered its health probe by then is reported down. Probes and
+# load balancers time out within a few seconds; a partitioned server (no reset, no reply)
+# would otherwise hold the answer for the client's socket timeouts and retries.
+HEALTH_PROBE_SECONDS = 1.5
+
+
 async def timed_probe(
     name: str, check: Callable[[], Awaitable[object]], *, errors: tuple[type[Exception], ...]
 ) -> TierHealth:
     """A tier's health from one round trip `check`: up with its latency, or down with
-    the error it raised, if one of `errors` (how that tier reports being unreachable)."""
+    the error it raised, if one of `errors` (how that tier reports being unreachable),
+    or with no answer within `HEALTH_PROBE_SECONDS`."""
     started = time.perf_counter()
+    probe = asyncio.ensure_future(check())
     try:
-        await check()
+        await asyncio.wait({probe}, timeout=HEALTH_PROBE_SECONDS)
+    finally:
+        if not probe.done():
+            # Cancelled, not awaited: a client may take its own timeouts to wind the call
+            # down (psycopg asks the partitioned server to cancel the query, ~10 s).
+            probe.cancel()
+            probe.add_done_callback(_discard_outcome)
+    if not probe.done():
+        return TierHealth(name, up=False, detail=f"no answer within {HEALTH_PROBE_SECONDS} s")
+    try:
+        probe.result()
     except errors as exc:
         return TierHealth(name, up=False, detail=f"{type(exc).__name__}: {exc}")
     return TierHealth(name, up=True, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _discard_outcome(probe: asyncio.Future[object]) -> None:
+    """Retrieve an abandoned probe's outcome (so asyncio logs no unretrieved exception)."""
+    if not probe.cancelled():
+        probe.exception()
 
 
 @runtime_checkable

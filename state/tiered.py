@@ -339,17 +339,20 @@ class CacheAsideStore:
     # ----------------------------------------------------------------- health
 
     async def health(self) -> list[TierHealth]:
-        """The cold tier, then the hot tier if one is configured; never raises."""
+        """The cold tier, then the hot tier if one is configured; never raises. Both are
+        probed at once, so one tier down costs at most one probe's wait."""
         with _span("health"):
-            tiers = [await _probe(self._cold.name, self._cold.health())]
-            if self._hot is not None:
-                hot = await _probe(self._hot.name, self._hot.health())
-                tiers.append(hot)
-                if hot.up:
-                    self._hot_recovered()
-                else:
-                    self._hot_failed("health", BackendUnavailable(self._hot.name, hot.detail))
-            return tiers
+            if self._hot is None:
+                return [await _probe(self._cold.name, self._cold.health())]
+            cold, hot = await asyncio.gather(
+                _probe(self._cold.name, self._cold.health()),
+                _probe(self._hot.name, self._hot.health()),
+            )
+            if hot.up:
+                self._hot_recovered()
+            else:
+                self._hot_failed("health", BackendUnavailable(self._hot.name, hot.detail))
+            return [cold, hot]
 
     # ----------------------------------------------------------------- hot tier upkeep
 

@@ -35,6 +35,7 @@ from langgraph.types import Command, StateSnapshot
 
 from state import (
     FENCING_TOKEN_KEY,
+    HEALTH_PROBE_SECONDS,
     BackendUnavailable,
     Caller,
     ColdRetention,
@@ -627,13 +628,13 @@ class CaseService:
         return swept
 
     async def health(self) -> HealthView:
-        tiers = await self._store.health()
+        # At once, each bounded: a partitioned Redis costs one probe's wait, not three.
+        tiers, backlog = await asyncio.gather(self._store.health(), self._backlog())
         cold_name = self._settings.state_cold_backend.value
         cold_up = all(tier.up for tier in tiers if cold_name in tier.name.lower())
         status: Literal["ok", "degraded", "down"] = (
             "ok" if all(t.up for t in tiers) else ("degraded" if cold_up else "down")
         )
-        backlog = await self._backlog()
         if (
             status == "ok"
             and backlog is not None
@@ -651,9 +652,10 @@ class CaseService:
         if self._flusher is None:
             return None
         try:
-            found = await self._flusher.backlog()
-        except BackendUnavailable:
-            return None  # Redis is down: its tier already reports it
+            async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+                found = await self._flusher.backlog()
+        except (BackendUnavailable, TimeoutError):
+            return None  # Redis is down or partitioned: its tier's probe reports it
         return BacklogView(
             entries=found.entries,
             threads=found.threads,

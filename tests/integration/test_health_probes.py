@@ -1,0 +1,99 @@
+"""Health answers promptly while a tier is partitioned (bytes vanish, no reset).
+
+A partitioned server neither answers nor refuses: without a bound, a probe waits out
+the client's socket timeout and its retry, and the app's report waited for each probe in
+turn (about 8 s with Redis partitioned in write-behind mode), longer than the probes
+of a load balancer wait. Each tier sits behind a `LoopbackProxy` the test blackholes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from state import HEALTH_PROBE_SECONDS
+from state.factory import open_backends
+from state.settings import Settings
+from support_cases.settings import AppSettings
+from tests.faults.apps import open_runtime
+from tests.faults.proxy import LoopbackProxy
+
+# What a report may take beyond one probe's bound (scheduling on a loaded machine): less
+# than a second probe's bound, so probes made one after the other fail the test.
+SLACK_SECONDS = 0.9
+
+
+@pytest.fixture
+def proxy_to(stack_env: dict[str, str]) -> Iterator[Callable[[str], tuple[LoopbackProxy, str]]]:
+    """A proxy in front of the stack's server at `stack_env[name]`, and that URL through it."""
+    started: list[LoopbackProxy] = []
+
+    def start(name: str) -> tuple[LoopbackProxy, str]:
+        target = urlparse(stack_env[name])
+        assert target.hostname == "127.0.0.1" and target.port is not None
+        proxy = LoopbackProxy(target.port).start()
+        started.append(proxy)
+        netloc = f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}"
+        return proxy, target._replace(netloc=netloc).geturl()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("tier", ["redis", "postgres"])
+async def test_a_partitioned_tier_is_reported_down_within_the_probe_bound(
+    tier: str,
+    env_for: Callable[..., dict[str, str]],
+    proxy_to: Callable[[str], tuple[LoopbackProxy, str]],
+) -> None:
+    proxy, url = proxy_to("REDIS_URL" if tier == "redis" else "POSTGRES_URL")
+    values = {name.lower(): value for name, value in env_for("postgres").items()}
+    values["redis_url" if tier == "redis" else "postgres_url"] = url
+    backends = await open_backends(Settings.model_validate(values))
+    try:
+        store = backends.hot if tier == "redis" else backends.cold
+        assert store is not None
+        assert (await store.health()).up
+        proxy.cut("blackhole")
+        started = time.monotonic()
+        health = await store.health()
+        took = time.monotonic() - started
+        assert (health.name, health.up) == (tier, False)
+        assert health.detail == f"no answer within {HEALTH_PROBE_SECONDS} s"
+        assert HEALTH_PROBE_SECONDS <= took < HEALTH_PROBE_SECONDS + SLACK_SECONDS
+        proxy.restore()
+        # Up again once the connections the partition broke are replaced (the proxy
+        # resets those that lived through it; a pool finds out on first use).
+        assert [(await store.health()).up for _ in range(3)][-1]
+    finally:
+        proxy.restore()
+        await backends.close()
+
+
+async def test_the_app_reports_a_partitioned_redis_within_one_probe_bound(
+    env_for: Callable[..., dict[str, str]],
+    proxy_to: Callable[[str], tuple[LoopbackProxy, str]],
+) -> None:
+    proxy, url = proxy_to("REDIS_URL")
+    settings = AppSettings.model_validate(
+        {
+            **{name.lower(): value for name, value in env_for("postgres").items()},
+            "redis_url": url,
+            "state_write_mode": "write-behind",
+        }
+    )
+    async with open_runtime(settings) as app:
+        assert (await app.runtime.service.health()).status == "ok"
+        proxy.cut("blackhole")
+        started = time.monotonic()
+        report = await app.runtime.service.health()
+        took = time.monotonic() - started
+        proxy.restore()
+    # The tiers and the write-behind backlog are probed at once, each within the bound.
+    assert took < HEALTH_PROBE_SECONDS + SLACK_SECONDS
+    assert report.status == "degraded" and report.backlog is None
+    assert [(tier.name, tier.up) for tier in report.tiers] == [("postgres", True), ("redis", False)]
