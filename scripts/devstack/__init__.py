@@ -2,6 +2,7 @@
 
 from .servers import (
     COSMOS_EMULATOR_KEY,
+    ClusterRedisServer,
     CosmosEmulator,
     PortInUse,
     PostgresServer,
@@ -16,6 +17,7 @@ __all__ = [
     "COSMOS_EMULATOR_KEY",
     "DEFAULT_PORTS",
     "MEMORY_ONLY_NOTE",
+    "ClusterRedisServer",
     "CosmosEmulator",
     "PortInUse",
     "PostgresServer",

@@ -250,6 +250,40 @@ class RedisServer(LocalServer):
 
 
 @dataclass(kw_only=True)
+class ClusterRedisServer(RedisServer):
+    """A one-node Redis Cluster holding every slot: what Azure Managed Redis is (it runs
+    clustered), so a script or transaction whose keys hash to different slots fails here
+    with CROSSSLOT as it would there. Database 0 only."""
+
+    name: str = "redis-cluster"
+    # The cluster bus defaults to the port + 10000, past 65535 for a high free port.
+    bus_port: int = field(default_factory=lambda: free_port())
+
+    def command(self) -> list[str]:
+        nodes = self.workdir / "nodes.conf"
+        return [
+            *super().command(),
+            *("--cluster-enabled", "yes", "--cluster-config-file", str(nodes)),
+            *("--cluster-port", str(self.bus_port)),
+        ]
+
+    def ready(self) -> bool:
+        if not super().ready():
+            return False
+        import redis
+
+        with redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2) as client:
+            try:
+                info = client.cluster("INFO")
+                if int(info["cluster_slots_assigned"]) == 0:
+                    client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+                    return False
+                return bool(info["cluster_state"] == "ok")
+            except redis.RedisError:
+                return False
+
+
+@dataclass(kw_only=True)
 class CosmosEmulator(LocalServer):
     name: str = "cosmos"
 

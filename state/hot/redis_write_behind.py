@@ -173,13 +173,18 @@ end
 return 0
 """
 
-# KEYS: log, entries. ARGV: entry ids. Returns entries left in the log.
+# KEYS: log. ARGV: entry ids. Returns {entries removed, entries left in the log}.
 _ACK = """
 local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
 local left = redis.call('XLEN', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[1]) end
-if redis.call('DECRBY', KEYS[2], removed) < 0 then redis.call('SET', KEYS[2], 0) end
-return left
+return {removed, left}
+"""
+
+# KEYS: entries. ARGV: how many entries left the logs. The count never goes below 0.
+_UNCOUNT = """
+if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
+return 1
 """
 
 # KEYS: lock. ARGV: TTL (ms). The token (the server's clock in microseconds), or nil
@@ -232,6 +237,7 @@ class RedisWriteBehindLog:
                 "dirty": _MARK_DIRTY,
                 "settle": _SETTLE,
                 "ack": _ACK,
+                "uncount": _UNCOUNT,
                 "lock": _LOCK,
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
@@ -441,9 +447,12 @@ class RedisWriteBehindLog:
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
             return await self._length(thread_id)
-        left = await self._run(
-            "ack", [self._key(thread_id, LOG_KIND), self._entries], list(entry_ids)
-        )
+        # Two scripts: a script's keys must share a cluster slot, and the log is in the
+        # thread's, the count in the shared one. Should this process die between them, the
+        # count stays high until the listing empties (`settle` zeroes it then).
+        removed, left = await self._run("ack", [self._key(thread_id, LOG_KIND)], list(entry_ids))
+        if int(removed):
+            await self._run("uncount", [self._entries], [int(removed)])
         return int(left)
 
     async def _length(self, thread_id: str) -> int:
@@ -462,12 +471,25 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
         await self._run("settle", [self._dirty, self._since, self._entries], [thread_id, ""])
 
-    async def dirty_threads(self, *, limit: int, skip: int = 0) -> list[tuple[str, float]]:
+    async def dirty_threads(
+        self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0
+    ) -> list[tuple[str, float]]:
         try:
-            oldest = cast(
-                "list[bytes]",
-                await self._client.zrange(self._since, skip, skip + max(limit - 1, 0)),
-            )
+            if unflushed_for > 0:
+                # `since` scores come from the server's clock: compare with the same.
+                seconds, micros = await self._client.time()
+                newest = int(seconds) * 1000 + int(micros) // 1000 - unflushed_for * 1000
+                oldest = cast(
+                    "list[bytes]",
+                    await self._client.zrangebyscore(
+                        self._since, "-inf", newest, start=skip, num=max(limit, 1)
+                    ),
+                )
+            else:
+                oldest = cast(
+                    "list[bytes]",
+                    await self._client.zrange(self._since, skip, skip + max(limit - 1, 0)),
+                )
             if not oldest:
                 return []
             markers = await self._client.zmscore(self._dirty, oldest)  # type: ignore[arg-type]
