@@ -875,9 +875,12 @@ class WriteBehindLog(Protocol):
     async def discard(self, thread_id: str) -> None:
         """Drop every unflushed entry of the thread (it was deleted)."""
 
-    async def dirty_threads(self, *, limit: int, skip: int = 0) -> list[tuple[str, float]]:
+    async def dirty_threads(
+        self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0
+    ) -> list[tuple[str, float]]:
         """Threads with unflushed entries, oldest first (past the `skip` oldest), with a
-        marker for `settle`."""
+        marker for `settle`; only those whose oldest unflushed entry is at least
+        `unflushed_for` seconds old (by the log's clock)."""
 
     async def settle(self, thread_id: str, marker: float) -> bool:
         """Unlist the thread unless it was appended to since `marker` was read; True if

@@ -666,7 +666,7 @@ class CaseService:
         """The timer's write-behind pass: flush what dead workers left (entries applied)."""
         if self._flusher is None:
             return 0
-        return await self._flusher.drain()
+        return await self._flusher.drain_abandoned()
 
     async def close(self) -> None:
         """Stop driving runs (they resume later from their checkpoints)."""

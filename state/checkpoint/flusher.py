@@ -240,17 +240,26 @@ class Flusher:
 
     # ----------------------------------------------------------------------- draining
 
-    async def drain(self, *, limit: int | None = None, adopt_after: float | None = None) -> int:
+    async def drain(
+        self,
+        *,
+        limit: int | None = None,
+        adopt_after: float | None = None,
+        unflushed_for: float = 0.0,
+    ) -> int:
         """Flush listed threads (oldest backlog first) until none is left that this
         flusher can take, or `limit` entries were applied; returns entries applied.
         `adopt_after`: take a thread this worker did not append to only once this flusher
-        has seen it listed for that long (the background pass; see ADOPT_AFTER_SECONDS)."""
+        has seen it listed for that long (the background pass; see ADOPT_AFTER_SECONDS).
+        `unflushed_for`: only threads whose oldest unflushed entry is that old."""
         total = 0
         skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
         seen: set[str] = set()
         while limit is None or total < limit:
-            listed = await self.log.dirty_threads(limit=LISTED_THREADS, skip=skip)
+            listed = await self.log.dirty_threads(
+                limit=LISTED_THREADS, skip=skip, unflushed_for=unflushed_for
+            )
             if not listed:
                 break
             seen.update(thread for thread, _ in listed)
@@ -268,6 +277,15 @@ class Flusher:
         if adopt_after is not None:
             self._foreign = {t: at for t, at in self._foreign.items() if t in seen}
         return total
+
+    async def drain_abandoned(self) -> int:
+        """The timer's pass: flush the threads no worker flushed for ADOPT_AFTER_SECONDS
+        (their worker died or stopped). A live worker flushes its own within
+        WAKE_DELAY_MAX_SECONDS, so its threads are left to it: taken here, a run's thread
+        would cost its worker a lock handover and its chunks again. Returns entries
+        applied. The timer's runtime is new each tick, so this reads the age from the
+        log, not from what this flusher has seen (`adopt_after`)."""
+        return await self.drain(unflushed_for=ADOPT_AFTER_SECONDS)
 
     def _takes(self, thread_id: str, adopt_after: float | None) -> bool:
         if adopt_after is None:

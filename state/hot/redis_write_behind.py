@@ -173,17 +173,26 @@ end
 return 0
 """
 
-# KEYS: log. ARGV: entry ids. Returns {entries removed, entries left in the log}.
+# KEYS: log. ARGV: entry ids. Returns {entries removed, entries left in the log, the
+# oldest left's id or ''}.
 _ACK = """
 local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
 local left = redis.call('XLEN', KEYS[1])
-if left == 0 then redis.call('DEL', KEYS[1]) end
-return {removed, left}
+local oldest = ''
+if left == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+end
+return {removed, left, oldest}
 """
 
-# KEYS: entries. ARGV: how many entries left the logs. The count never goes below 0.
-_UNCOUNT = """
+# KEYS: entries, since. ARGV: entries that left the thread's log, thread id, the time (ms)
+# of its oldest entry left, or ''. The count never goes below 0; a thread still listed is
+# listed from its oldest unflushed entry on, not from when it first became dirty.
+_ACKED = """
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[2]) end
 return 1
 """
 
@@ -237,7 +246,7 @@ class RedisWriteBehindLog:
                 "dirty": _MARK_DIRTY,
                 "settle": _SETTLE,
                 "ack": _ACK,
-                "uncount": _UNCOUNT,
+                "acked": _ACKED,
                 "lock": _LOCK,
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
@@ -448,11 +457,18 @@ class RedisWriteBehindLog:
         if not entry_ids:
             return await self._length(thread_id)
         # Two scripts: a script's keys must share a cluster slot, and the log is in the
-        # thread's, the count in the shared one. Should this process die between them, the
-        # count stays high until the listing empties (`settle` zeroes it then).
-        removed, left = await self._run("ack", [self._key(thread_id, LOG_KIND)], list(entry_ids))
-        if int(removed):
-            await self._run("uncount", [self._entries], [int(removed)])
+        # thread's, the count and listing in the shared one. Should this process die
+        # between them, the count stays high until the listing empties (`settle` zeroes
+        # it then) and the thread's listed age counts from an entry already flushed.
+        removed, left, oldest = await self._run(
+            "ack", [self._key(thread_id, LOG_KIND)], list(entry_ids)
+        )
+        # A stream entry's id starts with the server's clock (ms) when it was appended.
+        oldest_ms = oldest.split(b"-", 1)[0] if oldest else b""
+        if int(removed) or oldest_ms:
+            await self._run(
+                "acked", [self._entries, self._since], [int(removed), thread_id, oldest_ms]
+            )
         return int(left)
 
     async def _length(self, thread_id: str) -> int:

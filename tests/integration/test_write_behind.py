@@ -20,6 +20,7 @@ from langgraph.types import Command
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint import flusher as flusher_module
 from state.checkpoint.flusher import Flusher
 from state.errors import RequestRejected, StaleFencingToken, UnsupportedSchemaVersion
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
@@ -592,3 +593,48 @@ async def test_unflushed_entries_survive_memory_pressure_and_flushall_loses_only
             assert len(latest.checkpoint["channel_values"]["messages"]) == 5
     finally:
         server.stop()
+
+
+async def test_the_timers_pass_leaves_a_thread_to_the_worker_flushing_it(
+    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.5)
+    graph = chat_graph(tiers.saver)
+    old, young = config(), config()
+    await graph.ainvoke({"messages": ["old"]}, old, durability="async")
+    await asyncio.sleep(0.6)
+    await graph.ainvoke({"messages": ["young"]}, young, durability="async")
+    log = tiers.flusher.log
+    old_id, young_id = old["configurable"]["thread_id"], young["configurable"]["thread_id"]
+
+    # Unflushed for 0.6 s: left behind. Appended just now: its worker's to flush.
+    assert await tiers.flusher.drain_abandoned() > 0
+    assert not await log.pending(old_id)
+    assert await log.pending(young_id)
+    await asyncio.sleep(0.6)
+    assert await tiers.flusher.drain_abandoned() > 0
+    assert not await log.pending(young_id)
+
+
+async def test_a_partly_flushed_thread_is_listed_from_its_oldest_unflushed_entry(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    log = tiers.flusher.log
+    await graph.ainvoke({"messages": ["first"]}, cfg, durability="async")
+    first = await log.read(thread_id, count=1000)
+    await asyncio.sleep(0.6)
+    await graph.ainvoke({"messages": ["second"]}, cfg, durability="async")
+    assert [t for t, _ in await log.dirty_threads(limit=1000, unflushed_for=0.5)].count(
+        thread_id
+    ) == 1
+
+    # The first invoke's entries flushed and acknowledged: what is left was appended
+    # just now, so the thread no longer looks left behind (nor the backlog old).
+    await tiers.store.apply_batch([entry.op for entry in first])
+    assert await log.ack(thread_id, [entry.entry_id for entry in first]) > 0
+    assert thread_id not in [t for t, _ in await log.dirty_threads(limit=1000, unflushed_for=0.5)]
+    assert thread_id in [t for t, _ in await log.dirty_threads(limit=1000)]
+    await tiers.flusher.flush_thread(thread_id)

@@ -1060,9 +1060,12 @@ class MemoryWriteBehindLog(_Tier):
         self._dirty.pop(thread_id, None)
         self._since.pop(thread_id, None)
 
-    async def dirty_threads(self, *, limit: int, skip: int = 0) -> list[tuple[str, float]]:
+    async def dirty_threads(
+        self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0
+    ) -> list[tuple[str, float]]:
         self._call("dirty_threads")
-        oldest = sorted(self._since, key=lambda t: self._since[t])[skip : skip + max(limit, 1)]
+        aged = [t for t, since in self._since.items() if time.time() - since >= unflushed_for]
+        oldest = sorted(aged, key=lambda t: self._since[t])[skip : skip + max(limit, 1)]
         return [(thread, self._dirty.get(thread, 0.0)) for thread in oldest]
 
     async def settle(self, thread_id: str, marker: float) -> bool:
