@@ -7,8 +7,10 @@ see each other's state.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -18,6 +20,9 @@ from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 
 COLD_BACKENDS = ["cosmos", "postgres"]
+
+# Far above any test's own runs; a teardown past it is stuck, not slow.
+TEARDOWN_SECONDS = 60.0
 
 
 def redis_database(url: str, database: int) -> str:
@@ -57,8 +62,52 @@ async def runtime(
     try:
         yield opened
     finally:
-        await opened.service.wait_idle()
-        await opened.close()
+        try:
+            await within_teardown(opened.service.wait_idle(), "the runs left going")
+        finally:
+            await within_teardown(opened.close(), "closing the runtime")
+
+
+async def within_teardown(step: Awaitable[None], what: str) -> None:
+    """Await `step`; past TEARDOWN_SECONDS, print where every task waits and fail (a
+    session fixture stuck in teardown otherwise ends as a bare timeout of the next test,
+    with no stack of the task that hangs)."""
+    task = asyncio.ensure_future(step)
+    # asyncio.wait does not cancel what it waits for: the stacks are read live.
+    await asyncio.wait({task}, timeout=TEARDOWN_SECONDS)
+    if not task.done():
+        for pending in asyncio.all_tasks():
+            if pending is not asyncio.current_task():
+                print(f"--- {pending.get_name()}", file=sys.stderr)
+                for place in awaiting(pending.get_coro()):
+                    print(f"    {place}", file=sys.stderr)
+        task.cancel()
+        pytest.fail(f"teardown stuck on {what} for {TEARDOWN_SECONDS:.0f} s (stacks above)")
+    task.result()
+
+
+def awaiting(awaitable: object) -> Iterator[str]:
+    """Where a suspended coroutine waits, outermost first, down its chain of awaits
+    (`Task.print_stack` shows only the outermost frame of a suspended task)."""
+    while awaitable is not None:
+        frame = next(
+            (
+                getattr(awaitable, name)
+                for name in ("cr_frame", "ag_frame", "gi_frame")
+                if getattr(awaitable, name, None) is not None
+            ),
+            None,
+        )
+        if frame is not None:
+            yield f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+        awaitable = next(
+            (
+                getattr(awaitable, name)
+                for name in ("cr_await", "ag_await", "gi_yieldfrom")
+                if getattr(awaitable, name, None) is not None
+            ),
+            None,
+        )
 
 
 @pytest.fixture
