@@ -102,6 +102,10 @@ INLINE_MAX_CHARS = 256
 INLINE_MAX_ITEMS = 16
 # Delta histories kept from cache hits until the request that follows asks for them.
 HISTORY_MEMO_SIZE = 1_000
+# How long a boundary whose backlog only Redis holds keeps trying to flush it while Redis
+# is out: a restart or a failover is back within it; past it the run stops unflushed.
+REDIS_RETURN_SECONDS = 5.0
+REDIS_RETRY_POLL_SECONDS = 0.25
 
 
 def _scalar(value: Any) -> bool:
@@ -949,14 +953,34 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             expected = dict(self._unconfirmed.get(thread_id, {}))
         try:
             await self.flusher.flush_thread(thread_id)
-        except BackendUnavailable:
-            if thread_id not in self._written_through:
-                raise  # the newest state may live only in Redis: not durable
-            # Redis is out, and this process wrote the thread's newest state straight to
-            # the cold tier, whole; older entries wait in the log for Redis to return.
-            self._written_through.discard(thread_id)
-            return
+        except BackendUnavailable as exc:
+            if thread_id in self._written_through:
+                # Redis is out, and this process wrote the thread's newest state straight
+                # to the cold tier, whole; older entries wait in the log for Redis to return.
+                self._written_through.discard(thread_id)
+                return
+            if exc.backend != self.flusher.log.name:
+                raise  # the cold tier out, or a flush lock never released: not retried
+            # The newest state may live only in Redis. A flush is idempotent, so it is
+            # tried again until Redis is back: it then finds the log as Redis kept it, or
+            # empty after a restart, where what this flusher applied before Redis went
+            # (a batch whose acknowledgement failed) still confirms the puts below.
+            await self._flush_when_redis_returns(thread_id)
         await self._confirm_flushed(thread_id, expected)
+
+    async def _flush_when_redis_returns(self, thread_id: str) -> None:
+        assert self.flusher is not None
+        deadline = asyncio.get_running_loop().time() + REDIS_RETURN_SECONDS
+        while True:
+            await asyncio.sleep(REDIS_RETRY_POLL_SECONDS)
+            try:
+                await self.flusher.flush_thread(thread_id)
+                return
+            except BackendUnavailable as exc:
+                if exc.backend != self.flusher.log.name:
+                    raise
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise  # not durable: the run stops, the timer resumes it
 
     async def _confirm_flushed(self, thread_id: str, expected: dict[str, str]) -> None:
         """An empty log is not proof the flush stored this process's puts: Redis may have

@@ -3,11 +3,18 @@ persistence), on real servers for each cold backend: the run that wrote them sto
 (`HotStateLost`, a `BackendUnavailable`: the case app leaves it for the timer, which
 resumes it from the cold tier), a flush never reports them stored, and the cold tier keeps
 the last boundary whole, never a checkpoint whose parent or values went missing (found by
-a fault hunt). A put whose parent only the cold tier has (a fork) still goes through."""
+a fault hunt). A put whose parent only the cold tier has (a fork) still goes through.
+Redis crashing at a boundary: the boundary rides out a restart (bounded), reports flushed
+a batch that reached the cold tier before its acknowledgement failed, and reports lost a
+backlog the restart emptied (a fresh-clone run failed on that window)."""
 
 from __future__ import annotations
 
+import asyncio
 import operator
+import os
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +30,10 @@ from langgraph.graph import END, START, StateGraph
 
 from devstack import RedisServer
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import HotStateLost
+from state.checkpoint.saver import REDIS_RETURN_SECONDS
+from state.errors import BackendUnavailable, HotStateLost
 from state.factory import open_backends
+from state.ports import CheckpointStore
 from tests.integration.delta_graph import append
 from tests.integration.test_write_behind import settings_for
 
@@ -157,3 +166,87 @@ async def test_a_fork_whose_parent_only_the_cold_tier_has_goes_on(
             results.append(await on.ainvoke({"messages": ["u3"]}, fork))
         assert results[1] == results[0]
         await saver.aflush(thread_id)
+
+
+def crash(server: RedisServer) -> None:
+    """SIGKILL, as a crash: nothing of the log is saved (the servers run without persistence)."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGKILL)
+    server.stop()
+
+
+async def restart_after(server: RedisServer, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    await asyncio.to_thread(server.start)
+
+
+class CrashAfterApplying:
+    """The flusher's cold store, crashing Redis right after its first batch is applied
+    (before the flusher acknowledges it in the log) and restarting it empty 1 s later."""
+
+    def __init__(self, store: CheckpointStore, server: RedisServer) -> None:
+        self._store = store
+        self._server = server
+        self.restarted: asyncio.Task[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def apply_batch(self, ops: Any, *, fence: int | None = None) -> None:
+        await self._store.apply_batch(ops, fence=fence)
+        if self.restarted is None:
+            crash(self._server)
+            self.restarted = asyncio.create_task(restart_after(self._server, 1.0))
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_boundary_whose_batch_landed_before_redis_crashed_is_reported_flushed(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    reference, ref_cfg, cfg = two_steps(InMemorySaver(), "add"), config(), config()
+    await reference.ainvoke({"messages": ["u1"]}, ref_cfg)
+    at_boundary = await values_and_history(reference.checkpointer, "add", ref_cfg)
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        assert saver.flusher is not None
+        crashing = CrashAfterApplying(saver.flusher.store, own_redis)
+        saver.flusher.store = crashing
+        await two_steps(saver, "add").ainvoke({"messages": ["u1"]}, cfg)
+        # Redis crashes between the batch and its acknowledgement: the run's state is in
+        # the cold tier, and the boundary says so once Redis is back (it raised before).
+        await saver.aflush(cfg["configurable"]["thread_id"])
+        assert crashing.restarted is not None
+        await crashing.restarted
+
+    async with saver_on(stack_env, backend, own_redis.url) as fresh:
+        assert await values_and_history(fresh, "add", cfg) == at_boundary
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_boundary_whose_backlog_died_with_redis_stops_the_run_as_lost(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    cfg = config()
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        await two_steps(saver, "add").ainvoke({"messages": ["u1"]}, cfg)
+        crash(own_redis)
+        restarted = asyncio.create_task(restart_after(own_redis, 1.0))
+        # Back within REDIS_RETURN_SECONDS, empty: the run's checkpoints are gone, and it
+        # is told so (it goes on from the cold tier) instead of only that Redis is out.
+        with pytest.raises(HotStateLost):
+            await saver.aflush(cfg["configurable"]["thread_id"])
+        await restarted
+
+
+async def test_a_boundary_waits_for_redis_no_longer_than_its_bound(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    cfg = config()
+    async with saver_on(stack_env, "postgres", own_redis.url) as saver:
+        await two_steps(saver, "add").ainvoke({"messages": ["u1"]}, cfg)
+        crash(own_redis)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as raised:
+            await saver.aflush(cfg["configurable"]["thread_id"])
+        waited = time.monotonic() - started
+    assert not isinstance(raised.value, HotStateLost)
+    assert REDIS_RETURN_SECONDS <= waited < REDIS_RETURN_SECONDS + 3
