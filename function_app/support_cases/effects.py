@@ -14,6 +14,12 @@ Protocol, per idempotency key `<case_id>:<kind>`:
    caller (`done_with`) to go in the caller's next record write (an agent's section),
    which saves a record write per effect. Until either lands, the claim stays
    `pending`: a crash in between is step 3's case.
+A claim this process made is taken over before its lease ends by a later attempt in
+this process once the attempt that made it has no provider call on its way (it
+returned, or failed before or after calling out): a run that failed on a tier's blip
+after calling out resumes at once instead of waiting out the lease. An attempt
+cancelled mid-call keeps its lease (its request may still reach the provider), and
+another process always waits for the lease.
 The claim write goes through the run's fencing token, so a runner that lost its
 lock cannot claim either.
 The provider here is simulated: it keeps its own durable ledger of every call it
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -34,6 +41,9 @@ from .records import UNCHANGED, set_section, write_section
 from .telemetry import traced
 
 EFFECT_SECTION_PREFIX = "effect_"
+# Claims of this process whose attempt has no provider call on its way, remembered for
+# takeover (the oldest forgotten first: their leases have long ended).
+SETTLED_CLAIMS_REMEMBERED = 10_000
 
 
 def idempotency_key(case_id: str, kind: str) -> str:
@@ -122,6 +132,12 @@ class Effects:
         self._store = store
         self._provider = provider
         self._lease_seconds = lease_seconds
+        self._settled_claims: OrderedDict[str, None] = OrderedDict()
+
+    def _settle(self, token: str) -> None:
+        self._settled_claims[token] = None
+        while len(self._settled_claims) > SETTLED_CLAIMS_REMEMBERED:
+            self._settled_claims.popitem(last=False)
 
     async def once(
         self,
@@ -158,45 +174,55 @@ class Effects:
                     if entry.get("status") == "done":
                         return UNCHANGED
                     live = (entry.get("lease_until") or 0) > time.time()
-                    if live and entry.get("claim") != token:
+                    claimant = entry.get("claim")
+                    mine = claimant == token or claimant in self._settled_claims
+                    if live and not mine:
                         return UNCHANGED
                 return {**claim, "lease_until": time.time() + self._lease_seconds}
 
-            record = await write_section(
-                self._store,
-                case_id,
-                section,
-                claim_unless_held,
-                agent_id=agent_id,
-                fencing_token=fencing_token,
-            )
-            entry: dict[str, Any] = record.sections[section]
-            if entry.get("status") == "done":
-                span.set_attribute("outcome", "already-done")
-                return dict(entry["result"])
-            if entry.get("claim") != token:
-                span.set_attribute("outcome", "in-progress-elsewhere")
-                raise EffectInProgress(key)
-            # Only a pending claim taken over means an earlier attempt may have reached
-            # the provider; a first claim has nothing to ask about.
-            result = await self._provider.lookup(key) if took_over else None
-            span.set_attribute("outcome", "recovered" if result else "performed")
-            if result is None:
-                result = await self._provider.perform(key, kind, request)
-            done = done_entry(claim, result)
-            if done_with is not None:
-                done_with.append(SectionWrite(section, done, agent_id))
+            calling_out = False
+            try:
+                record = await write_section(
+                    self._store,
+                    case_id,
+                    section,
+                    claim_unless_held,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+                entry: dict[str, Any] = record.sections[section]
+                if entry.get("status") == "done":
+                    span.set_attribute("outcome", "already-done")
+                    return dict(entry["result"])
+                if entry.get("claim") != token:
+                    span.set_attribute("outcome", "in-progress-elsewhere")
+                    raise EffectInProgress(key)
+                # Only a pending claim taken over means an earlier attempt may have reached
+                # the provider; a first claim has nothing to ask about.
+                result = await self._provider.lookup(key) if took_over else None
+                span.set_attribute("outcome", "recovered" if result else "performed")
+                if result is None:
+                    calling_out = True
+                    result = await self._provider.perform(key, kind, request)
+                    calling_out = False
+                done = done_entry(claim, result)
+                if done_with is not None:
+                    done_with.append(SectionWrite(section, done, agent_id))
+                    return result
+                await set_section(
+                    self._store,
+                    case_id,
+                    section,
+                    done,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                    current=record,
+                )
                 return result
-            await set_section(
-                self._store,
-                case_id,
-                section,
-                done,
-                agent_id=agent_id,
-                fencing_token=fencing_token,
-                current=record,
-            )
-            return result
+            finally:
+                # A perform that raised or was cancelled may still reach the provider.
+                if not calling_out:
+                    self._settle(token)
 
     async def performed(
         self, case_id: str, kind: str, *, agent_id: str, done_with: list[SectionWrite]

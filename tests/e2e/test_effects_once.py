@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -83,6 +84,74 @@ async def test_a_live_claim_of_another_attempt_is_respected(runtime: Runtime) ->
         await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
             case_id, "refund", {"amount": 10}, agent_id="refund-agent"
         )
+    assert await runtime.provider.performed(f"{case_id}:refund") == []
+
+
+async def test_a_claim_this_process_left_pending_is_taken_over_before_its_lease_ends(
+    runtime: Runtime,
+) -> None:
+    """A run called out, then failed before its `done` landed (its section write hit a
+    tier's blip): the claim stays pending under a 30 s lease. The same process resuming
+    the case takes it over at once (it knows no call of its own is on its way); another
+    process still waits for the lease (found by a network-cut test: 25 s waits)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    never_written: list[Any] = []
+    paid = await effects.once(
+        case_id, "refund", {"amount": 10}, agent_id="refund-agent", done_with=never_written
+    )
+
+    with pytest.raises(EffectInProgress):
+        await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
+            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+        )
+    again = await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+
+    assert again["reference"] == paid["reference"]
+    assert len(await runtime.provider.performed(key)) == 1
+    record = await runtime.store.get(case_id)
+    assert record is not None and record.sections["effect_refund"]["status"] == "done"
+
+
+class HeldProvider:
+    """The runtime's provider, its `perform` held until released."""
+
+    def __init__(self, provider: Any) -> None:
+        self._provider = provider
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        return await self._provider.lookup(key)  # type: ignore[no-any-return]
+
+    async def perform(self, key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+        self.entered.set()
+        await self.release.wait()
+        return await self._provider.perform(key, kind, request)  # type: ignore[no-any-return]
+
+
+async def test_a_claim_whose_call_is_on_its_way_is_respected_in_its_own_process(
+    runtime: Runtime,
+) -> None:
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    provider = HeldProvider(runtime.provider)
+    effects = Effects(runtime.store, provider, lease_seconds=30)
+    first = asyncio.create_task(
+        effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    )
+    await provider.entered.wait()
+    with pytest.raises(EffectInProgress):
+        await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    # Cancelled mid-call (its request may still reach the provider): the lease holds.
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    provider.release.set()  # a takeover now would perform at once
+    with pytest.raises(EffectInProgress):
+        await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
     assert await runtime.provider.performed(f"{case_id}:refund") == []
 
 

@@ -36,6 +36,11 @@ from .workload import Workload
 
 CASES = 3
 WRITES_EACH = 15
+# A run whose call to the provider failed during a cold cut (the simulated provider keeps
+# its ledger in the cold store) leaves its side effect's claim leased for the lock's TTL:
+# the call may still have been honoured, so no resume calls out again before it ends.
+# Shorter than the default 30 s so the resume waits seconds, not half a minute.
+COLD_CUT_LOCK_TTL_MS = 6_000
 
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -145,9 +150,19 @@ async def test_network_cut_mid_workflow(
             "postgres", redis_url=proxied.rsplit("/", 1)[0] + "/3", case_stale_after_seconds=1
         )
     elif tier == "postgres":
-        settings = settings_for("postgres", postgres_url=proxied, case_stale_after_seconds=1)
+        settings = settings_for(
+            "postgres",
+            postgres_url=proxied,
+            case_stale_after_seconds=1,
+            state_lock_ttl_ms=COLD_CUT_LOCK_TTL_MS,
+        )
     else:
-        settings = settings_for("cosmos", cosmos_endpoint=proxied, case_stale_after_seconds=1)
+        settings = settings_for(
+            "cosmos",
+            cosmos_endpoint=proxied,
+            case_stale_after_seconds=1,
+            state_lock_ttl_ms=COLD_CUT_LOCK_TTL_MS,
+        )
     deadline = Deadline(150)
     async with open_runtime(settings) as app:
         reference = await reference_of(app, deadline)
