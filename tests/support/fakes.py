@@ -975,6 +975,10 @@ class MemoryWriteBehindLog(_Tier):
     moves the cached checkpoint and records the entry in one step, as the Redis script
     does; failures raise. `MemoryCheckpointFence` checks and raises the same fence."""
 
+    # Its own name, as Redis's differs from the cold store's: the saver tells a log outage
+    # (retried through a restart) from a cold one by it.
+    name = "memory-log"
+
     def __init__(self, cache: MemoryCheckpointCache) -> None:
         super().__init__(cache.outage)
         self.cache = cache
