@@ -951,36 +951,29 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         assert self.flusher is not None
         with self._histories_lock:
             expected = dict(self._unconfirmed.get(thread_id, {}))
-        try:
-            await self.flusher.flush_thread(thread_id)
-        except BackendUnavailable as exc:
-            if thread_id in self._written_through:
-                # Redis is out, and this process wrote the thread's newest state straight
-                # to the cold tier, whole; older entries wait in the log for Redis to return.
-                self._written_through.discard(thread_id)
-                return
-            if exc.backend != self.flusher.log.name:
-                raise  # the cold tier out, or a flush lock never released: not retried
-            # The newest state may live only in Redis. A flush is idempotent, so it is
-            # tried again until Redis is back: it then finds the log as Redis kept it, or
-            # empty after a restart, where what this flusher applied before Redis went
-            # (a batch whose acknowledgement failed) still confirms the puts below.
-            await self._flush_when_redis_returns(thread_id)
-        await self._confirm_flushed(thread_id, expected)
-
-    async def _flush_when_redis_returns(self, thread_id: str) -> None:
-        assert self.flusher is not None
-        deadline = asyncio.get_running_loop().time() + REDIS_RETURN_SECONDS
+        deadline: float | None = None
         while True:
-            await asyncio.sleep(REDIS_RETRY_POLL_SECONDS)
             try:
                 await self.flusher.flush_thread(thread_id)
-                return
+                break
             except BackendUnavailable as exc:
-                if exc.backend != self.flusher.log.name:
-                    raise
-                if asyncio.get_running_loop().time() >= deadline:
+                if thread_id in self._written_through:
+                    # Redis is out, and this process wrote the thread's newest state
+                    # straight to the cold tier, whole; older entries wait in the log for
+                    # Redis to return.
+                    self._written_through.discard(thread_id)
+                    return
+                # The newest state may live only in Redis. A flush is idempotent, so it is
+                # tried again until Redis is back: it then finds the log as Redis kept it,
+                # or empty after a restart, where what this flusher applied before Redis
+                # went (a batch whose acknowledgement failed) still confirms the puts
+                # below. A cold-tier outage, or a flush lock never released, is not retried.
+                now = asyncio.get_running_loop().time()
+                deadline = now + REDIS_RETURN_SECONDS if deadline is None else deadline
+                if exc.backend != self.flusher.log.name or now >= deadline:
                     raise  # not durable: the run stops, the timer resumes it
+                await asyncio.sleep(REDIS_RETRY_POLL_SECONDS)
+        await self._confirm_flushed(thread_id, expected)
 
     async def _confirm_flushed(self, thread_id: str, expected: dict[str, str]) -> None:
         """An empty log is not proof the flush stored this process's puts: Redis may have
