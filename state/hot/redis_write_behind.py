@@ -13,6 +13,12 @@ of `redis_checkpoints`:
   microseconds when the lock was taken: each holder's is larger than every
   earlier one's, even after the key was lost (FLUSHALL), so the cold store can
   refuse a batch from a holder paused past its lock (`CheckpointStore.apply_batch`);
+- `wb-values`: the values of `BY_REFERENCE_BYTES` or more that unflushed entries
+  refer to (by nonce; `redis_checkpoints` says why they stay out of the script), sent
+  by a plain HSET pipelined ahead of the append, which refuses to log a put whose value
+  is not there; `wb-references`: per entry id, the nonces it refers to, so an
+  acknowledgement drops the values with the entries (a value whose append never ran,
+  its client having died between the two commands, stays until the thread is deleted);
 - `wb-fence`: the highest fencing token a writer presented. Write-through checkpoint
   writes check and raise the same key (`RedisCheckpointFence`) before their cold
   write, so both write modes keep one fence per thread.
@@ -61,15 +67,24 @@ from .redis_checkpoints import (
     ENTRY_FORMAT,
     LOG_KIND,
     LUA_HELPERS,
+    REFERENCE,
     RedisCheckpointCache,
-    blob_fields,
+    Staged,
     checkpoint_fields,
     parse_write,
+    referenced_blob_fields,
+    resolved,
     unpack,
     untyped,
     write_fields,
 )
 from .redis_client import hot_key
+
+# Key kinds of the values unflushed entries refer to, and of each entry's references.
+VALUES_KIND = "wb-values"
+REFERENCES_KIND = "wb-references"
+# An append: its keys, arguments, fence, and the values it sends by reference.
+_Call = tuple[list[str], list[Any], int | None, list[Staged]]
 
 # Fence check shared by both appends. KEYS[fence_key], ARGV[fence_arg]: '' for none.
 _FENCE = """
@@ -104,26 +119,37 @@ local function logged(log, ns, id)
 end
 """
 
-# KEYS: entry, namespace index, log, fence. ARGV: id, parent, ttl, namespace, fence,
-# '1' if the parent is known to be stored, then the checkpoint's name/value fields.
-# Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
-# hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
-# it may have lost it (FLUSHALL, a restart without persistence), which the caller checks.
+# KEYS: entry, namespace index, log, fence, values, references. ARGV: id, parent, ttl,
+# namespace, fence, '1' if the parent is known to be stored, then the checkpoint's
+# name/value fields. Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing
+# written, when the hot tier has no trace of the parent (no checkpoint cached, the parent
+# not in the log): it may have lost it (FLUSHALL, a restart without persistence), which
+# the caller checks; {-4, 0}, nothing written, when a value sent by reference is gone.
 _APPEND_PUT = (
     LUA_HELPERS
     + _FENCE
     + _LOGGED
     + """
+local channels, nonces = references(7)
+local function refuse(outcome, fence)
+  drop_values(KEYS[1], channels)
+  if #nonces > 0 then redis.call('HDEL', KEYS[5], unpack(nonces)) end
+  return {outcome, fence}
+end
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
-if stale then return {-2, stale} end
+if stale then return refuse(-2, stale) end
 if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 0
     and not logged(KEYS[3], ARGV[4], ARGV[2]) then
-  return {-3, 0}
+  return refuse(-3, 0)
+end
+for _, nonce in ipairs(nonces) do
+  if redis.call('HEXISTS', KEYS[5], nonce) == 0 then return refuse(-4, 0) end
 end
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 7)
 local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
 for i = 7, #ARGV do entry[#entry + 1] = ARGV[i] end
-redis.call('XADD', KEYS[3], '*', unpack(entry))
+local entry_id = redis.call('XADD', KEYS[3], '*', unpack(entry))
+if #nonces > 0 then redis.call('HSET', KEYS[6], entry_id, table.concat(nonces, ' ')) end
 return {moved, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
@@ -173,10 +199,20 @@ end
 return 0
 """
 
-# KEYS: log. ARGV: entry ids. Returns {entries removed, entries left in the log, the
-# oldest left's id or ''}.
+# KEYS: log, references, values. ARGV: entry ids. Returns {entries removed, entries left
+# in the log, the oldest left's id or ''}.
 _ACK = """
 local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
+local nonces = {}
+for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ARGV))) do
+  if joined then
+    for nonce in string.gmatch(joined, '%S+') do nonces[#nonces + 1] = nonce end
+  end
+end
+if #nonces > 0 then
+  redis.call('HDEL', KEYS[3], unpack(nonces))
+  redis.call('HDEL', KEYS[2], unpack(ARGV))
+end
 local left = redis.call('XLEN', KEYS[1])
 local oldest = ''
 if left == 0 then
@@ -312,14 +348,17 @@ class RedisWriteBehindLog:
         blobs: Sequence[StoredBlob],
         fence: int | None,
         parent_stored: bool,
-    ) -> tuple[list[str], list[Any], int | None]:
+    ) -> _Call:
         thread_id = checkpoint.thread_id
         keys = [
             self._cache.key(thread_id, checkpoint.checkpoint_ns),
             self._cache.namespaces_key(thread_id),
             self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
+            self._key(thread_id, VALUES_KIND),
+            self._key(thread_id, REFERENCES_KIND),
         ]
+        fields, staged = referenced_blob_fields(blobs)
         args: list[Any] = [
             checkpoint.checkpoint_id,
             checkpoint.parent_checkpoint_id or "",
@@ -328,9 +367,9 @@ class RedisWriteBehindLog:
             "" if fence is None else fence,
             "1" if parent_stored else "0",
             *checkpoint_fields(checkpoint),
-            *blob_fields(blobs),
+            *fields,
         ]
-        return keys, args, fence
+        return keys, args, fence, staged
 
     def _writes_call(
         self,
@@ -340,7 +379,7 @@ class RedisWriteBehindLog:
         writes: Sequence[StoredWrite],
         upsert: bool,
         fence: int | None,
-    ) -> tuple[list[str], list[Any], int | None]:
+    ) -> _Call:
         keys = [
             self._cache.key(thread_id, checkpoint_ns),
             self._key(thread_id, LOG_KIND),
@@ -354,7 +393,7 @@ class RedisWriteBehindLog:
             "" if fence is None else fence,
             *write_fields(writes),
         ]
-        return keys, args, fence
+        return keys, args, fence, []
 
     # The append and the dirty listing go in one round trip (a pipeline, not a transaction:
     # they live on different cluster slots). If the server lost its script cache (restart,
@@ -362,13 +401,19 @@ class RedisWriteBehindLog:
     # the scripts are loaded and the pipeline sent again.
 
     async def _append(
-        self, thread_id: str, script: str, keys: list[str], args: list[Any], fence: int | None
+        self,
+        thread_id: str,
+        script: str,
+        keys: list[str],
+        args: list[Any],
+        fence: int | None,
+        staged: list[Staged],
     ) -> None:
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
-            self._queue_append(pipe, thread_id, script, keys, args)
+            self._queue_append(pipe, thread_id, script, keys, args, staged)
             try:
-                appended, _ = await pipe.execute(raise_on_error=True)
+                *_, appended, _ = await pipe.execute(raise_on_error=True)
             except NoScriptError:
                 if attempt:
                     raise
@@ -379,15 +424,21 @@ class RedisWriteBehindLog:
             return _appended(thread_id, appended, fence)
 
     def _append_blocking(
-        self, thread_id: str, script: str, keys: list[str], args: list[Any], fence: int | None
+        self,
+        thread_id: str,
+        script: str,
+        keys: list[str],
+        args: list[Any],
+        fence: int | None,
+        staged: list[Staged],
     ) -> None:
         if self._blocking_client is None:
             raise StateError("this write-behind log was opened without a blocking client")
         for attempt in range(2):
             pipe = self._blocking_client.pipeline(transaction=False)
-            self._queue_append(pipe, thread_id, script, keys, args)
+            self._queue_append(pipe, thread_id, script, keys, args, staged)
             try:
-                appended, _ = pipe.execute(raise_on_error=True)
+                *_, appended, _ = pipe.execute(raise_on_error=True)
             except NoScriptError:
                 if attempt:
                     raise
@@ -410,8 +461,14 @@ class RedisWriteBehindLog:
         script: str,
         keys: list[str],
         args: list[Any],
+        staged: list[Staged],
     ) -> None:
         dirty_keys = [self._dirty, self._since, self._entries]
+        if staged:
+            # The values a put refers to, as plain HSETs ahead of its script (`VALUES_KIND`):
+            # in the cache entry, and in the log's own hash, which has no TTL.
+            pipe.hset(keys[0], mapping={value.field: value.value for value in staged})
+            pipe.hset(keys[4], mapping={value.nonce: value.value for value in staged})
         pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
         pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
 
@@ -451,7 +508,26 @@ class RedisWriteBehindLog:
             )
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
-        return [LogEntry(entry_id.decode(), _op(thread_id, fields)) for entry_id, fields in found]
+        nonces = [
+            nonce
+            for _, fields in found
+            for name, value in fields.items()
+            if name.startswith(b"b:") and (nonce := _reference(value)) is not None
+        ]
+        values: dict[bytes, bytes] = {}
+        if nonces:
+            try:
+                held = cast(
+                    "list[bytes | None]",
+                    await self._client.hmget(self._key(thread_id, VALUES_KIND), nonces),
+                )
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable("redis", str(exc)) from exc
+            values = {nonce: value for nonce, value in zip(nonces, held, strict=True) if value}
+        return [
+            LogEntry(entry_id.decode(), _op(thread_id, fields, values))
+            for entry_id, fields in found
+        ]
 
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
@@ -461,7 +537,13 @@ class RedisWriteBehindLog:
         # between them, the count stays high until the listing empties (`settle` zeroes
         # it then) and the thread's listed age counts from an entry already flushed.
         removed, left, oldest = await self._run(
-            "ack", [self._key(thread_id, LOG_KIND)], list(entry_ids)
+            "ack",
+            [
+                self._key(thread_id, LOG_KIND),
+                self._key(thread_id, REFERENCES_KIND),
+                self._key(thread_id, VALUES_KIND),
+            ],
+            list(entry_ids),
         )
         # A stream entry's id starts with the server's clock (ms) when it was appended.
         oldest_ms = oldest.split(b"-", 1)[0] if oldest else b""
@@ -480,7 +562,9 @@ class RedisWriteBehindLog:
     async def discard(self, thread_id: str) -> None:
         try:
             length = await self._length(thread_id)
-            await self._client.delete(self._key(thread_id, LOG_KIND))
+            await self._client.delete(
+                *(self._key(thread_id, kind) for kind in (LOG_KIND, REFERENCES_KIND, VALUES_KIND))
+            )
             if length:
                 await self._client.decrby(self._entries, length)
         except (RedisError, OSError) as exc:
@@ -600,6 +684,15 @@ def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
         raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
     if outcome == -3:
         raise UnknownParent(thread_id)
+    if outcome == -4:
+        # Deleted with the thread, or lost with the server, between the two commands.
+        raise BackendUnavailable("redis", f"a value of the put to {thread_id!r} was gone")
+
+
+def _reference(field: bytes) -> bytes | None:
+    """The nonce a `b:` field passed by reference names, or None for a value inline."""
+    _, serde_type, nonce = unpack(field)
+    return nonce if serde_type == REFERENCE else None
 
 
 def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:
@@ -610,7 +703,7 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-def _op(thread_id: str, fields: dict[bytes, bytes]) -> FlushOp:
+def _op(thread_id: str, fields: dict[bytes, bytes], values: dict[bytes, bytes]) -> FlushOp:
     """A stream entry back into the operation it recorded.
 
     An entry of a newer format than this code's is refused, not misread: it stays in the
@@ -628,12 +721,9 @@ def _op(thread_id: str, fields: dict[bytes, bytes]) -> FlushOp:
             blobs = []
             for name, value in fields.items():
                 if name.startswith(b"b:"):
-                    version, serde_type, payload = unpack(value)
-                    blobs.append(
-                        StoredBlob(
-                            name[2:].decode(), json.loads(version), (serde_type.decode(), payload)
-                        )
-                    )
+                    version = value[4 : 4 + int.from_bytes(value[:4], "big")]
+                    typed = resolved(value, 4 + len(version), values.get)
+                    blobs.append(StoredBlob(name[2:].decode(), json.loads(version), typed))
             checkpoint = StoredCheckpoint(
                 thread_id=thread_id,
                 checkpoint_ns=checkpoint_ns,
