@@ -14,6 +14,8 @@ that changes the format never reads entries written by the previous one). Fields
 - `e:{checkpoint_id}\\0{task_id}\\0{idx}`: early writes, saved for a checkpoint
   newer than the cached one while that checkpoint's own save is still in flight
   (LangGraph overlaps the two); its `advance` turns them into `w:` entries;
+- `n:{channel}`: the epoch (`redis_values`) the channel's `b:` field refers to, when
+  its value is large: the field then holds a reference, not the value;
 - `lease`: a reader's fill lease on an empty entry;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
@@ -29,19 +31,10 @@ that changes the format never reads entries written by the previous one). Fields
 
 A field per value (not one packed value) keeps a put O(what changed): `advance`
 writes the changed fields only, so a long conversation is not re-encoded on
-every step. A warm read is one HGETALL. Values are stored uncompressed: the hot
-tier trades memory for never compressing on the request path.
-
-A put's values of `BY_REFERENCE_BYTES` or more never pass through Lua: a script's
-arguments each become a Lua string, which costs the server about five times what
-a plain HSET of the same bytes does (measured on Redis 7.0: 1.4 ms for a 1 MB
-argument to a script that ignores it, 0.26 ms for SET). Such a value is sent by a
-plain HSET to `v:{channel}\0{nonce}`, pipelined before the script, and its `b:`
-field holds a reference (`REFERENCE` as its type, the nonce as its payload). The
-script checks that the field is still there and, when it moves the entry, drops
-the `v:` fields of the channels it replaces but its own: so a `v:` field lives as
-long as a `b:` field names it, and one left by a put that was refused, or by a
-client that died between the two commands, goes with its channel's next put.
+every step. A warm read is one HGETALL (and, for large values, a pipelined
+GETRANGE of their epochs: `redis_values`, which also says why such values never
+pass through a script). Values are stored uncompressed: the hot tier trades
+memory for never compressing on the request path.
 
 `advance` applies a put as a delta on the cached parent (or drops the entry if
 the parent is not what is cached), `add_writes` keeps pending writes exact, and
@@ -56,9 +49,9 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -75,24 +68,37 @@ from ..ports import (
     TypedBytes,
 )
 from .redis_client import hot_key
+from .redis_values import (
+    EPOCH_HEAD,
+    LUA_VALUES,
+    REFERENCE_TYPE,
+    STAGED_TTL_MS,
+    Reference,
+    ValueEpochs,
+    ValuePlan,
+    read_plan,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # 3: the checkpoint record and values as `state.checkpoint.values` stores them (a record
 # without its channel versions, `zlib+` types); code at 2 would fail in the serde.
-# 4: large values by reference (`REFERENCE`), which code at 3 would take for the value.
+# 4: large values by reference to an epoch (`redis_values`), which 3 would take for values.
 ENTRY_FORMAT = 4
-# A value this large or larger is sent by reference (module docstring).
-BY_REFERENCE_BYTES = 32 * 1024
-# The type of a `b:` field that names its value's `v:` field (no serde type starts with NUL).
-REFERENCE = b"\0ref"
 # Key kind of a thread's write-behind log (`redis_write_behind`): a cache miss checks it.
 LOG_KIND = "wb-log"
+# Key kinds of the thread's epochs the log refers to (entries per epoch), and of those
+# the cache refers to (`redis_values`).
+HELD_EPOCHS_KIND = "wb-epochs"
+CACHED_EPOCHS_KIND = "ep-cached"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
 
-LUA_HELPERS = """
+LUA_HELPERS = (
+    LUA_VALUES
+    + """
 -- Byte-wise order (Lua's `<` on strings follows the server's collation locale).
 local function older(a, b)
   local n = math.min(#a, #b)
@@ -121,42 +127,6 @@ local function drop_history(key)
   if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
 end
 
--- The nonce a `b:` field passed by reference holds (framed version, then `REFERENCE`
--- framed as its type, then the nonce framed), or nil for a value held inline.
-local function reference(blob)
-  local n = struct.unpack('>I4', blob)
-  local at = 5 + n
-  if string.sub(blob, at, at + 7) ~= '\0\0\0\4\0ref' then return nil end
-  return string.sub(blob, at + 12)
-end
-
--- The channels ARGV[first..] (name/value pairs) sets, and the `v:` fields its values
--- passed by reference are in: `channels[ch]` is the nonce, or false for inline.
-local function references(first)
-  local channels, nonces = {}, {}
-  for i = first, #ARGV, 2 do
-    if string.sub(ARGV[i], 1, 2) == 'b:' then
-      local nonce = reference(ARGV[i + 1])
-      channels[string.sub(ARGV[i], 3)] = nonce or false
-      if nonce then nonces[#nonces + 1] = nonce end
-    end
-  end
-  return channels, nonces
-end
-
-local function value_field(channel, nonce)
-  return 'v:' .. channel .. '\0' .. nonce
-end
-
--- Drop the `v:` fields this put's pipeline set ahead of its script (a refused put).
-local function drop_values(key, channels)
-  local drop = {}
-  for ch, nonce in pairs(channels) do
-    if nonce then drop[#drop + 1] = value_field(ch, nonce) end
-  end
-  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
-end
-
 local function keep(key, ttl, index, namespace)
   redis.call('EXPIRE', key, ttl)
   redis.call('SADD', index, namespace)
@@ -164,25 +134,15 @@ local function keep(key, ttl, index, namespace)
 end
 
 -- Move the cached entry `key` to checkpoint `id` (child of `parent`), setting the
--- fields ARGV[first..] (name/value pairs). 1: moved; 0: the cache is already at `id`
--- or newer; -1: the parent is not what is cached, so the entry is dropped.
-local function advance(key, index, id, parent, ttl, namespace, first)
-  local channels = references(first)
+-- fields ARGV[first..] (name/value pairs), whose large values are `ops`' epochs.
+-- 1: moved; 0: the cache is already at `id` or newer; -1: the parent is not what is
+-- cached, so the entry is dropped.
+local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held)
   local current = redis.call('HGET', key, 'id')
-  if current and not older(current, id) then
-    drop_values(key, channels)
-    return 0
-  end
+  if current and not older(current, id) then return 0 end
   if (current or '') ~= parent then
-    redis.call('DEL', key)
+    drop_entry(key, cached, held)
     return -1
-  end
-  for ch, nonce in pairs(channels) do
-    -- Swept by a concurrent put of the same channel between this put's two commands.
-    if nonce and redis.call('HEXISTS', key, value_field(ch, nonce)) == 0 then
-      redis.call('DEL', key)
-      return -1
-    end
   end
   local drop, set = {'lease'}, {'id', id}
   local prefix = 'e:' .. id .. '\\0'
@@ -221,9 +181,12 @@ local function advance(key, index, id, parent, ttl, namespace, first)
     set[#set + 1] = 'd@'
     set[#set + 1] = id
   end
+  local referring = {}
   for _, field in ipairs(redis.call('HKEYS', key)) do
     local kind = string.sub(field, 1, 2)
-    if kind == 'w:' then
+    if kind == 'n:' then
+      referring[string.sub(field, 3)] = true
+    elseif kind == 'w:' then
       drop[#drop + 1] = field
       if tracked then
         set[#set + 1] = 'dx:' .. parent .. '\\0' .. string.sub(field, 3)
@@ -236,11 +199,6 @@ local function advance(key, index, id, parent, ttl, namespace, first)
       end
     elseif string.sub(field, 1, 1) == 'd' and not tracked then
       drop[#drop + 1] = field
-    elseif kind == 'v:' then
-      local ch = string.match(field, '^v:(.*)%z')
-      if channels[ch] ~= nil and field ~= value_field(ch, channels[ch] or '') then
-        drop[#drop + 1] = field
-      end
     elseif kind == 'e:' then
       if string.sub(field, 1, #prefix) == prefix then
         set[#set + 1] = 'w:' .. string.sub(field, #prefix + 1)
@@ -252,6 +210,7 @@ local function advance(key, index, id, parent, ttl, namespace, first)
     end
   end
   redis.call('HDEL', key, unpack(drop))
+  track_epochs(key, first, ops, cached, held, ttl, referring)
   for i = first, #ARGV do set[#set + 1] = ARGV[i] end
   redis.call('HSET', key, unpack(set))
   keep(key, ttl, index, namespace)
@@ -307,10 +266,25 @@ local function add_writes(key, id, upsert, ttl, first)
   return -1
 end
 """
+)
 
-# KEYS: entry, namespace index. ARGV: new id, parent id ('' for none), ttl, namespace,
-# then name/value pairs of the fields that changed.
-_ADVANCE = LUA_HELPERS + "return advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5)"
+# KEYS: entry, namespace index, held epochs, cached epochs, then the put's epochs. ARGV:
+# new id, parent id ('' for none), ttl, namespace, the value ops (`LUA_VALUES`), then
+# name/value pairs of the fields that changed. Returns `advance`'s outcome, or -4, with
+# nothing written, when an epoch is not at the length its writer saw.
+_ADVANCE = (
+    LUA_HELPERS
+    + """
+local ops = value_ops(5, 5)
+local first = 6 + 4 * #ops
+if not values_ready(ops) then return -4 end
+write_values(ops, KEYS[3], false, ARGV[3])
+local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[4],
+  KEYS[3])
+if moved ~= 1 then release_unreferenced(ops, KEYS[4], KEYS[3]) end
+return moved
+"""
+)
 
 # KEYS: entry. ARGV: checkpoint id, '1' to replace existing writes, ttl, then write
 # name/value pairs.
@@ -390,7 +364,6 @@ return found
 """
 
 _LENGTH = struct.Struct(">I")
-_REFERENCE_TYPE = REFERENCE.decode()
 
 
 def _framed(parts: Sequence[bytes], chunks: list[bytes]) -> list[bytes]:
@@ -446,60 +419,61 @@ def checkpoint_fields(checkpoint: StoredCheckpoint) -> list[bytes]:
     return [b"head", head_field(checkpoint), b"cp", typed_field(checkpoint.checkpoint)]
 
 
-def _inline_blob(blob: StoredBlob) -> bytes:
-    serde_type, payload = blob.value
-    return b"".join(_framed((serde_type.encode(), payload), [_version_prefix(blob.version)]))
-
-
-def blob_fields(blobs: Sequence[StoredBlob]) -> list[bytes]:
-    """`b:` name/value pairs holding every value inline."""
+def blob_fields(
+    blobs: Sequence[StoredBlob], references: Mapping[str, Reference] | None = None
+) -> list[bytes]:
+    """`b:` name/value pairs: the value, or its reference where `references` has one."""
     fields: list[bytes] = []
     for blob in blobs:
-        fields += [b"b:" + blob.channel.encode(), _inline_blob(blob)]
+        reference = (references or {}).get(blob.channel)
+        if reference is None:
+            serde_type, payload = blob.value
+        else:
+            serde_type, payload = REFERENCE_TYPE, reference.encode()
+        framed = _framed((serde_type.encode(), payload), [_version_prefix(blob.version)])
+        fields += [b"b:" + blob.channel.encode(), b"".join(framed)]
     return fields
 
 
-@dataclass(frozen=True)
-class Staged:
-    """A value sent by reference: the nonce its `b:` field names, and the value as that
-    field would hold it inline (version, type, payload)."""
-
-    channel: bytes
-    nonce: bytes
-    value: bytes
-
-    @property
-    def field(self) -> bytes:
-        """Its `v:` field in the cache entry."""
-        return b"v:" + self.channel + b"\0" + self.nonce
+def _field_value(blob: bytes, offset: int, epochs: Mapping[str, bytes]) -> TypedBytes:
+    """The typed value of a `b:` field whose version prefix ends at `offset`."""
+    value = untyped(blob, offset)
+    if value[0] != REFERENCE_TYPE:
+        return value
+    return resolve(Reference.decode(value[1]), epochs)
 
 
-def referenced_blob_fields(blobs: Sequence[StoredBlob]) -> tuple[list[bytes], list[Staged]]:
-    """`b:` name/value pairs, values of `BY_REFERENCE_BYTES` or more by reference, and
-    those values, for the caller to set ahead of the script."""
-    fields: list[bytes] = []
-    staged: list[Staged] = []
-    for blob in blobs:
-        name = b"b:" + blob.channel.encode()
-        if len(blob.value[1]) < BY_REFERENCE_BYTES:
-            fields += [name, _inline_blob(blob)]
-            continue
-        nonce = os.urandom(8).hex().encode()
-        staged.append(Staged(blob.channel.encode(), nonce, _inline_blob(blob)))
-        fields += [name, _version_prefix(blob.version) + pack(REFERENCE, nonce)]
-    return fields, staged
-
-
-def resolved(blob: bytes, offset: int, inline: Callable[[bytes], bytes | None]) -> TypedBytes:
-    """The typed value of a `b:` field whose version prefix ends at `offset`; `inline`
-    finds the value a reference names by its nonce."""
+def _reference(blob: bytes, offset: int) -> Reference | None:
     serde_type, payload = untyped(blob, offset)
-    if serde_type != _REFERENCE_TYPE:
-        return serde_type, payload
-    value = inline(payload)
-    if value is None or not value.startswith(blob[:offset]):
-        raise CorruptState("a value stored by reference is missing")
-    return untyped(value, offset)
+    return Reference.decode(payload) if serde_type == REFERENCE_TYPE else None
+
+
+def needed_references(
+    fields: dict[bytes, bytes], *, entry: bool = True, with_history: bool
+) -> list[Reference]:
+    """The references `parse_entry` (if `entry`) and `parse_history` (if `with_history`)
+    will resolve in an entry."""
+    if b"head" not in fields:
+        return []
+    versions: dict[str, str | int | float] = json.loads(fields[b"head"])["versions"]
+    found: list[Reference] = []
+    for channel, version in versions.items() if entry else ():
+        blob = fields.get(b"b:" + channel.encode())
+        expected = _version_prefix(version)
+        if blob is not None and blob.startswith(expected):
+            reference = _reference(blob, len(expected))
+            if reference is not None:
+                found.append(reference)
+    if with_history and fields.get(b"d@") == fields.get(b"id"):
+        for name, version_field in fields.items():
+            if not name.startswith(b"dv:"):
+                continue
+            blob = fields.get(b"b:" + name[3:])
+            if blob is not None and blob.startswith(version_field):
+                reference = _reference(blob, len(version_field))
+                if reference is not None:
+                    found.append(reference)
+    return found
 
 
 def write_fields(writes: Sequence[StoredWrite]) -> list[bytes]:
@@ -530,8 +504,14 @@ def parse_write(field: bytes) -> StoredWrite:
     return StoredWrite(task_id.decode(), task_path.decode(), int(idx), channel.decode(), value)
 
 
-def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) -> StoredCheckpoint:
-    """A checkpoint from its cached fields (`head`, `cp`, `b:*`, `w:*`)."""
+def parse_entry(
+    thread_id: str,
+    checkpoint_ns: str,
+    fields: dict[bytes, bytes],
+    epochs: Mapping[str, bytes] | None = None,
+) -> StoredCheckpoint:
+    """A checkpoint from its cached fields (`head`, `cp`, `b:*`, `w:*`); `epochs`: those
+    its references name (`needed_references`), read by `read_plan`."""
     head = json.loads(fields[b"head"])
     versions: dict[str, str | int | float] = head["versions"]
     blobs: dict[str, TypedBytes] = {}
@@ -540,7 +520,7 @@ def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) 
         expected = _version_prefix(version)
         # A channel's field holds its latest cached version; older checkpoints' don't match.
         if blob is not None and blob.startswith(expected):
-            blobs[channel] = resolved(blob, len(expected), _value_fields(fields, channel))
+            blobs[channel] = _field_value(blob, len(expected), epochs or {})
     writes = [parse_write(value) for name, value in fields.items() if name.startswith(b"w:")]
     writes.sort(key=lambda w: (w.task_id, w.idx))
     return StoredCheckpoint(
@@ -556,11 +536,6 @@ def parse_entry(thread_id: str, checkpoint_ns: str, fields: dict[bytes, bytes]) 
     )
 
 
-def _value_fields(fields: dict[bytes, bytes], channel: str) -> Callable[[bytes], bytes | None]:
-    prefix = b"v:" + channel.encode() + b"\0"
-    return lambda nonce: fields.get(prefix + nonce)
-
-
 def history_fields(history: dict[str, ChannelHistory]) -> list[bytes]:
     """`ds:`/`df:` (seed and where it was stored) and `dx:` name/value pairs of a history."""
     fields: list[bytes] = []
@@ -574,7 +549,9 @@ def history_fields(history: dict[str, ChannelHistory]) -> list[bytes]:
     return fields
 
 
-def parse_history(fields: dict[bytes, bytes]) -> dict[str, ChannelHistory] | None:
+def parse_history(
+    fields: dict[bytes, bytes], epochs: Mapping[str, bytes] | None = None
+) -> dict[str, ChannelHistory] | None:
     """The delta history of the cached checkpoint, per tracked channel (None: none kept)."""
     if b"d@" not in fields or fields[b"d@"] != fields.get(b"id"):
         return None
@@ -603,7 +580,7 @@ def parse_history(fields: dict[bytes, bytes]) -> dict[str, ChannelHistory] | Non
             blob = fields.get(b"b:" + ch.encode())
             if version is None or blob is None or not blob.startswith(version):
                 continue
-            named = resolved(blob, len(version), _value_fields(fields, ch))
+            named = _field_value(blob, len(version), epochs or {})
             history[ch] = ChannelHistory(writes[ch], seed=named, seed_at=at.decode())
             continue
         history[ch] = ChannelHistory(writes[ch], seed=untyped(seed), seed_at=at.decode())
@@ -643,6 +620,7 @@ class RedisCheckpointCache:
         self._fill_history = client.register_script(_FILL_HISTORY)
         self._lease_history = client.register_script(_LEASE_HISTORY)
         self._without_history = client.register_script(_WITHOUT_HISTORY)
+        self.epochs = ValueEpochs()
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
         self._healthy = True
@@ -667,6 +645,43 @@ class RedisCheckpointCache:
         """The thread's write-behind log (`redis_write_behind`), which a miss looks at."""
         return hot_key(thread_id, LOG_KIND, namespace=self._store)
 
+    def thread_key(self, thread_id: str, kind: str) -> str:
+        return hot_key(thread_id, kind, namespace=self._store)
+
+    def plan_values(
+        self, thread_id: str, checkpoint_ns: str, blobs: Sequence[StoredBlob]
+    ) -> ValuePlan:
+        """The put's large values as epochs (`redis_values`)."""
+        return self.epochs.plan(
+            thread_id,
+            checkpoint_ns,
+            blobs,
+            lambda: self.thread_key(thread_id, f"ep:{os.urandom(8).hex()}"),
+        )
+
+    def epoch_keys(self, thread_id: str) -> list[str]:
+        """The keys `LUA_VALUES` needs besides the epochs: held, then cached."""
+        return [
+            self.thread_key(thread_id, HELD_EPOCHS_KIND),
+            self.thread_key(thread_id, CACHED_EPOCHS_KIND),
+        ]
+
+    async def read_epochs(self, references: Sequence[Reference]) -> dict[str, bytes]:
+        """Each epoch `references` name, from `EPOCH_HEAD` to the longest they read."""
+        pipe = self._client.pipeline(transaction=False)
+        needed = read_plan(references)
+        for epoch, length in needed.items():
+            pipe.getrange(epoch, EPOCH_HEAD, length - 1)
+        return dict(zip(needed, await pipe.execute(), strict=True))
+
+    def _read_epochs_blocking(self, references: Sequence[Reference]) -> dict[str, bytes]:
+        assert self._blocking_client is not None
+        pipe = self._blocking_client.pipeline(transaction=False)
+        needed = read_plan(references)
+        for epoch, length in needed.items():
+            pipe.getrange(epoch, EPOCH_HEAD, length - 1)
+        return dict(zip(needed, pipe.execute(), strict=True))
+
     # ----------------------------------------------------------------------- port
 
     async def lookup(
@@ -681,13 +696,19 @@ class RedisCheckpointCache:
             else:
                 flat = cast("list[bytes]", await self._without_history(keys=[key]))
                 fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            references = needed_references(fields, with_history=with_history)
+            epochs = await self.read_epochs(references) if references else {}
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
+            return CacheLookup(None)
+        except (CorruptState, ValueError, KeyError, struct.error) as exc:
+            self._failed(key, exc)
+            await self._clear_if_suspect(key)
             return CacheLookup(None)
         self._healthy = True
         if b"id" in fields:
             try:
-                found = parse_entry(thread_id, checkpoint_ns, fields)
+                found = parse_entry(thread_id, checkpoint_ns, fields, epochs)
             except (CorruptState, ValueError, KeyError, struct.error) as exc:
                 # Never fail a read over a cache entry: drop it and read the cold tier.
                 self._failed(key, exc)
@@ -697,7 +718,7 @@ class RedisCheckpointCache:
             if not with_history:
                 return CacheLookup(found)
             try:
-                history = parse_history(fields)
+                history = parse_history(fields, epochs)
             except (CorruptState, ValueError, KeyError, struct.error) as exc:
                 self._failed(key, exc)
                 history = None
@@ -736,9 +757,11 @@ class RedisCheckpointCache:
         if b"id" not in fields:
             return None
         try:
-            found = parse_entry(thread_id, checkpoint_ns, fields)
-            history = parse_history(fields) if with_history else None
-        except (CorruptState, ValueError, KeyError, struct.error):
+            references = needed_references(fields, with_history=with_history)
+            epochs = self._read_epochs_blocking(references) if references else {}
+            found = parse_entry(thread_id, checkpoint_ns, fields, epochs)
+            history = parse_history(fields, epochs) if with_history else None
+        except (CorruptState, ValueError, KeyError, struct.error, RedisError, OSError):
             return None
         self.stats.hits += 1
         return CacheLookup(found, history=history)
@@ -785,35 +808,54 @@ class RedisCheckpointCache:
         )
 
     async def advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
-        key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        key = self.key(thread_id, checkpoint_ns)
         if not await self._clear_if_suspect(key):
             return
-        fields, staged = referenced_blob_fields(blobs)
-        keys = [key, self.namespaces_key(checkpoint.thread_id)]
-        args: list[bytes | str | int] = [
+        for _ in range(2):
+            plan = self.plan_values(thread_id, checkpoint_ns, blobs)
+            moved = await self._call(key, self._advance_with(key, checkpoint, blobs, plan))
+            if moved == 1:
+                self.epochs.remember(thread_id, checkpoint_ns, plan)
+                return
+            self.epochs.forget(thread_id, checkpoint_ns)
+            if moved != -4:
+                return
+        # A new epoch gone before its script ran (a restart, an eviction): the entry still
+        # shows the parent, which is no longer the latest.
+        if await self._call(key, self._client.delete(key)) is None:
+            self.distrust(thread_id, checkpoint_ns)
+
+    async def _advance_with(
+        self, key: str, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], plan: ValuePlan
+    ) -> int:
+        """The advance script, after the SET of the put's new epochs, in one round trip."""
+        thread_id = checkpoint.thread_id
+        keys = [
+            key,
+            self.namespaces_key(thread_id),
+            *self.epoch_keys(thread_id),
+            *plan.epoch_keys,
+        ]
+        args = [
             checkpoint.checkpoint_id,
             checkpoint.parent_checkpoint_id or "",
             self._ttl,
             checkpoint.checkpoint_ns,
+            *plan.ops,
             *checkpoint_fields(checkpoint),
-            *fields,
+            *blob_fields(blobs, plan.references),
         ]
-        if not staged:
-            await self._call(key, self._advance(keys=keys, args=args))
-            return
-        await self._call(key, self._advance_staged(keys, args, staged))
+        if not plan.staged:
+            return int(await self._advance(keys=keys, args=args))
 
-    async def _advance_staged(
-        self, keys: list[str], args: list[bytes | str | int], staged: list[Staged]
-    ) -> Any:
-        """`advance` after the plain HSET of the values it refers to, in one round trip."""
-
-        async def run() -> Any:
+        async def run() -> int:
             pipe = self._client.pipeline(transaction=False)
-            pipe.hset(keys[0], mapping={value.field: value.value for value in staged})
+            for epoch, payload in plan.staged:
+                pipe.set(epoch, payload, px=STAGED_TTL_MS)
             pipe.evalsha(self._advance.sha, len(keys), *keys, *args)
-            _, advanced = await pipe.execute(raise_on_error=True)
-            return advanced
+            *_, moved = await pipe.execute(raise_on_error=True)
+            return int(moved)
 
         try:
             return await run()
@@ -859,7 +901,12 @@ class RedisCheckpointCache:
         if fields.get(b"id") != checkpoint_id.encode():
             return HistoryLookup(None)
         try:
-            history = parse_history(fields)
+            references = needed_references(fields, entry=False, with_history=True)
+            epochs = await self.read_epochs(references) if references else {}
+            history = parse_history(fields, epochs)
+        except (RedisError, OSError) as exc:
+            self._failed(key, exc)
+            return HistoryLookup(None)
         except (CorruptState, ValueError, KeyError, struct.error) as exc:
             self._failed(key, exc)
             return HistoryLookup(None)
@@ -911,6 +958,7 @@ class RedisCheckpointCache:
         self._suspect.add(self.key(thread_id, checkpoint_ns))
 
     async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+        self.epochs.forget(thread_id, checkpoint_ns)
         if checkpoint_ns is not None:
             key = self.key(thread_id, checkpoint_ns)
             if await self._call(key, self._client.delete(key)) is not None:
@@ -926,6 +974,18 @@ class RedisCheckpointCache:
         keys += [key for key in self._suspect if key.startswith(self.key(thread_id, ""))]
         if await self._call(index, self._client.delete(index, *keys)) is not None:
             self._suspect.difference_update(keys)
+        await self._call(index, self._drop_cached_epochs(thread_id))
+
+    async def _drop_cached_epochs(self, thread_id: str) -> None:
+        """The thread's epochs only its (now deleted) entries referred to; those the
+        write-behind log refers to stay until flushed."""
+        held_key, cached_key = self.epoch_keys(thread_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hkeys(held_key)
+        pipe.hkeys(cached_key)
+        held, cached = await pipe.execute()
+        orphans = {epoch.decode() for epoch in cached} - {epoch.decode() for epoch in held}
+        await self._client.delete(cached_key, *orphans)
 
     # ----------------------------------------------------------------------- failures
 

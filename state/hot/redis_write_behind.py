@@ -13,12 +13,10 @@ of `redis_checkpoints`:
   microseconds when the lock was taken: each holder's is larger than every
   earlier one's, even after the key was lost (FLUSHALL), so the cold store can
   refuse a batch from a holder paused past its lock (`CheckpointStore.apply_batch`);
-- `wb-values`: the values of `BY_REFERENCE_BYTES` or more that unflushed entries
-  refer to (by nonce; `redis_checkpoints` says why they stay out of the script), sent
-  by a plain HSET pipelined ahead of the append, which refuses to log a put whose value
-  is not there; `wb-references`: per entry id, the nonces it refers to, so an
-  acknowledgement drops the values with the entries (a value whose append never ran,
-  its client having died between the two commands, stays until the thread is deleted);
+- `wb-epochs`: per epoch (`redis_values`: where a large value lives, a version
+  appending to the last) the number of unflushed entries referring to it, which
+  keeps it from expiring; `wb-references`: per entry id, the epochs it refers to,
+  so acknowledging the entry releases them;
 - `wb-fence`: the highest fencing token a writer presented. Write-through checkpoint
   writes check and raise the same key (`RedisCheckpointFence`) before their cold
   write, so both write modes keep one fence per thread.
@@ -38,7 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -67,24 +66,23 @@ from .redis_checkpoints import (
     ENTRY_FORMAT,
     LOG_KIND,
     LUA_HELPERS,
-    REFERENCE,
     RedisCheckpointCache,
-    Staged,
+    blob_fields,
     checkpoint_fields,
     parse_write,
-    referenced_blob_fields,
-    resolved,
     unpack,
     untyped,
     write_fields,
 )
 from .redis_client import hot_key
+from .redis_values import REFERENCE_TYPE, STAGED_TTL_MS, Reference, ValuePlan, resolve
 
-# Key kinds of the values unflushed entries refer to, and of each entry's references.
-VALUES_KIND = "wb-values"
+# Key kind of each entry's epochs (`redis_values`).
 REFERENCES_KIND = "wb-references"
-# An append: its keys, arguments, fence, and the values it sends by reference.
-_Call = tuple[list[str], list[Any], int | None, list[Staged]]
+# Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
+REMEMBERED_ENTRIES = 100_000
+# An append: its keys, arguments, fence, and the new epochs to SET ahead of it.
+_Call = tuple[list[str], list[Any], int | None, list[tuple[str, bytes]]]
 
 # Fence check shared by both appends. KEYS[fence_key], ARGV[fence_arg]: '' for none.
 _FENCE = """
@@ -119,37 +117,38 @@ local function logged(log, ns, id)
 end
 """
 
-# KEYS: entry, namespace index, log, fence, values, references. ARGV: id, parent, ttl,
-# namespace, fence, '1' if the parent is known to be stored, then the checkpoint's
-# name/value fields. Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing
-# written, when the hot tier has no trace of the parent (no checkpoint cached, the parent
-# not in the log): it may have lost it (FLUSHALL, a restart without persistence), which
-# the caller checks; {-4, 0}, nothing written, when a value sent by reference is gone.
+# KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, then
+# the put's epochs. ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known
+# to be stored, the value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
+# Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
+# hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
+# it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
+# {-4, 0}, nothing written, when an epoch is not at the length its writer saw.
 _APPEND_PUT = (
     LUA_HELPERS
     + _FENCE
     + _LOGGED
     + """
-local channels, nonces = references(7)
-local function refuse(outcome, fence)
-  drop_values(KEYS[1], channels)
-  if #nonces > 0 then redis.call('HDEL', KEYS[5], unpack(nonces)) end
-  return {outcome, fence}
-end
+local ops = value_ops(8, 7)
+local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
-if stale then return refuse(-2, stale) end
+if stale then return {-2, stale} end
 if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 0
     and not logged(KEYS[3], ARGV[4], ARGV[2]) then
-  return refuse(-3, 0)
+  return {-3, 0}
 end
-for _, nonce in ipairs(nonces) do
-  if redis.call('HEXISTS', KEYS[5], nonce) == 0 then return refuse(-4, 0) end
-end
-local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 7)
+if not values_ready(ops) then return {-4, 0} end
+write_values(ops, KEYS[5], true, ARGV[3])
+local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[6],
+  KEYS[5])
 local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
-for i = 7, #ARGV do entry[#entry + 1] = ARGV[i] end
+for i = first, #ARGV do entry[#entry + 1] = ARGV[i] end
 local entry_id = redis.call('XADD', KEYS[3], '*', unpack(entry))
-if #nonces > 0 then redis.call('HSET', KEYS[6], entry_id, table.concat(nonces, ' ')) end
+if #ops > 0 then
+  local epochs = {}
+  for _, op in ipairs(ops) do epochs[#epochs + 1] = op.key end
+  redis.call('HSET', KEYS[7], entry_id, cjson.encode(epochs))
+end
 return {moved, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
@@ -199,18 +198,28 @@ end
 return 0
 """
 
-# KEYS: log, references, values. ARGV: entry ids. Returns {entries removed, entries left
-# in the log, the oldest left's id or ''}.
+# KEYS: log, references, held epochs, cached epochs, then the epochs the entries refer
+# to. ARGV: ttl, then entry ids. An epoch no entry refers to any more expires with the
+# cache if the cache refers to it, else goes. Returns {entries removed, entries left in
+# the log, the oldest left's id or ''}.
 _ACK = """
+local ttl = table.remove(ARGV, 1)
 local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
-local nonces = {}
-for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ARGV))) do
-  if joined then
-    for nonce in string.gmatch(joined, '%S+') do nonces[#nonces + 1] = nonce end
+if #KEYS > 4 then
+  for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ARGV))) do
+    if joined then
+      for _, epoch in ipairs(cjson.decode(joined)) do
+        if redis.call('HINCRBY', KEYS[3], epoch, -1) <= 0 then
+          redis.call('HDEL', KEYS[3], epoch)
+          if redis.call('HEXISTS', KEYS[4], epoch) == 1 then
+            redis.call('EXPIRE', epoch, ttl)
+          else
+            redis.call('DEL', epoch)
+          end
+        end
+      end
+    end
   end
-end
-if #nonces > 0 then
-  redis.call('HDEL', KEYS[3], unpack(nonces))
   redis.call('HDEL', KEYS[2], unpack(ARGV))
 end
 local left = redis.call('XLEN', KEYS[1])
@@ -269,6 +278,7 @@ class RedisWriteBehindLog:
         # For `BlockingAppends`: the same appends from a thread with no event loop.
         self._blocking_client = blocking_client
         self._cache = cache
+        self._read_epochs: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
         store = cache.namespace
         # Keys shared by every thread: one slot of their own.
         self._dirty = f"{{wb:{store}}}:dirty"
@@ -302,8 +312,22 @@ class RedisWriteBehindLog:
         fence: int | None,
         parent_stored: bool = False,
     ) -> None:
-        call = self._put_call(checkpoint, blobs, fence, parent_stored)
-        await self._append(checkpoint.thread_id, "put", *call)
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        for attempt in range(2):
+            plan = self._cache.plan_values(thread_id, checkpoint_ns, blobs)
+            call = self._put_call(checkpoint, blobs, fence, parent_stored, plan)
+            try:
+                await self._append(thread_id, "put", *call)
+            except _EpochMoved:
+                self._cache.epochs.forget(thread_id, checkpoint_ns)
+                if attempt:
+                    raise BackendUnavailable("redis", _EPOCH_LOST) from None
+                continue
+            except BaseException:
+                self._cache.epochs.forget(thread_id, checkpoint_ns)
+                raise
+            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
+            return
 
     async def append_writes(
         self,
@@ -326,8 +350,22 @@ class RedisWriteBehindLog:
         fence: int | None,
         parent_stored: bool = False,
     ) -> None:
-        call = self._put_call(checkpoint, blobs, fence, parent_stored)
-        self._append_blocking(checkpoint.thread_id, "put", *call)
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        for attempt in range(2):
+            plan = self._cache.plan_values(thread_id, checkpoint_ns, blobs)
+            call = self._put_call(checkpoint, blobs, fence, parent_stored, plan)
+            try:
+                self._append_blocking(thread_id, "put", *call)
+            except _EpochMoved:
+                self._cache.epochs.forget(thread_id, checkpoint_ns)
+                if attempt:
+                    raise BackendUnavailable("redis", _EPOCH_LOST) from None
+                continue
+            except BaseException:
+                self._cache.epochs.forget(thread_id, checkpoint_ns)
+                raise
+            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
+            return
 
     def append_writes_blocking(
         self,
@@ -348,6 +386,7 @@ class RedisWriteBehindLog:
         blobs: Sequence[StoredBlob],
         fence: int | None,
         parent_stored: bool,
+        plan: ValuePlan,
     ) -> _Call:
         thread_id = checkpoint.thread_id
         keys = [
@@ -355,10 +394,10 @@ class RedisWriteBehindLog:
             self._cache.namespaces_key(thread_id),
             self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
-            self._key(thread_id, VALUES_KIND),
+            *self._cache.epoch_keys(thread_id),
             self._key(thread_id, REFERENCES_KIND),
+            *plan.epoch_keys,
         ]
-        fields, staged = referenced_blob_fields(blobs)
         args: list[Any] = [
             checkpoint.checkpoint_id,
             checkpoint.parent_checkpoint_id or "",
@@ -366,10 +405,11 @@ class RedisWriteBehindLog:
             checkpoint.checkpoint_ns,
             "" if fence is None else fence,
             "1" if parent_stored else "0",
+            *plan.ops,
             *checkpoint_fields(checkpoint),
-            *fields,
+            *blob_fields(blobs, plan.references),
         ]
-        return keys, args, fence, staged
+        return keys, args, fence, plan.staged
 
     def _writes_call(
         self,
@@ -407,7 +447,7 @@ class RedisWriteBehindLog:
         keys: list[str],
         args: list[Any],
         fence: int | None,
-        staged: list[Staged],
+        staged: list[tuple[str, bytes]],
     ) -> None:
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
@@ -430,7 +470,7 @@ class RedisWriteBehindLog:
         keys: list[str],
         args: list[Any],
         fence: int | None,
-        staged: list[Staged],
+        staged: list[tuple[str, bytes]],
     ) -> None:
         if self._blocking_client is None:
             raise StateError("this write-behind log was opened without a blocking client")
@@ -461,14 +501,12 @@ class RedisWriteBehindLog:
         script: str,
         keys: list[str],
         args: list[Any],
-        staged: list[Staged],
+        staged: list[tuple[str, bytes]],
     ) -> None:
         dirty_keys = [self._dirty, self._since, self._entries]
-        if staged:
-            # The values a put refers to, as plain HSETs ahead of its script (`VALUES_KIND`):
-            # in the cache entry, and in the log's own hash, which has no TTL.
-            pipe.hset(keys[0], mapping={value.field: value.value for value in staged})
-            pipe.hset(keys[4], mapping={value.nonce: value.value for value in staged})
+        # New epochs as plain SETs, never script arguments (`redis_values`).
+        for epoch, payload in staged:
+            pipe.set(epoch, payload, px=STAGED_TTL_MS)
         pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
         pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
 
@@ -506,28 +544,45 @@ class RedisWriteBehindLog:
                 "list[tuple[bytes, dict[bytes, bytes]]]",
                 await self._client.xrange(self._key(thread_id, LOG_KIND), count=count),
             )
+            references = {entry_id: _references(fields) for entry_id, fields in found}
+            needed = [reference for listed in references.values() for reference in listed]
+            # Each epoch once, to the longest version the batch reads (`redis_values`).
+            epochs = await self._cache.read_epochs(needed) if needed else {}
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
-        nonces = [
-            nonce
-            for _, fields in found
-            for name, value in fields.items()
-            if name.startswith(b"b:") and (nonce := _reference(value)) is not None
-        ]
-        values: dict[bytes, bytes] = {}
-        if nonces:
-            try:
-                held = cast(
-                    "list[bytes | None]",
-                    await self._client.hmget(self._key(thread_id, VALUES_KIND), nonces),
-                )
-            except (RedisError, OSError) as exc:
-                raise BackendUnavailable("redis", str(exc)) from exc
-            values = {nonce: value for nonce, value in zip(nonces, held, strict=True) if value}
+        for entry_id, listed in references.items():
+            self._remember_epochs(thread_id, entry_id.decode(), listed)
         return [
-            LogEntry(entry_id.decode(), _op(thread_id, fields, values))
+            LogEntry(entry_id.decode(), _op(thread_id, fields, epochs))
             for entry_id, fields in found
         ]
+
+    def _remember_epochs(self, thread_id: str, entry_id: str, listed: list[Reference]) -> None:
+        """The epochs an entry read refers to, for its `ack` to name as the script's keys."""
+        self._read_epochs[(thread_id, entry_id)] = sorted({ref.epoch for ref in listed})
+        while len(self._read_epochs) > REMEMBERED_ENTRIES:
+            self._read_epochs.popitem(last=False)
+
+    async def _epochs_of(self, thread_id: str, entry_ids: Sequence[str]) -> list[str]:
+        """The epochs the entries refer to: as read, or (entries this log did not read)
+        from the thread's references."""
+        epochs: set[str] = set()
+        unread: list[str] = []
+        for entry_id in entry_ids:
+            listed = self._read_epochs.pop((thread_id, entry_id), None)
+            if listed is None:
+                unread.append(entry_id)
+            else:
+                epochs.update(listed)
+        if unread:
+            try:
+                found = await self._client.hmget(self._key(thread_id, REFERENCES_KIND), unread)
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable("redis", str(exc)) from exc
+            for joined in found:
+                if joined:
+                    epochs.update(json.loads(joined))
+        return sorted(epochs)
 
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
@@ -536,15 +591,13 @@ class RedisWriteBehindLog:
         # thread's, the count and listing in the shared one. Should this process die
         # between them, the count stays high until the listing empties (`settle` zeroes
         # it then) and the thread's listed age counts from an entry already flushed.
-        removed, left, oldest = await self._run(
-            "ack",
-            [
-                self._key(thread_id, LOG_KIND),
-                self._key(thread_id, REFERENCES_KIND),
-                self._key(thread_id, VALUES_KIND),
-            ],
-            list(entry_ids),
-        )
+        keys = [
+            self._key(thread_id, LOG_KIND),
+            self._key(thread_id, REFERENCES_KIND),
+            *self._cache.epoch_keys(thread_id),
+            *await self._epochs_of(thread_id, entry_ids),
+        ]
+        removed, left, oldest = await self._run("ack", keys, [self._cache.ttl_seconds, *entry_ids])
         # A stream entry's id starts with the server's clock (ms) when it was appended.
         oldest_ms = oldest.split(b"-", 1)[0] if oldest else b""
         if int(removed) or oldest_ms:
@@ -562,8 +615,13 @@ class RedisWriteBehindLog:
     async def discard(self, thread_id: str) -> None:
         try:
             length = await self._length(thread_id)
+            held_key, _ = self._cache.epoch_keys(thread_id)
+            held = cast("list[bytes]", await self._client.hkeys(held_key))
             await self._client.delete(
-                *(self._key(thread_id, kind) for kind in (LOG_KIND, REFERENCES_KIND, VALUES_KIND))
+                self._key(thread_id, LOG_KIND),
+                self._key(thread_id, REFERENCES_KIND),
+                held_key,
+                *(epoch.decode() for epoch in held),
             )
             if length:
                 await self._client.decrby(self._entries, length)
@@ -678,6 +736,14 @@ class RedisCheckpointFence:
             raise StaleFencingToken(thread_id, fence, highest)
 
 
+class _EpochMoved(StateError):
+    """An epoch a put appends to is not at the length its writer saw, or a new one is gone
+    (`redis_values`): nothing was written, and the put sends its values whole again."""
+
+
+_EPOCH_LOST = "a large value sent ahead of its append was gone before it (a restart?)"
+
+
 def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
     outcome, highest = appended
     if outcome == -2:
@@ -685,14 +751,18 @@ def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
     if outcome == -3:
         raise UnknownParent(thread_id)
     if outcome == -4:
-        # Deleted with the thread, or lost with the server, between the two commands.
-        raise BackendUnavailable("redis", f"a value of the put to {thread_id!r} was gone")
+        raise _EpochMoved(thread_id)
 
 
-def _reference(field: bytes) -> bytes | None:
-    """The nonce a `b:` field passed by reference names, or None for a value inline."""
-    _, serde_type, nonce = unpack(field)
-    return nonce if serde_type == REFERENCE else None
+def _references(fields: dict[bytes, bytes]) -> list[Reference]:
+    """The references among an entry's `b:` fields."""
+    found: list[Reference] = []
+    for name, value in fields.items():
+        if name.startswith(b"b:"):
+            _, serde_type, payload = unpack(value)
+            if serde_type.decode() == REFERENCE_TYPE:
+                found.append(Reference.decode(payload))
+    return found
 
 
 def _thread_key(cache: RedisCheckpointCache, thread_id: str, kind: str) -> str:
@@ -703,7 +773,7 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-def _op(thread_id: str, fields: dict[bytes, bytes], values: dict[bytes, bytes]) -> FlushOp:
+def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, bytes]) -> FlushOp:
     """A stream entry back into the operation it recorded.
 
     An entry of a newer format than this code's is refused, not misread: it stays in the
@@ -721,8 +791,10 @@ def _op(thread_id: str, fields: dict[bytes, bytes], values: dict[bytes, bytes]) 
             blobs = []
             for name, value in fields.items():
                 if name.startswith(b"b:"):
-                    version = value[4 : 4 + int.from_bytes(value[:4], "big")]
-                    typed = resolved(value, 4 + len(version), values.get)
+                    version, serde_type, payload = unpack(value)
+                    typed = (serde_type.decode(), payload)
+                    if typed[0] == REFERENCE_TYPE:
+                        typed = resolve(Reference.decode(payload), epochs)
                     blobs.append(StoredBlob(name[2:].decode(), json.loads(version), typed))
             checkpoint = StoredCheckpoint(
                 thread_id=thread_id,
