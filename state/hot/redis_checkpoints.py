@@ -453,7 +453,9 @@ def needed_references(
 ) -> list[Reference]:
     """The references `parse_entry` (if `entry`) and `parse_history` (if `with_history`)
     will resolve in an entry."""
-    if b"head" not in fields:
+    # A channel whose `b:` field holds a reference has an `n:` field (the same script sets
+    # both): most entries have none, and need no parse of their head here.
+    if b"head" not in fields or not any(name.startswith(b"n:") for name in fields):
         return []
     versions: dict[str, str | int | float] = json.loads(fields[b"head"])["versions"]
     found: list[Reference] = []
