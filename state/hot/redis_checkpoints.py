@@ -76,6 +76,7 @@ from .redis_values import (
     Reference,
     ValueEpochs,
     ValuePlan,
+    complete,
     read_plan,
     resolve,
 )
@@ -137,11 +138,11 @@ end
 -- fields ARGV[first..] (name/value pairs), whose large values are `ops`' epochs.
 -- 1: moved; 0: the cache is already at `id` or newer; -1: the parent is not what is
 -- cached, so the entry is dropped.
-local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held)
+local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known)
   local current = redis.call('HGET', key, 'id')
   if current and not older(current, id) then return 0 end
   if (current or '') ~= parent then
-    drop_entry(key, cached, held)
+    drop_entry(key, cached, held, known)
     return -1
   end
   local drop, set = {'lease'}, {'id', id}
@@ -210,7 +211,7 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
     end
   end
   redis.call('HDEL', key, unpack(drop))
-  track_epochs(key, first, ops, cached, held, ttl, referring)
+  track_epochs(key, first, ops, cached, held, ttl, referring, known)
   for i = first, #ARGV do set[#set + 1] = ARGV[i] end
   redis.call('HSET', key, unpack(set))
   keep(key, ttl, index, namespace)
@@ -268,20 +269,21 @@ end
 """
 )
 
-# KEYS: entry, namespace index, held epochs, cached epochs, then the put's epochs. ARGV:
+# KEYS: entry, namespace index, held epochs, cached epochs, then the put's epochs and the
+# others the writer knows the entry refers to (`LUA_VALUES`). ARGV:
 # new id, parent id ('' for none), ttl, namespace, the value ops (`LUA_VALUES`), then
 # name/value pairs of the fields that changed. Returns `advance`'s outcome, or -4, with
 # nothing written, when an epoch is not at the length its writer saw.
 _ADVANCE = (
     LUA_HELPERS
     + """
-local ops = value_ops(5, 5)
+local ops, known = value_ops(5, 5), declared(5)
 local first = 6 + 4 * #ops
 if not values_ready(ops) then return -4 end
 write_values(ops, KEYS[3], false, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[4],
-  KEYS[3])
-if moved ~= 1 then release_unreferenced(ops, KEYS[4], KEYS[3]) end
+  KEYS[3], known)
+if moved ~= 1 then release_unreferenced(ops, KEYS[4], KEYS[3], known) end
 return moved
 """
 )
@@ -361,6 +363,16 @@ for i = 1, #fields, 2 do
   end
 end
 return found
+"""
+
+# KEYS: held epochs, cached epochs, then epochs the cache listed. Each is unlisted, and
+# deleted unless the write-behind log refers to it.
+_DROP_EPOCHS = """
+for i = 3, #KEYS do
+  redis.call('HDEL', KEYS[2], KEYS[i])
+  if redis.call('HEXISTS', KEYS[1], KEYS[i]) == 0 then redis.call('DEL', KEYS[i]) end
+end
+return 1
 """
 
 _LENGTH = struct.Struct(">I")
@@ -622,6 +634,7 @@ class RedisCheckpointCache:
         self._fill_history = client.register_script(_FILL_HISTORY)
         self._lease_history = client.register_script(_LEASE_HISTORY)
         self._without_history = client.register_script(_WITHOUT_HISTORY)
+        self._drop_epochs = client.register_script(_DROP_EPOCHS)
         self.epochs = ValueEpochs()
         # Entries a failed call may have left wrong: deleted on the next contact.
         self._suspect: set[str] = set()
@@ -693,13 +706,7 @@ class RedisCheckpointCache:
         if key in self._suspect and not await self._clear_if_suspect(key):
             return CacheLookup(None)
         try:
-            if with_history:
-                fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
-            else:
-                flat = cast("list[bytes]", await self._without_history(keys=[key]))
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            references = needed_references(fields, with_history=with_history)
-            epochs = await self.read_epochs(references) if references else {}
+            fields, epochs = await self._read(key, with_history=with_history)
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
             return CacheLookup(None)
@@ -737,6 +744,26 @@ class RedisCheckpointCache:
         granted, backlog = cast("list[int]", leased)
         return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
+    async def _read(
+        self, key: str, *, with_history: bool
+    ) -> tuple[dict[bytes, bytes], dict[str, bytes]]:
+        """The entry's fields and the epochs its references need. A put that moved the
+        entry between the two reads may have released an epoch the first one names: then
+        both are read again, once (a second miss is the entry's: `parse_entry` says so)."""
+        for attempt in range(2):
+            if with_history:
+                fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
+            else:
+                flat = cast("list[bytes]", await self._without_history(keys=[key]))
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            references = needed_references(fields, with_history=with_history)
+            if not references:
+                return fields, {}
+            epochs = await self.read_epochs(references)
+            if attempt or complete(references, epochs):
+                break
+        return fields, epochs
+
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> CacheLookup | None:
@@ -761,6 +788,8 @@ class RedisCheckpointCache:
         try:
             references = needed_references(fields, with_history=with_history)
             epochs = self._read_epochs_blocking(references) if references else {}
+            if not complete(references, epochs):
+                return None  # `lookup` reads it again
             found = parse_entry(thread_id, checkpoint_ns, fields, epochs)
             history = parse_history(fields, epochs) if with_history else None
         except (CorruptState, ValueError, KeyError, struct.error, RedisError, OSError):
@@ -837,7 +866,7 @@ class RedisCheckpointCache:
             key,
             self.namespaces_key(thread_id),
             *self.epoch_keys(thread_id),
-            *plan.epoch_keys,
+            *plan.keys,
         ]
         args = [
             checkpoint.checkpoint_id,
@@ -854,7 +883,7 @@ class RedisCheckpointCache:
         async def run() -> int:
             pipe = self._client.pipeline(transaction=False)
             for epoch, payload in plan.staged:
-                pipe.set(epoch, payload, px=STAGED_TTL_MS)
+                pipe.set(epoch, payload, px=STAGED_TTL_MS, nx=True)
             pipe.evalsha(self._advance.sha, len(keys), *keys, *args)
             *_, moved = await pipe.execute(raise_on_error=True)
             return int(moved)
@@ -905,6 +934,9 @@ class RedisCheckpointCache:
         try:
             references = needed_references(fields, entry=False, with_history=True)
             epochs = await self.read_epochs(references) if references else {}
+            if not complete(references, epochs):
+                # A put moved the entry since: not this entry's fault; the cold tier answers.
+                return HistoryLookup(None, lease)
             history = parse_history(fields, epochs)
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
@@ -980,14 +1012,13 @@ class RedisCheckpointCache:
 
     async def _drop_cached_epochs(self, thread_id: str) -> None:
         """The thread's epochs only its (now deleted) entries referred to; those the
-        write-behind log refers to stay until flushed."""
+        write-behind log refers to stay until flushed, decided in the script that deletes
+        (a put landing meanwhile may make one held)."""
         held_key, cached_key = self.epoch_keys(thread_id)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hkeys(held_key)
-        pipe.hkeys(cached_key)
-        held, cached = await pipe.execute()
-        orphans = {epoch.decode() for epoch in cached} - {epoch.decode() for epoch in held}
-        await self._client.delete(cached_key, *orphans)
+        cached = cast("list[bytes]", await self._client.hkeys(cached_key))
+        if cached:
+            keys = [held_key, cached_key, *(epoch.decode() for epoch in cached)]
+            await self._drop_epochs(keys=keys)
 
     # ----------------------------------------------------------------------- failures
 

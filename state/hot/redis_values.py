@@ -31,11 +31,19 @@ reads, so every version of an epoch stays readable from one key.
   is deleted as soon as neither refers to it: when the cache entry moves to
   another epoch or is dropped, or when the log's last entry naming it is
   acknowledged. A new epoch whose script never ran expires after
-  `STAGED_TTL_MS`.
+  `STAGED_TTL_MS` (it is SET with NX, so a pipeline sent again never touches an
+  epoch the first send's script kept). Maintenance that deletes entries or a
+  thread's log decides in one script, given the epochs it listed, which go.
+  A script touches only epochs among its keys (a cluster routes it by them):
+  those of the put and those this process last stored for the entry; an epoch
+  written by another process that the cache stops referring to is left to its
+  TTL. Each put refreshes the TTL of the epochs its entry refers to.
 - Readers fetch the epochs a read needs with GETRANGE, pipelined (a cache hit
   with large values is two round trips; the flusher reads each epoch once for
-  every version in a batch). A reference whose epoch is gone or short reads as
-  `CorruptState`: the cache entry is dropped and the cold tier answers.
+  every version in a batch). A put between the two reads may release an epoch
+  the first names: the entry is read again, once; a reference whose epoch is
+  still gone or short reads as `CorruptState`: the cache entry is dropped and
+  the cold tier answers.
 """
 
 from __future__ import annotations
@@ -65,7 +73,9 @@ _LENGTH_BYTES = 4
 LUA_VALUES = """
 -- Large values (`redis_values`): ARGV[at] = n, then n quadruples (channel, 'new' or
 -- 'append', the epoch's length its writer saw, the tail to append); their epoch keys
--- are KEYS[first_key], KEYS[first_key + 1], ...
+-- are KEYS[first_key], KEYS[first_key + 1], ..., followed by the other epochs the writer
+-- knows the entry to refer to. A script touches only epochs among its KEYS (a cluster
+-- routes it by them): one it does not know of is left to its TTL.
 local function value_ops(first_key, at)
   local ops = {}
   for i = 0, tonumber(ARGV[at]) - 1 do
@@ -74,6 +84,12 @@ local function value_ops(first_key, at)
       size = tonumber(ARGV[o + 2]), tail = ARGV[o + 3]}
   end
   return ops
+end
+
+local function declared(first_key)
+  local known = {}
+  for i = first_key, #KEYS do known[KEYS[i]] = true end
+  return known
 end
 
 -- Whether every epoch is at the length its writer saw (a new one: set whole, not expired).
@@ -99,30 +115,32 @@ local function write_values(ops, held, logged, ttl)
 end
 
 -- An epoch the cache no longer refers to: gone unless the log still does.
-local function release(epoch, cached, held)
+local function release(epoch, cached, held, known)
   redis.call('HDEL', cached, epoch)
-  if redis.call('HEXISTS', held, epoch) == 0 then redis.call('DEL', epoch) end
+  if known[epoch] and redis.call('HEXISTS', held, epoch) == 0 then redis.call('DEL', epoch) end
 end
 
 -- Epochs neither the cache nor the log refers to (a put that did not move the cache).
-local function release_unreferenced(ops, cached, held)
+local function release_unreferenced(ops, cached, held, known)
   for _, op in ipairs(ops) do
-    if redis.call('HEXISTS', cached, op.key) == 0 then release(op.key, cached, held) end
+    if redis.call('HEXISTS', cached, op.key) == 0 then release(op.key, cached, held, known) end
   end
 end
 
 -- Drop a cache entry with the epochs it referred to (its `n:{channel}` fields).
-local function drop_entry(key, cached, held)
+local function drop_entry(key, cached, held, known)
   for _, field in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(field, 1, 2) == 'n:' then release(redis.call('HGET', key, field), cached, held) end
+    if string.sub(field, 1, 2) == 'n:' then
+      release(redis.call('HGET', key, field), cached, held, known)
+    end
   end
   redis.call('DEL', key)
 end
 
 -- After a put moved the entry `key`: each channel ARGV[first..] set now refers to its
 -- op's epoch, or to none (inline); the epoch it referred to before (`referring`: the
--- channels with an `n:` field) is released.
-local function track_epochs(key, first, ops, cached, held, ttl, referring)
+-- channels with an `n:` field) is released. The epochs it still refers to expire with it.
+local function track_epochs(key, first, ops, cached, held, ttl, referring, known)
   local epochs = {}
   for _, op in ipairs(ops) do epochs[op.channel] = op.key end
   for i = first, #ARGV, 2 do
@@ -130,16 +148,25 @@ local function track_epochs(key, first, ops, cached, held, ttl, referring)
       local ch = string.sub(ARGV[i], 3)
       local epoch, old = epochs[ch], nil
       if referring[ch] then old = redis.call('HGET', key, 'n:' .. ch) end
-      if old and old ~= epoch then release(old, cached, held) end
+      if old and old ~= epoch then release(old, cached, held, known) end
       if epoch then
         redis.call('HSET', key, 'n:' .. ch, epoch)
         redis.call('HSET', cached, epoch, 1)
+        referring[ch] = true
       elseif old then
         redis.call('HDEL', key, 'n:' .. ch)
+        referring[ch] = nil
       end
     end
   end
-  if #ops > 0 then redis.call('EXPIRE', cached, ttl) end
+  if next(referring) == nil then return end
+  redis.call('EXPIRE', cached, ttl)
+  for ch in pairs(referring) do
+    local epoch = epochs[ch] or redis.call('HGET', key, 'n:' .. ch)
+    if known[epoch] and redis.call('HEXISTS', held, epoch) == 0 then
+      redis.call('EXPIRE', epoch, ttl)
+    end
+  end
 end
 """
 
@@ -190,6 +217,14 @@ def read_plan(references: Sequence[Reference]) -> dict[str, int]:
     return needed
 
 
+def complete(references: Sequence[Reference], epochs: Mapping[str, bytes]) -> bool:
+    """Whether `epochs` hold all that `references` read (else one was released meanwhile)."""
+    return all(
+        len(epochs.get(reference.epoch, b"")) >= reference.length - len(reference.head)
+        for reference in references
+    )
+
+
 def resolve(reference: Reference, epochs: Mapping[str, bytes]) -> TypedBytes:
     """The value `reference` names, from `epochs` (epoch -> its bytes from `EPOCH_HEAD` on,
     as read by GETRANGE for `read_plan`)."""
@@ -207,6 +242,8 @@ class ValuePlan:
     references: dict[str, Reference] = field(default_factory=dict)
     ops: list[bytes | str | int] = field(default_factory=lambda: [0])
     epoch_keys: list[str] = field(default_factory=list)
+    # The other epochs this process last stored for the entry: the script may release them.
+    known: list[str] = field(default_factory=list)
     # New epochs to SET ahead of the script.
     staged: list[tuple[str, bytes]] = field(default_factory=list)
     # What to remember once the script confirmed: channel -> (epoch, the whole value).
@@ -217,6 +254,11 @@ class ValuePlan:
         self.ops += [channel, "new" if new else "append", size, tail]
         self.epoch_keys.append(epoch)
 
+    @property
+    def keys(self) -> list[str]:
+        """The script's epoch keys: the ops' first, then the known ones."""
+        return self.epoch_keys + [epoch for epoch in self.known if epoch not in self.epoch_keys]
+
 
 class ValueEpochs:
     """The value this process last stored per (thread, namespace, channel) and its epoch,
@@ -224,7 +266,7 @@ class ValueEpochs:
     its callers' threads."""
 
     def __init__(self, remember_bytes: int = REMEMBER_BYTES) -> None:
-        self._last: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
+        self._last: OrderedDict[tuple[str, str], dict[str, tuple[str, bytes]]] = OrderedDict()
         self._bytes = 0
         self._budget = remember_bytes
         self._lock = threading.Lock()
@@ -237,14 +279,16 @@ class ValueEpochs:
         new_epoch: Callable[[], str],
     ) -> ValuePlan:
         plan = ValuePlan()
+        with self._lock:
+            last = dict(self._last.get((thread_id, checkpoint_ns), {}))
+        plan.known = [epoch for epoch, _ in last.values()]
         for blob in blobs:
             serde_type, payload = blob.value
             if len(payload) < BY_REFERENCE_BYTES:
                 continue
-            with self._lock:
-                last = self._last.get((thread_id, checkpoint_ns, blob.channel))
-            if last is not None and _grew(last[1], payload):
-                epoch, before = last
+            stored = last.get(blob.channel)
+            if stored is not None and _grew(stored[1], payload):
+                epoch, before = stored
                 plan.add(blob.channel, epoch, len(before), payload[len(before) :], new=False)
             else:
                 epoch = new_epoch()
@@ -256,26 +300,26 @@ class ValueEpochs:
         return plan
 
     def remember(self, thread_id: str, checkpoint_ns: str, plan: ValuePlan) -> None:
+        if not plan.stored:
+            return
+        key = (thread_id, checkpoint_ns)
         with self._lock:
+            channels = self._last.setdefault(key, {})
+            self._last.move_to_end(key)
             for channel, stored in plan.stored.items():
-                key = (thread_id, checkpoint_ns, channel)
-                self._drop(key)
-                self._last[key] = stored
-                self._bytes += len(stored[1])
+                previous = channels.get(channel)
+                self._bytes += len(stored[1]) - (len(previous[1]) if previous else 0)
+                channels[channel] = stored
             while self._bytes > self._budget and self._last:
-                self._drop(next(iter(self._last)))
+                _, dropped = self._last.popitem(last=False)
+                self._bytes -= sum(len(payload) for _, payload in dropped.values())
 
     def forget(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         with self._lock:
-            for key in [
-                key for key in self._last if key[0] == thread_id and checkpoint_ns in (None, key[1])
-            ]:
-                self._drop(key)
-
-    def _drop(self, key: tuple[str, str, str]) -> None:
-        dropped = self._last.pop(key, None)
-        if dropped is not None:
-            self._bytes -= len(dropped[1])
+            for key in [key for key in self._last if key[0] == thread_id]:
+                if checkpoint_ns in (None, key[1]):
+                    dropped = self._last.pop(key)
+                    self._bytes -= sum(len(payload) for _, payload in dropped.values())
 
 
 def _grew(before: bytes, now: bytes) -> bool:

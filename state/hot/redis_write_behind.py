@@ -79,6 +79,8 @@ from .redis_values import REFERENCE_TYPE, STAGED_TTL_MS, Reference, ValuePlan, r
 
 # Key kind of each entry's epochs (`redis_values`).
 REFERENCES_KIND = "wb-references"
+# Tries of a thread's delete against appends still landing (each lists its epochs anew).
+DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
 REMEMBERED_ENTRIES = 100_000
 # An append: its keys, arguments, fence, and the new epochs to SET ahead of it.
@@ -118,7 +120,7 @@ end
 """
 
 # KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, then
-# the put's epochs. ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known
+# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`). ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known
 # to be stored, the value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
@@ -129,7 +131,7 @@ _APPEND_PUT = (
     + _FENCE
     + _LOGGED
     + """
-local ops = value_ops(8, 7)
+local ops, known = value_ops(8, 7), declared(8)
 local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale then return {-2, stale} end
@@ -140,7 +142,7 @@ end
 if not values_ready(ops) then return {-4, 0} end
 write_values(ops, KEYS[5], true, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[6],
-  KEYS[5])
+  KEYS[5], known)
 local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
 for i = first, #ARGV do entry[#entry + 1] = ARGV[i] end
 local entry_id = redis.call('XADD', KEYS[3], '*', unpack(entry))
@@ -184,6 +186,18 @@ local now = redis.call('TIME')
 redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
 redis.call('INCR', KEYS[3])
 return 1
+"""
+
+# KEYS: log, references, held epochs, then every epoch it listed. Deletes them all and
+# returns how many entries the log held; -1, deleting nothing, if the listing is stale.
+_DISCARD = """
+if redis.call('HLEN', KEYS[3]) ~= #KEYS - 3 then return -1 end
+for i = 4, #KEYS do
+  if redis.call('HEXISTS', KEYS[3], KEYS[i]) == 0 then return -1 end
+end
+local length = redis.call('XLEN', KEYS[1])
+redis.call('DEL', unpack(KEYS))
+return length
 """
 
 # KEYS: dirty, since, entries. ARGV: thread id, marker ('' to unlist unconditionally).
@@ -296,6 +310,7 @@ class RedisWriteBehindLog:
                 "lock": _LOCK,
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
+                "discard": _DISCARD,
             }.items()
         }
 
@@ -396,7 +411,7 @@ class RedisWriteBehindLog:
             self._key(thread_id, "wb-fence"),
             *self._cache.epoch_keys(thread_id),
             self._key(thread_id, REFERENCES_KIND),
-            *plan.epoch_keys,
+            *plan.keys,
         ]
         args: list[Any] = [
             checkpoint.checkpoint_id,
@@ -505,8 +520,10 @@ class RedisWriteBehindLog:
     ) -> None:
         dirty_keys = [self._dirty, self._since, self._entries]
         # New epochs as plain SETs, never script arguments (`redis_values`).
+        # NX: a pipeline sent again (its scripts were lost) must not put a TTL back on an
+        # epoch the first one's append made the log's.
         for epoch, payload in staged:
-            pipe.set(epoch, payload, px=STAGED_TTL_MS)
+            pipe.set(epoch, payload, px=STAGED_TTL_MS, nx=True)
         pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
         pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
 
@@ -613,16 +630,21 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
 
     async def discard(self, thread_id: str) -> None:
+        held_key, _ = self._cache.epoch_keys(thread_id)
+        log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
         try:
-            length = await self._length(thread_id)
-            held_key, _ = self._cache.epoch_keys(thread_id)
-            held = cast("list[bytes]", await self._client.hkeys(held_key))
-            await self._client.delete(
-                self._key(thread_id, LOG_KIND),
-                self._key(thread_id, REFERENCES_KIND),
-                held_key,
-                *(epoch.decode() for epoch in held),
-            )
+            # The script deletes the held epochs it is given, so it is given them all: a put
+            # landing after they were listed makes it answer -1, and they are listed again.
+            for _ in range(DISCARD_ATTEMPTS):
+                held = cast("list[bytes]", await self._client.hkeys(held_key))
+                keys = [*log_keys, held_key, *(epoch.decode() for epoch in held)]
+                length = int(await self._run("discard", keys, []))
+                if length >= 0:
+                    break
+            else:
+                raise BackendUnavailable(
+                    "redis", f"appends to {thread_id!r} kept racing its delete"
+                )
             if length:
                 await self._client.decrby(self._entries, length)
         except (RedisError, OSError) as exc:
@@ -755,8 +777,11 @@ def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
 
 
 def _references(fields: dict[bytes, bytes]) -> list[Reference]:
-    """The references among an entry's `b:` fields."""
+    """The references among an entry's `b:` fields (none read from an entry of a newer
+    format than this code's, which `_op` refuses)."""
     found: list[Reference] = []
+    if fields.get(b"f", b"").isdigit() and int(fields[b"f"]) > ENTRY_FORMAT:
+        return found
     for name, value in fields.items():
         if name.startswith(b"b:"):
             _, serde_type, payload = unpack(value)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from state.errors import StaleFencingToken
-from state.hot.redis_checkpoints import CACHED_EPOCHS_KIND, HELD_EPOCHS_KIND
+from state.hot.redis_checkpoints import (
+    CACHED_EPOCHS_KIND,
+    HELD_EPOCHS_KIND,
+    RedisCheckpointCache,
+)
 from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS
 from state.hot.redis_write_behind import REFERENCES_KIND, RedisWriteBehindLog
 from state.ports import StoredBlob, StoredCheckpoint
@@ -135,6 +141,8 @@ async def test_a_writer_whose_epoch_is_gone_sends_the_value_whole(tiers: WriteBe
     assert await tiers.redis.strlen((await epochs_of(tiers, thread_id))[0]) == len(
         grown(2).value[1]
     )
+    # The first entry's epoch was deleted under it: no flusher of this store could apply it.
+    await log.discard(thread_id)
 
 
 async def test_a_refused_put_leaves_no_epoch_behind(tiers: WriteBehind) -> None:
@@ -172,3 +180,115 @@ async def test_an_entry_whose_epoch_is_gone_reads_as_a_miss(tiers: WriteBehind) 
     await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
     await tiers.redis.delete(*await epochs_of(tiers, thread_id))  # evicted
     assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is None
+
+
+# --------------------------------------------------------------------------- races
+# Another process's cache and log on the same Redis, each on a client of its own.
+
+
+@pytest.fixture
+async def other(
+    tiers: WriteBehind, stack_env: dict[str, str]
+) -> AsyncIterator[tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]]:
+    client = aioredis.Redis.from_url(stack_env["REDIS_URL"])
+    cache = RedisCheckpointCache(
+        client, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
+    )
+    yield client, cache, RedisWriteBehindLog(client, cache)
+    await client.aclose()
+
+
+def two_channels(thread_id: str, n: int) -> StoredCheckpoint:
+    return replace(checkpoint(thread_id, n), channel_versions={"chat": 1, "step": n})
+
+
+async def test_an_epoch_the_entry_refers_to_expires_with_it(tiers: WriteBehind) -> None:
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    step = StoredBlob("step", 1, ("json", b"1"))
+    await tiers.cache.advance(two_channels(thread_id, 1), [grown(1), step])
+    [epoch] = await epochs_of(tiers, thread_id)
+    cached = thread_key(tiers, thread_id, CACHED_EPOCHS_KIND)
+    for key in (epoch, cached):
+        await tiers.redis.expire(key, 5)  # as if written long ago
+    # Puts that change another channel only keep the large one's epoch as alive as the entry.
+    await tiers.cache.advance(two_channels(thread_id, 2), [replace(step, version=2)])
+    assert await tiers.redis.ttl(epoch) > 3600 and await tiers.redis.ttl(cached) > 3600
+
+
+async def test_a_read_racing_a_put_that_releases_its_epoch_reads_again(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    client, reader, _ = other
+    await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
+    rewritten = StoredBlob("chat", 2, ("bytes", b"Z" * LARGE))  # not grown: a new epoch
+    read_entry = client.hgetall
+
+    async def hgetall(key: str) -> Any:
+        fields = await read_entry(key)
+        client.hgetall = read_entry  # type: ignore[method-assign]
+        await tiers.cache.advance(checkpoint(thread_id, 2), [rewritten])
+        return fields
+
+    client.hgetall = hgetall  # type: ignore[method-assign]
+    found = (await reader.lookup(thread_id, "", lease=False)).checkpoint
+    assert found is not None and found.blobs == {"chat": rewritten.value}
+    assert reader.stats.errors == 0 and await tiers.redis.exists(tiers.cache.key(thread_id, ""))
+
+
+async def test_an_invalidate_racing_a_put_keeps_the_epoch_the_log_then_refers_to(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    await log.ack(thread_id, [entry.entry_id for entry in await log.read(thread_id, count=9)])
+    client, maintenance, _ = other  # only the cache refers to the epoch now
+    list_fields = client.hkeys
+
+    async def hkeys(key: str) -> Any:
+        listed = await list_fields(key)
+        client.hkeys = list_fields  # type: ignore[method-assign]
+        # Appends to it (its parent, flushed, no longer cached: the cold tier has it).
+        await log.append_put(checkpoint(thread_id, 2), [grown(2)], fence=None, parent_stored=True)
+        return listed
+
+    client.hkeys = hkeys  # type: ignore[method-assign]
+    await maintenance.invalidate(thread_id)
+    logged = [entry.op for entry in await log.read(thread_id, count=9)]
+    assert [op.blobs for op in logged] == [[grown(2)]]  # type: ignore[union-attr]
+
+
+async def test_a_delete_racing_a_put_leaves_no_epoch_behind(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    client, maintenance, deleting = other
+    list_fields = client.hkeys
+
+    async def hkeys(key: str) -> Any:
+        listed = await list_fields(key)
+        client.hkeys = list_fields  # type: ignore[method-assign]
+        rewritten = StoredBlob("chat", 9, ("bytes", b"Q" * LARGE))  # a new epoch, held
+        await log.append_put(checkpoint(thread_id, 9), [rewritten], fence=None, parent_stored=True)  # fmt: skip
+        return listed
+
+    client.hkeys = hkeys  # type: ignore[method-assign]
+    await deleting.discard(thread_id)
+    await maintenance.invalidate(thread_id)
+    assert await epochs_of(tiers, thread_id) == []
+
+
+async def test_an_append_sent_again_leaves_the_logs_epoch_as_it_was(tiers: WriteBehind) -> None:
+    """A pipeline sent again after Redis lost its scripts repeats the SETs of new epochs;
+    one the first send's append made the log's keeps its bytes and stays without a TTL."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    [epoch] = await epochs_of(tiers, thread_id)
+    keys, args, fence, _ = log._writes_call(thread_id, "", "00000001", [], False, None)
+    await log._append(thread_id, "writes", keys, args, fence, [(epoch.decode(), b"resent")])
+    assert await tiers.redis.ttl(epoch) == -1
+    assert await tiers.redis.strlen(epoch) == len(grown(1).value[1])
