@@ -37,7 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
@@ -327,22 +328,10 @@ class RedisWriteBehindLog:
         fence: int | None,
         parent_stored: bool = False,
     ) -> None:
-        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         for attempt in range(2):
-            plan = self._cache.plan_values(thread_id, checkpoint_ns, blobs)
-            call = self._put_call(checkpoint, blobs, fence, parent_stored, plan)
-            try:
-                await self._append(thread_id, "put", *call)
-            except _EpochMoved:
-                self._cache.epochs.forget(thread_id, checkpoint_ns)
-                if attempt:
-                    raise BackendUnavailable("redis", _EPOCH_LOST) from None
-                continue
-            except BaseException:
-                self._cache.epochs.forget(thread_id, checkpoint_ns)
-                raise
-            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
-            return
+            with self._put_attempt(checkpoint, blobs, fence, parent_stored, attempt) as call:
+                await self._append(checkpoint.thread_id, "put", call)
+                return
 
     async def append_writes(
         self,
@@ -355,7 +344,7 @@ class RedisWriteBehindLog:
         fence: int | None,
     ) -> None:
         call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
-        await self._append(thread_id, "writes", *call)
+        await self._append(thread_id, "writes", call)
 
     def append_put_blocking(
         self,
@@ -365,22 +354,10 @@ class RedisWriteBehindLog:
         fence: int | None,
         parent_stored: bool = False,
     ) -> None:
-        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         for attempt in range(2):
-            plan = self._cache.plan_values(thread_id, checkpoint_ns, blobs)
-            call = self._put_call(checkpoint, blobs, fence, parent_stored, plan)
-            try:
-                self._append_blocking(thread_id, "put", *call)
-            except _EpochMoved:
-                self._cache.epochs.forget(thread_id, checkpoint_ns)
-                if attempt:
-                    raise BackendUnavailable("redis", _EPOCH_LOST) from None
-                continue
-            except BaseException:
-                self._cache.epochs.forget(thread_id, checkpoint_ns)
-                raise
-            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
-            return
+            with self._put_attempt(checkpoint, blobs, fence, parent_stored, attempt) as call:
+                self._append_blocking(checkpoint.thread_id, "put", call)
+                return
 
     def append_writes_blocking(
         self,
@@ -393,7 +370,33 @@ class RedisWriteBehindLog:
         fence: int | None,
     ) -> None:
         call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
-        self._append_blocking(thread_id, "writes", *call)
+        self._append_blocking(thread_id, "writes", call)
+
+    @contextmanager
+    def _put_attempt(
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        fence: int | None,
+        parent_stored: bool,
+        attempt: int,
+    ) -> Iterator[_Call]:
+        """One try at a put: its call; its epochs remembered once it is logged, forgotten
+        if not. An epoch that moved ends the first try quietly (the second sends the values
+        whole), and the second as BackendUnavailable."""
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        plan = self._cache.plan_values(thread_id, checkpoint_ns, blobs)
+        try:
+            yield self._put_call(checkpoint, blobs, fence, parent_stored, plan)
+        except _EpochMoved:
+            self._cache.epochs.forget(thread_id, checkpoint_ns)
+            if attempt:
+                raise BackendUnavailable("redis", _EPOCH_LOST) from None
+        except BaseException:
+            self._cache.epochs.forget(thread_id, checkpoint_ns)
+            raise
+        else:
+            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
 
     def _put_call(
         self,
@@ -455,15 +458,8 @@ class RedisWriteBehindLog:
     # failover), neither script ran past the error, and listing a thread twice is harmless:
     # the scripts are loaded and the pipeline sent again.
 
-    async def _append(
-        self,
-        thread_id: str,
-        script: str,
-        keys: list[str],
-        args: list[Any],
-        fence: int | None,
-        staged: list[tuple[str, bytes]],
-    ) -> None:
+    async def _append(self, thread_id: str, script: str, call: _Call) -> None:
+        keys, args, fence, staged = call
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
             self._queue_append(pipe, thread_id, script, keys, args, staged)
@@ -478,15 +474,8 @@ class RedisWriteBehindLog:
                 raise BackendUnavailable("redis", str(exc)) from exc
             return _appended(thread_id, appended, fence)
 
-    def _append_blocking(
-        self,
-        thread_id: str,
-        script: str,
-        keys: list[str],
-        args: list[Any],
-        fence: int | None,
-        staged: list[tuple[str, bytes]],
-    ) -> None:
+    def _append_blocking(self, thread_id: str, script: str, call: _Call) -> None:
+        keys, args, fence, staged = call
         if self._blocking_client is None:
             raise StateError("this write-behind log was opened without a blocking client")
         for attempt in range(2):

@@ -289,6 +289,6 @@ async def test_an_append_sent_again_leaves_the_logs_epoch_as_it_was(tiers: Write
     await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
     [epoch] = await epochs_of(tiers, thread_id)
     keys, args, fence, _ = log._writes_call(thread_id, "", "00000001", [], False, None)
-    await log._append(thread_id, "writes", keys, args, fence, [(epoch.decode(), b"resent")])
+    await log._append(thread_id, "writes", (keys, args, fence, [(epoch.decode(), b"resent")]))
     assert await tiers.redis.ttl(epoch) == -1
     assert await tiers.redis.strlen(epoch) == len(grown(1).value[1])
