@@ -460,6 +460,19 @@ def _reference(blob: bytes, offset: int) -> Reference | None:
     return Reference.decode(payload) if serde_type == REFERENCE_TYPE else None
 
 
+def read_values(
+    fields: dict[bytes, bytes], found: StoredCheckpoint
+) -> dict[str, tuple[str, bytes]]:
+    """Channel -> (epoch, value) of the values `found` read through references."""
+    values: dict[str, tuple[str, bytes]] = {}
+    for channel, (_, payload) in (found.blobs or {}).items():
+        blob = fields[b"b:" + channel.encode()]
+        reference = _reference(blob, len(_version_prefix(found.channel_versions[channel])))
+        if reference is not None:
+            values[channel] = (reference.epoch, payload)
+    return values
+
+
 def needed_references(
     fields: dict[bytes, bytes], *, entry: bool = True, with_history: bool
 ) -> list[Reference]:
@@ -724,6 +737,8 @@ class RedisCheckpointCache:
                 await self._clear_if_suspect(key)
                 return CacheLookup(None)
             self.stats.hits += 1
+            if epochs:
+                self.epochs.remember(thread_id, checkpoint_ns, read_values(fields, found))
             if not with_history:
                 return CacheLookup(found)
             try:
@@ -795,6 +810,8 @@ class RedisCheckpointCache:
         except (CorruptState, ValueError, KeyError, struct.error, RedisError, OSError):
             return None
         self.stats.hits += 1
+        if epochs:
+            self.epochs.remember(thread_id, checkpoint_ns, read_values(fields, found))
         return CacheLookup(found, history=history)
 
     def _without_history_blocking(self, key: str) -> object:
@@ -847,7 +864,7 @@ class RedisCheckpointCache:
             plan = self.plan_values(thread_id, checkpoint_ns, blobs)
             moved = await self._call(key, self._advance_with(key, checkpoint, blobs, plan))
             if moved == 1:
-                self.epochs.remember(thread_id, checkpoint_ns, plan)
+                self.epochs.remember(thread_id, checkpoint_ns, plan.stored)
                 return
             self.epochs.forget(thread_id, checkpoint_ns)
             if moved != -4:

@@ -21,10 +21,11 @@ reads, so every version of an epoch stays readable from one key.
   an epoch only ever grows along one chain of versions: a writer whose epoch
   moved on (another process appended, a delete, a restart) is refused with
   nothing written and sends the whole value again in a new epoch.
-- What this process last stored per (thread, namespace, channel) is remembered
-  (`ValueEpochs`, within `REMEMBER_BYTES`), once its script confirmed it, so the
-  next put can tell an append (its bytes past `EPOCH_HEAD` start with the
-  remembered ones) from anything else.
+- What this process last stored or read per (thread, namespace, channel) is
+  remembered (`ValueEpochs`, within `REMEMBER_BYTES`; a put's once its script
+  confirmed it), so the next put can tell an append (its bytes past `EPOCH_HEAD`
+  start with the remembered ones) from anything else: a process taking over a
+  conversation another wrote appends to its epoch after its first read.
 - Lifetime: an epoch the write-behind log refers to has no TTL and counts its
   entries (`wb-epochs`), so it is never evicted or expired while unflushed; one
   only the cache refers to expires with the cache (`ep-cached` lists those), and
@@ -299,17 +300,21 @@ class ValueEpochs:
             plan.stored[blob.channel] = (epoch, payload)
         return plan
 
-    def remember(self, thread_id: str, checkpoint_ns: str, plan: ValuePlan) -> None:
-        if not plan.stored:
+    def remember(
+        self, thread_id: str, checkpoint_ns: str, stored: Mapping[str, tuple[str, bytes]]
+    ) -> None:
+        """`stored`: channel -> (epoch, the whole value), as a confirmed put stored it or a
+        read found it: the next put of this entry appends to it if it only grew."""
+        if not stored:
             return
         key = (thread_id, checkpoint_ns)
         with self._lock:
             channels = self._last.setdefault(key, {})
             self._last.move_to_end(key)
-            for channel, stored in plan.stored.items():
+            for channel, value in stored.items():
                 previous = channels.get(channel)
-                self._bytes += len(stored[1]) - (len(previous[1]) if previous else 0)
-                channels[channel] = stored
+                self._bytes += len(value[1]) - (len(previous[1]) if previous else 0)
+                channels[channel] = value
             while self._bytes > self._budget and self._last:
                 _, dropped = self._last.popitem(last=False)
                 self._bytes -= sum(len(payload) for _, payload in dropped.values())

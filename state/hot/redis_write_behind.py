@@ -396,7 +396,7 @@ class RedisWriteBehindLog:
             self._cache.epochs.forget(thread_id, checkpoint_ns)
             raise
         else:
-            self._cache.epochs.remember(thread_id, checkpoint_ns, plan)
+            self._cache.epochs.remember(thread_id, checkpoint_ns, plan.stored)
 
     def _put_call(
         self,

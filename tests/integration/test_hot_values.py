@@ -292,3 +292,20 @@ async def test_an_append_sent_again_leaves_the_logs_epoch_as_it_was(tiers: Write
     await log._append(thread_id, "writes", (keys, args, fence, [(epoch.decode(), b"resent")]))
     assert await tiers.redis.ttl(epoch) == -1
     assert await tiers.redis.strlen(epoch) == len(grown(1).value[1])
+
+
+async def test_a_process_taking_over_a_conversation_appends_after_its_first_read(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    """Another instance (scale-out) continues a thread this one wrote: its first read of
+    the cache tells it the epoch, so its put sends what grew, not the whole value."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
+    _, taking_over, _ = other
+    assert (await taking_over.lookup(thread_id, "", lease=False)).checkpoint is not None
+    before = await net_input_bytes(tiers)
+    await taking_over.advance(checkpoint(thread_id, 2), [grown(2)])
+    assert await net_input_bytes(tiers) - before < LARGE // 4
+    found = (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint
+    assert found is not None and found.blobs == {"chat": grown(2).value}
+    assert len(await epochs_of(tiers, thread_id)) == 1
