@@ -121,8 +121,9 @@ end
 """
 
 # KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, then
-# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`). ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known
-# to be stored, the value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
+# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`).
+# ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known to be stored, the
+# value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
 # it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
