@@ -126,6 +126,17 @@ class UnknownParent(StateError):
         self.thread_id = thread_id
 
 
+class LogEntryLost(StateError):
+    """A write-behind entry refers to a value Redis no longer holds (evicted under an
+    `allkeys-*` policy): that entry and every later one of the thread are lost, as if
+    Redis had lost them."""
+
+    def __init__(self, thread_id: str, entry_id: str) -> None:
+        super().__init__(f"write-behind entry {entry_id} of {thread_id!r} lost a value")
+        self.thread_id = thread_id
+        self.entry_id = entry_id
+
+
 class HotStateLost(BackendUnavailable):
     """Redis lost checkpoints of a thread before they reached the cold tier (FLUSHALL, a
     restart without persistence, a failover): the run cannot go on from them, nor may a

@@ -867,13 +867,18 @@ class WriteBehindLog(Protocol):
         """Whether the thread has unflushed entries."""
 
     async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
-        """The oldest `count` unflushed entries of the thread, in order."""
+        """The oldest `count` unflushed entries of the thread, in order, up to the first one
+        that lost a value: `LogEntryLost` if that is the oldest."""
 
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         """Forget entries the cold tier now holds; returns how many are left."""
 
     async def discard(self, thread_id: str) -> None:
         """Drop every unflushed entry of the thread (it was deleted)."""
+
+    async def drop_lost(self, thread_id: str) -> None:
+        """Drop every unflushed entry of the thread and its cached checkpoints, in one step:
+        `read` found one that lost a value (`LogEntryLost`)."""
 
     async def dirty_threads(
         self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, LockLost, StaleFencingToken, StateError
+from ..errors import BackendUnavailable, LockLost, LogEntryLost, StaleFencingToken, StateError
 from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,16 @@ class Flusher:
         thread_id = lease.thread_id
         marker = await self.log.marker(thread_id)
         while True:
-            entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
+            try:
+                entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
+            except LogEntryLost as exc:
+                lease.check()
+                # Stuck in the log, it would fail every flush of the thread for good. Gone,
+                # it is lost as in any loss of Redis: the writer's next put or boundary
+                # learns it (`HotStateLost`) and the run resumes from the cold tier.
+                log.error("%s: dropping the thread's unflushed entries and cache", exc)
+                await self.log.drop_lost(thread_id)
+                break
             if not entries:
                 break
             lease.check()

@@ -48,6 +48,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..errors import (
     BackendUnavailable,
     CorruptState,
+    LogEntryLost,
     StaleFencingToken,
     StateError,
     UnknownParent,
@@ -76,7 +77,14 @@ from .redis_checkpoints import (
     write_fields,
 )
 from .redis_client import hot_key
-from .redis_values import REFERENCE_TYPE, STAGED_TTL_MS, Reference, ValuePlan, resolve
+from .redis_values import (
+    REFERENCE_TYPE,
+    STAGED_TTL_MS,
+    Reference,
+    ValuePlan,
+    complete,
+    resolve,
+)
 
 # Key kind of each entry's epochs (`redis_values`).
 REFERENCES_KIND = "wb-references"
@@ -190,12 +198,22 @@ redis.call('INCR', KEYS[3])
 return 1
 """
 
-# KEYS: log, references, held epochs, then every epoch it listed. Deletes them all and
-# returns how many entries the log held; -1, deleting nothing, if the listing is stale.
+# KEYS: log, references, held epochs, then every epoch it listed (ARGV[1]: how many);
+# with the cache too, then the namespace index and the entry of each namespace it listed
+# (ARGV[2..]: the namespaces). Deletes them all and returns how many entries the log
+# held; -1, deleting nothing, if a listing is stale.
 _DISCARD = """
-if redis.call('HLEN', KEYS[3]) ~= #KEYS - 3 then return -1 end
-for i = 4, #KEYS do
+local held = tonumber(ARGV[1])
+if redis.call('HLEN', KEYS[3]) ~= held then return -1 end
+for i = 4, 3 + held do
   if redis.call('HEXISTS', KEYS[3], KEYS[i]) == 0 then return -1 end
+end
+if #KEYS > 3 + held then
+  local index = KEYS[4 + held]
+  if redis.call('SCARD', index) ~= #ARGV - 1 then return -1 end
+  for i = 2, #ARGV do
+    if redis.call('SISMEMBER', index, ARGV[i]) == 0 then return -1 end
+  end
 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
@@ -557,12 +575,18 @@ class RedisWriteBehindLog:
             epochs = await self._cache.read_epochs(needed) if needed else {}
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
-        for entry_id, listed in references.items():
+        entries: list[LogEntry] = []
+        for entry_id, fields in found:
+            listed = references[entry_id]
+            if not complete(listed, epochs):
+                # Held epochs leave only with their entries (`ack`, `discard`): the flusher,
+                # holding the thread's lock, reads one gone only if Redis lost it.
+                if entries:
+                    break  # the entries before it first; the next read raises
+                raise LogEntryLost(thread_id, entry_id.decode())
             self._remember_epochs(thread_id, entry_id.decode(), listed)
-        return [
-            LogEntry(entry_id.decode(), _op(thread_id, fields, epochs))
-            for entry_id, fields in found
-        ]
+            entries.append(LogEntry(entry_id.decode(), _op(thread_id, fields, epochs)))
+        return entries
 
     def _remember_epochs(self, thread_id: str, entry_id: str, listed: list[Reference]) -> None:
         """The epochs an entry read refers to, for its `ack` to name as the script's keys."""
@@ -620,15 +644,32 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
 
     async def discard(self, thread_id: str) -> None:
+        await self._discard(thread_id, with_cache=False)
+
+    async def drop_lost(self, thread_id: str) -> None:
+        # The cache goes in the same step: left alone, it could still name the newest
+        # (lost) checkpoint as a parent Redis knows, and a put on it would reach the cold
+        # tier with its parent missing there.
+        self._cache.epochs.forget(thread_id)
+        await self._discard(thread_id, with_cache=True)
+
+    async def _discard(self, thread_id: str, *, with_cache: bool) -> None:
         held_key, _ = self._cache.epoch_keys(thread_id)
         log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
+        index = self._cache.namespaces_key(thread_id)
         try:
-            # The script deletes the held epochs it is given, so it is given them all: a put
-            # landing after they were listed makes it answer -1, and they are listed again.
+            # The script deletes the held epochs (and cache entries) it is given, so it is
+            # given them all: a put landing after they were listed makes it answer -1, and
+            # they are listed again.
             for _ in range(DISCARD_ATTEMPTS):
-                held = cast("list[bytes]", await self._client.hkeys(held_key))
-                keys = [*log_keys, held_key, *(epoch.decode() for epoch in held)]
-                length = int(await self._run("discard", keys, []))
+                held = [e.decode() for e in cast("list[bytes]", await self._client.hkeys(held_key))]
+                keys, args = [*log_keys, held_key, *held], [str(len(held))]
+                if with_cache:
+                    members = cast("set[bytes]", await self._client.smembers(index))
+                    listed = [ns.decode() for ns in members]
+                    keys += [index, *(self._cache.key(thread_id, ns) for ns in listed)]
+                    args += listed
+                length = int(await self._run("discard", keys, args))
                 if length >= 0:
                     break
             else:

@@ -6,6 +6,7 @@ refers to them; a writer whose epoch moved on sends the value whole again.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,10 +15,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from state.errors import StaleFencingToken
+from state.errors import HotStateLost, StaleFencingToken
 from state.hot.redis_checkpoints import (
     CACHED_EPOCHS_KIND,
     HELD_EPOCHS_KIND,
+    LOG_KIND,
     RedisCheckpointCache,
 )
 from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS
@@ -309,3 +311,60 @@ async def test_a_process_taking_over_a_conversation_appends_after_its_first_read
     found = (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint
     assert found is not None and found.blobs == {"chat": grown(2).value}
     assert len(await epochs_of(tiers, thread_id)) == 1
+
+
+async def test_a_log_entry_whose_epoch_was_evicted_is_lost_like_redis_not_stuck(
+    tiers: WriteBehind,
+) -> None:
+    """Under an `allkeys-*` policy Redis may evict an epoch the log refers to: the thread's
+    unflushed tail is then lost as if Redis had lost it (the run resumes from the cold
+    tier), not left in the log for every flush to fail on."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    message = "x" * LARGE
+    await graph.ainvoke({"messages": [message]}, cfg, durability="sync")
+    boundary = await tiers.saver.aget_tuple(cfg)
+    assert boundary is not None
+    await graph.ainvoke({"messages": [message + "y"]}, cfg, durability="async")
+    # Evicted: the epoch of the oldest entry in the log (the input's) only.
+    [(oldest, _)] = await tiers.redis.xrange(thread_key(tiers, thread_id, LOG_KIND), count=1)
+    listed = await tiers.redis.hget(thread_key(tiers, thread_id, REFERENCES_KIND), oldest)
+    assert listed is not None
+    [evicted] = json.loads(listed)
+    await tiers.redis.delete(evicted)
+    assert await tiers.saver.aget_tuple(cfg) is not None
+
+    with pytest.raises(HotStateLost):
+        await tiers.saver.aflush(thread_id)
+    assert not await tiers.redis.exists(thread_key(tiers, thread_id, LOG_KIND))
+    assert not await tiers.redis.exists(thread_key(tiers, thread_id, HELD_EPOCHS_KIND))
+    assert thread_id not in dict(await log_of(tiers).dirty_threads(limit=10_000))
+    # The cold tier has the last boundary, whole; the thread goes on from it.
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None
+    assert cold.checkpoint_id == boundary.config["configurable"]["checkpoint_id"]
+    resumed = config(thread_id)
+    await graph.ainvoke({"messages": ["again"]}, resumed, durability="sync")
+    latest = await tiers.saver.aget_tuple(resumed)
+    assert latest is not None
+    messages: list[Any] = latest.checkpoint["channel_values"]["messages"]
+    assert messages[0] == message and messages[5] == "again" and len(messages) == 10
+
+
+async def test_a_lost_entry_takes_the_cache_with_it(tiers: WriteBehind) -> None:
+    """The cache may hold a newer checkpoint whose values are all still there: a put on it
+    would reach the cold tier without its parent, so it goes with the lost entries."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    await log.append_put(
+        checkpoint(thread_id, 2), [StoredBlob("chat", 2, ("bytes", b"small"))], fence=None
+    )
+    await tiers.redis.delete(*await epochs_of(tiers, thread_id))  # evicted
+    assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is not None
+
+    await tiers.flusher.flush_thread(thread_id)
+    assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is None
+    assert not await tiers.redis.exists(thread_key(tiers, thread_id, LOG_KIND))
+    assert await tiers.store.get_checkpoint(thread_id, "", None) is None

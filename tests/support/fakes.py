@@ -1060,6 +1060,11 @@ class MemoryWriteBehindLog(_Tier):
         self._logs.pop(thread_id, None)
         self._unlist(thread_id)
 
+    async def drop_lost(self, thread_id: str) -> None:
+        self._call("drop_lost")
+        self._logs.pop(thread_id, None)
+        self._unlist(thread_id)
+
     def _unlist(self, thread_id: str) -> None:
         self._dirty.pop(thread_id, None)
         self._since.pop(thread_id, None)
