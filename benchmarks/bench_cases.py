@@ -142,6 +142,7 @@ class CaseRun:
     # Counted phase only: store work this case caused.
     counts: dict[str, int] = field(default_factory=dict)
     redis_commands: int = 0
+    redis_by_command: dict[str, int] = field(default_factory=dict)
     cold_bytes: int = 0
     hot_bytes: int = 0
 
@@ -520,7 +521,8 @@ async def counted_phase(
         await drive(clients, url, run)
         after, commands_after = await worker_counts(clients, url), await command_stats(observer)
         run.counts = dict(after - before)
-        run.redis_commands = sum((commands_after - commands).values())
+        run.redis_by_command = dict(commands_after - commands)
+        run.redis_commands = sum(run.redis_by_command.values())
         run.cold_bytes = await cold.of(case_threads(run.case_id))
         run.hot_bytes = await hot_bytes(observer, run.case_id)
         log(f"  counted: {index + 1}/{len(runs)} ({'review' if run.review else 'auto'})")
@@ -906,6 +908,34 @@ def costs(result: ConfigResult) -> dict[str, CaseCost]:
     }
 
 
+def redis_command_table(results: list[ConfigResult]) -> list[str]:
+    """The server's command count of an auto-approved case, split by command."""
+    by_config: dict[str, Counter[str]] = {}
+    for result in results:
+        auto = [r for r in result.phase("counted").cases if not r.review and not r.errors]
+        total: Counter[str] = Counter()
+        for run in auto:
+            total.update(run.redis_by_command)
+        by_config[result.name] = Counter(
+            {name: calls / max(len(auto), 1) for name, calls in total.items()}
+        )
+    commands = sorted(
+        {name for counts in by_config.values() for name in counts},
+        key=lambda name: -max(counts.get(name, 0) for counts in by_config.values()),
+    )
+    out = [
+        "Redis commands of an auto-approved case by command (server count; a script's own",
+        "commands are counted under their names as well as the script call):",
+        "",
+        "| command | " + " | ".join(by_config) + " |",
+        "| --- |" + " --- |" * len(by_config),
+    ]
+    for name in commands:
+        cells = " | ".join(f"{counts.get(name, 0):.1f}" for counts in by_config.values())
+        out.append(f"| {name} | {cells} |")
+    return out
+
+
 def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
@@ -1050,6 +1080,8 @@ def render_cases(results: list[ConfigResult], options: Options, seconds: float) 
     out += [
         "",
         f"RU model (an estimate, not a measurement): {json.dumps(RU_MODEL)}.",
+        "",
+        *redis_command_table(results),
         "",
         "## Verification",
         "",
