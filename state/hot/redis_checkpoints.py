@@ -73,6 +73,7 @@ from .redis_values import (
     LUA_VALUES,
     REFERENCE_TYPE,
     STAGED_TTL_MS,
+    EpochBytes,
     Reference,
     ValueEpochs,
     ValuePlan,
@@ -447,7 +448,7 @@ def blob_fields(
     return fields
 
 
-def _field_value(blob: bytes, offset: int, epochs: Mapping[str, bytes]) -> TypedBytes:
+def _field_value(blob: bytes, offset: int, epochs: Mapping[str, EpochBytes]) -> TypedBytes:
     """The typed value of a `b:` field whose version prefix ends at `offset`."""
     value = untyped(blob, offset)
     if value[0] != REFERENCE_TYPE:
@@ -535,7 +536,7 @@ def parse_entry(
     thread_id: str,
     checkpoint_ns: str,
     fields: dict[bytes, bytes],
-    epochs: Mapping[str, bytes] | None = None,
+    epochs: Mapping[str, EpochBytes] | None = None,
 ) -> StoredCheckpoint:
     """A checkpoint from its cached fields (`head`, `cp`, `b:*`, `w:*`); `epochs`: those
     its references name (`needed_references`), read by `read_plan`."""
@@ -577,7 +578,7 @@ def history_fields(history: dict[str, ChannelHistory]) -> list[bytes]:
 
 
 def parse_history(
-    fields: dict[bytes, bytes], epochs: Mapping[str, bytes] | None = None
+    fields: dict[bytes, bytes], epochs: Mapping[str, EpochBytes] | None = None
 ) -> dict[str, ChannelHistory] | None:
     """The delta history of the cached checkpoint, per tracked channel (None: none kept)."""
     if b"d@" not in fields or fields[b"d@"] != fields.get(b"id"):
@@ -694,21 +695,30 @@ class RedisCheckpointCache:
             self.thread_key(thread_id, CACHED_EPOCHS_KIND),
         ]
 
-    async def read_epochs(self, references: Sequence[Reference]) -> dict[str, bytes]:
-        """Each epoch `references` name, from `EPOCH_HEAD` to the longest they read."""
-        pipe = self._client.pipeline(transaction=False)
+    async def read_epochs(self, references: Sequence[Reference]) -> dict[str, EpochBytes]:
+        """Each epoch `references` name, from `EPOCH_HEAD` to the longest they read: from
+        what this process holds of it, else from Redis."""
         needed = read_plan(references)
-        for epoch, length in needed.items():
-            pipe.getrange(epoch, EPOCH_HEAD, length - 1)
-        return dict(zip(needed, await pipe.execute(), strict=True))
+        epochs = self.epochs.held(needed)
+        if len(epochs) < len(needed):
+            pipe = self._client.pipeline(transaction=False)
+            unheld = [epoch for epoch in needed if epoch not in epochs]
+            for epoch in unheld:
+                pipe.getrange(epoch, EPOCH_HEAD, needed[epoch] - 1)
+            epochs.update(zip(unheld, await pipe.execute(), strict=True))
+        return epochs
 
-    def _read_epochs_blocking(self, references: Sequence[Reference]) -> dict[str, bytes]:
+    def _read_epochs_blocking(self, references: Sequence[Reference]) -> dict[str, EpochBytes]:
         assert self._blocking_client is not None
-        pipe = self._blocking_client.pipeline(transaction=False)
         needed = read_plan(references)
-        for epoch, length in needed.items():
-            pipe.getrange(epoch, EPOCH_HEAD, length - 1)
-        return dict(zip(needed, pipe.execute(), strict=True))
+        epochs = self.epochs.held(needed)
+        if len(epochs) < len(needed):
+            pipe = self._blocking_client.pipeline(transaction=False)
+            unheld = [epoch for epoch in needed if epoch not in epochs]
+            for epoch in unheld:
+                pipe.getrange(epoch, EPOCH_HEAD, needed[epoch] - 1)
+            epochs.update(zip(unheld, pipe.execute(), strict=True))
+        return epochs
 
     # ----------------------------------------------------------------------- port
 
@@ -761,7 +771,7 @@ class RedisCheckpointCache:
 
     async def _read(
         self, key: str, *, with_history: bool
-    ) -> tuple[dict[bytes, bytes], dict[str, bytes]]:
+    ) -> tuple[dict[bytes, bytes], dict[str, EpochBytes]]:
         """The entry's fields and the epochs its references need. A put that moved the
         entry between the two reads may have released an epoch the first one names: then
         both are read again, once (a second miss is the entry's: `parse_entry` says so)."""

@@ -218,7 +218,11 @@ def read_plan(references: Sequence[Reference]) -> dict[str, int]:
     return needed
 
 
-def complete(references: Sequence[Reference], epochs: Mapping[str, bytes]) -> bool:
+# An epoch's bytes from `EPOCH_HEAD` on, as read from Redis or held by this process.
+EpochBytes = bytes | memoryview
+
+
+def complete(references: Sequence[Reference], epochs: Mapping[str, EpochBytes]) -> bool:
     """Whether `epochs` hold all that `references` read (else one was released meanwhile)."""
     return all(
         len(epochs.get(reference.epoch, b"")) >= reference.length - len(reference.head)
@@ -226,7 +230,7 @@ def complete(references: Sequence[Reference], epochs: Mapping[str, bytes]) -> bo
     )
 
 
-def resolve(reference: Reference, epochs: Mapping[str, bytes]) -> TypedBytes:
+def resolve(reference: Reference, epochs: Mapping[str, EpochBytes]) -> TypedBytes:
     """The value `reference` names, from `epochs` (epoch -> its bytes from `EPOCH_HEAD` on,
     as read by GETRANGE for `read_plan`)."""
     data = epochs.get(reference.epoch)
@@ -268,6 +272,8 @@ class ValueEpochs:
 
     def __init__(self, remember_bytes: int = REMEMBER_BYTES) -> None:
         self._last: OrderedDict[tuple[str, str], dict[str, tuple[str, bytes]]] = OrderedDict()
+        # The same values by epoch, for `held`.
+        self._by_epoch: dict[str, bytes] = {}
         self._bytes = 0
         self._budget = remember_bytes
         self._lock = threading.Lock()
@@ -313,18 +319,41 @@ class ValueEpochs:
             self._last.move_to_end(key)
             for channel, value in stored.items():
                 previous = channels.get(channel)
+                if previous is not None:
+                    self._unindex(*previous)
                 self._bytes += len(value[1]) - (len(previous[1]) if previous else 0)
                 channels[channel] = value
+                self._by_epoch[value[0]] = value[1]
             while self._bytes > self._budget and self._last:
                 _, dropped = self._last.popitem(last=False)
-                self._bytes -= sum(len(payload) for _, payload in dropped.values())
+                self._drop(dropped)
 
     def forget(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
         with self._lock:
             for key in [key for key in self._last if key[0] == thread_id]:
                 if checkpoint_ns in (None, key[1]):
-                    dropped = self._last.pop(key)
-                    self._bytes -= sum(len(payload) for _, payload in dropped.values())
+                    self._drop(self._last.pop(key))
+
+    def held(self, needed: Mapping[str, int]) -> dict[str, EpochBytes]:
+        """Of `needed` (epoch -> length to read, as `read_plan` gives), the epochs this
+        process stored or read at least that much of, from `EPOCH_HEAD` on: an epoch only
+        ever grows, so those bytes are what Redis holds there, and need no read."""
+        found: dict[str, EpochBytes] = {}
+        with self._lock:
+            for epoch, length in needed.items():
+                payload = self._by_epoch.get(epoch)
+                if payload is not None and len(payload) >= length:
+                    found[epoch] = memoryview(payload)[EPOCH_HEAD:]
+        return found
+
+    def _drop(self, channels: Mapping[str, tuple[str, bytes]]) -> None:
+        for epoch, payload in channels.values():
+            self._bytes -= len(payload)
+            self._unindex(epoch, payload)
+
+    def _unindex(self, epoch: str, payload: bytes) -> None:
+        if self._by_epoch.get(epoch) is payload:
+            del self._by_epoch[epoch]
 
 
 def _grew(before: bytes, now: bytes) -> bool:

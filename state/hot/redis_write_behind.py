@@ -80,6 +80,7 @@ from .redis_client import hot_key
 from .redis_values import (
     REFERENCE_TYPE,
     STAGED_TTL_MS,
+    EpochBytes,
     Reference,
     ValuePlan,
     complete,
@@ -829,7 +830,7 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, bytes]) -> FlushOp:
+def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, EpochBytes]) -> FlushOp:
     """A stream entry back into the operation it recorded.
 
     An entry of a newer format than this code's is refused, not misread: it stays in the

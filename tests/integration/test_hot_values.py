@@ -177,11 +177,33 @@ async def test_write_through_keeps_only_the_epoch_the_cache_refers_to(tiers: Wri
     assert await epochs_of(tiers, thread_id) == []
 
 
-async def test_an_entry_whose_epoch_is_gone_reads_as_a_miss(tiers: WriteBehind) -> None:
+async def test_an_entry_whose_epoch_is_gone_reads_as_a_miss(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
     thread_id = f"values-{uuid.uuid4().hex[:8]}"
     await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
     await tiers.redis.delete(*await epochs_of(tiers, thread_id))  # evicted
-    assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is None
+    _, reader, _ = other
+    assert (await reader.lookup(thread_id, "", lease=False)).checkpoint is None
+
+
+async def test_a_process_reads_the_values_it_wrote_without_fetching_them(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    """An epoch only grows: what this process stored of one is what Redis holds there. A
+    value another process grew past it is read from Redis."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
+    sent = int((await tiers.redis.info("stats"))["total_net_output_bytes"])
+    found = (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint
+    assert found is not None and found.blobs == {"chat": grown(1).value}
+    assert int((await tiers.redis.info("stats"))["total_net_output_bytes"]) - sent < LARGE // 4
+
+    _, taking_over, _ = other
+    assert (await taking_over.lookup(thread_id, "", lease=False)).checkpoint is not None
+    await taking_over.advance(checkpoint(thread_id, 2), [grown(2)])
+    found = (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint
+    assert found is not None and found.blobs == {"chat": grown(2).value}
 
 
 # --------------------------------------------------------------------------- races
@@ -334,6 +356,8 @@ async def test_a_log_entry_whose_epoch_was_evicted_is_lost_like_redis_not_stuck(
     [evicted] = json.loads(listed)
     await tiers.redis.delete(evicted)
     assert await tiers.saver.aget_tuple(cfg) is not None
+    # The flusher holds none of the values (another worker's, or this one restarted).
+    tiers.cache.epochs.forget(thread_id)
 
     with pytest.raises(HotStateLost):
         await tiers.saver.aflush(thread_id)
@@ -363,6 +387,7 @@ async def test_a_lost_entry_takes_the_cache_with_it(tiers: WriteBehind) -> None:
     )
     await tiers.redis.delete(*await epochs_of(tiers, thread_id))  # evicted
     assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is not None
+    tiers.cache.epochs.forget(thread_id)  # the flusher holds none of the values
 
     await tiers.flusher.flush_thread(thread_id)
     assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is None
