@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class StateError(Exception):
     """Base of every error the state library raises on purpose."""
@@ -131,10 +133,12 @@ class LogEntryLost(StateError):
     `allkeys-*` policy): that entry and every later one of the thread are lost, as if
     Redis had lost them."""
 
-    def __init__(self, thread_id: str, entry_id: str) -> None:
+    def __init__(self, thread_id: str, entry_id: str, epochs: Mapping[str, int]) -> None:
         super().__init__(f"write-behind entry {entry_id} of {thread_id!r} lost a value")
         self.thread_id = thread_id
         self.entry_id = entry_id
+        # Where its values were: each epoch and the length the entry reads of it.
+        self.epochs = dict(epochs)
 
 
 class HotStateLost(BackendUnavailable):

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .errors import RequestRejected
+from .errors import LogEntryLost, RequestRejected
 
 JSON = Any  # a JSON-compatible value
 
@@ -876,9 +876,10 @@ class WriteBehindLog(Protocol):
     async def discard(self, thread_id: str) -> None:
         """Drop every unflushed entry of the thread (it was deleted)."""
 
-    async def drop_lost(self, thread_id: str) -> None:
-        """Drop every unflushed entry of the thread and its cached checkpoints, in one step:
-        `read` found one that lost a value (`LogEntryLost`)."""
+    async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
+        """Drop every unflushed entry of the thread and its cached checkpoints, in one step,
+        if the entry `read` found short of a value (`lost`) still is, and the flush lock is
+        still `lock_token`'s (else `LockLost`); False, dropping nothing, if it is not."""
 
     async def dirty_threads(
         self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0

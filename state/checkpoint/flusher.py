@@ -318,14 +318,14 @@ class Flusher:
         while True:
             try:
                 entries = await self.log.read(thread_id, count=BATCH_ENTRIES)
-            except LogEntryLost as exc:
-                lease.check()
+            except LogEntryLost as lost:
                 # Stuck in the log, it would fail every flush of the thread for good. Gone,
                 # it is lost as in any loss of Redis: the writer's next put or boundary
                 # learns it (`HotStateLost`) and the run resumes from the cold tier.
-                log.error("%s: dropping the thread's unflushed entries and cache", exc)
-                await self.log.drop_lost(thread_id)
-                break
+                if await self.log.drop_lost(lost, lock_token=lease.token):
+                    log.error("%s: dropped the thread's unflushed entries and cache", lost)
+                    break
+                continue  # not lost after all (an earlier flusher's late acknowledgement)
             if not entries:
                 break
             lease.check()

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -48,6 +48,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..errors import (
     BackendUnavailable,
     CorruptState,
+    LockLost,
     LogEntryLost,
     StaleFencingToken,
     StateError,
@@ -84,11 +85,14 @@ from .redis_values import (
     Reference,
     ValuePlan,
     complete,
+    read_plan,
     resolve,
 )
 
 # Key kind of each entry's epochs (`redis_values`).
 REFERENCES_KIND = "wb-references"
+# Key kind of the thread's flush lock.
+FLUSH_LOCK_KIND = "wb-flushing"
 # Tries of a thread's delete against appends still landing (each lists its epochs anew).
 DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
@@ -199,27 +203,66 @@ redis.call('INCR', KEYS[3])
 return 1
 """
 
-# KEYS: log, references, held epochs, then every epoch it listed (ARGV[1]: how many);
-# with the cache too, then the namespace index and the entry of each namespace it listed
-# (ARGV[2..]: the namespaces). Deletes them all and returns how many entries the log
-# held; -1, deleting nothing, if a listing is stale.
-_DISCARD = """
-local held = tonumber(ARGV[1])
-if redis.call('HLEN', KEYS[3]) ~= held then return -1 end
-for i = 4, 3 + held do
-  if redis.call('HEXISTS', KEYS[3], KEYS[i]) == 0 then return -1 end
-end
-if #KEYS > 3 + held then
-  local index = KEYS[4 + held]
-  if redis.call('SCARD', index) ~= #ARGV - 1 then return -1 end
-  for i = 2, #ARGV do
-    if redis.call('SISMEMBER', index, ARGV[i]) == 0 then return -1 end
+# What the delete scripts answer when a put landed since the caller listed the thread's
+# held epochs and cache namespaces (they delete nothing then; the caller lists again).
+STALE_LISTING = -1
+# `_DROP_LOST`'s other refusals: the entry lost nothing after all (an earlier flusher's
+# late acknowledgement released its epochs as it removed it), or the caller's flush lock
+# is no longer its own.
+NOT_LOST = -2
+NOT_LOCKED = -3
+
+# Whether the held epochs KEYS[first..first + count - 1] are all the thread's (KEYS[3]).
+_LISTED = """
+local function listed(first, count)
+  if redis.call('HLEN', KEYS[3]) ~= count then return false end
+  for i = first, first + count - 1 do
+    if redis.call('HEXISTS', KEYS[3], KEYS[i]) == 0 then return false end
   end
+  return true
 end
+"""
+
+# KEYS: log, references, held epochs, then every epoch it listed (ARGV[1]: how many).
+# Deletes them all and returns how many entries the log held.
+_DISCARD = (
+    _LISTED
+    + """
+if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
 return length
 """
+)
+
+# KEYS: log, references, held epochs, flush lock, namespace index, the lost entry's
+# epochs (ARGV[3]: how many; ARGV[5..]: the length it reads of each), the held epochs
+# (ARGV[4]: how many), then the cache entry of each namespace listed (ARGV after the
+# lengths). ARGV[1]: the flush lock's token, ARGV[2]: the entry's id. Deletes all but
+# the lock, if the lock is the caller's and the entry, still in the log, is short of a
+# value: an acknowledgement removes an entry and releases its epochs in one step, so
+# that is a loss. Returns how many entries the log held.
+_DROP_LOST = (
+    _LISTED
+    + """
+local epochs, held = tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -3 end
+if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then return -2 end
+local short = false
+for i = 1, epochs do
+  if redis.call('STRLEN', KEYS[5 + i]) < tonumber(ARGV[4 + i]) then short = true end
+end
+if not short then return -2 end
+if not listed(6 + epochs, held) then return -1 end
+if redis.call('SCARD', KEYS[5]) ~= #ARGV - 4 - epochs then return -1 end
+for i = 5 + epochs, #ARGV do
+  if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 0 then return -1 end
+end
+local length = redis.call('XLEN', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], unpack(KEYS, 6))
+return length
+"""
+)
 
 # KEYS: dirty, since, entries. ARGV: thread id, marker ('' to unlist unconditionally).
 _SETTLE = """
@@ -332,6 +375,7 @@ class RedisWriteBehindLog:
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
                 "discard": _DISCARD,
+                "drop_lost": _DROP_LOST,
             }.items()
         }
 
@@ -584,7 +628,7 @@ class RedisWriteBehindLog:
                 # holding the thread's lock, reads one gone only if Redis lost it.
                 if entries:
                     break  # the entries before it first; the next read raises
-                raise LogEntryLost(thread_id, entry_id.decode())
+                raise LogEntryLost(thread_id, entry_id.decode(), read_plan(listed))
             self._remember_epochs(thread_id, entry_id.decode(), listed)
             entries.append(LogEntry(entry_id.decode(), _op(thread_id, fields, epochs)))
         return entries
@@ -645,43 +689,84 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
 
     async def discard(self, thread_id: str) -> None:
-        await self._discard(thread_id, with_cache=False)
-
-    async def drop_lost(self, thread_id: str) -> None:
-        # The cache goes in the same step: left alone, it could still name the newest
-        # (lost) checkpoint as a parent Redis knows, and a put on it would reach the cold
-        # tier with its parent missing there.
-        self._cache.epochs.forget(thread_id)
-        await self._discard(thread_id, with_cache=True)
-
-    async def _discard(self, thread_id: str, *, with_cache: bool) -> None:
         held_key, _ = self._cache.epoch_keys(thread_id)
         log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
+
+        def discarding(held: list[str], namespaces: list[str]) -> tuple[list[str], list[Any]]:
+            return [*log_keys, held_key, *held], [len(held)]
+
+        await self._unlist(thread_id, await self._delete_listed(thread_id, "discard", discarding))
+
+    async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
+        thread_id = lost.thread_id
+        held_key, _ = self._cache.epoch_keys(thread_id)
+        fixed = [
+            self._key(thread_id, LOG_KIND),
+            self._key(thread_id, REFERENCES_KIND),
+            held_key,
+            self._key(thread_id, FLUSH_LOCK_KIND),
+            self._cache.namespaces_key(thread_id),
+            *lost.epochs,
+        ]
+
+        def dropping(held: list[str], namespaces: list[str]) -> tuple[list[str], list[Any]]:
+            # The cache goes in the same step: left alone, it could still name the newest
+            # (lost) checkpoint as a parent Redis knows, and a put on it would reach the
+            # cold tier with its parent missing there.
+            entries = [self._cache.key(thread_id, ns) for ns in namespaces]
+            lengths = list(lost.epochs.values())
+            return (
+                [*fixed, *held, *entries],
+                [lock_token, lost.entry_id, len(lengths), len(held), *lengths, *namespaces],
+            )
+
+        answer = await self._delete_listed(thread_id, "drop_lost", dropping, with_cache=True)
+        if answer == NOT_LOST:
+            return False
+        if answer == NOT_LOCKED:
+            raise LockLost(f"flush of {thread_id!r}", "taken over before its drop")
+        self._cache.epochs.forget(thread_id)
+        await self._unlist(thread_id, answer)
+        return True
+
+    async def _delete_listed(
+        self,
+        thread_id: str,
+        script: str,
+        keys_and_args: Callable[[list[str], list[str]], tuple[list[str], list[Any]]],
+        *,
+        with_cache: bool = False,
+    ) -> int:
+        """Run a delete script given the thread's held epochs (and `with_cache`, its cache
+        namespaces) as listed now: it deletes those it is given, so it is given them all; a
+        put landing after the listing makes it answer STALE_LISTING, and it lists again."""
+        held_key, _ = self._cache.epoch_keys(thread_id)
         index = self._cache.namespaces_key(thread_id)
-        try:
-            # The script deletes the held epochs (and cache entries) it is given, so it is
-            # given them all: a put landing after they were listed makes it answer -1, and
-            # they are listed again.
-            for _ in range(DISCARD_ATTEMPTS):
-                held = [e.decode() for e in cast("list[bytes]", await self._client.hkeys(held_key))]
-                keys, args = [*log_keys, held_key, *held], [str(len(held))]
-                if with_cache:
-                    members = cast("set[bytes]", await self._client.smembers(index))
-                    listed = [ns.decode() for ns in members]
-                    keys += [index, *(self._cache.key(thread_id, ns) for ns in listed)]
-                    args += listed
-                length = int(await self._run("discard", keys, args))
-                if length >= 0:
-                    break
-            else:
-                raise BackendUnavailable(
-                    "redis", f"appends to {thread_id!r} kept racing its delete"
+        for _ in range(DISCARD_ATTEMPTS):
+            try:
+                held = cast("list[bytes]", await self._client.hkeys(held_key))
+                namespaces = (
+                    cast("set[bytes]", await self._client.smembers(index)) if with_cache else ()
                 )
-            if length:
-                await self._client.decrby(self._entries, length)
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable("redis", str(exc)) from exc
+            listing = [epoch.decode() for epoch in held], [ns.decode() for ns in namespaces]
+            answer = int(await self._run(script, *keys_and_args(*listing)))
+            if answer != STALE_LISTING:
+                return answer
+        raise BackendUnavailable("redis", f"appends to {thread_id!r} kept racing its delete")
+
+    async def _unlist(self, thread_id: str, dropped: int) -> None:
+        """Take a thread whose log was just deleted off the listing; listed again if an
+        append landed in between (it would wait for no flusher)."""
+        try:
+            if dropped:
+                await self._client.decrby(self._entries, dropped)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
         await self._run("settle", [self._dirty, self._since, self._entries], [thread_id, ""])
+        if await self.pending(thread_id):
+            await self.mark_dirty(thread_id)
 
     async def dirty_threads(
         self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0
@@ -729,15 +814,15 @@ class RedisWriteBehindLog:
         await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
-        token = await self._run("lock", [self._key(thread_id, "wb-flushing")], [ttl_ms])
+        token = await self._run("lock", [self._key(thread_id, FLUSH_LOCK_KIND)], [ttl_ms])
         return None if token is None else cast("bytes", token).decode()
 
     async def renew_thread_lock(self, thread_id: str, token: str, *, ttl_ms: int) -> bool:
-        renewed = await self._run("renew", [self._key(thread_id, "wb-flushing")], [token, ttl_ms])
+        renewed = await self._run("renew", [self._key(thread_id, FLUSH_LOCK_KIND)], [token, ttl_ms])
         return bool(renewed)
 
     async def unlock_thread(self, thread_id: str, token: str) -> None:
-        await self._run("unlock", [self._key(thread_id, "wb-flushing")], [token])
+        await self._run("unlock", [self._key(thread_id, FLUSH_LOCK_KIND)], [token])
 
     async def backlog(self) -> Backlog:
         try:

@@ -6,9 +6,10 @@ refers to them; a writer whose epoch moved on sends the value whole again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,9 +23,9 @@ from state.hot.redis_checkpoints import (
     LOG_KIND,
     RedisCheckpointCache,
 )
-from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS
+from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS, EpochBytes, Reference
 from state.hot.redis_write_behind import REFERENCES_KIND, RedisWriteBehindLog
-from state.ports import StoredBlob, StoredCheckpoint
+from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import (
     COLD_BACKENDS,
@@ -393,3 +394,71 @@ async def test_a_lost_entry_takes_the_cache_with_it(tiers: WriteBehind) -> None:
     assert (await tiers.cache.lookup(thread_id, "", lease=False)).checkpoint is None
     assert not await tiers.redis.exists(thread_key(tiers, thread_id, LOG_KIND))
     assert await tiers.store.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_an_epoch_released_by_a_late_acknowledgement_is_no_loss(tiers: WriteBehind) -> None:
+    """A flusher whose lock ran out after it applied a batch acknowledges it late, releasing
+    the entry's epoch while the next holder is between its read of the log and its read of
+    the epochs: nothing was lost, and the next holder flushes the rest."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    await log.append_put(
+        checkpoint(thread_id, 2), [StoredBlob("chat", 2, ("bytes", b"small"))], fence=None
+    )
+    tiers.cache.epochs.forget(thread_id)  # the flushers hold none of the values
+    late = RedisWriteBehindLog(tiers.redis, tiers.cache)
+    token = await late.lock_thread(thread_id, ttl_ms=100)
+    assert token is not None
+    [first] = await late.read(thread_id, count=1)
+    await tiers.store.apply_batch([first.op], fence=int(token))
+    await asyncio.sleep(0.2)  # its lock ran out
+
+    read_epochs = tiers.cache.read_epochs
+    acknowledged: list[str] = []
+
+    async def acknowledged_meanwhile(references: Sequence[Reference]) -> dict[str, EpochBytes]:
+        if not acknowledged:
+            acknowledged.append(first.entry_id)
+            await late.ack(thread_id, acknowledged)
+        return await read_epochs(references)
+
+    tiers.cache.read_epochs = acknowledged_meanwhile  # type: ignore[method-assign]
+    try:
+        await tiers.flusher.flush_thread(thread_id)
+    finally:
+        tiers.cache.read_epochs = read_epochs  # type: ignore[method-assign]
+    assert acknowledged
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None and cold.checkpoint_id == f"{2:08}"
+
+
+async def test_an_append_landing_as_a_lost_log_is_dropped_stays_listed(
+    tiers: WriteBehind,
+) -> None:
+    """The run's next put_writes (no parent to check) lands between the drop and the
+    thread's unlisting: it stays listed, for a flusher to take."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    await tiers.redis.delete(*await epochs_of(tiers, thread_id))  # evicted
+    tiers.cache.epochs.forget(thread_id)  # the flusher holds none of the values
+    run = log._run
+    landed = False
+
+    async def appended_before_unlisting(script: str, keys: list[str], args: list[Any]) -> Any:
+        nonlocal landed
+        if script == "settle" and args[1] == "" and not landed:
+            landed = True
+            write = StoredWrite("task", "", 0, "chat", ("json", b"1"))
+            await log.append_writes(thread_id, "", f"{1:08}", [write], upsert=False, fence=None)
+        return await run(script, keys, args)
+
+    log._run = appended_before_unlisting  # type: ignore[method-assign]
+    try:
+        await tiers.flusher.flush_thread(thread_id)
+    finally:
+        log._run = run  # type: ignore[method-assign]
+    assert landed and await log.pending(thread_id)
+    assert thread_id in dict(await log.dirty_threads(limit=10_000))
+    await log.discard(thread_id)

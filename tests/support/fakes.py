@@ -35,6 +35,7 @@ from state.checkpoint.flusher import Flusher
 from state.errors import (
     BackendUnavailable,
     InvalidValue,
+    LogEntryLost,
     StaleFencingToken,
     StateTooLarge,
     VersionConflict,
@@ -1060,10 +1061,11 @@ class MemoryWriteBehindLog(_Tier):
         self._logs.pop(thread_id, None)
         self._unlist(thread_id)
 
-    async def drop_lost(self, thread_id: str) -> None:
+    async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         self._call("drop_lost")
-        self._logs.pop(thread_id, None)
-        self._unlist(thread_id)
+        self._logs.pop(lost.thread_id, None)
+        self._unlist(lost.thread_id)
+        return True
 
     def _unlist(self, thread_id: str) -> None:
         self._dirty.pop(thread_id, None)
