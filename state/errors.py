@@ -128,6 +128,17 @@ class UnknownParent(StateError):
         self.thread_id = thread_id
 
 
+class FenceUnknown(StateError):
+    """The hot tier holds no fence for the thread (new, or its key expired or was evicted),
+    so it cannot tell a stale writer from the newest: nothing was written. The caller
+    checks the token against the thread's durable fence, then presents it as checked
+    (`fence_checked`), which seeds the hot one."""
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"the hot tier holds no fence for {thread_id!r}")
+        self.thread_id = thread_id
+
+
 class LogEntryLost(StateError):
     """A write-behind entry refers to a value Redis no longer holds (evicted under an
     `allkeys-*` policy): that entry and every later one of the thread are lost, as if

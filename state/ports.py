@@ -803,6 +803,7 @@ class BlockingAppends(Protocol):
         blobs: Sequence[StoredBlob],
         *,
         fence: int | None,
+        fence_checked: bool = False,
         parent_stored: bool = False,
     ) -> None: ...
 
@@ -815,6 +816,7 @@ class BlockingAppends(Protocol):
         *,
         upsert: bool,
         fence: int | None,
+        fence_checked: bool = False,
     ) -> None: ...
 
 
@@ -846,9 +848,12 @@ class WriteBehindLog(Protocol):
         blobs: Sequence[StoredBlob],
         *,
         fence: int | None,
+        fence_checked: bool = False,
         parent_stored: bool = False,
     ) -> None:
-        """Raises `StaleFencingToken` if a writer with a higher fence wrote this thread, and
+        """Raises `StaleFencingToken` if a writer with a higher fence wrote this thread,
+        `FenceUnknown` (writing nothing) if the hot tier holds no fence for the thread
+        unless the caller checked `fence` against the durable one (`fence_checked`), and
         `UnknownParent` (writing nothing) if the hot tier has no trace of the checkpoint's
         parent, unless the caller says the parent is stored (`parent_stored`)."""
 
@@ -861,7 +866,9 @@ class WriteBehindLog(Protocol):
         *,
         upsert: bool,
         fence: int | None,
-    ) -> None: ...
+        fence_checked: bool = False,
+    ) -> None:
+        """Fenced as `append_put` is."""
 
     async def pending(self, thread_id: str) -> bool:
         """Whether the thread has unflushed entries."""
@@ -918,6 +925,8 @@ class CheckpointFence(Protocol):
     Checked before a checkpoint write reaches the cold tier, in every write mode.
     """
 
-    async def admit(self, thread_id: str, fence: int) -> None:
+    async def admit(self, thread_id: str, fence: int, *, checked: bool = False) -> None:
         """Raise `StaleFencingToken` if a writer presented a higher fence for the thread;
-        else remember `fence` as the highest seen (where this fence keeps one)."""
+        else remember `fence` as the highest seen (where this fence keeps one). A fence
+        that may lose what it keeps raises `FenceUnknown` when it holds nothing for the
+        thread, unless the caller `checked` the token against a durable fence."""

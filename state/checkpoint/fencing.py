@@ -19,7 +19,8 @@ class RecordFence:
     def __init__(self, cold: ColdStateStore) -> None:
         self._cold = cold
 
-    async def admit(self, thread_id: str, fence: int) -> None:
+    async def admit(self, thread_id: str, fence: int, *, checked: bool = False) -> None:
+        # Durable: it never holds nothing for a thread it fences, so `checked` changes nothing.
         record = await self._cold.get(thread_id)
         if record is not None and fence < record.fence:
             raise StaleFencingToken(thread_id, fence, record.fence)

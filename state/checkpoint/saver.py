@@ -40,7 +40,16 @@ import dataclasses
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,7 +68,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from ..errors import BackendUnavailable, HotStateLost, UnknownParent
+from ..errors import BackendUnavailable, FenceUnknown, HotStateLost, UnknownParent
 from ..ports import (
     BlockingAppends,
     BlockingReads,
@@ -387,14 +396,27 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # it (a boundary's flush, the cold write when Redis fails).
         self._refuse_on_loop()
         put = self._prepared_put(config, checkpoint, metadata, new_versions)
+        blocking = self._blocking
+
+        def append(parent_stored: bool) -> None:
+            self._fenced_blocking(
+                put.stored.thread_id,
+                put.fence,
+                lambda checked: blocking.append_put_blocking(
+                    put.stored,
+                    put.blobs,
+                    fence=put.fence,
+                    fence_checked=checked,
+                    parent_stored=parent_stored,
+                ),
+            )
+
         try:
             try:
-                self._blocking.append_put_blocking(put.stored, put.blobs, fence=put.fence)
+                append(parent_stored=False)
             except UnknownParent:
                 self._sync(self._parent_stored(put))
-                self._blocking.append_put_blocking(
-                    put.stored, put.blobs, fence=put.fence, parent_stored=True
-                )
+                append(parent_stored=True)
         except HotStateLost:
             raise
         except BackendUnavailable:
@@ -416,15 +438,21 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         self._refuse_on_loop()
         put = self._prepared_writes(config, writes, task_id, task_path)
+        blocking = self._blocking
         try:
             try:
-                self._blocking.append_writes_blocking(
+                self._fenced_blocking(
                     put.thread_id,
-                    put.checkpoint_ns,
-                    put.checkpoint_id,
-                    put.writes,
-                    upsert=put.upsert,
-                    fence=put.fence,
+                    put.fence,
+                    lambda checked: blocking.append_writes_blocking(
+                        put.thread_id,
+                        put.checkpoint_ns,
+                        put.checkpoint_id,
+                        put.writes,
+                        upsert=put.upsert,
+                        fence=put.fence,
+                        fence_checked=checked,
+                    ),
                 )
             except BackendUnavailable:
                 self._sync(self._writes_cold_instead(put))
@@ -610,12 +638,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.cache.advance(put.stored, put.blobs)
         else:
             log = self.flusher.log
+
+            async def append(parent_stored: bool) -> None:
+                await self._fenced(
+                    thread_id,
+                    put.fence,
+                    lambda checked: log.append_put(
+                        put.stored,
+                        put.blobs,
+                        fence=put.fence,
+                        fence_checked=checked,
+                        parent_stored=parent_stored,
+                    ),
+                )
+
             try:
                 try:
-                    await log.append_put(put.stored, put.blobs, fence=put.fence)
+                    await append(parent_stored=False)
                 except UnknownParent:
                     await self._parent_stored(put)
-                    await log.append_put(put.stored, put.blobs, fence=put.fence, parent_stored=True)
+                    await append(parent_stored=True)
             except HotStateLost:
                 raise
             except BackendUnavailable:
@@ -816,14 +858,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     upsert=put.upsert,
                 )
             return
+        log = self.flusher.log
         try:
-            await self.flusher.log.append_writes(
+            await self._fenced(
                 put.thread_id,
-                put.checkpoint_ns,
-                put.checkpoint_id,
-                put.writes,
-                upsert=put.upsert,
-                fence=put.fence,
+                put.fence,
+                lambda checked: log.append_writes(
+                    put.thread_id,
+                    put.checkpoint_ns,
+                    put.checkpoint_id,
+                    put.writes,
+                    upsert=put.upsert,
+                    fence=put.fence,
+                    fence_checked=checked,
+                ),
             )
         except BackendUnavailable:
             await self._writes_cold_instead(put)
@@ -931,13 +979,43 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if fence is None:
             return
         if hot and self.fence is not None:
+            hot_fence = self.fence
             try:
-                await self.fence.admit(thread_id, int(fence))
+                await self._fenced(
+                    thread_id,
+                    fence,
+                    lambda checked: hot_fence.admit(thread_id, int(fence), checked=checked),
+                )
                 return
             except BackendUnavailable:
                 pass  # Redis out: the record's fence still orders the thread's writers
-        if self.record_fence is not None:
+        await self._admit_durably(thread_id, fence)
+
+    async def _admit_durably(self, thread_id: str, fence: int | None) -> None:
+        if self.record_fence is not None and fence is not None:
             await self.record_fence.admit(thread_id, int(fence))
+
+    async def _fenced(
+        self, thread_id: str, fence: int | None, write: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        """`write(fence_checked)`: again, the token checked against the thread's durable
+        fence, if Redis held no fence to check it against (`FenceUnknown`: a new thread,
+        or its fence expired or was evicted, when a stale writer must not pass)."""
+        try:
+            await write(False)
+        except FenceUnknown:
+            await self._admit_durably(thread_id, fence)
+            await write(True)
+
+    def _fenced_blocking(
+        self, thread_id: str, fence: int | None, write: Callable[[bool], None]
+    ) -> None:
+        """`_fenced` for the sync API's appends, made on the caller's thread."""
+        try:
+            write(False)
+        except FenceUnknown:
+            self._sync(self._admit_durably(thread_id, fence))
+            write(True)
 
     async def _boundary(self, thread_id: str, synchronous: bool) -> None:
         """After a write-behind append: flush now at a boundary, else let the flusher run."""

@@ -19,7 +19,9 @@ of `redis_checkpoints`:
   so acknowledging the entry releases them;
 - `wb-fence`: the highest fencing token a writer presented. Write-through checkpoint
   writes check and raise the same key (`RedisCheckpointFence`) before their cold
-  write, so both write modes keep one fence per thread.
+  write, so both write modes keep one fence per thread. It has a TTL, renewed by
+  every fenced write: a write that finds none is refused (`FenceUnknown`) until its
+  caller checked the token against the thread's durable fence.
 
 An append is one script: fence check, cache advance, stream entry, all atomic in
 the thread's slot. It is pipelined (same round trip) with a second script on the
@@ -48,6 +50,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..errors import (
     BackendUnavailable,
     CorruptState,
+    FenceUnknown,
     LockLost,
     LogEntryLost,
     StaleFencingToken,
@@ -97,18 +100,28 @@ FLUSH_LOCK_KIND = "wb-flushing"
 DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
 REMEMBERED_ENTRIES = 100_000
-# An append: its keys, arguments, fence, and the new epochs to SET ahead of it.
-_Call = tuple[list[str], list[Any], int | None, list[tuple[str, bytes]]]
+# An append: its keys, arguments, fence (as `_fence_arg` sends it), and the new epochs to
+# SET ahead of it.
+_Call = tuple[list[str], list[Any], str, list[tuple[str, bytes]]]
 
-# Fence check shared by both appends. KEYS[fence_key], ARGV[fence_arg]: '' for none.
+# Fence check shared by both appends and the write-through admit. `presented`: '' for
+# none, else the token, with a trailing '!' once the caller checked it against the
+# thread's durable fence. Returns the highest token seen if the presented one is lower,
+# -1 if Redis holds no fence for the thread (new, or its key expired or was evicted: a
+# stale writer must not pass for the first one) unless checked, else nil (the fence is
+# raised to the token).
 _FENCE = """
 local function fenced(fence_key, presented, ttl)
   if presented == '' then return nil end
-  local seen = tonumber(redis.call('GET', fence_key) or '0')
-  if tonumber(presented) < seen then return seen end
-  if tonumber(presented) > seen then
-    redis.call('SET', fence_key, presented, 'EX', ttl)
-  end
+  local checked = string.sub(presented, -1) == '!'
+  local token = checked and string.sub(presented, 1, -2) or presented
+  local held = redis.call('GET', fence_key)
+  if not held and not checked then return -1 end
+  local seen = tonumber(held or '0')
+  if tonumber(token) < seen then return seen end
+  -- Set again at every write, the newest writer's included: it expires only with a
+  -- thread that stopped.
+  redis.call('SET', fence_key, tonumber(token) > seen and token or held, 'EX', ttl)
   return nil
 end
 """
@@ -140,7 +153,8 @@ end
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
 # it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
-# {-4, 0}, nothing written, when an epoch is not at the length its writer saw.
+# {-4, 0}, nothing written, when an epoch is not at the length its writer saw; {-5, 0},
+# nothing written, when Redis holds no fence to check the writer's against.
 _APPEND_PUT = (
     LUA_HELPERS
     + _FENCE
@@ -149,6 +163,7 @@ _APPEND_PUT = (
 local ops, known = value_ops(8, 7), declared(8)
 local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
+if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
 if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 0
     and not logged(KEYS[3], ARGV[4], ARGV[2]) then
@@ -177,6 +192,7 @@ _APPEND_WRITES = (
     + _FENCE
     + """
 local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
+if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
 local added = add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 6)
 local entry = {'op', 'writes', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4], 'cid', ARGV[1], 'upsert', ARGV[2]}
@@ -186,7 +202,8 @@ return {added, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
 
-# KEYS: fence. ARGV: fence, ttl. Returns the highest fence seen if ARGV[1] is lower, else 0.
+# KEYS: fence. ARGV: fence, ttl. Returns the highest fence seen if ARGV[1] is lower, -1 if
+# there is none to check it against, else 0.
 _ADMIT = (
     _FENCE
     + """
@@ -390,10 +407,12 @@ class RedisWriteBehindLog:
         blobs: Sequence[StoredBlob],
         *,
         fence: int | None,
+        fence_checked: bool = False,
         parent_stored: bool = False,
     ) -> None:
+        fenced = _fence_arg(fence, fence_checked)
         for attempt in range(2):
-            with self._put_attempt(checkpoint, blobs, fence, parent_stored, attempt) as call:
+            with self._put_attempt(checkpoint, blobs, fenced, parent_stored, attempt) as call:
                 await self._append(checkpoint.thread_id, "put", call)
                 return
 
@@ -406,8 +425,10 @@ class RedisWriteBehindLog:
         *,
         upsert: bool,
         fence: int | None,
+        fence_checked: bool = False,
     ) -> None:
-        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
+        fenced = _fence_arg(fence, fence_checked)
+        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fenced)
         await self._append(thread_id, "writes", call)
 
     def append_put_blocking(
@@ -416,10 +437,12 @@ class RedisWriteBehindLog:
         blobs: Sequence[StoredBlob],
         *,
         fence: int | None,
+        fence_checked: bool = False,
         parent_stored: bool = False,
     ) -> None:
+        fenced = _fence_arg(fence, fence_checked)
         for attempt in range(2):
-            with self._put_attempt(checkpoint, blobs, fence, parent_stored, attempt) as call:
+            with self._put_attempt(checkpoint, blobs, fenced, parent_stored, attempt) as call:
                 self._append_blocking(checkpoint.thread_id, "put", call)
                 return
 
@@ -432,8 +455,10 @@ class RedisWriteBehindLog:
         *,
         upsert: bool,
         fence: int | None,
+        fence_checked: bool = False,
     ) -> None:
-        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fence)
+        fenced = _fence_arg(fence, fence_checked)
+        call = self._writes_call(thread_id, checkpoint_ns, checkpoint_id, writes, upsert, fenced)
         self._append_blocking(thread_id, "writes", call)
 
     @contextmanager
@@ -441,7 +466,7 @@ class RedisWriteBehindLog:
         self,
         checkpoint: StoredCheckpoint,
         blobs: Sequence[StoredBlob],
-        fence: int | None,
+        fence: str,
         parent_stored: bool,
         attempt: int,
     ) -> Iterator[_Call]:
@@ -466,7 +491,7 @@ class RedisWriteBehindLog:
         self,
         checkpoint: StoredCheckpoint,
         blobs: Sequence[StoredBlob],
-        fence: int | None,
+        fence: str,
         parent_stored: bool,
         plan: ValuePlan,
     ) -> _Call:
@@ -485,7 +510,7 @@ class RedisWriteBehindLog:
             checkpoint.parent_checkpoint_id or "",
             self._cache.ttl_seconds,
             checkpoint.checkpoint_ns,
-            "" if fence is None else fence,
+            fence,
             "1" if parent_stored else "0",
             *plan.ops,
             *checkpoint_fields(checkpoint),
@@ -500,7 +525,7 @@ class RedisWriteBehindLog:
         checkpoint_id: str,
         writes: Sequence[StoredWrite],
         upsert: bool,
-        fence: int | None,
+        fence: str,
     ) -> _Call:
         keys = [
             self._cache.key(thread_id, checkpoint_ns),
@@ -512,7 +537,7 @@ class RedisWriteBehindLog:
             "1" if upsert else "0",
             self._cache.ttl_seconds,
             checkpoint_ns,
-            "" if fence is None else fence,
+            fence,
             *write_fields(writes),
         ]
         return keys, args, fence, []
@@ -861,16 +886,18 @@ class RedisCheckpointFence:
         self._cache = cache
         self._admit = client.register_script(_ADMIT)
 
-    async def admit(self, thread_id: str, fence: int) -> None:
+    async def admit(self, thread_id: str, fence: int, *, checked: bool = False) -> None:
         try:
             highest = int(
                 await self._admit(
                     keys=[_thread_key(self._cache, thread_id, "wb-fence")],
-                    args=[fence, self._cache.ttl_seconds],
+                    args=[_fence_arg(fence, checked), self._cache.ttl_seconds],
                 )
             )
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
+        if highest == -1:
+            raise FenceUnknown(thread_id)
         if highest:
             raise StaleFencingToken(thread_id, fence, highest)
 
@@ -883,10 +910,17 @@ class _EpochMoved(StateError):
 _EPOCH_LOST = "a large value sent ahead of its append was gone before it (a restart?)"
 
 
-def _appended(thread_id: str, appended: list[Any], fence: int | None) -> None:
+def _fence_arg(fence: int | None, checked: bool) -> str:
+    """A fencing token as `_FENCE` takes it."""
+    return "" if fence is None else f"{fence}!" if checked else str(fence)
+
+
+def _appended(thread_id: str, appended: list[Any], fence: str) -> None:
     outcome, highest = appended
     if outcome == -2:
-        raise StaleFencingToken(thread_id, int(fence or 0), int(highest))
+        raise StaleFencingToken(thread_id, int(fence.rstrip("!") or 0), int(highest))
+    if outcome == -5:
+        raise FenceUnknown(thread_id)
     if outcome == -3:
         raise UnknownParent(thread_id)
     if outcome == -4:

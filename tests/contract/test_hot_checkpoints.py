@@ -196,7 +196,7 @@ async def test_appends_wait_in_order_until_acknowledged_and_move_the_cache(
 
 async def test_a_stale_fence_is_refused_and_appends_nothing(hot: HotCheckpoints) -> None:
     thread = unique_thread("wbl")
-    await hot.log.append_put(checkpoint(thread, 1), [blob("chat", 1)], fence=7)
+    await hot.log.append_put(checkpoint(thread, 1), [blob("chat", 1)], fence=7, fence_checked=True)
     with pytest.raises(StaleFencingToken) as stale:
         await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=6)
     assert (stale.value.presented, stale.value.highest) == (6, 7)

@@ -27,7 +27,7 @@ from state.checkpoint.flusher import Flusher
 from state.errors import StaleFencingToken
 from state.factory import Backends, backends_for
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
 from state.settings import Settings
 
@@ -191,4 +191,44 @@ async def test_with_redis_unreachable_the_records_fence_guards_checkpoint_writes
             assert await cold_messages(backends, thread_id) == ["first", "reply"]
         finally:
             await client.aclose()
+            await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_a_stale_writer_is_refused_after_redis_lost_the_fence(
+    open_tiers: Open, thread_id: str, mode: str
+) -> None:
+    """Redis may evict the thread's fence (it has a TTL; `volatile-lru`): the first fenced
+    write after that is checked against the workflow record's fence before Redis holds
+    the fence again, so a stale writer does not pass for the first one."""
+    async with open_tiers(mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        graph = chat_graph(saver)
+        redis = create_redis_client(backends.settings)
+        key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
+        try:
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+            await graph.ainvoke({"messages": ["older"]}, config(thread_id, 7))
+            stale = await saver.aget_tuple(config(thread_id, 7))
+            assert stale is not None
+            # The newer run (8) raises the record's fence, as its lease claim does.
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=8
+            )
+            await graph.ainvoke({"messages": ["newer"]}, config(thread_id, 8))
+            await saver.aflush(thread_id)
+            await redis.delete(key)  # evicted
+
+            # The older run goes on from its own last checkpoint.
+            resumed = {"configurable": {**stale.config["configurable"], "fencing_token": 7}}
+            with pytest.raises(StaleFencingToken) as refused:
+                await graph.ainvoke({"messages": ["stale"]}, resumed)
+            assert (refused.value.presented, refused.value.highest) == (7, 8)
+            await saver.aflush(thread_id)
+            assert "stale" not in await cold_messages(backends, thread_id)
+            # The newest goes on, and Redis holds its fence again.
+            await graph.ainvoke({"messages": ["on"]}, config(thread_id, 8))
+            assert await redis.get(key) == b"8"
+        finally:
+            await redis.aclose()
             await backends.cold.delete(thread_id)

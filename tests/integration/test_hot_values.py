@@ -151,7 +151,7 @@ async def test_a_writer_whose_epoch_is_gone_sends_the_value_whole(tiers: WriteBe
 async def test_a_refused_put_leaves_no_epoch_behind(tiers: WriteBehind) -> None:
     thread_id = f"values-{uuid.uuid4().hex[:8]}"
     log = log_of(tiers)
-    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=7)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=7, fence_checked=True)
     [kept] = await epochs_of(tiers, thread_id)
     with pytest.raises(StaleFencingToken):
         await log.append_put(checkpoint(thread_id, 2), [StoredBlob("chat", 2, ("bytes", b"z" * LARGE))], fence=5)  # fmt: skip
@@ -313,7 +313,7 @@ async def test_an_append_sent_again_leaves_the_logs_epoch_as_it_was(tiers: Write
     log = log_of(tiers)
     await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
     [epoch] = await epochs_of(tiers, thread_id)
-    keys, args, fence, _ = log._writes_call(thread_id, "", "00000001", [], False, None)
+    keys, args, fence, _ = log._writes_call(thread_id, "", "00000001", [], False, "")
     await log._append(thread_id, "writes", (keys, args, fence, [(epoch.decode(), b"resent")]))
     assert await tiers.redis.ttl(epoch) == -1
     assert await tiers.redis.strlen(epoch) == len(grown(1).value[1])

@@ -1013,7 +1013,8 @@ class MemoryWriteBehindLog(_Tier):
         blobs: Sequence[StoredBlob],
         *,
         fence: int | None,
-        parent_stored: bool = False,  # this fake never loses a parent
+        fence_checked: bool = False,  # this fake never loses a fence
+        parent_stored: bool = False,  # nor a parent
     ) -> None:
         self._call("append_put")
         self.admit(checkpoint.thread_id, fence)
@@ -1030,6 +1031,7 @@ class MemoryWriteBehindLog(_Tier):
         *,
         upsert: bool,
         fence: int | None,
+        fence_checked: bool = False,
     ) -> None:
         self._call("append_writes")
         self.admit(thread_id, fence)
@@ -1122,7 +1124,7 @@ class MemoryCheckpointFence:
     def __init__(self, log: MemoryWriteBehindLog) -> None:
         self._log = log
 
-    async def admit(self, thread_id: str, fence: int) -> None:
+    async def admit(self, thread_id: str, fence: int, *, checked: bool = False) -> None:
         self._log._call("admit")
         self._log.admit(thread_id, fence)
 
