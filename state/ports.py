@@ -905,6 +905,10 @@ class WriteBehindLog(Protocol):
     async def marker(self, thread_id: str) -> float | None:
         """The thread's current marker (None: not listed)."""
 
+    async def fence_now(self) -> int:
+        """A fencing token above every flush lock token granted so far (the lock may have
+        lapsed, or been evicted, while its holder thought it held it)."""
+
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         """The right to flush the thread (None: another flusher holds it). The token is a
         decimal fencing token, larger than every earlier holder's: the cold store refuses a

@@ -1031,7 +1031,9 @@ class RedisCheckpointCache:
         )
         if namespaces is None:
             return
-        keys = [self.key(thread_id, ns.decode()) for ns in namespaces]
+        # The root namespace's entry whatever the index says: the index has a TTL, so
+        # Redis may evict it (reads touch the entries, not the index).
+        keys = [self.key(thread_id, ns) for ns in {"", *(ns.decode() for ns in namespaces)}]
         keys += [key for key in self._suspect if key.startswith(self.key(thread_id, ""))]
         if await self._call(index, self._client.delete(index, *keys)) is not None:
             self._suspect.difference_update(keys)

@@ -738,7 +738,9 @@ class RedisWriteBehindLog:
             # The cache goes in the same step: left alone, it could still name the newest
             # (lost) checkpoint as a parent Redis knows, and a put on it would reach the
             # cold tier with its parent missing there.
-            entries = [self._cache.key(thread_id, ns) for ns in namespaces]
+            # The root namespace's entry whatever the index says: it has a TTL, so Redis
+            # may have evicted it.
+            entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
             lengths = list(lost.epochs.values())
             return (
                 [*fixed, *held, *entries],
@@ -837,6 +839,14 @@ class RedisWriteBehindLog:
 
     async def mark_dirty(self, thread_id: str) -> None:
         await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
+
+    async def fence_now(self) -> int:
+        # Lock tokens are the server's clock in microseconds when granted (`_LOCK`).
+        try:
+            seconds, micros = await self._client.time()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return int(seconds) * 1_000_000 + int(micros)
 
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         token = await self._run("lock", [self._key(thread_id, FLUSH_LOCK_KIND)], [ttl_ms])

@@ -638,3 +638,83 @@ async def test_a_partly_flushed_thread_is_listed_from_its_oldest_unflushed_entry
     assert thread_id not in [t for t, _ in await log.dirty_threads(limit=1000, unflushed_for=0.5)]
     assert thread_id in [t for t, _ in await log.dirty_threads(limit=1000)]
     await tiers.flusher.flush_thread(thread_id)
+
+
+# --------------------------------------------------------------------------- keys evicted
+# Under `volatile-lru` Redis may evict any key with a TTL: the namespace index, the flush
+# lock. Deleting a thread must not depend on either.
+
+
+async def test_a_deleted_thread_stays_deleted_when_redis_evicted_its_namespace_index(
+    tiers: WriteBehind,
+) -> None:
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["before"]}, cfg)
+    await tiers.saver.aflush(thread_id)
+    await tiers.redis.delete(tiers.cache.namespaces_key(thread_id))  # evicted
+
+    await tiers.saver.adelete_thread(thread_id)
+    assert await tiers.saver.aget_tuple(cfg) is None
+    await graph.ainvoke({"messages": ["after"]}, cfg)
+    await tiers.saver.aflush(thread_id)
+    latest = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+    assert latest is not None and "before" not in latest.checkpoint["channel_values"]["messages"]
+
+
+class _HeldBack:
+    """The cold store, its `apply_batch` held until `go` (a flusher slow to send)."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self.reached, self.go = asyncio.Event(), asyncio.Event()
+
+    async def apply_batch(self, ops: Any, *, fence: int | None = None) -> Any:
+        self.reached.set()
+        await self.go.wait()
+        return await self.store.apply_batch(ops, fence=fence)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_deleted_thread_stays_deleted_when_redis_evicted_the_deletes_flush_lock(
+    tiers: WriteBehind,
+) -> None:
+    """The delete holds the thread's flush lock; Redis evicts it; another worker's flusher
+    takes the lock (a later token), reads the backlog before the delete drops it, and sends
+    its batch after the delete: refused, the thread stays deleted."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["flushed"]}, cfg)
+    await tiers.saver.aflush(thread_id)
+    await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
+    held_back = _HeldBack(tiers.store)
+    other_cache = RedisCheckpointCache(
+        tiers.redis, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
+    )
+    other = Flusher(
+        RedisWriteBehindLog(tiers.redis, other_cache),
+        held_back,  # type: ignore[arg-type]
+        lock_ttl_ms=2_000,
+    )
+    log = tiers.flusher.log
+    discard = log.discard
+    other_flushes: list[asyncio.Task[int]] = []
+
+    async def discard_after_the_lock_was_evicted(thread: str) -> None:
+        await tiers.redis.delete(hot_key(thread, "wb-flushing", namespace=tiers.cache.namespace))
+        other_flushes.append(asyncio.create_task(other.flush_thread(thread)))
+        await held_back.reached.wait()
+        await discard(thread)
+
+    log.discard = discard_after_the_lock_was_evicted  # type: ignore[method-assign]
+    try:
+        await tiers.saver.adelete_thread(thread_id)
+    finally:
+        log.discard = discard  # type: ignore[method-assign]
+    held_back.go.set()
+    await other_flushes[0]
+    assert await tiers.store.get_checkpoint(thread_id, "", None) is None

@@ -1096,6 +1096,10 @@ class MemoryWriteBehindLog(_Tier):
         self._call("marker")
         return self._dirty.get(thread_id)
 
+    async def fence_now(self) -> int:
+        self._call("fence_now")
+        return next(_LOCK_TOKENS)
+
     async def lock_thread(self, thread_id: str, *, ttl_ms: int) -> str | None:
         self._call("lock_thread")
         # A fencing token, as the Redis log's: larger than every earlier one.
