@@ -698,27 +698,32 @@ class RedisCheckpointCache:
     async def read_epochs(self, references: Sequence[Reference]) -> dict[str, EpochBytes]:
         """Each epoch `references` name, from `EPOCH_HEAD` to the longest they read: from
         what this process holds of it, else from Redis."""
-        needed = read_plan(references)
-        epochs = self.epochs.held(needed)
-        if len(epochs) < len(needed):
+        epochs, unheld = self._held_epochs(references)
+        if unheld:
             pipe = self._client.pipeline(transaction=False)
-            unheld = [epoch for epoch in needed if epoch not in epochs]
-            for epoch in unheld:
-                pipe.getrange(epoch, EPOCH_HEAD, needed[epoch] - 1)
+            for epoch, length in unheld.items():
+                pipe.getrange(epoch, EPOCH_HEAD, length - 1)
             epochs.update(zip(unheld, await pipe.execute(), strict=True))
         return epochs
 
     def _read_epochs_blocking(self, references: Sequence[Reference]) -> dict[str, EpochBytes]:
         assert self._blocking_client is not None
-        needed = read_plan(references)
-        epochs = self.epochs.held(needed)
-        if len(epochs) < len(needed):
+        epochs, unheld = self._held_epochs(references)
+        if unheld:
             pipe = self._blocking_client.pipeline(transaction=False)
-            unheld = [epoch for epoch in needed if epoch not in epochs]
-            for epoch in unheld:
-                pipe.getrange(epoch, EPOCH_HEAD, needed[epoch] - 1)
+            for epoch, length in unheld.items():
+                pipe.getrange(epoch, EPOCH_HEAD, length - 1)
             epochs.update(zip(unheld, pipe.execute(), strict=True))
         return epochs
+
+    def _held_epochs(
+        self, references: Sequence[Reference]
+    ) -> tuple[dict[str, EpochBytes], dict[str, int]]:
+        """What this process holds of the epochs `references` need, and the others with the
+        length to read of each."""
+        needed = read_plan(references)
+        held = self.epochs.held(needed)
+        return held, {epoch: length for epoch, length in needed.items() if epoch not in held}
 
     # ----------------------------------------------------------------------- port
 
