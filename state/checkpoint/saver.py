@@ -198,6 +198,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
         self.record_fence = record_fence
+        # Checks against the record's fence in flight, per (thread, token): a run's put and
+        # put_writes that both find no fence in Redis share one cold read.
+        self._durable_checks: dict[tuple[str, int], asyncio.Future[None]] = {}
         # Write-behind threads whose newest write this process sent straight to the cold
         # tier because Redis could not be reached: that state is durable already.
         self._written_through: set[str] = set()
@@ -992,8 +995,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         await self._admit_durably(thread_id, fence)
 
     async def _admit_durably(self, thread_id: str, fence: int | None) -> None:
-        if self.record_fence is not None and fence is not None:
-            await self.record_fence.admit(thread_id, int(fence))
+        if self.record_fence is None or fence is None:
+            return
+        key = (thread_id, int(fence))
+        check = self._durable_checks.get(key)
+        if check is None:
+            check = asyncio.ensure_future(self.record_fence.admit(thread_id, int(fence)))
+            self._durable_checks[key] = check
+            check.add_done_callback(lambda _: self._durable_checks.pop(key, None))
+        await asyncio.shield(check)
 
     async def _fenced(
         self, thread_id: str, fence: int | None, write: Callable[[bool], Awaitable[None]]
