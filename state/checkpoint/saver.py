@@ -422,7 +422,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 append(parent_stored=True)
         except HotStateLost:
             raise
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            self._raise_unless_redis(exc)
             self._sync(self._put_cold_instead(put, checkpoint))
         else:
             self._appended(put)
@@ -457,7 +458,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                         fence_checked=checked,
                     ),
                 )
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
+                self._raise_unless_redis(exc)
                 self._sync(self._writes_cold_instead(put))
             else:
                 self._written_through.discard(put.thread_id)
@@ -663,7 +665,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     await append(parent_stored=True)
             except HotStateLost:
                 raise
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
+                self._raise_unless_redis(exc)
                 await self._put_cold_instead(put, checkpoint)
             else:
                 self._appended(put)
@@ -876,7 +879,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     fence_checked=checked,
                 ),
             )
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            self._raise_unless_redis(exc)
             await self._writes_cold_instead(put)
         else:
             self._written_through.discard(put.thread_id)
@@ -993,6 +997,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             except BackendUnavailable:
                 pass  # Redis out: the record's fence still orders the thread's writers
         await self._admit_durably(thread_id, fence)
+
+    def _raise_unless_redis(self, exc: BackendUnavailable) -> None:
+        """Only Redis out sends a write-behind write to the cold tier instead: a cold tier
+        failing on the way (the read of a parent or of the record's fence) fails the write."""
+        assert self.flusher is not None
+        if exc.backend != self.flusher.log.name:
+            raise exc
 
     async def _admit_durably(self, thread_id: str, fence: int | None) -> None:
         if self.record_fence is None or fence is None:

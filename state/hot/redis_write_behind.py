@@ -121,7 +121,8 @@ local function fenced(fence_key, presented, ttl)
   if tonumber(token) < seen then return seen end
   -- Set again at every write, the newest writer's included: it expires only with a
   -- thread that stopped.
-  redis.call('SET', fence_key, tonumber(token) > seen and token or held, 'EX', ttl)
+  if not held or tonumber(token) > seen then held = token end
+  redis.call('SET', fence_key, held, 'EX', ttl)
   return nil
 end
 """

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
@@ -24,7 +25,7 @@ from devstack import free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.fencing import RecordFence
 from state.checkpoint.flusher import Flusher
-from state.errors import StaleFencingToken
+from state.errors import BackendUnavailable, StaleFencingToken
 from state.factory import Backends, backends_for
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
@@ -232,3 +233,61 @@ async def test_a_stale_writer_is_refused_after_redis_lost_the_fence(
         finally:
             await redis.aclose()
             await backends.cold.delete(thread_id)
+
+
+def _cold_writes(saver: TieredCheckpointSaver, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The checkpoints the saver writes straight to the cold tier (not through the log)."""
+    direct: list[str] = []
+    put_checkpoint = saver.store.put_checkpoint
+
+    async def recorded(stored: Any, *args: Any, **kwargs: Any) -> Any:
+        direct.append(stored.checkpoint_id)
+        return await put_checkpoint(stored, *args, **kwargs)
+
+    monkeypatch.setattr(saver.store, "put_checkpoint", recorded)
+    return direct
+
+
+def _input(thread_id: str, fence: int) -> tuple[RunnableConfig, Any, Any, Any]:
+    return config(thread_id, fence), empty_checkpoint(), {"source": "input", "step": -1}, {}
+
+
+async def test_a_fence_check_the_cold_tier_cannot_answer_fails_the_write_not_redis(
+    open_tiers: Open, thread_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis up, no fence there yet, the cold tier down: the write cannot be checked, so it
+    fails, naming the cold tier; it is not taken for Redis out (and written to the cold
+    tier instead)."""
+    async with open_tiers("write-behind") as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        direct = _cold_writes(saver, monkeypatch)
+        cold_get = backends.cold.get
+        failures = [BackendUnavailable(backends.cold.name, "down")]
+
+        async def down_once(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await cold_get(*args, **kwargs)
+
+        monkeypatch.setattr(backends.cold, "get", down_once)
+        with pytest.raises(BackendUnavailable) as failed:
+            await saver.aput(*_input(thread_id, 7))
+        assert failed.value.backend == backends.cold.name
+        await saver.aput(*_input(thread_id, 7))
+        assert direct == [] and thread_id not in saver._written_through
+
+
+async def test_a_token_of_zero_seeds_the_fence(
+    open_tiers: Open, thread_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_tiers("write-behind") as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        direct = _cold_writes(saver, monkeypatch)
+        await saver.aput(*_input(thread_id, 0))
+        assert direct == [] and thread_id not in saver._written_through
+        redis = create_redis_client(backends.settings)
+        try:
+            key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
+            assert await redis.get(key) == b"0"
+        finally:
+            await redis.aclose()
