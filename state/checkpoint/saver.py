@@ -36,6 +36,7 @@ any loop; the sync ones hand their call to that loop from another thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import threading
@@ -986,13 +987,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if fence is None:
             return
         if hot and self.fence is not None:
-            hot_fence = self.fence
             try:
-                await self._fenced(
-                    thread_id,
-                    fence,
-                    lambda checked: hot_fence.admit(thread_id, int(fence), checked=checked),
-                )
+                await self.fence.admit(thread_id, int(fence))
+                return
+            except FenceUnknown:
+                # Outside the handler below: a cold tier failing this read fails the write.
+                await self._admit_durably(thread_id, fence)
+                # Redis going out after the durable check passed does not undo it.
+                with contextlib.suppress(BackendUnavailable):
+                    await self.fence.admit(thread_id, int(fence), checked=True)
                 return
             except BackendUnavailable:
                 pass  # Redis out: the record's fence still orders the thread's writers

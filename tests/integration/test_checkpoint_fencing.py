@@ -277,6 +277,30 @@ async def test_a_fence_check_the_cold_tier_cannot_answer_fails_the_write_not_red
         assert direct == [] and thread_id not in saver._written_through
 
 
+async def test_write_through_a_fence_check_the_cold_tier_cannot_answer_fails_the_write(
+    open_tiers: Open, thread_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same in write-through: the failed read fails the write, naming the cold tier
+    (it was taken for Redis out, and the record read again)."""
+    async with open_tiers("write-through") as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        cold_get = backends.cold.get
+        failures = [BackendUnavailable(backends.cold.name, "down")]
+
+        async def down_once(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await cold_get(*args, **kwargs)
+
+        monkeypatch.setattr(backends.cold, "get", down_once)
+        with pytest.raises(BackendUnavailable) as failed:
+            await saver.aput(*_input(thread_id, 7))
+        assert failed.value.backend == backends.cold.name
+        assert await saver.aget_tuple(config(thread_id, 7)) is None
+        stored = await saver.aput(*_input(thread_id, 7))
+        assert (await saver.aget_tuple(stored)) is not None
+
+
 async def test_a_token_of_zero_seeds_the_fence(
     open_tiers: Open, thread_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
