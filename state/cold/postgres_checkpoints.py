@@ -392,6 +392,15 @@ SELECT q.*, (
 FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q
 """
 
+# get_checkpoint's four statements, built once: a statement text made per call is parsed
+# for placeholders per call too.
+_LATEST = "WHERE thread_id = %s AND checkpoint_ns = %s ORDER BY checkpoint_id DESC LIMIT 1"
+_BY_ID = "WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s"
+LATEST_SQL = f"{SELECT_CHECKPOINTS_SQL} {_LATEST}"
+BY_ID_SQL = f"{SELECT_CHECKPOINTS_SQL} {_BY_ID}"
+LATEST_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _LATEST)
+BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _BY_ID)
+
 # A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
 # (another run's descendant): deleting them would silently empty its delta channels.
 DELETE_RUN_CHECKPOINTS_SQL = f"""
@@ -570,28 +579,17 @@ class PostgresCheckpointStore:
         *,
         with_history: bool = True,
     ) -> StoredCheckpoint | None:
-        select = (
-            SELECT_CHECKPOINT_WITH_HISTORY_SQL
-            if with_history and thread_id in self._delta_threads
-            else f"{SELECT_CHECKPOINTS_SQL} {{where}}"
-        )
+        history = with_history and thread_id in self._delta_threads
         async with self._pg.connection("get_checkpoint") as conn:
             if checkpoint_id is None:
                 cursor = await conn.execute(
-                    select.replace(
-                        "{where}",
-                        "WHERE thread_id = %s AND checkpoint_ns = %s"
-                        " ORDER BY checkpoint_id DESC LIMIT 1",
-                    ),
+                    LATEST_WITH_HISTORY_SQL if history else LATEST_SQL,
                     (thread_id, checkpoint_ns),
                     binary=True,
                 )
             else:
                 cursor = await conn.execute(
-                    select.replace(
-                        "{where}",
-                        "WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s",
-                    ),
+                    BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL,
                     (thread_id, checkpoint_ns, checkpoint_id),
                     binary=True,
                 )
