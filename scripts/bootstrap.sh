@@ -47,7 +47,10 @@ if [ ! -x .venv/bin/python ]; then
   "${UV[@]}" venv --quiet --python 3.11 .venv 2>/dev/null || "${UV[@]}" venv --quiet .venv
 fi
 say "syncing .venv with requirements-dev.lock"
-"${UV[@]}" pip sync --quiet --python .venv/bin/python requirements-dev.lock
+# Bytecode compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on CI machines)
+# nothing else caches it, and every process (a CLI call, a test's API worker) would
+# compile its imports again: about a second of CPU each (measured: 1.84 s -> 0.86 s).
+"${UV[@]}" pip sync --quiet --compile-bytecode --python .venv/bin/python requirements-dev.lock
 "${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
 
 if [ ! -d node_modules/@vercel/cosmosdb-server ]; then
