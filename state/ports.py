@@ -612,8 +612,10 @@ class CheckpointStore(Protocol):
         before: str | None,
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
+        checkpoint_id: str | None = None,
     ) -> AsyncIterator[StoredCheckpoint]:
-        """Newest first, paged from the store (never the whole partition in memory)."""
+        """Newest first, paged from the store (never the whole partition in memory);
+        `checkpoint_id`: that checkpoint only (in each namespace the filters leave)."""
 
     async def delta_history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]

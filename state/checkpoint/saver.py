@@ -608,9 +608,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.flusher.settle_thread(thread_id)
             else:
                 await self.flusher.settle_all()
-        if thread_id is not None and (checkpoint_id := configurable.get("checkpoint_id")):
+        checkpoint_id = configurable.get("checkpoint_id")
+        if thread_id is not None and checkpoint_ns is not None and checkpoint_id:
             # One named checkpoint: a point read, then the same filters as a listing.
-            found = await self.store.get_checkpoint(thread_id, checkpoint_ns or "", checkpoint_id)
+            found = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
             if (
                 found is not None
                 and (limit is None or limit > 0)
@@ -619,12 +620,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             ):
                 yield self._tuple(await self._complete(found))
             return
+        # No namespace named: every namespace, as LangGraph's savers do (also for a named
+        # checkpoint, a subgraph's found by its id alone).
         async for stored in self.store.list_checkpoints(
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
             before=before_id,
             limit=limit,
             metadata_filter=filter,
+            checkpoint_id=checkpoint_id or None,
         ):
             yield self._tuple(await self._complete(stored))
 

@@ -468,6 +468,7 @@ class CosmosCheckpointStore:
         before: str | None,
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
+        checkpoint_id: str | None = None,
     ) -> AsyncIterator[StoredCheckpoint]:
         if limit is not None and limit <= 0:
             return
@@ -482,6 +483,9 @@ class CosmosCheckpointStore:
         if before is not None:
             where.append("c.checkpoint_id < @before")
             params["@before"] = before
+        if checkpoint_id is not None:
+            where.append("c.checkpoint_id = @id")
+            params["@id"] = checkpoint_id
         # Scalars are filtered by the server; null and structured values (whose equality
         # Cosmos SQL does not define like Python's) are compared here.
         local_filter: dict[str, JSON] = {}

@@ -648,6 +648,7 @@ class PostgresCheckpointStore:
         before: str | None,
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
+        checkpoint_id: str | None = None,
     ) -> AsyncIterator[StoredCheckpoint]:
         # The sort key is the checkpoint id plus whichever of thread and namespace
         # is not fixed by the filter: unique, so a page resumes exactly after the last row.
@@ -667,6 +668,9 @@ class PostgresCheckpointStore:
         if before is not None:
             conditions.append("checkpoint_id < %s")
             params.append(before)
+        if checkpoint_id is not None:
+            conditions.append("checkpoint_id = %s")
+            params.append(checkpoint_id)
         if metadata_filter:
             conditions.append("metadata @> %s")
             params.append(Jsonb(metadata_filter))

@@ -41,6 +41,12 @@ the parent is not what is cached), `add_writes` keeps pending writes exact, and
 `fill` installs what a reader got from the cold tier only if no write revoked
 its lease meanwhile. Redis failures never fail the caller: they are counted,
 the key is deleted on the next contact, and the saver serves from the cold tier.
+
+The thread's namespace index (`cp-namespaces`, a set) names its entries for
+`invalidate`, which deletes the root entry whatever the index says. Redis may evict
+the index alone (it has a TTL, and reads touch the entries, not it), so an entry of
+another namespace (a subgraph's) is read only together with the index and served only
+while the index lists it: an unlisted one is deleted and read as a miss.
 """
 
 from __future__ import annotations
@@ -51,10 +57,11 @@ import os
 import struct
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import CorruptState, StateError
@@ -351,20 +358,42 @@ if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) 
 return {1, backlog}
 """
 
-# KEYS: entry. Its fields but the delta history's (seeds `ds:`, writes `dx:`): a reader
-# that has the history at hand need not receive a snapshot of the whole conversation.
-_WITHOUT_HISTORY = """
-local found = {}
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local prefix = string.sub(fields[i], 1, 3)
-  if prefix ~= 'ds:' and prefix ~= 'dx:' then
-    found[#found + 1] = fields[i]
-    found[#found + 1] = fields[i + 1]
+# An entry's fields but the delta history's (seeds `ds:`, writes `dx:`): a reader that
+# has the history at hand need not receive a snapshot of the whole conversation.
+_HISTORY_FILTER = """
+local function without_history(fields)
+  local found = {}
+  for i = 1, #fields, 2 do
+    local prefix = string.sub(fields[i], 1, 3)
+    if prefix ~= 'ds:' and prefix ~= 'dx:' then
+      found[#found + 1] = fields[i]
+      found[#found + 1] = fields[i + 1]
+    end
   end
+  return found
 end
-return found
 """
+
+# KEYS: entry.
+_WITHOUT_HISTORY = _HISTORY_FILTER + "return without_history(redis.call('HGETALL', KEYS[1]))"
+
+# KEYS: a subgraph's entry, the namespace index. ARGV: namespace, '1' with the history.
+# Served only while the index lists the namespace: `invalidate` finds such entries through
+# the index alone, and the index (a TTL, touched by writes only) may be evicted on its
+# own, leaving an entry a delete of the thread missed. An unlisted entry is deleted and
+# read as a miss (nil); the fill after it lists it again.
+_READ_LISTED = (
+    _HISTORY_FILTER
+    + """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+local fields = redis.call('HGETALL', KEYS[1])
+if ARGV[2] == '1' then return fields end
+return without_history(fields)
+"""
+)
 
 # KEYS: held epochs, cached epochs, then epochs the cache listed. Each is unlisted, and
 # deleted unless the write-behind log refers to it.
@@ -622,6 +651,12 @@ class CheckpointCacheStats:
     errors: int = 0
 
 
+def _paired(flat: object) -> dict[bytes, bytes]:
+    """A hash's fields from a script's flat name/value list (nil, an unlisted entry: none)."""
+    names = cast("list[bytes] | None", flat) or []
+    return dict(zip(names[::2], names[1::2], strict=True))
+
+
 class RedisCheckpointCache:
     """The `CheckpointCache` port on Redis (see the module docstring)."""
 
@@ -648,6 +683,7 @@ class RedisCheckpointCache:
         self._fill_history = client.register_script(_FILL_HISTORY)
         self._lease_history = client.register_script(_LEASE_HISTORY)
         self._without_history = client.register_script(_WITHOUT_HISTORY)
+        self._read_listed = client.register_script(_READ_LISTED)
         self._drop_epochs = client.register_script(_DROP_EPOCHS)
         self.epochs = ValueEpochs()
         # Entries a failed call may have left wrong: deleted on the next contact.
@@ -734,7 +770,9 @@ class RedisCheckpointCache:
         if key in self._suspect and not await self._clear_if_suspect(key):
             return CacheLookup(None)
         try:
-            fields, epochs = await self._read(key, with_history=with_history)
+            fields, epochs = await self._read(
+                key, thread_id, checkpoint_ns, with_history=with_history
+            )
         except (RedisError, OSError) as exc:
             self._failed(key, exc)
             return CacheLookup(None)
@@ -775,17 +813,22 @@ class RedisCheckpointCache:
         return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
     async def _read(
-        self, key: str, *, with_history: bool
+        self, key: str, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> tuple[dict[bytes, bytes], dict[str, EpochBytes]]:
         """The entry's fields and the epochs its references need. A put that moved the
         entry between the two reads may have released an epoch the first one names: then
         both are read again, once (a second miss is the entry's: `parse_entry` says so)."""
         for attempt in range(2):
-            if with_history:
+            if checkpoint_ns:
+                flat = await self._read_listed(
+                    keys=[key, self.namespaces_key(thread_id)],
+                    args=[checkpoint_ns, int(with_history)],
+                )
+                fields = _paired(flat)
+            elif with_history:
                 fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
             else:
-                flat = cast("list[bytes]", await self._without_history(keys=[key]))
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                fields = _paired(await self._without_history(keys=[key]))
             references = needed_references(fields, with_history=with_history)
             if not references:
                 return fields, {}
@@ -806,11 +849,18 @@ class RedisCheckpointCache:
         if key in self._suspect:
             return None
         try:
-            if with_history:
+            if checkpoint_ns:
+                fields = _paired(
+                    self._script_blocking(
+                        self._read_listed,
+                        [key, self.namespaces_key(thread_id)],
+                        [checkpoint_ns, int(with_history)],
+                    )
+                )
+            elif with_history:
                 fields = cast("dict[bytes, bytes]", self._blocking_client.hgetall(key))
             else:
-                flat = cast("list[bytes]", self._without_history_blocking(key))
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                fields = _paired(self._script_blocking(self._without_history, [key], []))
         except (RedisError, OSError):
             return None
         if b"id" not in fields:
@@ -829,12 +879,12 @@ class RedisCheckpointCache:
             self.epochs.remember(thread_id, checkpoint_ns, read_values(fields, found))
         return CacheLookup(found, history=history)
 
-    def _without_history_blocking(self, key: str) -> object:
+    def _script_blocking(self, script: AsyncScript, keys: list[str], args: list[Any]) -> object:
         assert self._blocking_client is not None
         try:
-            return self._blocking_client.evalsha(self._without_history.sha, 1, key)
+            return self._blocking_client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return self._blocking_client.eval(_WITHOUT_HISTORY, 1, key)
+            return self._blocking_client.eval(str(script.script), len(keys), *keys, *args)
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)

@@ -519,6 +519,7 @@ class MemoryCheckpointStore(_Tier):
         before: str | None,
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
+        checkpoint_id: str | None = None,
     ) -> AsyncIterator[StoredCheckpoint]:
         self._call("list_checkpoints")
         matching = [
@@ -526,6 +527,7 @@ class MemoryCheckpointStore(_Tier):
             for (thread, ns, cid), checkpoint in self._checkpoints.items()
             if thread_id in (None, thread)
             and checkpoint_ns in (None, ns)
+            and checkpoint_id in (None, cid)
             and (before is None or cid < before)
             and all(checkpoint.metadata.get(k) == v for k, v in (metadata_filter or {}).items())
         ]
