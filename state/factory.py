@@ -26,6 +26,7 @@ from .ports import (
     EventLog,
     HotStateStore,
 )
+from .retention import TieredRetention
 from .settings import ColdBackend, Settings, WriteMode
 
 # A thread's event log: its last thousand events, for a week after the last one.
@@ -157,6 +158,11 @@ async def open_backends(settings: Settings) -> Backends:
                 write_behind_log, checkpoints, lock_ttl_ms=settings.state_flush_lock_ttl_ms
             )
 
+    if hot is not None:
+        # A thread the cold sweep expires is forgotten by Redis too (`state.retention`).
+        retention = TieredRetention(
+            retention, records=hot, checkpoints=hot_checkpoints, flusher=flusher, events=events
+        )
     backends = Backends(
         settings,
         cold,

@@ -295,12 +295,19 @@ class ColdRetention(Protocol):
     async def release(self, thread_id: str) -> None:
         """Back to the default retention, counted from now (a no-op if not held)."""
 
-    async def sweep(self, *, limit: int, now: float | None = None) -> int:
+    async def sweep(
+        self,
+        *,
+        limit: int,
+        now: float | None = None,
+        deleted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
         `now` (seconds since the epoch) sets the clock expiry is judged by; None:
         the backend's own (Cosmos: this process's, against items' `_ts`; Postgres:
-        the database's).
+        the database's). `deleted` is awaited with each thread id once its cold state
+        is gone (`state.retention` drops the thread's hot state there).
         """
 
 

@@ -212,6 +212,16 @@ class Flusher:
             applied += sum(await asyncio.gather(*(settle(thread_id) for thread_id in page)))
         return applied
 
+    async def delete_thread(self, thread_id: str) -> None:
+        """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no
+        flusher applies (resurrects) the dropped backlog; and fenced past every lock token
+        granted before the discard, so neither does one that took the lock anyway (it
+        lapsed, or Redis evicted it)."""
+        async with self.holding(thread_id) as fence:
+            await self.log.discard(thread_id)
+            fence = max(fence, await self.log.fence_now())
+            await self.store.delete_thread(thread_id, fence=fence)
+
     @contextlib.asynccontextmanager
     async def holding(self, thread_id: str) -> AsyncIterator[int]:
         """The thread's flush lock, waited for: no flusher applies its entries meanwhile.

@@ -1104,13 +1104,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self.flusher is None:
             await self.store.delete_thread(thread_id)
         else:
-            # Under the flush lock, so no flusher applies (resurrects) the dropped backlog;
-            # and fenced past every lock token granted before the discard, so neither does
-            # one that took the lock anyway (it lapsed, or Redis evicted it).
-            async with self.flusher.holding(thread_id) as fence:
-                await self.flusher.log.discard(thread_id)
-                fence = max(fence, await self.flusher.log.fence_now())
-                await self.store.delete_thread(thread_id, fence=fence)
+            await self.flusher.delete_thread(thread_id)
         if self.cache is not None:
             await self.cache.invalidate(thread_id)
 

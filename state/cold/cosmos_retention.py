@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..size import ARCHIVE_SEPARATOR
@@ -114,7 +115,13 @@ class CosmosRetention:
             thread_id, HELD_THE_OLD_WAY, unheld, only_if=f"FROM c WHERE {HELD}"
         )
 
-    async def sweep(self, *, limit: int, now: float | None = None) -> int:
+    async def sweep(
+        self,
+        *,
+        limit: int,
+        now: float | None = None,
+        deleted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
         cutoff = math.floor(time.time() if now is None else now) - self._ttl_seconds
@@ -132,6 +139,8 @@ class CosmosRetention:
                     return swept  # this slice again next time: not all of it was settled
                 if await self._sweep_thread(thread_id, cutoff):
                     swept += 1
+                    if deleted is not None:
+                        await deleted(thread_id)
             # Past a quiet stretch in one step: the next slice starts at the next write.
             start = end if seen else await self._oldest_ts(since=end)
             await self._set_watermark(cutoff if start is None else min(start, cutoff))

@@ -28,6 +28,8 @@ the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from ..size import ARCHIVE_SEPARATOR
 from .postgres_client import CountedConnection, PostgresConnection
 
@@ -144,20 +146,30 @@ class PostgresRetention:
         async with self._pg.connection("release") as conn:
             await conn.execute(RELEASE_SQL, (thread_id,))
 
-    async def sweep(self, *, limit: int, now: float | None = None) -> int:
+    async def sweep(
+        self,
+        *,
+        limit: int,
+        now: float | None = None,
+        deleted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
         while swept < limit:
-            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now)
-            if not deleted:
+            expired = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now)
+            if not expired:
                 break
-            swept += deleted
+            swept += len(expired)
+            if deleted is not None:
+                for thread_id in expired:
+                    await deleted(thread_id)
         async with self._pg.connection("sweep") as conn:
             await conn.execute(EXPIRED_FENCES_SQL, {"ttl": self._ttl_seconds, "now": now})
         return swept
 
-    async def _sweep_batch(self, limit: int, now: float | None) -> int:
+    async def _sweep_batch(self, limit: int, now: float | None) -> list[str]:
+        """The threads one transaction deleted."""
         params: dict[str, int | float | None] = {
             "ttl": self._ttl_seconds,
             "limit": limit,
@@ -171,7 +183,7 @@ class PostgresRetention:
                     expired += [thread_id for thread_id in more if thread_id not in expired]
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
-        return len(expired)
+        return expired
 
 
 async def _thread_ids(

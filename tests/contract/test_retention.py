@@ -459,6 +459,37 @@ async def age_everything(backends: Backends, *thread_ids: str) -> float:
     return time.time()
 
 
+async def test_an_expired_thread_is_forgotten_by_redis_too(
+    cold_backend: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """With a hot tier, the record Redis cached, its checkpoint cache and its events go
+    with the thread the sweep deleted: nothing is served after it (`state.retention`)."""
+    overrides: dict[str, object] = {"state_cold_ttl_seconds": TTL}
+    if cold_backend == "postgres":
+        overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
+    else:
+        overrides["cosmos_container"] = f"retention-{uuid.uuid4().hex[:8]}"
+    settings = make_settings(cold_backend, hot=True, **overrides)
+    try:
+        async with backends_for(settings) as backends:
+            assert backends.hot is not None and backends.events is not None
+            store = TieredStateStore(backends.cold, backends.hot, settings)
+            thread_id = unique_thread("expired-hot")
+            await seed(backends, thread_id, record=False)
+            await store.create(thread_id, {"n": 0}, agent_id="seed")
+            assert await store.get(thread_id) is not None  # cached in Redis
+            assert (await backends.hot.read(thread_id)).record is not None
+            await backends.events.append(thread_id, {"kind": "seeded"})
+            now = await age_everything(backends, thread_id)
+            assert await backends.retention.sweep(limit=100, now=now) == 1
+            assert (await backends.hot.read(thread_id)).record is None
+            assert await store.get(thread_id) is None
+            assert await backends.events.read(thread_id) == []
+    finally:
+        if cold_backend == "cosmos":
+            await drop_container(settings)
+
+
 # --------------------------------------------------------------------------- Cosmos
 
 

@@ -5,13 +5,17 @@ keep_latest prune of a 60-message DeltaChannel thread left 0 messages)."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 
+from state.errors import HotStateLost
+from state.settings import ColdBackend, Settings
 from tests.integration.delta_graph import (
     STACK_IDS,
     STACKS,
@@ -20,6 +24,7 @@ from tests.integration.delta_graph import (
     settings_for,
     thread_config,
 )
+from tests.support.cosmos import drop_container
 
 INVOKES = 21  # 63 messages (the issue saw 60), the latest checkpoint no snapshot
 
@@ -119,3 +124,93 @@ async def test_delete_for_runs_never_strands_a_surviving_checkpoint(
         state = await graph.aget_state(cfg)
         assert state.values["messages"] == expected[max(survivors)]
         assert len(state.values["messages"]) == 3 * (INVOKES - 1)
+
+
+# --------------------------------------------------------------------------- retention
+
+MESSAGE = "m" * 1024
+NO_SNAPSHOT = 50  # no snapshot in these runs: a thread's history is its whole chain
+
+
+def grown(messages: list[str], text: str) -> list[str]:
+    """What an invoke sending `text` leaves (the delta graph's node answers twice)."""
+    sent = [*messages, text]
+    return [*sent, f"a{len(sent)}:{MESSAGE}", f"b{len(sent)}:{MESSAGE}"]
+
+
+@pytest.fixture
+async def swept_settings(
+    request: pytest.FixtureRequest, stack_env: dict[str, str]
+) -> AsyncIterator[Callable[[str, str], Settings]]:
+    """Settings with a 60 s cold TTL, on a store of the test's own (a sweep is global)."""
+    made: list[Settings] = []
+
+    def settings(backend: str, mode: str) -> Settings:
+        extra: dict[str, Any] = {"state_cold_ttl_seconds": 60}
+        if backend == "postgres":
+            extra["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
+        else:
+            extra["cosmos_container"] = f"swept-{uuid.uuid4().hex[:8]}"
+        made.append(settings_for(stack_env, backend, True, mode, **extra))
+        return made[-1]
+
+    yield settings
+    for each in made:
+        if each.state_cold_backend is ColdBackend.COSMOS:
+            await drop_container(each)
+
+
+async def cold_messages(settings: Settings, config: RunnableConfig) -> list[str]:
+    """The thread's latest messages as a process without Redis rebuilds them."""
+    cold_only = Settings.model_validate(
+        {**settings.model_dump(), "redis_url": None, "state_write_mode": "write-through"}
+    )
+    async with open_stack(cold_only) as opened:
+        state = await delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT).aget_state(config)
+        return list(state.values.get("messages", []))
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_a_thread_the_sweep_expired_starts_over_in_both_tiers(
+    backend: str, mode: str, swept_settings: Callable[[str, str], Settings]
+) -> None:
+    """Redis forgets a thread the cold sweep deleted: the next run starts from nothing,
+    instead of continuing from a hot copy onto ancestors the sweep deleted (the caller was
+    told 18 messages, the cold tier rebuilt 3)."""
+    settings = swept_settings(backend, mode)
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("swept")
+        thread_id = config["configurable"]["thread_id"]
+        for n in range(5):
+            await graph.ainvoke({"messages": [f"user {n}"]}, config)
+        await opened.saver.aflush(thread_id)
+        assert await opened.backends.retention.sweep(limit=10, now=time.time() + 600) == 1
+        answered = await graph.ainvoke({"messages": ["user 5"]}, config)
+        await opened.saver.aflush(thread_id)
+    assert answered["messages"] == grown([], "user 5")
+    assert await cold_messages(settings, config) == answered["messages"]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_a_backlog_the_sweep_did_not_see_is_not_flushed_onto_the_expired_thread(
+    backend: str, swept_settings: Callable[[str, str], Settings]
+) -> None:
+    settings = swept_settings(backend, "write-behind")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("swept-backlog")
+        thread_id = config["configurable"]["thread_id"]
+        for n in range(5):
+            await graph.ainvoke({"messages": [f"user {n}"]}, config)
+            if n == 3:
+                await opened.saver.aflush(thread_id)
+        # The last invoke's entries are acknowledged, still in the write-behind log.
+        assert await opened.backends.retention.sweep(limit=10, now=time.time() + 600) == 1
+        assert opened.backends.flusher is not None
+        assert await opened.backends.flusher.drain() == 0
+        # The run's process learns its acknowledged checkpoints are gone.
+        with pytest.raises(HotStateLost):
+            await opened.saver.aflush(thread_id)
+    assert await cold_messages(settings, config) == []

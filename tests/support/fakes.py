@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,7 @@ from state.ports import (
     CacheLookup,
     ChannelHistory,
     CheckpointPut,
+    ColdRetention,
     FlushOp,
     HistoryLookup,
     HotRead,
@@ -71,6 +72,7 @@ from state.ports import (
     check_distinct,
     timed_probe,
 )
+from state.retention import TieredRetention
 from state.settings import Settings
 
 MEMORY = "memory"
@@ -631,7 +633,13 @@ class MemoryRetention:
     def _owner(self, thread_id: str) -> str:
         return thread_id.split("~archive~", 1)[0]
 
-    async def sweep(self, *, limit: int, now: float | None = None) -> int:
+    async def sweep(
+        self,
+        *,
+        limit: int,
+        now: float | None = None,
+        deleted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> int:
         if self._ttl < 0:
             return 0
         clock = time.time() if now is None else now
@@ -649,6 +657,8 @@ class MemoryRetention:
                     await self._cold.delete(record_id)
             self._checkpoints._delete_threads([owner])
             self._released_at.pop(owner, None)
+            if deleted is not None:
+                await deleted(owner)
         return len(expired)
 
 
@@ -1222,6 +1232,17 @@ async def memory_backends(
     flusher = None
     if tier is not None and write_behind:
         flusher = Flusher(tier.log, checkpoints, lock_ttl_ms=settings.state_flush_lock_ttl_ms)
+    retention: ColdRetention = MemoryRetention(
+        cold, checkpoints, ttl_seconds=settings.state_cold_ttl_seconds
+    )
+    if tier is not None:
+        retention = TieredRetention(
+            retention,
+            records=tier.store,
+            checkpoints=tier.cache,
+            flusher=flusher,
+            events=tier.events,
+        )
     backends = Backends(
         settings,
         cold,
@@ -1229,7 +1250,7 @@ async def memory_backends(
         tier.store if tier else None,
         [],
         tier.cache if tier else None,
-        retention=MemoryRetention(cold, checkpoints, ttl_seconds=settings.state_cold_ttl_seconds),
+        retention=retention,
         flusher=flusher,
         checkpoint_fence=tier.fence if tier else None,
         events=tier.events if tier else None,
