@@ -378,14 +378,16 @@ end
 _WITHOUT_HISTORY = _HISTORY_FILTER + "return without_history(redis.call('HGETALL', KEYS[1]))"
 
 # KEYS: a subgraph's entry, the namespace index. ARGV: namespace, '1' with the history.
-# Served only while the index lists the namespace: `invalidate` finds such entries through
-# the index alone, and the index (a TTL, touched by writes only) may be evicted on its
-# own, leaving an entry a delete of the thread missed. An unlisted entry is deleted and
-# read as a miss (nil); the fill after it lists it again.
+# A checkpoint is served only while the index lists the namespace: `invalidate` finds such
+# entries through the index alone, and the index (a TTL, touched by writes only) may be
+# evicted on its own, leaving an entry a delete of the thread missed. An unlisted entry
+# holding a checkpoint is deleted and read as a miss (nil); the fill after it lists it
+# again. One holding no checkpoint yet (early writes, waiting for their checkpoint's put
+# to land; a lease) serves nothing stale, and is read as it is.
 _READ_LISTED = (
     _HISTORY_FILTER
     + """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 and redis.call('HEXISTS', KEYS[1], 'id') == 1 then
   redis.call('DEL', KEYS[1])
   return false
 end

@@ -11,6 +11,7 @@ import uuid
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
@@ -235,3 +236,31 @@ async def test_a_subgraph_interrupt_survives_redis_losing_everything_after_its_f
         assert inner is not None and inner.next == ("review",)
         done = await graph.ainvoke(Command(resume="ok"), config(thread_id))
         assert done == await finished_in_memory(thread_id)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_early_writes_of_a_new_subgraph_namespace_survive_a_concurrent_read(
+    cold_backend: str, mode: WriteMode, open_tiers: OpenBackends
+) -> None:
+    """A subgraph checkpoint's writes landing before its put (LangGraph overlaps the two),
+    a reader of the namespace in between: the cached checkpoint keeps its writes."""
+    async with open_tiers(cold_backend, mode=mode) as backends:
+        writer = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("subgraph-early")
+        inner_ns = "writer:6f1c2a"
+        checkpoint = empty_checkpoint()
+        await writer.aput_writes(
+            config(thread_id, inner_ns, checkpoint_id=checkpoint["id"]),
+            [("trail", "draft")],
+            task_id="t1",
+        )
+        poller = TieredCheckpointSaver.from_backends(backends)  # a UI, say, in another process
+        assert await poller.aget_tuple(config(thread_id, inner_ns)) is None
+        await writer.aput(
+            config(thread_id, inner_ns), checkpoint, {"source": "loop", "step": 0}, {}
+        )
+        await writer.aflush(thread_id)
+        reader = TieredCheckpointSaver.from_backends(backends)
+        hit = await reader.aget_tuple(config(thread_id, inner_ns))
+        assert hit is not None and hit.checkpoint["id"] == checkpoint["id"]
+        assert [(w[1], w[2]) for w in hit.pending_writes or []] == [("trail", "draft")]
