@@ -9,7 +9,10 @@ that no kept checkpoint names any more are deleted with their chunks.
 LangGraph's DeltaChannel keeps no value in most checkpoints: it is rebuilt from
 the writes of the ancestors back to the nearest one holding a snapshot. Removing
 checkpoints (prune, delete_for_runs) spares every one on such a chain of a
-checkpoint that stays, so no surviving checkpoint loses its history.
+checkpoint that stays, so no surviving checkpoint loses its history. A checkpoint
+of a deleted run spared so is marked (`spared`): the thread's next delete_for_runs
+dooms it again, so once the checkpoints that needed it go too, it goes with them
+instead of becoming the thread's latest state again.
 
 Not safe against a writer of the same thread running meanwhile (a put in
 flight may name a document this pass removes): the app prunes and deletes
@@ -69,7 +72,9 @@ class CheckpointMaintenance:
             for doc in page:
                 victims[(doc["thread_id"], doc["checkpoint_ns"])].add(doc["checkpoint_id"])
         for (thread_id, checkpoint_ns), checkpoint_ids in victims.items():
-            await self._remove(thread_id, checkpoint_ns, checkpoint_ids.__contains__)
+            await self._remove(
+                thread_id, checkpoint_ns, checkpoint_ids.__contains__, runs_deleted=True
+            )
             self._forget(thread_id)
         return {thread_id for thread_id, _ in victims}
 
@@ -127,10 +132,18 @@ class CheckpointMaintenance:
             await self._io.upsert_all([change(doc) for doc in page])
 
     async def _remove(
-        self, thread_id: str, checkpoint_ns: str, doomed: Callable[[str], bool]
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        doomed: Callable[[str], bool],
+        *,
+        runs_deleted: bool = False,
     ) -> None:
-        """Remove the namespace's checkpoints whose id is `doomed`, keeping what the rest name."""
+        """Remove the namespace's checkpoints whose id is `doomed`, keeping what the rest name.
+        `runs_deleted` (delete_for_runs): those an earlier one spared are doomed again, and
+        those spared now are marked so."""
         lineage: dict[str, _Lineage] = {}
+        docs: dict[str, Doc] = {}
         async for page in self._io.pages(
             "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @type"
             " AND c.checkpoint_ns = @ns",
@@ -141,17 +154,30 @@ class CheckpointMaintenance:
             for found in page:
                 doc = layout.to_layout_2(found)
                 lineage[doc["checkpoint_id"]] = _Lineage.of(doc)
+                if runs_deleted:
+                    docs[doc["checkpoint_id"]] = found
+
+        def gone(checkpoint_id: str) -> bool:
+            return doomed(checkpoint_id) or (runs_deleted and lineage[checkpoint_id].spared)
+
         # A doomed checkpoint on the DeltaChannel chain of one that stays is spared: its
         # writes (and seed) are what that one's delta channels are rebuilt from.
-        spared = _delta_chains(lineage, [cid for cid in lineage if not doomed(cid)])
+        spared = _delta_chains(lineage, [cid for cid in lineage if not gone(cid)])
         named: dict[str, set[str]] = defaultdict(set)  # document id -> channels kept ones use
         victims: list[str] = []
+        marked: list[Doc] = []
         for checkpoint_id, kept in lineage.items():
-            if doomed(checkpoint_id) and checkpoint_id not in spared:
-                victims.append(kept.doc_id)
-                continue
+            if gone(checkpoint_id):
+                if checkpoint_id not in spared:
+                    victims.append(kept.doc_id)
+                    continue
+                if runs_deleted and not kept.spared:
+                    # So the thread's next delete_for_runs dooms it again: once what needed
+                    # it goes too, it must not become the thread's latest state again.
+                    marked.append({**strip_system(docs[checkpoint_id]), "spared": True})
             for channel, holder_id in kept.value_at.items():
                 named[holder_id].add(channel)
+        await self._io.upsert_all(marked)
         if not victims:
             return
         victim_docs: list[Doc] = []
@@ -226,6 +252,8 @@ class _Lineage:
     # Channels LangGraph's DeltaChannel rebuilds at this checkpoint from its ancestors:
     # those its metadata counts as updated since their last snapshot.
     delta_channels: list[str]
+    # Of a run delete_for_runs deleted, kept for a survivor's DeltaChannel history.
+    spared: bool
 
     @classmethod
     def of(cls, doc: Doc) -> _Lineage:
@@ -236,6 +264,7 @@ class _Lineage:
             doc.get("parent_checkpoint_id"),
             dict(doc["value_at"]),
             [channel for channel in counted if channel in versions],
+            bool(doc.get("spared")),
         )
 
 

@@ -226,6 +226,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH ROW EXECUTE FUNCTION cp_refuse_stale_flush();
         """,
     ),
+    Migration(
+        9,
+        "spared_checkpoints",
+        """
+        -- A checkpoint of a run delete_for_runs deleted, kept only because a surviving
+        -- checkpoint's DeltaChannel history runs through it: the next maintenance of the
+        -- thread deletes it once nothing needs it (a constant default: no table rewrite).
+        ALTER TABLE cp_checkpoints ADD COLUMN spared boolean NOT NULL DEFAULT false;
+        -- Few rows are spared: a partial index finds a thread's without reading its others.
+        CREATE INDEX cp_checkpoints_spared ON cp_checkpoints (thread_id) WHERE spared;
+        """,
+    ),
 )
 
 

@@ -227,9 +227,9 @@ WITH copied_chunks AS (
     FROM cp_writes WHERE thread_id = %(source)s
     ON CONFLICT DO NOTHING
 )
-INSERT INTO cp_checkpoints ({CHECKPOINT_COLUMNS})
+INSERT INTO cp_checkpoints ({CHECKPOINT_COLUMNS}, spared)
 SELECT %(target)s, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type, checkpoint,
-       metadata, channel_versions, schema_version
+       metadata, channel_versions, schema_version, spared
 FROM cp_checkpoints WHERE thread_id = %(source)s
 ON CONFLICT DO NOTHING
 """
@@ -403,29 +403,52 @@ BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _
 
 # A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
 # (another run's descendant): deleting them would silently empty its delta channels.
+# Those are marked `spared` instead, and doomed again by the thread's next such delete,
+# so once the checkpoints that needed them go too, they do not become the thread's
+# latest state again.
 DELETE_RUN_CHECKPOINTS_SQL = f"""
-WITH RECURSIVE doomed AS (
+WITH RECURSIVE runs AS (
     SELECT thread_id, checkpoint_ns, checkpoint_id FROM cp_checkpoints
     WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+), threads AS (
+    SELECT DISTINCT thread_id FROM runs
+), doomed AS (
+    -- The runs' checkpoints, and those an earlier call spared in the same threads.
+    SELECT * FROM runs
+    UNION
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id FROM threads AS t
+    CROSS JOIN LATERAL (
+        SELECT * FROM cp_checkpoints AS c WHERE c.thread_id = t.thread_id AND c.spared OFFSET 0
+    ) AS c
 ), survivors AS (
     -- A lookup per thread (OFFSET 0 keeps the subquery from being flattened): joined
     -- as a set, the planner hashed a scan of every thread's checkpoints.
-    SELECT c.* FROM (SELECT DISTINCT thread_id FROM doomed) AS t
+    SELECT c.* FROM threads AS t
     CROSS JOIN LATERAL (
         SELECT * FROM cp_checkpoints AS c
-        WHERE c.thread_id = t.thread_id
+        WHERE c.thread_id = t.thread_id AND NOT c.spared
           AND NOT COALESCE(c.metadata ->> 'run_id' = ANY(%(run_ids)s), false)
         OFFSET 0
     ) AS c
 ), delta_starts AS (
     {DELTA_STARTS_OF.format(checkpoint="survivors", source="survivors")}
-), {DELTA_CHAIN_CTE}
+), {DELTA_CHAIN_CTE}, kept AS (
+    SELECT DISTINCT d.* FROM doomed AS d
+    JOIN delta_chain AS k
+      ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
+     AND k.checkpoint_id = d.checkpoint_id
+), marked AS (
+    UPDATE cp_checkpoints AS c SET spared = true
+    FROM kept AS k
+    WHERE c.thread_id = k.thread_id AND c.checkpoint_ns = k.checkpoint_ns
+      AND c.checkpoint_id = k.checkpoint_id AND NOT c.spared
+)
 DELETE FROM cp_checkpoints AS c
 USING doomed AS d
 WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
   AND c.checkpoint_id = d.checkpoint_id
   AND NOT EXISTS (
-      SELECT 1 FROM delta_chain AS k
+      SELECT 1 FROM kept AS k
       WHERE k.thread_id = c.thread_id AND k.checkpoint_ns = c.checkpoint_ns
         AND k.checkpoint_id = c.checkpoint_id
   )

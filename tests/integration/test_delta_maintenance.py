@@ -214,3 +214,32 @@ async def test_a_backlog_the_sweep_did_not_see_is_not_flushed_onto_the_expired_t
         with pytest.raises(HotStateLost):
             await opened.saver.aflush(thread_id)
     assert await cold_messages(settings, config) == []
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_deleted_run_kept_for_a_later_runs_history_goes_with_that_run(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """delete_for_runs spares a deleted run's checkpoints while a later run's DeltaChannel
+    history runs through them; once that later run is deleted too, they go with it, and
+    the thread's state is the run before the deleted one (it was the deleted run's)."""
+    async with open_stack(settings_for(stack_env, backend, redis, mode)) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("spared")
+        runs: list[str] = []
+        states: list[list[str]] = []
+        for n in range(6):
+            runs.append(str(uuid.uuid4()))
+            run_config: RunnableConfig = {
+                "configurable": {**config["configurable"], "run_id": runs[-1]}
+            }
+            await graph.ainvoke({"messages": [f"user {n}"]}, run_config)
+            states.append(grown(states[-1] if states else [], f"user {n}"))
+        await opened.saver.adelete_for_runs([runs[3]])
+        assert (await graph.aget_state(config)).values["messages"] == states[5]
+        await opened.saver.adelete_for_runs([runs[5]])
+        assert (await graph.aget_state(config)).values["messages"] == states[4]
+        await opened.saver.adelete_for_runs([runs[4]])
+        left = {runs.index(s.metadata["run_id"]) async for s in graph.aget_state_history(config)}
+        assert left == {0, 1, 2}
+        assert (await graph.aget_state(config)).values["messages"] == states[2]
