@@ -252,6 +252,19 @@ def _input(thread_id: str, fence: int) -> tuple[RunnableConfig, Any, Any, Any]:
     return config(thread_id, fence), empty_checkpoint(), {"source": "input", "step": -1}, {}
 
 
+def _first_record_read_fails(backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cold tier down for the next read of a record (the fence's), then back."""
+    cold_get = backends.cold.get
+    failures = [BackendUnavailable(backends.cold.name, "down")]
+
+    async def down_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await cold_get(*args, **kwargs)
+
+    monkeypatch.setattr(backends.cold, "get", down_once)
+
+
 async def test_a_fence_check_the_cold_tier_cannot_answer_fails_the_write_not_redis(
     open_tiers: Open, thread_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -261,15 +274,7 @@ async def test_a_fence_check_the_cold_tier_cannot_answer_fails_the_write_not_red
     async with open_tiers("write-behind") as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         direct = _cold_writes(saver, monkeypatch)
-        cold_get = backends.cold.get
-        failures = [BackendUnavailable(backends.cold.name, "down")]
-
-        async def down_once(*args: Any, **kwargs: Any) -> Any:
-            if failures:
-                raise failures.pop()
-            return await cold_get(*args, **kwargs)
-
-        monkeypatch.setattr(backends.cold, "get", down_once)
+        _first_record_read_fails(backends, monkeypatch)
         with pytest.raises(BackendUnavailable) as failed:
             await saver.aput(*_input(thread_id, 7))
         assert failed.value.backend == backends.cold.name
@@ -284,15 +289,7 @@ async def test_write_through_a_fence_check_the_cold_tier_cannot_answer_fails_the
     (it was taken for Redis out, and the record read again)."""
     async with open_tiers("write-through") as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
-        cold_get = backends.cold.get
-        failures = [BackendUnavailable(backends.cold.name, "down")]
-
-        async def down_once(*args: Any, **kwargs: Any) -> Any:
-            if failures:
-                raise failures.pop()
-            return await cold_get(*args, **kwargs)
-
-        monkeypatch.setattr(backends.cold, "get", down_once)
+        _first_record_read_fails(backends, monkeypatch)
         with pytest.raises(BackendUnavailable) as failed:
             await saver.aput(*_input(thread_id, 7))
         assert failed.value.backend == backends.cold.name
