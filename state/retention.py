@@ -6,38 +6,48 @@ latest checkpoint) until its hot TTL, and a run continuing from that checkpoint
 would write children whose ancestors the sweep deleted: a chain that no longer
 rebuilds (a DeltaChannel's history, a value stored at an ancestor). A write-behind
 backlog the sweep did not see would be flushed onto the deleted thread the same way.
-So for each thread the sweep deleted, `TieredRetention` does what `delete_thread`
-does to the hot tier: the backlog is discarded under the flush lock and the cold
-flush fence raised (`Flusher.delete_thread`, which deletes the cold checkpoints
-again: nothing, unless a run wrote in between), then the cached checkpoints, the
-cached record and the thread's event log are dropped.
 
-Known limit, as for the cold sweep alone: a run that writes in the instant between
-the cold deletion and this forgetting can still lose that write. A failure to reach
-Redis stops the sweep (the timer logs it and sweeps again on its next tick); the
-threads already deleted keep their hot state until it expires, and an unflushed
-backlog (no TTL) until Redis lets it be flushed, onto the deleted thread.
+So just before the sweep deletes a thread, `TieredRetention` does to the hot tier what
+`delete_thread` does: the cached record goes (the first Redis call: if Redis cannot be
+reached, the sweep stops before deleting the thread, and the next one tries again),
+the backlog is discarded under the flush lock with the cold flush fence raised
+(`Flusher.delete_thread`, which deletes the thread's checkpoints then; the fence stays
+a TTL longer), then the cached checkpoints and the event log go. A reader that caches
+the thread again from the cold tier between that and the cold deletion is undone
+once the sweep ends: the caches of every thread it forgot are dropped again (best
+effort: a failure is logged). An archive record (`<thread>~archive~...`) has only a
+cached record to forget.
+
+Known limits: as for the cold sweep alone, a run that writes in the instant between
+the forgetting and the cold deletion can lose that write. A sweep stopped by a failure
+part-way through forgetting a thread may leave it with its checkpoints deleted and
+its record not yet (the next sweep deletes the rest).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from .errors import BackendUnavailable
 from .ports import CheckpointCache, ColdRetention, EventLog, HotStateStore
+from .size import ARCHIVE_SEPARATOR
 
 if TYPE_CHECKING:
     from .checkpoint.flusher import Flusher
 
+log = logging.getLogger(__name__)
+
 
 class TieredRetention:
-    """`ColdRetention` whose sweep also forgets each deleted thread's hot state."""
+    """`ColdRetention` whose sweep also forgets each expiring thread's hot state."""
 
     def __init__(
         self,
         cold: ColdRetention,
         *,
-        records: HotStateStore | None,
+        records: HotStateStore,
         checkpoints: CheckpointCache | None,
         flusher: Flusher | None,
         events: EventLog | None,
@@ -60,21 +70,37 @@ class TieredRetention:
         *,
         limit: int,
         now: float | None = None,
-        deleted: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
-        async def forget(thread_id: str) -> None:
-            await self._forget(thread_id)
-            if deleted is not None:
-                await deleted(thread_id)
+        forgotten: list[str] = []
 
-        return await self._cold.sweep(limit=limit, now=now, deleted=forget)
+        async def forget(thread_id: str) -> None:
+            if expiring is not None:
+                await expiring(thread_id)
+            await self._forget(thread_id)
+            forgotten.append(thread_id)
+
+        try:
+            return await self._cold.sweep(limit=limit, now=now, expiring=forget)
+        finally:
+            for thread_id in forgotten:
+                await self._drop_cached(thread_id)
 
     async def _forget(self, thread_id: str) -> None:
+        await self._records.invalidate(thread_id)
+        if ARCHIVE_SEPARATOR in thread_id:
+            return
         if self._flusher is not None:
             await self._flusher.delete_thread(thread_id)
         if self._checkpoints is not None:
             await self._checkpoints.invalidate(thread_id)
-        if self._records is not None:
-            await self._records.invalidate(thread_id)
         if self._events is not None:
             await self._events.delete(thread_id)
+
+    async def _drop_cached(self, thread_id: str) -> None:
+        try:
+            await self._records.invalidate(thread_id)
+            if self._checkpoints is not None and ARCHIVE_SEPARATOR not in thread_id:
+                await self._checkpoints.invalidate(thread_id)
+        except BackendUnavailable as exc:
+            log.warning("the hot copy of expired %r may outlive it: %s", thread_id, exc)

@@ -120,7 +120,7 @@ class CosmosRetention:
         *,
         limit: int,
         now: float | None = None,
-        deleted: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -137,10 +137,8 @@ class CosmosRetention:
             for thread_id in seen:
                 if swept >= limit:
                     return swept  # this slice again next time: not all of it was settled
-                if await self._sweep_thread(thread_id, cutoff):
+                if await self._sweep_thread(thread_id, cutoff, expiring):
                     swept += 1
-                    if deleted is not None:
-                        await deleted(thread_id)
             # Past a quiet stretch in one step: the next slice starts at the next write.
             start = end if seen else await self._oldest_ts(since=end)
             await self._set_watermark(cutoff if start is None else min(start, cutoff))
@@ -148,7 +146,9 @@ class CosmosRetention:
 
     # ----------------------------------------------------------------------- sweep steps
 
-    async def _sweep_thread(self, thread_id: str, cutoff: int) -> bool:
+    async def _sweep_thread(
+        self, thread_id: str, cutoff: int, expiring: Callable[[str], Awaitable[None]] | None
+    ) -> bool:
         """Delete `thread_id` if it expired (True); archive records only as orphans."""
         if thread_id == WATERMARK_PARTITION:
             return False
@@ -161,6 +161,8 @@ class CosmosRetention:
             last = await self._last_write(thread_id)
             if last is None or last >= cutoff:
                 return False
+            if expiring is not None:
+                await expiring(thread_id)
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -173,13 +175,18 @@ class CosmosRetention:
             return False
         if await self._held(thread_id):
             return False
+        if expiring is not None:
+            await expiring(thread_id)
         await self._delete_thread(thread_id)
         return True
 
     async def _delete_thread(self, thread_id: str) -> None:
         await self._io.delete(WORKFLOW_ID, thread_id)
         await self._io.delete_matching(thread_id, "c.type = @type", {"@type": CHECKPOINT})
-        await self._io.delete_matching(thread_id, "true", {})
+        # But the flush fence (`state.checkpoint.flusher`): a write-behind batch from a
+        # flusher paused past its lock must not bring the thread back; the sweep a TTL
+        # later takes it (see `_sweep_thread`).
+        await self._io.delete_matching(thread_id, "c.id != @fence", {"@fence": FENCE_ID})
         archives: set[str] = set()
         async for page in self._io.pages(
             "SELECT VALUE c.thread_id FROM c WHERE STARTSWITH(c.thread_id, @prefix)",

@@ -151,25 +151,26 @@ class PostgresRetention:
         *,
         limit: int,
         now: float | None = None,
-        deleted: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
         while swept < limit:
-            expired = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now)
-            if not expired:
+            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now, expiring)
+            if not deleted:
                 break
-            swept += len(expired)
-            if deleted is not None:
-                for thread_id in expired:
-                    await deleted(thread_id)
+            swept += deleted
         async with self._pg.connection("sweep") as conn:
             await conn.execute(EXPIRED_FENCES_SQL, {"ttl": self._ttl_seconds, "now": now})
         return swept
 
-    async def _sweep_batch(self, limit: int, now: float | None) -> list[str]:
-        """The threads one transaction deleted."""
+    async def _sweep_batch(
+        self,
+        limit: int,
+        now: float | None,
+        expiring: Callable[[str], Awaitable[None]] | None,
+    ) -> int:
         params: dict[str, int | float | None] = {
             "ttl": self._ttl_seconds,
             "limit": limit,
@@ -181,9 +182,14 @@ class PostgresRetention:
                 if len(expired) < limit:
                     more = await _thread_ids(conn, query, {**params, "limit": limit - len(expired)})
                     expired += [thread_id for thread_id in more if thread_id not in expired]
+            # Inside the transaction: a thread whose `expiring` fails is not deleted (the
+            # whole batch rolls back), and its records stay locked meanwhile.
+            if expiring is not None:
+                for thread_id in expired:
+                    await expiring(thread_id)
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
-        return expired
+        return len(expired)
 
 
 async def _thread_ids(

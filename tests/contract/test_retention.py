@@ -22,11 +22,15 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis.exceptions
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
 
+from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
-from state.errors import StateError
+from state.errors import BackendUnavailable, StateError
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
@@ -490,6 +494,55 @@ async def test_an_expired_thread_is_forgotten_by_redis_too(
             await drop_container(settings)
 
 
+async def test_a_sweep_redis_cannot_follow_deletes_nothing_and_the_next_one_does(
+    cold_backend: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """Redis unreachable as the sweep forgets the first thread: the sweep stops before the
+    cold deletion, so nothing is deleted that Redis still serves; the next sweep, Redis
+    back, deletes and forgets them all."""
+    overrides: dict[str, object] = {
+        "state_cold_ttl_seconds": TTL,
+        "state_write_mode": "write-through",
+    }
+    if cold_backend == "postgres":
+        overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
+    else:
+        overrides["cosmos_container"] = f"retention-{uuid.uuid4().hex[:8]}"
+    settings = make_settings(cold_backend, hot=True, **overrides)
+    try:
+        async with backends_for(settings) as backends:
+            assert backends.hot_checkpoints is not None
+            saver = TieredCheckpointSaver.from_backends(backends)
+            threads = [unique_thread(f"swept-{n}") for n in range(3)]
+            for thread_id in threads:
+                await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
+            now = await age_everything(backends, *threads)
+            client = backends.hot_checkpoints._client  # the hot store's too
+            working = client.execute_command
+
+            async def refused(*args: Any, **kwargs: Any) -> Any:
+                raise redis.exceptions.ConnectionError("Connection refused (injected)")
+
+            client.execute_command = refused  # type: ignore[method-assign]
+            with pytest.raises(BackendUnavailable):
+                await backends.retention.sweep(limit=100, now=now)
+            client.execute_command = working  # type: ignore[method-assign]
+            for thread_id in threads:
+                assert await backends.checkpoints.get_checkpoint(thread_id, "", None)
+            assert await backends.retention.sweep(limit=100, now=now) == len(threads)
+            reader = TieredCheckpointSaver.from_backends(backends)
+            for thread_id in threads:
+                assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+                assert await reader.aget_tuple(latest(thread_id)) is None
+    finally:
+        if cold_backend == "cosmos":
+            await drop_container(settings)
+
+
+def latest(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+
+
 # --------------------------------------------------------------------------- Cosmos
 
 
@@ -732,3 +785,33 @@ async def test_cosmos_sweep_reads_time_slices_a_few_per_tick(
         assert await backends.retention.sweep(limit=100, now=now) == 0
         later = await last_write(backends, late) + TTL + 1
         assert await backends.retention.sweep(limit=100, now=later) == 1
+
+
+async def test_cosmos_an_orphan_archive_swept_in_write_behind_is_gone_for_good(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Forgetting an expired archive record touches no flush state: nothing is left in its
+    partition for a later sweep to find and count again (a fence item was, every TTL)."""
+    ttl = 2
+    settings = make_settings(
+        "cosmos",
+        state_cold_ttl_seconds=ttl,
+        state_write_mode="write-behind",
+        cosmos_container=f"retention-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        async with backends_for(settings) as backends:
+            store = TieredStateStore(backends.cold, None, backends.settings)
+            owner = unique_thread("never-created")
+            await store.size.offload(owner, "big", os.urandom(3000).hex())
+            archives = await archive_ids(backends, owner)
+            assert archives
+            swept = []
+            for _ in range(2):
+                await asyncio.sleep(ttl + 1.5)
+                swept.append(await backends.retention.sweep(limit=100))
+            assert swept == [len(archives), 0]
+            for archive in archives:
+                assert await partition_of(settings, archive) == []
+    finally:
+        await drop_container(settings)

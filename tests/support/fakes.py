@@ -638,7 +638,7 @@ class MemoryRetention:
         *,
         limit: int,
         now: float | None = None,
-        deleted: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
@@ -652,13 +652,13 @@ class MemoryRetention:
             t for t, at in sorted(last.items()) if t not in self._held and at + self._ttl < clock
         ][:limit]
         for owner in expired:
+            if expiring is not None:
+                await expiring(owner)
             for record_id in self._cold.thread_ids():
                 if self._owner(record_id) == owner:
                     await self._cold.delete(record_id)
             self._checkpoints._delete_threads([owner])
             self._released_at.pop(owner, None)
-            if deleted is not None:
-                await deleted(owner)
         return len(expired)
 
 
