@@ -50,10 +50,13 @@ PG_TABLES = ("workflow_records", "state_audit_log", "cp_checkpoints", "cp_blobs"
 def open_cold(
     request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
 ) -> Callable[..., Any]:
-    """Backends for one cold backend without a hot tier; Postgres in a fresh database."""
+    """Backends for one cold backend, without a hot tier unless `hot`; Postgres in a fresh
+    database."""
 
     @asynccontextmanager
-    async def open_(backend: str, **overrides: object) -> AsyncIterator[Backends]:
+    async def open_(
+        backend: str, *, hot: bool = False, **overrides: object
+    ) -> AsyncIterator[Backends]:
         if backend == "postgres":
             overrides.setdefault("postgres_url", request.getfixturevalue("fresh_postgres_url"))
         else:
@@ -62,7 +65,7 @@ def open_cold(
         # section over a quarter of it is offloaded).
         settings = make_settings(
             backend,
-            hot=False,
+            hot=hot,
             state_max_item_bytes=16384,
             state_archivable_sections="history",
             **overrides,
@@ -464,79 +467,58 @@ async def age_everything(backends: Backends, *thread_ids: str) -> float:
 
 
 async def test_an_expired_thread_is_forgotten_by_redis_too(
-    cold_backend: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+    cold_backend: str, open_cold: Open
 ) -> None:
     """With a hot tier, the record Redis cached, its checkpoint cache and its events go
     with the thread the sweep deleted: nothing is served after it (`state.retention`)."""
-    overrides: dict[str, object] = {"state_cold_ttl_seconds": TTL}
-    if cold_backend == "postgres":
-        overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
-    else:
-        overrides["cosmos_container"] = f"retention-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(cold_backend, hot=True, **overrides)
-    try:
-        async with backends_for(settings) as backends:
-            assert backends.hot is not None and backends.events is not None
-            store = TieredStateStore(backends.cold, backends.hot, settings)
-            thread_id = unique_thread("expired-hot")
-            await seed(backends, thread_id, record=False)
-            await store.create(thread_id, {"n": 0}, agent_id="seed")
-            assert await store.get(thread_id) is not None  # cached in Redis
-            assert (await backends.hot.read(thread_id)).record is not None
-            await backends.events.append(thread_id, {"kind": "seeded"})
-            now = await age_everything(backends, thread_id)
-            assert await backends.retention.sweep(limit=100, now=now) == 1
-            assert (await backends.hot.read(thread_id)).record is None
-            assert await store.get(thread_id) is None
-            assert await backends.events.read(thread_id) == []
-    finally:
-        if cold_backend == "cosmos":
-            await drop_container(settings)
+    async with open_cold(cold_backend, hot=True, state_cold_ttl_seconds=TTL) as backends:
+        assert backends.hot is not None and backends.events is not None
+        store = TieredStateStore(backends.cold, backends.hot, backends.settings)
+        thread_id = unique_thread("expired-hot")
+        await seed(backends, thread_id, record=False)
+        await store.create(thread_id, {"n": 0}, agent_id="seed")
+        assert await store.get(thread_id) is not None  # cached in Redis
+        assert (await backends.hot.read(thread_id)).record is not None
+        await backends.events.append(thread_id, {"kind": "seeded"})
+        now = await age_everything(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert (await backends.hot.read(thread_id)).record is None
+        assert await store.get(thread_id) is None
+        assert await backends.events.read(thread_id) == []
 
 
 async def test_a_sweep_redis_cannot_follow_deletes_nothing_and_the_next_one_does(
-    cold_backend: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+    cold_backend: str, open_cold: Open
 ) -> None:
     """Redis unreachable as the sweep forgets the first thread: the sweep stops before the
     cold deletion, so nothing is deleted that Redis still serves; the next sweep, Redis
     back, deletes and forgets them all."""
-    overrides: dict[str, object] = {
-        "state_cold_ttl_seconds": TTL,
-        "state_write_mode": "write-through",
-    }
-    if cold_backend == "postgres":
-        overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
-    else:
-        overrides["cosmos_container"] = f"retention-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(cold_backend, hot=True, **overrides)
-    try:
-        async with backends_for(settings) as backends:
-            assert backends.hot_checkpoints is not None
-            saver = TieredCheckpointSaver.from_backends(backends)
-            threads = [unique_thread(f"swept-{n}") for n in range(3)]
-            for thread_id in threads:
-                await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
-            now = await age_everything(backends, *threads)
-            client = backends.hot_checkpoints._client  # the hot store's too
-            working = client.execute_command
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-through"
+    ) as backends:
+        assert backends.hot_checkpoints is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        threads = [unique_thread(f"swept-{n}") for n in range(3)]
+        for thread_id in threads:
+            await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
+        now = await age_everything(backends, *threads)
+        client = backends.hot_checkpoints._client  # the hot store's too
+        working = client.execute_command
 
-            async def refused(*args: Any, **kwargs: Any) -> Any:
-                raise redis.exceptions.ConnectionError("Connection refused (injected)")
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise redis.exceptions.ConnectionError("Connection refused (injected)")
 
-            client.execute_command = refused  # type: ignore[method-assign]
-            with pytest.raises(BackendUnavailable):
-                await backends.retention.sweep(limit=100, now=now)
-            client.execute_command = working  # type: ignore[method-assign]
-            for thread_id in threads:
-                assert await backends.checkpoints.get_checkpoint(thread_id, "", None)
-            assert await backends.retention.sweep(limit=100, now=now) == len(threads)
-            reader = TieredCheckpointSaver.from_backends(backends)
-            for thread_id in threads:
-                assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
-                assert await reader.aget_tuple(latest(thread_id)) is None
-    finally:
-        if cold_backend == "cosmos":
-            await drop_container(settings)
+        client.execute_command = refused  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await backends.retention.sweep(limit=100, now=now)
+        client.execute_command = working  # type: ignore[method-assign]
+        for thread_id in threads:
+            assert await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert await backends.retention.sweep(limit=100, now=now) == len(threads)
+        reader = TieredCheckpointSaver.from_backends(backends)
+        for thread_id in threads:
+            assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+            assert await reader.aget_tuple(latest(thread_id)) is None
 
 
 def latest(thread_id: str) -> RunnableConfig:
