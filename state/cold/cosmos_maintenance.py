@@ -15,8 +15,10 @@ dooms it again, so once the checkpoints that needed it go too, it goes with them
 instead of becoming the thread's latest state again.
 
 Not safe against a writer of the same thread running meanwhile (a put in
-flight may name a document this pass removes): the app prunes and deletes
-threads whose runs have stopped.
+flight may name a document this pass removes), nor against two of these passes
+on one thread at once (two delete_for_runs may each keep what the other
+deletes, where Postgres takes them in turn): the app prunes and deletes threads
+whose runs have stopped, under the case's run guard.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from ..ports import PruneStrategy
 from . import cosmos_layout as layout
-from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, strip_system
+from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, gather, strip_system
 
 
 class CheckpointMaintenance:
@@ -143,7 +145,6 @@ class CheckpointMaintenance:
         `runs_deleted` (delete_for_runs): those an earlier one spared are doomed again, and
         those spared now are marked so."""
         lineage: dict[str, _Lineage] = {}
-        docs: dict[str, Doc] = {}
         async for page in self._io.pages(
             "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @type"
             " AND c.checkpoint_ns = @ns",
@@ -154,8 +155,6 @@ class CheckpointMaintenance:
             for found in page:
                 doc = layout.to_layout_2(found)
                 lineage[doc["checkpoint_id"]] = _Lineage.of(doc)
-                if runs_deleted:
-                    docs[doc["checkpoint_id"]] = found
 
         def gone(checkpoint_id: str) -> bool:
             return doomed(checkpoint_id) or (runs_deleted and lineage[checkpoint_id].spared)
@@ -165,19 +164,25 @@ class CheckpointMaintenance:
         spared = _delta_chains(lineage, [cid for cid in lineage if not gone(cid)])
         named: dict[str, set[str]] = defaultdict(set)  # document id -> channels kept ones use
         victims: list[str] = []
-        marked: list[Doc] = []
+        marked: list[str] = []
         for checkpoint_id, kept in lineage.items():
             if gone(checkpoint_id):
                 if checkpoint_id not in spared:
                     victims.append(kept.doc_id)
                     continue
                 if runs_deleted and not kept.spared:
-                    # So the thread's next delete_for_runs dooms it again: once what needed
-                    # it goes too, it must not become the thread's latest state again.
-                    marked.append({**strip_system(docs[checkpoint_id]), "spared": True})
+                    marked.append(kept.doc_id)
             for channel, holder_id in kept.value_at.items():
                 named[holder_id].add(channel)
-        await self._io.upsert_all(marked)
+        # So the thread's next delete_for_runs dooms them again: once what needs them goes
+        # too, they must not become the thread's latest state again. A patch, not a write
+        # of the document as read: one deleted meanwhile stays deleted.
+        await gather(
+            [
+                self._io.patch(doc_id, thread_id, [{"op": "add", "path": "/spared", "value": True}])
+                for doc_id in marked
+            ]
+        )
         if not victims:
             return
         victim_docs: list[Doc] = []

@@ -212,13 +212,20 @@ class CosmosRetention:
         return list(seen)
 
     async def _last_write(self, thread_id: str) -> int | None:
-        """`_ts` of the thread's newest item; None if it has none."""
+        """`_ts` of the thread's newest item but its flush fence, or of the fence if that is
+        all it has; None if it has nothing. The fence is no activity: a delete writes it
+        too, so counting it would keep a thread a sweep stopped half-way through deleting
+        (its checkpoints gone, its record not yet) for another TTL."""
         found = await self._io.query_all(
-            "SELECT TOP 1 VALUE c._ts FROM c WHERE c.thread_id = @thread ORDER BY c._ts DESC",
-            {"@thread": thread_id},
+            "SELECT TOP 1 VALUE c._ts FROM c WHERE c.thread_id = @thread AND c.id != @fence"
+            " ORDER BY c._ts DESC",
+            {"@thread": thread_id, "@fence": FENCE_ID},
             partition=thread_id,
         )
-        return int(found[0]) if found else None
+        if not found:
+            fence = await self._io.read(FENCE_ID, thread_id)
+            return None if fence is None else int(fence["_ts"])
+        return int(found[0])
 
     async def _has_items(self, thread_id: str) -> bool:
         """Whether the thread stores anything besides a hold marker and a flush fence."""

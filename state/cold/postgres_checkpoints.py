@@ -401,6 +401,18 @@ BY_ID_SQL = f"{SELECT_CHECKPOINTS_SQL} {_BY_ID}"
 LATEST_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _LATEST)
 BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _BY_ID)
 
+# Two delete_for_runs of one thread take turns: each works out from its own snapshot which
+# checkpoints survive, so one marking a checkpoint spared for a run the other is deleting
+# would keep it for good. Locked in thread order (two calls never wait for each other in a
+# cycle); OFFSET 0 keeps the order from being flattened away.
+THREAD_MAINTENANCE_LOCK = 8842
+LOCK_RUN_THREADS_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s, hashtext(t.thread_id)) FROM (
+    SELECT DISTINCT thread_id FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+    ORDER BY thread_id OFFSET 0
+) AS t
+"""
+
 # A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
 # (another run's descendant): deleting them would silently empty its delta channels.
 # Those are marked `spared` instead, and doomed again by the thread's next such delete,
@@ -796,6 +808,11 @@ class PostgresCheckpointStore:
         if not run_ids:
             return set()
         async with self._pg.transaction("delete_for_runs") as conn:
+            await conn.execute(
+                LOCK_RUN_THREADS_SQL, {"lock": THREAD_MAINTENANCE_LOCK, "run_ids": list(run_ids)}
+            )
+            # A statement of its own after the locks: its snapshot sees what the call it
+            # waited for committed.
             cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids)})
             deleted = await cursor.fetchall()
             await _delete_dependents(conn, deleted)

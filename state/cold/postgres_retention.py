@@ -28,7 +28,7 @@ the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from ..size import ARCHIVE_SEPARATOR
 from .postgres_client import CountedConnection, PostgresConnection
@@ -93,6 +93,13 @@ WHERE {_IS_ARCHIVE.format(thread_id="r.thread_id")}
 ORDER BY r.updated_at
 LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
+"""
+
+# Of these threads, those with neither a record nor a checkpoint left.
+VANISHED_SQL = """
+SELECT t.thread_id FROM unnest(%(thread_ids)s::text[]) AS t (thread_id)
+WHERE NOT EXISTS (SELECT 1 FROM workflow_records AS r WHERE r.thread_id = t.thread_id)
+  AND NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = t.thread_id)
 """
 
 # The threads, and the archive records they own.
@@ -176,24 +183,43 @@ class PostgresRetention:
             "limit": limit,
             "now": now,
         }
+        forgotten: set[str] | None = None
+        if expiring is not None:
+            # Told before the transaction below, not inside it: `expiring` may write on a
+            # connection of its own (a pool of one would wait for itself) and must not hold
+            # the records' locks meanwhile. A failure stops the sweep before the batch.
+            async with self._pg.connection("sweep") as conn:
+                forgotten = set(await _expired(conn, params, limit))
+            for thread_id in sorted(forgotten):
+                await expiring(thread_id)
         async with self._pg.transaction("sweep") as conn:
-            expired = await _thread_ids(conn, EXPIRED_RECORDS_SQL, params)
-            for query in (EXPIRED_CHECKPOINT_ONLY_SQL, EXPIRED_ORPHAN_ARCHIVES_SQL):
-                if len(expired) < limit:
-                    more = await _thread_ids(conn, query, {**params, "limit": limit - len(expired)})
-                    expired += [thread_id for thread_id in more if thread_id not in expired]
-            # Inside the transaction: a thread whose `expiring` fails is not deleted (the
-            # whole batch rolls back), and its records stay locked meanwhile.
-            if expiring is not None:
-                for thread_id in expired:
-                    await expiring(thread_id)
+            expired = await _expired(conn, params, limit)
+            if forgotten is not None:
+                # Only what was told: a thread that expired since waits for the next batch.
+                # Told ones found no more: active again, or with nothing left to find them
+                # by (`expiring` deleted a write-behind thread's checkpoints): those too.
+                told = [thread_id for thread_id in expired if thread_id in forgotten]
+                missing = sorted(forgotten.difference(expired))
+                expired = told + (await _thread_ids(conn, VANISHED_SQL, {"thread_ids": missing}))
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)
 
 
+async def _expired(
+    conn: CountedConnection, params: dict[str, int | float | None], limit: int
+) -> list[str]:
+    """Up to `limit` expired threads: with records, checkpoints only, orphan archives."""
+    expired = await _thread_ids(conn, EXPIRED_RECORDS_SQL, params)
+    for query in (EXPIRED_CHECKPOINT_ONLY_SQL, EXPIRED_ORPHAN_ARCHIVES_SQL):
+        if len(expired) < limit:
+            more = await _thread_ids(conn, query, {**params, "limit": limit - len(expired)})
+            expired += [thread_id for thread_id in more if thread_id not in expired]
+    return expired
+
+
 async def _thread_ids(
-    conn: CountedConnection, query: str, params: dict[str, int | float | None]
+    conn: CountedConnection, query: str, params: Mapping[str, object]
 ) -> list[str]:
     """Distinct thread ids in the order the query returns them."""
     cursor = await conn.execute(query, params)

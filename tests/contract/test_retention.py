@@ -521,6 +521,56 @@ async def test_a_sweep_redis_cannot_follow_deletes_nothing_and_the_next_one_does
             assert await reader.aget_tuple(latest(thread_id)) is None
 
 
+async def test_a_thread_a_failed_sweep_left_half_deleted_is_finished_by_the_next(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """Redis failing part-way through forgetting a thread (write-behind: after its backlog
+    and checkpoints went): the next sweep deletes the rest, not a TTL later (the flush
+    fence the forgetting wrote is no activity)."""
+    ttl = 2
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None and backends.flusher is not None
+        thread_id = unique_thread("half")
+        await seed(backends, thread_id)
+        if cold_backend == "postgres":
+            await backdate(backends, thread_id)
+        else:
+            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        events = backends.events
+        working = events.delete
+
+        async def failing(_: str) -> None:
+            raise BackendUnavailable("redis", "refused (injected)")
+
+        events.delete = failing  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await backends.retention.sweep(limit=100)
+        events.delete = working  # type: ignore[method-assign]
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        assert await backends.cold.get(thread_id) is not None
+        assert await backends.retention.sweep(limit=100) == 1
+        assert await backends.cold.get(thread_id) is None
+
+
+async def test_postgres_write_behind_sweeps_with_a_pool_of_one(open_cold: Open) -> None:
+    """Forgetting a thread writes on a connection of its own: never while the sweep's
+    transaction holds the pool's only one."""
+    async with open_cold(
+        "postgres",
+        hot=True,
+        state_cold_ttl_seconds=TTL,
+        state_write_mode="write-behind",
+        postgres_pool_max_size=1,
+        postgres_pool_timeout_seconds=2.0,
+    ) as backends:
+        thread_id = unique_thread("pool-of-one")
+        await seed(backends, thread_id)
+        await backdate(backends, thread_id)
+        assert await backends.retention.sweep(limit=100) == 1
+
+
 def latest(thread_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
 

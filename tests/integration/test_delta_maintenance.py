@@ -5,15 +5,22 @@ keep_latest prune of a 60-message DeltaChannel thread left 0 messages)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 
+from state.cold.postgres_checkpoints import (
+    DELETE_RUN_CHECKPOINTS_SQL,
+    LOCK_RUN_THREADS_SQL,
+    THREAD_MAINTENANCE_LOCK,
+)
 from state.errors import HotStateLost
 from state.settings import ColdBackend, Settings
 from tests.integration.delta_graph import (
@@ -24,7 +31,7 @@ from tests.integration.delta_graph import (
     settings_for,
     thread_config,
 )
-from tests.support.cosmos import drop_container
+from tests.support.cosmos import drop_container, partition_of
 
 INVOKES = 21  # 63 messages (the issue saw 60), the latest checkpoint no snapshot
 
@@ -243,3 +250,79 @@ async def test_a_deleted_run_kept_for_a_later_runs_history_goes_with_that_run(
         left = {runs.index(s.metadata["run_id"]) async for s in graph.aget_state_history(config)}
         assert left == {0, 1, 2}
         assert (await graph.aget_state(config)).values["messages"] == states[2]
+
+
+async def six_runs(graph: Any, config: RunnableConfig) -> list[str]:
+    runs: list[str] = []
+    for n in range(6):
+        runs.append(str(uuid.uuid4()))
+        run_config: RunnableConfig = {
+            "configurable": {**config["configurable"], "run_id": runs[-1]}
+        }
+        await graph.ainvoke({"messages": [f"user {n}"]}, run_config)
+    return runs
+
+
+@pytest.mark.parametrize("meanwhile", ["delete_thread", "retention_sweep"])
+async def test_cosmos_marking_a_spared_checkpoint_never_brings_a_deleted_thread_back(
+    meanwhile: str, swept_settings: Callable[[str, str], Settings]
+) -> None:
+    """The thread deleted (by a user, or by retention) between delete_for_runs' read of
+    its checkpoints and its marking of the spared ones: the marks land on nothing."""
+    settings = swept_settings("cosmos", "write-through")
+    async with open_stack(settings) as opened:
+        saver, backends = opened.saver, opened.backends
+        graph = delta_graph(saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("spared-race")
+        thread_id = config["configurable"]["thread_id"]
+        runs = await six_runs(graph, config)
+        io = backends.checkpoints._maintenance._io  # type: ignore[attr-defined]
+        patch = io.patch
+        raced: list[str] = []
+
+        async def racing(doc_id: str, partition: str, operations: Any, **options: Any) -> bool:
+            if operations[0]["path"] == "/spared" and not raced:
+                raced.append(doc_id)
+                if meanwhile == "delete_thread":
+                    await saver.adelete_thread(thread_id)
+                else:
+                    assert await backends.retention.sweep(limit=10, now=time.time() + 600) == 1
+            return bool(await patch(doc_id, partition, operations, **options))
+
+        io.patch = racing
+        await saver.adelete_for_runs([runs[3]])
+        io.patch = patch
+        assert raced
+        assert await partition_of(settings, thread_id) == []
+        assert await saver.aget_tuple(config) is None
+
+
+async def test_postgres_two_delete_for_runs_of_one_thread_take_turns(
+    stack_env: dict[str, str], fresh_postgres_url: str
+) -> None:
+    """Runs 4 and 5 deleted by two calls at once: the second waits for the first (which
+    spares run 4 for run 5), then deletes run 5 and run 4 with it. Had it worked from a
+    snapshot taken before the first committed, run 4 would stay, the thread's latest."""
+    settings = settings_for(
+        stack_env, "postgres", False, "write-through", postgres_url=fresh_postgres_url
+    )
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("spared-concurrent")
+        runs = await six_runs(graph, config)
+        states: list[list[str]] = []
+        for n in range(6):
+            states.append(grown(states[-1] if states else [], f"user {n}"))
+        async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as first:
+            # delete_for_runs([run 4]) in flight: its statements ran, not yet committed.
+            run_4 = {"run_ids": [runs[4]]}
+            await first.execute(LOCK_RUN_THREADS_SQL, {**run_4, "lock": THREAD_MAINTENANCE_LOCK})
+            await first.execute(DELETE_RUN_CHECKPOINTS_SQL, run_4)
+            second = asyncio.ensure_future(opened.saver.adelete_for_runs([runs[5]]))
+            await asyncio.sleep(0.5)
+            assert not second.done()  # waiting for the first
+            await first.commit()
+            await second
+        left = {runs.index(s.metadata["run_id"]) async for s in graph.aget_state_history(config)}
+        assert left == {0, 1, 2, 3}
+        assert (await graph.aget_state(config)).values["messages"] == states[3]
