@@ -892,13 +892,22 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self._boundary(put.thread_id, put.boundary)
 
     async def _writes_cold_instead(self, put: _Writes) -> None:
-        """Write-behind with Redis out: the writes go straight to the cold tier."""
+        """Write-behind with Redis out: the writes go straight to the cold tier. They stand
+        on their own only beside their checkpoint: while this process has a put of the
+        namespace in the log not yet seen in the cold tier, the thread's newest state may
+        live in Redis alone, so a boundary (an interrupt) flushes as after an append, and
+        fails the write unless Redis comes back with it."""
         await self._admit(put.thread_id, put.fence, hot=False)
         await self.store.put_writes(
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
-        self._written_through.add(put.thread_id)
         self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
+        with self._histories_lock:
+            logged = put.checkpoint_ns in self._unconfirmed.get(put.thread_id, {})
+        if not logged:
+            self._written_through.add(put.thread_id)
+        elif put.boundary:
+            await self._flush_thread(put.thread_id)
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the

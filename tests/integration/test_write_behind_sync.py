@@ -10,16 +10,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
-from langgraph.types import Command
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import HotStateLost, StaleFencingToken
+from state.errors import BackendUnavailable, HotStateLost, StaleFencingToken
 from state.settings import WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -236,3 +237,37 @@ def test_a_sync_run_whose_unflushed_checkpoints_redis_lost_stops_at_its_next_put
     finally:
         Loss.url = None
         redis.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_an_interrupt_whose_checkpoint_only_redis_held_is_not_acknowledged_when_redis_dies(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Redis dies (no persistence) in the node that then asks: the question's writes go to
+    the cold tier, but the checkpoint they belong to was in the Redis log alone. The run
+    must fail, not return the interrupt as if a fresh process could find it."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+
+    def ask(_: dict[str, Any]) -> dict[str, Any]:
+        redis.stop()
+        return {"answer": interrupt("approve?")}
+
+    graph_builder = StateGraph(Asked)
+    graph_builder.add_node("ask", ask)
+    graph_builder.add_edge(START, "ask")
+    graph_builder.add_edge("ask", END)
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())  # only boundaries flush
+            graph = graph_builder.compile(checkpointer=saver)
+            with pytest.raises(BackendUnavailable):
+                graph.invoke({"answer": ""}, config())
+    finally:
+        redis.stop()
+
+
+class Asked(TypedDict):
+    answer: str
