@@ -10,7 +10,7 @@ Two write modes (`STATE_WRITE_MODE`):
 - write-behind (with a `Flusher`): a put or put_writes is one Redis round trip
   that updates the hot copy and records the work in the write-behind log; the
   flusher moves it to the cold tier in the background. Natural boundaries wait
-  for it: a write carrying an interrupt or an error, `durability="sync"`, and
+  for it: a write carrying an interrupt or an error, `durability="sync"` or "exit", and
   `flush(thread_id)`. Reads the cold tier answers (a cache miss, `list`, a
   checkpoint by id) first flush the thread's backlog, so they never see a gap.
   With Redis unreachable a put writes through instead, with every channel value,
@@ -103,6 +103,9 @@ FENCING_TOKEN_KEY = "fencing_token"
 SYNC_LIST_BATCH = 50
 # LangGraph passes the run's durability to the saver under this `configurable` key.
 DURABILITY_KEY = "__pregel_durability"
+# Those whose writes return only once durable: every step ("sync"), or the one save a
+# run makes as it exits ("exit": LangGraph persists nothing before).
+SYNCHRONOUS_DURABILITY = ("sync", "exit")
 # Writes on these channels end a step the caller must find again after a crash.
 BOUNDARY_CHANNELS = frozenset({"__interrupt__", "__error__"})
 # Values this small stay inline in the checkpoint instead of costing a blob document
@@ -144,7 +147,7 @@ class _Put:
     inline_bytes: dict[str, TypedBytes]  # the same, serialized
     present: list[str]  # every channel holding a value
     fence: int | None
-    boundary: bool  # durability "sync": the put returns once it is cold
+    boundary: bool  # durability "sync" or "exit": the put returns once it is cold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +160,7 @@ class _Writes:
     writes: list[StoredWrite]
     upsert: bool
     fence: int | None
-    boundary: bool  # an interrupt, an error, or durability "sync"
+    boundary: bool  # an interrupt, an error, or durability "sync" or "exit"
 
 
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
@@ -756,7 +759,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             inline_bytes,
             present=list(values),
             fence=configurable.get(FENCING_TOKEN_KEY),
-            boundary=configurable.get(DURABILITY_KEY) == "sync",
+            boundary=configurable.get(DURABILITY_KEY) in SYNCHRONOUS_DURABILITY,
         )
 
     async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
@@ -845,7 +848,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             writes=list(by_key.values()),
             upsert=upsert,
             fence=configurable.get(FENCING_TOKEN_KEY),
-            boundary=configurable.get(DURABILITY_KEY) == "sync"
+            boundary=configurable.get(DURABILITY_KEY) in SYNCHRONOUS_DURABILITY
             or any(channel in BOUNDARY_CHANNELS for channel, _ in writes),
         )
 

@@ -308,6 +308,22 @@ async def test_an_interrupt_and_durability_sync_are_synchronous_boundaries(
     assert state.values["approved"] is True
 
 
+async def test_durability_exit_returns_once_the_runs_one_save_is_cold(
+    tiers: WriteBehind,
+) -> None:
+    """LangGraph saves nothing of an "exit" run before it exits: that save is its boundary."""
+    graph = chat_graph(tiers.saver)  # the flusher runs only when asked: the run's own saves
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    done = await graph.ainvoke({"messages": ["hello"]}, cfg, durability="exit")
+    assert not await tiers.flusher.log.pending(thread_id)
+    cold = await tiers.store.get_checkpoint(thread_id, "", None)
+    assert cold is not None
+    cold_only = TieredCheckpointSaver(tiers.store)
+    state = await chat_graph(cold_only).aget_state(cfg)
+    assert state.values["messages"] == done["messages"]
+
+
 async def test_a_stale_fencing_token_is_refused_at_the_hot_tier(tiers: WriteBehind) -> None:
     graph = chat_graph(tiers.saver)
     thread_id = f"wb-{uuid.uuid4().hex[:12]}"
