@@ -166,3 +166,10 @@ class HotStateLost(BackendUnavailable):
         )
         self.thread_id = thread_id
         self.checkpoint_id = checkpoint_id
+
+
+class SaverClosed(StateError):
+    """A call to a checkpoint saver after it was closed, or one it was closed under."""
+
+    def __init__(self) -> None:
+        super().__init__("the checkpoint saver is closed (its open_sync block has ended)")

@@ -36,6 +36,7 @@ any loop; the sync ones hand their call to that loop from another thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import random
@@ -69,7 +70,13 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from ..errors import BackendUnavailable, FenceUnknown, HotStateLost, UnknownParent
+from ..errors import (
+    BackendUnavailable,
+    FenceUnknown,
+    HotStateLost,
+    SaverClosed,
+    UnknownParent,
+)
 from ..ports import (
     BlockingAppends,
     BlockingReads,
@@ -208,6 +215,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Write-behind threads whose newest write this process sent straight to the cold
         # tier because Redis could not be reached: that state is durable already.
         self._written_through: set[str] = set()
+        # Set as `open_sync` closes the saver: sync calls from other threads then fail.
+        self._closed = False
         # Delta histories of the threads this process writes from their root.
         self._chains = WrittenChains()
         # (thread, namespace) -> the latest checkpoint's delta history a cache hit brought.
@@ -264,9 +273,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         runner = LoopThread()
         try:
             backends = runner.run(open_backends(settings))
+            saver = cls.from_backends(backends, serde=serde, loop=runner.loop)
             try:
-                yield cls.from_backends(backends, serde=serde, loop=runner.loop)
+                yield saver
             finally:
+                # First: a call from another thread now fails at once (`SaverClosed`), and
+                # one in flight fails once the loop cancels it, instead of waiting forever.
+                saver._closed = True
                 runner.run(backends.close())
         finally:
             runner.stop()
@@ -515,12 +528,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
             self._refuse_on_loop()
-        except asyncio.InvalidStateError:
+            call = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
             coro.close()
+            if self._closed:
+                raise SaverClosed() from None
             raise
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            return call.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise SaverClosed() from None
+            raise
 
     def _refuse_on_loop(self) -> None:
+        """Checked first by every sync call: refused after the saver was closed, and from the
+        loop it would wait for."""
+        if self._closed:
+            raise SaverClosed()
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

@@ -5,6 +5,7 @@ cache hit is read on the caller's thread in write-through mode too."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from langgraph.types import Command, interrupt
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import BackendUnavailable, HotStateLost, StaleFencingToken
+from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
 from state.settings import WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -271,3 +272,38 @@ def test_an_interrupt_whose_checkpoint_only_redis_held_is_not_acknowledged_when_
 
 class Asked(TypedDict):
     answer: str
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_sync_call_in_flight_when_the_saver_closes_fails_instead_of_waiting_forever(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    cfg = config()
+    started = threading.Event()
+    outcome: list[BaseException] = []
+    with TieredCheckpointSaver.open_sync(
+        settings_for(stack_env, backend, stack_env["REDIS_URL"])
+    ) as saver:
+
+        async def stuck(*_: Any, **__: Any) -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        saver.store.get_checkpoint = stuck  # type: ignore[method-assign]
+
+        def read() -> None:
+            try:
+                saver.get_tuple(cfg)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert started.wait(10)
+    reader.join(10)
+    assert not reader.is_alive(), "still waiting on a saver closed under it"
+    assert [type(exc) for exc in outcome] == [SaverClosed]
+    with pytest.raises(SaverClosed):
+        saver.get_tuple(cfg)
+    with pytest.raises(SaverClosed):
+        saver.put(cfg, empty_checkpoint(), {"source": "input", "step": -1}, {})
