@@ -300,14 +300,16 @@ class ColdRetention(Protocol):
         *,
         limit: int,
         now: float | None = None,
-        expiring: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
         `now` (seconds since the epoch) sets the clock expiry is judged by; None:
         the backend's own (Cosmos: this process's, against items' `_ts`; Postgres:
         the database's). `expiring` is awaited with each thread id (archive records'
-        too) just before its cold state is deleted; if it raises, that thread is not
+        too) just before its cold state is deleted, while nothing else can write it
+        (Postgres: its record locked); it may return a flush fencing token, which the
+        deletion raises the thread's flush fence to. If it raises, that thread is not
         deleted and the sweep stops with the error (`state.retention` drops the
         thread's hot state there, so a failure to reach Redis leaves it for the next
         sweep).

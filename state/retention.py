@@ -7,21 +7,22 @@ would write children whose ancestors the sweep deleted: a chain that no longer
 rebuilds (a DeltaChannel's history, a value stored at an ancestor). A write-behind
 backlog the sweep did not see would be flushed onto the deleted thread the same way.
 
-So just before the sweep deletes a thread, `TieredRetention` does to the hot tier what
+So just before the sweep deletes a thread (while nothing else can write it: on
+Postgres its record is locked), `TieredRetention` does to the hot tier what
 `delete_thread` does: the cached record goes (the first Redis call: if Redis cannot be
 reached, the sweep stops before deleting the thread, and the next one tries again),
-the backlog is discarded under the flush lock with the cold flush fence raised
-(`Flusher.delete_thread`, which deletes the thread's checkpoints then; the fence stays
-a TTL longer), then the cached checkpoints and the event log go. A reader that caches
-the thread again from the cold tier between that and the cold deletion is undone
-once the sweep ends: the caches of every thread it forgot are dropped again (best
-effort: a failure is logged). An archive record (`<thread>~archive~...`) has only a
-cached record to forget.
+the backlog is discarded under the flush lock, and the deletion raises the thread's
+flush fence past every lock token granted before (a batch of a flusher paused past
+its lock is refused; the fence stays a TTL longer), then the cached checkpoints and
+the event log go. A reader that caches the thread again from the cold tier before
+the deletion is undone once the sweep ends: the caches of every thread it forgot
+are dropped again (best effort: a failure is logged). An archive record
+(`<thread>~archive~...`) has only a cached record to forget.
 
-Known limits: as for the cold sweep alone, a run that writes in the instant between
-the forgetting and the cold deletion can lose that write. A sweep stopped by a failure
-part-way through forgetting a thread may leave it with its checkpoints deleted and
-its record not yet (the next sweep deletes the rest).
+Known limit: a sweep stopped by a failure part-way leaves the threads it did not
+delete whole in the cold tier, but what it forgot of them is forgotten: a backlog it
+discarded is lost as if Redis had lost it (a run then resumes from its last cold
+checkpoint).
 """
 
 from __future__ import annotations
@@ -70,15 +71,15 @@ class TieredRetention:
         *,
         limit: int,
         now: float | None = None,
-        expiring: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         forgotten: list[str] = []
 
-        async def forget(thread_id: str) -> None:
-            if expiring is not None:
-                await expiring(thread_id)
-            await self._forget(thread_id)
+        async def forget(thread_id: str) -> int | None:
+            told = None if expiring is None else await expiring(thread_id)
+            fence = await self._forget(thread_id)
             forgotten.append(thread_id)
+            return fence if told is None else max(fence or 0, told)
 
         try:
             return await self._cold.sweep(limit=limit, now=now, expiring=forget)
@@ -86,16 +87,19 @@ class TieredRetention:
             for thread_id in forgotten:
                 await self._drop_cached(thread_id)
 
-    async def _forget(self, thread_id: str) -> None:
+    async def _forget(self, thread_id: str) -> int | None:
+        """The flush fence the deletion must raise, if the thread has a backlog to guard."""
         await self._records.invalidate(thread_id)
         if ARCHIVE_SEPARATOR in thread_id:
-            return
+            return None
+        fence = None
         if self._flusher is not None:
-            await self._flusher.delete_thread(thread_id)
+            fence = await self._flusher.discard_thread(thread_id)
         if self._checkpoints is not None:
             await self._checkpoints.invalidate(thread_id)
         if self._events is not None:
             await self._events.delete(thread_id)
+        return fence
 
     async def _drop_cached(self, thread_id: str) -> None:
         try:

@@ -212,6 +212,14 @@ class Flusher:
             applied += sum(await asyncio.gather(*(settle(thread_id) for thread_id in page)))
         return applied
 
+    async def discard_thread(self, thread_id: str) -> int:
+        """Drop the thread's backlog under the flush lock, for a caller deleting the thread's
+        cold state itself (the retention sweep); returns the fencing token its deletion
+        must raise the thread's flush fence to (see `delete_thread`)."""
+        async with self.holding(thread_id) as fence:
+            await self.log.discard(thread_id)
+            return max(fence, await self.log.fence_now())
+
     async def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no
         flusher applies (resurrects) the dropped backlog; and fenced past every lock token

@@ -790,7 +790,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
         """Write-behind with Redis out: the checkpoint goes straight to the cold tier, every
         value with it (the log holding the older ones may never drain), and the hot copy
-        is not trusted any more."""
+        is not trusted any more. It stands on its own unless a DeltaChannel is rebuilt
+        from ancestors only the log may hold (then as `_writes_cold_instead`)."""
         thread_id = put.stored.thread_id
         await self._admit(thread_id, put.fence, hot=False)
         values = checkpoint["channel_values"]
@@ -800,8 +801,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if channel in values and channel not in put.inline
         ]
         await self.store.put_checkpoint(put.stored, every_value)
-        self._written_through.add(thread_id)
         self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
+        # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
+        # which may be in the Redis log alone.
+        rebuilt = bool(put.stored.metadata.get("counters_since_delta_snapshot"))
+        if not rebuilt or await self._stands_alone(thread_id, put.stored.checkpoint_ns):
+            self._written_through.add(thread_id)
+        elif put.boundary:
+            await self._flush_thread(thread_id)
 
     def _put_done(self, put: _Put) -> RunnableConfig:
         stored = put.stored
@@ -921,21 +928,38 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _writes_cold_instead(self, put: _Writes) -> None:
         """Write-behind with Redis out: the writes go straight to the cold tier. They stand
-        on their own only beside their checkpoint: while this process has a put of the
-        namespace in the log not yet seen in the cold tier, the thread's newest state may
-        live in Redis alone, so a boundary (an interrupt) flushes as after an append, and
-        fails the write unless Redis comes back with it."""
+        on their own only beside their checkpoint: while a put of the namespace this
+        process appended is not in the cold tier, the thread's newest state may live in
+        Redis alone, so a boundary (an interrupt) flushes as after an append, and fails
+        the write unless Redis comes back with it."""
         await self._admit(put.thread_id, put.fence, hot=False)
         await self.store.put_writes(
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
         self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
-        with self._histories_lock:
-            logged = put.checkpoint_ns in self._unconfirmed.get(put.thread_id, {})
-        if not logged:
+        if await self._stands_alone(put.thread_id, put.checkpoint_ns):
             self._written_through.add(put.thread_id)
         elif put.boundary:
             await self._flush_thread(put.thread_id)
+
+    async def _stands_alone(self, thread_id: str, checkpoint_ns: str) -> bool:
+        """Whether the namespace's state this process wrote is durable without the log: no
+        put of it waits there, or the last one did reach the cold tier (a flusher here
+        applied it, or the cold tier has it: the background flush does not confirm)."""
+        assert self.flusher is not None
+        with self._histories_lock:
+            head = self._unconfirmed.get(thread_id, {}).get(checkpoint_ns)
+        if head is None:
+            return True
+        if self.flusher.last_applied(thread_id, checkpoint_ns) != head and not await self._in_cold(
+            thread_id, checkpoint_ns, head
+        ):
+            return False
+        with self._histories_lock:
+            heads = self._unconfirmed.get(thread_id, {})
+            if heads.get(checkpoint_ns) == head:
+                del heads[checkpoint_ns]
+        return True
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the

@@ -61,7 +61,7 @@ from typing import Any
 
 from ..size import ARCHIVE_SEPARATOR
 from .cosmos_client import CosmosConnection
-from .cosmos_fences import FENCE_ID
+from .cosmos_fences import FENCE_ID, FlushFences
 from .cosmos_io import BULK_PAGE_SIZE, PartitionIO, gather
 from .cosmos_layout import CHECKPOINT
 from .cosmos_store import WORKFLOW_ID
@@ -99,6 +99,7 @@ class CosmosRetention:
     def __init__(self, connection: CosmosConnection, *, ttl_seconds: int) -> None:
         self._io = PartitionIO(connection)
         self._ttl_seconds = ttl_seconds
+        self._fences = FlushFences(self._io)
 
     async def hold(self, thread_id: str) -> None:
         await self._io.upsert(
@@ -120,7 +121,7 @@ class CosmosRetention:
         *,
         limit: int,
         now: float | None = None,
-        expiring: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -147,7 +148,10 @@ class CosmosRetention:
     # ----------------------------------------------------------------------- sweep steps
 
     async def _sweep_thread(
-        self, thread_id: str, cutoff: int, expiring: Callable[[str], Awaitable[None]] | None
+        self,
+        thread_id: str,
+        cutoff: int,
+        expiring: Callable[[str], Awaitable[int | None]] | None,
     ) -> bool:
         """Delete `thread_id` if it expired (True); archive records only as orphans."""
         if thread_id == WATERMARK_PARTITION:
@@ -162,7 +166,7 @@ class CosmosRetention:
             if last is None or last >= cutoff:
                 return False
             if expiring is not None:
-                await expiring(thread_id)
+                await expiring(thread_id)  # an archive record has no flush fence to raise
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -175,8 +179,9 @@ class CosmosRetention:
             return False
         if await self._held(thread_id):
             return False
-        if expiring is not None:
-            await expiring(thread_id)
+        fence = None if expiring is None else await expiring(thread_id)
+        if fence is not None:
+            await self._fences.move(thread_id, fence, at_least=True)
         await self._delete_thread(thread_id)
         return True
 

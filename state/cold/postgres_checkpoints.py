@@ -403,13 +403,14 @@ BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _
 
 # Two delete_for_runs of one thread take turns: each works out from its own snapshot which
 # checkpoints survive, so one marking a checkpoint spared for a run the other is deleting
-# would keep it for good. Locked in thread order (two calls never wait for each other in a
-# cycle); OFFSET 0 keeps the order from being flattened away.
+# would keep it for good. Locked in the order of the keys (two calls never wait for each
+# other in a cycle, threads whose keys collide included); OFFSET 0 keeps that order.
 THREAD_MAINTENANCE_LOCK = 8842
 LOCK_RUN_THREADS_SQL = """
-SELECT pg_advisory_xact_lock(%(lock)s, hashtext(t.thread_id)) FROM (
-    SELECT DISTINCT thread_id FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
-    ORDER BY thread_id OFFSET 0
+SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
+    SELECT DISTINCT hashtext(thread_id) AS key FROM cp_checkpoints
+    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+    ORDER BY key OFFSET 0
 ) AS t
 """
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 
 from ..size import ARCHIVE_SEPARATOR
+from .postgres_checkpoints import RAISE_FENCE_SQL
 from .postgres_client import CountedConnection, PostgresConnection
 
 # Threads per transaction: keeps each sweep's locks and WAL burst small.
@@ -95,13 +96,6 @@ LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
 """
 
-# Of these threads, those with neither a record nor a checkpoint left.
-VANISHED_SQL = """
-SELECT t.thread_id FROM unnest(%(thread_ids)s::text[]) AS t (thread_id)
-WHERE NOT EXISTS (SELECT 1 FROM workflow_records AS r WHERE r.thread_id = t.thread_id)
-  AND NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = t.thread_id)
-"""
-
 # The threads, and the archive records they own.
 DELETE_THREADS_SQL = f"""
 WITH doomed AS (
@@ -158,7 +152,7 @@ class PostgresRetention:
         *,
         limit: int,
         now: float | None = None,
-        expiring: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
@@ -176,31 +170,24 @@ class PostgresRetention:
         self,
         limit: int,
         now: float | None,
-        expiring: Callable[[str], Awaitable[None]] | None,
+        expiring: Callable[[str], Awaitable[int | None]] | None,
     ) -> int:
         params: dict[str, int | float | None] = {
             "ttl": self._ttl_seconds,
             "limit": limit,
             "now": now,
         }
-        forgotten: set[str] | None = None
-        if expiring is not None:
-            # Told before the transaction below, not inside it: `expiring` may write on a
-            # connection of its own (a pool of one would wait for itself) and must not hold
-            # the records' locks meanwhile. A failure stops the sweep before the batch.
-            async with self._pg.connection("sweep") as conn:
-                forgotten = set(await _expired(conn, params, limit))
-            for thread_id in sorted(forgotten):
-                await expiring(thread_id)
         async with self._pg.transaction("sweep") as conn:
             expired = await _expired(conn, params, limit)
-            if forgotten is not None:
-                # Only what was told: a thread that expired since waits for the next batch.
-                # Told ones found no more: active again, or with nothing left to find them
-                # by (`expiring` deleted a write-behind thread's checkpoints): those too.
-                told = [thread_id for thread_id in expired if thread_id in forgotten]
-                missing = sorted(forgotten.difference(expired))
-                expired = told + (await _thread_ids(conn, VANISHED_SQL, {"thread_ids": missing}))
+            if expiring is not None:
+                # Inside the transaction, the records locked: a writer of one of these
+                # threads waits, then finds it gone. A failure rolls the batch back.
+                for thread_id in expired:
+                    fence = await expiring(thread_id)
+                    if fence is not None:
+                        await conn.execute(
+                            RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence}
+                        )
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)

@@ -13,6 +13,7 @@ what a live thread names. Every case gets a database (Postgres) or container
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 import uuid
@@ -30,7 +31,8 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
-from state.errors import BackendUnavailable, StateError
+from state.cold.postgres_checkpoints import THREAD_MAINTENANCE_LOCK
+from state.errors import BackendUnavailable, StateError, WorkflowNotFound
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
@@ -521,18 +523,17 @@ async def test_a_sweep_redis_cannot_follow_deletes_nothing_and_the_next_one_does
             assert await reader.aget_tuple(latest(thread_id)) is None
 
 
-async def test_a_thread_a_failed_sweep_left_half_deleted_is_finished_by_the_next(
+async def test_a_sweep_stopped_part_way_leaves_the_thread_whole_and_the_next_deletes_it(
     cold_backend: str, open_cold: Open
 ) -> None:
     """Redis failing part-way through forgetting a thread (write-behind: after its backlog
-    and checkpoints went): the next sweep deletes the rest, not a TTL later (the flush
-    fence the forgetting wrote is no activity)."""
+    was discarded): its cold state is all there still, and the next sweep deletes it."""
     ttl = 2
     async with open_cold(
         cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
     ) as backends:
         assert backends.events is not None and backends.flusher is not None
-        thread_id = unique_thread("half")
+        thread_id = unique_thread("stopped")
         await seed(backends, thread_id)
         if cold_backend == "postgres":
             await backdate(backends, thread_id)
@@ -548,10 +549,99 @@ async def test_a_thread_a_failed_sweep_left_half_deleted_is_finished_by_the_next
         with pytest.raises(BackendUnavailable):
             await backends.retention.sweep(limit=100)
         events.delete = working  # type: ignore[method-assign]
-        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
-        assert await backends.cold.get(thread_id) is not None
+        assert await intact(backends, thread_id)
         assert await backends.retention.sweep(limit=100) == 1
         assert await backends.cold.get(thread_id) is None
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_a_run_writing_a_thread_the_sweep_is_forgetting_waits_and_finds_it_gone(
+    open_cold: Open,
+) -> None:
+    """Forgetting happens with the thread's record locked: a writer coming back to it
+    meanwhile waits for the sweep, then finds the thread gone, never a record left with
+    its checkpoints deleted."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None
+        thread_id = unique_thread("comes-back")
+        await seed(backends, thread_id)
+        await backdate(backends, thread_id)
+        writer: list[asyncio.Task[Any]] = []
+        events = backends.events
+        working = events.delete
+
+        async def run_comes_back(forgotten: str) -> None:
+            await working(forgotten)
+            if forgotten == thread_id and not writer:
+                write = backends.cold.update_section(
+                    thread_id, "n", 2, expected_version=2, agent_id="run"
+                )
+                writer.append(asyncio.ensure_future(write))
+                await asyncio.wait(writer, timeout=1.0)
+                assert not writer[0].done()  # waiting for the sweep's lock
+
+        events.delete = run_comes_back  # type: ignore[method-assign]
+        assert await backends.retention.sweep(limit=100) == 1
+        events.delete = working  # type: ignore[method-assign]
+        with pytest.raises(WorkflowNotFound):
+            await writer[0]
+        assert await backends.cold.get(thread_id) is None
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_two_delete_for_runs_whose_threads_share_a_lock_key_do_not_deadlock(
+    open_cold: Open,
+) -> None:
+    """Threads whose lock keys collide, interleaved in thread order: each call locks the
+    keys in their own order, so neither waits for the other in a cycle."""
+    async with open_cold("postgres") as backends:
+        rows = await pg_execute(
+            backends,
+            "SELECT array_agg(s ORDER BY s) FROM (SELECT 'dl-' || i AS s"
+            " FROM generate_series(1, 300000) AS i) AS t"
+            " GROUP BY hashtext(s) HAVING count(*) = 2 LIMIT 200",
+            (),
+        )
+        pairs = [row[0] for row in rows]
+        # Run a's threads p1 < p2, run b's q1 > q2, p1 ~ q1 and p2 ~ q2 colliding.
+        p1, q1, p2, q2 = next(
+            (p1, q1, p2, q2)
+            for pair1 in pairs
+            for pair2 in pairs
+            if pair1 != pair2
+            for p1, q1 in itertools.permutations(pair1)
+            for p2, q2 in itertools.permutations(pair2)
+            if p1 < p2 and q2 < q1
+        )
+        for run, threads in (("run-a", (p1, p2)), ("run-b", (q1, q2))):
+            for thread_id in threads:
+                await backends.checkpoints.put_checkpoint(
+                    StoredCheckpoint(
+                        thread_id=thread_id,
+                        checkpoint_ns="",
+                        checkpoint_id=checkpoint_id(1),
+                        parent_checkpoint_id=None,
+                        checkpoint=("msgpack", b"checkpoint"),
+                        metadata={"step": 1, "run_id": run},
+                        channel_versions={},
+                    ),
+                    [],
+                )
+        url = backends.settings.postgres_url
+        assert url is not None
+        async with await psycopg.AsyncConnection.connect(url.get_secret_value()) as other:
+            # Another call holds p1's key a moment: a waits for it, b takes p2's, then waits.
+            await other.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (THREAD_MAINTENANCE_LOCK, p1)
+            )
+            first = asyncio.ensure_future(backends.checkpoints.delete_for_runs(["run-a"]))
+            await asyncio.sleep(0.5)
+            second = asyncio.ensure_future(backends.checkpoints.delete_for_runs(["run-b"]))
+            await asyncio.sleep(0.5)
+            await other.commit()
+        assert await asyncio.gather(first, second) == [{p1, p2}, {q1, q2}]
 
 
 async def test_postgres_write_behind_sweeps_with_a_pool_of_one(open_cold: Open) -> None:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Annotated, Any, TypedDict, TypeVar
 
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
@@ -22,7 +24,7 @@ from langgraph.types import Command, interrupt
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
-from state.settings import WriteMode
+from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
 from tests.integration.test_write_behind_loss import Loss, two_steps
@@ -307,3 +309,91 @@ def test_a_sync_call_in_flight_when_the_saver_closes_fails_instead_of_waiting_fo
         saver.get_tuple(cfg)
     with pytest.raises(SaverClosed):
         saver.put(cfg, empty_checkpoint(), {"source": "input", "step": -1}, {})
+
+
+def _append(state: list[str], batches: Sequence[list[str]]) -> list[str]:
+    return [*state, *(message for batch in batches for message in batch)]
+
+
+class Noted(TypedDict):
+    messages: Annotated[list[str], DeltaChannel(_append, snapshot_frequency=100)]
+    answer: str
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_run_whose_delta_history_only_redis_held_is_not_acknowledged_when_redis_dies(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Redis dies (no persistence) in the run's one node: the put after it goes to the cold
+    tier, but a DeltaChannel's value is rebuilt from its ancestors' writes, which were
+    in the Redis log alone. The run's flush must fail, not report a durable state."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+
+    def note(_: dict[str, Any]) -> dict[str, Any]:
+        redis.stop()
+        return {"messages": ["noted"]}
+
+    builder = StateGraph(Noted)
+    builder.add_node("note", note)
+    builder.add_edge(START, "note")
+    builder.add_edge("note", END)
+    cfg = config()
+    try:
+        with TieredCheckpointSaver.open_sync(settings_for(stack_env, backend, redis.url)) as saver:
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())  # only boundaries flush
+            graph = builder.compile(checkpointer=saver)
+            assert graph.invoke({"messages": ["hello"], "answer": ""}, cfg)["messages"] == [
+                "hello",
+                "noted",
+            ]
+            with pytest.raises(BackendUnavailable):
+                saver.flush(cfg["configurable"]["thread_id"])
+    finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_an_interrupt_over_a_checkpoint_already_flushed_is_acknowledged_with_redis_out(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The background flusher stored the checkpoint the node runs from; Redis dies, the
+    node asks: the question and its checkpoint are in the cold tier, so the run returns it."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    opened: list[TieredCheckpointSaver] = []
+
+    def ask(_: dict[str, Any]) -> dict[str, Any]:
+        saver = opened[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+            if cold is not None and cold.metadata.get("step") == 0:
+                break
+            time.sleep(0.05)
+        redis.stop()
+        return {"answer": interrupt("approve?")}
+
+    builder = StateGraph(Noted)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            opened.append(saver)
+            graph = builder.compile(checkpointer=saver)
+            paused = graph.invoke({"messages": ["hello"], "answer": ""}, cfg)
+            assert "__interrupt__" in paused
+        cold_only = Settings.model_validate(
+            {**settings.model_dump(), "redis_url": None, "state_write_mode": "write-through"}
+        )
+        with TieredCheckpointSaver.open_sync(cold_only) as fresh:
+            state = builder.compile(checkpointer=fresh).get_state(cfg)
+        assert state.values["messages"] == ["hello"]
+        assert state.next == ("ask",) and state.interrupts
+    finally:
+        redis.stop()

@@ -638,7 +638,7 @@ class MemoryRetention:
         *,
         limit: int,
         now: float | None = None,
-        expiring: Callable[[str], Awaitable[None]] | None = None,
+        expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
