@@ -895,7 +895,8 @@ class WriteBehindLog(Protocol):
         """Forget entries the cold tier now holds; returns how many are left."""
 
     async def discard(self, thread_id: str) -> None:
-        """Drop every unflushed entry of the thread (it was deleted)."""
+        """Drop every unflushed entry of the thread and its cached checkpoints, in one step
+        (it is being deleted)."""
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         """Drop every unflushed entry of the thread and its cached checkpoints, in one step,

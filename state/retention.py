@@ -11,10 +11,12 @@ So just before the sweep deletes a thread (while nothing else can write it: on
 Postgres its record is locked), `TieredRetention` does to the hot tier what
 `delete_thread` does: the cached record goes (the first Redis call: if Redis cannot be
 reached, the sweep stops before deleting the thread, and the next one tries again),
-the backlog is discarded under the flush lock, and the deletion raises the thread's
-flush fence past every lock token granted before (a batch of a flusher paused past
-its lock is refused; the fence stays a TTL longer), then the cached checkpoints and
-the event log go. A reader that caches the thread again from the cold tier before
+the cached checkpoints go, then the backlog is discarded under the flush lock, held
+until the sweep has deleted (what a run appends meanwhile is discarded again before
+it goes, so its next boundary finds its state gone), and the deletion raises the
+thread's flush fence past every lock token granted before (a batch of a flusher
+paused past its lock is refused; the fence stays a TTL longer); then the event log
+goes. A reader that caches the thread again from the cold tier before
 the deletion is undone once the sweep ends: the caches of every thread it forgot
 are dropped again (best effort: a failure is logged). An archive record
 (`<thread>~archive~...`) has only a cached record to forget.
@@ -27,6 +29,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -74,29 +77,33 @@ class TieredRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> int:
         forgotten: list[str] = []
-
-        async def forget(thread_id: str) -> int | None:
-            told = None if expiring is None else await expiring(thread_id)
-            fence = await self._forget(thread_id)
-            forgotten.append(thread_id)
-            return fence if told is None else max(fence or 0, told)
-
         try:
-            return await self._cold.sweep(limit=limit, now=now, expiring=forget)
+            # Flush locks taken while forgetting are held until the sweep has deleted.
+            async with contextlib.AsyncExitStack() as held:
+
+                async def forget(thread_id: str) -> int | None:
+                    told = None if expiring is None else await expiring(thread_id)
+                    fence = await self._forget(thread_id, held)
+                    forgotten.append(thread_id)
+                    return fence if told is None else max(fence or 0, told)
+
+                return await self._cold.sweep(limit=limit, now=now, expiring=forget)
         finally:
             for thread_id in forgotten:
                 await self._drop_cached(thread_id)
 
-    async def _forget(self, thread_id: str) -> int | None:
+    async def _forget(self, thread_id: str, held: contextlib.AsyncExitStack) -> int | None:
         """The flush fence the deletion must raise, if the thread has a backlog to guard."""
         await self._records.invalidate(thread_id)
         if ARCHIVE_SEPARATOR in thread_id:
             return None
-        fence = None
-        if self._flusher is not None:
-            fence = await self._flusher.discard_thread(thread_id)
+        # Before the backlog goes: a cached checkpoint whose log is gone would be a parent
+        # for a run's next put, should the sweep stop before deleting the thread.
         if self._checkpoints is not None:
             await self._checkpoints.invalidate(thread_id)
+        fence = None
+        if self._flusher is not None:
+            fence = await held.enter_async_context(self._flusher.discarding(thread_id))
         if self._events is not None:
             await self._events.delete(thread_id)
         return fence

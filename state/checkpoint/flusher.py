@@ -212,13 +212,17 @@ class Flusher:
             applied += sum(await asyncio.gather(*(settle(thread_id) for thread_id in page)))
         return applied
 
-    async def discard_thread(self, thread_id: str) -> int:
-        """Drop the thread's backlog under the flush lock, for a caller deleting the thread's
-        cold state itself (the retention sweep); returns the fencing token its deletion
-        must raise the thread's flush fence to (see `delete_thread`)."""
+    @contextlib.asynccontextmanager
+    async def discarding(self, thread_id: str) -> AsyncIterator[int]:
+        """For a caller deleting the thread's cold state itself, inside the block (the
+        retention sweep): the backlog dropped under the flush lock, held to the block's
+        end, and what was appended meanwhile dropped again before the lock goes, so no
+        flusher applies a step onto the deleted thread. Yields the fencing token the
+        deletion must raise the thread's flush fence to (see `delete_thread`)."""
         async with self.holding(thread_id) as fence:
             await self.log.discard(thread_id)
-            return max(fence, await self.log.fence_now())
+            yield max(fence, await self.log.fence_now())
+            await self.log.discard(thread_id)
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no

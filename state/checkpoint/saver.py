@@ -805,7 +805,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
         # which may be in the Redis log alone.
         rebuilt = bool(put.stored.metadata.get("counters_since_delta_snapshot"))
-        if not rebuilt or await self._stands_alone(thread_id, put.stored.checkpoint_ns):
+        if not rebuilt:
+            # The namespace's newest state is this cold checkpoint, whole: no put of it the
+            # log holds is needed any more.
+            with self._histories_lock:
+                self._unconfirmed.get(thread_id, {}).pop(put.stored.checkpoint_ns, None)
+            self._written_through.add(thread_id)
+        elif await self._stands_alone(thread_id, put.stored.checkpoint_ns):
             self._written_through.add(thread_id)
         elif put.boundary:
             await self._flush_thread(thread_id)
@@ -941,6 +947,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._written_through.add(put.thread_id)
         elif put.boundary:
             await self._flush_thread(put.thread_id)
+
+    async def _all_stand_alone(self, thread_id: str) -> bool:
+        with self._histories_lock:
+            namespaces = list(self._unconfirmed.get(thread_id, {}))
+        for checkpoint_ns in namespaces:
+            if not await self._stands_alone(thread_id, checkpoint_ns):
+                return False
+        return True
 
     async def _stands_alone(self, thread_id: str, checkpoint_ns: str) -> bool:
         """Whether the namespace's state this process wrote is durable without the log: no
@@ -1124,10 +1138,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self.flusher.flush_thread(thread_id)
                 break
             except BackendUnavailable as exc:
-                if thread_id in self._written_through:
+                if thread_id in self._written_through and await self._all_stand_alone(thread_id):
                     # Redis is out, and this process wrote the thread's newest state
-                    # straight to the cold tier, whole; older entries wait in the log for
-                    # Redis to return.
+                    # straight to the cold tier, in every namespace it wrote (a subgraph's
+                    # cold write says nothing of its parent's); older entries wait in the
+                    # log for Redis to return.
                     self._written_through.discard(thread_id)
                     return
                 # The newest state may live only in Redis. A flush is idempotent, so it is

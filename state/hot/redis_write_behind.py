@@ -241,8 +241,9 @@ local function listed(first, count)
 end
 """
 
-# KEYS: log, references, held epochs, then every epoch it listed (ARGV[1]: how many).
-# Deletes them all and returns how many entries the log held.
+# KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), then the
+# cache's namespace index and entries. Deletes them all and returns how many entries the
+# log held.
 _DISCARD = (
     _LISTED
     + """
@@ -717,11 +718,18 @@ class RedisWriteBehindLog:
     async def discard(self, thread_id: str) -> None:
         held_key, _ = self._cache.epoch_keys(thread_id)
         log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
+        index = self._cache.namespaces_key(thread_id)
 
         def discarding(held: list[str], namespaces: list[str]) -> tuple[list[str], list[Any]]:
-            return [*log_keys, held_key, *held], [len(held)]
+            # The cache in the same step: left alone, it could name a checkpoint whose log
+            # entries this drops as a parent Redis knows, should the thread's deletion stop
+            # here (the root namespace's entry whatever the index says: it may be evicted).
+            entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
+            return [*log_keys, held_key, *held, index, *entries], [len(held)]
 
-        await self._unlist(thread_id, await self._delete_listed(thread_id, "discard", discarding))
+        dropped = await self._delete_listed(thread_id, "discard", discarding, with_cache=True)
+        self._cache.epochs.forget(thread_id)
+        await self._unlist(thread_id, dropped)
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         thread_id = lost.thread_id

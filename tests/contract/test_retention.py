@@ -32,7 +32,7 @@ from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
 from state.cold.postgres_checkpoints import THREAD_MAINTENANCE_LOCK
-from state.errors import BackendUnavailable, StateError, WorkflowNotFound
+from state.errors import BackendUnavailable, HotStateLost, StateError, WorkflowNotFound
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
@@ -659,6 +659,91 @@ async def test_postgres_write_behind_sweeps_with_a_pool_of_one(open_cold: Open) 
         await seed(backends, thread_id)
         await backdate(backends, thread_id)
         assert await backends.retention.sweep(limit=100) == 1
+
+
+async def test_postgres_a_step_appended_while_the_sweep_forgets_is_not_flushed_back(
+    open_cold: Open,
+) -> None:
+    """A run on the expired thread appends its next step while the sweep forgets it: the
+    flush lock stays the sweep's until the deletion, and the step is dropped with it; the
+    run learns its state is gone instead of the thread coming back without its past."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("appended")
+        await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+        first = checkpoint_with(empty_checkpoint(), "v" * 2000)
+        at_first = await saver.aput(latest(thread_id), first, {"step": 0}, {"v": "1"})
+        await saver.aflush(thread_id)
+        await backdate(backends, thread_id)
+        events = backends.events
+        working = events.delete
+        appended: list[str] = []
+
+        async def run_goes_on(forgotten: str) -> None:
+            await working(forgotten)
+            if forgotten == thread_id and not appended:
+                second = checkpoint_with(empty_checkpoint(), "v" * 2000)
+                await saver.aput(at_first, second, {"step": 1}, {})
+                appended.append(second["id"])
+
+        events.delete = run_goes_on  # type: ignore[method-assign]
+        assert await backends.retention.sweep(limit=100) == 1
+        events.delete = working  # type: ignore[method-assign]
+        assert appended
+        with pytest.raises(HotStateLost):
+            await saver.aflush(thread_id)
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_without_its_log(
+    open_cold: Open,
+) -> None:
+    """The sweep stops after the backlog went (the cache's own invalidation failed
+    unnoticed, as a Redis error there is swallowed): the cached checkpoint went with the
+    backlog, so another worker resumes from the cold tier's, not from one whose log is gone."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None and backends.flusher is not None
+        assert backends.hot_checkpoints is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("stale-head")
+        await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+        first = checkpoint_with(empty_checkpoint(), "v" * 2000)
+        at_first = await saver.aput(latest(thread_id), first, {"step": 0}, {"v": "1"})
+        await saver.aflush(thread_id)
+        await backdate(backends, thread_id)
+        await backends.flusher.stop()  # the next step stays in the log
+        await saver.aput(
+            at_first, checkpoint_with(empty_checkpoint(), "w" * 2000), {"step": 1}, {"v": "2"}
+        )
+        cache, events = backends.hot_checkpoints, backends.events
+        invalidate, delete = cache.invalidate, events.delete
+
+        async def unnoticed(*_: Any, **__: Any) -> None:
+            return None
+
+        async def refused(*_: Any, **__: Any) -> None:
+            raise BackendUnavailable("redis", "refused (injected)")
+
+        cache.invalidate = unnoticed  # type: ignore[method-assign]
+        events.delete = refused  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await backends.retention.sweep(limit=100)
+        cache.invalidate, events.delete = invalidate, delete  # type: ignore[method-assign]
+        other_worker = TieredCheckpointSaver.from_backends(backends)
+        head = await other_worker.aget_tuple(latest(thread_id))
+        assert head is not None and head.checkpoint["id"] == first["id"]
+
+
+def checkpoint_with(checkpoint: Any, value: str) -> Any:
+    """`checkpoint` holding `value` in channel v (a value of its own, not inline)."""
+    checkpoint["channel_values"] = {"v": value}
+    checkpoint["channel_versions"] = {"v": "1" if value.startswith("v") else "2"}
+    return checkpoint
 
 
 def latest(thread_id: str) -> RunnableConfig:

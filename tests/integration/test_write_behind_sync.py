@@ -397,3 +397,42 @@ def test_an_interrupt_over_a_checkpoint_already_flushed_is_acknowledged_with_red
         assert state.next == ("ask",) and state.interrupts
     finally:
         redis.stop()
+
+
+class Counted(TypedDict):
+    x: int
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Redis dies, a subgraph then writes its own namespace to the cold tier, the node
+    asks: the parent's newest state (a DeltaChannel's history) was in the log alone, so
+    the run fails rather than return a question no fresh process could find."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    inner = StateGraph(Counted)
+    inner.add_node("inc", lambda state: {"x": state["x"] + 1})
+    inner.add_edge(START, "inc")
+    inner.add_edge("inc", END)
+    counting = inner.compile()  # the parent's checkpointer, a namespace of its own
+
+    def ask(_: dict[str, Any]) -> dict[str, Any]:
+        redis.stop()
+        counting.invoke({"x": 0})
+        return {"answer": interrupt("approve?")}
+
+    builder = StateGraph(Noted)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    try:
+        with TieredCheckpointSaver.open_sync(settings_for(stack_env, backend, redis.url)) as saver:
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())  # only boundaries flush
+            graph = builder.compile(checkpointer=saver)
+            with pytest.raises(BackendUnavailable):
+                graph.invoke({"messages": ["hello"], "answer": ""}, config())
+    finally:
+        redis.stop()
