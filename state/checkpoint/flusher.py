@@ -217,12 +217,16 @@ class Flusher:
         """For a caller deleting the thread's cold state itself, inside the block (the
         retention sweep): the backlog dropped under the flush lock, held to the block's
         end, and what was appended meanwhile dropped again before the lock goes, so no
-        flusher applies a step onto the deleted thread. Yields the fencing token the
-        deletion must raise the thread's flush fence to (see `delete_thread`)."""
+        flusher applies a step onto the deleted thread (also when the block fails: the
+        caller may have deleted the thread before; a live thread loses its backlog then,
+        which its run's next boundary reports). Yields the fencing token the deletion must
+        raise the thread's flush fence to (see `delete_thread`)."""
         async with self.holding(thread_id) as fence:
             await self.log.discard(thread_id)
-            yield max(fence, await self.log.fence_now())
-            await self.log.discard(thread_id)
+            try:
+                yield max(fence, await self.log.fence_now())
+            finally:
+                await self.log.discard(thread_id)
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no

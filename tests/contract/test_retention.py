@@ -739,6 +739,47 @@ async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_
         assert head is not None and head.checkpoint["id"] == first["id"]
 
 
+async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_still_drops_its_late_step(
+    open_cold: Open,
+) -> None:
+    """Thread a deleted, then the sweep fails on thread b: the step a run appended to a
+    while it was forgotten is dropped all the same, never flushed back onto deleted a."""
+    ttl = 2
+    async with open_cold(
+        "cosmos", hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        heads = {}
+        for thread_id in (unique_thread("expired"), unique_thread("expired")):
+            await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+            state = checkpoint_with(empty_checkpoint(), "v" * 2000)
+            heads[thread_id] = await saver.aput(latest(thread_id), state, {"step": 0}, {"v": "1"})
+            await saver.aflush(thread_id)
+        await asyncio.sleep(ttl + 1.5)
+        events = backends.events
+        working = events.delete
+        forgotten: list[str] = []
+
+        async def second_fails(thread_id: str) -> None:
+            if forgotten:
+                raise BackendUnavailable("redis", "refused (injected)")
+            forgotten.append(thread_id)
+            await working(thread_id)
+            late = checkpoint_with(empty_checkpoint(), "v" * 2000)
+            await saver.aput(heads[thread_id], late, {"step": 1}, {})
+
+        events.delete = second_fails  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await backends.retention.sweep(limit=100)
+        events.delete = working  # type: ignore[method-assign]
+        [deleted] = forgotten
+        assert await backends.cold.get(deleted) is None  # deleted before the failure
+        with pytest.raises(HotStateLost):
+            await saver.aflush(deleted)
+        assert await backends.checkpoints.get_checkpoint(deleted, "", None) is None
+
+
 def checkpoint_with(checkpoint: Any, value: str) -> Any:
     """`checkpoint` holding `value` in channel v (a value of its own, not inline)."""
     checkpoint["channel_values"] = {"v": value}
