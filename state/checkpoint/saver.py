@@ -949,8 +949,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self._flush_thread(put.thread_id)
 
     async def _all_stand_alone(self, thread_id: str) -> bool:
+        """`_stands_alone` for every namespace whose state outlives its run: the root, and
+        a subgraph compiled with checkpointer=True. A namespace named after its task (":"
+        before the task id, LangGraph's NS_END) ends with its task, whose result is in its
+        parent's state; an interrupt inside it is a boundary of its own."""
         with self._histories_lock:
-            namespaces = list(self._unconfirmed.get(thread_id, {}))
+            namespaces = [ns for ns in self._unconfirmed.get(thread_id, {}) if ":" not in ns]
         for checkpoint_ns in namespaces:
             if not await self._stands_alone(thread_id, checkpoint_ns):
                 return False

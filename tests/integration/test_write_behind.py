@@ -15,14 +15,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.base import CheckpointTuple, empty_checkpoint
 from langgraph.types import Command
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint import flusher as flusher_module
 from state.checkpoint.flusher import Flusher
-from state.errors import RequestRejected, StaleFencingToken, UnsupportedSchemaVersion
+from state.errors import (
+    BackendUnavailable,
+    RequestRejected,
+    StaleFencingToken,
+    UnsupportedSchemaVersion,
+)
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
@@ -322,6 +327,31 @@ async def test_durability_exit_returns_once_the_runs_one_save_is_cold(
     cold_only = TieredCheckpointSaver(tiers.store)
     state = await chat_graph(cold_only).aget_state(cfg)
     assert state.values["messages"] == done["messages"]
+
+
+async def test_with_redis_out_a_finished_subgraphs_pending_step_does_not_fail_the_run(
+    tiers: WriteBehind,
+) -> None:
+    """A subgraph's step waits in the log (its namespace named after its task), Redis goes,
+    the parent's newest checkpoint goes to the cold tier whole: the run's end returns (the
+    subgraph's result is in its parent's state)."""
+    thread_id = f"wb-{uuid.uuid4().hex[:12]}"
+    child: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": "sub:1"}}
+    state = empty_checkpoint()
+    state["channel_values"], state["channel_versions"] = {"v": "x" * 50}, {"v": "1"}
+    await tiers.saver.aput(child, state, {"step": 0}, {"v": "1"})
+    log = tiers.flusher.log
+
+    async def out(*_: Any, **__: Any) -> Any:
+        raise BackendUnavailable(log.name, "refused (injected)")
+
+    log.append_put = out  # type: ignore[method-assign]
+    tiers.flusher.flush_thread = out  # type: ignore[method-assign]
+    parent = empty_checkpoint()
+    parent["channel_values"], parent["channel_versions"] = {"v": "y" * 50}, {"v": "2"}
+    await tiers.saver.aput(config(thread_id), parent, {"step": 1}, {"v": "2"})
+    await tiers.saver.aflush(thread_id)
+    assert await tiers.store.get_checkpoint(thread_id, "", None) is not None
 
 
 async def test_a_stale_fencing_token_is_refused_at_the_hot_tier(tiers: WriteBehind) -> None:
