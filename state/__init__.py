@@ -34,7 +34,7 @@ Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
     `BackendUnavailable` (and its `HotStateLost`), `RequestRejected` (and its `InvalidValue`),
-    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`.
+    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`, `ThreadExpiring`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -60,6 +60,7 @@ from .errors import (
     StaleFencingToken,
     StateError,
     StateTooLarge,
+    ThreadExpiring,
     UnsupportedSchemaVersion,
     VersionConflict,
     WorkflowExists,
@@ -118,6 +119,7 @@ __all__ = [
     "StateError",
     "StateTooLarge",
     "StoredEvent",
+    "ThreadExpiring",
     "TierHealth",
     "TieredCheckpointSaver",
     "TieredStateStore",

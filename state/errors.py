@@ -168,6 +168,15 @@ class HotStateLost(BackendUnavailable):
         self.checkpoint_id = checkpoint_id
 
 
+class ThreadExpiring(StateError):
+    """A write-behind append to a thread the retention sweep is deleting: refused, nothing
+    written (the run cannot go on: its past is being deleted under it)."""
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"thread {thread_id!r} is being deleted by the retention sweep")
+        self.thread_id = thread_id
+
+
 class SaverClosed(StateError):
     """A call to a checkpoint saver after it was closed, or one it was closed under."""
 

@@ -894,9 +894,13 @@ class WriteBehindLog(Protocol):
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         """Forget entries the cold tier now holds; returns how many are left."""
 
-    async def discard(self, thread_id: str) -> None:
+    async def discard(self, thread_id: str, *, refuse_appends_ms: int | None = None) -> None:
         """Drop every unflushed entry of the thread and its cached checkpoints, in one step
-        (it is being deleted)."""
+        (it is being deleted). With `refuse_appends_ms`, appends to the thread are refused
+        (`ThreadExpiring`) from that same step on, until `accept_appends` or that long."""
+
+    async def accept_appends(self, thread_id: str) -> None:
+        """End the refusal a `discard` began."""
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         """Drop every unflushed entry of the thread and its cached checkpoints, in one step,

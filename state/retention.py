@@ -11,9 +11,10 @@ So just before the sweep deletes a thread (while nothing else can write it: on
 Postgres its record is locked), `TieredRetention` does to the hot tier what
 `delete_thread` does: the cached record goes (the first Redis call: if Redis cannot be
 reached, the sweep stops before deleting the thread, and the next one tries again),
-the cached checkpoints go, then the backlog is discarded under the flush lock, held
-until the sweep has deleted (what a run appends meanwhile is discarded again before
-it goes, so its next boundary finds its state gone), and the deletion raises the
+the cached checkpoints go, then the backlog is discarded under the flush lock, and
+appends are refused from that step until the sweep has deleted (a run writing
+meanwhile is told `ThreadExpiring`: nothing reaches the log that a flusher could
+apply onto the deleted thread), and the deletion raises the
 thread's flush fence past every lock token granted before (a batch of a flusher
 paused past its lock is refused; the fence stays a TTL longer); then the event log
 goes. A reader that caches the thread again from the cold tier before

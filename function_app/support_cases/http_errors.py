@@ -16,6 +16,7 @@ from state import (
     RequestRejected,
     StaleFencingToken,
     StateTooLarge,
+    ThreadExpiring,
     VersionConflict,
     WorkflowNotFound,
 )
@@ -31,6 +32,8 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (VersionConflict, 409),
     (StaleFencingToken, 409),
     (LockNotAcquired, 409),
+    # The retention sweep is deleting the case under the request.
+    (ThreadExpiring, 410),
     (IdempotencyMismatch, 422),
     (ReservedCaseId, 422),
     (InvalidEventId, 422),

@@ -66,6 +66,9 @@ LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.
 LOCK_WAIT_SECONDS = 60.0
+# How long appends to a thread the retention sweep is deleting stay refused if the sweep
+# cannot end the refusal (it died, Redis failed): longer than any sweep holds a thread.
+EXPIRING_REFUSAL_MS = 3_600_000
 # (thread, namespace) pairs whose last applied put is remembered, for the saver's check
 # that a boundary's flush really stored what this process appended.
 APPLIED_REMEMBERED = 10_000
@@ -215,18 +218,26 @@ class Flusher:
     @contextlib.asynccontextmanager
     async def discarding(self, thread_id: str) -> AsyncIterator[int]:
         """For a caller deleting the thread's cold state itself, inside the block (the
-        retention sweep): the backlog dropped under the flush lock, held to the block's
-        end, and what was appended meanwhile dropped again before the lock goes, so no
-        flusher applies a step onto the deleted thread (also when the block fails: the
-        caller may have deleted the thread before; a live thread loses its backlog then,
-        which its run's next boundary reports). Yields the fencing token the deletion must
-        raise the thread's flush fence to (see `delete_thread`)."""
+        retention sweep): the backlog dropped under the flush lock, and appends refused
+        (`ThreadExpiring`) from the same step to the block's end, so no flusher can apply
+        a step onto the deleted thread, not even one whose lock outlived the block's or
+        that took the lock after a failure here. Should the refusal outlive the block (a
+        Redis failure ending it), it expires after EXPIRING_REFUSAL_MS. Yields the fencing
+        token the deletion must raise the thread's flush fence to (see `delete_thread`)."""
         async with self.holding(thread_id) as fence:
-            await self.log.discard(thread_id)
+            await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
             try:
                 yield max(fence, await self.log.fence_now())
             finally:
-                await self.log.discard(thread_id)
+                try:
+                    await self.log.accept_appends(thread_id)
+                except BackendUnavailable as exc:
+                    log.warning(
+                        "appends to %r stay refused for up to %d s: %s",
+                        thread_id,
+                        EXPIRING_REFUSAL_MS // 1000,
+                        exc,
+                    )
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no

@@ -21,7 +21,10 @@ of `redis_checkpoints`:
   writes check and raise the same key (`RedisCheckpointFence`) before their cold
   write, so both write modes keep one fence per thread. It has a TTL, renewed by
   every fenced write: a write that finds none is refused (`FenceUnknown`) until its
-  caller checked the token against the thread's durable fence.
+  caller checked the token against the thread's durable fence;
+- `wb-expiring`: set, with a TTL, by the discard that begins the retention sweep's
+  deletion of the thread: appends are refused (`ThreadExpiring`) until the sweep ends,
+  so nothing reaches the log that a flusher could apply onto the deleted thread.
 
 An append is one script: fence check, cache advance, stream entry, all atomic in
 the thread's slot. It is pipelined (same round trip) with a second script on the
@@ -30,8 +33,8 @@ by every append, so a flusher can tell whether anything arrived while it
 flushed), `since` (when the thread became dirty: the backlog's age) and
 `entries` (a count for health and metrics). The append goes first, so a thread
 is never listed after its entry is lost, only (harmlessly) listed with nothing
-to flush. None of these keys has a TTL except the fence: under a volatile-*
-eviction policy they are never evicted.
+to flush. None of these keys has a TTL except the fence and the expiring mark:
+under a volatile-* eviction policy the others are never evicted.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from ..errors import (
     LogEntryLost,
     StaleFencingToken,
     StateError,
+    ThreadExpiring,
     UnknownParent,
     UnsupportedSchemaVersion,
 )
@@ -96,6 +100,8 @@ from .redis_values import (
 REFERENCES_KIND = "wb-references"
 # Key kind of the thread's flush lock.
 FLUSH_LOCK_KIND = "wb-flushing"
+# Key kind of the mark that refuses appends to a thread the retention sweep is deleting.
+EXPIRING_KIND = "wb-expiring"
 # Tries of a thread's delete against appends still landing (each lists its epochs anew).
 DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
@@ -147,21 +153,24 @@ local function logged(log, ns, id)
 end
 """
 
-# KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, then
-# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`).
+# KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, the
+# expiring mark, then the put's epochs and the others the writer knows the entry refers to
+# (`LUA_VALUES`).
 # ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known to be stored, the
 # value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
 # it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
 # {-4, 0}, nothing written, when an epoch is not at the length its writer saw; {-5, 0},
-# nothing written, when Redis holds no fence to check the writer's against.
+# nothing written, when Redis holds no fence to check the writer's against; {-6, 0},
+# nothing written, when the thread is being deleted by the retention sweep.
 _APPEND_PUT = (
     LUA_HELPERS
     + _FENCE
     + _LOGGED
     + """
-local ops, known = value_ops(8, 7), declared(8)
+if redis.call('EXISTS', KEYS[8]) == 1 then return {-6, 0} end
+local ops, known = value_ops(9, 7), declared(9)
 local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
@@ -186,12 +195,13 @@ return {moved, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
 
-# KEYS: entry, log, fence. ARGV: checkpoint id, '1' to upsert, ttl, namespace, fence,
-# then the writes' name/value fields.
+# KEYS: entry, log, fence, expiring mark. ARGV: checkpoint id, '1' to upsert, ttl,
+# namespace, fence, then the writes' name/value fields. Answers as `_APPEND_PUT`.
 _APPEND_WRITES = (
     LUA_HELPERS
     + _FENCE
     + """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {-6, 0} end
 local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
@@ -241,15 +251,16 @@ local function listed(first, count)
 end
 """
 
-# KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), then the
-# cache's namespace index and entries. Deletes them all and returns how many entries the
-# log held.
+# KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), the
+# cache's namespace index and entries, then the expiring mark. Deletes them all, sets the
+# mark for ARGV[2] ms unless it is '', and returns how many entries the log held.
 _DISCARD = (
     _LISTED
     + """
 if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
+if ARGV[2] ~= '' then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
 return length
 """
 )
@@ -505,6 +516,7 @@ class RedisWriteBehindLog:
             self._key(thread_id, "wb-fence"),
             *self._cache.epoch_keys(thread_id),
             self._key(thread_id, REFERENCES_KIND),
+            self._key(thread_id, EXPIRING_KIND),
             *plan.keys,
         ]
         args: list[Any] = [
@@ -533,6 +545,7 @@ class RedisWriteBehindLog:
             self._cache.key(thread_id, checkpoint_ns),
             self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
+            self._key(thread_id, EXPIRING_KIND),
         ]
         args: list[Any] = [
             checkpoint_id,
@@ -715,21 +728,30 @@ class RedisWriteBehindLog:
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
 
-    async def discard(self, thread_id: str) -> None:
+    async def discard(self, thread_id: str, *, refuse_appends_ms: int | None = None) -> None:
         held_key, _ = self._cache.epoch_keys(thread_id)
         log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
         index = self._cache.namespaces_key(thread_id)
+        expiring = self._key(thread_id, EXPIRING_KIND)
+        refusal = "" if refuse_appends_ms is None else str(refuse_appends_ms)
 
         def discarding(held: list[str], namespaces: list[str]) -> tuple[list[str], list[Any]]:
             # The cache in the same step: left alone, it could name a checkpoint whose log
             # entries this drops as a parent Redis knows, should the thread's deletion stop
             # here (the root namespace's entry whatever the index says: it may be evicted).
             entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
-            return [*log_keys, held_key, *held, index, *entries], [len(held)]
+            keys = [*log_keys, held_key, *held, index, *entries, expiring]
+            return keys, [len(held), refusal]
 
         dropped = await self._delete_listed(thread_id, "discard", discarding, with_cache=True)
         self._cache.epochs.forget(thread_id)
         await self._unlist(thread_id, dropped)
+
+    async def accept_appends(self, thread_id: str) -> None:
+        try:
+            await self._client.delete(self._key(thread_id, EXPIRING_KIND))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         thread_id = lost.thread_id
@@ -944,6 +966,8 @@ def _appended(thread_id: str, appended: list[Any], fence: str) -> None:
         raise UnknownParent(thread_id)
     if outcome == -4:
         raise _EpochMoved(thread_id)
+    if outcome == -6:
+        raise ThreadExpiring(thread_id)
 
 
 def _references(fields: dict[bytes, bytes]) -> list[Reference]:

@@ -32,7 +32,7 @@ from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
 from state.cold.postgres_checkpoints import THREAD_MAINTENANCE_LOCK
-from state.errors import BackendUnavailable, HotStateLost, StateError, WorkflowNotFound
+from state.errors import BackendUnavailable, StateError, ThreadExpiring, WorkflowNotFound
 from state.factory import Backends, backends_for
 from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
@@ -661,41 +661,87 @@ async def test_postgres_write_behind_sweeps_with_a_pool_of_one(open_cold: Open) 
         assert await backends.retention.sweep(limit=100) == 1
 
 
-async def test_postgres_a_step_appended_while_the_sweep_forgets_is_not_flushed_back(
-    open_cold: Open,
+async def expiring_thread(backends: Backends, saver: TieredCheckpointSaver) -> RunnableConfig:
+    """A write-behind thread with one flushed step: its config at that step."""
+    thread_id = unique_thread("expiring")
+    await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+    first = checkpoint_with(empty_checkpoint(), "v" * 2000)
+    at_first = await saver.aput(latest(thread_id), first, {"step": 0}, {"v": "1"})
+    await saver.aflush(thread_id)
+    return at_first
+
+
+async def test_a_run_appending_while_the_sweep_forgets_is_refused_and_nothing_comes_back(
+    cold_backend: str, open_cold: Open
 ) -> None:
-    """A run on the expired thread appends its next step while the sweep forgets it: the
-    flush lock stays the sweep's until the deletion, and the step is dropped with it; the
-    run learns its state is gone instead of the thread coming back without its past."""
+    """A run on the expired thread writes its next step while the sweep forgets it: refused
+    at once (`ThreadExpiring`), so no flusher can apply it onto the deleted thread; once
+    the sweep has ended, the thread id starts afresh."""
     async with open_cold(
-        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+        cold_backend, hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
     ) as backends:
-        assert backends.events is not None
+        assert backends.events is not None and backends.flusher is not None
         saver = TieredCheckpointSaver.from_backends(backends)
-        thread_id = unique_thread("appended")
-        await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
-        first = checkpoint_with(empty_checkpoint(), "v" * 2000)
-        at_first = await saver.aput(latest(thread_id), first, {"step": 0}, {"v": "1"})
-        await saver.aflush(thread_id)
-        await backdate(backends, thread_id)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        now = await age_everything(backends, thread_id)
         events = backends.events
         working = events.delete
-        appended: list[str] = []
+        refused: list[str] = []
 
         async def run_goes_on(forgotten: str) -> None:
             await working(forgotten)
-            if forgotten == thread_id and not appended:
-                second = checkpoint_with(empty_checkpoint(), "v" * 2000)
+            second = checkpoint_with(empty_checkpoint(), "v" * 2000)
+            with pytest.raises(ThreadExpiring):
                 await saver.aput(at_first, second, {"step": 1}, {})
-                appended.append(second["id"])
+            refused.append("put")
+            with pytest.raises(ThreadExpiring):
+                await saver.aput_writes(at_first, [("v", "late")], "task")
+            refused.append("writes")
 
         events.delete = run_goes_on  # type: ignore[method-assign]
-        assert await backends.retention.sweep(limit=100) == 1
+        assert await backends.retention.sweep(limit=100, now=now) == 1
         events.delete = working  # type: ignore[method-assign]
-        assert appended
-        with pytest.raises(HotStateLost):
-            await saver.aflush(thread_id)
+        assert refused == ["put", "writes"]
+        await backends.flusher.drain()
         assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        anew = await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
+        await saver.aflush(thread_id)
+        found = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert found is not None
+        assert found.checkpoint_id == anew["configurable"]["checkpoint_id"]
+
+
+async def test_a_sweep_that_cannot_end_its_refusal_leaves_appends_refused_not_flushed_back(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """Redis failing as the sweep ends the refusal (it used to drop the backlog again
+    there, and a step appended meanwhile was then flushed onto the deleted thread): the
+    sweep still deletes, appends stay refused until the refusal expires, nothing comes back."""
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        now = await age_everything(backends, thread_id)
+        log = backends.flusher.log
+        accept = log.accept_appends
+
+        async def fails(_: str) -> None:
+            raise BackendUnavailable("redis", "refused (injected)")
+
+        log.accept_appends = fails  # type: ignore[method-assign]
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        log.accept_appends = accept  # type: ignore[method-assign]
+        late = checkpoint_with(empty_checkpoint(), "v" * 2000)
+        with pytest.raises(ThreadExpiring):
+            await saver.aput(at_first, late, {"step": 1}, {})
+        await backends.flusher.drain()
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        await log.accept_appends(thread_id)  # what the refusal's expiry does
+        await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
 
 
 async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_without_its_log(
@@ -739,11 +785,11 @@ async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_
         assert head is not None and head.checkpoint["id"] == first["id"]
 
 
-async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_still_drops_its_late_step(
+async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_refused_its_late_step(
     open_cold: Open,
 ) -> None:
-    """Thread a deleted, then the sweep fails on thread b: the step a run appended to a
-    while it was forgotten is dropped all the same, never flushed back onto deleted a."""
+    """Thread a deleted, then the sweep fails on thread b: the step a run wrote to a while
+    it was forgotten was refused, and nothing is flushed back onto deleted a."""
     ttl = 2
     async with open_cold(
         "cosmos", hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
@@ -767,7 +813,8 @@ async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_still_drops_its_
             forgotten.append(thread_id)
             await working(thread_id)
             late = checkpoint_with(empty_checkpoint(), "v" * 2000)
-            await saver.aput(heads[thread_id], late, {"step": 1}, {})
+            with pytest.raises(ThreadExpiring):
+                await saver.aput(heads[thread_id], late, {"step": 1}, {})
 
         events.delete = second_fails  # type: ignore[method-assign]
         with pytest.raises(BackendUnavailable):
@@ -775,8 +822,7 @@ async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_still_drops_its_
         events.delete = working  # type: ignore[method-assign]
         [deleted] = forgotten
         assert await backends.cold.get(deleted) is None  # deleted before the failure
-        with pytest.raises(HotStateLost):
-            await saver.aflush(deleted)
+        await saver.aflush(deleted)
         assert await backends.checkpoints.get_checkpoint(deleted, "", None) is None
 
 

@@ -38,6 +38,7 @@ from state.errors import (
     LogEntryLost,
     StaleFencingToken,
     StateTooLarge,
+    ThreadExpiring,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -1001,6 +1002,7 @@ class MemoryWriteBehindLog(_Tier):
         self._dirty: dict[str, float] = {}  # thread -> marker, bumped by every append
         self._since: dict[str, float] = {}  # thread -> when it became dirty (seconds)
         self._locks = _Locks()
+        self._expiring: dict[str, float] = {}  # thread -> until when appends are refused
 
     def admit(self, thread_id: str, fence: int | None) -> None:
         if fence is None:
@@ -1009,6 +1011,10 @@ class MemoryWriteBehindLog(_Tier):
         if fence < seen:
             raise StaleFencingToken(thread_id, fence, seen)
         self.fences[thread_id] = fence
+
+    def _refuse_if_expiring(self, thread_id: str) -> None:
+        if time.monotonic() < self._expiring.get(thread_id, 0.0):
+            raise ThreadExpiring(thread_id)
 
     def _record(self, thread_id: str, op: FlushOp) -> None:
         self._sequence += 1
@@ -1029,6 +1035,7 @@ class MemoryWriteBehindLog(_Tier):
         parent_stored: bool = False,  # nor a parent
     ) -> None:
         self._call("append_put")
+        self._refuse_if_expiring(checkpoint.thread_id)
         self.admit(checkpoint.thread_id, fence)
         self.cache._advance(checkpoint, blobs)
         bare = dataclasses.replace(checkpoint, blobs=None, writes=None)
@@ -1046,6 +1053,7 @@ class MemoryWriteBehindLog(_Tier):
         fence_checked: bool = False,
     ) -> None:
         self._call("append_writes")
+        self._refuse_if_expiring(thread_id)
         self.admit(thread_id, fence)
         self.cache._add_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
         self._record(
@@ -1070,10 +1078,17 @@ class MemoryWriteBehindLog(_Tier):
             self._logs.pop(thread_id, None)
         return len(left)
 
-    async def discard(self, thread_id: str) -> None:
+    async def discard(self, thread_id: str, *, refuse_appends_ms: int | None = None) -> None:
         self._call("discard")
         self._logs.pop(thread_id, None)
         self._unlist(thread_id)
+        self._expiring.pop(thread_id, None)
+        if refuse_appends_ms is not None:
+            self._expiring[thread_id] = time.monotonic() + refuse_appends_ms / 1000
+
+    async def accept_appends(self, thread_id: str) -> None:
+        self._call("accept_appends")
+        self._expiring.pop(thread_id, None)
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         self._call("drop_lost")
