@@ -312,3 +312,54 @@ async def test_a_token_of_zero_seeds_the_fence(
             assert await redis.get(key) == b"0"
         finally:
             await redis.aclose()
+
+
+def _record_reads(backends: Backends, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The threads whose record the cold tier is asked for."""
+    asked: list[str] = []
+    cold_get = backends.cold.get
+
+    async def counted(thread_id: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(thread_id)
+        return await cold_get(thread_id, *args, **kwargs)
+
+    monkeypatch.setattr(backends.cold, "get", counted)
+    return asked
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_a_thread_whose_record_was_just_created_is_checked_without_a_read(
+    open_tiers: Open, thread_id: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new thread's first fenced write finds no fence in Redis and is checked against
+    its record; a record its caller has just created holds fence 0, so a thread declared
+    new (`expect_new_thread`) passes that first check unread. A later check, once Redis
+    lost the fence, reads the record, and a stale token is refused as before."""
+    async with open_tiers(mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        graph = chat_graph(saver)
+        redis = create_redis_client(backends.settings)
+        key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
+        other = f"{thread_id}-undeclared"
+        try:
+            for created in (thread_id, other):
+                await backends.cold.create(created, {"run": {}}, agent_id="fence-test")
+            asked = _record_reads(backends, monkeypatch)
+            saver.expect_new_thread(thread_id)
+            await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
+            await graph.ainvoke({"messages": ["first"]}, config(other, 7))
+            assert thread_id not in asked and other in asked
+            asked.clear()
+
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=8
+            )
+            await saver.aflush(thread_id)
+            await redis.delete(key)  # evicted
+            with pytest.raises(StaleFencingToken):
+                await graph.ainvoke({"messages": ["stale"]}, config(thread_id, 7))
+            assert thread_id in asked
+        finally:
+            await redis.aclose()
+            for created in (thread_id, other):
+                await backends.cold.delete(created)
