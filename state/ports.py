@@ -686,10 +686,14 @@ class CheckpointCache(Protocol):
     """Hot copy of the latest checkpoint per (thread, namespace); never the source of truth.
 
     Every method is best effort: a cache failure is counted and swallowed (the
-    saver then serves from the cold tier), never raised to the caller.
+    saver then serves from the cold tier), never raised to the caller; but for a strict
+    `invalidate` and `ready`, which maintenance calls (a deletion the cache must follow).
     """
 
     name: str
+
+    async def ready(self) -> None:
+        """Raise `BackendUnavailable` unless the cache answers now."""
 
     async def lookup(
         self, thread_id: str, checkpoint_ns: str, *, lease: bool, with_history: bool = True
@@ -720,8 +724,11 @@ class CheckpointCache(Protocol):
     ) -> None:
         """After a cold put_writes: keep the cached checkpoint's pending writes exact."""
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
-        """Drop one namespace of a thread, or all of them (None)."""
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+    ) -> None:
+        """Drop one namespace of a thread, or all of them (None). `strict`: a failure
+        raises `BackendUnavailable` (the entries may still be served) instead."""
 
     def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
         """The cold tier moved past this entry while Redis was failing: never serve it; it

@@ -175,12 +175,15 @@ class Flusher:
                 if time.monotonic() > deadline:
                     raise
 
-    async def settle_thread(self, thread_id: str, *, pending: bool | None = None) -> None:
+    async def settle_thread(
+        self, thread_id: str, *, pending: bool | None = None, strict: bool = False
+    ) -> None:
         """Flush the thread if it has a backlog (before a read the cold tier answers);
         `pending`: whether it has, when the caller read it already (a cache miss does).
 
-        With the hot tier unreachable there is nothing to flush from: the read goes on
-        against the cold tier, which is what a reader can have.
+        With the hot tier unreachable there is nothing to flush from: a read goes on
+        against the cold tier, which is what a reader can have; `strict` (before a change
+        the backlog must not land after, as maintenance makes) raises instead.
         """
         try:
             if pending is None:
@@ -188,32 +191,36 @@ class Flusher:
             if pending:
                 await self.flush_thread(thread_id)
         except BackendUnavailable as exc:
+            if strict:
+                raise
             log.warning("write-behind log unreachable (%s): reading the cold tier as is", exc)
 
-    async def settle_all(self) -> int:
+    async def settle_all(self) -> list[str]:
         """Return once every entry appended before the call is in the cold tier, whatever
         its thread (before an operation the cold tier answers across threads), but for the
-        threads whose flush fails; how many entries this call applied. Unlike `drain`,
-        waits for a thread another flusher holds. A thread that cannot be flushed (a newer
-        format, a cold refusal, a lock never released) is logged and left in the log, as
-        `drain` leaves it: one bad thread must not stop an operation on all the others. An
-        unreachable hot tier raises (nothing could be flushed)."""
+        threads whose flush fails, which it returns. Unlike `drain`, waits for a thread
+        another flusher holds. A thread that cannot be flushed (a newer format, a cold
+        refusal, a lock never released) is logged and left in the log, as `drain` leaves
+        it: one bad thread must not stop an operation on all the others. An unreachable
+        hot tier raises (nothing could be flushed)."""
         listed = [thread_id for thread_id, _ in await self.log.dirty_threads(limit=ALL_LISTED)]
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
 
-        async def settle(thread_id: str) -> int:
+        async def settle(thread_id: str) -> str | None:
             async with slots:
                 try:
-                    return await self.flush_thread(thread_id)
+                    await self.flush_thread(thread_id)
                 except StateError as exc:
                     log.warning("write-behind backlog of %r left in the log: %s", thread_id, exc)
-                    return 0
+                    return thread_id
+                return None
 
-        applied = 0
+        left: list[str] = []
         for start in range(0, len(listed), LISTED_THREADS):
             page = listed[start : start + LISTED_THREADS]
-            applied += sum(await asyncio.gather(*(settle(thread_id) for thread_id in page)))
-        return applied
+            settled = await asyncio.gather(*(settle(thread_id) for thread_id in page))
+            left += [thread_id for thread_id in settled if thread_id is not None]
+        return left
 
     @contextlib.asynccontextmanager
     async def discarding(self, thread_id: str) -> AsyncIterator[int]:

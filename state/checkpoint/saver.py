@@ -75,6 +75,7 @@ from ..errors import (
     FenceUnknown,
     HotStateLost,
     SaverClosed,
+    StateError,
     UnknownParent,
 )
 from ..ports import (
@@ -83,6 +84,7 @@ from ..ports import (
     ChannelHistory,
     CheckpointCache,
     CheckpointFence,
+    CheckpointPut,
     CheckpointStore,
     PruneStrategy,
     StoredBlob,
@@ -126,6 +128,8 @@ HISTORY_MEMO_SIZE = 1_000
 # is out: a restart or a failover is back within it; past it the run stops unflushed.
 REDIS_RETURN_SECONDS = 5.0
 REDIS_RETRY_POLL_SECONDS = 0.25
+# Entries of a backlog delete_for_runs could not flush that it reads for the runs' puts.
+ALL_LOGGED = 1_000_000
 
 
 def _scalar(value: Any) -> bool:
@@ -1187,35 +1191,67 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if not heads:
                 self._unconfirmed.pop(thread_id, None)
 
+    # Maintenance changes the cold tier under the hot one, which must follow: with Redis
+    # unreachable it is refused (`BackendUnavailable`) rather than done in the cold tier
+    # alone, where Redis, back with its data, would serve what was deleted, and a backlog
+    # left in its log would be flushed back onto it. The cache is dropped before the
+    # change (which checks Redis answers) and again after (what a reader cached meanwhile).
+
+    async def _drop_cached(self, thread_id: str) -> None:
+        if self.cache is not None:
+            await self.cache.invalidate(thread_id, strict=True)
+
     async def _delete_thread(self, thread_id: str) -> None:
         self._forget_histories(thread_id)
+        await self._drop_cached(thread_id)
         if self.flusher is None:
             await self.store.delete_thread(thread_id)
         else:
             await self.flusher.delete_thread(thread_id)
-        if self.cache is not None:
-            await self.cache.invalidate(thread_id)
+        await self._drop_cached(thread_id)
 
     async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
         if not run_ids:
             return
-        if self.flusher is not None:
-            await self.flusher.settle_all()
+        if self.cache is not None:
+            await self.cache.ready()
+        unflushed = await self.flusher.settle_all() if self.flusher is not None else []
         # The store names the threads it touched: no read of whole checkpoints to find them.
         affected = await self.store.delete_for_runs(run_ids)
         for thread_id in affected:
             self._forget_histories(thread_id)
-            if self.cache is not None:
-                await self.cache.invalidate(thread_id)
+            await self._drop_cached(thread_id)
+        stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
+        if stuck:
+            # Those runs' checkpoints still in the log would land after the deletion.
+            raise BackendUnavailable(
+                "write-behind",
+                f"the backlog of {sorted(stuck)} holds checkpoints of these runs and could "
+                "not be flushed; call again once it can",
+            )
+
+    async def _logs_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
+        """Whether the thread's backlog may hold a put of one of the runs (an entry this
+        code cannot read may)."""
+        assert self.flusher is not None
+        try:
+            entries = await self.flusher.log.read(thread_id, count=ALL_LOGGED)
+        except StateError:
+            return True
+        return any(
+            isinstance(entry.op, CheckpointPut)
+            and entry.op.checkpoint.metadata.get("run_id") in run_ids
+            for entry in entries
+        )
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         if self.flusher is not None:
-            await self.flusher.settle_thread(source_thread_id)
-            await self.flusher.settle_thread(target_thread_id)
+            await self.flusher.settle_thread(source_thread_id, strict=True)
+            await self.flusher.settle_thread(target_thread_id, strict=True)
+        await self._drop_cached(target_thread_id)
         await self.store.copy_thread(source_thread_id, target_thread_id)
         self._forget_histories(target_thread_id)
-        if self.cache is not None:
-            await self.cache.invalidate(target_thread_id)
+        await self._drop_cached(target_thread_id)
 
     async def _prune(self, thread_ids: Sequence[str], strategy: str) -> None:
         if isinstance(thread_ids, str):
@@ -1225,16 +1261,21 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         threads = [str(thread_id) for thread_id in thread_ids]
         if not threads:
             return
-        if self.flusher is not None:
+        if strategy == "delete" and self.flusher is not None:
+            # Each backlog dropped under its flush lock and fenced off, as delete_thread does.
             for thread_id in threads:
-                await self.flusher.settle_thread(thread_id)
+                await self._delete_thread(thread_id)
+            return
+        for thread_id in threads:
+            await self._drop_cached(thread_id)
+            if self.flusher is not None:
+                await self.flusher.settle_thread(thread_id, strict=True)
         await self.store.prune(
             threads, strategy="delete" if strategy == "delete" else "keep_latest"
         )
         for thread_id in threads:
             self._forget_histories(thread_id)
-            if self.cache is not None:
-                await self.cache.invalidate(thread_id)
+            await self._drop_cached(thread_id)
 
     # ----------------------------------------------------------------------- conversion
 

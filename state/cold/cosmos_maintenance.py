@@ -107,23 +107,44 @@ class CheckpointMaintenance:
         def moved(doc: Doc, **changes: Any) -> Doc:
             return {**strip_system(doc), "thread_id": target_thread_id, **changes}
 
+        # What the target holds already stays as it is (as Postgres's copy does nothing
+        # on a conflict): ids do not name the thread, so the source's document of the
+        # same id (a checkpoint pruned to a values holder, say) would replace the target's.
+        kept = await self._ids(target_thread_id)
         # Everything but checkpoints first, then the checkpoints as values holders,
         # then as checkpoints: a checkpoint appears only once all it names is there.
         await self._copy(
             source_thread_id,
             [layout.CHUNK, layout.BLOCK, layout.BLOB, layout.WRITE, layout.VALUES],
             moved,
+            kept,
         )
         await self._copy(
             source_thread_id,
             [layout.CHECKPOINT],
             lambda doc: moved(layout.to_layout_2(doc), type=layout.VALUES),
+            kept,
         )
-        await self._copy(source_thread_id, [layout.CHECKPOINT], moved)
+        await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept)
         self._forget(target_thread_id)
 
+    async def _ids(self, thread_id: str) -> set[str]:
+        ids: set[str] = set()
+        async for page in self._io.pages(
+            "SELECT VALUE c.id FROM c WHERE c.thread_id = @thread",
+            {"@thread": thread_id},
+            partition=thread_id,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            ids.update(page)
+        return ids
+
     async def _copy(
-        self, source_thread_id: str, types: list[str], change: Callable[[Doc], Doc]
+        self,
+        source_thread_id: str,
+        types: list[str],
+        change: Callable[[Doc], Doc],
+        kept: set[str],
     ) -> None:
         async for page in self._io.pages(
             "SELECT * FROM c WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@types, c.type)",
@@ -131,7 +152,7 @@ class CheckpointMaintenance:
             partition=source_thread_id,
             page_size=DELETE_BATCH,
         ):
-            await self._io.upsert_all([change(doc) for doc in page])
+            await self._io.upsert_all([change(doc) for doc in page if doc["id"] not in kept])
 
     async def _remove(
         self,

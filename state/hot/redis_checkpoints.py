@@ -64,7 +64,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from ..errors import CorruptState, StateError
+from ..errors import BackendUnavailable, CorruptState, StateError
 from ..ports import (
     CacheLookup,
     ChannelHistory,
@@ -1075,25 +1075,41 @@ class RedisCheckpointCache:
     def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
         self._suspect.add(self.key(thread_id, checkpoint_ns))
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+    async def ready(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+    ) -> None:
         self.epochs.forget(thread_id, checkpoint_ns)
         if checkpoint_ns is not None:
             key = self.key(thread_id, checkpoint_ns)
             if await self._call(key, self._client.delete(key)) is not None:
                 self._suspect.discard(key)
+            elif strict:
+                raise _not_invalidated(thread_id)
             return
         index = self.namespaces_key(thread_id)
+        # The root namespace's entry whatever the index says: the index has a TTL, so
+        # Redis may evict it (reads touch the entries, not the index).
+        root = self.key(thread_id, "")
         namespaces = cast(
             "set[bytes] | None", await self._call(index, self._client.smembers(index))
         )
         if namespaces is None:
+            self._suspect.add(root)  # never served by this process until dropped
+            if strict:
+                raise _not_invalidated(thread_id)
             return
-        # The root namespace's entry whatever the index says: the index has a TTL, so
-        # Redis may evict it (reads touch the entries, not the index).
         keys = [self.key(thread_id, ns) for ns in {"", *(ns.decode() for ns in namespaces)}]
-        keys += [key for key in self._suspect if key.startswith(self.key(thread_id, ""))]
+        keys += [key for key in self._suspect if key.startswith(root)]
         if await self._call(index, self._client.delete(index, *keys)) is not None:
             self._suspect.difference_update(keys)
+        elif strict:
+            raise _not_invalidated(thread_id)
         await self._call(index, self._drop_cached_epochs(thread_id))
 
     async def _drop_cached_epochs(self, thread_id: str) -> None:
@@ -1133,3 +1149,9 @@ class RedisCheckpointCache:
             return False
         self._suspect.discard(key)
         return True
+
+
+def _not_invalidated(thread_id: str) -> BackendUnavailable:
+    return BackendUnavailable(
+        "redis", f"the cached checkpoints of {thread_id!r} could not be dropped"
+    )

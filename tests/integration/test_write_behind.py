@@ -533,7 +533,8 @@ async def test_a_thread_the_cold_store_refuses_does_not_stop_a_delete_for_runs_e
     tiers: WriteBehind,
 ) -> None:
     """One thread's backlog the cold store keeps refusing stays in the log (as the background
-    drain leaves it); `delete_for_runs` still flushes and deletes on every other thread."""
+    drain leaves it); `delete_for_runs` still flushes and deletes on every other thread,
+    and succeeds, as that backlog holds none of the runs' checkpoints."""
     graph = chat_graph(tiers.saver)
     refused, other = config(), config()
     refused_id, other_id = refused["configurable"]["thread_id"], other["configurable"]["thread_id"]
@@ -591,7 +592,8 @@ async def test_a_log_entry_of_a_newer_format_waits_for_newer_code_and_older_ones
     with pytest.raises(UnsupportedSchemaVersion):
         await tiers.flusher.flush_thread(thread_id)
     await tiers.flusher.drain()  # logs the refusal and goes on with other threads
-    await tiers.flusher.settle_all()  # so does the pass before an operation across threads
+    # So does the pass before an operation across threads, naming the thread it left.
+    assert await tiers.flusher.settle_all() == [thread_id]
     assert await tiers.redis.xlen(log_key(tiers, thread_id)) == entries  # none acknowledged
     assert await cold_latest_id(tiers, thread_id) is None
 

@@ -962,7 +962,13 @@ class MemoryCheckpointCache:
     def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
         self._suspect.add((thread_id, checkpoint_ns))
 
-    async def invalidate(self, thread_id: str, checkpoint_ns: str | None = None) -> None:
+    async def ready(self) -> None:
+        if self.outage.down:
+            raise BackendUnavailable(self.name, "down")
+
+    async def invalidate(
+        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+    ) -> None:
         keys = [
             key
             for key in {*self._entries, *self._suspect}
@@ -971,6 +977,8 @@ class MemoryCheckpointCache:
         if self.outage.down:
             self.stats.errors += 1
             self._suspect.update(keys)
+            if strict:
+                raise BackendUnavailable(self.name, "down")
             return
         for key in keys:
             self._entries.pop(key, None)

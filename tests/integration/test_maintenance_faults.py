@@ -1,0 +1,392 @@
+"""Maintenance (prune, copy, delete, delete_for_runs) against a write-behind backlog, a
+Redis partition, a target that has state of its own, subgraphs and DeltaChannel threads,
+on real servers.
+
+With Redis unreachable, maintenance is refused (`BackendUnavailable`) before it changes
+the cold tier: done there alone, Redis, back with its data, would serve what was deleted,
+and a backlog left in its log would be flushed back onto it."""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Annotated, Any, TypedDict
+from urllib.parse import urlparse
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command
+
+from state.checkpoint import TieredCheckpointSaver
+from state.errors import BackendUnavailable, RequestRejected
+from tests.chat_graph import chat_graph
+from tests.contract.test_subgraph_namespaces import drafting
+from tests.faults.proxy import LoopbackProxy
+from tests.integration.delta_graph import STACK_IDS, STACKS, append, open_stack
+from tests.integration.delta_graph import settings_for as stack_settings
+from tests.integration.test_write_behind import open_write_behind, settings_for
+
+COLD_BACKENDS = ["cosmos", "postgres"]
+
+
+def config(prefix: str = "hunt") -> RunnableConfig:
+    return {"configurable": {"thread_id": f"{prefix}-{uuid.uuid4().hex[:12]}"}}
+
+
+@pytest.fixture
+def redis_proxy(stack_env: dict[str, str]) -> Iterator[tuple[LoopbackProxy, str]]:
+    """A proxy in front of the stack's Redis (to partition it), and its URL."""
+    target = urlparse(stack_env["REDIS_URL"])
+    assert target.port is not None
+    proxy = LoopbackProxy(target.port).start()
+    netloc = f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}"
+    try:
+        yield proxy, target._replace(netloc=netloc).geturl()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_prune_delete_is_refused_during_a_redis_partition_then_not_undone(
+    backend: str, stack_env: dict[str, str], redis_proxy: tuple[LoopbackProxy, str]
+) -> None:
+    proxy, url = redis_proxy
+    async with open_write_behind(settings_for(stack_env, backend, url)) as tiers:
+        graph = chat_graph(tiers.saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await graph.ainvoke({"messages": ["flushed"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
+        assert await tiers.flusher.log.pending(thread_id)
+
+        proxy.cut("reset")
+        with pytest.raises(BackendUnavailable):
+            await tiers.saver.aprune([thread_id], strategy="delete")
+        assert await tiers.store.get_checkpoint(thread_id, "", None) is not None  # untouched
+        proxy.restore()
+
+        await tiers.saver.aprune([thread_id], strategy="delete")
+        await tiers.flusher.drain()  # any worker's background pass
+        fresh = TieredCheckpointSaver(tiers.store)  # the cold tier only
+        latest = await fresh.aget_tuple(cfg)
+        assert latest is None, latest and latest.checkpoint["channel_values"].get("messages")
+        assert await tiers.saver.aget_tuple(cfg) is None
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_write_through_delete_is_refused_during_a_redis_partition_then_not_served(
+    backend: str, stack_env: dict[str, str], redis_proxy: tuple[LoopbackProxy, str]
+) -> None:
+    proxy, url = redis_proxy
+    settings = stack_settings(stack_env, backend, False, "write-through", redis_url=url)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        want = (await graph.aget_state(cfg)).values
+        proxy.cut("reset")
+        with pytest.raises(BackendUnavailable):
+            await opened.saver.adelete_thread(thread_id)
+        proxy.restore()
+        assert (await graph.aget_state(cfg)).values == want  # nothing deleted
+        await opened.saver.adelete_thread(thread_id)
+        same = await graph.aget_state(cfg)
+        async with open_stack(settings) as other:  # another worker, Redis back
+            state = await chat_graph(other.saver).aget_state(cfg)
+            cold = await chat_graph(TieredCheckpointSaver(other.backends.checkpoints)).aget_state(
+                cfg
+            )
+            assert cold.values == {}
+            assert (
+                len(same.values.get("messages", [])),
+                len(state.values.get("messages", [])),
+            ) == (0, 0)
+
+
+class Profiled(TypedDict, total=False):
+    messages: Annotated[list[str], operator.add]
+    profile: str
+
+
+def profile_graph(saver: Any) -> Any:
+    """Messages appended every step, and a large `profile` set once by the first input:
+    every later checkpoint names the first one's document for it (Cosmos `value_at`)."""
+
+    def node(name: str) -> Any:
+        return lambda state: {"messages": [f"{name}:{len(state['messages'])}"]}
+
+    graph = StateGraph(Profiled)
+    graph.add_node("one", node("one"))
+    graph.add_node("two", node("two"))
+    graph.add_edge(START, "one")
+    graph.add_edge("one", "two")
+    graph.add_edge("two", END)
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_copying_again_after_the_source_was_pruned_keeps_the_targets_checkpoints(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    settings = stack_settings(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = profile_graph(saver)
+        source, target = config("src"), config("dst")
+        source_id, target_id = (c["configurable"]["thread_id"] for c in (source, target))
+        await graph.ainvoke({"messages": ["hi"], "profile": "p" * 4096}, source)
+        await graph.ainvoke({"messages": ["again"]}, source)
+        await saver.acopy_thread(source_id, target_id)
+        before = {
+            s.config["configurable"]["checkpoint_id"]: s.values
+            async for s in graph.aget_state_history(target)
+        }
+        assert len(before) == 8
+
+        await saver.aprune([source_id], strategy="keep_latest")
+        await saver.acopy_thread(source_id, target_id)  # the source has nothing new
+
+        after = {
+            s.config["configurable"]["checkpoint_id"]: s.values
+            async for s in graph.aget_state_history(target)
+        }
+        fresh = {
+            s.config["configurable"]["checkpoint_id"]: s.values
+            async for s in profile_graph(
+                TieredCheckpointSaver(opened.backends.checkpoints)
+            ).aget_state_history(target)
+        }
+        missing = sorted(set(before) - set(after))
+        assert missing == [], f"{len(before)} checkpoints before, {len(after)} after"
+        assert after == before
+        assert fresh == before
+
+
+class Inner(TypedDict, total=False):
+    word: str
+    seen: Annotated[list[str], DeltaChannel(append, snapshot_frequency=3)]
+
+
+class Outer(TypedDict, total=False):
+    word: str
+    messages: Annotated[list[str], DeltaChannel(append, snapshot_frequency=3)]
+
+
+class WordOnly(TypedDict, total=False):
+    word: str
+
+
+def nested_delta_graph(saver: Any) -> Any:
+    inner = StateGraph(Inner, input_schema=WordOnly, output_schema=WordOnly)
+    inner.add_node("remember", lambda s: {"seen": [[f"{s['word']}:{'s' * 400}"]]})
+    inner.add_edge(START, "remember")
+    inner.add_edge("remember", END)
+    outer = StateGraph(Outer)
+    outer.add_node("talk", lambda s: {"messages": [[f"{s['word']}:{'m' * 400}"]]})
+    outer.add_node("mem", inner.compile(checkpointer=True))
+    outer.add_edge(START, "talk")
+    outer.add_edge("talk", "mem")
+    outer.add_edge("mem", END)
+    return outer.compile(checkpointer=saver)
+
+
+async def both_states(graph: Any, thread_id: str) -> tuple[Any, Any]:
+    root = await graph.aget_state({"configurable": {"thread_id": thread_id}})
+    sub = await graph.aget_state({"configurable": {"thread_id": thread_id, "checkpoint_ns": "mem"}})
+    return root.values, sub.values
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_prune_and_copy_of_a_nested_delta_thread_keep_both_namespaces_states(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = stack_settings(stack_env, backend, redis, mode)
+    reference = nested_delta_graph(InMemorySaver())
+    ref_id = f"ref-{uuid.uuid4().hex[:8]}"
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = nested_delta_graph(saver)
+        thread_id = config("nest")["configurable"]["thread_id"]
+        for n in range(8):
+            got = await graph.ainvoke(
+                {"word": f"w{n}"}, {"configurable": {"thread_id": thread_id}}, durability="async"
+            )
+            ref = await reference.ainvoke(
+                {"word": f"w{n}"}, {"configurable": {"thread_id": ref_id}}
+            )
+            assert got == ref
+        want = await both_states(reference, ref_id)
+        assert len(want[1]["seen"]) == 8
+        assert await both_states(graph, thread_id) == want
+
+        copy_id = f"copy-{uuid.uuid4().hex[:8]}"
+        await saver.acopy_thread(thread_id, copy_id)
+        await saver.aprune([thread_id], strategy="keep_latest")
+        assert await both_states(graph, thread_id) == want
+        assert await both_states(graph, copy_id) == want
+        await saver.aprune([copy_id], strategy="keep_latest")
+        assert await both_states(graph, copy_id) == want
+        cold = nested_delta_graph(TieredCheckpointSaver(opened.backends.checkpoints))
+        assert await both_states(cold, thread_id) == want
+        assert await both_states(cold, copy_id) == want
+        # And both go on like the reference.
+        got = await graph.ainvoke({"word": "next"}, {"configurable": {"thread_id": copy_id}})
+        ref = await reference.ainvoke({"word": "next"}, {"configurable": {"thread_id": ref_id}})
+        assert got == ref
+        assert await both_states(graph, copy_id) == await both_states(reference, ref_id)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_delete_for_runs_whose_backlog_cannot_be_flushed_says_so(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The run's checkpoints are still in the write-behind log, and the cold tier refuses
+    that thread's flush for a moment (as in test_write_behind's refusal test):
+    delete_for_runs says so, naming the thread, rather than return as if the run were
+    deleted (it was served again, and flushed back); called again, it deletes it."""
+    async with open_write_behind(settings_for(stack_env, backend, stack_env["REDIS_URL"])) as tiers:
+        graph = chat_graph(tiers.saver)
+        thread_id = config()["configurable"]["thread_id"]
+        run = f"run-{uuid.uuid4().hex[:8]}"
+        cfg: RunnableConfig = {"configurable": {"thread_id": thread_id}}
+        await graph.ainvoke(
+            {"messages": ["deleted run"]},
+            {"configurable": {"thread_id": thread_id, "run_id": run}},
+            durability="async",
+        )
+        assert await tiers.flusher.log.pending(thread_id)
+
+        async def refusing(ops: Any, **options: Any) -> None:
+            raise RequestRejected("cold", "refused for a moment")
+
+        tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
+        try:
+            with pytest.raises(BackendUnavailable) as refused:
+                await tiers.saver.adelete_for_runs([run])
+            assert thread_id in str(refused.value)
+        finally:
+            tiers.flusher.store = tiers.store
+        await tiers.saver.adelete_for_runs([run])  # called again, once it can be flushed
+
+        served = await tiers.saver.aget_tuple(cfg)
+        await tiers.flusher.drain()  # the next background pass
+        cold = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+        assert (served, cold) == (None, None), (
+            served and served.metadata.get("run_id"),
+            cold and cold.metadata.get("run_id"),
+        )
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_copy_is_refused_during_a_redis_partition_then_copies_the_whole_source(
+    backend: str, stack_env: dict[str, str], redis_proxy: tuple[LoopbackProxy, str]
+) -> None:
+    proxy, url = redis_proxy
+    async with open_write_behind(settings_for(stack_env, backend, url)) as tiers:
+        graph = chat_graph(tiers.saver)
+        source, target = config("src"), config("dst")
+        await graph.ainvoke({"messages": ["flushed"]}, source)
+        await tiers.saver.aflush(source["configurable"]["thread_id"])
+        await graph.ainvoke({"messages": ["unflushed"]}, source, durability="async")
+        want = (await graph.aget_state(source)).values
+
+        proxy.cut("reset")
+        with pytest.raises(BackendUnavailable):
+            await tiers.saver.acopy_thread(
+                source["configurable"]["thread_id"], target["configurable"]["thread_id"]
+            )
+        proxy.restore()
+        await tiers.saver.acopy_thread(
+            source["configurable"]["thread_id"], target["configurable"]["thread_id"]
+        )
+        await tiers.flusher.drain()
+
+        assert (await graph.aget_state(source)).values == want
+        copied = (await graph.aget_state(target)).values
+        assert len(copied["messages"]) == len(want["messages"]), (
+            f"source {len(want['messages'])} messages, copy {len(copied['messages'])}"
+        )
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_prune_and_copy_of_a_thread_paused_inside_a_subgraph_resume_alike(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = stack_settings(stack_env, backend, redis, mode)
+    ref = drafting(InMemorySaver())
+    ref_cfg = {"configurable": {"thread_id": "r"}}
+    await ref.ainvoke({"topic": "refund", "trail": []}, ref_cfg)
+    want = await ref.ainvoke(Command(resume="ok"), ref_cfg)
+    async with open_stack(settings) as opened:
+        graph = drafting(opened.saver)
+        cfg = config("draft")
+        thread_id = cfg["configurable"]["thread_id"]
+        await graph.ainvoke({"topic": "refund", "trail": []}, cfg, durability="async")
+        copy_cfg = config("draftcopy")
+        await opened.saver.aprune([thread_id], strategy="keep_latest")
+        await opened.saver.acopy_thread(thread_id, copy_cfg["configurable"]["thread_id"])
+        await opened.saver.aprune([copy_cfg["configurable"]["thread_id"]], strategy="keep_latest")
+        fresh = drafting(TieredCheckpointSaver(opened.backends.checkpoints))
+        assert await fresh.ainvoke(Command(resume="ok"), copy_cfg) == want
+        assert await graph.ainvoke(Command(resume="ok"), cfg, durability="async") == want
+
+
+class ProfiledDelta(TypedDict, total=False):
+    messages: Annotated[list[str], DeltaChannel(append, snapshot_frequency=8)]
+    profile: str
+
+
+def profiled_delta_graph(saver: Any) -> Any:
+    def node(name: str) -> Any:
+        return lambda state: {"messages": [[f"{name}:{len(state['messages'])}"]]}
+
+    graph = StateGraph(ProfiledDelta)
+    graph.add_node("one", node("one"))
+    graph.add_node("two", node("two"))
+    graph.add_edge(START, "one")
+    graph.add_edge("one", "two")
+    graph.add_edge("two", END)
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_copying_onto_a_target_that_went_on_keeps_the_targets_state(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """A thread copied (a fork), both went on; the source was pruned; the source is copied
+    onto the fork again. The fork's own state must not change (Postgres: it does not)."""
+    settings = stack_settings(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = profiled_delta_graph(saver)
+        source, target = config("src"), config("fork")
+        source_id, target_id = (c["configurable"]["thread_id"] for c in (source, target))
+        await graph.ainvoke({"messages": [["hi"]], "profile": "p" * 4096}, source)
+        await saver.acopy_thread(source_id, target_id)
+        for n in range(2):
+            await graph.ainvoke({"messages": [[f"source {n}"]]}, source)
+        await graph.ainvoke({"messages": [["fork"]]}, target)
+        before = (await graph.aget_state(target)).values
+        assert len(before["messages"]) == 6
+
+        await saver.aprune([source_id], strategy="keep_latest")
+        await saver.acopy_thread(source_id, target_id)
+
+        after = (await graph.aget_state(target)).values
+        cold = (
+            await profiled_delta_graph(
+                TieredCheckpointSaver(opened.backends.checkpoints)
+            ).aget_state(target)
+        ).values
+        assert (len(after.get("messages", [])), len(cold.get("messages", []))) == (6, 6), (
+            after.get("messages"),
+            cold.get("messages"),
+        )
+        assert after == before
