@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, LockLost, LogEntryLost, StaleFencingToken, StateError
-from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog
+from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog, WritesPut
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,10 @@ class Flusher:
         self._foreign: dict[str, float] = {}
         # (thread, namespace) -> the last checkpoint put this flusher applied.
         self._applied_puts: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # (thread, namespace, checkpoint) -> the (task, idx) of the writes this flusher applied.
+        self._applied_writes: OrderedDict[tuple[str, str, str], set[tuple[str, int]]] = (
+            OrderedDict()
+        )
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -403,8 +407,21 @@ class Flusher:
         to the cold tier, if it remembers one."""
         return self._applied_puts.get((thread_id, checkpoint_ns))
 
+    def applied_writes(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
+    ) -> set[tuple[str, int]]:
+        return self._applied_writes.get((thread_id, checkpoint_ns, checkpoint_id), set())
+
     def _note_applied(self, entries: list[LogEntry]) -> None:
         for entry in entries:
+            if isinstance(entry.op, WritesPut):
+                wkey = (entry.op.thread_id, entry.op.checkpoint_ns, entry.op.checkpoint_id)
+                self._applied_writes.setdefault(wkey, set()).update(
+                    (w.task_id, w.idx) for w in entry.op.writes
+                )
+                self._applied_writes.move_to_end(wkey)
+                while len(self._applied_writes) > APPLIED_REMEMBERED:
+                    self._applied_writes.popitem(last=False)
             if isinstance(entry.op, CheckpointPut):
                 key = (entry.op.checkpoint.thread_id, entry.op.checkpoint.checkpoint_ns)
                 self._applied_puts[key] = entry.op.checkpoint.checkpoint_id

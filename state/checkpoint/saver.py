@@ -132,6 +132,14 @@ REDIS_RETRY_POLL_SECONDS = 0.25
 ALL_LOGGED = 1_000_000
 
 
+def _keep_newest(memo: OrderedDict[str, Any], thread_id: str) -> None:
+    """Per-thread memos of threads the background flush alone drains are never confirmed:
+    keep the newest HISTORY_MEMO_SIZE."""
+    memo.move_to_end(thread_id)
+    while len(memo) > HISTORY_MEMO_SIZE:
+        memo.popitem(last=False)
+
+
 def _scalar(value: Any) -> bool:
     if value is None or isinstance(value, bool | int | float):
         return True
@@ -235,6 +243,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Write-behind: thread -> namespace -> the last put this process appended that no
         # flush of its own has confirmed in the cold tier yet (under `_histories_lock`).
         self._unconfirmed: OrderedDict[str, dict[str, str]] = OrderedDict()
+        # Write-behind: thread -> the task-scoped namespaces (":" in the name) that wrote an
+        # interrupt or an error: their state outlives the run (the resume goes on from it),
+        # so boundaries check them as they check the root's (under `_histories_lock`).
+        self._paused: OrderedDict[str, set[str]] = OrderedDict()
+        # Write-behind: thread -> namespace -> (checkpoint, its writes' (task, idx)) this
+        # process appended to the log since the namespace's last put: a boundary counts
+        # them too (a sibling task's result is part of the state an interrupt reports).
+        self._unconfirmed_writes: OrderedDict[str, dict[str, tuple[str, set[tuple[str, int]]]]] = (
+            OrderedDict()
+        )
+        # Threads whose run lost state with Redis (`HotStateLost` raised): every later
+        # boundary of the run fails too (LangGraph drops a subgraph's write error when the
+        # subgraph exits with an interrupt), until a run starts again from the cold tier.
+        self._lost: set[str] = set()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -379,6 +401,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # A hit is read on this thread; anything else on the loop thread.
         self._refuse_on_loop()
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
+        if checkpoint_ns == "" and checkpoint_id is None:
+            self._lost.discard(thread_id)  # a run starts over from what the tiers hold
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         cached = self._blocking_reads.lookup_blocking(
@@ -466,6 +490,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         self._refuse_on_loop()
         put = self._prepared_writes(config, writes, task_id, task_path)
+        self._note_paused(put)
         blocking = self._blocking
         try:
             try:
@@ -487,6 +512,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._sync(self._writes_cold_instead(put))
             else:
                 self._written_through.discard(put.thread_id)
+                self._writes_appended(put)
                 self._boundary_sync(put.thread_id, put.boundary)
         except BaseException:
             self._chains.forget(put.thread_id)  # stored or not, this process cannot tell
@@ -576,6 +602,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
+        if checkpoint_ns == "" and checkpoint_id is None:
+            self._lost.discard(thread_id)  # a run starts over from what the tiers hold
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
@@ -736,6 +764,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         with self._histories_lock:
             heads = self._unconfirmed.setdefault(stored.thread_id, {})
             heads[stored.checkpoint_ns] = stored.checkpoint_id
+            self._unconfirmed_writes.get(stored.thread_id, {}).pop(stored.checkpoint_ns, None)
             self._unconfirmed.move_to_end(stored.thread_id)
             # Threads the background flush alone drains are never confirmed: keep the newest.
             while len(self._unconfirmed) > HISTORY_MEMO_SIZE:
@@ -817,6 +846,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # log holds is needed any more.
             with self._histories_lock:
                 self._unconfirmed.get(thread_id, {}).pop(put.stored.checkpoint_ns, None)
+                self._unconfirmed_writes.get(thread_id, {}).pop(put.stored.checkpoint_ns, None)
             self._written_through.add(thread_id)
         elif await self._stands_alone(thread_id, put.stored.checkpoint_ns):
             self._written_through.add(thread_id)
@@ -902,7 +932,57 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
 
+    def _writes_appended(self, put: _Writes) -> None:
+        keys = {(w.task_id, w.idx) for w in put.writes}
+        with self._histories_lock:
+            head = self._unconfirmed.get(put.thread_id, {}).get(put.checkpoint_ns)
+            spaces = self._unconfirmed_writes.setdefault(put.thread_id, {})
+            _keep_newest(self._unconfirmed_writes, put.thread_id)
+            known = spaces.get(put.checkpoint_ns)
+            if (head is not None and head > put.checkpoint_id) or (
+                known is not None and known[0] > put.checkpoint_id
+            ):
+                return  # writes of a checkpoint a newer one of the namespace supersedes
+            if known is not None and known[0] == put.checkpoint_id:
+                known[1].update(keys)
+            else:
+                spaces[put.checkpoint_ns] = (put.checkpoint_id, keys)
+
+    async def _writes_stand_alone(self, thread_id: str, checkpoint_ns: str) -> bool:
+        """Whether the writes this process appended to the namespace's newest checkpoint
+        reached the cold tier (a flusher here applied them, or the cold tier has them)."""
+        assert self.flusher is not None
+        with self._histories_lock:
+            known = self._unconfirmed_writes.get(thread_id, {}).get(checkpoint_ns)
+        if known is None:
+            return True
+        if not await self._writes_stored(thread_id, checkpoint_ns, *known):
+            return False
+        with self._histories_lock:
+            spaces = self._unconfirmed_writes.get(thread_id, {})
+            if spaces.get(checkpoint_ns) is known:
+                del spaces[checkpoint_ns]
+        return True
+
+    async def _writes_stored(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, keys: set[tuple[str, int]]
+    ) -> bool:
+        """Whether the cold tier has these writes: applied by a flusher here, else found."""
+        assert self.flusher is not None
+        missing = keys - self.flusher.applied_writes(thread_id, checkpoint_ns, checkpoint_id)
+        if not missing:
+            return True
+        stored = await self.store.get_writes(thread_id, checkpoint_ns, checkpoint_id)
+        return not missing - {(write.task_id, write.idx) for write in stored}
+
+    def _note_paused(self, put: _Writes) -> None:
+        if self.flusher is not None and put.boundary and ":" in put.checkpoint_ns:
+            with self._histories_lock:
+                self._paused.setdefault(put.thread_id, set()).add(put.checkpoint_ns)
+                _keep_newest(self._paused, put.thread_id)
+
     async def _store_writes(self, put: _Writes) -> None:
+        self._note_paused(put)
         if self.flusher is None:
             await self._admit(put.thread_id, put.fence, hot=True)
             await self.store.put_writes(
@@ -937,6 +1017,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self._writes_cold_instead(put)
         else:
             self._written_through.discard(put.thread_id)
+            self._writes_appended(put)
             await self._boundary(put.thread_id, put.boundary)
 
     async def _writes_cold_instead(self, put: _Writes) -> None:
@@ -950,7 +1031,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
         self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
-        if await self._stands_alone(put.thread_id, put.checkpoint_ns):
+        if await self._stands_alone(put.thread_id, put.checkpoint_ns) and (
+            not put.boundary or await self._all_stand_alone(put.thread_id)
+        ):
             self._written_through.add(put.thread_id)
         elif put.boundary:
             await self._flush_thread(put.thread_id)
@@ -961,7 +1044,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         before the task id, LangGraph's NS_END) ends with its task, whose result is in its
         parent's state; an interrupt inside it is a boundary of its own."""
         with self._histories_lock:
-            namespaces = [ns for ns in self._unconfirmed.get(thread_id, {}) if ":" not in ns]
+            paused = self._paused.get(thread_id, set())
+            namespaces = [
+                ns
+                for ns in {
+                    *self._unconfirmed.get(thread_id, {}),
+                    *self._unconfirmed_writes.get(thread_id, {}),
+                }
+                if ":" not in ns or ns in paused
+            ]
         for checkpoint_ns in namespaces:
             if not await self._stands_alone(thread_id, checkpoint_ns):
                 return False
@@ -972,6 +1063,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         put of it waits there, or the last one did reach the cold tier (a flusher here
         applied it, or the cold tier has it: the background flush does not confirm)."""
         assert self.flusher is not None
+        if not await self._writes_stand_alone(thread_id, checkpoint_ns):
+            return False
         with self._histories_lock:
             head = self._unconfirmed.get(thread_id, {}).get(checkpoint_ns)
         if head is None:
@@ -1054,6 +1147,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._kept_inline.forget(thread_id)
         with self._histories_lock:
             self._unconfirmed.pop(thread_id, None)
+            self._paused.pop(thread_id, None)
+            self._unconfirmed_writes.pop(thread_id, None)
         with self._histories_lock:
             for key in [key for key in self._histories if key[0] == thread_id]:
                 del self._histories[key]
@@ -1146,8 +1241,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _flush_thread(self, thread_id: str) -> None:
         assert self.flusher is not None
+        if thread_id in self._lost:
+            raise HotStateLost(thread_id, "(lost earlier in this run)")
         with self._histories_lock:
             expected = dict(self._unconfirmed.get(thread_id, {}))
+            expected_writes = {
+                ns: (cid, set(keys))
+                for ns, (cid, keys) in self._unconfirmed_writes.get(thread_id, {}).items()
+            }
         deadline: float | None = None
         while True:
             try:
@@ -1171,9 +1272,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 if exc.backend != self.flusher.log.name or now >= deadline:
                     raise  # not durable: the run stops, the timer resumes it
                 await asyncio.sleep(REDIS_RETRY_POLL_SECONDS)
-        await self._confirm_flushed(thread_id, expected)
+        await self._confirm_flushed(thread_id, expected, expected_writes)
 
-    async def _confirm_flushed(self, thread_id: str, expected: dict[str, str]) -> None:
+    async def _confirm_flushed(
+        self,
+        thread_id: str,
+        expected: dict[str, str],
+        expected_writes: dict[str, tuple[str, set[tuple[str, int]]]],
+    ) -> None:
         """An empty log is not proof the flush stored this process's puts: Redis may have
         lost them (FLUSHALL, a restart without persistence). The last put of each namespace
         is confirmed by the flusher having applied it, else by a cold read."""
@@ -1182,7 +1288,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             applied = self.flusher.last_applied(thread_id, checkpoint_ns) == checkpoint_id
             if not applied and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id):
                 self._forget_histories(thread_id)
+                self._lost.add(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
+        for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
+            if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
+                self._forget_histories(thread_id)
+                self._lost.add(thread_id)
+                raise HotStateLost(thread_id, checkpoint_id)
+        with self._histories_lock:
+            spaces = self._unconfirmed_writes.get(thread_id, {})
+            for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
+                known = spaces.get(checkpoint_ns)
+                if known is not None and known[0] == checkpoint_id and known[1] <= keys:
+                    del spaces[checkpoint_ns]
         with self._histories_lock:
             heads = self._unconfirmed.get(thread_id, {})
             for checkpoint_ns, checkpoint_id in expected.items():
