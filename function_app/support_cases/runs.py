@@ -177,14 +177,17 @@ class RunTracker:
             waiting = len(queued(runs))
             run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
             entry = next((e for e in runs if e["run_id"] == run_id), None) if run_id else None
-            # Only an open run moves (a run a follow-up stopped stays as it ended).
-            if (
-                entry is not None
-                and entry["status"] in ACTIVE_RUN
-                and (entry["status"] != RUN_AT_REST[status].value)
+            # Only an open run moves (a run a follow-up stopped stays as it ended), or a
+            # failed one resumed: listed as running again, a follow-up sees it in progress.
+            resumed = status is CaseStatus.RUNNING and (
+                entry is not None and entry["status"] == RunStatus.FAILED.value
+            )
+            if entry is not None and (
+                resumed
+                or (entry["status"] in ACTIVE_RUN and entry["status"] != RUN_AT_REST[status].value)
             ):
                 runs[runs.index(entry)] = (
-                    {**entry, "status": RunStatus.RUNNING.value, "ended_at": None}
+                    {**entry, "status": RunStatus.RUNNING.value, "ended_at": None, "error": None}
                     if status is CaseStatus.RUNNING
                     else ended(entry, RUN_AT_REST[status], error=error)
                 )

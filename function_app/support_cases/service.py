@@ -416,14 +416,22 @@ class CaseService:
 
         async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
             nonlocal resumed
-            paused = current_run(runs_of(await self._record(case_id)))
+            record = await self._record(case_id)
+            paused = current_run(runs_of(record))
             if paused is not None and paused.get("stop"):
                 raise CaseConflict(
                     f"case {case_id!r}: the run awaiting review was stopped by follow-up "
                     f"{paused.get('stopped_by')} ({paused['stop']}); its run decides anew"
                 )
-            if snapshot is None or not snapshot.interrupts:
-                status = (await self.status(case_id)).status
+            status = self._status_of(record)
+            # The interrupt alone is not enough: a decision whose run failed after it was
+            # recorded leaves it pending in the checkpoint, and LangGraph would apply that
+            # one, not this (the case is failed then: resuming it applies the first).
+            if (
+                status is not CaseStatus.AWAITING_REVIEW
+                or snapshot is None
+                or not snapshot.interrupts
+            ):
                 raise CaseConflict(
                     f"case {case_id!r} is not awaiting review (status: {status.value})"
                 )
@@ -1161,7 +1169,9 @@ class CaseService:
             review=sections.get("review"),
             refund=sections.get("refund"),
             final_response=values.get("final_response"),
-            awaiting_review=snapshot.interrupts[0].value if snapshot.interrupts else None,
+            awaiting_review=snapshot.interrupts[0].value
+            if snapshot.interrupts and self._status_of(record) is CaseStatus.AWAITING_REVIEW
+            else None,
             error=run.get("error") or values.get("error"),
             effects=effects_in(record),
             heartbeat_at=run.get("heartbeat_at"),

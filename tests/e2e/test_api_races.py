@@ -1,0 +1,226 @@
+"""The HTTP API under races a fault hunt found, on the real stack (each cold backend, each
+write mode and without Redis): a failed run resumed while follow-ups arrive, and a review
+decision posted after an earlier decision's run failed.
+
+Failures are injected through the app's `after_step` hook (raising once after a step:
+any error after an agent's record write and before LangGraph saves the step)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from e2e_payloads import duplicate_charges
+
+from support_cases.api import create_app
+from support_cases.auth import ROLE_REVIEW
+from support_cases.demo import demo_case
+from support_cases.effects import idempotency_key
+from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+from tests.support.cosmos import drop_container
+
+
+class StepGate:
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.reached: dict[str, asyncio.Event] = {}
+        self.release: dict[str, asyncio.Event] = {}
+        self.fail_once: set[str] = set()
+
+    def hold(self, step: str) -> None:
+        self.held.add(step)
+        self.reached[step] = asyncio.Event()
+        self.release[step] = asyncio.Event()
+
+    def open(self) -> None:
+        for event in self.release.values():
+            event.set()
+        self.held.clear()
+
+    async def hook(self, step: str) -> None:
+        if step in self.fail_once:
+            self.fail_once.discard(step)
+            raise RuntimeError(f"injected failure after {step}")
+        if step in self.held:
+            self.reached[step].set()
+            await self.release[step].wait()
+
+
+@pytest.fixture(scope="module")
+def gate() -> StepGate:
+    return StepGate()
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("cosmos", "write-behind"),
+        ("postgres", "write-through"),
+        ("postgres", "write-behind"),
+        ("cosmos", "write-through"),
+        ("postgres", "cold-only"),
+        ("cosmos", "cold-only"),
+    ],
+    ids=lambda p: "-".join(p),
+)
+async def runtime(
+    request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
+) -> AsyncIterator[Runtime]:
+    backend, mode = request.param
+    own = {"cosmos_container": f"hunt-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
+    if mode == "cold-only":
+        settings = e2e_settings(backend, redis_url=None, case_sync_wait_seconds=0.5, **own)
+    else:
+        settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
+    opened = await Runtime.open(settings, after_step=gate.hook)
+    try:
+        yield opened
+    finally:
+        gate.open()
+        await opened.service.wait_idle()
+        await opened.close()
+        if own:
+            await drop_container(settings)
+
+
+@pytest.fixture
+async def client(
+    runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://hunt.test", headers=bearer("e2e-client"), timeout=60
+    ) as http:
+        yield http
+    gate.open()
+    await runtime.service.wait_idle()
+
+
+@pytest.fixture
+def case_id() -> str:
+    return f"case-hunt-{uuid.uuid4().hex[:16]}"
+
+
+def escalated(case_id: str) -> dict[str, Any]:
+    return {
+        "case_id": case_id,
+        "customer_id": "cust-escalated",
+        "text": "The hotel charged me twice and I can't log in",
+        "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
+    }
+
+
+async def until_idle(runtime: Runtime, client: httpx.AsyncClient, case_id: str) -> list[dict]:
+    deadline = time.monotonic() + 60
+    while True:
+        await runtime.service.wait_idle()
+        r = await client.get(f"/api/cases/{case_id}/runs")
+        assert r.status_code == 200, r.text
+        runs = r.json()["runs"]
+        if not any(run["status"] == "running" for run in runs) and (
+            not any(run["status"] == "queued" for run in runs)
+            or any(run["status"] == "awaiting_review" for run in runs)
+        ):
+            return runs
+        assert time.monotonic() < deadline, runs
+        await asyncio.sleep(0.05)
+
+
+async def performed(runtime: Runtime, case_id: str, kind: str) -> int:
+    return len(await runtime.provider.performed(idempotency_key(case_id, kind)))
+
+
+async def to_review(client: httpx.AsyncClient, runtime: Runtime, case_id: str) -> None:
+    r = await client.post("/api/cases", json=escalated(case_id))
+    assert r.status_code in (201, 202), r.text
+    await until_idle(runtime, client, case_id)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "awaiting_review", case
+
+
+async def test_a_resumed_failed_run_is_listed_running_and_a_reject_follow_up_is_refused(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    """A run that failed (an agent raised) is resumed by an operator: while it runs again
+    the case is in a run (a `reject` follow-up is refused), and once it completes the
+    runs list says so."""
+    gate.fail_once.add("policy")
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    assert first.status_code in (200, 201), first.text
+    assert first.json()["status"] == "failed", first.json()
+    runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    assert [r["status"] for r in runs] == ["failed"]
+
+    gate.hold("refund")
+    resumed = await client.post(f"/api/cases/{case_id}/resume")
+    assert resumed.status_code == 202, resumed.text
+    await asyncio.wait_for(gate.reached["refund"].wait(), 30)
+    during = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    rejected = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": "hello?", "strategy": "reject"}
+    )
+    gate.open()
+    await until_idle(runtime, client, case_id)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    after = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    observed = {
+        "case": case["status"],
+        "run during resume": [r["status"] for r in during],
+        "reject follow-up during resume": rejected.status_code,
+        "runs after": [(r["kind"], r["status"]) for r in after],
+    }
+    assert observed == {
+        "case": "completed",
+        "run during resume": ["running"],
+        "reject follow-up during resume": 409,
+        "runs after": [("intake", "completed")],
+    }, observed
+
+
+async def test_a_decision_after_an_earlier_decisions_run_failed_is_refused_not_ignored(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    bearer: Callable[..., dict],
+) -> None:
+    """rev-a approves; the run that decision resumed fails at its review step (the case is
+    `failed`; its checkpoint still holds the interrupt, with rev-a's answer pending). rev-b
+    then rejects: that was accepted (200) while the run applied rev-a's approval (the
+    answer LangGraph had stored) and refunded. A decision on a case not awaiting review
+    is refused (404 to another reviewer, who may not see the case); resumed, the case
+    goes on with rev-a's recorded decision, which is what the record says."""
+    await to_review(client, runtime, case_id)
+    gate.fail_once.add("human_review")
+    first = await client.post(
+        f"/api/cases/{case_id}/review",
+        json={"decision": "approve"},
+        headers=bearer("rev-a", [ROLE_REVIEW]),
+    )
+    assert first.status_code == 200 and first.json()["status"] == "failed", first.text
+    await until_idle(runtime, client, case_id)
+    failed = (await client.get(f"/api/cases/{case_id}")).json()
+    assert failed["awaiting_review"] is None, failed  # no longer offered for review
+    second = await client.post(
+        f"/api/cases/{case_id}/review",
+        json={"decision": "reject"},
+        headers=bearer("rev-b", [ROLE_REVIEW]),
+    )
+    assert second.status_code in (404, 409), second.text
+    resumed = await client.post(f"/api/cases/{case_id}/resume")
+    assert resumed.status_code in (200, 202), resumed.text
+    await until_idle(runtime, client, case_id)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    observed = (
+        case["status"],
+        case["review"]["reviewer_name"],
+        case["review"]["decision"],
+        await performed(runtime, case_id, "refund"),
+    )
+    assert observed == ("completed", "rev-a", "approve", 1), observed
