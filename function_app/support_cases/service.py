@@ -346,13 +346,18 @@ class CaseService:
         if self._saver is not None:
             self._saver.expect_new_thread(case_id)
         await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
-        return await self._launch(
-            case_id,
-            initial_input,
-            created=True,
-            wait_seconds=self._sync_wait,
-            needs_snapshot=False,
-        )
+        try:
+            return await self._launch(
+                case_id,
+                initial_input,
+                created=True,
+                wait_seconds=self._sync_wait,
+                needs_snapshot=False,
+            )
+        except CaseBusy:
+            # A follow-up took the case's run lock between its creation and here: the case
+            # exists, and is being worked on (a 409 would read as "not created").
+            return Outcome(await self.status(case_id), created=True, finished=False)
 
     async def status(self, case_id: str) -> CaseView:
         record = await self._record(case_id)

@@ -1,6 +1,6 @@
 """The HTTP API under races a fault hunt found, on the real stack (each cold backend, each
-write mode and without Redis): a failed run resumed while follow-ups arrive, and a review
-decision posted after an earlier decision's run failed.
+write mode and without Redis): a failed run resumed while follow-ups arrive, a review
+decision posted after an earlier decision's run failed, a follow-up racing a submit.
 
 Failures are injected through the app's `after_step` hook (raising once after a step:
 any error after an agent's record write and before LangGraph saves the step)."""
@@ -224,3 +224,43 @@ async def test_a_decision_after_an_earlier_decisions_run_failed_is_refused_not_i
         await performed(runtime, case_id, "refund"),
     )
     assert observed == ("completed", "rev-a", "approve", 1), observed
+
+
+async def test_a_submit_whose_case_a_follow_up_took_at_once_answers_with_the_case(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /cases stores the case (its intake run marked running) and only then takes the
+    run lock. A follow-up that lands in between (here: while the intake's `run_queued`
+    event is slow to publish) takes the case; the submit answered 409 "being worked on" for
+    the case it had just created (read as "not created"), and now answers 202 with it."""
+    events = runtime.service._events
+    publish = events.publish
+    slowed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_intake_event(target: str, event: str, **fields: Any) -> None:
+        if target == case_id and event == "run_queued" and fields.get("kind") == "intake":
+            slowed.set()
+            await go_on.wait()
+        await publish(target, event, **fields)
+
+    monkeypatch.setattr(events, "publish", slow_intake_event)
+    gate.hold("intake")
+    submit = asyncio.create_task(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(slowed.wait(), 30)
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": "Also, my invoice is missing", "strategy": "interrupt"},
+    )
+    assert follow_up.status_code == 202, follow_up.text
+    await asyncio.wait_for(gate.reached["intake"].wait(), 30)
+    go_on.set()
+    answer = await submit
+    gate.open()
+    await until_idle(runtime, client, case_id)
+    stored = await runtime.store.get(case_id)
+    assert stored is not None  # the case was created
+    assert answer.status_code in (201, 202), (answer.status_code, answer.text)
