@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from e2e_payloads import duplicate_charges
+from test_conversation import StepGate
 
 from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW
@@ -24,32 +25,6 @@ from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 from tests.support.cosmos import drop_container
-
-
-class StepGate:
-    def __init__(self) -> None:
-        self.held: set[str] = set()
-        self.reached: dict[str, asyncio.Event] = {}
-        self.release: dict[str, asyncio.Event] = {}
-        self.fail_once: set[str] = set()
-
-    def hold(self, step: str) -> None:
-        self.held.add(step)
-        self.reached[step] = asyncio.Event()
-        self.release[step] = asyncio.Event()
-
-    def open(self) -> None:
-        for event in self.release.values():
-            event.set()
-        self.held.clear()
-
-    async def hook(self, step: str) -> None:
-        if step in self.fail_once:
-            self.fail_once.discard(step)
-            raise RuntimeError(f"injected failure after {step}")
-        if step in self.held:
-            self.reached[step].set()
-            await self.release[step].wait()
 
 
 @pytest.fixture(scope="module")

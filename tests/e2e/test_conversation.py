@@ -34,12 +34,14 @@ THANKS = "Thanks, that is all"
 
 
 class StepGate:
-    """Holds the named steps of every run open until released."""
+    """Holds the named steps of every run open until released; fails those in `fail_once`
+    once each, after the step (raising, as any error after an agent's record write)."""
 
     def __init__(self) -> None:
         self.held: set[str] = set()
         self.reached: dict[str, asyncio.Event] = {}
         self.release: dict[str, asyncio.Event] = {}
+        self.fail_once: set[str] = set()
 
     def hold(self, step: str) -> None:
         self.held.add(step)
@@ -52,6 +54,9 @@ class StepGate:
         self.held.clear()
 
     async def hook(self, step: str) -> None:
+        if step in self.fail_once:
+            self.fail_once.discard(step)
+            raise RuntimeError(f"injected failure after {step}")
         if step in self.held:
             self.reached[step].set()
             await self.release[step].wait()
