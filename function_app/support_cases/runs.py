@@ -284,9 +284,17 @@ class RunTracker:
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
         return stored, replayed
 
-    async def start_next(self, case_id: str, *, fencing_token: int | None) -> dict[str, Any] | None:
+    async def start_next(
+        self,
+        case_id: str,
+        *,
+        fencing_token: int | None,
+        sections: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
         """Start the oldest queued run (one write: the run section and its entry), unless the
-        case is in a run (running, or paused for review); the started entry, or None."""
+        case is in a run (running, or paused for review); the started entry, or None.
+        `sections`: agents' sections set back to what the state the run starts from holds,
+        in the same write."""
         started: dict[str, Any] | None = None
 
         def compute(record: WorkflowRecord) -> list[SectionWrite]:
@@ -303,7 +311,13 @@ class RunTracker:
                 "started_at": utcnow().isoformat(),
             }
             run = {**new_run_section(CaseStatus.RUNNING, attempt=1), "run_id": started["run_id"]}
+            restored = [
+                SectionWrite(name, value, RUNNER_ID)
+                for name, value in (sections or {}).items()
+                if record.sections.get(name) != value
+            ]
             return [
+                *restored,
                 SectionWrite(RUNS_SECTION, runs, RUNNER_ID),
                 SectionWrite(RUN_SECTION, run, RUNNER_ID),
             ]

@@ -866,7 +866,9 @@ class CaseService:
                     return
                 await self._end_stopped(case_id, guard, current)
                 continue
-            entry = await self._tracker.start_next(case_id, fencing_token=guard.fence)
+            entry = await self._tracker.start_next(
+                case_id, fencing_token=guard.fence, sections=await self._after_failure(record)
+            )
             if entry is None:
                 return
             going = await self._drive_one(
@@ -878,6 +880,19 @@ class CaseService:
             )
             if not going:
                 return
+
+    async def _after_failure(self, record: WorkflowRecord) -> dict[str, Any] | None:
+        """After a failed run, the agents' sections its state holds: the failed step may have
+        written its section (a review decision, say) before LangGraph saved the step, and
+        the next run, starting from that state with a new message, drops the step."""
+        if (record.sections.get(RUN_SECTION) or {}).get("status") != CaseStatus.FAILED.value:
+            return None
+        return await self._state_sections(record.thread_id)
+
+    async def _state_sections(self, case_id: str) -> dict[str, Any]:
+        state = await self._graph.aget_state(case_config(case_id))
+        values = state.values if isinstance(state.values, dict) else {}
+        return {name: values.get(name) for name in RESULT_SECTIONS}
 
     async def _end_stopped(self, case_id: str, guard: RunGuard, run: dict[str, Any]) -> None:
         """Close a run a follow-up stopped: interrupted (its checkpoints stay, the next run
@@ -894,9 +909,7 @@ class CaseService:
             discarded = effects_done_since(await self._record(case_id), run.get("started_at"))
             # The record shows what the state before the run holds, not the discarded
             # run's results (the next run writes its own).
-            before = await self._graph.aget_state(case_config(case_id))
-            values = before.values if isinstance(before.values, dict) else {}
-            restored = {name: values.get(name) for name in RESULT_SECTIONS}
+            restored = await self._state_sections(case_id)
         status = (
             RunStatus.ROLLED_BACK
             if strategy is FollowUpStrategy.ROLLBACK

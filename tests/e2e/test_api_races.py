@@ -1,6 +1,7 @@
 """The HTTP API under races a fault hunt found, on the real stack (each cold backend, each
 write mode and without Redis): a failed run resumed while follow-ups arrive, a review
-decision posted after an earlier decision's run failed, a follow-up racing a submit.
+decision posted after an earlier decision's run failed, a follow-up after it, a follow-up
+racing a submit.
 
 Failures are injected through the app's `after_step` hook (raising once after a step:
 any error after an agent's record write and before LangGraph saves the step)."""
@@ -23,6 +24,7 @@ from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
+from support_cases.service import case_config
 from support_cases.settings import AppSettings
 from tests.support.cosmos import drop_container
 
@@ -239,3 +241,38 @@ async def test_a_submit_whose_case_a_follow_up_took_at_once_answers_with_the_cas
     stored = await runtime.store.get(case_id)
     assert stored is not None  # the case was created
     assert answer.status_code in (201, 202), (answer.status_code, answer.text)
+
+
+async def test_a_follow_up_after_a_failed_decision_run_leaves_record_and_state_agreeing(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    bearer: Callable[..., dict],
+) -> None:
+    """rev-a's approval is accepted (200) but its run fails in the review step, after the
+    review section was written. A follow-up then starts a new run over that checkpoint:
+    LangGraph drops the failed review task (and the approval with it) and the new run asks
+    for a review again; the case record said rev-a approved. The run starting after a
+    failed one now sets the agents' sections back to what its starting state holds."""
+    await to_review(client, runtime, case_id)
+    gate.fail_once.add("human_review")
+    first = await client.post(
+        f"/api/cases/{case_id}/review",
+        json={"decision": "approve"},
+        headers=bearer("rev-a", [ROLE_REVIEW]),
+    )
+    assert first.status_code == 200 and first.json()["status"] == "failed", first.text
+    m = await client.post(f"/api/cases/{case_id}/messages", json={"text": "Any news?"})
+    assert m.status_code in (200, 202), m.text
+    await until_idle(runtime, client, case_id)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    snap = await runtime.graph.aget_state(case_config(case_id))
+    observed = {
+        "status": case["status"],
+        "asks for review": case["awaiting_review"] is not None,
+        "record review": (case["review"] or {}).get("decision"),
+        "checkpoint review": (snap.values.get("review") or {}).get("decision"),
+    }
+    # The record and the checkpoint must agree on whether (and how) the case was reviewed.
+    assert observed["record review"] == observed["checkpoint review"], observed
