@@ -236,8 +236,10 @@ class Flusher:
         Redis failure ending it), it expires after EXPIRING_REFUSAL_MS. Yields the fencing
         token the deletion must raise the thread's flush fence to (see `delete_thread`)."""
         async with self.holding(thread_id) as fence:
-            await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
             try:
+                # Inside: a discard that fails after its script set the refusal (its reply
+                # lost, its unlisting failed) must end it too, the thread not deleted.
+                await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
                 yield max(fence, await self.log.fence_now())
             finally:
                 try:

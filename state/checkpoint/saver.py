@@ -257,6 +257,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # boundary of the run fails too (LangGraph drops a subgraph's write error when the
         # subgraph exits with an interrupt), until a run starts again from the cold tier.
         self._lost: set[str] = set()
+        # Threads whose runs delete_for_runs deleted but whose cached checkpoints it could not
+        # drop (Redis failed in between): dropped by its next call before anything else.
+        self._owed_drops: set[str] = set()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -1333,12 +1336,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         if self.cache is not None:
             await self.cache.ready()
+        # Drops an earlier call owed: once deleted, a call again finds nothing to touch.
+        for thread_id in list(self._owed_drops):
+            await self._drop_cached(thread_id)
+            self._owed_drops.discard(thread_id)
         unflushed = await self.flusher.settle_all() if self.flusher is not None else []
         # The store names the threads it touched: no read of whole checkpoints to find them.
         affected = await self.store.delete_for_runs(run_ids)
+        self._owed_drops.update(affected)
         for thread_id in affected:
             self._forget_histories(thread_id)
             await self._drop_cached(thread_id)
+            self._owed_drops.discard(thread_id)
         stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
         if stuck:
             # Those runs' checkpoints still in the log would land after the deletion.

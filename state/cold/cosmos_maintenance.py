@@ -110,7 +110,11 @@ class CheckpointMaintenance:
         # What the target holds already stays as it is (as Postgres's copy does nothing
         # on a conflict): ids do not name the thread, so the source's document of the
         # same id (a checkpoint pruned to a values holder, say) would replace the target's.
-        kept = await self._ids(target_thread_id)
+        # But a values holder under a checkpoint's id that a copy stopped half-way left (its
+        # second step done, not its third): the checkpoint is written over it.
+        held = await self._ids(target_thread_id)
+        kept = set(held)
+        holders = {doc_id for doc_id, kind in held.items() if kind != layout.CHECKPOINT}
         # Everything but checkpoints first, then the checkpoints as values holders,
         # then as checkpoints: a checkpoint appears only once all it names is there.
         await self._copy(
@@ -125,18 +129,19 @@ class CheckpointMaintenance:
             lambda doc: moved(layout.to_layout_2(doc), type=layout.VALUES),
             kept,
         )
-        await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept)
+        await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept - holders)
         self._forget(target_thread_id)
 
-    async def _ids(self, thread_id: str) -> set[str]:
-        ids: set[str] = set()
+    async def _ids(self, thread_id: str) -> dict[str, str]:
+        """The thread's document ids, and the type of each."""
+        ids: dict[str, str] = {}
         async for page in self._io.pages(
-            "SELECT VALUE c.id FROM c WHERE c.thread_id = @thread",
+            "SELECT c.id, c.type FROM c WHERE c.thread_id = @thread",
             {"@thread": thread_id},
             partition=thread_id,
             page_size=BULK_PAGE_SIZE,
         ):
-            ids.update(page)
+            ids.update((doc["id"], doc["type"]) for doc in page)
         return ids
 
     async def _copy(

@@ -22,9 +22,10 @@ of `redis_checkpoints`:
   write, so both write modes keep one fence per thread. It has a TTL, renewed by
   every fenced write: a write that finds none is refused (`FenceUnknown`) until its
   caller checked the token against the thread's durable fence;
-- `wb-expiring`: set, with a TTL, by the discard that begins the retention sweep's
-  deletion of the thread: appends are refused (`ThreadExpiring`) until the sweep ends,
-  so nothing reaches the log that a flusher could apply onto the deleted thread.
+- `wb-expiring`: set by the discard that begins the retention sweep's deletion of the
+  thread: appends are refused (`ThreadExpiring`) until the sweep ends, so nothing reaches
+  the log that a flusher could apply onto the deleted thread. It holds the server time
+  the refusal ends at rather than a TTL (an evicted mark would let appends in).
 
 An append is one script: fence check, cache advance, stream entry, all atomic in
 the thread's slot. It is pipelined (same round trip) with a second script on the
@@ -33,8 +34,8 @@ by every append, so a flusher can tell whether anything arrived while it
 flushed), `since` (when the thread became dirty: the backlog's age) and
 `entries` (a count for health and metrics). The append goes first, so a thread
 is never listed after its entry is lost, only (harmlessly) listed with nothing
-to flush. None of these keys has a TTL except the fence and the expiring mark:
-under a volatile-* eviction policy the others are never evicted.
+to flush. None of these keys has a TTL except the fence: under a volatile-*
+eviction policy they are never evicted.
 """
 
 from __future__ import annotations
@@ -153,6 +154,21 @@ local function logged(log, ns, id)
 end
 """
 
+# Whether the expiring mark KEYS[i] refuses appends now: it holds the server time (ms) the
+# refusal ends at, and has no TTL, so a volatile-* eviction policy never evicts it.
+_EXPIRING = """
+local function expiring(i)
+  local until_ms = redis.call('GET', KEYS[i])
+  if not until_ms then return false end
+  local now = redis.call('TIME')
+  if tonumber(until_ms) > tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) then
+    return true
+  end
+  redis.call('DEL', KEYS[i])
+  return false
+end
+"""
+
 # KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, the
 # expiring mark, then the put's epochs and the others the writer knows the entry refers to
 # (`LUA_VALUES`).
@@ -166,10 +182,11 @@ end
 # nothing written, when the thread is being deleted by the retention sweep.
 _APPEND_PUT = (
     LUA_HELPERS
+    + _EXPIRING
     + _FENCE
     + _LOGGED
     + """
-if redis.call('EXISTS', KEYS[8]) == 1 then return {-6, 0} end
+if expiring(8) then return {-6, 0} end
 local ops, known = value_ops(9, 7), declared(9)
 local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
@@ -199,9 +216,10 @@ return {moved, 0}
 # namespace, fence, then the writes' name/value fields. Answers as `_APPEND_PUT`.
 _APPEND_WRITES = (
     LUA_HELPERS
+    + _EXPIRING
     + _FENCE
     + """
-if redis.call('EXISTS', KEYS[4]) == 1 then return {-6, 0} end
+if expiring(4) then return {-6, 0} end
 local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
@@ -253,14 +271,19 @@ end
 
 # KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), the
 # cache's namespace index and entries, then the expiring mark. Deletes them all, sets the
-# mark for ARGV[2] ms unless it is '', and returns how many entries the log held.
+# mark to refuse appends for ARGV[2] ms unless it is '', and returns how many entries the
+# log held.
 _DISCARD = (
     _LISTED
     + """
 if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
-if ARGV[2] ~= '' then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
+if ARGV[2] ~= '' then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[#KEYS], string.format('%d', now_ms + tonumber(ARGV[2])))
+end
 return length
 """
 )

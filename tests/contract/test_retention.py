@@ -744,6 +744,90 @@ async def test_a_sweep_that_cannot_end_its_refusal_leaves_appends_refused_not_fl
         await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
 
 
+async def test_an_eviction_during_the_sweep_does_not_let_a_late_step_come_back(
+    open_cold: Open,
+) -> None:
+    """The design's eviction policy spares keys without a TTL (volatile-*). The refusal
+    mark had one: memory pressure while the sweep deleted the thread evicted it, the run's
+    next step was accepted into the log and flushed onto the deleted thread after the
+    sweep. The mark now holds its deadline instead: never evicted, the step is refused."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.events is not None and backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        now = await age_everything(backends, thread_id)
+        client = backends.flusher.log._client  # the test's own Redis server
+        events = backends.events
+        working = events.delete
+        outcome: list[str] = []
+
+        async def pressure_then_run_goes_on(forgotten: str) -> None:
+            await working(forgotten)
+            # Memory pressure under the design's policy: Redis evicts keys with a TTL.
+            policy = (await client.config_get("maxmemory-policy"))["maxmemory-policy"]
+            await client.config_set("maxmemory-policy", "volatile-ttl")
+            await client.config_set("maxmemory", 1)
+            try:
+                await client.set("filler", "x" * 1024)
+            except redis.exceptions.ResponseError:
+                pass  # OOM once nothing volatile is left to evict
+            finally:
+                await client.config_set("maxmemory", 0)
+                await client.config_set("maxmemory-policy", policy)
+            second = checkpoint_with(empty_checkpoint(), "v" * 2000)
+            try:
+                await saver.aput(at_first, second, {"step": 1}, {})
+            except ThreadExpiring:
+                outcome.append("refused")
+            else:
+                outcome.append("accepted")
+
+        events.delete = pressure_then_run_goes_on  # type: ignore[method-assign]
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        events.delete = working  # type: ignore[method-assign]
+        await backends.flusher.drain()
+        back = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert (outcome, back) == (["refused"], None), (
+            outcome,
+            back and back.metadata,
+        )
+
+
+async def test_a_sweep_failing_inside_its_discard_leaves_the_kept_thread_writable(
+    open_cold: Open,
+) -> None:
+    """Redis fails right after the discard script ran (it set the refusal) but before the
+    discard returned (its unlisting): the sweep fails and the thread is not deleted (the
+    Postgres batch rolls back). Appends to it stayed refused for EXPIRING_REFUSAL_MS (1 h);
+    the refusal is now ended whether the discard returned or not."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        now = await age_everything(backends, thread_id)
+        log = backends.flusher.log
+        unlist = log._unlist
+
+        async def fails(*args: object) -> None:
+            raise BackendUnavailable("redis", "connection reset (injected)")
+
+        log._unlist = fails  # type: ignore[method-assign]
+        try:
+            with pytest.raises(BackendUnavailable):
+                await backends.retention.sweep(limit=100, now=now)
+        finally:
+            log._unlist = unlist  # type: ignore[method-assign]
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is not None
+        second = checkpoint_with(empty_checkpoint(), "v" * 2000)
+        await saver.aput(at_first, second, {"step": 1}, {})  # the thread was kept: writable
+
+
 async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_without_its_log(
     open_cold: Open,
 ) -> None:

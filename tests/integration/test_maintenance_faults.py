@@ -23,6 +23,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from state.checkpoint import TieredCheckpointSaver
+from state.cold import cosmos_layout as layout
 from state.errors import BackendUnavailable, RequestRejected
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
@@ -390,3 +391,98 @@ async def test_copying_onto_a_target_that_went_on_keeps_the_targets_state(
             cold.get("messages"),
         )
         assert after == before
+
+
+async def test_cosmos_copy_interrupted_then_repeated_copies_the_checkpoints(
+    stack_env: dict[str, str],
+) -> None:
+    """A copy stopped by a Cosmos failure after the checkpoints were written as values
+    holders, before they were written as checkpoints; called again, it finishes (it took
+    those holders for the target's own documents and left 0 checkpoints)."""
+    settings = stack_settings(stack_env, "cosmos", False, "write-through")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = chat_graph(saver)
+        source_id, target_id = (f"{p}-{uuid.uuid4().hex[:12]}" for p in ("src", "dst"))
+        source = {"configurable": {"thread_id": source_id}}
+        target = {"configurable": {"thread_id": target_id}}
+        await graph.ainvoke({"messages": ["one"]}, source)
+        await graph.ainvoke({"messages": ["two"]}, source)
+        want = (await graph.aget_state(source)).values
+        history = len([s async for s in graph.aget_state_history(source)])
+
+        io = opened.backends.checkpoints._maintenance._io
+        upsert_all = io.upsert_all
+
+        async def failing(docs: Any) -> None:
+            if any(doc["type"] == layout.CHECKPOINT for doc in docs):
+                raise BackendUnavailable("cosmos", "injected: the service went away")
+            await upsert_all(docs)
+
+        io.upsert_all = failing
+        try:
+            with pytest.raises(BackendUnavailable):
+                await saver.acopy_thread(source_id, target_id)
+        finally:
+            io.upsert_all = upsert_all
+        await saver.acopy_thread(source_id, target_id)  # called again, nothing failing
+
+        copied = (await graph.aget_state(target)).values
+        copies = len([s async for s in graph.aget_state_history(target)])
+        cold = (
+            await chat_graph(TieredCheckpointSaver(opened.backends.checkpoints)).aget_state(target)
+        ).values
+        assert (copied, cold, copies) == (want, want, history)
+
+
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+async def test_delete_for_runs_called_again_after_redis_failed_drops_the_cache(
+    backend: str,
+    stack_env: dict[str, str],
+    redis_proxy: tuple[Any, str],
+) -> None:
+    """Redis fails just after the cold tier deleted the run's checkpoints: the call says
+    so (BackendUnavailable), as it should. Called again once Redis is back, it returns;
+    but the cold tier names no thread any more, so the cache that still holds the deleted
+    run's checkpoint is never dropped: every worker is served the deleted run."""
+    proxy, url = redis_proxy
+    settings = stack_settings(stack_env, backend, False, "write-through", redis_url=url)
+    thread_id = f"runs-{uuid.uuid4().hex[:12]}"
+    kept_run, deleted_run = (f"run-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    cfg = {"configurable": {"thread_id": thread_id}}
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        await graph.ainvoke(
+            {"messages": ["kept"]}, {"configurable": {**cfg["configurable"], "run_id": kept_run}}
+        )
+        want = (await graph.aget_state(cfg)).values
+        await graph.ainvoke(
+            {"messages": ["deleted"]},
+            {"configurable": {**cfg["configurable"], "run_id": deleted_run}},
+        )
+        store = opened.backends.checkpoints
+        delete_for_runs = store.delete_for_runs
+
+        async def then_redis_fails(run_ids: Any) -> Any:
+            touched = await delete_for_runs(run_ids)
+            proxy.cut("reset")
+            return touched
+
+        store.delete_for_runs = then_redis_fails
+        try:
+            with pytest.raises(BackendUnavailable):
+                await opened.saver.adelete_for_runs([deleted_run])
+        finally:
+            store.delete_for_runs = delete_for_runs
+            proxy.restore()
+        await opened.saver.adelete_for_runs([deleted_run])  # called again: returns
+
+        async with open_stack(settings) as other:  # another worker
+            served = (await chat_graph(other.saver).aget_state(cfg)).values
+            cold = (
+                await chat_graph(TieredCheckpointSaver(other.backends.checkpoints)).aget_state(cfg)
+            ).values
+        assert cold == want
+        assert len(served["messages"]) == len(want["messages"]), (
+            f"kept run {len(want['messages'])} messages, served {len(served['messages'])}"
+        )
