@@ -336,6 +336,8 @@ class HotRead:
     observed_at: int
     # A write intent hides the entry (its writer may have committed a newer version).
     pending: bool = False
+    # On a miss: the fill lease the read took, which `install` presents (see there).
+    lease: str | None = None
 
 
 @runtime_checkable
@@ -373,12 +375,19 @@ class HotStateStore(Protocol):
         ttl_seconds: int,
         intent: WriteIntent | None = None,
         expired_before: int | None = None,
+        lease: str | None = None,
+        written: bool = False,
     ) -> bool:
         """Cache `record` unless the cache already holds a newer version (atomic).
 
         In the same step, remove `intent` and every intent whose deadline is before
         `expired_before` (a hot-tier clock reading taken before the cold read that
         produced `record`); others stay and keep the entry hidden.
+        The `intent` of the write that produced `record` (`written`), and a reader's
+        `lease` (taken by the `read` that missed), must still be in the entry: an entry
+        that lost them (evicted, or the lease revoked by an install or invalidation
+        since) may have held a newer version than `record` meanwhile, so nothing is
+        installed, and a writer's install drops the record.
         Returns whether the record was installed.
         """
 

@@ -160,6 +160,7 @@ class CacheAsideStore:
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
             observed_at: int | None = None
+            lease: str | None = None
             if hot is not None:
                 try:
                     found = await hot.read(thread_id)
@@ -176,12 +177,12 @@ class CacheAsideStore:
                     if found.pending:
                         self.stats.pending += 1
                     span.set_attribute("state.cache", "pending" if found.pending else "miss")
-                    observed_at = found.observed_at
+                    observed_at, lease = found.observed_at, found.lease
             # Only after the hot read: what this cold read returns includes the commit
             # of every writer whose intent had expired by `observed_at`.
             record = await self._cold.get(thread_id)
             if record is not None and hot is not None:
-                await self._install(record, expired_before=observed_at)
+                await self._install(record, expired_before=observed_at, lease=lease)
             return record
 
     async def create(
@@ -273,7 +274,7 @@ class CacheAsideStore:
             # Refused before anything was written; other failures may have written.
             await self._abandon_write(intent)
             raise
-        await self._install(record, intent=intent)
+        await self._install(record, intent=intent, written=True)
         return record
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
@@ -451,6 +452,8 @@ class CacheAsideStore:
         *,
         intent: WriteIntent | None = None,
         expired_before: int | None = None,
+        lease: str | None = None,
+        written: bool = False,
     ) -> None:
         if self._hot is None:
             return
@@ -463,6 +466,8 @@ class CacheAsideStore:
                 ttl_seconds=self._hot_ttl_seconds,
                 intent=intent,
                 expired_before=expired_before,
+                lease=lease,
+                written=written,
             )
         except BackendUnavailable as exc:
             self._hot_failed("install", exc)

@@ -41,13 +41,31 @@ LOCK_KIND = "lock"
 FENCE_KIND = "fence"
 SECTION_PREFIX = "s:"
 INTENT_PREFIX = "i:"
+LEASE_PREFIX = "r:"
+# How long an entry a fill lease created lives if nothing is installed in it.
+LEASE_ENTRY_MS = 60_000
 # The fence counter outlives any lock on it; it is re-seeded from the clock if lost.
 FENCE_RETENTION_MS = 7 * 24 * 3600 * 1000
 
-# The server clock and the whole entry, in one step. KEYS[1] record.
+# The server clock and the whole entry, in one step; on a miss (no record, or one a write
+# intent hides) the read also takes a fill lease, ARGV[1], which an install presents and
+# every install or invalidation revokes (an entry created for it expires in ARGV[2] ms).
+# KEYS[1] record. Returns {seconds, microseconds, fields, 1 if leased}.
 _READ = """
 local now = redis.call('TIME')
-return {now[1], now[2], redis.call('HGETALL', KEYS[1])}
+local flat = redis.call('HGETALL', KEYS[1])
+local served = false
+for i = 1, #flat, 2 do
+  if string.sub(flat[i], 1, 2) == 'i:' then
+    served = false
+    break
+  end
+  if flat[i] == 'version' then served = true end
+end
+if served then return {now[1], now[2], flat, 0} end
+redis.call('HSET', KEYS[1], ARGV[1], '1')
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {now[1], now[2], flat, 1}
 """
 
 # Register a write intent, creating the entry if absent. The entry is kept at least
@@ -69,10 +87,25 @@ return string.format('%.0f', clock)
 
 # Replace the whole cached record unless the cache holds a newer version, and drop
 # write intents: the caller's own, and those whose deadline is before ARGV[4].
-# Every other intent survives the replacement, so the entry stays hidden.
+# Every other intent survives the replacement, so the entry stays hidden; fill leases
+# do not (a reader that read before this may not install what it read).
+# The field ARGV[5] (the intent of the write that produced the record, or a reader's
+# lease) must still be there: if the entry lost it, a newer version may have been cached
+# and lost since, and a writer's record goes (the entry may hold an older one).
 # KEYS[1] record; ARGV[1] version, ARGV[2] ttl seconds, ARGV[3] own intent field or '',
-# ARGV[4] clock (microseconds) or '', ARGV[5..] field/value pairs.
+# ARGV[4] clock (microseconds) or '', ARGV[5] required field or '', ARGV[6..]
+# field/value pairs.
 _INSTALL = """
+if ARGV[5] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[5]) == 0 then
+  if string.sub(ARGV[5], 1, 2) == 'i:' then
+    local record = {}
+    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if string.sub(field, 1, 2) ~= 'i:' then record[#record + 1] = field end
+    end
+    if #record > 0 then redis.call('HDEL', KEYS[1], unpack(record)) end
+  end
+  return 0
+end
 local kept, dropped = {}, {}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 2) == 'i:' then
@@ -95,7 +128,7 @@ end
 redis.call('DEL', KEYS[1])
 -- One HSET for the whole record (and one for the surviving intents): a command per
 -- field made installs the bulk of the hot tier's work.
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if #kept > 0 then
   redis.call('HSET', KEYS[1], unpack(kept))
 end
@@ -187,13 +220,18 @@ class RedisHotStore:
         return hot_key(thread_id, kind, namespace=self._namespace)
 
     async def read(self, thread_id: str) -> HotRead:
+        lease = LEASE_PREFIX + secrets.token_hex(8)
         with redis_errors():
-            seconds, micros, flat = await self._read(keys=[self.key(thread_id)])
+            seconds, micros, flat, leased = await self._read(
+                keys=[self.key(thread_id)], args=[lease, LEASE_ENTRY_MS]
+            )
         fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         observed_at = int(seconds) * 1_000_000 + int(micros)
+        taken = lease if leased else None
         if any(field.startswith(INTENT_PREFIX) for field in fields):
-            return HotRead(None, observed_at, pending=True)
-        return HotRead(_record_from_hash(thread_id, fields), observed_at)
+            return HotRead(None, observed_at, pending=True, lease=taken)
+        record = _record_from_hash(thread_id, fields)
+        return HotRead(record, observed_at, lease=None if record is not None else taken)
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         return (await self.read(thread_id)).record
@@ -219,12 +257,16 @@ class RedisHotStore:
         ttl_seconds: int,
         intent: WriteIntent | None = None,
         expired_before: int | None = None,
+        lease: str | None = None,
+        written: bool = False,
     ) -> bool:
+        own = "" if intent is None else INTENT_PREFIX + intent.token
         args: list[str | int] = [
             record.version,
             ttl_seconds,
-            "" if intent is None else INTENT_PREFIX + intent.token,
+            own,
             "" if expired_before is None else expired_before,
+            own if written else lease or "",
         ]
         for field, value in _hash_from_record(record).items():
             args += [field, value]

@@ -190,3 +190,49 @@ async def test_only_the_owner_renews_a_lock_and_a_renewed_lock_outlives_its_firs
     assert taker is not None and taker.fence > held.fence
     assert not await hot.renew_lock(held)  # the lock is someone else's now
     assert await hot.lock_ttl_ms(name) is not None and await hot.release_lock(taker)
+
+
+async def evict(hot: HotStateStore, thread_id: str) -> None:
+    """What a volatile-* eviction policy does to the entry under memory pressure."""
+    if isinstance(hot, MemoryHotStore):
+        hot.evict(thread_id)
+    else:
+        assert isinstance(hot, RedisHotStore)
+        await hot._client.delete(hot.key(thread_id))
+
+
+async def test_a_writer_whose_intent_the_entry_lost_installs_nothing(hot: HotStateStore) -> None:
+    """Two writers: B installs v3 and acknowledges, the entry is evicted, then A, slower,
+    installs its v2. It installed it on the empty entry (served, older than B's
+    acknowledged write); an install needs its writer's intent still there."""
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    a = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    b = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    v2, v3 = workflow_record(thread_id, 2, s="v2"), workflow_record(thread_id, 3, s="v3")
+    await hot.install(v3, ttl_seconds=60, intent=b, written=True)
+    await evict(hot, thread_id)
+    assert not await hot.install(v2, ttl_seconds=60, intent=a, written=True)
+    assert await hot.get(thread_id) is None
+
+
+async def test_a_reader_installs_only_under_the_lease_its_miss_took(hot: HotStateStore) -> None:
+    """A reader misses, reads v2 from the cold tier; meanwhile a writer installs v3 and the
+    entry is evicted. The reader installed its v2 on the empty entry; its lease, revoked by
+    the writer's install (and gone with the entry), now keeps it out."""
+    thread_id = unique_thread("hot")
+    missed = await hot.read(thread_id)
+    assert missed.record is None and missed.lease is not None
+    writer = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    await hot.install(
+        workflow_record(thread_id, 3, s="v3"), ttl_seconds=60, intent=writer, written=True
+    )
+    await evict(hot, thread_id)
+    assert not await hot.install(
+        workflow_record(thread_id, 2, s="v2"), ttl_seconds=60, lease=missed.lease
+    )
+    assert await hot.get(thread_id) is None
+    again = await hot.read(thread_id)  # a later miss fills as ever
+    stored = workflow_record(thread_id, 3, s="v3")
+    assert await hot.install(stored, ttl_seconds=60, lease=again.lease)
+    assert await hot.get(thread_id) == stored

@@ -75,9 +75,12 @@ async def test_install_then_get_returns_the_sameworkflow_record(
 
 
 async def test_get_of_uncached_thread_is_none(hot: RedisHotStore, raw: aioredis.Redis) -> None:
+    """A miss leaves only its fill lease behind, which expires within a minute."""
     thread_id = unique_thread("hot")
     assert await hot.get(thread_id) is None
-    assert await raw.exists(hot.key(thread_id)) == 0
+    fields = await raw.hkeys(hot.key(thread_id))
+    assert [field.startswith(b"r:") for field in fields] == [True]
+    assert 0 < await raw.pttl(hot.key(thread_id)) <= 60_000
 
 
 async def test_a_copy_of_another_schema_version_is_a_miss(

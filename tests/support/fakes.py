@@ -670,6 +670,7 @@ class MemoryRetention:
 class _HotEntry:
     record: WorkflowRecord | None = None
     intents: dict[str, int] = field(default_factory=dict)  # token -> deadline (µs)
+    leases: set[str] = field(default_factory=set)  # fill leases taken by missed reads
     expires_at: float | None = None
 
 
@@ -707,11 +708,13 @@ class MemoryHotStore(_Tier):
         self._call("read")
         observed_at = self._clock.micros()
         entry = self._entry(thread_id)
+        if entry is not None and entry.record is not None and not entry.intents:
+            return HotRead(entry.record, observed_at)
         if entry is None:
-            return HotRead(None, observed_at)
-        if entry.intents:
-            return HotRead(None, observed_at, pending=True)
-        return HotRead(entry.record, observed_at)
+            entry = self._entries[thread_id] = _HotEntry(expires_at=time.monotonic() + 60)
+        lease = secrets.token_hex(8)
+        entry.leases.add(lease)
+        return HotRead(None, observed_at, pending=bool(entry.intents), lease=lease)
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         return (await self.read(thread_id)).record
@@ -742,9 +745,16 @@ class MemoryHotStore(_Tier):
         ttl_seconds: int,
         intent: WriteIntent | None = None,
         expired_before: int | None = None,
+        lease: str | None = None,
+        written: bool = False,
     ) -> bool:
         self._call("install")
         entry = self._entry(record.thread_id) or _HotEntry()
+        if written and intent is not None and intent.token not in entry.intents:
+            entry.record = None
+            return False
+        if not written and lease is not None and lease not in entry.leases:
+            return False
         entry.intents = {
             token: deadline
             for token, deadline in entry.intents.items()
@@ -757,6 +767,7 @@ class MemoryHotStore(_Tier):
             self._entries[record.thread_id] = entry
             return False
         entry.record = WorkflowRecord.from_document(_copy(dataclasses.asdict(record)))
+        entry.leases.clear()
         entry.expires_at = time.monotonic() + ttl_seconds
         self._entries[record.thread_id] = entry
         return True
@@ -766,6 +777,7 @@ class MemoryHotStore(_Tier):
         entry = self._entry(thread_id)
         if entry is not None:
             entry.record = None
+            entry.leases.clear()
 
     async def acquire_lock(self, name: str, *, ttl_ms: int) -> Lock | None:
         self._call("acquire_lock")
