@@ -950,6 +950,10 @@ class CaseService:
         durability: Literal["sync", "async"] = "sync" if self._flusher is None else "async"
         if not marked:
             await self._tracker.mark(case_id, CaseStatus.RUNNING, fencing_token=fence)
+        if self._saver is not None and fence is not None:
+            # Its first checkpoint write then finds the fence in Redis (a new case's always
+            # would not) instead of reading the record.
+            await self._saver.aseed_fence(case_id, fence)
         # The heartbeat is due a quarter of the stale period after the last one: checked
         # here on the clock, so steps in between cost no read of the record.
         beat_every = self._settings.case_stale_after_seconds / 4

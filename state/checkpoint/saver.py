@@ -93,7 +93,7 @@ from ..ports import (
     TypedBytes,
 )
 from .chains import WrittenChains
-from .fencing import NewRecords, RecordFence
+from .fencing import RecordFence
 from .flusher import Flusher
 from .loop_thread import LoopThread
 from .values import KeptInline, dump_checkpoint, dump_value, load_checkpoint, load_value
@@ -231,7 +231,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._closed = False
         # Delta histories of the threads this process writes from their root.
         self._chains = WrittenChains()
-        self._new_records = NewRecords()
         # (thread, namespace) -> the latest checkpoint's delta history a cache hit brought.
         self._histories: OrderedDict[tuple[str, str], tuple[str, dict[str, ChannelHistory]]] = (
             OrderedDict()
@@ -373,10 +372,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Say that `thread_id` was just made and has no checkpoint (a case id its record's
         creation has just claimed): LangGraph's first read of it then asks no tier. Wrong
         only if checkpoints of that id exist, and then the run starts the thread afresh
-        rather than continue a stranger's state. Its record, just created, holds fence 0:
-        the first write's check of its fencing token reads no record (`NewRecords`)."""
+        rather than continue a stranger's state."""
         self._chains.declare_new(thread_id)
-        self._new_records.declare(thread_id)
+
+    async def aseed_fence(self, thread_id: str, fence: int) -> None:
+        """For a run that has just taken the thread's lock with `fence`, a token above every
+        earlier holder's and so at least the thread's durable fence: the hot tier's fence
+        is raised to it, so the run's first checkpoint write needs no read of the record,
+        and an earlier holder's writes are refused at Redis from now on
+        (`StaleFencingToken` if a newer one's token is there already). Without Redis, the
+        first write checks the record as always."""
+        if self.fence is None:
+            return
+        with contextlib.suppress(BackendUnavailable):
+            await self._on_loop(self.fence.admit(str(thread_id), int(fence), checked=True))
 
     async def aflush(self, thread_id: str) -> None:
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
@@ -1184,7 +1193,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 # Redis going out after the durable check passed does not undo it.
                 with contextlib.suppress(BackendUnavailable):
                     await self.fence.admit(thread_id, int(fence), checked=True)
-                    self._new_records.seeded(thread_id)
                 return
             except BackendUnavailable:
                 pass  # Redis out: the record's fence still orders the thread's writers
@@ -1199,8 +1207,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _admit_durably(self, thread_id: str, fence: int | None) -> None:
         if self.record_fence is None or fence is None:
-            return
-        if self._new_records.passes(thread_id, int(fence)):
             return
         key = (thread_id, int(fence))
         check = self._durable_checks.get(key)
@@ -1221,7 +1227,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except FenceUnknown:
             await self._admit_durably(thread_id, fence)
             await write(True)
-            self._new_records.seeded(thread_id)
 
     def _fenced_blocking(
         self, thread_id: str, fence: int | None, write: Callable[[bool], None]
@@ -1232,7 +1237,6 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except FenceUnknown:
             self._sync(self._admit_durably(thread_id, fence))
             write(True)
-            self._new_records.seeded(thread_id)
 
     async def _boundary(self, thread_id: str, synchronous: bool) -> None:
         """After a write-behind append: flush now at a boundary, else let the flusher run."""

@@ -328,38 +328,100 @@ def _record_reads(backends: Backends, monkeypatch: pytest.MonkeyPatch) -> list[s
 
 
 @pytest.mark.parametrize("mode", ["write-through", "write-behind"])
-async def test_a_thread_whose_record_was_just_created_is_checked_without_a_read(
+async def test_a_fence_seeded_by_the_runs_lock_spares_its_first_write_a_record_read(
     open_tiers: Open, thread_id: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new thread's first fenced write finds no fence in Redis and is checked against
-    its record; a record its caller has just created holds fence 0, so a thread declared
-    new (`expect_new_thread`) passes that first check unread. A later check, once Redis
-    lost the fence, reads the record, and a stale token is refused as before."""
+    """A new thread's first fenced write finds no fence in Redis and is checked against its
+    record. A run that has just taken the thread's lock seeds Redis's fence with its token
+    (`aseed_fence`): its first write reads no record, and a stale runner, even one whose
+    record check would have come first, is refused at Redis."""
     async with open_tiers(mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         graph = chat_graph(saver)
-        redis = create_redis_client(backends.settings)
-        key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
-        other = f"{thread_id}-undeclared"
+        other = f"{thread_id}-unseeded"
         try:
             for created in (thread_id, other):
                 await backends.cold.create(created, {"run": {}}, agent_id="fence-test")
             asked = _record_reads(backends, monkeypatch)
-            saver.expect_new_thread(thread_id)
-            await graph.ainvoke({"messages": ["first"]}, config(thread_id, 7))
-            await graph.ainvoke({"messages": ["first"]}, config(other, 7))
+            await saver.aseed_fence(thread_id, 8)
+            await graph.ainvoke({"messages": ["first"]}, config(thread_id, 8))
+            await graph.ainvoke({"messages": ["first"]}, config(other, 8))
             assert thread_id not in asked and other in asked
-            asked.clear()
+            with pytest.raises(StaleFencingToken):
+                await graph.ainvoke({"messages": ["stale"]}, config(thread_id, 7))
+            with pytest.raises(StaleFencingToken):
+                await saver.aseed_fence(thread_id, 7)  # an older holder's, come late
+            await saver.aflush(thread_id)
+            assert "stale" not in await cold_messages(backends, thread_id)
+        finally:
+            for created in (thread_id, other):
+                await backends.cold.delete(created)
 
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_a_stale_runner_is_refused_on_a_thread_declared_new(
+    open_tiers: Open, thread_id: str, mode: str
+) -> None:
+    """The case's record is created and declared new; run A (token 7, its lease claim
+    raised the record's fence to 7) stalls before its first checkpoint write; run B takes
+    the case over (token 8, record fence 8). A wakes and writes: Redis holds no fence yet,
+    so the token is checked durably - and must be refused (7 < 8)."""
+    async with open_tiers(mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        graph = chat_graph(saver)
+        try:
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+            saver.expect_new_thread(thread_id)
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=7
+            )
+            # B takes over before A's first checkpoint write.
+            await backends.cold.update_section(
+                thread_id, "run", {}, expected_version=2, agent_id="fence-test", fencing_token=8
+            )
+            outcome: Any
+            try:
+                await graph.ainvoke({"messages": ["stale"]}, config(thread_id, 7))
+                outcome = "accepted"
+            except StaleFencingToken as exc:
+                outcome = (exc.presented, exc.highest)
+            await saver.aflush(thread_id)
+            stored = await cold_messages(backends, thread_id) if outcome == "accepted" else []
+            assert (outcome, stored) == ((7, 8), []), (outcome, stored)
+        finally:
+            await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_a_thread_another_process_wrote_is_not_new_after_redis_lost_the_fence(
+    open_tiers: Open, thread_id: str, mode: str
+) -> None:
+    """Process 1 created the case (declared new) but process 2's run (token 8) wrote its
+    checkpoints; then Redis evicted the fence. Process 1's stale run (token 7) must be
+    refused: the memo says 'new', the record says fence 8."""
+    async with open_tiers(mode) as backends:
+        one = TieredCheckpointSaver.from_backends(backends)
+        two = TieredCheckpointSaver.from_backends(backends)
+        redis = create_redis_client(backends.settings)
+        key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
+        try:
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
+            one.expect_new_thread(thread_id)
             await backends.cold.update_section(
                 thread_id, "run", {}, expected_version=1, agent_id="fence-test", fencing_token=8
             )
-            await saver.aflush(thread_id)
+            await chat_graph(two).ainvoke({"messages": ["newer"]}, config(thread_id, 8))
+            await two.aflush(thread_id)
             await redis.delete(key)  # evicted
-            with pytest.raises(StaleFencingToken):
-                await graph.ainvoke({"messages": ["stale"]}, config(thread_id, 7))
-            assert thread_id in asked
+            outcome: Any
+            try:
+                await chat_graph(one).ainvoke({"messages": ["stale"]}, config(thread_id, 7))
+                outcome = "accepted"
+            except StaleFencingToken as exc:
+                outcome = (exc.presented, exc.highest)
+            await one.aflush(thread_id)
+            stored = await cold_messages(backends, thread_id)
+            assert (outcome, "stale" in stored) == ((7, 8), False), (outcome, stored)
         finally:
             await redis.aclose()
-            for created in (thread_id, other):
-                await backends.cold.delete(created)
+            await backends.cold.delete(thread_id)
