@@ -56,6 +56,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.runnables import RunnableConfig
+from langgraph._internal._constants import CONFIG_KEY_RUNTIME
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
@@ -130,6 +131,8 @@ REDIS_RETURN_SECONDS = 5.0
 REDIS_RETRY_POLL_SECONDS = 0.25
 # Entries of a backlog delete_for_runs could not flush that it reads for the runs' puts.
 ALL_LOGGED = 1_000_000
+# A lost thread's cold root, when it could not be read as the loss was found.
+ROOT_UNKNOWN = "\0unknown"
 
 
 def _keep_newest(memo: OrderedDict[str, Any], thread_id: str) -> None:
@@ -138,6 +141,11 @@ def _keep_newest(memo: OrderedDict[str, Any], thread_id: str) -> None:
     memo.move_to_end(thread_id)
     while len(memo) > HISTORY_MEMO_SIZE:
         memo.popitem(last=False)
+
+
+def _starts_run(config: RunnableConfig) -> bool:
+    """A root latest read LangGraph's loop makes as a run starts (not a state reader's)."""
+    return CONFIG_KEY_RUNTIME in config.get("configurable", {})
 
 
 def _scalar(value: Any) -> bool:
@@ -255,7 +263,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Threads whose run lost state with Redis (`HotStateLost` raised): every later
         # boundary of the run fails too (LangGraph drops a subgraph's write error when the
         # subgraph exits with an interrupt), until a run starts again from the cold tier.
-        self._lost: set[str] = set()
+        # thread -> the root checkpoint the cold tier held as newest when the loss was found.
+        self._lost: OrderedDict[str, str | None] = OrderedDict()
         # Threads whose runs delete_for_runs deleted but whose cached checkpoints it could not
         # drop (Redis failed in between): dropped by its next call before anything else.
         self._owed_drops: set[str] = set()
@@ -413,8 +422,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # A hit is read on this thread; anything else on the loop thread.
         self._refuse_on_loop()
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
-        if checkpoint_ns == "" and checkpoint_id is None:
-            self._lost.discard(thread_id)  # a run starts over from what the tiers hold
+        if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
+            with self._histories_lock:
+                self._lost.pop(thread_id, None)  # a run starts over from what the tiers hold
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         cached = self._blocking_reads.lookup_blocking(
@@ -614,8 +624,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
-        if checkpoint_ns == "" and checkpoint_id is None:
-            self._lost.discard(thread_id)  # a run starts over from what the tiers hold
+        if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
+            with self._histories_lock:
+                self._lost.pop(thread_id, None)  # a run starts over from what the tiers hold
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
@@ -966,14 +977,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         assert self.flusher is not None
         with self._histories_lock:
             known = self._unconfirmed_writes.get(thread_id, {}).get(checkpoint_ns)
-        if known is None:
-            return True
-        if not await self._writes_stored(thread_id, checkpoint_ns, *known):
+            if known is None:
+                return True
+            checkpoint_id, keys = known[0], set(known[1])  # a snapshot: appends go on
+        if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
             return False
         with self._histories_lock:
             spaces = self._unconfirmed_writes.get(thread_id, {})
-            if spaces.get(checkpoint_ns) is known:
+            now = spaces.get(checkpoint_ns)
+            if now is not None and now[0] == checkpoint_id and now[1] <= keys:
                 del spaces[checkpoint_ns]
+            elif now is not None:
+                return False  # writes appended during the check are not confirmed
         return True
 
     async def _writes_stored(
@@ -1248,8 +1263,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _flush_thread(self, thread_id: str) -> None:
         assert self.flusher is not None
-        if thread_id in self._lost:
-            raise HotStateLost(thread_id, "(lost earlier in this run)")
+        with self._histories_lock:
+            lost, lost_at = thread_id in self._lost, self._lost.get(thread_id)
+        if lost:
+            if lost_at == ROOT_UNKNOWN or await self._cold_root(thread_id) == lost_at:
+                raise HotStateLost(thread_id, "(lost earlier in this run)")
+            with self._histories_lock:  # another process went on from the cold tier
+                self._lost.pop(thread_id, None)
         with self._histories_lock:
             expected = dict(self._unconfirmed.get(thread_id, {}))
             expected_writes = {
@@ -1281,6 +1301,22 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await asyncio.sleep(REDIS_RETRY_POLL_SECONDS)
         await self._confirm_flushed(thread_id, expected, expected_writes)
 
+    async def _cold_root(self, thread_id: str) -> str | None:
+        found = await self.store.get_checkpoint(thread_id, "", None, with_history=False)
+        return found.checkpoint_id if found is not None else None
+
+    async def _mark_lost(self, thread_id: str) -> None:
+        """Boundaries of the run fail until a run starts again here, or the cold tier's
+        root moves past what it holds now (another process went on from it)."""
+        self._forget_histories(thread_id)
+        try:
+            root = await self._cold_root(thread_id)
+        except BackendUnavailable:
+            root = ROOT_UNKNOWN  # the loss is what the caller reports; stay marked
+        with self._histories_lock:
+            self._lost[thread_id] = root
+            _keep_newest(self._lost, thread_id)
+
     async def _confirm_flushed(
         self,
         thread_id: str,
@@ -1294,13 +1330,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         for checkpoint_ns, checkpoint_id in expected.items():
             applied = self.flusher.last_applied(thread_id, checkpoint_ns) == checkpoint_id
             if not applied and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id):
-                self._forget_histories(thread_id)
-                self._lost.add(thread_id)
+                await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
             if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
-                self._forget_histories(thread_id)
-                self._lost.add(thread_id)
+                await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         with self._histories_lock:
             spaces = self._unconfirmed_writes.get(thread_id, {})

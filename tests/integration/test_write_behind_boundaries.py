@@ -1,4 +1,6 @@
-"""Review of e26cdb1 (write-behind, Redis out at a boundary): real servers."""
+"""Write-behind, Redis lost at a boundary (killed, or flushed as by a restart without
+persistence): an interrupt is acknowledged only when what it stands on is in the cold
+tier, whatever namespaces and sibling tasks took part; real servers."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from langgraph.types import Command, interrupt
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import BackendUnavailable
+from state.errors import BackendUnavailable, HotStateLost
 from state.settings import Settings
 from tests.integration.test_write_behind import settings_for
 
@@ -179,8 +181,10 @@ def test_an_interrupt_is_not_acknowledged_while_a_sibling_tasks_writes_are_in_th
             saver = opened[0]
             assert saver.flusher is not None
             # What the background pass does: the thread's log so far (the root's step 0
-            # among it) applied to the cold tier. From here only boundaries flush.
+            # among it, once LangGraph's background put of it is there) applied to the
+            # cold tier. From here only boundaries flush.
             saver._sync(saver.flusher.stop())
+            _wait_for_put(saver, thread_id, subgraph=False, step=0, or_stored=True)
             saver._sync(saver.flusher.flush_thread(thread_id))
             stored = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
             assert stored is not None and stored.metadata.get("step") == 0
@@ -242,5 +246,290 @@ def test_an_interrupt_is_not_acknowledged_while_a_sibling_tasks_writes_are_in_th
         assert observed == {"next": ["ask"], "work ran": 1, "result": {"a": 1, "answer": "yes"}}, (
             observed
         )
+    finally:
+        redis.stop()
+
+
+def _wait_for_put(
+    saver: TieredCheckpointSaver,
+    thread_id: str,
+    *,
+    subgraph: bool,
+    step: int,
+    or_stored: bool = False,
+) -> None:
+    """Until the log holds the step's put (LangGraph makes puts in the background), or
+    (`or_stored`, a root step) the cold tier has it: a flusher took it there first."""
+    assert saver.flusher is not None
+    log = saver.flusher.log
+
+    def logged() -> bool:
+        if any(
+            type(entry.op).__name__ == "CheckpointPut"
+            and (entry.op.checkpoint.checkpoint_ns != "") == subgraph
+            and entry.op.checkpoint.metadata.get("step") == step
+            for entry in saver._sync(log.read(thread_id, count=1000))
+        ):
+            return True
+        if not or_stored:
+            return False
+        stored = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+        return stored is not None and stored.metadata.get("step") == step
+
+    wait_for(logged, f"the put of step {step} in the log")
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_status_read_during_the_run_does_not_clear_the_lost_mark(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """As test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged... ('flushed'): the
+    subgraph's boundary finds its step lost (HotStateLost, dropped by LangGraph) and the
+    thread is marked lost. Meanwhile the case's status endpoint reads the root's latest
+    (`aget_state`, same process, same saver) - which is not 'a run starting over'. The
+    root's interrupt must still not be acknowledged."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    opened: list[TieredCheckpointSaver] = []
+    graphs: list[Any] = []
+    prepared: list[int] = []
+    lost_seen: list[str] = []
+    killed = threading.Event()
+
+    counting_builder = StateGraph(Counted)
+    counting_builder.add_node("inc", lambda state: {"x": state["x"] + 1})
+    counting_builder.add_edge(START, "inc")
+    counting_builder.add_edge("inc", END)
+    counting = counting_builder.compile()
+
+    def prep(state: dict[str, Any]) -> dict[str, Any]:
+        prepared.append(1)
+        if opened:
+            saver = opened[0]
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())
+            saver._sync(saver.flusher.flush_thread(thread_id))
+        return {"prepared": state["prepared"] + 1}
+
+    def ask(state: dict[str, Any]) -> dict[str, Any]:
+        if not killed.is_set():
+            killed.set()
+            import redis as redis_client
+
+            if opened:  # the subgraph's step that runs `ask` is in the log (an async put)
+                _wait_for_put(opened[0], thread_id, subgraph=True, step=1)
+
+            redis_client.Redis.from_url(redis.url).flushall()  # restart without persistence
+        counting.invoke({"x": 0})
+        return {"answer": interrupt("approve?")}
+
+    inner = StateGraph(Inner)
+    inner.add_node("prep", prep)
+    inner.add_node("ask", ask)
+    inner.add_edge(START, "prep")
+    inner.add_edge("prep", "ask")
+    inner.add_edge("ask", END)
+    outer = StateGraph(Outer)
+    outer.add_node("outer", inner.compile())
+    outer.add_edge(START, "outer")
+    outer.add_edge("outer", END)
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        acknowledged = False
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            opened.append(saver)
+            graph = outer.compile(checkpointer=saver)
+            graphs.append(graph)
+            confirm = saver._confirm_flushed
+
+            async def confirm_then_status_read(*args: Any) -> None:
+                try:
+                    await confirm(*args)
+                except HotStateLost as exc:
+                    lost_seen.append(str(exc))
+                    if len(lost_seen) == 1:
+                        # GET /cases/{id} served meanwhile by this worker.
+                        await graphs[0].aget_state(cfg)
+                    raise
+
+            saver._confirm_flushed = confirm_then_status_read  # type: ignore[method-assign]
+            try:
+                paused = graph.invoke({"prepared": 0, "answer": ""}, cfg)
+                assert "__interrupt__" in paused
+                saver.flush(thread_id)  # the app's end-of-run flush
+                acknowledged = True
+            except BackendUnavailable:
+                pass
+            opened.clear()
+        redis.stop()
+        assert lost_seen, "the subgraph's boundary should have found its step lost"
+        if not acknowledged:
+            return
+        with TieredCheckpointSaver.open_sync(cold_only(settings)) as fresh:
+            graph = outer.compile(checkpointer=fresh)
+            state = graph.get_state(cfg, subgraphs=True)
+            sub = state.tasks[0].state
+            sub_next = sub.next if sub is not None else None
+            done = graph.invoke(Command(resume="yes"), cfg)
+        observed = {"subgraph next": sub_next, "prep ran": len(prepared), "result": done}
+        assert observed == {
+            "subgraph next": ("ask",),
+            "prep ran": 1,
+            "result": {"prepared": 1, "answer": "yes"},
+        }, observed
+    finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_the_lost_mark_does_not_outlive_the_run_another_process_redid(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Process 1's run loses its step with Redis (FLUSHALL): its interrupt fails with
+    HotStateLost and the thread is marked lost in process 1. The timer's worker (process
+    2) redoes the run from the cold tier and finishes it. Later process 1 is asked to flush
+    the thread (the app's `_flush`, e.g. before a rollback or after a failed run): nothing
+    of it is missing any more, so the flush must return."""
+    from typing import TypedDict
+
+    class State(TypedDict):
+        a: int
+        answer: str
+
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    opened: list[TieredCheckpointSaver] = []
+    flushed = threading.Event()
+
+    def work(state: dict[str, Any]) -> dict[str, Any]:
+        if opened:
+            saver = opened[0]
+            assert saver.flusher is not None
+            saver._sync(saver.flusher.stop())
+            _wait_for_put(saver, thread_id, subgraph=False, step=0, or_stored=True)
+            saver._sync(saver.flusher.flush_thread(thread_id))
+        return {"a": state["a"] + 1}
+
+    def ask(state: dict[str, Any]) -> dict[str, Any]:
+        if opened and not flushed.is_set():
+            flushed.set()
+            import redis as redis_client
+
+            _wait_for_put(opened[0], thread_id, subgraph=False, step=1)
+
+            redis_client.Redis.from_url(redis.url).flushall()
+        return {"answer": interrupt("approve?")}
+
+    builder = StateGraph(State)
+    builder.add_node("work", work)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "work")
+    builder.add_edge("work", "ask")
+    builder.add_edge("ask", END)
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        with TieredCheckpointSaver.open_sync(settings) as one:
+            opened.append(one)
+            with pytest.raises(HotStateLost):
+                builder.compile(checkpointer=one).invoke({"a": 0, "answer": ""}, cfg)
+            opened.clear()
+            # Process 2 (the timer's worker) redoes the run and finishes it.
+            with TieredCheckpointSaver.open_sync(settings) as two:
+                graph = builder.compile(checkpointer=two)
+                graph.invoke(None, cfg)
+                done = graph.invoke(Command(resume="yes"), cfg)
+                two.flush(thread_id)
+            assert done == {"a": 1, "answer": "yes"}, done
+            outcome = "returned"
+            try:
+                one.flush(thread_id)
+            except HotStateLost as exc:
+                outcome = f"HotStateLost: {exc}"
+            assert outcome == "returned", (outcome, sorted(one._lost))
+    finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_sibling_write_appended_during_a_cold_check_stays_tracked(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Sync API, two tasks of one step on caller threads. `work`'s writes (A) are in the
+    log, and another process's flusher already applied them. Redis blips for `ask`'s
+    interrupt write, which goes to the cold tier; its boundary checks the root's writes
+    with a cold read (`_writes_stand_alone`). While that read is in flight, sibling task
+    `more` appends its writes (B) to the log from its thread. The boundary must not then
+    count B as confirmed: after FLUSHALL, B exists nowhere, yet flush() returns."""
+    import redis as redis_client
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        with (
+            TieredCheckpointSaver.open_sync(settings) as saver,
+            TieredCheckpointSaver.open_sync(settings) as other,
+        ):
+            assert saver.flusher is not None and other.flusher is not None
+            saver._sync(saver.flusher.stop())
+            other._sync(other.flusher.stop())
+            checkpoint = empty_checkpoint()
+            at = saver.put(cfg, checkpoint, {"source": "loop", "step": 0}, {})
+            at = {"configurable": {**at["configurable"], "durability": "async"}}
+            saver.put_writes(at, [("a", 1)], "work")
+            other._sync(other.flusher.flush_thread(thread_id))  # another process's flusher
+
+            in_read, go_on = threading.Event(), threading.Event()
+            get_writes = saver.store.get_writes
+
+            async def gated(*args: Any) -> Any:
+                found = await get_writes(*args)
+                in_read.set()
+                while not go_on.is_set():
+                    import asyncio
+
+                    await asyncio.sleep(0.01)
+                return found
+
+            saver.store.get_writes = gated  # type: ignore[method-assign]
+            blocking = saver._blocking
+            assert blocking is not None
+            append = blocking.append_writes_blocking
+            blips = [BackendUnavailable("redis", "connection reset")]
+
+            def blip_once(*args: Any, **kwargs: Any) -> Any:
+                if blips:
+                    raise blips.pop()
+                return append(*args, **kwargs)
+
+            blocking.append_writes_blocking = blip_once  # type: ignore[method-assign]
+            asked = threading.Thread(
+                target=saver.put_writes, args=(at, [("__interrupt__", "approve?")], "ask")
+            )
+            asked.start()
+            assert in_read.wait(20)
+            saver.put_writes(at, [("b", 2)], "more")  # the sibling, from its own thread
+            go_on.set()
+            asked.join(20)
+            saver.store.get_writes = get_writes  # type: ignore[method-assign]
+
+            redis_client.Redis.from_url(redis.url).flushall()  # B was in the log alone
+            outcome = "flush returned"
+            try:
+                saver.flush(thread_id)
+            except HotStateLost:
+                outcome = "HotStateLost"
+            stored = saver._sync(
+                saver.store.get_writes(thread_id, "", at["configurable"]["checkpoint_id"])
+            )
+            tasks = sorted(write.task_id for write in stored)
+            assert outcome == "HotStateLost" or "more" in tasks, (outcome, tasks)
     finally:
         redis.stop()
