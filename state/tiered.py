@@ -36,6 +36,13 @@ Races, and why they are safe:
 - A conflict (`VersionConflict`) proves the caller's copy may be stale: the
   writer re-reads cold and installs that in place of its intent, so a retry
   reads what cold holds.
+- Eviction (the entry has a TTL, so volatile-* may take it) takes the newer
+  version the comparison relies on. So a writer installs only while its intent
+  is still in the entry (else the record there goes too), and a read that misses
+  takes a fill lease in the entry that its install presents; every install and
+  invalidation revokes the leases taken before it. A slower writer, or a reader
+  whose cold read predates a commit, then finds its intent or lease gone with the
+  evicted entry and installs nothing.
 
 The hot tier is an optimisation: its failures never fail a call. They are
 counted, logged once per outage, and the call is served from cold. After a
@@ -50,9 +57,9 @@ settled is served from cold.
 
 Known limits: a cold write that commits after its deadline and whose writer
 then dies before installing can leave the older copy a reader installed in the
-meantime; so can an intent lost to eviction, FLUSHALL or a failover without
-persistence while a reader's cold read predates the commit. In both the old copy
-lasts until a later write or the hot TTL. A writer that cannot reach Redis
+meantime; so can an intent lost to FLUSHALL or a failover without persistence
+while a reader that missed before them (no lease then) reads cold before the
+commit. In both the old copy lasts until a later write or the hot TTL. A writer that cannot reach Redis
 writes without an intent: as before, only its own process knows to re-install.
 
 `CacheAsideStore` is this protocol alone, over records in whatever form the
