@@ -57,9 +57,10 @@ settled is served from cold.
 
 Known limits: a cold write that commits after its deadline and whose writer
 then dies before installing can leave the older copy a reader installed in the
-meantime; so can an intent lost to FLUSHALL or a failover without persistence
-while a reader that missed before them (no lease then) reads cold before the
-commit. In both the old copy lasts until a later write or the hot TTL. A writer that cannot reach Redis
+meantime; so can an intent lost to eviction, FLUSHALL or a failover without
+persistence while the re-install that settles a thread after an outage (it takes
+no lease) reads cold before the commit. In both the old copy lasts until a later
+write or the hot TTL. A writer that cannot reach Redis
 writes without an intent: as before, only its own process knows to re-install.
 
 `CacheAsideStore` is this protocol alone, over records in whatever form the
