@@ -7,10 +7,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
+import redis as redis_client
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
@@ -57,6 +59,58 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def prep_then_ask(prep: Callable[[], None], lose_redis: Callable[[], None]) -> Any:
+    """Root -> subgraph `outer` (the parent's checkpointer: namespace 'outer:<task>'):
+    `prep` (a side effect: the caller's hook), then `ask`, which calls `lose_redis`, then a
+    small subgraph from inside the node (its puts go cold: the thread is 'written
+    through'), then asks for approval."""
+    counting_builder = StateGraph(Counted)
+    counting_builder.add_node("inc", lambda state: {"x": state["x"] + 1})
+    counting_builder.add_edge(START, "inc")
+    counting_builder.add_edge("inc", END)
+    counting = counting_builder.compile()
+
+    def prepare(state: dict[str, Any]) -> dict[str, Any]:
+        prep()
+        return {"prepared": state["prepared"] + 1}
+
+    def ask(state: dict[str, Any]) -> dict[str, Any]:
+        lose_redis()
+        counting.invoke({"x": 0})
+        return {"answer": interrupt("approve?")}
+
+    inner = StateGraph(Inner)
+    inner.add_node("prep", prepare)
+    inner.add_node("ask", ask)
+    inner.add_edge(START, "prep")
+    inner.add_edge("prep", "ask")
+    inner.add_edge("ask", END)
+    outer = StateGraph(Outer)
+    outer.add_node("outer", inner.compile())
+    outer.add_edge(START, "outer")
+    outer.add_edge("outer", END)
+    return outer
+
+
+def assert_resumes_at_ask(
+    settings: Settings, outer: Any, cfg: RunnableConfig, prepared: list[int]
+) -> None:
+    """An acknowledged interrupt, as a fresh process finds it with Redis gone for good:
+    the subgraph paused at `ask`, and `prep` not run again on resume."""
+    with TieredCheckpointSaver.open_sync(cold_only(settings)) as fresh:
+        graph = outer.compile(checkpointer=fresh)
+        state = graph.get_state(cfg, subgraphs=True)
+        sub = state.tasks[0].state
+        sub_next = sub.next if sub is not None else None
+        done = graph.invoke(Command(resume="yes"), cfg)
+    observed = {"subgraph next": sub_next, "prep ran": len(prepared), "result": done}
+    assert observed == {
+        "subgraph next": ("ask",),
+        "prep ran": 1,
+        "result": {"prepared": 1, "answer": "yes"},
+    }, observed
+
+
 @pytest.mark.parametrize("redis_fault", ["killed", "flushed"])
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 def test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged_while_its_step_is_in_the_log(
@@ -77,13 +131,7 @@ def test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged_while_its_step_
     prepared: list[int] = []
     killed = threading.Event()
 
-    counting_builder = StateGraph(Counted)
-    counting_builder.add_node("inc", lambda state: {"x": state["x"] + 1})
-    counting_builder.add_edge(START, "inc")
-    counting_builder.add_edge("inc", END)
-    counting = counting_builder.compile()  # a subgraph called from inside a node
-
-    def prep(state: dict[str, Any]) -> dict[str, Any]:
+    def prep() -> None:
         prepared.append(1)
         if opened:
             saver = opened[0]
@@ -95,30 +143,16 @@ def test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged_while_its_step_
             saver._sync(saver.flusher.flush_thread(thread_id))
             stored = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
             assert stored is not None and stored.metadata.get("step") == 0
-        return {"prepared": state["prepared"] + 1}
 
-    def ask(state: dict[str, Any]) -> dict[str, Any]:
+    def lose_redis() -> None:
         if not killed.is_set():
             killed.set()
             if redis_fault == "killed":
                 redis.stop()  # for good
             else:  # a restart without persistence: Redis answers again, empty
-                import redis as redis_client
-
                 redis_client.Redis.from_url(redis.url).flushall()
-        counting.invoke({"x": 0})
-        return {"answer": interrupt("approve?")}
 
-    inner = StateGraph(Inner)
-    inner.add_node("prep", prep)
-    inner.add_node("ask", ask)
-    inner.add_edge(START, "prep")
-    inner.add_edge("prep", "ask")
-    inner.add_edge("ask", END)
-    outer = StateGraph(Outer)
-    outer.add_node("outer", inner.compile())
-    outer.add_edge(START, "outer")
-    outer.add_edge("outer", END)
+    outer = prep_then_ask(prep, lose_redis)
     try:
         settings = settings_for(stack_env, backend, redis.url)
         acknowledged = False
@@ -134,21 +168,9 @@ def test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged_while_its_step_
                 pass  # not acknowledged (HotStateLost is one): what the design asks for
             opened.clear()
         redis.stop()
-        if not acknowledged:
-            return
-        # Acknowledged: a fresh process (Redis gone for good) must find it as answered.
-        with TieredCheckpointSaver.open_sync(cold_only(settings)) as fresh:
-            graph = outer.compile(checkpointer=fresh)
-            state = graph.get_state(cfg, subgraphs=True)
-            sub = state.tasks[0].state
-            sub_next = sub.next if sub is not None else None
-            done = graph.invoke(Command(resume="yes"), cfg)
-        observed = {"subgraph next": sub_next, "prep ran": len(prepared), "result": done}
-        assert observed == {
-            "subgraph next": ("ask",),
-            "prep ran": 1,
-            "result": {"prepared": 1, "answer": "yes"},
-        }, observed
+        if acknowledged:
+            # A fresh process (Redis gone for good) must find it as answered.
+            assert_resumes_at_ask(settings, outer, cfg, prepared)
     finally:
         redis.stop()
 
@@ -208,8 +230,6 @@ def test_an_interrupt_is_not_acknowledged_while_a_sibling_tasks_writes_are_in_th
             if redis_fault == "killed":
                 redis.stop()  # for good: the interrupt's writes go to the cold tier
             else:  # a restart without persistence: the interrupt's writes go to the log
-                import redis as redis_client
-
                 redis_client.Redis.from_url(redis.url).flushall()
         return {"answer": interrupt("approve?")}
 
@@ -298,43 +318,22 @@ def test_a_status_read_during_the_run_does_not_clear_the_lost_mark(
     lost_seen: list[str] = []
     killed = threading.Event()
 
-    counting_builder = StateGraph(Counted)
-    counting_builder.add_node("inc", lambda state: {"x": state["x"] + 1})
-    counting_builder.add_edge(START, "inc")
-    counting_builder.add_edge("inc", END)
-    counting = counting_builder.compile()
-
-    def prep(state: dict[str, Any]) -> dict[str, Any]:
+    def prep() -> None:
         prepared.append(1)
         if opened:
             saver = opened[0]
             assert saver.flusher is not None
             saver._sync(saver.flusher.stop())
             saver._sync(saver.flusher.flush_thread(thread_id))
-        return {"prepared": state["prepared"] + 1}
 
-    def ask(state: dict[str, Any]) -> dict[str, Any]:
+    def lose_redis() -> None:
         if not killed.is_set():
             killed.set()
-            import redis as redis_client
-
             if opened:  # the subgraph's step that runs `ask` is in the log (an async put)
                 _wait_for_put(opened[0], thread_id, subgraph=True, step=1)
-
             redis_client.Redis.from_url(redis.url).flushall()  # restart without persistence
-        counting.invoke({"x": 0})
-        return {"answer": interrupt("approve?")}
 
-    inner = StateGraph(Inner)
-    inner.add_node("prep", prep)
-    inner.add_node("ask", ask)
-    inner.add_edge(START, "prep")
-    inner.add_edge("prep", "ask")
-    inner.add_edge("ask", END)
-    outer = StateGraph(Outer)
-    outer.add_node("outer", inner.compile())
-    outer.add_edge(START, "outer")
-    outer.add_edge("outer", END)
+    outer = prep_then_ask(prep, lose_redis)
     try:
         settings = settings_for(stack_env, backend, redis.url)
         acknowledged = False
@@ -365,20 +364,8 @@ def test_a_status_read_during_the_run_does_not_clear_the_lost_mark(
             opened.clear()
         redis.stop()
         assert lost_seen, "the subgraph's boundary should have found its step lost"
-        if not acknowledged:
-            return
-        with TieredCheckpointSaver.open_sync(cold_only(settings)) as fresh:
-            graph = outer.compile(checkpointer=fresh)
-            state = graph.get_state(cfg, subgraphs=True)
-            sub = state.tasks[0].state
-            sub_next = sub.next if sub is not None else None
-            done = graph.invoke(Command(resume="yes"), cfg)
-        observed = {"subgraph next": sub_next, "prep ran": len(prepared), "result": done}
-        assert observed == {
-            "subgraph next": ("ask",),
-            "prep ran": 1,
-            "result": {"prepared": 1, "answer": "yes"},
-        }, observed
+        if acknowledged:
+            assert_resumes_at_ask(settings, outer, cfg, prepared)
     finally:
         redis.stop()
 
@@ -417,8 +404,6 @@ def test_the_lost_mark_does_not_outlive_the_run_another_process_redid(
     def ask(state: dict[str, Any]) -> dict[str, Any]:
         if opened and not flushed.is_set():
             flushed.set()
-            import redis as redis_client
-
             _wait_for_put(opened[0], thread_id, subgraph=False, step=1)
 
             redis_client.Redis.from_url(redis.url).flushall()
@@ -464,7 +449,6 @@ def test_a_sibling_write_appended_during_a_cold_check_stays_tracked(
     with a cold read (`_writes_stand_alone`). While that read is in flight, sibling task
     `more` appends its writes (B) to the log from its thread. The boundary must not then
     count B as confirmed: after FLUSHALL, B exists nowhere, yet flush() returns."""
-    import redis as redis_client
     from langgraph.checkpoint.base import empty_checkpoint
 
     redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
