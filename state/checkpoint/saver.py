@@ -422,9 +422,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # A hit is read on this thread; anything else on the loop thread.
         self._refuse_on_loop()
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
-        if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
-            with self._histories_lock:
-                self._lost.pop(thread_id, None)  # a run starts over from what the tiers hold
+        self._note_run_start(config, thread_id, checkpoint_ns, checkpoint_id)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         cached = self._blocking_reads.lookup_blocking(
@@ -624,9 +622,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
-        if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
-            with self._histories_lock:
-                self._lost.pop(thread_id, None)  # a run starts over from what the tiers hold
+        self._note_run_start(config, thread_id, checkpoint_ns, checkpoint_id)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
         with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
@@ -955,6 +951,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
 
+    def _note_run_start(
+        self, config: RunnableConfig, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
+    ) -> None:
+        """A run starts over from what the tiers hold: the thread is no longer lost."""
+        if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
+            with self._histories_lock:
+                self._lost.pop(thread_id, None)
+
     def _writes_appended(self, put: _Writes) -> None:
         keys = {(w.task_id, w.idx) for w in put.writes}
         with self._histories_lock:
@@ -982,14 +986,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             checkpoint_id, keys = known[0], set(known[1])  # a snapshot: appends go on
         if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
             return False
+        # Writes appended during the check are not confirmed.
+        return self._confirmed_writes(thread_id, checkpoint_ns, checkpoint_id, keys)
+
+    def _confirmed_writes(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, keys: set[tuple[str, int]]
+    ) -> bool:
+        """Forget the namespace's tracked writes if `keys` of `checkpoint_id` were all of
+        them; False if more were appended meanwhile (they stay tracked)."""
         with self._histories_lock:
             spaces = self._unconfirmed_writes.get(thread_id, {})
             now = spaces.get(checkpoint_ns)
-            if now is not None and now[0] == checkpoint_id and now[1] <= keys:
+            if now is None:
+                return True
+            if now[0] == checkpoint_id and now[1] <= keys:
                 del spaces[checkpoint_ns]
-            elif now is not None:
-                return False  # writes appended during the check are not confirmed
-        return True
+                return True
+            return False
 
     async def _writes_stored(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, keys: set[tuple[str, int]]
@@ -1336,12 +1349,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
                 await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
-        with self._histories_lock:
-            spaces = self._unconfirmed_writes.get(thread_id, {})
-            for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
-                known = spaces.get(checkpoint_ns)
-                if known is not None and known[0] == checkpoint_id and known[1] <= keys:
-                    del spaces[checkpoint_ns]
+        for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
+            self._confirmed_writes(thread_id, checkpoint_ns, checkpoint_id, keys)
         with self._histories_lock:
             heads = self._unconfirmed.get(thread_id, {})
             for checkpoint_ns, checkpoint_id in expected.items():
