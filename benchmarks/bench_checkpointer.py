@@ -92,6 +92,7 @@ from state.checkpoint import TieredCheckpointSaver  # noqa: E402
 from state.checkpoint.loop_thread import LoopThread  # noqa: E402
 from state.cold.cosmos_client import CosmosConnection  # noqa: E402
 from state.factory import Backends, open_backends  # noqa: E402
+from state.hot import redis_client  # noqa: E402
 from state.settings import ColdBackend, Settings, WriteMode  # noqa: E402
 
 T = TypeVar("T")
@@ -324,6 +325,17 @@ class Meter:
         for cursor_class in (psycopg.Cursor, psycopg.AsyncCursor):
             for name in ("execute", "executemany"):
                 patches.append((cursor_class, name, self._counted_statement(cursor_class, name)))
+        # And the hot path's lean round trips, which bypass both.
+        patches.append(
+            (redis_client, "round_trip", self._counted_redis(redis_client, "round_trip"))
+        )
+        patches.append(
+            (
+                redis_client,
+                "round_trip_blocking",
+                self._counted_blocking_redis(redis_client, "round_trip_blocking"),
+            )
+        )
         for owner, name, replacement in patches:
             original = owner.__dict__[name]
             setattr(owner, name, replacement)

@@ -26,6 +26,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from fastapi import FastAPI
 from redis.asyncio.client import Pipeline
 
+from state.hot import redis_client
 from support_cases.api import create_app as app_factory
 from support_cases.effects import SimulatedProvider
 
@@ -85,6 +86,8 @@ def install() -> None:
             return counted
 
         setattr(owner, name, wrap(original))
+    # The hot path's lean round trips, which bypass both.
+    redis_client.round_trip = wrap(redis_client.round_trip)  # type: ignore[assignment]
 
     for name in ("execute", "executemany"):
         original = psycopg.AsyncCursor.__dict__[name]

@@ -51,6 +51,7 @@ while the index lists it: an unlisted one is deleted and read as a miss.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,7 +75,8 @@ from ..ports import (
     StoredWrite,
     TypedBytes,
 )
-from .redis_client import hot_key
+from . import redis_client
+from .redis_client import hot_key, script_call
 from .redis_values import (
     EPOCH_HEAD,
     LUA_VALUES,
@@ -432,8 +434,10 @@ def unpack(packed: bytes, offset: int = 0) -> list[bytes]:
     return parts
 
 
+@functools.lru_cache(maxsize=4096, typed=True)
 def _version_prefix(version: str | int | float) -> bytes:
-    """Starts a blob field: framed, so version 1 never matches a field of version 10."""
+    """Starts a blob field: framed, so version 1 never matches a field of version 10.
+    Cached (typed: 1 and 1.0 differ): every read and put builds one per channel."""
     return pack(json.dumps(version).encode())
 
 
@@ -653,6 +657,11 @@ class CheckpointCacheStats:
     errors: int = 0
 
 
+def _hash_reply(reply: object) -> dict[bytes, bytes]:
+    """HGETALL's raw reply: a map under RESP3 (redis-py's default), a flat list under RESP2."""
+    return cast("dict[bytes, bytes]", reply) if isinstance(reply, dict) else _paired(reply)
+
+
 def _paired(flat: object) -> dict[bytes, bytes]:
     """A hash's fields from a script's flat name/value list (nil, an unlisted entry: none)."""
     names = cast("list[bytes] | None", flat) or []
@@ -807,7 +816,7 @@ class RedisCheckpointCache:
             return CacheLookup(None)
         token = os.urandom(12).hex()
         leased = await self._call(
-            key, self._lease(keys=[key, self.log_key(thread_id)], args=[token, LEASE_TTL_MS])
+            key, self._script(self._lease, [key, self.log_key(thread_id)], [token, LEASE_TTL_MS])
         )
         if leased is None:
             return CacheLookup(None)
@@ -822,15 +831,17 @@ class RedisCheckpointCache:
         both are read again, once (a second miss is the entry's: `parse_entry` says so)."""
         for attempt in range(2):
             if checkpoint_ns:
-                flat = await self._read_listed(
-                    keys=[key, self.namespaces_key(thread_id)],
-                    args=[checkpoint_ns, int(with_history)],
+                flat = await self._script(
+                    self._read_listed,
+                    [key, self.namespaces_key(thread_id)],
+                    [checkpoint_ns, int(with_history)],
                 )
                 fields = _paired(flat)
             elif with_history:
-                fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
+                [reply] = await redis_client.round_trip(self._client, [("HGETALL", key)])
+                fields = _hash_reply(reply)
             else:
-                fields = _paired(await self._without_history(keys=[key]))
+                fields = _paired(await self._script(self._without_history, [key], []))
             references = needed_references(fields, with_history=with_history)
             if not references:
                 return fields, {}
@@ -881,6 +892,9 @@ class RedisCheckpointCache:
             self.epochs.remember(thread_id, checkpoint_ns, read_values(fields, found))
         return CacheLookup(found, history=history)
 
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        return await redis_client.run_script(self._client, script, keys, args)
+
     def _script_blocking(self, script: AsyncScript, keys: list[str], args: list[Any]) -> object:
         assert self._blocking_client is not None
         try:
@@ -910,9 +924,10 @@ class RedisCheckpointCache:
             ]
         await self._call(
             key,
-            self._fill(
-                keys=[key, self.namespaces_key(checkpoint.thread_id)],
-                args=[
+            self._script(
+                self._fill,
+                [key, self.namespaces_key(checkpoint.thread_id)],
+                [
                     lease,
                     checkpoint.checkpoint_id,
                     self._ttl,
@@ -962,14 +977,19 @@ class RedisCheckpointCache:
             *blob_fields(blobs, plan.references),
         ]
         if not plan.staged:
-            return int(await self._advance(keys=keys, args=args))
+            return int(await self._script(self._advance, keys, args))
 
         async def run() -> int:
-            pipe = self._client.pipeline(transaction=False)
-            for epoch, payload in plan.staged:
-                pipe.set(epoch, payload, px=STAGED_TTL_MS, nx=True)
-            pipe.evalsha(self._advance.sha, len(keys), *keys, *args)
-            *_, moved = await pipe.execute(raise_on_error=True)
+            *_, moved = await redis_client.round_trip(
+                self._client,
+                [
+                    *(
+                        ("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX")
+                        for epoch, payload in plan.staged
+                    ),
+                    script_call(self._advance, keys, args),
+                ],
+            )
             return int(moved)
 
         try:
@@ -995,9 +1015,10 @@ class RedisCheckpointCache:
             return
         await self._call(
             key,
-            self._add_writes(
-                keys=[key],
-                args=[checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
+            self._script(
+                self._add_writes,
+                [key],
+                [checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
             ),
         )
 
@@ -1040,11 +1061,11 @@ class RedisCheckpointCache:
         large entry costs more passed through Lua)."""
 
         async def read() -> tuple[dict[bytes, bytes], int]:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hgetall(key)
-            pipe.evalsha(self._lease_history.sha, 1, key, checkpoint_id, token)
-            fields, granted = await pipe.execute(raise_on_error=True)
-            return cast("dict[bytes, bytes]", fields), int(granted)
+            reply, granted = await redis_client.round_trip(
+                self._client,
+                [("HGETALL", key), script_call(self._lease_history, [key], [checkpoint_id, token])],
+            )
+            return _hash_reply(reply), int(granted)
 
         try:
             return await read()
@@ -1066,9 +1087,10 @@ class RedisCheckpointCache:
             return
         await self._call(
             key,
-            self._fill_history(
-                keys=[key],
-                args=[checkpoint_id, json.dumps(sorted(history)), lease, *history_fields(history)],
+            self._script(
+                self._fill_history,
+                [key],
+                [checkpoint_id, json.dumps(sorted(history)), lease, *history_fields(history)],
             ),
         )
 
@@ -1120,7 +1142,7 @@ class RedisCheckpointCache:
         cached = cast("list[bytes]", await self._client.hkeys(cached_key))
         if cached:
             keys = [held_key, cached_key, *(epoch.decode() for epoch in cached)]
-            await self._drop_epochs(keys=keys)
+            await self._script(self._drop_epochs, keys, [])
 
     # ----------------------------------------------------------------------- failures
 

@@ -1,9 +1,11 @@
 """Builds the Redis clients from settings (a URL locally, Entra ID in Azure): redis.asyncio's,
-and a blocking one for the saver's sync write-behind appends; and names their keys."""
+and a blocking one for the saver's sync write-behind appends; names their keys; and sends
+the hot path's commands in lean round trips (`round_trip`, `run_script`)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -11,7 +13,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry as BlockingRetry
+from redis.typing import EncodableT
 
 from ..errors import SettingsError
 from ..settings import ColdBackend, Settings
@@ -110,3 +115,84 @@ def _entra_kwargs(settings: Settings) -> dict[str, Any]:
         "ssl": settings.redis_ssl,
         "credential_provider": provider,
     }
+
+
+# --------------------------------------------------------------------------- round trips
+
+Command = Sequence[EncodableT]
+
+
+async def round_trip(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """The commands in one round trip on one of the client's pooled connections; the
+    server's replies in order, as sent (no response callbacks: HGETALL is a flat list).
+
+    What a non-transactional pipeline does without its per-call bookkeeping, which cost
+    ~55 µs of a 220 µs two-command append (measured against the same connection pool).
+    An error reply is raised once every reply is read, so the connection stays in step; a
+    lost connection is retried as the client's own commands are (its `Retry`)."""
+    pool = client.connection_pool
+    connection = await pool.get_connection()
+    try:
+
+        async def exchange() -> list[Any]:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
+            _raise_first_error(replies)
+            return replies
+
+        async def reset(_error: Exception) -> None:
+            await connection.disconnect()
+
+        return await connection.retry.call_with_retry(exchange, reset)
+    finally:
+        await pool.release(connection)
+
+
+def round_trip_blocking(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """`round_trip` for callers without an event loop."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+
+        def exchange() -> list[Any]:
+            connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
+            _raise_first_error(replies)
+            return replies
+
+        return connection.retry.call_with_retry(exchange, lambda _error: connection.disconnect())
+    finally:
+        pool.release(connection)
+
+
+def _raise_first_error(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+
+
+def script_call(script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]) -> Command:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def run_script(
+    client: aioredis.Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+) -> Any:
+    """A registered script in one lean round trip; loaded again if the server lost it
+    (a restart, a failover), as `AsyncScript.__call__` does."""
+    try:
+        [reply] = await round_trip(client, [script_call(script, keys, args)])
+    except NoScriptError:
+        script.sha = await client.script_load(script.script)
+        [reply] = await round_trip(client, [script_call(script, keys, args)])
+    return reply

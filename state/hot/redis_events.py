@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..ports import JSON, StoredEvent
+from . import redis_client
 from .redis_client import hot_key
 from .redis_store import redis_errors
 
@@ -85,7 +86,11 @@ class RedisEventLog:
         with redis_errors():
             for attempt in range(APPEND_ATTEMPTS):
                 try:
-                    return _text(await self._append(keys=[self._key(thread_id)], args=args))
+                    return _text(
+                        await redis_client.run_script(
+                            self._client, self._append, [self._key(thread_id)], args
+                        )
+                    )
                 except (RedisConnectionError, RedisTimeoutError):
                     if attempt == APPEND_ATTEMPTS - 1:
                         raise

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from ..errors import BackendUnavailable
 from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent, timed_probe
 from ..schema import CURRENT
+from . import redis_client
 from .redis_client import hot_key
 
 WORKFLOW_KIND = "wf"
@@ -222,8 +223,8 @@ class RedisHotStore:
     async def read(self, thread_id: str) -> HotRead:
         lease = LEASE_PREFIX + secrets.token_hex(8)
         with redis_errors():
-            seconds, micros, flat, leased = await self._read(
-                keys=[self.key(thread_id)], args=[lease, LEASE_ENTRY_MS]
+            seconds, micros, flat, leased = await redis_client.run_script(
+                self._client, self._read, [self.key(thread_id)], [lease, LEASE_ENTRY_MS]
             )
         fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         observed_at = int(seconds) * 1_000_000 + int(micros)
@@ -241,8 +242,11 @@ class RedisHotStore:
     ) -> WriteIntent:
         token = token or secrets.token_hex(8)
         with redis_errors():
-            registered_at = await self._begin_write(
-                keys=[self.key(thread_id)], args=[INTENT_PREFIX + token, bound_ms, ttl_seconds]
+            registered_at = await redis_client.run_script(
+                self._client,
+                self._begin_write,
+                [self.key(thread_id)],
+                [INTENT_PREFIX + token, bound_ms, ttl_seconds],
             )
         return WriteIntent(thread_id, token, int(registered_at))
 
@@ -271,12 +275,14 @@ class RedisHotStore:
         for field, value in _hash_from_record(record).items():
             args += [field, value]
         with redis_errors():
-            installed = await self._install(keys=[self.key(record.thread_id)], args=args)
+            installed = await redis_client.run_script(
+                self._client, self._install, [self.key(record.thread_id)], args
+            )
         return bool(installed)
 
     async def invalidate(self, thread_id: str) -> None:
         with redis_errors():
-            await self._invalidate(keys=[self.key(thread_id)])
+            await redis_client.run_script(self._client, self._invalidate, [self.key(thread_id)], [])
 
     # ----------------------------------------------------------------- locks
 
@@ -284,9 +290,11 @@ class RedisHotStore:
         token = secrets.token_hex(16)
         with redis_errors():
             fence = int(
-                await self._acquire_lock(
-                    keys=[self.key(name, LOCK_KIND), self.key(name, FENCE_KIND)],
-                    args=[token, ttl_ms, max(FENCE_RETENTION_MS, ttl_ms)],
+                await redis_client.run_script(
+                    self._client,
+                    self._acquire_lock,
+                    [self.key(name, LOCK_KIND), self.key(name, FENCE_KIND)],
+                    [token, ttl_ms, max(FENCE_RETENTION_MS, ttl_ms)],
                 )
             )
         if fence == 0:
@@ -300,15 +308,18 @@ class RedisHotStore:
 
     async def release_lock(self, lock: Lock) -> bool:
         with redis_errors():
-            released = await self._release_lock(
-                keys=[self.key(lock.name, LOCK_KIND)], args=[lock.token]
+            released = await redis_client.run_script(
+                self._client, self._release_lock, [self.key(lock.name, LOCK_KIND)], [lock.token]
             )
         return bool(released)
 
     async def renew_lock(self, lock: Lock) -> bool:
         with redis_errors():
-            renewed = await self._renew_lock(
-                keys=[self.key(lock.name, LOCK_KIND)], args=[lock.token, lock.ttl_ms]
+            renewed = await redis_client.run_script(
+                self._client,
+                self._renew_lock,
+                [self.key(lock.name, LOCK_KIND)],
+                [lock.token, lock.ttl_ms],
             )
         return bool(renewed)
 

@@ -73,6 +73,7 @@ from ..ports import (
     StoredWrite,
     WritesPut,
 )
+from . import redis_client
 from .redis_checkpoints import (
     ENTRY_FORMAT,
     LOG_KIND,
@@ -85,7 +86,7 @@ from .redis_checkpoints import (
     untyped,
     write_fields,
 )
-from .redis_client import hot_key
+from .redis_client import Command, hot_key
 from .redis_values import (
     REFERENCE_TYPE,
     STAGED_TTL_MS,
@@ -583,15 +584,14 @@ class RedisWriteBehindLog:
     # The append and the dirty listing go in one round trip (a pipeline, not a transaction:
     # they live on different cluster slots). If the server lost its script cache (restart,
     # failover), neither script ran past the error, and listing a thread twice is harmless:
-    # the scripts are loaded and the pipeline sent again.
+    # the scripts are loaded and the commands sent again.
 
     async def _append(self, thread_id: str, script: str, call: _Call) -> None:
         keys, args, fence, staged = call
+        commands = self._append_commands(thread_id, script, keys, args, staged)
         for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            self._queue_append(pipe, thread_id, script, keys, args, staged)
             try:
-                *_, appended, _ = await pipe.execute(raise_on_error=True)
+                *_, appended, _ = await redis_client.round_trip(self._client, commands)
             except NoScriptError:
                 if attempt:
                     raise
@@ -605,19 +605,16 @@ class RedisWriteBehindLog:
         keys, args, fence, staged = call
         if self._blocking_client is None:
             raise StateError("this write-behind log was opened without a blocking client")
+        commands = self._append_commands(thread_id, script, keys, args, staged)
         for attempt in range(2):
-            pipe = self._blocking_client.pipeline(transaction=False)
-            self._queue_append(pipe, thread_id, script, keys, args, staged)
             try:
-                *_, appended, _ = pipe.execute(raise_on_error=True)
+                *_, appended, _ = redis_client.round_trip_blocking(self._blocking_client, commands)
             except NoScriptError:
                 if attempt:
                     raise
                 try:
-                    loads = self._blocking_client.pipeline(transaction=False)
-                    for source, _ in self._scripts.values():
-                        loads.script_load(source)
-                    loads.execute()
+                    loads = [("SCRIPT", "LOAD", source) for source, _ in self._scripts.values()]
+                    redis_client.round_trip_blocking(self._blocking_client, loads)
                 except (RedisError, OSError) as exc:
                     raise BackendUnavailable("redis", str(exc)) from exc
                 continue
@@ -625,23 +622,23 @@ class RedisWriteBehindLog:
                 raise BackendUnavailable("redis", str(exc)) from exc
             return _appended(thread_id, appended, fence)
 
-    def _queue_append(
+    def _append_commands(
         self,
-        pipe: aioredis.client.Pipeline | redis.client.Pipeline,
         thread_id: str,
         script: str,
         keys: list[str],
         args: list[Any],
         staged: list[tuple[str, bytes]],
-    ) -> None:
+    ) -> list[Command]:
         dirty_keys = [self._dirty, self._since, self._entries]
         # New epochs as plain SETs, never script arguments (`redis_values`).
-        # NX: a pipeline sent again (its scripts were lost) must not put a TTL back on an
+        # NX: a round trip sent again (its scripts were lost) must not put a TTL back on an
         # epoch the first one's append made the log's.
-        for epoch, payload in staged:
-            pipe.set(epoch, payload, px=STAGED_TTL_MS, nx=True)
-        pipe.evalsha(self._scripts[script][1], len(keys), *keys, *args)
-        pipe.evalsha(self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id)
+        return [
+            *(("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX") for epoch, payload in staged),
+            ("EVALSHA", self._scripts[script][1], len(keys), *keys, *args),
+            ("EVALSHA", self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id),
+        ]
 
     async def _load_scripts(self) -> None:
         """Every script in one round trip (the server lost them all: a restart, a failover)."""

@@ -40,6 +40,7 @@ from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
 from tests.support.cosmos import drop_container, partition_of
 from tests.support.records import unique_thread
+from tests.support.redis_round_trips import RedisRoundTrips
 
 TTL = 3600
 # Far enough back to be past the TTL whatever the test's own duration.
@@ -505,15 +506,15 @@ async def test_a_sweep_redis_cannot_follow_deletes_nothing_and_the_next_one_does
             await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
         now = await age_everything(backends, *threads)
         client = backends.hot_checkpoints._client  # the hot store's too
-        working = client.execute_command
-
-        async def refused(*args: Any, **kwargs: Any) -> Any:
-            raise redis.exceptions.ConnectionError("Connection refused (injected)")
-
-        client.execute_command = refused  # type: ignore[method-assign]
-        with pytest.raises(BackendUnavailable):
-            await backends.retention.sweep(limit=100, now=now)
-        client.execute_command = working  # type: ignore[method-assign]
+        round_trips = RedisRoundTrips(
+            refuse=redis.exceptions.ConnectionError("Connection refused (injected)")
+        )
+        unwatch = round_trips.watch(client)
+        try:
+            with pytest.raises(BackendUnavailable):
+                await backends.retention.sweep(limit=100, now=now)
+        finally:
+            unwatch()
         for thread_id in threads:
             assert await backends.checkpoints.get_checkpoint(thread_id, "", None)
         assert await backends.retention.sweep(limit=100, now=now) == len(threads)

@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -31,6 +31,7 @@ from state.hot.redis_client import create_redis_client, hot_namespace
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
 from tests.support.cosmos import partition
+from tests.support.redis_round_trips import RedisRoundTrips
 
 COSMOS_ITEM_LIMIT = 2 * 1024 * 1024
 
@@ -101,35 +102,13 @@ ALL_STEPS = sorted(["intake", "billing", "account", "policy", "response"])
 
 
 @dataclass
-class RedisCalls:
-    """Counts client round trips (every command and script call goes through execute_command)."""
-
-    count: int = 0
-    commands: list[str] = field(default_factory=list)
-
-    def wrap(self, client: aioredis.Redis) -> None:
-        original = client.execute_command
-
-        async def counted(*args: Any, **options: Any) -> Any:
-            self.count += 1
-            self.commands.append(str(args[0]))
-            return await original(*args, **options)
-
-        client.execute_command = counted  # type: ignore[method-assign]
-
-    def reset(self) -> None:
-        self.count = 0
-        self.commands.clear()
-
-
-@dataclass
 class Tiers:
     connection: CosmosConnection
     store: CosmosCheckpointStore
     saver: TieredCheckpointSaver
     cache: RedisCheckpointCache | None
     redis: aioredis.Redis | None
-    redis_calls: RedisCalls
+    redis_calls: RedisRoundTrips
 
     def reset_counts(self) -> None:
         self.connection.counters.reset()
@@ -158,6 +137,7 @@ async def open_tiers(
     """The saver over its adapters, built directly so the test can count their requests."""
     connection = CosmosConnection(settings.cosmos)
     redis = create_redis_client(settings) if hot else None
+    undo: list[Callable[[], None]] = []
     try:
         store = CosmosCheckpointStore(
             connection,
@@ -166,10 +146,10 @@ async def open_tiers(
             page_size=page_size,
         )
         await store.setup()
-        calls = RedisCalls()
+        calls = RedisRoundTrips()
         cache = None
         if redis is not None:
-            calls.wrap(redis)
+            undo.append(calls.watch(redis))
             cache = RedisCheckpointCache(
                 redis,
                 namespace=hot_namespace(settings),
@@ -177,6 +157,8 @@ async def open_tiers(
             )
         yield Tiers(connection, store, TieredCheckpointSaver(store, cache), cache, redis, calls)
     finally:
+        for unwatch in undo:
+            unwatch()
         if redis is not None:
             await redis.aclose()
         await connection.close()

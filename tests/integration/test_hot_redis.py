@@ -18,8 +18,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack import RedisServer, free_port
 from state.errors import BackendUnavailable
+from state.hot import redis_client
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_client import create_redis_client, hot_namespace, run_script
 from state.hot.redis_events import RedisEventLog
 from state.hot.redis_store import RedisHotStore
 from state.ports import StoredCheckpoint
@@ -269,31 +270,34 @@ async def test_unreachable_redis_is_a_typed_error_and_health_reports_it(
 
 
 async def test_an_event_append_retried_after_a_lost_reply_is_stored_once(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = create_redis_client(settings)
     events = RedisEventLog(
         client, namespace=hot_namespace(settings), max_events=100, ttl_seconds=60
     )
-    script = events._append
     replies_lost = 0
 
-    async def lands_then_times_out(**kwargs: Any) -> Any:
+    async def lands_then_times_out(*args: Any) -> Any:
         nonlocal replies_lost
-        stored = await script(**kwargs)
+        stored = await run_script(*args)
         if replies_lost < 2:
             replies_lost += 1
             raise RedisTimeoutError("reply lost after the script ran")
         return stored
 
-    events._append = lands_then_times_out  # type: ignore[assignment]
+    monkeypatch.setattr(redis_client, "run_script", lands_then_times_out)
     thread = unique_thread("events")
     event_id = await events.append(thread, {"n": 1})
     assert replies_lost == 2
     stored = await events.read(thread)
     assert [(e.id, e.data) for e in stored] == [(event_id, {"n": 1})]
+
     # Every try failing is the tier's failure, typed.
-    events._append = lambda **kwargs: (_ for _ in ()).throw(RedisTimeoutError("down"))  # type: ignore[assignment]
+    async def down(*_args: Any) -> Any:
+        raise RedisTimeoutError("down")
+
+    monkeypatch.setattr(redis_client, "run_script", down)
     with pytest.raises(BackendUnavailable):
         await events.append(thread, {"n": 2})
     await client.aclose()

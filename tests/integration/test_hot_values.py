@@ -17,12 +17,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from state.errors import HotStateLost, StaleFencingToken
+from state.hot import redis_client
 from state.hot.redis_checkpoints import (
     CACHED_EPOCHS_KIND,
     HELD_EPOCHS_KIND,
     LOG_KIND,
     RedisCheckpointCache,
 )
+from state.hot.redis_client import round_trip
 from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS, EpochBytes, Reference
 from state.hot.redis_write_behind import REFERENCES_KIND, RedisWriteBehindLog
 from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
@@ -241,22 +243,27 @@ async def test_an_epoch_the_entry_refers_to_expires_with_it(tiers: WriteBehind) 
 
 
 async def test_a_read_racing_a_put_that_releases_its_epoch_reads_again(
-    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+    tiers: WriteBehind,
+    other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     thread_id = f"values-{uuid.uuid4().hex[:8]}"
-    client, reader, _ = other
+    _, reader, _ = other
     await tiers.cache.advance(checkpoint(thread_id, 1), [grown(1)])
     rewritten = StoredBlob("chat", 2, ("bytes", b"Z" * LARGE))  # not grown: a new epoch
-    read_entry = client.hgetall
+    raced = False
 
-    async def hgetall(key: str) -> Any:
-        fields = await read_entry(key)
-        client.hgetall = read_entry  # type: ignore[method-assign]
-        await tiers.cache.advance(checkpoint(thread_id, 2), [rewritten])
-        return fields
+    async def entry_read_then_put(redis: aioredis.Redis, commands: Any) -> Any:
+        nonlocal raced
+        replies = await round_trip(redis, commands)
+        if not raced and commands[0][0] == "HGETALL":
+            raced = True
+            await tiers.cache.advance(checkpoint(thread_id, 2), [rewritten])
+        return replies
 
-    client.hgetall = hgetall  # type: ignore[method-assign]
+    monkeypatch.setattr(redis_client, "round_trip", entry_read_then_put)
     found = (await reader.lookup(thread_id, "", lease=False)).checkpoint
+    assert raced
     assert found is not None and found.blobs == {"chat": rewritten.value}
     assert reader.stats.errors == 0 and await tiers.redis.exists(tiers.cache.key(thread_id, ""))
 

@@ -39,6 +39,7 @@ from state.ports import ColdStateStore, WorkflowRecord
 from state.settings import Settings
 from state.size import is_archived, is_offloaded, pruned_summary
 from state.tiered import SETTLE_CONCURRENCY, TieredStateStore
+from tests.support.redis_round_trips import RedisRoundTrips
 
 RACE_ROUNDS = 15
 READERS_PER_ROUND = 3
@@ -491,14 +492,9 @@ async def test_a_read_takes_one_redis_round_trip_and_a_write_two(
     cold: CosmosStateStore, settings: Settings
 ) -> None:
     client = create_redis_client(settings)
-    commands: list[str] = []
-    send = client.execute_command
-
-    async def counted(*args: Any, **options: Any) -> Any:
-        commands.append(str(args[0]))
-        return await send(*args, **options)
-
-    client.execute_command = counted  # type: ignore[method-assign]
+    round_trips = RedisRoundTrips()
+    unwatch = round_trips.watch(client)
+    commands = round_trips.commands
     hot = RedisHotStore(client, namespace=hot_namespace(settings))
     try:
         tiered = TieredStateStore(cold, hot, settings)
@@ -514,6 +510,7 @@ async def test_a_read_takes_one_redis_round_trip_and_a_write_two(
         await tiered.update_section(thread, "s", 2, agent_id="a", expected_version=2)
         assert commands == ["EVALSHA", "EVALSHA"]  # the intent, then the install
     finally:
+        unwatch()
         await hot.close()
 
 

@@ -34,41 +34,13 @@ from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import CheckpointStore, Counters, WritesPut
 from state.settings import Settings
 from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
+from tests.support.redis_round_trips import RedisRoundTrips
 
 COLD_BACKENDS = ["cosmos", "postgres"]
 
 
 def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id or f"wb-{uuid.uuid4().hex[:12]}", **extra}}
-
-
-@dataclass
-class RoundTrips:
-    """Client round trips: single commands and pipelines (one each)."""
-
-    count: int = 0
-
-    def wrap(self, client: aioredis.Redis) -> None:
-        single = client.execute_command
-        make_pipeline = client.pipeline
-
-        async def counted(*args: Any, **options: Any) -> Any:
-            self.count += 1
-            return await single(*args, **options)
-
-        def pipeline(*args: Any, **options: Any) -> Any:
-            pipe = make_pipeline(*args, **options)
-            execute = pipe.execute
-
-            async def counted_execute(*a: Any, **k: Any) -> Any:
-                self.count += 1
-                return await execute(*a, **k)
-
-            pipe.execute = counted_execute  # type: ignore[method-assign]
-            return pipe
-
-        client.execute_command = counted  # type: ignore[method-assign]
-        client.pipeline = pipeline  # type: ignore[method-assign]
 
 
 @dataclass
@@ -80,7 +52,7 @@ class WriteBehind:
     store: CheckpointStore
     cold_counters: Counters
     redis: aioredis.Redis
-    round_trips: RoundTrips
+    round_trips: RedisRoundTrips
     cache: RedisCheckpointCache
 
 
@@ -123,6 +95,8 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         pg = PostgresConnection(settings.postgres)
         store, counters, close = PostgresCheckpointStore(pg), pg.counters, pg.close
     redis = create_redis_client(settings)
+    round_trips = RedisRoundTrips()
+    unwatch = round_trips.watch(redis)
     try:
         await store.setup()
         cache = RedisCheckpointCache(
@@ -131,11 +105,10 @@ async def open_write_behind(settings: Settings) -> AsyncIterator[WriteBehind]:
         flusher = Flusher(
             RedisWriteBehindLog(redis, cache), store, lock_ttl_ms=settings.state_lock_ttl_ms
         )
-        round_trips = RoundTrips()
-        round_trips.wrap(redis)
         saver = TieredCheckpointSaver(store, cache, flusher=flusher)
         yield WriteBehind(saver, flusher, store, counters, redis, round_trips, cache)
     finally:
+        unwatch()
         await redis.aclose()
         await close()
 
