@@ -200,14 +200,20 @@ class CacheAsideStore:
             # A copy left from an earlier record of this thread id would outrank the
             # new version 1; clearing it first is safe because cold has nothing older.
             await self._invalidate(thread_id)
+            # Under an intent like any write: a slow install of version 1 must not land on
+            # an entry eviction emptied after a later write's install.
+            intent = await self._begin_write(thread_id)
             try:
                 record = await self._cold.create(thread_id, sections, agent_id=agent_id)
             except WorkflowExists:
                 # The thread was live (a retried create): a reader holding an older copy
                 # could now install it over the gap the invalidation left; put cold's back.
-                await self._reinstall_from_cold(thread_id)
+                await self._reinstall_from_cold(thread_id, intent)
                 raise
-            await self._install(record)
+            except (StateTooLarge, RequestRejected):
+                await self._abandon_write(intent)
+                raise
+            await self._install(record, intent=intent, written=True)
             return record
 
     async def update_section(
@@ -465,7 +471,9 @@ class CacheAsideStore:
     ) -> None:
         if self._hot is None:
             return
-        if self._hot_skipped():
+        if self._hot_skipped() or (written and intent is None):
+            # A write without an intent (Redis was out at its start) cannot tell whether a
+            # newer version was installed and evicted since: the settle re-installs it.
             self._strand(record.thread_id, intent)
             return
         try:
@@ -514,7 +522,9 @@ class CacheAsideStore:
         # sees them): their intents go with this install.
         stranded = self._stranded_intents.pop(thread_id, [])
         if intent is not None:
-            stranded.append(intent)
+            # The caller's, first: it landed (a stranded one may not have), so the install
+            # below can require it.
+            stranded.insert(0, intent)
         own = stranded[0] if stranded else None
         # Discarded before the cold read, so a writer that fails meanwhile marks it again;
         # `_settling` keeps readers off the hot copy until the install below lands.
@@ -545,6 +555,9 @@ class CacheAsideStore:
                     # Registered before this cold read: intents expired by then are safe
                     # to clear, as for a reader.
                     expired_before=None if own is None else own.registered_at,
+                    # The caller's, like a writer's, is required still in the entry: one
+                    # that lost it (evicted) may have held a newer version meanwhile.
+                    written=intent is not None,
                 ):
                     self.stats.installs_rejected += 1
                 for leftover in stranded[1:] if record is not None else stranded:

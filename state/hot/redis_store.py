@@ -51,22 +51,27 @@ FENCE_RETENTION_MS = 7 * 24 * 3600 * 1000
 # The server clock and the whole entry, in one step; on a miss (no record, or one a write
 # intent hides) the read also takes a fill lease, ARGV[1], which an install presents and
 # every install or invalidation revokes (an entry created for it expires in ARGV[2] ms).
-# KEYS[1] record. Returns {seconds, microseconds, fields, 1 if leased}.
+# A copy of another schema version is a miss too (`_record_from_hash`), so it takes one.
+# KEYS[1] record; ARGV[3] the current schema version. Returns {seconds, microseconds,
+# fields, the lease field (new or shared) or 0 if served}.
 _READ = """
 local now = redis.call('TIME')
 local flat = redis.call('HGETALL', KEYS[1])
-local served = false
+local versioned, current, hidden, lease = false, false, false, nil
 for i = 1, #flat, 2 do
-  if string.sub(flat[i], 1, 2) == 'i:' then
-    served = false
-    break
-  end
-  if flat[i] == 'version' then served = true end
+  local prefix = string.sub(flat[i], 1, 2)
+  if prefix == 'i:' then hidden = true end
+  if prefix == 'r:' then lease = flat[i] end
+  if flat[i] == 'version' then versioned = true end
+  if flat[i] == 'schema_version' and flat[i + 1] == ARGV[3] then current = true end
 end
-if served then return {now[1], now[2], flat, 0} end
+if versioned and current and not hidden then return {now[1], now[2], flat, 0} end
+-- One lease per entry, shared by the misses since the last install or invalidation
+-- (which revoke it as they would each): a field per miss piled up on a hidden entry.
+if lease then return {now[1], now[2], flat, lease} end
 redis.call('HSET', KEYS[1], ARGV[1], '1')
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return {now[1], now[2], flat, 1}
+return {now[1], now[2], flat, ARGV[1]}
 """
 
 # Register a write intent, creating the entry if absent. The entry is kept at least
@@ -224,11 +229,14 @@ class RedisHotStore:
         lease = LEASE_PREFIX + secrets.token_hex(8)
         with redis_errors():
             seconds, micros, flat, leased = await redis_client.run_script(
-                self._client, self._read, [self.key(thread_id)], [lease, LEASE_ENTRY_MS]
+                self._client,
+                self._read,
+                [self.key(thread_id)],
+                [lease, LEASE_ENTRY_MS, CURRENT["workflow"]],
             )
         fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         observed_at = int(seconds) * 1_000_000 + int(micros)
-        taken = lease if leased else None
+        taken = None if leased == 0 else _text(leased)
         if any(field.startswith(INTENT_PREFIX) for field in fields):
             return HotRead(None, observed_at, pending=True, lease=taken)
         record = _record_from_hash(thread_id, fields)
