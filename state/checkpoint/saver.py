@@ -69,6 +69,7 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
     writes_sort_key,
 )
+from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from ..errors import (
@@ -131,7 +132,9 @@ REDIS_RETURN_SECONDS = 5.0
 REDIS_RETRY_POLL_SECONDS = 0.25
 # Entries of a backlog delete_for_runs could not flush that it reads for the runs' puts.
 ALL_LOGGED = 1_000_000
-# A lost thread's cold root, when it could not be read as the loss was found.
+# A lost thread's cold root, when it could not be read as the loss was found: followed by
+# a checkpoint id made then (ids grow with time): a root newer than it is another
+# process having gone on.
 ROOT_UNKNOWN = "\0unknown"
 
 
@@ -387,14 +390,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def aseed_fence(self, thread_id: str, fence: int) -> None:
         """For a run that has just taken the thread's lock with `fence`, a token above every
         earlier holder's and so at least the thread's durable fence: the hot tier's fence
-        is raised to it, so the run's first checkpoint write needs no read of the record,
-        and an earlier holder's writes are refused at Redis from now on
-        (`StaleFencingToken` if a newer one's token is there already). Without Redis, the
-        first write checks the record as always."""
+        is raised to it, so the run's checkpoint writes need no read of the record, and an
+        earlier holder's writes are refused at Redis from now on (`StaleFencingToken` if a
+        newer one's token is there already). If Redis holds no fence for the thread (new,
+        or lost since a newer holder's seed) the token is checked against the record
+        first. Without Redis, the first write checks the record as always."""
         if self.fence is None:
             return
+        # Not `checked`: a fence Redis lost (evicted, restarted) since a newer holder's
+        # seed is indistinguishable from a new thread's, and a stale run waking after
+        # that must be checked against the record, as its first write would be.
         with contextlib.suppress(BackendUnavailable):
-            await self._on_loop(self.fence.admit(str(thread_id), int(fence), checked=True))
+            await self._on_loop(self._seed_fence(str(thread_id), int(fence)))
+
+    async def _seed_fence(self, thread_id: str, fence: int) -> None:
+        assert self.fence is not None
+        try:
+            await self.fence.admit(thread_id, fence)
+        except FenceUnknown:
+            await self._admit_durably(thread_id, fence)
+            await self.fence.admit(thread_id, fence, checked=True)
 
     async def aflush(self, thread_id: str) -> None:
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
@@ -767,7 +782,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         parent = stored.parent_checkpoint_id
         assert parent is not None
         if not await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent):
-            self._forget_histories(stored.thread_id)
+            # Marked, not only forgotten: in a subgraph LangGraph drops this error as the
+            # subgraph exits with an interrupt, and the run's later boundaries must fail.
+            await self._mark_lost(stored.thread_id)
             raise HotStateLost(stored.thread_id, parent)
 
     async def _in_cold(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
@@ -1279,7 +1296,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         with self._histories_lock:
             lost, lost_at = thread_id in self._lost, self._lost.get(thread_id)
         if lost:
-            if lost_at == ROOT_UNKNOWN or await self._cold_root(thread_id) == lost_at:
+            root = await self._cold_root(thread_id)
+            if lost_at is not None and lost_at.startswith(ROOT_UNKNOWN):
+                since = lost_at[len(ROOT_UNKNOWN) :]
+                still = root is None or root <= since
+            else:
+                still = root == lost_at
+            if still:
                 raise HotStateLost(thread_id, "(lost earlier in this run)")
             with self._histories_lock:  # another process went on from the cold tier
                 self._lost.pop(thread_id, None)
@@ -1325,7 +1348,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             root = await self._cold_root(thread_id)
         except BackendUnavailable:
-            root = ROOT_UNKNOWN  # the loss is what the caller reports; stay marked
+            # The loss is what the caller reports; stay marked until a root newer than now.
+            root = ROOT_UNKNOWN + str(uuid6(clock_seq=-1))
         with self._histories_lock:
             self._lost[thread_id] = root
             _keep_newest(self._lost, thread_id)

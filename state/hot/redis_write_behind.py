@@ -161,6 +161,8 @@ _EXPIRING = """
 local function expiring(i)
   local until_ms = redis.call('GET', KEYS[i])
   if not until_ms then return false end
+  -- The release before set '1' with a TTL (a rolling deployment): its TTL is its deadline.
+  if redis.call('PTTL', KEYS[i]) > 0 then return true end
   local now = redis.call('TIME')
   if tonumber(until_ms) > tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) then
     return true

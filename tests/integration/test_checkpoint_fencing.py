@@ -344,6 +344,9 @@ async def test_a_fence_seeded_by_the_runs_lock_spares_its_first_write_a_record_r
                 await backends.cold.create(created, {"run": {}}, agent_id="fence-test")
             asked = _record_reads(backends, monkeypatch)
             await saver.aseed_fence(thread_id, 8)
+            # Redis holds no fence yet: the seed (not the write) checks the record.
+            assert asked == [thread_id]
+            asked.clear()
             await graph.ainvoke({"messages": ["first"]}, config(thread_id, 8))
             await graph.ainvoke({"messages": ["first"]}, config(other, 8))
             assert thread_id not in asked and other in asked
