@@ -747,20 +747,23 @@ class RedisCheckpointCache:
         what this process holds of it, else from Redis."""
         epochs, unheld = self._held_epochs(references)
         if unheld:
-            pipe = self._client.pipeline(transaction=False)
-            for epoch, length in unheld.items():
-                pipe.getrange(epoch, EPOCH_HEAD, length - 1)
-            epochs.update(zip(unheld, await pipe.execute(), strict=True))
+            ranges = [
+                ("GETRANGE", epoch, EPOCH_HEAD, length - 1) for epoch, length in unheld.items()
+            ]
+            epochs.update(
+                zip(unheld, await redis_client.round_trip(self._client, ranges), strict=True)
+            )
         return epochs
 
     def _read_epochs_blocking(self, references: Sequence[Reference]) -> dict[str, EpochBytes]:
         assert self._blocking_client is not None
         epochs, unheld = self._held_epochs(references)
         if unheld:
-            pipe = self._blocking_client.pipeline(transaction=False)
-            for epoch, length in unheld.items():
-                pipe.getrange(epoch, EPOCH_HEAD, length - 1)
-            epochs.update(zip(unheld, pipe.execute(), strict=True))
+            ranges = [
+                ("GETRANGE", epoch, EPOCH_HEAD, length - 1) for epoch, length in unheld.items()
+            ]
+            replies = redis_client.round_trip_blocking(self._blocking_client, ranges)
+            epochs.update(zip(unheld, replies, strict=True))
         return epochs
 
     def _held_epochs(
@@ -871,7 +874,10 @@ class RedisCheckpointCache:
                     )
                 )
             elif with_history:
-                fields = cast("dict[bytes, bytes]", self._blocking_client.hgetall(key))
+                [reply] = redis_client.round_trip_blocking(
+                    self._blocking_client, [("HGETALL", key)]
+                )
+                fields = _hash_reply(reply)
             else:
                 fields = _paired(self._script_blocking(self._without_history, [key], []))
         except (RedisError, OSError):
@@ -897,10 +903,13 @@ class RedisCheckpointCache:
 
     def _script_blocking(self, script: AsyncScript, keys: list[str], args: list[Any]) -> object:
         assert self._blocking_client is not None
+        client = self._blocking_client
         try:
-            return self._blocking_client.evalsha(script.sha, len(keys), *keys, *args)
+            [reply] = redis_client.round_trip_blocking(client, [script_call(script, keys, args)])
         except NoScriptError:
-            return self._blocking_client.eval(str(script.script), len(keys), *keys, *args)
+            source = ("EVAL", script.script, len(keys), *keys, *args)
+            [reply] = redis_client.round_trip_blocking(client, [source])
+        return reply
 
     async def fill(self, checkpoint: StoredCheckpoint, lease: str) -> None:
         key = self.key(checkpoint.thread_id, checkpoint.checkpoint_ns)

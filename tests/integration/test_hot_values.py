@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis as redis_sync
 import redis.asyncio as aioredis
 
 from state.errors import HotStateLost, StaleFencingToken
@@ -469,3 +470,38 @@ async def test_an_append_landing_as_a_lost_log_is_dropped_stays_listed(
     assert landed and await log.pending(thread_id)
     assert thread_id in dict(await log.dirty_threads(limit=10_000))
     await log.discard(thread_id)
+
+
+async def test_every_cache_call_works_again_after_redis_lost_its_scripts(
+    tiers: WriteBehind, stack_env: dict[str, str]
+) -> None:
+    """A restart without persistence or a failover empties the script cache: each call
+    (a script alone, a script after a new epoch's SET, a script on the sync path) loads
+    its script again and does its work."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    redis = tiers.redis
+    blocking = redis_sync.Redis.from_url(stack_env["REDIS_URL"])
+    cache = RedisCheckpointCache(
+        redis,
+        namespace=tiers.cache.namespace,
+        ttl_seconds=tiers.cache.ttl_seconds,
+        blocking_client=blocking,
+    )
+    write = StoredWrite("task", "~__pregel_pull, reply", 0, "chat", ("json", b'"hi"'))
+    try:
+        await redis.script_flush()
+        await cache.advance(checkpoint(thread_id, 1), [grown(1)])  # SET of an epoch, script
+        await redis.script_flush()
+        await cache.add_writes(
+            thread_id, "", checkpoint(thread_id, 1).checkpoint_id, [write], upsert=False
+        )
+        await redis.script_flush()
+        found = (await cache.lookup(thread_id, "", lease=True, with_history=False)).checkpoint
+        assert found is not None and found.blobs == {"chat": grown(1).value}
+        assert found.writes == [write]
+        await redis.script_flush()
+        cache.epochs.forget(thread_id, "")  # the sync read fetches the epoch itself
+        hit = cache.lookup_blocking(thread_id, "", with_history=False)
+        assert hit is not None and hit.checkpoint == found
+    finally:
+        blocking.close()
