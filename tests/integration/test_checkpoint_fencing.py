@@ -428,3 +428,46 @@ async def test_a_thread_another_process_wrote_is_not_new_after_redis_lost_the_fe
         finally:
             await redis.aclose()
             await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+async def test_a_stale_runs_seed_after_redis_lost_the_fence_is_checked_against_the_record(
+    open_tiers: Open, mode: str
+) -> None:
+    """Run A (token 7) marked its case running, then stalled before its seed; run B took
+    the case over (token 8), seeded Redis with 8 and wrote; Redis then lost the fence key
+    (it has a TTL). A's seed must be checked against the record, not admitted as checked."""
+    thread_id = f"seed-{uuid.uuid4().hex[:12]}"
+    async with open_tiers(mode) as backends:
+        a = TieredCheckpointSaver.from_backends(backends)
+        b = TieredCheckpointSaver.from_backends(backends)
+        redis = create_redis_client(backends.settings)
+        key = hot_key(thread_id, "wb-fence", namespace=hot_namespace(backends.settings))
+        try:
+            await backends.cold.create(thread_id, {"run": {}}, agent_id="review")
+            # A (token 7) marks the case running, then stalls before `aseed_fence`.
+            await backends.cold.update_section(
+                thread_id, "run", {"by": 7}, expected_version=1, agent_id="a", fencing_token=7
+            )
+            # B takes the case over: its mark, its seed, its run.
+            await backends.cold.update_section(
+                thread_id, "run", {"by": 8}, expected_version=2, agent_id="b", fencing_token=8
+            )
+            await b.aseed_fence(thread_id, 8)
+            await chat_graph(b).ainvoke({"messages": ["newer"]}, config(thread_id, 8))
+            await b.aflush(thread_id)
+            await redis.delete(key)  # the fence key evicted (it has a TTL)
+            # A wakes: the service seeds, then runs the graph.
+            outcome: Any
+            try:
+                await a.aseed_fence(thread_id, 7)
+                await chat_graph(a).ainvoke({"messages": ["stale"]}, config(thread_id, 7))
+                outcome = "accepted"
+            except StaleFencingToken as exc:
+                outcome = (exc.presented, exc.highest)
+            await a.aflush(thread_id)
+            stored = await cold_messages(backends, thread_id)
+            assert (outcome, "stale" in stored) == ((7, 8), False), (outcome, stored)
+        finally:
+            await redis.aclose()
+            await backends.cold.delete(thread_id)

@@ -325,3 +325,18 @@ async def test_records_locks_and_events_work_again_after_redis_lost_its_scripts(
     await raw.script_flush()
     event_id = await events.append(thread_id, {"n": 1})
     assert [e.id for e in await events.read(thread_id)] == [event_id]
+
+
+async def test_misses_share_one_fill_lease_instead_of_piling_up_fields(
+    hot: RedisHotStore, raw: aioredis.Redis
+) -> None:
+    """On an entry a write intent hides (up to STATE_LOCK_TTL_MS), or of a thread that does
+    not exist (60 s), every miss added a lease field and every read returns the whole hash:
+    after ~9,400 misses a read (an HGETALL, blocking Redis) took 12.7 ms instead of 0.35."""
+    hidden, unknown = unique_thread("leases"), unique_thread("leases")
+    await hot.begin_write(hidden, bound_ms=30_000, ttl_seconds=60)  # a writer in flight
+    for _ in range(500):
+        assert (await hot.read(hidden)).lease is not None
+        assert (await hot.read(unknown)).lease is not None
+    assert await raw.hlen(hot.key(hidden)) <= 2  # the intent and a lease
+    assert await raw.hlen(hot.key(unknown)) <= 1

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from devstack import RedisServer, free_port
+from state import tiered as tiered_module
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore
 from state.errors import (
@@ -926,3 +927,135 @@ async def test_a_record_gone_from_cold_is_not_served_from_hot_after_a_write_find
     with pytest.raises(WorkflowNotFound):
         await tiered.update_section(thread_id, "a", 2, agent_id="t", expected_version=1)
     assert await tiered.get(thread_id) is None
+
+
+# ---------------------------------------------------------------- installs under eviction
+# No install puts an older record on an entry eviction emptied after a newer one was
+# installed and acknowledged: each needs its writer's intent or its reader's lease still
+# in the entry. Eviction is what a volatile-* policy does to the entry (a DEL here).
+
+
+class SlowInstalls(RedisHotStore):
+    """A worker's hot store whose installs wait for `resume`; its `begin_write` fails while
+    `refuse_intents` is set (Redis out of reach for a moment)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+        self.refuse_intents = False
+
+    async def install(self, record: WorkflowRecord, **kwargs: Any) -> bool:
+        if not self.resume.is_set():
+            self.paused.set()
+            await self.resume.wait()
+        return await super().install(record, **kwargs)
+
+    async def begin_write(self, *args: Any, **kwargs: Any) -> Any:
+        if self.refuse_intents:
+            raise BackendUnavailable("redis", "TimeoutError: injected")
+        return await super().begin_write(*args, **kwargs)
+
+
+@pytest.fixture
+async def slow(
+    cold: CosmosStateStore, settings: Settings
+) -> AsyncIterator[tuple[SlowInstalls, TieredStateStore]]:
+    hot_store = SlowInstalls(create_redis_client(settings), namespace=hot_namespace(settings))
+    yield hot_store, TieredStateStore(cold, hot_store, settings)
+    hot_store.resume.set()
+    await hot_store.close()
+
+
+async def _until_install(hot_store: SlowInstalls, call: Awaitable[Any]) -> asyncio.Future[Any]:
+    started = asyncio.ensure_future(call)
+    await asyncio.wait_for(hot_store.paused.wait(), 10)
+    return started
+
+
+async def _served_after_eviction(
+    hot: RedisHotStore,
+    slow_store: SlowInstalls,
+    slow_call: asyncio.Future[Any],
+    reader: TieredStateStore,
+    thread: str,
+) -> tuple[tuple[int, Any], Any]:
+    """The entry evicted, then the slow call let go to its end: what a reader is served,
+    and what the slow call returned (or raised)."""
+    await hot._client.delete(hot.key(thread))
+    slow_store.resume.set()
+    [outcome] = await asyncio.gather(slow_call, return_exceptions=True)
+    served = await reader.get(thread)
+    assert served is not None
+    return (served.version, served.sections["s"]), outcome
+
+
+async def test_a_conflicted_writers_reinstall_serves_no_older_record_after_eviction(
+    tiered: TieredStateStore, hot: RedisHotStore, slow: tuple[SlowInstalls, TieredStateStore]
+) -> None:
+    """A and B hold v1, B writes v2; A's write conflicts and its re-install (of v2, read
+    again from cold) is slow; B writes v3; the entry is evicted; A's re-install lands."""
+    slow_hot, a = slow
+    thread = _thread()
+    await tiered.create(thread, {"s": "v1"}, agent_id="b")
+    await tiered.update_section(thread, "s", "v2", expected_version=1, agent_id="b")
+    conflicted = await _until_install(
+        slow_hot, a.update_section(thread, "s", "a", expected_version=1, agent_id="a")
+    )
+    await tiered.update_section(thread, "s", "v3", expected_version=2, agent_id="b")
+    served, outcome = await _served_after_eviction(hot, slow_hot, conflicted, tiered, thread)
+    assert served == (3, "v3") and isinstance(outcome, VersionConflict)
+
+
+async def test_a_slow_creates_install_serves_no_older_record_after_eviction(
+    tiered: TieredStateStore, hot: RedisHotStore, slow: tuple[SlowInstalls, TieredStateStore]
+) -> None:
+    """Process 1 creates the thread (v1), its install slow; process 2 reads v1 and writes
+    v2; the entry is evicted; process 1's install of v1 lands."""
+    slow_hot, one = slow
+    thread = _thread()
+    created = await _until_install(slow_hot, one.create(thread, {"s": "v1"}, agent_id="one"))
+    await tiered.update_section(thread, "s", "v2", expected_version=1, agent_id="two")
+    served, outcome = await _served_after_eviction(hot, slow_hot, created, tiered, thread)
+    assert served == (2, "v2") and outcome.version == 1
+
+
+async def test_a_reader_that_missed_on_another_schemas_copy_installs_no_older_record(
+    tiered: TieredStateStore, hot: RedisHotStore, slow: tuple[SlowInstalls, TieredStateStore]
+) -> None:
+    """The entry holds a copy of another schema version (a rolling deploy's): a miss that
+    must take a lease like any. The reader's install of v1 is slow; a writer writes v2;
+    the entry is evicted; the reader's install lands."""
+    slow_hot, reader = slow
+    thread = _thread()
+    await tiered.create(thread, {"s": "v1"}, agent_id="w")
+    await hot._client.hset(hot.key(thread), "schema_version", "0")
+    read = await _until_install(slow_hot, reader.get(thread))
+    await tiered.update_section(thread, "s", "v2", expected_version=1, agent_id="w")
+    served, outcome = await _served_after_eviction(hot, slow_hot, read, tiered, thread)
+    assert served == (2, "v2") and outcome.version == 1
+
+
+async def test_a_writer_without_an_intent_installs_no_older_record_after_eviction(
+    tiered: TieredStateStore,
+    hot: RedisHotStore,
+    slow: tuple[SlowInstalls, TieredStateStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A's `begin_write` fails, so it writes v2 without an intent; its cold write outlasts
+    the hot tier's back-off (set to 0 rather than waited for); B writes v3; the entry is
+    evicted; whatever A installs must not be served over v3."""
+    monkeypatch.setattr(tiered_module, "HOT_RETRY_AFTER_SECONDS", 0.0)
+    slow_hot, a = slow
+    slow_hot.refuse_intents = True
+    thread = _thread()
+    await tiered.create(thread, {"s": "v1"}, agent_id="b")
+    written = asyncio.ensure_future(
+        a.update_section(thread, "s", "v2", expected_version=1, agent_id="a")
+    )
+    paused = asyncio.ensure_future(slow_hot.paused.wait())
+    await asyncio.wait([written, paused], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    paused.cancel()
+    await tiered.update_section(thread, "s", "v3", expected_version=2, agent_id="b")
+    served, outcome = await _served_after_eviction(hot, slow_hot, written, tiered, thread)
+    assert served == (3, "v3") and outcome.version == 2

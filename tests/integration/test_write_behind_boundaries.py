@@ -201,13 +201,7 @@ def test_an_interrupt_is_not_acknowledged_while_a_sibling_tasks_writes_are_in_th
         worked.append(1)
         if opened:
             saver = opened[0]
-            assert saver.flusher is not None
-            # What the background pass does: the thread's log so far (the root's step 0
-            # among it, once LangGraph's background put of it is there) applied to the
-            # cold tier. From here only boundaries flush.
-            saver._sync(saver.flusher.stop())
-            _wait_for_put(saver, thread_id, subgraph=False, step=0, or_stored=True)
-            saver._sync(saver.flusher.flush_thread(thread_id))
+            background_pass_then_stop(saver, thread_id)
             stored = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
             assert stored is not None and stored.metadata.get("step") == 0
             flushed.set()
@@ -299,6 +293,16 @@ def _wait_for_put(
     wait_for(logged, f"the put of step {step} in the log")
 
 
+def background_pass_then_stop(saver: TieredCheckpointSaver, thread_id: str) -> None:
+    """What the background pass does, once: the thread's log so far (the root's step 0
+    among it, once LangGraph's background put of it is there) applied to the cold tier.
+    From here only boundaries flush."""
+    assert saver.flusher is not None
+    saver._sync(saver.flusher.stop())
+    _wait_for_put(saver, thread_id, subgraph=False, step=0, or_stored=True)
+    saver._sync(saver.flusher.flush_thread(thread_id))
+
+
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 def test_a_status_read_during_the_run_does_not_clear_the_lost_mark(
     backend: str, stack_env: dict[str, str], tmp_path: Path
@@ -370,15 +374,17 @@ def test_a_status_read_during_the_run_does_not_clear_the_lost_mark(
         redis.stop()
 
 
+@pytest.mark.parametrize("root_unread", [False, True], ids=["root-read", "root-unread"])
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 def test_the_lost_mark_does_not_outlive_the_run_another_process_redid(
-    backend: str, stack_env: dict[str, str], tmp_path: Path
+    backend: str, root_unread: bool, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Process 1's run loses its step with Redis (FLUSHALL): its interrupt fails with
-    HotStateLost and the thread is marked lost in process 1. The timer's worker (process
-    2) redoes the run from the cold tier and finishes it. Later process 1 is asked to flush
-    the thread (the app's `_flush`, e.g. before a rollback or after a failed run): nothing
-    of it is missing any more, so the flush must return."""
+    HotStateLost and the thread is marked lost in process 1 (`root_unread`: the cold tier
+    blipped as the mark was taken, so the mark could not hold the cold root). The timer's
+    worker (process 2) redoes the run from the cold tier and finishes it. Later process 1
+    is asked to flush the thread (the app's `_flush`, e.g. before a rollback or after a
+    failed run): nothing of it is missing any more, so the flush must return."""
     from typing import TypedDict
 
     class State(TypedDict):
@@ -394,11 +400,7 @@ def test_the_lost_mark_does_not_outlive_the_run_another_process_redid(
 
     def work(state: dict[str, Any]) -> dict[str, Any]:
         if opened:
-            saver = opened[0]
-            assert saver.flusher is not None
-            saver._sync(saver.flusher.stop())
-            _wait_for_put(saver, thread_id, subgraph=False, step=0, or_stored=True)
-            saver._sync(saver.flusher.flush_thread(thread_id))
+            background_pass_then_stop(opened[0], thread_id)
         return {"a": state["a"] + 1}
 
     def ask(state: dict[str, Any]) -> dict[str, Any]:
@@ -419,9 +421,19 @@ def test_the_lost_mark_does_not_outlive_the_run_another_process_redid(
         settings = settings_for(stack_env, backend, redis.url)
         with TieredCheckpointSaver.open_sync(settings) as one:
             opened.append(one)
+            cold_root = one._cold_root
+            blips = [BackendUnavailable(backend, "throttled (injected)")] if root_unread else []
+
+            async def blip_once(thread: str) -> str | None:
+                if blips:
+                    raise blips.pop()
+                return await cold_root(thread)
+
+            one._cold_root = blip_once  # type: ignore[method-assign]
             with pytest.raises(HotStateLost):
                 builder.compile(checkpointer=one).invoke({"a": 0, "answer": ""}, cfg)
             opened.clear()
+            assert not blips, "the mark was taken without reading the cold root"
             # Process 2 (the timer's worker) redoes the run and finishes it.
             with TieredCheckpointSaver.open_sync(settings) as two:
                 graph = builder.compile(checkpointer=two)
@@ -515,5 +527,146 @@ def test_a_sibling_write_appended_during_a_cold_check_stays_tracked(
             )
             tasks = sorted(write.task_id for write in stored)
             assert outcome == "HotStateLost" or "more" in tasks, (outcome, tasks)
+    finally:
+        redis.stop()
+
+
+class Steps(TypedDict):
+    done: int
+    answer: str
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_subgraph_put_whose_parent_redis_lost_does_not_let_the_interrupt_be_acknowledged(
+    backend: str, api: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Root -> task-scoped subgraph `outer` (namespace 'outer:<task>'): prep -> mid -> ask.
+    The root's step 0 is in the cold tier; the subgraph's step 1 (the one running `mid`, a
+    side effect) is in the log alone when Redis restarts empty. The subgraph's next put
+    (the step running `ask`) finds its parent nowhere: `_parent_stored` raises HotStateLost
+    in LangGraph's background put, which LangGraph drops as the subgraph exits with the
+    interrupt. The interrupt must not be acknowledged: the run fails, or a fresh process
+    finds the subgraph paused at `ask` and `mid` is not run again on resume."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    opened: list[TieredCheckpointSaver] = []
+    mids: list[int] = []
+    flushed_all = threading.Event()
+
+    def prep(state: dict[str, Any]) -> dict[str, Any]:
+        if opened:
+            background_pass_then_stop(opened[0], thread_id)
+        return {"done": state["done"] + 1}
+
+    def mid(state: dict[str, Any]) -> dict[str, Any]:
+        mids.append(1)
+        if opened and not flushed_all.is_set():
+            flushed_all.set()
+            # The subgraph's step running `mid` is in the log (an async put), not cold.
+            _wait_for_put(opened[0], thread_id, subgraph=True, step=1)
+            redis_client.Redis.from_url(redis.url).flushall()  # restart without persistence
+        return {"done": state["done"] + 1}
+
+    parent_checked = threading.Event()
+
+    def ask(state: dict[str, Any]) -> dict[str, Any]:
+        if opened:  # LangGraph's background put of this step has found its parent lost
+            wait_for(parent_checked.is_set, "the put of the step running `ask`")
+        return {"answer": interrupt("approve?")}
+
+    inner = StateGraph(Steps)
+    inner.add_node("prep", prep)
+    inner.add_node("mid", mid)
+    inner.add_node("ask", ask)
+    inner.add_edge(START, "prep")
+    inner.add_edge("prep", "mid")
+    inner.add_edge("mid", "ask")
+    inner.add_edge("ask", END)
+    outer = StateGraph(Steps)
+    outer.add_node("outer", inner.compile())
+    outer.add_edge(START, "outer")
+    outer.add_edge("outer", END)
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        acknowledged = False
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            parent_stored = saver._parent_stored
+
+            async def noting(put: Any) -> None:
+                try:
+                    await parent_stored(put)
+                finally:
+                    parent_checked.set()
+
+            saver._parent_stored = noting  # type: ignore[method-assign]
+            opened.append(saver)
+            graph = outer.compile(checkpointer=saver)
+            try:
+                if api == "async":  # the app's way: astream/ainvoke on the saver's loop
+                    paused = saver._sync(graph.ainvoke({"done": 0, "answer": ""}, cfg))
+                    saver._sync(saver.aflush(thread_id))
+                else:
+                    paused = graph.invoke({"done": 0, "answer": ""}, cfg)
+                    saver.flush(thread_id)  # the app's end-of-run flush
+                assert "__interrupt__" in paused
+                acknowledged = True
+            except BackendUnavailable:
+                pass  # not acknowledged (HotStateLost is one)
+            opened.clear()
+        redis.stop()
+        if not acknowledged:
+            return
+        with TieredCheckpointSaver.open_sync(cold_only(settings)) as fresh:
+            graph = outer.compile(checkpointer=fresh)
+            state = graph.get_state(cfg, subgraphs=True)
+            sub = state.tasks[0].state if state.tasks else None
+            sub_next = sub.next if sub is not None else None
+            done = graph.invoke(Command(resume="yes"), cfg)
+        observed = {"subgraph next": sub_next, "mid ran": len(mids), "result": done}
+        assert observed == {
+            "subgraph next": ("ask",),
+            "mid ran": 1,
+            "result": {"done": 2, "answer": "yes"},
+        }, observed
+    finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_refusal_mark_the_previous_release_set_still_refuses_appends(
+    backend: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A rolling deployment: a worker still on the release before e1ca1f9 runs the retention
+    sweep and marks the thread `wb-expiring` as that release did ('1' with a TTL) while it
+    deletes it; a worker on this release goes on with a run of the thread. Its append reads
+    the mark as a deadline (1 ms after the epoch), finds it past, deletes it and accepts
+    the step, which a flusher then applies onto the deleted thread."""
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    from state.errors import ThreadExpiring
+    from state.hot.redis_write_behind import EXPIRING_KIND
+
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    try:
+        settings = settings_for(stack_env, backend, redis.url)
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            assert saver.flusher is not None
+            at = saver.put(cfg, empty_checkpoint(), {"source": "loop", "step": 0}, {})
+            mark = saver.flusher.log._key(thread_id, EXPIRING_KIND)  # type: ignore[attr-defined]
+            # What the previous release's discard script did: SET mark '1' PX <1 h>.
+            redis_client.Redis.from_url(redis.url).set(mark, "1", px=3_600_000)
+            outcome = "accepted"
+            try:
+                saver.put(at, empty_checkpoint(), {"source": "loop", "step": 1}, {})
+            except ThreadExpiring:
+                outcome = "refused"
+            left = redis_client.Redis.from_url(redis.url).exists(mark)
+            assert (outcome, left) == ("refused", 1), (outcome, left)
     finally:
         redis.stop()
