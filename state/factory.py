@@ -140,6 +140,7 @@ async def open_backends(settings: Settings) -> Backends:
             ttl_seconds=settings.state_hot_ttl_seconds,
             blocking_client=blocking_client,
         )
+        closers.append(cache.close)
         hot_checkpoints = cache
         blocking_reads = cache
         checkpoint_fence = RedisCheckpointFence(client, cache)

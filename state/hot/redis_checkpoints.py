@@ -51,6 +51,8 @@ while the index lists it: an unlisted one is deleted and read as a miss.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -106,6 +108,8 @@ HELD_EPOCHS_KIND = "wb-epochs"
 CACHED_EPOCHS_KIND = "ep-cached"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
+# How often entries a failed call left suspect are tried again (`_drop_suspects`).
+SUSPECT_RETRY_SECONDS = 0.25
 
 LUA_HELPERS = (
     LUA_VALUES
@@ -697,8 +701,10 @@ class RedisCheckpointCache:
         self._read_listed = client.register_script(_READ_LISTED)
         self._drop_epochs = client.register_script(_DROP_EPOCHS)
         self.epochs = ValueEpochs()
-        # Entries a failed call may have left wrong: deleted on the next contact.
+        # Entries a failed call may have left wrong: never served by this process, and
+        # deleted on its next contact with them or by `_dropping` once Redis answers.
         self._suspect: set[str] = set()
+        self._dropping: asyncio.Task[None] | None = None
         self._healthy = True
         self.stats = CheckpointCacheStats()
 
@@ -1105,6 +1111,14 @@ class RedisCheckpointCache:
 
     def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
         self._suspect.add(self.key(thread_id, checkpoint_ns))
+        self._drop_suspects_soon()
+
+    async def close(self) -> None:
+        if self._dropping is not None:
+            self._dropping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dropping
+            self._dropping = None
 
     async def ready(self) -> None:
         try:
@@ -1171,6 +1185,26 @@ class RedisCheckpointCache:
         if self._healthy:  # once per outage, not once per call
             log.warning("hot checkpoint cache failing (%s): serving from the cold tier", error)
         self._healthy = False
+        self._drop_suspects_soon()
+
+    def _drop_suspects_soon(self) -> None:
+        """Another process reads what Redis holds: an entry this one could not advance (the
+        cold tier moved past it while Redis was out of reach) is dropped as soon as Redis
+        answers again, not on this process's next contact with the thread, which may never
+        come. Until then another process may be served it (README: the loss window)."""
+        if self._dropping is not None and not self._dropping.done():
+            return
+        try:
+            self._dropping = asyncio.get_running_loop().create_task(self._drop_suspects())
+        except RuntimeError:
+            return  # no loop (a sync caller's thread): the next contact drops them
+
+    async def _drop_suspects(self) -> None:
+        while self._suspect:
+            await asyncio.sleep(SUSPECT_RETRY_SECONDS)
+            for key in list(self._suspect):
+                if not await self._clear_if_suspect(key):
+                    break
 
     async def _clear_if_suspect(self, key: str) -> bool:
         """Delete an entry a failed call may have left wrong; False if Redis is still failing."""
