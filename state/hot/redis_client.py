@@ -15,7 +15,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 from redis.typing import EncodableT
 
@@ -123,16 +125,21 @@ def _entra_kwargs(settings: Settings) -> dict[str, Any]:
 Command = Sequence[EncodableT]
 
 
-async def round_trip(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
+async def round_trip(
+    client: aioredis.Redis, commands: Sequence[Command], *, resend: bool = True
+) -> list[Any]:
     """The commands in one round trip on one of the client's pooled connections; the
-    server's replies in order, as sent (no response callbacks: HGETALL is a flat list).
+    server's replies in order, as sent (no response callbacks: HGETALL is a map under
+    RESP3, a flat list under RESP2).
 
     What a non-transactional pipeline does without its per-call bookkeeping, which cost
     ~55 µs of a 220 µs two-command append (measured against the same connection pool),
     and packed by hiredis (the same bytes as redis-py's packer, ~7x faster: 69 -> 10 µs
     for an append's commands). An error reply is raised once every reply is read, so the
     connection stays in step; a lost connection is retried as the client's own commands
-    are (its `Retry`)."""
+    are (its `Retry`), unless `resend` is False: a batch that is not safe to run twice (a
+    lost reply or a timeout leaves it unknown whether it ran) is then not sent again, the
+    error is raised."""
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
@@ -151,12 +158,20 @@ async def round_trip(client: aioredis.Redis, commands: Sequence[Command]) -> lis
         async def reset(_error: Exception) -> None:
             await connection.disconnect()
 
+        if not resend:
+            try:
+                return await exchange()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await connection.disconnect()  # unread replies must not reach the next caller
+                raise
         return await connection.retry.call_with_retry(exchange, reset)
     finally:
         await pool.release(connection)
 
 
-def round_trip_blocking(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+def round_trip_blocking(
+    client: redis.Redis, commands: Sequence[Command], *, resend: bool = True
+) -> list[Any]:
     """`round_trip` for callers without an event loop."""
     pool = client.connection_pool
     connection = pool.get_connection()
@@ -173,6 +188,12 @@ def round_trip_blocking(client: redis.Redis, commands: Sequence[Command]) -> lis
             _raise_first_error(replies)
             return replies
 
+        if not resend:
+            try:
+                return exchange()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                connection.disconnect()
+                raise
         return connection.retry.call_with_retry(exchange, lambda _error: connection.disconnect())
     finally:
         pool.release(connection)

@@ -162,12 +162,16 @@ return #record
 # (restart without persistence, eviction, failover).
 # KEYS[1] lock, KEYS[2] fence; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] fence retention ms.
 _ACQUIRE_LOCK = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 0
-end
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+local current = tonumber(redis.call('GET', KEYS[2]))
+-- Held with this token: this very call ran already (its reply was lost and the client
+-- sent it again), and holds the lock with the token it was issued then.
+if held and current then return current end
+if not held then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
 local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local fence = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, clock)
+local fence = math.max((current or 0) + 1, clock)
 redis.call('SET', KEYS[2], string.format('%.0f', fence), 'PX', ARGV[3])
 return fence
 """

@@ -593,7 +593,11 @@ class RedisWriteBehindLog:
         commands = self._append_commands(thread_id, script, keys, args, staged)
         for attempt in range(2):
             try:
-                *_, appended, _ = await redis_client.round_trip(self._client, commands)
+                # Not sent again after a lost reply: the append may have run (a second
+                # would log it twice); the caller takes Redis as out (cold instead).
+                *_, appended, _ = await redis_client.round_trip(
+                    self._client, commands, resend=False
+                )
             except NoScriptError:
                 if attempt:
                     raise
@@ -610,7 +614,9 @@ class RedisWriteBehindLog:
         commands = self._append_commands(thread_id, script, keys, args, staged)
         for attempt in range(2):
             try:
-                *_, appended, _ = redis_client.round_trip_blocking(self._blocking_client, commands)
+                *_, appended, _ = redis_client.round_trip_blocking(
+                    self._blocking_client, commands, resend=False
+                )
             except NoScriptError:
                 if attempt:
                     raise

@@ -303,30 +303,6 @@ async def test_an_event_append_retried_after_a_lost_reply_is_stored_once(
     await client.aclose()
 
 
-async def test_records_locks_and_events_work_again_after_redis_lost_its_scripts(
-    hot: RedisHotStore, raw: aioredis.Redis, settings: Settings
-) -> None:
-    """A restart without persistence or a failover empties the script cache: each call
-    loads its script again and does its work."""
-    events = RedisEventLog(raw, namespace=hot_namespace(settings), max_events=10, ttl_seconds=60)
-    thread_id = unique_thread("scripts")
-    record = workflow_record(thread_id, version=2, case={"id": "case_8842"})
-    await raw.script_flush()
-    intent = await hot.begin_write(thread_id, bound_ms=30_000, ttl_seconds=60)
-    await raw.script_flush()
-    assert await hot.install(record, ttl_seconds=60, intent=intent, written=True)
-    await raw.script_flush()
-    assert (await hot.read(thread_id)).record == record
-    await raw.script_flush()
-    lock = await hot.acquire_lock(thread_id, ttl_ms=5_000)
-    assert lock is not None
-    await raw.script_flush()
-    assert await hot.release_lock(lock)
-    await raw.script_flush()
-    event_id = await events.append(thread_id, {"n": 1})
-    assert [e.id for e in await events.read(thread_id)] == [event_id]
-
-
 async def test_misses_share_one_fill_lease_instead_of_piling_up_fields(
     hot: RedisHotStore, raw: aioredis.Redis
 ) -> None:

@@ -48,10 +48,12 @@ class RedisRoundTrips:
             pipe.execute = counted_execute  # type: ignore[method-assign]
             return pipe
 
-        async def counted_lean(target: aioredis.Redis, commands: Sequence[Any]) -> list[Any]:
+        async def counted_lean(
+            target: aioredis.Redis, commands: Sequence[Any], **options: Any
+        ) -> list[Any]:
             if target is client:
                 seen(commands[0][0])
-            return await lean(target, commands)
+            return await lean(target, commands, **options)
 
         client.execute_command = counted  # type: ignore[method-assign]
         client.pipeline = pipeline  # type: ignore[method-assign]
