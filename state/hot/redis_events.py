@@ -106,8 +106,14 @@ class RedisEventLog:
                 block=min(wait_ms, MAX_WAIT_MS) or None,
             )
         events: list[StoredEvent] = []
-        streams: list[Any] = list(found or [])
-        for _key, entries in streams:
+        # RESP2 shapes (redis-py's default): [[key, entries]]; a REDIS_URL asking for
+        # protocol=3 gets {key: [entries]}.
+        streams: list[Any] = (
+            [entries for [entries] in found.values()]
+            if isinstance(found, dict)
+            else [entries for _key, entries in found or []]
+        )
+        for entries in streams:
             for event_id, fields in entries:
                 raw = fields.get(b"d", fields.get("d"))
                 events.append(StoredEvent(_text(event_id), json.loads(raw)))
