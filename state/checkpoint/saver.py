@@ -1412,6 +1412,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self._drop_cached(thread_id)
             self._owed_drops.discard(thread_id)
         unflushed = await self.flusher.settle_all() if self.flusher is not None else []
+        # A backlog left in the log goes on from the cold checkpoints of its thread: if
+        # those include the runs', the store would delete (or not spare) ancestors that
+        # the backlog's checkpoints, once flushed, are rebuilt from. Refused before any
+        # change, as the store cannot be asked to leave one thread out.
+        blocked = [
+            thread_id for thread_id in unflushed if await self._holds_runs(thread_id, run_ids)
+        ]
+        if blocked:
+            raise BackendUnavailable(
+                "write-behind",
+                f"the backlog of {sorted(blocked)} goes on from checkpoints of these runs and "
+                "could not be flushed; call again once it can",
+            )
         # The store names the threads it touched: no read of whole checkpoints to find them.
         affected = await self.store.delete_for_runs(run_ids)
         self._owed_drops.update(affected)
@@ -1427,6 +1440,25 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 f"the backlog of {sorted(stuck)} holds checkpoints of these runs and could "
                 "not be flushed; call again once it can",
             )
+
+    async def _holds_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
+        """Whether the cold tier holds a checkpoint of one of the runs in the thread."""
+        for run_id in run_ids:
+            found = self.store.list_checkpoints(
+                thread_id=thread_id,
+                checkpoint_ns=None,
+                before=None,
+                limit=1,
+                metadata_filter={"run_id": run_id},
+            )
+            try:
+                async for _ in found:
+                    return True
+            finally:
+                aclose = getattr(found, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        return False
 
     async def _logs_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the thread's backlog may hold a put of one of the runs (an entry this

@@ -119,14 +119,20 @@ class CheckpointMaintenance:
         # then as checkpoints: a checkpoint appears only once all it names is there.
         await self._copy(
             source_thread_id,
-            [layout.CHUNK, layout.BLOCK, layout.BLOB, layout.WRITE, layout.VALUES],
+            [layout.CHUNK, layout.BLOCK, layout.BLOB, layout.WRITE],
             moved,
             kept,
         )
+        # Values holders with them: a prune of the source meanwhile may have reduced
+        # a checkpoint the first pass saw as one (and skipped) to a holder kept ones name.
         await self._copy(
             source_thread_id,
-            [layout.CHECKPOINT],
-            lambda doc: moved(layout.to_layout_2(doc), type=layout.VALUES),
+            [layout.CHECKPOINT, layout.VALUES],
+            lambda doc: (
+                moved(layout.to_layout_2(doc), type=layout.VALUES)
+                if doc["type"] == layout.CHECKPOINT
+                else moved(doc)
+            ),
             kept,
         )
         await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept - holders)

@@ -28,7 +28,7 @@ from state.errors import BackendUnavailable, RequestRejected
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
 from tests.faults.proxy import LoopbackProxy
-from tests.integration.delta_graph import STACK_IDS, STACKS, append, open_stack
+from tests.integration.delta_graph import STACK_IDS, STACKS, append, delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
 from tests.integration.test_write_behind import open_write_behind, settings_for
 
@@ -486,3 +486,106 @@ async def test_delete_for_runs_called_again_after_redis_failed_drops_the_cache(
         assert len(served["messages"]) == len(want["messages"]), (
             f"kept run {len(want['messages'])} messages, served {len(served['messages'])}"
         )
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_delete_for_runs_refuses_while_a_later_runs_unflushable_backlog_goes_on_from_them(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The thread's last run is in the write-behind log alone (durability "async") and the
+    cold tier refuses its flush for a moment; delete_for_runs names an earlier run, whose
+    checkpoints that later run goes on from. Deleting them (the cold tier cannot tell the
+    backlog needs them) left the later run, once flushed, with 3 of its 12 messages: the
+    call must refuse, or spare them."""
+    async with open_write_behind(settings_for(stack_env, backend, stack_env["REDIS_URL"])) as tiers:
+        graph = delta_graph(tiers.saver, snapshot_frequency=50)
+        reference = delta_graph(InMemorySaver(), snapshot_frequency=50)
+        thread_id = config()["configurable"]["thread_id"]
+        ref_cfg: RunnableConfig = {"configurable": {"thread_id": f"ref-{thread_id}"}}
+        runs = [f"run-{n}-{uuid.uuid4().hex[:6]}" for n in range(4)]
+        for n, run in enumerate(runs):
+            run_cfg: RunnableConfig = {"configurable": {"thread_id": thread_id, "run_id": run}}
+            got = await graph.ainvoke(
+                {"messages": [f"user {n}"]}, run_cfg, durability="async" if n == 3 else "sync"
+            )
+            assert got == await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+        assert await tiers.flusher.log.pending(thread_id)
+        want = (await reference.aget_state(ref_cfg)).values  # run 2's checkpoints spared
+
+        async def refusing(ops: Any, **options: Any) -> None:
+            raise RequestRejected("cold", "refused for a moment")
+
+        tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
+        try:
+            with pytest.raises(BackendUnavailable) as refused:
+                await tiers.saver.adelete_for_runs([runs[2]])
+            assert thread_id in str(refused.value)
+        finally:
+            tiers.flusher.store = tiers.store
+        await tiers.saver.adelete_for_runs([runs[2]])  # called again, once it can be flushed
+        await tiers.flusher.drain()
+
+        cfg: RunnableConfig = {"configurable": {"thread_id": thread_id}}
+        cold = delta_graph(TieredCheckpointSaver(tiers.store), snapshot_frequency=50)
+        assert (await cold.aget_state(cfg)).values == want
+        assert (await graph.aget_state(cfg)).values == want
+
+
+class GrowingProfile(TypedDict, total=False):
+    profile: str
+    messages: Annotated[list[str], DeltaChannel(append, snapshot_frequency=3)]
+
+
+def growing_profile_graph(saver: Any) -> Any:
+    """A DeltaChannel with a snapshot every 3 updates, and a large `profile` set anew every
+    7 messages: pruned checkpoints stay behind as values holders that kept ones name."""
+
+    def reply(state: dict[str, Any]) -> dict[str, Any]:
+        n = len(state["messages"])
+        update: dict[str, Any] = {"messages": [f"a{n}:" + "m" * 700]}
+        if n % 7 == 1:
+            update["profile"] = f"profile-{n}:" + "p" * 3000
+        return update
+
+    graph = StateGraph(GrowingProfile)
+    graph.add_node("reply", reply)
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph.compile(checkpointer=saver)
+
+
+async def test_a_cosmos_copy_whose_source_a_prune_changes_meanwhile_is_whole(
+    stack_env: dict[str, str],
+) -> None:
+    """The timer's prune of a source an operator is copying, run between the copy's passes:
+    a checkpoint the first pass saw (and skipped) became a values holder before the
+    checkpoint passes; the copy's latest then named a document the copy lacked (2 of 20
+    messages, no profile)."""
+    settings = stack_settings(stack_env, "cosmos", False, "write-through")
+    reference = growing_profile_graph(InMemorySaver())
+    ref_cfg = config("ref")
+    async with open_stack(settings) as opened:
+        graph = growing_profile_graph(opened.saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(10):
+            await graph.ainvoke({"messages": [f"u{n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"u{n}"]}, ref_cfg)
+        want = (await reference.aget_state(ref_cfg)).values
+
+        maintenance = opened.backends.checkpoints._maintenance  # type: ignore[attr-defined]
+        copy_pass = maintenance._copy
+        passes = 0
+
+        async def first_pass_then_prune(*args: Any, **kwargs: Any) -> None:
+            nonlocal passes
+            passes += 1
+            await copy_pass(*args, **kwargs)
+            if passes == 1:
+                await maintenance.prune([thread_id], strategy="keep_latest")
+
+        maintenance._copy = first_pass_then_prune
+        target = config("copy")
+        await opened.saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
+        cold = growing_profile_graph(TieredCheckpointSaver(opened.backends.checkpoints))
+        assert (await cold.aget_state(target)).values == want
