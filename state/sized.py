@@ -58,6 +58,16 @@ class SizedStateStore:
             record = await self._inner.get(thread_id)
             return None if record is None else await self._expand(record, fetch_archived)
 
+    async def get_fresh(
+        self, thread_id: str, *, fetch_archived: bool = False
+    ) -> WorkflowRecord | None:
+        """As `get`, read from the cold tier whatever a hot tier holds (see
+        `CacheAsideStore.get_fresh`); over a store without one, the same as `get`."""
+        with attributed("state.get"):
+            fresh = getattr(self._inner, "get_fresh", None)
+            record = await (fresh(thread_id) if fresh is not None else self._inner.get(thread_id))
+            return None if record is None else await self._expand(record, fetch_archived)
+
     async def create(
         self,
         thread_id: str,

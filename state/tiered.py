@@ -119,6 +119,8 @@ HOT_RETRY_AFTER_SECONDS = 1.0
 # Threads re-installed at once while settling after an outage (each is one cold read
 # and one Redis call): enough to drain a backlog quickly without flooding either tier.
 SETTLE_CONCURRENCY = 8
+# How often threads left unsettled by an outage are tried again in the background.
+RESETTLE_RETRY_SECONDS = 0.25
 
 
 @dataclass
@@ -161,6 +163,10 @@ class CacheAsideStore:
         self._stranded_intents: dict[str, list[WriteIntent]] = {}
         # The background pass settling `_unsettled` (at most one at a time).
         self._settler: asyncio.Task[None] | None = None
+        # Retries the settling pass while the hot tier is failing or threads are unsettled:
+        # Redis may be up for other processes (a partition), which are served the copies
+        # this one could not advance until they are re-installed.
+        self._resettler: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- records
 
@@ -192,6 +198,16 @@ class CacheAsideStore:
             if record is not None and hot is not None:
                 await self._install(record, expired_before=observed_at, lease=lease)
             return record
+
+    async def get_fresh(self, thread_id: str) -> WorkflowRecord | None:
+        """The record as the cold tier (the source of truth) holds it, never a hot copy.
+
+        For a decision taken under a run lock: Redis may still serve an older copy that
+        another process wrote past while it could not reach Redis (a partition; README:
+        the loss window), and a run started on it would undo what that process
+        acknowledged."""
+        with _span("get_fresh", thread_id=thread_id):
+            return await self._cold.get(thread_id)
 
     async def create(
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
@@ -413,6 +429,37 @@ class CacheAsideStore:
                     # Nobody awaits this pass: log it; the thread stays unsettled.
                     logger.warning("cannot settle hot copy of %r: %r", thread_id, outcome)
 
+    def _settle_soon(self) -> None:
+        """Settle the threads written while Redis was out of reach as soon as it answers
+        again, not on this process's next read, which may not come for a long time (other
+        processes that reach Redis would be served the older copies until then)."""
+        running = self._resettler
+        if running is not None and not running.done():
+            return
+        try:
+            self._resettler = asyncio.get_running_loop().create_task(
+                self._resettle(), name="state-resettle-hot-tier"
+            )
+        except RuntimeError:
+            return  # no loop: the next read starts the settling pass
+
+    async def _resettle(self) -> None:
+        while self._unsettled or self._hot_down:
+            await asyncio.sleep(RESETTLE_RETRY_SECONDS)
+            if self._hot_skipped():
+                continue
+            if not self._unsettled:
+                # Probe the tier so an outage with nothing to settle ends too.
+                if self._hot is not None:
+                    up = (await self._hot.health()).up  # a probe reports failure, not raises
+                    if not up:
+                        self._hot_skip_until = time.monotonic() + HOT_RETRY_AFTER_SECONDS
+                        continue
+                self._hot_recovered()
+                continue
+            self._start_settling()
+            await self.settled()
+
     async def settled(self) -> None:
         """Wait for the background settling pass in progress, if any (tests, shutdown)."""
         running = self._settler
@@ -421,11 +468,12 @@ class CacheAsideStore:
 
     async def close(self) -> None:
         """Stop settling; what is left unsettled is served from cold by whoever reopens."""
-        running, self._settler = self._settler, None
-        if running is not None and running.get_loop() is asyncio.get_running_loop():
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+        for running in (self._resettler, self._settler):
+            if running is not None and running.get_loop() is asyncio.get_running_loop():
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        self._resettler = self._settler = None
 
     async def _begin_write(self, thread_id: str) -> WriteIntent | None:
         """Register a write intent; None if the hot tier cannot take one (the thread is
@@ -578,6 +626,7 @@ class CacheAsideStore:
         if not self._hot_down:
             self._hot_down = True
             logger.warning("hot tier down during %s, serving from cold: %s", operation, exc)
+        self._settle_soon()
 
     def _hot_recovered(self) -> None:
         self._hot_skip_until = 0.0

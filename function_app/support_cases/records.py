@@ -66,11 +66,14 @@ async def write_section(
     agent_id: str,
     fencing_token: int | None = None,
     current: WorkflowRecord | None = None,
+    fresh: bool = False,
 ) -> WorkflowRecord:
     """Apply `compute` to the latest record and store the result as `section`.
 
     `current`: a record the caller just got back from its own write, tried first
-    instead of reading again (a conflict re-reads as usual).
+    instead of reading again (a conflict re-reads as usual). `fresh`: read the cold
+    tier's record, never a hot copy, for a compute whose `UNCHANGED` must be true of the
+    record itself (a stale copy writes nothing, so no conflict would correct it).
     Raises `WorkflowNotFound` / `StaleFencingToken` as the store does; gives up
     with the last `VersionConflict` only after MAX_ATTEMPTS contended tries.
     """
@@ -80,7 +83,7 @@ async def write_section(
                 if attempt == 0 and current is not None:
                     record = current
                 else:
-                    found = await store.get(thread_id)
+                    found = await (store.get_fresh(thread_id) if fresh else store.get(thread_id))
                     if found is None:
                         raise WorkflowNotFound(thread_id)
                     record = found
@@ -135,14 +138,16 @@ async def write_sections(
     compute: ComputeMany,
     *,
     fencing_token: int | None = None,
+    fresh: bool = False,
 ) -> WorkflowRecord:
     """`write_section` for several sections in one record write, each audited under its
     own writer. A record the cold store refuses as too large with all of them
-    (`StateTooLarge`) takes them one by one, each offloaded as it needs."""
+    (`StateTooLarge`) takes them one by one, each offloaded as it needs. `fresh`: compute
+    on the cold tier's record, never a hot copy (a compute that refuses by raising)."""
     for attempt in range(MAX_ATTEMPTS):
         try:
             async with _turn(thread_id):
-                found = await store.get(thread_id)
+                found = await (store.get_fresh(thread_id) if fresh else store.get(thread_id))
                 if found is None:
                     raise WorkflowNotFound(thread_id)
                 writes = compute(found)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -157,8 +157,10 @@ class RunTracker:
         *,
         fencing_token: int | None = None,
         error: str | None = None,
+        still: Callable[[WorkflowRecord], None] | None = None,
     ) -> int:
-        """Record the run's status; returns how many runs are queued after it."""
+        """Record the run's status; returns how many runs are queued after it. `still`
+        is called with the record the write goes on (each try): it raises to refuse it."""
 
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
@@ -172,6 +174,8 @@ class RunTracker:
         def compute_all(record: WorkflowRecord) -> list[SectionWrite]:
             nonlocal waiting
             writes: list[SectionWrite] = []
+            if still is not None:
+                still(record)
             run = compute(record)
             runs = runs_of(record)
             waiting = len(queued(runs))
@@ -215,7 +219,9 @@ class RunTracker:
             record = await self._store.get(case_id)
             if record is None or may_be_held(record):
                 await self._retention.release(case_id)
-        await write_sections(self._store, case_id, compute_all, fencing_token=fencing_token)
+        await write_sections(
+            self._store, case_id, compute_all, fencing_token=fencing_token, fresh=still is not None
+        )
         # A case with runs queued stays where the timer looks, whatever its status. One at
         # rest stays there too until the timer's next tick drops it with the others of its
         # shard (one index write for them all, off the run's path). The status is written:
@@ -386,7 +392,8 @@ class RunTracker:
     async def active_cases(self) -> list[str]:
         cases: list[str] = []
         for shard in range(INDEX_SHARDS):
-            record = await self._store.get(f"{INDEX_PREFIX}{shard}")
+            # From the cold tier: a worker cut off from Redis indexes cases there alone.
+            record = await self._store.get_fresh(f"{INDEX_PREFIX}{shard}")
             if record is not None:
                 cases.extend(sorted(record.sections.get("cases", {})))
         return cases
@@ -414,7 +421,7 @@ class RunTracker:
             raise failed[0]
 
     async def _keep_if_busy(self, case_id: str) -> None:
-        record = await self._store.get(case_id)
+        record = await self._store.get_fresh(case_id)
         if record is not None:
             runs = runs_of(record)
             run = record.sections.get(RUN_SECTION) or {}
@@ -453,9 +460,13 @@ class RunTracker:
 
         # Not created yet, or expired from the cold tier (retention) while a hot copy may
         # still stand for it: `create` drops such a copy.
+        # From the cold tier: a hot copy may still list a case a timer cut off from Redis
+        # dropped, and "listed already" writes nothing that a conflict would correct.
         with contextlib.suppress(WorkflowNotFound):
-            await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)
+            await write_section(
+                self._store, shard, "cases", compute, agent_id=RUNNER_ID, fresh=True
+            )
             return
         with contextlib.suppress(WorkflowExists):
             await self._store.create(shard, {"cases": {}}, agent_id=RUNNER_ID)
-        await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID)
+        await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID, fresh=True)

@@ -421,7 +421,9 @@ class CaseService:
 
         async def resume_with_decision(snapshot: StateSnapshot | None) -> GraphInput:
             nonlocal resumed
-            record = await self._record(case_id)
+            # Under the lock, from the cold tier: a hot copy may predate a decision another
+            # worker applied while it could not reach Redis.
+            record = await self._record(case_id, fresh=True)
             paused = current_run(runs_of(record))
             if paused is not None and paused.get("stop"):
                 raise CaseConflict(
@@ -443,7 +445,13 @@ class CaseService:
             resumed = paused["run_id"] if paused is not None else None
             return Command(resume=answer)
 
-        outcome = await self._launch(case_id, resume_with_decision, wait_seconds=self._sync_wait)
+        outcome = await self._launch(
+            case_id,
+            resume_with_decision,
+            wait_seconds=self._sync_wait,
+            fresh=True,
+            still=self._still(case_id, CaseStatus.AWAITING_REVIEW),
+        )
         if resumed is not None:
             # A rollback asked while the decision's run went takes the decision with it (the
             # follow-up's own run may still be going).
@@ -468,7 +476,7 @@ class CaseService:
         await self._record(case_id)
 
         async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
-            record = await self._record(case_id)
+            record = await self._record(case_id, fresh=True)
             status = self._status_of(record)
             if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
                 raise CaseConflict(
@@ -478,7 +486,11 @@ class CaseService:
             return self._continuation(case_id, record, snapshot)
 
         return await self._launch(
-            case_id, continue_run, wait_seconds=None if wait_until_rest else self._sync_wait
+            case_id,
+            continue_run,
+            wait_seconds=None if wait_until_rest else self._sync_wait,
+            fresh=True,
+            still=self._still(case_id, CaseStatus.STALLED, CaseStatus.FAILED),
         )
 
     def _continuation(
@@ -530,7 +542,9 @@ class CaseService:
     async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> bool:
         """Resume the case if its run stalled; True if it rests, with nothing for the timer
         to do (it leaves the index)."""
-        record = await self._store.get(case_id)
+        # From the cold tier: a hot copy may predate what a worker cut off from Redis wrote
+        # (its run may be going, or stalled), and a case at rest leaves the index.
+        record = await self._store.get_fresh(case_id)
         run = record.sections.get(RUN_SECTION) if record else None
         runs = runs_of(record) if record is not None else []
         at_rest = run is None or run.get("status") in AT_REST
@@ -702,11 +716,19 @@ class CaseService:
         created: bool = False,
         needs_snapshot: bool = True,
         run_id: str | None = None,
+        fresh: bool = False,
+        still: Callable[[WorkflowRecord], None] | None = None,
     ) -> Outcome:
         """Take the case's lock, check preconditions under it, then drive the run.
 
-        `prepare` gets the case's latest state (None if not `needs_snapshot`). Waits up
-        to `wait_seconds` (None: until the run rests) before reporting. `run_id`: the
+        `prepare` gets the case's latest state (None if not `needs_snapshot`; with `fresh`,
+        read from the cold tier, whatever Redis caches: a worker cut off from Redis may
+        have moved the case past it). Waits up to `wait_seconds` (None: until the run rests)
+        before reporting. `still`: the
+        precondition again, checked on the record the run is marked running on (it raises
+        to refuse): a runner that cannot reach Redis guards the case with the cold-tier
+        lease, which the Redis run lock knows nothing of, so two runners may both pass
+        `prepare`; only the first to mark the case running goes on. `run_id`: the
         run's id if known (else the record's current run).
         """
         guard = await self._acquire(case_id)
@@ -715,14 +737,21 @@ class CaseService:
                 run_id = ((await self._record(case_id)).sections.get(RUN_SECTION) or {}).get(
                     "run_id"
                 )
+            if needs_snapshot and fresh and self._saver is not None:
+                await self._saver.arefresh(case_id)
             snapshot = (
                 await self._graph.aget_state(case_config(case_id)) if needs_snapshot else None
             )
             graph_input = await prepare(snapshot)
+            if still is not None and not created:
+                await self._tracker.mark(
+                    case_id, CaseStatus.RUNNING, fencing_token=guard.fence, still=still
+                )
         except BaseException:
             await self._release(case_id, guard)
             raise
-        task = self._spawn(self._drive(case_id, graph_input, guard, marked=created, run_id=run_id))
+        marked = created or still is not None
+        task = self._spawn(self._drive(case_id, graph_input, guard, marked=marked, run_id=run_id))
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
         await asyncio.wait({task}, timeout=wait_seconds)
@@ -1143,8 +1172,8 @@ class CaseService:
             ends.append(utcnow() + timedelta(seconds=remaining))
         return max(ends, default=None)
 
-    async def _record(self, case_id: str) -> WorkflowRecord:
-        record = await self._store.get(case_id)
+    async def _record(self, case_id: str, *, fresh: bool = False) -> WorkflowRecord:
+        record = await (self._store.get_fresh(case_id) if fresh else self._store.get(case_id))
         if record is None or REQUEST_SECTION not in record.sections:
             raise CaseNotFound(case_id)
         return record
@@ -1162,6 +1191,17 @@ class CaseService:
             "text": request["text"],
             "transactions": request["transactions"],
         }
+
+    def _still(self, case_id: str, *allowed: CaseStatus) -> Callable[[WorkflowRecord], None]:
+        def check(record: WorkflowRecord) -> None:
+            status = self._status_of(record)
+            if status not in allowed:
+                raise CaseConflict(
+                    f"case {case_id!r} was taken by another runner meanwhile "
+                    f"(status: {status.value})"
+                )
+
+        return check
 
     def _status_of(self, record: WorkflowRecord) -> CaseStatus:
         run = record.sections.get(RUN_SECTION, {})
