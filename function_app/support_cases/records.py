@@ -71,9 +71,10 @@ async def write_section(
     """Apply `compute` to the latest record and store the result as `section`.
 
     `current`: a record the caller just got back from its own write, tried first
-    instead of reading again (a conflict re-reads as usual). `fresh`: read the cold
-    tier's record, never a hot copy, for a compute whose `UNCHANGED` must be true of the
-    record itself (a stale copy writes nothing, so no conflict would correct it).
+    instead of reading again (a conflict re-reads as usual). `fresh`: an `UNCHANGED`
+    computed on a hot copy is computed again on the cold tier's record, for a compute
+    whose `UNCHANGED` must be true of the record itself (a stale copy writes nothing, so
+    no conflict would correct it); a change is written as usual (a stale copy conflicts).
     Raises `WorkflowNotFound` / `StaleFencingToken` as the store does; gives up
     with the last `VersionConflict` only after MAX_ATTEMPTS contended tries.
     """
@@ -83,11 +84,17 @@ async def write_section(
                 if attempt == 0 and current is not None:
                     record = current
                 else:
-                    found = await (store.get_fresh(thread_id) if fresh else store.get(thread_id))
+                    found = await store.get(thread_id)
                     if found is None:
                         raise WorkflowNotFound(thread_id)
                     record = found
                 value = compute(record)
+                if value is UNCHANGED and fresh:
+                    found = await store.get_fresh(thread_id)
+                    if found is None:
+                        raise WorkflowNotFound(thread_id)
+                    record = found
+                    value = compute(record)
                 if value is UNCHANGED:
                     return record
                 return await store.update_section(

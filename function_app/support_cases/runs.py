@@ -460,8 +460,8 @@ class RunTracker:
 
         # Not created yet, or expired from the cold tier (retention) while a hot copy may
         # still stand for it: `create` drops such a copy.
-        # From the cold tier: a hot copy may still list a case a timer cut off from Redis
-        # dropped, and "listed already" writes nothing that a conflict would correct.
+        # "Listed already" confirmed on the cold tier: a hot copy may still list a case a
+        # timer cut off from Redis dropped, and it writes nothing a conflict would correct.
         with contextlib.suppress(WorkflowNotFound):
             await write_section(
                 self._store, shard, "cases", compute, agent_id=RUNNER_ID, fresh=True
