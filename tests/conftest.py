@@ -6,6 +6,7 @@ stack up`) on the same machine never collides; every server is stopped at the en
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import pytest
 
 from devstack import RedisServer, Stack, free_port
 from devstack.issuer import ROLES, request_token
+
+# Loaded here, where the xdist controller sees it too: it writes the reliability report.
+pytest_plugins = ["faults.reliability"]
+
+# pytest-xdist runs its workers with COLUMNS=80, and a console made at import (the CLI's)
+# keeps that width whatever COLUMNS a test's CliRunner sets for one call.
+os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,14 @@
 """Fault-suite fixtures: the reliability recorder, dedicated servers, settings, deadlines.
 
 Faults only ever hit servers this suite started on 127.0.0.1 (the session
-stack from tests/conftest.py, or a dedicated server a test starts and stops).
+stack from tests/conftest.py, or a dedicated server a test starts and stops). The
+report the recorder feeds is collected by the `faults.reliability` plugin.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,55 +17,8 @@ import pytest
 from devstack import PostgresServer, RedisServer, free_port
 from support_cases.settings import AppSettings
 
-from .report import REPORT_PATH, ReliabilityReport, ScenarioRow
-
-REPORT_KEY = pytest.StashKey[ReliabilityReport]()
-WRITTEN_KEY = pytest.StashKey[Path | None]()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.stash[REPORT_KEY] = ReliabilityReport()
-    config.stash[WRITTEN_KEY] = None
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    if report.when == "call" or report.failed:
-        if hasattr(report, "wasxfail"):
-            verdict = "known bug (xfail)" if report.skipped else "FAIL (xpass)"
-        else:
-            verdict = "pass" if report.passed else "FAIL"
-        item.config.stash[REPORT_KEY].verdict(item.nodeid, verdict)
-    return report
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    report = session.config.stash[REPORT_KEY]
-    if report.rows and not report.missing():
-        session.config.stash[WRITTEN_KEY] = report.write(REPORT_PATH)
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    report = config.stash[REPORT_KEY]
-    if not report.rows:
-        return
-    for name in sorted(report.rows):
-        row = report.rows[name]
-        terminalreporter.write_line(
-            f"{row.verdict}: {name}: runs {row.runs}, lost {row.lost_writes}, "
-            f"silent overwrites {row.silent_overwrites}; {row.observed}"
-        )
-    written = config.stash[WRITTEN_KEY]
-    if written is not None:
-        terminalreporter.write_line(f"reliability report written to {written}")
-    else:
-        missing = ", ".join(report.missing())
-        terminalreporter.write_line(
-            f"reliability report NOT written (scenarios not run: {missing})"
-        )
+from .reliability import REPORT_KEY
+from .report import ReliabilityReport, ScenarioRow
 
 
 class Recorder:

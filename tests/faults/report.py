@@ -97,12 +97,16 @@ class ReliabilityReport:
     by_test: dict[str, list[str]] = field(default_factory=dict)
 
     def record(self, nodeid: str, row: ScenarioRow) -> None:
+        self.add(row)
+        self.by_test.setdefault(nodeid, []).append(row.scenario)
+
+    def add(self, row: ScenarioRow) -> None:
+        """A row as recorded (by a test here, or with its verdict by another process)."""
         if row.scenario not in self.expected:
             raise KeyError(f"unknown scenario {row.scenario!r}: add it to report.SCENARIOS")
         if row.scenario in self.rows:
             raise KeyError(f"scenario {row.scenario!r} recorded twice")
         self.rows[row.scenario] = row
-        self.by_test.setdefault(nodeid, []).append(row.scenario)
 
     def verdict(self, nodeid: str, verdict: str) -> None:
         for scenario in self.by_test.get(nodeid, []):
