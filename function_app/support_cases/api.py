@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from state import VersionConflict
+from state import BackendUnavailable, VersionConflict
 
 from .auth import (
     ALL_ROLES,
@@ -130,11 +130,18 @@ Operator = Annotated[Principal, Depends(role(ROLE_OPERATE))]
 
 def may_read(caller: Principal, view: CaseView) -> bool:
     """Operators read every case, submitters their own, reviewers those awaiting review."""
-    if caller.has(ROLE_OPERATE):
-        return True
-    if caller.has(ROLE_SUBMIT) and view.submitted_by and view.submitted_by.id == caller.id:
+    if reads_for_good(caller, view):
         return True
     return caller.has(ROLE_REVIEW) and view.status is CaseStatus.AWAITING_REVIEW
+
+
+def reads_for_good(caller: Principal, view: CaseView) -> bool:
+    """Whether the caller's right to read the case outlasts any change of its state."""
+    if caller.has(ROLE_OPERATE):
+        return True
+    return bool(
+        caller.has(ROLE_SUBMIT) and view.submitted_by and view.submitted_by.id == caller.id
+    )
 
 
 def may_see_decision(caller: Principal, view: CaseView) -> bool:
@@ -307,12 +314,22 @@ async def case_events(
         Query(pattern=EVENT_ID_PATTERN, description="Resume after (as Last-Event-ID)"),
     ] = "",
 ) -> StreamingResponse:
-    await readable_case(case_id, caller, cases)
+    view = await readable_case(case_id, caller, cases)
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
+    # A reviewer reads the case only while it awaits review: checked again before each
+    # event, or the stream would go on serving what is written after the decision.
+    while_awaiting_review = not reads_for_good(caller, view)
 
     async def frames() -> AsyncIterator[str]:
         async for event in cases.events.stream(case_id, start, seconds=seconds):
+            if event is not None and while_awaiting_review:
+                try:
+                    still = await cases.awaiting_review(case_id)
+                except (CaseNotFound, BackendUnavailable):
+                    still = False  # the client reconnects, and is checked again
+                if not still:
+                    return
             yield sse_frame(event)
 
     return StreamingResponse(

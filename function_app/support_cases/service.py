@@ -624,6 +624,10 @@ class CaseService:
         record = await self._record(case_id)
         return RunsView(case_id=case_id, runs=[run_view(entry) for entry in runs_of(record)])
 
+    async def awaiting_review(self, case_id: str) -> bool:
+        """Whether the case awaits a review decision now (from its record alone)."""
+        return self._status_of(await self._record(case_id)) is CaseStatus.AWAITING_REVIEW
+
     async def submitter(self, case_id: str) -> Caller | None:
         """Who submitted the case (None: submitted without authentication)."""
         record = await self._record(case_id)
