@@ -159,6 +159,12 @@ async def round_trip(
             await connection.disconnect()
 
         if not resend:
+            if await connection.can_read_destructive():
+                # Closed by the server while idle in the pool (a restart, a failover, an
+                # idle timeout), or holding bytes nobody asked for: the pool skips that
+                # check while maintenance notifications are on. Nothing was sent on it, so
+                # the batch goes on a new connection (sending connects it again).
+                await connection.disconnect()
             try:
                 return await exchange()
             except (RedisConnectionError, RedisTimeoutError, OSError):
