@@ -14,6 +14,7 @@ from state import BackendUnavailable, VersionConflict
 
 from .auth import (
     ALL_ROLES,
+    ANONYMOUS,
     ROLE_OPERATE,
     ROLE_REVIEW,
     ROLE_SUBMIT,
@@ -211,6 +212,13 @@ async def review_case(
         raise Forbidden(
             f"reviewer_id {decision.reviewer_id!r} is not the caller: a decision is recorded "
             f"under the token's principal ({caller.name}, {caller.id}); leave reviewer_id out"
+        )
+    submitted_by = await cases.submitter(case_id)
+    if submitted_by is not None and submitted_by.id == caller.id and caller.id != ANONYMOUS.id:
+        # Four eyes: the refund a case was escalated for is not approved by who asked for it.
+        raise Forbidden(
+            "a review decision is made by someone other than the case's submitter "
+            f"({caller.name}, {caller.id} submitted it)"
         )
     try:
         outcome = await cases.decide(case_id, decision, caller.caller)

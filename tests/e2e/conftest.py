@@ -123,5 +123,12 @@ async def client(
 
 
 @pytest.fixture
+def reviewer(bearer: Callable[..., dict[str, str]]) -> dict[str, str]:
+    """Headers of a second caller holding every role: a review decision never comes from
+    the case's submitter ("e2e-client")."""
+    return bearer("e2e-reviewer")
+
+
+@pytest.fixture
 def case_id() -> str:
     return f"case-e2e-{uuid.uuid4().hex[:16]}"

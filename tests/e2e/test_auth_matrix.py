@@ -290,6 +290,29 @@ async def test_a_second_decision_is_409_to_its_reviewer_and_404_to_other_reviewe
     assert unknown.json() == {**late.json(), "error": f"case {unknown_id!r} not found"}
 
 
+async def test_a_caller_holding_both_roles_cannot_decide_the_review_of_its_own_case(
+    api: httpx.AsyncClient, runtime: Runtime, issue_token: Callable[..., str]
+) -> None:
+    """Four eyes: the refund a case was escalated for is decided by someone other than
+    who submitted it, whatever roles the submitter holds."""
+    both = {"Authorization": f"Bearer {issue_token('matrix-both', [ROLE_SUBMIT, ROLE_REVIEW])}"}
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    body = {**demo_case(case_id), "transactions": duplicate_charges(612.40)}
+    submitted = await api.post("/api/cases", json=body, headers=both)
+    assert submitted.json()["status"] == "awaiting_review", submitted.text
+    before = await runtime.store.get(case_id)
+    review = f"/api/cases/{case_id}/review"
+    own = await api.post(review, json={"decision": "approve"}, headers=both)
+    assert own.status_code == 403, own.text
+    assert "someone other than the case's submitter" in own.json()["error"]
+    after = await runtime.store.get(case_id)
+    assert before is not None and after is not None and after.version == before.version
+    other = {"Authorization": f"Bearer {issue_token('matrix-other', [ROLE_REVIEW])}"}
+    approved = await api.post(review, json={"decision": "approve"}, headers=other)
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["refund"]["status"] == "issued"
+
+
 async def test_a_decision_on_a_case_being_worked_on_is_404_to_a_reviewer_who_may_not_see_it(
     api: httpx.AsyncClient,
     runtime: Runtime,

@@ -131,11 +131,13 @@ async def test_unknown_case_is_404_and_writes_nothing(
 
 
 async def test_decision_on_a_case_not_awaiting_review_is_409_and_changes_nothing(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
     before = await runtime.store.get(case_id)
-    response = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    response = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert response.status_code == 409
     assert "not awaiting review (status: completed)" in response.json()["error"]
     resume = await client.post(f"/api/cases/{case_id}/resume")
@@ -154,11 +156,15 @@ async def test_decision_on_a_case_not_awaiting_review_is_409_and_changes_nothing
     ],
 )
 async def test_malformed_decision_is_422(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str, decision: dict[str, Any]
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    decision: dict[str, Any],
+    reviewer: dict[str, str],
 ) -> None:
     assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
     before = await runtime.store.get(case_id)
-    response = await client.post(f"/api/cases/{case_id}/review", json=decision)
+    response = await client.post(f"/api/cases/{case_id}/review", json=decision, headers=reviewer)
     assert response.status_code == 422
     after = await runtime.store.get(case_id)
     assert before is not None and after is not None and after.version == before.version
@@ -193,7 +199,7 @@ async def test_a_value_the_cold_store_cannot_hold_is_422(
 
 
 async def test_a_review_note_no_cold_store_can_hold_is_422_and_the_case_still_waits(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     """The run writes the note after the answer: a NUL in it (which Postgres JSON cannot hold)
     is refused up front on every backend, or the case failed with the decision stuck in it."""
@@ -201,13 +207,15 @@ async def test_a_review_note_no_cold_store_can_hold_is_422_and_the_case_still_wa
     submitted = await client.post("/api/cases", json=body)
     assert submitted.json()["status"] == "awaiting_review", submitted.text
     response = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "approve", "note": "ok \u0000 ok"}
+        f"/api/cases/{case_id}/review",
+        json={"decision": "approve", "note": "ok \u0000 ok"},
+        headers=reviewer,
     )
     assert response.status_code == 422, response.text
     assert "NUL" in response.json()["error"]
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "awaiting_review"
     approved = await client.post(
-        f"/api/cases/{case_id}/review", json={"decision": "approve", "note": "ok"}
+        f"/api/cases/{case_id}/review", json={"decision": "approve", "note": "ok"}, headers=reviewer
     )
     assert approved.json()["status"] == "completed", approved.text
 

@@ -91,8 +91,12 @@ async def test_submit_show_audit_checkpoints_review(
         code, out = await cli("submit", "--file", str(body), *api)
         assert code == 0 and "awaiting_review" in out and "agent-state review" in out
 
+        # Four eyes: dana submitted the case, so alice decides it.
+        code, out = await cli("review", escalated_id, "approve", *api)
+        assert code == 1 and "403" in out and "other than the case's submitter" in out
+        monkeypatch.setenv("AGENT_STATE_USER", "alice")
         code, out = await cli("review", escalated_id, "reject", *api)
-        assert code == 0 and "refused" in out and "reject by dana" in out
+        assert code == 0 and "refused" in out and "reject by alice" in out
 
         code, out = await cli("review", escalated_id, "approve", *api)
         assert code == 1 and "409" in out and "not awaiting review" in out

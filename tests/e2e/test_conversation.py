@@ -319,13 +319,15 @@ async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_don
 
 
 async def test_a_follow_up_waits_behind_a_review_and_runs_after_the_decision(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
     queued = await post(client, case_id, INVOICE)
     assert queued.status_code == 202 and queued.json()["run"]["status"] == "queued"
     assert (await post(client, case_id, THANKS, "reject")).status_code == 409
-    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    decided = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert decided.status_code in (200, 202), decided.text
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed", "completed"]
@@ -447,7 +449,7 @@ def escalated(case_id: str) -> dict[str, Any]:
 
 
 async def test_an_interrupt_ends_a_run_paused_for_review_and_its_run_asks_again(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
     await answered(client, runtime, case_id, INVOICE, "interrupt")
@@ -455,7 +457,9 @@ async def test_an_interrupt_ends_a_run_paused_for_review_and_its_run_asks_again(
     assert [r["status"] for r in runs] == ["interrupted", "awaiting_review"]
     case = (await client.get(f"/api/cases/{case_id}")).json()
     assert case["status"] == "awaiting_review" and case["review"] is None
-    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    decided = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert decided.status_code in (200, 202), decided.text
     assert [r["status"] for r in await until_idle(runtime, client, case_id)] == [
         "interrupted",
@@ -464,7 +468,7 @@ async def test_an_interrupt_ends_a_run_paused_for_review_and_its_run_asks_again(
 
 
 async def test_a_decision_for_a_run_a_follow_up_stopped_is_refused_and_the_timer_runs_the_queue(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
     # Another runner holds the case: the follow-up is queued and asks the paused run to stop.
@@ -474,7 +478,9 @@ async def test_a_decision_for_a_run_a_follow_up_stopped_is_refused_and_the_timer
         assert queued_run.status_code == 202, queued_run.text
     finally:
         await runtime.store.unlock(held)
-    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    decided = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert decided.status_code == 409, decided.text
     assert "stopped by follow-up" in decided.json()["error"]
     report = await runtime.service.resume_stale()
@@ -485,12 +491,18 @@ async def test_a_decision_for_a_run_a_follow_up_stopped_is_refused_and_the_timer
 
 
 async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
-    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    reviewer: dict[str, str],
 ) -> None:
     assert (await submitted(client, runtime, escalated(case_id)))["status"] == "awaiting_review"
     # The decision's run (the intake run, resumed) is held after its refund went out.
     gate.hold("refund")
-    decided = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    decided = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert decided.status_code == 202, decided.text
     await asyncio.wait_for(gate.reached["refund"].wait(), 30)
     assert (await post(client, case_id, THANKS, "rollback")).status_code == 202
@@ -507,7 +519,9 @@ async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
     # Rejected this time: the refund the discarded run issued still went out, once, and
     # the case says so rather than "refused".
     issued = {e["kind"]: e for e in runs[0]["discarded_effects"]}["refund"]["result"]
-    rejected = await client.post(f"/api/cases/{case_id}/review", json={"decision": "reject"})
+    rejected = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "reject"}, headers=reviewer
+    )
     assert rejected.status_code in (200, 202), rejected.text
     await until_idle(runtime, client, case_id)
     case = (await client.get(f"/api/cases/{case_id}")).json()

@@ -46,9 +46,7 @@ async def test_a_reviewers_stream_ends_once_the_case_no_longer_awaits_review(
     assert decided.json()["status"] == "completed", decided.text
     assert (await api.get(f"/api/cases/{case_id}", headers=reviewer)).status_code == 404
     follow_up = "my new card number is 4111 1111 1111 1111"
-    sent = await api.post(
-        f"/api/cases/{case_id}/messages", json={"text": follow_up}, headers=owner
-    )
+    sent = await api.post(f"/api/cases/{case_id}/messages", json={"text": follow_up}, headers=owner)
     assert sent.status_code in (200, 202), sent.text
 
     streamed, owners = await reviewer_stream, await owner_stream

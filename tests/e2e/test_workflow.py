@@ -210,12 +210,13 @@ async def test_over_threshold_waits_for_review_then_approve_refunds(
 
 
 async def test_over_threshold_reject_completes_with_a_refusal(
-    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
     await _escalated(client, runtime, case_id)
     response = await client.post(
         f"/api/cases/{case_id}/review",
         json={"decision": "reject", "note": "charge was legitimate"},
+        headers=reviewer,
     )
     assert response.status_code == 200, response.text
     case = response.json()
@@ -223,7 +224,9 @@ async def test_over_threshold_reject_completes_with_a_refusal(
     assert case["refund"]["status"] == "refused" and case["refund"]["reference"] is None
     assert "unable to approve a refund" in case["final_response"]
     assert await performed(runtime, case_id, "refund") == 0
-    again = await client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+    again = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
     assert again.status_code == 409
 
 
@@ -255,6 +258,7 @@ async def test_a_decision_racing_a_follow_up_that_stops_its_run_stands_or_is_ref
     case_id: str,
     strategy: str,
     monkeypatch: pytest.MonkeyPatch,
+    reviewer: dict[str, str],
 ) -> None:
     """The decision passed its checks and resumed the run; a follow-up then asks that run to
     stop before its review step. An interrupt lets the decision stand (recorded, and the
@@ -273,7 +277,7 @@ async def test_a_decision_racing_a_follow_up_that_stops_its_run_stands_or_is_ref
 
     monkeypatch.setattr(tracker, "mark", held_at_start)
     decision = asyncio.create_task(
-        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"})
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
     )
     await asyncio.wait_for(resuming.wait(), 30)
     message = {"text": "Any news?", "strategy": strategy}
