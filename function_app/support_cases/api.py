@@ -140,9 +140,7 @@ def reads_for_good(caller: Principal, view: CaseView) -> bool:
     """Whether the caller's right to read the case outlasts any change of its state."""
     if caller.has(ROLE_OPERATE):
         return True
-    return bool(
-        caller.has(ROLE_SUBMIT) and view.submitted_by and view.submitted_by.id == caller.id
-    )
+    return bool(caller.has(ROLE_SUBMIT) and view.submitted_by and view.submitted_by.id == caller.id)
 
 
 def may_see_decision(caller: Principal, view: CaseView) -> bool:

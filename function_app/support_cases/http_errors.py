@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +27,8 @@ from .events import EventsUnavailable, InvalidEventId
 from .runs import RunIndexBusy
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
+log = logging.getLogger(__name__)
+
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
     (WorkflowNotFound, 404),
@@ -40,10 +44,6 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (StateTooLarge, 413),
     # The caller's value cannot be stored as given (e.g. a NUL character on Postgres).
     (InvalidValue, 422),
-    (BackendUnavailable, 503),
-    # A store refused for good for a reason that is not the caller's value (permissions,
-    # a broken invariant): the server's fault, not transient.
-    (RequestRejected, 500),
     (RunIndexBusy, 503),
     (EventsUnavailable, 503),
 )
@@ -63,6 +63,31 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(status, str(error))
 
         app.add_exception_handler(error_type, handle)
+
+    async def store_fault(request: Request, error: Exception) -> JSONResponse:
+        """A store that could not be reached (503) or refused for good for a reason that is
+        not the caller's value (500: permissions, a broken invariant). The store's own words
+        (host names, roles, SQL) stay in the log; the caller learns which tier and an id to
+        quote."""
+        assert isinstance(error, BackendUnavailable | RequestRejected)
+        incident = uuid.uuid4().hex[:12]
+        if isinstance(error, BackendUnavailable):
+            status, answer = 503, f"{error.backend} unavailable, retry later"
+        else:
+            status, answer = 500, f"{error.backend} refused the request"
+        log.warning(
+            "%s %s answered %d (incident %s): %s",
+            request.method,
+            request.url.path,
+            status,
+            incident,
+            error,
+        )
+        return error_response(status, f"{answer} (incident {incident})")
+
+    app.add_exception_handler(BackendUnavailable, store_fault)
+    # InvalidValue, a RequestRejected for the caller's value, keeps its 422 above.
+    app.add_exception_handler(RequestRejected, store_fault)
 
     async def invalid_request(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
