@@ -45,6 +45,8 @@ LEEWAY_SECONDS = 60
 # A token naming a key id the cached JWKS lacks refreshes the keys (Entra rotates
 # them), but at most this often: unknown key ids must not make every request fetch.
 KEYS_REFRESH_MIN_SECONDS = 60.0
+# The issuer rolls its signing keys: a key it withdrew is trusted at most this long after.
+KEYS_MAX_AGE_SECONDS = 24 * 3600.0
 KEYS_FETCH_TIMEOUT_SECONDS = 10.0
 ANONYMOUS = Caller(id="local-anonymous", name="anonymous (AUTH_DISABLED)")
 
@@ -87,24 +89,40 @@ class Principal:
 
 
 class SigningKeys:
-    """The issuer's JWKS, fetched on first use and again for a key id it does not hold."""
+    """The issuer's JWKS, fetched on first use, again for a key id it does not hold, and
+    again once older than KEYS_MAX_AGE_SECONDS (a key the issuer withdrew is then gone)."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
+        self._tried_at = float("-inf")
         self._refreshing = asyncio.Lock()
 
     async def key(self, kid: str) -> jwt.PyJWK:
         if kid not in self._keys:
             async with self._refreshing:
-                fresh = time.monotonic() - self._fetched_at < KEYS_REFRESH_MIN_SECONDS
-                if kid not in self._keys and not fresh:
+                if kid not in self._keys and _since(self._fetched_at) >= KEYS_REFRESH_MIN_SECONDS:
                     await self._fetch()
+        elif _since(self._fetched_at) >= KEYS_MAX_AGE_SECONDS:
+            async with self._refreshing:
+                await self._refresh_expired()
         found = self._keys.get(kid)
         if found is None:
             raise Unauthenticated(f"invalid token: no signing key {kid!r} at the issuer")
         return found
+
+    async def _refresh_expired(self) -> None:
+        expired = _since(self._fetched_at) >= KEYS_MAX_AGE_SECONDS
+        if not expired or _since(self._tried_at) < KEYS_REFRESH_MIN_SECONDS:
+            return
+        self._tried_at = time.monotonic()
+        try:
+            await self._fetch()
+        except BackendUnavailable as error:
+            # The issuer is out of reach: the keys as last fetched stay in use until it
+            # answers (asked again at most once a KEYS_REFRESH_MIN_SECONDS).
+            log.warning("signing keys not refreshed, the last fetched stay in use: %s", error)
 
     async def _fetch(self) -> None:
         try:
@@ -114,12 +132,16 @@ class SigningKeys:
                 document = response.json()
         except (httpx.HTTPError, ValueError) as error:
             raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
-        self._fetched_at = time.monotonic()
         try:
             keys = jwt.PyJWKSet.from_dict(document).keys
         except (jwt.PyJWKSetError, jwt.InvalidKeyError, AttributeError) as error:
             raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
+        self._fetched_at = time.monotonic()
         self._keys = {key.key_id: key for key in keys if key.key_id}
+
+
+def _since(moment: float) -> float:
+    return time.monotonic() - moment
 
 
 class TokenValidator:
