@@ -323,6 +323,7 @@ async def case_events(
     view = await readable_case(case_id, caller, cases)
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
+    cases.events.admit()  # 503 while this worker serves as many streams as it may
     # A reviewer reads the case only while it awaits review: checked again before each
     # event, or the stream would go on serving what is written after the decision.
     while_awaiting_review = not reads_for_good(caller, view)

@@ -37,9 +37,19 @@ class InvalidEventId(Exception):
     """A Last-Event-ID not of the log's form: maps to 422."""
 
 
+class StreamsBusy(Exception):
+    """This worker serves as many event streams as it may: maps to 503 with Retry-After."""
+
+    retry_after = 5
+
+
 class CaseEvents:
-    def __init__(self, log_: EventLog | None) -> None:
+    def __init__(self, log_: EventLog | None, *, max_streams: int = 100) -> None:
         self._log = log_
+        # Each open stream holds an HTTP connection for up to 200 s and a Redis connection
+        # while it waits on the log: without a bound, any caller could take them all.
+        self._max_streams = max_streams
+        self._open_streams = 0
 
     async def publish(self, case_id: str, event: str, **fields: Any) -> None:
         if self._log is None:
@@ -57,12 +67,31 @@ class CaseEvents:
             raise InvalidEventId(f"Last-Event-ID {after!r} is not an event id of this API")
         return self._log
 
+    def admit(self) -> None:
+        """Refuses one more stream while this worker serves its maximum. A bound checked
+        before the stream starts: a burst of requests may pass it together."""
+        if self._open_streams >= self._max_streams:
+            raise StreamsBusy(
+                f"this worker serves {self._open_streams} event streams, its maximum "
+                f"(CASE_MAX_EVENT_STREAMS); retry in {StreamsBusy.retry_after} s"
+            )
+
     async def stream(
         self, case_id: str, after: str | None, *, seconds: float
     ) -> AsyncIterator[StoredEvent | None]:
         """The case's events after `after`, for `seconds`; None now and then while quiet
         (the caller sends a keep-alive). Ends early if the log becomes unreachable: the
         client reconnects with the last id it got."""
+        self._open_streams += 1
+        try:
+            async for event in self._events(case_id, after, seconds=seconds):
+                yield event
+        finally:
+            self._open_streams -= 1
+
+    async def _events(
+        self, case_id: str, after: str | None, *, seconds: float
+    ) -> AsyncIterator[StoredEvent | None]:
         events = self.check(after)
         deadline = time.monotonic() + seconds
         quiet_since = time.monotonic()

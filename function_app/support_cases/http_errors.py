@@ -23,7 +23,7 @@ from state import (
     WorkflowNotFound,
 )
 
-from .events import EventsUnavailable, InvalidEventId
+from .events import EventsUnavailable, InvalidEventId, StreamsBusy
 from .runs import RunIndexBusy
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
@@ -124,6 +124,13 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers["Retry-After"] = str(error.retry_after)
         return response
 
+    async def streams_busy(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StreamsBusy)
+        response = error_response(503, str(error))
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
+
     app.add_exception_handler(CaseBusy, busy)
+    app.add_exception_handler(StreamsBusy, streams_busy)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

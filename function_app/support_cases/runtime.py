@@ -76,7 +76,7 @@ class Runtime:
             settings,
             backends.retention,
             saver if isinstance(saver, TieredCheckpointSaver) else None,
-            CaseEvents(backends.events),
+            CaseEvents(backends.events, max_streams=settings.case_max_event_streams),
         )
         app_metrics.register_backends(backends, store)
         sampler = None

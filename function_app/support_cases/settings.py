@@ -34,6 +34,8 @@ class AppSettings(Settings):
     # How long an HTTP call waits for a run before answering 202 with a status URL
     # (below the Functions HTTP limit of 230 s).
     case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
+    # Event streams (GET .../events) one worker serves at once; one more answers 503.
+    case_max_event_streams: int = Field(default=100, gt=0)
     # Two charges at the same merchant for the same amount within this window are a duplicate.
     case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
     # What a follow-up message without a strategy does to a run in progress.

@@ -221,6 +221,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_STALE_AFTER_SECONDS: '300'
       CASE_MAX_BODY_BYTES: '262144'
       CASE_SYNC_WAIT_SECONDS: '20'
+      CASE_MAX_EVENT_STREAMS: '100'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'
       CASE_DEFAULT_STRATEGY: 'enqueue'
       // Callers: Entra ID tokens for the API's app registration, checked by the app.

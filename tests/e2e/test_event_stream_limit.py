@@ -1,0 +1,42 @@
+"""A worker serves a bounded number of event streams: one more is a 503 with Retry-After,
+and a stream that ended makes room again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+
+from support_cases.api import create_app
+from support_cases.demo import demo_case
+from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+
+
+async def test_one_stream_past_the_maximum_is_503_and_an_ended_one_makes_room(
+    e2e_settings: Callable[..., AppSettings],
+    bearer: Callable[..., dict[str, str]],
+    case_id: str,
+) -> None:
+    runtime = await Runtime.open(e2e_settings("postgres", case_max_event_streams=2))
+    try:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://streams.test", headers=bearer("streamer")
+        ) as client:
+            assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+            events = f"/api/cases/{case_id}/events"
+            long_ones = [
+                asyncio.create_task(client.get(events, params={"seconds": 3})) for _ in range(2)
+            ]
+            await asyncio.sleep(0.5)  # both are open
+            refused = await client.get(events, params={"seconds": 0})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "5"
+            assert "CASE_MAX_EVENT_STREAMS" in refused.json()["error"]
+            assert [answer.status_code for answer in await asyncio.gather(*long_ones)] == [200, 200]
+            served = await client.get(events, params={"seconds": 0})
+            assert served.status_code == 200 and "run_completed" in served.text
+    finally:
+        await runtime.close()
