@@ -1,7 +1,7 @@
 """The hot path's lean round trips (`state.hot.redis_client.round_trip`, `run_script`) against a
 real redis-server: every converted call site after the server lost its scripts, under RESP3
 and RESP2; a connection a cancelled or timed-out round trip leaves behind; a batch sent again
-after its reply was lost."""
+after its reply was lost; a send-once batch on a pooled connection the server closed."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 import redis.asyncio as aioredis
+from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
 
 from devstack import RedisServer
 from state.checkpoint import TieredCheckpointSaver
@@ -27,7 +28,7 @@ from state.hot.redis_events import RedisEventLog
 from state.hot.redis_store import RedisHotStore
 from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import StoredWrite, WritesPut
-from tests.integration.test_hot_values import checkpoint, grown
+from tests.integration.test_hot_values import checkpoint, grown, log_of
 from tests.integration.test_write_behind import (
     WriteBehind,
     config,
@@ -178,15 +179,22 @@ async def _busy(url: str, ms: int) -> asyncio.Task[object]:
     return task
 
 
+async def _thread_at_step_one(tiers: WriteBehind) -> tuple[RedisWriteBehindLog, str, str]:
+    """The write-behind log, and a thread of it at a cached checkpoint to append writes to."""
+    thread_id = f"lean-{uuid.uuid4().hex[:8]}"
+    await tiers.cache.advance(checkpoint(thread_id, 1), [])
+    return log_of(tiers), thread_id, checkpoint(thread_id, 1).checkpoint_id
+
+
+WRITE = StoredWrite("task-1", "", 0, "chat", ("json", b'"w"'))
+
+
 async def test_a_write_behind_append_whose_reply_was_lost_is_logged_once(
     stack_env: dict[str, str], own_redis: RedisServer
 ) -> None:
     async with open_write_behind(settings_for(stack_env, "postgres", own_redis.url)) as tiers:
-        thread_id = f"lean-{uuid.uuid4().hex[:8]}"
-        checkpoint_id = checkpoint(thread_id, 1).checkpoint_id
-        await tiers.cache.advance(checkpoint(thread_id, 1), [])
-        log = tiers.flusher.log
-        write = StoredWrite("task-1", "", 0, "chat", ("json", b'"w"'))
+        log, thread_id, checkpoint_id = await _thread_at_step_one(tiers)
+        write = WRITE
         # Its scripts loaded, and a connection ready, before the server is busy.
         warm = f"lean-{uuid.uuid4().hex[:8]}"
         await tiers.cache.advance(checkpoint(warm, 1), [])
@@ -200,6 +208,48 @@ async def test_a_write_behind_append_whose_reply_was_lost_is_logged_once(
         entries = await log.read(thread_id, count=100)
         assert [type(e.op) for e in entries] == [WritesPut]
         assert int(await tiers.redis.get(f"{{wb:{tiers.cache.namespace}}}:entries") or 0) == 1
+
+
+async def _drop_client_connections(url: str) -> None:
+    """What a restart or failover does to every client: the server closes its sockets."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        await admin.aclose()
+    await asyncio.sleep(0.1)  # the FIN reaches the client
+
+
+async def test_an_append_on_a_connection_the_server_closed_while_idle_reaches_redis(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """An append is sent once, so it must not go out on a pooled connection the server
+    closed while it sat idle (a restart, a failover, an idle timeout): nothing of it
+    would reach Redis."""
+    async with open_write_behind(settings_for(stack_env, "postgres", own_redis.url)) as tiers:
+        log, thread_id, checkpoint_id = await _thread_at_step_one(tiers)
+        await log.append_writes(thread_id, "", checkpoint_id, [WRITE], upsert=False, fence=None)
+        await _drop_client_connections(own_redis.url)
+        # Before: BackendUnavailable("Connection closed by server"), nothing sent.
+        await log.append_writes(thread_id, "", checkpoint_id, [WRITE], upsert=True, fence=None)
+        assert len(await log.read(thread_id, count=100)) == 2
+
+
+async def test_a_write_behind_put_after_a_redis_restart_stays_on_the_hot_path(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    async with open_write_behind(settings_for(stack_env, "postgres", own_redis.url)) as tiers:
+        thread_id = f"lean-{uuid.uuid4().hex[:8]}"
+        first = create_checkpoint(empty_checkpoint(), None, 1)
+        at = await tiers.saver.aput(config(thread_id), first, {"source": "loop", "step": 1}, {})
+        await _drop_client_connections(own_redis.url)
+        errors_before = tiers.cache.stats.errors
+        second = create_checkpoint(first, None, 2)
+        await tiers.saver.aput(at, second, {"source": "loop", "step": 2}, {})
+        assert tiers.cache.stats.errors == errors_before, "the put saw Redis failing"
+        # Logged for the flusher, not written through to the cold tier.
+        entries = await tiers.flusher.log.read(thread_id, count=100)
+        assert len(entries) == 2, f"{len(entries)} puts logged: the second went to the cold tier"
 
 
 async def test_a_lock_whose_reply_was_lost_is_not_left_held_by_nobody(
