@@ -1,6 +1,9 @@
-"""Server-side trouble answers 5xx with a message; client mistakes answer 4xx."""
+"""Server-side trouble answers 5xx; client mistakes answer 4xx. A store's own words (host
+names, roles, statements) stay in the log, under an incident id the answer gives."""
 
 from __future__ import annotations
+
+import re
 
 import httpx
 import pytest
@@ -11,19 +14,32 @@ from support_cases.http_errors import install_error_handlers
 from support_cases.runs import RunIndexBusy
 from support_cases.service import CaseConflict
 
+STORE_WORDS = 'connection to server at "db-internal.example" failed: role "app-identity" denied'
+INCIDENT = r" \(incident [0-9a-f]{12}\)"
+
 
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("error", "status", "answer"),
     [
-        (RunIndexBusy("the run index is busy (VersionConflict); retry"), 503),
-        (BackendUnavailable("cosmos", "HTTP 503"), 503),
-        (CaseConflict("case 'c' is not awaiting review"), 409),
-        (VersionConflict("c", 1, 2), 409),
-        (InvalidValue("postgres", "unsupported Unicode escape sequence", code="22P05"), 422),
-        (RequestRejected("cosmos", "HTTP 403: not authorized", code=403), 500),
+        (RunIndexBusy("the run index is busy (VersionConflict); retry"), 503, None),
+        (CaseConflict("case 'c' is not awaiting review"), 409, None),
+        (VersionConflict("c", 1, 2), 409, None),
+        (InvalidValue("postgres", "unsupported Unicode escape sequence", code="22P05"), 422, None),
+        (
+            BackendUnavailable("postgres", STORE_WORDS),
+            503,
+            re.escape("postgres unavailable, retry later") + INCIDENT,
+        ),
+        (
+            RequestRejected("cosmos", STORE_WORDS, code=403),
+            500,
+            re.escape("cosmos refused the request") + INCIDENT,
+        ),
     ],
 )
-async def test_errors_map_to_their_status(error: Exception, status: int) -> None:
+async def test_errors_map_to_their_status(
+    error: Exception, status: int, answer: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
     app = FastAPI()
     install_error_handlers(app)
 
@@ -35,4 +51,11 @@ async def test_errors_map_to_their_status(error: Exception, status: int) -> None
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.get("/boom")
     assert response.status_code == status
-    assert response.json()["error"] == str(error)
+    message = response.json()["error"]
+    if answer is None:
+        assert message == str(error)
+        return
+    assert re.fullmatch(answer, message), message
+    incident = message.rsplit(" ", 1)[1].rstrip(")")
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(incident in line and STORE_WORDS in line for line in logged), logged
