@@ -119,8 +119,10 @@ HOT_RETRY_AFTER_SECONDS = 1.0
 # Threads re-installed at once while settling after an outage (each is one cold read
 # and one Redis call): enough to drain a backlog quickly without flooding either tier.
 SETTLE_CONCURRENCY = 8
-# How often threads left unsettled by an outage are tried again in the background.
+# How often threads left unsettled by an outage are tried again in the background; twice
+# as long after each pass that settled none (the cold tier out of reach too), up to the max.
 RESETTLE_RETRY_SECONDS = 0.25
+RESETTLE_MAX_SECONDS = 5.0
 
 
 @dataclass
@@ -444,8 +446,9 @@ class CacheAsideStore:
             return  # no loop: the next read starts the settling pass
 
     async def _resettle(self) -> None:
+        delay = RESETTLE_RETRY_SECONDS
         while self._unsettled or self._hot_down:
-            await asyncio.sleep(RESETTLE_RETRY_SECONDS)
+            await asyncio.sleep(delay)
             if self._hot_skipped():
                 continue
             if not self._unsettled:
@@ -457,8 +460,13 @@ class CacheAsideStore:
                         continue
                 self._hot_recovered()
                 continue
+            before = set(self._unsettled)
             self._start_settling()
             await self.settled()
+            # Not a cold read per thread every RESETTLE_RETRY_SECONDS while the cold tier
+            # cannot answer them.
+            progressed = bool(before - self._unsettled)
+            delay = RESETTLE_RETRY_SECONDS if progressed else min(2 * delay, RESETTLE_MAX_SECONDS)
 
     async def settled(self) -> None:
         """Wait for the background settling pass in progress, if any (tests, shutdown)."""

@@ -246,3 +246,38 @@ async def test_locks_are_exclusive_fenced_renewed_and_released_by_their_holder(
     assert await store.lock_expires_in(THREAD) is None
     second = await store.lock(THREAD)
     assert second.fence > first.fence
+
+
+async def test_settling_backs_off_while_the_cold_tier_cannot_answer_either(
+    store: TieredStateStore,
+    cold: GatedColdStore,
+    hot: MemoryHotStore,
+    no_hot_backoff: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread written while Redis was out of reach is settled in the background once it
+    answers; with the cold tier down as well, the tries space out (not one cold read per
+    thread every RESETTLE_RETRY_SECONDS), and settling still happens once cold is back."""
+    monkeypatch.setattr(tiered, "RESETTLE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(tiered, "RESETTLE_MAX_SECONDS", 0.4)
+    await store.create(THREAD, {"s": "v1"}, agent_id="a")
+    with unreachable(hot.outage):
+        during = await store.update_section(THREAD, "s", "v2", agent_id="a")
+    tried = 0
+    get = cold.get
+
+    async def counted_get(thread_id: str) -> WorkflowRecord | None:
+        nonlocal tried
+        tried += 1
+        return await get(thread_id)
+
+    monkeypatch.setattr(cold, "get", counted_get)
+    with unreachable(cold.outage):
+        await asyncio.sleep(1.5)
+    # 0.05 s apart: about 30 tries; doubling to 0.4 s: 0.05, 0.15, 0.35, 0.75, 1.15, 1.55.
+    assert 2 <= tried <= 7, tried
+    for _ in range(20):
+        if await hot.get(THREAD) == during:
+            break
+        await asyncio.sleep(0.1)
+    assert await hot.get(THREAD) == during
