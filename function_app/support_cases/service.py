@@ -889,6 +889,17 @@ class CaseService:
                 return  # its holder runs the queue
 
     async def _drain_queue(self, case_id: str, guard: RunGuard) -> None:
+        # The checkpoint from the cold tier before the first stop or run this guard acts
+        # on: Redis may still hold a copy another worker, cut off from it, moved past (a
+        # decision it applied), and a run going on from that copy would undo it.
+        refreshed = False
+
+        async def refresh() -> None:
+            nonlocal refreshed
+            if not refreshed and self._saver is not None:
+                await self._saver.arefresh(case_id)
+            refreshed = True
+
         while True:
             record = await self._record(case_id)
             current = current_run(runs_of(record))
@@ -897,13 +908,17 @@ class CaseService:
                     # Paused for review (the queue waits for the decision's run), or left
                     # running by a dead runner (the timer resumes it first).
                     return
+                await refresh()
                 await self._end_stopped(case_id, guard, current)
                 continue
+            if queued(runs_of(record)):
+                await refresh()
             entry = await self._tracker.start_next(
                 case_id, fencing_token=guard.fence, sections=await self._after_failure(record)
             )
             if entry is None:
                 return
+            await refresh()  # the hot copy showed nothing queued; the cold record did
             going = await self._drive_one(
                 case_id,
                 self._message_input(case_id, record, entry["text"]),
