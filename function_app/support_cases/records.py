@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -149,8 +150,10 @@ async def write_sections(
 ) -> WorkflowRecord:
     """`write_section` for several sections in one record write, each audited under its
     own writer. A record the cold store refuses as too large with all of them
-    (`StateTooLarge`) takes them one by one, each offloaded as it needs. `fresh`: compute
-    on the cold tier's record, never a hot copy (a compute that refuses by raising)."""
+    (`StateTooLarge`) is written again in one write, computed anew, with those sections
+    offloaded. `fresh`: compute on the cold tier's record, never a hot copy (a compute
+    that refuses by raising)."""
+    offload = False
     for attempt in range(MAX_ATTEMPTS):
         try:
             async with _turn(thread_id):
@@ -160,22 +163,24 @@ async def write_sections(
                 writes = compute(found)
                 if not writes:
                     return found
+                if offload:
+                    writes = [
+                        dataclasses.replace(
+                            write,
+                            value=await store.size.offload(thread_id, write.section, write.value),
+                        )
+                        for write in writes
+                    ]
                 return await store.update_sections(
                     thread_id, writes, expected_version=found.version, fencing_token=fencing_token
                 )
         except StateTooLarge:
-            assert found is not None  # refused by `update_sections`: the record was there
-            record = found
-            for write in writes:
-                record = await set_section(
-                    store,
-                    thread_id,
-                    write.section,
-                    write.value,
-                    agent_id=write.agent_id,
-                    fencing_token=fencing_token,
-                )
-            return record
+            if offload:
+                raise  # the other sections are what does not fit
+            # Still one write, computed again on the record it goes on (what another writer
+            # stored meanwhile stays, a compute that refuses still refuses), with the
+            # sections it writes offloaded.
+            offload = True
         except VersionConflict:
             if attempt == MAX_ATTEMPTS - 1:
                 raise
