@@ -3,7 +3,8 @@ still reaches it: a partition, not an outage.
 
 Worker A reaches Redis through a `LoopbackProxy` the test cuts; worker B reaches it
 directly. Both share the cold tier. What A acknowledges while cut must hold for B: B
-must not act on the older record or checkpoint Redis still holds for the case.
+must not act on the older record or checkpoint Redis still holds for the case, whether it
+decides, resumes or runs a follow-up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from devstack import RedisServer
 from support_cases.effects import idempotency_key
-from support_cases.models import CaseStatus, FollowUp
+from support_cases.models import CaseStatus, FollowUp, FollowUpStrategy
 from support_cases.runs import shard_of
 from support_cases.settings import AppSettings
 
@@ -269,3 +270,54 @@ async def test_a_run_started_after_a_cut_off_timer_dropped_its_case_stays_in_the
         finally:
             release.set()
             proxy.restore()
+
+
+@pytest.mark.parametrize("strategy", [FollowUpStrategy.ENQUEUE, FollowUpStrategy.INTERRUPT])
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_a_follow_up_run_by_another_worker_goes_on_from_a_cut_off_workers_decision(
+    backend: str,
+    strategy: FollowUpStrategy,
+    settings_for: Callable[..., AppSettings],
+    redis_proxy: tuple[RedisServer, LoopbackProxy],
+) -> None:
+    """A, cut off from Redis, approves a case (refund paid, case completed). The
+    customer's follow-up reaches B, which reaches Redis: its run must start from the
+    approved state (the decision stands for follow-ups), not from the interrupt
+    checkpoint Redis still caches (which asks for review again, the approval lost)."""
+    server, proxy = redis_proxy
+    direct, through = _urls(server, proxy)
+    async with (
+        open_runtime(settings_for(backend, redis_url=through)) as a,
+        open_runtime(settings_for(backend, redis_url=direct)) as b,
+    ):
+        case_id = f"partition-followup-{uuid.uuid4().hex[:8]}"
+        await review_case(b, case_id)
+        for app in (a, b):
+            assert (await app.runtime.service.status(case_id)).status is CaseStatus.AWAITING_REVIEW
+        try:
+            proxy.cut("reset")
+            approved = await a.decide(case_id, "approve", "alice")
+            await a.runtime.service.wait_idle()
+            assert approved.accepted, approved
+            assert (await a.runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+
+            sent = await b.runtime.service.post_message(
+                case_id, FollowUp(text="thanks, when will I see it?", strategy=strategy), None
+            )
+            await b.runtime.service.wait_idle()
+        finally:
+            proxy.restore()
+        record = await b.runtime.backends.cold.get(case_id)
+        assert record is not None
+        run = record.sections["run"]
+        review = record.sections.get("review")
+        runs = {e["run_id"]: e["status"] for e in record.sections["runs"]}
+        performed = await b.runtime.provider.performed(idempotency_key(case_id, "refund"))
+        state = await b.runtime.service._graph.aget_state({"configurable": {"thread_id": case_id}})
+        assert len(performed) == 1, performed
+        assert review is not None and review["decision"] == "approve", review
+        assert "review" in state.values and not state.interrupts, (
+            f"the follow-up {sent.run.run_id} ran from a state without A's approval: "
+            f"interrupts {state.interrupts}, case {run['status']}, runs {runs}"
+        )
+        assert run["status"] == CaseStatus.COMPLETED.value, (run, runs)
