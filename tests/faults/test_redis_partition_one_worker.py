@@ -51,6 +51,19 @@ async def _review_of(app: App, case_id: str) -> Any:
     return record.sections.get("review"), record
 
 
+async def _approved_while_cut(a: App, b: App, proxy: LoopbackProxy, case_id: str) -> None:
+    """A case awaiting review, read by both workers (Redis caches its record and interrupt
+    checkpoint); then A, cut off from Redis, approves it: refund paid, case completed."""
+    await review_case(b, case_id)
+    for app in (a, b):
+        assert (await app.runtime.service.status(case_id)).status is CaseStatus.AWAITING_REVIEW
+    proxy.cut("reset")
+    approved = await a.decide(case_id, "approve", "alice")
+    await a.runtime.service.wait_idle()
+    assert approved.accepted, approved
+    assert (await a.runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+
+
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 async def test_decision_applied_by_a_cut_off_worker_holds_for_a_worker_that_reaches_redis(
     backend: str,
@@ -64,16 +77,7 @@ async def test_decision_applied_by_a_cut_off_worker_holds_for_a_worker_that_reac
         open_runtime(settings_for(backend, redis_url=direct)) as b,
     ):
         case_id = f"partition-review-{uuid.uuid4().hex[:8]}"
-        await review_case(b, case_id)
-        # Both workers have read the case: Redis caches its record and interrupt checkpoint.
-        for app in (a, b):
-            assert (await app.runtime.service.status(case_id)).status is CaseStatus.AWAITING_REVIEW
-
-        proxy.cut("reset")
-        approved = await a.decide(case_id, "approve", "alice")
-        await a.runtime.service.wait_idle()
-        assert approved.accepted, approved
-        assert (await a.runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+        await _approved_while_cut(a, b, proxy, case_id)
 
         # The case is completed and acknowledged as approved. Another reviewer's late
         # decision reaches worker B, which reaches Redis.
@@ -291,16 +295,8 @@ async def test_a_follow_up_run_by_another_worker_goes_on_from_a_cut_off_workers_
         open_runtime(settings_for(backend, redis_url=direct)) as b,
     ):
         case_id = f"partition-followup-{uuid.uuid4().hex[:8]}"
-        await review_case(b, case_id)
-        for app in (a, b):
-            assert (await app.runtime.service.status(case_id)).status is CaseStatus.AWAITING_REVIEW
         try:
-            proxy.cut("reset")
-            approved = await a.decide(case_id, "approve", "alice")
-            await a.runtime.service.wait_idle()
-            assert approved.accepted, approved
-            assert (await a.runtime.service.status(case_id)).status is CaseStatus.COMPLETED
-
+            await _approved_while_cut(a, b, proxy, case_id)
             sent = await b.runtime.service.post_message(
                 case_id, FollowUp(text="thanks, when will I see it?", strategy=strategy), None
             )
