@@ -17,7 +17,7 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.core.pipeline.transport import AsyncHttpTransport
 from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
-from azure.cosmos.exceptions import CosmosHttpResponseError
+from azure.cosmos.exceptions import CosmosHttpResponseError, CosmosResourceNotFoundError
 
 from ..errors import BackendUnavailable, InvalidValue, RequestRejected
 from ..ports import Counters, cold_operation
@@ -80,24 +80,13 @@ class CosmosConnection:
 
     async def _open(self) -> ContainerProxy:
         config = self._config
-        credential: Any
-        if config.key is not None:
-            credential = config.key.get_secret_value()
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            self._credential = DefaultAzureCredential(managed_identity_client_id=config.client_id)
-            credential = self._credential
-        self._client = CosmosClient(
-            config.endpoint,
-            credential=credential,
-            connection_verify=config.verify_tls,
-            consistency_level="Session",
-            transport=self._transport,
-        )
+        if self._client is None:  # else kept from an open that failed: one client per connection
+            self._client = self._new_client()
         if not config.create_if_missing:
             database_client = self._client.get_database_client(config.database)
-            return database_client.get_container_client(config.container)
+            container = database_client.get_container_client(config.container)
+            await self._check_exists(container)
+            return container
         with cosmos_errors():
             database = await self._client.create_database_if_not_exists(config.database)
             return await database.create_container_if_not_exists(
@@ -109,6 +98,39 @@ class CosmosConnection:
                 # a live thread still names it.
                 default_ttl=CONTAINER_DEFAULT_TTL,
             )
+
+    def _new_client(self) -> CosmosClient:
+        config = self._config
+        credential: Any
+        if config.key is not None:
+            credential = config.key.get_secret_value()
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential(managed_identity_client_id=config.client_id)
+            credential = self._credential
+        return CosmosClient(
+            config.endpoint,
+            credential=credential,
+            connection_verify=config.verify_tls,
+            consistency_level="Session",
+            transport=self._transport,
+        )
+
+    async def _check_exists(self, container: ContainerProxy) -> None:
+        """Read the container's properties once (the SDK keeps them for its requests).
+        Missing, it would answer every point read "not found", as if each thread were
+        empty, and fail every write with the SDK's own error."""
+        try:
+            with cosmos_errors():
+                await container.read()
+        except CosmosResourceNotFoundError as exc:
+            config = self._config
+            raise RequestRejected(
+                "cosmos",
+                f"container {config.container!r} of database {config.database!r} does not exist",
+                code=404,
+            ) from exc
 
     @property
     def response_hook(self) -> Any:

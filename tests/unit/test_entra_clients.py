@@ -11,6 +11,7 @@ what would have been sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import azure.identity.aio
@@ -89,6 +90,14 @@ def recorded_default_credential(
 # ---------------------------------------------------------------------- Cosmos
 
 
+@dataclass(frozen=True)
+class FakeContainer:
+    name: str
+
+    async def read(self) -> dict[str, Any]:
+        return {"id": self.name}
+
+
 class FakeCosmosClient:
     """Stands in for azure.cosmos.aio.CosmosClient: records its arguments, never connects."""
 
@@ -101,8 +110,8 @@ class FakeCosmosClient:
     def get_database_client(self, database: str) -> FakeCosmosClient:
         return self
 
-    def get_container_client(self, container: str) -> str:
-        return f"container:{container}"
+    def get_container_client(self, container: str) -> FakeContainer:
+        return FakeContainer(container)
 
     async def close(self) -> None:
         self.closed = True
@@ -129,7 +138,7 @@ async def test_cosmos_without_a_key_signs_in_as_the_user_assigned_identity(
     settings = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, AZURE_CLIENT_ID=CLIENT_ID)
     connection = CosmosConnection(settings.cosmos)
     try:
-        assert await connection.container() == "container:state"
+        assert await connection.container() == FakeContainer("state")
         (client,) = cosmos_clients
         assert client.url == COSMOS_ENDPOINT
         assert isinstance(client.credential, azure.identity.aio.DefaultAzureCredential)
