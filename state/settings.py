@@ -55,6 +55,7 @@ class CosmosConfig:
     client_id: str | None
     # The local emulator serves a self-signed certificate on loopback only.
     verify_tls: bool
+    operation_timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class Settings(BaseSettings):
     cosmos_container: str = "state"
     # Data-plane RBAC cannot create databases/containers; in Azure Bicep does.
     cosmos_create_if_missing: bool = False
+    # How long one Cosmos call may take, the SDK's own retries included, before the
+    # backend counts as unavailable (a cut network must not hang a worker).
+    cosmos_operation_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Postgres. POSTGRES_URL locally; in Azure host/database/user with an Entra token.
     postgres_url: SecretStr | None = None
@@ -192,6 +196,7 @@ class Settings(BaseSettings):
             create_if_missing=self.cosmos_create_if_missing,
             client_id=self.azure_client_id,
             verify_tls=not self.cosmos_is_local_emulator,
+            operation_timeout_seconds=self.cosmos_operation_timeout_seconds,
         )
 
     @property

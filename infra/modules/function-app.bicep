@@ -190,6 +190,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       COSMOS_DATABASE: cosmosDatabase
       COSMOS_CONTAINER: cosmosContainer
       COSMOS_CREATE_IF_MISSING: 'false'
+      COSMOS_OPERATION_TIMEOUT_SECONDS: '30'
       POSTGRES_HOST: postgresHost
       POSTGRES_DATABASE: postgresDatabase
       POSTGRES_USER: postgresUser

@@ -9,8 +9,8 @@ errors, and counts round trips and request charge for the benchmark and the O(1)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
@@ -87,7 +87,7 @@ class CosmosConnection:
             container = database_client.get_container_client(config.container)
             await self._check_exists(container)
             return container
-        with cosmos_errors():
+        async with self.bounded():
             database = await self._client.create_database_if_not_exists(config.database)
             return await database.create_container_if_not_exists(
                 config.container,
@@ -115,6 +115,8 @@ class CosmosConnection:
             connection_verify=config.verify_tls,
             consistency_level="Session",
             transport=self._transport,
+            # Per attempt; `bounded` bounds a whole call, the SDK's retries included.
+            read_timeout=config.operation_timeout_seconds,
         )
 
     async def _check_exists(self, container: ContainerProxy) -> None:
@@ -122,7 +124,7 @@ class CosmosConnection:
         Missing, it would answer every point read "not found", as if each thread were
         empty, and fail every write with the SDK's own error."""
         try:
-            with cosmos_errors():
+            async with self.bounded():
                 await container.read()
         except CosmosResourceNotFoundError as exc:
             config = self._config
@@ -131,6 +133,15 @@ class CosmosConnection:
                 f"container {config.container!r} of database {config.database!r} does not exist",
                 code=404,
             ) from exc
+
+    @asynccontextmanager
+    async def bounded(self) -> AsyncIterator[None]:
+        """One call to the service, errors mapped (`cosmos_errors`) and bounded in time:
+        the SDK retries a read that gets no answer up to three times, each waiting out its
+        read timeout, so a cut network would hold a caller for minutes."""
+        with cosmos_errors():
+            async with asyncio.timeout(self._config.operation_timeout_seconds):
+                yield
 
     @property
     def response_hook(self) -> Any:

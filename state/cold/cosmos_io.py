@@ -3,7 +3,7 @@
 Point reads, upserts, create-if-absent, conditional replace and delete, patch,
 paged queries and a bounded gather, each counted on the connection (the
 response hook sees successes; failed round trips are counted here) and each
-mapping transport failures through `cosmos_errors`. Queries name the thread in
+bounded in time and mapping failures (`CosmosConnection.bounded`). Queries name the thread in
 their text as well as in the partition key option: the local emulator ignores
 the option and would otherwise scan (or refuse) across partitions.
 """
@@ -11,8 +11,8 @@ the option and would otherwise scan (or refuse) across partitions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 from azure.core import MatchConditions
@@ -26,7 +26,7 @@ from azure.cosmos.exceptions import (
 )
 
 from ..errors import BackendUnavailable
-from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection, cosmos_errors
+from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -110,10 +110,11 @@ class PartitionIO:
     def hook(self) -> Any:
         return self.connection.response_hook
 
-    @contextmanager
-    def errors(self) -> Iterator[None]:
-        # The response hook only sees successes; failed round trips count too.
-        with cosmos_errors():
+    @asynccontextmanager
+    async def errors(self) -> AsyncIterator[None]:
+        """One bounded call (`CosmosConnection.bounded`); a failed round trip is counted
+        here, as the response hook only sees successes."""
+        async with self.connection.bounded():
             try:
                 yield
             except CosmosHttpResponseError:
@@ -125,7 +126,7 @@ class PartitionIO:
     async def read(self, doc_id: str, partition: str) -> Doc | None:
         container = await self.container()
         try:
-            with self.errors():
+            async with self.errors():
                 found: Doc = await container.read_item(
                     doc_id, partition_key=partition, response_hook=self.hook
                 )
@@ -135,7 +136,7 @@ class PartitionIO:
 
     async def upsert(self, doc: Doc) -> None:
         container = await self.container()
-        with self.errors():
+        async with self.errors():
             await container.upsert_item(doc, no_response=True, response_hook=self.hook)
 
     async def upsert_all(self, docs: Sequence[Doc]) -> None:
@@ -152,7 +153,7 @@ class PartitionIO:
         """
         container = await self.container()
         try:
-            with self.errors():
+            async with self.errors():
                 results = await container.execute_item_batch(
                     list(operations), partition_key=partition, response_hook=self.hook
                 )
@@ -166,14 +167,14 @@ class PartitionIO:
     async def create(self, doc: Doc) -> Doc:
         """The created item; raises `CosmosResourceExistsError` if the id is taken."""
         container = await self.container()
-        with self.errors():
+        async with self.errors():
             created: Doc = await container.create_item(doc, response_hook=self.hook)
         return created
 
     async def create_if_absent(self, doc: Doc) -> bool:
         container = await self.container()
         try:
-            with self.errors():
+            async with self.errors():
                 await container.create_item(doc, no_response=True, response_hook=self.hook)
         except CosmosResourceExistsError:
             return False
@@ -182,7 +183,7 @@ class PartitionIO:
     async def replace(self, doc_id: str, doc: Doc, *, etag: str) -> Doc:
         """If-Match `etag`; raises `CosmosAccessConditionFailedError` if it moved."""
         container = await self.container()
-        with self.errors():
+        async with self.errors():
             replaced: Doc = await container.replace_item(
                 doc_id,
                 doc,
@@ -203,7 +204,7 @@ class PartitionIO:
         """False when it was already gone."""
         container = await self.container()
         try:
-            with self.errors():
+            async with self.errors():
                 await container.delete_item(
                     doc_id, partition_key=partition, response_hook=self.hook
                 )
@@ -227,7 +228,7 @@ class PartitionIO:
         """False when the item is gone or `only_if` did not hold."""
         container = await self.container()
         try:
-            with self.errors():
+            async with self.errors():
                 await container.patch_item(
                     doc_id,
                     partition_key=partition,
@@ -252,20 +253,25 @@ class PartitionIO:
     ) -> AsyncGenerator[list[Any], None]:
         """One list per page the service returns, following its continuation tokens.
 
-        `partition` None: across partitions (the caller's query must allow it).
+        `partition` None: across partitions (the caller's query must allow it). Each page
+        is one bounded call: the caller's time between pages is not the service's.
         """
         container = await self.container()
         scope: dict[str, Any] = {} if partition is None else {"partition_key": partition}
-        with self.errors():
-            pager = container.query_items(
-                query,
-                parameters=[{"name": name, "value": value} for name, value in params.items()],
-                max_item_count=page_size,
-                response_hook=self.hook,
-                **scope,
-            ).by_page()
-            async for page in pager:
-                yield [item async for item in page]
+        pager = container.query_items(
+            query,
+            parameters=[{"name": name, "value": value} for name, value in params.items()],
+            max_item_count=page_size,
+            response_hook=self.hook,
+            **scope,
+        ).by_page()
+        while True:
+            async with self.errors():
+                page = await anext(pager, None)
+                items = None if page is None else [item async for item in page]
+            if items is None:
+                return
+            yield items
 
     async def query_all(self, query: str, params: dict[str, Any], *, partition: str) -> list[Any]:
         found: list[Any] = []

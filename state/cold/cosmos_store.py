@@ -54,7 +54,7 @@ from ..ports import (
     timed_probe,
 )
 from ..schema import CURRENT, upcast
-from .cosmos_client import CosmosConnection, cosmos_errors
+from .cosmos_client import CosmosConnection
 from .cosmos_io import BatchRefused, PartitionIO
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class CosmosStateStore:
 
     async def _read_container(self) -> None:
         container = await self._connection.container()
-        with cosmos_errors():
+        async with self._connection.bounded():
             await container.read(response_hook=self._connection.response_hook)
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ retry, never a blind re-send). Checked per call:
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -249,3 +250,50 @@ async def test_cosmos_transport_fault(
         assert tally.surfaced == 0  # never applied, so the SDK's own retry is safe and enough
     if unknown_outcome and kind == "reset_after":
         assert tally.store_reconciled == 2 * REPEATS
+
+
+# What a bounded call may take beyond its bound (scheduling on a loaded machine).
+BOUND_SLACK_SECONDS = 1.5
+
+
+async def test_a_cosmos_call_with_no_answer_fails_typed_within_its_bound(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """A cut network answers nothing: the SDK would wait out its read timeout (65 s by
+    default) and retry a read three times, holding the caller (an HTTP request, a flush
+    lock) for minutes. Every call is bounded by COSMOS_OPERATION_TIMEOUT_SECONDS."""
+    bound = 1.0
+    settings = settings_for("cosmos", redis_url=None, cosmos_operation_timeout_seconds=bound)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    await cold.setup()
+    thread_id = f"cf-stall-{uuid.uuid4().hex[:8]}"
+    try:
+        await cold.create(thread_id, {"n": 0}, agent_id="caller")
+        calls = {
+            "read": lambda: cold.get(thread_id),
+            "query": lambda: cold.audit_trail(thread_id, limit=20),
+            "batch": lambda: cold.update_section(
+                thread_id, "n", 1, expected_version=1, agent_id="caller"
+            ),
+        }
+        for operation, call in calls.items():
+            transport.clear()
+            transport.inject(Fault("stall", frozenset({operation}), times=10))
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="cosmos unavailable"):
+                await call()
+            took = time.monotonic() - started
+            assert bound <= took < bound + BOUND_SLACK_SECONDS, (operation, took)
+            assert transport.count(operation) == 1
+        # The connection is not left broken: the next calls answer (and the update that
+        # got no answer was never sent).
+        transport.clear()
+        updated = await cold.update_section(
+            thread_id, "n", 1, expected_version=1, agent_id="caller"
+        )
+        assert updated.version == 2
+        await cold.delete(thread_id)
+    finally:
+        await connection.close()

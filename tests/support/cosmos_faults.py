@@ -10,7 +10,9 @@ matches document operations by kind and hits the next `times` of them:
 - `timeout_after`: the server applies the request, then the response times
   out (unknown outcome; the SDK does not retry writes on this);
 - `reset_after`: the server applies the request, then the connection drops
-  (unknown outcome; the SDK *does* retry it, even a write).
+  (unknown outcome; the SDK *does* retry it, even a write);
+- `stall`: the request gets no answer (a cut network): it waits out the read
+  timeout the SDK gives the transport, then times out, as aiohttp would.
 
 Every attempt is logged with its operation and what was injected, so a test
 can count how often an operation went to the wire.
@@ -18,6 +20,7 @@ can count how often an operation went to the wire.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,7 +39,9 @@ from azure.core.pipeline.transport import (
 )
 from azure.core.utils import CaseInsensitiveDict
 
-FaultKind = Literal["throttle", "unavailable", "timeout_before", "timeout_after", "reset_after"]
+FaultKind = Literal[
+    "throttle", "unavailable", "timeout_before", "timeout_after", "reset_after", "stall"
+]
 Operation = Literal["create", "upsert", "replace", "patch", "read", "query", "delete", "batch"]
 WRITES: frozenset[Operation] = frozenset(
     {"create", "upsert", "replace", "patch", "delete", "batch"}
@@ -161,6 +166,9 @@ class FaultyTransport(AsyncHttpTransport):
             return _error_response(request, 503, {})
         if fault.kind == "timeout_before":
             raise ServiceRequestTimeoutError("injected: connect timed out")
+        if fault.kind == "stall":
+            await asyncio.sleep(kwargs["read_timeout"])
+            raise ServiceResponseTimeoutError("injected: no answer within the read timeout")
         response = await self.inner.send(request, **kwargs)
         await response.load_body()
         if fault.kind == "timeout_after":
