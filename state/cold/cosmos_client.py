@@ -139,9 +139,16 @@ class CosmosConnection:
         """One call to the service, errors mapped (`cosmos_errors`) and bounded in time:
         the SDK retries a read that gets no answer up to three times, each waiting out its
         read timeout, so a cut network would hold a caller for minutes."""
+        seconds = self._config.operation_timeout_seconds
+        deadline = asyncio.timeout(seconds)
         with cosmos_errors():
-            async with asyncio.timeout(self._config.operation_timeout_seconds):
-                yield
+            try:
+                async with deadline:
+                    yield
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                raise BackendUnavailable("cosmos", f"no answer within {seconds:g} s") from exc
 
     @property
     def response_hook(self) -> Any:

@@ -2,10 +2,10 @@
 
 Point reads, upserts, create-if-absent, conditional replace and delete, patch,
 paged queries and a bounded gather, each counted on the connection (the
-response hook sees successes; failed round trips are counted here) and each
-bounded in time and mapping failures (`CosmosConnection.bounded`). Queries name the thread in
-their text as well as in the partition key option: the local emulator ignores
-the option and would otherwise scan (or refuse) across partitions.
+response hook sees successes; failed round trips are counted here), bounded in
+time and with its failures mapped (`CosmosConnection.bounded`). Queries name the
+thread in their text as well as in the partition key option: the local emulator
+ignores the option and would otherwise scan (or refuse) across partitions.
 """
 
 from __future__ import annotations
