@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from devstack import RedisServer
+from support_cases.agents import StepHook
 from support_cases.effects import idempotency_key
 from support_cases.models import CaseStatus, FollowUp, FollowUpStrategy
 from support_cases.runs import shard_of
@@ -39,10 +40,25 @@ def redis_proxy(
         proxy.stop()
 
 
-def _urls(server: RedisServer, proxy: LoopbackProxy) -> tuple[str, str]:
+@contextlib.asynccontextmanager
+async def _workers(
+    settings_for: Callable[..., AppSettings],
+    backend: str,
+    redis_proxy: tuple[RedisServer, LoopbackProxy],
+    *,
+    after_step_a: StepHook | None = None,
+    after_step_b: StepHook | None = None,
+    **overrides: object,
+) -> AsyncIterator[tuple[App, App]]:
+    """Worker A, reaching Redis through the proxy the test cuts, and worker B, directly."""
+    server, proxy = redis_proxy
     direct = f"redis://127.0.0.1:{server.port}/0"
     through = f"redis://127.0.0.1:{proxy.port}/0"
-    return direct, through
+    async with (
+        open_runtime(settings_for(backend, redis_url=through, **overrides), after_step_a) as a,
+        open_runtime(settings_for(backend, redis_url=direct, **overrides), after_step_b) as b,
+    ):
+        yield a, b
 
 
 async def _review_of(app: App, case_id: str) -> Any:
@@ -70,12 +86,8 @@ async def test_decision_applied_by_a_cut_off_worker_holds_for_a_worker_that_reac
     settings_for: Callable[..., AppSettings],
     redis_proxy: tuple[RedisServer, LoopbackProxy],
 ) -> None:
-    server, proxy = redis_proxy
-    direct, through = _urls(server, proxy)
-    async with (
-        open_runtime(settings_for(backend, redis_url=through)) as a,
-        open_runtime(settings_for(backend, redis_url=direct)) as b,
-    ):
+    _, proxy = redis_proxy
+    async with _workers(settings_for, backend, redis_proxy) as (a, b):
         case_id = f"partition-review-{uuid.uuid4().hex[:8]}"
         await _approved_while_cut(a, b, proxy, case_id)
 
@@ -105,8 +117,7 @@ async def test_a_decision_run_left_by_a_cut_off_worker_is_resumed_by_another_wor
     the refund step is checkpointed (a worker frozen mid-run). B's timer must resume the
     stalled run from what A acknowledged: the approval stands, the refund is paid once,
     and the case completes as an undisturbed one would."""
-    server, proxy = redis_proxy
-    direct, through = _urls(server, proxy)
+    _, proxy = redis_proxy
     hold = asyncio.Event()
     release = asyncio.Event()
 
@@ -115,10 +126,9 @@ async def test_a_decision_run_left_by_a_cut_off_worker_is_resumed_by_another_wor
             await release.wait()
 
     quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
-    async with (
-        open_runtime(settings_for(backend, redis_url=through, **quick), hang_after_refund) as a,
-        open_runtime(settings_for(backend, redis_url=direct, **quick)) as b,
-    ):
+    async with _workers(
+        settings_for, backend, redis_proxy, after_step_a=hang_after_refund, **quick
+    ) as (a, b):
         case_id = f"partition-hang-{uuid.uuid4().hex[:8]}"
         try:
             await review_case(b, case_id)
@@ -161,13 +171,9 @@ async def test_two_workers_decide_the_same_review_across_a_partition(
     """test_concurrent_resume's race, with one side cut off from Redis: A guards the case
     with the cold-tier lease, B with the Redis run lock. Still one winner, a typed
     conflict for the other, and the refund follows the decision on record."""
-    server, proxy = redis_proxy
-    direct, through = _urls(server, proxy)
+    _, proxy = redis_proxy
     bad: list[str] = []
-    async with (
-        open_runtime(settings_for(backend, redis_url=through)) as a,
-        open_runtime(settings_for(backend, redis_url=direct)) as b,
-    ):
+    async with _workers(settings_for, backend, redis_proxy) as (a, b):
         arrived: list[asyncio.Event] = []
 
         def interleaved(app: App) -> None:
@@ -234,8 +240,7 @@ async def test_a_run_started_after_a_cut_off_timer_dropped_its_case_stays_in_the
     tier alone: Redis keeps the older index that lists it). B then starts a run of the
     case and indexes it: it must land in the index, or a run B leaves stalled is never
     found by any timer."""
-    server, proxy = redis_proxy
-    direct, through = _urls(server, proxy)
+    _, proxy = redis_proxy
     hold = asyncio.Event()
     release = asyncio.Event()
 
@@ -244,10 +249,7 @@ async def test_a_run_started_after_a_cut_off_timer_dropped_its_case_stays_in_the
             await release.wait()
 
     quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
-    async with (
-        open_runtime(settings_for(backend, redis_url=through, **quick)) as a,
-        open_runtime(settings_for(backend, redis_url=direct, **quick), hang) as b,
-    ):
+    async with _workers(settings_for, backend, redis_proxy, after_step_b=hang, **quick) as (a, b):
         case_id = f"partition-index-{uuid.uuid4().hex[:8]}"
         shard = shard_of(case_id)
         try:
@@ -288,12 +290,8 @@ async def test_a_follow_up_run_by_another_worker_goes_on_from_a_cut_off_workers_
     customer's follow-up reaches B, which reaches Redis: its run must start from the
     approved state (the decision stands for follow-ups), not from the interrupt
     checkpoint Redis still caches (which asks for review again, the approval lost)."""
-    server, proxy = redis_proxy
-    direct, through = _urls(server, proxy)
-    async with (
-        open_runtime(settings_for(backend, redis_url=through)) as a,
-        open_runtime(settings_for(backend, redis_url=direct)) as b,
-    ):
+    _, proxy = redis_proxy
+    async with _workers(settings_for, backend, redis_proxy) as (a, b):
         case_id = f"partition-followup-{uuid.uuid4().hex[:8]}"
         try:
             await _approved_while_cut(a, b, proxy, case_id)
