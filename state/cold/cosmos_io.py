@@ -11,7 +11,8 @@ ignores the option and would otherwise scan (or refuse) across partitions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
@@ -25,7 +26,7 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, RequestRejected
 from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection
 
 T = TypeVar("T")
@@ -91,6 +92,29 @@ async def gather(calls: Sequence[Awaitable[T]], *, limit: int = CONCURRENT_REQUE
                 call.close()  # one cancelled before it started was never awaited
 
 
+def _by_partition(docs: Sequence[Doc]) -> dict[str, list[Doc]]:
+    grouped: dict[str, list[Doc]] = {}
+    for doc in docs:
+        grouped.setdefault(str(doc["thread_id"]), []).append(doc)
+    return grouped
+
+
+def _batch_runs(docs: Sequence[Doc]) -> Iterator[list[Doc]]:
+    """`docs` in order, cut into runs a transactional batch holds (by count, and by
+    size estimated from the documents' JSON); a doc too large for one is a run alone."""
+    run: list[Doc] = []
+    size = 0
+    for doc in docs:
+        doc_size = len(json.dumps(doc))
+        if run and (len(run) == BATCH_OPERATIONS or size + doc_size > BATCH_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(doc)
+        size += doc_size
+    if run:
+        yield run
+
+
 async def gather_pair(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """`gather` of two calls of different result types."""
     one, other = await gather([first, second])
@@ -140,8 +164,27 @@ class PartitionIO:
             await container.upsert_item(doc, no_response=True, response_hook=self.hook)
 
     async def upsert_all(self, docs: Sequence[Doc]) -> None:
-        if docs:
-            await gather([self.upsert(doc) for doc in docs])
+        """Every doc upserted, each partition's as transactional batches within the
+        service's limits, the batches concurrently: a large state's hundreds of blocks
+        cost a handful of round trips, not one each. A doc alone, or too large for a
+        batch, is its own request. Each batch is atomic; the whole is not."""
+        requests: list[Awaitable[object]] = []
+        for partition, group in _by_partition(docs).items():
+            for run in _batch_runs(group):
+                if len(run) == 1:
+                    requests.append(self.upsert(run[0]))
+                else:
+                    requests.append(self._upsert_batch(partition, run))
+        if requests:
+            await gather(requests)
+
+    async def _upsert_batch(self, partition: str, docs: Sequence[Doc]) -> None:
+        try:
+            await self.batch(partition, [("upsert", (doc,)) for doc in docs])
+        except BatchRefused as refused:
+            # An upsert has no precondition to fail: a refusal is one the docs would
+            # meet sent alone too (malformed, too large).
+            raise RequestRejected("cosmos", str(refused), code=refused.status) from refused
 
     async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> list[Doc]:
         """One transactional batch: every operation applied in order, or none of them.
@@ -213,9 +256,23 @@ class PartitionIO:
         return True
 
     async def delete_ids(self, partition: str, ids: Sequence[str]) -> None:
-        """One delete each, concurrently (a missing one is no failure, as it would fail a batch)."""
-        if ids:
-            await gather([self.delete(doc_id, partition) for doc_id in ids])
+        """Every id deleted, as transactional batches run concurrently; a missing id
+        is no failure, but it fails its batch, whose ids are then deleted one each."""
+        runs = [
+            ids[start : start + BATCH_OPERATIONS] for start in range(0, len(ids), BATCH_OPERATIONS)
+        ]
+        if runs:
+            await gather([self._delete_run(partition, run) for run in runs])
+
+    async def _delete_run(self, partition: str, ids: Sequence[str]) -> None:
+        if len(ids) > 1:
+            try:
+                await self.batch(partition, [("delete", (doc_id,)) for doc_id in ids])
+                return
+            except BatchRefused as refused:
+                if refused.status != 404:
+                    raise RequestRejected("cosmos", str(refused), code=refused.status) from refused
+        await gather([self.delete(doc_id, partition) for doc_id in ids])
 
     async def patch(
         self,

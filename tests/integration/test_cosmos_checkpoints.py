@@ -4,6 +4,7 @@ documents, write-behind batches and maintenance that keeps what a checkpoint nam
 from __future__ import annotations
 
 import asyncio
+import math
 import operator
 import os
 import uuid
@@ -472,7 +473,9 @@ async def test_a_step_too_large_for_a_batch_held_up_after_its_blocks_cannot_land
             await go_on.wait()
 
     async def paused_batch(self: PartitionIO, partition: str, operations: Any) -> Any:
-        await pause_before_the_late_checkpoint([op[1][-1] for op in operations])
+        await pause_before_the_late_checkpoint(
+            [op[1][-1] for op in operations if op[0] != "delete"]
+        )
         return await batch(self, partition, operations)
 
     async def paused_upsert_all(self: PartitionIO, docs: Any) -> None:
@@ -493,6 +496,27 @@ async def test_a_step_too_large_for_a_batch_held_up_after_its_blocks_cannot_land
     with pytest.raises(StaleFencingToken):
         await late
     assert await other_process.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_a_step_too_large_for_a_batch_stores_and_deletes_its_blocks_a_batch_at_a_time(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    """Its blocks cost a request per hundred, each way, not one each: a flush of a
+    2 MB state sent 530 upserts one at a time and held the thread's lock so long that
+    a delete waiting for it gave up."""
+    thread_id = thread()
+    connection.counters.reset()
+    await small_items.apply_batch(_fenced_ops(thread_id, 1, 1, TOO_LARGE_FOR_A_BATCH))
+    stored_with = connection.counters.requests
+    documents = len(await partition(connection, thread_id))
+    assert documents > 100
+    assert stored_with <= math.ceil(documents / 100) + 1
+
+    connection.counters.reset()
+    await small_items.delete_thread(thread_id)
+    # A query per hundred ids and one finding none, for the checkpoints and the rest.
+    assert connection.counters.requests <= 2 * math.ceil(documents / 100) + 4
+    assert await partition(connection, thread_id) == []
 
 
 async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(
