@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis_entraid.cred_provider
 from azure.core.credentials import AccessToken
+from azure.core.pipeline.transport import AioHttpTransport
 from psycopg.conninfo import conninfo_to_dict
 from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
 
@@ -162,6 +163,31 @@ async def test_cosmos_with_a_key_uses_it_and_no_credential(
         await connection.close()
     assert cosmos_clients[0].credential == "a2V5"
     assert recorded_default_credential == []
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "expected"),
+    [("", {"https": "http://proxy.corp:3128"}), ("documents.azure.com", {})],
+)
+async def test_cosmos_takes_the_environments_proxy_once_when_it_builds_its_client(
+    env: Callable[..., Settings],
+    cosmos_clients: list[FakeCosmosClient],
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str,
+    expected: dict[str, str],
+) -> None:
+    """Read at build time, not by aiohttp on every request (a worker-thread lookup each)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5").cosmos)
+    try:
+        await connection.container()
+    finally:
+        await connection.close()
+    (client,) = cosmos_clients
+    assert client.kwargs["proxies"] == expected
+    assert isinstance(client.kwargs["transport"], AioHttpTransport)
+    assert client.kwargs["transport"]._use_env_settings is False
 
 
 # ---------------------------------------------------------------------- Redis
