@@ -26,8 +26,8 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from ..errors import BackendUnavailable, RequestRejected
-from .cosmos_client import UNAVAILABLE_STATUS, CosmosConnection
+from ..errors import BackendUnavailable, InvalidValue, RequestRejected
+from .cosmos_client import INVALID_VALUE_STATUS, UNAVAILABLE_STATUS, CosmosConnection
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -57,6 +57,14 @@ class BatchRefused(Exception):
         super().__init__(f"batch operation {index} refused with HTTP {status}")
         self.status = status
         self.index = index
+
+
+def batch_refusal(refused: BatchRefused) -> RequestRejected:
+    """The typed error a refused batch is outside the adapters, as `cosmos_errors` types
+    the same refusal of a single request."""
+    if refused.status in INVALID_VALUE_STATUS:
+        return InvalidValue("cosmos", str(refused), code=refused.status)
+    return RequestRejected("cosmos", str(refused), code=refused.status)
 
 
 def strip_system(doc: Doc) -> Doc:
@@ -184,7 +192,7 @@ class PartitionIO:
         except BatchRefused as refused:
             # An upsert has no precondition to fail: a refusal is one the docs would
             # meet sent alone too (malformed, too large).
-            raise RequestRejected("cosmos", str(refused), code=refused.status) from refused
+            raise batch_refusal(refused) from refused
 
     async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> list[Doc]:
         """One transactional batch: every operation applied in order, or none of them.
@@ -271,7 +279,7 @@ class PartitionIO:
                 return
             except BatchRefused as refused:
                 if refused.status != 404:
-                    raise RequestRejected("cosmos", str(refused), code=refused.status) from refused
+                    raise batch_refusal(refused) from refused
         await gather([self.delete(doc_id, partition) for doc_id in ids])
 
     async def patch(

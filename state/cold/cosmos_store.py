@@ -34,7 +34,6 @@ from typing import Any
 from azure.core.exceptions import AzureError
 
 from ..errors import (
-    RequestRejected,
     StaleFencingToken,
     StateError,
     StateTooLarge,
@@ -55,7 +54,7 @@ from ..ports import (
 )
 from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection
-from .cosmos_io import BatchRefused, PartitionIO
+from .cosmos_io import BatchRefused, PartitionIO, batch_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class CosmosStateStore:
                 # The SDK re-sent a batch of ours that had landed.
                 return WorkflowRecord.from_document(existing)
             if existing is None:
-                raise _refusal(refused) from refused
+                raise batch_refusal(refused) from refused
             raise WorkflowExists(thread_id) from refused
         return WorkflowRecord.from_document(self._remember(thread_id, created))
 
@@ -277,7 +276,7 @@ class CosmosStateStore:
                 # the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(now_stored)
             if refused.status not in (409, 412):
-                raise _refusal(refused) from refused
+                raise batch_refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from refused
         return WorkflowRecord.from_document(self._remember(thread_id, replaced))
@@ -399,10 +398,6 @@ class CosmosStateStore:
             size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode())
             if size > limit:
                 raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
-
-
-def _refusal(refused: BatchRefused) -> RequestRejected:
-    return RequestRejected("cosmos", str(refused), code=refused.status)
 
 
 def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import BatchRefused, PartitionIO
-from state.errors import StaleFencingToken
+from state.errors import InvalidValue, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -550,6 +550,21 @@ async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(
     assert latest.blobs == {"a": ("json", b'"20"')}
     assert latest.writes == [StoredWrite("t", "", 0, "a", ("json", b'"w20"'))]
     assert len([c async for c in _list(fresh, thread_id)]) == 20
+
+
+async def test_many_upserts_refused_as_a_batch_fail_typed_and_store_none_of_it(
+    connection: CosmosConnection,
+) -> None:
+    """A refusal of a batch of upserts is the typed error the same refusal of one upsert
+    is (here a document without an id), and the batch's other documents are not stored."""
+    io = PartitionIO(connection)
+    thread_id = thread()
+    docs = [{"id": f"doc{n}", "thread_id": thread_id} for n in range(3)]
+    with pytest.raises(InvalidValue, match="HTTP 400"):
+        await io.upsert_all([*docs, {"thread_id": thread_id}])
+    with pytest.raises(InvalidValue, match="HTTP 400"):
+        await io.upsert({"thread_id": thread_id})
+    assert await partition(connection, thread_id) == []
 
 
 async def test_a_transactional_batch_applies_all_of_it_or_nothing(
