@@ -4,14 +4,16 @@ the hot path's commands in lean round trips (`round_trip`, `run_script`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -70,8 +72,61 @@ def _postgres_identity(settings: Settings) -> list[str]:
 def create_redis_client(settings: Settings) -> aioredis.Redis:
     kwargs = {**_client_kwargs(settings), "retry": Retry(_backoff(), retries=1)}
     if settings.redis_url is not None:
-        return aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    return aioredis.Redis(**_entra_kwargs(settings), **kwargs)
+        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    else:
+        client = aioredis.Redis(**_entra_kwargs(settings), **kwargs)
+    pool = client.connection_pool
+    pool.connection_class = _BOUNDED_SENDS.get(pool.connection_class, pool.connection_class)
+    return client
+
+
+class _SendBoundedInPlace(AbstractConnection):
+    """redis-py's send, changed in two ways. Bounded by `asyncio.timeout`, not
+    `asyncio.wait_for`, which on Python 3.11 runs every send as a task of its own: ~19 µs
+    of a 104 µs round trip (measured), paid by every command the hot tier sends. And a
+    send that fails or is cancelled part way aborts the connection: closing it (what the
+    library does) first flushes what is still buffered, so a command its caller saw fail
+    would still run once a stalled server reads again."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        writer = self._writer
+        assert writer is not None  # connected above
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                writer.writelines(command)
+                await writer.drain()
+        except BaseException as exc:
+            writer.transport.abort()
+            await self.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError("Timeout writing to socket") from None
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+            raise
+
+
+class _BoundedSendConnection(_SendBoundedInPlace, Connection):
+    pass
+
+
+class _BoundedSendSSLConnection(_SendBoundedInPlace, SSLConnection):
+    pass
+
+
+_BOUNDED_SENDS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _BoundedSendConnection,
+    SSLConnection: _BoundedSendSSLConnection,
+}
 
 
 def create_blocking_redis_client(settings: Settings) -> redis.Redis:

@@ -26,6 +26,7 @@ from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdenti
 from state.cold import cosmos_client, postgres_client
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.hot import redis_client
 from state.hot.redis_client import REDIS_ENTRA_SCOPE, create_redis_client
 from state.settings import Settings
 
@@ -211,6 +212,31 @@ def recorded_redis_providers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str,
 
 def _connection_kwargs(client: aioredis.Redis) -> dict[str, Any]:
     return dict(client.connection_pool.connection_kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kind", "values"),
+    [
+        ("plain", {"REDIS_URL": "redis://127.0.0.1:6390/0"}),
+        ("tls", {"REDIS_URL": "rediss://cache.example:6380/0"}),
+        ("entra", {"REDIS_HOST": REDIS_HOST, "AZURE_CLIENT_ID": CLIENT_ID}),
+    ],
+)
+async def test_every_redis_client_bounds_its_sends_in_place(
+    env: Callable[..., Settings],
+    recorded_redis_providers: list[tuple[str, Any, Any]],
+    kind: str,
+    values: dict[str, str],
+) -> None:
+    """Its connections' sends are bounded without a task each and aborted part way
+    (`tests/faults/test_redis_frozen.py` shows what that does against a frozen server)."""
+    client = create_redis_client(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, **values))
+    try:
+        connection_class = client.connection_pool.connection_class
+        assert issubclass(connection_class, redis_client._SendBoundedInPlace)
+        assert issubclass(connection_class, aioredis.SSLConnection) is (kind != "plain")
+    finally:
+        await client.aclose()
 
 
 async def test_redis_host_uses_the_user_assigned_identity_over_tls(
