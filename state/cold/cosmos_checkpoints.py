@@ -279,12 +279,12 @@ class CosmosCheckpointStore:
         fence: int | None = None,
     ) -> None:
         """Store `steps` in order: as transactional batches (all of a batch or none of it,
-        one round trip; a reader sees a batch whole), one request per document where a
-        step alone is a single request, and one step at a time (its chunks first) for a
-        step too large for a batch or a batch the service refused (a task's writes that
-        are already stored: the step merges them). Then the chunker may build on `pending`.
-        With `fence`, every batch moves the thread's fence first (`_store_step` says how
-        a step stored one request at a time is fenced)."""
+        one round trip; a reader sees a batch whole), one request where a step alone is a
+        single request, and one step at a time (its chunks first) for a step too large for
+        a batch or a batch the service refused (a task's writes that are already stored:
+        the step merges them). Then the chunker may build on `pending`. With `fence`,
+        every batch moves the thread's fence first (`_store_step` says how a step stored
+        on its own is fenced)."""
         try:
             for group, batched in _transactions(steps, fenced=fence is not None):
                 operations = [operation for step in group for operation in step.operations()]
@@ -310,9 +310,9 @@ class CosmosCheckpointStore:
         return True
 
     async def _store_step(self, thread_id: str, step: _Step, fence: int | None) -> None:
-        """One step, a request per document: its prelude first (blocks and chunks, which
-        nothing reaches until a document of the step names them). With `fence`, the
-        step's upserted documents (a checkpoint) go in a transactional batch behind the
+        """One step on its own: its prelude first (blocks and chunks, in batches of their
+        own, which nothing reaches until a document of the step names them). With `fence`,
+        the step's upserted documents (a checkpoint) go in a transactional batch behind the
         fence's move, so a late step cannot land after a delete; where they do not fit
         one, or the step has none (a task's writes, created or merged), a request moving
         the fence goes first, which narrows that window without closing it."""

@@ -12,9 +12,9 @@ so costs no read), which a document already there refuses the same way.
 `delete_thread` under the lock raises the fence before it deletes and leaves the
 document in place, so a late batch cannot bring a deleted thread back.
 
-A step too large for a batch has its blocks and chunks written a request each (nothing
-reaches them until a document names them) and its own documents (a checkpoint) in a
-fenced batch. Only a step whose own documents do not fit one (a checkpoint document
+A step too large for a batch has its blocks and chunks written first, in unfenced
+batches of their own (nothing reaches them until a document names them), and its own
+documents (a checkpoint) in a fenced batch. Only a step whose own documents do not fit one (a checkpoint document
 over the batch's size), or a task's writes, created or merged into a document already
 stored, is fenced by a request of its own just before, which narrows the window without
 closing it: such a late write can land after a delete, as an orphan no checkpoint names

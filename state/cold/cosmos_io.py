@@ -264,23 +264,28 @@ class PartitionIO:
         return True
 
     async def delete_ids(self, partition: str, ids: Sequence[str]) -> None:
-        """Every id deleted, as transactional batches run concurrently; a missing id
-        is no failure, but it fails its batch, whose ids are then deleted one each."""
-        runs = [
-            ids[start : start + BATCH_OPERATIONS] for start in range(0, len(ids), BATCH_OPERATIONS)
+        """Every id deleted, as transactional batches run concurrently. A missing id is
+        no failure, but it fails its batch: those batches' ids are then deleted one
+        request each (all of them in one bounded gather)."""
+        runs = [ids[at : at + BATCH_OPERATIONS] for at in range(0, len(ids), BATCH_OPERATIONS)]
+        deleted = await gather([self._deleted_as_batch(partition, run) for run in runs])
+        left = [
+            doc_id for run, done in zip(runs, deleted, strict=True) if not done for doc_id in run
         ]
-        if runs:
-            await gather([self._delete_run(partition, run) for run in runs])
+        if left:
+            await gather([self.delete(doc_id, partition) for doc_id in left])
 
-    async def _delete_run(self, partition: str, ids: Sequence[str]) -> None:
-        if len(ids) > 1:
-            try:
-                await self.batch(partition, [("delete", (doc_id,)) for doc_id in ids])
-                return
-            except BatchRefused as refused:
-                if refused.status != 404:
-                    raise batch_refusal(refused) from refused
-        await gather([self.delete(doc_id, partition) for doc_id in ids])
+    async def _deleted_as_batch(self, partition: str, ids: Sequence[str]) -> bool:
+        """False when the batch was refused for an id already gone (none of it applied)."""
+        if len(ids) == 1:
+            return False
+        try:
+            await self.batch(partition, [("delete", (doc_id,)) for doc_id in ids])
+        except BatchRefused as refused:
+            if refused.status != 404:
+                raise batch_refusal(refused) from refused
+            return False
+        return True
 
     async def patch(
         self,

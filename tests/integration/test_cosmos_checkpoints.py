@@ -19,7 +19,7 @@ from state.cold import cosmos_layout as layout
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_TYPE
-from state.cold.cosmos_io import BatchRefused, PartitionIO
+from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
 from state.errors import InvalidValue, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
@@ -565,6 +565,35 @@ async def test_many_upserts_refused_as_a_batch_fail_typed_and_store_none_of_it(
     with pytest.raises(InvalidValue, match="HTTP 400"):
         await io.upsert({"thread_id": thread_id})
     assert await partition(connection, thread_id) == []
+
+
+async def test_ids_deleted_one_each_after_their_batches_met_a_missing_one_stay_bounded(
+    connection: CosmosConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches refused for an id already gone fall back to one delete per id, all of
+    them in one bounded gather: no more in flight than any other gather."""
+    io = PartitionIO(connection)
+    thread_id = thread()
+    docs = [{"id": f"doc{n}", "thread_id": thread_id} for n in range(300)]
+    await io.upsert_all(docs)
+    in_flight = peak = 0
+    delete = PartitionIO.delete
+
+    async def counted_delete(self: PartitionIO, doc_id: str, partition_key: str) -> bool:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await delete(self, doc_id, partition_key)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(PartitionIO, "delete", counted_delete)
+    # Each batch of a hundred names one id that is not there.
+    ids = [doc["id"] for doc in docs]
+    await io.delete_ids(thread_id, [*ids[:50], "gone0", *ids[50:149], "gone1", *ids[149:]])
+    assert await partition(connection, thread_id) == []
+    assert 1 < peak <= CONCURRENT_REQUESTS
 
 
 async def test_a_transactional_batch_applies_all_of_it_or_nothing(
