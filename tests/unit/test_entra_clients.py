@@ -19,12 +19,11 @@ import pytest
 import redis.asyncio as aioredis
 import redis_entraid.cred_provider
 from azure.core.credentials import AccessToken
-from azure.core.pipeline.transport import AioHttpTransport
 from psycopg.conninfo import conninfo_to_dict
 from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
 
 from state.cold import cosmos_client, postgres_client
-from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.hot import redis_client
 from state.hot.redis_client import REDIS_ENTRA_SCOPE, create_redis_client
@@ -166,19 +165,30 @@ async def test_cosmos_with_a_key_uses_it_and_no_credential(
     assert recorded_default_credential == []
 
 
+ACCOUNT_URL = f"{COSMOS_ENDPOINT}dbs/state"
+REGION_URL = "https://acct-westus.documents.azure.com:443/dbs/state"
+PROXY = "http://proxy.corp:3128"
+
+
 @pytest.mark.parametrize(
-    ("no_proxy", "expected"),
-    [("", {"https": "http://proxy.corp:3128"}), ("documents.azure.com", {})],
+    ("no_proxy", "account", "region"),
+    [
+        ("", PROXY, PROXY),
+        ("acct.documents.azure.com", None, PROXY),
+        (".documents.azure.com", None, None),
+    ],
 )
-async def test_cosmos_takes_the_environments_proxy_once_when_it_builds_its_client(
+async def test_cosmos_takes_the_environments_proxy_once_per_host(
     env: Callable[..., Settings],
     cosmos_clients: list[FakeCosmosClient],
     monkeypatch: pytest.MonkeyPatch,
     no_proxy: str,
-    expected: dict[str, str],
+    account: str | None,
+    region: str | None,
 ) -> None:
-    """Read at build time, not by aiohttp on every request (a worker-thread lookup each)."""
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    """Decided per host, as aiohttp would (the SDK also sends to its regions' hosts), but
+    once each: aiohttp trusting the environment reads it in worker threads per request."""
+    monkeypatch.setenv("HTTPS_PROXY", PROXY)
     monkeypatch.setenv("NO_PROXY", no_proxy)
     connection = CosmosConnection(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, COSMOS_KEY="a2V5").cosmos)
     try:
@@ -186,9 +196,12 @@ async def test_cosmos_takes_the_environments_proxy_once_when_it_builds_its_clien
     finally:
         await connection.close()
     (client,) = cosmos_clients
-    assert client.kwargs["proxies"] == expected
-    assert isinstance(client.kwargs["transport"], AioHttpTransport)
-    assert client.kwargs["transport"]._use_env_settings is False
+    transport = client.kwargs["transport"]
+    assert isinstance(transport, EnvironmentProxyTransport)
+    assert transport._use_env_settings is False
+    assert (transport.proxy_for(ACCOUNT_URL), transport.proxy_for(REGION_URL)) == (account, region)
+    monkeypatch.delenv("HTTPS_PROXY")  # read when the transport was built, not later
+    assert transport.proxy_for(ACCOUNT_URL) == account
 
 
 # ---------------------------------------------------------------------- Redis
