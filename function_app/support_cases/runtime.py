@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,9 +104,11 @@ class RuntimeHolder:
         settings: Callable[[], AppSettings] = get_app_settings,
         *,
         after_step: StepHook | None = None,
+        freeze_when_open: bool = False,
     ) -> None:
         self._settings = settings
         self._after_step = after_step
+        self._freeze_when_open = freeze_when_open
         self._runtime: Runtime | None = None
         self._opening = asyncio.Lock()
 
@@ -119,12 +122,20 @@ class RuntimeHolder:
                     self._runtime = await Runtime.open(
                         self._settings(), after_step=self._after_step
                     )
+                    if self._freeze_when_open:
+                        # What the process holds by now (modules, clients, compiled graphs:
+                        # ~200,000 objects) lives as long as the runtime. Frozen, a full
+                        # collection no longer walks it: otherwise a ~100 ms pause every
+                        # ~80 cases (measured), in whichever request triggers it.
+                        gc.freeze()
         return self._runtime
 
     async def close(self) -> None:
         if self._runtime is not None:
             runtime, self._runtime = self._runtime, None
             await runtime.close()
+            if self._freeze_when_open:
+                gc.unfreeze()
 
 
-process_runtime = RuntimeHolder()
+process_runtime = RuntimeHolder(freeze_when_open=True)
