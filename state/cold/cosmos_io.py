@@ -276,7 +276,8 @@ class PartitionIO:
             await gather([self.delete(doc_id, partition) for doc_id in left])
 
     async def _deleted_as_batch(self, partition: str, ids: Sequence[str]) -> bool:
-        """False when the batch was refused for an id already gone (none of it applied)."""
+        """False when the ids are left to single deletes: a lone id, or a batch refused
+        for an id already gone (none of it applied)."""
         if len(ids) == 1:
             return False
         try:
