@@ -32,12 +32,13 @@ from azure.core.exceptions import (
     ServiceResponseTimeoutError,
 )
 from azure.core.pipeline.transport import (
-    AioHttpTransport,
     AsyncHttpResponse,
     AsyncHttpTransport,
     HttpRequest,
 )
 from azure.core.utils import CaseInsensitiveDict
+
+from state.cold.cosmos_client import EnvironmentProxyTransport
 
 FaultKind = Literal[
     "throttle", "unavailable", "timeout_before", "timeout_after", "reset_after", "stall"
@@ -111,7 +112,8 @@ def _error_response(request: HttpRequest, status: int, extra: dict[str, str]) ->
 
 @dataclass
 class FaultyTransport(AsyncHttpTransport):
-    inner: AsyncHttpTransport = field(default_factory=AioHttpTransport)
+    # The transport the connection builds for itself: faults wrap what production sends through.
+    inner: AsyncHttpTransport = field(default_factory=EnvironmentProxyTransport)
     faults: list[Fault] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
 
