@@ -163,8 +163,12 @@ class CacheAsideStore:
         # Redis: the re-install that settles the thread clears them, instead of leaving
         # the entry hidden (and the hot tier unfilled) until their deadlines.
         self._stranded_intents: dict[str, list[WriteIntent]] = {}
-        # The background pass settling `_unsettled` (at most one at a time).
+        # The background pass settling `_unsettled` (at most one at a time), and when the
+        # next may start: after a pass that settled nothing (the cold tier out of reach
+        # too), not on every read meanwhile, each of which would retry every thread.
         self._settler: asyncio.Task[None] | None = None
+        self._settle_not_before = 0.0
+        self._settle_retry = RESETTLE_RETRY_SECONDS
         # Retries the settling pass while the hot tier is failing or threads are unsettled:
         # Redis may be up for other processes (a partition), which are served the copies
         # this one could not advance until they are re-installed.
@@ -408,13 +412,27 @@ class CacheAsideStore:
         running = self._settler
         if running is not None and not running.done() and running.get_loop() is loop:
             return
+        if time.monotonic() < self._settle_not_before:
+            return
         self._settler = loop.create_task(self._settle(), name="state-settle-hot-tier")
 
     async def _settle(self) -> None:
         """One pass over the threads unsettled when it starts, `SETTLE_CONCURRENCY` at a
         time. It stops early when the hot tier fails again; threads it could not settle
-        (or marked meanwhile) wait for the pass the next read starts."""
+        (or marked meanwhile) wait for the pass the next read starts, which after a pass
+        that settled none waits out a backoff (`RESETTLE_RETRY_SECONDS`, doubling)."""
         pending = list(self._unsettled)
+        try:
+            await self._settle_pass(pending)
+        finally:
+            if pending and all(thread_id in self._unsettled for thread_id in pending):
+                self._settle_not_before = time.monotonic() + self._settle_retry
+                self._settle_retry = min(2 * self._settle_retry, RESETTLE_MAX_SECONDS)
+            else:
+                self._settle_not_before = 0.0
+                self._settle_retry = RESETTLE_RETRY_SECONDS
+
+    async def _settle_pass(self, pending: list[str]) -> None:
         for start in range(0, len(pending), SETTLE_CONCURRENCY):
             if self._hot_skipped():
                 return
