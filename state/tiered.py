@@ -425,7 +425,10 @@ class CacheAsideStore:
         try:
             await self._settle_pass(pending)
         finally:
-            if pending and all(thread_id in self._unsettled for thread_id in pending):
+            # Backing off is for a cold tier out of reach: a hot tier that failed the pass
+            # has a backoff of its own, and the pass after it recovers must not wait.
+            stuck = all(thread_id in self._unsettled for thread_id in pending)
+            if pending and stuck and not self._hot_down:
                 self._settle_not_before = time.monotonic() + self._settle_retry
                 self._settle_retry = min(2 * self._settle_retry, RESETTLE_MAX_SECONDS)
             else:
