@@ -110,6 +110,9 @@ def _by_partition(docs: Sequence[Doc]) -> dict[str, list[Doc]]:
 def _batch_runs(docs: Sequence[Doc]) -> Iterator[list[Doc]]:
     """`docs` in order, cut into runs a transactional batch holds (by count, and by
     size estimated from the documents' JSON); a doc too large for one is a run alone."""
+    if len(docs) == 1:
+        yield list(docs)  # a put's lone document: nothing to cut, no size to estimate
+        return
     run: list[Doc] = []
     size = 0
     for doc in docs:
