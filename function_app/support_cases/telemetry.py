@@ -31,6 +31,9 @@ from .settings import AppSettings
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "support_cases"
+# A proxy until the app installs its provider, then that provider's tracer: one lookup, not
+# one per span.
+_TRACER = trace.get_tracer(TRACER_NAME)
 # The Functions Python worker's own Azure Monitor setup; this app must be the only exporter.
 WORKER_EXPORTER_SETTING = "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY"
 _configured = False
@@ -83,10 +86,6 @@ def _ingestion_credential(settings: AppSettings) -> object | None:
     )
 
 
-def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
-
-
 @contextmanager
 def traced(
     name: str,
@@ -96,7 +95,7 @@ def traced(
 ) -> Iterator[Span]:
     """A span named `name`; an exception marks it as an error (unless `expected`) and propagates."""
     clean = {key: value for key, value in attributes.items() if value is not None}
-    with tracer().start_as_current_span(
+    with _TRACER.start_as_current_span(
         name, attributes=clean, record_exception=False, set_status_on_exception=False
     ) as span:
         try:

@@ -214,7 +214,7 @@ async def round_trip(
             await connection.disconnect()
 
         if not resend:
-            if await connection.can_read_destructive():
+            if await connection.can_read():
                 # Closed by the server while idle in the pool (a restart, a failover, an
                 # idle timeout), or holding bytes nobody asked for: the pool skips that
                 # check while maintenance notifications are on. Nothing was sent on it, so
