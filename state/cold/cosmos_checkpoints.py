@@ -304,7 +304,7 @@ class CosmosCheckpointStore:
         if fence is not None:
             return await self._fences.batch(thread_id, fence, operations)
         try:
-            await self._io.batch(thread_id, operations)
+            await self._io.batch(thread_id, operations, bodies=False)
         except BatchRefused:
             return False
         return True

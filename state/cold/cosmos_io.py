@@ -191,16 +191,19 @@ class PartitionIO:
 
     async def _upsert_batch(self, partition: str, docs: Sequence[Doc]) -> None:
         try:
-            await self.batch(partition, [("upsert", (doc,)) for doc in docs])
+            await self.batch(partition, [("upsert", (doc,)) for doc in docs], bodies=False)
         except BatchRefused as refused:
             # An upsert has no precondition to fail: a refusal is one the docs would
             # meet sent alone too (malformed, too large).
             raise batch_refusal(refused) from refused
 
-    async def batch(self, partition: str, operations: Sequence[BatchOperation]) -> list[Doc]:
+    async def batch(
+        self, partition: str, operations: Sequence[BatchOperation], *, bodies: bool = True
+    ) -> list[Doc]:
         """One transactional batch: every operation applied in order, or none of them.
 
-        The operations' results (`resourceBody` each, where one was returned); raises
+        The operations' results (`resourceBody` each, where one was returned; none asked
+        for without `bodies`: a large flush would get every document it sent back); raises
         `BatchRefused` when the service refused an operation (a create whose id exists,
         an If-Match that no longer matches: nothing was applied) and
         `BackendUnavailable` when it could not run the batch.
@@ -209,7 +212,10 @@ class PartitionIO:
         try:
             async with self.errors():
                 results = await container.execute_item_batch(
-                    list(operations), partition_key=partition, response_hook=self.hook
+                    list(operations),
+                    partition_key=partition,
+                    response_hook=self.hook,
+                    no_response=not bodies,
                 )
         except CosmosBatchOperationError as exc:
             self.connection.counters.count("failed")
@@ -284,7 +290,7 @@ class PartitionIO:
         if len(ids) == 1:
             return False
         try:
-            await self.batch(partition, [("delete", (doc_id,)) for doc_id in ids])
+            await self.batch(partition, [("delete", (doc_id,)) for doc_id in ids], bodies=False)
         except BatchRefused as refused:
             if refused.status != 404:
                 raise batch_refusal(refused) from refused

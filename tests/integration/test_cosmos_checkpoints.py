@@ -17,7 +17,7 @@ from langgraph.graph import END, START, StateGraph
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
-from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
 from state.errors import InvalidValue, StaleFencingToken
@@ -517,6 +517,31 @@ async def test_a_step_too_large_for_a_batch_stores_and_deletes_its_blocks_a_batc
     # A query per hundred ids and one finding none, for the checkpoints and the rest.
     assert connection.counters.requests <= 2 * math.ceil(documents / 100) + 4
     assert await partition(connection, thread_id) == []
+
+
+async def test_a_flush_asks_for_no_documents_back_but_a_fenced_one_reads_its_fence(
+    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose results nobody reads asks the service to leave the documents out of
+    its answer (a large flush would otherwise get every document it sent back); a fenced
+    batch still gets the fence document it needs the ETag of. (The emulator answers with
+    the documents whatever it is asked: the request is what can be checked here.)"""
+    asked: list[str | None] = []
+    send = EnvironmentProxyTransport.send
+
+    async def recorded(transport: Any, request: Any, **kwargs: Any) -> Any:
+        if request.headers.get("x-ms-cosmos-is-batch-request"):
+            asked.append(request.headers.get("Prefer"))
+        return await send(transport, request, **kwargs)
+
+    monkeypatch.setattr(EnvironmentProxyTransport, "send", recorded)
+    thread_id = thread()
+    await store.apply_batch(_fenced_ops(thread_id, 1, 3, 10))
+    assert asked == ["return=minimal"]
+    await store.apply_batch(_fenced_ops(thread_id, 4, 6, 10), fence=5)
+    assert asked == ["return=minimal", None]
+    latest = await store.get_checkpoint(thread_id, "", None)
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(6)
 
 
 async def test_a_threads_flush_is_one_transactional_batch_per_hundred_documents(
