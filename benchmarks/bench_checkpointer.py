@@ -8,7 +8,9 @@ verdict computed in this run) and stops the servers.
 
     .venv/bin/python benchmarks/bench_checkpointer.py [--quick] [--only TEXT ...] [--output PATH]
 
-`--quick` is a smoke run (about a minute); `--only` keeps the contenders whose
+A full run sweeps every contender twice, the second sweep in reverse order, and pools
+the samples (see `Scale.rounds`). `--quick` is a smoke run (about a minute, one sweep);
+`--only` keeps the contenders whose
 name contains one of the texts (targets whose reference is left out read "not
 measured"). Progress goes to stderr, one line per contender, API and phase.
 
@@ -62,7 +64,7 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -473,6 +475,26 @@ class Sample:
     def per_op(self, total: int) -> float:
         return total / self.operations if self.operations else 0.0
 
+    def pooled(self, other: Sample) -> Sample:
+        """This sample and `other` (the same measurement in another round) as one."""
+        return Sample(
+            seconds=[*self.seconds, *other.seconds],
+            cosmos=self.cosmos + other.cosmos,
+            redis=self.redis + other.redis,
+            postgres=self.postgres + other.postgres,
+            redis_commands=self.redis_commands + other.redis_commands,
+            intermediate_cold=self.intermediate_cold + other.intermediate_cold,
+            write_calls=self.write_calls + other.write_calls,
+            write_redis=self.write_redis + other.write_redis,
+            max_write_redis=max(self.max_write_redis, other.max_write_redis),
+            max_intermediate_write_redis=max(
+                self.max_intermediate_write_redis, other.max_intermediate_write_redis
+            ),
+            flush_seconds=[*self.flush_seconds, *other.flush_seconds],
+            flush_cold=self.flush_cold + other.flush_cold,
+            cosmos_sequential=[*self.cosmos_sequential, *other.cosmos_sequential],
+        )
+
     @property
     def cold(self) -> int:
         return self.cosmos + self.postgres
@@ -521,6 +543,17 @@ class FlushSample:
     def flush_rate(self) -> float:
         return self.applied / self.drain_seconds if self.drain_seconds else 0.0
 
+    def pooled(self, other: FlushSample) -> FlushSample:
+        return FlushSample(
+            puts=self.puts + other.puts,
+            put_seconds=self.put_seconds + other.put_seconds,
+            backlog_entries=self.backlog_entries + other.backlog_entries,
+            backlog_threads=max(self.backlog_threads, other.backlog_threads),
+            applied=self.applied + other.applied,
+            drain_seconds=self.drain_seconds + other.drain_seconds,
+            drain_cold=self.drain_cold + other.drain_cold,
+        )
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -537,6 +570,10 @@ class Scale:
     # A series stops early once it has run this long (and has its minimum): a slow
     # contender cannot hold up the run; its row shows how many operations it did.
     budget_seconds: float
+    # Sweeps over every contender, each after the first in the reverse order of the one
+    # before, pooled: a contender and its baseline are measured as much early as late in
+    # the run, so the machine's speed drifting during it (a shared host's) moves both alike.
+    rounds: int
 
 
 FULL = Scale(
@@ -551,6 +588,7 @@ FULL = Scale(
     stored_counts=(10, 100, 1000),
     delta_messages=300,
     budget_seconds=15.0,
+    rounds=2,
 )
 QUICK = Scale(
     warmup=2,
@@ -563,6 +601,7 @@ QUICK = Scale(
     stored_counts=(10,),
     delta_messages=40,
     budget_seconds=3.0,
+    rounds=1,
 )
 LIST_DEPTH = 120
 PUT_WINDOW = 10  # messages in each put of the put benchmark (~10 KB)
@@ -599,6 +638,53 @@ class Results:
     delta: dict[str, Sample] = field(default_factory=dict)
     delta_plain: dict[str, Sample] = field(default_factory=dict)
     delta_cold_state: dict[str, Sample] = field(default_factory=dict)
+
+
+Pooled = TypeVar("Pooled", Sample, FlushSample)
+
+
+def _pooled(rounds: Sequence[dict[Any, Pooled]]) -> dict[Any, Pooled]:
+    merged: dict[Any, Pooled] = {}
+    for measured in rounds:
+        for key, sample in measured.items():
+            merged[key] = merged[key].pooled(sample) if key in merged else sample
+    return merged
+
+
+def pool_rounds(rounds: Sequence[Results]) -> Results:
+    """The rounds as one run: each measurement's samples pooled; what one round alone
+    measures (stored bytes, in the first) kept from it."""
+    ping = rounds[0].ping
+    for later in rounds[1:]:
+        ping = ping.pooled(later.ping)
+    warm = [r.warm_vs_ping for r in rounds if r.warm_vs_ping is not None]
+    warm_vs_ping = None
+    if warm:
+        reads, pings = warm[0]
+        for more_reads, more_pings in warm[1:]:
+            reads, pings = reads.pooled(more_reads), pings.pooled(more_pings)
+        warm_vs_ping = (reads, pings)
+    return Results(
+        ping=ping,
+        fresh=_pooled([r.fresh for r in rounds]),
+        sized=_pooled([r.sized for r in rounds]),
+        reads=_pooled([r.reads for r in rounds]),
+        puts=_pooled([r.puts for r in rounds]),
+        lists=_pooled([r.lists for r in rounds]),
+        flush=_pooled([r.flush for r in rounds]),
+        stored={k: v for r in rounds for k, v in r.stored.items()},
+        stored_delta={k: v for r in rounds for k, v in r.stored_delta.items()},
+        failures={k: v for r in rounds for k, v in r.failures.items()},
+        warm_vs_ping=warm_vs_ping,
+        cold_latest_round_trips=next(
+            (r.cold_latest_round_trips for r in rounds if r.cold_latest_round_trips is not None),
+            None,
+        ),
+        emulator=next((r.emulator for r in rounds if r.emulator is not None), None),
+        delta=_pooled([r.delta for r in rounds]),
+        delta_plain=_pooled([r.delta_plain for r in rounds]),
+        delta_cold_state=_pooled([r.delta_cold_state for r in rounds]),
+    )
 
 
 # --------------------------------------------------------------------------- contenders
@@ -732,8 +818,13 @@ def package_client_for_emulator(endpoint: str, key: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def contenders(base: dict[str, Any], observer: aioredis.Redis) -> list[Contender]:
+def contenders(
+    base: dict[str, Any], observer: aioredis.Redis, round_index: int = 0
+) -> list[Contender]:
+    """Every saver measured; Cosmos containers of their own per round, so each round
+    starts from the same (empty) containers."""
     postgres_url: str = base["postgres_url"]
+    in_round = f"-r{round_index}" if round_index else ""
 
     @asynccontextmanager
     async def memory(_api: Api) -> AsyncIterator[Handle]:
@@ -770,7 +861,9 @@ def contenders(base: dict[str, Any], observer: aioredis.Redis) -> list[Contender
 
         def build() -> Any:
             with package_client_for_emulator(base["cosmos_endpoint"], base["cosmos_key"]):
-                return CosmosDBSaver(base["cosmos_database"], f"bench-cosmosdb-package-{api}")
+                return CosmosDBSaver(
+                    base["cosmos_database"], f"bench-cosmosdb-package-{api}{in_round}"
+                )
 
         saver = await asyncio.to_thread(build)
 
@@ -809,7 +902,7 @@ def contenders(base: dict[str, Any], observer: aioredis.Redis) -> list[Contender
                     ),
                     # One container per contender and API: stored bytes and listings
                     # never see another contender's documents.
-                    "cosmos_container": f"bench-{slug}-{api}",
+                    "cosmos_container": f"bench-{slug}-{api}{in_round}",
                 }
             )
             connection = (
@@ -1524,6 +1617,17 @@ class Report:
             "",
             "Generated by `benchmarks/bench_checkpointer.py` (do not edit by hand). All figures",
             "come from one run on one machine; ratios and verdicts are computed from that same run.",
+            *(
+                [
+                    f"It sweeps every contender {s.rounds} times, each sweep after the first in the",
+                    "reverse order of the one before (contenders and APIs), and pools the sweeps'",
+                    "samples: a contender and its baseline are measured as much early as late in",
+                    "the run, so the machine's speed drifting meanwhile moves both alike. Stored",
+                    "bytes come from the first sweep.",
+                ]
+                if s.rounds > 1
+                else []
+            ),
             "",
             "| Fact | Value |",
             "| --- | --- |",
@@ -2221,17 +2325,25 @@ async def run(scale: Scale, only: list[str]) -> str:
             observer = aioredis.Redis.from_url(env["REDIS_URL"], client_name=OBSERVER)
             try:
                 redis_version = str((await observer.info("server"))["redis_version"])
-                results = Results(ping=await bench_ping(observer, min(scale.reads, 200)))
-                chosen = [
-                    c
-                    for c in contenders(base, observer)
-                    if not only or any(text.lower() in c.name.lower() for text in only)
-                ]
-                for contender in chosen:
-                    started = time.perf_counter()
-                    for api in APIS:
-                        await bench_pair(contender, api, scale, results, meter, observer, messages)
-                    log(f"{contender.name}: {time.perf_counter() - started:.1f} s")
+                rounds: list[Results] = []
+                for index in range(scale.rounds):
+                    chosen = [
+                        c
+                        for c in contenders(base, observer, index)
+                        if not only or any(text.lower() in c.name.lower() for text in only)
+                    ]
+                    backwards = index % 2 == 1
+                    log(f"round {index + 1} of {scale.rounds}" + (" (reversed)" * backwards))
+                    results = Results(ping=await bench_ping(observer, min(scale.reads, 200)))
+                    for contender in chosen[::-1] if backwards else chosen:
+                        started = time.perf_counter()
+                        for api in APIS[::-1] if backwards else APIS:
+                            await bench_pair(
+                                contender, api, scale, results, meter, observer, messages, index
+                            )
+                        log(f"{contender.name}: {time.perf_counter() - started:.1f} s")
+                    rounds.append(results)
+                results = pool_rounds(rounds)
                 if any(c.name == CO_WT for c in chosen):
                     settings = Settings.model_validate(
                         {**base, "cosmos_container": "bench-cosmos-wt-async"}
@@ -2255,13 +2367,15 @@ async def bench_pair(
     meter: Meter,
     observer: aioredis.Redis,
     messages: list[dict[str, str]],
+    round_index: int = 0,
 ) -> None:
-    """One contender through one API; a failure is reported in the results, not raised."""
+    """One contender through one API; a failure is reported in the results, not raised.
+    Stored bytes do not vary between rounds: the first measures them."""
     before = dict(meter.totals)
     try:
         async with contender.open(api) as handle:
             pair = PairRun(contender, api, handle, scale, meter, observer, messages)
-            await pair.run(results, with_stored=api == "async")
+            await pair.run(results, with_stored=api == "async" and round_index == 0)
     except Exception as exc:  # any contender's failure, reported in RESULTS.md
         traceback.print_exc(file=sys.stderr)
         results.failures[(contender.name, api)] = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -147,3 +147,24 @@ async def test_requests_after_a_call_returned_are_not_charged_to_it(
     assert [c.kind for c in calls] == ["put"]
     assert call.postgres == 1
     assert meter.totals["postgres"] == before + 2
+
+
+def test_rounds_pool_their_samples_and_keep_what_one_round_measured(bench: ModuleType) -> None:
+    """A later round adds its samples to the same measurement (p50 over both rounds, drain
+    rate over both drains); stored bytes, measured by the first round alone, stay."""
+    first = bench.Results(ping=bench.Sample(seconds=[0.001]))
+    first.fresh[("saver", "async")] = bench.Sample(seconds=[0.010, 0.012], cosmos=4)
+    first.flush[("saver", "async")] = bench.FlushSample(10, 1.0, 10, 1, 10, 0.5, 2)
+    first.stored[("saver", 10)] = (1000, None, 0)
+    second = bench.Results(ping=bench.Sample(seconds=[0.003]))
+    second.fresh[("saver", "async")] = bench.Sample(seconds=[0.030, 0.040], cosmos=6)
+    second.flush[("saver", "async")] = bench.FlushSample(10, 1.0, 10, 1, 10, 1.5, 2)
+
+    pooled = bench.pool_rounds([first, second])
+
+    fresh = pooled.fresh[("saver", "async")]
+    assert fresh.operations == 4 and fresh.cosmos == 10
+    assert fresh.p50 == pytest.approx(21.0)
+    assert pooled.flush[("saver", "async")].flush_rate == pytest.approx(10.0)
+    assert pooled.ping.operations == 2
+    assert pooled.stored == {("saver", 10): (1000, None, 0)}
