@@ -152,6 +152,7 @@ class Flusher:
         self.flushed_entries = 0
         # Threads this worker appended to (last append), and others seen listed (first seen).
         self._own: dict[str, float] = {}
+        self._own_pruned_over = 4 * LISTED_THREADS
         self._foreign: dict[str, float] = {}
         # (thread, namespace) -> the last checkpoint put this flusher applied.
         self._applied_puts: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -442,8 +443,11 @@ class Flusher:
         self._own[thread_id] = now
         # Listed from now on for this worker's appends, not another's lingering ones.
         self._foreign.pop(thread_id, None)
-        if len(self._own) > 4 * LISTED_THREADS:
+        if len(self._own) > self._own_pruned_over:
             self._own = {t: at for t, at in self._own.items() if now - at < OWN_SECONDS}
+            # Pruned again only once it doubled: with more threads than that unflushed (the
+            # cold tier down under load), a scan per append would make appends quadratic.
+            self._own_pruned_over = max(4 * LISTED_THREADS, 2 * len(self._own))
         self._wake.set()
 
     def start(self) -> None:

@@ -300,6 +300,22 @@ async def test_the_background_pass_leaves_another_workers_thread_to_it_until_it_
     assert await flusher.drain() == 4
 
 
+async def test_appends_to_many_unflushed_threads_each_cost_the_same(
+    log: MemoryWriteBehindLog, flusher: Flusher
+) -> None:
+    """With the cold tier down under load, a worker's unflushed threads pile up: an append
+    to one more must not scan them all (it did once they passed 128: 30,000 threads took
+    ~20 s of CPU, against ~30 ms now; the bound leaves a wide margin either way). The
+    threads stay this worker's for the background pass."""
+    threads = [f"t{n}" for n in range(30_000)]
+    started = time.process_time()
+    for thread_id in threads:
+        flusher.notify(thread_id)
+    assert time.process_time() - started < 2.0
+    await append(log, threads[0], 1)
+    assert await flusher.drain(adopt_after=3600.0) == 2
+
+
 async def test_a_thread_seen_listed_before_this_workers_own_run_is_not_adopted_after_it(
     log: MemoryWriteBehindLog, flusher: Flusher
 ) -> None:
