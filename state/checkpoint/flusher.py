@@ -62,6 +62,10 @@ WAKE_DELAY_SECONDS = 0.1
 # runs at once) is still drained; longer than most runs, whose own boundary then flushes
 # them in one batch.
 WAKE_DELAY_MAX_SECONDS = 1.0
+# A background pass that found the cold tier out waits this long before the next one,
+# doubling up to the max while it stays out (entries wait in the log meanwhile).
+COLD_OUT_BACKOFF_SECONDS = 0.25
+COLD_OUT_BACKOFF_MAX_SECONDS = 5.0
 LOCK_POLL_SECONDS = 0.005
 # How long a boundary waits for the thread's flush lock: its holder renews it while it
 # drains, so this bounds a long drain by another flusher, not a dead one.
@@ -139,6 +143,7 @@ class _Lease:
 class _Drained:
     applied: int
     unlisted: bool
+    cold_out: bool = False  # stopped by the cold tier being unreachable
 
 
 class Flusher:
@@ -303,10 +308,20 @@ class Flusher:
         `adopt_after`: take a thread this worker did not append to only once this flusher
         has seen it listed for that long (the background pass; see ADOPT_AFTER_SECONDS).
         `unflushed_for`: only threads whose oldest unflushed entry is that old."""
+        applied, _ = await self._drain(
+            limit=limit, adopt_after=adopt_after, unflushed_for=unflushed_for
+        )
+        return applied
+
+    async def _drain(
+        self, *, limit: int | None, adopt_after: float | None, unflushed_for: float
+    ) -> tuple[int, bool]:
+        """`drain`, and whether it stopped because the cold tier was unreachable."""
         total = 0
         skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
         seen: set[str] = set()
+        cold_out = False
         while limit is None or total < limit:
             listed = await self.log.dirty_threads(
                 limit=LISTED_THREADS, skip=skip, unflushed_for=unflushed_for
@@ -319,6 +334,11 @@ class Flusher:
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
             if not any(result.applied or result.unlisted for result in done):
+                if any(result.cold_out for result in done):
+                    # Every other thread would fail the same way: a pass over thousands of
+                    # them (a backlog piling up while runs go on) would only load Redis.
+                    cold_out = True
+                    break
                 # Nothing moved: these threads belong to other flushers, or cannot be
                 # flushed by this one (an entry of a newer format, a cold refusal). They
                 # stay the oldest listed, so look past them, or they would hide the rest.
@@ -327,7 +347,7 @@ class Flusher:
                 skip += len(listed)
         if adopt_after is not None:
             self._foreign = {t: at for t, at in self._foreign.items() if t in seen}
-        return total
+        return total, cold_out
 
     async def drain_abandoned(self) -> int:
         """The timer's pass: flush the threads no worker flushed for ADOPT_AFTER_SECONDS
@@ -356,6 +376,9 @@ class Flusher:
             lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
             try:
                 return await self._drain_locked(lease)
+            except BackendUnavailable as exc:
+                log.warning("write-behind flush of %r failed: %s", thread_id, exc)
+                return _Drained(lease.applied, False, cold_out=exc.backend != self.log.name)
             except StateError as exc:
                 # Left in the log (the backlog's age shows it); other threads go on.
                 log.warning("write-behind flush of %r failed: %s", thread_id, exc)
@@ -490,6 +513,7 @@ class Flusher:
         self._wake.clear()
 
     async def _run(self) -> None:
+        backoff = 0.0
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
@@ -499,8 +523,26 @@ class Flusher:
             if self._wake.is_set():
                 await self._quiet()
             try:
-                await self.drain(adopt_after=ADOPT_AFTER_SECONDS)
+                _, cold_out = await self._drain(
+                    limit=None, adopt_after=ADOPT_AFTER_SECONDS, unflushed_for=0.0
+                )
             except Exception:
                 # The loop must outlive any one failure; the entries wait in the log.
                 log.exception("write-behind flush pass failed; retrying")
                 await asyncio.sleep(POLL_SECONDS)
+                continue
+            if not cold_out:
+                backoff = 0.0
+                continue
+            backoff = min(COLD_OUT_BACKOFF_MAX_SECONDS, max(COLD_OUT_BACKOFF_SECONDS, 2 * backoff))
+            await self._backed_off(backoff)
+
+    async def _backed_off(self, seconds: float) -> None:
+        """Wait `seconds` whatever appends come meanwhile, but not past `stop`; then pass."""
+        deadline = time.monotonic() + seconds
+        while not self._closing and (left := deadline - time.monotonic()) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+        self._wake.set()

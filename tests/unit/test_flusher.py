@@ -223,6 +223,71 @@ async def test_a_failing_cold_tier_leaves_the_work_in_the_log_for_the_next_pass(
     assert (await log.backlog()).entries == 0
 
 
+async def test_a_pass_that_finds_the_cold_tier_out_stops_at_its_first_page(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    """Every other thread would fail the same way: a pass trying thousands of them (a
+    backlog piling up while runs go on) would only load Redis and the logs."""
+    threads = [f"t{n:03}" for n in range(3 * flusher_module.LISTED_THREADS)]
+    for thread in threads:
+        await append(log, thread, 1)
+    store.fail = True
+    tried: list[str] = []
+    lock_thread = log.lock_thread
+
+    async def counted(thread_id: str, *, ttl_ms: int) -> int | None:
+        tried.append(thread_id)
+        return await lock_thread(thread_id, ttl_ms=ttl_ms)
+
+    log.lock_thread = counted  # type: ignore[method-assign]
+    assert await flusher.drain() == 0
+    assert len(tried) <= flusher_module.LISTED_THREADS
+    store.fail = False
+    assert await flusher.drain() == 2 * len(threads)
+
+
+async def test_the_background_pass_backs_off_while_the_cold_tier_is_out(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs appending on (each append wakes the flusher) do not make it retry the cold tier
+    back to back: passes space out, and the backlog drains once the cold tier is back."""
+    monkeypatch.setattr(flusher_module, "WAKE_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(flusher_module, "WAKE_DELAY_MAX_SECONDS", 0.02)
+    monkeypatch.setattr(flusher_module, "COLD_OUT_BACKOFF_SECONDS", 0.2)
+    monkeypatch.setattr(flusher_module, "COLD_OUT_BACKOFF_MAX_SECONDS", 0.4)
+    passes = 0  # a pass tries the lone thread once
+    lock_thread = log.lock_thread
+
+    async def counted(thread_id: str, *, ttl_ms: int) -> int | None:
+        nonlocal passes
+        passes += 1
+        return await lock_thread(thread_id, ttl_ms=ttl_ms)
+
+    monkeypatch.setattr(log, "lock_thread", counted)
+    await append(log, "a", 1)
+    store.fail = True
+    flusher.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            flusher.notify("a")
+            await asyncio.sleep(0.005)
+        # Back to back, the passes numbered 47 here; spaced out (0.2 s, 0.4 s, 0.4 s...
+        # apart), at most 4.
+        assert 1 <= passes <= 4
+        store.fail = False
+        for _ in range(100):
+            if not await log.pending("a"):
+                break
+            await asyncio.sleep(0.01)
+        assert not await log.pending("a")
+    finally:
+        await flusher.close(final_drain_seconds=1)
+
+
 async def test_threads_no_flusher_can_take_never_hide_the_ones_behind_them(
     log: MemoryWriteBehindLog, flusher: Flusher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
