@@ -472,11 +472,13 @@ async def test_a_step_too_large_for_a_batch_held_up_after_its_blocks_cannot_land
             held_up.set()
             await go_on.wait()
 
-    async def paused_batch(self: PartitionIO, partition: str, operations: Any) -> Any:
+    async def paused_batch(
+        self: PartitionIO, partition: str, operations: Any, **options: Any
+    ) -> Any:
         await pause_before_the_late_checkpoint(
             [op[1][-1] for op in operations if op[0] != "delete"]
         )
-        return await batch(self, partition, operations)
+        return await batch(self, partition, operations, **options)
 
     async def paused_upsert_all(self: PartitionIO, docs: Any) -> None:
         await pause_before_the_late_checkpoint(list(docs))
