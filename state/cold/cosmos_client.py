@@ -65,11 +65,16 @@ class EnvironmentProxyTransport(AioHttpTransport):
     def proxy_for(self, url: str) -> str | None:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
-        if host not in self._by_host:
+        # With its port, as urllib's ProxyHandler asks: `NO_PROXY` may name `host:port`.
+        where = host if parts.port is None else f"{host}:{parts.port}"
+        if where not in self._by_host:
             proxy = self._proxies.get(parts.scheme)
-            bypassed = proxy is None or urllib.request.proxy_bypass(host)
-            self._by_host[host] = None if bypassed else proxy
-        return self._by_host[host]
+            # `NO_PROXY` as read at build too, not as the environment is at first use
+            # (what `urllib.request.proxy_bypass` reads; typeshed omits this function).
+            bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+            bypassed = proxy is None or bool(bypass(where, self._proxies))
+            self._by_host[where] = None if bypassed else proxy
+        return self._by_host[where]
 
     async def send(self, request: Any, **config: Any) -> Any:
         proxy = self.proxy_for(request.url)

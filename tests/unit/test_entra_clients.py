@@ -176,6 +176,10 @@ PROXY = "http://proxy.corp:3128"
         ("", PROXY, PROXY),
         ("acct.documents.azure.com", None, PROXY),
         (".documents.azure.com", None, None),
+        # With a port, as urllib and requests take it; spaces and case as they do too.
+        ("localhost, ACCT.documents.azure.com:443", None, PROXY),
+        ("acct.documents.azure.com:8081", PROXY, PROXY),
+        ("*", None, None),
     ],
 )
 async def test_cosmos_takes_the_environments_proxy_once_per_host(
@@ -195,6 +199,7 @@ async def test_cosmos_takes_the_environments_proxy_once_per_host(
         await connection.container()
     finally:
         await connection.close()
+    monkeypatch.setenv("NO_PROXY", "*")  # read when the transport was built, not at first use
     (client,) = cosmos_clients
     transport = client.kwargs["transport"]
     assert isinstance(transport, EnvironmentProxyTransport)
