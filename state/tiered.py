@@ -467,9 +467,10 @@ class CacheAsideStore:
             return  # no loop: the next read starts the settling pass
 
     async def _resettle(self) -> None:
-        delay = RESETTLE_RETRY_SECONDS
+        delay = wait = RESETTLE_RETRY_SECONDS
         while self._unsettled or self._hot_down:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait)
+            wait = delay
             if self._hot_skipped():
                 continue
             if not self._unsettled:
@@ -481,6 +482,12 @@ class CacheAsideStore:
                         continue
                 self._hot_recovered()
                 continue
+            backing_off = self._settle_not_before - time.monotonic()
+            if backing_off > 0:
+                # A pass a read started settled none and backs off: try again when that
+                # ends (within RESETTLE_MAX_SECONDS), not a whole `delay` after it.
+                wait = backing_off
+                continue
             before = set(self._unsettled)
             self._start_settling()
             await self.settled()
@@ -488,6 +495,7 @@ class CacheAsideStore:
             # cannot answer them.
             progressed = bool(before - self._unsettled)
             delay = RESETTLE_RETRY_SECONDS if progressed else min(2 * delay, RESETTLE_MAX_SECONDS)
+            wait = delay
 
     async def settled(self) -> None:
         """Wait for the background settling pass in progress, if any (tests, shutdown)."""

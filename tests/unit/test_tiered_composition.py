@@ -8,6 +8,7 @@ the real servers), so what these tests prove is the composition's own logic.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,3 +282,44 @@ async def test_settling_backs_off_while_the_cold_tier_cannot_answer_either(
             break
         await asyncio.sleep(0.1)
     assert await hot.get(THREAD) == during
+
+
+async def test_a_backoff_another_pass_set_delays_settling_by_no_more_than_the_max(
+    store: TieredStateStore,
+    cold: GatedColdStore,
+    hot: MemoryHotStore,
+    no_hot_backoff: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background retry wakes while the pass a read started (which settled nothing)
+    backs off: it tries again when that backoff ends, not a whole retry later (up to
+    twice RESETTLE_MAX_SECONDS after the cold tier answers again, with no reads)."""
+    monkeypatch.setattr(tiered, "RESETTLE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(tiered, "RESETTLE_MAX_SECONDS", 0.8)
+    cache = store.cache
+    await store.create(THREAD, {"s": "v1"}, agent_id="a")
+    with unreachable(hot.outage):
+        during = await store.update_section(THREAD, "s", "v2", agent_id="a")
+    loop = asyncio.get_running_loop()
+    wakes: list[float] = []
+    start_settling = cache._start_settling
+
+    def recorded() -> None:
+        if asyncio.current_task() is cache._resettler:
+            wakes.append(loop.time())
+        start_settling()
+
+    monkeypatch.setattr(cache, "_start_settling", recorded)
+    with unreachable(cold.outage):
+        await asyncio.sleep(1.7)  # retries 0.05, 0.1, 0.2, 0.4, 0.8 s apart: at the max
+        # 0.2 s before the retry's next wake, a read's pass settles nothing: its backoff
+        # (0.6 s here) ends after that wake.
+        woke = len(wakes)
+        await asyncio.sleep(max(0.0, wakes[-1] + 0.6 - loop.time()))
+        assert len(wakes) == woke
+        cache._settle_not_before = time.monotonic() + 0.6
+    back = loop.time()
+    while await hot.get(THREAD) != during:
+        assert loop.time() - back < 2.0
+        await asyncio.sleep(0.01)
+    assert loop.time() - back < 0.6 + 0.15
