@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -13,12 +14,13 @@ from urllib.parse import urlparse
 import hiredis
 import redis
 import redis.asyncio as aioredis
+import redis.connection
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 from redis.typing import EncodableT
@@ -80,6 +82,183 @@ def create_redis_client(settings: Settings) -> aioredis.Redis:
     return client
 
 
+# --------------------------------------------------------------------------- failing fast
+
+
+# After a command to a server timed out, commands to it fail at once for this long; then
+# one caller at a time is let through to probe it (for at most PROBE_SECONDS, which covers
+# the socket timeout and the client's retry), the others still failing at once. An answer
+# closes the circuit, another timeout opens it again.
+FAIL_FAST_SECONDS = 0.5
+PROBE_SECONDS = 5.0
+# The client's retry of the call that timed out (after its backoff, at most 0.2 s) goes
+# ahead: for a call whose reply was lost, the retry is how its caller learns the outcome
+# (a lock taken twice with one token holds it, `acquire_lock`).
+RETRY_GRACE_SECONDS = 0.5
+
+
+class ServerCircuit:
+    """Whether a Redis server timed out lately (frozen, failing over, cut off): every
+    caller of the hot tier has a way on without it (the cold tier), but each would first
+    wait out the socket timeout, twice with the client's retry. Measured before this: a
+    4-node invoke took 28-65 s while the server was frozen. A refused connection fails
+    at once anyway, so only timeouts open it. Shared by every client of the process
+    (async and blocking) that talks to the server."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.open_until = 0.0  # monotonic; 0 while closed
+        self._prober: object | None = None
+        self._probe_until = 0.0
+        # Connections whose call timed out: until when its retry goes ahead (0 once used).
+        self._graces: dict[object, float] = {}
+
+    def check(self, connection: object) -> None:
+        """Raises `ServerTimedOutLately` unless the circuit is closed or `connection` may
+        go ahead: it retries the call that timed out, or probes the server."""
+        if not self.open_until:
+            return
+        now = time.monotonic()
+        if self._graces.get(connection, 0.0) > now:
+            return
+        if now >= self.open_until:
+            if self._prober is connection and now < self._probe_until:
+                return
+            if now >= self._probe_until:
+                self._prober, self._probe_until = connection, now + PROBE_SECONDS
+                return
+        raise ServerTimedOutLately(
+            f"Redis at {self.address} timed out lately: not tried again for "
+            f"{max(self.open_until, self._probe_until) - now:.1f} s"
+        )
+
+    def timed_out(self, connection: object) -> None:
+        now = time.monotonic()
+        self.open_until = now + FAIL_FAST_SECONDS
+        self._prober, self._probe_until = None, 0.0
+        # Once: its retry timing out too (or, pooled, its next call) gets none.
+        self._graces[connection] = 0.0 if connection in self._graces else now + RETRY_GRACE_SECONDS
+
+    def answered(self) -> None:
+        if self.open_until:
+            self.open_until = 0.0
+            self._prober, self._probe_until = None, 0.0
+            self._graces.clear()
+
+
+class ServerTimedOutLately(RedisError):
+    """Not sent: the server timed out lately (`ServerCircuit`). Not a `ConnectionError`,
+    which the client's `Retry` would retry after a backoff: nothing is gained by it."""
+
+
+_CIRCUITS: dict[str, ServerCircuit] = {}
+
+
+def circuit_for(host: str, port: int) -> ServerCircuit:
+    address = f"{host}:{port}"
+    circuit = _CIRCUITS.get(address)
+    if circuit is None:
+        circuit = _CIRCUITS.setdefault(address, ServerCircuit(address))
+    return circuit
+
+
+class _FailFast(AbstractConnection):
+    """Sends through the server's `ServerCircuit`: refused while it is open, and a
+    timeout (connecting, sending, or reading with the socket timeout) opens it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._circuit = circuit_for(getattr(self, "host", ""), getattr(self, "port", 0))
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        self._circuit.check(self)
+        try:
+            await super().connect_check_health(
+                check_health=check_health, retry_socket_connect=retry_socket_connect
+            )
+        except RedisTimeoutError:
+            self._circuit.timed_out(self)
+            raise
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        self._circuit.check(self)
+        try:
+            await super().send_packed_command(command, check_health)
+        except RedisTimeoutError:
+            self._circuit.timed_out(self)
+            raise
+
+    async def read_response(
+        self,
+        disable_decoding: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 (redis-py's signature)
+        *,
+        disconnect_on_error: bool = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        try:
+            response = await super().read_response(
+                disable_decoding,
+                timeout,
+                disconnect_on_error=disconnect_on_error,
+                push_request=push_request,
+            )
+        except RedisTimeoutError:
+            if timeout is None:  # the socket timeout, not a wait the caller chose
+                self._circuit.timed_out(self)
+            raise
+        except ResponseError:
+            self._circuit.answered()  # an error reply is an answer
+            raise
+        self._circuit.answered()
+        return response
+
+
+class _BlockingFailFast(redis.connection.AbstractConnection):
+    """`_FailFast` for the blocking client."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._circuit = circuit_for(getattr(self, "host", ""), getattr(self, "port", 0))
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        self._circuit.check(self)
+        try:
+            super().connect_check_health(
+                check_health=check_health, retry_socket_connect=retry_socket_connect
+            )
+        except RedisTimeoutError:
+            self._circuit.timed_out(self)
+            raise
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._circuit.check(self)
+        try:
+            super().send_packed_command(command, check_health)
+        except RedisTimeoutError:
+            self._circuit.timed_out(self)
+            raise
+
+    def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:
+        try:
+            response = super().read_response(disable_decoding, **kwargs)
+        except RedisTimeoutError:
+            if "timeout" not in kwargs:  # the socket timeout, not a wait the caller chose
+                self._circuit.timed_out(self)
+            raise
+        except ResponseError:
+            self._circuit.answered()  # an error reply is an answer
+            raise
+        self._circuit.answered()
+        return response
+
+
 class _SendBoundedInPlace(AbstractConnection):
     """redis-py's send, changed in two ways. Bounded by `asyncio.timeout`, not
     `asyncio.wait_for`, which on Python 3.11 runs every send as a task of its own: ~19 µs
@@ -115,11 +294,11 @@ class _SendBoundedInPlace(AbstractConnection):
             raise
 
 
-class _BoundedSendConnection(_SendBoundedInPlace, Connection):
+class _BoundedSendConnection(_FailFast, _SendBoundedInPlace, Connection):
     pass
 
 
-class _BoundedSendSSLConnection(_SendBoundedInPlace, SSLConnection):
+class _BoundedSendSSLConnection(_FailFast, _SendBoundedInPlace, SSLConnection):
     pass
 
 
@@ -129,13 +308,31 @@ _BOUNDED_SENDS: dict[type[AbstractConnection], type[AbstractConnection]] = {
 }
 
 
+class _FailFastBlockingConnection(_BlockingFailFast, redis.connection.Connection):
+    pass
+
+
+class _FailFastBlockingSSLConnection(_BlockingFailFast, redis.connection.SSLConnection):
+    pass
+
+
+_BLOCKING_FAIL_FAST: dict[type[Any], type[Any]] = {
+    redis.connection.Connection: _FailFastBlockingConnection,
+    redis.connection.SSLConnection: _FailFastBlockingSSLConnection,
+}
+
+
 def create_blocking_redis_client(settings: Settings) -> redis.Redis:
     """The same server and options for callers without an event loop (the saver's sync
     write-behind appends, made on the caller's own thread)."""
     kwargs = {**_client_kwargs(settings), "retry": BlockingRetry(_backoff(), retries=1)}
     if settings.redis_url is not None:
-        return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    return redis.Redis(**_entra_kwargs(settings), **kwargs)
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    else:
+        client = redis.Redis(**_entra_kwargs(settings), **kwargs)
+    pool = client.connection_pool
+    pool.connection_class = _BLOCKING_FAIL_FAST.get(pool.connection_class, pool.connection_class)
+    return client
 
 
 def _client_kwargs(settings: Settings) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from devstack import RedisServer
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import BackendUnavailable
 from state.hot.redis_client import (
+    FAIL_FAST_SECONDS,
     create_blocking_redis_client,
     create_redis_client,
     hot_namespace,
@@ -205,6 +206,8 @@ async def test_a_write_behind_append_whose_reply_was_lost_is_logged_once(
         with contextlib.suppress(BackendUnavailable):
             await log.append_writes(thread_id, "", checkpoint_id, [write], upsert=False, fence=None)
         await busy
+        # The timeout made this process rest the server (`ServerCircuit`): read after that.
+        await asyncio.sleep(FAIL_FAST_SECONDS)
         entries = await log.read(thread_id, count=100)
         assert [type(e.op) for e in entries] == [WritesPut]
         assert int(await tiers.redis.get(f"{{wb:{tiers.cache.namespace}}}:entries") or 0) == 1
@@ -269,6 +272,7 @@ async def test_a_lock_whose_reply_was_lost_is_not_left_held_by_nobody(
         except BackendUnavailable:
             lock = None  # an outcome left unknown may be reported
         await busy
+        await asyncio.sleep(FAIL_FAST_SECONDS)  # as above: the server rested
         if lock is None:
             # Not ours: then nobody holds it, and the next caller gets it at once.
             assert await hot.acquire_lock(name, ttl_ms=60_000) is not None
@@ -302,6 +306,7 @@ async def test_a_sync_append_whose_reply_was_lost_is_logged_once(
                 fence=None,
             )
         await busy
+        await asyncio.sleep(FAIL_FAST_SECONDS)  # as above: the server rested
         assert [type(e.op) for e in await log.read(thread_id, count=100)] == [WritesPut]
         blocking.close()
 

@@ -34,7 +34,7 @@ from state.errors import (
     WorkflowNotFound,
 )
 from state.factory import backends_for, open_backends
-from state.hot.redis_client import create_redis_client, hot_namespace
+from state.hot.redis_client import FAIL_FAST_SECONDS, create_redis_client, hot_namespace
 from state.hot.redis_store import RedisHotStore
 from state.ports import ColdStateStore, WorkflowRecord
 from state.settings import Settings
@@ -817,6 +817,7 @@ async def test_a_copy_left_in_an_unreachable_redis_is_replaced_when_it_returns(
     finally:
         dedicated_redis.resume()
     assert updated.version == 2 and tiered.stats.hot_errors >= 1
+    await asyncio.sleep(FAIL_FAST_SECONDS)  # the timeout made the process rest the server
     assert (await hot.get(thread)).version == 1  # type: ignore[union-attr]
 
     await tiered.health()  # reachable again

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import azure.identity.aio
 import pytest
+import redis
 import redis.asyncio as aioredis
 import redis_entraid.cred_provider
 from azure.core.credentials import AccessToken
@@ -26,7 +27,11 @@ from state.cold import cosmos_client, postgres_client
 from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.hot import redis_client
-from state.hot.redis_client import REDIS_ENTRA_SCOPE, create_redis_client
+from state.hot.redis_client import (
+    REDIS_ENTRA_SCOPE,
+    create_blocking_redis_client,
+    create_redis_client,
+)
 from state.settings import Settings
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -246,15 +251,25 @@ async def test_every_redis_client_bounds_its_sends_in_place(
     kind: str,
     values: dict[str, str],
 ) -> None:
-    """Its connections' sends are bounded without a task each and aborted part way
+    """Its connections' sends are bounded without a task each and aborted part way, and
+    fail at once while the server timed out lately, the blocking client's too
     (`tests/faults/test_redis_frozen.py` shows what that does against a frozen server)."""
-    client = create_redis_client(env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, **values))
+    settings = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, **values)
+    client = create_redis_client(settings)
     try:
         connection_class = client.connection_pool.connection_class
         assert issubclass(connection_class, redis_client._SendBoundedInPlace)
+        assert issubclass(connection_class, redis_client._FailFast)
         assert issubclass(connection_class, aioredis.SSLConnection) is (kind != "plain")
     finally:
         await client.aclose()
+    blocking = create_blocking_redis_client(settings)
+    try:
+        blocking_class = blocking.connection_pool.connection_class
+        assert issubclass(blocking_class, redis_client._BlockingFailFast)
+        assert issubclass(blocking_class, redis.SSLConnection) is (kind != "plain")
+    finally:
+        blocking.close()
 
 
 async def test_redis_host_uses_the_user_assigned_identity_over_tls(
