@@ -33,6 +33,8 @@ SCENARIOS: tuple[str, ...] = (
     "State of 10 MB round trip",
     "Network cut to redis (reset)",
     "Network cut to redis (blackhole)",
+    "Redis frozen mid-run (write-through)",
+    "Redis frozen mid-run (write-behind)",
     "Network cut to postgres (reset)",
     "Postgres restarted mid-workflow",
     "Cosmos 429 throttling (x-ms-retry-after-ms)",
