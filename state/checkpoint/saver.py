@@ -257,6 +257,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # interrupt or an error: their state outlives the run (the resume goes on from it),
         # so boundaries check them as they check the root's (under `_histories_lock`).
         self._paused: OrderedDict[str, set[str]] = OrderedDict()
+        # Write-behind: thread -> namespace -> the checkpoint a boundary's writes (an
+        # interrupt, an error) belong to. With durability "async" LangGraph saves a step's
+        # checkpoint and its tasks' writes concurrently: a put of that checkpoint arriving
+        # after them is part of the boundary (under `_histories_lock`).
+        self._boundary_checkpoints: OrderedDict[str, dict[str, str]] = OrderedDict()
         # Write-behind: thread -> namespace -> (checkpoint, its writes' (task, idx)) this
         # process appended to the log since the namespace's last put: a boundary counts
         # them too (a sibling task's result is part of the state an interrupt reports).
@@ -526,7 +531,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._sync(self._put_cold_instead(put, checkpoint))
         else:
             self._appended(put)
-            self._boundary_sync(put.stored.thread_id, put.boundary)
+            self._boundary_sync(put.stored.thread_id, self._is_boundary(put))
         return self._put_done(put)
 
     def put_writes(
@@ -541,7 +546,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         self._refuse_on_loop()
         put = self._prepared_writes(config, writes, task_id, task_path)
-        self._note_paused(put)
+        self._note_boundary(put)
         blocking = self._blocking
         try:
             try:
@@ -788,7 +793,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._put_cold_instead(put, checkpoint)
             else:
                 self._appended(put)
-                await self._boundary(thread_id, put.boundary)
+                await self._boundary(thread_id, self._is_boundary(put))
         return self._put_done(put)
 
     async def _parent_stored(self, put: _Put) -> None:
@@ -902,8 +907,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._written_through.add(thread_id)
         elif await self._stands_alone(thread_id, put.stored.checkpoint_ns):
             self._written_through.add(thread_id)
-        elif put.boundary:
+        elif self._is_boundary(put):
             await self._flush_thread(thread_id)
+
+    def _is_boundary(self, put: _Put) -> bool:
+        """Whether the put, once in the hot log or the cold tier, is a boundary: asked for
+        as one, or the checkpoint a boundary's writes already named. Asked after the
+        append, so that either the boundary's flush or this put's own covers it."""
+        stored = put.stored
+        with self._histories_lock:
+            spaces = self._boundary_checkpoints.get(stored.thread_id, {})
+            named = spaces.get(stored.checkpoint_ns) == stored.checkpoint_id
+            if named:
+                del spaces[stored.checkpoint_ns]
+        return put.boundary or named
 
     def _put_done(self, put: _Put) -> RunnableConfig:
         stored = put.stored
@@ -1048,14 +1065,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         stored = await self.store.get_writes(thread_id, checkpoint_ns, checkpoint_id)
         return not missing - {(write.task_id, write.idx) for write in stored}
 
-    def _note_paused(self, put: _Writes) -> None:
-        if self.flusher is not None and put.boundary and ":" in put.checkpoint_ns:
-            with self._histories_lock:
+    def _note_boundary(self, put: _Writes) -> None:
+        """Before a boundary's writes are appended: what later puts and boundaries check."""
+        if self.flusher is None or not put.boundary:
+            return
+        with self._histories_lock:
+            spaces = self._boundary_checkpoints.setdefault(put.thread_id, {})
+            spaces[put.checkpoint_ns] = put.checkpoint_id
+            _keep_newest(self._boundary_checkpoints, put.thread_id)
+            if ":" in put.checkpoint_ns:
                 self._paused.setdefault(put.thread_id, set()).add(put.checkpoint_ns)
                 _keep_newest(self._paused, put.thread_id)
 
     async def _store_writes(self, put: _Writes) -> None:
-        self._note_paused(put)
+        self._note_boundary(put)
         if self.flusher is None:
             await self._admit(put.thread_id, put.fence, hot=True)
             await self.store.put_writes(
@@ -1221,6 +1244,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         with self._histories_lock:
             self._unconfirmed.pop(thread_id, None)
             self._paused.pop(thread_id, None)
+            self._boundary_checkpoints.pop(thread_id, None)
             self._unconfirmed_writes.pop(thread_id, None)
         with self._histories_lock:
             for key in [key for key in self._histories if key[0] == thread_id]:

@@ -22,6 +22,7 @@ from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint import flusher as flusher_module
 from state.checkpoint.flusher import Flusher
+from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import (
     BackendUnavailable,
     RequestRejected,
@@ -284,6 +285,26 @@ async def test_an_interrupt_and_durability_sync_are_synchronous_boundaries(
     assert seen_pending and not any(seen_pending)
     state = await graph.aget_state(cfg)
     assert state.values["approved"] is True
+
+
+async def test_a_checkpoint_put_after_its_error_was_written_is_a_boundary_too(
+    tiers: WriteBehind,
+) -> None:
+    """LangGraph saves a step's checkpoint and its tasks' writes concurrently (durability
+    "async"): a put arriving after the error its task wrote returns once it is cold."""
+    base = config(checkpoint_ns="", **{DURABILITY_KEY: "async"})
+    thread_id = base["configurable"]["thread_id"]
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"messages": ["a" * 1000]}
+    checkpoint["channel_versions"] = {"messages": tiers.saver.get_next_version(None, None)}
+    at_checkpoint = config(thread_id, checkpoint_ns="", checkpoint_id=checkpoint["id"])
+    await tiers.saver.aput_writes(at_checkpoint, [("__error__", "boom")], "task-1")
+    await tiers.saver.aput(
+        base, checkpoint, {"source": "loop", "step": 0}, checkpoint["channel_versions"]
+    )
+
+    assert not await tiers.flusher.log.pending(thread_id)
+    assert await cold_latest_id(tiers, thread_id) == checkpoint["id"]
 
 
 async def test_durability_exit_returns_once_the_runs_one_save_is_cold(

@@ -23,6 +23,7 @@ from langgraph.types import Command, interrupt
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
@@ -436,3 +437,25 @@ def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable
                 graph.invoke({"messages": ["hello"], "answer": ""}, config())
     finally:
         redis.stop()
+
+
+def test_a_checkpoint_put_after_its_interrupt_was_written_is_a_boundary_too(
+    saver: TieredCheckpointSaver,
+) -> None:
+    """With durability "async" LangGraph saves a step's checkpoint and its tasks' writes
+    concurrently, so an interrupt's write can arrive before the checkpoint it belongs to:
+    that late put is part of the boundary and returns only once it is cold."""
+    assert saver.flusher is not None
+    base = config(**{DURABILITY_KEY: "async"})
+    thread_id = base["configurable"]["thread_id"]
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"messages": ["a" * 1000]}
+    checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+    at_checkpoint = config(thread_id, checkpoint_id=checkpoint["id"])
+    saver.put_writes(at_checkpoint, [("__interrupt__", "approve?")], "task-1")
+    saver.put(base, checkpoint, {"source": "loop", "step": 0}, checkpoint["channel_versions"])
+
+    assert not saver._sync(saver.flusher.log.pending(thread_id))
+    cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert cold is not None and cold.checkpoint_id == checkpoint["id"]
+    assert [w.channel for w in cold.writes or []] == ["__interrupt__"]
