@@ -258,9 +258,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # so boundaries check them as they check the root's (under `_histories_lock`).
         self._paused: OrderedDict[str, set[str]] = OrderedDict()
         # Write-behind: thread -> namespace -> the checkpoint a boundary's writes (an
-        # interrupt, an error) belong to. With durability "async" LangGraph saves a step's
-        # checkpoint and its tasks' writes concurrently: a put of that checkpoint arriving
-        # after them is part of the boundary (under `_histories_lock`).
+        # interrupt, an error) belong to, until the thread's next run starts. With
+        # durability "async" LangGraph saves a step's checkpoint and its tasks' writes
+        # concurrently: that checkpoint's put, or a sibling task's result, arriving after
+        # them is part of the boundary (under `_histories_lock`).
         self._boundary_checkpoints: OrderedDict[str, dict[str, str]] = OrderedDict()
         # Write-behind: thread -> namespace -> (checkpoint, its writes' (task, idx)) this
         # process appended to the log since the namespace's last put: a boundary counts
@@ -569,7 +570,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             else:
                 self._written_through.discard(put.thread_id)
                 self._writes_appended(put)
-                self._boundary_sync(put.thread_id, put.boundary)
+                self._boundary_sync(put.thread_id, self._is_boundary(put))
         except BaseException:
             self._chains.forget(put.thread_id)  # stored or not, this process cannot tell
             raise
@@ -910,17 +911,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         elif self._is_boundary(put):
             await self._flush_thread(thread_id)
 
-    def _is_boundary(self, put: _Put) -> bool:
-        """Whether the put, once in the hot log or the cold tier, is a boundary: asked for
-        as one, or the checkpoint a boundary's writes already named. Asked after the
-        append, so that either the boundary's flush or this put's own covers it."""
-        stored = put.stored
+    def _is_boundary(self, put: _Put | _Writes) -> bool:
+        """Whether a put or writes, once in the hot log or the cold tier, are a boundary:
+        asked for as one, or at the checkpoint a boundary's writes named earlier in the run
+        (its own late put, a sibling task's result). Asked after the append, so that either
+        the boundary's flush or this call's own covers it."""
+        if put.boundary:
+            return True
+        address = put.stored if isinstance(put, _Put) else put
         with self._histories_lock:
-            spaces = self._boundary_checkpoints.get(stored.thread_id, {})
-            named = spaces.get(stored.checkpoint_ns) == stored.checkpoint_id
-            if named:
-                del spaces[stored.checkpoint_ns]
-        return put.boundary or named
+            named = self._boundary_checkpoints.get(address.thread_id, {})
+            return named.get(address.checkpoint_ns) == address.checkpoint_id
 
     def _put_done(self, put: _Put) -> RunnableConfig:
         stored = put.stored
@@ -1004,10 +1005,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def _note_run_start(
         self, config: RunnableConfig, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
     ) -> None:
-        """A run starts over from what the tiers hold: the thread is no longer lost."""
+        """A run starts over from what the tiers hold: the thread is no longer lost, and the
+        boundaries of its last run are behind it."""
         if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
             with self._histories_lock:
                 self._lost.pop(thread_id, None)
+                self._boundary_checkpoints.pop(thread_id, None)
 
     def _writes_appended(self, put: _Writes) -> None:
         keys = {(w.task_id, w.idx) for w in put.writes}
@@ -1114,7 +1117,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         else:
             self._written_through.discard(put.thread_id)
             self._writes_appended(put)
-            await self._boundary(put.thread_id, put.boundary)
+            await self._boundary(put.thread_id, self._is_boundary(put))
 
     async def _writes_cold_instead(self, put: _Writes) -> None:
         """Write-behind with Redis out: the writes go straight to the cold tier. They stand
@@ -1127,11 +1130,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
         self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
+        boundary = self._is_boundary(put)
         if await self._stands_alone(put.thread_id, put.checkpoint_ns) and (
-            not put.boundary or await self._all_stand_alone(put.thread_id)
+            not boundary or await self._all_stand_alone(put.thread_id)
         ):
             self._written_through.add(put.thread_id)
-        elif put.boundary:
+        elif boundary:
             await self._flush_thread(put.thread_id)
 
     async def _all_stand_alone(self, thread_id: str) -> bool:

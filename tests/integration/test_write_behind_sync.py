@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypedDict, TypeVar
 
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph._internal._constants import CONFIG_KEY_RUNTIME
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.graph import END, START, StateGraph
@@ -459,3 +460,30 @@ def test_a_checkpoint_put_after_its_interrupt_was_written_is_a_boundary_too(
     cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
     assert cold is not None and cold.checkpoint_id == checkpoint["id"]
     assert [w.channel for w in cold.writes or []] == ["__interrupt__"]
+
+
+def test_a_sibling_tasks_result_written_after_the_interrupt_is_a_boundary_too(
+    saver: TieredCheckpointSaver,
+) -> None:
+    """Parallel tasks: one interrupts while the other is still running. The other's
+    result, written after the interrupt's flush, is part of what the interrupt stands on
+    (a resume must not run that task again): its write returns once it is cold. The
+    next run's writes to that checkpoint are ordinary again."""
+    assert saver.flusher is not None
+    base = config(**{DURABILITY_KEY: "async"})
+    thread_id = base["configurable"]["thread_id"]
+    checkpoint = empty_checkpoint()
+    saver.put(base, checkpoint, {"source": "loop", "step": 0}, {})
+    at_checkpoint = config(thread_id, checkpoint_id=checkpoint["id"], **{DURABILITY_KEY: "async"})
+    saver.put_writes(at_checkpoint, [("__interrupt__", "approve?")], "asker")
+    saver.put_writes(at_checkpoint, [("messages", ["a" * 1000])], "sibling")
+
+    assert not saver._sync(saver.flusher.log.pending(thread_id))
+    cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert cold is not None and cold.checkpoint_id == checkpoint["id"]
+    assert sorted(w.task_id for w in cold.writes or []) == ["asker", "sibling"]
+
+    # The resume's run starts with LangGraph's read of the latest checkpoint.
+    assert saver.get_tuple(config(thread_id, **{CONFIG_KEY_RUNTIME: None})) is not None
+    saver.put_writes(at_checkpoint, [("messages", ["b"])], "resumed")
+    assert saver._sync(saver.flusher.log.pending(thread_id))
