@@ -487,3 +487,44 @@ def test_a_sibling_tasks_result_written_after_the_interrupt_is_a_boundary_too(
     assert saver.get_tuple(config(thread_id, **{CONFIG_KEY_RUNTIME: None})) is not None
     saver.put_writes(at_checkpoint, [("messages", ["b"])], "resumed")
     assert saver._sync(saver.flusher.log.pending(thread_id))
+
+
+class Parallel(TypedDict):
+    answer: str
+    looked_up: int
+
+
+def test_a_run_that_stops_at_an_interrupt_returns_with_its_slower_siblings_result_cold(
+    saver: TieredCheckpointSaver,
+) -> None:
+    """The same through a graph: `ask` interrupts at once, `look_up` (same step) ends
+    later. When invoke returns, both are in the cold tier: the resume does not look up
+    again."""
+    assert saver.flusher is not None
+    looked_up: list[int] = []
+
+    def look_up(_state: Parallel) -> dict[str, Any]:
+        time.sleep(0.3)
+        looked_up.append(1)
+        return {"looked_up": len(looked_up)}
+
+    builder = StateGraph(Parallel)
+    builder.add_node("ask", lambda _state: {"answer": interrupt("approve?")})
+    builder.add_node("look_up", look_up)
+    builder.add_edge(START, "ask")
+    builder.add_edge(START, "look_up")
+    builder.add_edge("ask", END)
+    builder.add_edge("look_up", END)
+    graph = builder.compile(checkpointer=saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+
+    paused = graph.invoke({"answer": "", "looked_up": 0}, cfg, durability="async")
+    assert "__interrupt__" in paused
+    assert not saver._sync(saver.flusher.log.pending(thread_id))
+    cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert cold is not None
+    assert {w.channel for w in cold.writes or []} >= {"__interrupt__", "looked_up"}
+    done = graph.invoke(Command(resume="yes"), cfg, durability="async")
+    assert done == {"answer": "yes", "looked_up": 1}
+    assert looked_up == [1]
