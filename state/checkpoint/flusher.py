@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -54,6 +54,8 @@ ADOPT_AFTER_SECONDS = 5.0
 # How long an append makes a thread this worker's own, for the background pass, unless
 # a flush empties the thread first (the run's end: its next run may be another worker's).
 OWN_SECONDS = 60.0
+# Appends from callers' threads noted at most, between two looks of the loop.
+APPENDED_ELSEWHERE_MAX = 10_000
 # After its own append wakes it, a flusher waits until appends pause this long, so its
 # cold requests and CPU stay off the path of a run in progress (which appends every few
 # ms) and one pass takes a run's entries together ...
@@ -158,6 +160,13 @@ class Flusher:
         # Threads this worker appended to (last append), and others seen listed (first seen).
         self._own: dict[str, float] = {}
         self._own_pruned_over = 4 * LISTED_THREADS
+        # Appends the sync API made on its callers' threads, noted on the loop at its next
+        # look: waking the loop thread for each would cost every write a cross-thread
+        # wake-up and a contended GIL. Bounded: a flusher never started forgets the oldest.
+        self._appended_elsewhere: deque[tuple[str, float]] = deque(maxlen=APPENDED_ELSEWHERE_MAX)
+        # Set while the background pass waits for a wake-up (read on the callers' threads).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = False
         self._foreign: dict[str, float] = {}
         # (thread, namespace) -> the last checkpoint put this flusher applied.
         self._applied_puts: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -317,6 +326,7 @@ class Flusher:
         self, *, limit: int | None, adopt_after: float | None, unflushed_for: float
     ) -> tuple[int, bool]:
         """`drain`, and whether it stopped because the cold tier was unreachable."""
+        self._take_appended_elsewhere()  # which threads are this worker's own
         total = 0
         skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
@@ -460,9 +470,31 @@ class Flusher:
 
     # ----------------------------------------------------------------------- background
 
+    def notify_from_thread(self, thread_id: str) -> None:
+        """`notify` from a thread other than the loop's: the loop is woken only when its
+        background pass waits for work; otherwise it takes the note at its next look."""
+        self._appended_elsewhere.append((thread_id, time.monotonic()))
+        loop = self._loop
+        if self._waiting and loop is not None:
+            self._waiting = False
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def _take_appended_elsewhere(self) -> bool:
+        """Note the appends `notify_from_thread` queued; whether there were any."""
+        taken = False
+        while self._appended_elsewhere:
+            thread_id, at = self._appended_elsewhere.popleft()
+            self._note_own(thread_id, at)
+            taken = True
+        return taken
+
     def notify(self, thread_id: str) -> None:
         """This worker appended to the thread: drain soon."""
-        now = time.monotonic()
+        self._note_own(thread_id, time.monotonic())
+        self._wake.set()
+
+    def _note_own(self, thread_id: str, now: float) -> None:
         self._own[thread_id] = now
         # Listed from now on for this worker's appends, not another's lingering ones.
         self._foreign.pop(thread_id, None)
@@ -471,12 +503,12 @@ class Flusher:
             # Pruned again only once it doubled: with more threads than that unflushed (the
             # cold tier down under load), a scan per append would make appends quadratic.
             self._own_pruned_over = max(4 * LISTED_THREADS, 2 * len(self._own))
-        self._wake.set()
 
     def start(self) -> None:
         """Run in the background on the current loop until `stop` or `close`."""
         if self._task is None:
             self._closing = False
+            self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._run(), name="write-behind-flusher")
 
     async def stop(self, *, timeout_seconds: float = 5.0) -> None:
@@ -508,16 +540,15 @@ class Flusher:
         while True:
             self._wake.clear()
             await asyncio.sleep(min(WAKE_DELAY_SECONDS, max(0.0, bound - time.monotonic())))
-            if self._closing or not self._wake.is_set() or time.monotonic() >= bound:
+            appended = self._take_appended_elsewhere() or self._wake.is_set()
+            if self._closing or not appended or time.monotonic() >= bound:
                 break
         self._wake.clear()
 
     async def _run(self) -> None:
         backoff = 0.0
         while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_SECONDS):
-                    await self._wake.wait()
+            await self._wait_for_work()
             if self._closing:
                 return
             if self._wake.is_set():
@@ -536,6 +567,22 @@ class Flusher:
                 continue
             backoff = min(COLD_OUT_BACKOFF_MAX_SECONDS, max(COLD_OUT_BACKOFF_SECONDS, 2 * backoff))
             await self._backed_off(backoff)
+
+    async def _wait_for_work(self) -> None:
+        """Until an append wakes the pass, or POLL_SECONDS (others' work, left behind)."""
+        # Published before the queue is looked at, so that an append queued after the look
+        # sees it and wakes the loop.
+        self._waiting = True
+        try:
+            if not self._take_appended_elsewhere():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_SECONDS):
+                        await self._wake.wait()
+                if not self._take_appended_elsewhere():
+                    return
+            self._wake.set()
+        finally:
+            self._waiting = False
 
     async def _backed_off(self, seconds: float) -> None:
         """Wait `seconds` whatever appends come meanwhile, but not past `stop`; then pass."""

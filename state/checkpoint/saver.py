@@ -648,12 +648,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _boundary_sync(self, thread_id: str, boundary: bool) -> None:
         """`_boundary` after a sync caller's own append: a boundary's flush waits on the
-        loop thread; otherwise the flusher is told, without waiting for it."""
+        loop thread; otherwise the flusher is told, without waiting for it (nor waking the
+        loop thread, unless the flusher waits for work)."""
         assert self.flusher is not None
         if boundary:
             self._sync(self._flush_thread(thread_id))
         else:
-            self.loop.call_soon_threadsafe(self.flusher.notify, thread_id)
+            self.flusher.notify_from_thread(thread_id)
 
     # ----------------------------------------------------------------------- operations
 

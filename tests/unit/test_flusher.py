@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -460,3 +461,43 @@ async def test_a_batch_the_cold_fence_refuses_is_left_in_the_log_and_the_lock_re
     token = await log.lock_thread("a", ttl_ms=LOCK_TTL_MS * 100)
     assert token is not None
     await log.unlock_thread("a", token)
+
+
+async def test_appends_on_other_threads_wake_a_waiting_flusher_once_per_burst(
+    log: MemoryWriteBehindLog, store: RecordingStore, flusher: Flusher
+) -> None:
+    """The sync API appends on its callers' threads. A flusher waiting for work is woken
+    by the first (well before its idle poll); the rest of the burst costs the loop
+    thread no wake-up: the flusher takes them at its next look, and drains them all."""
+    loop = asyncio.get_running_loop()
+    wake_ups = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wake_ups
+        wake_ups += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    flusher.start()
+    try:
+        await asyncio.sleep(0.01)  # the background pass waits for work
+        threads = [f"t{n}" for n in range(20)]
+        for thread in threads:
+            await append(log, thread, 1)
+
+        def burst() -> None:
+            for thread in threads:
+                flusher.notify_from_thread(thread)
+
+        await asyncio.to_thread(burst)
+        for _ in range(80):  # well before the idle poll (1 s)
+            if not (await log.backlog()).entries:
+                break
+            await asyncio.sleep(0.01)
+        assert (await log.backlog()).entries == 0
+        # asyncio.to_thread's own hand-back is one; the burst's first append the other.
+        assert wake_ups <= 2
+    finally:
+        del loop.call_soon_threadsafe
+        await flusher.close(final_drain_seconds=1)
