@@ -823,11 +823,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         with self._histories_lock:
             heads = self._unconfirmed.setdefault(stored.thread_id, {})
             heads[stored.checkpoint_ns] = stored.checkpoint_id
-            self._unconfirmed_writes.get(stored.thread_id, {}).pop(stored.checkpoint_ns, None)
+            self._drop_superseded_writes(
+                stored.thread_id, stored.checkpoint_ns, stored.checkpoint_id
+            )
             self._unconfirmed.move_to_end(stored.thread_id)
             # Threads the background flush alone drains are never confirmed: keep the newest.
             while len(self._unconfirmed) > HISTORY_MEMO_SIZE:
                 self._unconfirmed.popitem(last=False)
+
+    def _drop_superseded_writes(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
+    ) -> None:
+        """A put of the namespace supersedes the writes tracked on an older checkpoint (its
+        own values hold their effect), not those on itself or a newer one: with durability
+        "async" LangGraph saves a step's checkpoint and its tasks' writes concurrently, so
+        they can arrive first, and no cold copy of the checkpoint holds them (under
+        `_histories_lock`)."""
+        spaces = self._unconfirmed_writes.get(thread_id, {})
+        known = spaces.get(checkpoint_ns)
+        if known is not None and known[0] < checkpoint_id:
+            del spaces[checkpoint_ns]
 
     def _prepared_put(
         self,
@@ -902,10 +917,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         rebuilt = bool(put.stored.metadata.get("counters_since_delta_snapshot"))
         if not rebuilt:
             # The namespace's newest state is this cold checkpoint, whole: no put of it the
-            # log holds is needed any more.
+            # log holds is needed any more (writes on it sent before it still are).
             with self._histories_lock:
                 self._unconfirmed.get(thread_id, {}).pop(put.stored.checkpoint_ns, None)
-                self._unconfirmed_writes.get(thread_id, {}).pop(put.stored.checkpoint_ns, None)
+                self._drop_superseded_writes(
+                    thread_id, put.stored.checkpoint_ns, put.stored.checkpoint_id
+                )
             self._written_through.add(thread_id)
         elif await self._stands_alone(thread_id, put.stored.checkpoint_ns):
             self._written_through.add(thread_id)
