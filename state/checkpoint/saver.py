@@ -119,6 +119,9 @@ DURABILITY_KEY = "__pregel_durability"
 SYNCHRONOUS_DURABILITY = ("sync", "exit")
 # Writes on these channels end a step the caller must find again after a crash.
 BOUNDARY_CHANNELS = frozenset({"__interrupt__", "__error__"})
+# Checkpoints `update_state` saves (a fork too): written outside any run, so no run's end
+# flushes them; the call returns once they are durable, as a boundary.
+OUTSIDE_RUN_SOURCES = frozenset({"update", "fork"})
 # Values this small stay inline in the checkpoint instead of costing a blob document
 # (and a round trip) of their own. An unchanged channel stays as its parent had it
 # (`KeptInline`), inline with the same value or in its version's blob.
@@ -177,7 +180,7 @@ class _Put:
     inline_bytes: dict[str, TypedBytes]  # the same, serialized
     present: list[str]  # every channel holding a value
     fence: int | None
-    boundary: bool  # durability "sync" or "exit": the put returns once it is cold
+    boundary: bool  # durability "sync" or "exit", or a state update: returns once cold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -894,7 +897,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             inline_bytes,
             present=list(values),
             fence=configurable.get(FENCING_TOKEN_KEY),
-            boundary=configurable.get(DURABILITY_KEY) in SYNCHRONOUS_DURABILITY,
+            boundary=configurable.get(DURABILITY_KEY) in SYNCHRONOUS_DURABILITY
+            or metadata.get("source") in OUTSIDE_RUN_SOURCES,
         )
 
     async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
@@ -1024,7 +1028,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self, config: RunnableConfig, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
     ) -> None:
         """A run starts over from what the tiers hold: the thread is no longer lost, and the
-        boundaries of its last run are behind it."""
+        boundaries of its last run are behind it. LangGraph reads the latest checkpoint as
+        a run starts, from a given checkpoint too."""
         if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
             with self._histories_lock:
                 self._lost.pop(thread_id, None)
