@@ -76,7 +76,9 @@ ERRORS[409]["headers"] = {
 
 # An event's id (`<ms>-<seq>`, or `<ms>` for `<ms>-0`); a client resumes after the last one
 # it got (`0`: from the oldest kept). At most 19 digits a part: always below 2**64.
-EVENT_ID_PATTERN = r"^\d{1,19}(-\d{1,19})?$"
+# ASCII digits only: `\d` would also admit other scripts' digits (pydantic's regex is
+# Unicode-aware), which Redis refuses, so a stream would end at once instead of a 422.
+EVENT_ID_PATTERN = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
 # One Server-Sent Event as a client parses it: `data` is the event's JSON, `event` its type.
 SSE_EVENT_SCHEMA: dict[str, object] = {
     "type": "object",

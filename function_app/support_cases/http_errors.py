@@ -56,6 +56,22 @@ def error_response(status: int, message: str, detail: Any = None) -> JSONRespons
     return JSONResponse(body, status_code=status)
 
 
+def _unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body, when it answered 400 for it (None: another
+    400)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "cannot be decoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError):
+        # An integer of more digits than Python converts (sys.get_int_max_str_digits); its
+        # message tells a Python programmer how to lift the limit, not the caller.
+        if "digits" in str(cause):
+            return "a number has too many digits"
+        return "cannot be parsed"
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for error_type, status in STATUS_BY_ERROR:
 
@@ -103,12 +119,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
-        if error.status_code == 400 and isinstance(error.__cause__, ValueError):
-            # FastAPI's answer to a body it cannot even decode (not UTF-8): the same
-            # 422 as malformed JSON, which the OpenAPI document declares.
+        if error.status_code == 400 and (why := _unparsable_body(error.__cause__)):
+            # FastAPI's answer to a body its JSON parser gave up on without a JSONDecodeError
+            # (not UTF-8, nested too deep, a number too long): the same 422 as malformed
+            # JSON, which the OpenAPI document declares, saying which it was.
             return error_response(
                 422,
-                "invalid request: body: not valid JSON (cannot be decoded as UTF-8)",
+                f"invalid request: body: not valid JSON ({why})",
                 [{"where": "body", "problem": "not valid JSON"}],
             )
         response = error_response(error.status_code, str(error.detail))

@@ -597,7 +597,9 @@ class CaseService:
             except (RunInProgress, QueueFull) as refused:
                 raise CaseConflict(str(refused)) from None
             if replayed:
-                if stored.get("text") != message.text:
+                # The same message is the same text and the same strategy: a retry that
+                # asks for another strategy is another request, not a replay.
+                if stored.get("text") != message.text or stored.get("strategy") != strategy.value:
                     raise IdempotencyMismatch(
                         f"Idempotency-Key already used on case {case_id!r} for another "
                         "message; use a new key for a new message"

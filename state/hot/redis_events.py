@@ -30,7 +30,9 @@ EVENTS_KIND = "events"
 MAX_WAIT_MS = 1500
 # `<ms>-<seq>`, or `<ms>` alone (Redis reads it as `<ms>-0`); each part an unsigned 64-bit
 # integer in Redis: 19 digits at most keeps it below 2**64 (a time in ms has 13).
-_STREAM_ID = re.compile(r"^\d{1,19}(-\d{1,19})?$")
+# ASCII digits, the whole id: `\d` matches any script's digits and `$` a trailing newline,
+# ids Redis refuses.
+_STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
 # Tries of one append whose outcome a timeout or a dropped connection left unknown.
 APPEND_ATTEMPTS = 3
 # How far back a retried append looks for itself: appends of other writers may land
@@ -120,7 +122,7 @@ class RedisEventLog:
         return events
 
     def valid_id(self, event_id: str) -> bool:
-        return bool(_STREAM_ID.match(event_id))
+        return bool(_STREAM_ID.fullmatch(event_id))
 
     async def delete(self, thread_id: str) -> None:
         with redis_errors():

@@ -88,7 +88,19 @@ async def test_a_waiting_read_returns_the_next_event_as_it_is_appended(events: E
 async def test_ids_of_another_form_are_not_valid_and_a_bare_time_reads_after_it(
     events: EventLog,
 ) -> None:
-    for bad in ("", "abc", "1-", "-1", "1-2-3", "12.5-0", "+1", f"{2**64}-0", f"1-{2**64}"):
+    for bad in (
+        "",
+        "abc",
+        "1-",
+        "-1",
+        "1-2-3",
+        "12.5-0",
+        "+1",
+        f"{2**64}-0",
+        f"1-{2**64}",
+        "\u0661\u0662",  # Arabic-Indic digits: `\d` to a Unicode regex, refused by Redis
+        "1-0\n",
+    ):
         assert not events.valid_id(bad)
     thread = unique_thread("events")
     first = await events.append(thread, {"n": 0})

@@ -247,3 +247,55 @@ async def test_a_405_names_the_allowed_methods(
     response = await client.request(method, path)
     assert response.status_code == 405, response.text
     assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
+
+
+@pytest.mark.parametrize(
+    ("shape", "because"),
+    [
+        ("nested too deeply", "nested too deeply"),
+        ("a number of 5000 digits", "digits"),
+    ],
+    ids=["too deep", "too many digits"],
+)
+async def test_a_body_json_cannot_parse_is_422_saying_why_not_an_undeclared_400(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, shape: str, because: str
+) -> None:
+    """Python's JSON parser gives up on these without a JSONDecodeError (RecursionError,
+    ValueError): FastAPI answers 400, which the document does not declare, or the 422 said
+    the body was not UTF-8."""
+    text = json.dumps(demo_case(case_id))
+    if shape == "nested too deeply":
+        text = text[:-1] + ', "extra": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    else:
+        text = text.replace("4.5", "9" * 5000)
+    response = await client.post(
+        "/api/cases", content=text, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("invalid request: body: not valid JSON"), error
+    assert because in error and "UTF-8" not in error, error
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        "\u0661\u0662",  # Arabic-Indic digits: `\d` to a Unicode regex
+        "\uff11-0",  # a fullwidth digit
+    ],
+)
+async def test_an_event_id_of_digits_of_another_script_is_422_not_an_empty_stream(
+    client: httpx.AsyncClient, case_id: str, event_id: str
+) -> None:
+    """Redis takes ASCII digits only: such an id passed the pattern, then the stream ended
+    at once (200, no events, a 'redis unavailable' warning) and a client reconnected with it
+    forever."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    response = await client.get(
+        f"/api/cases/{case_id}/events", params={"seconds": 1, "after": event_id}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request:")
+    valid = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0, "after": "0"})
+    assert valid.status_code == 200 and "event: run_queued" in valid.text

@@ -88,3 +88,26 @@ async def test_concurrent_retries_create_one_case(
     case_id = case_ids.pop()
     assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
     assert len(await runtime.provider.performed(idempotency_key(case_id, "reset_link"))) == 1
+
+
+async def test_a_follow_up_retried_with_another_strategy_is_refused_not_replayed(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """The same Idempotency-Key with another body is refused: the strategy is part of the
+    message, so a retry asking to roll back is not the earlier enqueue, answered as done."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    key = {"Idempotency-Key": f"msg-{uuid.uuid4().hex}"}
+    path = f"/api/cases/{case_id}/messages"
+    first = await client.post(path, json={"text": "any news?", "strategy": "enqueue"}, headers=key)
+    assert first.status_code in (200, 202), first.text
+    await runtime.service.wait_idle()
+    runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    changed = await client.post(
+        path, json={"text": "any news?", "strategy": "rollback"}, headers=key
+    )
+    assert changed.status_code == 422, changed.text
+    assert "another message" in changed.json()["error"]
+    assert (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"] == runs
+    same = await client.post(path, json={"text": "any news?", "strategy": "enqueue"}, headers=key)
+    assert same.status_code == 200 and same.headers["idempotent-replayed"] == "true"
+    assert same.json()["run"]["run_id"] == first.json()["run"]["run_id"]

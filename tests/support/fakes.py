@@ -1233,7 +1233,7 @@ class MemoryEventLog(_Tier):
         return self._after(thread_id, after, count)
 
     def valid_id(self, event_id: str) -> bool:
-        return bool(re.fullmatch(r"\d{1,19}(-\d{1,19})?", event_id))
+        return bool(re.fullmatch(r"[0-9]{1,19}(-[0-9]{1,19})?", event_id))
 
     async def delete(self, thread_id: str) -> None:
         self._call("delete")
