@@ -18,16 +18,15 @@ import redis as redis_client
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint import saver as saver_module
 from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import BackendUnavailable, HotStateLost
-from tests.integration.test_write_behind import settings_for
 from tests.integration.test_write_behind_races import (
     COLD_BACKENDS,
     _cold_task_ids,
     _step_zero_flushed,
+    boundaries_only_saver,
     config,
 )
 
@@ -47,19 +46,14 @@ def shared_saver(
 ) -> Iterator[tuple[TieredCheckpointSaver, str]]:
     """A saver over a Redis of its own, background pass off (only boundaries flush, and the
     test's own background flushes); a thread per example. Redis out gives up after 0.2 s."""
-    redis = RedisServer(port=free_port(), workdir=tmp_path_factory.mktemp("redis"))
-    redis.start()
     patience = saver_module.REDIS_RETURN_SECONDS, saver_module.REDIS_RETRY_POLL_SECONDS
     saver_module.REDIS_RETURN_SECONDS, saver_module.REDIS_RETRY_POLL_SECONDS = 0.2, 0.05
     try:
-        settings_ = settings_for(stack_env, request.param, redis.url)
-        with TieredCheckpointSaver.open_sync(settings_) as saver:
-            assert saver.flusher is not None
-            saver._sync(saver.flusher.stop())
-            yield saver, redis.url
+        workdir = tmp_path_factory.mktemp("redis")
+        with boundaries_only_saver(stack_env, request.param, workdir) as opened:
+            yield opened
     finally:
         saver_module.REDIS_RETURN_SECONDS, saver_module.REDIS_RETRY_POLL_SECONDS = patience
-        redis.stop()
 
 
 class _Faults:

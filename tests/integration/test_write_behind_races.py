@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -34,22 +35,30 @@ def config(thread_id: str | None = None, **extra: Any) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id, "checkpoint_ns": "", **extra}}
 
 
-@pytest.fixture(params=COLD_BACKENDS)
-def own_redis_saver(
-    request: pytest.FixtureRequest, stack_env: dict[str, str], tmp_path: Path
+@contextmanager
+def boundaries_only_saver(
+    stack_env: dict[str, str], backend: str, workdir: Path
 ) -> Iterator[tuple[TieredCheckpointSaver, str]]:
-    """A saver over a Redis of its own (the test may FLUSHALL it), background pass off:
+    """A saver over a Redis of its own (a test may FLUSHALL it), background pass off:
     only boundaries flush."""
-    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis = RedisServer(port=free_port(), workdir=workdir)
     redis.start()
     try:
-        settings = settings_for(stack_env, request.param, redis.url)
+        settings = settings_for(stack_env, backend, redis.url)
         with TieredCheckpointSaver.open_sync(settings) as saver:
             assert saver.flusher is not None
             saver._sync(saver.flusher.stop())
             yield saver, redis.url
     finally:
         redis.stop()
+
+
+@pytest.fixture(params=COLD_BACKENDS)
+def own_redis_saver(
+    request: pytest.FixtureRequest, stack_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[TieredCheckpointSaver, str]]:
+    with boundaries_only_saver(stack_env, request.param, tmp_path / "redis") as opened:
+        yield opened
 
 
 def _step_zero_flushed(saver: TieredCheckpointSaver) -> tuple[RunnableConfig, Any]:
