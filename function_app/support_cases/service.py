@@ -822,7 +822,15 @@ class CaseService:
                 rest = await self._while_held(
                     case_id,
                     guard,
-                    self._run(case_id, graph_input, fence, marked=marked, run_id=run_id),
+                    self._run(
+                        case_id,
+                        graph_input,
+                        fence,
+                        marked=marked,
+                        run_id=run_id,
+                        # After Redis lost the run's checkpoints it may have lost the lock too.
+                        lock_held_until=0.0 if redone else self._held_until(guard),
+                    ),
                 )
                 run.outcome = rest.value
             return True
@@ -989,11 +997,14 @@ class CaseService:
         *,
         marked: bool = False,
         run_id: str | None = None,
+        lock_held_until: float = 0.0,
     ) -> CaseStatus:
         """Drive the graph to rest; returns the status the case rests in.
 
         A new case's first run is `marked` already: no earlier runner exists to fence out,
-        and its first section write raises the record's fence to this run's token."""
+        and its first section write raises the record's fence to this run's token.
+        `lock_held_until`: the `time.monotonic()` until which the run's guard is surely
+        its own (no newer runner can have raised the record's fence before then)."""
         config = case_config(case_id, fencing_token=fence, run_id=run_id)
         # Write-through: every step durable before the next. Write-behind: steps move at
         # Redis speed and the run's end (and an interrupt) is the boundary.
@@ -1003,7 +1014,9 @@ class CaseService:
         if self._saver is not None and fence is not None:
             # Its first checkpoint write then finds the fence in Redis (a new case's always
             # would not) instead of reading the record.
-            await self._saver.aseed_fence(case_id, fence)
+            await self._saver.aseed_fence(
+                case_id, fence, lock_held=time.monotonic() < lock_held_until
+            )
         # The heartbeat is due a quarter of the stale period after the last one: checked
         # here on the clock, so steps in between cost no read of the record.
         beat_every = self._settings.case_stale_after_seconds / 4
@@ -1069,13 +1082,18 @@ class CaseService:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    def _held_until(self, guard: RunGuard) -> float:
+        """Until when `guard` is surely held without a renewal: its claim was sent at
+        `taken_at`, so it cannot have run out before the TTL has passed since."""
+        return guard.taken_at + self._settings.state_lock_ttl_ms / 1000
+
     async def _keep(self, case_id: str, guard: RunGuard) -> None:
         """Renew the run's lock or lease until cancelled; raises `LockLost` when another
         runner has it, or when no renewal landed before it could have run out."""
         ttl = self._settings.state_lock_ttl_ms / 1000
         name = run_lock_name(case_id)
         # From when each successful claim or renewal was sent: never later than the truth.
-        held_until = guard.taken_at + ttl
+        held_until = self._held_until(guard)
         while True:
             await asyncio.sleep(ttl / RENEWALS_PER_TTL)
             sent = time.monotonic()

@@ -88,6 +88,26 @@ async def test_case_8842_completes_with_refund_and_reset_link(
     assert await performed(runtime, case_id, "reset_link") == 1
 
 
+async def test_a_new_cases_run_reads_no_record_from_the_cold_tier(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case was just created and its run holds the case's lock: neither the run's
+    checkpoint fence nor anything else needs the record read back from the cold tier."""
+    cold = runtime.backends.cold
+    read: list[str] = []
+    get = cold.get
+
+    async def counted(thread_id: str) -> Any:
+        read.append(thread_id)
+        return await get(thread_id)
+
+    monkeypatch.setattr(cold, "get", counted)
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "completed"
+    assert case_id not in read
+
+
 async def test_checkpoint_history_is_newest_first_and_paginates(
     client: httpx.AsyncClient, case_id: str
 ) -> None:
