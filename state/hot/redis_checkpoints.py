@@ -58,6 +58,8 @@ import json
 import logging
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -672,6 +674,35 @@ def _paired(flat: object) -> dict[bytes, bytes]:
     return dict(zip(names[::2], names[1::2], strict=True))
 
 
+# Entries remembered as holding no delta history (one per thread this process read lately).
+REMEMBERED_HISTORYLESS = 10_000
+
+
+class HistorylessEntries:
+    """The entries whose last read showed no delta history (no `dc` field: nothing ever
+    asked for one). A reader that needs no history reads such an entry with a plain
+    HGETALL, which Redis answers faster than the script that leaves the history out; an
+    entry that has gained one meanwhile is merely sent whole once, and read through the
+    script again from then on. Thread-safe: sync reads run on their callers' threads."""
+
+    def __init__(self) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def saw(self, key: str, fields: Mapping[bytes, bytes]) -> None:
+        with self._lock:
+            if b"dc" in fields:
+                self._keys.pop(key, None)
+                return
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            if len(self._keys) > REMEMBERED_HISTORYLESS:
+                self._keys.popitem(last=False)
+
+
 class RedisCheckpointCache:
     """The `CheckpointCache` port on Redis (see the module docstring)."""
 
@@ -698,6 +729,7 @@ class RedisCheckpointCache:
         self._fill_history = client.register_script(_FILL_HISTORY)
         self._lease_history = client.register_script(_LEASE_HISTORY)
         self._without_history = client.register_script(_WITHOUT_HISTORY)
+        self._historyless = HistorylessEntries()
         self._read_listed = client.register_script(_READ_LISTED)
         self._drop_epochs = client.register_script(_DROP_EPOCHS)
         self.epochs = ValueEpochs()
@@ -846,11 +878,13 @@ class RedisCheckpointCache:
                     [checkpoint_ns, int(with_history)],
                 )
                 fields = _paired(flat)
-            elif with_history:
+            elif with_history or key in self._historyless:
                 [reply] = await redis_client.round_trip(self._client, [("HGETALL", key)])
                 fields = _hash_reply(reply)
+                self._historyless.saw(key, fields)
             else:
                 fields = _paired(await self._script(self._without_history, [key], []))
+                self._historyless.saw(key, fields)
             references = needed_references(fields, with_history=with_history)
             if not references:
                 return fields, {}
@@ -879,13 +913,15 @@ class RedisCheckpointCache:
                         [checkpoint_ns, int(with_history)],
                     )
                 )
-            elif with_history:
+            elif with_history or key in self._historyless:
                 [reply] = redis_client.round_trip_blocking(
                     self._blocking_client, [("HGETALL", key)]
                 )
                 fields = _hash_reply(reply)
+                self._historyless.saw(key, fields)
             else:
                 fields = _paired(self._script_blocking(self._without_history, [key], []))
+                self._historyless.saw(key, fields)
         except (RedisError, OSError):
             return None
         if b"id" not in fields:

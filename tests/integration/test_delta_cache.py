@@ -8,6 +8,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
@@ -111,6 +112,49 @@ async def test_puts_carry_the_history_and_snapshots_reset_it(cache: RedisCheckpo
     # An older checkpoint, or a channel not tracked, is not the cache's to answer.
     assert await tracked(cache, thread_id, "cp-0003") is None
     assert (await cache.history(thread_id, "", "cp-0004", [CHANNEL, "other"])).history is None
+
+
+def found(read: Any) -> tuple[str, Any, Any]:
+    stored = read if isinstance(read, StoredCheckpoint) else read.checkpoint
+    assert stored is not None
+    return stored.checkpoint_id, stored.checkpoint, stored.channel_versions
+
+
+async def test_an_entry_without_history_is_read_whole_until_it_gains_one(
+    cache: RedisCheckpointCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that needs no history reads an entry it saw without one with a plain
+    HGETALL, not through the script that leaves the history out; once the entry has a
+    history it is read through the script again, and every read finds the same checkpoint."""
+    thread_id = f"dc-{uuid.uuid4().hex[:8]}"
+    filtered: list[str] = []
+    script = cache._script
+
+    async def counted(called: Any, keys: list[str], args: list[Any]) -> Any:
+        if called is cache._without_history:
+            filtered.append(keys[0])
+        return await script(called, keys, args)
+
+    monkeypatch.setattr(cache, "_script", counted)
+    root = checkpoint(thread_id, 0, None)
+    lease = (await cache.lookup(thread_id, "", lease=True)).lease
+    assert lease is not None
+    await cache.fill(root, lease)
+    filtered.clear()  # the lookup that missed
+    reads = [await cache.lookup(thread_id, "", lease=False, with_history=False) for _ in range(3)]
+    assert len(filtered) == 0  # the miss showed no history already
+    assert [found(read) for read in reads] == [found(root)] * 3 and reads[0].history is None
+
+    await track(cache, thread_id, root.checkpoint_id)
+    await cache.add_writes(thread_id, "", "cp-0000", [write(0)], upsert=False)
+    child = checkpoint(thread_id, 1, 0)
+    await cache.advance(child, [])
+    reads = [await cache.lookup(thread_id, "", lease=False, with_history=False) for _ in range(3)]
+    # The first sees the history whole (and ignores it), the others leave it out.
+    assert len(filtered) == 2
+    assert [found(read) for read in reads] == [found(child)] * 3
+    assert all(read.history is None for read in reads)
+    assert values(await tracked(cache, thread_id, "cp-0001")) == [("cp-0000", [0, 0])]
 
 
 async def test_late_parent_writes_join_and_anything_else_drops_it(
