@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .ports import (
     BlockingAppends,
+    BlockingCheckpointStore,
     BlockingReads,
     CheckpointCache,
     CheckpointFence,
@@ -56,6 +57,9 @@ class Backends:
     # write-behind mode only, cache-hit reads whenever there is a hot tier.
     blocking_appends: BlockingAppends | None = field(default=None, kw_only=True)
     blocking_reads: BlockingReads | None = field(default=None, kw_only=True)
+    # The cold tier's checkpoint calls the sync API makes on its callers' threads (Postgres
+    # signed in through POSTGRES_URL), used when there is no hot tier.
+    blocking_store: BlockingCheckpointStore | None = field(default=None, kw_only=True)
     # The hot tier's per-thread checkpoint fence (None without a hot tier).
     checkpoint_fence: CheckpointFence | None = field(default=None, kw_only=True)
     # Per-thread event logs (None without a hot tier).
@@ -76,6 +80,7 @@ async def open_backends(settings: Settings) -> Backends:
     checkpoints: CheckpointStore
     retention: ColdRetention
     cold_counters: Counters
+    blocking_store: BlockingCheckpointStore | None = None
     if settings.state_cold_backend is ColdBackend.COSMOS:
         from .cold.cosmos_checkpoints import CosmosCheckpointStore
         from .cold.cosmos_client import CosmosConnection
@@ -102,6 +107,8 @@ async def open_backends(settings: Settings) -> Backends:
         closers.append(pg.close)
         cold = PostgresStateStore(pg)
         checkpoints = PostgresCheckpointStore(pg)
+        if pg.blocking_available:
+            blocking_store = checkpoints
         retention = PostgresRetention(pg, ttl_seconds=settings.state_cold_ttl_seconds)
         cold_counters = pg.counters
 
@@ -175,6 +182,7 @@ async def open_backends(settings: Settings) -> Backends:
         flusher=flusher,
         blocking_appends=blocking_appends,
         blocking_reads=blocking_reads,
+        blocking_store=blocking_store,
         checkpoint_fence=checkpoint_fence,
         events=events,
         cold_counters=cold_counters,

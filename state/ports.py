@@ -850,6 +850,30 @@ class BlockingAppends(Protocol):
     ) -> None: ...
 
 
+class BlockingCheckpointStore(Protocol):
+    """`CheckpointStore`'s reads of one checkpoint and its write-through writes for a caller
+    with no event loop (the saver's sync API with no hot tier), on the caller's own
+    thread: a call need not wait for the loop thread that runs everything else."""
+
+    def get_checkpoint_blocking(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, *, with_history: bool
+    ) -> StoredCheckpoint | None: ...
+
+    def put_checkpoint_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> None: ...
+
+    def put_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> None: ...
+
+
 class BlockingReads(Protocol):
     """`CheckpointCache.lookup` of a hit for a caller with no event loop (the saver's sync
     API), made on the caller's own thread; None wherever `lookup` has more to do."""

@@ -82,6 +82,7 @@ from ..errors import (
 )
 from ..ports import (
     BlockingAppends,
+    BlockingCheckpointStore,
     BlockingReads,
     ChannelHistory,
     CheckpointCache,
@@ -219,6 +220,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         loop: asyncio.AbstractEventLoop | None = None,
         blocking_appends: BlockingAppends | None = None,
         blocking_reads: BlockingReads | None = None,
+        blocking_store: BlockingCheckpointStore | None = None,
     ) -> None:
         super().__init__(serde=serde)
         if flusher is not None and cache is None:
@@ -231,6 +233,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # appends from there too (a write needs no cold request then).
         self._blocking = blocking_appends if flusher is not None else None
         self._blocking_reads = blocking_reads if cache is not None else None
+        # Without a hot tier, the sync API reads and writes the cold tier from the caller's
+        # thread when the store can (each call then skips two thread hand-overs).
+        self._blocking_store = blocking_store if cache is None else None
         # The hot tier's fence per thread (write-through writes check it), and the cold
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
@@ -310,6 +315,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             loop=loop,
             blocking_appends=backends.blocking_appends,
             blocking_reads=backends.blocking_reads,
+            blocking_store=backends.blocking_store,
         )
 
     @classmethod
@@ -460,18 +466,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # ----------------------------------------------------------------------- sync API
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        if self._blocking_reads is None:
+        if self._blocking_reads is None and self._blocking_store is None:
             return self._sync(self._get_tuple(config))
-        # A hit is read on this thread; anything else on the loop thread.
+        # A hit (or, with no hot tier, the cold read) on this thread; else the loop thread.
         self._refuse_on_loop()
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
         self._note_run_start(config, thread_id, checkpoint_ns, checkpoint_id)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
             return None
+        with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
+        if self._blocking_store is not None:
+            stored = self._blocking_store.get_checkpoint_blocking(
+                thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
+            )
+            if stored is not None and (stored.blobs is None or stored.writes is None):
+                stored = self._sync(self._complete(stored))
+            self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
+            return None if stored is None else self._tuple(stored, keep_inline=True)
+        assert self._blocking_reads is not None
         cached = self._blocking_reads.lookup_blocking(
-            thread_id,
-            checkpoint_ns,
-            with_history=self._with_history(thread_id, checkpoint_ns, checkpoint_id),
+            thread_id, checkpoint_ns, with_history=with_history
         )
         hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
         if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
@@ -504,6 +518,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
+        if self._blocking_store is not None:
+            self._refuse_on_loop()
+            put = self._prepared_put(config, checkpoint, metadata, new_versions)
+            self._admit_blocking(put.stored.thread_id, put.fence)
+            self._blocking_store.put_checkpoint_blocking(put.stored, put.blobs)
+            return self._put_done(put)
         if self._blocking is None:
             return self._sync(self._put(config, checkpoint, metadata, new_versions))
         # Write-behind: the append from this thread; the loop thread only for what needs
@@ -548,6 +568,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
+        if self._blocking_store is not None:
+            self._refuse_on_loop()
+            writes_put = self._prepared_writes(config, writes, task_id, task_path)
+            try:
+                self._admit_blocking(writes_put.thread_id, writes_put.fence)
+                self._blocking_store.put_writes_blocking(
+                    writes_put.thread_id,
+                    writes_put.checkpoint_ns,
+                    writes_put.checkpoint_id,
+                    writes_put.writes,
+                    upsert=writes_put.upsert,
+                )
+            except BaseException:
+                self._chains.forget(writes_put.thread_id)  # as `_put_writes`
+                raise
+            self._writes_done(writes_put)
+            return
         if self._blocking is None:
             self._sync(self._put_writes(config, writes, task_id, task_path))
             return
@@ -684,17 +721,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         stored = await self.store.get_checkpoint(
             thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
         )
+        if stored is not None:
+            stored = await self._complete(stored)
+        self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
         if stored is None:
-            if checkpoint_id is None:
-                self._chains.found_empty(thread_id, checkpoint_ns)
             return None
-        stored = await self._complete(stored)
-        self._chains.loaded(stored, latest=checkpoint_id is None)
-        if stored.history is not None:
-            self._remember_history(stored, stored.history)
         if self.cache is not None and lease is not None:
             await self.cache.fill(stored, lease)  # its history with it, when it has one
         return self._tuple(stored, keep_inline=True)
+
+    def _note_cold_read(
+        self,
+        stored: StoredCheckpoint | None,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+    ) -> None:
+        """What a read of the cold tier found (None: nothing), for the chains."""
+        if stored is None:
+            if checkpoint_id is None:
+                self._chains.found_empty(thread_id, checkpoint_ns)
+            return
+        self._chains.loaded(stored, latest=checkpoint_id is None)
+        if stored.history is not None:
+            self._remember_history(stored, stored.history)
 
     def _with_history(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> bool:
         """Whether a read should bring the checkpoint's delta history along. This process's
@@ -1342,6 +1392,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except FenceUnknown:
             await self._admit_durably(thread_id, fence)
             await write(True)
+
+    def _admit_blocking(self, thread_id: str, fence: int | None) -> None:
+        """`_admit` for the sync API's cold writes: a fenced write asks the loop thread
+        (the record's fence is read there); an unfenced one needs nothing."""
+        if fence is not None:
+            self._sync(self._admit(thread_id, fence, hot=True))
 
     def _fenced_blocking(
         self, thread_id: str, fence: int | None, write: Callable[[bool], None]

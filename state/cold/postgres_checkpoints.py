@@ -21,8 +21,8 @@ then delete the chunks no remaining manifest reaches, in their transaction.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -55,7 +55,14 @@ from .chunks import (
     resolve,
     resolve_checkpoints,
 )
-from .postgres_client import CountedConnection, CountingRawCursor, PostgresConnection
+from .postgres_client import (
+    CountedConnection,
+    CountingBlockingRawCursor,
+    CountingRawCursor,
+    PostgresConnection,
+)
+
+T = TypeVar("T")
 
 # Threads this process remembers as using a DeltaChannel (see `_delta_threads`).
 DELTA_THREADS_MEMO_SIZE = 10_000
@@ -580,15 +587,19 @@ class PostgresCheckpointStore:
         while len(self._delta_threads) > DELTA_THREADS_MEMO_SIZE:
             self._delta_threads.popitem(last=False)
 
-    async def _write(
-        self, operation: str, ops: Sequence[FlushOp], *, fence: tuple[str, int] | None = None
-    ) -> None:
+    def _prepared(
+        self, ops: Sequence[FlushOp], fence: tuple[str, int] | None = None
+    ) -> tuple[list[tuple[str, list[Any]]], PendingSplits]:
         for op in ops:
             if isinstance(op, CheckpointPut):
                 self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
         pending = PendingSplits(self._chunker)
-        rows = _fold(ops, pending)
-        statements = _statements(rows, fence)
+        return _statements(_fold(ops, pending), fence), pending
+
+    async def _write(
+        self, operation: str, ops: Sequence[FlushOp], *, fence: tuple[str, int] | None = None
+    ) -> None:
+        statements, pending = self._prepared(ops, fence)
         if not statements:
             return
         if len(statements) == 1:
@@ -606,6 +617,82 @@ class PostgresCheckpointStore:
                 for query, params in statements:
                     await cursor.execute(query, params)
         self._chunker.confirm(pending)
+
+    # The saver's sync API (`BlockingCheckpointStore`): the same statements on the caller's
+    # own thread, through the connection's blocking pool.
+
+    @property
+    def blocking_available(self) -> bool:
+        return self._pg.blocking_available
+
+    def put_checkpoint_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> None:
+        self._write_blocking("put_checkpoint", [CheckpointPut(checkpoint, blobs)])
+
+    def put_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> None:
+        self._write_blocking(
+            "put_writes", [WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert)]
+        )
+
+    def _write_blocking(self, operation: str, ops: Sequence[FlushOp]) -> None:
+        statements, pending = self._prepared(ops)
+        if not statements:
+            return
+        with self._pg.blocking_connection(operation) as conn:
+            if len(statements) == 1:
+                with CountingBlockingRawCursor(conn) as cursor:
+                    cursor.execute(*statements[0])
+            else:
+                with conn.pipeline(), conn.transaction(), CountingBlockingRawCursor(conn) as cursor:
+                    for query, params in statements:
+                        cursor.execute(query, params)
+        self._chunker.confirm(pending)
+
+    def get_checkpoint_blocking(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, *, with_history: bool
+    ) -> StoredCheckpoint | None:
+        history = with_history and thread_id in self._delta_threads
+        with self._pg.blocking_connection("get_checkpoint") as conn:
+            if checkpoint_id is None:
+                cursor = conn.execute(
+                    LATEST_WITH_HISTORY_SQL if history else LATEST_SQL,
+                    (thread_id, checkpoint_ns),
+                    binary=True,
+                )
+            else:
+                cursor = conn.execute(
+                    BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL,
+                    (thread_id, checkpoint_ns, checkpoint_id),
+                    binary=True,
+                )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            loaded, chunks = _stored_checkpoint(row)
+
+            async def fetch(roots: list[bytes]) -> Mapping[bytes, Chunk]:
+                # Blocking inside: this coroutine is run to its end in one step, below.
+                found = conn.execute(
+                    GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
+                )
+                return _chunks_of(found.fetchall())
+
+            [stored] = _run_to_end(
+                resolve_checkpoints(
+                    [loaded], lambda _: fetched_first(chunks, fetch), self._chunker.value_of
+                )
+            )
+        self._note(thread_id, stored.metadata)
+        return stored
 
     async def get_checkpoint(
         self,
@@ -1039,12 +1126,27 @@ def _fetcher(
         cursor = await conn.execute(
             GET_CHUNKS_SQL, {"thread_id": thread_id, "roots": roots}, binary=True
         )
-        return {
-            bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
-            for row in await cursor.fetchall()
-        }
+        return _chunks_of(await cursor.fetchall())
 
     return fetched_first(fetched, fetch)
+
+
+def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
+    """A coroutine whose awaits never suspend (its I/O blocks instead), run to its end: the
+    chunk resolution both APIs share, driven without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("a blocking read's coroutine suspended")
+
+
+def _chunks_of(rows: Iterable[dict[str, Any]]) -> dict[bytes, Chunk]:
+    return {
+        bytes(row["digest"]): Chunk(bytes(row["digest"]), row["node"], bytes(row["data"]))
+        for row in rows
+    }
 
 
 async def _assembled(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, cast
@@ -26,9 +27,9 @@ from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ..errors import BackendUnavailable, InvalidValue, RequestRejected
+from ..errors import BackendUnavailable, InvalidValue, RequestRejected, StateError
 from ..ports import Counters
 from ..settings import PostgresConfig
 from .migrations import migrate
@@ -85,6 +86,34 @@ class CountingRawCursor(CountingCursor, AsyncRawCursor[DictRow]):
     psycopg sends them as they are, without parsing them first."""
 
 
+class CountedBlockingConnection(psycopg.Connection[DictRow]):
+    """`CountedConnection` for the blocking pool."""
+
+    counters: Counters | None = None
+    operation: str = "statement"
+
+
+class CountingBlockingCursor(psycopg.Cursor[DictRow]):
+    """`CountingCursor` on a blocking connection."""
+
+    def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        connection = self.connection
+        if isinstance(connection, CountedBlockingConnection) and connection.counters is not None:
+            connection.counters.count(connection.operation)
+        return super().execute(cast(QueryNoTemplate, query), params, prepare=prepare, binary=binary)
+
+
+class CountingBlockingRawCursor(CountingBlockingCursor, psycopg.RawCursor[DictRow]):
+    """`CountingRawCursor` on a blocking connection."""
+
+
 class PostgresConnection:
     """Lazily opened pool; safe to share between adapters in one event loop."""
 
@@ -105,6 +134,15 @@ class PostgresConnection:
         self._lock = asyncio.Lock()
         self._migrated = False
         self.counters = Counters()
+        self._blocking_pool: ConnectionPool[CountedBlockingConnection] | None = None
+        self._blocking_lock = threading.Lock()
+
+    @property
+    def blocking_available(self) -> bool:
+        """Whether `blocking_connection` can connect: POSTGRES_URL carries the credentials.
+        An Entra sign-in's token comes from an async credential, so the saver's sync API
+        then goes through the event loop's pool instead."""
+        return self._config.url is not None and self._credential is None
 
     def _conninfo(self) -> str:
         config = self._config
@@ -188,6 +226,57 @@ class PostgresConnection:
                         await pool.check()
                     raise
 
+    @contextmanager
+    def blocking_connection(self, operation: str) -> Iterator[CountedBlockingConnection]:
+        """`connection` for a caller with no event loop (the saver's sync API), from a pool
+        of its own opened on first use. A statement that gets no answer is cut by the
+        server's `statement_timeout` and the socket's `tcp_user_timeout`, both the
+        operation timeout, since no event loop bounds the call."""
+        if not self.blocking_available:
+            raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
+        pool = self._blocking_pool or self._open_blocking()
+        with postgres_errors(), pool.connection() as conn:
+            conn.operation = operation
+            try:
+                yield conn
+            except OperationalError:
+                if conn.broken:
+                    pool.check()
+                raise
+
+    def _open_blocking(self) -> ConnectionPool[CountedBlockingConnection]:
+        with self._blocking_lock:
+            if self._blocking_pool is None:
+                config = self._config
+                timeout_ms = int(config.operation_timeout_seconds * 1000)
+
+                def configure(connection: CountedBlockingConnection) -> None:
+                    connection.execute(DISABLE_JIT)
+                    connection.counters = self.counters
+                    set_json_dumps(dump_json, connection)
+
+                pool = ConnectionPool(
+                    self._conninfo(),
+                    connection_class=CountedBlockingConnection,
+                    kwargs={
+                        "autocommit": True,
+                        "row_factory": dict_row,
+                        "cursor_factory": CountingBlockingCursor,
+                        "options": f"-c statement_timeout={timeout_ms}",
+                        "tcp_user_timeout": timeout_ms,
+                        "connect_timeout": max(1, int(config.operation_timeout_seconds)),
+                    },
+                    configure=configure,
+                    min_size=1,
+                    max_size=config.pool_max_size,
+                    timeout=config.pool_timeout_seconds,
+                    name="agent-state-blocking",
+                    open=False,
+                )
+                pool.open(wait=False)
+                self._blocking_pool = pool
+            return self._blocking_pool
+
     @asynccontextmanager
     async def transaction(self, operation: str) -> AsyncIterator[CountedConnection]:
         """A pooled connection inside one transaction: committed on exit, rolled back on error."""
@@ -207,6 +296,10 @@ class PostgresConnection:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self._blocking_pool is not None:
+            # Off the loop: closing joins the pool's worker threads.
+            await asyncio.to_thread(self._blocking_pool.close)
+            self._blocking_pool = None
         if self._owned_credential is not None:
             await self._owned_credential.close()
             self._owned_credential = None

@@ -1,0 +1,104 @@
+"""The sync API with no hot tier, on Postgres signed in through POSTGRES_URL
+(`TieredCheckpointSaver.open_sync`): reads and writes run on the caller's own thread,
+through a blocking pool, with the same results and guarantees as the async API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+
+from state.checkpoint import TieredCheckpointSaver
+from state.cold.postgres_client import PostgresConnection
+from state.cold.postgres_store import PostgresStateStore
+from state.errors import StaleFencingToken
+from state.settings import Settings
+from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
+from tests.integration.test_write_behind_sync import config, in_thread, loop_thread_held
+
+# Over the chunking threshold: stored as a manifest and chunks, assembled on read.
+LARGE = "a" * 20_000
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {"state_cold_backend": "postgres", "postgres_url": stack_env["POSTGRES_URL"]}
+    )
+
+
+@pytest.fixture
+def saver(settings: Settings) -> Iterator[TieredCheckpointSaver]:
+    with TieredCheckpointSaver.open_sync(settings) as opened:
+        yield opened
+
+
+def test_sync_calls_do_not_wait_for_the_loop_thread(saver: TieredCheckpointSaver) -> None:
+    """With the loop thread stuck, a put of a large value, its writes, reads of the latest
+    and of a named checkpoint, and a whole run all complete: none of them hands over to
+    it. What they stored reads back the same through the async API."""
+    base = config()
+    thread_id = base["configurable"]["thread_id"]
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"messages": [LARGE]}
+    checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+    run = config()
+    with loop_thread_held(saver):
+        stored = in_thread(
+            lambda: saver.put(
+                base, checkpoint, {"source": "input", "step": -1}, checkpoint["channel_versions"]
+            ),
+            timeout=10,
+        )
+        in_thread(lambda: saver.put_writes(stored, [("messages", ["b"])], "task-1"), timeout=10)
+        latest = in_thread(lambda: saver.get_tuple(config(thread_id)), timeout=10)
+        named = in_thread(lambda: saver.get_tuple(stored), timeout=10)
+        in_thread(lambda: chat_graph(saver).invoke({"messages": ["hello"]}, run), timeout=20)
+
+    assert latest is not None and named is not None
+    assert latest.checkpoint["id"] == named.checkpoint["id"] == checkpoint["id"]
+    assert latest.checkpoint["channel_values"]["messages"] == [LARGE]
+    assert latest.pending_writes == named.pending_writes == [("task-1", "messages", ["b"])]
+    through_loop = saver._sync(saver.aget_tuple(config(thread_id)))
+    assert through_loop is not None
+    assert through_loop.checkpoint == latest.checkpoint
+    assert through_loop.pending_writes == latest.pending_writes
+    history = list(saver.list(run))
+    assert len(history) == CHECKPOINTS_PER_INVOKE
+    assert len(history[0].checkpoint["channel_values"]["messages"]) == 5
+
+
+def test_a_missing_thread_reads_as_none(saver: TieredCheckpointSaver) -> None:
+    assert saver.get_tuple(config()) is None
+
+
+def test_a_stale_fencing_token_is_refused_on_the_blocking_path(
+    saver: TieredCheckpointSaver, settings: Settings
+) -> None:
+    """A fenced sync write is checked against the thread's record (its fence is 8)."""
+    thread_id = f"pgs-{uuid.uuid4().hex[:12]}"
+
+    async def fenced_record() -> None:
+        connection = PostgresConnection(settings.postgres)
+        try:
+            records = PostgresStateStore(connection)
+            await records.create(thread_id, {"run": {}}, agent_id="sync-test")
+            await records.update_section(
+                thread_id, "run", {}, expected_version=1, agent_id="sync-test", fencing_token=8
+            )
+        finally:
+            await connection.close()
+
+    asyncio.run(fenced_record())
+    graph = chat_graph(saver)
+    with pytest.raises(StaleFencingToken) as refused:
+        graph.invoke({"messages": ["late"]}, config(thread_id, fencing_token=7))
+    assert (refused.value.presented, refused.value.highest) == (7, 8)
+    assert saver.get_tuple(config(thread_id)) is None
+    graph.invoke({"messages": ["current"]}, config(thread_id, fencing_token=8))
+    latest = saver.get_tuple(config(thread_id))
+    assert latest is not None
+    assert latest.checkpoint["channel_values"]["messages"][0] == "current"
