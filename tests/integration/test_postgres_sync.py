@@ -5,16 +5,20 @@ through a blocking pool, with the same results and guarantees as the async API."
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
+from devstack import PostgresServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.cold.postgres_client import PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
-from state.errors import StaleFencingToken
+from state.errors import BackendUnavailable, StaleFencingToken
 from state.settings import Settings
 from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 from tests.integration.test_write_behind_sync import config, in_thread, loop_thread_held
@@ -102,3 +106,47 @@ def test_a_stale_fencing_token_is_refused_on_the_blocking_path(
     latest = saver.get_tuple(config(thread_id))
     assert latest is not None
     assert latest.checkpoint["channel_values"]["messages"][0] == "current"
+
+
+def test_while_postgres_restarts_sync_calls_fail_typed_then_recover(tmp_path: Path) -> None:
+    """Every pooled connection is cut (a fast shutdown): a sync call made while the server
+    is down raises `BackendUnavailable` within the pool's timeout, never hangs, and once
+    it is back the blocking pool reconnects and what was written before is all there."""
+    server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
+    server.start()
+    try:
+        settings = Settings.model_validate(
+            {
+                "state_cold_backend": "postgres",
+                "postgres_url": server.url,
+                "postgres_pool_timeout_seconds": 2,
+            }
+        )
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            graph = chat_graph(saver)
+            before = config()
+            graph.invoke({"messages": ["before"]}, before)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGINT)  # fast shutdown: sessions cut at once
+            server.process.wait(30)
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                saver.get_tuple(before)
+            assert time.monotonic() - started < 10
+            server.start()
+            found = None
+            for _ in range(50):  # a connection the cut left in the pool fails once
+                try:
+                    found = saver.get_tuple(before)
+                    break
+                except BackendUnavailable:
+                    time.sleep(0.1)
+            assert found is not None
+            assert found.checkpoint["channel_values"]["messages"][0] == "before"
+            after = config()
+            graph.invoke({"messages": ["after"]}, after)
+            assert saver.get_tuple(after) is not None
+    finally:
+        server.stop()
+        server.remove_data()
