@@ -69,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -252,6 +253,8 @@ class Chunker:
     """Splits large blobs into a manifest and chunks; see the module docstring."""
 
     def __init__(self) -> None:
+        # The Postgres store's sync API uses one chunker from its callers' threads too.
+        self._lock = threading.RLock()
         self._splits: OrderedDict[tuple[str, str, str], Split] = OrderedDict()
         self._by_manifest: dict[bytes, tuple[str, str, str]] = {}
         self._bytes = 0
@@ -261,14 +264,16 @@ class Chunker:
 
     def tip(self, thread_id: str, checkpoint_ns: str) -> Tip | None:
         """The last checkpoint of (thread, namespace) this chunker's store wrote, if known."""
-        return self._tips.get((thread_id, checkpoint_ns))
+        with self._lock:
+            return self._tips.get((thread_id, checkpoint_ns))
 
     def remembered(self, key: tuple[str, str, str]) -> Split | None:
         """The confirmed split of `key`, unless it is too old to trust."""
-        known = self._splits.get(key)
-        if known is None or time.monotonic() - known.at > REMEMBER_SECONDS:
-            return None
-        return known
+        with self._lock:
+            known = self._splits.get(key)
+            if known is None or time.monotonic() - known.at > REMEMBER_SECONDS:
+                return None
+            return known
 
     def split(
         self, value: bytes, known: Split | None, *, version: str = "", snapshot: bool = False
@@ -314,18 +319,19 @@ class Chunker:
 
     def confirm(self, pending: PendingSplits) -> None:
         """What `pending` packed is stored: the puts continuing its chains build on it."""
-        for where in pending.restarted:
-            self._drop_chain(where)
-        for key in pending.stale:
-            self._drop(key)
-        for key, split in pending.splits.items():
-            self._remember(key, split)
-        for where, tip in pending.tips.items():
-            self._tips.pop(where, None)
-            self._tips[where] = tip
-        while len(self._tips) > REMEMBER_TIPS:
-            where, _ = self._tips.popitem(last=False)
-            self._drop_chain(where)
+        with self._lock:
+            for where in pending.restarted:
+                self._drop_chain(where)
+            for key in pending.stale:
+                self._drop(key)
+            for key, split in pending.splits.items():
+                self._remember(key, split)
+            for where, tip in pending.tips.items():
+                self._tips.pop(where, None)
+                self._tips[where] = tip
+            while len(self._tips) > REMEMBER_TIPS:
+                where, _ = self._tips.popitem(last=False)
+                self._drop_chain(where)
 
     def _remember(self, key: tuple[str, str, str], split: Split) -> None:
         self._drop(key)
@@ -343,16 +349,18 @@ class Chunker:
     def value_of(self, manifest: bytes) -> bytes | None:
         """The value of `manifest` if a remembered split wrote it (at any age: a manifest
         names its bytes by their digests, whatever became of the chunks since)."""
-        key = self._by_manifest.get(manifest)
-        return None if key is None else self._splits[key].value
+        with self._lock:
+            key = self._by_manifest.get(manifest)
+            return None if key is None else self._splits[key].value
 
     def forget(self, thread_ids: Iterable[str]) -> None:
         """Chunks of these threads may have been deleted: send them again next time."""
-        doomed = set(thread_ids)
-        for where in [where for where in self._channels if where[0] in doomed]:
-            self._drop_chain(where)
-        for where in [where for where in self._tips if where[0] in doomed]:
-            del self._tips[where]
+        with self._lock:
+            doomed = set(thread_ids)
+            for where in [where for where in self._channels if where[0] in doomed]:
+                self._drop_chain(where)
+            for where in [where for where in self._tips if where[0] in doomed]:
+                del self._tips[where]
 
     def _drop(self, key: tuple[str, str, str]) -> None:
         split = self._splits.pop(key, None)

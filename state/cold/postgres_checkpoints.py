@@ -20,6 +20,7 @@ then delete the chunks no remaining manifest reaches, in their transaction.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -542,6 +543,8 @@ class PostgresCheckpointStore:
         # checkpoints are read with their delta history. Others skip that part of the
         # statement: planning it makes an ordinary read measurably slower.
         self._delta_threads: OrderedDict[str, None] = OrderedDict()
+        # `_note` runs on the sync API's callers' threads too.
+        self._delta_lock = threading.Lock()
         self._chunker = Chunker()
 
     async def setup(self) -> None:
@@ -582,10 +585,11 @@ class PostgresCheckpointStore:
     def _note(self, thread_id: str, metadata: dict[str, JSON]) -> None:
         if "counters_since_delta_snapshot" not in metadata:
             return
-        self._delta_threads[thread_id] = None
-        self._delta_threads.move_to_end(thread_id)
-        while len(self._delta_threads) > DELTA_THREADS_MEMO_SIZE:
-            self._delta_threads.popitem(last=False)
+        with self._delta_lock:
+            self._delta_threads[thread_id] = None
+            self._delta_threads.move_to_end(thread_id)
+            while len(self._delta_threads) > DELTA_THREADS_MEMO_SIZE:
+                self._delta_threads.popitem(last=False)
 
     def _prepared(
         self, ops: Sequence[FlushOp], fence: tuple[str, int] | None = None

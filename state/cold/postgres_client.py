@@ -24,7 +24,7 @@ import psycopg
 from azure.core.credentials_async import AsyncTokenCredential
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, DataError, OperationalError
 from psycopg.abc import Params, Query, QueryNoTemplate
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -229,9 +229,10 @@ class PostgresConnection:
     @contextmanager
     def blocking_connection(self, operation: str) -> Iterator[CountedBlockingConnection]:
         """`connection` for a caller with no event loop (the saver's sync API), from a pool
-        of its own opened on first use. A statement that gets no answer is cut by the
-        server's `statement_timeout` and the socket's `tcp_user_timeout`, both the
-        operation timeout, since no event loop bounds the call."""
+        of its own opened on first use. No event loop bounds the call: a slow statement
+        is cut by the server's `statement_timeout` and unacknowledged data by the socket's
+        `tcp_user_timeout` (both the operation timeout), but a server that stops answering
+        while its host still acknowledges (a paused process) holds the caller."""
         if not self.blocking_available:
             raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
         pool = self._blocking_pool or self._open_blocking()
@@ -262,7 +263,15 @@ class PostgresConnection:
                         "autocommit": True,
                         "row_factory": dict_row,
                         "cursor_factory": CountingBlockingCursor,
-                        "options": f"-c statement_timeout={timeout_ms}",
+                        # Added to the URL's own options (a search_path, say), not instead.
+                        "options": " ".join(
+                            part
+                            for part in (
+                                str(conninfo_to_dict(self._conninfo()).get("options") or ""),
+                                f"-c statement_timeout={timeout_ms}",
+                            )
+                            if part
+                        ),
                         "tcp_user_timeout": timeout_ms,
                         "connect_timeout": max(1, int(config.operation_timeout_seconds)),
                     },

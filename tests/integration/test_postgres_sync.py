@@ -5,17 +5,22 @@ through a blocking pool, with the same results and guarantees as the async API."
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
 from devstack import PostgresServer, free_port
 from state.checkpoint import TieredCheckpointSaver
+from state.cold import chunks
 from state.cold.postgres_client import PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import BackendUnavailable, StaleFencingToken
@@ -150,3 +155,65 @@ def test_while_postgres_restarts_sync_calls_fail_typed_then_recover(tmp_path: Pa
     finally:
         server.stop()
         server.remove_data()
+
+
+def test_the_blocking_pool_keeps_the_options_of_the_url(stack_env: dict[str, str]) -> None:
+    """POSTGRES_URL selecting a schema (`options=-c search_path=...`): the sync API's pool
+    adds its statement timeout to those options, so both APIs work in that schema."""
+    schema = f"sync_{uuid.uuid4().hex[:8]}"
+    base = stack_env["POSTGRES_URL"]
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{base}{'&' if '?' in base else '?'}options=-c%20search_path%3D{schema}"
+    settings = Settings.model_validate({"state_cold_backend": "postgres", "postgres_url": url})
+    try:
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            thread = config()
+            chat_graph(saver).invoke({"messages": ["hello"]}, thread)
+            through_loop = saver._sync(saver.aget_tuple(thread))
+            assert through_loop is not None, "the sync API wrote outside the URL's schema"
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_sync_callers_on_many_threads_share_the_stores_memos(
+    saver: TieredCheckpointSaver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve threads put and read large values at once while the chunker evicts what it
+    remembers (a small budget): its memos, shared by every caller's thread, stay whole
+    (no KeyError, no OrderedDict mutated during iteration)."""
+    monkeypatch.setattr(chunks, "REMEMBER_BYTES", 200_000)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        parent = config()
+        thread_id = parent["configurable"]["thread_id"]
+        try:
+            for step in range(150):
+                checkpoint = empty_checkpoint()
+                checkpoint["channel_values"] = {"messages": [os.urandom(12_000).hex()]}
+                checkpoint["channel_versions"] = {
+                    "messages": saver.get_next_version(None, None) + str(step)
+                }
+                parent = saver.put(
+                    parent,
+                    checkpoint,
+                    {"source": "loop", "step": step},
+                    checkpoint["channel_versions"],
+                )
+                assert saver.get_tuple(config(thread_id)) is not None
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as they can come
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(12)]
+        for started in threads:
+            started.start()
+        for started in threads:
+            started.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, [repr(error) for error in errors[:5]]
