@@ -757,7 +757,9 @@ class CaseService:
             await self._release(case_id, guard)
             raise
         marked = created or still is not None
-        task = self._spawn(self._drive(case_id, graph_input, guard, marked=marked, run_id=run_id))
+        task = self._spawn(
+            self._drive(case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=created)
+        )
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
         await asyncio.wait({task}, timeout=wait_seconds)
@@ -786,11 +788,15 @@ class CaseService:
         *,
         marked: bool = False,
         run_id: str | None = None,
+        new_case: bool = False,
     ) -> None:
         """Run the graph under `guard`, then the case's queued runs; releases the guard.
-        `marked`: the record already says this run is running."""
+        `marked`: the record already says this run is running. `new_case`: this is the
+        first run of a case this process has just created."""
         try:
-            going = await self._drive_one(case_id, graph_input, guard, marked=marked, run_id=run_id)
+            going = await self._drive_one(
+                case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=new_case
+            )
         except BaseException:
             await self._release(case_id, guard)
             raise
@@ -808,6 +814,7 @@ class CaseService:
         marked: bool,
         run_id: str | None,
         redone: int = 0,
+        new_case: bool = False,
     ) -> bool:
         """One run to rest; False when this runner must stop (it lost the case), True when
         the case's queue may go on (the run rested, failed, or a follow-up stopped it).
@@ -829,7 +836,7 @@ class CaseService:
                         marked=marked,
                         run_id=run_id,
                         # After Redis lost the run's checkpoints it may have lost the lock too.
-                        lock_held_until=0.0 if redone else self._held_until(guard),
+                        new_case_until=self._held_until(guard) if new_case and not redone else 0.0,
                     ),
                 )
                 run.outcome = rest.value
@@ -997,14 +1004,19 @@ class CaseService:
         *,
         marked: bool = False,
         run_id: str | None = None,
-        lock_held_until: float = 0.0,
+        new_case_until: float = 0.0,
     ) -> CaseStatus:
         """Drive the graph to rest; returns the status the case rests in.
 
         A new case's first run is `marked` already: no earlier runner exists to fence out,
         and its first section write raises the record's fence to this run's token.
-        `lock_held_until`: the `time.monotonic()` until which the run's guard is surely
-        its own (no newer runner can have raised the record's fence before then)."""
+        `new_case_until`: for the first run of a case this process created just before
+        taking its lock, the `time.monotonic()` until which that lock is surely held.
+        Until then no runner can have raised the new record's fence above the run's: an
+        earlier lock's fence is lower (a lock's fences grow with the clock) and a
+        cold-tier lease's is the record's fence plus one, so the seed reads no record.
+        A run that marked the record itself is not spared the read: a lease claimed
+        since its mark is above its token."""
         config = case_config(case_id, fencing_token=fence, run_id=run_id)
         # Write-through: every step durable before the next. Write-behind: steps move at
         # Redis speed and the run's end (and an interrupt) is the boundary.
@@ -1015,7 +1027,7 @@ class CaseService:
             # Its first checkpoint write then finds the fence in Redis (a new case's always
             # would not) instead of reading the record.
             await self._saver.aseed_fence(
-                case_id, fence, lock_held=time.monotonic() < lock_held_until
+                case_id, fence, record_checked=time.monotonic() < new_case_until
             )
         # The heartbeat is due a quarter of the stale period after the last one: checked
         # here on the clock, so steps in between cost no read of the record.

@@ -402,29 +402,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         rather than continue a stranger's state."""
         self._chains.declare_new(thread_id)
 
-    async def aseed_fence(self, thread_id: str, fence: int, *, lock_held: bool = False) -> None:
+    async def aseed_fence(
+        self, thread_id: str, fence: int, *, record_checked: bool = False
+    ) -> None:
         """For a run that has just taken the thread's lock with `fence`, a token above every
         earlier holder's and so at least the thread's durable fence: the hot tier's fence
         is raised to it, so the run's checkpoint writes need no read of the record, and an
         earlier holder's writes are refused at Redis from now on (`StaleFencingToken` if a
         newer one's token is there already). If Redis holds no fence for the thread (new,
         or lost since a newer holder's seed) the token is checked against the record
-        first, unless `lock_held`: the caller knows its lock has not run out, so no newer
-        holder can have raised the record's fence. Without Redis, the first write checks
-        the record as always."""
+        first, unless `record_checked`: the caller knows the record's fence is not above
+        `fence`. Without Redis, the first write checks the record as always."""
         if self.fence is None:
             return
-        # Not `checked` unless `lock_held`: a fence Redis lost (evicted, restarted) since a
-        # newer holder's seed is indistinguishable from a new thread's, and a stale run
-        # waking after that (its lock run out) must be checked against the record, as its
-        # first write would be.
+        # Not `checked` unless the caller vouches: a fence Redis lost (evicted, restarted)
+        # since a newer holder's seed is indistinguishable from a new thread's, and a
+        # stale run waking after that must be checked against the record, as its first
+        # write would be.
         with contextlib.suppress(BackendUnavailable):
-            await self._on_loop(self._seed_fence(str(thread_id), int(fence), lock_held))
+            await self._on_loop(self._seed_fence(str(thread_id), int(fence), record_checked))
 
-    async def _seed_fence(self, thread_id: str, fence: int, lock_held: bool) -> None:
+    async def _seed_fence(self, thread_id: str, fence: int, record_checked: bool) -> None:
         assert self.fence is not None
         try:
-            await self.fence.admit(thread_id, fence, checked=lock_held)
+            await self.fence.admit(thread_id, fence, checked=record_checked)
         except FenceUnknown:
             await self._admit_durably(thread_id, fence)
             await self.fence.admit(thread_id, fence, checked=True)

@@ -531,3 +531,28 @@ async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
     assert case["refund"]["reference"] == issued["reference"]
     assert issued["reference"] in case["final_response"]
     assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+
+
+async def test_only_a_new_cases_first_run_seeds_its_fence_unread(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first run of a case just created vouches for the record's fence (no runner
+    can have raised it above the run's); a follow-up's run marked the record itself, and a
+    cold-tier lease claimed since could be above its token: its seed reads the record."""
+    saver = runtime.service._saver
+    assert saver is not None
+    seeded: list[bool] = []
+    seed = saver.aseed_fence
+
+    async def recorded(thread_id: str, fence: int, *, record_checked: bool = False) -> None:
+        if thread_id == case_id:
+            seeded.append(record_checked)
+        await seed(thread_id, fence, record_checked=record_checked)
+
+    monkeypatch.setattr(saver, "aseed_fence", recorded)
+    await submitted(client, runtime, demo_case(case_id))
+    response = await post(client, case_id, INVOICE)
+    assert response.status_code in (200, 202), response.text
+    runs = await until_idle(runtime, client, case_id)
+    assert [run["status"] for run in runs] == ["completed", "completed"]
+    assert seeded == [True, False]

@@ -362,23 +362,23 @@ async def test_a_fence_seeded_by_the_runs_lock_spares_its_first_write_a_record_r
 
 
 @pytest.mark.parametrize("mode", ["write-through", "write-behind"])
-async def test_a_seed_under_a_lock_still_held_reads_no_record(
+async def test_a_seed_the_caller_vouches_for_reads_no_record(
     open_tiers: Open, thread_id: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run whose lock cannot have run out yet knows no newer holder raised the record's
-    fence: its seed reads no record (a new case's run costs one request less), and an
-    older holder's token is still refused at Redis after it."""
+    """A caller that knows the record's fence is not above its token (the first run of a
+    case it has just created) seeds without reading the record (one request less per
+    case), and an older holder's token is still refused at Redis after it."""
     async with open_tiers(mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         graph = chat_graph(saver)
         try:
             await backends.cold.create(thread_id, {"run": {}}, agent_id="fence-test")
             asked = _record_reads(backends, monkeypatch)
-            await saver.aseed_fence(thread_id, 8, lock_held=True)
+            await saver.aseed_fence(thread_id, 8, record_checked=True)
             await graph.ainvoke({"messages": ["first"]}, config(thread_id, 8))
             assert asked == []
             with pytest.raises(StaleFencingToken):
-                await saver.aseed_fence(thread_id, 7, lock_held=True)
+                await saver.aseed_fence(thread_id, 7, record_checked=True)
             with pytest.raises(StaleFencingToken):
                 await graph.ainvoke({"messages": ["stale"]}, config(thread_id, 7))
             await saver.aflush(thread_id)
