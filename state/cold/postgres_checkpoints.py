@@ -664,21 +664,11 @@ class PostgresCheckpointStore:
     def get_checkpoint_blocking(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, *, with_history: bool
     ) -> StoredCheckpoint | None:
-        history = with_history and thread_id in self._delta_threads
         with self._pg.blocking_connection("get_checkpoint") as conn:
-            if checkpoint_id is None:
-                cursor = conn.execute(
-                    LATEST_WITH_HISTORY_SQL if history else LATEST_SQL,
-                    (thread_id, checkpoint_ns),
-                    binary=True,
-                )
-            else:
-                cursor = conn.execute(
-                    BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL,
-                    (thread_id, checkpoint_ns, checkpoint_id),
-                    binary=True,
-                )
-            row = cursor.fetchone()
+            row = conn.execute(
+                *self._checkpoint_query(thread_id, checkpoint_ns, checkpoint_id, with_history),
+                binary=True,
+            ).fetchone()
             if row is None:
                 return None
             loaded, chunks = _stored_checkpoint(row)
@@ -698,6 +688,17 @@ class PostgresCheckpointStore:
         self._note(thread_id, stored.metadata)
         return stored
 
+    def _checkpoint_query(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, with_history: bool
+    ) -> tuple[str, tuple[str, ...]]:
+        """The statement reading one checkpoint (the latest if no id), and its parameters."""
+        history = with_history and thread_id in self._delta_threads
+        if checkpoint_id is None:
+            latest = LATEST_WITH_HISTORY_SQL if history else LATEST_SQL
+            return latest, (thread_id, checkpoint_ns)
+        named = BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL
+        return named, (thread_id, checkpoint_ns, checkpoint_id)
+
     async def get_checkpoint(
         self,
         thread_id: str,
@@ -706,20 +707,11 @@ class PostgresCheckpointStore:
         *,
         with_history: bool = True,
     ) -> StoredCheckpoint | None:
-        history = with_history and thread_id in self._delta_threads
         async with self._pg.connection("get_checkpoint") as conn:
-            if checkpoint_id is None:
-                cursor = await conn.execute(
-                    LATEST_WITH_HISTORY_SQL if history else LATEST_SQL,
-                    (thread_id, checkpoint_ns),
-                    binary=True,
-                )
-            else:
-                cursor = await conn.execute(
-                    BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL,
-                    (thread_id, checkpoint_ns, checkpoint_id),
-                    binary=True,
-                )
+            cursor = await conn.execute(
+                *self._checkpoint_query(thread_id, checkpoint_ns, checkpoint_id, with_history),
+                binary=True,
+            )
             row = await cursor.fetchone()
             if row is None:
                 return None
