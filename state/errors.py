@@ -79,6 +79,14 @@ class BackendUnavailable(StateError):
         self.backend = backend
 
 
+class BackendClosed(BackendUnavailable):
+    """A call through a backend connection after its owner closed it: nothing was sent,
+    and nothing was opened again for it."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend, "its connection was closed by its owner")
+
+
 class RequestRejected(StateError):
     """A store refused a request for good: sent again unchanged, it fails the same way
     (no permission, a broken invariant, a value it cannot hold). Transient trouble is

@@ -73,6 +73,7 @@ from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from ..errors import (
+    BackendClosed,
     BackendUnavailable,
     FenceUnknown,
     HotStateLost,
@@ -477,9 +478,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return None
         with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
         if self._blocking_store is not None:
-            stored = self._blocking_store.get_checkpoint_blocking(
-                thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
-            )
+            with self._closed_under_call():
+                stored = self._blocking_store.get_checkpoint_blocking(
+                    thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
+                )
             if stored is not None and (stored.blobs is None or stored.writes is None):
                 stored = self._sync(self._complete(stored))
             self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
@@ -523,7 +525,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._refuse_on_loop()
             put = self._prepared_put(config, checkpoint, metadata, new_versions)
             self._admit_blocking(put.stored.thread_id, put.fence)
-            self._blocking_store.put_checkpoint_blocking(put.stored, put.blobs)
+            with self._closed_under_call():
+                self._blocking_store.put_checkpoint_blocking(put.stored, put.blobs)
             return self._put_done(put)
         if self._blocking is None:
             return self._sync(self._put(config, checkpoint, metadata, new_versions))
@@ -574,13 +577,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             writes_put = self._prepared_writes(config, writes, task_id, task_path)
             try:
                 self._admit_blocking(writes_put.thread_id, writes_put.fence)
-                self._blocking_store.put_writes_blocking(
-                    writes_put.thread_id,
-                    writes_put.checkpoint_ns,
-                    writes_put.checkpoint_id,
-                    writes_put.writes,
-                    upsert=writes_put.upsert,
-                )
+                with self._closed_under_call():
+                    self._blocking_store.put_writes_blocking(
+                        writes_put.thread_id,
+                        writes_put.checkpoint_ns,
+                        writes_put.checkpoint_id,
+                        writes_put.writes,
+                        upsert=writes_put.upsert,
+                    )
             except BaseException:
                 self._chains.forget(writes_put.thread_id)  # as `_put_writes`
                 raise
@@ -671,6 +675,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             return call.result()
         except concurrent.futures.CancelledError:
+            if self._closed:
+                raise SaverClosed() from None
+            raise
+
+    @contextmanager
+    def _closed_under_call(self) -> Iterator[None]:
+        """Around a sync call's own backend request: the saver closed while the call was
+        on its way is `SaverClosed`, as for a call that hands over to the loop thread."""
+        try:
+            yield
+        except BackendClosed:
             if self._closed:
                 raise SaverClosed() from None
             raise

@@ -27,9 +27,9 @@ from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed
 
-from ..errors import BackendUnavailable, InvalidValue, RequestRejected, StateError
+from ..errors import BackendClosed, BackendUnavailable, InvalidValue, RequestRejected, StateError
 from ..ports import Counters
 from ..settings import PostgresConfig
 from .migrations import migrate
@@ -136,6 +136,9 @@ class PostgresConnection:
         self.counters = Counters()
         self._blocking_pool: ConnectionPool[CountedBlockingConnection] | None = None
         self._blocking_lock = threading.Lock()
+        # Once closed, never opened again: a call still in flight while the owner closes
+        # (a sync caller's thread, a task finishing) would open a pool nobody closes.
+        self._closed = False
 
     @property
     def blocking_available(self) -> bool:
@@ -179,6 +182,8 @@ class PostgresConnection:
         if self._pool is not None:
             return self._pool
         async with self._lock:
+            if self._closed:
+                raise BackendClosed(self.name)
             if self._pool is None:
                 self._pool = await self._open()
         return self._pool
@@ -247,6 +252,8 @@ class PostgresConnection:
 
     def _open_blocking(self) -> ConnectionPool[CountedBlockingConnection]:
         with self._blocking_lock:
+            if self._closed:
+                raise BackendClosed(self.name)
             if self._blocking_pool is None:
                 config = self._config
                 timeout_ms = int(config.operation_timeout_seconds * 1000)
@@ -302,13 +309,16 @@ class PostgresConnection:
         self._migrated = True
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-        if self._blocking_pool is not None:
+        async with self._lock:
+            with self._blocking_lock:
+                self._closed = True
+                blocking, self._blocking_pool = self._blocking_pool, None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+        if blocking is not None:
             # Off the loop: closing joins the pool's worker threads.
-            await asyncio.to_thread(self._blocking_pool.close)
-            self._blocking_pool = None
+            await asyncio.to_thread(blocking.close)
         if self._owned_credential is not None:
             await self._owned_credential.close()
             self._owned_credential = None
@@ -336,6 +346,9 @@ def postgres_errors() -> Iterator[None]:
     `RequestRejected`."""
     try:
         yield
+    except PoolClosed as exc:
+        # A caller that took the pool just before its owner closed it.
+        raise BackendClosed("postgres") from exc
     except OperationalError as exc:
         raise BackendUnavailable("postgres", str(exc) or type(exc).__name__) from exc
     except TimeoutError as exc:

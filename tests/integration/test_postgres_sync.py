@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import chunks
 from state.cold.postgres_client import PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
-from state.errors import BackendUnavailable, StaleFencingToken
+from state.errors import BackendClosed, BackendUnavailable, SaverClosed, StaleFencingToken
 from state.settings import Settings
 from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 from tests.integration.test_write_behind_sync import config, in_thread, loop_thread_held
@@ -155,6 +156,89 @@ def test_while_postgres_restarts_sync_calls_fail_typed_then_recover(tmp_path: Pa
     finally:
         server.stop()
         server.remove_data()
+
+
+def test_a_sync_call_the_saver_closes_under_fails_and_reopens_nothing(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put held on its way to Postgres while the `open_sync` block ends: released, it
+    raises `SaverClosed`, stores nothing, and leaves no session of this saver's on the
+    server (no pool opened again after the close, for nobody to close)."""
+    name = f"closing-{uuid.uuid4().hex[:8]}"
+    base = stack_env["POSTGRES_URL"]
+    url = f"{base}{'&' if '?' in base else '?'}application_name={name}"
+    settings = Settings.model_validate({"state_cold_backend": "postgres", "postgres_url": url})
+    arrived, release = threading.Event(), threading.Event()
+    held_thread: list[threading.Thread] = []
+    original = PostgresConnection.blocking_connection
+
+    @contextmanager
+    def held(self: PostgresConnection, operation: str) -> Iterator[object]:
+        if threading.current_thread() in held_thread:
+            arrived.set()
+            release.wait(10)
+        with original(self, operation) as conn:
+            yield conn
+
+    monkeypatch.setattr(PostgresConnection, "blocking_connection", held)
+    outcome: list[BaseException | object] = []
+    late = config()
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        chat_graph(saver).invoke({"messages": ["before"]}, config())  # the pool is open
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"messages": ["late"]}
+        checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+
+        def put_late() -> None:
+            try:
+                outcome.append(
+                    saver.put(
+                        late,
+                        checkpoint,
+                        {"source": "input", "step": -1},
+                        checkpoint["channel_versions"],
+                    )
+                )
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=put_late, daemon=True)
+        held_thread.append(worker)
+        worker.start()
+        assert arrived.wait(10)
+    release.set()
+    worker.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], SaverClosed), outcome
+
+    def sessions() -> int:
+        with psycopg.connect(base, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    deadline = time.monotonic() + 5
+    while sessions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions() == 0
+    with TieredCheckpointSaver.open_sync(settings) as reopened:
+        assert reopened.get_tuple(late) is None
+
+
+async def test_a_closed_connection_opens_no_pool_again(settings: Settings) -> None:
+    """After `close`, both APIs refuse with `BackendClosed` instead of opening a new pool."""
+    connection = PostgresConnection(settings.postgres)
+    async with connection.connection("probe") as conn:
+        await conn.execute("SELECT 1")
+    with connection.blocking_connection("probe") as blocking:
+        blocking.execute("SELECT 1")
+    await connection.close()
+    with pytest.raises(BackendClosed):
+        async with connection.connection("probe"):
+            pass
+    with pytest.raises(BackendClosed), connection.blocking_connection("probe"):
+        pass
 
 
 def test_the_blocking_pool_keeps_the_options_of_the_url(stack_env: dict[str, str]) -> None:
