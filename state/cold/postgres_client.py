@@ -23,7 +23,7 @@ from typing import Any, Self, cast
 import psycopg
 from azure.core.credentials_async import AsyncTokenCredential
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, DataError, OperationalError
-from psycopg.abc import Params, Query, QueryNoTemplate
+from psycopg.abc import RV, Params, PQGen, Query, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
@@ -45,6 +45,11 @@ NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # with a small chunk table, over a second with a million chunks (measured). These are
 # short key lookups, where JIT never pays.
 DISABLE_JIT = "SET jit = off"
+# How often psycopg's waits wake to let a KeyboardInterrupt through (its own default).
+WAIT_INTERVAL = 0.1
+# A blocking wait for the server outlasts the statement timeout by this much: a server
+# that is alive ends a slow statement first, with a typed error on a usable connection.
+NO_ANSWER_GRACE_SECONDS = 1.0
 
 
 class CountedConnection(AsyncConnection[DictRow]):
@@ -86,11 +91,29 @@ class CountingRawCursor(CountingCursor, AsyncRawCursor[DictRow]):
     psycopg sends them as they are, without parsing them first."""
 
 
+class NoAnswer(OperationalError):
+    """The server did not answer a blocking connection in time; the connection was closed,
+    its protocol state unknown."""
+
+
 class CountedBlockingConnection(psycopg.Connection[DictRow]):
-    """`CountedConnection` for the blocking pool."""
+    """`CountedConnection` for the blocking pool. Each wait for the server is bounded by
+    `answer_timeout`: no socket timeout notices a server that stops answering while its
+    host still acknowledges (a paused or hung process), and no event loop bounds the
+    caller, so without it the caller's thread would wait for ever."""
 
     counters: Counters | None = None
     operation: str = "statement"
+    answer_timeout: float | None = None
+
+    def wait(
+        self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None
+    ) -> RV:
+        try:
+            return super().wait(gen, interval, self.answer_timeout if timeout is None else timeout)
+        except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
+            self.pgconn.finish()  # as psycopg does when a cancelled query does not end
+            raise NoAnswer(f"no answer from the server in {self.answer_timeout} s") from exc
 
 
 class CountingBlockingCursor(psycopg.Cursor[DictRow]):
@@ -236,8 +259,9 @@ class PostgresConnection:
         """`connection` for a caller with no event loop (the saver's sync API), from a pool
         of its own opened on first use. No event loop bounds the call: a slow statement
         is cut by the server's `statement_timeout` and unacknowledged data by the socket's
-        `tcp_user_timeout` (both the operation timeout), but a server that stops answering
-        while its host still acknowledges (a paused process) holds the caller."""
+        `tcp_user_timeout` (both the operation timeout), and a server that stops answering
+        while its host still acknowledges (a paused process) by the connection's bounded
+        waits (`NoAnswer`, a second past the operation timeout)."""
         if not self.blocking_available:
             raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
         pool = self._blocking_pool or self._open_blocking()
@@ -245,6 +269,9 @@ class PostgresConnection:
             conn.operation = operation
             try:
                 yield conn
+            except NoAnswer:
+                # Not checking the other connections: each check would wait as long.
+                raise
             except OperationalError:
                 if conn.broken:
                     pool.check()
@@ -259,6 +286,9 @@ class PostgresConnection:
                 timeout_ms = int(config.operation_timeout_seconds * 1000)
 
                 def configure(connection: CountedBlockingConnection) -> None:
+                    connection.answer_timeout = (
+                        config.operation_timeout_seconds + NO_ANSWER_GRACE_SECONDS
+                    )
                     connection.execute(DISABLE_JIT)
                     connection.counters = self.counters
                     set_json_dumps(dump_json, connection)

@@ -241,6 +241,54 @@ async def test_a_closed_connection_opens_no_pool_again(settings: Settings) -> No
         pass
 
 
+def _signal_all(postmaster: int, signum: int) -> None:
+    """`signum` to the postmaster and its children (each backend runs in a process group
+    of its own, so a group signal would miss them)."""
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    for pid in [postmaster, *map(int, children)]:
+        os.kill(pid, signum)
+
+
+def test_a_paused_server_fails_a_sync_call_in_time_then_recovers(tmp_path: Path) -> None:
+    """Every Postgres process SIGSTOPped (connections acknowledged, nothing answered): a
+    sync write raises `BackendUnavailable` a second past the operation timeout instead of
+    waiting for ever, and once the server runs again the saver carries on."""
+    server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
+    server.start()
+    assert server.process is not None
+    paused = False
+    try:
+        settings = Settings.model_validate(
+            {
+                "state_cold_backend": "postgres",
+                "postgres_url": server.url,
+                "postgres_operation_timeout_seconds": 2,
+                "postgres_pool_timeout_seconds": 2,
+            }
+        )
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            graph = chat_graph(saver)
+            graph.invoke({"messages": ["before"]}, config())
+            _signal_all(server.process.pid, signal.SIGSTOP)
+            paused = True
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                in_thread(lambda: graph.invoke({"messages": ["paused"]}, config()), timeout=30)
+            assert time.monotonic() - started < 10
+            _signal_all(server.process.pid, signal.SIGCONT)
+            paused = False
+            after = config()
+            graph.invoke({"messages": ["after"]}, after)
+            found = saver.get_tuple(after)
+            assert found is not None
+            assert found.checkpoint["channel_values"]["messages"][0] == "after"
+    finally:
+        if paused:
+            _signal_all(server.process.pid, signal.SIGCONT)
+        server.stop()
+        server.remove_data()
+
+
 def test_the_blocking_pool_keeps_the_options_of_the_url(stack_env: dict[str, str]) -> None:
     """POSTGRES_URL selecting a schema (`options=-c search_path=...`): the sync API's pool
     adds its statement timeout to those options, so both APIs work in that schema."""
