@@ -79,6 +79,11 @@ class BackendUnavailable(StateError):
         self.backend = backend
 
 
+class NoAnswer(BackendUnavailable):
+    """A store answered nothing within the operation timeout (hung, or the network path
+    drops packets): whether the request took effect is unknown."""
+
+
 class BackendClosed(BackendUnavailable):
     """A call through a backend connection after its owner closed it: nothing was sent,
     and nothing was opened again for it."""

@@ -21,9 +21,10 @@ from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosHttpResponseError, CosmosResourceNotFoundError
 
-from ..errors import BackendUnavailable, InvalidValue, RequestRejected
+from ..errors import BackendUnavailable, InvalidValue, NoAnswer, RequestRejected
 from ..ports import Counters, cold_operation
 from ..settings import CosmosConfig
+from .circuit import AnswerCircuit
 
 PARTITION_KEY_PATH = "/thread_id"
 # Status codes that mean "the service could not do it now", not "your request is wrong".
@@ -99,6 +100,7 @@ class CosmosConnection:
         self._credential: Any = None
         self._lock = asyncio.Lock()
         self.counters = Counters()
+        self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
 
     def _hook(self, headers: Mapping[str, Any], _body: Any) -> None:
         charge = headers.get("x-ms-request-charge") if headers else None
@@ -176,14 +178,14 @@ class CosmosConnection:
         read timeout, so a cut network would hold a caller for minutes."""
         seconds = self._config.operation_timeout_seconds
         deadline = asyncio.timeout(seconds)
-        with cosmos_errors():
+        with self._circuit.call(), cosmos_errors():
             try:
                 async with deadline:
                     yield
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise
-                raise BackendUnavailable("cosmos", f"no answer within {seconds:g} s") from exc
+                raise NoAnswer("cosmos", f"no answer within {seconds:g} s") from exc
 
     @property
     def response_hook(self) -> Any:

@@ -13,9 +13,11 @@ the O(1) tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, cast
@@ -29,9 +31,17 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed
 
-from ..errors import BackendClosed, BackendUnavailable, InvalidValue, RequestRejected, StateError
+from ..errors import (
+    BackendClosed,
+    BackendUnavailable,
+    InvalidValue,
+    NoAnswer,
+    RequestRejected,
+    StateError,
+)
 from ..ports import Counters
 from ..settings import PostgresConfig
+from .circuit import AnswerCircuit
 from .migrations import migrate
 
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
@@ -47,16 +57,52 @@ NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 DISABLE_JIT = "SET jit = off"
 # How often psycopg's waits wake to let a KeyboardInterrupt through (its own default).
 WAIT_INTERVAL = 0.1
-# A blocking wait for the server outlasts the statement timeout by this much: a server
-# that is alive ends a slow statement first, with a typed error on a usable connection.
+# A blocking call outlasts the statement timeout by this much: a server that is alive
+# ends a slow statement first, with a typed error on a usable connection.
 NO_ANSWER_GRACE_SECONDS = 1.0
+# How long an async call past its time asks the server to cancel its statement, which a
+# silent server never does (psycopg alone would wait ten seconds for it).
+CANCEL_SECONDS = 1.0
+
+
+class ServerSilent(OperationalError):
+    """The server did not answer in time; the connection was closed, its protocol state
+    unknown."""
+
+
+def _wait_bound(deadline: float | None, answer_timeout: float | None) -> float | None:
+    """How long a wait for the server may last: until the operation's deadline, or, for
+    the pool's own use of a connection between operations, `answer_timeout`."""
+    if deadline is not None:
+        return max(0.0, deadline - time.monotonic())
+    return answer_timeout
 
 
 class CountedConnection(AsyncConnection[DictRow]):
-    """A pooled connection that knows which counters and operation its statements belong to."""
+    """A pooled connection that knows which counters and operation its statements belong
+    to, and bounds each wait for the server by the operation's deadline: cancelled by the
+    event loop instead, psycopg would first wait ten seconds for a silent server to
+    cancel the statement."""
 
     counters: Counters | None = None
     operation: str = "statement"
+    deadline: float | None = None  # monotonic, while an operation has the connection
+    answer_timeout: float | None = None
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = WAIT_INTERVAL,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature)
+    ) -> RV:
+        bound = _wait_bound(self.deadline, self.answer_timeout) if timeout is None else timeout
+        try:
+            return await super().wait(gen, interval, bound)
+        except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
+            with contextlib.suppress(psycopg.Error):
+                await self.cancel_safe(timeout=CANCEL_SECONDS)  # a live server stops it
+            self.pgconn.finish()
+            raise ServerSilent("no answer in time") from exc
 
 
 class CountingCursor(AsyncCursor[DictRow]):
@@ -91,29 +137,27 @@ class CountingRawCursor(CountingCursor, AsyncRawCursor[DictRow]):
     psycopg sends them as they are, without parsing them first."""
 
 
-class NoAnswer(OperationalError):
-    """The server did not answer a blocking connection in time; the connection was closed,
-    its protocol state unknown."""
-
-
 class CountedBlockingConnection(psycopg.Connection[DictRow]):
-    """`CountedConnection` for the blocking pool. Each wait for the server is bounded by
-    `answer_timeout`: no socket timeout notices a server that stops answering while its
-    host still acknowledges (a paused or hung process), and no event loop bounds the
-    caller, so without it the caller's thread would wait for ever."""
+    """`CountedConnection` for the blocking pool. The bound on each wait matters more
+    here: no socket timeout notices a server that stops answering while its host still
+    acknowledges (a paused or hung process), and no event loop bounds the caller, whose
+    thread would wait for ever."""
 
     counters: Counters | None = None
     operation: str = "statement"
+    deadline: float | None = None
     answer_timeout: float | None = None
 
     def wait(
         self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None
     ) -> RV:
+        bound = _wait_bound(self.deadline, self.answer_timeout) if timeout is None else timeout
         try:
-            return super().wait(gen, interval, self.answer_timeout if timeout is None else timeout)
+            return super().wait(gen, interval, bound)
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
-            self.pgconn.finish()  # as psycopg does when a cancelled query does not end
-            raise NoAnswer(f"no answer from the server in {self.answer_timeout} s") from exc
+            # Not asked to cancel: `statement_timeout` has stopped it if the server is alive.
+            self.pgconn.finish()
+            raise ServerSilent("no answer in time") from exc
 
 
 class CountingBlockingCursor(psycopg.Cursor[DictRow]):
@@ -159,6 +203,7 @@ class PostgresConnection:
         self.counters = Counters()
         self._blocking_pool: ConnectionPool[CountedBlockingConnection] | None = None
         self._blocking_lock = threading.Lock()
+        self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
         # Once closed, never opened again: a call still in flight while the owner closes
         # (a sync caller's thread, a task finishing) would open a pool nobody closes.
         self._closed = False
@@ -196,6 +241,7 @@ class PostgresConnection:
         return kwargs
 
     async def _configure(self, connection: CountedConnection) -> None:
+        connection.answer_timeout = self._config.operation_timeout_seconds
         # Before the counters: the session's own setup is not a statement of any operation.
         await connection.execute(DISABLE_JIT)
         connection.counters = self.counters
@@ -239,20 +285,29 @@ class PostgresConnection:
     async def connection(self, operation: str) -> AsyncIterator[CountedConnection]:
         """A pooled connection (autocommit) whose statements count under `operation`."""
         pool = await self.pool()
-        with postgres_errors():
+        seconds = self._config.operation_timeout_seconds
+        started = time.monotonic()
+        with self._circuit.call(), postgres_errors():
+            # The connection's deadline ends a wait for the server; this bounds the rest
+            # (a wait for a pooled connection), past what ending such a wait may take.
             async with (
-                asyncio.timeout(self._config.operation_timeout_seconds),
+                asyncio.timeout(seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS),
                 pool.connection() as conn,
             ):
                 conn.operation = operation
+                conn.deadline = started + seconds
                 try:
                     yield conn
+                except ServerSilent:
+                    raise  # checking the other connections would wait as long for each
                 except OperationalError:
                     if conn.broken:
                         # The server went away (restart, failover): drop the other idle
                         # connections now, so one caller sees the outage instead of each.
                         await pool.check()
                     raise
+                finally:
+                    conn.deadline = None
 
     @contextmanager
     def blocking_connection(self, operation: str) -> Iterator[CountedBlockingConnection]:
@@ -265,17 +320,20 @@ class PostgresConnection:
         if not self.blocking_available:
             raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
         pool = self._blocking_pool or self._open_blocking()
-        with postgres_errors(), pool.connection() as conn:
+        deadline = time.monotonic() + self._config.operation_timeout_seconds
+        with self._circuit.call(), postgres_errors(), pool.connection() as conn:
             conn.operation = operation
+            conn.deadline = deadline + NO_ANSWER_GRACE_SECONDS
             try:
                 yield conn
-            except NoAnswer:
-                # Not checking the other connections: each check would wait as long.
-                raise
+            except ServerSilent:
+                raise  # checking the other connections would wait as long for each
             except OperationalError:
                 if conn.broken:
                     pool.check()
                 raise
+            finally:
+                conn.deadline = None
 
     def _open_blocking(self) -> ConnectionPool[CountedBlockingConnection]:
         with self._blocking_lock:
@@ -379,10 +437,12 @@ def postgres_errors() -> Iterator[None]:
     except PoolClosed as exc:
         # A caller that took the pool just before its owner closed it.
         raise BackendClosed("postgres") from exc
+    except ServerSilent as exc:
+        raise NoAnswer("postgres", "no answer in time") from exc
     except OperationalError as exc:
         raise BackendUnavailable("postgres", str(exc) or type(exc).__name__) from exc
     except TimeoutError as exc:
-        raise BackendUnavailable("postgres", "no answer in time") from exc
+        raise NoAnswer("postgres", "no answer in time") from exc
     except DataError as exc:
         raise InvalidValue("postgres", _describe(exc), code=exc.sqlstate) from exc
     except psycopg.Error as exc:

@@ -36,6 +36,7 @@ SCENARIOS: tuple[str, ...] = (
     "Redis frozen mid-run (write-through)",
     "Redis frozen mid-run (write-behind)",
     "Network cut to postgres (reset)",
+    "Postgres answering nothing",
     "Postgres restarted mid-workflow",
     "Cosmos 429 throttling (x-ms-retry-after-ms)",
     "Cosmos 503 service unavailable",
@@ -68,6 +69,7 @@ SCENARIOS: tuple[str, ...] = (
         for tier in ("with the Redis run lock", "cold store only")
     ),
     "Network cut to cosmos (reset)",
+    "Cosmos answering nothing",
     "Write-behind flusher SIGKILLed mid-drain (cosmos)",
     "Write-behind flusher SIGKILLed mid-drain (postgres)",
     "Write-behind flusher paused inside a batch past its lock, thread deleted (cosmos)",

@@ -15,6 +15,7 @@ retry, never a blind re-send). Checked per call:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from state.cold.circuit import OPEN_SECONDS
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore
@@ -279,6 +281,8 @@ async def test_a_cosmos_call_with_no_answer_fails_typed_within_its_bound(
             ),
         }
         for operation, call in calls.items():
+            # Each call after a timeout goes as the probe (`AnswerCircuit`), not refused.
+            await asyncio.sleep(OPEN_SECONDS)
             transport.clear()
             transport.inject(Fault("stall", frozenset({operation}), times=10))
             started = time.monotonic()
@@ -292,6 +296,7 @@ async def test_a_cosmos_call_with_no_answer_fails_typed_within_its_bound(
         # The connection is not left broken: the next calls answer (and the update that
         # got no answer was never sent).
         transport.clear()
+        await asyncio.sleep(OPEN_SECONDS)
         updated = await cold.update_section(
             thread_id, "n", 1, expected_version=1, agent_id="caller"
         )

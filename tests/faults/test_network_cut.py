@@ -17,6 +17,7 @@ So the Cosmos case runs a dedicated emulator that advertises the proxy's port.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from urllib.parse import urlparse
 import pytest
 
 from devstack import CosmosEmulator, free_port
+from state.errors import BackendUnavailable
+from state.factory import backends_for
 from state.settings import Settings
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
@@ -218,3 +221,86 @@ async def test_network_cut_mid_workflow(
     assert reported
     if tier == "redis":
         assert refilled == total
+
+
+SILENT_TIMEOUT_SECONDS = 2.0
+SILENT_CALLS = 5
+
+
+@pytest.mark.parametrize("tier", ["postgres", "cosmos"])
+async def test_a_cold_store_answering_nothing_is_waited_on_once(
+    tier: str,
+    stack_env: dict[str, str],
+    settings_for: Callable[..., Settings],
+    proxies: Callable[..., LoopbackProxy],
+    cosmos_behind: Callable[[int], CosmosEmulator],
+    reliability: Recorder,
+) -> None:
+    """A blackhole between the app and its cold store (a hung server, a path dropping
+    packets): every call would wait out the operation timeout. The first does; the next
+    fail typed at once (`AnswerCircuit`) instead of piling up; once the store answers a
+    probe again, calls go through and what was stored before is all there."""
+    if tier == "cosmos":
+        proxy_port = free_port()
+        emulator = cosmos_behind(proxy_port)
+        proxy = proxies(emulator.port, port=proxy_port)
+        settings = settings_for(
+            "cosmos",
+            redis_url=None,
+            cosmos_endpoint=f"https://127.0.0.1:{proxy.port}/",
+            cosmos_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
+        )
+    else:
+        target = urlparse(stack_env["POSTGRES_URL"])
+        assert target.port is not None
+        proxy = proxies(target.port)
+        settings = settings_for(
+            "postgres",
+            redis_url=None,
+            postgres_url=target._replace(
+                netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}"
+            ).geturl(),
+            postgres_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
+        )
+    thread_id = f"silent-{tier}-{uuid.uuid4().hex[:8]}"
+    async with backends_for(settings) as backends:
+        cold = backends.cold
+        await cold.create(thread_id, {"step": "before"}, agent_id="silent-test")
+        proxy.cut("blackhole")
+        took: list[float] = []
+        failures: list[BaseException] = []
+        try:
+            for _ in range(SILENT_CALLS):
+                started = time.monotonic()
+                try:
+                    await cold.get(thread_id)
+                except BackendUnavailable as exc:
+                    failures.append(exc)
+                took.append(time.monotonic() - started)
+        finally:
+            proxy.restore()
+        restored = time.monotonic()
+        found = None
+        while found is None and time.monotonic() - restored < 30:
+            try:
+                found = await cold.get(thread_id)
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+        answered_after = time.monotonic() - restored
+        await cold.delete(thread_id)
+    reliability.record(
+        f"{tier.capitalize()} answering nothing",
+        injected=f"loopback proxy dropping every byte between app and {tier} (blackhole) for "
+        f"{SILENT_CALLS} reads; operation timeout {SILENT_TIMEOUT_SECONDS:g} s",
+        runs=SILENT_CALLS,
+        lost_writes=0 if found is not None else 1,
+        silent_overwrites=0,
+        observed=f"first read {took[0]:.1f} s, the next {SILENT_CALLS - 1} "
+        f"{sum(took[1:]) * 1000:.1f} ms in all; {len(failures)}/{SILENT_CALLS} "
+        "BackendUnavailable; answered again "
+        f"{answered_after:.1f} s after the restore, the record intact",
+    )
+    assert len(failures) == SILENT_CALLS
+    assert took[0] >= SILENT_TIMEOUT_SECONDS
+    assert sum(took[1:]) < 1.0, took
+    assert found is not None and dict(found.sections) == {"step": "before"}

@@ -22,6 +22,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from devstack import PostgresServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import chunks
+from state.cold.circuit import OPEN_SECONDS
 from state.cold.postgres_client import PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import BackendClosed, BackendUnavailable, SaverClosed, StaleFencingToken
@@ -252,7 +253,8 @@ def _signal_all(postmaster: int, signum: int) -> None:
 def test_a_paused_server_fails_a_sync_call_in_time_then_recovers(tmp_path: Path) -> None:
     """Every Postgres process SIGSTOPped (connections acknowledged, nothing answered): a
     sync write raises `BackendUnavailable` a second past the operation timeout instead of
-    waiting for ever, and once the server runs again the saver carries on."""
+    waiting for ever, the next call fails at once, and once the server runs again the
+    saver carries on."""
     server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
     server.start()
     assert server.process is not None
@@ -277,6 +279,10 @@ def test_a_paused_server_fails_a_sync_call_in_time_then_recovers(tmp_path: Path)
             assert time.monotonic() - started < 10
             _signal_all(server.process.pid, signal.SIGCONT)
             paused = False
+            # Meanwhile the process does not wait on it again (`AnswerCircuit`).
+            with pytest.raises(BackendUnavailable, match="answered nothing lately"):
+                graph.invoke({"messages": ["refused"]}, config())
+            time.sleep(OPEN_SECONDS)
             after = config()
             graph.invoke({"messages": ["after"]}, after)
             found = saver.get_tuple(after)

@@ -1,0 +1,111 @@
+"""Fail fast while a cold store answers nothing.
+
+A store that stops answering while its host still takes connections (a hung process, a
+network path that drops packets) makes every call wait out the operation timeout, 30 s
+by default: callers pile up, each holding a connection, a worker and an HTTP request,
+only to learn what the first one learned. So once a call times out with nothing
+answered by the store since that call began, the circuit opens: for `OPEN_SECONDS`
+every call fails at once with `BackendUnavailable`; after that one call at a time goes
+ahead as a probe (the others still refused while it is out), and the first answer
+closes the circuit. Other calls answering while
+one waits mean the store is alive and that call was slow: it opens nothing. A refused
+connection fails fast on its own and opens nothing either.
+
+Shared by every caller of one connection object (the event loop's and the sync API's
+threads alike).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from ..errors import BackendUnavailable, NoAnswer
+
+# Short: while the store stays silent, the probe itself (out for up to the operation
+# timeout) keeps every other caller away; once it answers again, it is used within this.
+OPEN_SECONDS = 1.0
+
+
+class AnswerCircuit:
+    def __init__(
+        self,
+        backend: str,
+        *,
+        probe_seconds: float,
+        open_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`probe_seconds`: how long a probe may take (the operation timeout) before the
+        next caller may probe instead. `open_seconds`: `OPEN_SECONDS` unless given."""
+        self.backend = backend
+        self._probe_seconds = probe_seconds
+        self._open_seconds = OPEN_SECONDS if open_seconds is None else open_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open_until = 0.0  # 0 while closed
+        self._probe_until = 0.0  # while a probe is out
+        self._last_answer = float("-inf")
+
+    @property
+    def open(self) -> bool:
+        return bool(self._open_until)
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """One call to the store, its errors already the library's: refused at once while
+        the circuit is open (unless it may probe). `NoAnswer` is no answer; any other
+        `BackendUnavailable`, or a cancellation, tells nothing; the rest (a normal exit,
+        a refusal, a conflict) is an answer."""
+        started = self._enter()
+        try:
+            yield
+        except NoAnswer:
+            self._no_answer(started)
+            raise
+        except BackendUnavailable:
+            self._settled()
+            raise
+        except Exception:
+            self._answered()
+            raise
+        except BaseException:
+            self._settled()
+            raise
+        self._answered()
+
+    def _enter(self) -> float:
+        now = self._clock()
+        if not self._open_until:
+            return now
+        with self._lock:
+            if self._open_until:
+                wait = max(self._open_until, self._probe_until) - now
+                if wait > 0:
+                    raise BackendUnavailable(
+                        self.backend,
+                        f"answered nothing lately: not tried again for {wait:.1f} s",
+                    )
+                self._probe_until = now + self._probe_seconds
+        return now
+
+    def _answered(self) -> None:
+        self._last_answer = self._clock()
+        if self._open_until:
+            with self._lock:
+                self._open_until = self._probe_until = 0.0
+
+    def _no_answer(self, started: float) -> None:
+        if self._last_answer >= started:
+            return  # answers came meanwhile: the store is alive, this call was slow
+        with self._lock:
+            self._open_until = self._clock() + self._open_seconds
+            self._probe_until = 0.0
+
+    def _settled(self) -> None:
+        """A probe that failed without waiting: the next caller may probe at once."""
+        if self._probe_until:
+            with self._lock:
+                self._probe_until = 0.0
