@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
-from ..errors import CorruptState, StateTooLarge
+from ..errors import CorruptState, InvalidValue, StateTooLarge
 from ..ports import StoredBlob, StoredCheckpoint, StoredWrite, TypedBytes
 from ..schema import CURRENT, upcast
 from .chunks import MANIFEST_TYPE_PREFIX, Chunk, delta_snapshot, is_manifest, manifest_head
@@ -178,7 +178,12 @@ def chunk_ids(owner_id: str, entry: Mapping[str, Any]) -> list[str]:
 
 
 def _json_size(doc: Doc) -> int:
-    return len(json.dumps(doc).encode())
+    """Its JSON's bytes; a number JSON cannot carry is refused here, before sending (the
+    emulator answers it with a 500, which reads as an outage)."""
+    try:
+        return len(json.dumps(doc, allow_nan=False).encode())
+    except ValueError as exc:  # NaN, Infinity (or a value that contains itself)
+        raise InvalidValue("cosmos", f"not valid JSON: {exc}", code=400) from exc
 
 
 def packed_size(doc: Doc) -> int:

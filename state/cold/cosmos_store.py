@@ -34,6 +34,7 @@ from typing import Any
 from azure.core.exceptions import AzureError
 
 from ..errors import (
+    InvalidValue,
     StaleFencingToken,
     StateError,
     StateTooLarge,
@@ -392,10 +393,17 @@ class CosmosStateStore:
         }
 
     def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> None:
-        """Refuse before writing anything: Cosmos rejects items over 2 MB, the emulator does not."""
+        """Refuse before writing anything: Cosmos rejects items over 2 MB, the emulator does not;
+        and numbers JSON cannot carry, which the emulator answers with a 500 (an outage)."""
         limit = self._max_item_bytes
         for document in documents:
-            size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode())
+            try:
+                text = json.dumps(
+                    document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+                )
+            except ValueError as exc:  # NaN, Infinity (or a value that contains itself)
+                raise InvalidValue("cosmos", f"not valid JSON: {exc}", code=400) from exc
+            size = len(text.encode())
             if size > limit:
                 raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
 

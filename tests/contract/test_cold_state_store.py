@@ -22,6 +22,7 @@ from state import schema
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore, audit_id
 from state.errors import (
+    InvalidValue,
     RequestRejected,
     StaleFencingToken,
     StateTooLarge,
@@ -182,6 +183,37 @@ async def test_update_sections_is_all_or_nothing(cold: ColdStateStore) -> None:
         )
     assert await cold.get(thread) == current
     assert "late" not in {e.agent_id for e in await cold.audit_trail(thread)}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "infinity"])
+async def test_a_number_json_cannot_carry_is_invalid_and_writes_nothing(
+    cold: ColdStateStore, value: float
+) -> None:
+    """NaN and Infinity have no JSON form: refused as `InvalidValue` (HTTP 422 in the app)
+    by every store, before anything is written (the Cosmos emulator would answer 500,
+    which reads as an outage to be retried)."""
+    thread = unique_thread()
+    with pytest.raises(InvalidValue):
+        await cold.create(thread, {"refund": {"amount": value}}, agent_id="billing")
+    assert await cold.get(thread) is None
+    await cold.create(thread, {"refund": {"amount": 1.0}}, agent_id="billing")
+    with pytest.raises(InvalidValue):
+        await cold.update_section(
+            thread, "refund", {"amount": value}, expected_version=1, agent_id="billing"
+        )
+    with pytest.raises(InvalidValue):
+        await cold.update_sections(
+            thread,
+            [
+                SectionWrite("refund", {"amount": 2.0}, "billing"),
+                SectionWrite("note", [value], "policy"),
+            ],
+            expected_version=1,
+        )
+    record = await cold.get(thread)
+    assert record is not None
+    assert (record.version, dict(record.sections)) == (1, {"refund": {"amount": 1.0}})
+    assert len(await cold.audit_trail(thread, limit=10)) == 1
 
 
 async def test_a_stale_version_is_a_conflict_and_writes_nothing(cold: ColdStateStore) -> None:

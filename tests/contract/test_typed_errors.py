@@ -11,6 +11,7 @@ from azure.cosmos.exceptions import CosmosResourceNotFoundError
 from state.cold.cosmos_client import CosmosConnection, cosmos_errors
 from state.errors import InvalidValue, RequestRejected, StateError
 from state.factory import Backends, backends_for
+from state.ports import StoredCheckpoint
 from state.settings import Settings
 from tests.support.records import unique_thread
 
@@ -73,3 +74,26 @@ async def test_conditional_answers_stay_for_the_adapters_to_interpret(
     container = await cosmos.container()
     with pytest.raises(CosmosResourceNotFoundError), cosmos_errors():
         await container.read_item("absent", partition_key=unique_thread("typed"))
+
+
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+async def test_checkpoint_metadata_json_cannot_carry_is_invalid_value(
+    make_settings: Callable[..., Settings], backend: str
+) -> None:
+    """A NaN in a checkpoint's metadata is refused as `InvalidValue` by both stores, and
+    nothing is stored (on Cosmos, before sending: the emulator answers it with a 500)."""
+    async with backends_for(make_settings(backend, hot=False)) as backends:
+        thread = unique_thread("typed")
+        checkpoint = StoredCheckpoint(
+            thread_id=thread,
+            checkpoint_ns="",
+            checkpoint_id="1f000000-0000-6000-8000-000000000001",
+            parent_checkpoint_id=None,
+            checkpoint=("msgpack", b"checkpoint"),
+            metadata={"score": float("nan")},
+            channel_versions={},
+        )
+        with pytest.raises(InvalidValue) as refused:
+            await backends.checkpoints.put_checkpoint(checkpoint, [])
+        assert refused.value.backend == backend
+        assert await backends.checkpoints.get_checkpoint(thread, "", None) is None
