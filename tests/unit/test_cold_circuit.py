@@ -6,14 +6,7 @@ import pytest
 
 from state.cold.circuit import AnswerCircuit
 from state.errors import BackendUnavailable, NoAnswer, RequestRejected
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture

@@ -14,14 +14,7 @@ from state.hot.redis_client import (
     ServerCircuit,
     ServerTimedOutLately,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture
