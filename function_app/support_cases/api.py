@@ -65,6 +65,12 @@ IdempotencyKey = Annotated[
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 503)
 }
+ERRORS[503]["headers"] = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying, when a store could not be reached",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 ERRORS[409]["headers"] = {
     "Retry-After": {
         "description": "Seconds until the lease of the case's current (or dead) runner ends; "

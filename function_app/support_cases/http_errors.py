@@ -29,6 +29,8 @@ from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, 
 
 log = logging.getLogger(__name__)
 
+STORE_RETRY_AFTER_SECONDS = 1
+
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
     (WorkflowNotFound, 404),
@@ -87,7 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
         quote."""
         assert isinstance(error, BackendUnavailable | RequestRejected)
         incident = uuid.uuid4().hex[:12]
-        if isinstance(error, BackendUnavailable):
+        unavailable = isinstance(error, BackendUnavailable)
+        if unavailable:
             status, answer = 503, f"{error.backend} unavailable, retry later"
         else:
             status, answer = 500, f"{error.backend} refused the request"
@@ -99,7 +102,12 @@ def install_error_handlers(app: FastAPI) -> None:
             incident,
             error,
         )
-        return error_response(status, f"{answer} (incident {incident})")
+        response = error_response(status, f"{answer} (incident {incident})")
+        if unavailable:
+            # A store that answered nothing lately is tried again after about this long
+            # (`AnswerCircuit`, `ServerCircuit`); a client need not wait longer to ask.
+            response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+        return response
 
     app.add_exception_handler(BackendUnavailable, store_fault)
     # InvalidValue, a RequestRejected for the caller's value, keeps its 422 above.

@@ -51,6 +51,8 @@ async def test_errors_map_to_their_status(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.get("/boom")
     assert response.status_code == status
+    retry_after = "1" if isinstance(error, BackendUnavailable) else None
+    assert response.headers.get("Retry-After") == retry_after
     message = response.json()["error"]
     if answer is None:
         assert message == str(error)
