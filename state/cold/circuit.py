@@ -91,6 +91,11 @@ class AnswerCircuit:
                 self._probe_until = now + self._probe_seconds
         return now
 
+    def heard(self) -> None:
+        """The store answered something (a statement's result within a longer call, a
+        cancel request acknowledged): it is alive, whatever the call's outcome."""
+        self._last_answer = self._clock()
+
     def _answered(self) -> None:
         self._last_answer = self._clock()
         if self._open_until:
@@ -98,9 +103,9 @@ class AnswerCircuit:
                 self._open_until = self._probe_until = 0.0
 
     def _no_answer(self, started: float) -> None:
-        if self._last_answer >= started:
-            return  # answers came meanwhile: the store is alive, this call was slow
         with self._lock:
+            if self._last_answer >= started:
+                return  # answers came meanwhile: the store is alive, this call was slow
             self._open_until = self._clock() + self._open_seconds
             self._probe_until = 0.0
 

@@ -13,7 +13,6 @@ the O(1) tests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import threading
@@ -88,6 +87,7 @@ class CountedConnection(AsyncConnection[DictRow]):
     operation: str = "statement"
     deadline: float | None = None  # monotonic, while an operation has the connection
     answer_timeout: float | None = None
+    circuit: AnswerCircuit | None = None
 
     async def wait(
         self,
@@ -95,14 +95,28 @@ class CountedConnection(AsyncConnection[DictRow]):
         interval: float = WAIT_INTERVAL,
         timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature)
     ) -> RV:
-        bound = _wait_bound(self.deadline, self.answer_timeout) if timeout is None else timeout
+        if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
+            return await super().wait(gen, interval, timeout)
         try:
-            return await super().wait(gen, interval, bound)
+            result = await super().wait(
+                gen, interval, _wait_bound(self.deadline, self.answer_timeout)
+            )
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
-            with contextlib.suppress(psycopg.Error):
+            try:
                 await self.cancel_safe(timeout=CANCEL_SECONDS)  # a live server stops it
-            self.pgconn.finish()
+            except psycopg.Error:
+                pass
+            else:
+                # The server acknowledged the cancel: alive, only slow (or waiting on a
+                # lock held elsewhere), which must not open the circuit.
+                if self.circuit is not None:
+                    self.circuit.heard()
+            finally:
+                self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
+        if self.circuit is not None:
+            self.circuit.heard()
+        return result
 
 
 class CountingCursor(AsyncCursor[DictRow]):
@@ -147,17 +161,22 @@ class CountedBlockingConnection(psycopg.Connection[DictRow]):
     operation: str = "statement"
     deadline: float | None = None
     answer_timeout: float | None = None
+    circuit: AnswerCircuit | None = None
 
     def wait(
         self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None
     ) -> RV:
-        bound = _wait_bound(self.deadline, self.answer_timeout) if timeout is None else timeout
+        if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
+            return super().wait(gen, interval, timeout)
         try:
-            return super().wait(gen, interval, bound)
+            result = super().wait(gen, interval, _wait_bound(self.deadline, self.answer_timeout))
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
             # Not asked to cancel: `statement_timeout` has stopped it if the server is alive.
             self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
+        if self.circuit is not None:
+            self.circuit.heard()  # an earlier statement of a long call answered
+        return result
 
 
 class CountingBlockingCursor(psycopg.Cursor[DictRow]):
@@ -242,6 +261,7 @@ class PostgresConnection:
 
     async def _configure(self, connection: CountedConnection) -> None:
         connection.answer_timeout = self._config.operation_timeout_seconds
+        connection.circuit = self._circuit
         # Before the counters: the session's own setup is not a statement of any operation.
         await connection.execute(DISABLE_JIT)
         connection.counters = self.counters
@@ -347,6 +367,7 @@ class PostgresConnection:
                     connection.answer_timeout = (
                         config.operation_timeout_seconds + NO_ANSWER_GRACE_SECONDS
                     )
+                    connection.circuit = self._circuit
                     connection.execute(DISABLE_JIT)
                     connection.counters = self.counters
                     set_json_dumps(dump_json, connection)
