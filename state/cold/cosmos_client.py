@@ -107,6 +107,9 @@ class CosmosConnection:
         operation = cold_operation.get() or "request"
         self.counters.count(operation, float(charge) if charge else 0.0)
 
+    def _heard(self, _response: Any) -> None:
+        self._circuit.heard()
+
     async def container(self) -> ContainerProxy:
         if self._container is not None:
             return self._container
@@ -154,6 +157,9 @@ class CosmosConnection:
             transport=self._transport or EnvironmentProxyTransport(),
             # Per attempt; `bounded` bounds a whole call, the SDK's retries included.
             read_timeout=config.operation_timeout_seconds,
+            # Every response, a 429 the SDK retries included, shows the service alive:
+            # a call that outlasts its bound on throttling opens no circuit.
+            raw_response_hook=self._heard,
         )
 
     async def _check_exists(self, container: ContainerProxy) -> None:

@@ -304,3 +304,31 @@ async def test_a_cosmos_call_with_no_answer_fails_typed_within_its_bound(
         await cold.delete(thread_id)
     finally:
         await connection.close()
+
+
+async def test_a_call_that_outlasts_its_bound_on_throttling_opens_no_circuit(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """Sustained 429s make the SDK retry past the call's bound: the caller gets
+    `BackendUnavailable`, but the service answered all along, so the next call goes
+    ahead at once instead of being refused as if the store had gone silent."""
+    bound = 1.0
+    settings = settings_for("cosmos", redis_url=None, cosmos_operation_timeout_seconds=bound)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    await cold.setup()
+    thread_id = f"cf-throttled-{uuid.uuid4().hex[:8]}"
+    try:
+        await cold.create(thread_id, {"n": 0}, agent_id="caller")
+        transport.clear()
+        transport.inject(Fault("throttle", frozenset({"read"}), times=1000, retry_after_ms=300))
+        with pytest.raises(BackendUnavailable, match="no answer within 1 s"):
+            await cold.get(thread_id)
+        assert transport.count("read", "throttle") >= 3
+        transport.clear()
+        record = await cold.get(thread_id)
+        assert record is not None and record.version == 1
+        await cold.delete(thread_id)
+    finally:
+        await connection.close()
