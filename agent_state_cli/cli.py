@@ -219,10 +219,12 @@ def serve(
     if started_here:
         status = _start_stack(where, with_postgres=backend == "postgres", ports=asked)
     else:
+        if backend == "postgres" and "POSTGRES_URL" not in _stack_env(status):
+            console.print("adding Postgres to the running stack (`stack down` stops it too)")
+            status = _start_stack(where, with_postgres=True, ports=asked)
+            asked.pop("postgres", None)  # applied just now
         _refuse_ports_the_running_stack_ignores(where, status, asked)
     env = _stack_env(status)
-    if backend == "postgres" and "POSTGRES_URL" not in env:
-        raise typer.BadParameter("the running stack has no Postgres: stack down, then serve again")
     os.environ.update(env)
     os.environ["STATE_COLD_BACKEND"] = backend
     os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")

@@ -141,27 +141,47 @@ def up(
     with_postgres: bool = False,
     ports: dict[str, int] | None = None,
 ) -> dict[str, object]:
-    """Start the stack detached (it outlives this process) and record what was started."""
+    """Start the stack detached (it outlives this process) and record what was started.
+    Asked for Postgres while a stack without it runs, add Postgres to that stack."""
     existing = status(workdir)
+    chosen = {**DEFAULT_PORTS, **(ports or {})}
     if existing.get("running"):
+        alive = existing.get("alive")
+        if with_postgres and not (isinstance(alive, dict) and alive.get("postgres")):
+            return _add_postgres(workdir, existing, chosen["postgres"])
         raise ServerStartError(
             f"a stack is already running from {workdir}; stop it first (agent-state stack down)"
         )
-    stack = Stack.plan(
-        workdir,
-        with_postgres=with_postgres,
-        ports={**DEFAULT_PORTS, **(ports or {})},
-        detached=True,
-    )
+    stack = Stack.plan(workdir, with_postgres=with_postgres, ports=chosen, detached=True)
+    return _started(stack, {"workdir": str(workdir), "servers": {}, "env": {}})
+
+
+def _add_postgres(workdir: Path, existing: dict[str, object], port: int) -> dict[str, object]:
+    postgres = PostgresServer(port=port or free_port(), workdir=workdir / "postgres")
+    recorded = {key: existing[key] for key in ("workdir", "servers", "env")}
+    return _started(Stack(workdir, postgres=postgres), recorded)
+
+
+def _started(stack: Stack, recorded: dict[str, object]) -> dict[str, object]:
+    """Start `stack`'s servers, then record them with those `recorded` already running."""
     try:
         stack.start(progress=True)
     except BaseException:
         stack.stop()
         raise
-    description = stack.describe()
-    workdir.mkdir(parents=True, exist_ok=True)
-    state_file(workdir).write_text(json.dumps(description, indent=2))
+    started = stack.describe()
+    description = {
+        "workdir": started["workdir"],
+        "servers": {**_mapping(recorded["servers"]), **_mapping(started["servers"])},
+        "env": {**_mapping(recorded["env"]), **_mapping(started["env"])},
+    }
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    state_file(stack.workdir).write_text(json.dumps(description, indent=2))
     return description
+
+
+def _mapping(value: object) -> dict[str, object]:
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def status(workdir: Path = DEFAULT_WORKDIR) -> dict[str, object]:

@@ -158,6 +158,43 @@ def test_stack_down_says_the_emulator_data_is_gone(tmp_path: Path) -> None:
     assert "memory only" in output and "gone" in output
 
 
+def test_serve_with_postgres_adds_it_to_the_running_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack started without Postgres, then `serve --backend postgres` (what
+    `STATE_COLD_BACKEND=postgres scripts/run.sh` runs against a stack it reuses): Postgres
+    joins that stack, the API gets its URL, and `stack down` stops it with the rest."""
+    from typer.testing import CliRunner
+
+    from agent_state_cli.cli import app
+
+    served: list[str] = []
+    monkeypatch.setattr(
+        "uvicorn.run", lambda *_args, **_kw: served.append(os.environ["POSTGRES_URL"])
+    )
+    monkeypatch.setenv("POSTGRES_URL", "unset")  # restored after the test
+    free = ("--redis-port", "0", "--cosmos-port", "0", "--issuer-port", "0")
+    code, output, _ = _stack_cli("up", "--workdir", str(tmp_path), *free)
+    try:
+        assert code == 0, output
+        first = devstack.status(tmp_path)
+        serve = ["serve", "--workdir", str(tmp_path), "--backend", "postgres"]
+        result = CliRunner().invoke(app, [*serve, "--postgres-port", "0"])
+        assert result.exit_code == 0, result.output
+        assert "adding Postgres to the running stack" in result.output
+        added = devstack.status(tmp_path)
+        assert added["alive"] == {name: True for name in ("redis", "cosmos", "issuer", "postgres")}
+        assert added["servers"]["redis"] == first["servers"]["redis"]  # type: ignore[index]
+        assert served == [added["env"]["POSTGRES_URL"]]  # type: ignore[index]
+        assert _listening(added["servers"]["postgres"]["port"])  # type: ignore[index]
+
+        code, _, error = _stack_cli("up", "--workdir", str(tmp_path), "--postgres")
+        assert code == 1 and "already running" in error
+    finally:
+        code, output, _ = _stack_cli("down", "--workdir", str(tmp_path))
+    assert code == 0 and "stopped: redis, cosmos, issuer, postgres" in output
+
+
 def test_serve_refuses_a_port_the_running_stack_does_not_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
