@@ -47,6 +47,7 @@ class AnswerCircuit:
         self._lock = threading.Lock()
         self._open_until = 0.0  # 0 while closed
         self._probe_until = 0.0  # while a probe is out
+        self._probe: object | None = None  # that probe's own token: only it frees its slot
         self._last_answer = float("-inf")
 
     @property
@@ -59,27 +60,28 @@ class AnswerCircuit:
         the circuit is open (unless it may probe). `NoAnswer` is no answer; any other
         `BackendUnavailable`, or a cancellation, tells nothing; the rest (a normal exit,
         a refusal, a conflict) is an answer."""
-        started = self._enter()
+        started, probe = self._enter()
         try:
             yield
         except NoAnswer:
-            self._no_answer(started)
+            self._no_answer(started, probe)
             raise
         except BackendUnavailable:
-            self._settled()
+            self._settled(probe)
             raise
         except Exception:
             self._answered()
             raise
         except BaseException:
-            self._settled()
+            self._settled(probe)
             raise
         self._answered()
 
-    def _enter(self) -> float:
+    def _enter(self) -> tuple[float, object | None]:
+        """When the call started, and its probe token if it goes out as the probe."""
         now = self._clock()
         if not self._open_until:
-            return now
+            return now, None
         with self._lock:
             if self._open_until:
                 wait = max(self._open_until, self._probe_until) - now
@@ -89,7 +91,9 @@ class AnswerCircuit:
                         f"answered nothing lately: not tried again for {wait:.1f} s",
                     )
                 self._probe_until = now + self._probe_seconds
-        return now
+                self._probe = probe = object()
+                return now, probe
+        return now, None
 
     def heard(self) -> None:
         """The store answered something (a statement's result within a longer call, a
@@ -97,20 +101,27 @@ class AnswerCircuit:
         self._last_answer = self._clock()
 
     def _answered(self) -> None:
-        self._last_answer = self._clock()
-        if self._open_until:
-            with self._lock:
-                self._open_until = self._probe_until = 0.0
-
-    def _no_answer(self, started: float) -> None:
+        # Under the lock even while closed: a timeout judged at the same moment on another
+        # thread (`_no_answer`) must either see this answer or be closed again by it.
         with self._lock:
+            self._last_answer = self._clock()
+            if self._open_until:
+                self._open_until = self._probe_until = 0.0
+                self._probe = None
+
+    def _no_answer(self, started: float, probe: object | None) -> None:
+        with self._lock:
+            if probe is not None and probe is self._probe:
+                self._probe, self._probe_until = None, 0.0
             if self._last_answer >= started:
                 return  # answers came meanwhile: the store is alive, this call was slow
             self._open_until = self._clock() + self._open_seconds
-            self._probe_until = 0.0
+            # A probe still out (this call was sent before) keeps its slot.
 
-    def _settled(self) -> None:
-        """A probe that failed without waiting: the next caller may probe at once."""
-        if self._probe_until:
+    def _settled(self, probe: object | None) -> None:
+        """A probe that failed without waiting: the next caller may probe at once. Any
+        other call ending so (one sent before the circuit opened) leaves the probe out."""
+        if probe is not None:
             with self._lock:
-                self._probe_until = 0.0
+                if probe is self._probe:
+                    self._probe, self._probe_until = None, 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import selectors
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -77,6 +78,21 @@ def _wait_bound(deadline: float | None, answer_timeout: float | None) -> float |
     return answer_timeout
 
 
+def _noting_reads(gen: PQGen[RV], read: list[bool]) -> PQGen[RV]:
+    """`gen`, setting `read[0]` once its socket was found readable: only then did the
+    server send something. A wait that only sent (a pipeline flushing its queue, a COPY
+    block) heard nothing from it, whatever the kernel buffered."""
+    try:
+        wait = next(gen)
+        while True:
+            ready = yield wait  # None when psycopg resumes it after an interrupt
+            if ready and ready & selectors.EVENT_READ:
+                read[0] = True
+            wait = gen.send(ready)
+    except StopIteration as ex:
+        return cast(RV, ex.value)
+
+
 class CountedConnection(AsyncConnection[DictRow]):
     """A pooled connection that knows which counters and operation its statements belong
     to, and bounds each wait for the server by the operation's deadline: cancelled by the
@@ -97,9 +113,10 @@ class CountedConnection(AsyncConnection[DictRow]):
     ) -> RV:
         if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
             return await super().wait(gen, interval, timeout)
+        read = [False]
         try:
             result = await super().wait(
-                gen, interval, _wait_bound(self.deadline, self.answer_timeout)
+                _noting_reads(gen, read), interval, _wait_bound(self.deadline, self.answer_timeout)
             )
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
             try:
@@ -114,7 +131,7 @@ class CountedConnection(AsyncConnection[DictRow]):
             finally:
                 self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
-        if self.circuit is not None:
+        if self.circuit is not None and read[0]:
             self.circuit.heard()
         return result
 
@@ -168,13 +185,16 @@ class CountedBlockingConnection(psycopg.Connection[DictRow]):
     ) -> RV:
         if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
             return super().wait(gen, interval, timeout)
+        read = [False]
         try:
-            result = super().wait(gen, interval, _wait_bound(self.deadline, self.answer_timeout))
+            result = super().wait(
+                _noting_reads(gen, read), interval, _wait_bound(self.deadline, self.answer_timeout)
+            )
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
             # Not asked to cancel: `statement_timeout` has stopped it if the server is alive.
             self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
-        if self.circuit is not None:
+        if self.circuit is not None and read[0]:
             self.circuit.heard()  # an earlier statement of a long call answered
         return result
 

@@ -1,17 +1,20 @@
 """A live Postgres that is merely slow (a lock held by another process, a long call of
 several statements) fails the call that ran out of time, and opens no `AnswerCircuit`:
-the next call is sent, not refused."""
+the next call is sent, not refused. A silent one opens it, however the call was sent."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from state.cold.postgres_client import PostgresConnection
-from state.errors import BackendUnavailable
+from state.errors import BackendUnavailable, NoAnswer
 from state.settings import Settings
+from tests.faults.proxy import LoopbackProxy
 
 
 def _pg(stack_env: dict[str, str], timeout: float) -> PostgresConnection:
@@ -62,3 +65,69 @@ def test_a_sync_call_past_its_time_whose_statements_answered_opens_no_circuit(
             conn.execute("SELECT 1")
     finally:
         asyncio.run(pg.close())
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one statement", "pipelined"])
+async def test_a_silent_server_opens_the_circuit_for_an_async_call(
+    stack_env: dict[str, str], pipelined: bool
+) -> None:
+    """Behind a blackholed link the kernel still takes what a client sends, as for a
+    paused server: a pipeline (how several statements are written) flushing its queue
+    heard nothing, so the call that got no answer opens the circuit like any other."""
+    with LoopbackProxy(_port(stack_env)) as proxy:
+        pg = _pg({"POSTGRES_URL": _through(stack_env, proxy)}, 1.0)
+        try:
+            async with pg.connection("warm") as conn:
+                await conn.execute("SELECT 1")
+            proxy.cut("blackhole")
+            with pytest.raises(NoAnswer):
+                async with pg.connection("write") as conn:
+                    if pipelined:
+                        async with conn.pipeline(), conn.transaction():
+                            await conn.execute("SELECT 1")
+                            await conn.execute("SELECT 2")
+                    else:
+                        await conn.execute("SELECT 1")
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="answered nothing lately"):
+                async with pg.connection("next") as conn:
+                    await conn.execute("SELECT 1")
+            assert time.monotonic() - started < 0.2
+        finally:
+            await asyncio.wait_for(pg.close(), 10)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one statement", "pipelined"])
+def test_a_silent_server_opens_the_circuit_for_a_sync_call(
+    stack_env: dict[str, str], pipelined: bool
+) -> None:
+    with LoopbackProxy(_port(stack_env)) as proxy:
+        pg = _pg({"POSTGRES_URL": _through(stack_env, proxy)}, 1.0)
+        try:
+            with pg.blocking_connection("warm") as conn:
+                conn.execute("SELECT 1")
+            proxy.cut("blackhole")
+            with pytest.raises(NoAnswer), pg.blocking_connection("write") as conn:
+                if pipelined:
+                    with conn.pipeline(), conn.transaction():
+                        conn.execute("SELECT 1")
+                        conn.execute("SELECT 2")
+                else:
+                    conn.execute("SELECT 1")
+            with (
+                pytest.raises(BackendUnavailable, match="answered nothing lately"),
+                pg.blocking_connection("next") as conn,
+            ):
+                conn.execute("SELECT 1")
+        finally:
+            asyncio.run(asyncio.wait_for(pg.close(), 10))
+
+
+def _port(stack_env: dict[str, str]) -> int:
+    port = urlsplit(stack_env["POSTGRES_URL"]).port
+    assert port is not None
+    return port
+
+
+def _through(stack_env: dict[str, str], proxy: LoopbackProxy) -> str:
+    return stack_env["POSTGRES_URL"].replace(f":{_port(stack_env)}/", f":{proxy.port}/")

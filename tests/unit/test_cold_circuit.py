@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
+
 import pytest
 
 from state.cold.circuit import AnswerCircuit
@@ -92,4 +96,84 @@ def test_a_probe_failing_otherwise_lets_the_next_caller_probe(
         raise BackendUnavailable("store", "connection refused")
     assert circuit.open
     answer(circuit)  # not held off for the probe's whole timeout
+    assert not circuit.open
+
+
+@pytest.mark.parametrize(
+    "ends_with",
+    [BackendUnavailable("store", "pool timeout"), asyncio.CancelledError()],
+    ids=["unavailable", "cancelled"],
+)
+def test_a_call_sent_before_it_opened_ending_leaves_the_probe_out(
+    circuit: AnswerCircuit, clock: Clock, ends_with: BaseException
+) -> None:
+    """A call from before the outage (a caller waiting on the pool, one whose client went
+    away) ending with nothing told frees no probe slot: callers piling up during an
+    outage would otherwise each go out as a probe, holding a connection for its timeout."""
+    earlier = circuit.call()
+    earlier.__enter__()
+    time_out(circuit, clock)
+    clock.now += 2.0
+    probe = circuit.call()
+    probe.__enter__()
+    assert not earlier.__exit__(type(ends_with), ends_with, None)
+    with pytest.raises(BackendUnavailable, match="answered nothing lately"), circuit.call():
+        pytest.fail("sent while the probe is out")
+    assert not probe.__exit__(None, None, None)
+    assert not circuit.open
+
+
+def test_a_probe_whose_slot_ran_out_frees_not_its_successors(
+    circuit: AnswerCircuit, clock: Clock
+) -> None:
+    time_out(circuit, clock)
+    clock.now += 2.0
+    first = circuit.call()
+    first.__enter__()
+    clock.now += 31.0  # its slot ran out: the next caller probes instead
+    second = circuit.call()
+    second.__enter__()
+    assert not first.__exit__(asyncio.CancelledError, asyncio.CancelledError(), None)
+    with pytest.raises(BackendUnavailable, match="answered nothing lately"), circuit.call():
+        pytest.fail("sent while the second probe is out")
+    assert not second.__exit__(asyncio.CancelledError, asyncio.CancelledError(), None)
+    answer(circuit)  # the probe itself ending so frees its slot at once
+    assert not circuit.open
+
+
+def test_an_answer_landing_while_a_timeout_is_recorded_leaves_it_closed() -> None:
+    """One thread records its call's timeout while another's call answers: the interleaving
+    is forced (the other thread's whole call runs at the clock read inside `_no_answer`,
+    after the check for answers, before the circuit opens). The answer is the store's
+    latest word, so the circuit ends closed."""
+
+    class Interleaving(Clock):
+        hook: Callable[[], None] | None = None
+
+        def __call__(self) -> float:
+            hook, self.hook = self.hook, None
+            if hook is not None:
+                hook()
+            return self.now
+
+    clock = Interleaving()
+    circuit = AnswerCircuit("store", probe_seconds=30.0, open_seconds=1.0, clock=clock)
+    others: list[threading.Thread] = []
+
+    def answer_on_another_thread() -> None:
+        other = threading.Thread(target=answer, args=(circuit,))
+        others.append(other)
+        other.start()
+        other.join(0.3)  # done, unless it waits for the lock this thread holds
+
+    record_timeout = circuit._no_answer
+
+    def armed(started: float, probe: object | None) -> None:
+        clock.hook = answer_on_another_thread  # its next clock read is past the check
+        record_timeout(started, probe)
+
+    circuit._no_answer = armed  # type: ignore[method-assign]
+    time_out(circuit, clock)
+    others[0].join(5)
+    assert not others[0].is_alive()
     assert not circuit.open
