@@ -141,6 +141,9 @@ ALL_LOGGED = 1_000_000
 # a checkpoint id made then (ids grow with time): a root newer than it is another
 # process having gone on.
 ROOT_UNKNOWN = "\0unknown"
+# How long closing an `open_sync` saver waits for the sync calls in flight on its loop
+# thread to finish before it closes the backends under them (then cancels the rest).
+CLOSE_WAIT_SECONDS = 5.0
 
 
 def _keep_newest(memo: OrderedDict[str, Any], thread_id: str) -> None:
@@ -249,6 +252,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._written_through: set[str] = set()
         # Set as `open_sync` closes the saver: sync calls from other threads then fail.
         self._closed = False
+        # The sync calls running on the loop thread (loop-only), and whether closing has
+        # begun there: `open_sync` lets them finish before it closes the backends, so none
+        # runs on (and reconnects) a client already closed.
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._settling = False
         # Delta histories of the threads this process writes from their root.
         self._chains = WrittenChains()
         # (thread, namespace) -> the latest checkpoint's delta history a cache hit brought.
@@ -334,10 +342,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             try:
                 yield saver
             finally:
-                # First: a call from another thread now fails at once (`SaverClosed`), and
-                # one in flight fails once the loop cancels it, instead of waiting forever.
+                # First: a call from another thread now fails at once (`SaverClosed`). The
+                # calls in flight on the loop thread finish (or are cancelled, their callers
+                # get `SaverClosed`) before the backends close: none of them then meets a
+                # closed client, or opens a connection again that nothing would close.
                 saver._closed = True
-                runner.run(backends.close())
+                try:
+                    runner.run(saver._settle_in_flight(CLOSE_WAIT_SECONDS))
+                finally:
+                    runner.run(backends.close())
         finally:
             runner.stop()
 
@@ -664,20 +677,48 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        tracked = self._tracked(coro)
         try:
             self._refuse_on_loop()
-            call = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
         except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
+            tracked.close()
             coro.close()
             if self._closed:
                 raise SaverClosed() from None
             raise
         try:
             return call.result()
-        except concurrent.futures.CancelledError:
+        except (concurrent.futures.CancelledError, BackendClosed):
             if self._closed:
                 raise SaverClosed() from None
             raise
+
+    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
+        """A sync call's coroutine on the loop thread, known to `_settle_in_flight`."""
+        if self._settling:
+            coro.close()
+            raise SaverClosed()
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await coro
+        finally:
+            self._in_flight.discard(task)
+
+    async def _settle_in_flight(self, wait_seconds: float) -> None:
+        """As the saver closes, before its backends do: no sync call starts on the loop
+        thread any more, those running finish (within `wait_seconds`; the rest are cancelled,
+        their callers get `SaverClosed`)."""
+        self._settling = True
+        running = set(self._in_flight)
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=wait_seconds)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     @contextmanager
     def _closed_under_call(self) -> Iterator[None]:
