@@ -436,6 +436,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         with contextlib.suppress(BackendUnavailable):
             await self._on_loop(self._seed_fence(str(thread_id), int(fence), record_checked))
 
+    def seed_fence(self, thread_id: str, fence: int, *, record_checked: bool = False) -> None:
+        """Synchronous `aseed_fence`: call it as the run takes the thread's lock, before its
+        first write (README, "Fencing")."""
+        if self.fence is None:
+            return
+        with contextlib.suppress(BackendUnavailable):
+            self._sync(self._seed_fence(str(thread_id), int(fence), record_checked))
+
     async def _seed_fence(self, thread_id: str, fence: int, record_checked: bool) -> None:
         assert self.fence is not None
         try:

@@ -497,3 +497,38 @@ async def test_a_stale_runs_seed_after_redis_lost_the_fence_is_checked_against_t
         finally:
             await redis.aclose()
             await backends.cold.delete(thread_id)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+def test_a_sync_run_seeds_its_fence_so_an_older_holder_starting_late_is_refused(
+    backend: str, mode: str, stack_env: dict[str, str], thread_id: str
+) -> None:
+    """The newer holder (token 4) took the lock but has written nothing yet when the older
+    one (token 3) starts its run. Unseeded, token 3's whole run would pass, and its
+    checkpoints, newer than any token 4 had made so far, would be served as the latest.
+    Seeded as the lock is taken (`seed_fence`, the sync `aseed_fence`), it is refused."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": backend,
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_key": stack_env["COSMOS_KEY"],
+            "cosmos_create_if_missing": True,
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": mode,
+        }
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        graph = chat_graph(saver)
+        saver.seed_fence(thread_id, 4)
+        with pytest.raises(StaleFencingToken):
+            graph.invoke({"messages": ["older"]}, config(thread_id, 3))
+        graph.invoke({"messages": ["newer"]}, config(thread_id, 4))
+        with pytest.raises(StaleFencingToken):
+            saver.seed_fence(thread_id, 3)
+        saver.flush(thread_id)
+        latest = saver.get_tuple({"configurable": {"thread_id": thread_id}})
+        assert latest is not None
+        assert latest.checkpoint["channel_values"]["messages"] == ["newer", "reply"]
+        saver.delete_thread(thread_id)
