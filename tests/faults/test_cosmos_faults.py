@@ -254,6 +254,18 @@ async def test_cosmos_transport_fault(
         assert tally.store_reconciled == 2 * REPEATS
 
 
+async def _bounded_store(
+    settings_for: Callable[..., Settings], bound: float
+) -> tuple[CosmosConnection, CosmosStateStore, FaultyTransport]:
+    """A record store whose calls are bounded by `bound` seconds, behind a fault transport."""
+    settings = settings_for("cosmos", redis_url=None, cosmos_operation_timeout_seconds=bound)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    await cold.setup()
+    return connection, cold, transport
+
+
 # What a bounded call may take beyond its bound (scheduling on a loaded machine).
 BOUND_SLACK_SECONDS = 1.5
 
@@ -265,11 +277,7 @@ async def test_a_cosmos_call_with_no_answer_fails_typed_within_its_bound(
     default) and retry a read three times, holding the caller (an HTTP request, a flush
     lock) for minutes. Every call is bounded by COSMOS_OPERATION_TIMEOUT_SECONDS."""
     bound = 1.0
-    settings = settings_for("cosmos", redis_url=None, cosmos_operation_timeout_seconds=bound)
-    transport = FaultyTransport()
-    connection = CosmosConnection(settings.cosmos, transport=transport)
-    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-    await cold.setup()
+    connection, cold, transport = await _bounded_store(settings_for, bound)
     thread_id = f"cf-stall-{uuid.uuid4().hex[:8]}"
     try:
         await cold.create(thread_id, {"n": 0}, agent_id="caller")
@@ -312,12 +320,7 @@ async def test_a_call_that_outlasts_its_bound_on_throttling_opens_no_circuit(
     """Sustained 429s make the SDK retry past the call's bound: the caller gets
     `BackendUnavailable`, but the service answered all along, so the next call goes
     ahead at once instead of being refused as if the store had gone silent."""
-    bound = 1.0
-    settings = settings_for("cosmos", redis_url=None, cosmos_operation_timeout_seconds=bound)
-    transport = FaultyTransport()
-    connection = CosmosConnection(settings.cosmos, transport=transport)
-    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-    await cold.setup()
+    connection, cold, transport = await _bounded_store(settings_for, 1.0)
     thread_id = f"cf-throttled-{uuid.uuid4().hex[:8]}"
     try:
         await cold.create(thread_id, {"n": 0}, agent_id="caller")

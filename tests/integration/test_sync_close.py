@@ -19,8 +19,9 @@ import redis
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import SaverClosed
-from state.settings import Settings
+from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
+from tests.integration.test_write_behind import settings_for
 
 THREADS = 16
 # Each round closes under a different mix of calls: a few make the race show reliably.
@@ -28,16 +29,8 @@ ROUNDS = 3
 
 
 def _settings(stack_env: dict[str, str], backend: str, mode: str, redis_url: str) -> Settings:
-    return Settings.model_validate(
-        {
-            "state_cold_backend": backend,
-            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
-            "cosmos_key": stack_env["COSMOS_KEY"],
-            "cosmos_create_if_missing": True,
-            "postgres_url": stack_env["POSTGRES_URL"],
-            "redis_url": redis_url,
-            "state_write_mode": mode,
-        }
+    return settings_for(stack_env, backend, redis_url).model_copy(
+        update={"state_write_mode": WriteMode(mode)}
     )
 
 
