@@ -182,11 +182,12 @@ class HotStateLost(BackendUnavailable):
 
 
 class ThreadExpiring(StateError):
-    """A write-behind append to a thread the retention sweep is deleting: refused, nothing
-    written (the run cannot go on: its past is being deleted under it)."""
+    """A write-behind append to a thread being deleted (by the retention sweep or
+    `delete_thread`): refused, nothing written (the run cannot go on: its past is being
+    deleted under it)."""
 
     def __init__(self, thread_id: str) -> None:
-        super().__init__(f"thread {thread_id!r} is being deleted by the retention sweep")
+        super().__init__(f"thread {thread_id!r} is being deleted")
         self.thread_id = thread_id
 
 

@@ -271,11 +271,26 @@ class Flusher:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no
         flusher applies (resurrects) the dropped backlog; and fenced past every lock token
         granted before the discard, so neither does one that took the lock anyway (it
-        lapsed, or Redis evicted it)."""
-        async with self.holding(thread_id) as fence:
-            await self.log.discard(thread_id)
-            fence = max(fence, await self.log.fence_now())
+        lapsed, or Redis evicted it). Appends are refused (`ThreadExpiring`) from the
+        discard until the cold delete is done, as the retention sweep refuses them: a run
+        writing meanwhile would otherwise find its parent still in the cold tier, append
+        a child, and have it flushed back onto the deleted thread once the lock is
+        released (its new lock token is past the fence)."""
+        async with self.discarding(thread_id) as fence:
             await self.store.delete_thread(thread_id, fence=fence)
+
+    @contextlib.asynccontextmanager
+    async def holding_flushed(self, thread_id: str) -> AsyncIterator[None]:
+        """The thread's flush lock, held once everything appended before the call is in
+        the cold tier: no flush changes the thread's cold state inside the block (a copy
+        or a prune reading it in several requests sees one state, and a prune collecting
+        chunks never takes those of a step flushed meanwhile). Appends go on into the log,
+        flushed after the block. Raises `LockLost` at its end if the lock was lost
+        meanwhile (a flush may have interleaved: the caller should do its work again)."""
+        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
+            await self._drain_locked(lease)
+            yield
+            lease.check()
 
     @contextlib.asynccontextmanager
     async def holding(self, thread_id: str) -> AsyncIterator[int]:

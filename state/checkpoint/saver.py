@@ -137,6 +137,9 @@ REDIS_RETURN_SECONDS = 5.0
 REDIS_RETRY_POLL_SECONDS = 0.25
 # Entries of a backlog delete_for_runs could not flush that it reads for the runs' puts.
 ALL_LOGGED = 1_000_000
+# Rounds of flush-and-delete `delete_for_runs` makes for puts of its runs that landed in the
+# backlog after its flush (a run still writing), before it gives up.
+LATE_RUN_PUT_ROUNDS = 3
 # A lost thread's cold root, when it could not be read as the loss was found: followed by
 # a checkpoint id made then (ids grow with time): a root newer than it is another
 # process having gone on.
@@ -1617,12 +1620,33 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 "could not be flushed; call again once it can",
             )
         # The store names the threads it touched: no read of whole checkpoints to find them.
-        affected = await self.store.delete_for_runs(run_ids)
-        self._owed_drops.update(affected)
-        for thread_id in affected:
-            self._forget_histories(thread_id)
-            await self._drop_cached(thread_id)
-            self._owed_drops.discard(thread_id)
+        affected = await self._delete_runs_in_cold(run_ids)
+        if self.flusher is not None:
+            # A run of these ids still writing may have appended after the flush above (its
+            # parent was cached): flushed after the delete, that put would become the
+            # thread's latest state, on a parent that is gone. Flushed and deleted again
+            # until no backlog holds one; a put appended after this (its parent neither
+            # cached nor logged nor cold any more) is refused (`HotStateLost`).
+            # Only the threads the delete touched are read (a run whose checkpoints were all
+            # still unflushed at the flush above is not among them, as before).
+            for _ in range(LATE_RUN_PUT_ROUNDS):
+                late = [
+                    thread_id
+                    for thread_id in sorted(affected - set(unflushed))
+                    if await self.flusher.log.pending(thread_id)
+                    and await self._logs_runs(thread_id, run_ids)
+                ]
+                if not late:
+                    break
+                for thread_id in late:
+                    await self.flusher.flush_thread(thread_id)
+                affected |= await self._delete_runs_in_cold(run_ids)
+            else:
+                raise BackendUnavailable(
+                    "write-behind",
+                    f"runs {sorted(run_ids)} are still writing to {sorted(late)}; stop them "
+                    "and call again",
+                )
         stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
         if stuck:
             # Those runs' checkpoints still in the log would land after the deletion.
@@ -1631,6 +1655,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 f"the backlog of {sorted(stuck)} holds checkpoints of these runs and could "
                 "not be flushed; call again once it can",
             )
+
+    async def _delete_runs_in_cold(self, run_ids: Sequence[str]) -> set[str]:
+        affected = set(await self.store.delete_for_runs(run_ids))
+        self._owed_drops.update(affected)
+        for thread_id in affected:
+            self._forget_histories(thread_id)
+            await self._drop_cached(thread_id)
+            self._owed_drops.discard(thread_id)
+        return affected
 
     async def _holds_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the cold tier holds a checkpoint of one of the runs in the thread."""
@@ -1666,11 +1699,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         )
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        if self.flusher is not None:
-            await self.flusher.settle_thread(source_thread_id, strict=True)
-            await self.flusher.settle_thread(target_thread_id, strict=True)
-        await self._drop_cached(target_thread_id)
-        await self.store.copy_thread(source_thread_id, target_thread_id)
+        async with contextlib.AsyncExitStack() as held:
+            if self.flusher is not None:
+                await self.flusher.settle_thread(target_thread_id, strict=True)
+                # The source's flush lock held through the copy: a store copies in several
+                # requests (Cosmos: values, then holders, then checkpoints), and a step of
+                # the source flushed between them would be copied without its writes.
+                await held.enter_async_context(self.flusher.holding_flushed(source_thread_id))
+            await self._drop_cached(target_thread_id)
+            await self.store.copy_thread(source_thread_id, target_thread_id)
         self._forget_histories(target_thread_id)
         await self._drop_cached(target_thread_id)
 
@@ -1687,13 +1724,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for thread_id in threads:
                 await self._delete_thread(thread_id)
             return
-        for thread_id in threads:
-            await self._drop_cached(thread_id)
-            if self.flusher is not None:
-                await self.flusher.settle_thread(thread_id, strict=True)
-        await self.store.prune(
-            threads, strategy="delete" if strategy == "delete" else "keep_latest"
-        )
+        async with contextlib.AsyncExitStack() as held:
+            # Each thread's flush lock held through the prune (taken in one order, so two
+            # prunes never wait on each other): a step flushed while the store reads the
+            # thread in several requests (its checkpoints, then its chunks) would lose the
+            # chunks it added, collected as unreached.
+            for thread_id in sorted(set(threads)):
+                await self._drop_cached(thread_id)
+                if self.flusher is not None:
+                    await held.enter_async_context(self.flusher.holding_flushed(thread_id))
+            await self.store.prune(
+                threads, strategy="delete" if strategy == "delete" else "keep_latest"
+            )
         for thread_id in threads:
             self._forget_histories(thread_id)
             await self._drop_cached(thread_id)

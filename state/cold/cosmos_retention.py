@@ -182,6 +182,14 @@ class CosmosRetention:
         fence = None if expiring is None else await expiring(thread_id)
         if fence is not None:
             await self._fences.move(thread_id, fence, at_least=True)
+        # Looked at again now that a flush batch landing later is refused (the fence): a
+        # step a run flushed (or wrote) since the first look, while `expiring` waited for
+        # the thread's flush lock, spares the thread instead of being deleted once
+        # acknowledged. (A write-through put or record write landing from here to the
+        # delete is still the known limit.)
+        last = await self._last_write(thread_id)
+        if last is not None and last >= cutoff:
+            return False
         await self._delete_thread(thread_id)
         return True
 

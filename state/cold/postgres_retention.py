@@ -96,6 +96,18 @@ LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
 """
 
+# Of the threads found expired, those still expired now: asked again once their records are
+# locked and their flush fences raised (a flush batch landing after that waits, then is
+# refused), so a step a run flushed (or wrote through) since the first look spares its
+# thread instead of being deleted after it was acknowledged.
+STILL_EXPIRED_SQL = f"""
+SELECT t.thread_id FROM unnest(%(thread_ids)s::text[]) AS t(thread_id)
+WHERE NOT ({_EXEMPT.format(thread="t", cutoff=_CUTOFF)})
+  AND NOT EXISTS (
+    SELECT 1 FROM workflow_records AS r
+    WHERE r.thread_id = t.thread_id AND r.updated_at >= {_CUTOFF}
+  )
+"""
 # The threads, and the archive records they own.
 DELETE_THREADS_SQL = f"""
 WITH doomed AS (
@@ -188,6 +200,10 @@ class PostgresRetention:
                         await conn.execute(
                             RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence}
                         )
+            if expired:
+                expired = await _thread_ids(
+                    conn, STILL_EXPIRED_SQL, {**params, "thread_ids": expired}
+                )
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)

@@ -746,11 +746,11 @@ async def test_a_deleted_thread_stays_deleted_when_redis_evicted_the_deletes_flu
     discard = log.discard
     other_flushes: list[asyncio.Task[int]] = []
 
-    async def discard_after_the_lock_was_evicted(thread: str) -> None:
+    async def discard_after_the_lock_was_evicted(thread: str, **kwargs: Any) -> None:
         await tiers.redis.delete(hot_key(thread, "wb-flushing", namespace=tiers.cache.namespace))
         other_flushes.append(asyncio.create_task(other.flush_thread(thread)))
         await held_back.reached.wait()
-        await discard(thread)
+        await discard(thread, **kwargs)
 
     log.discard = discard_after_the_lock_was_evicted  # type: ignore[method-assign]
     try:

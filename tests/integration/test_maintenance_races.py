@@ -1,0 +1,431 @@
+"""Maintenance racing live work in write-behind mode, each race forced at the point it
+bites (a step landing inside the maintenance call): `delete_thread` and
+`delete_for_runs` never let a late step of what they deleted come back as the thread's
+latest, `prune` and `copy_thread` never read a thread half flushed, and the retention
+sweep never deletes a step acknowledged after its first look."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.base.id import uuid6
+
+from state.checkpoint import TieredCheckpointSaver
+from state.errors import StateError
+from tests.chat_graph import chat_graph
+from tests.integration.delta_graph import delta_graph, open_stack
+from tests.integration.delta_graph import settings_for as stack_settings
+from tests.integration.test_write_behind import WriteBehind, open_write_behind, settings_for
+from tests.support.cosmos import drop_container
+
+COLD_BACKENDS = ["postgres", "cosmos"]
+
+
+@asynccontextmanager
+async def tiers_for(stack_env: dict[str, str], backend: str) -> AsyncIterator[WriteBehind]:
+    async with open_write_behind(settings_for(stack_env, backend, stack_env["REDIS_URL"])) as t:
+        yield t
+
+
+def config(prefix: str = "race") -> RunnableConfig:
+    return {"configurable": {"thread_id": f"{prefix}-{uuid.uuid4().hex[:12]}"}}
+
+
+def with_run(cfg: RunnableConfig, run_id: str) -> RunnableConfig:
+    return {"configurable": {**cfg["configurable"], "run_id": run_id}}
+
+
+async def put_child(
+    saver: TieredCheckpointSaver, parent: CheckpointTuple, text: str, *, run_id: str = ""
+) -> RunnableConfig:
+    """The run's next step on `parent`, appending `text` to `messages`, as LangGraph puts it."""
+    checkpoint = copy.deepcopy(parent.checkpoint)
+    checkpoint["id"] = str(uuid6(clock_seq=-2))
+    version = saver.get_next_version(checkpoint["channel_versions"].get("messages"), None)
+    checkpoint["channel_versions"]["messages"] = version
+    checkpoint["channel_values"]["messages"] = [
+        *checkpoint["channel_values"].get("messages", []),
+        text,
+    ]
+    metadata: dict[str, Any] = {
+        "source": "loop",
+        "step": int(parent.metadata.get("step", 0)) + 1,
+        "parents": {},
+    }
+    configurable = dict(parent.config["configurable"])
+    if run_id:
+        metadata["run_id"] = configurable["run_id"] = run_id
+    return await saver.aput(
+        {"configurable": configurable}, checkpoint, metadata, {"messages": version}
+    )  # type: ignore[arg-type]
+
+
+async def put_delta_step(
+    saver: TieredCheckpointSaver, parent: CheckpointTuple, run_id: str
+) -> RunnableConfig:
+    """One more step of a DeltaChannel graph's node: its writes on the parent, then the
+    child checkpoint, which holds no value of the channel (rebuilt from those writes)."""
+    await saver.aput_writes(parent.config, [("messages", ["late a", "late b"])], str(uuid.uuid4()))
+    checkpoint = copy.deepcopy(parent.checkpoint)
+    checkpoint["id"] = str(uuid6(clock_seq=-2))
+    version = saver.get_next_version(checkpoint["channel_versions"].get("messages"), None)
+    checkpoint["channel_versions"]["messages"] = version
+    checkpoint["channel_values"].pop("messages", None)
+    metadata = dict(parent.metadata)
+    counters = dict(metadata.get("counters_since_delta_snapshot") or {})
+    was = counters.get("messages") or [0, 0]
+    counters["messages"] = [was[0] + 1, *was[1:]]
+    metadata.update(
+        source="loop",
+        step=int(parent.metadata.get("step", 0)) + 1,
+        run_id=run_id,
+        counters_since_delta_snapshot=counters,
+    )
+    return await saver.aput(
+        with_run(parent.config, run_id),
+        checkpoint,
+        metadata,  # type: ignore[arg-type]
+        {"messages": version},
+    )
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_step_landing_inside_delete_thread_does_not_bring_the_thread_back(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The run's next step lands after `delete_thread` dropped the backlog, before the
+    cold delete: its parent is still cold, so it would be appended, then flushed back
+    onto the deleted thread. Appends are refused until the delete is done."""
+    async with tiers_for(stack_env, backend) as tiers:
+        saver = tiers.saver
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await chat_graph(saver).ainvoke({"messages": ["hello"]}, cfg)
+        await saver.aflush(thread_id)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        cold_delete = tiers.store.delete_thread
+        raced: list[object] = []
+
+        async def delete_thread(thread: str, *, fence: int | None = None) -> None:
+            try:
+                raced.append(await put_child(saver, latest, "late step"))
+            except StateError as exc:
+                raced.append(exc)
+            await cold_delete(thread, fence=fence)
+
+        tiers.store.delete_thread = delete_thread  # type: ignore[method-assign]
+        await saver.adelete_thread(thread_id)
+        tiers.store.delete_thread = cold_delete  # type: ignore[method-assign]
+        assert isinstance(raced[0], StateError)
+        await tiers.flusher.drain()  # any worker's background pass
+        assert await TieredCheckpointSaver(tiers.store).aget_tuple(cfg) is None
+        assert await saver.aget_tuple(cfg) is None
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_step_of_a_run_delete_for_runs_deletes_landing_meanwhile_never_is_the_latest(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    async with tiers_for(stack_env, backend) as tiers:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
+        await saver.aflush(thread_id)
+        before = await saver.aget_tuple(cfg)
+        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
+        await saver.aflush(thread_id)
+        latest = await saver.aget_tuple(cfg)
+        assert before is not None and latest is not None
+        cold_delete = tiers.store.delete_for_runs
+
+        async def delete_for_runs(run_ids: list[str]) -> set[str]:
+            # The doomed run's next step lands after the flush, before the cold delete:
+            # refused, or stored and deleted with its run.
+            with contextlib.suppress(StateError):
+                await put_child(saver, latest, "late step", run_id=doomed)
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        await tiers.flusher.drain()
+        now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+        assert now is not None
+        assert now.checkpoint["id"] == before.checkpoint["id"]
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_delta_step_of_a_run_delete_for_runs_deletes_leaves_a_state_the_thread_had(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    async with tiers_for(stack_env, backend) as tiers:
+        saver = tiers.saver
+        graph = delta_graph(saver, snapshot_frequency=3, message="m" * 64)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        doomed = str(uuid.uuid4())
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"u{n}"]}, with_run(cfg, str(uuid.uuid4())))
+        await saver.aflush(thread_id)
+        want = (await graph.aget_state(cfg)).values
+        await graph.ainvoke({"messages": ["doomed"]}, with_run(cfg, doomed))
+        await saver.aflush(thread_id)
+        cold_delete = tiers.store.delete_for_runs
+        late: list[RunnableConfig] = []
+
+        async def delete_for_runs(run_ids: list[str]) -> set[str]:
+            if not late:
+                latest = await saver.aget_tuple(cfg)
+                assert latest is not None
+                with contextlib.suppress(StateError):
+                    late.append(await put_delta_step(saver, latest, doomed))
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        await tiers.flusher.drain()
+        async with tiers_for(stack_env, backend) as other:
+            fresh = delta_graph(
+                TieredCheckpointSaver(other.store), snapshot_frequency=3, message="m" * 64
+            )
+            assert (await fresh.aget_state(cfg)).values == want
+
+
+@pytest.mark.parametrize("after_pass", [1, 2])
+async def test_a_cosmos_copy_while_the_source_flushes_is_a_state_the_source_had(
+    after_pass: int, stack_env: dict[str, str]
+) -> None:
+    """Cosmos copies a thread in passes (values and writes, holders, checkpoints): a step
+    of the source flushed between two of them must not be copied without its writes."""
+    async with tiers_for(stack_env, "cosmos") as tiers:
+        saver = tiers.saver
+        graph = delta_graph(saver, message="m" * 64)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await saver.aflush(thread_id)
+        maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
+        copy_pass = maintenance._copy
+        passes = 0
+        late: list[asyncio.Task[None]] = []
+
+        async def step() -> None:
+            await graph.ainvoke({"messages": ["user late"]}, cfg)
+            await saver.aflush(thread_id)
+
+        async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
+            nonlocal passes
+            await copy_pass(*args, **kwargs)
+            passes += 1
+            if passes == after_pass:
+                # The source's run takes a step and flushes it (given a second: a copy
+                # holding the flush off goes on without it).
+                late.append(asyncio.create_task(step()))
+                await asyncio.wait(late, timeout=1.0)
+
+        maintenance._copy = copy_one_pass
+        target = config("race-copy")
+        try:
+            await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
+        finally:
+            maintenance._copy = copy_pass
+        await asyncio.gather(*late)
+        copied = await graph.aget_state(target)
+        at = copied.config["configurable"]["checkpoint_id"]
+        source = await graph.aget_state(
+            {"configurable": {"thread_id": thread_id, "checkpoint_id": at}}
+        )
+        assert copied.values == source.values
+
+
+@pytest.mark.parametrize("kind", ["chat", "delta"])
+async def test_a_cosmos_prune_while_the_run_flushes_keeps_its_latest_readable(
+    kind: str, stack_env: dict[str, str]
+) -> None:
+    """The chunk collector reads the manifests, then the chunks: a step flushed between
+    them must not lose the chunks it added (collected as unreached)."""
+
+    def build(saver: TieredCheckpointSaver) -> Any:
+        return chat_graph(saver) if kind == "chat" else delta_graph(saver, snapshot_frequency=2)
+
+    async with tiers_for(stack_env, "cosmos") as tiers:
+        saver = tiers.saver
+        graph = build(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await saver.aflush(thread_id)
+        store = tiers.store
+        read_chunks = store._chunks  # type: ignore[attr-defined]
+        late: list[asyncio.Task[None]] = []
+
+        async def step() -> None:
+            await graph.ainvoke({"messages": ["user late"]}, cfg)
+            await saver.aflush(thread_id)
+
+        async def chunks(*args: Any, **kwargs: Any) -> Any:
+            if not late:
+                late.append(asyncio.create_task(step()))
+                await asyncio.wait(late, timeout=1.0)
+            return await read_chunks(*args, **kwargs)
+
+        store._chunks = chunks  # type: ignore[attr-defined]
+        try:
+            await saver.aprune([thread_id], strategy="keep_latest")
+        finally:
+            store._chunks = read_chunks  # type: ignore[attr-defined]
+        await asyncio.gather(*late)
+        want = (await graph.aget_state(cfg)).values
+        async with tiers_for(stack_env, "cosmos") as other:  # no memory of the splits
+            assert (await build(TieredCheckpointSaver(other.store)).aget_state(cfg)).values == want
+
+
+async def test_a_postgres_prune_while_the_run_flushes_keeps_its_latest_readable(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres collects chunks in three statements (manifests, chunks, delete): a batch
+    committed between them must not lose the chunks it added."""
+    from state.cold import postgres_checkpoints
+
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await saver.aflush(thread_id)
+        late: list[asyncio.Task[None]] = []
+
+        async def step() -> None:
+            await graph.ainvoke({"messages": ["user late"]}, cfg)
+            await saver.aflush(thread_id)
+
+        collect_chunks = postgres_checkpoints._collect_chunks
+
+        async def collect(conn: Any, threads: Any) -> Any:
+            class StepAfterManifests:
+                async def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
+                    if sql is postgres_checkpoints.CHUNK_NODES_SQL and not late:
+                        late.append(asyncio.create_task(step()))
+                        await asyncio.wait(late, timeout=1.0)
+                    return await conn.execute(sql, *args, **kwargs)
+
+            return await collect_chunks(StepAfterManifests(), threads)
+
+        monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect)
+        await saver.aprune([thread_id], strategy="keep_latest")
+        monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect_chunks)
+        await asyncio.gather(*late)
+        want = (await graph.aget_state(cfg)).values
+        async with tiers_for(stack_env, "postgres") as other:
+            assert (
+                await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
+            ).values == (want)
+
+
+@pytest.mark.parametrize("mode", ["write-behind", "write-through"])
+async def test_a_postgres_sweep_spares_a_thread_whose_run_resumed_after_its_first_look(
+    mode: str, stack_env: dict[str, str], fresh_postgres_url: str
+) -> None:
+    import state.cold.postgres_retention as postgres_retention
+
+    settings = stack_settings(
+        stack_env,
+        "postgres",
+        True,
+        mode,
+        state_cold_ttl_seconds=1,
+        postgres_url=fresh_postgres_url,
+    )
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await graph.ainvoke({"messages": ["old"]}, cfg)
+        await saver.aflush(thread_id)
+        await asyncio.sleep(2.5)  # idle for more than the TTL
+        find_expired = postgres_retention._expired
+        resumed: list[object] = []
+
+        async def expired(conn: Any, params: Any, limit: int) -> Any:
+            found = await find_expired(conn, params, limit)
+            if thread_id in found and not resumed:
+                # The run resumes now, and its boundary is acknowledged durable.
+                resumed.append(await graph.ainvoke({"messages": ["resumed"]}, cfg))
+                await saver.aflush(thread_id)
+            return found
+
+        postgres_retention._expired = expired  # type: ignore[assignment]
+        try:
+            await opened.backends.retention.sweep(limit=10)  # type: ignore[union-attr]
+        finally:
+            postgres_retention._expired = find_expired  # type: ignore[assignment]
+        assert resumed
+        assert await TieredCheckpointSaver(opened.backends.checkpoints).aget_tuple(cfg) is not None
+
+
+@pytest.mark.parametrize("mode", ["write-behind", "write-through"])
+async def test_a_cosmos_sweep_spares_a_thread_whose_run_resumed_after_its_first_look(
+    mode: str, stack_env: dict[str, str]
+) -> None:
+    settings = stack_settings(
+        stack_env,
+        "cosmos",
+        True,
+        mode,
+        state_cold_ttl_seconds=1,
+        cosmos_container=f"race-sweep-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        async with open_stack(settings) as opened:
+            saver = opened.saver
+            graph = chat_graph(saver)
+            cfg = config()
+            thread_id = cfg["configurable"]["thread_id"]
+            await graph.ainvoke({"messages": ["old"]}, cfg)
+            await saver.aflush(thread_id)
+            await asyncio.sleep(2.5)  # idle for more than the TTL
+            cold = opened.backends.retention._cold  # type: ignore[union-attr]
+            is_held = cold._held
+            resumed: list[object] = []
+
+            async def held(thread: str) -> bool:
+                # Just after the sweep found the thread expired: the run resumes, and its
+                # boundary is acknowledged durable.
+                if thread == thread_id and not resumed:
+                    resumed.append(await graph.ainvoke({"messages": ["resumed"]}, cfg))
+                    await saver.aflush(thread_id)
+                return bool(await is_held(thread))
+
+            cold._held = held
+            try:
+                await opened.backends.retention.sweep(limit=10)  # type: ignore[union-attr]
+            finally:
+                cold._held = is_held
+            assert resumed
+            latest = await TieredCheckpointSaver(opened.backends.checkpoints).aget_tuple(cfg)
+            assert latest is not None
+    finally:
+        await drop_container(settings)
