@@ -17,6 +17,11 @@ that changes the format never reads entries written by the previous one). Fields
 - `n:{channel}`: the epoch (`redis_values`) the channel's `b:` field refers to, when
   its value is large: the field then holds a reference, not the value;
 - `lease`: a reader's fill lease on an empty entry;
+- `seen`: on an entry a fork dropped (a put whose parent is not the cached checkpoint),
+  the newest checkpoint id it was at or dropped at: a put no newer is not installed. An
+  empty entry is not an empty thread: concurrent first runs on a new thread each put a
+  root (no parent), and one landing late, after another run's fork dropped the entry,
+  would otherwise be cached as the latest though the cold tier holds newer checkpoints;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
   belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
@@ -152,16 +157,22 @@ end
 
 -- Move the cached entry `key` to checkpoint `id` (child of `parent`), setting the
 -- fields ARGV[first..] (name/value pairs), whose large values are `ops`' epochs.
--- 1: moved; 0: the cache is already at `id` or newer; -1: the parent is not what is
--- cached, so the entry is dropped.
+-- 1: moved; 0: the cache is already at `id` or newer, or was dropped at a newer one;
+-- -1: the parent is not what is cached, so the entry is dropped. A dropped entry keeps
+-- `seen`, the newest checkpoint id it was moved to or dropped at: an empty entry is not
+-- an empty thread, so a root put (parent '') that lands late, older than a checkpoint
+-- the thread already has (concurrent first runs), is not installed as the latest.
 local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known)
   local current = redis.call('HGET', key, 'id')
-  if current and not older(current, id) then return 0 end
+  local newest = current or redis.call('HGET', key, 'seen')
+  if newest and not older(newest, id) then return 0 end
   if (current or '') ~= parent then
     drop_entry(key, cached, held, known)
+    redis.call('HSET', key, 'seen', id)
+    keep(key, ttl, index, namespace)
     return -1
   end
-  local drop, set = {'lease'}, {'id', id}
+  local drop, set = {'lease', 'seen'}, {'id', id}
   local prefix = 'e:' .. id .. '\\0'
   -- The delta history moves from the parent to `id`: the parent's stored values of
   -- the tracked channels become their seeds, its pending writes history.
@@ -314,7 +325,8 @@ _FILL = (
     LUA_HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
-local done = {'lease'}
+-- What was dropped (`seen`) is in what was filled: its put preceded the lease.
+local done = {'lease', 'seen'}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   -- Early writes of a checkpoint at or before the filled one are in what was filled.
   if string.sub(field, 1, 2) == 'e:' and not older(ARGV[2], early_id(field)) then

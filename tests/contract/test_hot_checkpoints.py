@@ -10,6 +10,7 @@ the dirty listing holds this test's threads only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -109,6 +110,29 @@ async def test_a_put_whose_parent_is_not_cached_drops_the_entry(hot: HotCheckpoi
     await hot.cache.advance(checkpoint(thread, 1), [blob("chat", 1), blob("notes", 1)])
     await hot.cache.advance(checkpoint(thread, 3), [blob("chat", 3)])  # 2 never arrived
     assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is None
+
+
+async def test_a_late_root_put_on_a_dropped_entry_is_not_cached_as_the_latest(
+    hot: HotCheckpoints,
+) -> None:
+    """Concurrent first runs on a new thread each put a root (no parent). A root landing
+    late on an entry a fork dropped, older than a checkpoint the thread already has, is not
+    its latest: the entry stays empty (a reader fills it from the cold tier)."""
+    thread = unique_thread("cpc")
+    late_root = dataclasses.replace(checkpoint(thread, 1), checkpoint_id="00000001")
+    first_root = dataclasses.replace(checkpoint(thread, 2), parent_checkpoint_id=None)
+    step = dataclasses.replace(checkpoint(thread, 3), parent_checkpoint_id="00000002")
+    other_root = dataclasses.replace(checkpoint(thread, 4), parent_checkpoint_id=None)
+    await hot.cache.advance(first_root, [blob("chat", 2), blob("notes", 1)])
+    await hot.cache.advance(step, [blob("chat", 3)])
+    await hot.cache.advance(other_root, [blob("chat", 4), blob("notes", 1)])  # a fork: dropped
+    await hot.cache.advance(late_root, [blob("chat", 1), blob("notes", 1)])
+    assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is None
+    # A root newer than all the entry saw is the thread's newest checkpoint: cached.
+    newest_root = dataclasses.replace(checkpoint(thread, 5), parent_checkpoint_id=None)
+    await hot.cache.advance(newest_root, [blob("chat", 5), blob("notes", 1)])
+    found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert found is not None and found.checkpoint_id == newest_root.checkpoint_id
 
 
 async def test_pending_writes_are_kept_exact_and_early_ones_wait_for_their_checkpoint(

@@ -811,6 +811,8 @@ class _CacheEntry:
     # Writes for a newer checkpoint whose own put is still in flight: (id, task, idx).
     early: dict[tuple[str, str, int], StoredWrite] = field(default_factory=dict)
     lease: str | None = None
+    # Dropped (a fork): the newest checkpoint id it was at or dropped at (Redis: `seen`).
+    seen: str | None = None
 
 
 @dataclass
@@ -886,6 +888,7 @@ class MemoryCheckpointCache:
         if entry is None or entry.lease != lease:
             return
         entry.lease = None
+        entry.seen = None
         # Early writes of a checkpoint at or before the filled one are in what was filled.
         entry.early = {k: w for k, w in entry.early.items() if k[0] > checkpoint.checkpoint_id}
         entry.checkpoint = dataclasses.replace(checkpoint, blobs=None, writes=None)
@@ -898,13 +901,15 @@ class MemoryCheckpointCache:
         key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         entry = self._entries.get(key)
         current = entry.checkpoint.checkpoint_id if entry and entry.checkpoint else None
-        if current is not None and current >= checkpoint.checkpoint_id:
+        newest = current or (entry.seen if entry else None)
+        if newest is not None and newest >= checkpoint.checkpoint_id:
             return
         if (current or "") != (checkpoint.parent_checkpoint_id or ""):
-            self._entries.pop(key, None)
+            self._entries[key] = _CacheEntry(seen=checkpoint.checkpoint_id)
             return
         entry = entry or self._entries.setdefault(key, _CacheEntry())
         entry.lease = None
+        entry.seen = None
         cid = checkpoint.checkpoint_id
         entry.writes = {(t, i): w for (c, t, i), w in entry.early.items() if c == cid}
         entry.early = {k: w for k, w in entry.early.items() if k[0] > cid}
