@@ -172,7 +172,8 @@ def test_serve_with_postgres_adds_it_to_the_running_stack(
     monkeypatch.setattr(
         "uvicorn.run", lambda *_args, **_kw: served.append(os.environ["POSTGRES_URL"])
     )
-    monkeypatch.setenv("POSTGRES_URL", "unset")  # restored after the test
+    # `serve` exports the stack's settings into its process: kept to this test.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     free = ("--redis-port", "0", "--cosmos-port", "0", "--issuer-port", "0")
     code, output, _ = _stack_cli("up", "--workdir", str(tmp_path), *free)
     try:
@@ -204,6 +205,7 @@ def test_serve_refuses_a_port_the_running_stack_does_not_use(
 
     served: list[int] = []
     monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
     # A stack recorded as running (its pids: this test's own process, alive).
     servers = {"redis": 6390, "cosmos": 8091, "issuer": 8095}
     state_file(tmp_path).write_text(
