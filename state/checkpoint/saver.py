@@ -77,6 +77,7 @@ from ..errors import (
     BackendUnavailable,
     FenceUnknown,
     HotStateLost,
+    LockLost,
     SaverClosed,
     StateError,
     UnknownParent,
@@ -140,6 +141,9 @@ ALL_LOGGED = 1_000_000
 # Rounds of flush-and-delete `delete_for_runs` makes for puts of its runs that landed in the
 # backlog after its flush (a run still writing), before it gives up.
 LATE_RUN_PUT_ROUNDS = 3
+# Tries of a prune or copy whose flush lock was lost during its store call (its lease ran
+# out: a flush may have interleaved), each done again under a new lock before giving up.
+FLUSH_LOCKED_ATTEMPTS = 3
 # A lost thread's cold root, when it could not be read as the loss was found: followed by
 # a checkpoint id made then (ids grow with time): a root newer than it is another
 # process having gone on.
@@ -1699,17 +1703,35 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         )
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        async with contextlib.AsyncExitStack() as held:
-            if self.flusher is not None:
-                await self.flusher.settle_thread(target_thread_id, strict=True)
-                # The source's flush lock held through the copy: a store copies in several
-                # requests (Cosmos: values, then holders, then checkpoints), and a step of
-                # the source flushed between them would be copied without its writes.
-                await held.enter_async_context(self.flusher.holding_flushed(source_thread_id))
+        if self.flusher is not None:
+            await self.flusher.settle_thread(target_thread_id, strict=True)
+
+        async def copy() -> None:
             await self._drop_cached(target_thread_id)
             await self.store.copy_thread(source_thread_id, target_thread_id)
+
+        # The source's flush lock held through the copy: a store copies in several
+        # requests (Cosmos: values, then holders, then checkpoints), and a step of the
+        # source flushed between them would be copied without its writes.
+        await self._flush_locked(source_thread_id, copy)
         self._forget_histories(target_thread_id)
         await self._drop_cached(target_thread_id)
+
+    async def _flush_locked(self, thread_id: str, work: Callable[[], Awaitable[None]]) -> None:
+        """`work` under the thread's flush lock, its backlog flushed first (no flush changes
+        the thread's cold state meanwhile); done again (it is idempotent) if the lock was
+        lost on the way, as `Flusher.holding_flushed` asks of its callers."""
+        if self.flusher is None:
+            await work()
+            return
+        for attempt in range(FLUSH_LOCKED_ATTEMPTS):
+            try:
+                async with self.flusher.holding_flushed(thread_id):
+                    await work()
+                return
+            except LockLost:
+                if attempt + 1 == FLUSH_LOCKED_ATTEMPTS:
+                    raise
 
     async def _prune(self, thread_ids: Sequence[str], strategy: str) -> None:
         if isinstance(thread_ids, str):
@@ -1724,18 +1746,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for thread_id in threads:
                 await self._delete_thread(thread_id)
             return
-        async with contextlib.AsyncExitStack() as held:
-            # Each thread's flush lock held through the prune (taken in one order, so two
-            # prunes never wait on each other): a step flushed while the store reads the
-            # thread in several requests (its checkpoints, then its chunks) would lose the
-            # chunks it added, collected as unreached.
-            for thread_id in sorted(set(threads)):
+        store_strategy: PruneStrategy = "delete" if strategy == "delete" else "keep_latest"
+        if self.flusher is None:
+            for thread_id in threads:
                 await self._drop_cached(thread_id)
-                if self.flusher is not None:
-                    await held.enter_async_context(self.flusher.holding_flushed(thread_id))
-            await self.store.prune(
-                threads, strategy="delete" if strategy == "delete" else "keep_latest"
-            )
+            await self.store.prune(threads, strategy=store_strategy)
+        else:
+            # A thread at a time, under its flush lock: a step flushed while the store reads
+            # the thread in several requests (its checkpoints, then its chunks) would lose
+            # the chunks it added, collected as unreached. One lock held at a time: holding
+            # one while waiting for the next would deadlock with the retention sweep, which
+            # holds the locks of the threads it deletes in the order the cold tier lists them.
+            for thread_id in dict.fromkeys(threads):
+
+                async def prune(thread_id: str = thread_id) -> None:
+                    await self._drop_cached(thread_id)
+                    await self.store.prune([thread_id], strategy=store_strategy)
+
+                await self._flush_locked(thread_id, prune)
         for thread_id in threads:
             self._forget_histories(thread_id)
             await self._drop_cached(thread_id)

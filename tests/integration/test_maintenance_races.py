@@ -19,8 +19,9 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.checkpoint.base.id import uuid6
 
+import state.checkpoint.flusher as flusher_module
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import StateError
+from state.errors import LockLost, StateError
 from tests.chat_graph import chat_graph
 from tests.integration.delta_graph import delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
@@ -429,3 +430,112 @@ async def test_a_cosmos_sweep_spares_a_thread_whose_run_resumed_after_its_first_
             assert latest is not None
     finally:
         await drop_container(settings)
+
+
+async def test_a_prune_and_a_sweep_taking_two_threads_locks_in_opposite_orders_both_finish(
+    stack_env: dict[str, str], fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep holds each expiring thread's flush lock (`discarding`) until it deleted
+    them all, in the order the cold tier lists them. A prune holding A while it waited for
+    B, as the sweep holding B came to A, would leave each waiting for the other until its
+    lock wait ran out (60 s; 3 s here): a prune holds one thread's lock at a time."""
+    import state.cold.postgres_retention as postgres_retention
+
+    monkeypatch.setattr(flusher_module, "LOCK_WAIT_SECONDS", 3.0)
+    settings = stack_settings(
+        stack_env,
+        "postgres",
+        True,
+        "write-behind",
+        state_cold_ttl_seconds=1,
+        postgres_url=fresh_postgres_url,
+    )
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = chat_graph(saver)
+        suffix = uuid.uuid4().hex[:8]
+        a, b = f"race-a-{suffix}", f"race-b-{suffix}"
+        for thread_id in (a, b):
+            await graph.ainvoke({"messages": ["old"]}, {"configurable": {"thread_id": thread_id}})
+            await saver.aflush(thread_id)
+        await asyncio.sleep(2.5)  # both idle for more than the TTL
+        find_expired = postgres_retention._expired
+
+        async def expired(conn: Any, params: Any, limit: int) -> Any:
+            found = await find_expired(conn, params, limit)
+            # The order the cold tier happens to list them in: B before A.
+            return sorted(found, key=lambda t: (t != b, t != a, t))
+
+        monkeypatch.setattr(postgres_retention, "_expired", expired)
+        retention = opened.backends.retention
+        forget = retention._forget  # type: ignore[union-attr]
+        pruning: list[asyncio.Task[None]] = []
+
+        async def forget_then_prune(thread_id: str, held: Any) -> Any:
+            fence = await forget(thread_id, held)
+            if thread_id == b and not pruning:
+                # A prune of both threads starts while the sweep holds B.
+                pruning.append(asyncio.create_task(saver.aprune([a, b])))
+                await asyncio.sleep(0.5)  # it takes A's lock, then waits for B's
+            return fence
+
+        retention._forget = forget_then_prune  # type: ignore[union-attr]
+        outcomes = []
+        try:
+            outcomes.append(
+                await asyncio.gather(
+                    retention.sweep(limit=10),  # type: ignore[union-attr]
+                    return_exceptions=True,
+                )
+            )
+        finally:
+            retention._forget = forget  # type: ignore[union-attr]
+        outcomes.append(await asyncio.gather(*pruning, return_exceptions=True))
+        errors = [o for group in outcomes for o in group if isinstance(o, BaseException)]
+        assert errors == [], errors
+
+
+@pytest.mark.parametrize("operation", ["prune", "copy"])
+async def test_a_flush_lock_lost_during_a_prune_or_copy_does_not_fail_the_finished_call(
+    operation: str, stack_env: dict[str, str]
+) -> None:
+    """The flush lock lost while the store call ran (its lease ran out: a flush may have
+    interleaved): the prune or copy is done again under a new lock (it is idempotent),
+    not failed with `LockLost` after it changed the cold tier."""
+    from state.hot.redis_write_behind import FLUSH_LOCK_KIND, _thread_key
+
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = tiers.saver
+        cfg = config("race-lost")
+        thread_id = cfg["configurable"]["thread_id"]
+        graph = chat_graph(saver)
+        for n in range(3):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        await saver.aflush(thread_id)
+        lock_key = _thread_key(tiers.cache, thread_id, FLUSH_LOCK_KIND)
+        name = "prune" if operation == "prune" else "copy_thread"
+        original = getattr(tiers.store, name)
+
+        lost: list[bool] = []
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            if lost:
+                return result
+            lost.append(True)
+            # Once, the lock key goes (evicted, or it lapsed under a Redis hiccup) while the
+            # store call finishes: the renewer finds it gone (ttl 2 s, renewed every 0.67 s).
+            await tiers.redis.delete(lock_key)
+            await asyncio.sleep(1.0)
+            return result
+
+        setattr(tiers.store, name, slow)
+        try:
+            if operation == "prune":
+                await saver.aprune([thread_id])
+            else:
+                await saver.acopy_thread(thread_id, f"race-copy-{uuid.uuid4().hex[:8]}")
+        except LockLost as exc:
+            pytest.fail(f"{operation} finished in the cold tier, then raised {exc!r}")
+        finally:
+            setattr(tiers.store, name, original)
