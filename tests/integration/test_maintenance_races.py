@@ -539,3 +539,48 @@ async def test_a_flush_lock_lost_during_a_prune_or_copy_does_not_fail_the_finish
             pytest.fail(f"{operation} finished in the cold tier, then raised {exc!r}")
         finally:
             setattr(tiers.store, name, original)
+
+
+async def test_a_thread_the_sweep_spares_keeps_the_steps_its_resumed_run_appended(
+    stack_env: dict[str, str], fresh_postgres_url: str
+) -> None:
+    """The run resumes after the sweep's first look and appends steps no boundary has
+    flushed yet. The sweep flushes the backlog before it drops it: the thread it then
+    spares has those steps in the cold tier, not a past without them."""
+    import state.cold.postgres_retention as postgres_retention
+
+    settings = stack_settings(
+        stack_env,
+        "postgres",
+        True,
+        "write-behind",
+        state_cold_ttl_seconds=1,
+        postgres_url=fresh_postgres_url,
+    )
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await graph.ainvoke({"messages": ["old"]}, cfg)
+        await saver.aflush(thread_id)
+        await asyncio.sleep(2.5)  # idle for more than the TTL
+        assert opened.backends.flusher is not None
+        await opened.backends.flusher.stop()  # what the run appends stays in the log
+        find_expired = postgres_retention._expired
+        resumed: list[object] = []
+
+        async def expired(conn: Any, params: Any, limit: int) -> Any:
+            found = await find_expired(conn, params, limit)
+            if thread_id in found and not resumed:
+                resumed.append(await graph.ainvoke({"messages": ["resumed"]}, cfg))
+            return found
+
+        postgres_retention._expired = expired  # type: ignore[assignment]
+        try:
+            await opened.backends.retention.sweep(limit=10)  # type: ignore[union-attr]
+        finally:
+            postgres_retention._expired = find_expired  # type: ignore[assignment]
+        assert resumed
+        cold = await TieredCheckpointSaver(opened.backends.checkpoints).aget_tuple(cfg)
+        assert cold is not None and "resumed" in cold.checkpoint["channel_values"]["messages"]
