@@ -104,9 +104,7 @@ class TieredRetention:
             await self._checkpoints.invalidate(thread_id)
         fence = None
         if self._flusher is not None:
-            fence = await held.enter_async_context(
-                self._flusher.discarding(thread_id, flushed_first=True)
-            )
+            fence = await held.enter_async_context(self._flusher.discarding(thread_id))
         if self._events is not None:
             await self._events.delete(thread_id)
         return fence

@@ -242,28 +242,15 @@ class Flusher:
         return left
 
     @contextlib.asynccontextmanager
-    async def discarding(
-        self, thread_id: str, *, flushed_first: bool = False
-    ) -> AsyncIterator[int]:
+    async def discarding(self, thread_id: str) -> AsyncIterator[int]:
         """For a caller deleting the thread's cold state itself, inside the block (the
         retention sweep): the backlog dropped under the flush lock, and appends refused
         (`ThreadExpiring`) from the same step to the block's end, so no flusher can apply
         a step onto the deleted thread, not even one whose lock outlived the block's or
         that took the lock after a failure here. Should the refusal outlive the block (a
         Redis failure ending it), it expires after EXPIRING_REFUSAL_MS. Yields the fencing
-        token the deletion must raise the thread's flush fence to (see `delete_thread`).
-        `flushed_first`: the backlog is flushed under the lock before the rest is dropped
-        (the retention sweep, which looks at the thread's cold activity again inside the
-        block: a run that resumed meanwhile spares the thread with its acknowledged steps,
-        rather than have them dropped from a thread that lives on)."""
-        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
-            fence = lease.fence
-            if flushed_first:
-                try:
-                    await self._drain_locked(lease)
-                except StateError as exc:
-                    # What could not be flushed is dropped, as without `flushed_first`.
-                    log.warning("backlog of %r dropped unflushed: %s", thread_id, exc)
+        token the deletion must raise the thread's flush fence to (see `delete_thread`)."""
+        async with self.holding(thread_id) as fence:
             try:
                 # Inside: a discard that fails after its script set the refusal (its reply
                 # lost, its unlisting failed) must end it too, the thread not deleted.
