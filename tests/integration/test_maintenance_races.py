@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import copy
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -99,6 +99,30 @@ async def put_delta_step(
     )
 
 
+async def delete_run_as_it_steps(
+    tiers: WriteBehind, run_id: str, step: Callable[[], Awaitable[RunnableConfig]]
+) -> None:
+    """`adelete_for_runs([run_id])` while that run takes its next `step`, landing after the
+    saver's flush and before the cold delete (refused, or stored and deleted with its run);
+    then any worker's background flush."""
+    cold_delete = tiers.store.delete_for_runs
+    stepped: list[bool] = []
+
+    async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+        if not stepped:
+            stepped.append(True)
+            with contextlib.suppress(StateError):
+                await step()
+        return await cold_delete(run_ids)
+
+    tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+    try:
+        await tiers.saver.adelete_for_runs([run_id])
+    finally:
+        tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+    await tiers.flusher.drain()
+
+
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 async def test_a_step_landing_inside_delete_thread_does_not_bring_the_thread_back(
     backend: str, stack_env: dict[str, str]
@@ -150,21 +174,9 @@ async def test_a_step_of_a_run_delete_for_runs_deletes_landing_meanwhile_never_i
         await saver.aflush(thread_id)
         latest = await saver.aget_tuple(cfg)
         assert before is not None and latest is not None
-        cold_delete = tiers.store.delete_for_runs
-
-        async def delete_for_runs(run_ids: list[str]) -> set[str]:
-            # The doomed run's next step lands after the flush, before the cold delete:
-            # refused, or stored and deleted with its run.
-            with contextlib.suppress(StateError):
-                await put_child(saver, latest, "late step", run_id=doomed)
-            return await cold_delete(run_ids)
-
-        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
-        try:
-            await saver.adelete_for_runs([doomed])
-        finally:
-            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
-        await tiers.flusher.drain()
+        await delete_run_as_it_steps(
+            tiers, doomed, lambda: put_child(saver, latest, "late step", run_id=doomed)
+        )
         now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
         assert now is not None
         assert now.checkpoint["id"] == before.checkpoint["id"]
@@ -186,23 +198,9 @@ async def test_a_delta_step_of_a_run_delete_for_runs_deletes_leaves_a_state_the_
         want = (await graph.aget_state(cfg)).values
         await graph.ainvoke({"messages": ["doomed"]}, with_run(cfg, doomed))
         await saver.aflush(thread_id)
-        cold_delete = tiers.store.delete_for_runs
-        late: list[RunnableConfig] = []
-
-        async def delete_for_runs(run_ids: list[str]) -> set[str]:
-            if not late:
-                latest = await saver.aget_tuple(cfg)
-                assert latest is not None
-                with contextlib.suppress(StateError):
-                    late.append(await put_delta_step(saver, latest, doomed))
-            return await cold_delete(run_ids)
-
-        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
-        try:
-            await saver.adelete_for_runs([doomed])
-        finally:
-            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
-        await tiers.flusher.drain()
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        await delete_run_as_it_steps(tiers, doomed, lambda: put_delta_step(saver, latest, doomed))
         async with tiers_for(stack_env, backend) as other:
             fresh = delta_graph(
                 TieredCheckpointSaver(other.store), snapshot_frequency=3, message="m" * 64
