@@ -12,6 +12,7 @@ import copy
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -123,6 +124,32 @@ async def delete_run_as_it_steps(
     await tiers.flusher.drain()
 
 
+@dataclass
+class LateStep:
+    """The run's next step (one more invoke, then its flush), started once from inside a
+    maintenance call and given a second there: a call that holds the flush off goes on
+    without it. `done()` waits for it."""
+
+    graph: Any
+    saver: TieredCheckpointSaver
+    config: RunnableConfig
+    task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.task is not None:
+            return
+        self.task = asyncio.create_task(self._step())
+        await asyncio.wait([self.task], timeout=1.0)
+
+    async def _step(self) -> None:
+        await self.graph.ainvoke({"messages": ["user late"]}, self.config)
+        await self.saver.aflush(self.config["configurable"]["thread_id"])
+
+    async def done(self) -> None:
+        if self.task is not None:
+            await self.task
+
+
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 async def test_a_step_landing_inside_delete_thread_does_not_bring_the_thread_back(
     backend: str, stack_env: dict[str, str]
@@ -225,21 +252,14 @@ async def test_a_cosmos_copy_while_the_source_flushes_is_a_state_the_source_had(
         maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
         copy_pass = maintenance._copy
         passes = 0
-        late: list[asyncio.Task[None]] = []
-
-        async def step() -> None:
-            await graph.ainvoke({"messages": ["user late"]}, cfg)
-            await saver.aflush(thread_id)
+        late = LateStep(graph, saver, cfg)
 
         async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
             nonlocal passes
             await copy_pass(*args, **kwargs)
             passes += 1
             if passes == after_pass:
-                # The source's run takes a step and flushes it (given a second: a copy
-                # holding the flush off goes on without it).
-                late.append(asyncio.create_task(step()))
-                await asyncio.wait(late, timeout=1.0)
+                await late.start()
 
         maintenance._copy = copy_one_pass
         target = config("race-copy")
@@ -247,7 +267,7 @@ async def test_a_cosmos_copy_while_the_source_flushes_is_a_state_the_source_had(
             await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
         finally:
             maintenance._copy = copy_pass
-        await asyncio.gather(*late)
+        await late.done()
         copied = await graph.aget_state(target)
         at = copied.config["configurable"]["checkpoint_id"]
         source = await graph.aget_state(
@@ -276,16 +296,10 @@ async def test_a_cosmos_prune_while_the_run_flushes_keeps_its_latest_readable(
         await saver.aflush(thread_id)
         store = tiers.store
         read_chunks = store._chunks  # type: ignore[attr-defined]
-        late: list[asyncio.Task[None]] = []
-
-        async def step() -> None:
-            await graph.ainvoke({"messages": ["user late"]}, cfg)
-            await saver.aflush(thread_id)
+        late = LateStep(graph, saver, cfg)
 
         async def chunks(*args: Any, **kwargs: Any) -> Any:
-            if not late:
-                late.append(asyncio.create_task(step()))
-                await asyncio.wait(late, timeout=1.0)
+            await late.start()
             return await read_chunks(*args, **kwargs)
 
         store._chunks = chunks  # type: ignore[attr-defined]
@@ -293,7 +307,7 @@ async def test_a_cosmos_prune_while_the_run_flushes_keeps_its_latest_readable(
             await saver.aprune([thread_id], strategy="keep_latest")
         finally:
             store._chunks = read_chunks  # type: ignore[attr-defined]
-        await asyncio.gather(*late)
+        await late.done()
         want = (await graph.aget_state(cfg)).values
         async with tiers_for(stack_env, "cosmos") as other:  # no memory of the splits
             assert (await build(TieredCheckpointSaver(other.store)).aget_state(cfg)).values == want
@@ -314,20 +328,15 @@ async def test_a_postgres_prune_while_the_run_flushes_keeps_its_latest_readable(
         for n in range(4):
             await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
         await saver.aflush(thread_id)
-        late: list[asyncio.Task[None]] = []
-
-        async def step() -> None:
-            await graph.ainvoke({"messages": ["user late"]}, cfg)
-            await saver.aflush(thread_id)
+        late = LateStep(graph, saver, cfg)
 
         collect_chunks = postgres_checkpoints._collect_chunks
 
         async def collect(conn: Any, threads: Any) -> Any:
             class StepAfterManifests:
                 async def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
-                    if sql is postgres_checkpoints.CHUNK_NODES_SQL and not late:
-                        late.append(asyncio.create_task(step()))
-                        await asyncio.wait(late, timeout=1.0)
+                    if sql is postgres_checkpoints.CHUNK_NODES_SQL:
+                        await late.start()
                     return await conn.execute(sql, *args, **kwargs)
 
             return await collect_chunks(StepAfterManifests(), threads)
@@ -335,7 +344,7 @@ async def test_a_postgres_prune_while_the_run_flushes_keeps_its_latest_readable(
         monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect)
         await saver.aprune([thread_id], strategy="keep_latest")
         monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect_chunks)
-        await asyncio.gather(*late)
+        await late.done()
         want = (await graph.aget_state(cfg)).values
         async with tiers_for(stack_env, "postgres") as other:
             assert (
