@@ -48,6 +48,9 @@ KEYS_REFRESH_MIN_SECONDS = 60.0
 # The issuer rolls its signing keys: a key it withdrew is trusted at most this long after.
 KEYS_MAX_AGE_SECONDS = 24 * 3600.0
 KEYS_FETCH_TIMEOUT_SECONDS = 10.0
+# After a failed fetch the issuer is asked again no sooner than this: requests meanwhile
+# (and those queued behind that fetch) are refused at once, not each a call to the issuer.
+KEYS_RETRY_SECONDS = 5.0
 ANONYMOUS = Caller(id="local-anonymous", name="anonymous (AUTH_DISABLED)")
 
 
@@ -90,27 +93,44 @@ class Principal:
 
 class SigningKeys:
     """The issuer's JWKS, fetched on first use, again for a key id it does not hold, and
-    again once older than KEYS_MAX_AGE_SECONDS (a key the issuer withdrew is then gone)."""
+    again once older than KEYS_MAX_AGE_SECONDS (a key the issuer withdrew is then gone).
+    A failed fetch is not tried again for KEYS_RETRY_SECONDS: an issuer out of reach is
+    not called once per request."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._tried_at = float("-inf")
+        self._failed_at = float("-inf")
         self._refreshing = asyncio.Lock()
 
     async def key(self, kid: str) -> jwt.PyJWK:
         if kid not in self._keys:
             async with self._refreshing:
                 if kid not in self._keys and _since(self._fetched_at) >= KEYS_REFRESH_MIN_SECONDS:
-                    await self._fetch()
-        elif _since(self._fetched_at) >= KEYS_MAX_AGE_SECONDS:
+                    await self._fetch_missing()
+        elif _since(self._fetched_at) >= KEYS_MAX_AGE_SECONDS and not self._refreshing.locked():
+            # One request refreshes; the others go on with the keys held rather than queue
+            # behind an issuer that may take KEYS_FETCH_TIMEOUT_SECONDS to answer.
             async with self._refreshing:
                 await self._refresh_expired()
         found = self._keys.get(kid)
         if found is None:
             raise Unauthenticated(f"invalid token: no signing key {kid!r} at the issuer")
         return found
+
+    async def _fetch_missing(self) -> None:
+        if _since(self._failed_at) < KEYS_RETRY_SECONDS:
+            raise BackendUnavailable(
+                "token issuer keys",
+                f"{self._url}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
+            )
+        try:
+            await self._fetch()
+        except BackendUnavailable:
+            self._failed_at = time.monotonic()
+            raise
 
     async def _refresh_expired(self) -> None:
         expired = _since(self._fetched_at) >= KEYS_MAX_AGE_SECONDS
@@ -167,6 +187,10 @@ class TokenValidator:
         object_id = claims.get("oid") or claims.get("sub")
         if not isinstance(object_id, str) or not object_id:
             raise Unauthenticated("invalid token: no object id (oid) claim")
+        if object_id == ANONYMOUS.id:
+            # That id is AUTH_DISABLED's caller, exempt from four eyes and owner of the
+            # cases submitted without authentication: no token may act as it.
+            raise Unauthenticated(f"invalid token: the object id {object_id!r} is reserved")
         roles = claims.get("roles") or []
         if not isinstance(roles, list):
             raise Unauthenticated("invalid token: the roles claim is not a list")

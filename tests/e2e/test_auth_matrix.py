@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from e2e_payloads import duplicate_charges
 
 from support_cases.api import create_app
-from support_cases.auth import ROLE_OPERATE, ROLE_REVIEW, ROLE_SUBMIT
+from support_cases.auth import ANONYMOUS, ROLE_OPERATE, ROLE_REVIEW, ROLE_SUBMIT
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
 from support_cases.service import run_lock_name
@@ -311,6 +311,21 @@ async def test_a_caller_holding_both_roles_cannot_decide_the_review_of_its_own_c
     approved = await api.post(review, json={"decision": "approve"}, headers=other)
     assert approved.status_code == 200, approved.text
     assert approved.json()["refund"]["status"] == "issued"
+
+
+async def test_a_token_naming_the_local_anonymous_id_is_refused(
+    api: httpx.AsyncClient, runtime: Runtime, issue_token: Callable[..., str]
+) -> None:
+    """Only AUTH_DISABLED acts as the anonymous principal (exempt from four eyes, owner of
+    the cases submitted without authentication): a token claiming its id is a 401."""
+    token = issue_token("matrix-lookalike", [ROLE_SUBMIT, ROLE_REVIEW], oid=ANONYMOUS.id)
+    lookalike = {"Authorization": f"Bearer {token}"}
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    body = {**demo_case(case_id), "transactions": duplicate_charges(612.40)}
+    submitted = await api.post("/api/cases", json=body, headers=lookalike)
+    assert submitted.status_code == 401, submitted.text
+    assert "reserved" in submitted.json()["error"]
+    assert await runtime.store.get(case_id) is None
 
 
 async def test_a_decision_on_a_case_being_worked_on_is_404_to_a_reviewer_who_may_not_see_it(

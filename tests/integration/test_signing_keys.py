@@ -1,34 +1,44 @@
 """The API's copy of the issuer's signing keys follows the issuer's key rollover, and
-survives the issuer being out of reach. Against a real JWKS endpoint on loopback."""
+survives the issuer being out of reach or slow without calling it once per request or
+holding requests up. Against a real JWKS endpoint on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
 from devstack.issuer import Issuer
+from state import BackendUnavailable
 from support_cases import auth
+from support_cases.api import create_app
 from support_cases.auth import SigningKeys, Unauthenticated
+from support_cases.runtime import RuntimeHolder
+from support_cases.settings import AppSettings
 
 
 class JwksEndpoint:
-    """Serves `document` at /keys; `available` False answers 503."""
+    """Serves `document` at /keys; `available` False answers 503, after `delay` seconds."""
 
     def __init__(self) -> None:
         self.document: dict[str, Any] = {"keys": []}
         self.available = True
+        self.delay = 0.0
         self.requests = 0
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 endpoint.requests += 1
+                time.sleep(endpoint.delay)
                 body = json.dumps(endpoint.document).encode()
                 self.send_response(200 if endpoint.available else 503)
                 self.send_header("Content-Type", "application/json")
@@ -88,6 +98,101 @@ async def test_the_keys_last_fetched_stay_in_use_while_the_issuer_is_out_of_reac
     await _age()
     assert (await keys.key(issuer.kid)).key_id == issuer.kid
     assert jwks.requests == 2  # it asked, and went on with what it had
+
+
+async def test_an_issuer_out_of_reach_is_not_asked_again_by_every_request(
+    jwks: JwksEndpoint,
+) -> None:
+    """No keys held and the issuer answering 503: every request is refused (fail closed),
+    but the issuer is not called once per request (each a token naming any key id)."""
+    jwks.available = False
+    keys = SigningKeys(jwks.url)
+    for _ in range(5):
+        with pytest.raises(BackendUnavailable, match="token issuer keys"):
+            await keys.key(uuid.uuid4().hex)
+    assert jwks.requests == 1
+
+
+async def test_requests_waiting_on_a_slow_issuer_share_its_one_answer(
+    jwks: JwksEndpoint,
+) -> None:
+    """Requests that queue behind a fetch the issuer is slow to refuse are refused with it,
+    instead of each waiting for (and sending) a fetch of its own."""
+    jwks.available, jwks.delay = False, 0.5
+    keys = SigningKeys(jwks.url)
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(keys.key(uuid.uuid4().hex) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(answer, BackendUnavailable) for answer in answers), answers
+    assert jwks.requests == 1
+    assert time.monotonic() - started < 4 * jwks.delay
+
+
+async def test_the_issuer_is_asked_again_once_it_may_have_recovered(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "KEYS_RETRY_SECONDS", 0.2)
+    issuer = Issuer("http://issuer.test", "api")
+    jwks.document, jwks.available = issuer.jwks(), False
+    keys = SigningKeys(jwks.url)
+    with pytest.raises(BackendUnavailable):
+        await keys.key(issuer.kid)
+    jwks.available = True
+    await asyncio.sleep(0.3)
+    assert (await keys.key(issuer.kid)).key_id == issuer.kid
+    assert jwks.requests == 2
+
+
+async def test_a_slow_refresh_of_expired_keys_holds_up_no_other_request(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys past their age with the issuer slow to answer: one request asks it, the others
+    go on with the keys held instead of queueing behind that request."""
+    monkeypatch.setattr(auth, "KEYS_MAX_AGE_SECONDS", 0.2)
+    issuer = Issuer("http://issuer.test", "api")
+    jwks.document = issuer.jwks()
+    keys = SigningKeys(jwks.url)
+    await keys.key(issuer.kid)
+    jwks.available, jwks.delay = False, 1.0
+    await _age()
+    refreshing = asyncio.create_task(keys.key(issuer.kid))
+    await asyncio.sleep(0.1)  # that request is now waiting for the issuer
+    started = time.monotonic()
+    assert (await keys.key(issuer.kid)).key_id == issuer.kid
+    assert time.monotonic() - started < 0.5
+    assert (await refreshing).key_id == issuer.kid
+    assert jwks.requests == 2
+
+
+async def test_the_api_refuses_callers_while_the_issuer_is_out_of_reach(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: no keys, no caller (503 naming the keys, never the route's answer)."""
+    for name in ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    issuer = Issuer("http://issuer.test", "api://keys-test")
+    jwks.document, jwks.available = issuer.jwks(), False
+    settings = AppSettings.model_validate(
+        {
+            "cosmos_endpoint": "https://127.0.0.1:8091/",
+            "auth_issuer": issuer.base_url,
+            "auth_audience": issuer.audience,
+            "auth_jwks_url": jwks.url,
+        }
+    )
+    token = issuer.mint({"name": "keys-test"})["access_token"]
+    app = create_app(holder=RuntimeHolder(lambda: settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keys.test") as client:
+        for _ in range(3):
+            answer = await client.get(
+                "/api/cases/case-1", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == 503, answer.text
+            assert "token issuer keys unavailable" in answer.json()["error"]
+            assert answer.headers["Retry-After"]
+    assert jwks.requests == 1
 
 
 async def _age() -> None:
