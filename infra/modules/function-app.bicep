@@ -234,6 +234,22 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       AUTH_JWKS_URL: ''
     }
   }
+
+  // azd deploys with an Entra token: the Kudu (scm) and FTP user name / password that
+  // App Service otherwise keeps for every site are turned off, so no key can publish code.
+  resource scmBasicAuth 'basicPublishingCredentialsPolicies' = {
+    name: 'scm'
+    properties: {
+      allow: false
+    }
+  }
+
+  resource ftpBasicAuth 'basicPublishingCredentialsPolicies' = {
+    name: 'ftp'
+    properties: {
+      allow: false
+    }
+  }
 }
 
 output id string = functionApp.id

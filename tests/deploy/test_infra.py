@@ -884,6 +884,26 @@ def check_function_app(
     return problems
 
 
+def check_basic_publishing(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
+    """Every site turns off the user name / password publishing of both its endpoints."""
+    policies = [
+        r
+        for f in files
+        for r in f.of_type("Microsoft.Web/sites/basicPublishingCredentialsPolicies")
+    ]
+    problems = []
+    for endpoint in ("scm", "ftp"):
+        found = [p for p in policies if p.get("name") == endpoint]
+        if not found:
+            problems.append(f"no basicPublishingCredentialsPolicies {endpoint!r}")
+        problems.extend(
+            f"{p.label}: {endpoint} basic publishing must be off (allow: false)"
+            for p in found
+            if p.get("properties.allow") is not False
+        )
+    return problems
+
+
 def app_settings_resource(files: list[BicepFile] | tuple[BicepFile, ...]) -> Resource:
     matches = [
         r
@@ -1115,6 +1135,10 @@ def test_each_role_assignment_grants_its_intended_role() -> None:
 def test_function_app_is_flex_consumption_with_identity() -> None:
     service_name = next(iter(azure_yaml()["services"]))
     assert check_function_app(infra_files(), service_name) == []
+
+
+def test_function_app_publishes_with_entra_tokens_only() -> None:
+    assert check_basic_publishing(infra_files()) == []
 
 
 def test_function_app_settings_use_identities_not_keys() -> None:
@@ -1707,6 +1731,39 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         "azd-service-name" in p
         for p in check_function_app([parse(snippet % "UserAssignedIdentity")], "web")
     )
+
+
+def test_checker_catches_basic_publishing_left_on() -> None:
+    snippet = """
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: 's'
+  kind: 'functionapp,linux'
+
+  resource scm 'basicPublishingCredentialsPolicies' = {
+    name: 'scm'
+    properties: {
+      allow: %s
+    }
+  }
+%s
+}
+"""
+    ftp = """
+  resource ftp 'basicPublishingCredentialsPolicies' = {
+    name: 'ftp'
+    properties: {
+      allow: false
+    }
+  }
+"""
+    assert check_basic_publishing([parse(snippet % ("false", ftp))]) == []
+    assert any(
+        "scm basic publishing" in p
+        for p in check_basic_publishing([parse(snippet % ("true", ftp))])
+    )
+    assert check_basic_publishing([parse(snippet % ("false", ""))]) == [
+        "no basicPublishingCredentialsPolicies 'ftp'"
+    ]
 
 
 def test_api_registration_has_the_app_roles_and_requires_assignment() -> None:
