@@ -73,7 +73,8 @@ LOCK_POLL_SECONDS = 0.005
 # drains, so this bounds a long drain by another flusher, not a dead one.
 LOCK_WAIT_SECONDS = 60.0
 # How long appends to a thread the retention sweep is deleting stay refused if the sweep
-# cannot end the refusal (it died, Redis failed): longer than any sweep holds a thread.
+# cannot end the refusal (it died; a Redis failure, unless its flusher lives on to end it
+# once Redis is back): longer than any sweep holds a thread.
 EXPIRING_REFUSAL_MS = 3_600_000
 # (thread, namespace) pairs whose last applied put is remembered, for the saver's check
 # that a boundary's flush really stored what this process appended.
@@ -130,15 +131,18 @@ class _Lease:
 
     async def release(self) -> None:
         self._renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._renewer
-        if not self.lost:
-            try:
-                await self._log.unlock_thread(self.thread_id, self.token)
-            except BackendUnavailable as exc:
-                # What this flusher applied is in the cold tier either way: a boundary must
-                # not fail for an unlock, and the lock lapses within its TTL.
-                log.warning("flush lock of %r left to expire: %s", self.thread_id, exc)
+        try:
+            # `wait`, not the task itself: its cancellation is the renewer's, whereas one
+            # raised here is the caller's own, which must reach it (after the unlock).
+            await asyncio.wait([self._renewer])
+        finally:
+            if not self.lost:
+                try:
+                    await self._log.unlock_thread(self.thread_id, self.token)
+                except BackendUnavailable as exc:
+                    # What this flusher applied is in the cold tier either way: a boundary
+                    # must not fail for an unlock, and the lock lapses within its TTL.
+                    log.warning("flush lock of %r left to expire: %s", self.thread_id, exc)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class Flusher:
         self._applied_writes: OrderedDict[tuple[str, str, str], set[tuple[str, int]]] = (
             OrderedDict()
         )
+        # Threads whose deletion is done but whose refusal of appends Redis failed to end.
+        self._refusals_owed: set[str] = set()
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -248,8 +254,10 @@ class Flusher:
         (`ThreadExpiring`) from the same step to the block's end, so no flusher can apply
         a step onto the deleted thread, not even one whose lock outlived the block's or
         that took the lock after a failure here. Should the refusal outlive the block (a
-        Redis failure ending it), it expires after EXPIRING_REFUSAL_MS. Yields the fencing
-        token the deletion must raise the thread's flush fence to (see `delete_thread`)."""
+        Redis failure ending it), this flusher's next pass ends it once Redis is back (the
+        background one: within POLL_SECONDS), or it expires after EXPIRING_REFUSAL_MS (this
+        process gone). Yields the fencing token the deletion must raise the thread's flush
+        fence to (see `delete_thread`)."""
         async with self.holding(thread_id) as fence:
             try:
                 # Inside: a discard that fails after its script set the refusal (its reply
@@ -257,15 +265,27 @@ class Flusher:
                 await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
                 yield max(fence, await self.log.fence_now())
             finally:
-                try:
-                    await self.log.accept_appends(thread_id)
-                except BackendUnavailable as exc:
-                    log.warning(
-                        "appends to %r stay refused for up to %d s: %s",
-                        thread_id,
-                        EXPIRING_REFUSAL_MS // 1000,
-                        exc,
-                    )
+                await self._accept_appends(thread_id)
+
+    async def _accept_appends(self, thread_id: str) -> None:
+        """End the refusal a `discarding` block set, under the thread's flush lock: the
+        block ended, and no other deletion of the thread is under way (its refusal must
+        not be ended here)."""
+        try:
+            await self.log.accept_appends(thread_id)
+        except BackendUnavailable as exc:
+            self._refusals_owed.add(thread_id)
+            log.warning("appends to %r refused until Redis is back: %s", thread_id, exc)
+        else:
+            self._refusals_owed.discard(thread_id)
+
+    async def _end_owed_refusals(self) -> None:
+        """End the refusals Redis failed to end; one whose thread's lock is held is left
+        to the next pass (the holder may be deleting the thread again)."""
+        for thread_id in list(self._refusals_owed):
+            with contextlib.suppress(BackendUnavailable):
+                async with self._holding(thread_id, time.monotonic()):
+                    await self._accept_appends(thread_id)
 
     async def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's backlog and its cold checkpoints. Under the flush lock, so no
@@ -342,6 +362,7 @@ class Flusher:
     ) -> tuple[int, bool]:
         """`drain`, and whether it stopped because the cold tier was unreachable."""
         self._take_appended_elsewhere()  # which threads are this worker's own
+        await self._end_owed_refusals()
         total = 0
         skip = 0
         slots = asyncio.Semaphore(CONCURRENT_THREADS)

@@ -1631,26 +1631,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # thread's latest state, on a parent that is gone. Flushed and deleted again
             # until no backlog holds one; a put appended after this (its parent neither
             # cached nor logged nor cold any more) is refused (`HotStateLost`).
-            # Only the threads the delete touched are read (a run whose checkpoints were all
-            # still unflushed at the flush above is not among them, as before).
-            for _ in range(LATE_RUN_PUT_ROUNDS):
-                late = [
-                    thread_id
-                    for thread_id in sorted(affected - set(unflushed))
-                    if await self.flusher.log.pending(thread_id)
-                    and await self._logs_runs(thread_id, run_ids)
-                ]
-                if not late:
-                    break
+            # Only the threads the delete touched are read: the flush above took every
+            # backlog listed then, so a thread missed is one these runs first wrote to
+            # after it (a run started during this call). Looked for once more after the
+            # last round: a run that stopped during it is deleted by then, not a failure.
+            late = await self._late_run_threads(affected - set(unflushed), run_ids)
+            rounds = 0
+            while late:
+                if rounds == LATE_RUN_PUT_ROUNDS:
+                    raise BackendUnavailable(
+                        "write-behind",
+                        f"runs {sorted(run_ids)} are still writing to {sorted(late)}; stop "
+                        "them and call again",
+                    )
+                rounds += 1
                 for thread_id in late:
                     await self.flusher.flush_thread(thread_id)
                 affected |= await self._delete_runs_in_cold(run_ids)
-            else:
-                raise BackendUnavailable(
-                    "write-behind",
-                    f"runs {sorted(run_ids)} are still writing to {sorted(late)}; stop them "
-                    "and call again",
-                )
+                late = await self._late_run_threads(affected - set(unflushed), run_ids)
         stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
         if stuck:
             # Those runs' checkpoints still in the log would land after the deletion.
@@ -1659,6 +1657,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 f"the backlog of {sorted(stuck)} holds checkpoints of these runs and could "
                 "not be flushed; call again once it can",
             )
+
+    async def _late_run_threads(self, threads: set[str], run_ids: Sequence[str]) -> Sequence[str]:
+        """Those of the threads whose backlog holds a put of one of the runs."""
+        assert self.flusher is not None
+        return [
+            thread_id
+            for thread_id in sorted(threads)
+            if await self.flusher.log.pending(thread_id)
+            and await self._logs_runs(thread_id, run_ids)
+        ]
 
     async def _delete_runs_in_cold(self, run_ids: Sequence[str]) -> set[str]:
         affected = set(await self.store.delete_for_runs(run_ids))

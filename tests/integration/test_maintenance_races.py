@@ -546,3 +546,153 @@ async def test_a_flush_lock_lost_during_a_prune_or_copy_does_not_fail_the_finish
             pytest.fail(f"{operation} finished in the cold tier, then raised {exc!r}")
         finally:
             setattr(tiers.store, name, original)
+
+
+async def test_a_run_stepping_through_every_late_round_then_stopping_is_deleted_without_error(
+    stack_env: dict[str, str],
+) -> None:
+    """The run steps once inside each of `delete_for_runs`' first cold deletes (after the
+    saver's flush, then after each late round's flush), then stops: the last round flushes
+    and deletes its last step, so the call succeeds, the run gone."""
+    from state.checkpoint.saver import LATE_RUN_PUT_ROUNDS
+
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config("race-rounds")
+        thread_id = cfg["configurable"]["thread_id"]
+        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
+        await saver.aflush(thread_id)
+        before = await saver.aget_tuple(cfg)
+        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
+        await saver.aflush(thread_id)
+        assert before is not None
+        cold_delete = tiers.store.delete_for_runs
+        steps: list[RunnableConfig] = []
+
+        async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+            if len(steps) < LATE_RUN_PUT_ROUNDS:
+                # The run's latest: the step the round before just flushed.
+                parent = await saver.aget_tuple(cfg)
+                assert parent is not None
+                steps.append(await put_child(saver, parent, f"late {len(steps)}", run_id=doomed))
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        assert len(steps) == LATE_RUN_PUT_ROUNDS
+        await tiers.flusher.drain()
+        now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+        assert now is not None
+        assert now.checkpoint["id"] == before.checkpoint["id"]
+
+
+async def test_delete_for_runs_deletes_a_run_whose_checkpoints_were_all_unflushed(
+    stack_env: dict[str, str],
+) -> None:
+    """A run whose every checkpoint is still only in the write-behind log when
+    `delete_for_runs` starts is flushed by it first, then deleted: none comes back."""
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg, other = config("race-unflushed"), config("race-unflushed")
+        doomed = str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["only in the log"]}, with_run(cfg, doomed))
+        await graph.ainvoke({"messages": ["same run, other thread"]}, with_run(other, doomed))
+        for c in (cfg, other):
+            assert await tiers.flusher.log.pending(c["configurable"]["thread_id"])
+        await saver.adelete_for_runs([doomed])
+        await tiers.flusher.drain()
+        cold = TieredCheckpointSaver(tiers.store)
+        for c in (cfg, other):
+            assert await cold.aget_tuple(c) is None
+            assert await saver.aget_tuple(c) is None
+
+
+async def test_a_thread_deleted_as_redis_fails_to_end_the_refusal_takes_a_new_run_once_back(
+    stack_env: dict[str, str],
+) -> None:
+    """`delete_thread` refuses appends to the thread until its cold delete is done; Redis
+    cut exactly as it ends the refusal leaves the mark set. Once Redis is back, the next
+    flush pass ends it: a new run on the thread id is not refused for the mark's hour."""
+    from urllib.parse import urlsplit
+
+    from tests.faults.proxy import LoopbackProxy
+
+    url = urlsplit(stack_env["REDIS_URL"])
+    assert url.port is not None
+    with LoopbackProxy(url.port) as proxy:
+        proxied = url._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+        async with open_write_behind(settings_for(stack_env, "postgres", proxied)) as tiers:
+            saver = tiers.saver
+            graph = chat_graph(saver)
+            cfg = config("race-refusal")
+            thread_id = cfg["configurable"]["thread_id"]
+            await graph.ainvoke({"messages": ["old conversation"]}, cfg)
+            await saver.aflush(thread_id)
+            log = tiers.flusher.log
+            accept = log.accept_appends
+
+            async def accept_appends(thread: str) -> None:
+                proxy.cut("reset")
+                try:
+                    await accept(thread)
+                finally:
+                    proxy.restore()
+
+            log.accept_appends = accept_appends  # type: ignore[method-assign]
+            try:
+                await saver.adelete_thread(thread_id)
+            finally:
+                log.accept_appends = accept  # type: ignore[method-assign]
+            assert await saver.aget_tuple(cfg) is None
+            await tiers.flusher.drain()  # any pass of this worker's flusher
+            await graph.ainvoke({"messages": ["new conversation"]}, cfg)
+            state = await graph.aget_state(cfg)
+            assert "old conversation" not in str(state.values)
+
+
+async def test_a_flush_cancelled_while_its_lease_stops_its_renewer_is_cancelled(
+    stack_env: dict[str, str],
+) -> None:
+    """A caller cancelled while `_Lease.release` waits for its renewer to stop (here, in
+    a slow renewal) is cancelled, not returned from as if it had finished; the lock is
+    released all the same."""
+    async with tiers_for(stack_env, "postgres") as tiers:
+        thread_id = config("race-cancel")["configurable"]["thread_id"]
+        log = tiers.flusher.log
+        renew = log.renew_thread_lock
+        renewing = asyncio.Event()
+
+        async def slow_renewal(thread: str, token: str, *, ttl_ms: int) -> bool:
+            renewing.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.5)  # a renewal's reply still on its way
+                raise
+            return await renew(thread, token, ttl_ms=ttl_ms)
+
+        log.renew_thread_lock = slow_renewal  # type: ignore[method-assign]
+        went_on: list[bool] = []
+
+        async def hold() -> None:
+            async with tiers.flusher.holding(thread_id):
+                await renewing.wait()
+            went_on.append(True)
+
+        try:
+            task = asyncio.create_task(hold())
+            await renewing.wait()
+            await asyncio.sleep(0.1)  # inside release, waiting for the renewer
+            task.cancel()
+            await asyncio.wait([task])
+        finally:
+            log.renew_thread_lock = renew  # type: ignore[method-assign]
+        assert task.cancelled(), "the cancelled caller went on"
+        assert went_on == []
+        assert await log.lock_thread(thread_id, ttl_ms=2_000) is not None
