@@ -24,8 +24,10 @@ from typing import Annotated, Any
 import httpx
 import jwt
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from state import BackendUnavailable, Caller, SettingsError
@@ -379,3 +381,30 @@ def install_auth_errors(app: FastAPI) -> None:
     app.add_exception_handler(Unauthenticated, unauthenticated)
     app.add_exception_handler(Forbidden, forbidden)
     app.add_exception_handler(AuthNotConfigured, not_configured)
+    # FastAPI parses and validates the input before the routes' dependencies run, so a
+    # caller with an invalid token would learn what is wrong with its input (422) rather
+    # than with its token. `RequireToken` covers a missing token; this, a presented one.
+    for input_error in (RequestValidationError, StarletteHTTPException):
+        answer = app.exception_handlers[input_error]
+
+        async def authenticated_first(
+            request: Request, error: Exception, answer: Any = answer
+        ) -> Response:
+            response: Response = await answer(request, error)
+            if response.status_code != 422 or not request.headers.get("authorization"):
+                return response
+            try:
+                await principal(request, await bearer(request))
+            except (AuthError, BackendUnavailable) as refused:
+                return await _handler_of(app, refused)(request, refused)
+            return response
+
+        app.add_exception_handler(input_error, authenticated_first)
+
+
+def _handler_of(app: FastAPI, error: Exception) -> Any:
+    return next(
+        app.exception_handlers[kind]
+        for kind in type(error).__mro__
+        if kind in app.exception_handlers
+    )

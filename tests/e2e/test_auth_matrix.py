@@ -328,6 +328,31 @@ async def test_a_token_naming_the_local_anonymous_id_is_refused(
     assert await runtime.store.get(case_id) is None
 
 
+@pytest.mark.parametrize("bad", ["garbage", "expired", "wrong signature", "basic scheme"])
+async def test_a_bad_token_is_a_401_before_anything_is_said_of_the_input(
+    api: httpx.AsyncClient, callers: dict[str, dict[str, str]], bad: str
+) -> None:
+    """FastAPI validates a route's input before its dependencies check the token: a caller
+    with a bad token must still get the 401, not a 422 describing its input."""
+    malformed = await api.post(
+        "/api/cases",
+        content=b'{"case_id": ',
+        headers={**callers[bad], "Content-Type": "application/json"},
+    )
+    assert malformed.status_code == 401, malformed.text
+    assert BAD_TOKENS[bad] in malformed.json()["error"]
+    assert malformed.headers["WWW-Authenticate"].startswith("Bearer")
+    not_a_case = await api.post("/api/cases", json={"case_id": 7}, headers=callers[bad])
+    assert not_a_case.status_code == 401, not_a_case.text
+    # With a valid token the input's problem is told as before.
+    told = await api.post(
+        "/api/cases",
+        content=b'{"case_id": ',
+        headers={**callers["owner"], "Content-Type": "application/json"},
+    )
+    assert told.status_code == 422, told.text
+
+
 async def test_a_decision_on_a_case_being_worked_on_is_404_to_a_reviewer_who_may_not_see_it(
     api: httpx.AsyncClient,
     runtime: Runtime,
