@@ -63,7 +63,7 @@ IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
 ]
 ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 503)
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 410, 413, 422, 500, 503)
 }
 ERRORS[503]["headers"] = {
     "Retry-After": {

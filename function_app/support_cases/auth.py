@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ROLE_SUBMIT = "Cases.Submit"  # intake, follow-ups, read the cases this caller submitted
 ROLE_REVIEW = "Cases.Review"  # review decisions, read cases awaiting review
-ROLE_OPERATE = "Cases.Operate"  # resume, runs, checkpoints, audit, detailed health
+ROLE_OPERATE = "Cases.Operate"  # resume, checkpoints, audit, detailed health, every case
 ALL_ROLES = frozenset({ROLE_SUBMIT, ROLE_REVIEW, ROLE_OPERATE})
 
 # Clock skew tolerated on exp / nbf, as Entra's own libraries do by default.
