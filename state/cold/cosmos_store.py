@@ -12,7 +12,12 @@ replace the record with If-Match on the ETag read, setting version n+1 and
 `last_write_id` = this write id. A change of k sections (`update_sections`)
 creates k entries (versions n+1..n+k, each pointing at the one before) and sets
 version n+k and the last entry's write id. A conflicting writer's batch fails
-whole, so it leaves no entry behind.
+whole, so it leaves no entry behind. A change too large for one batch (over 100
+operations, or a request body over 2 MB: each up to an item, the record holds a
+section's value and its entry holds it before and after) first creates the entries
+that do not fit, in requests of their own, then sends the rest with the record's
+write: no chain reaches an entry until the record names it, so if that write fails
+they are orphans, never shown.
 
 The record's `last_write_id` and each entry's `prev_write_id` form a chain;
 `audit_trail` walks it from the record, so an entry no chain reaches (written
@@ -55,7 +60,13 @@ from ..ports import (
 )
 from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection
-from .cosmos_io import BatchRefused, PartitionIO, batch_refusal
+from .cosmos_io import (
+    BATCH_OPERATIONS,
+    BatchOperation,
+    BatchRefused,
+    PartitionIO,
+    batch_refusal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +83,11 @@ KNOWN_RECORD_BYTES = 256 * 1024
 # Audit queries fetch this many entries beyond the limit per page, so an orphan or
 # two in the range rarely costs a second round trip.
 AUDIT_PAGE_SLACK = 4
+# A transactional batch's request body may not pass 2 MB (the service's limit; the
+# emulator does not enforce it). Documents are measured as the SDK sends them, plus
+# room for each operation's envelope (its type, id and If-Match).
+BATCH_BODY_BYTES = 2 * 1024 * 1024 - 1024
+OPERATION_ENVELOPE_BYTES = 256
 
 # Queries name the partition key in the filter too: the local emulator ignores the
 # partition key option and refuses (or fans out) queries without it.
@@ -135,11 +151,9 @@ class CosmosStateStore:
             after=sections,
             at=now,
         )
-        self._check_size(thread_id, record, entry)
+        sizes = self._check_size(thread_id, entry, record)
         try:
-            _, created = await self._io.batch(
-                thread_id, [("create", (entry,)), ("create", (record,))]
-            )
+            created = await self._commit(thread_id, [entry], ("create", (record,)), sizes)
         except BatchRefused as refused:
             existing = await self._read_record(thread_id)
             if existing is not None and existing.get("last_write_id") == write_id:
@@ -261,12 +275,10 @@ class CosmosStateStore:
             "fence": fence,
             "last_write_id": prev_write_id,
         }
-        self._check_size(thread_id, replacement, *entries)
+        sizes = self._check_size(thread_id, *entries, replacement)
         replace = ("replace", (WORKFLOW_ID, replacement), {"if_match_etag": current["_etag"]})
         try:
-            *_, replaced = await self._io.batch(
-                thread_id, [*(("create", (entry,)) for entry in entries), replace]
-            )
+            replaced = await self._commit(thread_id, entries, replace, sizes)
         except BatchRefused as refused:
             self._known.pop(thread_id, None)
             if refused.status == 404:
@@ -392,10 +404,38 @@ class CosmosStateStore:
             "caller": caller.to_json() if (caller := acting_caller()) else None,
         }
 
-    def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> None:
+    async def _commit(
+        self,
+        thread_id: str,
+        entries: list[dict[str, Any]],
+        record: BatchOperation,
+        sizes: list[int],
+    ) -> dict[str, Any]:
+        """Create `entries` and apply `record` (the record's create or replace) in one
+        transactional batch, or where that would pass the service's limits, the entries
+        that do not fit first (see the module docstring). `sizes`: of the entries, then
+        the record. Returns the record as stored; raises `BatchRefused` as `batch` does."""
+        room = BATCH_BODY_BYTES - sizes[-1] - OPERATION_ENVELOPE_BYTES
+        cut = len(entries)
+        while cut > 0 and len(entries) - cut + 1 < BATCH_OPERATIONS:
+            needed = sizes[cut - 1] + OPERATION_ENVELOPE_BYTES
+            if needed > room:
+                break
+            room -= needed
+            cut -= 1
+        # Fresh ids: an upsert re-sent by the SDK writes the same entry again.
+        await self._io.upsert_all(entries[:cut])
+        *_, stored = await self._io.batch(
+            thread_id, [*(("create", (entry,)) for entry in entries[cut:]), record]
+        )
+        return stored
+
+    def _check_size(self, thread_id: str, *documents: dict[str, Any]) -> list[int]:
         """Refuse before writing anything: Cosmos rejects items over 2 MB, the emulator does not;
-        and numbers JSON cannot carry, which the emulator answers with a 500 (an outage)."""
+        and numbers JSON cannot carry, which the emulator answers with a 500 (an outage).
+        Returns each document's size as sent."""
         limit = self._max_item_bytes
+        sizes = []
         for document in documents:
             try:
                 text = json.dumps(
@@ -406,6 +446,8 @@ class CosmosStateStore:
             size = len(text.encode())
             if size > limit:
                 raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
+            sizes.append(size)
+        return sizes
 
 
 def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:
