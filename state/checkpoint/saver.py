@@ -77,6 +77,7 @@ from ..errors import (
     BackendUnavailable,
     FenceUnknown,
     HotStateLost,
+    InvalidValue,
     LockLost,
     SaverClosed,
     StateError,
@@ -151,6 +152,9 @@ ROOT_UNKNOWN = "\0unknown"
 # How long closing an `open_sync` saver waits for the sync calls in flight on its loop
 # thread to finish before it closes the backends under them (then cancels the rest).
 CLOSE_WAIT_SECONDS = 5.0
+# Cosmos refuses a partition key value over 2 KB (the emulator does not): a thread id is
+# held to half that on every backend, so a thread works alike on each.
+MAX_THREAD_ID_BYTES = 1024
 
 
 def _keep_newest(memo: OrderedDict[str, Any], thread_id: str) -> None:
@@ -206,6 +210,18 @@ class _Writes:
     upsert: bool
     fence: int | None
     boundary: bool  # an interrupt, an error, or durability "sync" or "exit"
+
+
+def _writable_thread(configurable: dict[str, Any]) -> str:
+    """The thread a put or put_writes goes to; one Cosmos could not hold is refused here,
+    before write-behind acknowledges a step no flush could ever store."""
+    thread_id = str(configurable["thread_id"])
+    size = len(thread_id.encode())
+    if size > MAX_THREAD_ID_BYTES:
+        raise InvalidValue(
+            "checkpoints", f"a thread id of {size} bytes (at most {MAX_THREAD_ID_BYTES})"
+        )
+    return thread_id
 
 
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
@@ -980,7 +996,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> _Put:
         configurable = config["configurable"]
-        thread_id = str(configurable["thread_id"])
+        thread_id = _writable_thread(configurable)
         checkpoint_ns = configurable.get("checkpoint_ns", "")
         parent_id = configurable.get("checkpoint_id")
         values = checkpoint["channel_values"]
@@ -1134,7 +1150,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     task_id, task_path, key, channel, dump_value(self.serde, value)
                 )
         return _Writes(
-            thread_id=str(configurable["thread_id"]),
+            thread_id=_writable_thread(configurable),
             checkpoint_ns=configurable.get("checkpoint_ns", ""),
             checkpoint_id=configurable["checkpoint_id"],
             writes=list(by_key.values()),
