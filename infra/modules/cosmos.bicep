@@ -116,6 +116,12 @@ resource container 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/container
             path: '/data/?'
           }
           {
+            path: '/checkpoint/*'
+          }
+          {
+            path: '/writes/*'
+          }
+          {
             path: '/chunks/*'
           }
           {

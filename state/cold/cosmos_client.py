@@ -37,11 +37,15 @@ INVALID_VALUE_STATUS = frozenset({400, 413})
 MESSAGE_CHARS = 300
 CONTAINER_DEFAULT_TTL = -1
 # Blob payloads are never queried: keeping them out of the index saves RU and storage.
+# Those under `values` cannot be: a path's wildcard may only end it, and queries filter
+# on `values/<channel>/version`.
 INDEXING_POLICY: dict[str, Any] = {
     "indexingMode": "consistent",
     "includedPaths": [{"path": "/*"}],
     "excludedPaths": [
         {"path": "/data/?"},
+        {"path": "/checkpoint/*"},
+        {"path": "/writes/*"},
         {"path": "/chunks/*"},
         {"path": "/sections/*"},
         {"path": "/before/*"},
