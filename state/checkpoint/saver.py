@@ -1017,6 +1017,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if _inline(value):
                 inline[channel] = value
                 inline_bytes[channel] = self.serde.dumps_typed(value)
+        carried = []
+        for channel, (version, data) in (kept or {}).items():
+            # A channel the running graph lacks (another graph's on the thread, or an older
+            # release's) keeps its version, and a checkpoint's value is its version's, as
+            # LangGraph's savers read it: an inline one is carried, not lost (a blob's
+            # version holds its value already).
+            unchanged = channel not in values and channel not in new_versions
+            if unchanged and version is not None and version == versions.get(channel):
+                inline_bytes[channel] = data
+                inline[channel] = self.serde.loads_typed(data)
+                carried.append(channel)
         blobs = [
             StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
             for channel, version in new_versions.items()
@@ -1036,7 +1047,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             blobs,
             inline,
             inline_bytes,
-            present=list(values),
+            present=[*values, *carried],
             fence=configurable.get(FENCING_TOKEN_KEY),
             boundary=configurable.get(DURABILITY_KEY) in SYNCHRONOUS_DURABILITY
             or metadata.get("source") in OUTSIDE_RUN_SOURCES,

@@ -790,9 +790,12 @@ class PostgresCheckpointStore:
         if checkpoint_id is not None:
             conditions.append("checkpoint_id = %s")
             params.append(checkpoint_id)
-        if metadata_filter:
-            conditions.append("metadata @> %s")
-            params.append(Jsonb(metadata_filter))
+        for key, value in (metadata_filter or {}).items():
+            # Equality, as LangGraph's InMemorySaver compares and the Cosmos store does: `@>`
+            # would let {} or [x] match any object or array holding them, and None never
+            # match a missing key.
+            conditions.append("COALESCE(metadata -> %s, 'null'::jsonb) = %s")
+            params.extend([key, Jsonb(value)])
         key = ", ".join(key_columns)
         order = ", ".join(f"{column} DESC" for column in key_columns)
 
