@@ -27,6 +27,9 @@ KEEP_ALIVE_SECONDS = 15.0
 READ_WAIT_MS = 1000
 # Events per read of the log.
 PAGE = 100
+# Line breaks to Python's `str.splitlines` that `json.dumps` does not escape (it escapes
+# every control character below U+0020), each with its JSON escape.
+LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 class EventsUnavailable(Exception):
@@ -123,4 +126,8 @@ def sse_frame(event: StoredEvent | None) -> str:
         return ": keep-alive\n\n"
     name = str(event.data.get("event", "message")) if isinstance(event.data, dict) else "message"
     body = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    # JSON leaves these raw inside strings (a customer's text), and clients that read the
+    # stream by Python's line rules (httpx's iter_lines) break the data line at them.
+    for raw, escaped in LINE_BREAKS_JSON_KEEPS.items():
+        body = body.replace(raw, escaped)
     return f"id: {event.id}\nevent: {name}\ndata: {body}\n\n"

@@ -186,9 +186,23 @@ class RunTracker:
             resumed = status is CaseStatus.RUNNING and (
                 entry is not None and entry["status"] == RunStatus.FAILED.value
             )
-            if entry is not None and (
-                resumed
-                or (entry["status"] in ACTIVE_RUN and entry["status"] != RUN_AT_REST[status].value)
+            # A rollback asked while the run's last step went found no step left to stop
+            # at: the run stays open at its end, for the queue's runner to roll it back.
+            to_roll_back = (
+                status in (CaseStatus.COMPLETED, CaseStatus.FAILED)
+                and entry is not None
+                and entry.get("stop") == FollowUpStrategy.ROLLBACK.value
+            )
+            if (
+                entry is not None
+                and not to_roll_back
+                and (
+                    resumed
+                    or (
+                        entry["status"] in ACTIVE_RUN
+                        and entry["status"] != RUN_AT_REST[status].value
+                    )
+                )
             ):
                 runs[runs.index(entry)] = (
                     {**entry, "status": RunStatus.RUNNING.value, "ended_at": None, "error": None}

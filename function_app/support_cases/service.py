@@ -356,8 +356,47 @@ class CaseService:
             )
         except CaseBusy:
             # A follow-up took the case's run lock between its creation and here: the case
-            # exists, and is being worked on (a 409 would read as "not created").
+            # exists, and is being worked on (a 409 would read as "not created"). The holder
+            # leaves the first run, marked running, to its runner: this one, once it can.
+            self._spawn(self._first_run_when_free(case_id, run_id, request))
             return Outcome(await self.status(case_id), created=True, finished=False)
+
+    async def _first_run_when_free(
+        self, case_id: str, run_id: str, request: dict[str, Any]
+    ) -> None:
+        """Drive a new case's first run once the case's holder lets go, unless it no longer
+        waits for that (a follow-up stopped it; the timer resumed it). Given up after a lock
+        TTL: a holder that long is a runner, which takes the run or leaves it to the timer."""
+        deadline = time.monotonic() + self._settings.state_lock_ttl_ms / 1000
+        pause = 0.02
+        while True:
+            try:
+                guard = await self._acquire(case_id)
+                break
+            except CaseBusy:
+                if time.monotonic() >= deadline:
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+        try:
+            record = await self._record(case_id, fresh=True)
+        except BaseException:
+            await self._release(case_id, guard)
+            raise
+        run = record.sections.get(RUN_SECTION) or {}
+        current = current_run(runs_of(record)) or {}
+        # Attempt 1: no runner has marked it since its creation (a resume counts one).
+        if not (
+            run.get("run_id") == run_id
+            and run.get("attempt") == 1
+            and current.get("run_id") == run_id
+            and not current.get("stop")
+        ):
+            await self._pump(case_id, guard)  # what is left is the queue's
+            return
+        await self._drive(
+            case_id, self._initial_input(case_id, request), guard, marked=True, run_id=run_id
+        )
 
     async def status(self, case_id: str) -> CaseView:
         record = await self._record(case_id)
@@ -753,6 +792,10 @@ class CaseService:
                 await self._tracker.mark(
                     case_id, CaseStatus.RUNNING, fencing_token=guard.fence, still=still
                 )
+        except CaseError:
+            await self._release(case_id, guard)
+            await self._take_queue_left(case_id)
+            raise
         except BaseException:
             await self._release(case_id, guard)
             raise
@@ -904,6 +947,17 @@ class CaseService:
                 guard = await self._acquire(case_id)
             except CaseBusy:
                 return  # its holder runs the queue
+
+    async def _take_queue_left(self, case_id: str) -> None:
+        """After a refused request let the case go: a follow-up queued while it held the
+        case left its run to it, as to any holder."""
+        try:
+            record = await self._store.get(case_id)
+            if record is not None and has_queue_work(runs_of(record)):
+                await self._start_queued(case_id)
+        except (CaseError, RunIndexBusy, StateError):
+            # The refusal is the answer; the timer starts what is left queued.
+            log.warning("case %s: queued runs not started", case_id, exc_info=True)
 
     async def _drain_queue(self, case_id: str, guard: RunGuard) -> None:
         # The checkpoint from the cold tier before the first stop or run this guard acts
