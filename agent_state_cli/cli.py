@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,6 +44,9 @@ from support_cases.models import FollowUpStrategy
 
 from .tokens import TokenUnavailable, access_token
 
+if TYPE_CHECKING:
+    from devstack import PortInUse, StateFileUnreadable
+
 DEFAULT_API = "http://127.0.0.1:7071"
 DEFAULT_PORT = 7071
 
@@ -51,8 +57,22 @@ console = Console()
 # Notices and errors go to stderr, so `--json` leaves stdout parseable.
 errors = Console(stderr=True)
 
+
+def _checked_api(api: str) -> str:
+    """A URL that does not even parse (`http://[::1`) is a usage error, not a traceback."""
+    try:
+        httpx.URL(api)
+        urlsplit(api).hostname  # noqa: B018  (raises on a malformed host)
+    except (httpx.InvalidURL, ValueError) as error:
+        raise typer.BadParameter(f"{api!r} is not a URL: {error}") from error
+    return api
+
+
 ApiOption = Annotated[
-    str, typer.Option("--api", envvar="AGENT_STATE_API", help="Base URL of the API.")
+    str,
+    typer.Option(
+        "--api", envvar="AGENT_STATE_API", help="Base URL of the API.", callback=_checked_api
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
 WorkdirOption = Annotated[
@@ -74,6 +94,8 @@ def _port_option(server: str) -> Any:
         f"--{server}-port",
         envvar=f"AGENT_STATE_{server.upper()}_PORT",
         help=f"Port of {server} on 127.0.0.1 (0: any free port).",
+        min=0,
+        max=65535,
     )
 
 
@@ -88,17 +110,59 @@ def _start_stack(workdir: Path, *, with_postgres: bool, ports: dict[str, int]) -
     import devstack
 
     try:
-        return devstack.up(workdir, with_postgres=with_postgres, ports=ports)
+        with _stops_as_interrupt():
+            return devstack.up(workdir, with_postgres=with_postgres, ports=ports)
     except devstack.PortInUse as busy:
-        holder = f" by {busy.holder}" if busy.holder else ""
-        errors.print(
-            f"[red]port {busy.port} ({busy.server}) is already in use{holder}[/red]; pick "
-            f"another with --{busy.server}-port N (0: any free port), or stop that process",
-            soft_wrap=True,
-        )
+        _report_busy(busy, f"--{busy.server}-port N (0: any free port)")
+    except devstack.StateFileUnreadable as unreadable:
+        _report_unreadable(unreadable)
     except devstack.ServerStartError as failed:
         # Its message may carry the server's log tail: the first line says what failed.
         errors.print(f"[red]{str(failed).splitlines()[0]}[/red]", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _stops_as_interrupt() -> Iterator[None]:
+    """`kill` or a closed terminal while servers start acts as Ctrl-C: the servers started
+    so far are stopped. By default the CLI would die at once, leaving them running and,
+    not recorded yet, out of `stack down`'s reach."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (an in-process test runner)
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {stop: signal.signal(stop, interrupt) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def _report_busy(busy: PortInUse, option: str) -> None:
+    holder = f" by {busy.holder}" if busy.holder else ""
+    errors.print(
+        f"[red]port {busy.port} ({busy.server}) is already in use{holder}[/red]; pick "
+        f"another with {option}, or stop that process",
+        soft_wrap=True,
+    )
+
+
+def _report_unreadable(unreadable: StateFileUnreadable) -> None:
+    errors.print(f"[red]{escape(str(unreadable))}[/red]", soft_wrap=True)
+
+
+def _stack_status(workdir: Path) -> dict[str, object]:
+    """`devstack.status`; a state file it cannot read ends the command with one line."""
+    import devstack
+
+    try:
+        return devstack.status(workdir)
+    except devstack.StateFileUnreadable as unreadable:
+        _report_unreadable(unreadable)
     raise typer.Exit(1)
 
 
@@ -128,7 +192,11 @@ def stack_down(workdir: WorkdirOption = None) -> None:
     """Stop the servers `stack up` started (Cosmos emulator and Redis data is lost)."""
     import devstack
 
-    stopped = devstack.down(_stack_workdir(workdir))
+    try:
+        stopped = devstack.down(_stack_workdir(workdir))
+    except devstack.StateFileUnreadable as unreadable:
+        _report_unreadable(unreadable)
+        raise typer.Exit(1) from unreadable
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
     if stopped:
         console.print(f"note: {_memory_only_note()}")
@@ -143,9 +211,7 @@ def _memory_only_note() -> str:
 @stack_app.command("status")
 def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> None:
     """Show which local servers run and the settings that point at them."""
-    import devstack
-
-    status = devstack.status(_stack_workdir(workdir))
+    status = _stack_status(_stack_workdir(workdir))
     if as_json:
         _print_json(status)
         return
@@ -186,7 +252,7 @@ def _masked(name: str, value: str) -> str:
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=1, max=65535)] = DEFAULT_PORT,
     backend: Annotated[str, typer.Option(help="Cold backend: cosmos or postgres.")] = "cosmos",
     # Unset by default: a stack already running keeps its ports, one started here takes
     # `stack up`'s defaults.
@@ -203,8 +269,14 @@ def serve(
 
     if backend not in ("cosmos", "postgres"):
         raise typer.BadParameter("backend must be cosmos or postgres")
+    # Checked first: uvicorn would find it taken only after the stack and the app started.
+    try:
+        devstack.check_port_free("api", port)
+    except devstack.PortInUse as busy:
+        _report_busy(busy, "--port N")
+        raise typer.Exit(1) from busy
     where = _stack_workdir(workdir)
-    status = devstack.status(where)
+    status = _stack_status(where)
     started_here = not status.get("running")
     asked = {
         server: chosen
@@ -216,25 +288,38 @@ def serve(
         }.items()
         if chosen is not None
     }
-    if started_here:
-        status = _start_stack(where, with_postgres=backend == "postgres", ports=asked)
-    else:
-        if backend == "postgres" and "POSTGRES_URL" not in _stack_env(status):
-            console.print("adding Postgres to the running stack (`stack down` stops it too)")
-            status = _start_stack(where, with_postgres=True, ports=asked)
-            asked.pop("postgres", None)  # applied just now
-        _refuse_ports_the_running_stack_ignores(where, status, asked)
-    env = _stack_env(status)
-    os.environ.update(env)
-    os.environ["STATE_COLD_BACKEND"] = backend
-    os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
-    console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
-    console.print(f"submit the demo case:  agent-state submit --demo --api http://127.0.0.1:{port}")
-    try:
-        uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
-    finally:
+    # `kill` while the stack starts, or before uvicorn takes over SIGTERM, must still reach
+    # the `finally` that stops a stack started here.
+    with _stops_as_interrupt():
         if started_here:
-            devstack.down(where)
+            status = _start_stack(where, with_postgres=backend == "postgres", ports=asked)
+        try:
+            if not started_here:
+                status = _with_postgres_if_asked(where, status, backend, asked)
+                _refuse_ports_the_running_stack_ignores(where, status, asked)
+            os.environ.update(_stack_env(status))
+            os.environ["STATE_COLD_BACKEND"] = backend
+            os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
+            console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
+            console.print(
+                f"submit the demo case:  agent-state submit --demo --api http://127.0.0.1:{port}"
+            )
+            uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
+        finally:
+            if started_here:
+                devstack.down(where)
+
+
+def _with_postgres_if_asked(
+    where: Path, status: dict[str, object], backend: str, asked: dict[str, int]
+) -> dict[str, object]:
+    """The running stack, with Postgres added when `backend` needs it and it lacks it."""
+    if backend != "postgres" or "POSTGRES_URL" in _stack_env(status):
+        return status
+    console.print("adding Postgres to the running stack (`stack down` stops it too)")
+    added = _start_stack(where, with_postgres=True, ports=asked)
+    asked.pop("postgres", None)  # applied just now
+    return added
 
 
 def _refuse_ports_the_running_stack_ignores(
@@ -365,7 +450,8 @@ def _print_case(case: dict[str, Any]) -> None:
 def submit(
     demo: Annotated[bool, typer.Option("--demo", help="Submit the case_8842 demo.")] = False,
     file: Annotated[
-        Path | None, typer.Option("--file", help="A JSON request body to submit.")
+        Path | None,
+        typer.Option("--file", help="A JSON request body to submit.", exists=True, dir_okay=False),
     ] = None,
     case_id: Annotated[str | None, typer.Option("--case-id", help="Override the case id.")] = None,
     idempotency_key: Annotated[
@@ -377,12 +463,22 @@ def submit(
     """Submit a support case (the demo, or a JSON body from a file)."""
     if demo == (file is not None):
         raise typer.BadParameter("give exactly one of --demo or --file")
-    body: dict[str, Any] = demo_case() if demo else json.loads(file.read_text())  # type: ignore[union-attr]
+    body = demo_case() if file is None else _request_body(file)
     if case_id:
         body["case_id"] = case_id
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     case = _call("POST", api, "/cases", json=body, headers=headers)
     _print_json(case) if as_json else _print_case(case)
+
+
+def _request_body(file: Path) -> dict[str, Any]:
+    try:
+        body = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise typer.BadParameter(f"{file} is not JSON: {error}", param_hint="--file") from error
+    if not isinstance(body, dict):
+        raise typer.BadParameter(f"{file} is not a JSON object", param_hint="--file")
+    return body
 
 
 @app.command()

@@ -43,9 +43,12 @@ def access_token(api: str) -> str | None:
 
 def _stack_issuer() -> str | None:
     """The issuer of a running `agent-state stack up`, if any."""
-    from devstack.stack import status
+    from devstack.stack import StateFileUnreadable, status
 
-    env = status().get("env")
+    try:
+        env = status().get("env")
+    except StateFileUnreadable as error:
+        raise TokenUnavailable(str(error)) from error
     return str(env["AUTH_ISSUER"]) if isinstance(env, dict) and env.get("AUTH_ISSUER") else None
 
 

@@ -9,9 +9,19 @@ from .servers import (
     RedisServer,
     ServerStartError,
     TokenIssuer,
+    check_port_free,
     free_port,
 )
-from .stack import DEFAULT_PORTS, MEMORY_ONLY_NOTE, Stack, down, running, status, up
+from .stack import (
+    DEFAULT_PORTS,
+    MEMORY_ONLY_NOTE,
+    Stack,
+    StateFileUnreadable,
+    down,
+    running,
+    status,
+    up,
+)
 
 __all__ = [
     "COSMOS_EMULATOR_KEY",
@@ -24,7 +34,9 @@ __all__ = [
     "RedisServer",
     "ServerStartError",
     "Stack",
+    "StateFileUnreadable",
     "TokenIssuer",
+    "check_port_free",
     "down",
     "free_port",
     "running",

@@ -76,6 +76,25 @@ def port_holder(port: int) -> str | None:
     return None
 
 
+def check_port_free(server: str, port: int) -> None:
+    """Raise `PortInUse` if something listens on loopback `port` (`server` would use it)."""
+    if _port_open(port):
+        raise PortInUse(server, port, port_holder(port))
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (boot id and clock ticks since boot); None if it is gone
+    or a zombie. With the pid it names one process: a later one reusing the pid differs."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # The fields after the command name, which may itself hold spaces and parentheses.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    state, start_ticks = fields[0], fields[19]
+    return None if state == "Z" else f"{boot}:{start_ticks}"
+
+
 def free_port() -> int:
     """A currently free loopback TCP port (the OS picks it, so parallel runs do not collide)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -128,8 +147,7 @@ class LocalServer:
     def start(self, timeout: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        if _port_open(self.port):
-            raise PortInUse(self.name, self.port, port_holder(self.port))
+        check_port_free(self.name, self.port)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.command(),
@@ -140,16 +158,24 @@ class LocalServer:
             preexec_fn=self._child_setup if self.die_with_parent else None,
             **self.popen_kwargs(),  # type: ignore[call-overload]
         )
+        try:
+            self._wait_ready(self.process, timeout)
+        except BaseException:
+            # Not ready, or interrupted (Ctrl-C) while waiting: the caller never learns of
+            # this process, so it is stopped here rather than left running detached.
+            self.stop()
+            raise
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise ServerStartError(
-                    f"{self.name} exited with {self.process.returncode}:\n{_tail(self.log_path)}"
+                    f"{self.name} exited with {process.returncode}:\n{_tail(self.log_path)}"
                 )
             if self.ready():
                 return
             time.sleep(0.1)
-        self.stop()
         raise ServerStartError(f"{self.name} not ready after {timeout}s:\n{_tail(self.log_path)}")
 
     def _child_setup(self) -> None:

@@ -23,6 +23,7 @@ from .servers import (
     ServerStartError,
     TokenIssuer,
     free_port,
+    process_start,
     stop_pid,
 )
 
@@ -33,6 +34,10 @@ MEMORY_ONLY_NOTE = (
     "the Cosmos emulator (and Redis) keep data in memory only: what they held is gone "
     "once stopped; Postgres keeps its data"
 )
+
+
+class StateFileUnreadable(RuntimeError):
+    """The file recording a stack's servers cannot be read: which servers run is unknown."""
 
 
 @dataclass
@@ -117,7 +122,15 @@ class Stack:
     def describe(self) -> dict[str, object]:
         return {
             "workdir": str(self.workdir),
-            "servers": {s.name: {"port": s.port, "pid": s.pid} for s in self.servers},
+            # With its start, a pid still names this server once the pid is reused.
+            "servers": {
+                s.name: {
+                    "port": s.port,
+                    "pid": s.pid,
+                    "started": process_start(s.pid) if s.pid else None,
+                }
+                for s in self.servers
+            },
             "env": self.env(),
         }
 
@@ -176,7 +189,11 @@ def _started(stack: Stack, recorded: dict[str, object]) -> dict[str, object]:
         "env": {**_mapping(recorded["env"]), **_mapping(started["env"])},
     }
     stack.workdir.mkdir(parents=True, exist_ok=True)
-    state_file(stack.workdir).write_text(json.dumps(description, indent=2))
+    # Replaced whole: a write cut short must not leave a half file naming no servers.
+    path = state_file(stack.workdir)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(description, indent=2))
+    partial.replace(path)
     return description
 
 
@@ -184,15 +201,30 @@ def _mapping(value: object) -> dict[str, object]:
     return dict(value) if isinstance(value, dict) else {}
 
 
+def _recorded(path: Path) -> dict[str, object] | None:
+    """What `up` recorded in `path`, None if nothing is."""
+    try:
+        description = json.loads(path.read_text())
+        servers = description["servers"]
+        if not isinstance(servers, dict):
+            raise TypeError("servers is not a mapping")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StateFileUnreadable(
+            f"the stack's state file {path} is unreadable ({error}): stop the servers it "
+            "recorded by hand if any still run, then delete it"
+        ) from error
+    return dict(description)
+
+
 def status(workdir: Path = DEFAULT_WORKDIR) -> dict[str, object]:
-    path = state_file(workdir)
-    if not path.exists():
+    description = _recorded(state_file(workdir))
+    if description is None:
         return {"running": False}
-    description = json.loads(path.read_text())
+    servers = _mapping(description["servers"]).items()
     alive = {
-        name: _pid_alive(int(info["pid"]))
-        for name, info in description["servers"].items()
-        if info.get("pid")
+        name: _alive(info) for name, info in servers if isinstance(info, dict) and info.get("pid")
     }
     return {**description, "alive": alive, "running": any(alive.values())}
 
@@ -200,20 +232,27 @@ def status(workdir: Path = DEFAULT_WORKDIR) -> dict[str, object]:
 def down(workdir: Path = DEFAULT_WORKDIR) -> list[str]:
     """Stop the servers recorded by `up` (by pid), then forget them."""
     path = state_file(workdir)
-    if not path.exists():
+    description = _recorded(path)
+    if description is None:
         return []
-    description = json.loads(path.read_text())
     stopped = []
-    for name, info in description["servers"].items():
-        pid = info.get("pid")
-        if pid and _pid_alive(int(pid)):
-            stop_pid(int(pid))
+    for name, info in _mapping(description["servers"]).items():
+        if isinstance(info, dict) and _alive(info):
+            stop_pid(int(info["pid"]))
             stopped.append(name)
     path.unlink()
     return stopped
 
 
-def _pid_alive(pid: int) -> bool:
+def _alive(info: dict[str, object]) -> bool:
+    """Whether the recorded server still runs: its pid, started when recorded (a pid
+    reused since by another program, or a zombie, is not the server)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if info.get("started"):
+        return process_start(pid) == info["started"]
+    # Recorded without its start (an older stack file, or no /proc): the pid alone.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,0 +1,305 @@
+"""`agent-state stack` and `serve` as a user meets them, each a real CLI process on its own
+workdir and free ports: interrupted starts, crashed servers, stale state, bad arguments."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import devstack
+from devstack.stack import state_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The worktree's own code, not whatever the editable install points at.
+PYTHONPATH = os.pathsep.join(str(REPO_ROOT / part) for part in (".", "function_app", "scripts"))
+CLI = [sys.executable, "-c", "from agent_state_cli.cli import main; main()"]
+FREE_PORTS = ("--redis-port", "0", "--cosmos-port", "0", "--issuer-port", "0")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "COLUMNS": "200", **extra}
+
+
+def agent_state(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """A stack directory whose recorded servers are stopped however the test ends."""
+    yield tmp_path
+    devstack.down(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+    ids=["ctrl-c", "kill", "terminal-closed"],
+)
+def test_stack_up_stopped_midway_leaves_nothing_running(
+    workdir: Path, stop: signal.Signals
+) -> None:
+    """`stack up` stopped while it waits for the emulator (Redis already up): no server it
+    started outlives it, since none is recorded yet for `stack down` to stop."""
+    process = subprocess.Popen(
+        [*CLI, "stack", "up", "--workdir", str(workdir), *FREE_PORTS],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen, ports = [], []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("starting "):
+            ports.append(int(line.split(":")[1].split()[0]))
+        if line.startswith("starting cosmos on"):
+            # While the CLI waits for the emulator to answer: its process runs (past the
+            # CLI's Popen, which cleans up after itself), and it takes longer than this.
+            while not _servers_on(ports[-1]):
+                time.sleep(0.01)
+            time.sleep(0.2)
+            process.send_signal(stop)
+            break
+    output = "".join(seen) + process.communicate(timeout=60)[0]
+    try:
+        assert process.returncode != 0, output
+        deadline = time.monotonic() + 10
+        while any(map(_listening, ports)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [port for port in ports if _listening(port)] == [], output
+    finally:
+        for port in ports:
+            for pid in _servers_on(port):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def _servers_on(port: int) -> list[int]:
+    """Pids of local servers started for `port` (a session of their own, their command line
+    naming the port), so a test kills only what its CLI left behind."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        words = cmdline.replace(":", " ").split()
+        named = any(s in cmdline for s in ("redis-server", "cosmos-emulator", "devstack.issuer"))
+        if named and session == int(proc.name) and str(port) in words:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("option", ["--redis-port", "--cosmos-port", "--issuer-port"])
+def test_stack_up_refuses_a_port_out_of_range(workdir: Path, option: str) -> None:
+    ports = dict(zip(FREE_PORTS[::2], FREE_PORTS[1::2], strict=True))
+    ports[option] = "70000"
+    result = agent_state("stack", "up", "--workdir", str(workdir), *sum(ports.items(), ()))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert option in result.stderr and "65535" in result.stderr
+    assert devstack.status(workdir) == {"running": False}
+
+
+def test_serve_refuses_a_port_out_of_range_before_starting_anything(workdir: Path) -> None:
+    result = agent_state("serve", "--workdir", str(workdir), "--port", "70000", *FREE_PORTS)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--port" in result.stderr and "65535" in result.stderr
+    assert "starting redis" not in result.stdout
+    assert not (workdir / "redis").exists()
+
+
+def test_serve_on_a_busy_port_says_so_before_starting_the_stack(workdir: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = agent_state("serve", "--workdir", str(workdir), "--port", str(busy), *FREE_PORTS)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"port {busy} (api) is already in use by pid {os.getpid()}" in lines[0]
+    assert "--port" in lines[0]
+    # Refused up front: no stack was started (and stopped) for nothing.
+    assert "starting redis" not in result.stdout
+
+
+def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:
+    """`serve` started the stack, so its servers are its children: one killed stays a
+    zombie until `serve` ends, and `stack status` must not call it alive."""
+    serve = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--workdir",
+            str(workdir),
+            "--port",
+            str(devstack.free_port()),
+            *FREE_PORTS,
+        ],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not devstack.status(workdir).get("running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        redis_pid = devstack.status(workdir)["servers"]["redis"]["pid"]  # type: ignore[index]
+        os.kill(redis_pid, signal.SIGKILL)
+        while _alive(redis_pid):
+            time.sleep(0.05)
+        result = agent_state("stack", "status", "--workdir", str(workdir), "--json")
+        assert json.loads(result.stdout)["alive"]["redis"] is False
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(30)
+
+
+def test_a_recorded_pid_now_used_by_another_program_is_left_alone(workdir: Path) -> None:
+    """After a reboot (or long enough), a pid from a stale stack.json belongs to some other
+    program: `stack status` must not call it the stack, nor `stack down` stop it."""
+    up = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+    assert up.returncode == 0, up.stdout + up.stderr
+    recorded = json.loads(state_file(workdir).read_text())
+    devstack.down(workdir)
+    # Another program (its own session, as a daemon's) now holds the pid redis had.
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        recorded["servers"] = {"redis": {**recorded["servers"]["redis"], "pid": other.pid}}
+        state_file(workdir).write_text(json.dumps(recorded))
+
+        status = agent_state("stack", "status", "--workdir", str(workdir))
+        assert "not running" in status.stdout, status.stdout
+        down = agent_state("stack", "down", "--workdir", str(workdir))
+        assert other.poll() is None, "stack down stopped a process the stack never started"
+        assert down.returncode == 0 and "nothing was running" in down.stdout, down.stdout
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("command", [("status",), ("down",), ("up", *FREE_PORTS)])
+def test_an_unreadable_state_file_is_named_not_a_traceback(
+    workdir: Path, command: tuple[str, ...]
+) -> None:
+    state_file(workdir).write_text("")  # a write cut short
+    try:
+        result = agent_state("stack", command[0], "--workdir", str(workdir), *command[1:])
+    finally:
+        state_file(workdir).unlink()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "JSONDecodeError" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(state_file(workdir)) in lines[0], result.stderr
+
+
+def test_submit_to_a_malformed_api_url_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [*CLI, "submit", "--demo", "--api", "http://[::1"],
+        env=cli_env(AGENT_STATE_TOKEN="x"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--api" in result.stderr
+    assert "'http://[::1' is not a URL" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "does not exist"),
+        ("not json", "is not JSON"),
+        ("[1, 2]", "is not a JSON object"),
+    ],
+    ids=["missing", "not-json", "not-an-object"],
+)
+def test_submit_a_file_it_cannot_use_is_a_usage_error(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    body = tmp_path / "case.json"
+    if content is not None:
+        body.write_text(content)
+    result = subprocess.run(
+        [*CLI, "submit", "--file", str(body), "--case-id", "c1", "--api", "http://127.0.0.1:1"],
+        env=cli_env(AGENT_STATE_TOKEN="x"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--file" in result.stderr
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_serve_stopped_while_the_api_starts_stops_the_stack_it_started(
+    workdir: Path, stop: signal.Signals
+) -> None:
+    """Stopped once its stack runs and while the app loads: that stack stops too."""
+    port = devstack.free_port()
+    process = subprocess.Popen(
+        [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("submit the demo case"):
+            process.send_signal(stop)
+            break
+    recorded = devstack.status(workdir)
+    output = "".join(seen) + process.communicate(timeout=60)[0]
+    ports = [info["port"] for info in recorded["servers"].values()]  # type: ignore[attr-defined]
+    assert len(ports) == 3, output
+    assert [port for port in ports if _listening(port)] == [], output
+    assert devstack.status(workdir) == {"running": False}, output
