@@ -17,15 +17,18 @@ else
   trap '"$cli" stack down' EXIT
 fi
 
+# The stack's own issuer, wherever it listens (AGENT_STATE_ISSUER_PORT, or a stack reused).
+issuer=$("$cli" stack status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["env"]["AUTH_ISSUER"])')
+
 cat <<HINT
 [run] API: http://127.0.0.1:${port}/api   (OpenAPI UI: http://127.0.0.1:${port}/api/docs)
 [run] submit the demo case from another terminal:
         .venv/bin/agent-state submit --demo --api http://127.0.0.1:${port}
-   or   token=\$(curl -s -X POST http://127.0.0.1:8095/token -d '{"name": "me"}' \\
+   or   token=\$(curl -s -X POST ${issuer}/token -d '{"name": "me"}' \\
           | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
         curl -s -X POST http://127.0.0.1:${port}/api/cases -H 'content-type: application/json' \\
           -H "Authorization: Bearer \$token" -d @docs/case_8842.json
-[run] callers need a token (README, "Who may do what"); the stack's issuer on :8095 mints them
+[run] callers need a token (README, "Who may do what"); the stack's issuer at ${issuer} mints them
 HINT
 # In the background so this shell handles signals while it waits: SIGINT / SIGTERM stop
 # the API, then the EXIT trap stops the stack.
