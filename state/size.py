@@ -385,6 +385,25 @@ class StateSizeManager:
         ref = await self._require_archive().archive(thread_id, section, plain)
         return {OFFLOADED_KEY: _reference(ref, plain)}
 
+    async def make_room(
+        self, thread_id: str, sections: Mapping[str, JSON], *, keep: Collection[str]
+    ) -> dict[str, JSON]:
+        """References for the largest inline sections not in `keep`, offloaded until
+        `sections` (stored forms) are within half an item: for a record the cold store
+        refused as too large though each section fits alone (sections written one at a
+        time pass a quarter of an item only together). Lossless, as `offload`."""
+        moved: dict[str, JSON] = {}
+        sizes = measure(sections).sections
+        total = measure(sections).total
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+            if total <= self.policy.max_item_bytes // 2:
+                break
+            if name in keep or _is_reference(sections[name]):
+                continue
+            moved[name] = await self.offload(thread_id, name, sections[name])
+            total -= sizes[name] - len(canonical_json(moved[name]))
+        return moved
+
     def _require_archive(self) -> SectionArchive:
         if self._archive is None:
             raise ValueError("moving sections to the cold tier needs a SectionArchive")

@@ -10,8 +10,9 @@ The policy and its steps (prune, truncate, compress, archive, offload) are
   a quarter of an item. The other sections are not read (a write stays one write
   to the store below), so if that store refuses the whole record as over the item
   limit (`StateTooLarge`, Cosmos), the section is offloaded and written again
-  with the same expected version: the refusal wrote nothing. Postgres has no item
-  limit and keeps such a record inline;
+  with the same expected version: the refusal wrote nothing. Refused still, the
+  record's largest other inline sections are offloaded in that same write.
+  Postgres has no item limit and keeps such a record inline;
 - `get`, and the records `create` and `update_section` return, are expanded:
   compressed and offloaded sections come back as written (after any pruning or
   truncation the policy asked for). Archived sections stay references unless
@@ -32,12 +33,13 @@ tier's retention deletes them with their thread, or as orphans.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Collection, Sequence
 
 from .errors import StateTooLarge, WorkflowNotFound
 from .ports import JSON, AuditEntry, RecordStore, SectionWrite, WorkflowRecord, attributed
-from .size import StateSizeManager, is_archived, is_offloaded
+from .size import ARCHIVE_AGENT_ID, StateSizeManager, is_archived, is_offloaded
 
 
 class SizedStateStore:
@@ -121,13 +123,21 @@ class SizedStateStore:
             )
             self._stored_size("update_section", actions.after.sections[section])
             stored = shrunk[section]
+            # Each refusal wrote nothing, so the same version still holds for the next try.
             try:
                 record = await write(stored)
             except StateTooLarge:
-                if is_offloaded(stored) or is_archived(stored):
-                    raise  # the other sections are what does not fit: nothing more to move
-                # Refused before anything was written, so the same version still holds.
-                record = await write(await self.size.offload(thread_id, section, stored))
+                if not (is_offloaded(stored) or is_archived(stored)):
+                    stored = await self.size.offload(thread_id, section, stored)
+                    with contextlib.suppress(StateTooLarge):
+                        return await self._expand(await write(stored))
+                # The other sections are what does not fit: some of them move out too.
+                record = await self._write_making_room(
+                    thread_id,
+                    [SectionWrite(section, stored, agent_id)],
+                    expected_version=version,
+                    fencing_token=fencing_token,
+                )
             return await self._expand(record)
 
     async def update_sections(
@@ -137,21 +147,63 @@ class SizedStateStore:
         *,
         expected_version: int,
         fencing_token: int | None = None,
+        make_room: bool = False,
     ) -> WorkflowRecord:
         """Several distinct sections in one write below, each shrunk alone as
         `update_section` does. If the store below refuses the record as too large
-        (`StateTooLarge`), nothing was written and the error goes to the caller, which
-        writes the sections one by one (`update_section` offloads)."""
+        (`StateTooLarge`), nothing was written: the error goes to the caller, which may
+        write the sections offloaded, and `make_room` (then) so that the record's largest
+        other inline sections move out too if that is still refused."""
         with attributed("state.update_sections"):
             stored: list[SectionWrite] = []
             for write in writes:
                 shrunk, actions = await self.size.shrink(thread_id, {write.section: write.value})
                 self._stored_size("update_section", actions.after.sections[write.section])
                 stored.append(dataclasses.replace(write, value=shrunk[write.section]))
-            record = await self._inner.update_sections(
-                thread_id, stored, expected_version=expected_version, fencing_token=fencing_token
-            )
+            try:
+                record = await self._inner.update_sections(
+                    thread_id,
+                    stored,
+                    expected_version=expected_version,
+                    fencing_token=fencing_token,
+                )
+            except StateTooLarge:
+                if not make_room:
+                    raise
+                record = await self._write_making_room(
+                    thread_id,
+                    stored,
+                    expected_version=expected_version,
+                    fencing_token=fencing_token,
+                )
             return await self._expand(record)
+
+    async def _write_making_room(
+        self,
+        thread_id: str,
+        writes: Sequence[SectionWrite],
+        *,
+        expected_version: int,
+        fencing_token: int | None,
+    ) -> WorkflowRecord:
+        """`writes` (stored forms) in one write below with the record's largest other inline
+        sections offloaded, as read at `expected_version` (read at another, the write is
+        refused as a conflict: nothing moved is lost, an offloaded value is only a copy)."""
+        fresh = getattr(self._inner, "get_fresh", None)
+        current = await (fresh(thread_id) if fresh is not None else self._inner.get(thread_id))
+        if current is None:
+            raise WorkflowNotFound(thread_id)
+        written = {write.section: write.value for write in writes}
+        moved = await self.size.make_room(thread_id, {**current.sections, **written}, keep=written)
+        return await self._inner.update_sections(
+            thread_id,
+            [
+                *writes,
+                *(SectionWrite(name, value, ARCHIVE_AGENT_ID) for name, value in moved.items()),
+            ],
+            expected_version=expected_version,
+            fencing_token=fencing_token,
+        )
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` are the stored (shrunk) forms."""

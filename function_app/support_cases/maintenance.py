@@ -11,6 +11,7 @@ metrics; a no-op without one).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from opentelemetry import metrics
@@ -25,6 +26,11 @@ METER_NAME = "support_cases.timer"
 CASES_METRIC = "support_cases.timer.cases"
 SWEPT_METRIC = "support_cases.timer.swept_threads"
 OUTCOMES = ("resumed", "skipped", "failed")
+# How long a tick waits for the runs it resumes. The schedule is every minute and the
+# host's functionTimeout 10: a run still going then is left to go on (its lease keeps the
+# next tick off it), the drain and the sweep still run, and the cases not reached are the
+# next tick's.
+RESUME_BUDGET_SECONDS = 40.0
 
 
 class TimerMetrics:
@@ -60,13 +66,20 @@ class TickReport:
     flushed: int | None = None
 
 
-async def run_tick(service: CaseService, *, meters: TimerMetrics = TIMER_METRICS) -> TickReport:
+async def run_tick(
+    service: CaseService,
+    *,
+    meters: TimerMetrics = TIMER_METRICS,
+    budget_seconds: float = RESUME_BUDGET_SECONDS,
+) -> TickReport:
     tick = TickReport()
     errors: list[Exception] = []
     # Both jobs are guarded whole: a failure of either (the run index unreadable, the
     # cold tier down) must not skip the other.
     try:
-        report: ResumeReport = await service.resume_stale()
+        report: ResumeReport = await service.resume_stale(
+            deadline=time.monotonic() + budget_seconds
+        )
         tick.resumed, tick.skipped, tick.failed = report.resumed, report.skipped, report.failed
     except Exception as error:
         log.exception("timer: could not list the active cases")

@@ -151,8 +151,9 @@ async def write_sections(
     """`write_section` for several sections in one record write, each audited under its
     own writer. A record the cold store refuses as too large with all of them
     (`StateTooLarge`) is written again in one write, computed anew, with those sections
-    offloaded. `fresh`: compute on the cold tier's record, never a hot copy (a compute
-    that refuses by raising)."""
+    offloaded (and the record's largest other ones, if it is still refused). `fresh`:
+    compute on the cold tier's record, never a hot copy (a compute that refuses by
+    raising)."""
     offload = False
     for attempt in range(MAX_ATTEMPTS):
         try:
@@ -172,11 +173,15 @@ async def write_sections(
                         for write in writes
                     ]
                 return await store.update_sections(
-                    thread_id, writes, expected_version=found.version, fencing_token=fencing_token
+                    thread_id,
+                    writes,
+                    expected_version=found.version,
+                    fencing_token=fencing_token,
+                    make_room=offload,
                 )
         except StateTooLarge:
             if offload:
-                raise  # the other sections are what does not fit
+                raise  # even with the record's other sections moved out
             # Still one write, computed again on the record it goes on (what another writer
             # stored meanwhile stays, a compute that refuses still refuses), with the
             # sections it writes offloaded.

@@ -403,13 +403,28 @@ class RunTracker:
     async def register(self, case_id: str) -> None:
         await self._index(case_id)
 
-    async def active_cases(self) -> list[str]:
+    async def active_cases(self, *, unread: dict[str, str] | None = None) -> list[str]:
+        """The indexed cases. `unread`: a shard that cannot be read goes there (its id, the
+        error) and the others are still read, so it costs only its own cases; the first
+        error is raised when no shard could be read, or at once without `unread`."""
         cases: list[str] = []
+        errors: list[StateError] = []
         for shard in range(INDEX_SHARDS):
-            # From the cold tier: a worker cut off from Redis indexes cases there alone.
-            record = await self._store.get_fresh(f"{INDEX_PREFIX}{shard}")
+            shard_id = f"{INDEX_PREFIX}{shard}"
+            try:
+                # From the cold tier: a worker cut off from Redis indexes cases there alone.
+                record = await self._store.get_fresh(shard_id)
+            except StateError as error:
+                if unread is None:
+                    raise
+                log.exception("run index shard %s could not be read", shard_id)
+                unread[shard_id] = f"{type(error).__name__}: {error}"
+                errors.append(error)
+                continue
             if record is not None:
                 cases.extend(sorted(record.sections.get("cases", {})))
+        if len(errors) == INDEX_SHARDS:
+            raise errors[0]  # the index, not one shard, is out of reach (a tier down)
         return cases
 
     async def forget(self, case_ids: Collection[str]) -> None:

@@ -505,13 +505,25 @@ class CaseService:
         return outcome
 
     async def resume(
-        self, case_id: str, *, wait_until_rest: bool = False, caller: Caller | None = None
+        self,
+        case_id: str,
+        *,
+        wait_until_rest: bool = False,
+        deadline: float | None = None,
+        caller: Caller | None = None,
     ) -> Outcome:
-        """Continue a stalled or failed run from its last checkpoint."""
+        """Continue a stalled or failed run from its last checkpoint. `deadline` (a
+        `time.monotonic()` time): with `wait_until_rest`, stop waiting then (the run goes on)."""
+        if not wait_until_rest:
+            wait_seconds: float | None = self._sync_wait
+        elif deadline is None:
+            wait_seconds = None
+        else:
+            wait_seconds = max(0.0, deadline - time.monotonic())
         with acting_for(caller):
-            return await self._resume(case_id, wait_until_rest)
+            return await self._resume(case_id, wait_seconds)
 
-    async def _resume(self, case_id: str, wait_until_rest: bool) -> Outcome:
+    async def _resume(self, case_id: str, wait_seconds: float | None) -> Outcome:
         await self._record(case_id)
 
         async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
@@ -527,7 +539,7 @@ class CaseService:
         return await self._launch(
             case_id,
             continue_run,
-            wait_seconds=None if wait_until_rest else self._sync_wait,
+            wait_seconds=wait_seconds,
             fresh=True,
             still=self._still(case_id, CaseStatus.STALLED, CaseStatus.FAILED),
         )
@@ -550,17 +562,24 @@ class CaseService:
             return self._message_input(case_id, record, entry["text"])
         return None
 
-    async def resume_stale(self) -> ResumeReport:
+    async def resume_stale(self, *, deadline: float | None = None) -> ResumeReport:
         """What the timer runs: resume every active case whose heartbeat went stale.
 
         Each case is isolated: whatever one case raises is logged and reported under
-        `failed`, and the other cases are still tried."""
+        `failed`, and the other cases are still tried. `deadline` (a `time.monotonic()`
+        time): a run still going then is left to go on, and the cases not looked at yet
+        are left for the next tick (under `skipped`)."""
         report = ResumeReport(resumed=[])
         with traced("case.resume_stale") as span:
             resting: list[str] = []
-            for case_id in await self._tracker.active_cases():
+            # A shard of the run index that cannot be read is reported as failed: the
+            # other shards' cases are still tried.
+            for case_id in await self._tracker.active_cases(unread=report.failed):
+                if deadline is not None and time.monotonic() >= deadline:
+                    report.skipped[case_id] = "left for the next tick: its time budget is spent"
+                    continue
                 try:
-                    if await self._resume_if_stale(case_id, report):
+                    if await self._resume_if_stale(case_id, report, deadline):
                         resting.append(case_id)
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
@@ -578,7 +597,9 @@ class CaseService:
             span.set_attribute("failed", len(report.failed))
         return report
 
-    async def _resume_if_stale(self, case_id: str, report: ResumeReport) -> bool:
+    async def _resume_if_stale(
+        self, case_id: str, report: ResumeReport, deadline: float | None
+    ) -> bool:
         """Resume the case if its run stalled; True if it rests, with nothing for the timer
         to do (it leaves the index)."""
         # From the cold tier: a hot copy may predate what a worker cut off from Redis wrote
@@ -594,7 +615,10 @@ class CaseService:
             # run and died before the next, a stop asked of a run nobody drives (paused for
             # review, or its worker dead): the queue's runner takes it from here.
             if (task := await self._start_queued(case_id)) is not None:
-                await task  # a Functions instance may freeze once the timer returns
+                # A Functions instance may freeze once the timer returns: wait, within the
+                # tick's budget (a run past it goes on; its lease keeps it from the next tick).
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait({task}, timeout=left)
                 report.resumed.append(case_id)
             return False
         if record is None or at_rest:
@@ -605,8 +629,9 @@ class CaseService:
         if not stale:
             report.skipped[case_id] = "heartbeat is fresh"
             return False
-        # The timer waits for the run: a Functions instance may freeze once it returns.
-        await self.resume(case_id, wait_until_rest=True)
+        # The timer waits for the run (within its budget): a Functions instance may freeze
+        # once it returns.
+        await self.resume(case_id, wait_until_rest=True, deadline=deadline)
         report.resumed.append(case_id)
         return False
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1006,8 +1007,12 @@ def _references(fields: dict[bytes, bytes]) -> list[Reference]:
         return found
     for name, value in fields.items():
         if name.startswith(b"b:"):
-            _, serde_type, payload = unpack(value)
-            if serde_type.decode() == REFERENCE_TYPE:
+            # A damaged field is its thread's trouble (`CorruptState`), not the drain's.
+            try:
+                _, serde_type, payload = unpack(value)
+            except (ValueError, struct.error) as exc:
+                raise CorruptState(f"unreadable write-behind blob field {name!r}: {exc}") from exc
+            if serde_type == REFERENCE_TYPE.encode():
                 found.append(Reference.decode(payload))
     return found
 
@@ -1063,5 +1068,5 @@ def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, EpochBy
             writes,
             upsert=fields[b"upsert"] == b"1",
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError, struct.error) as exc:
         raise CorruptState(f"unreadable write-behind entry of {thread_id!r}: {exc}") from exc

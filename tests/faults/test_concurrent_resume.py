@@ -270,15 +270,11 @@ async def test_two_workers_resume_the_same_stalled_case(
                 rivals: dict[str, bool] = {}
                 timer_resume: Callable[..., Awaitable[Outcome]] = right.runtime.service.resume
 
-                async def resume_against_a_rival(
-                    case_id: str, *, wait_until_rest: bool = False
-                ) -> Outcome:
+                async def resume_against_a_rival(case_id: str, **options: Any) -> Outcome:
                     # The rival starts the moment the timer has found the case stale and
                     # resumes it, so both pass the staleness check: a race on the run
                     # guard itself, not one the status check settles.
-                    timer_side = asyncio.ensure_future(
-                        timer_resume(case_id, wait_until_rest=wait_until_rest)
-                    )
+                    timer_side = asyncio.ensure_future(timer_resume(case_id, **options))
                     rival_side = asyncio.ensure_future(resumed(left, case_id))
                     await asyncio.wait({timer_side, rival_side})
                     rivals[case_id] = rival_side.result()

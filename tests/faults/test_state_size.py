@@ -185,3 +185,46 @@ async def test_large_state_round_trips(
     )
     assert mismatches == 0
     assert refused_raw["postgres"] is False
+
+
+async def test_a_checkpoint_spilling_many_values_keeps_every_document_within_an_item(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """Many mid-sized channel values: the checkpoint document spills most of them into
+    chunks. The document left must still fit the configured item limit (the emulator would
+    take it anyway; Cosmos refuses an item over its limit), and read back whole."""
+    from state.cold.cosmos_checkpoints import CosmosCheckpointStore
+    from state.cold.cosmos_client import CosmosConnection
+    from state.ports import StoredBlob, StoredCheckpoint
+
+    item_bytes = 20_000
+    settings = settings_for("cosmos")
+    connection = CosmosConnection(settings.cosmos)
+    try:
+        store = CosmosCheckpointStore(
+            connection, max_item_bytes=item_bytes, compress_threshold_bytes=10**9
+        )
+        await store.setup()
+        thread_id = f"spill-{uuid.uuid4().hex[:8]}"
+        rng = random.Random(5)
+        values = {f"channel-{n}": rng.randbytes(300) for n in range(100)}
+        checkpoint = StoredCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns="",
+            checkpoint_id="1",
+            parent_checkpoint_id=None,
+            checkpoint=("json", b"{}"),
+            metadata={},
+            channel_versions=dict.fromkeys(values, 1),
+        )
+        await store.put_checkpoint(
+            checkpoint, [StoredBlob(ch, 1, ("bytes", v)) for ch, v in values.items()]
+        )
+
+        sizes = await cosmos_items(settings, [thread_id])
+        assert max(sizes) <= item_bytes, sorted(sizes)[-3:]
+        stored = await store.get_checkpoint(thread_id, "", "1")
+        assert stored is not None and stored.blobs is not None
+        assert {channel: value[1] for channel, value in stored.blobs.items()} == values
+    finally:
+        await connection.close()

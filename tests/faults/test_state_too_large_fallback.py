@@ -15,6 +15,7 @@ import pytest
 from state.errors import StateTooLarge
 from state.ports import SectionWrite, WorkflowRecord
 from support_cases.models import CaseStatus, FollowUpStrategy, RunStatus
+from support_cases.records import write_sections
 from support_cases.runs import new_run_entry, new_run_section
 from support_cases.settings import AppSettings
 
@@ -105,3 +106,54 @@ async def test_a_follow_up_queued_while_a_too_large_run_start_falls_back_is_kept
         assert runs.get("run-second") == RunStatus.QUEUED.value, (
             f"the acknowledged follow-up run-second is gone from the queue: runs {runs}"
         )
+
+
+@pytest.mark.parametrize("backend", ["cosmos"])
+async def test_a_record_filled_by_inline_sections_still_takes_small_writes(
+    backend: str, settings_for: Callable[..., AppSettings]
+) -> None:
+    """Sections each under a quarter of an item stay inline, one write at a time, until
+    together they fill the record: a small write after that (a heartbeat, a note) must
+    still land, the inline sections moving out by reference, and every section read back."""
+    async with open_runtime(settings_for(backend, state_max_item_bytes=ITEM_BYTES)) as app:
+        store = app.runtime.store
+        case_id = f"too-large-{uuid.uuid4().hex[:8]}"
+        written: dict[str, Any] = {"run": {"status": "running"}}
+        await store.create(case_id, dict(written), agent_id="t")
+        for seed, name in enumerate(("billing", "account", "response", "policy")):
+            written[name] = filler(seed)
+            await store.update_section(case_id, name, written[name], agent_id="t")
+        for n in range(20):
+            written[f"note-{n}"] = filler(100 + n, size=250)
+            await store.update_section(case_id, f"note-{n}", written[f"note-{n}"], agent_id="t")
+
+        for read in (await store.get(case_id), await store.get_fresh(case_id)):
+            assert read is not None
+            assert read.sections == written
+
+
+@pytest.mark.parametrize("backend", ["cosmos"])
+async def test_a_record_filled_by_inline_sections_still_takes_multi_section_writes(
+    backend: str, settings_for: Callable[..., AppSettings]
+) -> None:
+    """The same through `write_sections` (a run's status and its runs, written together)."""
+    async with open_runtime(settings_for(backend, state_max_item_bytes=ITEM_BYTES)) as app:
+        store = app.runtime.store
+        case_id = f"too-large-{uuid.uuid4().hex[:8]}"
+        written: dict[str, Any] = {"run": {"status": "running"}}
+        await store.create(case_id, dict(written), agent_id="t")
+        for seed, name in enumerate(("billing", "account", "response", "policy")):
+            written[name] = filler(seed)
+            await store.update_section(case_id, name, written[name], agent_id="t")
+        for n in range(10):
+            notes = {f"note-{n}-{m}": filler(100 * n + m, size=150) for m in range(2)}
+            written.update(notes)
+            await write_sections(
+                store,
+                case_id,
+                lambda _, notes=notes: [SectionWrite(k, v, "t") for k, v in notes.items()],
+            )
+
+        for read in (await store.get(case_id), await store.get_fresh(case_id)):
+            assert read is not None
+            assert read.sections == written

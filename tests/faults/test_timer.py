@@ -10,7 +10,9 @@ the cold tier unavailable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -22,9 +24,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from state.errors import BackendUnavailable
 from state.settings import Settings
+from state.size import COMPRESSED_KEY
 from support_cases.maintenance import CASES_METRIC, SWEPT_METRIC, TimerMetrics, run_tick
 from support_cases.models import CaseStatus
-from support_cases.runs import RUN_SECTION, RunTracker, new_run_section, utcnow
+from support_cases.runs import RUN_SECTION, RunTracker, new_run_section, shard_of, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import REQUEST_SECTION, CaseService, Outcome, fingerprint
 
@@ -121,7 +124,7 @@ async def test_the_tick_finishes_logs_and_exports_its_counts(
 async def test_the_sweep_runs_even_when_the_run_index_cannot_be_read(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def unreadable() -> list[str]:
+    async def unreadable(**options: Any) -> list[str]:
         raise BackendUnavailable("postgres", "connection refused (injected)")
 
     monkeypatch.setattr(runtime.service._tracker, "active_cases", unreadable)
@@ -136,6 +139,77 @@ async def test_the_sweep_runs_even_when_the_run_index_cannot_be_read(
     with pytest.raises(BackendUnavailable):  # reported to the host, after the sweep
         await run_tick(runtime.service, meters=TimerMetrics(MeterProvider().get_meter("test")))
     assert swept == [0]
+
+
+async def test_a_run_that_outlasts_the_ticks_budget_leaves_the_tick_its_other_jobs(
+    settings_for: Callable[..., Settings], fresh_postgres_url: str
+) -> None:
+    """A resumed run that hangs (a step that never ends) is left going when the tick's budget
+    is spent: the tick still drains and sweeps, returns well before the Functions timeout,
+    and the next tick resumes the case the first one had no time for."""
+    hold = asyncio.Event()
+    held: list[str] = []
+
+    async def first_step_hangs(step: str) -> None:
+        if not held:
+            held.append(step)
+            await hold.wait()
+
+    settings = settings_for(
+        "postgres", postgres_url=fresh_postgres_url, case_stale_after_seconds=60
+    )
+    runtime = await Runtime.open(settings, after_step=first_step_hangs)
+    try:
+        cases = [f"timer-budget-{n}-{uuid.uuid4().hex[:8]}" for n in range(2)]
+        for case_id in cases:
+            await stale_case(runtime, case_id)
+        meters = TimerMetrics(MeterProvider().get_meter("test"))
+
+        started = time.monotonic()
+        async with asyncio.timeout(30):  # the tick must not wait for the hung run
+            first = await run_tick(runtime.service, meters=meters, budget_seconds=2)
+        assert time.monotonic() - started < 10
+        assert first.flushed is not None and first.swept is not None  # both jobs ran
+        assert first.failed == {}
+        hung = first.resumed[0]
+        (waiting,) = set(cases) - {hung}
+        assert "budget" in first.skipped[waiting]
+
+        second = await run_tick(runtime.service, meters=meters, budget_seconds=10)
+        assert second.resumed == [waiting]  # the hung run keeps its lease: skipped
+        assert hung in second.skipped
+        assert (await runtime.service.status(waiting)).status is CaseStatus.COMPLETED
+    finally:
+        hold.set()
+        await runtime.service.wait_idle()
+        await runtime.close()
+    assert held
+
+
+async def test_a_run_index_shard_that_fails_to_decode_costs_only_its_own_cases(
+    runtime: Runtime,
+) -> None:
+    """The run index is sharded: one shard's record that no longer decodes (a compressed
+    section whose data is damaged) must not hide the other shards' stale cases."""
+    cases = [f"timer-shard-{n}-{uuid.uuid4().hex[:8]}" for n in range(12)]
+    for case_id in cases:
+        await stale_case(runtime, case_id)
+    damaged = shard_of(cases[0])
+    record = await runtime.backends.cold.get(damaged)
+    assert record is not None
+    await runtime.backends.cold.update_section(
+        damaged,
+        "cases",
+        {COMPRESSED_KEY: {"codec": "zlib", "bytes": 10, "data": "bm90IHpsaWI="}},
+        expected_version=record.version,
+        agent_id="test",
+    )
+
+    report = await runtime.service.resume_stale()
+
+    hidden = {case_id for case_id in cases if shard_of(case_id) == damaged}
+    assert set(report.resumed) == set(cases) - hidden
+    assert damaged in report.failed and "CorruptState" in report.failed[damaged]
 
 
 def exported(reader: InMemoryMetricReader) -> dict[tuple[str, str | None], int]:

@@ -760,3 +760,36 @@ async def test_a_deleted_thread_stays_deleted_when_redis_evicted_the_deletes_flu
     held_back.go.set()
     await other_flushes[0]
     assert await tiers.store.get_checkpoint(thread_id, "", None) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{b"b:": b"\x00\x00"}, {b"head": b"[]"}],
+    ids=["truncated-blob-field", "head-not-an-object"],
+)
+async def test_a_malformed_log_entry_holds_back_its_thread_only(
+    tiers: WriteBehind, damage: dict[bytes, bytes]
+) -> None:
+    """An entry damaged in Redis (a truncated blob field, a head that is no object) is that
+    thread's trouble: the drain, the timer's included, still flushes every other thread."""
+    _, _, poisoned, _ = await invoked_once(tiers)
+    _, _, healthy, hot = await invoked_once(tiers)
+    key = log_key(tiers, poisoned)
+    entries = await tiers.redis.xrange(key)
+    await tiers.redis.delete(key)
+    for _, fields in entries:
+        damaged = {
+            name: next((v for prefix, v in damage.items() if name.startswith(prefix)), value)
+            for name, value in fields.items()
+        }
+        await tiers.redis.xadd(key, damaged)
+
+    await tiers.flusher.drain()
+
+    assert await tiers.redis.xlen(key) == len(entries)  # none acknowledged
+    assert await cold_latest_id(tiers, healthy) == hot.config["configurable"]["checkpoint_id"]
+    # Repaired, it flushes (and leaves no backlog behind for the tests that follow).
+    await tiers.redis.delete(key)
+    for _, fields in entries:
+        await tiers.redis.xadd(key, fields)
+    assert await tiers.flusher.flush_thread(poisoned) == len(entries)

@@ -62,15 +62,31 @@ async def test_a_refused_section_is_offloaded_and_written_again_at_the_same_vers
     assert fetched is not None and fetched.sections["d"] == value
 
 
-async def test_a_record_too_large_for_reasons_of_other_sections_is_refused_once() -> None:
+async def test_a_record_too_large_for_reasons_of_other_sections_moves_them_out() -> None:
     cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
     store = sized(cold, archive_to=MemoryColdStore())
-    await cold.create("t", {f"s{n}": noise(9000) for n in range(4)}, agent_id="x")
+    others = {f"s{n}": noise(9000) for n in range(4)}
+    await cold.create("t", dict(others), agent_id="x")
     cold.max_item_bytes = ITEM_LIMIT // 2  # what is already there no longer fits
-    big = noise(ITEM_LIMIT // 2)  # offloaded by the layer at once: nothing left to move
+    big = noise(ITEM_LIMIT // 2)  # offloaded by the layer at once
+    record = await store.update_section("t", "d", big, agent_id="x")
+    # Refused once, then one write at the same version with the largest others moved out.
+    assert cold.requests["update_section"] == 1 and cold.requests["update_sections"] == 1
+    assert record.version > 1 and record.sections == {**others, "d": big}
+    stored = await cold.get("t")
+    assert stored is not None and is_offloaded(stored.sections["d"])
+    assert any(is_offloaded(stored.sections[name]) for name in others)
+    fetched = await store.get("t")
+    assert fetched is not None and fetched.sections == {**others, "d": big}
+
+
+async def test_a_record_too_large_with_nothing_left_to_move_is_refused() -> None:
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold, archive_to=MemoryColdStore())
+    await cold.create("t", {"s": 0}, agent_id="x")
+    cold.max_item_bytes = 100  # not even a reference fits
     with pytest.raises(StateTooLarge):
-        await store.update_section("t", "d", big, agent_id="x")
-    assert cold.requests["update_section"] == 1
+        await store.update_section("t", "d", noise(ITEM_LIMIT // 2), agent_id="x")
     current = await cold.get("t")
     assert current is not None and current.version == 1
 
