@@ -160,7 +160,9 @@ class RunTracker:
         still: Callable[[WorkflowRecord], None] | None = None,
     ) -> int:
         """Record the run's status; returns how many runs are queued after it. `still`
-        is called with the record the write goes on (each try): it raises to refuse it."""
+        is called with the record the write goes on (each try): it raises to refuse it.
+        Raises `RunStopped`, writing nothing, for a run to be rolled back that would rest
+        completed or failed."""
 
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
@@ -187,22 +189,21 @@ class RunTracker:
                 entry is not None and entry["status"] == RunStatus.FAILED.value
             )
             # A rollback asked while the run's last step went found no step left to stop
-            # at: the run stays open at its end, for the queue's runner to roll it back.
-            to_roll_back = (
+            # at: the run does not rest, its queue's runner rolls it back. Marked completed
+            # or failed first, the case would be answered so, then taken back.
+            if (
                 status in (CaseStatus.COMPLETED, CaseStatus.FAILED)
                 and entry is not None
+                and entry["status"] in ACTIVE_RUN
                 and entry.get("stop") == FollowUpStrategy.ROLLBACK.value
-            )
-            if (
-                entry is not None
-                and not to_roll_back
-                and (
-                    resumed
-                    or (
-                        entry["status"] in ACTIVE_RUN
-                        and entry["status"] != RUN_AT_REST[status].value
-                    )
+            ):
+                raise RunStopped(
+                    f"run {run_id} ends rolled back, not {status.value}: follow-up run "
+                    f"{entry.get('stopped_by')} asked to roll it back during its last step"
                 )
+            if entry is not None and (
+                resumed
+                or (entry["status"] in ACTIVE_RUN and entry["status"] != RUN_AT_REST[status].value)
             ):
                 runs[runs.index(entry)] = (
                     {**entry, "status": RunStatus.RUNNING.value, "ended_at": None, "error": None}

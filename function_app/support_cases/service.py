@@ -952,6 +952,9 @@ class CaseService:
                     queued=waiting,
                 )
                 return True
+            except RunStopped as stopped:
+                log.info("case %s: %s", case_id, stopped)  # the queue's runner rolls it back
+                return True
             except Exception:
                 log.exception("case %s: could not record the failure", case_id)
         return False

@@ -6,7 +6,10 @@ so two processes starting at once queue instead of racing (the second sees the
 first one's records and applies nothing); running it again is a no-op.
 
 To change the schema, append a migration with the next id; never edit or
-reorder one that has shipped (databases have already applied it).
+reorder one that has shipped (databases have already applied it). A migration only
+adds (tables, columns with defaults, indexes, triggers that older code satisfies): in a
+rolling deploy the previous release runs against the new schema for minutes, and an app
+meeting a database migrated past what it knows applies nothing and goes on.
 """
 
 from __future__ import annotations

@@ -112,6 +112,49 @@ async def test_a_rollback_sent_during_the_runs_last_step_still_rolls_the_run_bac
         assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
 
 
+async def test_a_run_a_rollback_reached_in_its_last_step_is_never_shown_completed(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose last step a rollback reached is rolled back once it ends: until then
+    it is not at rest. Answering "completed" (with the response the rollback discards)
+    and announcing `run_completed` would acknowledge a result that is then taken back."""
+    checkpointer = runtime.graph.checkpointer
+    reached, release = asyncio.Event(), asyncio.Event()
+    delete_for_runs = checkpointer.adelete_for_runs
+
+    async def held_delete(run_ids: Any) -> None:
+        reached.set()
+        await release.wait()
+        await delete_for_runs(run_ids)
+
+    monkeypatch.setattr(checkpointer, "adelete_for_runs", held_delete)
+    gate.hold("response")
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 202, response.text
+    await asyncio.wait_for(gate.reached["response"].wait(), 30)
+    rollback = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": INVOICE, "strategy": "rollback"}
+    )
+    assert rollback.status_code == 202, rollback.text
+    gate.open()
+    await asyncio.wait_for(reached.wait(), 30)  # the queue's runner is rolling it back
+    try:
+        shown = (await client.get(f"/api/cases/{case_id}")).json()
+        intake = (await runs_of(client, case_id))[0]["run_id"]
+        found = await runtime.service.events.check(None).read(case_id, count=1000)
+        announced = [(event.data["event"], event.data.get("run_id")) for event in found]
+    finally:
+        release.set()
+    assert shown["status"] == "running", shown
+    assert ("run_completed", intake) not in announced, announced
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["rolled_back", "completed"], runs
+
+
 async def test_a_follow_up_queued_while_a_refused_resume_holds_the_case_is_run(
     client: httpx.AsyncClient,
     runtime: Runtime,
