@@ -13,6 +13,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -67,25 +68,29 @@ def gate() -> StepGate:
     return StepGate()
 
 
-# Each cold backend, and each write mode once (a run's checkpoints in Redis until its
-# boundary, or every step in the cold store).
-@pytest.fixture(
-    scope="module",
-    params=[("cosmos", "write-behind"), ("postgres", "write-through")],
-    ids=lambda param: "-".join(param),
-)
-async def runtime(
-    request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
+@asynccontextmanager
+async def gated_runtime(
+    e2e_settings: Callable[..., AppSettings],
+    gate: StepGate,
+    backend: str,
+    mode: str,
+    container_prefix: str,
 ) -> AsyncIterator[Runtime]:
-    backend, mode = request.param
-    # A short wait: a request answers 202 while the held run goes on. A Cosmos container
-    # of its own, dropped after: the emulator's cross-partition queries scan the whole
-    # container, and the suite's shared one should not grow by these cases for every test after.
+    """The app on `backend` in `mode` (`cold-only`: without Redis), its steps held by
+    `gate`. A short wait: a request answers 202 while the held run goes on. A Cosmos
+    container of its own, dropped after: the emulator's cross-partition queries scan the
+    whole container, and the suite's shared one should not grow by these cases for every
+    test after."""
     own = (
-        {"cosmos_container": f"conversation-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
+        {"cosmos_container": f"{container_prefix}-{uuid.uuid4().hex[:12]}"}
+        if backend == "cosmos"
+        else {}
     )
-    settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
-    assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
+    if mode == "cold-only":
+        settings = e2e_settings(backend, redis_url=None, case_sync_wait_seconds=0.5, **own)
+    else:
+        settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
+        assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
     opened = await Runtime.open(settings, after_step=gate.hook)
     try:
         yield opened
@@ -97,17 +102,41 @@ async def runtime(
             await drop_container(settings)
 
 
-@pytest.fixture
-async def client(
-    runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]]
+@asynccontextmanager
+async def gated_client(
+    runtime: Runtime, gate: StepGate, headers: dict[str, str]
 ) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app; once done, the held steps go on and the runs end."""
     transport = httpx.ASGITransport(app=create_app(runtime))
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://conversation.test", headers=bearer("e2e-client")
+        transport=transport, base_url="http://cases.test", headers=headers, timeout=60
     ) as http:
         yield http
     gate.open()
     await runtime.service.wait_idle()
+
+
+# Each cold backend, and each write mode once (a run's checkpoints in Redis until its
+# boundary, or every step in the cold store).
+@pytest.fixture(
+    scope="module",
+    params=[("cosmos", "write-behind"), ("postgres", "write-through")],
+    ids=lambda param: "-".join(param),
+)
+async def runtime(
+    request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
+) -> AsyncIterator[Runtime]:
+    backend, mode = request.param
+    async with gated_runtime(e2e_settings, gate, backend, mode, "conversation") as opened:
+        yield opened
+
+
+@pytest.fixture
+async def client(
+    runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with gated_client(runtime, gate, bearer("e2e-client")) as http:
+        yield http
 
 
 async def runs_of(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:

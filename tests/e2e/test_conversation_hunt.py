@@ -10,22 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from test_conversation import INVOICE, StepGate, conversation, customer_messages, escalated
+from test_conversation import (
+    INVOICE,
+    StepGate,
+    conversation,
+    customer_messages,
+    escalated,
+    gated_client,
+    gated_runtime,
+)
 
 from agent_state_cli.cli import sse_frames
-from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.service import run_lock_name
 from support_cases.settings import AppSettings
-from tests.support.cosmos import drop_container
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +47,16 @@ async def runtime(
     request: pytest.FixtureRequest, e2e_settings: Callable[..., AppSettings], gate: StepGate
 ) -> AsyncIterator[Runtime]:
     backend, mode = request.param
-    own = {"cosmos_container": f"conv-hunt-{uuid.uuid4().hex[:12]}"} if backend == "cosmos" else {}
-    settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
-    opened = await Runtime.open(settings, after_step=gate.hook)
-    try:
+    async with gated_runtime(e2e_settings, gate, backend, mode, "conv-hunt") as opened:
         yield opened
-    finally:
-        gate.open()
-        await opened.service.wait_idle()
-        await opened.close()
-        if own:
-            await drop_container(settings)
 
 
 @pytest.fixture
 async def client(
     runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]]
 ) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(runtime))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://hunt.test", headers=bearer("e2e-client"), timeout=60
-    ) as http:
+    async with gated_client(runtime, gate, bearer("e2e-client")) as http:
         yield http
-    gate.open()
-    await runtime.service.wait_idle()
 
 
 async def runs_of(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:
