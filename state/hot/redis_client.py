@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -346,6 +347,44 @@ def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=0.2, base=0.02)
 
 
+# How long after a failed token refresh it is tried again. A token is refreshed at 70 %
+# of its life (redis-entraid's default), which leaves 18 minutes of an hour's token.
+ENTRA_REFRESH_RETRY_SECONDS = 10.0
+
+
+def _retrying_refresh(provider: Any) -> Any:
+    """`provider` (redis-entraid's), trying a failed refresh again until one succeeds.
+
+    Alone, one failed refresh (its three attempts a few ms apart: the identity endpoint
+    unreachable for a moment) ends the refresh for the life of the client: redis-py's
+    error callback only raises, and nothing schedules the next. No connection is then
+    signed in again, and Azure drops each one when its token expires."""
+    manager = provider._token_mgr
+
+    def on_error(callback: Any) -> None:
+        if inspect.iscoroutinefunction(callback):
+
+            async def retry_async(_error: Exception) -> None:
+                asyncio.get_running_loop().call_later(
+                    ENTRA_REFRESH_RETRY_SECONDS,
+                    lambda: asyncio.ensure_future(manager._renew_token_async()),
+                )
+
+            provider._listener.on_error = retry_async
+        else:
+
+            def retry(_error: Exception) -> None:
+                # On the token manager's own loop (a thread of its own for a sync client).
+                asyncio.get_running_loop().call_later(
+                    ENTRA_REFRESH_RETRY_SECONDS, manager._renew_token
+                )
+
+            provider._listener.on_error = retry
+
+    provider.on_error = on_error
+    return provider
+
+
 def _entra_kwargs(settings: Settings) -> dict[str, Any]:
     from redis_entraid.cred_provider import (
         create_from_default_azure_credential,
@@ -368,7 +407,7 @@ def _entra_kwargs(settings: Settings) -> dict[str, Any]:
         "host": settings.redis_host,
         "port": settings.redis_port,
         "ssl": settings.redis_ssl,
-        "credential_provider": provider,
+        "credential_provider": _retrying_refresh(provider),
     }
 
 

@@ -1,0 +1,318 @@
+"""Entra ID tokens expire (about an hour in Azure): what the hot tier and Postgres do then.
+
+Azure Redis closes a connection whose token expired unless the client sent AUTH with a
+fresh one on it first; Postgres checks the token only when a connection opens. Here the
+tokens live seconds, and real servers play Azure's part: each Redis token is an ACL user
+of its own (named by the token's `oid`), killed and deleted when the token expires, so a
+connection still signed in with it is dropped as Azure drops it; Postgres's role takes
+each new token as its password, the old one no longer accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+import redis_entraid.cred_provider
+from azure.core.credentials import AccessToken
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from redis.auth.err import RequestTokenErr
+from redis.auth.idp import IdentityProviderInterface
+from redis.auth.token import SimpleToken, TokenInterface
+from redis.auth.token_manager import RetryPolicy, TokenManagerConfig
+from redis_entraid.cred_provider import (
+    DEFAULT_DELAY_IN_MS,
+    DEFAULT_EXPIRATION_REFRESH_RATIO,
+    DEFAULT_LOWER_REFRESH_BOUND_MILLIS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TOKEN_REQUEST_EXECUTION_TIMEOUT_IN_MS,
+    EntraIdCredentialsProvider,
+)
+
+from devstack import PostgresServer, RedisServer
+from devstack.servers import LOOPBACK
+from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.errors import BackendUnavailable
+from state.hot import redis_client
+from state.hot.redis_client import (
+    create_blocking_redis_client,
+    create_redis_client,
+    round_trip,
+    round_trip_blocking,
+)
+from state.hot.redis_events import RedisEventLog
+from state.settings import Settings
+
+TOKEN_SECONDS = 8.0
+RUN_SECONDS = 15.0
+
+
+class ExpiringTokens(IdentityProviderInterface):
+    """Entra ID for Redis: tokens that live `TOKEN_SECONDS`, each its own ACL user. A
+    token asked for without `force_refresh` is the cached one while it has most of its
+    life left, as azure-identity and MSAL hand out."""
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self._admin = admin
+        self._lock = threading.Lock()
+        self.issued: list[SimpleToken] = []
+        # While time.time() is in [start, end), refreshes fail (Entra ID or the managed
+        # identity endpoint briefly unreachable); a cached token is still handed out.
+        self.outage = (0.0, 0.0)
+        self.failed = 0
+        # redis-entraid keeps refreshing after its client closed (nothing stops its token
+        # manager): once the test is over, refreshes fail at once rather than reach a
+        # stopped server from the event loop later tests run on.
+        self.closed = False
+
+    def request_token(self, force_refresh: bool = False) -> TokenInterface:
+        with self._lock:
+            now = time.time() * 1000
+            if self.closed:
+                raise RequestTokenErr("test over")
+            if force_refresh and self.outage[0] <= now / 1000 < self.outage[1]:
+                self.failed += 1
+                raise RequestTokenErr("identity endpoint unreachable")
+            if (
+                not force_refresh
+                and self.issued
+                and self.issued[-1].get_expires_at_ms() - now > TOKEN_SECONDS * 1000 / 2
+            ):
+                return self.issued[-1]
+            user, secret = f"entra-{len(self.issued) + 1}", f"token-{len(self.issued) + 1}"
+            self._admin.acl_setuser(
+                user, enabled=True, passwords=[f"+{secret}"], keys=["~*"], commands=["+@all"]
+            )
+            token = SimpleToken(secret, now + TOKEN_SECONDS * 1000, now, {"oid": user})
+            self.issued.append(token)
+            return token
+
+    def expire(self) -> int:
+        """Drops the connections of every token past its expiry; how many there were."""
+        killed = 0
+        with self._lock:
+            now = time.time() * 1000
+            for token in self.issued:
+                user = token.try_get("oid")
+                if token.get_expires_at_ms() <= now and self._admin.acl_getuser(user):
+                    killed += int(self._admin.execute_command("CLIENT", "KILL", "USER", user))
+                    self._admin.acl_deluser(user)
+        return killed
+
+
+@pytest.fixture
+def entra_redis(
+    redis_server: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Settings, ExpiringTokens]]:
+    """A dedicated Redis signing the hot tier in with `ExpiringTokens` through the
+    project's own Entra wiring (`_entra_kwargs`), with redis-entraid's default refresh."""
+    server = redis_server()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    admin.config_set("requirepass", "admin")  # the default user: the admin only
+    admin = redis.Redis(host="127.0.0.1", port=server.port, password="admin")
+    tokens = ExpiringTokens(admin)
+    config = TokenManagerConfig(
+        DEFAULT_EXPIRATION_REFRESH_RATIO,
+        DEFAULT_LOWER_REFRESH_BOUND_MILLIS,
+        DEFAULT_TOKEN_REQUEST_EXECUTION_TIMEOUT_IN_MS,
+        RetryPolicy(DEFAULT_MAX_ATTEMPTS, DEFAULT_DELAY_IN_MS),
+    )
+
+    def provider(*_: Any, **__: Any) -> EntraIdCredentialsProvider:
+        return EntraIdCredentialsProvider(tokens, config)
+
+    monkeypatch.setattr(
+        redis_entraid.cred_provider, "create_from_default_azure_credential", provider
+    )
+    settings = Settings(
+        state_cold_backend="postgres",
+        postgres_url="postgresql://unused@127.0.0.1/unused",
+        redis_host="127.0.0.1",
+        redis_port=server.port,
+        redis_ssl=False,
+    )
+    try:
+        yield settings, tokens
+    finally:
+        tokens.closed = True
+        admin.close()
+
+
+async def _steady_use(settings: Settings, tokens: ExpiringTokens) -> tuple[list[str], int]:
+    """`RUN_SECONDS` of steady use of the hot tier: lean round trips (not resent, so a
+    dropped connection shows), the client's own commands, the SSE stream's blocking XREAD,
+    the blocking client's appends. The calls that failed, and how many connections were
+    still signed in with a token when it expired."""
+    client = create_redis_client(settings)
+    blocking = create_blocking_redis_client(settings)
+    events = RedisEventLog(client, namespace="ns", max_events=100, ttl_seconds=60)
+    errors: list[str] = []
+    killed = 0
+    stop = time.monotonic() + RUN_SECONDS
+
+    async def lean() -> None:
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            try:
+                await round_trip(client, [("SET", "lean", n)], resend=False)
+                await client.get("lean")
+            except Exception as error:
+                errors.append(f"async: {error!r}")
+            await asyncio.sleep(0.05)
+
+    async def stream() -> None:
+        while time.monotonic() < stop:
+            try:
+                await events.read("quiet", after="$", wait_ms=1500)
+            except Exception as error:
+                errors.append(f"xread: {error!r}")
+
+    def appends() -> None:
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            try:
+                round_trip_blocking(blocking, [("SET", "blocking", n)], resend=False)
+            except Exception as error:
+                errors.append(f"blocking: {error!r}")
+            time.sleep(0.05)
+
+    async def expire() -> None:
+        nonlocal killed
+        while time.monotonic() < stop:
+            killed += await asyncio.to_thread(tokens.expire)
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.gather(lean(), stream(), asyncio.to_thread(appends), expire())
+    finally:
+        await client.aclose()
+        blocking.close()
+    return errors, killed
+
+
+async def test_hot_tier_signs_in_again_before_each_token_expires(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """redis-entraid refreshes at 70 % of a token's life and sends AUTH on every pooled
+    connection (one in use, on its release): no call fails, no connection is dropped."""
+    settings, tokens = entra_redis
+    errors, killed = await _steady_use(settings, tokens)
+    assert len(tokens.issued) >= RUN_SECONDS / TOKEN_SECONDS, "tokens were not refreshed"
+    assert errors == []
+    assert killed == 0, f"{killed} connections still on an expired token"
+
+
+async def test_a_failed_refresh_is_tried_again_before_the_token_expires(
+    entra_redis: tuple[Settings, ExpiringTokens], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh due at 70 % of the first token's life fails (every attempt, for a
+    tenth of its life); the token still has minutes to live in Azure, and a later try
+    must sign the connections in again before it expires."""
+    settings, tokens = entra_redis
+    # Scaled as the token's life is (10 s of an hour's token).
+    monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RETRY_SECONDS", TOKEN_SECONDS / 20)
+    start = time.time()
+    tokens.outage = (start + TOKEN_SECONDS * 0.6, start + TOKEN_SECONDS * 0.75)
+    errors, killed = await _steady_use(settings, tokens)
+    assert tokens.failed > 0
+    assert errors == []
+    assert killed == 0, f"{killed} connections still on an expired token"
+
+
+# --------------------------------------------------------------------------- Postgres
+
+PG_ROLE = "entra_app"
+
+
+class RotatingPostgresToken:
+    """Entra ID for Postgres (an `AsyncTokenCredential`): the current token until the test
+    rotates it; a rotated token is the role's only password, as an expired one is no
+    longer accepted in Azure. Records the tokens handed out."""
+
+    def __init__(self, admin_url: str) -> None:
+        self._admin_url = admin_url
+        self.current = ""
+        self.handed_out: list[str] = []
+
+    def rotate(self) -> None:
+        self.current = f"token-{len(self.handed_out)}-{time.monotonic_ns()}"
+        with psycopg.connect(self._admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(PG_ROLE), sql.Literal(self.current)
+                )
+            )
+
+    async def get_token(self, *scopes: str, **_: object) -> AccessToken:
+        assert scopes == (ENTRA_SCOPE,)
+        self.handed_out.append(self.current)
+        return AccessToken(self.current, int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+@pytest.fixture
+def password_postgres(postgres_server: PostgresServer) -> str:
+    """The dedicated server checking passwords over TCP (the stack trusts every
+    connection), with a login role for the app; its admin's URL."""
+    hba = postgres_server.data_dir / "pg_hba.conf"
+    hba.write_text(
+        f"local all all trust\n"
+        f"host all postgres {LOOPBACK}/32 trust\n"
+        f"host all all {LOOPBACK}/32 scram-sha-256\n"
+    )
+    with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+        admin.execute("SELECT pg_reload_conf()")
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(PG_ROLE)))
+    return postgres_server.url
+
+
+async def test_postgres_pools_sign_in_with_the_token_current_when_they_connect(
+    password_postgres: str,
+) -> None:
+    """The pool outlives its first token: a connection it opens after the token changed
+    signs in with the new one, whether the old connections stay (Postgres checks a token
+    only at sign-in) or the server ends them (a restart, a failover)."""
+    credential = RotatingPostgresToken(password_postgres)
+    await asyncio.to_thread(credential.rotate)
+    url = make_conninfo(password_postgres, user=PG_ROLE)
+    settings = Settings(state_cold_backend="postgres", postgres_url=url)
+    pg = PostgresConnection(settings.postgres, credential=credential)
+    assert not pg.blocking_available  # the sync API goes through this pool instead
+    try:
+        async with pg.connection("first") as conn:
+            assert conn.info.password == credential.current
+        await asyncio.to_thread(credential.rotate)
+        # The old sessions still work; new ones (the pool grows) need the new token.
+        async with pg.connection("a") as a, pg.connection("b") as b, pg.connection("c") as c:
+            for conn in (a, b, c):
+                await conn.execute("SELECT 1")
+            assert credential.current in {a.info.password, b.info.password, c.info.password}
+        await asyncio.to_thread(credential.rotate)
+        with psycopg.connect(password_postgres, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (PG_ROLE,),
+            )
+        # One call may meet a connection the server ended; the next signs in afresh.
+        failed = 0
+        for _ in range(2):
+            try:
+                async with pg.connection("after") as conn:
+                    await conn.execute("SELECT 1")
+                    assert conn.info.password == credential.current
+            except BackendUnavailable:
+                failed += 1
+        assert failed <= 1
+    finally:
+        await pg.close()
