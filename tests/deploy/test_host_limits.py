@@ -1,0 +1,94 @@
+"""Limits only Azure enforces, checked offline against the files that set them.
+
+The Flex Consumption front end ends any HTTP request at 230 s whatever host.json says;
+host.json `functionTimeout` ends an invocation (the timer's included); the worker's
+Python is the Bicep `pythonVersion`, which the locks must have been resolved for.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+
+from support_cases.api import create_app
+from support_cases.maintenance import RESUME_BUDGET_SECONDS
+from support_cases.settings import AppSettings
+
+REPO = Path(__file__).resolve().parents[2]
+HOST_JSON = REPO / "function_app" / "host.json"
+ENTRY = REPO / "function_app" / "function_app.py"
+# Azure's load balancer idle timeout for an HTTP-triggered function, on every plan.
+HTTP_FRONT_END_SECONDS = 230
+
+
+def _seconds(timespan: str) -> int:
+    hours, minutes, seconds = (int(part) for part in timespan.split(":"))
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _timer_keywords() -> dict[str, object]:
+    for node in ast.walk(ast.parse(ENTRY.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "timer_trigger"
+        ):
+            return {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+    raise AssertionError("function_app.py registers no timer trigger")
+
+
+def test_a_timer_tick_fits_its_period_and_the_function_timeout() -> None:
+    timer = _timer_keywords()
+    seconds, minutes, *rest = str(timer["schedule"]).split()
+    # Every minute at second 0: six NCRONTAB fields, as the Functions host expects.
+    assert (seconds, minutes, rest) == ("0", "*/1", ["*", "*", "*", "*"])
+    period = 60
+    # A start-up tick on each scaled-out instance would resume the same runs N times.
+    assert timer["run_on_startup"] is False and timer["use_monitor"] is True
+    timeout = _seconds(json.loads(HOST_JSON.read_text())["functionTimeout"])
+    assert RESUME_BUDGET_SECONDS < period < timeout
+
+
+def test_no_request_outlives_the_http_front_end() -> None:
+    document = create_app().openapi()
+    parameters = document["paths"]["/api/cases/{case_id}/events"]["get"]["parameters"]
+    stream = next(p for p in parameters if p["name"] == "seconds")["schema"]
+    assert stream["maximum"] < HTTP_FRONT_END_SECONDS
+    sync_wait = AppSettings.model_fields["case_sync_wait_seconds"].metadata
+    assert max(getattr(bound, "le", 0) for bound in sync_wait) < HTTP_FRONT_END_SECONDS
+
+
+def test_host_json_uses_values_flex_consumption_accepts() -> None:
+    host = json.loads(HOST_JSON.read_text())
+    assert host["version"] == "2.0"
+    bundle = host["extensionBundle"]
+    assert bundle["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
+    assert bundle["version"] == "[4.*, 5.0.0)"
+    # Flex Consumption has no 10-minute cap, but a bounded timeout keeps a hung tick finite.
+    assert 0 < _seconds(host["functionTimeout"]) <= 4 * 3600
+
+
+def test_the_worker_python_versions_are_the_ones_the_locks_cover() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    supported = SpecifierSet(project["project"]["requires-python"])
+    lock_command = (REPO / "scripts" / "lock.sh").read_text()
+    locked_for = re.search(r"--python-version (\d+\.\d+)", lock_command)
+    assert locked_for is not None
+    for bicep in (REPO / "infra" / "main.bicep", REPO / "infra" / "modules" / "function-app.bicep"):
+        text = bicep.read_text()
+        declared = re.search(
+            r"@allowed\(\[\s*([^\]]*)\]\)\s*param pythonVersion string = '([\d.]+)'", text
+        )
+        assert declared is not None, bicep
+        allowed = re.findall(r"'([\d.]+)'", declared.group(1))
+        # Every version Bicep lets the worker run is one pyproject (hence the lock) supports,
+        # and the default is the one the locks were resolved for.
+        assert allowed and all(f"{version}.0" in supported for version in allowed), bicep
+        assert declared.group(2) == locked_for.group(1), bicep
+    # Universal: markers for every supported version stay in, and each wheel has its hash.
+    assert "--universal" in lock_command and "--generate-hashes" in lock_command
