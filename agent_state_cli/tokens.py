@@ -42,13 +42,18 @@ def access_token(api: str) -> str | None:
 
 
 def _stack_issuer() -> str | None:
-    """The issuer of a running `agent-state stack up`, if any."""
+    """The issuer of a running `agent-state stack up`, if any: one its state file still
+    names but that is no longer running lends nothing (the call then says it cannot reach
+    the API, not that the issuer gave no token)."""
     from devstack.stack import StateFileUnreadable, status
 
     try:
-        env = status().get("env")
+        found = status()
     except StateFileUnreadable as error:
         raise TokenUnavailable(str(error)) from error
+    env, alive = found.get("env"), found.get("alive")
+    if not (isinstance(alive, dict) and alive.get("issuer")):
+        return None
     return str(env["AUTH_ISSUER"]) if isinstance(env, dict) and env.get("AUTH_ISSUER") else None
 
 
