@@ -30,6 +30,7 @@ from state.cold.cosmos_store import CosmosStateStore
 from state.errors import BackendUnavailable, VersionConflict, WorkflowExists
 from state.ports import StoredBlob, StoredCheckpoint
 from state.settings import Settings
+from tests.support.cosmos import stores_over
 from tests.support.cosmos_faults import Fault, FaultKind, FaultyTransport, Operation
 
 from .conftest import Recorder
@@ -64,19 +65,8 @@ class Cosmos:
 async def cosmos(settings_for: Callable[..., Settings]) -> AsyncIterator[Cosmos]:
     settings = settings_for("cosmos", redis_url=None)
     transport = FaultyTransport()
-    connection = CosmosConnection(settings.cosmos, transport=transport)
-    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-    checkpoints = CosmosCheckpointStore(
-        connection,
-        max_item_bytes=settings.state_max_item_bytes,
-        compress_threshold_bytes=settings.state_compress_threshold_bytes,
-    )
-    await cold.setup()
-    await checkpoints.setup()
-    try:
+    async with stores_over(settings, transport) as (_, cold, checkpoints):
         yield Cosmos(cold, checkpoints, transport)
-    finally:
-        await connection.close()
 
 
 def arm(cosmos: Cosmos, kind: FaultKind, operations: Sequence[Operation], body: str | None) -> None:

@@ -22,6 +22,7 @@ from state.errors import VersionConflict
 from state.ports import CheckpointPut, SectionWrite, StoredBlob, StoredCheckpoint, StoredWrite
 from state.settings import Settings
 from state.size import ColdRecordArchive
+from tests.support.cosmos import stores_over
 from tests.support.cosmos_limits import REQUEST_BYTES, LimitedTransport
 
 
@@ -38,18 +39,8 @@ class Limited:
 async def limited(settings_for: Callable[..., Settings]) -> AsyncIterator[Limited]:
     settings = settings_for("cosmos", redis_url=None)
     transport = LimitedTransport()
-    connection = CosmosConnection(settings.cosmos, transport=transport)
-    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
-    checkpoints = CosmosCheckpointStore(
-        connection,
-        max_item_bytes=settings.state_max_item_bytes,
-        compress_threshold_bytes=settings.state_compress_threshold_bytes,
-    )
-    await cold.setup()
-    try:
+    async with stores_over(settings, transport) as (connection, cold, checkpoints):
         yield Limited(cold, checkpoints, transport, settings, connection)
-    finally:
-        await connection.close()
 
 
 def text(size: int) -> str:

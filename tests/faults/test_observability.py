@@ -204,6 +204,21 @@ async def test_cold_tier_out_health_is_down_and_requests_answer_503_with_retry_a
                 postgres_proxy.restore()
 
 
+def metered() -> tuple[InMemoryMetricReader, AppMetrics]:
+    """The app's meters on a reader of the test's own."""
+    reader = InMemoryMetricReader()
+    return reader, AppMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+
+
+def sampled_backlog(app: Any, meters: AppMetrics) -> BacklogSampler:
+    """A backlog sampler the test refreshes itself, its gauges on `meters`."""
+    flusher = app.runtime.backends.flusher
+    assert flusher is not None
+    sampler = BacklogSampler(flusher.backlog, interval_seconds=3600)
+    meters.register_backlog_source(sampler.latest)
+    return sampler
+
+
 def read_metrics(reader: InMemoryMetricReader) -> dict[str, dict[tuple[Any, ...], Any]]:
     found: dict[str, dict[tuple[Any, ...], Any]] = {}
     data = reader.get_metrics_data()
@@ -220,8 +235,7 @@ def read_metrics(reader: InMemoryMetricReader) -> dict[str, dict[tuple[Any, ...]
 @pytest.mark.slow
 async def test_cache_metrics_count_no_cold_fallback_as_a_hit(wired: Any) -> None:
     settings, redis_proxy, _, _ = wired
-    reader = InMemoryMetricReader()
-    meters = AppMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    reader, meters = metered()
     async with open_runtime(settings()) as app:
         store = app.runtime.store
         meters.register_backends(app.runtime.backends, store)
@@ -248,13 +262,11 @@ async def test_cache_metrics_count_no_cold_fallback_as_a_hit(wired: Any) -> None
 @pytest.mark.slow
 async def test_backlog_gauges_after_flushall(wired: Any) -> None:
     settings, _, postgres_proxy, redis = wired
-    reader = InMemoryMetricReader()
-    meters = AppMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    reader, meters = metered()
     async with open_runtime(settings()) as app:
+        sampler = sampled_backlog(app, meters)
         flusher = app.runtime.backends.flusher
         assert flusher is not None
-        sampler = BacklogSampler(flusher.backlog, interval_seconds=3600)
-        meters.register_backlog_source(sampler.latest)
         graph = chat_graph(app.runtime.saver)
         thread, other = (f"obs-flushall-{n}-{uuid.uuid4().hex[:8]}" for n in range(2))
         for started in (thread, other):  # a new thread's first read needs the cold tier
@@ -299,13 +311,11 @@ async def test_backlog_gauges_after_flushall(wired: Any) -> None:
 @pytest.mark.slow
 async def test_backlog_gauges_go_silent_not_stale_while_redis_is_blackholed(wired: Any) -> None:
     settings, redis_proxy, postgres_proxy, _ = wired
-    reader = InMemoryMetricReader()
-    meters = AppMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    reader, meters = metered()
     async with open_runtime(settings()) as app:
+        sampler = sampled_backlog(app, meters)
         flusher = app.runtime.backends.flusher
         assert flusher is not None
-        sampler = BacklogSampler(flusher.backlog, interval_seconds=3600)
-        meters.register_backlog_source(sampler.latest)
         graph = chat_graph(app.runtime.saver)
         thread = f"obs-silent-{uuid.uuid4().hex[:8]}"
         await graph.ainvoke({"messages": ["hi"]}, config(thread), durability="async")

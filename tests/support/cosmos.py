@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+from azure.core.pipeline.transport import AsyncHttpTransport
+
+from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_store import CosmosStateStore
 from state.settings import Settings
 
 
@@ -37,5 +43,26 @@ async def drop_container(settings: Settings) -> None:
         container = await connection.container()
         database = connection._client.get_database_client(settings.cosmos_database)  # type: ignore[union-attr]
         await database.delete_container(container)
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def stores_over(
+    settings: Settings, transport: AsyncHttpTransport
+) -> AsyncIterator[tuple[CosmosConnection, CosmosStateStore, CosmosCheckpointStore]]:
+    """The record and checkpoint stores of `settings`, set up, on one connection whose
+    requests go through `transport` (a test's faulty or limit-enforcing one)."""
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    checkpoints = CosmosCheckpointStore(
+        connection,
+        max_item_bytes=settings.state_max_item_bytes,
+        compress_threshold_bytes=settings.state_compress_threshold_bytes,
+    )
+    try:
+        await cold.setup()
+        await checkpoints.setup()
+        yield connection, cold, checkpoints
     finally:
         await connection.close()
