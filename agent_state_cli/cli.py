@@ -42,7 +42,7 @@ from rich.text import Text
 from support_cases.demo import demo_case
 from support_cases.models import FollowUpStrategy
 
-from .tokens import TokenUnavailable, access_token
+from .tokens import InsecureApi, TokenUnavailable, access_token
 
 if TYPE_CHECKING:
     from devstack import PortInUse, StateFileUnreadable
@@ -193,12 +193,18 @@ def stack_down(workdir: WorkdirOption = None) -> None:
     import devstack
 
     try:
-        stopped = devstack.down(_stack_workdir(workdir))
+        found = devstack.down(_stack_workdir(workdir))
     except devstack.StateFileUnreadable as unreadable:
         _report_unreadable(unreadable)
         raise typer.Exit(1) from unreadable
-    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-    if stopped:
+    stopped = ", ".join(found.stopped) if found.stopped else "nothing was running"
+    console.print(f"stopped: {stopped}")
+    if found.dead:
+        # Otherwise a server that crashed earlier would pass unnoticed.
+        console.print(
+            f"[yellow]already stopped before `stack down`: {', '.join(found.dead)}[/yellow]"
+        )
+    if found.stopped:
         console.print(f"note: {_memory_only_note()}")
 
 
@@ -371,6 +377,9 @@ def _request(
 def _auth_headers(api: str) -> dict[str, str]:
     try:
         token = access_token(api)
+    except InsecureApi as error:
+        errors.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
     except TokenUnavailable as error:
         errors.print(f"[red]no access token: {error}[/red]")
         raise typer.Exit(2) from error

@@ -10,6 +10,7 @@
    principal from the environment, or a managed identity).
 
 None applies: no token is sent, and the API answers 401 saying what is missing.
+A token is never sent over plain `http://` to an address other than loopback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,19 @@ class TokenUnavailable(Exception):
     """A token source applies but could not produce a token."""
 
 
+class InsecureApi(TokenUnavailable):
+    """The token would travel in clear text to another machine."""
+
+
 def access_token(api: str) -> str | None:
+    token = _found_token(api)
+    where = urlsplit(api)
+    if token and where.scheme != "https" and where.hostname not in LOOPBACK_HOSTS:
+        raise InsecureApi(f"refusing to send a bearer token to {api} unencrypted: use https://")
+    return token
+
+
+def _found_token(api: str) -> str | None:
     explicit = os.environ.get("AGENT_STATE_TOKEN")
     if explicit:
         return explicit

@@ -229,19 +229,29 @@ def status(workdir: Path = DEFAULT_WORKDIR) -> dict[str, object]:
     return {**description, "alive": alive, "running": any(alive.values())}
 
 
-def down(workdir: Path = DEFAULT_WORKDIR) -> list[str]:
+@dataclass(frozen=True)
+class Stopped:
+    """What `down` found: servers it stopped, and recorded ones that had already died."""
+
+    stopped: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+
+
+def down(workdir: Path = DEFAULT_WORKDIR) -> Stopped:
     """Stop the servers recorded by `up` (by pid), then forget them."""
     path = state_file(workdir)
     description = _recorded(path)
     if description is None:
-        return []
-    stopped = []
+        return Stopped()
+    found = Stopped()
     for name, info in _mapping(description["servers"]).items():
         if isinstance(info, dict) and _alive(info):
             stop_pid(int(info["pid"]))
-            stopped.append(name)
+            found.stopped.append(name)
+        else:
+            found.dead.append(name)
     path.unlink()
-    return stopped
+    return found
 
 
 def _alive(info: dict[str, object]) -> bool:

@@ -55,3 +55,29 @@ def test_a_running_stacks_issuer_is_asked(recorded_stack: Path) -> None:
     record(recorded_stack, issuer_started=started)
     with pytest.raises(tokens.TokenUnavailable, match=re.escape("http://127.0.0.1:9")):
         tokens.access_token("http://127.0.0.1:7071")
+
+
+@pytest.mark.parametrize(
+    "api", ["http://api.example.com", "http://10.0.0.4:7071", "HTTP://api.example.com"]
+)
+def test_a_token_never_travels_unencrypted_to_another_machine(
+    recorded_stack: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    monkeypatch.setenv("AGENT_STATE_TOKEN", "secret")
+    with pytest.raises(tokens.InsecureApi, match="https"):
+        tokens.access_token(api)
+
+
+@pytest.mark.parametrize(
+    "api", ["https://api.example.com", "http://127.0.0.1:7071", "http://[::1]:7071"]
+)
+def test_a_token_goes_over_https_or_to_loopback(
+    recorded_stack: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    monkeypatch.setenv("AGENT_STATE_TOKEN", "secret")
+    assert tokens.access_token(api) == "secret"
+
+
+def test_an_api_without_a_token_is_called_over_http(recorded_stack: Path) -> None:
+    """Nothing to leak: the API answers 401 itself, saying what is missing."""
+    assert tokens.access_token("http://api.example.com") is None

@@ -217,6 +217,20 @@ def test_a_recorded_pid_now_used_by_another_program_is_left_alone(workdir: Path)
         other.wait()
 
 
+def test_stack_down_names_a_server_that_had_already_died(workdir: Path) -> None:
+    up = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+    assert up.returncode == 0, up.stdout + up.stderr
+    redis_pid = devstack.status(workdir)["servers"]["redis"]["pid"]  # type: ignore[index]
+    os.kill(redis_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(redis_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    down = agent_state("stack", "down", "--workdir", str(workdir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped: cosmos, issuer" in down.stdout, down.stdout
+    assert "already stopped before `stack down`: redis" in down.stdout, down.stdout
+
+
 @pytest.mark.parametrize("command", [("status",), ("down",), ("up", *FREE_PORTS)])
 def test_an_unreadable_state_file_is_named_not_a_traceback(
     workdir: Path, command: tuple[str, ...]
