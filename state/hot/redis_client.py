@@ -5,10 +5,12 @@ the hot path's commands in lean round trips (`round_trip`, `run_script`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import inspect
+import logging
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -18,8 +20,12 @@ import redis.asyncio as aioredis
 import redis.connection
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
+from redis.auth.err import RequestTokenErr
+from redis.auth.idp import IdentityProviderInterface
+from redis.auth.token import TokenInterface
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.credentials import StreamingCredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,6 +34,8 @@ from redis.typing import EncodableT
 
 from ..errors import SettingsError
 from ..settings import ColdBackend, Settings
+
+log = logging.getLogger(__name__)
 
 REDIS_ENTRA_SCOPE = "https://redis.azure.com/.default"
 POSTGRES_DEFAULT_PORT = "5432"
@@ -77,7 +85,7 @@ def create_redis_client(settings: Settings) -> aioredis.Redis:
     if settings.redis_url is not None:
         client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
     else:
-        client = aioredis.Redis(**_entra_kwargs(settings), **kwargs)
+        client = _EntraRedis(**_entra_kwargs(settings), **kwargs)
     pool = client.connection_pool
     pool.connection_class = _BOUNDED_SENDS.get(pool.connection_class, pool.connection_class)
     return client
@@ -330,7 +338,7 @@ def create_blocking_redis_client(settings: Settings) -> redis.Redis:
     if settings.redis_url is not None:
         client = redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
     else:
-        client = redis.Redis(**_entra_kwargs(settings), **kwargs)
+        client = _BlockingEntraRedis(**_entra_kwargs(settings), **kwargs)
     pool = client.connection_pool
     pool.connection_class = _BLOCKING_FAIL_FAST.get(pool.connection_class, pool.connection_class)
     return client
@@ -347,42 +355,138 @@ def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=0.2, base=0.02)
 
 
-# How long after a failed token refresh it is tried again. A token is refreshed at 70 %
-# of its life (redis-entraid's default), which leaves 18 minutes of an hour's token.
+# A token is refreshed once this share of the life it had left when it came has passed
+# (redis-entraid's default). azure-identity and MSAL hand back their cached token until
+# it is due (5 minutes before an hour's token expires): the new one may come only then.
+ENTRA_REFRESH_RATIO = 0.7
+# How long after a failed token refresh it is tried again.
 ENTRA_REFRESH_RETRY_SECONDS = 10.0
 
 
-def _retrying_refresh(provider: Any) -> Any:
-    """`provider` (redis-entraid's), trying a failed refresh again until one succeeds.
+class EntraTokens(StreamingCredentialProvider):
+    """Entra ID tokens for one Redis client from redis-entraid's identity provider
+    (azure-identity or MSAL), refreshed before they expire. In place of redis-entraid's
+    token manager, which
+    - asks the identity endpoint on the event loop: a managed identity endpoint taking
+      2 s stalled every call of the hot tier, and timed them out (measured);
+    - keeps refreshing once its client is closed (a timer no close reaches, holding the
+      credential and the client);
+    - deadlocks a blocking client first used on a thread running an event loop: it
+      waits there for its first refresh, scheduled on that very loop;
+    - ends the refresh for the life of the client after one failed one (redis-py's error
+      callback only raises): no connection is signed in again, and Azure drops each when
+      its token expires.
+    The async client's refresh is a task on its loop, the blocking client's a thread;
+    `stop` (closing the client) ends either."""
 
-    Alone, one failed refresh (its three attempts a few ms apart: the identity endpoint
-    unreachable for a moment) ends the refresh for the life of the client: redis-py's
-    error callback only raises, and nothing schedules the next. No connection is then
-    signed in again, and Azure drops each one when its token expires."""
-    manager = provider._token_mgr
+    def __init__(self, identity: IdentityProviderInterface) -> None:
+        self.identity = identity  # redis-entraid's: azure-identity or MSAL
+        self._on_next: Callable[[TokenInterface], Any] | None = None
+        self._refresh: asyncio.Task[None] | threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._stopped = threading.Event()
 
-    def on_error(callback: Any) -> None:
-        if inspect.iscoroutinefunction(callback):
+    def on_next(self, callback: Callable[[TokenInterface], Any]) -> None:
+        self._on_next = callback
 
-            async def retry_async(_error: Exception) -> None:
-                asyncio.get_running_loop().call_later(
-                    ENTRA_REFRESH_RETRY_SECONDS,
-                    lambda: asyncio.ensure_future(manager._renew_token_async()),
+    def on_error(self, callback: Callable[[Exception], Any]) -> None:
+        """Not called: a failed refresh is tried again here instead."""
+
+    def is_streaming(self) -> bool:
+        return self._refresh is not None
+
+    def get_credentials(self) -> tuple[str, str]:
+        token = self.identity.request_token()
+        with self._start_lock:
+            if self._refresh is None and not self._stopped.is_set():
+                self._refresh = threading.Thread(
+                    target=self._refresh_blocking, args=(token,), name="entra-refresh", daemon=True
                 )
+                self._refresh.start()
+        return _entra_credentials(token)
 
-            provider._listener.on_error = retry_async
-        else:
+    async def get_credentials_async(self) -> tuple[str, str]:
+        token = await asyncio.to_thread(self.identity.request_token)
+        if self._refresh is None and not self._stopped.is_set():
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_async(token))
+        return _entra_credentials(token)
 
-            def retry(_error: Exception) -> None:
-                # On the token manager's own loop (a thread of its own for a sync client).
-                asyncio.get_running_loop().call_later(
-                    ENTRA_REFRESH_RETRY_SECONDS, manager._renew_token
-                )
+    def stop(self) -> None:
+        self._stopped.set()
+        refresh = self._refresh
+        if isinstance(refresh, asyncio.Task) and not refresh.done():
+            # RuntimeError: its loop is closed, the task went with it.
+            with contextlib.suppress(RuntimeError):
+                refresh.get_loop().call_soon_threadsafe(refresh.cancel)
 
-            provider._listener.on_error = retry
+    async def _refresh_async(self, token: TokenInterface) -> None:
+        delay = _refresh_in(token)
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                token = await asyncio.to_thread(self._new_token)
+                if self._stopped.is_set():
+                    return
+                assert self._on_next is not None  # set when the client was built
+                await self._on_next(token)
+            # Whatever failed (the identity endpoint, signing a connection in), the refresh
+            # must go on: it alone keeps the connections signed in.
+            except Exception as error:
+                log.warning("Entra ID token refresh for Redis failed: %r", error)
+                delay = ENTRA_REFRESH_RETRY_SECONDS
+            else:
+                delay = _refresh_in(token)
 
-    provider.on_error = on_error
-    return provider
+    def _refresh_blocking(self, token: TokenInterface) -> None:
+        delay = _refresh_in(token)
+        while not self._stopped.wait(delay):
+            try:
+                token = self._new_token()
+                assert self._on_next is not None  # set when the client was built
+                self._on_next(token)
+            except Exception as error:  # as in `_refresh_async`
+                log.warning("Entra ID token refresh for Redis failed: %r", error)
+                delay = ENTRA_REFRESH_RETRY_SECONDS
+            else:
+                delay = _refresh_in(token)
+
+    def _new_token(self) -> TokenInterface:
+        token = self.identity.request_token(force_refresh=True)
+        if token.is_expired():
+            raise RequestTokenErr("the identity provider handed out an expired token")
+        return token
+
+
+def _refresh_in(token: TokenInterface) -> float:
+    """Seconds until `token` is refreshed. A share of the life it has left, not of its
+    whole life: a credential may hand back a cached token already part used."""
+    return ENTRA_REFRESH_RATIO * max(token.ttl(), 0.0) / 1000
+
+
+def _entra_credentials(token: TokenInterface) -> tuple[str, str]:
+    return token.try_get("oid"), token.get_value()
+
+
+def _stop_refresh(client: redis.Redis | aioredis.Redis) -> None:
+    provider = client.connection_pool.connection_kwargs.get("credential_provider")
+    if isinstance(provider, EntraTokens):
+        provider.stop()
+
+
+class _EntraRedis(aioredis.Redis):
+    """Ends its token refresh once closed."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        _stop_refresh(self)
+        await super().aclose(close_connection_pool)
+
+
+class _BlockingEntraRedis(redis.Redis):
+    """Ends its token refresh once closed."""
+
+    def close(self) -> None:
+        _stop_refresh(self)
+        super().close()
 
 
 def _entra_kwargs(settings: Settings) -> dict[str, Any]:
@@ -407,7 +511,8 @@ def _entra_kwargs(settings: Settings) -> dict[str, Any]:
         "host": settings.redis_host,
         "port": settings.redis_port,
         "ssl": settings.redis_ssl,
-        "credential_provider": _retrying_refresh(provider),
+        # Its identity provider only: `EntraTokens` replaces its token manager.
+        "credential_provider": EntraTokens(provider._idp),
     }
 
 

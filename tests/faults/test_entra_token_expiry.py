@@ -67,14 +67,18 @@ class ExpiringTokens(IdentityProviderInterface):
         # identity endpoint briefly unreachable); a cached token is still handed out.
         self.outage = (0.0, 0.0)
         self.failed = 0
-        # redis-entraid keeps refreshing after its client closed (nothing stops its token
-        # manager): once the test is over, refreshes fail at once rather than reach a
-        # stopped server from the event loop later tests run on.
+        # Once the test is over, a refresh fails at once rather than reach a stopped server
+        # (a client the test left open).
         self.closed = False
+        # How long issuing a new token takes (a slow managed identity endpoint), and how
+        # many tokens were asked for.
+        self.latency = 0.0
+        self.requests = 0
 
     def request_token(self, force_refresh: bool = False) -> TokenInterface:
         with self._lock:
             now = time.time() * 1000
+            self.requests += 1
             if self.closed:
                 raise RequestTokenErr("test over")
             if force_refresh and self.outage[0] <= now / 1000 < self.outage[1]:
@@ -86,6 +90,8 @@ class ExpiringTokens(IdentityProviderInterface):
                 and self.issued[-1].get_expires_at_ms() - now > TOKEN_SECONDS * 1000 / 2
             ):
                 return self.issued[-1]
+            time.sleep(self.latency)
+            now = time.time() * 1000
             user, secret = f"entra-{len(self.issued) + 1}", f"token-{len(self.issued) + 1}"
             self._admin.acl_setuser(
                 user, enabled=True, passwords=[f"+{secret}"], keys=["~*"], commands=["+@all"]
@@ -112,7 +118,7 @@ def entra_redis(
     redis_server: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Settings, ExpiringTokens]]:
     """A dedicated Redis signing the hot tier in with `ExpiringTokens` through the
-    project's own Entra wiring (`_entra_kwargs`), with redis-entraid's default refresh."""
+    project's own Entra wiring (`_entra_kwargs`, `EntraTokens`)."""
     server = redis_server()
     admin = redis.Redis(host="127.0.0.1", port=server.port)
     admin.config_set("requirepass", "admin")  # the default user: the admin only
@@ -316,3 +322,84 @@ async def test_postgres_pools_sign_in_with_the_token_current_when_they_connect(
         assert failed <= 1
     finally:
         await pg.close()
+
+
+# --------------------------------------------------------------------------- the token manager
+
+
+async def test_a_slow_identity_endpoint_does_not_stall_the_event_loop(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """A new token takes 2 s to come (a slow managed identity endpoint): the first sign-in
+    and the refresh at 70 % of the token's life wait for it, other calls on the loop
+    do not."""
+    settings, tokens = entra_redis
+    tokens.latency = 2.0
+    client = create_redis_client(settings)
+    stalls: list[float] = []
+    # Past the refresh: 2 s to sign in, 70 % of the token's life, 2 s for the new token.
+    stop = time.monotonic() + TOKEN_SECONDS * 0.7 + 2 * tokens.latency + 1
+
+    async def ticker() -> None:
+        while time.monotonic() < stop:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            stalls.append(time.monotonic() - before)
+
+    async def calls() -> None:
+        while time.monotonic() < stop:
+            await client.set("k", "v")
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.gather(ticker(), calls())
+    finally:
+        await client.aclose()
+    assert len(tokens.issued) >= 2, "the token was not refreshed"
+    assert max(stalls) < 0.5, f"the loop stalled for {max(stalls):.2f} s"
+
+
+@pytest.mark.parametrize("kind", ["async", "blocking"])
+async def test_a_closed_client_asks_for_no_more_tokens(
+    entra_redis: tuple[Settings, ExpiringTokens], kind: str
+) -> None:
+    """Once the client is closed its token refresh stops: nothing keeps asking the
+    identity endpoint for tokens (nor holds the credential and the client)."""
+    settings, tokens = entra_redis
+    if kind == "async":
+        client = create_redis_client(settings)
+        await client.set("k", "v")
+        await client.aclose()
+    else:
+        blocking = create_blocking_redis_client(settings)
+        await asyncio.to_thread(blocking.set, "k", "v")
+        blocking.close()
+    asked = tokens.requests
+    await asyncio.sleep(TOKEN_SECONDS * 0.9)  # past the refresh due at 70 %
+    assert tokens.requests == asked, f"{tokens.requests - asked} tokens asked for after close"
+
+
+def test_the_blocking_client_signs_in_on_a_thread_running_another_loop(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """The saver's sync API runs on its caller's thread, which may be running an event
+    loop of its own (a sync graph called from async code): the blocking client's first
+    command there signs in and answers, and its token is refreshed."""
+    settings, tokens = entra_redis
+    blocking = create_blocking_redis_client(settings)
+    answers: list[Any] = []
+
+    async def sync_call_inside_a_loop() -> None:
+        answers.append(blocking.set("k", "v"))
+
+    thread = threading.Thread(target=asyncio.run, args=(sync_call_inside_a_loop(),), daemon=True)
+    thread.start()
+    thread.join(5)
+    try:
+        assert not thread.is_alive(), "the first command hung"
+        assert answers == [True]
+        time.sleep(TOKEN_SECONDS * 0.9)  # the loop that thread ran is gone by now
+        assert len(tokens.issued) >= 2, "the token was not refreshed"
+        assert blocking.set("k", "w")
+    finally:
+        blocking.close()

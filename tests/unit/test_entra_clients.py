@@ -29,6 +29,7 @@ from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.hot import redis_client
 from state.hot.redis_client import (
     REDIS_ENTRA_SCOPE,
+    EntraTokens,
     create_blocking_redis_client,
     create_redis_client,
 )
@@ -290,7 +291,9 @@ async def test_redis_host_uses_the_user_assigned_identity_over_tls(
         assert call_kwargs["id_type"] is ManagedIdentityIdType.CLIENT_ID
         assert call_kwargs["id_value"] == CLIENT_ID
         assert call_kwargs["resource"] == "https://redis.azure.com"
-        assert kwargs["credential_provider"] is provider
+        # Its identity provider, refreshed by `EntraTokens` (not redis-entraid's manager).
+        assert isinstance(kwargs["credential_provider"], EntraTokens)
+        assert kwargs["credential_provider"].identity is provider._idp
         assert kwargs["host"] == REDIS_HOST and kwargs["port"] == 10000
         assert issubclass(client.connection_pool.connection_class, aioredis.SSLConnection)
         assert kwargs.get("password") is None and kwargs.get("username") is None
@@ -307,7 +310,9 @@ async def test_redis_host_without_a_client_id_uses_the_default_chain(
         ((factory, (args, call_kwargs), provider),) = recorded_redis_providers
         assert factory == "create_from_default_azure_credential"
         assert tuple(args[0] if args else call_kwargs["scopes"]) == (REDIS_ENTRA_SCOPE,)
-        assert kwargs["credential_provider"] is provider
+        # Its identity provider, refreshed by `EntraTokens` (not redis-entraid's manager).
+        assert isinstance(kwargs["credential_provider"], EntraTokens)
+        assert kwargs["credential_provider"].identity is provider._idp
         # REDIS_PORT / REDIS_SSL unset: Azure Cache for Redis's TLS port.
         assert kwargs["port"] == 6380
         assert issubclass(client.connection_pool.connection_class, aioredis.SSLConnection)
