@@ -208,7 +208,7 @@ async def _steady_use(settings: Settings, tokens: ExpiringTokens) -> tuple[list[
 async def test_hot_tier_signs_in_again_before_each_token_expires(
     entra_redis: tuple[Settings, ExpiringTokens],
 ) -> None:
-    """redis-entraid refreshes at 70 % of a token's life and sends AUTH on every pooled
+    """The hot tier refreshes at 70 % of the life a token has left and sends AUTH on every pooled
     connection (one in use, on its release): no call fails, no connection is dropped."""
     settings, tokens = entra_redis
     errors, killed = await _steady_use(settings, tokens)
