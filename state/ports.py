@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -301,6 +301,8 @@ class ColdRetention(Protocol):
         limit: int,
         now: float | None = None,
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
+        spare: Collection[str] = (),
+        deadline: float | None = None,
     ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
@@ -313,6 +315,11 @@ class ColdRetention(Protocol):
         deleted and the sweep stops with the error (`state.retention` drops the
         thread's hot state there, so a failure to reach Redis leaves it for the next
         sweep).
+        `spare`: threads not deleted by this sweep, expired or not (the timer's cases due to
+        be resumed). On Cosmos, a spared thread not written again before its slice is
+        passed is not looked at again until it is (it is kept, not deleted).
+        `deadline` (a `time.monotonic()` time): no batch (Postgres) or thread (Cosmos) is
+        started after it; the next sweep takes the rest.
         """
 
 

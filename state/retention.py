@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
 from .errors import BackendUnavailable
@@ -76,6 +76,8 @@ class TieredRetention:
         limit: int,
         now: float | None = None,
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
+        spare: Collection[str] = (),
+        deadline: float | None = None,
     ) -> int:
         forgotten: list[str] = []
         try:
@@ -88,7 +90,9 @@ class TieredRetention:
                     forgotten.append(thread_id)
                     return fence if told is None else max(fence or 0, told)
 
-                return await self._cold.sweep(limit=limit, now=now, expiring=forget)
+                return await self._cold.sweep(
+                    limit=limit, now=now, expiring=forget, spare=spare, deadline=deadline
+                )
         finally:
             for thread_id in forgotten:
                 await self._drop_cached(thread_id)

@@ -61,6 +61,7 @@ RUN_AT_REST = {
 ACTIVE_RUN = frozenset({RunStatus.RUNNING.value, RunStatus.AWAITING_REVIEW.value})
 INDEX_PREFIX = "support-cases-active-runs-"
 INDEX_SHARDS = 8
+INDEX_IDS = tuple(f"{INDEX_PREFIX}{shard}" for shard in range(INDEX_SHARDS))
 STOPPING = frozenset({FollowUpStrategy.INTERRUPT.value, FollowUpStrategy.ROLLBACK.value})
 # Statuses during which nobody is working on the case and nobody needs to.
 AT_REST = frozenset({CaseStatus.AWAITING_REVIEW, CaseStatus.COMPLETED, CaseStatus.FAILED})
@@ -410,8 +411,7 @@ class RunTracker:
         error is raised when no shard could be read, or at once without `unread`."""
         cases: list[str] = []
         errors: list[StateError] = []
-        for shard in range(INDEX_SHARDS):
-            shard_id = f"{INDEX_PREFIX}{shard}"
+        for shard_id in INDEX_IDS:
             try:
                 # From the cold tier: a worker cut off from Redis indexes cases there alone.
                 record = await self._store.get_fresh(shard_id)

@@ -24,7 +24,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -82,6 +82,7 @@ from .models import (
 from .records import MAX_ATTEMPTS, UNCHANGED, write_section
 from .runs import (
     AT_REST,
+    INDEX_IDS,
     INDEX_PREFIX,
     RETENTION_SECTION,
     RUN_SECTION,
@@ -716,11 +717,22 @@ class CaseService:
             return None
         return self._spawn(self._pump(case_id, guard))
 
-    async def sweep_expired(self, *, limit: int = SWEEP_LIMIT) -> int:
+    async def sweep_expired(
+        self,
+        *,
+        limit: int = SWEEP_LIMIT,
+        deadline: float | None = None,
+        spare: Collection[str] = (),
+    ) -> int:
         """The timer's other job: delete up to `limit` threads whose last activity is older
-        than the cold TTL, whole (a case held for review never is); returns how many."""
+        than the cold TTL, whole (a case held for review never is, nor one in `spare`: the
+        tick's cases due to be resumed); returns how many. No more are started after
+        `deadline` (a `time.monotonic()` time): the next tick takes the rest."""
+        # Nor the run index: a shard no case entered or left for a TTL still lists the cases
+        # the timer has to resume.
+        spare = {*spare, *INDEX_IDS}
         with traced("case.sweep_expired") as span:
-            swept = await self._retention.sweep(limit=limit)
+            swept = await self._retention.sweep(limit=limit, spare=spare, deadline=deadline)
             span.set_attribute("swept", swept)
         return swept
 
@@ -759,11 +771,12 @@ class CaseService:
             oldest_age_seconds=found.oldest_age_seconds,
         )
 
-    async def drain_backlog(self) -> int:
-        """The timer's write-behind pass: flush what dead workers left (entries applied)."""
+    async def drain_backlog(self, *, deadline: float | None = None) -> int:
+        """The timer's write-behind pass: flush what dead workers left (entries applied),
+        taking no thread after `deadline` (the rest stays in the log for the next tick)."""
         if self._flusher is None:
             return 0
-        return await self._flusher.drain_abandoned()
+        return await self._flusher.drain_abandoned(deadline=deadline)
 
     async def close(self) -> None:
         """Stop driving runs (they resume later from their checkpoints)."""

@@ -152,6 +152,10 @@ class _Drained:
     cold_out: bool = False  # stopped by the cold tier being unreachable
 
 
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 class Flusher:
     def __init__(self, log: WriteBehindLog, store: CheckpointStore, *, lock_ttl_ms: int) -> None:
         self.log = log
@@ -346,19 +350,27 @@ class Flusher:
         limit: int | None = None,
         adopt_after: float | None = None,
         unflushed_for: float = 0.0,
+        deadline: float | None = None,
     ) -> int:
         """Flush listed threads (oldest backlog first) until none is left that this
         flusher can take, or `limit` entries were applied; returns entries applied.
         `adopt_after`: take a thread this worker did not append to only once this flusher
         has seen it listed for that long (the background pass; see ADOPT_AFTER_SECONDS).
-        `unflushed_for`: only threads whose oldest unflushed entry is that old."""
+        `unflushed_for`: only threads whose oldest unflushed entry is that old.
+        `deadline` (a `time.monotonic()` time): no thread is taken, nor another batch
+        applied, after it; what is left stays in the log for the next pass."""
         applied, _ = await self._drain(
-            limit=limit, adopt_after=adopt_after, unflushed_for=unflushed_for
+            limit=limit, adopt_after=adopt_after, unflushed_for=unflushed_for, deadline=deadline
         )
         return applied
 
     async def _drain(
-        self, *, limit: int | None, adopt_after: float | None, unflushed_for: float
+        self,
+        *,
+        limit: int | None,
+        adopt_after: float | None,
+        unflushed_for: float,
+        deadline: float | None = None,
     ) -> tuple[int, bool]:
         """`drain`, and whether it stopped because the cold tier was unreachable."""
         self._take_appended_elsewhere()  # which threads are this worker's own
@@ -368,7 +380,7 @@ class Flusher:
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
         seen: set[str] = set()
         cold_out = False
-        while limit is None or total < limit:
+        while (limit is None or total < limit) and not _past(deadline):
             listed = await self.log.dirty_threads(
                 limit=LISTED_THREADS, skip=skip, unflushed_for=unflushed_for
             )
@@ -376,7 +388,9 @@ class Flusher:
                 break
             seen.update(thread for thread, _ in listed)
             taken = [thread for thread, _ in listed if self._takes(thread, adopt_after)]
-            results = await asyncio.gather(*(self._take(thread, slots) for thread in taken))
+            results = await asyncio.gather(
+                *(self._take(thread, slots, deadline) for thread in taken)
+            )
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
             if not any(result.applied or result.unlisted for result in done):
@@ -395,14 +409,15 @@ class Flusher:
             self._foreign = {t: at for t, at in self._foreign.items() if t in seen}
         return total, cold_out
 
-    async def drain_abandoned(self) -> int:
+    async def drain_abandoned(self, *, deadline: float | None = None) -> int:
         """The timer's pass: flush the threads no worker flushed for ADOPT_AFTER_SECONDS
         (their worker died or stopped). A live worker flushes its own within
         WAKE_DELAY_MAX_SECONDS, so its threads are left to it: taken here, a run's thread
         would cost its worker a lock handover and its chunks again. Returns entries
         applied. The timer's runtime is new each tick, so this reads the age from the
-        log, not from what this flusher has seen (`adopt_after`)."""
-        return await self.drain(unflushed_for=ADOPT_AFTER_SECONDS)
+        log, not from what this flusher has seen (`adopt_after`). `deadline`: as `drain`'s
+        (a tick must end before the next is due)."""
+        return await self.drain(unflushed_for=ADOPT_AFTER_SECONDS, deadline=deadline)
 
     def _takes(self, thread_id: str, adopt_after: float | None) -> bool:
         if adopt_after is None:
@@ -412,16 +427,20 @@ class Flusher:
             return True
         return now - self._foreign.setdefault(thread_id, now) >= adopt_after
 
-    async def _take(self, thread_id: str, slots: asyncio.Semaphore) -> _Drained | None:
-        """Flush the thread unless another flusher has it (None)."""
+    async def _take(
+        self, thread_id: str, slots: asyncio.Semaphore, deadline: float | None = None
+    ) -> _Drained | None:
+        """Flush the thread unless another flusher has it, or `deadline` passed (None)."""
         async with slots:
+            if _past(deadline):
+                return None
             asked_at = time.monotonic()
             token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
             if token is None:
                 return None
             lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
             try:
-                return await self._drain_locked(lease)
+                return await self._drain_locked(lease, deadline)
             except BackendUnavailable as exc:
                 log.warning("write-behind flush of %r failed: %s", thread_id, exc)
                 return _Drained(lease.applied, False, cold_out=exc.backend != self.log.name)
@@ -432,7 +451,8 @@ class Flusher:
             finally:
                 await lease.release()
 
-    async def _drain_locked(self, lease: _Lease) -> _Drained:
+    async def _drain_locked(self, lease: _Lease, deadline: float | None = None) -> _Drained:
+        """Apply the thread's backlog; past `deadline`, the rest stays listed for later."""
         thread_id = lease.thread_id
         marker = await self.log.marker(thread_id)
         while True:
@@ -461,6 +481,8 @@ class Flusher:
             self.flushed_entries += len(entries)
             if left == 0:
                 break
+            if _past(deadline):
+                return _Drained(lease.applied, False)
         unlisted = False
         if marker is not None:
             unlisted = await self.log.settle(thread_id, marker)

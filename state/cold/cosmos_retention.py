@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from ..size import ARCHIVE_SEPARATOR
@@ -122,6 +122,8 @@ class CosmosRetention:
         limit: int,
         now: float | None = None,
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
+        spare: Collection[str] = (),
+        deadline: float | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -136,8 +138,10 @@ class CosmosRetention:
             end = min(cutoff, start + SLICE_SECONDS)
             seen = await self._threads_in(start, end)
             for thread_id in seen:
-                if swept >= limit:
+                if swept >= limit or (deadline is not None and time.monotonic() >= deadline):
                     return swept  # this slice again next time: not all of it was settled
+                if thread_id in spare:
+                    continue
                 if await self._sweep_thread(thread_id, cutoff, expiring):
                     swept += 1
             # Past a quiet stretch in one step: the next slice starts at the next write.

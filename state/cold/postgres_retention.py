@@ -28,7 +28,8 @@ the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from ..size import ARCHIVE_SEPARATOR
 from .postgres_checkpoints import RAISE_FENCE_SQL
@@ -55,6 +56,7 @@ OR EXISTS (
     SELECT 1 FROM cp_checkpoints AS n
     WHERE n.thread_id = {thread}.thread_id AND n.created_at >= {cutoff}
 )
+OR {thread}.thread_id = ANY(%(spare)s::text[])
 """
 _CUTOFF = "coalesce(to_timestamp(%(now)s::float8), now()) - %(ttl)s * interval '1 second'"
 _IS_ARCHIVE = "strpos({thread_id}, '" + ARCHIVE_SEPARATOR + "') > 0"
@@ -165,12 +167,16 @@ class PostgresRetention:
         limit: int,
         now: float | None = None,
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
+        spare: Collection[str] = (),
+        deadline: float | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
-        while swept < limit:
-            deleted = await self._sweep_batch(min(SWEEP_BATCH, limit - swept), now, expiring)
+        while swept < limit and (deadline is None or time.monotonic() < deadline):
+            deleted = await self._sweep_batch(
+                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare)
+            )
             if not deleted:
                 break
             swept += deleted
@@ -183,11 +189,13 @@ class PostgresRetention:
         limit: int,
         now: float | None,
         expiring: Callable[[str], Awaitable[int | None]] | None,
+        spare: list[str],
     ) -> int:
-        params: dict[str, int | float | None] = {
+        params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
             "limit": limit,
             "now": now,
+            "spare": spare,
         }
         async with self._pg.transaction("sweep") as conn:
             expired = await _expired(conn, params, limit)
@@ -210,7 +218,7 @@ class PostgresRetention:
 
 
 async def _expired(
-    conn: CountedConnection, params: dict[str, int | float | None], limit: int
+    conn: CountedConnection, params: dict[str, int | float | list[str] | None], limit: int
 ) -> list[str]:
     """Up to `limit` expired threads: with records, checkpoints only, orphan archives."""
     expired = await _thread_ids(conn, EXPIRED_RECORDS_SQL, params)

@@ -356,6 +356,33 @@ async def test_a_held_thread_is_never_swept(cold_backend: str, open_cold: Open) 
         assert await archive_ids(backends, thread_id) == archives  # archive records too
 
 
+async def test_a_spared_thread_is_not_swept(cold_backend: str, open_cold: Open) -> None:
+    """`spare`: the timer's cases due to be resumed stay, expired or not; the others go."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        spared, other = unique_thread("spared"), unique_thread("other")
+        await seed_references(backends, spared)
+        await step_two(backends, spared)
+        archives = await archive_ids(backends, spared)
+        await seed(backends, other)
+        now = await age_everything(backends, spared, other, *archives)
+        assert await backends.retention.sweep(limit=100, now=now, spare=[spared]) == 1
+        assert await references_intact(backends, spared)
+        assert await archive_ids(backends, spared) == archives
+        assert not await intact(backends, other)
+
+
+async def test_a_sweep_past_its_deadline_starts_nothing(cold_backend: str, open_cold: Open) -> None:
+    """`deadline`: no deletion starts after it; the next sweep deletes what it left."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("deadline")
+        await seed(backends, thread_id)
+        now = await age_everything(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now, deadline=time.monotonic()) == 0
+        assert await intact(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert not await intact(backends, thread_id)
+
+
 async def test_keep_forever_sweeps_nothing(cold_backend: str, open_cold: Open) -> None:
     async with open_cold(cold_backend, state_cold_ttl_seconds=-1) as backends:
         thread_id = unique_thread("forever")

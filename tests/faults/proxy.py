@@ -10,6 +10,8 @@ in the test's loop, in other threads, or in subprocesses. Only ever forwards
   byte crosses in either direction (a partition; clients hit their timeouts).
 - `restore()`: forward again. Connections that lived through a blackhole are
   reset (bytes were lost, the stream is broken); clients reconnect on their own.
+- `latency_seconds`: each chunk is held that long before it is forwarded, either way
+  (a slow or distant server: every round trip costs twice that).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LoopbackProxy:
         self.port = port or free_port()
         self.stats = ProxyStats()
         self._mode: CutMode | None = None
+        self.latency_seconds = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -151,6 +154,8 @@ class LoopbackProxy:
                 data = await source.read(65536)
                 if not data:
                     break
+                if self.latency_seconds:
+                    await asyncio.sleep(self.latency_seconds)
                 if self._mode is not None:
                     self.stats.bytes_dropped += len(data)
                     continue

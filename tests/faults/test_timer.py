@@ -14,17 +14,23 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
+from langgraph.checkpoint.base import empty_checkpoint
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from state.checkpoint import flusher as flusher_module
+from state.cold import postgres_retention
 from state.errors import BackendUnavailable
 from state.settings import Settings
 from state.size import COMPRESSED_KEY
+from support_cases import maintenance
 from support_cases.maintenance import CASES_METRIC, SWEPT_METRIC, TimerMetrics, run_tick
 from support_cases.models import CaseStatus
 from support_cases.runs import RUN_SECTION, RunTracker, new_run_section, shard_of, utcnow
@@ -32,6 +38,7 @@ from support_cases.runtime import Runtime
 from support_cases.service import REQUEST_SECTION, CaseService, Outcome, fingerprint
 
 from .apps import submission
+from .proxy import LoopbackProxy
 
 
 @pytest.fixture
@@ -225,3 +232,158 @@ def exported(reader: InMemoryMetricReader) -> dict[tuple[str, str | None], int]:
                         point.value  # type: ignore[union-attr]
                     )
     return values
+
+
+COLD_TTL = 3600
+
+
+@pytest.fixture
+def slow_postgres(fresh_postgres_url: str) -> Iterator[tuple[str, LoopbackProxy]]:
+    """The test's database behind a proxy whose latency the test sets (a slow cold tier)."""
+    target = int(str(conninfo_to_dict(fresh_postgres_url)["port"]))
+    with LoopbackProxy(target) as proxy:
+        yield make_conninfo(fresh_postgres_url, host="127.0.0.1", port=str(proxy.port)), proxy
+
+
+async def backdate(url: str, seconds: int) -> None:
+    """Every thread's last activity `seconds` into the past (the sweep reads the server's clock)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for table, column in (("workflow_records", "updated_at"), ("cp_checkpoints", "created_at")):
+            await conn.execute(
+                f"UPDATE {table} SET {column} = {column} - make_interval(secs => %s)",
+                (seconds,),
+            )
+
+
+def quiet_meters() -> TimerMetrics:
+    return TimerMetrics(MeterProvider().get_meter("test"))
+
+
+async def test_the_drain_stops_taking_threads_once_its_budget_is_spent(
+    settings_for: Callable[..., Settings],
+    slow_postgres: tuple[str, LoopbackProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Write-behind backlogs dead workers left, more than a slow cold tier takes in one tick:
+    the tick stops taking threads once its drain budget is spent (returning long before the
+    next tick is due), leaves the rest in the log, and later ticks flush all of it."""
+    url, proxy = slow_postgres
+    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.5)
+    monkeypatch.setattr(maintenance, "DRAIN_BUDGET_SECONDS", 1.0, raising=False)
+    runtime = await Runtime.open(
+        settings_for("postgres", postgres_url=url, state_write_mode="write-behind")
+    )
+    try:
+        flusher = runtime.backends.flusher
+        assert flusher is not None
+        await flusher.stop()  # the dead workers': nobody flushes their backlog but the timer
+        threads = [f"timer-drain-{n}-{uuid.uuid4().hex[:8]}" for n in range(400)]
+        for thread_id in threads:
+            config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+            await runtime.saver.aput(config, empty_checkpoint(), {"step": -1}, {})
+        await asyncio.sleep(0.6)  # left behind
+        proxy.latency_seconds = 0.05
+
+        started = time.monotonic()
+        first = await run_tick(runtime.service, meters=quiet_meters())
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"one tick drained for {elapsed:.1f} s: {first.flushed} threads"
+        assert first.flushed is not None and 0 < first.flushed < len(threads)
+
+        proxy.latency_seconds = 0.0
+        for _ in range(20):
+            if not await flusher.log.dirty_threads(limit=1):
+                break
+            await run_tick(runtime.service, meters=quiet_meters())
+        for thread_id in threads:  # nothing the first tick left was lost
+            assert await runtime.backends.checkpoints.get_checkpoint(thread_id, "", None)
+    finally:
+        proxy.latency_seconds = 0.0
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+async def test_the_sweep_stops_once_its_budget_is_spent(
+    settings_for: Callable[..., Settings],
+    slow_postgres: tuple[str, LoopbackProxy],
+    fresh_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More expired threads than a slow cold tier deletes in one tick: the tick's sweep stops
+    once its budget is spent and the next ticks delete the rest."""
+    url, proxy = slow_postgres
+    monkeypatch.setattr(maintenance, "SWEEP_BUDGET_SECONDS", 1.0, raising=False)
+    # Batches small enough that one takes about the budget at this latency.
+    monkeypatch.setattr(postgres_retention, "SWEEP_BATCH", 25)
+    runtime = await Runtime.open(
+        settings_for("postgres", postgres_url=url, state_cold_ttl_seconds=COLD_TTL)
+    )
+    try:
+        threads = [f"timer-sweep-{n}-{uuid.uuid4().hex[:8]}" for n in range(300)]
+        for thread_id in threads:
+            await runtime.backends.cold.create(thread_id, {"n": 0}, agent_id="test")
+        await backdate(fresh_postgres_url, 2 * COLD_TTL)
+        proxy.latency_seconds = 0.02
+
+        started = time.monotonic()
+        first = await run_tick(runtime.service, meters=quiet_meters())
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"one tick swept for {elapsed:.1f} s: {first.swept} threads"
+        assert first.swept is not None and 0 < first.swept < len(threads)
+
+        proxy.latency_seconds = 0.0
+        swept = first.swept
+        for _ in range(20):
+            tick = await run_tick(runtime.service, meters=quiet_meters())
+            assert tick.swept is not None
+            swept += tick.swept
+            if not tick.swept:
+                break
+        assert swept == len(threads)
+    finally:
+        proxy.latency_seconds = 0.0
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("why", ["budget", "failure"])
+async def test_a_stale_case_the_tick_did_not_resume_is_not_swept_by_it(
+    why: str,
+    settings_for: Callable[..., Settings],
+    fresh_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A case whose worker died long enough ago that it is idle past the cold TTL is due to be
+    resumed: a tick that did not resume it (its budget spent, or its resume failed) must not
+    delete its state in its own sweep, and a later tick resumes it."""
+    runtime = await Runtime.open(
+        settings_for(
+            "postgres",
+            postgres_url=fresh_postgres_url,
+            case_stale_after_seconds=60,
+            state_cold_ttl_seconds=COLD_TTL,
+        )
+    )
+    try:
+        case_id = f"timer-due-{why}-{uuid.uuid4().hex[:8]}"
+        await stale_case(runtime, case_id)
+        await backdate(fresh_postgres_url, 2 * COLD_TTL)
+        if why == "failure":
+            cut_cold_tier_for(runtime.service, case_id, monkeypatch)
+
+        first = await run_tick(
+            runtime.service, meters=quiet_meters(), budget_seconds=0 if why == "budget" else 40
+        )
+        assert case_id in (first.skipped if why == "budget" else first.failed)
+        assert await runtime.backends.cold.get(case_id) is not None, "swept before its resume"
+        # The index shard listing it, idle as long (nothing else in it changed), too.
+        assert await runtime.backends.cold.get(shard_of(case_id)) is not None, "index swept"
+
+        monkeypatch.undo()
+        second = await run_tick(runtime.service, meters=quiet_meters())
+        assert second.resumed == [case_id]
+        await runtime.service.wait_idle()
+        assert (await runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()

@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -640,6 +640,8 @@ class MemoryRetention:
         limit: int,
         now: float | None = None,
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
+        spare: Collection[str] = (),
+        deadline: float | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
@@ -650,7 +652,9 @@ class MemoryRetention:
                 owner = self._owner(thread_id)
                 last[owner] = max(last.get(owner, 0.0), at, self._released_at.get(owner, 0.0))
         expired = [
-            t for t, at in sorted(last.items()) if t not in self._held and at + self._ttl < clock
+            t
+            for t, at in sorted(last.items())
+            if t not in self._held and t not in spare and at + self._ttl < clock
         ][:limit]
         for owner in expired:
             if expiring is not None:
