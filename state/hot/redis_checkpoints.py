@@ -1,9 +1,13 @@
 """Hot copy of the latest LangGraph checkpoint per (thread, namespace) in Redis.
 
-One hash per (thread, namespace), key `{thread_id}:<store>:cp3:{ns}` (hash-tagged,
+One hash per (thread, namespace), key `{thread_id}:<store>:cp4:{ns}` (hash-tagged,
 so a thread's keys share a cluster slot; `<store>` names the cold store cached,
 so stores sharing one Redis stay apart; the digit is the entry format, so code
-that changes the format never reads entries written by the previous one). Fields:
+that changes the format never reads entries written by the previous one). The log and
+the cold tier are shared by all formats, so during a rolling deploy across a bump each
+version would serve its own entry, stale once the other took a turn: whatever changes
+or deletes an entry deletes the neighbouring formats' (`other_formats`) in the same
+step, and the other version misses and reads the log and the cold tier. Fields:
 
 - `id`: the cached checkpoint's id, which every script compares byte-wise so
   the cache only ever moves forward;
@@ -107,6 +111,10 @@ T = TypeVar("T")
 # without its channel versions, `zlib+` types); code at 2 would fail in the serde.
 # 4: large values by reference to an epoch (`redis_values`), which 3 would take for values.
 ENTRY_FORMAT = 4
+# The formats whose code may share Redis with this one (a rolling deploy crosses one bump,
+# either way: an upgrade or a rollback): every change to an entry deletes theirs. Both
+# sides must do so, so a bump ships after a release of the format it replaces that does.
+NEIGHBOUR_FORMATS = (-1, 1)
 # Key kind of a thread's write-behind log (`redis_write_behind`): a cache miss checks it.
 LOG_KIND = "wb-log"
 # Key kinds of the thread's epochs the log refers to (entries per epoch), and of those
@@ -296,17 +304,18 @@ end
 """
 )
 
-# KEYS: entry, namespace index, held epochs, cached epochs, then the put's epochs and the
-# others the writer knows the entry refers to (`LUA_VALUES`). ARGV:
+# KEYS: entry, namespace index, held epochs, cached epochs, the entry's other formats, then
+# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`). ARGV:
 # new id, parent id ('' for none), ttl, namespace, the value ops (`LUA_VALUES`), then
 # name/value pairs of the fields that changed. Returns `advance`'s outcome, or -4, with
 # nothing written, when an epoch is not at the length its writer saw.
 _ADVANCE = (
     LUA_HELPERS
     + """
-local ops, known = value_ops(5, 5), declared(5)
+local ops, known = value_ops(7, 5), declared(7)
 local first = 6 + 4 * #ops
 if not values_ready(ops) then return -4 end
+redis.call('DEL', KEYS[5], KEYS[6])
 write_values(ops, KEYS[3], false, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[4],
   KEYS[3], known)
@@ -315,9 +324,15 @@ return moved
 """
 )
 
-# KEYS: entry. ARGV: checkpoint id, '1' to replace existing writes, ttl, then write
-# name/value pairs.
-_ADD_WRITES = LUA_HELPERS + "return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)"
+# KEYS: entry, its other formats. ARGV: checkpoint id, '1' to replace existing writes, ttl,
+# then write name/value pairs.
+_ADD_WRITES = (
+    LUA_HELPERS
+    + """
+redis.call('DEL', KEYS[2], KEYS[3])
+return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)
+"""
+)
 
 # KEYS: entry, namespace index. ARGV: lease token, checkpoint id, ttl, namespace, then
 # name/value pairs of every field of the checkpoint.
@@ -764,6 +779,20 @@ class RedisCheckpointCache:
         """The entry of one (thread, checkpoint namespace)."""
         return hot_key(thread_id, f"cp{ENTRY_FORMAT}:{checkpoint_ns}", namespace=self._store)
 
+    def other_formats(self, key: str) -> list[str]:
+        """The entry `key` as the neighbouring formats' code names it (none if `key` is not
+        an entry): deleted with every change to it. Same hash tag, so same cluster slot."""
+        head, marker, tail = key.partition(f"}}:{self._store}:cp{ENTRY_FORMAT}:")
+        if not marker:
+            return []
+        return [
+            f"{head}}}:{self._store}:cp{ENTRY_FORMAT + step}:{tail}" for step in NEIGHBOUR_FORMATS
+        ]
+
+    def _delete_entry(self, key: str) -> Awaitable[int]:
+        """One DEL of the entry in every format (`other_formats`)."""
+        return self._client.delete(key, *self.other_formats(key))
+
     def namespaces_key(self, thread_id: str) -> str:
         return hot_key(thread_id, "cp-namespaces", namespace=self._store)
 
@@ -1016,7 +1045,7 @@ class RedisCheckpointCache:
                 return
         # A new epoch gone before its script ran (a restart, an eviction): the entry still
         # shows the parent, which is no longer the latest.
-        if await self._call(key, self._client.delete(key)) is None:
+        if await self._call(key, self._delete_entry(key)) is None:
             self.distrust(thread_id, checkpoint_ns)
 
     async def _advance_with(
@@ -1028,6 +1057,7 @@ class RedisCheckpointCache:
             key,
             self.namespaces_key(thread_id),
             *self.epoch_keys(thread_id),
+            *self.other_formats(key),
             *plan.keys,
         ]
         args = [
@@ -1080,7 +1110,7 @@ class RedisCheckpointCache:
             key,
             self._script(
                 self._add_writes,
-                [key],
+                [key, *self.other_formats(key)],
                 [checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
             ),
         )
@@ -1180,7 +1210,7 @@ class RedisCheckpointCache:
         self.epochs.forget(thread_id, checkpoint_ns)
         if checkpoint_ns is not None:
             key = self.key(thread_id, checkpoint_ns)
-            if await self._call(key, self._client.delete(key)) is not None:
+            if await self._call(key, self._delete_entry(key)) is not None:
                 self._suspect.discard(key)
             elif strict:
                 raise _not_invalidated(thread_id)
@@ -1199,7 +1229,8 @@ class RedisCheckpointCache:
             return
         keys = [self.key(thread_id, ns) for ns in {"", *(ns.decode() for ns in namespaces)}]
         keys += [key for key in self._suspect if key.startswith(root)]
-        if await self._call(index, self._client.delete(index, *keys)) is not None:
+        others = [other for key in keys for other in self.other_formats(key)]
+        if await self._call(index, self._client.delete(index, *keys, *others)) is not None:
             self._suspect.difference_update(keys)
         elif strict:
             raise _not_invalidated(thread_id)
@@ -1258,7 +1289,7 @@ class RedisCheckpointCache:
         """Delete an entry a failed call may have left wrong; False if Redis is still failing."""
         if key not in self._suspect:
             return True
-        if await self._call(key, self._client.delete(key)) is None:
+        if await self._call(key, self._delete_entry(key)) is None:
             return False
         self._suspect.discard(key)
         return True

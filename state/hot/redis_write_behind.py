@@ -174,8 +174,8 @@ end
 """
 
 # KEYS: entry, namespace index, log, fence, held epochs, cached epochs, references, the
-# expiring mark, then the put's epochs and the others the writer knows the entry refers to
-# (`LUA_VALUES`).
+# expiring mark, the entry's other formats, then the put's epochs and the others the writer
+# knows the entry refers to (`LUA_VALUES`).
 # ARGV: id, parent, ttl, namespace, fence, '1' if the parent is known to be stored, the
 # value ops (`LUA_VALUES`), then the checkpoint's name/value fields.
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
@@ -191,7 +191,7 @@ _APPEND_PUT = (
     + _LOGGED
     + """
 if expiring(8) then return {-6, 0} end
-local ops, known = value_ops(9, 7), declared(9)
+local ops, known = value_ops(11, 7), declared(11)
 local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
@@ -201,6 +201,7 @@ if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 
   return {-3, 0}
 end
 if not values_ready(ops) then return {-4, 0} end
+redis.call('DEL', KEYS[9], KEYS[10])
 write_values(ops, KEYS[5], true, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[6],
   KEYS[5], known)
@@ -216,8 +217,9 @@ return {moved, 0}
 """.replace("$ENTRY_FORMAT", str(ENTRY_FORMAT))
 )
 
-# KEYS: entry, log, fence, expiring mark. ARGV: checkpoint id, '1' to upsert, ttl,
-# namespace, fence, then the writes' name/value fields. Answers as `_APPEND_PUT`.
+# KEYS: entry, log, fence, expiring mark, the entry's other formats. ARGV: checkpoint id,
+# '1' to upsert, ttl, namespace, fence, then the writes' name/value fields. Answers as
+# `_APPEND_PUT`.
 _APPEND_WRITES = (
     LUA_HELPERS
     + _EXPIRING
@@ -227,6 +229,7 @@ if expiring(4) then return {-6, 0} end
 local stale = fenced(KEYS[3], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
+redis.call('DEL', KEYS[5], KEYS[6])
 local added = add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 6)
 local entry = {'op', 'writes', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4], 'cid', ARGV[1], 'upsert', ARGV[2]}
 for i = 6, #ARGV do entry[#entry + 1] = ARGV[i] end
@@ -295,10 +298,10 @@ return length
 # KEYS: log, references, held epochs, flush lock, namespace index, the lost entry's
 # epochs (ARGV[3]: how many; ARGV[5..]: the length it reads of each), the held epochs
 # (ARGV[4]: how many), then the cache entry of each namespace listed (ARGV after the
-# lengths). ARGV[1]: the flush lock's token, ARGV[2]: the entry's id. Deletes all but
-# the lock, if the lock is the caller's and the entry, still in the log, is short of a
-# value: an acknowledgement removes an entry and releases its epochs in one step, so
-# that is a loss. Returns how many entries the log held.
+# lengths), in every format. ARGV[1]: the flush lock's token, ARGV[2]: the entry's id.
+# Deletes all but the lock, if the lock is the caller's and the entry, still in the log,
+# is short of a value: an acknowledgement removes an entry and releases its epochs in one
+# step, so that is a loss. Returns how many entries the log held.
 _DROP_LOST = (
     _LISTED
     + """
@@ -439,6 +442,11 @@ class RedisWriteBehindLog:
     def _key(self, thread_id: str, kind: str) -> str:
         return _thread_key(self._cache, thread_id, kind)
 
+    def _cache_entries(self, thread_id: str, namespaces: list[str]) -> list[str]:
+        """The cache entries of the namespaces listed and the root's, in every format."""
+        entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
+        return [*entries, *(other for key in entries for other in self._cache.other_formats(key))]
+
     # ----------------------------------------------------------------------- appends
 
     async def append_put(
@@ -536,14 +544,16 @@ class RedisWriteBehindLog:
         plan: ValuePlan,
     ) -> _Call:
         thread_id = checkpoint.thread_id
+        entry = self._cache.key(thread_id, checkpoint.checkpoint_ns)
         keys = [
-            self._cache.key(thread_id, checkpoint.checkpoint_ns),
+            entry,
             self._cache.namespaces_key(thread_id),
             self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
             *self._cache.epoch_keys(thread_id),
             self._key(thread_id, REFERENCES_KIND),
             self._key(thread_id, EXPIRING_KIND),
+            *self._cache.other_formats(entry),
             *plan.keys,
         ]
         args: list[Any] = [
@@ -568,11 +578,13 @@ class RedisWriteBehindLog:
         upsert: bool,
         fence: str,
     ) -> _Call:
+        entry = self._cache.key(thread_id, checkpoint_ns)
         keys = [
-            self._cache.key(thread_id, checkpoint_ns),
+            entry,
             self._key(thread_id, LOG_KIND),
             self._key(thread_id, "wb-fence"),
             self._key(thread_id, EXPIRING_KIND),
+            *self._cache.other_formats(entry),
         ]
         args: list[Any] = [
             checkpoint_id,
@@ -768,7 +780,7 @@ class RedisWriteBehindLog:
             # The cache in the same step: left alone, it could name a checkpoint whose log
             # entries this drops as a parent Redis knows, should the thread's deletion stop
             # here (the root namespace's entry whatever the index says: it may be evicted).
-            entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
+            entries = self._cache_entries(thread_id, namespaces)
             keys = [*log_keys, held_key, *held, index, *entries, expiring]
             return keys, [len(held), refusal]
 
@@ -800,7 +812,7 @@ class RedisWriteBehindLog:
             # cold tier with its parent missing there.
             # The root namespace's entry whatever the index says: it has a TTL, so Redis
             # may have evicted it.
-            entries = [self._cache.key(thread_id, ns) for ns in {"", *namespaces}]
+            entries = self._cache_entries(thread_id, namespaces)
             lengths = list(lost.epochs.values())
             return (
                 [*fixed, *held, *entries],
