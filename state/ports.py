@@ -303,18 +303,20 @@ class ColdRetention(Protocol):
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
+        deleting: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
         `now` (seconds since the epoch) sets the clock expiry is judged by; None:
         the backend's own (Cosmos: this process's, against items' `_ts`; Postgres:
-        the database's). `expiring` is awaited with each thread id (archive records'
-        too) just before its cold state is deleted, while nothing else can write it
-        (Postgres: its record locked); it may return a flush fencing token, which the
-        deletion raises the thread's flush fence to. If it raises, that thread is not
-        deleted and the sweep stops with the error (`state.retention` drops the
-        thread's hot state there, so a failure to reach Redis leaves it for the next
-        sweep).
+        the database's). `expiring` is awaited with each thread id found expired
+        (archive records' too), while nothing else can write it (Postgres: its record
+        locked); it may return a flush fencing token, which the thread's flush fence is
+        raised to. The thread is then looked at again, and spared if it was written
+        meanwhile; `deleting` is awaited with each thread still expired, just before its
+        cold state is deleted. If either raises, that thread is not deleted and the
+        sweep stops with the error (`state.retention` drops the thread's hot state
+        there, so a failure to reach Redis leaves it for the next sweep).
         `spare`: threads not deleted by this sweep, expired or not (the timer's cases due to
         be resumed). On Cosmos, a spared thread not written again before its slice is
         passed is not looked at again until it is (it is kept, not deleted).
@@ -946,8 +948,12 @@ class WriteBehindLog(Protocol):
         (it is being deleted). With `refuse_appends_ms`, appends to the thread are refused
         (`ThreadExpiring`) from that same step on, until `accept_appends` or that long."""
 
+    async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
+        """Refuse appends to the thread (`ThreadExpiring`), as `discard` does, but keep its
+        entries: until `accept_appends` or `for_ms`."""
+
     async def accept_appends(self, thread_id: str) -> None:
-        """End the refusal a `discard` began."""
+        """End the refusal a `discard` or `refuse_appends` began."""
 
     async def drop_lost(self, lost: LogEntryLost, *, lock_token: str) -> bool:
         """Drop every unflushed entry of the thread and its cached checkpoints, in one step,

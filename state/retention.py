@@ -7,20 +7,23 @@ would write children whose ancestors the sweep deleted: a chain that no longer
 rebuilds (a DeltaChannel's history, a value stored at an ancestor). A write-behind
 backlog the sweep did not see would be flushed onto the deleted thread the same way.
 
-So just before the sweep deletes a thread (while nothing else can write it: on
+So when the sweep finds a thread expired (while nothing else can write it: on
 Postgres its record is locked), `TieredRetention` does to the hot tier what
-`delete_thread` does: the cached record goes (the first Redis call: if Redis cannot be
-reached, the sweep stops before deleting the thread, and the next one tries again),
-the cached checkpoints go, then the backlog is discarded under the flush lock, and
-appends are refused from that step until the sweep has deleted (a run writing
-meanwhile is told `ThreadExpiring`: nothing reaches the log that a flusher could
-apply onto the deleted thread), and the deletion raises the
-thread's flush fence past every lock token granted before (a batch of a flusher
-paused past its lock is refused; the fence stays a TTL longer); then the event log
-goes. A reader that caches the thread again from the cold tier before
-the deletion is undone once the sweep ends: the caches of every thread it forgot
-are dropped again (best effort: a failure is logged). An archive record
-(`<thread>~archive~...`) has only a cached record to forget.
+`delete_thread` does, in two steps. First the cached record goes (the first Redis
+call: if Redis cannot be reached, the sweep stops before deleting the thread, and the
+next one tries again), the thread's flush lock is taken and appends are refused from
+then until the sweep ends (a run writing meanwhile is told `ThreadExpiring`: nothing
+reaches the log that a flusher could apply onto the deleted thread), and the thread's
+flush fence is raised past every lock token granted before (a batch of a flusher
+paused past its lock is refused; the fence stays a TTL longer). The sweep then looks
+at the thread again, and spares it if a run resumed it meanwhile (a step it flushed
+before the lock was taken): its backlog stays, the run's acknowledged steps that
+were not flushed yet with it. Only for a thread still expired, just before its
+deletion, the cached checkpoints go, then the backlog, then the event log. A reader
+that caches the thread again from the cold tier before the deletion is undone once
+the sweep ends: the caches of every thread it forgot are dropped again (best effort:
+a failure is logged). An archive record (`<thread>~archive~...`) has only a cached
+record to forget.
 
 Known limit: a sweep stopped by a failure part-way leaves the threads it did not
 delete whole in the cold tier, but what it forgot of them is forgotten: a backlog it
@@ -78,6 +81,7 @@ class TieredRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
+        deleting: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         forgotten: list[str] = []
         try:
@@ -90,28 +94,43 @@ class TieredRetention:
                     forgotten.append(thread_id)
                     return fence if told is None else max(fence or 0, told)
 
+                async def delete(thread_id: str) -> None:
+                    if deleting is not None:
+                        await deleting(thread_id)
+                    await self._delete(thread_id)
+
                 return await self._cold.sweep(
-                    limit=limit, now=now, expiring=forget, spare=spare, deadline=deadline
+                    limit=limit,
+                    now=now,
+                    expiring=forget,
+                    deleting=delete,
+                    spare=spare,
+                    deadline=deadline,
                 )
         finally:
             for thread_id in forgotten:
                 await self._drop_cached(thread_id)
 
     async def _forget(self, thread_id: str, held: contextlib.AsyncExitStack) -> int | None:
-        """The flush fence the deletion must raise, if the thread has a backlog to guard."""
+        """The flush fence the deletion must raise, if the thread has a backlog to guard.
+        The backlog stays (`_delete` drops it): the sweep may yet spare the thread."""
         await self._records.invalidate(thread_id)
-        if ARCHIVE_SEPARATOR in thread_id:
+        if ARCHIVE_SEPARATOR in thread_id or self._flusher is None:
             return None
+        return await held.enter_async_context(self._flusher.refusing(thread_id))
+
+    async def _delete(self, thread_id: str) -> None:
+        """The thread's hot state, once the sweep has looked again and is deleting it."""
+        if ARCHIVE_SEPARATOR in thread_id:
+            return
         # Before the backlog goes: a cached checkpoint whose log is gone would be a parent
         # for a run's next put, should the sweep stop before deleting the thread.
         if self._checkpoints is not None:
             await self._checkpoints.invalidate(thread_id)
-        fence = None
         if self._flusher is not None:
-            fence = await held.enter_async_context(self._flusher.discarding(thread_id))
+            await self._flusher.discard_refused(thread_id)
         if self._events is not None:
             await self._events.delete(thread_id)
-        return fence
 
     async def _drop_cached(self, thread_id: str) -> None:
         try:

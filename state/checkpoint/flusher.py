@@ -271,10 +271,26 @@ class Flusher:
             finally:
                 await self._accept_appends(thread_id)
 
+    @contextlib.asynccontextmanager
+    async def refusing(self, thread_id: str) -> AsyncIterator[int]:
+        """`discarding`, the backlog kept until `discard_refused`: for the retention sweep,
+        which may yet spare the thread (a run resumed it), and must then not lose the steps
+        the run was told were stored. Inside the block nothing is appended or flushed."""
+        async with self.holding(thread_id) as fence:
+            try:
+                await self.log.refuse_appends(thread_id, for_ms=EXPIRING_REFUSAL_MS)
+                yield max(fence, await self.log.fence_now())
+            finally:
+                await self._accept_appends(thread_id)
+
+    async def discard_refused(self, thread_id: str) -> None:
+        """Drop the backlog of a thread inside a `refusing` block (it is being deleted)."""
+        await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
+
     async def _accept_appends(self, thread_id: str) -> None:
-        """End the refusal a `discarding` block set, under the thread's flush lock: the
-        block ended, and no other deletion of the thread is under way (its refusal must
-        not be ended here)."""
+        """End the refusal a `discarding` or `refusing` block set, under the thread's flush
+        lock: the block ended, and no other deletion of the thread is under way (its refusal
+        must not be ended here)."""
         try:
             await self.log.accept_appends(thread_id)
         except BackendUnavailable as exc:

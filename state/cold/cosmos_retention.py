@@ -124,6 +124,7 @@ class CosmosRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
+        deleting: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -142,7 +143,7 @@ class CosmosRetention:
                     return swept  # this slice again next time: not all of it was settled
                 if thread_id in spare:
                     continue
-                if await self._sweep_thread(thread_id, cutoff, expiring):
+                if await self._sweep_thread(thread_id, cutoff, expiring, deleting):
                     swept += 1
             # Past a quiet stretch in one step: the next slice starts at the next write.
             start = end if seen else await self._oldest_ts(since=end)
@@ -156,6 +157,7 @@ class CosmosRetention:
         thread_id: str,
         cutoff: int,
         expiring: Callable[[str], Awaitable[int | None]] | None,
+        deleting: Callable[[str], Awaitable[None]] | None,
     ) -> bool:
         """Delete `thread_id` if it expired (True); archive records only as orphans."""
         if thread_id == WATERMARK_PARTITION:
@@ -171,6 +173,8 @@ class CosmosRetention:
                 return False
             if expiring is not None:
                 await expiring(thread_id)  # an archive record has no flush fence to raise
+            if deleting is not None:
+                await deleting(thread_id)
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -194,6 +198,8 @@ class CosmosRetention:
         last = await self._last_write(thread_id)
         if last is not None and last >= cutoff:
             return False
+        if deleting is not None:
+            await deleting(thread_id)
         await self._delete_thread(thread_id)
         return True
 

@@ -169,13 +169,14 @@ class PostgresRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
+        deleting: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
         while swept < limit and (deadline is None or time.monotonic() < deadline):
             deleted = await self._sweep_batch(
-                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare)
+                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare), deleting
             )
             if not deleted:
                 break
@@ -190,6 +191,7 @@ class PostgresRetention:
         now: float | None,
         expiring: Callable[[str], Awaitable[int | None]] | None,
         spare: list[str],
+        deleting: Callable[[str], Awaitable[None]] | None,
     ) -> int:
         params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
@@ -212,6 +214,9 @@ class PostgresRetention:
                 expired = await _thread_ids(
                     conn, STILL_EXPIRED_SQL, {**params, "thread_ids": expired}
                 )
+            if deleting is not None:
+                for thread_id in expired:
+                    await deleting(thread_id)
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)

@@ -276,21 +276,36 @@ local function listed(first, count)
 end
 """
 
+# Sets the expiring mark to the server time `ms` from now (see `_EXPIRING`).
+_REFUSAL = """
+local function refuse(mark, ms)
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', mark, string.format('%d', now_ms + tonumber(ms)))
+end
+"""
+
+# KEYS: the expiring mark. ARGV: how many ms appends are refused.
+_REFUSE = (
+    _REFUSAL
+    + """
+refuse(KEYS[1], ARGV[1])
+return 1
+"""
+)
+
 # KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), the
 # cache's namespace index and entries, then the expiring mark. Deletes them all, sets the
 # mark to refuse appends for ARGV[2] ms unless it is '', and returns how many entries the
 # log held.
 _DISCARD = (
     _LISTED
+    + _REFUSAL
     + """
 if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
-if ARGV[2] ~= '' then
-  local now = redis.call('TIME')
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('SET', KEYS[#KEYS], string.format('%d', now_ms + tonumber(ARGV[2])))
-end
+if ARGV[2] ~= '' then refuse(KEYS[#KEYS], ARGV[2]) end
 return length
 """
 )
@@ -434,6 +449,7 @@ class RedisWriteBehindLog:
                 "lock": _LOCK,
                 "unlock": _UNLOCK,
                 "renew": _RENEW,
+                "refuse": _REFUSE,
                 "discard": _DISCARD,
                 "drop_lost": _DROP_LOST,
             }.items()
@@ -787,6 +803,9 @@ class RedisWriteBehindLog:
         dropped = await self._delete_listed(thread_id, "discard", discarding, with_cache=True)
         self._cache.epochs.forget(thread_id)
         await self._unlist(thread_id, dropped)
+
+    async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
+        await self._run("refuse", [self._key(thread_id, EXPIRING_KIND)], [for_ms])
 
     async def accept_appends(self, thread_id: str) -> None:
         try:

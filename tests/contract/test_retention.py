@@ -1221,3 +1221,44 @@ async def test_cosmos_an_orphan_archive_swept_in_write_behind_is_gone_for_good(
                 assert await partition_of(settings, archive) == []
     finally:
         await drop_container(settings)
+
+
+async def test_a_thread_spared_on_the_second_look_keeps_its_resumed_runs_unflushed_steps(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """A run resumes the expired thread between the sweep's first look and its discard:
+    one step flushed (the thread is active again: the second look spares it), the next
+    still in the log. The spared thread keeps that step: the run's boundary flushes it
+    and it is the thread's latest checkpoint (the discard used to drop it, acknowledged)."""
+    ttl = 2 if cold_backend == "cosmos" else TTL
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        if cold_backend == "postgres":
+            await backdate(backends, thread_id)
+        else:
+            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await backends.flusher.stop()  # flushed only where the test says
+        heads: list[RunnableConfig] = []
+
+        async def run_resumes(expired: str) -> None:
+            assert expired == thread_id
+            second = checkpoint_with(empty_checkpoint(), "w" * 2000)
+            at_second = await saver.aput(at_first, second, {"step": 1}, {"v": "2"})
+            await backends.flusher.flush_thread(thread_id)  # lands before the discard's lock
+            third = empty_checkpoint()
+            third["channel_values"] = {"v": "x" * 2000}
+            third["channel_versions"] = {"v": "3"}
+            heads.append(await saver.aput(at_second, third, {"step": 2}, {"v": "3"}))
+
+        assert await backends.retention.sweep(limit=100, expiring=run_resumes) == 0
+        await saver.aflush(thread_id)  # the run's boundary
+        found = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert found is not None
+        assert found.checkpoint_id == heads[0]["configurable"]["checkpoint_id"], found.metadata
+        fourth = checkpoint_with(empty_checkpoint(), "y" * 2000)
+        await saver.aput(heads[0], fourth, {"step": 3}, {})  # the run goes on

@@ -642,6 +642,7 @@ class MemoryRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
+        deleting: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
@@ -659,6 +660,8 @@ class MemoryRetention:
         for owner in expired:
             if expiring is not None:
                 await expiring(owner)
+            if deleting is not None:
+                await deleting(owner)
             for record_id in self._cold.thread_ids():
                 if self._owner(record_id) == owner:
                     await self._cold.delete(record_id)
@@ -1114,6 +1117,10 @@ class MemoryWriteBehindLog(_Tier):
         self._expiring.pop(thread_id, None)
         if refuse_appends_ms is not None:
             self._expiring[thread_id] = time.monotonic() + refuse_appends_ms / 1000
+
+    async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
+        self._call("refuse_appends")
+        self._expiring[thread_id] = time.monotonic() + for_ms / 1000
 
     async def accept_appends(self, thread_id: str) -> None:
         self._call("accept_appends")
