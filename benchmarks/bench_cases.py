@@ -618,7 +618,7 @@ def configure(stack_env: dict[str, str], backend: str, mode: str) -> Config:
             "cosmos_key": stack_env["COSMOS_KEY"],
             "cosmos_container": container,
             "cosmos_create_if_missing": True,
-            "postgres_url": stack_env["POSTGRES_URL"],
+            "postgres_url": stack_env.get("POSTGRES_URL"),
             "redis_url": stack_env["REDIS_URL"],
             "auth_disabled": True,
         }

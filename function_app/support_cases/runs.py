@@ -138,6 +138,24 @@ def ended(entry: dict[str, Any], status: RunStatus, **fields: Any) -> dict[str, 
     return {**entry, "status": status.value, "ended_at": utcnow().isoformat(), **fields}
 
 
+def stopped_for_review(runs: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    """The runs once run `run_id` pauses for review: a stopping follow-up still queued (it
+    came with another, which stopped the run before) ends the paused run as if it came now
+    (the first names the stop, a rollback among them makes it a rollback), rather than wait
+    for a decision like an `enqueue`."""
+    stopping = [e for e in queued(runs) if e.get("strategy") in STOPPING]
+    if not stopping:
+        return runs
+    rollback = any(e["strategy"] == FollowUpStrategy.ROLLBACK.value for e in stopping)
+    stop = FollowUpStrategy.ROLLBACK if rollback else FollowUpStrategy(stopping[0]["strategy"])
+    return [
+        {**e, "stop": stop.value, "stopped_by": stopping[0]["run_id"]}
+        if e["run_id"] == run_id
+        else e
+        for e in runs
+    ]
+
+
 def shard_of(case_id: str) -> str:
     digest = hashlib.sha256(case_id.encode()).digest()
     return f"{INDEX_PREFIX}{digest[0] % INDEX_SHARDS}"
@@ -211,6 +229,8 @@ class RunTracker:
                     if status is CaseStatus.RUNNING
                     else ended(entry, RUN_AT_REST[status], error=error)
                 )
+                if status is CaseStatus.AWAITING_REVIEW and not entry.get("stop"):
+                    runs = stopped_for_review(runs, entry["run_id"])
                 writes.append(SectionWrite(RUNS_SECTION, trimmed(runs), RUNNER_ID))
             if status in (CaseStatus.COMPLETED, CaseStatus.FAILED) and (
                 record.sections.get(RETENTION_SECTION) != {"held": False}
@@ -235,14 +255,22 @@ class RunTracker:
             record = await self._store.get(case_id)
             if record is None or may_be_held(record):
                 await self._retention.release(case_id)
+        else:
+            # Indexed before it says "running" (a resume or a decision): the timer may have
+            # dropped the case while it rested, and a run marked running where the timer
+            # never looks stays stalled for good once its worker dies. A busy index refuses
+            # the mark (RunIndexBusy) with nothing written.
+            await self._index(case_id)
         await write_sections(
             self._store, case_id, compute_all, fencing_token=fencing_token, fresh=still is not None
         )
         # A case with runs queued stays where the timer looks, whatever its status. One at
         # rest stays there too until the timer's next tick drops it with the others of its
-        # shard (one index write for them all, off the run's path). The status is written:
-        # a busy index must not turn this run into a failed one (the next mark, enqueue or
-        # timer tick sets it right).
+        # shard (one index write for them all, off the run's path). A running one is looked
+        # up again: a tick that saw it at rest may have dropped it since the index above and
+        # checked its record before this write. The status is written: a busy index must
+        # not turn this run into a failed one (the next mark, enqueue or timer tick sets it
+        # right).
         if status not in AT_REST or waiting > 0:
             try:
                 await self._index(case_id)
@@ -304,6 +332,14 @@ class RunTracker:
         # fails after queueing it (a stale entry the timer drops costs nothing).
         await self._index(case_id)
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
+        if not replayed:
+            # Again: a tick that saw the case at rest may have dropped it since the index
+            # above and checked its record before the run was queued (`forget`). Queued, the
+            # run is this request's answer: a busy index is left to the next mark or tick.
+            try:
+                await self._index(case_id)
+            except RunIndexBusy as busy:
+                log.warning("case %s: run index not updated: %s", case_id, busy)
         return stored, replayed
 
     async def start_next(
@@ -396,6 +432,11 @@ class RunTracker:
             fencing_token=fencing_token,
         )
 
+    def indexed_long_ago(self, indexed_at: str) -> bool:
+        """Whether an index entry is older than the stale period: one without a record is
+        then a submit that died before creating its case, not one still creating it."""
+        return utcnow() - datetime.fromisoformat(indexed_at) > self._stale_after
+
     def is_stale(self, run: dict[str, Any] | None) -> bool:
         if not run or run.get("status") in AT_REST:
             return False
@@ -405,11 +446,12 @@ class RunTracker:
     async def register(self, case_id: str) -> None:
         await self._index(case_id)
 
-    async def active_cases(self, *, unread: dict[str, str] | None = None) -> list[str]:
-        """The indexed cases. `unread`: a shard that cannot be read goes there (its id, the
-        error) and the others are still read, so it costs only its own cases; the first
-        error is raised when no shard could be read, or at once without `unread`."""
-        cases: list[str] = []
+    async def active_cases(self, *, unread: dict[str, str] | None = None) -> dict[str, str]:
+        """The indexed cases, each with when it was indexed (ISO time), in order. `unread`: a
+        shard that cannot be read goes there (its id, the error) and the others are still
+        read, so it costs only its own cases; the first error is raised when no shard could
+        be read, or at once without `unread`."""
+        cases: dict[str, str] = {}
         errors: list[StateError] = []
         for shard_id in INDEX_IDS:
             try:
@@ -423,7 +465,7 @@ class RunTracker:
                 errors.append(error)
                 continue
             if record is not None:
-                cases.extend(sorted(record.sections.get("cases", {})))
+                cases.update(sorted(record.sections.get("cases", {}).items()))
         if len(errors) == INDEX_SHARDS:
             raise errors[0]  # the index, not one shard, is out of reach (a tier down)
         return cases

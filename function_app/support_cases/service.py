@@ -575,12 +575,13 @@ class CaseService:
             resting: list[str] = []
             # A shard of the run index that cannot be read is reported as failed: the
             # other shards' cases are still tried.
-            for case_id in await self._tracker.active_cases(unread=report.failed):
+            indexed = await self._tracker.active_cases(unread=report.failed)
+            for case_id, indexed_at in indexed.items():
                 if deadline is not None and time.monotonic() >= deadline:
                     report.skipped[case_id] = "left for the next tick: its time budget is spent"
                     continue
                 try:
-                    if await self._resume_if_stale(case_id, report, deadline):
+                    if await self._resume_if_stale(case_id, indexed_at, report, deadline):
                         resting.append(case_id)
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
@@ -599,10 +600,10 @@ class CaseService:
         return report
 
     async def _resume_if_stale(
-        self, case_id: str, report: ResumeReport, deadline: float | None
+        self, case_id: str, indexed_at: str, report: ResumeReport, deadline: float | None
     ) -> bool:
         """Resume the case if its run stalled; True if it rests, with nothing for the timer
-        to do (it leaves the index)."""
+        to do (it leaves the index). `indexed_at`: when the index took the case."""
         # From the cold tier: a hot copy may predate what a worker cut off from Redis wrote
         # (its run may be going, or stalled), and a case at rest leaves the index.
         record = await self._store.get_fresh(case_id)
@@ -621,6 +622,12 @@ class CaseService:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await asyncio.wait({task}, timeout=left)
                 report.resumed.append(case_id)
+            return False
+        if record is None and not self._tracker.indexed_long_ago(indexed_at):
+            # A submit indexes its case before creating it: dropped now, a case created just
+            # after (this tick's check of it would predate it) runs where the timer never
+            # looks, stalled for good should its worker die.
+            report.skipped[case_id] = "not created yet"
             return False
         if record is None or at_rest:
             if queued(runs):
@@ -1057,19 +1064,20 @@ class CaseService:
     async def _end_stopped(self, case_id: str, guard: RunGuard, run: dict[str, Any]) -> None:
         """Close a run a follow-up stopped: interrupted (its checkpoints stay, the next run
         starts from them) or rolled back (its checkpoints deleted, the next run starts from
-        the state before it; the side effects it had done are reported with it)."""
+        the state before it; the side effects it had done are reported with it). Either way
+        the record's agents' sections are set back to what that state holds."""
         strategy = FollowUpStrategy(run["stop"])
         discarded: list[EffectView] = []
-        restored: dict[str, Any] = {}
         if strategy is FollowUpStrategy.ROLLBACK:
             await self._flush(case_id)
             checkpointer = self._graph.checkpointer
             if isinstance(checkpointer, BaseCheckpointSaver):
                 await checkpointer.adelete_for_runs([run["run_id"]])
             discarded = effects_done_since(await self._record(case_id), run.get("started_at"))
-            # The record shows what the state before the run holds, not the discarded
-            # run's results (the next run writes its own).
-            restored = await self._state_sections(case_id)
+        # A rollback's discarded results go; so does an interrupted run's step that wrote
+        # its section but never reached a checkpoint (a parallel step LangGraph cancelled
+        # when the other one stopped at its check): the next run starts from the state.
+        restored = await self._state_sections(case_id)
         status = (
             RunStatus.ROLLED_BACK
             if strategy is FollowUpStrategy.ROLLBACK
