@@ -134,6 +134,9 @@ class CacheStats:
     installs_rejected: int = 0
     # Reads served from cold because a write intent hid the hot copy (also misses).
     pending: int = 0
+    # Reads the cold tier served because the hot tier failed them (also errors), backs off
+    # after a failure, or has the thread not settled yet after one: neither hits nor misses.
+    bypassed: int = 0
 
 
 class CacheAsideStore:
@@ -179,6 +182,9 @@ class CacheAsideStore:
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
+            if hot is None and self._hot is not None:
+                self.stats.bypassed += 1
+                span.set_attribute("state.cache", "bypassed")
             observed_at: int | None = None
             lease: str | None = None
             if hot is not None:
@@ -186,6 +192,7 @@ class CacheAsideStore:
                     found = await hot.read(thread_id)
                 except BackendUnavailable as exc:
                     self._hot_failed("get", exc)
+                    self.stats.bypassed += 1
                     hot = None  # a read leaves nothing stale behind: just use cold
                 else:
                     self._hot_recovered()

@@ -61,6 +61,12 @@ class CacheReading:
     hits: int
     misses: int
     errors: int
+    # Served by the cold tier without asking the hot one (it backs off after a failure).
+    bypassed: int = 0
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses + self.bypassed
 
 
 class BacklogLike(Protocol):
@@ -162,7 +168,8 @@ class AppMetrics:
         """Every source an open runtime has: caches, cold counters, stored sizes."""
         stats = store.stats
         self.register_cache(
-            "record", lambda: CacheReading(stats.hits, stats.misses, stats.hot_errors)
+            "record",
+            lambda: CacheReading(stats.hits, stats.misses, stats.hot_errors, stats.bypassed),
         )
         cache_stats = getattr(backends.hot_checkpoints, "stats", None)
         if cache_stats is not None:
@@ -206,12 +213,13 @@ class AppMetrics:
         for name, reading in self._readings():
             yield Observation(reading.hits, {"cache": name, "result": "hit"})
             yield Observation(reading.misses, {"cache": name, "result": "miss"})
+            if reading.bypassed:
+                yield Observation(reading.bypassed, {"cache": name, "result": "bypassed"})
 
     def _observe_hit_ratio(self, _: CallbackOptions) -> Iterable[Observation]:
         for name, reading in self._readings():
-            lookups = reading.hits + reading.misses
-            if lookups:
-                yield Observation(reading.hits / lookups, {"cache": name})
+            if reading.lookups:
+                yield Observation(reading.hits / reading.lookups, {"cache": name})
 
     def _observe_hot_errors(self, _: CallbackOptions) -> Iterable[Observation]:
         for name, reading in self._readings():

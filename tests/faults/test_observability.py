@@ -254,6 +254,14 @@ async def test_cache_metrics_count_no_cold_fallback_as_a_hit(wired: Any) -> None
             redis_proxy.restore()
         after = read_metrics(reader)
         assert after[metrics.CACHE_LOOKUPS][(("cache", "record"), ("result", "hit"))] == hits
+
+        def lookups(found: dict[str, Any]) -> int:
+            points = found[metrics.CACHE_LOOKUPS].items()
+            return sum(value for key, value in points if ("cache", "record") in key)
+
+        # Each of the nine reads is a lookup, the ones sent straight to the cold tier while
+        # the hot tier backs off included (before: uncounted, an outage looked idle).
+        assert lookups(after) - lookups(before) == 9
         assert after[metrics.HOT_ERRORS][(("cache", "record"),)] >= 1
         ratio = after[metrics.CACHE_HIT_RATIO][(("cache", "record"),)]
         assert ratio <= before[metrics.CACHE_HIT_RATIO][(("cache", "record"),)]
