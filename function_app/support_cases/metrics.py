@@ -54,6 +54,7 @@ RUNS = "agent_state.case.runs"
 BACKLOG_ENTRIES = "agent_state.write_behind.entries"
 BACKLOG_THREADS = "agent_state.write_behind.threads"
 BACKLOG_OLDEST_AGE = "agent_state.write_behind.oldest_age_seconds"
+BACKLOG_LOSSES = "agent_state.write_behind.losses"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class AppMetrics:
         self._caches: dict[str, Callable[[], CacheReading]] = {}
         self._cold: dict[str, Counters] = {}
         self._backlog: BacklogSource | None = None
+        self._losses: Callable[[], int] | None = None
         meter.create_observable_counter(
             CACHE_LOOKUPS,
             [self._observe_lookups],
@@ -143,6 +145,13 @@ class AppMetrics:
             unit="s",
             description="Age of the oldest write-behind entry not yet in the cold tier",
         )
+        meter.create_observable_counter(
+            BACKLOG_LOSSES,
+            [self._observe_losses],
+            unit="{loss}",
+            description="Write-behind checkpoints Redis lost before they reached the cold "
+            "tier, as their writers found them (each stops its run, resumed from the cold tier)",
+        )
         self._state_size = meter.create_histogram(
             STATE_SIZE, unit="By", description="Bytes stored per record create or section write"
         )
@@ -163,6 +172,10 @@ class AppMetrics:
     def register_backlog_source(self, read: BacklogSource | None) -> None:
         """The write-behind backlog reader (see the module docstring); None removes it."""
         self._backlog = read
+
+    def register_losses(self, read: Callable[[], int] | None) -> None:
+        """How many write-behind losses the saver found (None: no write-behind saver)."""
+        self._losses = read
 
     def register_backends(self, backends: Backends, store: TieredStateStore) -> None:
         """Every source an open runtime has: caches, cold counters, stored sizes."""
@@ -224,6 +237,10 @@ class AppMetrics:
     def _observe_hot_errors(self, _: CallbackOptions) -> Iterable[Observation]:
         for name, reading in self._readings():
             yield Observation(reading.errors, {"cache": name})
+
+    def _observe_losses(self, _: CallbackOptions) -> Iterable[Observation]:
+        if self._losses is not None:
+            yield Observation(self._losses())
 
     def _cold_snapshot(self) -> Iterable[tuple[str, str, int, float]]:
         for backend, counters in list(self._cold.items()):

@@ -80,6 +80,8 @@ class Runtime:
             CaseEvents(backends.events, max_streams=settings.case_max_event_streams),
         )
         app_metrics.register_backends(backends, store)
+        if isinstance(saver, TieredCheckpointSaver) and backends.flusher is not None:
+            app_metrics.register_losses(lambda: saver.losses_found)
         sampler = None
         if backends.flusher is not None:
             sampler = BacklogSampler(backends.flusher.backlog)
@@ -88,6 +90,7 @@ class Runtime:
         return cls(settings, backends, store, saver, graph, provider, service, sampler)
 
     async def close(self) -> None:
+        app_metrics.register_losses(None)
         if self.backlog_sampler is not None:
             app_metrics.register_backlog_source(None)
             await self.backlog_sampler.stop()

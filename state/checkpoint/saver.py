@@ -314,6 +314,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # subgraph exits with an interrupt), until a run starts again from the cold tier.
         # thread -> the root checkpoint the cold tier held as newest when the loss was found.
         self._lost: OrderedDict[str, str | None] = OrderedDict()
+        # How many such losses this saver found (a metric: the only sign of them, since
+        # the backlog gauges read a FLUSHALL's loss as a drained backlog).
+        self.losses_found = 0
         # Threads whose runs delete_for_runs deleted but whose cached checkpoints it could not
         # drop (Redis failed in between): dropped by its next call before anything else.
         self._owed_drops: set[str] = set()
@@ -1569,6 +1572,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _mark_lost(self, thread_id: str) -> None:
         """Boundaries of the run fail until a run starts again here, or the cold tier's
         root moves past what it holds now (another process went on from it)."""
+        self.losses_found += 1
         self._forget_histories(thread_id)
         try:
             root = await self._cold_root(thread_id)

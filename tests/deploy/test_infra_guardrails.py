@@ -462,7 +462,7 @@ def check_diagnostics(files: Files) -> list[str]:
     return problems
 
 
-def check_alerts(files: Files, backlog_metric: str) -> list[str]:
+def check_alerts(files: Files, *custom_metrics: str) -> list[str]:
     problems = []
     alerts = [r for f in files for r in f.of_type("Microsoft.Insights/metricAlerts")]
     found: dict[str, Any] = {}
@@ -476,15 +476,16 @@ def check_alerts(files: Files, backlog_metric: str) -> list[str]:
         "TotalRequests",
         "serverLoad",
         "usedmemorypercentage",
-        backlog_metric,
+        *custom_metrics,
     ):
         if metric not in found:
             problems.append(f"no metric alert on {metric}")
     throttled = found.get("TotalRequests") or {}
     if not any("429" in (d.get("values") or []) for d in throttled.get("dimensions") or []):
         problems.append("the Cosmos DB alert must filter StatusCode 429")
-    if backlog_metric in found and found[backlog_metric].get("skipMetricValidation") is not True:
-        problems.append("the custom backlog metric alert needs skipMetricValidation")
+    for custom in custom_metrics:
+        if custom in found and found[custom].get("skipMetricValidation") is not True:
+            problems.append(f"the alert on the app's {custom} needs skipMetricValidation")
     tests = [r for f in files for r in f.of_type("Microsoft.Insights/webtests")]
     if not any(str(t.get("properties.Request.RequestUrl")).endswith("/api/health") for t in tests):
         problems.append("no availability test against /api/health")
@@ -529,7 +530,7 @@ WORKBOOK_NEEDLES = [
 def test_diagnostics_alerts_availability_and_workbook() -> None:
     files = infra_files()
     assert check_diagnostics(files) == []
-    assert check_alerts(files, metrics.BACKLOG_OLDEST_AGE) == []
+    assert check_alerts(files, metrics.BACKLOG_OLDEST_AGE, metrics.BACKLOG_LOSSES) == []
     assert check_workbook(files, WORKBOOK_NEEDLES) == []
     main = infra_file("main.bicep")
     for switch in OFF_SWITCHES:

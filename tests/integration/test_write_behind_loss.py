@@ -116,6 +116,7 @@ async def test_a_run_whose_unflushed_checkpoints_redis_lost_stops_and_the_bounda
         Loss.url = own_redis.url
         with pytest.raises(HotStateLost):
             await graph.ainvoke({"messages": ["u2"]}, cfg)
+        assert saver.losses_found == 1  # what the losses metric reads
 
     # Another worker: the cold tier is at the boundary, whole; the run is done again there.
     async with saver_on(stack_env, backend, own_redis.url) as fresh:
@@ -138,8 +139,10 @@ async def test_a_flush_never_reports_stored_what_redis_lost_before_it(
         await saver.aflush(thread_id)
         await graph.ainvoke({"messages": ["u2"]}, cfg)
         redis.Redis.from_url(own_redis.url).flushall()  # after the run, before its flush
+        assert saver.losses_found == 0
         with pytest.raises(HotStateLost):
             await saver.aflush(thread_id)
+        assert saver.losses_found == 1
 
     async with saver_on(stack_env, backend, own_redis.url) as fresh:
         assert await values_and_history(fresh, "add", cfg) == at_boundary

@@ -69,6 +69,16 @@ def test_cache_lookups_hit_ratio_and_hot_errors(reader: Reader) -> None:
     assert reader.points(metrics.HOT_ERRORS) == {(("cache", "record"),): 2}
 
 
+def test_write_behind_losses_are_counted_while_a_saver_is_registered(reader: Reader) -> None:
+    found = [0]
+    reader.metrics.register_losses(lambda: found[0])
+    assert reader.points(metrics.BACKLOG_LOSSES) == {(): 0}
+    found[0] = 2
+    assert reader.points(metrics.BACKLOG_LOSSES) == {(): 2}
+    reader.metrics.register_losses(None)
+    assert reader.points(metrics.BACKLOG_LOSSES) == {}
+
+
 def test_no_lookups_yet_reports_no_ratio_rather_than_zero(reader: Reader) -> None:
     reader.metrics.register_cache("checkpoint", lambda: CacheReading(0, 0, 0))
     assert reader.points(metrics.CACHE_HIT_RATIO) == {}
