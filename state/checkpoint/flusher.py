@@ -135,6 +135,14 @@ class _Lease:
             # `wait`, not the task itself: its cancellation is the renewer's, whereas one
             # raised here is the caller's own, which must reach it (after the unlock).
             await asyncio.wait([self._renewer])
+            if not self._renewer.cancelled() and self._renewer.exception() is not None:
+                # A defect, not an outage (that is `BackendUnavailable`, handled there): said
+                # here, not left to asyncio's "exception was never retrieved" at collection.
+                log.error(
+                    "flush lock renewer of %r failed",
+                    self.thread_id,
+                    exc_info=self._renewer.exception(),
+                )
         finally:
             if not self.lost:
                 try:

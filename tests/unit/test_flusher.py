@@ -8,6 +8,8 @@ the real servers), so what these tests prove is the flusher's own logic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -163,6 +165,28 @@ async def test_a_holder_keeps_its_lock_past_the_ttl_by_renewing_it(
     assert await log.lock_thread("a", ttl_ms=10_000) is None  # still the flusher's
     store.pause.set()
     assert await flushing == 2
+
+
+async def test_a_renewer_that_fails_unexpectedly_is_reported_by_the_flusher(
+    log: MemoryWriteBehindLog,
+    store: RecordingStore,
+    flusher: Flusher,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(*_args: Any, **_kwargs: Any) -> bool:
+        raise RuntimeError("renewal bug")
+
+    await append(log, "a", 1)
+    monkeypatch.setattr(log, "renew_thread_lock", broken)
+    store.pause = asyncio.Event()
+    flushing = asyncio.create_task(flusher.flush_thread("a"))
+    await asyncio.sleep(LOCK_TTL_MS / 1000)  # past the renewer's first turn
+    store.pause.set()
+    with caplog.at_level(logging.ERROR), contextlib.suppress(Exception):
+        await flushing
+    reported = [r for r in caplog.records if r.name == flusher_module.__name__ and r.exc_info]
+    assert [str(r.exc_info[1]) for r in reported if r.exc_info] == ["renewal bug"]
 
 
 async def test_a_lease_lost_mid_flush_is_taken_again_and_the_flush_finishes(
