@@ -158,6 +158,9 @@ class CosmosConnection:
             credential=credential,
             connection_verify=config.verify_tls,
             consistency_level="Session",
+            # Item bodies as UTF-8, the size this project checks against the item limit; the
+            # SDK's default escapes every non-ASCII character (`\u00e9`: six bytes for two).
+            enable_compact_utf8_item_writes=True,
             transport=self._transport or EnvironmentProxyTransport(),
             # Per attempt; `bounded` bounds a whole call, the SDK's retries included.
             read_timeout=config.operation_timeout_seconds,

@@ -588,7 +588,7 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
 async def test_retention_reads_only_the_threads_it_deletes_however_many_others_stored(
     pg: PostgresConnection,
 ) -> None:
-    window = {"now": None, "ttl": 3600, "limit": 50}
+    window = {"now": None, "ttl": 3600, "limit": 50, "spare": ["spared-thread"]}
     plans = await _plans(
         pg,
         [

@@ -71,6 +71,18 @@ async def test_a_record_and_its_audit_entry_over_one_request_are_stored(limited:
     assert limited.transport.violations == []
 
 
+async def test_non_ascii_text_is_sent_as_utf8_not_escaped(limited: Limited) -> None:
+    """A record of accented text under the item limit in UTF-8 (its size as this project
+    checks it): sent with each character escaped (`\\u00e9`, six bytes for two), the
+    request would be three times that and over Azure's 2 MB."""
+    thread_id = f"lim-utf8-{uuid.uuid4().hex[:8]}"
+    accented = "é" * 400_000  # 800 KB in UTF-8; 2.4 MB escaped
+    created = await limited.cold.create(thread_id, {"a": accented}, agent_id="limits")
+    assert created.sections == {"a": accented}
+    assert (await limited.cold.get(thread_id)) == created
+    assert limited.transport.violations == []
+
+
 async def test_a_large_update_that_loses_a_race_leaves_no_entry_in_the_trail(
     limited: Limited,
 ) -> None:
