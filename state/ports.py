@@ -303,7 +303,7 @@ class ColdRetention(Protocol):
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
-        deleting: Callable[[str], Awaitable[None]] | None = None,
+        deleting: Callable[[str], Awaitable[bool]] | None = None,
     ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
@@ -314,9 +314,11 @@ class ColdRetention(Protocol):
         locked); it may return a flush fencing token, which the thread's flush fence is
         raised to. The thread is then looked at again, and spared if it was written
         meanwhile; `deleting` is awaited with each thread still expired, just before its
-        cold state is deleted. If either raises, that thread is not deleted and the
-        sweep stops with the error (`state.retention` drops the thread's hot state
-        there, so a failure to reach Redis leaves it for the next sweep).
+        cold state is deleted, and spares it by returning False (`state.retention`: the
+        hot tier holds steps of it the cold tier has not seen). If either raises, that
+        thread is not deleted and the sweep stops with the error (`state.retention`
+        drops the thread's hot state there, so a failure to reach Redis leaves it for
+        the next sweep).
         `spare`: threads not deleted by this sweep, expired or not (the timer's cases due to
         be resumed). On Cosmos, a spared thread not written again before its slice is
         passed is not looked at again until it is (it is kept, not deleted).

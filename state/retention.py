@@ -17,9 +17,10 @@ reaches the log that a flusher could apply onto the deleted thread), and the thr
 flush fence is raised past every lock token granted before (a batch of a flusher
 paused past its lock is refused; the fence stays a TTL longer). The sweep then looks
 at the thread again, and spares it if a run resumed it meanwhile (a step it flushed
-before the lock was taken): its backlog stays, the run's acknowledged steps that
-were not flushed yet with it. Only for a thread still expired, just before its
-deletion, the cached checkpoints go, then the backlog, then the event log. A reader
+before the lock was taken, or a backlog the log still holds): its backlog stays, the
+run's acknowledged steps that were not flushed yet with it. Only for a thread still
+expired, just before its deletion, the cached checkpoints go, then the backlog, then
+the event log. A reader
 that caches the thread again from the cold tier before the deletion is undone once
 the sweep ends: the caches of every thread it forgot are dropped again (best effort:
 a failure is logged). An archive record (`<thread>~archive~...`) has only a cached
@@ -81,7 +82,7 @@ class TieredRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
-        deleting: Callable[[str], Awaitable[None]] | None = None,
+        deleting: Callable[[str], Awaitable[bool]] | None = None,
     ) -> int:
         forgotten: list[str] = []
         try:
@@ -94,10 +95,13 @@ class TieredRetention:
                     forgotten.append(thread_id)
                     return fence if told is None else max(fence or 0, told)
 
-                async def delete(thread_id: str) -> None:
-                    if deleting is not None:
-                        await deleting(thread_id)
+                async def delete(thread_id: str) -> bool:
+                    if await self._resumed(thread_id):
+                        return False
+                    if deleting is not None and not await deleting(thread_id):
+                        return False
                     await self._delete(thread_id)
+                    return True
 
                 return await self._cold.sweep(
                     limit=limit,
@@ -118,6 +122,14 @@ class TieredRetention:
         if ARCHIVE_SEPARATOR in thread_id or self._flusher is None:
             return None
         return await held.enter_async_context(self._flusher.refusing(thread_id))
+
+    async def _resumed(self, thread_id: str) -> bool:
+        """Whether the thread has a backlog, found under the flush lock with appends refused
+        since the first look: a run's acknowledged steps the cold tier has not seen yet (it
+        resumed the thread just before), which the second look cannot see either."""
+        if ARCHIVE_SEPARATOR in thread_id or self._flusher is None:
+            return False
+        return await self._flusher.log.pending(thread_id)
 
     async def _delete(self, thread_id: str) -> None:
         """The thread's hot state, once the sweep has looked again and is deleting it."""

@@ -124,7 +124,7 @@ class CosmosRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
-        deleting: Callable[[str], Awaitable[None]] | None = None,
+        deleting: Callable[[str], Awaitable[bool]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -157,7 +157,7 @@ class CosmosRetention:
         thread_id: str,
         cutoff: int,
         expiring: Callable[[str], Awaitable[int | None]] | None,
-        deleting: Callable[[str], Awaitable[None]] | None,
+        deleting: Callable[[str], Awaitable[bool]] | None,
     ) -> bool:
         """Delete `thread_id` if it expired (True); archive records only as orphans."""
         if thread_id == WATERMARK_PARTITION:
@@ -173,8 +173,8 @@ class CosmosRetention:
                 return False
             if expiring is not None:
                 await expiring(thread_id)  # an archive record has no flush fence to raise
-            if deleting is not None:
-                await deleting(thread_id)
+            if deleting is not None and not await deleting(thread_id):
+                return False
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -198,8 +198,8 @@ class CosmosRetention:
         last = await self._last_write(thread_id)
         if last is not None and last >= cutoff:
             return False
-        if deleting is not None:
-            await deleting(thread_id)
+        if deleting is not None and not await deleting(thread_id):
+            return False
         await self._delete_thread(thread_id)
         return True
 

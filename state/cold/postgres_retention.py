@@ -169,7 +169,7 @@ class PostgresRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
-        deleting: Callable[[str], Awaitable[None]] | None = None,
+        deleting: Callable[[str], Awaitable[bool]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
@@ -191,7 +191,7 @@ class PostgresRetention:
         now: float | None,
         expiring: Callable[[str], Awaitable[int | None]] | None,
         spare: list[str],
-        deleting: Callable[[str], Awaitable[None]] | None,
+        deleting: Callable[[str], Awaitable[bool]] | None,
     ) -> int:
         params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
@@ -215,8 +215,7 @@ class PostgresRetention:
                     conn, STILL_EXPIRED_SQL, {**params, "thread_ids": expired}
                 )
             if deleting is not None:
-                for thread_id in expired:
-                    await deleting(thread_id)
+                expired = [thread_id for thread_id in expired if await deleting(thread_id)]
             if expired:
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
         return len(expired)

@@ -856,47 +856,6 @@ async def test_a_sweep_failing_inside_its_discard_leaves_the_kept_thread_writabl
         await saver.aput(at_first, second, {"step": 1}, {})  # the thread was kept: writable
 
 
-async def test_postgres_a_sweep_stopped_after_the_discard_leaves_no_cached_step_without_its_log(
-    open_cold: Open,
-) -> None:
-    """The sweep stops after the backlog went (the cache's own invalidation failed
-    unnoticed, as a Redis error there is swallowed): the cached checkpoint went with the
-    backlog, so another worker resumes from the cold tier's, not from one whose log is gone."""
-    async with open_cold(
-        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
-    ) as backends:
-        assert backends.events is not None and backends.flusher is not None
-        assert backends.hot_checkpoints is not None
-        saver = TieredCheckpointSaver.from_backends(backends)
-        thread_id = unique_thread("stale-head")
-        await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
-        first = checkpoint_with(empty_checkpoint(), "v" * 2000)
-        at_first = await saver.aput(latest(thread_id), first, {"step": 0}, {"v": "1"})
-        await saver.aflush(thread_id)
-        await backdate(backends, thread_id)
-        await backends.flusher.stop()  # the next step stays in the log
-        await saver.aput(
-            at_first, checkpoint_with(empty_checkpoint(), "w" * 2000), {"step": 1}, {"v": "2"}
-        )
-        cache, events = backends.hot_checkpoints, backends.events
-        invalidate, delete = cache.invalidate, events.delete
-
-        async def unnoticed(*_: Any, **__: Any) -> None:
-            return None
-
-        async def refused(*_: Any, **__: Any) -> None:
-            raise BackendUnavailable("redis", "refused (injected)")
-
-        cache.invalidate = unnoticed  # type: ignore[method-assign]
-        events.delete = refused  # type: ignore[method-assign]
-        with pytest.raises(BackendUnavailable):
-            await backends.retention.sweep(limit=100)
-        cache.invalidate, events.delete = invalidate, delete  # type: ignore[method-assign]
-        other_worker = TieredCheckpointSaver.from_backends(backends)
-        head = await other_worker.aget_tuple(latest(thread_id))
-        assert head is not None and head.checkpoint["id"] == first["id"]
-
-
 async def test_cosmos_a_sweep_failing_after_it_deleted_a_thread_refused_its_late_step(
     open_cold: Open,
 ) -> None:
@@ -1262,3 +1221,32 @@ async def test_a_thread_spared_on_the_second_look_keeps_its_resumed_runs_unflush
         assert found.checkpoint_id == heads[0]["configurable"]["checkpoint_id"], found.metadata
         fourth = checkpoint_with(empty_checkpoint(), "y" * 2000)
         await saver.aput(heads[0], fourth, {"step": 3}, {})  # the run goes on
+
+
+async def test_an_expired_thread_a_run_resumed_keeps_its_acknowledged_unflushed_step(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """A run resumed the expired thread just before the sweep: its step is in the log,
+    acknowledged, not flushed yet (the flusher wakes within seconds). The sweep's second
+    look reads the cold tier alone, which has not seen the step: the thread must not be
+    deleted with that step all the same."""
+    ttl = 2 if cold_backend == "cosmos" else TTL
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        if cold_backend == "postgres":
+            await backdate(backends, thread_id)
+        else:
+            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await backends.flusher.stop()  # flushed only where the test says
+        second = checkpoint_with(empty_checkpoint(), "w" * 2000)
+        at_second = await saver.aput(at_first, second, {"step": 1}, {"v": "2"})
+        assert await backends.retention.sweep(limit=100) == 0
+        await saver.aflush(thread_id)  # the run's boundary
+        found = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert found is not None, "the run's acknowledged step went with the thread"
+        assert found.checkpoint_id == at_second["configurable"]["checkpoint_id"]

@@ -642,7 +642,7 @@ class MemoryRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None = None,
         spare: Collection[str] = (),
         deadline: float | None = None,
-        deleting: Callable[[str], Awaitable[None]] | None = None,
+        deleting: Callable[[str], Awaitable[bool]] | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
@@ -657,17 +657,19 @@ class MemoryRetention:
             for t, at in sorted(last.items())
             if t not in self._held and t not in spare and at + self._ttl < clock
         ][:limit]
+        swept = 0
         for owner in expired:
             if expiring is not None:
                 await expiring(owner)
-            if deleting is not None:
-                await deleting(owner)
+            if deleting is not None and not await deleting(owner):
+                continue
+            swept += 1
             for record_id in self._cold.thread_ids():
                 if self._owner(record_id) == owner:
                     await self._cold.delete(record_id)
             self._checkpoints._delete_threads([owner])
             self._released_at.pop(owner, None)
-        return len(expired)
+        return swept
 
 
 # --------------------------------------------------------------------------- hot: records
