@@ -3,7 +3,8 @@
 `migrate` applies, in one transaction, every migration the database has not
 recorded yet, in id order. It first takes a transaction-scoped advisory lock,
 so two processes starting at once queue instead of racing (the second sees the
-first one's records and applies nothing); running it again is a no-op.
+first one's records and applies nothing); running it again is a no-op, and one
+that finds every migration recorded takes no lock at all.
 
 To change the schema, append a migration with the next id; never edit or
 reorder one that has shipped (databases have already applied it). A migration only
@@ -28,6 +29,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     id integer PRIMARY KEY,
     name text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+SCHEMA_MIGRATIONS_EXISTS = """
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_class AS c
+    JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+    WHERE c.relname = 'schema_migrations' AND n.nspname = ANY (current_schemas(false))
 )
 """
 
@@ -244,21 +253,31 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-async def migrate(conn: AsyncConnection[Any]) -> list[Migration]:
-    """Apply the migrations this database lacks, in order; return the ones applied now."""
+async def migrate(
+    conn: AsyncConnection[Any], *, statement_timeout_seconds: float | None = None
+) -> list[Migration]:
+    """Apply the migrations this database lacks, in order; return the ones applied now.
+
+    A database that has them all is only read: no lock is taken, so an app starting
+    while another process migrates further (a newer release, the deploy hook) does not
+    wait for it. `statement_timeout_seconds` bounds each statement of the migration
+    transaction server-side (waiting for another process's migration included) in place
+    of the session's own `statement_timeout`; None keeps the session's."""
+    recorded = await _recorded_ids(conn)
+    if recorded is not None and all(migration.id in recorded for migration in MIGRATIONS):
+        return []
     applied_now: list[Migration] = []
     async with conn.transaction():
+        if statement_timeout_seconds is not None:
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (str(int(statement_timeout_seconds * 1000)),),
+            )
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-        async with conn.cursor(row_factory=tuple_row) as cursor:
-            # CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table
-            # exists; an app role without it (least privilege in Azure, where the
-            # administrator applies the migrations) must still start.
-            await cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-            found = await cursor.fetchone()
-            if found is None or not found[0]:
-                await conn.execute(CREATE_MIGRATIONS_TABLE)
-            await cursor.execute("SELECT id FROM schema_migrations")
-            recorded = {row[0] for row in await cursor.fetchall()}
+        recorded = await _recorded_ids(conn)
+        if recorded is None:
+            await conn.execute(CREATE_MIGRATIONS_TABLE)
+            recorded = set()
         for migration in MIGRATIONS:
             if migration.id in recorded:
                 continue
@@ -269,6 +288,23 @@ async def migrate(conn: AsyncConnection[Any]) -> list[Migration]:
             )
             applied_now.append(migration)
     return applied_now
+
+
+async def _recorded_ids(conn: AsyncConnection[Any]) -> set[int] | None:
+    """The ids in `schema_migrations`; None when the table does not exist yet."""
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        # Looked up rather than CREATE TABLE IF NOT EXISTS, which needs CREATE on the
+        # schema even when the table exists; an app role without it (least privilege in
+        # Azure, where the administrator applies the migrations) must still start. Read
+        # from pg_class, not with to_regclass: its name lookup caches "missing" for the
+        # session, and a process that waited on the lock while another created the
+        # table would still find it missing.
+        await cursor.execute(SCHEMA_MIGRATIONS_EXISTS)
+        found = await cursor.fetchone()
+        if found is None or not found[0]:
+            return None
+        await cursor.execute("SELECT id FROM schema_migrations")
+        return {int(row[0]) for row in await cursor.fetchall()}
 
 
 async def recorded_migrations(conn: AsyncConnection[Any]) -> list[tuple[int, str]]:

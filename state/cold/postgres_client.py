@@ -63,6 +63,11 @@ NO_ANSWER_GRACE_SECONDS = 1.0
 # How long an async call past its time asks the server to cancel its statement, which a
 # silent server never does (psycopg alone would wait ten seconds for it).
 CANCEL_SECONDS = 1.0
+# How long the app's start may spend applying migrations, or waiting for another process
+# (an instance of a newer release, the deploy hook) to finish applying them. A longer
+# migration goes through the deploy hook (scripts/azd/postgres_access.py), which has no
+# bound.
+MIGRATION_SECONDS = 300.0
 
 
 class ServerSilent(OperationalError):
@@ -76,6 +81,55 @@ def _wait_bound(deadline: float | None, answer_timeout: float | None) -> float |
     if deadline is not None:
         return max(0.0, deadline - time.monotonic())
     return answer_timeout
+
+
+def _closed_by_server(conn: psycopg.BaseConnection[Any]) -> bool:
+    """Whether the server has closed an idle pooled connection: it sends an idle session
+    nothing unless it is ending it (a restart, `pg_terminate_backend`, a failover: a FATAL
+    message, then the close), so a readable socket means a dead connection. One local
+    poll instead of psycopg_pool's `check`, a round trip on every checkout."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(conn.pgconn.socket, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
+@asynccontextmanager
+async def _live_connection(
+    pool: AsyncConnectionPool[CountedConnection],
+) -> AsyncIterator[CountedConnection]:
+    """`pool.connection()`, passing over connections the server closed while they were
+    idle: nothing was sent on them, so taking another is no repeat, even of a write.
+    (Not the pool's own `check` hook: each connection it fails sleeps the caller a second,
+    doubling, before the next.)"""
+    while True:
+        conn = await pool.getconn()
+        if not _closed_by_server(conn):
+            break
+        await conn.close()
+        await pool.putconn(conn)  # discarded: the pool opens a replacement
+    try:
+        async with conn:
+            yield conn
+    finally:
+        await pool.putconn(conn)
+
+
+@contextmanager
+def _live_blocking_connection(
+    pool: ConnectionPool[CountedBlockingConnection],
+) -> Iterator[CountedBlockingConnection]:
+    """`_live_connection` for the blocking pool."""
+    while True:
+        conn = pool.getconn()
+        if not _closed_by_server(conn):
+            break
+        conn.close()
+        pool.putconn(conn)
+    try:
+        with conn:
+            yield conn
+    finally:
+        pool.putconn(conn)
 
 
 def _noting_reads(gen: PQGen[RV], read: list[bool]) -> PQGen[RV]:
@@ -266,11 +320,35 @@ class PostgresConnection:
             sslmode="require",
         )
 
+    def _session_options(self, seconds: float) -> str:
+        """Server-side bounds for a pool's sessions: the server ends a statement
+        (`statement_timeout`) or an open transaction left idle
+        (`idle_in_transaction_session_timeout`) after `seconds` by itself. The client
+        gives up by then too, but its cancel request and its close can be lost (a
+        partition), and the session would otherwise keep its locks, and may apply an
+        abandoned write, until TCP gives up on the peer (hours). Added to the URL's own
+        options (a search_path, say), not instead."""
+        timeout_ms = int(seconds * 1000)
+        return " ".join(
+            part
+            for part in (
+                str(conninfo_to_dict(self._conninfo()).get("options") or ""),
+                f"-c statement_timeout={timeout_ms}",
+                f"-c idle_in_transaction_session_timeout={timeout_ms}",
+            )
+            if part
+        )
+
     async def _connect_kwargs(self) -> dict[str, Any]:
         """Called by the pool for every new connection, so each gets a fresh token."""
         kwargs: dict[str, Any] = {
             # Reads need no transaction; writes open one explicitly.
             "autocommit": True,
+            # Once the client's own cancel had its time: a server that is reached ends
+            # a slow statement at the operation timeout, as before, on the client's word.
+            "options": self._session_options(
+                self._config.operation_timeout_seconds + CANCEL_SECONDS
+            ),
             "row_factory": dict_row,
             "cursor_factory": CountingCursor,
         }
@@ -322,17 +400,21 @@ class PostgresConnection:
         return pool
 
     @asynccontextmanager
-    async def connection(self, operation: str) -> AsyncIterator[CountedConnection]:
-        """A pooled connection (autocommit) whose statements count under `operation`."""
+    async def connection(
+        self, operation: str, *, seconds: float | None = None
+    ) -> AsyncIterator[CountedConnection]:
+        """A pooled connection (autocommit) whose statements count under `operation`,
+        bounded by `seconds` (default: the operation timeout)."""
         pool = await self.pool()
-        seconds = self._config.operation_timeout_seconds
+        if seconds is None:
+            seconds = self._config.operation_timeout_seconds
         started = time.monotonic()
         with self._circuit.call(), postgres_errors():
             # The connection's deadline ends a wait for the server; this bounds the rest
             # (a wait for a pooled connection), past what ending such a wait may take.
             async with (
                 asyncio.timeout(seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS),
-                pool.connection() as conn,
+                _live_connection(pool) as conn,
             ):
                 conn.operation = operation
                 conn.deadline = started + seconds
@@ -361,7 +443,7 @@ class PostgresConnection:
             raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
         pool = self._blocking_pool or self._open_blocking()
         deadline = time.monotonic() + self._config.operation_timeout_seconds
-        with self._circuit.call(), postgres_errors(), pool.connection() as conn:
+        with self._circuit.call(), postgres_errors(), _live_blocking_connection(pool) as conn:
             conn.operation = operation
             conn.deadline = deadline + NO_ANSWER_GRACE_SECONDS
             try:
@@ -399,15 +481,7 @@ class PostgresConnection:
                         "autocommit": True,
                         "row_factory": dict_row,
                         "cursor_factory": CountingBlockingCursor,
-                        # Added to the URL's own options (a search_path, say), not instead.
-                        "options": " ".join(
-                            part
-                            for part in (
-                                str(conninfo_to_dict(self._conninfo()).get("options") or ""),
-                                f"-c statement_timeout={timeout_ms}",
-                            )
-                            if part
-                        ),
+                        "options": self._session_options(config.operation_timeout_seconds),
                         "tcp_user_timeout": timeout_ms,
                         "connect_timeout": max(1, int(config.operation_timeout_seconds)),
                     },
@@ -433,8 +507,10 @@ class PostgresConnection:
         if self._migrated:
             return
         # Two adapters setting up at once both migrate: harmless, Postgres serializes them.
-        async with self.connection("migrate") as conn:
-            await migrate(conn)
+        # Not the operation timeout: waiting for another process's migration, or a long
+        # one of its own, must not fail the app's start after 30 s.
+        async with self.connection("migrate", seconds=MIGRATION_SECONDS) as conn:
+            await migrate(conn, statement_timeout_seconds=MIGRATION_SECONDS)
         self._migrated = True
 
     async def close(self) -> None:

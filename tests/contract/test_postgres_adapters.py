@@ -927,9 +927,11 @@ def _list(checkpoints: PostgresCheckpointStore, thread: str) -> AsyncIterator[St
     )
 
 
-async def test_after_a_server_restart_only_one_call_sees_the_dead_connections(
+async def test_after_a_server_restart_no_call_sees_the_dead_connections(
     tmp_path: Path,
 ) -> None:
+    """The pool's idle connections all died with the server; each is found closed before
+    anything is sent on it and replaced, so no caller gets `BackendUnavailable`."""
     server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
     await asyncio.to_thread(server.start)
     settings = Settings(state_cold_backend="postgres", postgres_url=server.url)
@@ -946,10 +948,9 @@ async def test_after_a_server_restart_only_one_call_sees_the_dead_connections(
         await asyncio.to_thread(server.stop)
         await asyncio.to_thread(server.start)
 
-        with pytest.raises(BackendUnavailable):
-            await store.get("t")
-        record = await store.get("t")
-        assert record is not None and record.sections == {"s": 1}
+        for _ in range(5):
+            record = await store.get("t")
+            assert record is not None and record.sections == {"s": 1}
     finally:
         await pg.close()
         await asyncio.to_thread(server.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -9,9 +10,17 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import AsyncConnection
 
-from state.cold.migrations import MIGRATION_LOCK_KEY, MIGRATIONS, migrate, recorded_migrations
+from state.cold import migrations
+from state.cold.migrations import (
+    MIGRATION_LOCK_KEY,
+    MIGRATIONS,
+    Migration,
+    migrate,
+    recorded_migrations,
+)
 from state.cold.postgres_client import PostgresConnection
 from state.settings import Settings
 
@@ -118,3 +127,72 @@ def test_two_processes_migrating_at_once_both_succeed(
     with psycopg.connect(fresh_postgres_url) as conn:
         recorded = conn.execute("SELECT id, name FROM schema_migrations ORDER BY id").fetchall()
     assert recorded == CODE_MIGRATIONS
+
+
+def _app(url: str, operation_timeout: float) -> PostgresConnection:
+    settings = Settings(
+        state_cold_backend="postgres",
+        postgres_url=url,
+        postgres_operation_timeout_seconds=operation_timeout,
+    )
+    return PostgresConnection(settings.postgres)
+
+
+async def test_app_start_waits_past_the_operation_timeout_for_another_process_migrating(
+    fresh_postgres_url: str,
+) -> None:
+    """Another instance (or the deploy hook) holds the migration lock for longer than one
+    operation may last: the app starting meanwhile waits for it, then applies what is
+    left, instead of failing its start."""
+    holder = await AsyncConnection.connect(fresh_postgres_url)
+    await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+    pg = _app(fresh_postgres_url, 1.0)
+    try:
+        setup = asyncio.create_task(pg.setup())
+        deadline = time.monotonic() + 10
+        while _waiting_for_migration_lock(fresh_postgres_url) < 1:
+            assert time.monotonic() < deadline, "the app never reached the migration lock"
+            assert not setup.done(), "the app's start ended before reaching the lock"
+            await asyncio.sleep(0.05)
+        # Past the operation timeout, the cancel and the grace the client allows a call.
+        await asyncio.sleep(3.5)
+        await holder.rollback()
+        await setup
+        async with pg.connection("check") as conn:
+            assert await recorded_migrations(conn) == CODE_MIGRATIONS
+    finally:
+        await holder.close()
+        await pg.close()
+
+
+async def test_app_start_on_a_migrated_database_takes_no_migration_lock(
+    fresh_postgres_url: str,
+) -> None:
+    """A database with every migration this release knows is only read at start, even
+    while another process (a newer release, the deploy hook) migrates it further."""
+    async with await AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        await migrate(conn)
+    holder = await AsyncConnection.connect(fresh_postgres_url)
+    await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+    pg = _app(fresh_postgres_url, 1.0)
+    try:
+        started = time.monotonic()
+        await pg.setup()
+        assert time.monotonic() - started < 1.0
+    finally:
+        await holder.close()
+        await pg.close()
+
+
+async def test_a_migration_longer_than_the_operation_timeout_completes_at_app_start(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = Migration(10_000, "slow", "SELECT pg_sleep(2)")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS, slow))
+    pg = _app(fresh_postgres_url, 1.0)
+    try:
+        await pg.setup()
+        async with pg.connection("check") as conn:
+            assert await recorded_migrations(conn) == [*CODE_MIGRATIONS, (slow.id, slow.name)]
+    finally:
+        await pg.close()
