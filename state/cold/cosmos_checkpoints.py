@@ -287,7 +287,7 @@ class CosmosCheckpointStore:
         on its own is fenced)."""
         try:
             for group, batched in _transactions(steps, fenced=fence is not None):
-                operations = [operation for step in group for operation in step.operations()]
+                operations = _operations(group)
                 if batched and await self._applied_as_batch(thread_id, operations, fence):
                     continue
                 for step in group:
@@ -972,6 +972,12 @@ class _Step:
             *(("create", (packed.doc,)) for packed in self.creates),
         ]
 
+    def upserted_ids(self) -> set[str]:
+        return {doc["id"] for doc in [*self.prelude, *self.upserts]}
+
+    def created_ids(self) -> set[str]:
+        return {packed.doc["id"] for packed in self.creates}
+
     def size(self) -> int:
         docs = [*self.prelude, *self.upserts, *(packed.doc for packed in self.creates)]
         return sum(layout.packed_size(doc) for doc in docs)
@@ -987,16 +993,40 @@ def _transactions(
     bytes_room = BATCH_BYTES - FENCE_BYTES * fenced
     group: list[_Step] = []
     count = size = 0
+    upserted: set[str] = set()
+    created: set[str] = set()
     for step in steps:
         step_count, step_size = len(step.operations()), step.size()
-        if group and (count + step_count > operations_room or size + step_size > bytes_room):
+        step_upserted, step_created = step.upserted_ids(), step.created_ids()
+        # A create of an id the group names already (a task's writes retried) must meet
+        # what is stored, to merge with it: in a batch of its own, after the group's.
+        # An id upserted again stays in the group (`_operations` keeps its last upsert).
+        repeats = step_created & (upserted | created) or step_upserted & created
+        if group and (
+            repeats or count + step_count > operations_room or size + step_size > bytes_room
+        ):
             yield group, count + fenced > 1
             group, count, size = [], 0, 0
+            upserted, created = set(), set()
         if step_count > operations_room or step_size > bytes_room:
             yield [step], False
             continue
         group.append(step)
         count += step_count
         size += step_size
+        upserted |= step_upserted
+        created |= step_created
     if group:
         yield group, count + fenced > 1
+
+
+def _operations(group: Sequence[_Step]) -> list[BatchOperation]:
+    """The group's operations in order, a document upserted more than once only at its
+    last upsert: a transactional batch may not name an id twice, and the last upsert is
+    what applying them in order leaves (the batch is atomic, so its position does not
+    matter). `_transactions` keeps creates of an id from sharing a group with it."""
+    operations = [operation for step in group for operation in step.operations()]
+    last = {op[1][0]["id"]: at for at, op in enumerate(operations) if op[0] == "upsert"}
+    return [
+        op for at, op in enumerate(operations) if op[0] != "upsert" or last[op[1][0]["id"]] == at
+    ]

@@ -101,10 +101,14 @@ async def gather(calls: Sequence[Awaitable[T]], *, limit: int = CONCURRENT_REQUE
 
 
 def _by_partition(docs: Sequence[Doc]) -> dict[str, list[Doc]]:
-    grouped: dict[str, list[Doc]] = {}
+    """Per partition, each id once, as its last doc: what upserting them in order leaves.
+    A batch may not name an id twice, and two batches run concurrently have no order."""
+    grouped: dict[str, dict[object, Doc]] = {}
     for doc in docs:
-        grouped.setdefault(str(doc["thread_id"]), []).append(doc)
-    return grouped
+        # A doc without an id is sent as it is, for the service to refuse.
+        key = doc["id"] if "id" in doc else object()
+        grouped.setdefault(str(doc["thread_id"]), {})[key] = doc
+    return {partition: list(by_id.values()) for partition, by_id in grouped.items()}
 
 
 def _batch_runs(docs: Sequence[Doc]) -> Iterator[list[Doc]]:

@@ -8,21 +8,34 @@ not accept...) is refused here the same way, so these tests fail where Azure wou
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+from langgraph.checkpoint.base import empty_checkpoint
 
+from state.checkpoint import TieredCheckpointSaver
+from state.cold import cosmos_client
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
+from state.cold.cosmos_io import PartitionIO
 from state.cold.cosmos_store import CosmosStateStore
 from state.errors import VersionConflict
-from state.ports import CheckpointPut, SectionWrite, StoredBlob, StoredCheckpoint, StoredWrite
+from state.factory import backends_for
+from state.ports import (
+    CheckpointPut,
+    SectionWrite,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    WritesPut,
+)
 from state.settings import Settings
 from state.size import ColdRecordArchive
-from tests.support.cosmos import stores_over
+from tests.support.cosmos import partition, stores_over
 from tests.support.cosmos_limits import REQUEST_BYTES, LimitedTransport
 
 
@@ -198,3 +211,126 @@ async def test_a_large_write_behind_flush_stays_within_batch_limits(limited: Lim
     assert limited.transport.violations == []
     assert limited.transport.batches
     assert all(size <= REQUEST_BYTES and count <= 100 for size, count in limited.transport.batches)
+
+
+# ------------------------------------------------------------------- one id twice
+
+
+def write_value(found: StoredCheckpoint | None, task: str, idx: int) -> bytes:
+    assert found is not None and found.writes is not None
+    [write] = [w for w in found.writes if (w.task_id, w.idx) == (task, idx)]
+    return write.value[1]
+
+
+@pytest.mark.parametrize("fence", [None, 1])
+async def test_a_flush_that_repeats_a_document_sends_it_once_per_batch(
+    limited: Limited, fence: int | None
+) -> None:
+    """The log holds each put as it came: an error recorded twice for one task, a task's
+    writes retried with one more index, a checkpoint put again. Applied in one flush, the
+    result is the calls' in order, and no batch names a document twice."""
+    thread_id = f"lim-dup-{uuid.uuid4().hex[:8]}"
+    stored = checkpoint(thread_id, "", 1, None)
+    large = ("json", f'"{text(600_000)}"'.encode())
+    where = (thread_id, "", stored.checkpoint_id)
+    ops = [
+        CheckpointPut(stored, [StoredBlob("messages", f"{1:032d}", large)]),
+        CheckpointPut(stored, [StoredBlob("messages", f"{1:032d}", large)]),
+        WritesPut(*where, [StoredWrite("t1", "p", -1, "__error__", ("json", b'"one"'))], True),
+        WritesPut(*where, [StoredWrite("t1", "p", -1, "__error__", ("json", b'"two"'))], True),
+        WritesPut(*where, [StoredWrite("t2", "p", 0, "a", ("json", b'"first"'))], False),
+        WritesPut(
+            *where,
+            [
+                StoredWrite("t2", "p", 0, "a", ("json", b'"retried"')),
+                StoredWrite("t2", "p", 1, "b", ("json", b'"added"')),
+            ],
+            False,
+        ),
+    ]
+    await limited.checkpoints.apply_batch(ops, fence=fence)
+    assert limited.transport.violations == []
+    found = await limited.checkpoints.get_checkpoint(thread_id, "", stored.checkpoint_id)
+    assert write_value(found, "t1", -1) == b'"two"'
+    assert write_value(found, "t2", 0) == b'"first"'
+    assert write_value(found, "t2", 1) == b'"added"'
+    assert found is not None and found.blobs is not None
+    assert found.blobs["messages"] == large
+
+
+@pytest.mark.parametrize("fence", [None, 1])
+async def test_one_large_value_in_two_channels_and_namespaces_is_flushed(
+    limited: Limited, fence: int | None
+) -> None:
+    """Its blocks are documents named by their digest: two channels of one checkpoint, and
+    a subgraph's checkpoint in the same flush, store the same block documents."""
+    thread_id = f"lim-blk-{uuid.uuid4().hex[:8]}"
+    large = ("json", f'"{text(40_000)}"'.encode())  # blocks of a few steps fit one batch
+    ops = []
+    for ns in ["", "sub:1"]:
+        stored = dataclasses.replace(
+            checkpoint(thread_id, ns, 1, None),
+            channel_versions={"messages": f"{1:032d}", "copy": f"{1:032d}"},
+        )
+        blobs = [StoredBlob(ch, f"{1:032d}", large) for ch in ("messages", "copy")]
+        ops.append(CheckpointPut(stored, blobs))
+    await limited.checkpoints.apply_batch(ops, fence=fence)
+    assert limited.transport.violations == []
+    for op in ops:
+        found = await limited.checkpoints.get_checkpoint(
+            thread_id, op.checkpoint.checkpoint_ns, op.checkpoint.checkpoint_id
+        )
+        assert found is not None and found.blobs == {"messages": large, "copy": large}
+
+
+async def test_writes_repeated_before_a_write_behind_flush_are_flushed(
+    settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the saver: a resume put twice for one task, and a task's writes retried,
+    wait in the log as entries naming one document each (neither is a boundary, so one
+    flush takes them all); the flush stores the second resume and the first writes."""
+    transport = LimitedTransport()
+    monkeypatch.setattr(cosmos_client, "EnvironmentProxyTransport", lambda: transport)
+    settings = settings_for("cosmos", state_write_mode="write-behind")
+    async with backends_for(settings) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread = f"lim-saver-{uuid.uuid4().hex[:8]}"
+        config = await saver.aput(
+            {"configurable": {"thread_id": thread, "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {},
+            {},
+        )
+        await saver.aput_writes(config, [("__resume__", "first answer")], "task-1")
+        await saver.aput_writes(config, [("__resume__", "second answer")], "task-1")
+        await saver.aput_writes(config, [("a", "first")], "task-2")
+        await saver.aput_writes(config, [("a", "retried"), ("b", "added")], "task-2")
+        await saver.aflush(thread)
+        assert transport.violations == []
+        assert backends.hot_checkpoints is not None
+        await backends.hot_checkpoints.invalidate(thread)
+        latest = await saver.aget_tuple({"configurable": {"thread_id": thread}})
+        assert latest is not None
+        assert sorted(latest.pending_writes or []) == [
+            ("task-1", "__resume__", "second answer"),
+            ("task-2", "a", "first"),
+            ("task-2", "b", "added"),
+        ]
+
+
+async def test_documents_upserted_twice_in_one_call_are_stored_as_the_last(
+    limited: Limited,
+) -> None:
+    """`upsert_all` (a step's blocks and chunks, stored ahead of it) with one id twice: one
+    operation for it, with the last document."""
+    thread_id = f"lim-upsert-{uuid.uuid4().hex[:8]}"
+    io = PartitionIO(limited.connection)
+    await io.upsert_all(
+        [
+            {"id": doc_id, "thread_id": thread_id, "v": v}
+            for doc_id, v in [("a", 1), ("b", 1), ("a", 2)]
+        ]
+    )
+    assert limited.transport.violations == []
+    stored = {doc["id"]: doc["v"] for doc in await partition(limited.connection, thread_id)}
+    assert stored == {"a": 2, "b": 1}

@@ -11,7 +11,9 @@ concepts-limits, transactional-batch, partial-document-update):
 - a transactional batch of more than 100 operations: 400;
 - an item id over 1,023 bytes or containing `/`, `\\`, `?` or `#`: 400;
 - a partition key value over 2,048 bytes: 400;
-- a patch of more than 10 operations: 400.
+- a patch of more than 10 operations: 400;
+- a transactional batch naming one item id in two operations: 400 (the service may
+  refuse such a batch, or answer it with a conflict; the emulator applies it in order).
 
 Each refusal is kept in `violations`, so a test can also assert that none happened.
 """
@@ -75,11 +77,16 @@ def check(operation: str | None, request: HttpRequest) -> tuple[int, str] | None
         assert isinstance(parsed, list)
         if len(parsed) > BATCH_OPERATIONS:
             return 400, f"batch of {len(parsed)} operations"
+        named: set[str] = set()
         for op in parsed:
             resource = op.get("resourceBody") or {}
+            doc_id = op.get("id") or resource.get("id")
             problem = _id_problem(op.get("id")) or _id_problem(resource.get("id"))
             if problem:
                 return 400, problem
+            if doc_id is not None and doc_id in named:
+                return 400, f"batch names id {str(doc_id)[:80]!r} twice"
+            named.add(doc_id)
         return None
     if operation == "patch":
         operations = (parsed or {}).get("operations", [])
