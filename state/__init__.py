@@ -34,7 +34,8 @@ Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
     `BackendUnavailable` (and its `HotStateLost`), `RequestRejected` (and its `InvalidValue`),
-    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`, `ThreadExpiring`.
+    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`, `ThreadExpiring`,
+    `ParentGone`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -54,6 +55,7 @@ from .errors import (
     InvalidValue,
     LockLost,
     LockNotAcquired,
+    ParentGone,
     RequestRejected,
     SaverClosed,
     SettingsError,
@@ -109,6 +111,7 @@ __all__ = [
     "Lock",
     "LockLost",
     "LockNotAcquired",
+    "ParentGone",
     "RecordStore",
     "RequestRejected",
     "SaverClosed",

@@ -141,6 +141,22 @@ class UnknownParent(StateError):
         self.thread_id = thread_id
 
 
+class ParentGone(StateError):
+    """A write-through checkpoint put whose parent the cold tier no longer holds (deleted,
+    or kept by `delete_for_runs` only for a DeltaChannel history): nothing was written.
+    The run writing it was deleted under it (or forks a checkpoint that is gone) and
+    cannot go on; stored, its step would bring a deleted run back as the latest."""
+
+    def __init__(self, thread_id: str, checkpoint_ns: str, parent_checkpoint_id: str) -> None:
+        super().__init__(
+            f"the parent {parent_checkpoint_id} of a put on {thread_id!r}"
+            f" (namespace {checkpoint_ns!r}) is no longer stored"
+        )
+        self.thread_id = thread_id
+        self.checkpoint_ns = checkpoint_ns
+        self.parent_checkpoint_id = parent_checkpoint_id
+
+
 class FenceUnknown(StateError):
     """The hot tier holds no fence for the thread (new, or its key expired or was evicted),
     so it cannot tell a stale writer from the newest: nothing was written. The caller

@@ -583,8 +583,15 @@ class CheckpointStore(Protocol):
     async def setup(self) -> None: ...
 
     async def put_checkpoint(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
-    ) -> None: ...
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        parent_vouched: bool = False,
+    ) -> None:
+        """Raises `ParentGone` (nothing written) if the checkpoint has a parent the store
+        no longer holds, unless `parent_vouched`: the caller knows the parent is on its way
+        (a write-behind log holds it)."""
 
     async def put_writes(
         self,
@@ -872,7 +879,8 @@ class BlockingCheckpointStore(Protocol):
 
     def put_checkpoint_blocking(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
-    ) -> None: ...
+    ) -> None:
+        """As `put_checkpoint` (never vouched: no hot tier can hold the parent)."""
 
     def put_writes_blocking(
         self,

@@ -43,6 +43,7 @@ from state import (
     Lock,
     LockLost,
     LockNotAcquired,
+    ParentGone,
     StaleFencingToken,
     StateError,
     TieredCheckpointSaver,
@@ -932,7 +933,8 @@ class CaseService:
         except RunStopped as stopped:
             log.info("case %s: %s", case_id, stopped)
             return True
-        except (StaleFencingToken, LockLost) as lost:
+        except (StaleFencingToken, LockLost, ParentGone) as lost:
+            # ParentGone: a rollback deleted this run's checkpoints while it still wrote.
             log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
         except EffectInProgress as busy:
             # Another runner of this case holds the side effect's claim and finishes the case.

@@ -6,7 +6,8 @@ namespace) so that reading it costs one Redis round trip and no cold request.
 
 Two write modes (`STATE_WRITE_MODE`):
 - write-through: writes go cold first, then update the cache; cache failures
-  never fail a call.
+  never fail a call. A put whose parent the cold tier no longer holds (its run was
+  deleted under it) is refused (`ParentGone`) unless the cache holds that parent.
 - write-behind (with a `Flusher`): a put or put_writes is one Redis round trip
   that updates the hot copy and records the work in the write-behind log; the
   flusher moves it to the cold tier in the background. Natural boundaries wait
@@ -79,6 +80,7 @@ from ..errors import (
     HotStateLost,
     InvalidValue,
     LockLost,
+    ParentGone,
     SaverClosed,
     StateError,
     UnknownParent,
@@ -910,7 +912,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = put.stored.thread_id
         if self.flusher is None:
             await self._admit(thread_id, put.fence, hot=True)
-            await self.store.put_checkpoint(put.stored, put.blobs)
+            await self._put_through(put)
             if self.cache is not None:
                 await self.cache.advance(put.stored, put.blobs)
         else:
@@ -944,6 +946,28 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._appended(put)
                 await self._boundary(thread_id, self._is_boundary(put))
         return self._put_done(put)
+
+    async def _put_through(self, put: _Put) -> None:
+        """A write-through put, which the store refuses if its parent is gone (a run
+        `delete_for_runs` deleted under it: stored, its step would be the thread's latest).
+        Then only a hot tier holding that parent as the namespace's latest vouches for it
+        (a write-behind process's put its flusher has not stored yet): a look only on
+        refusal, so a put costs no round trip more."""
+        try:
+            await self.store.put_checkpoint(put.stored, put.blobs)
+        except ParentGone:
+            if not await self._hot_head_is_parent(put.stored):
+                raise
+            await self.store.put_checkpoint(put.stored, put.blobs, parent_vouched=True)
+
+    async def _hot_head_is_parent(self, stored: StoredCheckpoint) -> bool:
+        if self.cache is None:
+            return False
+        found = await self.cache.lookup(
+            stored.thread_id, stored.checkpoint_ns, lease=False, with_history=False
+        )
+        head = found.checkpoint
+        return head is not None and head.checkpoint_id == stored.parent_checkpoint_id
 
     async def _parent_stored(self, put: _Put) -> None:
         """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,
@@ -1069,7 +1093,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for channel, version in checkpoint["channel_versions"].items()
             if channel in values and channel not in put.inline
         ]
-        await self.store.put_checkpoint(put.stored, every_value)
+        # Vouched: its parent may be in the log alone, which Redis being out cannot show.
+        await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
         self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
         # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
         # which may be in the Redis log alone.

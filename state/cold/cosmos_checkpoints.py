@@ -8,7 +8,9 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   to be stored as shared blocks (`state.cold.chunks`: only the blocks the
   version added), one transactional batch, chunks first), plus one read of the
   parent when this process has not seen it (the last put and the latest read of
-  each (thread, namespace) are remembered);
+  each (thread, namespace) are remembered). A put goes on only from a parent still
+  stored (`ParentGone`): the read says so, or for a remembered parent a read of it
+  in a transactional batch with the upsert (still one request);
 - put_writes: one (create of the task's writes document; special channels:
   an upsert each, concurrently); a repeat that adds indexes merges with
   If-Match;
@@ -45,7 +47,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..errors import VersionConflict
+from ..errors import ParentGone, VersionConflict
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -129,10 +131,14 @@ class CosmosCheckpointStore:
     # ----------------------------------------------------------------------- writes
 
     async def put_checkpoint(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        parent_vouched: bool = False,
     ) -> None:
         pending = PendingSplits(self._chunker)
-        step = await self._pack_checkpoint(checkpoint, blobs, pending)
+        step = await self._pack_checkpoint(checkpoint, blobs, pending, checked=not parent_vouched)
         await self._store(checkpoint.thread_id, [step], pending)
 
     async def put_writes(
@@ -164,7 +170,13 @@ class CosmosCheckpointStore:
             try:
                 for op in thread_ops:
                     if isinstance(op, CheckpointPut):
-                        steps.append(await self._pack_checkpoint(op.checkpoint, op.blobs, pending))
+                        # Not checked: the parent may be earlier in the batch, and a late
+                        # run's backlog is delete_for_runs' to drop (the saver's).
+                        steps.append(
+                            await self._pack_checkpoint(
+                                op.checkpoint, op.blobs, pending, checked=False
+                            )
+                        )
                     elif op.writes:
                         steps.append(
                             self._pack_writes(
@@ -190,14 +202,20 @@ class CosmosCheckpointStore:
         checkpoint: StoredCheckpoint,
         blobs: Sequence[StoredBlob],
         pending: PendingSplits,
+        *,
+        checked: bool,
     ) -> _Step:
         """The checkpoint's documents; its lineage is remembered (the next put of the thread
-        packs against it) and its splits join `pending`, both forgotten if storing fails."""
-        parent = await self._parent(checkpoint)
+        packs against it) and its splits join `pending`, both forgotten if storing fails.
+        `checked`: `ParentGone` if the parent is gone (see `_parent`)."""
+        parent, remembered = await self._parent(checkpoint, checked=checked)
         blobs, blocks = self._split(checkpoint, blobs, pending)
         packed = self._packer.checkpoint(checkpoint, blobs, parent)
         self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
-        return _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc])
+        step = _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc])
+        if checked and remembered and parent is not None:
+            step.parent = (checkpoint.checkpoint_ns, parent.checkpoint_id)
+        return step
 
     def _split(
         self,
@@ -288,7 +306,7 @@ class CosmosCheckpointStore:
         try:
             for group, batched in _transactions(steps, fenced=fence is not None):
                 operations = _operations(group)
-                if batched and await self._applied_as_batch(thread_id, operations, fence):
+                if batched and await self._applied_as_batch(thread_id, group, operations, fence):
                     continue
                 for step in group:
                     await self._store_step(thread_id, step, fence)
@@ -299,13 +317,18 @@ class CosmosCheckpointStore:
             raise
 
     async def _applied_as_batch(
-        self, thread_id: str, operations: list[BatchOperation], fence: int | None
+        self,
+        thread_id: str,
+        group: Sequence[_Step],
+        operations: list[BatchOperation],
+        fence: int | None,
     ) -> bool:
         if fence is not None:
             return await self._fences.batch(thread_id, fence, operations)
         try:
             await self._io.batch(thread_id, operations, bodies=False)
-        except BatchRefused:
+        except BatchRefused as refused:
+            _raise_if_parent_gone(thread_id, group, operations, refused)
             return False
         return True
 
@@ -316,6 +339,13 @@ class CosmosCheckpointStore:
         fence's move, so a late step cannot land after a delete; where they do not fit
         one, or the step has none (a task's writes, created or merged), a request moving
         the fence goes first, which narrows that window without closing it."""
+        if step.parent is not None:
+            # Too large for a batch (or refused as one): a read of its own, before any
+            # document of the step is written.
+            ns, parent_id = step.parent
+            found = await self._io.read(layout.checkpoint_doc_id(ns, parent_id), thread_id)
+            if found is None:
+                raise ParentGone(thread_id, ns, parent_id)
         await self._io.upsert_all(step.prelude)
         upserts: list[BatchOperation] = [("upsert", (doc,)) for doc in step.upserts]
         if fence is None:
@@ -714,20 +744,30 @@ class CosmosCheckpointStore:
 
     # ----------------------------------------------------------------------- internals
 
-    async def _parent(self, checkpoint: StoredCheckpoint) -> layout.Lineage | None:
+    async def _parent(
+        self, checkpoint: StoredCheckpoint, *, checked: bool
+    ) -> tuple[layout.Lineage | None, bool]:
+        """The parent's lineage, and whether it was remembered (this process's last put or
+        latest read of the namespace) rather than read. `checked`: a parent read and found
+        gone, or spared (a deleted run's), raises `ParentGone`; a remembered one is checked
+        by the put's own write instead (`_Step.parent`): no round trip more either way."""
         parent_id = checkpoint.parent_checkpoint_id
         if parent_id is None:
-            return None
+            return None, False
         key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         known = self._lineage.get(key)
         if known is not None and known.checkpoint_id == parent_id:
-            return known
+            return known, True
         found = await self._io.read(
             layout.checkpoint_doc_id(checkpoint.checkpoint_ns, parent_id), checkpoint.thread_id
         )
         if found is None or found.get("type") != layout.CHECKPOINT:
-            return None
-        return layout.Lineage.of(layout.to_layout_2(found))
+            found = None
+        if checked and (found is None or found.get("spared")):
+            raise ParentGone(checkpoint.thread_id, checkpoint.checkpoint_ns, parent_id)
+        if found is None:
+            return None, False
+        return layout.Lineage.of(layout.to_layout_2(found)), False
 
     def _remember(self, thread_id: str, checkpoint_ns: str, doc: Doc) -> None:
         key = (thread_id, checkpoint_ns)
@@ -965,9 +1005,15 @@ class _Step:
     prelude: list[Doc]
     upserts: list[Doc] = dataclasses.field(default_factory=list)
     creates: list[layout.Packed] = dataclasses.field(default_factory=list)
+    # (namespace, id) of a parent the step is stored only if it is still there: read by
+    # the step's batch first, so a parent deleted by then fails it whole (HTTP 404). Not
+    # whether it is spared: a read cannot tell, and the put's own read of it (which
+    # would) was saved.
+    parent: tuple[str, str] | None = None
 
     def operations(self) -> list[BatchOperation]:
         return [
+            *self._parent_read(),
             *(("upsert", (doc,)) for doc in [*self.prelude, *self.upserts]),
             *(("create", (packed.doc,)) for packed in self.creates),
         ]
@@ -978,9 +1024,31 @@ class _Step:
     def created_ids(self) -> set[str]:
         return {packed.doc["id"] for packed in self.creates}
 
+    def _parent_read(self) -> list[BatchOperation]:
+        if self.parent is None:
+            return []
+        return [("read", (layout.checkpoint_doc_id(*self.parent),))]
+
     def size(self) -> int:
         docs = [*self.prelude, *self.upserts, *(packed.doc for packed in self.creates)]
         return sum(layout.packed_size(doc) for doc in docs)
+
+
+def _raise_if_parent_gone(
+    thread_id: str,
+    group: Sequence[_Step],
+    operations: Sequence[BatchOperation],
+    refused: BatchRefused,
+) -> None:
+    """`ParentGone` if a batch was refused by its read of a step's parent (`_Step.parent`)."""
+    if refused.status != 404 or not 0 <= refused.index < len(operations):
+        return
+    kind, args = operations[refused.index][:2]
+    if kind != "read":
+        return
+    for step in group:
+        if step.parent is not None and layout.checkpoint_doc_id(*step.parent) == args[0]:
+            raise ParentGone(thread_id, *step.parent)
 
 
 def _transactions(

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ..errors import RequestRejected, StaleFencingToken
+from ..errors import ParentGone, RequestRejected, StaleFencingToken
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -422,6 +422,28 @@ SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
 ) AS t
 """
 
+# A write-through put goes on from its parent only if the parent is still stored and not
+# spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
+# would be the thread's latest again. Checked in the put's own statement (no round trip
+# more): its checkpoint row takes its id from `parent_kept`, which is empty without the
+# parent, so the insert fails on the NULL id (NOT NULL, the whole statement undone). The
+# thread's maintenance lock, shared, serializes it with delete_for_runs: waited for by the
+# delete, whose statement after the lock then sees (and deletes) this checkpoint; waiting
+# for the delete, the row lock, taken after it, finds the parent gone or spared.
+# `$thread`, `$ns` and `$parent` are the checkpoint row's own placeholders.
+PARENT_KEPT_CTE = f"""parent_kept AS (
+    SELECT 1 FROM cp_checkpoints AS p
+    CROSS JOIN (
+        SELECT pg_advisory_xact_lock_shared({THREAD_MAINTENANCE_LOCK}, hashtext($thread))
+    ) AS turn
+    WHERE p.thread_id = $thread AND p.checkpoint_ns = $ns AND p.checkpoint_id = $parent
+      AND NOT p.spared
+    FOR KEY SHARE OF p
+)"""
+# The column the guard leaves NULL (`parent_kept`): its violation is a refused parent.
+GUARDED_COLUMN = "checkpoint_id"
+NOT_NULL_SQLSTATE = "23502"
+
 # A run's checkpoints, but those on the DeltaChannel chain of a checkpoint that stays
 # (another run's descendant): deleting them would silently empty its delta channels.
 # Those are marked `spared` instead, and doomed again by the thread's next such delete,
@@ -551,9 +573,19 @@ class PostgresCheckpointStore:
         await self._pg.setup()
 
     async def put_checkpoint(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        parent_vouched: bool = False,
     ) -> None:
-        await self._write("put_checkpoint", [CheckpointPut(checkpoint, blobs)])
+        guarded = checkpoint.parent_checkpoint_id is not None and not parent_vouched
+        try:
+            await self._write("put_checkpoint", [CheckpointPut(checkpoint, blobs)], guarded=guarded)
+        except RequestRejected as exc:
+            if guarded and _refused_parent(exc):
+                raise _parent_gone(checkpoint) from exc
+            raise
 
     async def put_writes(
         self,
@@ -592,18 +624,23 @@ class PostgresCheckpointStore:
                 self._delta_threads.popitem(last=False)
 
     def _prepared(
-        self, ops: Sequence[FlushOp], fence: tuple[str, int] | None = None
+        self, ops: Sequence[FlushOp], fence: tuple[str, int] | None = None, *, guarded: bool
     ) -> tuple[list[tuple[str, list[Any]]], PendingSplits]:
         for op in ops:
             if isinstance(op, CheckpointPut):
                 self._note(op.checkpoint.thread_id, op.checkpoint.metadata)
         pending = PendingSplits(self._chunker)
-        return _statements(_fold(ops, pending), fence), pending
+        return _statements(_fold(ops, pending), fence, guarded=guarded), pending
 
     async def _write(
-        self, operation: str, ops: Sequence[FlushOp], *, fence: tuple[str, int] | None = None
+        self,
+        operation: str,
+        ops: Sequence[FlushOp],
+        *,
+        fence: tuple[str, int] | None = None,
+        guarded: bool = False,
     ) -> None:
-        statements, pending = self._prepared(ops, fence)
+        statements, pending = self._prepared(ops, fence, guarded=guarded)
         if not statements:
             return
         if len(statements) == 1:
@@ -632,7 +669,15 @@ class PostgresCheckpointStore:
     def put_checkpoint_blocking(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
-        self._write_blocking("put_checkpoint", [CheckpointPut(checkpoint, blobs)])
+        guarded = checkpoint.parent_checkpoint_id is not None
+        try:
+            self._write_blocking(
+                "put_checkpoint", [CheckpointPut(checkpoint, blobs)], guarded=guarded
+            )
+        except RequestRejected as exc:
+            if guarded and _refused_parent(exc):
+                raise _parent_gone(checkpoint) from exc
+            raise
 
     def put_writes_blocking(
         self,
@@ -647,8 +692,10 @@ class PostgresCheckpointStore:
             "put_writes", [WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert)]
         )
 
-    def _write_blocking(self, operation: str, ops: Sequence[FlushOp]) -> None:
-        statements, pending = self._prepared(ops)
+    def _write_blocking(
+        self, operation: str, ops: Sequence[FlushOp], *, guarded: bool = False
+    ) -> None:
+        statements, pending = self._prepared(ops, guarded=guarded)
         if not statements:
             return
         with self._pg.blocking_connection(operation) as conn:
@@ -1026,22 +1073,24 @@ def _fold(ops: Sequence[FlushOp], pending: PendingSplits) -> list[list[Row]]:
 
 
 def _statements(
-    rows_by_kind: list[list[Row]], fence: tuple[str, int] | None = None
+    rows_by_kind: list[list[Row]], fence: tuple[str, int] | None = None, *, guarded: bool = False
 ) -> list[tuple[str, list[Any]]]:
     """INSERTs for the folded rows, as few statements as the parameter limit allows
     (`$n` placeholders: run them on a `RawCursor`); with `fence` (thread, token), the
     first statement moves the thread's fence before anything else, and its trigger
     aborts the statement (and so the transaction of every statement) if the token is
-    older than the fence."""
+    older than the fence. `guarded` (one checkpoint row, which has a parent): its
+    statement fails unless the parent is kept (`PARENT_KEPT_CTE`)."""
     statements: list[tuple[str, list[Any]]] = []
     inserts: list[str] = []
     params: list[Any] = list(fence) if fence is not None else []
     fenced = fence is not None  # the next statement carries the fence
+    guard: str | None = None  # the guard CTE of the statement holding the checkpoint row
 
     def close() -> None:
-        nonlocal inserts, params, fenced
-        statements.append(_statement(inserts, params, fenced=fenced))
-        inserts, params, fenced = [], [], False
+        nonlocal inserts, params, fenced, guard
+        statements.append(_statement(inserts, params, fenced=fenced, guard=guard))
+        inserts, params, fenced, guard = [], [], False, None
 
     for (table, per_row, conflict), rows in zip(ROW_KINDS, rows_by_kind, strict=True):
         done = 0
@@ -1051,9 +1100,14 @@ def _statements(
                 close()
                 continue
             chunk = rows[done : done + room]
-            values = ", ".join(
-                _placeholders(len(params) + n * per_row, per_row) for n in range(len(chunk))
-            )
+            if guarded and table == CHECKPOINT_TABLE:
+                if len(rows) != 1:
+                    raise ValueError("a guarded write holds one checkpoint")
+                values, guard = _guarded_placeholders(len(params), per_row)
+            else:
+                values = ", ".join(
+                    _placeholders(len(params) + n * per_row, per_row) for n in range(len(chunk))
+                )
             inserts.append(f"INSERT INTO {table} VALUES {values} {conflict}")
             for row in chunk:
                 params.extend(row)
@@ -1077,8 +1131,37 @@ def _placeholders(before: int, count: int) -> str:
     return "(" + ", ".join(f"${before + n}" for n in range(1, count + 1)) + ")"
 
 
+def _guarded_placeholders(before: int, count: int) -> tuple[str, str]:
+    """A checkpoint row's placeholders with its id taken from `parent_kept`, and that CTE
+    on the row's own thread, namespace and parent placeholders."""
+    thread, ns, checkpoint_id, parent = (f"${before + n}" for n in range(1, 5))
+    rest = (f"${before + n}" for n in range(5, count + 1))
+    kept_id = f"(SELECT {checkpoint_id}::text FROM parent_kept)"
+    values = f"({', '.join([thread, ns, kept_id, parent, *rest])})"
+    guard = PARENT_KEPT_CTE.replace("$thread", thread).replace("$ns", ns).replace("$parent", parent)
+    return values, guard
+
+
+def _refused_parent(refused: RequestRejected) -> bool:
+    """Whether a guarded write failed on its guard (the NULL id `parent_kept` leaves)."""
+    cause = refused.__cause__
+    return (
+        refused.code == NOT_NULL_SQLSTATE
+        and isinstance(cause, psycopg.Error)
+        and cause.diag.table_name == "cp_checkpoints"
+        and cause.diag.column_name == GUARDED_COLUMN
+    )
+
+
+def _parent_gone(checkpoint: StoredCheckpoint) -> ParentGone:
+    assert checkpoint.parent_checkpoint_id is not None
+    return ParentGone(
+        checkpoint.thread_id, checkpoint.checkpoint_ns, checkpoint.parent_checkpoint_id
+    )
+
+
 def _statement(
-    inserts: list[str], params: list[Any], *, fenced: bool = False
+    inserts: list[str], params: list[Any], *, fenced: bool = False, guard: str | None = None
 ) -> tuple[str, list[Any]]:
     """One INSERT as it is; several as data-modifying CTEs of one statement. Fenced: the
     fence's upsert is what the statement selects from, the INSERTs its CTEs; Postgres
@@ -1092,9 +1175,12 @@ def _statement(
         )
         return f"WITH {ctes} SELECT token FROM fence", params
     *leading, last = inserts
-    if not leading:
+    ctes = ", ".join(
+        ([guard] if guard is not None else [])
+        + [f"insert_{n} AS ({insert})" for n, insert in enumerate(leading)]
+    )
+    if not ctes:
         return last, params
-    ctes = ", ".join(f"insert_{n} AS ({insert})" for n, insert in enumerate(leading))
     return f"WITH {ctes} {last}", params
 
 

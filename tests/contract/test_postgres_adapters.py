@@ -41,6 +41,7 @@ from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
     InvalidValue,
+    ParentGone,
     RequestRejected,
     StaleFencingToken,
     StateError,
@@ -889,6 +890,78 @@ async def test_a_late_fenced_batch_waits_for_a_delete_then_is_refused_without_a_
     with pytest.raises(StaleFencingToken):
         await asyncio.wait_for(late, timeout=5)
     assert await _state(checkpoints, thread) == []
+
+
+async def test_a_put_is_one_statement_refused_whole_when_its_parent_is_gone_or_spared(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put goes on from a stored parent or none: its check is in its own statement (a
+    refusal leaves nothing, its blobs included), even split over several statements."""
+    thread = unique_thread()
+    first, second, late, forked = _ids(4)
+    blob = [StoredBlob("messages", "v2", ("json", b"[2]"))]
+    pg.counters.reset()
+    await checkpoints.put_checkpoint(_checkpoint(thread, first), [])  # no parent: no check
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, second, parent=first, versions={"messages": "v2"}), blob
+    )
+    assert pg.counters.requests == 2
+    async with pg.connection("inspect") as conn:
+        await conn.execute(
+            "UPDATE cp_checkpoints SET spared = true WHERE thread_id = %s AND checkpoint_id = %s",
+            (thread, second),
+        )
+    # Split to a statement per row, the check still travels with the checkpoint's.
+    monkeypatch.setattr(postgres_checkpoints, "MAX_STATEMENT_PARAMETERS", 10)
+    for parent in (second, "1f000000-0000-6000-8000-000000000000"):  # spared, never stored
+        with pytest.raises(ParentGone) as refused:
+            await checkpoints.put_checkpoint(
+                _checkpoint(thread, late, parent=parent, versions={"messages": "v3"}),
+                [StoredBlob("messages", "v3", ("json", b"[3]"))],
+            )
+        assert refused.value.parent_checkpoint_id == parent
+        assert checkpoints.blocking_available
+        # The sync API's own connection runs the same statement.
+        with pytest.raises(ParentGone):
+            await asyncio.to_thread(
+                checkpoints.put_checkpoint_blocking, _checkpoint(thread, late, parent=parent), []
+            )
+    assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [second, first]
+    assert await _blob_versions(pg, thread) == {("messages", "v2")}
+    # A parent its caller vouches for (the write-behind log holds it) is not checked.
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, forked, parent="1f000000-0000-6000-8000-000000000000"),
+        [],
+        parent_vouched=True,
+    )
+    assert (await _list(checkpoints, thread).__anext__()).checkpoint_id == forked
+
+
+async def test_a_put_racing_delete_for_runs_waits_for_it_then_is_refused(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    """A run's step arriving while `delete_for_runs` deletes the run: it waits for the
+    thread's maintenance lock, then finds its parent gone (not the snapshot it started
+    with), so the deleted run never comes back as the latest."""
+    thread = unique_thread()
+    kept, doomed, late = _ids(3)
+    run = {"run_id": f"run-{uuid.uuid4().hex[:8]}"}
+    await checkpoints.put_checkpoint(_checkpoint(thread, kept), [])
+    await checkpoints.put_checkpoint(_checkpoint(thread, doomed, parent=kept, metadata=run), [])
+    async with pg.transaction("delete_for_runs") as conn:  # what delete_for_runs runs
+        lock = postgres_checkpoints.THREAD_MAINTENANCE_LOCK
+        await conn.execute(
+            postgres_checkpoints.LOCK_RUN_THREADS_SQL, {"lock": lock, "run_ids": [run["run_id"]]}
+        )
+        step = asyncio.create_task(
+            checkpoints.put_checkpoint(_checkpoint(thread, late, parent=doomed, metadata=run), [])
+        )
+        await asyncio.sleep(0.3)
+        assert not step.done()  # waiting for the thread's lock
+        await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": [run["run_id"]]})
+    with pytest.raises(ParentGone):
+        await asyncio.wait_for(step, timeout=5)
+    assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [kept]
 
 
 async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(

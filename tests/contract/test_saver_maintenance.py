@@ -4,14 +4,13 @@ every backend and on the in-memory fakes."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import StateError
+from state.errors import ParentGone
 from state.settings import WriteMode
 from tests.contract.conftest import OpenBackends
 from tests.support.records import unique_thread
@@ -49,18 +48,13 @@ async def test_delete_for_runs_invalidates_the_cache_without_reading_checkpoints
         assert await saver.aget_tuple({"configurable": {"thread_id": kept}}) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="write-through put_checkpoint has no parent check: a deleted run's late step "
-    "becomes the thread's latest (a check per put costs a request, see the report)",
-)
 async def test_a_write_through_step_of_a_deleted_run_never_becomes_the_latest(
     cold_backend: str, open_tiers: OpenBackends
 ) -> None:
     """A run still writing after `delete_for_runs` deleted it: its next step goes on from a
     checkpoint that is gone. Written through, it must not become the thread's latest (a
-    deleted run back, on a parent the thread no longer has): the thread stays at the
-    checkpoint it had before the run (the step refused, or stored and never served)."""
+    deleted run back, on a parent the thread no longer has): the step is refused with
+    `ParentGone`, and the thread stays at the checkpoint it had before the run."""
     async with open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         thread = unique_thread("late-run")
@@ -70,7 +64,8 @@ async def test_a_write_through_step_of_a_deleted_run_never_becomes_the_latest(
         meta = {"run_id": "run-doomed"}
         doomed = await saver.aput(before, empty_checkpoint(), meta, {})
         await saver.adelete_for_runs(["run-doomed"])
-        with contextlib.suppress(StateError):
+        # Refused, and told: the run learns it was deleted.
+        with pytest.raises(ParentGone):
             await saver.aput(doomed, empty_checkpoint(), meta, {})
         for reader in (saver, TieredCheckpointSaver(saver.store)):
             found = await reader.aget_tuple(latest)
@@ -79,3 +74,31 @@ async def test_a_write_through_step_of_a_deleted_run_never_becomes_the_latest(
                 found.config["configurable"]["checkpoint_id"]
                 == (before["configurable"]["checkpoint_id"])
             ), found.metadata
+
+
+async def test_a_write_through_step_of_a_run_another_process_deleted_is_refused(
+    cold_backend: str, open_tiers: OpenBackends
+) -> None:
+    """As above, `delete_for_runs` called by another process: the late run's own tiers
+    still remember its last step (Cosmos packs the next one against it without reading
+    it again), and its next step is refused all the same."""
+    async with (
+        open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as running,
+        open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as other,
+    ):
+        saver = TieredCheckpointSaver.from_backends(running)
+        thread = unique_thread("late-run")
+        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        meta: Any = {"run_id": "run-kept"}
+        before = await saver.aput(latest, empty_checkpoint(), meta, {})
+        meta = {"run_id": "run-doomed"}
+        doomed = await saver.aput(before, empty_checkpoint(), meta, {})
+        await TieredCheckpointSaver.from_backends(other).adelete_for_runs(["run-doomed"])
+        with pytest.raises(ParentGone):
+            await saver.aput(doomed, empty_checkpoint(), meta, {})
+        found = await TieredCheckpointSaver(other.checkpoints).aget_tuple(latest)
+        assert found is not None
+        assert (
+            found.config["configurable"]["checkpoint_id"]
+            == (before["configurable"]["checkpoint_id"])
+        ), found.metadata

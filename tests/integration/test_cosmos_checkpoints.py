@@ -20,7 +20,7 @@ from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
-from state.errors import InvalidValue, StaleFencingToken
+from state.errors import InvalidValue, ParentGone, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -332,6 +332,38 @@ async def test_threads_written_in_layout_1_read_and_continue(
     ]
     await store.delete_thread(thread_id)
     assert await partition(connection, thread_id) == []
+
+
+async def test_a_put_whose_parent_is_gone_or_spared_is_refused_at_no_request_more(
+    store: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    """A write-through put goes on only from a parent still stored: one this store
+    remembers (its own last put) is read by the put's own batch, so a delete by another
+    process is seen; one it does not is read anyway, and spared is refused too."""
+    thread_id = thread()
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    await store.put_checkpoint(stored(thread_id, 2, {}, run_id="doomed"), [])
+    await checkpoint_store(connection, settings).delete_for_runs(["doomed"])
+    connection.counters.reset()
+    with pytest.raises(ParentGone):
+        await store.put_checkpoint(stored(thread_id, 3, {}, run_id="doomed"), [])
+    assert connection.counters.requests == 1
+
+    await PartitionIO(connection).patch(
+        layout.checkpoint_doc_id("", checkpoint_id(1)),
+        thread_id,
+        [{"op": "add", "path": "/spared", "value": True}],
+    )
+    fresh = checkpoint_store(connection, settings)
+    connection.counters.reset()
+    with pytest.raises(ParentGone):
+        await fresh.put_checkpoint(stored(thread_id, 2, {}), [])
+    assert connection.counters.requests == 1
+    assert [c.checkpoint_id async for c in _list(store, thread_id)] == [checkpoint_id(1)]
+    # Vouched for by the caller (a write-behind log holds it): stored.
+    await fresh.put_checkpoint(stored(thread_id, 3, {}), [], parent_vouched=True)
+    listed = [c.checkpoint_id async for c in _list(store, thread_id)]
+    assert listed == [checkpoint_id(3), checkpoint_id(1)]
 
 
 def _list(store: CosmosCheckpointStore, thread_id: str) -> AsyncIterator[StoredCheckpoint]:

@@ -36,6 +36,7 @@ from state.errors import (
     BackendUnavailable,
     InvalidValue,
     LogEntryLost,
+    ParentGone,
     StaleFencingToken,
     StateTooLarge,
     ThreadExpiring,
@@ -409,9 +410,17 @@ class MemoryCheckpointStore(_Tier):
         self._call("setup")
 
     async def put_checkpoint(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+        self,
+        checkpoint: StoredCheckpoint,
+        blobs: Sequence[StoredBlob],
+        *,
+        parent_vouched: bool = False,
     ) -> None:
         self._call("put_checkpoint")
+        parent = checkpoint.parent_checkpoint_id
+        parent_key = (checkpoint.thread_id, checkpoint.checkpoint_ns, parent)
+        if parent is not None and not parent_vouched and parent_key not in self._checkpoints:
+            raise ParentGone(checkpoint.thread_id, checkpoint.checkpoint_ns, parent)
         self._apply(CheckpointPut(checkpoint, blobs))
 
     async def put_writes(
