@@ -24,6 +24,8 @@ their thread was deleted or lives on (its next flush writes the fence again).
 Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for
 the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
+Threads with checkpoints alone have no record to lock: two sweepers may both find
+one, and only the one whose delete removed it counts it.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ WHERE NOT ({_EXEMPT.format(thread="t", cutoff=_CUTOFF)})
     WHERE r.thread_id = t.thread_id AND r.updated_at >= {_CUTOFF}
   )
 """
-# The threads, and the archive records they own.
+# The threads, and the archive records they own; counts the threads whose record or
+# checkpoints this statement removed: a thread with no record to lock (checkpoints alone)
+# may be deleted by another sweep first, and must not be counted twice.
 DELETE_THREADS_SQL = f"""
 WITH doomed AS (
     SELECT unnest(%(thread_ids)s::text[]) AS thread_id
@@ -127,11 +131,17 @@ WITH doomed AS (
 ), dropped_chunks AS (
     DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_checkpoints AS (
-    DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
+    DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s) RETURNING thread_id
 ), dropped_holds AS (
     DELETE FROM retention_holds WHERE thread_id = ANY(%(thread_ids)s)
+), dropped_records AS (
+    DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
+    RETURNING thread_id
 )
-DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
+SELECT count(*) AS deleted FROM (
+    SELECT thread_id FROM dropped_checkpoints UNION SELECT thread_id FROM dropped_records
+) AS gone
+WHERE thread_id = ANY(%(thread_ids)s)
 """
 
 
@@ -216,9 +226,11 @@ class PostgresRetention:
                 )
             if deleting is not None:
                 expired = [thread_id for thread_id in expired if await deleting(thread_id)]
-            if expired:
-                await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
-        return len(expired)
+            if not expired:
+                return 0
+            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
+            row = await cursor.fetchone()
+        return int(row["deleted"]) if row else 0
 
 
 async def _expired(

@@ -13,6 +13,7 @@ what a live thread names. Every case gets a database (Postgres) or container
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -1250,3 +1251,98 @@ async def test_an_expired_thread_a_run_resumed_keeps_its_acknowledged_unflushed_
         found = await backends.checkpoints.get_checkpoint(thread_id, "", None)
         assert found is not None, "the run's acknowledged step went with the thread"
         assert found.checkpoint_id == at_second["configurable"]["checkpoint_id"]
+
+
+@pytest.mark.parametrize("mode", ["write-behind", "write-through"])
+async def test_two_sweeps_at_once_delete_each_expired_thread_once_and_leave_it_writable(
+    cold_backend: str, mode: str, open_cold: Open
+) -> None:
+    """Two instances' timers sweep at once (the host's singleton lock lapsed), over the same
+    expired threads, with and without records. Nothing escapes, each thread is deleted and
+    counted once, a thread a run resumed between the looks is spared by both, and once both
+    end no thread refuses appends nor has its flush lock held."""
+    # Known limit: on Cosmos without a flush lock (write-through) nothing serializes the two
+    # deletions of one thread, and no transaction tells which one removed it: both may
+    # count it (how often depends on how the two interleave).
+    counted_by_both = (cold_backend, mode) == ("cosmos", "write-through")
+    ttl = 2 if cold_backend == "cosmos" else TTL
+    async with (
+        open_cold(
+            cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode=mode
+        ) as backends,
+        backends_for(backends.settings) as other,
+    ):
+        saver = TieredCheckpointSaver.from_backends(backends)
+        resumed_config = await expiring_thread(backends, saver)
+        resumed = resumed_config["configurable"]["thread_id"]
+        expired = [(await expiring_thread(backends, saver))["configurable"]["thread_id"]]
+        expired.append((await expiring_thread(backends, saver))["configurable"]["thread_id"])
+        for _ in range(2):  # checkpoints alone: no record for Postgres to lock
+            bare = unique_thread("bare")
+            await saver.aput(latest(bare), empty_checkpoint(), {"step": 0}, {})
+            await saver.aflush(bare)
+            expired.append(bare)
+        threads = [resumed, *expired]
+        if cold_backend == "postgres":
+            await backdate(backends, *threads)
+        else:
+            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        for flusher in (backends.flusher, other.flusher):
+            if flusher is not None:
+                await flusher.stop()  # flushed only where the test says
+        started: list[str] = []
+        both_started = asyncio.Event()
+        heads: list[RunnableConfig] = []
+
+        async def run_resumes() -> None:
+            second = checkpoint_with(empty_checkpoint(), "w" * 2000)
+            at_second = await saver.aput(resumed_config, second, {"step": 1}, {"v": "2"})
+            await saver.aflush(resumed)  # the thread is active again
+            third = empty_checkpoint()
+            third["channel_values"] = {"v": "x" * 2000}
+            third["channel_versions"] = {"v": "3"}
+            heads.append(await saver.aput(at_second, third, {"step": 2}, {"v": "3"}))
+
+        def looking(name: str) -> Callable[[str], Any]:
+            async def expiring(thread_id: str) -> None:
+                if name in started:
+                    return
+                started.append(name)
+                if len(started) == 2:
+                    # Both sweeps past a first look, neither holding a flush lock yet.
+                    await run_resumes()
+                    both_started.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(both_started.wait(), 5)
+
+            return expiring
+
+        swept = await asyncio.gather(
+            backends.retention.sweep(limit=100, expiring=looking("a")),
+            other.retention.sweep(limit=100, expiring=looking("b")),
+        )
+        assert sorted(started) == ["a", "b"]
+        assert heads, "the run never resumed its thread"
+        if counted_by_both:
+            assert len(expired) <= sum(swept) <= 2 * len(expired), swept
+        else:
+            assert sum(swept) == len(expired), swept
+        for thread_id in expired:
+            assert await backends.cold.get(thread_id) is None
+            assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        await saver.aflush(resumed)  # the run's boundary
+        found = await backends.checkpoints.get_checkpoint(resumed, "", None)
+        assert found is not None
+        assert found.checkpoint_id == heads[0]["configurable"]["checkpoint_id"]
+        if backends.flusher is not None:
+            log = backends.flusher.log
+            for thread_id in threads:
+                token = await log.lock_thread(thread_id, ttl_ms=10_000)
+                assert token is not None, f"the flush lock of {thread_id} is still held"
+                await log.unlock_thread(thread_id, token)
+        # Appends accepted: the spared thread's run goes on, a deleted id starts anew.
+        fourth = checkpoint_with(empty_checkpoint(), "y" * 2000)
+        await saver.aput(heads[0], fourth, {"step": 3}, {})
+        for thread_id in expired:
+            await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
+            await saver.aflush(thread_id)

@@ -155,6 +155,73 @@ async def test_a_run_a_rollback_reached_in_its_last_step_is_never_shown_complete
     assert [r["status"] for r in runs] == ["rolled_back", "completed"], runs
 
 
+async def test_a_run_whose_last_step_fails_while_a_rollback_waits_is_rolled_back(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rollback sent during the run's last step, which then fails (raises after writing
+    its section): the run is rolled back as if the step had ended, never shown failed (nor
+    announced so), the follow-up runs from the state before it, and the record's sections
+    agree with that state."""
+    checkpointer = runtime.graph.checkpointer
+    reached, release = asyncio.Event(), asyncio.Event()
+    delete_for_runs = checkpointer.adelete_for_runs
+
+    async def held_delete(run_ids: Any) -> None:
+        reached.set()
+        await release.wait()
+        await delete_for_runs(run_ids)
+
+    monkeypatch.setattr(checkpointer, "adelete_for_runs", held_delete)
+    failing = [True]
+    finished = RunProgress.node_finished
+
+    async def fail_the_held_step(self: RunProgress, node: str, *args: Any) -> None:
+        if node == "response_agent" and failing:
+            failing.clear()
+            raise RuntimeError("injected failure in the run's last step")
+        await finished(self, node, *args)
+
+    monkeypatch.setattr(RunProgress, "node_finished", fail_the_held_step)
+    gate.hold("response")
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 202, response.text
+    await asyncio.wait_for(gate.reached["response"].wait(), 30)
+    rollback = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": INVOICE, "strategy": "rollback"}
+    )
+    assert rollback.status_code == 202, rollback.text
+    gate.open()
+    await asyncio.wait_for(reached.wait(), 30)  # the queue's runner is rolling it back
+    try:
+        shown = (await client.get(f"/api/cases/{case_id}")).json()
+        intake = (await runs_of(client, case_id))[0]
+    finally:
+        release.set()
+    assert not failing  # the step did fail
+    assert shown["status"] == "running", shown
+    assert intake["status"] == "running", intake
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["rolled_back", "completed"], runs
+    assert runs[0]["stopped_by"] == rollback.json()["run"]["run_id"]
+    assert runs[0]["error"] is None, runs[0]
+    assert {e["kind"] for e in runs[0]["discarded_effects"]} == {"refund", "reset_link"}
+    found = await runtime.service.events.check(None).read(case_id, count=1000)
+    announced = [(event.data["event"], event.data.get("run_id")) for event in found]
+    assert ("run_failed", intake["run_id"]) not in announced, announced
+    assert ("run_rolled_back", intake["run_id"]) in announced, announced
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "completed", case
+    assert customer_messages(await conversation(runtime, case_id)) == [INVOICE]
+    record, state = await sections_and_state(runtime, case_id)
+    assert record == state
+    for kind in ("refund", "reset_link"):
+        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
+
+
 async def test_a_follow_up_queued_while_a_refused_resume_holds_the_case_is_run(
     client: httpx.AsyncClient,
     runtime: Runtime,
