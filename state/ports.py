@@ -757,6 +757,10 @@ class CheckpointCache(Protocol):
         """Drop one namespace of a thread, or all of them (None). `strict`: a failure
         raises `BackendUnavailable` (the entries may still be served) instead."""
 
+    async def logged(self, thread_id: str) -> bool:
+        """Whether the thread's write-behind log holds entries (False if that cannot be
+        read): a cached checkpoint the cold tier lacks is on its way only then."""
+
     def distrust(self, thread_id: str, checkpoint_ns: str) -> None:
         """The cold tier moved past this entry while Redis was failing: never serve it; it
         is dropped on the next contact with it (no round trip now)."""

@@ -7,7 +7,8 @@ namespace) so that reading it costs one Redis round trip and no cold request.
 Two write modes (`STATE_WRITE_MODE`):
 - write-through: writes go cold first, then update the cache; cache failures
   never fail a call. A put whose parent the cold tier no longer holds (its run was
-  deleted under it) is refused (`ParentGone`) unless the cache holds that parent.
+  deleted under it) is refused (`ParentGone`) unless the cache holds that parent
+  and the thread's write-behind log holds entries.
 - write-behind (with a `Flusher`): a put or put_writes is one Redis round trip
   that updates the hot copy and records the work in the write-behind log; the
   flusher moves it to the cold tier in the background. Natural boundaries wait
@@ -950,9 +951,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _put_through(self, put: _Put) -> None:
         """A write-through put, which the store refuses if its parent is gone (a run
         `delete_for_runs` deleted under it: stored, its step would be the thread's latest).
-        Then only a hot tier holding that parent as the namespace's latest vouches for it
-        (a write-behind process's put its flusher has not stored yet): a look only on
-        refusal, so a put costs no round trip more."""
+        Then only a hot tier holding that parent as the namespace's latest, with the
+        thread's write-behind log not empty, vouches for it (a write-behind process's put
+        its flusher has not stored yet): a look only on refusal, so a put costs no round
+        trip more."""
         try:
             await self.store.put_checkpoint(put.stored, put.blobs)
         except ParentGone:
@@ -967,7 +969,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             stored.thread_id, stored.checkpoint_ns, lease=False, with_history=False
         )
         head = found.checkpoint
-        return head is not None and head.checkpoint_id == stored.parent_checkpoint_id
+        if head is None or head.checkpoint_id != stored.parent_checkpoint_id:
+            return False
+        # A head the log does not hold was stored cold: gone now, it was deleted (the
+        # deleter drops the hot copy only after its cold delete, or never if Redis failed).
+        return await self.cache.logged(stored.thread_id)
 
     async def _parent_stored(self, put: _Put) -> None:
         """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,

@@ -1167,6 +1167,16 @@ class RedisCheckpointCache:
             await self._client.script_load(_LEASE_HISTORY)
             return await read()
 
+    async def logged(self, thread_id: str) -> bool:
+        try:
+            found = await self._client.exists(self.log_key(thread_id))
+        except (RedisError, OSError) as exc:
+            # Not the entry's failure: no key to suspect, only counted.
+            self.stats.errors += 1
+            log.warning("hot checkpoint cache failing (%s): write-behind log not read", exc)
+            return False
+        return bool(found)
+
     async def fill_history(
         self,
         thread_id: str,

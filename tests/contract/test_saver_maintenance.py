@@ -102,3 +102,61 @@ async def test_a_write_through_step_of_a_run_another_process_deleted_is_refused(
             found.config["configurable"]["checkpoint_id"]
             == (before["configurable"]["checkpoint_id"])
         ), found.metadata
+
+
+async def test_a_write_through_step_is_refused_while_the_deleting_process_drops_its_cache(
+    cold_backend: str, open_tiers: OpenBackends
+) -> None:
+    """Another process's `delete_for_runs` between its cold delete and its drop of the
+    shared hot copy (one Redis round trip later; for good when Redis failed in between):
+    the hot head is still the deleted run's last step, which must not vouch for it."""
+    async with (
+        open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as running,
+        open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as other,
+    ):
+        saver = TieredCheckpointSaver.from_backends(running)
+        thread = unique_thread("late-run")
+        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        meta: Any = {"run_id": "run-kept"}
+        before = await saver.aput(latest, empty_checkpoint(), meta, {})
+        meta = {"run_id": "run-doomed"}
+        doomed = await saver.aput(before, empty_checkpoint(), meta, {})
+        # The other process's cold delete, its cache drop not done yet.
+        await other.checkpoints.delete_for_runs(["run-doomed"])
+        with pytest.raises(ParentGone):
+            await saver.aput(doomed, empty_checkpoint(), meta, {})
+        # The other process's drop, done.
+        assert other.hot_checkpoints is not None
+        await other.hot_checkpoints.invalidate(thread, strict=True)
+        for reader in (saver, TieredCheckpointSaver(other.checkpoints)):
+            found = await reader.aget_tuple(latest)
+            assert found is not None
+            assert (
+                found.config["configurable"]["checkpoint_id"]
+                == (before["configurable"]["checkpoint_id"])
+            ), found.metadata
+
+
+async def test_a_write_through_step_goes_on_from_a_step_only_the_write_behind_log_holds(
+    cold_backend: str, open_tiers: OpenBackends
+) -> None:
+    """A write-behind process's step, its flush not done yet: a write-through process goes
+    on from it (the hot head is its parent and the log holds it), never `ParentGone`."""
+    async with (
+        open_tiers(cold_backend, mode=WriteMode.WRITE_BEHIND) as behind,
+        open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as through,
+    ):
+        assert behind.flusher is not None
+        await behind.flusher.stop()  # the step stays in the log alone
+        thread = unique_thread("mixed")
+        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        meta: Any = {"run_id": "run-mixed"}
+        writer = TieredCheckpointSaver.from_backends(behind)
+        first = await writer.aput(latest, empty_checkpoint(), meta, {})
+        second = await writer.aput(first, empty_checkpoint(), meta, {})
+        assert await behind.flusher.log.pending(thread)
+        stored = await TieredCheckpointSaver.from_backends(through).aput(
+            second, empty_checkpoint(), meta, {}
+        )
+        found = await TieredCheckpointSaver(through.checkpoints).aget_tuple(stored)
+        assert found is not None

@@ -855,6 +855,7 @@ class MemoryCheckpointCache:
         self.stats = CacheCounts()
         self._entries: dict[tuple[str, str], _CacheEntry] = {}
         self._suspect: set[tuple[str, str]] = set()
+        self.log: MemoryWriteBehindLog | None = None  # the log over it, which sets it
 
     def _reachable(self, key: tuple[str, str]) -> bool:
         """Whether the call may go on (the server answers); a suspect entry is dropped first."""
@@ -978,6 +979,12 @@ class MemoryCheckpointCache:
         if writes and self._reachable((thread_id, checkpoint_ns)):
             self._add_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
 
+    async def logged(self, thread_id: str) -> bool:
+        if self.outage.down:
+            self.stats.errors += 1
+            return False
+        return self.log is not None and bool(self.log._logs.get(thread_id))
+
     async def history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]
     ) -> HistoryLookup:
@@ -1039,6 +1046,7 @@ class MemoryWriteBehindLog(_Tier):
     def __init__(self, cache: MemoryCheckpointCache) -> None:
         super().__init__(cache.outage)
         self.cache = cache
+        cache.log = self
         self.fences: dict[str, int] = {}
         self._logs: dict[str, list[LogEntry]] = {}
         self._sequence = 0
