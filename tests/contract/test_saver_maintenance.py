@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
@@ -48,6 +49,29 @@ async def test_delete_for_runs_invalidates_the_cache_without_reading_checkpoints
         assert await saver.aget_tuple({"configurable": {"thread_id": kept}}) is not None
 
 
+async def kept_then_doomed_step(
+    saver: TieredCheckpointSaver,
+) -> tuple[RunnableConfig, RunnableConfig, RunnableConfig]:
+    """A thread's step of a run that stays, then one of a run about to be deleted: the
+    thread's config, the kept step's and the doomed step's."""
+    latest: RunnableConfig = {
+        "configurable": {"thread_id": unique_thread("late-run"), "checkpoint_ns": ""}
+    }
+    before = await saver.aput(latest, empty_checkpoint(), {"run_id": "run-kept"}, {})
+    doomed = await saver.aput(before, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+    return latest, before, doomed
+
+
+async def assert_latest(
+    reader: TieredCheckpointSaver, latest: RunnableConfig, expected: RunnableConfig
+) -> None:
+    found = await reader.aget_tuple(latest)
+    assert found is not None
+    assert (
+        found.config["configurable"]["checkpoint_id"] == expected["configurable"]["checkpoint_id"]
+    ), found.metadata
+
+
 async def test_a_write_through_step_of_a_deleted_run_never_becomes_the_latest(
     cold_backend: str, open_tiers: OpenBackends
 ) -> None:
@@ -57,23 +81,13 @@ async def test_a_write_through_step_of_a_deleted_run_never_becomes_the_latest(
     `ParentGone`, and the thread stays at the checkpoint it had before the run."""
     async with open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
-        thread = unique_thread("late-run")
-        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
-        meta: Any = {"run_id": "run-kept"}
-        before = await saver.aput(latest, empty_checkpoint(), meta, {})
-        meta = {"run_id": "run-doomed"}
-        doomed = await saver.aput(before, empty_checkpoint(), meta, {})
+        latest, before, doomed = await kept_then_doomed_step(saver)
         await saver.adelete_for_runs(["run-doomed"])
         # Refused, and told: the run learns it was deleted.
         with pytest.raises(ParentGone):
-            await saver.aput(doomed, empty_checkpoint(), meta, {})
+            await saver.aput(doomed, empty_checkpoint(), {"run_id": "run-doomed"}, {})
         for reader in (saver, TieredCheckpointSaver(saver.store)):
-            found = await reader.aget_tuple(latest)
-            assert found is not None
-            assert (
-                found.config["configurable"]["checkpoint_id"]
-                == (before["configurable"]["checkpoint_id"])
-            ), found.metadata
+            await assert_latest(reader, latest, before)
 
 
 async def test_a_write_through_step_of_a_run_another_process_deleted_is_refused(
@@ -87,21 +101,11 @@ async def test_a_write_through_step_of_a_run_another_process_deleted_is_refused(
         open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as other,
     ):
         saver = TieredCheckpointSaver.from_backends(running)
-        thread = unique_thread("late-run")
-        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
-        meta: Any = {"run_id": "run-kept"}
-        before = await saver.aput(latest, empty_checkpoint(), meta, {})
-        meta = {"run_id": "run-doomed"}
-        doomed = await saver.aput(before, empty_checkpoint(), meta, {})
+        latest, before, doomed = await kept_then_doomed_step(saver)
         await TieredCheckpointSaver.from_backends(other).adelete_for_runs(["run-doomed"])
         with pytest.raises(ParentGone):
-            await saver.aput(doomed, empty_checkpoint(), meta, {})
-        found = await TieredCheckpointSaver(other.checkpoints).aget_tuple(latest)
-        assert found is not None
-        assert (
-            found.config["configurable"]["checkpoint_id"]
-            == (before["configurable"]["checkpoint_id"])
-        ), found.metadata
+            await saver.aput(doomed, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+        await assert_latest(TieredCheckpointSaver(other.checkpoints), latest, before)
 
 
 async def test_a_write_through_step_is_refused_while_the_deleting_process_drops_its_cache(
@@ -115,26 +119,16 @@ async def test_a_write_through_step_is_refused_while_the_deleting_process_drops_
         open_tiers(cold_backend, mode=WriteMode.WRITE_THROUGH) as other,
     ):
         saver = TieredCheckpointSaver.from_backends(running)
-        thread = unique_thread("late-run")
-        latest = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
-        meta: Any = {"run_id": "run-kept"}
-        before = await saver.aput(latest, empty_checkpoint(), meta, {})
-        meta = {"run_id": "run-doomed"}
-        doomed = await saver.aput(before, empty_checkpoint(), meta, {})
+        latest, before, doomed = await kept_then_doomed_step(saver)
         # The other process's cold delete, its cache drop not done yet.
         await other.checkpoints.delete_for_runs(["run-doomed"])
         with pytest.raises(ParentGone):
-            await saver.aput(doomed, empty_checkpoint(), meta, {})
+            await saver.aput(doomed, empty_checkpoint(), {"run_id": "run-doomed"}, {})
         # The other process's drop, done.
         assert other.hot_checkpoints is not None
-        await other.hot_checkpoints.invalidate(thread, strict=True)
+        await other.hot_checkpoints.invalidate(latest["configurable"]["thread_id"], strict=True)
         for reader in (saver, TieredCheckpointSaver(other.checkpoints)):
-            found = await reader.aget_tuple(latest)
-            assert found is not None
-            assert (
-                found.config["configurable"]["checkpoint_id"]
-                == (before["configurable"]["checkpoint_id"])
-            ), found.metadata
+            await assert_latest(reader, latest, before)
 
 
 async def test_a_write_through_step_goes_on_from_a_step_only_the_write_behind_log_holds(

@@ -366,6 +366,22 @@ async def until_status(
         await asyncio.sleep(0.05)
 
 
+async def resumed_after_its_worker_died(runtime: Runtime, gate: StepGate, case_id: str) -> None:
+    """The worker driving the case's run (held at the gate) dies, its heartbeat goes stale,
+    and the timer's next tick must find the case and resume it."""
+    await runtime.service.close()
+    gate.open()
+
+    def long_ago(record: WorkflowRecord) -> object:
+        run = record.sections[RUN_SECTION]
+        assert run["status"] == "running"
+        return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
+
+    await write_section(runtime.store, case_id, RUN_SECTION, long_ago, agent_id=RUNNER_ID)
+    report = await runtime.service.resume_stale()
+    assert case_id in report.resumed, report
+
+
 async def sections_and_state(runtime: Runtime, case_id: str) -> tuple[dict[str, Any], ...]:
     """The agents' sections as the record holds them, and as the graph state holds them."""
     record = await runtime.store.get_fresh(case_id)
@@ -465,18 +481,8 @@ async def test_a_resume_that_meets_a_busy_run_index_never_leaves_a_running_case_
     assert resumed.status_code == 202, resumed.text
     await asyncio.wait_for(gate.reached["policy"].wait(), 30)
 
-    # The worker driving the resumed run dies; its heartbeat goes stale.
-    await runtime.service.close()
-    gate.open()
-
-    def long_ago(record: WorkflowRecord) -> object:
-        run = record.sections[RUN_SECTION]
-        assert run["status"] == "running"
-        return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
-
-    await write_section(runtime.store, case_id, RUN_SECTION, long_ago, agent_id=RUNNER_ID)
-    report = await runtime.service.resume_stale()
-    assert case_id in report.resumed, report
+    # The worker driving the resumed run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
     await until_idle(runtime, client, case_id)
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "awaiting_review"
 
@@ -519,18 +525,8 @@ async def test_a_follow_up_queued_while_the_timer_drops_its_case_is_resumed_afte
     assert (await posting).status_code == 202
     await asyncio.wait_for(gate.reached["billing"].wait(), 30)
 
-    # The worker driving the follow-up's run dies; its heartbeat goes stale.
-    await runtime.service.close()
-    gate.open()
-
-    def long_ago(record: WorkflowRecord) -> object:
-        run = record.sections[RUN_SECTION]
-        assert run["status"] == "running"
-        return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
-
-    await write_section(runtime.store, case_id, RUN_SECTION, long_ago, agent_id=RUNNER_ID)
-    report = await runtime.service.resume_stale()
-    assert case_id in report.resumed, report
+    # The worker driving the follow-up's run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed", "completed"]
 
@@ -594,17 +590,7 @@ async def test_a_case_submitted_while_the_timer_drops_it_is_resumed_after_a_cras
     assert (await posting).status_code == 202
     await asyncio.wait_for(gate.reached["billing"].wait(), 30)
 
-    # The worker driving the first run dies; its heartbeat goes stale.
-    await runtime.service.close()
-    gate.open()
-
-    def long_ago(record: WorkflowRecord) -> object:
-        run = record.sections[RUN_SECTION]
-        assert run["status"] == "running"
-        return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
-
-    await write_section(runtime.store, case_id, RUN_SECTION, long_ago, agent_id=RUNNER_ID)
-    report = await runtime.service.resume_stale()
-    assert case_id in report.resumed, report
+    # The worker driving the first run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed"]
