@@ -385,6 +385,7 @@ class EntraTokens(StreamingCredentialProvider):
         self._refresh: asyncio.Task[None] | threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._current: TokenInterface | None = None
 
     def on_next(self, callback: Callable[[TokenInterface], Any]) -> None:
         self._on_next = callback
@@ -395,8 +396,19 @@ class EntraTokens(StreamingCredentialProvider):
     def is_streaming(self) -> bool:
         return self._refresh is not None
 
+    def _held(self) -> TokenInterface | None:
+        """The token last obtained, while it is valid: a new connection signs in with it
+        without asking the identity endpoint (out of reach meanwhile, it would fail the
+        connection while a valid token is at hand)."""
+        token = self._current
+        return token if token is not None and not token.is_expired() else None
+
+    def _obtained(self, token: TokenInterface) -> TokenInterface:
+        self._current = token
+        return token
+
     def get_credentials(self) -> tuple[str, str]:
-        token = self.identity.request_token()
+        token = self._held() or self._obtained(self.identity.request_token())
         with self._start_lock:
             if self._refresh is None and not self._stopped.is_set():
                 self._refresh = threading.Thread(
@@ -406,7 +418,7 @@ class EntraTokens(StreamingCredentialProvider):
         return _entra_credentials(token)
 
     async def get_credentials_async(self) -> tuple[str, str]:
-        token = await asyncio.to_thread(self.identity.request_token)
+        token = self._held() or self._obtained(await asyncio.to_thread(self.identity.request_token))
         if self._refresh is None and not self._stopped.is_set():
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_async(token))
         return _entra_credentials(token)
@@ -454,7 +466,7 @@ class EntraTokens(StreamingCredentialProvider):
         token = self.identity.request_token(force_refresh=True)
         if token.is_expired():
             raise RequestTokenErr("the identity provider handed out an expired token")
-        return token
+        return self._obtained(token)
 
 
 def _refresh_in(token: TokenInterface) -> float:

@@ -50,8 +50,8 @@ from state.hot.redis_client import (
 from state.hot.redis_events import RedisEventLog
 from state.settings import Settings
 
-TOKEN_SECONDS = 8.0
-RUN_SECONDS = 15.0
+TOKEN_SECONDS = 12.0
+RUN_SECONDS = 22.0
 
 
 class ExpiringTokens(IdentityProviderInterface):
@@ -224,7 +224,7 @@ async def test_a_failed_refresh_is_tried_again_before_the_token_expires(
     tenth of its life); the token still has minutes to live in Azure, and a later try
     must sign the connections in again before it expires."""
     settings, tokens = entra_redis
-    # Scaled as the token's life is (10 s of an hour's token).
+    # Scaled as the token's life is (3 minutes of an hour's token).
     monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RETRY_SECONDS", TOKEN_SECONDS / 20)
     start = time.time()
     tokens.outage = (start + TOKEN_SECONDS * 0.6, start + TOKEN_SECONDS * 0.75)
@@ -377,6 +377,25 @@ async def test_a_closed_client_asks_for_no_more_tokens(
     asked = tokens.requests
     await asyncio.sleep(TOKEN_SECONDS * 0.9)  # past the refresh due at 70 %
     assert tokens.requests == asked, f"{tokens.requests - asked} tokens asked for after close"
+
+
+async def test_new_connections_sign_in_with_the_token_held_without_asking_for_one(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """A pool growing under load signs each new connection in with the client's valid
+    token: the identity endpoint is asked once, not once per connection (out of reach
+    meanwhile, it would fail connections while a valid token is at hand)."""
+    settings, tokens = entra_redis
+    client = create_redis_client(settings)
+    try:
+        await client.set("k", "v")
+        asked = tokens.requests
+        # Blocking reads hold their connections: eight at once need eight connections.
+        await asyncio.gather(*(client.blpop([f"none-{n}"], timeout=0.2) for n in range(8)))
+        assert len(client.connection_pool._available_connections) >= 8
+        assert tokens.requests == asked, f"{tokens.requests - asked} tokens asked for"
+    finally:
+        await client.aclose()
 
 
 def test_the_blocking_client_signs_in_on_a_thread_running_another_loop(
