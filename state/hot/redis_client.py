@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
@@ -386,6 +387,10 @@ class EntraTokens(StreamingCredentialProvider):
         self._start_lock = threading.Lock()
         self._stopped = threading.Event()
         self._current: TokenInterface | None = None
+        # A thread of its own for the identity endpoint, not the loop's default executor:
+        # the app's other blocking work filling that would hold back the refresh (and the
+        # first sign-in) until the connections outlive their token.
+        self._caller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entra-token")
 
     def on_next(self, callback: Callable[[TokenInterface], Any]) -> None:
         self._on_next = callback
@@ -418,13 +423,17 @@ class EntraTokens(StreamingCredentialProvider):
         return _entra_credentials(token)
 
     async def get_credentials_async(self) -> tuple[str, str]:
-        token = self._held() or self._obtained(await asyncio.to_thread(self.identity.request_token))
+        token = self._held() or self._obtained(await self._off_loop(self.identity.request_token))
         if self._refresh is None and not self._stopped.is_set():
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_async(token))
         return _entra_credentials(token)
 
+    async def _off_loop(self, call: Callable[[], TokenInterface]) -> TokenInterface:
+        return await asyncio.get_running_loop().run_in_executor(self._caller, call)
+
     def stop(self) -> None:
         self._stopped.set()
+        self._caller.shutdown(wait=False)
         refresh = self._refresh
         if isinstance(refresh, asyncio.Task) and not refresh.done():
             # RuntimeError: its loop is closed, the task went with it.
@@ -436,7 +445,7 @@ class EntraTokens(StreamingCredentialProvider):
         while True:
             await asyncio.sleep(delay)
             try:
-                token = await asyncio.to_thread(self._new_token)
+                token = await self._off_loop(self._new_token)
                 if self._stopped.is_set():
                     return
                 assert self._on_next is not None  # set when the client was built

@@ -398,6 +398,30 @@ async def test_new_connections_sign_in_with_the_token_held_without_asking_for_on
         await client.aclose()
 
 
+async def test_the_refresh_does_not_wait_for_the_event_loops_default_executor(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """The app's other `asyncio.to_thread` work (blocking calls, a stuck one) can fill the
+    loop's default executor: the token refresh must not queue behind it, or every
+    connection of the client outlives its token."""
+    settings, tokens = entra_redis
+    client = create_redis_client(settings)
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(None, release.wait) for _ in range(64)]
+    try:
+        await client.set("k", "v")
+        asked = tokens.requests
+        await asyncio.sleep(TOKEN_SECONDS * 0.9)  # past the refresh due at 70 %
+        assert tokens.requests > asked, "the refresh waited for the default executor"
+        assert tokens.expire() == 0, "a connection outlived its token"
+        await client.set("k", "v2")
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+        await client.aclose()
+
+
 def test_the_blocking_client_signs_in_on_a_thread_running_another_loop(
     entra_redis: tuple[Settings, ExpiringTokens],
 ) -> None:
