@@ -564,10 +564,7 @@ async def test_a_sweep_stopped_part_way_leaves_the_thread_whole_and_the_next_del
         assert backends.events is not None and backends.flusher is not None
         thread_id = unique_thread("stopped")
         await seed(backends, thread_id)
-        if cold_backend == "postgres":
-            await backdate(backends, thread_id)
-        else:
-            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await past_the_ttl(backends, cold_backend, ttl, thread_id)
         events = backends.events
         working = events.delete
 
@@ -1183,6 +1180,15 @@ async def test_cosmos_an_orphan_archive_swept_in_write_behind_is_gone_for_good(
         await drop_container(settings)
 
 
+async def past_the_ttl(backends: Backends, cold_backend: str, ttl: float, *threads: str) -> None:
+    """The threads' last activity older than the cold TTL: backdated on Postgres, waited
+    for on Cosmos (which judges by the items' own `_ts`)."""
+    if cold_backend == "postgres":
+        await backdate(backends, *threads)
+    else:
+        await asyncio.sleep(ttl + 1.5)
+
+
 async def test_a_thread_spared_on_the_second_look_keeps_its_resumed_runs_unflushed_steps(
     cold_backend: str, open_cold: Open
 ) -> None:
@@ -1198,10 +1204,7 @@ async def test_a_thread_spared_on_the_second_look_keeps_its_resumed_runs_unflush
         saver = TieredCheckpointSaver.from_backends(backends)
         at_first = await expiring_thread(backends, saver)
         thread_id = at_first["configurable"]["thread_id"]
-        if cold_backend == "postgres":
-            await backdate(backends, thread_id)
-        else:
-            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await past_the_ttl(backends, cold_backend, ttl, thread_id)
         await backends.flusher.stop()  # flushed only where the test says
         heads: list[RunnableConfig] = []
 
@@ -1239,10 +1242,7 @@ async def test_an_expired_thread_a_run_resumed_keeps_its_acknowledged_unflushed_
         saver = TieredCheckpointSaver.from_backends(backends)
         at_first = await expiring_thread(backends, saver)
         thread_id = at_first["configurable"]["thread_id"]
-        if cold_backend == "postgres":
-            await backdate(backends, thread_id)
-        else:
-            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await past_the_ttl(backends, cold_backend, ttl, thread_id)
         await backends.flusher.stop()  # flushed only where the test says
         second = checkpoint_with(empty_checkpoint(), "w" * 2000)
         at_second = await saver.aput(at_first, second, {"step": 1}, {"v": "2"})
@@ -1283,10 +1283,7 @@ async def test_two_sweeps_at_once_delete_each_expired_thread_once_and_leave_it_w
             await saver.aflush(bare)
             expired.append(bare)
         threads = [resumed, *expired]
-        if cold_backend == "postgres":
-            await backdate(backends, *threads)
-        else:
-            await asyncio.sleep(ttl + 1.5)  # Cosmos judges by the items' own `_ts`
+        await past_the_ttl(backends, cold_backend, ttl, *threads)
         for flusher in (backends.flusher, other.flusher):
             if flusher is not None:
                 await flusher.stop()  # flushed only where the test says

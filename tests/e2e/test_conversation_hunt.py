@@ -87,6 +87,42 @@ async def until_idle(
         await asyncio.sleep(0.05)
 
 
+def hold_the_rollbacks_delete(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """The checkpointer's `adelete_for_runs` held until `release` is set; `reached` once it
+    is called (the queue's runner caught rolling the run back)."""
+    checkpointer = runtime.graph.checkpointer
+    reached, release = asyncio.Event(), asyncio.Event()
+    delete_for_runs = checkpointer.adelete_for_runs
+
+    async def held_delete(run_ids: Any) -> None:
+        reached.set()
+        await release.wait()
+        await delete_for_runs(run_ids)
+
+    monkeypatch.setattr(checkpointer, "adelete_for_runs", held_delete)
+    return reached, release
+
+
+async def rollback_sent_during_the_last_step(
+    client: httpx.AsyncClient, gate: StepGate, case_id: str, reached: asyncio.Event
+) -> str:
+    """The demo case held in its last step, a rollback sent, the step let go; back once
+    the rollback's delete is reached, with the rollback's run id."""
+    gate.hold("response")
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code == 202, response.text
+    await asyncio.wait_for(gate.reached["response"].wait(), 30)
+    rollback = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": INVOICE, "strategy": "rollback"}
+    )
+    assert rollback.status_code == 202, rollback.text
+    gate.open()
+    await asyncio.wait_for(reached.wait(), 30)  # the queue's runner is rolling it back
+    return str(rollback.json()["run"]["run_id"])
+
+
 async def test_a_rollback_sent_during_the_runs_last_step_still_rolls_the_run_back(
     client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
 ) -> None:
@@ -122,26 +158,8 @@ async def test_a_run_a_rollback_reached_in_its_last_step_is_never_shown_complete
     """A run whose last step a rollback reached is rolled back once it ends: until then
     it is not at rest. Answering "completed" (with the response the rollback discards)
     and announcing `run_completed` would acknowledge a result that is then taken back."""
-    checkpointer = runtime.graph.checkpointer
-    reached, release = asyncio.Event(), asyncio.Event()
-    delete_for_runs = checkpointer.adelete_for_runs
-
-    async def held_delete(run_ids: Any) -> None:
-        reached.set()
-        await release.wait()
-        await delete_for_runs(run_ids)
-
-    monkeypatch.setattr(checkpointer, "adelete_for_runs", held_delete)
-    gate.hold("response")
-    response = await client.post("/api/cases", json=demo_case(case_id))
-    assert response.status_code == 202, response.text
-    await asyncio.wait_for(gate.reached["response"].wait(), 30)
-    rollback = await client.post(
-        f"/api/cases/{case_id}/messages", json={"text": INVOICE, "strategy": "rollback"}
-    )
-    assert rollback.status_code == 202, rollback.text
-    gate.open()
-    await asyncio.wait_for(reached.wait(), 30)  # the queue's runner is rolling it back
+    reached, release = hold_the_rollbacks_delete(runtime, monkeypatch)
+    await rollback_sent_during_the_last_step(client, gate, case_id, reached)
     try:
         shown = (await client.get(f"/api/cases/{case_id}")).json()
         intake = (await runs_of(client, case_id))[0]["run_id"]
@@ -166,16 +184,7 @@ async def test_a_run_whose_last_step_fails_while_a_rollback_waits_is_rolled_back
     its section): the run is rolled back as if the step had ended, never shown failed (nor
     announced so), the follow-up runs from the state before it, and the record's sections
     agree with that state."""
-    checkpointer = runtime.graph.checkpointer
-    reached, release = asyncio.Event(), asyncio.Event()
-    delete_for_runs = checkpointer.adelete_for_runs
-
-    async def held_delete(run_ids: Any) -> None:
-        reached.set()
-        await release.wait()
-        await delete_for_runs(run_ids)
-
-    monkeypatch.setattr(checkpointer, "adelete_for_runs", held_delete)
+    reached, release = hold_the_rollbacks_delete(runtime, monkeypatch)
     failing = [True]
     finished = RunProgress.node_finished
 
@@ -186,16 +195,7 @@ async def test_a_run_whose_last_step_fails_while_a_rollback_waits_is_rolled_back
         await finished(self, node, *args)
 
     monkeypatch.setattr(RunProgress, "node_finished", fail_the_held_step)
-    gate.hold("response")
-    response = await client.post("/api/cases", json=demo_case(case_id))
-    assert response.status_code == 202, response.text
-    await asyncio.wait_for(gate.reached["response"].wait(), 30)
-    rollback = await client.post(
-        f"/api/cases/{case_id}/messages", json={"text": INVOICE, "strategy": "rollback"}
-    )
-    assert rollback.status_code == 202, rollback.text
-    gate.open()
-    await asyncio.wait_for(reached.wait(), 30)  # the queue's runner is rolling it back
+    rollback_run = await rollback_sent_during_the_last_step(client, gate, case_id, reached)
     try:
         shown = (await client.get(f"/api/cases/{case_id}")).json()
         intake = (await runs_of(client, case_id))[0]
@@ -206,7 +206,7 @@ async def test_a_run_whose_last_step_fails_while_a_rollback_waits_is_rolled_back
     assert intake["status"] == "running", intake
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["rolled_back", "completed"], runs
-    assert runs[0]["stopped_by"] == rollback.json()["run"]["run_id"]
+    assert runs[0]["stopped_by"] == rollback_run
     assert runs[0]["error"] is None, runs[0]
     assert {e["kind"] for e in runs[0]["discarded_effects"]} == {"refund", "reset_link"}
     found = await runtime.service.events.check(None).read(case_id, count=1000)
