@@ -304,6 +304,7 @@ class ColdRetention(Protocol):
         spare: Collection[str] = (),
         deadline: float | None = None,
         deleting: Callable[[str], Awaitable[bool]] | None = None,
+        spared: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         """Delete up to `limit` expired, unheld threads; return how many were deleted.
 
@@ -315,13 +316,15 @@ class ColdRetention(Protocol):
         raised to. The thread is then looked at again, and spared if it was written
         meanwhile; `deleting` is awaited with each thread still expired, just before its
         cold state is deleted, and spares it by returning False (`state.retention`: the
-        hot tier holds steps of it the cold tier has not seen). If either raises, that
+        hot tier holds steps of it the cold tier has not seen). `spared` is awaited with
+        each thread found expired that the sweep then keeps (written meanwhile, or
+        `deleting` said no), once that is decided (`state.retention` lets its runs write
+        on then, not once the sweep ends). If any of them raises, that
         thread is not deleted and the sweep stops with the error (`state.retention`
         drops the thread's hot state there, so a failure to reach Redis leaves it for
         the next sweep).
         `spare`: threads not deleted by this sweep, expired or not (the timer's cases due to
-        be resumed). On Cosmos, a spared thread not written again before its slice is
-        passed is not looked at again until it is (it is kept, not deleted).
+        be resumed); the next sweep not sparing one looks at it again.
         `deadline` (a `time.monotonic()` time): no batch (Postgres) or thread (Cosmos) is
         started after it; the next sweep takes the rest.
         """

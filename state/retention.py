@@ -13,9 +13,10 @@ Postgres its record is locked), `TieredRetention` does to the hot tier what
 call: if Redis cannot be reached, the sweep stops before deleting the thread, and the
 next one tries again), the thread's flush lock is taken and appends are refused from
 then until the sweep ends (a run writing meanwhile is told `ThreadExpiring`: nothing
-reaches the log that a flusher could apply onto the deleted thread), and the thread's
-flush fence is raised past every lock token granted before (a batch of a flusher
-paused past its lock is refused; the fence stays a TTL longer). The sweep then looks
+reaches the log that a flusher could apply onto the deleted thread; a thread the sweep
+then spares is let go as soon as it is), and the thread's flush fence is raised past
+every lock token granted before (a batch of a flusher paused past its lock is refused;
+the fence stays a TTL longer). The sweep then looks
 at the thread again, and spares it if a run resumed it meanwhile (a step it flushed
 before the lock was taken, or a backlog the log still holds): its backlog stays, the
 run's acknowledged steps that were not flushed yet with it. Only for a thread still
@@ -83,15 +84,20 @@ class TieredRetention:
         spare: Collection[str] = (),
         deadline: float | None = None,
         deleting: Callable[[str], Awaitable[bool]] | None = None,
+        spared: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         forgotten: list[str] = []
+        # Each forgotten thread's flush lock and refusal, by thread: held until the sweep has
+        # deleted (Postgres commits a batch at once), but a spared thread's are let go as
+        # soon as it is spared, so its run writes on instead of waiting out the sweep.
+        refused: dict[str, contextlib.AsyncExitStack] = {}
         try:
-            # Flush locks taken while forgetting are held until the sweep has deleted.
             async with contextlib.AsyncExitStack() as held:
 
                 async def forget(thread_id: str) -> int | None:
                     told = None if expiring is None else await expiring(thread_id)
-                    fence = await self._forget(thread_id, held)
+                    refused[thread_id] = await held.enter_async_context(contextlib.AsyncExitStack())
+                    fence = await self._forget(thread_id, refused[thread_id])
                     forgotten.append(thread_id)
                     return fence if told is None else max(fence or 0, told)
 
@@ -103,6 +109,11 @@ class TieredRetention:
                     await self._delete(thread_id)
                     return True
 
+                async def kept(thread_id: str) -> None:
+                    await refused.pop(thread_id).aclose()
+                    if spared is not None:
+                        await spared(thread_id)
+
                 return await self._cold.sweep(
                     limit=limit,
                     now=now,
@@ -110,6 +121,7 @@ class TieredRetention:
                     deleting=delete,
                     spare=spare,
                     deadline=deadline,
+                    spared=kept,
                 )
         finally:
             for thread_id in forgotten:

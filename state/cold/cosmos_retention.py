@@ -24,7 +24,10 @@ container's default TTL is -1 (on, but nothing expires by itself:
   crossed the cutoff since the last one, not every old item of every thread.
   The watermark moves past a slice only once every thread seen in it was
   settled, so a tick cut short by `limit` repeats that slice; an empty slice
-  jumps to the next write, so a quiet stretch costs one query.
+  jumps to the next write, so a quiet stretch costs one query. A thread kept
+  there because the caller spared it (`spare`) may never be written again: it
+  gets a marker in the watermark's partition, and each sweep looks first at the
+  marked threads it does not spare (then drops their markers).
 
 `hold` writes one marker item into the thread's partition (`HOLD_ID`, `ttl: -1`);
 the sweep spares a thread any of whose items carries `ttl: -1`. `release` removes
@@ -54,6 +57,7 @@ ignores the partition key option.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -80,6 +84,10 @@ SLICES_PER_SWEEP = 24
 WATERMARK_PARTITION = "~retention~sweep"
 WATERMARK_ID = "watermark"
 WATERMARK_TYPE = "retention_watermark"
+# A thread `spare` kept in a slice the watermark then moved past: it may never be written
+# again (a case the timer failed to resume, then done with), so its marker has the next
+# sweeps look at it again.
+SPARED_TYPE = "retention_spared"
 # The hold marker, an item of the held thread's own partition.
 HOLD_ID = "~retention~hold"
 HOLD_TYPE = "retention_hold"
@@ -125,6 +133,7 @@ class CosmosRetention:
         spare: Collection[str] = (),
         deadline: float | None = None,
         deleting: Callable[[str], Awaitable[bool]] | None = None,
+        spared: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0 or limit <= 0:
             return 0
@@ -133,18 +142,29 @@ class CosmosRetention:
         if start is None:
             start = await self._oldest_ts(since=0)
         swept = 0
+        for thread_id in await self._spared_earlier():
+            if swept >= limit or (deadline is not None and time.monotonic() >= deadline):
+                return swept
+            if thread_id in spare:
+                continue
+            if await self._sweep_thread(thread_id, cutoff, expiring, deleting, spared):
+                swept += 1
+            # Kept (written since, or held): a write after the watermark brings it back.
+            await self._io.delete(_spared_id(thread_id), WATERMARK_PARTITION)
         for _ in range(SLICES_PER_SWEEP):
             if start is None or start >= cutoff:
                 break
             end = min(cutoff, start + SLICE_SECONDS)
             seen = await self._threads_in(start, end)
+            kept: list[str] = []
             for thread_id in seen:
                 if swept >= limit or (deadline is not None and time.monotonic() >= deadline):
                     return swept  # this slice again next time: not all of it was settled
                 if thread_id in spare:
-                    continue
-                if await self._sweep_thread(thread_id, cutoff, expiring, deleting):
+                    kept.append(thread_id)
+                elif await self._sweep_thread(thread_id, cutoff, expiring, deleting, spared):
                     swept += 1
+            await gather([self._io.upsert(_spared_marker(thread_id)) for thread_id in kept])
             # Past a quiet stretch in one step: the next slice starts at the next write.
             start = end if seen else await self._oldest_ts(since=end)
             await self._set_watermark(cutoff if start is None else min(start, cutoff))
@@ -158,6 +178,7 @@ class CosmosRetention:
         cutoff: int,
         expiring: Callable[[str], Awaitable[int | None]] | None,
         deleting: Callable[[str], Awaitable[bool]] | None,
+        spared: Callable[[str], Awaitable[None]] | None,
     ) -> bool:
         """Delete `thread_id` if it expired (True); archive records only as orphans."""
         if thread_id == WATERMARK_PARTITION:
@@ -174,7 +195,7 @@ class CosmosRetention:
             if expiring is not None:
                 await expiring(thread_id)  # an archive record has no flush fence to raise
             if deleting is not None and not await deleting(thread_id):
-                return False
+                return await _kept(thread_id, spared)
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -196,20 +217,25 @@ class CosmosRetention:
         # acknowledged. (A write-through put or record write landing from here to the
         # delete is still the known limit.)
         last = await self._last_write(thread_id)
-        if last is not None and last >= cutoff:
-            return False
-        if deleting is not None and not await deleting(thread_id):
-            return False
-        await self._delete_thread(thread_id)
-        return True
+        if last is None:
+            return False  # another sweep deleted it since the first look: that one counts it
+        if last >= cutoff or (deleting is not None and not await deleting(thread_id)):
+            return await _kept(thread_id, spared)
+        return await self._delete_thread(thread_id)
 
-    async def _delete_thread(self, thread_id: str) -> None:
-        await self._io.delete(WORKFLOW_ID, thread_id)
-        await self._io.delete_matching(thread_id, "c.type = @type", {"@type": CHECKPOINT})
+    async def _delete_thread(self, thread_id: str) -> bool:
+        """Whether this call removed any of the thread's items: not when another sweep
+        deleted it first (after the second look), which counts it instead."""
+        removed = await self._io.delete(WORKFLOW_ID, thread_id)
+        removed |= bool(
+            await self._io.delete_matching(thread_id, "c.type = @type", {"@type": CHECKPOINT})
+        )
         # But the flush fence (`state.checkpoint.flusher`): a write-behind batch from a
         # flusher paused past its lock must not bring the thread back; the sweep a TTL
         # later takes it (see `_sweep_thread`).
-        await self._io.delete_matching(thread_id, "c.id != @fence", {"@fence": FENCE_ID})
+        removed |= bool(
+            await self._io.delete_matching(thread_id, "c.id != @fence", {"@fence": FENCE_ID})
+        )
         archives: set[str] = set()
         async for page in self._io.pages(
             "SELECT VALUE c.thread_id FROM c WHERE STARTSWITH(c.thread_id, @prefix)",
@@ -221,6 +247,7 @@ class CosmosRetention:
         # A head `<ref>` is shorter than its chunks `<ref>~<n>`: never half-readable.
         for archive in sorted(archives, key=len):
             await self._io.delete_matching(archive, "true", {})
+        return removed
 
     async def _threads_in(self, start: int, end: int) -> list[str]:
         """Threads with an item last written in [start, end), in order of first sight."""
@@ -286,6 +313,15 @@ class CosmosRetention:
         doc = await self._io.read(WATERMARK_ID, WATERMARK_PARTITION)
         return None if doc is None else int(doc["swept_to"])
 
+    async def _spared_earlier(self) -> list[str]:
+        """The threads an earlier sweep spared in a slice it moved past."""
+        found = await self._io.query_all(
+            "SELECT VALUE c.spared FROM c WHERE c.thread_id = @thread AND c.type = @type",
+            {"@thread": WATERMARK_PARTITION, "@type": SPARED_TYPE},
+            partition=WATERMARK_PARTITION,
+        )
+        return [str(thread_id) for thread_id in found]
+
     async def _set_watermark(self, swept_to: int) -> None:
         # Two sweepers may race: a watermark set back a little only means a slice
         # is read twice, and sweeping is idempotent.
@@ -317,3 +353,24 @@ class CosmosRetention:
                 limit=CONCURRENT_PATCHES,
             )
             after = ids[-1]
+
+
+async def _kept(thread_id: str, spared: Callable[[str], Awaitable[None]] | None) -> bool:
+    """False (the thread kept), once `spared` was told."""
+    if spared is not None:
+        await spared(thread_id)
+    return False
+
+
+def _spared_id(thread_id: str) -> str:
+    # Hashed: a thread id may hold characters an item id may not.
+    return "spared~" + hashlib.sha256(thread_id.encode()).hexdigest()
+
+
+def _spared_marker(thread_id: str) -> dict[str, Any]:
+    return {
+        "id": _spared_id(thread_id),
+        "thread_id": WATERMARK_PARTITION,
+        "type": SPARED_TYPE,
+        "spared": thread_id,
+    }

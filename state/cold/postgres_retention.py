@@ -180,13 +180,14 @@ class PostgresRetention:
         spare: Collection[str] = (),
         deadline: float | None = None,
         deleting: Callable[[str], Awaitable[bool]] | None = None,
+        spared: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
         while swept < limit and (deadline is None or time.monotonic() < deadline):
             deleted = await self._sweep_batch(
-                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare), deleting
+                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare), deleting, spared
             )
             if not deleted:
                 break
@@ -202,6 +203,7 @@ class PostgresRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None,
         spare: list[str],
         deleting: Callable[[str], Awaitable[bool]] | None,
+        spared: Callable[[str], Awaitable[None]] | None,
     ) -> int:
         params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
@@ -220,15 +222,20 @@ class PostgresRetention:
                         await conn.execute(
                             RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence}
                         )
+            still: list[str] = []
             if expired:
-                expired = await _thread_ids(
+                still = await _thread_ids(
                     conn, STILL_EXPIRED_SQL, {**params, "thread_ids": expired}
                 )
-            if deleting is not None:
-                expired = [thread_id for thread_id in expired if await deleting(thread_id)]
-            if not expired:
+            doomed: list[str] = []
+            for thread_id in expired:
+                if thread_id in still and (deleting is None or await deleting(thread_id)):
+                    doomed.append(thread_id)
+                elif spared is not None:
+                    await spared(thread_id)
+            if not doomed:
                 return 0
-            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": expired})
+            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": doomed})
             row = await cursor.fetchone()
         return int(row["deleted"]) if row else 0
 

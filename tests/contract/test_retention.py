@@ -372,6 +372,25 @@ async def test_a_spared_thread_is_not_swept(cold_backend: str, open_cold: Open) 
         assert not await intact(backends, other)
 
 
+async def test_a_thread_spared_once_goes_with_the_next_sweep_that_does_not_spare_it(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """A case the timer could not resume (spared) that is then done with, never written
+    again: the next sweep not sparing it deletes it (on Cosmos, the watermark had moved
+    past its slice, and it was kept for good); one still spared is kept again."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        spared, still = unique_thread("spared"), unique_thread("still-spared")
+        for thread_id in (spared, still):
+            await seed(backends, thread_id)
+        now = await age_everything(backends, spared, still)
+        assert await backends.retention.sweep(limit=100, now=now, spare=[spared, still]) == 0
+        assert await backends.retention.sweep(limit=100, now=now, spare=[still]) == 1
+        assert not await intact(backends, spared)
+        assert await intact(backends, still)
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert not await intact(backends, still)
+
+
 async def test_a_sweep_past_its_deadline_starts_nothing(cold_backend: str, open_cold: Open) -> None:
     """`deadline`: no deletion starts after it; the next sweep deletes what it left."""
     async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
@@ -1016,6 +1035,41 @@ async def test_cosmos_sweep_drops_the_flush_fence_a_deleted_thread_left_uncounte
             assert await partition_of(backends.settings, thread_id) == []
 
 
+@pytest.mark.parametrize("when", ["between-the-looks", "after-the-second-look"])
+async def test_cosmos_a_thread_another_sweep_deleted_meanwhile_is_counted_by_that_one_alone(
+    when: str, open_cold: Open
+) -> None:
+    """Another sweep deletes the expired thread while this one is at it (between its two
+    looks, or once the second look found it still expired): only the sweep that deleted it
+    counts it (this one used to count it too)."""
+    async with (
+        open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends,
+        backends_for(backends.settings) as other,
+    ):
+        thread_id = unique_thread("raced")
+        await seed(backends, thread_id)
+        now = await age_everything(backends, thread_id)
+        by_other: list[int] = []
+
+        async def other_sweeps(moment: str) -> None:
+            if moment == when:
+                by_other.append(await other.retention.sweep(limit=100, now=now))
+
+        async def expiring(expired: str) -> None:
+            await other_sweeps("between-the-looks")
+
+        async def deleting(expired: str) -> bool:
+            await other_sweeps("after-the-second-look")
+            return True
+
+        swept = await backends.retention.sweep(
+            limit=100, now=now, expiring=expiring, deleting=deleting
+        )
+        assert by_other == [1]
+        assert swept == 0, "counted by both sweeps"
+        assert not await intact(backends, thread_id)
+
+
 async def test_cosmos_release_spares_a_hold_taken_again_meanwhile(open_cold: Open) -> None:
     """The pass for holds of every item (earlier versions) leaves the marker alone: a hold
     that lands between the marker's patch and that pass stays."""
@@ -1263,7 +1317,8 @@ async def test_two_sweeps_at_once_delete_each_expired_thread_once_and_leave_it_w
     end no thread refuses appends nor has its flush lock held."""
     # Known limit: on Cosmos without a flush lock (write-through) nothing serializes the two
     # deletions of one thread, and no transaction tells which one removed it: both may
-    # count it (how often depends on how the two interleave).
+    # count it when both delete items of it (how often depends on how the two interleave;
+    # one that finds it gone does not count it).
     counted_by_both = (cold_backend, mode) == ("cosmos", "write-through")
     ttl = 2 if cold_backend == "cosmos" else TTL
     async with (
@@ -1343,3 +1398,51 @@ async def test_two_sweeps_at_once_delete_each_expired_thread_once_and_leave_it_w
         for thread_id in expired:
             await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
             await saver.aflush(thread_id)
+
+
+@pytest.mark.parametrize("why", ["written-between-the-looks", "deleting-says-no"])
+async def test_a_thread_the_sweep_spares_takes_appends_before_the_sweep_ends(
+    cold_backend: str, why: str, open_cold: Open
+) -> None:
+    """The first expired thread the sweep decides on is spared (a run flushed a step of it
+    between the sweep's two looks, or `deleting` says no): the run's next step is taken at
+    once, while the sweep goes on deleting the others (it used to be refused,
+    `ThreadExpiring`, until the whole sweep ended), and is kept."""
+    ttl = 2 if cold_backend == "cosmos" else TTL
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=ttl, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        configs = {}
+        for _ in range(3):
+            config = await expiring_thread(backends, saver)
+            configs[config["configurable"]["thread_id"]] = config
+        await past_the_ttl(backends, cold_backend, ttl, *configs)
+        await backends.flusher.stop()  # flushed only where the test says
+        spared: list[str] = []
+        heads: list[RunnableConfig] = []
+
+        async def expiring(thread_id: str) -> None:
+            if why == "written-between-the-looks" and not spared:
+                spared.append(thread_id)
+                step = checkpoint_with(empty_checkpoint(), "w" * 2000)
+                configs[thread_id] = await saver.aput(configs[thread_id], step, {"step": 1}, {})
+                await backends.flusher.flush_thread(thread_id)
+
+        async def deleting(thread_id: str) -> bool:
+            if not spared:
+                spared.append(thread_id)
+                return False
+            if not heads:  # the spared thread's run goes on, the sweep not over
+                step = checkpoint_with(empty_checkpoint(), "x" * 2000)
+                heads.append(await saver.aput(configs[spared[0]], step, {"step": 2}, {}))
+            return True
+
+        swept = await backends.retention.sweep(limit=100, expiring=expiring, deleting=deleting)
+        assert swept == 2
+        assert heads, "no thread was decided on after the spared one"
+        await saver.aflush(spared[0])
+        found = await backends.checkpoints.get_checkpoint(spared[0], "", None)
+        assert found is not None
+        assert found.checkpoint_id == heads[0]["configurable"]["checkpoint_id"]

@@ -652,6 +652,7 @@ class MemoryRetention:
         spare: Collection[str] = (),
         deadline: float | None = None,
         deleting: Callable[[str], Awaitable[bool]] | None = None,
+        spared: Callable[[str], Awaitable[None]] | None = None,
     ) -> int:
         if self._ttl < 0:
             return 0
@@ -671,6 +672,8 @@ class MemoryRetention:
             if expiring is not None:
                 await expiring(owner)
             if deleting is not None and not await deleting(owner):
+                if spared is not None:
+                    await spared(owner)
                 continue
             swept += 1
             for record_id in self._cold.thread_ids():
