@@ -272,6 +272,7 @@ def serve(
     import uvicorn
 
     import devstack
+    from devstack.stack import DEFAULT_WORKDIR
 
     if backend not in ("cosmos", "postgres"):
         raise typer.BadParameter("backend must be cosmos or postgres")
@@ -307,8 +308,14 @@ def serve(
             os.environ["STATE_COLD_BACKEND"] = backend
             os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
             console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
+            # Client commands find the issuer of the default workdir's stack only: another
+            # stack's must be named, or the hinted command gets no token (or a stranger's).
+            issuer = _stack_env(status).get("AUTH_ISSUER")
+            named = f"AGENT_STATE_ISSUER={issuer} " if where != DEFAULT_WORKDIR and issuer else ""
             console.print(
-                f"submit the demo case:  agent-state submit --demo --api http://127.0.0.1:{port}"
+                f"submit the demo case:  {named}agent-state submit --demo "
+                f"--api http://127.0.0.1:{port}",
+                soft_wrap=True,
             )
             uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
         finally:

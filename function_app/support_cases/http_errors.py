@@ -74,6 +74,46 @@ def _unparsable_body(cause: BaseException | None) -> str | None:
     return None
 
 
+def _described(request: Request, problem: dict[str, Any]) -> dict[str, str]:
+    """One validation problem as `where` and `problem`, in the caller's terms where FastAPI's
+    own say little: its "JSON decode error" at `body.<offset>`, a body it never parsed (not
+    sent as JSON), and a JSON body that is not an object."""
+    where = ".".join(str(part) for part in problem.get("loc", ()))
+    if problem.get("type") == "json_invalid":
+        # The location's second part is the parser's character offset, not a field.
+        why = problem.get("ctx", {}).get("error", "cannot be parsed")
+        offset = problem["loc"][1] if len(problem.get("loc", ())) > 1 else 0
+        return {"where": "body", "problem": f"not valid JSON ({why} at character {offset})"}
+    if where == "body" and isinstance(problem.get("input"), bytes):
+        # FastAPI parses a body as JSON only under a JSON content type: any other (or none,
+        # as `curl -d` sends form encoding) reaches validation as raw bytes.
+        sent = request.headers.get("content-type") or "none"
+        return {
+            "where": "body",
+            "problem": f"expected a JSON object with content-type: application/json (got {sent})",
+        }
+    if where == "body" and problem.get("type") == "model_attributes_type":
+        # Pydantic's words ("a valid dictionary or object to extract fields from") name
+        # Python types; the caller sent JSON.
+        return {"where": "body", "problem": f"expected a JSON object, got {_json_kind(problem)}"}
+    if where == "body" and problem.get("type") == "missing":
+        return {"where": "body", "problem": "expected a JSON object, got an empty body"}
+    return {"where": where, "problem": problem.get("msg", "invalid")}
+
+
+def _json_kind(problem: dict[str, Any]) -> str:
+    value = problem.get("input")
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: a bool is one
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "another value"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for error_type, status in STATUS_BY_ERROR:
 
@@ -115,13 +155,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid_request(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        problems = [
-            {
-                "where": ".".join(str(part) for part in problem.get("loc", ())),
-                "problem": problem.get("msg", "invalid"),
-            }
-            for problem in error.errors()
-        ]
+        problems = [_described(request, problem) for problem in error.errors()]
         summary = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
         return error_response(422, f"invalid request: {summary}", problems)
 

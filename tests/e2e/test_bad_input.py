@@ -79,6 +79,68 @@ async def test_malformed_json_is_422(
     assert await runtime.store.get(case_id) is None
 
 
+async def test_malformed_json_says_what_the_parser_found_and_where(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """FastAPI's own answer was `body.1: JSON decode error`: a field `1` that does not exist
+    and nothing the caller can act on."""
+    response = await client.post(
+        "/api/cases", content=b"{bad", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("invalid request: body: not valid JSON ("), error
+    assert "Expecting property name" in error and "at character 1" in error, error
+    assert response.json()["detail"][0]["where"] == "body"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", None],
+    ids=["text", "form (curl -d)", "none"],
+)
+async def test_a_json_body_under_another_content_type_is_422_naming_the_one_to_send(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, content_type: str | None
+) -> None:
+    """A valid case body sent without `content-type: application/json` is never parsed;
+    the answer said `Input should be a valid dictionary or object to extract fields from`."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post(
+        "/api/cases", content=json.dumps(demo_case(case_id)).encode(), headers=headers
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "content-type: application/json" in error, error
+    assert f"(got {content_type or 'none'})" in error, error
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b"[]", "an array"),
+        (b'"a case"', "a string"),
+        (b"42", "a number"),
+        (b"null", "null"),
+        (b"true", "true or false"),
+        (b"", "an empty body"),
+    ],
+    ids=["array", "string", "number", "null", "bool", "empty"],
+)
+async def test_a_json_body_that_is_not_an_object_is_422_saying_what_it_is(
+    client: httpx.AsyncClient, body: bytes, kind: str
+) -> None:
+    """Pydantic's words were `Input should be a valid dictionary or object to extract fields
+    from` (or `Field required` for no body): Python's types, not what the caller sent."""
+    for path in ("/api/cases", "/api/cases/case_1/messages", "/api/cases/case_1/review"):
+        response = await client.post(
+            path, content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, (path, response.text)
+        error = response.json()["error"]
+        assert error == f"invalid request: body: expected a JSON object, got {kind}", error
+
+
 async def test_oversized_body_is_413_and_writes_nothing(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -189,6 +190,54 @@ def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:
             time.sleep(0.05)
         result = agent_state("stack", "status", "--workdir", str(workdir), "--json")
         assert json.loads(result.stdout)["alive"]["redis"] is False
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(30)
+
+
+def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdir(
+    workdir: Path,
+) -> None:
+    """Client commands find the issuer of the default workdir's stack only: the hint of a
+    `serve --workdir` stack sent no token (or a token of another stack's issuer), and the
+    API answered 401."""
+    port = devstack.free_port()
+    serve = subprocess.Popen(
+        [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert serve.stdout is not None
+        hint = ""
+        while not hint:
+            line = serve.stdout.readline()
+            assert line, "serve ended without printing how to submit the demo case"
+            hint = line.partition("submit the demo case:")[2].strip()
+        deadline = time.monotonic() + 60
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        command = shlex.split(hint)
+        settings: dict[str, str] = {}
+        while "=" in command[0]:  # leading NAME=value words, as a shell takes them
+            name, _, value = command.pop(0).partition("=")
+            settings[name] = value
+        assert command[0] == "agent-state", hint
+        submitted = subprocess.run(
+            [*CLI, *command[1:]],
+            env=cli_env(**settings),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert submitted.returncode == 0, (hint, submitted.stderr)
+        assert "completed" in submitted.stdout, submitted.stdout
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(30)
