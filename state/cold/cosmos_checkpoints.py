@@ -9,8 +9,9 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   version added), one transactional batch, chunks first), plus one read of the
   parent when this process has not seen it (the last put and the latest read of
   each (thread, namespace) are remembered). A put goes on only from a parent still
-  stored (`ParentGone`): the read says so, or for a remembered parent a read of it
-  in a transactional batch with the upsert (still one request);
+  stored (`ParentGone`): a read of it in a transactional batch with the upsert
+  (still one request; after the read of an unseen parent too, so a delete_thread
+  between the two cannot leave the thread holding the put alone);
 - put_writes: one (create of the task's writes document; special channels:
   an upsert each, concurrently); a repeat that adds indexes merges with
   If-Match;
@@ -208,12 +209,14 @@ class CosmosCheckpointStore:
         """The checkpoint's documents; its lineage is remembered (the next put of the thread
         packs against it) and its splits join `pending`, both forgotten if storing fails.
         `checked`: `ParentGone` if the parent is gone (see `_parent`)."""
-        parent, remembered = await self._parent(checkpoint, checked=checked)
+        parent = await self._parent(checkpoint, checked=checked)
         blobs, blocks = self._split(checkpoint, blobs, pending)
         packed = self._packer.checkpoint(checkpoint, blobs, parent)
         self._remember(checkpoint.thread_id, checkpoint.checkpoint_ns, packed.doc)
         step = _Step(prelude=[*blocks, *packed.chunks], upserts=[packed.doc])
-        if checked and remembered and parent is not None:
+        if checked and parent is not None:
+            # Read again by the write itself, even just read: a delete between the two
+            # would leave the thread holding this step alone.
             step.parent = (checkpoint.checkpoint_ns, parent.checkpoint_id)
         return step
 
@@ -338,7 +341,8 @@ class CosmosCheckpointStore:
         the step's upserted documents (a checkpoint) go in a transactional batch behind the
         fence's move, so a late step cannot land after a delete; where they do not fit
         one, or the step has none (a task's writes, created or merged), a request moving
-        the fence goes first, which narrows that window without closing it."""
+        the fence goes first, which narrows that window without closing it. A step with
+        a `parent` sends its documents behind a read of it the same way."""
         if step.parent is not None:
             # Too large for a batch (or refused as one): a read of its own, before any
             # document of the step is written.
@@ -348,18 +352,39 @@ class CosmosCheckpointStore:
                 raise ParentGone(thread_id, ns, parent_id)
         await self._io.upsert_all(step.prelude)
         upserts: list[BatchOperation] = [("upsert", (doc,)) for doc in step.upserts]
-        if fence is None:
-            await self._io.upsert_all(step.upserts)
-        elif not (
+        fits = bool(
             upserts
             and len(upserts) < BATCH_OPERATIONS
             and sum(map(layout.packed_size, step.upserts)) <= BATCH_BYTES - FENCE_BYTES
-            and await self._fences.batch(thread_id, fence, upserts)
-        ):
-            await self._fences.move(thread_id, fence)
+        )
+        if fence is not None:
+            if not (fits and await self._fences.batch(thread_id, fence, upserts)):
+                await self._fences.move(thread_id, fence)
+                await self._io.upsert_all(step.upserts)
+        elif not (fits and await self._behind_parent(thread_id, step, upserts)):
             await self._io.upsert_all(step.upserts)
         if step.creates:
             await gather([self._create_or_merge(packed) for packed in step.creates])
+
+    async def _behind_parent(
+        self, thread_id: str, step: _Step, upserts: list[BatchOperation]
+    ) -> bool:
+        """The step's documents in one batch behind a read of its parent (if it has one),
+        so a delete since the read before its prelude refuses them (`ParentGone`); False
+        if there is no parent, or the service refused the batch otherwise (then sent
+        without it, as before)."""
+        if step.parent is None:
+            return False
+        operations: list[BatchOperation] = [
+            ("read", (layout.checkpoint_doc_id(*step.parent),)),
+            *upserts,
+        ]
+        try:
+            await self._io.batch(thread_id, operations, bodies=False)
+        except BatchRefused as refused:
+            _raise_if_parent_gone(thread_id, [step], operations, refused)
+            return False
+        return True
 
     def _forget_unconfirmed(self, thread_id: str) -> None:
         """After a failed store: what was packed against lineage and splits that may not
@@ -746,18 +771,18 @@ class CosmosCheckpointStore:
 
     async def _parent(
         self, checkpoint: StoredCheckpoint, *, checked: bool
-    ) -> tuple[layout.Lineage | None, bool]:
-        """The parent's lineage, and whether it was remembered (this process's last put or
-        latest read of the namespace) rather than read. `checked`: a parent read and found
-        gone, or spared (a deleted run's), raises `ParentGone`; a remembered one is checked
-        by the put's own write instead (`_Step.parent`): no round trip more either way."""
+    ) -> layout.Lineage | None:
+        """The parent's lineage: remembered (this process's last put or latest read of the
+        namespace), else read. `checked`: a parent read and found gone, or spared (a
+        deleted run's), raises `ParentGone`; either way the put's own write reads it again
+        (`_Step.parent`), in its batch: no round trip more."""
         parent_id = checkpoint.parent_checkpoint_id
         if parent_id is None:
-            return None, False
+            return None
         key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         known = self._lineage.get(key)
         if known is not None and known.checkpoint_id == parent_id:
-            return known, True
+            return known
         found = await self._io.read(
             layout.checkpoint_doc_id(checkpoint.checkpoint_ns, parent_id), checkpoint.thread_id
         )
@@ -766,8 +791,8 @@ class CosmosCheckpointStore:
         if checked and (found is None or found.get("spared")):
             raise ParentGone(checkpoint.thread_id, checkpoint.checkpoint_ns, parent_id)
         if found is None:
-            return None, False
-        return layout.Lineage.of(layout.to_layout_2(found)), False
+            return None
+        return layout.Lineage.of(layout.to_layout_2(found))
 
     def _remember(self, thread_id: str, checkpoint_ns: str, doc: Doc) -> None:
         key = (thread_id, checkpoint_ns)
@@ -1007,8 +1032,8 @@ class _Step:
     creates: list[layout.Packed] = dataclasses.field(default_factory=list)
     # (namespace, id) of a parent the step is stored only if it is still there: read by
     # the step's batch first, so a parent deleted by then fails it whole (HTTP 404). Not
-    # whether it is spared: a read cannot tell, and the put's own read of it (which
-    # would) was saved.
+    # whether it is spared: a batch's read cannot tell (the put's own read of an unseen
+    # parent does).
     parent: tuple[str, str] | None = None
 
     def operations(self) -> list[BatchOperation]:

@@ -44,7 +44,9 @@ class CheckpointMaintenance:
 
     async def delete_thread(self, thread_id: str) -> None:
         # Checkpoints newest first: whatever still reads as the latest names only
-        # older documents, which are still there.
+        # older documents, which are still there. Queried again until none is left: a
+        # put that landed meanwhile goes too, and one landing after the last is refused,
+        # as it reads its parent in its own batch (`ParentGone`).
         while True:
             ids = await self._io.query_all(
                 f"SELECT TOP {DELETE_BATCH} VALUE c.id FROM c WHERE c.thread_id = @thread"

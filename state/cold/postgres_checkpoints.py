@@ -422,14 +422,27 @@ SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
 ) AS t
 """
 
+# The same lock for threads deleted whole (delete_thread, prune "delete"): a put that holds
+# its parent row when the delete starts would commit after the delete's snapshot and
+# survive it, its parent gone. Taken in a statement of its own before the delete's, so the
+# delete waits for such a put and then deletes its checkpoint; a put arriving later waits
+# for the delete and finds its parent gone. Key order, as LOCK_RUN_THREADS_SQL.
+LOCK_THREADS_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
+    SELECT DISTINCT hashtext(thread_id) AS key FROM unnest(%(thread_ids)s::text[]) AS thread_id
+    ORDER BY key OFFSET 0
+) AS t
+"""
+
 # A write-through put goes on from its parent only if the parent is still stored and not
 # spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
 # would be the thread's latest again. Checked in the put's own statement (no round trip
 # more): its checkpoint row takes its id from `parent_kept`, which is empty without the
 # parent, so the insert fails on the NULL id (NOT NULL, the whole statement undone). The
-# thread's maintenance lock, shared, serializes it with delete_for_runs: waited for by the
-# delete, whose statement after the lock then sees (and deletes) this checkpoint; waiting
-# for the delete, the row lock, taken after it, finds the parent gone or spared.
+# thread's maintenance lock, shared, serializes it with delete_for_runs and the deletes of
+# whole threads: waited for by the delete, whose statement after the lock then sees (and
+# deletes) this checkpoint; waiting for the delete, the row lock, taken after it, finds
+# the parent gone or spared.
 # `$thread`, `$ns` and `$parent` are the checkpoint row's own placeholders.
 PARENT_KEPT_CTE = f"""parent_kept AS (
     SELECT 1 FROM cp_checkpoints AS p
@@ -927,15 +940,14 @@ class PostgresCheckpointStore:
 
     async def delete_thread(self, thread_id: str, *, fence: int | None = None) -> None:
         self._chunker.forget([thread_id])
-        if fence is None:
-            async with self._pg.connection("delete_thread") as conn:
-                await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
-            return
-        # The fence first, in a statement of its own: it waits for a batch still writing
-        # under an older token, and the delete's snapshot, taken after, sees what that
-        # batch stored. A batch arriving later finds the newer token and is refused.
         async with self._pg.transaction("delete_thread") as conn:
-            await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
+            await _lock_threads(conn, [thread_id])
+            if fence is not None:
+                # The fence in a statement of its own too: it waits for a batch still
+                # writing under an older token, and the delete's snapshot, taken after,
+                # sees what that batch stored. A batch arriving later finds the newer token
+                # and is refused. (A batch takes no maintenance lock: no deadlock.)
+                await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
             await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
@@ -967,7 +979,8 @@ class PostgresCheckpointStore:
             return
         self._chunker.forget(thread_ids)
         if strategy == "delete":
-            async with self._pg.connection("prune") as conn:
+            async with self._pg.transaction("prune") as conn:
+                await _lock_threads(conn, thread_ids)
                 await conn.execute(DELETE_THREADS_SQL, {"thread_ids": list(thread_ids)})
             return
         async with self._pg.transaction("prune") as conn:
@@ -1182,6 +1195,13 @@ def _statement(
     if not ctes:
         return last, params
     return f"WITH {ctes} {last}", params
+
+
+async def _lock_threads(conn: CountedConnection, thread_ids: Sequence[str]) -> None:
+    """The threads' maintenance locks, for a delete of them whole (`LOCK_THREADS_SQL`)."""
+    await conn.execute(
+        LOCK_THREADS_SQL, {"lock": THREAD_MAINTENANCE_LOCK, "thread_ids": list(thread_ids)}
+    )
 
 
 async def _delete_dependents(conn: CountedConnection, deleted: list[dict[str, Any]]) -> None:

@@ -964,6 +964,53 @@ async def test_a_put_racing_delete_for_runs_waits_for_it_then_is_refused(
     assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [kept]
 
 
+class _RolledBack(Exception):
+    """Leaves a transaction of a test, rolled back."""
+
+
+@pytest.mark.parametrize("via", ["delete_thread", "prune"])
+async def test_a_put_holding_its_parent_as_delete_thread_runs_is_deleted_with_the_thread(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, via: str
+) -> None:
+    """A write-through put that locked its parent row before `delete_thread` (or a prune
+    that deletes) began: the delete waits for it, then deletes its checkpoint too, so the
+    thread never comes back holding a checkpoint whose parent is gone. The put is held
+    after its parent's lock by a blob of the same key another transaction inserted and
+    has not committed (its insert waits for that one's outcome)."""
+    thread = unique_thread()
+    first, late = _ids(2)
+    await checkpoints.put_checkpoint(_checkpoint(thread, first), [])
+    blob = StoredBlob("messages", "v2", ("json", b"[2]"))
+    with pytest.raises(_RolledBack):
+        async with pg.transaction("hold") as holder:
+            await holder.execute(
+                "INSERT INTO cp_blobs (thread_id, checkpoint_ns, channel, version, type, blob,"
+                " schema_version) VALUES (%s, '', 'messages', 'v2', 'json', '[0]', 1)",
+                (thread,),
+            )
+            step = asyncio.create_task(
+                checkpoints.put_checkpoint(
+                    _checkpoint(thread, late, parent=first, versions={"messages": "v2"}), [blob]
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not step.done()  # its parent locked, its blob waiting for the holder
+            if via == "prune":
+                delete = asyncio.create_task(checkpoints.prune([thread], strategy="delete"))
+            else:
+                delete = asyncio.create_task(checkpoints.delete_thread(thread))
+            await asyncio.sleep(0.3)
+            assert not delete.done()  # waiting for the put
+            raise _RolledBack
+    await asyncio.wait_for(step, timeout=5)
+    await asyncio.wait_for(delete, timeout=5)
+    assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == []
+    assert await _blob_versions(pg, thread) == set()
+    # A put after the delete finds its parent gone.
+    with pytest.raises(ParentGone):
+        await checkpoints.put_checkpoint(_checkpoint(thread, late, parent=first), [])
+
+
 async def test_a_batch_over_the_parameter_limit_commits_whole_or_not_at_all(
     pg: PostgresConnection,
     checkpoints: PostgresCheckpointStore,

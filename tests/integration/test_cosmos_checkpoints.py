@@ -366,6 +366,57 @@ async def test_a_put_whose_parent_is_gone_or_spared_is_refused_at_no_request_mor
     assert listed == [checkpoint_id(3), checkpoint_id(1)]
 
 
+@pytest.mark.parametrize("value_bytes", [10, 450_000], ids=["batched", "one-request-at-a-time"])
+async def test_a_put_whose_parent_was_read_cannot_land_after_a_delete_thread(
+    small_items: CosmosCheckpointStore,
+    connection: CosmosConnection,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    value_bytes: int,
+) -> None:
+    """A process that has not seen the parent (or a step too large for a batch) reads it,
+    then writes: a `delete_thread` of another process between the two must not leave the
+    thread holding the late step alone. The checkpoint's write reads the parent again in
+    its own batch (no request more), so it is refused."""
+    store = small_items
+    thread_id = thread()
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    held_up, go_on = asyncio.Event(), asyncio.Event()
+    batch, upsert_all = PartitionIO.batch, PartitionIO.upsert_all
+
+    async def pause_before_the_late_checkpoint(docs: list[Any]) -> None:
+        if any(doc.get("checkpoint_id") == checkpoint_id(2) for doc in docs):
+            held_up.set()
+            await go_on.wait()
+
+    async def paused_batch(
+        self: PartitionIO, partition: str, operations: Any, **options: Any
+    ) -> Any:
+        await pause_before_the_late_checkpoint(
+            [op[1][-1] for op in operations if op[0] not in ("delete", "read")]
+        )
+        return await batch(self, partition, operations, **options)
+
+    async def paused_upsert_all(self: PartitionIO, docs: Any) -> None:
+        await pause_before_the_late_checkpoint(list(docs))
+        await upsert_all(self, docs)
+
+    monkeypatch.setattr(PartitionIO, "batch", paused_batch)
+    monkeypatch.setattr(PartitionIO, "upsert_all", paused_upsert_all)
+    fresh = checkpoint_store(
+        connection, settings.model_copy(update={"state_max_item_bytes": ITEM_LIMIT})
+    )
+    late_put = stored(thread_id, 2, {"a": "2"})
+    value = StoredBlob("a", "2", ("bytes", os.urandom(value_bytes)))
+    late = asyncio.create_task(fresh.put_checkpoint(late_put, [value]))
+    await asyncio.wait_for(held_up.wait(), timeout=20)
+    await checkpoint_store(connection, settings).delete_thread(thread_id)
+    go_on.set()
+    with pytest.raises(ParentGone):
+        await late
+    assert await store.get_checkpoint(thread_id, "", None) is None
+
+
 def _list(store: CosmosCheckpointStore, thread_id: str) -> AsyncIterator[StoredCheckpoint]:
     return store.list_checkpoints(
         thread_id=thread_id, checkpoint_ns="", before=None, limit=None, metadata_filter=None
