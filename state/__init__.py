@@ -33,9 +33,9 @@ Checkpoints
 Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
-    `BackendUnavailable` (and its `HotStateLost`), `RequestRejected` (and its `InvalidValue`),
-    `UnsupportedSchemaVersion`, `SettingsError`, `CorruptState`, `ThreadExpiring`,
-    `ParentGone`.
+    `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`), `RequestRejected`
+    (and its `InvalidValue`), `UnsupportedSchemaVersion`, `SettingsError`,
+    `CorruptState`, `ThreadExpiring`, `ParentGone`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -51,6 +51,7 @@ from .checkpoint import FENCING_TOKEN_KEY, Flusher, TieredCheckpointSaver
 from .errors import (
     BackendUnavailable,
     CorruptState,
+    FlushLockBusy,
     HotStateLost,
     InvalidValue,
     LockLost,
@@ -104,6 +105,7 @@ __all__ = [
     "ColdStateStore",
     "CorruptState",
     "EventLog",
+    "FlushLockBusy",
     "Flusher",
     "HotStateLost",
     "HotStateStore",

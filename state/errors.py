@@ -92,6 +92,16 @@ class BackendClosed(BackendUnavailable):
         super().__init__(backend, "its connection was closed by its owner")
 
 
+class FlushLockBusy(BackendUnavailable):
+    """Another flusher held a thread's write-behind flush lock past the caller's wait."""
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(
+            "write-behind", f"the flush lock of {thread_id!r} was not released in time"
+        )
+        self.thread_id = thread_id
+
+
 class RequestRejected(StateError):
     """A store refused a request for good: sent again unchanged, it fails the same way
     (no permission, a broken invariant, a value it cannot hold). Transient trouble is

@@ -39,6 +39,7 @@ from state import (
     BackendUnavailable,
     Caller,
     ColdRetention,
+    FlushLockBusy,
     HotStateLost,
     Lock,
     LockLost,
@@ -576,8 +577,13 @@ class CaseService:
             resting: list[str] = []
             # A shard of the run index that cannot be read is reported as failed: the
             # other shards' cases are still tried.
-            indexed = await self._tracker.active_cases(unread=report.failed)
-            for case_id, indexed_at in indexed.items():
+            indexed = list((await self._tracker.active_cases(unread=report.failed)).items())
+            # From a random start, wrapping round: the budget may run out part-way, and a
+            # fixed order would let stalled cases at its front (a steady inflow of them)
+            # starve those at its back for good; so each case is the first tried with
+            # probability 1/len every tick, whatever comes and goes before it.
+            start = random.randrange(len(indexed)) if indexed else 0
+            for case_id, indexed_at in indexed[start:] + indexed[:start]:
                 if deadline is not None and time.monotonic() >= deadline:
                     report.skipped[case_id] = "left for the next tick: its time budget is spent"
                     continue
@@ -638,11 +644,31 @@ class CaseService:
         if not stale:
             report.skipped[case_id] = "heartbeat is fresh"
             return False
+        if not await self._backlog_flushed(case_id, deadline):
+            report.skipped[case_id] = "left for the next tick: its flush lock is held elsewhere"
+            return False
         # The timer waits for the run (within its budget): a Functions instance may freeze
         # once it returns.
         await self.resume(case_id, wait_until_rest=True, deadline=deadline)
         report.resumed.append(case_id)
         return False
+
+    async def _backlog_flushed(self, case_id: str, deadline: float | None) -> bool:
+        """Flush the case's write-behind backlog (a dead worker's) before the timer resumes
+        it, waiting for its flush lock until `deadline` at most; False if another process
+        held the lock that long. The resume's own reads flush it first too, each waiting up
+        to LOCK_WAIT_SECONDS (three of them, minutes in all): the tick would overrun its
+        budget and the timer's period. Once flushed, they have nothing to wait for."""
+        if self._flusher is None or deadline is None:
+            return True
+        try:
+            if await self._flusher.log.pending(case_id):
+                await self._flusher.flush_thread(case_id, deadline=deadline)
+        except FlushLockBusy:
+            return False
+        except BackendUnavailable:
+            pass  # a tier out of reach: the resume meets it too, and does what it does then
+        return True
 
     async def post_message(
         self,

@@ -32,7 +32,14 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, LockLost, LogEntryLost, StaleFencingToken, StateError
+from ..errors import (
+    BackendUnavailable,
+    FlushLockBusy,
+    LockLost,
+    LogEntryLost,
+    StaleFencingToken,
+    StateError,
+)
 from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog, WritesPut
 
 log = logging.getLogger(__name__)
@@ -195,11 +202,14 @@ class Flusher:
 
     # ----------------------------------------------------------------------- boundaries
 
-    async def flush_thread(self, thread_id: str) -> int:
+    async def flush_thread(self, thread_id: str, *, deadline: float | None = None) -> int:
         """Return once every entry appended to the thread before this call is in the cold
-        tier; how many entries this call applied."""
+        tier; how many entries this call applied. `deadline` (a `time.monotonic()` time):
+        wait for the flush lock until then at the latest, not LOCK_WAIT_SECONDS (raises
+        `FlushLockBusy`)."""
         applied = 0
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        longest = time.monotonic() + LOCK_WAIT_SECONDS
+        deadline = longest if deadline is None else min(deadline, longest)
         while True:
             try:
                 async with self._holding(thread_id, deadline) as lease:
@@ -356,9 +366,7 @@ class Flusher:
             if token is not None:
                 break
             if time.monotonic() > deadline:
-                raise BackendUnavailable(
-                    "write-behind", f"the flush lock of {thread_id!r} was not released in time"
-                )
+                raise FlushLockBusy(thread_id)
             await asyncio.sleep(LOCK_POLL_SECONDS)
         lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
         try:

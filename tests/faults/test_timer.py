@@ -33,7 +33,14 @@ from state.size import COMPRESSED_KEY
 from support_cases import maintenance
 from support_cases.maintenance import CASES_METRIC, SWEPT_METRIC, TimerMetrics, run_tick
 from support_cases.models import CaseStatus
-from support_cases.runs import RUN_SECTION, RunTracker, new_run_section, shard_of, utcnow
+from support_cases.runs import (
+    INDEX_IDS,
+    RUN_SECTION,
+    RunTracker,
+    new_run_section,
+    shard_of,
+    utcnow,
+)
 from support_cases.runtime import Runtime
 from support_cases.service import REQUEST_SECTION, CaseService, Outcome, fingerprint
 
@@ -193,6 +200,99 @@ async def test_a_run_that_outlasts_the_ticks_budget_leaves_the_tick_its_other_jo
     assert held
 
 
+def case_in_shard(prefix: str, shard: str) -> str:
+    """A case id the run index lists in `shard`."""
+    while shard_of(case_id := f"{prefix}-{uuid.uuid4().hex[:8]}") != shard:
+        pass
+    return case_id
+
+
+async def test_stalled_cases_at_the_back_of_the_index_are_not_starved(
+    settings_for: Callable[..., Settings], fresh_postgres_url: str
+) -> None:
+    """Every resumed run hangs, so each tick's budget goes to the first stalled case it
+    tries, and before each tick a newly stalled case enters the index's first shard: a tick
+    that always began at the front would never reach the case in the last shard."""
+    hold = asyncio.Event()
+
+    async def every_step_hangs(step: str) -> None:
+        await hold.wait()
+
+    settings = settings_for(
+        "postgres", postgres_url=fresh_postgres_url, case_stale_after_seconds=60
+    )
+    runtime = await Runtime.open(settings, after_step=every_step_hangs)
+    try:
+        back = case_in_shard("timer-back", INDEX_IDS[-1])
+        await stale_case(runtime, back)
+        # Each newly stalled case sorts first in its shard, the ones hung before it after:
+        # a tick reaches the back one unless it begins at the newest, with probability
+        # 1/2 at worst, so missing it 20 ticks running is a one in a million.
+        for tick in range(20):
+            await stale_case(runtime, case_in_shard(f"timer-front-{99 - tick}", INDEX_IDS[0]))
+            report = await runtime.service.resume_stale(deadline=time.monotonic() + 0.5)
+            assert len(report.resumed) == 1 and report.failed == {}
+            if back in report.resumed:
+                break
+        else:
+            pytest.fail(f"not resumed in 20 ticks: {report.skipped[back]}")
+    finally:
+        hold.set()
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+async def test_a_flush_lock_held_elsewhere_does_not_keep_the_tick_past_its_budget(
+    settings_for: Callable[..., Settings], fresh_postgres_url: str
+) -> None:
+    """A stalled case whose dead worker left a write-behind backlog, which another process
+    is flushing (it holds the thread's flush lock, renewed, for longer than the tick has):
+    the resume waits for the lock within the tick's budget, not for LOCK_WAIT_SECONDS (the
+    whole timer period), and a later tick resumes the case once the lock is free."""
+    runtime = await Runtime.open(
+        settings_for(
+            "postgres",
+            postgres_url=fresh_postgres_url,
+            case_stale_after_seconds=60,
+            state_write_mode="write-behind",
+        )
+    )
+    renewing: asyncio.Task[None] | None = None
+    try:
+        flusher = runtime.backends.flusher
+        assert flusher is not None
+        await flusher.stop()  # the backlog stays in the log
+        case_id = f"timer-locked-{uuid.uuid4().hex[:8]}"
+        await stale_case(runtime, case_id)
+        config = {"configurable": {"thread_id": case_id, "checkpoint_ns": ""}}
+        await runtime.saver.aput(config, empty_checkpoint(), {"step": -1}, {})
+        token = await flusher.log.lock_thread(case_id, ttl_ms=5_000)
+        assert token is not None
+
+        async def hold_the_lock(token: str) -> None:
+            """Renewed as its holder's lease does, for as long as its flush lasts."""
+            while True:
+                await asyncio.sleep(1)
+                assert await flusher.log.renew_thread_lock(case_id, token, ttl_ms=5_000)
+
+        renewing = asyncio.create_task(hold_the_lock(token))
+        started = time.monotonic()
+        async with asyncio.timeout(30):
+            report = await runtime.service.resume_stale(deadline=started + 1)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"the tick waited {elapsed:.1f} s for the flush lock"
+        assert "flush lock" in report.skipped[case_id] and report.failed == {}
+
+        renewing.cancel()
+        await flusher.log.unlock_thread(case_id, token)
+        assert (await runtime.service.resume_stale()).resumed == [case_id]
+    finally:
+        if renewing is not None:
+            renewing.cancel()
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
 async def test_a_run_index_shard_that_fails_to_decode_costs_only_its_own_cases(
     runtime: Runtime,
 ) -> None:
@@ -269,7 +369,7 @@ async def test_the_drain_stops_taking_threads_once_its_budget_is_spent(
     next tick is due), leaves the rest in the log, and later ticks flush all of it."""
     url, proxy = slow_postgres
     monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.5)
-    monkeypatch.setattr(maintenance, "DRAIN_BUDGET_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(maintenance, "DRAIN_BUDGET_SECONDS", 1.0)
     runtime = await Runtime.open(
         settings_for("postgres", postgres_url=url, state_write_mode="write-behind")
     )
@@ -312,7 +412,7 @@ async def test_the_sweep_stops_once_its_budget_is_spent(
     """More expired threads than a slow cold tier deletes in one tick: the tick's sweep stops
     once its budget is spent and the next ticks delete the rest."""
     url, proxy = slow_postgres
-    monkeypatch.setattr(maintenance, "SWEEP_BUDGET_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(maintenance, "SWEEP_BUDGET_SECONDS", 1.0)
     # Batches small enough that one takes about the budget at this latency.
     monkeypatch.setattr(postgres_retention, "SWEEP_BATCH", 25)
     runtime = await Runtime.open(
