@@ -181,7 +181,8 @@ class RunTracker:
         """Record the run's status; returns how many runs are queued after it. `still`
         is called with the record the write goes on (each try): it raises to refuse it.
         Raises `RunStopped`, writing nothing, for a run to be rolled back that would rest
-        completed or failed."""
+        completed or failed; `RunIndexBusy` for a run marked running whose index update
+        meets a busy shard (before the write, nothing is written; after it, the status is)."""
 
         def compute(record: WorkflowRecord) -> object:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
@@ -268,10 +269,15 @@ class RunTracker:
         # rest stays there too until the timer's next tick drops it with the others of its
         # shard (one index write for them all, off the run's path). A running one is looked
         # up again: a tick that saw it at rest may have dropped it since the index above and
-        # checked its record before this write. The status is written: a busy index must
-        # not turn this run into a failed one (the next mark, enqueue or timer tick sets it
-        # right).
-        if status not in AT_REST or waiting > 0:
+        # checked its record before this write. A busy index raises `RunIndexBusy` then
+        # (the status is written): the run is not started nor acknowledged, since a worker
+        # dying during it would leave it where the timer never looks; the case reads
+        # stalled once its heartbeat is, and a resume indexes it first. At rest, the
+        # enqueue that queued the runs indexed the case, and a tick keeps a case with runs
+        # queued: a busy index is left to the next mark or tick.
+        if status not in AT_REST:
+            await self._index(case_id)
+        elif waiting > 0:
             try:
                 await self._index(case_id)
             except RunIndexBusy as busy:
@@ -283,7 +289,8 @@ class RunTracker:
     ) -> tuple[dict[str, Any], bool]:
         """Queue a follow-up's run (FIFO; an interrupt or rollback goes before plain queued
         runs and asks the current run to stop). Returns the stored entry and whether it was
-        there already (an idempotent replay)."""
+        there already (an idempotent replay). Raises `RunIndexBusy` when the run index is
+        busy (the run may be queued: a replay indexes the case and starts it)."""
         stored: dict[str, Any] = entry
         replayed = False
 
@@ -334,12 +341,11 @@ class RunTracker:
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
         if not replayed:
             # Again: a tick that saw the case at rest may have dropped it since the index
-            # above and checked its record before the run was queued (`forget`). Queued, the
-            # run is this request's answer: a busy index is left to the next mark or tick.
-            try:
-                await self._index(case_id)
-            except RunIndexBusy as busy:
-                log.warning("case %s: run index not updated: %s", case_id, busy)
+            # above and checked its record before the run was queued (`forget`). A busy index
+            # raises `RunIndexBusy` (503) rather than acknowledge a run the timer may never
+            # find; the client's retry replays the message, and its first index puts the
+            # case back.
+            await self._index(case_id)
         return stored, replayed
 
     async def start_next(
@@ -437,14 +443,21 @@ class RunTracker:
         then a submit that died before creating its case, not one still creating it."""
         return utcnow() - datetime.fromisoformat(indexed_at) > self._stale_after
 
+    def may_look_abandoned(self, indexed_at: str) -> bool:
+        """Whether a tick may have taken the entry for a dead submit's (`indexed_long_ago`)
+        by now: half the stale period spares the other workers' clocks."""
+        return utcnow() - datetime.fromisoformat(indexed_at) > self._stale_after / 2
+
     def is_stale(self, run: dict[str, Any] | None) -> bool:
         if not run or run.get("status") in AT_REST:
             return False
         beat = datetime.fromisoformat(str(run["heartbeat_at"]))
         return utcnow() - beat > self._stale_after
 
-    async def register(self, case_id: str) -> None:
-        await self._index(case_id)
+    async def register(self, case_id: str) -> str:
+        """Index a case about to be created; returns when its entry was indexed (an entry
+        a submit that died before creating the case left may be old)."""
+        return await self._index(case_id)
 
     async def active_cases(self, *, unread: dict[str, str] | None = None) -> dict[str, str]:
         """The indexed cases, each with when it was indexed (ISO time), in order. `unread`: a
@@ -514,20 +527,24 @@ class RunTracker:
         except (VersionConflict, StateTooLarge) as error:
             raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
 
-    async def _index(self, case_id: str) -> None:
+    async def _index(self, case_id: str) -> str:
         try:
-            await self._add_to_index(case_id)
+            return await self._add_to_index(case_id)
         except (VersionConflict, StateTooLarge) as error:
             raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
 
-    async def _add_to_index(self, case_id: str) -> None:
+    async def _add_to_index(self, case_id: str) -> str:
+        """Returns when the case's entry was indexed."""
         shard = shard_of(case_id)
+        indexed_at = ""
 
         def compute(record: WorkflowRecord) -> object:
+            nonlocal indexed_at
             cases = dict(record.sections.get("cases", {}))
             if case_id in cases:
+                indexed_at = str(cases[case_id])
                 return UNCHANGED
-            cases[case_id] = utcnow().isoformat()
+            cases[case_id] = indexed_at = utcnow().isoformat()
             return cases
 
         # Not created yet, or expired from the cold tier (retention) while a hot copy may
@@ -538,7 +555,8 @@ class RunTracker:
             await write_section(
                 self._store, shard, "cases", compute, agent_id=RUNNER_ID, fresh=True
             )
-            return
+            return indexed_at
         with contextlib.suppress(WorkflowExists):
             await self._store.create(shard, {"cases": {}}, agent_id=RUNNER_ID)
         await write_section(self._store, shard, "cases", compute, agent_id=RUNNER_ID, fresh=True)
+        return indexed_at

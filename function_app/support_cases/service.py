@@ -306,7 +306,7 @@ class CaseService:
         run_id = new_run_id()
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
-        await self._tracker.register(case_id)
+        indexed_at = await self._tracker.register(case_id)
         try:
             await self._store.create(
                 case_id,
@@ -341,6 +341,13 @@ class CaseService:
                     "use a new case id / idempotency key for a new case"
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
+        if self._tracker.may_look_abandoned(indexed_at):
+            # A tick drops an entry without a record once it is older than the stale period
+            # (a dead submit's): one this old (this submit was slow, or found the entry a
+            # dead one left) may have gone before the case existed. Indexed again before
+            # the case is acknowledged; a busy index answers 503, and the client's retry
+            # indexes it first (its run, marked running, is resumed once it stalls).
+            await self._tracker.register(case_id)
 
         async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             return self._initial_input(case_id, request)

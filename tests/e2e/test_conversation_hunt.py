@@ -30,10 +30,11 @@ from test_conversation import (
 
 from agent_state_cli.cli import sse_frames
 from state import VersionConflict, WorkflowRecord
+from support_cases import runs as runs_module
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.records import write_section
-from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
+from support_cases.runs import RUN_SECTION, RUNNER_ID, shard_of, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RESULT_SECTIONS, RunProgress, case_config, run_lock_name
 from support_cases.settings import AppSettings
@@ -366,18 +367,19 @@ async def until_status(
         await asyncio.sleep(0.05)
 
 
+def heartbeat_long_ago(record: WorkflowRecord) -> object:
+    """The run section of a running case whose worker died long ago."""
+    run = record.sections[RUN_SECTION]
+    assert run["status"] == "running"
+    return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
+
+
 async def resumed_after_its_worker_died(runtime: Runtime, gate: StepGate, case_id: str) -> None:
     """The worker driving the case's run (held at the gate) dies, its heartbeat goes stale,
     and the timer's next tick must find the case and resume it."""
     await runtime.service.close()
     gate.open()
-
-    def long_ago(record: WorkflowRecord) -> object:
-        run = record.sections[RUN_SECTION]
-        assert run["status"] == "running"
-        return {**run, "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat()}
-
-    await write_section(runtime.store, case_id, RUN_SECTION, long_ago, agent_id=RUNNER_ID)
+    await write_section(runtime.store, case_id, RUN_SECTION, heartbeat_long_ago, agent_id=RUNNER_ID)
     report = await runtime.service.resume_stale()
     assert case_id in report.resumed, report
 
@@ -464,11 +466,11 @@ async def test_a_resume_that_meets_a_busy_run_index_never_leaves_a_running_case_
     add = tracker._add_to_index
     busy_once = [case_id]
 
-    async def busy_index(added: str) -> None:
+    async def busy_index(added: str) -> str:
         if added in busy_once:
             busy_once.remove(added)
             raise VersionConflict(f"index of {added}", 1, 2)
-        await add(added)
+        return await add(added)
 
     monkeypatch.setattr(tracker, "_add_to_index", busy_index)
     gate.hold("policy")
@@ -508,11 +510,12 @@ async def test_a_follow_up_queued_while_the_timer_drops_its_case_is_resumed_afte
     indexed_once = asyncio.Event()
     timer_done = asyncio.Event()
 
-    async def index_then_wait_for_the_timer(indexed: str) -> None:
-        await index(indexed)
+    async def index_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await index(indexed)
         if indexed == case_id and not indexed_once.is_set():
             indexed_once.set()
             await timer_done.wait()
+        return indexed_at
 
     monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
     gate.hold("billing")
@@ -529,6 +532,134 @@ async def test_a_follow_up_queued_while_the_timer_drops_its_case_is_resumed_afte
     await resumed_after_its_worker_died(runtime, gate, case_id)
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed", "completed"]
+
+
+async def test_a_follow_up_whose_index_re_check_meets_a_busy_shard_is_never_acknowledged_lost(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, and the follow-up's look-up of its case after queueing the run (which would
+    put the dropped case back) meets a busy shard. Answered 202 then, the worker dying
+    during the run would leave the case where the timer never looks: the request must not
+    be acknowledged until the case is indexed (the client's retry is)."""
+    tracker = runtime.service._tracker
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+
+    index, add = tracker._index, tracker._add_to_index
+    indexed_once = asyncio.Event()
+    timer_done = asyncio.Event()
+
+    async def index_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await index(indexed)
+        if indexed == case_id and not indexed_once.is_set():
+            indexed_once.set()
+            await timer_done.wait()
+        return indexed_at
+
+    async def busy_after_the_timer(added: str) -> str:
+        if added == case_id and timer_done.is_set() and not busy.is_set():
+            busy.set()
+            raise VersionConflict(f"index of {added}", 1, 2)
+        return await add(added)
+
+    busy = asyncio.Event()
+    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
+    monkeypatch.setattr(tracker, "_add_to_index", busy_after_the_timer)
+    gate.hold("billing")
+    key = {"Idempotency-Key": f"{case_id}-follow-up"}
+    message = {"text": CHARGED_AND_LOCKED}
+    posting = asyncio.ensure_future(
+        client.post(f"/api/cases/{case_id}/messages", json=message, headers=key)
+    )
+    await asyncio.wait_for(indexed_once.wait(), 30)
+    await runtime.service.resume_stale()  # the tick: the case rests, it leaves the index
+    timer_done.set()
+    answer = await posting
+    assert busy.is_set()
+    if answer.status_code != 202:
+        # Refused, not acknowledged: the client sends the message again.
+        assert answer.status_code == 503, answer.text
+        assert "run index is busy" in answer.json()["error"]
+        answer = await client.post(f"/api/cases/{case_id}/messages", json=message, headers=key)
+        assert answer.status_code in (200, 202), answer.text
+    await asyncio.wait_for(gate.reached["billing"].wait(), 30)
+
+    # The worker driving the follow-up's run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed", "completed"]
+
+
+async def test_a_resume_whose_index_re_check_meets_a_busy_shard_is_never_acknowledged_lost(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed case rests, still indexed. Its resume finds it in the run index (so adds
+    nothing), then the timer's tick, which saw it at rest, drops it and checks it before the
+    resume marks it running; the resume's look-up after its mark meets a busy shard.
+    Answered 202 then, the worker dying during the run would leave the case where the timer
+    never looks: the resume must not be acknowledged until the case is indexed."""
+    tracker = runtime.service._tracker
+    gate.fail_once.add("policy")
+    response = await client.post("/api/cases", json=escalated(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "failed"
+    assert case_id in await tracker.active_cases()
+
+    index, add = tracker._index, tracker._add_to_index
+    indexed_once = asyncio.Event()
+    timer_done = asyncio.Event()
+    busy = asyncio.Event()
+
+    async def index_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await index(indexed)
+        if indexed == case_id and not indexed_once.is_set():
+            indexed_once.set()
+            await timer_done.wait()
+        return indexed_at
+
+    async def busy_after_the_timer(added: str) -> str:
+        if added == case_id and timer_done.is_set() and not busy.is_set():
+            busy.set()
+            raise VersionConflict(f"index of {added}", 1, 2)
+        return await add(added)
+
+    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
+    monkeypatch.setattr(tracker, "_add_to_index", busy_after_the_timer)
+    gate.hold("policy")
+    resuming = asyncio.ensure_future(client.post(f"/api/cases/{case_id}/resume"))
+    await asyncio.wait_for(indexed_once.wait(), 30)
+    await runtime.service.resume_stale()  # the tick: the case rests, it leaves the index
+    timer_done.set()
+    answer = await resuming
+    assert busy.is_set()
+    if answer.status_code != 202:
+        # Refused, not acknowledged; the case was marked running (as a worker dying right
+        # after its mark leaves it): it reads stalled once its heartbeat is, and the
+        # client's resume then puts it back in the index first.
+        assert answer.status_code == 503, answer.text
+        assert "run index is busy" in answer.json()["error"]
+        assert not gate.reached["policy"].is_set()
+        await write_section(
+            runtime.store, case_id, RUN_SECTION, heartbeat_long_ago, agent_id=RUNNER_ID
+        )
+        answer = await client.post(f"/api/cases/{case_id}/resume")
+        assert answer.status_code == 202, answer.text
+    await asyncio.wait_for(gate.reached["policy"].wait(), 30)
+
+    # The worker driving the resumed run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
+    await until_idle(runtime, client, case_id)
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "awaiting_review"
 
 
 async def test_two_rollbacks_sent_at_once_while_the_case_awaits_review_are_both_applied(
@@ -575,17 +706,73 @@ async def test_a_case_submitted_while_the_timer_drops_it_is_resumed_after_a_cras
     registered = asyncio.Event()
     timer_done = asyncio.Event()
 
-    async def register_then_wait_for_the_timer(indexed: str) -> None:
-        await register(indexed)
+    async def register_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await register(indexed)
         if indexed == case_id and not registered.is_set():
             registered.set()
             await timer_done.wait()
+        return indexed_at
 
     monkeypatch.setattr(tracker, "register", register_then_wait_for_the_timer)
     gate.hold("billing")
     posting = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
     await asyncio.wait_for(registered.wait(), 30)
     await runtime.service.resume_stale()  # the tick: no record yet
+    timer_done.set()
+    assert (await posting).status_code == 202
+    await asyncio.wait_for(gate.reached["billing"].wait(), 30)
+
+    # The worker driving the first run dies; the timer resumes the case.
+    await resumed_after_its_worker_died(runtime, gate, case_id)
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed"]
+
+
+@pytest.mark.parametrize("slow", ["submit stuck past the stale period", "entry a dead submit left"])
+async def test_a_case_submitted_while_the_timer_drops_its_old_index_entry_is_resumed_after_a_crash(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    gate: StepGate,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    slow: str,
+) -> None:
+    """As above, with an index entry older than the stale period when the tick sees it
+    without a record, so the tick drops it as a dead submit's: the submit was stuck that
+    long before creating its case, or its case id's entry is one an earlier submit that
+    died before creating it left. The case created just after must still be found once
+    its worker dies."""
+    tracker = runtime.service._tracker
+    stale_after = timedelta(seconds=runtime.settings.case_stale_after_seconds)
+    if slow == "entry a dead submit left":
+        await tracker.register(case_id)
+
+        def long_ago(record: WorkflowRecord) -> object:
+            cases = dict(record.sections["cases"])
+            return {**cases, case_id: (utcnow() - 2 * stale_after).isoformat()}
+
+        await write_section(runtime.store, shard_of(case_id), "cases", long_ago, agent_id=RUNNER_ID)
+    register = tracker.register
+    registered = asyncio.Event()
+    timer_done = asyncio.Event()
+
+    async def register_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await register(indexed)
+        if indexed == case_id and not registered.is_set():
+            if slow == "submit stuck past the stale period":
+                # The clocks move on past the stale period while the submit waits.
+                ahead = stale_after + timedelta(seconds=1)
+                monkeypatch.setattr(runs_module, "utcnow", lambda: utcnow() + ahead)
+            registered.set()
+            await timer_done.wait()
+        return indexed_at
+
+    monkeypatch.setattr(tracker, "register", register_then_wait_for_the_timer)
+    gate.hold("billing")
+    posting = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(registered.wait(), 30)
+    report = await runtime.service.resume_stale()  # the tick: no record, indexed long ago
+    assert case_id not in report.skipped, report
     timer_done.set()
     assert (await posting).status_code == 202
     await asyncio.wait_for(gate.reached["billing"].wait(), 30)
