@@ -152,8 +152,9 @@ FLUSH_LOCKED_ATTEMPTS = 3
 # a checkpoint id made then (ids grow with time): a root newer than it is another
 # process having gone on.
 ROOT_UNKNOWN = "\0unknown"
-# How long closing an `open_sync` saver waits for the sync calls in flight on its loop
-# thread to finish before it closes the backends under them (then cancels the rest).
+# How long closing an `open_sync` saver waits for the sync calls at work on their callers'
+# threads, then for those in flight on its loop thread, to finish before it closes the
+# backends under them (then cancels the rest).
 CLOSE_WAIT_SECONDS = 5.0
 # Cosmos refuses a partition key value over 2 KB (the emulator does not): a thread id is
 # held to half that on every backend, so a thread works alike on each.
@@ -278,6 +279,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._written_through: set[str] = set()
         # Set as `open_sync` closes the saver: sync calls from other threads then fail.
         self._closed = False
+        # Sync calls at work on their callers' own threads (a cache hit, a write-behind
+        # append, a cold request without a hot tier, a hand-over to the loop thread): the
+        # close waits for them before the backends close, so none reconnects a closed
+        # client (a connection nothing would close) or hands over to a stopped loop.
+        self._callers = 0
+        self._callers_done = threading.Condition()
         # The sync calls running on the loop thread (loop-only), and whether closing has
         # begun there: `open_sync` lets them finish before it closes the backends, so none
         # runs on (and reconnects) a client already closed.
@@ -371,11 +378,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             try:
                 yield saver
             finally:
-                # First: a call from another thread now fails at once (`SaverClosed`). The
-                # calls in flight on the loop thread finish (or are cancelled, their callers
+                # First: a call from another thread now fails at once (`SaverClosed`), and
+                # those at work on their callers' threads finish. The calls in flight on
+                # the loop thread finish (or are cancelled, their callers
                 # get `SaverClosed`) before the backends close: none of them then meets a
                 # closed client, or opens a connection again that nothing would close.
-                saver._closed = True
+                saver._close_to_callers(CLOSE_WAIT_SECONDS)
                 try:
                     runner.run(saver._settle_in_flight(CLOSE_WAIT_SECONDS))
                 finally:
@@ -521,7 +529,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self._blocking_reads is None and self._blocking_store is None:
             return self._sync(self._get_tuple(config))
         # A hit (or, with no hot tier, the cold read) on this thread; else the loop thread.
-        self._refuse_on_loop()
+        with self._caller_call():
+            return self._get_tuple_here(config)
+
+    def _get_tuple_here(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, checkpoint_ns, checkpoint_id = _address(config)
         self._note_run_start(config, thread_id, checkpoint_ns, checkpoint_id)
         if checkpoint_id is None and self._chains.take_new(thread_id, checkpoint_ns):
@@ -562,7 +573,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 if len(batch) < SYNC_LIST_BATCH:
                     return
         finally:
-            self._sync(_close(found))
+            # Refused, the saver closed (this generator kept past that): its loop's
+            # shutdown closed `found` already.
+            with contextlib.suppress(SaverClosed):
+                self._sync(_close(found))
 
     def put(
         self,
@@ -571,20 +585,31 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
+        if self._blocking_store is None and self._blocking is None:
+            return self._sync(self._put(config, checkpoint, metadata, new_versions))
+        with self._caller_call():
+            return self._put_here(config, checkpoint, metadata, new_versions)
+
+    def _put_here(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """`put` on the caller's thread: to the cold tier without a hot one, else the
+        write-behind append."""
         if self._blocking_store is not None:
-            self._refuse_on_loop()
             put = self._prepared_put(config, checkpoint, metadata, new_versions)
             self._admit_blocking(put.stored.thread_id, put.fence)
             with self._closed_under_call():
                 self._blocking_store.put_checkpoint_blocking(put.stored, put.blobs)
             return self._put_done(put)
-        if self._blocking is None:
-            return self._sync(self._put(config, checkpoint, metadata, new_versions))
         # Write-behind: the append from this thread; the loop thread only for what needs
         # it (a boundary's flush, the cold write when Redis fails).
-        self._refuse_on_loop()
         put = self._prepared_put(config, checkpoint, metadata, new_versions)
         blocking = self._blocking
+        assert blocking is not None
 
         def append(parent_stored: bool) -> None:
             self._fenced_blocking(
@@ -622,8 +647,21 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
+        if self._blocking_store is None and self._blocking is None:
+            self._sync(self._put_writes(config, writes, task_id, task_path))
+            return
+        with self._caller_call():
+            self._put_writes_here(config, writes, task_id, task_path)
+
+    def _put_writes_here(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> None:
+        """`put_writes` on the caller's thread, as `_put_here`."""
         if self._blocking_store is not None:
-            self._refuse_on_loop()
             writes_put = self._prepared_writes(config, writes, task_id, task_path)
             try:
                 self._admit_blocking(writes_put.thread_id, writes_put.fence)
@@ -640,13 +678,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 raise
             self._writes_done(writes_put)
             return
-        if self._blocking is None:
-            self._sync(self._put_writes(config, writes, task_id, task_path))
-            return
-        self._refuse_on_loop()
         put = self._prepared_writes(config, writes, task_id, task_path)
         self._note_boundary(put)
         blocking = self._blocking
+        assert blocking is not None
         try:
             try:
                 self._fenced_blocking(
@@ -716,8 +751,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         tracked = self._tracked(coro)
         try:
-            self._refuse_on_loop()
-            call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
+            with self._caller_call():
+                call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
         except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
             tracked.close()
             coro.close()
@@ -756,6 +791,29 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+    @contextmanager
+    def _caller_call(self) -> Iterator[None]:
+        """Around a sync call's work on its caller's thread: refused once the saver is
+        closed (and from its loop), and waited for by the close."""
+        with self._callers_done:
+            self._refuse_on_loop()
+            self._callers += 1
+        try:
+            yield
+        finally:
+            with self._callers_done:
+                self._callers -= 1
+                if not self._callers:
+                    self._callers_done.notify_all()
+
+    def _close_to_callers(self, wait_seconds: float) -> None:
+        """As `open_sync` closes the saver, first: no sync call starts any more, those at
+        work on their callers' threads finish (within `wait_seconds`; bounded by the
+        clients' own timeouts, and the next hand-over of each is refused)."""
+        with self._callers_done:
+            self._closed = True
+            self._callers_done.wait_for(lambda: not self._callers, wait_seconds)
 
     @contextmanager
     def _closed_under_call(self) -> Iterator[None]:

@@ -5,6 +5,8 @@ calls opened outlives the close."""
 from __future__ import annotations
 
 import collections
+import gc
+import sys
 import threading
 import time
 import uuid
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from langgraph.checkpoint.base import CheckpointTuple
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
@@ -96,3 +99,77 @@ def test_calls_in_flight_at_close_end_as_saver_closed_and_leave_no_connection(
     finally:
         observer.close()
         server.stop()
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+def test_a_call_on_its_callers_thread_as_the_saver_closes_is_waited_for_and_reopens_nothing(
+    backend: str, mode: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A read answered on the caller's own thread (a cache hit) that had begun as the
+    saver closed: the close waits for it before it closes the clients, so the read does
+    not open a Redis connection again that nothing would close."""
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    observer = redis.Redis.from_url(server.url)
+    begun, closed = threading.Event(), threading.Event()
+    outcome: list[object] = []
+    try:
+        with TieredCheckpointSaver.open_sync(
+            _settings(stack_env, backend, mode, server.url)
+        ) as saver:
+            thread_id = f"close-{uuid.uuid4().hex[:12]}"
+            chat_graph(saver).invoke({"messages": ["hi"]}, _config(thread_id))
+            checked = saver._with_history
+
+            def held(*args: Any) -> bool:
+                # The call has begun: it waits here until the close is under way or done.
+                begun.set()
+                closed.wait(10)
+                return checked(*args)
+
+            saver._with_history = held  # type: ignore[method-assign]
+
+            def read() -> None:
+                try:
+                    outcome.append(saver.get_tuple(_config(thread_id)))
+                except Exception as exc:
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            assert begun.wait(10)
+            threading.Timer(0.5, closed.set).start()
+        closed.set()
+        reader.join(30)
+        assert not reader.is_alive()
+        time.sleep(0.2)  # the server notices closed sockets
+        clients = [c for c in observer.client_list() if c["cmd"] != "client|list"]
+        assert clients == [], f"connections outlived the close: {clients}"
+        assert len(outcome) == 1 and isinstance(outcome[0], CheckpointTuple), outcome
+    finally:
+        closed.set()
+        observer.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+def test_a_listing_left_part_read_past_the_close_is_dropped_quietly(
+    backend: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`saver.list` read in part and kept past the close: dropped later, it raises nothing
+    (Python would print it as ignored); the close closed what it read from."""
+    unraisable: list[sys.UnraisableHookArgs] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with TieredCheckpointSaver.open_sync(
+        _settings(stack_env, backend, "write-behind", stack_env["REDIS_URL"])
+    ) as saver:
+        graph = chat_graph(saver)
+        cfg = _config(f"close-{uuid.uuid4().hex[:12]}")
+        for _ in range(2):
+            graph.invoke({"messages": ["hi"]}, cfg)
+        listing = saver.list(cfg)
+        assert next(listing).checkpoint["channel_values"]["messages"]
+    del listing
+    gc.collect()
+    assert unraisable == []

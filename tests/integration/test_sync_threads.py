@@ -1,0 +1,140 @@
+"""The sync API as LangGraph programs call it from several Python threads at once
+(`open_sync`, both write modes, each cold backend): every thread's graph ends in the state,
+history and interrupts InMemorySaver gives the same calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from state.checkpoint import TieredCheckpointSaver
+from state.settings import Settings, WriteMode
+from tests.chat_graph import chat_graph
+from tests.integration.test_write_behind import settings_for
+
+WORKERS = 8
+
+
+def _settings(stack_env: dict[str, str], backend: str, mode: str) -> Settings:
+    return settings_for(stack_env, backend, stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": WriteMode(mode)}
+    )
+
+
+def _config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id}}
+
+
+def _conversation(saver: BaseCheckpointSaver[Any], thread_id: str) -> dict[str, Any]:
+    """Ask, resume, update, ask again: what a user sees of it (state, history, interrupts)."""
+    graph = chat_graph(saver, ask=True)
+    cfg = _config(thread_id)
+    paused = graph.invoke({"messages": ["hello"]}, cfg)
+    question = [i.value for i in paused["__interrupt__"]]
+    done = graph.invoke(Command(resume=True), cfg)
+    graph.update_state(cfg, {"messages": ["edited"]})
+    streamed = [list(chunk) for chunk in graph.stream({"messages": ["again"]}, cfg)]
+    state = graph.get_state(cfg)
+    history = list(graph.get_state_history(cfg))
+    return {
+        "question": question,
+        "done": done,
+        "streamed": streamed,
+        "values": state.values,
+        "next": state.next,
+        "interrupts": [i.value for i in state.interrupts],
+        "history": [
+            (
+                h.metadata["step"] if h.metadata else None,
+                h.metadata and h.metadata["source"],
+                h.next,
+            )
+            for h in history
+        ],
+        "history_values": [h.values for h in history],
+    }
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+def test_eight_threads_see_what_an_in_memory_saver_gives(
+    backend: str, mode: str, stack_env: dict[str, str]
+) -> None:
+    expected = _conversation(InMemorySaver(), "memory")
+    before = set(threading.enumerate())
+    with (
+        TieredCheckpointSaver.open_sync(_settings(stack_env, backend, mode)) as saver,
+        ThreadPoolExecutor(WORKERS) as pool,
+    ):
+        runs = [
+            pool.submit(_conversation, saver, f"sync-{uuid.uuid4().hex[:12]}")
+            for _ in range(WORKERS * 2)
+        ]
+        seen = [run.result(timeout=240) for run in runs]
+    for got in seen:
+        assert got == expected
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+def test_a_sync_call_from_inside_a_running_loop(
+    backend: str, mode: str, stack_env: dict[str, str]
+) -> None:
+    with TieredCheckpointSaver.open_sync(_settings(stack_env, backend, mode)) as saver:
+        graph = chat_graph(saver)
+        cfg = _config(f"sync-{uuid.uuid4().hex[:12]}")
+
+        async def inside() -> Any:
+            return graph.invoke({"messages": ["hi"]}, cfg)
+
+        done = asyncio.run(inside())
+        assert len(done["messages"]) == 5
+
+        async def on_saver_loop() -> Any:
+            return graph.get_state(cfg)
+
+        with pytest.raises(asyncio.InvalidStateError):
+            asyncio.run_coroutine_threadsafe(on_saver_loop(), saver.loop).result(30)
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
+def test_threads_invoking_one_thread_id(backend: str, mode: str, stack_env: dict[str, str]) -> None:
+    settings = _settings(stack_env, backend, mode)
+    thread_id = f"same-{uuid.uuid4().hex[:12]}"
+    cfg = _config(thread_id)
+    with (
+        TieredCheckpointSaver.open_sync(settings) as saver,
+        ThreadPoolExecutor(WORKERS) as pool,
+    ):
+        graph = chat_graph(saver)
+
+        def one(i: int) -> str:
+            try:
+                graph.invoke({"messages": [f"u{i}"]}, cfg)
+                return "ok"
+            except Exception as exc:
+                return f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+
+        outcomes = [c.result(timeout=240) for c in [pool.submit(one, i) for i in range(16)]]
+        state = graph.get_state(cfg)
+        history = list(graph.get_state_history(cfg))
+        saver.flush(thread_id)
+    print(outcomes)
+    with TieredCheckpointSaver.open_sync(settings.model_copy(update={"redis_url": None})) as cold:
+        cold_state = chat_graph(cold).get_state(cfg)
+        cold_history = list(chat_graph(cold).get_state_history(cfg))
+    assert cold_state.values == state.values
+    assert [h.config for h in cold_history] == [h.config for h in history]
+    assert all(o == "ok" or o.startswith("state.") for o in outcomes), outcomes
