@@ -231,12 +231,18 @@ class Flusher:
         With the hot tier unreachable there is nothing to flush from: a read goes on
         against the cold tier, which is what a reader can have; `strict` (before a change
         the backlog must not land after, as maintenance makes) raises instead.
+        `FlushLockBusy` is always raised: Redis answered, and the backlog newer than the
+        cold tier is in it (another flusher still applying it); the cold tier's older
+        state must not be read as the latest, nor a run go on from it (it would fork the
+        thread, its steps flushed after that backlog).
         """
         try:
             if pending is None:
                 pending = await self.log.pending(thread_id)
             if pending:
                 await self.flush_thread(thread_id)
+        except FlushLockBusy:
+            raise
         except BackendUnavailable as exc:
             if strict:
                 raise

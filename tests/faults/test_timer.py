@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from state.checkpoint import flusher as flusher_module
 from state.cold import postgres_retention
-from state.errors import BackendUnavailable
+from state.errors import BackendUnavailable, FlushLockBusy
 from state.settings import Settings
 from state.size import COMPRESSED_KEY
 from support_cases import maintenance
@@ -289,6 +289,58 @@ async def test_a_flush_lock_held_elsewhere_does_not_keep_the_tick_past_its_budge
     finally:
         if renewing is not None:
             renewing.cancel()
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+async def test_a_resume_past_a_flush_lock_held_elsewhere_fails_rather_than_fork_the_case(
+    settings_for: Callable[..., Settings],
+    fresh_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resume asked of a stalled case (not the timer's, which waits within its budget)
+    while another process holds the case's flush lock past the wait: the case's newest
+    checkpoint is in the write-behind log, not in the cold tier, so the resume fails with
+    `FlushLockBusy` (a 503 at the API) and writes nothing; going on from the cold tier's
+    older checkpoint, its run would fork the case's history."""
+    runtime = await Runtime.open(
+        settings_for(
+            "postgres",
+            postgres_url=fresh_postgres_url,
+            case_stale_after_seconds=60,
+            state_write_mode="write-behind",
+        )
+    )
+    try:
+        flusher = runtime.backends.flusher
+        assert flusher is not None
+        await flusher.stop()  # the backlog stays in the log
+        case_id = f"resume-locked-{uuid.uuid4().hex[:8]}"
+        await stale_case(runtime, case_id)
+        config = {"configurable": {"thread_id": case_id, "checkpoint_ns": ""}}
+        older = await runtime.saver.aput(config, empty_checkpoint(), {"step": -1}, {})
+        await runtime.saver.aflush(case_id)
+        newest = await runtime.saver.aput(older, empty_checkpoint(), {"step": 0}, {})
+        logged = len(await flusher.log.read(case_id, count=1000))
+        monkeypatch.setattr(flusher_module, "LOCK_WAIT_SECONDS", 0.3, raising=True)
+
+        elsewhere = flusher_module.Flusher(flusher.log, flusher.store, lock_ttl_ms=2_000)
+        async with elsewhere.holding(case_id):
+            with pytest.raises(FlushLockBusy):
+                await runtime.service.resume(case_id)
+        # Nothing of a run went into the log, nor any step onto the older checkpoint.
+        assert len(await flusher.log.read(case_id, count=1000)) == logged
+        await runtime.saver.aflush(case_id)
+        children: dict[str | None, list[str]] = {}
+        async for stored in flusher.store.list_checkpoints(
+            thread_id=case_id, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
+        ):
+            children.setdefault(stored.parent_checkpoint_id, []).append(stored.checkpoint_id)
+        assert children == {
+            None: [older["configurable"]["checkpoint_id"]],
+            older["configurable"]["checkpoint_id"]: [newest["configurable"]["checkpoint_id"]],
+        }
+    finally:
         await runtime.service.wait_idle()
         await runtime.close()
 

@@ -25,6 +25,7 @@ from state.checkpoint.flusher import Flusher
 from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import (
     BackendUnavailable,
+    FlushLockBusy,
     RequestRejected,
     StaleFencingToken,
     UnsupportedSchemaVersion,
@@ -498,6 +499,68 @@ async def test_operations_across_threads_wait_for_a_flush_another_flusher_has_in
         assert latest is not None and latest.metadata.get("run_id") == first
     else:
         assert len(found or []) == CHECKPOINTS_PER_INVOKE
+
+
+async def test_a_read_past_a_flush_lock_held_elsewhere_fails_rather_than_fork_the_thread(
+    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the thread's flush lock (renewed: its flush of a long backlog
+    goes on) past a cold read's wait. Redis answered, so the thread's newest checkpoints
+    are in its log, not in the cold tier: the read, and a run going on from it, fail with
+    `FlushLockBusy` rather than answer the cold tier's older state. Going on from that
+    state, a run would write a second child of an older checkpoint and its steps, flushed
+    after the backlog, would become the thread's latest without the acknowledged run."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["a"]}, cfg)
+    await tiers.saver.aflush(thread_id)
+    await graph.ainvoke({"messages": ["b"]}, cfg, durability="async")
+    hot = await tiers.saver.aget_tuple(cfg)
+    assert hot is not None
+    newest = hot.config["configurable"]["checkpoint_id"]
+    cold_before = await cold_latest_id(tiers, thread_id)
+    assert cold_before != newest
+    entries_before = len(await tiers.flusher.log.read(thread_id, count=1000))
+    monkeypatch.setattr(flusher_module, "LOCK_WAIT_SECONDS", 0.3, raising=True)
+
+    elsewhere = Flusher(
+        RedisWriteBehindLog(tiers.redis, tiers.cache), tiers.store, lock_ttl_ms=2_000
+    )
+    async with elsewhere.holding(thread_id):
+        # A run about to go on from the cold tier's copy (the case app's `fresh`).
+        with pytest.raises(FlushLockBusy):
+            await tiers.saver.arefresh(thread_id)
+        # A cache miss (the copy evicted, or dropped by a refresh), and a listing.
+        await tiers.cache.invalidate(thread_id)
+        with pytest.raises(FlushLockBusy):
+            await tiers.saver.aget_tuple(cfg)
+        with pytest.raises(FlushLockBusy):
+            await graph.aget_state(cfg)
+        with pytest.raises(FlushLockBusy):
+            await listed(tiers.saver.alist(cfg))
+        with pytest.raises(FlushLockBusy):
+            await graph.ainvoke({"messages": ["c"]}, cfg, durability="async")
+    # The run wrote nothing: no step of it waits in the log to be flushed.
+    assert len(await tiers.flusher.log.read(thread_id, count=1000)) == entries_before
+    assert await cold_latest_id(tiers, thread_id) == cold_before
+
+    # Once the lock is free, the run goes on from the newest checkpoint: one chain.
+    await graph.ainvoke({"messages": ["c"]}, cfg, durability="async")
+    await tiers.saver.aflush(thread_id)
+    children: dict[str | None, list[str]] = {}
+    async for stored in tiers.store.list_checkpoints(
+        thread_id=thread_id, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
+    ):
+        children.setdefault(stored.parent_checkpoint_id, []).append(stored.checkpoint_id)
+    assert all(len(ids) == 1 for ids in children.values()), children
+    latest = await tiers.saver.aget_tuple(cfg)
+    assert latest is not None
+    assert [m for m in latest.checkpoint["channel_values"]["messages"] if len(m) == 1] == [
+        "a",
+        "b",
+        "c",
+    ]
 
 
 async def test_a_batch_held_up_past_a_lost_lock_cannot_bring_a_deleted_thread_back(
