@@ -30,8 +30,10 @@ from state.ports import (
 )
 from tests.support.fakes import MemoryCheckpointCache, MemoryCheckpointStore, MemoryWriteBehindLog
 
-# Short, so a lease that is not renewed runs out within a test.
-LOCK_TTL_MS = 60
+# Short, so a lease that is not renewed runs out within a test; long enough that a loop
+# held up by a loaded machine (CI's two workers and their servers) still renews in time
+# (at 60 ms, one renewal missed by 40 ms failed a run).
+LOCK_TTL_MS = 240
 
 
 def checkpoint(thread_id: str, n: int) -> StoredCheckpoint:
