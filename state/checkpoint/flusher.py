@@ -29,8 +29,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (
     BackendUnavailable,
@@ -152,12 +153,29 @@ class _Lease:
                 )
         finally:
             if not self.lost:
-                try:
-                    await self._log.unlock_thread(self.thread_id, self.token)
-                except BackendUnavailable as exc:
-                    # What this flusher applied is in the cold tier either way: a boundary
-                    # must not fail for an unlock, and the lock lapses within its TTL.
-                    log.warning("flush lock of %r left to expire: %s", self.thread_id, exc)
+                # Shielded: a caller cancelled meanwhile would otherwise leave the lock to
+                # hold the thread's next flush up for its TTL.
+                await asyncio.shield(_finishing(_unlock(self._log, self.thread_id, self.token)))
+
+
+# Unlocks a cancelled caller left running: the event loop references its tasks weakly.
+_unlocking: set[asyncio.Task[None]] = set()
+
+
+def _finishing(unlock: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.ensure_future(unlock)
+    _unlocking.add(task)
+    task.add_done_callback(_unlocking.discard)
+    return task
+
+
+async def _unlock(log_: WriteBehindLog, thread_id: str, token: str) -> None:
+    try:
+        await log_.unlock_thread(thread_id, token)
+    except BackendUnavailable as exc:
+        # What this flusher applied is in the cold tier either way: a boundary must not
+        # fail for an unlock, and the lock lapses within its TTL.
+        log.warning("flush lock of %r left to expire: %s", thread_id, exc)
 
 
 @dataclass(frozen=True)
@@ -364,11 +382,32 @@ class Flusher:
         async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
             yield lease.fence
 
+    async def _lock(self, thread_id: str) -> str | None:
+        """The thread's flush lock's token, if it was free. Cancelled meanwhile, the caller
+        stops at once, but the lock script may run all the same (its reply lost): a lock
+        it took is released as soon as it answers, not left to hold the thread's next
+        flush up for its TTL."""
+        locking = asyncio.ensure_future(self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms))
+        try:
+            return await asyncio.shield(locking)
+        except asyncio.CancelledError:
+            locking.add_done_callback(lambda done: self._unlock_late(thread_id, done))
+            raise
+
+    def _unlock_late(self, thread_id: str, locking: asyncio.Future[str | None]) -> None:
+        if locking.cancelled():
+            return
+        if (exc := locking.exception()) is not None:
+            log.warning("flush lock of %r not taken: %s", thread_id, exc)
+            return
+        if (token := locking.result()) is not None:
+            _finishing(_unlock(self.log, thread_id, token))
+
     @contextlib.asynccontextmanager
     async def _holding(self, thread_id: str, deadline: float) -> AsyncIterator[_Lease]:
         while True:
             asked_at = time.monotonic()
-            token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
+            token = await self._lock(thread_id)
             if token is not None:
                 break
             if time.monotonic() > deadline:
@@ -473,7 +512,7 @@ class Flusher:
             if _past(deadline):
                 return None
             asked_at = time.monotonic()
-            token = await self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms)
+            token = await self._lock(thread_id)
             if token is None:
                 return None
             lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)

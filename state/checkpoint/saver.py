@@ -971,9 +971,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = put.stored.thread_id
         if self.flusher is None:
             await self._admit(thread_id, put.fence, hot=True)
-            await self._put_through(put)
-            if self.cache is not None:
-                await self.cache.advance(put.stored, put.blobs)
+            try:
+                await self._put_through(put)
+                if self.cache is not None:
+                    await self.cache.advance(put.stored, put.blobs)
+            except BaseException:
+                # Cancelled or failed, the cold write may have landed all the same (its
+                # reply lost): the hot copy, still showing the parent, must not be served.
+                self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
+                raise
         else:
             log = self.flusher.log
 
@@ -1351,17 +1357,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._note_boundary(put)
         if self.flusher is None:
             await self._admit(put.thread_id, put.fence, hot=True)
-            await self.store.put_writes(
-                put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
-            )
-            if self.cache is not None:
-                await self.cache.add_writes(
+            try:
+                await self.store.put_writes(
                     put.thread_id,
                     put.checkpoint_ns,
                     put.checkpoint_id,
                     put.writes,
                     upsert=put.upsert,
                 )
+                if self.cache is not None:
+                    await self.cache.add_writes(
+                        put.thread_id,
+                        put.checkpoint_ns,
+                        put.checkpoint_id,
+                        put.writes,
+                        upsert=put.upsert,
+                    )
+            except BaseException:
+                # As a put's: the hot copy may lack writes the cold tier holds.
+                self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
+                raise
             return
         log = self.flusher.log
         try:

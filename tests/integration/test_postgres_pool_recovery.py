@@ -206,3 +206,33 @@ async def test_a_write_waiting_on_a_lock_when_cut_off_is_ended_by_the_server(
             await blocker.close()
             proxy.restore()
             await pg.close()
+
+
+async def test_calls_cancelled_while_dead_connections_are_replaced_leave_every_slot_usable(
+    pg: PostgresConnection, fresh_postgres_url: str
+) -> None:
+    """A call cancelled at any await while it passes over the dead connections (a client
+    gone, a run's timeout) returns its pool slot: the pool can still lend all of them."""
+    store = PostgresStateStore(pg)
+    await store.create("t-1", {"a": 1}, agent_id="test")
+    # Loop turns first (the awaits that do not wait on the server), then delays.
+    cancel_points = [(turns, 0.0) for turns in range(8)]
+    cancel_points += [(0, 0.0005 * 1.5**power) for power in range(20)]
+    finished = False
+    for turns, delay in cancel_points:
+        await _hold_all(pg)
+        _terminate_backends(fresh_postgres_url)
+        await asyncio.sleep(0.2)
+        call = asyncio.create_task(store.get("t-1"))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await asyncio.sleep(delay)
+        finished = call.done()
+        call.cancel()
+        await asyncio.wait([call])
+        await asyncio.wait_for(_hold_all(pg), 5)  # a slot lost would time the pool out
+        if finished:
+            break
+    assert finished
+    pool = await pg.pool()
+    assert pool.get_stats()["pool_size"] <= POOL_SIZE
