@@ -11,7 +11,6 @@ expire nothing: the local emulator would not show it if it did).
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ from state.hot.redis_store import RedisHotStore
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.models import CaseStatus
-from tests.support.cosmos import drop_container, partition_of
+from tests.support.cosmos import drop_container, next_second, partition_of
 
 from .apps import open_runtime, review_case, submission
 from .conftest import Recorder
@@ -96,7 +95,7 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
         redis_url=redis_server().url,
     )
     suffix = uuid.uuid4().hex[:8]
-    waiting, done = f"ret-review-{suffix}", f"ret-done-{suffix}"
+    waiting, done, idle = f"ret-review-{suffix}", f"ret-done-{suffix}", f"ret-idle-{suffix}"
     try:
         async with open_runtime(settings) as app:
             service, backends = app.runtime.service, app.runtime.backends
@@ -111,13 +110,22 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
             waiting_left = len(await partition_of(settings, waiting))
             kept = await backends.checkpoints.get_checkpoint(waiting, "", None) is not None
             done_left = await items_but_fence(settings, done)
+            # A thread last written a second before the review's writes (and past the
+            # first sweep's cutoff): the sweep at the case's TTL takes it and keeps the
+            # case. The app's own threads the review writes (run index shards) land in
+            # whichever seconds the run takes, so the sweep's count alone says nothing.
+            await next_second(first)
+            await backends.cold.create(idle, {}, agent_id="retention-test")
+            await next_second(await last_write(settings, idle))
             # Kept means usable: the review resumes the case, which ends the hold.
-            await asyncio.sleep(max(0.0, first + 1.05 - time.time()))  # writes past `first`
             decided = await app.decide(waiting, "approve", "retention-reviewer")
             await service.wait_idle()
             final = (await service.status(waiting)).status
             last = await last_write(settings, waiting)
-            kept_early = await backends.retention.sweep(limit=100, now=last + COLD_TTL)
+            decided_items = await items_but_fence(settings, waiting)
+            swept_early = await backends.retention.sweep(limit=100, now=last + COLD_TTL)
+            kept_early = await items_but_fence(settings, waiting)
+            idle_left = await items_but_fence(settings, idle)
             swept_after = await backends.retention.sweep(limit=100, now=last + COLD_TTL + 1)
             decided_left = await items_but_fence(settings, waiting)
         connection = CosmosConnection(settings.cosmos)
@@ -138,8 +146,10 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
             f"deleted {swept} threads (the app's own among them): waiting case {waiting_left}/{waiting_items} items "
             f"kept, completed case {done_left}/{done_items} left (but its flush fence, which "
             "goes a TTL later); after the review "
-            f"({final.value}) kept at its TTL ({kept_early} swept), deleted 1 s later "
-            f"({swept_after} swept with the app's threads, {decided_left} items left)",
+            f"({final.value}) kept at its TTL ({kept_early}/{decided_items} items; "
+            f"{swept_early} swept, a thread idle 1 s longer among them, {idle_left} of its "
+            f"items left), deleted 1 s later ({swept_after} swept with the app's threads, "
+            f"{decided_left} items left)",
         )
         assert default_ttl == -1
         # Besides the completed case: the app's own threads (run index shards, provider
@@ -147,7 +157,8 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
         assert swept >= 1 and done_left == 0
         assert kept and waiting_left == waiting_items
         assert decided.accepted and final is CaseStatus.COMPLETED
-        assert kept_early == 0 and swept_after >= 1 and decided_left == 0
+        assert kept_early == decided_items > 0 and swept_early >= 1 and idle_left == 0
+        assert swept_after >= 1 and decided_left == 0
     finally:
         await drop_container(settings)
 

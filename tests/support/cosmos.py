@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +36,11 @@ async def partition_of(settings: Settings, thread_id: str) -> list[dict[str, Any
         return await partition(connection, thread_id)
     finally:
         await connection.close()
+
+
+async def next_second(ts: int) -> None:
+    """Wait until the server's `_ts` of a new write is past `ts` (it counts whole seconds)."""
+    await asyncio.sleep(max(0.0, ts + 1.05 - time.time()))
 
 
 async def drop_container(settings: Settings) -> None:
