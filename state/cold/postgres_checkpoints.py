@@ -426,7 +426,8 @@ SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
 # its parent row when the delete starts would commit after the delete's snapshot and
 # survive it, its parent gone. Taken in a statement of its own before the delete's, so the
 # delete waits for such a put and then deletes its checkpoint; a put arriving later waits
-# for the delete and finds its parent gone. Key order, as LOCK_RUN_THREADS_SQL.
+# for the delete and finds its parent gone. Key order, as LOCK_RUN_THREADS_SQL. (The
+# retention sweep tries it instead: postgres_retention.LOCK_EXPIRED_SQL.)
 LOCK_THREADS_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
     SELECT DISTINCT hashtext(thread_id) AS key FROM unnest(%(thread_ids)s::text[]) AS thread_id

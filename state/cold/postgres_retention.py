@@ -25,7 +25,10 @@ Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for
 the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
 Threads with checkpoints alone have no record to lock: two sweepers may both find
-one, and only the one whose delete removed it counts it.
+one, and only the one whose delete removed it counts it. Before deleting, the sweep
+tries each thread's maintenance lock (the one delete_thread takes and a write-through
+put shares, `LOCK_EXPIRED_SQL`) and spares a thread whose lock is held: a put under way
+is never deleted from under, nor survives the delete its parent gone.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from ..size import ARCHIVE_SEPARATOR
-from .postgres_checkpoints import RAISE_FENCE_SQL
+from .postgres_checkpoints import RAISE_FENCE_SQL, THREAD_MAINTENANCE_LOCK
 from .postgres_client import CountedConnection, PostgresConnection
 
 # Threads per transaction: keeps each sweep's locks and WAL burst small.
@@ -98,6 +101,19 @@ WHERE {_IS_ARCHIVE.format(thread_id="r.thread_id")}
 ORDER BY r.updated_at
 LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
+"""
+
+# Of the threads found expired, those whose maintenance lock (THREAD_MAINTENANCE_LOCK, as
+# delete_thread takes it) this sweep takes: a write-through put holding its parent row
+# (`PARENT_KEPT_CTE`, the lock shared) would commit after the delete's snapshot and bring
+# the thread back as one checkpoint whose parent is gone. The others are spared (a thread
+# being written is not idle). A statement of its own, before the second look: a put that
+# committed before it is seen there; one arriving later waits for the sweep, then finds
+# its parent gone. Tried, never waited for: the sweep holds records and fences by now, and
+# a fenced delete_thread holding the lock waits for its fence row (a cycle).
+LOCK_EXPIRED_SQL = f"""
+SELECT t.thread_id FROM unnest(%(thread_ids)s::text[]) AS t(thread_id)
+WHERE pg_try_advisory_xact_lock({THREAD_MAINTENANCE_LOCK}, hashtext(t.thread_id))
 """
 
 # Of the threads found expired, those still expired now: asked again once their records are
@@ -224,9 +240,8 @@ class PostgresRetention:
                         )
             still: list[str] = []
             if expired:
-                still = await _thread_ids(
-                    conn, STILL_EXPIRED_SQL, {**params, "thread_ids": expired}
-                )
+                locked = await _thread_ids(conn, LOCK_EXPIRED_SQL, {"thread_ids": expired})
+                still = await _thread_ids(conn, STILL_EXPIRED_SQL, {**params, "thread_ids": locked})
             doomed: list[str] = []
             for thread_id in expired:
                 if thread_id in still and (deleting is None or await deleting(thread_id)):

@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -33,9 +35,25 @@ from state.cold import cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
 from state.cold.postgres_checkpoints import THREAD_MAINTENANCE_LOCK
-from state.errors import BackendUnavailable, StateError, ThreadExpiring, WorkflowNotFound
+from state.errors import (
+    BackendUnavailable,
+    ParentGone,
+    StaleFencingToken,
+    StateError,
+    ThreadExpiring,
+    VersionConflict,
+    WorkflowNotFound,
+)
 from state.factory import Backends, backends_for
-from state.ports import ColdRetention, StoredBlob, StoredCheckpoint, StoredWrite
+from state.ports import (
+    CheckpointPut,
+    ColdRetention,
+    FlushOp,
+    StoredBlob,
+    StoredCheckpoint,
+    StoredWrite,
+    WritesPut,
+)
 from state.settings import Settings
 from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
@@ -1443,3 +1461,184 @@ async def test_a_thread_the_sweep_spares_takes_appends_before_the_sweep_ends(
         found = await backends.checkpoints.get_checkpoint(spared[0], "", None)
         assert found is not None
         assert found.checkpoint_id == heads[0]["configurable"]["checkpoint_id"]
+
+
+async def pg_checkpoint_parents(backends: Backends, thread_id: str) -> dict[str, str | None]:
+    """The thread's checkpoints, each with its parent's id."""
+    rows = await pg_execute(
+        backends,
+        "SELECT checkpoint_id, parent_checkpoint_id FROM cp_checkpoints WHERE thread_id = %s",
+        (thread_id,),
+    )
+    return {str(row[0]): row[1] for row in rows}
+
+
+async def test_postgres_a_put_holding_its_parent_as_the_sweep_deletes_never_outlives_the_thread(
+    open_cold: Open,
+) -> None:
+    """A write-through put of a thread idle for a whole TTL locks its parent row just as
+    the sweep deletes the thread: the sweep leaves the thread being written alone (it is
+    not idle), never deletes the parent under the put, which would then commit after the
+    delete's snapshot and bring the thread back as one checkpoint whose parent is gone. The
+    put is held after its parent's lock by a blob of the same key another transaction
+    inserted and has not committed (its insert waits for that one's outcome)."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("written-as-swept")
+        await backends.checkpoints.put_checkpoint(step(thread_id, 1, {}), [])
+        await backdate(backends, thread_id)
+        url = backends.settings.postgres_url
+        assert url is not None
+        async with await psycopg.AsyncConnection.connect(url.get_secret_value()) as holder:
+            await holder.execute(
+                "INSERT INTO cp_blobs (thread_id, checkpoint_ns, channel, version, type, blob,"
+                " schema_version) VALUES (%s, '', 'messages', '2', 'json', '[0]', 1)",
+                (thread_id,),
+            )
+            put = asyncio.ensure_future(
+                backends.checkpoints.put_checkpoint(
+                    step(thread_id, 2, {"messages": "2"}),
+                    [StoredBlob("messages", "2", ("json", b"[2]"))],
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not put.done()  # its parent locked, its blob waiting for the holder
+            sweep = asyncio.ensure_future(backends.retention.sweep(limit=100))
+            await asyncio.sleep(0.3)
+            await holder.rollback()
+        await asyncio.wait_for(put, timeout=5)
+        swept = await asyncio.wait_for(sweep, timeout=5)
+        parents = await pg_checkpoint_parents(backends, thread_id)
+        assert parents == {checkpoint_id(1): None, checkpoint_id(2): checkpoint_id(1)}, parents
+        assert swept == 0
+
+        # Idle a TTL again, it goes whole; a put after that finds its parent gone.
+        await backdate(backends, thread_id)
+        assert await backends.retention.sweep(limit=100) == 1
+        assert await pg_checkpoint_parents(backends, thread_id) == {}
+        with pytest.raises(ParentGone):
+            await backends.checkpoints.put_checkpoint(step(thread_id, 3, {}), [])
+
+
+async def test_postgres_a_sweep_meeting_a_delete_of_one_of_its_threads_spares_it_without_deadlock(
+    open_cold: Open,
+) -> None:
+    """A fenced delete_thread starts once the sweep has raised the thread's fence: it
+    takes the thread's maintenance lock, then waits for the fence row. The sweep only
+    tries that lock (waiting for it would close a cycle: 40P01), spares the thread and
+    deletes the other; the delete then goes on. Neither fails, and the sweep's next batch
+    takes what the delete left of the thread (its record)."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        deleted, other = unique_thread("deleted-meanwhile"), unique_thread("expired")
+        for thread_id in (deleted, other):  # in this order: the sweep finds them so
+            await seed(backends, thread_id)
+        await backdate(backends, deleted, other)
+        token = int(time.time() * 1_000_000)
+        delete: list[asyncio.Task[None]] = []
+
+        async def expiring(thread_id: str) -> int:
+            if thread_id == other:  # the first one's fence raised
+                delete.append(
+                    asyncio.ensure_future(
+                        backends.checkpoints.delete_thread(deleted, fence=token + 1)
+                    )
+                )
+                await asyncio.sleep(0.3)
+                assert not delete[0].done()  # its lock taken, waiting for the fence row
+            return token
+
+        swept = await backends.retention.sweep(limit=100, expiring=expiring)
+        assert delete, "the sweep found the threads in another order"
+        await asyncio.wait_for(delete[0], timeout=5)
+        # The record delete_thread leaves (checkpoints only) goes with the sweep's next batch.
+        assert swept == 2
+        for thread_id in (deleted, other):
+            assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0), thread_id
+
+
+def _deadlocked(error: BaseException) -> bool:
+    """Whether Postgres broke a deadlock by failing this call (SQLSTATE 40P01)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, psycopg.Error) and cause.sqlstate == "40P01":
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _flushed_step(thread_id: str) -> list[FlushOp]:
+    """A write-behind batch: a pending write of step 1 and a step whose parent is step 1
+    (another id than the write-through step 2: unguarded, it checks no parent)."""
+    return [
+        WritesPut(
+            thread_id,
+            "",
+            checkpoint_id(1),
+            [StoredWrite("t", "", 0, "c", ("json", b"[1]"))],
+            upsert=True,
+        ),
+        CheckpointPut(replace(step(thread_id, 2, {}), checkpoint_id=checkpoint_id(3)), []),
+    ]
+
+
+def _fencing(token: int) -> Callable[[str], Awaitable[int]]:
+    """A sweep's `expiring`: every thread's fence raised to `token`."""
+
+    async def expiring(thread_id: str) -> int:
+        return token
+
+    return expiring
+
+
+async def _after(pause: float, call: Coroutine[Any, Any, Any]) -> Any:
+    await asyncio.sleep(pause)
+    return await call
+
+
+async def test_postgres_a_sweep_racing_the_writes_and_deletes_of_its_threads_never_deadlocks(
+    open_cold: Open,
+) -> None:
+    """The sweep (fences raised, as under the flush lock) runs at once with what else
+    locks the same expired threads: write-through puts (the maintenance lock shared, then
+    the parent row), fenced write-behind batches (the fence row, then the rows), record
+    writes (the record row), delete_thread and prune (the maintenance lock, then the fence
+    row, then the rows), each started after a random pause. No call fails on a deadlock,
+    none fails but as its contract says, and no thread is left with a checkpoint whose
+    parent is gone."""
+    rng = random.Random(8842)
+    expected = (ParentGone, StaleFencingToken, VersionConflict, WorkflowNotFound)
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        cold, checkpoints = backends.cold, backends.checkpoints
+        for _ in range(30):
+            threads = [unique_thread("racing") for _ in range(4)]
+            for thread_id in threads:
+                await cold.create(thread_id, {"n": 0}, agent_id="seed")
+                await checkpoints.put_checkpoint(step(thread_id, 1, {}), [])
+            await backdate(backends, *threads)
+            # Flush lock tokens are in microseconds (the sweep drops a fence a TTL old):
+            # the sweep's and the delete's locks are newer than a batch's (it lost its lock).
+            token = int(time.time() * 1_000_000)
+            calls: list[Coroutine[Any, Any, Any]] = [
+                backends.retention.sweep(limit=100, expiring=_fencing(token)),
+                checkpoints.delete_thread(threads[0], fence=token + 1),
+                checkpoints.prune(threads[1:2], strategy="delete"),
+            ]
+            for thread_id in threads:
+                calls += [
+                    checkpoints.put_checkpoint(step(thread_id, 2, {}), []),
+                    cold.update_section(thread_id, "n", 1, expected_version=1, agent_id="run"),
+                ]
+                if thread_id != threads[1]:  # a batch after a delete unfenced is stored
+                    batch = _flushed_step(thread_id)
+                    calls.append(
+                        checkpoints.apply_batch(batch, fence=token - rng.randint(1, 10**6))
+                    )
+            results = await asyncio.gather(
+                *(_after(rng.uniform(0, 0.02), call) for call in calls), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert not [e for e in errors if _deadlocked(e)], errors
+            assert all(isinstance(e, expected) for e in errors), errors
+            for thread_id in threads:
+                parents = await pg_checkpoint_parents(backends, thread_id)
+                orphans = {c: p for c, p in parents.items() if p is not None and p not in parents}
+                assert not orphans, (threads.index(thread_id), parents)
