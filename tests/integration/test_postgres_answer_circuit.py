@@ -11,10 +11,18 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
+from state.cold import circuit
 from state.cold.postgres_client import PostgresConnection
 from state.errors import BackendUnavailable, NoAnswer
 from state.settings import Settings
 from tests.faults.proxy import LoopbackProxy
+
+
+def _open_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The circuit's open window starts as the silent call fails; on a loaded machine the
+    teardown of its broken connection outlasted the 1 s window once, and the next call was
+    let through as a probe instead of refused (what these tests check)."""
+    monkeypatch.setattr(circuit, "OPEN_SECONDS", 30.0)
 
 
 def _pg(stack_env: dict[str, str], timeout: float) -> PostgresConnection:
@@ -69,11 +77,12 @@ def test_a_sync_call_past_its_time_whose_statements_answered_opens_no_circuit(
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["one statement", "pipelined"])
 async def test_a_silent_server_opens_the_circuit_for_an_async_call(
-    stack_env: dict[str, str], pipelined: bool
+    stack_env: dict[str, str], pipelined: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Behind a blackholed link the kernel still takes what a client sends, as for a
     paused server: a pipeline (how several statements are written) flushing its queue
     heard nothing, so the call that got no answer opens the circuit like any other."""
+    _open_long(monkeypatch)
     with LoopbackProxy(_port(stack_env)) as proxy:
         pg = _pg({"POSTGRES_URL": _through(stack_env, proxy)}, 1.0)
         try:
@@ -99,8 +108,9 @@ async def test_a_silent_server_opens_the_circuit_for_an_async_call(
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["one statement", "pipelined"])
 def test_a_silent_server_opens_the_circuit_for_a_sync_call(
-    stack_env: dict[str, str], pipelined: bool
+    stack_env: dict[str, str], pipelined: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _open_long(monkeypatch)
     with LoopbackProxy(_port(stack_env)) as proxy:
         pg = _pg({"POSTGRES_URL": _through(stack_env, proxy)}, 1.0)
         try:
