@@ -67,7 +67,7 @@ class LoopbackProxy:
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        self._call(self._cut("reset"))
+        self._call(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
@@ -104,6 +104,15 @@ class LoopbackProxy:
                 _reset(writer)
                 self.stats.reset += 1
             self._writers.clear()
+
+    async def _shutdown(self) -> None:
+        """Reset, then end every connection's task while the loop still runs: left pending,
+        their `finally` ran at garbage collection against the closed loop (a warning)."""
+        await self._cut("reset")
+        serving = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
 
     async def _restore(self) -> None:
         if self._mode == "blackhole":
