@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -285,12 +285,20 @@ class RunTracker:
         return waiting
 
     async def enqueue(
-        self, case_id: str, entry: dict[str, Any], strategy: FollowUpStrategy, *, agent_id: str
+        self,
+        case_id: str,
+        entry: dict[str, Any],
+        strategy: FollowUpStrategy,
+        *,
+        agent_id: str,
+        queued_now: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Queue a follow-up's run (FIFO; an interrupt or rollback goes before plain queued
         runs and asks the current run to stop). Returns the stored entry and whether it was
         there already (an idempotent replay). Raises `RunIndexBusy` when the run index is
-        busy (the run may be queued: a replay indexes the case and starts it)."""
+        busy (the run may be queued: a replay indexes the case and starts it).
+        `queued_now` is awaited once the run is queued, not on a replay, before the index
+        re-check that may raise: the run is queued either way."""
         stored: dict[str, Any] = entry
         replayed = False
 
@@ -340,6 +348,8 @@ class RunTracker:
         await self._index(case_id)
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
         if not replayed:
+            if queued_now is not None:
+                await queued_now()
             # Again: a tick that saw the case at rest may have dropped it since the index
             # above and checked its record before the run was queued (`forget`). A busy index
             # raises `RunIndexBusy` (503) rather than acknowledge a run the timer may never

@@ -696,9 +696,23 @@ class CaseService:
                 text=message.text,
                 strategy=strategy,
             )
+
+            async def queued_now() -> None:
+                # Before the run index's re-check: a busy shard refuses the request (503)
+                # with the run queued, and the client's retry is a replay, which tells
+                # nothing.
+                await self._events.publish(
+                    case_id,
+                    "run_queued",
+                    run_id=entry["run_id"],
+                    kind="message",
+                    strategy=strategy.value,
+                    text=message.text,
+                )
+
             try:
                 stored, replayed = await self._tracker.enqueue(
-                    case_id, entry, strategy, agent_id=API_AGENT_ID
+                    case_id, entry, strategy, agent_id=API_AGENT_ID, queued_now=queued_now
                 )
             except (RunInProgress, QueueFull) as refused:
                 raise CaseConflict(str(refused)) from None
@@ -715,14 +729,6 @@ class CaseService:
                     await self._start_queued(case_id)
                 view = run_view(stored)
                 return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
-            await self._events.publish(
-                case_id,
-                "run_queued",
-                run_id=entry["run_id"],
-                kind="message",
-                strategy=strategy.value,
-                text=message.text,
-            )
             if (task := await self._start_queued(case_id)) is not None:
                 await asyncio.wait({task}, timeout=self._sync_wait)
             view = await self._run_view(case_id, entry["run_id"])

@@ -434,6 +434,9 @@ SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
     ORDER BY key OFFSET 0
 ) AS t
 """
+# Threads a prune that deletes locks and deletes per transaction: the lock table holds
+# max_locks_per_transaction (64 by default) per server connection, shared by all.
+PRUNE_DELETE_BATCH = 500
 
 # A write-through put goes on from its parent only if the parent is still stored and not
 # spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
@@ -980,9 +983,13 @@ class PostgresCheckpointStore:
             return
         self._chunker.forget(thread_ids)
         if strategy == "delete":
-            async with self._pg.transaction("prune") as conn:
-                await _lock_threads(conn, thread_ids)
-                await conn.execute(DELETE_THREADS_SQL, {"thread_ids": list(thread_ids)})
+            # A transaction per batch: each thread's lock takes a slot of the server's lock
+            # table, which one transaction locking a large prune's every thread exhausted.
+            for start in range(0, len(thread_ids), PRUNE_DELETE_BATCH):
+                batch = list(thread_ids[start : start + PRUNE_DELETE_BATCH])
+                async with self._pg.transaction("prune") as conn:
+                    await _lock_threads(conn, batch)
+                    await conn.execute(DELETE_THREADS_SQL, {"thread_ids": batch})
             return
         async with self._pg.transaction("prune") as conn:
             cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": list(thread_ids)})

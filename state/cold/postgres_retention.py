@@ -28,7 +28,9 @@ Threads with checkpoints alone have no record to lock: two sweepers may both fin
 one, and only the one whose delete removed it counts it. Before deleting, the sweep
 tries each thread's maintenance lock (the one delete_thread takes and a write-through
 put shares, `LOCK_EXPIRED_SQL`) and spares a thread whose lock is held: a put under way
-is never deleted from under, nor survives the delete its parent gone.
+is never deleted from under, nor survives the delete its parent gone. A thread a batch
+spares (`spared`) is not looked at again by the sweep's next batches, though it may
+still read expired.
 """
 
 from __future__ import annotations
@@ -201,9 +203,19 @@ class PostgresRetention:
         if self._ttl_seconds < 0:
             return 0
         swept = 0
+        # Spared by this sweep's batches: still expired (`deleting` said no), the next batch
+        # would list one again, and forgetting it again (`expiring`) would refuse its run's
+        # appends anew.
+        kept: list[str] = []
+
+        async def keep(thread_id: str) -> None:
+            kept.append(thread_id)
+            if spared is not None:
+                await spared(thread_id)
+
         while swept < limit and (deadline is None or time.monotonic() < deadline):
             deleted = await self._sweep_batch(
-                min(SWEEP_BATCH, limit - swept), now, expiring, list(spare), deleting, spared
+                min(SWEEP_BATCH, limit - swept), now, expiring, [*spare, *kept], deleting, keep
             )
             if not deleted:
                 break
@@ -219,7 +231,7 @@ class PostgresRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None,
         spare: list[str],
         deleting: Callable[[str], Awaitable[bool]] | None,
-        spared: Callable[[str], Awaitable[None]] | None,
+        spared: Callable[[str], Awaitable[None]],
     ) -> int:
         params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
@@ -246,7 +258,7 @@ class PostgresRetention:
             for thread_id in expired:
                 if thread_id in still and (deleting is None or await deleting(thread_id)):
                     doomed.append(thread_id)
-                elif spared is not None:
+                else:
                     await spared(thread_id)
             if not doomed:
                 return 0

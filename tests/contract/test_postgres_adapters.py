@@ -1075,3 +1075,19 @@ async def test_after_a_server_restart_no_call_sees_the_dead_connections(
         await pg.close()
         await asyncio.to_thread(server.stop)
         server.remove_data()
+
+
+async def test_a_prune_that_deletes_many_threads_at_once_is_not_refused(
+    checkpoints: PostgresCheckpointStore,
+) -> None:
+    """A prune ("delete") of more threads than one transaction may lock (the server's lock
+    table holds max_locks_per_transaction per connection): each thread's maintenance lock
+    taken in one transaction ran out of shared memory, where the delete alone did not."""
+    kept, pruned = unique_thread("kept"), unique_thread("pruned")
+    first = _ids(1)[0]
+    for thread in (kept, pruned):
+        await checkpoints.put_checkpoint(_checkpoint(thread, first), [])
+    many = [pruned, *(f"{pruned}-{n}" for n in range(40_000))]
+    await checkpoints.prune(many, strategy="delete")
+    assert [c.checkpoint_id async for c in _list(checkpoints, pruned)] == []
+    assert [c.checkpoint_id async for c in _list(checkpoints, kept)] == [first]

@@ -1525,8 +1525,8 @@ async def test_postgres_a_sweep_meeting_a_delete_of_one_of_its_threads_spares_it
     """A fenced delete_thread starts once the sweep has raised the thread's fence: it
     takes the thread's maintenance lock, then waits for the fence row. The sweep only
     tries that lock (waiting for it would close a cycle: 40P01), spares the thread and
-    deletes the other; the delete then goes on. Neither fails, and the sweep's next batch
-    takes what the delete left of the thread (its record)."""
+    deletes the other; the delete then goes on. Neither fails, and the next sweep takes
+    what the delete left of the thread (its record)."""
     async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
         deleted, other = unique_thread("deleted-meanwhile"), unique_thread("expired")
         for thread_id in (deleted, other):  # in this order: the sweep finds them so
@@ -1549,8 +1549,10 @@ async def test_postgres_a_sweep_meeting_a_delete_of_one_of_its_threads_spares_it
         swept = await backends.retention.sweep(limit=100, expiring=expiring)
         assert delete, "the sweep found the threads in another order"
         await asyncio.wait_for(delete[0], timeout=5)
-        # The record delete_thread leaves (checkpoints only) goes with the sweep's next batch.
-        assert swept == 2
+        assert swept == 1
+        # The record delete_thread leaves (checkpoints only) goes with the next sweep (a
+        # thread one batch spared is not taken up again by the same sweep).
+        assert await backends.retention.sweep(limit=100) == 1
         for thread_id in (deleted, other):
             assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0), thread_id
 
@@ -1642,3 +1644,55 @@ async def test_postgres_a_sweep_racing_the_writes_and_deletes_of_its_threads_nev
                 parents = await pg_checkpoint_parents(backends, thread_id)
                 orphans = {c: p for c, p in parents.items() if p is not None and p not in parents}
                 assert not orphans, (threads.index(thread_id), parents)
+
+
+async def test_postgres_a_thread_spared_in_one_batch_is_not_forgotten_again_by_the_next(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep of several batches: the oldest expired thread is spared in the first (its
+    run's step is still in the log), and still reads expired. The next batches must not
+    forget it again: that took its flush lock and refused its run's appends
+    (`ThreadExpiring`) anew, each batch, while the sweep went on with the others."""
+    monkeypatch.setattr(postgres_retention, "SWEEP_BATCH", 2)
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        assert backends.flusher is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        configs = [await expiring_thread(backends, saver) for _ in range(3)]
+        threads = [config["configurable"]["thread_id"] for config in configs]
+        await backdate(backends, *threads)
+        # The first the sweep lists: the oldest record.
+        await pg_execute(
+            backends,
+            "UPDATE workflow_records SET updated_at = updated_at - interval '1 hour'"
+            " WHERE thread_id = %s",
+            (threads[0],),
+        )
+        await backends.flusher.stop()  # the spared thread's steps stay in the log
+        resumed, at = threads[0], configs[0]
+        puts: list[str] = []
+        decided: list[str] = []
+
+        async def expiring(thread_id: str) -> None:
+            nonlocal at
+            if thread_id == resumed and not puts:
+                # Its run goes on: a step acknowledged, not flushed (the sweep spares it).
+                at = await saver.aput(at, empty_checkpoint(), {"step": 1}, {})
+                puts.append("before")
+            elif thread_id != resumed and decided:
+                # Spared already, while the sweep goes on: the run's next step is taken.
+                at = await saver.aput(at, empty_checkpoint(), {"step": len(puts) + 1}, {})
+                puts.append(thread_id)
+
+        async def spared(thread_id: str) -> None:
+            decided.append(thread_id)
+
+        assert await backends.retention.sweep(limit=100, expiring=expiring, spared=spared) == 2
+        assert decided == [resumed], "looked at again after it was spared"
+        # The one the second batch looked at (both backdated alike: either order).
+        assert puts[0] == "before" and len(puts) == 2 and puts[1] in threads[1:]
+        await saver.aflush(resumed)
+        found = await backends.checkpoints.get_checkpoint(resumed, "", None)
+        assert found is not None
+        assert found.checkpoint_id == at["configurable"]["checkpoint_id"]

@@ -781,3 +781,43 @@ async def test_a_case_submitted_while_the_timer_drops_its_old_index_entry_is_res
     await resumed_after_its_worker_died(runtime, gate, case_id)
     runs = await until_idle(runtime, client, case_id)
     assert [r["status"] for r in runs] == ["completed"]
+
+
+async def test_a_follow_up_refused_for_a_busy_index_after_queueing_is_told_as_queued_once(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The follow-up's run is queued, then its index re-check meets a busy shard: 503, and
+    the client's retry replays it (and starts it). Its events still tell it was queued, as
+    for any run: the refused request published nothing, and a replay used to publish nothing
+    either."""
+    tracker = runtime.service._tracker
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+
+    add = tracker._add_to_index
+    calls: list[str] = []
+
+    async def busy_on_the_re_check(added: str) -> str:
+        if added == case_id:
+            calls.append(added)
+            if len(calls) == 2:  # the look-up after the run was queued
+                raise VersionConflict(f"index of {added}", 1, 2)
+        return await add(added)
+
+    monkeypatch.setattr(tracker, "_add_to_index", busy_on_the_re_check)
+    key = {"Idempotency-Key": f"{case_id}-follow-up"}
+    message = {"text": INVOICE}
+    refused = await client.post(f"/api/cases/{case_id}/messages", json=message, headers=key)
+    assert refused.status_code == 503, refused.text
+    answer = await client.post(f"/api/cases/{case_id}/messages", json=message, headers=key)
+    assert answer.status_code in (200, 202), answer.text
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed", "completed"]
+    events = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
+    kinds = [frame.event for frame in sse_frames(events.text.splitlines())]
+    assert kinds.count("run_started") == 2
+    assert kinds.count("run_queued") == 2, kinds
