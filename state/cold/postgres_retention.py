@@ -214,10 +214,13 @@ class PostgresRetention:
                 await spared(thread_id)
 
         while swept < limit and (deadline is None or time.monotonic() < deadline):
-            deleted = await self._sweep_batch(
+            found, deleted = await self._sweep_batch(
                 min(SWEEP_BATCH, limit - swept), now, expiring, [*spare, *kept], deleting, keep
             )
-            if not deleted:
+            # Until a batch finds none: one whose threads were all spared (kept out of the
+            # next batches) must not end the sweep, or a batch's worth of threads that are
+            # spared every time would keep every thread behind them from expiring.
+            if not found:
                 break
             swept += deleted
         async with self._pg.connection("sweep") as conn:
@@ -232,7 +235,8 @@ class PostgresRetention:
         spare: list[str],
         deleting: Callable[[str], Awaitable[bool]] | None,
         spared: Callable[[str], Awaitable[None]],
-    ) -> int:
+    ) -> tuple[int, int]:
+        """How many expired threads the batch found, and how many it deleted."""
         params: dict[str, int | float | list[str] | None] = {
             "ttl": self._ttl_seconds,
             "limit": limit,
@@ -261,10 +265,10 @@ class PostgresRetention:
                 else:
                     await spared(thread_id)
             if not doomed:
-                return 0
+                return len(expired), 0
             cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": doomed})
             row = await cursor.fetchone()
-        return int(row["deleted"]) if row else 0
+        return len(expired), int(row["deleted"]) if row else 0
 
 
 async def _expired(

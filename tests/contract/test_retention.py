@@ -1696,3 +1696,36 @@ async def test_postgres_a_thread_spared_in_one_batch_is_not_forgotten_again_by_t
         found = await backends.checkpoints.get_checkpoint(resumed, "", None)
         assert found is not None
         assert found.checkpoint_id == at["configurable"]["checkpoint_id"]
+
+
+async def test_postgres_a_batch_of_spared_threads_does_not_end_the_sweep(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oldest expired threads fill a batch and are spared (`deleting` says no, as for
+    a backlog no flusher can apply): the sweep goes on to the next batch. Ending there
+    kept the threads behind them from ever expiring, each sweep finding the same ones
+    first."""
+    monkeypatch.setattr(postgres_retention, "SWEEP_BATCH", 2)
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        kept = [unique_thread("kept"), unique_thread("kept")]
+        for thread_id in kept:
+            await seed(backends, thread_id)
+        await backdate(backends, *kept)
+        await pg_execute(  # the first batch: the oldest records
+            backends,
+            "UPDATE workflow_records SET updated_at = updated_at - interval '1 hour'"
+            " WHERE thread_id = ANY(%s)",
+            (kept,),
+        )
+
+        async def deleting(thread_id: str) -> bool:
+            return thread_id not in kept
+
+        for _ in range(2):  # every sweep alike, not only the first
+            behind = unique_thread("behind")
+            await seed(backends, behind)
+            await backdate(backends, behind)
+            assert await backends.retention.sweep(limit=100, deleting=deleting) == 1
+            assert await pg_rows(backends, behind) == dict.fromkeys(PG_TABLES, 0)
+        for thread_id in kept:
+            assert await pg_rows(backends, thread_id) != dict.fromkeys(PG_TABLES, 0)
