@@ -14,9 +14,10 @@ of a deleted run spared so is marked (`spared`): the thread's next delete_for_ru
 dooms it again, so once the checkpoints that needed it go too, it goes with them
 instead of becoming the thread's latest state again.
 
-Not safe against a writer of the same thread running meanwhile (a put in
-flight may name a document this pass removes), nor against two of these passes
-on one thread at once (two delete_for_runs may each keep what the other
+Removing is not safe against a writer of the same thread running meanwhile (a put
+in flight may name a document this pass removes); a copy is (it copies the
+checkpoints the source held before its first pass). Nor are removals safe against
+two of them on one thread at once (two delete_for_runs may each keep what the other
 deletes, where Postgres takes them in turn): the app prunes and deletes threads
 whose runs have stopped, under the case's run guard.
 """
@@ -117,6 +118,11 @@ class CheckpointMaintenance:
         held = await self._ids(target_thread_id)
         kept = set(held)
         holders = {doc_id for doc_id, kind in held.items() if kind != layout.CHECKPOINT}
+        # The source's checkpoints as they stand before the first pass: only those are
+        # copied as checkpoints. One a writer stored after it (a write-through step, which
+        # no flush lock holds off) may name values or writes that pass did not see.
+        source = await self._ids(source_thread_id)
+        listed = {doc_id for doc_id, kind in source.items() if kind == layout.CHECKPOINT}
         # Everything but checkpoints first, then the checkpoints as values holders,
         # then as checkpoints: a checkpoint appears only once all it names is there.
         await self._copy(
@@ -136,8 +142,9 @@ class CheckpointMaintenance:
                 else moved(doc)
             ),
             kept,
+            only=listed,
         )
-        await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept - holders)
+        await self._copy(source_thread_id, [layout.CHECKPOINT], moved, kept - holders, only=listed)
         self._forget(target_thread_id)
 
     async def _ids(self, thread_id: str) -> dict[str, str]:
@@ -158,14 +165,25 @@ class CheckpointMaintenance:
         types: list[str],
         change: Callable[[Doc], Doc],
         kept: set[str],
+        *,
+        only: set[str] | None = None,
     ) -> None:
+        """The source's documents of `types` the target does not hold (`kept`); with `only`,
+        its checkpoints only those of that set."""
         async for page in self._io.pages(
             "SELECT * FROM c WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@types, c.type)",
             {"@thread": source_thread_id, "@types": types},
             partition=source_thread_id,
             page_size=DELETE_BATCH,
         ):
-            await self._io.upsert_all([change(doc) for doc in page if doc["id"] not in kept])
+            await self._io.upsert_all(
+                [
+                    change(doc)
+                    for doc in page
+                    if doc["id"] not in kept
+                    and (only is None or doc["type"] != layout.CHECKPOINT or doc["id"] in only)
+                ]
+            )
 
     async def _remove(
         self,

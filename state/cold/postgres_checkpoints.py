@@ -434,9 +434,9 @@ SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
     ORDER BY key OFFSET 0
 ) AS t
 """
-# Threads a prune that deletes locks and deletes per transaction: the lock table holds
+# Threads a prune locks and prunes per transaction: the lock table holds
 # max_locks_per_transaction (64 by default) per server connection, shared by all.
-PRUNE_DELETE_BATCH = 500
+PRUNE_BATCH = 500
 
 # A write-through put goes on from its parent only if the parent is still stored and not
 # spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
@@ -982,20 +982,24 @@ class PostgresCheckpointStore:
         if not thread_ids:
             return
         self._chunker.forget(thread_ids)
-        if strategy == "delete":
-            # A transaction per batch: each thread's lock takes a slot of the server's lock
-            # table, which one transaction locking a large prune's every thread exhausted.
-            for start in range(0, len(thread_ids), PRUNE_DELETE_BATCH):
-                batch = list(thread_ids[start : start + PRUNE_DELETE_BATCH])
-                async with self._pg.transaction("prune") as conn:
-                    await _lock_threads(conn, batch)
+        # A transaction per batch: each thread's lock takes a slot of the server's lock
+        # table, which one transaction locking a large prune's every thread exhausted.
+        for start in range(0, len(thread_ids), PRUNE_BATCH):
+            batch = list(thread_ids[start : start + PRUNE_BATCH])
+            async with self._pg.transaction("prune") as conn:
+                # The lock every put of a child shares: a step in flight is waited for, and
+                # the statements after the lock see it; a later one waits for the commit.
+                # Deleting whole threads, such a step would survive its parent; keeping the
+                # latest, it would lose the chunks it added between the chunk collection's
+                # statements (manifests, then the delete).
+                await _lock_threads(conn, batch)
+                if strategy == "delete":
                     await conn.execute(DELETE_THREADS_SQL, {"thread_ids": batch})
-            return
-        async with self._pg.transaction("prune") as conn:
-            cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": list(thread_ids)})
-            deleted = await cursor.fetchall()
-            await _delete_dependents(conn, deleted)
-            await _collect_chunks(conn, {row["thread_id"] for row in deleted})
+                    continue
+                cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": batch})
+                deleted = await cursor.fetchall()
+                await _delete_dependents(conn, deleted)
+                await _collect_chunks(conn, {row["thread_id"] for row in deleted})
 
     async def close(self) -> None:
         """The shared connection is closed by whoever opened it (the backend factory)."""

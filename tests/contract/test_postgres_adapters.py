@@ -52,6 +52,7 @@ from state.ports import (
     CheckpointStore,
     ColdStateStore,
     FlushOp,
+    PruneStrategy,
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
@@ -1077,17 +1078,20 @@ async def test_after_a_server_restart_no_call_sees_the_dead_connections(
         server.remove_data()
 
 
-async def test_a_prune_that_deletes_many_threads_at_once_is_not_refused(
-    checkpoints: PostgresCheckpointStore,
+@pytest.mark.parametrize("strategy", ["delete", "keep_latest"])
+async def test_a_prune_of_many_threads_at_once_is_not_refused(
+    checkpoints: PostgresCheckpointStore, strategy: PruneStrategy
 ) -> None:
-    """A prune ("delete") of more threads than one transaction may lock (the server's lock
-    table holds max_locks_per_transaction per connection): each thread's maintenance lock
-    taken in one transaction ran out of shared memory, where the delete alone did not."""
+    """A prune of more threads than one transaction may lock (the server's lock table
+    holds max_locks_per_transaction per connection): each thread's maintenance lock taken
+    in one transaction ran out of shared memory, where the prune alone did not."""
     kept, pruned = unique_thread("kept"), unique_thread("pruned")
-    first = _ids(1)[0]
+    first, second = _ids(2)
     for thread in (kept, pruned):
         await checkpoints.put_checkpoint(_checkpoint(thread, first), [])
+    await checkpoints.put_checkpoint(_checkpoint(pruned, second, parent=first), [])
     many = [pruned, *(f"{pruned}-{n}" for n in range(40_000))]
-    await checkpoints.prune(many, strategy="delete")
-    assert [c.checkpoint_id async for c in _list(checkpoints, pruned)] == []
+    await checkpoints.prune(many, strategy=strategy)
+    left = [c.checkpoint_id async for c in _list(checkpoints, pruned)]
+    assert left == ([] if strategy == "delete" else [second])
     assert [c.checkpoint_id async for c in _list(checkpoints, kept)] == [first]

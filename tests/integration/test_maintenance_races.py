@@ -276,6 +276,49 @@ async def test_a_cosmos_copy_while_the_source_flushes_is_a_state_the_source_had(
         assert copied.values == source.values
 
 
+@pytest.mark.parametrize("after_pass", [1, 2])
+async def test_a_write_through_cosmos_copy_while_the_source_steps_is_a_state_the_source_had(
+    after_pass: int, stack_env: dict[str, str]
+) -> None:
+    """Write-through, no flush lock to hold the run off: a step of the source stored
+    between two of the copy's passes must not be copied without its values or writes."""
+    async with tiers_for(stack_env, "cosmos") as tiers:
+        saver = TieredCheckpointSaver(tiers.store)
+        graph = delta_graph(saver, message="m" * 64)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(7):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
+        copy_pass = maintenance._copy
+        passes = 0
+        late = LateStep(graph, saver, cfg)
+
+        async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
+            nonlocal passes
+            await copy_pass(*args, **kwargs)
+            passes += 1
+            if passes == after_pass:
+                await late.start()
+
+        maintenance._copy = copy_one_pass
+        target = config("race-copy")
+        try:
+            await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
+        finally:
+            maintenance._copy = copy_pass
+        await late.done()
+        copied = await graph.aget_state(target)
+        at = copied.config["configurable"]["checkpoint_id"]
+        source = await graph.aget_state(
+            {"configurable": {"thread_id": thread_id, "checkpoint_id": at}}
+        )
+        assert copied.values == source.values
+        async for state in graph.aget_state_history(target):  # every parent copied too
+            if state.parent_config is not None:
+                assert await saver.aget_tuple(state.parent_config) is not None
+
+
 @pytest.mark.parametrize("kind", ["chat", "delta"])
 async def test_a_cosmos_prune_while_the_run_flushes_keeps_its_latest_readable(
     kind: str, stack_env: dict[str, str]
@@ -350,6 +393,47 @@ async def test_a_postgres_prune_while_the_run_flushes_keeps_its_latest_readable(
             assert (
                 await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
             ).values == (want)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_write_through_postgres_prune_while_the_run_steps_keeps_its_latest_readable(
+    cached: bool, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-through, no flush lock to hold the run off: a step committed between the
+    chunk collector's statements (manifests, chunks, delete) must not lose the chunks it
+    added. The prune takes the thread's maintenance lock, which every put of a child
+    shares, so the step waits for the prune."""
+    from state.cold import postgres_checkpoints
+
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = TieredCheckpointSaver(tiers.store, tiers.cache if cached else None)
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        late = LateStep(graph, saver, cfg)
+        collect_chunks = postgres_checkpoints._collect_chunks
+
+        async def collect(conn: Any, threads: Any) -> Any:
+            class StepAfterManifests:
+                async def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
+                    if sql is postgres_checkpoints.CHUNK_NODES_SQL:
+                        await late.start()
+                    return await conn.execute(sql, *args, **kwargs)
+
+            return await collect_chunks(StepAfterManifests(), threads)
+
+        monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect)
+        await saver.aprune([thread_id], strategy="keep_latest")
+        monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect_chunks)
+        await asyncio.wait_for(late.done(), timeout=10)
+        want = (await graph.aget_state(cfg)).values
+        assert "user late" in want["messages"]  # the step was acknowledged: it is kept
+        async with tiers_for(stack_env, "postgres") as other:
+            assert (
+                await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
+            ).values == want
 
 
 @pytest.mark.parametrize("mode", ["write-behind", "write-through"])
