@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +35,7 @@ from support_cases import runs as runs_module
 from support_cases.demo import demo_case
 from support_cases.effects import idempotency_key
 from support_cases.records import write_section
-from support_cases.runs import RUN_SECTION, RUNNER_ID, shard_of, utcnow
+from support_cases.runs import RUN_SECTION, RUNNER_ID, RunTracker, shard_of, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RESULT_SECTIONS, RunProgress, case_config, run_lock_name
 from support_cases.settings import AppSettings
@@ -506,25 +507,14 @@ async def test_a_follow_up_queued_while_the_timer_drops_its_case_is_resumed_afte
     await until_idle(runtime, client, case_id)
     assert case_id in await tracker.active_cases()
 
-    index = tracker._index
-    indexed_once = asyncio.Event()
-    timer_done = asyncio.Event()
-
-    async def index_then_wait_for_the_timer(indexed: str) -> str:
-        indexed_at = await index(indexed)
-        if indexed == case_id and not indexed_once.is_set():
-            indexed_once.set()
-            await timer_done.wait()
-        return indexed_at
-
-    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
+    race = hold_the_index_for_a_tick(tracker, case_id, monkeypatch, busy_after=False)
     gate.hold("billing")
     posting = asyncio.ensure_future(
         client.post(f"/api/cases/{case_id}/messages", json={"text": CHARGED_AND_LOCKED})
     )
-    await asyncio.wait_for(indexed_once.wait(), 30)
+    await asyncio.wait_for(race.indexed.wait(), 30)
     await runtime.service.resume_stale()  # the tick: the case rests, it leaves the index
-    timer_done.set()
+    race.ticked.set()
     assert (await posting).status_code == 202
     await asyncio.wait_for(gate.reached["billing"].wait(), 30)
 
@@ -550,37 +540,18 @@ async def test_a_follow_up_whose_index_re_check_meets_a_busy_shard_is_never_ackn
     assert response.status_code in (201, 202), response.text
     await until_idle(runtime, client, case_id)
 
-    index, add = tracker._index, tracker._add_to_index
-    indexed_once = asyncio.Event()
-    timer_done = asyncio.Event()
-
-    async def index_then_wait_for_the_timer(indexed: str) -> str:
-        indexed_at = await index(indexed)
-        if indexed == case_id and not indexed_once.is_set():
-            indexed_once.set()
-            await timer_done.wait()
-        return indexed_at
-
-    async def busy_after_the_timer(added: str) -> str:
-        if added == case_id and timer_done.is_set() and not busy.is_set():
-            busy.set()
-            raise VersionConflict(f"index of {added}", 1, 2)
-        return await add(added)
-
-    busy = asyncio.Event()
-    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
-    monkeypatch.setattr(tracker, "_add_to_index", busy_after_the_timer)
+    race = hold_the_index_for_a_tick(tracker, case_id, monkeypatch, busy_after=True)
     gate.hold("billing")
     key = {"Idempotency-Key": f"{case_id}-follow-up"}
     message = {"text": CHARGED_AND_LOCKED}
     posting = asyncio.ensure_future(
         client.post(f"/api/cases/{case_id}/messages", json=message, headers=key)
     )
-    await asyncio.wait_for(indexed_once.wait(), 30)
+    await asyncio.wait_for(race.indexed.wait(), 30)
     await runtime.service.resume_stale()  # the tick: the case rests, it leaves the index
-    timer_done.set()
+    race.ticked.set()
     answer = await posting
-    assert busy.is_set()
+    assert race.busy.is_set()
     if answer.status_code != 202:
         # Refused, not acknowledged: the client sends the message again.
         assert answer.status_code == 503, answer.text
@@ -615,33 +586,14 @@ async def test_a_resume_whose_index_re_check_meets_a_busy_shard_is_never_acknowl
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "failed"
     assert case_id in await tracker.active_cases()
 
-    index, add = tracker._index, tracker._add_to_index
-    indexed_once = asyncio.Event()
-    timer_done = asyncio.Event()
-    busy = asyncio.Event()
-
-    async def index_then_wait_for_the_timer(indexed: str) -> str:
-        indexed_at = await index(indexed)
-        if indexed == case_id and not indexed_once.is_set():
-            indexed_once.set()
-            await timer_done.wait()
-        return indexed_at
-
-    async def busy_after_the_timer(added: str) -> str:
-        if added == case_id and timer_done.is_set() and not busy.is_set():
-            busy.set()
-            raise VersionConflict(f"index of {added}", 1, 2)
-        return await add(added)
-
-    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
-    monkeypatch.setattr(tracker, "_add_to_index", busy_after_the_timer)
+    race = hold_the_index_for_a_tick(tracker, case_id, monkeypatch, busy_after=True)
     gate.hold("policy")
     resuming = asyncio.ensure_future(client.post(f"/api/cases/{case_id}/resume"))
-    await asyncio.wait_for(indexed_once.wait(), 30)
+    await asyncio.wait_for(race.indexed.wait(), 30)
     await runtime.service.resume_stale()  # the tick: the case rests, it leaves the index
-    timer_done.set()
+    race.ticked.set()
     answer = await resuming
-    assert busy.is_set()
+    assert race.busy.is_set()
     if answer.status_code != 202:
         # Refused, not acknowledged; the case was marked running (as a worker dying right
         # after its mark leaves it): it reads stalled once its heartbeat is, and the
@@ -821,3 +773,41 @@ async def test_a_follow_up_refused_for_a_busy_index_after_queueing_is_told_as_qu
     kinds = [frame.event for frame in sse_frames(events.text.splitlines())]
     assert kinds.count("run_started") == 2
     assert kinds.count("run_queued") == 2, kinds
+
+
+@dataclass
+class IndexRace:
+    """`indexed`: the request looked its case up in the run index (and waits); the test
+    runs the timer's tick, then sets `ticked`; `busy`: the case's next index write after
+    the tick met a busy shard (once)."""
+
+    indexed: asyncio.Event
+    ticked: asyncio.Event
+    busy: asyncio.Event
+
+
+def hold_the_index_for_a_tick(
+    tracker: RunTracker, case_id: str, monkeypatch: pytest.MonkeyPatch, *, busy_after: bool
+) -> IndexRace:
+    """The case's first index look-up waits for the test's tick; with `busy_after`, its
+    next index write after the tick meets a busy shard."""
+    index, add = tracker._index, tracker._add_to_index
+    race = IndexRace(asyncio.Event(), asyncio.Event(), asyncio.Event())
+
+    async def index_then_wait_for_the_timer(indexed: str) -> str:
+        indexed_at = await index(indexed)
+        if indexed == case_id and not race.indexed.is_set():
+            race.indexed.set()
+            await race.ticked.wait()
+        return indexed_at
+
+    async def busy_after_the_timer(added: str) -> str:
+        if added == case_id and race.ticked.is_set() and not race.busy.is_set():
+            race.busy.set()
+            raise VersionConflict(f"index of {added}", 1, 2)
+        return await add(added)
+
+    monkeypatch.setattr(tracker, "_index", index_then_wait_for_the_timer)
+    if busy_after:
+        monkeypatch.setattr(tracker, "_add_to_index", busy_after_the_timer)
+    return race

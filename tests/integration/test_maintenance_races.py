@@ -242,38 +242,7 @@ async def test_a_cosmos_copy_while_the_source_flushes_is_a_state_the_source_had(
     """Cosmos copies a thread in passes (values and writes, holders, checkpoints): a step
     of the source flushed between two of them must not be copied without its writes."""
     async with tiers_for(stack_env, "cosmos") as tiers:
-        saver = tiers.saver
-        graph = delta_graph(saver, message="m" * 64)
-        cfg = config()
-        thread_id = cfg["configurable"]["thread_id"]
-        for n in range(7):
-            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
-        await saver.aflush(thread_id)
-        maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
-        copy_pass = maintenance._copy
-        passes = 0
-        late = LateStep(graph, saver, cfg)
-
-        async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
-            nonlocal passes
-            await copy_pass(*args, **kwargs)
-            passes += 1
-            if passes == after_pass:
-                await late.start()
-
-        maintenance._copy = copy_one_pass
-        target = config("race-copy")
-        try:
-            await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
-        finally:
-            maintenance._copy = copy_pass
-        await late.done()
-        copied = await graph.aget_state(target)
-        at = copied.config["configurable"]["checkpoint_id"]
-        source = await graph.aget_state(
-            {"configurable": {"thread_id": thread_id, "checkpoint_id": at}}
-        )
-        assert copied.values == source.values
+        await _copy_with_a_step_after_pass(tiers, tiers.saver, after_pass, flushed=True)
 
 
 @pytest.mark.parametrize("after_pass", [1, 2])
@@ -284,39 +253,47 @@ async def test_a_write_through_cosmos_copy_while_the_source_steps_is_a_state_the
     between two of the copy's passes must not be copied without its values or writes."""
     async with tiers_for(stack_env, "cosmos") as tiers:
         saver = TieredCheckpointSaver(tiers.store)
-        graph = delta_graph(saver, message="m" * 64)
-        cfg = config()
-        thread_id = cfg["configurable"]["thread_id"]
-        for n in range(7):
-            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
-        maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
-        copy_pass = maintenance._copy
-        passes = 0
-        late = LateStep(graph, saver, cfg)
+        await _copy_with_a_step_after_pass(tiers, saver, after_pass, flushed=False)
 
-        async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
-            nonlocal passes
-            await copy_pass(*args, **kwargs)
-            passes += 1
-            if passes == after_pass:
-                await late.start()
 
-        maintenance._copy = copy_one_pass
-        target = config("race-copy")
-        try:
-            await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
-        finally:
-            maintenance._copy = copy_pass
-        await late.done()
-        copied = await graph.aget_state(target)
-        at = copied.config["configurable"]["checkpoint_id"]
-        source = await graph.aget_state(
-            {"configurable": {"thread_id": thread_id, "checkpoint_id": at}}
-        )
-        assert copied.values == source.values
-        async for state in graph.aget_state_history(target):  # every parent copied too
-            if state.parent_config is not None:
-                assert await saver.aget_tuple(state.parent_config) is not None
+async def _copy_with_a_step_after_pass(
+    tiers: WriteBehind, saver: TieredCheckpointSaver, after_pass: int, *, flushed: bool
+) -> None:
+    """A DeltaChannel thread copied while a step of its run is stored after the copy's
+    pass `after_pass`: the copy is a state the source had, every parent copied too."""
+    graph = delta_graph(saver, message="m" * 64)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    for n in range(7):
+        await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+    if flushed:
+        await saver.aflush(thread_id)
+    maintenance = tiers.store._maintenance  # type: ignore[attr-defined]
+    copy_pass = maintenance._copy
+    passes = 0
+    late = LateStep(graph, saver, cfg)
+
+    async def copy_one_pass(*args: Any, **kwargs: Any) -> None:
+        nonlocal passes
+        await copy_pass(*args, **kwargs)
+        passes += 1
+        if passes == after_pass:
+            await late.start()
+
+    maintenance._copy = copy_one_pass
+    target = config("race-copy")
+    try:
+        await saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
+    finally:
+        maintenance._copy = copy_pass
+    await late.done()
+    copied = await graph.aget_state(target)
+    at = copied.config["configurable"]["checkpoint_id"]
+    source = await graph.aget_state({"configurable": {"thread_id": thread_id, "checkpoint_id": at}})
+    assert copied.values == source.values
+    async for state in graph.aget_state_history(target):  # every parent copied too
+        if state.parent_config is not None:
+            assert await saver.aget_tuple(state.parent_config) is not None
 
 
 @pytest.mark.parametrize("kind", ["chat", "delta"])
