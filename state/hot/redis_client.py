@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -83,10 +84,11 @@ def _postgres_identity(settings: Settings) -> list[str]:
 
 def create_redis_client(settings: Settings) -> aioredis.Redis:
     kwargs = {**_client_kwargs(settings), "retry": Retry(_backoff(), retries=1)}
-    if settings.redis_url is not None:
-        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    else:
-        client = _EntraRedis(**_entra_kwargs(settings), **kwargs)
+    if settings.redis_url is None:
+        return _EntraRedis.from_pool(
+            _EntraConnectionPool(_entra_tokens(settings), settings, kwargs)
+        )
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
     pool = client.connection_pool
     pool.connection_class = _BOUNDED_SENDS.get(pool.connection_class, pool.connection_class)
     return client
@@ -339,7 +341,10 @@ def create_blocking_redis_client(settings: Settings) -> redis.Redis:
     if settings.redis_url is not None:
         client = redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
     else:
-        client = _BlockingEntraRedis(**_entra_kwargs(settings), **kwargs)
+        address: dict[str, Any] = {"host": settings.redis_host, "port": settings.redis_port}
+        client = _BlockingEntraRedis(
+            **address, ssl=settings.redis_ssl, credential_provider=_entra_tokens(settings), **kwargs
+        )
     pool = client.connection_pool
     pool.connection_class = _BLOCKING_FAIL_FAST.get(pool.connection_class, pool.connection_class)
     return client
@@ -510,7 +515,7 @@ class _BlockingEntraRedis(redis.Redis):
         super().close()
 
 
-def _entra_kwargs(settings: Settings) -> dict[str, Any]:
+def _entra_tokens(settings: Settings) -> EntraTokens:
     from redis_entraid.cred_provider import (
         create_from_default_azure_credential,
         create_from_managed_identity,
@@ -528,13 +533,73 @@ def _entra_kwargs(settings: Settings) -> dict[str, Any]:
         if settings.azure_client_id
         else create_from_default_azure_credential((REDIS_ENTRA_SCOPE,))
     )
-    return {
-        "host": settings.redis_host,
-        "port": settings.redis_port,
-        "ssl": settings.redis_ssl,
-        # Its identity provider only: `EntraTokens` replaces its token manager.
-        "credential_provider": EntraTokens(provider._idp),
-    }
+    # Its identity provider only: `EntraTokens` replaces its token manager.
+    return EntraTokens(provider._idp)
+
+
+class _EntraConnectionPool(aioredis.ConnectionPool):
+    """The async client's pool, signing its connections in again with each new token.
+
+    redis-py's async pool signs a connection that was in use when the token came in
+    again after its release has put it back in the pool: a caller taking it meanwhile
+    shares it with that AUTH, and one of the two fails (the SSE stream's XREAD, nearly
+    always in use, failed so at a refresh). Here the connection is signed in before its
+    release puts it back, and the idle ones are taken out of the pool while they are."""
+
+    def __init__(self, tokens: EntraTokens, settings: Settings, kwargs: dict[str, Any]) -> None:
+        super().__init__(
+            connection_class=(
+                _BoundedSendSSLConnection if settings.redis_ssl else _BoundedSendConnection
+            ),
+            host=settings.redis_host,
+            port=settings.redis_port,
+            credential_provider=tokens,
+            protocol=2,  # what `aioredis.Redis` asks for by default
+            **kwargs,
+        )
+        self._newest_token: TokenInterface | None = None
+        self._to_sign_in: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
+        tokens.on_next(self.re_auth_callback)
+
+    async def re_auth_callback(self, token: TokenInterface) -> None:
+        async with self._lock:
+            self._newest_token = token
+            idle = list(self._available_connections)
+            self._available_connections.clear()
+            # Counted in use meanwhile: closing the pool still closes them.
+            self._in_use_connections.update(idle)
+            self._to_sign_in.update(self._in_use_connections)
+        try:
+            for connection in idle:
+                await self._sign_in_again(connection)
+        finally:
+            async with self._lock:
+                self._in_use_connections.difference_update(idle)
+                self._available_connections.extend(idle)
+
+    async def release(self, connection: AbstractConnection) -> None:
+        try:
+            await self._sign_in_again(connection)
+        finally:
+            await super().release(connection)
+
+    async def _sign_in_again(self, connection: AbstractConnection) -> None:
+        if connection not in self._to_sign_in:
+            return
+        self._to_sign_in.discard(connection)
+        token = self._newest_token
+        if token is None or not connection.is_connected:
+            return  # it signs in with the newest token when it connects
+        try:
+            await connection.send_command("AUTH", *_entra_credentials(token))
+            await connection.read_response()
+        # Not signed in with the new token, it must not outlive the old one, nor pass an
+        # AUTH reply to its next caller: connecting again signs it in with the newest.
+        except (RedisError, OSError):
+            await connection.disconnect()
+        except BaseException:  # cancelled
+            await connection.disconnect(nowait=True)
+            raise
 
 
 # --------------------------------------------------------------------------- round trips

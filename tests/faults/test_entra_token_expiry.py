@@ -118,7 +118,7 @@ def entra_redis(
     redis_server: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Settings, ExpiringTokens]]:
     """A dedicated Redis signing the hot tier in with `ExpiringTokens` through the
-    project's own Entra wiring (`_entra_kwargs`, `EntraTokens`)."""
+    project's own Entra wiring (`_entra_tokens`, `EntraTokens`)."""
     server = redis_server()
     admin = redis.Redis(host="127.0.0.1", port=server.port)
     admin.config_set("requirepass", "admin")  # the default user: the admin only
@@ -232,6 +232,44 @@ async def test_a_failed_refresh_is_tried_again_before_the_token_expires(
     assert tokens.failed > 0
     assert errors == []
     assert killed == 0, f"{killed} connections still on an expired token"
+
+
+async def test_a_connection_signed_in_again_on_its_release_is_not_lent_out_meanwhile(
+    entra_redis: tuple[Settings, ExpiringTokens], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new token comes while a connection is in use (the SSE stream's XREAD nearly
+    always is): it must be signed in with it before the pool lends it to another caller,
+    not while that caller is already using it."""
+    settings, tokens = entra_redis
+    monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RATIO", 0.1)  # the first in ~1.2 s
+    client = create_redis_client(settings)
+    pool = client.connection_pool
+    try:
+        await client.ping()
+        busy = await pool.get_connection()
+        issued = len(tokens.issued)
+        for _ in range(500):
+            if len(tokens.issued) > issued:
+                break
+            await asyncio.sleep(0.02)
+        assert len(tokens.issued) > issued, "no token refresh while the connection was in use"
+        await asyncio.sleep(0.1)  # the new token handed to the pool
+        newest = tokens.issued[-1].try_get("oid")
+        outcomes = await asyncio.gather(
+            pool.release(busy),
+            *(client.execute_command("ACL", "WHOAMI") for _ in range(4)),
+            return_exceptions=True,
+        )
+        assert [o for o in outcomes if isinstance(o, BaseException)] == []
+        # Every connection (the released one too) is signed in with the newest token.
+        whoami = await asyncio.gather(*(client.execute_command("ACL", "WHOAMI") for _ in range(4)))
+        assert {_text(user) for user in whoami} == {newest}
+    finally:
+        await client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # --------------------------------------------------------------------------- Postgres
