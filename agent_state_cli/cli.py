@@ -319,8 +319,10 @@ def serve(
             )
             uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
         finally:
-            if started_here:
-                devstack.down(where)
+            # As `stack down` says it (so Ctrl-C on scripts/run.sh too): what the stack
+            # held is lost with it.
+            if started_here and devstack.down(where).stopped:
+                console.print(f"note: {_memory_only_note()}")
 
 
 def _with_postgres_if_asked(

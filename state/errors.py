@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 
@@ -222,3 +223,16 @@ class SaverClosed(StateError):
 
     def __init__(self) -> None:
         super().__init__("the checkpoint saver is closed (its open_sync block has ended)")
+
+
+class SyncCallOnSaverLoop(StateError, asyncio.InvalidStateError):
+    """A sync call of a checkpoint saver from the event loop its clients run on: it would
+    wait for that loop while blocking it, so it is refused before anything is sent. Also
+    an `asyncio.InvalidStateError`, as LangGraph's async savers raise in this case."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "synchronous TieredCheckpointSaver calls would block the loop they wait for: "
+            "from inside it, use the async methods (`aget_tuple`, `alist`, `aput`, "
+            "`aput_writes`, ... or `await graph.ainvoke(...)`)"
+        )

@@ -84,6 +84,7 @@ from ..errors import (
     ParentGone,
     SaverClosed,
     StateError,
+    SyncCallOnSaverLoop,
     UnknownParent,
 )
 from ..ports import (
@@ -476,6 +477,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def seed_fence(self, thread_id: str, fence: int, *, record_checked: bool = False) -> None:
         """Synchronous `aseed_fence`: call it as the run takes the thread's lock, before its
         first write (README, "Fencing")."""
+        # Refused from the saver's loop even without a hot tier, as `flush`.
+        self._refuse_on_loop()
         if self.fence is None:
             return
         with contextlib.suppress(BackendUnavailable):
@@ -716,6 +719,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def flush(self, thread_id: str) -> None:
         """Synchronous `aflush`."""
+        # Refused from the saver's loop even in write-through mode: code that works there
+        # would hang once switched to write-behind.
+        self._refuse_on_loop()
         if self.flusher is not None:
             self._sync(self._flush_thread(str(thread_id)))
 
@@ -836,10 +842,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except RuntimeError:
             return
         if running is self.loop:
-            raise asyncio.InvalidStateError(
-                "synchronous TieredCheckpointSaver calls would block the loop they wait for: "
-                "from inside it, use the async methods (e.g. `await graph.ainvoke(...)`)"
-            )
+            raise SyncCallOnSaverLoop()
 
     def _boundary_sync(self, thread_id: str, boundary: bool) -> None:
         """`_boundary` after a sync caller's own append: a boundary's flush waits on the

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from e2e_payloads import duplicate_charges
 
+from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
 
@@ -309,6 +310,28 @@ async def test_a_405_names_the_allowed_methods(
     response = await client.request(method, path)
     assert response.status_code == 405, response.text
     assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
+
+
+async def test_head_on_health_answers_as_get_without_a_body(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """Load balancers and uptime probes ask with HEAD, and without a token."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://e2e.test"
+    ) as anonymous:
+        got = await anonymous.get("/api/health")
+        head = await anonymous.head("/api/health")
+    assert got.status_code == 200, got.text
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["content-length"] == got.headers["content-length"]
+    # With a token too (the tier report's length varies with its latencies).
+    operator_head = await client.head("/api/health")
+    assert operator_head.status_code == 200 and operator_head.content == b""
+    # HEAD is the same operation as GET: the API's description lists GET only.
+    schema = (await client.get("/api/openapi.json")).json()
+    assert list(schema["paths"]["/api/health"]) == ["get"]
 
 
 @pytest.mark.parametrize(

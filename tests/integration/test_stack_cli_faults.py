@@ -243,6 +243,35 @@ def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdi
         serve.wait(30)
 
 
+def test_ctrl_c_on_serve_says_the_data_of_the_stack_it_started_is_gone(workdir: Path) -> None:
+    """As `stack down` (and so Ctrl-C on scripts/run.sh) says: the emulator and Redis kept
+    everything in memory, and stopping the stack `serve` started lost it."""
+    port = devstack.free_port()
+    serve = subprocess.Popen(
+        [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert serve.stdout is not None
+        seen = [serve.stdout.readline()]
+        while "submit the demo case:" not in seen[-1]:
+            assert seen[-1], "".join(seen)
+            seen.append(serve.stdout.readline())
+        deadline = time.monotonic() + 60
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        output = "".join(seen) + serve.communicate(timeout=30)[0]
+    assert devstack.status(workdir) == {"running": False}, output
+    assert devstack.MEMORY_ONLY_NOTE in output.replace("\n", " "), output
+
+
 def test_a_recorded_pid_now_used_by_another_program_is_left_alone(workdir: Path) -> None:
     """After a reboot (or long enough), a pid from a stale stack.json belongs to some other
     program: `stack status` must not call it the stack, nor `stack down` stop it."""

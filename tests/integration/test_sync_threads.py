@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
+from state import StateError, SyncCallOnSaverLoop, open_backends
 from state.checkpoint import TieredCheckpointSaver
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
@@ -104,7 +105,7 @@ def test_a_sync_call_from_inside_a_running_loop(
         async def on_saver_loop() -> Any:
             return graph.get_state(cfg)
 
-        with pytest.raises(asyncio.InvalidStateError):
+        with pytest.raises(SyncCallOnSaverLoop):
             asyncio.run_coroutine_threadsafe(on_saver_loop(), saver.loop).result(30)
 
 
@@ -138,3 +139,56 @@ def test_threads_invoking_one_thread_id(backend: str, mode: str, stack_env: dict
     assert cold_state.values == state.values
     assert [h.config for h in cold_history] == [h.config for h in history]
     assert all(o == "ok" or o.startswith("state.") for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode", "hot"),
+    [
+        ("cosmos", "write-through", True),
+        ("postgres", "write-behind", True),
+        # No hot tier on Postgres: the sync API runs its statements on the caller's thread.
+        ("postgres", "write-through", False),
+    ],
+)
+async def test_every_sync_call_on_the_saver_loop_is_refused_with_a_typed_error(
+    backend: str, mode: str, hot: bool, stack_env: dict[str, str]
+) -> None:
+    """Waiting on the loop it blocks would hang: each sync entry point refuses at once, with
+    the library's own error (still the `asyncio.InvalidStateError` LangGraph's async savers
+    raise), and sends nothing."""
+    settings = _settings(stack_env, backend, mode)
+    if not hot:
+        settings = settings.model_copy(update={"redis_url": None, "state_write_mode": None})
+    backends = await open_backends(settings)
+    try:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = f"on-loop-{uuid.uuid4().hex[:12]}"
+        cfg: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        checkpoint = empty_checkpoint()
+        written = {"configurable": {**cfg["configurable"], "checkpoint_id": checkpoint["id"]}}
+        calls: dict[str, Any] = {
+            "get_tuple": lambda: saver.get_tuple(cfg),
+            "get": lambda: saver.get(cfg),
+            "list": lambda: list(saver.list(cfg)),
+            "put": lambda: saver.put(cfg, checkpoint, {}, {}),
+            "put_writes": lambda: saver.put_writes(written, [("messages", "hi")], "task-1"),
+            "get_delta_channel_history": lambda: saver.get_delta_channel_history(
+                config=cfg, channels=["messages"]
+            ),
+            "flush": lambda: saver.flush(thread_id),
+            "seed_fence": lambda: saver.seed_fence(thread_id, 7),
+            "delete_thread": lambda: saver.delete_thread(thread_id),
+            "delete_for_runs": lambda: saver.delete_for_runs(["run-1"]),
+            "copy_thread": lambda: saver.copy_thread(thread_id, f"{thread_id}-copy"),
+            "prune": lambda: saver.prune([thread_id]),
+        }
+        for name, call in calls.items():
+            with pytest.raises(StateError) as refused:
+                call()
+            assert isinstance(refused.value, SyncCallOnSaverLoop), (name, refused.value)
+            assert isinstance(refused.value, asyncio.InvalidStateError), name
+            assert "use the async methods" in str(refused.value), name
+        assert await saver.aget_tuple(cfg) is None
+        assert [t async for t in saver.alist(cfg)] == []
+    finally:
+        await backends.close()
