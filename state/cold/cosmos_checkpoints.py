@@ -36,15 +36,18 @@ delete / copy / prune `cosmos_maintenance`'s. Costs, in sequential round trips:
   transactional batches of up to 100 documents: one round trip for a run's
   worth of steps, and a reader (or a crash) sees a batch whole or not at all.
 
-Prune and delete_for_runs delete the blocks no remaining manifest reaches.
+Prune and delete_for_runs delete the blocks no remaining manifest reaches, once they
+are old enough to be judged (`block_grace_seconds`): a step stored meanwhile may name
+blocks the collection sees unreached.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -98,6 +101,25 @@ LINEAGE_MEMO_SIZE = 10_000
 MERGE_ATTEMPTS = 8
 # Room a fenced batch keeps for its fence document (`cosmos_fences`).
 FENCE_BYTES = 1024
+# How far this process's clock may be off the service's, which stamps `_ts`.
+CLOCK_SKEW_SECONDS = 60.0
+# Requests a step stored on its own sends in sequence from its blocks to its checkpoint
+# (`_store_step`: the blocks, a fence's or parent's batch, a fence moved, the checkpoint
+# upserted), with room to spare; each is bounded by the operation timeout.
+STEP_REQUESTS_AFTER_BLOCKS = 5
+
+
+def block_grace_seconds(operation_timeout_seconds: float) -> float:
+    """How old (by `_ts`) an unreached block must be before it is collected, from the
+    moment the collector starts reading manifests. A step stores the blocks it adds
+    before the checkpoint naming them: in the same transactional batch (one `_ts`) or,
+    too large for one, in requests of their own just before. Its checkpoint landing
+    after the manifests were read names blocks the collector lists as unreached; they
+    are at most this old. The blocks a step names without storing them again are reached
+    from its parent, which the collection keeps (`chunks.PendingSplits`); and a store
+    call that failed sends all its blocks again (`_forget_unconfirmed`), so a flush
+    batch redone later, here or by another flusher, stamps them anew."""
+    return CLOCK_SKEW_SECONDS + STEP_REQUESTS_AFTER_BLOCKS * operation_timeout_seconds
 
 
 class CosmosCheckpointStore:
@@ -114,6 +136,9 @@ class CosmosCheckpointStore:
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self._io = PartitionIO(connection)
+        # Seconds since the epoch, compared with the service's `_ts` (block collection).
+        self._clock: Callable[[], float] = time.time
+        self._block_grace = block_grace_seconds(connection.operation_timeout_seconds)
         self._packer = layout.Packer(
             max_item_bytes=max_item_bytes, compress_threshold=compress_threshold_bytes
         )
@@ -713,7 +738,10 @@ class CosmosCheckpointStore:
                 await self._collect_blocks(thread_id)
 
     async def _collect_blocks(self, thread_id: str) -> None:
-        """Delete the thread's blocks that no manifest of a remaining document reaches."""
+        """Delete the thread's blocks that no manifest of a remaining document reaches, but
+        those too new to be judged: a step stored meanwhile may name them
+        (`block_grace_seconds`); a later collection takes those left unreached."""
+        judged_before = self._clock() - self._block_grace
         holders = await self._io.query_all(
             'SELECT c.id, c.type, c.layout, c["values"] FROM c'
             " WHERE c.thread_id = @thread AND ARRAY_CONTAINS(@types, c.type)",
@@ -723,14 +751,20 @@ class CosmosCheckpointStore:
         # Only layout 2 holds manifests (layout 1 was written before them).
         docs = [doc for doc in holders if doc.get("layout", 1) >= layout.LAYOUT]
         manifests = layout.manifests_of(docs, await self._chunks(thread_id, docs))
+        # Every block, the new ones too: a node a step stored again (a new `_ts`) may be
+        # what reaches older blocks from a manifest read.
         blocks = await self._io.query_all(
-            "SELECT c.id, c.node, c.data FROM c WHERE c.thread_id = @thread AND c.type = @type",
+            "SELECT c.id, c.node, c.data, c._ts FROM c"
+            " WHERE c.thread_id = @thread AND c.type = @type",
             {"@thread": thread_id, "@type": layout.BLOCK},
             partition=thread_id,
         )
         nodes = {chunk.digest: chunk for chunk in map(layout.block_of, blocks) if chunk.node}
         kept = {layout.block_doc_id(digest) for digest in reachable(manifests, nodes)}
-        await self._io.delete_ids(thread_id, [doc["id"] for doc in blocks if doc["id"] not in kept])
+        await self._io.delete_ids(
+            thread_id,
+            [doc["id"] for doc in blocks if doc["id"] not in kept and doc["_ts"] < judged_before],
+        )
 
     def _blocks(self, thread_id: str, fetched: Mapping[bytes, Chunk] | None = None) -> Fetch:
         """Blocks by digest, one query per level of the tree, but for those already

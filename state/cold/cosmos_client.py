@@ -106,6 +106,11 @@ class CosmosConnection:
         self.counters = Counters()
         self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
 
+    @property
+    def operation_timeout_seconds(self) -> float:
+        """The bound on one call to the service, its retries included (`bounded`)."""
+        return self._config.operation_timeout_seconds
+
     def _hook(self, headers: Mapping[str, Any], _body: Any) -> None:
         charge = headers.get("x-ms-request-charge") if headers else None
         operation = cold_operation.get() or "request"

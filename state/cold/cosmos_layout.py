@@ -24,7 +24,9 @@ Documents of one thread share its logical partition; every one carries `type`,
   entry holds the manifest (its `serde` prefixed `chunked+`), its content is in
   these documents, one per distinct chunk of the thread, shared by every
   version (so an appended list stores what it grew by). Written before the
-  checkpoint naming them; maintenance deletes those no manifest reaches.
+  checkpoint naming them; maintenance deletes those no manifest reaches, once
+  old enough (`_ts`) that no step still landing names them
+  (`cosmos_checkpoints.block_grace_seconds`).
 - `{owner id}:{chunk set}:{n}`  part n of an entry too large for its document.
   A chunk set is named by a digest of the entry's key in its document (channel,
   write index) and its content: storing the same step again (a retry, a

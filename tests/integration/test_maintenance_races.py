@@ -413,6 +413,45 @@ async def test_a_write_through_postgres_prune_while_the_run_steps_keeps_its_late
             ).values == want
 
 
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_write_through_cosmos_prune_while_the_run_steps_keeps_its_latest_readable(
+    cached: bool, stack_env: dict[str, str]
+) -> None:
+    """Write-through, nothing holds the run off: a step stored between the block
+    collector's read of the manifests and its listing of the thread's blocks adds blocks
+    no manifest it read reaches. They are too new to be judged, so they stay."""
+    async with tiers_for(stack_env, "cosmos") as tiers:
+        saver = TieredCheckpointSaver(tiers.store, tiers.cache if cached else None)
+        graph = chat_graph(saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        store = tiers.store
+        read_chunks = store._chunks  # type: ignore[attr-defined]
+        stepped: list[bool] = []
+
+        async def chunks(*args: Any, **kwargs: Any) -> Any:
+            # The collector's first request after the manifests: the whole step lands here.
+            if not stepped:
+                stepped.append(True)
+                await graph.ainvoke({"messages": ["user late"]}, cfg)
+            return await read_chunks(*args, **kwargs)
+
+        store._chunks = chunks  # type: ignore[attr-defined]
+        try:
+            await saver.aprune([thread_id], strategy="keep_latest")
+        finally:
+            store._chunks = read_chunks  # type: ignore[attr-defined]
+        assert stepped
+        want = (await graph.aget_state(cfg)).values
+        assert "user late" in want["messages"]
+        async with tiers_for(stack_env, "cosmos") as other:  # no memory of the splits
+            assert (
+                await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
+            ).values == want
+
+
 @pytest.mark.parametrize("mode", ["write-behind", "write-through"])
 async def test_a_postgres_sweep_spares_a_thread_whose_run_resumed_after_its_first_look(
     mode: str, stack_env: dict[str, str], fresh_postgres_url: str
