@@ -250,6 +250,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX cp_checkpoints_spared ON cp_checkpoints (thread_id) WHERE spared;
         """,
     ),
+    Migration(
+        10,
+        "deleted_thread_markers",
+        """
+        -- Threads deleted whole (delete_thread, prune "delete") and when: a put_writes that
+        -- lands after the delete (LangGraph does not order it after its checkpoint's put)
+        -- leaves writes of a thread with no checkpoint, which only this row leads the
+        -- retention sweep to, a TTL after the delete.
+        CREATE TABLE cp_deleted_threads (
+            thread_id text PRIMARY KEY,
+            deleted_at timestamptz NOT NULL
+        );
+        CREATE INDEX cp_deleted_threads_deleted_at ON cp_deleted_threads (deleted_at);
+        """,
+    ),
 )
 
 

@@ -196,6 +196,8 @@ DELETE_UNREACHED_CHUNKS_SQL = """
 DELETE FROM cp_chunks WHERE thread_id = %(thread_id)s AND NOT (digest = ANY(%(kept)s))
 """
 
+# Each thread is marked deleted (migration 10): writes a put_writes lands after the delete
+# stay, and the retention sweep removes them once the mark is a TTL old.
 DELETE_THREADS_SQL = """
 WITH dropped_writes AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
@@ -203,6 +205,10 @@ WITH dropped_writes AS (
     DELETE FROM cp_blobs WHERE thread_id = ANY(%(thread_ids)s)
 ), dropped_chunks AS (
     DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
+), marked AS (
+    INSERT INTO cp_deleted_threads (thread_id, deleted_at)
+    SELECT DISTINCT unnest(%(thread_ids)s::text[]), now()
+    ON CONFLICT (thread_id) DO UPDATE SET deleted_at = EXCLUDED.deleted_at
 )
 DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
 """
@@ -409,34 +415,31 @@ BY_ID_SQL = f"{SELECT_CHECKPOINTS_SQL} {_BY_ID}"
 LATEST_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _LATEST)
 BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _BY_ID)
 
-# Two delete_for_runs of one thread take turns: each works out from its own snapshot which
-# checkpoints survive, so one marking a checkpoint spared for a run the other is deleting
-# would keep it for good. Locked in the order of the keys (two calls never wait for each
-# other in a cycle, threads whose keys collide included); OFFSET 0 keeps that order.
+# A thread's maintenance lock. Two delete_for_runs of one thread take turns: each works out
+# from its own snapshot which checkpoints survive, so one marking a checkpoint spared for a
+# run the other is deleting would keep it for good. Threads deleted whole (delete_thread,
+# prune "delete") take it too: a put that holds its parent row when the delete starts would
+# commit after the delete's snapshot and survive it, its parent gone. Taken in a statement
+# of its own before the delete's, so the delete waits for such a put and then deletes its
+# checkpoint; a put arriving later waits for the delete and finds its parent gone. Locked
+# in the order of the keys (two calls never wait for each other in a cycle, threads whose
+# keys collide included); OFFSET 0 keeps that order. (The retention sweep tries it
+# instead: postgres_retention.LOCK_EXPIRED_SQL.)
 THREAD_MAINTENANCE_LOCK = 8842
-LOCK_RUN_THREADS_SQL = """
-SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
-    SELECT DISTINCT hashtext(thread_id) AS key FROM cp_checkpoints
-    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
-    ORDER BY key OFFSET 0
-) AS t
-"""
-
-# The same lock for threads deleted whole (delete_thread, prune "delete"): a put that holds
-# its parent row when the delete starts would commit after the delete's snapshot and
-# survive it, its parent gone. Taken in a statement of its own before the delete's, so the
-# delete waits for such a put and then deletes its checkpoint; a put arriving later waits
-# for the delete and finds its parent gone. Key order, as LOCK_RUN_THREADS_SQL. (The
-# retention sweep tries it instead: postgres_retention.LOCK_EXPIRED_SQL.)
 LOCK_THREADS_SQL = """
 SELECT pg_advisory_xact_lock(%(lock)s, t.key) FROM (
     SELECT DISTINCT hashtext(thread_id) AS key FROM unnest(%(thread_ids)s::text[]) AS thread_id
     ORDER BY key OFFSET 0
 ) AS t
 """
-# Threads a prune locks and prunes per transaction: the lock table holds
-# max_locks_per_transaction (64 by default) per server connection, shared by all.
+# Threads a prune (or delete_for_runs) locks and prunes per transaction: the lock table
+# holds max_locks_per_transaction (64 by default) per server connection, shared by all.
 PRUNE_BATCH = 500
+
+# The threads delete_for_runs deletes from, to lock and delete a batch of them at a time.
+RUN_THREADS_SQL = """
+SELECT DISTINCT thread_id FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+"""
 
 # A write-through put goes on from its parent only if the parent is still stored and not
 # spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
@@ -469,7 +472,7 @@ NOT_NULL_SQLSTATE = "23502"
 DELETE_RUN_CHECKPOINTS_SQL = f"""
 WITH RECURSIVE runs AS (
     SELECT thread_id, checkpoint_ns, checkpoint_id FROM cp_checkpoints
-    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
+    WHERE metadata ->> 'run_id' = ANY(%(run_ids)s) AND thread_id = ANY(%(thread_ids)s)
 ), threads AS (
     SELECT DISTINCT thread_id FROM runs
 ), doomed AS (
@@ -957,18 +960,28 @@ class PostgresCheckpointStore:
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
-        async with self._pg.transaction("delete_for_runs") as conn:
-            await conn.execute(
-                LOCK_RUN_THREADS_SQL, {"lock": THREAD_MAINTENANCE_LOCK, "run_ids": list(run_ids)}
-            )
-            # A statement of its own after the locks: its snapshot sees what the call it
-            # waited for committed.
-            cursor = await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids)})
-            deleted = await cursor.fetchall()
-            await _delete_dependents(conn, deleted)
-            threads = {row["thread_id"] for row in deleted}
-            self._chunker.forget(threads)
-            await _collect_chunks(conn, threads)
+        async with self._pg.connection("delete_for_runs") as conn:
+            cursor = await conn.execute(RUN_THREADS_SQL, {"run_ids": list(run_ids)})
+            run_threads = sorted(row["thread_id"] for row in await cursor.fetchall())
+        threads: set[str] = set()
+        # A transaction per batch of threads, as prune: each thread is still deleted from
+        # whole, under its lock, but one transaction locking every thread of a run on many
+        # threads exhausted the server's lock table.
+        for start in range(0, len(run_threads), PRUNE_BATCH):
+            batch = run_threads[start : start + PRUNE_BATCH]
+            async with self._pg.transaction("delete_for_runs") as conn:
+                await _lock_threads(conn, batch)
+                # A statement of its own after the locks: its snapshot sees what the call it
+                # waited for committed.
+                cursor = await conn.execute(
+                    DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids), "thread_ids": batch}
+                )
+                deleted = await cursor.fetchall()
+                await _delete_dependents(conn, deleted)
+                batch_threads = {row["thread_id"] for row in deleted}
+                self._chunker.forget(batch_threads)
+                await _collect_chunks(conn, batch_threads)
+            threads |= batch_threads
         return threads
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:

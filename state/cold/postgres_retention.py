@@ -21,6 +21,12 @@ earliest, as on Cosmos, where the release is itself a write.
 Flush fences (`cp_flush_fences`) go once their token is older than the TTL, whether
 their thread was deleted or lives on (its next flush writes the fence again).
 
+A thread deleted whole (delete_thread, prune "delete") is marked (`cp_deleted_threads`):
+a put_writes landing after the delete leaves writes of a thread with no checkpoint nor
+record, which the queries above never find. Once the mark is a TTL old the sweep deletes
+them, if the thread still has no checkpoint; one with checkpoints again (a new run) only
+loses its mark, and its leftovers go when it expires whole.
+
 Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for
 the sweep and then finds it gone (`WorkflowNotFound`) instead of half-deleted.
@@ -172,6 +178,33 @@ WHERE token < (extract(epoch FROM {_CUTOFF}) * 1000000)::bigint
 """
 
 
+# Marks (`cp_deleted_threads`, migration 10) a TTL old, with the pending writes their
+# threads were left with, unless a new run stored checkpoints since (their writes may land
+# before their checkpoint's put: LangGraph does not order them). Only writes: a put's blobs
+# and chunks go in the statement of its checkpoint, never left without it, and a new put
+# may name an old chunk it found stored. A thread whose maintenance lock is held (a delete
+# of it again) is skipped, as one another sweep took; tried, never waited for.
+EXPIRED_DELETIONS_SQL = f"""
+WITH expired AS (
+    DELETE FROM cp_deleted_threads AS d
+    WHERE d.thread_id IN (
+        SELECT m.thread_id FROM cp_deleted_threads AS m
+        WHERE m.deleted_at < {_CUTOFF}
+          AND pg_try_advisory_xact_lock({THREAD_MAINTENANCE_LOCK}, hashtext(m.thread_id))
+        ORDER BY m.deleted_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING d.thread_id
+), dropped_writes AS (
+    DELETE FROM cp_writes AS w USING expired AS e
+    WHERE w.thread_id = e.thread_id
+      AND NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = e.thread_id)
+)
+SELECT count(*) AS expired FROM expired
+"""
+
+
 class PostgresRetention:
     """`ColdRetention` on the Postgres pool shared through a `PostgresConnection`."""
 
@@ -225,7 +258,22 @@ class PostgresRetention:
             swept += deleted
         async with self._pg.connection("sweep") as conn:
             await conn.execute(EXPIRED_FENCES_SQL, {"ttl": self._ttl_seconds, "now": now})
+        await self._sweep_deletions(now, deadline)
         return swept
+
+    async def _sweep_deletions(self, now: float | None, deadline: float | None) -> None:
+        """The marks of deleted threads a TTL old, with their leftover writes (not counted:
+        their threads were deleted, not swept), a batch per statement until one is short;
+        one batch past the deadline too, as the fences, so a busy sweep still gets to them."""
+        params = {"ttl": self._ttl_seconds, "now": now, "limit": SWEEP_BATCH}
+        while True:
+            async with self._pg.connection("sweep") as conn:
+                cursor = await conn.execute(EXPIRED_DELETIONS_SQL, params)
+                row = await cursor.fetchone()
+            if row is None or row["expired"] < SWEEP_BATCH:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
 
     async def _sweep_batch(
         self,

@@ -32,6 +32,7 @@ from state.cold.postgres_checkpoints import (
     DELTA_HISTORY_SQL,
     GET_BLOBS_SQL,
     LIST_PAGE_SIZE,
+    RUN_THREADS_SQL,
     SELECT_CHECKPOINT_WITH_HISTORY_SQL,
     SELECT_CHECKPOINTS_SQL,
     PostgresCheckpointStore,
@@ -487,6 +488,9 @@ WITH crowd AS (
 ), chunks AS (
     INSERT INTO cp_chunks (thread_id, digest, node, data)
     SELECT thread_id, sha256(int4send(n)), n %% 10 = 0, '\\x00' FROM crowd
+), deleted AS (
+    INSERT INTO cp_deleted_threads (thread_id, deleted_at)
+    SELECT %(prefix)s || 'deleted-' || n, now() FROM crowd
 ), audit AS (
     INSERT INTO state_audit_log (thread_id, version, agent_id, section, before, after, at,
                                  schema_version)
@@ -504,6 +508,7 @@ CROWDED_TABLES = (
     "cp_blobs",
     "cp_writes",
     "cp_chunks",
+    "cp_deleted_threads",
     "workflow_records",
     "state_audit_log",
 )
@@ -577,7 +582,8 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
         pg,
         [
             (DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": threads}),
-            (DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": ["run-7"]}),
+            (RUN_THREADS_SQL, {"run_ids": ["run-7"]}),
+            (DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": ["run-7"], "thread_ids": threads}),
             (DELETE_DEPENDENTS_SQL, deleted),
         ],
     )
@@ -598,6 +604,7 @@ async def test_retention_reads_only_the_threads_it_deletes_however_many_others_s
             (postgres_retention.EXPIRED_CHECKPOINT_ONLY_SQL, window),
             (postgres_retention.EXPIRED_ORPHAN_ARCHIVES_SQL, window),
             (postgres_retention.DELETE_THREADS_SQL, {"thread_ids": ["thread-a", "thread-b"]}),
+            (postgres_retention.EXPIRED_DELETIONS_SQL, window),
         ],
     )
     for plan in plans:
@@ -952,14 +959,16 @@ async def test_a_put_racing_delete_for_runs_waits_for_it_then_is_refused(
     async with pg.transaction("delete_for_runs") as conn:  # what delete_for_runs runs
         lock = postgres_checkpoints.THREAD_MAINTENANCE_LOCK
         await conn.execute(
-            postgres_checkpoints.LOCK_RUN_THREADS_SQL, {"lock": lock, "run_ids": [run["run_id"]]}
+            postgres_checkpoints.LOCK_THREADS_SQL, {"lock": lock, "thread_ids": [thread]}
         )
         step = asyncio.create_task(
             checkpoints.put_checkpoint(_checkpoint(thread, late, parent=doomed, metadata=run), [])
         )
         await asyncio.sleep(0.3)
         assert not step.done()  # waiting for the thread's lock
-        await conn.execute(DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": [run["run_id"]]})
+        await conn.execute(
+            DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": [run["run_id"]], "thread_ids": [thread]}
+        )
     with pytest.raises(ParentGone):
         await asyncio.wait_for(step, timeout=5)
     assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [kept]
@@ -1095,3 +1104,39 @@ async def test_a_prune_of_many_threads_at_once_is_not_refused(
     left = [c.checkpoint_id async for c in _list(checkpoints, pruned)]
     assert left == ([] if strategy == "delete" else [second])
     assert [c.checkpoint_id async for c in _list(checkpoints, kept)] == [first]
+
+
+async def test_delete_for_runs_of_a_run_on_many_threads_is_not_refused(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    """A run with checkpoints on more threads than one transaction may lock (the server's
+    lock table holds max_locks_per_transaction per connection): each thread's maintenance
+    lock taken in one transaction ran out of shared memory, failing for good."""
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    kept, doomed = _ids(2)
+    first = unique_thread("first")
+    await checkpoints.put_checkpoint(_checkpoint(first, kept), [])
+    await checkpoints.put_checkpoint(
+        _checkpoint(first, doomed, parent=kept, metadata={"run_id": run}), []
+    )
+    many = [f"{first}-{n}" for n in range(40_000)]
+    async with pg.connection("seed") as conn:  # one statement: put_checkpoint 40,000 times is slow
+        await conn.execute(
+            "INSERT INTO cp_checkpoints (thread_id, checkpoint_ns, checkpoint_id, type,"
+            " checkpoint, metadata, channel_versions, schema_version)"
+            " SELECT thread_id, '', %(id)s, 'msgpack', '', %(metadata)s, '{}', %(version)s"
+            " FROM unnest(%(threads)s::text[]) AS thread_id",
+            {
+                "id": doomed,
+                "metadata": Jsonb({"run_id": run}),
+                "version": schema.CURRENT["checkpoint"],
+                "threads": many,
+            },
+        )
+    assert await checkpoints.delete_for_runs([run]) == {first, *many}
+    assert [c.checkpoint_id async for c in _list(checkpoints, first)] == [kept]
+    async with pg.connection("inspect") as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) AS left FROM cp_checkpoints WHERE metadata ->> 'run_id' = %s", (run,)
+        )
+        assert (await cursor.fetchone())["left"] == 0

@@ -1159,6 +1159,79 @@ async def test_postgres_sweep_drops_flush_fences_older_than_the_ttl(open_cold: O
         assert await pg_execute(backends, fences, ([old, recent],)) == [(recent,)]
 
 
+async def test_postgres_pending_writes_landing_after_delete_thread_expire_a_ttl_later(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put_writes after (or racing) delete_thread leaves writes of a thread with neither
+    record nor checkpoint, which no query of the sweep found, so they stayed for good: the
+    delete's marker has the sweep remove them a TTL after the delete (Cosmos expires them
+    by TTL), and no sooner. A batch of one: the sweep goes on until a batch is short."""
+    monkeypatch.setattr(postgres_retention, "SWEEP_BATCH", 1)
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        threads = [unique_thread("orphaned"), unique_thread("orphaned")]
+        late = [StoredWrite("task", "", 0, "messages", ("json", b"[1]"))]
+        for thread_id in threads:
+            await seed(backends, thread_id, record=False)
+            await backends.checkpoints.delete_thread(thread_id)
+            await backends.checkpoints.put_writes(
+                thread_id, "", checkpoint_id(1), late, upsert=False
+            )
+        leftover = {**dict.fromkeys(PG_TABLES, 0), "cp_writes": 1}
+
+        assert await backends.retention.sweep(limit=100) == 0
+        for thread_id in threads:
+            assert await pg_rows(backends, thread_id) == leftover
+
+        # No thread is left to count.
+        assert await backends.retention.sweep(limit=100, now=time.time() + LONG_AGO) == 0
+        for thread_id in threads:
+            assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
+
+
+async def test_postgres_a_thread_deleted_then_used_again_keeps_what_its_new_run_wrote(
+    open_cold: Open,
+) -> None:
+    """A TTL after the delete, the sweep finds the thread has checkpoints again (a new run):
+    it drops the delete's marker and nothing else; leftovers go with the thread whole once
+    it expires."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("reused")
+        await seed(backends, thread_id, record=False)
+        await backends.checkpoints.delete_thread(thread_id)
+        late = [StoredWrite("task", "", 0, "messages", ("json", b"[1]"))]
+        await backends.checkpoints.put_writes(thread_id, "", checkpoint_id(1), late, upsert=False)
+        new_run = StoredCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns="",
+            checkpoint_id=checkpoint_id(2),
+            parent_checkpoint_id=None,
+            checkpoint=("msgpack", b"new run"),
+            metadata={},
+            channel_versions={},
+        )
+        await backends.checkpoints.put_checkpoint(new_run, [])
+        await backends.checkpoints.put_writes(thread_id, "", checkpoint_id(2), late, upsert=False)
+        await pg_execute(
+            backends,
+            "UPDATE cp_deleted_threads SET deleted_at = deleted_at - make_interval(secs => %s)"
+            " WHERE thread_id = %s",
+            (LONG_AGO, thread_id),
+        )
+
+        assert await backends.retention.sweep(limit=100) == 0
+        writes = "SELECT checkpoint_id FROM cp_writes WHERE thread_id = %s ORDER BY checkpoint_id"
+        assert await pg_execute(backends, writes, (thread_id,)) == [
+            (checkpoint_id(1),),
+            (checkpoint_id(2),),
+        ]
+        listed = backends.checkpoints.list_checkpoints(
+            thread_id=thread_id, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
+        )
+        assert [c.checkpoint_id async for c in listed] == [checkpoint_id(2)]
+        markers = "SELECT thread_id FROM cp_deleted_threads WHERE thread_id = %s"
+        assert await pg_execute(backends, markers, (thread_id,)) == []
+
+
 async def test_postgres_a_released_thread_expires_a_ttl_after_the_release(
     open_cold: Open,
 ) -> None:

@@ -18,7 +18,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from state.cold.postgres_checkpoints import (
     DELETE_RUN_CHECKPOINTS_SQL,
-    LOCK_RUN_THREADS_SQL,
+    LOCK_THREADS_SQL,
     THREAD_MAINTENANCE_LOCK,
 )
 from state.settings import ColdBackend, Settings
@@ -314,8 +314,8 @@ async def test_postgres_two_delete_for_runs_of_one_thread_take_turns(
             states.append(grown(states[-1] if states else [], f"user {n}"))
         async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as first:
             # delete_for_runs([run 4]) in flight: its statements ran, not yet committed.
-            run_4 = {"run_ids": [runs[4]]}
-            await first.execute(LOCK_RUN_THREADS_SQL, {**run_4, "lock": THREAD_MAINTENANCE_LOCK})
+            run_4 = {"run_ids": [runs[4]], "thread_ids": [config["configurable"]["thread_id"]]}
+            await first.execute(LOCK_THREADS_SQL, {**run_4, "lock": THREAD_MAINTENANCE_LOCK})
             await first.execute(DELETE_RUN_CHECKPOINTS_SQL, run_4)
             second = asyncio.ensure_future(opened.saver.adelete_for_runs([runs[5]]))
             await asyncio.sleep(0.5)
