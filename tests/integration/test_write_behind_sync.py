@@ -24,6 +24,7 @@ from langgraph.types import Command, interrupt
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint import saver as saver_module
 from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
 from state.settings import Settings, WriteMode
@@ -75,6 +76,14 @@ def loop_thread_held(saver: TieredCheckpointSaver) -> Iterator[None]:
         yield
     finally:
         release.set()
+
+
+@pytest.fixture
+def impatient_for_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boundary whose backlog only a dead Redis holds gives up after 0.3 s, not the
+    app's 5 s (what it waits for is what the tests check, not how long)."""
+    monkeypatch.setattr(saver_module, "REDIS_RETURN_SECONDS", 0.3)
+    monkeypatch.setattr(saver_module, "REDIS_RETRY_POLL_SECONDS", 0.05)
 
 
 @pytest.fixture(params=COLD_BACKENDS)
@@ -245,6 +254,7 @@ def test_a_sync_run_whose_unflushed_checkpoints_redis_lost_stops_at_its_next_put
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
+@pytest.mark.usefixtures("impatient_for_redis")
 def test_an_interrupt_whose_checkpoint_only_redis_held_is_not_acknowledged_when_redis_dies(
     backend: str, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -280,8 +290,10 @@ class Asked(TypedDict):
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 def test_a_sync_call_in_flight_when_the_saver_closes_fails_instead_of_waiting_forever(
-    backend: str, stack_env: dict[str, str]
+    backend: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The close's waits for its callers, then for its loop's calls (5 s each in the app).
+    monkeypatch.setattr(saver_module, "CLOSE_WAIT_SECONDS", 1.0)
     cfg = config()
     started = threading.Event()
     outcome: list[BaseException] = []
@@ -323,6 +335,7 @@ class Noted(TypedDict):
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
+@pytest.mark.usefixtures("impatient_for_redis")
 def test_a_run_whose_delta_history_only_redis_held_is_not_acknowledged_when_redis_dies(
     backend: str, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -406,6 +419,7 @@ class Counted(TypedDict):
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
+@pytest.mark.usefixtures("impatient_for_redis")
 def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable(
     backend: str, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
