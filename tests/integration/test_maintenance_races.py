@@ -405,12 +405,7 @@ async def test_a_write_through_postgres_prune_while_the_run_steps_keeps_its_late
         await saver.aprune([thread_id], strategy="keep_latest")
         monkeypatch.setattr(postgres_checkpoints, "_collect_chunks", collect_chunks)
         await asyncio.wait_for(late.done(), timeout=10)
-        want = (await graph.aget_state(cfg)).values
-        assert "user late" in want["messages"]  # the step was acknowledged: it is kept
-        async with tiers_for(stack_env, "postgres") as other:
-            assert (
-                await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
-            ).values == want
+        await _the_late_step_is_latest(graph, cfg, stack_env, "postgres")
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -444,12 +439,18 @@ async def test_a_write_through_cosmos_prune_while_the_run_steps_keeps_its_latest
         finally:
             store._chunks = read_chunks  # type: ignore[attr-defined]
         assert stepped
-        want = (await graph.aget_state(cfg)).values
-        assert "user late" in want["messages"]
-        async with tiers_for(stack_env, "cosmos") as other:  # no memory of the splits
-            assert (
-                await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)
-            ).values == want
+        await _the_late_step_is_latest(graph, cfg, stack_env, "cosmos")
+
+
+async def _the_late_step_is_latest(
+    graph: Any, cfg: RunnableConfig, stack_env: dict[str, str], backend: str
+) -> None:
+    """The step acknowledged during the prune is kept as the thread's latest, and a store
+    with no memory of its splits reads the same state."""
+    want = (await graph.aget_state(cfg)).values
+    assert "user late" in want["messages"]
+    async with tiers_for(stack_env, backend) as other:
+        assert (await chat_graph(TieredCheckpointSaver(other.store)).aget_state(cfg)).values == want
 
 
 @pytest.mark.parametrize("mode", ["write-behind", "write-through"])

@@ -195,12 +195,10 @@ def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:
         serve.wait(30)
 
 
-def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdir(
-    workdir: Path,
-) -> None:
-    """Client commands find the issuer of the default workdir's stack only: the hint of a
-    `serve --workdir` stack sent no token (or a token of another stack's issuer), and the
-    API answered 401."""
+@contextlib.contextmanager
+def _serving(workdir: Path) -> Iterator[list[str]]:
+    """`serve` on a workdir of its own and free ports, once its API listens: the lines it
+    printed, up to how to submit the demo case; once Ctrl-C stopped it, all it printed."""
     port = devstack.free_port()
     serve = subprocess.Popen(
         [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
@@ -211,16 +209,30 @@ def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdi
         text=True,
         start_new_session=True,
     )
+    assert serve.stdout is not None
+    printed: list[str] = []
     try:
-        assert serve.stdout is not None
-        hint = ""
-        while not hint:
-            line = serve.stdout.readline()
-            assert line, "serve ended without printing how to submit the demo case"
-            hint = line.partition("submit the demo case:")[2].strip()
+        printed.append(serve.stdout.readline())
+        while "submit the demo case:" not in printed[-1]:
+            assert printed[-1], "serve ended without printing how to submit the demo case"
+            printed.append(serve.stdout.readline())
         deadline = time.monotonic() + 60
         while not _listening(port) and time.monotonic() < deadline:
             time.sleep(0.2)
+        yield printed
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        printed.append(serve.communicate(timeout=30)[0])
+
+
+def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdir(
+    workdir: Path,
+) -> None:
+    """Client commands find the issuer of the default workdir's stack only: the hint of a
+    `serve --workdir` stack sent no token (or a token of another stack's issuer), and the
+    API answered 401."""
+    with _serving(workdir) as printed:
+        hint = printed[-1].partition("submit the demo case:")[2].strip()
         command = shlex.split(hint)
         settings: dict[str, str] = {}
         while "=" in command[0]:  # leading NAME=value words, as a shell takes them
@@ -238,36 +250,14 @@ def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdi
         )
         assert submitted.returncode == 0, (hint, submitted.stderr)
         assert "completed" in submitted.stdout, submitted.stdout
-    finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        serve.wait(30)
 
 
 def test_ctrl_c_on_serve_says_the_data_of_the_stack_it_started_is_gone(workdir: Path) -> None:
     """As `stack down` (and so Ctrl-C on scripts/run.sh) says: the emulator and Redis kept
     everything in memory, and stopping the stack `serve` started lost it."""
-    port = devstack.free_port()
-    serve = subprocess.Popen(
-        [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
-        env=cli_env(),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert serve.stdout is not None
-        seen = [serve.stdout.readline()]
-        while "submit the demo case:" not in seen[-1]:
-            assert seen[-1], "".join(seen)
-            seen.append(serve.stdout.readline())
-        deadline = time.monotonic() + 60
-        while not _listening(port) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
-        output = "".join(seen) + serve.communicate(timeout=30)[0]
+    with _serving(workdir) as printed:
+        pass
+    output = "".join(printed)
     assert devstack.status(workdir) == {"running": False}, output
     assert devstack.MEMORY_ONLY_NOTE in output.replace("\n", " "), output
 
