@@ -404,12 +404,7 @@ class CosmosCheckpointStore:
             ("read", (layout.checkpoint_doc_id(*step.parent),)),
             *upserts,
         ]
-        try:
-            await self._io.batch(thread_id, operations, bodies=False)
-        except BatchRefused as refused:
-            _raise_if_parent_gone(thread_id, [step], operations, refused)
-            return False
-        return True
+        return await self._applied_as_batch(thread_id, [step], operations, fence=None)
 
     def _forget_unconfirmed(self, thread_id: str) -> None:
         """After a failed store: what was packed against lineage and splits that may not
