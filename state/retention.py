@@ -25,7 +25,10 @@ the event log. A reader
 that caches the thread again from the cold tier before the deletion is undone once
 the sweep ends: the caches of every thread it forgot are dropped again (best effort:
 a failure is logged). An archive record (`<thread>~archive~...`) has only a cached
-record to forget.
+record to forget. A thread whose flush lock another process holds (a second sweeper, a
+stuck flusher) is waited for until the sweep's deadline at most (LOCK_WAIT_SECONDS
+without one), then spared: left whole in both tiers (but for its cached record) to the
+next sweep, so a timer tick ends in time.
 
 Known limit: a sweep stopped by a failure part-way leaves the threads it did not
 delete whole in the cold tier, but what it forgot of them is forgotten: a backlog it
@@ -40,7 +43,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, FlushLockBusy
 from .ports import CheckpointCache, ColdRetention, EventLog, HotStateStore
 from .size import ARCHIVE_SEPARATOR
 
@@ -91,18 +94,26 @@ class TieredRetention:
         # deleted (Postgres commits a batch at once), but a spared thread's are let go as
         # soon as it is spared, so its run writes on instead of waiting out the sweep.
         refused: dict[str, contextlib.AsyncExitStack] = {}
+        # Threads whose flush lock the sweep could not take in time: spared.
+        busy: set[str] = set()
         try:
             async with contextlib.AsyncExitStack() as held:
 
                 async def forget(thread_id: str) -> int | None:
                     told = None if expiring is None else await expiring(thread_id)
                     refused[thread_id] = await held.enter_async_context(contextlib.AsyncExitStack())
-                    fence = await self._forget(thread_id, refused[thread_id])
+                    try:
+                        fence = await self._forget(thread_id, refused[thread_id], deadline)
+                    except FlushLockBusy:
+                        # Held past the sweep's deadline (another sweeper, a stuck flusher):
+                        # spared, untouched but for its cached record, for the next sweep.
+                        busy.add(thread_id)
+                        return told
                     forgotten.append(thread_id)
                     return fence if told is None else max(fence or 0, told)
 
                 async def delete(thread_id: str) -> bool:
-                    if await self._resumed(thread_id):
+                    if thread_id in busy or await self._resumed(thread_id):
                         return False
                     if deleting is not None and not await deleting(thread_id):
                         return False
@@ -127,13 +138,16 @@ class TieredRetention:
             for thread_id in forgotten:
                 await self._drop_cached(thread_id)
 
-    async def _forget(self, thread_id: str, held: contextlib.AsyncExitStack) -> int | None:
+    async def _forget(
+        self, thread_id: str, held: contextlib.AsyncExitStack, deadline: float | None
+    ) -> int | None:
         """The flush fence the deletion must raise, if the thread has a backlog to guard.
-        The backlog stays (`_delete` drops it): the sweep may yet spare the thread."""
+        The backlog stays (`_delete` drops it): the sweep may yet spare the thread. Its
+        flush lock waited for until `deadline` at most (`FlushLockBusy`)."""
         await self._records.invalidate(thread_id)
         if ARCHIVE_SEPARATOR in thread_id or self._flusher is None:
             return None
-        return await held.enter_async_context(self._flusher.refusing(thread_id))
+        return await held.enter_async_context(self._flusher.refusing(thread_id, deadline=deadline))
 
     async def _resumed(self, thread_id: str) -> bool:
         """Whether the thread has a backlog, found under the flush lock with appends refused

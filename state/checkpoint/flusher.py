@@ -314,11 +314,14 @@ class Flusher:
                 await self._accept_appends(thread_id)
 
     @contextlib.asynccontextmanager
-    async def refusing(self, thread_id: str) -> AsyncIterator[int]:
+    async def refusing(
+        self, thread_id: str, *, deadline: float | None = None
+    ) -> AsyncIterator[int]:
         """`discarding`, the backlog kept until `discard_refused`: for the retention sweep,
         which may yet spare the thread (a run resumed it), and must then not lose the steps
-        the run was told were stored. Inside the block nothing is appended or flushed."""
-        async with self.holding(thread_id) as fence:
+        the run was told were stored. Inside the block nothing is appended or flushed.
+        `deadline`: as `holding`'s."""
+        async with self.holding(thread_id, deadline=deadline) as fence:
             try:
                 await self.log.refuse_appends(thread_id, for_ms=EXPIRING_REFUSAL_MS)
                 yield max(fence, await self.log.fence_now())
@@ -375,11 +378,16 @@ class Flusher:
             lease.check()
 
     @contextlib.asynccontextmanager
-    async def holding(self, thread_id: str) -> AsyncIterator[int]:
+    async def holding(self, thread_id: str, *, deadline: float | None = None) -> AsyncIterator[int]:
         """The thread's flush lock, waited for: no flusher applies its entries meanwhile.
         Yields the lock's fencing token, for a cold write that must fence off earlier
-        holders (`CheckpointStore.delete_thread`)."""
-        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
+        holders (`CheckpointStore.delete_thread`). `deadline` (a `time.monotonic()` time):
+        wait for the lock until then at the latest, not LOCK_WAIT_SECONDS (raises
+        `FlushLockBusy`)."""
+        longest = time.monotonic() + LOCK_WAIT_SECONDS
+        async with self._holding(
+            thread_id, longest if deadline is None else min(deadline, longest)
+        ) as lease:
             yield lease.fence
 
     async def _lock(self, thread_id: str) -> str | None:

@@ -21,11 +21,12 @@ earliest, as on Cosmos, where the release is itself a write.
 Flush fences (`cp_flush_fences`) go once their token is older than the TTL, whether
 their thread was deleted or lives on (its next flush writes the fence again).
 
-A thread deleted whole (delete_thread, prune "delete") is marked (`cp_deleted_threads`):
-a put_writes landing after the delete leaves writes of a thread with no checkpoint nor
-record, which the queries above never find. Once the mark is a TTL old the sweep deletes
-them, if the thread still has no checkpoint; one with checkpoints again (a new run) only
-loses its mark, and its leftovers go when it expires whole.
+A thread deleted whole (delete_thread, prune "delete", this sweep) is marked
+(`cp_deleted_threads`): a put_writes landing after the delete leaves writes of a thread
+with no checkpoint nor record, which the queries above never find. Once the mark is a
+TTL old the sweep deletes them, if the thread still has no checkpoint; one with
+checkpoints again (a new run) only loses its mark, and its leftovers go when it expires
+whole.
 
 Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for
@@ -138,7 +139,10 @@ WHERE NOT ({_EXEMPT.format(thread="t", cutoff=_CUTOFF)})
 """
 # The threads, and the archive records they own; counts the threads whose record or
 # checkpoints this statement removed: a thread with no record to lock (checkpoints alone)
-# may be deleted by another sweep first, and must not be counted twice.
+# may be deleted by another sweep first, and must not be counted twice. Each thread is
+# marked deleted as delete_thread marks it (`cp_deleted_threads`): a put_writes racing the
+# delete leaves writes no other query finds. On the sweep's clock, so the marker waits a
+# TTL from this delete, not expired by the same sweep's EXPIRED_DELETIONS_SQL.
 DELETE_THREADS_SQL = f"""
 WITH doomed AS (
     SELECT unnest(%(thread_ids)s::text[]) AS thread_id
@@ -158,6 +162,13 @@ WITH doomed AS (
     DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s) RETURNING thread_id
 ), dropped_holds AS (
     DELETE FROM retention_holds WHERE thread_id = ANY(%(thread_ids)s)
+), marked AS (
+    INSERT INTO cp_deleted_threads AS d (thread_id, deleted_at)
+    SELECT DISTINCT t.thread_id, coalesce(to_timestamp(%(now)s::float8), now())
+    FROM unnest(%(thread_ids)s::text[]) AS t(thread_id)
+    WHERE NOT {_IS_ARCHIVE.format(thread_id="t.thread_id")}
+    ON CONFLICT (thread_id)
+    DO UPDATE SET deleted_at = greatest(d.deleted_at, EXCLUDED.deleted_at)
 ), dropped_records AS (
     DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
     RETURNING thread_id
@@ -314,7 +325,7 @@ class PostgresRetention:
                     await spared(thread_id)
             if not doomed:
                 return len(expired), 0
-            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": doomed})
+            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": doomed, "now": now})
             row = await cursor.fetchone()
         return len(expired), int(row["deleted"]) if row else 0
 

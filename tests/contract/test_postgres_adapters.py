@@ -603,7 +603,10 @@ async def test_retention_reads_only_the_threads_it_deletes_however_many_others_s
             (postgres_retention.EXPIRED_RECORDS_SQL, window),
             (postgres_retention.EXPIRED_CHECKPOINT_ONLY_SQL, window),
             (postgres_retention.EXPIRED_ORPHAN_ARCHIVES_SQL, window),
-            (postgres_retention.DELETE_THREADS_SQL, {"thread_ids": ["thread-a", "thread-b"]}),
+            (
+                postgres_retention.DELETE_THREADS_SQL,
+                {"thread_ids": ["thread-a", "thread-b"], "now": None},
+            ),
             (postgres_retention.EXPIRED_DELETIONS_SQL, window),
         ],
     )

@@ -1188,6 +1188,31 @@ async def test_postgres_pending_writes_landing_after_delete_thread_expire_a_ttl_
             assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
 
 
+async def test_postgres_pending_writes_landing_after_the_sweep_deleted_their_thread_expire_later(
+    open_cold: Open,
+) -> None:
+    """A put_writes landing after the sweep deleted its idle thread (racing it) left writes
+    of a thread with neither record nor checkpoint, which no later sweep found: the sweep's
+    delete marks the thread as delete_thread does, on the sweep's clock, so the writes go
+    a TTL after that delete, and no sooner (not by the same sweep, nor one a TTL later)."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("swept")
+        await seed(backends, thread_id)
+        later = time.time() + LONG_AGO
+        assert await backends.retention.sweep(limit=100, now=later) == 1
+        late = [StoredWrite("task", "", 0, "messages", ("json", b"[1]"))]
+        await backends.checkpoints.put_writes(thread_id, "", checkpoint_id(1), late, upsert=False)
+        leftover = {**dict.fromkeys(PG_TABLES, 0), "cp_writes": 1}
+
+        assert await backends.retention.sweep(limit=100, now=later + TTL / 2) == 0
+        assert await pg_rows(backends, thread_id) == leftover
+
+        assert await backends.retention.sweep(limit=100, now=later + LONG_AGO) == 0
+        assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
+        markers = "SELECT thread_id FROM cp_deleted_threads WHERE thread_id = %s"
+        assert await pg_execute(backends, markers, (thread_id,)) == []
+
+
 async def test_postgres_a_thread_deleted_then_used_again_keeps_what_its_new_run_wrote(
     open_cold: Open,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -579,8 +580,8 @@ async def test_a_prune_and_a_sweep_taking_two_threads_locks_in_opposite_orders_b
         forget = retention._forget  # type: ignore[union-attr]
         pruning: list[asyncio.Task[None]] = []
 
-        async def forget_then_prune(thread_id: str, held: Any) -> Any:
-            fence = await forget(thread_id, held)
+        async def forget_then_prune(thread_id: str, held: Any, deadline: Any) -> Any:
+            fence = await forget(thread_id, held, deadline)
             if thread_id == b and not pruning:
                 # A prune of both threads starts while the sweep holds B.
                 pruning.append(asyncio.create_task(saver.aprune([a, b])))
@@ -797,3 +798,68 @@ async def test_a_flush_cancelled_while_its_lease_stops_its_renewer_is_cancelled(
         assert task.cancelled(), "the cancelled caller went on"
         assert went_on == []
         assert await log.lock_thread(thread_id, ttl_ms=2_000) is not None
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_sweep_given_a_deadline_leaves_a_thread_whose_flush_lock_is_held_for_the_next(
+    backend: str,
+    stack_env: dict[str, str],
+    fresh_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep waited LOCK_WAIT_SECONDS (60 s; 8 s here) for each expired thread whose flush
+    lock another process held (a second sweeper, a stuck flusher), whatever the timer's
+    deadline, then failed: it waits until its deadline at most, and leaves that thread,
+    whole in both tiers, to the next sweep."""
+    monkeypatch.setattr(flusher_module, "LOCK_WAIT_SECONDS", 8.0)
+    settings = stack_settings(
+        stack_env,
+        backend,
+        True,
+        "write-behind",
+        state_cold_ttl_seconds=1,
+        postgres_url=fresh_postgres_url,
+        cosmos_container=f"race-busy-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        async with open_stack(settings) as opened, open_stack(settings) as other:
+            saver = opened.saver
+            graph = chat_graph(saver)
+            busy, idle = config("busy"), config("idle")
+            for cfg in (busy, idle):
+                await graph.ainvoke({"messages": ["old"]}, cfg)
+                await saver.aflush(cfg["configurable"]["thread_id"])
+            busy_id = busy["configurable"]["thread_id"]
+            before = await saver.aget_tuple(busy)
+            assert before is not None and other.backends.flusher is not None
+            token = await other.backends.flusher.log.lock_thread(busy_id, ttl_ms=60_000)
+            assert token is not None
+            retention = opened.backends.retention
+            later = time.time() + 3600  # both idle for more than the TTL by then
+            started = time.monotonic()
+            try:
+                swept = await retention.sweep(limit=10, now=later, deadline=started + 0.5)
+            finally:
+                elapsed = time.monotonic() - started
+                await other.backends.flusher.log.unlock_thread(busy_id, token)
+            assert elapsed < 2.0, elapsed
+            cold = TieredCheckpointSaver(opened.backends.checkpoints)
+            kept = await cold.aget_tuple(busy)
+            assert kept is not None and kept.checkpoint["id"] == before.checkpoint["id"]
+            hot = await saver.aget_tuple(busy)
+            assert hot is not None and hot.checkpoint == before.checkpoint
+            # Its runs write on, and the next sweep takes it once it is idle again.
+            await graph.ainvoke({"messages": ["again"]}, busy)
+            await saver.aflush(busy_id)
+            resumed = await cold.aget_tuple(busy)
+            assert resumed is not None
+            assert "again" in resumed.checkpoint["channel_values"]["messages"]
+            # The idle thread too, unless the first sweep got to it (Postgres: in the
+            # same batch; Cosmos, a thread at a time, may have met the deadline first).
+            assert swept + await retention.sweep(limit=10, now=later + 3600) == 2
+            assert await cold.aget_tuple(busy) is None
+            assert await cold.aget_tuple(idle) is None
+            assert await saver.aget_tuple(busy) is None
+    finally:
+        if backend == "cosmos":
+            await drop_container(settings)
