@@ -236,3 +236,14 @@ class SyncCallOnSaverLoop(StateError, asyncio.InvalidStateError):
             "from inside it, use the async methods (`aget_tuple`, `alist`, `aput`, "
             "`aput_writes`, ... or `await graph.ainvoke(...)`)"
         )
+
+
+class SaverLoopMissing(StateError, asyncio.InvalidStateError):
+    """A checkpoint saver built outside any event loop without one named: its stores'
+    clients run on a loop, which it must know to hand its calls to."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "TieredCheckpointSaver needs the event loop its stores run on: build it "
+            "inside that loop, pass `loop=`, or use TieredCheckpointSaver.open_sync()"
+        )

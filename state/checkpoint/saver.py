@@ -83,6 +83,7 @@ from ..errors import (
     LockLost,
     ParentGone,
     SaverClosed,
+    SaverLoopMissing,
     StateError,
     SyncCallOnSaverLoop,
     UnknownParent,
@@ -335,10 +336,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                raise asyncio.InvalidStateError(
-                    "TieredCheckpointSaver needs the event loop its stores run on: build it "
-                    "inside that loop, pass `loop=`, or use TieredCheckpointSaver.open_sync()"
-                ) from None
+                raise SaverLoopMissing() from None
         self.loop = loop
 
     @classmethod

@@ -26,6 +26,7 @@ from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection
+from state.errors import StateError
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_namespace
 from state.ports import StoredBlob, StoredCheckpoint
@@ -642,6 +643,18 @@ async def test_subgraph_namespaces_checkpoint_interrupt_and_resume(tiers: Tiers)
 
 
 # --------------------------------------------------------------------------- sync use
+
+
+def test_a_saver_built_outside_any_loop_without_one_is_refused_with_a_typed_error(
+    settings: Settings,
+) -> None:
+    """No running loop and none named: the stores' loop is unknown, so no call could be
+    handed to it. Refused as the library's own error (also the `asyncio.InvalidStateError`
+    it was), saying what to do instead."""
+    with TieredCheckpointSaver.open_sync(settings) as opened:
+        with pytest.raises(StateError, match="open_sync") as refused:
+            TieredCheckpointSaver(opened.store)
+        assert isinstance(refused.value, asyncio.InvalidStateError)
 
 
 def test_purely_synchronous_use_with_a_saver_owned_loop(settings: Settings) -> None:
