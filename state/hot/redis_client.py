@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.credentials import StreamingCredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 from redis.typing import EncodableT
@@ -544,7 +544,9 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
     again after its release has put it back in the pool: a caller taking it meanwhile
     shares it with that AUTH, and one of the two fails (the SSE stream's XREAD, nearly
     always in use, failed so at a refresh). Here the connection is signed in before its
-    release puts it back, and the idle ones are taken out of the pool while they are."""
+    release puts it back, and the idle ones are taken out of the pool while they are: a
+    caller finding the pool full meanwhile waits for them, as redis-py's pool had it wait
+    (holding its lock), rather than be refused."""
 
     def __init__(self, tokens: EntraTokens, settings: Settings, kwargs: dict[str, Any]) -> None:
         super().__init__(
@@ -554,12 +556,25 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
             host=settings.redis_host,
             port=settings.redis_port,
             credential_provider=tokens,
-            protocol=2,  # what `aioredis.Redis` asks for by default
+            # No protocol, as the URL client (local, CI) has it: redis-py's default, RESP3
+            # with maintenance notifications; RESP2 here ran in Azure alone.
             **kwargs,
         )
         self._newest_token: TokenInterface | None = None
         self._to_sign_in: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
+        # Set once the idle connections taken out to be signed in are back.
+        self._idle_back: asyncio.Event | None = None
         tokens.on_next(self.re_auth_callback)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except MaxConnectionsError:
+            idle_back = self._idle_back
+            if idle_back is None:
+                raise
+            await idle_back.wait()
+            return await super().get_connection(*args, **kwargs)
 
     async def re_auth_callback(self, token: TokenInterface) -> None:
         async with self._lock:
@@ -569,6 +584,7 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
             # Counted in use meanwhile: closing the pool still closes them.
             self._in_use_connections.update(idle)
             self._to_sign_in.update(self._in_use_connections)
+            idle_back = self._idle_back = asyncio.Event()
         try:
             for connection in idle:
                 await self._sign_in_again(connection)
@@ -576,6 +592,9 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
             async with self._lock:
                 self._in_use_connections.difference_update(idle)
                 self._available_connections.extend(idle)
+                if self._idle_back is idle_back:
+                    self._idle_back = None
+            idle_back.set()
 
     async def release(self, connection: AbstractConnection) -> None:
         try:

@@ -19,10 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+import redis.asyncio as aioredis
 import redis_entraid.cred_provider
 from azure.core.credentials import AccessToken
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from pydantic import SecretStr
 from redis.auth.err import RequestTokenErr
 from redis.auth.idp import IdentityProviderInterface
 from redis.auth.token import SimpleToken, TokenInterface
@@ -270,6 +272,59 @@ async def test_a_connection_signed_in_again_on_its_release_is_not_lent_out_meanw
         assert {_text(user) for user in whoami} == {newest}
     finally:
         await client.aclose()
+
+
+async def test_a_caller_is_not_refused_while_the_idle_connections_are_signed_in_again(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """A new token signs the pool's idle connections in again: a caller asking for one
+    meanwhile, its pool at its size limit, waits for one (as in redis-py's pool), not
+    refused with "Too many connections" (each idle one counted in use while signed in)."""
+    settings, tokens = entra_redis
+    client = create_redis_client(settings)
+    pool = client.connection_pool
+    admin = redis.Redis(host="127.0.0.1", port=settings.redis_port, password="admin")
+    try:
+        pool.max_connections = 2
+        held = [await pool.get_connection() for _ in range(pool.max_connections)]
+        for connection in held:
+            await pool.release(connection)
+        new_token = await asyncio.to_thread(tokens.request_token, True)
+        # The server holds back the sign-ins: the pool's idle connections stay out meanwhile.
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        signing_in = asyncio.create_task(pool.re_auth_callback(new_token))
+        await asyncio.sleep(0)  # it runs up to its first reply awaited
+        try:
+            assert await round_trip(client, [("PING",)], resend=False) == [b"PONG"]
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            await signing_in
+    finally:
+        admin.close()
+        await client.aclose()
+
+
+async def test_the_entra_client_speaks_to_the_server_as_the_url_client_does(
+    entra_redis: tuple[Settings, ExpiringTokens],
+) -> None:
+    """The Entra client (Azure) builds its pool itself: it must still speak the protocol,
+    and take the maintenance notifications, of the client built from a URL (local, CI),
+    which is redis-py's default; not a protocol only Azure runs on."""
+    settings, _tokens = entra_redis
+    url = f"redis://:admin@127.0.0.1:{settings.redis_port}"
+    entra = create_redis_client(settings)
+    by_url = create_redis_client(settings.model_copy(update={"redis_url": SecretStr(url)}))
+    try:
+        entra_info, url_info = await asyncio.gather(entra.client_info(), by_url.client_info())
+        assert entra_info["resp"] == url_info["resp"]
+        assert _maint_notifications(entra) == _maint_notifications(by_url)
+    finally:
+        await asyncio.gather(entra.aclose(), by_url.aclose())
+
+
+def _maint_notifications(client: aioredis.Redis) -> object:
+    config = client.connection_pool.connection_kwargs.get("maint_notifications_config")
+    return config and config.enabled
 
 
 def _text(value: bytes | str) -> str:
