@@ -106,7 +106,9 @@ async def open_backends(settings: Settings) -> Backends:
         pg = PostgresConnection(settings.postgres)
         closers.append(pg.close)
         cold = PostgresStateStore(pg)
-        checkpoints = PostgresCheckpointStore(pg)
+        checkpoints = PostgresCheckpointStore(
+            pg, marks_deletions=settings.state_cold_ttl_seconds >= 0
+        )
         if pg.blocking_available:
             blocking_store = checkpoints
         retention = PostgresRetention(pg, ttl_seconds=settings.state_cold_ttl_seconds)

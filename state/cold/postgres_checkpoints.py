@@ -196,8 +196,9 @@ DELETE_UNREACHED_CHUNKS_SQL = """
 DELETE FROM cp_chunks WHERE thread_id = %(thread_id)s AND NOT (digest = ANY(%(kept)s))
 """
 
-# Each thread is marked deleted (migration 10): writes a put_writes lands after the delete
-# stay, and the retention sweep removes them once the mark is a TTL old.
+# With `mark`, each thread is marked deleted (migration 10): writes a put_writes lands
+# after the delete stay, and the retention sweep removes them once the mark is a TTL old.
+# Without a retention sweep nothing would ever remove the marks.
 DELETE_THREADS_SQL = """
 WITH dropped_writes AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
@@ -207,7 +208,7 @@ WITH dropped_writes AS (
     DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 ), marked AS (
     INSERT INTO cp_deleted_threads (thread_id, deleted_at)
-    SELECT DISTINCT unnest(%(thread_ids)s::text[]), now()
+    SELECT DISTINCT unnest(%(thread_ids)s::text[]), now() WHERE %(mark)s
     ON CONFLICT (thread_id) DO UPDATE SET deleted_at = EXCLUDED.deleted_at
 )
 DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
@@ -579,8 +580,11 @@ class PostgresCheckpointStore:
 
     name = "postgres"
 
-    def __init__(self, connection: PostgresConnection) -> None:
+    def __init__(self, connection: PostgresConnection, *, marks_deletions: bool = True) -> None:
         self._pg = connection
+        # Whether a retention sweep runs, to take the leftovers of deleted threads (and
+        # their marks) a TTL later.
+        self._marks_deletions = marks_deletions
         # Threads seen with DeltaChannel counters (a put or a read of this process): their
         # checkpoints are read with their delta history. Others skip that part of the
         # statement: planning it makes an ordinary read measurably slower.
@@ -955,7 +959,9 @@ class PostgresCheckpointStore:
                 # sees what that batch stored. A batch arriving later finds the newer token
                 # and is refused. (A batch takes no maintenance lock: no deadlock.)
                 await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
-            await conn.execute(DELETE_THREADS_SQL, {"thread_ids": [thread_id]})
+            await conn.execute(
+                DELETE_THREADS_SQL, {"thread_ids": [thread_id], "mark": self._marks_deletions}
+            )
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
@@ -1007,7 +1013,9 @@ class PostgresCheckpointStore:
                 # statements (manifests, then the delete).
                 await _lock_threads(conn, batch)
                 if strategy == "delete":
-                    await conn.execute(DELETE_THREADS_SQL, {"thread_ids": batch})
+                    await conn.execute(
+                        DELETE_THREADS_SQL, {"thread_ids": batch, "mark": self._marks_deletions}
+                    )
                     continue
                 cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": batch})
                 deleted = await cursor.fetchall()

@@ -897,7 +897,9 @@ async def test_a_late_fenced_batch_waits_for_a_delete_then_is_refused_without_a_
         late = asyncio.create_task(checkpoints.apply_batch(ops, fence=100))
         await asyncio.sleep(0.3)
         assert not late.done()  # waiting for the fence row
-        await conn.execute(postgres_checkpoints.DELETE_THREADS_SQL, {"thread_ids": [thread]})
+        await conn.execute(
+            postgres_checkpoints.DELETE_THREADS_SQL, {"thread_ids": [thread], "mark": True}
+        )
     with pytest.raises(StaleFencingToken):
         await asyncio.wait_for(late, timeout=5)
     assert await _state(checkpoints, thread) == []

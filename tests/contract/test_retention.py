@@ -1213,6 +1213,21 @@ async def test_postgres_pending_writes_landing_after_the_sweep_deleted_their_thr
         assert await pg_execute(backends, markers, (thread_id,)) == []
 
 
+async def test_postgres_without_retention_a_deleted_thread_leaves_no_mark(
+    open_cold: Open,
+) -> None:
+    """Kept for ever (no TTL), no sweep runs: a mark of a deleted thread would stay for
+    good, one row per thread ever deleted."""
+    async with open_cold("postgres") as backends:
+        threads = [unique_thread("kept-for-ever"), unique_thread("kept-for-ever")]
+        for thread_id in threads:
+            await seed(backends, thread_id, record=False)
+        await backends.checkpoints.delete_thread(threads[0])
+        await backends.checkpoints.prune([threads[1]], strategy="delete")
+        markers = "SELECT thread_id FROM cp_deleted_threads WHERE thread_id = ANY(%s)"
+        assert await pg_execute(backends, markers, (threads,)) == []
+
+
 async def test_postgres_a_thread_deleted_then_used_again_keeps_what_its_new_run_wrote(
     open_cold: Open,
 ) -> None:
