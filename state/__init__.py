@@ -33,9 +33,9 @@ Checkpoints
 Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
-    `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`), `RequestRejected`
-    (and its `InvalidValue`), `UnsupportedSchemaVersion`, `SettingsError`,
-    `CorruptState`, `ThreadExpiring`, `ParentGone`.
+    `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`, `RunsPartlyDeleted`),
+    `RequestRejected` (and its `InvalidValue`), `UnsupportedSchemaVersion`,
+    `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -58,6 +58,7 @@ from .errors import (
     LockNotAcquired,
     ParentGone,
     RequestRejected,
+    RunsPartlyDeleted,
     SaverClosed,
     SaverLoopMissing,
     SettingsError,
@@ -118,6 +119,7 @@ __all__ = [
     "ParentGone",
     "RecordStore",
     "RequestRejected",
+    "RunsPartlyDeleted",
     "SaverClosed",
     "SaverLoopMissing",
     "SectionWrite",

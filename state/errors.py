@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class StateError(Exception):
@@ -101,6 +101,19 @@ class FlushLockBusy(BackendUnavailable):
             "write-behind", f"the flush lock of {thread_id!r} was not released in time"
         )
         self.thread_id = thread_id
+
+
+class RunsPartlyDeleted(BackendUnavailable):
+    """A store's `delete_for_runs` failed after it may have deleted the runs' checkpoints
+    from some threads (`thread_ids`, committed or of unknown outcome). A cache in front
+    drops those too: a call again finds nothing left to delete there, so names them no more."""
+
+    def __init__(self, cause: BackendUnavailable, thread_ids: Iterable[str]) -> None:
+        self.thread_ids = frozenset(thread_ids)
+        super().__init__(
+            cause.backend,
+            f"failed with the runs deleted from up to {len(self.thread_ids)} threads: {cause}",
+        )
 
 
 class RequestRejected(StateError):

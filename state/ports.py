@@ -672,7 +672,10 @@ class CheckpointStore(Protocol):
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`;
-        returns the threads that lost any (what a cache in front must drop)."""
+        returns the threads that lost any (what a cache in front must drop). Not atomic
+        across threads: failing after it may have deleted from some, it raises
+        `RunsPartlyDeleted` naming them (a call again would not); failing before, the
+        `BackendUnavailable` it met."""
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
 

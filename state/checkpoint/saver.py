@@ -50,6 +50,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -82,6 +83,7 @@ from ..errors import (
     InvalidValue,
     LockLost,
     ParentGone,
+    RunsPartlyDeleted,
     SaverClosed,
     SaverLoopMissing,
     StateError,
@@ -1805,13 +1807,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         ]
 
     async def _delete_runs_in_cold(self, run_ids: Sequence[str]) -> set[str]:
-        affected = set(await self.store.delete_for_runs(run_ids))
-        self._owed_drops.update(affected)
-        for thread_id in affected:
+        try:
+            affected = set(await self.store.delete_for_runs(run_ids))
+        except RunsPartlyDeleted as failed:
+            # A call again finds nothing left to delete in those threads: it would not name
+            # them, and their caches would serve the deleted runs.
+            await self._drop_deleted(failed.thread_ids)
+            raise
+        await self._drop_deleted(affected)
+        return affected
+
+    async def _drop_deleted(self, thread_ids: Iterable[str]) -> None:
+        """Drops the caches and delta histories of threads whose runs the store deleted."""
+        self._owed_drops.update(thread_ids)
+        for thread_id in thread_ids:
             self._forget_histories(thread_id)
             await self._drop_cached(thread_id)
             self._owed_drops.discard(thread_id)
-        return affected
 
     async def _holds_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the cold tier holds a checkpoint of one of the runs in the thread."""

@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..errors import ParentGone, VersionConflict
+from ..errors import BackendUnavailable, ParentGone, RunsPartlyDeleted, VersionConflict
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -715,10 +715,17 @@ class CosmosCheckpointStore:
         await self._maintenance.delete_thread(thread_id)
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
-        threads = await self._maintenance.delete_for_runs(run_ids)
+        try:
+            threads = await self._maintenance.delete_for_runs(run_ids)
+        except RunsPartlyDeleted as failed:
+            self._chunker.forget(failed.thread_ids)
+            raise
         self._chunker.forget(threads)
-        for thread_id in sorted(threads):
-            await self._collect_blocks(thread_id)
+        try:
+            for thread_id in sorted(threads):
+                await self._collect_blocks(thread_id)
+        except BackendUnavailable as error:
+            raise RunsPartlyDeleted(error, threads) from error
         return threads
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BackendUnavailable, RunsPartlyDeleted
 from ..ports import PruneStrategy
 from . import cosmos_layout as layout
 from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, gather, strip_system
@@ -76,12 +77,20 @@ class CheckpointMaintenance:
         ):
             for doc in page:
                 victims[(doc["thread_id"], doc["checkpoint_ns"])].add(doc["checkpoint_id"])
+        deleted: set[str] = set()
         for (thread_id, checkpoint_ns), checkpoint_ids in victims.items():
-            await self._remove(
-                thread_id, checkpoint_ns, checkpoint_ids.__contains__, runs_deleted=True
-            )
+            try:
+                await self._remove(
+                    thread_id, checkpoint_ns, checkpoint_ids.__contains__, runs_deleted=True
+                )
+            except BackendUnavailable as error:
+                # The threads deleted from before, and this one: its removal is a request
+                # per batch of documents, some of which may have landed.
+                self._forget(thread_id)
+                raise RunsPartlyDeleted(error, deleted | {thread_id}) from error
             self._forget(thread_id)
-        return {thread_id for thread_id, _ in victims}
+            deleted.add(thread_id)
+        return deleted
 
     async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
         if strategy not in ("keep_latest", "delete"):

@@ -28,7 +28,13 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ..errors import ParentGone, RequestRejected, StaleFencingToken
+from ..errors import (
+    BackendUnavailable,
+    ParentGone,
+    RequestRejected,
+    RunsPartlyDeleted,
+    StaleFencingToken,
+)
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -975,18 +981,24 @@ class PostgresCheckpointStore:
         # threads exhausted the server's lock table.
         for start in range(0, len(run_threads), PRUNE_BATCH):
             batch = run_threads[start : start + PRUNE_BATCH]
-            async with self._pg.transaction("delete_for_runs") as conn:
-                await _lock_threads(conn, batch)
-                # A statement of its own after the locks: its snapshot sees what the call it
-                # waited for committed.
-                cursor = await conn.execute(
-                    DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": list(run_ids), "thread_ids": batch}
-                )
-                deleted = await cursor.fetchall()
-                await _delete_dependents(conn, deleted)
-                batch_threads = {row["thread_id"] for row in deleted}
-                self._chunker.forget(batch_threads)
-                await _collect_chunks(conn, batch_threads)
+            try:
+                async with self._pg.transaction("delete_for_runs") as conn:
+                    await _lock_threads(conn, batch)
+                    # A statement of its own after the locks: its snapshot sees what the call
+                    # it waited for committed.
+                    cursor = await conn.execute(
+                        DELETE_RUN_CHECKPOINTS_SQL,
+                        {"run_ids": list(run_ids), "thread_ids": batch},
+                    )
+                    deleted = await cursor.fetchall()
+                    await _delete_dependents(conn, deleted)
+                    batch_threads = {row["thread_id"] for row in deleted}
+                    self._chunker.forget(batch_threads)
+                    await _collect_chunks(conn, batch_threads)
+            except BackendUnavailable as error:
+                # The batches committed before, and this one: a commit that failed may
+                # have landed.
+                raise RunsPartlyDeleted(error, threads | set(batch)) from error
             threads |= batch_threads
         return threads
 

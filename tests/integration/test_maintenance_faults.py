@@ -24,6 +24,7 @@ from langgraph.types import Command
 
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
+from state.cold import postgres_checkpoints
 from state.errors import BackendUnavailable, RequestRejected
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
@@ -486,6 +487,104 @@ async def test_delete_for_runs_called_again_after_redis_failed_drops_the_cache(
         assert len(served["messages"]) == len(want["messages"]), (
             f"kept run {len(want['messages'])} messages, served {len(served['messages'])}"
         )
+
+
+# Where the cold tier fails, once it deleted the run from the first thread.
+PART_WAY_FAILURES = [
+    ("postgres", "write-through", "second batch"),
+    ("postgres", "write-behind", "second batch"),
+    ("cosmos", "write-through", "second thread"),
+    ("cosmos", "write-behind", "second thread"),
+    ("cosmos", "write-through", "block collection"),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode", "failing"),
+    PART_WAY_FAILURES,
+    ids=[f"{b}-{m}-{f.replace(' ', '-')}" for b, m, f in PART_WAY_FAILURES],
+)
+async def test_delete_for_runs_failing_part_way_drops_the_caches_of_the_threads_it_deleted(
+    backend: str,
+    mode: str,
+    failing: str,
+    stack_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run on two threads, cached in Redis; the cold tier deletes it from the first
+    thread (a batch of its own in Postgres, a thread at a time in Cosmos), then fails on the
+    second (or, in Cosmos, collecting its unreferenced blocks once both are deleted). The
+    deleted threads' caches still held the run's checkpoint, served to every read; and the
+    call made again found nothing more to delete there, so it named those threads no more
+    and their caches were never dropped."""
+    settings = stack_settings(stack_env, backend, True, mode)
+    kept_run, deleted_run = (f"run-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    configs = [config("runs") for _ in range(2)]
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        for cfg in configs:
+            for run, message in ((kept_run, "kept"), (deleted_run, "deleted")):
+                run_cfg: RunnableConfig = {"configurable": {**cfg["configurable"], "run_id": run}}
+                await graph.ainvoke({"messages": [message]}, run_cfg)
+        store = opened.backends.checkpoints
+        deletes = 0
+
+        def second_fails() -> None:
+            nonlocal deletes
+            deletes += 1
+            if deletes == 2:
+                raise BackendUnavailable(backend, "failing once the first thread is done")
+
+        if backend == "postgres":
+            monkeypatch.setattr(postgres_checkpoints, "PRUNE_BATCH", 1)
+            delete_dependents = postgres_checkpoints._delete_dependents
+
+            async def failing_dependents(conn: Any, deleted: Any) -> None:
+                second_fails()
+                await delete_dependents(conn, deleted)
+
+            monkeypatch.setattr(postgres_checkpoints, "_delete_dependents", failing_dependents)
+        elif failing == "block collection":
+            collect_blocks = store._collect_blocks  # type: ignore[attr-defined]
+
+            async def failing_collection(thread_id: str) -> None:
+                second_fails()
+                await collect_blocks(thread_id)
+
+            monkeypatch.setattr(store, "_collect_blocks", failing_collection)
+        else:
+            maintenance = store._maintenance  # type: ignore[attr-defined]
+            remove = maintenance._remove
+
+            async def failing_remove(*args: Any, **kwargs: Any) -> None:
+                second_fails()
+                await remove(*args, **kwargs)
+
+            monkeypatch.setattr(maintenance, "_remove", failing_remove)
+        with pytest.raises(BackendUnavailable):
+            await opened.saver.adelete_for_runs([deleted_run])
+        assert deletes == 2
+
+        async def served_and_cold() -> list[tuple[Any, Any]]:
+            cold = TieredCheckpointSaver(store)  # no cache
+            pairs = []
+            for cfg in configs:
+                served, stored = await opened.saver.aget_tuple(cfg), await cold.aget_tuple(cfg)
+                pairs.append(
+                    tuple(
+                        got and got.checkpoint["channel_values"]["messages"]
+                        for got in (served, stored)
+                    )
+                )
+            return pairs
+
+        for served, stored in await served_and_cold():
+            assert served == stored, "the hot tier serves a checkpoint the cold tier deleted"
+
+        await opened.saver.adelete_for_runs([deleted_run])  # called again, nothing failing
+        for served, stored in await served_and_cold():
+            assert served == stored, "the hot tier serves a checkpoint the cold tier deleted"
+            assert not any("deleted" in str(message) for message in served), served
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
