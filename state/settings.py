@@ -169,6 +169,10 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "STATE_COLD_BACKEND=postgres needs POSTGRES_URL or POSTGRES_HOST + POSTGRES_USER"
             )
+        if self.state_cold_backend is ColdBackend.POSTGRES and self.postgres_url:
+            _check_postgres_url(self.postgres_url)
+        if self.redis_url:
+            _check_redis_url(self.redis_url)
         if self.postgres_pool_min_size > self.postgres_pool_max_size:
             raise SettingsError("POSTGRES_POOL_MIN_SIZE must not exceed POSTGRES_POOL_MAX_SIZE")
         if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:
@@ -218,6 +222,38 @@ class Settings(BaseSettings):
         """The local emulator serves a self-signed certificate on loopback only."""
         host = urlparse(self.cosmos_endpoint or "").hostname or ""
         return host in LOOPBACK_HOSTS
+
+
+def _check_postgres_url(url: SecretStr) -> None:
+    """Parse POSTGRES_URL as the adapter will. libpq's complaint quotes the part it could not
+    read, often the password (e.g. a raw `%`), and psycopg's pool logs it on every
+    connection attempt: refused here, without repeating any of it."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url.get_secret_value())
+    except ProgrammingError:
+        raise SettingsError(
+            "POSTGRES_URL is not a valid connection string (a URL, or key=value pairs; "
+            "in a URL, a `%` or `@` in the password is written %25 or %40). Its text is "
+            "not repeated here: it may hold the password"
+        ) from None
+
+
+def _check_redis_url(url: SecretStr) -> None:
+    """Parse REDIS_URL as the adapter will: an unescaped `/`, `?` or `#` in the password
+    ends the host part early, and redis-py's complaint quotes the password's start."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url.get_secret_value())
+    except ValueError:
+        raise SettingsError(
+            "REDIS_URL is not a valid Redis URL (redis://[user:password@]host:port/db; a "
+            "`/`, `?`, `#` or `@` in the password is written %2F, %3F, %23 or %40). Its "
+            "text is not repeated here: it may hold the password"
+        ) from None
 
 
 @lru_cache(maxsize=1)
