@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import SettingsError
@@ -256,6 +256,23 @@ def _check_redis_url(url: SecretStr) -> None:
         ) from None
 
 
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def from_environment(settings_class: type[SettingsT]) -> SettingsT:
+    """`settings_class` read from the environment. A value its fields refuse is a
+    `SettingsError` naming each variable and what is wrong (the app answers it as a named
+    503, not a bare 500), without the value: it may be a secret."""
+    try:
+        return settings_class()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc'])).upper()}: {problem['msg']}"
+            for problem in error.errors(include_input=False, include_url=False)
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return from_environment(Settings)

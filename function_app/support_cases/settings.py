@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, model_validator
 
 from state import Settings, SettingsError
+from state.settings import from_environment
 
 from .models import FollowUpStrategy
 
@@ -94,4 +95,4 @@ class AppSettings(Settings):
 
 @lru_cache(maxsize=1)
 def get_app_settings() -> AppSettings:
-    return AppSettings()
+    return from_environment(AppSettings)

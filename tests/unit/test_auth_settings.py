@@ -11,7 +11,7 @@ from state.errors import SettingsError
 from support_cases.api import create_app
 from support_cases.auth import Authenticator, AuthNotConfigured, Unauthenticated
 from support_cases.runtime import RuntimeHolder
-from support_cases.settings import AppSettings
+from support_cases.settings import AppSettings, get_app_settings
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
@@ -93,3 +93,27 @@ async def test_an_unconfigured_api_answers_503_naming_the_problem() -> None:
         answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
         assert answer.status_code == 503
         assert "authentication is not configured" in answer.json()["error"]
+
+
+async def test_a_setting_its_field_refuses_answers_503_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value the settings' fields refuse (pydantic's own checks, not the app's) is named
+    as the app's own setting errors are, not answered as a bare 500; its value is not
+    repeated (it may be a secret)."""
+    for name, value in BASE.items():
+        monkeypatch.setenv(name.upper(), str(value))
+    monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
+    monkeypatch.setenv("POSTGRES_POOL_MAX_SIZE", "many-secret-things")
+    get_app_settings.cache_clear()
+    try:
+        app = create_app(holder=RuntimeHolder())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://u.test") as client:
+            answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
+    finally:
+        get_app_settings.cache_clear()
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert "STATE_COLD_TTL_SECONDS" in error and "POSTGRES_POOL_MAX_SIZE" in error
+    assert "many-secret-things" not in error
