@@ -842,7 +842,7 @@ async def test_a_sweep_given_a_deadline_leaves_a_thread_whose_flush_lock_is_held
             finally:
                 elapsed = time.monotonic() - started
                 await other.backends.flusher.log.unlock_thread(busy_id, token)
-            assert elapsed < 2.0, elapsed
+            assert elapsed < 5.0, elapsed  # the lock wait (8 s) not waited out
             cold = TieredCheckpointSaver(opened.backends.checkpoints)
             kept = await cold.aget_tuple(busy)
             assert kept is not None and kept.checkpoint["id"] == before.checkpoint["id"]
