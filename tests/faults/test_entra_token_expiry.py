@@ -259,8 +259,12 @@ async def test_a_connection_signed_in_again_on_its_release_is_not_lent_out_meanw
                 break
             await asyncio.sleep(0.02)
         assert len(tokens.issued) > issued, "no token refresh while the connection was in use"
-        await asyncio.sleep(0.1)  # the new token handed to the pool
         newest = tokens.issued[-1].try_get("oid")
+        # The new token handed to the pool: its idle connection answers as the new user.
+        for _ in range(250):
+            if _text(await client.execute_command("ACL", "WHOAMI")) == newest:
+                break
+            await asyncio.sleep(0.02)
         outcomes = await asyncio.gather(
             pool.release(busy),
             *(client.execute_command("ACL", "WHOAMI") for _ in range(4)),
