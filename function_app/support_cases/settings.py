@@ -18,8 +18,15 @@ from state.settings import from_environment
 
 from .models import FollowUpStrategy
 
-# Set by App Service / Azure Functions on every instance (Flex Consumption included).
-AZURE_HOST_MARKERS = ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID")
+# Set on every instance by App Service / Azure Functions (Flex Consumption included),
+# by Container Apps, and by every Azure host giving the app a managed identity: the app
+# is deployed, not run locally.
+AZURE_HOST_MARKERS = (
+    "WEBSITE_SITE_NAME",
+    "WEBSITE_INSTANCE_ID",
+    "CONTAINER_APP_NAME",
+    "IDENTITY_ENDPOINT",
+)
 ENTRA_LOGIN = "https://login.microsoftonline.com"
 
 

@@ -22,7 +22,7 @@ from support_cases import auth
 from support_cases.api import create_app
 from support_cases.auth import SigningKeys, Unauthenticated
 from support_cases.runtime import RuntimeHolder
-from support_cases.settings import AppSettings
+from support_cases.settings import AZURE_HOST_MARKERS, AppSettings
 
 
 class JwksEndpoint:
@@ -169,7 +169,7 @@ async def test_the_api_refuses_callers_while_the_issuer_is_out_of_reach(
     jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fail closed: no keys, no caller (503 naming the keys, never the route's answer)."""
-    for name in ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"):
+    for name in AZURE_HOST_MARKERS:
         monkeypatch.delenv(name, raising=False)
     issuer = Issuer("http://issuer.test", "api://keys-test")
     jwks.document, jwks.available = issuer.jwks(), False

@@ -11,7 +11,7 @@ from state.errors import SettingsError
 from support_cases.api import create_app
 from support_cases.auth import Authenticator, AuthNotConfigured, Unauthenticated
 from support_cases.runtime import RuntimeHolder
-from support_cases.settings import AppSettings, get_app_settings
+from support_cases.settings import AZURE_HOST_MARKERS, AppSettings, get_app_settings
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
@@ -19,7 +19,7 @@ BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
 
 @pytest.fixture(autouse=True)
 def outside_azure(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"):
+    for name in AZURE_HOST_MARKERS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -48,11 +48,16 @@ def test_auth_is_on_unless_explicitly_disabled() -> None:
     assert AppSettings.model_validate(BASE).auth_disabled is False
 
 
-def test_disabling_auth_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "marker",
+    ["WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID", "CONTAINER_APP_NAME", "IDENTITY_ENDPOINT"],
+)
+def test_disabling_auth_is_refused_in_azure(monkeypatch: pytest.MonkeyPatch, marker: str) -> None:
+    """On Functions, App Service, Container Apps or any host with a managed identity."""
     monkeypatch.setenv("AUTH_DISABLED", "true")
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://x.documents.azure.com:443/")
     assert AppSettings().auth_disabled  # locally: allowed
-    monkeypatch.setenv("WEBSITE_SITE_NAME", "func-api-abc")
+    monkeypatch.setenv(marker, "set by the host")
     with pytest.raises(SettingsError, match="AUTH_DISABLED=true is refused in Azure"):
         AppSettings()
 
