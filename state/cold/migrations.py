@@ -254,13 +254,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         10,
         "deleted_thread_markers",
         """
-        -- Threads deleted whole (delete_thread, prune "delete") and when: a put_writes that
-        -- lands after the delete (LangGraph does not order it after its checkpoint's put)
-        -- leaves writes of a thread with no checkpoint, which only this row leads the
-        -- retention sweep to, a TTL after the delete.
+        -- Threads deleted whole (delete_thread, prune "delete", the retention sweep) and
+        -- when: a put_writes that lands after the delete (LangGraph does not order it after
+        -- its checkpoint's put) leaves writes of a thread with no checkpoint, which only
+        -- this row leads the retention sweep to, a TTL after the delete. Those of
+        -- checkpoints older than the delete only (ids are time-ordered): a new run's first
+        -- writes may land before its first checkpoint, on a thread id used again.
         CREATE TABLE cp_deleted_threads (
             thread_id text PRIMARY KEY,
-            deleted_at timestamptz NOT NULL
+            deleted_at timestamptz NOT NULL,
+            before_checkpoint_id text NOT NULL
         );
         CREATE INDEX cp_deleted_threads_deleted_at ON cp_deleted_threads (deleted_at);
         """,

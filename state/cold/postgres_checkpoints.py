@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequenc
 from typing import Any, TypeVar, cast
 
 import psycopg
+from langgraph.checkpoint.base.id import uuid6
 from psycopg.types.json import Jsonb
 
 from ..errors import (
@@ -203,8 +204,9 @@ DELETE FROM cp_chunks WHERE thread_id = %(thread_id)s AND NOT (digest = ANY(%(ke
 """
 
 # With `mark`, each thread is marked deleted (migration 10): writes a put_writes lands
-# after the delete stay, and the retention sweep removes them once the mark is a TTL old.
-# Without a retention sweep nothing would ever remove the marks.
+# after the delete stay, and the retention sweep removes them once the mark is a TTL old,
+# those of checkpoints older than `before_id` (a checkpoint id made at the delete). Without
+# a retention sweep nothing would ever remove the marks.
 DELETE_THREADS_SQL = """
 WITH dropped_writes AS (
     DELETE FROM cp_writes WHERE thread_id = ANY(%(thread_ids)s)
@@ -213,9 +215,10 @@ WITH dropped_writes AS (
 ), dropped_chunks AS (
     DELETE FROM cp_chunks WHERE thread_id = ANY(%(thread_ids)s)
 ), marked AS (
-    INSERT INTO cp_deleted_threads (thread_id, deleted_at)
-    SELECT DISTINCT unnest(%(thread_ids)s::text[]), now() WHERE %(mark)s
-    ON CONFLICT (thread_id) DO UPDATE SET deleted_at = EXCLUDED.deleted_at
+    INSERT INTO cp_deleted_threads (thread_id, deleted_at, before_checkpoint_id)
+    SELECT DISTINCT unnest(%(thread_ids)s::text[]), now(), %(before_id)s WHERE %(mark)s
+    ON CONFLICT (thread_id) DO UPDATE
+    SET deleted_at = EXCLUDED.deleted_at, before_checkpoint_id = EXCLUDED.before_checkpoint_id
 )
 DELETE FROM cp_checkpoints WHERE thread_id = ANY(%(thread_ids)s)
 """
@@ -602,6 +605,9 @@ class PostgresCheckpointStore:
     async def setup(self) -> None:
         await self._pg.setup()
 
+    def _deletion_mark(self) -> dict[str, Any]:
+        return {"mark": self._marks_deletions, "before_id": str(uuid6(clock_seq=-1))}
+
     async def put_checkpoint(
         self,
         checkpoint: StoredCheckpoint,
@@ -966,7 +972,7 @@ class PostgresCheckpointStore:
                 # and is refused. (A batch takes no maintenance lock: no deadlock.)
                 await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
             await conn.execute(
-                DELETE_THREADS_SQL, {"thread_ids": [thread_id], "mark": self._marks_deletions}
+                DELETE_THREADS_SQL, {"thread_ids": [thread_id], **self._deletion_mark()}
             )
 
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
@@ -1026,7 +1032,7 @@ class PostgresCheckpointStore:
                 await _lock_threads(conn, batch)
                 if strategy == "delete":
                     await conn.execute(
-                        DELETE_THREADS_SQL, {"thread_ids": batch, "mark": self._marks_deletions}
+                        DELETE_THREADS_SQL, {"thread_ids": batch, **self._deletion_mark()}
                     )
                     continue
                 cursor = await conn.execute(DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": batch})

@@ -45,6 +45,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
+from langgraph.checkpoint.base.id import uuid6
+
 from ..size import ARCHIVE_SEPARATOR
 from .postgres_checkpoints import RAISE_FENCE_SQL, THREAD_MAINTENANCE_LOCK
 from .postgres_client import CountedConnection, PostgresConnection
@@ -163,12 +165,13 @@ WITH doomed AS (
 ), dropped_holds AS (
     DELETE FROM retention_holds WHERE thread_id = ANY(%(thread_ids)s)
 ), marked AS (
-    INSERT INTO cp_deleted_threads AS d (thread_id, deleted_at)
-    SELECT DISTINCT t.thread_id, coalesce(to_timestamp(%(now)s::float8), now())
+    INSERT INTO cp_deleted_threads AS d (thread_id, deleted_at, before_checkpoint_id)
+    SELECT DISTINCT t.thread_id, coalesce(to_timestamp(%(now)s::float8), now()), %(before_id)s
     FROM unnest(%(thread_ids)s::text[]) AS t(thread_id)
     WHERE NOT {_IS_ARCHIVE.format(thread_id="t.thread_id")}
-    ON CONFLICT (thread_id)
-    DO UPDATE SET deleted_at = greatest(d.deleted_at, EXCLUDED.deleted_at)
+    ON CONFLICT (thread_id) DO UPDATE
+    SET deleted_at = greatest(d.deleted_at, EXCLUDED.deleted_at),
+        before_checkpoint_id = greatest(d.before_checkpoint_id, EXCLUDED.before_checkpoint_id)
 ), dropped_records AS (
     DELETE FROM workflow_records WHERE thread_id IN (SELECT thread_id FROM doomed)
     RETURNING thread_id
@@ -190,8 +193,9 @@ WHERE token < (extract(epoch FROM {_CUTOFF}) * 1000000)::bigint
 
 
 # Marks (`cp_deleted_threads`, migration 10) a TTL old, with the pending writes their
-# threads were left with, unless a new run stored checkpoints since (their writes may land
-# before their checkpoint's put: LangGraph does not order them). Only writes: a put's blobs
+# threads were left with (of checkpoints older than the delete), unless a new run stored
+# checkpoints since (its writes may land before its checkpoint's put: LangGraph does not
+# order them; newer than the delete, they are never taken). Only writes: a put's blobs
 # and chunks go in the statement of its checkpoint, never left without it, and a new put
 # may name an old chunk it found stored. A thread whose maintenance lock is held (a delete
 # of it again) is skipped, as one another sweep took; tried, never waited for.
@@ -206,10 +210,11 @@ WITH expired AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING d.thread_id
+    RETURNING d.thread_id, d.before_checkpoint_id
 ), dropped_writes AS (
     DELETE FROM cp_writes AS w USING expired AS e
     WHERE w.thread_id = e.thread_id
+      AND w.checkpoint_id < e.before_checkpoint_id
       AND NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = e.thread_id)
 )
 SELECT count(*) AS expired FROM expired
@@ -325,7 +330,12 @@ class PostgresRetention:
                     await spared(thread_id)
             if not doomed:
                 return len(expired), 0
-            cursor = await conn.execute(DELETE_THREADS_SQL, {"thread_ids": doomed, "now": now})
+            cursor = await conn.execute(
+                DELETE_THREADS_SQL,
+                # A checkpoint id of the delete's real time, even on a sweep told another `now`:
+                # the writes it bounds were made on real clocks.
+                {"thread_ids": doomed, "now": now, "before_id": str(uuid6(clock_seq=-1))},
+            )
             row = await cursor.fetchone()
         return len(expired), int(row["deleted"]) if row else 0
 

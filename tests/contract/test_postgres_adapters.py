@@ -489,8 +489,8 @@ WITH crowd AS (
     INSERT INTO cp_chunks (thread_id, digest, node, data)
     SELECT thread_id, sha256(int4send(n)), n %% 10 = 0, '\\x00' FROM crowd
 ), deleted AS (
-    INSERT INTO cp_deleted_threads (thread_id, deleted_at)
-    SELECT %(prefix)s || 'deleted-' || n, now() FROM crowd
+    INSERT INTO cp_deleted_threads (thread_id, deleted_at, before_checkpoint_id)
+    SELECT %(prefix)s || 'deleted-' || n, now(), '1f0' FROM crowd
 ), audit AS (
     INSERT INTO state_audit_log (thread_id, version, agent_id, section, before, after, at,
                                  schema_version)
@@ -605,7 +605,7 @@ async def test_retention_reads_only_the_threads_it_deletes_however_many_others_s
             (postgres_retention.EXPIRED_ORPHAN_ARCHIVES_SQL, window),
             (
                 postgres_retention.DELETE_THREADS_SQL,
-                {"thread_ids": ["thread-a", "thread-b"], "now": None},
+                {"thread_ids": ["thread-a", "thread-b"], "now": None, "before_id": "1f1"},
             ),
             (postgres_retention.EXPIRED_DELETIONS_SQL, window),
         ],
@@ -898,7 +898,8 @@ async def test_a_late_fenced_batch_waits_for_a_delete_then_is_refused_without_a_
         await asyncio.sleep(0.3)
         assert not late.done()  # waiting for the fence row
         await conn.execute(
-            postgres_checkpoints.DELETE_THREADS_SQL, {"thread_ids": [thread], "mark": True}
+            postgres_checkpoints.DELETE_THREADS_SQL,
+            {"thread_ids": [thread], "mark": True, "before_id": "1f1"},
         )
     with pytest.raises(StaleFencingToken):
         await asyncio.wait_for(late, timeout=5)

@@ -29,6 +29,7 @@ import pytest
 import redis.exceptions
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
 
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_retention, postgres_retention
@@ -1211,6 +1212,33 @@ async def test_postgres_pending_writes_landing_after_the_sweep_deleted_their_thr
         assert await pg_rows(backends, thread_id) == dict.fromkeys(PG_TABLES, 0)
         markers = "SELECT thread_id FROM cp_deleted_threads WHERE thread_id = %s"
         assert await pg_execute(backends, markers, (thread_id,)) == []
+
+
+async def test_postgres_a_new_runs_first_writes_on_a_deleted_threads_id_are_not_swept(
+    open_cold: Open,
+) -> None:
+    """A thread id used again a TTL after its delete: the new run's first writes may land
+    before its first checkpoint (LangGraph does not order them), and a sweep then finds
+    the thread with writes and no checkpoint. Only the writes of checkpoints older than
+    the delete are leftovers; the new run's are kept."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("used-again")
+        await seed(backends, thread_id, record=False)
+        await backends.checkpoints.delete_thread(thread_id)
+        late = [StoredWrite("task", "", 0, "messages", ("json", b"[1]"))]
+        await backends.checkpoints.put_writes(thread_id, "", checkpoint_id(1), late, upsert=False)
+        await pg_execute(
+            backends,
+            "UPDATE cp_deleted_threads SET deleted_at = deleted_at - make_interval(secs => %s)"
+            " WHERE thread_id = %s",
+            (LONG_AGO, thread_id),
+        )
+        new_run_first = str(uuid6(clock_seq=-1))  # made after the delete
+        await backends.checkpoints.put_writes(thread_id, "", new_run_first, late, upsert=False)
+
+        assert await backends.retention.sweep(limit=100) == 0
+        writes = "SELECT checkpoint_id FROM cp_writes WHERE thread_id = %s"
+        assert await pg_execute(backends, writes, (thread_id,)) == [(new_run_first,)]
 
 
 async def test_postgres_without_retention_a_deleted_thread_leaves_no_mark(
