@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,8 +40,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from state import SettingsError
 from support_cases.demo import demo_case
-from support_cases.models import FollowUpStrategy
+from support_cases.models import CASE_ID_PATTERN, FollowUpStrategy
+from support_cases.settings import AppSettings
 
 from .tokens import InsecureApi, TokenUnavailable, access_token
 
@@ -68,6 +71,17 @@ def _checked_api(api: str) -> str:
     return api
 
 
+def _checked_case(case: str) -> str:
+    """The id goes into the URL's path as typed: `x/../case_1` or `case_1?x` would reach
+    another case there (or another endpoint), so one the API would refuse is refused here."""
+    if not re.fullmatch(CASE_ID_PATTERN, case):
+        raise typer.BadParameter(
+            f"{case!r} is not a case id (letters, digits, '_', '.', '-'; at most 64)"
+        )
+    return case
+
+
+CaseArgument = Annotated[str, typer.Argument(help="The case id.", callback=_checked_case)]
 ApiOption = Annotated[
     str,
     typer.Option(
@@ -119,6 +133,13 @@ def _start_stack(workdir: Path, *, with_postgres: bool, ports: dict[str, int]) -
     except devstack.ServerStartError as failed:
         # Its message may carry the server's log tail: the first line says what failed.
         errors.print(f"[red]{str(failed).splitlines()[0]}[/red]", soft_wrap=True)
+    except OSError as unusable:
+        # A --workdir that cannot be made a directory (a file, a dangling link, no
+        # permission); the servers started so far were stopped.
+        errors.print(
+            f"[red]cannot start the stack in {workdir}: {escape(str(unusable))}[/red]",
+            soft_wrap=True,
+        )
     raise typer.Exit(1)
 
 
@@ -307,6 +328,9 @@ def serve(
             os.environ.update(_stack_env(status))
             os.environ["STATE_COLD_BACKEND"] = backend
             os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
+            # Checked before uvicorn starts: the app would read them only at its startup,
+            # and a wrong value would be a traceback after "API on ..." was printed.
+            _check_app_settings()
             console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
             # Client commands find the issuer of the default workdir's stack only: another
             # stack's must be named, or the hinted command gets no token (or a stranger's).
@@ -323,6 +347,15 @@ def serve(
             # held is lost with it.
             if started_here and devstack.down(where).stopped:
                 console.print(f"note: {_memory_only_note()}")
+
+
+def _check_app_settings() -> None:
+    """The app's settings from this environment; a wrong one ends the command in one line."""
+    try:
+        AppSettings()
+    except SettingsError as wrong:
+        errors.print(f"[red]cannot serve: {escape(str(wrong))}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _with_postgres_if_asked(
@@ -500,7 +533,7 @@ def _request_body(file: Path) -> dict[str, Any]:
 
 
 @app.command()
-def show(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+def show(case: CaseArgument, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
     """A case's status and result."""
     answer = _call("GET", api, f"/cases/{case}")
     _print_json(answer) if as_json else _print_case(answer)
@@ -508,7 +541,7 @@ def show(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -
 
 @app.command()
 def checkpoints(
-    case: str,
+    case: CaseArgument,
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
@@ -533,7 +566,7 @@ def checkpoints(
 
 @app.command()
 def audit(
-    case: str,
+    case: CaseArgument,
     limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 100,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
@@ -558,7 +591,7 @@ def audit(
 
 @app.command()
 def review(
-    case: str,
+    case: CaseArgument,
     decision: Annotated[str, typer.Argument(help="approve or reject")],
     note: Annotated[str | None, typer.Option(help="Why.")] = None,
     api: ApiOption = DEFAULT_API,
@@ -573,7 +606,7 @@ def review(
 
 @app.command()
 def resume(
-    case: str,
+    case: CaseArgument,
     wait: Annotated[
         bool,
         typer.Option(
@@ -649,7 +682,7 @@ EVENT_STYLES = {
 
 @app.command()
 def reply(
-    case: str,
+    case: CaseArgument,
     text: Annotated[str, typer.Argument(help="The customer's message.")],
     strategy: Annotated[
         FollowUpStrategy | None,
@@ -693,7 +726,9 @@ def reply(
 
 
 @app.command("runs")
-def list_runs(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+def list_runs(
+    case: CaseArgument, api: ApiOption = DEFAULT_API, as_json: JsonOption = False
+) -> None:
     """A case's runs, oldest first: its intake, then one per follow-up message."""
     answer = _call("GET", api, f"/cases/{case}/runs")
     if as_json:
@@ -723,7 +758,7 @@ def list_runs(case: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = Fal
 
 @app.command()
 def follow(
-    case: str,
+    case: CaseArgument,
     stream_seconds: Annotated[
         float,
         typer.Option(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -137,6 +137,16 @@ class Settings(BaseSettings):
     state_archivable_sections: Annotated[tuple[str, ...], NoDecode] = ()
     state_reasoning_max_chars: int = Field(default=4000, ge=64)
 
+    def __init__(self, **values: Any) -> None:
+        # pydantic's error is a multi-line dump naming fields: a wrong value in the
+        # environment is one SettingsError naming its variable, like the checks below,
+        # so every entry point (API, CLI, a library user) reports it in one line.
+        try:
+            super().__init__(**values)
+        except ValidationError as invalid:
+            # Not chained: pydantic's error quotes the value, which may be a secret.
+            raise SettingsError(described(invalid)) from None
+
     @field_validator(
         "state_message_sections",
         "state_reasoning_sections",
@@ -256,23 +266,18 @@ def _check_redis_url(url: SecretStr) -> None:
         ) from None
 
 
-SettingsT = TypeVar("SettingsT", bound=Settings)
-
-
-def from_environment(settings_class: type[SettingsT]) -> SettingsT:
-    """`settings_class` read from the environment. A value its fields refuse is a
-    `SettingsError` naming each variable and what is wrong (the app answers it as a named
-    503, not a bare 500), without the value: it may be a secret."""
-    try:
-        return settings_class()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, problem['loc'])).upper()}: {problem['msg']}"
-            for problem in error.errors(include_input=False, include_url=False)
-        )
-        raise SettingsError(f"invalid settings: {problems}") from None
+def described(invalid: ValidationError) -> str:
+    """Each wrong value as `VARIABLE: what is wrong`; never the value (it may be a secret)."""
+    problems = []
+    for error in invalid.errors(include_url=False):
+        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+        # A validator's own ValueError already says what it wants, without pydantic's prefix.
+        cause = (error.get("ctx") or {}).get("error")
+        problem = str(cause) if error["type"] == "value_error" and cause else error["msg"]
+        problems.append(problem if problem.startswith(variable) else f"{variable}: {problem}")
+    return "; ".join(problems)
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return from_environment(Settings)
+    return Settings()

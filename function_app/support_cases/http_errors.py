@@ -16,6 +16,7 @@ from state import (
     InvalidValue,
     LockNotAcquired,
     RequestRejected,
+    SettingsError,
     StaleFencingToken,
     StateTooLarge,
     ThreadExpiring,
@@ -189,6 +190,15 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers["Retry-After"] = str(error.retry_after)
         return response
 
+    async def misconfigured(request: Request, error: Exception) -> JSONResponse:
+        """The environment's settings are wrong: the operator's to fix, not the caller's,
+        and not a crash (500). It names the variable, never its value."""
+        log.error("%s %s answered 503: settings: %s", request.method, request.url.path, error)
+        # `status` too: on /health this 503 is then the HealthView its document declares.
+        body = {"error": f"the API is not configured correctly: {error}", "status": "down"}
+        return JSONResponse(body, status_code=503)
+
+    app.add_exception_handler(SettingsError, misconfigured)
     app.add_exception_handler(CaseBusy, busy)
     app.add_exception_handler(StreamsBusy, streams_busy)
     app.add_exception_handler(RequestValidationError, invalid_request)

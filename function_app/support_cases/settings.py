@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, model_validator
 
 from state import Settings, SettingsError
-from state.settings import from_environment
 
 from .models import FollowUpStrategy
 
@@ -102,4 +101,4 @@ class AppSettings(Settings):
 
 @lru_cache(maxsize=1)
 def get_app_settings() -> AppSettings:
-    return from_environment(AppSettings)
+    return AppSettings()

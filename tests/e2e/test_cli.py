@@ -133,6 +133,29 @@ def event_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if re.match(r"\d\d:\d\d:\d\d\.\d{3}  run-", line)]
 
 
+async def test_a_case_id_that_is_not_one_never_reaches_another_case(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id goes into the URL's path: `x/../<case>` would read (or decide) <case>, and
+    `<case>#x` would read the case where its runs were asked for."""
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "dana")
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    async with api_process(app_env(runtime, stack_env), tmp_path / "api.log") as (_, client):
+        api = ("--api", str(client.base_url))
+        await cli_json("submit", "--demo", "--case-id", case_id, *api)
+        for command in (
+            ("show", f"nothere/../{case_id}"),
+            ("runs", f"{case_id}#x"),
+            ("review", f"nothere/../{case_id}", "approve"),
+            ("reply", f"{case_id}?x", "hello"),
+        ):
+            code, out = await cli(*command, *api)
+            assert code == 2, out
+            assert "is not a case id" in out and "Traceback" not in out
+            assert case_id not in out.replace(command[1], "")
+
+
 def test_sse_frames_are_parsed_as_the_standard_says() -> None:
     stream = (
         ": keep-alive\r\n\r\n"

@@ -127,6 +127,22 @@ def _servers_on(port: int) -> list[int]:
     return found
 
 
+def test_stack_up_in_a_workdir_that_cannot_be_a_directory_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A dangling link (or a path under /proc, or without permission): not mkdir's
+    traceback, and no server left running."""
+    workdir = tmp_path / "stack"
+    workdir.symlink_to(tmp_path / "gone" / "stack")
+    result = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"cannot start the stack in {workdir}" in lines[0] and "File exists" in lines[0]
+    assert devstack.status(workdir) == {"running": False}
+
+
 @pytest.mark.parametrize("option", ["--redis-port", "--cosmos-port", "--issuer-port"])
 def test_stack_up_refuses_a_port_out_of_range(workdir: Path, option: str) -> None:
     ports = dict(zip(FREE_PORTS[::2], FREE_PORTS[1::2], strict=True))
@@ -159,6 +175,37 @@ def test_serve_on_a_busy_port_says_so_before_starting_the_stack(workdir: Path) -
     assert "--port" in lines[0]
     # Refused up front: no stack was started (and stopped) for nothing.
     assert "starting redis" not in result.stdout
+
+
+def test_serve_with_a_wrong_setting_says_which_in_one_line_and_stops_the_stack(
+    workdir: Path,
+) -> None:
+    """Not uvicorn's startup traceback after "API on ..." was printed: the variable and
+    what is wrong with it, and the stack it started for nothing is stopped."""
+    result = subprocess.run(
+        [
+            *CLI,
+            "serve",
+            "--workdir",
+            str(workdir),
+            "--port",
+            str(devstack.free_port()),
+            *FREE_PORTS,
+        ],
+        env=cli_env(CASE_REVIEW_THRESHOLD="-5"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "CASE_REVIEW_THRESHOLD" in lines[0] and "greater than or equal to 0" in lines[0]
+    assert "API on" not in result.stdout
+    assert devstack.status(workdir) == {"running": False}
 
 
 def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:

@@ -122,3 +122,26 @@ async def test_a_setting_its_field_refuses_answers_503_naming_the_variable(
     error = answer.json()["error"]
     assert "STATE_COLD_TTL_SECONDS" in error and "POSTGRES_POOL_MAX_SIZE" in error
     assert "many-secret-things" not in error
+
+
+async def test_a_wrong_value_in_the_environment_is_answered_503_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a traceback that stops the worker at startup (or a 500 per request): the API
+    starts, logs the problem, and names the variable to every caller."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", BASE["cosmos_endpoint"])
+    monkeypatch.setenv("CASE_REVIEW_THRESHOLD", "-5")
+    app = create_app(holder=RuntimeHolder(AppSettings))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://u.test") as client,
+    ):
+        answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
+        assert answer.status_code == 503
+        assert "CASE_REVIEW_THRESHOLD" in answer.json()["error"]
+        # The health probe too: down for a reason, not an internal error.
+        health = await client.get("/api/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "down"
+        assert "CASE_REVIEW_THRESHOLD" in health.json()["error"]

@@ -60,8 +60,34 @@ def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
     monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
-    with pytest.raises(ValueError, match="STATE_COLD_TTL_SECONDS"):
+    with pytest.raises(SettingsError, match="STATE_COLD_TTL_SECONDS"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("REDIS_PORT", "hunter2", "valid integer"),
+        ("REDIS_SSL", "maybe", "valid boolean"),
+        ("STATE_WRITE_MODE", "fast", "'write-through' or 'write-behind'"),
+        ("STATE_HOT_TTL_SECONDS", "0", "greater than 0"),
+        ("STATE_COLD_TTL_SECONDS", "0", "-1 (keep forever) or > 0"),
+    ],
+)
+def test_a_wrong_value_is_one_line_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    """Not pydantic's multi-line ValidationError (which names fields, not variables): what
+    every entry point can print as is, without the value (it may be a secret)."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    message = str(refused.value)
+    assert message.startswith(f"{variable}: ") or message.startswith(f"{variable} must")
+    assert problem in message
+    assert "\n" not in message
+    assert "hunter2" not in message
 
 
 def test_postgres_pool_settings_have_documented_defaults_and_bounds(
