@@ -213,7 +213,11 @@ def test_serve_refuses_a_port_the_running_stack_does_not_use(
             {
                 "workdir": str(tmp_path),
                 "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
-                "env": {},
+                # What `stack up` records for its clients (serve checks the app's settings).
+                "env": {
+                    "COSMOS_ENDPOINT": "https://127.0.0.1:8091/",
+                    "REDIS_URL": "redis://127.0.0.1:6390/0",
+                },
             }
         )
     )
