@@ -4,10 +4,11 @@
 // Least privilege: the Entra administrator is the deploying user (or another
 // principal named by the parameters), never the app. After provisioning, the
 // azd postprovision hook (scripts/azd/postgres_access.py) signs in as that
-// administrator and creates the app identity's role with only what the app
-// needs: CONNECT on the database and USAGE + CREATE on schema `public` (its
-// migrations create the tables it then owns). The app signs in as
-// POSTGRES_USER (the identity's name) with an Entra token as the password.
+// administrator, applies the schema migrations itself (the administrator owns
+// the tables) and creates the app identity's role with only what the app needs:
+// CONNECT on the database, USAGE on schema `public` and SELECT/INSERT/UPDATE/
+// DELETE on its tables; no CREATE, so the app cannot change the schema. The app
+// signs in as POSTGRES_USER (the identity's name) with an Entra token as the password.
 
 @description('Server name.')
 param name string

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,54 @@ INDEX_SCRIPT = textwrap.dedent(
 )
 
 
+# Every import the shipped code can execute, function-level (lazy) ones included: the
+# index test above only reaches what indexing and one request load, while the cold tiers,
+# Entra sign-in and the Azure Monitor exporter are imported on first use, in Azure alone.
+# Imports under `if TYPE_CHECKING:` never run and are left out.
+IMPORTS_SCRIPT = textwrap.dedent(
+    """
+    import ast, importlib, json, pathlib, pkgutil, sys
+    sys.path.insert(0, ".")
+
+    def typing_only(tree):
+        nodes = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                nodes.update(id(sub) for inner in node.body for sub in ast.walk(inner))
+        return nodes
+
+    wanted = {}  # module -> names taken from it
+    for path in sorted(pathlib.Path(".").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        skip = typing_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    wanted.setdefault(alias.name, set())
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                wanted.setdefault(node.module, set()).update(a.name for a in node.names)
+    # The package's own modules, each on its own (relative imports included).
+    for package in ("state", "support_cases"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, package + "."):
+            wanted.setdefault(info.name, set())
+
+    failed = {}
+    for module, names in sorted(wanted.items()):
+        try:
+            loaded = importlib.import_module(module)
+            for name in sorted(names - {"*"}):
+                if not hasattr(loaded, name):
+                    importlib.import_module(f"{module}.{name}")
+        except Exception as error:
+            failed[module] = f"{type(error).__name__}: {error}"
+    print(json.dumps({"checked": sorted(wanted), "failed": failed}))
+    """
+)
+
+
 def build_package(repo_root: Path, target: Path) -> None:
     ignored = [
         line.strip().rstrip("/")
@@ -69,13 +118,49 @@ def build_package(repo_root: Path, target: Path) -> None:
     )
 
 
-def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Deployed:
+    """The package as azd zips it, and a fresh venv holding only its requirements.txt."""
+
+    package: Path
+    python: Path
+    env: dict[str, str]
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.python), "-c", script],
+            cwd=self.package,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+
+@pytest.fixture(scope="module")
+def deployed(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Deployed:
     # The venv's own uv (a dev dependency) first: the machine's may not be on PATH.
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.fail("uv is not on PATH: run scripts/bootstrap.sh")
-    package = tmp_path / "package"
+    root = tmp_path_factory.mktemp("deployed")
+    package = root / "package"
     build_package(repo_root, package)
+    venv = root / "venv"
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [uv, "pip", "install", "--quiet", "--python", str(python), "-r", "requirements.txt"],
+        cwd=package,
+        check=True,
+        capture_output=True,
+    )
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    return Deployed(package=package, python=python, env=clean_env)
+
+
+def test_package_indexes_http_and_timer_functions(deployed: Deployed) -> None:
+    package = deployed.package
     assert (package / "state" / "tiered.py").is_file()
     assert (package / "host.json").is_file() and not (package / "tests").exists()
     # No developer or test tool ships: the CLI, its token helper, the local stack, test hooks.
@@ -89,24 +174,7 @@ def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Pat
     }
     assert tools == set()
 
-    venv = tmp_path / "venv"
-    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [uv, "pip", "install", "--quiet", "--python", str(python), "-r", "requirements.txt"],
-        cwd=package,
-        check=True,
-        capture_output=True,
-    )
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    result = subprocess.run(
-        [str(python), "-c", INDEX_SCRIPT],
-        cwd=package,
-        env=clean_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = deployed.run(INDEX_SCRIPT)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -134,3 +202,19 @@ def test_package_indexes_http_and_timer_functions(repo_root: Path, tmp_path: Pat
     host = json.loads((package / "host.json").read_text())
     assert host["telemetryMode"] == "OpenTelemetry"
     assert host["extensions"]["http"]["routePrefix"] == "api"
+
+
+def test_every_import_of_the_package_resolves_from_its_requirements(deployed: Deployed) -> None:
+    result = deployed.run(IMPORTS_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["failed"] == {}, "not installable from requirements.txt alone"
+    # The lazy imports were seen: the cold tiers, Entra sign-in, the Azure Monitor exporter.
+    assert {
+        "psycopg",
+        "psycopg_pool",
+        "azure.cosmos.aio",
+        "azure.identity.aio",
+        "redis_entraid.cred_provider",
+        "azure.monitor.opentelemetry",
+    } <= set(report["checked"])
