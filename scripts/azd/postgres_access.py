@@ -44,7 +44,7 @@ from psycopg import AsyncConnection, Error, sql  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from state.cold.migrations import migrate  # noqa: E402
-from state.cold.postgres_client import ENTRA_SCOPE, POSTGRES_PORT  # noqa: E402
+from state.cold.postgres_client import ENTRA_SCOPE, POSTGRES_PORT, VERIFIED_TLS  # noqa: E402
 
 # Creates the role of an Entra principal (by name and object id) on the server.
 CreatePrincipal = Callable[[AsyncConnection, "AccessPlan"], Awaitable[None]]
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         plan = AccessPlan.from_azd(values)
         server = make_conninfo(
-            host=host, port=POSTGRES_PORT, user=admin, password=entra_token(), sslmode="require"
+            host=host, port=POSTGRES_PORT, user=admin, password=entra_token(), **VERIFIED_TLS
         )
         for line in asyncio.run(apply(server, plan)):
             print(f"[azd] postgres: {line}")

@@ -10,8 +10,10 @@ what would have been sent.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import azure.identity.aio
@@ -375,7 +377,11 @@ async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
         assert FakeTokenCredential.built == [{"managed_identity_client_id": CLIENT_ID}]
         info = conninfo_to_dict(pool.conninfo)
         assert info["host"] == POSTGRES_HOST and info["user"] == POSTGRES_USER
-        assert info["dbname"] == "agentstate" and info["sslmode"] == "require"
+        assert info["dbname"] == "agentstate"
+        # The token goes only to a server whose certificate names the host.
+        assert info["sslmode"] == "verify-full"
+        roots = await asyncio.to_thread(Path(info["sslrootcert"]).read_text)
+        assert "BEGIN CERTIFICATE" in roots
         assert "password" not in info
         # The pool calls this for every new connection: a fresh token each time.
         connect_kwargs = await pool.kwargs["kwargs"]()
