@@ -1293,7 +1293,12 @@ def test_azure_yaml_hooks_exist_and_are_executable() -> None:
     service_dir = REPO / service["project"]
     scripts = dict(_hook_scripts(service["hooks"], service_dir))
     scripts.update({f"project {k}": v for k, v in _hook_scripts(config["hooks"], REPO)})
-    assert {"prepackage", "postpackage", "project postprovision"} <= set(scripts)
+    assert {
+        "prepackage",
+        "postpackage",
+        "project preprovision",
+        "project postprovision",
+    } <= set(scripts)
     for event, script in scripts.items():
         assert script.is_file(), f"{event}: {script} missing"
         assert script.stat().st_mode & stat.S_IXUSR, f"{event}: {script} not executable"
@@ -1394,6 +1399,21 @@ def test_postprovision_fails_clearly_before_provisioning(tmp_path: Path) -> None
     output = tmp_path / "local.settings.json"
     assert local_settings.main(["--from-json", str(values_file), "--output", str(output)]) == 1
     assert not output.exists()
+
+
+def test_preprovision_refuses_postgres_without_its_entra_administrator(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bicep would create a server with no Entra administrator, and the app's database
+    role could never be created: refused before anything is provisioned."""
+    preprovision = load_script("preprovision")
+    assert preprovision.main({"STATE_COLD_BACKEND": "postgres"}) == 1
+    assert "azd env set AZURE_PRINCIPAL_NAME" in capsys.readouterr().err
+    assert preprovision.main({"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": " "}) == 1
+    named = {"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": "dev@contoso.com"}
+    assert preprovision.main(named) == 0
+    assert preprovision.main({}) == 0  # Cosmos, the default, needs no name
+    assert preprovision.main({"STATE_COLD_BACKEND": "cosmos"}) == 0
 
 
 def test_deploy_doc_covers_deployment_and_every_setting() -> None:
