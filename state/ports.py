@@ -532,12 +532,6 @@ class ChannelHistory:
     seed_at: str | None = None
 
 
-@dataclass(frozen=True)
-class CheckpointPage:
-    items: list[StoredCheckpoint]
-    continuation: str | None = None
-
-
 PruneStrategy = Literal["keep_latest", "delete"]
 
 

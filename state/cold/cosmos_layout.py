@@ -117,10 +117,6 @@ def blob_doc_id(checkpoint_ns: str, channel: str, version: str | int | float) ->
     return _doc_id("blob", checkpoint_ns, channel, str(version))
 
 
-def pointer_doc_id(checkpoint_ns: str) -> str:
-    return _doc_id("ptr", checkpoint_ns)
-
-
 def block_doc_id(digest: bytes) -> str:
     return f"blk:{digest.hex()}"
 
