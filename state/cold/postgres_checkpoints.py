@@ -450,6 +450,25 @@ PRUNE_BATCH = 500
 RUN_THREADS_SQL = """
 SELECT DISTINCT thread_id FROM cp_checkpoints WHERE metadata ->> 'run_id' = ANY(%(run_ids)s)
 """
+# The threads holding a checkpoint of the runs that a delete_for_runs left (spared ones
+# aside, which it keeps on purpose): one the runs first wrote to after its listing, or a
+# put with no parent (nothing to refuse it) that waited for its batch's lock.
+LATE_RUN_THREADS_SQL = """
+SELECT DISTINCT thread_id FROM cp_checkpoints
+WHERE metadata ->> 'run_id' = ANY(%(run_ids)s) AND NOT spared
+"""
+# The threads delete_for_runs left with no checkpoint, marked as a delete of a whole thread
+# marks them (`DELETE_THREADS_SQL`): a put_writes of a deleted run landing after it leaves
+# writes of a thread with no checkpoint, which only the retention sweep of marks removes.
+MARK_EMPTIED_SQL = """
+INSERT INTO cp_deleted_threads (thread_id, deleted_at, before_checkpoint_id)
+SELECT t.thread_id, now(), %(before_id)s FROM unnest(%(thread_ids)s::text[]) AS t (thread_id)
+WHERE NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = t.thread_id)
+ON CONFLICT (thread_id) DO UPDATE
+SET deleted_at = EXCLUDED.deleted_at, before_checkpoint_id = EXCLUDED.before_checkpoint_id
+"""
+# Looks again delete_for_runs takes for a run still writing to threads, before it gives up.
+LATE_RUN_ROUNDS = 3
 
 # A write-through put goes on from its parent only if the parent is still stored and not
 # spared (a deleted run's): else delete_for_runs deleted the run writing it, and its step
@@ -469,6 +488,14 @@ PARENT_KEPT_CTE = f"""parent_kept AS (
     WHERE p.thread_id = $thread AND p.checkpoint_ns = $ns AND p.checkpoint_id = $parent
       AND NOT p.spared
     FOR KEY SHARE OF p
+)"""
+# A write-through put with no parent takes the thread's maintenance lock, shared, too: the
+# retention sweep, which locks a thread and asks whether it is still idle before its delete
+# statement, deleted such a put committed in between (acknowledged after the sweep's last
+# look). Waiting for the sweep instead, it lands after the delete. Its checkpoint row takes
+# its id from `turn` (Postgres never runs a CTE nothing reads). No round trip more.
+TURN_CTE = f"""turn AS (
+    SELECT pg_advisory_xact_lock_shared({THREAD_MAINTENANCE_LOCK}, hashtext($thread))
 )"""
 # The column the guard leaves NULL (`parent_kept`): its violation is a refused parent.
 GUARDED_COLUMN = "checkpoint_id"
@@ -615,11 +642,11 @@ class PostgresCheckpointStore:
         *,
         parent_vouched: bool = False,
     ) -> None:
-        guarded = checkpoint.parent_checkpoint_id is not None and not parent_vouched
+        guarded = checkpoint.parent_checkpoint_id is None or not parent_vouched
         try:
             await self._write("put_checkpoint", [CheckpointPut(checkpoint, blobs)], guarded=guarded)
         except RequestRejected as exc:
-            if guarded and _refused_parent(exc):
+            if checkpoint.parent_checkpoint_id is not None and _refused_parent(exc):
                 raise _parent_gone(checkpoint) from exc
             raise
 
@@ -705,13 +732,10 @@ class PostgresCheckpointStore:
     def put_checkpoint_blocking(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
     ) -> None:
-        guarded = checkpoint.parent_checkpoint_id is not None
         try:
-            self._write_blocking(
-                "put_checkpoint", [CheckpointPut(checkpoint, blobs)], guarded=guarded
-            )
+            self._write_blocking("put_checkpoint", [CheckpointPut(checkpoint, blobs)], guarded=True)
         except RequestRejected as exc:
-            if guarded and _refused_parent(exc):
+            if checkpoint.parent_checkpoint_id is not None and _refused_parent(exc):
                 raise _parent_gone(checkpoint) from exc
             raise
 
@@ -978,10 +1002,39 @@ class PostgresCheckpointStore:
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
-        async with self._pg.connection("delete_for_runs") as conn:
-            cursor = await conn.execute(RUN_THREADS_SQL, {"run_ids": list(run_ids)})
-            run_threads = sorted(row["thread_id"] for row in await cursor.fetchall())
+        params = {"run_ids": list(run_ids)}
+        run_threads = await self._run_threads(RUN_THREADS_SQL, params)
         threads: set[str] = set()
+        # Looked for again after each pass until none is left: a checkpoint of the runs
+        # committed before the call's last look does not survive it (one after it is a
+        # write that came after the call). A statement more per call, none per put.
+        rounds = 0
+        while run_threads:
+            if rounds > LATE_RUN_ROUNDS:
+                still = BackendUnavailable(
+                    "postgres",
+                    f"runs {sorted(run_ids)} are still writing to {run_threads}; stop them"
+                    " and call again",
+                )
+                raise RunsPartlyDeleted(still, threads)
+            rounds += 1
+            await self._delete_runs_from(run_ids, run_threads, threads)
+            try:
+                run_threads = await self._run_threads(LATE_RUN_THREADS_SQL, params)
+            except BackendUnavailable as error:
+                raise RunsPartlyDeleted(error, threads) from error
+        return threads
+
+    async def _run_threads(self, query: str, params: Mapping[str, Any]) -> list[str]:
+        async with self._pg.connection("delete_for_runs") as conn:
+            cursor = await conn.execute(query, params)
+            return sorted(row["thread_id"] for row in await cursor.fetchall())
+
+    async def _delete_runs_from(
+        self, run_ids: Sequence[str], run_threads: Sequence[str], threads: set[str]
+    ) -> None:
+        """The runs' checkpoints on `run_threads`, adding the threads it deleted from to
+        `threads`."""
         # A transaction per batch of threads, as prune: each thread is still deleted from
         # whole, under its lock, but one transaction locking every thread of a run on many
         # threads exhausted the server's lock table.
@@ -1001,12 +1054,19 @@ class PostgresCheckpointStore:
                     batch_threads = {row["thread_id"] for row in deleted}
                     self._chunker.forget(batch_threads)
                     await _collect_chunks(conn, batch_threads)
+                    if batch_threads and self._marks_deletions:
+                        await conn.execute(
+                            MARK_EMPTIED_SQL,
+                            {
+                                "thread_ids": sorted(batch_threads),
+                                "before_id": self._deletion_mark()["before_id"],
+                            },
+                        )
             except BackendUnavailable as error:
                 # The batches committed before, and this one: a commit that failed may
                 # have landed.
                 raise RunsPartlyDeleted(error, threads | set(batch)) from error
             threads |= batch_threads
-        return threads
 
     async def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._chunker.forget([target_thread_id])
@@ -1143,8 +1203,9 @@ def _statements(
     (`$n` placeholders: run them on a `RawCursor`); with `fence` (thread, token), the
     first statement moves the thread's fence before anything else, and its trigger
     aborts the statement (and so the transaction of every statement) if the token is
-    older than the fence. `guarded` (one checkpoint row, which has a parent): its
-    statement fails unless the parent is kept (`PARENT_KEPT_CTE`)."""
+    older than the fence. `guarded` (one checkpoint row): its statement takes the thread's
+    maintenance lock, shared (`TURN_CTE`), and, if the row has a parent, fails unless the
+    parent is kept (`PARENT_KEPT_CTE`)."""
     statements: list[tuple[str, list[Any]]] = []
     inserts: list[str] = []
     params: list[Any] = list(fence) if fence is not None else []
@@ -1167,7 +1228,8 @@ def _statements(
             if guarded and table == CHECKPOINT_TABLE:
                 if len(rows) != 1:
                     raise ValueError("a guarded write holds one checkpoint")
-                values, guard = _guarded_placeholders(len(params), per_row)
+                has_parent = chunk[0][3] is not None
+                values, guard = _guarded_placeholders(len(params), per_row, has_parent)
             else:
                 values = ", ".join(
                     _placeholders(len(params) + n * per_row, per_row) for n in range(len(chunk))
@@ -1195,14 +1257,18 @@ def _placeholders(before: int, count: int) -> str:
     return "(" + ", ".join(f"${before + n}" for n in range(1, count + 1)) + ")"
 
 
-def _guarded_placeholders(before: int, count: int) -> tuple[str, str]:
-    """A checkpoint row's placeholders with its id taken from `parent_kept`, and that CTE
-    on the row's own thread, namespace and parent placeholders."""
+def _guarded_placeholders(before: int, count: int, has_parent: bool) -> tuple[str, str]:
+    """A checkpoint row's placeholders with its id taken from `parent_kept` (or `turn`, with
+    no parent), and that CTE on the row's own thread, namespace and parent placeholders."""
     thread, ns, checkpoint_id, parent = (f"${before + n}" for n in range(1, 5))
     rest = (f"${before + n}" for n in range(5, count + 1))
-    kept_id = f"(SELECT {checkpoint_id}::text FROM parent_kept)"
+    if has_parent:
+        guard = PARENT_KEPT_CTE.replace("$thread", thread).replace("$ns", ns)
+        guard, source = guard.replace("$parent", parent), "parent_kept"
+    else:
+        guard, source = TURN_CTE.replace("$thread", thread), "turn"
+    kept_id = f"(SELECT {checkpoint_id}::text FROM {source})"
     values = f"({', '.join([thread, ns, kept_id, parent, *rest])})"
-    guard = PARENT_KEPT_CTE.replace("$thread", thread).replace("$ns", ns).replace("$parent", parent)
     return values, guard
 
 

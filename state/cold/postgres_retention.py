@@ -21,12 +21,12 @@ earliest, as on Cosmos, where the release is itself a write.
 Flush fences (`cp_flush_fences`) go once their token is older than the TTL, whether
 their thread was deleted or lives on (its next flush writes the fence again).
 
-A thread deleted whole (delete_thread, prune "delete", this sweep) is marked
-(`cp_deleted_threads`): a put_writes landing after the delete leaves writes of a thread
-with no checkpoint nor record, which the queries above never find. Once the mark is a
-TTL old the sweep deletes them, if the thread still has no checkpoint; one with
-checkpoints again (a new run) only loses its mark, and its leftovers go when it expires
-whole.
+A thread deleted whole (delete_thread, prune "delete", this sweep) or left with no
+checkpoint by delete_for_runs is marked (`cp_deleted_threads`): a put_writes landing
+after the delete leaves writes of a thread with no checkpoint nor record, which the
+queries above never find. Once the mark is a TTL old the sweep deletes them, if the
+thread still has no checkpoint; one with checkpoints again (a new run) only loses its
+mark, and its leftovers go when it expires whole.
 
 Each batch is one transaction. Expired records are locked (SKIP LOCKED: two
 sweepers take different threads), so a writer that comes back to one waits for

@@ -8,6 +8,7 @@ keyset paging, bytea sizes) and its error mapping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -31,7 +32,9 @@ from state.cold.postgres_checkpoints import (
     DELETE_RUN_CHECKPOINTS_SQL,
     DELTA_HISTORY_SQL,
     GET_BLOBS_SQL,
+    LATE_RUN_THREADS_SQL,
     LIST_PAGE_SIZE,
+    MARK_EMPTIED_SQL,
     RUN_THREADS_SQL,
     SELECT_CHECKPOINT_WITH_HISTORY_SQL,
     SELECT_CHECKPOINTS_SQL,
@@ -44,6 +47,7 @@ from state.errors import (
     InvalidValue,
     ParentGone,
     RequestRejected,
+    RunsPartlyDeleted,
     StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
@@ -583,6 +587,8 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
         [
             (DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": threads}),
             (RUN_THREADS_SQL, {"run_ids": ["run-7"]}),
+            (LATE_RUN_THREADS_SQL, {"run_ids": ["run-7"]}),
+            (MARK_EMPTIED_SQL, {"thread_ids": threads, "before_id": "1f1"}),
             (DELETE_RUN_CHECKPOINTS_SQL, {"run_ids": ["run-7"], "thread_ids": threads}),
             (DELETE_DEPENDENTS_SQL, deleted),
         ],
@@ -978,6 +984,144 @@ async def test_a_put_racing_delete_for_runs_waits_for_it_then_is_refused(
     with pytest.raises(ParentGone):
         await asyncio.wait_for(step, timeout=5)
     assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [kept]
+
+
+async def test_delete_for_runs_deletes_a_thread_the_run_first_wrote_to_after_its_listing(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`delete_for_runs` lists the runs' threads, then deletes them a batch at a time: a
+    run's first checkpoint on another thread, committed after that listing and before the
+    call returned, survived it (a checkpoint of a deleted run, the thread's latest)."""
+    listed, unlisted = unique_thread(), unique_thread()
+    doomed, late = _ids(2)
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    await checkpoints.put_checkpoint(_checkpoint(listed, doomed, metadata={"run_id": run_id}), [])
+    lock_threads = postgres_checkpoints._lock_threads
+    stepped: list[bool] = []
+
+    async def step_then_lock(conn: Any, thread_ids: list[str]) -> None:
+        # The run's step on a thread of its own lands between the listing and the batch.
+        if not stepped:
+            stepped.append(True)
+            await checkpoints.put_checkpoint(
+                _checkpoint(unlisted, late, metadata={"run_id": run_id}), []
+            )
+        await lock_threads(conn, thread_ids)
+
+    monkeypatch.setattr(postgres_checkpoints, "_lock_threads", step_then_lock)
+    assert await checkpoints.delete_for_runs([run_id]) == {listed, unlisted}
+    assert stepped
+    for thread in (listed, unlisted):
+        assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == []
+
+
+async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_too(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put with no parent (a subgraph's first step) of the run `delete_for_runs` deletes,
+    arriving during the batch's transaction and committed before the call's last look:
+    it survived the call (it committed inside the batch, after its delete statement)."""
+    thread = unique_thread()
+    kept, doomed, late = _ids(3)
+    run = {"run_id": f"run-{uuid.uuid4().hex[:8]}"}
+    await checkpoints.put_checkpoint(_checkpoint(thread, kept), [])
+    await checkpoints.put_checkpoint(_checkpoint(thread, doomed, parent=kept, metadata=run), [])
+    delete_dependents = postgres_checkpoints._delete_dependents
+    steps: list[asyncio.Task[None]] = []
+
+    async def step_then_delete(conn: Any, deleted: list[dict[str, Any]]) -> None:
+        # The batch's delete statement ran: the subgraph's first step arrives.
+        if not steps:
+            subgraph = _checkpoint(thread, late, ns="child:1", metadata=run)
+            steps.append(asyncio.create_task(checkpoints.put_checkpoint(subgraph, [])))
+            await asyncio.wait(steps, timeout=0.3)
+        await delete_dependents(conn, deleted)
+
+    connection = pg.connection
+
+    @contextlib.asynccontextmanager
+    async def once_it_landed(operation: str, **kwargs: Any) -> AsyncIterator[Any]:
+        if operation == "delete_for_runs" and steps:  # a look after the batch
+            await asyncio.wait_for(steps[0], timeout=5)
+        async with connection(operation, **kwargs) as conn:
+            yield conn
+
+    monkeypatch.setattr(postgres_checkpoints, "_delete_dependents", step_then_delete)
+    monkeypatch.setattr(pg, "connection", once_it_landed)
+    assert await checkpoints.delete_for_runs([run["run_id"]]) == {thread}
+    await asyncio.wait_for(steps[0], timeout=5)
+    stored = [(c.checkpoint_ns, c.checkpoint_id) async for c in _list(checkpoints, thread)]
+    assert stored == [("", kept)]
+
+
+async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_gives_up(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run writing to another thread during every pass is not chased for ever: the call
+    raises, naming the threads it deleted from (a cache drops them), and stops."""
+    run = {"run_id": f"run-{uuid.uuid4().hex[:8]}"}
+    first = unique_thread()
+    await checkpoints.put_checkpoint(_checkpoint(first, _ids(1)[0], metadata=run), [])
+    lock_threads = postgres_checkpoints._lock_threads
+    written = [first]
+
+    async def step_then_lock(conn: Any, thread_ids: list[str]) -> None:
+        written.append(unique_thread())
+        await checkpoints.put_checkpoint(_checkpoint(written[-1], _ids(1)[0], metadata=run), [])
+        await lock_threads(conn, thread_ids)
+
+    monkeypatch.setattr(postgres_checkpoints, "_lock_threads", step_then_lock)
+    with pytest.raises(RunsPartlyDeleted) as raised:
+        await checkpoints.delete_for_runs([run["run_id"]])
+    passes = postgres_checkpoints.LATE_RUN_ROUNDS + 1
+    assert len(written) == passes + 1
+    assert raised.value.thread_ids == set(written[:-1])
+
+
+async def test_a_parentless_put_and_writes_landing_inside_delete_thread_stand_as_after_it(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+) -> None:
+    """Neither a put with no parent nor `put_writes` takes the thread's maintenance lock: one
+    landing inside `delete_thread` (after its delete statement, before its commit) leaves
+    what it would after the delete, never a part of it: the put whole (its blob too, of a
+    key the delete removed: it waits for the delete), the writes with the thread's mark."""
+    thread = unique_thread()
+    first, late = _ids(2)
+    blob = StoredBlob("messages", "v1", ("json", b"[1]"))
+    write = StoredWrite("task", "", 0, "messages", ("json", b"[2]"))
+    await checkpoints.put_checkpoint(
+        _checkpoint(thread, first, versions={"messages": "v1"}), [blob]
+    )
+    await checkpoints.put_writes(thread, "", first, [write], upsert=False)
+    async with pg.transaction("delete_thread") as conn:  # what delete_thread runs
+        lock = postgres_checkpoints.THREAD_MAINTENANCE_LOCK
+        await conn.execute(
+            postgres_checkpoints.LOCK_THREADS_SQL, {"lock": lock, "thread_ids": [thread]}
+        )
+        await conn.execute(
+            postgres_checkpoints.DELETE_THREADS_SQL,
+            {"thread_ids": [thread], "mark": True, "before_id": late},
+        )
+        await checkpoints.put_writes(
+            thread, "", first, [dataclasses.replace(write, task_id="other")], upsert=False
+        )  # not blocked: a key the delete did not hold
+        step = asyncio.create_task(
+            checkpoints.put_checkpoint(
+                _checkpoint(thread, late, versions={"messages": "v1"}),
+                [StoredBlob("messages", "v1", ("json", b"[3]"))],
+            )
+        )
+        await asyncio.sleep(0.3)
+        assert not step.done()  # its blob's key waits for the delete's outcome
+    await asyncio.wait_for(step, timeout=5)
+    [stored] = [c async for c in _list(checkpoints, thread)]
+    assert (stored.checkpoint_id, stored.blobs) == (late, {"messages": ("json", b"[3]")})
+    assert [w.task_id for w in await checkpoints.get_writes(thread, "", first)] == ["other"]
+    async with pg.connection("inspect") as conn:
+        cursor = await conn.execute(
+            "SELECT before_checkpoint_id FROM cp_deleted_threads WHERE thread_id = %s", (thread,)
+        )
+        assert await cursor.fetchall() == [{"before_checkpoint_id": late}]
 
 
 class _RolledBack(Exception):

@@ -1214,6 +1214,80 @@ async def test_postgres_pending_writes_landing_after_the_sweep_deleted_their_thr
         assert await pg_execute(backends, markers, (thread_id,)) == []
 
 
+async def test_postgres_a_parentless_put_after_the_sweeps_last_look_is_not_deleted(
+    open_cold: Open,
+) -> None:
+    """A put with no parent (a subgraph's first step) took no maintenance lock: one
+    acknowledged after the sweep found its thread still expired, before the sweep's delete,
+    was deleted with the thread. It now waits for the sweep, then lands after the delete."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("stepping")
+        await seed(backends, thread_id, record=False)
+        await backdate(backends, thread_id)
+        subgraph = StoredCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns="child:1",
+            checkpoint_id=str(uuid6(clock_seq=-1)),
+            parent_checkpoint_id=None,
+            checkpoint=("msgpack", b"subgraph"),
+            metadata={"step": 0},
+            channel_versions={},
+        )
+        steps: list[asyncio.Task[None]] = []
+
+        async def deleting(_: str) -> bool:
+            # After the sweep's last look, before its delete: the subgraph's step lands.
+            steps.append(asyncio.create_task(backends.checkpoints.put_checkpoint(subgraph, [])))
+            await asyncio.wait(steps, timeout=0.3)
+            return True
+
+        assert await backends.retention.sweep(limit=100, deleting=deleting) == 1
+        await asyncio.wait_for(steps[0], timeout=5)
+        stored = await backends.checkpoints.get_checkpoint(thread_id, "child:1", None)
+        assert stored is not None and stored.checkpoint_id == subgraph.checkpoint_id
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_pending_writes_landing_after_delete_for_runs_emptied_their_thread_expire(
+    open_cold: Open,
+) -> None:
+    """A put_writes of a run's step landing after `delete_for_runs` deleted the run, the
+    thread's only one: writes of a thread with neither record nor checkpoint, which no
+    sweep found. The delete marks a thread it empties, as delete_thread does."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        emptied, kept = unique_thread("emptied"), unique_thread("kept")
+        run_id = f"run-{uuid.uuid4().hex[:8]}"
+        for thread_id, ids in ((emptied, [1]), (kept, [1, 2])):
+            for n in ids:
+                await backends.checkpoints.put_checkpoint(
+                    StoredCheckpoint(
+                        thread_id=thread_id,
+                        checkpoint_ns="",
+                        checkpoint_id=checkpoint_id(n),
+                        parent_checkpoint_id=checkpoint_id(n - 1) if n > 1 else None,
+                        checkpoint=("msgpack", b"checkpoint"),
+                        metadata={"run_id": run_id} if n == ids[-1] else {},
+                        channel_versions={},
+                    ),
+                    [],
+                )
+        assert await backends.checkpoints.delete_for_runs([run_id]) == {emptied, kept}
+        late = [StoredWrite("task", "", 0, "messages", ("json", b"[1]"))]
+        for thread_id, ids in ((emptied, [1]), (kept, [1, 2])):
+            await backends.checkpoints.put_writes(
+                thread_id, "", checkpoint_id(ids[-1]), late, upsert=False
+            )
+
+        assert await backends.retention.sweep(limit=100) == 0
+        assert (await pg_rows(backends, emptied))["cp_writes"] == 1
+
+        # `kept` is idle by then: swept whole, its late write with it.
+        assert await backends.retention.sweep(limit=100, now=time.time() + LONG_AGO) == 1
+        assert await pg_rows(backends, emptied) == dict.fromkeys(PG_TABLES, 0)
+        markers = "SELECT thread_id FROM cp_deleted_threads WHERE thread_id = %s"
+        assert await pg_execute(backends, markers, (emptied,)) == []
+
+
 async def test_postgres_a_new_runs_first_writes_on_a_deleted_threads_id_are_not_swept(
     open_cold: Open,
 ) -> None:
