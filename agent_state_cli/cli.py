@@ -316,6 +316,18 @@ def serve(
         }.items()
         if chosen is not None
     }
+    os.environ["STATE_COLD_BACKEND"] = backend
+    os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
+    # Checked before any server starts, with the settings the stack will give (the running
+    # one's, else those planned): a wrong value is found at once, not once a stack started
+    # for nothing, and not as a traceback after "API on ..." (the app reads them only then).
+    os.environ.update(
+        {
+            **devstack.planned_env(where, with_postgres=backend == "postgres", ports=asked),
+            **_stack_env(status),
+        }
+    )
+    _check_app_settings()
     # `kill` while the stack starts, or before uvicorn takes over SIGTERM, must still reach
     # the `finally` that stops a stack started here.
     with _stops_as_interrupt():
@@ -325,12 +337,8 @@ def serve(
             if not started_here:
                 status = _with_postgres_if_asked(where, status, backend, asked)
                 _refuse_ports_the_running_stack_ignores(where, status, asked)
+            # Its actual ports (a free one chosen at start differs from the planned).
             os.environ.update(_stack_env(status))
-            os.environ["STATE_COLD_BACKEND"] = backend
-            os.environ.setdefault("COSMOS_CREATE_IF_MISSING", "true")
-            # Checked before uvicorn starts: the app would read them only at its startup,
-            # and a wrong value would be a traceback after "API on ..." was printed.
-            _check_app_settings()
             console.print(f"API on http://127.0.0.1:{port}/api  (OpenAPI: /api/docs)")
             # Client commands find the issuer of the default workdir's stack only: another
             # stack's must be named, or the hinted command gets no token (or a stranger's).

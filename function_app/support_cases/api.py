@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 
 from state import BackendUnavailable, VersionConflict
 
@@ -29,6 +30,7 @@ from .auth import (
     role,
 )
 from .body_limit import BodySizeLimit
+from .encoded_slash import KeepEncodedSlashes
 from .events import sse_frame
 from .http_errors import install_error_handlers
 from .models import (
@@ -174,6 +176,9 @@ async def submit_case(
     cases: Cases,
     idempotency_key: IdempotencyKey = None,
 ) -> CaseView:
+    """201 for a new case; the same body again (same `case_id`, or same `Idempotency-Key`
+    without one) answers 200 with that case. Another body under an existing `case_id` is
+    409; under a used `Idempotency-Key`, 422."""
     outcome = await cases.submit(submission, idempotency_key, caller.caller)
     return _answer(outcome, response, new_status=201)
 
@@ -374,16 +379,28 @@ async def health(
     return report
 
 
-# Load balancers and uptime probes ask with HEAD: FastAPI, unlike Starlette, answers HEAD
-# on a GET route 405. The same answer, whose body the server drops; not a second operation
-# in the API's description.
-router.add_api_route(
-    "/health",
-    health,
-    methods=["HEAD"],
-    responses={503: {"model": HealthView}},
-    include_in_schema=False,
-)
+def add_head_twins(api: APIRouter) -> None:
+    """Load balancers, uptime probes and link checkers ask with HEAD: FastAPI, unlike
+    Starlette, answers HEAD on a GET route 405. Each GET route gets a HEAD twin: the same
+    operation, whose body the server drops; not a second operation in the API's description.
+    Not an event stream: its HEAD would hold one of the worker's stream slots for as long as
+    the stream stays open, for nothing."""
+    for route in list(api.routes):
+        streams = route.response_class is StreamingResponse if isinstance(route, APIRoute) else True
+        if isinstance(route, APIRoute) and "GET" in (route.methods or ()) and not streams:
+            api.add_api_route(
+                route.path_format.removeprefix(api.prefix),
+                route.endpoint,
+                methods=["HEAD"],
+                response_model=route.response_model,
+                status_code=route.status_code,
+                response_class=route.response_class,
+                name=route.name,
+                include_in_schema=False,
+            )
+
+
+add_head_twins(router)
 
 
 def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_runtime) -> FastAPI:
@@ -422,13 +439,16 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     app.state.runtime_source = runtime_source
     app.state.auth_gate = gate
     app.include_router(router)
-    install_error_handlers(app)
+    # Every route, so a 405 or an OPTIONS names a GET route's HEAD twin as well.
+    install_error_handlers(app, routes=[*app.routes, *router.routes])
     install_auth_errors(app)
     settings = runtime.settings if runtime else None
     app.add_middleware(
         BodySizeLimit,
         max_bytes=lambda: (settings or holder.settings()).case_max_body_bytes,
     )
-    # Added last, so it runs first: no token, no reading of the body.
+    # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
+    # Added last, so it runs first: the token check sees the path the router will.
+    app.add_middleware(KeepEncodedSlashes)
     return app

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Route, get_route_path
 
 from state import (
     BackendUnavailable,
@@ -102,6 +104,20 @@ def _described(request: Request, problem: dict[str, Any]) -> dict[str, str]:
     return {"where": where, "problem": problem.get("msg", "invalid")}
 
 
+def _allowed_methods(request: Request, routes: Sequence[BaseRoute]) -> str | None:
+    """The methods the routes on the request's path answer to (None: no route there):
+    Starlette's own `Allow` names only the first route's (a GET route's, not its HEAD
+    twin's)."""
+    path = get_route_path(request.scope)
+    methods = {
+        method
+        for route in routes
+        if isinstance(route, Route) and route.path_regex.match(path)
+        for method in route.methods or ()
+    }
+    return ", ".join(sorted({"OPTIONS", *methods})) if methods else None
+
+
 def _json_kind(problem: dict[str, Any]) -> str:
     value = problem.get("input")
     if value is None:
@@ -115,7 +131,8 @@ def _json_kind(problem: dict[str, Any]) -> str:
     return "an array" if isinstance(value, list) else "another value"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
+    """`routes`: all of the app's, to name in a 405's `Allow` (else Starlette's)."""
     for error_type, status in STATUS_BY_ERROR:
 
         async def handle(request: Request, error: Exception, status: int = status) -> JSONResponse:
@@ -160,7 +177,7 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
         return error_response(422, f"invalid request: {summary}", problems)
 
-    async def http_error(request: Request, error: Exception) -> JSONResponse:
+    async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
         if error.status_code == 400 and (why := _unparsable_body(error.__cause__)):
             # FastAPI's answer to a body its JSON parser gave up on without a JSONDecodeError
@@ -171,9 +188,15 @@ def install_error_handlers(app: FastAPI) -> None:
                 f"invalid request: body: not valid JSON ({why})",
                 [{"where": "body", "problem": "not valid JSON"}],
             )
+        allow = _allowed_methods(request, routes) if error.status_code == 405 else None
+        if allow and request.method == "OPTIONS":
+            # What the path allows, as RFC 9110 describes OPTIONS, rather than a 405.
+            return Response(status_code=204, headers={"Allow": allow})
         response = error_response(error.status_code, str(error.detail))
-        # e.g. a 405's `Allow` (RFC 9110 requires it).
         response.headers.update(error.headers or {})
+        if allow:
+            # RFC 9110 requires it on a 405; Starlette's names one route's methods only.
+            response.headers["Allow"] = allow
         return response
 
     async def busy(request: Request, error: Exception) -> JSONResponse:

@@ -167,7 +167,8 @@ class CaseBusy(CaseConflict):
 
 
 class IdempotencyMismatch(CaseError):
-    """A case id / idempotency key reused with a different request body (maps to 422)."""
+    """An idempotency key reused with a different request body (maps to 422, as the IETF
+    Idempotency-Key draft has it); a case id reused so is a CaseConflict (409)."""
 
 
 class ReservedCaseId(CaseError):
@@ -336,9 +337,16 @@ class CaseService:
                 existing.sections.get(REQUEST_SECTION, {}).get("fingerprint")
                 != request["fingerprint"]
             ):
+                if submission.case_id:
+                    # The id names a case the body does not describe: a conflict with the
+                    # resource's state (409), not a key reused for another request.
+                    raise CaseConflict(
+                        f"case {case_id!r} already exists with a different request; "
+                        "use a new case id for a new case"
+                    ) from None
                 raise IdempotencyMismatch(
                     f"case {case_id!r} already exists with a different request; "
-                    "use a new case id / idempotency key for a new case"
+                    "use a new idempotency key for a new case"
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
         if self._tracker.may_look_abandoned(indexed_at):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ MEMORY_ONLY_NOTE = (
 
 class StateFileUnreadable(RuntimeError):
     """The file recording a stack's servers cannot be read: which servers run is unknown."""
+
+
+class WorkdirNotADirectory(StateFileUnreadable):
+    """The workdir is a file (or lies under one): no stack runs or can be recorded there."""
 
 
 @dataclass
@@ -165,8 +170,26 @@ def up(
         raise ServerStartError(
             f"a stack is already running from {workdir}; stop it first (agent-state stack down)"
         )
-    stack = Stack.plan(workdir, with_postgres=with_postgres, ports=chosen, detached=True)
-    return _started(stack, {"workdir": str(workdir), "servers": {}, "env": {}})
+    return _started(
+        _planned(workdir, with_postgres=with_postgres, ports=ports),
+        {"workdir": str(workdir), "servers": {}, "env": {}},
+    )
+
+
+def planned_env(
+    workdir: Path = DEFAULT_WORKDIR,
+    *,
+    with_postgres: bool = False,
+    ports: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """The settings a stack `up` starts would give, before any server starts (a port of 0
+    stands for a free one, which the start itself may choose differently)."""
+    return _planned(workdir, with_postgres=with_postgres, ports=ports).env()
+
+
+def _planned(workdir: Path, *, with_postgres: bool, ports: dict[str, int] | None) -> Stack:
+    chosen = {**DEFAULT_PORTS, **(ports or {})}
+    return Stack.plan(workdir, with_postgres=with_postgres, ports=chosen, detached=True)
 
 
 def _add_postgres(workdir: Path, existing: dict[str, object], port: int) -> dict[str, object]:
@@ -176,11 +199,16 @@ def _add_postgres(workdir: Path, existing: dict[str, object], port: int) -> dict
 
 
 def _started(stack: Stack, recorded: dict[str, object]) -> dict[str, object]:
-    """Start `stack`'s servers, then record them with those `recorded` already running."""
+    """Start `stack`'s servers, then record them with those `recorded` already running.
+    Should one fail, those started are stopped and the directories made for them removed."""
+    # Only those absent now: an existing one may hold a running stack's files, or data.
+    made = [path for path in _directories(stack) if not os.path.lexists(path)]
     try:
         stack.start(progress=True)
     except BaseException:
         stack.stop()
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
         raise
     started = stack.describe()
     description = {
@@ -197,6 +225,14 @@ def _started(stack: Stack, recorded: dict[str, object]) -> dict[str, object]:
     return description
 
 
+def _directories(stack: Stack) -> list[Path]:
+    """What starting `stack` may create, outermost first."""
+    found = [stack.workdir, *(server.workdir for server in stack.servers)]
+    if stack.postgres is not None:
+        found.append(stack.postgres.data_dir)  # outside the workdir when run as root
+    return found
+
+
 def _mapping(value: object) -> dict[str, object]:
     return dict(value) if isinstance(value, dict) else {}
 
@@ -210,6 +246,11 @@ def _recorded(path: Path) -> dict[str, object] | None:
             raise TypeError("servers is not a mapping")
     except FileNotFoundError:
         return None
+    except NotADirectoryError as error:
+        # Not the state file's fault: it would name a file the user never wrote.
+        raise WorkdirNotADirectory(
+            f"the stack's workdir {path.parent} is not a directory: choose another"
+        ) from error
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise StateFileUnreadable(
             f"the stack's state file {path} is unreadable ({error}): stop the servers it "

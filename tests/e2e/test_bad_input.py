@@ -57,6 +57,21 @@ async def test_invalid_case_id_is_422(client: httpx.AsyncClient, runtime: Runtim
     assert "case_id" in response.json()["error"]
 
 
+@pytest.mark.parametrize("suffix", ["", "/runs", "/audit"])
+async def test_a_case_id_with_an_encoded_slash_is_the_422_of_any_invalid_case_id(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, suffix: str
+) -> None:
+    """`a%2Fb` answered a generic 404 (the router saw two segments), and `<id>%2Fruns`
+    answered the runs of case <id>."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    invalid = await client.get(f"/api/cases/{case_id}!x{suffix}")
+    assert invalid.status_code == 422, invalid.text
+    for encoded in (f"{case_id}%2Fruns{suffix}", f"{case_id}%2fx{suffix}"):
+        response = await client.get(f"/api/cases/{encoded}")
+        assert response.status_code == 422, (encoded, response.text)
+        assert response.json()["error"] == invalid.json()["error"]
+
+
 @pytest.mark.parametrize("reserved", ["support-cases-active-runs-0", "sim-provider-case_8842"])
 async def test_a_case_id_naming_an_internal_record_is_422(
     client: httpx.AsyncClient, runtime: Runtime, reserved: str
@@ -332,6 +347,47 @@ async def test_head_on_health_answers_as_get_without_a_body(
     # HEAD is the same operation as GET: the API's description lists GET only.
     schema = (await client.get("/api/openapi.json")).json()
     assert list(schema["paths"]["/api/health"]) == ["get"]
+
+
+async def test_head_on_every_get_route_answers_as_get_without_a_body(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Not only /api/health: HEAD on another GET route answered 405."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    await runtime.service.wait_idle()
+    for path in (f"/api/cases/{case_id}", f"/api/cases/{case_id}/runs", "/api/cases/nosuch"):
+        got = await client.get(path)
+        head = await client.head(path)
+        assert head.status_code == got.status_code, (path, head.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["content-length"] == got.headers["content-length"], path
+    # Not the event stream: its HEAD would hold a stream slot while the stream stays open.
+    events = await client.head(f"/api/cases/{case_id}/events")
+    assert events.status_code == 405 and events.headers["allow"] == "GET, OPTIONS"
+    # Still GET only in the API's description.
+    schema = (await client.get("/api/openapi.json")).json()
+    assert list(schema["paths"]["/api/cases/{case_id}"]) == ["get"]
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/api/health", "GET, HEAD, OPTIONS"),
+        ("/api/cases", "OPTIONS, POST"),
+        ("/api/cases/case_1", "GET, HEAD, OPTIONS"),
+    ],
+)
+async def test_options_and_405_name_every_allowed_method_head_included(
+    client: httpx.AsyncClient, path: str, allowed: str
+) -> None:
+    """OPTIONS answered 405, and a 405's `Allow` on a GET route left HEAD out."""
+    options = await client.options(path)
+    assert options.status_code == 204, options.text
+    assert options.headers["Allow"] == allowed
+    refused = await client.request("TRACE", path)
+    assert refused.status_code == 405, refused.text
+    assert refused.headers["Allow"] == allowed
 
 
 @pytest.mark.parametrize(

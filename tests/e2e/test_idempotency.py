@@ -73,6 +73,24 @@ async def test_resubmitting_a_case_id_returns_the_existing_case(
     assert again.json()["case_id"] == case_id
 
 
+async def test_resubmitting_a_case_id_with_another_body_is_409_and_changes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """The case id names an existing case the body does not describe: a conflict, which
+    answered 422 as if the body were malformed."""
+    body = demo_case(case_id)
+    assert (await client.post("/api/cases", json=body)).status_code == 201
+    await runtime.service.wait_idle()
+    version = (await runtime.store.get(case_id)).version  # type: ignore[union-attr]
+    response = await client.post("/api/cases", json={**body, "text": "Something else"})
+    assert response.status_code == 409, response.text
+    assert "already exists with a different request" in response.json()["error"]
+    after = await runtime.store.get(case_id)
+    assert after is not None and after.version == version
+    again = await client.post("/api/cases", json=body)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+
+
 async def test_concurrent_retries_create_one_case(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:

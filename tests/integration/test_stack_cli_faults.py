@@ -143,6 +143,52 @@ def test_stack_up_in_a_workdir_that_cannot_be_a_directory_says_so_in_one_line(
     assert devstack.status(workdir) == {"running": False}
 
 
+@pytest.mark.parametrize("command", [("stack", "up", *FREE_PORTS), ("stack", "status"), ("serve",)])
+def test_a_workdir_that_is_a_file_is_named_as_not_a_directory(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """It blamed the state file (`<file>/stack.json` is unreadable), which the user never
+    wrote, and told them to delete it."""
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("mine")
+    result = agent_state(*command, "--workdir", str(workdir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"workdir {workdir} is not a directory" in lines[0], lines[0]
+    assert "state file" not in lines[0] and "starting redis" not in result.stdout
+    assert workdir.read_text() == "mine"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-workdir", "existing-workdir"])
+def test_a_failed_stack_up_leaves_no_directory_it_made_and_no_server(
+    tmp_path: Path, existing: bool
+) -> None:
+    """Cosmos's port is taken once Redis runs: Redis is stopped, and the workdir (or, in
+    one that existed, the server directories) it made were left behind."""
+    workdir = tmp_path / "stack"
+    if existing:
+        workdir.mkdir()
+        (workdir / "keep.txt").write_text("mine")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = agent_state(
+            "stack", "up", "--workdir", str(workdir), *FREE_PORTS, "--cosmos-port", str(busy)
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"port {busy} (cosmos) is already in use" in result.stderr
+    started = [line for line in result.stdout.splitlines() if line.startswith("starting redis")]
+    assert started and "redis ready" in result.stdout, result.stdout
+    redis_port = int(started[0].split(":")[1].split()[0])
+    assert not _listening(redis_port)
+    if existing:
+        assert sorted(p.name for p in workdir.iterdir()) == ["keep.txt"]
+    else:
+        assert not workdir.exists(), sorted(p.name for p in workdir.iterdir())
+
+
 @pytest.mark.parametrize("option", ["--redis-port", "--cosmos-port", "--issuer-port"])
 def test_stack_up_refuses_a_port_out_of_range(workdir: Path, option: str) -> None:
     ports = dict(zip(FREE_PORTS[::2], FREE_PORTS[1::2], strict=True))
@@ -206,6 +252,25 @@ def test_serve_with_a_wrong_setting_says_which_in_one_line_and_stops_the_stack(
     assert "CASE_REVIEW_THRESHOLD" in lines[0] and "greater than or equal to 0" in lines[0]
     assert "API on" not in result.stdout
     assert devstack.status(workdir) == {"running": False}
+
+
+def test_serve_checks_the_settings_before_starting_the_stack(workdir: Path) -> None:
+    """It started the stack first (seconds for the emulator), then refused and stopped it."""
+    port = devstack.free_port()
+    result = subprocess.run(
+        [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
+        env=cli_env(CASE_REVIEW_THRESHOLD="-5"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CASE_REVIEW_THRESHOLD" in lines[0], result.stderr
+    assert "starting redis" not in result.stdout, result.stdout
+    assert not (workdir / "redis").exists()
 
 
 def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:
