@@ -1128,9 +1128,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 inline_bytes[channel] = data
                 inline[channel] = self.serde.loads_typed(data)
                 carried.append(channel)
+        # LangGraph's `__copy__` (a fork) puts an older checkpoint's versions under that
+        # checkpoint's parent, with no new versions: what changed at the copied checkpoint
+        # (its input, a DeltaChannel snapshot) is held by no ancestor of the copy, and a
+        # store that finds values through the parent (Cosmos) would lose it. A fork stores
+        # its values whole.
+        stored_versions = versions if metadata.get("source") == "fork" else new_versions
         blobs = [
             StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
-            for channel, version in new_versions.items()
+            for channel, version in stored_versions.items()
             if channel in values and channel not in inline
         ]
         stored = StoredCheckpoint(

@@ -743,3 +743,61 @@ async def test_a_thread_written_with_a_plain_list_continues_as_a_delta_channel(
         cold_only = TieredCheckpointSaver(opened.backends.checkpoints)
         state = await delta_graph(cold_only).aget_state(cfg)
         assert state.values["messages"] == got["messages"]
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_copied_checkpoint_keeps_the_values_its_parent_does_not_hold(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """`update_state(config, None, as_node="__copy__")` puts an older checkpoint's versions
+    under that checkpoint's parent, with no new versions: the values that changed at the
+    copied checkpoint (the graph input's `__start__`, a DeltaChannel snapshot) are held by
+    no ancestor of the copy. Cosmos inherited values from the parent only: the copy of an
+    input checkpoint lost its input (it ran nothing), and the copy of a snapshot rebuilt
+    its conversation from the parent's chain, which prune(keep_latest) then deleted (the
+    copy's counters say it holds the snapshot): 0 messages."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver(), snapshot_frequency=2, message="m" * 64)
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=2, message="m" * 64)
+        cfg = thread_config()
+        thread_id = cfg["configurable"]["thread_id"]
+        for n in range(4):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+            await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg)
+        ours = [s.config async for s in graph.aget_state_history(cfg)]
+        theirs = [s.config async for s in reference.aget_state_history(ref_cfg)]
+        assert len(ours) == len(theirs)
+        snapshots = []
+        for n, (mine, ref) in enumerate(zip(ours, theirs, strict=True)):
+            stored = await reference.checkpointer.aget_tuple(ref)
+            assert stored is not None
+            if "messages" in stored.checkpoint["channel_values"]:
+                snapshots.append(n)
+            copied = await graph.aupdate_state(mine, None, as_node="__copy__")
+            ref_copied = await reference.aupdate_state(ref, None, as_node="__copy__")
+            got, want = await graph.aget_state(copied), await reference.aget_state(ref_copied)
+            assert (got.values, got.next) == (want.values, want.next), n
+            # Run on from the copy (the input's run, when it copied an input checkpoint).
+            got_run = await graph.ainvoke(None, cfg)
+            assert got_run == await reference.ainvoke(None, ref_cfg), n
+        assert snapshots  # a snapshot was among the copied checkpoints
+        # The copy of a snapshot as the thread's latest, then pruned to it.
+        await graph.aupdate_state(ours[snapshots[0]], None, as_node="__copy__")
+        await reference.aupdate_state(theirs[snapshots[0]], None, as_node="__copy__")
+        want = (await reference.aget_state(ref_cfg)).values
+        assert want["messages"]
+        await opened.saver.aprune([thread_id], strategy="keep_latest")
+        assert (await graph.aget_state(cfg)).values == want
+        if redis:
+            await opened.saver.aflush(thread_id)
+            client = create_redis_client(settings)
+            try:
+                await client.flushall()
+            finally:
+                await client.aclose()
+        cold = delta_graph(TieredCheckpointSaver(opened.backends.checkpoints), snapshot_frequency=2)
+        assert (await cold.aget_state(cfg)).values == want
+        got = await graph.ainvoke({"messages": ["after"]}, cfg)
+        assert got == await reference.ainvoke({"messages": ["after"]}, ref_cfg)
