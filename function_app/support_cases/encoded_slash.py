@@ -13,7 +13,9 @@ ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
 class KeepEncodedSlashes:
     """Routes match the decoded path, where `a%2Fb` is two segments: a case id `a/b`
     answered a generic 404, and `x%2Fruns` reached case `x`'s runs. Kept encoded, it is one
-    segment, which the case-id pattern refuses (422) like any other invalid case id."""
+    segment, which the case-id pattern refuses (422) like any other invalid case id.
+    Served by uvicorn only: azure-functions' ASGI adapter hands over a `raw_path` it
+    decoded, where no `%2F` is left to keep."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

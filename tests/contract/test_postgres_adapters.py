@@ -1081,10 +1081,11 @@ async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_give
 async def test_a_parentless_put_and_writes_landing_inside_delete_thread_stand_as_after_it(
     pg: PostgresConnection, checkpoints: PostgresCheckpointStore
 ) -> None:
-    """Neither a put with no parent nor `put_writes` takes the thread's maintenance lock: one
-    landing inside `delete_thread` (after its delete statement, before its commit) leaves
-    what it would after the delete, never a part of it: the put whole (its blob too, of a
-    key the delete removed: it waits for the delete), the writes with the thread's mark."""
+    """A put with no parent (which waits for the thread's maintenance lock, `TURN_CTE`) or a
+    `put_writes` (which takes no lock) landing inside `delete_thread` (after its delete
+    statement, before its commit) leaves what it would after the delete, never a part of
+    it: the put whole (its blob too, of a key the delete removed), the writes with the
+    thread's mark."""
     thread = unique_thread()
     first, late = _ids(2)
     blob = StoredBlob("messages", "v1", ("json", b"[1]"))
@@ -1112,7 +1113,7 @@ async def test_a_parentless_put_and_writes_landing_inside_delete_thread_stand_as
             )
         )
         await asyncio.sleep(0.3)
-        assert not step.done()  # its blob's key waits for the delete's outcome
+        assert not step.done()  # it waits for the delete's lock
     await asyncio.wait_for(step, timeout=5)
     [stored] = [c async for c in _list(checkpoints, thread)]
     assert (stored.checkpoint_id, stored.blobs) == (late, {"messages": ("json", b"[3]")})

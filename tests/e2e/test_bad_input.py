@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import azure.functions as func
 import httpx
 import pytest
 from e2e_payloads import duplicate_charges
@@ -70,6 +72,32 @@ async def test_a_case_id_with_an_encoded_slash_is_the_422_of_any_invalid_case_id
         response = await client.get(f"/api/cases/{encoded}")
         assert response.status_code == 422, (encoded, response.text)
         assert response.json()["error"] == invalid.json()["error"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="azure-functions' AsgiRequest decodes the URL's path (raw_path included) before "
+    "the app sees it: KeepEncodedSlashes cannot tell `a%2Fb` from `a/b` there",
+)
+async def test_a_case_id_with_an_encoded_slash_is_422_in_the_functions_worker_too(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    bearer: Callable[..., dict[str, str]],
+    case_id: str,
+) -> None:
+    """In Azure a request reaches the app through the SDK's ASGI middleware (the one
+    `func.AsgiFunctionApp` registers), which decodes the URL's path, `raw_path` included,
+    before the app sees it: `<id>%2Fruns` answered the runs of case <id> there."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    worker = func.AsgiMiddleware(create_app(runtime))
+    request = func.HttpRequest(
+        "GET",
+        f"http://worker.test/api/cases/{case_id}%2Fruns",
+        headers=bearer("e2e-client"),
+        body=b"",
+    )
+    response = await worker.handle_async(request, None)
+    assert response.status_code == 422, response.get_body()
 
 
 @pytest.mark.parametrize("reserved", ["support-cases-active-runs-0", "sim-provider-case_8842"])
