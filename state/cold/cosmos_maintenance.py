@@ -34,6 +34,9 @@ from ..ports import PruneStrategy
 from . import cosmos_layout as layout
 from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, gather, strip_system
 
+# Looks again delete_for_runs takes for a run still writing to threads, before it gives up.
+LATE_RUN_ROUNDS = 3
+
 
 class CheckpointMaintenance:
     def __init__(
@@ -67,17 +70,52 @@ class CheckpointMaintenance:
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
+        deleted: set[str] = set()
+        victims = await self._run_checkpoints(run_ids, late=False)
+        # Looked for again after each pass until none is left: a checkpoint of the runs
+        # committed before the call's last look (on a thread the run first wrote to after
+        # the listing, a put with no parent) does not survive it; one after it is a write
+        # that came after the call. A query more per call, none per put.
+        rounds = 0
+        while victims:
+            if rounds > LATE_RUN_ROUNDS:
+                still = BackendUnavailable(
+                    "cosmos",
+                    f"runs {sorted(run_ids)} are still writing to"
+                    f" {sorted({thread_id for thread_id, _ in victims})}; stop them and call"
+                    " again",
+                )
+                raise RunsPartlyDeleted(still, deleted)
+            rounds += 1
+            await self._delete_run_checkpoints(victims, deleted)
+            try:
+                victims = await self._run_checkpoints(run_ids, late=True)
+            except BackendUnavailable as error:
+                raise RunsPartlyDeleted(error, deleted) from error
+        return deleted
+
+    async def _run_checkpoints(
+        self, run_ids: Sequence[str], *, late: bool
+    ) -> dict[tuple[str, str], set[str]]:
+        """The runs' checkpoint ids per (thread, namespace); `late`: but those spared (kept
+        on purpose by the pass before)."""
+        spared = " AND NOT IS_DEFINED(c.spared)" if late else ""
         victims: dict[tuple[str, str], set[str]] = defaultdict(set)
         async for page in self._io.pages(
             "SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id FROM c"
-            " WHERE c.type = @type AND ARRAY_CONTAINS(@runs, c.metadata.run_id)",
+            f" WHERE c.type = @type AND ARRAY_CONTAINS(@runs, c.metadata.run_id){spared}",
             {"@type": layout.CHECKPOINT, "@runs": list(run_ids)},
             partition=None,
             page_size=BULK_PAGE_SIZE,
         ):
             for doc in page:
                 victims[(doc["thread_id"], doc["checkpoint_ns"])].add(doc["checkpoint_id"])
-        deleted: set[str] = set()
+        return victims
+
+    async def _delete_run_checkpoints(
+        self, victims: dict[tuple[str, str], set[str]], deleted: set[str]
+    ) -> None:
+        """`victims` removed, adding the threads removed from to `deleted`."""
         for (thread_id, checkpoint_ns), checkpoint_ids in victims.items():
             try:
                 await self._remove(
@@ -90,7 +128,6 @@ class CheckpointMaintenance:
                 raise RunsPartlyDeleted(error, deleted | {thread_id}) from error
             self._forget(thread_id)
             deleted.add(thread_id)
-        return deleted
 
     async def prune(self, thread_ids: Sequence[str], *, strategy: PruneStrategy) -> None:
         if strategy not in ("keep_latest", "delete"):

@@ -1078,6 +1078,67 @@ async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_give
     assert raised.value.thread_ids == set(written[:-1])
 
 
+@pytest.mark.parametrize("maintenance", ["delete_thread", "prune"])
+async def test_a_put_built_on_the_chunk_memo_held_across_a_delete_names_no_chunk_it_removed(
+    pg: PostgresConnection,
+    checkpoints: PostgresCheckpointStore,
+    monkeypatch: pytest.MonkeyPatch,
+    maintenance: str,
+) -> None:
+    """A put prepared while the chunker remembered its parent's chunks (it sends only the
+    chunks its value added), held until the same store's `delete_thread` or prune, which
+    forget the memo only before deleting, is done: it names chunks only its parent's value
+    reaches. A delete of the whole thread took the parent: the put is refused. A prune
+    keeps the parent (the thread's latest), so its chunks too: the put reads back whole,
+    by a store that remembers nothing."""
+    thread = unique_thread()
+    first, parent, late = _ids(3)
+    values = [os.urandom(20_000)]
+    values += [values[-1] + os.urandom(10_000), values[-1] + os.urandom(20_000)]
+    for n, (at, on) in enumerate([(first, None), (parent, first)], start=1):
+        await checkpoints.put_checkpoint(
+            _checkpoint(thread, at, parent=on, versions={"m": f"v{n}"}),
+            [StoredBlob("m", f"v{n}", ("bytes", values[n - 1]))],
+        )
+    tip = checkpoints._chunker.tip(thread, "")
+    assert tip is not None and tip.checkpoint_id == parent  # the late put builds on it
+    assert checkpoints._chunker.remembered((thread, "", "m")) is not None
+    held, go_on = asyncio.Event(), asyncio.Event()
+    connection = pg.connection
+
+    @contextlib.asynccontextmanager
+    async def held_put(operation: str, **kwargs: Any) -> AsyncIterator[Any]:
+        if operation == "put_checkpoint":  # its statements (and chunk list) are made
+            held.set()
+            await go_on.wait()
+        async with connection(operation, **kwargs) as conn:
+            yield conn
+
+    monkeypatch.setattr(pg, "connection", held_put)
+    put = asyncio.create_task(
+        checkpoints.put_checkpoint(
+            _checkpoint(thread, late, parent=parent, versions={"m": "v3"}),
+            [StoredBlob("m", "v3", ("bytes", values[2]))],
+        )
+    )
+    await asyncio.wait_for(held.wait(), timeout=5)
+    if maintenance == "delete_thread":
+        await checkpoints.delete_thread(thread)
+    else:
+        await checkpoints.prune([thread], strategy="keep_latest")
+    go_on.set()
+    fresh = PostgresCheckpointStore(pg)
+    if maintenance == "delete_thread":
+        with pytest.raises(ParentGone):
+            await put
+        assert await fresh.get_checkpoint(thread, "", None) is None
+        return
+    await put
+    latest = await fresh.get_checkpoint(thread, "", None)
+    assert latest is not None and latest.checkpoint_id == late
+    assert latest.blobs == {"m": ("bytes", values[2])}
+
+
 async def test_a_parentless_put_and_writes_landing_inside_delete_thread_stand_as_after_it(
     pg: PostgresConnection, checkpoints: PostgresCheckpointStore
 ) -> None:

@@ -4,9 +4,11 @@ documents, write-behind batches and maintenance that keeps what a checkpoint nam
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import operator
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypedDict
@@ -16,11 +18,13 @@ from langgraph.graph import END, START, StateGraph
 
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
+from state.cold import cosmos_maintenance
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
-from state.errors import InvalidValue, ParentGone, StaleFencingToken
+from state.cold.cosmos_maintenance import CheckpointMaintenance
+from state.errors import InvalidValue, ParentGone, RunsPartlyDeleted, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -415,6 +419,154 @@ async def test_a_put_whose_parent_was_read_cannot_land_after_a_delete_thread(
     with pytest.raises(ParentGone):
         await late
     assert await store.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_delete_for_runs_deletes_a_thread_the_run_first_wrote_to_after_its_listing(
+    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`delete_for_runs` lists the runs' checkpoints across partitions, then deletes them a
+    thread at a time: a run's first checkpoint on another thread, stored after that listing
+    and before the call returned, survived it (a checkpoint of a deleted run, the thread's
+    latest)."""
+    listed, unlisted = thread(), thread()
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    await store.put_checkpoint(stored(listed, 1, {}, run_id=run_id), [])
+    remove = CheckpointMaintenance._remove
+    stepped: list[bool] = []
+
+    async def step_then_remove(self: CheckpointMaintenance, *args: Any, **kwargs: Any) -> None:
+        # The run's step on a thread of its own lands between the listing and the delete.
+        if not stepped:
+            stepped.append(True)
+            await store.put_checkpoint(stored(unlisted, 1, {}, run_id=run_id), [])
+        await remove(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointMaintenance, "_remove", step_then_remove)
+    assert await store.delete_for_runs([run_id]) == {listed, unlisted}
+    assert stepped
+    for thread_id in (listed, unlisted):
+        assert [c.checkpoint_id async for c in _list(store, thread_id)] == []
+
+
+async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_too(
+    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put with no parent (a subgraph's first step: nothing refuses it) of the run
+    `delete_for_runs` deletes, in a namespace the listing did not find the run in, stored
+    during the delete: it survived the call."""
+    thread_id = thread()
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    await store.put_checkpoint(stored(thread_id, 2, {}, run_id=run_id), [])
+    remove = CheckpointMaintenance._remove
+    stepped: list[bool] = []
+
+    async def remove_then_step(self: CheckpointMaintenance, *args: Any, **kwargs: Any) -> None:
+        await remove(self, *args, **kwargs)
+        if not stepped:  # the thread's delete is done: the subgraph's first step arrives
+            stepped.append(True)
+            subgraph = dataclasses.replace(
+                stored(thread_id, 3, {}, run_id=run_id),
+                checkpoint_ns="child:1",
+                parent_checkpoint_id=None,
+            )
+            await store.put_checkpoint(subgraph, [])
+
+    monkeypatch.setattr(CheckpointMaintenance, "_remove", remove_then_step)
+    assert await store.delete_for_runs([run_id]) == {thread_id}
+    assert stepped
+    left = store.list_checkpoints(
+        thread_id=thread_id, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
+    )
+    assert [(c.checkpoint_ns, c.checkpoint_id) async for c in left] == [("", checkpoint_id(1))]
+
+
+async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_gives_up(
+    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run writing to another thread during every pass is not chased for ever: the call
+    raises, naming the threads it deleted from (a cache drops them), and stops."""
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    written = [thread()]
+    await store.put_checkpoint(stored(written[0], 1, {}, run_id=run_id), [])
+    remove = CheckpointMaintenance._remove
+
+    async def step_then_remove(self: CheckpointMaintenance, *args: Any, **kwargs: Any) -> None:
+        written.append(thread())
+        await store.put_checkpoint(stored(written[-1], 1, {}, run_id=run_id), [])
+        await remove(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointMaintenance, "_remove", step_then_remove)
+    with pytest.raises(RunsPartlyDeleted) as raised:
+        await store.delete_for_runs([run_id])
+    passes = cosmos_maintenance.LATE_RUN_ROUNDS + 1
+    assert len(written) == passes + 1
+    assert raised.value.thread_ids == set(written[:-1])
+
+
+@pytest.mark.parametrize("maintenance", ["delete_thread", "prune"])
+async def test_a_put_built_on_the_chunk_memo_held_across_a_delete_names_no_block_it_removed(
+    store: CosmosCheckpointStore,
+    connection: CosmosConnection,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    maintenance: str,
+) -> None:
+    """A put prepared while the chunker remembered its parent's blocks (it sends only the
+    blocks its value added), held until the same store's `delete_thread` or prune, which
+    forget the memo only before deleting, is done: it names blocks only its parent's value
+    reaches. A delete of the whole thread took the parent: the put is refused. A prune
+    keeps the parent (the thread's latest), so its blocks too, however old (the collector
+    here judges every block): the put reads back whole, by a store that remembers nothing."""
+    thread_id = thread()
+    values = [os.urandom(20_000)]
+    values += [values[-1] + os.urandom(10_000), values[-1] + os.urandom(20_000)]
+    for n in (1, 2):
+        await store.put_checkpoint(
+            stored(thread_id, n, {"m": f"v{n}"}),
+            [StoredBlob("m", f"v{n}", ("bytes", values[n - 1]))],
+        )
+    assert store._chunker.remembered((thread_id, "", "m")) is not None  # the put builds on it
+    store._clock = lambda: time.time() + 3600
+    held, go_on = asyncio.Event(), asyncio.Event()
+    batch, upsert_all = PartitionIO.batch, PartitionIO.upsert_all
+
+    async def hold(docs: list[Any]) -> None:
+        if any(doc.get("checkpoint_id") == checkpoint_id(3) for doc in docs):
+            held.set()
+            await go_on.wait()
+
+    async def held_batch(self: PartitionIO, partition: str, operations: Any, **options: Any) -> Any:
+        await hold([op[1][-1] for op in operations if op[0] not in ("delete", "read")])
+        return await batch(self, partition, operations, **options)
+
+    async def held_upsert_all(self: PartitionIO, docs: Any) -> None:
+        await hold(list(docs))
+        await upsert_all(self, docs)
+
+    monkeypatch.setattr(PartitionIO, "batch", held_batch)
+    monkeypatch.setattr(PartitionIO, "upsert_all", held_upsert_all)
+    put = asyncio.create_task(
+        store.put_checkpoint(
+            stored(thread_id, 3, {"m": "v3"}), [StoredBlob("m", "v3", ("bytes", values[2]))]
+        )
+    )
+    await asyncio.wait_for(held.wait(), timeout=20)
+    if maintenance == "delete_thread":
+        await store.delete_thread(thread_id)
+    else:
+        await store.prune([thread_id], strategy="keep_latest")
+    go_on.set()
+    fresh = checkpoint_store(connection, settings)
+    if maintenance == "delete_thread":
+        with pytest.raises(ParentGone):
+            await put
+        assert await fresh.get_checkpoint(thread_id, "", None) is None
+        return
+    await put
+    latest = await fresh.get_checkpoint(thread_id, "", None)
+    assert latest is not None and latest.checkpoint_id == checkpoint_id(3)
+    assert latest.blobs == {"m": ("bytes", values[2])}
 
 
 def _list(store: CosmosCheckpointStore, thread_id: str) -> AsyncIterator[StoredCheckpoint]:
