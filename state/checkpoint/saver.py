@@ -1534,16 +1534,25 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._histories.popitem(last=False)
 
     def _forget_histories(self, thread_id: str) -> None:
+        """What this process remembers of the thread's stored state (its delta histories,
+        chains), which maintenance changed. Not what its runs appended and their boundaries
+        must still find stored: a prune or a copy onto the thread leaves a step in the log
+        as it is, and Redis losing it must still fail the run's boundary (`_forget_runs`)."""
         self._chains.forget(thread_id)
         self._kept_inline.forget(thread_id)
+        with self._histories_lock:
+            for key in [key for key in self._histories if key[0] == thread_id]:
+                del self._histories[key]
+
+    def _forget_runs(self, thread_id: str) -> None:
+        """`_forget_histories`, and what the thread's runs appended, once it is lost or its
+        steps were deleted."""
+        self._forget_histories(thread_id)
         with self._histories_lock:
             self._unconfirmed.pop(thread_id, None)
             self._paused.pop(thread_id, None)
             self._boundary_checkpoints.pop(thread_id, None)
             self._unconfirmed_writes.pop(thread_id, None)
-        with self._histories_lock:
-            for key in [key for key in self._histories if key[0] == thread_id]:
-                del self._histories[key]
 
     def _channel_history(self, history: ChannelHistory) -> DeltaChannelHistory:
         # Chain order (ancestor ids grow toward the target), then a step's own order.
@@ -1686,7 +1695,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Boundaries of the run fail until a run starts again here, or the cold tier's
         root moves past what it holds now (another process went on from it)."""
         self.losses_found += 1
-        self._forget_histories(thread_id)
+        self._forget_runs(thread_id)
         try:
             root = await self._cold_root(thread_id)
         except BackendUnavailable:
@@ -1736,7 +1745,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self.cache.invalidate(thread_id, strict=True)
 
     async def _delete_thread(self, thread_id: str) -> None:
-        self._forget_histories(thread_id)
+        self._forget_runs(thread_id)
         await self._drop_cached(thread_id)
         if self.flusher is None:
             await self.store.delete_thread(thread_id)
@@ -1773,8 +1782,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # A run of these ids still writing may have appended after the flush above (its
             # parent was cached): flushed after the delete, that put would become the
             # thread's latest state, on a parent that is gone. Flushed and deleted again
-            # until no backlog holds one; a put appended after this (its parent neither
-            # cached nor logged nor cold any more) is refused (`HotStateLost`).
+            # until no backlog holds one, nor is one a namespace's latest cold checkpoint
+            # (flushed meanwhile by another worker); a put appended after this (its parent
+            # neither cached nor logged nor cold any more) is refused (`HotStateLost`).
             # Only the threads the delete touched are read: the flush above took every
             # backlog listed then, so a thread missed is one these runs first wrote to
             # after it (a run started during this call). Looked for once more after the
@@ -1803,14 +1813,35 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
 
     async def _late_run_threads(self, threads: set[str], run_ids: Sequence[str]) -> Sequence[str]:
-        """Those of the threads whose backlog holds a put of one of the runs."""
+        """Those of the threads whose backlog holds a put of one of the runs, or where one
+        is a namespace's latest cold checkpoint: a flusher (another worker's) moved such a
+        put there after the delete, before the log was read. The log first: a put leaves it
+        only once applied, so the cold read after it sees one the log read missed."""
         assert self.flusher is not None
         return [
             thread_id
             for thread_id in sorted(threads)
-            if await self.flusher.log.pending(thread_id)
-            and await self._logs_runs(thread_id, run_ids)
+            if (
+                await self.flusher.log.pending(thread_id)
+                and await self._logs_runs(thread_id, run_ids)
+            )
+            or await self._newest_is_of_runs(thread_id, run_ids)
         ]
+
+    async def _newest_is_of_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
+        """Whether, after the runs' delete, a checkpoint of theirs is its namespace's latest
+        in the cold tier: one landed since (one the delete spared never is: a kept checkpoint
+        it is an ancestor of is newer). Nothing of theirs left, one empty listing per run."""
+        for run_id in run_ids:
+            newest = await self._newest_of_run(thread_id, run_id)
+            if newest is None:
+                continue
+            latest = await self.store.get_checkpoint(
+                thread_id, newest.checkpoint_ns, None, with_history=False
+            )
+            if latest is not None and latest.metadata.get("run_id") in run_ids:
+                return True
+        return False
 
     async def _delete_runs_in_cold(self, run_ids: Sequence[str]) -> set[str]:
         try:
@@ -1827,28 +1858,33 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Drops the caches and delta histories of threads whose runs the store deleted."""
         self._owed_drops.update(thread_ids)
         for thread_id in thread_ids:
-            self._forget_histories(thread_id)
+            self._forget_runs(thread_id)
             await self._drop_cached(thread_id)
             self._owed_drops.discard(thread_id)
 
     async def _holds_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the cold tier holds a checkpoint of one of the runs in the thread."""
         for run_id in run_ids:
-            found = self.store.list_checkpoints(
-                thread_id=thread_id,
-                checkpoint_ns=None,
-                before=None,
-                limit=1,
-                metadata_filter={"run_id": run_id},
-            )
-            try:
-                async for _ in found:
-                    return True
-            finally:
-                aclose = getattr(found, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            if await self._newest_of_run(thread_id, run_id) is not None:
+                return True
         return False
+
+    async def _newest_of_run(self, thread_id: str, run_id: str) -> StoredCheckpoint | None:
+        found = self.store.list_checkpoints(
+            thread_id=thread_id,
+            checkpoint_ns=None,
+            before=None,
+            limit=1,
+            metadata_filter={"run_id": run_id},
+        )
+        try:
+            async for stored in found:
+                return stored
+        finally:
+            aclose = getattr(found, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return None
 
     async def _logs_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the thread's backlog may hold a put of one of the runs (an entry this

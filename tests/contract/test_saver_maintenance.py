@@ -38,8 +38,13 @@ async def test_delete_for_runs_invalidates_the_cache_without_reading_checkpoints
         for thread in (doomed, kept):
             assert await saver.aget_tuple({"configurable": {"thread_id": thread}}) is not None
 
-        async def no_listing(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError("delete_for_runs read whole checkpoints to find threads")
+        listing = saver.store.list_checkpoints
+
+        def no_listing(*args: Any, **kwargs: Any) -> Any:
+            # A thread's own listing (whether a run's step is its latest) is no search.
+            if kwargs.get("thread_id") is None:
+                raise AssertionError("delete_for_runs read whole checkpoints to find threads")
+            return listing(*args, **kwargs)
 
         monkeypatch.setattr(saver.store, "list_checkpoints", no_listing)
         await saver.adelete_for_runs(["run-doomed"])

@@ -23,7 +23,7 @@ from langgraph.checkpoint.base.id import uuid6
 
 import state.checkpoint.flusher as flusher_module
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import LockLost, StateError
+from state.errors import HotStateLost, LockLost, StateError
 from tests.chat_graph import chat_graph
 from tests.integration.delta_graph import delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
@@ -863,3 +863,88 @@ async def test_a_sweep_given_a_deadline_leaves_a_thread_whose_flush_lock_is_held
     finally:
         if backend == "cosmos":
             await drop_container(settings)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_late_step_another_flusher_flushes_right_after_delete_for_runs_is_deleted_too(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The doomed run's next step is appended on its cached parent before the cold delete;
+    a second worker's flusher (its own store, sharing this Redis) flushes it just after
+    the delete, before `delete_for_runs` looks at the log for late steps: the log is empty
+    by then, yet the step must not stay as the thread's latest state, its parent gone."""
+    async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config("race-other-flusher")
+        thread_id = cfg["configurable"]["thread_id"]
+        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
+        await saver.aflush(thread_id)
+        before = await saver.aget_tuple(cfg)
+        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
+        await saver.aflush(thread_id)
+        latest = await saver.aget_tuple(cfg)
+        assert before is not None and latest is not None
+        cold_delete = tiers.store.delete_for_runs
+        flushed: list[int] = []
+
+        async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+            if not flushed:
+                await put_child(saver, latest, "late step", run_id=doomed)
+                deleted = await cold_delete(run_ids)
+                flushed.append(await other.flusher.flush_thread(thread_id))
+                return deleted
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        assert flushed == [1]  # the late step reached the cold tier after the delete
+        await tiers.flusher.drain()
+        now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+        assert now is not None
+        assert now.metadata.get("run_id") != doomed
+        assert now.checkpoint["id"] == before.checkpoint["id"]
+
+
+@pytest.mark.parametrize("operation", ["prune", "copy"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_step_put_during_a_prune_or_copy_then_lost_with_redis_fails_its_boundary(
+    backend: str, operation: str, stack_env: dict[str, str]
+) -> None:
+    """A run's step appended while this process prunes its thread (or copies onto it)
+    stays in the log (those calls delete nothing of it); Redis then loses it (FLUSHALL)
+    before any flush. The run's boundary must report the loss, not acknowledge a state
+    that only Redis held."""
+    async with tiers_for(stack_env, backend) as tiers:
+        saver = tiers.saver
+        cfg, source = config("race-lost"), config("race-lost-src")
+        thread_id = cfg["configurable"]["thread_id"]
+        for c in (cfg, source):
+            await chat_graph(saver).ainvoke({"messages": ["hello"]}, c)
+            await saver.aflush(c["configurable"]["thread_id"])
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        name = "prune" if operation == "prune" else "copy_thread"
+        cold_call = getattr(tiers.store, name)
+        stepped: list[RunnableConfig] = []
+
+        async def during(*args: Any, **kwargs: Any) -> None:
+            stepped.append(await put_child(saver, latest, "during maintenance"))
+            await cold_call(*args, **kwargs)
+
+        setattr(tiers.store, name, during)
+        try:
+            if operation == "prune":
+                await saver.aprune([thread_id], strategy="keep_latest")
+            else:
+                await saver.acopy_thread(source["configurable"]["thread_id"], thread_id)
+        finally:
+            setattr(tiers.store, name, cold_call)
+        assert stepped and await tiers.flusher.log.pending(thread_id)
+        await tiers.redis.flushall()
+        with pytest.raises(HotStateLost):
+            await saver.aflush(thread_id)
