@@ -47,7 +47,6 @@ from state.errors import (
     InvalidValue,
     ParentGone,
     RequestRejected,
-    RunsPartlyDeleted,
     StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
@@ -986,35 +985,6 @@ async def test_a_put_racing_delete_for_runs_waits_for_it_then_is_refused(
     assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == [kept]
 
 
-async def test_delete_for_runs_deletes_a_thread_the_run_first_wrote_to_after_its_listing(
-    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`delete_for_runs` lists the runs' threads, then deletes them a batch at a time: a
-    run's first checkpoint on another thread, committed after that listing and before the
-    call returned, survived it (a checkpoint of a deleted run, the thread's latest)."""
-    listed, unlisted = unique_thread(), unique_thread()
-    doomed, late = _ids(2)
-    run_id = f"run-{uuid.uuid4().hex[:8]}"
-    await checkpoints.put_checkpoint(_checkpoint(listed, doomed, metadata={"run_id": run_id}), [])
-    lock_threads = postgres_checkpoints._lock_threads
-    stepped: list[bool] = []
-
-    async def step_then_lock(conn: Any, thread_ids: list[str]) -> None:
-        # The run's step on a thread of its own lands between the listing and the batch.
-        if not stepped:
-            stepped.append(True)
-            await checkpoints.put_checkpoint(
-                _checkpoint(unlisted, late, metadata={"run_id": run_id}), []
-            )
-        await lock_threads(conn, thread_ids)
-
-    monkeypatch.setattr(postgres_checkpoints, "_lock_threads", step_then_lock)
-    assert await checkpoints.delete_for_runs([run_id]) == {listed, unlisted}
-    assert stepped
-    for thread in (listed, unlisted):
-        assert [c.checkpoint_id async for c in _list(checkpoints, thread)] == []
-
-
 async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_too(
     pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1052,30 +1022,6 @@ async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_to
     await asyncio.wait_for(steps[0], timeout=5)
     stored = [(c.checkpoint_ns, c.checkpoint_id) async for c in _list(checkpoints, thread)]
     assert stored == [("", kept)]
-
-
-async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_gives_up(
-    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run writing to another thread during every pass is not chased for ever: the call
-    raises, naming the threads it deleted from (a cache drops them), and stops."""
-    run = {"run_id": f"run-{uuid.uuid4().hex[:8]}"}
-    first = unique_thread()
-    await checkpoints.put_checkpoint(_checkpoint(first, _ids(1)[0], metadata=run), [])
-    lock_threads = postgres_checkpoints._lock_threads
-    written = [first]
-
-    async def step_then_lock(conn: Any, thread_ids: list[str]) -> None:
-        written.append(unique_thread())
-        await checkpoints.put_checkpoint(_checkpoint(written[-1], _ids(1)[0], metadata=run), [])
-        await lock_threads(conn, thread_ids)
-
-    monkeypatch.setattr(postgres_checkpoints, "_lock_threads", step_then_lock)
-    with pytest.raises(RunsPartlyDeleted) as raised:
-        await checkpoints.delete_for_runs([run["run_id"]])
-    passes = postgres_checkpoints.LATE_RUN_ROUNDS + 1
-    assert len(written) == passes + 1
-    assert raised.value.thread_ids == set(written[:-1])
 
 
 @pytest.mark.parametrize("maintenance", ["delete_thread", "prune"])

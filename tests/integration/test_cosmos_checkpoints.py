@@ -18,13 +18,12 @@ from langgraph.graph import END, START, StateGraph
 
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
-from state.cold import cosmos_maintenance
 from state.cold.cosmos_checkpoints import CosmosCheckpointStore
 from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
 from state.cold.cosmos_maintenance import CheckpointMaintenance
-from state.errors import InvalidValue, ParentGone, RunsPartlyDeleted, StaleFencingToken
+from state.errors import InvalidValue, ParentGone, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -421,33 +420,6 @@ async def test_a_put_whose_parent_was_read_cannot_land_after_a_delete_thread(
     assert await store.get_checkpoint(thread_id, "", None) is None
 
 
-async def test_delete_for_runs_deletes_a_thread_the_run_first_wrote_to_after_its_listing(
-    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`delete_for_runs` lists the runs' checkpoints across partitions, then deletes them a
-    thread at a time: a run's first checkpoint on another thread, stored after that listing
-    and before the call returned, survived it (a checkpoint of a deleted run, the thread's
-    latest)."""
-    listed, unlisted = thread(), thread()
-    run_id = f"run-{uuid.uuid4().hex[:8]}"
-    await store.put_checkpoint(stored(listed, 1, {}, run_id=run_id), [])
-    remove = CheckpointMaintenance._remove
-    stepped: list[bool] = []
-
-    async def step_then_remove(self: CheckpointMaintenance, *args: Any, **kwargs: Any) -> None:
-        # The run's step on a thread of its own lands between the listing and the delete.
-        if not stepped:
-            stepped.append(True)
-            await store.put_checkpoint(stored(unlisted, 1, {}, run_id=run_id), [])
-        await remove(self, *args, **kwargs)
-
-    monkeypatch.setattr(CheckpointMaintenance, "_remove", step_then_remove)
-    assert await store.delete_for_runs([run_id]) == {listed, unlisted}
-    assert stepped
-    for thread_id in (listed, unlisted):
-        assert [c.checkpoint_id async for c in _list(store, thread_id)] == []
-
-
 async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_too(
     store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -479,29 +451,6 @@ async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_to
         thread_id=thread_id, checkpoint_ns=None, before=None, limit=None, metadata_filter=None
     )
     assert [(c.checkpoint_ns, c.checkpoint_id) async for c in left] == [("", checkpoint_id(1))]
-
-
-async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_gives_up(
-    store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run writing to another thread during every pass is not chased for ever: the call
-    raises, naming the threads it deleted from (a cache drops them), and stops."""
-    run_id = f"run-{uuid.uuid4().hex[:8]}"
-    written = [thread()]
-    await store.put_checkpoint(stored(written[0], 1, {}, run_id=run_id), [])
-    remove = CheckpointMaintenance._remove
-
-    async def step_then_remove(self: CheckpointMaintenance, *args: Any, **kwargs: Any) -> None:
-        written.append(thread())
-        await store.put_checkpoint(stored(written[-1], 1, {}, run_id=run_id), [])
-        await remove(self, *args, **kwargs)
-
-    monkeypatch.setattr(CheckpointMaintenance, "_remove", step_then_remove)
-    with pytest.raises(RunsPartlyDeleted) as raised:
-        await store.delete_for_runs([run_id])
-    passes = cosmos_maintenance.LATE_RUN_ROUNDS + 1
-    assert len(written) == passes + 1
-    assert raised.value.thread_ids == set(written[:-1])
 
 
 @pytest.mark.parametrize("maintenance", ["delete_thread", "prune"])
