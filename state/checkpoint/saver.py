@@ -104,6 +104,7 @@ from ..ports import (
     StoredCheckpoint,
     StoredWrite,
     TypedBytes,
+    WritesPut,
 )
 from .chains import WrittenChains
 from .fencing import RecordFence
@@ -1858,9 +1859,64 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Drops the caches and delta histories of threads whose runs the store deleted."""
         self._owed_drops.update(thread_ids)
         for thread_id in thread_ids:
-            self._forget_runs(thread_id)
+            await self._forget_deleted_runs(thread_id)
             await self._drop_cached(thread_id)
             self._owed_drops.discard(thread_id)
+
+    async def _forget_deleted_runs(self, thread_id: str) -> None:
+        """`_forget_runs`, but for the steps still in the thread's log: appended after the
+        flush before the delete, the store could not delete them (another run's, or a late
+        one of the runs that a later round flushes and deletes), and Redis losing them must
+        still fail their run's boundary, as after a prune."""
+        with self._histories_lock:
+            heads = dict(self._unconfirmed.get(thread_id, {}))
+            writes = {
+                ns: (checkpoint_id, set(keys))
+                for ns, (checkpoint_id, keys) in self._unconfirmed_writes.get(thread_id, {}).items()
+            }
+        logged = await self._logged_steps(thread_id)
+        self._forget_histories(thread_id)
+        with self._histories_lock:
+            # Only what was read before the log: a step appended since stays tracked.
+            now = self._unconfirmed.get(thread_id, {})
+            for checkpoint_ns, checkpoint_id in heads.items():
+                logged_step = (checkpoint_ns, checkpoint_id) in logged
+                if not logged_step and now.get(checkpoint_ns) == checkpoint_id:
+                    del now[checkpoint_ns]
+            if not now:
+                self._unconfirmed.pop(thread_id, None)
+            spaces = self._unconfirmed_writes.get(thread_id, {})
+            for checkpoint_ns, (checkpoint_id, keys) in writes.items():
+                known = spaces.get(checkpoint_ns)
+                if (
+                    (checkpoint_ns, checkpoint_id) not in logged
+                    and known is not None
+                    and known[0] == checkpoint_id
+                    and known[1] <= keys
+                ):
+                    del spaces[checkpoint_ns]
+            if not spaces:
+                self._unconfirmed_writes.pop(thread_id, None)
+            if not logged:
+                self._paused.pop(thread_id, None)
+                self._boundary_checkpoints.pop(thread_id, None)
+
+    async def _logged_steps(self, thread_id: str) -> set[tuple[str, str]]:
+        """The (namespace, checkpoint) of the puts and writes in the thread's log; none if
+        it cannot be read (the run tracking is then forgotten, as it was before any kept)."""
+        if self.flusher is None:
+            return set()
+        try:
+            entries = await self.flusher.log.read(thread_id, count=ALL_LOGGED)
+        except StateError:
+            return set()
+        logged: set[tuple[str, str]] = set()
+        for entry in entries:
+            if isinstance(entry.op, CheckpointPut):
+                logged.add((entry.op.checkpoint.checkpoint_ns, entry.op.checkpoint.checkpoint_id))
+            elif isinstance(entry.op, WritesPut):
+                logged.add((entry.op.checkpoint_ns, entry.op.checkpoint_id))
+        return logged
 
     async def _holds_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:
         """Whether the cold tier holds a checkpoint of one of the runs in the thread."""

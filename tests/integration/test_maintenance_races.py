@@ -948,3 +948,40 @@ async def test_a_step_put_during_a_prune_or_copy_then_lost_with_redis_fails_its_
         await tiers.redis.flushall()
         with pytest.raises(HotStateLost):
             await saver.aflush(thread_id)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_step_of_another_run_put_during_delete_for_runs_then_lost_fails_its_boundary(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """As for a prune: delete_for_runs of an earlier run while the thread's current run
+    appends a step (not of the deleted runs, left in the log); Redis then loses it. The
+    current run's boundary must report the loss."""
+    async with tiers_for(stack_env, backend) as tiers:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config("race-lost-runs")
+        thread_id = cfg["configurable"]["thread_id"]
+        doomed, current = str(uuid.uuid4()), str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, doomed))
+        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, current))
+        await saver.aflush(thread_id)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None and latest.metadata.get("run_id") == current
+        cold_delete = tiers.store.delete_for_runs
+        stepped: list[RunnableConfig] = []
+
+        async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+            if not stepped:
+                stepped.append(await put_child(saver, latest, "during", run_id=current))
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        assert stepped and await tiers.flusher.log.pending(thread_id)
+        await tiers.redis.flushall()
+        with pytest.raises(HotStateLost):
+            await saver.aflush(thread_id)
