@@ -101,6 +101,24 @@ async def put_delta_step(
     )
 
 
+async def kept_then_doomed_run(
+    saver: TieredCheckpointSaver, cfg: RunnableConfig
+) -> tuple[str, CheckpointTuple, CheckpointTuple]:
+    """A run that stays, then one about to be deleted, each flushed: the doomed run's id,
+    the state before it, and its latest step."""
+    graph = chat_graph(saver)
+    thread_id = cfg["configurable"]["thread_id"]
+    kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
+    await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
+    await saver.aflush(thread_id)
+    before = await saver.aget_tuple(cfg)
+    await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
+    await saver.aflush(thread_id)
+    latest = await saver.aget_tuple(cfg)
+    assert before is not None and latest is not None
+    return doomed, before, latest
+
+
 async def delete_run_as_it_steps(
     tiers: WriteBehind, run_id: str, step: Callable[[], Awaitable[RunnableConfig]]
 ) -> None:
@@ -191,17 +209,8 @@ async def test_a_step_of_a_run_delete_for_runs_deletes_landing_meanwhile_never_i
 ) -> None:
     async with tiers_for(stack_env, backend) as tiers:
         saver = tiers.saver
-        graph = chat_graph(saver)
         cfg = config()
-        thread_id = cfg["configurable"]["thread_id"]
-        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
-        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
-        await saver.aflush(thread_id)
-        before = await saver.aget_tuple(cfg)
-        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
-        await saver.aflush(thread_id)
-        latest = await saver.aget_tuple(cfg)
-        assert before is not None and latest is not None
+        doomed, before, latest = await kept_then_doomed_run(saver, cfg)
         await delete_run_as_it_steps(
             tiers, doomed, lambda: put_child(saver, latest, "late step", run_id=doomed)
         )
@@ -660,16 +669,8 @@ async def test_a_run_stepping_through_every_late_round_then_stopping_is_deleted_
 
     async with tiers_for(stack_env, "postgres") as tiers:
         saver = tiers.saver
-        graph = chat_graph(saver)
         cfg = config("race-rounds")
-        thread_id = cfg["configurable"]["thread_id"]
-        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
-        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
-        await saver.aflush(thread_id)
-        before = await saver.aget_tuple(cfg)
-        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
-        await saver.aflush(thread_id)
-        assert before is not None
+        doomed, before, _ = await kept_then_doomed_run(saver, cfg)
         cold_delete = tiers.store.delete_for_runs
         steps: list[RunnableConfig] = []
 
@@ -875,17 +876,9 @@ async def test_a_late_step_another_flusher_flushes_right_after_delete_for_runs_i
     by then, yet the step must not stay as the thread's latest state, its parent gone."""
     async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
         saver = tiers.saver
-        graph = chat_graph(saver)
         cfg = config("race-other-flusher")
         thread_id = cfg["configurable"]["thread_id"]
-        kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
-        await graph.ainvoke({"messages": ["first"]}, with_run(cfg, kept))
-        await saver.aflush(thread_id)
-        before = await saver.aget_tuple(cfg)
-        await graph.ainvoke({"messages": ["second"]}, with_run(cfg, doomed))
-        await saver.aflush(thread_id)
-        latest = await saver.aget_tuple(cfg)
-        assert before is not None and latest is not None
+        doomed, before, latest = await kept_then_doomed_run(saver, cfg)
         cold_delete = tiers.store.delete_for_runs
         flushed: list[int] = []
 
