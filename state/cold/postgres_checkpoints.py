@@ -20,6 +20,7 @@ then delete the chunks no remaining manifest reaches, in their transaction.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
@@ -1252,11 +1253,14 @@ def _fence_of(refused: RequestRejected) -> int:
     return int(detail)
 
 
+# Cached: a put builds the same few shapes over and over, and the text is pure.
+@functools.lru_cache(maxsize=4096)
 def _placeholders(before: int, count: int) -> str:
     """`($k, ..., $m)` for the `count` parameters after the first `before` ones."""
     return "(" + ", ".join(f"${before + n}" for n in range(1, count + 1)) + ")"
 
 
+@functools.lru_cache(maxsize=4096)
 def _guarded_placeholders(before: int, count: int, has_parent: bool) -> tuple[str, str]:
     """A checkpoint row's placeholders with its id taken from `parent_kept` (or `turn`, with
     no parent), and that CTE on the row's own thread, namespace and parent placeholders."""
