@@ -898,12 +898,16 @@ class BlockingCheckpointStore(Protocol):
 
 
 class BlockingReads(Protocol):
-    """`CheckpointCache.lookup` of a hit for a caller with no event loop (the saver's sync
-    API), made on the caller's own thread; None wherever `lookup` has more to do."""
+    """`CheckpointCache.lookup` for a caller with no event loop (the saver's sync API),
+    made on the caller's own thread; None wherever `lookup` has more to do."""
 
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
-    ) -> CacheLookup | None: ...
+    ) -> CacheLookup | None:
+        """A hit, or a miss without its lease (`lease_blocking` takes it)."""
+
+    def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
+        """A miss's lease and backlog, as `lookup(lease=True)` reports them."""
 
 
 @runtime_checkable

@@ -36,6 +36,9 @@ class LoopThread:
             return
         self.run(_cancel_pending())
         self.run(self.loop.shutdown_asyncgens())
+        # Joined here, not left to `close` (which does not wait for them): the threads of
+        # the loop's executor (a blocking pool closes on one) are gone when this returns.
+        self.run(self.loop.shutdown_default_executor())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()

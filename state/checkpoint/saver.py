@@ -270,8 +270,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._blocking = blocking_appends if flusher is not None else None
         self._blocking_reads = blocking_reads if cache is not None else None
         # Without a hot tier, the sync API reads and writes the cold tier from the caller's
-        # thread when the store can (each call then skips two thread hand-overs).
+        # thread when the store can (each call then skips two thread hand-overs); with
+        # one, a miss of the latest checkpoint reads it from there.
         self._blocking_store = blocking_store if cache is None else None
+        self._blocking_cold_reads = blocking_store if cache is not None else None
         # The hot tier's fence per thread (write-through writes check it), and the cold
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
@@ -558,7 +560,36 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
         if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
             return self._hit(hit, history, latest=checkpoint_id is None)
+        if cached is not None and hit is None and checkpoint_id is None:
+            return self._latest_missed_here(thread_id, checkpoint_ns, config, with_history)
         return self._sync(self._get_tuple(config))
+
+    def _latest_missed_here(
+        self, thread_id: str, checkpoint_ns: str, config: RunnableConfig, with_history: bool
+    ) -> CheckpointTuple | None:
+        """`_get_tuple` past a miss of the latest checkpoint: the fill lease taken from the
+        caller's thread, and the cold read made there too unless the loop thread is needed
+        (a backlog to flush first, a store with no blocking reads). A checkpoint found goes
+        into the cache from the loop thread; a new thread has none, and needs no hand-over."""
+        assert self._blocking_reads is not None
+        leased = self._blocking_reads.lease_blocking(thread_id, checkpoint_ns)
+        if leased is None:
+            return self._sync(self._get_tuple(config))
+        cold = self._blocking_cold_reads
+        if cold is None or leased.backlog:
+            return self._sync(
+                self._cold_read(
+                    thread_id, checkpoint_ns, None, with_history, leased.lease, leased.backlog
+                )
+            )
+        with self._closed_under_call():
+            stored = cold.get_checkpoint_blocking(
+                thread_id, checkpoint_ns, None, with_history=with_history
+            )
+        if stored is not None:
+            stored = self._sync(self._filled(stored, leased.lease))
+        self._note_cold_read(stored, thread_id, checkpoint_ns, None)
+        return None if stored is None else self._tuple(stored, keep_inline=True)
 
     def list(
         self,
@@ -872,19 +903,39 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
                 return self._hit(hit, cached.history, latest=checkpoint_id is None)
             lease, backlog = cached.lease, cached.backlog
+        return await self._cold_read(
+            thread_id, checkpoint_ns, checkpoint_id, with_history, lease, backlog
+        )
+
+    async def _cold_read(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        with_history: bool,
+        lease: str | None,
+        backlog: bool | None,
+    ) -> CheckpointTuple | None:
+        """`_get_tuple` past a miss of the hot tier: the thread's backlog flushed, the cold
+        tier read, and what it holds put in the cache under the miss's `lease`."""
         if self.flusher is not None:
             await self.flusher.settle_thread(thread_id, pending=backlog)
         stored = await self.store.get_checkpoint(
             thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
         )
         if stored is not None:
-            stored = await self._complete(stored)
+            stored = await self._filled(stored, lease)  # its history with it, when it has one
         self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
         if stored is None:
             return None
-        if self.cache is not None and lease is not None:
-            await self.cache.fill(stored, lease)  # its history with it, when it has one
         return self._tuple(stored, keep_inline=True)
+
+    async def _filled(self, stored: StoredCheckpoint, lease: str | None) -> StoredCheckpoint:
+        """A latest checkpoint read from the cold tier, completed, and into the cache."""
+        stored = await self._complete(stored)
+        if self.cache is not None and lease is not None:
+            await self.cache.fill(stored, lease)
+        return stored
 
     def _note_cold_read(
         self,

@@ -937,9 +937,9 @@ class RedisCheckpointCache:
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> CacheLookup | None:
-        """`lookup` of a hit, from the caller's own thread; None where `lookup` has more
-        to do (a miss and its lease, a suspect or unreadable entry, an error): the caller
-        then asks it."""
+        """`lookup` without a lease, from the caller's own thread: a hit, or a miss (no
+        entry; `lease_blocking` then takes the lease); None where `lookup` has more to do
+        (a suspect or unreadable entry, an error): the caller then asks it."""
         if self._blocking_client is None:
             raise StateError("this checkpoint cache was opened without a blocking client")
         key = self.key(thread_id, checkpoint_ns)
@@ -966,7 +966,8 @@ class RedisCheckpointCache:
         except (RedisError, OSError):
             return None
         if b"id" not in fields:
-            return None
+            self.stats.misses += 1
+            return CacheLookup(None)
         try:
             references = needed_references(fields, with_history=with_history)
             epochs = self._read_epochs_blocking(references) if references else {}
@@ -980,6 +981,23 @@ class RedisCheckpointCache:
         if epochs:
             self.epochs.remember(thread_id, checkpoint_ns, read_values(fields, found))
         return CacheLookup(found, history=history)
+
+    def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
+        """The fill lease `lookup` takes on a miss of the latest checkpoint, and the
+        thread's backlog, from the caller's own thread; None on an error (the caller then
+        asks `lookup`)."""
+        key = self.key(thread_id, checkpoint_ns)
+        token = os.urandom(12).hex()
+        try:
+            granted, backlog = cast(
+                "list[int]",
+                self._script_blocking(
+                    self._lease, [key, self.log_key(thread_id)], [token, LEASE_TTL_MS]
+                ),
+            )
+        except (RedisError, OSError):
+            return None
+        return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         return await redis_client.run_script(self._client, script, keys, args)

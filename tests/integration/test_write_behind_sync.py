@@ -145,6 +145,50 @@ def test_in_write_through_mode_a_sync_read_of_a_hit_does_not_wait_for_the_loop_t
     assert latest.pending_writes == written.pending_writes
 
 
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+def test_a_sync_read_of_a_new_thread_does_not_wait_for_the_loop_thread(
+    mode: WriteMode, stack_env: dict[str, str]
+) -> None:
+    """A new thread misses the cache: its lease and the cold read (Postgres reads from the
+    caller's thread) find nothing, with no hand-over; a run then goes on as usual."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": mode}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        cfg = config()
+        with loop_thread_held(saver):
+            assert in_thread(lambda: saver.get_tuple(cfg), timeout=10) is None
+        chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+        latest = saver.get_tuple(cfg)
+    assert latest is not None
+    assert latest.checkpoint["channel_values"]["messages"][0] == "hello"
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+def test_a_sync_read_the_cache_misses_fills_it_from_the_cold_tier(
+    mode: WriteMode, stack_env: dict[str, str]
+) -> None:
+    """The hot copy gone, a sync read of the latest checkpoint returns what the cold tier
+    holds and puts it back in the cache: the next read is a hit, on the caller's thread."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": mode}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+        written = saver.get_tuple(cfg)
+        saver.flush(thread_id)
+        assert saver.cache is not None
+        saver._sync(saver.cache.invalidate(thread_id))
+        missed = saver.get_tuple(cfg)
+        with loop_thread_held(saver):
+            hit = in_thread(lambda: saver.get_tuple(cfg), timeout=10)
+    assert written is not None and missed is not None and hit is not None
+    assert missed.checkpoint == written.checkpoint == hit.checkpoint
+    assert missed.pending_writes == written.pending_writes == hit.pending_writes
+
+
 def test_a_sync_run_leaves_one_log_entry_per_write_and_flushes_at_its_boundaries(
     saver: TieredCheckpointSaver,
 ) -> None:
@@ -294,7 +338,8 @@ def test_a_sync_call_in_flight_when_the_saver_closes_fails_instead_of_waiting_fo
 ) -> None:
     # The close's waits for its callers, then for its loop's calls (5 s each in the app).
     monkeypatch.setattr(saver_module, "CLOSE_WAIT_SECONDS", 1.0)
-    cfg = config()
+    # A named checkpoint the cache misses: read on the loop thread whatever the store.
+    cfg = config(checkpoint_id=str(uuid.uuid4()))
     started = threading.Event()
     outcome: list[BaseException] = []
     with TieredCheckpointSaver.open_sync(
