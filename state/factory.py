@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from .ports import (
     BlockingAppends,
+    BlockingCache,
     BlockingCheckpointStore,
-    BlockingReads,
     CheckpointCache,
     CheckpointFence,
     CheckpointStore,
@@ -56,7 +56,7 @@ class Backends:
     # The hot tier's calls the saver's sync API makes on its callers' threads: appends in
     # write-behind mode only, cache-hit reads whenever there is a hot tier.
     blocking_appends: BlockingAppends | None = field(default=None, kw_only=True)
-    blocking_reads: BlockingReads | None = field(default=None, kw_only=True)
+    blocking_cache: BlockingCache | None = field(default=None, kw_only=True)
     # The cold tier's checkpoint calls the sync API makes on its callers' threads (Postgres
     # signed in through POSTGRES_URL), used when there is no hot tier.
     blocking_store: BlockingCheckpointStore | None = field(default=None, kw_only=True)
@@ -118,7 +118,7 @@ async def open_backends(settings: Settings) -> Backends:
     hot_checkpoints: CheckpointCache | None = None
     flusher: Flusher | None = None
     blocking_appends: BlockingAppends | None = None
-    blocking_reads: BlockingReads | None = None
+    blocking_cache: BlockingCache | None = None
     checkpoint_fence: CheckpointFence | None = None
     events: EventLog | None = None
     if settings.hot_tier_configured:
@@ -151,7 +151,7 @@ async def open_backends(settings: Settings) -> Backends:
         )
         closers.append(cache.close)
         hot_checkpoints = cache
-        blocking_reads = cache
+        blocking_cache = cache
         checkpoint_fence = RedisCheckpointFence(client, cache)
         events = RedisEventLog(
             client,
@@ -183,7 +183,7 @@ async def open_backends(settings: Settings) -> Backends:
         retention=retention,
         flusher=flusher,
         blocking_appends=blocking_appends,
-        blocking_reads=blocking_reads,
+        blocking_cache=blocking_cache,
         blocking_store=blocking_store,
         checkpoint_fence=checkpoint_fence,
         events=events,

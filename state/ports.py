@@ -897,9 +897,11 @@ class BlockingCheckpointStore(Protocol):
     ) -> None: ...
 
 
-class BlockingReads(Protocol):
-    """`CheckpointCache.lookup` for a caller with no event loop (the saver's sync API),
-    made on the caller's own thread; None wherever `lookup` has more to do."""
+class BlockingCache(Protocol):
+    """`CheckpointCache` for a caller with no event loop (the saver's sync API): a lookup,
+    and in write-through mode the cache's side of a write, made on the caller's own
+    thread; None or False wherever the async method has more to do (the caller then asks
+    it on the loop thread)."""
 
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
@@ -908,6 +910,20 @@ class BlockingReads(Protocol):
 
     def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
         """A miss's lease and backlog, as `lookup(lease=True)` reports them."""
+
+    def advance_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> bool: ...
+
+    def add_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> bool: ...
 
 
 @runtime_checkable

@@ -92,8 +92,8 @@ from ..errors import (
 )
 from ..ports import (
     BlockingAppends,
+    BlockingCache,
     BlockingCheckpointStore,
-    BlockingReads,
     ChannelHistory,
     CheckpointCache,
     CheckpointFence,
@@ -255,7 +255,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         serde: SerializerProtocol | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         blocking_appends: BlockingAppends | None = None,
-        blocking_reads: BlockingReads | None = None,
+        blocking_cache: BlockingCache | None = None,
         blocking_store: BlockingCheckpointStore | None = None,
     ) -> None:
         super().__init__(serde=serde)
@@ -268,12 +268,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # The sync API reads a cache hit from the caller's thread, and in write-behind mode
         # appends from there too (a write needs no cold request then).
         self._blocking = blocking_appends if flusher is not None else None
-        self._blocking_reads = blocking_reads if cache is not None else None
+        self._blocking_cache = blocking_cache if cache is not None else None
         # Without a hot tier, the sync API reads and writes the cold tier from the caller's
         # thread when the store can (each call then skips two thread hand-overs); with
-        # one, a miss of the latest checkpoint reads it from there.
+        # one, a miss of the latest checkpoint reads it from there, and in write-through
+        # mode a write goes to both tiers from there.
         self._blocking_store = blocking_store if cache is None else None
-        self._blocking_cold_reads = blocking_store if cache is not None else None
+        self._blocking_cold = blocking_store if cache is not None else None
+        self._writes_through_here = (
+            flusher is None and self._blocking_cold is not None and self._blocking_cache is not None
+        )
         # The hot tier's fence per thread (write-through writes check it), and the cold
         # tier's, checked instead while the hot one cannot be reached (or is absent).
         self.fence = fence
@@ -363,7 +367,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             serde=serde,
             loop=loop,
             blocking_appends=backends.blocking_appends,
-            blocking_reads=backends.blocking_reads,
+            blocking_cache=backends.blocking_cache,
             blocking_store=backends.blocking_store,
         )
 
@@ -532,7 +536,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # ----------------------------------------------------------------------- sync API
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        if self._blocking_reads is None and self._blocking_store is None:
+        if self._blocking_cache is None and self._blocking_store is None:
             return self._sync(self._get_tuple(config))
         # A hit (or, with no hot tier, the cold read) on this thread; else the loop thread.
         with self._caller_call():
@@ -553,8 +557,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 stored = self._sync(self._complete(stored))
             self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
             return None if stored is None else self._tuple(stored, keep_inline=True)
-        assert self._blocking_reads is not None
-        cached = self._blocking_reads.lookup_blocking(
+        assert self._blocking_cache is not None
+        cached = self._blocking_cache.lookup_blocking(
             thread_id, checkpoint_ns, with_history=with_history
         )
         hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
@@ -571,11 +575,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         caller's thread, and the cold read made there too unless the loop thread is needed
         (a backlog to flush first, a store with no blocking reads). A checkpoint found goes
         into the cache from the loop thread; a new thread has none, and needs no hand-over."""
-        assert self._blocking_reads is not None
-        leased = self._blocking_reads.lease_blocking(thread_id, checkpoint_ns)
+        assert self._blocking_cache is not None
+        leased = self._blocking_cache.lease_blocking(thread_id, checkpoint_ns)
         if leased is None:
             return self._sync(self._get_tuple(config))
-        cold = self._blocking_cold_reads
+        cold = self._blocking_cold
         if cold is None or leased.backlog:
             return self._sync(
                 self._cold_read(
@@ -620,7 +624,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        if self._blocking_store is None and self._blocking is None:
+        if (
+            self._blocking_store is None
+            and self._blocking is None
+            and not self._writes_through_here
+        ):
             return self._sync(self._put(config, checkpoint, metadata, new_versions))
         with self._caller_call():
             return self._put_here(config, checkpoint, metadata, new_versions)
@@ -632,13 +640,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        """`put` on the caller's thread: to the cold tier without a hot one, else the
-        write-behind append."""
+        """`put` on the caller's thread: to the cold tier without a hot one, to both in
+        write-through mode, else the write-behind append."""
         if self._blocking_store is not None:
             put = self._prepared_put(config, checkpoint, metadata, new_versions)
             self._admit_blocking(put.stored.thread_id, put.fence)
             with self._closed_under_call():
                 self._blocking_store.put_checkpoint_blocking(put.stored, put.blobs)
+            return self._put_done(put)
+        if self._writes_through_here:
+            put = self._prepared_put(config, checkpoint, metadata, new_versions)
+            self._put_through_here(put)
             return self._put_done(put)
         # Write-behind: the append from this thread; the loop thread only for what needs
         # it (a boundary's flush, the cold write when Redis fails).
@@ -675,6 +687,26 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._boundary_sync(put.stored.thread_id, self._is_boundary(put))
         return self._put_done(put)
 
+    def _put_through_here(self, put: _Put) -> None:
+        """`_put`'s write-through with a hot tier, on the caller's thread: the cold write,
+        then the cache's advance (on the loop thread where it has more to do, and for a
+        parent the store finds gone)."""
+        assert self._blocking_cold is not None and self._blocking_cache is not None
+        assert self.cache is not None
+        stored = put.stored
+        self._admit_blocking(stored.thread_id, put.fence)
+        try:
+            try:
+                with self._closed_under_call():
+                    self._blocking_cold.put_checkpoint_blocking(stored, put.blobs)
+            except ParentGone as refused:
+                self._sync(self._put_vouched(put, refused))
+            if not self._blocking_cache.advance_blocking(stored, put.blobs):
+                self._sync(self.cache.advance(stored, put.blobs))
+        except BaseException:
+            self._distrust_hot_copy(stored.thread_id, stored.checkpoint_ns)  # as `_put`
+            raise
+
     def put_writes(
         self,
         config: RunnableConfig,
@@ -682,7 +714,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        if self._blocking_store is None and self._blocking is None:
+        if (
+            self._blocking_store is None
+            and self._blocking is None
+            and not self._writes_through_here
+        ):
             self._sync(self._put_writes(config, writes, task_id, task_path))
             return
         with self._caller_call():
@@ -712,6 +748,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._chains.forget(writes_put.thread_id)  # as `_put_writes`
                 raise
             self._writes_done(writes_put)
+            return
+        if self._writes_through_here:
+            through = self._prepared_writes(config, writes, task_id, task_path)
+            try:
+                self._writes_through_here_to_both(through)
+            except BaseException:
+                self._chains.forget(through.thread_id)  # as `_put_writes`
+                raise
+            self._writes_done(through)
             return
         put = self._prepared_writes(config, writes, task_id, task_path)
         self._note_boundary(put)
@@ -743,6 +788,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._chains.forget(put.thread_id)  # stored or not, this process cannot tell
             raise
         self._writes_done(put)
+
+    def _writes_through_here_to_both(self, put: _Writes) -> None:
+        """`_store_writes` in write-through mode with a hot tier, on the caller's thread."""
+        assert self._blocking_cold is not None and self._blocking_cache is not None
+        assert self.cache is not None
+        self._note_boundary(put)
+        self._admit_blocking(put.thread_id, put.fence)
+        address = (put.thread_id, put.checkpoint_ns, put.checkpoint_id)
+        try:
+            with self._closed_under_call():
+                self._blocking_cold.put_writes_blocking(*address, put.writes, upsert=put.upsert)
+            if not self._blocking_cache.add_writes_blocking(
+                *address, put.writes, upsert=put.upsert
+            ):
+                self._sync(self.cache.add_writes(*address, put.writes, upsert=put.upsert))
+        except BaseException:
+            self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)  # as `_store_writes`
+            raise
 
     def get_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
@@ -1076,10 +1139,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         trip more."""
         try:
             await self.store.put_checkpoint(put.stored, put.blobs)
-        except ParentGone:
-            if not await self._hot_head_is_parent(put.stored):
-                raise
-            await self.store.put_checkpoint(put.stored, put.blobs, parent_vouched=True)
+        except ParentGone as refused:
+            await self._put_vouched(put, refused)
+
+    async def _put_vouched(self, put: _Put, refused: ParentGone) -> None:
+        """The put `refused` for its parent gone, stored again if the hot tier vouches for
+        that parent."""
+        if not await self._hot_head_is_parent(put.stored):
+            raise refused
+        await self.store.put_checkpoint(put.stored, put.blobs, parent_vouched=True)
 
     async def _hot_head_is_parent(self, stored: StoredCheckpoint) -> bool:
         if self.cache is None:

@@ -745,7 +745,7 @@ class RedisCheckpointCache:
     ) -> None:
         # The client is shared with the hot store, whose owner closes it.
         self._client = client
-        # For `BlockingReads`: a hit read from a thread with no event loop.
+        # For `BlockingCache`: calls from a thread with no event loop.
         self._blocking_client = blocking_client
         self._store = namespace
         self._ttl = ttl_seconds
@@ -764,6 +764,12 @@ class RedisCheckpointCache:
         # deleted on its next contact with them or by `_dropping` once Redis answers.
         self._suspect: set[str] = set()
         self._dropping: asyncio.Task[None] | None = None
+        # The loop the client is bound to (None: built off one): a sync caller's thread
+        # that suspects an entry starts `_dropping` there.
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._healthy = True
         self.stats = CheckpointCacheStats()
 
@@ -1066,10 +1072,10 @@ class RedisCheckpointCache:
         if await self._call(key, self._delete_entry(key)) is None:
             self.distrust(thread_id, checkpoint_ns)
 
-    async def _advance_with(
+    def _advance_call(
         self, key: str, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], plan: ValuePlan
-    ) -> int:
-        """The advance script, after the SET of the put's new epochs, in one round trip."""
+    ) -> tuple[list[str], list[Any]]:
+        """The advance script's keys and arguments."""
         thread_id = checkpoint.thread_id
         keys = [
             key,
@@ -1087,6 +1093,13 @@ class RedisCheckpointCache:
             *checkpoint_fields(checkpoint),
             *blob_fields(blobs, plan.references),
         ]
+        return keys, args
+
+    async def _advance_with(
+        self, key: str, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], plan: ValuePlan
+    ) -> int:
+        """The advance script, after the SET of the put's new epochs, in one round trip."""
+        keys, args = self._advance_call(key, checkpoint, blobs, plan)
         if not plan.staged:
             return int(await self._script(self._advance, keys, args))
 
@@ -1109,6 +1122,71 @@ class RedisCheckpointCache:
             # The server lost its script cache (restart, failover): load it, once.
             await self._client.script_load(_ADVANCE)
             return await run()
+
+    def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> bool:
+        """`advance` from the caller's own thread when it takes one round trip; False where
+        `advance` has more to do (a suspect entry, an epoch gone before the script ran, an
+        error: the loop thread then suspects the entry and drops it once Redis answers),
+        which the caller then asks of it. Either runs the script again harmlessly: it
+        moves an entry that still shows the parent only."""
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        key = self.key(thread_id, checkpoint_ns)
+        if key in self._suspect:
+            return False
+        plan = self.plan_values(thread_id, checkpoint_ns, blobs)
+        keys, args = self._advance_call(key, checkpoint, blobs, plan)
+        assert self._blocking_client is not None
+        commands = [
+            *(("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX") for epoch, payload in plan.staged),
+            script_call(self._advance, keys, args),
+        ]
+        try:
+            try:
+                *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
+            except NoScriptError:
+                # The server lost its script cache (restart, failover): load it, once. The
+                # staged epochs' SETs, sent again, change nothing (NX).
+                redis_client.round_trip_blocking(
+                    self._blocking_client, [("SCRIPT", "LOAD", _ADVANCE)]
+                )
+                *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
+        except (RedisError, OSError):
+            self.epochs.forget(thread_id, checkpoint_ns)
+            return False
+        self._healthy = True
+        if int(moved) == 1:
+            self.epochs.remember(thread_id, checkpoint_ns, plan.stored)
+            return True
+        self.epochs.forget(thread_id, checkpoint_ns)
+        return int(moved) != -4
+
+    def add_writes_blocking(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        writes: Sequence[StoredWrite],
+        *,
+        upsert: bool,
+    ) -> bool:
+        """`add_writes` from the caller's own thread; False where `add_writes` has more to
+        do (a suspect entry to clear first, an error), which the caller then asks of it
+        (adding the same writes again changes nothing)."""
+        if not writes:
+            return True
+        key = self.key(thread_id, checkpoint_ns)
+        if key in self._suspect:
+            return False
+        try:
+            self._script_blocking(
+                self._add_writes,
+                [key, *self.other_formats(key)],
+                [checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
+            )
+        except (RedisError, OSError):
+            return False
+        self._healthy = True
+        return True
 
     async def add_writes(
         self,
@@ -1299,12 +1377,20 @@ class RedisCheckpointCache:
         cold tier moved past it while Redis was out of reach) is dropped as soon as Redis
         answers again, not on this process's next contact with the thread, which may never
         come. Until then another process may be served it (README: the loss window)."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        home = self._loop or running
+        if home is None:
+            return  # no loop to run it on: the next contact drops them
+        if running is not home:  # a sync caller's thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to drop for
+                home.call_soon_threadsafe(self._drop_suspects_soon)
+            return
         if self._dropping is not None and not self._dropping.done():
             return
-        try:
-            self._dropping = asyncio.get_running_loop().create_task(self._drop_suspects())
-        except RuntimeError:
-            return  # no loop (a sync caller's thread): the next contact drops them
+        self._dropping = home.create_task(self._drop_suspects())
 
     async def _drop_suspects(self) -> None:
         while self._suspect:

@@ -128,8 +128,8 @@ def test_a_sync_write_and_a_read_of_it_do_not_wait_for_the_loop_thread(
 def test_in_write_through_mode_a_sync_read_of_a_hit_does_not_wait_for_the_loop_thread(
     backend: str, stack_env: dict[str, str]
 ) -> None:
-    """Write-through with Redis: the writes go through the loop thread (they need a cold
-    request), but the latest checkpoint, a cache hit, is read on the caller's thread."""
+    """Write-through with Redis: the latest checkpoint, a cache hit, is read on the
+    caller's thread."""
     settings = settings_for(stack_env, backend, stack_env["REDIS_URL"]).model_copy(
         update={"state_write_mode": WriteMode.WRITE_THROUGH}
     )
@@ -143,6 +143,31 @@ def test_in_write_through_mode_a_sync_read_of_a_hit_does_not_wait_for_the_loop_t
     assert written is not None and latest is not None
     assert latest.checkpoint == written.checkpoint
     assert latest.pending_writes == written.pending_writes
+
+
+def test_in_write_through_mode_sync_writes_to_postgres_do_not_wait_for_the_loop_thread(
+    stack_env: dict[str, str],
+) -> None:
+    """Write-through with Redis on Postgres: a whole run's puts and writes go to both tiers
+    from the caller's thread. The hot copy it leaves is a hit, the cold tier holds the
+    same checkpoint and writes."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": WriteMode.WRITE_THROUGH}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        graph = chat_graph(saver)
+        with loop_thread_held(saver):
+            in_thread(lambda: graph.invoke({"messages": ["hello"]}, cfg), timeout=20)
+            hot = in_thread(lambda: saver.get_tuple(cfg), timeout=10)
+        cold = saver._sync(saver.store.get_checkpoint(thread_id, "", None))
+    assert hot is not None and cold is not None
+    assert hot.checkpoint["id"] == cold.checkpoint_id
+    assert hot.checkpoint["channel_values"]["messages"][0] == "hello"
+    assert sorted((w.task_id, w.channel) for w in cold.writes or []) == sorted(
+        (task_id, channel) for task_id, channel, _ in hot.pending_writes or []
+    )
 
 
 @pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
