@@ -600,6 +600,11 @@ class CheckpointStore(Protocol):
         upsert: bool,
     ) -> None: ...
 
+    def check_checkpoint(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """`StateTooLarge` or `InvalidValue` if the store could never hold the checkpoint
+        (`put_checkpoint` and `apply_batch` would refuse it whatever its parent), without
+        I/O: a write-behind put asks before the log acknowledges it."""
+
     async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         """Apply write-behind work with the same effect as the calls in order.
 

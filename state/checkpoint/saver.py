@@ -655,6 +655,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Write-behind: the append from this thread; the loop thread only for what needs
         # it (a boundary's flush, the cold write when Redis fails).
         put = self._prepared_put(config, checkpoint, metadata, new_versions)
+        self.store.check_checkpoint(put.stored, put.blobs)  # as `_put`
         blocking = self._blocking
         assert blocking is not None
 
@@ -1099,6 +1100,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
                 raise
         else:
+            # Acknowledged, a put the cold store refuses would block the thread's log for good.
+            self.store.check_checkpoint(put.stored, put.blobs)
             log = self.flusher.log
 
             async def append(parent_stored: bool) -> None:

@@ -180,6 +180,9 @@ class CosmosCheckpointStore:
             step = self._pack_writes(thread_id, checkpoint_ns, checkpoint_id, writes, upsert=upsert)
             await self._store(thread_id, [step])
 
+    def check_checkpoint(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        self._packer.check_checkpoint(checkpoint, blobs)
+
     async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         """Threads concurrently; within a thread, its operations in order in transactional
         batches (see `_store`), each behind the thread's fence when `fence` is given

@@ -384,6 +384,45 @@ class Packed:
     chunks: list[Doc]
 
 
+def _checkpoint_doc(
+    checkpoint: StoredCheckpoint,
+    checkpoint_entry: Doc,
+    values: dict[str, Doc],
+    value_at: dict[str, str],
+    seeds: dict[str, Doc],
+) -> Doc:
+    doc: Doc = {
+        "id": checkpoint_doc_id(checkpoint.checkpoint_ns, checkpoint.checkpoint_id),
+        "type": CHECKPOINT,
+        "thread_id": checkpoint.thread_id,
+        "checkpoint_ns": checkpoint.checkpoint_ns,
+        "checkpoint_id": checkpoint.checkpoint_id,
+        "parent_checkpoint_id": checkpoint.parent_checkpoint_id,
+        "metadata": checkpoint.metadata,
+        "channel_versions": checkpoint.channel_versions,
+        "schema_version": CURRENT["checkpoint"],
+        "layout": LAYOUT,
+        "checkpoint": checkpoint_entry,
+        "values": values,
+        "value_at": value_at,
+    }
+    if seeds:
+        doc["delta_seed"] = seeds
+    return doc
+
+
+def _spilled(serde_type: str) -> Doc:
+    """The widest an entry of `serde_type` is left in its document once spilled (as a
+    compressed manifest, in as many parts as a chunk id can number)."""
+    return {
+        "serde": MANIFEST_TYPE_PREFIX + codec.COMPRESSED_TYPE_PREFIX + serde_type,
+        "enc": codec.ZLIB,
+        "data": "",
+        "parts": 10**6,
+        "chunk_set": "0" * 16,
+    }
+
+
 class Packer:
     """Encodes values into entries and keeps each document within the item limit."""
 
@@ -464,28 +503,39 @@ class Packer:
             values[blob.channel] = {**self.entry(blob.value), "version": blob.version}
             value_at[blob.channel] = doc_id
         checkpoint_entry = self.entry(checkpoint.checkpoint)
-        doc: Doc = {
-            "id": doc_id,
-            "type": CHECKPOINT,
-            "thread_id": checkpoint.thread_id,
-            "checkpoint_ns": checkpoint.checkpoint_ns,
-            "checkpoint_id": checkpoint.checkpoint_id,
-            "parent_checkpoint_id": checkpoint.parent_checkpoint_id,
-            "metadata": checkpoint.metadata,
-            "channel_versions": versions,
-            "schema_version": CURRENT["checkpoint"],
-            "layout": LAYOUT,
-            "checkpoint": checkpoint_entry,
-            "values": values,
-            "value_at": value_at,
-        }
-        seeds = delta_seeds(checkpoint, blobs, parent)
-        if seeds:
-            doc["delta_seed"] = seeds
+        doc = _checkpoint_doc(
+            checkpoint, checkpoint_entry, values, value_at, delta_seeds(checkpoint, blobs, parent)
+        )
         return self.pack(
             doc,
             {"checkpoint": checkpoint_entry, **{f"value:{ch}": e for ch, e in values.items()}},
         )
+
+    def check_checkpoint(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """`StateTooLarge` if no packing of the checkpoint fits an item: what stays in its
+        document whatever spills (metadata, versions) is over it; `InvalidValue` if that is
+        not valid JSON. Measured as wide as `checkpoint` can pack, whatever its parent
+        (every value spilled, every channel named in `value_at` and, if a DeltaChannel's, in
+        `delta_seed`), without encoding a value: cheap enough for a write-behind append to
+        ask before acknowledging a put that no flush could ever store."""
+        doc_id = checkpoint_doc_id(checkpoint.checkpoint_ns, checkpoint.checkpoint_id)
+        versions = checkpoint.channel_versions
+        counted = checkpoint.metadata.get("counters_since_delta_snapshot")
+        doc = _checkpoint_doc(
+            checkpoint,
+            _spilled(checkpoint.checkpoint[0]),
+            {blob.channel: {**_spilled(blob.value[0]), "version": blob.version} for blob in blobs},
+            dict.fromkeys(versions, doc_id),
+            {
+                channel: {"since": checkpoint.checkpoint_id, "holder": doc_id}
+                for channel in (counted if isinstance(counted, dict) else ())
+                if channel in versions
+            },
+        )
+        room = self.max_item_bytes - codec.ITEM_MARGIN_BYTES
+        size = packed_size(doc)
+        if size > room:
+            raise StateTooLarge(f"{doc['type']} document {doc['id']}", size, room)
 
     def writes(
         self,

@@ -69,6 +69,7 @@ from .postgres_client import (
     CountingBlockingRawCursor,
     CountingRawCursor,
     PostgresConnection,
+    dump_json,
 )
 
 T = TypeVar("T")
@@ -663,6 +664,11 @@ class PostgresCheckpointStore:
         await self._write(
             "put_writes", [WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert)]
         )
+
+    def check_checkpoint(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """A row has no item limit a checkpoint could reach; its metadata's jsonb refuses
+        what JSON cannot carry (`InvalidValue`)."""
+        dump_json(checkpoint.metadata)
 
     async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         if fence is None or not ops:

@@ -539,8 +539,13 @@ class PostgresConnection:
 
 
 def dump_json(value: Any) -> str:
-    """JSON for a jsonb parameter; a NUL character is the caller's error, found before sending."""
-    text = json.dumps(value)
+    """JSON for a jsonb parameter; what jsonb cannot hold (a NUL character, a number JSON
+    cannot carry) is the caller's error, found before sending."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as exc:  # NaN, Infinity (or a value that contains itself)
+        # What the server answers for NaN (invalid_text_representation).
+        raise InvalidValue("postgres", f"not valid JSON: {exc}", code="22P02") from exc
     if "\\u0000" in text and NUL_ESCAPE.search(text):
         raise InvalidValue(
             "postgres",

@@ -435,6 +435,9 @@ class MemoryCheckpointStore(_Tier):
         self._call("put_writes")
         self._apply(WritesPut(thread_id, checkpoint_ns, checkpoint_id, writes, upsert))
 
+    def check_checkpoint(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """No item limit in memory."""
+
     async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
         self._call("apply_batch")
         if fence is not None and ops:
