@@ -1840,11 +1840,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         assert self.flusher is not None
         for checkpoint_ns, checkpoint_id in expected.items():
             applied = self.flusher.last_applied(thread_id, checkpoint_ns) == checkpoint_id
-            if not applied and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id):
+            if (
+                not applied
+                and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id)
+                and not await self._gone_past(thread_id, checkpoint_ns, checkpoint_id)
+            ):
                 await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
-            if not await self._writes_stored(thread_id, checkpoint_ns, checkpoint_id, keys):
+            if not await self._writes_stored(
+                thread_id, checkpoint_ns, checkpoint_id, keys
+            ) and not await self._gone_past(thread_id, checkpoint_ns, checkpoint_id):
                 await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
@@ -1856,6 +1862,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     del heads[checkpoint_ns]
             if not heads:
                 self._unconfirmed.pop(thread_id, None)
+
+    async def _gone_past(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+        """Whether the namespace's latest cold checkpoint is newer than `checkpoint_id`, a
+        step of this process neither applied here nor found cold: another process went on
+        past it (a run of its own, after flushing it), and a prune may have taken it since,
+        no longer the latest. Its absence is then no loss of the thread's state, as a cold
+        root moved past a lost one ends that loss (`_flush_thread`). Asked only then: a
+        boundary that finds its steps costs no read more."""
+        latest = await self.store.get_checkpoint(thread_id, checkpoint_ns, None, with_history=False)
+        return latest is not None and latest.checkpoint_id > checkpoint_id
 
     # Maintenance changes the cold tier under the hot one, which must follow: with Redis
     # unreachable it is refused (`BackendUnavailable`) rather than done in the cold tier
@@ -1908,11 +1924,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # until no backlog holds one, nor is one a namespace's latest cold checkpoint
             # (flushed meanwhile by another worker); a put appended after this (its parent
             # neither cached nor logged nor cold any more) is refused (`HotStateLost`).
-            # Only the threads the delete touched are read: the flush above took every
-            # backlog listed then, so a thread missed is one these runs first wrote to
-            # after it (a run started during this call). Looked for once more after the
-            # last round: a run that stopped during it is deleted by then, not a failure.
-            late = await self._late_run_threads(affected - set(unflushed), run_ids)
+            # Only the threads the delete touched are read, and those whose backlog the
+            # flush above left (another worker's flusher may move a put of the runs from
+            # it to the cold tier after the delete: flushed here then, or the call fails).
+            # That flush took every other backlog listed then, so a thread missed is one
+            # these runs first wrote to after it (a run started during this call). Looked
+            # for once more after the last round: a run that stopped during it is deleted
+            # by then, not a failure.
+            late = await self._late_run_threads(affected, run_ids, unflushed)
             rounds = 0
             while late:
                 if rounds == LATE_RUN_PUT_ROUNDS:
@@ -1925,7 +1944,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 for thread_id in late:
                     await self.flusher.flush_thread(thread_id)
                 affected |= await self._delete_runs_in_cold(run_ids)
-                late = await self._late_run_threads(affected - set(unflushed), run_ids)
+                late = await self._late_run_threads(affected, run_ids, unflushed)
         stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
         if stuck:
             # Those runs' checkpoints still in the log would land after the deletion.
@@ -1935,20 +1954,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 "not be flushed; call again once it can",
             )
 
-    async def _late_run_threads(self, threads: set[str], run_ids: Sequence[str]) -> Sequence[str]:
+    async def _late_run_threads(
+        self, threads: set[str], run_ids: Sequence[str], unflushed: Sequence[str]
+    ) -> Sequence[str]:
         """Those of the threads whose backlog holds a put of one of the runs, or where one
         is a namespace's latest cold checkpoint: a flusher (another worker's) moved such a
         put there after the delete, before the log was read. The log first: a put leaves it
-        only once applied, so the cold read after it sees one the log read missed."""
+        only once applied, so the cold read after it sees one the log read missed. Of the
+        `unflushed` threads (the first flush failed), those whose backlog holds none (one
+        that does fails the call) but where another flusher moved one since."""
         assert self.flusher is not None
+        left = set(unflushed)
         return [
             thread_id
-            for thread_id in sorted(threads)
+            for thread_id in sorted(threads - left)
             if (
                 await self.flusher.log.pending(thread_id)
                 and await self._logs_runs(thread_id, run_ids)
             )
             or await self._newest_is_of_runs(thread_id, run_ids)
+        ] + [
+            thread_id
+            for thread_id in sorted(left)
+            if not await self._logs_runs(thread_id, run_ids)
+            and await self._newest_is_of_runs(thread_id, run_ids)
         ]
 
     async def _newest_is_of_runs(self, thread_id: str, run_ids: Sequence[str]) -> bool:

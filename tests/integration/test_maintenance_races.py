@@ -14,16 +14,17 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.checkpoint.base.id import uuid6
+from langgraph.graph import END, START, StateGraph
 
 import state.checkpoint.flusher as flusher_module
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import HotStateLost, LockLost, StateError
+from state.errors import BackendUnavailable, HotStateLost, LockLost, StateError
 from tests.chat_graph import chat_graph
 from tests.integration.delta_graph import delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
@@ -903,6 +904,62 @@ async def test_a_late_step_another_flusher_flushes_right_after_delete_for_runs_i
         assert now.checkpoint["id"] == before.checkpoint["id"]
 
 
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_step_another_flusher_moves_from_a_backlog_delete_for_runs_left_is_deleted_too(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """The doomed run's steps are only in the log, and `delete_for_runs`' own flush of the
+    thread fails (a cold hiccup): the call goes on without it, nothing of the run being
+    cold. A second worker's flusher moves them to the cold tier just after the delete,
+    before the call looks at the log: the log is empty by then, yet no step of the run may
+    stay as the thread's latest state."""
+    async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
+        saver = tiers.saver
+        graph = chat_graph(saver)
+        cfg = config("race-left-backlog")
+        thread_id = cfg["configurable"]["thread_id"]
+        doomed = str(uuid.uuid4())
+        await graph.ainvoke({"messages": ["kept"]}, with_run(cfg, str(uuid.uuid4())))
+        await saver.aflush(thread_id)
+        before = await saver.aget_tuple(cfg)
+        assert before is not None
+        await graph.ainvoke({"messages": ["doomed"]}, with_run(cfg, doomed))
+        assert await tiers.flusher.log.pending(thread_id)
+        apply, cold_delete = tiers.store.apply_batch, tiers.store.delete_for_runs
+        failed: list[bool] = []
+        flushed: list[int] = []
+
+        async def apply_batch(ops: Sequence[Any], *, fence: int | None = None) -> None:
+            if not failed and any(
+                getattr(op, "thread_id", None) == thread_id
+                or getattr(getattr(op, "checkpoint", None), "thread_id", None) == thread_id
+                for op in ops
+            ):
+                failed.append(True)
+                raise BackendUnavailable(backend, "a hiccup in this worker's flush")
+            await apply(ops, fence=fence)
+
+        async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+            deleted = await cold_delete(run_ids)
+            if not flushed:
+                flushed.append(await other.flusher.flush_thread(thread_id))
+            return deleted
+
+        tiers.store.apply_batch = apply_batch  # type: ignore[method-assign]
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.apply_batch = apply  # type: ignore[method-assign]
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        assert failed and flushed and flushed[0] > 0  # the run's steps landed after the delete
+        await tiers.flusher.drain()
+        now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
+        assert now is not None
+        assert now.metadata.get("run_id") != doomed
+        assert now.checkpoint["id"] == before.checkpoint["id"]
+
+
 @pytest.mark.parametrize("operation", ["prune", "copy"])
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 async def test_a_step_put_during_a_prune_or_copy_then_lost_with_redis_fails_its_boundary(
@@ -978,3 +1035,74 @@ async def test_a_step_of_another_run_put_during_delete_for_runs_then_lost_fails_
         await tiers.redis.flushall()
         with pytest.raises(HotStateLost):
             await saver.aflush(thread_id)
+
+
+class Said(TypedDict, total=False):
+    word: str
+
+
+def remembering_graph(saver: TieredCheckpointSaver) -> Any:
+    """A word goes to a subgraph with a state of its own across runs (namespace "mem") if
+    it starts with "mem", else to a root node alone."""
+    inner = StateGraph(Said)
+    inner.add_node("remember", lambda s: {"word": f"{s['word']}!"})
+    inner.add_edge(START, "remember")
+    inner.add_edge("remember", END)
+    outer = StateGraph(Said)
+    outer.add_node("talk", lambda s: {"word": f"{s['word']}?"})
+    outer.add_node("mem", inner.compile(checkpointer=True))
+    outer.add_conditional_edges(
+        START, lambda s: "mem" if s["word"].startswith("mem") else "talk", ["mem", "talk"]
+    )
+    outer.add_edge("talk", END)
+    outer.add_edge("mem", END)
+    return outer.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_boundary_after_a_prune_took_an_earlier_runs_superseded_step_is_not_a_loss(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """This worker's run leaves a subgraph's steps in the log (no boundary); another
+    worker's run goes on from them in that namespace and its boundary flushes both; a
+    prune then takes this worker's steps, no longer the namespace's latest. This worker's
+    next run (not in the subgraph) must reach its boundary: nothing was lost."""
+    async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
+        cfg = config("race-superseded")
+        thread_id = cfg["configurable"]["thread_id"]
+        mine, theirs = remembering_graph(tiers.saver), remembering_graph(other.saver)
+        await mine.ainvoke({"word": "mem one"}, cfg, durability="async")
+        await theirs.ainvoke({"word": "mem two"}, cfg, durability="async")
+        await other.saver.aflush(thread_id)
+        await other.saver.aprune([thread_id], strategy="keep_latest")
+        await mine.ainvoke({"word": "talk"}, cfg, durability="async")
+        await tiers.saver.aflush(thread_id)
+        assert tiers.saver.losses_found == 0
+        state = await mine.aget_state(
+            {"configurable": {**cfg["configurable"], "checkpoint_ns": "mem"}}
+        )
+        assert state.values == {"word": "mem two!"}
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_boundary_after_a_prune_took_writes_another_worker_went_on_from_is_not_a_loss(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    """As for a step: a task's writes this worker appended (no boundary since), which
+    another worker flushed and went on from with a step of its own; a prune then takes the
+    checkpoint they were on, and them with it. This worker's boundary lost nothing."""
+    async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
+        cfg = config("race-superseded-writes")
+        thread_id = cfg["configurable"]["thread_id"]
+        await chat_graph(tiers.saver).ainvoke({"messages": ["hello"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        latest = await tiers.saver.aget_tuple(cfg)
+        assert latest is not None
+        await tiers.saver.aput_writes(latest.config, [("messages", ["a result"])], "task-1")
+        theirs = await other.saver.aget_tuple(cfg)
+        assert theirs is not None and theirs.pending_writes
+        await put_child(other.saver, theirs, "their step")
+        await other.saver.aflush(thread_id)
+        await other.saver.aprune([thread_id], strategy="keep_latest")
+        await tiers.saver.aflush(thread_id)
+        assert tiers.saver.losses_found == 0
