@@ -916,9 +916,9 @@ class BlockingCache(Protocol):
     def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
         """A miss's lease and backlog, as `lookup(lease=True)` reports them."""
 
-    def advance_blocking(
-        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
-    ) -> bool: ...
+    def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> bool:
+        """`advance` whole (a suspect entry dropped first), False on an error only: a
+        hand-over after the cold write is refused once the saver closes."""
 
     def add_writes_blocking(
         self,

@@ -690,8 +690,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _put_through_here(self, put: _Put) -> None:
         """`_put`'s write-through with a hot tier, on the caller's thread: the cold write,
-        then the cache's advance (on the loop thread where it has more to do, and for a
-        parent the store finds gone)."""
+        then the cache's advance (on the loop thread after a Redis error, and for a parent
+        the store finds gone)."""
         assert self._blocking_cold is not None and self._blocking_cache is not None
         assert self.cache is not None
         stored = put.stored

@@ -944,8 +944,9 @@ class RedisCheckpointCache:
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> CacheLookup | None:
         """`lookup` without a lease, from the caller's own thread: a hit, or a miss (no
-        entry; `lease_blocking` then takes the lease); None where `lookup` has more to do
-        (a suspect or unreadable entry, an error): the caller then asks it."""
+        entry, not counted: `lease_blocking` then takes the lease, or `lookup` is asked);
+        None where `lookup` has more to do (a suspect or unreadable entry, an error): the
+        caller then asks it."""
         if self._blocking_client is None:
             raise StateError("this checkpoint cache was opened without a blocking client")
         key = self.key(thread_id, checkpoint_ns)
@@ -972,7 +973,7 @@ class RedisCheckpointCache:
         except (RedisError, OSError):
             return None
         if b"id" not in fields:
-            self.stats.misses += 1
+            # Counted by `lease_blocking`, or by `lookup` if asked next: once either way.
             return CacheLookup(None)
         try:
             references = needed_references(fields, with_history=with_history)
@@ -1003,6 +1004,7 @@ class RedisCheckpointCache:
             )
         except (RedisError, OSError):
             return None
+        self.stats.misses += 1
         return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -1124,41 +1126,63 @@ class RedisCheckpointCache:
             return await run()
 
     def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> bool:
-        """`advance` from the caller's own thread when it takes one round trip; False where
-        `advance` has more to do (a suspect entry, an epoch gone before the script ran, an
-        error: the loop thread then suspects the entry and drops it once Redis answers),
-        which the caller then asks of it. Either runs the script again harmlessly: it
-        moves an entry that still shows the parent only."""
+        """`advance` from the caller's own thread, a suspect entry and an epoch gone before
+        the script ran (a restart, an eviction) dealt with there too: a hand-over after the
+        cold write would be refused as the saver closes, the entry left showing the parent.
+        False on an error only (the loop thread then suspects the entry and drops it once
+        Redis answers), which the caller then asks of `advance`. Either runs the script
+        again harmlessly: it moves an entry that still shows the parent only."""
         thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         key = self.key(thread_id, checkpoint_ns)
-        if key in self._suspect:
+        if key in self._suspect and not self._delete_entry_blocking(key):
             return False
-        plan = self.plan_values(thread_id, checkpoint_ns, blobs)
-        keys, args = self._advance_call(key, checkpoint, blobs, plan)
         assert self._blocking_client is not None
-        commands = [
-            *(("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX") for epoch, payload in plan.staged),
-            script_call(self._advance, keys, args),
-        ]
-        try:
+        for _ in range(2):
+            plan = self.plan_values(thread_id, checkpoint_ns, blobs)
+            keys, args = self._advance_call(key, checkpoint, blobs, plan)
+            commands = [
+                *(
+                    ("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX")
+                    for epoch, payload in plan.staged
+                ),
+                script_call(self._advance, keys, args),
+            ]
             try:
-                *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
-            except NoScriptError:
-                # The server lost its script cache (restart, failover): load it, once. The
-                # staged epochs' SETs, sent again, change nothing (NX).
-                redis_client.round_trip_blocking(
-                    self._blocking_client, [("SCRIPT", "LOAD", _ADVANCE)]
-                )
-                *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
-        except (RedisError, OSError):
+                try:
+                    *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
+                except NoScriptError:
+                    # The server lost its script cache (restart, failover): load it, once.
+                    # The staged epochs' SETs, sent again, change nothing (NX).
+                    redis_client.round_trip_blocking(
+                        self._blocking_client, [("SCRIPT", "LOAD", _ADVANCE)]
+                    )
+                    *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
+            except (RedisError, OSError):
+                self.epochs.forget(thread_id, checkpoint_ns)
+                return False
+            self._healthy = True
+            if int(moved) == 1:
+                self.epochs.remember(thread_id, checkpoint_ns, plan.stored)
+                return True
             self.epochs.forget(thread_id, checkpoint_ns)
+            if int(moved) != -4:
+                return True
+        # As `advance`: the entry still shows the parent, which is no longer the latest.
+        return self._delete_entry_blocking(key)
+
+    def _delete_entry_blocking(self, key: str) -> bool:
+        """`_clear_if_suspect`'s delete (whether or not the entry is suspect), from the
+        caller's own thread; False on an error."""
+        assert self._blocking_client is not None
+        try:
+            redis_client.round_trip_blocking(
+                self._blocking_client, [("DEL", key, *self.other_formats(key))]
+            )
+        except (RedisError, OSError):
             return False
         self._healthy = True
-        if int(moved) == 1:
-            self.epochs.remember(thread_id, checkpoint_ns, plan.stored)
-            return True
-        self.epochs.forget(thread_id, checkpoint_ns)
-        return int(moved) != -4
+        self._suspect.discard(key)
+        return True
 
     def add_writes_blocking(
         self,
@@ -1169,13 +1193,13 @@ class RedisCheckpointCache:
         *,
         upsert: bool,
     ) -> bool:
-        """`add_writes` from the caller's own thread; False where `add_writes` has more to
-        do (a suspect entry to clear first, an error), which the caller then asks of it
-        (adding the same writes again changes nothing)."""
+        """`add_writes` from the caller's own thread, a suspect entry cleared there first
+        (as `advance_blocking`); False on an error, which the caller then asks `add_writes`
+        to deal with (adding the same writes again changes nothing)."""
         if not writes:
             return True
         key = self.key(thread_id, checkpoint_ns)
-        if key in self._suspect:
+        if key in self._suspect and not self._delete_entry_blocking(key):
             return False
         try:
             self._script_blocking(
@@ -1334,7 +1358,8 @@ class RedisCheckpointCache:
                 raise _not_invalidated(thread_id)
             return
         keys = [self.key(thread_id, ns) for ns in {"", *(ns.decode() for ns in namespaces)}]
-        keys += [key for key in self._suspect if key.startswith(root)]
+        # A copy: a sync caller's thread may suspect or clear an entry meanwhile.
+        keys += [key for key in list(self._suspect) if key.startswith(root)]
         others = [other for key in keys for other in self.other_formats(key)]
         if await self._call(index, self._client.delete(index, *keys, *others)) is not None:
             self._suspect.difference_update(keys)

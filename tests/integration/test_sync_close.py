@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 import redis
-from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.base import CheckpointTuple, empty_checkpoint
 
 from devstack import RedisServer, free_port
 from state.checkpoint import TieredCheckpointSaver
 from state.errors import SaverClosed
+from state.hot import redis_checkpoints
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -173,3 +174,65 @@ def test_a_listing_left_part_read_past_the_close_is_dropped_quietly(
     del listing
     gc.collect()
     assert unraisable == []
+
+
+def test_a_write_through_put_the_saver_closes_under_leaves_no_stale_hot_copy(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-through with Redis on Postgres: a put on its caller's thread whose cold write
+    landed as the saver closed, the thread's entry suspect (its drop task not yet through):
+    the entry is dropped with the put, not left showing the parent to every other process
+    (the loop thread refuses the close's late hand-overs)."""
+    # The drop task that would delete the suspect entry waits past the close (cancelled).
+    monkeypatch.setattr(redis_checkpoints, "SUSPECT_RETRY_SECONDS", 60.0)
+    settings = _settings(stack_env, "postgres", "write-through", stack_env["REDIS_URL"])
+    thread_id = f"close-{uuid.uuid4().hex[:12]}"
+    cfg = _config(thread_id)
+    landed = threading.Event()
+    outcome: list[object] = []
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        chat_graph(saver).invoke({"messages": ["hi"]}, cfg)
+        parent = saver.get_tuple(cfg)
+        assert parent is not None and saver.cache is not None
+        saver.cache.distrust(thread_id, "")
+        store = saver._blocking_cold
+        assert store is not None
+        stored_here = store.put_checkpoint_blocking
+
+        def then_held(*args: Any) -> None:
+            stored_here(*args)
+            landed.set()
+            deadline = time.monotonic() + 10
+            while not saver._closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        store.put_checkpoint_blocking = then_held  # type: ignore[method-assign]
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"messages": ["later"]}
+        checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+
+        def put() -> None:
+            try:
+                outcome.append(
+                    saver.put(
+                        parent.config,
+                        checkpoint,
+                        {"source": "loop", "step": 9},
+                        checkpoint["channel_versions"],
+                    )
+                )
+            except Exception as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=put)
+        writer.start()
+        assert landed.wait(10)
+    writer.join(30)
+    assert not writer.is_alive() and len(outcome) == 1, outcome
+    with TieredCheckpointSaver.open_sync(settings) as other:
+        cold = other._sync(other.store.get_checkpoint(thread_id, "", None))
+        latest = other.get_tuple(cfg)
+    assert cold is not None and cold.checkpoint_id == checkpoint["id"]
+    assert latest is not None and latest.checkpoint["id"] == checkpoint["id"], (
+        f"another process read the parent {parent.checkpoint['id']} as the latest"
+    )

@@ -6,6 +6,7 @@ cache hit is read on the caller's thread in write-through mode too."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint import saver as saver_module
 from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
+from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -212,6 +214,36 @@ def test_a_sync_read_the_cache_misses_fills_it_from_the_cold_tier(
     assert written is not None and missed is not None and hit is not None
     assert missed.checkpoint == written.checkpoint == hit.checkpoint
     assert missed.pending_writes == written.pending_writes == hit.pending_writes
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+def test_a_sync_read_the_cache_misses_is_one_miss_in_its_stats(
+    mode: WriteMode, stack_env: dict[str, str]
+) -> None:
+    """A sync read of a checkpoint the cache does not hold, a named one (read through the
+    loop thread) or the latest (its lease taken on the caller's thread), counts one miss:
+    the hit ratio the app reports."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": mode}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+        written = saver.get_tuple(cfg)
+        assert written is not None
+        saver.flush(thread_id)
+        cache = saver.cache
+        assert isinstance(cache, RedisCheckpointCache)
+        saver._sync(cache.invalidate(thread_id))
+        counted = [cache.stats.misses]
+        named = saver.get_tuple(config(thread_id, checkpoint_id=written.checkpoint["id"]))
+        counted.append(cache.stats.misses)
+        latest = saver.get_tuple(cfg)
+        counted.append(cache.stats.misses)
+    assert named is not None and latest is not None
+    assert named.checkpoint == latest.checkpoint == written.checkpoint
+    assert [later - earlier for earlier, later in itertools.pairwise(counted)] == [1, 1]
 
 
 def test_a_sync_run_leaves_one_log_entry_per_write_and_flushes_at_its_boundaries(
