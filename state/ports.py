@@ -905,8 +905,8 @@ class BlockingCheckpointStore(Protocol):
 class BlockingCache(Protocol):
     """`CheckpointCache` for a caller with no event loop (the saver's sync API): a lookup,
     and in write-through mode the cache's side of a write, made on the caller's own
-    thread; None or False wherever the async method has more to do (the caller then asks
-    it on the loop thread)."""
+    thread. A lookup or lease is None wherever the async method has more to do (the
+    caller then asks it on the loop thread); a write does all that its async twin does."""
 
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
@@ -916,9 +916,9 @@ class BlockingCache(Protocol):
     def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
         """A miss's lease and backlog, as `lookup(lease=True)` reports them."""
 
-    def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> bool:
-        """`advance` whole (a suspect entry dropped first), False on an error only: a
-        hand-over after the cold write is refused once the saver closes."""
+    def advance_blocking(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]
+    ) -> None: ...
 
     def add_writes_blocking(
         self,
@@ -928,7 +928,7 @@ class BlockingCache(Protocol):
         writes: Sequence[StoredWrite],
         *,
         upsert: bool,
-    ) -> bool: ...
+    ) -> None: ...
 
 
 @runtime_checkable

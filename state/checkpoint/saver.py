@@ -690,10 +690,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _put_through_here(self, put: _Put) -> None:
         """`_put`'s write-through with a hot tier, on the caller's thread: the cold write,
-        then the cache's advance (on the loop thread after a Redis error, and for a parent
-        the store finds gone)."""
+        then the cache's advance (a parent the store finds gone, on the loop thread)."""
         assert self._blocking_cold is not None and self._blocking_cache is not None
-        assert self.cache is not None
         stored = put.stored
         self._admit_blocking(stored.thread_id, put.fence)
         try:
@@ -702,8 +700,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     self._blocking_cold.put_checkpoint_blocking(stored, put.blobs)
             except ParentGone as refused:
                 self._sync(self._put_vouched(put, refused))
-            if not self._blocking_cache.advance_blocking(stored, put.blobs):
-                self._sync(self.cache.advance(stored, put.blobs))
+            self._blocking_cache.advance_blocking(stored, put.blobs)
         except BaseException:
             self._distrust_hot_copy(stored.thread_id, stored.checkpoint_ns)  # as `_put`
             raise
@@ -793,17 +790,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     def _writes_through_here_to_both(self, put: _Writes) -> None:
         """`_store_writes` in write-through mode with a hot tier, on the caller's thread."""
         assert self._blocking_cold is not None and self._blocking_cache is not None
-        assert self.cache is not None
         self._note_boundary(put)
         self._admit_blocking(put.thread_id, put.fence)
         address = (put.thread_id, put.checkpoint_ns, put.checkpoint_id)
         try:
             with self._closed_under_call():
                 self._blocking_cold.put_writes_blocking(*address, put.writes, upsert=put.upsert)
-            if not self._blocking_cache.add_writes_blocking(
-                *address, put.writes, upsert=put.upsert
-            ):
-                self._sync(self.cache.add_writes(*address, put.writes, upsert=put.upsert))
+            self._blocking_cache.add_writes_blocking(*address, put.writes, upsert=put.upsert)
         except BaseException:
             self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)  # as `_store_writes`
             raise

@@ -1125,17 +1125,16 @@ class RedisCheckpointCache:
             await self._client.script_load(_ADVANCE)
             return await run()
 
-    def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> bool:
-        """`advance` from the caller's own thread, a suspect entry and an epoch gone before
-        the script ran (a restart, an eviction) dealt with there too: a hand-over after the
-        cold write would be refused as the saver closes, the entry left showing the parent.
-        False on an error only (the loop thread then suspects the entry and drops it once
-        Redis answers), which the caller then asks of `advance`. Either runs the script
-        again harmlessly: it moves an entry that still shows the parent only."""
+    def advance_blocking(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+        """`advance` from the caller's own thread, all of it: a hand-over to the loop thread
+        after the cold write would be refused as the saver closes, the entry left showing
+        the parent. A Redis error suspects the entry, as `advance` does (its drop starts on
+        the loop thread). A lost reply's resend runs the script again harmlessly: it moves
+        an entry that still shows the parent only."""
         thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         key = self.key(thread_id, checkpoint_ns)
         if key in self._suspect and not self._delete_entry_blocking(key):
-            return False
+            return
         assert self._blocking_client is not None
         for _ in range(2):
             plan = self.plan_values(thread_id, checkpoint_ns, blobs)
@@ -1157,28 +1156,30 @@ class RedisCheckpointCache:
                         self._blocking_client, [("SCRIPT", "LOAD", _ADVANCE)]
                     )
                     *_, moved = redis_client.round_trip_blocking(self._blocking_client, commands)
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
+                self._failed(key, exc)
                 self.epochs.forget(thread_id, checkpoint_ns)
-                return False
+                return
             self._healthy = True
             if int(moved) == 1:
                 self.epochs.remember(thread_id, checkpoint_ns, plan.stored)
-                return True
+                return
             self.epochs.forget(thread_id, checkpoint_ns)
             if int(moved) != -4:
-                return True
+                return
         # As `advance`: the entry still shows the parent, which is no longer the latest.
-        return self._delete_entry_blocking(key)
+        self._delete_entry_blocking(key)
 
     def _delete_entry_blocking(self, key: str) -> bool:
         """`_clear_if_suspect`'s delete (whether or not the entry is suspect), from the
-        caller's own thread; False on an error."""
+        caller's own thread; False on an error, the entry then suspect."""
         assert self._blocking_client is not None
         try:
             redis_client.round_trip_blocking(
                 self._blocking_client, [("DEL", key, *self.other_formats(key))]
             )
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            self._failed(key, exc)
             return False
         self._healthy = True
         self._suspect.discard(key)
@@ -1192,25 +1193,24 @@ class RedisCheckpointCache:
         writes: Sequence[StoredWrite],
         *,
         upsert: bool,
-    ) -> bool:
-        """`add_writes` from the caller's own thread, a suspect entry cleared there first
-        (as `advance_blocking`); False on an error, which the caller then asks `add_writes`
-        to deal with (adding the same writes again changes nothing)."""
+    ) -> None:
+        """`add_writes` from the caller's own thread, as `advance_blocking` (adding the
+        same writes again, on a lost reply's resend, changes nothing)."""
         if not writes:
-            return True
+            return
         key = self.key(thread_id, checkpoint_ns)
         if key in self._suspect and not self._delete_entry_blocking(key):
-            return False
+            return
         try:
             self._script_blocking(
                 self._add_writes,
                 [key, *self.other_formats(key)],
                 [checkpoint_id, "1" if upsert else "0", self._ttl, *write_fields(writes)],
             )
-        except (RedisError, OSError):
-            return False
+        except (RedisError, OSError) as exc:
+            self._failed(key, exc)
+            return
         self._healthy = True
-        return True
 
     async def add_writes(
         self,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict, TypeVar
 
 import pytest
+import redis as redis_py
 from langchain_core.runnables import RunnableConfig
 from langgraph._internal._constants import CONFIG_KEY_RUNTIME
 from langgraph.channels.delta import DeltaChannel
@@ -170,6 +171,66 @@ def test_in_write_through_mode_sync_writes_to_postgres_do_not_wait_for_the_loop_
     assert sorted((w.task_id, w.channel) for w in cold.writes or []) == sorted(
         (task_id, channel) for task_id, channel, _ in hot.pending_writes or []
     )
+
+
+def test_with_redis_stalled_a_sync_write_through_put_to_postgres_leaves_no_stale_hot_copy(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Write-through with Redis on Postgres, Redis answering nothing as a put's cache update
+    goes out: the put completes on the caller's thread (the loop thread stuck), stored
+    cold, and the hot copy still showing its parent is suspected there and dropped once
+    Redis answers again: neither this process nor another is served the parent."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    try:
+        settings = settings_for(stack_env, "postgres", redis.url).model_copy(
+            update={"state_write_mode": WriteMode.WRITE_THROUGH}
+        )
+        cfg = config()
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+            parent = saver.get_tuple(cfg)
+            assert parent is not None
+            checkpoint = empty_checkpoint()
+            checkpoint["channel_values"] = {"messages": ["after the stall"]}
+            checkpoint["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+            with redis_paused(redis, seconds=6), loop_thread_held(saver):
+                stored = in_thread(
+                    lambda: saver.put(
+                        parent.config,
+                        checkpoint,
+                        {"source": "update", "step": 9},
+                        checkpoint["channel_versions"],
+                    ),
+                    timeout=15,
+                )
+            assert stored["configurable"]["checkpoint_id"] == checkpoint["id"]
+            # Another process first: this one's next read would drop the entry itself.
+            deadline = time.monotonic() + 10
+            with TieredCheckpointSaver.open_sync(settings) as other:
+                while True:
+                    seen = other.get_tuple(cfg)
+                    assert seen is not None
+                    if seen.checkpoint["id"] == checkpoint["id"]:
+                        break
+                    assert time.monotonic() < deadline, "another process is served the parent"
+                    time.sleep(0.1)
+            latest = saver.get_tuple(cfg)
+            assert latest is not None and latest.checkpoint["id"] == checkpoint["id"]
+    finally:
+        redis.stop()
+
+
+@contextmanager
+def redis_paused(redis: RedisServer, *, seconds: float) -> Iterator[None]:
+    """Redis answering no client for `seconds` (CLIENT PAUSE), from entering the block."""
+    with redis_py.Redis.from_url(redis.url) as admin:
+        admin.execute_command("CLIENT", "PAUSE", int(seconds * 1000))
+    try:
+        yield
+    finally:
+        with redis_py.Redis.from_url(redis.url) as admin:
+            admin.execute_command("CLIENT", "UNPAUSE")
 
 
 @pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
