@@ -18,8 +18,9 @@ A claim this process made is taken over before its lease ends by a later attempt
 this process once the attempt that made it has no provider call on its way (it
 returned, or failed before or after calling out): a run that failed on a tier's blip
 after calling out resumes at once instead of waiting out the lease. An attempt
-cancelled mid-call keeps its lease (its request may still reach the provider), and
-another process always waits for the lease.
+cancelled mid-call keeps its lease (its request may still reach the provider): renewed
+while the call is on its way, it runs from about the cancellation, however long the
+call took. Another process always waits for the lease.
 The claim write goes through the run's fencing token, so a runner that lost its
 lock cannot claim either.
 The provider here is simulated: it keeps its own durable ledger of every call it
@@ -28,19 +29,27 @@ honoured, so tests can count what really happened.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from state import SectionWrite, TieredStateStore, WorkflowExists, WorkflowRecord
+from state import SectionWrite, StateError, TieredStateStore, WorkflowExists, WorkflowRecord
 
 from .models import EffectView
 from .records import UNCHANGED, set_section, write_section
 from .telemetry import traced
 
+log = logging.getLogger(__name__)
+
 EFFECT_SECTION_PREFIX = "effect_"
+# Renewals of a claim's lease per lease while its provider call is on its way: one may be
+# late or fail and the next still lands before the lease ends.
+CLAIM_RENEWALS_PER_LEASE = 3
 # Claims of this process whose attempt has no provider call on its way, remembered for
 # takeover (the oldest forgotten first: their leases have long ended).
 SETTLED_CLAIMS_REMEMBERED = 10_000
@@ -61,9 +70,11 @@ def now_iso() -> str:
 class EffectInProgress(Exception):
     """Another attempt holds a live claim on this side effect; this attempt must not call out."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, *, lease_until: float) -> None:
         super().__init__(f"side effect {key!r} is being performed by another attempt")
         self.key = key
+        # When the claim's lease ends (epoch seconds): a later attempt may take it over then.
+        self.lease_until = lease_until
 
 
 class EffectProvider(Protocol):
@@ -196,14 +207,21 @@ class Effects:
                     return dict(entry["result"])
                 if entry.get("claim") != token:
                     span.set_attribute("outcome", "in-progress-elsewhere")
-                    raise EffectInProgress(key)
+                    raise EffectInProgress(key, lease_until=entry.get("lease_until") or 0.0)
                 # Only a pending claim taken over means an earlier attempt may have reached
                 # the provider; a first claim has nothing to ask about.
                 result = await self._provider.lookup(key) if took_over else None
                 span.set_attribute("outcome", "recovered" if result else "performed")
                 if result is None:
                     calling_out = True
-                    result = await self._provider.perform(key, kind, request)
+                    result = await self._perform_leased(
+                        case_id,
+                        kind,
+                        request,
+                        token,
+                        agent_id=agent_id,
+                        fencing_token=fencing_token,
+                    )
                     calling_out = False
                 done = done_entry(claim, result)
                 if done_with is not None:
@@ -224,13 +242,63 @@ class Effects:
                 if not calling_out:
                     self._settle(token)
 
+    async def _perform_leased(
+        self,
+        case_id: str,
+        kind: str,
+        request: dict[str, Any],
+        token: str,
+        *,
+        agent_id: str,
+        fencing_token: int | None,
+    ) -> dict[str, Any]:
+        """The provider call, the claim's lease renewed while it is on its way: an attempt
+        cancelled mid-call (its request may still reach the provider) leaves a lease that
+        runs from about then, not from a claim a slow call may have outlived."""
+        renewing = asyncio.create_task(
+            self._renew_claim(
+                case_id, effect_section(kind), token, agent_id=agent_id, fencing_token=fencing_token
+            )
+        )
+        try:
+            return await self._provider.perform(idempotency_key(case_id, kind), kind, request)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+
+    async def _renew_claim(
+        self, case_id: str, section: str, token: str, *, agent_id: str, fencing_token: int | None
+    ) -> None:
+        def extend(record: WorkflowRecord) -> object:
+            entry = record.sections.get(section) or {}
+            if entry.get("claim") != token or entry.get("status") != "pending":
+                return UNCHANGED
+            return {**entry, "lease_until": time.time() + self._lease_seconds}
+
+        while True:
+            await asyncio.sleep(self._lease_seconds / CLAIM_RENEWALS_PER_LEASE)
+            try:
+                await write_section(
+                    self._store,
+                    case_id,
+                    section,
+                    extend,
+                    agent_id=agent_id,
+                    fencing_token=fencing_token,
+                )
+            except StateError as error:
+                # The lease from the last renewal still holds; the next one may land.
+                log.warning("effect %s of case %s: lease not renewed: %s", section, case_id, error)
+
     async def performed(
         self, case_id: str, kind: str, *, agent_id: str, done_with: list[SectionWrite]
     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The request and result of the case's effect of `kind` if it was performed:
         recorded `done`, or claimed by an attempt that may have reached the provider before
         it died (asked by key, as `once` does when it takes a claim over; what the provider
-        answers goes into `done_with`, recorded `done` with the caller's section)."""
+        answers goes into `done_with`, recorded `done` with the caller's section).
+        Raises `EffectInProgress` while another attempt's claim is live."""
         record = await self._store.get(case_id)
         section = effect_section(kind)
         entry = None if record is None else record.sections.get(section)
@@ -238,7 +306,13 @@ class Effects:
             return None
         if entry.get("status") == "done":
             return dict(entry["request"]), dict(entry["result"])
-        result = await self._provider.lookup(idempotency_key(case_id, kind))
+        key = idempotency_key(case_id, kind)
+        # A live claim of another attempt may have its call on its way: the provider's
+        # silence does not mean "never performed" until its lease ends, as for `once`.
+        lease_until = entry.get("lease_until") or 0.0
+        if lease_until > time.time() and entry.get("claim") not in self._settled_claims:
+            raise EffectInProgress(key, lease_until=lease_until)
+        result = await self._provider.lookup(key)
         if result is None:
             return None
         done = done_entry(entry, result)

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -110,6 +110,7 @@ log = logging.getLogger(__name__)
 API_AGENT_ID = "case-api"
 REQUEST_SECTION = "request"
 GraphInput = dict[str, Any] | Command | None
+T = TypeVar("T")
 # Ids of the app's own records, which share the thread-id space with case ids.
 RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
 # Expired threads the timer deletes per tick: keeps one tick short; the next takes the rest.
@@ -121,6 +122,9 @@ RENEWALS_PER_TTL = 3
 # FLUSHALL, a failover; each loss costs the steps since the last boundary) before it is
 # left for the timer: a Redis that keeps losing them is an outage, not a blip.
 REDOS_AFTER_HOT_STATE_LOST = 3
+# Times a run waits out another attempt's claim on a side effect before it is left for the
+# timer: each claim's lease ends once nobody renews it, so more means something is wrong.
+EFFECT_LEASE_WAITS = 3
 
 
 class CaseError(Exception):
@@ -950,11 +954,13 @@ class CaseService:
         marked: bool,
         run_id: str | None,
         redone: int = 0,
+        waits: int = 0,
         new_case: bool = False,
     ) -> bool:
         """One run to rest; False when this runner must stop (it lost the case), True when
         the case's queue may go on (the run rested, failed, or a follow-up stopped it).
-        `redone`: how many times this run went on after Redis lost its checkpoints."""
+        `redone`: how many times this run went on after Redis lost its checkpoints; `waits`:
+        after waiting out another attempt's claim on a side effect."""
         fence = guard.fence
         await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
@@ -984,8 +990,32 @@ class CaseService:
             # ParentGone: a rollback deleted this run's checkpoints while it still wrote.
             log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
         except EffectInProgress as busy:
-            # Another runner of this case holds the side effect's claim and finishes the case.
-            log.warning("case %s: %s; this run stops", case_id, busy)
+            # This run holds the case: the claim is a dead or cut-off attempt's, whose call
+            # may still reach the provider until its lease ends. Waited out under the guard,
+            # the run goes on; stopped, it would read running with nobody on it until the
+            # timer finds it stalled.
+            if waits >= EFFECT_LEASE_WAITS:
+                log.warning("case %s: %s; run left for the timer", case_id, busy)
+                return False
+            log.info("case %s: %s; the run waits for its lease to end", case_id, busy)
+            try:
+                await self._while_held(
+                    case_id, guard, asyncio.sleep(max(0.0, busy.lease_until - time.time()))
+                )
+            except LockLost as lost:
+                log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
+                return False
+            snapshot = await self._graph.aget_state(case_config(case_id))
+            graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
+            return await self._drive_one(
+                case_id,
+                graph_input,
+                guard,
+                marked=True,
+                run_id=run_id,
+                redone=redone,
+                waits=waits + 1,
+            )
         except HotStateLost as lost:
             if redone >= REDOS_AFTER_HOT_STATE_LOST:
                 log.exception("case %s: Redis lost the run's checkpoints again", case_id)
@@ -1226,9 +1256,7 @@ class CaseService:
             )
         return rest
 
-    async def _while_held(
-        self, case_id: str, guard: RunGuard, work: Awaitable[CaseStatus]
-    ) -> CaseStatus:
+    async def _while_held(self, case_id: str, guard: RunGuard, work: Awaitable[T]) -> T:
         """Await `work` while renewing `guard`; once the guard is lost, cancel the work
         and raise `LockLost` (the run must not keep writing)."""
         working = asyncio.ensure_future(work)

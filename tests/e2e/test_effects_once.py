@@ -1,18 +1,23 @@
-"""Side effects at most once when two attempts of one case race without a run lock."""
+"""Side effects at most once when attempts of one case race, die or lose their reply mid-call."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from e2e_payloads import duplicate_charges
 
 from support_cases.agents.base import AgentDeps, Step
 from support_cases.agents.refund import RefundAgent
 from support_cases.effects import EffectInProgress, Effects
+from support_cases.models import CaseStatus, CaseSubmission
 from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
 
 
 async def test_two_unlocked_attempts_call_the_provider_once(runtime: Runtime) -> None:
@@ -197,3 +202,121 @@ async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued
     [recorded] = step.effects_done
     assert recorded.section == "effect_refund" and recorded.value["status"] == "done"
     assert recorded.value["result"] == paid
+
+
+async def test_a_refund_not_approved_waits_for_a_call_on_its_way(runtime: Runtime) -> None:
+    """An earlier attempt's refund call is on its way (its run lost the case mid-call, and
+    its request may still reach the gateway): a run that decides no refund must not read
+    the provider's silence as "never paid" and record it refused while the money goes out.
+    It waits, as a takeover of the claim does (found by the effects fault hunt)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    provider = HeldProvider(runtime.provider)
+    first = asyncio.create_task(
+        Effects(runtime.store, provider, lease_seconds=30).once(
+            case_id, "refund", {"amount": 900.0, "currency": "EUR"}, agent_id="refund-agent"
+        )
+    )
+    await provider.entered.wait()
+    # Another process's run, after a rollback and a rejection: it decides no refund.
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    agent = RefundAgent(AgentDeps(runtime.store, effects, runtime.settings))
+    state: Any = {
+        "case_id": case_id,
+        "billing": {"currency": "EUR", "duplicates": []},
+        "policy": {"decision": "needs_review", "refund_amount": 900.0},
+        "review": {"decision": "reject"},
+    }
+    step = Step(None)
+    try:
+        with pytest.raises(EffectInProgress):
+            await agent.decide(state, step)
+    finally:
+        provider.release.set()
+        paid = await first
+    assert step.effects_done == []
+    # Once the call has landed, the refund is reported issued, with what was paid.
+    result = await agent.decide(state, step)
+    assert result["status"] == "issued" and result["reference"] == paid["reference"]
+    assert len(await runtime.provider.performed(key)) == 1
+
+
+async def test_a_call_longer_than_the_lease_keeps_its_claim_once_cancelled(
+    runtime: Runtime,
+) -> None:
+    """A provider call outlives the claim's lease (a slow gateway), then its run loses the
+    case and is cancelled mid-call: its request may still reach the provider, so the
+    lease must run from about then, not from the claim made long before. Otherwise the
+    next runner takes the claim over at once, finds no trace yet, and pays a second time
+    (found by the effects fault hunt)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    provider = HeldProvider(runtime.provider)
+    lease = 3.0
+    first = asyncio.create_task(
+        Effects(runtime.store, provider, lease_seconds=lease).once(
+            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+        )
+    )
+    await provider.entered.wait()
+    record = await runtime.store.get(case_id)
+    assert record is not None
+    claimed_until = record.sections["effect_refund"]["lease_until"]
+    # The call is still on its way when the lease taken with the claim ends.
+    await asyncio.sleep(claimed_until - time.time() + 0.1)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    provider.release.set()
+
+    with pytest.raises(EffectInProgress):
+        await Effects(runtime.store, runtime.provider, lease_seconds=lease).once(
+            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+        )
+    assert await runtime.provider.performed(f"{case_id}:refund") == []
+
+
+async def test_a_resume_that_meets_a_leased_claim_waits_it_out_and_completes(
+    runtime: Runtime, e2e_settings: Callable[..., AppSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refund reached the provider but its reply was lost: the run failed with the
+    claim leased (the call may still land). The client resumes at once. The resume must
+    wait out the lease (the case is this run's) and go on, not stop and answer the case
+    running with nobody on it until the timer finds it stalled (found by the effects fault
+    hunt: five minutes at the default stale period)."""
+    backend = runtime.settings.state_cold_backend.value
+    own = await Runtime.open(e2e_settings(backend, state_lock_ttl_ms=3_000))
+    try:
+        perform = own.provider.perform
+        lost: list[dict[str, Any]] = []
+
+        async def reply_lost(key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+            done = await perform(key, kind, request)
+            if kind == "refund" and not lost:
+                lost.append(done)
+                raise ConnectionError("the provider's reply was lost")
+            return done
+
+        monkeypatch.setattr(own.provider, "perform", reply_lost)
+        case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+        submission = CaseSubmission(
+            case_id=case_id,
+            customer_id="cust-fx",
+            text="I was charged twice for my subscription",
+            transactions=duplicate_charges(42.0),
+        )
+        failed = await own.service.submit(submission, None)
+        assert failed.view.status is CaseStatus.FAILED, failed.view
+        assert lost
+
+        resumed = await own.service.resume(case_id, wait_until_rest=True)
+        await own.service.wait_idle()
+
+        case = await own.service.status(case_id)
+        assert case.status is CaseStatus.COMPLETED, (resumed.view.status, case)
+        assert case.refund is not None and case.refund["reference"] == lost[0]["reference"]
+        assert len(await own.provider.performed(f"{case_id}:refund")) == 1
+    finally:
+        await own.service.wait_idle()
+        await own.close()
