@@ -750,7 +750,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self._writes_through_here:
             through = self._prepared_writes(config, writes, task_id, task_path)
             try:
-                self._writes_through_here_to_both(through)
+                self._store_writes_here(through)
             except BaseException:
                 self._chains.forget(through.thread_id)  # as `_put_writes`
                 raise
@@ -787,7 +787,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             raise
         self._writes_done(put)
 
-    def _writes_through_here_to_both(self, put: _Writes) -> None:
+    def _store_writes_here(self, put: _Writes) -> None:
         """`_store_writes` in write-through mode with a hot tier, on the caller's thread."""
         assert self._blocking_cold is not None and self._blocking_cache is not None
         self._note_boundary(put)
