@@ -88,6 +88,8 @@ ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 
 def _id_part(text: str) -> str:
     """Ids may not contain / \\ ? #; escaping also keeps ':' free as the separator."""
+    if ID_SAFE.issuperset(text):  # the common case (ids, plain names), checked in C
+        return text
     return "".join(
         ch if ch in ID_SAFE else "".join(f"~{byte:02X}" for byte in ch.encode()) for ch in text
     )
