@@ -3,9 +3,10 @@ expired state.
 
 No job stops another: a failure of one is logged and the other still
 runs, and the first failure is raised only at the end, so the Functions host
-records the invocation as failed. Each tick logs its counts and adds them to
-OpenTelemetry counters (exported wherever the process's meter provider sends
-metrics; a no-op without one).
+records the invocation as failed; but a tick that could not read the whole
+run index does not sweep (it cannot tell which cases are due to be resumed).
+Each tick logs its counts and adds them to OpenTelemetry counters (exported
+wherever the process's meter provider sends metrics; a no-op without one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from opentelemetry import metrics
 
 from .models import ResumeReport
+from .runs import INDEX_IDS
 from .service import CaseService
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class TickReport:
     resumed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    # None: the sweep itself failed.
+    # None: the sweep failed, or was skipped (the run index not wholly read).
     swept: int | None = None
     # Write-behind entries this tick moved to the cold tier (None: the drain failed).
     flushed: int | None = None
@@ -79,13 +81,17 @@ async def run_tick(
 ) -> TickReport:
     tick = TickReport()
     errors: list[Exception] = []
-    # Both jobs are guarded whole: a failure of either (the run index unreadable, the
-    # cold tier down) must not skip the other.
+    # Each job is guarded whole: a failure of one (the run index unreadable, the cold tier
+    # down) must not skip the others. Save the sweep without the whole index: a case the
+    # tick could not list is one it did not resume, due to be however long idle, which the
+    # sweep cannot tell to spare.
+    index_read = False
     try:
         report: ResumeReport = await service.resume_stale(
             deadline=time.monotonic() + budget_seconds
         )
         tick.resumed, tick.skipped, tick.failed = report.resumed, report.skipped, report.failed
+        index_read = not any(shard in tick.failed for shard in INDEX_IDS)
     except Exception as error:
         log.exception("timer: could not list the active cases")
         errors.append(error)
@@ -94,16 +100,20 @@ async def run_tick(
     except Exception as error:
         log.exception("timer: the write-behind drain failed")
         errors.append(error)
-    try:
-        # The cases this tick did not resume (its budget spent, or their resume failed) are
-        # due to be: the sweep must not delete one that is idle past the TTL meanwhile.
-        tick.swept = await service.sweep_expired(
-            deadline=time.monotonic() + SWEEP_BUDGET_SECONDS,
-            spare={*tick.skipped, *tick.failed},
-        )
-    except Exception as error:
-        log.exception("timer: the retention sweep failed")
-        errors.append(error)
+    if not index_read:
+        # Deleting cannot be undone: the sweep waits for a tick that reads the whole index.
+        log.warning("timer: retention sweep skipped: the run index was not wholly read")
+    else:
+        try:
+            # The cases this tick did not resume (its budget spent, or their resume failed)
+            # are due to be: the sweep must not delete one that is idle past the TTL meanwhile.
+            tick.swept = await service.sweep_expired(
+                deadline=time.monotonic() + SWEEP_BUDGET_SECONDS,
+                spare={*tick.skipped, *tick.failed},
+            )
+        except Exception as error:
+            log.exception("timer: the retention sweep failed")
+            errors.append(error)
 
     counts = {
         "resumed": len(tick.resumed),
@@ -121,7 +131,7 @@ async def run_tick(
         counts["skipped"],
         counts["failed"],
         "drain failed" if tick.flushed is None else tick.flushed,
-        "sweep failed" if tick.swept is None else tick.swept,
+        "sweep failed or skipped" if tick.swept is None else tick.swept,
     )
     for case_id, why in tick.failed.items():
         log.warning("timer: case %s failed: %s", case_id, why)

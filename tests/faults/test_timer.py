@@ -11,6 +11,7 @@ the cold tier unavailable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -135,24 +136,34 @@ async def test_the_tick_finishes_logs_and_exports_its_counts(
     }
 
 
-async def test_the_sweep_runs_even_when_the_run_index_cannot_be_read(
+async def test_the_tick_skips_the_sweep_when_the_run_index_cannot_be_read(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The tick still drains and ends, reporting the error; its sweep waits for a tick that
+    can tell which cases are due to be resumed
+    (`test_a_stale_case_whose_index_shard_went_unread_is_not_swept_by_the_tick`)."""
+
     async def unreadable(**options: Any) -> list[str]:
         raise BackendUnavailable("postgres", "connection refused (injected)")
 
     monkeypatch.setattr(runtime.service._tracker, "active_cases", unreadable)
     swept: list[int] = []
-    real_sweep = runtime.service.sweep_expired
+    drained: list[int] = []
+    real_sweep, real_drain = runtime.service.sweep_expired, runtime.service.drain_backlog
 
     async def sweep(**options: Any) -> int:
         swept.append(await real_sweep(**options))
         return swept[-1]
 
+    async def drain(**options: Any) -> int:
+        drained.append(await real_drain(**options))
+        return drained[-1]
+
     monkeypatch.setattr(runtime.service, "sweep_expired", sweep)
-    with pytest.raises(BackendUnavailable):  # reported to the host, after the sweep
+    monkeypatch.setattr(runtime.service, "drain_backlog", drain)
+    with pytest.raises(BackendUnavailable):  # reported to the host, after the drain
         await run_tick(runtime.service, meters=TimerMetrics(MeterProvider().get_meter("test")))
-    assert swept == [0]
+    assert swept == [] and drained == [0]
 
 
 async def test_a_run_that_outlasts_the_ticks_budget_leaves_the_tick_its_other_jobs(
@@ -531,6 +542,70 @@ async def test_a_stale_case_the_tick_did_not_resume_is_not_swept_by_it(
         # The index shard listing it, idle as long (nothing else in it changed), too.
         assert await runtime.backends.cold.get(shard_of(case_id)) is not None, "index swept"
 
+        monkeypatch.undo()
+        second = await run_tick(runtime.service, meters=quiet_meters())
+        assert second.resumed == [case_id]
+        await runtime.service.wait_idle()
+        assert (await runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("unread", ["shard", "index"])
+async def test_a_stale_case_whose_index_shard_went_unread_is_not_swept_by_the_tick(
+    unread: str,
+    settings_for: Callable[..., Settings],
+    fresh_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A case idle past the cold TTL whose run index shard the tick could not read (damaged,
+    or the whole index out of reach) is one the tick did not resume: it is due to be, so the
+    tick's sweep must not delete it, and a tick that reads the index again resumes it."""
+    runtime = await Runtime.open(
+        settings_for(
+            "postgres",
+            postgres_url=fresh_postgres_url,
+            case_stale_after_seconds=60,
+            state_cold_ttl_seconds=COLD_TTL,
+        )
+    )
+    try:
+        case_id = f"timer-unread-{unread}-{uuid.uuid4().hex[:8]}"
+        await stale_case(runtime, case_id)
+        await backdate(fresh_postgres_url, 2 * COLD_TTL)
+        shard = shard_of(case_id)
+        listed = await runtime.backends.cold.get(shard)
+        assert listed is not None
+        if unread == "shard":
+            # Damaged as in the test above: its record no longer decodes.
+            await runtime.backends.cold.update_section(
+                shard,
+                "cases",
+                {COMPRESSED_KEY: {"codec": "zlib", "bytes": 10, "data": "bm90IHpsaWI="}},
+                expected_version=listed.version,
+                agent_id="test",
+            )
+        else:
+
+            async def unreadable(**options: Any) -> dict[str, str]:
+                raise BackendUnavailable("postgres", "connection refused (injected)")
+
+            monkeypatch.setattr(runtime.service._tracker, "active_cases", unreadable)
+
+        with contextlib.suppress(BackendUnavailable):  # the whole index: reported to the host
+            first = await run_tick(runtime.service, meters=quiet_meters())
+            assert shard_of(case_id) in first.failed and case_id not in first.resumed
+        assert await runtime.backends.cold.get(case_id) is not None, "swept before its resume"
+
+        if unread == "shard":  # repaired
+            await runtime.backends.cold.update_section(
+                shard,
+                "cases",
+                listed.sections["cases"],
+                expected_version=listed.version + 1,
+                agent_id="test",
+            )
         monkeypatch.undo()
         second = await run_tick(runtime.service, meters=quiet_meters())
         assert second.resumed == [case_id]
