@@ -509,6 +509,18 @@ async def test_the_sweep_stops_once_its_budget_is_spent(
         await runtime.close()
 
 
+async def open_short_lived(settings_for: Callable[..., Settings], postgres_url: str) -> Runtime:
+    """A runtime on Postgres whose cases go stale after a minute and expire after COLD_TTL."""
+    return await Runtime.open(
+        settings_for(
+            "postgres",
+            postgres_url=postgres_url,
+            case_stale_after_seconds=60,
+            state_cold_ttl_seconds=COLD_TTL,
+        )
+    )
+
+
 @pytest.mark.parametrize("why", ["budget", "failure"])
 async def test_a_stale_case_the_tick_did_not_resume_is_not_swept_by_it(
     why: str,
@@ -519,14 +531,7 @@ async def test_a_stale_case_the_tick_did_not_resume_is_not_swept_by_it(
     """A case whose worker died long enough ago that it is idle past the cold TTL is due to be
     resumed: a tick that did not resume it (its budget spent, or its resume failed) must not
     delete its state in its own sweep, and a later tick resumes it."""
-    runtime = await Runtime.open(
-        settings_for(
-            "postgres",
-            postgres_url=fresh_postgres_url,
-            case_stale_after_seconds=60,
-            state_cold_ttl_seconds=COLD_TTL,
-        )
-    )
+    runtime = await open_short_lived(settings_for, fresh_postgres_url)
     try:
         case_id = f"timer-due-{why}-{uuid.uuid4().hex[:8]}"
         await stale_case(runtime, case_id)
@@ -562,14 +567,7 @@ async def test_a_stale_case_whose_index_shard_went_unread_is_not_swept_by_the_ti
     """A case idle past the cold TTL whose run index shard the tick could not read (damaged,
     or the whole index out of reach) is one the tick did not resume: it is due to be, so the
     tick's sweep must not delete it, and a tick that reads the index again resumes it."""
-    runtime = await Runtime.open(
-        settings_for(
-            "postgres",
-            postgres_url=fresh_postgres_url,
-            case_stale_after_seconds=60,
-            state_cold_ttl_seconds=COLD_TTL,
-        )
-    )
+    runtime = await open_short_lived(settings_for, fresh_postgres_url)
     try:
         case_id = f"timer-unread-{unread}-{uuid.uuid4().hex[:8]}"
         await stale_case(runtime, case_id)
