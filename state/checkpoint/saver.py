@@ -1403,12 +1403,16 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self, config: RunnableConfig, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
     ) -> None:
         """A run starts over from what the tiers hold: the thread is no longer lost, and the
-        boundaries of its last run are behind it. LangGraph reads the latest checkpoint as
-        a run starts, from a given checkpoint too."""
+        boundaries of its last run are behind it. So are its steps no boundary acknowledged:
+        another worker may have flushed and deleted them since (`delete_for_runs`), and
+        Redis losing them is the documented loss window, not this run's loss. LangGraph
+        reads the latest checkpoint as a run starts, from a given checkpoint too."""
         if checkpoint_ns == "" and checkpoint_id is None and _starts_run(config):
             with self._histories_lock:
                 self._lost.pop(thread_id, None)
                 self._boundary_checkpoints.pop(thread_id, None)
+                self._unconfirmed.pop(thread_id, None)
+                self._unconfirmed_writes.pop(thread_id, None)
 
     def _writes_appended(self, put: _Writes) -> None:
         keys = {(w.task_id, w.idx) for w in put.writes}

@@ -1106,3 +1106,28 @@ async def test_a_boundary_after_a_prune_took_writes_another_worker_went_on_from_
         await other.saver.aprune([thread_id], strategy="keep_latest")
         await tiers.saver.aflush(thread_id)
         assert tiers.saver.losses_found == 0
+
+
+@pytest.mark.parametrize("deletion", ["delete_for_runs", "delete_thread"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_run_after_another_worker_deleted_this_workers_unflushed_run_reaches_its_boundary(
+    backend: str, deletion: str, stack_env: dict[str, str]
+) -> None:
+    """This worker's run leaves a subgraph's steps in the log (durability async: no
+    boundary); another worker flushes the thread and deletes that run (or the thread).
+    This worker's next run (not in the subgraph) starts from what the tiers hold: its
+    boundary has nothing of the deleted run to find, and lost nothing."""
+    async with tiers_for(stack_env, backend) as tiers, tiers_for(stack_env, backend) as other:
+        cfg = config("race-deleted-elsewhere")
+        thread_id = cfg["configurable"]["thread_id"]
+        graph, run_id = remembering_graph(tiers.saver), str(uuid.uuid4())
+        await graph.ainvoke({"word": "mem one"}, with_run(cfg, run_id), durability="async")
+        await other.saver.aflush(thread_id)
+        if deletion == "delete_for_runs":
+            await other.saver.adelete_for_runs([run_id])
+        else:
+            await other.saver.adelete_thread(thread_id)
+        await graph.ainvoke({"word": "talk"}, cfg, durability="async")
+        await tiers.saver.aflush(thread_id)
+        assert tiers.saver.losses_found == 0
+        assert (await graph.aget_state(cfg)).values == {"word": "talk?"}
