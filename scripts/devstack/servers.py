@@ -419,7 +419,14 @@ class PostgresServer(LocalServer):
         account = pwd.getpwnam(self.user)
         return account.pw_uid, account.pw_gid
 
+    @property
+    def _owner_marker(self) -> Path:
+        return self.data_dir.with_name(f"{self.data_dir.name}.workdir")
+
     def prepare(self) -> None:
+        if os.geteuid() == 0:
+            _remove_orphaned_clusters()
+            self._owner_marker.write_text(str(self.workdir.resolve()))
         if (self.data_dir / "PG_VERSION").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -483,3 +490,26 @@ class PostgresServer(LocalServer):
 
     def remove_data(self) -> None:
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        self._owner_marker.unlink(missing_ok=True)
+
+
+def _remove_orphaned_clusters() -> None:
+    """Root's clusters live in the temp folder, outside their workdir (`data_dir`): one
+    whose workdir is gone (a test run killed before its cleanup) and whose server is not
+    running would stay there for good, a few hundred MB each. Its marker names the
+    workdir; a cluster without one is left alone."""
+    for marker in Path(tempfile.gettempdir()).glob("agent-state-pg-*.workdir"):
+        cluster = marker.with_suffix("")
+        with contextlib.suppress(OSError):
+            if Path(marker.read_text()).exists() or _cluster_running(cluster):
+                continue
+            shutil.rmtree(cluster, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+
+
+def _cluster_running(cluster: Path) -> bool:
+    try:
+        pid = int((cluster / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return _alive(pid)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 
 import devstack
-from devstack import RedisServer, ServerStartError, Stack, free_port, running
+from devstack import PostgresServer, RedisServer, ServerStartError, Stack, free_port, running
 from devstack.stack import state_file
 
 
@@ -238,3 +239,28 @@ def test_serve_refuses_a_port_the_running_stack_does_not_use(
     assert runner.invoke(app, [*serve, "--redis-port", "6390"], env=env).exit_code == 0
     assert runner.invoke(app, serve, env=env).exit_code == 0
     assert served == [7171, 7171]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's clusters live outside their workdir")
+def test_a_cluster_whose_workdir_is_gone_is_removed_when_the_next_one_is_prepared(
+    tmp_path: Path,
+) -> None:
+    """A test run killed before its cleanup leaves root's cluster in the temp folder; the
+    next cluster prepared removes it, and not one whose workdir is still there."""
+    orphan = PostgresServer(port=free_port(), workdir=tmp_path / "killed" / "postgres")
+    kept = PostgresServer(port=free_port(), workdir=tmp_path / "kept" / "postgres")
+    orphan.start()
+    orphan.stop()
+    kept.workdir.mkdir(parents=True)
+    kept.prepare()
+    shutil.rmtree(tmp_path / "killed")
+    assert (orphan.data_dir / "PG_VERSION").exists()
+    following = PostgresServer(port=free_port(), workdir=tmp_path / "next" / "postgres")
+    following.workdir.mkdir(parents=True)
+    try:
+        following.prepare()
+        assert not orphan.data_dir.exists()
+        assert (kept.data_dir / "PG_VERSION").exists()
+    finally:
+        for server in (orphan, kept, following):
+            server.remove_data()
