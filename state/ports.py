@@ -700,6 +700,10 @@ class CacheLookup:
     # On a miss with a lease asked for: whether the thread's write-behind log holds
     # entries, read in the lease's round trip (None: not known, ask the log).
     backlog: bool | None = None
+    # A blocking lookup or lease Redis did not answer (the failure counted, as `lookup`
+    # counts its own): the caller reads the cold tier without a lease rather than asking
+    # `lookup` to wait out the same Redis again.
+    unreachable: bool = False
 
 
 @dataclass(frozen=True)
@@ -911,10 +915,11 @@ class BlockingCache(Protocol):
     def lookup_blocking(
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> CacheLookup | None:
-        """A hit, or a miss without its lease (`lease_blocking` takes it)."""
+        """A hit, a miss without its lease (`lease_blocking` takes it), or `unreachable`."""
 
     def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
-        """A miss's lease and backlog, as `lookup(lease=True)` reports them."""
+        """A miss's lease and backlog, as `lookup(lease=True)` reports them, or
+        `unreachable`."""
 
     def advance_blocking(
         self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]

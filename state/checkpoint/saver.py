@@ -549,18 +549,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return None
         with_history = self._with_history(thread_id, checkpoint_ns, checkpoint_id)
         if self._blocking_store is not None:
-            with self._closed_under_call():
-                stored = self._blocking_store.get_checkpoint_blocking(
-                    thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
-                )
-            if stored is not None and (stored.blobs is None or stored.writes is None):
-                stored = self._sync(self._complete(stored))
-            self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
-            return None if stored is None else self._tuple(stored, keep_inline=True)
+            return self._cold_read_here(
+                self._blocking_store, thread_id, checkpoint_ns, checkpoint_id, with_history
+            )
         assert self._blocking_cache is not None
         cached = self._blocking_cache.lookup_blocking(
             thread_id, checkpoint_ns, with_history=with_history
         )
+        if cached is not None and cached.unreachable:
+            return self._read_past_redis(thread_id, checkpoint_ns, checkpoint_id, with_history)
         hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
         if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
             return self._hit(hit, history, latest=checkpoint_id is None)
@@ -579,6 +576,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         leased = self._blocking_cache.lease_blocking(thread_id, checkpoint_ns)
         if leased is None:
             return self._sync(self._get_tuple(config))
+        if leased.unreachable:
+            return self._read_past_redis(thread_id, checkpoint_ns, None, with_history)
         cold = self._blocking_cold
         if cold is None or leased.backlog:
             return self._sync(
@@ -593,6 +592,37 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if stored is not None:
             stored = self._sync(self._filled(stored, leased.lease))
         self._note_cold_read(stored, thread_id, checkpoint_ns, None)
+        return None if stored is None else self._tuple(stored, keep_inline=True)
+
+    def _read_past_redis(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, with_history: bool
+    ) -> CheckpointTuple | None:
+        """A sync read whose cache lookup Redis failed: the cold tier without a fill lease,
+        as `_get_tuple` goes on past a failed lookup; on the caller's thread when no
+        backlog has to be flushed first (write-through) and the store reads blocking."""
+        if self.flusher is not None or self._blocking_cold is None:
+            return self._sync(
+                self._cold_read(thread_id, checkpoint_ns, checkpoint_id, with_history, None, None)
+            )
+        return self._cold_read_here(
+            self._blocking_cold, thread_id, checkpoint_ns, checkpoint_id, with_history
+        )
+
+    def _cold_read_here(
+        self,
+        store: BlockingCheckpointStore,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        with_history: bool,
+    ) -> CheckpointTuple | None:
+        with self._closed_under_call():
+            stored = store.get_checkpoint_blocking(
+                thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
+            )
+        if stored is not None and (stored.blobs is None or stored.writes is None):
+            stored = self._sync(self._complete(stored))
+        self._note_cold_read(stored, thread_id, checkpoint_ns, checkpoint_id)
         return None if stored is None else self._tuple(stored, keep_inline=True)
 
     def list(

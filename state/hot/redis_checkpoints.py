@@ -944,9 +944,9 @@ class RedisCheckpointCache:
         self, thread_id: str, checkpoint_ns: str, *, with_history: bool
     ) -> CacheLookup | None:
         """`lookup` without a lease, from the caller's own thread: a hit, or a miss (no
-        entry, not counted: `lease_blocking` then takes the lease, or `lookup` is asked);
-        None where `lookup` has more to do (a suspect or unreadable entry, an error): the
-        caller then asks it."""
+        entry, not counted: `lease_blocking` then takes the lease, or `lookup` is asked),
+        or `unreachable` (Redis failed the read); None where `lookup` has more to do (a
+        suspect or unreadable entry): the caller then asks it."""
         if self._blocking_client is None:
             raise StateError("this checkpoint cache was opened without a blocking client")
         key = self.key(thread_id, checkpoint_ns)
@@ -970,8 +970,9 @@ class RedisCheckpointCache:
             else:
                 fields = _paired(self._script_blocking(self._without_history, [key], []))
                 self._historyless.saw(key, fields)
-        except (RedisError, OSError):
-            return None
+        except (RedisError, OSError) as exc:
+            self._failed(key, exc)
+            return CacheLookup(None, unreachable=True)
         if b"id" not in fields:
             # Counted by `lease_blocking`, or by `lookup` if asked next: once either way.
             return CacheLookup(None)
@@ -991,8 +992,7 @@ class RedisCheckpointCache:
 
     def lease_blocking(self, thread_id: str, checkpoint_ns: str) -> CacheLookup | None:
         """The fill lease `lookup` takes on a miss of the latest checkpoint, and the
-        thread's backlog, from the caller's own thread; None on an error (the caller then
-        asks `lookup`)."""
+        thread's backlog, from the caller's own thread; `unreachable` on a Redis error."""
         key = self.key(thread_id, checkpoint_ns)
         token = os.urandom(12).hex()
         try:
@@ -1002,8 +1002,10 @@ class RedisCheckpointCache:
                     self._lease, [key, self.log_key(thread_id)], [token, LEASE_TTL_MS]
                 ),
             )
-        except (RedisError, OSError):
-            return None
+        except (RedisError, OSError) as exc:
+            self.stats.misses += 1
+            self._failed(key, exc)
+            return CacheLookup(None, unreachable=True)
         self.stats.misses += 1
         return CacheLookup(None, token if granted == 1 else None, backlog=backlog == 1)
 

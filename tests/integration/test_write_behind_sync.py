@@ -221,16 +221,44 @@ def test_with_redis_stalled_a_sync_write_through_put_to_postgres_leaves_no_stale
         redis.stop()
 
 
+def test_with_redis_stalled_a_sync_read_goes_to_postgres_after_one_timeout(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Write-through with Redis on Postgres, Redis answering nothing: a sync read of the
+    latest checkpoint waits out the cache lookup once, then reads the cold tier on the
+    caller's thread (not a second lookup from the loop thread, held here, which would
+    wait out the same stalled Redis again)."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    try:
+        settings = settings_for(stack_env, "postgres", redis.url).model_copy(
+            update={"state_write_mode": WriteMode.WRITE_THROUGH}
+        )
+        cfg = config()
+        with TieredCheckpointSaver.open_sync(settings) as saver:
+            chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
+            written = saver.get_tuple(cfg)
+            with redis_paused(redis, seconds=6), loop_thread_held(saver):
+                read = in_thread(lambda: saver.get_tuple(cfg), timeout=5)
+            assert written is not None and read is not None
+            assert read.checkpoint == written.checkpoint
+            assert read.pending_writes == written.pending_writes
+    finally:
+        redis.stop()
+
+
 @contextmanager
 def redis_paused(redis: RedisServer, *, seconds: float) -> Iterator[None]:
-    """Redis answering no client for `seconds` (CLIENT PAUSE), from entering the block."""
+    """Redis answering no client for `seconds` (CLIENT PAUSE), from entering the block to
+    leaving it at the earliest: an UNPAUSE would wait behind the pause itself (a new
+    client's handshake is paused too)."""
     with redis_py.Redis.from_url(redis.url) as admin:
         admin.execute_command("CLIENT", "PAUSE", int(seconds * 1000))
+    ends = time.monotonic() + seconds
     try:
         yield
     finally:
-        with redis_py.Redis.from_url(redis.url) as admin:
-            admin.execute_command("CLIENT", "UNPAUSE")
+        time.sleep(max(0.0, ends - time.monotonic()))
 
 
 @pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
