@@ -557,10 +557,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             thread_id, checkpoint_ns, with_history=with_history
         )
         if cached is not None and cached.unreachable:
-            return self._read_past_redis(thread_id, checkpoint_ns, checkpoint_id, with_history)
+            return self._read_unleased(thread_id, checkpoint_ns, checkpoint_id, with_history)
         hit, history = (cached.checkpoint, cached.history) if cached is not None else (None, None)
         if hit is not None and checkpoint_id in (None, hit.checkpoint_id):
             return self._hit(hit, history, latest=checkpoint_id is None)
+        if hit is not None:  # an older checkpoint named: `lookup` would only read it again
+            return self._read_unleased(thread_id, checkpoint_ns, checkpoint_id, with_history)
         if cached is not None and hit is None and checkpoint_id is None:
             return self._latest_missed_here(thread_id, checkpoint_ns, config, with_history)
         return self._sync(self._get_tuple(config))
@@ -577,7 +579,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if leased is None:
             return self._sync(self._get_tuple(config))
         if leased.unreachable:
-            return self._read_past_redis(thread_id, checkpoint_ns, None, with_history)
+            return self._read_unleased(thread_id, checkpoint_ns, None, with_history)
         cold = self._blocking_cold
         if cold is None or leased.backlog:
             return self._sync(
@@ -594,12 +596,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._note_cold_read(stored, thread_id, checkpoint_ns, None)
         return None if stored is None else self._tuple(stored, keep_inline=True)
 
-    def _read_past_redis(
+    def _read_unleased(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, with_history: bool
     ) -> CheckpointTuple | None:
-        """A sync read whose cache lookup Redis failed: the cold tier without a fill lease,
-        as `_get_tuple` goes on past a failed lookup; on the caller's thread when no
-        backlog has to be flushed first (write-through) and the store reads blocking."""
+        """A sync read the cache cannot serve and will not be filled by (Redis failed the
+        lookup, or a checkpoint older than the cached one is named): the cold tier, as
+        `_get_tuple` goes on past such a lookup; on the caller's thread when no backlog has
+        to be flushed first (write-through) and the store reads blocking."""
         if self.flusher is not None or self._blocking_cold is None:
             return self._sync(
                 self._cold_read(thread_id, checkpoint_ns, checkpoint_id, with_history, None, None)

@@ -280,6 +280,30 @@ def test_a_sync_read_of_a_new_thread_does_not_wait_for_the_loop_thread(
     assert latest.checkpoint["channel_values"]["messages"][0] == "hello"
 
 
+def test_a_sync_read_of_an_older_checkpoint_reads_postgres_on_the_callers_thread(
+    stack_env: dict[str, str],
+) -> None:
+    """Write-through with Redis on Postgres: a checkpoint older than the cached latest
+    (time travel, a fork) is read from the cold tier on the caller's thread, as the loop
+    thread would read it, with no second cache lookup."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": WriteMode.WRITE_THROUGH}
+    )
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        cfg = config()
+        graph = chat_graph(saver)
+        graph.invoke({"messages": ["hello"]}, cfg)
+        graph.invoke({"messages": ["again"]}, cfg)
+        older = list(saver.list(cfg))[3]
+        via_loop = saver._sync(saver.aget_tuple(older.config))
+        with loop_thread_held(saver):
+            here = in_thread(lambda: saver.get_tuple(older.config), timeout=10)
+    assert via_loop is not None and here is not None
+    assert here.checkpoint == via_loop.checkpoint == older.checkpoint
+    assert here.pending_writes == via_loop.pending_writes
+    assert here.parent_config == via_loop.parent_config
+
+
 @pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
 def test_a_sync_read_the_cache_misses_fills_it_from_the_cold_tier(
     mode: WriteMode, stack_env: dict[str, str]
