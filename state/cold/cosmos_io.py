@@ -363,17 +363,22 @@ class PartitionIO:
             found.extend(page)
         return found
 
-    async def delete_matching(self, partition: str, condition: str, params: dict[str, Any]) -> int:
+    async def delete_matching(
+        self, partition: str, condition: str, params: dict[str, Any], *, order_by: str = ""
+    ) -> int:
         """Delete every item of the partition matching `condition`; returns how many.
+        `order_by` (an ORDER BY expression): the order they go in, for a delete that
+        may stop part-way.
 
         Re-queries the first batch until nothing matches, so no continuation token
         is held across deletes.
         """
         deleted = 0
+        order = f" ORDER BY {order_by}" if order_by else ""
         while True:
             ids = await self.query_all(
                 f"SELECT TOP {DELETE_BATCH} VALUE c.id FROM c"
-                f" WHERE c.thread_id = @thread AND ({condition})",
+                f" WHERE c.thread_id = @thread AND ({condition}){order}",
                 {"@thread": partition, **params},
                 partition=partition,
             )

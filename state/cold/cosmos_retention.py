@@ -227,8 +227,17 @@ class CosmosRetention:
         """Whether this call removed any of the thread's items: not when another sweep
         deleted it first (after the second look), which counts it instead."""
         removed = await self._io.delete(WORKFLOW_ID, thread_id)
+        # Newest first, as delete_thread does: a sweep stopped part-way leaves checkpoints
+        # whose parents, blobs and writes are all still there, which the next sweep deletes
+        # (their `_ts` unchanged); in any other order a reader found a latest checkpoint
+        # whose parent was gone.
         removed |= bool(
-            await self._io.delete_matching(thread_id, "c.type = @type", {"@type": CHECKPOINT})
+            await self._io.delete_matching(
+                thread_id,
+                "c.type = @type",
+                {"@type": CHECKPOINT},
+                order_by="c.checkpoint_id DESC",
+            )
         )
         # But the flush fence (`state.checkpoint.flusher`): a write-behind batch from a
         # flusher paused past its lock must not bring the thread back; the sweep a TTL

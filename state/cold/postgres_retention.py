@@ -16,7 +16,8 @@ write failed), once they are themselves older than the TTL.
 
 `retention_holds` (migration 3) exempts a thread while `held`; a released row
 stays until the thread is swept, so inactivity counts from the release at the
-earliest, as on Cosmos, where the release is itself a write.
+earliest, as on Cosmos, where the release is itself a write. A hold of a thread
+that stores nothing (taken as the sweep deleted it) goes once a TTL old.
 
 Flush fences (`cp_flush_fences`) go once their token is older than the TTL, whether
 their thread was deleted or lives on (its next flush writes the fence again).
@@ -54,8 +55,19 @@ from .postgres_client import CountedConnection, PostgresConnection
 # Threads per transaction: keeps each sweep's locks and WAL burst small.
 SWEEP_BATCH = 100
 
-HOLD_SQL = """
-INSERT INTO retention_holds AS h (thread_id, held, changed_at) VALUES (%s, true, now())
+# Takes the thread's maintenance lock, shared (as a write-through put does, so holds and puts
+# never wait for each other): a sweep holding it (`LOCK_EXPIRED_SQL`) has looked at the thread
+# a last time and is about to delete it; a hold landing in between was deleted with the
+# thread, the case under review gone. It now waits for that sweep, and lands after the
+# delete (a lone hold, which `LONE_HOLDS_SQL` drops a TTL later); a hold taken first holds
+# the lock (the sweep spares the thread) or is committed (its last look sees it). The row
+# takes its values from `turn` (Postgres never runs a CTE nothing reads).
+HOLD_SQL = f"""
+WITH turn AS (
+    SELECT pg_advisory_xact_lock_shared({THREAD_MAINTENANCE_LOCK}, hashtext(%(thread_id)s))
+)
+INSERT INTO retention_holds AS h (thread_id, held, changed_at)
+SELECT %(thread_id)s, true, now() FROM turn
 ON CONFLICT (thread_id) DO UPDATE SET held = true, changed_at = now() WHERE NOT h.held
 """
 
@@ -191,6 +203,26 @@ DELETE FROM cp_flush_fences
 WHERE token < (extract(epoch FROM {_CUTOFF}) * 1000000)::bigint
 """
 
+# Holds of threads that store nothing (a hold that waited for the sweep deleting its thread,
+# `HOLD_SQL`, or taken on no thread), held or not, once older than the TTL, as Cosmos drops
+# a lone hold marker: kept, one would exempt a new case of that id from expiring for good.
+# Their threads' maintenance locks tried, as `HOLD_SQL` takes them (a hold under way is
+# skipped), only once the lone holds are found (MATERIALIZED): tried on every row first,
+# they could fill the server's lock table. A batch per sweep; the rest go with the next.
+LONE_HOLDS_SQL = f"""
+WITH lone AS MATERIALIZED (
+    SELECT h.thread_id FROM retention_holds AS h
+    WHERE h.changed_at < {_CUTOFF}
+      AND NOT EXISTS (SELECT 1 FROM workflow_records AS r WHERE r.thread_id = h.thread_id)
+      AND NOT EXISTS (SELECT 1 FROM cp_checkpoints AS c WHERE c.thread_id = h.thread_id)
+    LIMIT %(limit)s
+)
+DELETE FROM retention_holds AS h
+WHERE h.thread_id IN (
+    SELECT l.thread_id FROM lone AS l
+    WHERE pg_try_advisory_xact_lock({THREAD_MAINTENANCE_LOCK}, hashtext(l.thread_id))
+)
+"""
 
 # Marks (`cp_deleted_threads`, migration 10) a TTL old, with the pending writes their
 # threads were left with (of checkpoints older than the delete), unless a new run stored
@@ -232,7 +264,7 @@ class PostgresRetention:
 
     async def hold(self, thread_id: str) -> None:
         async with self._pg.connection("hold") as conn:
-            await conn.execute(HOLD_SQL, (thread_id,))
+            await conn.execute(HOLD_SQL, {"thread_id": thread_id})
 
     async def release(self, thread_id: str) -> None:
         async with self._pg.connection("release") as conn:
@@ -274,6 +306,9 @@ class PostgresRetention:
             swept += deleted
         async with self._pg.connection("sweep") as conn:
             await conn.execute(EXPIRED_FENCES_SQL, {"ttl": self._ttl_seconds, "now": now})
+            await conn.execute(
+                LONE_HOLDS_SQL, {"ttl": self._ttl_seconds, "now": now, "limit": SWEEP_BATCH}
+            )
         await self._sweep_deletions(now, deadline)
         return swept
 

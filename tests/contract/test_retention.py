@@ -19,7 +19,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -32,7 +32,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
 from state.checkpoint import TieredCheckpointSaver
-from state.cold import cosmos_retention, postgres_retention
+from state.cold import cosmos_io, cosmos_retention, postgres_retention
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
 from state.cold.postgres_checkpoints import THREAD_MAINTENANCE_LOCK
@@ -1086,6 +1086,61 @@ async def test_cosmos_a_thread_another_sweep_deleted_meanwhile_is_counted_by_tha
         assert not await intact(backends, thread_id)
 
 
+async def test_cosmos_a_sweep_stopped_amid_a_threads_checkpoints_leaves_whole_ancestries(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep failing part-way through a thread's checkpoints (a request refused, the
+    worker gone): the record went first (no case to read), and the checkpoints left are the
+    oldest, each with its parent and blobs, so a reader never finds a latest checkpoint
+    whose parent is gone (they used to go in no set order: the oldest first). The next
+    sweep deletes the rest and counts the thread."""
+    monkeypatch.setattr(cosmos_io, "DELETE_BATCH", 1)
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("stopped-amid")
+        await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+        for n in (1, 2, 3):
+            await backends.checkpoints.put_checkpoint(
+                step(thread_id, n, {"small": str(n)}),
+                [StoredBlob("small", str(n), ("json", f"[{n}]".encode()))],
+            )
+        now = await age_everything(backends, thread_id)
+        retention = backends.retention
+        assert isinstance(retention, cosmos_retention.CosmosRetention)
+        io = retention._io
+        delete_ids = io.delete_ids
+        batches: list[list[str]] = []
+
+        async def failing_after_one(partition: str, ids: Sequence[str]) -> None:
+            if batches:
+                raise BackendUnavailable("cosmos", "refused (injected)")
+            batches.append(list(ids))
+            await delete_ids(partition, ids)
+
+        io.delete_ids = failing_after_one  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable):
+            await retention.sweep(limit=100, now=now)
+        io.delete_ids = delete_ids  # type: ignore[method-assign]
+        assert len(batches) == 1  # one checkpoint deleted
+        assert await backends.cold.get(thread_id) is None
+        latest = await backends.checkpoints.get_checkpoint(thread_id, "", None)
+        assert latest is not None and latest.checkpoint_id == checkpoint_id(2)
+        at: StoredCheckpoint | None = latest
+        while at is not None:  # every ancestor readable, with its blob
+            assert await backends.checkpoints.get_blobs(thread_id, "", at.channel_versions) == {
+                "small": ("json", f"[{at.metadata['step']}]".encode())
+            }
+            parent = at.parent_checkpoint_id
+            at = (
+                None
+                if parent is None
+                else await backends.checkpoints.get_checkpoint(thread_id, "", parent)
+            )
+            assert parent is None or at is not None, f"{parent} is gone"
+        assert await retention.sweep(limit=100, now=now) == 1
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        assert await partition_of(backends.settings, thread_id) == []
+
+
 async def test_cosmos_release_spares_a_hold_taken_again_meanwhile(open_cold: Open) -> None:
     """The pass for holds of every item (earlier versions) leaves the marker alone: a hold
     that lands between the marker's patch and that pass stays."""
@@ -1246,6 +1301,53 @@ async def test_postgres_a_parentless_put_after_the_sweeps_last_look_is_not_delet
         stored = await backends.checkpoints.get_checkpoint(thread_id, "child:1", None)
         assert stored is not None and stored.checkpoint_id == subgraph.checkpoint_id
         assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_a_hold_taken_as_the_sweep_deletes_waits_and_is_dropped_a_ttl_later(
+    open_cold: Open,
+) -> None:
+    """A hold landing after the sweep's last look, before its delete, was deleted with the
+    thread (`dropped_holds`): the case under review deleted, its hold silently gone. The
+    hold now waits for the sweep (the thread's maintenance lock) and lands after the delete,
+    as a lone hold the sweep drops once it is a TTL old; a hold taken before the sweep's
+    lock keeps the thread."""
+    async with open_cold("postgres", state_cold_ttl_seconds=TTL) as backends:
+        swept, kept = unique_thread("held-as-swept"), unique_thread("held-first")
+        for thread_id in (swept, kept):
+            await seed(backends, thread_id)
+        await backdate(backends, swept, kept)
+        holds: list[asyncio.Task[None]] = []
+
+        async def deleting(thread_id: str) -> bool:
+            if thread_id == swept:  # after the sweep's last look, before its delete
+                holds.append(asyncio.create_task(backends.retention.hold(thread_id)))
+                await asyncio.wait(holds, timeout=0.3)
+                assert not holds[0].done()  # waiting for the sweep
+            return True
+
+        url = backends.settings.postgres_url
+        assert url is not None
+        async with await psycopg.AsyncConnection.connect(url.get_secret_value()) as holder:
+            # `kept`'s hold under way (`HOLD_SQL`'s steps) as the sweep tries its lock: spared.
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s))",
+                (THREAD_MAINTENANCE_LOCK, kept),
+            )
+            await holder.execute(
+                "INSERT INTO retention_holds (thread_id, held) VALUES (%s, true)", (kept,)
+            )
+            assert await backends.retention.sweep(limit=100, deleting=deleting) == 1
+            await holder.commit()
+        await asyncio.wait_for(holds[0], timeout=5)
+        assert not await intact(backends, swept)
+        assert await exempt(backends, swept)  # a lone hold, nothing to keep
+        assert await intact(backends, kept) and await exempt(backends, kept)
+        assert await backends.retention.sweep(limit=100) == 0
+        assert await exempt(backends, swept)  # not yet a TTL old
+        await backdate(backends, swept, kept, tables=("retention_holds",))
+        assert await backends.retention.sweep(limit=100) == 0
+        rows = await pg_execute(backends, "SELECT thread_id FROM retention_holds", ())
+        assert rows == [(kept,)]  # the lone hold gone; the held thread's stays
 
 
 async def test_postgres_pending_writes_landing_after_delete_for_runs_emptied_their_thread_expire(
