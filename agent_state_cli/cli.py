@@ -9,6 +9,8 @@
     agent-state reply CASE TEXT [--strategy reject|enqueue|interrupt|rollback]
     agent-state runs CASE                  the case's runs: intake, then one per reply
     agent-state follow CASE                its progress as it happens, until it rests
+    agent-state write-behind stuck | discard THREAD ENTRY [--yes]
+                                           entries the cold store refuses for good
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
 http://127.0.0.1:7071) and `--json` for the raw JSON answer. It calls with an
@@ -46,6 +48,7 @@ from support_cases.models import CASE_ID_PATTERN, FollowUpStrategy
 from support_cases.settings import AppSettings
 
 from .tokens import InsecureApi, TokenUnavailable, access_token
+from .write_behind import write_behind_app
 
 if TYPE_CHECKING:
     from devstack import PortInUse, StateFileUnreadable
@@ -56,6 +59,7 @@ DEFAULT_PORT = 7071
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
 stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(write_behind_app, name="write-behind")
 console = Console()
 # Notices and errors go to stderr, so `--json` leaves stdout parseable.
 errors = Console(stderr=True)

@@ -35,7 +35,8 @@ Errors
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
     `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`, `RunsPartlyDeleted`),
     `RequestRejected` (and its `InvalidValue`), `UnsupportedSchemaVersion`,
-    `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`.
+    `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`, `EntryStuck` (a
+    write-behind entry the cold store refuses for good), `NotStuck`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -51,11 +52,13 @@ from .checkpoint import FENCING_TOKEN_KEY, Flusher, TieredCheckpointSaver
 from .errors import (
     BackendUnavailable,
     CorruptState,
+    EntryStuck,
     FlushLockBusy,
     HotStateLost,
     InvalidValue,
     LockLost,
     LockNotAcquired,
+    NotStuck,
     ParentGone,
     RequestRejected,
     RunsPartlyDeleted,
@@ -107,6 +110,7 @@ __all__ = [
     "ColdRetention",
     "ColdStateStore",
     "CorruptState",
+    "EntryStuck",
     "EventLog",
     "FlushLockBusy",
     "Flusher",
@@ -116,6 +120,7 @@ __all__ = [
     "Lock",
     "LockLost",
     "LockNotAcquired",
+    "NotStuck",
     "ParentGone",
     "RecordStore",
     "RequestRejected",

@@ -205,6 +205,34 @@ class LogEntryLost(StateError):
         self.epochs = dict(epochs)
 
 
+class EntryStuck(StateError):
+    """A write-behind entry the cold store refused for good (`reason`: too large, a value it
+    cannot hold, any refusal that is not an outage): the thread's later entries wait behind
+    it, never durable, until its cause is fixed or an operator discards it
+    (`agent-state write-behind discard`)."""
+
+    def __init__(self, thread_id: str, entry_id: str, checkpoint_id: str, reason: str) -> None:
+        super().__init__(
+            f"write-behind entry {entry_id} (checkpoint {checkpoint_id}) of {thread_id!r}"
+            f" is refused by the cold store for good, holding back the thread's later"
+            f" entries: {reason}"
+        )
+        self.thread_id = thread_id
+        self.entry_id = entry_id
+        self.checkpoint_id = checkpoint_id
+        self.reason = reason
+
+
+class NotStuck(StateError):
+    """A discard named an entry that is not its thread's stuck entry (stored since, already
+    discarded, or never recorded): nothing was discarded."""
+
+    def __init__(self, thread_id: str, entry_id: str) -> None:
+        super().__init__(f"write-behind entry {entry_id} of {thread_id!r} is not stuck")
+        self.thread_id = thread_id
+        self.entry_id = entry_id
+
+
 class HotStateLost(BackendUnavailable):
     """Redis lost checkpoints of a thread before they reached the cold tier (FLUSHALL, a
     restart without persistence, a failover): the run cannot go on from them, nor may a

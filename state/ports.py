@@ -845,12 +845,29 @@ class LogEntry:
 
 
 @dataclass(frozen=True)
+class StuckEntry:
+    """A write-behind entry the cold store refused for good: its thread's later entries
+    wait behind it until it is stored (its cause fixed) or an operator discards it."""
+
+    thread_id: str
+    entry_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    kind: Literal["put", "writes"]
+    reason: str  # the refusal, as the cold store said it
+    since: float  # when a flusher first found it stuck (epoch seconds, the log's clock)
+
+
+@dataclass(frozen=True)
 class Backlog:
     """Write-behind work not yet in the cold tier."""
 
     entries: int
     threads: int
     oldest_age_seconds: float | None  # None: nothing is waiting
+    # Threads held back by an entry the cold store refused for good, and the oldest such.
+    stuck_threads: int = 0
+    oldest_stuck: StuckEntry | None = None
 
 
 class BlockingAppends(Protocol):
@@ -1036,6 +1053,18 @@ class WriteBehindLog(Protocol):
     async def unlock_thread(self, thread_id: str, token: str) -> None: ...
 
     async def backlog(self) -> Backlog: ...
+
+    async def note_stuck(self, stuck: StuckEntry) -> bool:
+        """Record the thread's stuck entry (no TTL) until an `ack` or a discard of the
+        thread's entries clears it; False if that entry was recorded already."""
+
+    async def stuck(self) -> list[StuckEntry]:
+        """Every recorded stuck entry, oldest first."""
+
+    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+        """Remove the entries from the thread's log without the cold tier having them (an
+        operator discards them), and the thread's cached checkpoints with them, so no put
+        builds on a dropped one; returns how many are left. The caller holds the flush lock."""
 
 
 @runtime_checkable

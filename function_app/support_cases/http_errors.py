@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route, get_route_path
 
 from state import (
     BackendUnavailable,
+    EntryStuck,
     InvalidValue,
     LockNotAcquired,
     RequestRejected,
@@ -167,7 +168,28 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
         return response
 
+    async def stuck(request: Request, error: Exception) -> JSONResponse:
+        """A case's write-behind backlog held back by an entry the cold store refuses for
+        good (a read flushes the backlog first): the operator's to resolve (`agent-state
+        write-behind`), not the caller's mistake, nor a crash. Not retried by itself soon:
+        no Retry-After. The store's words stay in the log."""
+        assert isinstance(error, EntryStuck)
+        incident = uuid.uuid4().hex[:12]
+        log.error(
+            "%s %s answered 503 (incident %s): %s",
+            request.method,
+            request.url.path,
+            incident,
+            error,
+        )
+        return error_response(
+            503,
+            f"the case's saved state cannot reach durable storage; an operator must act"
+            f" (incident {incident})",
+        )
+
     app.add_exception_handler(BackendUnavailable, store_fault)
+    app.add_exception_handler(EntryStuck, stuck)
     # InvalidValue, a RequestRejected for the caller's value, keeps its 422 above.
     app.add_exception_handler(RequestRejected, store_fault)
 

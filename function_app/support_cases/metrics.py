@@ -11,8 +11,8 @@ pays nothing. Callbacks run on the exporter's thread: a source must be cheap,
 synchronous and safe to read from another thread.
 
 Write-behind backlog: `register_backlog_source(read)` with `read()` returning an
-object with `entries`, `threads` and `oldest_age_seconds` (float or None), or
-None when unknown. An async source (`await flusher.backlog()`) goes through a
+object with `entries`, `threads`, `oldest_age_seconds` (float or None) and
+`stuck_threads`, or None when unknown. An async source (`await flusher.backlog()`) goes through a
 `BacklogSampler`, which refreshes a snapshot on the event loop:
 
     sampler = BacklogSampler(backends.flusher.backlog)
@@ -55,6 +55,7 @@ BACKLOG_ENTRIES = "agent_state.write_behind.entries"
 BACKLOG_THREADS = "agent_state.write_behind.threads"
 BACKLOG_OLDEST_AGE = "agent_state.write_behind.oldest_age_seconds"
 BACKLOG_LOSSES = "agent_state.write_behind.losses"
+BACKLOG_STUCK_THREADS = "agent_state.write_behind.stuck_threads"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class BacklogLike(Protocol):
     def threads(self) -> int: ...
     @property
     def oldest_age_seconds(self) -> float | None: ...
+    @property
+    def stuck_threads(self) -> int: ...
 
 
 BacklogSource = Callable[[], "BacklogLike | None"]
@@ -144,6 +147,13 @@ class AppMetrics:
             [self._observe_backlog("oldest_age_seconds")],
             unit="s",
             description="Age of the oldest write-behind entry not yet in the cold tier",
+        )
+        meter.create_observable_gauge(
+            BACKLOG_STUCK_THREADS,
+            [self._observe_backlog("stuck_threads")],
+            unit="{thread}",
+            description="Threads held back by a write-behind entry the cold store refuses for "
+            "good (agent-state write-behind stuck)",
         )
         meter.create_observable_counter(
             BACKLOG_LOSSES,

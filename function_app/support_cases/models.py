@@ -316,12 +316,25 @@ class TierView(BaseModel):
     latency_ms: float | None = None
 
 
+class StuckEntryView(BaseModel):
+    """A write-behind entry the cold store refused for good: its thread's later entries
+    wait behind it (`agent-state write-behind stuck` / `discard`)."""
+
+    thread_id: str
+    entry_id: str
+    checkpoint_id: str
+    reason: str
+    since: float  # epoch seconds
+
+
 class BacklogView(BaseModel):
     """Write-behind work acknowledged in Redis and not yet in the cold tier."""
 
     entries: int
     threads: int
     oldest_age_seconds: float | None
+    stuck_threads: int = 0
+    oldest_stuck: StuckEntryView | None = None
 
 
 class HealthView(BaseModel):

@@ -79,6 +79,7 @@ from .models import (
     RunStatus,
     RunsView,
     RunView,
+    StuckEntryView,
     TierView,
 )
 from .records import MAX_ATTEMPTS, UNCHANGED, write_section
@@ -810,6 +811,8 @@ class CaseService:
             and backlog.oldest_age_seconds > self._settings.state_backlog_degraded_seconds
         ):
             status = "degraded"  # the cold tier is falling behind what Redis acknowledged
+        if status == "ok" and backlog is not None and backlog.stuck_threads:
+            status = "degraded"  # threads whose later steps can never be made durable
         return HealthView(
             status=status,
             tiers=[TierView(**vars(tier)) for tier in tiers],
@@ -824,10 +827,21 @@ class CaseService:
                 found = await self._flusher.backlog()
         except (BackendUnavailable, TimeoutError):
             return None  # Redis is down or partitioned: its tier's probe reports it
+        stuck = found.oldest_stuck
         return BacklogView(
             entries=found.entries,
             threads=found.threads,
             oldest_age_seconds=found.oldest_age_seconds,
+            stuck_threads=found.stuck_threads,
+            oldest_stuck=None
+            if stuck is None
+            else StuckEntryView(
+                thread_id=stuck.thread_id,
+                entry_id=stuck.entry_id,
+                checkpoint_id=stuck.checkpoint_id,
+                reason=stuck.reason,
+                since=stuck.since,
+            ),
         )
 
     async def drain_backlog(self, *, deadline: float | None = None) -> int:

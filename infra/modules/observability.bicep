@@ -64,6 +64,7 @@ var actions = notify ? [
 // The app's OpenTelemetry metric names (function_app/support_cases/metrics.py).
 var backlogAgeMetric = 'agent_state.write_behind.oldest_age_seconds'
 var backlogLossesMetric = 'agent_state.write_behind.losses'
+var backlogStuckMetric = 'agent_state.write_behind.stuck_threads'
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (alertsEnabled && notify) {
   name: '${namePrefix}-ops'
@@ -277,6 +278,41 @@ resource backlogLosses 'Microsoft.Insights/metricAlerts@2018-03-01' = if (alerts
           operator: 'GreaterThan'
           threshold: 0
           timeAggregation: 'Total'
+          skipMetricValidation: true
+        }
+      ]
+    }
+    actions: actions
+  }
+}
+
+// A write-behind entry the cold store refuses for good holds its thread's later steps
+// back until an operator resolves it (README "Stuck entries": `agent-state write-behind
+// stuck` / `discard`). Custom metric, as above.
+resource backlogStuck 'Microsoft.Insights/metricAlerts@2018-03-01' = if (alertsEnabled) {
+  name: '${namePrefix}-write-behind-stuck'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'A write-behind entry is refused by the cold tier for good and holds back its thread: list it with agent-state write-behind stuck.'
+    severity: 1
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT5M'
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'backlogStuck'
+          metricNamespace: 'azure.applicationinsights'
+          metricName: backlogStuckMetric
+          operator: 'GreaterThan'
+          threshold: 0
+          timeAggregation: 'Maximum'
           skipMetricValidation: true
         }
       ]

@@ -35,13 +35,25 @@ from typing import Any
 
 from ..errors import (
     BackendUnavailable,
+    EntryStuck,
     FlushLockBusy,
     LockLost,
     LogEntryLost,
+    NotStuck,
+    RequestRejected,
     StaleFencingToken,
     StateError,
+    StateTooLarge,
 )
-from ..ports import Backlog, CheckpointPut, CheckpointStore, LogEntry, WriteBehindLog, WritesPut
+from ..ports import (
+    Backlog,
+    CheckpointPut,
+    CheckpointStore,
+    LogEntry,
+    StuckEntry,
+    WriteBehindLog,
+    WritesPut,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +102,12 @@ APPLIED_REMEMBERED = 10_000
 # `settle_all` lists every thread with a backlog in one read: paging could step over a
 # thread while other flushers unlist the ones before it.
 ALL_LISTED = 1_000_000
+# What the cold store answers for an entry it will never store, sent again unchanged (an
+# outage is `BackendUnavailable`, a lost lock `StaleFencingToken`: both pass).
+PERMANENT_REFUSALS = (RequestRejected, StateTooLarge)
+# How long the background pass leaves a thread it found stuck before it tries it again (its
+# cause may be fixed: a permission granted, a limit raised); a boundary tries at once.
+STUCK_RETRY_SECONDS = 60.0
 
 
 class _Lease:
@@ -185,6 +203,48 @@ class _Drained:
     cold_out: bool = False  # stopped by the cold tier being unreachable
 
 
+def _dependents(entries: list[LogEntry]) -> list[LogEntry]:
+    """The first entry and every later one that depends on what is dropped with it, per
+    namespace: writes to a dropped checkpoint, and a put whose parent is dropped or lost
+    writes (its values were computed from them, and a DeltaChannel is rebuilt from its
+    ancestors' writes), and so on down that branch. Writes to a checkpoint that stays, from
+    other tasks, do not depend on them."""
+    first = entries[0]
+    dropped = [first]
+    if isinstance(first.op, CheckpointPut):
+        key = (first.op.checkpoint.checkpoint_ns, first.op.checkpoint.checkpoint_id)
+        gone, parents_gone = {key}, {key}
+    else:
+        gone, parents_gone = set(), {(first.op.checkpoint_ns, first.op.checkpoint_id)}
+    for entry in entries[1:]:
+        op = entry.op
+        if isinstance(op, CheckpointPut):
+            checkpoint = op.checkpoint
+            if (checkpoint.checkpoint_ns, checkpoint.parent_checkpoint_id) in parents_gone:
+                key = (checkpoint.checkpoint_ns, checkpoint.checkpoint_id)
+                gone.add(key)
+                parents_gone.add(key)
+                dropped.append(entry)
+        elif (op.checkpoint_ns, op.checkpoint_id) in gone:
+            dropped.append(entry)
+    return dropped
+
+
+def described(entry: LogEntry) -> str:
+    """An entry as an operator reads it: its id, thread and checkpoint."""
+    op = entry.op
+    if isinstance(op, CheckpointPut):
+        checkpoint = op.checkpoint
+        return (
+            f"{entry.entry_id} of {checkpoint.thread_id!r}: checkpoint {checkpoint.checkpoint_id}"
+            f" (namespace {checkpoint.checkpoint_ns!r}, parent {checkpoint.parent_checkpoint_id})"
+        )
+    return (
+        f"{entry.entry_id} of {op.thread_id!r}: {len(op.writes)} writes to checkpoint"
+        f" {op.checkpoint_id} (namespace {op.checkpoint_ns!r})"
+    )
+
+
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
@@ -217,6 +277,8 @@ class Flusher:
         )
         # Threads whose deletion is done but whose refusal of appends Redis failed to end.
         self._refusals_owed: set[str] = set()
+        # Threads found stuck (`EntryStuck`) -> when the background pass tries them again.
+        self._stuck_until: dict[str, float] = {}
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -505,9 +567,11 @@ class Flusher:
         return await self.drain(unflushed_for=ADOPT_AFTER_SECONDS, deadline=deadline)
 
     def _takes(self, thread_id: str, adopt_after: float | None) -> bool:
+        now = time.monotonic()
+        if now < self._stuck_until.get(thread_id, now):
+            return False
         if adopt_after is None:
             return True
-        now = time.monotonic()
         if now - self._own.get(thread_id, -OWN_SECONDS) < OWN_SECONDS:
             return True
         return now - self._foreign.setdefault(thread_id, now) >= adopt_after
@@ -525,7 +589,11 @@ class Flusher:
                 return None
             lease = _Lease(self.log, thread_id, token, self._lock_ttl_ms, asked_at)
             try:
-                return await self._drain_locked(lease, deadline)
+                drained = await self._drain_locked(lease, deadline)
+            except EntryStuck:
+                # Said once, as it was recorded (`_refused`); tried again later, not per pass.
+                self._stuck_until[thread_id] = time.monotonic() + STUCK_RETRY_SECONDS
+                return _Drained(lease.applied, False)  # those before it are stored
             except BackendUnavailable as exc:
                 log.warning("write-behind flush of %r failed: %s", thread_id, exc)
                 return _Drained(lease.applied, False, cold_out=exc.backend != self.log.name)
@@ -535,6 +603,8 @@ class Flusher:
                 return None
             finally:
                 await lease.release()
+            self._stuck_until.pop(thread_id, None)
+            return drained
 
     async def _drain_locked(self, lease: _Lease, deadline: float | None = None) -> _Drained:
         """Apply the thread's backlog; past `deadline`, the rest stays listed for later."""
@@ -553,17 +623,7 @@ class Flusher:
                 continue  # not lost after all (an earlier flusher's late acknowledgement)
             if not entries:
                 break
-            lease.check()
-            try:
-                await self.store.apply_batch([entry.op for entry in entries], fence=lease.fence)
-            except StaleFencingToken as exc:
-                # Another holder came after this one; the lock is released as usual (a no-op
-                # unless it is still this one's: then a clock that went back refused it).
-                raise LockLost(f"flush of {thread_id!r}", str(exc)) from exc
-            self._note_applied(entries)
-            left = await self.log.ack(thread_id, [entry.entry_id for entry in entries])
-            lease.applied += len(entries)
-            self.flushed_entries += len(entries)
+            left = await self._apply(lease, entries)
             if left == 0:
                 break
             if _past(deadline):
@@ -580,6 +640,82 @@ class Flusher:
             self._own.pop(thread_id, None)
             self._foreign.pop(thread_id, None)
         return _Drained(lease.applied, unlisted)
+
+    async def _apply(self, lease: _Lease, entries: list[LogEntry]) -> int:
+        """Apply the entries and acknowledge them; how many the log has left. A batch the
+        cold store refuses for good is applied one entry at a time, so those before the
+        refused one are stored and it is named (`EntryStuck`)."""
+        lease.check()
+        try:
+            await self.store.apply_batch([entry.op for entry in entries], fence=lease.fence)
+        except StaleFencingToken as exc:
+            # Another holder came after this one; the lock is released as usual (a no-op
+            # unless it is still this one's: then a clock that went back refused it).
+            raise LockLost(f"flush of {lease.thread_id!r}", str(exc)) from exc
+        except PERMANENT_REFUSALS as exc:
+            if len(entries) == 1:
+                raise await self._refused(entries[0], exc) from exc
+            left = 0
+            for entry in entries:
+                left = await self._apply(lease, [entry])
+            return left
+        self._note_applied(entries)
+        left = await self.log.ack(lease.thread_id, [entry.entry_id for entry in entries])
+        lease.applied += len(entries)
+        self.flushed_entries += len(entries)
+        return left
+
+    async def _refused(self, entry: LogEntry, exc: StateError) -> EntryStuck:
+        """Record an entry the cold store refused for good, warning once per entry."""
+        op = entry.op
+        ns, checkpoint_id = (
+            (op.checkpoint.checkpoint_ns, op.checkpoint.checkpoint_id)
+            if isinstance(op, CheckpointPut)
+            else (op.checkpoint_ns, op.checkpoint_id)
+        )
+        stuck = StuckEntry(
+            thread_id=op.thread_id,
+            entry_id=entry.entry_id,
+            checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
+            kind="put" if isinstance(op, CheckpointPut) else "writes",
+            reason=f"{type(exc).__name__}: {exc}",
+            since=0.0,  # the log's clock, as it records it
+        )
+        failure = EntryStuck(stuck.thread_id, stuck.entry_id, stuck.checkpoint_id, stuck.reason)
+        try:
+            noted = await self.log.note_stuck(stuck)
+        except BackendUnavailable as unrecorded:
+            log.warning("%s (not recorded: %s)", failure, unrecorded)
+        else:
+            if noted:
+                log.warning("%s", failure)
+        return failure
+
+    async def stuck(self) -> list[StuckEntry]:
+        """The entries the cold store refused for good, one per thread, oldest first."""
+        return await self.log.stuck()
+
+    async def discard_stuck(self, thread_id: str, entry_id: str) -> list[LogEntry]:
+        """Drop the thread's stuck entry `entry_id` (`NotStuck` unless it is recorded and
+        still the oldest in the log), and every later entry that depends on it (`_dependents`:
+        writes to a dropped checkpoint, a put on one or on one whose writes were dropped), so
+        the cold store never receives a reference to a checkpoint it does not hold. Returns what was dropped, in order; the thread's
+        other entries are left for the next flush. Appends to the thread are refused meanwhile
+        (`ThreadExpiring`), so none lands on a checkpoint being dropped."""
+        recorded = {stuck.thread_id: stuck.entry_id for stuck in await self.log.stuck()}
+        if recorded.get(thread_id) != entry_id:
+            raise NotStuck(thread_id, entry_id)
+        async with self.refusing(thread_id):
+            entries = await self.log.read(thread_id, count=ALL_LISTED)
+            if not entries or entries[0].entry_id != entry_id:
+                raise NotStuck(thread_id, entry_id)
+            dropped = _dependents(entries)
+            await self.log.drop_entries(thread_id, [entry.entry_id for entry in dropped])
+        self._stuck_until.pop(thread_id, None)
+        for entry in dropped:
+            log.warning("discarded write-behind entry %s", described(entry))
+        return dropped
 
     def last_applied(self, thread_id: str, checkpoint_ns: str) -> str | None:
         """The id of the last checkpoint put of the (thread, namespace) this flusher applied

@@ -32,7 +32,9 @@ the thread's slot. It is pipelined (same round trip) with a second script on the
 shared `{wb:<store>}` slot that lists the thread as dirty: `dirty` (score bumped
 by every append, so a flusher can tell whether anything arrived while it
 flushed), `since` (when the thread became dirty: the backlog's age) and
-`entries` (a count for health and metrics). The append goes first, so a thread
+`entries` (a count for health and metrics), and `stuck` (per thread, the entry the
+cold store refused for good, with its reason: cleared by the thread's next `ack` or
+unlisting). The append goes first, so a thread
 is never listed after its entry is lost, only (harmlessly) listed with nothing
 to flush. None of these keys has a TTL except the fence: under a volatile-*
 eviction policy they are never evicted.
@@ -46,6 +48,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any, cast
 
 import redis
@@ -72,6 +75,7 @@ from ..ports import (
     StoredBlob,
     StoredCheckpoint,
     StoredWrite,
+    StuckEntry,
     WritesPut,
 )
 from . import redis_client
@@ -339,12 +343,14 @@ return length
 """
 )
 
-# KEYS: dirty, since, entries. ARGV: thread id, marker ('' to unlist unconditionally).
+# KEYS: dirty, since, entries, stuck. ARGV: thread id, marker ('' to unlist
+# unconditionally). An unlisted thread has nothing stuck either.
 _SETTLE = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and (ARGV[2] == '' or tonumber(score) == tonumber(ARGV[2])) then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
   if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SET', KEYS[3], 0) end
   return 1
 end
@@ -385,12 +391,27 @@ end
 return {removed, left, oldest}
 """
 
-# KEYS: entries, since. ARGV: entries that left the thread's log, thread id, the time (ms)
-# of its oldest entry left, or ''. The count never goes below 0; a thread still listed is
-# listed from its oldest unflushed entry on, not from when it first became dirty.
+# KEYS: entries, since, stuck. ARGV: entries that left the thread's log, thread id, the
+# time (ms) of its oldest entry left, or ''. The count never goes below 0; a thread still
+# listed is listed from its oldest unflushed entry on, not from when it first became dirty.
+# Entries leave in order (a discard takes the oldest too): its stuck entry, the oldest, left
+# with any that did.
 _ACKED = """
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
+if tonumber(ARGV[1]) > 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[2]) end
+return 1
+"""
+
+# KEYS: stuck. ARGV: thread id, entry id, the record as JSON. Records it with the server's
+# time (s) unless that entry is recorded already (0).
+_NOTE_STUCK = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held and cjson.decode(held)['entry_id'] == ARGV[2] then return 0 end
+local now = redis.call('TIME')
+local record = cjson.decode(ARGV[3])
+record['since'] = string.format('%d.%06d', tonumber(now[1]), tonumber(now[2]))
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
 return 1
 """
 
@@ -437,6 +458,7 @@ class RedisWriteBehindLog:
         self._dirty = f"{{wb:{store}}}:dirty"
         self._since = f"{{wb:{store}}}:since"
         self._entries = f"{{wb:{store}}}:entries"
+        self._stuck = f"{{wb:{store}}}:stuck"
         self._scripts = {
             name: (source, _sha(source))
             for name, source in {
@@ -452,6 +474,7 @@ class RedisWriteBehindLog:
                 "refuse": _REFUSE,
                 "discard": _DISCARD,
                 "drop_lost": _DROP_LOST,
+                "note_stuck": _NOTE_STUCK,
             }.items()
         }
 
@@ -775,7 +798,9 @@ class RedisWriteBehindLog:
         oldest_ms = oldest.split(b"-", 1)[0] if oldest else b""
         if int(removed) or oldest_ms:
             await self._run(
-                "acked", [self._entries, self._since], [int(removed), thread_id, oldest_ms]
+                "acked",
+                [self._entries, self._since, self._stuck],
+                [int(removed), thread_id, oldest_ms],
             )
         return int(left)
 
@@ -882,7 +907,7 @@ class RedisWriteBehindLog:
                 await self._client.decrby(self._entries, dropped)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
-        await self._run("settle", [self._dirty, self._since, self._entries], [thread_id, ""])
+        await self._run("settle", self._listing_keys(), [thread_id, ""])
         if await self.pending(thread_id):
             await self.mark_dirty(thread_id)
 
@@ -923,10 +948,11 @@ class RedisWriteBehindLog:
         return None if score is None else float(score)
 
     async def settle(self, thread_id: str, marker: float) -> bool:
-        settled = await self._run(
-            "settle", [self._dirty, self._since, self._entries], [thread_id, marker]
-        )
+        settled = await self._run("settle", self._listing_keys(), [thread_id, marker])
         return bool(settled)
+
+    def _listing_keys(self) -> list[str]:
+        return [self._dirty, self._since, self._entries, self._stuck]
 
     async def mark_dirty(self, thread_id: str) -> None:
         await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
@@ -957,16 +983,55 @@ class RedisWriteBehindLog:
             pipe.zrange(self._since, 0, 0, withscores=True)
             pipe.get(self._entries)
             pipe.time()
-            threads, oldest, entries, (seconds, micros) = await pipe.execute()
+            pipe.hvals(self._stuck)
+            threads, oldest, entries, (seconds, micros), stuck = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
         age = None
         if threads and oldest:
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             age = max(0.0, (now_ms - float(oldest[0][1])) / 1000)
+        recorded = _stuck_entries(stuck)
         return Backlog(
-            entries=max(0, int(entries or 0)), threads=int(threads), oldest_age_seconds=age
+            entries=max(0, int(entries or 0)),
+            threads=int(threads),
+            oldest_age_seconds=age,
+            stuck_threads=len(recorded),
+            oldest_stuck=recorded[0] if recorded else None,
         )
+
+    async def note_stuck(self, stuck: StuckEntry) -> bool:
+        record = {**asdict(stuck), "since": None}
+        noted = await self._run(
+            "note_stuck",
+            [self._stuck],
+            [stuck.thread_id, stuck.entry_id, json.dumps(record)],
+        )
+        return bool(noted)
+
+    async def stuck(self) -> list[StuckEntry]:
+        try:
+            found = await self._client.hvals(self._stuck)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return _stuck_entries(found)
+
+    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+        # The cache first: a put on a dropped checkpoint then finds no cached parent, and
+        # the caller refuses appends meanwhile, so none lands on one still in the log.
+        index = self._cache.namespaces_key(thread_id)
+        try:
+            namespaces = cast("set[bytes]", await self._client.smembers(index))
+            entries = self._cache_entries(thread_id, [ns.decode() for ns in namespaces])
+            await self._client.delete(index, *entries)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        self._cache.epochs.forget(thread_id)
+        # Removed as an acknowledgement removes them: their epochs released, counts kept.
+        left = await self.ack(thread_id, entry_ids)
+        if left == 0:
+            await self._unlist(thread_id, 0)
+        return left
 
 
 class RedisCheckpointFence:
@@ -1009,6 +1074,13 @@ class _EpochMoved(StateError):
 
 
 _EPOCH_LOST = "a large value sent ahead of its append was gone before it (a restart?)"
+
+
+def _stuck_entries(found: Sequence[bytes | str]) -> list[StuckEntry]:
+    """Recorded stuck entries, oldest first."""
+    records = [json.loads(raw) for raw in found]
+    entries = [StuckEntry(**{**record, "since": float(record["since"])}) for record in records]
+    return sorted(entries, key=lambda entry: entry.since)
 
 
 def _fence_arg(fence: int | None, checked: bool) -> str:

@@ -530,7 +530,15 @@ WORKBOOK_NEEDLES = [
 def test_diagnostics_alerts_availability_and_workbook() -> None:
     files = infra_files()
     assert check_diagnostics(files) == []
-    assert check_alerts(files, metrics.BACKLOG_OLDEST_AGE, metrics.BACKLOG_LOSSES) == []
+    assert (
+        check_alerts(
+            files,
+            metrics.BACKLOG_OLDEST_AGE,
+            metrics.BACKLOG_LOSSES,
+            metrics.BACKLOG_STUCK_THREADS,
+        )
+        == []
+    )
     assert check_workbook(files, WORKBOOK_NEEDLES) == []
     main = infra_file("main.bicep")
     for switch in OFF_SWITCHES:

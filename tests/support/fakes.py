@@ -65,6 +65,7 @@ from state.ports import (
     StoredCheckpoint,
     StoredEvent,
     StoredWrite,
+    StuckEntry,
     TierHealth,
     TypedBytes,
     WorkflowRecord,
@@ -1060,6 +1061,7 @@ class MemoryWriteBehindLog(_Tier):
         self._since: dict[str, float] = {}  # thread -> when it became dirty (seconds)
         self._locks = _Locks()
         self._expiring: dict[str, float] = {}  # thread -> until when appends are refused
+        self._stuck: dict[str, StuckEntry] = {}
 
     def admit(self, thread_id: str, fence: int | None) -> None:
         if fence is None:
@@ -1129,6 +1131,8 @@ class MemoryWriteBehindLog(_Tier):
         self._call("ack")
         done = set(entry_ids)
         left = [e for e in self._logs.get(thread_id, []) if e.entry_id not in done]
+        if done:
+            self._stuck.pop(thread_id, None)
         if left:
             self._logs[thread_id] = left
         else:
@@ -1160,6 +1164,27 @@ class MemoryWriteBehindLog(_Tier):
     def _unlist(self, thread_id: str) -> None:
         self._dirty.pop(thread_id, None)
         self._since.pop(thread_id, None)
+        self._stuck.pop(thread_id, None)
+
+    async def note_stuck(self, stuck: StuckEntry) -> bool:
+        self._call("note_stuck")
+        held = self._stuck.get(stuck.thread_id)
+        if held is not None and held.entry_id == stuck.entry_id:
+            return False
+        self._stuck[stuck.thread_id] = dataclasses.replace(stuck, since=time.time())
+        return True
+
+    async def stuck(self) -> list[StuckEntry]:
+        self._call("stuck")
+        return sorted(self._stuck.values(), key=lambda stuck: stuck.since)
+
+    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+        self._call("drop_entries")
+        await self.cache.invalidate(thread_id)
+        left = await self.ack(thread_id, entry_ids)
+        if not left:
+            self._unlist(thread_id)
+        return left
 
     async def dirty_threads(
         self, *, limit: int, skip: int = 0, unflushed_for: float = 0.0
@@ -1206,7 +1231,14 @@ class MemoryWriteBehindLog(_Tier):
         self._call("backlog")
         entries = sum(len(log) for log in self._logs.values())
         age = time.time() - min(self._since.values()) if self._since else None
-        return Backlog(entries=entries, threads=len(self._dirty), oldest_age_seconds=age)
+        stuck = await self.stuck()
+        return Backlog(
+            entries=entries,
+            threads=len(self._dirty),
+            oldest_age_seconds=age,
+            stuck_threads=len(stuck),
+            oldest_stuck=stuck[0] if stuck else None,
+        )
 
 
 class MemoryCheckpointFence:

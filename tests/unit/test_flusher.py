@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -18,9 +19,10 @@ import pytest
 
 from state.checkpoint import flusher as flusher_module
 from state.checkpoint.flusher import Flusher
-from state.errors import BackendUnavailable, UnsupportedSchemaVersion
+from state.errors import BackendUnavailable, EntryStuck, StateTooLarge, UnsupportedSchemaVersion
 from state.ports import (
     Backlog,
+    CheckpointPut,
     FlushOp,
     LogEntry,
     StoredBlob,
@@ -527,3 +529,70 @@ async def test_appends_on_other_threads_wake_a_waiting_flusher_once_per_burst(
     finally:
         del loop.call_soon_threadsafe
         await flusher.close(final_drain_seconds=1)
+
+
+def test_a_discard_of_stuck_writes_takes_the_steps_computed_from_them() -> None:
+    """Writes refused for good on checkpoint 2: the puts after 2 were computed from them (a
+    DeltaChannel is even rebuilt from its ancestors' writes), so they and their own writes go
+    with them; another task's writes to 2, and another namespace, stay."""
+    puts = {n: CheckpointPut(checkpoint("t", n), []) for n in (3, 4)}
+    sub = CheckpointPut(dataclasses.replace(checkpoint("t", 3), checkpoint_ns="sub:1"), [])
+
+    def writes(checkpoint_id: str, task: str) -> WritesPut:
+        return WritesPut(
+            "t", "", checkpoint_id, [StoredWrite(task, "", 0, "chat", ("json", b"1"))], False
+        )
+
+    entries = [
+        LogEntry("1-0", writes("0002", "refused")),
+        LogEntry("2-0", writes("0002", "other")),
+        LogEntry("3-0", puts[3]),
+        LogEntry("4-0", writes("0003", "task")),
+        LogEntry("5-0", sub),
+        LogEntry("6-0", puts[4]),
+    ]
+    dropped = [entry.entry_id for entry in flusher_module._dependents(entries)]
+    assert dropped == ["1-0", "3-0", "4-0", "6-0"]
+
+
+class RefusingStore(RecordingStore):
+    """Refuses for good every batch holding the put of checkpoint `refused`."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+        self.refusals = 0
+
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
+        if any(
+            isinstance(op, CheckpointPut) and op.checkpoint.checkpoint_id == self.refused
+            for op in ops
+        ):
+            self.refusals += 1
+            raise StateTooLarge("checkpoint", 3_000_000, 2_000_000)
+        await super().apply_batch(ops, fence=fence)
+
+
+async def test_the_background_pass_tries_a_stuck_thread_again_only_after_a_while(
+    log: MemoryWriteBehindLog,
+) -> None:
+    """A refusal for good is not tried on every pass (each a cold request and no progress),
+    yet is tried again later (its cause may be fixed); a boundary tries it at once."""
+    store = RefusingStore("0002")
+    flusher = Flusher(log, store, lock_ttl_ms=LOCK_TTL_MS)
+    await append(log, "a", 3)
+    await append(log, "b", 1)
+
+    assert await flusher.drain() == 2 + 2  # "a" up to its stuck put (in order), and "b"
+    assert store.refusals == 2  # the batch, then the put alone
+    assert await flusher.drain() == 0
+    assert store.refusals == 2  # left alone by the next pass
+    with pytest.raises(EntryStuck):
+        await flusher.flush_thread("a")
+    assert store.refusals == 4  # the rest of "a" as one batch, then the put alone
+
+    store.refused = "none"  # its cause fixed, and its retry time come:
+    flusher._stuck_until["a"] = time.monotonic()
+    assert await flusher.drain() == 4
+    assert not await log.pending("a")
+    assert await log.stuck() == []

@@ -9,7 +9,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from state.errors import BackendUnavailable, InvalidValue, RequestRejected, VersionConflict
+from state.errors import (
+    BackendUnavailable,
+    EntryStuck,
+    InvalidValue,
+    RequestRejected,
+    VersionConflict,
+)
 from support_cases.http_errors import install_error_handlers
 from support_cases.runs import RunIndexBusy
 from support_cases.service import CaseConflict
@@ -34,6 +40,12 @@ INCIDENT = r" \(incident [0-9a-f]{12}\)"
             RequestRejected("cosmos", STORE_WORDS, code=403),
             500,
             re.escape("cosmos refused the request") + INCIDENT,
+        ),
+        (
+            EntryStuck("case-1", "1-0", "cp-1", f"RequestRejected: {STORE_WORDS}"),
+            503,
+            re.escape("the case's saved state cannot reach durable storage; an operator must act")
+            + INCIDENT,
         ),
     ],
 )

@@ -22,6 +22,7 @@ class Backlog:
     entries: int
     threads: int
     oldest_age_seconds: float | None
+    stuck_threads: int = 0
 
 
 class Reader:
@@ -117,6 +118,9 @@ def test_backlog_gauges_follow_the_registered_source(reader: Reader) -> None:
     assert reader.points(metrics.BACKLOG_ENTRIES) == {(): 12}
     assert reader.points(metrics.BACKLOG_THREADS) == {(): 3}
     assert reader.points(metrics.BACKLOG_OLDEST_AGE) == {(): 4.5}
+    assert reader.points(metrics.BACKLOG_STUCK_THREADS) == {(): 0}
+    current["value"] = Backlog(12, 3, 4.5, stuck_threads=2)
+    assert reader.points(metrics.BACKLOG_STUCK_THREADS) == {(): 2}
     current["value"] = Backlog(0, 0, None)  # empty backlog: no oldest entry
     assert reader.points(metrics.BACKLOG_ENTRIES) == {(): 0}
     assert reader.points(metrics.BACKLOG_OLDEST_AGE) == {}

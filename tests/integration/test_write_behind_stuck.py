@@ -1,0 +1,314 @@
+"""Write-behind entries the cold store refuses for good, on real servers: the flusher names
+and records them once, a boundary fails at once naming the entry, health reports them, and
+an operator's discard drops the entry with what depends on it so the rest of the thread
+drains."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base.id import uuid6
+from typer.testing import CliRunner
+
+from agent_state_cli.cli import app
+from devstack import RedisServer, free_port
+from state.checkpoint.flusher import Flusher
+from state.cold.postgres_checkpoints import PostgresCheckpointStore
+from state.errors import EntryStuck, NotStuck
+from state.ports import CheckpointPut, CheckpointStore, StoredCheckpoint, StoredWrite, WritesPut
+from state.settings import Settings
+from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+from tests.chat_graph import chat_graph
+from tests.integration.test_write_behind import (
+    COLD_BACKENDS,
+    WriteBehind,
+    cold_latest_id,
+    config,
+    open_write_behind,
+    settings_for,
+)
+
+
+@pytest.fixture(params=COLD_BACKENDS)
+async def tiers(
+    request: pytest.FixtureRequest, stack_env: dict[str, str], tmp_path: Path
+) -> AsyncIterator[WriteBehind]:
+    # A Redis of its own: the stuck record is shared by every thread of a cold store, and
+    # must hold this test's entries only.
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        async with open_write_behind(settings_for(stack_env, request.param, server.url)) as opened:
+            yield opened
+    finally:
+        server.stop()
+
+
+def unstorable(backend: str, max_item_bytes: int) -> str:
+    """Metadata the cold store refuses for good: a NUL character jsonb cannot hold; on
+    Cosmos, more than an item holds (what an older write-behind put, before the pre-check,
+    could log)."""
+    return "nul\x00" if backend == "postgres" else "x" * (max_item_bytes + 1)
+
+
+MAX_ITEM_BYTES = Settings.model_fields["state_max_item_bytes"].default
+
+
+@dataclass
+class Poisoned:
+    thread_id: str
+    stored: str  # the last checkpoint the cold store can take
+    refused: str  # the checkpoint it refuses
+    child: str  # a checkpoint on the refused one
+
+
+async def poisoned(
+    saver: BaseCheckpointSaver[Any], flusher: Flusher, store: CheckpointStore
+) -> Poisoned:
+    """A thread whose log holds, in order: a run's entries, a put the cold store refuses,
+    writes to it, a put on it, then writes to the last stored checkpoint (which do not
+    depend on the refused one). The refused put bypasses the saver's pre-check, as an
+    entry logged by code from before a check was added."""
+    graph = chat_graph(saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
+    logged = await flusher.log.read(thread_id, count=1000)
+    last = [entry.op for entry in logged if isinstance(entry.op, CheckpointPut)][-1]
+    backend = "postgres" if isinstance(store, PostgresCheckpointStore) else "cosmos"
+    refused = dataclasses.replace(
+        last.checkpoint,
+        checkpoint_id=str(uuid6()),
+        parent_checkpoint_id=last.checkpoint.checkpoint_id,
+        metadata={**last.checkpoint.metadata, "note": unstorable(backend, MAX_ITEM_BYTES)},
+    )
+    child: StoredCheckpoint = dataclasses.replace(
+        last.checkpoint, checkpoint_id=str(uuid6()), parent_checkpoint_id=refused.checkpoint_id
+    )
+    log = flusher.log
+    await log.append_put(refused, last.blobs, fence=None)
+    write = StoredWrite("task-1", "", 0, "messages", ("json", b'"later"'))
+    await log.append_writes(thread_id, "", refused.checkpoint_id, [write], upsert=False, fence=None)
+    await log.append_put(child, last.blobs, fence=None)
+    await log.append_writes(
+        thread_id,
+        "",
+        last.checkpoint.checkpoint_id,
+        [dataclasses.replace(write, task_id="task-2")],
+        upsert=False,
+        fence=None,
+    )
+    return Poisoned(
+        thread_id, last.checkpoint.checkpoint_id, refused.checkpoint_id, child.checkpoint_id
+    )
+
+
+async def test_a_refused_entry_is_named_recorded_once_and_a_boundary_fails_at_once(
+    tiers: WriteBehind, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    entries = await tiers.flusher.log.read(thread.thread_id, count=1000)
+    refused_entry = next(
+        entry.entry_id
+        for entry in entries
+        if isinstance(entry.op, CheckpointPut)
+        and entry.op.checkpoint.checkpoint_id == thread.refused
+    )
+    caplog.set_level(logging.WARNING, logger="state.checkpoint.flusher")
+
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.saver.aflush(thread.thread_id)
+    assert (stuck.value.thread_id, stuck.value.entry_id, stuck.value.checkpoint_id) == (
+        thread.thread_id,
+        refused_entry,
+        thread.refused,
+    )
+    # What the cold store could take before it is stored; nothing after it.
+    assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
+    assert len(await tiers.flusher.log.read(thread.thread_id, count=1000)) == 4
+
+    # Recorded in Redis, without a TTL, for health and the operator.
+    [recorded] = await tiers.flusher.stuck()
+    assert (recorded.thread_id, recorded.entry_id, recorded.checkpoint_id, recorded.kind) == (
+        thread.thread_id,
+        refused_entry,
+        thread.refused,
+        "put",
+    )
+    assert recorded.reason.split(":")[0] in {"InvalidValue", "StateTooLarge"}
+    assert recorded.since > 0
+    stuck_keys = [key async for key in tiers.redis.scan_iter("*:stuck")]
+    assert [await tiers.redis.ttl(key) for key in stuck_keys] == [-1]
+    backlog = await tiers.flusher.backlog()
+    assert backlog.stuck_threads == 1
+    assert backlog.oldest_stuck == recorded
+
+    # Warned about once, whatever passes and flushers come after.
+    await tiers.flusher.drain()
+    other = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=2_000)
+    with pytest.raises(EntryStuck):
+        await other.flush_thread(thread.thread_id)
+    await other.drain()
+    warned = [r for r in caplog.records if refused_entry in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert thread.thread_id in warned[0].getMessage()
+    assert thread.refused in warned[0].getMessage()
+
+
+async def test_discarding_a_stuck_entry_drops_what_depends_on_it_and_the_rest_drains(
+    tiers: WriteBehind, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+    entry_id = stuck.value.entry_id
+    with pytest.raises(NotStuck):
+        await tiers.flusher.discard_stuck(thread.thread_id, "0-1")
+    caplog.set_level(logging.WARNING, logger="state.checkpoint.flusher")
+
+    dropped = await tiers.flusher.discard_stuck(thread.thread_id, entry_id)
+
+    # The refused put, the writes to it and the put on it: the cold store never receives a
+    # checkpoint whose parent it does not hold. The writes to the stored checkpoint stay.
+    described = [
+        (type(entry.op).__name__, entry.op.checkpoint.checkpoint_id)
+        if isinstance(entry.op, CheckpointPut)
+        else (type(entry.op).__name__, entry.op.checkpoint_id)
+        for entry in dropped
+    ]
+    assert described == [
+        ("CheckpointPut", thread.refused),
+        ("WritesPut", thread.refused),
+        ("CheckpointPut", thread.child),
+    ]
+    for entry in dropped:
+        assert any(entry.entry_id in r.getMessage() for r in caplog.records), entry.entry_id
+    assert await tiers.flusher.stuck() == []
+    [left] = await tiers.flusher.log.read(thread.thread_id, count=1000)
+    assert isinstance(left.op, WritesPut) and left.op.checkpoint_id == thread.stored
+
+    await tiers.saver.aflush(thread.thread_id)  # a boundary succeeds again
+    assert not await tiers.flusher.log.pending(thread.thread_id)
+    assert (await tiers.flusher.backlog()).stuck_threads == 0
+    assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
+    for gone in (thread.refused, thread.child):
+        assert await tiers.store.get_checkpoint(thread.thread_id, "", gone) is None
+    # The run goes on from what is stored, with the later writes: nothing cached names a
+    # dropped checkpoint.
+    latest = await tiers.saver.aget_tuple(config(thread.thread_id))
+    assert latest is not None
+    assert latest.config["configurable"]["checkpoint_id"] == thread.stored
+    assert ("task-2", "messages", "later") in (latest.pending_writes or [])
+
+
+async def test_health_reports_stuck_threads_and_is_degraded(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        settings = AppSettings.model_validate(
+            {
+                "state_cold_backend": "postgres",
+                "postgres_url": stack_env["POSTGRES_URL"],
+                "redis_url": server.url,
+                "state_write_mode": "write-behind",
+            }
+        )
+        runtime = await Runtime.open(settings)
+        try:
+            assert (await runtime.service.health()).status == "ok"
+            flusher = runtime.backends.flusher
+            assert flusher is not None
+            thread = await poisoned(runtime.saver, flusher, runtime.backends.checkpoints)
+            with pytest.raises(EntryStuck) as stuck:
+                await flusher.flush_thread(thread.thread_id)
+
+            health = await runtime.service.health()
+            assert health.status == "degraded"
+            assert health.backlog is not None and health.backlog.stuck_threads == 1
+            oldest = health.backlog.oldest_stuck
+            assert oldest is not None
+            assert (oldest.thread_id, oldest.entry_id, oldest.checkpoint_id) == (
+                thread.thread_id,
+                stuck.value.entry_id,
+                thread.refused,
+            )
+            assert oldest.reason.startswith("InvalidValue")
+
+            await flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+            await flusher.flush_thread(thread.thread_id)
+            health = await runtime.service.health()
+            assert health.status == "ok"
+            assert health.backlog is not None and health.backlog.stuck_threads == 0
+        finally:
+            await runtime.close()
+    finally:
+        server.stop()
+
+
+async def test_the_cli_lists_stuck_entries_and_discards_one_with_its_dependents(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    env = {
+        "COLUMNS": "200",
+        "STATE_COLD_BACKEND": "postgres",
+        "POSTGRES_URL": stack_env["POSTGRES_URL"],
+        "REDIS_URL": server.url,
+        "STATE_WRITE_MODE": "write-behind",
+    }
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        result = await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
+        return result.exit_code, result.output, result.stdout
+
+    try:
+        async with open_write_behind(settings_for(stack_env, "postgres", server.url)) as tiers:
+            thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+            with pytest.raises(EntryStuck) as stuck:
+                await tiers.flusher.flush_thread(thread.thread_id)
+            entry_id = stuck.value.entry_id
+
+            code, output, stdout = await cli("write-behind", "stuck", "--json")
+            assert code == 0, output
+            [listed] = json.loads(stdout)
+            assert (listed["thread_id"], listed["entry_id"], listed["checkpoint_id"]) == (
+                thread.thread_id,
+                entry_id,
+                thread.refused,
+            )
+            assert listed["reason"].startswith("InvalidValue")
+
+            # Not confirmed: nothing discarded.
+            code, output, _ = await cli("write-behind", "discard", thread.thread_id, entry_id)
+            assert code == 1, output
+            assert len(await tiers.flusher.log.read(thread.thread_id, count=1000)) == 4
+            code, output, _ = await cli("write-behind", "discard", thread.thread_id, "0-1", "--yes")
+            assert code == 1 and "is not stuck" in output, output
+
+            code, output, _ = await cli(
+                "write-behind", "discard", thread.thread_id, entry_id, "--yes"
+            )
+            assert code == 0, output
+            assert "discarded 3 write-behind entries" in output
+            for checkpoint_id in (thread.refused, thread.child):
+                assert checkpoint_id in output
+            assert "2 later entries referred to a discarded checkpoint" in output
+            assert not await tiers.flusher.log.pending(thread.thread_id)
+            assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
+            code, output, stdout = await cli("write-behind", "stuck", "--json")
+            assert code == 0 and json.loads(stdout) == [], output
+    finally:
+        server.stop()
