@@ -1,6 +1,8 @@
 """Side effects (refund issued, reset link sent) at most once per case, even when a step re-runs.
 
-Protocol, per idempotency key `<case_id>:<kind>`:
+Protocol, per idempotency key `<case_id>:<kind>:<incarnation>` (the incarnation: drawn when
+the case was created, so a case id reused after retention swept the old case is a new key
+to a deduplicating provider; every attempt of one case reads it from the case record):
 1. the case record already says `done` -> return what was recorded, call nothing;
 2. otherwise claim the key durably before calling out: a versioned write of a
    `pending` claim carrying this attempt's token and a lease. Only the attempt whose
@@ -20,7 +22,9 @@ returned, or failed before or after calling out): a run that failed on a tier's 
 after calling out resumes at once instead of waiting out the lease. An attempt
 cancelled mid-call keeps its lease (its request may still reach the provider): renewed
 while the call is on its way, it runs from about the cancellation, however long the
-call took. Another process always waits for the lease.
+call took. So does an attempt whose call outlived its timeout: abandoned, it may still
+have reached the provider, and the attempt after the lease asks by key. Another process
+always waits for the lease.
 The claim write goes through the run's fencing token, so a runner that lost its
 lock cannot claim either.
 The provider here is simulated: it keeps its own durable ledger of every call it
@@ -55,8 +59,21 @@ CLAIM_RENEWALS_PER_LEASE = 3
 SETTLED_CLAIMS_REMEMBERED = 10_000
 
 
-def idempotency_key(case_id: str, kind: str) -> str:
-    return f"{case_id}:{kind}"
+# The request section's field naming the case's incarnation (set when the case is created).
+INCARNATION_FIELD = "incarnation"
+
+
+def idempotency_key(case_id: str, kind: str, incarnation: str | None = None) -> str:
+    # A case created before incarnations existed keeps the key its attempts already used.
+    return f"{case_id}:{kind}" if incarnation is None else f"{case_id}:{kind}:{incarnation}"
+
+
+def effect_key(record: WorkflowRecord, kind: str) -> str:
+    """The idempotency key of the case's effect of `kind`: the same for every attempt of this
+    case, another for a case created later under the same id."""
+    request = record.sections.get("request")
+    incarnation = request.get(INCARNATION_FIELD) if isinstance(request, dict) else None
+    return idempotency_key(record.thread_id, kind, incarnation)
 
 
 def effect_section(kind: str) -> str:
@@ -75,6 +92,15 @@ class EffectInProgress(Exception):
         self.key = key
         # When the claim's lease ends (epoch seconds): a later attempt may take it over then.
         self.lease_until = lease_until
+
+
+class ProviderTimeout(Exception):
+    """A provider call outlived its timeout and was abandoned: it may or may not have acted.
+    The claim stays pending, for the attempt after its lease to ask the provider by key."""
+
+    def __init__(self, key: str, *, timeout: float) -> None:
+        super().__init__(f"side effect {key!r}: no answer from the provider within {timeout:g} s")
+        self.key = key
 
 
 class EffectProvider(Protocol):
@@ -103,7 +129,9 @@ class SimulatedProvider:
         return f"{cls.LEDGER_PREFIX}{key.replace(':', '-')}"
 
     async def performed(self, key: str) -> list[dict[str, Any]]:
-        record = await self._store.get(self.ledger_id(key))
+        # The cold tier's: a stale hot copy without the call would read "never performed",
+        # and a caller deciding on it would pay twice.
+        record = await self._store.get_fresh(self.ledger_id(key))
         return list(record.sections.get("performed", [])) if record else []
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
@@ -138,11 +166,17 @@ class Effects:
     """Runs side effects at most once per (case, kind), recorded in the case's own record."""
 
     def __init__(
-        self, store: TieredStateStore, provider: EffectProvider, *, lease_seconds: float
+        self,
+        store: TieredStateStore,
+        provider: EffectProvider,
+        *,
+        lease_seconds: float,
+        call_timeout_seconds: float,
     ) -> None:
         self._store = store
         self._provider = provider
         self._lease_seconds = lease_seconds
+        self._call_timeout = call_timeout_seconds
         self._settled_claims: OrderedDict[str, None] = OrderedDict()
 
     def _settle(self, token: str) -> None:
@@ -162,23 +196,16 @@ class Effects:
     ) -> dict[str, Any]:
         """The effect's result, performed at most once. `done_with`: where to put the `done`
         entry for the caller to write (with its own section); without it, written here."""
-        key = idempotency_key(case_id, kind)
         section = effect_section(kind)
-        with traced("effect.once", kind=kind, idempotency_key=key) as span:
+        with traced("effect.once", kind=kind) as span:
             token = uuid.uuid4().hex
-            claim: dict[str, Any] = {
-                "kind": kind,
-                "idempotency_key": key,
-                "status": "pending",
-                "request": request,
-                "claim": token,
-            }
+            claim: dict[str, Any] = {}
 
             # Whether this attempt takes over a claim an earlier attempt left pending.
             took_over = False
 
             def claim_unless_held(record: WorkflowRecord) -> object:
-                nonlocal took_over
+                nonlocal took_over, claim
                 entry = record.sections.get(section)
                 took_over = entry is not None and entry.get("status") == "pending"
                 if entry is not None:
@@ -189,6 +216,17 @@ class Effects:
                     mine = claimant == token or claimant in self._settled_claims
                     if live and not mine:
                         return UNCHANGED
+                claim = {
+                    "kind": kind,
+                    # A claim taken over keeps its key: the provider knows the call by it.
+                    "idempotency_key": (entry or {}).get("idempotency_key")
+                    or effect_key(record, kind),
+                    "status": "pending",
+                    "request": request,
+                    "claim": token,
+                    # A rolled-back run lists the claims it made (`effects_since`).
+                    "claimed_at": now_iso(),
+                }
                 return {**claim, "lease_until": time.time() + self._lease_seconds}
 
             calling_out = False
@@ -202,6 +240,8 @@ class Effects:
                     fencing_token=fencing_token,
                 )
                 entry: dict[str, Any] = record.sections[section]
+                key = str(entry["idempotency_key"])
+                span.set_attribute("idempotency_key", key)
                 if entry.get("status") == "done":
                     span.set_attribute("outcome", "already-done")
                     return dict(entry["result"])
@@ -217,6 +257,7 @@ class Effects:
                     result = await self._perform_leased(
                         case_id,
                         kind,
+                        key,
                         request,
                         token,
                         agent_id=agent_id,
@@ -246,6 +287,7 @@ class Effects:
         self,
         case_id: str,
         kind: str,
+        key: str,
         request: dict[str, Any],
         token: str,
         *,
@@ -253,15 +295,19 @@ class Effects:
         fencing_token: int | None,
     ) -> dict[str, Any]:
         """The provider call, the claim's lease renewed while it is on its way: an attempt
-        cancelled mid-call (its request may still reach the provider) leaves a lease that
-        runs from about then, not from a claim a slow call may have outlived."""
+        cancelled mid-call or past its timeout (its request may still reach the provider)
+        leaves a lease that runs from about then, not from a claim a slow call may have
+        outlived."""
         renewing = asyncio.create_task(
             self._renew_claim(
                 case_id, effect_section(kind), token, agent_id=agent_id, fencing_token=fencing_token
             )
         )
         try:
-            return await self._provider.perform(idempotency_key(case_id, kind), kind, request)
+            async with asyncio.timeout(self._call_timeout):
+                return await self._provider.perform(key, kind, request)
+        except TimeoutError:
+            raise ProviderTimeout(key, timeout=self._call_timeout) from None
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -299,14 +345,15 @@ class Effects:
         it died (asked by key, as `once` does when it takes a claim over; what the provider
         answers goes into `done_with`, recorded `done` with the caller's section).
         Raises `EffectInProgress` while another attempt's claim is live."""
-        record = await self._store.get(case_id)
+        # The cold tier's: a stale hot copy without the claim would say "never performed".
+        record = await self._store.get_fresh(case_id)
         section = effect_section(kind)
         entry = None if record is None else record.sections.get(section)
         if entry is None:
             return None
         if entry.get("status") == "done":
             return dict(entry["request"]), dict(entry["result"])
-        key = idempotency_key(case_id, kind)
+        key = str(entry["idempotency_key"])
         # A live claim of another attempt may have its call on its way: the provider's
         # silence does not mean "never performed" until its lease ends, as for `once`.
         lease_until = entry.get("lease_until") or 0.0
@@ -326,16 +373,22 @@ def done_entry(claim: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     return {**claim, "status": "done", "result": result, "lease_until": None, "done_at": now_iso()}
 
 
-def effects_done_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:
-    """The effects of a case done at or after `since` (ISO time): a rolled-back run's."""
+def effects_since(record: WorkflowRecord, since: str | None) -> list[EffectView]:
+    """The effects of a case done, or claimed and still `pending` (the call may have reached
+    the provider), at or after `since` (ISO time): a rolled-back run's."""
     if since is None:
         return []
-    return [
-        view
-        for view in effects_in(record)
-        if view.status == "done"
-        and str(record.sections[effect_section(view.kind)].get("done_at") or "") >= since
-    ]
+    views = []
+    for view in effects_in(record):
+        entry = record.sections[effect_section(view.kind)]
+        if view.status == "pending":
+            # A claim from before claims carried their time may be this run's: listed.
+            at = entry.get("claimed_at") or since
+        else:
+            at = entry.get("done_at") or ""
+        if str(at) >= since:
+            views.append(view)
+    return views
 
 
 def effects_in(record: WorkflowRecord) -> list[EffectView]:

@@ -65,7 +65,12 @@ class Runtime:
         graph = build_graph(
             AgentDeps(
                 store,
-                Effects(store, provider, lease_seconds=settings.state_lock_ttl_ms / 1000),
+                Effects(
+                    store,
+                    provider,
+                    lease_seconds=settings.state_lock_ttl_ms / 1000,
+                    call_timeout_seconds=settings.case_effect_timeout_seconds,
+                ),
                 settings,
                 after_step,
             ),

@@ -56,7 +56,13 @@ from state import (
 )
 
 from .agents import RunContext
-from .effects import EffectInProgress, SimulatedProvider, effects_done_since, effects_in
+from .effects import (
+    INCARNATION_FIELD,
+    EffectInProgress,
+    SimulatedProvider,
+    effects_in,
+    effects_since,
+)
 from .events import CaseEvents
 from .graph import CaseGraph
 from .metrics import app_metrics
@@ -308,6 +314,9 @@ class CaseService:
             "fingerprint": fingerprint(submission),
             "idempotency_key": idempotency_key or submission.client_key,
             "submitted_by": caller.to_json() if caller else None,
+            # In the effects' idempotency keys: a case id reused after retention swept the
+            # old case must not find the old case's refund at a deduplicating provider.
+            INCARNATION_FIELD: uuid.uuid4().hex,
         }
         run_id = new_run_id()
         # Indexed before it exists: a crash in between leaves an index entry the
@@ -1166,7 +1175,7 @@ class CaseService:
             checkpointer = self._graph.checkpointer
             if isinstance(checkpointer, BaseCheckpointSaver):
                 await checkpointer.adelete_for_runs([run["run_id"]])
-            discarded = effects_done_since(await self._record(case_id), run.get("started_at"))
+            discarded = effects_since(await self._record(case_id), run.get("started_at"))
         # A rollback's discarded results go; so does an interrupted run's step that wrote
         # its section but never reached a checkpoint (a parallel step LangGraph cancelled
         # when the other one stopped at its check): the next run starts from the state.

@@ -41,6 +41,9 @@ class AppSettings(Settings):
     # How long an HTTP call waits for a run before answering 202 with a status URL
     # (below the Functions HTTP limit of 230 s).
     case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
+    # How long a side effect's provider call may take before it is abandoned (its claim
+    # stays pending, settled by asking the provider by key after the claim's lease).
+    case_effect_timeout_seconds: float = Field(default=30.0, gt=0)
     # Event streams (GET .../events) one worker serves at once; one more answers 503.
     case_max_event_streams: int = Field(default=100, gt=0)
     # Two charges at the same merchant for the same amount within this window are a duplicate.

@@ -21,10 +21,10 @@ from test_conversation import StepGate, gated_client, gated_runtime
 
 from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.service import case_config
 from support_cases.settings import AppSettings
+from tests.support.effects import provider_calls
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ async def until_idle(runtime: Runtime, client: httpx.AsyncClient, case_id: str) 
 
 
 async def performed(runtime: Runtime, case_id: str, kind: str) -> int:
-    return len(await runtime.provider.performed(idempotency_key(case_id, kind)))
+    return len(await provider_calls(runtime, case_id, kind))
 
 
 async def to_review(client: httpx.AsyncClient, runtime: Runtime, case_id: str) -> None:

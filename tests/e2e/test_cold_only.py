@@ -9,8 +9,8 @@ import httpx
 from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
+from tests.support.effects import provider_calls
 
 
 async def test_case_completes_on_the_cold_tier_alone(
@@ -42,7 +42,7 @@ async def test_case_completes_on_the_cold_tier_alone(
             health = (await client.get("/api/health")).json()
         assert [tier["name"] for tier in health["tiers"]] == [settings.state_cold_backend.value]
         for kind in ("refund", "reset_link"):
-            done = await cold_only.provider.performed(idempotency_key(case_id, kind))
+            done = await provider_calls(cold_only, case_id, kind)
             assert len(done) == 1
     finally:
         await cold_only.close()

@@ -22,11 +22,11 @@ import pytest
 from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW, ROLE_SUBMIT
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.service import case_config, run_lock_name
 from support_cases.settings import AppSettings
 from tests.support.cosmos import drop_container
+from tests.support.effects import provider_calls
 from tests.support.sse import parse_sse
 
 INVOICE = "I also can't download my invoice"
@@ -232,7 +232,7 @@ async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_every
     assert steps.count("billing") == 2 and steps.count("account") == 1
     assert steps.count("intake") == 2 and steps.count("response") == 2
     # The refund is not issued twice for one case.
-    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
     assert customer_messages(await conversation(runtime, case_id)) == [
         demo_case(case_id)["text"],
         INVOICE,
@@ -344,7 +344,7 @@ async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_don
     case = (await client.get(f"/api/cases/{case_id}")).json()
     assert case["refund"]["reference"] == discarded["refund"]["result"]["reference"]
     for kind in ("refund", "reset_link"):
-        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
+        assert len(await provider_calls(runtime, case_id, kind)) == 1
 
 
 async def test_a_follow_up_waits_behind_a_review_and_runs_after_the_decision(
@@ -559,7 +559,7 @@ async def test_a_rollback_sets_the_record_back_to_the_state_before_the_run(
     assert case["refund"]["status"] == "issued"
     assert case["refund"]["reference"] == issued["reference"]
     assert issued["reference"] in case["final_response"]
-    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
 
 
 async def test_only_a_new_cases_first_run_seeds_its_fence_unread(

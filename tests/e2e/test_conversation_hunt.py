@@ -33,12 +33,12 @@ from agent_state_cli.cli import sse_frames
 from state import VersionConflict, WorkflowRecord
 from support_cases import runs as runs_module
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, RunTracker, shard_of, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RESULT_SECTIONS, RunProgress, case_config, run_lock_name
 from support_cases.settings import AppSettings
+from tests.support.effects import provider_calls
 
 CHARGED_AND_LOCKED = "I was charged again and now my account is locked"
 THANKS = "Thanks, that is all"
@@ -147,7 +147,7 @@ async def test_a_rollback_sent_during_the_runs_last_step_still_rolls_the_run_bac
     # The conversation starts with the follow-up; the effects were reused, not redone.
     assert customer_messages(await conversation(runtime, case_id)) == [INVOICE]
     for kind in ("refund", "reset_link"):
-        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
+        assert len(await provider_calls(runtime, case_id, kind)) == 1
 
 
 async def test_a_run_a_rollback_reached_in_its_last_step_is_never_shown_completed(
@@ -221,7 +221,7 @@ async def test_a_run_whose_last_step_fails_while_a_rollback_waits_is_rolled_back
     record, state = await sections_and_state(runtime, case_id)
     assert record == state
     for kind in ("refund", "reset_link"):
-        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1
+        assert len(await provider_calls(runtime, case_id, kind)) == 1
 
 
 async def test_a_follow_up_queued_while_a_refused_resume_holds_the_case_is_run(

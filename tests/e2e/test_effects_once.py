@@ -9,21 +9,32 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from e2e_payloads import duplicate_charges
 
+from state import WorkflowRecord
 from support_cases.agents.base import AgentDeps, Step
 from support_cases.agents.refund import RefundAgent
-from support_cases.effects import EffectInProgress, Effects
+from support_cases.demo import demo_case
+from support_cases.effects import (
+    EffectInProgress,
+    Effects,
+    ProviderTimeout,
+    effect_key,
+    effects_since,
+    now_iso,
+)
 from support_cases.models import CaseStatus, CaseSubmission
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
+from tests.support.effects import provider_calls
 
 
 async def test_two_unlocked_attempts_call_the_provider_once(runtime: Runtime) -> None:
     case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
     await runtime.store.create(case_id, {}, agent_id="test")
-    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
 
     outcomes = await asyncio.gather(
         *(
@@ -64,9 +75,9 @@ async def test_an_expired_claim_is_taken_over_without_performing_twice(runtime: 
     )
     reached = await runtime.provider.perform(key, "refund", {"amount": 10})
 
-    result = await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
-        case_id, "refund", {"amount": 10}, agent_id="refund-agent"
-    )
+    result = await Effects(
+        runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30
+    ).once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
 
     assert result["reference"] == reached["reference"]
     assert len(await runtime.provider.performed(key)) == 1
@@ -86,9 +97,9 @@ async def test_a_live_claim_of_another_attempt_is_respected(runtime: Runtime) ->
     await runtime.store.update_section(case_id, "effect_refund", live, agent_id="refund-agent")
 
     with pytest.raises(EffectInProgress):
-        await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
-            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
-        )
+        await Effects(
+            runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30
+        ).once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
     assert await runtime.provider.performed(f"{case_id}:refund") == []
 
 
@@ -102,16 +113,16 @@ async def test_a_claim_this_process_left_pending_is_taken_over_before_its_lease_
     case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
     key = f"{case_id}:refund"
     await runtime.store.create(case_id, {}, agent_id="test")
-    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
     never_written: list[Any] = []
     paid = await effects.once(
         case_id, "refund", {"amount": 10}, agent_id="refund-agent", done_with=never_written
     )
 
     with pytest.raises(EffectInProgress):
-        await Effects(runtime.store, runtime.provider, lease_seconds=30).once(
-            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
-        )
+        await Effects(
+            runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30
+        ).once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
     again = await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
 
     assert again["reference"] == paid["reference"]
@@ -143,7 +154,7 @@ async def test_a_claim_whose_call_is_on_its_way_is_respected_in_its_own_process(
     case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
     await runtime.store.create(case_id, {}, agent_id="test")
     provider = HeldProvider(runtime.provider)
-    effects = Effects(runtime.store, provider, lease_seconds=30)
+    effects = Effects(runtime.store, provider, lease_seconds=30, call_timeout_seconds=30)
     first = asyncio.create_task(
         effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
     )
@@ -180,7 +191,7 @@ async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued
     }
     await runtime.store.update_section(case_id, "effect_refund", claim, agent_id="refund-agent")
     paid = await runtime.provider.perform(key, "refund", claim["request"])
-    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
     agent = RefundAgent(AgentDeps(runtime.store, effects, runtime.settings))
     policy = {"decision": "no_refund" if decision == "no_refund" else "needs_review"}
     state: Any = {
@@ -214,13 +225,13 @@ async def test_a_refund_not_approved_waits_for_a_call_on_its_way(runtime: Runtim
     await runtime.store.create(case_id, {}, agent_id="test")
     provider = HeldProvider(runtime.provider)
     first = asyncio.create_task(
-        Effects(runtime.store, provider, lease_seconds=30).once(
+        Effects(runtime.store, provider, lease_seconds=30, call_timeout_seconds=30).once(
             case_id, "refund", {"amount": 900.0, "currency": "EUR"}, agent_id="refund-agent"
         )
     )
     await provider.entered.wait()
     # Another process's run, after a rollback and a rejection: it decides no refund.
-    effects = Effects(runtime.store, runtime.provider, lease_seconds=30)
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
     agent = RefundAgent(AgentDeps(runtime.store, effects, runtime.settings))
     state: Any = {
         "case_id": case_id,
@@ -255,7 +266,7 @@ async def test_a_call_longer_than_the_lease_keeps_its_claim_once_cancelled(
     provider = HeldProvider(runtime.provider)
     lease = 3.0
     first = asyncio.create_task(
-        Effects(runtime.store, provider, lease_seconds=lease).once(
+        Effects(runtime.store, provider, lease_seconds=lease, call_timeout_seconds=30).once(
             case_id, "refund", {"amount": 10}, agent_id="refund-agent"
         )
     )
@@ -271,9 +282,9 @@ async def test_a_call_longer_than_the_lease_keeps_its_claim_once_cancelled(
     provider.release.set()
 
     with pytest.raises(EffectInProgress):
-        await Effects(runtime.store, runtime.provider, lease_seconds=lease).once(
-            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
-        )
+        await Effects(
+            runtime.store, runtime.provider, lease_seconds=lease, call_timeout_seconds=30
+        ).once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
     assert await runtime.provider.performed(f"{case_id}:refund") == []
 
 
@@ -316,7 +327,178 @@ async def test_a_resume_that_meets_a_leased_claim_waits_it_out_and_completes(
         case = await own.service.status(case_id)
         assert case.status is CaseStatus.COMPLETED, (resumed.view.status, case)
         assert case.refund is not None and case.refund["reference"] == lost[0]["reference"]
-        assert len(await own.provider.performed(f"{case_id}:refund")) == 1
+        assert len(await provider_calls(own, case_id, "refund")) == 1
     finally:
         await own.service.wait_idle()
         await own.close()
+
+
+async def test_a_case_id_reused_after_retention_gets_its_own_idempotency_keys(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Retention swept a completed case and a new case came under the same id: its effects
+    must reach the provider under other keys, or a deduplicating gateway answers the new
+    customer's refund with the old payment and pays nothing (found by the effects hunt)."""
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    assert first.status_code == 201 and first.json()["status"] == "completed", first.text
+    old_keys = {view["kind"]: view["idempotency_key"] for view in first.json()["effects"]}
+    # What a retention sweep deletes of a case: its record and checkpoints, cold and hot.
+    await runtime.saver.adelete_thread(case_id)
+    await runtime.backends.cold.delete(case_id)
+    assert runtime.backends.hot is not None
+    await runtime.backends.hot.invalidate(case_id)
+    assert await runtime.store.get_fresh(case_id) is None
+
+    second = await client.post("/api/cases", json=demo_case(case_id))
+    assert second.status_code == 201 and second.json()["status"] == "completed", second.text
+    new_keys = {view["kind"]: view["idempotency_key"] for view in second.json()["effects"]}
+    assert old_keys.keys() == new_keys.keys() == {"refund", "reset_link"}
+    for kind in ("refund", "reset_link"):
+        assert old_keys[kind] != new_keys[kind], kind
+        old = await runtime.provider.performed(old_keys[kind])
+        new = await runtime.provider.performed(new_keys[kind])
+        assert len(old) == len(new) == 1, kind
+        assert old[0]["reference"] != new[0]["reference"]
+    assert new_keys["refund"] == effect_key(not_none(await runtime.store.get(case_id)), "refund")
+
+
+def not_none(record: WorkflowRecord | None) -> WorkflowRecord:
+    assert record is not None
+    return record
+
+
+async def test_every_attempt_of_a_case_uses_its_idempotency_key(runtime: Runtime) -> None:
+    """A retry (a takeover of the pending claim) and the refund step's check both ask the
+    provider under the key the first attempt called out with."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {"request": {"incarnation": "first"}}, agent_id="test")
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
+    never_written: list[Any] = []
+    paid = await effects.once(
+        case_id, "refund", {"amount": 10}, agent_id="refund-agent", done_with=never_written
+    )
+    key = f"{case_id}:refund:first"
+    assert [call["reference"] for call in await runtime.provider.performed(key)] == [
+        paid["reference"]
+    ]
+    # The refund step of a run that decided no refund finds it, under the same key.
+    found = await effects.performed(case_id, "refund", agent_id="refund-agent", done_with=[])
+    assert found is not None and found[1]["reference"] == paid["reference"]
+    # A retry takes the claim over, asks by the same key and calls nothing.
+    again = await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    assert again["reference"] == paid["reference"]
+    assert len(await runtime.provider.performed(key)) == 1
+    record = not_none(await runtime.store.get_fresh(case_id))
+    assert record.sections["effect_refund"]["idempotency_key"] == key
+
+
+class LostReplyProvider(HeldProvider):
+    """The runtime's provider: `perform` acts, then its reply never comes until released."""
+
+    async def perform(self, key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+        done: dict[str, Any] = await self._provider.perform(key, kind, request)
+        self.entered.set()
+        await self.release.wait()
+        return done
+
+
+async def test_a_provider_call_that_never_answers_is_abandoned_and_settled_by_key(
+    runtime: Runtime,
+) -> None:
+    """A call that never returns held the case and its claim for ever. Past the timeout it
+    is abandoned, the claim stays pending (the call went through), and the attempt after
+    the claim's lease finds it by key instead of paying again (found by the effects hunt)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    provider = LostReplyProvider(runtime.provider)
+    effects = Effects(runtime.store, provider, lease_seconds=30, call_timeout_seconds=0.5)
+    try:
+        # Bounded here too: without a timeout of its own the call would wait for ever.
+        with pytest.raises(ProviderTimeout):
+            await asyncio.wait_for(
+                effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent"), 10
+            )
+    finally:
+        provider.release.set()
+    assert provider.entered.is_set()
+    claim = not_none(await runtime.store.get_fresh(case_id)).sections["effect_refund"]
+    assert claim["status"] == "pending"
+    # Its call may still be on its way: the lease holds, in this process too.
+    with pytest.raises(EffectInProgress):
+        await effects.once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    # Once the lease has ended, the next attempt asks the provider by key.
+    await runtime.store.update_section(
+        case_id, "effect_refund", {**claim, "lease_until": 0}, agent_id="refund-agent"
+    )
+    settled = await Effects(
+        runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30
+    ).once(case_id, "refund", {"amount": 10}, agent_id="refund-agent")
+    paid = await runtime.provider.performed(key)
+    assert len(paid) == 1 and settled["reference"] == paid[0]["reference"]
+
+
+async def test_a_rolled_back_run_lists_a_claim_whose_call_may_have_gone_through(
+    runtime: Runtime,
+) -> None:
+    """A run cut off mid-call (stopped, its reply lost) leaves its claim pending: the call
+    may have moved money. Its rollback's `discarded_effects` listed only `done` effects,
+    so the operator never heard of it (found by the effects hunt)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    await runtime.store.create(case_id, {}, agent_id="test")
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
+    # Done before the run started: not the run's.
+    await effects.once(case_id, "reset_link", {"issue": "locked"}, agent_id="account-agent")
+    started_at = now_iso()
+    provider = LostReplyProvider(runtime.provider)
+    call = asyncio.create_task(
+        Effects(runtime.store, provider, lease_seconds=30, call_timeout_seconds=30).once(
+            case_id, "refund", {"amount": 10}, agent_id="refund-agent"
+        )
+    )
+    await provider.entered.wait()
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+
+    record = not_none(await runtime.store.get_fresh(case_id))
+    listed = effects_since(record, started_at)
+    [paid] = await runtime.provider.performed(f"{case_id}:refund")
+    assert [(view.kind, view.status, view.idempotency_key) for view in listed] == [
+        ("refund", "pending", paid["idempotency_key"])
+    ]
+
+
+async def test_a_stale_hot_copy_does_not_hide_a_refund_another_worker_paid(
+    runtime: Runtime,
+) -> None:
+    """Another worker, cut off from Redis, claimed the refund in the cold tier and paid it,
+    then died. This worker's Redis still holds the record from before the claim: read
+    through it, the refund step saw no claim, said "never paid" and reported the refund
+    refused while the money had gone out (found by the effects hunt)."""
+    case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund"
+    created = await runtime.store.create(case_id, {}, agent_id="test")
+    claim = {
+        "kind": "refund",
+        "idempotency_key": key,
+        "status": "pending",
+        "claim": "dead",
+        "lease_until": 0,
+        "request": {"amount": 900.0, "currency": "EUR"},
+    }
+    # Past the hot tier, as a worker that could not reach Redis writes.
+    await runtime.backends.cold.update_section(
+        case_id,
+        "effect_refund",
+        claim,
+        expected_version=created.version,
+        agent_id="refund-agent",
+    )
+    paid = await runtime.provider.perform(key, "refund", claim["request"])
+    stale = await runtime.store.get(case_id)
+    assert stale is not None and "effect_refund" not in stale.sections  # the hot copy lags
+
+    effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
+    found = await effects.performed(case_id, "refund", agent_id="refund-agent", done_with=[])
+    assert found is not None and found[1]["reference"] == paid["reference"]

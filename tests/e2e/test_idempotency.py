@@ -8,8 +8,8 @@ import uuid
 import httpx
 
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
+from tests.support.effects import provider_calls
 
 
 def _no_case_id(case_id: str) -> dict[str, object]:
@@ -31,7 +31,7 @@ async def test_retry_with_the_same_idempotency_key_returns_the_same_case(
     case_id = first.json()["case_id"]
     assert retry.json()["case_id"] == case_id
     assert retry.json()["final_response"] == first.json()["final_response"]
-    refunds = await runtime.provider.performed(idempotency_key(case_id, "refund"))
+    refunds = await provider_calls(runtime, case_id, "refund")
     assert len(refunds) == 1
 
     other = await client.post(
@@ -104,8 +104,8 @@ async def test_concurrent_retries_create_one_case(
     assert len(case_ids) == 1
     await runtime.service.wait_idle()
     case_id = case_ids.pop()
-    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
-    assert len(await runtime.provider.performed(idempotency_key(case_id, "reset_link"))) == 1
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
+    assert len(await provider_calls(runtime, case_id, "reset_link")) == 1
 
 
 async def test_a_follow_up_retried_with_another_strategy_is_refused_not_replayed(

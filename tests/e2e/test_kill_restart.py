@@ -20,10 +20,10 @@ from api_server import REPO_ROOT, api_process, app_env, wait_for
 from azure.functions.timer import TimerRequest
 
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.runtime import Runtime
 from support_cases.settings import get_app_settings
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
+from tests.support.effects import provider_calls
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ async def run_until_killed(env: dict[str, str], log: Path, case_id: str, runtime
         assert process.returncode == -signal.SIGKILL
     case = await runtime.service.status(case_id)
     assert "refund" not in case.completed_steps  # killed before the step was checkpointed
-    assert len(await runtime.provider.performed(idempotency_key(case_id, "refund"))) == 1
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
 
 
 async def resume_by_timer(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +111,7 @@ async def test_killed_mid_workflow_completes_after_restart_with_effects_once(
         ("reset_link", "done"),
     }
     for kind in ("refund", "reset_link"):
-        assert len(await runtime.provider.performed(idempotency_key(case_id, kind))) == 1, kind
+        assert len(await provider_calls(runtime, case_id, kind)) == 1, kind
     # The refund the customer is told about is the one that was actually paid.
-    paid = await runtime.provider.performed(idempotency_key(case_id, "refund"))
+    paid = await provider_calls(runtime, case_id, "refund")
     assert case["refund"]["reference"] == paid[0]["reference"]

@@ -16,10 +16,10 @@ from state.checkpoint import TieredCheckpointSaver
 from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.models import CaseStatus
 from support_cases.runtime import Runtime
 from support_cases.service import CaseService, case_config
+from tests.support.effects import provider_calls
 
 AGENT_WRITES = [
     ("intake-agent", "intake"),
@@ -32,7 +32,7 @@ AGENT_WRITES = [
 
 
 async def performed(runtime: Runtime, case_id: str, kind: str) -> int:
-    return len(await runtime.provider.performed(idempotency_key(case_id, kind)))
+    return len(await provider_calls(runtime, case_id, kind))
 
 
 async def audit_of(client: httpx.AsyncClient, case_id: str) -> list[dict[str, Any]]:

@@ -23,12 +23,12 @@ from state.errors import VersionConflict
 from state.factory import backends_for
 from state.settings import Settings
 from state.tiered import TieredStateStore
-from support_cases.effects import idempotency_key
 from support_cases.models import CaseStatus
 from support_cases.runs import RUN_SECTION
 from support_cases.service import CaseConflict, Outcome
 from tests.step_pause import pause_after
 from tests.support.cosmos import drop_container
+from tests.support.effects import provider_calls
 
 from .apps import EFFECT_KEYS, App, open_runtime, review_case, submission
 from .conftest import Deadline, Recorder
@@ -129,7 +129,7 @@ async def test_two_workers_decide_the_same_review(
             assert record is not None
             review = record.sections.get("review") or {}
             refund = record.sections.get("refund") or {}
-            performed = await left.runtime.provider.performed(f"{case_id}:refund")
+            performed = await provider_calls(left.runtime, case_id, "refund")
             duplicate_refunds += max(0, len(performed) - 1)
             if len(accepted) == 1:
                 one_winner += 1
@@ -299,8 +299,7 @@ async def test_two_workers_resume_the_same_stalled_case(
                 # Each RUNNING mark counts one attempt: the dead worker's and one resume.
                 attempts = int(record.sections[RUN_SECTION].get("attempt", 0))
                 performed = {
-                    kind: await left.runtime.provider.performed(idempotency_key(case_id, kind))
-                    for kind in EFFECT_KEYS
+                    kind: await provider_calls(left.runtime, case_id, kind) for kind in EFFECT_KEYS
                 }
                 duplicate_effects += sum(max(0, len(p) - 1) for p in performed.values())
                 paid = performed["refund"][-1]["reference"] if performed["refund"] else None

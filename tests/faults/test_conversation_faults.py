@@ -41,7 +41,6 @@ import httpx
 import pytest
 
 from support_cases.demo import demo_case
-from support_cases.effects import idempotency_key
 from support_cases.maintenance import run_tick
 from support_cases.models import RunStatus
 from support_cases.runtime import Runtime
@@ -50,6 +49,7 @@ from support_cases.settings import AppSettings
 from tests.e2e.api_server import api_process, wait_for
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
 from tests.support.cosmos import drop_container
+from tests.support.effects import provider_calls
 from tests.support.sse import parse_sse
 
 from .apps import open_runtime
@@ -297,7 +297,7 @@ async def check_each_ran_once_in_order(
     # Each run (the first, and one per follow-up) went through intake and response once.
     steps = list(snapshot.values.get("completed_steps", []))
     tally.steps_off += sum(abs(steps.count(s) - len(texts) - 1) for s in ("intake", "response"))
-    refunds = await runtime.provider.performed(idempotency_key(case_id, "refund"))
+    refunds = await provider_calls(runtime, case_id, "refund")
     tally.duplicate_refunds += max(0, len(refunds) - 1)
 
 

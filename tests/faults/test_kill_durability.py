@@ -37,8 +37,9 @@ from state.ports import ColdStateStore
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.agents import RunContext
-from support_cases.effects import EffectInProgress, SimulatedProvider
+from support_cases.effects import EffectInProgress, SimulatedProvider, effect_key
 from support_cases.service import case_config
+from tests.support.effects import provider_calls
 
 from .apps import AUTO_APPROVED_SECTIONS, EFFECT_KEYS, App, normalized, open_runtime
 from .conftest import Deadline, Recorder
@@ -127,7 +128,10 @@ async def stale_hot_copies(app: App, case_id: str) -> list[str]:
     hot = app.runtime.backends.hot
     assert hot is not None
     stale = []
-    ids = [case_id, *(SimulatedProvider.ledger_id(f"{case_id}:{kind}") for kind in EFFECT_KEYS)]
+    record = await app.runtime.backends.cold.get(case_id)
+    assert record is not None
+    ledgers = (SimulatedProvider.ledger_id(effect_key(record, kind)) for kind in EFFECT_KEYS)
+    ids = [case_id, *ledgers]
     for record_id in ids:
         cached = await hot.get(record_id)
         cold = await app.runtime.backends.cold.get(record_id)
@@ -282,7 +286,7 @@ async def test_kill_mid_node(mode: str, zygote: Worker, app: App, reliability: R
         steps = list(final.values.get("completed_steps", []))
         assert sorted(steps) == sorted(set(steps)), f"a step recorded twice: {steps}"
         for kind in EFFECT_KEYS:
-            performed = await app.runtime.provider.performed(f"{case_id}:{kind}")
+            performed = await provider_calls(app.runtime, case_id, kind)
             tally.duplicate_effects += max(0, len(performed) - 1)
             assert performed, f"{kind} never happened for {case_id}: ran {ran}, at kill {at_kill}"
 

@@ -19,6 +19,7 @@ import pytest
 
 from devstack import PostgresServer
 from state.settings import Settings
+from tests.support.effects import provider_calls
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
 from .conftest import Deadline, Recorder
@@ -83,7 +84,7 @@ async def test_postgres_restart_mid_workflow(
             if record is None or normalized(dict(record.sections), case_id) != reference:
                 wrong += 1
             for kind in ("refund", "reset_link"):
-                if len(await app.runtime.provider.performed(f"{case_id}:{kind}")) != 1:
+                if len(await provider_calls(app.runtime, case_id, kind)) != 1:
                     wrong += 1
         await workload.cleanup(app.runtime.backends.cold)
 

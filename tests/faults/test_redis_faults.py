@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from devstack import RedisServer
 from state.settings import Settings
+from tests.support.effects import provider_calls
 
 from .apps import EFFECT_KEYS, App, normalized, open_runtime, submission
 from .conftest import Deadline, Recorder
@@ -52,7 +53,7 @@ async def check_cases(app: App, case_ids: list[str], reference: dict[str, object
         if normalized(dict(record.sections), case_id) != reference:
             wrong += 1
         for kind in EFFECT_KEYS:
-            if len(await app.runtime.provider.performed(f"{case_id}:{kind}")) != 1:
+            if len(await provider_calls(app.runtime, case_id, kind)) != 1:
                 wrong += 1
     return wrong
 

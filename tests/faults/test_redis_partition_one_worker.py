@@ -19,10 +19,10 @@ import pytest
 
 from devstack import RedisServer
 from support_cases.agents import StepHook
-from support_cases.effects import idempotency_key
 from support_cases.models import CaseStatus, FollowUp, FollowUpStrategy
 from support_cases.runs import shard_of
 from support_cases.settings import AppSettings
+from tests.support.effects import provider_calls
 
 from .apps import App, Decided, open_runtime, review_case, submission
 from .proxy import LoopbackProxy
@@ -99,7 +99,7 @@ async def test_decision_applied_by_a_cut_off_worker_holds_for_a_worker_that_reac
         await asyncio.sleep(1.5)
 
         review, _ = await _review_of(a, case_id)
-        performed = await a.runtime.provider.performed(idempotency_key(case_id, "refund"))
+        performed = await provider_calls(a.runtime, case_id, "refund")
         assert second.conflict and not second.accepted, (
             f"worker B accepted a second decision on a completed case: {second}"
         )
@@ -148,7 +148,7 @@ async def test_a_decision_run_left_by_a_cut_off_worker_is_resumed_by_another_wor
             assert record is not None
             status = record.sections.get("run", {}).get("status")
             review = record.sections.get("review")
-            performed = await b.runtime.provider.performed(idempotency_key(case_id, "refund"))
+            performed = await provider_calls(b.runtime, case_id, "refund")
             assert len(performed) == 1
             assert review is not None and review["decision"] == "approve", review
             assert status == CaseStatus.COMPLETED.value, (
@@ -213,7 +213,7 @@ async def test_two_workers_decide_the_same_review_across_a_partition(
             assert record is not None
             review = record.sections.get("review") or {}
             refund = record.sections.get("refund") or {}
-            performed = await a.runtime.provider.performed(idempotency_key(case_id, "refund"))
+            performed = await provider_calls(a.runtime, case_id, "refund")
             accepted = [o for o in outcomes if o.accepted]
             if len(accepted) != 1:
                 bad.append(f"{case_id}: {len(accepted)} decisions accepted {outcomes}")
@@ -306,7 +306,7 @@ async def test_a_follow_up_run_by_another_worker_goes_on_from_a_cut_off_workers_
         run = record.sections["run"]
         review = record.sections.get("review")
         runs = {e["run_id"]: e["status"] for e in record.sections["runs"]}
-        performed = await b.runtime.provider.performed(idempotency_key(case_id, "refund"))
+        performed = await provider_calls(b.runtime, case_id, "refund")
         state = await b.runtime.service._graph.aget_state({"configurable": {"thread_id": case_id}})
         assert len(performed) == 1, performed
         assert review is not None and review["decision"] == "approve", review
