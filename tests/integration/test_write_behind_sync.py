@@ -180,12 +180,7 @@ def test_with_redis_stalled_a_sync_write_through_put_to_postgres_leaves_no_stale
     goes out: the put completes on the caller's thread (the loop thread stuck), stored
     cold, and the hot copy still showing its parent is suspected there and dropped once
     Redis answers again: neither this process nor another is served the parent."""
-    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
-    redis.start()
-    try:
-        settings = settings_for(stack_env, "postgres", redis.url).model_copy(
-            update={"state_write_mode": WriteMode.WRITE_THROUGH}
-        )
+    with write_through_on_own_redis(stack_env, tmp_path) as (redis, settings):
         cfg = config()
         with TieredCheckpointSaver.open_sync(settings) as saver:
             chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
@@ -217,8 +212,6 @@ def test_with_redis_stalled_a_sync_write_through_put_to_postgres_leaves_no_stale
                     time.sleep(0.1)
             latest = saver.get_tuple(cfg)
             assert latest is not None and latest.checkpoint["id"] == checkpoint["id"]
-    finally:
-        redis.stop()
 
 
 def test_with_redis_stalled_a_sync_read_goes_to_postgres_after_one_timeout(
@@ -228,12 +221,7 @@ def test_with_redis_stalled_a_sync_read_goes_to_postgres_after_one_timeout(
     latest checkpoint waits out the cache lookup once, then reads the cold tier on the
     caller's thread (not a second lookup from the loop thread, held here, which would
     wait out the same stalled Redis again)."""
-    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
-    redis.start()
-    try:
-        settings = settings_for(stack_env, "postgres", redis.url).model_copy(
-            update={"state_write_mode": WriteMode.WRITE_THROUGH}
-        )
+    with write_through_on_own_redis(stack_env, tmp_path) as (redis, settings):
         cfg = config()
         with TieredCheckpointSaver.open_sync(settings) as saver:
             chat_graph(saver).invoke({"messages": ["hello"]}, cfg)
@@ -243,6 +231,22 @@ def test_with_redis_stalled_a_sync_read_goes_to_postgres_after_one_timeout(
             assert written is not None and read is not None
             assert read.checkpoint == written.checkpoint
             assert read.pending_writes == written.pending_writes
+
+
+@contextmanager
+def write_through_on_own_redis(
+    stack_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[RedisServer, Settings]]:
+    """Write-through settings on Postgres with a Redis of this test's own (to pause)."""
+    redis = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    redis.start()
+    try:
+        yield (
+            redis,
+            settings_for(stack_env, "postgres", redis.url).model_copy(
+                update={"state_write_mode": WriteMode.WRITE_THROUGH}
+            ),
+        )
     finally:
         redis.stop()
 
