@@ -11,12 +11,15 @@ container's default TTL is -1 (on, but nothing expires by itself:
 - a thread's last activity is the newest `_ts` (server time of the last
   write) of any item in its partition; it expires when that is more than
   STATE_COLD_TTL_SECONDS before `now`;
-- what it deletes: the record first (a writer coming back gets
-  `WorkflowNotFound`), then checkpoints, then every other item, then the
-  archive records `<thread>~archive~...` (offloaded and archived sections,
-  `state.size`), heads before chunks. Archive records never expire on their
-  own: one whose owner has no item left (an offload whose record write
-  failed) goes once it is itself older than the TTL;
+- what it deletes: checkpoints (newest first), then every other item, then
+  the archive records `<thread>~archive~...` (offloaded and archived sections,
+  `state.size`), heads before chunks, and the record last. Case ids are chosen
+  by clients: a sweep stopped part-way leaves the record, so the id stays taken
+  (a new case under it is refused as any taken id is) and no new case inherits
+  what is left of the old one; deletes change no remaining item's `_ts`, so
+  the next sweep finds the thread still expired and finishes it. Archive
+  records never expire on their own: one whose owner has no item left (an
+  offload whose record write failed) goes once it is itself older than the TTL;
 - which threads it looks at: the items whose `_ts` falls in a time slice
   between a watermark (a document in partition `WATERMARK_PARTITION`) and the
   cutoff, oldest slice first. A live thread seen there is skipped: its newest
@@ -48,7 +51,10 @@ until then.
 
 Not safe against a writer that returns to a thread while the sweep deletes it
 (Cosmos has no transaction to lock it with): that needs a thread idle for a
-whole TTL to resume within the milliseconds of its deletion.
+whole TTL to resume within the milliseconds of its deletion. A sweep stopped
+part-way widens that window for the owner alone, until the next sweep: its case
+still reads, without its newest checkpoints (the older ones whole), and a run it
+starts meanwhile goes on from the newest one left, which keeps the thread.
 
 The partition is read page by page, keyed on the id (no continuation token is
 held across writes), with the thread id in the query text: the local emulator
@@ -226,12 +232,14 @@ class CosmosRetention:
     async def _delete_thread(self, thread_id: str) -> bool:
         """Whether this call removed any of the thread's items: not when another sweep
         deleted it first (after the second look), which counts it instead."""
-        removed = await self._io.delete(WORKFLOW_ID, thread_id)
-        # Newest first, as delete_thread does: a sweep stopped part-way leaves checkpoints
-        # whose parents, blobs and writes are all still there, which the next sweep deletes
+        # The record goes last (module docstring): until then the case id stays taken, so a
+        # sweep stopped part-way never lets a new case, another caller's, list or resume
+        # the checkpoints left. Checkpoints newest first, as delete_thread does: those a
+        # stopped sweep leaves still have their parents, blobs and writes (their owner, who
+        # let the case idle a TTL, can still read them), and the next sweep deletes them
         # (their `_ts` unchanged); in any other order a reader found a latest checkpoint
         # whose parent was gone.
-        removed |= bool(
+        removed = bool(
             await self._io.delete_matching(
                 thread_id,
                 "c.type = @type",
@@ -243,7 +251,9 @@ class CosmosRetention:
         # flusher paused past its lock must not bring the thread back; the sweep a TTL
         # later takes it (see `_sweep_thread`).
         removed |= bool(
-            await self._io.delete_matching(thread_id, "c.id != @fence", {"@fence": FENCE_ID})
+            await self._io.delete_matching(
+                thread_id, "NOT ARRAY_CONTAINS(@kept, c.id)", {"@kept": [FENCE_ID, WORKFLOW_ID]}
+            )
         )
         archives: set[str] = set()
         async for page in self._io.pages(
@@ -256,7 +266,7 @@ class CosmosRetention:
         # A head `<ref>` is shorter than its chunks `<ref>~<n>`: never half-readable.
         for archive in sorted(archives, key=len):
             await self._io.delete_matching(archive, "true", {})
-        return removed
+        return await self._io.delete(WORKFLOW_ID, thread_id) or removed
 
     async def _threads_in(self, start: int, end: int) -> list[str]:
         """Threads with an item last written in [start, end), in order of first sight."""

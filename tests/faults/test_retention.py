@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import psycopg
 import pytest
 
 from devstack import RedisServer
+from state.cold import cosmos_io
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_fences import FENCE_ID
+from state.cold.cosmos_io import PartitionIO
+from state.cold.cosmos_layout import CHECKPOINT
+from state.cold.cosmos_store import WORKFLOW_ID
+from state.errors import BackendUnavailable
 from state.factory import backends_for
 from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import RedisHotStore
+from state.ports import Caller
 from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases.models import CaseStatus
+from support_cases.service import CaseConflict
 from tests.support.cosmos import drop_container, next_second, partition_of
 
 from .apps import open_runtime, review_case, submission
@@ -159,6 +166,105 @@ async def test_cosmos_sweep_spares_cases_awaiting_review(
         assert decided.accepted and final is CaseStatus.COMPLETED
         assert kept_early == decided_items > 0 and swept_early >= 1 and idle_left == 0
         assert swept_after >= 1 and decided_left == 0
+    finally:
+        await drop_container(settings)
+
+
+@pytest.mark.parametrize("stop", ["amid-checkpoints", "amid-other-items", "at-the-last-item"])
+async def test_cosmos_a_sweep_stopped_part_way_leaves_no_case_to_another_caller(
+    stop: str,
+    settings_for: Callable[..., Settings],
+    redis_server: Callable[..., RedisServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Case ids are the client's: a sweep that stops part-way through an expired case (a
+    delete refused, the worker gone) must not let another caller's new case under that id
+    list or resume what is left of the old one (the record used to go first, so the id
+    was free while the old checkpoints stayed, and the new case's history showed them).
+    The id stays taken instead, and the next sweep deletes the rest."""
+    monkeypatch.setattr(cosmos_io, "DELETE_BATCH", 1)  # an item per delete: a stop anywhere
+    settings = settings_for(
+        "cosmos",
+        state_cold_ttl_seconds=COLD_TTL,
+        cosmos_container=f"retention-{uuid.uuid4().hex[:8]}",
+        redis_url=redis_server().url,
+    )
+    case_id = f"ret-stopped-{uuid.uuid4().hex[:8]}"
+    owner, other = Caller("owner-id", "Owner"), Caller("other-id", "Other")
+    try:
+        async with open_runtime(settings) as app:
+            service, backends = app.runtime.service, app.runtime.backends
+            await service.submit(submission(case_id), None, owner)
+            await service.wait_idle()
+            items = await partition_of(settings, case_id)
+            # The case's items but its flush fence (which a deleted thread keeps).
+            kinds = {item["id"]: item.get("type") for item in items if item["id"] != FENCE_ID}
+            old_checkpoints = {
+                item["checkpoint_id"] for item in items if item.get("type") == CHECKPOINT
+            }
+            checkpoint_items = sum(kind == CHECKPOINT for kind in kinds.values())
+            assert len(old_checkpoints) > 2
+            now = await last_write(settings, case_id) + COLD_TTL + 1
+            deleted: list[str] = []
+            delete_ids, delete = PartitionIO.delete_ids, PartitionIO.delete
+
+            def stopping(doc_id: str) -> None:
+                """Refuses the delete where the sweep is to stop (other threads go on)."""
+                if doc_id in deleted:
+                    return  # `delete_ids` deleting it one request at a time (no batches here)
+                checkpoints = sum(kinds.get(gone) == CHECKPOINT for gone in deleted)
+                if (
+                    (stop == "amid-checkpoints" and checkpoints == 2)
+                    or (
+                        stop == "amid-other-items"
+                        and checkpoints == checkpoint_items
+                        and len([gone for gone in deleted if gone != WORKFLOW_ID])
+                        == checkpoints + 1
+                    )
+                    or (stop == "at-the-last-item" and len(deleted) == len(kinds) - 1)
+                ):
+                    raise BackendUnavailable("cosmos", "refused (injected)")
+                deleted.append(doc_id)
+
+            async def failing_ids(io: PartitionIO, partition: str, ids: Sequence[str]) -> None:
+                if partition == case_id:
+                    for doc_id in ids:
+                        stopping(doc_id)
+                await delete_ids(io, partition, ids)
+
+            async def failing_delete(io: PartitionIO, doc_id: str, partition: str) -> bool:
+                if partition == case_id:
+                    stopping(doc_id)
+                return await delete(io, doc_id, partition)
+
+            monkeypatch.setattr(PartitionIO, "delete_ids", failing_ids)
+            monkeypatch.setattr(PartitionIO, "delete", failing_delete)
+            with pytest.raises(BackendUnavailable):
+                await backends.retention.sweep(limit=100, now=now)
+            monkeypatch.setattr(PartitionIO, "delete_ids", delete_ids)
+            monkeypatch.setattr(PartitionIO, "delete", delete)
+            assert deleted, "the sweep stopped before deleting anything of the case"
+            try:
+                await service.submit(submission(case_id), None, other)
+            except CaseConflict:
+                refused = True
+            else:
+                await service.wait_idle()
+                refused = False
+            if not refused:
+                seen = {
+                    view.checkpoint_id
+                    for view in (await service.history(case_id, limit=1000)).checkpoints
+                }
+                assert not seen & old_checkpoints, (
+                    f"another caller's new case lists {len(seen & old_checkpoints)} "
+                    "checkpoints of the old one"
+                )
+            assert refused, "the new case took the id, so the next sweep cannot finish the old"
+            # The owner meanwhile still reads its case (what the sweep left of it).
+            assert (await service.status(case_id)).submitted_by is not None
+            assert await backends.retention.sweep(limit=100, now=now) >= 1
+            assert await items_but_fence(settings, case_id) == 0
     finally:
         await drop_container(settings)
 
