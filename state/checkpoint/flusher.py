@@ -277,8 +277,10 @@ class Flusher:
         )
         # Threads whose deletion is done but whose refusal of appends Redis failed to end.
         self._refusals_owed: set[str] = set()
-        # Threads found stuck (`EntryStuck`) -> when the background pass tries them again.
-        self._stuck_until: dict[str, float] = {}
+        # Threads found stuck (`EntryStuck`) -> when the background pass tries them again,
+        # and their listing marker then: one that moved (an append since, after another
+        # process discarded the entry and flushed the thread) is tried at once.
+        self._stuck_until: dict[str, tuple[float, float]] = {}
 
     # ----------------------------------------------------------------------- boundaries
 
@@ -294,6 +296,7 @@ class Flusher:
             try:
                 async with self._holding(thread_id, deadline) as lease:
                     await self._drain_locked(lease)
+                    self._stuck_until.pop(thread_id, None)  # its cause fixed, or discarded
                     return applied + lease.applied
             except LockLost:
                 applied += lease.applied
@@ -534,9 +537,13 @@ class Flusher:
             if not listed:
                 break
             seen.update(thread for thread, _ in listed)
-            taken = [thread for thread, _ in listed if self._takes(thread, adopt_after)]
+            taken = [
+                (thread, marker)
+                for thread, marker in listed
+                if self._takes(thread, marker, adopt_after)
+            ]
             results = await asyncio.gather(
-                *(self._take(thread, slots, deadline) for thread in taken)
+                *(self._take(thread, marker, slots, deadline) for thread, marker in taken)
             )
             done = [result for result in results if result is not None]
             total += sum(result.applied for result in done)
@@ -566,9 +573,10 @@ class Flusher:
         (a tick must end before the next is due)."""
         return await self.drain(unflushed_for=ADOPT_AFTER_SECONDS, deadline=deadline)
 
-    def _takes(self, thread_id: str, adopt_after: float | None) -> bool:
+    def _takes(self, thread_id: str, marker: float, adopt_after: float | None) -> bool:
         now = time.monotonic()
-        if now < self._stuck_until.get(thread_id, now):
+        until, stuck_marker = self._stuck_until.get(thread_id, (now, marker))
+        if now < until and marker == stuck_marker:
             return False
         if adopt_after is None:
             return True
@@ -577,7 +585,11 @@ class Flusher:
         return now - self._foreign.setdefault(thread_id, now) >= adopt_after
 
     async def _take(
-        self, thread_id: str, slots: asyncio.Semaphore, deadline: float | None = None
+        self,
+        thread_id: str,
+        marker: float,
+        slots: asyncio.Semaphore,
+        deadline: float | None = None,
     ) -> _Drained | None:
         """Flush the thread unless another flusher has it, or `deadline` passed (None)."""
         async with slots:
@@ -592,7 +604,7 @@ class Flusher:
                 drained = await self._drain_locked(lease, deadline)
             except EntryStuck:
                 # Said once, as it was recorded (`_refused`); tried again later, not per pass.
-                self._stuck_until[thread_id] = time.monotonic() + STUCK_RETRY_SECONDS
+                self._stuck_until[thread_id] = (time.monotonic() + STUCK_RETRY_SECONDS, marker)
                 return _Drained(lease.applied, False)  # those before it are stored
             except BackendUnavailable as exc:
                 log.warning("write-behind flush of %r failed: %s", thread_id, exc)

@@ -403,9 +403,12 @@ if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[2]) end
 return 1
 """
 
-# KEYS: stuck. ARGV: thread id, entry id, the record as JSON. Records it with the server's
-# time (s) unless that entry is recorded already (0).
+# KEYS: stuck, dirty. ARGV: thread id, entry id, the record as JSON. Records it with the
+# server's time (s) unless that entry is recorded already, or the thread is no longer listed
+# (0): a flusher past its lock, paused, may report an entry another process has discarded
+# since, and a record of a thread nothing flushes any more would never be cleared.
 _NOTE_STUCK = """
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local held = redis.call('HGET', KEYS[1], ARGV[1])
 if held and cjson.decode(held)['entry_id'] == ARGV[2] then return 0 end
 local now = redis.call('TIME')
@@ -1004,7 +1007,7 @@ class RedisWriteBehindLog:
         record = {**asdict(stuck), "since": None}
         noted = await self._run(
             "note_stuck",
-            [self._stuck],
+            [self._stuck, self._dirty],
             [stuck.thread_id, stuck.entry_id, json.dumps(record)],
         )
         return bool(noted)

@@ -24,7 +24,14 @@ from devstack import RedisServer, free_port
 from state.checkpoint.flusher import Flusher
 from state.cold.postgres_checkpoints import PostgresCheckpointStore
 from state.errors import EntryStuck, NotStuck
-from state.ports import CheckpointPut, CheckpointStore, StoredCheckpoint, StoredWrite, WritesPut
+from state.ports import (
+    CheckpointPut,
+    CheckpointStore,
+    StoredCheckpoint,
+    StoredWrite,
+    StuckEntry,
+    WritesPut,
+)
 from state.settings import Settings
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
@@ -312,3 +319,55 @@ async def test_the_cli_lists_stuck_entries_and_discards_one_with_its_dependents(
             assert code == 0 and json.loads(stdout) == [], output
     finally:
         server.stop()
+
+
+async def test_a_worker_flushes_a_thread_again_once_another_process_discarded_its_stuck_entry(
+    tiers: WriteBehind,
+) -> None:
+    # The worker's background pass finds the thread stuck, and leaves it for a while.
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    await tiers.flusher.drain()  # the run's entries before the refused put are stored
+    [stuck] = await tiers.flusher.stuck()
+    # The operator's CLI, another process (a flusher of its own), discards it and flushes.
+    cli = Flusher(tiers.flusher.log, tiers.store, lock_ttl_ms=2_000)
+    await cli.discard_stuck(thread.thread_id, stuck.entry_id)
+    await cli.flush_thread(thread.thread_id)
+    assert not await tiers.flusher.log.pending(thread.thread_id)
+
+    # The run goes on: its next entry is the worker's to flush in the background, not left
+    # in Redis until the stuck thread's retry delay ends.
+    write = StoredWrite("task-3", "", 0, "messages", ("json", b'"after"'))
+    await tiers.flusher.log.append_writes(
+        thread.thread_id, "", thread.stored, [write], upsert=False, fence=None
+    )
+    assert await tiers.flusher.drain() == 1
+    assert not await tiers.flusher.log.pending(thread.thread_id)
+
+
+async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recorded(
+    tiers: WriteBehind,
+) -> None:
+    """A flusher past its lock, paused, reports the refusal after another process discarded
+    the entry and the thread left the listing: nothing would ever clear that record (no
+    flush takes the thread again), so it is not kept, and health does not stay degraded."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    entries = await tiers.flusher.log.read(thread.thread_id, count=1000)
+    refused = next(
+        entry
+        for entry in entries
+        if isinstance(entry.op, CheckpointPut)
+        and entry.op.checkpoint.checkpoint_id == thread.refused
+    )
+    await tiers.flusher.log.drop_entries(thread.thread_id, [entry.entry_id for entry in entries])
+    late = StuckEntry(
+        thread_id=thread.thread_id,
+        entry_id=refused.entry_id,
+        checkpoint_ns="",
+        checkpoint_id=thread.refused,
+        kind="put",
+        reason="InvalidValue: reported late",
+        since=0.0,
+    )
+    assert not await tiers.flusher.log.note_stuck(late)
+    assert await tiers.flusher.stuck() == []
+    assert (await tiers.flusher.backlog()).stuck_threads == 0

@@ -592,7 +592,25 @@ async def test_the_background_pass_tries_a_stuck_thread_again_only_after_a_while
     assert store.refusals == 4  # the rest of "a" as one batch, then the put alone
 
     store.refused = "none"  # its cause fixed, and its retry time come:
-    flusher._stuck_until["a"] = time.monotonic()
+    flusher._stuck_until["a"] = (time.monotonic(), flusher._stuck_until["a"][1])
     assert await flusher.drain() == 4
     assert not await log.pending("a")
     assert await log.stuck() == []
+
+
+async def test_a_boundary_that_stores_a_stuck_thread_ends_its_retry_delay(
+    log: MemoryWriteBehindLog,
+) -> None:
+    """Once a boundary stored what was stuck (its cause fixed), the background pass takes
+    the thread's next entries at once, even listed with the marker it was found stuck at."""
+    store = RefusingStore("0002")
+    flusher = Flusher(log, store, lock_ttl_ms=LOCK_TTL_MS)
+    await append(log, "a", 3)
+    assert await flusher.drain() == 2  # up to the stuck put
+    store.refused = "none"
+    assert await flusher.flush_thread("a") == 4
+    assert not await log.pending("a")
+
+    await append(log, "a", 3)  # as many appends as the thread was listed with when stuck
+    assert await flusher.drain() == 6
+    assert not await log.pending("a")
