@@ -339,6 +339,7 @@ def serve(
             status = _start_stack(where, with_postgres=backend == "postgres", ports=asked)
         try:
             if not started_here:
+                _refuse_a_stack_with_dead_servers(where, status)
                 status = _with_postgres_if_asked(where, status, backend, asked)
                 _refuse_ports_the_running_stack_ignores(where, status, asked)
             # Its actual ports (a free one chosen at start differs from the planned).
@@ -380,6 +381,22 @@ def _with_postgres_if_asked(
     added = _start_stack(where, with_postgres=True, ports=asked)
     asked.pop("postgres", None)  # applied just now
     return added
+
+
+def _refuse_a_stack_with_dead_servers(where: Path, status: dict[str, object]) -> None:
+    """A stack counts as running while any of its servers does: one that died since
+    (a crashed Redis, a killed emulator) would leave the API serving degraded or down,
+    or its callers without tokens, with nothing said."""
+    alive = status.get("alive")
+    dead = [name for name, up in alive.items() if not up] if isinstance(alive, dict) else []
+    if dead:
+        errors.print(
+            f"[red]the stack running from {escape(str(where))} has lost {', '.join(dead)}"
+            "[/red] (agent-state stack status): stop it (agent-state stack down) and serve "
+            "again, which starts it afresh",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _refuse_ports_the_running_stack_ignores(
@@ -652,14 +669,25 @@ def resume(
 
 @app.command()
 def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
-    """Up or down; each tier's health too for a caller with Cases.Operate."""
-    answer = _call("GET", api, "/health")
+    """Up or down; each tier's health too for a caller with Cases.Operate.
+
+    Exits 1 when the API reports itself down."""
+    response, answer = _send("GET", api, "/health")
+    # A `down` API answers 503 with the same report: shown as such, not as an error dump.
+    down = response.status_code == 503 and answer.get("status") == "down"
+    if not down:
+        _answer(response, answer)
     if as_json:
         _print_json(answer)
-        return
-    if answer.get("tiers") is None:
+    elif answer.get("tiers") is None:
         console.print(f"overall: {answer['status']} (tier details need Cases.Operate)")
-        return
+    else:
+        _print_tiers(answer)
+    if down:
+        raise typer.Exit(1)
+
+
+def _print_tiers(answer: dict[str, Any]) -> None:
     table = Table("tier", "up", "latency ms", "detail")
     for tier in answer["tiers"]:
         latency = tier["latency_ms"]

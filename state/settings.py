@@ -11,6 +11,7 @@ unknown variables are ignored, so both read one environment. Secrets are
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -181,6 +182,8 @@ class Settings(BaseSettings):
             )
         if self.state_cold_backend is ColdBackend.POSTGRES and self.postgres_url:
             _check_postgres_url(self.postgres_url)
+        if self.state_cold_backend is ColdBackend.COSMOS and self.cosmos_key:
+            _check_cosmos_key(self.cosmos_key)
         if self.redis_url:
             _check_redis_url(self.redis_url)
         if self.postgres_pool_min_size > self.postgres_pool_max_size:
@@ -248,6 +251,18 @@ def _check_postgres_url(url: SecretStr) -> None:
             "POSTGRES_URL is not a valid connection string (a URL, or key=value pairs; "
             "in a URL, a `%` or `@` in the password is written %25 or %40). Its text is "
             "not repeated here: it may hold the password"
+        ) from None
+
+
+def _check_cosmos_key(key: SecretStr) -> None:
+    """Decode COSMOS_KEY as the SDK will when it signs the first request: a key cut short
+    in a copy would otherwise surface there as a bare `binascii.Error` traceback."""
+    try:
+        base64.b64decode(key.get_secret_value())
+    except ValueError:  # binascii.Error
+        raise SettingsError(
+            "COSMOS_KEY is not a Cosmos account key (base64, as the portal's Keys blade or "
+            "`az cosmosdb keys list` gives it). Its text is not repeated here: it is a secret"
         ) from None
 
 

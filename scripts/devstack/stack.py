@@ -244,6 +244,10 @@ def _recorded(path: Path) -> dict[str, object] | None:
         servers = description["servers"]
         if not isinstance(servers, dict):
             raise TypeError("servers is not a mapping")
+        # Each as `up` writes it: `status` shows its port, `down` stops its pid.
+        for name, info in servers.items():
+            if not (isinstance(info, dict) and isinstance(info.get("port"), int)):
+                raise TypeError(f"the record of {name} has no port")
     except FileNotFoundError:
         return None
     except NotADirectoryError as error:

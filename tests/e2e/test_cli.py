@@ -19,6 +19,7 @@ from api_server import api_process, app_env, start_uvicorn, wait_for
 from typer.testing import CliRunner
 
 from agent_state_cli.cli import SseFrame, app, sse_frames
+from devstack import CosmosEmulator, free_port
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
 from tests.step_pause import PAUSE_AFTER_ENV, PAUSED_APP
@@ -111,6 +112,38 @@ async def test_submit_show_audit_checkpoints_review(
         monkeypatch.setenv("AGENT_STATE_ROLES", "Cases.Submit")
         code, out = await cli("audit", demo_id, *api)
         assert code == 1 and "403" in out and "Cases.Operate" in out
+
+
+async def test_health_of_an_api_that_is_down_shows_its_tiers_and_exits_1(
+    stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API answers `down` with a 503: once printed as `503: {"status":"down",...}`, the
+    report's raw JSON as if it were an error message, the moment `health` matters most."""
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    # The API's own emulator, so stopping it leaves the session's stack alone.
+    cosmos = CosmosEmulator(port=free_port(), workdir=tmp_path / "cosmos")
+    cosmos.start()
+    env = {
+        **stack_env,
+        "STATE_COLD_BACKEND": "cosmos",
+        "COSMOS_ENDPOINT": cosmos.endpoint,
+        "COSMOS_CREATE_IF_MISSING": "true",
+    }
+    try:
+        async with api_process(env, tmp_path / "api.log") as (_, client):
+            api = ("--api", str(client.base_url))
+            cosmos.stop()
+
+            code, out = await cli("health", *api)
+            assert code == 1, out
+            assert "overall: down" in out and re.search(r"cosmos\s+│\s+NO", out), out
+            assert "503" not in out and '"status"' not in out, out
+
+            code, output, stdout = await cli_streams("health", "--json", *api)
+            assert code == 1, output
+            assert json.loads(stdout)["status"] == "down"
+    finally:
+        cosmos.stop()
 
 
 INVOICE = "I also can't download my invoice"

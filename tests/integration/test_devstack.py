@@ -264,3 +264,41 @@ def test_a_cluster_whose_workdir_is_gone_is_removed_when_the_next_one_is_prepare
     finally:
         for server in (orphan, kept, following):
             server.remove_data()
+
+
+def test_serve_refuses_a_running_stack_that_lost_a_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis crashed while the emulator runs: `serve` once started the API against the dead
+    Redis, saying nothing (its health then `degraded`, every run without a hot tier)."""
+    from typer.testing import CliRunner
+
+    from agent_state_cli.cli import app
+
+    served: list[int] = []
+    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
+    alive = {"port": 8091, "pid": os.getpid()}
+    # This process's pid recorded with another start: a pid reused since, i.e. dead Redis.
+    dead = {"port": 6390, "pid": os.getpid(), "started": "another-boot:1"}
+    state_file(tmp_path).write_text(
+        json.dumps(
+            {
+                "workdir": str(tmp_path),
+                "servers": {"redis": dead, "cosmos": alive, "issuer": {**alive, "port": 8095}},
+                "env": {
+                    "COSMOS_ENDPOINT": "https://127.0.0.1:8091/",
+                    "REDIS_URL": "redis://127.0.0.1:6390/0",
+                },
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["serve", "--workdir", str(tmp_path), "--port", str(free_port())]
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "has lost redis" in lines[0] and "stack down" in lines[0]
+    assert served == []
+    assert state_file(tmp_path).exists()  # nothing stopped or forgotten

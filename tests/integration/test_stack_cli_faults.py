@@ -481,3 +481,22 @@ def test_serve_stopped_while_the_api_starts_stops_the_stack_it_started(
     assert len(ports) == 3, output
     assert [port for port in ports if _listening(port)] == [], output
     assert devstack.status(workdir) == {"running": False}, output
+
+
+@pytest.mark.parametrize(
+    "record", [{"pid": os.getpid()}, "redis"], ids=["without-port", "not-a-mapping"]
+)
+def test_a_server_record_without_its_port_is_named_not_a_traceback(
+    workdir: Path, record: object
+) -> None:
+    """A state file edited by hand (or by an older `up`): `status` ended in `KeyError:
+    'port'` for a live pid, and called a stack running on a record it skipped not running."""
+    state_file(workdir).write_text(json.dumps({"servers": {"redis": record}, "env": {}}))
+    try:
+        result = agent_state("stack", "status", "--workdir", str(workdir))
+    finally:
+        state_file(workdir).unlink()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the record of redis has no port" in lines[0], result.stderr

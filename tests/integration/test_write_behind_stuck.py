@@ -371,3 +371,23 @@ async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recor
     assert not await tiers.flusher.log.note_stuck(late)
     assert await tiers.flusher.stuck() == []
     assert (await tiers.flusher.backlog()).stuck_threads == 0
+
+
+def test_the_cli_names_a_malformed_cosmos_key_in_one_line(stack_env: dict[str, str]) -> None:
+    """A key cut short (not base64) used to end `write-behind stuck` in the SDK's
+    `binascii.Error: Incorrect padding` traceback, at the first signed request."""
+    malformed = stack_env["COSMOS_KEY"][:-3]
+    env = {
+        "COLUMNS": "200",
+        "STATE_COLD_BACKEND": "cosmos",
+        "COSMOS_ENDPOINT": stack_env["COSMOS_ENDPOINT"],
+        "COSMOS_KEY": malformed,
+        "REDIS_URL": stack_env["REDIS_URL"],
+        "STATE_WRITE_MODE": "write-behind",
+    }
+    result = CliRunner().invoke(app, ["write-behind", "stuck"], env=env)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("COSMOS_KEY is not a Cosmos account key"), line
+    assert malformed not in result.output

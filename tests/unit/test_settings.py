@@ -172,3 +172,14 @@ async def test_a_malformed_connection_url_is_refused_without_its_password(
     assert "hunter2" not in "".join(traceback.format_exception(refused.value))
     assert isinstance(refused.value, SettingsError), refused.value
     assert variable in str(refused.value)
+
+
+def test_a_malformed_cosmos_key_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_KEY", EMULATOR_KEY[:-3])
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value).startswith("COSMOS_KEY is not a Cosmos account key")
+    assert EMULATOR_KEY[:20] not in str(refused.value)
