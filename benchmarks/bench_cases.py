@@ -75,7 +75,7 @@ from state import TieredStateStore  # noqa: E402
 from state.cold.cosmos_client import CosmosConnection  # noqa: E402
 from state.factory import open_backends  # noqa: E402
 from state.settings import Settings  # noqa: E402
-from support_cases.effects import SimulatedProvider, idempotency_key  # noqa: E402
+from support_cases.effects import SimulatedProvider  # noqa: E402
 from support_cases.runs import INDEX_SHARDS, shard_of  # noqa: E402
 
 BACKENDS = ("cosmos", "postgres")
@@ -500,11 +500,18 @@ class ColdBytes:
             await self._cosmos.close()
 
 
-def case_threads(case_id: str) -> list[str]:
+def effect_keys(case: dict[str, Any]) -> dict[str, str]:
+    """The idempotency key of each of the case's side effects, as its answer names them (a
+    key carries the case's incarnation: not derivable from the case id alone)."""
+    return {effect["kind"]: effect["idempotency_key"] for effect in case.get("effects", [])}
+
+
+async def case_threads(clients: Clients, url: str, case_id: str) -> list[str]:
     """The case's own thread and the provider ledgers of its side effects."""
-    return [case_id] + [
-        SimulatedProvider.ledger_id(idempotency_key(case_id, kind)) for kind in EFFECTS
-    ]
+    answer = await clients.get(url, OPERATOR).get(f"/api/cases/{case_id}")
+    answer.raise_for_status()
+    keys = effect_keys(answer.json())
+    return [case_id] + [SimulatedProvider.ledger_id(key) for key in keys.values()]
 
 
 async def counted_phase(
@@ -523,7 +530,7 @@ async def counted_phase(
         run.counts = dict(after - before)
         run.redis_by_command = dict(commands_after - commands)
         run.redis_commands = sum(run.redis_by_command.values())
-        run.cold_bytes = await cold.of(case_threads(run.case_id))
+        run.cold_bytes = await cold.of(await case_threads(clients, url, run.case_id))
         run.hot_bytes = await hot_bytes(observer, run.case_id)
         log(f"  counted: {index + 1}/{len(runs)} ({'review' if run.review else 'auto'})")
     return time.perf_counter() - started
@@ -557,11 +564,12 @@ async def verify(
     if (case.get("refund") or {}).get("status") != "issued":
         problems.append("no refund issued")
     effects = {effect["kind"]: effect["status"] for effect in case.get("effects", [])}
+    keys = effect_keys(case)
     provider = SimulatedProvider(store)
     for kind in EFFECTS:
         if effects.get(kind) != "done":
             problems.append(f"effect {kind} {effects.get(kind)}")
-        performed = len(await provider.performed(idempotency_key(run.case_id, kind)))
+        performed = len(await provider.performed(keys[kind])) if kind in keys else 0
         if performed != 1:
             problems.append(f"{kind} performed {performed} times")
     answer = await operator.get(f"/api/cases/{run.case_id}/audit", params={"limit": 500})
