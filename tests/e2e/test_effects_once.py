@@ -171,6 +171,18 @@ async def test_a_claim_whose_call_is_on_its_way_is_respected_in_its_own_process(
     assert await runtime.provider.performed(f"{case_id}:refund") == []
 
 
+def dead_refund_claim(key: str) -> dict[str, Any]:
+    """A refund claim an attempt that died left pending, its lease over."""
+    return {
+        "kind": "refund",
+        "idempotency_key": key,
+        "status": "pending",
+        "claim": "dead",
+        "lease_until": 0,
+        "request": {"amount": 900.0, "currency": "EUR"},
+    }
+
+
 @pytest.mark.parametrize("decision", ["reject", "no_refund"])
 async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued(
     runtime: Runtime, decision: str
@@ -181,14 +193,7 @@ async def test_a_refund_not_approved_this_time_reports_one_an_earlier_run_issued
     case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
     key = f"{case_id}:refund"
     await runtime.store.create(case_id, {}, agent_id="test")
-    claim = {
-        "kind": "refund",
-        "idempotency_key": key,
-        "status": "pending",
-        "claim": "dead",
-        "lease_until": 0,
-        "request": {"amount": 900.0, "currency": "EUR"},
-    }
+    claim = dead_refund_claim(key)
     await runtime.store.update_section(case_id, "effect_refund", claim, agent_id="refund-agent")
     paid = await runtime.provider.perform(key, "refund", claim["request"])
     effects = Effects(runtime.store, runtime.provider, lease_seconds=30, call_timeout_seconds=30)
@@ -479,14 +484,7 @@ async def test_a_stale_hot_copy_does_not_hide_a_refund_another_worker_paid(
     case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
     key = f"{case_id}:refund"
     created = await runtime.store.create(case_id, {}, agent_id="test")
-    claim = {
-        "kind": "refund",
-        "idempotency_key": key,
-        "status": "pending",
-        "claim": "dead",
-        "lease_until": 0,
-        "request": {"amount": 900.0, "currency": "EUR"},
-    }
+    claim = dead_refund_claim(key)
     # Past the hot tier, as a worker that could not reach Redis writes.
     await runtime.backends.cold.update_section(
         case_id,
