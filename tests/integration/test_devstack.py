@@ -194,6 +194,8 @@ def test_serve_with_postgres_adds_it_to_the_running_stack(
         assert code == 1 and "already running" in error
     finally:
         code, output, _ = _stack_cli("down", "--workdir", str(tmp_path))
+        # `down` keeps Postgres's data (a dev stack's); as root it lives outside tmp_path.
+        PostgresServer(port=0, workdir=tmp_path / "postgres").remove_data()
     assert code == 0 and "stopped: redis, cosmos, issuer, postgres" in output
 
 
