@@ -44,7 +44,12 @@ from rich.text import Text
 
 from state import SettingsError
 from support_cases.demo import demo_case
-from support_cases.models import CASE_ID_PATTERN, FollowUpStrategy
+from support_cases.models import (
+    AUDIT_PAGE_MAX,
+    CASE_ID_PATTERN,
+    HISTORY_PAGE_MAX,
+    FollowUpStrategy,
+)
 from support_cases.settings import AppSettings
 
 from .tokens import InsecureApi, TokenUnavailable, access_token
@@ -66,12 +71,24 @@ errors = Console(stderr=True)
 
 
 def _checked_api(api: str) -> str:
-    """A URL that does not even parse (`http://[::1`) is a usage error, not a traceback."""
+    """A URL that does not parse (`http://[::1`), lacks a scheme or host (`localhost:7071`),
+    or names the `/api` prefix the CLI adds itself is a usage error, not a traceback, a
+    token refusal or a bare 404."""
     try:
         httpx.URL(api)
-        urlsplit(api).hostname  # noqa: B018  (raises on a malformed host)
+        where = urlsplit(api)
+        host = where.hostname
     except (httpx.InvalidURL, ValueError) as error:
         raise typer.BadParameter(f"{api!r} is not a URL: {error}") from error
+    if where.scheme not in ("http", "https") or not host:
+        raise typer.BadParameter(
+            f"{api!r} is not a URL: give its scheme and host, e.g. {DEFAULT_API}"
+        )
+    if where.path.rstrip("/").endswith("/api"):
+        root = api.rstrip("/").removesuffix("/api")
+        raise typer.BadParameter(
+            f"{api!r} names the /api prefix, which every command adds: use {root}"
+        )
     return api
 
 
@@ -459,16 +476,39 @@ def _auth_headers(api: str) -> dict[str, str]:
 
 def _body(response: httpx.Response) -> dict[str, Any]:
     try:
-        return response.json() if response.content else {}
+        body = response.json() if response.content else {}
     except ValueError:  # not JSON: a proxy's or the Functions host's own error page
         return {"error": response.text}
+    if not isinstance(body, dict):  # every answer of this API is an object
+        errors.print(
+            f"[red]{response.status_code}: {escape(str(response.request.url))} answered a JSON "
+            f"{type(body).__name__}, not this API's answer[/red] (is --api this API's URL?)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    return body
 
 
 def _refuse_errors(response: httpx.Response, body: dict[str, Any]) -> None:
     """An error answer is printed and ends the command."""
     if response.status_code >= 400:
-        errors.print(f"[red]{response.status_code}: {body.get('error', response.text)}[/red]")
+        errors.print(
+            f"[red]{response.status_code}: {escape(str(body.get('error', response.text)))}[/red]"
+            + _unsent_token_hint(response),
+            soft_wrap=True,
+        )
         raise typer.Exit(1)
+
+
+def _unsent_token_hint(response: httpx.Response) -> str:
+    """A 401 for a call that carried no token says where the CLI looks for one."""
+    if response.status_code != 401 or "authorization" in response.request.headers:
+        return ""
+    return (
+        " (no token was sent: for a local stack set AGENT_STATE_ISSUER to the AUTH_ISSUER "
+        "`agent-state stack status` shows for its workdir; otherwise AGENT_STATE_TOKEN or "
+        "AGENT_STATE_SCOPE)"
+    )
 
 
 def _answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
@@ -571,7 +611,10 @@ def show(case: CaseArgument, api: ApiOption = DEFAULT_API, as_json: JsonOption =
 @app.command()
 def checkpoints(
     case: CaseArgument,
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    limit: Annotated[
+        int,
+        typer.Option(min=1, max=HISTORY_PAGE_MAX, help="How many, newest first."),
+    ] = 20,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
 ) -> None:
@@ -596,7 +639,10 @@ def checkpoints(
 @app.command()
 def audit(
     case: CaseArgument,
-    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 100,
+    limit: Annotated[
+        int,
+        typer.Option(min=1, max=AUDIT_PAGE_MAX, help="How many entries, newest first."),
+    ] = 100,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -49,6 +50,9 @@ def _with_flusher(work: Callable[[Flusher], Awaitable[T]]) -> T:
         finally:
             await backends.close()
 
+    # The clients log each failed connection attempt: the one-line error below says it.
+    for chatty in ("azure", "psycopg"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     try:
         return asyncio.run(run())
     except StateError as error:

@@ -34,8 +34,10 @@ from .encoded_slash import KeepEncodedSlashes
 from .events import sse_frame
 from .http_errors import install_error_handlers
 from .models import (
+    AUDIT_PAGE_MAX,
     CASE_ID_PATTERN,
     CHECKPOINT_ID_PATTERN,
+    HISTORY_PAGE_MAX,
     AuditTrailView,
     CaseLinks,
     CaseStatus,
@@ -194,7 +196,7 @@ async def case_checkpoints(
     case_id: CaseId,
     caller: Operator,
     cases: Cases,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX)] = 20,
     # A checkpoint id (LangGraph's are UUIDs): anything else would page from the newest.
     before: Annotated[str | None, Query(pattern=CHECKPOINT_ID_PATTERN)] = None,
 ) -> CheckpointPageView:
@@ -206,7 +208,7 @@ async def case_audit(
     case_id: CaseId,
     caller: Operator,
     cases: Cases,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: Annotated[int, Query(ge=1, le=AUDIT_PAGE_MAX)] = 100,
 ) -> AuditTrailView:
     return await cases.audit(case_id, limit=limit)
 

@@ -21,6 +21,9 @@ CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 CHECKPOINT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 CONVERSATION_SNAPSHOT_EVERY = 50
+# Page sizes the API serves (and the CLI offers) for a case's history and audit trail.
+HISTORY_PAGE_MAX = 100
+AUDIT_PAGE_MAX = 500
 
 
 # --------------------------------------------------------------------------- graph state

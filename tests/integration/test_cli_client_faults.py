@@ -1,0 +1,160 @@
+"""The CLI's client commands pointed at the wrong place, as a user meets them: each a real CLI
+process against a real (if foreign) HTTP server on loopback; the answer is one line saying
+what is wrong, never a traceback, a bare 404 or a misleading refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from devstack import COSMOS_EMULATOR_KEY, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join(str(REPO_ROOT / part) for part in (".", "function_app", "scripts"))
+CLI = [sys.executable, "-c", "from agent_state_cli.cli import main; main()"]
+# A loopback address the CLI does not treat as the local stack's: it asks no issuer for a
+# token there, as for a remote API.
+FOREIGN_HOST = "127.0.0.2"
+TOKEN_SOURCES = ("AGENT_STATE_TOKEN", "AGENT_STATE_ISSUER", "AGENT_STATE_SCOPE", "AGENT_STATE_API")
+
+
+def agent_state(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in TOKEN_SOURCES}
+    return subprocess.run(
+        [*CLI, *args],
+        env={**base, "PYTHONPATH": PYTHONPATH, "COLUMNS": "200", **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return " ".join(result.stderr.split())
+
+
+@pytest.fixture
+def foreign_api() -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    yield from _serving(FOREIGN_HOST)
+
+
+@pytest.fixture
+def loopback_api() -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    yield from _serving("127.0.0.1")
+
+
+def _serving(host: str) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    """A server that is not this API: it answers each request with the next (status, body)
+    queued."""
+    answers: list[tuple[int, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answers.pop(0)
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}", answers
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_an_api_without_a_scheme_is_not_a_url_even_with_a_token_set() -> None:
+    """It said "refusing to send a bearer token to notaurl unencrypted"."""
+    result = agent_state("show", "case_1", "--api", "localhost:7071", AGENT_STATE_TOKEN="t")
+    error = one_line_error(result, 2)
+    assert "'localhost:7071' is not a URL" in error and "http://127.0.0.1:7071" in error
+
+
+def test_an_api_naming_the_api_prefix_is_told_its_root() -> None:
+    """The CLI adds /api to every path: it said `404: Not Found`."""
+    result = agent_state("show", "case_1", "--api", "http://127.0.0.1:7071/api/")
+    error = one_line_error(result, 2)
+    assert "names the /api prefix" in error and "use http://127.0.0.1:7071" in error
+
+
+@pytest.mark.parametrize(
+    ("command", "limit", "bound"),
+    [
+        ("checkpoints", "101", "less than or equal to 100"),
+        ("audit", "0", "greater than or equal to 1"),
+        ("audit", "501", "less than or equal to 500"),
+    ],
+)
+def test_a_page_size_the_api_refuses_is_a_usage_error(command: str, limit: str, bound: str) -> None:
+    result = agent_state(command, "case_1", "--limit", limit, "--api", "http://127.0.0.1:1")
+    error = one_line_error(result, 2)
+    assert "Invalid value for '--limit'" in error and bound in error
+
+
+def test_a_json_answer_that_is_not_an_object_is_named(
+    foreign_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    """Every answer of this API is an object: a list (another service) raised AttributeError."""
+    api, answers = foreign_api
+    answers.append((200, json.dumps([1, 2]).encode()))
+    error = one_line_error(agent_state("show", "case_1", "--api", api), 1)
+    assert "answered a JSON list, not this API's answer" in error and "--api" in error
+
+
+def test_a_401_to_a_call_without_a_token_says_where_tokens_come_from(
+    foreign_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    """An API served from another workdir than the CLI's stack: the CLI found no issuer and
+    printed the API's `401: missing bearer token` alone."""
+    api, answers = foreign_api
+    answers.append((401, json.dumps({"error": "missing bearer token"}).encode()))
+    error = one_line_error(agent_state("show", "case_1", "--api", api), 1)
+    assert error.startswith("401: missing bearer token (no token was sent")
+    assert "AGENT_STATE_ISSUER" in error and "agent-state stack status" in error
+
+
+def test_a_401_to_a_call_with_a_token_is_printed_as_the_api_says(
+    loopback_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    api, answers = loopback_api
+    answers.append((401, json.dumps({"error": "token expired"}).encode()))
+    error = one_line_error(agent_state("show", "case_1", "--api", api, AGENT_STATE_TOKEN="t"), 1)
+    assert error == "401: token expired"
+
+
+def test_write_behind_with_its_stores_unreachable_prints_one_line(tmp_path: Path) -> None:
+    """The Cosmos client logged "Marking ... unavailable" (psycopg's pool: "error connecting",
+    once per attempt) before the command's own error."""
+    closed = free_port()
+    result = agent_state(
+        "write-behind",
+        "stuck",
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        COSMOS_ENDPOINT=f"https://127.0.0.1:{closed}/",
+        COSMOS_KEY=COSMOS_EMULATOR_KEY,
+        STATE_COLD_BACKEND="cosmos",
+        STATE_WRITE_MODE="write-behind",
+    )
+    error = one_line_error(result, 1)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert error.startswith("cosmos unavailable") or error.startswith("redis unavailable")
