@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Re-pins every dependency from pyproject.toml: requirements.lock (runtime),
-# requirements-dev.lock (runtime + dev) and the deploy package's
+# Re-pins every dependency from pyproject.toml: requirements.lock (runtime: what the
+# Functions app imports), requirements-dev.lock (runtime + the CLI extra + dev) and the deploy package's
 # function_app/requirements.txt (generated from requirements.lock; a test checks they agree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--universal --python-version 3.11 --generate-hashes --quiet)
-uv pip compile pyproject.toml --group dev "${common[@]}" -o requirements-dev.lock "$@"
+uv pip compile pyproject.toml --extra cli --group dev "${common[@]}" -o requirements-dev.lock "$@"
 # The runtime set is resolved within the dev pins, so both locks name the same versions.
 uv pip compile pyproject.toml "${common[@]}" --constraint requirements-dev.lock -o requirements.lock
 {

@@ -38,7 +38,10 @@ def test_every_declared_dependency_is_pinned_with_hashes() -> None:
     dev = _pins((ROOT / "requirements-dev.lock").read_text())
     for requirement in project["project"]["dependencies"]:
         assert _normalise(requirement) in runtime, requirement
-    for requirement in project["dependency-groups"]["dev"]:
+    for requirement in [
+        *project["project"]["optional-dependencies"]["cli"],
+        *project["dependency-groups"]["dev"],
+    ]:
         assert _normalise(requirement) in dev, requirement
     assert "--hash=sha256:" in (ROOT / "requirements.lock").read_text()
 
@@ -52,3 +55,11 @@ def test_runtime_and_dev_locks_agree_on_shared_pins() -> None:
         if name in dev and dev[name] != version
     }
     assert not disagreements
+
+
+def test_the_deploy_package_leaves_the_cli_out() -> None:
+    """The Functions app imports neither the CLI nor the local server behind `serve`."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deploy = _pins((ROOT / "function_app" / "requirements.txt").read_text())
+    for requirement in project["project"]["optional-dependencies"]["cli"]:
+        assert _normalise(requirement) not in deploy, requirement
