@@ -8,8 +8,11 @@ answered by the store since that call began, the circuit opens: for `OPEN_SECOND
 every call fails at once with `BackendUnavailable`; after that one call at a time goes
 ahead as a probe (the others still refused while it is out), and the first answer
 closes the circuit. Other calls answering while
-one waits mean the store is alive and that call was slow: it opens nothing. A refused
-connection fails fast on its own and opens nothing either.
+one waits mean the store is alive and that call was slow: it opens nothing. An answer
+counts from when its request was sent, not from when it was read: one sent before that
+call began (a pooled connection's setup, read late on a busy event loop after a link
+went silent) tells nothing of the store since. A refused connection fails fast on its
+own and opens nothing either.
 
 Shared by every caller of one connection object (the event loop's and the sync API's
 threads alike).
@@ -70,12 +73,12 @@ class AnswerCircuit:
             self._settled(probe)
             raise
         except Exception:
-            self._answered()
+            self._answered(started)
             raise
         except BaseException:
             self._settled(probe)
             raise
-        self._answered()
+        self._answered(started)
 
     def _enter(self) -> tuple[float, object | None]:
         """When the call started, and its probe token if it goes out as the probe."""
@@ -95,16 +98,22 @@ class AnswerCircuit:
                 return now, probe
         return now, None
 
-    def heard(self) -> None:
-        """The store answered something (a statement's result within a longer call, a
-        cancel request acknowledged): it is alive, whatever the call's outcome."""
-        self._last_answer = self._clock()
+    def now(self) -> float:
+        """The circuit's clock: when a request is sent, for `heard`."""
+        return self._clock()
 
-    def _answered(self) -> None:
+    def heard(self, sent: float | None = None) -> None:
+        """The store answered something (a statement's result within a longer call, a
+        cancel request acknowledged): it is alive, whatever the call's outcome. `sent`:
+        when that request went out (`now()`), if known; else the answer is taken as new."""
+        at = self._clock() if sent is None else sent
+        self._last_answer = max(self._last_answer, at)
+
+    def _answered(self, started: float) -> None:
         # Under the lock even while closed: a timeout judged at the same moment on another
         # thread (`_no_answer`) must either see this answer or be closed again by it.
         with self._lock:
-            self._last_answer = self._clock()
+            self._last_answer = max(self._last_answer, started)
             if self._open_until:
                 self._open_until = self._probe_until = 0.0
                 self._probe = None

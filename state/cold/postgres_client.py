@@ -176,11 +176,16 @@ class CountedConnection(AsyncConnection[DictRow]):
         if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
             return await super().wait(gen, interval, timeout)
         read = [False]
+        # What it reads answers what this wait sends, not earlier: an answer read late
+        # (the event loop busy) must not count as news of the store since.
+        circuit = self.circuit
+        sent = circuit.now() if circuit is not None else 0.0
         try:
             result = await super().wait(
                 _noting_reads(gen, read), interval, _wait_bound(self.deadline, self.answer_timeout)
             )
         except psycopg.errors._WaitTimeout as exc:  # psycopg's own, raised for `timeout`
+            cancelled = circuit.now() if circuit is not None else 0.0
             try:
                 await self.cancel_safe(timeout=CANCEL_SECONDS)  # a live server stops it
             except psycopg.Error:
@@ -188,13 +193,13 @@ class CountedConnection(AsyncConnection[DictRow]):
             else:
                 # The server acknowledged the cancel: alive, only slow (or waiting on a
                 # lock held elsewhere), which must not open the circuit.
-                if self.circuit is not None:
-                    self.circuit.heard()
+                if circuit is not None:
+                    circuit.heard(cancelled)
             finally:
                 self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
-        if self.circuit is not None and read[0]:
-            self.circuit.heard()
+        if circuit is not None and read[0]:
+            circuit.heard(sent)
         return result
 
 
@@ -248,6 +253,8 @@ class CountedBlockingConnection(psycopg.Connection[DictRow]):
         if timeout is not None:  # a wait the caller bounded itself: its timeout is its own
             return super().wait(gen, interval, timeout)
         read = [False]
+        circuit = self.circuit
+        sent = circuit.now() if circuit is not None else 0.0  # as in `CountedConnection.wait`
         try:
             result = super().wait(
                 _noting_reads(gen, read), interval, _wait_bound(self.deadline, self.answer_timeout)
@@ -256,8 +263,8 @@ class CountedBlockingConnection(psycopg.Connection[DictRow]):
             # Not asked to cancel: `statement_timeout` has stopped it if the server is alive.
             self.pgconn.finish()
             raise ServerSilent("no answer in time") from exc
-        if self.circuit is not None and read[0]:
-            self.circuit.heard()  # an earlier statement of a long call answered
+        if circuit is not None and read[0]:
+            circuit.heard(sent)  # an earlier statement of a long call answered
         return result
 
 

@@ -69,7 +69,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -1340,9 +1340,10 @@ class RedisCheckpointCache:
         self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
     ) -> None:
         self.epochs.forget(thread_id, checkpoint_ns)
+        call = self._call_after_rest if strict else self._call_now
         if checkpoint_ns is not None:
             key = self.key(thread_id, checkpoint_ns)
-            if await self._call(key, self._delete_entry(key)) is not None:
+            if await call(key, lambda: self._delete_entry(key)) is not None:
                 self._suspect.discard(key)
             elif strict:
                 raise _not_invalidated(thread_id)
@@ -1352,7 +1353,7 @@ class RedisCheckpointCache:
         # Redis may evict it (reads touch the entries, not the index).
         root = self.key(thread_id, "")
         namespaces = cast(
-            "set[bytes] | None", await self._call(index, self._client.smembers(index))
+            "set[bytes] | None", await call(index, lambda: self._client.smembers(index))
         )
         if namespaces is None:
             self._suspect.add(root)  # never served by this process until dropped
@@ -1363,7 +1364,7 @@ class RedisCheckpointCache:
         # A copy: a sync caller's thread may suspect or clear an entry meanwhile.
         keys += [key for key in list(self._suspect) if key.startswith(root)]
         others = [other for key in keys for other in self.other_formats(key)]
-        if await self._call(index, self._client.delete(index, *keys, *others)) is not None:
+        if await call(index, lambda: self._client.delete(index, *keys, *others)) is not None:
             self._suspect.difference_update(keys)
         elif strict:
             raise _not_invalidated(thread_id)
@@ -1390,6 +1391,31 @@ class RedisCheckpointCache:
             return None
         self._healthy = True
         return result
+
+    async def _call_now(self, key: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        return await self._call(key, call())
+
+    async def _call_after_rest(self, key: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`_call` for an invalidation that must reach Redis (maintenance): refused unsent
+        while this process rests a server that timed out lately (`ServerCircuit`, at most
+        `FAIL_FAST_SECONDS`), it is sent once the rest is over, as the probe. A delete is
+        idempotent, and a user's delete right after a brief stall must not fail only for
+        the rest. Refused for longer (another caller's probe is out), it fails now."""
+        try:
+            result = await call()
+        except redis_client.ServerTimedOutLately as exc:
+            if exc.rest > redis_client.FAIL_FAST_SECONDS:
+                self._failed(key, exc)
+                return None
+            rest = exc.rest
+        except (RedisError, OSError) as exc:
+            self._failed(key, exc)
+            return None
+        else:
+            self._healthy = True
+            return result
+        await asyncio.sleep(rest)
+        return await self._call(key, call())
 
     def _failed(self, key: str, error: Exception) -> None:
         self.stats.errors += 1

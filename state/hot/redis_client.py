@@ -139,9 +139,10 @@ class ServerCircuit:
             if now >= self._probe_until:
                 self._prober, self._probe_until = connection, now + PROBE_SECONDS
                 return
+        rest = max(self.open_until, self._probe_until) - now
         raise ServerTimedOutLately(
-            f"Redis at {self.address} timed out lately: not tried again for "
-            f"{max(self.open_until, self._probe_until) - now:.1f} s"
+            f"Redis at {self.address} timed out lately: not tried again for {rest:.1f} s",
+            rest=rest,
         )
 
     def timed_out(self, connection: object) -> None:
@@ -160,7 +161,12 @@ class ServerCircuit:
 
 class ServerTimedOutLately(RedisError):
     """Not sent: the server timed out lately (`ServerCircuit`). Not a `ConnectionError`,
-    which the client's `Retry` would retry after a backoff: nothing is gained by it."""
+    which the client's `Retry` would retry after a backoff: nothing is gained by it.
+    `rest`: seconds until a call may be sent again (as the probe)."""
+
+    def __init__(self, message: str, *, rest: float) -> None:
+        super().__init__(message)
+        self.rest = rest
 
 
 _CIRCUITS: dict[str, ServerCircuit] = {}

@@ -9,6 +9,7 @@ and a backlog left in its log would be flushed back onto it."""
 from __future__ import annotations
 
 import operator
+import time
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold import postgres_checkpoints
 from state.errors import BackendUnavailable, RequestRejected
+from state.hot import redis_client
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
 from tests.faults.proxy import LoopbackProxy
@@ -110,6 +112,36 @@ async def test_write_through_delete_is_refused_during_a_redis_partition_then_not
                 len(same.values.get("messages", [])),
                 len(state.values.get("messages", [])),
             ) == (0, 0)
+
+
+async def test_a_delete_right_after_a_brief_redis_stall_waits_out_the_rest_and_is_done(
+    stack_env: dict[str, str],
+    redis_proxy: tuple[LoopbackProxy, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis call timed out a moment ago, the stall is over: the process still rests the
+    server (`ServerCircuit`), refusing calls unsent. A delete then waits the rest out and
+    is done, not refused: dropping cached checkpoints is idempotent."""
+    # Long enough that the delete starts within the rest however loaded the machine.
+    monkeypatch.setattr(redis_client, "FAIL_FAST_SECONDS", 3.0)
+    proxy, url = redis_proxy
+    settings = stack_settings(stack_env, "postgres", False, "write-through", redis_url=url)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        proxy.cut("blackhole")
+        try:
+            await graph.aget_state(cfg)  # Redis times out: served from the cold tier
+        finally:
+            proxy.restore()
+        target = urlparse(url)
+        assert target.hostname is not None and target.port is not None
+        resting = redis_client.circuit_for(target.hostname, target.port)
+        assert resting.open_until > time.monotonic()
+        await opened.saver.adelete_thread(thread_id)
+        assert (await graph.aget_state(cfg)).values == {}
 
 
 class Profiled(TypedDict, total=False):

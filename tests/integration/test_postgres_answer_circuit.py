@@ -5,6 +5,7 @@ the next call is sent, not refused. A silent one opens it, however the call was 
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from urllib.parse import urlsplit
 
@@ -25,12 +26,13 @@ def _open_long(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(circuit, "OPEN_SECONDS", 30.0)
 
 
-def _pg(stack_env: dict[str, str], timeout: float) -> PostgresConnection:
+def _pg(stack_env: dict[str, str], timeout: float, *, pool_size: int = 1) -> PostgresConnection:
     settings = Settings.model_validate(
         {
             "state_cold_backend": "postgres",
             "postgres_url": stack_env["POSTGRES_URL"],
             "postgres_operation_timeout_seconds": timeout,
+            "postgres_pool_min_size": pool_size,
         }
     )
     return PostgresConnection(settings.postgres)
@@ -131,6 +133,38 @@ def test_a_silent_server_opens_the_circuit_for_a_sync_call(
                 conn.execute("SELECT 1")
         finally:
             asyncio.run(asyncio.wait_for(pg.close(), 10))
+
+
+async def test_an_answer_sent_before_a_silent_call_but_read_during_it_opens_the_circuit(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another pooled connection's statement (the pool's own set-up of a connection, in the
+    full suite) was answered just before the link went silent, and the busy event loop
+    reads that answer only while the next call waits: news from before that call, so it
+    still opens the circuit (once, each later call waited out the timeout in turn)."""
+    _open_long(monkeypatch)
+    with LoopbackProxy(_port(stack_env)) as proxy:
+        pg = _pg({"POSTGRES_URL": _through(stack_env, proxy)}, 1.0, pool_size=2)
+        try:
+            pool = await pg.pool()
+            await pool.wait()
+            other = await pool.getconn()
+            answered_late = asyncio.create_task(other.execute("SELECT 1"))
+            await asyncio.sleep(0)  # sent; its answer is read once the loop runs again
+            # Blocking the loop (as a busy one would) until the answer has arrived.
+            assert select.select([other.pgconn.socket], [], [], 10)[0]
+            proxy.cut("blackhole")
+            with pytest.raises(NoAnswer):
+                async with pg.connection("read") as conn:
+                    await conn.execute("SELECT 1")
+            assert answered_late.done()
+            with pytest.raises(BackendUnavailable, match="answered nothing lately"):
+                async with pg.connection("next") as conn:
+                    await conn.execute("SELECT 1")
+            await answered_late
+            await pool.putconn(other)
+        finally:
+            await asyncio.wait_for(pg.close(), 10)
 
 
 def _port(stack_env: dict[str, str]) -> int:
