@@ -96,7 +96,8 @@ def discard(
 
     Dependents are the thread's later entries that refer to a checkpoint dropped with it
     (a put on it, writes to it). What is dropped is lost: the run goes on from the
-    thread's last stored checkpoint. Appends to the thread are refused meanwhile."""
+    thread's last stored checkpoint. A run appending meanwhile goes on: a step of it on a
+    discarded checkpoint is discarded too, or finds its parent gone and resumes from there."""
     if not yes:
         typer.confirm(
             f"Discard write-behind entry {entry_id} of {thread_id!r} and the entries that"

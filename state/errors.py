@@ -205,6 +205,31 @@ class LogEntryLost(StateError):
         self.epochs = dict(epochs)
 
 
+class LogEntryDamaged(CorruptState):
+    """A write-behind entry that cannot be read back (a field damaged in Redis): it holds
+    its thread's later entries back as an entry the cold store refuses does, and is recorded
+    stuck the same way, for an operator to discard. What could be read of it is kept
+    (`kind`, `checkpoint_ns`, `checkpoint_id`: '' where unreadable)."""
+
+    def __init__(
+        self,
+        thread_id: str,
+        entry_id: str,
+        *,
+        kind: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        reason: str,
+    ) -> None:
+        super().__init__(f"write-behind entry {entry_id} of {thread_id!r} is damaged: {reason}")
+        self.thread_id = thread_id
+        self.entry_id = entry_id
+        self.kind = kind
+        self.checkpoint_ns = checkpoint_ns
+        self.checkpoint_id = checkpoint_id
+        self.reason = reason
+
+
 class EntryStuck(StateError):
     """A write-behind entry the cold store refused for good (`reason`: too large, a value it
     cannot hold, any refusal that is not an outage): the thread's later entries wait behind

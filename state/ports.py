@@ -669,6 +669,11 @@ class CheckpointStore(Protocol):
         """Delete the thread's checkpoints; with `fence` (the flush lock's token), keep
         it as the thread's fence, so a batch of an earlier lock holder is refused."""
 
+    async def fence_thread(self, thread_id: str, fence: int) -> None:
+        """Raise the thread's flush fence to `fence` (one already past it stays), changing
+        nothing else: a batch of an earlier lock holder is refused from then on (before a
+        change to the backlog that such a batch must not undo: a discard)."""
+
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         """Delete checkpoints (and their writes) whose metadata run_id is in `run_ids`;
         returns the threads that lost any (what a cache in front must drop). Not atomic
@@ -997,9 +1002,10 @@ class WriteBehindLog(Protocol):
     async def pending(self, thread_id: str) -> bool:
         """Whether the thread has unflushed entries."""
 
-    async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
-        """The oldest `count` unflushed entries of the thread, in order, up to the first one
-        that lost a value: `LogEntryLost` if that is the oldest."""
+    async def read(self, thread_id: str, *, count: int, after: str | None = None) -> list[LogEntry]:
+        """The oldest `count` unflushed entries of the thread (`after`: of those past that
+        entry id), in order, up to the first one that lost a value or cannot be read:
+        `LogEntryLost` or `LogEntryDamaged` if that is the oldest."""
 
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         """Forget entries the cold tier now holds; returns how many are left."""
@@ -1061,10 +1067,18 @@ class WriteBehindLog(Protocol):
     async def stuck(self) -> list[StuckEntry]:
         """Every recorded stuck entry, oldest first."""
 
-    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+    async def newest(self, thread_id: str) -> str | None:
+        """The id of the thread's newest unflushed entry, if any (for `drop_entries`)."""
+
+    async def drop_entries(
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+    ) -> int | None:
         """Remove the entries from the thread's log without the cold tier having them (an
-        operator discards them), and the thread's cached checkpoints with them, so no put
-        builds on a dropped one; returns how many are left. The caller holds the flush lock."""
+        operator discards them), and the thread's cached checkpoints with them, in one step,
+        so no put builds on a dropped one; returns how many are left. None, nothing removed,
+        unless `newest` (as `newest` answered before the caller read the entries it chose
+        from) is still the newest: an append landed since, which may depend on them. The
+        caller holds the flush lock."""
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ from ..errors import (
     EntryStuck,
     FlushLockBusy,
     LockLost,
+    LogEntryDamaged,
     LogEntryLost,
     NotStuck,
     RequestRejected,
@@ -49,7 +50,9 @@ from ..ports import (
     Backlog,
     CheckpointPut,
     CheckpointStore,
+    FlushOp,
     LogEntry,
+    StoredCheckpoint,
     StuckEntry,
     WriteBehindLog,
     WritesPut,
@@ -105,6 +108,8 @@ ALL_LISTED = 1_000_000
 # What the cold store answers for an entry it will never store, sent again unchanged (an
 # outage is `BackendUnavailable`, a lost lock `StaleFencingToken`: both pass).
 PERMANENT_REFUSALS = (RequestRejected, StateTooLarge)
+# Reads of a thread's log by a discard, each undone by an append landing before its drop.
+DISCARD_READS = 5
 # How long the background pass leaves a thread it found stuck before it tries it again (its
 # cause may be fixed: a permission granted, a limit raised); a boundary tries at once.
 STUCK_RETRY_SECONDS = 60.0
@@ -245,6 +250,45 @@ def described(entry: LogEntry) -> str:
     )
 
 
+def _damaged_entry(damaged: LogEntryDamaged) -> StuckEntry:
+    return StuckEntry(
+        thread_id=damaged.thread_id,
+        entry_id=damaged.entry_id,
+        checkpoint_ns=damaged.checkpoint_ns,
+        checkpoint_id=damaged.checkpoint_id,
+        kind="put" if damaged.kind == "put" else "writes",
+        reason=f"damaged: {damaged.reason}",
+        since=0.0,  # the log's clock, as it records it
+    )
+
+
+def _stand_in(damaged: LogEntryDamaged) -> LogEntry:
+    """A damaged entry as what could be read of it (its checkpoint's ids), for a discard to
+    find the later entries that depend on it and to name it."""
+    if damaged.kind == "writes":
+        op: FlushOp = WritesPut(
+            damaged.thread_id, damaged.checkpoint_ns, damaged.checkpoint_id, [], upsert=False
+        )
+    else:
+        op = CheckpointPut(
+            StoredCheckpoint(
+                thread_id=damaged.thread_id,
+                checkpoint_ns=damaged.checkpoint_ns,
+                checkpoint_id=damaged.checkpoint_id,
+                parent_checkpoint_id=None,
+                checkpoint=("", b""),
+                metadata={},
+                channel_versions={},
+            ),
+            [],
+        )
+    return LogEntry(damaged.entry_id, op)
+
+
+def _namespace(op: FlushOp) -> str:
+    return op.checkpoint.checkpoint_ns if isinstance(op, CheckpointPut) else op.checkpoint_ns
+
+
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
@@ -331,31 +375,32 @@ class Flusher:
                 raise
             log.warning("write-behind log unreachable (%s): reading the cold tier as is", exc)
 
-    async def settle_all(self) -> list[str]:
+    async def settle_all(self) -> dict[str, StateError]:
         """Return once every entry appended before the call is in the cold tier, whatever
         its thread (before an operation the cold tier answers across threads), but for the
-        threads whose flush fails, which it returns. Unlike `drain`, waits for a thread
-        another flusher holds. A thread that cannot be flushed (a newer format, a cold
+        threads whose flush fails, which it returns with why (`EntryStuck`: the operator's to
+        resolve, which a caller refusing for that thread says as such). Unlike `drain`, waits
+        for a thread another flusher holds. A thread that cannot be flushed (a newer format, a cold
         refusal, a lock never released) is logged and left in the log, as `drain` leaves
         it: one bad thread must not stop an operation on all the others. An unreachable
         hot tier raises (nothing could be flushed)."""
         listed = [thread_id for thread_id, _ in await self.log.dirty_threads(limit=ALL_LISTED)]
         slots = asyncio.Semaphore(CONCURRENT_THREADS)
 
-        async def settle(thread_id: str) -> str | None:
+        async def settle(thread_id: str) -> StateError | None:
             async with slots:
                 try:
                     await self.flush_thread(thread_id)
                 except StateError as exc:
                     log.warning("write-behind backlog of %r left in the log: %s", thread_id, exc)
-                    return thread_id
+                    return exc
                 return None
 
-        left: list[str] = []
+        left: dict[str, StateError] = {}
         for start in range(0, len(listed), LISTED_THREADS):
             page = listed[start : start + LISTED_THREADS]
             settled = await asyncio.gather(*(settle(thread_id) for thread_id in page))
-            left += [thread_id for thread_id in settled if thread_id is not None]
+            left |= {t: exc for t, exc in zip(page, settled, strict=True) if exc is not None}
         return left
 
     @contextlib.asynccontextmanager
@@ -633,9 +678,13 @@ class Flusher:
                     log.error("%s: dropped the thread's unflushed entries and cache", lost)
                     break
                 continue  # not lost after all (an earlier flusher's late acknowledgement)
+            except LogEntryDamaged as damaged:
+                # It fails every flush of the thread until an operator discards it: recorded
+                # as a refused entry is, so health and `agent-state write-behind` show it.
+                raise await self._noted(_damaged_entry(damaged)) from damaged
             if not entries:
                 break
-            left = await self._apply(lease, entries)
+            left = await self._apply(lease, entries, deadline)
             if left == 0:
                 break
             if _past(deadline):
@@ -653,10 +702,13 @@ class Flusher:
             self._foreign.pop(thread_id, None)
         return _Drained(lease.applied, unlisted)
 
-    async def _apply(self, lease: _Lease, entries: list[LogEntry]) -> int:
+    async def _apply(
+        self, lease: _Lease, entries: list[LogEntry], deadline: float | None = None
+    ) -> int:
         """Apply the entries and acknowledge them; how many the log has left. A batch the
         cold store refuses for good is applied one entry at a time, so those before the
-        refused one are stored and it is named (`EntryStuck`)."""
+        refused one are stored and it is named (`EntryStuck`); past `deadline`, as between
+        batches, the rest is left in the log (then at least those, not the log's count)."""
         lease.check()
         try:
             await self.store.apply_batch([entry.op for entry in entries], fence=lease.fence)
@@ -668,7 +720,9 @@ class Flusher:
             if len(entries) == 1:
                 raise await self._refused(entries[0], exc) from exc
             left = 0
-            for entry in entries:
+            for done, entry in enumerate(entries):
+                if done and _past(deadline):
+                    return len(entries) - done
                 left = await self._apply(lease, [entry])
             return left
         self._note_applied(entries)
@@ -694,6 +748,10 @@ class Flusher:
             reason=f"{type(exc).__name__}: {exc}",
             since=0.0,  # the log's clock, as it records it
         )
+        return await self._noted(stuck)
+
+    async def _noted(self, stuck: StuckEntry) -> EntryStuck:
+        """Record a stuck entry, warning once per entry."""
         failure = EntryStuck(stuck.thread_id, stuck.entry_id, stuck.checkpoint_id, stuck.reason)
         try:
             noted = await self.log.note_stuck(stuck)
@@ -712,22 +770,61 @@ class Flusher:
         """Drop the thread's stuck entry `entry_id` (`NotStuck` unless it is recorded and
         still the oldest in the log), and every later entry that depends on it (`_dependents`:
         writes to a dropped checkpoint, a put on one or on one whose writes were dropped), so
-        the cold store never receives a reference to a checkpoint it does not hold. Returns what was dropped, in order; the thread's
-        other entries are left for the next flush. Appends to the thread are refused meanwhile
-        (`ThreadExpiring`), so none lands on a checkpoint being dropped."""
+        the cold store never receives a reference to a checkpoint it does not hold. Returns what
+        was dropped, in order; the thread's other entries are left for the next flush.
+
+        Appends go on meanwhile (a run on the thread is not told it is gone): the drop is one
+        step with the cache's, made only if nothing was appended since the read (else read
+        again), so a step on a dropped checkpoint is either dropped with it or, appended
+        after, finds its parent nowhere (`HotStateLost`: the run resumes from the cold tier).
+        Fenced as a flush is: the cold fence is raised first, so a flusher paused past its
+        lock with these entries in its batch cannot store them after the drop (its cause
+        fixed meanwhile), and the drop is made only while the lock is surely held (`LockLost`)."""
         recorded = {stuck.thread_id: stuck.entry_id for stuck in await self.log.stuck()}
         if recorded.get(thread_id) != entry_id:
             raise NotStuck(thread_id, entry_id)
-        async with self.refusing(thread_id):
-            entries = await self.log.read(thread_id, count=ALL_LISTED)
-            if not entries or entries[0].entry_id != entry_id:
-                raise NotStuck(thread_id, entry_id)
-            dropped = _dependents(entries)
-            await self.log.drop_entries(thread_id, [entry.entry_id for entry in dropped])
+        async with self._holding(thread_id, time.monotonic() + LOCK_WAIT_SECONDS) as lease:
+            # Past every lock token granted so far, as a delete's (`discarding`).
+            await self.store.fence_thread(thread_id, max(lease.fence, await self.log.fence_now()))
+            for _ in range(DISCARD_READS):
+                newest = await self.log.newest(thread_id)
+                try:
+                    entries = await self.log.read(thread_id, count=ALL_LISTED)
+                except LogEntryDamaged as damaged:
+                    if damaged.entry_id != entry_id:
+                        raise NotStuck(thread_id, entry_id) from damaged
+                    dropped = await self._damaged_dependents(damaged)
+                else:
+                    if not entries or entries[0].entry_id != entry_id:
+                        raise NotStuck(thread_id, entry_id)
+                    dropped = _dependents(entries)
+                lease.check()
+                ids = [entry.entry_id for entry in dropped]
+                if await self.log.drop_entries(thread_id, ids, newest=newest) is not None:
+                    break
+            else:
+                raise BackendUnavailable(
+                    "redis", f"appends to {thread_id!r} kept racing its discard"
+                )
         self._stuck_until.pop(thread_id, None)
         for entry in dropped:
             log.warning("discarded write-behind entry %s", described(entry))
         return dropped
+
+    async def _damaged_dependents(self, damaged: LogEntryDamaged) -> list[LogEntry]:
+        """`_dependents` of a damaged entry (its stand-in first), by what could be read of it:
+        when not even its checkpoint's id, any later entry of its namespace may depend on it.
+        Later entries are read up to the next damaged one (discarded on its own)."""
+        try:
+            later = await self.log.read(damaged.thread_id, count=ALL_LISTED, after=damaged.entry_id)
+        except LogEntryDamaged:
+            later = []
+        if damaged.checkpoint_id:
+            return _dependents([_stand_in(damaged), *later])
+        return [
+            _stand_in(damaged),
+            *(entry for entry in later if _namespace(entry.op) == damaged.checkpoint_ns),
+        ]
 
     def last_applied(self, thread_id: str, checkpoint_ns: str) -> str | None:
         """The id of the last checkpoint put of the (thread, namespace) this flusher applied

@@ -49,6 +49,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Coroutine,
     Iterable,
     Iterator,
@@ -78,6 +79,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from ..errors import (
     BackendClosed,
     BackendUnavailable,
+    EntryStuck,
     FenceUnknown,
     HotStateLost,
     InvalidValue,
@@ -1931,7 +1933,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         for thread_id in list(self._owed_drops):
             await self._drop_cached(thread_id)
             self._owed_drops.discard(thread_id)
-        unflushed = await self.flusher.settle_all() if self.flusher is not None else []
+        unflushed = await self.flusher.settle_all() if self.flusher is not None else {}
         # A backlog left in the log goes on from the cold checkpoints of its thread: if
         # those include the runs', the store would delete (or not spare) ancestors that
         # the backlog's checkpoints, once flushed, are rebuilt from. Refused before any
@@ -1940,6 +1942,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             thread_id for thread_id in unflushed if await self._holds_runs(thread_id, run_ids)
         ]
         if blocked:
+            _raise_stuck(blocked, unflushed)
             raise BackendUnavailable(
                 "write-behind",
                 f"the backlog of {sorted(blocked)} goes on from checkpoints of these runs and "
@@ -1978,6 +1981,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         stuck = [thread_id for thread_id in unflushed if await self._logs_runs(thread_id, run_ids)]
         if stuck:
             # Those runs' checkpoints still in the log would land after the deletion.
+            _raise_stuck(stuck, unflushed)
             raise BackendUnavailable(
                 "write-behind",
                 f"the backlog of {sorted(stuck)} holds checkpoints of these runs and could "
@@ -1985,7 +1989,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             )
 
     async def _late_run_threads(
-        self, threads: set[str], run_ids: Sequence[str], unflushed: Sequence[str]
+        self, threads: set[str], run_ids: Sequence[str], unflushed: Collection[str]
     ) -> Sequence[str]:
         """Those of the threads whose backlog holds a put of one of the runs, or where one
         is a namespace's latest cold checkpoint: a flusher (another worker's) moved such a
@@ -2271,3 +2275,11 @@ async def _take(iterator: AsyncIterator[T], count: int) -> list[T]:
 
 async def _close(iterator: AsyncGenerator[Any, None]) -> None:
     await iterator.aclose()
+
+
+def _raise_stuck(threads: Sequence[str], unflushed: Mapping[str, StateError]) -> None:
+    """The `EntryStuck` of the first of the threads whose backlog one holds back: an entry
+    the operator must act on (`agent-state write-behind`), named, not an outage to retry."""
+    for thread_id in sorted(threads):
+        if isinstance(failure := unflushed.get(thread_id), EntryStuck):
+            raise failure

@@ -717,6 +717,9 @@ class CosmosCheckpointStore:
             await self._fences.move(thread_id, fence, at_least=True)
         await self._maintenance.delete_thread(thread_id)
 
+    async def fence_thread(self, thread_id: str, fence: int) -> None:
+        await self._fences.move(thread_id, fence, at_least=True)
+
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         try:
             threads = await self._maintenance.delete_for_runs(run_ids)

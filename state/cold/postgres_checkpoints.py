@@ -1006,6 +1006,12 @@ class PostgresCheckpointStore:
                 DELETE_THREADS_SQL, {"thread_ids": [thread_id], **self._deletion_mark()}
             )
 
+    async def fence_thread(self, thread_id: str, fence: int) -> None:
+        # It waits for a batch still writing under an older token; one arriving later finds
+        # the newer token and is refused.
+        async with self._pg.transaction("fence_thread") as conn:
+            await conn.execute(RAISE_FENCE_SQL, {"thread_id": thread_id, "token": fence})
+
     async def delete_for_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()

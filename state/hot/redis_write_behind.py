@@ -60,6 +60,7 @@ from ..errors import (
     CorruptState,
     FenceUnknown,
     LockLost,
+    LogEntryDamaged,
     LogEntryLost,
     StaleFencingToken,
     StateError,
@@ -361,35 +362,62 @@ return 0
 # to. ARGV: ttl, then entry ids. An epoch no entry refers to any more expires with the
 # cache if the cache refers to it, else goes. Returns {entries removed, entries left in
 # the log, the oldest left's id or ''}.
-_ACK = """
-local ttl = table.remove(ARGV, 1)
-local removed = redis.call('XDEL', KEYS[1], unpack(ARGV))
-if #KEYS > 4 then
-  for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ARGV))) do
-    if joined then
-      for _, epoch in ipairs(cjson.decode(joined)) do
-        if redis.call('HINCRBY', KEYS[3], epoch, -1) <= 0 then
-          redis.call('HDEL', KEYS[3], epoch)
-          if redis.call('HEXISTS', KEYS[4], epoch) == 1 then
-            redis.call('EXPIRE', epoch, ttl)
-          else
-            redis.call('DEL', epoch)
+_ACKNOWLEDGE = """
+local function acknowledge(ttl, ids, epochs)
+  local removed = redis.call('XDEL', KEYS[1], unpack(ids))
+  if epochs then
+    for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do
+      if joined then
+        for _, epoch in ipairs(cjson.decode(joined)) do
+          if redis.call('HINCRBY', KEYS[3], epoch, -1) <= 0 then
+            redis.call('HDEL', KEYS[3], epoch)
+            if redis.call('HEXISTS', KEYS[4], epoch) == 1 then
+              redis.call('EXPIRE', epoch, ttl)
+            else
+              redis.call('DEL', epoch)
+            end
           end
         end
       end
     end
+    redis.call('HDEL', KEYS[2], unpack(ids))
   end
-  redis.call('HDEL', KEYS[2], unpack(ARGV))
+  local left = redis.call('XLEN', KEYS[1])
+  local oldest = ''
+  if left == 0 then
+    redis.call('DEL', KEYS[1])
+  else
+    oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+  end
+  return {removed, left, oldest}
 end
-local left = redis.call('XLEN', KEYS[1])
-local oldest = ''
-if left == 0 then
-  redis.call('DEL', KEYS[1])
-else
-  oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
-end
-return {removed, left, oldest}
 """
+
+_ACK = (
+    _ACKNOWLEDGE
+    + """
+local ttl = table.remove(ARGV, 1)
+return acknowledge(ttl, ARGV, #KEYS > 4)
+"""
+)
+
+# KEYS: as `_ACK`'s, but for the thread's namespace index and cache entries (ARGV[3]: how
+# many) after the cached epochs. ARGV: ttl, the id of the log's newest entry when the caller
+# read it ('' for none), how many cache keys, then the entry ids. Drops the cache with the
+# entries in one step, so an append after it finds a dropped checkpoint neither cached nor
+# logged; {-1, 0, ''} (STALE_LISTING), nothing done, if an append landed since that read.
+_DROP = (
+    _ACKNOWLEDGE
+    + """
+local ttl = table.remove(ARGV, 1)
+local seen = table.remove(ARGV, 1)
+local cached = tonumber(table.remove(ARGV, 1))
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if (newest and newest[1] or '') ~= seen then return {-1, 0, ''} end
+redis.call('DEL', unpack(KEYS, 5, 4 + cached))
+return acknowledge(ttl, ARGV, #KEYS > 4 + cached)
+"""
+)
 
 # KEYS: entries, since, stuck. ARGV: entries that left the thread's log, thread id, the
 # time (ms) of its oldest entry left, or ''. The count never goes below 0; a thread still
@@ -470,6 +498,7 @@ class RedisWriteBehindLog:
                 "dirty": _MARK_DIRTY,
                 "settle": _SETTLE,
                 "ack": _ACK,
+                "drop": _DROP,
                 "acked": _ACKED,
                 "lock": _LOCK,
                 "unlock": _UNLOCK,
@@ -731,20 +760,38 @@ class RedisWriteBehindLog:
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
 
-    async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
+    async def read(self, thread_id: str, *, count: int, after: str | None = None) -> list[LogEntry]:
         try:
             found = cast(
                 "list[tuple[bytes, dict[bytes, bytes]]]",
-                await self._client.xrange(self._key(thread_id, LOG_KIND), count=count),
+                await self._client.xrange(
+                    self._key(thread_id, LOG_KIND),
+                    min="-" if after is None else f"({after}",
+                    count=count,
+                ),
             )
-            references = {entry_id: _references(fields) for entry_id, fields in found}
-            needed = [reference for listed in references.values() for reference in listed]
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        # Up to the first damaged entry: the ones before it are read, it is raised once it
+        # is the oldest (the flusher records it stuck).
+        damaged: LogEntryDamaged | None = None
+        references: dict[bytes, list[Reference]] = {}
+        for entry_id, fields in found:
+            try:
+                references[entry_id] = _references(fields)
+            except CorruptState as exc:
+                damaged = _damaged(thread_id, entry_id, fields, exc)
+                break
+        needed = [reference for listed in references.values() for reference in listed]
+        try:
             # Each epoch once, to the longest version the batch reads (`redis_values`).
             epochs = await self._cache.read_epochs(needed) if needed else {}
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
         entries: list[LogEntry] = []
         for entry_id, fields in found:
+            if entry_id not in references:
+                break  # the damaged one
             listed = references[entry_id]
             if not complete(listed, epochs):
                 # Held epochs leave only with their entries (`ack`, `discard`): the flusher,
@@ -752,8 +799,15 @@ class RedisWriteBehindLog:
                 if entries:
                     break  # the entries before it first; the next read raises
                 raise LogEntryLost(thread_id, entry_id.decode(), read_plan(listed))
+            try:
+                op = _op(thread_id, fields, epochs)
+            except CorruptState as exc:
+                damaged = _damaged(thread_id, entry_id, fields, exc)
+                break
             self._remember_epochs(thread_id, entry_id.decode(), listed)
-            entries.append(LogEntry(entry_id.decode(), _op(thread_id, fields, epochs)))
+            entries.append(LogEntry(entry_id.decode(), op))
+        if damaged is not None and not entries:
+            raise damaged
         return entries
 
     def _remember_epochs(self, thread_id: str, entry_id: str, listed: list[Reference]) -> None:
@@ -797,15 +851,26 @@ class RedisWriteBehindLog:
             *await self._epochs_of(thread_id, entry_ids),
         ]
         removed, left, oldest = await self._run("ack", keys, [self._cache.ttl_seconds, *entry_ids])
+        await self._acked(thread_id, int(removed), oldest)
+        return int(left)
+
+    async def _acked(self, thread_id: str, removed: int, oldest: bytes) -> None:
+        """The shared listing's part of an acknowledgement (`_ACKED`)."""
         # A stream entry's id starts with the server's clock (ms) when it was appended.
         oldest_ms = oldest.split(b"-", 1)[0] if oldest else b""
-        if int(removed) or oldest_ms:
+        if removed or oldest_ms:
             await self._run(
                 "acked",
                 [self._entries, self._since, self._stuck],
-                [int(removed), thread_id, oldest_ms],
+                [removed, thread_id, oldest_ms],
             )
-        return int(left)
+
+    async def newest(self, thread_id: str) -> str | None:
+        try:
+            found = await self._client.xrevrange(self._key(thread_id, LOG_KIND), count=1)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return cast("bytes", found[0][0]).decode() if found else None
 
     async def _length(self, thread_id: str) -> int:
         try:
@@ -1019,22 +1084,34 @@ class RedisWriteBehindLog:
             raise BackendUnavailable("redis", str(exc)) from exc
         return _stuck_entries(found)
 
-    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
-        # The cache first: a put on a dropped checkpoint then finds no cached parent, and
-        # the caller refuses appends meanwhile, so none lands on one still in the log.
+    async def drop_entries(
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+    ) -> int | None:
         index = self._cache.namespaces_key(thread_id)
         try:
             namespaces = cast("set[bytes]", await self._client.smembers(index))
-            entries = self._cache_entries(thread_id, [ns.decode() for ns in namespaces])
-            await self._client.delete(index, *entries)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("redis", str(exc)) from exc
-        self._cache.epochs.forget(thread_id)
+        # A namespace a put adds after this listing comes with an entry: the script sees it.
+        cached = [index, *self._cache_entries(thread_id, [ns.decode() for ns in namespaces])]
+        keys = [
+            self._key(thread_id, LOG_KIND),
+            self._key(thread_id, REFERENCES_KIND),
+            *self._cache.epoch_keys(thread_id),
+            *cached,
+            *await self._epochs_of(thread_id, entry_ids),
+        ]
         # Removed as an acknowledgement removes them: their epochs released, counts kept.
-        left = await self.ack(thread_id, entry_ids)
-        if left == 0:
+        removed, left, oldest = await self._run(
+            "drop", keys, [self._cache.ttl_seconds, newest or "", len(cached), *entry_ids]
+        )
+        if int(removed) == STALE_LISTING:
+            return None
+        self._cache.epochs.forget(thread_id)
+        await self._acked(thread_id, int(removed), oldest)
+        if int(left) == 0:
             await self._unlist(thread_id, 0)
-        return left
+        return int(left)
 
 
 class RedisCheckpointFence:
@@ -1084,6 +1161,28 @@ def _stuck_entries(found: Sequence[bytes | str]) -> list[StuckEntry]:
     records = [json.loads(raw) for raw in found]
     entries = [StuckEntry(**{**record, "since": float(record["since"])}) for record in records]
     return sorted(entries, key=lambda entry: entry.since)
+
+
+def _damaged(
+    thread_id: str, entry_id: bytes, fields: dict[bytes, bytes], exc: CorruptState
+) -> LogEntryDamaged:
+    """An entry that cannot be read, with what can be read of it, for the operator."""
+    kind = "put" if fields.get(b"op") == b"put" else "writes"
+    checkpoint_id = fields.get(b"cid", b"").decode(errors="replace")
+    if kind == "put":
+        try:
+            head = json.loads(fields.get(b"head", b""))
+            checkpoint_id = str(head["id"]) if isinstance(head, dict) else ""
+        except (ValueError, KeyError):
+            checkpoint_id = ""
+    return LogEntryDamaged(
+        thread_id,
+        entry_id.decode(),
+        kind=kind,
+        checkpoint_ns=fields.get(b"ns", b"").decode(errors="replace"),
+        checkpoint_id=checkpoint_id,
+        reason=str(exc),
+    )
 
 
 def _fence_arg(fence: int | None, checked: bool) -> str:

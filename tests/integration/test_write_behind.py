@@ -654,7 +654,7 @@ async def test_a_log_entry_of_a_newer_format_waits_for_newer_code_and_older_ones
         await tiers.flusher.flush_thread(thread_id)
     await tiers.flusher.drain()  # logs the refusal and goes on with other threads
     # So does the pass before an operation across threads, naming the thread it left.
-    assert await tiers.flusher.settle_all() == [thread_id]
+    assert list(await tiers.flusher.settle_all()) == [thread_id]
     assert await tiers.redis.xlen(log_key(tiers, thread_id)) == entries  # none acknowledged
     assert await cold_latest_id(tiers, thread_id) is None
 

@@ -9,7 +9,8 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,14 @@ from agent_state_cli.cli import app
 from devstack import RedisServer, free_port
 from state.checkpoint.flusher import Flusher
 from state.cold.postgres_checkpoints import PostgresCheckpointStore
-from state.errors import EntryStuck, NotStuck
+from state.errors import EntryStuck, NotStuck, RequestRejected, StateTooLarge
+from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.hot.redis_client import hot_key
+from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import (
     CheckpointPut,
     CheckpointStore,
+    FlushOp,
     StoredCheckpoint,
     StoredWrite,
     StuckEntry,
@@ -39,8 +44,11 @@ from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import (
     COLD_BACKENDS,
     WriteBehind,
+    _HeldBack,
     cold_latest_id,
     config,
+    invoked_once,
+    log_key,
     open_write_behind,
     settings_for,
 )
@@ -80,14 +88,20 @@ class Poisoned:
 
 
 async def poisoned(
-    saver: BaseCheckpointSaver[Any], flusher: Flusher, store: CheckpointStore
+    saver: BaseCheckpointSaver[Any],
+    flusher: Flusher,
+    store: CheckpointStore,
+    note: str | None = None,
+    run_id: str | None = None,
 ) -> Poisoned:
     """A thread whose log holds, in order: a run's entries, a put the cold store refuses,
     writes to it, a put on it, then writes to the last stored checkpoint (which do not
     depend on the refused one). The refused put bypasses the saver's pre-check, as an
-    entry logged by code from before a check was added."""
+    entry logged by code from before a check was added. `note`: its metadata's note, one
+    the store takes (the refusal is then a test's `Refusing` store's), not one it refuses.
+    `run_id`: the run's, which the refused put and the put on it carry too."""
     graph = chat_graph(saver)
-    cfg = config()
+    cfg = config() if run_id is None else config(run_id=run_id)
     thread_id = cfg["configurable"]["thread_id"]
     await graph.ainvoke({"messages": ["hello"]}, cfg, durability="async")
     logged = await flusher.log.read(thread_id, count=1000)
@@ -97,7 +111,10 @@ async def poisoned(
         last.checkpoint,
         checkpoint_id=str(uuid6()),
         parent_checkpoint_id=last.checkpoint.checkpoint_id,
-        metadata={**last.checkpoint.metadata, "note": unstorable(backend, MAX_ITEM_BYTES)},
+        metadata={
+            **last.checkpoint.metadata,
+            "note": unstorable(backend, MAX_ITEM_BYTES) if note is None else note,
+        },
     )
     child: StoredCheckpoint = dataclasses.replace(
         last.checkpoint, checkpoint_id=str(uuid6()), parent_checkpoint_id=refused.checkpoint_id
@@ -358,7 +375,10 @@ async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recor
         if isinstance(entry.op, CheckpointPut)
         and entry.op.checkpoint.checkpoint_id == thread.refused
     )
-    await tiers.flusher.log.drop_entries(thread.thread_id, [entry.entry_id for entry in entries])
+    newest = await tiers.flusher.log.newest(thread.thread_id)
+    await tiers.flusher.log.drop_entries(
+        thread.thread_id, [entry.entry_id for entry in entries], newest=newest
+    )
     late = StuckEntry(
         thread_id=thread.thread_id,
         entry_id=refused.entry_id,
@@ -371,6 +391,230 @@ async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recor
     assert not await tiers.flusher.log.note_stuck(late)
     assert await tiers.flusher.stuck() == []
     assert (await tiers.flusher.backlog()).stuck_threads == 0
+
+
+async def test_a_rollback_of_runs_a_stuck_backlog_goes_on_from_names_the_stuck_entry(
+    tiers: WriteBehind,
+) -> None:
+    """A rollback (deleting a run's checkpoints) of a case whose backlog is held back by a
+    stuck entry is refused as that entry (the API's EntryStuck answer, for an operator to
+    act on), not as the generic outage a client would only retry."""
+    run = f"run-{uuid6()}"
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store, run_id=run)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+
+    with pytest.raises(EntryStuck) as refused:
+        await tiers.saver.adelete_for_runs([run])
+
+    assert (refused.value.thread_id, refused.value.entry_id, refused.value.checkpoint_id) == (
+        thread.thread_id,
+        stuck.value.entry_id,
+        thread.refused,
+    )
+    assert await cold_latest_id(tiers, thread.thread_id) == thread.stored  # nothing deleted
+    await tiers.flusher.delete_thread(thread.thread_id)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{b"b:": b"\x00\x00"}, {b"head": b"[]"}],
+    ids=["truncated-blob-field", "head-not-an-object"],
+)
+async def test_a_damaged_log_entry_is_recorded_stuck_and_an_operator_can_discard_it(
+    tiers: WriteBehind, damage: dict[bytes, bytes]
+) -> None:
+    """An entry that cannot be read back holds its thread back for good, as one the cold
+    store refuses: it is recorded stuck (reason: damaged), so health and the CLI show it and
+    a boundary names it, and a discard drops it with what depends on it."""
+    _, _, thread_id, _ = await invoked_once(tiers)
+    key = log_key(tiers, thread_id)
+    logged = await tiers.redis.xrange(key)
+    at = max(
+        i
+        for i, (_, fields) in enumerate(logged)
+        if fields[b"op"] == b"put" and any(name.startswith(b"b:") for name in fields)
+    )
+    head = json.loads(logged[at][1][b"head"])
+    await tiers.redis.delete(key)
+    ids = []
+    for i, (_, fields) in enumerate(logged):
+        if i == at:
+            fields = {
+                name: next((v for prefix, v in damage.items() if name.startswith(prefix)), value)
+                for name, value in fields.items()
+            }
+        ids.append((await tiers.redis.xadd(key, fields)).decode())
+
+    await tiers.flusher.drain()
+
+    [stuck] = await tiers.flusher.stuck()
+    assert (stuck.thread_id, stuck.entry_id, stuck.kind) == (thread_id, ids[at], "put")
+    assert stuck.checkpoint_id == ("" if b"head" in damage else head["id"])
+    assert stuck.reason.startswith("damaged: ")
+    assert (await tiers.flusher.backlog()).stuck_threads == 1
+    assert await cold_latest_id(tiers, thread_id) == head["parent"]  # those before it
+    with pytest.raises(EntryStuck) as boundary:
+        await tiers.saver.aflush(thread_id)
+    assert boundary.value.entry_id == ids[at]
+
+    dropped = await tiers.flusher.discard_stuck(thread_id, ids[at])
+
+    assert dropped[0].entry_id == ids[at]
+    # (The saver would say the checkpoints it appended were lost: they were discarded.)
+    await tiers.flusher.flush_thread(thread_id)
+    assert not await tiers.flusher.log.pending(thread_id)
+    assert await tiers.flusher.stuck() == []
+    assert await cold_latest_id(tiers, thread_id) == head["parent"]
+
+
+async def test_a_run_appending_while_a_discard_runs_goes_on_and_nothing_lands_on_a_dropped_step(
+    tiers: WriteBehind,
+) -> None:
+    """An operator's discard must not tell a live run its thread is gone (`ThreadExpiring`,
+    the API's 410): the run's steps appended meanwhile are kept when they build on what
+    stays, and dropped with the stuck entry when they build on a dropped checkpoint."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+    log = tiers.flusher.log
+    read = log.read
+    kept = StoredWrite("task-4", "", 0, "messages", ("json", b'"meanwhile"'))
+    on_dropped = StoredWrite("task-5", "", 0, "messages", ("json", b'"lost"'))
+
+    async def read_as_a_run_appends(thread_id: str, **options: Any) -> list[Any]:
+        entries = await read(thread_id, **options)
+        if thread_id == thread.thread_id and not kept_appended:
+            kept_appended.append(True)
+            await log.append_writes(thread_id, "", thread.stored, [kept], upsert=False, fence=None)
+            await log.append_writes(
+                thread_id, "", thread.child, [on_dropped], upsert=False, fence=None
+            )
+        return entries
+
+    kept_appended: list[bool] = []
+    log.read = read_as_a_run_appends  # type: ignore[method-assign]
+    try:
+        dropped = await tiers.flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+    finally:
+        log.read = read  # type: ignore[method-assign]
+
+    assert kept_appended
+    assert dropped[0].entry_id == stuck.value.entry_id
+    assert any(
+        isinstance(entry.op, WritesPut) and entry.op.checkpoint_id == thread.child
+        for entry in dropped
+    )
+    await tiers.flusher.flush_thread(thread.thread_id)
+    assert not await log.pending(thread.thread_id)
+    assert await tiers.store.get_checkpoint(thread.thread_id, "", thread.child) is None
+    latest = await tiers.saver.aget_tuple(config(thread.thread_id))
+    assert latest is not None
+    assert latest.config["configurable"]["checkpoint_id"] == thread.stored
+    assert ("task-4", "messages", "meanwhile") in (latest.pending_writes or [])
+
+
+class Refusing:
+    """The cold store, refusing for good every batch holding a put of `checkpoint_id` (a
+    cause an operator can fix: a permission, a limit)."""
+
+    def __init__(self, store: CheckpointStore, checkpoint_id: str) -> None:
+        self.store = store
+        self.checkpoint_id = checkpoint_id
+
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
+        if any(
+            isinstance(op, CheckpointPut) and op.checkpoint.checkpoint_id == self.checkpoint_id
+            for op in ops
+        ):
+            raise RequestRejected("cold", "refused for the test")
+        await self.store.apply_batch(ops, fence=fence)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_discard_fences_off_a_flusher_paused_past_its_lock_with_the_entry_in_its_batch(
+    tiers: WriteBehind,
+) -> None:
+    """Another worker's flusher holds the stuck entry and what depends on it in a batch on its
+    way to the cold tier (the refusal's cause fixed meanwhile), and its lock lapses; the
+    operator's discard takes the lock and drops them. The late batch must not store the
+    discarded checkpoints after the discard: it is refused by the cold fence, as after a
+    delete, and that flusher goes on with what is left."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store, note="fixable")
+    refusing = Refusing(tiers.store, thread.refused)
+    first = Flusher(tiers.flusher.log, refusing, lock_ttl_ms=2_000)  # type: ignore[arg-type]
+    with pytest.raises(EntryStuck) as stuck:
+        await first.flush_thread(thread.thread_id)
+
+    held_back = _HeldBack(tiers.store)
+    other_cache = RedisCheckpointCache(
+        tiers.redis, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
+    )
+    paused = Flusher(
+        RedisWriteBehindLog(tiers.redis, other_cache),
+        held_back,  # type: ignore[arg-type]
+        lock_ttl_ms=2_000,
+    )
+    late = asyncio.create_task(paused.flush_thread(thread.thread_id))
+    await held_back.reached.wait()
+    # Its lock lapses (evicted, or it was paused past its TTL).
+    await tiers.redis.delete(
+        hot_key(thread.thread_id, "wb-flushing", namespace=tiers.cache.namespace)
+    )
+    dropped = await tiers.flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+    assert len(dropped) == 3
+    held_back.go.set()
+    await asyncio.wait_for(late, timeout=30)
+
+    for gone in (thread.refused, thread.child):
+        assert await tiers.store.get_checkpoint(thread.thread_id, "", gone) is None
+    assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
+    assert not await tiers.flusher.log.pending(thread.thread_id)
+
+
+class PastDeadline:
+    """The cold store, whose refusal of a batch of several entries comes back only once
+    `deadline` (a `time.monotonic()` time) has passed (a slow store, a long batch)."""
+
+    def __init__(self, store: CheckpointStore, deadline: float) -> None:
+        self.store = store
+        self.deadline = deadline
+        self.applied: list[int] = []  # the size of each batch sent
+
+    async def apply_batch(self, ops: Sequence[FlushOp], *, fence: int | None = None) -> None:
+        self.applied.append(len(ops))
+        try:
+            await self.store.apply_batch(ops, fence=fence)
+        except (RequestRejected, StateTooLarge):
+            if len(ops) > 1:
+                await asyncio.sleep(max(0.0, self.deadline - time.monotonic()))
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_applying_a_refused_batch_one_entry_at_a_time_stops_at_the_drains_deadline(
+    tiers: WriteBehind,
+) -> None:
+    """The timer's pass must end before the next tick: past its deadline, the fallback that
+    applies a refused batch entry by entry leaves the rest in the log, as the batch path
+    does, rather than go on with up to a batch's worth of single cold requests."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    logged = len(await tiers.flusher.log.read(thread.thread_id, count=1000))
+    slow = PastDeadline(tiers.store, time.monotonic() + 1.0)
+    flusher = Flusher(tiers.flusher.log, slow, lock_ttl_ms=5_000)  # type: ignore[arg-type]
+
+    applied = await flusher.drain(deadline=slow.deadline)
+
+    # The batch, then one entry (a pass applies at least one step past the deadline).
+    assert slow.applied == [logged, 1]
+    assert applied == 1
+    assert len(await tiers.flusher.log.read(thread.thread_id, count=1000)) == logged - 1
+    assert await tiers.flusher.stuck() == []  # not reached yet: the next pass's to find
+    await tiers.flusher.delete_thread(thread.thread_id)
 
 
 def test_the_cli_names_a_malformed_cosmos_key_in_one_line(stack_env: dict[str, str]) -> None:

@@ -571,6 +571,10 @@ class MemoryCheckpointStore(_Tier):
             self._raise_fence(thread_id, fence, at_least=True)
         self._delete_threads([thread_id])
 
+    async def fence_thread(self, thread_id: str, fence: int) -> None:
+        self._call("fence_thread")
+        self._raise_fence(thread_id, fence, at_least=True)
+
     def _delete_threads(self, thread_ids: Sequence[str]) -> None:
         doomed = set(thread_ids)
         for table in (self._checkpoints, self._writes):
@@ -1123,9 +1127,13 @@ class MemoryWriteBehindLog(_Tier):
         self._call("pending")
         return bool(self._logs.get(thread_id))
 
-    async def read(self, thread_id: str, *, count: int) -> list[LogEntry]:
+    async def read(self, thread_id: str, *, count: int, after: str | None = None) -> list[LogEntry]:
         self._call("read")
-        return list(self._logs.get(thread_id, [])[:count])
+        logged = self._logs.get(thread_id, [])
+        if after is not None:
+            ids = [entry.entry_id for entry in logged]
+            logged = logged[ids.index(after) + 1 :] if after in ids else []
+        return list(logged[:count])
 
     async def ack(self, thread_id: str, entry_ids: Sequence[str]) -> int:
         self._call("ack")
@@ -1178,8 +1186,17 @@ class MemoryWriteBehindLog(_Tier):
         self._call("stuck")
         return sorted(self._stuck.values(), key=lambda stuck: stuck.since)
 
-    async def drop_entries(self, thread_id: str, entry_ids: Sequence[str]) -> int:
+    async def newest(self, thread_id: str) -> str | None:
+        self._call("newest")
+        logged = self._logs.get(thread_id)
+        return logged[-1].entry_id if logged else None
+
+    async def drop_entries(
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+    ) -> int | None:
         self._call("drop_entries")
+        if await self.newest(thread_id) != newest:
+            return None
         await self.cache.invalidate(thread_id)
         left = await self.ack(thread_id, entry_ids)
         if not left:
