@@ -292,9 +292,15 @@ bearer = HTTPBearer(auto_error=False, description="An Entra ID access token for 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
+def presents_token(request: Request) -> bool:
+    """Whether the request carries an Authorization header with anything in it (an empty
+    one is no token, as no header is)."""
+    return bool(request.headers.get("authorization", "").strip())
+
+
 async def optional_principal(request: Request, credentials: Credentials) -> Principal | None:
     """The caller when a token is presented (validated: a bad one is still a 401), else None."""
-    if credentials is None and not request.headers.get("authorization"):
+    if credentials is None and not presents_token(request):
         gate: AuthGate = request.app.state.auth_gate
         try:
             authenticator = gate.get()
@@ -307,7 +313,7 @@ async def optional_principal(request: Request, credentials: Credentials) -> Prin
 async def principal(request: Request, credentials: Credentials) -> Principal:
     """The authenticated caller; 401 without a valid token."""
     gate: AuthGate = request.app.state.auth_gate
-    if credentials is None and request.headers.get("authorization"):
+    if credentials is None and presents_token(request):
         raise Unauthenticated("the Authorization header is not 'Bearer <access token>'")
     return await gate.get().principal(credentials.credentials if credentials else None)
 
@@ -325,8 +331,9 @@ def role(required: str) -> Callable[..., Any]:
 
 
 class RequireToken:
-    """ASGI middleware: a request without any Authorization header is answered 401 before
-    its input is read or validated (the routes' dependencies then validate the token).
+    """ASGI middleware: a request without a token (no Authorization header, or an empty
+    one) is answered 401 before its input is read or validated (the routes' dependencies
+    then validate the token).
 
     `public` paths (health, the OpenAPI document and its UI) pass without one.
     """
@@ -340,7 +347,7 @@ class RequireToken:
         if (
             scope["type"] != "http"
             or scope["path"] in self.public
-            or any(name == b"authorization" for name, _ in scope["headers"])
+            or any(name == b"authorization" and value.strip() for name, value in scope["headers"])
             or self._disabled()
         ):
             await self.app(scope, receive, send)
@@ -363,7 +370,7 @@ def install_auth_errors(app: FastAPI) -> None:
         response = error_response(401, str(error))
         # RFC 6750: the scheme, and what was wrong with a token that was presented.
         challenge = "Bearer"
-        if request.headers.get("authorization"):
+        if presents_token(request):
             # Printable ASCII only: the reason may quote parts of an attacker's token.
             reason = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in str(error))
             reason = reason[:200]
@@ -381,9 +388,11 @@ def install_auth_errors(app: FastAPI) -> None:
     app.add_exception_handler(Unauthenticated, unauthenticated)
     app.add_exception_handler(Forbidden, forbidden)
     app.add_exception_handler(AuthNotConfigured, not_configured)
-    # FastAPI parses and validates the input before the routes' dependencies run, so a
-    # caller with an invalid token would learn what is wrong with its input (422) rather
-    # than with its token. `RequireToken` covers a missing token; this, a presented one.
+    # FastAPI parses and validates the input before the routes' dependencies run, and the
+    # router answers an OPTIONS, a 405 or an unknown path with no dependency run at all, so
+    # a caller with an invalid token would learn what is wrong with its input (422), or
+    # what the API serves, rather than with its token. `RequireToken` covers a missing
+    # token; this, a presented one.
     for input_error in (RequestValidationError, StarletteHTTPException):
         answer = app.exception_handlers[input_error]
 
@@ -391,7 +400,7 @@ def install_auth_errors(app: FastAPI) -> None:
             request: Request, error: Exception, answer: Any = answer
         ) -> Response:
             response: Response = await answer(request, error)
-            if response.status_code != 422 or not request.headers.get("authorization"):
+            if not presents_token(request):
                 return response
             try:
                 await principal(request, await bearer(request))

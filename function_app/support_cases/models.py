@@ -135,7 +135,9 @@ class Transaction(BaseModel):
 
     id: str = Field(min_length=1, max_length=128)
     merchant: str = Field(min_length=1, max_length=256)
-    amount: float = Field(gt=0, le=1_000_000_000, allow_inf_nan=False)
+    # Strict: a JSON number only (an integer too); lax, `true` would be a charge of 1.00
+    # and "612.40" a number, each able to become a refund's amount.
+    amount: float = Field(gt=0, le=1_000_000_000, allow_inf_nan=False, strict=True)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     timestamp: datetime
 

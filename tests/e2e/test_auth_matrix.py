@@ -353,6 +353,55 @@ async def test_a_bad_token_is_a_401_before_anything_is_said_of_the_input(
     assert told.status_code == 422, told.text
 
 
+@pytest.mark.parametrize("bad", ["garbage", "expired", "wrong signature", "basic scheme"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("OPTIONS", "/api/cases/case_8842"),
+        ("DELETE", "/api/cases/case_8842"),
+        ("GET", "/api/no-such-route"),
+        ("OPTIONS", "/api/health"),
+    ],
+)
+async def test_a_bad_token_is_a_401_where_the_router_answers_without_a_route(
+    api: httpx.AsyncClient,
+    callers: dict[str, dict[str, str]],
+    bad: str,
+    method: str,
+    path: str,
+) -> None:
+    """An OPTIONS, a 405 or an unknown path is answered before any route's dependency
+    checks the token: a bad token must not get further there than no token does (a 401
+    without any), nor learn what the API serves."""
+    refused = await api.request(method, path, headers=callers[bad])
+    assert refused.status_code == 401, refused.text
+    assert BAD_TOKENS[bad] in refused.json()["error"]
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    # With a valid token the router's own answer, as before.
+    answered = await api.request(method, path, headers=callers["owner"])
+    assert answered.status_code in (204, 404, 405), answered.text
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+async def test_an_empty_authorization_header_is_no_token(
+    api: httpx.AsyncClient, runtime: Runtime, value: str
+) -> None:
+    """A header with nothing in it is no token: the 401 comes before the input is read,
+    described or stored, as without the header."""
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    empty = {"Authorization": value}
+    malformed = await api.post(
+        "/api/cases", content=b'{"case_id": ', headers={**empty, "Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 401, malformed.text
+    assert "missing bearer token" in malformed.json()["error"]
+    options = await api.options(f"/api/cases/{case_id}", headers=empty)
+    assert options.status_code == 401, options.text
+    submitted = await api.post("/api/cases", json=demo_case(case_id), headers=empty)
+    assert submitted.status_code == 401, submitted.text
+    assert await runtime.store.get(case_id) is None
+
+
 async def test_a_decision_on_a_case_being_worked_on_is_404_to_a_reviewer_who_may_not_see_it(
     api: httpx.AsyncClient,
     runtime: Runtime,

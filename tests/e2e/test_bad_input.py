@@ -33,6 +33,9 @@ BAD_BODIES: dict[str, Any] = {
     "transactions not a list": lambda b: {**b, "transactions": {"id": "x"}},
     "negative amount": lambda b: _with_transaction(b, amount=-5),
     "amount is text": lambda b: _with_transaction(b, amount="lots"),
+    # JSON true is not 1, nor "612.40" a number: neither may become a refund's amount.
+    "amount is true": lambda b: _with_transaction(b, amount=True),
+    "amount is a numeric string": lambda b: _with_transaction(b, amount="612.40"),
     "timestamp without zone": lambda b: _with_transaction(b, timestamp="2024-05-01T10:00:00"),
     "timestamp garbage": lambda b: _with_transaction(b, timestamp="yesterday"),
     "unknown field": lambda b: {**b, "priority": "urgent"},
