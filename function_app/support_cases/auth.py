@@ -193,6 +193,12 @@ class TokenValidator:
             # That id is AUTH_DISABLED's caller, exempt from four eyes and owner of the
             # cases submitted without authentication: no token may act as it.
             raise Unauthenticated(f"invalid token: the object id {object_id!r} is reserved")
+        if not (claims.get("azp") or claims.get("appid")):
+            # An ID token of a sign-in to the API's own registration has the same issuer
+            # and audience, and may carry roles; only an access token names its client.
+            raise Unauthenticated(
+                "invalid token: not an access token (it names no client application: azp or appid)"
+            )
         roles = claims.get("roles") or []
         if not isinstance(roles, list):
             raise Unauthenticated("invalid token: the roles claim is not a list")

@@ -35,6 +35,8 @@ from jwt.algorithms import RSAAlgorithm
 LOOPBACK = "127.0.0.1"
 LOCAL_AUDIENCE = "api://agent-state-local"
 LOCAL_TENANT_ID = "00000000-0000-4000-8000-00000000a0a0"
+# The client application an access token names (`azp`), as Entra's do: the CLI's.
+LOCAL_CLIENT_ID = "00000000-0000-4000-8000-0000000c11e0"
 ROLES = ("Cases.Submit", "Cases.Review", "Cases.Operate")
 # Object ids derive from the name, so one person keeps one id across tokens (a submitter
 # reads back the cases submitted under an earlier token).
@@ -88,6 +90,12 @@ class Issuer:
             "roles": roles,
             "ver": "2.0",
         }
+        # A test may ask for none (`"azp": ""`): an ID token carries no client application.
+        client = str(request.get("azp", LOCAL_CLIENT_ID))
+        if client:
+            claims["azp"] = client
+        if request.get("appid"):  # a v1 token's name for the client
+            claims["appid"] = str(request["appid"])
         token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
         return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
 

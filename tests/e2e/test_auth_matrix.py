@@ -328,6 +328,26 @@ async def test_a_token_naming_the_local_anonymous_id_is_refused(
     assert await runtime.store.get(case_id) is None
 
 
+async def test_an_id_token_is_not_an_access_token(
+    api: httpx.AsyncClient, runtime: Runtime, issue_token: Callable[..., str]
+) -> None:
+    """An ID token of a sign-in to the API's own registration has this API's issuer and
+    audience and may carry app roles; it names no client application (`azp`, v1 `appid`),
+    which every access token does. Such a token acted as its user: 201."""
+    token = issue_token("matrix-id-token", [ROLE_SUBMIT], azp="")
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    submitted = await api.post(
+        "/api/cases", json=demo_case(case_id), headers={"Authorization": f"Bearer {token}"}
+    )
+    assert submitted.status_code == 401, submitted.text
+    assert "not an access token" in submitted.json()["error"]
+    assert await runtime.store.get(case_id) is None
+    # A v1 access token names its client as `appid`.
+    v1 = issue_token("matrix-v1-token", [ROLE_SUBMIT], azp="", appid="a-client-app")
+    accepted = await api.get("/api/cases/no-such-case", headers={"Authorization": f"Bearer {v1}"})
+    assert accepted.status_code == 404, accepted.text
+
+
 @pytest.mark.parametrize("bad", ["garbage", "expired", "wrong signature", "basic scheme"])
 async def test_a_bad_token_is_a_401_before_anything_is_said_of_the_input(
     api: httpx.AsyncClient, callers: dict[str, dict[str, str]], bad: str
