@@ -829,11 +829,15 @@ async def test_a_deleted_thread_stays_deleted_when_redis_evicted_the_deletes_flu
     assert await tiers.store.get_checkpoint(thread_id, "", None) is None
 
 
-@pytest.mark.parametrize(
+# Fields of a log entry overwritten in Redis: a truncated blob field, a head that is no object.
+LOG_ENTRY_DAMAGES = pytest.mark.parametrize(
     "damage",
     [{b"b:": b"\x00\x00"}, {b"head": b"[]"}],
     ids=["truncated-blob-field", "head-not-an-object"],
 )
+
+
+@LOG_ENTRY_DAMAGES
 async def test_a_malformed_log_entry_holds_back_its_thread_only(
     tiers: WriteBehind, damage: dict[bytes, bytes]
 ) -> None:

@@ -43,6 +43,7 @@ from support_cases.settings import AppSettings
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import (
     COLD_BACKENDS,
+    LOG_ENTRY_DAMAGES,
     WriteBehind,
     _HeldBack,
     cold_latest_id,
@@ -416,11 +417,7 @@ async def test_a_rollback_of_runs_a_stuck_backlog_goes_on_from_names_the_stuck_e
     await tiers.flusher.delete_thread(thread.thread_id)
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [{b"b:": b"\x00\x00"}, {b"head": b"[]"}],
-    ids=["truncated-blob-field", "head-not-an-object"],
-)
+@LOG_ENTRY_DAMAGES
 async def test_a_damaged_log_entry_is_recorded_stuck_and_an_operator_can_discard_it(
     tiers: WriteBehind, damage: dict[bytes, bytes]
 ) -> None:
