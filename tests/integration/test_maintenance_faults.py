@@ -26,7 +26,7 @@ from langgraph.types import Command
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold import postgres_checkpoints
-from state.errors import BackendUnavailable, RequestRejected
+from state.errors import BackendUnavailable
 from state.hot import redis_client
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
@@ -282,7 +282,7 @@ async def test_delete_for_runs_whose_backlog_cannot_be_flushed_says_so(
     backend: str, stack_env: dict[str, str]
 ) -> None:
     """The run's checkpoints are still in the write-behind log, and the cold tier refuses
-    that thread's flush for a moment (as in test_write_behind's refusal test):
+    that thread's flush for a moment (down, not a refusal for good):
     delete_for_runs says so, naming the thread, rather than return as if the run were
     deleted (it was served again, and flushed back); called again, it deletes it."""
     async with open_write_behind(settings_for(stack_env, backend, stack_env["REDIS_URL"])) as tiers:
@@ -298,7 +298,8 @@ async def test_delete_for_runs_whose_backlog_cannot_be_flushed_says_so(
         assert await tiers.flusher.log.pending(thread_id)
 
         async def refusing(ops: Any, **options: Any) -> None:
-            raise RequestRejected("cold", "refused for a moment")
+            # An outage: a refusal for good (`RequestRejected`) is a stuck entry instead.
+            raise BackendUnavailable("cold", "down for a moment")
 
         tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
         try:
@@ -644,7 +645,8 @@ async def test_delete_for_runs_refuses_while_a_later_runs_unflushable_backlog_go
         want = (await reference.aget_state(ref_cfg)).values  # run 2's checkpoints spared
 
         async def refusing(ops: Any, **options: Any) -> None:
-            raise RequestRejected("cold", "refused for a moment")
+            # An outage: a refusal for good (`RequestRejected`) is a stuck entry instead.
+            raise BackendUnavailable("cold", "down for a moment")
 
         tiers.flusher.store = SimpleNamespace(apply_batch=refusing)  # type: ignore[assignment]
         try:
