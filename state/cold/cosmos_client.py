@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.transport import AioHttpTransport, AsyncHttpTransport
 from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
@@ -35,6 +36,8 @@ ANSWER_STATUS = frozenset({404, 409, 412})
 INVALID_VALUE_STATUS = frozenset({400, 413})
 # How much of the service's message an error carries.
 MESSAGE_CHARS = 300
+# Where a request's pipeline context keeps when that attempt was sent (`AnswerCircuit.now`).
+SENT_AT = "answer_circuit_sent_at"
 CONTAINER_DEFAULT_TTL = -1
 # Blob payloads are never queried: keeping them out of the index saves RU and storage.
 # Those under `values` cannot be: a path's wildcard may only end it, and queries filter
@@ -116,8 +119,14 @@ class CosmosConnection:
         operation = cold_operation.get() or "request"
         self.counters.count(operation, float(charge) if charge else 0.0)
 
-    def _heard(self, _response: Any) -> None:
-        self._circuit.heard()
+    def _sending(self, request: PipelineRequest[Any]) -> None:
+        # Each attempt, the SDK's retries included, just before the transport sends it.
+        request.context[SENT_AT] = self._circuit.now()
+
+    def _heard(self, response: PipelineResponse[Any, Any]) -> None:
+        # As of when its request was sent: an answer to one sent before a call began, read
+        # late on a busy event loop, tells nothing of the service since.
+        self._circuit.heard(response.context.get(SENT_AT))
 
     async def container(self) -> ContainerProxy:
         if self._container is not None:
@@ -171,6 +180,7 @@ class CosmosConnection:
             read_timeout=config.operation_timeout_seconds,
             # Every response, a 429 the SDK retries included, shows the service alive:
             # a call that outlasts its bound on throttling opens no circuit.
+            raw_request_hook=self._sending,
             raw_response_hook=self._heard,
         )
 

@@ -23,12 +23,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 
 from devstack import CosmosEmulator, free_port
-from state.errors import BackendUnavailable
+from state.cold import circuit
+from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
+from state.cold.cosmos_store import CosmosStateStore
+from state.errors import BackendUnavailable, NoAnswer
 from state.factory import backends_for
 from state.settings import Settings
 
@@ -304,3 +308,75 @@ async def test_a_cold_store_answering_nothing_is_waited_on_once(
     assert took[0] >= SILENT_TIMEOUT_SECONDS
     assert sum(took[1:]) < 1.0, took
     assert found is not None and dict(found.sections) == {"step": "before"}
+
+
+class HeldAnswerTransport(EnvironmentProxyTransport):
+    """Leaves the answer to the request sent after `hold()` unread, as a busy event loop
+    would, until the next request goes out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = asyncio.Event()
+        self._holding = False
+        self._release: asyncio.Event | None = None
+
+    def hold(self) -> None:
+        self._holding = True
+
+    async def send(self, request: Any, **config: Any) -> Any:
+        if self._release is not None:
+            self._release.set()
+        if not self._holding:
+            return await super().send(request, **config)
+        self._holding = False
+        self._release = release = asyncio.Event()
+        response = await super().send(request, **config)
+        self.answered.set()
+        await release.wait()
+        return response
+
+
+async def test_a_cosmos_answer_sent_before_a_silent_call_but_read_during_it_opens_the_circuit(
+    settings_for: Callable[..., Settings],
+    proxies: Callable[..., LoopbackProxy],
+    cosmos_behind: Callable[[int], CosmosEmulator],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another caller's read was answered just before the link went silent, and the busy
+    event loop reads that answer only while the next call waits: news from before that
+    call, so it still opens the circuit (else each later call waits out the timeout)."""
+    # Long, as the teardown of the silent call's connection may outlast the default window.
+    monkeypatch.setattr(circuit, "OPEN_SECONDS", 30.0)
+    proxy_port = free_port()
+    emulator = cosmos_behind(proxy_port)
+    proxy = proxies(emulator.port, port=proxy_port)
+    settings = settings_for(
+        "cosmos",
+        redis_url=None,
+        cosmos_endpoint=f"https://127.0.0.1:{proxy.port}/",
+        cosmos_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
+    )
+    transport = HeldAnswerTransport()
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+    thread_id = f"late-answer-{uuid.uuid4().hex[:8]}"
+    try:
+        await cold.setup()
+        await cold.create(thread_id, {"step": "before"}, agent_id="late-answer-test")
+        transport.hold()
+        answered_late = asyncio.create_task(cold.get(thread_id))
+        await transport.answered.wait()
+        proxy.cut("blackhole")
+        # Its request going out lets the held answer be read while this call waits.
+        with pytest.raises(NoAnswer):
+            await cold.get(thread_id)
+        assert answered_late.done()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="answered nothing lately"):
+            await cold.get(thread_id)
+        assert time.monotonic() - started < 0.2
+        found = await answered_late
+        assert found is not None and dict(found.sections) == {"step": "before"}
+    finally:
+        proxy.restore()
+        await asyncio.wait_for(connection.close(), 10)
