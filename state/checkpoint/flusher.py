@@ -788,15 +788,15 @@ class Flusher:
             await self.store.fence_thread(thread_id, max(lease.fence, await self.log.fence_now()))
             for _ in range(DISCARD_READS):
                 newest = await self.log.newest(thread_id)
-                try:
-                    entries = await self.log.read(thread_id, count=ALL_LISTED)
-                except LogEntryDamaged as damaged:
-                    if damaged.entry_id != entry_id:
-                        raise NotStuck(thread_id, entry_id) from damaged
-                    dropped = await self._damaged_dependents(damaged)
+                entries, damaged = await self._discard_view(thread_id, newest)
+                if not entries or entries[0].entry_id != entry_id:
+                    raise NotStuck(thread_id, entry_id)
+                if damaged is not None and not damaged.checkpoint_id:
+                    # Not even its checkpoint's id: any later entry of its namespace may
+                    # depend on it.
+                    ns = damaged.checkpoint_ns
+                    dropped = [entries[0], *(e for e in entries[1:] if _namespace(e.op) == ns)]
                 else:
-                    if not entries or entries[0].entry_id != entry_id:
-                        raise NotStuck(thread_id, entry_id)
                     dropped = _dependents(entries)
                 lease.check()
                 ids = [entry.entry_id for entry in dropped]
@@ -811,20 +811,32 @@ class Flusher:
             log.warning("discarded write-behind entry %s", described(entry))
         return dropped
 
-    async def _damaged_dependents(self, damaged: LogEntryDamaged) -> list[LogEntry]:
-        """`_dependents` of a damaged entry (its stand-in first), by what could be read of it:
-        when not even its checkpoint's id, any later entry of its namespace may depend on it.
-        Later entries are read up to the next damaged one (discarded on its own)."""
-        try:
-            later = await self.log.read(damaged.thread_id, count=ALL_LISTED, after=damaged.entry_id)
-        except LogEntryDamaged:
-            later = []
-        if damaged.checkpoint_id:
-            return _dependents([_stand_in(damaged), *later])
-        return [
-            _stand_in(damaged),
-            *(entry for entry in later if _namespace(entry.op) == damaged.checkpoint_ns),
-        ]
+    async def _discard_view(
+        self, thread_id: str, newest: str | None
+    ) -> tuple[list[LogEntry], LogEntryDamaged | None]:
+        """The thread's log up to `newest` for a discard to choose from, a damaged entry as
+        its stand-in (`_stand_in`): a read stops short of one, so it reads on past it (an
+        entry beyond may depend on what is dropped). With the oldest entry's damage, if any."""
+        entries: list[LogEntry] = []
+        oldest: LogEntryDamaged | None = None
+        after: str | None = None
+        while newest is not None:
+            try:
+                read = await self.log.read(thread_id, count=ALL_LISTED, after=after)
+            except LogEntryDamaged as damaged:
+                oldest = oldest if entries else damaged
+                read = [_stand_in(damaged)]
+            except LogEntryLost:
+                if not entries:
+                    raise
+                break  # the rest goes at the flush that meets it (`_drain_locked`)
+            if not read:
+                break
+            entries += read
+            if any(entry.entry_id == newest for entry in read):
+                break  # not on after appends landing meanwhile: the drop refuses those
+            after = read[-1].entry_id
+        return entries, oldest
 
     def last_applied(self, thread_id: str, checkpoint_ns: str) -> str | None:
         """The id of the last checkpoint put of the (thread, namespace) this flusher applied

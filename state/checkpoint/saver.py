@@ -2131,15 +2131,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """Whether the thread's backlog may hold a put of one of the runs (an entry this
         code cannot read may)."""
         assert self.flusher is not None
-        try:
-            entries = await self.flusher.log.read(thread_id, count=ALL_LOGGED)
-        except StateError:
-            return True
-        return any(
-            isinstance(entry.op, CheckpointPut)
-            and entry.op.checkpoint.metadata.get("run_id") in run_ids
-            for entry in entries
-        )
+        after: str | None = None
+        while True:
+            # A read stops short of an entry it cannot read (raised once it is the oldest):
+            # read on past the last one returned until the log ends.
+            try:
+                entries = await self.flusher.log.read(thread_id, count=ALL_LOGGED, after=after)
+            except StateError:
+                return True
+            if not entries:
+                return False
+            if any(
+                isinstance(entry.op, CheckpointPut)
+                and entry.op.checkpoint.metadata.get("run_id") in run_ids
+                for entry in entries
+            ):
+                return True
+            after = entries[-1].entry_id
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         if self.flusher is not None:

@@ -632,3 +632,65 @@ def test_the_cli_names_a_malformed_cosmos_key_in_one_line(stack_env: dict[str, s
     [line] = result.output.strip().splitlines()
     assert line.startswith("COSMOS_KEY is not a Cosmos account key"), line
     assert malformed not in result.output
+
+
+async def test_a_rollback_is_refused_while_a_damaged_entry_past_a_stuck_one_may_hold_its_runs(
+    tiers: WriteBehind,
+) -> None:
+    """A backlog held back by a stuck entry, with a damaged entry later in it (a put of the
+    runs rolled back, but unreadable): the rollback cannot tell it does not hold the runs'
+    checkpoints, which would land after the deletion once the operator discards the stuck
+    one. It is refused, as a backlog it can read and that holds one is, not answered done
+    on the strength of the entries before the damaged one."""
+    run = f"run-{uuid6()}"
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+    key = log_key(tiers, thread.thread_id)
+    _, fields = next(
+        (entry_id, fields)
+        for entry_id, fields in reversed(await tiers.redis.xrange(key))
+        if fields[b"op"] == b"put" and any(name.startswith(b"b:") for name in fields)
+    )
+    head = json.loads(fields[b"head"])
+    head.update(id=str(uuid6()), metadata={**head["metadata"], "run_id": run})
+    damaged = {
+        name: b"\x00\x00" if name.startswith(b"b:") else value for name, value in fields.items()
+    }
+    await tiers.redis.xadd(key, {**damaged, b"head": json.dumps(head).encode()})
+
+    with pytest.raises(EntryStuck) as refused:
+        await tiers.saver.adelete_for_runs([run])
+
+    assert refused.value.entry_id == stuck.value.entry_id
+    await tiers.flusher.delete_thread(thread.thread_id)
+
+
+async def test_a_discard_drops_the_dependents_past_a_damaged_entry_after_the_stuck_one(
+    tiers: WriteBehind,
+) -> None:
+    """A read of the log stops short of a damaged entry: a discard must read on past it, or
+    the put on the dropped checkpoint beyond it stays, and once the damaged entry is gone
+    the cold store receives a checkpoint whose parent it never held."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+    key = log_key(tiers, thread.thread_id)
+    logged = await tiers.redis.xrange(key)
+    at = [entry_id.decode() for entry_id, _ in logged].index(stuck.value.entry_id) + 1
+    await tiers.redis.delete(key)
+    for i, (entry_id, fields) in enumerate(logged):
+        if i == at:  # the writes to the refused checkpoint: one of them cut short
+            assert fields[b"op"] == b"writes"
+            fields = {n: b"\x00" if n.startswith(b"w:") else v for n, v in fields.items()}
+        await tiers.redis.xadd(key, fields, id=entry_id)
+
+    dropped = await tiers.flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+
+    assert [entry.entry_id for entry in dropped] == [
+        entry_id.decode() for entry_id, _ in logged[at - 1 : at + 2]
+    ]
+    await tiers.flusher.flush_thread(thread.thread_id)
+    assert not await tiers.flusher.log.pending(thread.thread_id)
+    assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
+    assert await tiers.store.get_checkpoint(thread.thread_id, "", thread.child) is None
