@@ -1071,14 +1071,14 @@ class WriteBehindLog(Protocol):
         """The id of the thread's newest unflushed entry, if any (for `drop_entries`)."""
 
     async def drop_entries(
-        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None, lock_token: str
     ) -> int | None:
         """Remove the entries from the thread's log without the cold tier having them (an
         operator discards them), and the thread's cached checkpoints with them, in one step,
         so no put builds on a dropped one; returns how many are left. None, nothing removed,
         unless `newest` (as `newest` answered before the caller read the entries it chose
-        from) is still the newest: an append landed since, which may depend on them. The
-        caller holds the flush lock."""
+        from) is still the newest: an append landed since, which may depend on them.
+        `LockLost`, nothing removed, unless the flush lock is still `lock_token`'s."""
 
 
 @runtime_checkable

@@ -800,7 +800,10 @@ class Flusher:
                     dropped = _dependents(entries)
                 lease.check()
                 ids = [entry.entry_id for entry in dropped]
-                if await self.log.drop_entries(thread_id, ids, newest=newest) is not None:
+                dropping = self.log.drop_entries(
+                    thread_id, ids, newest=newest, lock_token=lease.token
+                )
+                if await dropping is not None:
                     break
             else:
                 raise BackendUnavailable(

@@ -402,20 +402,24 @@ return acknowledge(ttl, ARGV, #KEYS > 4)
 )
 
 # KEYS: as `_ACK`'s, but for the thread's namespace index and cache entries (ARGV[3]: how
-# many) after the cached epochs. ARGV: ttl, the id of the log's newest entry when the caller
-# read it ('' for none), how many cache keys, then the entry ids. Drops the cache with the
-# entries in one step, so an append after it finds a dropped checkpoint neither cached nor
-# logged; {-1, 0, ''} (STALE_LISTING), nothing done, if an append landed since that read.
+# many) and then its flush lock after the cached epochs. ARGV: ttl, the id of the log's
+# newest entry when the caller read it ('' for none), how many cache keys, the caller's lock
+# token, then the entry ids. Drops the cache with the entries in one step, so an append
+# after it finds a dropped checkpoint neither cached nor logged; {-1, 0, ''}
+# (STALE_LISTING), nothing done, if an append landed since that read; {-3, 0, ''}
+# (NOT_LOCKED) if the lock is no longer the caller's.
 _DROP = (
     _ACKNOWLEDGE
     + """
 local ttl = table.remove(ARGV, 1)
 local seen = table.remove(ARGV, 1)
 local cached = tonumber(table.remove(ARGV, 1))
+local token = table.remove(ARGV, 1)
+if redis.call('GET', KEYS[5 + cached]) ~= token then return {-3, 0, ''} end
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if (newest and newest[1] or '') ~= seen then return {-1, 0, ''} end
 redis.call('DEL', unpack(KEYS, 5, 4 + cached))
-return acknowledge(ttl, ARGV, #KEYS > 4 + cached)
+return acknowledge(ttl, ARGV, #KEYS > 5 + cached)
 """
 )
 
@@ -1085,7 +1089,7 @@ class RedisWriteBehindLog:
         return _stuck_entries(found)
 
     async def drop_entries(
-        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None, lock_token: str
     ) -> int | None:
         index = self._cache.namespaces_key(thread_id)
         try:
@@ -1099,12 +1103,17 @@ class RedisWriteBehindLog:
             self._key(thread_id, REFERENCES_KIND),
             *self._cache.epoch_keys(thread_id),
             *cached,
+            self._key(thread_id, FLUSH_LOCK_KIND),
             *await self._epochs_of(thread_id, entry_ids),
         ]
         # Removed as an acknowledgement removes them: their epochs released, counts kept.
         removed, left, oldest = await self._run(
-            "drop", keys, [self._cache.ttl_seconds, newest or "", len(cached), *entry_ids]
+            "drop",
+            keys,
+            [self._cache.ttl_seconds, newest or "", len(cached), lock_token, *entry_ids],
         )
+        if int(removed) == NOT_LOCKED:
+            raise LockLost(f"flush of {thread_id!r}", "taken over before its discard")
         if int(removed) == STALE_LISTING:
             return None
         self._cache.epochs.forget(thread_id)

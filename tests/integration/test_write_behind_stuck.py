@@ -24,7 +24,7 @@ from agent_state_cli.cli import app
 from devstack import RedisServer, free_port
 from state.checkpoint.flusher import Flusher
 from state.cold.postgres_checkpoints import PostgresCheckpointStore
-from state.errors import EntryStuck, NotStuck, RequestRejected, StateTooLarge
+from state.errors import EntryStuck, LockLost, NotStuck, RequestRejected, StateTooLarge
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import hot_key
 from state.hot.redis_write_behind import RedisWriteBehindLog
@@ -362,6 +362,32 @@ async def test_a_worker_flushes_a_thread_again_once_another_process_discarded_it
     assert not await tiers.flusher.log.pending(thread.thread_id)
 
 
+async def test_a_drop_by_a_discard_whose_lock_was_taken_over_removes_nothing(
+    tiers: WriteBehind,
+) -> None:
+    """A discard paused past its lock (between its lease check and the drop) while another
+    flusher took the thread: the drop is refused in the same step as it would remove, so it
+    never reports entries as dropped that the new holder may have stored meanwhile."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    entries = await tiers.flusher.log.read(thread.thread_id, count=1000)
+    newest = await tiers.flusher.log.newest(thread.thread_id)
+    holder = await tiers.flusher.log.lock_thread(thread.thread_id, ttl_ms=10_000)
+    assert holder is not None
+    try:
+        with pytest.raises(LockLost):
+            await tiers.flusher.log.drop_entries(
+                thread.thread_id,
+                [entry.entry_id for entry in entries],
+                newest=newest,
+                lock_token=f"{holder}0",  # a token the lock no longer holds
+            )
+    finally:
+        await tiers.flusher.log.unlock_thread(thread.thread_id, holder)
+    after = await tiers.flusher.log.read(thread.thread_id, count=1000)
+    assert [entry.entry_id for entry in after] == [entry.entry_id for entry in entries]
+    await tiers.flusher.delete_thread(thread.thread_id)
+
+
 async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recorded(
     tiers: WriteBehind,
 ) -> None:
@@ -377,9 +403,12 @@ async def test_a_stuck_entry_reported_after_its_thread_was_unlisted_is_not_recor
         and entry.op.checkpoint.checkpoint_id == thread.refused
     )
     newest = await tiers.flusher.log.newest(thread.thread_id)
+    token = await tiers.flusher.log.lock_thread(thread.thread_id, ttl_ms=10_000)
+    assert token is not None
     await tiers.flusher.log.drop_entries(
-        thread.thread_id, [entry.entry_id for entry in entries], newest=newest
+        thread.thread_id, [entry.entry_id for entry in entries], newest=newest, lock_token=token
     )
+    await tiers.flusher.log.unlock_thread(thread.thread_id, token)
     late = StuckEntry(
         thread_id=thread.thread_id,
         entry_id=refused.entry_id,

@@ -1192,7 +1192,7 @@ class MemoryWriteBehindLog(_Tier):
         return logged[-1].entry_id if logged else None
 
     async def drop_entries(
-        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None
+        self, thread_id: str, entry_ids: Sequence[str], *, newest: str | None, lock_token: str
     ) -> int | None:
         self._call("drop_entries")
         if await self.newest(thread_id) != newest:
