@@ -426,7 +426,9 @@ def _refuse_ports_the_running_stack_ignores(
     for server, port in asked.items():
         found = running.get(server)
         actual = found.get("port") if isinstance(found, dict) else None
-        if port != actual:
+        # 0 names no port ("any free one"): what `stack up` chose for it, as when
+        # `AGENT_STATE_REDIS_PORT=0 bash scripts/run.sh` serves the stack it just started.
+        if port != 0 and port != actual:
             where_now = f"on port {actual}" if actual is not None else "not running"
             errors.print(
                 f"[red]--{server}-port {port} cannot apply[/red]: the stack already running "
@@ -889,7 +891,7 @@ def follow(
             # The stream ended: its time was up, or the API lost its event log for a moment.
             # Publishing events is best effort, so the runs list also decides when to stop.
             at_rest = not _busy(_case_runs(api, case))
-        except httpx.TransportError as error:
+        except (httpx.TransportError, EventsOutOfReach) as error:
             drops += 1
             if drops > MAX_RECONNECTS:
                 errors.print(f"[red]lost the event stream of {api}: {escape(str(error))}[/red]")
@@ -942,6 +944,10 @@ def _case_events(
     ) as response:
         if response.status_code >= 400:
             response.read()
+            if response.status_code == 503 and "retry-after" in response.headers:
+                # The API's event log (Redis) out of reach for now: tried again as a
+                # dropped connection is, while the runs list still says how the case goes.
+                raise EventsOutOfReach(f"503: {_body(response).get('error', response.text)}")
             _refuse_errors(response, _body(response))
         for frame in sse_frames(response.iter_lines()):
             try:
@@ -949,6 +955,11 @@ def _case_events(
             except ValueError:
                 data = {"data": frame.data}
             yield {"id": frame.id, "event": frame.event, **data}
+
+
+class EventsOutOfReach(Exception):
+    """The API answered the event stream 503 with a Retry-After: its event log is out of
+    reach for now."""
 
 
 @dataclass(frozen=True)

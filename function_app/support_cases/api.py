@@ -339,12 +339,13 @@ async def case_events(
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
     cases.events.admit()  # 503 while this worker serves as many streams as it may
+    stream = await cases.events.opened(case_id, start, seconds=seconds)  # 503: log out of reach
     # A reviewer reads the case only while it awaits review: checked again before each
     # event, or the stream would go on serving what is written after the decision.
     while_awaiting_review = not reads_for_good(caller, view)
 
     async def frames() -> AsyncIterator[str]:
-        async for event in cases.events.stream(case_id, start, seconds=seconds):
+        async for event in stream:
             if event is not None and while_awaiting_review:
                 try:
                     still = await cases.awaiting_review(case_id)

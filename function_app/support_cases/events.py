@@ -33,7 +33,8 @@ LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u
 
 
 class EventsUnavailable(Exception):
-    """No event log (no hot tier configured, or Redis unreachable): maps to 503."""
+    """No event log (no hot tier configured): maps to 503. A Redis out of reach is the
+    store's `BackendUnavailable` (503 with Retry-After)."""
 
 
 class InvalidEventId(Exception):
@@ -79,21 +80,41 @@ class CaseEvents:
                 f"(CASE_MAX_EVENT_STREAMS); retry in {StreamsBusy.retry_after} s"
             )
 
-    async def stream(
+    async def opened(
         self, case_id: str, after: str | None, *, seconds: float
     ) -> AsyncIterator[StoredEvent | None]:
-        """The case's events after `after`, for `seconds`; None now and then while quiet
-        (the caller sends a keep-alive). Ends early if the log becomes unreachable: the
-        client reconnects with the last id it got."""
+        """`stream`, its first page read now: a log out of reach when the stream opens
+        raises `BackendUnavailable` (503, Retry-After) rather than answer 200 with a stream
+        that ends at once, empty, which a client takes for a case without events."""
+        first = await self.check(after).read(case_id, after=after, wait_ms=0, count=PAGE)
+        return self.stream(case_id, after, seconds=seconds, first=first)
+
+    async def stream(
+        self,
+        case_id: str,
+        after: str | None,
+        *,
+        seconds: float,
+        first: list[StoredEvent] | None = None,
+    ) -> AsyncIterator[StoredEvent | None]:
+        """The case's events after `after` (`first`: the first page, already read), for
+        `seconds`; None now and then while quiet (the caller sends a keep-alive). Ends
+        early if the log becomes unreachable: the client reconnects with the last id it
+        got."""
         self._open_streams += 1
         try:
-            async for event in self._events(case_id, after, seconds=seconds):
+            async for event in self._events(case_id, after, seconds=seconds, first=first):
                 yield event
         finally:
             self._open_streams -= 1
 
     async def _events(
-        self, case_id: str, after: str | None, *, seconds: float
+        self,
+        case_id: str,
+        after: str | None,
+        *,
+        seconds: float,
+        first: list[StoredEvent] | None,
     ) -> AsyncIterator[StoredEvent | None]:
         events = self.check(after)
         deadline = time.monotonic() + seconds
@@ -103,7 +124,10 @@ class CaseEvents:
             left_ms = int((deadline - time.monotonic()) * 1000)
             wait_ms = 0 if more else max(0, min(READ_WAIT_MS, left_ms))
             try:
-                found = await events.read(case_id, after=after, wait_ms=wait_ms, count=PAGE)
+                if first is not None:
+                    found, first = first, None
+                else:
+                    found = await events.read(case_id, after=after, wait_ms=wait_ms, count=PAGE)
             except BackendUnavailable as error:
                 log.warning("case %s: event stream ended: %s", case_id, error)
                 return

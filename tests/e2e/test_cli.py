@@ -367,3 +367,35 @@ async def test_follow_reconnects_after_the_api_went_away_and_misses_nothing(
         # The CLI runs in a thread, which cannot be cancelled: without an API it gives up
         # within seconds, and must be done before another test's CLI call swaps stdout.
         await asyncio.wait({following}, timeout=60)
+
+
+async def test_follow_tells_an_event_log_out_of_reach_and_tries_again(
+    runtime: Runtime,
+    stack_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bearer: Any,
+) -> None:
+    """The API's Redis gone: its event stream answers 503 (with Retry-After), which `follow`
+    tries again as a dropped connection, then gives up saying so. It once got a 200 stream
+    that ended at once, empty, and printed nothing and exited 0, as for a case without
+    events."""
+    from support_cases.api import create_app
+
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "erin")
+    monkeypatch.setattr("agent_state_cli.cli.time.sleep", lambda _seconds: None)
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)),
+        base_url="http://cli.test",
+        headers=bearer("erin"),
+    ) as submitter:
+        assert (await submitter.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    # The same cold tier, its Redis a port nothing listens on.
+    env = {**app_env(runtime, stack_env), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    async with api_process(env, tmp_path / "api.log") as (_, client):
+        code, out = await cli("follow", case_id, "--api", str(client.base_url))
+    assert code == 2, out
+    assert out.count("reconnecting") == 5 and "redis unavailable" in out, out
+    assert "lost the event stream" in out, out

@@ -243,6 +243,43 @@ def test_serve_refuses_a_port_the_running_stack_does_not_use(
     assert served == [7171, 7171]
 
 
+def test_serve_takes_port_zero_as_whatever_the_running_stack_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`AGENT_STATE_REDIS_PORT=0 bash scripts/run.sh` (README: `0`, any free port): `stack
+    up` picks a free port, then `serve`, reading the same variables, refused the stack it
+    had just started ("--redis-port 0 cannot apply: ... redis on port 59249")."""
+    from typer.testing import CliRunner
+
+    from agent_state_cli.cli import app
+
+    served: list[int] = []
+    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
+    # A stack recorded as running on ports `stack up` chose (pids: this test's process).
+    servers = {"redis": 59249, "cosmos": 44813, "issuer": 36021}
+    state_file(tmp_path).write_text(
+        json.dumps(
+            {
+                "workdir": str(tmp_path),
+                "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
+                "env": {
+                    "COSMOS_ENDPOINT": "https://127.0.0.1:44813/",
+                    "REDIS_URL": "redis://127.0.0.1:59249/0",
+                },
+            }
+        )
+    )
+    zero = {f"AGENT_STATE_{name.upper()}_PORT": "0" for name in (*servers, "postgres")}
+    result = CliRunner().invoke(
+        app,
+        ["serve", "--workdir", str(tmp_path), "--port", "7171"],
+        env={"COLUMNS": "200", **zero},
+    )
+    assert result.exit_code == 0, result.output
+    assert served == [7171]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's clusters live outside their workdir")
 def test_a_cluster_whose_workdir_is_gone_is_removed_when_the_next_one_is_prepared(
     tmp_path: Path,
