@@ -494,8 +494,11 @@ def _body(response: httpx.Response) -> dict[str, Any]:
 def _refuse_errors(response: httpx.Response, body: dict[str, Any]) -> None:
     """An error answer is printed and ends the command."""
     if response.status_code >= 400:
+        said = body.get("error") or response.text
+        if not said:  # an empty answer (a proxy's, another server's): say what answered
+            said = f"{response.reason_phrase} (an empty answer from {response.request.url})"
         errors.print(
-            f"[red]{response.status_code}: {escape(str(body.get('error', response.text)))}[/red]"
+            f"[red]{response.status_code}: {escape(str(said))}[/red]"
             + _unsent_token_hint(response),
             soft_wrap=True,
         )
@@ -561,7 +564,9 @@ def _print_case(case: dict[str, Any]) -> None:
             f"{waiting['reason']} -> agent-state review {case['case_id']} approve|reject",
         )
     if case.get("lease_ends_at"):
-        table.add_row("lease ends", f"{case['lease_ends_at']} (a resume waits until then)")
+        # Only a stalled case waits for its dead runner's lease; a running one is renewing it.
+        waits = " (a resume waits until then)" if case["status"] == "stalled" else ""
+        table.add_row("lease ends", f"{case['lease_ends_at']}{waits}")
     if case.get("error"):
         table.add_row("error", f"[red]{case['error']}[/red]")
     table.add_row("response", case.get("final_response") or "-")

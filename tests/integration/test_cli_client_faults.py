@@ -142,6 +142,16 @@ def test_a_401_to_a_call_with_a_token_is_printed_as_the_api_says(
     assert error == "401: token expired"
 
 
+def test_an_empty_error_answer_names_what_answered_it(
+    foreign_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    """A proxy's or another server's bare 404: the CLI printed `404: ` and nothing more."""
+    api, answers = foreign_api
+    answers.append((404, b""))
+    error = one_line_error(agent_state("show", "case_1", "--api", api), 1)
+    assert error == f"404: Not Found (an empty answer from {api}/api/cases/case_1)"
+
+
 def test_write_behind_with_its_stores_unreachable_prints_one_line(tmp_path: Path) -> None:
     """The Cosmos client logged "Marking ... unavailable" (psycopg's pool: "error connecting",
     once per attempt) before the command's own error."""
