@@ -346,7 +346,9 @@ class HotRead:
 
     # The cached record if it may be served: None on a miss, or while a write is pending.
     record: WorkflowRecord | None
-    # The hot tier's clock (microseconds) at the read; see `HotStateStore.install`.
+    # The hot tier's clock (microseconds) at a read that missed; see `HotStateStore.install`.
+    # May be 0 for an entry the read found current: only a miss's install needs the clock
+    # (a copy found current but undecodable held no intent for it to clear).
     observed_at: int
     # A write intent hides the entry (its writer may have committed a newer version).
     pending: bool = False
@@ -372,12 +374,19 @@ class HotStateStore(Protocol):
         """`read(thread_id).record`."""
 
     async def begin_write(
-        self, thread_id: str, *, bound_ms: int, ttl_seconds: int, token: str | None = None
+        self,
+        thread_id: str,
+        *,
+        bound_ms: int,
+        ttl_seconds: int,
+        token: str | None = None,
+        clear: bool = False,
     ) -> WriteIntent:
         """Mark the entry (creating it if absent) before a cold write: hidden until the
         intent is removed, or its deadline (`bound_ms` from now) passes and a reader
         installs what it read from cold after that. A caller that chooses `token` can
-        still remove the intent when this call failed without saying whether it landed."""
+        still remove the intent when this call failed without saying whether it landed.
+        `clear`: first drop the cached record as `invalidate` does, in the same step."""
 
     async def abandon_write(self, intent: WriteIntent) -> None:
         """Remove `intent` after a cold write that certainly did not happen."""

@@ -226,12 +226,12 @@ class CacheAsideStore:
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
     ) -> WorkflowRecord:
         with _span("create", thread_id=thread_id):
-            # A copy left from an earlier record of this thread id would outrank the
-            # new version 1; clearing it first is safe because cold has nothing older.
-            await self._invalidate(thread_id)
-            # Under an intent like any write: a slow install of version 1 must not land on
-            # an entry eviction emptied after a later write's install.
-            intent = await self._begin_write(thread_id)
+            # A copy left from an earlier record of this thread id would outrank the new
+            # version 1; clearing it first is safe because cold has nothing older. Cleared
+            # as the intent is registered (one round trip): under an intent like any write,
+            # a slow install of version 1 must not land on an entry eviction emptied after a
+            # later write's install.
+            intent = await self._begin_write(thread_id, clear=True)
             try:
                 record = await self._cold.create(thread_id, sections, agent_id=agent_id)
             except WorkflowExists:
@@ -519,9 +519,10 @@ class CacheAsideStore:
                     await running
         self._resettler = self._settler = None
 
-    async def _begin_write(self, thread_id: str) -> WriteIntent | None:
-        """Register a write intent; None if the hot tier cannot take one (the thread is
-        then unsettled: re-installed from cold before this process serves it from hot)."""
+    async def _begin_write(self, thread_id: str, *, clear: bool = False) -> WriteIntent | None:
+        """Register a write intent (`clear`: dropping the cached record first); None if the
+        hot tier cannot take one (the thread is then unsettled: re-installed from cold
+        before this process serves it from hot, as after a failed invalidation)."""
         if self._hot is None:
             return None
         if self._hot_skipped():
@@ -534,6 +535,7 @@ class CacheAsideStore:
                 bound_ms=self._lock_ttl_ms,
                 ttl_seconds=self._hot_ttl_seconds,
                 token=token,
+                clear=clear,
             )
         except BackendUnavailable as exc:
             self._hot_failed("begin_write", exc)

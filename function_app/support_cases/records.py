@@ -147,18 +147,23 @@ async def write_sections(
     *,
     fencing_token: int | None = None,
     fresh: bool = False,
+    current: WorkflowRecord | None = None,
 ) -> WorkflowRecord:
     """`write_section` for several sections in one record write, each audited under its
     own writer. A record the cold store refuses as too large with all of them
     (`StateTooLarge`) is written again in one write, computed anew, with those sections
     offloaded (and the record's largest other ones, if it is still refused). `fresh`:
     compute on the cold tier's record, never a hot copy (a compute that refuses by
-    raising)."""
+    raising). `current`: a record the caller just read, tried first instead of reading
+    again, as for `write_section` (not with `fresh`)."""
     offload = False
     for attempt in range(MAX_ATTEMPTS):
         try:
             async with _turn(thread_id):
-                found = await (store.get_fresh(thread_id) if fresh else store.get(thread_id))
+                if attempt == 0 and current is not None and not fresh:
+                    found: WorkflowRecord | None = current
+                else:
+                    found = await (store.get_fresh(thread_id) if fresh else store.get(thread_id))
                 if found is None:
                     raise WorkflowNotFound(thread_id)
                 writes = compute(found)

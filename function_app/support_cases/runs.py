@@ -192,6 +192,7 @@ class RunTracker:
             return run
 
         waiting = 0
+        unchanged: WorkflowRecord | None = None
 
         def compute_all(record: WorkflowRecord) -> list[SectionWrite]:
             nonlocal waiting
@@ -256,6 +257,10 @@ class RunTracker:
             record = await self._store.get(case_id)
             if record is None or may_be_held(record):
                 await self._retention.release(case_id)
+            else:
+                # Nothing happened since this read: the write below goes on it, not on
+                # another read of the same record (a newer one conflicts and is re-read).
+                unchanged = record
         else:
             # Indexed before it says "running" (a resume or a decision): the timer may have
             # dropped the case while it rested, and a run marked running where the timer
@@ -263,7 +268,12 @@ class RunTracker:
             # the mark (RunIndexBusy) with nothing written.
             await self._index(case_id)
         await write_sections(
-            self._store, case_id, compute_all, fencing_token=fencing_token, fresh=still is not None
+            self._store,
+            case_id,
+            compute_all,
+            fencing_token=fencing_token,
+            fresh=still is not None,
+            current=unchanged,
         )
         # A case with runs queued stays where the timer looks, whatever its status. One at
         # rest stays there too until the timer's next tick drops it with the others of its
@@ -364,11 +374,12 @@ class RunTracker:
         *,
         fencing_token: int | None,
         sections: dict[str, Any] | None = None,
+        current: WorkflowRecord | None = None,
     ) -> dict[str, Any] | None:
         """Start the oldest queued run (one write: the run section and its entry), unless the
         case is in a run (running, or paused for review); the started entry, or None.
         `sections`: agents' sections set back to what the state the run starts from holds,
-        in the same write."""
+        in the same write. `current`: the record the caller just read, tried first."""
         started: dict[str, Any] | None = None
 
         def compute(record: WorkflowRecord) -> list[SectionWrite]:
@@ -396,7 +407,9 @@ class RunTracker:
                 SectionWrite(RUN_SECTION, run, RUNNER_ID),
             ]
 
-        await write_sections(self._store, case_id, compute, fencing_token=fencing_token)
+        await write_sections(
+            self._store, case_id, compute, fencing_token=fencing_token, current=current
+        )
         return started
 
     async def end_stopped(

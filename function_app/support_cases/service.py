@@ -1134,8 +1134,13 @@ class CaseService:
                 continue
             if queued(runs_of(record)):
                 await refresh()
+            # On the record just read: a run queued since then found the case held and left
+            # it to this holder, which looks again once it lets go (`_pump`).
             entry = await self._tracker.start_next(
-                case_id, fencing_token=guard.fence, sections=await self._after_failure(record)
+                case_id,
+                fencing_token=guard.fence,
+                sections=await self._after_failure(record),
+                current=record,
             )
             if entry is None:
                 return

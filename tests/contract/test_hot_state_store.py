@@ -135,6 +135,22 @@ async def test_invalidate_drops_the_record_but_keeps_intents(hot: HotStateStore)
     assert (await hot.read(thread_id)).pending
 
 
+async def test_an_intent_that_clears_drops_the_record_and_keeps_other_intents(
+    hot: HotStateStore,
+) -> None:
+    """A create's invalidation and intent in one step: a copy left from an earlier record
+    of the thread id (version 4) no longer outranks the new version 1."""
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 4, s="v4"), ttl_seconds=60)
+    other = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    mine = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60, clear=True)
+    created = workflow_record(thread_id, 1, s="v1")
+    assert await hot.install(created, ttl_seconds=60, intent=mine, written=True)
+    assert (await hot.read(thread_id)).pending  # the other writer's intent still hides it
+    await hot.abandon_write(other)
+    assert await hot.get(thread_id) == created
+
+
 async def test_lock_is_exclusive_and_only_its_owner_releases_it(hot: HotStateStore) -> None:
     name = f"case_{uuid.uuid4().hex[:8]}"
     held = await hot.acquire_lock(name, ttl_ms=10_000)

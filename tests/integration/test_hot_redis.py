@@ -316,3 +316,53 @@ async def test_misses_share_one_fill_lease_instead_of_piling_up_fields(
         assert (await hot.read(unknown)).lease is not None
     assert await raw.hlen(hot.key(hidden)) <= 2  # the intent and a lease
     assert await raw.hlen(hot.key(unknown)) <= 1
+
+
+async def _server_commands(client: aioredis.Redis) -> dict[str, int]:
+    """What the server ran since its counters were reset, scripts' own commands included."""
+    stats = await client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name.removeprefix("cmdstat_").split("|")[0] not in ("info", "config")
+    }
+
+
+async def test_a_hit_and_a_write_cost_the_server_these_commands(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """A case's record reads are mostly hits and each of its writes is an intent and an
+    install (issue #16 counts the server's commands per case): a hit needs no clock, and an
+    install reads the version and every intent's deadline in one command."""
+    settings = _settings(own_redis.url, stack_env)  # nobody else's commands on this server
+    store = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
+    counters = create_redis_client(settings)
+    thread_id = unique_thread("counted")
+    try:
+        await store.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
+        # Another writer's intent in flight: the install keeps it, reading its deadline.
+        other = await store.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+        await store.abandon_write(other)
+        assert (await store.read(thread_id)).record is not None  # the script loaded
+        await counters.config_resetstat()
+        assert (await store.read(thread_id)).record is not None
+        assert await _server_commands(counters) == {"evalsha": 1, "hgetall": 1}
+
+        other = await store.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+        intent = await store.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+        await counters.config_resetstat()
+        record = workflow_record(thread_id, 2, s="v2")
+        assert await store.install(record, ttl_seconds=60, intent=intent, written=True)
+        assert await _server_commands(counters) == {
+            "evalsha": 1,
+            "hkeys": 1,
+            "hmget": 1,
+            "del": 1,
+            "hset": 2,  # the record, then the other writer's intent kept
+            "expire": 1,
+        }
+        await store.abandon_write(other)
+        assert await store.get(thread_id) == record
+    finally:
+        await counters.aclose()
+        await store.close()

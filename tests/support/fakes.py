@@ -749,12 +749,21 @@ class MemoryHotStore(_Tier):
         return (await self.read(thread_id)).record
 
     async def begin_write(
-        self, thread_id: str, *, bound_ms: int, ttl_seconds: int, token: str | None = None
+        self,
+        thread_id: str,
+        *,
+        bound_ms: int,
+        ttl_seconds: int,
+        token: str | None = None,
+        clear: bool = False,
     ) -> WriteIntent:
         self._call("begin_write")
         token = token or secrets.token_hex(8)
         registered_at = self._clock.micros()
         entry = self._entry(thread_id) or self._entries.setdefault(thread_id, _HotEntry())
+        if clear:
+            entry.record = None
+            entry.leases.clear()
         entry.intents[token] = registered_at + bound_ms * 1000
         # Kept at least to the intent's deadline; a new entry expires with the hot TTL.
         remaining = ttl_seconds if entry.expires_at is None else entry.expires_at - time.monotonic()
