@@ -97,6 +97,24 @@ def cosmos_behind(tmp_path: Path) -> Iterator[Callable[[int], CosmosEmulator]]:
         emulator.stop()
 
 
+def cosmos_through_a_proxy(
+    cosmos_behind: Callable[[int], CosmosEmulator],
+    proxies: Callable[..., LoopbackProxy],
+    settings_for: Callable[..., Settings],
+) -> tuple[LoopbackProxy, Settings]:
+    """An emulator reached through a proxy (to cut), with the silent-store test timeout."""
+    proxy_port = free_port()
+    emulator = cosmos_behind(proxy_port)
+    proxy = proxies(emulator.port, port=proxy_port)
+    settings = settings_for(
+        "cosmos",
+        redis_url=None,
+        cosmos_endpoint=f"https://127.0.0.1:{proxy.port}/",
+        cosmos_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
+    )
+    return proxy, settings
+
+
 async def cut_for(app: App, proxy: LoopbackProxy, mode: CutMode, seconds: float, tier: str) -> bool:
     """Cut, check health names the tier down meanwhile, restore; whether it did."""
     await asyncio.sleep(0.3)
@@ -245,15 +263,7 @@ async def test_a_cold_store_answering_nothing_is_waited_on_once(
     fail typed at once (`AnswerCircuit`) instead of piling up; once the store answers a
     probe again, calls go through and what was stored before is all there."""
     if tier == "cosmos":
-        proxy_port = free_port()
-        emulator = cosmos_behind(proxy_port)
-        proxy = proxies(emulator.port, port=proxy_port)
-        settings = settings_for(
-            "cosmos",
-            redis_url=None,
-            cosmos_endpoint=f"https://127.0.0.1:{proxy.port}/",
-            cosmos_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
-        )
+        proxy, settings = cosmos_through_a_proxy(cosmos_behind, proxies, settings_for)
     else:
         target = urlparse(stack_env["POSTGRES_URL"])
         assert target.port is not None
@@ -347,15 +357,7 @@ async def test_a_cosmos_answer_sent_before_a_silent_call_but_read_during_it_open
     call, so it still opens the circuit (else each later call waits out the timeout)."""
     # Long, as the teardown of the silent call's connection may outlast the default window.
     monkeypatch.setattr(circuit, "OPEN_SECONDS", 30.0)
-    proxy_port = free_port()
-    emulator = cosmos_behind(proxy_port)
-    proxy = proxies(emulator.port, port=proxy_port)
-    settings = settings_for(
-        "cosmos",
-        redis_url=None,
-        cosmos_endpoint=f"https://127.0.0.1:{proxy.port}/",
-        cosmos_operation_timeout_seconds=SILENT_TIMEOUT_SECONDS,
-    )
+    proxy, settings = cosmos_through_a_proxy(cosmos_behind, proxies, settings_for)
     transport = HeldAnswerTransport()
     connection = CosmosConnection(settings.cosmos, transport=transport)
     cold = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
