@@ -203,7 +203,12 @@ class TokenValidator:
         if not isinstance(roles, list):
             raise Unauthenticated("invalid token: the roles claim is not a list")
         # Users have a name; a client application (client credentials) has only its id.
-        name = claims.get("name") or claims.get("preferred_username") or claims.get("azp")
+        name = (
+            claims.get("name")
+            or claims.get("preferred_username")
+            or claims.get("azp")
+            or claims.get("appid")
+        )
         return Principal(
             id=object_id,
             name=str(name or object_id),
