@@ -129,14 +129,21 @@ local function fenced(fence_key, presented, ttl)
   if presented == '' then return nil end
   local checked = string.sub(presented, -1) == '!'
   local token = checked and string.sub(presented, 1, -2) or presented
-  local held = redis.call('GET', fence_key)
-  if not held and not checked then return -1 end
-  local seen = tonumber(held or '0')
-  if tonumber(token) < seen then return seen end
   -- Set again at every write, the newest writer's included: it expires only with a
-  -- thread that stopped.
-  if not held or tonumber(token) > seen then held = token end
-  redis.call('SET', fence_key, held, 'EX', ttl)
+  -- thread that stopped. One command for a writer at or above the fence (the usual
+  -- case); a refused one puts back what it replaced (renewing its TTL: a longer-lived
+  -- fence refuses no more than the same fence would).
+  local held = redis.call('SET', fence_key, token, 'EX', ttl, 'GET')
+  if not held then
+    if checked then return nil end
+    redis.call('DEL', fence_key)
+    return -1
+  end
+  local seen = tonumber(held)
+  if tonumber(token) < seen then
+    redis.call('SET', fence_key, held, 'EX', ttl)
+    return seen
+  end
   return nil
 end
 """
@@ -252,11 +259,14 @@ return fenced(KEYS[1], ARGV[1], ARGV[2]) or 0
 """
 )
 
-# KEYS: dirty, since, entries. ARGV: thread id.
+# KEYS: dirty, since, entries. ARGV: thread id. `since` only when the thread was not
+# listed (its `dirty` score is 1 now): `dirty` and `since` list and unlist a thread together
+# (`_SETTLE`), so a listed thread has its `since` already.
 _MARK_DIRTY = """
-redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
+if tonumber(redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])) == 1 then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
+end
 redis.call('INCR', KEYS[3])
 return 1
 """

@@ -17,13 +17,14 @@ from redis.crc import key_slot
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack import RedisServer, free_port
-from state.errors import BackendUnavailable
+from state.errors import BackendUnavailable, FenceUnknown, StaleFencingToken
 from state.hot import redis_client
 from state.hot.redis_checkpoints import RedisCheckpointCache
-from state.hot.redis_client import create_redis_client, hot_namespace, run_script
-from state.hot.redis_events import RedisEventLog
+from state.hot.redis_client import create_redis_client, hot_key, hot_namespace, run_script
+from state.hot.redis_events import EVENTS_KIND, RedisEventLog
 from state.hot.redis_store import RedisHotStore
-from state.ports import StoredCheckpoint
+from state.hot.redis_write_behind import RedisWriteBehindLog
+from state.ports import StoredCheckpoint, StoredWrite
 from state.schema import CURRENT
 from state.settings import Settings
 from tests.support.records import unique_thread, workflow_record
@@ -278,9 +279,9 @@ async def test_an_event_append_retried_after_a_lost_reply_is_stored_once(
     )
     replies_lost = 0
 
-    async def lands_then_times_out(*args: Any) -> Any:
+    async def lands_then_times_out(*args: Any, **kwargs: Any) -> Any:
         nonlocal replies_lost
-        stored = await run_script(*args)
+        stored = await run_script(*args, **kwargs)
         if replies_lost < 2:
             replies_lost += 1
             raise RedisTimeoutError("reply lost after the script ran")
@@ -294,13 +295,69 @@ async def test_an_event_append_retried_after_a_lost_reply_is_stored_once(
     assert [(e.id, e.data) for e in stored] == [(event_id, {"n": 1})]
 
     # Every try failing is the tier's failure, typed.
-    async def down(*_args: Any) -> Any:
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
         raise RedisTimeoutError("down")
 
     monkeypatch.setattr(redis_client, "run_script", down)
     with pytest.raises(BackendUnavailable):
         await events.append(thread, {"n": 2})
     await client.aclose()
+
+
+async def test_the_one_command_fence_check_leaves_a_refused_writers_fence_as_it_was(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """The fence is set and read in one command: a writer it refuses must not leave its
+    token behind, neither where Redis holds no fence nor where it holds a higher one."""
+    settings = _settings(own_redis.url, stack_env)
+    client = create_redis_client(settings)
+    cache = RedisCheckpointCache(client, namespace=hot_namespace(settings), ttl_seconds=60)
+    log = RedisWriteBehindLog(client, cache)
+    thread_id = unique_thread("fenced")
+    fence = hot_key(thread_id, "wb-fence", namespace=cache.namespace)
+    write = StoredWrite("task-1", "", 0, "messages", ("json", b'"hello"'))
+    try:
+        with pytest.raises(FenceUnknown):
+            await log.append_writes(thread_id, "", "c1", [write], upsert=False, fence=5)
+        assert await client.exists(fence) == 0
+        await log.append_writes(thread_id, "", "c1", [write], upsert=False, fence=5, fence_checked=True)  # fmt: skip
+        await client.expire(fence, 30)
+        with pytest.raises(StaleFencingToken) as refused:
+            await log.append_writes(thread_id, "", "c1", [write], upsert=False, fence=4)
+        assert (refused.value.presented, refused.value.highest) == (4, 5)
+        assert await client.get(fence) == b"5"
+        await log.append_writes(thread_id, "", "c1", [write], upsert=True, fence=5)  # the same
+        assert await client.get(fence) == b"5"
+        assert 30 < await client.ttl(fence) <= 60  # renewed by the write it let through
+        assert len(await log.read(thread_id, count=10)) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_an_event_append_costs_the_server_these_commands(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """15 event appends a case (issue #16): the first try of each was never sent before, so
+    it does not look for itself among the stream's newest entries."""
+    settings = _settings(own_redis.url, stack_env)  # nobody else's commands on this server
+    client = create_redis_client(settings)
+    counters = create_redis_client(settings)
+    events = RedisEventLog(
+        client, namespace=hot_namespace(settings), max_events=100, ttl_seconds=60
+    )
+    thread = unique_thread("events")
+    try:
+        first = await events.append(thread, {"n": 1})  # the script loaded
+        await counters.config_resetstat()
+        second = await events.append(thread, {"n": 2})
+        assert await _server_commands(counters) == {"evalsha": 1, "xadd": 1, "expire": 1}
+        stored = await events.read(thread)
+        assert [(e.id, e.data) for e in stored] == [(first, {"n": 1}), (second, {"n": 2})]
+        key = hot_key(thread, EVENTS_KIND, namespace=hot_namespace(settings))
+        assert 0 < await counters.ttl(key) <= 60
+    finally:
+        await counters.aclose()
+        await client.aclose()
 
 
 async def test_misses_share_one_fill_lease_instead_of_piling_up_fields(
@@ -366,3 +423,47 @@ async def test_a_hit_and_a_write_cost_the_server_these_commands(
     finally:
         await counters.aclose()
         await store.close()
+
+
+async def test_an_append_to_a_listed_thread_costs_the_server_these_commands(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """A write-behind append (issue #16: 14 a case) checks and renews the fence with one
+    command, and lists a thread already listed without reading the server's clock."""
+    settings = _settings(own_redis.url, stack_env)  # nobody else's commands on this server
+    client = create_redis_client(settings)
+    cache = RedisCheckpointCache(client, namespace=hot_namespace(settings), ttl_seconds=60)
+    log = RedisWriteBehindLog(client, cache)
+    counters = create_redis_client(settings)
+    thread_id = unique_thread("counted")
+    write = StoredWrite("task-1", "", 0, "messages", ("json", b'"hello"'))
+    try:
+        # The first: checked against the durable fence, it sets Redis's; the thread listed.
+        await log.append_writes(thread_id, "", "c1", [write], upsert=False, fence=5, fence_checked=True)  # fmt: skip
+        since = await counters.zscore(f"{{wb:{cache.namespace}}}:since", thread_id)
+        await counters.config_resetstat()
+        await log.append_writes(thread_id, "", "c1", [write], upsert=True, fence=7)
+        commands = await _server_commands(counters)
+        assert commands == {
+            "evalsha": 2,  # the append, then the listing (another slot)
+            "get": 1,  # the expiring mark: none
+            "set": 1,  # the fence raised and renewed, what it held read at once
+            "ttl": 1,  # the cache entry's writes (`add_writes`)
+            "hget": 1,
+            "hset": 1,
+            "hdel": 1,
+            "del": 1,  # the entry's other formats
+            "xadd": 1,
+            # Listed already: its score bumped, its `since` kept, the server's clock unread.
+            "zincrby": 1,
+            "incr": 1,
+        }
+        fence = hot_key(thread_id, "wb-fence", namespace=cache.namespace)
+        assert await counters.get(fence) == b"7"
+        assert 0 < await counters.ttl(fence) <= 60
+        assert await counters.zscore(f"{{wb:{cache.namespace}}}:since", thread_id) == since
+        assert await counters.zscore(f"{{wb:{cache.namespace}}}:dirty", thread_id) == 2
+        assert await counters.get(f"{{wb:{cache.namespace}}}:entries") == b"2"
+    finally:
+        await counters.aclose()
+        await client.aclose()
