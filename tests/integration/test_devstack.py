@@ -199,6 +199,30 @@ def test_serve_with_postgres_adds_it_to_the_running_stack(
     assert code == 0 and "stopped: redis, cosmos, issuer, postgres" in output
 
 
+def serving_a_recorded_stack(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, servers: dict[str, int]
+) -> list[int]:
+    """A stack recorded as running on `servers`' ports (its pids: this test's own process,
+    alive), and `serve`'s server stubbed: the ports it would serve on are returned."""
+    served: list[int] = []
+    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
+    state_file(workdir).write_text(
+        json.dumps(
+            {
+                "workdir": str(workdir),
+                "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
+                # What `stack up` records for its clients (serve checks the app's settings).
+                "env": {
+                    "COSMOS_ENDPOINT": f"https://127.0.0.1:{servers['cosmos']}/",
+                    "REDIS_URL": f"redis://127.0.0.1:{servers['redis']}/0",
+                },
+            }
+        )
+    )
+    return served
+
+
 def test_serve_refuses_a_port_the_running_stack_does_not_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,23 +230,8 @@ def test_serve_refuses_a_port_the_running_stack_does_not_use(
 
     from agent_state_cli.cli import app
 
-    served: list[int] = []
-    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
-    # A stack recorded as running (its pids: this test's own process, alive).
-    servers = {"redis": 6390, "cosmos": 8091, "issuer": 8095}
-    state_file(tmp_path).write_text(
-        json.dumps(
-            {
-                "workdir": str(tmp_path),
-                "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
-                # What `stack up` records for its clients (serve checks the app's settings).
-                "env": {
-                    "COSMOS_ENDPOINT": "https://127.0.0.1:8091/",
-                    "REDIS_URL": "redis://127.0.0.1:6390/0",
-                },
-            }
-        )
+    served = serving_a_recorded_stack(
+        tmp_path, monkeypatch, {"redis": 6390, "cosmos": 8091, "issuer": 8095}
     )
     runner = CliRunner()
     serve = ["serve", "--workdir", str(tmp_path), "--port", "7171"]
@@ -253,23 +262,9 @@ def test_serve_takes_port_zero_as_whatever_the_running_stack_chose(
 
     from agent_state_cli.cli import app
 
-    served: list[int] = []
-    monkeypatch.setattr("uvicorn.run", lambda *_args, port, **_kw: served.append(port))
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # what `serve` exports stays here
-    # A stack recorded as running on ports `stack up` chose (pids: this test's process).
+    # Ports `stack up` chose.
     servers = {"redis": 59249, "cosmos": 44813, "issuer": 36021}
-    state_file(tmp_path).write_text(
-        json.dumps(
-            {
-                "workdir": str(tmp_path),
-                "servers": {name: {"port": p, "pid": os.getpid()} for name, p in servers.items()},
-                "env": {
-                    "COSMOS_ENDPOINT": "https://127.0.0.1:44813/",
-                    "REDIS_URL": "redis://127.0.0.1:59249/0",
-                },
-            }
-        )
-    )
+    served = serving_a_recorded_stack(tmp_path, monkeypatch, servers)
     zero = {f"AGENT_STATE_{name.upper()}_PORT": "0" for name in (*servers, "postgres")}
     result = CliRunner().invoke(
         app,

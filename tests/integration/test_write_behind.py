@@ -122,6 +122,9 @@ async def tiers(
     async with open_write_behind(
         settings_for(stack_env, request.param, stack_env["REDIS_URL"])
     ) as opened:
+        # Earlier tests' backlogs on this worker's Redis (some end with one): a test counting
+        # what a drain applies counts its own entries only.
+        await opened.flusher.drain()
         yield opened
 
 
@@ -569,8 +572,6 @@ async def test_a_batch_held_up_past_a_lost_lock_cannot_bring_a_deleted_thread_ba
     """A flusher's batch is on its way to the cold tier when Redis loses the flush lock (a
     FLUSHALL, a failover), so `delete_thread` takes the lock at once and deletes the thread;
     the batch arriving afterwards is refused by the cold store's fence, not applied."""
-    # Earlier tests' backlogs on this worker's Redis first: the held pass counts every thread.
-    await tiers.flusher.drain()
     graph = chat_graph(tiers.saver)
     cfg = config()
     thread_id = cfg["configurable"]["thread_id"]
@@ -774,6 +775,14 @@ async def test_a_deleted_thread_stays_deleted_when_redis_evicted_its_namespace_i
     assert latest is not None and "before" not in latest.checkpoint["channel_values"]["messages"]
 
 
+def another_workers_flusher(tiers: WriteBehind, store: Any) -> Flusher:
+    """A flusher of another worker: the same Redis and log, its own cache, onto `store`."""
+    other_cache = RedisCheckpointCache(
+        tiers.redis, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
+    )
+    return Flusher(RedisWriteBehindLog(tiers.redis, other_cache), store, lock_ttl_ms=2_000)
+
+
 class _HeldBack:
     """The cold store, its `apply_batch` held until `go` (a flusher slow to send)."""
 
@@ -803,14 +812,7 @@ async def test_a_deleted_thread_stays_deleted_when_redis_evicted_the_deletes_flu
     await tiers.saver.aflush(thread_id)
     await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
     held_back = _HeldBack(tiers.store)
-    other_cache = RedisCheckpointCache(
-        tiers.redis, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
-    )
-    other = Flusher(
-        RedisWriteBehindLog(tiers.redis, other_cache),
-        held_back,  # type: ignore[arg-type]
-        lock_ttl_ms=2_000,
-    )
+    other = another_workers_flusher(tiers, held_back)
     log = tiers.flusher.log
     discard = log.discard
     other_flushes: list[asyncio.Task[int]] = []

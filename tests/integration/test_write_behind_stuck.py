@@ -25,9 +25,7 @@ from devstack import RedisServer, free_port
 from state.checkpoint.flusher import Flusher
 from state.cold.postgres_checkpoints import PostgresCheckpointStore
 from state.errors import EntryStuck, LockLost, NotStuck, RequestRejected, StateTooLarge
-from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import hot_key
-from state.hot.redis_write_behind import RedisWriteBehindLog
 from state.ports import (
     CheckpointPut,
     CheckpointStore,
@@ -46,6 +44,7 @@ from tests.integration.test_write_behind import (
     LOG_ENTRY_DAMAGES,
     WriteBehind,
     _HeldBack,
+    another_workers_flusher,
     cold_latest_id,
     config,
     invoked_once,
@@ -575,14 +574,7 @@ async def test_a_discard_fences_off_a_flusher_paused_past_its_lock_with_the_entr
         await first.flush_thread(thread.thread_id)
 
     held_back = _HeldBack(tiers.store)
-    other_cache = RedisCheckpointCache(
-        tiers.redis, namespace=tiers.cache.namespace, ttl_seconds=tiers.cache.ttl_seconds
-    )
-    paused = Flusher(
-        RedisWriteBehindLog(tiers.redis, other_cache),
-        held_back,  # type: ignore[arg-type]
-        lock_ttl_ms=2_000,
-    )
+    paused = another_workers_flusher(tiers, held_back)
     late = asyncio.create_task(paused.flush_thread(thread.thread_id))
     await held_back.reached.wait()
     # Its lock lapses (evicted, or it was paused past its TTL).
