@@ -438,6 +438,9 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
         lifespan=lifespan,
+        # No redirect of a trailing slash: that answer comes before any token is checked,
+        # so a bad token would learn which routes exist; such a path is a 404 instead.
+        redirect_slashes=False,
     )
     app.state.runtime_source = runtime_source
     app.state.auth_gate = gate

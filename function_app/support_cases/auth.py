@@ -303,15 +303,17 @@ bearer = HTTPBearer(auto_error=False, description="An Entra ID access token for 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def presents_token(request: Request) -> bool:
+def presents_token(scope: Scope) -> bool:
     """Whether the request carries an Authorization header with anything in it (an empty
-    one is no token, as no header is)."""
-    return bool(request.headers.get("authorization", "").strip())
+    one is no token, as no header is). `RequireToken` and the routes ask this same question
+    of the same raw headers: a header one took for a token and the other for none (a second
+    header, a non-breaking space) let a request without a token reach the router."""
+    return any(name == b"authorization" and value.strip() for name, value in scope["headers"])
 
 
 async def optional_principal(request: Request, credentials: Credentials) -> Principal | None:
     """The caller when a token is presented (validated: a bad one is still a 401), else None."""
-    if credentials is None and not presents_token(request):
+    if credentials is None and not presents_token(request.scope):
         gate: AuthGate = request.app.state.auth_gate
         try:
             authenticator = gate.get()
@@ -324,7 +326,7 @@ async def optional_principal(request: Request, credentials: Credentials) -> Prin
 async def principal(request: Request, credentials: Credentials) -> Principal:
     """The authenticated caller; 401 without a valid token."""
     gate: AuthGate = request.app.state.auth_gate
-    if credentials is None and presents_token(request):
+    if credentials is None and presents_token(request.scope):
         raise Unauthenticated("the Authorization header is not 'Bearer <access token>'")
     return await gate.get().principal(credentials.credentials if credentials else None)
 
@@ -358,7 +360,7 @@ class RequireToken:
         if (
             scope["type"] != "http"
             or scope["path"] in self.public
-            or any(name == b"authorization" and value.strip() for name, value in scope["headers"])
+            or presents_token(scope)
             or self._disabled()
         ):
             await self.app(scope, receive, send)
@@ -381,7 +383,7 @@ def install_auth_errors(app: FastAPI) -> None:
         response = error_response(401, str(error))
         # RFC 6750: the scheme, and what was wrong with a token that was presented.
         challenge = "Bearer"
-        if presents_token(request):
+        if presents_token(request.scope):
             # Printable ASCII only: the reason may quote parts of an attacker's token.
             reason = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in str(error))
             reason = reason[:200]
@@ -411,7 +413,7 @@ def install_auth_errors(app: FastAPI) -> None:
             request: Request, error: Exception, answer: Any = answer
         ) -> Response:
             response: Response = await answer(request, error)
-            if not presents_token(request):
+            if not presents_token(request.scope):
                 return response
             try:
                 await principal(request, await bearer(request))

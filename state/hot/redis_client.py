@@ -728,19 +728,13 @@ def script_call(script: AsyncScript, keys: Sequence[str], args: Sequence[Encodab
 
 
 async def run_script(
-    client: aioredis.Redis,
-    script: AsyncScript,
-    keys: Sequence[str],
-    args: Sequence[EncodableT],
-    *,
-    resend: bool = True,
+    client: aioredis.Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
 ) -> Any:
-    """A registered script in one lean round trip (`resend` as `round_trip` takes it);
-    loaded again if the server lost it (a restart, a failover), as `AsyncScript.__call__`
-    does."""
+    """A registered script in one lean round trip; loaded again if the server lost it
+    (a restart, a failover), as `AsyncScript.__call__` does."""
     try:
-        [reply] = await round_trip(client, [script_call(script, keys, args)], resend=resend)
+        [reply] = await round_trip(client, [script_call(script, keys, args)])
     except NoScriptError:
         script.sha = await client.script_load(script.script)
-        [reply] = await round_trip(client, [script_call(script, keys, args)], resend=resend)
+        [reply] = await round_trip(client, [script_call(script, keys, args)])
     return reply

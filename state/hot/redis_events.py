@@ -2,10 +2,11 @@
 
 An append is one script: XADD with an approximate MAXLEN (Redis trims whole macro
 nodes, so a thread keeps at least `max_events`) and an EXPIRE, in one round trip.
-Each append carries a token of its own, and a retry's script adds nothing when one of
-the stream's newest entries has that token already: an append retried after a timeout
-whose first attempt did land (by redis-py's retry, or ours) is stored once. The first
-attempt is sent once (redis-py does not retry it) and so skips that look. Stream
+Each append carries a token of its own, and the script adds nothing when one of the
+stream's newest entries has that token already: an append retried after a timeout
+whose first attempt did land (by redis-py's retry, or ours) is stored once. Every attempt
+looks, the first too: one that timed out may reach Redis after its retry ran (its bytes held
+up in the network or a proxy while the retry went on a new connection). Stream
 ids (`<ms>-<seq>`) are the event ids, so a reader resumes from any id it saw; a
 blocking XREAD waits for the next one without polling.
 """
@@ -41,17 +42,14 @@ APPEND_ATTEMPTS = 3
 RECENT_ENTRIES = 32
 
 # KEYS[1] stream; ARGV[1] token, ARGV[2] body, ARGV[3] max events, ARGV[4] ttl seconds,
-# ARGV[5] how many of the newest entries to look through for the token (0: none, the
-# append's first attempt).
+# ARGV[5] how many of the newest entries to look through for the token.
 _APPEND = """
-if ARGV[5] ~= '0' then
-  local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[5])
-  for _, entry in ipairs(recent) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 't' and fields[i + 1] == ARGV[1] then
-        return entry[1]
-      end
+local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[5])
+for _, entry in ipairs(recent) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' and fields[i + 1] == ARGV[1] then
+      return entry[1]
     end
   end
 end
@@ -82,27 +80,19 @@ class RedisEventLog:
 
     async def append(self, thread_id: str, data: JSON) -> str:
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        token = secrets.token_hex(8)
+        args: list[str | int] = [
+            secrets.token_hex(8),
+            body,
+            self._max_events,
+            self._ttl_seconds,
+            RECENT_ENTRIES,
+        ]
         with redis_errors():
             for attempt in range(APPEND_ATTEMPTS):
-                # Nothing sent before the first attempt, which is sent at most once: only a
-                # later one can find the append landed already.
-                look_back = RECENT_ENTRIES if attempt else 0
-                args: list[str | int] = [
-                    token,
-                    body,
-                    self._max_events,
-                    self._ttl_seconds,
-                    look_back,
-                ]
                 try:
                     return _text(
                         await redis_client.run_script(
-                            self._client,
-                            self._append,
-                            [self._key(thread_id)],
-                            args,
-                            resend=attempt > 0,
+                            self._client, self._append, [self._key(thread_id)], args
                         )
                     )
                 except (RedisConnectionError, RedisTimeoutError, OSError):

@@ -381,6 +381,10 @@ async def test_a_bad_token_is_a_401_before_anything_is_said_of_the_input(
         ("DELETE", "/api/cases/case_8842"),
         ("GET", "/api/no-such-route"),
         ("OPTIONS", "/api/health"),
+        # A known route with a trailing slash: a redirect to it would tell a bad token
+        # which routes exist, as a 404 of an unknown path does not.
+        ("GET", "/api/cases/case_8842/"),
+        ("POST", "/api/cases/"),
     ],
 )
 async def test_a_bad_token_is_a_401_where_the_router_answers_without_a_route(
@@ -418,6 +422,35 @@ async def test_an_empty_authorization_header_is_no_token(
     options = await api.options(f"/api/cases/{case_id}", headers=empty)
     assert options.status_code == 401, options.text
     submitted = await api.post("/api/cases", json=demo_case(case_id), headers=empty)
+    assert submitted.status_code == 401, submitted.text
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Authorization", b"\xa0")],  # no ASCII space: a token to HTTP, none to str.strip
+        [(b"Authorization", b""), (b"Authorization", b"Bearer garbage")],  # the first read
+    ],
+    ids=["non-breaking space", "an empty one first"],
+)
+async def test_a_token_the_routes_find_none_of_is_a_401_before_the_input_is_read(
+    api: httpx.AsyncClient, runtime: Runtime, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """`RequireToken` and the routes must agree whether a token was presented: a header the
+    middleware let through as a token, but the routes took for none, had the router answer
+    (404, 405, OPTIONS) and the input described (422) to a caller without any token."""
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    malformed = await api.post(
+        "/api/cases",
+        content=b'{"case_id": ',
+        headers=[*headers, (b"Content-Type", b"application/json")],
+    )
+    assert malformed.status_code == 401, malformed.text
+    for method, path in [("GET", "/api/no-such-route"), ("OPTIONS", f"/api/cases/{case_id}")]:
+        refused = await api.request(method, path, headers=headers)
+        assert refused.status_code == 401, (method, path, refused.text)
+    submitted = await api.post("/api/cases", json=demo_case(case_id), headers=headers)
     assert submitted.status_code == 401, submitted.text
     assert await runtime.store.get(case_id) is None
 
