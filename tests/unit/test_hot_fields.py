@@ -16,6 +16,7 @@ from state.hot.redis_checkpoints import (
     typed_field,
     write_fields,
 )
+from state.hot.redis_values import REFERENCE_TYPE
 from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 
 
@@ -29,10 +30,13 @@ def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 names = st.text(min_size=1, max_size=12)
+# The serde type a reference to a shared value is stored under is no serializer's name
+# (Hypothesis draws the string constants of the code under test, and found it).
+serdes = names.filter(lambda name: name != REFERENCE_TYPE)
 payloads = st.binary(max_size=3000)
 
 
-@given(channel=names, version=st.integers(min_value=1), serde=names, payload=payloads)
+@given(channel=names, version=st.integers(min_value=1), serde=serdes, payload=payloads)
 @settings(max_examples=100, deadline=None)
 def test_a_blob_field_is_its_framed_version_then_its_framed_typed_value(
     channel: str, version: int, serde: str, payload: bytes
