@@ -33,10 +33,11 @@ Checkpoints
 Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
-    `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`, `RunsPartlyDeleted`),
+    `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`, `RunsPartlyDeleted`,
+    `RunsStillWriting`),
     `RequestRejected` (and its `InvalidValue`), `UnsupportedSchemaVersion`,
     `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`, `EntryStuck` (a
-    write-behind entry the cold store refuses for good), `NotStuck`.
+    write-behind entry the cold store refuses for good), `NotStuck`, `DiscardOutpaced`.
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -52,6 +53,7 @@ from .checkpoint import FENCING_TOKEN_KEY, Flusher, TieredCheckpointSaver
 from .errors import (
     BackendUnavailable,
     CorruptState,
+    DiscardOutpaced,
     EntryStuck,
     FlushLockBusy,
     HotStateLost,
@@ -62,6 +64,7 @@ from .errors import (
     ParentGone,
     RequestRejected,
     RunsPartlyDeleted,
+    RunsStillWriting,
     SaverClosed,
     SaverLoopMissing,
     SettingsError,
@@ -110,6 +113,7 @@ __all__ = [
     "ColdRetention",
     "ColdStateStore",
     "CorruptState",
+    "DiscardOutpaced",
     "EntryStuck",
     "EventLog",
     "FlushLockBusy",
@@ -125,6 +129,7 @@ __all__ = [
     "RecordStore",
     "RequestRejected",
     "RunsPartlyDeleted",
+    "RunsStillWriting",
     "SaverClosed",
     "SaverLoopMissing",
     "SectionWrite",

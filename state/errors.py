@@ -103,6 +103,22 @@ class FlushLockBusy(BackendUnavailable):
         self.thread_id = thread_id
 
 
+class RunsStillWriting(BackendUnavailable):
+    """A `delete_for_runs` that runs of its ids kept writing to during each of its rounds
+    (a checkpoint of theirs stored after each look): it gave up rather than chase them. Not
+    an outage, though retried as one (the runs may have stopped by then): its message says
+    so, not that `backend` is unavailable."""
+
+    def __init__(self, backend: str, run_ids: Iterable[str], thread_ids: Iterable[str]) -> None:
+        # StateError's: BackendUnavailable's would call the store unavailable.
+        StateError.__init__(
+            self,
+            f"runs {sorted(run_ids)} are still writing to {sorted(thread_ids)}; stop them"
+            " and call again",
+        )
+        self.backend = backend
+
+
 class RunsPartlyDeleted(BackendUnavailable):
     """A store's `delete_for_runs` failed after it may have deleted the runs' checkpoints
     from some threads (`thread_ids`, committed or of unknown outcome). A cache in front
@@ -110,10 +126,14 @@ class RunsPartlyDeleted(BackendUnavailable):
 
     def __init__(self, cause: BackendUnavailable, thread_ids: Iterable[str]) -> None:
         self.thread_ids = frozenset(thread_ids)
-        super().__init__(
-            cause.backend,
-            f"failed with the runs deleted from up to {len(self.thread_ids)} threads: {cause}",
-        )
+        self.cause = cause
+        deleted = f"the runs deleted from up to {len(self.thread_ids)} threads"
+        if isinstance(cause, RunsStillWriting):
+            # Not "unavailable" either: its cause's words.
+            StateError.__init__(self, f"{cause} ({deleted} so far)")
+            self.backend = cause.backend
+        else:
+            super().__init__(cause.backend, f"failed with {deleted}: {cause}")
 
 
 class RequestRejected(StateError):
@@ -256,6 +276,23 @@ class NotStuck(StateError):
         super().__init__(f"write-behind entry {entry_id} of {thread_id!r} is not stuck")
         self.thread_id = thread_id
         self.entry_id = entry_id
+
+
+class DiscardOutpaced(StateError):
+    """An operator's discard of a stuck entry that appends to its thread kept undoing: each
+    landed between a read of the log and the drop, `attempts` times. Not an outage (Redis
+    answered every call): nothing was discarded, and the discard goes through when tried
+    again once the run writing to the thread pauses."""
+
+    def __init__(self, thread_id: str, entry_id: str, attempts: int) -> None:
+        super().__init__(
+            f"write-behind entry {entry_id} of {thread_id!r} was not discarded: a run kept"
+            f" appending to the thread during each of {attempts} tries; try again when it"
+            " pauses"
+        )
+        self.thread_id = thread_id
+        self.entry_id = entry_id
+        self.attempts = attempts
 
 
 class HotStateLost(BackendUnavailable):

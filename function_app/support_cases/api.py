@@ -28,6 +28,7 @@ from .auth import (
     optional_principal,
     principal,
     role,
+    token_refusal,
 )
 from .body_limit import BodySizeLimit
 from .encoded_slash import KeepEncodedSlashes
@@ -323,7 +324,9 @@ async def case_events(
     caller: Caller,
     cases: Cases,
     seconds: Annotated[
-        float, Query(ge=0, le=200, description="How long the stream stays open")
+        float,
+        # NaN passes no bound: without this it was told "should be less than or equal to 200".
+        Query(ge=0, le=200, allow_inf_nan=False, description="How long the stream stays open"),
     ] = 60.0,
     # Not nullable in the document (a client sends no header rather than "null"): absent is "".
     last_event_id: Annotated[
@@ -452,6 +455,7 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     app.add_middleware(
         BodySizeLimit,
         max_bytes=lambda: (settings or holder.settings()).case_max_body_bytes,
+        refused_first=token_refusal,
     )
     # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)

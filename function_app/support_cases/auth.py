@@ -413,15 +413,23 @@ def install_auth_errors(app: FastAPI) -> None:
             request: Request, error: Exception, answer: Any = answer
         ) -> Response:
             response: Response = await answer(request, error)
-            if not presents_token(request.scope):
-                return response
-            try:
-                await principal(request, await bearer(request))
-            except (AuthError, BackendUnavailable) as refused:
-                return await _handler_of(app, refused)(request, refused)
-            return response
+            return await token_refusal(request.scope) or response
 
         app.add_exception_handler(input_error, authenticated_first)
+
+
+async def token_refusal(scope: Scope) -> Response | None:
+    """The app's answer to the token a request presents, if it is refused (401; 503 when
+    its signing keys cannot be had); None for a valid one, or none (`RequireToken`'s)."""
+    if not presents_token(scope):
+        return None
+    request = Request(scope)
+    try:
+        await principal(request, await bearer(request))
+    except (AuthError, BackendUnavailable) as refused:
+        answer: Response = await _handler_of(request.app, refused)(request, refused)
+        return answer
+    return None
 
 
 def _handler_of(app: FastAPI, error: Exception) -> Any:

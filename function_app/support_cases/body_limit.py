@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+    """`refused_first`: the answer a request earns before its body's size is told (a bad
+    token's 401, so a caller without a valid one learns nothing of the limit), if any."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: Callable[[], int],
+        refused_first: Callable[[Scope], Awaitable[Response | None]],
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.refused_first = refused_first
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -21,10 +31,12 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _reject(send, 400, "Content-Length is not a number")
+                await self._reject(scope, receive, send, 400, "Content-Length is not a number")
                 return
             if int(declared) > limit:
-                await _reject(send, 413, f"request body is larger than {limit} bytes")
+                await self._reject(
+                    scope, receive, send, 413, f"request body is larger than {limit} bytes"
+                )
                 return
         # Read the whole body first (it is small by definition), counting as it comes:
         # a chunked request has no Content-Length to trust.
@@ -37,7 +49,9 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _reject(send, 413, f"request body is larger than {limit} bytes")
+                await self._reject(
+                    scope, receive, send, 413, f"request body is larger than {limit} bytes"
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -53,8 +67,18 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, status: int, message: str
+    ) -> None:
+        # The token is in the headers: no more of the body is read for it.
+        refusal = await self.refused_first(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await _answer(send, status, message)
 
-async def _reject(send: Send, status: int, message: str) -> None:
+
+async def _answer(send: Send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     await send(
         {

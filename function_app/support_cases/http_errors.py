@@ -19,6 +19,8 @@ from state import (
     InvalidValue,
     LockNotAcquired,
     RequestRejected,
+    RunsPartlyDeleted,
+    RunsStillWriting,
     SettingsError,
     StaleFencingToken,
     StateTooLarge,
@@ -142,14 +144,18 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         app.add_exception_handler(error_type, handle)
 
     async def store_fault(request: Request, error: Exception) -> JSONResponse:
-        """A store that could not be reached (503) or refused for good for a reason that is
-        not the caller's value (500: permissions, a broken invariant). The store's own words
-        (host names, roles, SQL) stay in the log; the caller learns which tier and an id to
-        quote."""
+        """A store that could not be reached (503), runs being deleted that write on (409),
+        or a store that refused for good for a reason that is not the caller's value (500:
+        permissions, a broken invariant). The store's own words (host names, roles, SQL)
+        stay in the log; the caller learns which tier and an id to quote."""
         assert isinstance(error, BackendUnavailable | RequestRejected)
         incident = uuid.uuid4().hex[:12]
         unavailable = isinstance(error, BackendUnavailable)
-        if unavailable:
+        cause = error.cause if isinstance(error, RunsPartlyDeleted) else error
+        if isinstance(cause, RunsStillWriting):
+            # Not an outage: a rolled-back run (another worker's) writes on. Retried as one.
+            status, answer = 409, "a run being deleted is still writing to the case, retry later"
+        elif unavailable:
             status, answer = 503, f"{error.backend} unavailable, retry later"
         else:
             status, answer = 500, f"{error.backend} refused the request"

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import (
     BackendUnavailable,
+    DiscardOutpaced,
     EntryStuck,
     FlushLockBusy,
     LockLost,
@@ -775,8 +776,9 @@ class Flusher:
 
         Appends go on meanwhile (a run on the thread is not told it is gone): the drop is one
         step with the cache's, made only if nothing was appended since the read (else read
-        again), so a step on a dropped checkpoint is either dropped with it or, appended
-        after, finds its parent nowhere (`HotStateLost`: the run resumes from the cold tier).
+        again, `DISCARD_READS` times at most: `DiscardOutpaced`), so a step on a dropped
+        checkpoint is either dropped with it or, appended after, finds its parent nowhere
+        (`HotStateLost`: the run resumes from the cold tier).
         Fenced as a flush is: the cold fence is raised first, so a flusher paused past its
         lock with these entries in its batch cannot store them after the drop (its cause
         fixed meanwhile), and the drop is made only while the lock is surely held (`LockLost`)."""
@@ -806,9 +808,7 @@ class Flusher:
                 if await dropping is not None:
                     break
             else:
-                raise BackendUnavailable(
-                    "redis", f"appends to {thread_id!r} kept racing its discard"
-                )
+                raise DiscardOutpaced(thread_id, entry_id, DISCARD_READS)
         self._stuck_until.pop(thread_id, None)
         for entry in dropped:
             log.warning("discarded write-behind entry %s", described(entry))

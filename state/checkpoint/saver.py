@@ -86,6 +86,7 @@ from ..errors import (
     LockLost,
     ParentGone,
     RunsPartlyDeleted,
+    RunsStillWriting,
     SaverClosed,
     SaverLoopMissing,
     StateError,
@@ -1968,11 +1969,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             rounds = 0
             while late:
                 if rounds == LATE_RUN_PUT_ROUNDS:
-                    raise BackendUnavailable(
-                        "write-behind",
-                        f"runs {sorted(run_ids)} are still writing to {sorted(late)}; stop "
-                        "them and call again",
-                    )
+                    raise RunsStillWriting("write-behind", run_ids, late)
                 rounds += 1
                 for thread_id in late:
                     await self.flusher.flush_thread(thread_id)

@@ -71,17 +71,9 @@ class EnvironmentProxyTransport(AioHttpTransport):
         self._by_host: dict[str, str | None] = {}
 
     def proxy_for(self, url: str) -> str | None:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        # With its port, as urllib's ProxyHandler asks: `NO_PROXY` may name `host:port`.
-        where = host if parts.port is None else f"{host}:{parts.port}"
+        where = _host_and_port(url)
         if where not in self._by_host:
-            proxy = self._proxies.get(parts.scheme)
-            # `NO_PROXY` as read at build too, not as the environment is at first use
-            # (what `urllib.request.proxy_bypass` reads; typeshed omits this function).
-            bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-            bypassed = proxy is None or bool(bypass(where, self._proxies))
-            self._by_host[where] = None if bypassed else proxy
+            self._by_host[where] = environment_proxy(url, self._proxies)
         return self._by_host[where]
 
     async def send(self, request: Any, **config: Any) -> Any:
@@ -89,6 +81,23 @@ class EnvironmentProxyTransport(AioHttpTransport):
         if proxy is not None:
             config.setdefault("proxy", proxy)
         return await super().send(request, **config)
+
+
+def _host_and_port(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    # With its port, as urllib's ProxyHandler asks: `NO_PROXY` may name `host:port`.
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def environment_proxy(url: str, proxies: Mapping[str, str]) -> str | None:
+    """The proxy of `proxies` (the environment's, as read once) that `url` goes through."""
+    proxy = proxies.get(urllib.parse.urlsplit(url).scheme)
+    # `NO_PROXY` as read at build too, not as the environment is at first use
+    # (what `urllib.request.proxy_bypass` reads; typeshed omits this function).
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    bypassed = proxy is None or bool(bypass(_host_and_port(url), proxies))
+    return None if bypassed else proxy
 
 
 class CosmosConnection:
@@ -108,6 +117,27 @@ class CosmosConnection:
         self._lock = asyncio.Lock()
         self.counters = Counters()
         self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
+
+    async def accepting(self) -> None:
+        """`BackendUnavailable` if the endpoint refuses a TCP connection (nothing listens on
+        its port): the SDK retries a refused connection past any probe's bound, so its own
+        call cannot tell a stopped server from a silent one. Any other outcome tells nothing
+        here (the call's own answer does), nor is it asked where the client does not connect
+        to the endpoint itself (through a proxy, or a transport passed in)."""
+        endpoint = self._config.endpoint
+        if self._transport is not None or environment_proxy(
+            endpoint, urllib.request.getproxies_environment()
+        ):
+            return
+        parts = urllib.parse.urlsplit(endpoint)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except ConnectionRefusedError as exc:
+            raise BackendUnavailable("cosmos", f"connection refused by {host}:{port}") from exc
+        except OSError:
+            return
+        writer.close()
 
     @property
     def operation_timeout_seconds(self) -> float:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendUnavailable, RunsPartlyDeleted
+from ..errors import BackendUnavailable, RunsPartlyDeleted, RunsStillWriting
 from ..ports import PruneStrategy
 from . import cosmos_layout as layout
 from .cosmos_io import BULK_PAGE_SIZE, DELETE_BATCH, Doc, PartitionIO, gather, strip_system
@@ -79,12 +79,7 @@ class CheckpointMaintenance:
         rounds = 0
         while victims:
             if rounds > LATE_RUN_ROUNDS:
-                still = BackendUnavailable(
-                    "cosmos",
-                    f"runs {sorted(run_ids)} are still writing to"
-                    f" {sorted({thread_id for thread_id, _ in victims})}; stop them and call"
-                    " again",
-                )
+                still = RunsStillWriting("cosmos", run_ids, {thread_id for thread_id, _ in victims})
                 raise RunsPartlyDeleted(still, deleted)
             rounds += 1
             await self._delete_run_checkpoints(victims, deleted)

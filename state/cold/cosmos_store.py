@@ -27,6 +27,7 @@ changed) is never shown.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -341,7 +342,20 @@ class CosmosStateStore:
         await self._io.delete_matching(thread_id, "c.type = @type", {"@type": AUDIT_TYPE})
 
     async def health(self) -> TierHealth:
-        return await timed_probe(self.name, self._read_container, errors=(StateError, AzureError))
+        return await timed_probe(self.name, self._probe, errors=(StateError, AzureError))
+
+    async def _probe(self) -> None:
+        """The container read, with the endpoint checked to accept connections meanwhile:
+        a stopped server is reported as refusing them, not as silent (`accepting`)."""
+        read = asyncio.ensure_future(self._read_container())
+        try:
+            await self._connection.accepting()
+        except BaseException:
+            read.cancel()
+            # Retrieved, so asyncio logs no unretrieved exception of a read that failed too.
+            read.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
+        await read
 
     async def _read_container(self) -> None:
         container = await self._connection.container()

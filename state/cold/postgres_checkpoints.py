@@ -35,6 +35,7 @@ from ..errors import (
     ParentGone,
     RequestRejected,
     RunsPartlyDeleted,
+    RunsStillWriting,
     StaleFencingToken,
 )
 from ..ports import (
@@ -1024,11 +1025,7 @@ class PostgresCheckpointStore:
         rounds = 0
         while run_threads:
             if rounds > LATE_RUN_ROUNDS:
-                still = BackendUnavailable(
-                    "postgres",
-                    f"runs {sorted(run_ids)} are still writing to {run_threads}; stop them"
-                    " and call again",
-                )
+                still = RunsStillWriting("postgres", run_ids, run_threads)
                 raise RunsPartlyDeleted(still, threads)
             rounds += 1
             await self._delete_runs_from(run_ids, run_threads, threads)

@@ -13,7 +13,7 @@ import pytest
 
 from state.cold import cosmos_maintenance, postgres_checkpoints
 from state.cold.cosmos_maintenance import CheckpointMaintenance
-from state.errors import RunsPartlyDeleted
+from state.errors import BackendUnavailable, RunsPartlyDeleted, RunsStillWriting
 from state.ports import CheckpointStore, StoredCheckpoint
 from state.settings import WriteMode
 from tests.contract.conftest import OpenBackends
@@ -123,3 +123,28 @@ async def test_delete_for_runs_of_a_run_that_goes_on_writing_to_new_threads_give
     passes = LATE_RUN_ROUNDS[cold_backend] + 1
     assert len(written) == passes + 1
     assert raised.value.thread_ids == set(written[:-1])
+
+
+async def test_giving_up_on_a_run_still_writing_says_so_not_that_the_store_is_unavailable(
+    cold_backend: str, open_tiers: OpenBackends, before_each_delete: Callable[[Step], None]
+) -> None:
+    """The store answered every call: the refusal names the runs and what they write to
+    (typed, for a caller to tell it apart), and is still retried as an outage is."""
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    written = [unique_thread()]
+    async with open_tiers(cold_backend, hot=False, mode=WriteMode.WRITE_THROUGH) as backends:
+        store = backends.checkpoints
+        await store.put_checkpoint(first_checkpoint(written[0], run_id), [])
+
+        async def step() -> None:
+            written.append(unique_thread())
+            await store.put_checkpoint(first_checkpoint(written[-1], run_id), [])
+
+        before_each_delete(step)
+        with pytest.raises(RunsPartlyDeleted) as raised:
+            await store.delete_for_runs([run_id])
+    assert isinstance(raised.value.cause, RunsStillWriting)
+    assert isinstance(raised.value, BackendUnavailable)
+    message = str(raised.value)
+    assert "unavailable" not in message, message
+    assert f"runs ['{run_id}'] are still writing to" in message, message

@@ -374,6 +374,38 @@ async def test_a_bad_token_is_a_401_before_anything_is_said_of_the_input(
 
 
 @pytest.mark.parametrize("bad", ["garbage", "expired", "wrong signature", "basic scheme"])
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_bad_token_is_a_401_before_the_body_limit_is_told(
+    api: httpx.AsyncClient,
+    runtime: Runtime,
+    callers: dict[str, dict[str, str]],
+    bad: str,
+    chunked: bool,
+) -> None:
+    """An oversized body (declared in Content-Length, or found so while read) was a 413
+    before its token was checked: a caller with a bad token learnt the API's body limit."""
+    payload = b" " * (runtime.settings.case_max_body_bytes + 1)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 64 * 1024):
+            yield payload[start : start + 64 * 1024]
+
+    def oversized(headers: dict[str, str]) -> Any:
+        content = chunks() if chunked else payload
+        headers = {**headers, "Content-Type": "application/json"}
+        return api.post("/api/cases", content=content, headers=headers)
+
+    refused = await oversized(callers[bad])
+    assert refused.status_code == 401, refused.text
+    assert BAD_TOKENS[bad] in refused.json()["error"]
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    # With a valid token the limit is told as before.
+    told = await oversized(callers["owner"])
+    assert told.status_code == 413, told.text
+    assert "larger than" in told.json()["error"]
+
+
+@pytest.mark.parametrize("bad", ["garbage", "expired", "wrong signature", "basic scheme"])
 @pytest.mark.parametrize(
     ("method", "path"),
     [

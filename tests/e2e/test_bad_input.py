@@ -295,6 +295,20 @@ async def test_bad_query_parameters_are_422(
     assert response.status_code == 422
 
 
+@pytest.mark.parametrize("seconds", ["nan", "inf", "-inf"])
+async def test_an_event_stream_length_that_is_not_a_finite_number_is_422_saying_so(
+    client: httpx.AsyncClient, case_id: str, seconds: str
+) -> None:
+    """NaN passes no bound, so it was told it "should be less than or equal to 200"."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    response = await client.get(f"/api/cases/{case_id}/events", params={"seconds": seconds})
+    assert response.status_code == 422, response.text
+    assert (
+        response.json()["error"]
+        == "invalid request: query.seconds: Input should be a finite number"
+    )
+
+
 @pytest.mark.parametrize("runtime", ["postgres"], indirect=True)
 async def test_a_value_the_cold_store_cannot_hold_is_422(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str

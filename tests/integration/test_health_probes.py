@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
+from devstack import CosmosEmulator, free_port
 from state import HEALTH_PROBE_SECONDS
 from state.factory import open_backends
 from state.settings import Settings
@@ -97,3 +99,31 @@ async def test_the_app_reports_a_partitioned_redis_within_one_probe_bound(
     assert took < HEALTH_PROBE_SECONDS + SLACK_SECONDS
     assert report.status == "degraded" and report.backlog is None
     assert [(tier.name, tier.up) for tier in report.tiers] == [("postgres", True), ("redis", False)]
+
+
+async def test_a_stopped_cosmos_is_reported_as_refusing_connections_not_as_silent(
+    env_for: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    """The SDK retries a refused connection past the probe's bound: a stopped emulator was
+    reported as "no answer within 1.5 s", as if the network dropped packets, sending the
+    operator after the wrong cause."""
+    # An emulator of its own, so stopping it leaves the session's stack alone.
+    cosmos = CosmosEmulator(port=free_port(), workdir=tmp_path / "cosmos")
+    cosmos.start()
+    try:
+        values = {name.lower(): value for name, value in env_for("cosmos").items()}
+        values["cosmos_endpoint"] = cosmos.endpoint
+        backends = await open_backends(Settings.model_validate(values))
+        try:
+            assert (await backends.cold.health()).up
+            cosmos.stop()
+            started = time.monotonic()
+            health = await backends.cold.health()
+            took = time.monotonic() - started
+            assert (health.name, health.up) == ("cosmos", False)
+            assert health.detail is not None and "connection refused" in health.detail, health
+            assert took < HEALTH_PROBE_SECONDS + SLACK_SECONDS
+        finally:
+            await backends.close()
+    finally:
+        cosmos.stop()

@@ -24,7 +24,7 @@ from langgraph.graph import END, START, StateGraph
 
 import state.checkpoint.flusher as flusher_module
 from state.checkpoint import TieredCheckpointSaver
-from state.errors import BackendUnavailable, HotStateLost, LockLost, StateError
+from state.errors import BackendUnavailable, HotStateLost, LockLost, RunsStillWriting, StateError
 from tests.chat_graph import chat_graph
 from tests.integration.delta_graph import delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
@@ -693,6 +693,40 @@ async def test_a_run_stepping_through_every_late_round_then_stopping_is_deleted_
         now = await TieredCheckpointSaver(tiers.store).aget_tuple(cfg)
         assert now is not None
         assert now.checkpoint["id"] == before.checkpoint["id"]
+
+
+async def test_a_run_stepping_past_every_late_round_is_refused_as_still_writing(
+    stack_env: dict[str, str],
+) -> None:
+    """The run steps inside each of `delete_for_runs`' cold deletes, one more than its late
+    rounds: the call gives up saying the run is still writing (Redis and the cold store
+    answered every call), typed for a caller to tell apart, retried as an outage is."""
+    from state.checkpoint.saver import LATE_RUN_PUT_ROUNDS
+
+    async with tiers_for(stack_env, "postgres") as tiers:
+        saver = tiers.saver
+        cfg = config("race-still-writing")
+        doomed, _, _ = await kept_then_doomed_run(saver, cfg)
+        cold_delete = tiers.store.delete_for_runs
+        steps: list[RunnableConfig] = []
+
+        async def delete_for_runs(run_ids: Sequence[str]) -> set[str]:
+            parent = await saver.aget_tuple(cfg)
+            assert parent is not None
+            steps.append(await put_child(saver, parent, f"late {len(steps)}", run_id=doomed))
+            return await cold_delete(run_ids)
+
+        tiers.store.delete_for_runs = delete_for_runs  # type: ignore[method-assign]
+        try:
+            with pytest.raises(RunsStillWriting) as raised:
+                await saver.adelete_for_runs([doomed])
+        finally:
+            tiers.store.delete_for_runs = cold_delete  # type: ignore[method-assign]
+        assert len(steps) == LATE_RUN_PUT_ROUNDS + 1
+        assert isinstance(raised.value, BackendUnavailable)
+        message = str(raised.value)
+        assert "unavailable" not in message, message
+        assert f"runs ['{doomed}'] are still writing to" in message, message
 
 
 async def test_delete_for_runs_deletes_a_run_whose_checkpoints_were_all_unflushed(

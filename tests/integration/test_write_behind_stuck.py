@@ -22,9 +22,17 @@ from typer.testing import CliRunner
 
 from agent_state_cli.cli import app
 from devstack import RedisServer, free_port
-from state.checkpoint.flusher import Flusher
+from state.checkpoint.flusher import DISCARD_READS, Flusher
 from state.cold.postgres_checkpoints import PostgresCheckpointStore
-from state.errors import EntryStuck, LockLost, NotStuck, RequestRejected, StateTooLarge
+from state.errors import (
+    BackendUnavailable,
+    DiscardOutpaced,
+    EntryStuck,
+    LockLost,
+    NotStuck,
+    RequestRejected,
+    StateTooLarge,
+)
 from state.hot.redis_client import hot_key
 from state.ports import (
     CheckpointPut,
@@ -537,6 +545,45 @@ async def test_a_run_appending_while_a_discard_runs_goes_on_and_nothing_lands_on
     assert latest is not None
     assert latest.config["configurable"]["checkpoint_id"] == thread.stored
     assert ("task-4", "messages", "meanwhile") in (latest.pending_writes or [])
+
+
+async def test_a_discard_that_appends_keep_outpacing_says_so_and_leaves_the_entry_stuck(
+    tiers: WriteBehind,
+) -> None:
+    """A run appending to the thread between each of the discard's reads and its drop: the
+    discard gives up, nothing dropped, saying why (not that Redis is unavailable: it
+    answered every call), and goes through once the run pauses."""
+    thread = await poisoned(tiers.saver, tiers.flusher, tiers.store)
+    with pytest.raises(EntryStuck) as stuck:
+        await tiers.flusher.flush_thread(thread.thread_id)
+    log = tiers.flusher.log
+    read = log.read
+    appended: list[str] = []
+
+    async def read_as_a_run_appends(thread_id: str, **options: Any) -> list[Any]:
+        entries = await read(thread_id, **options)
+        if thread_id == thread.thread_id:
+            write = StoredWrite(f"task-{len(appended)}", "", 0, "messages", ("json", b'"x"'))
+            await log.append_writes(thread_id, "", thread.stored, [write], upsert=False, fence=None)
+            appended.append(write.task_id)
+        return entries
+
+    log.read = read_as_a_run_appends  # type: ignore[method-assign]
+    try:
+        with pytest.raises(DiscardOutpaced) as outpaced:
+            await tiers.flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+    finally:
+        log.read = read  # type: ignore[method-assign]
+
+    assert len(appended) == DISCARD_READS
+    assert not isinstance(outpaced.value, BackendUnavailable)
+    assert "unavailable" not in str(outpaced.value)
+    assert outpaced.value.entry_id == stuck.value.entry_id
+    assert [entry.entry_id for entry in await tiers.flusher.stuck()] == [stuck.value.entry_id]
+    dropped = await tiers.flusher.discard_stuck(thread.thread_id, stuck.value.entry_id)
+    assert dropped[0].entry_id == stuck.value.entry_id
+    await tiers.flusher.flush_thread(thread.thread_id)
+    assert not await log.pending(thread.thread_id)
 
 
 class Refusing:

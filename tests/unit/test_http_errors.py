@@ -14,6 +14,8 @@ from state.errors import (
     EntryStuck,
     InvalidValue,
     RequestRejected,
+    RunsPartlyDeleted,
+    RunsStillWriting,
     VersionConflict,
 )
 from support_cases.http_errors import install_error_handlers
@@ -73,3 +75,35 @@ async def test_errors_map_to_their_status(
     incident = message.rsplit(" ", 1)[1].rstrip(")")
     logged = [record.getMessage() for record in caplog.records]
     assert any(incident in line and STORE_WORDS in line for line in logged), logged
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RunsStillWriting("write-behind", ["run-1"], ["case-1"]),
+        RunsPartlyDeleted(RunsStillWriting("cosmos", ["run-1"], ["case-1"]), ["case-1"]),
+    ],
+)
+async def test_runs_still_writing_are_a_409_to_retry_not_a_store_outage(
+    error: BackendUnavailable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback's delete gave up on a run that writes on (another worker's): every store
+    answered, so the answer must not say one is unavailable; retried later, it succeeds."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise error
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 409, response.text
+    assert response.headers.get("Retry-After") == "1"
+    message = response.json()["error"]
+    answer = "a run being deleted is still writing to the case, retry later"
+    assert re.fullmatch(re.escape(answer) + INCIDENT, message), message
+    incident = message.rsplit(" ", 1)[1].rstrip(")")
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(incident in line and "still writing to ['case-1']" in line for line in logged)
