@@ -78,8 +78,9 @@ ERRORS[503]["headers"] = {
 }
 ERRORS[409]["headers"] = {
     "Retry-After": {
-        "description": "Seconds until the lease of the case's current (or dead) runner ends; "
-        "only when another runner holds the case",
+        "description": "Seconds until the lease of the case's current (or dead) runner ends, "
+        "when another runner holds the case; seconds to wait before retrying, when runs a "
+        "rollback deletes are still writing to it",
         "schema": {"type": "integer", "minimum": 1},
     }
 }
