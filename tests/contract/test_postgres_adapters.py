@@ -14,13 +14,15 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from azure.core.credentials import AccessToken
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from devstack import PostgresServer, free_port
@@ -517,18 +519,40 @@ CROWDED_TABLES = (
 )
 
 
-@pytest.fixture
-async def crowded(pg: PostgresConnection) -> AsyncIterator[None]:
-    prefix = f"crowd-{uuid.uuid4().hex[:8]}-"
-    async with pg.connection("crowd") as conn:
-        await conn.execute(CROWD_SQL, {"prefix": prefix})
-        await conn.execute(f"ANALYZE {', '.join(CROWDED_TABLES)}")
+@pytest.fixture(scope="module")
+def crowd_database(stack_env: dict[str, str]) -> Iterator[str]:
+    """A database of the crowd's own on the session server (dropped whole afterwards)."""
+    server_url = stack_env["POSTGRES_URL"]
+    name = f"crowd_{uuid.uuid4().hex}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield
+        yield make_conninfo(server_url, dbname=name)
     finally:
-        async with pg.connection("crowd") as conn:
-            for table in CROWDED_TABLES:
-                await conn.execute(f"DELETE FROM {table} WHERE thread_id LIKE %s", (f"{prefix}%",))
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="module")
+async def crowded(
+    crowd_database: str, make_settings: Callable[..., Settings]
+) -> AsyncIterator[PostgresConnection]:
+    """The store crowded with other threads' rows, filled once for the tests that only ask
+    the planner (EXPLAIN runs nothing): 150,000 rows a table took 8-10 s to write each
+    time. A database of its own, so the other tests never see the crowd."""
+    connection = PostgresConnection(
+        make_settings("postgres", hot=False, postgres_url=crowd_database).postgres
+    )
+    await connection.setup()
+    try:
+        async with connection.connection("crowd") as conn:
+            await conn.execute(CROWD_SQL, {"prefix": "crowd-"})
+            await conn.execute(f"ANALYZE {', '.join(CROWDED_TABLES)}")
+        yield connection
+    finally:
+        await connection.close()
 
 
 async def _plans(pg: PostgresConnection, statements: list[tuple[str, Any]]) -> list[str]:
@@ -541,14 +565,13 @@ async def _plans(pg: PostgresConnection, statements: list[tuple[str, Any]]) -> l
     return plans
 
 
-@pytest.mark.usefixtures("crowded")
 async def test_delta_history_reads_chunks_by_key_however_many_other_threads_stored(
-    pg: PostgresConnection,
+    crowded: PostgresConnection,
 ) -> None:
     # A seed's chunks: the planner guessed thousands of digests per manifest (6 ms a
     # read on a benchmark's store, growing with the table).
     plans = await _plans(
-        pg,
+        crowded,
         [
             (
                 SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
@@ -567,9 +590,8 @@ async def test_delta_history_reads_chunks_by_key_however_many_other_threads_stor
         assert chunk_scans and not any("Seq Scan" in scan for scan in chunk_scans), plan
 
 
-@pytest.mark.usefixtures("crowded")
 async def test_prune_and_run_deletes_read_only_their_threads_however_many_others_stored(
-    pg: PostgresConnection,
+    crowded: PostgresConnection,
 ) -> None:
     threads = ["thread-a", "thread-b"]
     # A long thread's prune: 150 deleted checkpoints of one thread (a per-row array
@@ -582,7 +604,7 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
         "channel_versions": [Jsonb({"messages": str(n)}) for n in range(150)],
     }
     plans = await _plans(
-        pg,
+        crowded,
         [
             (DELETE_ALL_BUT_LATEST_SQL, {"thread_ids": threads}),
             (RUN_THREADS_SQL, {"run_ids": ["run-7"]}),
@@ -597,13 +619,12 @@ async def test_prune_and_run_deletes_read_only_their_threads_however_many_others
         assert not scans, plan
 
 
-@pytest.mark.usefixtures("crowded")
 async def test_retention_reads_only_the_threads_it_deletes_however_many_others_stored(
-    pg: PostgresConnection,
+    crowded: PostgresConnection,
 ) -> None:
     window = {"now": None, "ttl": 3600, "limit": 50, "spare": ["spared-thread"]}
     plans = await _plans(
-        pg,
+        crowded,
         [
             (postgres_retention.EXPIRED_RECORDS_SQL, window),
             (postgres_retention.EXPIRED_CHECKPOINT_ONLY_SQL, window),
@@ -1264,12 +1285,37 @@ async def test_a_prune_of_many_threads_at_once_is_not_refused(
     assert [c.checkpoint_id async for c in _list(checkpoints, kept)] == [first]
 
 
+@pytest.fixture
+async def few_locks_pg(tmp_path: Path) -> AsyncIterator[PostgresConnection]:
+    """A server of its own with the smallest lock table Postgres allows
+    (max_locks_per_transaction 10, not 64): a transaction locking every thread overflows it
+    with a fifth of the threads the session server needs (each a row to write and delete)."""
+    server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
+    await asyncio.to_thread(server.start)
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET max_locks_per_transaction = 10")
+    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(server.start)
+    pg = PostgresConnection(
+        Settings(state_cold_backend="postgres", postgres_url=server.url).postgres
+    )
+    try:
+        await pg.setup()
+        yield pg
+    finally:
+        await pg.close()
+        await asyncio.to_thread(server.stop)
+        server.remove_data()
+
+
 async def test_delete_for_runs_of_a_run_on_many_threads_is_not_refused(
-    pg: PostgresConnection, checkpoints: PostgresCheckpointStore
+    few_locks_pg: PostgresConnection,
 ) -> None:
     """A run with checkpoints on more threads than one transaction may lock (the server's
     lock table holds max_locks_per_transaction per connection): each thread's maintenance
     lock taken in one transaction ran out of shared memory, failing for good."""
+    pg = few_locks_pg
+    checkpoints = PostgresCheckpointStore(pg)
     run = f"run-{uuid.uuid4().hex[:8]}"
     kept, doomed = _ids(2)
     first = unique_thread("first")
@@ -1277,7 +1323,7 @@ async def test_delete_for_runs_of_a_run_on_many_threads_is_not_refused(
     await checkpoints.put_checkpoint(
         _checkpoint(first, doomed, parent=kept, metadata={"run_id": run}), []
     )
-    many = [f"{first}-{n}" for n in range(40_000)]
+    many = [f"{first}-{n}" for n in range(8_000)]
     async with pg.connection("seed") as conn:  # one statement: put_checkpoint 40,000 times is slow
         await conn.execute(
             "INSERT INTO cp_checkpoints (thread_id, checkpoint_ns, checkpoint_id, type,"

@@ -53,20 +53,23 @@ from state.hot.redis_events import RedisEventLog
 from state.settings import Settings
 
 TOKEN_SECONDS = 12.0
-RUN_SECONDS = 22.0
+# The SSE stream's XREAD holds its connection this long at most: signed in again only on
+# its release, it must be released before its token expires.
+XREAD_SECONDS = 1.5
 # Tests that need a refresh to happen, not its timing against the token's expiry, refresh
 # at this share of the token's life (the app's 70 % would have them wait 8.4 s for it).
-EARLY_REFRESH_RATIO = 0.2
+EARLY_REFRESH_RATIO = 0.1
 PAST_AN_EARLY_REFRESH = TOKEN_SECONDS * (EARLY_REFRESH_RATIO + 0.1)
 
 
 class ExpiringTokens(IdentityProviderInterface):
-    """Entra ID for Redis: tokens that live `TOKEN_SECONDS`, each its own ACL user. A
+    """Entra ID for Redis: tokens that live `lifetime` seconds, each its own ACL user. A
     token asked for without `force_refresh` is the cached one while it has most of its
     life left, as azure-identity and MSAL hand out."""
 
     def __init__(self, admin: redis.Redis) -> None:
         self._admin = admin
+        self.lifetime = TOKEN_SECONDS
         self._lock = threading.Lock()
         self.issued: list[SimpleToken] = []
         # While time.time() is in [start, end), refreshes fail (Entra ID or the managed
@@ -93,7 +96,7 @@ class ExpiringTokens(IdentityProviderInterface):
             if (
                 not force_refresh
                 and self.issued
-                and self.issued[-1].get_expires_at_ms() - now > TOKEN_SECONDS * 1000 / 2
+                and self.issued[-1].get_expires_at_ms() - now > self.lifetime * 1000 / 2
             ):
                 return self.issued[-1]
             time.sleep(self.latency)
@@ -102,7 +105,7 @@ class ExpiringTokens(IdentityProviderInterface):
             self._admin.acl_setuser(
                 user, enabled=True, passwords=[f"+{secret}"], keys=["~*"], commands=["+@all"]
             )
-            token = SimpleToken(secret, now + TOKEN_SECONDS * 1000, now, {"oid": user})
+            token = SimpleToken(secret, now + self.lifetime * 1000, now, {"oid": user})
             self.issued.append(token)
             return token
 
@@ -117,6 +120,10 @@ class ExpiringTokens(IdentityProviderInterface):
                     killed += int(self._admin.execute_command("CLIENT", "KILL", "USER", user))
                     self._admin.acl_deluser(user)
         return killed
+
+    def expired_by(self, moment: float) -> int:
+        """How many of the tokens issued had expired by `moment` (a `time.time()`)."""
+        return sum(token.get_expires_at_ms() <= moment * 1000 for token in self.issued)
 
 
 @pytest.fixture
@@ -157,17 +164,19 @@ def entra_redis(
         admin.close()
 
 
-async def _steady_use(settings: Settings, tokens: ExpiringTokens) -> tuple[list[str], int]:
-    """`RUN_SECONDS` of steady use of the hot tier: lean round trips (not resent, so a
-    dropped connection shows), the client's own commands, the SSE stream's blocking XREAD,
-    the blocking client's appends. The calls that failed, and how many connections were
-    still signed in with a token when it expired."""
+async def _steady_use(
+    settings: Settings, tokens: ExpiringTokens, seconds: float, xread_seconds: float
+) -> tuple[list[str], int]:
+    """`seconds` of steady use of the hot tier: lean round trips (not resent, so a
+    dropped connection shows), the client's own commands, the SSE stream's blocking XREAD
+    (each `xread_seconds` long), the blocking client's appends. The calls that failed, and
+    how many connections were still signed in with a token when it expired."""
     client = create_redis_client(settings)
     blocking = create_blocking_redis_client(settings)
     events = RedisEventLog(client, namespace="ns", max_events=100, ttl_seconds=60)
     errors: list[str] = []
     killed = 0
-    stop = time.monotonic() + RUN_SECONDS
+    stop = time.monotonic() + seconds
 
     async def lean() -> None:
         n = 0
@@ -183,7 +192,7 @@ async def _steady_use(settings: Settings, tokens: ExpiringTokens) -> tuple[list[
     async def stream() -> None:
         while time.monotonic() < stop:
             try:
-                await events.read("quiet", after="$", wait_ms=1500)
+                await events.read("quiet", after="$", wait_ms=int(xread_seconds * 1000))
             except Exception as error:
                 errors.append(f"xread: {error!r}")
 
@@ -217,10 +226,16 @@ async def test_hot_tier_signs_in_again_before_each_token_expires(
     """The hot tier refreshes at 70 % of the life a token has left and sends AUTH on every pooled
     connection (one in use, on its release): no call fails, no connection is dropped."""
     settings, tokens = entra_redis
-    errors, killed = await _steady_use(settings, tokens)
-    assert len(tokens.issued) >= RUN_SECONDS / TOKEN_SECONDS, "tokens were not refreshed"
+    # Token and XREAD two thirds as long as the module's: the refresh still comes 1.4 s
+    # before a token expires after the XREAD holding a connection ends, and the run
+    # lasts past two tokens' expiry (the first's and its successor's) in 15 s, not 22.
+    tokens.lifetime = TOKEN_SECONDS * 2 / 3
+    run_seconds = tokens.lifetime * (1 + redis_client.ENTRA_REFRESH_RATIO) + 1
+    errors, killed = await _steady_use(settings, tokens, run_seconds, XREAD_SECONDS * 2 / 3)
+    assert len(tokens.issued) >= run_seconds / tokens.lifetime, "tokens were not refreshed"
     assert errors == []
     assert killed == 0, f"{killed} connections still on an expired token"
+    assert tokens.expired_by(time.time()) >= 2, "the run ended before two tokens expired"
 
 
 async def test_a_failed_refresh_is_tried_again_before_the_token_expires(
@@ -234,10 +249,12 @@ async def test_a_failed_refresh_is_tried_again_before_the_token_expires(
     monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RETRY_SECONDS", TOKEN_SECONDS / 20)
     start = time.time()
     tokens.outage = (start + TOKEN_SECONDS * 0.6, start + TOKEN_SECONDS * 0.75)
-    errors, killed = await _steady_use(settings, tokens)
+    # Past the first token's expiry, the one whose refresh failed (not the next's too).
+    errors, killed = await _steady_use(settings, tokens, TOKEN_SECONDS + 1.5, XREAD_SECONDS)
     assert tokens.failed > 0
     assert errors == []
     assert killed == 0, f"{killed} connections still on an expired token"
+    assert tokens.expired_by(time.time()) >= 1, "the run ended before the first token expired"
 
 
 async def test_a_connection_signed_in_again_on_its_release_is_not_lent_out_meanwhile(

@@ -113,6 +113,8 @@ def assert_resumes_at_ask(
 
 @pytest.mark.parametrize("redis_fault", ["killed", "flushed"])
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
+# Redis killed never returns: the boundary gives up on it soon, as it would after 5 s.
+@pytest.mark.usefixtures("impatient_for_redis")
 def test_an_interrupt_inside_a_task_subgraph_is_not_acknowledged_while_its_step_is_in_the_log(
     backend: str, redis_fault: str, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -182,6 +184,8 @@ class Pair(TypedDict):
 
 @pytest.mark.parametrize("redis_fault", ["killed", "flushed"])
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
+# Redis killed never returns: the boundary gives up on it soon, as it would after 5 s.
+@pytest.mark.usefixtures("impatient_for_redis")
 def test_an_interrupt_is_not_acknowledged_while_a_sibling_tasks_writes_are_in_the_log(
     backend: str, redis_fault: str, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
