@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -182,6 +182,8 @@ class Settings(BaseSettings):
             )
         if self.state_cold_backend is ColdBackend.POSTGRES and self.postgres_url:
             _check_postgres_url(self.postgres_url)
+        if self.state_cold_backend is ColdBackend.COSMOS and self.cosmos_endpoint:
+            _check_cosmos_endpoint(self.cosmos_endpoint)
         if self.state_cold_backend is ColdBackend.COSMOS and self.cosmos_key:
             _check_cosmos_key(self.cosmos_key)
         if self.redis_url:
@@ -252,6 +254,26 @@ def _check_postgres_url(url: SecretStr) -> None:
             "in a URL, a `%` or `@` in the password is written %25 or %40). Its text is "
             "not repeated here: it may hold the password"
         ) from None
+
+
+def _check_cosmos_endpoint(endpoint: str) -> None:
+    """Read COSMOS_ENDPOINT as the SDK will. Without a scheme it retries the value as an
+    unreachable host (every request 503, as if Cosmos were down), and a port that is not
+    a number fails the first request with a bare ValueError. Not repeated: a connection
+    string pasted whole holds the account key."""
+    parts = urlsplit(endpoint)
+    try:
+        parts.port  # noqa: B018 (parsed on access)
+    except ValueError:
+        valid = False
+    else:
+        valid = parts.scheme in ("https", "http") and bool(parts.hostname)
+    if not valid:
+        raise SettingsError(
+            "COSMOS_ENDPOINT is not a Cosmos account URL (https://<account>.documents."
+            "azure.com:443/; a connection string's AccountEndpoint, its key in COSMOS_KEY). "
+            "Its text is not repeated here: it may hold the account key"
+        )
 
 
 def _check_cosmos_key(key: SecretStr) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,7 +12,8 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
-from state import BackendUnavailable, VersionConflict
+from state import HEALTH_PROBE_SECONDS, BackendUnavailable, VersionConflict
+from state.errors import NoAnswer
 
 from .auth import (
     ALL_ROLES,
@@ -51,9 +53,11 @@ from .models import (
     MessageAccepted,
     ReviewDecision,
     RunsView,
+    TierView,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
 from .service import CaseConflict, CaseNotFound, CaseService, DecisionTakenBack, Outcome
+from .settings import AppSettings
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +378,46 @@ async def case_events(
     openapi_extra={"security": [{}]},
 )
 async def health(
+    request: Request,
     response: Response,
     caller: Annotated[Principal | None, Depends(optional_principal)],
-    cases: Cases,
 ) -> HealthView:
-    report = await cases.health()
+    try:
+        cases = await _opened_within_probe(request)
+    except BackendUnavailable as down:
+        # The process opens its tiers on first use: a cold tier down since the start is
+        # this report (which tier, for Cases.Operate), like one that went down later.
+        log.warning("health: the tiers could not be opened: %s", down)
+        tier = TierView(name=down.backend, up=False, detail=f"{type(down).__name__}: {down}")
+        report = HealthView(status="down", tiers=[tier])
+    else:
+        report = await cases.health()
     if report.status == "down":
         response.status_code = 503
     if caller is None or not caller.has(ROLE_OPERATE):
         return HealthView(status=report.status)
     return report
+
+
+async def _opened_within_probe(request: Request) -> CaseService:
+    """The case service, waiting at most a health probe's bound for the process to open its
+    tiers: a cold tier that does not answer (a partition) would hold the report for the
+    pool's or the SDK's timeouts. The open goes on for the requests after it."""
+    opening = asyncio.ensure_future(case_service(request))
+    opening.add_done_callback(_retrieved)
+    try:
+        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+            return await asyncio.shield(opening)
+    except TimeoutError as slow:
+        settings: Callable[[], AppSettings] = request.app.state.settings_source
+        backend = settings().state_cold_backend.value
+        raise NoAnswer(backend, f"no answer within {HEALTH_PROBE_SECONDS:g} s") from slow
+
+
+def _retrieved(opening: asyncio.Future[CaseService]) -> None:
+    # An open that fails after the report was sent: the next request opens again.
+    if not opening.cancelled():
+        opening.exception()
 
 
 def add_head_twins(api: APIRouter) -> None:
@@ -432,7 +466,10 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     async def runtime_source() -> Runtime:
         return runtime or await holder.get()
 
-    gate = AuthGate(lambda: runtime.settings if runtime else holder.settings())
+    def settings_source() -> AppSettings:
+        return runtime.settings if runtime else holder.settings()
+
+    gate = AuthGate(settings_source)
 
     app = FastAPI(
         title="Support cases",
@@ -447,6 +484,7 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         redirect_slashes=False,
     )
     app.state.runtime_source = runtime_source
+    app.state.settings_source = settings_source
     app.state.auth_gate = gate
     app.include_router(router)
     # Every route, so a 405 or an OPTIONS names a GET route's HEAD twin as well.

@@ -20,7 +20,11 @@ from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.transport import AioHttpTransport, AsyncHttpTransport
 from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
-from azure.cosmos.exceptions import CosmosHttpResponseError, CosmosResourceNotFoundError
+from azure.cosmos.exceptions import (
+    CosmosHttpResponseError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
 
 from ..errors import BackendUnavailable, InvalidValue, NoAnswer, RequestRejected
 from ..ports import Counters, cold_operation
@@ -175,17 +179,26 @@ class CosmosConnection:
             container = database_client.get_container_client(config.container)
             await self._check_exists(container)
             return container
+        # The SDK reads, then creates on a 404: another worker starting at the same moment
+        # may create it in between, and this create is answered 409. What it created is
+        # the one to use (a container's settings are those of the first create).
         async with self.bounded():
-            database = await self._client.create_database_if_not_exists(config.database)
-            return await database.create_container_if_not_exists(
-                config.container,
-                partition_key=PartitionKey(path=PARTITION_KEY_PATH),
-                indexing_policy=INDEXING_POLICY,
-                # TTL on, nothing expires by itself: retention sweeps whole threads
-                # (`cosmos_retention`), since an item's own age says nothing of whether
-                # a live thread still names it.
-                default_ttl=CONTAINER_DEFAULT_TTL,
-            )
+            try:
+                database = await self._client.create_database_if_not_exists(config.database)
+            except CosmosResourceExistsError:
+                database = self._client.get_database_client(config.database)
+            try:
+                return await database.create_container_if_not_exists(
+                    config.container,
+                    partition_key=PartitionKey(path=PARTITION_KEY_PATH),
+                    indexing_policy=INDEXING_POLICY,
+                    # TTL on, nothing expires by itself: retention sweeps whole threads
+                    # (`cosmos_retention`), since an item's own age says nothing of whether
+                    # a live thread still names it.
+                    default_ttl=CONTAINER_DEFAULT_TTL,
+                )
+            except CosmosResourceExistsError:
+                return database.get_container_client(config.container)
 
     def _new_client(self) -> CosmosClient:
         config = self._config

@@ -183,3 +183,29 @@ def test_a_malformed_cosmos_key_is_refused_without_repeating_it(
         Settings()
     assert str(refused.value).startswith("COSMOS_KEY is not a Cosmos account key")
     assert EMULATOR_KEY[:20] not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "localhost:8081",  # no scheme: the SDK retried it as an unreachable host
+        "https://localhost:80x81/",  # the SDK's bare ValueError on the first request
+        # A connection string pasted whole: its key must not be repeated.
+        "AccountEndpoint=https://acct.documents.azure.com:443/;AccountKey=hunter2==;",
+    ],
+)
+async def test_a_malformed_cosmos_endpoint_is_refused_at_start_naming_its_variable(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not `BackendUnavailable` (a 503 "retry later" on every request, health down, for
+    a value no retry mends) nor a traceback: one SettingsError before anything connects."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", endpoint)
+    monkeypatch.setenv("COSMOS_KEY", EMULATOR_KEY)
+    monkeypatch.setenv("COSMOS_OPERATION_TIMEOUT_SECONDS", "1")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Exception) as refused:  # which one: asserted below
+        backends = await open_backends(Settings())
+        await backends.close()
+    assert isinstance(refused.value, SettingsError), repr(refused.value)
+    assert str(refused.value).startswith("COSMOS_ENDPOINT is not")
+    assert "hunter2" not in str(refused.value) and "hunter2" not in caplog.text

@@ -1,0 +1,115 @@
+"""The API process starting while a tier is down: it answers /api/health for what it is
+(down without the cold tier, degraded without Redis) and serves once the tier is back,
+without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack import PostgresServer, RedisServer
+from support_cases.api import create_app
+from support_cases.runtime import RuntimeHolder
+from support_cases.settings import AppSettings
+
+from .apps import submission
+from .conftest import Deadline
+from .proxy import LoopbackProxy
+from .test_observability import HEALTH_BOUND_SECONDS, proxied
+
+
+@pytest.fixture
+def cut_tiers(
+    redis_server: Callable[..., RedisServer],
+    postgres_server: PostgresServer,
+    settings_for: Callable[..., AppSettings],
+) -> Iterator[tuple[AppSettings, dict[str, LoopbackProxy]]]:
+    redis = redis_server()
+    proxies = {
+        "redis": LoopbackProxy(redis.port).start(),
+        "postgres": LoopbackProxy(postgres_server.port).start(),
+    }
+    settings = settings_for(
+        "postgres",
+        redis_url=proxied(redis.url, proxies["redis"]),
+        postgres_url=proxied(postgres_server.url, proxies["postgres"]),
+        state_write_mode="write-behind",
+        postgres_operation_timeout_seconds=2,
+        postgres_pool_timeout_seconds=1,
+    )
+    yield settings, proxies
+    for proxy in proxies.values():
+        proxy.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("down", "status", "code"), [("redis", "degraded", 200), ("postgres", "down", 503)]
+)
+async def test_the_api_starting_with_a_tier_down_answers_health_then_serves_once_it_is_back(
+    down: str, status: str, code: int, cut_tiers: Any, bearer: Callable[..., dict[str, str]]
+) -> None:
+    settings, proxies = cut_tiers
+    proxies[down].cut("reset")
+    holder = RuntimeHolder(lambda: settings)
+    app = create_app(holder=holder)
+    headers = bearer(roles=["Cases.Submit", "Cases.Operate"])
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
+            for _ in range(2):
+                answer = await http.get("/api/health", headers=headers)
+                assert answer.status_code == code, answer.text
+                report = answer.json()
+                assert report["status"] == status
+                assert [t["name"] for t in report["tiers"] if not t["up"]] == [down]
+                anonymous = await http.get("/api/health")
+                assert anonymous.status_code == code
+                assert anonymous.json() == {"status": status, "tiers": None, "backlog": None}
+            proxies[down].restore()
+            answer = await http.get("/api/health", headers=headers)
+            assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+            body = submission(f"start-down-{uuid.uuid4().hex[:8]}").model_dump(mode="json")
+            created = await http.post("/api/cases", json=body, headers=headers)
+            assert created.status_code in (200, 201, 202), created.text
+    finally:
+        await holder.close()
+
+
+@pytest.mark.slow
+async def test_health_of_an_api_starting_with_the_cold_tier_partitioned_answers_within_its_bound(
+    cut_tiers: Any, bearer: Callable[..., dict[str, str]]
+) -> None:
+    """No reply, no reset: opening the tiers would wait out the pool's timeout (10 s by
+    default). The report is down within its bound; the open goes on, and once the tier is
+    back the same process serves."""
+    settings, proxies = cut_tiers
+    settings = settings.model_copy(update={"postgres_pool_timeout_seconds": 10.0})
+    proxies["postgres"].cut("blackhole")
+    holder = RuntimeHolder(lambda: settings)
+    headers = bearer(roles=["Cases.Operate"])
+    transport = httpx.ASGITransport(app=create_app(holder=holder))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
+            started = time.monotonic()
+            answer = await http.get("/api/health", headers=headers)
+            took = time.monotonic() - started
+            assert took < HEALTH_BOUND_SECONDS, took
+            assert answer.status_code == 503, answer.text
+            [tier] = answer.json()["tiers"]
+            assert (tier["name"], tier["up"]) == ("postgres", False)
+            assert "no answer within 1.5 s" in tier["detail"]
+            proxies["postgres"].restore()
+            deadline = Deadline(30)
+            while (answer := await http.get("/api/health", headers=headers)).status_code != 200:
+                deadline.check("the API to open its tiers once Postgres is back")
+                await asyncio.sleep(0.2)
+            assert answer.json()["status"] == "ok", answer.text
+    finally:
+        await holder.close()
