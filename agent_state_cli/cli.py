@@ -11,6 +11,7 @@
     agent-state follow CASE                its progress as it happens, until it rests
     agent-state write-behind stuck | discard THREAD ENTRY [--yes]
                                            entries the cold store refuses for good
+    agent-state run-index repair [SHARD...]  rebuild the timer's run index from the cases
 
 Every client command takes `--api URL` (default $AGENT_STATE_API or
 http://127.0.0.1:7071) and `--json` for the raw JSON answer. It calls with an
@@ -52,6 +53,7 @@ from support_cases.models import (
 )
 from support_cases.settings import AppSettings
 
+from .run_index import run_index_app
 from .tokens import InsecureApi, TokenUnavailable, access_token
 from .write_behind import write_behind_app
 
@@ -65,6 +67,7 @@ app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_comple
 stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(write_behind_app, name="write-behind")
+app.add_typer(run_index_app, name="run-index")
 console = Console()
 # Notices and errors go to stderr, so `--json` leaves stdout parseable.
 errors = Console(stderr=True)

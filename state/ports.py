@@ -266,6 +266,10 @@ class ColdStateStore(RecordStore, Protocol):
 
     async def delete(self, thread_id: str) -> None: ...
 
+    async def record_ids(self) -> list[str]:
+        """Every thread holding a workflow record (archive records included): a query across
+        every thread, for operator commands (a repair), never for a request's path."""
+
     async def health(self) -> TierHealth: ...
 
     async def close(self) -> None: ...

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from opentelemetry import metrics
 
 from .models import ResumeReport
-from .runs import INDEX_IDS
+from .runs import INDEX_IDS, REPAIR_HINT
 from .service import CaseService
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class TickReport:
     resumed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    # Run index shards (under `failed` too) whose stored record is unreadable: the sweep
+    # waits for their repair (`agent-state run-index repair`), not for a tier to recover.
+    damaged: list[str] = field(default_factory=list)
     # None: the sweep failed, or was skipped (the run index not wholly read).
     swept: int | None = None
     # Write-behind entries this tick moved to the cold tier (None: the drain failed).
@@ -92,6 +95,7 @@ async def run_tick(
         )
         tick.resumed, tick.skipped, tick.failed = report.resumed, report.skipped, report.failed
         index_read = not any(shard in tick.failed for shard in INDEX_IDS)
+        tick.damaged = report.damaged
     except Exception as error:
         log.exception("timer: could not list the active cases")
         errors.append(error)
@@ -100,7 +104,14 @@ async def run_tick(
     except Exception as error:
         log.exception("timer: the write-behind drain failed")
         errors.append(error)
-    if not index_read:
+    if tick.damaged:
+        # No later tick reads these either: retention stays paused until they are repaired.
+        log.error(
+            "timer: retention sweep skipped: run index shards damaged: %s; %s",
+            ", ".join(tick.damaged),
+            REPAIR_HINT,
+        )
+    elif not index_read:
         # Deleting cannot be undone: the sweep waits for a tick that reads the whole index.
         log.warning("timer: retention sweep skipped: the run index was not wholly read")
     else:

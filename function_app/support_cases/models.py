@@ -348,6 +348,9 @@ class HealthView(BaseModel):
     tiers: list[TierView] | None = None
     # Write-behind mode only (same audience as `tiers`).
     backlog: BacklogView | None = None
+    # Run index shards whose stored record is unreadable: the timer does not resume their
+    # cases nor sweep until `agent-state run-index repair` (same audience as `tiers`).
+    damaged_index_shards: list[str] | None = None
 
 
 class ResumeReport(BaseModel):
@@ -355,6 +358,9 @@ class ResumeReport(BaseModel):
     skipped: dict[str, str] = Field(default_factory=dict)
     # Cases whose resume raised something other than a refusal (tier down, bad record).
     failed: dict[str, str] = Field(default_factory=dict)
+    # Run index shards (under `failed` too) whose stored record is unreadable: no later
+    # tick reads them either, until they are repaired.
+    damaged: list[str] = Field(default_factory=list)
 
 
 class ErrorBody(BaseModel):

@@ -15,19 +15,25 @@ resumes and which then takes both steps again (each is idempotent).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from state import (
     ColdRetention,
+    ColdStateStore,
+    CorruptState,
     SectionWrite,
     StateError,
     StateTooLarge,
     TieredStateStore,
+    UnsupportedSchemaVersion,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -65,6 +71,12 @@ INDEX_IDS = tuple(f"{INDEX_PREFIX}{shard}" for shard in range(INDEX_SHARDS))
 STOPPING = frozenset({FollowUpStrategy.INTERRUPT.value, FollowUpStrategy.ROLLBACK.value})
 # Statuses during which nobody is working on the case and nobody needs to.
 AT_REST = frozenset({CaseStatus.AWAITING_REVIEW, CaseStatus.COMPLETED, CaseStatus.FAILED})
+# What reading a record stored unreadably raises: no retry reads it, only a repair
+# (`agent-state run-index repair` for a shard of the index).
+UNREADABLE = (CorruptState, UnsupportedSchemaVersion)
+# How long health reuses what it (or a tick) learnt of damaged shards.
+DAMAGED_SHARDS_MAX_AGE_SECONDS = 60.0
+REPAIR_HINT = "`agent-state run-index repair` rebuilds it from the case records"
 
 
 class RunInProgress(Exception):
@@ -161,6 +173,36 @@ def shard_of(case_id: str) -> str:
     return f"{INDEX_PREFIX}{digest[0] % INDEX_SHARDS}"
 
 
+def listed(record: WorkflowRecord) -> dict[str, str]:
+    """The cases a shard's record lists, each with when it was indexed; `CorruptState` for
+    a record not of that shape (written by hand, or by a bug): taken for an empty or
+    partial list, it would hide cases the timer has to resume."""
+    cases = record.sections.get("cases", {}) if isinstance(record.sections, dict) else None
+    if not isinstance(cases, dict) or not all(
+        isinstance(case_id, str) and isinstance(at, str) for case_id, at in cases.items()
+    ):
+        raise CorruptState(f"{record.thread_id}: its cases are not a map of case id to time")
+    return cases
+
+
+def has_work(record: WorkflowRecord) -> bool:
+    """Whether the case belongs in the run index: a run running, stalled, paused or queued."""
+    runs = runs_of(record)
+    run = record.sections.get(RUN_SECTION) or {}
+    return bool(queued(runs) or current_run(runs) or run.get("status") not in AT_REST)
+
+
+@dataclass
+class ShardRepair:
+    """What `repair_index` did to one shard of the run index."""
+
+    shard: str
+    # The error the shard's record raised when read (None: it read fine).
+    damaged: str | None = None
+    # Cases with work the shard now lists and did not (all of them for a damaged shard).
+    indexed: list[str] = field(default_factory=list)
+
+
 class RunTracker:
     def __init__(
         self, store: TieredStateStore, retention: ColdRetention, settings: AppSettings
@@ -168,6 +210,8 @@ class RunTracker:
         self._store = store
         self._retention = retention
         self._stale_after = timedelta(seconds=settings.case_stale_after_seconds)
+        # Health's answer of which shards are damaged, and when it was had (monotonic).
+        self._damaged_known: tuple[float, list[str]] | None = None
 
     async def mark(
         self,
@@ -482,28 +526,45 @@ class RunTracker:
         a submit that died before creating the case left may be old)."""
         return await self._index(case_id)
 
-    async def active_cases(self, *, unread: dict[str, str] | None = None) -> dict[str, str]:
+    async def active_cases(
+        self, *, unread: dict[str, str] | None = None, damaged: list[str] | None = None
+    ) -> dict[str, str]:
         """The indexed cases, each with when it was indexed (ISO time), in order. `unread`: a
         shard that cannot be read goes there (its id, the error) and the others are still
         read, so it costs only its own cases; the first error is raised when no shard could
-        be read, or at once without `unread`."""
+        be read, or at once without `unread`. `damaged`: the unread shards whose stored
+        record is unreadable (`UNREADABLE`), which no later read will read either."""
         cases: dict[str, str] = {}
         errors: list[StateError] = []
         for shard_id in INDEX_IDS:
             try:
                 # From the cold tier: a worker cut off from Redis indexes cases there alone.
                 record = await self._store.get_fresh(shard_id)
+                if record is not None:
+                    cases.update(sorted(listed(record).items()))
             except StateError as error:
                 if unread is None:
                     raise
-                log.exception("run index shard %s could not be read", shard_id)
+                if isinstance(error, UNREADABLE):
+                    log.error(
+                        "run index shard %s is damaged (%s: %s): its cases are not resumed "
+                        "and retention waits until it is repaired; %s",
+                        shard_id,
+                        type(error).__name__,
+                        error,
+                        REPAIR_HINT,
+                    )
+                    if damaged is not None:
+                        damaged.append(shard_id)
+                else:
+                    log.exception("run index shard %s could not be read", shard_id)
                 unread[shard_id] = f"{type(error).__name__}: {error}"
                 errors.append(error)
-                continue
-            if record is not None:
-                cases.update(sorted(record.sections.get("cases", {}).items()))
         if len(errors) == INDEX_SHARDS:
             raise errors[0]  # the index, not one shard, is out of reach (a tier down)
+        if damaged is not None:
+            # Every shard was read: what health tells of them is as new as this.
+            self._damaged_known = (time.monotonic(), list(damaged))
         return cases
 
     async def forget(self, case_ids: Collection[str]) -> None:
@@ -528,17 +589,101 @@ class RunTracker:
         if failed:
             raise failed[0]
 
+    async def damaged_shards(self) -> list[str]:
+        """The shards whose stored record is unreadable (`UNREADABLE`), all read at once;
+        a shard out of reach for another reason is not one (the tiers' health says so).
+        Known for `DAMAGED_SHARDS_MAX_AGE_SECONDS` (a tick's period): health is probed
+        often, and eight cold reads a probe would cost more than the news is worth."""
+        known = self._damaged_known
+        if known is not None and time.monotonic() - known[0] < DAMAGED_SHARDS_MAX_AGE_SECONDS:
+            return list(known[1])
+
+        async def damaged(shard_id: str) -> bool:
+            try:
+                record = await self._store.get_fresh(shard_id)
+                if record is not None:
+                    listed(record)
+            except UNREADABLE:
+                return True
+            except StateError:
+                return False
+            return False
+
+        found = await asyncio.gather(*(damaged(shard_id) for shard_id in INDEX_IDS))
+        shards = [shard_id for shard_id, bad in zip(INDEX_IDS, found, strict=True) if bad]
+        self._damaged_known = (time.monotonic(), shards)
+        return list(shards)
+
+    async def repair_index(
+        self, cold: ColdStateStore, shards: Collection[str] = INDEX_IDS
+    ) -> list[ShardRepair]:
+        """Rebuild `shards` from the case records (every case with work, `has_work`), for an
+        operator: a damaged shard is overwritten, conditioned on its damaged version (a shard
+        repaired meanwhile is merged into instead); a readable one gets the cases it misses,
+        by the index's own versioned write, and keeps the others (a submit's entry may
+        precede its record). Idempotent, and safe while workers run: none of them can
+        write a damaged shard, and every write here is versioned. `cold`: the store below
+        `self._store`, whose record reads give a damaged shard's version without decoding it.
+        Raises `UNREADABLE` for a shard whose version cannot be read either (a schema
+        version newer than this code: upgrade it instead)."""
+        wanted = set(shards)
+        active: dict[str, list[str]] = {shard_id: [] for shard_id in wanted}
+        for case_id in await cold.record_ids():
+            shard = shard_of(case_id)
+            if shard not in wanted or case_id in INDEX_IDS:
+                continue
+            try:
+                record = await self._store.get_fresh(case_id)
+            except UNREADABLE as error:
+                log.warning("case %s not looked at: its record is unreadable: %s", case_id, error)
+                continue
+            # Archive records (`<case>~archive~...`) and other threads hold no `run`.
+            if record is not None and RUN_SECTION in record.sections and has_work(record):
+                active[shard].append(case_id)
+        return [
+            await self._repair_shard(shard, sorted(active[shard]), cold) for shard in sorted(wanted)
+        ]
+
+    async def _repair_shard(
+        self, shard: str, cases: list[str], cold: ColdStateStore
+    ) -> ShardRepair:
+        repair = ShardRepair(shard)
+        while True:
+            try:
+                record = await self._store.get_fresh(shard)
+                present = listed(record) if record is not None else {}
+            except UNREADABLE as error:
+                repair.damaged = f"{type(error).__name__}: {error}"
+                stored = await cold.get(shard)
+                if stored is None:
+                    continue  # deleted meanwhile: created below, on the next pass
+                now = utcnow().isoformat()
+                try:
+                    await self._store.update_section(
+                        shard,
+                        "cases",
+                        dict.fromkeys(cases, now),
+                        agent_id=RUNNER_ID,
+                        expected_version=stored.version,
+                    )
+                except VersionConflict:
+                    continue  # repaired (or written) meanwhile: read it again
+                repair.indexed = cases
+                return repair
+            missing = [case_id for case_id in cases if case_id not in present]
+            for case_id in missing:
+                await self._index(case_id)
+            repair.indexed += missing
+            return repair
+
     async def _keep_if_busy(self, case_id: str) -> None:
         record = await self._store.get_fresh(case_id)
-        if record is not None:
-            runs = runs_of(record)
-            run = record.sections.get(RUN_SECTION) or {}
-            if queued(runs) or current_run(runs) or run.get("status") not in AT_REST:
-                await self._index(case_id)
+        if record is not None and has_work(record):
+            await self._index(case_id)
 
     async def _drop(self, shard: str, dropped: set[str]) -> None:
         def compute(record: WorkflowRecord) -> object:
-            cases = dict(record.sections.get("cases", {}))
+            cases = dict(listed(record))
             if not dropped & cases.keys():
                 return UNCHANGED
             return {case_id: at for case_id, at in cases.items() if case_id not in dropped}
@@ -563,7 +708,7 @@ class RunTracker:
 
         def compute(record: WorkflowRecord) -> object:
             nonlocal indexed_at
-            cases = dict(record.sections.get("cases", {}))
+            cases = dict(listed(record))
             if case_id in cases:
                 indexed_at = str(cases[case_id])
                 return UNCHANGED

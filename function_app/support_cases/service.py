@@ -606,7 +606,11 @@ class CaseService:
             resting: list[str] = []
             # A shard of the run index that cannot be read is reported as failed: the
             # other shards' cases are still tried.
-            indexed = list((await self._tracker.active_cases(unread=report.failed)).items())
+            indexed = list(
+                (
+                    await self._tracker.active_cases(unread=report.failed, damaged=report.damaged)
+                ).items()
+            )
             # From a random start, wrapping round: the budget may run out part-way, and a
             # fixed order would let stalled cases at its front (a steady inflow of them)
             # starve those at its back for good; so each case is the first tried with
@@ -807,9 +811,14 @@ class CaseService:
 
     async def health(self) -> HealthView:
         # At once, each bounded: a partitioned Redis costs one probe's wait, not three.
+        started = time.monotonic()
         tiers, backlog = await asyncio.gather(self._store.health(), self._backlog())
         cold_name = self._settings.state_cold_backend.value
         cold_up = all(tier.up for tier in tiers if cold_name in tier.name.lower())
+        # Within what is left of the probes' bound; not with the cold tier down (reads
+        # that would only wait on it too, holding connections).
+        left = HEALTH_PROBE_SECONDS - (time.monotonic() - started)
+        damaged = await self._damaged_shards(left) if cold_up else []
         status: Literal["ok", "degraded", "down"] = (
             "ok" if all(t.up for t in tiers) else ("degraded" if cold_up else "down")
         )
@@ -822,11 +831,27 @@ class CaseService:
             status = "degraded"  # the cold tier is falling behind what Redis acknowledged
         if status == "ok" and backlog is not None and backlog.stuck_threads:
             status = "degraded"  # threads whose later steps can never be made durable
+        if status == "ok" and damaged:
+            status = "degraded"  # stalled runs there are not resumed, nothing is swept
         return HealthView(
             status=status,
             tiers=[TierView(**vars(tier)) for tier in tiers],
             backlog=backlog,
+            damaged_index_shards=damaged,
         )
+
+    async def _damaged_shards(self, seconds: float) -> list[str]:
+        """The run index's damaged shards (eight point reads of the cold tier); none known
+        when they do not answer within `seconds`."""
+        reads = asyncio.ensure_future(self._tracker.damaged_shards())
+        await asyncio.wait({reads}, timeout=max(0.0, seconds))
+        if not reads.done():
+            # Cancelled, not awaited, like the tier probes: psycopg winds a query to a
+            # partitioned server down in its own time (~10 s).
+            reads.cancel()
+            reads.add_done_callback(lambda done: done.cancelled() or done.exception())
+            return []
+        return reads.result()
 
     async def _backlog(self) -> BacklogView | None:
         if self._flusher is None:

@@ -63,6 +63,7 @@ from ..schema import CURRENT, upcast
 from .cosmos_client import CosmosConnection
 from .cosmos_io import (
     BATCH_OPERATIONS,
+    BULK_PAGE_SIZE,
     BatchOperation,
     BatchRefused,
     PartitionIO,
@@ -340,6 +341,17 @@ class CosmosStateStore:
         self._known.pop(thread_id, None)
         await self._io.delete(WORKFLOW_ID, thread_id)
         await self._io.delete_matching(thread_id, "c.type = @type", {"@type": AUDIT_TYPE})
+
+    async def record_ids(self) -> list[str]:
+        found: list[str] = []
+        async for page in self._io.pages(
+            "SELECT VALUE c.thread_id FROM c WHERE c.id = @id",
+            {"@id": WORKFLOW_ID},
+            partition=None,
+            page_size=BULK_PAGE_SIZE,
+        ):
+            found += (str(thread_id) for thread_id in page)
+        return found
 
     async def health(self) -> TierHealth:
         return await timed_probe(self.name, self._probe, errors=(StateError, AzureError))

@@ -299,6 +299,11 @@ class PostgresStateStore:
         async with self._pg.connection("delete") as conn:
             await conn.execute(DELETE_SQL, {"thread_id": thread_id})
 
+    async def record_ids(self) -> list[str]:
+        async with self._pg.connection("record_ids") as conn:
+            cursor = await conn.execute("SELECT thread_id FROM workflow_records ORDER BY thread_id")
+            return [str(row["thread_id"]) for row in await cursor.fetchall()]
+
     async def health(self) -> TierHealth:
         return await timed_probe(self.name, self._select_one, errors=(BackendUnavailable,))
 

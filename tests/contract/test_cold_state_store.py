@@ -101,6 +101,17 @@ async def test_an_unknown_thread_has_no_record_and_no_trail(cold: ColdStateStore
         await cold.update_section(thread, "a", 1, expected_version=1, agent_id="a")
 
 
+async def test_record_ids_lists_every_thread_holding_a_record(cold: ColdStateStore) -> None:
+    """What a repair reads across threads (the run index rebuilt from the case records)."""
+    kept, deleted = unique_thread(), unique_thread()
+    for thread in (kept, deleted):
+        await cold.create(thread, {"a": 1}, agent_id="a")
+    await cold.delete(deleted)
+    found = await cold.record_ids()
+    assert kept in found and deleted not in found
+    assert len(found) == len(set(found))
+
+
 async def test_update_replaces_one_section_and_audits_the_change(cold: ColdStateStore) -> None:
     thread = unique_thread()
     created = await cold.create(

@@ -381,6 +381,10 @@ class MemoryColdStore(_Tier):
         self._trails.pop(thread_id, None)
         self.last_write.pop(thread_id, None)
 
+    async def record_ids(self) -> list[str]:
+        self._call("record_ids")
+        return list(self._records)
+
     def thread_ids(self) -> list[str]:
         """Every stored record id (archive records included)."""
         return list(self._records)

@@ -1,0 +1,85 @@
+"""`agent-state run-index repair`: rebuild the timer's run index from the case records.
+
+    agent-state run-index repair [SHARD...]    every shard, or those named (id or number)
+
+A shard whose stored record is unreadable (the timer logs it damaged, `/api/health` names
+it) hides its stalled cases from the timer and pauses retention for good: the repair
+rewrites it with every case whose record has a run running, stalled, paused or queued.
+Like `write-behind`, it opens the stores itself, with the app's settings from this
+environment: run it where they reach Redis and the cold tier. Workers may run meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from state import StateError, TieredStateStore, open_backends
+from support_cases.runs import INDEX_IDS, INDEX_PREFIX, RunIndexBusy, RunTracker, ShardRepair
+from support_cases.settings import AppSettings
+
+run_index_app = typer.Typer(
+    help="The timer's index of active cases (8 shard records).", no_args_is_help=True
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _shard_id(name: str) -> str:
+    shard_id = f"{INDEX_PREFIX}{name}" if name.isdigit() else name
+    if shard_id not in INDEX_IDS:
+        raise typer.BadParameter(f"{name!r} is no shard: 0 to {len(INDEX_IDS) - 1}, or its id")
+    return shard_id
+
+
+@run_index_app.command("repair")
+def repair(
+    shards: Annotated[
+        list[str] | None,
+        typer.Argument(help="Shards to rebuild (number or id); default: every one."),
+    ] = None,
+) -> None:
+    """Rebuild shards from the case records (a query across every thread).
+
+    A damaged shard is rewritten whole; a readable one only gets the cases it misses. Safe
+    to run again, and while workers run. The timer's next tick resumes the stalled cases
+    and sweeps again."""
+    wanted = [_shard_id(name) for name in shards] if shards else list(INDEX_IDS)
+
+    async def run() -> list[ShardRepair]:
+        settings = AppSettings()
+        backends = await open_backends(settings)
+        try:
+            tracker = RunTracker(
+                TieredStateStore.from_backends(backends), backends.retention, settings
+            )
+            return await tracker.repair_index(backends.cold, wanted)
+        finally:
+            await backends.close()
+
+    for chatty in ("azure", "psycopg"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    try:
+        done = asyncio.run(run())
+    except (StateError, RunIndexBusy) as error:
+        errors.print(f"[red]{escape(str(error))}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    for shard in done:
+        cases = ", ".join(escape(case_id) for case_id in shard.indexed)
+        if shard.damaged is not None:
+            console.print(
+                f"{shard.shard}: damaged ({escape(shard.damaged)}); rebuilt with"
+                f" {len(shard.indexed)} cases{': ' + cases if cases else ''}",
+                soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"{shard.shard}: readable; {len(shard.indexed)} missing cases indexed"
+                f"{': ' + cases if cases else ''}",
+                soft_wrap=True,
+            )

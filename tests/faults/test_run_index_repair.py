@@ -1,0 +1,155 @@
+"""A run index shard whose stored record is damaged for good: reported as damaged (the
+tick's log, its report, `/api/health`), the sweep paused, and `agent-state run-index
+repair` rebuilding it from the case records so the next tick resumes its stalled case and
+sweeps again. On a cold store of the test's own (the timer and the repair see every case
+of their store), on both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+import pytest
+from support.cosmos import drop_container
+from typer.testing import CliRunner
+
+from agent_state_cli.cli import app
+from state.errors import UnsupportedSchemaVersion
+from state.size import COMPRESSED_KEY
+from support_cases.maintenance import run_tick
+from support_cases.models import CaseStatus
+from support_cases.runs import INDEX_IDS, shard_of
+from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+
+from .test_timer import case_in_shard, quiet_meters, stale_case
+
+DAMAGES: dict[str, Any] = {
+    # A compressed section whose data no longer decompresses (the store raises).
+    "undecodable": {COMPRESSED_KEY: {"codec": "zlib", "bytes": 10, "data": "bm90IHpsaWI="}},
+    # Plain JSON of the wrong shape (written by hand): not a map of case id to time.
+    "wrong shape": ["case-1", "case-2"],
+}
+
+
+@pytest.fixture
+async def own_store(
+    request: pytest.FixtureRequest, env_for: Callable[..., dict[str, str]]
+) -> AsyncIterator[dict[str, str]]:
+    """The app's settings (as environment values) on a cold store of this test's own."""
+    backend = request.param
+    overrides: dict[str, object] = {"case_stale_after_seconds": 60}
+    if backend == "postgres":
+        overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
+    else:
+        overrides["cosmos_container"] = f"repair-{uuid.uuid4().hex[:8]}"
+    env = env_for(backend, **overrides)
+    yield env
+    if backend == "cosmos":
+        await drop_container(settings_of(env))
+
+
+def settings_of(env: dict[str, str]) -> AppSettings:
+    return AppSettings.model_validate({name.lower(): value for name, value in env.items()})
+
+
+def repair(env: dict[str, str], *shards: str) -> str:
+    result = CliRunner().invoke(app, ["run-index", "repair", *shards], env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize(
+    ("own_store", "damage"),
+    [("postgres", "undecodable"), ("postgres", "wrong shape"), ("cosmos", "undecodable")],
+    indirect=["own_store"],
+)
+async def test_a_damaged_shard_pauses_retention_until_the_repair_command_rebuilds_it(
+    own_store: dict[str, str], damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        stalled = case_in_shard("repair-stalled", INDEX_IDS[3])
+        at_rest = case_in_shard("repair-rest", INDEX_IDS[3])
+        elsewhere = case_in_shard("repair-other", INDEX_IDS[5])
+        for case_id in (stalled, at_rest, elsewhere):
+            await stale_case(runtime, case_id)
+        # Rested since (completed): the repair must not index it again.
+        await runtime.service._tracker.mark(at_rest, CaseStatus.COMPLETED)
+        shard = shard_of(stalled)
+        listed = await runtime.backends.cold.get(shard)
+        assert listed is not None
+        await runtime.backends.cold.update_section(
+            shard, "cases", DAMAGES[damage], expected_version=listed.version, agent_id="test"
+        )
+
+        with caplog.at_level(logging.INFO):
+            first = await run_tick(runtime.service, meters=quiet_meters())
+        assert first.damaged == [shard] and shard in first.failed
+        assert first.swept is None, "swept without the whole index"
+        assert first.resumed == [elsewhere]
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(f"run index shard {shard} is damaged" in line for line in logged), logged
+        assert any(f"run index shards damaged: {shard}" in line for line in logged), logged
+        health = await runtime.service.health()
+        assert health.status == "degraded" and health.damaged_index_shards == [shard]
+
+        printed = await asyncio.to_thread(repair, own_store)
+        assert f"{shard}: damaged (CorruptState" in printed
+        assert f"rebuilt with 1 cases: {stalled}" in printed
+        assert at_rest not in printed
+        assert f"{INDEX_IDS[5]}: readable; 0 missing cases indexed" in printed
+        # Idempotent: a second run finds the shard readable, with nothing missing.
+        again = await asyncio.to_thread(repair, own_store, "3")
+        assert again.strip() == f"{shard}: readable; 0 missing cases indexed"
+
+        second = await run_tick(runtime.service, meters=quiet_meters())
+        assert second.damaged == [] and second.failed == {}
+        # Health tells what the last look at every shard found (within a minute).
+        assert (await runtime.service.health()).damaged_index_shards == []
+        assert second.resumed == [stalled]
+        assert second.swept is not None, "retention still paused"
+        await runtime.service.wait_idle()
+        assert (await runtime.service.status(stalled)).status is CaseStatus.COMPLETED
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_a_shard_of_a_newer_schema_is_reported_damaged_and_not_rewritten(
+    own_store: dict[str, str],
+) -> None:
+    """Written by newer code (an app downgraded): no tick reads it, and the repair refuses
+    to overwrite it, saying to upgrade the app instead."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        stalled = case_in_shard("repair-newer", INDEX_IDS[2])
+        await stale_case(runtime, stalled)
+        shard = shard_of(stalled)
+        async with await psycopg.AsyncConnection.connect(
+            own_store["POSTGRES_URL"], autocommit=True
+        ) as conn:
+            await conn.execute(
+                "UPDATE workflow_records SET schema_version = 99 WHERE thread_id = %s", (shard,)
+            )
+
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == [shard] and "UnsupportedSchemaVersion" in tick.failed[shard]
+        assert tick.swept is None
+        assert (await runtime.service.health()).damaged_index_shards == [shard]
+
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, ["run-index", "repair", shard], env=own_store
+        )
+        assert result.exit_code == 1 and "Upgrade the application" in result.output
+        with pytest.raises(UnsupportedSchemaVersion):
+            await runtime.backends.cold.get(shard)  # left as it was
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
