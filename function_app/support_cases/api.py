@@ -402,9 +402,13 @@ async def health(
 async def _opened_within_probe(request: Request) -> CaseService:
     """The case service, waiting at most a health probe's bound for the process to open its
     tiers: a cold tier that does not answer (a partition) would hold the report for the
-    pool's or the SDK's timeouts. The open goes on for the requests after it."""
-    opening = asyncio.ensure_future(case_service(request))
-    opening.add_done_callback(_retrieved)
+    pool's or the SDK's timeouts. The open goes on for the requests after it, and the
+    probes after it wait on it: one each would queue behind it, a full open each."""
+    opening: asyncio.Future[CaseService] | None = request.app.state.health_opening
+    if opening is None or opening.done():
+        opening = asyncio.ensure_future(case_service(request))
+        opening.add_done_callback(_retrieved)
+        request.app.state.health_opening = opening
     try:
         async with asyncio.timeout(HEALTH_PROBE_SECONDS):
             return await asyncio.shield(opening)
@@ -460,6 +464,12 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         try:
             yield
         finally:
+            # A health probe's open outlives its request, so the server's shutdown does not
+            # wait for it: ended here, or it would open the tiers after their close.
+            opening: asyncio.Future[CaseService] | None = app.state.health_opening
+            if opening is not None:
+                opening.cancel()
+                await asyncio.wait({opening})
             if runtime is None:
                 await holder.close()
 
@@ -485,6 +495,7 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     )
     app.state.runtime_source = runtime_source
     app.state.settings_source = settings_source
+    app.state.health_opening = None
     app.state.auth_gate = gate
     app.include_router(router)
     # Every route, so a 405 or an OPTIONS names a GET route's HEAD twin as well.

@@ -71,7 +71,12 @@ async def test_the_api_starting_with_a_tier_down_answers_health_then_serves_once
                 assert [t["name"] for t in report["tiers"] if not t["up"]] == [down]
                 anonymous = await http.get("/api/health")
                 assert anonymous.status_code == code
-                assert anonymous.json() == {"status": status, "tiers": None, "backlog": None}
+                assert anonymous.json() == {
+                    "status": status,
+                    "tiers": None,
+                    "backlog": None,
+                    "damaged_index_shards": None,
+                }
             proxies[down].restore()
             answer = await http.get("/api/health", headers=headers)
             assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
@@ -111,5 +116,72 @@ async def test_health_of_an_api_starting_with_the_cold_tier_partitioned_answers_
                 deadline.check("the API to open its tiers once Postgres is back")
                 await asyncio.sleep(0.2)
             assert answer.json()["status"] == "ok", answer.text
+    finally:
+        await holder.close()
+
+
+@pytest.mark.slow
+async def test_health_probes_during_a_partition_at_start_share_one_open_of_the_tiers(
+    cut_tiers: Any, bearer: Callable[..., dict[str, str]]
+) -> None:
+    """Each report stops waiting at its bound while the open goes on: the probes after it
+    wait on that open, not each on one of its own queued behind it (a probe every few
+    seconds during an outage longer than an open's timeout would pile them up, each one a
+    full open tried in turn)."""
+    settings, proxies = cut_tiers
+    settings = settings.model_copy(update={"postgres_pool_timeout_seconds": 10.0})
+    proxies["postgres"].cut("blackhole")
+    holder = RuntimeHolder(lambda: settings)
+    headers = bearer(roles=["Cases.Operate"])
+    transport = httpx.ASGITransport(app=create_app(holder=holder))
+
+    def opens() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if not task.done() and task.get_coro().__qualname__ == "case_service"  # type: ignore[union-attr]
+        )
+
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
+            for _ in range(3):
+                answer = await http.get("/api/health", headers=headers)
+                assert answer.status_code == 503, answer.text
+            assert opens() == 1
+            proxies["postgres"].restore()
+            deadline = Deadline(30)
+            while (answer := await http.get("/api/health", headers=headers)).status_code != 200:
+                deadline.check("the API to open its tiers once Postgres is back")
+                await asyncio.sleep(0.2)
+            assert opens() == 0
+    finally:
+        await holder.close()
+
+
+@pytest.mark.slow
+async def test_no_runtime_is_opened_after_the_api_stops_by_a_health_probes_open(
+    cut_tiers: Any, bearer: Callable[..., dict[str, str]]
+) -> None:
+    """The open a report stopped waiting for outlives its request, so the server's
+    shutdown does not wait for it: it is ended by the shutdown, not left to open the
+    tiers after their close (pools and clients no one closes)."""
+    settings, proxies = cut_tiers
+    settings = settings.model_copy(update={"postgres_pool_timeout_seconds": 10.0})
+    proxies["postgres"].cut("blackhole")
+    holder = RuntimeHolder(lambda: settings)
+    app = create_app(holder=holder)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://s.test") as http,
+        ):
+            answer = await http.get("/api/health", headers=bearer(roles=["Cases.Operate"]))
+            assert answer.status_code == 503, answer.text
+        opening = app.state.health_opening
+        proxies["postgres"].restore()
+        await asyncio.wait({opening}, timeout=30)
+        assert opening.done()
+        assert holder._runtime is None, "a runtime opened after the API stopped"
     finally:
         await holder.close()
