@@ -34,7 +34,7 @@ Errors
     Every failure is a `StateError`: `VersionConflict`, `WorkflowExists`,
     `WorkflowNotFound`, `StaleFencingToken`, `LockNotAcquired`, `StateTooLarge`,
     `BackendUnavailable` (and its `HotStateLost`, `FlushLockBusy`, `RunsPartlyDeleted`,
-    `RunsStillWriting`),
+    `StillWriting` and its `RunsStillWriting`),
     `RequestRejected` (and its `InvalidValue`), `UnsupportedSchemaVersion`,
     `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`, `EntryStuck` (a
     write-behind entry the cold store refuses for good), `NotStuck`, `DiscardOutpaced`.
@@ -71,6 +71,7 @@ from .errors import (
     StaleFencingToken,
     StateError,
     StateTooLarge,
+    StillWriting,
     SyncCallOnSaverLoop,
     ThreadExpiring,
     UnsupportedSchemaVersion,
@@ -138,6 +139,7 @@ __all__ = [
     "StaleFencingToken",
     "StateError",
     "StateTooLarge",
+    "StillWriting",
     "StoredEvent",
     "SyncCallOnSaverLoop",
     "ThreadExpiring",

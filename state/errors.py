@@ -103,20 +103,28 @@ class FlushLockBusy(BackendUnavailable):
         self.thread_id = thread_id
 
 
-class RunsStillWriting(BackendUnavailable):
-    """A `delete_for_runs` that runs of its ids kept writing to during each of its rounds
-    (a checkpoint of theirs stored after each look): it gave up rather than chase them. Not
-    an outage, though retried as one (the runs may have stopped by then): its message says
-    so, not that `backend` is unavailable."""
+class StillWriting(BackendUnavailable):
+    """A delete that writers kept landing on during each of its rounds (something stored
+    after each look): it gave up rather than chase them. Not an outage, though retried as
+    one (the writers may have stopped by then): its message says so, not that `backend` is
+    unavailable."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        # StateError's: BackendUnavailable's would call the store unavailable.
+        StateError.__init__(self, detail)
+        self.backend = backend
+
+
+class RunsStillWriting(StillWriting):
+    """A `delete_for_runs` that runs of its ids kept writing to (a checkpoint of theirs
+    stored after each look)."""
 
     def __init__(self, backend: str, run_ids: Iterable[str], thread_ids: Iterable[str]) -> None:
-        # StateError's: BackendUnavailable's would call the store unavailable.
-        StateError.__init__(
-            self,
+        super().__init__(
+            backend,
             f"runs {sorted(run_ids)} are still writing to {sorted(thread_ids)}; stop them"
             " and call again",
         )
-        self.backend = backend
 
 
 class RunsPartlyDeleted(BackendUnavailable):
@@ -128,7 +136,7 @@ class RunsPartlyDeleted(BackendUnavailable):
         self.thread_ids = frozenset(thread_ids)
         self.cause = cause
         deleted = f"the runs deleted from up to {len(self.thread_ids)} threads"
-        if isinstance(cause, RunsStillWriting):
+        if isinstance(cause, StillWriting):
             # Not "unavailable" either: its cause's words.
             StateError.__init__(self, f"{cause} ({deleted} so far)")
             self.backend = cause.backend

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import unquote, urlparse, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -278,9 +278,12 @@ def _check_cosmos_endpoint(endpoint: str) -> None:
 
 def _check_cosmos_key(key: SecretStr) -> None:
     """Decode COSMOS_KEY as the SDK will when it signs the first request: a key cut short
-    in a copy would otherwise surface there as a bare `binascii.Error` traceback."""
+    in a copy would otherwise surface there as a bare `binascii.Error` traceback. Strictly:
+    the SDK drops a character outside base64 (URL-safe `-` and `_`, a `%` escape's `%`)
+    and signs with what is left, another key: every request refused as unauthorised.
+    Whitespace around or inside the key it drops harmlessly."""
     try:
-        base64.b64decode(key.get_secret_value())
+        base64.b64decode("".join(key.get_secret_value().split()), validate=True)
     except ValueError:  # binascii.Error
         raise SettingsError(
             "COSMOS_KEY is not a Cosmos account key (base64, as the portal's Keys blade or "
@@ -294,13 +297,22 @@ def _check_redis_url(url: SecretStr) -> None:
     from redis.connection import parse_url
 
     try:
-        parse_url(url.get_secret_value())
+        parsed = parse_url(url.get_secret_value())
     except ValueError:
         raise SettingsError(
             "REDIS_URL is not a valid Redis URL (redis://[user:password@]host:port/db; a "
             "`/`, `?`, `#` or `@` in the password is written %2F, %3F, %23 or %40). Its "
             "text is not repeated here: it may hold the password"
         ) from None
+    # A database path that is not a number redis-py drops, database 0 used in its place
+    # (another application's keys, perhaps).
+    parts = urlsplit(url.get_secret_value())
+    if parts.scheme != "unix" and unquote(parts.path).replace("/", "") and "db" not in parsed:
+        raise SettingsError(
+            "REDIS_URL's database (the path after host:port) is not a number (/0, /1, ..., "
+            "or no path for 0; a `/` in the password is written %2F). Its text is not "
+            "repeated here: it may hold the password"
+        )
 
 
 def described(invalid: ValidationError) -> str:

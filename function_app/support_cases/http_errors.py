@@ -24,6 +24,7 @@ from state import (
     SettingsError,
     StaleFencingToken,
     StateTooLarge,
+    StillWriting,
     ThreadExpiring,
     VersionConflict,
     WorkflowNotFound,
@@ -155,6 +156,9 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         if isinstance(cause, RunsStillWriting):
             # Not an outage: a rolled-back run (another worker's) writes on. Retried as one.
             status, answer = 409, "a run being deleted is still writing to the case, retry later"
+        elif isinstance(cause, StillWriting):
+            # Not an outage either: a run writes on to the case being deleted.
+            status, answer = 409, "the case is still being written to, retry later"
         elif unavailable:
             status, answer = 503, f"{error.backend} unavailable, retry later"
         else:

@@ -64,6 +64,7 @@ from ..errors import (
     LogEntryLost,
     StaleFencingToken,
     StateError,
+    StillWriting,
     ThreadExpiring,
     UnknownParent,
     UnsupportedSchemaVersion,
@@ -979,7 +980,11 @@ class RedisWriteBehindLog:
             answer = int(await self._run(script, *keys_and_args(*listing)))
             if answer != STALE_LISTING:
                 return answer
-        raise BackendUnavailable("redis", f"appends to {thread_id!r} kept racing its delete")
+        raise StillWriting(
+            "redis",
+            f"appends to {thread_id!r} landed during each of {DISCARD_ATTEMPTS} tries to"
+            " delete its backlog; try again when they pause",
+        )
 
     async def _unlist(self, thread_id: str, dropped: int) -> None:
         """Take a thread whose log was just deleted off the listing; listed again if an

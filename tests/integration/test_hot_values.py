@@ -17,7 +17,7 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
-from state.errors import HotStateLost, StaleFencingToken
+from state.errors import BackendUnavailable, HotStateLost, StaleFencingToken, StillWriting
 from state.hot import redis_client
 from state.hot.redis_checkpoints import (
     CACHED_EPOCHS_KIND,
@@ -27,7 +27,7 @@ from state.hot.redis_checkpoints import (
 )
 from state.hot.redis_client import round_trip
 from state.hot.redis_values import BY_REFERENCE_BYTES, STAGED_TTL_MS, EpochBytes, Reference
-from state.hot.redis_write_behind import REFERENCES_KIND, RedisWriteBehindLog
+from state.hot.redis_write_behind import DISCARD_ATTEMPTS, REFERENCES_KIND, RedisWriteBehindLog
 from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import (
@@ -312,6 +312,42 @@ async def test_a_delete_racing_a_put_leaves_no_epoch_behind(
     await deleting.discard(thread_id)
     await maintenance.invalidate(thread_id)
     assert await epochs_of(tiers, thread_id) == []
+
+
+async def test_a_delete_that_appends_keep_outpacing_says_so_not_that_redis_is_down(
+    tiers: WriteBehind, other: tuple[aioredis.Redis, RedisCheckpointCache, RedisWriteBehindLog]
+) -> None:
+    """A run appending a new epoch to the thread between each of the delete's listings and
+    its script: the delete gives up, nothing deleted, saying why (Redis answered every call),
+    still retried as an outage is; it goes through once the run pauses."""
+    thread_id = f"values-{uuid.uuid4().hex[:8]}"
+    log = log_of(tiers)
+    await log.append_put(checkpoint(thread_id, 1), [grown(1)], fence=None)
+    client, _, deleting = other
+    list_fields = client.hkeys
+    appended: list[int] = []
+
+    async def hkeys(key: str) -> Any:
+        listed = await list_fields(key)
+        n = 2 + len(appended)
+        rewritten = StoredBlob("chat", n, ("bytes", b"Q" * LARGE + b"%d" % n))  # a new epoch
+        await log.append_put(checkpoint(thread_id, n), [rewritten], fence=None, parent_stored=True)  # fmt: skip
+        appended.append(n)
+        return listed
+
+    client.hkeys = hkeys  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StillWriting) as outpaced:
+            await deleting.discard(thread_id)
+    finally:
+        client.hkeys = list_fields  # type: ignore[method-assign]
+
+    assert len(appended) == DISCARD_ATTEMPTS
+    assert isinstance(outpaced.value, BackendUnavailable)  # retried by callers
+    assert "unavailable" not in str(outpaced.value), str(outpaced.value)
+    assert len(await log.read(thread_id, count=99)) == 1 + DISCARD_ATTEMPTS
+    await deleting.discard(thread_id)
+    assert await log.read(thread_id, count=99) == []
 
 
 async def test_an_append_sent_again_leaves_the_logs_epoch_as_it_was(tiers: WriteBehind) -> None:

@@ -16,6 +16,7 @@ from state.errors import (
     RequestRejected,
     RunsPartlyDeleted,
     RunsStillWriting,
+    StillWriting,
     VersionConflict,
 )
 from support_cases.http_errors import install_error_handlers
@@ -107,3 +108,22 @@ async def test_runs_still_writing_are_a_409_to_retry_not_a_store_outage(
     incident = message.rsplit(" ", 1)[1].rstrip(")")
     logged = [record.getMessage() for record in caplog.records]
     assert any(incident in line and "still writing to ['case-1']" in line for line in logged)
+
+
+async def test_a_case_still_written_to_while_deleted_is_a_409_to_retry_not_a_store_outage() -> None:
+    """A case deletion whose backlog appends kept outpacing (`StillWriting`): Redis answered
+    every call, so the answer must not say it is unavailable; retried later, it succeeds."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise StillWriting("redis", "appends to 'case-1' landed during each of 5 tries")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 409, response.text
+    assert response.headers.get("Retry-After") == "1"
+    answer = "the case is still being written to, retry later"
+    assert re.fullmatch(re.escape(answer) + INCIDENT, response.json()["error"])

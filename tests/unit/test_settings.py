@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import logging
 import traceback
 
@@ -183,6 +184,78 @@ def test_a_malformed_cosmos_key_is_refused_without_repeating_it(
         Settings()
     assert str(refused.value).startswith("COSMOS_KEY is not a Cosmos account key")
     assert EMULATOR_KEY[:20] not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        # The SDK drops what is not base64 and signs with what is left: another key.
+        EMULATOR_KEY.replace("+", "-").replace("/", "_"),  # the URL-safe alphabet
+        EMULATOR_KEY.replace("+", "%2B").replace("/", "%2F"),  # escaped for a URL
+    ],
+    ids=["url-safe", "url-escaped"],
+)
+def test_a_cosmos_key_with_a_character_outside_base64_is_refused_at_start(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not accepted, to fail every request later as a 401 `RequestRejected`."""
+    assert base64.b64decode(key) != base64.b64decode(EMULATOR_KEY)  # as the SDK reads it
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_KEY", key)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value).startswith("COSMOS_KEY is not a Cosmos account key")
+    assert EMULATOR_KEY[:20] not in str(refused.value)
+
+
+@pytest.mark.parametrize("key", [EMULATOR_KEY, f" {EMULATOR_KEY}\n"])
+def test_the_emulators_key_passes_with_surrounding_whitespace_the_sdk_ignores(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("COSMOS_KEY", key)
+    assert Settings().cosmos_key is not None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:6379/notadb",
+        "rediss://:hunter2@cache.example:6380/db1",
+        "redis://:hunter2@127.0.0.1:6379/1x",
+    ],
+)
+def test_a_redis_url_whose_database_is_not_a_number_is_refused_at_start(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py drops such a path and uses database 0: another application's keys."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value).startswith("REDIS_URL")
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:6379",
+        "redis://:hunter2@127.0.0.1:6379/",
+        "redis://:hunter2@127.0.0.1:6379/0",
+        "redis://:hunter2@127.0.0.1:6379/15",
+        "rediss://:hunter2@cache.example:6380/0",
+        "rediss://:hunter2@cache.example:6380",
+        "redis://127.0.0.1:6379/0?db=2",
+        "unix:///run/redis.sock?db=1",
+    ],
+)
+def test_a_redis_url_with_a_numbered_database_or_none_passes(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("REDIS_URL", url)
+    assert Settings().hot_tier_configured
 
 
 @pytest.mark.parametrize(
