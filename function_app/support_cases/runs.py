@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -532,8 +533,9 @@ class RunTracker:
         """The indexed cases, each with when it was indexed (ISO time), in order. `unread`: a
         shard that cannot be read goes there (its id, the error) and the others are still
         read, so it costs only its own cases; the first error is raised when no shard could
-        be read, or at once without `unread`. `damaged`: the unread shards whose stored
-        record is unreadable (`UNREADABLE`), which no later read will read either."""
+        be read (unless every one is damaged), or at once without `unread`. `damaged`: the
+        unread shards whose stored record is unreadable (`UNREADABLE`), which no later read
+        will read either."""
         cases: dict[str, str] = {}
         errors: list[StateError] = []
         for shard_id in INDEX_IDS:
@@ -560,10 +562,11 @@ class RunTracker:
                     log.exception("run index shard %s could not be read", shard_id)
                 unread[shard_id] = f"{type(error).__name__}: {error}"
                 errors.append(error)
-        if len(errors) == INDEX_SHARDS:
+        if len(errors) == INDEX_SHARDS and not all(isinstance(e, UNREADABLE) for e in errors):
             raise errors[0]  # the index, not one shard, is out of reach (a tier down)
-        if damaged is not None:
-            # Every shard was read: what health tells of them is as new as this.
+        if damaged is not None and len(damaged) == len(errors):
+            # Every shard was read or found damaged: what health tells of them is as new as
+            # this. One out of reach may be damaged still: it does not read as repaired.
             self._damaged_known = (time.monotonic(), list(damaged))
         return cases
 
@@ -598,7 +601,7 @@ class RunTracker:
         if known is not None and time.monotonic() - known[0] < DAMAGED_SHARDS_MAX_AGE_SECONDS:
             return list(known[1])
 
-        async def damaged(shard_id: str) -> bool:
+        async def damaged(shard_id: str) -> bool | None:
             try:
                 record = await self._store.get_fresh(shard_id)
                 if record is not None:
@@ -606,12 +609,13 @@ class RunTracker:
             except UNREADABLE:
                 return True
             except StateError:
-                return False
+                return None  # not known: not kept as "not damaged" either
             return False
 
         found = await asyncio.gather(*(damaged(shard_id) for shard_id in INDEX_IDS))
         shards = [shard_id for shard_id, bad in zip(INDEX_IDS, found, strict=True) if bad]
-        self._damaged_known = (time.monotonic(), shards)
+        if None not in found:
+            self._damaged_known = (time.monotonic(), shards)
         return list(shards)
 
     async def repair_index(
@@ -657,6 +661,10 @@ class RunTracker:
                 stored = await cold.get(shard)
                 if stored is None:
                     continue  # deleted meanwhile: created below, on the next pass
+                if await self._reads_as_shard(stored):
+                    # Repaired (by another repair) and written since it was read: the write
+                    # below, conditioned on this version, would drop what was indexed since.
+                    continue
                 now = utcnow().isoformat()
                 try:
                     await self._store.update_section(
@@ -675,6 +683,15 @@ class RunTracker:
                 await self._index(case_id)
             repair.indexed += missing
             return repair
+
+    async def _reads_as_shard(self, stored: WorkflowRecord) -> bool:
+        """Whether a shard's record as the cold store holds it (`_repair_shard`) reads."""
+        try:
+            sections = await self._store.size.expand(stored.sections, fetch_archived=False)
+            listed(dataclasses.replace(stored, sections=sections))
+        except UNREADABLE:
+            return False
+        return True
 
     async def _keep_if_busy(self, case_id: str) -> None:
         record = await self._store.get_fresh(case_id)

@@ -19,7 +19,7 @@ from support.cosmos import drop_container
 from typer.testing import CliRunner
 
 from agent_state_cli.cli import app
-from state.errors import UnsupportedSchemaVersion
+from state.errors import BackendUnavailable, UnsupportedSchemaVersion
 from state.size import COMPRESSED_KEY
 from support_cases.maintenance import run_tick
 from support_cases.models import CaseStatus
@@ -150,6 +150,118 @@ async def test_a_shard_of_a_newer_schema_is_reported_damaged_and_not_rewritten(
         assert result.exit_code == 1 and "Upgrade the application" in result.output
         with pytest.raises(UnsupportedSchemaVersion):
             await runtime.backends.cold.get(shard)  # left as it was
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres", "cosmos"], indirect=True)
+async def test_a_shard_another_repair_rebuilt_meanwhile_is_merged_into_not_overwritten(
+    own_store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two repairs at once (two operators, or one run again): the one that found the shard
+    damaged, then reads its version after the other rebuilt it and a submit indexed a case
+    there, must not overwrite that case's entry with its own list."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        stalled = case_in_shard("repair-race", INDEX_IDS[4])
+        await stale_case(runtime, stalled)
+        shard = shard_of(stalled)
+        cold = runtime.backends.cold
+        listed = await cold.get(shard)
+        assert listed is not None
+        await cold.update_section(
+            shard, "cases", DAMAGES["wrong shape"], expected_version=listed.version, agent_id="t"
+        )
+        tracker = runtime.service._tracker
+        submitted = case_in_shard("repair-submitted", shard)
+        real_get = cold.get
+        reads = 0
+
+        async def get(thread_id: str) -> Any:
+            nonlocal reads
+            if thread_id == shard:
+                reads += 1
+                if reads == 2:
+                    # The repair found the shard damaged (read 1) and now reads its version:
+                    # the other repair rebuilt it meanwhile, and a submit indexed a case.
+                    await tracker.repair_index(cold, [shard])
+                    await tracker.register(submitted)
+            return await real_get(thread_id)
+
+        monkeypatch.setattr(cold, "get", get)
+        await tracker.repair_index(cold, [shard])
+        assert reads >= 2, "the race was not staged"
+        assert set(await tracker.active_cases()) >= {stalled, submitted}
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_every_shard_of_a_newer_schema_is_reported_damaged_not_a_tier_down(
+    own_store: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app downgraded after newer code wrote every shard: no shard reads, yet the tier is
+    up; the tick says the shards are damaged (with the repair's hint), not that the index
+    is out of reach."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        for shard in INDEX_IDS:
+            await runtime.store.create(shard, {"cases": {}}, agent_id="test")
+        async with await psycopg.AsyncConnection.connect(
+            own_store["POSTGRES_URL"], autocommit=True
+        ) as conn:
+            await conn.execute(
+                "UPDATE workflow_records SET schema_version = 99 WHERE thread_id = ANY(%s)",
+                (list(INDEX_IDS),),
+            )
+
+        with caplog.at_level(logging.INFO):
+            tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == list(INDEX_IDS) and tick.swept is None
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("run index shards damaged" in line for line in logged), logged
+        assert (await runtime.service.health()).damaged_index_shards == list(INDEX_IDS)
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_a_shard_out_of_reach_is_not_learnt_undamaged(
+    own_store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged shard whose read fails for another reason (a timeout) is unknown, not
+    repaired: neither health's own look nor a tick's makes health drop it for a minute."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        stalled = case_in_shard("repair-reach", INDEX_IDS[6])
+        await stale_case(runtime, stalled)
+        shard = shard_of(stalled)
+        listed = await runtime.backends.cold.get(shard)
+        assert listed is not None
+        await runtime.backends.cold.update_section(
+            shard, "cases", DAMAGES["wrong shape"], expected_version=listed.version, agent_id="t"
+        )
+        store = runtime.service._tracker._store
+        real_get_fresh = store.get_fresh
+
+        async def cut(thread_id: str, **kwargs: Any) -> Any:
+            if thread_id == shard:
+                raise BackendUnavailable("postgres", "no answer (test)")
+            return await real_get_fresh(thread_id, **kwargs)
+
+        monkeypatch.setattr(store, "get_fresh", cut)
+        assert (await runtime.service.health()).damaged_index_shards == []  # not known
+        monkeypatch.setattr(store, "get_fresh", real_get_fresh)
+        assert (await runtime.service.health()).damaged_index_shards == [shard]
+
+        monkeypatch.setattr(store, "get_fresh", cut)
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert shard in tick.failed and tick.damaged == []
+        monkeypatch.setattr(store, "get_fresh", real_get_fresh)
+        assert (await runtime.service.health()).damaged_index_shards == [shard]
     finally:
         await runtime.service.wait_idle()
         await runtime.close()
