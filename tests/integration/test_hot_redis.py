@@ -7,6 +7,7 @@ the in-memory fake in tests/contract/test_hot_state_store.py.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def _store_settings(stack_env: dict[str, str], **values: object) -> Settings:
 
 
 def test_the_namespace_names_the_cold_store_and_no_secret(stack_env: dict[str, str]) -> None:
-    cosmos = _store_settings(stack_env, cosmos_key="key-1")
+    # Two account keys (base64 of 64 bytes, as Azure's are).
+    key_1, key_2 = (base64.b64encode(bytes([n]) * 64).decode() for n in (1, 2))
+    cosmos = _store_settings(stack_env, cosmos_key=key_1)
     pg_url = "postgresql://app:secret-1@db.example:5433/cases"
     postgres = _store_settings(stack_env, state_cold_backend="postgres", postgres_url=pg_url)
     namespaces = {
@@ -165,7 +168,7 @@ def test_the_namespace_names_the_cold_store_and_no_secret(stack_env: dict[str, s
     assert len(namespaces) == 8
     assert all(len(namespace) <= 12 and ":" not in namespace for namespace in namespaces)
     # Credentials are not part of the identity: rotating them keeps the cache.
-    assert hot_namespace(_store_settings(stack_env, cosmos_key="key-2")) == hot_namespace(cosmos)
+    assert hot_namespace(_store_settings(stack_env, cosmos_key=key_2)) == hot_namespace(cosmos)
     rotated = pg_url.replace("secret-1", "secret-2")
     assert hot_namespace(
         _store_settings(stack_env, state_cold_backend="postgres", postgres_url=rotated)
