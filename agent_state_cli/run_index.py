@@ -7,6 +7,8 @@ it) hides its stalled cases from the timer and pauses retention for good: the re
 rewrites it with every case whose record has a run running, stalled, paused or queued.
 Like `write-behind`, it opens the stores itself, with the app's settings from this
 environment: run it where they reach Redis and the cold tier. Workers may run meanwhile.
+A shard that cannot be repaired, or a case record that cannot be read, is printed and the
+others repaired all the same; the exit status is then 1 (run it again once that is fixed).
 """
 
 from __future__ import annotations
@@ -71,15 +73,40 @@ def repair(
         raise typer.Exit(1) from None
     for shard in done:
         cases = ", ".join(escape(case_id) for case_id in shard.indexed)
-        if shard.damaged is not None:
+        listed = f": {cases}" if cases else ""
+        if shard.failed is not None:
+            # Said once when the damage is what stopped the repair (a newer schema).
+            damaged = shard.damaged not in (None, shard.failed)
+            state = f"; damaged ({escape(shard.damaged or '')})" if damaged else ""
+            before = f"; {len(shard.indexed)} missing cases indexed before{listed}" if cases else ""
+            errors.print(
+                f"[red]{shard.shard}: not repaired: {escape(shard.failed)}{state}{before}[/red]",
+                soft_wrap=True,
+            )
+        elif shard.merged:
+            console.print(
+                f"{shard.shard}: damaged ({escape(shard.damaged or '')}); rebuilt meanwhile by"
+                f" another repair, merged into: {len(shard.indexed)} missing cases indexed"
+                f"{listed}",
+                soft_wrap=True,
+            )
+        elif shard.damaged is not None:
             console.print(
                 f"{shard.shard}: damaged ({escape(shard.damaged)}); rebuilt with"
-                f" {len(shard.indexed)} cases{': ' + cases if cases else ''}",
+                f" {len(shard.indexed)} cases{listed}",
                 soft_wrap=True,
             )
         else:
             console.print(
-                f"{shard.shard}: readable; {len(shard.indexed)} missing cases indexed"
-                f"{': ' + cases if cases else ''}",
+                f"{shard.shard}: readable; {len(shard.indexed)} missing cases indexed{listed}",
                 soft_wrap=True,
             )
+        for case_id, why in shard.unread.items():
+            errors.print(
+                f"[red]{shard.shard}: case {escape(case_id)} not looked at (not indexed): its"
+                f" record could not be read: {escape(why)}[/red]",
+                soft_wrap=True,
+            )
+    if any(shard.failed is not None or shard.unread for shard in done):
+        # Every shard was tried: what failed is said above, and a run again retries it.
+        raise typer.Exit(1)

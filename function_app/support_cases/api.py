@@ -76,7 +76,8 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 ERRORS[503]["headers"] = {
     "Retry-After": {
-        "description": "Seconds to wait before retrying, when a store could not be reached",
+        "description": "Seconds to wait before retrying, when a store could not be reached "
+        "or the case's run index awaits an operator's repair",
         "schema": {"type": "integer", "minimum": 1},
     }
 }

@@ -31,12 +31,15 @@ from state import (
 )
 
 from .events import EventsUnavailable, InvalidEventId, StreamsBusy
-from .runs import RunIndexBusy
+from .runs import RunIndexBusy, RunIndexDamaged
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
 log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER_SECONDS = 1
+# A damaged run index shard reads again only once an operator repaired it: asked sooner, the
+# answer is the same 503.
+DAMAGED_INDEX_RETRY_AFTER_SECONDS = 60
 
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (CaseNotFound, 404),
@@ -245,6 +248,21 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         response.headers["Retry-After"] = str(error.retry_after)
         return response
 
+    async def index_damaged(request: Request, error: Exception) -> JSONResponse:
+        """The case's run index shard is unreadable (`RunIndexDamaged`): the operator's to
+        repair, not the caller's mistake nor a crash; nothing was written for the request."""
+        assert isinstance(error, RunIndexDamaged)
+        log.error(
+            "%s %s answered 503: run index shard %s is damaged: %s",
+            request.method,
+            request.url.path,
+            error.shard,
+            error.__cause__,
+        )
+        response = error_response(503, str(error))
+        response.headers["Retry-After"] = str(DAMAGED_INDEX_RETRY_AFTER_SECONDS)
+        return response
+
     async def misconfigured(request: Request, error: Exception) -> JSONResponse:
         """The environment's settings are wrong: the operator's to fix, not the caller's,
         and not a crash (500). It names the variable, never its value."""
@@ -256,5 +274,6 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     app.add_exception_handler(SettingsError, misconfigured)
     app.add_exception_handler(CaseBusy, busy)
     app.add_exception_handler(StreamsBusy, streams_busy)
+    app.add_exception_handler(RunIndexDamaged, index_damaged)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -97,6 +97,19 @@ class RunIndexBusy(Exception):
     problem, not the client's, so callers answer 503 and the client retries."""
 
 
+class RunIndexDamaged(RunIndexBusy):
+    """The case's shard of the run index is stored unreadably (`UNREADABLE`): nothing that
+    needs the case indexed goes on until an operator repairs the shard. A `RunIndexBusy`, so
+    every caller refuses such a write as it refuses a busy index (503, nothing half-done)."""
+
+    def __init__(self, shard: str, error: Exception) -> None:
+        super().__init__(
+            f"the case index ({shard}) is damaged ({type(error).__name__}) and needs an"
+            " operator's repair: `agent-state run-index repair`; retry after it"
+        )
+        self.shard = shard
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -202,6 +215,13 @@ class ShardRepair:
     damaged: str | None = None
     # Cases with work the shard now lists and did not (all of them for a damaged shard).
     indexed: list[str] = field(default_factory=list)
+    # A damaged shard read fine on a second look (another repair rebuilt it meanwhile): the
+    # cases it missed were merged into it, not written over it.
+    merged: bool = False
+    # Why the shard was not repaired (None: it was): the other shards are repaired anyway.
+    failed: str | None = None
+    # Cases of the shard whose record could not be read, each with why: not indexed here.
+    unread: dict[str, str] = field(default_factory=dict)
 
 
 class RunTracker:
@@ -628,9 +648,11 @@ class RunTracker:
         precede its record). Idempotent, and safe while workers run: none of them can
         write a damaged shard, and every write here is versioned. `cold`: the store below
         `self._store`, whose record reads give a damaged shard's version without decoding it.
-        Raises `UNREADABLE` for a shard whose version cannot be read either (a schema
-        version newer than this code: upgrade it instead)."""
+        A shard that fails (its version unreadable too, as a schema version newer than this
+        code; the tier out of reach) and a case whose record cannot be read are reported in
+        its `ShardRepair` (`failed`, `unread`), and the others repaired all the same."""
         wanted = set(shards)
+        repairs = {shard_id: ShardRepair(shard_id) for shard_id in wanted}
         active: dict[str, list[str]] = {shard_id: [] for shard_id in wanted}
         for case_id in await cold.record_ids():
             shard = shard_of(case_id)
@@ -638,20 +660,24 @@ class RunTracker:
                 continue
             try:
                 record = await self._store.get_fresh(case_id)
-            except UNREADABLE as error:
-                log.warning("case %s not looked at: its record is unreadable: %s", case_id, error)
+            except StateError as error:
+                # Corrupt, a section offloaded and lost (WorkflowNotFound), out of reach.
+                repairs[shard].unread[case_id] = f"{type(error).__name__}: {error}"
                 continue
             # Archive records (`<case>~archive~...`) and other threads hold no `run`.
             if record is not None and RUN_SECTION in record.sections and has_work(record):
                 active[shard].append(case_id)
-        return [
-            await self._repair_shard(shard, sorted(active[shard]), cold) for shard in sorted(wanted)
-        ]
+        for shard in sorted(wanted):
+            try:
+                await self._repair_shard(repairs[shard], sorted(active[shard]), cold)
+            except (StateError, RunIndexBusy) as error:
+                repairs[shard].failed = f"{type(error).__name__}: {error}"
+        return [repairs[shard] for shard in sorted(wanted)]
 
     async def _repair_shard(
-        self, shard: str, cases: list[str], cold: ColdStateStore
-    ) -> ShardRepair:
-        repair = ShardRepair(shard)
+        self, repair: ShardRepair, cases: list[str], cold: ColdStateStore
+    ) -> None:
+        shard = repair.shard
         while True:
             try:
                 record = await self._store.get_fresh(shard)
@@ -677,12 +703,13 @@ class RunTracker:
                 except VersionConflict:
                     continue  # repaired (or written) meanwhile: read it again
                 repair.indexed = cases
-                return repair
-            missing = [case_id for case_id in cases if case_id not in present]
-            for case_id in missing:
-                await self._index(case_id)
-            repair.indexed += missing
-            return repair
+                return
+            repair.merged = repair.damaged is not None
+            for case_id in cases:
+                if case_id not in present:
+                    await self._index(case_id)
+                    repair.indexed.append(case_id)
+            return
 
     async def _reads_as_shard(self, stored: WorkflowRecord) -> bool:
         """Whether a shard's record as the cold store holds it (`_repair_shard`) reads."""
@@ -717,6 +744,8 @@ class RunTracker:
             return await self._add_to_index(case_id)
         except (VersionConflict, StateTooLarge) as error:
             raise RunIndexBusy(f"the run index is busy ({type(error).__name__}); retry") from error
+        except UNREADABLE as error:
+            raise RunIndexDamaged(shard_of(case_id), error) from error
 
     async def _add_to_index(self, case_id: str) -> str:
         """Returns when the case's entry was indexed."""

@@ -9,6 +9,7 @@ errors, and counts round trips and request charge for the benchmark and the O(1)
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -135,13 +136,27 @@ class CosmosConnection:
             return
         parts = urllib.parse.urlsplit(endpoint)
         host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        loop = asyncio.get_running_loop()
         try:
-            _, writer = await asyncio.open_connection(host, port)
-        except ConnectionRefusedError as exc:
-            raise BackendUnavailable("cosmos", f"connection refused by {host}:{port}") from exc
+            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
             return
-        writer.close()
+        # Each address in turn, as `open_connection` tries them: but one refusing them all
+        # (`localhost`: ::1 and 127.0.0.1) raises its plain "Multiple exceptions" OSError.
+        refused: ConnectionRefusedError | None = None
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, address)
+                except ConnectionRefusedError as exc:
+                    refused = exc
+                    continue
+                except OSError:
+                    pass  # unreachable, reset, ...: tells nothing
+                return
+        if refused is not None:
+            raise BackendUnavailable("cosmos", f"connection refused by {host}:{port}") from refused
 
     @property
     def operation_timeout_seconds(self) -> float:

@@ -13,20 +13,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from support.cosmos import drop_container
 from typer.testing import CliRunner
 
+from agent_state_cli import run_index as run_index_cli
 from agent_state_cli.cli import app
-from state.errors import BackendUnavailable, UnsupportedSchemaVersion
+from state import Backends, TieredStateStore
+from state.errors import BackendUnavailable, UnsupportedSchemaVersion, WorkflowNotFound
 from state.size import COMPRESSED_KEY
+from support_cases.api import create_app
 from support_cases.maintenance import run_tick
 from support_cases.models import CaseStatus
-from support_cases.runs import INDEX_IDS, shard_of
+from support_cases.runs import INDEX_IDS, RunTracker, shard_of
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 
+from .apps import submission
 from .test_timer import case_in_shard, quiet_meters, stale_case
 
 DAMAGES: dict[str, Any] = {
@@ -56,6 +61,35 @@ async def own_store(
 
 def settings_of(env: dict[str, str]) -> AppSettings:
     return AppSettings.model_validate({name.lower(): value for name, value in env.items()})
+
+
+def staged(
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[Backends, str, Callable[[str], Any]], Any],
+) -> None:
+    """The repair command's own cold store reads a thread through `fault(backends,
+    thread_id, real_get)` (in the command's event loop, on its own connections)."""
+    real_open = run_index_cli.open_backends
+
+    async def open_backends(settings: AppSettings) -> Backends:
+        backends = await real_open(settings)
+        real_get = backends.cold.get
+
+        async def get(thread_id: str) -> Any:
+            return await fault(backends, thread_id, real_get)
+
+        monkeypatch.setattr(backends.cold, "get", get)
+        return backends
+
+    monkeypatch.setattr(run_index_cli, "open_backends", open_backends)
+
+
+async def damage(runtime: Runtime, shard: str) -> None:
+    listed = await runtime.backends.cold.get(shard)
+    assert listed is not None
+    await runtime.backends.cold.update_section(
+        shard, "cases", DAMAGES["wrong shape"], expected_version=listed.version, agent_id="t"
+    )
 
 
 def repair(env: dict[str, str], *shards: str) -> str:
@@ -262,6 +296,172 @@ async def test_a_shard_out_of_reach_is_not_learnt_undamaged(
         assert shard in tick.failed and tick.damaged == []
         monkeypatch.setattr(store, "get_fresh", real_get_fresh)
         assert (await runtime.service.health()).damaged_index_shards == [shard]
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_requests_needing_a_damaged_shard_answer_503_naming_the_repair(
+    own_store: dict[str, str], issue_token: Callable[..., str]
+) -> None:
+    """A submit, a follow-up, a review decision and a resume of a case in a damaged shard
+    each need the case indexed: each answers 503 with Retry-After, naming the repair (not a
+    bare 500), writing nothing; once repaired, the decision goes through."""
+    headers = {"Authorization": f"Bearer {issue_token()}"}
+    # Not the submitter: a case's submitter does not review it.
+    reviewer = {"Authorization": f"Bearer {issue_token('damaged-reviewer')}"}
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://f.test") as http:
+            reviewed = case_in_shard("damaged-review", INDEX_IDS[1])
+            body = submission(reviewed, amount=750.0).model_dump(mode="json")
+            created = await http.post("/api/cases", json=body, headers=headers)
+            assert created.json()["status"] == "awaiting_review", created.text
+            stalled = case_in_shard("damaged-stalled", INDEX_IDS[1])
+            await stale_case(runtime, stalled)
+            shard = shard_of(reviewed)
+            cold = runtime.backends.cold
+            listed = await cold.get(shard)
+            assert listed is not None
+            await cold.update_section(
+                shard,
+                "cases",
+                DAMAGES["wrong shape"],
+                expected_version=listed.version,
+                agent_id="t",
+            )
+            before = {case_id: await cold.get(case_id) for case_id in (reviewed, stalled)}
+
+            new_case = case_in_shard("damaged-new", INDEX_IDS[1])
+            answers = {
+                "submit": await http.post(
+                    "/api/cases",
+                    json=submission(new_case).model_dump(mode="json"),
+                    headers=headers,
+                ),
+                "follow-up": await http.post(
+                    f"/api/cases/{reviewed}/messages",
+                    json={"text": "any news?", "strategy": "enqueue"},
+                    headers=headers,
+                ),
+                "decision": await http.post(
+                    f"/api/cases/{reviewed}/review", json={"decision": "approve"}, headers=reviewer
+                ),
+                "resume": await http.post(f"/api/cases/{stalled}/resume", headers=headers),
+            }
+            for request, answer in answers.items():
+                assert answer.status_code == 503, (request, answer.text)
+                assert answer.headers.get("Retry-After"), request
+                said = answer.json()["error"]
+                assert f"case index ({shard}) is damaged" in said, (request, said)
+                assert "agent-state run-index repair" in said, (request, said)
+            assert await cold.get(new_case) is None, "created without its index entry"
+            for case_id, record in before.items():
+                after = await cold.get(case_id)
+                assert after is not None and record is not None
+                assert after.version == record.version, f"{case_id} written"
+
+            await asyncio.to_thread(repair, own_store, shard)
+            decided = await http.post(
+                f"/api/cases/{reviewed}/review", json={"decision": "approve"}, headers=reviewer
+            )
+            assert decided.status_code in (200, 202), decided.text
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_the_repair_command_says_a_shard_rebuilt_meanwhile_was_merged_into(
+    own_store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of the test above, through the command: it did not rebuild the shard, so it
+    says it merged into another repair's rebuild, not that it rebuilt it."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        stalled = case_in_shard("repair-said", INDEX_IDS[4])
+        await stale_case(runtime, stalled)
+        shard = shard_of(stalled)
+        await damage(runtime, shard)
+        submitted = case_in_shard("repair-said-submitted", shard)
+        reads = 0
+
+        async def race(backends: Backends, thread_id: str, real_get: Callable[[str], Any]) -> Any:
+            nonlocal reads
+            if thread_id == shard:
+                reads += 1
+                if reads == 2:
+                    other = RunTracker(
+                        TieredStateStore.from_backends(backends),
+                        backends.retention,
+                        settings_of(own_store),
+                    )
+                    await other.repair_index(backends.cold, [shard])
+                    await other.register(submitted)
+            return await real_get(thread_id)
+
+        staged(monkeypatch, race)
+        printed = await asyncio.to_thread(repair, own_store, shard)
+        assert reads >= 2, "the race was not staged"
+        assert "rebuilt with" not in printed, printed
+        assert f"{shard}: damaged (CorruptState" in printed, printed
+        assert "rebuilt meanwhile by another repair, merged into" in printed, printed
+        tracker = runtime.service._tracker
+        assert set(await tracker.active_cases()) >= {stalled, submitted}
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_the_repair_goes_on_past_a_failing_shard_or_case_and_exits_1(
+    own_store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard of a newer schema, a shard out of reach mid-run and a case whose record
+    cannot be read (an offloaded section lost) each fail alone: the command repairs the
+    other shards and cases, says what failed for each, and exits 1."""
+    runtime = await Runtime.open(settings_of(own_store))
+    try:
+        newer = case_in_shard("repair-go-newer", INDEX_IDS[2])
+        unreached = case_in_shard("repair-go-unreached", INDEX_IDS[3])
+        repaired = case_in_shard("repair-go-repaired", INDEX_IDS[5])
+        lost = case_in_shard("repair-go-lost", INDEX_IDS[5])
+        for case_id in (newer, unreached, repaired, lost):
+            await stale_case(runtime, case_id)
+        for case_id in (newer, unreached, repaired):
+            await damage(runtime, shard_of(case_id))
+        async with await psycopg.AsyncConnection.connect(
+            own_store["POSTGRES_URL"], autocommit=True
+        ) as conn:
+            await conn.execute(
+                "UPDATE workflow_records SET schema_version = 99 WHERE thread_id = %s",
+                (shard_of(newer),),
+            )
+
+        async def faults(backends: Backends, thread_id: str, real_get: Callable[[str], Any]) -> Any:
+            if thread_id == shard_of(unreached):
+                raise BackendUnavailable("postgres", "no answer (test)")
+            if thread_id == lost:
+                raise WorkflowNotFound(lost)  # its offloaded section lost
+            return await real_get(thread_id)
+
+        staged(monkeypatch, faults)
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, ["run-index", "repair"], env=own_store
+        )
+        said = result.output
+        assert result.exit_code == 1, said
+        assert f"{shard_of(newer)}: not repaired: UnsupportedSchemaVersion" in said, said
+        assert "Upgrade the application" in said, said
+        assert f"{shard_of(unreached)}: not repaired: BackendUnavailable" in said, said
+        assert f"case {lost} not looked at" in said and "WorkflowNotFound" in said, said
+        assert f"{shard_of(repaired)}: damaged (CorruptState" in said, said
+        assert f"rebuilt with 1 cases: {repaired}" in said, said
+        assert f"{INDEX_IDS[7]}: readable; 0 missing cases indexed" in said, said
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == [shard_of(newer), shard_of(unreached)]
     finally:
         await runtime.service.wait_idle()
         await runtime.close()

@@ -8,15 +8,20 @@ of a load balancer wait. Each tier sits behind a `LoopbackProxy` the test blackh
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 
 from devstack import CosmosEmulator, free_port
-from state import HEALTH_PROBE_SECONDS
+from state import HEALTH_PROBE_SECONDS, BackendUnavailable
+from state.cold.cosmos_client import CosmosConnection
 from state.factory import open_backends
 from state.settings import Settings
 from support_cases.settings import AppSettings
@@ -127,3 +132,47 @@ async def test_a_stopped_cosmos_is_reported_as_refusing_connections_not_as_silen
             await backends.close()
     finally:
         cosmos.stop()
+
+
+@pytest.mark.parametrize("listening", [(), ("127.0.0.2",)])
+async def test_a_cosmos_host_of_several_addresses_is_refusing_only_when_each_refuses(
+    env_for: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch, listening: tuple[str]
+) -> None:
+    """A name of several addresses (`localhost`: ::1 and 127.0.0.1) that all refuse made
+    asyncio's connect raise a plain "Multiple exceptions" OSError, read as telling nothing:
+    the stopped server was reported silent again. Here the name resolves to 127.0.0.1 and
+    127.0.0.2 on a port nothing else listens on; with one of them listening, it accepts."""
+    port = free_port()
+    name = "cosmos-several.test"
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for variable in list(os.environ):
+        if variable.lower().endswith("_proxy"):  # the check is made on direct connections
+            monkeypatch.delenv(variable)
+    values = {key.lower(): value for key, value in env_for("cosmos").items()}
+    values["cosmos_endpoint"] = f"https://{name}:{port}/"
+    connection = CosmosConnection(Settings.model_validate(values).cosmos)
+    servers = [
+        await asyncio.start_server(lambda _, writer: writer.close(), address, port)
+        for address in listening
+    ]
+    try:
+        if listening:
+            await connection.accepting()
+        else:
+            with pytest.raises(BackendUnavailable, match=f"connection refused by {name}:{port}"):
+                await connection.accepting()
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        await connection.close()
