@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -63,6 +64,17 @@ def settings_of(env: dict[str, str]) -> AppSettings:
     return AppSettings.model_validate({name.lower(): value for name, value in env.items()})
 
 
+@asynccontextmanager
+async def opened(env: dict[str, str]) -> AsyncIterator[Runtime]:
+    """The app's runtime on `env`'s stores, closed once its runs are idle."""
+    runtime = await Runtime.open(settings_of(env))
+    try:
+        yield runtime
+    finally:
+        await runtime.service.wait_idle()
+        await runtime.close()
+
+
 def staged(
     monkeypatch: pytest.MonkeyPatch,
     fault: Callable[[Backends, str, Callable[[str], Any]], Any],
@@ -106,8 +118,7 @@ def repair(env: dict[str, str], *shards: str) -> str:
 async def test_a_damaged_shard_pauses_retention_until_the_repair_command_rebuilds_it(
     own_store: dict[str, str], damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         stalled = case_in_shard("repair-stalled", INDEX_IDS[3])
         at_rest = case_in_shard("repair-rest", INDEX_IDS[3])
         elsewhere = case_in_shard("repair-other", INDEX_IDS[5])
@@ -150,9 +161,6 @@ async def test_a_damaged_shard_pauses_retention_until_the_repair_command_rebuild
         assert second.swept is not None, "retention still paused"
         await runtime.service.wait_idle()
         assert (await runtime.service.status(stalled)).status is CaseStatus.COMPLETED
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -161,8 +169,7 @@ async def test_a_shard_of_a_newer_schema_is_reported_damaged_and_not_rewritten(
 ) -> None:
     """Written by newer code (an app downgraded): no tick reads it, and the repair refuses
     to overwrite it, saying to upgrade the app instead."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         stalled = case_in_shard("repair-newer", INDEX_IDS[2])
         await stale_case(runtime, stalled)
         shard = shard_of(stalled)
@@ -184,9 +191,6 @@ async def test_a_shard_of_a_newer_schema_is_reported_damaged_and_not_rewritten(
         assert result.exit_code == 1 and "Upgrade the application" in result.output
         with pytest.raises(UnsupportedSchemaVersion):
             await runtime.backends.cold.get(shard)  # left as it was
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres", "cosmos"], indirect=True)
@@ -196,8 +200,7 @@ async def test_a_shard_another_repair_rebuilt_meanwhile_is_merged_into_not_overw
     """Two repairs at once (two operators, or one run again): the one that found the shard
     damaged, then reads its version after the other rebuilt it and a submit indexed a case
     there, must not overwrite that case's entry with its own list."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         stalled = case_in_shard("repair-race", INDEX_IDS[4])
         await stale_case(runtime, stalled)
         shard = shard_of(stalled)
@@ -227,9 +230,6 @@ async def test_a_shard_another_repair_rebuilt_meanwhile_is_merged_into_not_overw
         await tracker.repair_index(cold, [shard])
         assert reads >= 2, "the race was not staged"
         assert set(await tracker.active_cases()) >= {stalled, submitted}
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -239,8 +239,7 @@ async def test_every_shard_of_a_newer_schema_is_reported_damaged_not_a_tier_down
     """An app downgraded after newer code wrote every shard: no shard reads, yet the tier is
     up; the tick says the shards are damaged (with the repair's hint), not that the index
     is out of reach."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         for shard in INDEX_IDS:
             await runtime.store.create(shard, {"cases": {}}, agent_id="test")
         async with await psycopg.AsyncConnection.connect(
@@ -257,9 +256,6 @@ async def test_every_shard_of_a_newer_schema_is_reported_damaged_not_a_tier_down
         logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert any("run index shards damaged" in line for line in logged), logged
         assert (await runtime.service.health()).damaged_index_shards == list(INDEX_IDS)
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -268,8 +264,7 @@ async def test_a_shard_out_of_reach_is_not_learnt_undamaged(
 ) -> None:
     """A damaged shard whose read fails for another reason (a timeout) is unknown, not
     repaired: neither health's own look nor a tick's makes health drop it for a minute."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         stalled = case_in_shard("repair-reach", INDEX_IDS[6])
         await stale_case(runtime, stalled)
         shard = shard_of(stalled)
@@ -296,9 +291,6 @@ async def test_a_shard_out_of_reach_is_not_learnt_undamaged(
         assert shard in tick.failed and tick.damaged == []
         monkeypatch.setattr(store, "get_fresh", real_get_fresh)
         assert (await runtime.service.health()).damaged_index_shards == [shard]
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -311,8 +303,7 @@ async def test_requests_needing_a_damaged_shard_answer_503_naming_the_repair(
     headers = {"Authorization": f"Bearer {issue_token()}"}
     # Not the submitter: a case's submitter does not review it.
     reviewer = {"Authorization": f"Bearer {issue_token('damaged-reviewer')}"}
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://f.test") as http:
             reviewed = case_in_shard("damaged-review", INDEX_IDS[1])
@@ -368,9 +359,6 @@ async def test_requests_needing_a_damaged_shard_answer_503_naming_the_repair(
                 f"/api/cases/{reviewed}/review", json={"decision": "approve"}, headers=reviewer
             )
             assert decided.status_code in (200, 202), decided.text
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -379,8 +367,7 @@ async def test_the_repair_command_says_a_shard_rebuilt_meanwhile_was_merged_into
 ) -> None:
     """The race of the test above, through the command: it did not rebuild the shard, so it
     says it merged into another repair's rebuild, not that it rebuilt it."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         stalled = case_in_shard("repair-said", INDEX_IDS[4])
         await stale_case(runtime, stalled)
         shard = shard_of(stalled)
@@ -410,9 +397,6 @@ async def test_the_repair_command_says_a_shard_rebuilt_meanwhile_was_merged_into
         assert "rebuilt meanwhile by another repair, merged into" in printed, printed
         tracker = runtime.service._tracker
         assert set(await tracker.active_cases()) >= {stalled, submitted}
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
 
 
 @pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
@@ -422,8 +406,7 @@ async def test_the_repair_goes_on_past_a_failing_shard_or_case_and_exits_1(
     """A shard of a newer schema, a shard out of reach mid-run and a case whose record
     cannot be read (an offloaded section lost) each fail alone: the command repairs the
     other shards and cases, says what failed for each, and exits 1."""
-    runtime = await Runtime.open(settings_of(own_store))
-    try:
+    async with opened(own_store) as runtime:
         newer = case_in_shard("repair-go-newer", INDEX_IDS[2])
         unreached = case_in_shard("repair-go-unreached", INDEX_IDS[3])
         repaired = case_in_shard("repair-go-repaired", INDEX_IDS[5])
@@ -462,6 +445,3 @@ async def test_the_repair_goes_on_past_a_failing_shard_or_case_and_exits_1(
         assert f"{INDEX_IDS[7]}: readable; 0 missing cases indexed" in said, said
         tick = await run_tick(runtime.service, meters=quiet_meters())
         assert tick.damaged == [shard_of(newer), shard_of(unreached)]
-    finally:
-        await runtime.service.wait_idle()
-        await runtime.close()
