@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .errors import LogEntryLost, RequestRejected
+from .errors import CorruptState, LogEntryLost, RequestRejected
 
 JSON = Any  # a JSON-compatible value
 
@@ -43,16 +43,25 @@ class WorkflowRecord:
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> WorkflowRecord:
-        """From a stored document already upcast to the current schema (any cold backend)."""
-        return cls(
-            thread_id=document["thread_id"],
-            version=int(document["version"]),
-            sections=document["sections"],
-            schema_version=int(document["schema_version"]),
-            created_at=document["created_at"],
-            updated_at=document["updated_at"],
-            fence=int(document.get("fence", 0)),
-        )
+        """From a stored document already upcast to the current schema (any cold backend).
+        `CorruptState` for one that is not a record's shape (a field missing or of the wrong
+        type, as written by hand), so callers that skip or report a damaged record see it."""
+        try:
+            sections = document["sections"]
+            if not isinstance(sections, dict):
+                raise TypeError(f"sections is {type(sections).__name__}, not an object")
+            return cls(
+                thread_id=document["thread_id"],
+                version=int(document["version"]),
+                sections=sections,
+                schema_version=int(document["schema_version"]),
+                created_at=document["created_at"],
+                updated_at=document["updated_at"],
+                fence=int(document.get("fence", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            name = document.get("thread_id", "?") if isinstance(document, dict) else "?"
+            raise CorruptState(f"workflow record {name!r} is damaged: {exc!r}") from exc
 
 
 # `AuditEntry.section` of the entry a create writes: version 1, before None,

@@ -445,3 +445,28 @@ async def test_the_repair_goes_on_past_a_failing_shard_or_case_and_exits_1(
         assert f"{INDEX_IDS[7]}: readable; 0 missing cases indexed" in said, said
         tick = await run_tick(runtime.service, meters=quiet_meters())
         assert tick.damaged == [shard_of(newer), shard_of(unreached)]
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_a_shard_damaged_past_its_sections_is_reported_alone_and_the_others_resumed(
+    own_store: dict[str, str],
+) -> None:
+    """A shard whose stored document is not a record's shape (its sections not an object,
+    as written by hand) is one damaged shard: the tick still resumes the other shards'
+    cases, rather than failing its whole listing on an untyped error."""
+    async with opened(own_store) as runtime:
+        elsewhere = case_in_shard("repair-shape-other", INDEX_IDS[5])
+        await stale_case(runtime, elsewhere)
+        shard = INDEX_IDS[3]
+        await runtime.store.create(shard, {"cases": {}}, agent_id="test")
+        async with await psycopg.AsyncConnection.connect(
+            own_store["POSTGRES_URL"], autocommit=True
+        ) as conn:
+            await conn.execute(
+                "UPDATE workflow_records SET sections = '[]'::jsonb WHERE thread_id = %s",
+                (shard,),
+            )
+
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == [shard] and "CorruptState" in tick.failed[shard]
+        assert tick.resumed == [elsewhere]
