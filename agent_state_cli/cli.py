@@ -755,6 +755,21 @@ def _print_tiers(answer: dict[str, Any]) -> None:
         )
     console.print(f"overall: {answer['status']}")
     console.print(table)
+    # What else made the status degraded: shown, not left to `--json`.
+    backlog = answer.get("backlog")
+    if backlog:
+        age = backlog["oldest_age_seconds"]
+        oldest = f", the oldest {age:.1f} s old" if age is not None else ""
+        console.print(
+            f"write-behind backlog: {backlog['entries']} entries on {backlog['threads']}"
+            f" threads{oldest}; {backlog['stuck_threads']} threads stuck"
+        )
+    damaged = answer.get("damaged_index_shards")
+    if damaged:
+        console.print(
+            f"[red]run index shards damaged: {', '.join(damaged)}[/red] (stalled cases there"
+            " are not resumed, nothing is swept: `agent-state run-index repair` rebuilds them)"
+        )
 
 
 # --------------------------------------------------------------------------- conversations
