@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -48,6 +49,28 @@ def cut_tiers(
         proxy.stop()
 
 
+@asynccontextmanager
+async def served(settings: AppSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API as a process starts it (its tiers opened on first use), the
+    tiers it opened closed after."""
+    holder = RuntimeHolder(lambda: settings)
+    transport = httpx.ASGITransport(app=create_app(holder=holder))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
+            yield http
+    finally:
+        await holder.close()
+
+
+async def healthy_again(http: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
+    """The first health answer of 200, once the tier is back (the open goes on meanwhile)."""
+    deadline = Deadline(30)
+    while (answer := await http.get("/api/health", headers=headers)).status_code != 200:
+        deadline.check("the API to open its tiers once Postgres is back")
+        await asyncio.sleep(0.2)
+    return answer
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("down", "status", "code"), [("redis", "degraded", 200), ("postgres", "down", 503)]
@@ -57,34 +80,28 @@ async def test_the_api_starting_with_a_tier_down_answers_health_then_serves_once
 ) -> None:
     settings, proxies = cut_tiers
     proxies[down].cut("reset")
-    holder = RuntimeHolder(lambda: settings)
-    app = create_app(holder=holder)
     headers = bearer(roles=["Cases.Submit", "Cases.Operate"])
-    transport = httpx.ASGITransport(app=app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
-            for _ in range(2):
-                answer = await http.get("/api/health", headers=headers)
-                assert answer.status_code == code, answer.text
-                report = answer.json()
-                assert report["status"] == status
-                assert [t["name"] for t in report["tiers"] if not t["up"]] == [down]
-                anonymous = await http.get("/api/health")
-                assert anonymous.status_code == code
-                assert anonymous.json() == {
-                    "status": status,
-                    "tiers": None,
-                    "backlog": None,
-                    "damaged_index_shards": None,
-                }
-            proxies[down].restore()
+    async with served(settings) as http:
+        for _ in range(2):
             answer = await http.get("/api/health", headers=headers)
-            assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
-            body = submission(f"start-down-{uuid.uuid4().hex[:8]}").model_dump(mode="json")
-            created = await http.post("/api/cases", json=body, headers=headers)
-            assert created.status_code in (200, 201, 202), created.text
-    finally:
-        await holder.close()
+            assert answer.status_code == code, answer.text
+            report = answer.json()
+            assert report["status"] == status
+            assert [t["name"] for t in report["tiers"] if not t["up"]] == [down]
+            anonymous = await http.get("/api/health")
+            assert anonymous.status_code == code
+            assert anonymous.json() == {
+                "status": status,
+                "tiers": None,
+                "backlog": None,
+                "damaged_index_shards": None,
+            }
+        proxies[down].restore()
+        answer = await http.get("/api/health", headers=headers)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+        body = submission(f"start-down-{uuid.uuid4().hex[:8]}").model_dump(mode="json")
+        created = await http.post("/api/cases", json=body, headers=headers)
+        assert created.status_code in (200, 201, 202), created.text
 
 
 @pytest.mark.slow
@@ -97,27 +114,19 @@ async def test_health_of_an_api_starting_with_the_cold_tier_partitioned_answers_
     settings, proxies = cut_tiers
     settings = settings.model_copy(update={"postgres_pool_timeout_seconds": 10.0})
     proxies["postgres"].cut("blackhole")
-    holder = RuntimeHolder(lambda: settings)
     headers = bearer(roles=["Cases.Operate"])
-    transport = httpx.ASGITransport(app=create_app(holder=holder))
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
-            started = time.monotonic()
-            answer = await http.get("/api/health", headers=headers)
-            took = time.monotonic() - started
-            assert took < HEALTH_BOUND_SECONDS, took
-            assert answer.status_code == 503, answer.text
-            [tier] = answer.json()["tiers"]
-            assert (tier["name"], tier["up"]) == ("postgres", False)
-            assert "no answer within 1.5 s" in tier["detail"]
-            proxies["postgres"].restore()
-            deadline = Deadline(30)
-            while (answer := await http.get("/api/health", headers=headers)).status_code != 200:
-                deadline.check("the API to open its tiers once Postgres is back")
-                await asyncio.sleep(0.2)
-            assert answer.json()["status"] == "ok", answer.text
-    finally:
-        await holder.close()
+    async with served(settings) as http:
+        started = time.monotonic()
+        answer = await http.get("/api/health", headers=headers)
+        took = time.monotonic() - started
+        assert took < HEALTH_BOUND_SECONDS, took
+        assert answer.status_code == 503, answer.text
+        [tier] = answer.json()["tiers"]
+        assert (tier["name"], tier["up"]) == ("postgres", False)
+        assert "no answer within 1.5 s" in tier["detail"]
+        proxies["postgres"].restore()
+        answer = await healthy_again(http, headers)
+        assert answer.json()["status"] == "ok", answer.text
 
 
 @pytest.mark.slow
@@ -131,9 +140,7 @@ async def test_health_probes_during_a_partition_at_start_share_one_open_of_the_t
     settings, proxies = cut_tiers
     settings = settings.model_copy(update={"postgres_pool_timeout_seconds": 10.0})
     proxies["postgres"].cut("blackhole")
-    holder = RuntimeHolder(lambda: settings)
     headers = bearer(roles=["Cases.Operate"])
-    transport = httpx.ASGITransport(app=create_app(holder=holder))
 
     def opens() -> int:
         return sum(
@@ -142,20 +149,14 @@ async def test_health_probes_during_a_partition_at_start_share_one_open_of_the_t
             if not task.done() and task.get_coro().__qualname__ == "case_service"  # type: ignore[union-attr]
         )
 
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as http:
-            for _ in range(3):
-                answer = await http.get("/api/health", headers=headers)
-                assert answer.status_code == 503, answer.text
-            assert opens() == 1
-            proxies["postgres"].restore()
-            deadline = Deadline(30)
-            while (answer := await http.get("/api/health", headers=headers)).status_code != 200:
-                deadline.check("the API to open its tiers once Postgres is back")
-                await asyncio.sleep(0.2)
-            assert opens() == 0
-    finally:
-        await holder.close()
+    async with served(settings) as http:
+        for _ in range(3):
+            answer = await http.get("/api/health", headers=headers)
+            assert answer.status_code == 503, answer.text
+        assert opens() == 1
+        proxies["postgres"].restore()
+        await healthy_again(http, headers)
+        assert opens() == 0
 
 
 @pytest.mark.slow
