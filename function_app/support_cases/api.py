@@ -488,6 +488,9 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         description="Support-case workflows (LangGraph agents) over tiered state.",
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
+        # Only an OAuth2 flow in the docs UI needs its redirect page; the API's bearer
+        # scheme does not, and the page (outside /api) answered any token.
+        swagger_ui_oauth2_redirect_url=None,
         redoc_url=None,
         lifespan=lifespan,
         # No redirect of a trailing slash: that answer comes before any token is checked,

@@ -417,6 +417,9 @@ async def test_a_bad_token_is_a_401_before_the_body_limit_is_told(
         # which routes exist, as a 404 of an unknown path does not.
         ("GET", "/api/cases/case_8842/"),
         ("POST", "/api/cases/"),
+        # FastAPI's OAuth2 redirect page for the docs, outside /api (the API's bearer
+        # scheme never uses it): it answered a bad token 200.
+        ("GET", "/docs/oauth2-redirect"),
     ],
 )
 async def test_a_bad_token_is_a_401_where_the_router_answers_without_a_route(
@@ -436,6 +439,15 @@ async def test_a_bad_token_is_a_401_where_the_router_answers_without_a_route(
     # With a valid token the router's own answer, as before.
     answered = await api.request(method, path, headers=callers["owner"])
     assert answered.status_code in (204, 404, 405), answered.text
+
+
+async def test_the_docs_ui_is_public_and_points_at_no_page_outside_the_api(
+    api: httpx.AsyncClient,
+) -> None:
+    page = await api.get("/api/docs")
+    assert page.status_code == 200, page.text
+    assert "/api/openapi.json" in page.text
+    assert "oauth2RedirectUrl" not in page.text
 
 
 @pytest.mark.parametrize("value", ["", "   "])
