@@ -216,10 +216,16 @@ def unwrap_compressed(value: JSON) -> JSON:
     if not is_compressed(value):
         return value
     body = value[COMPRESSED_KEY]
+    if not isinstance(body, dict):
+        raise CorruptState(f"compressed section's envelope is {type(body).__name__}, not an object")
     raw = codec.decompress(str(body.get("codec")), codec.from_text(str(body.get("data", ""))))
     if len(raw) != body.get("bytes"):
         raise CorruptState(f"compressed section holds {len(raw)} bytes, not {body.get('bytes')}")
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        # Typed, as any other damage: a reader reports this record, not a bare crash.
+        raise CorruptState(f"compressed section does not hold JSON: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- archive

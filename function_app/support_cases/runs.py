@@ -200,10 +200,17 @@ def listed(record: WorkflowRecord) -> dict[str, str]:
 
 
 def has_work(record: WorkflowRecord) -> bool:
-    """Whether the case belongs in the run index: a run running, stalled, paused or queued."""
-    runs = runs_of(record)
-    run = record.sections.get(RUN_SECTION) or {}
-    return bool(queued(runs) or current_run(runs) or run.get("status") not in AT_REST)
+    """Whether the case belongs in the run index: a run running, stalled, paused or queued.
+    `CorruptState` for a record whose runs are not of a case's shape (written by hand): a
+    caller reports that one case, not an untyped error ending its whole pass."""
+    try:
+        runs = runs_of(record)
+        run = record.sections.get(RUN_SECTION) or {}
+        return bool(queued(runs) or current_run(runs) or run.get("status") not in AT_REST)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptState(
+            f"{record.thread_id}: its runs are not of a case's shape: {exc!r}"
+        ) from exc
 
 
 @dataclass
@@ -660,13 +667,12 @@ class RunTracker:
                 continue
             try:
                 record = await self._store.get_fresh(case_id)
+                # Archive records (`<case>~archive~...`) and other threads hold no `run`.
+                if record is not None and RUN_SECTION in record.sections and has_work(record):
+                    active[shard].append(case_id)
             except StateError as error:
                 # Corrupt, a section offloaded and lost (WorkflowNotFound), out of reach.
                 repairs[shard].unread[case_id] = f"{type(error).__name__}: {error}"
-                continue
-            # Archive records (`<case>~archive~...`) and other threads hold no `run`.
-            if record is not None and RUN_SECTION in record.sections and has_work(record):
-                active[shard].append(case_id)
         for shard in sorted(wanted):
             try:
                 await self._repair_shard(repairs[shard], sorted(active[shard]), cold)

@@ -8,8 +8,10 @@ of their store), on both backends.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -470,3 +472,74 @@ async def test_a_shard_damaged_past_its_sections_is_reported_alone_and_the_other
         tick = await run_tick(runtime.service, meters=quiet_meters())
         assert tick.damaged == [shard] and "CorruptState" in tick.failed[shard]
         assert tick.resumed == [elsewhere]
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_a_shard_whose_compressed_cases_are_not_json_is_damaged_and_repaired(
+    own_store: dict[str, str],
+) -> None:
+    """A compressed section that decompresses, to the length it claims, into bytes that are
+    not JSON: as damaged as one that does not decompress (CorruptState), so the tick
+    reports that shard alone and resumes the others, health names it, and the repair
+    rebuilds it; not a bare JSONDecodeError failing the whole listing."""
+    async with opened(own_store) as runtime:
+        stalled = case_in_shard("repair-json", INDEX_IDS[3])
+        elsewhere = case_in_shard("repair-json-other", INDEX_IDS[5])
+        for case_id in (stalled, elsewhere):
+            await stale_case(runtime, case_id)
+        shard = shard_of(stalled)
+        listed = await runtime.backends.cold.get(shard)
+        assert listed is not None
+        raw = b"not json"
+        envelope = {
+            COMPRESSED_KEY: {
+                "codec": "zlib",
+                "bytes": len(raw),
+                "data": base64.b64encode(zlib.compress(raw)).decode(),
+            }
+        }
+        await runtime.backends.cold.update_section(
+            shard, "cases", envelope, expected_version=listed.version, agent_id="t"
+        )
+
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == [shard] and "CorruptState" in tick.failed[shard], tick
+        assert tick.resumed == [elsewhere]
+        health = await runtime.service.health()
+        assert health.status == "degraded" and health.damaged_index_shards == [shard]
+
+        printed = await asyncio.to_thread(repair, own_store, "3")
+        assert f"{shard}: damaged (CorruptState" in printed, printed
+        assert f"rebuilt with 1 cases: {stalled}" in printed, printed
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_a_case_record_not_of_a_case_shape_is_reported_and_the_shard_still_rebuilt(
+    own_store: dict[str, str],
+) -> None:
+    """A case record whose runs are not a list of runs (written by hand): one case the
+    repair could not read, said with why, and its shard rebuilt from the other cases; not
+    an untyped error ending the command before any shard is repaired."""
+    async with opened(own_store) as runtime:
+        stalled = case_in_shard("repair-case-shape", INDEX_IDS[3])
+        mangled = case_in_shard("repair-case-mangled", INDEX_IDS[3])
+        for case_id in (stalled, mangled):
+            await stale_case(runtime, case_id)
+        record = await runtime.backends.cold.get(mangled)
+        assert record is not None
+        await runtime.backends.cold.update_section(
+            mangled, "runs", ["not a run"], expected_version=record.version, agent_id="t"
+        )
+        await damage(runtime, shard_of(stalled))
+
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, ["run-index", "repair", "3"], env=own_store
+        )
+        said = result.output
+        # Exit 1 said by the command (typer.Exit), not an exception escaping it.
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (
+            said,
+            result.exception,
+        )
+        assert f"case {mangled} not looked at" in said and "CorruptState" in said, said
+        assert f"rebuilt with 1 cases: {stalled}" in said, said
