@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
 from state import HEALTH_PROBE_SECONDS, BackendUnavailable, VersionConflict
-from state.errors import NoAnswer
+from state.errors import NoAnswer, SettingsError
 
 from .auth import (
     ALL_ROLES,
@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api"
 # Answered without a token: up/down for the availability test, and the API's description.
+# The body limit while the settings cannot be read (every route then answers 503).
+DEFAULT_BODY_LIMIT: int = AppSettings.model_fields["case_max_body_bytes"].default
 PUBLIC_PATHS = frozenset(
     {f"{API_PREFIX}/health", f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/docs"}
 )
@@ -506,11 +508,15 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     install_error_handlers(app, routes=[*app.routes, *router.routes])
     install_auth_errors(app)
     settings = runtime.settings if runtime else None
-    app.add_middleware(
-        BodySizeLimit,
-        max_bytes=lambda: (settings or holder.settings()).case_max_body_bytes,
-        refused_first=token_refusal,
-    )
+
+    def body_limit() -> int:
+        try:
+            return (settings or holder.settings()).case_max_body_bytes
+        except SettingsError:
+            # The route answers 503 naming the problem; a crash here would be a bare 500.
+            return DEFAULT_BODY_LIMIT
+
+    app.add_middleware(BodySizeLimit, max_bytes=body_limit, refused_first=token_refusal)
     # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
     # Added last, so it runs first: the token check sees the path the router will.

@@ -1,0 +1,57 @@
+"""An API whose settings cannot be read answers 503 naming the problem (the operator's to
+fix), never a bare 500: requests with bodies too, whose size limit is itself a setting."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from state.errors import SettingsError
+from support_cases.api import create_app
+from support_cases.runtime import RuntimeHolder
+from support_cases.settings import AppSettings
+
+PROBLEM = "COSMOS_ENDPOINT is not a URL"
+
+
+def unreadable_settings() -> AppSettings:
+    raise SettingsError(PROBLEM)
+
+
+@pytest.mark.parametrize("token", [None, "Bearer not-even-a-jwt"])
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/health", None),
+        ("POST", "/api/cases", b'{"case_id": "case_8842"}'),
+        ("POST", "/api/cases/case_8842/review", b'{"decision": "approve"}'),
+        ("GET", "/api/cases/case_8842", None),
+    ],
+)
+async def test_every_request_is_a_503_naming_the_setting(
+    token: str | None, method: str, path: str, body: bytes | None
+) -> None:
+    app = create_app(holder=RuntimeHolder(unreadable_settings))
+    headers = {"content-type": "application/json"} | ({"authorization": token} if token else {})
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answer = await client.request(method, path, content=body, headers=headers)
+    assert answer.status_code == 503, answer.text
+    assert PROBLEM in answer.json()["error"]
+
+
+async def test_a_body_over_the_default_limit_is_still_refused_without_reading_on() -> None:
+    """The limit falls back to its default: no caller can be authenticated, so the size is
+    all there is to tell (a token's 503 comes first, as a bad token's 401 would)."""
+    app = create_app(holder=RuntimeHolder(unreadable_settings))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        oversized = b"x" * (2 * 1024 * 1024)
+        refused = await client.post("/api/cases", content=oversized)
+        assert refused.status_code == 413, refused.text
+        assert "larger than 262144 bytes" in refused.json()["error"]
+        with_token = await client.post(
+            "/api/cases", content=oversized, headers={"authorization": "Bearer x"}
+        )
+        assert with_token.status_code == 503, with_token.text
+        assert PROBLEM in with_token.json()["error"]
