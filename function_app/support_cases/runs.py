@@ -240,6 +240,7 @@ class RunTracker:
         self._stale_after = timedelta(seconds=settings.case_stale_after_seconds)
         # Health's answer of which shards are damaged, and when it was had (monotonic).
         self._damaged_known: tuple[float, list[str]] | None = None
+        self._damaged_reading: asyncio.Future[list[str]] | None = None
 
     async def mark(
         self,
@@ -627,7 +628,16 @@ class RunTracker:
         known = self._damaged_known
         if known is not None and time.monotonic() - known[0] < DAMAGED_SHARDS_MAX_AGE_SECONDS:
             return list(known[1])
+        # One set of reads at a time: probes arriving while they are slow (and those whose
+        # wait for them ran out) join them rather than piling eight more on the cold tier.
+        reading = self._damaged_reading
+        if reading is None or reading.done():
+            reading = asyncio.ensure_future(self._read_damaged_shards())
+            reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._damaged_reading = reading
+        return list(await asyncio.shield(reading))
 
+    async def _read_damaged_shards(self) -> list[str]:
         async def damaged(shard_id: str) -> bool | None:
             try:
                 record = await self._store.get_fresh(shard_id)
