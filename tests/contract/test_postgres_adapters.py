@@ -519,7 +519,9 @@ CROWDED_TABLES = (
 )
 
 
-@pytest.fixture(scope="module")
+# Session-scoped, not module: under pytest-xdist a worker runs other modules' tests between
+# these, and each switch tore a module fixture down (the crowd built 3 times in a CI run).
+@pytest.fixture(scope="session")
 def crowd_database(stack_env: dict[str, str]) -> Iterator[str]:
     """A database of the crowd's own on the session server (dropped whole afterwards)."""
     server_url = stack_env["POSTGRES_URL"]
@@ -535,7 +537,7 @@ def crowd_database(stack_env: dict[str, str]) -> Iterator[str]:
             )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def crowded(
     crowd_database: str, make_settings: Callable[..., Settings]
 ) -> AsyncIterator[PostgresConnection]:
@@ -1285,17 +1287,25 @@ async def test_a_prune_of_many_threads_at_once_is_not_refused(
     assert [c.checkpoint_id async for c in _list(checkpoints, kept)] == [first]
 
 
+class FewLocksPostgres(PostgresServer):
+    """Started with the smallest lock table Postgres allows (max_locks_per_transaction 10,
+    not 64): set on the command line, not by ALTER SYSTEM and a restart."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "-c", "max_locks_per_transaction=10"]
+
+
 @pytest.fixture
 async def few_locks_pg(tmp_path: Path) -> AsyncIterator[PostgresConnection]:
-    """A server of its own with the smallest lock table Postgres allows
-    (max_locks_per_transaction 10, not 64): a transaction locking every thread overflows it
-    with a fifth of the threads the session server needs (each a row to write and delete)."""
-    server = PostgresServer(port=free_port(), workdir=tmp_path / "postgres")
+    """A server of its own with the smallest lock table: a transaction locking every thread
+    overflows it with a fifth of the threads the session server needs (each a row to write
+    and delete)."""
+    server = FewLocksPostgres(port=free_port(), workdir=tmp_path / "postgres")
     await asyncio.to_thread(server.start)
     with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute("ALTER SYSTEM SET max_locks_per_transaction = 10")
-    await asyncio.to_thread(server.stop)
-    await asyncio.to_thread(server.start)
+        # The setting the test relies on, checked: a server on the default would pass.
+        locks = admin.execute("SHOW max_locks_per_transaction").fetchone()
+        assert locks == ("10",), locks
     pg = PostgresConnection(
         Settings(state_cold_backend="postgres", postgres_url=server.url).postgres
     )

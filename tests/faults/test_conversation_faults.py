@@ -2,10 +2,11 @@
 `tests.step_pause`'s paused one) on one stack, SIGKILLed by their own pid.
 
 - Workers SIGKILLed while runs are queued: a case's run is in progress in worker A
-  while follow-ups queue behind it (posted to A and to a second worker B); A and B
-  are SIGKILLed with the runs still queued. A fresh API process takes one more
-  follow-up, and the timer's tick (`run_tick`, what the deployed timer function runs,
-  from a runtime opened after the kill) resumes the stalled run and then its queue.
+  while follow-ups queue behind it (posted to A and to a second worker B: the last
+  round's fresh process, which never served this case); A and B are SIGKILLed with the
+  runs still queued. A fresh API process takes one more follow-up, and the timer's tick
+  (`run_tick`, what the deployed timer function runs, from a runtime opened after the
+  kill) resumes the stalled run and then its queue.
   Every follow-up must run once, in arrival order: its run is in the runs list once,
   completed, and its text is once among the conversation's customer messages. Three
   kill moments per backend: the case's first run held in a step, a follow-up's run held
@@ -208,17 +209,27 @@ async def until_completed(client: Client, case_id: str, log: Path) -> None:
 
 
 async def kill_with_runs_queued(
-    moment: str, env: dict[str, str], logs: Path, case_id: str, rng: random.Random
+    moment: str,
+    env: dict[str, str],
+    logs: Path,
+    case_id: str,
+    rng: random.Random,
+    spare: tuple[ApiProcess, Path] | None,
 ) -> list[str]:
-    """Drive the case to the kill moment on workers A and B and SIGKILL both; the texts
+    """Drive the case to the kill moment on workers A and B (`spare`, the last round's
+    fresh process and its log, if any: one app start less) and SIGKILL both; the texts
     of the follow-ups accepted, in the order they were posted."""
     pause = f"billing={HOLD}" if moment != KILL_MOMENTS[2] else DRAIN_SLOWLY
     texts: list[str] = []
-    specs = [
-        ({**env, PAUSE_AFTER_ENV: pause}, logs / "a.log", PAUSED_APP),
-        (env, logs / "b.log", None),
+    specs: list[tuple[dict[str, str], Path, str | None]] = [
+        ({**env, PAUSE_AFTER_ENV: pause}, logs / "a.log", PAUSED_APP)
     ]
-    async with started(*specs) as [(a_process, a), (b_process, b)]:
+    b_log = spare[1] if spare else logs / "b.log"
+    if spare is None:
+        specs.append((env, b_log, None))
+    async with started(*specs) as processes:
+        a_process, a = processes[0]
+        b_process, b = spare[0] if spare else processes[1]
         if moment == KILL_MOMENTS[0]:
             # The case's first run, held in its billing step on A.
             assert (await a.post("/api/cases", json=demo_case(case_id))).status_code == 202
@@ -227,7 +238,7 @@ async def kill_with_runs_queued(
         elif moment == KILL_MOMENTS[1]:
             # The case rests (done on B); its first follow-up's run is held in billing on A.
             assert (await b.post("/api/cases", json=demo_case(case_id))).status_code in (201, 202)
-            await until_completed(b, case_id, logs / "b.log")
+            await until_completed(b, case_id, b_log)
             texts.append(follow_up_text(case_id, 1, money=True))
             held = await post(a, case_id, texts[-1])
             await wait_for_event(b, case_id, "node_started", held, "billing_agent", logs / "a.log")
@@ -247,27 +258,28 @@ async def kill_with_runs_queued(
 
 async def resume_by_the_timer(
     timer: Runtime,
-    env: dict[str, str],
-    logs: Path,
+    fresh: Client,
     case_id: str,
     texts: list[str],
     tally: QueuedTally,
 ) -> list[dict[str, Any]]:
     """A fresh API process takes one more follow-up; the timer (on a runtime opened after
     the kill) ticks until the case's runs all ended; the runs as the fresh process reports."""
-    async with started((env, logs / "c.log", None)) as [(_, fresh)]:
-        texts.append(follow_up_text(case_id, len(texts) + 1))
-        await post(fresh, case_id, texts[-1])
-        deadline = Deadline(90)
-        while True:
-            runs = await runs_of(fresh, case_id)
-            if not any(r["status"] in ("queued", "running") for r in runs):
-                return runs
-            deadline.check(f"the runs of {case_id} to end (now {runs})")
-            await run_tick(timer.service)
-            tally.ticks += 1
-            await timer.service.wait_idle()
-            await asyncio.sleep(0.5)
+    texts.append(follow_up_text(case_id, len(texts) + 1))
+    await post(fresh, case_id, texts[-1])
+    deadline = Deadline(90)
+    # Ticks half a second apart; the runs are looked at as soon as a tick's work is done.
+    pause = 0.0
+    while True:
+        runs = await runs_of(fresh, case_id)
+        if not any(r["status"] in ("queued", "running") for r in runs):
+            return runs
+        deadline.check(f"the runs of {case_id} to end (now {runs})")
+        await asyncio.sleep(pause)
+        await run_tick(timer.service)
+        tally.ticks += 1
+        await timer.service.wait_idle()
+        pause = 0.5
 
 
 async def check_each_ran_once_in_order(
@@ -312,17 +324,22 @@ async def test_workers_killed_while_runs_are_queued(
 ) -> None:
     rng = random.Random(f"{SEED}-{backend}")
     tally = QueuedTally()
-    async with own_cold_store(backend, env_for, request) as env:
+    spare: tuple[ApiProcess, Path] | None = None
+    async with own_cold_store(backend, env_for, request) as env, AsyncExitStack() as fresh:
         for number, moment in enumerate(KILL_MOMENTS):
             case_id = f"queued-{backend}-{number}-{uuid.uuid4().hex[:8]}"
             logs = tmp_path / f"round-{number}"
             logs.mkdir()
-            texts = await kill_with_runs_queued(moment, env, logs, case_id, rng)
+            texts = await kill_with_runs_queued(moment, env, logs, case_id, rng, spare)
             async with open_runtime(settings_of(env)) as timer:
                 at_kill = (await timer.runtime.service.runs(case_id)).runs
                 tally.queued_at_kill += sum(r.status is RunStatus.QUEUED for r in at_kill)
                 tally.running_at_kill += sum(r.status is RunStatus.RUNNING for r in at_kill)
-                runs = await resume_by_the_timer(timer.runtime, env, logs, case_id, texts, tally)
+                # The fresh process, started after the kill: B of the next round (stopped
+                # with the stack if not killed).
+                c_log = logs / "c.log"
+                spare = (await fresh.enter_async_context(api_process(env, c_log)), c_log)
+                runs = await resume_by_the_timer(timer.runtime, spare[0][1], case_id, texts, tally)
                 await check_each_ran_once_in_order(timer.runtime, case_id, texts, runs, tally)
             tally.rounds += 1
             tally.follow_ups += len(texts)
