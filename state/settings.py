@@ -247,13 +247,65 @@ def _check_postgres_url(url: SecretStr) -> None:
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        conninfo_to_dict(url.get_secret_value())
+        options = conninfo_to_dict(url.get_secret_value())
     except ProgrammingError:
         raise SettingsError(
             "POSTGRES_URL is not a valid connection string (a URL, or key=value pairs; "
             "in a URL, a `%` or `@` in the password is written %25 or %40). Its text is "
             "not repeated here: it may hold the password"
         ) from None
+    # libpq refuses these values only when connecting: the pool would log that on every
+    # try and the start fail as "postgres unavailable" once its timeout ran out.
+    refused = _postgres_options_libpq_refuses(options)
+    if refused:
+        name = refused[0]
+        raise SettingsError(
+            f"POSTGRES_URL's {name} is not a value libpq accepts ({_POSTGRES_OPTION_HINTS[name]}; "
+            "in a URL, a `/` in the password is written %2F). The value is not repeated "
+            "here: a password cut short may have become it"
+        )
+
+
+_POSTGRES_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    ),
+    "gssencmode": ("disable", "prefer", "require"),
+}  # fmt: skip
+_POSTGRES_INTEGERS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+_POSTGRES_OPTION_HINTS = {
+    "port": "a number 1-65535, one per host",
+    **{name: "one of " + ", ".join(choices) for name, choices in _POSTGRES_CHOICES.items()},
+    **{name: "a whole number" for name in _POSTGRES_INTEGERS},
+}
+
+
+def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
+    refused = []
+    ports = str(options.get("port") or "")
+    if ports and not all(
+        not port or (port.isdigit() and 0 < int(port) < 65536) for port in ports.split(",")
+    ):
+        refused.append("port")
+    refused += [
+        name
+        for name, choices in _POSTGRES_CHOICES.items()
+        if name in options and options[name] not in choices
+    ]
+    refused += [
+        name
+        for name in _POSTGRES_INTEGERS
+        if name in options and not str(options[name]).strip().lstrip("+-").isdigit()
+    ]
+    return refused
 
 
 def _check_cosmos_endpoint(endpoint: str) -> None:

@@ -175,6 +175,49 @@ async def test_a_malformed_connection_url_is_refused_without_its_password(
     assert variable in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("postgresql://app@db.example/agentstate?sslmode=bogus", "sslmode"),
+        ("postgresql://app@db.example:54o2/agentstate", "port"),
+        ("postgresql://app@db.example:99999/agentstate", "port"),
+        ("host=db.example port=5432,x dbname=agentstate", "port"),
+        ("postgresql://app@db.example/agentstate?connect_timeout=ten", "connect_timeout"),
+        ("postgresql://app@db.example/agentstate?target_session_attrs=primary-ish", "target"),
+        # A `/` in the password ends the host part: what follows reads as the port.
+        ("postgresql://app:hunter2/x@db.example/agentstate", "port"),
+    ],
+)
+def test_a_postgres_url_option_libpq_would_refuse_is_refused_at_start(
+    url: str, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq refuses such a value only when connecting: the pool then logs it on every try
+    and the start fails as "postgres unavailable" once its timeout ran out."""
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv("POSTGRES_URL", url)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value).startswith("POSTGRES_URL"), refused.value
+    assert named in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "bogus" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app@db.example/agentstate?sslmode=verify-full&connect_timeout=10",
+        "postgresql://app@db1.example:5432,db2.example:5433/agentstate"
+        "?target_session_attrs=read-write",
+        "host=db.example port=5432 dbname=agentstate sslmode=require",
+        "postgresql:///agentstate?host=/var/run/postgresql",
+    ],
+)
+def test_a_valid_postgres_url_passes(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv("POSTGRES_URL", url)
+    assert Settings().postgres.url is not None
+
+
 def test_a_malformed_cosmos_key_is_refused_without_repeating_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
