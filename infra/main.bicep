@@ -66,6 +66,9 @@ param stateColdTtlSeconds int = 2592000
 @minValue(1)
 param stateHotTtlSeconds int = 86400
 
+@description('CORS_ALLOWED_ORIGINS: origins (comma-separated, e.g. https://portal.contoso.com) whose browser pages may call the API; empty: none.')
+param corsAllowedOrigins string = ''
+
 @description('Python version of the Functions worker.')
 @allowed([
   '3.11'
@@ -359,6 +362,7 @@ module functionApp 'modules/function-app.bicep' = {
     postgresUser: usePostgres ? postgres.outputs.user : ''
     stateHotTtlSeconds: stateHotTtlSeconds
     stateColdTtlSeconds: stateColdTtl
+    corsAllowedOrigins: corsAllowedOrigins
     virtualNetworkSubnetId: vnetEnabled ? network.outputs.appSubnetId : ''
     authClientId: apiRegistration.outputs.clientId
   }

@@ -33,6 +33,7 @@ from .auth import (
     token_refusal,
 )
 from .body_limit import BodySizeLimit
+from .cors import BrowserOrigins
 from .encoded_slash import KeepEncodedSlashes
 from .events import sse_frame
 from .http_errors import install_error_handlers
@@ -519,6 +520,8 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
     app.add_middleware(BodySizeLimit, max_bytes=body_limit, refused_first=token_refusal)
     # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
-    # Added last, so it runs first: the token check sees the path the router will.
+    # Before the token check: it sees the path the router will.
     app.add_middleware(KeepEncodedSlashes)
+    # Added last, so it runs first: a browser's preflight carries no token.
+    app.add_middleware(BrowserOrigins, settings=settings_source)
     return app

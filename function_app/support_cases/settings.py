@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from urllib.parse import urlparse
+from typing import Annotated, Any
+from urllib.parse import urlparse, urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from state import Settings, SettingsError
 
@@ -65,10 +67,29 @@ class AppSettings(Settings):
     auth_issuer: str | None = None
     auth_jwks_url: str | None = None
 
+    # Origins (`https://portal.example.com`, comma-separated; `*` for any) whose browser
+    # pages may call the API. Empty: none (no CORS headers).
+    cors_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
     # Telemetry: exported to Application Insights only when set.
     applicationinsights_connection_string: SecretStr | None = None
     applicationinsights_authentication_string: str | None = None
     otel_service_name: str = "support-cases"
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(origin.strip() for origin in value.split(",") if origin.strip())
+        for origin in value:
+            if origin != "*" and not _is_origin(origin):
+                # A browser sends its origin exactly so (no path, no trailing slash): one
+                # written otherwise would never match, and every call be refused.
+                raise SettingsError(
+                    f"CORS_ALLOWED_ORIGINS: {origin!r} is not an origin "
+                    "(scheme://host[:port], e.g. https://portal.example.com)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _check_auth_in_azure(self) -> AppSettings:
@@ -105,3 +126,17 @@ class AppSettings(Settings):
 @lru_cache(maxsize=1)
 def get_app_settings() -> AppSettings:
     return AppSettings()
+
+
+def _is_origin(text: str) -> bool:
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (parsed on access)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("https", "http")
+        and bool(parts.hostname)
+        and f"{parts.scheme}://{parts.netloc}" == text
+        and "@" not in parts.netloc
+    )

@@ -91,6 +91,9 @@ param stateHotTtlSeconds int = 86400
 @maxValue(2147483647)
 param stateColdTtlSeconds int = -1
 
+@description('CORS_ALLOWED_ORIGINS: origins whose browser pages may call the API (the app answers CORS itself: the platform\'s CORS stays unset so the two never both answer).')
+param corsAllowedOrigins string = ''
+
 @description('AUTH_AUDIENCE: client id of the API app registration (api-registration.bicep).')
 param authClientId string
 
@@ -226,6 +229,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_MAX_EVENT_STREAMS: '100'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'
       CASE_DEFAULT_STRATEGY: 'enqueue'
+      CORS_ALLOWED_ORIGINS: corsAllowedOrigins
       // Callers: Entra ID tokens for the API's app registration, checked by the app.
       // Never AUTH_DISABLED in Azure (the app refuses it); issuer and keys are Entra's.
       AUTH_DISABLED: 'false'

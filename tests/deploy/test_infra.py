@@ -1208,6 +1208,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         "string(stateColdTtlSeconds)": "-1",
         "tenant().tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
         "authClientId": "22222222-2222-2222-2222-222222222222",
+        "corsAllowedOrigins": "https://portal.contoso.com,https://support.contoso.com",
     }
     settings_values = app_settings_resource(infra_files()).get("properties") or {}
     for name in app_setting_names():
