@@ -279,6 +279,25 @@ class ColdStateStore(RecordStore, Protocol):
         """Every thread holding a workflow record (archive records included): a query across
         every thread, for operator commands (a repair), never for a request's path."""
 
+    async def stored_version(self, thread_id: str) -> int | None:
+        """The version of the thread's record as stored, its sections not read (a record
+        `get` refuses as `CorruptState` has one too); None if there is none. For an
+        operator's repair (`replace_damaged`). Raises `UnsupportedSchemaVersion` for a
+        record written by newer code: what it holds is not this code's to overwrite."""
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        """Replace the whole record's sections, whatever is stored there (an object or not),
+        if it is still at `expected_version` (`stored_version`), for an operator's repair of
+        a record `get` cannot read: a change meanwhile (another repair) is kept.
+
+        Raises `VersionConflict`, `WorkflowNotFound`, `UnsupportedSchemaVersion` (written by
+        newer code meanwhile) or `StateTooLarge`, having written nothing. On success the
+        record is at `expected_version + 1`, its fence kept, and an `AuditEntry` for that
+        version (section `CREATED_SECTION`) holds the stored sections before and after.
+        """
+
     async def health(self) -> TierHealth: ...
 
     async def close(self) -> None: ...

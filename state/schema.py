@@ -41,11 +41,16 @@ def upcaster(kind: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     return register
 
 
+def check_readable(kind: str, version: int) -> None:
+    """`UnsupportedSchemaVersion` if a `kind` document at `version` is newer than this code."""
+    if version > CURRENT[kind]:
+        raise UnsupportedSchemaVersion(kind, version, CURRENT[kind])
+
+
 def upcast(kind: str, document: Document) -> Document:
     version = int(document.get("schema_version", 1))
     current = CURRENT[kind]
-    if version > current:
-        raise UnsupportedSchemaVersion(kind, version, current)
+    check_readable(kind, version)
     while version < current:
         document = _UPCASTERS[(kind, version)](dict(document))
         version += 1

@@ -89,6 +89,7 @@ from .errors import (
     RequestRejected,
     StaleFencingToken,
     StateTooLarge,
+    UnsupportedSchemaVersion,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -319,6 +320,28 @@ class CacheAsideStore:
             raise
         await self._install(record, intent=intent, written=True)
         return record
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        """The cold store's `replace_damaged` under a write intent, then install."""
+        with _span("replace_damaged", thread_id=thread_id):
+            intent = await self._begin_write(thread_id)
+            try:
+                record = await self._cold.replace_damaged(
+                    thread_id, sections, expected_version=expected_version, agent_id=agent_id
+                )
+            except (VersionConflict, WorkflowNotFound):
+                # Not re-installed from cold, as `_under_intent` does: what cold holds may
+                # be what `get` refuses still. A hot copy goes; the next read fills it.
+                await self._abandon_write(intent)
+                await self._invalidate(thread_id)
+                raise
+            except (UnsupportedSchemaVersion, StateTooLarge, RequestRejected):
+                await self._abandon_write(intent)  # refused before anything was written
+                raise
+            await self._install(record, intent=intent, written=True)
+            return record
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` as the layer above stored them."""
@@ -714,6 +737,21 @@ class TieredStateStore(SizedStateStore):
     @property
     def stats(self) -> CacheStats:
         return self.cache.stats
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        """For an operator's repair of a record `get` refuses (`CorruptState`): its sections
+        replaced whole if still at `expected_version` (the cold store's `stored_version`),
+        as `ColdStateStore.replace_damaged` says, stored bounded as `create` stores them; the
+        hot copy follows."""
+        with attributed("state.replace_damaged"):
+            stored, actions = await self.size.shrink(thread_id, sections)
+            self._stored_size("replace_damaged", actions.after.total)
+            record = await self.cache.replace_damaged(
+                thread_id, stored, expected_version=expected_version, agent_id=agent_id
+            )
+            return await self._expand(record)
 
     async def lock(self, name: str, *, ttl_ms: int | None = None) -> Lock:
         return await self.cache.lock(name, ttl_ms=ttl_ms)

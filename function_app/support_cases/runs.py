@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import time
@@ -664,7 +663,8 @@ class RunTracker:
         by the index's own versioned write, and keeps the others (a submit's entry may
         precede its record). Idempotent, and safe while workers run: none of them can
         write a damaged shard, and every write here is versioned. `cold`: the store below
-        `self._store`, whose record reads give a damaged shard's version without decoding it.
+        `self._store`, which lists every record and gives a damaged shard's version without
+        decoding it (`stored_version`).
         A shard that fails (its version unreadable too, as a schema version newer than this
         code; the tier out of reach) and a case whose record cannot be read are reported in
         its `ShardRepair` (`failed`, `unread`), and the others repaired all the same."""
@@ -700,24 +700,27 @@ class RunTracker:
                 present = listed(record) if record is not None else {}
             except UNREADABLE as error:
                 repair.damaged = f"{type(error).__name__}: {error}"
-                stored = await cold.get(shard)
-                if stored is None:
+                # Its version, then a second look: a shard another repair rebuilt in between
+                # reads now, and one still damaged was so at that version or was written
+                # since, which the write below, conditioned on the version, refuses.
+                version = await cold.stored_version(shard)
+                if version is None:
                     continue  # deleted meanwhile: created below, on the next pass
-                if await self._reads_as_shard(stored):
+                if await self._reads_as_shard(shard):
                     # Repaired (by another repair) and written since it was read: the write
-                    # below, conditioned on this version, would drop what was indexed since.
+                    # below would drop what was indexed since.
                     continue
                 now = utcnow().isoformat()
                 try:
-                    await self._store.update_section(
+                    # Its sections replaced whole: they may not even be an object.
+                    await self._store.replace_damaged(
                         shard,
-                        "cases",
-                        dict.fromkeys(cases, now),
+                        {"cases": dict.fromkeys(cases, now)},
                         agent_id=RUNNER_ID,
-                        expected_version=stored.version,
+                        expected_version=version,
                     )
-                except VersionConflict:
-                    continue  # repaired (or written) meanwhile: read it again
+                except (VersionConflict, WorkflowNotFound):
+                    continue  # repaired (or written, or deleted) meanwhile: read it again
                 repair.indexed = cases
                 return
             repair.merged = repair.damaged is not None
@@ -727,11 +730,12 @@ class RunTracker:
                     repair.indexed.append(case_id)
             return
 
-    async def _reads_as_shard(self, stored: WorkflowRecord) -> bool:
-        """Whether a shard's record as the cold store holds it (`_repair_shard`) reads."""
+    async def _reads_as_shard(self, shard: str) -> bool:
+        """Whether the shard's record reads (or there is none) on the cold tier now."""
         try:
-            sections = await self._store.size.expand(stored.sections, fetch_archived=False)
-            listed(dataclasses.replace(stored, sections=sections))
+            record = await self._store.get_fresh(shard)
+            if record is not None:
+                listed(record)
         except UNREADABLE:
             return False
         return True

@@ -40,6 +40,7 @@ from typing import Any
 from azure.core.exceptions import AzureError
 
 from ..errors import (
+    CorruptState,
     InvalidValue,
     StaleFencingToken,
     StateError,
@@ -59,7 +60,7 @@ from ..ports import (
     check_distinct,
     timed_probe,
 )
-from ..schema import CURRENT, upcast
+from ..schema import CURRENT, check_readable, upcast
 from .cosmos_client import CosmosConnection
 from .cosmos_io import (
     BATCH_OPERATIONS,
@@ -243,6 +244,9 @@ class CosmosStateStore:
                 raise StaleFencingToken(thread_id, fencing_token, fence)
             fence = fencing_token
 
+        if not isinstance(current["sections"], dict):
+            # Stored by hand as something else: only `replace_damaged` writes over it.
+            raise CorruptState(f"workflow record {thread_id!r} is damaged: sections not an object")
         now = _now()
         sections = dict(current["sections"])
         entries = []
@@ -279,22 +283,82 @@ class CosmosStateStore:
         }
         sizes = self._check_size(thread_id, *entries, replacement)
         replace = ("replace", (WORKFLOW_ID, replacement), {"if_match_etag": current["_etag"]})
+        return await self._replace(thread_id, entries, replace, sizes, expected_version)
+
+    async def _replace(
+        self,
+        thread_id: str,
+        entries: list[dict[str, Any]],
+        replace: BatchOperation,
+        sizes: list[int],
+        expected_version: int,
+    ) -> WorkflowRecord:
+        """Commit a replace of the record read at `expected_version` (If-Match on its ETag)
+        with its new audit `entries`, the last of which the replacement names."""
+        last_write_id = entries[-1]["write_id"]
         try:
             replaced = await self._commit(thread_id, entries, replace, sizes)
         except BatchRefused as refused:
             self._known.pop(thread_id, None)
             if refused.status == 404:
                 raise WorkflowNotFound(thread_id) from refused
-            now_stored = await self._read_record(thread_id)
-            if now_stored is not None and now_stored.get("last_write_id") == prev_write_id:
+            now_stored = await self._io.read(WORKFLOW_ID, thread_id)
+            if now_stored is not None and now_stored.get("last_write_id") == last_write_id:
                 # The SDK re-sent a batch of ours that had landed (connection lost after
                 # the write); its ETag no longer matched our own change.
-                return WorkflowRecord.from_document(now_stored)
+                return WorkflowRecord.from_document(self._remember(thread_id, now_stored))
             if refused.status not in (409, 412):
                 raise batch_refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from refused
         return WorkflowRecord.from_document(self._remember(thread_id, replaced))
+
+    async def stored_version(self, thread_id: str) -> int | None:
+        # The document as stored: `_read_record` would upcast sections it cannot read.
+        document = await self._io.read(WORKFLOW_ID, thread_id)
+        if document is None:
+            return None
+        check_readable("workflow", int(document.get("schema_version", 1)))
+        return int(document["version"])
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        # Read as stored, its sections untouched (they may be of any shape), and replaced
+        # at its ETag, as `_update` replaces a readable one.
+        current = await self._io.read(WORKFLOW_ID, thread_id)
+        if current is None:
+            self._known.pop(thread_id, None)
+            raise WorkflowNotFound(thread_id)
+        check_readable("workflow", int(current.get("schema_version", 1)))
+        if current["version"] != expected_version:
+            raise VersionConflict(thread_id, expected_version, current["version"])
+        now = _now()
+        write_id = uuid.uuid4().hex
+        entry = self._audit_document(
+            thread_id,
+            version=expected_version + 1,
+            write_id=write_id,
+            prev_write_id=current.get("last_write_id"),
+            agent_id=agent_id,
+            section=CREATED_SECTION,
+            before=current.get("sections"),
+            after=sections,
+            at=now,
+        )
+        if "ttl" in current:
+            entry["ttl"] = current["ttl"]  # as `_update` keeps a held thread's ledger
+        replacement = {
+            **_without_system_properties(current),
+            "schema_version": CURRENT["workflow"],
+            "version": expected_version + 1,
+            "sections": sections,
+            "updated_at": now,
+            "last_write_id": write_id,
+        }
+        sizes = self._check_size(thread_id, entry, replacement)
+        replace = ("replace", (WORKFLOW_ID, replacement), {"if_match_etag": current["_etag"]})
+        return await self._replace(thread_id, [entry], replace, sizes, expected_version)
 
     # ----------------------------------------------------------------- audit
 

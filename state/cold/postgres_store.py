@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from ..errors import (
     BackendUnavailable,
+    CorruptState,
     StaleFencingToken,
     VersionConflict,
     WorkflowExists,
@@ -34,7 +35,7 @@ from ..ports import (
     check_distinct,
     timed_probe,
 )
-from ..schema import CURRENT, upcast
+from ..schema import CURRENT, check_readable, upcast
 from .postgres_client import PostgresConnection
 
 RECORD_COLUMNS = "thread_id, version, sections, schema_version, fence, created_at, updated_at"
@@ -80,6 +81,7 @@ WITH previous AS (
       AND r.version = %(expected_version)s
       AND r.schema_version = %(read_schema_version)s
       AND r.fence <= COALESCE(%(fence)s::bigint, r.fence)
+      AND jsonb_typeof(r.sections) = 'object'
     RETURNING r.thread_id, r.version, r.sections, r.schema_version, r.fence,
               r.created_at, r.updated_at, previous.before
 ), audited AS (
@@ -112,6 +114,7 @@ WITH changes AS (
       AND r.version = %(expected_version)s
       AND r.schema_version = %(schema_version)s
       AND r.fence <= COALESCE(%(fence)s::bigint, r.fence)
+      AND jsonb_typeof(r.sections) = 'object'
     RETURNING {RECORD_COLUMNS}
 ), audited AS (
     INSERT INTO state_audit_log
@@ -124,6 +127,36 @@ WITH changes AS (
 )
 SELECT {RECORD_COLUMNS} FROM updated
 """
+
+# The whole sections replaced, whatever they hold (a repair of a record `get` refuses),
+# under the same version check as a section's update; the fence stays as it is.
+REPLACE_DAMAGED_SQL = f"""
+WITH previous AS (
+    SELECT sections AS before FROM workflow_records WHERE thread_id = %(thread_id)s
+), updated AS (
+    UPDATE workflow_records AS r
+    SET sections = %(sections)s,
+        schema_version = %(schema_version)s,
+        version = r.version + 1,
+        updated_at = now()
+    FROM previous
+    WHERE r.thread_id = %(thread_id)s
+      AND r.version = %(expected_version)s
+      AND r.schema_version <= %(schema_version)s
+    RETURNING r.thread_id, r.version, r.sections, r.schema_version, r.fence,
+              r.created_at, r.updated_at, previous.before
+), audited AS (
+    INSERT INTO state_audit_log
+        (thread_id, version, agent_id, section, before, after, at, schema_version, caller)
+    SELECT u.thread_id, u.version, %(agent_id)s, %(created_section)s,
+           COALESCE(u.before, 'null'::jsonb), u.sections,
+           u.updated_at, %(audit_schema_version)s, %(caller)s::jsonb
+    FROM updated AS u
+)
+SELECT {RECORD_COLUMNS} FROM updated
+"""
+
+SELECT_VERSION_SQL = "SELECT version, schema_version FROM workflow_records WHERE thread_id = %s"
 
 SELECT_RECORD_SQL = f"SELECT {RECORD_COLUMNS} FROM workflow_records WHERE thread_id = %s"
 
@@ -286,6 +319,43 @@ class PostgresStateStore:
             )
         return record  # `check_distinct` refused an empty list: the loop ran
 
+    async def stored_version(self, thread_id: str) -> int | None:
+        async with self._pg.connection("stored_version") as conn:
+            cursor = await conn.execute(SELECT_VERSION_SQL, (thread_id,))
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        check_readable("workflow", row["schema_version"])
+        return int(row["version"])
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        params: dict[str, Any] = {
+            "thread_id": thread_id,
+            "sections": Jsonb(sections),
+            "expected_version": expected_version,
+            "agent_id": agent_id,
+            "created_section": CREATED_SECTION,
+            "schema_version": CURRENT["workflow"],
+            "audit_schema_version": CURRENT["audit"],
+            "caller": _caller(),
+        }
+        async with self._pg.connection("replace_damaged") as conn:
+            cursor = await conn.execute(REPLACE_DAMAGED_SQL, params)
+            row = await cursor.fetchone()
+            if row is not None:
+                return _record(row)
+            cursor = await conn.execute(SELECT_VERSION_SQL, (thread_id,))
+            current = await cursor.fetchone()
+        if current is None:
+            raise WorkflowNotFound(thread_id)
+        if current["version"] == expected_version:
+            # Written by newer code (the statement's other condition), or changed again
+            # meanwhile (deleted and re-created): a conflict all the same.
+            check_readable("workflow", current["schema_version"])
+        raise VersionConflict(thread_id, expected_version, current["version"])
+
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         if limit <= 0:
             return []
@@ -329,6 +399,10 @@ def _refusal(
         return VersionConflict(thread_id, expected_version, current["version"])
     if fencing_token is not None and fencing_token < current["fence"]:
         return StaleFencingToken(thread_id, fencing_token, current["fence"])
+    if not isinstance(current["sections"], dict):
+        # Stored by hand as something else: a section merged in would keep it so (`||` of
+        # an array); only `replace_damaged` writes over it.
+        return CorruptState(f"workflow record {thread_id!r} is damaged: sections not an object")
     return None
 
 

@@ -21,7 +21,9 @@ import pytest
 from state import schema
 from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore, audit_id
+from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
+    CorruptState,
     InvalidValue,
     RequestRejected,
     StaleFencingToken,
@@ -420,6 +422,81 @@ async def test_records_are_upcast_on_read(
     assert record.schema_version == schema.CURRENT["workflow"]
     updated = await cold.update_section(thread, "x", 1, expected_version=1, agent_id="a")
     assert updated.sections == {"customer_name": "Ada", "x": 1}
+
+
+async def store_sections_as_a_list(cold: ColdStateStore, thread: str) -> None:
+    """Damage written by hand, as stored: the record's sections a list, its version kept."""
+    if isinstance(cold, MemoryColdStore):
+        cold._records[thread]["sections"] = []
+    elif isinstance(cold, PostgresStateStore):
+        async with cold._pg.connection("test") as conn:
+            await conn.execute(
+                "UPDATE workflow_records SET sections = '[]'::jsonb WHERE thread_id = %s",
+                (thread,),
+            )
+    else:
+        assert isinstance(cold, CosmosStateStore)
+        container = await cold._connection.container()
+        record = await container.read_item("wf", partition_key=thread)
+        await container.replace_item("wf", {**record, "sections": []})
+
+
+async def test_a_record_of_no_record_shape_is_replaced_whole_at_its_version(
+    cold: ColdStateStore,
+) -> None:
+    thread = unique_thread()
+    await cold.create(thread, {"cases": {"a": "t0"}}, agent_id="intake")
+    await cold.update_section(
+        thread, "cases", {"a": "t1"}, expected_version=1, agent_id="a", fencing_token=7
+    )
+    await store_sections_as_a_list(cold, thread)
+    with pytest.raises(CorruptState):
+        await cold.get(thread)
+    with pytest.raises(CorruptState):  # a section's update cannot write over it either
+        await cold.update_section(thread, "cases", {}, expected_version=2, agent_id="a")
+    assert await cold.stored_version(thread) == 2
+
+    replaced = await cold.replace_damaged(
+        thread, {"cases": {"b": "t2"}}, expected_version=2, agent_id="repair"
+    )
+    assert (replaced.version, replaced.sections, replaced.fence) == (3, {"cases": {"b": "t2"}}, 7)
+    assert await cold.get(thread) == replaced
+    newest = (await cold.audit_trail(thread))[0]
+    assert (newest.version, newest.section, newest.agent_id) == (3, CREATED_SECTION, "repair")
+    assert (newest.before, newest.after) == ([], {"cases": {"b": "t2"}})
+    assert [e.version for e in await cold.audit_trail(thread)] == [3, 2, 1]
+
+
+async def test_a_damaged_record_replaced_meanwhile_is_not_replaced_again(
+    cold: ColdStateStore,
+) -> None:
+    """Two repairs that read the damaged record's version: one replaces it, the other is
+    refused (a conflict) and writes nothing, whichever comes first."""
+    thread = unique_thread()
+    await cold.create(thread, {"cases": {}}, agent_id="intake")
+    await store_sections_as_a_list(cold, thread)
+    version = await cold.stored_version(thread)
+    assert version == 1
+    results = await asyncio.gather(
+        *(
+            cold.replace_damaged(
+                thread, {"cases": {f"c{n}": "t"}}, expected_version=version, agent_id=f"r{n}"
+            )
+            for n in range(4)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, WorkflowRecord)]
+    losers = [r for r in results if isinstance(r, VersionConflict)]
+    assert len(winners) == 1 and len(losers) == 3, results
+    assert all(loser.actual == 2 for loser in losers)
+    assert await cold.get(thread) == winners[0]
+    assert [e.version for e in await cold.audit_trail(thread)] == [2, 1]
+
+    missing = unique_thread()
+    assert await cold.stored_version(missing) is None
+    with pytest.raises(WorkflowNotFound):
+        await cold.replace_damaged(missing, {}, expected_version=1, agent_id="r")
 
 
 async def test_health_reports_the_tier_up(cold: ColdStateStore, any_backend: str) -> None:

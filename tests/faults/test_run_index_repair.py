@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from support.cosmos import drop_container
+from support.cosmos import drop_container, rewrite_record
 from typer.testing import CliRunner
 
 from agent_state_cli import run_index as run_index_cli
@@ -104,6 +104,17 @@ async def damage(runtime: Runtime, shard: str) -> None:
     await runtime.backends.cold.update_section(
         shard, "cases", DAMAGES["wrong shape"], expected_version=listed.version, agent_id="t"
     )
+
+
+async def unshape(env: dict[str, str], shard: str) -> None:
+    """Store the shard's sections as a list (by hand): no record's shape, on either backend."""
+    if env["STATE_COLD_BACKEND"] == "postgres":
+        async with await psycopg.AsyncConnection.connect(env["POSTGRES_URL"], autocommit=True) as c:
+            await c.execute(
+                "UPDATE workflow_records SET sections = '[]'::jsonb WHERE thread_id = %s", (shard,)
+            )
+    else:
+        await rewrite_record(settings_of(env), shard, sections=[])
 
 
 def repair(env: dict[str, str], *shards: str) -> str:
@@ -543,3 +554,77 @@ async def test_a_case_record_not_of_a_case_shape_is_reported_and_the_shard_still
         )
         assert f"case {mangled} not looked at" in said and "CorruptState" in said, said
         assert f"rebuilt with 1 cases: {stalled}" in said, said
+
+
+@pytest.mark.parametrize("own_store", ["postgres", "cosmos"], indirect=True)
+async def test_a_shard_whose_sections_are_not_an_object_is_rebuilt_by_the_repair_command(
+    own_store: dict[str, str],
+) -> None:
+    """The damage the tick and health report with the repair command to run (a stored
+    document not of a record's shape): the command rebuilds the shard from the case
+    records, so the next tick resumes its case and sweeps again."""
+    async with opened(own_store) as runtime:
+        stalled = case_in_shard("repair-unshaped", INDEX_IDS[3])
+        elsewhere = case_in_shard("repair-unshaped-other", INDEX_IDS[5])
+        for case_id in (stalled, elsewhere):
+            await stale_case(runtime, case_id)
+        shard = shard_of(stalled)
+        await unshape(own_store, shard)
+        tick = await run_tick(runtime.service, meters=quiet_meters())
+        assert tick.damaged == [shard] and "CorruptState" in tick.failed[shard], tick
+
+        printed = await asyncio.to_thread(repair, own_store, shard)
+        assert f"{shard}: damaged (CorruptState" in printed, printed
+        assert f"rebuilt with 1 cases: {stalled}" in printed, printed
+        record = await runtime.store.get(shard)  # through the hot tier too
+        assert record is not None and list(record.sections["cases"]) == [stalled]
+        trail = await runtime.backends.cold.audit_trail(shard, limit=1)
+        assert (trail[0].before, trail[0].version) == ([], record.version)
+
+        second = await run_tick(runtime.service, meters=quiet_meters())
+        assert second.damaged == [] and second.failed == {}, second
+        assert second.resumed == [stalled] and second.swept is not None
+        await runtime.service.wait_idle()
+        assert (await runtime.service.status(stalled)).status is CaseStatus.COMPLETED
+
+
+@pytest.mark.parametrize("own_store", ["postgres", "cosmos"], indirect=True)
+async def test_a_repair_of_an_unshaped_shard_raced_by_another_loses_no_entry(
+    own_store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the repair's last look at the unshaped shard (and its version) and its
+    write, another repair rebuilds the shard and a submit indexes a case there: the
+    repair's write, conditioned on the version it read, is refused, and it merges into
+    the rebuilt shard instead of overwriting the submit's entry."""
+    async with opened(own_store) as runtime:
+        stalled = case_in_shard("repair-unshaped-race", INDEX_IDS[4])
+        await stale_case(runtime, stalled)
+        shard = shard_of(stalled)
+        await unshape(own_store, shard)
+        submitted = case_in_shard("repair-unshaped-submitted", shard)
+        looks = 0
+
+        async def race(backends: Backends, thread_id: str, real_get: Callable[[str], Any]) -> Any:
+            nonlocal looks
+            if thread_id != shard:
+                return await real_get(thread_id)
+            looks += 1
+            try:
+                return await real_get(thread_id)
+            finally:
+                if looks == 2:
+                    # The repair's second look found the shard damaged still (after its
+                    # version read): now, before its write, the other repair and a submit.
+                    other = RunTracker(
+                        TieredStateStore.from_backends(backends),
+                        backends.retention,
+                        settings_of(own_store),
+                    )
+                    await other.repair_index(backends.cold, [shard])
+                    await other.register(submitted)
+
+        staged(monkeypatch, race)
+        printed = await asyncio.to_thread(repair, own_store, shard)
+        assert looks >= 3, f"the race was not staged: {looks} looks"
+        assert "rebuilt meanwhile by another repair, merged into" in printed, printed
+        assert set(await runtime.service._tracker.active_cases()) == {stalled, submitted}

@@ -73,3 +73,15 @@ async def stores_over(
         yield connection, cold, checkpoints
     finally:
         await connection.close()
+
+
+async def rewrite_record(settings: Settings, thread_id: str, **fields: Any) -> None:
+    """Set `fields` of the thread's workflow record as stored (damage written by hand),
+    over a connection of its own."""
+    connection = CosmosConnection(settings.cosmos)
+    try:
+        container = await connection.container()
+        record = await container.read_item("wf", partition_key=thread_id)
+        await container.replace_item("wf", {**record, **fields})
+    finally:
+        await connection.close()

@@ -34,6 +34,7 @@ from state import schema
 from state.checkpoint.flusher import Flusher
 from state.errors import (
     BackendUnavailable,
+    CorruptState,
     InvalidValue,
     LogEntryLost,
     ParentGone,
@@ -301,6 +302,8 @@ class MemoryColdStore(_Tier):
             raise VersionConflict(thread_id, expected_version, current["version"])
         if fencing_token is not None and fencing_token < current["fence"]:
             raise StaleFencingToken(thread_id, fencing_token, current["fence"])
+        if not isinstance(current["sections"], dict):
+            raise CorruptState(f"workflow record {thread_id!r} is damaged: sections not an object")
         after = _copy(value)
         sections = {**current["sections"], section: after}
         version = expected_version + 1
@@ -339,6 +342,8 @@ class MemoryColdStore(_Tier):
             raise VersionConflict(thread_id, expected_version, current["version"])
         if fencing_token is not None and fencing_token < current["fence"]:
             raise StaleFencingToken(thread_id, fencing_token, current["fence"])
+        if not isinstance(current["sections"], dict):
+            raise CorruptState(f"workflow record {thread_id!r} is damaged: sections not an object")
         sections = dict(current["sections"])
         entries = []
         for version, write in enumerate(writes, start=expected_version + 1):
@@ -365,6 +370,42 @@ class MemoryColdStore(_Tier):
         self._fits(f"workflow record {thread_id!r}", document, *entries)
         self._records[thread_id] = document
         self._trails[thread_id].extend(entries)
+        self.last_write[thread_id] = time.time()
+        return WorkflowRecord.from_document(_copy(document))
+
+    async def stored_version(self, thread_id: str) -> int | None:
+        self._call("stored_version")
+        stored = self._records.get(thread_id)
+        if stored is None:
+            return None
+        schema.check_readable("workflow", stored["schema_version"])
+        return int(stored["version"])
+
+    async def replace_damaged(
+        self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
+    ) -> WorkflowRecord:
+        self._call("replace_damaged")
+        stored = self._records.get(thread_id)
+        if stored is None:
+            raise WorkflowNotFound(thread_id)
+        schema.check_readable("workflow", stored["schema_version"])
+        if stored["version"] != expected_version:
+            raise VersionConflict(thread_id, expected_version, stored["version"])
+        after = _copy(sections)
+        version = expected_version + 1
+        document = {
+            **stored,
+            "version": version,
+            "sections": after,
+            "schema_version": schema.CURRENT["workflow"],
+            "updated_at": _now_iso(),
+        }
+        entry = self._audit(
+            thread_id, version, agent_id, CREATED_SECTION, _copy(stored["sections"]), after
+        )
+        self._fits(f"workflow record {thread_id!r}", document, entry)
+        self._records[thread_id] = document
+        self._trails[thread_id].append(entry)
         self.last_write[thread_id] = time.time()
         return WorkflowRecord.from_document(_copy(document))
 
