@@ -177,6 +177,9 @@ class CacheAsideStore:
         # Redis may be up for other processes (a partition), which are served the copies
         # this one could not advance until they are re-installed.
         self._resettler: asyncio.Task[None] | None = None
+        # Releases of locks taken for a caller cancelled meanwhile (the event loop
+        # references its tasks weakly).
+        self._unlocking: set[asyncio.Task[bool]] = set()
 
     # ----------------------------------------------------------------- records
 
@@ -354,8 +357,16 @@ class CacheAsideStore:
         with _span("lock", lock=name):
             if self._hot is None:
                 raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
+            locking = asyncio.ensure_future(
+                self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms)
+            )
             try:
-                held = await self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms)
+                # Shielded: a caller cancelled once the script ran (its reply on the way)
+                # would leave a lock nobody holds the token of, refusing the name its TTL.
+                held = await asyncio.shield(locking)
+            except asyncio.CancelledError:
+                locking.add_done_callback(self._unlock_late)
+                raise
             except BackendUnavailable as exc:
                 self._hot_failed("lock", exc)
                 raise
@@ -363,6 +374,15 @@ class CacheAsideStore:
             if held is None:
                 raise LockNotAcquired(name)
             return held
+
+    def _unlock_late(self, locking: asyncio.Future[Lock | None]) -> None:
+        """Release a lock taken for a caller that was cancelled before it got it."""
+        if locking.cancelled() or locking.exception() is not None:
+            return  # not taken (an unreachable Redis is reported by the next call)
+        if (held := locking.result()) is not None:
+            task = asyncio.ensure_future(self.unlock(held))
+            self._unlocking.add(task)
+            task.add_done_callback(self._unlocking.discard)
 
     async def lock_expires_in(self, name: str) -> float | None:
         """Seconds until the lock's current holder loses it; None if nobody holds it, or

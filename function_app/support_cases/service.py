@@ -922,6 +922,7 @@ class CaseService:
         run's id if known (else the record's current run).
         """
         guard = await self._acquire(case_id)
+        handed_over = False
         try:
             if run_id is None:
                 run_id = ((await self._record(case_id)).sections.get(RUN_SECTION) or {}).get(
@@ -934,15 +935,28 @@ class CaseService:
             )
             graph_input = await prepare(snapshot)
             if still is not None and not created:
-                await self._tracker.mark(
-                    case_id, CaseStatus.RUNNING, fencing_token=guard.fence, still=still
+                marking = asyncio.ensure_future(
+                    self._tracker.mark(
+                        case_id, CaseStatus.RUNNING, fencing_token=guard.fence, still=still
+                    )
                 )
+                try:
+                    await asyncio.shield(marking)
+                except asyncio.CancelledError:
+                    # The caller is gone, its mark maybe written: the run it stands for (a
+                    # decision's) goes on, not left "running" with nobody running it.
+                    self._spawn(
+                        self._drive_once_marked(case_id, marking, graph_input, guard, run_id)
+                    )
+                    handed_over = True
+                    raise
         except CaseError:
             await self._release(case_id, guard)
             await self._take_queue_left(case_id)
             raise
         except BaseException:
-            await self._release(case_id, guard)
+            if not handed_over:
+                await self._release(case_id, guard)
             raise
         marked = created or still is not None
         task = self._spawn(
@@ -954,6 +968,29 @@ class CaseService:
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
         return Outcome(await self.status(case_id), created=created, finished=task.done())
+
+    async def _drive_once_marked(
+        self,
+        case_id: str,
+        marking: asyncio.Future[int],
+        graph_input: GraphInput,
+        guard: RunGuard,
+        run_id: str | None,
+    ) -> None:
+        """Drive the run a cancelled `_launch` was marking running, once the mark is
+        written; the guard is released if the mark is refused or fails."""
+        try:
+            await marking
+        except CaseError:
+            await self._release(case_id, guard)
+            await self._take_queue_left(case_id)
+            return  # refused: nobody is left to tell
+        except BaseException:
+            # Logged here: the request that would have answered with it is gone.
+            log.warning("case %s: a cancelled request's run did not start", case_id, exc_info=True)
+            await self._release(case_id, guard)
+            raise
+        await self._drive(case_id, graph_input, guard, marked=True, run_id=run_id)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)

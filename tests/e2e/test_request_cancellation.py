@@ -1,0 +1,162 @@
+"""Requests cancelled midway (a client that disconnects, an ASGI server cancelling the
+handler), on the real stack for each cold backend: the case they were working on stays
+free for the retry, which gets its answer once.
+
+The cancellation is put where a request is exposed to it, a store call carried out with
+its reply still on the way back: the case's run lock taken in Redis; the case marked
+running in the cold tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from e2e_payloads import duplicate_charges
+
+from state import Lock
+from state.ports import SectionWrite
+from support_cases.runs import RUN_SECTION
+from support_cases.runtime import Runtime
+from support_cases.service import run_lock_name
+from tests.support.effects import provider_calls
+
+# Far below the run lock's TTL (30 s): a lock left behind is still held after this.
+RELEASED_WITHIN_SECONDS = 5.0
+
+
+def escalated(case_id: str) -> dict[str, Any]:
+    return {
+        "case_id": case_id,
+        "customer_id": "cust-escalated",
+        "text": "The hotel charged me twice and I can't log in",
+        "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
+    }
+
+
+async def until_released(runtime: Runtime, name: str) -> None:
+    deadline = time.monotonic() + RELEASED_WITHIN_SECONDS
+    while (left := await runtime.store.lock_expires_in(name)) is not None:
+        assert time.monotonic() < deadline, f"run lock {name!r} still held, {left:.1f} s to go"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_decision_cancelled_as_it_takes_the_run_lock_leaves_the_case_to_its_retry(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    reviewer: dict[str, str],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The review decision is cancelled once Redis took the case's run lock for it, its
+    reply not yet back: the lock is released at once (not held for its TTL, answering the
+    retry 409), and the retried decision resumes the case, which refunds once."""
+    submitted = await client.post("/api/cases", json=escalated(case_id))
+    assert submitted.status_code in (201, 202), submitted.text
+    await runtime.service.wait_idle()
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "awaiting_review", case
+
+    hot = runtime.backends.hot
+    assert hot is not None
+    acquire: Callable[..., Any] = hot.acquire_lock
+    taken, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
+        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+        if name == run_lock_name(case_id) and not taken.is_set():
+            taken.set()
+            await reply.wait()
+        return held
+
+    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    decision = asyncio.ensure_future(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    )
+    await asyncio.wait_for(taken.wait(), 10)
+    decision.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await decision
+    reply.set()
+    monkeypatch.undo()
+
+    await until_released(runtime, run_lock_name(case_id))
+    retried = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
+    assert retried.status_code in (200, 202), retried.text
+    await runtime.service.wait_idle()
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    observed = (
+        case["status"],
+        (case["review"] or {}).get("decision"),
+        len(await provider_calls(runtime, case_id, "refund")),
+        (await client.get("/api/health")).status_code,
+    )
+    assert observed == ("completed", "approve", 1, 200), observed
+
+
+async def test_a_decision_cancelled_once_its_run_is_marked_running_goes_on(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    reviewer: dict[str, str],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The review decision is cancelled once the cold tier has the case marked running for
+    it, the write's reply not yet back: its run goes on with the decision (not the case
+    left "running" with nobody running it, refusing the decision's retry, until the timer
+    finds it stalled and asks for a review again). The case completes, refunded once; the
+    decision sent again is refused, and refunds nothing more."""
+    submitted = await client.post("/api/cases", json=escalated(case_id))
+    assert submitted.status_code in (201, 202), submitted.text
+    await runtime.service.wait_idle()
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "awaiting_review", case
+
+    cold = runtime.backends.cold
+    update_sections: Callable[..., Any] = cold.update_sections
+    written, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(thread_id: str, writes: list[SectionWrite], **kwargs: Any) -> Any:
+        stored = await update_sections(thread_id, writes, **kwargs)
+        marks_running = any(
+            write.section == RUN_SECTION and write.value.get("status") == "running"
+            for write in writes
+        )
+        if thread_id == case_id and marks_running and not written.is_set():
+            written.set()
+            await reply.wait()
+        return stored
+
+    monkeypatch.setattr(cold, "update_sections", reply_held)
+    decision = asyncio.ensure_future(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    )
+    await asyncio.wait_for(written.wait(), 10)
+    decision.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await decision
+    reply.set()
+    await runtime.service.wait_idle()
+    monkeypatch.undo()
+
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    observed = (
+        case["status"],
+        (case["review"] or {}).get("decision"),
+        len(await provider_calls(runtime, case_id, "refund")),
+        await runtime.store.lock_expires_in(run_lock_name(case_id)),
+    )
+    assert observed == ("completed", "approve", 1, None), observed
+    retried = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
+    assert retried.status_code == 409, retried.text
+    await runtime.service.wait_idle()
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
+    assert (await client.get("/api/health")).status_code == 200
