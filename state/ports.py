@@ -695,9 +695,12 @@ class CheckpointStore(Protocol):
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
         checkpoint_id: str | None = None,
+        spared: bool = True,
     ) -> AsyncIterator[StoredCheckpoint]:
         """Newest first, paged from the store (never the whole partition in memory);
-        `checkpoint_id`: that checkpoint only (in each namespace the filters leave)."""
+        `checkpoint_id`: that checkpoint only (in each namespace the filters leave);
+        `spared`: with the checkpoints of deleted runs that `delete_for_runs` kept for a
+        later checkpoint's DeltaChannel history."""
 
     async def delta_history(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, channels: Sequence[str]

@@ -1097,7 +1097,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 yield self._tuple(await self._complete(found))
             return
         # No namespace named: every namespace, as LangGraph's savers do (also for a named
-        # checkpoint, a subgraph's found by its id alone).
+        # checkpoint, a subgraph's found by its id alone). Not the checkpoints of deleted
+        # runs kept only for a later one's DeltaChannel history: deleted to the caller, and
+        # a put going on from one is refused (`ParentGone`).
         async for stored in self.store.list_checkpoints(
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
@@ -1105,6 +1107,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             limit=limit,
             metadata_filter=filter,
             checkpoint_id=checkpoint_id or None,
+            spared=False,
         ):
             yield self._tuple(await self._complete(stored))
 

@@ -547,6 +547,7 @@ class CosmosCheckpointStore:
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
         checkpoint_id: str | None = None,
+        spared: bool = True,
     ) -> AsyncIterator[StoredCheckpoint]:
         if limit is not None and limit <= 0:
             return
@@ -564,6 +565,8 @@ class CosmosCheckpointStore:
         if checkpoint_id is not None:
             where.append("c.checkpoint_id = @id")
             params["@id"] = checkpoint_id
+        if not spared:
+            where.append("NOT IS_DEFINED(c.spared)")
         # Scalars are filtered by the server; null and structured values (whose equality
         # Cosmos SQL does not define like Python's) are compared here.
         local_filter: dict[str, JSON] = {}

@@ -883,6 +883,7 @@ class PostgresCheckpointStore:
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
         checkpoint_id: str | None = None,
+        spared: bool = True,
     ) -> AsyncIterator[StoredCheckpoint]:
         # The sort key is the checkpoint id plus whichever of thread and namespace
         # is not fixed by the filter: unique, so a page resumes exactly after the last row.
@@ -905,6 +906,8 @@ class PostgresCheckpointStore:
         if checkpoint_id is not None:
             conditions.append("checkpoint_id = %s")
             params.append(checkpoint_id)
+        if not spared:
+            conditions.append("NOT spared")
         for key, value in (metadata_filter or {}).items():
             # Equality, as LangGraph's InMemorySaver compares and the Cosmos store does: `@>`
             # would let {} or [x] match any object or array holding them, and None never

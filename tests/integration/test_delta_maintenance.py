@@ -325,3 +325,24 @@ async def test_postgres_two_delete_for_runs_of_one_thread_take_turns(
         left = {runs.index(s.metadata["run_id"]) async for s in graph.aget_state_history(config)}
         assert left == {0, 1, 2, 3}
         assert (await graph.aget_state(config)).values["messages"] == states[3]
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_deleted_run_kept_for_a_later_runs_history_is_not_listed(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """The checkpoints of a deleted run that delete_for_runs keeps for a later run's
+    DeltaChannel history are the deleted run's: the thread's history does not list them
+    (listed, a fork from one was refused with `ParentGone`), and a fork from any checkpoint
+    it lists goes on from that checkpoint's state."""
+    async with open_stack(settings_for(stack_env, backend, redis, mode)) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("spared-listed")
+        runs = await six_runs(graph, config)
+        await opened.saver.adelete_for_runs([runs[3]])
+        listed = [s async for s in graph.aget_state_history(config)]
+        assert {runs.index(s.metadata["run_id"]) for s in listed} == {0, 1, 2, 4, 5}
+        for n, past in enumerate(listed):
+            forked = await graph.aupdate_state(past.config, {"messages": [f"fork {n}"]})
+            state = await graph.aget_state(forked)
+            assert state.values["messages"] == [*past.values["messages"], f"fork {n}"]

@@ -581,7 +581,9 @@ class MemoryCheckpointStore(_Tier):
         limit: int | None,
         metadata_filter: dict[str, JSON] | None,
         checkpoint_id: str | None = None,
+        spared: bool = True,
     ) -> AsyncIterator[StoredCheckpoint]:
+        # `delete_for_runs` here deletes a run whole (spares nothing): `spared` changes nothing.
         self._call("list_checkpoints")
         matching = [
             checkpoint
