@@ -99,6 +99,7 @@ from .ports import (
     acting_for,
 )
 from .settings import ColdBackend, Settings, WriteMode, get_settings
+from .shielding import taken_or_given_back
 from .tiered import TieredStateStore
 
 __all__ = [
@@ -156,4 +157,5 @@ __all__ = [
     "backends_for",
     "get_settings",
     "open_backends",
+    "taken_or_given_back",
 ]

@@ -107,6 +107,7 @@ from .ports import (
     attributed,
 )
 from .settings import Settings
+from .shielding import taken_or_given_back
 from .size import ColdRecordArchive, StateSizeManager
 from .sized import SizedStateStore
 
@@ -357,16 +358,11 @@ class CacheAsideStore:
         with _span("lock", lock=name):
             if self._hot is None:
                 raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
-            locking = asyncio.ensure_future(
-                self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms)
-            )
             try:
-                # Shielded: a caller cancelled once the script ran (its reply on the way)
-                # would leave a lock nobody holds the token of, refusing the name its TTL.
-                held = await asyncio.shield(locking)
-            except asyncio.CancelledError:
-                locking.add_done_callback(self._unlock_late)
-                raise
+                held = await taken_or_given_back(
+                    self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms),
+                    self._unlock_late,
+                )
             except BackendUnavailable as exc:
                 self._hot_failed("lock", exc)
                 raise
@@ -375,11 +371,9 @@ class CacheAsideStore:
                 raise LockNotAcquired(name)
             return held
 
-    def _unlock_late(self, locking: asyncio.Future[Lock | None]) -> None:
+    def _unlock_late(self, held: Lock | None) -> None:
         """Release a lock taken for a caller that was cancelled before it got it."""
-        if locking.cancelled() or locking.exception() is not None:
-            return  # not taken (an unreachable Redis is reported by the next call)
-        if (held := locking.result()) is not None:
+        if held is not None:
             task = asyncio.ensure_future(self.unlock(held))
             self._unlocking.add(task)
             task.add_done_callback(self._unlocking.discard)

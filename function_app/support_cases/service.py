@@ -53,6 +53,7 @@ from state import (
     WorkflowExists,
     WorkflowRecord,
     acting_for,
+    taken_or_given_back,
 )
 
 from .agents import RunContext
@@ -290,6 +291,8 @@ class CaseService:
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        # Releases of run guards under way: kept to their end (see `_let_go`).
+        self._releases: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ use cases
 
@@ -890,10 +893,11 @@ class CaseService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._releases, return_exceptions=True)
 
     async def wait_idle(self) -> None:
         """Wait for runs still going in the background (tests, graceful shutdown)."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._releases, return_exceptions=True)
 
     # ------------------------------------------------------------------ running the graph
 
@@ -1439,6 +1443,12 @@ class CaseService:
         fence by one: each claim gets a fence higher than every earlier holder's."""
         token = uuid.uuid4().hex
         ttl_seconds = self._settings.state_lock_ttl_ms / 1000
+
+        def given_back(claimed: WorkflowRecord) -> None:
+            # Claimed for a caller cancelled meanwhile: released at once, not left to
+            # refuse the case to its retry until the lease ends.
+            self._let_go(case_id, RunGuard(lease_token=token, lease_fence=claimed.fence))
+
         for attempt in range(MAX_ATTEMPTS):
             sent = time.monotonic()
             record = await self._record(case_id)
@@ -1450,13 +1460,16 @@ class CaseService:
                 )
             fence = record.fence + 1
             try:
-                await self._store.update_section(
-                    case_id,
-                    RUN_LEASE_SECTION,
-                    {"token": token, "until": time.time() + ttl_seconds},
-                    agent_id=RUNNER_ID,
-                    expected_version=record.version,
-                    fencing_token=fence,
+                await taken_or_given_back(
+                    self._store.update_section(
+                        case_id,
+                        RUN_LEASE_SECTION,
+                        {"token": token, "until": time.time() + ttl_seconds},
+                        agent_id=RUNNER_ID,
+                        expected_version=record.version,
+                        fencing_token=fence,
+                    ),
+                    given_back,
                 )
             except VersionConflict:
                 if attempt == MAX_ATTEMPTS - 1:
@@ -1467,6 +1480,19 @@ class CaseService:
         raise AssertionError("unreachable")
 
     async def _release(self, case_id: str, guard: RunGuard) -> None:
+        # Shielded: a caller cancelled as it lets go (a refused request whose client left)
+        # would leave the case refused to every other request until the guard expires.
+        await asyncio.shield(self._let_go(case_id, guard))
+
+    def _let_go(self, case_id: str, guard: RunGuard) -> asyncio.Task[None]:
+        """The guard's release, started now and kept to its end: not cancelled with its
+        caller, nor by `close`, which waits for it."""
+        task = asyncio.ensure_future(self._unguard(case_id, guard))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return task
+
+    async def _unguard(self, case_id: str, guard: RunGuard) -> None:
         try:
             if guard.lock is not None:
                 await self._store.unlock(guard.lock)

@@ -58,6 +58,7 @@ from ..ports import (
     WriteBehindLog,
     WritesPut,
 )
+from ..shielding import taken_or_given_back
 
 log = logging.getLogger(__name__)
 
@@ -506,21 +507,10 @@ class Flusher:
         stops at once, but the lock script may run all the same (its reply lost): a lock
         it took is released as soon as it answers, not left to hold the thread's next
         flush up for its TTL."""
-        locking = asyncio.ensure_future(self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms))
-        try:
-            return await asyncio.shield(locking)
-        except asyncio.CancelledError:
-            locking.add_done_callback(lambda done: self._unlock_late(thread_id, done))
-            raise
-
-    def _unlock_late(self, thread_id: str, locking: asyncio.Future[str | None]) -> None:
-        if locking.cancelled():
-            return
-        if (exc := locking.exception()) is not None:
-            log.warning("flush lock of %r not taken: %s", thread_id, exc)
-            return
-        if (token := locking.result()) is not None:
-            _finishing(_unlock(self.log, thread_id, token))
+        return await taken_or_given_back(
+            self.log.lock_thread(thread_id, ttl_ms=self._lock_ttl_ms),
+            lambda token: token is None or _finishing(_unlock(self.log, thread_id, token)),
+        )
 
     @contextlib.asynccontextmanager
     async def _holding(self, thread_id: str, deadline: float) -> AsyncIterator[_Lease]:

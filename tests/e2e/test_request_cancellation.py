@@ -3,8 +3,8 @@ handler), on the real stack for each cold backend: the case they were working on
 free for the retry, which gets its answer once.
 
 The cancellation is put where a request is exposed to it, a store call carried out with
-its reply still on the way back: the case's run lock taken in Redis; the case marked
-running in the cold tier.
+its reply still on the way back: the case's run lock taken in Redis (or, without a hot
+tier, its run lease claimed in the cold tier); the case marked running in the cold tier.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import httpx
 import pytest
 from e2e_payloads import duplicate_charges
 
-from state import Lock
+from state import JSON, Lock
 from state.ports import SectionWrite
+from state.settings import Settings
+from support_cases.api import create_app
+from support_cases.demo import demo_case
 from support_cases.runs import RUN_SECTION
 from support_cases.runtime import Runtime
-from support_cases.service import run_lock_name
+from support_cases.service import RUN_LEASE_SECTION, run_lock_name
 from tests.support.effects import provider_calls
 
 # Far below the run lock's TTL (30 s): a lock left behind is still held after this.
@@ -42,6 +45,21 @@ async def until_released(runtime: Runtime, name: str) -> None:
     deadline = time.monotonic() + RELEASED_WITHIN_SECONDS
     while (left := await runtime.store.lock_expires_in(name)) is not None:
         assert time.monotonic() < deadline, f"run lock {name!r} still held, {left:.1f} s to go"
+        await asyncio.sleep(0.02)
+
+
+async def until_lease_released(runtime: Runtime, case_id: str) -> None:
+    deadline = time.monotonic() + RELEASED_WITHIN_SECONDS
+    while True:
+        record = await runtime.store.get_fresh(case_id)
+        assert record is not None
+        lease = record.sections.get(RUN_LEASE_SECTION) or {}
+        if not lease.get("token") or lease["until"] <= time.time():
+            return
+        left = lease["until"] - time.time()
+        assert time.monotonic() < deadline, (
+            f"run lease of {case_id!r} still held, {left:.1f} s to go"
+        )
         await asyncio.sleep(0.02)
 
 
@@ -160,3 +178,117 @@ async def test_a_decision_cancelled_once_its_run_is_marked_running_goes_on(
     await runtime.service.wait_idle()
     assert len(await provider_calls(runtime, case_id, "refund")) == 1
     assert (await client.get("/api/health")).status_code == 200
+
+
+async def test_a_decision_cancelled_as_it_claims_the_cold_lease_leaves_the_case_to_its_retry(
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    bearer: Callable[..., dict[str, str]],
+    reviewer: dict[str, str],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a hot tier the case's run lease is claimed in its cold record. The review
+    decision is cancelled once the cold tier wrote its claim, the reply not yet back: the
+    lease is given back at once (not held for its TTL, answering the retry 409), and the
+    retried decision resumes the case, which refunds once."""
+    cold_only = await Runtime.open(
+        e2e_settings(runtime.settings.state_cold_backend.value, redis_url=None)
+    )
+    try:
+        transport = httpx.ASGITransport(app=create_app(cold_only))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+        ) as client:
+            submitted = await client.post("/api/cases", json=escalated(case_id))
+            assert submitted.status_code in (201, 202), submitted.text
+            await cold_only.service.wait_idle()
+            case = (await client.get(f"/api/cases/{case_id}")).json()
+            assert case["status"] == "awaiting_review", case
+
+            cold = cold_only.backends.cold
+            update_section: Callable[..., Any] = cold.update_section
+            written, reply = asyncio.Event(), asyncio.Event()
+
+            async def reply_held(thread_id: str, section: str, value: JSON, **kwargs: Any) -> Any:
+                stored = await update_section(thread_id, section, value, **kwargs)
+                claims = section == RUN_LEASE_SECTION and bool(value.get("token"))
+                if thread_id == case_id and claims and not written.is_set():
+                    written.set()
+                    await reply.wait()
+                return stored
+
+            monkeypatch.setattr(cold, "update_section", reply_held)
+            decision = asyncio.ensure_future(
+                client.post(
+                    f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+                )
+            )
+            await asyncio.wait_for(written.wait(), 10)
+            decision.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await decision
+            reply.set()
+            monkeypatch.undo()
+
+            await until_lease_released(cold_only, case_id)
+            retried = await client.post(
+                f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+            )
+            assert retried.status_code in (200, 202), retried.text
+            await cold_only.service.wait_idle()
+            case = (await client.get(f"/api/cases/{case_id}")).json()
+            observed = (
+                case["status"],
+                (case["review"] or {}).get("decision"),
+                len(await provider_calls(cold_only, case_id, "refund")),
+                case["lease_ends_at"],
+            )
+            assert observed == ("completed", "approve", 1, None), observed
+    finally:
+        await cold_only.close()
+
+
+async def test_a_resume_refused_and_cancelled_as_it_lets_go_of_the_run_lock_leaves_it_free(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resume of a completed case takes its run lock, is refused (nothing to resume),
+    and is cancelled as it lets go, its release not yet sent to Redis: the lock is
+    released all the same (not held for its TTL, answering the case's next run 409)."""
+    submitted = await client.post("/api/cases", json=demo_case(case_id))
+    assert submitted.status_code in (201, 202), submitted.text
+    await runtime.service.wait_idle()
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert case["status"] == "completed", case
+
+    hot = runtime.backends.hot
+    assert hot is not None
+    release: Callable[..., Any] = hot.release_lock
+    asked, sent = asyncio.Event(), asyncio.Event()
+
+    async def sent_late(lock: Lock) -> bool:
+        if lock.name == run_lock_name(case_id) and not asked.is_set():
+            asked.set()
+            await sent.wait()
+        released: bool = await release(lock)
+        return released
+
+    monkeypatch.setattr(hot, "release_lock", sent_late)
+    resumed = asyncio.ensure_future(client.post(f"/api/cases/{case_id}/resume"))
+    await asyncio.wait_for(asked.wait(), 10)
+    resumed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await resumed
+    sent.set()
+
+    await until_released(runtime, run_lock_name(case_id))
+    monkeypatch.undo()
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
+    )
+    assert follow_up.status_code in (200, 202), follow_up.text
+    await runtime.service.wait_idle()
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
