@@ -12,6 +12,7 @@ unknown variables are ignored, so both read one environment. Secrets are
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -273,8 +274,9 @@ _POSTGRES_CHOICES = {
     ),
     "gssencmode": ("disable", "prefer", "require"),
 }  # fmt: skip
+# Read by libpq as whole numbers. Not `connect_timeout`: psycopg reads that one itself (as
+# `int(float(value))`, so `2.5` is fine) and connects by polling, where libpq never does.
 _POSTGRES_INTEGERS = (
-    "connect_timeout",
     "keepalives",
     "keepalives_idle",
     "keepalives_interval",
@@ -285,14 +287,28 @@ _POSTGRES_OPTION_HINTS = {
     "port": "a number 1-65535, one per host",
     **{name: "one of " + ", ".join(choices) for name, choices in _POSTGRES_CHOICES.items()},
     **{name: "a whole number" for name in _POSTGRES_INTEGERS},
+    "connect_timeout": "a number of seconds",
 }
+# A whole number as libpq reads one (strtol, then only spaces): spaces around it, a sign,
+# ASCII digits, within a C int.
+_LIBPQ_INTEGER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+[ \t\n\v\f\r]*")
+_C_INT = range(-(2**31), 2**31)
+
+
+def _libpq_integer(text: str) -> int | None:
+    number = int(text) if _LIBPQ_INTEGER.fullmatch(text) else None
+    return number if number is not None and number in _C_INT else None
 
 
 def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import timeout_from_conninfo
+
     refused = []
     ports = str(options.get("port") or "")
     if ports and not all(
-        not port or (port.isdigit() and 0 < int(port) < 65536) for port in ports.split(",")
+        not port or ((number := _libpq_integer(port)) is not None and 0 < number < 65536)
+        for port in ports.split(",")
     ):
         refused.append("port")
     refused += [
@@ -303,8 +319,13 @@ def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
     refused += [
         name
         for name in _POSTGRES_INTEGERS
-        if name in options and not str(options[name]).strip().lstrip("+-").isdigit()
+        if name in options and _libpq_integer(str(options[name])) is None
     ]
+    if "connect_timeout" in options:
+        try:
+            timeout_from_conninfo({"connect_timeout": options["connect_timeout"]})
+        except ProgrammingError:
+            refused.append("connect_timeout")
     return refused
 
 

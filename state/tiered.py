@@ -178,8 +178,11 @@ class CacheAsideStore:
         # Redis may be up for other processes (a partition), which are served the copies
         # this one could not advance until they are re-installed.
         self._resettler: asyncio.Task[None] | None = None
-        # Releases of locks taken for a caller cancelled meanwhile (the event loop
-        # references its tasks weakly).
+        # Lock takes under way (a cancelled caller's among them), then the releases of the
+        # locks taken for cancelled callers (the event loop references its tasks weakly):
+        # `close` waits for both, or a lock taken as the process stops would be held to
+        # its TTL.
+        self._lock_takes: set[asyncio.Future[Lock | None]] = set()
         self._unlocking: set[asyncio.Task[bool]] = set()
 
     # ----------------------------------------------------------------- records
@@ -358,11 +361,14 @@ class CacheAsideStore:
         with _span("lock", lock=name):
             if self._hot is None:
                 raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
+            # Kept until it ends: `close` waits for a take whose caller was cancelled.
+            locking = asyncio.ensure_future(
+                self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms)
+            )
+            self._lock_takes.add(locking)
+            locking.add_done_callback(self._lock_takes.discard)
             try:
-                held = await taken_or_given_back(
-                    self._hot.acquire_lock(name, ttl_ms=ttl_ms or self._lock_ttl_ms),
-                    self._unlock_late,
-                )
+                held = await taken_or_given_back(locking, self._unlock_late)
             except BackendUnavailable as exc:
                 self._hot_failed("lock", exc)
                 raise
@@ -548,7 +554,16 @@ class CacheAsideStore:
             await asyncio.shield(running)
 
     async def close(self) -> None:
-        """Stop settling; what is left unsettled is served from cold by whoever reopens."""
+        """Stop settling; what is left unsettled is served from cold by whoever reopens.
+        Locks taken for callers cancelled meanwhile are released first."""
+        loop = asyncio.get_running_loop()
+        # Each take's release is started as it ends (`_unlock_late`, called first).
+        await asyncio.gather(
+            *(f for f in self._lock_takes if f.get_loop() is loop), return_exceptions=True
+        )
+        await asyncio.gather(
+            *(t for t in self._unlocking if t.get_loop() is loop), return_exceptions=True
+        )
         for running in (self._resettler, self._settler):
             if running is not None and running.get_loop() is asyncio.get_running_loop():
                 running.cancel()

@@ -29,6 +29,8 @@ AZURE_HOST_MARKERS = (
     "IDENTITY_ENDPOINT",
 )
 ENTRA_LOGIN = "https://login.microsoftonline.com"
+# The port a browser leaves out of an origin, by scheme (the schemes a page is served on).
+DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def running_in_azure() -> bool:
@@ -81,15 +83,18 @@ class AppSettings(Settings):
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = tuple(origin.strip() for origin in value.split(",") if origin.strip())
-        for origin in value:
-            if origin != "*" and not _is_origin(origin):
+        origins = []
+        for written in value:
+            origin = "*" if written == "*" else _origin(written)
+            if origin is None:
                 # A browser sends its origin exactly so (no path, no trailing slash): one
                 # written otherwise would never match, and every call be refused.
                 raise SettingsError(
-                    f"CORS_ALLOWED_ORIGINS: {origin!r} is not an origin "
+                    f"CORS_ALLOWED_ORIGINS: {written!r} is not an origin "
                     "(scheme://host[:port], e.g. https://portal.example.com)"
                 )
-        return value
+            origins.append(origin)
+        return tuple(origins)
 
     @model_validator(mode="after")
     def _check_auth_in_azure(self) -> AppSettings:
@@ -128,15 +133,24 @@ def get_app_settings() -> AppSettings:
     return AppSettings()
 
 
-def _is_origin(text: str) -> bool:
+def _origin(text: str) -> str | None:
+    """`text` as a browser spells it in its `Origin` header, which CORS compares exactly
+    (the host in lower case, no default port); None if no browser sends it so."""
     parts = urlsplit(text)
     try:
-        parts.port  # noqa: B018 (parsed on access)
+        port = parts.port
     except ValueError:
-        return False
-    return (
-        parts.scheme in ("https", "http")
-        and bool(parts.hostname)
-        and f"{parts.scheme}://{parts.netloc}" == text
-        and "@" not in parts.netloc
+        return None
+    host = parts.hostname  # lower case
+    if (
+        parts.scheme not in DEFAULT_PORTS
+        or not host
+        or "@" in parts.netloc
+        or text.lower() != f"{parts.scheme}://{parts.netloc.lower()}"  # nothing more
+    ):
+        return None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    return f"{parts.scheme}://{host}" + (
+        "" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}"
     )

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from azure.core.credentials import AccessToken
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from devstack import PostgresServer, free_port
@@ -109,6 +109,37 @@ async def test_audit_log_rejects_updates(pg: PostgresConnection, store: Postgres
                 "UPDATE state_audit_log SET agent_id = 'someone else' WHERE thread_id = %s",
                 (thread,),
             )
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        # psycopg reads connect_timeout itself, as a number of seconds: libpq never does.
+        {"connect_timeout": "2.5"},
+        # libpq reads a port as strtol does: spaces around it and a sign are fine.
+        {"port": " {port} "},
+        {"port": "+{port}"},
+        {"keepalives_idle": " 30", "keepalives_count": "+3"},
+    ],
+)
+async def test_a_postgres_url_psycopg_connects_with_passes_the_start_check(
+    fresh_postgres_url: str, spelled: dict[str, str]
+) -> None:
+    params = conninfo_to_dict(fresh_postgres_url)
+    url = make_conninfo(
+        fresh_postgres_url,
+        **{name: value.format(port=params["port"]) for name, value in spelled.items()},
+    )
+    settings = Settings(state_cold_backend="postgres", postgres_url=url)
+    pg = PostgresConnection(settings.postgres)
+    try:
+        store = PostgresStateStore(pg)
+        await store.setup()
+        await store.create("t", {"s": 1}, agent_id="a")
+        record = await store.get("t")
+        assert record is not None and record.sections == {"s": 1}
+    finally:
+        await pg.close()
 
 
 async def test_a_failed_audit_insert_rolls_the_update_back(

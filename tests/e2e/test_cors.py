@@ -20,6 +20,8 @@ from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 
 PORTAL = "https://portal.example.com"
+# The same origin as an operator may write it.
+PORTAL_WRITTEN = "https://Portal.Example.com:443"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:1/", "auth_disabled": True}
 PREFLIGHT = {
     "Access-Control-Request-Method": "POST",
@@ -92,6 +94,18 @@ async def test_no_origin_configured_means_no_cors_headers(runtime: Runtime) -> N
         assert not any(name.startswith("access-control-") for name in answer.headers)
 
 
+async def test_an_origin_written_with_capitals_or_its_default_port_matches_its_page(
+    runtime: Runtime,
+) -> None:
+    """A browser sends its origin with the host in lower case and no default port, and
+    CORS compares it exactly: the setting is read as the browser will spell it."""
+    settings = AppSettings.model_validate({**BASE, "cors_allowed_origins": PORTAL_WRITTEN})
+    async with api_allowing(runtime, *settings.cors_allowed_origins) as api:
+        answer = await api.options("/api/cases", headers={"Origin": PORTAL, **PREFLIGHT})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["access-control-allow-origin"] == PORTAL
+
+
 @pytest.mark.parametrize(
     "origins",
     [
@@ -114,4 +128,10 @@ def test_origins_are_read_comma_separated() -> None:
 
     assert read(f" {PORTAL}, http://localhost:3000 ,") == (PORTAL, "http://localhost:3000")
     assert read("*") == ("*",)
+    # As a browser spells them: the host in lower case, no default port.
+    assert read(f"{PORTAL_WRITTEN},HTTP://LOCALHOST:80,http://[::1]:8080") == (
+        PORTAL,
+        "http://localhost",
+        "http://[::1]:8080",
+    )
     assert read("") == ()

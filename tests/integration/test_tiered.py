@@ -489,6 +489,40 @@ async def test_a_refused_write_removes_its_intent(
     assert await hot.get(thread) == fenced
 
 
+async def test_a_lock_taken_for_a_cancelled_caller_is_released_before_close_returns(
+    tiered: TieredStateStore, hot: RedisHotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while Redis takes its lock (as a stopping server cancels its
+    requests) leaves that lock to be released: the store's close waits for it, as the
+    Redis client closes next and the lock would be held to its TTL, the case busy."""
+    name = f"run:{_thread()}"
+    acquire, release = hot.acquire_lock, hot.release_lock
+    taken, reply = asyncio.Event(), asyncio.Event()
+    released: list[bool] = []
+
+    async def reply_held(lock_name: str, *, ttl_ms: int) -> Any:
+        held = await acquire(lock_name, ttl_ms=ttl_ms)
+        taken.set()
+        await reply.wait()
+        return held
+
+    async def recorded_release(lock: Any) -> bool:
+        released.append(await release(lock))
+        return released[-1]
+
+    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    monkeypatch.setattr(hot, "release_lock", recorded_release)
+    locking = asyncio.ensure_future(tiered.lock(name))
+    await taken.wait()
+    locking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await locking
+    reply.set()
+    await tiered.close()
+    assert released == [True]
+    assert await hot.lock_ttl_ms(name) is None
+
+
 async def test_a_read_takes_one_redis_round_trip_and_a_write_two(
     cold: CosmosStateStore, settings: Settings
 ) -> None:

@@ -183,6 +183,9 @@ async def test_a_malformed_connection_url_is_refused_without_its_password(
         ("postgresql://app@db.example:99999/agentstate", "port"),
         ("host=db.example port=5432,x dbname=agentstate", "port"),
         ("postgresql://app@db.example/agentstate?connect_timeout=ten", "connect_timeout"),
+        # Digits only to Python: libpq reads ASCII ones.
+        ("host=db.example port=\u00b2 dbname=agentstate", "port"),
+        ("host=db.example keepalives_idle=--5 dbname=agentstate", "keepalives_idle"),
         ("postgresql://app@db.example/agentstate?target_session_attrs=primary-ish", "target"),
         # A `/` in the password ends the host part: what follows reads as the port.
         ("postgresql://app:hunter2/x@db.example/agentstate", "port"),
