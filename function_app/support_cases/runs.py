@@ -636,6 +636,14 @@ class RunTracker:
             self._damaged_reading = reading
         return list(await asyncio.shield(reading))
 
+    async def close(self) -> None:
+        """End the shard reads still under way (a probe gave up on them): they would
+        otherwise outlive the stores they read."""
+        reading = self._damaged_reading
+        if reading is not None and not reading.done():
+            reading.cancel()
+            await asyncio.wait({reading})
+
     async def _read_damaged_shards(self) -> list[str]:
         async def damaged(shard_id: str) -> bool | None:
             try:

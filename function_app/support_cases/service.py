@@ -894,6 +894,7 @@ class CaseService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._releases, return_exceptions=True)
+        await self._tracker.close()
 
     async def wait_idle(self) -> None:
         """Wait for runs still going in the background (tests, graceful shutdown)."""

@@ -44,3 +44,27 @@ async def test_probes_during_slow_shard_reads_share_them(
         assert await runtime.service._tracker.damaged_shards() == []
         assert (await runtime.service.health()).damaged_index_shards == []
         assert sorted(reads) == sorted(INDEX_IDS)
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_shard_reads_still_under_way_end_with_the_service(
+    own_store: dict[str, str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reads a probe gave up on do not outlive the service that started them (pending as its
+    stores close, or as the event loop ends)."""
+    async with opened(own_store) as runtime:
+        store = runtime.service._tracker._store
+        started = asyncio.Event()
+
+        async def unanswered(thread_id: str, **kwargs: Any) -> Any:
+            started.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(store, "get_fresh", unanswered)
+        reading = asyncio.ensure_future(runtime.service._tracker.damaged_shards())
+        await started.wait()
+        reading.cancel()  # the probe's wait ran out
+        await runtime.service.close()
+        shared = runtime.service._tracker._damaged_reading
+        assert shared is not None and shared.done()
