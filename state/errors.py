@@ -186,11 +186,13 @@ class UnknownParent(StateError):
     """A write-behind put whose parent the hot tier has no trace of (neither its cache
     entry nor its log entry): nothing was written. The caller checks the cold tier, then
     appends again saying the parent is stored (`parent_stored`), or gives up
-    (`HotStateLost`)."""
+    (`HotStateLost`; `ParentGone` for a `fork`: the hot tier caches another checkpoint
+    as the namespace's latest, so lost nothing)."""
 
-    def __init__(self, thread_id: str) -> None:
+    def __init__(self, thread_id: str, *, fork: bool = False) -> None:
         super().__init__(f"the hot tier has no trace of the parent of a put on {thread_id!r}")
         self.thread_id = thread_id
+        self.fork = fork
 
 
 class ParentGone(StateError):

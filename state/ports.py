@@ -668,12 +668,15 @@ class CheckpointStore(Protocol):
         checkpoint_id: str | None,
         *,
         with_history: bool = True,
+        spared: bool = True,
     ) -> StoredCheckpoint | None:
         """By id, or the latest of (thread, namespace) when `checkpoint_id` is None.
 
         A store that reads a DeltaChannel history alongside its checkpoint
         (`StoredCheckpoint.history`) skips that when `with_history` is False: the
-        caller has it at hand already.
+        caller has it at hand already. `spared` False: None for a checkpoint of a deleted
+        run that `delete_for_runs` kept for a later checkpoint's DeltaChannel history
+        (never a namespace's latest).
         """
 
     async def get_blobs(
@@ -953,7 +956,13 @@ class BlockingCheckpointStore(Protocol):
     thread: a call need not wait for the loop thread that runs everything else."""
 
     def get_checkpoint_blocking(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, *, with_history: bool
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool,
+        spared: bool = True,
     ) -> StoredCheckpoint | None: ...
 
     def put_checkpoint_blocking(

@@ -624,7 +624,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> CheckpointTuple | None:
         with self._closed_under_call():
             stored = store.get_checkpoint_blocking(
-                thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
+                thread_id, checkpoint_ns, checkpoint_id, with_history=with_history, spared=False
             )
         if stored is not None and (stored.blobs is None or stored.writes is None):
             stored = self._sync(self._complete(stored))
@@ -711,8 +711,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             try:
                 append(parent_stored=False)
-            except UnknownParent:
-                self._sync(self._parent_stored(put))
+            except UnknownParent as unknown:
+                self._sync(self._parent_stored(put, fork=unknown.fork))
                 append(parent_stored=True)
         except HotStateLost:
             raise
@@ -1013,8 +1013,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         tier read, and what it holds put in the cache under the miss's `lease`."""
         if self.flusher is not None:
             await self.flusher.settle_thread(thread_id, pending=backlog)
+        # Not a checkpoint kept only for a later one's DeltaChannel history: deleted to the
+        # caller (as LangGraph's savers answer, None), and a put going on from one is refused.
         stored = await self.store.get_checkpoint(
-            thread_id, checkpoint_ns, checkpoint_id, with_history=with_history
+            thread_id, checkpoint_ns, checkpoint_id, with_history=with_history, spared=False
         )
         if stored is not None:
             stored = await self._filled(stored, lease)  # its history with it, when it has one
@@ -1087,7 +1089,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         checkpoint_id = configurable.get("checkpoint_id")
         if thread_id is not None and checkpoint_ns is not None and checkpoint_id:
             # One named checkpoint: a point read, then the same filters as a listing.
-            found = await self.store.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
+            found = await self.store.get_checkpoint(
+                thread_id, checkpoint_ns, checkpoint_id, spared=False
+            )
             if (
                 found is not None
                 and (limit is None or limit > 0)
@@ -1152,8 +1156,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             try:
                 try:
                     await append(parent_stored=False)
-                except UnknownParent:
-                    await self._parent_stored(put)
+                except UnknownParent as unknown:
+                    await self._parent_stored(put, fork=unknown.fork)
                     await append(parent_stored=True)
             except HotStateLost:
                 raise
@@ -1197,21 +1201,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # deleter drops the hot copy only after its cold delete, or never if Redis failed).
         return await self.cache.logged(stored.thread_id)
 
-    async def _parent_stored(self, put: _Put) -> None:
+    async def _parent_stored(self, put: _Put, *, fork: bool) -> None:
         """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,
-        a cache entry gone after its flush), Redis lost it, and the run cannot go on."""
+        a cache entry gone after its flush), Redis lost it, and the run cannot go on. Not
+        when it holds another checkpoint as the namespace's latest (`fork`), nor when the
+        parent is one delete_for_runs kept only for a later checkpoint's DeltaChannel
+        history (a deleted run's): then the parent is gone, and the put refused as a
+        write-through put is (`ParentGone`), not flushed onto it later."""
         stored = put.stored
         parent = stored.parent_checkpoint_id
         assert parent is not None
-        if not await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent):
-            # Marked, not only forgotten: in a subgraph LangGraph drops this error as the
-            # subgraph exits with an interrupt, and the run's later boundaries must fail.
-            await self._mark_lost(stored.thread_id)
-            raise HotStateLost(stored.thread_id, parent)
+        if await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent, spared=False):
+            return
+        if fork or await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent):
+            raise ParentGone(stored.thread_id, stored.checkpoint_ns, parent)
+        # Marked, not only forgotten: in a subgraph LangGraph drops this error as the
+        # subgraph exits with an interrupt, and the run's later boundaries must fail.
+        await self._mark_lost(stored.thread_id)
+        raise HotStateLost(stored.thread_id, parent)
 
-    async def _in_cold(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+    async def _in_cold(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, *, spared: bool = True
+    ) -> bool:
         found = await self.store.get_checkpoint(
-            thread_id, checkpoint_ns, checkpoint_id, with_history=False
+            thread_id, checkpoint_ns, checkpoint_id, with_history=False, spared=spared
         )
         return found is not None
 

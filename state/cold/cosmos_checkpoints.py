@@ -455,6 +455,7 @@ class CosmosCheckpointStore:
         checkpoint_id: str | None,
         *,
         with_history: bool = True,
+        spared: bool = True,
     ) -> StoredCheckpoint | None:
         if checkpoint_id is None:
             found = await self._io.query_all(
@@ -470,6 +471,12 @@ class CosmosCheckpointStore:
             )
             if main is not None and main.get("type") != layout.CHECKPOINT:
                 main = None  # a values holder left by maintenance is not a checkpoint
+            elif main is not None and main.get("spared"):
+                # Remembered as a parent, it was not spared then: a put going on from it
+                # (a fork, which reads it first) must read it again, and be refused.
+                self._forget_lineage(thread_id, checkpoint_ns, checkpoint_id)
+                if not spared:
+                    main = None
         if main is None:
             return None
         main = layout.to_layout_2(main)
@@ -845,6 +852,12 @@ class CosmosCheckpointStore:
         self._lineage.move_to_end(key)
         while len(self._lineage) > LINEAGE_MEMO_SIZE:
             self._lineage.popitem(last=False)
+
+    def _forget_lineage(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> None:
+        key = (thread_id, checkpoint_ns)
+        known = self._lineage.get(key)
+        if known is not None and known.checkpoint_id == checkpoint_id:
+            del self._lineage[key]
 
     def _forget(self, thread_id: str) -> None:
         for key in [key for key in self._lineage if key[0] == thread_id]:

@@ -419,7 +419,7 @@ SELECT q.*, (
 FROM ({SELECT_CHECKPOINTS_SQL} {{where}}) AS q
 """
 
-# get_checkpoint's four statements, built once: a statement text made per call is parsed
+# get_checkpoint's statements, built once: a statement text made per call is parsed
 # for placeholders per call too.
 _LATEST = "WHERE thread_id = %s AND checkpoint_ns = %s ORDER BY checkpoint_id DESC LIMIT 1"
 _BY_ID = "WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = %s"
@@ -427,6 +427,13 @@ LATEST_SQL = f"{SELECT_CHECKPOINTS_SQL} {_LATEST}"
 BY_ID_SQL = f"{SELECT_CHECKPOINTS_SQL} {_BY_ID}"
 LATEST_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _LATEST)
 BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace("{where}", _BY_ID)
+# By id for a caller, to whom a checkpoint delete_for_runs kept only for a later one's
+# DeltaChannel history is deleted (a latest never is one).
+_BY_ID_UNSPARED = f"{_BY_ID} AND NOT spared"
+UNSPARED_BY_ID_SQL = f"{SELECT_CHECKPOINTS_SQL} {_BY_ID_UNSPARED}"
+UNSPARED_BY_ID_WITH_HISTORY_SQL = SELECT_CHECKPOINT_WITH_HISTORY_SQL.replace(
+    "{where}", _BY_ID_UNSPARED
+)
 
 # A thread's maintenance lock. Two delete_for_runs of one thread take turns: each works out
 # from its own snapshot which checkpoints survive, so one marking a checkpoint spared for a
@@ -777,11 +784,19 @@ class PostgresCheckpointStore:
         self._chunker.confirm(pending)
 
     def get_checkpoint_blocking(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, *, with_history: bool
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        *,
+        with_history: bool,
+        spared: bool = True,
     ) -> StoredCheckpoint | None:
         with self._pg.blocking_connection("get_checkpoint") as conn:
             row = conn.execute(
-                *self._checkpoint_query(thread_id, checkpoint_ns, checkpoint_id, with_history),
+                *self._checkpoint_query(
+                    thread_id, checkpoint_ns, checkpoint_id, with_history, spared
+                ),
                 binary=True,
             ).fetchone()
             if row is None:
@@ -804,14 +819,22 @@ class PostgresCheckpointStore:
         return stored
 
     def _checkpoint_query(
-        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None, with_history: bool
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str | None,
+        with_history: bool,
+        spared: bool,
     ) -> tuple[str, tuple[str, ...]]:
         """The statement reading one checkpoint (the latest if no id), and its parameters."""
         history = with_history and thread_id in self._delta_threads
         if checkpoint_id is None:
             latest = LATEST_WITH_HISTORY_SQL if history else LATEST_SQL
             return latest, (thread_id, checkpoint_ns)
-        named = BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL
+        if spared:
+            named = BY_ID_WITH_HISTORY_SQL if history else BY_ID_SQL
+        else:
+            named = UNSPARED_BY_ID_WITH_HISTORY_SQL if history else UNSPARED_BY_ID_SQL
         return named, (thread_id, checkpoint_ns, checkpoint_id)
 
     async def get_checkpoint(
@@ -821,10 +844,13 @@ class PostgresCheckpointStore:
         checkpoint_id: str | None,
         *,
         with_history: bool = True,
+        spared: bool = True,
     ) -> StoredCheckpoint | None:
         async with self._pg.connection("get_checkpoint") as conn:
             cursor = await conn.execute(
-                *self._checkpoint_query(thread_id, checkpoint_ns, checkpoint_id, with_history),
+                *self._checkpoint_query(
+                    thread_id, checkpoint_ns, checkpoint_id, with_history, spared
+                ),
                 binary=True,
             )
             row = await cursor.fetchone()

@@ -194,6 +194,8 @@ end
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
 # it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
+# {-7, 0}, nothing written, when another checkpoint is cached (a fork): the caller checks
+# the cold tier holds the parent, not deleted (nor kept only for a DeltaChannel history);
 # {-4, 0}, nothing written, when an epoch is not at the length its writer saw; {-5, 0},
 # nothing written, when Redis holds no fence to check the writer's against; {-6, 0},
 # nothing written, when the thread is being deleted by the retention sweep.
@@ -209,9 +211,12 @@ local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
-if ARGV[6] ~= '1' and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], 'id') == 0
-    and not logged(KEYS[3], ARGV[4], ARGV[2]) then
-  return {-3, 0}
+if ARGV[6] ~= '1' and ARGV[2] ~= '' then
+  local head = redis.call('HGET', KEYS[1], 'id')
+  if head ~= ARGV[2] and not logged(KEYS[3], ARGV[4], ARGV[2]) then
+    if head then return {-7, 0} end
+    return {-3, 0}
+  end
 end
 if not values_ready(ops) then return {-4, 0} end
 redis.call('DEL', KEYS[9], KEYS[10])
@@ -1222,6 +1227,8 @@ def _appended(thread_id: str, appended: list[Any], fence: str) -> None:
         raise FenceUnknown(thread_id)
     if outcome == -3:
         raise UnknownParent(thread_id)
+    if outcome == -7:
+        raise UnknownParent(thread_id, fork=True)
     if outcome == -4:
         raise _EpochMoved(thread_id)
     if outcome == -6:

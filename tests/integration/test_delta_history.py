@@ -500,9 +500,11 @@ async def test_a_worker_loading_the_thread_it_writes_does_not_read_the_history_a
         store, cache = worker.saver.store, worker.saver.cache
         get_checkpoint, delta_history = store.get_checkpoint, store.delta_history
 
-        async def spy_checkpoint(*args: Any, with_history: bool = True) -> StoredCheckpoint | None:
+        async def spy_checkpoint(
+            *args: Any, with_history: bool = True, **kwargs: Any
+        ) -> StoredCheckpoint | None:
             asked.append("checkpoint with history" if with_history else "checkpoint")
-            return await get_checkpoint(*args, with_history=with_history)
+            return await get_checkpoint(*args, with_history=with_history, **kwargs)
 
         async def spy_history(*args: Any) -> Any:
             asked.append("history")

@@ -21,6 +21,7 @@ from state.cold.postgres_checkpoints import (
     LOCK_THREADS_SQL,
     THREAD_MAINTENANCE_LOCK,
 )
+from state.errors import ParentGone
 from state.settings import ColdBackend, Settings
 from tests.integration.delta_graph import (
     STACK_IDS,
@@ -346,3 +347,69 @@ async def test_a_deleted_run_kept_for_a_later_runs_history_is_not_listed(
             forked = await graph.aupdate_state(past.config, {"messages": [f"fork {n}"]})
             state = await graph.aget_state(forked)
             assert state.values["messages"] == [*past.values["messages"], f"fork {n}"]
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_deleted_run_kept_for_a_later_runs_history_is_not_read_by_id(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """A checkpoint delete_for_runs keeps only for a later run's DeltaChannel history is
+    deleted to the caller named by its id too (`get_tuple` / `aget_tuple`, `list` of that
+    id), as LangGraph's savers answer for a deleted checkpoint: served, a fork from it was
+    refused with `ParentGone`. The later run still rebuilds its state through it."""
+    async with open_stack(settings_for(stack_env, backend, redis, mode)) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("spared-by-id")
+        runs = await six_runs(graph, config)
+        told = (await graph.aget_state(config)).values["messages"]
+        listed = [c async for c in saver.alist(config)]
+        deleted = [c for c in listed if c.metadata and c.metadata["run_id"] == runs[3]]
+        later = next(c for c in listed if c.metadata and c.metadata["run_id"] == runs[4])
+        assert deleted
+        await saver.adelete_for_runs([runs[3]])
+        for named in deleted:
+            assert await saver.aget_tuple(named.config) is None
+            assert await asyncio.to_thread(saver.get_tuple, named.config) is None
+            assert [c async for c in saver.alist(named.config)] == []
+            assert await asyncio.to_thread(lambda c=named.config: list(saver.list(c))) == []
+        # What it was kept for still reads through it; a kept run's checkpoint by id too.
+        assert (await graph.aget_state(config)).values["messages"] == told
+        kept = await saver.aget_tuple(later.config)
+        assert kept is not None and kept.metadata["run_id"] == runs[4]
+
+
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_a_fork_from_a_checkpoint_spared_since_this_process_wrote_it_is_refused(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """Process A writes runs 0-3, process B goes on with runs 4 and 5 and deletes run 3,
+    kept only for their DeltaChannel history. A fork in A from run 3's last checkpoint (the
+    last A wrote and read, not spared then) is refused as in any other process
+    (`ParentGone`), rather than stored onto a history that is deleted (on Cosmos A's store
+    remembered it as a parent needing no read; write-behind took it from the cold tier)."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    config = thread_config("spared-remembered")
+    thread_id = config["configurable"]["thread_id"]
+    async with open_stack(settings) as first, open_stack(settings) as second:
+        graph = delta_graph(first.saver, snapshot_frequency=NO_SNAPSHOT)
+        other = delta_graph(second.saver, snapshot_frequency=NO_SNAPSHOT)
+        runs: list[str] = []
+        for n in range(6):
+            runs.append(str(uuid.uuid4()))
+            run_config: RunnableConfig = {
+                "configurable": {**config["configurable"], "run_id": runs[-1]}
+            }
+            await (graph if n < 4 else other).ainvoke({"messages": [f"user {n}"]}, run_config)
+            if n == 3:
+                await first.saver.aflush(thread_id)
+                spared = await first.saver.aget_tuple(config)
+                assert spared is not None and spared.metadata["run_id"] == runs[3]
+        told = (await other.aget_state(config)).values["messages"]
+        await second.saver.adelete_for_runs([runs[3]])
+        with pytest.raises(ParentGone):
+            await graph.aupdate_state(spared.config, {"messages": ["fork"]})
+        await first.saver.aflush(thread_id)
+        assert (await graph.aget_state(config)).values["messages"] == told
+        left = {runs.index(s.metadata["run_id"]) async for s in other.aget_state_history(config)}
+        assert left == {0, 1, 2, 4, 5}

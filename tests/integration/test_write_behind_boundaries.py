@@ -601,9 +601,9 @@ def test_a_subgraph_put_whose_parent_redis_lost_does_not_let_the_interrupt_be_ac
         with TieredCheckpointSaver.open_sync(settings) as saver:
             parent_stored = saver._parent_stored
 
-            async def noting(put: Any) -> None:
+            async def noting(put: Any, *, fork: bool) -> None:
                 try:
-                    await parent_stored(put)
+                    await parent_stored(put, fork=fork)
                 finally:
                     parent_checked.set()
 

@@ -522,7 +522,9 @@ class MemoryCheckpointStore(_Tier):
         checkpoint_id: str | None,
         *,
         with_history: bool = True,
+        spared: bool = True,
     ) -> StoredCheckpoint | None:
+        # As `list_checkpoints`: nothing here is spared.
         self._call("get_checkpoint")
         if checkpoint_id is not None:
             return self._checkpoints.get((thread_id, checkpoint_ns, checkpoint_id))
