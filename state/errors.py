@@ -186,7 +186,7 @@ class UnknownParent(StateError):
     """A write-behind put whose parent the hot tier has no trace of (neither its cache
     entry nor its log entry): nothing was written. The caller checks the cold tier, then
     appends again saying the parent is stored (`parent_stored`), or gives up
-    (`HotStateLost`; `ParentGone` for a `fork`: the hot tier caches another checkpoint
+    (`HotStateLost`; `ParentGone` for a `fork`: the hot tier caches a newer checkpoint
     as the namespace's latest, so lost nothing)."""
 
     def __init__(self, thread_id: str, *, fork: bool = False) -> None:

@@ -291,7 +291,11 @@ class CaseService:
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Releases of run guards under way: kept to their end (see `_let_go`).
+        # Cold-tier lease claims under way (a cancelled caller's among them: its lease is
+        # given back as the claim ends), then the releases of run guards under way, kept
+        # to their end (see `_let_go`): `close` waits for both, or a lease claimed as the
+        # process stops would be given back on closed stores and held to its TTL.
+        self._claims: set[asyncio.Future[WorkflowRecord]] = set()
         self._releases: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ use cases
@@ -904,12 +908,15 @@ class CaseService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each claim's give-back is started as it ends, before this gather's turn.
+        await asyncio.gather(*self._claims, return_exceptions=True)
         await asyncio.gather(*self._releases, return_exceptions=True)
         await self._tracker.close()
 
     async def wait_idle(self) -> None:
         """Wait for runs still going in the background (tests, graceful shutdown)."""
-        await asyncio.gather(*self._tasks, *self._releases, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._claims, return_exceptions=True)
+        await asyncio.gather(*self._releases, return_exceptions=True)
 
     # ------------------------------------------------------------------ running the graph
 
@@ -1497,7 +1504,7 @@ class CaseService:
                 )
             fence = record.fence + 1
             try:
-                await taken_or_given_back(
+                claiming = asyncio.ensure_future(
                     self._store.update_section(
                         case_id,
                         RUN_LEASE_SECTION,
@@ -1505,9 +1512,11 @@ class CaseService:
                         agent_id=RUNNER_ID,
                         expected_version=record.version,
                         fencing_token=fence,
-                    ),
-                    given_back,
+                    )
                 )
+                self._claims.add(claiming)
+                claiming.add_done_callback(self._claims.discard)
+                await taken_or_given_back(claiming, given_back)
             except VersionConflict:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise

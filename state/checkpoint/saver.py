@@ -1204,7 +1204,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _parent_stored(self, put: _Put, *, fork: bool) -> None:
         """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,
         a cache entry gone after its flush), Redis lost it, and the run cannot go on. Not
-        when it holds another checkpoint as the namespace's latest (`fork`), nor when the
+        when it holds a newer checkpoint as the namespace's latest (`fork`), nor when the
         parent is one delete_for_runs kept only for a later checkpoint's DeltaChannel
         history (a deleted run's): then the parent is gone, and the put refused as a
         write-through put is (`ParentGone`), not flushed onto it later."""

@@ -194,7 +194,7 @@ end
 # Returns {cache outcome, highest fence or 0}; {-3, 0}, with nothing written, when the
 # hot tier has no trace of the parent (no checkpoint cached, the parent not in the log):
 # it may have lost it (FLUSHALL, a restart without persistence), which the caller checks;
-# {-7, 0}, nothing written, when another checkpoint is cached (a fork): the caller checks
+# {-7, 0}, nothing written, when a newer checkpoint is cached (a fork): the caller checks
 # the cold tier holds the parent, not deleted (nor kept only for a DeltaChannel history);
 # {-4, 0}, nothing written, when an epoch is not at the length its writer saw; {-5, 0},
 # nothing written, when Redis holds no fence to check the writer's against; {-6, 0},
@@ -214,7 +214,9 @@ if stale then return {-2, stale} end
 if ARGV[6] ~= '1' and ARGV[2] ~= '' then
   local head = redis.call('HGET', KEYS[1], 'id')
   if head ~= ARGV[2] and not logged(KEYS[3], ARGV[4], ARGV[2]) then
-    if head then return {-7, 0} end
+    -- A fork goes on from an older checkpoint; a parent newer than the cached one is a
+    -- step past it that Redis may have lost (a replica promoted while it lagged).
+    if head and older(ARGV[2], head) then return {-7, 0} end
     return {-3, 0}
   end
 end

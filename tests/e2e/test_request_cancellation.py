@@ -250,6 +250,65 @@ async def test_a_decision_cancelled_as_it_claims_the_cold_lease_leaves_the_case_
         await cold_only.close()
 
 
+async def test_close_gives_back_a_cold_lease_claimed_for_a_cancelled_caller(
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    bearer: Callable[..., dict[str, str]],
+    reviewer: dict[str, str],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a hot tier, a review decision is cancelled once the cold tier wrote its
+    lease claim, the reply not yet back, and the service closes (the process stopping)
+    then: close waits for the claim and gives the lease back before the stores close,
+    rather than letting the give-back start on closed stores and the lease be held to its
+    TTL, answering the case's next run 409."""
+    cold_only = await Runtime.open(
+        e2e_settings(runtime.settings.state_cold_backend.value, redis_url=None)
+    )
+    try:
+        transport = httpx.ASGITransport(app=create_app(cold_only))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+        ) as client:
+            submitted = await client.post("/api/cases", json=escalated(case_id))
+            assert submitted.status_code in (201, 202), submitted.text
+            await cold_only.service.wait_idle()
+
+            cold = cold_only.backends.cold
+            update_section: Callable[..., Any] = cold.update_section
+            written, reply = asyncio.Event(), asyncio.Event()
+
+            async def reply_held(thread_id: str, section: str, value: JSON, **kwargs: Any) -> Any:
+                stored = await update_section(thread_id, section, value, **kwargs)
+                claims = section == RUN_LEASE_SECTION and bool(value.get("token"))
+                if thread_id == case_id and claims and not written.is_set():
+                    written.set()
+                    await reply.wait()
+                return stored
+
+            monkeypatch.setattr(cold, "update_section", reply_held)
+            decision = asyncio.ensure_future(
+                client.post(
+                    f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+                )
+            )
+            await asyncio.wait_for(written.wait(), 10)
+            decision.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await decision
+            reply.set()
+            monkeypatch.undo()
+            await cold_only.service.close()
+
+            record = await cold_only.store.get_fresh(case_id)
+            assert record is not None
+            lease = record.sections.get(RUN_LEASE_SECTION) or {}
+            assert not lease.get("token"), f"run lease still held at close: {lease}"
+    finally:
+        await cold_only.close()
+
+
 async def test_a_resume_refused_and_cancelled_as_it_lets_go_of_the_run_lock_leaves_it_free(
     runtime: Runtime,
     client: httpx.AsyncClient,

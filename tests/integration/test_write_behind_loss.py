@@ -42,9 +42,17 @@ KINDS = ["delta", "add"]
 
 
 class Loss:
-    """Set `url` to make the graph's second node empty that Redis, once."""
+    """Set `url` to make the graph's second node empty that Redis, once; and `back_to`
+    (`snapshot`) to have it then hold that again, as a replica promoted while it lagged."""
 
     url: str | None = None
+    back_to: list[tuple[bytes, int, bytes]] | None = None
+
+
+def snapshot(url: str) -> list[tuple[bytes, int, bytes]]:
+    """Every key of the Redis at `url`: its name, TTL (0: none) and dump."""
+    client = redis.Redis.from_url(url)
+    return [(key, max(client.pttl(key), 0), client.dump(key)) for key in client.scan_iter()]
 
 
 def two_steps(saver: BaseCheckpointSaver[Any], kind: str) -> Any:
@@ -60,8 +68,11 @@ def two_steps(saver: BaseCheckpointSaver[Any], kind: str) -> Any:
 
     def second(current: Any) -> Any:
         if Loss.url is not None:
-            redis.Redis.from_url(Loss.url).flushall()
-            Loss.url = None
+            client = redis.Redis.from_url(Loss.url)
+            client.flushall()
+            for key, ttl, dumped in Loss.back_to or []:
+                client.restore(key, ttl, dumped)
+            Loss.url, Loss.back_to = None, None
         return {"messages": ["second"]}
 
     graph: Any = StateGraph(state)
@@ -123,6 +134,26 @@ async def test_a_run_whose_unflushed_checkpoints_redis_lost_stops_and_the_bounda
         assert await values_and_history(fresh, kind, cfg) == at_boundary
         done = await two_steps(fresh, kind).ainvoke({"messages": ["u2"]}, cfg)
     assert done == await reference.ainvoke({"messages": ["u2"]}, ref_cfg)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_run_whose_redis_went_back_to_its_last_boundary_stops_as_lost(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """Redis goes back to what it held at the run's last boundary (a replica promoted while
+    it lagged): it still caches that boundary's checkpoint, not the one the run's next put
+    names as its parent, which neither the log nor the cold tier holds. That is Redis
+    losing it (`HotStateLost`: the case app leaves the run for the timer, which resumes it
+    from the cold tier), not a fork from a deleted checkpoint (`ParentGone`, a failed run)."""
+    cfg = config()
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        await saver.aflush(cfg["configurable"]["thread_id"])  # the boundary: end of run 1
+        Loss.url, Loss.back_to = own_redis.url, snapshot(own_redis.url)
+        with pytest.raises(HotStateLost):
+            await graph.ainvoke({"messages": ["u2"]}, cfg)
+        assert saver.losses_found == 1
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
