@@ -290,7 +290,7 @@ class CaseService:
         self._flusher = saver.flusher if saver is not None else None
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # Cold-tier lease claims under way (a cancelled caller's among them: its lease is
         # given back as the claim ends), then the releases of run guards under way, kept
         # to their end (see `_let_go`): `close` waits for both, or a lease claimed as the
@@ -329,13 +329,23 @@ class CaseService:
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
         indexed_at = await self._tracker.register(case_id)
-        # Shielded: a caller gone once its case is created (the client left, the server
-        # cancelled the handler) would leave it "running" with nobody running it until
-        # the timer finds it stalled, and its retry would replay that. The first run
-        # starts all the same, once: the retry finds the case and starts nothing.
-        creating = self._spawn(self._create_and_launch(case_id, request, run_id, indexed_at))
         try:
-            return await asyncio.shield(creating)
+            await self._store.create(
+                case_id,
+                # Created as its first run, which starts right away: that run's RUNNING
+                # mark would be one more write. Should the run never start (a crash before
+                # it does), its heartbeat goes stale like any run's and the timer resumes it.
+                {
+                    REQUEST_SECTION: request,
+                    RUN_SECTION: {
+                        **new_run_section(CaseStatus.RUNNING, attempt=1),
+                        "run_id": run_id,
+                    },
+                    RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
+                    RETENTION_SECTION: {"held": False},
+                },
+                agent_id=API_AGENT_ID,
+            )
         except WorkflowExists:
             existing = await self._record(case_id)
             owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
@@ -360,27 +370,6 @@ class CaseService:
                     "use a new idempotency key for a new case"
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
-
-    async def _create_and_launch(
-        self, case_id: str, request: dict[str, Any], run_id: str, indexed_at: str
-    ) -> Outcome:
-        """Store the new case and drive its first run (WorkflowExists if it exists)."""
-        await self._store.create(
-            case_id,
-            # Created as its first run, which starts right away: that run's RUNNING
-            # mark would be one more write. Should the run never start (a crash before
-            # it does), its heartbeat goes stale like any run's and the timer resumes it.
-            {
-                REQUEST_SECTION: request,
-                RUN_SECTION: {
-                    **new_run_section(CaseStatus.RUNNING, attempt=1),
-                    "run_id": run_id,
-                },
-                RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
-                RETENTION_SECTION: {"held": False},
-            },
-            agent_id=API_AGENT_ID,
-        )
         if self._tracker.may_look_abandoned(indexed_at):
             # A tick drops an entry without a record once it is older than the stale period
             # (a dead submit's): one this old (this submit was slow, or found the entry a
@@ -806,7 +795,7 @@ class CaseService:
             guard = await self._acquire(case_id)
         except CaseBusy:
             return None
-        return self._spawn_holding(case_id, guard, lambda: self._pump(case_id, guard))
+        return self._spawn(self._pump(case_id, guard))
 
     async def sweep_expired(
         self,
@@ -968,12 +957,8 @@ class CaseService:
                 except asyncio.CancelledError:
                     # The caller is gone, its mark maybe written: the run it stands for (a
                     # decision's) goes on, not left "running" with nobody running it.
-                    self._spawn_holding(
-                        case_id,
-                        guard,
-                        lambda: self._drive_once_marked(
-                            case_id, marking, graph_input, guard, run_id
-                        ),
+                    self._spawn(
+                        self._drive_once_marked(case_id, marking, graph_input, guard, run_id)
                     )
                     handed_over = True
                     raise
@@ -986,12 +971,8 @@ class CaseService:
                 await self._release(case_id, guard)
             raise
         marked = created or still is not None
-        task = self._spawn_holding(
-            case_id,
-            guard,
-            lambda: self._drive(
-                case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=created
-            ),
+        task = self._spawn(
+            self._drive(case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=created)
         )
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
@@ -1023,30 +1004,13 @@ class CaseService:
             raise
         await self._drive(case_id, graph_input, guard, marked=True, run_id=run_id)
 
-    def _spawn(self, work: Awaitable[T]) -> asyncio.Task[T]:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         return task
 
-    def _spawn_holding(
-        self, case_id: str, guard: RunGuard, work: Callable[[], Awaitable[None]]
-    ) -> asyncio.Task[None]:
-        """`work()`, which releases `guard` on every path, in the background. A task
-        cancelled before its first step (`close`) never runs it: the guard is let go here,
-        not held to its TTL, refusing the case to every other worker meanwhile."""
-        started = False
-
-        async def run() -> None:
-            nonlocal started
-            started = True
-            await work()
-
-        task = self._spawn(run())
-        task.add_done_callback(lambda _: started or self._let_go(case_id, guard))
-        return task
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         # Retrieved here so a run nobody waited for does not log "never retrieved";
         # _drive has already logged what went wrong.
