@@ -180,6 +180,39 @@ async def test_a_decision_cancelled_once_its_run_is_marked_running_goes_on(
     assert (await client.get("/api/health")).status_code == 200
 
 
+async def decide_cancelled_as_the_lease_is_claimed(
+    cold_only: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    reviewer: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review decision cancelled once the cold tier wrote its run lease claim, the reply
+    held back until then."""
+    cold = cold_only.backends.cold
+    update_section: Callable[..., Any] = cold.update_section
+    written, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(thread_id: str, section: str, value: JSON, **kwargs: Any) -> Any:
+        stored = await update_section(thread_id, section, value, **kwargs)
+        claims = section == RUN_LEASE_SECTION and bool(value.get("token"))
+        if thread_id == case_id and claims and not written.is_set():
+            written.set()
+            await reply.wait()
+        return stored
+
+    monkeypatch.setattr(cold, "update_section", reply_held)
+    decision = asyncio.ensure_future(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    )
+    await asyncio.wait_for(written.wait(), 10)
+    decision.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await decision
+    reply.set()
+    monkeypatch.undo()
+
+
 async def test_a_decision_cancelled_as_it_claims_the_cold_lease_leaves_the_case_to_its_retry(
     runtime: Runtime,
     e2e_settings: Callable[..., Settings],
@@ -206,30 +239,9 @@ async def test_a_decision_cancelled_as_it_claims_the_cold_lease_leaves_the_case_
             case = (await client.get(f"/api/cases/{case_id}")).json()
             assert case["status"] == "awaiting_review", case
 
-            cold = cold_only.backends.cold
-            update_section: Callable[..., Any] = cold.update_section
-            written, reply = asyncio.Event(), asyncio.Event()
-
-            async def reply_held(thread_id: str, section: str, value: JSON, **kwargs: Any) -> Any:
-                stored = await update_section(thread_id, section, value, **kwargs)
-                claims = section == RUN_LEASE_SECTION and bool(value.get("token"))
-                if thread_id == case_id and claims and not written.is_set():
-                    written.set()
-                    await reply.wait()
-                return stored
-
-            monkeypatch.setattr(cold, "update_section", reply_held)
-            decision = asyncio.ensure_future(
-                client.post(
-                    f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
-                )
+            await decide_cancelled_as_the_lease_is_claimed(
+                cold_only, client, case_id, reviewer, monkeypatch
             )
-            await asyncio.wait_for(written.wait(), 10)
-            decision.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await decision
-            reply.set()
-            monkeypatch.undo()
 
             await until_lease_released(cold_only, case_id)
             retried = await client.post(
@@ -274,30 +286,9 @@ async def test_close_gives_back_a_cold_lease_claimed_for_a_cancelled_caller(
             assert submitted.status_code in (201, 202), submitted.text
             await cold_only.service.wait_idle()
 
-            cold = cold_only.backends.cold
-            update_section: Callable[..., Any] = cold.update_section
-            written, reply = asyncio.Event(), asyncio.Event()
-
-            async def reply_held(thread_id: str, section: str, value: JSON, **kwargs: Any) -> Any:
-                stored = await update_section(thread_id, section, value, **kwargs)
-                claims = section == RUN_LEASE_SECTION and bool(value.get("token"))
-                if thread_id == case_id and claims and not written.is_set():
-                    written.set()
-                    await reply.wait()
-                return stored
-
-            monkeypatch.setattr(cold, "update_section", reply_held)
-            decision = asyncio.ensure_future(
-                client.post(
-                    f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
-                )
+            await decide_cancelled_as_the_lease_is_claimed(
+                cold_only, client, case_id, reviewer, monkeypatch
             )
-            await asyncio.wait_for(written.wait(), 10)
-            decision.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await decision
-            reply.set()
-            monkeypatch.undo()
             await cold_only.service.close()
 
             record = await cold_only.store.get_fresh(case_id)
