@@ -283,10 +283,19 @@ _POSTGRES_INTEGERS = (
     "keepalives_count",
     "tcp_user_timeout",
 )
+_LINUX_KEEPALIVE_RANGES = {
+    "keepalives_idle": range(1, 32768),
+    "keepalives_interval": range(1, 32768),
+    "keepalives_count": range(1, 128),
+}
 _POSTGRES_OPTION_HINTS = {
-    "port": "a number 1-65535, one per host",
+    "port": "a number 1-65535, one for all hosts or one per host",
+    "hostaddr": "as many addresses as host names",
     **{name: "one of " + ", ".join(choices) for name, choices in _POSTGRES_CHOICES.items()},
     **{name: "a whole number" for name in _POSTGRES_INTEGERS},
+    "keepalives_idle": "a whole number of seconds, 1-32767",
+    "keepalives_interval": "a whole number of seconds, 1-32767",
+    "keepalives_count": "a whole number, 1-127",
     "connect_timeout": "a number of seconds",
 }
 # A whole number as libpq reads one (strtol, then only spaces): spaces around it, a sign,
@@ -306,9 +315,17 @@ def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
 
     refused = []
     ports = str(options.get("port") or "")
-    if ports and not all(
-        not port or ((number := _libpq_integer(port)) is not None and 0 < number < 65536)
-        for port in ports.split(",")
+    hosts = [
+        len(str(options[name]).split(",")) for name in ("host", "hostaddr") if options.get(name)
+    ]
+    if len(set(hosts)) > 1:
+        refused.append("hostaddr")
+    if ports and (
+        len(ports.split(",")) not in (1, max(hosts, default=1))
+        or not all(
+            not port or ((number := _libpq_integer(port)) is not None and 0 < number < 65536)
+            for port in ports.split(",")
+        )
     ):
         refused.append("port")
     refused += [
@@ -321,6 +338,16 @@ def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
         for name in _POSTGRES_INTEGERS
         if name in options and _libpq_integer(str(options[name])) is None
     ]
+    # With keepalives on (the default), libpq hands these to setsockopt before connecting
+    # (a value below 1 as 0), and Linux refuses what is outside its range.
+    if _libpq_integer(str(options.get("keepalives", "1"))) != 0:
+        refused += [
+            name
+            for name, allowed in _LINUX_KEEPALIVE_RANGES.items()
+            if name not in refused
+            and name in options
+            and _libpq_integer(str(options[name])) not in allowed
+        ]
     if "connect_timeout" in options:
         try:
             timeout_from_conninfo({"connect_timeout": options["connect_timeout"]})

@@ -49,6 +49,7 @@ from state.errors import (
     InvalidValue,
     ParentGone,
     RequestRejected,
+    SettingsError,
     StaleFencingToken,
     StateError,
     UnsupportedSchemaVersion,
@@ -140,6 +141,32 @@ async def test_a_postgres_url_psycopg_connects_with_passes_the_start_check(
         assert record is not None and record.sections == {"s": 1}
     finally:
         await pg.close()
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        {"keepalives_idle": "-1"},
+        {"keepalives_interval": "0"},
+        {"keepalives_count": "128"},
+        {"port": "{port},{port}"},
+        {"host": "127.0.0.1,127.0.0.1", "hostaddr": "127.0.0.1"},
+    ],
+)
+async def test_a_postgres_url_the_start_check_refuses_is_one_libpq_cannot_connect_with(
+    fresh_postgres_url: str, spelled: dict[str, str]
+) -> None:
+    """The start check's rules are libpq's (and Linux's), not stricter: each value it
+    refuses fails a connection to a server that is up."""
+    params = conninfo_to_dict(fresh_postgres_url)
+    url = make_conninfo(
+        fresh_postgres_url,
+        **{name: value.format(port=params["port"]) for name, value in spelled.items()},
+    )
+    with pytest.raises(SettingsError):
+        Settings(state_cold_backend="postgres", postgres_url=url)
+    with pytest.raises(psycopg.OperationalError):
+        await psycopg.AsyncConnection.connect(url)
 
 
 async def test_a_failed_audit_insert_rolls_the_update_back(

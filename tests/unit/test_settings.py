@@ -186,6 +186,12 @@ async def test_a_malformed_connection_url_is_refused_without_its_password(
         # Digits only to Python: libpq reads ASCII ones.
         ("host=db.example port=\u00b2 dbname=agentstate", "port"),
         ("host=db.example keepalives_idle=--5 dbname=agentstate", "keepalives_idle"),
+        # libpq reads these, then Linux refuses them in setsockopt before connecting.
+        ("postgresql://app@db.example/agentstate?keepalives_idle=-1", "keepalives_idle"),
+        ("postgresql://app@db.example/agentstate?keepalives_interval=0", "keepalives_interval"),
+        ("postgresql://app@db.example/agentstate?keepalives_count=128", "keepalives_count"),
+        ("host=db1.example,db2.example port=5432,5433,5434 dbname=agentstate", "port"),
+        ("host=db1.example,db2.example hostaddr=10.0.0.1 dbname=agentstate", "hostaddr"),
         ("postgresql://app@db.example/agentstate?target_session_attrs=primary-ish", "target"),
         # A `/` in the password ends the host part: what follows reads as the port.
         ("postgresql://app:hunter2/x@db.example/agentstate", "port"),
@@ -213,6 +219,10 @@ def test_a_postgres_url_option_libpq_would_refuse_is_refused_at_start(
         "?target_session_attrs=read-write",
         "host=db.example port=5432 dbname=agentstate sslmode=require",
         "postgresql:///agentstate?host=/var/run/postgresql",
+        # One port for every host; keepalives off, their settings are not used.
+        "host=db1.example,db2.example port=5432 dbname=agentstate",
+        "postgresql://app@db.example/agentstate?keepalives=0&keepalives_idle=0",
+        "postgresql://app@db.example/agentstate?keepalives_idle=32767&keepalives_count=127",
     ],
 )
 def test_a_valid_postgres_url_passes(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
