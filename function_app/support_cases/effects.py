@@ -59,7 +59,9 @@ CLAIM_RENEWALS_PER_LEASE = 3
 SETTLED_CLAIMS_REMEMBERED = 10_000
 
 
-# The request section's field naming the case's incarnation (set when the case is created).
+# The case record's section holding the submission, and its field naming the case's
+# incarnation (set when the case is created).
+REQUEST_SECTION = "request"
 INCARNATION_FIELD = "incarnation"
 
 
@@ -71,7 +73,7 @@ def idempotency_key(case_id: str, kind: str, incarnation: str | None = None) -> 
 def effect_key(record: WorkflowRecord, kind: str) -> str:
     """The idempotency key of the case's effect of `kind`: the same for every attempt of this
     case, another for a case created later under the same id."""
-    request = record.sections.get("request")
+    request = record.sections.get(REQUEST_SECTION)
     incarnation = request.get(INCARNATION_FIELD) if isinstance(request, dict) else None
     return idempotency_key(record.thread_id, kind, incarnation)
 

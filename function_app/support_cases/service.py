@@ -59,6 +59,7 @@ from state import (
 from .agents import RunContext
 from .effects import (
     INCARNATION_FIELD,
+    REQUEST_SECTION,
     EffectInProgress,
     SimulatedProvider,
     effects_in,
@@ -116,7 +117,6 @@ from .telemetry import traced
 log = logging.getLogger(__name__)
 
 API_AGENT_ID = "case-api"
-REQUEST_SECTION = "request"
 GraphInput = dict[str, Any] | Command | None
 T = TypeVar("T")
 # Ids of the app's own records, which share the thread-id space with case ids.

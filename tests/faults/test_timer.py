@@ -32,6 +32,7 @@ from state.errors import BackendUnavailable, FlushLockBusy
 from state.settings import Settings
 from state.size import COMPRESSED_KEY
 from support_cases import maintenance
+from support_cases.effects import REQUEST_SECTION
 from support_cases.maintenance import CASES_METRIC, SWEPT_METRIC, TimerMetrics, run_tick
 from support_cases.models import CaseStatus
 from support_cases.runs import (
@@ -43,7 +44,7 @@ from support_cases.runs import (
     utcnow,
 )
 from support_cases.runtime import Runtime
-from support_cases.service import REQUEST_SECTION, CaseService, Outcome, fingerprint
+from support_cases.service import CaseService, Outcome, fingerprint
 
 from .apps import submission
 from .proxy import LoopbackProxy

@@ -239,10 +239,11 @@ async def run_case(case_id: str, mode: str, pause: str | None) -> None:
     # Imported here: the fence workers do not need the app (nor its start-up time).
     from support_cases.agents import RunContext
     from support_cases.demo import demo_case
+    from support_cases.effects import REQUEST_SECTION
     from support_cases.models import CaseStatus
     from support_cases.runs import RUN_SECTION, new_run_section
     from support_cases.runtime import Runtime
-    from support_cases.service import REQUEST_SECTION, case_config
+    from support_cases.service import case_config
     from support_cases.settings import AppSettings
     from tests.step_pause import pause_after
 
