@@ -187,6 +187,20 @@ class _Lease:
 _unlocking: set[asyncio.Task[None]] = set()
 
 
+async def _landed(refusal: Coroutine[Any, Any, None]) -> None:
+    """A command that refuses the thread's appends, awaited to its reply even if the caller
+    is cancelled meanwhile (then cancelled after it): sent, it lands anyway, and the end of
+    the caller's block, which ends the refusal on another connection, could otherwise come
+    first and leave it standing for EXPIRING_REFUSAL_MS."""
+    sending = asyncio.ensure_future(refusal)
+    try:
+        await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        with contextlib.suppress(StateError):
+            await sending
+        raise
+
+
 def _finishing(unlock: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     task = asyncio.ensure_future(unlock)
     _unlocking.add(task)
@@ -420,7 +434,7 @@ class Flusher:
             try:
                 # Inside: a discard that fails after its script set the refusal (its reply
                 # lost, its unlisting failed) must end it too, the thread not deleted.
-                await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
+                await _landed(self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS))
                 yield max(fence, await self.log.fence_now())
             finally:
                 await self._accept_appends(thread_id)
@@ -435,14 +449,14 @@ class Flusher:
         `deadline`: as `holding`'s."""
         async with self.holding(thread_id, deadline=deadline) as fence:
             try:
-                await self.log.refuse_appends(thread_id, for_ms=EXPIRING_REFUSAL_MS)
+                await _landed(self.log.refuse_appends(thread_id, for_ms=EXPIRING_REFUSAL_MS))
                 yield max(fence, await self.log.fence_now())
             finally:
                 await self._accept_appends(thread_id)
 
     async def discard_refused(self, thread_id: str) -> None:
         """Drop the backlog of a thread inside a `refusing` block (it is being deleted)."""
-        await self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS)
+        await _landed(self.log.discard(thread_id, refuse_appends_ms=EXPIRING_REFUSAL_MS))
 
     async def _accept_appends(self, thread_id: str) -> None:
         """End the refusal a `discarding` or `refusing` block set, under the thread's flush

@@ -876,3 +876,59 @@ async def test_a_malformed_log_entry_holds_back_its_thread_only(
     for _, fields in held:
         await tiers.redis.xadd(key, fields)
     assert await tiers.flusher.flush_thread(poisoned) == len(held)
+
+
+@pytest.mark.parametrize(
+    ("block", "sets_refusal"), [("refusing", "refuse_appends"), ("discarding", "discard")]
+)
+async def test_a_block_cancelled_while_its_refusal_is_on_its_way_leaves_appends_accepted(
+    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch, block: str, sets_refusal: str
+) -> None:
+    """A retention sweep cancelled (a deadline, a shutdown) once it sent the command that
+    refuses the thread's appends: the block's end must not end the refusal before that
+    command lands, or the refusal stands after it for EXPIRING_REFUSAL_MS (an hour of
+    `ThreadExpiring` for every run of the thread)."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg)
+    await tiers.flusher.drain()  # what a discard drops is in the cold tier
+    log = tiers.flusher.log
+    send, end_refusal = getattr(log, sets_refusal), log.accept_appends
+    sent, land = asyncio.Event(), asyncio.Event()
+    on_the_wire: list[asyncio.Future[None]] = []
+
+    async def in_flight(*args: Any, **kwargs: Any) -> None:
+        async def delivered() -> None:
+            await land.wait()
+            await send(*args, **kwargs)
+
+        # Sent: it lands whatever becomes of the caller.
+        on_the_wire.append(asyncio.ensure_future(delivered()))
+        sent.set()
+        await asyncio.shield(on_the_wire[-1])
+
+    async def accepting(thread: str) -> None:
+        await end_refusal(thread)
+        land.set()  # anything still on its way lands after the refusal was ended
+
+    monkeypatch.setattr(log, sets_refusal, in_flight)
+    monkeypatch.setattr(log, "accept_appends", accepting)
+
+    async def sweep() -> None:
+        async with getattr(tiers.flusher, block)(thread_id):
+            pass
+
+    swept = asyncio.create_task(sweep())
+    await sent.wait()
+    swept.cancel()
+    # A block that waits for its refusal to land is waited for no longer than this.
+    await asyncio.wait({swept}, timeout=1)
+    land.set()
+    with pytest.raises(asyncio.CancelledError):
+        await swept
+    await on_the_wire[0]
+    monkeypatch.undo()
+    await graph.ainvoke({"messages": ["still here"]}, cfg)
+    state = await graph.aget_state(cfg)
+    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
