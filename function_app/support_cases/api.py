@@ -350,8 +350,8 @@ async def case_events(
     view = await readable_case(case_id, caller, cases)
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
-    cases.events.admit()  # 503 while this worker serves as many streams as it may
-    stream = await cases.events.opened(case_id, start, seconds=seconds)  # 503: log out of reach
+    # 503 while this worker serves as many streams as it may, or with the log out of reach.
+    stream = await cases.events.opened(case_id, start, seconds=seconds)
     # A reviewer reads the case only while it awaits review: checked again before each
     # event, or the stream would go on serving what is written after the decision.
     while_awaiting_review = not reads_for_good(caller, view)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,42 +72,65 @@ class CaseEvents:
             raise InvalidEventId(f"Last-Event-ID {after!r} is not an event id of this API")
         return self._log
 
-    def admit(self) -> None:
-        """Refuses one more stream while this worker serves its maximum. A bound checked
-        before the stream starts: a burst of requests may pass it together."""
+    async def opened(
+        self, case_id: str, after: str | None, *, seconds: float
+    ) -> AsyncIterator[StoredEvent | None]:
+        """The case's events after `after`, for `seconds`: see `_stream`. Refuses the stream
+        (`StreamsBusy`) while this worker serves its maximum; its slot is taken here, before
+        anything is awaited, or requests arriving together would all pass the bound. The
+        first page is read now: a log out of reach when the stream opens raises
+        `BackendUnavailable` (503, Retry-After) rather than answer 200 with a stream that
+        ends at once, empty, which a client takes for a case without events."""
+        events = self.check(after)
+        give_back = self._take_slot()
+        try:
+            first = await events.read(case_id, after=after, wait_ms=0, count=PAGE)
+        except BaseException:
+            give_back()
+            raise
+        stream = self._stream(case_id, after, seconds=seconds, first=first, give_back=give_back)
+        # A stream never iterated (its client gone before the answer started) never runs
+        # its `finally`: its slot comes back when it is collected.
+        weakref.finalize(stream, give_back)
+        return stream
+
+    def _take_slot(self) -> Callable[[], None]:
+        """One of this worker's stream slots, and what gives it back (once, however often
+        it is called)."""
         if self._open_streams >= self._max_streams:
             raise StreamsBusy(
                 f"this worker serves {self._open_streams} event streams, its maximum "
                 f"(CASE_MAX_EVENT_STREAMS); retry in {StreamsBusy.retry_after} s"
             )
+        self._open_streams += 1
+        given_back = False
 
-    async def opened(
-        self, case_id: str, after: str | None, *, seconds: float
-    ) -> AsyncIterator[StoredEvent | None]:
-        """`stream`, its first page read now: a log out of reach when the stream opens
-        raises `BackendUnavailable` (503, Retry-After) rather than answer 200 with a stream
-        that ends at once, empty, which a client takes for a case without events."""
-        first = await self.check(after).read(case_id, after=after, wait_ms=0, count=PAGE)
-        return self.stream(case_id, after, seconds=seconds, first=first)
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self._open_streams -= 1
 
-    async def stream(
+        return give_back
+
+    async def _stream(
         self,
         case_id: str,
         after: str | None,
         *,
         seconds: float,
-        first: list[StoredEvent] | None = None,
+        first: list[StoredEvent],
+        give_back: Callable[[], None],
     ) -> AsyncIterator[StoredEvent | None]:
         """The case's events after `after` (`first`: the first page, already read), for
         `seconds`; None now and then while quiet (the caller sends a keep-alive). Ends
         early if the log becomes unreachable: the client reconnects with the last id it
         got."""
-        self._open_streams += 1
         try:
             async for event in self._events(case_id, after, seconds=seconds, first=first):
                 yield event
         finally:
-            self._open_streams -= 1
+            give_back()
 
     async def _events(
         self,

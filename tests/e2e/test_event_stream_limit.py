@@ -40,3 +40,38 @@ async def test_one_stream_past_the_maximum_is_503_and_an_ended_one_makes_room(
             assert served.status_code == 200 and "run_completed" in served.text
     finally:
         await runtime.close()
+
+
+async def test_a_burst_of_streams_opened_at_once_is_held_to_the_maximum(
+    e2e_settings: Callable[..., AppSettings],
+    bearer: Callable[..., dict[str, str]],
+    case_id: str,
+) -> None:
+    """Requests arriving together all passed a bound checked before their streams started
+    (each then waited on its first read): the slot is taken before that wait."""
+    runtime = await Runtime.open(e2e_settings("postgres", case_max_event_streams=2))
+    try:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://streams.test", headers=bearer("streamer")
+        ) as client:
+            assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+            events = f"/api/cases/{case_id}/events"
+            answers = await asyncio.gather(
+                *(client.get(events, params={"seconds": 1}) for _ in range(6))
+            )
+            assert sorted(answer.status_code for answer in answers) == [
+                200,
+                200,
+                503,
+                503,
+                503,
+                503,
+            ]
+            # Every slot was given back: streams ended, and the refused never held one.
+            again = await asyncio.gather(
+                *(client.get(events, params={"seconds": 0}) for _ in range(2))
+            )
+            assert [answer.status_code for answer in again] == [200, 200]
+    finally:
+        await runtime.close()

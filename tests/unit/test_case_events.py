@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -12,13 +13,15 @@ from support_cases.events import (
     CaseEvents,
     EventsUnavailable,
     InvalidEventId,
+    StreamsBusy,
     sse_frame,
 )
 from tests.support.fakes import MemoryEventLog
 
 
 async def collect(events: CaseEvents, after: str | None, seconds: float) -> list[StoredEvent]:
-    return [e async for e in events.stream("case", after, seconds=seconds) if e is not None]
+    stream = await events.opened("case", after, seconds=seconds)
+    return [e async for e in stream if e is not None]
 
 
 async def test_a_stream_ending_now_still_returns_every_event_after_the_id() -> None:
@@ -48,3 +51,16 @@ def test_frames_carry_id_type_and_json_data_and_keep_alive_is_a_comment() -> Non
     assert json.loads(lines[2].removeprefix("data: ")) == {"event": "run_completed", "text": "a\nb"}
     assert frame.endswith("\n\n") and frame.count("\n") == 4
     assert sse_frame(None) == ": keep-alive\n\n"
+
+
+async def test_a_stream_never_iterated_gives_its_slot_back_once_collected() -> None:
+    """Its client gone before the answer started: the generator never runs its `finally`."""
+    events = CaseEvents(MemoryEventLog(), max_streams=1)
+    await events.publish("case", "run_started")
+    stream = await events.opened("case", None, seconds=0)
+    with pytest.raises(StreamsBusy):
+        await events.opened("case", None, seconds=0)
+    del stream
+    gc.collect()
+    assert [e.data["event"] for e in await collect(events, None, seconds=0)] == ["run_started"]
+    assert [e.data["event"] for e in await collect(events, None, seconds=0)] == ["run_started"]
