@@ -85,6 +85,7 @@ from opentelemetry import trace
 
 from .errors import (
     BackendUnavailable,
+    CorruptState,
     LockNotAcquired,
     RequestRejected,
     StaleFencingToken,
@@ -686,6 +687,11 @@ class CacheAsideStore:
                 self._unsettled.add(thread_id)
                 self._stranded_intents.setdefault(thread_id, []).extend(stranded)
                 return True
+            except (CorruptState, UnsupportedSchemaVersion):
+                # Cold holds what `get` refuses: nothing to install, and an older readable
+                # copy must not be served instead. Dropped as a record gone is; the next
+                # read reports the damage, not a caller's conflicted write (`_under_intent`).
+                record = None
             except BaseException:
                 # Whatever else stopped the cold read (cancelled, refused): still unsettled.
                 self._unsettled.add(thread_id)

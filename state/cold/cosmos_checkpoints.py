@@ -373,10 +373,11 @@ class CosmosCheckpointStore:
         a `parent` sends its documents behind a read of it the same way."""
         if step.parent is not None:
             # Too large for a batch (or refused as one): a read of its own, before any
-            # document of the step is written.
+            # document of the step is written. Unlike a batch's read, it sees whether the
+            # parent was spared since the put remembered it: refused as `_parent` does.
             ns, parent_id = step.parent
             found = await self._io.read(layout.checkpoint_doc_id(ns, parent_id), thread_id)
-            if found is None:
+            if found is None or found.get("type") != layout.CHECKPOINT or found.get("spared"):
                 raise ParentGone(thread_id, ns, parent_id)
         await self._io.upsert_all(step.prelude)
         upserts: list[BatchOperation] = [("upsert", (doc,)) for doc in step.upserts]
@@ -1091,7 +1092,7 @@ class _Step:
     # (namespace, id) of a parent the step is stored only if it is still there: read by
     # the step's batch first, so a parent deleted by then fails it whole (HTTP 404). Not
     # whether it is spared: a batch's read cannot tell (the put's own read of an unseen
-    # parent does).
+    # parent does, as does the read before a step too large for a batch).
     parent: tuple[str, str] | None = None
 
     def operations(self) -> list[BatchOperation]:

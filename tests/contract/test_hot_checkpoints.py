@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from state.errors import StaleFencingToken
+from state.errors import StaleFencingToken, UnknownParent
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_write_behind import RedisCheckpointFence, RedisWriteBehindLog
@@ -241,6 +241,45 @@ async def test_a_stale_fence_is_refused_and_appends_nothing(hot: HotCheckpoints)
         await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=8)
     await hot.log.append_put(checkpoint(thread, 2), [blob("chat", 2)], fence=None)
     assert len(await hot.log.read(thread, count=10)) == 2
+
+
+async def test_a_put_whose_parent_the_hot_tier_has_no_trace_of_is_refused_unless_stored(
+    hot: HotCheckpoints,
+) -> None:
+    """A parent neither cached as the head nor in the log: a fork if it is older than the
+    cached head (`fork`), a loss the caller checks otherwise (a newer parent, or nothing
+    cached); nothing is written either way. A logged parent, or one the caller says is
+    stored, is appended."""
+    thread = unique_thread("wbl")
+    for n in (1, 2, 3):
+        await hot.log.append_put(checkpoint(thread, n), [blob("chat", n)], fence=None)
+    await hot.log.ack(thread, [entry.entry_id for entry in await hot.log.read(thread, count=10)])
+
+    def child(n: int, parent: int) -> StoredCheckpoint:
+        return dataclasses.replace(checkpoint(thread, n), parent_checkpoint_id=f"{parent:08}")
+
+    with pytest.raises(UnknownParent) as fork:
+        await hot.log.append_put(child(4, 1), [], fence=None)
+    assert fork.value.fork
+    with pytest.raises(UnknownParent) as ahead:
+        await hot.log.append_put(child(6, 5), [], fence=None)
+    assert not ahead.value.fork
+    uncached = unique_thread("wbl")
+    with pytest.raises(UnknownParent) as nothing_cached:
+        await hot.log.append_put(checkpoint(uncached, 2), [], fence=None)
+    assert not nothing_cached.value.fork
+    assert not await hot.log.pending(thread) and not await hot.log.pending(uncached)
+    head = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+    assert head is not None and head.checkpoint_id == f"{3:08}"
+
+    await hot.log.append_put(checkpoint(thread, 4), [], fence=None)
+    await hot.log.append_put(checkpoint(thread, 5), [], fence=None)
+    await hot.log.append_put(child(6, 4), [], fence=None)  # its parent is in the log
+    await hot.log.append_put(child(7, 1), [], fence=None, parent_stored=True)
+    logged = [entry.op for entry in await hot.log.read(thread, count=10)]
+    assert [op.checkpoint.checkpoint_id for op in logged if isinstance(op, CheckpointPut)] == [
+        f"{n:08}" for n in (4, 5, 6, 7)
+    ]
 
 
 async def test_dirty_threads_are_listed_oldest_first_and_settled_only_if_unchanged(

@@ -420,6 +420,38 @@ async def test_a_put_whose_parent_was_read_cannot_land_after_a_delete_thread(
     assert await store.get_checkpoint(thread_id, "", None) is None
 
 
+async def test_a_step_too_large_for_a_batch_whose_remembered_parent_was_spared_is_refused(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection, settings: Settings
+) -> None:
+    """This store's last put is the parent (no read before packing); another process goes
+    on from it and deletes its run, which keeps it only as the DeltaChannel history of the
+    later checkpoint (spared). The step too large for a batch reads the parent apart before
+    its documents, and refuses it as spared like a gone one, storing no checkpoint."""
+    store = small_items
+    thread_id = thread()
+    await store.put_checkpoint(
+        stored(thread_id, 1, {"m": "1"}), [StoredBlob("m", "1", ("json", b"[1]"))]
+    )
+    await store.put_checkpoint(stored(thread_id, 2, {"m": "1"}, run_id="doomed"), [])
+    other = checkpoint_store(connection, settings)
+    later = dataclasses.replace(
+        stored(thread_id, 3, {"m": "3"}, run_id="later"),
+        metadata={"step": 3, "run_id": "later", "counters_since_delta_snapshot": {"m": 1}},
+    )
+    await other.put_checkpoint(later, [])
+    await other.delete_for_runs(["doomed"])
+    assert await other.get_checkpoint(thread_id, "", checkpoint_id(2), spared=False) is None
+
+    fork = dataclasses.replace(
+        stored(thread_id, 4, {"m": "1", "a": "4"}), parent_checkpoint_id=checkpoint_id(2)
+    )
+    value = StoredBlob("a", "4", ("bytes", os.urandom(TOO_LARGE_FOR_A_BATCH)))
+    with pytest.raises(ParentGone):
+        await store.put_checkpoint(fork, [value])
+    listed = [c.checkpoint_id async for c in _list(other, thread_id)]
+    assert listed == [checkpoint_id(3), checkpoint_id(2), checkpoint_id(1)]
+
+
 async def test_a_parentless_put_of_a_run_landing_during_its_delete_is_deleted_too(
     store: CosmosCheckpointStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

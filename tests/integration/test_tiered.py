@@ -27,6 +27,7 @@ from state.cold.cosmos_client import CosmosConnection
 from state.cold.cosmos_store import CosmosStateStore
 from state.errors import (
     BackendUnavailable,
+    CorruptState,
     LockNotAcquired,
     StaleFencingToken,
     VersionConflict,
@@ -328,6 +329,27 @@ async def test_a_conflict_reaches_the_caller_and_refreshes_an_outdated_hot_copy(
     assert retried.version == 3
     with pytest.raises(VersionConflict):
         await tiered.update_section(thread, "s", 9, agent_id="a", expected_version=2)
+
+
+async def test_a_conflict_on_a_record_damaged_since_is_a_conflict_and_serves_no_stale_copy(
+    tiered: TieredStateStore, cold: CosmosStateStore, hot: RedisHotStore
+) -> None:
+    """Another writer moved the record on, then it was damaged (by hand): a write at the
+    version this process read is refused as the cold store refuses it, a conflict (a stale
+    version comes first), not as the refresh after it fails to read the record. The
+    outdated hot copy goes, so the caller's next read reports the damage."""
+    thread = _thread()
+    await tiered.create(thread, {"s": 0}, agent_id="a")
+    await cold.update_section(thread, "s", 1, expected_version=1, agent_id="other")
+    container = await cold._connection.container()
+    stored = await container.read_item("wf", partition_key=thread)
+    await container.replace_item("wf", {**stored, "sections": []})
+    with pytest.raises(VersionConflict) as conflict:
+        await tiered.update_section(thread, "s", 2, agent_id="a", expected_version=1)
+    assert (conflict.value.expected, conflict.value.actual) == (1, 2)
+    assert await hot.get(thread) is None
+    with pytest.raises(CorruptState):
+        await tiered.get(thread)
 
 
 async def test_a_stale_install_racing_a_newer_write_cannot_win(

@@ -41,6 +41,7 @@ from state.errors import (
     StaleFencingToken,
     StateTooLarge,
     ThreadExpiring,
+    UnknownParent,
     VersionConflict,
     WorkflowExists,
     WorkflowNotFound,
@@ -1153,14 +1154,36 @@ class MemoryWriteBehindLog(_Tier):
         *,
         fence: int | None,
         fence_checked: bool = False,  # this fake never loses a fence
-        parent_stored: bool = False,  # nor a parent
+        parent_stored: bool = False,
     ) -> None:
         self._call("append_put")
         self._refuse_if_expiring(checkpoint.thread_id)
         self.admit(checkpoint.thread_id, fence)
+        if not parent_stored:
+            self._refuse_unknown_parent(checkpoint)
         self.cache._advance(checkpoint, blobs)
         bare = dataclasses.replace(checkpoint, blobs=None, writes=None)
         self._record(checkpoint.thread_id, CheckpointPut(bare, list(blobs)))
+
+    def _refuse_unknown_parent(self, checkpoint: StoredCheckpoint) -> None:
+        """`UnknownParent` as the Redis script answers it: a parent neither cached as the
+        namespace's head nor logged; a fork only if older than the cached head (a newer
+        one is a step Redis may have lost)."""
+        parent = checkpoint.parent_checkpoint_id
+        if not parent:
+            return
+        entry = self.cache.entry(checkpoint.thread_id, checkpoint.checkpoint_ns)
+        head = entry.checkpoint.checkpoint_id if entry and entry.checkpoint else None
+        if head == parent or any(
+            isinstance(logged.op, CheckpointPut)
+            and logged.op.checkpoint.checkpoint_ns == checkpoint.checkpoint_ns
+            and logged.op.checkpoint.checkpoint_id == parent
+            for logged in self._logs.get(checkpoint.thread_id, [])
+        ):
+            return
+        # Byte-wise, as the script's `older`.
+        older = head is not None and parent.encode() < head.encode()
+        raise UnknownParent(checkpoint.thread_id, fork=older)
 
     async def append_writes(
         self,

@@ -21,7 +21,7 @@ from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.fencing import RecordFence
 from state.checkpoint.flusher import Flusher
 from state.checkpoint.saver import DURABILITY_KEY, FENCING_TOKEN_KEY
-from state.errors import BackendUnavailable, StaleFencingToken
+from state.errors import BackendUnavailable, ParentGone, StaleFencingToken
 from tests.support.fakes import (
     MemoryCheckpointStore,
     MemoryColdStore,
@@ -236,6 +236,27 @@ async def test_a_flush_refuses_to_vouch_for_state_that_lives_only_in_redis() -> 
     await Run(tiers.saver).step(chat=messages("a"))
     with unreachable(tiers.hot.outage), pytest.raises(BackendUnavailable):
         await tiers.saver.aflush(THREAD)
+
+
+async def test_a_write_behind_fork_from_a_pruned_checkpoint_is_refused_and_logs_nothing() -> None:
+    """The log refuses a parent older than the cached head it does not hold (a fork); the
+    cold tier no longer holds it either (pruned), so the fork is `ParentGone`, as written
+    through, not appended for the flusher to store onto a checkpoint that is gone."""
+    tiers = Tiers(write_behind=True)
+    run = Run(tiers.saver)
+    first = await run.step(chat=messages("a"))
+    await run.step(chat=messages("a", "b"))
+    latest = await run.step(chat=messages("a", "b", "c"))
+    await tiers.saver.aprune([THREAD])
+    assert values(await tiers.saver.aget_tuple(LATEST)) == {"chat": messages("a", "b", "c")}
+    fork = Run(tiers.saver, checkpoint_id=first["configurable"]["checkpoint_id"])
+    with pytest.raises(ParentGone):
+        await fork.step(chat=messages("a", "fork"))
+    assert not await tiers.hot.log.pending(THREAD)
+    await tiers.saver.aflush(THREAD)
+    stored = await tiers.store.get_checkpoint(THREAD, "", None)
+    assert stored is not None
+    assert stored.checkpoint_id == latest["configurable"]["checkpoint_id"]
 
 
 @pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
