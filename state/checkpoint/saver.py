@@ -1205,20 +1205,27 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         """The hot tier has no trace of the put's parent: unless the cold tier has it (a fork,
         a cache entry gone after its flush), Redis lost it, and the run cannot go on. Not
         when it holds a newer checkpoint as the namespace's latest (`fork`), nor when the
+        cold tier does (a prune took the parent and the cached head with it), nor when the
         parent is one delete_for_runs kept only for a later checkpoint's DeltaChannel
         history (a deleted run's): then the parent is gone, and the put refused as a
-        write-through put is (`ParentGone`), not flushed onto it later."""
+        write-through put is (`ParentGone`), not flushed onto it later. A step Redis lost
+        is newer than every flushed one, as the log flushes in order."""
         stored = put.stored
+        thread_id, checkpoint_ns = stored.thread_id, stored.checkpoint_ns
         parent = stored.parent_checkpoint_id
         assert parent is not None
-        if await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent, spared=False):
+        if await self._in_cold(thread_id, checkpoint_ns, parent, spared=False):
             return
-        if fork or await self._in_cold(stored.thread_id, stored.checkpoint_ns, parent):
-            raise ParentGone(stored.thread_id, stored.checkpoint_ns, parent)
+        if (
+            fork
+            or await self._in_cold(thread_id, checkpoint_ns, parent)
+            or await self._gone_past(thread_id, checkpoint_ns, parent)
+        ):
+            raise ParentGone(thread_id, checkpoint_ns, parent)
         # Marked, not only forgotten: in a subgraph LangGraph drops this error as the
         # subgraph exits with an interrupt, and the run's later boundaries must fail.
-        await self._mark_lost(stored.thread_id)
-        raise HotStateLost(stored.thread_id, parent)
+        await self._mark_lost(thread_id)
+        raise HotStateLost(thread_id, parent)
 
     async def _in_cold(
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str, *, spared: bool = True

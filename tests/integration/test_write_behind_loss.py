@@ -3,7 +3,8 @@ persistence), on real servers for each cold backend: the run that wrote them sto
 (`HotStateLost`, a `BackendUnavailable`: the case app leaves it for the timer, which
 resumes it from the cold tier), a flush never reports them stored, and the cold tier keeps
 the last boundary whole, never a checkpoint whose parent or values went missing (found by
-a fault hunt). A put whose parent only the cold tier has (a fork) still goes through.
+a fault hunt). A put whose parent only the cold tier has (a fork) still goes through; one whose parent a
+prune took just before (the cache dropped with it) is refused, the thread not lost.
 Redis crashing at a boundary: the boundary rides out a restart (bounded), reports flushed
 a batch that reached the cold tier before its acknowledgement failed, and reports lost a
 backlog the restart emptied (a fresh-clone run failed on that window)."""
@@ -24,14 +25,14 @@ import pytest
 import redis
 from langchain_core.runnables import RunnableConfig
 from langgraph.channels.delta import DeltaChannel
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from devstack import RedisServer
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.saver import REDIS_RETURN_SECONDS
-from state.errors import BackendUnavailable, HotStateLost
+from state.errors import BackendUnavailable, HotStateLost, ParentGone
 from state.factory import open_backends
 from state.ports import CheckpointStore
 from tests.integration.delta_graph import append
@@ -200,6 +201,31 @@ async def test_a_fork_whose_parent_only_the_cold_tier_has_goes_on(
             results.append(await on.ainvoke({"messages": ["u3"]}, fork))
         assert results[1] == results[0]
         await saver.aflush(thread_id)
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_fork_from_a_checkpoint_pruned_just_before_is_refused_not_lost(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """The prune dropped the thread's cache entry, so the log cannot tell a fork from a
+    pruned checkpoint from a step past one Redis lost; the cold tier's latest, newer than
+    that parent, does. Refused (`ParentGone`), the thread not lost: its next run goes on."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        await graph.ainvoke({"messages": ["u2"]}, cfg)
+        older = [s async for s in graph.aget_state_history(cfg)][3].config  # end of run 1
+        await saver.aflush(thread_id)
+        await saver.aprune([thread_id])
+        with pytest.raises(ParentGone):
+            await saver.aput(older, empty_checkpoint(), {"source": "update", "step": 3}, {})
+        assert saver.losses_found == 0
+        done = await graph.ainvoke({"messages": ["u3"]}, cfg)
+        assert done["messages"][-3:] == ["u3", "first", "second"]
+        await saver.aflush(thread_id)
+        assert saver.losses_found == 0
 
 
 def crash(server: RedisServer) -> None:

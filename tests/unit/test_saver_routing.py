@@ -259,6 +259,27 @@ async def test_a_write_behind_fork_from_a_pruned_checkpoint_is_refused_and_logs_
     assert stored.checkpoint_id == latest["configurable"]["checkpoint_id"]
 
 
+async def test_a_write_behind_fork_right_after_a_prune_is_refused_not_a_loss() -> None:
+    """The prune dropped the cached head, so the log cannot tell the fork from a step past a
+    lost one; the cold tier can: its latest is newer than the parent, which was pruned, not
+    lost with Redis. Refused (`ParentGone`), the thread not marked lost: it goes on."""
+    tiers = Tiers(write_behind=True)
+    run = Run(tiers.saver)
+    first = await run.step(chat=messages("a"))
+    await run.step(chat=messages("a", "b"))
+    latest = await run.step(chat=messages("a", "b", "c"))
+    await tiers.saver.aprune([THREAD])
+    fork = Run(tiers.saver, checkpoint_id=first["configurable"]["checkpoint_id"])
+    with pytest.raises(ParentGone):
+        await fork.step(chat=messages("a", "fork"))
+    assert not await tiers.hot.log.pending(THREAD)
+    assert values(await tiers.saver.aget_tuple(LATEST)) == {"chat": messages("a", "b", "c")}
+    going_on = Run(tiers.saver, checkpoint_id=latest["configurable"]["checkpoint_id"])
+    await going_on.step(chat=messages("a", "b", "c", "d"))
+    await tiers.saver.aflush(THREAD)
+    assert values(await tiers.saver.aget_tuple(LATEST)) == {"chat": messages("a", "b", "c", "d")}
+
+
 @pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
 @pytest.mark.parametrize("redis", ["up", "down"])
 async def test_a_stale_fencing_token_is_refused_before_the_cold_tier(
