@@ -72,23 +72,10 @@ def repo_root() -> Path:
 @pytest.fixture
 def fresh_postgres_url(stack_env: dict[str, str]) -> Iterator[str]:
     """A new, empty database on the session Postgres server (dropped afterwards)."""
-    import uuid
+    from tests.support.postgres import own_database
 
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    server_url = stack_env["POSTGRES_URL"]
-    name = f"test_{uuid.uuid4().hex}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(server_url, dbname=name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with own_database(stack_env["POSTGRES_URL"]) as url:
+        yield url
 
 
 @pytest.fixture

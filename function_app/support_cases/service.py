@@ -329,8 +329,8 @@ class CaseService:
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
         indexed_at = await self._tracker.register(case_id)
-        try:
-            await self._store.create(
+        creating = asyncio.ensure_future(
+            self._store.create(
                 case_id,
                 # Created as its first run, which starts right away: that run's RUNNING
                 # mark would be one more write. Should the run never start (a crash before
@@ -346,6 +346,18 @@ class CaseService:
                 },
                 agent_id=API_AGENT_ID,
             )
+        )
+        try:
+            # Shielded: a caller gone before its case's first run starts (the client left,
+            # the server cancelled the handler) would leave the case, created "running",
+            # with nobody running it until the timer finds it stalled, and its retry would
+            # replay that. The create goes on, and its first run starts all the same.
+            await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            self._spawn(
+                self._first_run_once_created(creating, case_id, run_id, request, indexed_at)
+            )
+            raise
         except WorkflowExists:
             existing = await self._record(case_id)
             owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
@@ -370,22 +382,26 @@ class CaseService:
                     "use a new idempotency key for a new case"
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
-        if self._tracker.may_look_abandoned(indexed_at):
-            # A tick drops an entry without a record once it is older than the stale period
-            # (a dead submit's): one this old (this submit was slow, or found the entry a
-            # dead one left) may have gone before the case existed. Indexed again before
-            # the case is acknowledged; a busy index answers 503, and the client's retry
-            # indexes it first (its run, marked running, is resumed once it stalls).
-            await self._tracker.register(case_id)
+        launched = False
 
         async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
+            nonlocal launched
+            launched = True  # `_launch` spawns the run in this same step
             return self._initial_input(case_id, request)
 
-        # A case just created has no checkpoint to look at: its first run starts fresh.
-        if self._saver is not None:
-            self._saver.expect_new_thread(case_id)
-        await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
         try:
+            if self._tracker.may_look_abandoned(indexed_at):
+                # A tick drops an entry without a record once it is older than the stale
+                # period (a dead submit's): one this old (this submit was slow, or found the
+                # entry a dead one left) may have gone before the case existed. Indexed
+                # again before the case is acknowledged; a busy index answers 503, and the
+                # client's retry indexes it first (its run, marked running, is resumed once
+                # it stalls).
+                await self._tracker.register(case_id)
+            # A case just created has no checkpoint to look at: its first run starts fresh.
+            if self._saver is not None:
+                self._saver.expect_new_thread(case_id)
+            await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
             return await self._launch(
                 case_id,
                 initial_input,
@@ -399,6 +415,35 @@ class CaseService:
             # leaves the first run, marked running, to its runner: this one, once it can.
             self._spawn(self._first_run_when_free(case_id, run_id, request))
             return Outcome(await self.status(case_id), created=True, finished=False)
+        except asyncio.CancelledError:
+            if not launched:  # as above
+                self._spawn(
+                    self._first_run_once_created(creating, case_id, run_id, request, indexed_at)
+                )
+            raise
+
+    async def _first_run_once_created(
+        self,
+        creating: asyncio.Future[Any],
+        case_id: str,
+        run_id: str,
+        request: dict[str, Any],
+        indexed_at: str,
+    ) -> None:
+        """The first run of a case whose submit was cancelled before starting it, once
+        `creating` has created the case (none if the case existed, or the write failed: the
+        timer sees to the case should it have landed)."""
+        try:
+            await creating
+        except WorkflowExists:
+            return
+        except Exception:
+            # Logged here: the request that would have answered with it is gone.
+            log.warning("case %s: a cancelled submit's create failed", case_id, exc_info=True)
+            return
+        if self._tracker.may_look_abandoned(indexed_at):
+            await self._tracker.register(case_id)  # as `_submit` does
+        await self._first_run_when_free(case_id, run_id, request)
 
     async def _first_run_when_free(
         self, case_id: str, run_id: str, request: dict[str, Any]
@@ -795,7 +840,7 @@ class CaseService:
             guard = await self._acquire(case_id)
         except CaseBusy:
             return None
-        return self._spawn(self._pump(case_id, guard))
+        return self._spawn_holding(case_id, guard, lambda: self._pump(case_id, guard))
 
     async def sweep_expired(
         self,
@@ -957,8 +1002,12 @@ class CaseService:
                 except asyncio.CancelledError:
                     # The caller is gone, its mark maybe written: the run it stands for (a
                     # decision's) goes on, not left "running" with nobody running it.
-                    self._spawn(
-                        self._drive_once_marked(case_id, marking, graph_input, guard, run_id)
+                    self._spawn_holding(
+                        case_id,
+                        guard,
+                        lambda: self._drive_once_marked(
+                            case_id, marking, graph_input, guard, run_id
+                        ),
                     )
                     handed_over = True
                     raise
@@ -971,8 +1020,12 @@ class CaseService:
                 await self._release(case_id, guard)
             raise
         marked = created or still is not None
-        task = self._spawn(
-            self._drive(case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=created)
+        task = self._spawn_holding(
+            case_id,
+            guard,
+            lambda: self._drive(
+                case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=created
+            ),
         )
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
@@ -1008,6 +1061,23 @@ class CaseService:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._forget)
+        return task
+
+    def _spawn_holding(
+        self, case_id: str, guard: RunGuard, work: Callable[[], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """`work()`, which releases `guard` on every path, in the background. A task
+        cancelled before its first step (`close`) never runs it: the guard is let go here,
+        not held to its TTL, refusing the case to every other worker meanwhile."""
+        started = False
+
+        async def run() -> None:
+            nonlocal started
+            started = True
+            await work()
+
+        task = self._spawn(run())
+        task.add_done_callback(lambda _: started or self._let_go(case_id, guard))
         return task
 
     def _forget(self, task: asyncio.Task[None]) -> None:

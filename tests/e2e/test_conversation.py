@@ -9,6 +9,7 @@ arrives while it is in progress, deterministically.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -27,6 +28,7 @@ from support_cases.service import case_config, run_lock_name
 from support_cases.settings import AppSettings
 from tests.support.cosmos import drop_container
 from tests.support.effects import provider_calls
+from tests.support.postgres import own_database
 from tests.support.sse import parse_sse
 
 INVOICE = "I also can't download my invoice"
@@ -78,28 +80,35 @@ async def gated_runtime(
 ) -> AsyncIterator[Runtime]:
     """The app on `backend` in `mode` (`cold-only`: without Redis), its steps held by
     `gate`. A short wait: a request answers 202 while the held run goes on. A Cosmos
-    container of its own, dropped after: the emulator's cross-partition queries scan the
-    whole container, and the suite's shared one should not grow by these cases for every
-    test after."""
-    own = (
-        {"cosmos_container": f"{container_prefix}-{uuid.uuid4().hex[:12]}"}
-        if backend == "cosmos"
-        else {}
-    )
-    if mode == "cold-only":
-        settings = e2e_settings(backend, redis_url=None, case_sync_wait_seconds=0.5, **own)
-    else:
-        settings = e2e_settings(backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own)
-        assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
-    opened = await Runtime.open(settings, after_step=gate.hook)
-    try:
-        yield opened
-    finally:
-        gate.open()
-        await opened.service.wait_idle()
-        await opened.close()
-        if own:
-            await drop_container(settings)
+    container or Postgres database of its own, dropped after: the emulator's
+    cross-partition queries scan the whole container, and the suite's shared one should
+    not grow by these cases for every test after; and a timer tick run here (which
+    resumes every stalled case it finds) must not find a case another test left
+    "running" on purpose, to be held at this gate with the tick waiting on it."""
+    with contextlib.ExitStack() as owned:
+        own: dict[str, object]
+        if backend == "cosmos":
+            own = {"cosmos_container": f"{container_prefix}-{uuid.uuid4().hex[:12]}"}
+        else:
+            server = e2e_settings(backend).postgres_url
+            assert server is not None
+            own = {"postgres_url": owned.enter_context(own_database(server.get_secret_value()))}
+        if mode == "cold-only":
+            settings = e2e_settings(backend, redis_url=None, case_sync_wait_seconds=0.5, **own)
+        else:
+            settings = e2e_settings(
+                backend, state_write_mode=mode, case_sync_wait_seconds=0.5, **own
+            )
+            assert (settings.write_mode.value == "write-behind") == (mode == "write-behind")
+        opened = await Runtime.open(settings, after_step=gate.hook)
+        try:
+            yield opened
+        finally:
+            gate.open()
+            await opened.service.wait_idle()
+            await opened.close()
+            if backend == "cosmos":
+                await drop_container(settings)
 
 
 @asynccontextmanager

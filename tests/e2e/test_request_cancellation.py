@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from e2e_payloads import duplicate_charges
 
-from state import JSON, Lock
+from state import JSON, Lock, WorkflowRecord
 from state.ports import SectionWrite
 from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.demo import demo_case
-from support_cases.runs import RUN_SECTION
+from support_cases.models import CaseSubmission
+from support_cases.records import write_section
+from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RUN_LEASE_SECTION, run_lock_name
 from tests.support.effects import provider_calls
@@ -342,3 +345,130 @@ async def test_a_resume_refused_and_cancelled_as_it_lets_go_of_the_run_lock_leav
     assert follow_up.status_code in (200, 202), follow_up.text
     await runtime.service.wait_idle()
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
+
+
+@pytest.mark.parametrize("held", ["the create's reply", "the run lock"])
+async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    held: str,
+) -> None:
+    """The submit is cancelled once the cold tier has created its case (created as its
+    first run, marked running), before its first run starts: as the write's reply is on
+    its way back, or as it takes the case's run lock. The first run goes on (not the case
+    left "running" with nobody running it until the timer finds it stalled, its retry
+    replaying that). The case completes, each side effect done once, its run lock
+    released; the submit sent again answers the finished case and runs nothing more."""
+    key = {"Idempotency-Key": f"cancelled-{case_id}"}
+    reached, release = asyncio.Event(), asyncio.Event()
+    if held == "the create's reply":
+        cold = runtime.backends.cold
+        create: Callable[..., Any] = cold.create
+
+        async def reply_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
+            stored = await create(thread_id, sections, **kwargs)
+            if thread_id == case_id and not reached.is_set():
+                reached.set()
+                await release.wait()
+            return stored
+
+        monkeypatch.setattr(cold, "create", reply_held)
+    else:
+        hot = runtime.backends.hot
+        assert hot is not None
+        acquire: Callable[..., Any] = hot.acquire_lock
+
+        async def lock_held(name: str, *, ttl_ms: int) -> Lock | None:
+            if name == run_lock_name(case_id) and not reached.is_set():
+                reached.set()
+                await release.wait()
+            held_lock: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+            return held_lock
+
+        monkeypatch.setattr(hot, "acquire_lock", lock_held)
+    submit = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id), headers=key))
+    await asyncio.wait_for(reached.wait(), 10)
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    release.set()
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    monkeypatch.undo()
+
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    record = await runtime.store.get_fresh(case_id)
+    assert record is not None
+    observed = (
+        case["status"],
+        # Run by its first attempt: not resumed (a second attempt) after going stale.
+        record.sections[RUN_SECTION]["attempt"],
+        len(await provider_calls(runtime, case_id, "refund")),
+        len(await provider_calls(runtime, case_id, "reset_link")),
+        await runtime.store.lock_expires_in(run_lock_name(case_id)),
+    )
+    assert observed == ("completed", 1, 1, 1, None), observed
+    retried = await client.post("/api/cases", json=demo_case(case_id), headers=key)
+    assert (retried.status_code, retried.json()["status"]) == (200, "completed"), retried.text
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
+    assert len(await provider_calls(runtime, case_id, "reset_link")) == 1
+
+
+async def test_a_run_stopped_by_close_before_its_first_step_lets_go_of_the_run_lock(
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A graceful shutdown (`close`) cancels a case's first run between the moment it is
+    handed the run lock and its first step (which would release the lock on any path): the
+    lock is released all the same, not held for its TTL, refusing the case to the worker
+    that takes over (its follow-up answered 409 meanwhile)."""
+    own = await Runtime.open(e2e_settings(runtime.settings.state_cold_backend.value))
+    try:
+        hot = own.backends.hot
+        assert hot is not None
+        acquire: Callable[..., Any] = hot.acquire_lock
+        read: Callable[..., Any] = hot.read
+        locked = asyncio.Event()
+        closing: list[asyncio.Future[None]] = []
+
+        async def lock_noted(name: str, *, ttl_ms: int) -> Lock | None:
+            held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+            if name == run_lock_name(case_id):
+                locked.set()
+            return held
+
+        async def close_as_read(thread_id: str) -> Any:
+            found = await read(thread_id)
+            if thread_id == case_id and locked.is_set() and not closing:
+                # The submit reads the case's run id under the lock, then hands the lock to
+                # its run's task in the same step: `close` is scheduled before that task's
+                # first step, and cancels it.
+                closing.append(asyncio.ensure_future(own.service.close()))
+            return found
+
+        monkeypatch.setattr(hot, "acquire_lock", lock_noted)
+        monkeypatch.setattr(hot, "read", close_as_read)
+        await own.service.submit(CaseSubmission.model_validate(demo_case(case_id)), None)
+        assert closing, "the submit never read its case under the run lock"
+        await closing[0]
+        monkeypatch.undo()
+        await until_released(own, run_lock_name(case_id))
+        # Left running, as by a stopped worker, for the timer: resumed here, or a later
+        # test's tick on the shared stores would find it stalled and resume it.
+        await write_section(own.store, case_id, RUN_SECTION, heartbeat_long_ago, agent_id=RUNNER_ID)
+        resumed = await own.service.resume(case_id, wait_until_rest=True)
+        assert resumed.view.status == "completed", resumed
+    finally:
+        await own.close()
+
+
+def heartbeat_long_ago(record: WorkflowRecord) -> object:
+    """The run section of a running case whose worker stopped long ago."""
+    return {
+        **record.sections[RUN_SECTION],
+        "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat(),
+    }
