@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -90,6 +91,24 @@ class Caller:
 # write meanwhile. A context variable, not a parameter: a run started for a caller goes
 # on in its own task (which copies the context) through agents that know nothing of HTTP.
 _acting_for: ContextVar[Caller | None] = ContextVar("acting_for", default=None)
+
+
+def checkpoint_time_us(checkpoint_id: str) -> int | None:
+    """When a checkpoint was made (Unix microseconds), from its LangGraph uuid6 id; None for
+    an id that is no uuid6."""
+    try:
+        made = uuid.UUID(checkpoint_id)
+    except ValueError:
+        return None
+    if made.version != 6:
+        return None
+    # uuid6: the 60-bit time (100 ns since 1582-10-15) split around the version nibble.
+    ticks = (made.int >> 80) << 12 | (made.int >> 64) & 0x0FFF
+    return (ticks - _UUID_EPOCH_TICKS) // 10
+
+
+# The Unix epoch in uuid time (100 ns ticks since the Gregorian calendar's start).
+_UUID_EPOCH_TICKS = 0x01B21DD213814000
 
 
 def acting_caller() -> Caller | None:
@@ -1067,6 +1086,12 @@ class WriteBehindLog(Protocol):
         """Drop every unflushed entry of the thread and its cached checkpoints, in one step
         (it is being deleted). With `refuse_appends_ms`, appends to the thread are refused
         (`ThreadExpiring`) from that same step on, until `accept_appends` or that long."""
+
+    async def deleted_since(self, thread_id: str, checkpoint_id: str) -> bool:
+        """Whether a `discard` of the thread came after checkpoint `checkpoint_id` was made
+        (by its uuid6 time): the thread was deleted under it, rather than the hot tier losing
+        it. Remembered for a while (the hot TTL), and lost with the rest of the thread's hot
+        state: False then, as for an id that is no uuid6."""
 
     async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
         """Refuse appends to the thread (`ThreadExpiring`), as `discard` does, but keep its

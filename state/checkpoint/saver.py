@@ -1207,7 +1207,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         when it holds a newer checkpoint as the namespace's latest (`fork`), nor when the
         cold tier does (a prune took the parent and the cached head with it), nor when the
         parent is one delete_for_runs kept only for a later checkpoint's DeltaChannel
-        history (a deleted run's): then the parent is gone, and the put refused as a
+        history (a deleted run's), nor when the thread was deleted since the parent was made
+        (the log's mark of it): then the parent is gone, and the put refused as a
         write-through put is (`ParentGone`), not flushed onto it later. A step Redis lost
         is newer than every flushed one, as the log flushes in order."""
         stored = put.stored
@@ -1219,7 +1220,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if (
             fork
             or await self._in_cold(thread_id, checkpoint_ns, parent)
-            or await self._gone_past(thread_id, checkpoint_ns, parent)
+            or await self._gone(thread_id, checkpoint_ns, parent)
         ):
             raise ParentGone(thread_id, checkpoint_ns, parent)
         # Marked, not only forgotten: in a subgraph LangGraph drops this error as the
@@ -1899,14 +1900,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if (
                 not applied
                 and not await self._in_cold(thread_id, checkpoint_ns, checkpoint_id)
-                and not await self._gone_past(thread_id, checkpoint_ns, checkpoint_id)
+                and not await self._gone(thread_id, checkpoint_ns, checkpoint_id)
             ):
                 await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
             if not await self._writes_stored(
                 thread_id, checkpoint_ns, checkpoint_id, keys
-            ) and not await self._gone_past(thread_id, checkpoint_ns, checkpoint_id):
+            ) and not await self._gone(thread_id, checkpoint_ns, checkpoint_id):
                 await self._mark_lost(thread_id)
                 raise HotStateLost(thread_id, checkpoint_id)
         for checkpoint_ns, (checkpoint_id, keys) in expected_writes.items():
@@ -1918,6 +1919,20 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     del heads[checkpoint_ns]
             if not heads:
                 self._unconfirmed.pop(thread_id, None)
+
+    async def _gone(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+        """Whether a step of this process the hot tier no longer has was removed, not lost:
+        gone past (`_gone_past`), or the thread deleted after it was made. With the thread
+        deleted whole the cold tier cannot tell that from Redis losing a thread never
+        flushed; the log's mark of the deletion can, while Redis keeps it: a real loss
+        takes it with the thread's other keys, and a step made after it was not deleted."""
+        assert self.flusher is not None
+        if await self._gone_past(thread_id, checkpoint_ns, checkpoint_id):
+            return True
+        try:
+            return await self.flusher.log.deleted_since(thread_id, checkpoint_id)
+        except BackendUnavailable:
+            return False  # the mark unread: a loss, as without one (the cautious answer)
 
     async def _gone_past(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
         """Whether the namespace's latest cold checkpoint is newer than `checkpoint_id`, a

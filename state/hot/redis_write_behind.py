@@ -25,7 +25,11 @@ of `redis_checkpoints`:
 - `wb-expiring`: set by the discard that begins the retention sweep's deletion of the
   thread: appends are refused (`ThreadExpiring`) until the sweep ends, so nothing reaches
   the log that a flusher could apply onto the deleted thread. It holds the server time
-  the refusal ends at rather than a TTL (an evicted mark would let appends in).
+  the refusal ends at rather than a TTL (an evicted mark would let appends in);
+- `wb-deleted`: set by every discard (the thread is being deleted) to the server time in
+  microseconds, for the hot TTL: a put from a checkpoint made before it finds its parent
+  deleted, not lost (`deleted_since`). Evicted or lost with the thread's other keys, it
+  leaves that put reported as a loss, the cautious answer.
 
 An append is one script: fence check, cache advance, stream entry, all atomic in
 the thread's slot. It is pipelined (same round trip) with a second script on the
@@ -36,8 +40,8 @@ flushed), `since` (when the thread became dirty: the backlog's age) and
 cold store refused for good, with its reason: cleared by the thread's next `ack` or
 unlisting). The append goes first, so a thread
 is never listed after its entry is lost, only (harmlessly) listed with nothing
-to flush. None of these keys has a TTL except the fence: under a volatile-*
-eviction policy they are never evicted.
+to flush. None of these keys has a TTL except the fence and the deleted mark: under a
+volatile-* eviction policy the others are never evicted.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ from ..ports import (
     StoredWrite,
     StuckEntry,
     WritesPut,
+    checkpoint_time_us,
 )
 from . import redis_client
 from .redis_checkpoints import (
@@ -111,6 +116,8 @@ REFERENCES_KIND = "wb-references"
 FLUSH_LOCK_KIND = "wb-flushing"
 # Key kind of the mark that refuses appends to a thread the retention sweep is deleting.
 EXPIRING_KIND = "wb-expiring"
+# Key kind of the mark a discard leaves: when the thread was deleted.
+DELETED_KIND = "wb-deleted"
 # Tries of a thread's delete against appends still landing (each lists its epochs anew).
 DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
@@ -318,9 +325,10 @@ return 1
 )
 
 # KEYS: log, references, held epochs, every epoch it listed (ARGV[1]: how many), the
-# cache's namespace index and entries, then the expiring mark. Deletes them all, sets the
-# mark to refuse appends for ARGV[2] ms unless it is '', and returns how many entries the
-# log held.
+# cache's namespace index and entries, the expiring mark, then the deleted mark. Deletes
+# them all, sets the expiring mark to refuse appends for ARGV[2] ms unless it is '', the
+# deleted mark to the server time (us) for ARGV[3] s, and returns how many entries the log
+# held.
 _DISCARD = (
     _LISTED
     + _REFUSAL
@@ -328,7 +336,9 @@ _DISCARD = (
 if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
 redis.call('DEL', unpack(KEYS))
-if ARGV[2] ~= '' then refuse(KEYS[#KEYS], ARGV[2]) end
+if ARGV[2] ~= '' then refuse(KEYS[#KEYS - 1], ARGV[2]) end
+local now = redis.call('TIME')
+redis.call('SET', KEYS[#KEYS], now[1] .. string.format('%06d', tonumber(now[2])), 'EX', ARGV[3])
 return length
 """
 )
@@ -904,7 +914,7 @@ class RedisWriteBehindLog:
         held_key, _ = self._cache.epoch_keys(thread_id)
         log_keys = [self._key(thread_id, LOG_KIND), self._key(thread_id, REFERENCES_KIND)]
         index = self._cache.namespaces_key(thread_id)
-        expiring = self._key(thread_id, EXPIRING_KIND)
+        marks = [self._key(thread_id, EXPIRING_KIND), self._key(thread_id, DELETED_KIND)]
         refusal = "" if refuse_appends_ms is None else str(refuse_appends_ms)
 
         def discarding(held: list[str], namespaces: list[str]) -> tuple[list[str], list[Any]]:
@@ -912,12 +922,22 @@ class RedisWriteBehindLog:
             # entries this drops as a parent Redis knows, should the thread's deletion stop
             # here (the root namespace's entry whatever the index says: it may be evicted).
             entries = self._cache_entries(thread_id, namespaces)
-            keys = [*log_keys, held_key, *held, index, *entries, expiring]
-            return keys, [len(held), refusal]
+            keys = [*log_keys, held_key, *held, index, *entries, *marks]
+            return keys, [len(held), refusal, self._cache.ttl_seconds]
 
         dropped = await self._delete_listed(thread_id, "discard", discarding, with_cache=True)
         self._cache.epochs.forget(thread_id)
         await self._unlist(thread_id, dropped)
+
+    async def deleted_since(self, thread_id: str, checkpoint_id: str) -> bool:
+        made = checkpoint_time_us(checkpoint_id)
+        if made is None:
+            return False
+        try:
+            deleted = await self._client.get(self._key(thread_id, DELETED_KIND))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", str(exc)) from exc
+        return deleted is not None and made < int(deleted)
 
     async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
         await self._run("refuse", [self._key(thread_id, EXPIRING_KIND)], [for_ms])

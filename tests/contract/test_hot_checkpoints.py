@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from langgraph.checkpoint.base.id import uuid6
 
 from state.errors import StaleFencingToken, UnknownParent
 from state.hot.redis_checkpoints import RedisCheckpointCache
@@ -280,6 +281,28 @@ async def test_a_put_whose_parent_the_hot_tier_has_no_trace_of_is_refused_unless
     assert [op.checkpoint.checkpoint_id for op in logged if isinstance(op, CheckpointPut)] == [
         f"{n:08}" for n in (4, 5, 6, 7)
     ]
+
+
+async def test_a_discard_marks_the_thread_deleted_after_the_checkpoints_made_before_it(
+    hot: HotCheckpoints,
+) -> None:
+    """A put whose parent the hot tier has no trace of asks whether the thread was deleted
+    under it: so for checkpoints (uuid6 ids) made before the discard, not after it, nor of
+    another thread, nor an id with no time in it. A fresh put after it is appended."""
+    thread, other = unique_thread("wbl"), unique_thread("wbl")
+    before = str(uuid6())
+    await hot.log.append_put(checkpoint(thread, 1), [], fence=None)
+    assert not await hot.log.deleted_since(thread, before)
+    await hot.log.discard(thread, refuse_appends_ms=60_000)
+    await hot.log.accept_appends(thread)
+    after = str(uuid6())
+    assert await hot.log.deleted_since(thread, before)
+    assert not await hot.log.deleted_since(thread, after)
+    assert not await hot.log.deleted_since(other, before)
+    assert not await hot.log.deleted_since(thread, f"{1:08}")
+    await hot.log.append_put(checkpoint(thread, 1), [], fence=None)
+    assert await hot.log.pending(thread)
+    assert await hot.log.deleted_since(thread, before)
 
 
 async def test_dirty_threads_are_listed_oldest_first_and_settled_only_if_unchanged(

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 
 from state.cold.postgres_checkpoints import (
@@ -198,6 +199,28 @@ async def test_a_thread_the_sweep_expired_starts_over_in_both_tiers(
         await opened.saver.aflush(thread_id)
     assert answered["messages"] == grown([], "user 5")
     assert await cold_messages(settings, config) == answered["messages"]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_a_put_from_a_thread_the_sweep_expired_is_refused_not_lost(
+    backend: str, swept_settings: Callable[[str, str], Settings]
+) -> None:
+    """Write-behind: a put from one of the swept thread's checkpoints (a client going on
+    from an old config) finds nothing of it in either tier, as after Redis lost a thread
+    never flushed; Redis's mark of the deletion says it was deleted: refused (`ParentGone`),
+    not reported lost."""
+    settings = swept_settings(backend, "write-behind")
+    async with open_stack(settings) as opened:
+        graph = delta_graph(opened.saver, snapshot_frequency=NO_SNAPSHOT)
+        config = thread_config("swept-late")
+        thread_id = config["configurable"]["thread_id"]
+        await graph.ainvoke({"messages": ["user 0"]}, config)
+        older = (await graph.aget_state(config)).config
+        await opened.saver.aflush(thread_id)
+        assert await opened.backends.retention.sweep(limit=10, now=time.time() + 600) == 1
+        with pytest.raises(ParentGone):
+            await opened.saver.aput(older, empty_checkpoint(), {"source": "update"}, {})
+        assert opened.saver.losses_found == 0
 
 
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])

@@ -4,7 +4,8 @@ persistence), on real servers for each cold backend: the run that wrote them sto
 resumes it from the cold tier), a flush never reports them stored, and the cold tier keeps
 the last boundary whole, never a checkpoint whose parent or values went missing (found by
 a fault hunt). A put whose parent only the cold tier has (a fork) still goes through; one whose parent a
-prune took just before (the cache dropped with it) is refused, the thread not lost.
+prune took just before (the cache dropped with it), or from a thread deleted since, is
+refused, the thread not lost.
 Redis crashing at a boundary: the boundary rides out a restart (bounded), reports flushed
 a batch that reached the cold tier before its acknowledgement failed, and reports lost a
 backlog the restart emptied (a fresh-clone run failed on that window)."""
@@ -226,6 +227,56 @@ async def test_a_fork_from_a_checkpoint_pruned_just_before_is_refused_not_lost(
         assert done["messages"][-3:] == ["u3", "first", "second"]
         await saver.aflush(thread_id)
         assert saver.losses_found == 0
+
+
+@pytest.mark.parametrize("delete", ["adelete_thread", "aprune"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_put_from_a_checkpoint_of_a_deleted_thread_is_refused_not_lost(
+    backend: str, delete: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """The thread deleted whole, the cold tier holds nothing of it, as after Redis lost a
+    thread never flushed; Redis's mark of the deletion tells them apart. A put from one of
+    its old checkpoints (a run going on elsewhere) is refused (`ParentGone`), nothing
+    counted lost, and the thread starts afresh."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        older = (await graph.aget_state(cfg)).config
+        if delete == "aprune":
+            await saver.aprune([thread_id], strategy="delete")
+        else:
+            await saver.adelete_thread(thread_id)
+        with pytest.raises(ParentGone):
+            await saver.aput(older, empty_checkpoint(), {"source": "update", "step": 3}, {})
+        assert saver.losses_found == 0
+        done = await graph.ainvoke({"messages": ["u2"]}, cfg)
+        assert done["messages"] == ["u2", "first", "second"]
+        await saver.aflush(thread_id)
+        assert saver.losses_found == 0
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_redis_losing_a_thread_started_again_after_its_deletion_is_a_loss(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """Redis goes back to a state still holding the deletion's mark (a replica promoted
+    while it lagged) and loses the steps of the thread started again since: their parent
+    was made after the deletion, so its absence is a loss (`HotStateLost`), not a deletion."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with saver_on(stack_env, backend, own_redis.url) as saver:
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u0"]}, cfg)
+        await saver.adelete_thread(thread_id)
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        await saver.aflush(thread_id)  # the boundary: end of run 1
+        Loss.url, Loss.back_to = own_redis.url, snapshot(own_redis.url)
+        assert any(key.endswith(b":wb-deleted") for key, _, _ in Loss.back_to)
+        with pytest.raises(HotStateLost):
+            await graph.ainvoke({"messages": ["u2"]}, cfg)
+        assert saver.losses_found == 1
 
 
 def crash(server: RedisServer) -> None:

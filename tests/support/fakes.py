@@ -75,6 +75,7 @@ from state.ports import (
     WritesPut,
     acting_caller,
     check_distinct,
+    checkpoint_time_us,
     timed_probe,
 )
 from state.retention import TieredRetention
@@ -1124,6 +1125,7 @@ class MemoryWriteBehindLog(_Tier):
         self._since: dict[str, float] = {}  # thread -> when it became dirty (seconds)
         self._locks = _Locks()
         self._expiring: dict[str, float] = {}  # thread -> until when appends are refused
+        self._deleted: dict[str, int] = {}  # thread -> when a discard deleted it (Unix us)
         self._stuck: dict[str, StuckEntry] = {}
 
     def admit(self, thread_id: str, fence: int | None) -> None:
@@ -1235,6 +1237,13 @@ class MemoryWriteBehindLog(_Tier):
         self._expiring.pop(thread_id, None)
         if refuse_appends_ms is not None:
             self._expiring[thread_id] = time.monotonic() + refuse_appends_ms / 1000
+        # Remembered for good: this log, like the cache it moves, never expires anything.
+        self._deleted[thread_id] = time.time_ns() // 1000
+
+    async def deleted_since(self, thread_id: str, checkpoint_id: str) -> bool:
+        self._call("deleted_since")
+        made = checkpoint_time_us(checkpoint_id)
+        return made is not None and made < self._deleted.get(thread_id, 0)
 
     async def refuse_appends(self, thread_id: str, *, for_ms: int) -> None:
         self._call("refuse_appends")

@@ -280,6 +280,50 @@ async def test_a_write_behind_fork_right_after_a_prune_is_refused_not_a_loss() -
     assert values(await tiers.saver.aget_tuple(LATEST)) == {"chat": messages("a", "b", "c", "d")}
 
 
+@pytest.mark.parametrize("delete", ["adelete_thread", "aprune"])
+async def test_a_write_behind_put_from_a_deleted_thread_is_refused_not_a_loss(delete: str) -> None:
+    """With the whole thread deleted the cold tier holds nothing, as after Redis lost a
+    thread never flushed; the log's mark of the deletion tells them apart: refused
+    (`ParentGone`), nothing counted lost, and the thread starts afresh."""
+    tiers = Tiers(write_behind=True)
+    run = Run(tiers.saver)
+    first = await run.step(chat=messages("a"))
+    await run.step(chat=messages("a", "b"))
+    if delete == "aprune":
+        await tiers.saver.aprune([THREAD], strategy="delete")
+    else:
+        await tiers.saver.adelete_thread(THREAD)
+    late = Run(tiers.saver, checkpoint_id=first["configurable"]["checkpoint_id"])
+    with pytest.raises(ParentGone):
+        await late.step(chat=messages("a", "late"))
+    assert tiers.saver.losses_found == 0
+    assert not await tiers.hot.log.pending(THREAD)
+    assert await tiers.saver.aget_tuple(LATEST) is None
+    afresh = Run(tiers.saver)
+    await afresh.step(chat=messages("new"))
+    await tiers.saver.aflush(THREAD)
+    assert values(await tiers.saver.aget_tuple(LATEST)) == {"chat": messages("new")}
+
+
+async def test_a_boundary_after_another_process_deleted_the_thread_finds_no_loss() -> None:
+    """Another process deleted the thread (its backlog with it) under a run: the run's
+    boundary finds its steps neither flushed nor cold, as after Redis lost them; the log's
+    mark of the deletion says they were deleted. Not counted lost; its next put is refused."""
+    tiers = Tiers(write_behind=True)
+    run = Run(tiers.saver)
+    await run.step(chat=messages("a"))
+    await run.step(chat=messages("a", "b"))
+    other = TieredCheckpointSaver(
+        tiers.store, tiers.hot.cache, flusher=tiers.flusher, fence=tiers.hot.fence
+    )
+    await other.adelete_thread(THREAD)
+    await tiers.saver.aflush(THREAD)
+    assert tiers.saver.losses_found == 0
+    with pytest.raises(ParentGone):
+        await run.step(chat=messages("a", "b", "c"))
+    assert tiers.saver.losses_found == 0
+
+
 @pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
 @pytest.mark.parametrize("redis", ["up", "down"])
 async def test_a_stale_fencing_token_is_refused_before_the_cold_tier(
