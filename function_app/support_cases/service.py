@@ -355,7 +355,9 @@ class CaseService:
             await asyncio.shield(creating)
         except asyncio.CancelledError:
             self._spawn(
-                self._first_run_once_created(creating, case_id, run_id, request, indexed_at)
+                self._first_run_once_created(
+                    creating, case_id, run_id, request, indexed_at, tell_queued=True
+                )
             )
             raise
         except WorkflowExists:
@@ -382,7 +384,7 @@ class CaseService:
                     "use a new idempotency key for a new case"
                 ) from None
             return Outcome(await self.status(case_id), created=False, finished=True)
-        launched = False
+        launched = told_queued = False
 
         async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             nonlocal launched
@@ -402,6 +404,7 @@ class CaseService:
             if self._saver is not None:
                 self._saver.expect_new_thread(case_id)
             await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
+            told_queued = True
             return await self._launch(
                 case_id,
                 initial_input,
@@ -418,7 +421,9 @@ class CaseService:
         except asyncio.CancelledError:
             if not launched:  # as above
                 self._spawn(
-                    self._first_run_once_created(creating, case_id, run_id, request, indexed_at)
+                    self._first_run_once_created(
+                        creating, case_id, run_id, request, indexed_at, tell_queued=not told_queued
+                    )
                 )
             raise
 
@@ -429,10 +434,13 @@ class CaseService:
         run_id: str,
         request: dict[str, Any],
         indexed_at: str,
+        *,
+        tell_queued: bool,
     ) -> None:
         """The first run of a case whose submit was cancelled before starting it, once
         `creating` has created the case (none if the case existed, or the write failed: the
-        timer sees to the case should it have landed)."""
+        timer sees to the case should it have landed). `tell_queued`: the submit was
+        cancelled before it published the run's `run_queued`."""
         try:
             await creating
         except WorkflowExists:
@@ -443,6 +451,8 @@ class CaseService:
             return
         if self._tracker.may_look_abandoned(indexed_at):
             await self._tracker.register(case_id)  # as `_submit` does
+        if tell_queued:
+            await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
         await self._first_run_when_free(case_id, run_id, request)
 
     async def _first_run_when_free(

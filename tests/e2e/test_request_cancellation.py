@@ -30,6 +30,7 @@ from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RUN_LEASE_SECTION, run_lock_name
 from tests.support.effects import provider_calls
+from tests.support.sse import parse_sse
 
 # Far below the run lock's TTL (30 s): a lock left behind is still held after this.
 RELEASED_WITHIN_SECONDS = 5.0
@@ -409,6 +410,10 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
         await runtime.store.lock_expires_in(run_lock_name(case_id)),
     )
     assert observed == ("completed", 1, 1, 1, None), observed
+    # Its stream tells the run as any first run's does, from its queueing.
+    events = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
+    kinds = [event["event"] for event in parse_sse(events.text)]
+    assert kinds[:2] == ["run_queued", "run_started"] and kinds.count("run_queued") == 1, kinds
     retried = await client.post("/api/cases", json=demo_case(case_id), headers=key)
     assert (retried.status_code, retried.json()["status"]) == (200, "completed"), retried.text
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
