@@ -21,7 +21,6 @@ from typing import Any
 import psycopg
 import pytest
 from azure.core.credentials import AccessToken
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
@@ -66,6 +65,7 @@ from state.ports import (
     WritesPut,
 )
 from state.settings import Settings
+from tests.support.postgres import own_database
 from tests.support.records import unique_thread
 
 
@@ -582,17 +582,8 @@ CROWDED_TABLES = (
 @pytest.fixture(scope="session")
 def crowd_database(stack_env: dict[str, str]) -> Iterator[str]:
     """A database of the crowd's own on the session server (dropped whole afterwards)."""
-    server_url = stack_env["POSTGRES_URL"]
-    name = f"crowd_{uuid.uuid4().hex}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(server_url, dbname=name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with own_database(stack_env["POSTGRES_URL"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
