@@ -297,6 +297,7 @@ class CaseService:
         # process stops would be given back on closed stores and held to its TTL.
         self._claims: set[asyncio.Future[WorkflowRecord]] = set()
         self._releases: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # ------------------------------------------------------------------ use cases
 
@@ -440,7 +441,9 @@ class CaseService:
         """The first run of a case whose submit was cancelled before starting it, once
         `creating` has created the case (none if the case existed, or the write failed: the
         timer sees to the case should it have landed). `tell_queued`: the submit was
-        cancelled before it published the run's `run_queued`."""
+        cancelled before it published the run's `run_queued`. None once `close` began
+        either: a submit the stopping server cancels would start a run `close` waits for no
+        more, on stores about to close; the case is the timer's, as a stopped worker's."""
         try:
             await creating
         except WorkflowExists:
@@ -448,6 +451,8 @@ class CaseService:
         except Exception:
             # Logged here: the request that would have answered with it is gone.
             log.warning("case %s: a cancelled submit's create failed", case_id, exc_info=True)
+            return
+        if self._closing:
             return
         if self._tracker.may_look_abandoned(indexed_at):
             await self._tracker.register(case_id)  # as `_submit` does
@@ -949,6 +954,7 @@ class CaseService:
 
     async def close(self) -> None:
         """Stop driving runs (they resume later from their checkpoints)."""
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

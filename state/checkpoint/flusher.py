@@ -187,18 +187,26 @@ class _Lease:
 _unlocking: set[asyncio.Task[None]] = set()
 
 
-async def _landed(refusal: Coroutine[Any, Any, None]) -> None:
-    """A command that refuses the thread's appends, awaited to its reply even if the caller
-    is cancelled meanwhile (then cancelled after it): sent, it lands anyway, and the end of
-    the caller's block, which ends the refusal on another connection, could otherwise come
-    first and leave it standing for EXPIRING_REFUSAL_MS."""
-    sending = asyncio.ensure_future(refusal)
-    try:
-        await asyncio.shield(sending)
-    except asyncio.CancelledError:
+async def _landed(command: Coroutine[Any, Any, None]) -> None:
+    """A command that refuses the thread's appends or ends that refusal, awaited to its reply
+    even if the caller is cancelled meanwhile, once or again (then cancelled after it): sent,
+    a refusal lands anyway, and the end of the caller's block, which ends the refusal on
+    another connection, could otherwise come first and leave it standing for
+    EXPIRING_REFUSAL_MS; the end of a refusal, cancelled before it is sent, would leave it
+    standing as long."""
+    sending = asyncio.ensure_future(command)
+    cancelled: asyncio.CancelledError | None = None
+    while not sending.done():
+        try:
+            # asyncio.wait never cancels what it waits for.
+            await asyncio.wait({sending})
+        except asyncio.CancelledError as again:
+            cancelled = again
+    if cancelled is not None:
         with contextlib.suppress(StateError):
-            await sending
-        raise
+            sending.result()
+        raise cancelled
+    sending.result()
 
 
 def _finishing(unlock: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -461,7 +469,11 @@ class Flusher:
     async def _accept_appends(self, thread_id: str) -> None:
         """End the refusal a `discarding` or `refusing` block set, under the thread's flush
         lock: the block ended, and no other deletion of the thread is under way (its refusal
-        must not be ended here)."""
+        must not be ended here). Landed whatever becomes of the caller, before the lock is
+        let go."""
+        await _landed(self._accepting(thread_id))
+
+    async def _accepting(self, thread_id: str) -> None:
         try:
             await self.log.accept_appends(thread_id)
         except BackendUnavailable as exc:

@@ -477,3 +477,54 @@ def heartbeat_long_ago(record: WorkflowRecord) -> object:
         **record.sections[RUN_SECTION],
         "heartbeat_at": (utcnow() - timedelta(hours=1)).isoformat(),
     }
+
+
+async def test_a_submit_cancelled_once_close_began_starts_no_run_after_it(
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server stops: the service is closed while a submit's create is on its way, and
+    the server then cancels that submit. Its first run is not started in the background
+    after `close` (which waited for none such), on stores about to close: the case, created
+    running, is left to the timer as a stopped worker's is."""
+    own = await Runtime.open(e2e_settings(runtime.settings.state_cold_backend.value))
+    try:
+        cold = own.backends.cold
+        create: Callable[..., Any] = cold.create
+        reached, release = asyncio.Event(), asyncio.Event()
+
+        async def reply_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
+            stored = await create(thread_id, sections, **kwargs)
+            if thread_id == case_id:
+                reached.set()
+                await release.wait()
+            return stored
+
+        monkeypatch.setattr(cold, "create", reply_held)
+        submit = asyncio.ensure_future(
+            own.service.submit(CaseSubmission.model_validate(demo_case(case_id)), None)
+        )
+        await asyncio.wait_for(reached.wait(), 10)
+        await own.service.close()
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        release.set()
+        await asyncio.wait_for(own.service.wait_idle(), 60)
+        monkeypatch.undo()
+        record = await own.store.get_fresh(case_id)
+        assert record is not None
+        observed = (
+            record.sections[RUN_SECTION]["status"],
+            len(await provider_calls(own, case_id, "refund")),
+            await own.store.lock_expires_in(run_lock_name(case_id)),
+        )
+        assert observed == ("running", 0, None), observed
+        # Resumed here, as the timer would, or a later test's tick would find it stalled.
+        await write_section(own.store, case_id, RUN_SECTION, heartbeat_long_ago, agent_id=RUNNER_ID)
+        resumed = await own.service.resume(case_id, wait_until_rest=True)
+        assert resumed.view.status == "completed", resumed
+    finally:
+        await own.close()

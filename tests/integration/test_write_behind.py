@@ -933,3 +933,98 @@ async def test_a_block_cancelled_while_its_refusal_is_on_its_way_leaves_appends_
     await graph.ainvoke({"messages": ["still here"]}, cfg)
     state = await graph.aget_state(cfg)
     assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
+
+
+@pytest.mark.parametrize(
+    ("block", "sets_refusal"), [("refusing", "refuse_appends"), ("discarding", "discard")]
+)
+async def test_a_block_cancelled_twice_while_its_refusal_is_on_its_way_leaves_appends_accepted(
+    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch, block: str, sets_refusal: str
+) -> None:
+    """As above, the sweep cancelled once more while it waits for its refusal to land (a
+    deadline, then the shutdown): that second cancel must not end the wait either."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg)
+    await tiers.flusher.drain()
+    log = tiers.flusher.log
+    send, end_refusal = getattr(log, sets_refusal), log.accept_appends
+    sent, land = asyncio.Event(), asyncio.Event()
+    on_the_wire: list[asyncio.Future[None]] = []
+
+    async def in_flight(*args: Any, **kwargs: Any) -> None:
+        async def delivered() -> None:
+            await land.wait()
+            await send(*args, **kwargs)
+
+        on_the_wire.append(asyncio.ensure_future(delivered()))
+        sent.set()
+        await asyncio.shield(on_the_wire[-1])
+
+    async def accepting(thread: str) -> None:
+        await end_refusal(thread)
+        land.set()
+
+    monkeypatch.setattr(log, sets_refusal, in_flight)
+    monkeypatch.setattr(log, "accept_appends", accepting)
+
+    async def sweep() -> None:
+        async with getattr(tiers.flusher, block)(thread_id):
+            pass
+
+    swept = asyncio.create_task(sweep())
+    await sent.wait()
+    for _ in range(2):
+        swept.cancel()
+        # Each cancel reaches the block before the next (the wait does not decide the outcome).
+        await asyncio.wait({swept}, timeout=0.1)
+    land.set()
+    with pytest.raises(asyncio.CancelledError):
+        await swept
+    await on_the_wire[0]
+    monkeypatch.undo()
+    await graph.ainvoke({"messages": ["still here"]}, cfg)
+    state = await graph.aget_state(cfg)
+    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
+
+
+@pytest.mark.parametrize("block", ["refusing", "discarding"])
+async def test_a_block_cancelled_as_it_ends_its_refusal_leaves_appends_accepted(
+    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch, block: str
+) -> None:
+    """A retention sweep cancelled at its block's end, while the command ending its appends
+    refusal waits for a connection (not sent yet): the refusal is ended all the same, not
+    left to refuse every run of the thread (`ThreadExpiring`) for EXPIRING_REFUSAL_MS."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["hello"]}, cfg)
+    await tiers.flusher.drain()
+    log = tiers.flusher.log
+    end_refusal = log.accept_appends
+    waiting, connected = asyncio.Event(), asyncio.Event()
+
+    async def after_a_connection(thread: str) -> None:
+        waiting.set()
+        await connected.wait()  # cancelled here, the command is never sent
+        await end_refusal(thread)
+
+    monkeypatch.setattr(log, "accept_appends", after_a_connection)
+
+    async def sweep() -> None:
+        async with getattr(tiers.flusher, block)(thread_id):
+            pass
+
+    swept = asyncio.create_task(sweep())
+    await waiting.wait()
+    swept.cancel()
+    # A block that ends its refusal whatever becomes of it is waited for no longer than this.
+    await asyncio.wait({swept}, timeout=0.1)
+    connected.set()
+    with pytest.raises(asyncio.CancelledError):
+        await swept
+    monkeypatch.undo()
+    await graph.ainvoke({"messages": ["still here"]}, cfg)
+    state = await graph.aget_state(cfg)
+    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
