@@ -339,8 +339,12 @@ def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
         if name in options and _libpq_integer(str(options[name])) is None
     ]
     # With keepalives on (the default), libpq hands these to setsockopt before connecting
-    # (a value below 1 as 0), and Linux refuses what is outside its range.
-    if _libpq_integer(str(options.get("keepalives", "1"))) != 0:
+    # (a value below 1 as 0), and Linux refuses what is outside its range; not on a Unix
+    # socket (a host that is a directory), which has no TCP keepalives.
+    over_tcp = bool(options.get("hostaddr")) or not all(
+        host.startswith("/") for host in str(options.get("host") or "").split(",") if host
+    )
+    if over_tcp and _libpq_integer(str(options.get("keepalives", "1"))) != 0:
         refused += [
             name
             for name, allowed in _LINUX_KEEPALIVE_RANGES.items()

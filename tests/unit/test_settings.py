@@ -223,6 +223,8 @@ def test_a_postgres_url_option_libpq_would_refuse_is_refused_at_start(
         "host=db1.example,db2.example port=5432 dbname=agentstate",
         "postgresql://app@db.example/agentstate?keepalives=0&keepalives_idle=0",
         "postgresql://app@db.example/agentstate?keepalives_idle=32767&keepalives_count=127",
+        # A Unix socket has no TCP keepalives: libpq sets none of them.
+        "postgresql:///agentstate?host=/var/run/postgresql&keepalives_idle=0",
     ],
 )
 def test_a_valid_postgres_url_passes(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
