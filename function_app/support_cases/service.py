@@ -454,11 +454,15 @@ class CaseService:
             return
         if self._closing:
             return
-        if self._tracker.may_look_abandoned(indexed_at):
-            await self._tracker.register(case_id)  # as `_submit` does
-        if tell_queued:
-            await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
-        await self._first_run_when_free(case_id, run_id, request)
+        try:
+            if self._tracker.may_look_abandoned(indexed_at):
+                await self._tracker.register(case_id)  # as `_submit` does
+            if tell_queued:
+                await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
+            await self._first_run_when_free(case_id, run_id, request)
+        except (CaseError, RunIndexBusy, StateError):
+            # Nobody else would hear of it; the case, created "running", is the timer's.
+            log.warning("case %s: a cancelled submit's first run failed", case_id, exc_info=True)
 
     async def _first_run_when_free(
         self, case_id: str, run_id: str, request: dict[str, Any]
