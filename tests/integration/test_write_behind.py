@@ -878,21 +878,57 @@ async def test_a_malformed_log_entry_holds_back_its_thread_only(
     assert await tiers.flusher.flush_thread(poisoned) == len(held)
 
 
+async def a_flushed_thread(tiers: WriteBehind) -> tuple[Any, RunnableConfig, str]:
+    """The chat graph after one run on a new thread, flushed (what a discard drops is in the
+    cold tier): the graph, its config and the thread."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    await graph.ainvoke({"messages": ["hello"]}, cfg)
+    await tiers.flusher.drain()
+    return graph, cfg, cfg["configurable"]["thread_id"]
+
+
+async def swept_and_cancelled(
+    tiers: WriteBehind, block: str, thread_id: str, reached: asyncio.Event, cancels: int
+) -> asyncio.Task[None]:
+    """The retention `block` on the thread, cancelled `cancels` times once `reached`."""
+
+    async def sweep() -> None:
+        async with getattr(tiers.flusher, block)(thread_id):
+            pass
+
+    swept = asyncio.create_task(sweep())
+    await reached.wait()
+    for _ in range(cancels):
+        swept.cancel()
+        # Each cancel reaches the block before the next; a block that waits for its command
+        # waits this long (the wait does not decide the outcome).
+        await asyncio.wait({swept}, timeout=0.1)
+    return swept
+
+
+async def assert_appends_accepted(graph: Any, cfg: RunnableConfig) -> None:
+    await graph.ainvoke({"messages": ["still here"]}, cfg)
+    state = await graph.aget_state(cfg)
+    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
+
+
+@pytest.mark.parametrize("cancels", [1, 2], ids=["cancelled", "cancelled-twice"])
 @pytest.mark.parametrize(
     ("block", "sets_refusal"), [("refusing", "refuse_appends"), ("discarding", "discard")]
 )
 async def test_a_block_cancelled_while_its_refusal_is_on_its_way_leaves_appends_accepted(
-    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch, block: str, sets_refusal: str
+    tiers: WriteBehind,
+    monkeypatch: pytest.MonkeyPatch,
+    block: str,
+    sets_refusal: str,
+    cancels: int,
 ) -> None:
-    """A retention sweep cancelled (a deadline, a shutdown) once it sent the command that
-    refuses the thread's appends: the block's end must not end the refusal before that
-    command lands, or the refusal stands after it for EXPIRING_REFUSAL_MS (an hour of
-    `ThreadExpiring` for every run of the thread)."""
-    graph = chat_graph(tiers.saver)
-    cfg = config()
-    thread_id = cfg["configurable"]["thread_id"]
-    await graph.ainvoke({"messages": ["hello"]}, cfg)
-    await tiers.flusher.drain()  # what a discard drops is in the cold tier
+    """A retention sweep cancelled (a deadline, a shutdown; or both, the second while it
+    waits) once it sent the command that refuses the thread's appends: the block's end must
+    not end the refusal before that command lands, or the refusal stands after it for
+    EXPIRING_REFUSAL_MS (an hour of `ThreadExpiring` for every run of the thread)."""
+    graph, cfg, thread_id = await a_flushed_thread(tiers)
     log = tiers.flusher.log
     send, end_refusal = getattr(log, sets_refusal), log.accept_appends
     sent, land = asyncio.Event(), asyncio.Event()
@@ -914,79 +950,13 @@ async def test_a_block_cancelled_while_its_refusal_is_on_its_way_leaves_appends_
 
     monkeypatch.setattr(log, sets_refusal, in_flight)
     monkeypatch.setattr(log, "accept_appends", accepting)
-
-    async def sweep() -> None:
-        async with getattr(tiers.flusher, block)(thread_id):
-            pass
-
-    swept = asyncio.create_task(sweep())
-    await sent.wait()
-    swept.cancel()
-    # A block that waits for its refusal to land waits for this (without, its end ended
-    # the refusal, and `accepting` let it land after, whatever this waits).
-    await asyncio.wait({swept}, timeout=0.1)
+    swept = await swept_and_cancelled(tiers, block, thread_id, sent, cancels)
     land.set()
     with pytest.raises(asyncio.CancelledError):
         await swept
     await on_the_wire[0]
     monkeypatch.undo()
-    await graph.ainvoke({"messages": ["still here"]}, cfg)
-    state = await graph.aget_state(cfg)
-    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
-
-
-@pytest.mark.parametrize(
-    ("block", "sets_refusal"), [("refusing", "refuse_appends"), ("discarding", "discard")]
-)
-async def test_a_block_cancelled_twice_while_its_refusal_is_on_its_way_leaves_appends_accepted(
-    tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch, block: str, sets_refusal: str
-) -> None:
-    """As above, the sweep cancelled once more while it waits for its refusal to land (a
-    deadline, then the shutdown): that second cancel must not end the wait either."""
-    graph = chat_graph(tiers.saver)
-    cfg = config()
-    thread_id = cfg["configurable"]["thread_id"]
-    await graph.ainvoke({"messages": ["hello"]}, cfg)
-    await tiers.flusher.drain()
-    log = tiers.flusher.log
-    send, end_refusal = getattr(log, sets_refusal), log.accept_appends
-    sent, land = asyncio.Event(), asyncio.Event()
-    on_the_wire: list[asyncio.Future[None]] = []
-
-    async def in_flight(*args: Any, **kwargs: Any) -> None:
-        async def delivered() -> None:
-            await land.wait()
-            await send(*args, **kwargs)
-
-        on_the_wire.append(asyncio.ensure_future(delivered()))
-        sent.set()
-        await asyncio.shield(on_the_wire[-1])
-
-    async def accepting(thread: str) -> None:
-        await end_refusal(thread)
-        land.set()
-
-    monkeypatch.setattr(log, sets_refusal, in_flight)
-    monkeypatch.setattr(log, "accept_appends", accepting)
-
-    async def sweep() -> None:
-        async with getattr(tiers.flusher, block)(thread_id):
-            pass
-
-    swept = asyncio.create_task(sweep())
-    await sent.wait()
-    for _ in range(2):
-        swept.cancel()
-        # Each cancel reaches the block before the next (the wait does not decide the outcome).
-        await asyncio.wait({swept}, timeout=0.1)
-    land.set()
-    with pytest.raises(asyncio.CancelledError):
-        await swept
-    await on_the_wire[0]
-    monkeypatch.undo()
-    await graph.ainvoke({"messages": ["still here"]}, cfg)
-    state = await graph.aget_state(cfg)
-    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
+    await assert_appends_accepted(graph, cfg)
 
 
 @pytest.mark.parametrize("block", ["refusing", "discarding"])
@@ -996,11 +966,7 @@ async def test_a_block_cancelled_as_it_ends_its_refusal_leaves_appends_accepted(
     """A retention sweep cancelled at its block's end, while the command ending its appends
     refusal waits for a connection (not sent yet): the refusal is ended all the same, not
     left to refuse every run of the thread (`ThreadExpiring`) for EXPIRING_REFUSAL_MS."""
-    graph = chat_graph(tiers.saver)
-    cfg = config()
-    thread_id = cfg["configurable"]["thread_id"]
-    await graph.ainvoke({"messages": ["hello"]}, cfg)
-    await tiers.flusher.drain()
+    graph, cfg, thread_id = await a_flushed_thread(tiers)
     log = tiers.flusher.log
     end_refusal = log.accept_appends
     waiting, connected = asyncio.Event(), asyncio.Event()
@@ -1011,20 +977,9 @@ async def test_a_block_cancelled_as_it_ends_its_refusal_leaves_appends_accepted(
         await end_refusal(thread)
 
     monkeypatch.setattr(log, "accept_appends", after_a_connection)
-
-    async def sweep() -> None:
-        async with getattr(tiers.flusher, block)(thread_id):
-            pass
-
-    swept = asyncio.create_task(sweep())
-    await waiting.wait()
-    swept.cancel()
-    # A block that ends its refusal whatever becomes of it is waited for no longer than this.
-    await asyncio.wait({swept}, timeout=0.1)
+    swept = await swept_and_cancelled(tiers, block, thread_id, waiting, 1)
     connected.set()
     with pytest.raises(asyncio.CancelledError):
         await swept
     monkeypatch.undo()
-    await graph.ainvoke({"messages": ["still here"]}, cfg)
-    state = await graph.aget_state(cfg)
-    assert state.values["messages"][0] == "hello" and "still here" in state.values["messages"]
+    await assert_appends_accepted(graph, cfg)
