@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +43,18 @@ def escalated(case_id: str) -> dict[str, Any]:
         "text": "The hotel charged me twice and I can't log in",
         "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
     }
+
+
+async def cancelled_once(
+    request: Awaitable[Any], reached: asyncio.Event, go_on: asyncio.Event
+) -> None:
+    """`request` cancelled once it `reached` the step a test holds; that step then goes on."""
+    sent = asyncio.ensure_future(request)
+    await asyncio.wait_for(reached.wait(), 10)
+    sent.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sent
+    go_on.set()
 
 
 async def until_released(runtime: Runtime, name: str) -> None:
@@ -96,14 +108,11 @@ async def test_a_decision_cancelled_as_it_takes_the_run_lock_leaves_the_case_to_
         return held
 
     monkeypatch.setattr(hot, "acquire_lock", reply_held)
-    decision = asyncio.ensure_future(
-        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    await cancelled_once(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer),
+        taken,
+        reply,
     )
-    await asyncio.wait_for(taken.wait(), 10)
-    decision.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await decision
-    reply.set()
     monkeypatch.undo()
 
     await until_released(runtime, run_lock_name(case_id))
@@ -156,14 +165,11 @@ async def test_a_decision_cancelled_once_its_run_is_marked_running_goes_on(
         return stored
 
     monkeypatch.setattr(cold, "update_sections", reply_held)
-    decision = asyncio.ensure_future(
-        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    await cancelled_once(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer),
+        written,
+        reply,
     )
-    await asyncio.wait_for(written.wait(), 10)
-    decision.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await decision
-    reply.set()
     await runtime.service.wait_idle()
     monkeypatch.undo()
 
@@ -206,14 +212,11 @@ async def decide_cancelled_as_the_lease_is_claimed(
         return stored
 
     monkeypatch.setattr(cold, "update_section", reply_held)
-    decision = asyncio.ensure_future(
-        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    await cancelled_once(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer),
+        written,
+        reply,
     )
-    await asyncio.wait_for(written.wait(), 10)
-    decision.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await decision
-    reply.set()
     monkeypatch.undo()
 
 
@@ -331,12 +334,7 @@ async def test_a_resume_refused_and_cancelled_as_it_lets_go_of_the_run_lock_leav
         return released
 
     monkeypatch.setattr(hot, "release_lock", sent_late)
-    resumed = asyncio.ensure_future(client.post(f"/api/cases/{case_id}/resume"))
-    await asyncio.wait_for(asked.wait(), 10)
-    resumed.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await resumed
-    sent.set()
+    await cancelled_once(client.post(f"/api/cases/{case_id}/resume"), asked, sent)
 
     await until_released(runtime, run_lock_name(case_id))
     monkeypatch.undo()
@@ -389,12 +387,9 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
             return held_lock
 
         monkeypatch.setattr(hot, "acquire_lock", lock_held)
-    submit = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id), headers=key))
-    await asyncio.wait_for(reached.wait(), 10)
-    submit.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await submit
-    release.set()
+    await cancelled_once(
+        client.post("/api/cases", json=demo_case(case_id), headers=key), reached, release
+    )
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     monkeypatch.undo()
 
