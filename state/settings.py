@@ -189,6 +189,15 @@ class Settings(BaseSettings):
             _check_cosmos_key(self.cosmos_key)
         if self.redis_url:
             _check_redis_url(self.redis_url)
+        elif self.redis_host and not self.redis_ssl and self.redis_host not in LOOPBACK_HOSTS:
+            # REDIS_HOST signs in with an Entra ID access token, sent in Redis's AUTH
+            # command: without TLS anyone on the path reads it, and may use it until it
+            # expires (about an hour).
+            raise SettingsError(
+                "REDIS_SSL=false with REDIS_HOST would send the Entra ID access token in "
+                "clear text: keep REDIS_SSL=true (Azure's Redis listens with TLS only); "
+                "plain text is for a loopback host"
+            )
         if self.postgres_pool_min_size > self.postgres_pool_max_size:
             raise SettingsError("POSTGRES_POOL_MIN_SIZE must not exceed POSTGRES_POOL_MAX_SIZE")
         if self.state_write_mode is WriteMode.WRITE_BEHIND and not self.hot_tier_configured:

@@ -84,13 +84,15 @@ class AppSettings(Settings):
         if isinstance(value, str):
             value = tuple(origin.strip() for origin in value.split(",") if origin.strip())
         origins = []
-        for written in value:
+        for position, written in enumerate(value, start=1):
             origin = "*" if written == "*" else _origin(written)
             if origin is None:
                 # A browser sends its origin exactly so (no path, no trailing slash): one
-                # written otherwise would never match, and every call be refused.
+                # written otherwise would never match, and every call be refused. Named by
+                # position, not quoted: every caller reads this 503, and a URL pasted with
+                # its sign-in (user:password@) would hand that out.
                 raise SettingsError(
-                    f"CORS_ALLOWED_ORIGINS: {written!r} is not an origin "
+                    f"CORS_ALLOWED_ORIGINS: entry {position} is not an origin "
                     "(scheme://host[:port], e.g. https://portal.example.com)"
                 )
             origins.append(origin)
@@ -107,8 +109,11 @@ class AppSettings(Settings):
                 ("AUTH_ISSUER", self.auth_issuer),
                 ("AUTH_JWKS_URL", self.auth_jwks_url),
             ):
-                if url and urlparse(url).scheme != "https":
-                    raise SettingsError(f"{name} must be an https URL in Azure, got {url!r}")
+                if url and (scheme := urlparse(url).scheme) != "https":
+                    # The scheme only: a URL may carry credentials (user:password@).
+                    raise SettingsError(
+                        f"{name} must be an https URL in Azure (its scheme: {scheme or 'none'})"
+                    )
         return self
 
     @property

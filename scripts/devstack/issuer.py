@@ -11,9 +11,10 @@ against the JWKS, issuer, audience, expiry and not-before.
     POST /token                              {"name", "roles", ...} -> {"access_token", ...}
 
 `/token` mints whatever it is asked for (that is its job: tests ask for expired
-tokens, other audiences, other issuers). It listens on 127.0.0.1 only, and the
-app refuses a non-https issuer in Azure, so it can only ever vouch for callers
-of a local API.
+tokens, other audiences, other issuers). It listens on 127.0.0.1 only, answers
+only requests that name it so (`Host`: no web page re-pointing its own name at
+loopback reads a token), and the app refuses a non-https issuer in Azure, so it
+can only ever vouch for callers of a local API.
 
 Run: python -m devstack.issuer --port 8095 --audience api://agent-state-local
 """
@@ -27,6 +28,7 @@ import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -116,8 +118,13 @@ def request_token(issuer_url: str, name: str, roles: list[str] | None = None, **
 
 
 def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
+    port = urlsplit(issuer.base_url).port
+    names = {f"{LOOPBACK}:{port}", f"localhost:{port}"}
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if not self._named_loopback():
+                return
             if self.path == "/keys":
                 self._answer(200, issuer.jwks())
             elif self.path == "/.well-known/openid-configuration":
@@ -126,6 +133,8 @@ def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, {"error": f"no such path: {self.path}"})
 
         def do_POST(self) -> None:
+            if not self._named_loopback():
+                return
             if self.path != "/token":
                 self._answer(404, {"error": f"no such path: {self.path}"})
                 return
@@ -137,6 +146,16 @@ def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
                 self._answer(200, issuer.mint(request))
             except (ValueError, TypeError) as error:
                 self._answer(400, {"error": str(error)})
+
+        def _named_loopback(self) -> bool:
+            """Whether the request names this server by a loopback name (else answered
+            421). Listening on loopback is not enough: a web page that re-points its own
+            host name at 127.0.0.1 (DNS rebinding) reads the answers as same-origin ones,
+            tokens for any role included; its browser sends that host name."""
+            if (self.headers.get("Host") or "").lower() in names:
+                return True
+            self._answer(421, {"error": f"this issuer answers {LOOPBACK}:{port} only"})
+            return False
 
         def _answer(self, status: int, body: dict[str, Any]) -> None:
             payload = json.dumps(body).encode()

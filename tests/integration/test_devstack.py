@@ -59,6 +59,42 @@ def test_the_stack_issuer_signs_tokens_its_jwks_verifies(stack: Stack) -> None:
     assert claims["oid"] == object_id_for("dana") and claims["nbf"] <= claims["exp"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/token"), ("GET", "/keys"), ("GET", "/.well-known/openid-configuration")],
+)
+def test_the_stack_issuer_answers_no_page_that_rebound_its_own_name_to_loopback(
+    stack: Stack, method: str, path: str
+) -> None:
+    """DNS rebinding: a web page the developer opens re-points its own host name at
+    127.0.0.1, and its script then reads the issuer's answers as same-origin ones, a
+    token for any role included. A browser names that page's host in `Host`; the
+    stack's own clients name the loopback address the issuer listens on."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    port = urlsplit(stack.env()["AUTH_ISSUER"]).port
+    assert port is not None
+    for host, expected in ((f"rebound.example:{port}", 421), (f"127.0.0.1:{port}", 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            body = json.dumps({"name": "page", "roles": ["Cases.Operate"]}).encode()
+            connection.request(
+                method,
+                path,
+                body=body if method == "POST" else None,
+                headers={"Host": host, "Content-Type": "application/json"},
+            )
+            answer = connection.getresponse()
+            text = answer.read().decode()
+        finally:
+            connection.close()
+        assert answer.status == expected, (host, text)
+        if expected == 421:
+            assert "access_token" not in text and "keys" not in text
+
+
 def test_second_stack_gets_other_ports_and_stops_its_own(tmp_path: Path, stack: Stack) -> None:
     other = Stack.plan(tmp_path, with_cosmos=False)
     with running(other):

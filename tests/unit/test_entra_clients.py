@@ -28,6 +28,7 @@ from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdenti
 from state.cold import cosmos_client, postgres_client
 from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.errors import SettingsError
 from state.hot import redis_client
 from state.hot.redis_client import (
     REDIS_ENTRA_SCOPE,
@@ -392,3 +393,17 @@ async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
         assert len(FakeTokenCredential.scopes) == 2
     finally:
         await connection.close()
+
+
+def test_an_entra_token_is_never_sent_to_redis_in_clear_text(env: Callable[..., Settings]) -> None:
+    """REDIS_HOST signs in with the identity's access token (Redis's AUTH command): over a
+    plain connection to another machine anyone on the path could read and reuse it."""
+    with pytest.raises(SettingsError, match="REDIS_SSL=false with REDIS_HOST") as refused:
+        env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_HOST=REDIS_HOST, REDIS_SSL="false")
+    assert REDIS_HOST not in str(refused.value)
+    # A local Redis (the token tests' own) may go without TLS; a password URL is the
+    # operator's own choice of transport (redis:// or rediss://).
+    local = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_HOST="127.0.0.1", REDIS_SSL="false")
+    assert not local.redis_ssl
+    url = "redis://:pw@cache.example:6379/0"
+    assert env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_URL=url, REDIS_SSL="false").redis_url

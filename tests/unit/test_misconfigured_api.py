@@ -55,3 +55,34 @@ async def test_a_body_over_the_default_limit_is_still_refused_without_reading_on
         )
         assert with_token.status_code == 503, with_token.text
         assert PROBLEM in with_token.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # An origin pasted with the portal's sign-in: refused, as no browser sends it so.
+        ("CORS_ALLOWED_ORIGINS", "https://portal-admin:hunter2-pw@portal.example.com"),
+        # An issuer behind basic authentication: refused in Azure, where it must be https.
+        ("AUTH_ISSUER", "http://issuer-admin:hunter2-pw@issuer.internal:8095"),
+        ("AUTH_JWKS_URL", "http://issuer-admin:hunter2-pw@issuer.internal:8095/keys"),
+    ],
+)
+async def test_a_refused_setting_is_named_without_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variable: str,
+    value: str,
+) -> None:
+    """Every caller, without a token, reads why the settings are refused (503): a value
+    quoted there (or in the log) hands out whatever credentials it holds."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("WEBSITE_INSTANCE_ID", "in-azure")
+    monkeypatch.setenv(variable, value)
+    app = create_app(holder=RuntimeHolder(AppSettings))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answer = await client.get("/api/health")
+    assert answer.status_code == 503, answer.text
+    assert variable in answer.json()["error"]
+    assert "hunter2-pw" not in answer.text
+    assert "hunter2-pw" not in caplog.text
