@@ -187,6 +187,12 @@ def _stops_as_interrupt() -> Iterator[None]:
             signal.signal(stop, handler)
 
 
+def _stack_command(verb: str, workdir: Path | None) -> str:
+    from devstack import stack_command
+
+    return stack_command(verb, _stack_workdir(workdir))
+
+
 def _report_busy(busy: PortInUse, option: str) -> None:
     holder = f" by {busy.holder}" if busy.holder else ""
     errors.print(
@@ -267,7 +273,10 @@ def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> 
         _print_json(status)
         return
     if not status.get("running"):
-        console.print("the local stack is not running (agent-state stack up)")
+        console.print(
+            f"the local stack is not running ({escape(_stack_command('up', workdir))})",
+            soft_wrap=True,
+        )
         return
     table = Table("server", "port", "pid", "alive")
     alive = status.get("alive")
@@ -412,8 +421,8 @@ def _refuse_a_stack_with_dead_servers(where: Path, status: dict[str, object]) ->
     if dead:
         errors.print(
             f"[red]the stack running from {escape(str(where))} has lost {', '.join(dead)}"
-            "[/red] (agent-state stack status): stop it (agent-state stack down) and serve "
-            "again, which starts it afresh",
+            f"[/red] ({escape(_stack_command('status', where))}): stop it "
+            f"({escape(_stack_command('down', where))}) and serve again, which starts it afresh",
             soft_wrap=True,
         )
         raise typer.Exit(1)
@@ -436,7 +445,7 @@ def _refuse_ports_the_running_stack_ignores(
             errors.print(
                 f"[red]--{server}-port {port} cannot apply[/red]: the stack already running "
                 f"from {escape(str(where))} has {server} {where_now}; drop the option, or stop "
-                "that stack first (agent-state stack down)",
+                f"that stack first ({escape(_stack_command('down', where))})",
                 soft_wrap=True,
             )
             raise typer.Exit(2)
@@ -458,9 +467,10 @@ def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Respon
 
 
 def _request(
-    method: str, api: str, path: str, **kwargs: Any
+    method: str, api: str, path: str, *, public: bool = False, **kwargs: Any
 ) -> tuple[httpx.Response, dict[str, Any]]:
-    headers = {**_auth_headers(api), **(kwargs.pop("headers", None) or {})}
+    auth = _public_auth_headers(api) if public else _auth_headers(api)
+    headers = {**auth, **(kwargs.pop("headers", None) or {})}
     response = httpx.request(
         method, f"{api.rstrip('/')}/api{path}", timeout=60, headers=headers, **kwargs
     )
@@ -476,6 +486,17 @@ def _auth_headers(api: str) -> dict[str, str]:
     except TokenUnavailable as error:
         errors.print(f"[red]no access token: {error}[/red]")
         raise typer.Exit(2) from error
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _public_auth_headers(api: str) -> dict[str, str]:
+    """For a path the API serves to anyone (`/health`): a token when one is to be had (it
+    shows more), else the call goes without one rather than fail."""
+    try:
+        token = access_token(api)
+    except (InsecureApi, TokenUnavailable) as error:
+        errors.print(f"[yellow]no access token ({escape(str(error))}): asking without one[/]")
+        return {}
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -701,7 +722,7 @@ def resume(
         ),
     ] = True,
     max_wait: Annotated[
-        float, typer.Option(help="Give up waiting after this many seconds in all.")
+        float, typer.Option(min=0, help="Give up waiting after this many seconds in all.")
     ] = 600.0,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
@@ -728,7 +749,7 @@ def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
     """Up or down; each tier's health too for a caller with Cases.Operate.
 
     Exits 1 when the API reports itself down."""
-    response, answer = _send("GET", api, "/health")
+    response, answer = _send("GET", api, "/health", public=True)
     # A `down` API answers 503 with the same report: shown as such, not as an error dump.
     down = response.status_code == 503 and answer.get("status") == "down"
     if not down:
@@ -819,18 +840,25 @@ def reply(
     if as_json:
         _print_json(answer)
         return
-    run = answer["run"]
+    replayed = response.headers.get("idempotent-replayed") == "true"
+    _print_reply(case, answer["run"], replayed=replayed)
+
+
+def _print_reply(case: str, run: dict[str, Any], *, replayed: bool) -> None:
     table = Table("field", "value", show_header=False)
     table.add_row("case", case)
     table.add_row("run", run["run_id"])
     table.add_row("status", f"[bold]{run['status']}[/bold]{_took(run, ' in {:.2f} s')}")
     table.add_row("strategy", run["strategy"] or "-")
-    if response.headers.get("idempotent-replayed") == "true":
+    if replayed:
         table.add_row("replayed", "this Idempotency-Key was used before: that message's run")
     for name, note in _run_notes(run):
         table.add_row(name, note)
     if run["status"] in BUSY_RUNS:
         table.add_row("follow it", f"agent-state follow {case}")
+    elif run["status"] == "awaiting_review":
+        # Paused before its answer: a reviewer's decision is what it waits for.
+        table.add_row("awaiting review", f"agent-state review {case} approve|reject")
     else:
         table.add_row("the answer", f"agent-state show {case}")
     console.print(table)

@@ -21,6 +21,7 @@ from .stack import (
     down,
     planned_env,
     running,
+    stack_command,
     status,
     up,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "free_port",
     "planned_env",
     "running",
+    "stack_command",
     "status",
     "up",
 ]

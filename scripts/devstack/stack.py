@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,14 @@ MEMORY_ONLY_NOTE = (
     "the Cosmos emulator (and Redis) keep data in memory only: what they held is gone "
     "once stopped; Postgres keeps its data"
 )
+
+
+def stack_command(verb: str, workdir: Path) -> str:
+    """`agent-state stack VERB` for the stack of `workdir`: a hint without its `--workdir`
+    would act on the default workdir's stack (a developer's own), not this one."""
+    if workdir.resolve() == DEFAULT_WORKDIR.resolve():
+        return f"agent-state stack {verb}"
+    return f"agent-state stack {verb} --workdir {shlex.quote(str(workdir))}"
 
 
 class StateFileUnreadable(RuntimeError):
@@ -168,7 +177,8 @@ def up(
         if with_postgres and not (isinstance(alive, dict) and alive.get("postgres")):
             return _add_postgres(workdir, existing, chosen["postgres"])
         raise ServerStartError(
-            f"a stack is already running from {workdir}; stop it first (agent-state stack down)"
+            f"a stack is already running from {workdir}; stop it first "
+            f"({stack_command('down', workdir)})"
         )
     return _started(
         _planned(workdir, with_postgres=with_postgres, ports=ports),

@@ -111,6 +111,29 @@ def test_a_page_size_the_api_refuses_is_a_usage_error(command: str, limit: str, 
     assert "Invalid value for '--limit'" in error and bound in error
 
 
+def test_a_negative_max_wait_of_resume_is_a_usage_error() -> None:
+    """It was taken: the command resumed at once and, asked to wait, "gave up waiting after
+    -5 s" without waiting."""
+    result = agent_state(
+        "resume", "case_1", "--max-wait", "-5", "--api", "http://127.0.0.1:1", AGENT_STATE_TOKEN="t"
+    )
+    error = one_line_error(result, 2)
+    assert "Invalid value for '--max-wait'" in error and "greater than or equal to 0" in error
+
+
+def test_health_without_a_token_to_be_had_asks_the_api_without_one(
+    loopback_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    """`/api/health` needs no token, yet the stack's issuer out of reach ended `health` with
+    "no access token" (exit 2), not the API's report."""
+    api, answers = loopback_api
+    answers.append((200, json.dumps({"status": "ok", "tiers": None}).encode()))
+    result = agent_state("health", "--api", api, AGENT_STATE_ISSUER="http://127.0.0.1:1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "overall: ok (tier details need Cases.Operate)" in result.stdout
+    assert "no access token" in result.stderr and "without one" in result.stderr
+
+
 def test_a_json_answer_that_is_not_an_object_is_named(
     foreign_api: tuple[str, list[tuple[int, bytes]]],
 ) -> None:

@@ -372,3 +372,26 @@ def test_serve_refuses_a_running_stack_that_lost_a_server(
     assert "has lost redis" in lines[0] and "stack down" in lines[0]
     assert served == []
     assert state_file(tmp_path).exists()  # nothing stopped or forgotten
+
+
+def test_the_stack_commands_a_message_suggests_name_its_workdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack run from another `--workdir` was told to stop with a bare `agent-state stack
+    down`, which stops the default workdir's stack (a developer's own) or finds nothing."""
+    from typer.testing import CliRunner
+
+    from agent_state_cli.cli import app
+
+    served = serving_a_recorded_stack(
+        tmp_path, monkeypatch, {"redis": 6390, "cosmos": 8091, "issuer": 8095}
+    )
+    named = f"--workdir {tmp_path}"
+    code, _, error = _stack_cli("up", "--workdir", str(tmp_path))
+    assert code == 1 and f"(agent-state stack down {named})" in error
+    serve = ["serve", "--workdir", str(tmp_path), "--port", "7171", "--redis-port", "7001"]
+    result = CliRunner().invoke(app, serve, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and f"(agent-state stack down {named})" in result.stderr
+    code, output, _ = _stack_cli("status", "--workdir", str(tmp_path / "idle"))
+    assert code == 0 and f"(agent-state stack up {named}/idle)" in output
+    assert served == []
