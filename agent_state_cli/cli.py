@@ -43,7 +43,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from state import SettingsError
 from support_cases.demo import demo_case
 from support_cases.models import (
     AUDIT_PAGE_MAX,
@@ -51,7 +50,6 @@ from support_cases.models import (
     HISTORY_PAGE_MAX,
     FollowUpStrategy,
 )
-from support_cases.settings import AppSettings
 
 from .run_index import run_index_app
 from .tokens import InsecureApi, TokenUnavailable, access_token
@@ -393,6 +391,11 @@ def serve(
 
 def _check_app_settings() -> None:
     """The app's settings from this environment; a wrong one ends the command in one line."""
+    # Imported here: the app's settings bring the state library (and LangGraph), which the
+    # other commands do without, starting in a fraction of the time.
+    from state import SettingsError
+    from support_cases.settings import AppSettings
+
     try:
         AppSettings()
     except SettingsError as wrong:

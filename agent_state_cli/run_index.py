@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from state import StateError, TieredStateStore, open_backends
-from support_cases.runs import INDEX_IDS, INDEX_PREFIX, RunIndexBusy, RunTracker, ShardRepair
-from support_cases.settings import AppSettings
+if TYPE_CHECKING:
+    from support_cases.runs import ShardRepair
 
 run_index_app = typer.Typer(
     help="The timer's index of active cases (8 shard records).", no_args_is_help=True
@@ -33,6 +32,8 @@ errors = Console(stderr=True)
 
 
 def _shard_id(name: str) -> str:
+    from support_cases.runs import INDEX_IDS, INDEX_PREFIX
+
     shard_id = f"{INDEX_PREFIX}{name}" if name.isdigit() else name
     if shard_id not in INDEX_IDS:
         raise typer.BadParameter(f"{name!r} is no shard: 0 to {len(INDEX_IDS) - 1}, or its id")
@@ -51,6 +52,12 @@ def repair(
     A damaged shard is rewritten whole; a readable one only gets the cases it misses. Safe
     to run again, and while workers run. The timer's next tick resumes the stalled cases
     and sweeps again."""
+    # Imported here, not at the top: every `agent-state` command loads this module, and
+    # the state library (with LangGraph) is most of a start-up's time.
+    from state import StateError, TieredStateStore, open_backends
+    from support_cases.runs import INDEX_IDS, RunIndexBusy, RunTracker
+    from support_cases.settings import AppSettings
+
     wanted = [_shard_id(name) for name in shards] if shards else list(INDEX_IDS)
 
     async def run() -> list[ShardRepair]:

@@ -16,17 +16,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from state import EntryStuck, Flusher, StateError, open_backends
-from state.checkpoint.flusher import described
-from state.ports import LogEntry, StuckEntry
-from support_cases.settings import AppSettings
+if TYPE_CHECKING:
+    from state import EntryStuck, Flusher
+    from state.ports import LogEntry, StuckEntry
 
 write_behind_app = typer.Typer(
     help="Write-behind entries the cold store refuses for good (stuck threads).",
@@ -40,6 +39,10 @@ T = TypeVar("T")
 
 def _with_flusher(work: Callable[[Flusher], Awaitable[T]]) -> T:
     """`work` on the write-behind flusher of the stores this environment's settings name."""
+    # Imported here, not at the top: every `agent-state` command loads this module, and
+    # the state library (with LangGraph) is most of a start-up's time.
+    from state import StateError, open_backends
+    from support_cases.settings import AppSettings
 
     async def run() -> T:
         backends = await open_backends(AppSettings())
@@ -104,6 +107,9 @@ def discard(
             " depend on it? They will never reach the cold tier",
             abort=True,
         )
+
+    from state import EntryStuck
+    from state.checkpoint.flusher import described
 
     async def work(flusher: Flusher) -> tuple[list[LogEntry], EntryStuck | None]:
         dropped = await flusher.discard_stuck(thread_id, entry_id)

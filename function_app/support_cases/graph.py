@@ -24,7 +24,7 @@ from .agents import (
     RunContext,
     agents_needed,
 )
-from .models import CaseState
+from .case_state import CaseState
 
 CaseGraph = CompiledStateGraph[CaseState, RunContext, Any, Any]
 

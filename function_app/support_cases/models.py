@@ -1,124 +1,27 @@
-"""The shapes of a support case: the graph's typed state and the HTTP contract.
+"""The HTTP contract of a support case: the API's models, id patterns and page sizes.
 
-Graph sections are TypedDicts of plain JSON, because each one is also stored
-verbatim as a section of the case's workflow record. The API models are
-pydantic, so malformed input is refused before anything is written.
+The models are pydantic, so malformed input is refused before anything is written.
+The graph's typed state is `case_state` (kept apart: it needs LangGraph, which a
+client of the contract, the CLI, should not pay for at start).
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Any, Literal
 
-from langgraph.channels.delta import DeltaChannel
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Case ids are Cosmos item ids and partition keys: no '/', '\\', '?', '#'.
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 CHECKPOINT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-CONVERSATION_SNAPSHOT_EVERY = 50
 # Page sizes the API serves (and the CLI offers) for a case's history and audit trail.
 HISTORY_PAGE_MAX = 100
 AUDIT_PAGE_MAX = 500
-
-
-# --------------------------------------------------------------------------- graph state
-
-
-class Charge(TypedDict):
-    transaction_id: str
-    merchant: str
-    amount: float
-    currency: str
-    timestamp: str
-
-
-class BillingResult(TypedDict):
-    duplicate_found: bool
-    duplicates: list[Charge]  # the extra charges (each one after the first of its group)
-    refund_amount: float
-    currency: str | None
-    merchant: str | None
-
-
-AccountIssue = Literal["login", "password", "locked"]
-
-
-class AccountResult(TypedDict):
-    issue: AccountIssue | None
-    reset_link_sent: bool
-    reset_reference: str | None
-
-
-PolicyDecision = Literal["auto_approved", "needs_review", "no_refund"]
-
-
-class PolicyResult(TypedDict):
-    decision: PolicyDecision
-    refund_amount: float
-    threshold: float
-    reason: str
-
-
+# A reviewer's verdict: the review route's body, and the graph's review section.
 ReviewVerdict = Literal["approve", "reject"]
-
-
-class ReviewResult(TypedDict):
-    decision: ReviewVerdict
-    reviewer_id: str  # the deciding caller's object id (from the token, never the body)
-    reviewer_name: str | None
-    note: str | None
-
-
-RefundStatus = Literal["issued", "refused", "not_applicable"]
-
-
-class RefundResult(TypedDict):
-    status: RefundStatus
-    amount: float
-    currency: str | None
-    reference: str | None
-
-
-class Message(TypedDict):
-    role: str
-    content: str
-
-
-def append_messages(conversation: list[Message], batches: Sequence[list[Message]]) -> list[Message]:
-    """The conversation's reducer: each batch of new messages appended, in order (the same
-    result however LangGraph groups the batches when it replays them)."""
-    return [*conversation, *(message for batch in batches for message in batch)]
-
-
-class CaseState(TypedDict, total=False):
-    case_id: str
-    customer_id: str
-    # The customer's latest message: the first one, then each follow-up's.
-    text: str
-    transactions: list[dict[str, Any]]
-    # The conversation (customer messages and agent replies) grows with every step: a
-    # DeltaChannel stores each step's new messages, with a whole copy every 50 updates,
-    # instead of the whole list at every checkpoint.
-    messages: Annotated[
-        list[Message], DeltaChannel(append_messages, snapshot_frequency=CONVERSATION_SNAPSHOT_EVERY)
-    ]
-    # Each node appends its own name once; a re-run step's writes replace, never repeat.
-    completed_steps: Annotated[list[str], operator.add]
-    billing: BillingResult
-    account: AccountResult
-    policy: PolicyResult
-    review: ReviewResult
-    refund: RefundResult
-    final_response: str
-    error: str | None
-
-
-# --------------------------------------------------------------------------- HTTP contract
 
 
 class CaseStatus(StrEnum):

@@ -22,7 +22,7 @@ import pytest
 from support.cosmos import drop_container, rewrite_record
 from typer.testing import CliRunner
 
-from agent_state_cli import run_index as run_index_cli
+import state
 from agent_state_cli.cli import app
 from state import Backends, TieredStateStore
 from state.errors import BackendUnavailable, UnsupportedSchemaVersion, WorkflowNotFound
@@ -83,7 +83,8 @@ def staged(
 ) -> None:
     """The repair command's own cold store reads a thread through `fault(backends,
     thread_id, real_get)` (in the command's event loop, on its own connections)."""
-    real_open = run_index_cli.open_backends
+    # The command imports `open_backends` from `state` when it runs.
+    real_open = state.open_backends
 
     async def open_backends(settings: AppSettings) -> Backends:
         backends = await real_open(settings)
@@ -95,7 +96,7 @@ def staged(
         monkeypatch.setattr(backends.cold, "get", get)
         return backends
 
-    monkeypatch.setattr(run_index_cli, "open_backends", open_backends)
+    monkeypatch.setattr(state, "open_backends", open_backends)
 
 
 async def damage(runtime: Runtime, shard: str) -> None:

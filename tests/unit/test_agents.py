@@ -11,7 +11,7 @@ from support_cases.agents.account import classify_account_request
 from support_cases.agents.billing import find_duplicate_charges, summarize_duplicates
 from support_cases.agents.policy import apply_policy
 from support_cases.agents.response import compose_response
-from support_cases.models import CaseState
+from support_cases.case_state import CaseState
 
 DAY = timedelta(days=1)
 

@@ -6,7 +6,7 @@ import re
 
 from state import JSON
 
-from ..models import AccountIssue, AccountResult, CaseState
+from ..case_state import AccountIssue, AccountResult, CaseState
 from .base import StatefulAgent, Step
 
 # Most specific first: a locked account needs more than a forgotten password.

@@ -24,8 +24,8 @@ from langgraph.runtime import Runtime
 
 from state import JSON, SectionWrite, TieredStateStore, WorkflowRecord
 
+from ..case_state import CaseState, Message
 from ..effects import Effects
-from ..models import CaseState, Message
 from ..records import set_section, write_sections
 from ..settings import AppSettings
 from ..telemetry import traced

@@ -14,7 +14,7 @@ from typing import Any
 
 from state import JSON
 
-from ..models import BillingResult, CaseState, Charge
+from ..case_state import BillingResult, CaseState, Charge
 from .base import StatefulAgent, Step
 
 

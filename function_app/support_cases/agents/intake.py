@@ -9,7 +9,7 @@ from typing import Any
 
 from state import JSON
 
-from ..models import CaseState, Message
+from ..case_state import CaseState, Message
 from .account import classify_account_request
 from .base import StatefulAgent, Step
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from state import JSON
 
-from ..models import BillingResult, CaseState, PolicyResult
+from ..case_state import BillingResult, CaseState, PolicyResult
 from .base import StatefulAgent, Step
 
 

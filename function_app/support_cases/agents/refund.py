@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from state import JSON
 
-from ..models import CaseState, RefundResult
+from ..case_state import CaseState, RefundResult
 from .base import StatefulAgent, Step
 
 

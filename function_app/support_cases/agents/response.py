@@ -6,7 +6,7 @@ from typing import Any
 
 from state import JSON
 
-from ..models import CaseState, Message
+from ..case_state import CaseState, Message
 from .base import StatefulAgent, Step
 
 

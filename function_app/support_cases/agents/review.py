@@ -8,7 +8,7 @@ from langgraph.types import interrupt
 
 from state import JSON
 
-from ..models import CaseState, ReviewResult
+from ..case_state import CaseState, ReviewResult
 from .base import StatefulAgent, Step
 
 
