@@ -9,6 +9,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from state.settings import Settings
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 from tests.chat_graph import chat_graph
+from tests.integration.test_stack_cli_faults import CLI, PYTHONPATH
 from tests.integration.test_write_behind import (
     COLD_BACKENDS,
     LOG_ENTRY_DAMAGES,
@@ -762,3 +765,30 @@ async def test_a_discard_drops_the_dependents_past_a_damaged_entry_after_the_stu
     assert not await tiers.flusher.log.pending(thread.thread_id)
     assert await cold_latest_id(tiers, thread.thread_id) == thread.stored
     assert await tiers.store.get_checkpoint(thread.thread_id, "", thread.child) is None
+
+
+def test_the_cli_says_redis_is_unavailable_in_one_line(stack_env: dict[str, str]) -> None:
+    """Run as a user runs it (its own process: logging as it is outside pytest), with Redis
+    out of reach: one line, not the flusher's closing drain warning before it."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": PYTHONPATH,
+        "COLUMNS": "200",
+        "STATE_COLD_BACKEND": "cosmos",
+        "COSMOS_ENDPOINT": stack_env["COSMOS_ENDPOINT"],
+        "COSMOS_KEY": stack_env["COSMOS_KEY"],
+        "COSMOS_CREATE_IF_MISSING": "true",
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "STATE_WRITE_MODE": "write-behind",
+    }
+    result = subprocess.run(
+        [*CLI, "write-behind", "stuck"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("redis unavailable"), result.stderr
