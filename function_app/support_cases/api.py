@@ -325,7 +325,18 @@ async def case_runs(case_id: CaseId, caller: Caller, cases: Cases) -> RunsView:
             "description": "`text/event-stream`: one frame per event (`id`, `event`, "
             "`data` as JSON), a `: keep-alive` comment while quiet; ends after `seconds`",
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-        }
+        },
+        429: {
+            "model": ErrorBody,
+            "description": "The caller holds as many of the worker's event streams as one "
+            "caller may (CASE_MAX_EVENT_STREAMS_PER_CALLER)",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying (or close a stream)",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            },
+        },
     },
 )
 async def case_events(
@@ -350,8 +361,9 @@ async def case_events(
     view = await readable_case(case_id, caller, cases)
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
-    # 503 while this worker serves as many streams as it may, or with the log out of reach.
-    stream = await cases.events.opened(case_id, start, seconds=seconds)
+    # 429 while the caller holds as many streams as one caller may; 503 while this worker
+    # serves as many as it may, or with the log out of reach.
+    stream = await cases.events.opened(case_id, start, seconds=seconds, caller=caller.id)
     # A reviewer reads the case only while it awaits review: checked again before each
     # event, or the stream would go on serving what is written after the decision.
     while_awaiting_review = not reads_for_good(caller, view)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -48,13 +49,26 @@ class StreamsBusy(Exception):
     retry_after = 5
 
 
+class CallerStreamsBusy(Exception):
+    """This caller holds as many of this worker's event streams as one caller may: maps to
+    429 with Retry-After."""
+
+    retry_after = 5
+
+
 class CaseEvents:
-    def __init__(self, log_: EventLog | None, *, max_streams: int = 100) -> None:
+    def __init__(
+        self, log_: EventLog | None, *, max_streams: int = 100, max_streams_per_caller: int = 10
+    ) -> None:
         self._log = log_
         # Each open stream holds an HTTP connection for up to 200 s and a Redis connection
-        # while it waits on the log: without a bound, any caller could take them all.
+        # while it waits on the log: without a bound, any caller could take them all. And
+        # without one per caller, one caller could hold every slot and refuse all others.
         self._max_streams = max_streams
+        self._max_streams_per_caller = max_streams_per_caller
         self._open_streams = 0
+        # Open streams by caller id; a caller without any has no entry.
+        self._open_by_caller: defaultdict[str, int] = defaultdict(int)
 
     async def publish(self, case_id: str, event: str, **fields: Any) -> None:
         if self._log is None:
@@ -73,16 +87,17 @@ class CaseEvents:
         return self._log
 
     async def opened(
-        self, case_id: str, after: str | None, *, seconds: float
+        self, case_id: str, after: str | None, *, seconds: float, caller: str
     ) -> AsyncIterator[StoredEvent | None]:
-        """The case's events after `after`, for `seconds`: see `_stream`. Refuses the stream
-        (`StreamsBusy`) while this worker serves its maximum; its slot is taken here, before
-        anything is awaited, or requests arriving together would all pass the bound. The
-        first page is read now: a log out of reach when the stream opens raises
-        `BackendUnavailable` (503, Retry-After) rather than answer 200 with a stream that
-        ends at once, empty, which a client takes for a case without events."""
+        """The case's events after `after`, for `seconds`, opened by `caller` (its id): see
+        `_stream`. Refuses the stream while the caller holds its maximum
+        (`CallerStreamsBusy`) or this worker serves its own (`StreamsBusy`); its slot is
+        taken here, before anything is awaited, or requests arriving together would all
+        pass the bounds. The first page is read now: a log out of reach when the stream
+        opens raises `BackendUnavailable` (503, Retry-After) rather than answer 200 with a
+        stream that ends at once, empty, which a client takes for a case without events."""
         events = self.check(after)
-        give_back = self._take_slot()
+        give_back = self._take_slot(caller)
         try:
             first = await events.read(case_id, after=after, wait_ms=0, count=PAGE)
         except BaseException:
@@ -94,15 +109,21 @@ class CaseEvents:
         weakref.finalize(stream, give_back)
         return stream
 
-    def _take_slot(self) -> Callable[[], None]:
-        """One of this worker's stream slots, and what gives it back (once, however often
-        it is called)."""
+    def _take_slot(self, caller: str) -> Callable[[], None]:
+        """One of this worker's stream slots for `caller`, and what gives it back (once,
+        however often it is called)."""
+        held = self._open_by_caller.get(caller, 0)
+        if held >= self._max_streams_per_caller:
+            raise CallerStreamsBusy(
+                f"this caller has {held} event streams open on this worker, the most one "
+                "caller may (CASE_MAX_EVENT_STREAMS_PER_CALLER); close one or retry in "
+                f"{CallerStreamsBusy.retry_after} s"
+            )
         if self._open_streams >= self._max_streams:
             raise StreamsBusy(
                 f"this worker serves {self._open_streams} event streams, its maximum "
                 f"(CASE_MAX_EVENT_STREAMS); retry in {StreamsBusy.retry_after} s"
             )
-        self._open_streams += 1
         given_back = False
 
         def give_back() -> None:
@@ -110,7 +131,16 @@ class CaseEvents:
             if not given_back:
                 given_back = True
                 self._open_streams -= 1
+                left = self._open_by_caller[caller] - 1
+                if left:
+                    self._open_by_caller[caller] = left
+                else:
+                    del self._open_by_caller[caller]
 
+        # No call between reading a count and writing it back: the collector could run
+        # there, and with it an abandoned stream's `give_back` (`weakref.finalize`).
+        self._open_streams += 1
+        self._open_by_caller[caller] += 1
         return give_back
 
     async def _stream(

@@ -30,7 +30,7 @@ from state import (
     WorkflowNotFound,
 )
 
-from .events import EventsUnavailable, InvalidEventId, StreamsBusy
+from .events import CallerStreamsBusy, EventsUnavailable, InvalidEventId, StreamsBusy
 from .runs import RunIndexBusy, RunIndexDamaged
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
@@ -248,6 +248,12 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         response.headers["Retry-After"] = str(error.retry_after)
         return response
 
+    async def caller_streams_busy(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, CallerStreamsBusy)
+        response = error_response(429, str(error))
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
+
     async def index_damaged(request: Request, error: Exception) -> JSONResponse:
         """The case's run index shard is unreadable (`RunIndexDamaged`): the operator's to
         repair, not the caller's mistake nor a crash; nothing was written for the request."""
@@ -274,6 +280,7 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     app.add_exception_handler(SettingsError, misconfigured)
     app.add_exception_handler(CaseBusy, busy)
     app.add_exception_handler(StreamsBusy, streams_busy)
+    app.add_exception_handler(CallerStreamsBusy, caller_streams_busy)
     app.add_exception_handler(RunIndexDamaged, index_damaged)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

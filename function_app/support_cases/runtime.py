@@ -82,7 +82,11 @@ class Runtime:
             settings,
             backends.retention,
             saver if isinstance(saver, TieredCheckpointSaver) else None,
-            CaseEvents(backends.events, max_streams=settings.case_max_event_streams),
+            CaseEvents(
+                backends.events,
+                max_streams=settings.case_max_event_streams,
+                max_streams_per_caller=settings.case_max_event_streams_per_caller,
+            ),
         )
         app_metrics.register_backends(backends, store)
         if isinstance(saver, TieredCheckpointSaver) and backends.flusher is not None:

@@ -50,6 +50,9 @@ class AppSettings(Settings):
     case_effect_timeout_seconds: float = Field(default=30.0, gt=0)
     # Event streams (GET .../events) one worker serves at once; one more answers 503.
     case_max_event_streams: int = Field(default=100, gt=0)
+    # Of those, the most one caller may hold (one more answers 429), so that one caller
+    # cannot take every slot.
+    case_max_event_streams_per_caller: int = Field(default=10, gt=0)
     # Two charges at the same merchant for the same amount within this window are a duplicate.
     case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
     # What a follow-up message without a strategy does to a run in progress.

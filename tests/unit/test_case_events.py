@@ -20,7 +20,7 @@ from tests.support.fakes import MemoryEventLog
 
 
 async def collect(events: CaseEvents, after: str | None, seconds: float) -> list[StoredEvent]:
-    stream = await events.opened("case", after, seconds=seconds)
+    stream = await events.opened("case", after, seconds=seconds, caller="reader")
     return [e async for e in stream if e is not None]
 
 
@@ -57,9 +57,9 @@ async def test_a_stream_never_iterated_gives_its_slot_back_once_collected() -> N
     """Its client gone before the answer started: the generator never runs its `finally`."""
     events = CaseEvents(MemoryEventLog(), max_streams=1)
     await events.publish("case", "run_started")
-    stream = await events.opened("case", None, seconds=0)
+    stream = await events.opened("case", None, seconds=0, caller="reader")
     with pytest.raises(StreamsBusy):
-        await events.opened("case", None, seconds=0)
+        await events.opened("case", None, seconds=0, caller="reader")
     del stream
     gc.collect()
     assert [e.data["event"] for e in await collect(events, None, seconds=0)] == ["run_started"]
