@@ -69,6 +69,9 @@ param stateHotTtlSeconds int = 86400
 @description('CORS_ALLOWED_ORIGINS: origins (comma-separated, e.g. https://portal.contoso.com) whose browser pages may call the API; empty: none.')
 param corsAllowedOrigins string = ''
 
+@description('AUTH_ALLOWED_CLIENT_IDS: application (client) ids, comma-separated, of further client applications whose tokens the API accepts (a daemon or managed identity holding an app role). The Azure CLI, which azd signs in as too, is always accepted.')
+param authAllowedClientIds string = ''
+
 @description('Python version of the Functions worker.')
 @allowed([
   '3.11'
@@ -118,6 +121,14 @@ var useManagedRedis = redisKind == 'AzureManagedRedis'
 // whole threads past it; the Cosmos container's own default TTL stays -1 (cosmos.bicep).
 var stateColdTtl = stateColdKeepForever ? -1 : stateColdTtlSeconds
 var publicNetworkAccess = vnetEnabled ? 'Disabled' : 'Enabled'
+// Client applications whose access tokens the API accepts (the app's AUTH_ALLOWED_CLIENT_IDS
+// and built-in authentication's allowedApplications): any other client a user consented
+// to would call the API with that user's app roles. The Azure CLI's public client id
+// (`az login`, `az account get-access-token`, DefaultAzureCredential's AzureCliCredential;
+// azd reuses it for `azd auth login`), then the parameter's ids.
+var azureCliClientId = '04b07795-8ddb-461a-bbee-02f9e1bf7b46'
+var extraClientIds = map(split(authAllowedClientIds, ','), id => toLower(trim(id)))
+var allowedClientIds = union([azureCliClientId], filter(extraClientIds, id => !empty(id)))
 // Names the app reads as COSMOS_DATABASE / COSMOS_CONTAINER / POSTGRES_DATABASE
 // (same as the defaults in state/settings.py).
 var cosmosDatabaseName = 'agentstate'
@@ -365,6 +376,7 @@ module functionApp 'modules/function-app.bicep' = {
     corsAllowedOrigins: corsAllowedOrigins
     virtualNetworkSubnetId: vnetEnabled ? network.outputs.appSubnetId : ''
     authClientId: apiRegistration.outputs.clientId
+    authAllowedClientIds: allowedClientIds
   }
   // With private endpoints, the host must not start before its storage is reachable.
   dependsOn: [
@@ -380,6 +392,7 @@ module apiAuthSettings 'modules/api-auth-settings.bicep' = {
   params: {
     functionAppName: functionApp.outputs.name
     clientId: apiRegistration.outputs.clientId
+    allowedClientIds: allowedClientIds
   }
 }
 
@@ -430,6 +443,9 @@ output COSMOS_ENDPOINT string = usePostgres ? '' : cosmos.outputs.endpoint
 // for tokens for this client id.
 output AUTH_TENANT_ID string = tenant().tenantId
 output AUTH_AUDIENCE string = apiRegistration.outputs.clientId
+// The clients the API accepts, for the app run locally against these resources (the
+// postprovision hook); fed back as the parameter, it gives the same list.
+output AUTH_ALLOWED_CLIENT_IDS string = join(allowedClientIds, ',')
 output COSMOS_DATABASE string = cosmosDatabaseName
 output COSMOS_CONTAINER string = cosmosContainerName
 output REDIS_HOST string = redis.outputs.hostName

@@ -3,7 +3,8 @@
 Every request but `/api/health` carries `Authorization: Bearer <access token>`
 for the API's app registration. The app validates it itself, in Azure and
 locally alike: RS256 signature against the issuer's published keys (JWKS),
-issuer, audience, expiry and not-before. The token's `roles` claim (app roles
+issuer, audience, expiry and not-before, and the client application it was issued
+to when AUTH_ALLOWED_CLIENT_IDS names the accepted ones. The token's `roles` claim (app roles
 assigned to the user or client application) decides what the caller may do;
 its object id and name are the caller recorded on reviews and audit entries.
 
@@ -169,9 +170,18 @@ def _since(moment: float) -> float:
 class TokenValidator:
     """Validates Entra-style access tokens against one issuer, audience and JWKS."""
 
-    def __init__(self, *, issuer: str, audience: str, keys_url: str) -> None:
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        keys_url: str,
+        allowed_clients: frozenset[str] = frozenset(),
+    ) -> None:
         self.issuer = issuer
         self.audience = audience
+        # Lower-case client ids; empty: any client application.
+        self.allowed_clients = allowed_clients
         self._keys = SigningKeys(keys_url)
 
     async def principal(self, token: str) -> Principal:
@@ -193,11 +203,20 @@ class TokenValidator:
             # That id is AUTH_DISABLED's caller, exempt from four eyes and owner of the
             # cases submitted without authentication: no token may act as it.
             raise Unauthenticated(f"invalid token: the object id {object_id!r} is reserved")
-        if not (claims.get("azp") or claims.get("appid")):
+        client_claim = "azp" if claims.get("azp") else "appid"
+        client = claims.get(client_claim)
+        if not client:
             # An ID token of a sign-in to the API's own registration has the same issuer
             # and audience, and may carry roles; only an access token names its client.
             raise Unauthenticated(
                 "invalid token: not an access token (it names no client application: azp or appid)"
+            )
+        if self.allowed_clients and str(client).lower() not in self.allowed_clients:
+            # A user's app roles reach every client the user consented to: without this a
+            # consent-phishing app would act with its victim's roles.
+            raise Unauthenticated(
+                f"invalid token: its client application ({client_claim} {str(client)!r}) is "
+                "not one this API accepts (AUTH_ALLOWED_CLIENT_IDS)"
             )
         roles = claims.get("roles") or []
         if not isinstance(roles, list):
@@ -259,7 +278,10 @@ class Authenticator:
                 "for local use"
             )
         self._validator = TokenValidator(
-            issuer=issuer, audience=settings.auth_audience, keys_url=keys_url
+            issuer=issuer,
+            audience=settings.auth_audience,
+            keys_url=keys_url,
+            allowed_clients=frozenset(settings.auth_allowed_client_ids),
         )
 
     async def principal(self, token: str | None) -> Principal:

@@ -8,6 +8,7 @@ key of `local.settings.sample.json` Values and a Function App app setting in Bic
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlparse, urlsplit
@@ -31,6 +32,8 @@ AZURE_HOST_MARKERS = (
 ENTRA_LOGIN = "https://login.microsoftonline.com"
 # The port a browser leaves out of an origin, by scheme (the schemes a page is served on).
 DEFAULT_PORTS = {"https": 443, "http": 80}
+# An Entra application (client) id.
+GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def running_in_azure() -> bool:
@@ -71,6 +74,11 @@ class AppSettings(Settings):
     # issuer (the local one of the dev stack and the tests).
     auth_issuer: str | None = None
     auth_jwks_url: str | None = None
+    # Client applications (ids, comma-separated; lower-cased here as Entra writes them)
+    # whose access tokens the API accepts: a v2 token's `azp`, a v1 token's `appid`. A
+    # user's app roles reach any client the user consents to, so a consent-phishing app
+    # would otherwise act with them. Empty: any client (the local stack's issuer).
+    auth_allowed_client_ids: Annotated[tuple[str, ...], NoDecode] = ()
 
     # Origins (`https://portal.example.com`, comma-separated; `*` for any) whose browser
     # pages may call the API. Empty: none (no CORS headers).
@@ -101,6 +109,13 @@ class AppSettings(Settings):
             origins.append(origin)
         return tuple(origins)
 
+    @field_validator("auth_allowed_client_ids", mode="before")
+    @classmethod
+    def _split_client_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(written.strip().lower() for written in value if written.strip())
+
     @model_validator(mode="after")
     def _check_auth_in_azure(self) -> AppSettings:
         if running_in_azure():
@@ -116,6 +131,13 @@ class AppSettings(Settings):
                     # The scheme only: a URL may carry credentials (user:password@).
                     raise SettingsError(
                         f"{name} must be an https URL in Azure (its scheme: {scheme or 'none'})"
+                    )
+            for position, client_id in enumerate(self.auth_allowed_client_ids, start=1):
+                if not GUID.fullmatch(client_id):
+                    # By position: a value pasted by mistake (a secret) is not repeated.
+                    raise SettingsError(
+                        f"AUTH_ALLOWED_CLIENT_IDS: entry {position} is not an application "
+                        "(client) id, a GUID such as 04b07795-8ddb-461a-bbee-02f9e1bf7b46"
                     )
         return self
 

@@ -12,6 +12,9 @@ param functionAppName string
 @description('Client id of the API app registration (the accepted token audience).')
 param clientId string
 
+@description('Client ids of the applications whose tokens are accepted (the app\'s AUTH_ALLOWED_CLIENT_IDS).')
+param allowedClientIds array
+
 resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
   name: functionAppName
 }
@@ -44,6 +47,10 @@ resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = {
           allowedAudiences: [
             clientId
           ]
+          // A token issued to any other client (one a user consented to) is refused.
+          defaultAuthorizationPolicy: {
+            allowedApplications: allowedClientIds
+          }
         }
       }
     }

@@ -97,6 +97,9 @@ param corsAllowedOrigins string = ''
 @description('AUTH_AUDIENCE: client id of the API app registration (api-registration.bicep).')
 param authClientId string
 
+@description('AUTH_ALLOWED_CLIENT_IDS: client ids of the applications whose tokens the app accepts.')
+param authAllowedClientIds array
+
 @description('Subnet (delegated to Microsoft.App/environments) for outbound VNet integration. Empty: none.')
 param virtualNetworkSubnetId string = ''
 
@@ -238,6 +241,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       AUTH_AUDIENCE: authClientId
       AUTH_ISSUER: ''
       AUTH_JWKS_URL: ''
+      AUTH_ALLOWED_CLIENT_IDS: join(authAllowedClientIds, ',')
     }
   }
 

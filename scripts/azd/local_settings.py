@@ -47,6 +47,7 @@ FROM_AZURE = (
     # Callers need Entra tokens for the provisioned API registration, locally too.
     "AUTH_TENANT_ID",
     "AUTH_AUDIENCE",
+    "AUTH_ALLOWED_CLIENT_IDS",
     "STATE_COLD_TTL_SECONDS",
 )
 # Outputs without which the file would point at nothing in Azure, per cold backend

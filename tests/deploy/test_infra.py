@@ -45,6 +45,12 @@ BICEP_CONFIG = INFRA / "bicepconfig.json"
 # The Microsoft Graph Bicep extension (v1.0 endpoint) as published on MCR.
 GRAPH_EXTENSION_REGISTRY = "br:mcr.microsoft.com/bicep/extensions/microsoftgraph/v1.0:"
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# The Azure CLI's public client id: azure-cli's `AZURE_CLI_CLIENT_ID` (src/azure-cli-core/
+# azure/cli/core/auth/identity.py) and Microsoft's list of first-party application ids
+# ("Verify first-party Microsoft applications in sign-in reports"). azd signs users in
+# with the same id (Azure/azure-dev, cli/azd/pkg/auth/manager.go: `azdClientID`).
+AZURE_CLI_CLIENT_ID = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"
+DAEMON_CLIENT_ID = "33333333-3333-3333-3333-333333333333"
 
 # ------------------------------------------------------------------ expectations
 
@@ -425,17 +431,54 @@ class BicepFile:
             if all(isinstance(arg, str) for arg in args):
                 return "/".join(args)
             return Expr(text(node))
+        if name == "union" and args and all(isinstance(arg, list) for arg in args):
+            # Arrays: the first's items, then each later one's not already in (Bicep's order).
+            joined: list[Any] = []
+            for item in (item for arg in args for item in arg):
+                if item not in joined:
+                    joined.append(item)
+            return joined
         if name == "union" and args:
             merged: dict[str, Any] = {}
             for arg in args:
                 if isinstance(arg, dict):
                     merged.update(arg)
             return merged
+        if name in {"map", "filter"} and len(args) == 2 and isinstance(args[0], list):
+            lambda_node = arguments_node.named_children[1]
+            if lambda_node.type == "lambda_expression":
+                results = [self._apply(lambda_node, item, ev) for item in args[0]]
+                if any(isinstance(result, Expr) for result in results):
+                    return Expr(text(node))
+                if name == "map":
+                    return results
+                return [item for item, keep in zip(args[0], results, strict=True) if keep is True]
+        if name == "split" and len(args) == 2 and all(isinstance(arg, str) for arg in args):
+            return args[0].split(args[1])
+        if (
+            name == "join"
+            and len(args) == 2
+            and isinstance(args[0], list)
+            and all(isinstance(item, str) for item in [*args[0], args[1]])
+        ):
+            return str(args[1]).join(args[0])
+        if name in {"trim", "toLower"} and len(args) == 1 and isinstance(args[0], str):
+            return args[0].strip() if name == "trim" else args[0].lower()
         if name == "string" and len(args) == 1 and isinstance(args[0], (str, int, bool)):
             return str(args[0]).lower() if isinstance(args[0], bool) else str(args[0])
         if name == "empty" and len(args) == 1 and isinstance(args[0], (str, list, dict)):
             return len(args[0]) == 0
         return Expr(text(node))
+
+    def _apply(self, lambda_node: Node, item: Any, ev: Callable[[Node], Any]) -> Any:
+        """A one-parameter lambda's body, its parameter bound to `item`."""
+        parameter = text(lambda_node.named_children[0])
+        saved = self.bound
+        self.bound = {**saved, parameter: item}
+        try:
+            return ev(lambda_node.named_children[-1])
+        finally:
+            self.bound = saved
 
 
 def text(node: Node) -> str:
@@ -624,6 +667,13 @@ def check_auth_settings(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[
     )
     if not audiences:
         problems.append(f"{config.label}: allowedAudiences must name the API's client id")
+    applications = config.get(
+        "properties.identityProviders.azureActiveDirectory.validation"
+        ".defaultAuthorizationPolicy.allowedApplications"
+    )
+    if not applications:
+        # Otherwise a token for any client a user consented to passes, with the user's roles.
+        problems.append(f"{config.label}: allowedApplications must name the accepted clients")
     issuer = config.get(
         "properties.identityProviders.azureActiveDirectory.registration.openIdIssuer"
     )
@@ -1209,6 +1259,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         "tenant().tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
         "authClientId": "22222222-2222-2222-2222-222222222222",
         "corsAllowedOrigins": "https://portal.contoso.com,https://support.contoso.com",
+        "join(authAllowedClientIds, ',')": f"{AZURE_CLI_CLIENT_ID},{DAEMON_CLIENT_ID}",
     }
     settings_values = app_settings_resource(infra_files()).get("properties") or {}
     for name in app_setting_names():
@@ -1230,6 +1281,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         f"https://login.microsoftonline.com/{deployed['tenant().tenantId']}/v2.0"
     )
     assert not settings.cosmos_is_local_emulator
+    assert settings.auth_allowed_client_ids == (AZURE_CLI_CLIENT_ID, DAEMON_CLIENT_ID)
 
 
 def test_sample_values_run_the_app_against_the_local_stack(
@@ -1365,6 +1417,7 @@ def test_postprovision_writes_local_settings_without_secrets(
         "AZURE_FUNCTION_IDENTITY_CLIENT_ID": "11111111-1111-1111-1111-111111111111",
         "AUTH_TENANT_ID": "72f988bf-86f1-41af-91ab-2d7cd011db47",
         "AUTH_AUDIENCE": "22222222-2222-2222-2222-222222222222",
+        "AUTH_ALLOWED_CLIENT_IDS": f"{AZURE_CLI_CLIENT_ID},{DAEMON_CLIENT_ID}",
     }
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(azd_values))
@@ -1391,6 +1444,8 @@ def test_postprovision_writes_local_settings_without_secrets(
     assert settings.auth_issuer_url == (
         f"https://login.microsoftonline.com/{azd_values['AUTH_TENANT_ID']}/v2.0"
     )
+    # The app run locally accepts the clients the deployed one does, no other.
+    assert settings.auth_allowed_client_ids == (AZURE_CLI_CLIENT_ID, DAEMON_CLIENT_ID)
 
 
 def test_postprovision_fails_clearly_before_provisioning(tmp_path: Path) -> None:
@@ -1807,6 +1862,53 @@ def test_the_app_checks_tokens_for_the_registration_bicep_creates() -> None:
     assert settings["AUTH_ISSUER"] == settings["AUTH_JWKS_URL"] == ""
 
 
+def test_only_the_listed_client_applications_are_accepted_in_azure() -> None:
+    """The app (AUTH_ALLOWED_CLIENT_IDS) and built-in authentication (allowedApplications)
+    accept the same clients: the Azure CLI (which azd signs in as) and the ids of the
+    `authAllowedClientIds` parameter (azd env AUTH_ALLOWED_CLIENT_IDS), nothing else. Any
+    client a user consents to otherwise calls the API with that user's app roles."""
+    main = infra_file("main.bicep")
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert parameters["authAllowedClientIds"]["value"] == "${AUTH_ALLOWED_CLIENT_IDS}"
+    default = main.params["authAllowedClientIds"].default
+    assert default is not None and main.evaluate(default) == ""
+    modules = {m.symbol: m for m in main.modules}
+    passed = {
+        text(modules["functionApp"].params()["authAllowedClientIds"]),
+        text(modules["apiAuthSettings"].params()["allowedClientIds"]),
+    }
+    assert passed == {"allowedClientIds"}
+    allowed = main.variables["allowedClientIds"]
+    assert main.bind(authAllowedClientIds="").evaluate(allowed) == [AZURE_CLI_CLIENT_ID]
+    extra = f" {DAEMON_CLIENT_ID.upper()} ,,{AZURE_CLI_CLIENT_ID},"
+    assert main.bind(authAllowedClientIds=extra).evaluate(allowed) == [
+        AZURE_CLI_CLIENT_ID,
+        DAEMON_CLIENT_ID,
+    ]
+    settings = app_settings_resource(infra_files()).get("properties") or {}
+    assert settings["AUTH_ALLOWED_CLIENT_IDS"] == Expr("join(authAllowedClientIds, ',')")
+    # The app run locally against the deployment (postprovision hook) gets the same list.
+    outputs = {o.name: o.value for o in main.outputs}
+    assert text(outputs["AUTH_ALLOWED_CLIENT_IDS"]) == "join(allowedClientIds, ',')"
+    function_app = infra_file("function-app.bicep")
+    joined = function_app.bind(authAllowedClientIds=[AZURE_CLI_CLIENT_ID, DAEMON_CLIENT_ID])
+    assert app_settings_resource([joined]).get("properties.AUTH_ALLOWED_CLIENT_IDS") == (
+        f"{AZURE_CLI_CLIENT_ID},{DAEMON_CLIENT_ID}"
+    )
+    auth = [
+        r
+        for r in infra_file("api-auth-settings.bicep").of_type("Microsoft.Web/sites/config")
+        if r.get("name") == "authsettingsV2"
+    ]
+    assert [
+        r.get(
+            "properties.identityProviders.azureActiveDirectory.validation"
+            ".defaultAuthorizationPolicy.allowedApplications"
+        )
+        for r in auth
+    ] == [Expr("allowedClientIds")]
+
+
 GOOD_REGISTRATION = """
 extension microsoftGraphV1
 var appRoles = [
@@ -1888,6 +1990,9 @@ resource auth 'Microsoft.Web/sites/config@2024-04-01' = {
           allowedAudiences: [
             clientId
           ]
+          defaultAuthorizationPolicy: {
+            allowedApplications: allowedClientIds
+          }
         }
       }
     }
@@ -1903,6 +2008,7 @@ def test_checker_catches_authentication_that_lets_callers_through() -> None:
         ("'Return401'", "'AllowAnonymous'"),
         ("        '/api/health'\n", "        '/api/health'\n        '/api/cases'\n"),
         ("      enabled: true\n        registration", "      enabled: false\n        registration"),
+        ("allowedApplications: allowedClientIds", "allowedApplications: []"),
     ):
         broken = parse(GOOD_AUTH_SETTINGS.replace(*change))
         assert check_auth_settings([broken]), change

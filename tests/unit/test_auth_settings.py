@@ -15,6 +15,9 @@ from support_cases.settings import AZURE_HOST_MARKERS, AppSettings, get_app_sett
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
+# The Azure CLI's public client id, and another application's.
+AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"
+OTHER_CLIENT = "7a1d2b3c-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 
 @pytest.fixture(autouse=True)
@@ -145,3 +148,37 @@ async def test_a_wrong_value_in_the_environment_is_answered_503_naming_its_varia
         assert health.status_code == 503
         assert health.json()["status"] == "down"
         assert "CASE_REVIEW_THRESHOLD" in health.json()["error"]
+
+
+def test_allowed_client_ids_are_read_as_entra_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Comma-separated, spaces and empty entries dropped, lower case (Entra's `azp`)."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", BASE["cosmos_endpoint"])
+    monkeypatch.setenv("AUTH_ALLOWED_CLIENT_IDS", f" {AZURE_CLI.upper()} ,, {OTHER_CLIENT},")
+    assert AppSettings().auth_allowed_client_ids == (AZURE_CLI, OTHER_CLIENT)
+    monkeypatch.setenv("WEBSITE_INSTANCE_ID", "abc123")
+    assert AppSettings().auth_allowed_client_ids == (AZURE_CLI, OTHER_CLIENT)
+
+
+async def test_a_client_id_that_is_not_a_guid_is_refused_at_start_in_azure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Named by variable and position, never by value (a secret pasted by mistake); the
+    API answers 503 with that line rather than accept a list that can match nothing."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", BASE["cosmos_endpoint"])
+    monkeypatch.setenv("AUTH_ALLOWED_CLIENT_IDS", f"{AZURE_CLI},pasted-client-secret~1")
+    # Locally any client name goes (the local issuer mints whatever it is asked for).
+    assert AppSettings().auth_allowed_client_ids == (AZURE_CLI, "pasted-client-secret~1")
+    monkeypatch.setenv("WEBSITE_INSTANCE_ID", "abc123")
+    with pytest.raises(SettingsError, match="AUTH_ALLOWED_CLIENT_IDS: entry 2 ") as refused:
+        AppSettings()
+    assert "pasted-client-secret" not in str(refused.value)
+    app = create_app(holder=RuntimeHolder(AppSettings))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://u.test") as client,
+    ):
+        answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
+    assert answer.status_code == 503
+    assert "AUTH_ALLOWED_CLIENT_IDS: entry 2" in answer.json()["error"]
+    assert "pasted-client-secret" not in answer.text
