@@ -945,7 +945,7 @@ def follow(
             # The stream ended: its time was up, or the API lost its event log for a moment.
             # Publishing events is best effort, so the runs list also decides when to stop.
             at_rest = not _busy(_case_runs(api, case))
-        except (httpx.TransportError, EventsOutOfReach) as error:
+        except (httpx.TransportError, StreamRefusedForNow) as error:
             drops += 1
             if drops > MAX_RECONNECTS:
                 errors.print(f"[red]lost the event stream of {api}: {escape(str(error))}[/red]")
@@ -953,7 +953,8 @@ def follow(
             errors.print(
                 f"[yellow]event stream interrupted ({escape(str(error))}); reconnecting[/yellow]"
             )
-            time.sleep(drops)
+            # No sooner than the API asked: a slot freed after that is what a retry needs.
+            time.sleep(max(drops, getattr(error, "retry_after", 0.0)))
             continue
         drops = 0
         # A stream cut short (its log out of reach) is not reopened in a tight loop.
@@ -998,10 +999,14 @@ def _case_events(
     ) as response:
         if response.status_code >= 400:
             response.read()
-            if response.status_code == 503 and "retry-after" in response.headers:
-                # The API's event log (Redis) out of reach for now: tried again as a
-                # dropped connection is, while the runs list still says how the case goes.
-                raise EventsOutOfReach(f"503: {_body(response).get('error', response.text)}")
+            if response.status_code in (429, 503) and "retry-after" in response.headers:
+                # Refused for now (503: the API's event log out of reach, or the worker's
+                # streams all taken; 429: this caller's): tried again as a dropped
+                # connection is, while the runs list still says how the case goes.
+                raise StreamRefusedForNow(
+                    f"{response.status_code}: {_body(response).get('error', response.text)}",
+                    retry_after=_retry_after_seconds(response),
+                )
             _refuse_errors(response, _body(response))
         for frame in sse_frames(response.iter_lines()):
             try:
@@ -1011,9 +1016,21 @@ def _case_events(
             yield {"id": frame.id, "event": frame.event, **data}
 
 
-class EventsOutOfReach(Exception):
-    """The API answered the event stream 503 with a Retry-After: its event log is out of
-    reach for now."""
+class StreamRefusedForNow(Exception):
+    """The API refused the event stream for now (503 or 429 with a Retry-After): its event
+    log out of reach, or the streams a worker or a caller may hold all taken."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after_seconds(response: httpx.Response) -> float:
+    """The answer's Retry-After in seconds (0 if it gives an HTTP date or nothing usable)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return 0.0
 
 
 @dataclass(frozen=True)

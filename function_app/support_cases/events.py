@@ -115,7 +115,7 @@ class CaseEvents:
         held = self._open_by_caller.get(caller, 0)
         if held >= self._max_streams_per_caller:
             raise CallerStreamsBusy(
-                f"this caller has {held} event streams open on this worker, the most one "
+                f"this caller holds {held} of this worker's event streams, the most one "
                 "caller may (CASE_MAX_EVENT_STREAMS_PER_CALLER); close one or retry in "
                 f"{CallerStreamsBusy.retry_after} s"
             )

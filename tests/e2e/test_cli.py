@@ -399,3 +399,37 @@ async def test_follow_tells_an_event_log_out_of_reach_and_tries_again(
     assert code == 2, out
     assert out.count("reconnecting") == 5 and "redis unavailable" in out, out
     assert "lost the event stream" in out, out
+
+
+async def test_follow_waits_out_a_caller_holding_its_most_streams(
+    runtime: Runtime,
+    stack_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bearer: Any,
+) -> None:
+    """The caller already holds as many event streams as one caller may on the worker: the
+    API answers 429 with a Retry-After, which `follow` waits out and tries again (it ended
+    the command with the 429)."""
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    monkeypatch.setenv("AGENT_STATE_USER", "frank")
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    env = {
+        **app_env(runtime, stack_env),
+        "CASE_MAX_EVENT_STREAMS_PER_CALLER": "1",
+        "CASE_SYNC_WAIT_SECONDS": "60",
+    }
+    async with api_process(env, tmp_path / "api.log") as (_, client):
+        submitted = await client.post(
+            "/api/cases", json=demo_case(case_id), headers=bearer("frank")
+        )
+        assert submitted.json()["status"] == "completed", submitted.text
+        # Frank's one stream, for 2 s: shorter than the 429's Retry-After (5 s).
+        async with client.stream(
+            "GET", f"/api/cases/{case_id}/events", params={"seconds": 2}, headers=bearer("frank")
+        ) as held:
+            assert held.status_code == 200
+            code, out = await cli("follow", case_id, "--api", str(client.base_url))
+    assert code == 0, out
+    assert "429" in out and "reconnecting" in out, out
+    assert "run_completed" in out, out
