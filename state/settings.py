@@ -12,6 +12,7 @@ unknown variables are ignored, so both read one environment. Secrets are
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -189,7 +190,7 @@ class Settings(BaseSettings):
             _check_cosmos_key(self.cosmos_key)
         if self.redis_url:
             _check_redis_url(self.redis_url)
-        elif self.redis_host and not self.redis_ssl and self.redis_host not in LOOPBACK_HOSTS:
+        elif self.redis_host and not self.redis_ssl and not _is_loopback(self.redis_host):
             # REDIS_HOST signs in with an Entra ID access token, sent in Redis's AUTH
             # command: without TLS anyone on the path reads it, and may use it until it
             # expires (about an hour).
@@ -402,6 +403,17 @@ def _check_cosmos_key(key: SecretStr) -> None:
             "COSMOS_KEY is not a Cosmos account key (base64, as the portal's Keys blade or "
             "`az cosmosdb keys list` gives it). Its text is not repeated here: it is a secret"
         ) from None
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (as written in a setting) names this machine: host names are read
+    without regard to case, and all of 127.0.0.0/8 is loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_redis_url(url: SecretStr) -> None:

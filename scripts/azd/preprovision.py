@@ -5,7 +5,9 @@ administrator, the one who creates the app's least-privilege role after provisio
 (`postgres_access.py`). Without AZURE_PRINCIPAL_NAME Bicep would create a server with
 no Entra administrator, the postprovision hook could not create that role, and `azd up`
 would go on to deploy an app that cannot sign in: refused here instead, before any
-resource exists. Standard library only: it runs before any venv exists.
+resource exists. Likewise an AUTH_ALLOWED_CLIENT_IDS entry that is no application id:
+the app refuses it at start, and would answer every request 503. Standard library only:
+it runs before any venv exists.
 
     python scripts/azd/preprovision.py
 """
@@ -13,8 +15,13 @@ resource exists. Standard library only: it runs before any venv exists.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
+
+# An Entra application (client) id, as the app checks AUTH_ALLOWED_CLIENT_IDS in Azure
+# (support_cases/settings.py), after the same trimming and lower-casing.
+GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def problem(env: Mapping[str, str]) -> str | None:
@@ -26,6 +33,16 @@ def problem(env: Mapping[str, str]) -> str | None:
             "administrator, who creates the app's database role): "
             "`azd env set AZURE_PRINCIPAL_NAME <your user principal name>`, then `azd up`"
         )
+    written = [entry.strip() for entry in env.get("AUTH_ALLOWED_CLIENT_IDS", "").split(",")]
+    for position, client_id in enumerate((entry for entry in written if entry), start=1):
+        if not GUID.fullmatch(client_id.lower()):
+            # By position, as the app names it: a value pasted by mistake is not repeated.
+            return (
+                f"AUTH_ALLOWED_CLIENT_IDS: entry {position} is not an application (client) "
+                "id, a GUID such as 04b07795-8ddb-461a-bbee-02f9e1bf7b46 (a name is not "
+                "accepted: `az ad app list --display-name <name> --query [].appId`); "
+                "`azd env set AUTH_ALLOWED_CLIENT_IDS <id>[,<id>...]`, then `azd up`"
+            )
     return None
 
 

@@ -1472,6 +1472,25 @@ def test_preprovision_refuses_postgres_without_its_entra_administrator(
     assert preprovision.main({"STATE_COLD_BACKEND": "cosmos"}) == 0
 
 
+def test_preprovision_refuses_allowed_client_ids_the_app_would_refuse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The app refuses an AUTH_ALLOWED_CLIENT_IDS entry that is no GUID at start in Azure,
+    and answers every request 503: refused before anything is provisioned, named by its
+    position, not repeated."""
+    preprovision = load_script("preprovision")
+    named = {"AUTH_ALLOWED_CLIENT_IDS": f"{DAEMON_CLIENT_ID},nightly-daemon"}
+    assert preprovision.main(named) == 1
+    err = capsys.readouterr().err
+    assert "AUTH_ALLOWED_CLIENT_IDS: entry 2 is not an application (client) id" in err
+    assert "nightly-daemon" not in err
+    # What Bicep and the app accept passes: any case, spaces, empty entries, the
+    # deployment's own output fed back, and nothing at all.
+    messy = f" {DAEMON_CLIENT_ID.upper()} , ,{AZURE_CLI_CLIENT_ID},"
+    for accepted in ("", " ", messy, f"{AZURE_CLI_CLIENT_ID},{DAEMON_CLIENT_ID}"):
+        assert preprovision.main({"AUTH_ALLOWED_CLIENT_IDS": accepted}) == 0, accepted
+
+
 def test_deploy_doc_covers_deployment_and_every_setting() -> None:
     doc = DEPLOY_DOC.read_text()
     for needle in (

@@ -369,6 +369,62 @@ async def test_follow_reconnects_after_the_api_went_away_and_misses_nothing(
         await asyncio.wait({following}, timeout=60)
 
 
+async def test_follow_tries_again_while_its_caller_holds_as_many_streams_as_it_may(
+    runtime: Runtime, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's other stream (another `follow` of its own) held its last slot: the 429
+    (with Retry-After) ended `follow` at once, exit 1, where a 503 is tried again. It now
+    tries again, waiting first at least the Retry-After."""
+    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
+    # The same caller as the API client of `api_process`.
+    monkeypatch.setenv("AGENT_STATE_USER", "e2e-client")
+    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
+    env = {**app_env(runtime, stack_env), "CASE_MAX_EVENT_STREAMS_PER_CALLER": "1"}
+    log = tmp_path / "api.log"
+    async with api_process(env, log) as (_, client):
+        assert (await client.post("/api/cases", json=demo_case(case_id))).status_code in (
+            201,
+            202,
+        )
+
+        async def completed() -> bool:
+            case = await client.get(f"/api/cases/{case_id}")
+            return bool(case.json()["status"] == "completed")
+
+        await wait_for(completed, "the case to complete", log)
+        events = f"/api/cases/{case_id}/events"
+        loop = asyncio.get_running_loop()
+        async with client.stream("GET", events, params={"seconds": 200}) as held:
+            assert held.status_code == 200
+
+            async def slot_back() -> bool:
+                async with client.stream("GET", events, params={"seconds": 0}) as probe:
+                    await probe.aread()
+                    return probe.status_code == 200
+
+            async def release() -> None:
+                await held.aclose()
+                await wait_for(slot_back, "the held stream's slot to come back", log)
+
+            waits: list[float] = []
+
+            def first_pause_releases(seconds: float) -> None:
+                # `follow` waits before trying again: the other stream ends meanwhile.
+                waits.append(seconds)
+                if not held.is_closed:
+                    asyncio.run_coroutine_threadsafe(release(), loop).result(60)
+
+            monkeypatch.setattr("agent_state_cli.cli.time.sleep", first_pause_releases)
+            code, output, stdout = await cli_streams(
+                "follow", case_id, "--json", "--api", str(client.base_url)
+            )
+        assert code == 0, output
+        assert output.count("reconnecting") == 1 and "429" in output, output
+        assert waits and waits[0] >= 5, waits  # no sooner than the 429's Retry-After
+        shown = [json.loads(line) for line in stdout.splitlines()]
+        assert shown == await logged_events(client, case_id)
+
+
 async def test_follow_tells_an_event_log_out_of_reach_and_tries_again(
     runtime: Runtime,
     stack_env: dict[str, str],
@@ -399,37 +455,3 @@ async def test_follow_tells_an_event_log_out_of_reach_and_tries_again(
     assert code == 2, out
     assert out.count("reconnecting") == 5 and "redis unavailable" in out, out
     assert "lost the event stream" in out, out
-
-
-async def test_follow_waits_out_a_caller_holding_its_most_streams(
-    runtime: Runtime,
-    stack_env: dict[str, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bearer: Any,
-) -> None:
-    """The caller already holds as many event streams as one caller may on the worker: the
-    API answers 429 with a Retry-After, which `follow` waits out and tries again (it ended
-    the command with the 429)."""
-    monkeypatch.setenv("AGENT_STATE_ISSUER", stack_env["AUTH_ISSUER"])
-    monkeypatch.setenv("AGENT_STATE_USER", "frank")
-    case_id = f"case-cli-{uuid.uuid4().hex[:12]}"
-    env = {
-        **app_env(runtime, stack_env),
-        "CASE_MAX_EVENT_STREAMS_PER_CALLER": "1",
-        "CASE_SYNC_WAIT_SECONDS": "60",
-    }
-    async with api_process(env, tmp_path / "api.log") as (_, client):
-        submitted = await client.post(
-            "/api/cases", json=demo_case(case_id), headers=bearer("frank")
-        )
-        assert submitted.json()["status"] == "completed", submitted.text
-        # Frank's one stream, for 2 s: shorter than the 429's Retry-After (5 s).
-        async with client.stream(
-            "GET", f"/api/cases/{case_id}/events", params={"seconds": 2}, headers=bearer("frank")
-        ) as held:
-            assert held.status_code == 200
-            code, out = await cli("follow", case_id, "--api", str(client.base_url))
-    assert code == 0, out
-    assert "429" in out and "reconnecting" in out, out
-    assert "run_completed" in out, out

@@ -407,3 +407,13 @@ def test_an_entra_token_is_never_sent_to_redis_in_clear_text(env: Callable[..., 
     assert not local.redis_ssl
     url = "redis://:pw@cache.example:6379/0"
     assert env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_URL=url, REDIS_SSL="false").redis_url
+
+
+@pytest.mark.parametrize("host", ["LOCALHOST", "Localhost", "127.0.0.2", "::1"])
+def test_a_loopback_redis_host_however_spelled_may_go_without_tls(
+    env: Callable[..., Settings], host: str
+) -> None:
+    """Host names are read without regard to case and all of 127.0.0.0/8 is this machine:
+    no token leaves it, and refusing it said "plain text is for a loopback host" of one."""
+    local = env(COSMOS_ENDPOINT=COSMOS_ENDPOINT, REDIS_HOST=host, REDIS_SSL="false")
+    assert local.redis_host == host and not local.redis_ssl
