@@ -379,6 +379,9 @@ class TokenIssuer(LocalServer):
             "AUTH_ISSUER": self.url,
             "AUTH_JWKS_URL": f"{self.url}/keys",
             "AUTH_AUDIENCE": self.audience,
+            # Empty: any client application. This issuer mints for any (tests ask for
+            # others), and a deployment's list left in the shell would refuse them all.
+            "AUTH_ALLOWED_CLIENT_IDS": "",
         }
 
 

@@ -292,13 +292,14 @@ def test_a_server_that_died_under_serve_shows_as_dead(workdir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _serving(workdir: Path) -> Iterator[list[str]]:
-    """`serve` on a workdir of its own and free ports, once its API listens: the lines it
-    printed, up to how to submit the demo case; once Ctrl-C stopped it, all it printed."""
+def _serving(workdir: Path, **env: str) -> Iterator[list[str]]:
+    """`serve` on a workdir of its own and free ports (with `env` added to its environment),
+    once its API listens: the lines it printed, up to how to submit the demo case; once
+    Ctrl-C stopped it, all it printed."""
     port = devstack.free_port()
     serve = subprocess.Popen(
         [*CLI, "serve", "--workdir", str(workdir), "--port", str(port), *FREE_PORTS],
-        env=cli_env(),
+        env=cli_env(**env),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -326,8 +327,10 @@ def test_the_submit_command_serve_prints_works_against_a_stack_of_its_own_workdi
 ) -> None:
     """Client commands find the issuer of the default workdir's stack only: the hint of a
     `serve --workdir` stack sent no token (or a token of another stack's issuer), and the
-    API answered 401."""
-    with _serving(workdir) as printed:
+    API answered 401. Served from a shell holding a deployment's settings (`eval "$(azd env
+    get-values)"`), its AUTH_ALLOWED_CLIENT_IDS refused the local issuer's tokens too."""
+    deployment = {"AUTH_ALLOWED_CLIENT_IDS": "04b07795-8ddb-461a-bbee-02f9e1bf7b46"}
+    with _serving(workdir, **deployment) as printed:
         hint = printed[-1].partition("submit the demo case:")[2].strip()
         command = shlex.split(hint)
         settings: dict[str, str] = {}
