@@ -154,7 +154,9 @@ def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
             tokens for any role included; its browser sends that host name."""
             if (self.headers.get("Host") or "").lower() in names:
                 return True
-            self._answer(421, {"error": f"this issuer answers {LOOPBACK}:{port} only"})
+            self._answer(
+                421, {"error": f"this issuer answers {LOOPBACK}:{port} or localhost:{port} only"}
+            )
             return False
 
         def _answer(self, status: int, body: dict[str, Any]) -> None:
