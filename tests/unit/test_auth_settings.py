@@ -12,6 +12,7 @@ from support_cases.api import create_app
 from support_cases.auth import Authenticator, AuthNotConfigured, Unauthenticated
 from support_cases.runtime import RuntimeHolder
 from support_cases.settings import AZURE_HOST_MARKERS, AppSettings, get_app_settings
+from tests.support.misconfigured import api_from_environment
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 BASE = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
@@ -134,12 +135,7 @@ async def test_a_wrong_value_in_the_environment_is_answered_503_naming_its_varia
     starts, logs the problem, and names the variable to every caller."""
     monkeypatch.setenv("COSMOS_ENDPOINT", BASE["cosmos_endpoint"])
     monkeypatch.setenv("CASE_REVIEW_THRESHOLD", "-5")
-    app = create_app(holder=RuntimeHolder(AppSettings))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://u.test") as client,
-    ):
+    async with api_from_environment() as client:
         answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
         assert answer.status_code == 503
         assert "CASE_REVIEW_THRESHOLD" in answer.json()["error"]
@@ -172,12 +168,7 @@ async def test_a_client_id_that_is_not_a_guid_is_refused_at_start_in_azure(
     with pytest.raises(SettingsError, match="AUTH_ALLOWED_CLIENT_IDS: entry 2 ") as refused:
         AppSettings()
     assert "pasted-client-secret" not in str(refused.value)
-    app = create_app(holder=RuntimeHolder(AppSettings))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://u.test") as client,
-    ):
+    async with api_from_environment() as client:
         answer = await client.get("/api/cases/case-1", headers={"Authorization": "Bearer x"})
     assert answer.status_code == 503
     assert "AUTH_ALLOWED_CLIENT_IDS: entry 2" in answer.json()["error"]

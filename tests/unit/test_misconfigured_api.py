@@ -10,6 +10,7 @@ from state.errors import SettingsError
 from support_cases.api import create_app
 from support_cases.runtime import RuntimeHolder
 from support_cases.settings import AppSettings
+from tests.support.misconfigured import api_from_environment
 
 PROBLEM = "COSMOS_ENDPOINT is not a URL"
 
@@ -78,9 +79,7 @@ async def test_a_refused_setting_is_named_without_its_value(
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
     monkeypatch.setenv("WEBSITE_INSTANCE_ID", "in-azure")
     monkeypatch.setenv(variable, value)
-    app = create_app(holder=RuntimeHolder(AppSettings))
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with api_from_environment() as client:
         answer = await client.get("/api/health")
     assert answer.status_code == 503, answer.text
     assert variable in answer.json()["error"]
