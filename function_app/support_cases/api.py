@@ -79,8 +79,9 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 ERRORS[503]["headers"] = {
     "Retry-After": {
-        "description": "Seconds to wait before retrying, when a store could not be reached "
-        "or the case's run index awaits an operator's repair",
+        "description": "Seconds to wait before retrying, when a store could not be reached, "
+        "the case's run index awaits an operator's repair, or (event streams) the worker "
+        "serves as many streams as it may",
         "schema": {"type": "integer", "minimum": 1},
     }
 }
