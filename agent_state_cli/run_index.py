@@ -13,13 +13,13 @@ others repaired all the same; the exit status is then 1 (run it again once that 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from .stores import run_on_stores
 
 if TYPE_CHECKING:
     from support_cases.runs import ShardRepair
@@ -54,7 +54,7 @@ def repair(
     and sweeps again."""
     # Imported here, not at the top: every `agent-state` command loads this module, and
     # the state library (with LangGraph) is most of a start-up's time.
-    from state import StateError, TieredStateStore, open_backends
+    from state import TieredStateStore, open_backends
     from support_cases.runs import INDEX_IDS, RunIndexBusy, RunTracker
     from support_cases.settings import AppSettings
 
@@ -71,16 +71,7 @@ def repair(
         finally:
             await backends.close()
 
-    # The clients log each failed connection attempt, and the flusher closing with the
-    # stores warns when it leaves the backlog to another flusher (nothing lost): a failure
-    # is said once, in the one-line error below.
-    for chatty in ("azure", "psycopg", "state.checkpoint.flusher"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
-    try:
-        done = asyncio.run(run())
-    except (StateError, RunIndexBusy) as error:
-        errors.print(f"[red]{escape(str(error))}[/red]", soft_wrap=True)
-        raise typer.Exit(1) from None
+    done = run_on_stores(run, RunIndexBusy)
     for shard in done:
         cases = ", ".join(escape(case_id) for case_id in shard.indexed)
         listed = f": {cases}" if cases else ""

@@ -10,9 +10,7 @@ settings and network reach Redis and the cold tier.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -22,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from .stores import run_on_stores
 
 if TYPE_CHECKING:
     from state import EntryStuck, Flusher
@@ -41,7 +41,7 @@ def _with_flusher(work: Callable[[Flusher], Awaitable[T]]) -> T:
     """`work` on the write-behind flusher of the stores this environment's settings name."""
     # Imported here, not at the top: every `agent-state` command loads this module, and
     # the state library (with LangGraph) is most of a start-up's time.
-    from state import StateError, open_backends
+    from state import open_backends
     from support_cases.settings import AppSettings
 
     async def run() -> T:
@@ -53,16 +53,7 @@ def _with_flusher(work: Callable[[Flusher], Awaitable[T]]) -> T:
         finally:
             await backends.close()
 
-    # The clients log each failed connection attempt, and the flusher closing with the
-    # stores warns when it leaves the backlog to another flusher (nothing lost): a failure
-    # is said once, in the one-line error below.
-    for chatty in ("azure", "psycopg", "state.checkpoint.flusher"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
-    try:
-        return asyncio.run(run())
-    except StateError as error:
-        errors.print(f"[red]{escape(str(error))}[/red]", soft_wrap=True)
-        raise typer.Exit(1) from None
+    return run_on_stores(run)
 
 
 @write_behind_app.command("stuck")

@@ -272,7 +272,10 @@ async def resume_case(
 async def readable_case(case_id: str, caller: Principal, cases: CaseService) -> CaseView:
     """The case if the caller may read it; 404 otherwise (never say whose it is)."""
     if not caller.roles & ALL_ROLES:
-        raise Forbidden(f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))}")
+        raise Forbidden(
+            f"reading a case needs one of the app roles {', '.join(sorted(ALL_ROLES))};"
+            f" the caller has {caller.held}"
+        )
     view = await cases.status(case_id)
     if not may_read(caller, view):
         raise CaseNotFound(case_id)

@@ -88,10 +88,15 @@ class Principal:
     def has(self, role: str) -> bool:
         return role in self.roles
 
+    @property
+    def held(self) -> str:
+        """The app roles its token holds, for a 403 to name: whether the token lacks the
+        role or holds another tells the caller what to ask for."""
+        return ", ".join(sorted(self.roles)) or "no app role"
+
     def require(self, role: str) -> None:
         if not self.has(role):
-            held = ", ".join(sorted(self.roles)) or "no app role"
-            raise Forbidden(f"this request needs the app role {role}; the caller has {held}")
+            raise Forbidden(f"this request needs the app role {role}; the caller has {self.held}")
 
 
 class SigningKeys:

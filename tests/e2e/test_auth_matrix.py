@@ -528,6 +528,23 @@ async def test_a_403_names_the_missing_role(
     assert "Cases.Review" in response.json()["error"]  # and what the caller has
 
 
+@pytest.mark.parametrize(
+    ("roles", "held"),
+    [([], "no app role"), (["Other.Role", "Cases.Archive"], "Cases.Archive, Other.Role")],
+)
+async def test_a_403_reading_a_case_names_the_roles_the_token_holds(
+    api: httpx.AsyncClient, issue_token: Callable[..., str], roles: list[str], held: str
+) -> None:
+    """Found by review: reading a case named the roles it needs, not the caller's, so a
+    user could not tell a token without roles from one holding the wrong ones."""
+    token = issue_token("matrix-elsewhere", roles)
+    response = await api.get("/api/cases/anything", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error.startswith("reading a case needs one of the app roles"), error
+    assert error.endswith(f"; the caller has {held}"), error
+
+
 async def test_a_submitter_cannot_take_over_another_callers_case_id(
     api: httpx.AsyncClient, callers: dict[str, dict[str, str]]
 ) -> None:

@@ -705,6 +705,36 @@ def test_the_cli_names_a_malformed_cosmos_key_in_one_line(stack_env: dict[str, s
     assert malformed not in result.output
 
 
+def test_the_cli_run_in_process_leaves_the_logger_levels_as_they_were(
+    stack_env: dict[str, str],
+) -> None:
+    """Found by review: `write-behind stuck` quieted the clients' loggers (and the
+    flusher's) for the whole process: a program running it in-process lost their warnings
+    for good, after a command that succeeded too."""
+    names = ("azure", "psycopg", "state.checkpoint.flusher")
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    env = {
+        "COLUMNS": "200",
+        "STATE_COLD_BACKEND": "cosmos",
+        "COSMOS_ENDPOINT": stack_env["COSMOS_ENDPOINT"],
+        "COSMOS_KEY": stack_env["COSMOS_KEY"],
+        "COSMOS_CREATE_IF_MISSING": "true",
+        "REDIS_URL": stack_env["REDIS_URL"],
+        "STATE_WRITE_MODE": "write-behind",
+    }
+    mine = [logging.NOTSET, logging.INFO, logging.WARNING]
+    try:
+        for logger, level in zip(loggers, mine, strict=True):
+            logger.setLevel(level)
+        result = CliRunner().invoke(app, ["write-behind", "stuck", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        assert [logger.level for logger in loggers] == mine
+    finally:
+        for logger, level in zip(loggers, before, strict=True):
+            logger.setLevel(level)
+
+
 async def test_a_rollback_is_refused_while_a_damaged_entry_past_a_stuck_one_may_hold_its_runs(
     tiers: WriteBehind,
 ) -> None:
