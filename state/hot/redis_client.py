@@ -633,7 +633,11 @@ Command = Sequence[EncodableT]
 
 
 async def round_trip(
-    client: aioredis.Redis, commands: Sequence[Command], *, resend: bool = True
+    client: aioredis.Redis,
+    commands: Sequence[Command],
+    *,
+    resend: bool = True,
+    wait_seconds: float = 0.0,
 ) -> list[Any]:
     """The commands in one round trip on one of the client's pooled connections; the
     server's replies in order, as sent (no response callbacks: HGETALL is a map under
@@ -646,9 +650,18 @@ async def round_trip(
     connection stays in step; a lost connection is retried as the client's own commands
     are (its `Retry`), unless `resend` is False: a batch that is not safe to run twice (a
     lost reply or a timeout leaves it unknown whether it ran) is then not sent again, the
-    error is raised."""
+    error is raised.
+
+    `wait_seconds`: how long a blocking command among them (`XREAD BLOCK`) may wait at the
+    server, by its caller's choice. Its reply is read for that long past the socket
+    timeout: within the socket timeout, a server answering every command in under a
+    second would time such a read out, and the timeout would open the server's circuit
+    (`ServerCircuit`) for every caller. A read that outlasts both fails typed all the
+    same, without opening it (as any wait the caller chose)."""
     pool = client.connection_pool
     connection = await pool.get_connection()
+    socket_timeout = connection.socket_timeout
+    read_timeout = socket_timeout + wait_seconds if wait_seconds and socket_timeout else None
     try:
 
         async def exchange() -> list[Any]:
@@ -656,7 +669,7 @@ async def round_trip(
             replies: list[Any] = []
             for _ in commands:
                 try:
-                    replies.append(await connection.read_response())
+                    replies.append(await connection.read_response(timeout=read_timeout))
                 except ResponseError as error:
                     replies.append(error)
             _raise_first_error(replies)

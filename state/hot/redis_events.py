@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
 from ..ports import JSON, StoredEvent
 from . import redis_client
@@ -28,7 +29,8 @@ from .redis_client import hot_key
 from .redis_store import redis_errors
 
 EVENTS_KIND = "events"
-# Below the client's 2 s socket timeout: a blocking read must answer before it.
+# The longest a blocking read waits at the server (its reply is read for this long past
+# the socket timeout: `redis_client.round_trip`).
 MAX_WAIT_MS = 1500
 # `<ms>-<seq>`, or `<ms>` alone (Redis reads it as `<ms>-0`); each part an unsigned 64-bit
 # integer in Redis: 19 digits at most keeps it below 2**64 (a time in ms has 13).
@@ -103,23 +105,28 @@ class RedisEventLog:
     async def read(
         self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
     ) -> list[StoredEvent]:
+        block_ms = min(wait_ms, MAX_WAIT_MS)
+        command: list[EncodableT] = ["XREAD", "COUNT", count]
+        if block_ms:
+            command += ["BLOCK", block_ms]
+        command += ["STREAMS", self._key(thread_id), after or "0-0"]
         with redis_errors():
-            found = await self._client.xread(
-                {self._key(thread_id): after or "0-0"},
-                count=count,
-                block=min(wait_ms, MAX_WAIT_MS) or None,
+            [found] = await redis_client.round_trip(
+                self._client, [command], wait_seconds=block_ms / 1000
             )
         events: list[StoredEvent] = []
-        # RESP2 shapes (redis-py's default): [[key, entries]]; a REDIS_URL asking for
-        # protocol=3 gets {key: [entries]}.
+        # The server's reply, no response callback: RESP2 (redis-py's default) answers
+        # [[key, entries]], a REDIS_URL asking for protocol=3 {key: entries}; nil when
+        # nothing came. An entry is [id, [field, value, ...]].
         streams: list[Any] = (
-            [entries for [entries] in found.values()]
+            list(found.values())
             if isinstance(found, dict)
             else [entries for _key, entries in found or []]
         )
         for entries in streams:
             for event_id, fields in entries:
-                raw = fields.get(b"d", fields.get("d"))
+                values = dict(zip(fields[::2], fields[1::2], strict=True))
+                raw = values[b"d"] if b"d" in values else values["d"]  # decode_responses
                 events.append(StoredEvent(_text(event_id), json.loads(raw)))
         return events
 

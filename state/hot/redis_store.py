@@ -40,6 +40,9 @@ from .redis_client import hot_key
 WORKFLOW_KIND = "wf"
 LOCK_KIND = "lock"
 FENCE_KIND = "fence"
+# The health probe's key (`{health}:<namespace>:health`), and how long it lives.
+HEALTH_THREAD = HEALTH_KIND = "health"
+HEALTH_PROBE_TTL_MS = 60_000
 SECTION_PREFIX = "s:"
 INTENT_PREFIX = "i:"
 LEASE_PREFIX = "r:"
@@ -363,8 +366,11 @@ class RedisHotStore:
         return await timed_probe(self.name, self._ping, errors=(BackendUnavailable,))
 
     async def _ping(self) -> None:
+        """A write, not a PING: a Redis at its `maxmemory` with nothing it may evict
+        answers PING but refuses every write, and a hot tier that takes no write is down
+        for this app (each goes to the cold tier) however promptly it answers."""
         with redis_errors():
-            await self._client.ping()
+            await self._client.set(self.key(HEALTH_THREAD, HEALTH_KIND), 1, px=HEALTH_PROBE_TTL_MS)
 
     async def close(self) -> None:
         await self._client.aclose()
