@@ -472,34 +472,26 @@ def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Respon
 def _request(
     method: str, api: str, path: str, *, public: bool = False, **kwargs: Any
 ) -> tuple[httpx.Response, dict[str, Any]]:
-    auth = _public_auth_headers(api) if public else _auth_headers(api)
-    headers = {**auth, **(kwargs.pop("headers", None) or {})}
+    headers = {**_auth_headers(api, required=not public), **(kwargs.pop("headers", None) or {})}
     response = httpx.request(
         method, f"{api.rstrip('/')}/api{path}", timeout=60, headers=headers, **kwargs
     )
     return response, _body(response)
 
 
-def _auth_headers(api: str) -> dict[str, str]:
-    try:
-        token = access_token(api)
-    except InsecureApi as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from error
-    except TokenUnavailable as error:
-        errors.print(f"[red]no access token: {error}[/red]")
-        raise typer.Exit(2) from error
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _public_auth_headers(api: str) -> dict[str, str]:
-    """For a path the API serves to anyone (`/health`): a token when one is to be had (it
-    shows more), else the call goes without one rather than fail."""
+def _auth_headers(api: str, *, required: bool = True) -> dict[str, str]:
+    """The call's Authorization header. Without a token to be had, a call that needs one
+    ends the command; one to a path the API serves to anyone (`/health`, where a token
+    shows more) goes without it."""
     try:
         token = access_token(api)
     except (InsecureApi, TokenUnavailable) as error:
-        errors.print(f"[yellow]no access token ({escape(str(error))}): asking without one[/]")
-        return {}
+        if not required:
+            errors.print(f"[yellow]no access token ({escape(str(error))}): asking without one[/]")
+            return {}
+        said = str(error) if isinstance(error, InsecureApi) else f"no access token: {error}"
+        errors.print(f"[red]{said}[/red]")
+        raise typer.Exit(2) from error
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -954,7 +946,8 @@ def follow(
                 f"[yellow]event stream interrupted ({escape(str(error))}); reconnecting[/yellow]"
             )
             # No sooner than the API asked: a slot freed after that is what a retry needs.
-            time.sleep(max(drops, getattr(error, "retry_after", 0.0)))
+            asked = error.retry_after if isinstance(error, StreamRefusedForNow) else 0.0
+            time.sleep(max(drops, asked))
             continue
         drops = 0
         # A stream cut short (its log out of reach) is not reopened in a tight loop.
