@@ -41,9 +41,6 @@ class WriteMode(StrEnum):
     WRITE_BEHIND = "write-behind"
 
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
 @dataclass(frozen=True)
 class CosmosConfig:
     """What a Cosmos connection uses (`Settings.cosmos`)."""
@@ -247,7 +244,7 @@ class Settings(BaseSettings):
     def cosmos_is_local_emulator(self) -> bool:
         """The local emulator serves a self-signed certificate on loopback only."""
         host = urlparse(self.cosmos_endpoint or "").hostname or ""
-        return host in LOOPBACK_HOSTS
+        return _is_loopback(host)
 
 
 def _check_postgres_url(url: SecretStr) -> None:
