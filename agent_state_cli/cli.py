@@ -56,7 +56,10 @@ from .tokens import InsecureApi, TokenUnavailable, access_token
 from .write_behind import write_behind_app
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from devstack import PortInUse, StateFileUnreadable
+    from support_cases.runtime import RuntimeHolder
 
 DEFAULT_API = "http://127.0.0.1:7071"
 DEFAULT_PORT = 7071
@@ -381,12 +384,24 @@ def serve(
                 f"--api http://127.0.0.1:{port}",
                 soft_wrap=True,
             )
-            uvicorn.run("support_cases.api:create_app", factory=True, host="127.0.0.1", port=port)
+            uvicorn.run(serving_app(port), host="127.0.0.1", port=port)
         finally:
             # As `stack down` says it (so Ctrl-C on scripts/run.sh too): what the stack
             # held is lost with it.
             if started_here and devstack.down(where).stopped:
                 console.print(f"note: {_memory_only_note()}")
+
+
+def serving_app(port: int, holder: RuntimeHolder | None = None) -> ASGIApp:
+    """The API as `serve` runs it on 127.0.0.1:`port`; with AUTH_DISABLED, answering
+    loopback host names only (`LoopbackHostOnly`: any web page could call it otherwise)."""
+    from support_cases.api import create_app
+    from support_cases.auth import LoopbackHostOnly
+    from support_cases.runtime import process_runtime
+
+    holder = holder or process_runtime
+    api = create_app(holder=holder)
+    return LoopbackHostOnly(api, port) if holder.settings().auth_disabled else api
 
 
 def _check_app_settings() -> None:

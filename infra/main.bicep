@@ -87,6 +87,9 @@ param maximumInstanceCount int = 40
 @description('VNET_ENABLED: private networking. The Function App joins a VNet; Storage, Cosmos DB, Redis and Postgres get private endpoints and private DNS zones, and their public network access is disabled.')
 param vnetEnabled bool = false
 
+@description('POSTGRES_ALLOW_AZURE_SERVICES: without vnetEnabled, let any Azure-hosted client (every Azure customer) through the Postgres firewall, the only route from the Function App then; Entra sign-in alone keeps others out. Ignored with vnetEnabled.')
+param postgresAllowAzureServices bool = false
+
 @description('POSTGRES_CLIENT_IP: an IP address allowed through the Postgres firewall (your machine, for the role hook and local runs). Empty: none. Ignored with vnetEnabled.')
 param postgresClientIp string = ''
 
@@ -246,6 +249,7 @@ module postgres 'modules/postgres.bicep' = if (usePostgres) {
     administratorName: principalName
     administratorType: principalType
     publicNetworkAccess: publicNetworkAccess
+    allowAzureServices: !vnetEnabled && postgresAllowAzureServices
     clientIpAddress: vnetEnabled ? '' : postgresClientIp
     logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
   }

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import jwt
@@ -99,6 +100,28 @@ class Principal:
             raise Forbidden(f"this request needs the app role {role}; the caller has {self.held}")
 
 
+def redacted_url(url: str | httpx.URL) -> str:
+    """`url` without its userinfo (user:password@), query and fragment: what may carry a
+    credential (AUTH_JWKS_URL may), so what logs and errors name instead."""
+    parts = urlsplit(str(url))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+class _RedactedUrls(logging.Filter):
+    """httpx logs each request's full URL at INFO (`HTTP Request: GET <url> ...`), which
+    the Functions host ships to Application Insights: its URL arguments are redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redacted_url(arg) if isinstance(arg, httpx.URL) else arg for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactedUrls())
+
+
 class SigningKeys:
     """The issuer's JWKS, fetched on first use, again for a key id it does not hold, and
     again once older than KEYS_MAX_AGE_SECONDS (a key the issuer withdrew is then gone).
@@ -107,6 +130,7 @@ class SigningKeys:
 
     def __init__(self, url: str) -> None:
         self._url = url
+        self._named = redacted_url(url)
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._tried_at = float("-inf")
@@ -132,7 +156,7 @@ class SigningKeys:
         if _since(self._failed_at) < KEYS_RETRY_SECONDS:
             raise BackendUnavailable(
                 "token issuer keys",
-                f"{self._url}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
+                f"{self._named}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
             )
         try:
             await self._fetch()
@@ -156,14 +180,18 @@ class SigningKeys:
         try:
             async with httpx.AsyncClient(timeout=KEYS_FETCH_TIMEOUT_SECONDS) as client:
                 response = await client.get(self._url)
-                response.raise_for_status()
+                if not response.is_success:
+                    # Not raise_for_status(): its message holds the full URL.
+                    raise BackendUnavailable(
+                        "token issuer keys", f"{self._named}: answered {response.status_code}"
+                    )
                 document = response.json()
         except (httpx.HTTPError, ValueError) as error:
-            raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
+            raise BackendUnavailable("token issuer keys", f"{self._named}: {error}") from error
         try:
             keys = jwt.PyJWKSet.from_dict(document).keys
         except (jwt.PyJWKSetError, jwt.InvalidKeyError, AttributeError) as error:
-            raise BackendUnavailable("token issuer keys", f"{self._url}: {error}") from error
+            raise BackendUnavailable("token issuer keys", f"{self._named}: {error}") from error
         self._fetched_at = time.monotonic()
         self._keys = {key.key_id: key for key in keys if key.key_id}
 
@@ -403,6 +431,32 @@ class RequireToken:
             return self.gate.get().disabled
         except AuthNotConfigured:
             return True  # not decided here: the routes answer 503 naming the problem
+
+
+class LoopbackHostOnly:
+    """ASGI middleware for a local server with AUTH_DISABLED (`agent-state serve`): a
+    request whose `Host` is not a loopback name with the serving port is answered 421.
+    Listening on loopback is not enough: a web page that re-points its own host name at
+    127.0.0.1 (DNS rebinding) calls the API as same-origin, every role included; its
+    browser sends that host name. As the local token issuer does (devstack/issuer.py)."""
+
+    def __init__(self, app: ASGIApp, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.names = frozenset({f"127.0.0.1:{port}", f"localhost:{port}"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = next((v for k, v in scope["headers"] if k == b"host"), b"")
+            if host.decode("latin-1").lower() not in self.names:
+                response = error_response(
+                    421,
+                    f"with AUTH_DISABLED this API answers 127.0.0.1:{self.port} or "
+                    f"localhost:{self.port} only",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def install_auth_errors(app: FastAPI) -> None:

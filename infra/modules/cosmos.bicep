@@ -147,15 +147,22 @@ resource container 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/container
   }
 }
 
-// Data plane: Cosmos DB Built-in Data Contributor (items read/write/query), account scope.
+// Data plane: Cosmos DB Built-in Data Contributor (items read/write/query), scoped to
+// the app's database (Cosmos RBAC scope form '<account id>/dbs/<name>'), not to every
+// database in the account.
+var dataContributorScope = '${account.id}/dbs/${databaseName}'
+
 resource appDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@2024-11-15' = {
   parent: account
   name: guid(account.id, identityPrincipalId, roles.cosmosSql.builtInDataContributor)
   properties: {
     roleDefinitionId: dataContributorRoleDefinitionId
     principalId: identityPrincipalId
-    scope: account.id
+    scope: dataContributorScope
   }
+  dependsOn: [
+    database
+  ]
 }
 
 resource developerDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@2024-11-15' = if (!empty(developerPrincipalId)) {
@@ -164,7 +171,7 @@ resource developerDataContributor 'Microsoft.DocumentDB/databaseAccounts/sqlRole
   properties: {
     roleDefinitionId: dataContributorRoleDefinitionId
     principalId: developerPrincipalId
-    scope: account.id
+    scope: dataContributorScope
   }
   dependsOn: [
     appDataContributor

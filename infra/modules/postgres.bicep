@@ -46,6 +46,9 @@ param administratorType string = 'User'
 ])
 param publicNetworkAccess string = 'Enabled'
 
+@description('Allow connections from any Azure-hosted client (the 0.0.0.0 firewall rule, every Azure customer, not only this subscription) when public access is on: the only route for a Function App without VNet integration. False: none.')
+param allowAzureServices bool = false
+
 @description('A client IP address allowed through the firewall (the developer running the role hook or the app locally). Empty: none.')
 param clientIpAddress string = ''
 
@@ -122,8 +125,9 @@ resource database 'Microsoft.DBforPostgreSQL/flexibleServers/databases@2024-08-0
   ]
 }
 
-// Flex Consumption has no fixed outbound IPs without VNet integration.
-resource allowAzureServices 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@2024-08-01' = if (publicAccess) {
+// Flex Consumption has no fixed outbound IPs without VNet integration, so the app can
+// only be let in with all of Azure; only on request (main.bicep postgresAllowAzureServices).
+resource allowAzureServicesRule 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@2024-08-01' = if (publicAccess && allowAzureServices) {
   parent: server
   name: 'AllowAllAzureServicesAndResourcesWithinAzureIps'
   properties: {
@@ -143,7 +147,7 @@ resource allowClient 'Microsoft.DBforPostgreSQL/flexibleServers/firewallRules@20
     endIpAddress: clientIpAddress
   }
   dependsOn: [
-    allowAzureServices
+    allowAzureServicesRule
   ]
 }
 

@@ -5,9 +5,12 @@ administrator, the one who creates the app's least-privilege role after provisio
 (`postgres_access.py`). Without AZURE_PRINCIPAL_NAME Bicep would create a server with
 no Entra administrator, the postprovision hook could not create that role, and `azd up`
 would go on to deploy an app that cannot sign in: refused here instead, before any
-resource exists. Likewise an AUTH_ALLOWED_CLIENT_IDS entry that is no application id:
-the app refuses it at start, and would answer every request 503. Standard library only:
-it runs before any venv exists.
+resource exists. Without VNET_ENABLED the Function App reaches the server only through
+the firewall rule that admits every Azure-hosted client (any Azure customer), which is
+not opened unless POSTGRES_ALLOW_AZURE_SERVICES says so: refused until one is chosen,
+rather than deploying an app that cannot connect. Likewise an AUTH_ALLOWED_CLIENT_IDS
+entry that is no application id: the app refuses it at start, and would answer every
+request 503. Standard library only: it runs before any venv exists.
 
     python scripts/azd/preprovision.py
 """
@@ -24,6 +27,11 @@ from collections.abc import Mapping
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def enabled(env: Mapping[str, str], name: str) -> bool:
+    # As Bicep reads a bool parameter from the azd environment.
+    return env.get(name, "").strip().lower() == "true"
+
+
 def problem(env: Mapping[str, str]) -> str | None:
     """Why provisioning with this environment would deploy an app that cannot work."""
     postgres = env.get("STATE_COLD_BACKEND") == "postgres"
@@ -32,6 +40,16 @@ def problem(env: Mapping[str, str]) -> str | None:
             "the Postgres backend needs AZURE_PRINCIPAL_NAME (it becomes the server's Entra "
             "administrator, who creates the app's database role): "
             "`azd env set AZURE_PRINCIPAL_NAME <your user principal name>`, then `azd up`"
+        )
+    if postgres and not (
+        enabled(env, "VNET_ENABLED") or enabled(env, "POSTGRES_ALLOW_AZURE_SERVICES")
+    ):
+        return (
+            "the Postgres backend without VNET_ENABLED needs POSTGRES_ALLOW_AZURE_SERVICES: "
+            "the Function App has no fixed outbound IPs, so the server's firewall must admit "
+            "every Azure-hosted client (any Azure customer; Entra sign-in alone keeps them "
+            "out). Either `azd env set VNET_ENABLED true` (private endpoint) or "
+            "`azd env set POSTGRES_ALLOW_AZURE_SERVICES true`, then `azd up`"
         )
     written = [entry.strip() for entry in env.get("AUTH_ALLOWED_CLIENT_IDS", "").split(",")]
     for position, client_id in enumerate((entry for entry in written if entry), start=1):

@@ -1143,6 +1143,17 @@ def test_cosmos_container_ttl_and_names_follow_the_app_settings() -> None:
     )
 
 
+def test_cosmos_data_plane_roles_are_scoped_to_the_app_database() -> None:
+    # Account scope would also grant every other database in the account (and any
+    # created later); the Cosmos RBAC scope form for one database is <account id>/dbs/<name>.
+    cosmos = infra_file("cosmos.bicep").bind(databaseName="agentstate")
+    assignments = cosmos.of_type("Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments")
+    assert {r.symbol for r in assignments} == {"appDataContributor", "developerDataContributor"}
+    for assignment in assignments:
+        scope = assignment.get("properties.scope")
+        assert str(scope) == "${account.id}/dbs/agentstate", assignment.label
+
+
 def test_redis_uses_entra_auth_and_access_policies() -> None:
     assert check_redis(infra_files()) == []
     assert check_redis_access(infra_files(), EXPECTED_REDIS_ACCESS) == []
@@ -1466,10 +1477,56 @@ def test_preprovision_refuses_postgres_without_its_entra_administrator(
     assert preprovision.main({"STATE_COLD_BACKEND": "postgres"}) == 1
     assert "azd env set AZURE_PRINCIPAL_NAME" in capsys.readouterr().err
     assert preprovision.main({"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": " "}) == 1
-    named = {"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": "dev@contoso.com"}
+    named = {
+        "STATE_COLD_BACKEND": "postgres",
+        "AZURE_PRINCIPAL_NAME": "dev@contoso.com",
+        "VNET_ENABLED": "true",
+    }
     assert preprovision.main(named) == 0
     assert preprovision.main({}) == 0  # Cosmos, the default, needs no name
     assert preprovision.main({"STATE_COLD_BACKEND": "cosmos"}) == 0
+
+
+def test_postgres_is_open_to_all_of_azure_only_on_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The 0.0.0.0 firewall rule admits every Azure customer's traffic: not deployed by
+    default, only with public access and POSTGRES_ALLOW_AZURE_SERVICES; a Postgres
+    deployment with neither it nor a VNet (an app that could not connect) is refused
+    before provisioning."""
+    rule_type = "Microsoft.DBforPostgreSQL/flexibleServers/firewallRules"
+
+    def opened(**bound: Any) -> Any:
+        postgres = infra_file("postgres.bicep").bind(**bound)
+        rule = next(
+            r
+            for r in postgres.of_type(rule_type)
+            if r.get("properties.startIpAddress") == "0.0.0.0"
+        )
+        assert rule.condition is not None
+        return postgres.evaluate(rule.condition, assume_defaults=True)
+
+    assert opened() is False
+    assert opened(allowAzureServices=True) is True
+    assert opened(allowAzureServices=True, publicNetworkAccess="Disabled") is False
+    main = infra_file("main.bicep")
+    module = next(m for m in main.modules if Path(m.path).name == "postgres.bicep")
+    assert main.evaluate(module.params()["allowAzureServices"], assume_defaults=True) is False
+    wanted = main.bind(postgresAllowAzureServices=True)
+    assert wanted.evaluate(module.params()["allowAzureServices"], assume_defaults=True) is True
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert (
+        parameters["postgresAllowAzureServices"]["value"]
+        == "${POSTGRES_ALLOW_AZURE_SERVICES=false}"
+    )
+
+    preprovision = load_script("preprovision")
+    public = {"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": "dev@contoso.com"}
+    assert preprovision.main(public) == 1
+    assert "azd env set POSTGRES_ALLOW_AZURE_SERVICES true" in capsys.readouterr().err
+    assert preprovision.main({**public, "POSTGRES_ALLOW_AZURE_SERVICES": "true"}) == 0
+    assert preprovision.main({**public, "VNET_ENABLED": "True"}) == 0
+    assert preprovision.main({**public, "POSTGRES_ALLOW_AZURE_SERVICES": "false"}) == 1
 
 
 def test_preprovision_refuses_allowed_client_ids_the_app_would_refuse(

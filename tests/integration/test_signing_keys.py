@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -163,6 +164,34 @@ async def test_a_slow_refresh_of_expired_keys_holds_up_no_other_request(
     assert time.monotonic() - started < 0.5
     assert (await refreshing).key_id == issuer.kid
     assert jwks.requests == 2
+
+
+async def test_credentials_in_the_jwks_url_are_never_logged(
+    jwks: JwksEndpoint, short_lived_keys: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AUTH_JWKS_URL may carry a password (user:password@) or a token in its query: the
+    keys are fetched with them, but every log line (the app's and the HTTP client's) and
+    error names the URL without its userinfo and query."""
+    caplog.set_level(logging.DEBUG)
+    password, token = "jwks-pass-" + uuid.uuid4().hex, "jwks-token-" + uuid.uuid4().hex
+    location = jwks.url.removeprefix("http://")
+    url = f"http://jwks-user:{password}@{location}?token={token}"
+    issuer = Issuer("http://issuer.test", "api")
+    jwks.document = issuer.jwks()
+    keys = SigningKeys(url)
+    await keys.key(issuer.kid)
+    jwks.available = False
+    await _age()
+    assert (await keys.key(issuer.kid)).key_id == issuer.kid  # refresh failed, logged
+    with pytest.raises(BackendUnavailable) as refused:
+        await SigningKeys(url).key(issuer.kid)
+    assert jwks.requests == 3
+    assert f"http://{location}" in str(refused.value)
+    logged = [caplog.text, *(record.getMessage() for record in caplog.records)]
+    assert any(f"http://{location}" in line for line in logged)  # still named
+    for secret in (password, token):
+        assert not any(secret in line for line in logged), secret
+        assert secret not in str(refused.value)
 
 
 async def test_the_api_refuses_callers_while_the_issuer_is_out_of_reach(
