@@ -153,11 +153,15 @@ async def open_backends(settings: Settings) -> Backends:
         hot_checkpoints = cache
         blocking_cache = cache
         checkpoint_fence = RedisCheckpointFence(client, cache)
+        # Its waiting reads' own client, connecting on first use only.
+        waiting_client = create_redis_client(settings, waiting_reads=True)
+        closers.append(waiting_client.aclose)
         events = RedisEventLog(
             client,
             namespace=namespace,
             max_events=EVENTS_PER_THREAD,
             ttl_seconds=EVENTS_TTL_SECONDS,
+            waiting_client=waiting_client,
         )
         if write_behind:
             from .checkpoint.flusher import Flusher

@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     redis_host: str | None = None
     redis_port: int = 6380
     redis_ssl: bool = True
+    # Connections one process opens to Redis for its commands (the async client's; the
+    # sync client's, for the saver's callers' threads, as many again). A command finding
+    # them all in use waits a moment (`POOL_WAIT_SECONDS`), then fails as the tier's
+    # `BackendUnavailable`: a bounded number of sockets, and overload seen at once.
+    redis_max_connections: int = Field(default=50, gt=0)
+    # Reads that wait at the server for new events (an event stream's XREAD BLOCK, for up
+    # to a second each, nearly all the time): on a pool of their own, this size, so that
+    # however many streams are open they never take the commands' connections. At least
+    # the app's CASE_MAX_EVENT_STREAMS, or streams past it end (their clients reconnect).
+    redis_max_waiting_reads: int = Field(default=100, gt=0)
 
     # Cosmos DB. No key: DefaultAzureCredential (managed identity in Azure).
     cosmos_endpoint: str | None = None

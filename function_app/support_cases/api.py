@@ -80,8 +80,9 @@ ERRORS: dict[int | str, dict[str, object]] = {
 ERRORS[503]["headers"] = {
     "Retry-After": {
         "description": "Seconds to wait before retrying, when a store could not be reached, "
-        "the case's run index awaits an operator's repair, or (event streams) the worker "
-        "serves as many streams as it may",
+        "the case's run index awaits an operator's repair, the worker drives as many case "
+        "runs as it may (CASE_MAX_RUNS), or (event streams) it serves as many streams as it "
+        "may",
         "schema": {"type": "integer", "minimum": 1},
     }
 }

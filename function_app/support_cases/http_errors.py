@@ -30,6 +30,7 @@ from state import (
     WorkflowNotFound,
 )
 
+from .admission import RunsBusy
 from .events import CallerStreamsBusy, EventsUnavailable, InvalidEventId, StreamsBusy
 from .runs import RunIndexBusy, RunIndexDamaged
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
@@ -242,8 +243,8 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         response.headers["Retry-After"] = str(error.retry_after)
         return response
 
-    async def streams_busy(request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, StreamsBusy)
+    async def worker_busy(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StreamsBusy | RunsBusy)
         response = error_response(503, str(error))
         response.headers["Retry-After"] = str(error.retry_after)
         return response
@@ -279,7 +280,8 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
 
     app.add_exception_handler(SettingsError, misconfigured)
     app.add_exception_handler(CaseBusy, busy)
-    app.add_exception_handler(StreamsBusy, streams_busy)
+    app.add_exception_handler(StreamsBusy, worker_busy)
+    app.add_exception_handler(RunsBusy, worker_busy)
     app.add_exception_handler(CallerStreamsBusy, caller_streams_busy)
     app.add_exception_handler(RunIndexDamaged, index_damaged)
     app.add_exception_handler(RequestValidationError, invalid_request)

@@ -56,6 +56,7 @@ from state import (
     taken_or_given_back,
 )
 
+from .admission import RunsBusy, RunSlots
 from .agents import RunContext
 from .effects import (
     INCARNATION_FIELD,
@@ -290,6 +291,7 @@ class CaseService:
         self._flusher = saver.flusher if saver is not None else None
         self._tracker = RunTracker(store, retention, settings)
         self._sync_wait = settings.case_sync_wait_seconds
+        self._slots = RunSlots(settings.case_max_runs)
         self._tasks: set[asyncio.Task[None]] = set()
         # Cold-tier lease claims under way (a cancelled caller's among them: its lease is
         # given back as the claim ends), then the releases of run guards under way, kept
@@ -307,8 +309,9 @@ class CaseService:
         idempotency_key: str | None,
         caller: Caller | None = None,
     ) -> Outcome:
-        """Store and start a case; `caller` (the authenticated submitter) owns it."""
-        with acting_for(caller):
+        """Store and start a case; `caller` (the authenticated submitter) owns it. Refused
+        (`RunsBusy`) before anything is written while this worker drives its most runs."""
+        with acting_for(caller), self._slots.admitted():
             return await self._submit(submission, idempotency_key, caller)
 
     async def _submit(
@@ -554,7 +557,7 @@ class CaseService:
             answer.update(reviewer_id=caller.id, reviewer_name=caller.name)
         elif not decision.reviewer_id:
             raise CaseConflict("a review decision needs a reviewer")
-        with acting_for(caller):
+        with acting_for(caller), self._slots.admitted():
             return await self._decide(case_id, answer)
 
     async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
@@ -623,7 +626,7 @@ class CaseService:
             wait_seconds = None
         else:
             wait_seconds = max(0.0, deadline - time.monotonic())
-        with acting_for(caller):
+        with acting_for(caller), self._slots.admitted():
             return await self._resume(case_id, wait_seconds)
 
     async def _resume(self, case_id: str, wait_seconds: float | None) -> Outcome:
@@ -692,8 +695,14 @@ class CaseService:
                     report.skipped[case_id] = "left for the next tick: its time budget is spent"
                     continue
                 try:
-                    if await self._resume_if_stale(case_id, indexed_at, report, deadline):
-                        resting.append(case_id)
+                    # Within this worker's bound on runs, like a request's.
+                    with self._slots.admitted():
+                        if await self._resume_if_stale(case_id, indexed_at, report, deadline):
+                            resting.append(case_id)
+                except RunsBusy:
+                    report.skipped[case_id] = (
+                        "left for the next tick: this worker drives its most runs"
+                    )
                 except CaseError as refused:
                     report.skipped[case_id] = str(refused)
                 # One case's trouble (a tier down, a busy run index, a damaged record)
@@ -782,8 +791,9 @@ class CaseService:
         caller: Caller | None = None,
     ) -> MessageOutcome:
         """A follow-up message: queued as a run of the case, handled per its strategy
-        (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case."""
-        with acting_for(caller):
+        (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case.
+        Refused (`RunsBusy`) before it is queued while this worker drives its most runs."""
+        with acting_for(caller), self._slots.admitted():
             await self._record(case_id)
             strategy = message.strategy or self._settings.case_default_strategy
             entry = new_run_entry(
@@ -1078,7 +1088,11 @@ class CaseService:
         await self._drive(case_id, graph_input, guard, marked=True, run_id=run_id)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        """`work` (a run, and what follows it under its guard) in the background, holding
+        one of the worker's run slots to its end."""
+        give_back = self._slots.for_run()
         task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: give_back())
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         return task

@@ -51,6 +51,9 @@ class AppSettings(Settings):
     # How long a side effect's provider call may take before it is abandoned (its claim
     # stays pending, settled by asking the provider by key after the claim's lease).
     case_effect_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Case runs one worker drives at once (each holds store connections as it goes); a
+    # request that would start one more answers 503, the timer leaves it for a later tick.
+    case_max_runs: int = Field(default=32, gt=0)
     # Event streams (GET .../events) one worker serves at once; one more answers 503.
     case_max_event_streams: int = Field(default=100, gt=0)
     # Of those, the most one caller may hold (one more answers 429), so that one caller

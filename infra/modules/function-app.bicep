@@ -208,6 +208,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       REDIS_HOST: redisHost
       REDIS_PORT: string(redisPort)
       REDIS_SSL: 'true'
+      REDIS_MAX_CONNECTIONS: '50'
+      REDIS_MAX_WAITING_READS: '100'
       // Retention and size (defaults of state/settings.py).
       STATE_HOT_TTL_SECONDS: string(stateHotTtlSeconds)
       STATE_COLD_TTL_SECONDS: string(stateColdTtlSeconds)
@@ -229,6 +231,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_MAX_BODY_BYTES: '262144'
       CASE_SYNC_WAIT_SECONDS: '20'
       CASE_EFFECT_TIMEOUT_SECONDS: '30'
+      CASE_MAX_RUNS: '32'
       CASE_MAX_EVENT_STREAMS: '100'
       CASE_MAX_EVENT_STREAMS_PER_CALLER: '10'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'

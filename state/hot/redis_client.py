@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.credentials import StreamingCredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 from redis.typing import EncodableT
@@ -82,16 +82,33 @@ def _postgres_identity(settings: Settings) -> list[str]:
     return [f"{host}:{port}", str(parts.get("dbname") or parts.get("user") or "")]
 
 
-def create_redis_client(settings: Settings) -> aioredis.Redis:
-    kwargs = {**_client_kwargs(settings), "retry": Retry(_backoff(), retries=1)}
+# How long a command waits for one of the pool's connections when all are in use (a burst
+# past REDIS_MAX_CONNECTIONS) before it fails as the tier's: under the socket timeout, so a
+# full pool fails no slower than a Redis that does not answer.
+POOL_WAIT_SECONDS = 1.0
+
+
+def create_redis_client(settings: Settings, *, waiting_reads: bool = False) -> aioredis.Redis:
+    """The async client, its pool holding at most REDIS_MAX_CONNECTIONS connections;
+    `waiting_reads`: the client of reads that wait at the server (XREAD BLOCK), at most
+    REDIS_MAX_WAITING_READS, a pool apart from the commands'."""
+    kwargs = {
+        **_client_kwargs(settings),
+        "retry": Retry(_backoff(), retries=1),
+        "max_connections": (
+            settings.redis_max_waiting_reads if waiting_reads else settings.redis_max_connections
+        ),
+        "timeout": POOL_WAIT_SECONDS,
+    }
     if settings.redis_url is None:
         return _EntraRedis.from_pool(
             _EntraConnectionPool(_entra_tokens(settings), settings, kwargs)
         )
-    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    pool = client.connection_pool
+    # Blocking: a pool at its size waits a moment for a connection, where redis-py's
+    # default pool refuses the command at once.
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url.get_secret_value(), **kwargs)
     pool.connection_class = _BOUNDED_SENDS.get(pool.connection_class, pool.connection_class)
-    return client
+    return aioredis.Redis.from_pool(pool)
 
 
 # --------------------------------------------------------------------------- failing fast
@@ -343,7 +360,12 @@ _BLOCKING_FAIL_FAST: dict[type[Any], type[Any]] = {
 def create_blocking_redis_client(settings: Settings) -> redis.Redis:
     """The same server and options for callers without an event loop (the saver's sync
     write-behind appends, made on the caller's own thread)."""
-    kwargs = {**_client_kwargs(settings), "retry": BlockingRetry(_backoff(), retries=1)}
+    kwargs = {
+        **_client_kwargs(settings),
+        "retry": BlockingRetry(_backoff(), retries=1),
+        # Past it, a command fails at once (typed, as the tier's): its callers are threads.
+        "max_connections": settings.redis_max_connections,
+    }
     if settings.redis_url is not None:
         client = redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
     else:
@@ -543,7 +565,7 @@ def _entra_tokens(settings: Settings) -> EntraTokens:
     return EntraTokens(provider._idp)
 
 
-class _EntraConnectionPool(aioredis.ConnectionPool):
+class _EntraConnectionPool(aioredis.BlockingConnectionPool):
     """The async client's pool, signing its connections in again with each new token.
 
     redis-py's async pool signs a connection that was in use when the token came in
@@ -551,8 +573,8 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
     shares it with that AUTH, and one of the two fails (the SSE stream's XREAD, nearly
     always in use, failed so at a refresh). Here the connection is signed in before its
     release puts it back, and the idle ones are taken out of the pool while they are: a
-    caller finding the pool full meanwhile waits for them, as redis-py's pool had it wait
-    (holding its lock), rather than be refused."""
+    caller finding the pool full meanwhile waits for them (as for any connection of a
+    full pool, up to POOL_WAIT_SECONDS), rather than be refused."""
 
     def __init__(self, tokens: EntraTokens, settings: Settings, kwargs: dict[str, Any]) -> None:
         super().__init__(
@@ -568,19 +590,7 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
         )
         self._newest_token: TokenInterface | None = None
         self._to_sign_in: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
-        # Set once the idle connections taken out to be signed in are back.
-        self._idle_back: asyncio.Event | None = None
         tokens.on_next(self.re_auth_callback)
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
-        try:
-            return await super().get_connection(*args, **kwargs)
-        except MaxConnectionsError:
-            idle_back = self._idle_back
-            if idle_back is None:
-                raise
-            await idle_back.wait()
-            return await super().get_connection(*args, **kwargs)
 
     async def re_auth_callback(self, token: TokenInterface) -> None:
         async with self._lock:
@@ -590,17 +600,16 @@ class _EntraConnectionPool(aioredis.ConnectionPool):
             # Counted in use meanwhile: closing the pool still closes them.
             self._in_use_connections.update(idle)
             self._to_sign_in.update(self._in_use_connections)
-            idle_back = self._idle_back = asyncio.Event()
         try:
             for connection in idle:
                 await self._sign_in_again(connection)
         finally:
-            async with self._lock:
-                self._in_use_connections.difference_update(idle)
-                self._available_connections.extend(idle)
-                if self._idle_back is idle_back:
-                    self._idle_back = None
-            idle_back.set()
+            async with self._condition:
+                async with self._lock:
+                    self._in_use_connections.difference_update(idle)
+                    self._available_connections.extend(idle)
+                # Callers that found the pool full wait for a release's notice.
+                self._condition.notify(len(idle))
 
     async def release(self, connection: AbstractConnection) -> None:
         try:

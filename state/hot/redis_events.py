@@ -66,12 +66,21 @@ def _text(value: Any) -> str:
 
 
 class RedisEventLog:
-    """`EventLog` over the hot tier's client; a read waits at most `MAX_WAIT_MS`."""
+    """`EventLog` over the hot tier's client; a read waits at most `MAX_WAIT_MS`, on
+    `waiting_client` (a pool of its own: an open stream holds a connection nearly all the
+    time, and enough of them would leave none to the tier's other commands)."""
 
     def __init__(
-        self, client: aioredis.Redis, *, namespace: str, max_events: int, ttl_seconds: int
+        self,
+        client: aioredis.Redis,
+        *,
+        namespace: str,
+        max_events: int,
+        ttl_seconds: int,
+        waiting_client: aioredis.Redis | None = None,
     ) -> None:
         self._client = client
+        self._waiting_client = waiting_client or client
         self._namespace = namespace
         self._max_events = max_events
         self._ttl_seconds = ttl_seconds
@@ -112,7 +121,9 @@ class RedisEventLog:
         command += ["STREAMS", self._key(thread_id), after or "0-0"]
         with redis_errors():
             [found] = await redis_client.round_trip(
-                self._client, [command], wait_seconds=block_ms / 1000
+                self._waiting_client if block_ms else self._client,
+                [command],
+                wait_seconds=block_ms / 1000,
             )
         events: list[StoredEvent] = []
         # The server's reply, no response callback: RESP2 (redis-py's default) answers

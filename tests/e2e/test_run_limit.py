@@ -1,0 +1,131 @@
+"""A worker drives a bounded number of case runs at once (CASE_MAX_RUNS): a request that
+would start one more is a 503 with Retry-After, refused before anything is written, and
+the timer leaves such a case for a later tick; a run that ended makes room again.
+
+Runs are held open after their intake step (the app's `after_step` seam), so the bound is
+full for as long as the test needs, deterministically."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from support_cases.api import create_app
+from support_cases.demo import demo_case
+from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+from tests.support.postgres import own_database
+
+
+class Held:
+    """Holds every run after its intake step until released; counts those that reached it."""
+
+    def __init__(self) -> None:
+        self.reached = 0
+        self.changed = asyncio.Condition()
+        self.release = asyncio.Event()
+
+    async def hook(self, step: str) -> None:
+        if step == "intake":
+            async with self.changed:
+                self.reached += 1
+                self.changed.notify_all()
+            await self.release.wait()
+
+    async def until_reached(self, runs: int) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: self.reached >= runs), 30)
+
+
+@pytest.fixture
+def held() -> Held:
+    return Held()
+
+
+@pytest.fixture
+async def client(
+    e2e_settings: Callable[..., AppSettings],
+    bearer: Callable[..., dict[str, str]],
+    held: Held,
+) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
+    """A client of an app driving at most 2 runs, its runs held after intake; a database
+    of its own, so that the timer here finds only this test's cases."""
+    server = e2e_settings("postgres").postgres_url
+    assert server is not None
+    with own_database(server.get_secret_value()) as url:
+        settings = e2e_settings(
+            "postgres",
+            postgres_url=url,
+            state_write_mode="write-through",
+            case_max_runs=2,
+            case_sync_wait_seconds=0.5,
+        )
+        runtime = await Runtime.open(settings, after_step=held.hook)
+        try:
+            transport = httpx.ASGITransport(app=create_app(runtime))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://runs.test", headers=bearer("submitter")
+            ) as http:
+                yield http, runtime
+        finally:
+            held.release.set()
+            await runtime.service.wait_idle()
+            await runtime.close()
+
+
+async def test_a_case_past_the_maximum_is_503_with_nothing_written_and_an_ended_run_makes_room(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    http, runtime = client
+    first, second, refused_id = f"{case_id}-1", f"{case_id}-2", f"{case_id}-3"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+
+    refused = await http.post("/api/cases", json=demo_case(refused_id))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "5"
+    assert "CASE_MAX_RUNS" in refused.json()["error"]
+    # Nothing half-written: no case a run never starts on, nothing for the timer.
+    assert (await http.get(f"/api/cases/{refused_id}")).status_code == 404
+    # A follow-up is refused before it is queued.
+    message = await http.post(f"/api/cases/{first}/messages", json={"text": "any news?"})
+    assert message.status_code == 503, message.text
+    assert message.headers["Retry-After"] == "5"
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [run["kind"] for run in runs] == ["intake"]
+    # The timer starts no run past the bound either.
+    report = await runtime.service.resume_stale()
+    assert not report.resumed and not report.failed
+    assert set(report.skipped) == {first, second}
+    assert all("most runs" in why for why in report.skipped.values()), report.skipped
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    retried = await http.post("/api/cases", json=demo_case(refused_id))
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["status"] == "completed"
+
+
+async def test_a_burst_of_cases_at_once_is_held_to_the_maximum(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Requests arriving together each awaited the stores before their runs started: the
+    slot is taken before that, or all of them would pass the bound."""
+    http, runtime = client
+    ids = [f"{case_id}-{n}" for n in range(6)]
+    answers = await asyncio.gather(*(http.post("/api/cases", json=demo_case(i)) for i in ids))
+    assert sorted(answer.status_code for answer in answers) == [202, 202, 503, 503, 503, 503]
+    for one, answer in zip(ids, answers, strict=True):
+        expected = 404 if answer.status_code == 503 else 200
+        assert (await http.get(f"/api/cases/{one}")).status_code == expected
+    held.release.set()
+    await runtime.service.wait_idle()
+    # Every slot was given back: the runs ended, and the refused never kept one.
+    again = await asyncio.gather(
+        *(http.post("/api/cases", json=demo_case(f"{i}-again")) for i in ids[:2])
+    )
+    assert [answer.status_code for answer in again] == [201, 201]
