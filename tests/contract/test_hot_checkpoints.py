@@ -336,16 +336,19 @@ async def test_dirty_threads_are_listed_oldest_first_and_settled_only_if_unchang
 
 async def test_one_flusher_at_a_time_holds_a_thread(hot: HotCheckpoints) -> None:
     thread = unique_thread("wbl")
-    token = await hot.log.lock_thread(thread, ttl_ms=200)
+    # Renewed at half its TTL: a loaded machine may run a renewal a few hundred ms late
+    # (at 200 ms renewed every 100 ms, that lost the lock).
+    ttl_ms = 1_000
+    token = await hot.log.lock_thread(thread, ttl_ms=ttl_ms)
     assert token is not None
-    assert await hot.log.lock_thread(thread, ttl_ms=200) is None
-    assert not await hot.log.renew_thread_lock(thread, "not-the-owner", ttl_ms=200)
+    assert await hot.log.lock_thread(thread, ttl_ms=ttl_ms) is None
+    assert not await hot.log.renew_thread_lock(thread, "not-the-owner", ttl_ms=ttl_ms)
     await hot.log.unlock_thread(thread, "not-the-owner")
-    assert await hot.log.lock_thread(thread, ttl_ms=200) is None  # still held
+    assert await hot.log.lock_thread(thread, ttl_ms=ttl_ms) is None  # still held
     for _ in range(3):
-        await asyncio.sleep(0.1)
-        assert await hot.log.renew_thread_lock(thread, token, ttl_ms=200)
-    assert await hot.log.lock_thread(thread, ttl_ms=200) is None  # renewed past its TTL
+        await asyncio.sleep(0.5)
+        assert await hot.log.renew_thread_lock(thread, token, ttl_ms=ttl_ms)
+    assert await hot.log.lock_thread(thread, ttl_ms=ttl_ms) is None  # renewed past its TTL
     await hot.log.unlock_thread(thread, token)
     taker = await hot.log.lock_thread(thread, ttl_ms=100)
     assert taker is not None

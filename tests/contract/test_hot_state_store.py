@@ -189,19 +189,21 @@ async def test_only_the_owner_renews_a_lock_and_a_renewed_lock_outlives_its_firs
     hot: HotStateStore,
 ) -> None:
     name = f"case_{uuid.uuid4().hex[:8]}"
-    held = await hot.acquire_lock(name, ttl_ms=300)
+    # Renewed at half its TTL: a loaded machine may run the renewal (or the look at the
+    # TTL after it) a few hundred ms late; at 300 ms renewed every 150 ms, that lost it.
+    held = await hot.acquire_lock(name, ttl_ms=1_000)
     assert held is not None
     for _ in range(3):
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.5)
         assert await hot.renew_lock(held)
-    # 450 ms after taking a 300 ms lock: still ours, because it was renewed.
+    # 1.5 s after taking a 1 s lock: still ours, because it was renewed.
     assert await hot.acquire_lock(name, ttl_ms=10_000) is None
     remaining = await hot.lock_ttl_ms(name)
-    assert remaining is not None and 150 < remaining <= 300
+    assert remaining is not None and 500 < remaining <= 1_000
 
     impostor = type(held)(name=name, token="not-the-owner", fence=held.fence, ttl_ms=60_000)
     assert not await hot.renew_lock(impostor)
-    await asyncio.sleep(0.35)  # not renewed: it expires, and another worker takes it
+    await asyncio.sleep(1.1)  # not renewed: it expires, and another worker takes it
     taker = await hot.acquire_lock(name, ttl_ms=10_000)
     assert taker is not None and taker.fence > held.fence
     assert not await hot.renew_lock(held)  # the lock is someone else's now

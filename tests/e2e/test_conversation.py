@@ -56,6 +56,13 @@ class StepGate:
             event.set()
         self.held.clear()
 
+    def disarm(self) -> None:
+        """Open every held step and drop the failures no run took: the gate is the
+        module's, and a test that failed before its case reached an armed step would
+        otherwise fail the next test's run on this worker."""
+        self.open()
+        self.fail_once.clear()
+
     async def hook(self, step: str) -> None:
         if step in self.fail_once:
             self.fail_once.discard(step)
@@ -104,7 +111,7 @@ async def gated_runtime(
         try:
             yield opened
         finally:
-            gate.open()
+            gate.disarm()
             await opened.service.wait_idle()
             await opened.close()
             if backend == "cosmos":
@@ -117,12 +124,14 @@ async def gated_client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app; once done, the held steps go on and the runs end."""
     transport = httpx.ASGITransport(app=create_app(runtime))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://cases.test", headers=headers, timeout=60
-    ) as http:
-        yield http
-    gate.open()
-    await runtime.service.wait_idle()
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://cases.test", headers=headers, timeout=60
+        ) as http:
+            yield http
+    finally:
+        gate.disarm()
+        await runtime.service.wait_idle()
 
 
 # Each cold backend, and each write mode once (a run's checkpoints in Redis until its
@@ -256,6 +265,18 @@ async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_every
     runs = await runs_of(client, case_id)
     assert [r["kind"] for r in runs] == ["intake", "message", "message", "message"]
     assert all(r["status"] == "completed" and r["duration_seconds"] >= 0 for r in runs)
+
+
+async def test_a_failure_armed_by_a_test_that_ended_first_does_not_fail_the_next_tests_run(
+    runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]], case_id: str
+) -> None:
+    """The gate outlives a test: one that armed a step's failure and failed before its case
+    reached that step (its submit refused, say) left the next test's run to fail there."""
+    async with gated_client(runtime, gate, bearer("e2e-client")):
+        gate.fail_once.add("policy")  # and the test ends before any run reaches policy
+    async with gated_client(runtime, gate, bearer("e2e-client")) as client:
+        case = await submitted(client, runtime, demo_case(case_id))
+    assert case["status"] == "completed", case
 
 
 async def test_reject_answers_409_while_a_run_is_in_progress(

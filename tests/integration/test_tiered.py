@@ -753,12 +753,13 @@ async def test_locks_fence_out_an_older_holder_in_the_cold_store(
 ) -> None:
     thread = _thread()
     await tiered.create(thread, {"s": 0}, agent_id="a")
-    first = await tiered.lock(thread, ttl_ms=200)
+    # Long enough that a loaded machine's pause between these calls does not end it.
+    first = await tiered.lock(thread, ttl_ms=1_000)
     with pytest.raises(LockNotAcquired):
         await tiered.lock(thread)
     await tiered.update_section(thread, "s", 1, agent_id="a", fencing_token=first.fence)
 
-    await asyncio.sleep(0.3)  # the first holder stalls past its TTL
+    await asyncio.sleep(1.1)  # the first holder stalls past its TTL
     second = await tiered.lock(thread)
     assert second.fence > first.fence
     await tiered.update_section(thread, "s", 2, agent_id="b", fencing_token=second.fence)

@@ -4,6 +4,7 @@ tier receives it, what readers see before then, fencing, deletes, and a flusher 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -393,9 +394,11 @@ async def test_a_working_flusher_keeps_its_lock_past_the_ttl_and_a_paused_one_lo
 ) -> None:
     log = tiers.flusher.log
     thread_id = config()["configurable"]["thread_id"]
-    working = Flusher(log, tiers.store, lock_ttl_ms=300)
+    # Renewed every third of its TTL: at 300 ms, a renewal 200 ms late on a loaded machine
+    # lost it.
+    working = Flusher(log, tiers.store, lock_ttl_ms=1_000)
     async with working.holding(thread_id):
-        await asyncio.sleep(1.0)  # three TTLs: renewed meanwhile
+        await asyncio.sleep(2.0)  # two TTLs: renewed meanwhile
         assert await log.lock_thread(thread_id, ttl_ms=300) is None
 
     # A paused holder cannot renew: the lock runs out one TTL later and others go on.
@@ -422,9 +425,11 @@ async def test_a_flusher_that_dies_mid_batch_leaves_it_to_the_next_with_no_dupli
     log = tiers.flusher.log
     entries = await log.read(thread_id, count=1000)
 
-    # The dead flusher: took the lock, applied half the batch, never acknowledged it.
-    assert await log.lock_thread(thread_id, ttl_ms=300) is not None
+    # What a dead flusher leaves: half the batch applied, never acknowledged, and its lock
+    # until the TTL. The lock is taken after the cold write: a loaded machine's slow write
+    # outlasted the 300 ms before the drain below could see it held.
     await tiers.store.apply_batch([entry.op for entry in entries[: len(entries) // 2]])
+    assert await log.lock_thread(thread_id, ttl_ms=300) is not None
     assert await tiers.flusher.drain() == 0  # its lock still holds
     await asyncio.sleep(0.4)
 
@@ -710,20 +715,24 @@ async def test_unflushed_entries_survive_memory_pressure_and_flushall_loses_only
 async def test_the_timers_pass_leaves_a_thread_to_the_worker_flushing_it(
     tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", 0.5)
     graph = chat_graph(tiers.saver)
     old, young = config(), config()
     await graph.ainvoke({"messages": ["old"]}, old, durability="async")
     await asyncio.sleep(0.6)
+    young_started = time.monotonic()
     await graph.ainvoke({"messages": ["young"]}, young, durability="async")
+    # Past young's whole run, 0.3 s short of old's wait: a fixed 0.5 s let a loaded
+    # machine's slow young run count as left behind.
+    adopt_after = time.monotonic() - young_started + 0.3
+    monkeypatch.setattr(flusher_module, "ADOPT_AFTER_SECONDS", adopt_after)
     log = tiers.flusher.log
     old_id, young_id = old["configurable"]["thread_id"], young["configurable"]["thread_id"]
 
-    # Unflushed for 0.6 s: left behind. Appended just now: its worker's to flush.
+    # Unflushed for 0.6 s more than young: left behind. Appended just now: its worker's.
     assert await tiers.flusher.drain_abandoned() > 0
     assert not await log.pending(old_id)
     assert await log.pending(young_id)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(adopt_after + 0.1)
     assert await tiers.flusher.drain_abandoned() > 0
     assert not await log.pending(young_id)
 

@@ -27,8 +27,10 @@ from state.tiered import TieredStateStore
 from tests.support.fakes import MemoryColdStore, MemoryHotStore, memory_settings, unreachable
 
 THREAD = "case_8842"
-# A write intent's deadline: short, so a dead writer's intent expires within a test.
-LOCK_TTL_MS = 50
+# A write intent's deadline: short, so a dead writer's intent expires within a test, and
+# long enough that a live one outlasts a loaded machine's stall (at 50 ms, a reader 60 ms
+# late found a held writer's intent expired and cleared it).
+LOCK_TTL_MS = 500
 
 
 class GatedColdStore(MemoryColdStore):
