@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -189,6 +189,9 @@ class ReservedCaseId(CaseError):
 
 
 RUN_LEASE_SECTION = "run_lease"
+# In a new case's run section: its submit held the case's run lock from before creating it
+# until the first run ended or could not start. A retry that takes the lock may start it.
+CREATED_LOCKED = "created_locked"
 
 
 @dataclass(frozen=True)
@@ -333,17 +336,22 @@ class CaseService:
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
         indexed_at = await self._tracker.register(case_id)
+        # Taken before the case exists and kept until its first run ends (or cannot start):
+        # a retry that takes it later knows no submit is on its way to start that run.
+        guard = await self._try_lock(case_id)
         creating = asyncio.ensure_future(
             self._store.create(
                 case_id,
                 # Created as its first run, which starts right away: that run's RUNNING
                 # mark would be one more write. Should the run never start (a crash before
-                # it does), its heartbeat goes stale like any run's and the timer resumes it.
+                # it does), its heartbeat goes stale like any run's and the timer resumes it;
+                # a retry of this submit starts it first (see `_replay`).
                 {
                     REQUEST_SECTION: request,
                     RUN_SECTION: {
                         **new_run_section(CaseStatus.RUNNING, attempt=1),
                         "run_id": run_id,
+                        CREATED_LOCKED: guard is not None,
                     },
                     RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
                     RETENTION_SECTION: {"held": False},
@@ -360,35 +368,24 @@ class CaseService:
         except asyncio.CancelledError:
             self._spawn(
                 self._first_run_once_created(
-                    creating, case_id, run_id, request, indexed_at, tell_queued=True
+                    creating, case_id, run_id, request, indexed_at, guard, tell_queued=True
                 )
             )
             raise
         except WorkflowExists:
-            existing = await self._record(case_id)
-            owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
-            if caller is not None and (owner is None or owner.id != caller.id):
-                # Said without showing the case: it is someone else's.
-                raise CaseConflict(
-                    f"case id {case_id!r} is taken by another caller; choose another case id"
-                ) from None
-            if (
-                existing.sections.get(REQUEST_SECTION, {}).get("fingerprint")
-                != request["fingerprint"]
-            ):
-                if submission.case_id:
-                    # The id names a case the body does not describe: a conflict with the
-                    # resource's state (409), not a key reused for another request.
-                    raise CaseConflict(
-                        f"case {case_id!r} already exists with a different request; "
-                        "use a new case id for a new case"
-                    ) from None
-                raise IdempotencyMismatch(
-                    f"case {case_id!r} already exists with a different request; "
-                    "use a new idempotency key for a new case"
-                ) from None
-            return Outcome(await self.status(case_id), created=False, finished=True)
-        launched = told_queued = False
+            if guard is not None:
+                await self._let_go_of_case(case_id, guard)
+            return await self._replay(case_id, submission, request, caller)
+        except BaseException:
+            if guard is not None:
+                await self._release(case_id, guard)
+            raise
+        if guard is not None and self._may_run_out(guard):
+            # A slow create: taken again by `_launch` (a retry that took it meanwhile has
+            # started the run, which this submit then leaves to it).
+            await self._let_go_of_case(case_id, guard)
+            guard = None
+        launched = told_queued = handed = False
 
         async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             nonlocal launched
@@ -401,35 +398,115 @@ class CaseService:
                 # period (a dead submit's): one this old (this submit was slow, or found the
                 # entry a dead one left) may have gone before the case existed. Indexed
                 # again before the case is acknowledged; a busy index answers 503, and the
-                # client's retry indexes it first (its run, marked running, is resumed once
-                # it stalls).
+                # client's retry indexes it first (and starts its run).
                 await self._tracker.register(case_id)
             # A case just created has no checkpoint to look at: its first run starts fresh.
             if self._saver is not None:
                 self._saver.expect_new_thread(case_id)
             await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
             told_queued = True
+            handed = True  # `_launch` releases the guard on every path from here
             return await self._launch(
                 case_id,
                 initial_input,
                 created=True,
                 wait_seconds=self._sync_wait,
                 needs_snapshot=False,
+                guard=guard,
             )
         except CaseBusy:
-            # A follow-up took the case's run lock between its creation and here: the case
-            # exists, and is being worked on (a 409 would read as "not created"). The holder
-            # leaves the first run, marked running, to its runner: this one, once it can.
+            # A follow-up (or a retry) took the case's run lock between its creation and
+            # here: the case exists, and is being worked on (a 409 would read as "not
+            # created"). The holder leaves the first run, marked running, to its runner: this
+            # one, once it can (none if a retry started it).
             self._spawn(self._first_run_when_free(case_id, run_id, request))
             return Outcome(await self.status(case_id), created=True, finished=False)
         except asyncio.CancelledError:
             if not launched:  # as above
                 self._spawn(
                     self._first_run_once_created(
-                        creating, case_id, run_id, request, indexed_at, tell_queued=not told_queued
+                        creating,
+                        case_id,
+                        run_id,
+                        request,
+                        indexed_at,
+                        None if handed else guard,
+                        tell_queued=not told_queued,
                     )
                 )
             raise
+        except BaseException:
+            if guard is not None and not handed:
+                await self._let_go_of_case(case_id, guard)
+            raise
+
+    def _may_run_out(self, guard: RunGuard) -> bool:
+        """Whether a run lock held since `guard.taken_at`, unrenewed, could run out before a
+        run given it now renews it for the first time."""
+        renewal = self._settings.state_lock_ttl_ms / 1000 / RENEWALS_PER_TTL
+        return time.monotonic() - guard.taken_at > renewal
+
+    async def _let_go_of_case(self, case_id: str, guard: RunGuard) -> None:
+        """Release the run lock a submit held, not for a run: a follow-up queued meanwhile
+        found the case taken and left its run to the holder, which starts it now."""
+        await self._release(case_id, guard)
+        if not self._closing:
+            await self._take_queue_left(case_id)
+
+    async def _replay(
+        self,
+        case_id: str,
+        submission: CaseSubmission,
+        request: dict[str, Any],
+        caller: Caller | None,
+    ) -> Outcome:
+        """A submit of a case that exists: the case as it is, if it is the same request from
+        the same caller. A first run its submit could not start (a tier out of reach: it
+        answered 503) is started now, not left "running" until the timer finds it stalled."""
+        existing = await self._record(case_id)
+        owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
+        if caller is not None and (owner is None or owner.id != caller.id):
+            # Said without showing the case: it is someone else's.
+            raise CaseConflict(
+                f"case id {case_id!r} is taken by another caller; choose another case id"
+            )
+        if existing.sections.get(REQUEST_SECTION, {}).get("fingerprint") != request["fingerprint"]:
+            if submission.case_id:
+                # The id names a case the body does not describe: a conflict with the
+                # resource's state (409), not a key reused for another request.
+                raise CaseConflict(
+                    f"case {case_id!r} already exists with a different request; "
+                    "use a new case id for a new case"
+                )
+            raise IdempotencyMismatch(
+                f"case {case_id!r} already exists with a different request; "
+                "use a new idempotency key for a new case"
+            )
+        run_id = first_run_unmarked(existing)
+        if run_id is not None and (existing.sections.get(RUN_SECTION) or {}).get(CREATED_LOCKED):
+            # Its submit held the case's run lock from before the case existed until its run
+            # ended or could not start: taken now, that submit is over, and the run is ours.
+            # Busy, the run is on its way (or a follow-up's): answered as it is.
+            guard = await self._try_lock(case_id)
+            if guard is not None:
+
+                async def continue_first_run(snapshot: StateSnapshot | None) -> GraphInput:
+                    record = await self._record(case_id, fresh=True)
+                    return self._continuation(case_id, record, snapshot)
+
+                with contextlib.suppress(CaseConflict):
+                    outcome = await self._launch(
+                        case_id,
+                        continue_first_run,
+                        wait_seconds=self._sync_wait,
+                        run_id=run_id,
+                        fresh=True,
+                        still=self._first_run_still_unmarked(case_id, run_id),
+                        guard=guard,
+                    )
+                    # The submit that got this run going: answered as a first submit is.
+                    return replace(outcome, created=True)
+        return Outcome(await self.status(case_id), created=False, finished=True)
 
     async def _first_run_once_created(
         self,
@@ -438,47 +515,60 @@ class CaseService:
         run_id: str,
         request: dict[str, Any],
         indexed_at: str,
+        guard: RunGuard | None,
         *,
         tell_queued: bool,
     ) -> None:
         """The first run of a case whose submit was cancelled before starting it, once
         `creating` has created the case (none if the case existed, or the write failed: the
-        timer sees to the case should it have landed). `tell_queued`: the submit was
+        timer sees to the case should it have landed). `guard`: the case's run lock the
+        submit held, if any, released on every path. `tell_queued`: the submit was
         cancelled before it published the run's `run_queued`. None once `close` began
         either: a submit the stopping server cancels would start a run `close` waits for no
         more, on stores about to close; the case is the timer's, as a stopped worker's."""
+        created = exists = False
         try:
             await creating
+            exists, created = True, not self._closing
         except WorkflowExists:
-            return
+            exists = True
         except Exception:
             # Logged here: the request that would have answered with it is gone.
             log.warning("case %s: a cancelled submit's create failed", case_id, exc_info=True)
-            return
-        if self._closing:
-            return
         try:
+            if not created:
+                return
             if self._tracker.may_look_abandoned(indexed_at):
                 await self._tracker.register(case_id)  # as `_submit` does
             if tell_queued:
                 await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
-            await self._first_run_when_free(case_id, run_id, request)
+            if guard is not None and self._may_run_out(guard):
+                await self._let_go_of_case(case_id, guard)  # as `_submit` does
+                guard = None
+            handed, guard = guard, None  # released by `_first_run_when_free` from here
+            await self._first_run_when_free(case_id, run_id, request, handed)
         except (CaseError, RunIndexBusy, StateError):
             # Nobody else would hear of it; the case, created "running", is the timer's.
             log.warning("case %s: a cancelled submit's first run failed", case_id, exc_info=True)
+        finally:
+            if guard is not None:
+                if exists:
+                    await self._let_go_of_case(case_id, guard)
+                else:
+                    await self._release(case_id, guard)
 
     async def _first_run_when_free(
-        self, case_id: str, run_id: str, request: dict[str, Any]
+        self, case_id: str, run_id: str, request: dict[str, Any], guard: RunGuard | None = None
     ) -> None:
-        """Drive a new case's first run once the case's holder lets go, unless it no longer
-        waits for that (a follow-up stopped it; the timer resumed it). Given up after a lock
-        TTL: a holder that long is a runner, which takes the run or leaves it to the timer."""
+        """Drive a new case's first run once the case's holder lets go (`guard`: the run
+        lock, held already), unless it no longer waits for that (a follow-up stopped it; the
+        timer resumed it). Given up after a lock TTL: a holder that long is a runner, which
+        takes the run or leaves it to the timer."""
         deadline = time.monotonic() + self._settings.state_lock_ttl_ms / 1000
         pause = 0.02
-        while True:
+        while guard is None:
             try:
                 guard = await self._acquire(case_id)
-                break
             except CaseBusy:
                 if time.monotonic() >= deadline:
                     return
@@ -489,15 +579,7 @@ class CaseService:
         except BaseException:
             await self._release(case_id, guard)
             raise
-        run = record.sections.get(RUN_SECTION) or {}
-        current = current_run(runs_of(record)) or {}
-        # Attempt 1: no runner has marked it since its creation (a resume counts one).
-        if not (
-            run.get("run_id") == run_id
-            and run.get("attempt") == 1
-            and current.get("run_id") == run_id
-            and not current.get("stop")
-        ):
+        if first_run_unmarked(record) != run_id:
             await self._pump(case_id, guard)  # what is left is the queue's
             return
         await self._drive(
@@ -995,8 +1077,10 @@ class CaseService:
         run_id: str | None = None,
         fresh: bool = False,
         still: Callable[[WorkflowRecord], None] | None = None,
+        guard: RunGuard | None = None,
     ) -> Outcome:
-        """Take the case's lock, check preconditions under it, then drive the run.
+        """Take the case's lock (unless `guard` holds it), check preconditions under it,
+        then drive the run.
 
         `prepare` gets the case's latest state (None if not `needs_snapshot`; with `fresh`,
         read from the cold tier, whatever Redis caches: a worker cut off from Redis may
@@ -1008,7 +1092,8 @@ class CaseService:
         `prepare`; only the first to mark the case running goes on. `run_id`: the
         run's id if known (else the record's current run).
         """
-        guard = await self._acquire(case_id)
+        if guard is None:
+            guard = await self._acquire(case_id)
         handed_over = False
         try:
             if run_id is None:
@@ -1550,6 +1635,18 @@ class CaseService:
             log.warning("case %s: no hot tier for the run lock; using a cold-tier lease", case_id)
             return await self._claim_lease(case_id)
 
+    async def _try_lock(self, case_id: str) -> RunGuard | None:
+        """The case's run lock from the hot tier; None if another holds it or Redis is out
+        of reach (no cold-tier lease instead: it needs the case's record)."""
+        sent = time.monotonic()
+        try:
+            lock = await self._store.lock(
+                run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
+            )
+        except (LockNotAcquired, BackendUnavailable):
+            return None
+        return RunGuard(lock=lock, taken_at=sent)
+
     async def _claim_lease(self, case_id: str) -> RunGuard:
         """Claim the cold-tier lease with a versioned write that also raises the record's
         fence by one: each claim gets a fence higher than every earlier holder's."""
@@ -1661,6 +1758,21 @@ class CaseService:
                     f"case {case_id!r} was taken by another runner meanwhile "
                     f"(status: {status.value})"
                 )
+
+        return check
+
+    def _first_run_still_unmarked(
+        self, case_id: str, run_id: str
+    ) -> Callable[[WorkflowRecord], None]:
+        """A retried submit's precondition for starting the first run, under the run lock:
+        nobody marked it meanwhile, and no runner holds the cold-tier lease (one cut off
+        from Redis, which the lock knows nothing of)."""
+
+        def check(record: WorkflowRecord) -> None:
+            if first_run_unmarked(record) != run_id:
+                raise CaseConflict(f"case {case_id!r}: its first run was started meanwhile")
+            if (held_until := _lease_until(record)) is not None:
+                raise CaseBusy(case_id, stalled=False, lease_ends_at=held_until)
 
         return check
 
@@ -1786,6 +1898,24 @@ def run_view(entry: dict[str, Any]) -> RunView:
 def _caller_view(stored: Any) -> CallerView | None:
     caller = Caller.from_json(stored)
     return CallerView(**caller.to_json()) if caller else None
+
+
+def first_run_unmarked(record: WorkflowRecord) -> str | None:
+    """The id of the case's first run if it is running and no runner has marked it since
+    the case was created (attempt 1: a resume or a retried submit's start counts one), nor
+    a follow-up asked it to stop; else None."""
+    run = record.sections.get(RUN_SECTION) or {}
+    current = current_run(runs_of(record)) or {}
+    run_id = run.get("run_id")
+    if (
+        run_id is not None
+        and run.get("status") == CaseStatus.RUNNING.value
+        and run.get("attempt") == 1
+        and current.get("run_id") == run_id
+        and not current.get("stop")
+    ):
+        return str(run_id)
+    return None
 
 
 def run_lock_name(case_id: str) -> str:

@@ -199,10 +199,12 @@ async def test_a_submit_whose_case_a_follow_up_took_at_once_answers_with_the_cas
     case_id: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """POST /cases stores the case (its intake run marked running) and only then takes the
-    run lock. A follow-up that lands in between (here: while the intake's `run_queued`
-    event is slow to publish) takes the case; the submit answered 409 "being worked on" for
-    the case it had just created (read as "not created"), and now answers 202 with it."""
+    """POST /cases stores the case (its intake run marked running), then starts its run. A
+    follow-up that lands in between (here: while the intake's `run_queued` event is slow to
+    publish) once took the case, and the submit answered 409 "being worked on" for the case
+    it had just created (read as "not created"). The submit now holds the run lock from
+    before the create: the follow-up is queued behind the first run, and the submit answers
+    with its case."""
     events = runtime.service._events
     publish = events.publish
     slowed, go_on = asyncio.Event(), asyncio.Event()
@@ -222,8 +224,8 @@ async def test_a_submit_whose_case_a_follow_up_took_at_once_answers_with_the_cas
         json={"text": "Also, my invoice is missing", "strategy": "interrupt"},
     )
     assert follow_up.status_code == 202, follow_up.text
-    await asyncio.wait_for(gate.reached["intake"].wait(), 30)
     go_on.set()
+    await asyncio.wait_for(gate.reached["intake"].wait(), 30)
     answer = await submit
     gate.open()
     await until_idle(runtime, client, case_id)

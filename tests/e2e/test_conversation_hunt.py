@@ -313,11 +313,11 @@ async def test_a_new_cases_first_run_is_driven_when_an_enqueued_follow_up_took_t
     case_id: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """POST /cases stores the case, its intake run marked running, and only then takes the
-    run lock. An enqueued follow-up landing in between takes the case, finds the intake
-    "running" and leaves it (to a dead runner's timer); the submit finds the case taken and
-    answers 202. Nobody drives the intake until its heartbeat goes stale (5 minutes by
-    default) and the timer resumes it."""
+    """POST /cases stores the case, its intake run marked running, then starts that run. An
+    enqueued follow-up landing in between once took the case, found the intake "running"
+    and left it (to a dead runner's timer): nobody drove the intake until its heartbeat went
+    stale (5 minutes by default). The submit now holds the case's run lock from before its
+    create: the follow-up is queued for it, and both runs are driven at once."""
     events = runtime.service._events
     publish = events.publish
     slowed, go_on = asyncio.Event(), asyncio.Event()
@@ -329,28 +329,13 @@ async def test_a_new_cases_first_run_is_driven_when_an_enqueued_follow_up_took_t
         await publish(target, event, **fields)
 
     monkeypatch.setattr(events, "publish", slow_intake_event)
-    reached, release = asyncio.Event(), asyncio.Event()
-    drain = runtime.service._drain_queue
-
-    async def held_drain(target: str, guard: Any) -> None:
-        # The follow-up holds the case while the submit tries to take it.
-        if target == case_id and not reached.is_set():
-            reached.set()
-            await release.wait()
-        await drain(target, guard)
-
-    monkeypatch.setattr(runtime.service, "_drain_queue", held_drain)
     submit = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
     await asyncio.wait_for(slowed.wait(), 30)
-    follow_up = asyncio.ensure_future(
-        client.post(f"/api/cases/{case_id}/messages", json={"text": INVOICE})
-    )
-    await asyncio.wait_for(reached.wait(), 30)
+    follow_up = await client.post(f"/api/cases/{case_id}/messages", json={"text": INVOICE})
+    assert (follow_up.status_code, follow_up.json()["run"]["status"]) == (202, "queued")
     go_on.set()
     answer = await submit
     assert answer.status_code in (201, 202), answer.text
-    release.set()
-    assert (await follow_up).status_code == 202
     runs = await until_idle(runtime, client, case_id, within=15)
     assert [r["status"] for r in runs] == ["completed", "completed"], runs
 

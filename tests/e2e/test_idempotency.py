@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
 
 import httpx
+import pytest
 
+from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
+from support_cases.settings import AppSettings
+from tests.faults.proxy import LoopbackProxy
 from tests.support.effects import provider_calls
 
 
@@ -129,3 +137,99 @@ async def test_a_follow_up_retried_with_another_strategy_is_refused_not_replayed
     same = await client.post(path, json={"text": "any news?", "strategy": "enqueue"}, headers=key)
     assert same.status_code == 200 and same.headers["idempotent-replayed"] == "true"
     assert same.json()["run"]["run_id"] == first.json()["run"]["run_id"]
+
+
+async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
+    e2e_settings: Callable[..., AppSettings], bearer: Callable[..., dict[str, str]]
+) -> None:
+    """The submit stored its case, then its run met the cold store out of reach and it
+    answered 503. Its retry (same key, same caller) once the store is back must get the run
+    going: the case was left "running" with nobody on it, and the retry answered 200
+    "running" while the case waited for the timer (the stale period, minutes)."""
+    server = e2e_settings("postgres").postgres_url
+    assert server is not None
+    target = urlparse(server.get_secret_value())
+    assert target.hostname == "127.0.0.1" and target.port is not None
+    with LoopbackProxy(target.port) as proxy:
+        proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}")
+        cut = asyncio.Event()
+
+        async def cut_after_intake(step: str) -> None:
+            if step == "intake" and not cut.is_set():
+                cut.set()
+                proxy.cut("reset")
+
+        settings = e2e_settings(
+            "postgres",
+            postgres_url=proxied.geturl(),
+            state_write_mode="write-through",
+            case_sync_wait_seconds=60,  # the run's failure, not a 202, answers the submit
+        )
+        runtime = await Runtime.open(settings, after_step=cut_after_intake)
+        try:
+            transport = httpx.ASGITransport(app=create_app(runtime))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+            ) as client:
+                key = {"Idempotency-Key": f"key-{uuid.uuid4().hex}"}
+                body = _no_case_id("unused")
+                first = await client.post("/api/cases", json=body, headers=key)
+                assert cut.is_set()
+                assert first.status_code == 503, first.text
+                assert "retry-after" in first.headers
+                proxy.restore()
+
+                retry = await client.post("/api/cases", json=body, headers=key)
+                assert retry.status_code in (201, 202), retry.text
+                case_id = retry.json()["case_id"]
+                deadline = time.monotonic() + 10  # far below the stale period (300 s)
+                while (status := (await client.get(f"/api/cases/{case_id}")).json())[
+                    "status"
+                ] != "completed":
+                    assert time.monotonic() < deadline, status
+                    await asyncio.sleep(0.05)
+                assert status["final_response"]
+                await runtime.service.wait_idle()
+                assert len(await provider_calls(runtime, case_id, "refund")) == 1
+                again = await client.post("/api/cases", json=body, headers=key)
+                assert again.status_code == 200, again.text
+                assert again.json()["status"] == "completed"
+        finally:
+            proxy.restore()
+            await runtime.service.wait_idle()
+            await runtime.close()
+
+
+async def test_a_follow_up_sent_while_a_retried_submit_holds_the_case_is_run(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit takes the case's run lock before its create, which finds the case there (a
+    retry). A follow-up that lands meanwhile finds the case taken and leaves its run to the
+    holder: the retry must start it as it lets go, not leave it queued for the timer."""
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    assert first.status_code == 201, first.text
+    cold = runtime.backends.cold
+    create: Callable[..., Any] = cold.create
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(thread_id: str, sections: dict[str, Any], **kwargs: Any) -> Any:
+        if thread_id == case_id and not reached.is_set():
+            reached.set()
+            await release.wait()
+        return await create(thread_id, sections, **kwargs)
+
+    monkeypatch.setattr(cold, "create", reply_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(reached.wait(), 10)
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
+    )
+    assert (follow_up.status_code, follow_up.json()["run"]["status"]) == (202, "queued"), (
+        follow_up.text
+    )
+    release.set()
+    replayed = await retry
+    assert replayed.status_code == 200, replayed.text
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    assert [run["status"] for run in runs] == ["completed", "completed"], runs

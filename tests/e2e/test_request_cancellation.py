@@ -346,7 +346,7 @@ async def test_a_resume_refused_and_cancelled_as_it_lets_go_of_the_run_lock_leav
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
 
 
-@pytest.mark.parametrize("held", ["the create's reply", "the run lock"])
+@pytest.mark.parametrize("held", ["the create's reply", "the run_queued event"])
 async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
     runtime: Runtime,
     client: httpx.AsyncClient,
@@ -356,7 +356,8 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
 ) -> None:
     """The submit is cancelled once the cold tier has created its case (created as its
     first run, marked running), before its first run starts: as the write's reply is on
-    its way back, or as it takes the case's run lock. The first run goes on (not the case
+    its way back, or as it tells the run queued (its run lock held since before the
+    create). The first run goes on (not the case
     left "running" with nobody running it until the timer finds it stalled, its retry
     replaying that). The case completes, each side effect done once, its run lock
     released; the submit sent again answers the finished case and runs nothing more."""
@@ -375,18 +376,16 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
 
         monkeypatch.setattr(cold, "create", reply_held)
     else:
-        hot = runtime.backends.hot
-        assert hot is not None
-        acquire: Callable[..., Any] = hot.acquire_lock
+        events = runtime.service._events
+        publish = events.publish
 
-        async def lock_held(name: str, *, ttl_ms: int) -> Lock | None:
-            if name == run_lock_name(case_id) and not reached.is_set():
+        async def event_held(target: str, event: str, **fields: Any) -> None:
+            if target == case_id and event == "run_queued" and not reached.is_set():
                 reached.set()
                 await release.wait()
-            held_lock: Lock | None = await acquire(name, ttl_ms=ttl_ms)
-            return held_lock
+            await publish(target, event, **fields)
 
-        monkeypatch.setattr(hot, "acquire_lock", lock_held)
+        monkeypatch.setattr(events, "publish", event_held)
     await cancelled_once(
         client.post("/api/cases", json=demo_case(case_id), headers=key), reached, release
     )
