@@ -34,6 +34,7 @@ from .auth import (
 )
 from .body_limit import BodySizeLimit
 from .cors import BrowserOrigins
+from .deadline import RequestDeadline
 from .encoded_slash import KeepEncodedSlashes
 from .events import sse_frame
 from .http_errors import install_error_handlers
@@ -66,6 +67,8 @@ API_PREFIX = "/api"
 # Answered without a token: up/down for the availability test, and the API's description.
 # The body limit while the settings cannot be read (every route then answers 503).
 DEFAULT_BODY_LIMIT: int = AppSettings.model_fields["case_max_body_bytes"].default
+# Health has its own bound (a probe's) and its own 503 body: no request deadline.
+HEALTH_PATHS = frozenset({f"{API_PREFIX}/health"})
 PUBLIC_PATHS = frozenset(
     {f"{API_PREFIX}/health", f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/docs"}
 )
@@ -81,8 +84,8 @@ ERRORS[503]["headers"] = {
     "Retry-After": {
         "description": "Seconds to wait before retrying, when a store could not be reached, "
         "the case's run index awaits an operator's repair, the worker drives as many case "
-        "runs as it may (CASE_MAX_RUNS), or (event streams) it serves as many streams as it "
-        "may",
+        "runs as it may (CASE_MAX_RUNS), (event streams) it serves as many streams as it "
+        "may, or the request had no answer within API_REQUEST_DEADLINE_SECONDS",
         "schema": {"type": "integer", "minimum": 1},
     }
 }
@@ -534,6 +537,14 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
             # The route answers 503 naming the problem; a crash here would be a bare 500.
             return DEFAULT_BODY_LIMIT
 
+    def deadline() -> float | None:
+        try:
+            return (settings or holder.settings()).api_request_deadline_seconds
+        except SettingsError:
+            return None  # the route answers 503 naming the problem at once
+
+    # Innermost: a body still on its way from the client is not the stores' slowness.
+    app.add_middleware(RequestDeadline, seconds=deadline, exempt=HEALTH_PATHS)
     app.add_middleware(BodySizeLimit, max_bytes=body_limit, refused_first=token_refusal)
     # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)

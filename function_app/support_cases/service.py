@@ -58,6 +58,7 @@ from state import (
 
 from .admission import RunsBusy, RunSlots
 from .agents import RunContext
+from .deadline import waiting_for_run
 from .effects import (
     INCARNATION_FIELD,
     REQUEST_SECTION,
@@ -919,7 +920,8 @@ class CaseService:
                 view = run_view(stored)
                 return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
             if (task := await self._start_queued(case_id)) is not None:
-                await asyncio.wait({task}, timeout=self._sync_wait)
+                with waiting_for_run():
+                    await asyncio.wait({task}, timeout=self._sync_wait)
             view = await self._run_view(case_id, entry["run_id"])
             return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
 
@@ -1144,7 +1146,8 @@ class CaseService:
         )
         # asyncio.wait never cancels what it waits for: a caller that stops waiting
         # (timeout, client gone) leaves the run going.
-        await asyncio.wait({task}, timeout=wait_seconds)
+        with waiting_for_run():
+            await asyncio.wait({task}, timeout=wait_seconds)
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
         return Outcome(await self.status(case_id), created=created, finished=task.done())

@@ -48,6 +48,9 @@ class AppSettings(Settings):
     # How long an HTTP call waits for a run before answering 202 with a status URL
     # (below the Functions HTTP limit of 230 s).
     case_sync_wait_seconds: float = Field(default=20.0, ge=0, le=200)
+    # How long a request may take to start its answer before it is cut with 503 and
+    # Retry-After (its calls to slow stores add up), its wait for a run (above) not counted.
+    api_request_deadline_seconds: float = Field(default=10.0, gt=0, le=200)
     # How long a side effect's provider call may take before it is abandoned (its claim
     # stays pending, settled by asking the provider by key after the claim's lease).
     case_effect_timeout_seconds: float = Field(default=30.0, gt=0)
