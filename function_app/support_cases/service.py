@@ -314,9 +314,28 @@ class CaseService:
         caller: Caller | None = None,
     ) -> Outcome:
         """Store and start a case; `caller` (the authenticated submitter) owns it. Refused
-        (`RunsBusy`) before anything is written while this worker drives its most runs."""
-        with acting_for(caller), self._slots.admitted():
-            return await self._submit(submission, idempotency_key, caller)
+        (`RunsBusy`) before anything is written while this worker drives its most runs,
+        unless it names a case that exists (a replay, or a conflict), which starts none."""
+        with acting_for(caller):
+            try:
+                with self._slots.admitted():
+                    return await self._submit(submission, idempotency_key, caller)
+            except RunsBusy:
+                # A client retrying a submit whose answer it lost is answered with its case,
+                # not sent back for as long as the worker stays busy.
+                case_id = case_id_for(submission, idempotency_key, caller)
+                named = submission.case_id or idempotency_key or submission.client_key
+                if not named or case_id.startswith(RESERVED_ID_PREFIXES):
+                    raise
+                existing = await self._store.get(case_id)
+                if existing is None or REQUEST_SECTION not in existing.sections:
+                    raise
+                self._same_request(existing, submission, caller)
+                if await self._first_run_left(existing):
+                    # Its submit could not start it: the retry that starts it comes back
+                    # once this worker has room.
+                    raise
+                return Outcome(await self.status(case_id), created=False, finished=True)
 
     async def _submit(
         self, submission: CaseSubmission, idempotency_key: str | None, caller: Caller | None
@@ -376,7 +395,7 @@ class CaseService:
         except WorkflowExists:
             if guard is not None:
                 await self._let_go_of_case(case_id, guard)
-            return await self._replay(case_id, submission, request, caller)
+            return await self._replay(await self._record(case_id), submission, caller)
         except BaseException:
             if guard is not None:
                 await self._release(case_id, guard)
@@ -455,36 +474,17 @@ class CaseService:
             await self._take_queue_left(case_id)
 
     async def _replay(
-        self,
-        case_id: str,
-        submission: CaseSubmission,
-        request: dict[str, Any],
-        caller: Caller | None,
+        self, existing: WorkflowRecord, submission: CaseSubmission, caller: Caller | None
     ) -> Outcome:
         """A submit of a case that exists: the case as it is, if it is the same request from
-        the same caller. A first run its submit could not start (a tier out of reach: it
-        answered 503) is started now, not left "running" until the timer finds it stalled."""
-        existing = await self._record(case_id)
-        owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
-        if caller is not None and (owner is None or owner.id != caller.id):
-            # Said without showing the case: it is someone else's.
-            raise CaseConflict(
-                f"case id {case_id!r} is taken by another caller; choose another case id"
-            )
-        if existing.sections.get(REQUEST_SECTION, {}).get("fingerprint") != request["fingerprint"]:
-            if submission.case_id:
-                # The id names a case the body does not describe: a conflict with the
-                # resource's state (409), not a key reused for another request.
-                raise CaseConflict(
-                    f"case {case_id!r} already exists with a different request; "
-                    "use a new case id for a new case"
-                )
-            raise IdempotencyMismatch(
-                f"case {case_id!r} already exists with a different request; "
-                "use a new idempotency key for a new case"
-            )
+        the same caller (else the conflict, raised from None: called while handling how the
+        case was found to exist). A first run its submit could not start (a tier out of
+        reach: it answered 503) is started now, not left "running" until the timer finds it
+        stalled."""
+        case_id = existing.thread_id
+        self._same_request(existing, submission, caller)
         run_id = first_run_unmarked(existing)
-        if run_id is not None and (existing.sections.get(RUN_SECTION) or {}).get(CREATED_LOCKED):
+        if run_id is not None and _created_locked(existing):
             # Its submit held the case's run lock from before the case existed until its run
             # ended or could not start: taken now, that submit is over, and the run is ours.
             # Busy, the run is on its way (or a follow-up's): answered as it is.
@@ -508,6 +508,43 @@ class CaseService:
                     # The submit that got this run going: answered as a first submit is.
                     return replace(outcome, created=True)
         return Outcome(await self.status(case_id), created=False, finished=True)
+
+    async def _first_run_left(self, existing: WorkflowRecord) -> bool:
+        """Whether `existing`'s first run is one its submit could not start and nobody runs
+        (its run lock free: `_replay` would start it)."""
+        if first_run_unmarked(existing) is None or not _created_locked(existing):
+            return False
+        guard = await self._try_lock(existing.thread_id)
+        if guard is None:
+            return False
+        await self._release(existing.thread_id, guard)
+        return True
+
+    @staticmethod
+    def _same_request(
+        existing: WorkflowRecord, submission: CaseSubmission, caller: Caller | None
+    ) -> None:
+        """Nothing if the same caller submitted the same request as `existing`'s (a
+        replay); else the conflict."""
+        case_id = existing.thread_id
+        owner = Caller.from_json(existing.sections[REQUEST_SECTION].get("submitted_by"))
+        if caller is not None and (owner is None or owner.id != caller.id):
+            # Said without showing the case: it is someone else's.
+            raise CaseConflict(
+                f"case id {case_id!r} is taken by another caller; choose another case id"
+            ) from None
+        if existing.sections[REQUEST_SECTION].get("fingerprint") != fingerprint(submission):
+            if submission.case_id:
+                # The id names a case the body does not describe: a conflict with the
+                # resource's state (409), not a key reused for another request.
+                raise CaseConflict(
+                    f"case {case_id!r} already exists with a different request; "
+                    "use a new case id for a new case"
+                ) from None
+            raise IdempotencyMismatch(
+                f"case {case_id!r} already exists with a different request; "
+                "use a new idempotency key for a new case"
+            ) from None
 
     async def _first_run_once_created(
         self,
@@ -875,55 +912,83 @@ class CaseService:
     ) -> MessageOutcome:
         """A follow-up message: queued as a run of the case, handled per its strategy
         (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case.
-        Refused (`RunsBusy`) before it is queued while this worker drives its most runs."""
-        with acting_for(caller), self._slots.admitted():
-            await self._record(case_id)
-            strategy = message.strategy or self._settings.case_default_strategy
-            entry = new_run_entry(
-                message_run_id(case_id, idempotency_key),
-                "message",
-                RunStatus.QUEUED,
+        Refused (`RunsBusy`) before it is queued while this worker drives its most runs,
+        unless it is a replay of one queued before that has started (it starts none)."""
+        with acting_for(caller):
+            try:
+                with self._slots.admitted():
+                    return await self._post_message(case_id, message, idempotency_key)
+            except RunsBusy:
+                # As a replayed submit: a client retrying a message whose answer it lost is
+                # answered with its run, not sent back for as long as the worker stays busy.
+                if not idempotency_key:
+                    raise
+                run_id = message_run_id(case_id, idempotency_key)
+                stored = next(
+                    (e for e in runs_of(await self._record(case_id)) if e["run_id"] == run_id),
+                    None,
+                )
+                if stored is None or stored["status"] == RunStatus.QUEUED.value:
+                    raise  # new, or still to start: a run more
+                return await self._replayed_message(case_id, stored, message)
+
+    async def _post_message(
+        self, case_id: str, message: FollowUp, idempotency_key: str | None
+    ) -> MessageOutcome:
+        await self._record(case_id)
+        strategy = message.strategy or self._settings.case_default_strategy
+        entry = new_run_entry(
+            message_run_id(case_id, idempotency_key),
+            "message",
+            RunStatus.QUEUED,
+            text=message.text,
+            strategy=strategy,
+        )
+
+        async def queued_now() -> None:
+            # Before the run index's re-check: a busy shard refuses the request (503)
+            # with the run queued, and the client's retry is a replay, which tells
+            # nothing.
+            await self._events.publish(
+                case_id,
+                "run_queued",
+                run_id=entry["run_id"],
+                kind="message",
+                strategy=strategy.value,
                 text=message.text,
-                strategy=strategy,
             )
 
-            async def queued_now() -> None:
-                # Before the run index's re-check: a busy shard refuses the request (503)
-                # with the run queued, and the client's retry is a replay, which tells
-                # nothing.
-                await self._events.publish(
-                    case_id,
-                    "run_queued",
-                    run_id=entry["run_id"],
-                    kind="message",
-                    strategy=strategy.value,
-                    text=message.text,
-                )
+        try:
+            stored, replayed = await self._tracker.enqueue(
+                case_id, entry, strategy, agent_id=API_AGENT_ID, queued_now=queued_now
+            )
+        except (RunInProgress, QueueFull) as refused:
+            raise CaseConflict(str(refused)) from None
+        if replayed:
+            return await self._replayed_message(case_id, stored, message)
+        if (task := await self._start_queued(case_id)) is not None:
+            with waiting_for_run():
+                await asyncio.wait({task}, timeout=self._sync_wait)
+        view = await self._run_view(case_id, entry["run_id"])
+        return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
 
-            try:
-                stored, replayed = await self._tracker.enqueue(
-                    case_id, entry, strategy, agent_id=API_AGENT_ID, queued_now=queued_now
-                )
-            except (RunInProgress, QueueFull) as refused:
-                raise CaseConflict(str(refused)) from None
-            if replayed:
-                # The same message is the same text and the same strategy: a retry that
-                # asks for another strategy is another request, not a replay.
-                if stored.get("text") != message.text or stored.get("strategy") != strategy.value:
-                    raise IdempotencyMismatch(
-                        f"Idempotency-Key already used on case {case_id!r} for another "
-                        "message; use a new key for a new message"
-                    )
-                if stored["status"] == RunStatus.QUEUED.value:
-                    # The first request may have ended before starting it (a 503, a crash).
-                    await self._start_queued(case_id)
-                view = run_view(stored)
-                return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
-            if (task := await self._start_queued(case_id)) is not None:
-                with waiting_for_run():
-                    await asyncio.wait({task}, timeout=self._sync_wait)
-            view = await self._run_view(case_id, entry["run_id"])
-            return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
+    async def _replayed_message(
+        self, case_id: str, stored: dict[str, Any], message: FollowUp
+    ) -> MessageOutcome:
+        """The answer to a message whose Idempotency-Key queued `stored` before."""
+        strategy = message.strategy or self._settings.case_default_strategy
+        # The same message is the same text and the same strategy: a retry that asks for
+        # another strategy is another request, not a replay.
+        if stored.get("text") != message.text or stored.get("strategy") != strategy.value:
+            raise IdempotencyMismatch(
+                f"Idempotency-Key already used on case {case_id!r} for another "
+                "message; use a new key for a new message"
+            )
+        if stored["status"] == RunStatus.QUEUED.value:
+            # The first request may have ended before starting it (a 503, a crash).
+            await self._start_queued(case_id)
+        view = run_view(stored)
+        return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
 
     async def runs(self, case_id: str) -> RunsView:
         record = await self._record(case_id)
@@ -1919,6 +1984,11 @@ def first_run_unmarked(record: WorkflowRecord) -> str | None:
     ):
         return str(run_id)
     return None
+
+
+def _created_locked(record: WorkflowRecord) -> bool:
+    """Whether the case's submit held its run lock from before creating it (`_replay`)."""
+    return bool((record.sections.get(RUN_SECTION) or {}).get(CREATED_LOCKED))
 
 
 def run_lock_name(case_id: str) -> str:

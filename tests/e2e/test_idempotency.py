@@ -139,31 +139,38 @@ async def test_a_follow_up_retried_with_another_strategy_is_refused_not_replayed
     assert same.json()["run"]["run_id"] == first.json()["run"]["run_id"]
 
 
+@pytest.mark.parametrize("worker", ["free", "full"])
 async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
-    e2e_settings: Callable[..., AppSettings], bearer: Callable[..., dict[str, str]]
+    worker: str, e2e_settings: Callable[..., AppSettings], bearer: Callable[..., dict[str, str]]
 ) -> None:
     """The submit stored its case, then its run met the cold store out of reach and it
     answered 503. Its retry (same key, same caller) once the store is back must get the run
     going: the case was left "running" with nobody on it, and the retry answered 200
-    "running" while the case waited for the timer (the stale period, minutes)."""
+    "running" while the case waited for the timer (the stale period, minutes). With the
+    worker driving its most runs (CASE_MAX_RUNS), the retry is sent back (503) rather than
+    answered "running": the retry after that starts it."""
     server = e2e_settings("postgres").postgres_url
     assert server is not None
     target = urlparse(server.get_secret_value())
     assert target.hostname == "127.0.0.1" and target.port is not None
     with LoopbackProxy(target.port) as proxy:
         proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}")
-        cut = asyncio.Event()
+        cut, holding, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def cut_after_intake(step: str) -> None:
             if step == "intake" and not cut.is_set():
                 cut.set()
                 proxy.cut("reset")
+            elif step == "intake" and worker == "full" and not holding.is_set():
+                holding.set()  # the one run slot, held by another case's run
+                await release.wait()
 
         settings = e2e_settings(
             "postgres",
             postgres_url=proxied.geturl(),
             state_write_mode="write-through",
             case_sync_wait_seconds=60,  # the run's failure, not a 202, answers the submit
+            case_max_runs=1,
         )
         runtime = await Runtime.open(settings, after_step=cut_after_intake)
         try:
@@ -178,6 +185,18 @@ async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
                 assert first.status_code == 503, first.text
                 assert "retry-after" in first.headers
                 proxy.restore()
+                if worker == "full":
+                    other = asyncio.ensure_future(
+                        client.post(
+                            "/api/cases", json=demo_case(f"case-other-{uuid.uuid4().hex[:12]}")
+                        )
+                    )
+                    await holding.wait()
+                    busy = await client.post("/api/cases", json=body, headers=key)
+                    assert busy.status_code == 503, busy.text
+                    assert busy.headers["retry-after"] == "5"
+                    release.set()
+                    assert (await other).status_code == 201
 
                 retry = await client.post("/api/cases", json=body, headers=key)
                 assert retry.status_code in (201, 202), retry.text
@@ -196,6 +215,7 @@ async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
                 assert again.json()["status"] == "completed"
         finally:
             proxy.restore()
+            release.set()
             await runtime.service.wait_idle()
             await runtime.close()
 

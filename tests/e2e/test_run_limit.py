@@ -129,3 +129,52 @@ async def test_a_burst_of_cases_at_once_is_held_to_the_maximum(
         *(http.post("/api/cases", json=demo_case(f"{i}-again")) for i in ids[:2])
     )
     assert [answer.status_code for answer in again] == [201, 201]
+
+
+async def test_a_replayed_submit_is_answered_with_its_case_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """A retry of a submit that created its case (the client lost the answer) starts no
+    run: it is answered as any replay is, not told to come back later; a submit naming
+    that case with another body is still the conflict it is."""
+    http, _ = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+
+    replayed = await http.post("/api/cases", json=demo_case(first))
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["case_id"] == first
+    other = {**demo_case(first), "text": "another request under the same case id"}
+    assert (await http.post("/api/cases", json=other)).status_code == 409
+    # A new case is still refused.
+    assert (await http.post("/api/cases", json=demo_case(f"{case_id}-3"))).status_code == 503
+
+
+async def test_a_replayed_message_whose_run_started_is_answered_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """As a replayed submit: a retried follow-up whose run has left the queue starts no
+    run, and is answered with that run; a new message is still refused."""
+    http, runtime = client
+    answered, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    key = {"Idempotency-Key": f"{case_id}-message"}
+    text = {"text": "any news?"}
+    held.release.set()
+    assert (await http.post("/api/cases", json=demo_case(answered))).status_code == 201
+    sent = await http.post(f"/api/cases/{answered}/messages", json=text, headers=key)
+    assert sent.status_code == 200, sent.text
+    await runtime.service.wait_idle()
+    held.release.clear()
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+
+    replayed = await http.post(f"/api/cases/{answered}/messages", json=text, headers=key)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert replayed.json()["run"]["run_id"] == sent.json()["run"]["run_id"]
+    new = await http.post(f"/api/cases/{answered}/messages", json={"text": "and now?"})
+    assert new.status_code == 503, new.text
