@@ -400,19 +400,23 @@ class CaseService:
             if guard is not None:
                 await self._release(case_id, guard)
             raise
-        if guard is not None and self._may_run_out(guard):
-            # A slow create: taken again by `_launch` (a retry that took it meanwhile has
-            # started the run, which this submit then leaves to it).
-            await self._let_go_of_case(case_id, guard)
-            guard = None
-        launched = told_queued = handed = False
+        launched = told_queued = handed = let_go = False
 
         async def initial_input(snapshot: StateSnapshot | None) -> GraphInput:
             nonlocal launched
+            if let_go and first_run_unmarked(await self._record(case_id, fresh=True)) != run_id:
+                # A retry took the case while this submit did not hold it, and started the run.
+                raise CaseConflict(f"case {case_id!r}: its first run was started meanwhile")
             launched = True  # `_launch` spawns the run in this same step
             return self._initial_input(case_id, request)
 
         try:
+            if guard is not None and self._may_run_out(guard):
+                # A slow create: taken again by `_launch`, which starts the run unless a
+                # retry that took the case meanwhile has. In the try: a submit cancelled
+                # as it lets go still gets its first run started.
+                slow, guard, let_go = guard, None, True
+                await self._let_go_of_case(case_id, slow)
             if self._tracker.may_look_abandoned(indexed_at):
                 # A tick drops an entry without a record once it is older than the stale
                 # period (a dead submit's): one this old (this submit was slow, or found the
@@ -421,7 +425,8 @@ class CaseService:
                 # client's retry indexes it first (and starts its run).
                 await self._tracker.register(case_id)
             # A case just created has no checkpoint to look at: its first run starts fresh.
-            if self._saver is not None:
+            # Not once the submit let go of it: a retry may have run it meanwhile.
+            if self._saver is not None and not let_go:
                 self._saver.expect_new_thread(case_id)
             await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
             told_queued = True
@@ -440,6 +445,11 @@ class CaseService:
             # created"). The holder leaves the first run, marked running, to its runner: this
             # one, once it can (none if a retry started it).
             self._spawn(self._first_run_when_free(case_id, run_id, request))
+            return Outcome(await self.status(case_id), created=True, finished=False)
+        except CaseConflict:
+            if not let_go:
+                raise
+            # A retry started the first run (see `initial_input`): the case, as it is.
             return Outcome(await self.status(case_id), created=True, finished=False)
         except asyncio.CancelledError:
             if not launched:  # as above

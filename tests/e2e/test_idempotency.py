@@ -18,6 +18,7 @@ from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
 from tests.faults.proxy import LoopbackProxy
 from tests.support.effects import provider_calls
+from tests.support.sse import parse_sse
 
 
 def _no_case_id(case_id: str) -> dict[str, object]:
@@ -253,3 +254,63 @@ async def test_a_follow_up_sent_while_a_retried_submit_holds_the_case_is_run(
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
     assert [run["status"] for run in runs] == ["completed", "completed"], runs
+
+
+@pytest.mark.parametrize("held", ["its queue check", "the run_queued event"])
+async def test_a_retry_that_ran_the_first_run_while_a_slow_submit_let_go_is_not_run_again(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    held: str,
+) -> None:
+    """A submit whose create outlasted a renewal of its run lock (forced) lets go of the
+    lock and takes it again to start the first run. A retry landing in between (as the
+    submit looks for follow-ups queued meanwhile, or tells its run queued) takes the lock
+    and starts (here: completes) that run; the submit then ran it again from its intake,
+    on a case that had ended, and answered it with a new case's empty state."""
+    monkeypatch.setattr(runtime.service, "_may_run_out", lambda guard: True)
+    reached, release = asyncio.Event(), asyncio.Event()
+    if held == "its queue check":
+        take_queue_left = runtime.service._take_queue_left
+
+        async def check_held(target: str) -> None:
+            if target == case_id and not reached.is_set():
+                reached.set()
+                await release.wait()
+            await take_queue_left(target)
+
+        monkeypatch.setattr(runtime.service, "_take_queue_left", check_held)
+    else:
+        events = runtime.service._events
+        publish = events.publish
+
+        async def queued_held(target: str, event: str, **fields: Any) -> None:
+            if target == case_id and event == "run_queued" and not reached.is_set():
+                reached.set()
+                await release.wait()
+            await publish(target, event, **fields)
+
+        monkeypatch.setattr(events, "publish", queued_held)
+    submit = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(reached.wait(), 10)
+    retry = await client.post("/api/cases", json=demo_case(case_id))
+    assert retry.status_code in (201, 202), retry.text
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
+    release.set()
+    answer = await submit
+    assert answer.status_code in (201, 202), answer.text
+    # The case as the retry's run left it (not a new case's empty state).
+    assert (answer.json()["status"], bool(answer.json()["final_response"])) == (
+        "completed",
+        True,
+    ), answer.text
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    monkeypatch.undo()
+    stream = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
+    kinds = [event["event"] for event in parse_sse(stream.text)]
+    assert kinds.count("run_started") == 1, kinds
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert (case["status"], bool(case["final_response"])) == ("completed", True), case
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1

@@ -415,6 +415,43 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
     assert len(await provider_calls(runtime, case_id, "reset_link")) == 1
 
 
+async def test_a_slow_submit_cancelled_as_it_lets_go_of_the_run_lock_still_runs_its_case(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submit whose create outlasted a renewal of its run lock (forced) lets go of the
+    lock before taking it again for the first run. Cancelled as it lets go, it started no
+    run: the case, created "running", waited for the timer (the stale period, minutes)."""
+    monkeypatch.setattr(runtime.service, "_may_run_out", lambda guard: True)
+    hot = runtime.backends.hot
+    assert hot is not None
+    release_lock: Callable[..., Any] = hot.release_lock
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def release_held(lock: Lock) -> bool:
+        if lock.name == run_lock_name(case_id) and not reached.is_set():
+            reached.set()
+            await release.wait()
+        released: bool = await release_lock(lock)
+        return released
+
+    monkeypatch.setattr(hot, "release_lock", release_held)
+    await cancelled_once(client.post("/api/cases", json=demo_case(case_id)), reached, release)
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    monkeypatch.undo()
+    record = await runtime.store.get_fresh(case_id)
+    assert record is not None
+    observed = (
+        (await client.get(f"/api/cases/{case_id}")).json()["status"],
+        record.sections[RUN_SECTION]["attempt"],
+        len(await provider_calls(runtime, case_id, "refund")),
+        await runtime.store.lock_expires_in(run_lock_name(case_id)),
+    )
+    assert observed == ("completed", 1, 1, None), observed
+
+
 async def test_a_run_stopped_by_close_before_its_first_step_lets_go_of_the_run_lock(
     runtime: Runtime,
     e2e_settings: Callable[..., Settings],
