@@ -124,6 +124,7 @@ async def open_backends(settings: Settings) -> Backends:
     if settings.hot_tier_configured:
         from .hot.redis_checkpoints import RedisCheckpointCache
         from .hot.redis_client import (
+            PROBE_CONNECTIONS,
             create_blocking_redis_client,
             create_redis_client,
             hot_namespace,
@@ -134,7 +135,12 @@ async def open_backends(settings: Settings) -> Backends:
 
         client = create_redis_client(settings)
         namespace = hot_namespace(settings)
-        hot = RedisHotStore(client, namespace=namespace)
+        # The health probe's own client (connecting on first use only), signing in with
+        # `client`'s Entra ID tokens, as the waiting reads' client below.
+        probe_client = create_redis_client(
+            settings, max_connections=PROBE_CONNECTIONS, sharing=client
+        )
+        hot = RedisHotStore(client, namespace=namespace, probe_client=probe_client)
         closers.append(hot.close)
         write_behind = settings.write_mode is WriteMode.WRITE_BEHIND
         # The saver's sync API reads a cache hit (and, in write-behind mode, appends: a
@@ -154,7 +160,9 @@ async def open_backends(settings: Settings) -> Backends:
         blocking_cache = cache
         checkpoint_fence = RedisCheckpointFence(client, cache)
         # Its waiting reads' own client, connecting on first use only.
-        waiting_client = create_redis_client(settings, waiting_reads=True)
+        waiting_client = create_redis_client(
+            settings, max_connections=settings.redis_max_waiting_reads, sharing=client
+        )
         closers.append(waiting_client.aclose)
         events = RedisEventLog(
             client,

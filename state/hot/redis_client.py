@@ -88,22 +88,34 @@ def _postgres_identity(settings: Settings) -> list[str]:
 POOL_WAIT_SECONDS = 1.0
 
 
-def create_redis_client(settings: Settings, *, waiting_reads: bool = False) -> aioredis.Redis:
-    """The async client, its pool holding at most REDIS_MAX_CONNECTIONS connections;
-    `waiting_reads`: the client of reads that wait at the server (XREAD BLOCK), at most
-    REDIS_MAX_WAITING_READS, a pool apart from the commands'."""
+# The health probe's pool (`RedisHotStore`'s `probe_client`): connections of its own, so a
+# burst that holds every connection of the commands' pool is not reported as Redis down.
+# Two: probes rarely overlap (a probe is one round trip), and then seldom wait.
+PROBE_CONNECTIONS = 2
+
+
+def create_redis_client(
+    settings: Settings,
+    *,
+    max_connections: int | None = None,
+    sharing: aioredis.Redis | None = None,
+) -> aioredis.Redis:
+    """The async client, its pool holding at most `max_connections` connections
+    (REDIS_MAX_CONNECTIONS by default): a pool apart for the waiting reads (XREAD BLOCK,
+    REDIS_MAX_WAITING_READS) and the health probe (PROBE_CONNECTIONS). `sharing`: a client
+    of this process whose Entra ID tokens this one signs in with, one refresh for both."""
     kwargs = {
         **_client_kwargs(settings),
         "retry": Retry(_backoff(), retries=1),
-        "max_connections": (
-            settings.redis_max_waiting_reads if waiting_reads else settings.redis_max_connections
-        ),
+        "max_connections": max_connections or settings.redis_max_connections,
         "timeout": POOL_WAIT_SECONDS,
     }
     if settings.redis_url is None:
-        return _EntraRedis.from_pool(
-            _EntraConnectionPool(_entra_tokens(settings), settings, kwargs)
+        shared = sharing.connection_pool if sharing is not None else None
+        tokens = (
+            shared.tokens if isinstance(shared, _EntraConnectionPool) else _entra_tokens(settings)
         )
+        return _EntraRedis.from_pool(_EntraConnectionPool(tokens, settings, kwargs))
     # Blocking: a pool at its size waits a moment for a connection, where redis-py's
     # default pool refuses the command at once.
     pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url.get_secret_value(), **kwargs)
@@ -398,9 +410,11 @@ ENTRA_REFRESH_RETRY_SECONDS = 10.0
 
 
 class EntraTokens(StreamingCredentialProvider):
-    """Entra ID tokens for one Redis client from redis-entraid's identity provider
-    (azure-identity or MSAL), refreshed before they expire. In place of redis-entraid's
-    token manager, which
+    """Entra ID tokens for Redis clients from redis-entraid's identity provider
+    (azure-identity or MSAL), refreshed before they expire: one for the async clients of
+    a process (their pools apart, `create_redis_client`'s `sharing`), each of their pools
+    signing its own connections in again; the blocking client has its own. In place of
+    redis-entraid's token manager, which
     - asks the identity endpoint on the event loop: a managed identity endpoint taking
       2 s stalled every call of the hot tier, and timed them out (measured);
     - keeps refreshing once its client is closed (a timer no close reaches, holding the
@@ -415,7 +429,8 @@ class EntraTokens(StreamingCredentialProvider):
 
     def __init__(self, identity: IdentityProviderInterface) -> None:
         self.identity = identity  # redis-entraid's: azure-identity or MSAL
-        self._on_next: Callable[[TokenInterface], Any] | None = None
+        # Each client's pool signs its connections in again with a new token.
+        self._on_next: list[Callable[[TokenInterface], Any]] = []
         self._refresh: asyncio.Task[None] | threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -426,7 +441,14 @@ class EntraTokens(StreamingCredentialProvider):
         self._caller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entra-token")
 
     def on_next(self, callback: Callable[[TokenInterface], Any]) -> None:
-        self._on_next = callback
+        self._on_next.append(callback)
+
+    def leave(self, callback: Callable[[TokenInterface], Any]) -> None:
+        """A client closed: its pool takes no more tokens; the refresh ends with the last."""
+        if callback in self._on_next:
+            self._on_next.remove(callback)
+        if not self._on_next:
+            self.stop()
 
     def on_error(self, callback: Callable[[Exception], Any]) -> None:
         """Not called: a failed refresh is tried again here instead."""
@@ -481,8 +503,8 @@ class EntraTokens(StreamingCredentialProvider):
                 token = await self._off_loop(self._new_token)
                 if self._stopped.is_set():
                     return
-                assert self._on_next is not None  # set when the client was built
-                await self._on_next(token)
+                for callback in tuple(self._on_next):
+                    await callback(token)
             # Whatever failed (the identity endpoint, signing a connection in), the refresh
             # must go on: it alone keeps the connections signed in.
             except Exception as error:
@@ -496,8 +518,8 @@ class EntraTokens(StreamingCredentialProvider):
         while not self._stopped.wait(delay):
             try:
                 token = self._new_token()
-                assert self._on_next is not None  # set when the client was built
-                self._on_next(token)
+                for callback in tuple(self._on_next):
+                    callback(token)
             except Exception as error:  # as in `_refresh_async`
                 log.warning("Entra ID token refresh for Redis failed: %r", error)
                 delay = ENTRA_REFRESH_RETRY_SECONDS
@@ -521,17 +543,14 @@ def _entra_credentials(token: TokenInterface) -> tuple[str, str]:
     return token.try_get("oid"), token.get_value()
 
 
-def _stop_refresh(client: redis.Redis | aioredis.Redis) -> None:
-    provider = client.connection_pool.connection_kwargs.get("credential_provider")
-    if isinstance(provider, EntraTokens):
-        provider.stop()
-
-
 class _EntraRedis(aioredis.Redis):
-    """Ends its token refresh once closed."""
+    """Once closed, takes no more tokens: the last of the clients sharing them ends their
+    refresh."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        _stop_refresh(self)
+        pool = self.connection_pool
+        if isinstance(pool, _EntraConnectionPool):
+            pool.tokens.leave(pool.re_auth_callback)
         await super().aclose(close_connection_pool)
 
 
@@ -539,7 +558,9 @@ class _BlockingEntraRedis(redis.Redis):
     """Ends its token refresh once closed."""
 
     def close(self) -> None:
-        _stop_refresh(self)
+        provider = self.connection_pool.connection_kwargs.get("credential_provider")
+        if isinstance(provider, EntraTokens):
+            provider.stop()
         super().close()
 
 
@@ -588,6 +609,7 @@ class _EntraConnectionPool(aioredis.BlockingConnectionPool):
             # with maintenance notifications; RESP2 here ran in Azure alone.
             **kwargs,
         )
+        self.tokens = tokens
         self._newest_token: TokenInterface | None = None
         self._to_sign_in: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
         tokens.on_next(self.re_auth_callback)

@@ -231,8 +231,18 @@ class RedisHotStore:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, *, namespace: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        namespace: str,
+        probe_client: aioredis.Redis | None = None,
+    ) -> None:
         self._client = client
+        # The health probe's client, its pool apart (`PROBE_CONNECTIONS`): with every
+        # connection of `client`'s pool in use (a burst), the probe measures Redis, not
+        # the pool. Closed with the store.
+        self._probe_client = probe_client or client
         # Which cold store's records these are (`hot_namespace`).
         self._namespace = namespace
         self._read = client.register_script(_READ)
@@ -370,9 +380,13 @@ class RedisHotStore:
         answers PING but refuses every write, and a hot tier that takes no write is down
         for this app (each goes to the cold tier) however promptly it answers."""
         with redis_errors():
-            await self._client.set(self.key(HEALTH_THREAD, HEALTH_KIND), 1, px=HEALTH_PROBE_TTL_MS)
+            await self._probe_client.set(
+                self.key(HEALTH_THREAD, HEALTH_KIND), 1, px=HEALTH_PROBE_TTL_MS
+            )
 
     async def close(self) -> None:
+        if self._probe_client is not self._client:
+            await self._probe_client.aclose()
         await self._client.aclose()
 
 

@@ -42,6 +42,7 @@ from devstack import PostgresServer, RedisServer
 from devstack.servers import LOOPBACK
 from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
 from state.errors import BackendUnavailable
+from state.factory import backends_for
 from state.hot import redis_client
 from state.hot.redis_client import (
     create_blocking_redis_client,
@@ -567,3 +568,73 @@ def test_the_blocking_client_signs_in_on_a_thread_running_another_loop(
         assert blocking.set("k", "w")
     finally:
         blocking.close()
+
+
+async def test_the_backends_redis_pools_share_one_token_refresh(
+    entra_redis: tuple[Settings, ExpiringTokens],
+    stack_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hot tier's pools apart (commands, the event streams' waiting reads, the health
+    probe) each built an Entra ID token source and refresh of its own: the identity
+    endpoint asked once per pool for each token. One serves them all, and each pool signs
+    its own connections in again with every new token."""
+    settings, tokens = entra_redis
+    monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RATIO", EARLY_REFRESH_RATIO)
+    settings = settings.model_copy(update={"postgres_url": SecretStr(stack_env["POSTGRES_URL"])})
+    admin = redis.Redis(host="127.0.0.1", port=settings.redis_port, password="admin")
+
+    def signed_in() -> set[str]:
+        users = {client["user"] for client in admin.client_list()}
+        return users - {"default"}
+
+    try:
+        async with backends_for(settings) as backends:
+            assert backends.hot is not None and backends.events is not None
+            await backends.events.append("t", {"n": 1})
+            assert await backends.events.read("t", wait_ms=10) != []
+            assert (await backends.hot.health()).up
+            assert tokens.requests == 1, f"{tokens.requests} token requests for one token"
+            first = tokens.issued[-1].try_get("oid")
+            assert signed_in() == {first}
+            for _ in range(500):
+                if len(tokens.issued) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(tokens.issued) >= 2, "the token was not refreshed"
+            newest = tokens.issued[-1].try_get("oid")
+            # Every pool's connections: the commands', the waiting reads', the probe's.
+            for _ in range(250):
+                if signed_in() == {newest}:
+                    break
+                await asyncio.sleep(0.02)
+            assert signed_in() == {newest}
+            # The refresh asked for the new token once, for every pool.
+            assert tokens.requests == len(tokens.issued)
+    finally:
+        admin.close()
+
+
+async def test_a_client_sharing_tokens_closed_leaves_the_others_refresh_running(
+    entra_redis: tuple[Settings, ExpiringTokens], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting reads' client closes first (the backends close in reverse order): the
+    refresh it shares goes on for the commands' client, and ends with it."""
+    settings, tokens = entra_redis
+    monkeypatch.setattr(redis_client, "ENTRA_REFRESH_RATIO", EARLY_REFRESH_RATIO)
+    client = create_redis_client(settings)
+    waiting = create_redis_client(settings, max_connections=2, sharing=client)
+    try:
+        await client.set("k", "v")
+        await waiting.get("k")
+        await waiting.aclose()
+        asked = tokens.requests
+        await asyncio.sleep(PAST_AN_EARLY_REFRESH)
+        assert tokens.requests > asked, "the refresh ended with the first client closed"
+        assert tokens.expire() == 0, "a connection outlived its token"
+        await client.set("k", "v2")
+    finally:
+        await client.aclose()
+    asked = tokens.requests
+    await asyncio.sleep(PAST_AN_EARLY_REFRESH)
+    assert tokens.requests == asked, f"{tokens.requests - asked} tokens asked for after close"

@@ -99,3 +99,26 @@ async def test_a_full_pool_fails_typed_after_a_moment_and_a_connection_given_bac
         await pool.release(held.pop())
     finally:
         await store.close()
+
+
+async def test_the_health_probe_measures_redis_not_a_full_pool(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """Every connection of the commands' pool in use (a burst): the health probe waited
+    POOL_WAIT_SECONDS for one, then reported the hot tier down, though Redis answered.
+    With Redis really stopped it is still reported down."""
+    settings = _settings(stack_env, own_redis.url, redis_max_connections=2)
+    async with backends_for(settings) as backends:
+        hot = backends.hot
+        assert isinstance(hot, RedisHotStore)
+        pool = hot._client.connection_pool
+        held = [await pool.get_connection() for _ in range(2)]
+        try:
+            busy = await hot.health()
+            assert busy.up, busy.detail
+            own_redis.stop()
+            stopped = await hot.health()
+            assert not stopped.up
+        finally:
+            for connection in held:
+                await pool.release(connection)
