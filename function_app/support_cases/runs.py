@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 RUNNER_ID = "case-runner"
 RUN_SECTION = "run"
+# In the run section: the attempt of its run that was started under the case's run lock,
+# taken while nobody ran the case and held until that attempt ended or could not start
+# (a new case's submit, a retry of it: see `CaseService._replay`). While it is the current
+# attempt, a free lock means nobody runs it.
+LOCKED_ATTEMPT = "locked_attempt"
 # The case's runs, oldest first: the intake run, then one per follow-up message.
 RUNS_SECTION = "runs"
 # Finished runs kept in the record (queued and active ones are always kept).
@@ -249,9 +254,13 @@ class RunTracker:
         fencing_token: int | None = None,
         error: str | None = None,
         still: Callable[[WorkflowRecord], None] | None = None,
+        locked: bool = False,
     ) -> int:
         """Record the run's status; returns how many runs are queued after it. `still`
         is called with the record the write goes on (each try): it raises to refuse it.
+        `locked`: a run marked running under the case's run lock, taken while nobody ran
+        the case, and held until the run ends or cannot start: its attempt is recorded
+        (`LOCKED_ATTEMPT`).
         Raises `RunStopped`, writing nothing, for a run to be rolled back that would rest
         completed or failed; `RunIndexBusy` for a run marked running whose index update
         meets a busy shard (before the write, nothing is written; after it, the status is)."""
@@ -260,6 +269,8 @@ class RunTracker:
             run = dict(record.sections.get(RUN_SECTION) or new_run_section(status))
             if status is CaseStatus.RUNNING:
                 run["attempt"] = int(run.get("attempt", 0)) + 1
+                if locked:
+                    run[LOCKED_ATTEMPT] = run["attempt"]
             run.update(status=status.value, heartbeat_at=utcnow().isoformat(), error=error)
             return run
 

@@ -97,6 +97,7 @@ from .runs import (
     AT_REST,
     INDEX_IDS,
     INDEX_PREFIX,
+    LOCKED_ATTEMPT,
     RETENTION_SECTION,
     RUN_SECTION,
     RUNNER_ID,
@@ -190,9 +191,6 @@ class ReservedCaseId(CaseError):
 
 
 RUN_LEASE_SECTION = "run_lease"
-# In a new case's run section: its submit held the case's run lock from before creating it
-# until the first run ended or could not start. A retry that takes the lock may start it.
-CREATED_LOCKED = "created_locked"
 
 
 @dataclass(frozen=True)
@@ -371,7 +369,8 @@ class CaseService:
                     RUN_SECTION: {
                         **new_run_section(CaseStatus.RUNNING, attempt=1),
                         "run_id": run_id,
-                        CREATED_LOCKED: guard is not None,
+                        # The submit holds the lock from before the case exists.
+                        LOCKED_ATTEMPT: 1 if guard is not None else None,
                     },
                     RUNS_SECTION: [new_run_entry(run_id, "intake", RunStatus.RUNNING)],
                     RETENTION_SECTION: {"held": False},
@@ -490,14 +489,17 @@ class CaseService:
         the same caller (else the conflict, raised from None: called while handling how the
         case was found to exist). A first run its submit could not start (a tier out of
         reach: it answered 503) is started now, not left "running" until the timer finds it
-        stalled."""
+        stalled; so is one an earlier retry started in its place that could not start
+        either (a flapping store)."""
         case_id = existing.thread_id
         self._same_request(existing, submission, caller)
-        run_id = first_run_unmarked(existing)
-        if run_id is not None and _created_locked(existing):
-            # Its submit held the case's run lock from before the case existed until its run
-            # ended or could not start: taken now, that submit is over, and the run is ours.
-            # Busy, the run is on its way (or a follow-up's): answered as it is.
+        left = intake_run_left(existing)
+        if left is not None:
+            # Its attempt's starter (the submit, or a retry) held the case's run lock from
+            # before the start until the run ended or could not start: taken now, that
+            # starter is over, and the run is ours. Busy, the run is on its way (or a
+            # follow-up's): answered as it is.
+            run_id = left[0]
             guard = await self._try_lock(case_id)
             if guard is not None:
 
@@ -512,17 +514,18 @@ class CaseService:
                         wait_seconds=self._sync_wait,
                         run_id=run_id,
                         fresh=True,
-                        still=self._first_run_still_unmarked(case_id, run_id),
+                        still=self._intake_run_still_left(case_id, left),
                         guard=guard,
+                        locked=True,
                     )
                     # The submit that got this run going: answered as a first submit is.
                     return replace(outcome, created=True)
         return Outcome(await self.status(case_id), created=False, finished=True)
 
     async def _first_run_left(self, existing: WorkflowRecord) -> bool:
-        """Whether `existing`'s first run is one its submit could not start and nobody runs
-        (its run lock free: `_replay` would start it)."""
-        if first_run_unmarked(existing) is None or not _created_locked(existing):
+        """Whether `existing`'s intake run is one its submit (or a retry) could not start and
+        nobody runs (its run lock free: `_replay` would start it)."""
+        if intake_run_left(existing) is None:
             return False
         guard = await self._try_lock(existing.thread_id)
         if guard is None:
@@ -1155,6 +1158,7 @@ class CaseService:
         fresh: bool = False,
         still: Callable[[WorkflowRecord], None] | None = None,
         guard: RunGuard | None = None,
+        locked: bool = False,
     ) -> Outcome:
         """Take the case's lock (unless `guard` holds it), check preconditions under it,
         then drive the run.
@@ -1167,7 +1171,8 @@ class CaseService:
         to refuse): a runner that cannot reach Redis guards the case with the cold-tier
         lease, which the Redis run lock knows nothing of, so two runners may both pass
         `prepare`; only the first to mark the case running goes on. `run_id`: the
-        run's id if known (else the record's current run).
+        run's id if known (else the record's current run). `locked`: `guard` was taken while
+        nobody ran the case, and the run holds it to its end (the mark records it so).
         """
         if guard is None:
             guard = await self._acquire(case_id)
@@ -1186,7 +1191,11 @@ class CaseService:
             if still is not None and not created:
                 marking = asyncio.ensure_future(
                     self._tracker.mark(
-                        case_id, CaseStatus.RUNNING, fencing_token=guard.fence, still=still
+                        case_id,
+                        CaseStatus.RUNNING,
+                        fencing_token=guard.fence,
+                        still=still,
+                        locked=locked,
                     )
                 )
                 try:
@@ -1839,15 +1848,15 @@ class CaseService:
 
         return check
 
-    def _first_run_still_unmarked(
-        self, case_id: str, run_id: str
+    def _intake_run_still_left(
+        self, case_id: str, left: tuple[str, int]
     ) -> Callable[[WorkflowRecord], None]:
-        """A retried submit's precondition for starting the first run, under the run lock:
-        nobody marked it meanwhile, and no runner holds the cold-tier lease (one cut off
-        from Redis, which the lock knows nothing of)."""
+        """A retried submit's precondition for starting the intake run's attempt `left`
+        (`intake_run_left`), under the run lock: nobody marked it meanwhile, and no runner
+        holds the cold-tier lease (one cut off from Redis, which the lock knows nothing of)."""
 
         def check(record: WorkflowRecord) -> None:
-            if first_run_unmarked(record) != run_id:
+            if intake_run_left(record) != left:
                 raise CaseConflict(f"case {case_id!r}: its first run was started meanwhile")
             if (held_until := _lease_until(record)) is not None:
                 raise CaseBusy(case_id, stalled=False, lease_ends_at=held_until)
@@ -1996,9 +2005,25 @@ def first_run_unmarked(record: WorkflowRecord) -> str | None:
     return None
 
 
-def _created_locked(record: WorkflowRecord) -> bool:
-    """Whether the case's submit held its run lock from before creating it (`_replay`)."""
-    return bool((record.sections.get(RUN_SECTION) or {}).get(CREATED_LOCKED))
+def intake_run_left(record: WorkflowRecord) -> tuple[str, int] | None:
+    """The id and attempt of the case's intake run if it is the current run, running, not
+    asked to stop by a follow-up, and that attempt was started under the case's run lock
+    (`LOCKED_ATTEMPT`: its submit's or a retry's start; not a resume, nor a decision's):
+    with the lock free, nobody runs it. Else None."""
+    run = record.sections.get(RUN_SECTION) or {}
+    current = current_run(runs_of(record)) or {}
+    run_id, attempt = run.get("run_id"), run.get("attempt")
+    if (
+        run_id is not None
+        and run.get("status") == CaseStatus.RUNNING.value
+        and attempt is not None
+        and run.get(LOCKED_ATTEMPT) == attempt
+        and current.get("run_id") == run_id
+        and current.get("kind") == "intake"
+        and not current.get("stop")
+    ):
+        return str(run_id), int(attempt)
+    return None
 
 
 def run_lock_name(case_id: str) -> str:

@@ -221,6 +221,68 @@ async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
             await runtime.close()
 
 
+async def test_a_retry_after_a_retry_whose_run_never_got_going_starts_that_run(
+    e2e_settings: Callable[..., AppSettings], bearer: Callable[..., dict[str, str]]
+) -> None:
+    """A flapping store: the submit's run and then its retry's (which started it, as
+    above) each met the cold store out of reach, and each answered 503. The retry after
+    that must start the run again: it answered 200 "running", the run marked by the first
+    retry, while the case waited for the timer (the stale period, minutes)."""
+    server = e2e_settings("postgres").postgres_url
+    assert server is not None
+    target = urlparse(server.get_secret_value())
+    assert target.hostname == "127.0.0.1" and target.port is not None
+    with LoopbackProxy(target.port) as proxy:
+        proxied = target._replace(netloc=f"{target.netloc.rsplit(':', 1)[0]}:{proxy.port}")
+        cuts = 0
+
+        async def cut_after_intake(step: str) -> None:
+            nonlocal cuts
+            if step == "intake" and cuts < 2:
+                cuts += 1
+                proxy.cut("reset")
+
+        settings = e2e_settings(
+            "postgres",
+            postgres_url=proxied.geturl(),
+            state_write_mode="write-through",
+            case_sync_wait_seconds=60,  # the run's failure, not a 202, answers the submit
+        )
+        runtime = await Runtime.open(settings, after_step=cut_after_intake)
+        try:
+            transport = httpx.ASGITransport(app=create_app(runtime))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://e2e.test", headers=bearer("e2e-client")
+            ) as client:
+                key = {"Idempotency-Key": f"key-{uuid.uuid4().hex}"}
+                body = _no_case_id("unused")
+                for tries in (1, 2):
+                    failed = await client.post("/api/cases", json=body, headers=key)
+                    assert cuts == tries
+                    assert failed.status_code == 503, failed.text
+                    proxy.restore()
+
+                retry = await client.post("/api/cases", json=body, headers=key)
+                assert retry.status_code in (201, 202), retry.text
+                case_id = retry.json()["case_id"]
+                deadline = time.monotonic() + 10  # far below the stale period (300 s)
+                while (status := (await client.get(f"/api/cases/{case_id}")).json())[
+                    "status"
+                ] != "completed":
+                    assert time.monotonic() < deadline, status
+                    await asyncio.sleep(0.05)
+                assert status["final_response"]
+                await runtime.service.wait_idle()
+                assert len(await provider_calls(runtime, case_id, "refund")) == 1
+                again = await client.post("/api/cases", json=body, headers=key)
+                assert again.status_code == 200, again.text
+                assert again.json()["status"] == "completed"
+        finally:
+            proxy.restore()
+            await runtime.service.wait_idle()
+            await runtime.close()
+
+
 async def test_a_follow_up_sent_while_a_retried_submit_holds_the_case_is_run(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
