@@ -5,6 +5,7 @@ the hot path's commands in lean round trips (`round_trip`, `run_script`)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -29,7 +30,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.credentials import StreamingCredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 from redis.typing import EncodableT
@@ -108,7 +109,6 @@ def create_redis_client(
         **_client_kwargs(settings),
         "retry": Retry(_backoff(), retries=1),
         "max_connections": max_connections or settings.redis_max_connections,
-        "timeout": POOL_WAIT_SECONDS,
     }
     if settings.redis_url is None:
         shared = sharing.connection_pool if sharing is not None else None
@@ -116,9 +116,7 @@ def create_redis_client(
             shared.tokens if isinstance(shared, _EntraConnectionPool) else _entra_tokens(settings)
         )
         return _EntraRedis.from_pool(_EntraConnectionPool(tokens, settings, kwargs))
-    # Blocking: a pool at its size waits a moment for a connection, where redis-py's
-    # default pool refuses the command at once.
-    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    pool = _WaitingConnectionPool.from_url(settings.redis_url.get_secret_value(), **kwargs)
     pool.connection_class = _BOUNDED_SENDS.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis.from_pool(pool)
 
@@ -586,7 +584,53 @@ def _entra_tokens(settings: Settings) -> EntraTokens:
     return EntraTokens(provider._idp)
 
 
-class _EntraConnectionPool(aioredis.BlockingConnectionPool):
+class _WaitingConnectionPool(aioredis.ConnectionPool):
+    """redis-py's pool, where a command finding every connection in use waits up to
+    POOL_WAIT_SECONDS for one given back (redis-py's refuses it at once). Not redis-py's
+    BlockingConnectionPool: it costs every command a condition and a timer (~20 us, an
+    eighth of a local GET), where this one costs only the commands that wait."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except MaxConnectionsError:
+            pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POOL_WAIT_SECONDS
+        while True:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise RedisConnectionError("No connection available.") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            try:
+                return await super().get_connection(*args, **kwargs)
+            except MaxConnectionsError:
+                continue  # taken by a caller that did not wait: wait for the next
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        self._wake(1)
+
+    def _wake(self, count: int) -> None:
+        """Tell up to `count` waiting callers a connection is back."""
+        while count and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+
+class _EntraConnectionPool(_WaitingConnectionPool):
     """The async client's pool, signing its connections in again with each new token.
 
     redis-py's async pool signs a connection that was in use when the token came in
@@ -626,12 +670,11 @@ class _EntraConnectionPool(aioredis.BlockingConnectionPool):
             for connection in idle:
                 await self._sign_in_again(connection)
         finally:
-            async with self._condition:
-                async with self._lock:
-                    self._in_use_connections.difference_update(idle)
-                    self._available_connections.extend(idle)
-                # Callers that found the pool full wait for a release's notice.
-                self._condition.notify(len(idle))
+            async with self._lock:
+                self._in_use_connections.difference_update(idle)
+                self._available_connections.extend(idle)
+            # Callers that found the pool full meanwhile wait for these.
+            self._wake(len(idle))
 
     async def release(self, connection: AbstractConnection) -> None:
         try:
