@@ -29,7 +29,7 @@ from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
 from support_cases.runtime import Runtime
 from support_cases.service import RUN_LEASE_SECTION, run_lock_name
-from tests.support.effects import provider_calls
+from tests.support.effects import provider_calls, run_once_outcome
 from tests.support.sse import parse_sse
 
 # Far below the run lock's TTL (30 s): a lock left behind is still held after this.
@@ -392,17 +392,8 @@ async def test_a_submit_cancelled_once_its_case_is_created_still_runs_it_once(
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     monkeypatch.undo()
 
-    case = (await client.get(f"/api/cases/{case_id}")).json()
-    record = await runtime.store.get_fresh(case_id)
-    assert record is not None
-    observed = (
-        case["status"],
-        # Run by its first attempt: not resumed (a second attempt) after going stale.
-        record.sections[RUN_SECTION]["attempt"],
-        len(await provider_calls(runtime, case_id, "refund")),
-        len(await provider_calls(runtime, case_id, "reset_link")),
-        await runtime.store.lock_expires_in(run_lock_name(case_id)),
-    )
+    # Run by its first attempt: not resumed (a second attempt) after going stale.
+    observed = await run_once_outcome(client, runtime, case_id)
     assert observed == ("completed", 1, 1, 1, None), observed
     # Its stream tells the run as any first run's does, from its queueing.
     events = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0})
@@ -441,15 +432,8 @@ async def test_a_slow_submit_cancelled_as_it_lets_go_of_the_run_lock_still_runs_
     await cancelled_once(client.post("/api/cases", json=demo_case(case_id)), reached, release)
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     monkeypatch.undo()
-    record = await runtime.store.get_fresh(case_id)
-    assert record is not None
-    observed = (
-        (await client.get(f"/api/cases/{case_id}")).json()["status"],
-        record.sections[RUN_SECTION]["attempt"],
-        len(await provider_calls(runtime, case_id, "refund")),
-        await runtime.store.lock_expires_in(run_lock_name(case_id)),
-    )
-    assert observed == ("completed", 1, 1, None), observed
+    observed = await run_once_outcome(client, runtime, case_id)
+    assert observed == ("completed", 1, 1, 1, None), observed
 
 
 async def test_a_run_stopped_by_close_before_its_first_step_lets_go_of_the_run_lock(

@@ -22,11 +22,9 @@ from state import JSON
 from state.ports import HotRead
 from support_cases.api import create_app
 from support_cases.demo import demo_case
-from support_cases.runs import RUN_SECTION
 from support_cases.runtime import Runtime
-from support_cases.service import run_lock_name
 from support_cases.settings import AppSettings
-from tests.support.effects import provider_calls
+from tests.support.effects import provider_calls, run_once_outcome
 
 DEADLINE_SECONDS = 1.0
 # Time for the 503 to come back once the deadline passed: far below a held call's forever.
@@ -135,16 +133,7 @@ async def test_a_submit_cut_by_the_deadline_still_runs_its_case_once(
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     monkeypatch.undo()
 
-    case = (await deadline_client.get(f"/api/cases/{case_id}")).json()
-    record = await runtime.store.get_fresh(case_id)
-    assert record is not None
-    observed = (
-        case["status"],
-        record.sections[RUN_SECTION]["attempt"],
-        len(await provider_calls(runtime, case_id, "refund")),
-        len(await provider_calls(runtime, case_id, "reset_link")),
-        await runtime.store.lock_expires_in(run_lock_name(case_id)),
-    )
+    observed = await run_once_outcome(deadline_client, runtime, case_id)
     assert observed == ("completed", 1, 1, 1, None), observed
     retried = await deadline_client.post("/api/cases", json=demo_case(case_id), headers=key)
     assert (retried.status_code, retried.json()["status"]) == (200, "completed"), retried.text
