@@ -6,6 +6,12 @@ Retry-After) before anything is written. A request that may start a run takes a 
 it arrives, before it awaits anything (or requests arriving together would all pass the
 bound); the first run it spawns takes the slot over, and holds it to its end. A request
 that spawned none gives its slot back when it ends.
+
+A request that needs no slot is not refused for want of one, even when it may start a run
+otherwise: a follow-up stopping a run that is going (its runner starts the follow-up's run
+next, in the slot it holds), a replay that starts nothing. A request that would start a
+run learns it is refused only once it is known to be the right target: a client told to
+come back (503) retries in vain what a 404 or 409 awaits.
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ class RunSlots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
+        # Requests answered `RunsBusy`, since the process started (a metric).
+        self.refused = 0
+
+    @contextmanager
+    def refusals_counted(self) -> Iterator[None]:
+        """Serve a request, counted as refused if `RunsBusy` leaves it: not one that
+        `admitted` refused and that was answered all the same (a replay, a stop)."""
+        try:
+            yield
+        except RunsBusy:
+            self.refused += 1
+            raise
 
     @contextmanager
     def admitted(self) -> Iterator[None]:

@@ -10,6 +10,10 @@ cache's hit/miss/error counts, the cold connection's `Counters`), so the hot pat
 pays nothing. Callbacks run on the exporter's thread: a source must be cheap,
 synchronous and safe to read from another thread.
 
+Run slots (CASE_MAX_RUNS): `register_run_slots(slots)`, the service's `RunSlots`
+(`taken`, `refused`), read as they stand: this worker's runs in flight and the requests
+it refused for want of a slot.
+
 Write-behind backlog: `register_backlog_source(read)` with `read()` returning an
 object with `entries`, `threads`, `oldest_age_seconds` (float or None) and
 `stuck_threads`, or None when unknown. An async source (`await flusher.backlog()`) goes through a
@@ -51,6 +55,8 @@ COLD_REQUEST_CHARGE = "agent_state.cold.request_charge"
 STATE_SIZE = "agent_state.state.size"
 RUN_DURATION = "agent_state.case.run.duration"
 RUNS = "agent_state.case.runs"
+RUN_SLOTS_TAKEN = "agent_state.case.run_slots.taken"
+RUNS_REFUSED = "agent_state.case.run_slots.refused"
 BACKLOG_ENTRIES = "agent_state.write_behind.entries"
 BACKLOG_THREADS = "agent_state.write_behind.threads"
 BACKLOG_OLDEST_AGE = "agent_state.write_behind.oldest_age_seconds"
@@ -85,6 +91,13 @@ class BacklogLike(Protocol):
 BacklogSource = Callable[[], "BacklogLike | None"]
 
 
+class RunSlotsLike(Protocol):
+    @property
+    def taken(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+
+
 @dataclass
 class RunMeasure:
     """What `measure_run` records; the caller sets `outcome` on success."""
@@ -100,6 +113,7 @@ class AppMetrics:
         self._cold: dict[str, Counters] = {}
         self._backlog: BacklogSource | None = None
         self._losses: Callable[[], int] | None = None
+        self._run_slots: RunSlotsLike | None = None
         meter.create_observable_counter(
             CACHE_LOOKUPS,
             [self._observe_lookups],
@@ -162,6 +176,20 @@ class AppMetrics:
             description="Write-behind checkpoints Redis lost before they reached the cold "
             "tier, as their writers found them (each stops its run, resumed from the cold tier)",
         )
+        meter.create_observable_up_down_counter(
+            RUN_SLOTS_TAKEN,
+            [self._observe_run_slots("taken")],
+            unit="{run}",
+            description="Case runs this worker drives, with the requests admitted to start one "
+            "(at most CASE_MAX_RUNS)",
+        )
+        meter.create_observable_counter(
+            RUNS_REFUSED,
+            [self._observe_run_slots("refused")],
+            unit="{request}",
+            description="Requests this worker refused (503) because it drove CASE_MAX_RUNS "
+            "case runs",
+        )
         self._state_size = meter.create_histogram(
             STATE_SIZE, unit="By", description="Bytes stored per record create or section write"
         )
@@ -186,6 +214,10 @@ class AppMetrics:
     def register_losses(self, read: Callable[[], int] | None) -> None:
         """How many write-behind losses the saver found (None: no write-behind saver)."""
         self._losses = read
+
+    def register_run_slots(self, slots: RunSlotsLike | None) -> None:
+        """This worker's run slots (None removes them)."""
+        self._run_slots = slots
 
     def register_backends(self, backends: Backends, store: TieredStateStore) -> None:
         """Every source an open runtime has: caches, cold counters, stored sizes."""
@@ -251,6 +283,15 @@ class AppMetrics:
     def _observe_losses(self, _: CallbackOptions) -> Iterable[Observation]:
         if self._losses is not None:
             yield Observation(self._losses())
+
+    def _observe_run_slots(
+        self, field_name: str
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            slots = self._run_slots
+            return [] if slots is None else [Observation(getattr(slots, field_name))]
+
+        return observe
 
     def _cold_snapshot(self) -> Iterable[tuple[str, str, int, float]]:
         for backend, counters in list(self._cold.items()):

@@ -40,6 +40,7 @@ from state import (
     WorkflowRecord,
 )
 
+from .admission import RunsBusy
 from .models import CaseStatus, FollowUpStrategy, RunStatus
 from .records import UNCHANGED, write_section, write_sections
 from .settings import AppSettings
@@ -385,13 +386,16 @@ class RunTracker:
         *,
         agent_id: str,
         queued_now: Callable[[], Awaitable[None]] | None = None,
+        only_stopping: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Queue a follow-up's run (FIFO; an interrupt or rollback goes before plain queued
         runs and asks the current run to stop). Returns the stored entry and whether it was
         there already (an idempotent replay). Raises `RunIndexBusy` when the run index is
         busy (the run may be queued: a replay indexes the case and starts it).
         `queued_now` is awaited once the run is queued, not on a replay, before the index
-        re-check that may raise: the run is queued either way."""
+        re-check that may raise: the run is queued either way. `only_stopping`: queue it
+        only if it stops a run that is going, whose runner starts it next; `RunsBusy` else
+        (in the same write: the run cannot rest in between), nothing queued."""
         stored: dict[str, Any] = entry
         replayed = False
 
@@ -416,6 +420,18 @@ class RunTracker:
                 raise QueueFull(
                     f"case {case_id!r} has {len(waiting)} runs queued already; send the "
                     "message again once some have run"
+                )
+            if only_stopping and (
+                strategy not in STOPPING
+                or current is None
+                or current["status"] != RunStatus.RUNNING.value
+            ):
+                # Nothing going to stop (between runs, or paused for review): a run would
+                # start here for it.
+                raise RunsBusy(
+                    f"this worker drives its most case runs (CASE_MAX_RUNS), and case "
+                    f"{case_id!r} has no run going for this follow-up to stop: it would start "
+                    f"one; retry in {RunsBusy.retry_after} s"
                 )
             if strategy in (FollowUpStrategy.INTERRUPT, FollowUpStrategy.ROLLBACK):
                 if current is not None and (

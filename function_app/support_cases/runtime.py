@@ -89,6 +89,7 @@ class Runtime:
             ),
         )
         app_metrics.register_backends(backends, store)
+        app_metrics.register_run_slots(service.run_slots)
         if isinstance(saver, TieredCheckpointSaver) and backends.flusher is not None:
             app_metrics.register_losses(lambda: saver.losses_found)
         sampler = None
@@ -100,6 +101,7 @@ class Runtime:
 
     async def close(self) -> None:
         app_metrics.register_losses(None)
+        app_metrics.register_run_slots(None)
         if self.backlog_sampler is not None:
             app_metrics.register_backlog_source(None)
             await self.backlog_sampler.stop()

@@ -102,6 +102,7 @@ from .runs import (
     RUN_SECTION,
     RUNNER_ID,
     RUNS_SECTION,
+    STOPPING,
     QueueFull,
     RunIndexBusy,
     RunInProgress,
@@ -303,6 +304,11 @@ class CaseService:
         self._releases: set[asyncio.Task[None]] = set()
         self._closing = False
 
+    @property
+    def run_slots(self) -> RunSlots:
+        """This worker's bound on case runs (its metrics read it)."""
+        return self._slots
+
     # ------------------------------------------------------------------ use cases
 
     async def submit(
@@ -314,7 +320,7 @@ class CaseService:
         """Store and start a case; `caller` (the authenticated submitter) owns it. Refused
         (`RunsBusy`) before anything is written while this worker drives its most runs,
         unless it names a case that exists (a replay, or a conflict), which starts none."""
-        with acting_for(caller):
+        with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
                     return await self._submit(submission, idempotency_key, caller)
@@ -690,8 +696,30 @@ class CaseService:
             answer.update(reviewer_id=caller.id, reviewer_name=caller.name)
         elif not decision.reviewer_id:
             raise CaseConflict("a review decision needs a reviewer")
-        with acting_for(caller), self._slots.admitted():
-            return await self._decide(case_id, answer)
+        with acting_for(caller), self._slots.refusals_counted():
+            try:
+                with self._slots.admitted():
+                    return await self._decide(case_id, answer)
+            except RunsBusy:
+                # Said first, as a worker with room says it: a case that cannot take the
+                # decision is no reason to come back. From the cold tier: a hot copy may
+                # lag what a worker cut off from Redis wrote.
+                self._awaiting_review(case_id, await self._record(case_id, fresh=True))
+                raise
+
+    def _awaiting_review(self, case_id: str, record: WorkflowRecord) -> dict[str, Any] | None:
+        """The run awaiting a decision as the record tells (None if it lists none);
+        `CaseConflict` if the case awaits none."""
+        paused = current_run(runs_of(record))
+        if paused is not None and paused.get("stop"):
+            raise CaseConflict(
+                f"case {case_id!r}: the run awaiting review was stopped by follow-up "
+                f"{paused.get('stopped_by')} ({paused['stop']}); its run decides anew"
+            )
+        status = self._status_of(record)
+        if status is not CaseStatus.AWAITING_REVIEW:
+            raise CaseConflict(f"case {case_id!r} is not awaiting review (status: {status.value})")
+        return paused
 
     async def _decide(self, case_id: str, answer: dict[str, Any]) -> Outcome:
         await self._record(case_id)
@@ -702,23 +730,14 @@ class CaseService:
             # Under the lock, from the cold tier: a hot copy may predate a decision another
             # worker applied while it could not reach Redis.
             record = await self._record(case_id, fresh=True)
-            paused = current_run(runs_of(record))
-            if paused is not None and paused.get("stop"):
-                raise CaseConflict(
-                    f"case {case_id!r}: the run awaiting review was stopped by follow-up "
-                    f"{paused.get('stopped_by')} ({paused['stop']}); its run decides anew"
-                )
-            status = self._status_of(record)
-            # The interrupt alone is not enough: a decision whose run failed after it was
+            paused = self._awaiting_review(case_id, record)
+            # The record alone is not enough: a decision whose run failed after it was
             # recorded leaves it pending in the checkpoint, and LangGraph would apply that
             # one, not this (the case is failed then: resuming it applies the first).
-            if (
-                status is not CaseStatus.AWAITING_REVIEW
-                or snapshot is None
-                or not snapshot.interrupts
-            ):
+            if snapshot is None or not snapshot.interrupts:
                 raise CaseConflict(
-                    f"case {case_id!r} is not awaiting review (status: {status.value})"
+                    f"case {case_id!r} is not awaiting review "
+                    f"(status: {self._status_of(record).value})"
                 )
             resumed = paused["run_id"] if paused is not None else None
             return Command(resume=answer)
@@ -759,20 +778,30 @@ class CaseService:
             wait_seconds = None
         else:
             wait_seconds = max(0.0, deadline - time.monotonic())
-        with acting_for(caller), self._slots.admitted():
-            return await self._resume(case_id, wait_seconds)
+        with acting_for(caller), self._slots.refusals_counted():
+            try:
+                with self._slots.admitted():
+                    return await self._resume(case_id, wait_seconds)
+            except RunsBusy:
+                # As a decision's: a case with nothing to resume is said so first.
+                self._resumable(case_id, await self._record(case_id, fresh=True))
+                raise
+
+    def _resumable(self, case_id: str, record: WorkflowRecord) -> None:
+        """`CaseConflict` unless the case's run stalled or failed."""
+        status = self._status_of(record)
+        if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
+            raise CaseConflict(
+                f"case {case_id!r} has nothing to resume (status: {status.value}); "
+                "only stalled or failed runs are resumed"
+            )
 
     async def _resume(self, case_id: str, wait_seconds: float | None) -> Outcome:
         await self._record(case_id)
 
         async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
             record = await self._record(case_id, fresh=True)
-            status = self._status_of(record)
-            if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
-                raise CaseConflict(
-                    f"case {case_id!r} has nothing to resume (status: {status.value}); "
-                    "only stalled or failed runs are resumed"
-                )
+            self._resumable(case_id, record)
             return self._continuation(case_id, record, snapshot)
 
         return await self._launch(
@@ -926,28 +955,45 @@ class CaseService:
         """A follow-up message: queued as a run of the case, handled per its strategy
         (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case.
         Refused (`RunsBusy`) before it is queued while this worker drives its most runs,
-        unless it is a replay of one queued before that has started (it starts none)."""
-        with acting_for(caller):
+        unless it is a replay of one queued before that has started, or it stops a run that
+        is going (neither starts a run here)."""
+        strategy = message.strategy or self._settings.case_default_strategy
+        with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
                     return await self._post_message(case_id, message, idempotency_key)
             except RunsBusy:
                 # As a replayed submit: a client retrying a message whose answer it lost is
                 # answered with its run, not sent back for as long as the worker stays busy.
-                if not idempotency_key:
+                if idempotency_key:
+                    run_id = message_run_id(case_id, idempotency_key)
+                    stored = next(
+                        (e for e in runs_of(await self._record(case_id)) if e["run_id"] == run_id),
+                        None,
+                    )
+                    if stored is not None and stored["status"] == RunStatus.QUEUED.value:
+                        raise  # still to start: a run more
+                    if stored is not None:
+                        return await self._replayed_message(case_id, stored, message)
+                if strategy not in STOPPING:
                     raise
-                run_id = message_run_id(case_id, idempotency_key)
-                stored = next(
-                    (e for e in runs_of(await self._record(case_id)) if e["run_id"] == run_id),
-                    None,
+                # A stop frees work rather than adding it: the runner of the run it stops
+                # starts its run next, in the slot that run holds.
+                return await self._post_message(
+                    case_id, message, idempotency_key, without_slot=True
                 )
-                if stored is None or stored["status"] == RunStatus.QUEUED.value:
-                    raise  # new, or still to start: a run more
-                return await self._replayed_message(case_id, stored, message)
 
     async def _post_message(
-        self, case_id: str, message: FollowUp, idempotency_key: str | None
+        self,
+        case_id: str,
+        message: FollowUp,
+        idempotency_key: str | None,
+        *,
+        without_slot: bool = False,
     ) -> MessageOutcome:
+        """`without_slot`: this worker has no run slot for it; only a follow-up stopping a run
+        that is going is taken then (`RunsBusy` else, nothing queued), and no run is started
+        here."""
         await self._record(case_id)
         strategy = message.strategy or self._settings.case_default_strategy
         entry = new_run_entry(
@@ -973,22 +1019,30 @@ class CaseService:
 
         try:
             stored, replayed = await self._tracker.enqueue(
-                case_id, entry, strategy, agent_id=API_AGENT_ID, queued_now=queued_now
+                case_id,
+                entry,
+                strategy,
+                agent_id=API_AGENT_ID,
+                queued_now=queued_now,
+                only_stopping=without_slot,
             )
         except (RunInProgress, QueueFull) as refused:
             raise CaseConflict(str(refused)) from None
         if replayed:
-            return await self._replayed_message(case_id, stored, message)
-        if (task := await self._start_queued(case_id)) is not None:
+            return await self._replayed_message(case_id, stored, message, start=not without_slot)
+        # Without a slot, the run it stopped is going: its runner reads the queue once that
+        # run rests, after this write, and starts this one (the timer, if the runner died).
+        if not without_slot and (task := await self._start_queued(case_id)) is not None:
             with waiting_for_run():
                 await asyncio.wait({task}, timeout=self._sync_wait)
         view = await self._run_view(case_id, entry["run_id"])
         return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
 
     async def _replayed_message(
-        self, case_id: str, stored: dict[str, Any], message: FollowUp
+        self, case_id: str, stored: dict[str, Any], message: FollowUp, *, start: bool = True
     ) -> MessageOutcome:
-        """The answer to a message whose Idempotency-Key queued `stored` before."""
+        """The answer to a message whose Idempotency-Key queued `stored` before; `start`: a
+        run still queued is started if nobody runs the case."""
         strategy = message.strategy or self._settings.case_default_strategy
         # The same message is the same text and the same strategy: a retry that asks for
         # another strategy is another request, not a replay.
@@ -997,7 +1051,7 @@ class CaseService:
                 f"Idempotency-Key already used on case {case_id!r} for another "
                 "message; use a new key for a new message"
             )
-        if stored["status"] == RunStatus.QUEUED.value:
+        if start and stored["status"] == RunStatus.QUEUED.value:
             # The first request may have ended before starting it (a 503, a crash).
             await self._start_queued(case_id)
         view = run_view(stored)

@@ -12,7 +12,11 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+from e2e_payloads import duplicate_charges
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from support_cases import metrics
 from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
@@ -178,3 +182,137 @@ async def test_a_replayed_message_whose_run_started_is_answered_while_the_maximu
     assert replayed.json()["run"]["run_id"] == sent.json()["run"]["run_id"]
     new = await http.post(f"/api/cases/{answered}/messages", json={"text": "and now?"})
     assert new.status_code == 503, new.text
+
+
+def escalated(case_id: str) -> dict[str, object]:
+    """A case whose refund goes to human review: its run pauses, and nobody drives it."""
+    return {**demo_case(case_id), "transactions": duplicate_charges(612.40)}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "stopped"), [("interrupt", "interrupted"), ("rollback", "rolled_back")]
+)
+async def test_a_follow_up_stopping_a_run_is_taken_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime],
+    held: Held,
+    case_id: str,
+    strategy: str,
+    stopped: str,
+) -> None:
+    """It frees work rather than adding any: the run it stops hands its slot on to the
+    follow-up's run, which needs none of its own; a new case is still refused."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+
+    sent = await http.post(
+        f"/api/cases/{first}/messages", json={"text": "forget it", "strategy": strategy}
+    )
+    assert sent.status_code == 202, sent.text
+    follow_up = sent.json()["run"]
+    assert follow_up["status"] == "queued"
+    assert (await http.post("/api/cases", json=demo_case(f"{case_id}-3"))).status_code == 503
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", stopped),
+        ("message", "completed"),
+    ], runs
+    assert runs[0]["stopped_by"] == follow_up["run_id"]
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime],
+    held: Held,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
+) -> None:
+    """A 503 tells the client to retry what can never succeed: the wrong target is said
+    first, as a worker with room says it; the right one is still refused, with nothing
+    written, when it would start a run (a stop of a run nobody drives would)."""
+    http, _ = client
+    reviewer = bearer("run-limit-reviewer")
+    paused, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    held.release.set()
+    waiting = await http.post("/api/cases", json=escalated(paused))
+    assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
+    held.release.clear()
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+
+    approve = {"decision": "approve"}
+    running = await http.post(f"/api/cases/{first}/review", json=approve, headers=reviewer)
+    assert running.status_code == 409, running.text
+    assert "not awaiting review (status: running)" in running.json()["error"]
+    not_stalled = await http.post(f"/api/cases/{first}/resume")
+    assert not_stalled.status_code == 409, not_stalled.text
+    assert "nothing to resume" in not_stalled.json()["error"]
+    unknown = await http.post(f"/api/cases/{case_id}-unknown/resume")
+    assert unknown.status_code == 404, unknown.text
+
+    for refused in (
+        await http.post(f"/api/cases/{paused}/review", json=approve, headers=reviewer),
+        await http.post(
+            f"/api/cases/{paused}/messages", json={"text": "stop", "strategy": "interrupt"}
+        ),
+    ):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "5"
+    after = (await http.get(f"/api/cases/{paused}")).json()
+    assert after["status"] == "awaiting_review"
+    runs = (await http.get(f"/api/cases/{paused}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [("intake", "awaiting_review")]
+
+
+def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, object], ...], object]:
+    """{sorted attributes: value} of `name` in one collection of `reader`."""
+    data = reader.get_metrics_data()
+    found: dict[tuple[tuple[str, object], ...], object] = {}
+    for resource in data.resource_metrics if data is not None else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        key = tuple(sorted((point.attributes or {}).items()))
+                        found[key] = getattr(point, "value", point)
+    return found
+
+
+async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    http, runtime = client
+    # The runtime feeds the process's instruments; these are the test's own, on the same slots.
+    assert metrics.app_metrics._run_slots is runtime.service.run_slots
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meters = metrics.AppMetrics(provider.get_meter("test"))
+    meters.register_run_slots(runtime.service.run_slots)
+    try:
+        assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 0}
+        first, second = f"{case_id}-1", f"{case_id}-2"
+        for one in (first, second):
+            assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+        await held.until_reached(2)
+        assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 2}
+
+        assert (await http.post("/api/cases", json=demo_case(f"{case_id}-3"))).status_code == 503
+        message = await http.post(f"/api/cases/{first}/messages", json={"text": "any news?"})
+        assert message.status_code == 503
+        # A replayed submit is answered, not refused.
+        assert (await http.post("/api/cases", json=demo_case(first))).status_code == 200
+        assert points(reader, metrics.RUNS_REFUSED) == {(): 2}
+
+        held.release.set()
+        await runtime.service.wait_idle()
+        assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 0}
+        assert points(reader, metrics.RUNS_REFUSED) == {(): 2}
+    finally:
+        provider.shutdown()
