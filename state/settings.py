@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # Reads that wait at the server for new events (an event stream's XREAD BLOCK, for up
     # to a second each, nearly all the time): on a pool of their own, this size, so that
     # however many streams are open they never take the commands' connections. At least
-    # the app's CASE_MAX_EVENT_STREAMS, or streams past it end (their clients reconnect).
+    # the app's CASE_MAX_EVENT_STREAMS (the app refuses fewer: streams past it would end).
     redis_max_waiting_reads: int = Field(default=100, gt=0)
 
     # Cosmos DB. No key: DefaultAzureCredential (managed identity in Azure).

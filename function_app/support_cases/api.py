@@ -543,12 +543,12 @@ def create_app(runtime: Runtime | None = None, holder: RuntimeHolder = process_r
         except SettingsError:
             return None  # the route answers 503 naming the problem at once
 
-    # Innermost: a body still on its way from the client is not the stores' slowness.
-    app.add_middleware(RequestDeadline, seconds=deadline, exempt=HEALTH_PATHS)
     app.add_middleware(BodySizeLimit, max_bytes=body_limit, refused_first=token_refusal)
     # Before the body limit: no token, no reading of the body.
     app.add_middleware(RequireToken, gate=gate, public=PUBLIC_PATHS)
-    # Before the token check: it sees the path the router will.
+    # Before the body is read: a client trickling its body held a worker past the deadline.
+    app.add_middleware(RequestDeadline, seconds=deadline, exempt=HEALTH_PATHS)
+    # Before the token check and the deadline: they see the path the router will.
     app.add_middleware(KeepEncodedSlashes)
     # Added last, so it runs first: a browser's preflight carries no token.
     app.add_middleware(BrowserOrigins, settings=settings_source)

@@ -433,17 +433,21 @@ class RequireToken:
             return True  # not decided here: the routes answer 503 naming the problem
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
 class LoopbackHostOnly:
     """ASGI middleware for a local server with AUTH_DISABLED (`agent-state serve`): a
-    request whose `Host` is not a loopback name with the serving port is answered 421.
-    Listening on loopback is not enough: a web page that re-points its own host name at
-    127.0.0.1 (DNS rebinding) calls the API as same-origin, every role included; its
-    browser sends that host name. As the local token issuer does (devstack/issuer.py)."""
+    request whose `Host` is not a loopback name, with the serving port or none (clients
+    leave port 80 out: `serve --port 80`), is answered 421. Listening on loopback is not
+    enough: a web page that re-points its own host name at 127.0.0.1 (DNS rebinding) calls
+    the API as same-origin, every role included; its browser sends that host name, never
+    a loopback one. The local token issuer checks its `Host` so too (devstack/issuer.py)."""
 
     def __init__(self, app: ASGIApp, port: int) -> None:
         self.app = app
         self.port = port
-        self.names = frozenset({f"127.0.0.1:{port}", f"localhost:{port}"})
+        self.names = frozenset({*LOOPBACK_NAMES, *(f"{name}:{port}" for name in LOOPBACK_NAMES)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -451,8 +455,8 @@ class LoopbackHostOnly:
             if host.decode("latin-1").lower() not in self.names:
                 response = error_response(
                     421,
-                    f"with AUTH_DISABLED this API answers 127.0.0.1:{self.port} or "
-                    f"localhost:{self.port} only",
+                    "with AUTH_DISABLED this API answers a loopback Host only: "
+                    f"127.0.0.1, localhost or [::1], with port {self.port} or none",
                 )
                 await response(scope, receive, send)
                 return

@@ -4,7 +4,8 @@ Each store call is bounded, but a request makes several in turn: under a slow st
 call near its timeout) a GET or a submit took over 13 s. Past the deadline the handler is
 cancelled, as when its client disconnects: the service's handling of a cancelled request
 (a run handed to a background task, a lock let go) leaves nothing half-done. The caller is
-answered 503 with Retry-After instead.
+answered 503 with Retry-After instead. The request's body read counts too: a client
+trickling it in would otherwise hold a worker for as long as it liked.
 
 The deadline ends once the answer starts: an event stream stays open for its own
 `seconds`. A request's wait for its run (CASE_SYNC_WAIT_SECONDS, after which it answers

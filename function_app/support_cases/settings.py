@@ -123,6 +123,19 @@ class AppSettings(Settings):
         return tuple(written.strip().lower() for written in value if written.strip())
 
     @model_validator(mode="after")
+    def _check_event_streams_fit_their_pool(self) -> AppSettings:
+        # Each open stream waits at Redis on a connection of the waiting reads' pool: a
+        # stream finding none within a second ends, and its client reconnects, over and
+        # over. Without a hot tier no stream is served, and the pool is never opened.
+        if self.hot_tier_configured and self.case_max_event_streams > self.redis_max_waiting_reads:
+            raise SettingsError(
+                f"CASE_MAX_EVENT_STREAMS ({self.case_max_event_streams}) must not exceed "
+                f"REDIS_MAX_WAITING_READS ({self.redis_max_waiting_reads}): each open event "
+                "stream waits on one of those Redis connections"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_auth_in_azure(self) -> AppSettings:
         if running_in_azure():
             if self.auth_disabled:

@@ -40,6 +40,16 @@ def not_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
         (f"127.0.0.1:{PORT + 1}", 421),  # loopback, but another server's port
         (f"127.0.0.1:{PORT}", 200),
         (f"LOCALHOST:{PORT}", 200),
+        (f"[::1]:{PORT}", 200),
+        # No port: what clients send for port 80 (`serve --port 80`); no rebinding page
+        # sends a loopback name.
+        ("localhost", 200),
+        ("127.0.0.1", 200),
+        ("[::1]", 200),
+        ("localhost.evil.example", 421),
+        ("127.0.0.1.evil.example", 421),
+        (f"[::1]:{PORT + 1}", 421),
+        ("", 421),
     ],
 )
 async def test_with_auth_disabled_only_loopback_host_names_are_answered(
