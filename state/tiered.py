@@ -221,6 +221,22 @@ class CacheAsideStore:
                 await self._install(record, expired_before=observed_at, lease=lease)
             return record
 
+    async def is_cached(self, thread_id: str) -> bool:
+        """Whether the hot tier holds a copy of the record it may serve now; never a cold
+        read (False if the hot tier is absent or out of reach). A hint that the record
+        exists, not the truth: a copy may outlive a record retention removed from cold."""
+        with _span("is_cached", thread_id=thread_id):
+            hot = await self._usable_hot(thread_id)
+            if hot is None:
+                return False
+            try:
+                record = await hot.get(thread_id)
+            except BackendUnavailable as exc:
+                self._hot_failed("is_cached", exc)
+                return False
+            self._hot_recovered()
+            return record is not None
+
     async def get_fresh(self, thread_id: str) -> WorkflowRecord | None:
         """The record as the cold tier (the source of truth) holds it, never a hot copy.
 
@@ -787,6 +803,9 @@ class TieredStateStore(SizedStateStore):
                 thread_id, stored, expected_version=expected_version, agent_id=agent_id
             )
             return await self._expand(record)
+
+    async def is_cached(self, thread_id: str) -> bool:
+        return await self.cache.is_cached(thread_id)
 
     async def lock(self, name: str, *, ttl_ms: int | None = None) -> Lock:
         return await self.cache.lock(name, ttl_ms=ttl_ms)

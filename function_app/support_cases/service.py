@@ -360,6 +360,13 @@ class CaseService:
         # Indexed before it exists: a crash in between leaves an index entry the
         # timer drops, never a case nobody would resume.
         indexed_at = await self._tracker.register(case_id)
+        if submission.case_id or idempotency_key or submission.client_key:
+            # A named case may exist (a retry, or a conflict): answered without its run
+            # lock, which, taken even for the create that finds the case, refuses a decision
+            # or resume meanwhile. `_replay` takes it only to start a run left unstarted.
+            existing = await self._existing(case_id)
+            if existing is not None:
+                return await self._replay(existing, submission, caller)
         # Taken before the case exists and kept until its first run ends (or cannot start):
         # a retry that takes it later knows no submit is on its way to start that run.
         guard = await self._try_lock(case_id)
@@ -474,6 +481,18 @@ class CaseService:
             if guard is not None and not handed:
                 await self._let_go_of_case(case_id, guard)
             raise
+
+    async def _existing(self, case_id: str) -> WorkflowRecord | None:
+        """The case if it exists, found with no cold read for a new case: the hot tier's copy
+        says it may, the cold tier says it does (a copy may outlive a case retention
+        removed). None for one the hot tier holds no copy of (evicted, Redis out of reach):
+        its submit finds it as the create fails."""
+        if not await self._store.is_cached(case_id):
+            return None
+        existing = await self._store.get_fresh(case_id)
+        if existing is None or REQUEST_SECTION not in existing.sections:
+            return None
+        return existing
 
     def _may_run_out(self, guard: RunGuard) -> bool:
         """Whether a run lock held since `guard.taken_at`, unrenewed, could run out before a

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from e2e_payloads import duplicate_charges
 
 from support_cases.api import create_app
 from support_cases.demo import demo_case
@@ -231,10 +232,16 @@ async def test_a_follow_up_sent_while_a_retried_submit_holds_the_case_is_run(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A submit takes the case's run lock before its create, which finds the case there (a
-    retry). A follow-up that lands meanwhile finds the case taken and leaves its run to the
-    holder: the retry must start it as it lets go, not leave it queued for the timer."""
+    retry of a case the hot tier holds no copy of). A follow-up that lands meanwhile finds
+    the case taken and leaves its run to the holder: the retry must start it as it lets go,
+    not leave it queued for the timer."""
     first = await client.post("/api/cases", json=demo_case(case_id))
     assert first.status_code == 201, first.text
+    await runtime.service.wait_idle()
+    # A retry finding the case cached answers without taking the lock: here Redis no longer
+    # holds it (evicted), so the retry learns of the case only as its create fails.
+    assert runtime.backends.hot is not None
+    await runtime.backends.hot.invalidate(case_id)
     cold = runtime.backends.cold
     create: Callable[..., Any] = cold.create
     reached, release = asyncio.Event(), asyncio.Event()
@@ -319,4 +326,67 @@ async def test_a_retry_that_ran_the_first_run_while_a_slow_submit_let_go_is_not_
     assert kinds.count("run_started") == 1, kinds
     case = (await client.get(f"/api/cases/{case_id}")).json()
     assert (case["status"], bool(case["final_response"])) == ("completed", True), case
+    assert len(await provider_calls(runtime, case_id, "refund")) == 1
+
+
+async def test_a_retried_submit_of_a_case_awaiting_review_does_not_refuse_its_decision(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    reviewer: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client re-sends the submit of a case parked at human review while a reviewer
+    decides it. The retry took the case's run lock before its create found the case there,
+    and the decision meeting it was refused (409, "another runner keeps the case"). Held
+    wherever it waits (its create, or its replay), the retry must leave the case to the
+    decision."""
+    body = {
+        "case_id": case_id,
+        "customer_id": "cust-escalated",
+        "text": "The hotel charged me twice",
+        "transactions": duplicate_charges(612.40, merchant="Hotel Europa"),
+    }
+    first = await client.post("/api/cases", json=body)
+    assert first.status_code == 201, first.text
+    await runtime.service.wait_idle()
+    parked = (await client.get(f"/api/cases/{case_id}")).json()
+    assert parked["status"] == "awaiting_review", parked
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:
+        if not reached.is_set():
+            reached.set()
+            await release.wait()
+
+    cold = runtime.backends.cold
+    create: Callable[..., Any] = cold.create
+    replay = runtime.service._replay
+
+    async def create_held(thread_id: str, sections: dict[str, Any], **kwargs: Any) -> Any:
+        if thread_id == case_id:
+            await held()
+        return await create(thread_id, sections, **kwargs)
+
+    async def replay_held(existing: Any, submission: Any, caller: Any) -> Any:
+        await held()
+        return await replay(existing, submission, caller)
+
+    monkeypatch.setattr(cold, "create", create_held)
+    monkeypatch.setattr(runtime.service, "_replay", replay_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=body))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        decided = await client.post(
+            f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+        )
+    finally:
+        release.set()
+    replayed = await retry
+    assert decided.status_code in (200, 202), decided.text
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.headers["idempotent-replayed"] == "true"
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    case = (await client.get(f"/api/cases/{case_id}")).json()
+    assert (case["status"], case["review"]["decision"]) == ("completed", "approve"), case
     assert len(await provider_calls(runtime, case_id, "refund")) == 1
