@@ -21,6 +21,7 @@ from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
 from support_cases.settings import AppSettings
+from tests.support.metric_points import points
 from tests.support.postgres import own_database
 
 
@@ -269,20 +270,6 @@ async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_
     assert after["status"] == "awaiting_review"
     runs = (await http.get(f"/api/cases/{paused}/runs")).json()["runs"]
     assert [(run["kind"], run["status"]) for run in runs] == [("intake", "awaiting_review")]
-
-
-def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, object], ...], object]:
-    """{sorted attributes: value} of `name` in one collection of `reader`."""
-    data = reader.get_metrics_data()
-    found: dict[tuple[tuple[str, object], ...], object] = {}
-    for resource in data.resource_metrics if data is not None else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        key = tuple(sorted((point.attributes or {}).items()))
-                        found[key] = getattr(point, "value", point)
-    return found
 
 
 async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(

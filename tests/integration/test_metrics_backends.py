@@ -7,7 +7,6 @@ AppMetrics with an in-memory reader, and the store is driven through real server
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -18,20 +17,7 @@ from state.settings import Settings
 from state.tiered import TieredStateStore
 from support_cases import metrics
 from support_cases.metrics import AppMetrics
-
-
-def collect(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
-    data = reader.get_metrics_data()
-    found: dict[tuple[tuple[str, Any], ...], Any] = {}
-    assert data is not None
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        key = tuple(sorted((point.attributes or {}).items()))
-                        found[key] = getattr(point, "value", point)
-    return found
+from tests.support.metric_points import points
 
 
 @pytest.mark.parametrize("backend", ["cosmos", "postgres"])
@@ -62,25 +48,25 @@ async def test_store_traffic_shows_in_the_metrics(backend: str, stack_env: dict[
             assert await store.get(thread) is not None  # served by Redis
             await backends.cold.delete(thread)
 
-        lookups = collect(reader, metrics.CACHE_LOOKUPS)
+        lookups = points(reader, metrics.CACHE_LOOKUPS)
         assert lookups[(("cache", "record"), ("result", "hit"))] >= 1
-        assert collect(reader, metrics.CACHE_HIT_RATIO)[(("cache", "record"),)] > 0
+        assert points(reader, metrics.CACHE_HIT_RATIO)[(("cache", "record"),)] > 0
 
-        requests = collect(reader, metrics.COLD_REQUESTS)
+        requests = points(reader, metrics.COLD_REQUESTS)
         by_operation = {dict(key)["operation"]: value for key, value in requests.items()}
         assert {dict(key)["backend"] for key in requests} == {backend}
         if backend == "cosmos":
             # The Cosmos hook names a round trip by the state operation it served.
             assert by_operation["state.create"] >= 1
             assert by_operation["state.update_section"] >= 1
-            charge = collect(reader, metrics.COLD_REQUEST_CHARGE)
+            charge = points(reader, metrics.COLD_REQUEST_CHARGE)
             assert charge[(("backend", "cosmos"), ("operation", "state.create"))] > 0
         else:
             # Postgres names each statement's operation itself.
             assert by_operation["create"] >= 1
             assert by_operation["update_section"] >= 1
 
-        sizes = collect(reader, metrics.STATE_SIZE)
+        sizes = points(reader, metrics.STATE_SIZE)
         assert sizes[(("operation", "create"),)].max > 500
         assert sizes[(("operation", "update_section"),)].count == 1
     finally:
