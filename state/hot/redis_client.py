@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
@@ -501,8 +501,10 @@ class EntraTokens(StreamingCredentialProvider):
                 token = await self._off_loop(self._new_token)
                 if self._stopped.is_set():
                     return
-                for callback in tuple(self._on_next):
-                    await callback(token)
+                failures = [
+                    await _hand_over_async(callback, token) for callback in tuple(self._on_next)
+                ]
+                _raise_first(failures)
             # Whatever failed (the identity endpoint, signing a connection in), the refresh
             # must go on: it alone keeps the connections signed in.
             except Exception as error:
@@ -516,8 +518,8 @@ class EntraTokens(StreamingCredentialProvider):
         while not self._stopped.wait(delay):
             try:
                 token = self._new_token()
-                for callback in tuple(self._on_next):
-                    callback(token)
+                failures = [_hand_over(callback, token) for callback in tuple(self._on_next)]
+                _raise_first(failures)
             except Exception as error:  # as in `_refresh_async`
                 log.warning("Entra ID token refresh for Redis failed: %r", error)
                 delay = ENTRA_REFRESH_RETRY_SECONDS
@@ -529,6 +531,34 @@ class EntraTokens(StreamingCredentialProvider):
         if token.is_expired():
             raise RequestTokenErr("the identity provider handed out an expired token")
         return self._obtained(token)
+
+
+# Each pool is handed every new token, whatever another pool's signing in did: one
+# pool's failure (its retry comes sooner) must not leave the others on the old token.
+async def _hand_over_async(
+    callback: Callable[[TokenInterface], Awaitable[Any]], token: TokenInterface
+) -> Exception | None:
+    try:
+        await callback(token)
+    except Exception as error:
+        return error
+    return None
+
+
+def _hand_over(
+    callback: Callable[[TokenInterface], Any], token: TokenInterface
+) -> Exception | None:
+    try:
+        callback(token)
+    except Exception as error:
+        return error
+    return None
+
+
+def _raise_first(failures: list[Exception | None]) -> None:
+    for failure in failures:
+        if failure is not None:
+            raise failure
 
 
 def _refresh_in(token: TokenInterface) -> float:
