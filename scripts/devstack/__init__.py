@@ -4,6 +4,7 @@ from .servers import (
     COSMOS_EMULATOR_KEY,
     ClusterRedisServer,
     CosmosEmulator,
+    NoFreePort,
     PortInUse,
     PostgresServer,
     RedisServer,
@@ -11,6 +12,7 @@ from .servers import (
     TokenIssuer,
     check_port_free,
     free_port,
+    reserve_port,
 )
 from .stack import (
     DEFAULT_PORTS,
@@ -32,6 +34,7 @@ __all__ = [
     "MEMORY_ONLY_NOTE",
     "ClusterRedisServer",
     "CosmosEmulator",
+    "NoFreePort",
     "PortInUse",
     "PostgresServer",
     "RedisServer",
@@ -44,6 +47,7 @@ __all__ = [
     "down",
     "free_port",
     "planned_env",
+    "reserve_port",
     "running",
     "stack_command",
     "status",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
 import os
 import pwd
@@ -19,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -29,6 +32,14 @@ LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
 # The state column of /proc/net/tcp for a listening socket.
 _TCP_LISTEN = "0A"
+# Shared by every run on the machine (not the temp dir, which TMPDIR may move per run).
+RESERVATIONS_FILE = Path("/tmp/agent-state-ports.lock")
+_PORT_ATTEMPTS = 200
+_reservations: int | None = None
+_reserved: set[int] = set()
+_reservations_guard = threading.Lock()
+# A forked child inherits the set but none of the locks (they belong to a process).
+os.register_at_fork(after_in_child=_reserved.clear)
 
 # The Cosmos emulator's well-known public key (documented by Microsoft; not a secret).
 COSMOS_EMULATOR_KEY = (
@@ -95,11 +106,62 @@ def process_start(pid: int) -> str | None:
     return None if state == "Z" else f"{boot}:{start_ticks}"
 
 
+class NoFreePort(ServerStartError):
+    """Every port the OS offered was reserved by another process (or this one)."""
+
+
+def reserve_port(port: int) -> bool:
+    """Reserve loopback `port` for this process, for the rest of its life; False if another
+    process holds it. A byte-range lock on one shared file, at offset `port`: the kernel
+    drops it when the process ends, however it ends, so a killed run leaves nothing that
+    blocks, and the file never grows. (A process's own locks never conflict with each
+    other, hence the set of ports it holds.)"""
+    with _reservations_guard:
+        if port in _reserved:
+            return True
+        try:
+            fcntl.lockf(_reservations_fd(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        _reserved.add(port)
+        return True
+
+
 def free_port() -> int:
-    """A currently free loopback TCP port (the OS picks it, so parallel runs do not collide)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A free loopback TCP port, reserved for this process until it exits.
+
+    The OS picks it; other runs and xdist workers skip it while it is reserved, even
+    while nothing listens there: between this call and the server's start, and while a
+    fault test has the server down for a restart (a stop cannot tell itself from a final
+    one, so the reservation lasts as long as the process: as many ports as it asked for).
+    """
+    for _ in range(_PORT_ATTEMPTS):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+            # Reserved while still bound: no other process can be offered it in between.
+            if port not in _reserved and reserve_port(port):
+                return port
+    raise NoFreePort(f"no unreserved loopback port in {_PORT_ATTEMPTS} offered by the OS")
+
+
+def _reservations_fd() -> int:
+    """This process's descriptor of the reservations file, opened once and never closed:
+    closing any descriptor of that file would drop all of this process's locks on it."""
+    global _reservations
+    if _reservations is None:
+        # Opened without O_CREAT when it exists: with fs.protected_regular, O_CREAT on
+        # another account's file in /tmp is refused even when its mode allows writing.
+        try:
+            _reservations = os.open(RESERVATIONS_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            _reservations = os.open(RESERVATIONS_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            # Writable by every account's runs (the umask would narrow the mode).
+            with contextlib.suppress(PermissionError):
+                os.fchmod(_reservations, 0o666)
+    return _reservations
 
 
 def _port_open(port: int) -> bool:

@@ -6,7 +6,10 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,10 +122,68 @@ def test_free_port_is_bindable() -> None:
         sock.bind(("127.0.0.1", port))
 
 
+def _python(code: str, **popen: Any) -> subprocess.Popen[str]:
+    """`code` in a fresh interpreter that imports devstack: another xdist worker or run."""
+    scripts = str(Path(devstack.__file__).resolve().parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": scripts},
+        stdout=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _ports(line: str) -> set[int]:
+    return {int(port) for port in line.split()}
+
+
+def test_a_port_reserved_by_another_process_is_never_handed_out() -> None:
+    """Another run's free ports, not yet (or no longer) bound, are skipped; once that run
+    is gone (killed here), they are free again. Enough ports on each side that an OS
+    choice alone would hand out some of the holder's (about 70 expected)."""
+    count = 1000
+    holder = _python(
+        "import sys\n"
+        "from devstack import free_port\n"
+        f"print(*(free_port() for _ in range({count})), flush=True)\n"
+        "sys.stdin.read()\n",
+        stdin=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        held = _ports(holder.stdout.readline())
+        taker = _python(
+            f"from devstack import free_port\nprint(*(free_port() for _ in range({count})))"
+        )
+        taken = _ports(taker.communicate(timeout=60)[0])
+        assert taken & held == set()
+        # Nor does one process get a port twice while it holds it.
+        assert len(held) == len(taken) == count
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    some = sorted(held)[:20]
+    again = _python(f"from devstack import reserve_port\nprint(*(reserve_port(p) for p in {some}))")
+    assert again.communicate(timeout=60)[0].split() == ["True"] * len(some)
+
+
+def test_a_restarted_server_keeps_its_port_reserved(tmp_path: Path) -> None:
+    """While a fault test has its server down, no other run may take the port for itself."""
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        server.stop()
+        other = _python(f"from devstack import reserve_port\nprint(reserve_port({server.port}))")
+        assert other.communicate(timeout=60)[0].strip() == "False"
+        server.start()
+        assert _listening(server.port)
+    finally:
+        server.stop()
+
+
 def test_an_attached_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A test run killed from outside leaves no server behind."""
-    import subprocess
-    import sys
     import time
 
     port = free_port()
