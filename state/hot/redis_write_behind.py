@@ -1016,11 +1016,10 @@ class RedisWriteBehindLog:
     async def _unlist(self, thread_id: str, dropped: int) -> None:
         """Take a thread whose log was just deleted off the listing; listed again if an
         append landed in between (it would wait for no flusher)."""
-        try:
-            if dropped:
-                await self._client.decrby(self._entries, dropped)
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable("redis", str(exc)) from exc
+        if dropped:
+            # Clamped at 0 as an acknowledgement's is: Redis may have lost everything since
+            # the log went (a FLUSHALL), and a count below 0 would hide the next entries.
+            await self._acked(thread_id, dropped, b"")
         await self._run("settle", self._listing_keys(), [thread_id, ""])
         if await self.pending(thread_id):
             await self.mark_dirty(thread_id)

@@ -712,6 +712,40 @@ async def test_unflushed_entries_survive_memory_pressure_and_flushall_loses_only
         server.stop()
 
 
+async def test_a_flushall_between_a_discard_and_its_count_leaves_the_backlog_counted(
+    stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis loses everything (FLUSHALL) right after a delete dropped a thread's log and
+    before the shared entry count takes the dropped entries off: the count must not go
+    below zero, or the next thread's unflushed entries are reported as no backlog."""
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
+    server.start()
+    try:
+        async with open_write_behind(settings_for(stack_env, "postgres", server.url)) as tiers:
+            graph = chat_graph(tiers.saver)
+            deleted, kept = config(), config()
+            await graph.ainvoke({"messages": ["to delete"]}, deleted, durability="async")
+            log = tiers.flusher.log
+            assert isinstance(log, RedisWriteBehindLog)
+            delete_listed = log._delete_listed
+
+            async def then_flushall(*args: Any, **kwargs: Any) -> int:
+                dropped = await delete_listed(*args, **kwargs)
+                await tiers.redis.flushall()
+                return dropped
+
+            monkeypatch.setattr(log, "_delete_listed", then_flushall)
+            await tiers.saver.adelete_thread(deleted["configurable"]["thread_id"])
+            monkeypatch.undo()
+
+            await graph.ainvoke({"messages": ["unflushed"]}, kept, durability="async")
+            unflushed = len(await log.read(kept["configurable"]["thread_id"], count=1000))
+            assert unflushed > 0
+            assert (await tiers.flusher.backlog()).entries == unflushed
+    finally:
+        server.stop()
+
+
 async def test_the_timers_pass_leaves_a_thread_to_the_worker_flushing_it(
     tiers: WriteBehind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
