@@ -27,13 +27,37 @@ from collections.abc import Mapping
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+# Bool parameters of main.bicep read from the azd environment (main.parameters.json).
+SWITCHES = ("VNET_ENABLED", "POSTGRES_ALLOW_AZURE_SERVICES")
+COLD_BACKENDS = ("cosmos", "postgres")
+
+
 def enabled(env: Mapping[str, str], name: str) -> bool:
     # As Bicep reads a bool parameter from the azd environment.
     return env.get(name, "").strip().lower() == "true"
 
 
+def misspelled(env: Mapping[str, str]) -> str | None:
+    """A switch or backend this hook would read otherwise than intended: a `yes` read
+    here as false would skip the checks below for a deployment Bicep may then refuse, or
+    a `Postgres` deploy that backend past the checks meant for it."""
+    for name in SWITCHES:
+        value = env.get(name, "")
+        if value.strip().lower() not in ("", "true", "false"):
+            return f"{name} is {value!r}, not true or false: `azd env set {name} true`"
+    backend = env.get("STATE_COLD_BACKEND", "")
+    if backend not in ("", *COLD_BACKENDS):
+        return (
+            f"STATE_COLD_BACKEND is {backend!r}, not one of {', '.join(COLD_BACKENDS)} "
+            "(lower case): `azd env set STATE_COLD_BACKEND cosmos`"
+        )
+    return None
+
+
 def problem(env: Mapping[str, str]) -> str | None:
     """Why provisioning with this environment would deploy an app that cannot work."""
+    if (found := misspelled(env)) is not None:
+        return found
     postgres = env.get("STATE_COLD_BACKEND") == "postgres"
     if postgres and not env.get("AZURE_PRINCIPAL_NAME", "").strip():
         return (

@@ -1529,6 +1529,31 @@ def test_postgres_is_open_to_all_of_azure_only_on_request(
     assert preprovision.main({**public, "POSTGRES_ALLOW_AZURE_SERVICES": "false"}) == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("VNET_ENABLED", "yes"),
+        ("POSTGRES_ALLOW_AZURE_SERVICES", "1"),
+        ("STATE_COLD_BACKEND", "Postgres"),
+        ("STATE_COLD_BACKEND", "sql"),
+    ],
+)
+def test_preprovision_refuses_a_switch_or_backend_it_would_misread(
+    name: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`yes` is no bool to Bicep and was read here as false; `Postgres` passed the checks
+    meant for the Postgres backend unchecked. Both are refused, named, before provisioning."""
+    preprovision = load_script("preprovision")
+    ready = {
+        "STATE_COLD_BACKEND": "postgres",
+        "AZURE_PRINCIPAL_NAME": "dev@contoso.com",
+        "VNET_ENABLED": "true",
+    }
+    assert preprovision.main(ready) == 0
+    assert preprovision.main({**ready, name: value}) == 1
+    assert f"{name} is {value!r}" in capsys.readouterr().err
+
+
 def test_preprovision_refuses_allowed_client_ids_the_app_would_refuse(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
