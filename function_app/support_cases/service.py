@@ -990,14 +990,13 @@ class CaseService:
                         (e for e in runs_of(await self._record(case_id)) if e["run_id"] == run_id),
                         None,
                     )
-                    if stored is not None and stored["status"] == RunStatus.QUEUED.value:
-                        raise  # still to start: a run more
-                    if stored is not None:
+                    if stored is not None and stored["status"] != RunStatus.QUEUED.value:
                         return await self._replayed_message(case_id, stored, message)
                 if strategy not in STOPPING:
-                    raise
+                    raise  # new, or still to start: a run more
                 # A stop frees work rather than adding it: the runner of the run it stops
-                # starts its run next, in the slot that run holds.
+                # starts its run next, in the slot that run holds. A stop still queued, taken
+                # so before, is its replay (starting nothing).
                 return await self._post_message(
                     case_id, message, idempotency_key, without_slot=True
                 )
@@ -1011,8 +1010,8 @@ class CaseService:
         without_slot: bool = False,
     ) -> MessageOutcome:
         """`without_slot`: this worker has no run slot for it; only a follow-up stopping a run
-        that is going is taken then (`RunsBusy` else, nothing queued), and no run is started
-        here."""
+        that is going is taken then (`RunsBusy` else, nothing queued), and its run is started
+        here only if that run's runner is gone."""
         await self._record(case_id)
         strategy = message.strategy or self._settings.case_default_strategy
         entry = new_run_entry(
@@ -1050,8 +1049,11 @@ class CaseService:
         if replayed:
             return await self._replayed_message(case_id, stored, message, start=not without_slot)
         # Without a slot, the run it stopped is going: its runner reads the queue once that
-        # run rests, after this write, and starts this one (the timer, if the runner died).
-        if not without_slot and (task := await self._start_queued(case_id)) is not None:
+        # run rests, after this write, and starts this one. A runner gone (the case free)
+        # leaves it to whoever takes the case: here, past the bound, as any queue taken up
+        # outside a request, rather than queued until the timer finds the run stalled.
+        task = await self._start_queued(case_id)
+        if task is not None and not without_slot:
             with waiting_for_run():
                 await asyncio.wait({task}, timeout=self._sync_wait)
         view = await self._run_view(case_id, entry["run_id"])

@@ -16,10 +16,13 @@ from e2e_payloads import duplicate_charges
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from state.hot.redis_client import create_redis_client
+from state.hot.redis_store import LOCK_KIND, RedisHotStore
 from support_cases import metrics
 from support_cases.api import create_app
 from support_cases.demo import demo_case
 from support_cases.runtime import Runtime
+from support_cases.service import run_lock_name
 from support_cases.settings import AppSettings
 from tests.support.metric_points import points
 from tests.support.postgres import own_database
@@ -303,3 +306,83 @@ async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(
         assert points(reader, metrics.RUNS_REFUSED) == {(): 2}
     finally:
         provider.shutdown()
+
+
+async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Found by review: a stop taken on a full worker (202, queued for the runner of the run
+    it stops) was refused (503) when its client, having lost the answer, sent it again: the
+    replay of a run still queued read as a run more to start."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+    message = {"text": "forget it", "strategy": "interrupt"}
+    key = {"Idempotency-Key": f"{case_id}-stop"}
+    sent = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert sent.status_code == 202, sent.text
+
+    replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert replayed.json()["run"]["run_id"] == sent.json()["run"]["run_id"]
+    assert runtime.service.run_slots.refused == 0
+    other = {**message, "text": "another message under that key"}
+    mismatched = await http.post(f"/api/cases/{first}/messages", json=other, headers=key)
+    assert mismatched.status_code == 422, mismatched.text
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "interrupted"),
+        ("message", "completed"),
+    ], runs
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_a_follow_up_stopping_a_run_nobody_drives_is_started_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Found by review: a stop taken on a full worker is left to the runner of the run it
+    stops. A run left "running" by a runner gone (its lock free) has none: the stop stayed
+    queued until the timer found the run stalled, where a worker with room starts it at once
+    (a run past the bound, as any queue taken up outside a request)."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+    # The first run's runner is gone, as after a crash: its lock ran out.
+    hot = runtime.backends.hot
+    assert isinstance(hot, RedisHotStore)
+    raw = create_redis_client(runtime.settings)
+    try:
+        assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
+    finally:
+        await raw.aclose()
+
+    sent = await http.post(
+        f"/api/cases/{first}/messages", json={"text": "forget it", "strategy": "interrupt"}
+    )
+    assert sent.status_code == 202, sent.text
+    run_id = sent.json()["run"]["run_id"]
+
+    async def follow_up_started() -> None:
+        while True:
+            runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(follow_up_started(), 10)
+    held.release.set()
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "interrupted"),
+        ("message", "completed"),
+    ], runs
+    assert runtime.service.run_slots.taken == 0
