@@ -31,11 +31,11 @@ class _Slot:
     def __init__(self, slots: RunSlots) -> None:
         self._slots = slots
         self.handed_over = False
-        self._given_back = False
+        self.given_back = False
 
     def give_back(self) -> None:
-        if not self._given_back:
-            self._given_back = True
+        if not self.given_back:
+            self.given_back = True
             self._slots.taken -= 1
 
 
@@ -89,7 +89,9 @@ class RunSlots:
         request (a case's queue taken up again, a cancelled request's run) was admitted
         before, and is not refused half-way."""
         held = _ADMITTED.get()
-        if held is not None and not held.handed_over:
+        # Not a slot its request gave back as it ended (cancelled): a run spawned after that
+        # in a task the request started (a queue taken up as it let go) holds one more.
+        if held is not None and not held.handed_over and not held.given_back:
             held.handed_over = True
             return held.give_back
         return self._take().give_back

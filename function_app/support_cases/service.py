@@ -423,6 +423,10 @@ class CaseService:
             return self._initial_input(case_id, request)
 
         try:
+            # Told before this submit lets go of the case: a retry that takes it then may
+            # start the run, and end it, before this submit would tell it queued.
+            await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
+            told_queued = True
             if guard is not None and self._may_run_out(guard):
                 # A slow create: taken again by `_launch`, which starts the run unless a
                 # retry that took the case meanwhile has. In the try: a submit cancelled
@@ -440,8 +444,6 @@ class CaseService:
             # Not once the submit let go of it: a retry may have run it meanwhile.
             if self._saver is not None and not let_go:
                 self._saver.expect_new_thread(case_id)
-            await self._events.publish(case_id, "run_queued", run_id=run_id, kind="intake")
-            told_queued = True
             handed = True  # `_launch` releases the guard on every path from here
             return await self._launch(
                 case_id,
@@ -501,11 +503,11 @@ class CaseService:
         return time.monotonic() - guard.taken_at > renewal
 
     async def _let_go_of_case(self, case_id: str, guard: RunGuard) -> None:
-        """Release the run lock a submit held, not for a run: a follow-up queued meanwhile
-        found the case taken and left its run to the holder, which starts it now."""
-        await self._release(case_id, guard)
-        if not self._closing:
-            await self._take_queue_left(case_id)
+        """Release the run lock a request held, not for a run: a follow-up queued meanwhile
+        found the case taken and left its run to the holder, which starts it now. Shielded
+        and kept to its end, as a release is: a request cancelled as it lets go would leave
+        that run queued for the timer."""
+        await asyncio.shield(self._let_go(case_id, guard, queue_left=True))
 
     async def _replay(
         self, existing: WorkflowRecord, submission: CaseSubmission, caller: Caller | None
@@ -1287,13 +1289,11 @@ class CaseService:
                     )
                     handed_over = True
                     raise
-        except CaseError:
-            await self._release(case_id, guard)
-            await self._take_queue_left(case_id)
-            raise
         except BaseException:
+            # Refused, failed or cancelled before its run: a follow-up queued meanwhile found
+            # the case taken and left its run to this holder, which starts it as it lets go.
             if not handed_over:
-                await self._release(case_id, guard)
+                await self._let_go_of_case(case_id, guard)
             raise
         marked = created or still is not None
         task = self._spawn_holding(
@@ -1324,8 +1324,7 @@ class CaseService:
         try:
             await marking
         except CaseError:
-            await self._release(case_id, guard)
-            await self._take_queue_left(case_id)
+            await self._let_go_of_case(case_id, guard)
             return  # refused: nobody is left to tell
         except BaseException:
             # Logged here: the request that would have answered with it is gone.
@@ -1857,13 +1856,25 @@ class CaseService:
         # would leave the case refused to every other request until the guard expires.
         await asyncio.shield(self._let_go(case_id, guard))
 
-    def _let_go(self, case_id: str, guard: RunGuard) -> asyncio.Task[None]:
+    def _let_go(
+        self, case_id: str, guard: RunGuard, *, queue_left: bool = False
+    ) -> asyncio.Task[None]:
         """The guard's release, started now and kept to its end: not cancelled with its
-        caller, nor by `close`, which waits for it."""
-        task = asyncio.ensure_future(self._unguard(case_id, guard))
+        caller, nor by `close`, which waits for it. `queue_left`: then the runs queued while
+        the guard was held are started (see `_let_go_of_case`)."""
+        task = asyncio.ensure_future(
+            self._unguard_and_take_queue(case_id, guard)
+            if queue_left
+            else self._unguard(case_id, guard)
+        )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         return task
+
+    async def _unguard_and_take_queue(self, case_id: str, guard: RunGuard) -> None:
+        await self._unguard(case_id, guard)
+        if not self._closing:
+            await self._take_queue_left(case_id)
 
     async def _unguard(self, case_id: str, guard: RunGuard) -> None:
         try:

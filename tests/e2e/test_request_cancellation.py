@@ -19,7 +19,7 @@ import httpx
 import pytest
 from e2e_payloads import duplicate_charges
 
-from state import JSON, Lock, WorkflowRecord
+from state import JSON, BackendUnavailable, Lock, WorkflowRecord
 from state.ports import SectionWrite
 from state.settings import Settings
 from support_cases.api import create_app
@@ -34,6 +34,8 @@ from tests.support.sse import parse_sse
 
 # Far below the run lock's TTL (30 s): a lock left behind is still held after this.
 RELEASED_WITHIN_SECONDS = 5.0
+# Far below the stale period (300 s) the timer waits before it takes a run nobody started.
+STARTED_WITHIN_SECONDS = 10.0
 
 
 def escalated(case_id: str) -> dict[str, Any]:
@@ -62,6 +64,18 @@ async def until_released(runtime: Runtime, name: str) -> None:
     while (left := await runtime.store.lock_expires_in(name)) is not None:
         assert time.monotonic() < deadline, f"run lock {name!r} still held, {left:.1f} s to go"
         await asyncio.sleep(0.02)
+
+
+async def until_runs_are(client: httpx.AsyncClient, case_id: str, *statuses: str) -> None:
+    """Wait for the case's runs to reach `statuses` (the timer, which would start a run left
+    queued, does not tick here)."""
+    deadline = time.monotonic() + STARTED_WITHIN_SECONDS
+    while True:
+        runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+        if [run["status"] for run in runs] == list(statuses):
+            return
+        assert time.monotonic() < deadline, runs
+        await asyncio.sleep(0.05)
 
 
 async def until_lease_released(runtime: Runtime, case_id: str) -> None:
@@ -543,3 +557,126 @@ async def test_a_submit_cancelled_once_close_began_starts_no_run_after_it(
         assert resumed.view.status == "completed", resumed
     finally:
         await own.close()
+
+
+async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_queued_meanwhile(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retried submit of a case the hot tier holds no copy of takes the case's run lock
+    before its create, which finds the case there. A follow-up landing meanwhile finds the
+    case taken and leaves its run to the holder. The retry is cancelled as it lets go of the
+    lock, its release not yet sent to Redis: the follow-up's run starts all the same, in a
+    run slot of its own (it was left queued for the timer)."""
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    assert first.status_code == 201, first.text
+    await runtime.service.wait_idle()
+    hot = runtime.backends.hot
+    assert hot is not None
+    await hot.invalidate(case_id)
+    cold = runtime.backends.cold
+    create: Callable[..., Any] = cold.create
+    release_lock: Callable[..., Any] = hot.release_lock
+    publish = runtime.service.events.publish
+    creating, created = asyncio.Event(), asyncio.Event()
+    releasing, released = asyncio.Event(), asyncio.Event()
+    follow_up_started, slots_seen = asyncio.Event(), asyncio.Event()
+    follow_up_run: list[str] = []
+
+    async def create_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
+        if thread_id == case_id and not creating.is_set():
+            creating.set()
+            await created.wait()
+        return await create(thread_id, sections, **kwargs)
+
+    async def release_held(lock: Lock) -> bool:
+        if lock.name == run_lock_name(case_id) and not releasing.is_set():
+            releasing.set()
+            await released.wait()
+        done: bool = await release_lock(lock)
+        return done
+
+    async def start_held(target: str, event: str, **fields: Any) -> None:
+        if event == "run_started" and fields.get("run_id") in follow_up_run:
+            follow_up_started.set()
+            await slots_seen.wait()
+        await publish(target, event, **fields)
+
+    monkeypatch.setattr(cold, "create", create_held)
+    monkeypatch.setattr(hot, "release_lock", release_held)
+    monkeypatch.setattr(runtime.service.events, "publish", start_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(creating.wait(), 10)
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
+    )
+    assert (follow_up.status_code, follow_up.json()["run"]["status"]) == (202, "queued"), (
+        follow_up.text
+    )
+    follow_up_run.append(follow_up.json()["run"]["run_id"])
+    created.set()
+    await cancelled_once(retry, releasing, released)
+
+    await asyncio.wait_for(follow_up_started.wait(), STARTED_WITHIN_SECONDS)
+    # The cancelled retry gave its slot back as it ended: the run holds one of its own.
+    taken = runtime.service.run_slots.taken
+    slots_seen.set()
+    assert taken == 1, taken
+    await until_runs_are(client, case_id, "completed", "completed")
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    monkeypatch.undo()
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_the_follow_up(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submit's first run met a tier out of reach (503), left "running" with nobody on
+    it. Its retry takes the case's run lock to start that run; an interrupting follow-up
+    landing before the retry marks it finds the case taken and leaves its run (and the stop
+    of the first) to the holder. The retry is cancelled then: the follow-up's run starts all
+    the same (it was left, with the first run "running", for the timer)."""
+    run = runtime.service._run
+
+    async def cut(target: str, *args: Any, **kwargs: Any) -> Any:
+        if target == case_id:
+            raise BackendUnavailable("cold", "cut before the first run's first step")
+        return await run(target, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.service, "_run", cut)
+    failed = await client.post("/api/cases", json=demo_case(case_id))
+    assert failed.status_code == 503, failed.text
+    await runtime.service.wait_idle()
+    monkeypatch.undo()
+
+    record = runtime.service._record
+    reached, go_on = asyncio.Event(), asyncio.Event()
+
+    async def read_held(target: str, *, fresh: bool = False) -> WorkflowRecord:
+        # The retry's read of the case under the lock, before it marks the run.
+        if target == case_id and fresh and not reached.is_set():
+            reached.set()
+            await go_on.wait()
+        return await record(target, fresh=fresh)
+
+    monkeypatch.setattr(runtime.service, "_record", read_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(reached.wait(), 10)
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": "I can't find my invoice", "strategy": "interrupt"},
+    )
+    assert (follow_up.status_code, follow_up.json()["run"]["status"]) == (202, "queued"), (
+        follow_up.text
+    )
+    await cancelled_once(retry, reached, go_on)
+    monkeypatch.undo()
+
+    await until_runs_are(client, case_id, "interrupted", "completed")
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
