@@ -47,9 +47,14 @@ class Encoded:
         return hasher.hexdigest()
 
 
+def stays_raw(size: int, threshold: int) -> bool:
+    """Whether `size` bytes are stored raw whatever they hold (not over the threshold)."""
+    return size <= threshold
+
+
 def compress(data: bytes, threshold: int) -> tuple[str, bytes]:
     """`(encoding, payload)`: zlib when `data` is over `threshold` and it helps, else raw."""
-    if len(data) <= threshold:
+    if stays_raw(len(data), threshold):
         return RAW, data
     packed = zlib.compress(data, ZLIB_LEVEL)
     if len(packed) >= len(data):

@@ -66,10 +66,18 @@ class SizeReport:
 
 
 def measure(sections: Mapping[str, JSON]) -> SizeReport:
-    return SizeReport(
-        sections={name: len(canonical_json(value)) for name, value in sections.items()},
-        total=len(canonical_json(dict(sections))),
-    )
+    sizes = {name: len(canonical_json(value)) for name, value in sections.items()}
+    return _report(sections, sizes)
+
+
+def _report(sections: Mapping[str, JSON], sizes: dict[str, int]) -> SizeReport:
+    """The report of `sections` given each one's canonical size: the whole document's is
+    summed from them (`{"name":value,...}`) instead of encoding every value again."""
+    if not all(isinstance(name, str) for name in sections):
+        # JSON turns other keys into strings of its own: measured as encoded.
+        return SizeReport(dict(sizes), len(canonical_json(dict(sections))))
+    members = sum(len(canonical_json(name)) + 1 + size for name, size in sizes.items())
+    return SizeReport(dict(sizes), 2 + members + max(len(sizes) - 1, 0))
 
 
 @dataclass(frozen=True)
@@ -195,10 +203,13 @@ def _is_reference(value: JSON) -> bool:
     return is_archived(value) or is_offloaded(value)
 
 
-def wrap_compressed(value: JSON, threshold_bytes: int) -> JSON:
+def wrap_compressed(value: JSON, threshold_bytes: int, *, size: int | None = None) -> JSON:
     """A JSON value in its compressed envelope (bytes via `codec.compress`); the value
-    itself below the threshold, or when the envelope would not be smaller."""
+    itself below the threshold, or when the envelope would not be smaller. `size`: the
+    value's canonical size if known, which spares encoding a value below the threshold."""
     if is_compressed(value) or _is_reference(value):
+        return value
+    if size is not None and codec.stays_raw(size, threshold_bytes):
         return value
     raw = canonical_json(value)
     encoding, payload = codec.compress(raw, threshold_bytes)
@@ -338,7 +349,10 @@ class StateSizeManager:
 
     def compact(self, sections: Mapping[str, JSON]) -> tuple[dict[str, JSON], SizeActions]:
         """Prune, truncate and compress (no I/O): `shrink` short of moving anything cold."""
-        return self._compact(dict(sections), SizeActions(measure(sections), measure({})))
+        before = measure(sections)
+        return self._compact(
+            dict(sections), SizeActions(before, measure({})), dict(before.sections)
+        )
 
     async def shrink(
         self,
@@ -358,6 +372,9 @@ class StateSizeManager:
         """
         result = dict(sections)
         actions = SizeActions(measure(sections), measure({}))
+        # Canonical size of each value in `result`, kept up to date as values are
+        # replaced, so an unchanged section is encoded once, not at every step.
+        sizes = dict(actions.before.sections)
         for name in sorted(completed):
             if (
                 name in self.policy.archivable_sections
@@ -367,18 +384,22 @@ class StateSizeManager:
                 value = unwrap_compressed(result[name])
                 ref = await self._require_archive().archive(thread_id, name, value)
                 result[name] = {ARCHIVED_KEY: _reference(ref, value)}
+                sizes[name] = len(canonical_json(result[name]))
                 actions.archived[name] = ref
-        result, actions = self._compact(result, actions)
+        result, actions = self._compact(result, actions, sizes)
         limit = self.policy.max_item_bytes
-        sizes = measure(result).sections
+        total = actions.after.total
         for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
             if _is_reference(result[name]):
                 continue
-            if sizes[name] <= limit // 4 and measure(result).total <= limit // 2:
+            if sizes[name] <= limit // 4 and total <= limit // 2:
                 break
             result[name] = await self.offload(thread_id, name, result[name])
+            offloaded = len(canonical_json(result[name]))
+            total += offloaded - sizes[name]
+            sizes[name] = offloaded
             actions.offloaded[name] = result[name][OFFLOADED_KEY]["ref"]
-        actions.after = measure(result)
+        actions.after = _report(result, sizes)
         return result, actions
 
     async def offload(self, thread_id: str, section: str, value: JSON) -> JSON:
@@ -399,8 +420,8 @@ class StateSizeManager:
         refused as too large though each section fits alone (sections written one at a
         time pass a quarter of an item only together). Lossless, as `offload`."""
         moved: dict[str, JSON] = {}
-        sizes = measure(sections).sections
-        total = measure(sections).total
+        report = measure(sections)
+        sizes, total = report.sections, report.total
         for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
             if total <= self.policy.max_item_bytes // 2:
                 break
@@ -416,11 +437,13 @@ class StateSizeManager:
         return self._archive
 
     def _compact(
-        self, result: dict[str, JSON], actions: SizeActions
+        self, result: dict[str, JSON], actions: SizeActions, sizes: dict[str, int]
     ) -> tuple[dict[str, JSON], SizeActions]:
+        """`sizes`: the canonical size of each value in `result`, updated here for every
+        value replaced (the others are not encoded again)."""
         policy = self.policy
         for name in sorted(result):
-            value = result[name]
+            value = stored = result[name]
             if _is_reference(value):
                 continue
             if name in policy.message_sections and value is not None:
@@ -441,14 +464,14 @@ class StateSizeManager:
                 if cut:
                     value = truncated
                     actions.truncated[name] = cut
-            packed = wrap_compressed(value, policy.compress_threshold_bytes)
+            size = sizes[name] if value is stored else len(canonical_json(value))
+            packed = wrap_compressed(value, policy.compress_threshold_bytes, size=size)
             if packed is not value:
-                actions.compressed[name] = (
-                    len(canonical_json(value)),
-                    len(canonical_json(packed)),
-                )
+                actions.compressed[name] = (size, len(canonical_json(packed)))
+            if packed is not stored:
+                sizes[name] = size if packed is value else actions.compressed[name][1]
             result[name] = packed
-        actions.after = measure(result)
+        actions.after = _report(result, sizes)
         return result, actions
 
     async def expand(

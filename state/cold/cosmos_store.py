@@ -78,7 +78,8 @@ AUDIT_ID_PREFIX = "audit:"
 WORKFLOW_TYPE = "workflow"
 AUDIT_TYPE = "audit"
 # The record of each of this many threads, as this process last read or wrote it
-# (records over `KNOWN_RECORD_BYTES` are not kept): an update expecting that version
+# (records whose document passes `KNOWN_RECORD_BYTES` as stored, in the UTF-8 JSON
+# `_check_size` measures, are not kept): an update expecting that version
 # sends its batch without reading first. The batch's If-Match guards it: a record
 # changed elsewhere meanwhile refuses it, and the update reads and tries once more.
 KNOWN_RECORDS = 1_000
@@ -165,7 +166,7 @@ class CosmosStateStore:
             if existing is None:
                 raise batch_refusal(refused) from refused
             raise WorkflowExists(thread_id) from refused
-        return WorkflowRecord.from_document(self._remember(thread_id, created))
+        return WorkflowRecord.from_document(self._remember(thread_id, created, sizes[-1]))
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
         document = await self._read_record(thread_id)
@@ -311,7 +312,7 @@ class CosmosStateStore:
                 raise batch_refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from refused
-        return WorkflowRecord.from_document(self._remember(thread_id, replaced))
+        return WorkflowRecord.from_document(self._remember(thread_id, replaced, sizes[-1]))
 
     async def stored_version(self, thread_id: str) -> int | None:
         # The document as stored: `_read_record` would upcast sections it cannot read.
@@ -451,11 +452,16 @@ class CosmosStateStore:
             return None
         return self._remember(thread_id, document)
 
-    def _remember(self, thread_id: str, document: dict[str, Any]) -> dict[str, Any]:
-        """`document` upcast, with its `_etag`, kept as what this process knows of the record."""
+    def _remember(
+        self, thread_id: str, document: dict[str, Any], size: int | None = None
+    ) -> dict[str, Any]:
+        """`document` upcast, with its `_etag`, kept as what this process knows of the record.
+        `size`: the document's bytes as this process sent it (`_check_size`), if it did."""
         record = {**upcast("workflow", dict(document)), "_etag": document["_etag"]}
         self._known.pop(thread_id, None)
-        if len(json.dumps(record["sections"])) <= KNOWN_RECORD_BYTES:
+        if size is None:
+            size = len(_encode(_without_system_properties(document), allow_nan=True).encode())
+        if size <= KNOWN_RECORD_BYTES:
             self._known[thread_id] = record
             while len(self._known) > KNOWN_RECORDS:
                 self._known.popitem(last=False)
@@ -528,9 +534,7 @@ class CosmosStateStore:
         sizes = []
         for document in documents:
             try:
-                text = json.dumps(
-                    document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-                )
+                text = _encode(document, allow_nan=False)
             except ValueError as exc:  # NaN, Infinity (or a value that contains itself)
                 raise InvalidValue("cosmos", f"not valid JSON: {exc}", code=400) from exc
             size = len(text.encode())
@@ -538,6 +542,11 @@ class CosmosStateStore:
                 raise StateTooLarge(f"{document['type']} document of {thread_id!r}", size, limit)
             sizes.append(size)
         return sizes
+
+
+def _encode(document: dict[str, Any], *, allow_nan: bool) -> str:
+    """A document as the SDK sends it (compact, UTF-8 text)."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
 
 
 def _without_system_properties(document: dict[str, Any]) -> dict[str, Any]:

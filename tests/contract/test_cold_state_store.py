@@ -737,3 +737,16 @@ async def test_cosmos_round_trips_do_not_grow_with_history(
     trail = await cosmos.audit_trail(thread, limit=5)
     assert [e.version for e in trail] == [43, 42, 41, 40, 39]
     assert counters.requests == 2  # the record, one page of entries
+
+
+@pytest.mark.parametrize(("text", "kept"), [("é" * 100_000, True), ("e" * 300_000, False)])
+async def test_cosmos_knows_a_record_up_to_its_stored_bytes(
+    cosmos: CosmosStateStore, cosmos_connection: CosmosConnection, text: str, kept: bool
+) -> None:
+    # The bound counts the document's UTF-8 JSON as stored (200 kB of "é"), not an
+    # ASCII-escaped rendering ("\u00e9": 600 kB).
+    thread = unique_thread()
+    await cosmos.create(thread, {"notes": text}, agent_id="a")
+    cosmos_connection.counters.reset()
+    await cosmos.update_section(thread, "n", 1, expected_version=1, agent_id="a")
+    assert cosmos_connection.counters.requests == (1 if kept else 2)
