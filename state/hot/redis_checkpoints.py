@@ -170,8 +170,12 @@ end
 -- `seen`, the newest checkpoint id it was moved to or dropped at: an empty entry is not
 -- an empty thread, so a root put (parent '') that lands late, older than a checkpoint
 -- the thread already has (concurrent first runs), is not installed as the latest.
-local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known)
-  local current = redis.call('HGET', key, 'id')
+-- `cached_id`: the entry's `id` field if the caller read it already in this script (false
+-- when it has none), nil to read it here.
+local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known,
+    cached_id)
+  local current = cached_id
+  if current == nil then current = redis.call('HGET', key, 'id') end
   local newest = current or redis.call('HGET', key, 'seen')
   if newest and not older(newest, id) then return 0 end
   if (current or '') ~= parent then
@@ -180,7 +184,7 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
     keep(key, ttl, index, namespace)
     return -1
   end
-  local drop, set = {'lease', 'seen'}, {'id', id}
+  local drop, set = {}, {'id', id}
   local prefix = 'e:' .. id .. '\\0'
   -- The delta history moves from the parent to `id`: the parent's stored values of
   -- the tracked channels become their seeds, its pending writes history.
@@ -220,7 +224,10 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
   local referring = {}
   for _, field in ipairs(redis.call('HKEYS', key)) do
     local kind = string.sub(field, 1, 2)
-    if kind == 'n:' then
+    if field == 'lease' or field == 'seen' then
+      -- Named only when there (HKEYS says): a put with nothing else to drop sends no HDEL.
+      drop[#drop + 1] = field
+    elseif kind == 'n:' then
       referring[string.sub(field, 3)] = true
     elseif kind == 'w:' then
       drop[#drop + 1] = field
@@ -245,7 +252,7 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
       end
     end
   end
-  redis.call('HDEL', key, unpack(drop))
+  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
   track_epochs(key, first, ops, cached, held, ttl, referring, known)
   for i = first, #ARGV do set[#set + 1] = ARGV[i] end
   redis.call('HSET', key, unpack(set))
@@ -253,18 +260,37 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
   return 1
 end
 
+-- Set the writes ARGV[first..] (name/value pairs of `w:` fields) on `key` under the names
+-- `name` gives: without `upsert`, only those it lacks (the first of a name given twice), as
+-- an HSETNX each would: one HMGET and one HSET per 1000 writes (`unpack` has a limit), not a
+-- command per write.
+local function set_writes(key, upsert, first, name)
+  if #ARGV == first + 1 then
+    redis.call(upsert and 'HSET' or 'HSETNX', key, name(ARGV[first]), ARGV[first + 1])
+    return
+  end
+  for start = first, #ARGV, 2000 do
+    local last, names, set = math.min(start + 1999, #ARGV), {}, {}
+    for i = start, last, 2 do names[#names + 1] = name(ARGV[i]) end
+    local held = upsert and {} or redis.call('HMGET', key, unpack(names))
+    local taken = {}
+    for j, field in ipairs(names) do
+      if upsert or not (held[j] or taken[field]) then
+        taken[field] = true
+        set[#set + 1] = field
+        set[#set + 1] = ARGV[start + 2 * j - 1]
+      end
+    end
+    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  end
+end
+
 -- Pending writes of checkpoint `id` (ARGV[first..], name/value pairs of `w:` fields).
 -- 1: added to the cached checkpoint; 0: the cache is newer; -1: kept as early writes.
 local function add_writes(key, id, upsert, ttl, first)
   local current = redis.call('HGET', key, 'id')
   if current == id then
-    for i = first, #ARGV, 2 do
-      if upsert then
-        redis.call('HSET', key, ARGV[i], ARGV[i + 1])
-      else
-        redis.call('HSETNX', key, ARGV[i], ARGV[i + 1])
-      end
-    end
+    set_writes(key, upsert, first, function(field) return field end)
     return 1
   end
   if current and not older(current, id) then
@@ -274,14 +300,8 @@ local function add_writes(key, id, upsert, ttl, first)
     -- overlaps the two) join the delta history; older ones void it.
     if redis.call('HGET', key, 'd@') == current then
       if cjson.decode(redis.call('HGET', key, 'head'))['parent'] == id then
-        for i = first, #ARGV, 2 do
-          local field = 'dx:' .. id .. '\\0' .. string.sub(ARGV[i], 3)
-          if upsert then
-            redis.call('HSET', key, field, ARGV[i + 1])
-          else
-            redis.call('HSETNX', key, field, ARGV[i + 1])
-          end
-        end
+        local prefix = 'dx:' .. id .. '\\0'
+        set_writes(key, upsert, first, function(field) return prefix .. string.sub(field, 3) end)
       else
         drop_history(key)
       end
@@ -290,14 +310,7 @@ local function add_writes(key, id, upsert, ttl, first)
   end
   redis.call('HDEL', key, 'lease')
   local prefix = 'e:' .. id .. '\\0'
-  for i = first, #ARGV, 2 do
-    local field = prefix .. string.sub(ARGV[i], 3)
-    if upsert then
-      redis.call('HSET', key, field, ARGV[i + 1])
-    else
-      redis.call('HSETNX', key, field, ARGV[i + 1])
-    end
-  end
+  set_writes(key, upsert, first, function(field) return prefix .. string.sub(field, 3) end)
   if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
   return -1
 end

@@ -74,7 +74,8 @@ local now = redis.call('TIME')
 -- (which revoke it as they would each): a field per miss piled up on a hidden entry.
 if lease then return {now[1], now[2], flat, lease} end
 redis.call('HSET', KEYS[1], ARGV[1], '1')
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+-- An entry the HSET created (nothing read) has no TTL yet: no PTTL to ask.
+if #flat == 0 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {now[1], now[2], flat, ARGV[1]}
 """
 
@@ -96,11 +97,14 @@ end
 local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', clock + tonumber(ARGV[2]) * 1000))
+-- An entry whose TTL already outlasts the deadline keeps it: a PEXPIRE to the TTL it has
+-- (time stands still in a script) was a command per write for nothing.
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
-  ttl = tonumber(ARGV[3]) * 1000
+  redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]) * 1000, tonumber(ARGV[2])))
+elseif ttl < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-redis.call('PEXPIRE', KEYS[1], math.max(ttl, tonumber(ARGV[2])))
 return string.format('%.0f', clock)
 """
 

@@ -218,8 +218,10 @@ local first = 8 + 4 * #ops
 local stale = fenced(KEYS[4], ARGV[5], ARGV[3])
 if stale == -1 then return {-5, 0} end
 if stale then return {-2, stale} end
+-- The entry's id when read here (nil otherwise), so `advance` need not read it again.
+local head = nil
 if ARGV[6] ~= '1' and ARGV[2] ~= '' then
-  local head = redis.call('HGET', KEYS[1], 'id')
+  head = redis.call('HGET', KEYS[1], 'id')
   if head ~= ARGV[2] and not logged(KEYS[3], ARGV[4], ARGV[2]) then
     -- A fork goes on from an older checkpoint; a parent newer than the cached one is a
     -- step past it that Redis may have lost (a replica promoted while it lagged).
@@ -231,7 +233,7 @@ if not values_ready(ops) then return {-4, 0} end
 redis.call('DEL', KEYS[9], KEYS[10])
 write_values(ops, KEYS[5], true, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[6],
-  KEYS[5], known)
+  KEYS[5], known, head)
 local entry = {'op', 'put', 'f', '$ENTRY_FORMAT', 'ns', ARGV[4]}
 for i = first, #ARGV do entry[#entry + 1] = ARGV[i] end
 local entry_id = redis.call('XADD', KEYS[3], '*', unpack(entry))
