@@ -1049,7 +1049,9 @@ class CaseService:
         except (RunInProgress, QueueFull) as refused:
             raise CaseConflict(str(refused)) from None
         if replayed:
-            return await self._replayed_message(case_id, stored, message, start=not without_slot)
+            # Without a slot too: a stop still queued, its runner gone since it was taken,
+            # is started here, as below.
+            return await self._replayed_message(case_id, stored, message)
         # Without a slot, the run it stopped is going: its runner reads the queue once that
         # run rests, after this write, and starts this one. A runner gone (the case free)
         # leaves it to whoever takes the case: here, past the bound, as any queue taken up
@@ -1062,10 +1064,10 @@ class CaseService:
         return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
 
     async def _replayed_message(
-        self, case_id: str, stored: dict[str, Any], message: FollowUp, *, start: bool = True
+        self, case_id: str, stored: dict[str, Any], message: FollowUp
     ) -> MessageOutcome:
-        """The answer to a message whose Idempotency-Key queued `stored` before; `start`: a
-        run still queued is started if nobody runs the case."""
+        """The answer to a message whose Idempotency-Key queued `stored` before; a run still
+        queued is started if nobody runs the case."""
         strategy = message.strategy or self._settings.case_default_strategy
         # The same message is the same text and the same strategy: a retry that asks for
         # another strategy is another request, not a replay.
@@ -1074,7 +1076,7 @@ class CaseService:
                 f"Idempotency-Key already used on case {case_id!r} for another "
                 "message; use a new key for a new message"
             )
-        if start and stored["status"] == RunStatus.QUEUED.value:
+        if stored["status"] == RunStatus.QUEUED.value:
             # The first request may have ended before starting it (a 503, a crash).
             await self._start_queued(case_id)
         view = run_view(stored)
@@ -1208,18 +1210,23 @@ class CaseService:
     async def close(self) -> None:
         """Stop driving runs (they resume later from their checkpoints)."""
         self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Each claim's give-back is started as it ends, before this gather's turn.
-        await asyncio.gather(*self._claims, return_exceptions=True)
-        await asyncio.gather(*self._releases, return_exceptions=True)
+        # Until none is left: a release past its check of `_closing` as this began may
+        # still start a run (see `_let_go_of_case`), cancelled in the next round.
+        while self._tasks or self._claims or self._releases:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Each claim's give-back is started as it ends, before this gather's turn.
+            await asyncio.gather(*self._claims, return_exceptions=True)
+            await asyncio.gather(*self._releases, return_exceptions=True)
         await self._tracker.close()
 
     async def wait_idle(self) -> None:
         """Wait for runs still going in the background (tests, graceful shutdown)."""
-        await asyncio.gather(*self._tasks, *self._claims, return_exceptions=True)
-        await asyncio.gather(*self._releases, return_exceptions=True)
+        # Until none is left: a release may start a run as it ends (see `_let_go_of_case`).
+        while self._tasks or self._claims or self._releases:
+            await asyncio.gather(*self._tasks, *self._claims, return_exceptions=True)
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
     # ------------------------------------------------------------------ running the graph
 

@@ -24,7 +24,7 @@ from state.ports import SectionWrite
 from state.settings import Settings
 from support_cases.api import create_app
 from support_cases.demo import demo_case
-from support_cases.models import CaseSubmission
+from support_cases.models import CaseSubmission, FollowUp
 from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
 from support_cases.runtime import Runtime
@@ -680,3 +680,120 @@ async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_t
     await until_runs_are(client, case_id, "interrupted", "completed")
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
+
+
+async def test_wait_idle_waits_for_the_run_a_cancelled_request_starts_as_it_lets_go(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, a retried submit cancelled as it lets go of the case leaves the follow-up
+    queued meanwhile to its release, which starts it: `wait_idle` returns once that run
+    rests, not as the release that started it ends."""
+    first = await client.post("/api/cases", json=demo_case(case_id))
+    assert first.status_code == 201, first.text
+    await runtime.service.wait_idle()
+    hot = runtime.backends.hot
+    assert hot is not None
+    await hot.invalidate(case_id)
+    cold = runtime.backends.cold
+    create: Callable[..., Any] = cold.create
+    release_lock: Callable[..., Any] = hot.release_lock
+    creating, created = asyncio.Event(), asyncio.Event()
+    releasing, released = asyncio.Event(), asyncio.Event()
+
+    async def create_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
+        if thread_id == case_id and not creating.is_set():
+            creating.set()
+            await created.wait()
+        return await create(thread_id, sections, **kwargs)
+
+    async def release_held(lock: Lock) -> bool:
+        if lock.name == run_lock_name(case_id) and not releasing.is_set():
+            releasing.set()
+            await released.wait()
+        done: bool = await release_lock(lock)
+        return done
+
+    monkeypatch.setattr(cold, "create", create_held)
+    monkeypatch.setattr(hot, "release_lock", release_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(creating.wait(), 10)
+    follow_up = await client.post(
+        f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
+    )
+    assert follow_up.status_code == 202, follow_up.text
+    created.set()
+    await cancelled_once(retry, releasing, released)
+
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    monkeypatch.undo()
+    runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    assert [run["status"] for run in runs] == ["completed", "completed"], runs
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_close_begun_as_a_release_takes_up_the_queue_leaves_no_run_going(
+    runtime: Runtime,
+    e2e_settings: Callable[..., Settings],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retried submit lets go of the case it found created, with a follow-up queued
+    meanwhile; `close` begins as that release reads the queue. The run the release starts
+    is not left going after `close` returns, on stores about to close, its run lock held:
+    the follow-up is left queued, as a stopped worker's is."""
+    own = await Runtime.open(e2e_settings(runtime.settings.state_cold_backend.value))
+    try:
+        submission = CaseSubmission.model_validate(demo_case(case_id))
+        await own.service.submit(submission, None)
+        await own.service.wait_idle()
+        hot = own.backends.hot
+        assert hot is not None
+        await hot.invalidate(case_id)
+        cold = own.backends.cold
+        create: Callable[..., Any] = cold.create
+        release_lock: Callable[..., Any] = hot.release_lock
+        read: Callable[..., Any] = hot.read
+        creating, created = asyncio.Event(), asyncio.Event()
+        released: list[str] = []
+        closing: list[asyncio.Future[None]] = []
+
+        async def create_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
+            if thread_id == case_id and not creating.is_set():
+                creating.set()
+                await created.wait()
+            return await create(thread_id, sections, **kwargs)
+
+        async def release_noted(lock: Lock) -> bool:
+            done: bool = await release_lock(lock)
+            if lock.name == run_lock_name(case_id):
+                released.append(lock.name)
+            return done
+
+        async def close_as_read(thread_id: str) -> Any:
+            if thread_id == case_id and released and not closing:
+                # The release reads the queue: `close` begins, and waits for that release.
+                closing.append(asyncio.ensure_future(own.service.close()))
+                await asyncio.sleep(0)
+            return await read(thread_id)
+
+        monkeypatch.setattr(cold, "create", create_held)
+        monkeypatch.setattr(hot, "release_lock", release_noted)
+        monkeypatch.setattr(hot, "read", close_as_read)
+        retry = asyncio.ensure_future(own.service.submit(submission, None))
+        await asyncio.wait_for(creating.wait(), 10)
+        await own.service.post_message(case_id, FollowUp(text="I can't find my invoice"), None)
+        created.set()
+        await retry
+        assert closing, "the release never read the queue"
+        await asyncio.wait_for(closing[0], 60)
+        monkeypatch.undo()
+        assert await own.store.lock_expires_in(run_lock_name(case_id)) is None
+        assert own.service.run_slots.taken == 0
+    finally:
+        await own.close()
+    # Started here, as the timer would, or a later test's tick would find it left.
+    await runtime.service.post_message(case_id, FollowUp(text="And my password?"), None)
+    await runtime.service.wait_idle()
