@@ -343,78 +343,42 @@ async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximu
     assert runtime.service.run_slots.taken == 0
 
 
-async def test_a_follow_up_stopping_a_run_nobody_drives_is_started_while_the_maximum_is_reached(
-    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+@pytest.mark.parametrize("gone", ["before the stop", "before its retry"])
+async def test_a_stop_of_a_run_nobody_drives_starts_its_follow_up_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str, gone: str
 ) -> None:
     """Found by review: a stop taken on a full worker is left to the runner of the run it
-    stops. A run left "running" by a runner gone (its lock free) has none: the stop stayed
-    queued until the timer found the run stalled, where a worker with room starts it at once
-    (a run past the bound, as any queue taken up outside a request)."""
+    stops. A run left "running" by a runner gone (its lock ran out, as after a crash) has
+    none: the stop stayed queued until the timer found the run stalled, where a worker with
+    room starts it at once (a run past the bound, as any queue taken up outside a request).
+    The runner gone only after the stop was taken, the client's retry of the stop (its
+    replay) starts it so."""
     http, runtime = client
     first, second = f"{case_id}-1", f"{case_id}-2"
     for one in (first, second):
         assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
     await held.until_reached(2)
-    # The first run's runner is gone, as after a crash: its lock ran out.
     hot = runtime.backends.hot
     assert isinstance(hot, RedisHotStore)
-    raw = create_redis_client(runtime.settings)
-    try:
-        assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
-    finally:
-        await raw.aclose()
 
-    sent = await http.post(
-        f"/api/cases/{first}/messages", json={"text": "forget it", "strategy": "interrupt"}
-    )
-    assert sent.status_code == 202, sent.text
-    run_id = sent.json()["run"]["run_id"]
+    async def runner_gone() -> None:
+        raw = create_redis_client(runtime.settings)
+        try:
+            assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
+        finally:
+            await raw.aclose()
 
-    async def follow_up_started() -> None:
-        while True:
-            runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
-                return
-            await asyncio.sleep(0.1)
-
-    await asyncio.wait_for(follow_up_started(), 10)
-    held.release.set()
-    await runtime.service.wait_idle()
-    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-    assert [(run["kind"], run["status"]) for run in runs] == [
-        ("intake", "interrupted"),
-        ("message", "completed"),
-    ], runs
-    assert runtime.service.run_slots.taken == 0
-
-
-async def test_a_retried_stop_of_a_run_whose_runner_has_gone_since_starts_its_follow_up(
-    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
-) -> None:
-    """Found by review: a stop taken on a full worker, its run's runner alive then, is left
-    to that runner. The runner gone since (its lock ran out), the client's retry of the stop
-    is its replay: it starts the follow-up as a first stop finding the runner gone does,
-    rather than leave it queued until the timer finds the run stalled."""
-    http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
     message = {"text": "forget it", "strategy": "interrupt"}
     key = {"Idempotency-Key": f"{case_id}-stop"}
+    if gone == "before the stop":
+        await runner_gone()
     sent = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
     assert sent.status_code == 202, sent.text
     run_id = sent.json()["run"]["run_id"]
-    hot = runtime.backends.hot
-    assert isinstance(hot, RedisHotStore)
-    raw = create_redis_client(runtime.settings)
-    try:
-        assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
-    finally:
-        await raw.aclose()
-
-    replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
-    assert replayed.status_code == 200, replayed.text
+    if gone == "before its retry":
+        await runner_gone()
+        replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+        assert replayed.status_code == 200, replayed.text
 
     async def follow_up_started() -> None:
         while True:
