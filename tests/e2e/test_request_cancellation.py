@@ -559,17 +559,16 @@ async def test_a_submit_cancelled_once_close_began_starts_no_run_after_it(
         await own.close()
 
 
-async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_queued_meanwhile(
+async def retry_cancelled_as_it_lets_go(
     runtime: Runtime,
     client: httpx.AsyncClient,
     case_id: str,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> httpx.Response:
     """A retried submit of a case the hot tier holds no copy of takes the case's run lock
-    before its create, which finds the case there. A follow-up landing meanwhile finds the
-    case taken and leaves its run to the holder. The retry is cancelled as it lets go of the
-    lock, its release not yet sent to Redis: the follow-up's run starts all the same, in a
-    run slot of its own (it was left queued for the timer)."""
+    before its create, which finds the case there. A follow-up landing meanwhile (its
+    answer returned) finds the case taken and leaves its run to the holder. The retry is
+    cancelled as it lets go of the lock, its release not yet sent to Redis."""
     first = await client.post("/api/cases", json=demo_case(case_id))
     assert first.status_code == 201, first.text
     await runtime.service.wait_idle()
@@ -579,11 +578,8 @@ async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_que
     cold = runtime.backends.cold
     create: Callable[..., Any] = cold.create
     release_lock: Callable[..., Any] = hot.release_lock
-    publish = runtime.service.events.publish
     creating, created = asyncio.Event(), asyncio.Event()
     releasing, released = asyncio.Event(), asyncio.Event()
-    follow_up_started, slots_seen = asyncio.Event(), asyncio.Event()
-    follow_up_run: list[str] = []
 
     async def create_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
         if thread_id == case_id and not creating.is_set():
@@ -598,15 +594,8 @@ async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_que
         done: bool = await release_lock(lock)
         return done
 
-    async def start_held(target: str, event: str, **fields: Any) -> None:
-        if event == "run_started" and fields.get("run_id") in follow_up_run:
-            follow_up_started.set()
-            await slots_seen.wait()
-        await publish(target, event, **fields)
-
     monkeypatch.setattr(cold, "create", create_held)
     monkeypatch.setattr(hot, "release_lock", release_held)
-    monkeypatch.setattr(runtime.service.events, "publish", start_held)
     retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
     await asyncio.wait_for(creating.wait(), 10)
     follow_up = await client.post(
@@ -615,9 +604,40 @@ async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_que
     assert (follow_up.status_code, follow_up.json()["run"]["status"]) == (202, "queued"), (
         follow_up.text
     )
-    follow_up_run.append(follow_up.json()["run"]["run_id"])
     created.set()
     await cancelled_once(retry, releasing, released)
+    return follow_up
+
+
+async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_queued_meanwhile(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`retry_cancelled_as_it_lets_go`: the follow-up's run starts all the same, in a run
+    slot of its own (it was left queued for the timer)."""
+    publish = runtime.service.events.publish
+    follow_up_started, slots_seen = asyncio.Event(), asyncio.Event()
+    follow_up_run: list[str] = []
+
+    async def start_held(target: str, event: str, **fields: Any) -> None:
+        if event == "run_started" and fields.get("run_id") in follow_up_run:
+            follow_up_started.set()
+            await slots_seen.wait()
+        await publish(target, event, **fields)
+
+    monkeypatch.setattr(runtime.service.events, "publish", start_held)
+    original_post = client.post
+
+    async def noting_the_follow_up(url: str, **kwargs: Any) -> httpx.Response:
+        answer = await original_post(url, **kwargs)
+        if url.endswith("/messages"):
+            follow_up_run.append(answer.json()["run"]["run_id"])
+        return answer
+
+    monkeypatch.setattr(client, "post", noting_the_follow_up)
+    await retry_cancelled_as_it_lets_go(runtime, client, case_id, monkeypatch)
 
     await asyncio.wait_for(follow_up_started.wait(), STARTED_WITHIN_SECONDS)
     # The cancelled retry gave its slot back as it ended: the run holds one of its own.
@@ -688,45 +708,10 @@ async def test_wait_idle_waits_for_the_run_a_cancelled_request_starts_as_it_lets
     case_id: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As above, a retried submit cancelled as it lets go of the case leaves the follow-up
-    queued meanwhile to its release, which starts it: `wait_idle` returns once that run
-    rests, not as the release that started it ends."""
-    first = await client.post("/api/cases", json=demo_case(case_id))
-    assert first.status_code == 201, first.text
-    await runtime.service.wait_idle()
-    hot = runtime.backends.hot
-    assert hot is not None
-    await hot.invalidate(case_id)
-    cold = runtime.backends.cold
-    create: Callable[..., Any] = cold.create
-    release_lock: Callable[..., Any] = hot.release_lock
-    creating, created = asyncio.Event(), asyncio.Event()
-    releasing, released = asyncio.Event(), asyncio.Event()
-
-    async def create_held(thread_id: str, sections: dict[str, JSON], **kwargs: Any) -> Any:
-        if thread_id == case_id and not creating.is_set():
-            creating.set()
-            await created.wait()
-        return await create(thread_id, sections, **kwargs)
-
-    async def release_held(lock: Lock) -> bool:
-        if lock.name == run_lock_name(case_id) and not releasing.is_set():
-            releasing.set()
-            await released.wait()
-        done: bool = await release_lock(lock)
-        return done
-
-    monkeypatch.setattr(cold, "create", create_held)
-    monkeypatch.setattr(hot, "release_lock", release_held)
-    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
-    await asyncio.wait_for(creating.wait(), 10)
-    follow_up = await client.post(
-        f"/api/cases/{case_id}/messages", json={"text": "I can't find my invoice"}
-    )
-    assert follow_up.status_code == 202, follow_up.text
-    created.set()
-    await cancelled_once(retry, releasing, released)
-
+    """`retry_cancelled_as_it_lets_go` leaves the follow-up queued meanwhile to the retry's
+    release, which starts it: `wait_idle` returns once that run rests, not as the release
+    that started it ends."""
+    await retry_cancelled_as_it_lets_go(runtime, client, case_id, monkeypatch)
     await asyncio.wait_for(runtime.service.wait_idle(), 60)
     monkeypatch.undo()
     runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
