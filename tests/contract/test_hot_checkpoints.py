@@ -159,6 +159,30 @@ async def test_pending_writes_are_kept_exact_and_early_ones_wait_for_their_check
     assert found is not None and found.writes == [write("c", "early")]
 
 
+@pytest.mark.parametrize("upsert", [False, True], ids=["insert", "upsert"])
+async def test_a_write_named_twice_in_one_call_keeps_the_first_or_with_upsert_the_last(
+    hot: HotCheckpoints, upsert: bool
+) -> None:
+    """As across calls, for the cached checkpoint's writes and for early ones, whether the
+    two fall in one batch of Redis's (1000 writes) or in two."""
+    thread = unique_thread("cpc")
+    first, second = checkpoint(thread, 1), checkpoint(thread, 2)
+    await hot.cache.advance(first, [blob("chat", 1), blob("notes", 1)])
+    writes = [write("t", f"a{idx}", idx) for idx in range(999)]
+    writes.insert(10, write("t", "b3", 3))  # the same batch: writes[:1000]
+    writes += [write("t", "b5", 5), write("t", "c999", 999), write("t", "d999", 999)]
+    expected = {idx: f"a{idx}" for idx in range(999)} | {999: "c999"}
+    if upsert:
+        expected |= {3: "b3", 5: "b5", 999: "d999"}
+    for cid, move in ((first.checkpoint_id, None), (second.checkpoint_id, second)):
+        await hot.cache.add_writes(thread, "", cid, writes, upsert=upsert)
+        if move is not None:  # early writes, kept until their checkpoint's put
+            await hot.cache.advance(move, [blob("chat", 2)])
+        found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+        assert found is not None and found.checkpoint_id == cid
+        assert {w.idx: w.value[1].decode() for w in found.writes} == expected
+
+
 async def test_a_fill_installs_under_its_lease_and_a_write_meanwhile_revokes_it(
     hot: HotCheckpoints,
 ) -> None:

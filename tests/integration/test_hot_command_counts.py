@@ -103,6 +103,22 @@ async def test_an_intent_creating_the_entry_gives_it_the_hot_ttl(redis: aioredis
     assert await redis.pttl(hot.key(thread_id)) > TTL_SECONDS * 1000 - 1000
 
 
+@pytest.mark.parametrize(
+    ("ttl_seconds", "expected_ms"), [(TTL_SECONDS, TTL_SECONDS * 1000), (1, BOUND_MS)]
+)
+async def test_an_intent_on_an_entry_without_a_ttl_gives_it_one(
+    redis: aioredis.Redis, ttl_seconds: int, expected_ms: int
+) -> None:
+    """An entry kept with no TTL (PTTL -1, as one the intent creates): the hot TTL, or the
+    deadline where that is later."""
+    hot = RedisHotStore(redis, namespace=NAMESPACE)
+    thread_id = unique_thread("counts")
+    await hot.install(workflow_record(thread_id, a=1), ttl_seconds=TTL_SECONDS)
+    await redis.persist(hot.key(thread_id))
+    await hot.begin_write(thread_id, bound_ms=BOUND_MS, ttl_seconds=ttl_seconds)
+    assert expected_ms - 1000 < await redis.pttl(hot.key(thread_id)) <= expected_ms
+
+
 async def test_a_miss_on_an_absent_record_takes_its_lease_without_asking_a_ttl(
     redis: aioredis.Redis,
 ) -> None:

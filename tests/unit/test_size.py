@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
@@ -73,6 +74,55 @@ def test_measure_is_canonical_json_bytes_per_section() -> None:
     assert report.sections == {"a": len('{"x":"é","y":1}'.encode()), "b": len(b"[1,2]")}
     assert report.total == len(canonical_json(sections))
     assert report.largest(1) == [("a", report.sections["a"])]
+
+
+# Names JSON escapes ('"', '\\', control characters) or stores as several UTF-8 bytes.
+section_names = st.text(alphabet='ab"\\\n\x01é€😀\u2028', max_size=4)
+
+
+@settings(deadline=None)  # a loaded CI machine must not fail it on time
+@given(st.dictionaries(section_names, json_values, max_size=6))
+def test_the_total_is_the_whole_document_as_stored(sections: dict[str, JSON]) -> None:
+    report = measure(sections)
+    assert report.sections == {name: len(canonical_json(v)) for name, v in sections.items()}
+    assert report.total == len(canonical_json(sections))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        section_names | st.sampled_from(["reasoning", "billing"]),
+        json_values | st.text(alphabet="xé", min_size=50, max_size=600),
+        max_size=5,
+    ),
+    st.lists(st.text(alphabet="mé", max_size=40), max_size=6),
+    st.booleans(),
+)
+def test_compact_and_shrink_report_the_sizes_of_what_they_return(
+    sections: dict[str, JSON], messages: list[str], packed: bool
+) -> None:
+    """Pruned, truncated, compressed, archived and offloaded sections measured again."""
+    sections = {**sections, "messages": messages}
+    if packed:
+        sections = {name: wrap_compressed(value, 16) for name, value in sections.items()}
+    manager = StateSizeManager(
+        policy(
+            message_window=2,
+            reasoning_max_chars=20,
+            compress_threshold_bytes=64,
+            max_item_bytes=2_000,
+        ),
+        MemoryArchive(),
+    )
+    shrunk = asyncio.run(manager.shrink("c", sections, completed={"billing"}))
+    for result, actions in (manager.compact(sections), shrunk):
+        assert actions.before == measure(sections)
+        assert actions.after == measure(result)
+        for name, (raw, stored) in actions.compressed.items():
+            assert stored == len(canonical_json(result[name])) or name in actions.offloaded
+            assert raw == len(canonical_json(unwrap_compressed(result[name]))) or (
+                name in actions.offloaded
+            )
 
 
 @given(st.lists(st.integers(), max_size=40), st.integers(min_value=1, max_value=10))
@@ -220,6 +270,20 @@ async def test_what_does_not_fit_an_item_is_offloaded_whatever_its_name() -> Non
     assert shrunk["small"] == {"ok": True}
     # Offloaded sections are still needed: expand fetches them even without archived ones.
     assert await manager.expand(shrunk, fetch_archived=False) == sections
+
+
+async def test_offloading_stops_once_the_record_fits_half_an_item() -> None:
+    """The largest section moved, the rest (each within a quarter) fit half: they stay."""
+    manager = StateSizeManager(policy(max_item_bytes=40_000), MemoryArchive())
+    sections: dict[str, JSON] = {
+        "huge": incompressible(30_000),
+        "a": incompressible(9_000, 1),
+        "b": incompressible(9_000, 2),
+    }
+    shrunk, actions = await manager.shrink("c", sections)
+    assert set(actions.offloaded) == {"huge"}
+    assert [unwrap_compressed(shrunk[name]) for name in "ab"] == [sections["a"], sections["b"]]
+    assert actions.after == measure(shrunk) and actions.after.total <= 20_000
 
 
 class MemoryColdStore:
