@@ -15,8 +15,9 @@ from devstack import RedisServer
 from state.hot.redis_checkpoints import RedisCheckpointCache
 from state.hot.redis_store import RedisHotStore
 from state.hot.redis_write_behind import RedisWriteBehindLog
-from state.ports import StoredBlob, StoredCheckpoint, StoredWrite
+from state.ports import StoredBlob, StoredWrite
 from tests.support.records import unique_thread, workflow_record
+from tests.support.stored import checkpoint
 
 NAMESPACE = "counts"
 TTL_SECONDS = 3600
@@ -41,18 +42,6 @@ async def commands_of(redis: aioredis.Redis, call: Awaitable[object]) -> Counter
     )
     del counted["config|resetstat"]
     return counted
-
-
-def checkpoint(thread_id: str, n: int) -> StoredCheckpoint:
-    return StoredCheckpoint(
-        thread_id=thread_id,
-        checkpoint_ns="",
-        checkpoint_id=f"{n:08}",
-        parent_checkpoint_id=f"{n - 1:08}" if n > 1 else None,
-        checkpoint=("json", b'{"n": %d}' % n),
-        metadata={"step": n},
-        channel_versions={"chat": n},
-    )
 
 
 def blob(n: int) -> StoredBlob:
@@ -153,10 +142,16 @@ async def test_a_first_put_sends_no_hdel_and_a_put_after_a_lease_drops_it(
     assert found is not None and found.checkpoint_id == checkpoint(other, 1).checkpoint_id
 
 
-@pytest.mark.parametrize("upsert", [False, True], ids=["insert", "upsert"])
-async def test_writes_of_a_cached_checkpoint_cost_one_hset_not_one_command_each(
-    redis: aioredis.Redis, upsert: bool
+@pytest.mark.parametrize(
+    ("upsert", "count"),
+    [(False, 5), (True, 5), (False, 2100)],
+    ids=["insert", "upsert", "insert-beyond-one-batch"],
+)
+async def test_writes_of_a_cached_checkpoint_cost_one_hset_per_batch_not_one_command_each(
+    redis: aioredis.Redis, upsert: bool, count: int
 ) -> None:
+    """One HSET (and, keeping the first of each, one HMGET) per 1000 writes: more than one
+    script call takes (`unpack` has a limit) go in batches, every write set."""
     cache = RedisCheckpointCache(redis, namespace=NAMESPACE, ttl_seconds=TTL_SECONDS)
     thread_id = unique_thread("counts")
     first = checkpoint(thread_id, 1)
@@ -167,21 +162,17 @@ async def test_writes_of_a_cached_checkpoint_cost_one_hset_not_one_command_each(
     ran = await commands_of(
         redis,
         cache.add_writes(
-            thread_id, "", first.checkpoint_id, writes("t", b'"new"', 5), upsert=upsert
+            thread_id, "", first.checkpoint_id, writes("t", b'"new"', count), upsert=upsert
         ),
     )
-    assert ran["hsetnx"] == 0 and ran["hset"] == 1
-    assert ran["hmget"] == (0 if upsert else 1)
+    batches = -(-count // 1000)
+    assert ran["hsetnx"] == 0 and ran["hset"] == batches
+    assert ran["hmget"] == (0 if upsert else batches)
     found = (await cache.lookup(thread_id, "", lease=False, with_history=False)).checkpoint
     assert found is not None
     kept = b'"new"' if upsert else b'"old"'
-    assert [(w.idx, w.value[1]) for w in found.writes] == [
-        (0, kept),
-        (1, kept),
-        (2, b'"new"'),
-        (3, b'"new"'),
-        (4, b'"new"'),
-    ]
+    values = {w.idx: w.value[1] for w in found.writes}
+    assert values == {idx: kept if idx < 2 else b'"new"' for idx in range(count)}
 
 
 async def test_early_writes_cost_one_hset_and_keep_the_first_of_each(
@@ -224,25 +215,3 @@ async def test_a_logged_put_reads_the_cached_id_once(redis: aioredis.Redis) -> N
     found = (await cache.lookup(thread_id, "", lease=False, with_history=False)).checkpoint
     assert found is not None and found.checkpoint_id == checkpoint(thread_id, 2).checkpoint_id
     assert await redis.xlen(cache.log_key(thread_id)) == 2
-
-
-async def test_writes_beyond_one_batch_are_all_set_the_first_kept(redis: aioredis.Redis) -> None:
-    """More writes than one HSET takes from a script (`unpack` has a limit): a batch each."""
-    cache = RedisCheckpointCache(redis, namespace=NAMESPACE, ttl_seconds=TTL_SECONDS)
-    thread_id = unique_thread("counts")
-    first = checkpoint(thread_id, 1)
-    await cache.advance(first, [blob(1)])
-    await cache.add_writes(
-        thread_id, "", first.checkpoint_id, writes("t", b'"old"', 2), upsert=False
-    )
-    ran = await commands_of(
-        redis,
-        cache.add_writes(
-            thread_id, "", first.checkpoint_id, writes("t", b'"new"', 2100), upsert=False
-        ),
-    )
-    assert ran["hmget"] == 3 and ran["hset"] == 3
-    found = (await cache.lookup(thread_id, "", lease=False, with_history=False)).checkpoint
-    assert found is not None
-    values = {w.idx: w.value[1] for w in found.writes}
-    assert values == {idx: b'"old"' if idx < 2 else b'"new"' for idx in range(2100)}

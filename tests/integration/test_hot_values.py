@@ -37,6 +37,7 @@ from tests.integration.test_write_behind import (
     open_write_behind,
     settings_for,
 )
+from tests.support.stored import checkpoint
 
 LARGE = 4 * BY_REFERENCE_BYTES
 
@@ -49,18 +50,6 @@ async def tiers(
         settings_for(stack_env, request.param, stack_env["REDIS_URL"])
     ) as opened:
         yield opened
-
-
-def checkpoint(thread_id: str, n: int) -> StoredCheckpoint:
-    return StoredCheckpoint(
-        thread_id=thread_id,
-        checkpoint_ns="",
-        checkpoint_id=f"{n:08}",
-        parent_checkpoint_id=f"{n - 1:08}" if n > 1 else None,
-        checkpoint=("json", b'{"n": %d}' % n),
-        metadata={"step": n},
-        channel_versions={"chat": n},
-    )
 
 
 def grown(version: int) -> StoredBlob:
