@@ -308,6 +308,21 @@ async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(
         provider.shutdown()
 
 
+async def ends_stopped_then_followed(
+    http: httpx.AsyncClient, runtime: Runtime, held: Held, case_id: str
+) -> None:
+    """The held runs let go: the case's first run ends interrupted, the stop's run completed,
+    and no run slot is left taken."""
+    held.release.set()
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "interrupted"),
+        ("message", "completed"),
+    ], runs
+    assert runtime.service.run_slots.taken == 0
+
+
 async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximum_is_reached(
     client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
 ) -> None:
@@ -333,14 +348,7 @@ async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximu
     mismatched = await http.post(f"/api/cases/{first}/messages", json=other, headers=key)
     assert mismatched.status_code == 422, mismatched.text
 
-    held.release.set()
-    await runtime.service.wait_idle()
-    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-    assert [(run["kind"], run["status"]) for run in runs] == [
-        ("intake", "interrupted"),
-        ("message", "completed"),
-    ], runs
-    assert runtime.service.run_slots.taken == 0
+    await ends_stopped_then_followed(http, runtime, held, first)
 
 
 @pytest.mark.parametrize("gone", ["before the stop", "before its retry"])
@@ -388,11 +396,4 @@ async def test_a_stop_of_a_run_nobody_drives_starts_its_follow_up_while_the_maxi
             await asyncio.sleep(0.1)
 
     await asyncio.wait_for(follow_up_started(), 10)
-    held.release.set()
-    await runtime.service.wait_idle()
-    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-    assert [(run["kind"], run["status"]) for run in runs] == [
-        ("intake", "interrupted"),
-        ("message", "completed"),
-    ], runs
-    assert runtime.service.run_slots.taken == 0
+    await ends_stopped_then_followed(http, runtime, held, first)
