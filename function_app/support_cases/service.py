@@ -998,7 +998,7 @@ class CaseService:
                     raise  # new, or still to start: a run more
                 # A stop frees work rather than adding it: the runner of the run it stops
                 # starts its run next, in the slot that run holds. A stop still queued, taken
-                # so before, is its replay (starting nothing).
+                # so before, is its replay (started only if its runner is gone).
                 return await self._post_message(
                     case_id, message, idempotency_key, without_slot=True
                 )
