@@ -5,7 +5,9 @@ call near its timeout) a GET or a submit took over 13 s. Past the deadline the h
 cancelled, as when its client disconnects: the service's handling of a cancelled request
 (a run handed to a background task, a lock let go) leaves nothing half-done. The caller is
 answered 503 with Retry-After instead. The request's body read counts too: a client
-trickling it in would otherwise hold a worker for as long as it liked.
+trickling it in would otherwise hold a worker for as long as it liked. Its body still
+arriving at the deadline, the request is the client's to blame: 408 (and the connection
+closed: the rest of the body would be read as the next request).
 
 The deadline ends once the answer starts: an event stream stays open for its own
 `seconds`. A request's wait for its run (CASE_SYNC_WAIT_SECONDS, after which it answers
@@ -83,7 +85,15 @@ class RequestDeadline:
             await self.app(scope, receive, send)
             return
         answering = False
+        body_arriving = False
         timeout = asyncio.timeout(seconds)
+
+        async def receive_noting() -> Message:
+            nonlocal body_arriving
+            body_arriving = True
+            message = await receive()
+            body_arriving = message["type"] == "http.request" and message.get("more_body", False)
+            return message
 
         async def send_noting(message: Message) -> None:
             nonlocal answering
@@ -102,7 +112,7 @@ class RequestDeadline:
                 clock = _Clock(timeout, asyncio.current_task())
                 token = _CLOCK.set(clock)
                 try:
-                    await self.app(scope, receive, send_noting)
+                    await self.app(scope, receive_noting, send_noting)
                 finally:
                     clock.timeout = clock.task = None
                     _CLOCK.reset(token)
@@ -110,6 +120,15 @@ class RequestDeadline:
             if not timeout.expired() or answering:
                 raise  # not this deadline's
         if timeout.expired() and not answering:
+            if body_arriving:
+                log.warning(
+                    "%s %s answered 408: its body did not arrive within the deadline of %g s",
+                    scope["method"],
+                    scope["path"],
+                    seconds,
+                )
+                await _answer_body_late(send, seconds)
+                return
             log.warning(
                 "%s %s answered 503: no answer within its deadline of %g s",
                 scope["method"],
@@ -120,17 +139,35 @@ class RequestDeadline:
 
 
 async def _answer(send: Send, seconds: float) -> None:
+    await _send_error(
+        send,
+        503,
+        f"no answer within {seconds:g} s, retry later",
+        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+    )
+
+
+async def _answer_body_late(send: Send, seconds: float) -> None:
+    await _send_error(
+        send,
+        408,
+        f"the request's body did not arrive within {seconds:g} s",
+        (b"connection", b"close"),
+    )
+
+
+async def _send_error(send: Send, status: int, error: str, header: tuple[bytes, bytes]) -> None:
     # The API's error shape (`http_errors.error_response`), built here: http_errors imports
     # the service, which imports this module.
-    body = json.dumps({"error": f"no answer within {seconds:g} s, retry later"}).encode()
+    body = json.dumps({"error": error}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 503,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+                header,
             ],
         }
     )

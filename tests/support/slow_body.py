@@ -12,7 +12,7 @@ from support_cases.runtime import RuntimeHolder
 from support_cases.settings import AppSettings
 
 DEADLINE_SECONDS = 0.5
-# Time for the 503 to come back once the deadline passed: far below the trickle's length.
+# Time for the answer to come back once the deadline passed: far below the trickle's length.
 MARGIN_SECONDS = 1.5
 BODY = json.dumps({"case_id": "case_8842", "message": "charged twice"}).encode()
 # A byte every so often: the whole body takes ~10 s, the deadline and its margin far less.
