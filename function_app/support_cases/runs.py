@@ -386,28 +386,40 @@ class RunTracker:
         *,
         agent_id: str,
         queued_now: Callable[[], Awaitable[None]] | None = None,
-        only_stopping: bool = False,
+        behind_a_run: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Queue a follow-up's run (FIFO; an interrupt or rollback goes before plain queued
         runs and asks the current run to stop). Returns the stored entry and whether it was
         there already (an idempotent replay). Raises `RunIndexBusy` when the run index is
         busy (the run may be queued: a replay indexes the case and starts it).
         `queued_now` is awaited once the run is queued, not on a replay, before the index
-        re-check that may raise: the run is queued either way. `only_stopping`: queue it
-        only if it stops a run that is going, whose runner starts it next; `RunsBusy` else
-        (in the same write: the run cannot rest in between), nothing queued."""
+        re-check that may raise: the run is queued either way. `behind_a_run`: queue it (or
+        replay it still queued) only behind a run that is going, whose runner starts it
+        next; `RunsBusy` else (in the same write: the run cannot rest in between), nothing
+        queued, nor indexed: a case with a run going is indexed already."""
         stored: dict[str, Any] = entry
         replayed = False
+
+        def no_run_going() -> RunsBusy:
+            # Between runs, or paused for review: a run would start here for it.
+            return RunsBusy(
+                f"this worker drives its most case runs (CASE_MAX_RUNS), and case "
+                f"{case_id!r} has no run going to take this follow-up next: it would start "
+                f"one; retry in {RunsBusy.retry_after} s"
+            )
 
         def compute(record: WorkflowRecord) -> object:
             nonlocal stored, replayed
             runs = runs_of(record)
+            current = current_run(runs)
+            going = current is not None and current["status"] == RunStatus.RUNNING.value
             same = next((e for e in runs if e["run_id"] == entry["run_id"]), None)
             if same is not None:
+                if behind_a_run and same["status"] == RunStatus.QUEUED.value and not going:
+                    raise no_run_going()  # its replay would start it here
                 stored, replayed = same, True
                 return UNCHANGED
             stored, replayed = entry, False
-            current = current_run(runs)
             waiting = queued(runs)
             if strategy is FollowUpStrategy.REJECT and (current or waiting):
                 busy = current or waiting[0]
@@ -421,18 +433,8 @@ class RunTracker:
                     f"case {case_id!r} has {len(waiting)} runs queued already; send the "
                     "message again once some have run"
                 )
-            if only_stopping and (
-                strategy not in STOPPING
-                or current is None
-                or current["status"] != RunStatus.RUNNING.value
-            ):
-                # Nothing going to stop (between runs, or paused for review): a run would
-                # start here for it.
-                raise RunsBusy(
-                    f"this worker drives its most case runs (CASE_MAX_RUNS), and case "
-                    f"{case_id!r} has no run going for this follow-up to stop: it would start "
-                    f"one; retry in {RunsBusy.retry_after} s"
-                )
+            if behind_a_run and not going:
+                raise no_run_going()
             if strategy in (FollowUpStrategy.INTERRUPT, FollowUpStrategy.ROLLBACK):
                 if current is not None and (
                     not current.get("stop") or strategy is FollowUpStrategy.ROLLBACK
@@ -454,7 +456,8 @@ class RunTracker:
 
         # Indexed first: a queued run is always where the timer looks, even if this request
         # fails after queueing it (a stale entry the timer drops costs nothing).
-        await self._index(case_id)
+        if not behind_a_run:
+            await self._index(case_id)
         await write_section(self._store, case_id, RUNS_SECTION, compute, agent_id=agent_id)
         if not replayed:
             if queued_now is not None:

@@ -102,7 +102,6 @@ from .runs import (
     RUN_SECTION,
     RUNNER_ID,
     RUNS_SECTION,
-    STOPPING,
     QueueFull,
     RunIndexBusy,
     RunInProgress,
@@ -296,11 +295,11 @@ class CaseService:
         self._sync_wait = settings.case_sync_wait_seconds
         self._slots = RunSlots(settings.case_max_runs)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Cold-tier lease claims under way (a cancelled caller's among them: its lease is
-        # given back as the claim ends), then the releases of run guards under way, kept
+        # Run guards being taken (a cancelled caller's among them: its guard is let go of
+        # as the take ends, see `_acquire`), then the releases of run guards under way, kept
         # to their end (see `_let_go`): `close` waits for both, or a lease claimed as the
         # process stops would be given back on closed stores and held to its TTL.
-        self._claims: set[asyncio.Future[WorkflowRecord]] = set()
+        self._claims: set[asyncio.Future[RunGuard]] = set()
         self._releases: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -557,7 +556,8 @@ class CaseService:
         guard = await self._try_lock(existing.thread_id)
         if guard is None:
             return False
-        await self._release(existing.thread_id, guard)
+        # A follow-up queued while it was held left its run to this holder: started now.
+        await self._let_go_of_case(existing.thread_id, guard)
         return True
 
     @staticmethod
@@ -976,9 +976,8 @@ class CaseService:
         """A follow-up message: queued as a run of the case, handled per its strategy
         (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case.
         Refused (`RunsBusy`) before it is queued while this worker drives its most runs,
-        unless it is a replay of one queued before that has started, or it stops a run that
-        is going (neither starts a run here)."""
-        strategy = message.strategy or self._settings.case_default_strategy
+        unless it is a replay of one queued before that has started, or it is queued behind
+        a run that is going (neither starts a run here)."""
         with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
@@ -994,11 +993,10 @@ class CaseService:
                     )
                     if stored is not None and stored["status"] != RunStatus.QUEUED.value:
                         return await self._replayed_message(case_id, stored, message)
-                if strategy not in STOPPING:
-                    raise  # new, or still to start: a run more
-                # A stop frees work rather than adding it: the runner of the run it stops
-                # starts its run next, in the slot that run holds. A stop still queued, taken
-                # so before, is its replay (started only if its runner is gone).
+                # Queued behind a run that is going (a stop, or a plain enqueue), it needs no
+                # slot: that run's runner starts it next, in the slot it holds. One still
+                # queued, taken so before, is its replay (a stop's started only if its runner
+                # is gone). Else it would start a run more, and is refused.
                 return await self._post_message(
                     case_id, message, idempotency_key, without_slot=True
                 )
@@ -1011,9 +1009,9 @@ class CaseService:
         *,
         without_slot: bool = False,
     ) -> MessageOutcome:
-        """`without_slot`: this worker has no run slot for it; only a follow-up stopping a run
-        that is going is taken then (`RunsBusy` else, nothing queued), and its run is started
-        here only if that run's runner is gone."""
+        """`without_slot`: this worker has no run slot for it; only a follow-up queued behind
+        a run that is going is taken then (`RunsBusy` else, nothing queued), and a stop's run
+        is started here only if that run's runner is gone."""
         await self._record(case_id)
         strategy = message.strategy or self._settings.case_default_strategy
         entry = new_run_entry(
@@ -1044,7 +1042,7 @@ class CaseService:
                 strategy,
                 agent_id=API_AGENT_ID,
                 queued_now=queued_now,
-                only_stopping=without_slot,
+                behind_a_run=without_slot,
             )
         except (RunInProgress, QueueFull) as refused:
             raise CaseConflict(str(refused)) from None
@@ -1052,10 +1050,11 @@ class CaseService:
             # Without a slot too: a stop still queued, its runner gone since it was taken,
             # is started here, as below.
             return await self._replayed_message(case_id, stored, message)
-        # Without a slot, the run it stopped is going: its runner reads the queue once that
-        # run rests, after this write, and starts this one. A runner gone (the case free)
-        # leaves it to whoever takes the case: here, past the bound, as any queue taken up
-        # outside a request, rather than queued until the timer finds the run stalled.
+        # Without a slot, the run it is queued behind is going: its runner reads the queue
+        # once that run rests, after this write, and starts this one. A runner gone (the
+        # case free) leaves it to whoever takes the case: here, past the bound, as any queue
+        # taken up outside a request, rather than queued until the timer finds the run
+        # stalled (a stop's run; a plain one waits for the stalled run's resume).
         task = await self._start_queued(case_id)
         if task is not None and not without_slot:
             with waiting_for_run():
@@ -1786,6 +1785,18 @@ class CaseService:
             await self._saver.aflush(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
+        """The case's run lock, else its cold-tier lease; `CaseBusy` if another holds it.
+        Taken for a caller cancelled meanwhile, it is let go of as the take ends, with the
+        queue check: a follow-up queued in between found the case taken and left its run
+        to this holder (see `_let_go_of_case`)."""
+        taking = asyncio.ensure_future(self._take_guard(case_id))
+        self._claims.add(taking)
+        taking.add_done_callback(self._claims.discard)
+        return await taken_or_given_back(
+            taking, lambda guard: self._let_go(case_id, guard, queue_left=True)
+        )
+
+    async def _take_guard(self, case_id: str) -> RunGuard:
         sent = time.monotonic()
         try:
             lock = await self._store.lock(
@@ -1820,12 +1831,6 @@ class CaseService:
         fence by one: each claim gets a fence higher than every earlier holder's."""
         token = uuid.uuid4().hex
         ttl_seconds = self._settings.state_lock_ttl_ms / 1000
-
-        def given_back(claimed: WorkflowRecord) -> None:
-            # Claimed for a caller cancelled meanwhile: released at once, not left to
-            # refuse the case to its retry until the lease ends.
-            self._let_go(case_id, RunGuard(lease_token=token, lease_fence=claimed.fence))
-
         for attempt in range(MAX_ATTEMPTS):
             sent = time.monotonic()
             record = await self._record(case_id)
@@ -1837,19 +1842,14 @@ class CaseService:
                 )
             fence = record.fence + 1
             try:
-                claiming = asyncio.ensure_future(
-                    self._store.update_section(
-                        case_id,
-                        RUN_LEASE_SECTION,
-                        {"token": token, "until": time.time() + ttl_seconds},
-                        agent_id=RUNNER_ID,
-                        expected_version=record.version,
-                        fencing_token=fence,
-                    )
+                await self._store.update_section(
+                    case_id,
+                    RUN_LEASE_SECTION,
+                    {"token": token, "until": time.time() + ttl_seconds},
+                    agent_id=RUNNER_ID,
+                    expected_version=record.version,
+                    fencing_token=fence,
                 )
-                self._claims.add(claiming)
-                claiming.add_done_callback(self._claims.discard)
-                await taken_or_given_back(claiming, given_back)
             except VersionConflict:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise
@@ -1876,6 +1876,9 @@ class CaseService:
         )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        # Seen even when nobody awaits it (a cancelled caller): `wait_idle` and `close`
+        # gather releases with `return_exceptions`, which would keep a failure unheard.
+        task.add_done_callback(lambda done: _log_failed_release(case_id, done))
         return task
 
     async def _unguard_and_take_queue(self, case_id: str, guard: RunGuard) -> None:
@@ -2117,6 +2120,11 @@ def intake_run_left(record: WorkflowRecord) -> tuple[str, int] | None:
     ):
         return str(run_id), int(attempt)
     return None
+
+
+def _log_failed_release(case_id: str, task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("case %s: letting go of the run guard failed", case_id, exc_info=error)
 
 
 def run_lock_name(case_id: str) -> str:

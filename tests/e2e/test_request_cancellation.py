@@ -10,6 +10,7 @@ tier, its run lease claimed in the cold tier); the case marked running in the co
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -28,7 +29,7 @@ from support_cases.models import CaseSubmission, FollowUp
 from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, utcnow
 from support_cases.runtime import Runtime
-from support_cases.service import RUN_LEASE_SECTION, run_lock_name
+from support_cases.service import RUN_LEASE_SECTION, RunGuard, run_lock_name
 from tests.support.effects import provider_calls, run_once_outcome
 from tests.support.sse import parse_sse
 
@@ -143,6 +144,52 @@ async def test_a_decision_cancelled_as_it_takes_the_run_lock_leaves_the_case_to_
         (await client.get("/api/health")).status_code,
     )
     assert observed == ("completed", "approve", 1, 200), observed
+
+
+async def test_a_decision_cancelled_as_it_takes_the_run_lock_starts_a_stop_queued_meanwhile(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    reviewer: dict[str, str],
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a stop sent while a decision's run lock is taken (its reply on the
+    way) finds the case taken and leaves its run to the holder. The decision cancelled
+    then, the lock was given back without looking at the queue: the stop waited for the
+    timer rather than being started as the lock was let go of."""
+    submitted = await client.post("/api/cases", json=escalated(case_id))
+    assert submitted.status_code in (201, 202), submitted.text
+    await runtime.service.wait_idle()
+    hot = runtime.backends.hot
+    assert hot is not None
+    acquire: Callable[..., Any] = hot.acquire_lock
+    taken, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
+        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+        if name == run_lock_name(case_id) and not taken.is_set():
+            taken.set()
+            await reply.wait()
+        return held
+
+    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    decision = asyncio.ensure_future(
+        client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
+    )
+    await asyncio.wait_for(taken.wait(), 10)
+    stop = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": "Never mind the refund", "strategy": "interrupt"},
+    )
+    assert (stop.status_code, stop.json()["run"]["status"]) == (202, "queued"), stop.text
+    decision.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await decision
+    reply.set()
+    monkeypatch.undo()
+
+    await until_runs_are(client, case_id, "interrupted", "awaiting_review")
+    await runtime.service.wait_idle()
 
 
 async def test_a_decision_cancelled_once_its_run_is_marked_running_goes_on(
@@ -782,3 +829,26 @@ async def test_close_begun_as_a_release_takes_up_the_queue_leaves_no_run_going(
     # Started here, as the timer would, or a later test's tick would find it left.
     await runtime.service.post_message(case_id, FollowUp(text="And my password?"), None)
     await runtime.service.wait_idle()
+
+
+async def test_a_let_go_that_fails_with_a_programming_error_is_logged(
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by review: a let-go nobody awaits (its caller cancelled, or a run's task
+    cancelled before its first step) that failed with anything but a tier's error ended
+    in the gather of `wait_idle` (and `close`), which returns exceptions: unheard of."""
+
+    async def broken(case_id: str) -> None:
+        raise RuntimeError("a bug in the release")
+
+    monkeypatch.setattr(runtime.service, "_take_queue_left", broken)
+    with caplog.at_level(logging.ERROR, logger="support_cases.service"):
+        runtime.service._let_go(case_id, RunGuard(), queue_left=True)
+        await runtime.service.wait_idle()
+    failed = [r for r in caplog.records if r.exc_info and case_id in r.getMessage()]
+    assert [str(r.exc_info[1]) for r in failed if r.exc_info] == ["a bug in the release"], (
+        caplog.records
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -21,8 +22,10 @@ from state.hot.redis_store import LOCK_KIND, RedisHotStore
 from support_cases import metrics
 from support_cases.api import create_app
 from support_cases.demo import demo_case
+from support_cases.models import FollowUpStrategy, RunStatus
+from support_cases.runs import new_run_entry
 from support_cases.runtime import Runtime
-from support_cases.service import run_lock_name
+from support_cases.service import message_run_id, run_lock_name
 from support_cases.settings import AppSettings
 from tests.support.metric_points import points
 from tests.support.postgres import own_database
@@ -99,12 +102,6 @@ async def test_a_case_past_the_maximum_is_503_with_nothing_written_and_an_ended_
     assert "CASE_MAX_RUNS" in refused.json()["error"]
     # Nothing half-written: no case a run never starts on, nothing for the timer.
     assert (await http.get(f"/api/cases/{refused_id}")).status_code == 404
-    # A follow-up is refused before it is queued.
-    message = await http.post(f"/api/cases/{first}/messages", json={"text": "any news?"})
-    assert message.status_code == 503, message.text
-    assert message.headers["Retry-After"] == "5"
-    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-    assert [run["kind"] for run in runs] == ["intake"]
     # The timer starts no run past the bound either.
     report = await runtime.service.resume_stale()
     assert not report.resumed and not report.failed
@@ -230,6 +227,101 @@ async def test_a_follow_up_stopping_a_run_is_taken_while_the_maximum_is_reached(
     assert runtime.service.run_slots.taken == 0
 
 
+async def test_a_follow_up_queued_behind_a_run_is_taken_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Found by review: a plain follow-up (enqueue) to a case whose run is going was refused
+    (503) on a full worker, though, like a stop, it starts no run: that run's runner starts
+    it next, in its slot. Its retry is its replay; a new case is still refused."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+    message = {"text": "any news?", "strategy": "enqueue"}
+    key = {"Idempotency-Key": f"{case_id}-news"}
+
+    sent = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert sent.status_code == 202, sent.text
+    assert sent.json()["run"]["status"] == "queued"
+    replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["run"]["run_id"] == sent.json()["run"]["run_id"]
+    assert (await http.post("/api/cases", json=demo_case(f"{case_id}-3"))).status_code == 503
+    assert runtime.service.run_slots.refused == 1
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "completed"),
+        ("message", "completed"),
+    ], runs
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_a_retried_follow_up_left_queued_on_a_case_at_rest_is_refused_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """A follow-up queued on a case at rest by a request that ended before starting it (a
+    503 after its write, a crash): its retry on a full worker would start it, a run past the
+    bound. Refused, it stays queued for a worker with room."""
+    http, runtime = client
+    ended, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    held.release.set()
+    assert (await http.post("/api/cases", json=demo_case(ended))).status_code == 201
+    key, text = f"{case_id}-news", "any news?"
+    run_id = message_run_id(ended, key)
+    left = new_run_entry(
+        run_id, "message", RunStatus.QUEUED, text=text, strategy=FollowUpStrategy.ENQUEUE
+    )
+    await runtime.service._tracker.enqueue(
+        ended, left, FollowUpStrategy.ENQUEUE, agent_id="run-limit-test"
+    )
+    held.release.clear()
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+
+    retried = await http.post(
+        f"/api/cases/{ended}/messages",
+        json={"text": text, "strategy": "enqueue"},
+        headers={"Idempotency-Key": key},
+    )
+    assert retried.status_code == 503, retried.text
+    runs = (await http.get(f"/api/cases/{ended}/runs")).json()["runs"]
+    assert next(run for run in runs if run["run_id"] == run_id)["status"] == "queued"
+    assert runtime.service.run_slots.taken == 2
+
+
+async def test_a_follow_up_refused_while_the_maximum_is_reached_leaves_no_run_index_entry(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Found by review: a follow-up refused on a full worker (its case has no run going to
+    take it next) indexed the case first, an entry for the timer to drop later."""
+    http, runtime = client
+    tracker = runtime.service._tracker
+    ended, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    held.release.set()
+    completed = await http.post("/api/cases", json=demo_case(ended))
+    assert completed.status_code == 201 and completed.json()["status"] == "completed"
+    await runtime.service.resume_stale()  # a case with nothing left to run leaves the index
+    assert ended not in await tracker.active_cases()
+    held.release.clear()
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+
+    for strategy in ("interrupt", "rollback", "enqueue"):
+        refused = await http.post(
+            f"/api/cases/{ended}/messages", json={"text": "and now?", "strategy": strategy}
+        )
+        assert refused.status_code == 503, refused.text
+    assert ended not in await tracker.active_cases()
+
+
 async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_the_maximum_is_reached(
     client: tuple[httpx.AsyncClient, Runtime],
     held: Held,
@@ -252,6 +344,11 @@ async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_
     await held.until_reached(reached + 2)
 
     approve = {"decision": "approve"}
+    rejected = await http.post(
+        f"/api/cases/{first}/messages", json={"text": "any news?", "strategy": "reject"}
+    )
+    assert rejected.status_code == 409, rejected.text
+    assert "run in progress" in rejected.json()["error"]
     running = await http.post(f"/api/cases/{first}/review", json=approve, headers=reviewer)
     assert running.status_code == 409, running.text
     assert "not awaiting review (status: running)" in running.json()["error"]
@@ -293,9 +390,8 @@ async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(
         await held.until_reached(2)
         assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 2}
 
-        assert (await http.post("/api/cases", json=demo_case(f"{case_id}-3"))).status_code == 503
-        message = await http.post(f"/api/cases/{first}/messages", json={"text": "any news?"})
-        assert message.status_code == 503
+        for refused in (f"{case_id}-3", f"{case_id}-4"):
+            assert (await http.post("/api/cases", json=demo_case(refused))).status_code == 503
         # A replayed submit is answered, not refused.
         assert (await http.post("/api/cases", json=demo_case(first))).status_code == 200
         assert points(reader, metrics.RUNS_REFUSED) == {(): 2}
@@ -387,6 +483,60 @@ async def test_a_stop_of_a_run_nobody_drives_starts_its_follow_up_while_the_maxi
         await runner_gone()
         replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
         assert replayed.status_code == 200, replayed.text
+
+    async def follow_up_started() -> None:
+        while True:
+            runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(follow_up_started(), 10)
+    await ends_stopped_then_followed(http, runtime, held, first)
+
+
+async def test_a_stop_queued_while_a_refused_submit_looks_at_its_case_is_started(
+    client: tuple[httpx.AsyncClient, Runtime],
+    held: Held,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a retried submit refused on a full worker takes the case's run lock
+    to learn whether its first run is left unstarted (nobody holds it). A stop queued
+    meanwhile finds the case taken and leaves its run to the holder, which let go without
+    looking at the queue: the stop waited for the timer to find the run stalled."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+    hot = runtime.backends.hot
+    assert isinstance(hot, RedisHotStore)
+    raw = create_redis_client(runtime.settings)
+    try:  # the first run's runner gone (its lock ran out, as after a crash)
+        assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
+    finally:
+        await raw.aclose()
+    service = runtime.service
+    try_lock = service._try_lock
+    stopped: list[httpx.Response] = []
+
+    async def stop_while_held(locked_id: str) -> Any:
+        guard = await try_lock(locked_id)
+        if locked_id == first and guard is not None and not stopped:
+            stopped.append(
+                await http.post(
+                    f"/api/cases/{first}/messages",
+                    json={"text": "forget it", "strategy": "interrupt"},
+                )
+            )
+        return guard
+
+    monkeypatch.setattr(service, "_try_lock", stop_while_held)
+    retried = await http.post("/api/cases", json=demo_case(first))
+    assert retried.status_code == 503, retried.text  # its first run is left: a run more
+    assert [answer.status_code for answer in stopped] == [202], stopped
+    run_id = stopped[0].json()["run"]["run_id"]
 
     async def follow_up_started() -> None:
         while True:
