@@ -235,6 +235,19 @@ class LogEntryLost(StateError):
         self.epochs = dict(epochs)
 
 
+class LogEntryTooLarge(StateError):
+    """A put or put_writes with more fields than one write-behind log entry holds (a script
+    passes a Redis command a bounded number of values, and each is one entry, applied whole):
+    nothing was appended, and it goes to the cold tier instead."""
+
+    def __init__(self, thread_id: str, fields: int, limit: int) -> None:
+        super().__init__(
+            f"a write of {thread_id!r} with {fields} fields is more than one write-behind log"
+            f" entry holds ({limit})"
+        )
+        self.thread_id = thread_id
+
+
 class LogEntryDamaged(CorruptState):
     """A write-behind entry that cannot be read back (a field damaged in Redis): it holds
     its thread's later entries back as an entry the cold store refuses does, and is recorded

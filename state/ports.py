@@ -1056,7 +1056,8 @@ class WriteBehindLog(Protocol):
         `FenceUnknown` (writing nothing) if the hot tier holds no fence for the thread
         unless the caller checked `fence` against the durable one (`fence_checked`), and
         `UnknownParent` (writing nothing) if the hot tier has no trace of the checkpoint's
-        parent, unless the caller says the parent is stored (`parent_stored`)."""
+        parent, unless the caller says the parent is stored (`parent_stored`), and
+        `LogEntryTooLarge` (writing nothing) if the put is more than one entry holds."""
 
     async def append_writes(
         self,

@@ -84,6 +84,7 @@ from ..errors import (
     HotStateLost,
     InvalidValue,
     LockLost,
+    LogEntryTooLarge,
     ParentGone,
     RunsPartlyDeleted,
     RunsStillWriting,
@@ -716,6 +717,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 append(parent_stored=True)
         except HotStateLost:
             raise
+        except LogEntryTooLarge:
+            self._sync(self._put_cold_instead(put, checkpoint))
         except BackendUnavailable as exc:
             self._raise_unless_redis(exc)
             self._sync(self._put_cold_instead(put, checkpoint))
@@ -811,6 +814,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                         fence_checked=checked,
                     ),
                 )
+            except LogEntryTooLarge:
+                self._sync(self._writes_cold_instead(put))
             except BackendUnavailable as exc:
                 self._raise_unless_redis(exc)
                 self._sync(self._writes_cold_instead(put))
@@ -1161,6 +1166,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     await append(parent_stored=True)
             except HotStateLost:
                 raise
+            except LogEntryTooLarge:
+                await self._put_cold_instead(put, checkpoint)
             except BackendUnavailable as exc:
                 self._raise_unless_redis(exc)
                 await self._put_cold_instead(put, checkpoint)
@@ -1336,10 +1343,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         )
 
     async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
-        """Write-behind with Redis out: the checkpoint goes straight to the cold tier, every
-        value with it (the log holding the older ones may never drain), and the hot copy
-        is not trusted any more. It stands on its own unless a DeltaChannel is rebuilt
-        from ancestors only the log may hold (then as `_writes_cold_instead`)."""
+        """Write-behind with Redis out, or a put too large for a log entry (`LogEntryTooLarge`):
+        the checkpoint goes straight to the cold tier, every value with it (the log holding
+        the older ones may never drain), and the hot copy is not trusted any more. It stands
+        on its own unless a DeltaChannel is rebuilt from ancestors only the log may hold
+        (then as `_writes_cold_instead`)."""
         thread_id = put.stored.thread_id
         await self._admit(thread_id, put.fence, hot=False)
         values = checkpoint["channel_values"]
@@ -1582,6 +1590,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     fence_checked=checked,
                 ),
             )
+        except LogEntryTooLarge:
+            await self._writes_cold_instead(put)
         except BackendUnavailable as exc:
             self._raise_unless_redis(exc)
             await self._writes_cold_instead(put)
@@ -1591,7 +1601,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             await self._boundary(put.thread_id, self._is_boundary(put))
 
     async def _writes_cold_instead(self, put: _Writes) -> None:
-        """Write-behind with Redis out: the writes go straight to the cold tier. They stand
+        """Write-behind with Redis out, or writes too many for a log entry (`LogEntryTooLarge`):
+        the writes go straight to the cold tier. They stand
         on their own only beside their checkpoint: while a put of the namespace this
         process appended is not in the cold tier, the thread's newest state may live in
         Redis alone, so a boundary (an interrupt) flushes as after an append, and fails

@@ -89,7 +89,7 @@ from ..ports import (
     TypedBytes,
 )
 from . import redis_client
-from .redis_client import hot_key, script_call
+from .redis_client import LUA_SLICED, hot_key, script_call
 from .redis_values import (
     EPOCH_HEAD,
     LUA_VALUES,
@@ -128,6 +128,7 @@ SUSPECT_RETRY_SECONDS = 0.25
 
 LUA_HELPERS = (
     LUA_VALUES
+    + LUA_SLICED
     + """
 -- Byte-wise order (Lua's `<` on strings follows the server's collation locale).
 local function older(a, b)
@@ -154,7 +155,7 @@ local function drop_history(key)
   for _, field in ipairs(redis.call('HKEYS', key)) do
     if string.sub(field, 1, 1) == 'd' then drop[#drop + 1] = field end
   end
-  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+  if #drop > 0 then sliced('HDEL', key, drop) end
 end
 
 local function keep(key, ttl, index, namespace)
@@ -252,10 +253,10 @@ local function advance(key, index, id, parent, ttl, namespace, first, ops, cache
       end
     end
   end
-  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+  if #drop > 0 then sliced('HDEL', key, drop) end
   track_epochs(key, first, ops, cached, held, ttl, referring, known)
   for i = first, #ARGV do set[#set + 1] = ARGV[i] end
-  redis.call('HSET', key, unpack(set))
+  sliced('HSET', key, set)
   keep(key, ttl, index, namespace)
   return 1
 end
@@ -361,10 +362,10 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
     done[#done + 1] = field
   end
 end
-redis.call('HDEL', KEYS[1], unpack(done))
+sliced('HDEL', KEYS[1], done)
 local set = {'id', ARGV[2]}
 for i = 5, #ARGV do set[#set + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(set))
+sliced('HSET', KEYS[1], set)
 keep(KEYS[1], ARGV[3], KEYS[2], ARGV[4])
 return 1
 """
@@ -390,7 +391,7 @@ if redis.call('HGET', KEYS[1], 'dl') ~= ARGV[3] then return 0 end
 drop_history(KEYS[1])
 local set = {'d@', ARGV[1], 'dc', ARGV[2]}
 for i = 4, #ARGV do set[#set + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(set))
+sliced('HSET', KEYS[1], set)
 return 1
 """
 )

@@ -44,6 +44,31 @@ REDIS_ENTRA_SCOPE = "https://redis.azure.com/.default"
 POSTGRES_DEFAULT_PORT = "5432"
 NAMESPACE_CHARS = 10
 
+# Values a script passes to one command at most: Lua's `unpack` fails past its C stack limit
+# (LUAI_MAXCSTACK, 8000 values), and some go to a command's leading arguments (a log entry's
+# head). Even, so a hash field and its value share a command.
+LUA_SLICE = 7000
+# `sliced(command, key, args, first, last)`: `redis.call(command, key, args[first..last])`,
+# as one command per LUA_SLICE values past that (in the same script, so as atomic). The
+# replies are joined (HMGET's tables) or added up (integers: HSET, HDEL, DEL, XDEL).
+LUA_SLICED = f"""
+local function sliced(command, key, args, first, last)
+  first, last = first or 1, last or #args
+  if last - first < {LUA_SLICE} then return redis.call(command, key, unpack(args, first, last)) end
+  local joined = nil
+  for start = first, last, {LUA_SLICE} do
+    local reply = redis.call(command, key, unpack(args, start, math.min(start + {LUA_SLICE - 1}, last)))
+    if type(reply) == 'table' then
+      joined = joined or {{}}
+      for i = 1, #reply do joined[#joined + 1] = reply[i] end
+    else
+      joined = (joined or 0) + reply
+    end
+  end
+  return joined
+end
+"""
+
 
 def hot_key(thread_id: str, kind: str, *, namespace: str) -> str:
     """`{thread_id}:<namespace>:<kind>`.

@@ -35,7 +35,7 @@ from ..errors import BackendUnavailable
 from ..ports import JSON, HotRead, Lock, TierHealth, WorkflowRecord, WriteIntent, timed_probe
 from ..schema import CURRENT
 from . import redis_client
-from .redis_client import hot_key
+from .redis_client import LUA_SLICED, hot_key
 
 WORKFLOW_KIND = "wf"
 LOCK_KIND = "lock"
@@ -86,13 +86,15 @@ return {now[1], now[2], flat, ARGV[1]}
 # create's invalidation in the same step, not a round trip of its own.
 # KEYS[1] record; ARGV[1] intent field, ARGV[2] bound ms, ARGV[3] ttl seconds, ARGV[4] '1'
 # to clear. Returns the server clock (microseconds) at registration.
-_BEGIN_WRITE = """
+_BEGIN_WRITE = (
+    LUA_SLICED
+    + """
 if ARGV[4] == '1' then
   local record = {}
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
     if string.sub(field, 1, 2) ~= 'i:' then record[#record + 1] = field end
   end
-  if #record > 0 then redis.call('HDEL', KEYS[1], unpack(record)) end
+  if #record > 0 then sliced('HDEL', KEYS[1], record) end
 end
 local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
@@ -107,6 +109,7 @@ elseif ttl < tonumber(ARGV[2]) then
 end
 return string.format('%.0f', clock)
 """
+)
 
 # Replace the whole cached record unless the cache holds a newer version, and drop
 # write intents: the caller's own, and those whose deadline is before ARGV[4].
@@ -118,13 +121,15 @@ return string.format('%.0f', clock)
 # KEYS[1] record; ARGV[1] version, ARGV[2] ttl seconds, ARGV[3] own intent field or '',
 # ARGV[4] clock (microseconds) or '', ARGV[5] required field or '', ARGV[6..]
 # field/value pairs.
-_INSTALL = """
+_INSTALL = (
+    LUA_SLICED
+    + """
 -- The fields once, then the version and every intent's deadline in one HMGET: a command
 -- per intent (and one for the required field) made installs cost twice what they do.
-local fields, intents, present = redis.call('HKEYS', KEYS[1]), {}, ARGV[5] == ''
+local fields, asked, present = redis.call('HKEYS', KEYS[1]), {'version'}, ARGV[5] == ''
 for _, field in ipairs(fields) do
   if field == ARGV[5] then present = true end
-  if string.sub(field, 1, 2) == 'i:' then intents[#intents + 1] = field end
+  if string.sub(field, 1, 2) == 'i:' then asked[#asked + 1] = field end
 end
 if not present then
   if string.sub(ARGV[5], 1, 2) == 'i:' then
@@ -132,14 +137,14 @@ if not present then
     for _, field in ipairs(fields) do
       if string.sub(field, 1, 2) ~= 'i:' then record[#record + 1] = field end
     end
-    if #record > 0 then redis.call('HDEL', KEYS[1], unpack(record)) end
+    if #record > 0 then sliced('HDEL', KEYS[1], record) end
   end
   return 0
 end
-local values = redis.call('HMGET', KEYS[1], 'version', unpack(intents))
+local values = sliced('HMGET', KEYS[1], asked)
 local kept, dropped = {}, {}
-for i, field in ipairs(intents) do
-  local deadline = values[i + 1]
+for i = 2, #asked do
+  local field, deadline = asked[i], values[i]
   if field == ARGV[3] or (ARGV[4] ~= '' and tonumber(deadline) < tonumber(ARGV[4])) then
     dropped[#dropped + 1] = field
   else
@@ -150,24 +155,27 @@ end
 local cached = values[1]
 if cached and tonumber(cached) > tonumber(ARGV[1]) then
   if #dropped > 0 then
-    redis.call('HDEL', KEYS[1], unpack(dropped))
+    sliced('HDEL', KEYS[1], dropped)
   end
   return 0
 end
 redis.call('DEL', KEYS[1])
--- One HSET for the whole record (and one for the surviving intents): a command per
--- field made installs the bulk of the hot tier's work.
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+-- One HSET for the whole record (and one for the surviving intents), but past `unpack`'s
+-- limit (`sliced`): a command per field made installs the bulk of the hot tier's work.
+sliced('HSET', KEYS[1], ARGV, 6)
 if #kept > 0 then
-  redis.call('HSET', KEYS[1], unpack(kept))
+  sliced('HSET', KEYS[1], kept)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+)
 
 # Drop the cached record but keep write intents: a writer in flight still hides the
 # entry from readers installing what they read meanwhile. KEYS[1] record.
-_INVALIDATE = """
+_INVALIDATE = (
+    LUA_SLICED
+    + """
 local record = {}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 2) ~= 'i:' then
@@ -175,10 +183,11 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   end
 end
 if #record > 0 then
-  redis.call('HDEL', KEYS[1], unpack(record))
+  sliced('HDEL', KEYS[1], record)
 end
 return #record
 """
+)
 
 # Take the lock and issue the next fencing token in one step. The token is at least
 # the server clock in microseconds, so it stays monotonic even if the counter is lost

@@ -66,6 +66,7 @@ from ..errors import (
     LockLost,
     LogEntryDamaged,
     LogEntryLost,
+    LogEntryTooLarge,
     StaleFencingToken,
     StateError,
     StillWriting,
@@ -98,7 +99,7 @@ from .redis_checkpoints import (
     untyped,
     write_fields,
 )
-from .redis_client import Command, hot_key
+from .redis_client import LUA_SLICE, LUA_SLICED, Command, hot_key
 from .redis_values import (
     REFERENCE_TYPE,
     STAGED_TTL_MS,
@@ -118,6 +119,12 @@ FLUSH_LOCK_KIND = "wb-flushing"
 EXPIRING_KIND = "wb-expiring"
 # Key kind of the mark a discard leaves: when the thread was deleted.
 DELETED_KIND = "wb-deleted"
+# Values a stream entry holds besides the operation's fields (`_APPEND_PUT`'s `op`, `f`,
+# `ns`; `_APPEND_WRITES`' also `cid`, `upsert`): one XADD takes the whole entry, applied
+# whole, so an operation of more than LUA_SLICE values in all is not logged (`_put_call`,
+# `_writes_call`): it goes to the cold tier instead.
+PUT_ENTRY_HEAD = 6
+WRITES_ENTRY_HEAD = 10
 # Tries of a thread's delete against appends still landing (each lists its epochs anew).
 DISCARD_ATTEMPTS = 5
 # Entries whose epochs `read` keeps for their `ack` (beyond: asked of Redis again).
@@ -332,12 +339,13 @@ return 1
 # deleted mark to the server time (us) for ARGV[3] s, and returns how many entries the log
 # held.
 _DISCARD = (
-    _LISTED
+    LUA_SLICED
+    + _LISTED
     + _REFUSAL
     + """
 if not listed(4, tonumber(ARGV[1])) then return -1 end
 local length = redis.call('XLEN', KEYS[1])
-redis.call('DEL', unpack(KEYS))
+sliced('DEL', KEYS[1], KEYS, 2)
 if ARGV[2] ~= '' then refuse(KEYS[#KEYS - 1], ARGV[2]) end
 local now = redis.call('TIME')
 redis.call('SET', KEYS[#KEYS], now[1] .. string.format('%06d', tonumber(now[2])), 'EX', ARGV[3])
@@ -353,7 +361,8 @@ return length
 # is short of a value: an acknowledgement removes an entry and releases its epochs in one
 # step, so that is a loss. Returns how many entries the log held.
 _DROP_LOST = (
-    _LISTED
+    LUA_SLICED
+    + _LISTED
     + """
 local epochs, held = tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -3 end
@@ -369,7 +378,9 @@ for i = 5 + epochs, #ARGV do
   if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 0 then return -1 end
 end
 local length = redis.call('XLEN', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], unpack(KEYS, 6))
+local lost = {KEYS[2], KEYS[3], KEYS[5]}
+for i = 6, #KEYS do lost[#lost + 1] = KEYS[i] end
+sliced('DEL', KEYS[1], lost)
 return length
 """
 )
@@ -392,11 +403,13 @@ return 0
 # to. ARGV: ttl, then entry ids. An epoch no entry refers to any more expires with the
 # cache if the cache refers to it, else goes. Returns {entries removed, entries left in
 # the log, the oldest left's id or ''}.
-_ACKNOWLEDGE = """
+_ACKNOWLEDGE = (
+    LUA_SLICED
+    + """
 local function acknowledge(ttl, ids, epochs)
-  local removed = redis.call('XDEL', KEYS[1], unpack(ids))
+  local removed = sliced('XDEL', KEYS[1], ids)
   if epochs then
-    for _, joined in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do
+    for _, joined in ipairs(sliced('HMGET', KEYS[2], ids)) do
       if joined then
         for _, epoch in ipairs(cjson.decode(joined)) do
           if redis.call('HINCRBY', KEYS[3], epoch, -1) <= 0 then
@@ -410,7 +423,7 @@ local function acknowledge(ttl, ids, epochs)
         end
       end
     end
-    redis.call('HDEL', KEYS[2], unpack(ids))
+    sliced('HDEL', KEYS[2], ids)
   end
   local left = redis.call('XLEN', KEYS[1])
   local oldest = ''
@@ -422,6 +435,7 @@ local function acknowledge(ttl, ids, epochs)
   return {removed, left, oldest}
 end
 """
+)
 
 _ACK = (
     _ACKNOWLEDGE
@@ -448,7 +462,7 @@ local token = table.remove(ARGV, 1)
 if redis.call('GET', KEYS[5 + cached]) ~= token then return {-3, 0, ''} end
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if (newest and newest[1] or '') ~= seen then return {-1, 0, ''} end
-redis.call('DEL', unpack(KEYS, 5, 4 + cached))
+sliced('DEL', KEYS[5], KEYS, 6, 4 + cached)
 return acknowledge(ttl, ARGV, #KEYS > 5 + cached)
 """
 )
@@ -649,6 +663,9 @@ class RedisWriteBehindLog:
         plan: ValuePlan,
     ) -> _Call:
         thread_id = checkpoint.thread_id
+        fields = [*checkpoint_fields(checkpoint), *blob_fields(blobs, plan.references)]
+        if PUT_ENTRY_HEAD + len(fields) > LUA_SLICE:
+            raise LogEntryTooLarge(thread_id, PUT_ENTRY_HEAD + len(fields), LUA_SLICE)
         entry = self._cache.key(thread_id, checkpoint.checkpoint_ns)
         keys = [
             entry,
@@ -669,8 +686,7 @@ class RedisWriteBehindLog:
             fence,
             "1" if parent_stored else "0",
             *plan.ops,
-            *checkpoint_fields(checkpoint),
-            *blob_fields(blobs, plan.references),
+            *fields,
         ]
         return keys, args, fence, plan.staged
 
@@ -683,6 +699,9 @@ class RedisWriteBehindLog:
         upsert: bool,
         fence: str,
     ) -> _Call:
+        fields = write_fields(writes)
+        if WRITES_ENTRY_HEAD + len(fields) > LUA_SLICE:
+            raise LogEntryTooLarge(thread_id, WRITES_ENTRY_HEAD + len(fields), LUA_SLICE)
         entry = self._cache.key(thread_id, checkpoint_ns)
         keys = [
             entry,
@@ -697,7 +716,7 @@ class RedisWriteBehindLog:
             self._cache.ttl_seconds,
             checkpoint_ns,
             fence,
-            *write_fields(writes),
+            *fields,
         ]
         return keys, args, fence, []
 

@@ -1,0 +1,280 @@
+"""Hot-tier scripts given more values than one Lua `unpack` can pass to a command (about
+8,000: Lua's C stack limit), on real servers: a step with thousands of pending writes and
+the put that moves the entry holding them on, a step changing thousands of channels, a
+workflow record with thousands of sections, a backlog of thousands of entries acknowledged
+at once. Write-through and write-behind, over Postgres (the scripts do not depend on the
+cold backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
+
+from state.checkpoint import TieredCheckpointSaver
+from state.factory import Backends, open_backends
+from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
+from state.hot.redis_client import (
+    create_blocking_redis_client,
+    create_redis_client,
+    hot_key,
+    hot_namespace,
+)
+from state.hot.redis_store import RedisHotStore
+from state.hot.redis_write_behind import RedisWriteBehindLog
+from state.ports import StoredBlob, StoredCheckpoint
+from state.settings import Settings, WriteMode
+from tests.support.records import unique_thread, workflow_record
+
+# Past the limit with room to spare: each write is a field name and a value (20,000 values).
+MANY = 10_000
+
+
+@pytest.fixture(params=["write-through", "write-behind"])
+async def backends(
+    request: pytest.FixtureRequest, stack_env: dict[str, str]
+) -> AsyncIterator[Backends]:
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": request.param,
+        }
+    )
+    opened = await open_backends(settings)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def checkpoint(number: int) -> Checkpoint:
+    made = empty_checkpoint()
+    made["id"] = str(uuid6(clock_seq=number))
+    return made
+
+
+def wide_checkpoint() -> Checkpoint:
+    """A first step changing thousands of channels, with values too long to stay inline in
+    the checkpoint (a field each), one of them large (an epoch: `redis_values`)."""
+    step = checkpoint(1)
+    step["channel_values"] = {f"c{i}": [i] * 20 for i in range(MANY // 2)} | {"big": "x" * 40_000}
+    step["channel_versions"] = dict.fromkeys(step["channel_values"], 1)
+    return step
+
+
+async def hot_fields(backends: Backends, config: RunnableConfig) -> list[bytes]:
+    """The fields of the thread's cache entry, as Redis holds them."""
+    cache = backends.hot_checkpoints
+    assert isinstance(cache, RedisCheckpointCache)
+    client = create_redis_client(backends.settings)
+    try:
+        key = cache.key(config["configurable"]["thread_id"], "")
+        return cast("list[bytes]", await client.hkeys(key))
+    finally:
+        await client.aclose()
+
+
+async def test_a_step_with_thousands_of_writes_is_cached_read_back_and_advanced(
+    backends: Backends,
+) -> None:
+    saver = TieredCheckpointSaver.from_backends(backends)
+    thread: RunnableConfig = {
+        "configurable": {"thread_id": unique_thread("many"), "checkpoint_ns": ""}
+    }
+    first = await saver.aput(thread, checkpoint(1), {"step": 1}, {})
+    writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
+    await saver.aput_writes(first, writes, "task-1")
+
+    loaded = await saver.aget_tuple(first)
+    assert loaded is not None
+    assert [(channel, value) for _, channel, value in loaded.pending_writes or []] == writes
+    held = await hot_fields(backends, first)
+    if backends.settings.state_write_mode is WriteMode.WRITE_BEHIND:
+        # More than one log entry holds (applied whole, as the cold tier stores a task's
+        # writes): in the cold tier already, all of them, the hot copy not trusted.
+        stored = await backends.checkpoints.get_writes(
+            thread["configurable"]["thread_id"], "", first["configurable"]["checkpoint_id"]
+        )
+        assert len(stored) == MANY
+        assert not any(field.startswith(b"w:") for field in held)
+    else:
+        # Served by the hot tier: its entry holds them all.
+        assert sum(field.startswith(b"w:") for field in held) == MANY
+
+    # The next put moves the entry on: the writes it held go.
+    second = await saver.aput(first, checkpoint(2), {"step": 2}, {})
+    held = await hot_fields(backends, second)
+    assert not any(field.startswith(b"w:") for field in held)
+    if backends.settings.state_write_mode is WriteMode.WRITE_THROUGH:
+        assert b"id" in held
+    latest = await saver.aget_tuple(thread)
+    assert latest is not None and latest.config == second and latest.pending_writes == []
+    await saver.aflush(thread["configurable"]["thread_id"])
+    stored = await backends.checkpoints.get_writes(
+        thread["configurable"]["thread_id"], "", first["configurable"]["checkpoint_id"]
+    )
+    assert [(write.channel, write.idx) for write in stored] == [
+        (channel, idx) for idx, (channel, _) in enumerate(writes)
+    ]
+
+
+async def test_a_record_with_thousands_of_sections_is_installed_served_and_dropped(
+    stack_env: dict[str, str],
+) -> None:
+    settings = Settings.model_validate(
+        {"cosmos_endpoint": stack_env["COSMOS_ENDPOINT"], "redis_url": stack_env["REDIS_URL"]}
+    )
+    hot = RedisHotStore(create_redis_client(settings), namespace=hot_namespace(settings))
+    raw = create_redis_client(settings)
+    thread_id = unique_thread("many")
+    record = workflow_record(thread_id, **{f"part{i}": i for i in range(MANY)})
+    try:
+        assert await hot.install(record, ttl_seconds=60)
+        assert await hot.get(thread_id) == record
+        await hot.invalidate(thread_id)
+        assert await raw.hkeys(hot.key(thread_id)) == []
+        assert await hot.install(record, ttl_seconds=60)
+        intent = await hot.begin_write(thread_id, bound_ms=60_000, ttl_seconds=60, clear=True)
+        assert await raw.hkeys(hot.key(thread_id)) == [f"i:{intent.token}".encode()]
+    finally:
+        await raw.aclose()
+        await hot.close()
+
+
+async def test_a_step_changing_thousands_of_channels_is_stored_whole(backends: Backends) -> None:
+    """Write-through, the hot entry takes it; write-behind, more than one log entry holds
+    goes to the cold tier instead, leaving Redis nothing half-written (a large value's
+    epoch held for a log entry that is not there would never expire)."""
+    saver = TieredCheckpointSaver.from_backends(backends)
+    thread_id = unique_thread("many")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    step = wide_checkpoint()
+    saved = await saver.aput(thread, step, {"step": 1}, step["channel_versions"])
+    await saver.aflush(thread_id)
+
+    loaded = await saver.aget_tuple(thread)
+    assert loaded is not None and loaded.config == saved
+    assert loaded.checkpoint["channel_values"] == step["channel_values"]
+    cache = backends.hot_checkpoints
+    assert isinstance(cache, RedisCheckpointCache)
+    client = create_redis_client(backends.settings)
+    try:
+        held, _ = cache.epoch_keys(thread_id)
+        assert await client.hkeys(held) == []
+        if backends.flusher is None:
+            assert b"id" in await hot_fields(backends, thread)
+    finally:
+        await client.aclose()
+
+
+def test_a_sync_step_changing_thousands_of_channels_goes_to_the_cold_tier_whole(
+    stack_env: dict[str, str],
+) -> None:
+    """The sync API's write-behind put (appended on the caller's thread) does the same."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": "write-behind",
+        }
+    )
+    thread_id = unique_thread("many")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    step = wide_checkpoint()
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        saved = saver.put(thread, step, {"step": 1}, step["channel_versions"])
+        saver.flush(thread_id)
+        loaded = saver.get_tuple(thread)
+        assert isinstance(saver.cache, RedisCheckpointCache)
+        held, _ = saver.cache.epoch_keys(thread_id)
+    assert loaded is not None and loaded.config == saved
+    assert loaded.checkpoint["channel_values"] == step["channel_values"]
+    client = create_blocking_redis_client(settings)
+    try:
+        assert client.hkeys(held) == []
+    finally:
+        client.close()
+
+
+async def test_thousands_of_log_entries_are_acknowledged_at_once(
+    stack_env: dict[str, str],
+) -> None:
+    """As a flusher discarding a thread's backlog after a long cold outage does: every
+    entry goes, and the large value the first referred to is no longer held for it."""
+    settings = Settings.model_validate(
+        {
+            "cosmos_endpoint": stack_env["COSMOS_ENDPOINT"],
+            "cosmos_container": f"many-{uuid.uuid4().hex[:8]}",
+            "redis_url": stack_env["REDIS_URL"],
+        }
+    )
+    client = create_redis_client(settings)
+    cache = RedisCheckpointCache(
+        client, namespace=hot_namespace(settings), ttl_seconds=settings.state_hot_ttl_seconds
+    )
+    log = RedisWriteBehindLog(client, cache)
+    thread_id = unique_thread("many")
+    put = StoredCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns="",
+        checkpoint_id="00000001",
+        parent_checkpoint_id=None,
+        checkpoint=("json", b"{}"),
+        metadata={},
+        channel_versions={"big": 1},
+    )
+    try:
+        await log.append_put(put, [StoredBlob("big", 1, ("json", b"x" * 40_000))], fence=None)
+        # The entries many steps' writes left (written as their appends write them).
+        logged = client.pipeline(transaction=False)
+        for _ in range(MANY):
+            fields = {"op": "writes", "f": ENTRY_FORMAT, "ns": "", "cid": "00000001", "upsert": 0}
+            logged.xadd(hot_key(thread_id, LOG_KIND, namespace=cache.namespace), fields)  # type: ignore[arg-type]
+        await logged.execute()
+        entries = await log.read(thread_id, count=MANY + 1)
+        assert len(entries) == MANY + 1
+
+        assert await log.ack(thread_id, [entry.entry_id for entry in entries]) == 0
+        assert not await log.pending(thread_id)
+        held, _ = cache.epoch_keys(thread_id)
+        assert await client.hkeys(held) == []
+    finally:
+        await client.aclose()
+
+
+def test_a_sync_step_with_thousands_of_writes_goes_to_the_cold_tier_whole(
+    stack_env: dict[str, str],
+) -> None:
+    """The sync API's write-behind put_writes (appended on the caller's thread): more than
+    one log entry holds, written to the cold tier at once, all of them."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": "write-behind",
+        }
+    )
+    thread_id = unique_thread("many")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        first = saver.put(thread, checkpoint(1), {"step": 1}, {})
+        saver.put_writes(first, writes, "task-1")
+        stored = asyncio.run_coroutine_threadsafe(
+            saver.store.get_writes(thread_id, "", first["configurable"]["checkpoint_id"]),
+            saver.loop,
+        ).result()
+        loaded = saver.get_tuple(first)
+    assert len(stored) == MANY
+    assert loaded is not None
+    assert [(channel, value) for _, channel, value in loaded.pending_writes or []] == writes
