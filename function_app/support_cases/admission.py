@@ -9,9 +9,10 @@ that spawned none gives its slot back when it ends.
 
 A request that needs no slot is not refused for want of one, even when it may start a run
 otherwise: a follow-up queued behind a run that is going, to stop it or not (its runner
-starts the follow-up's run next, in the slot it holds), a replay that starts nothing. A request that would start a
-run learns it is refused only once it is known to be the right target: a client told to
-come back (503) retries in vain what a 404 or 409 awaits.
+starts the follow-up's run next, in the slot it holds), a plain one behind a run paused for
+review (the decision's run starts it), a replay that starts nothing. A request that would
+start a run learns it is refused only once it is known to be the right target: a client
+told to come back (503) retries in vain what a 404 or 409 awaits.
 """
 
 from __future__ import annotations

@@ -395,13 +395,15 @@ class RunTracker:
         `queued_now` is awaited once the run is queued, not on a replay, before the index
         re-check that may raise: the run is queued either way. `behind_a_run`: queue it (or
         replay it still queued) only behind a run that is going, whose runner starts it
-        next; `RunsBusy` else (in the same write: the run cannot rest in between), nothing
-        queued, nor indexed: a case with a run going is indexed already."""
+        next, or, a plain follow-up, behind a run paused for review that nothing stops,
+        whose decision's run starts it next; `RunsBusy` else (in the same write: the run
+        cannot rest in between), nothing queued, nor indexed before the write: a case with
+        a run going is indexed already, and one paused for review is indexed after it."""
         stored: dict[str, Any] = entry
         replayed = False
 
         def no_run_going() -> RunsBusy:
-            # Between runs, or paused for review: a run would start here for it.
+            # Between runs, or a stop of a run paused for review: a run would start here.
             return RunsBusy(
                 f"this worker drives its most case runs (CASE_MAX_RUNS), and case "
                 f"{case_id!r} has no run going to take this follow-up next: it would start "
@@ -413,9 +415,22 @@ class RunTracker:
             runs = runs_of(record)
             current = current_run(runs)
             going = current is not None and current["status"] == RunStatus.RUNNING.value
+            in_review = (
+                current is not None
+                and current["status"] == RunStatus.AWAITING_REVIEW.value
+                and not current.get("stop")
+            )
+
+            def taken_next(follow_up: dict[str, Any]) -> bool:
+                return going or (in_review and follow_up.get("strategy") not in STOPPING)
+
             same = next((e for e in runs if e["run_id"] == entry["run_id"]), None)
             if same is not None:
-                if behind_a_run and same["status"] == RunStatus.QUEUED.value and not going:
+                if (
+                    behind_a_run
+                    and same["status"] == RunStatus.QUEUED.value
+                    and not taken_next(same)
+                ):
                     raise no_run_going()  # its replay would start it here
                 stored, replayed = same, True
                 return UNCHANGED
@@ -433,7 +448,7 @@ class RunTracker:
                     f"case {case_id!r} has {len(waiting)} runs queued already; send the "
                     "message again once some have run"
                 )
-            if behind_a_run and not going:
+            if behind_a_run and not taken_next(entry):
                 raise no_run_going()
             if strategy in (FollowUpStrategy.INTERRUPT, FollowUpStrategy.ROLLBACK):
                 if current is not None and (

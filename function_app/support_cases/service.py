@@ -296,7 +296,7 @@ class CaseService:
         self._slots = RunSlots(settings.case_max_runs)
         self._tasks: set[asyncio.Task[None]] = set()
         # Run guards being taken (a cancelled caller's among them: its guard is let go of
-        # as the take ends, see `_acquire`), then the releases of run guards under way, kept
+        # as the take ends, see `_taken`), then the releases of run guards under way, kept
         # to their end (see `_let_go`): `close` waits for both, or a lease claimed as the
         # process stops would be given back on closed stores and held to its TTL.
         self._claims: set[asyncio.Future[RunGuard]] = set()
@@ -977,7 +977,7 @@ class CaseService:
         (`reject`, `enqueue`, `interrupt`, `rollback`), started here if nobody runs the case.
         Refused (`RunsBusy`) before it is queued while this worker drives its most runs,
         unless it is a replay of one queued before that has started, or it is queued behind
-        a run that is going (neither starts a run here)."""
+        a run that is going or, a plain one, behind a review (none starts a run here)."""
         with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
@@ -994,7 +994,8 @@ class CaseService:
                     if stored is not None and stored["status"] != RunStatus.QUEUED.value:
                         return await self._replayed_message(case_id, stored, message)
                 # Queued behind a run that is going (a stop, or a plain enqueue), it needs no
-                # slot: that run's runner starts it next, in the slot it holds. One still
+                # slot: that run's runner starts it next, in the slot it holds; nor does a
+                # plain one behind a review, which the decision's run starts. One still
                 # queued, taken so before, is its replay (a stop's started only if its runner
                 # is gone). Else it would start a run more, and is refused.
                 return await self._post_message(
@@ -1010,8 +1011,8 @@ class CaseService:
         without_slot: bool = False,
     ) -> MessageOutcome:
         """`without_slot`: this worker has no run slot for it; only a follow-up queued behind
-        a run that is going is taken then (`RunsBusy` else, nothing queued), and a stop's run
-        is started here only if that run's runner is gone."""
+        a run that is going, or a plain one behind a review, is taken then (`RunsBusy` else,
+        nothing queued), and a stop's run is started here only if that run's runner is gone."""
         await self._record(case_id)
         strategy = message.strategy or self._settings.case_default_strategy
         entry = new_run_entry(
@@ -1050,12 +1051,13 @@ class CaseService:
             # Without a slot too: a stop still queued, its runner gone since it was taken,
             # is started here, as below.
             return await self._replayed_message(case_id, stored, message)
-        # Without a slot, the run it is queued behind is going: its runner reads the queue
-        # once that run rests, after this write, and starts this one. A runner gone (the
-        # case free) leaves it to whoever takes the case: here, past the bound, as any queue
-        # taken up outside a request, rather than queued until the timer finds the run
-        # stalled (a stop's run; a plain one waits for the stalled run's resume).
-        task = await self._start_queued(case_id)
+        # Without a slot, the run it is queued behind is going (its runner reads the queue
+        # once that run rests, after this write, and starts this one), or paused for review
+        # (the decision's run starts it). A stop's runner gone (the case free) leaves it to
+        # whoever takes the case: here, past the bound, as any queue taken up outside a
+        # request, rather than queued until the timer finds the run stalled (a plain one
+        # waits for the stalled run's resume).
+        task = await self._start_queue_work(case_id)
         if task is not None and not without_slot:
             with waiting_for_run():
                 await asyncio.wait({task}, timeout=self._sync_wait)
@@ -1077,7 +1079,7 @@ class CaseService:
             )
         if stored["status"] == RunStatus.QUEUED.value:
             # The first request may have ended before starting it (a 503, a crash).
-            await self._start_queued(case_id)
+            await self._start_queue_work(case_id)
         view = run_view(stored)
         return MessageOutcome(view, replayed=True, finished=view.status not in BUSY)
 
@@ -1101,6 +1103,16 @@ class CaseService:
     async def _run_view(self, case_id: str, run_id: str) -> RunView:
         record = await self._record(case_id)
         return run_view(next(e for e in runs_of(record) if e["run_id"] == run_id))
+
+    async def _start_queue_work(self, case_id: str) -> asyncio.Task[None] | None:
+        """`_start_queued` if the case's queue has work for its runner (`has_queue_work`);
+        None else: runs queued behind a run going or paused for review are started by that
+        run's runner (the decision's, the timer's resume), and the case taken for nothing
+        would hold a run slot meanwhile (past the bound on a full worker)."""
+        record = await self._store.get(case_id)
+        if record is None or not has_queue_work(runs_of(record)):
+            return None
+        return await self._start_queued(case_id)
 
     async def _start_queued(self, case_id: str) -> asyncio.Task[None] | None:
         """Take the case and run its queue in the background; None if another runner holds
@@ -1532,9 +1544,7 @@ class CaseService:
         """After a refused request let the case go: a follow-up queued while it held the
         case left its run to it, as to any holder."""
         try:
-            record = await self._store.get(case_id)
-            if record is not None and has_queue_work(runs_of(record)):
-                await self._start_queued(case_id)
+            await self._start_queue_work(case_id)
         except (CaseError, RunIndexBusy, StateError):
             # The refusal is the answer; the timer starts what is left queued.
             log.warning("case %s: queued runs not started", case_id, exc_info=True)
@@ -1785,11 +1795,14 @@ class CaseService:
             await self._saver.aflush(case_id)
 
     async def _acquire(self, case_id: str) -> RunGuard:
-        """The case's run lock, else its cold-tier lease; `CaseBusy` if another holds it.
-        Taken for a caller cancelled meanwhile, it is let go of as the take ends, with the
-        queue check: a follow-up queued in between found the case taken and left its run
-        to this holder (see `_let_go_of_case`)."""
-        taking = asyncio.ensure_future(self._take_guard(case_id))
+        """The case's run lock, else its cold-tier lease; `CaseBusy` if another holds it."""
+        return await self._taken(case_id, self._take_guard(case_id))
+
+    async def _taken(self, case_id: str, take: Awaitable[RunGuard]) -> RunGuard:
+        """The run guard `take` takes. Taken for a caller cancelled meanwhile, it is let go
+        of as the take ends, with the queue check: a follow-up queued in between found the
+        case taken and left its run to this holder (see `_let_go_of_case`)."""
+        taking = asyncio.ensure_future(take)
         self._claims.add(taking)
         taking.add_done_callback(self._claims.discard)
         return await taken_or_given_back(
@@ -1797,12 +1810,8 @@ class CaseService:
         )
 
     async def _take_guard(self, case_id: str) -> RunGuard:
-        sent = time.monotonic()
         try:
-            lock = await self._store.lock(
-                run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
-            )
-            return RunGuard(lock=lock, taken_at=sent)
+            return await self._take_lock(case_id)
         except LockNotAcquired:
             record = await self._record(case_id)
             raise CaseBusy(
@@ -1816,14 +1825,18 @@ class CaseService:
 
     async def _try_lock(self, case_id: str) -> RunGuard | None:
         """The case's run lock from the hot tier; None if another holds it or Redis is out
-        of reach (no cold-tier lease instead: it needs the case's record)."""
-        sent = time.monotonic()
+        of reach (no cold-tier lease instead: it needs the case's record). Let go of as
+        `_acquire`'s is, taken for a caller cancelled meanwhile."""
         try:
-            lock = await self._store.lock(
-                run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
-            )
+            return await self._taken(case_id, self._take_lock(case_id))
         except (LockNotAcquired, BackendUnavailable):
             return None
+
+    async def _take_lock(self, case_id: str) -> RunGuard:
+        sent = time.monotonic()
+        lock = await self._store.lock(
+            run_lock_name(case_id), ttl_ms=self._settings.state_lock_ttl_ms
+        )
         return RunGuard(lock=lock, taken_at=sent)
 
     async def _claim_lease(self, case_id: str) -> RunGuard:

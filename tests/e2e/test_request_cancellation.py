@@ -749,6 +749,58 @@ async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_t
     assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
 
 
+async def test_a_retried_submit_cancelled_as_it_takes_the_run_lock_starts_a_stop_queued_meanwhile(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a submit's first run met a tier out of reach (503), left "running"
+    with nobody on it; its retry takes the case's run lock to start that run. A stop sent
+    while that lock is taken (its reply on the way) finds the case taken and leaves its run
+    to the holder. The retry cancelled then, the lock was given back without looking at the
+    queue (`_try_lock`, unlike `_acquire`): the stop waited for the timer."""
+    run = runtime.service._run
+
+    async def cut(target: str, *args: Any, **kwargs: Any) -> Any:
+        if target == case_id:
+            raise BackendUnavailable("cold", "cut before the first run's first step")
+        return await run(target, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.service, "_run", cut)
+    failed = await client.post("/api/cases", json=demo_case(case_id))
+    assert failed.status_code == 503, failed.text
+    await runtime.service.wait_idle()
+    monkeypatch.undo()
+
+    hot = runtime.backends.hot
+    assert hot is not None
+    acquire: Callable[..., Any] = hot.acquire_lock
+    taken, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
+        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+        if name == run_lock_name(case_id) and not taken.is_set():
+            taken.set()
+            await reply.wait()
+        return held
+
+    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
+    await asyncio.wait_for(taken.wait(), 10)
+    stop = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": "I can't find my invoice", "strategy": "interrupt"},
+    )
+    assert (stop.status_code, stop.json()["run"]["status"]) == (202, "queued"), stop.text
+    await cancelled_once(retry, taken, reply)
+    monkeypatch.undo()
+
+    await until_runs_are(client, case_id, "interrupted", "completed")
+    await asyncio.wait_for(runtime.service.wait_idle(), 60)
+    assert (await client.get(f"/api/cases/{case_id}")).json()["status"] == "completed"
+
+
 async def test_wait_idle_waits_for_the_run_a_cancelled_request_starts_as_it_lets_go(
     runtime: Runtime,
     client: httpx.AsyncClient,

@@ -260,6 +260,119 @@ async def test_a_follow_up_queued_behind_a_run_is_taken_while_the_maximum_is_rea
     assert runtime.service.run_slots.taken == 0
 
 
+def slots_taken_during(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The slots taken from now on (the count after each take): none for a request that
+    starts no run on a full worker (`admitted` refuses it before taking one)."""
+    slots = runtime.service.run_slots
+    seen: list[int] = []
+    take = slots._take
+
+    def counted() -> Any:
+        slot = take()
+        seen.append(slots.taken)
+        return slot
+
+    monkeypatch.setattr(slots, "_take", counted)
+    return seen
+
+
+async def test_a_follow_up_queued_behind_a_review_is_taken_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime],
+    held: Held,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a plain follow-up (enqueue) to a case paused for review was refused
+    (503) on a full worker, though it starts no run: with room, it waits queued behind the
+    review, and the decision's run starts it next. Taken so on a full worker, with no slot,
+    and its retry is its replay; a stop of that paused run would start one, still refused."""
+    http, runtime = client
+    reviewer = bearer("run-limit-reviewer")
+    paused, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    held.release.set()
+    waiting = await http.post("/api/cases", json=escalated(paused))
+    assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
+    held.release.clear()
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+    taken = slots_taken_during(runtime, monkeypatch)
+    message = {"text": "any news?", "strategy": "enqueue"}
+    key = {"Idempotency-Key": f"{case_id}-news"}
+
+    sent = await http.post(f"/api/cases/{paused}/messages", json=message, headers=key)
+    assert sent.status_code == 202, sent.text
+    assert sent.json()["run"]["status"] == "queued"
+    replayed = await http.post(f"/api/cases/{paused}/messages", json=message, headers=key)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["run"]["run_id"] == sent.json()["run"]["run_id"]
+    stop = await http.post(
+        f"/api/cases/{paused}/messages", json={"text": "stop", "strategy": "interrupt"}
+    )
+    assert stop.status_code == 503, stop.text
+    runs = (await http.get(f"/api/cases/{paused}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "awaiting_review"),
+        ("message", "queued"),
+    ], runs
+    assert taken == [], taken
+    assert runtime.service.run_slots.refused == 1
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    decided = await http.post(
+        f"/api/cases/{paused}/review", json={"decision": "approve"}, headers=reviewer
+    )
+    assert decided.status_code in (200, 202), decided.text
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{paused}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "completed"),
+        ("message", "completed"),
+    ], runs
+    assert runtime.service.run_slots.taken == 0
+
+
+async def test_a_follow_up_queued_behind_a_run_whose_runner_is_gone_takes_no_slot(
+    client: tuple[httpx.AsyncClient, Runtime],
+    held: Held,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: a plain follow-up taken on a full worker behind a run whose runner
+    is gone (its lock ran out, as after a crash) found the case free and took it up, a run
+    slot past the bound, for nothing: a plain follow-up waits for the stalled run's resume.
+    Nor is its retry (its replay) a slot more."""
+    http, runtime = client
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(2)
+    hot = runtime.backends.hot
+    assert isinstance(hot, RedisHotStore)
+    raw = create_redis_client(runtime.settings)
+    try:
+        assert await raw.delete(hot.key(run_lock_name(first), LOCK_KIND)) == 1
+    finally:
+        await raw.aclose()
+    taken = slots_taken_during(runtime, monkeypatch)
+    message = {"text": "any news?", "strategy": "enqueue"}
+    key = {"Idempotency-Key": f"{case_id}-news"}
+
+    sent = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert sent.status_code == 202, sent.text
+    replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
+    assert replayed.status_code == 200, replayed.text
+    runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
+    assert [(run["kind"], run["status"]) for run in runs] == [
+        ("intake", "running"),
+        ("message", "queued"),
+    ], runs
+    assert taken == [], taken
+
+
 async def test_a_retried_follow_up_left_queued_on_a_case_at_rest_is_refused_while_the_maximum_is_reached(
     client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
 ) -> None:
