@@ -94,6 +94,27 @@ async def until_lease_released(runtime: Runtime, case_id: str) -> None:
         await asyncio.sleep(0.02)
 
 
+def run_lock_reply_held(
+    runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """The case's run lock, once: taken in Redis, its reply held back (`taken` set then)
+    until `reply` is set."""
+    hot = runtime.backends.hot
+    assert hot is not None
+    acquire: Callable[..., Any] = hot.acquire_lock
+    taken, reply = asyncio.Event(), asyncio.Event()
+
+    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
+        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
+        if name == run_lock_name(case_id) and not taken.is_set():
+            taken.set()
+            await reply.wait()
+        return held
+
+    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    return taken, reply
+
+
 async def test_a_decision_cancelled_as_it_takes_the_run_lock_leaves_the_case_to_its_retry(
     runtime: Runtime,
     client: httpx.AsyncClient,
@@ -110,19 +131,7 @@ async def test_a_decision_cancelled_as_it_takes_the_run_lock_leaves_the_case_to_
     case = (await client.get(f"/api/cases/{case_id}")).json()
     assert case["status"] == "awaiting_review", case
 
-    hot = runtime.backends.hot
-    assert hot is not None
-    acquire: Callable[..., Any] = hot.acquire_lock
-    taken, reply = asyncio.Event(), asyncio.Event()
-
-    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
-        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
-        if name == run_lock_name(case_id) and not taken.is_set():
-            taken.set()
-            await reply.wait()
-        return held
-
-    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    taken, reply = run_lock_reply_held(runtime, case_id, monkeypatch)
     await cancelled_once(
         client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer),
         taken,
@@ -160,19 +169,7 @@ async def test_a_decision_cancelled_as_it_takes_the_run_lock_starts_a_stop_queue
     submitted = await client.post("/api/cases", json=escalated(case_id))
     assert submitted.status_code in (201, 202), submitted.text
     await runtime.service.wait_idle()
-    hot = runtime.backends.hot
-    assert hot is not None
-    acquire: Callable[..., Any] = hot.acquire_lock
-    taken, reply = asyncio.Event(), asyncio.Event()
-
-    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
-        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
-        if name == run_lock_name(case_id) and not taken.is_set():
-            taken.set()
-            await reply.wait()
-        return held
-
-    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    taken, reply = run_lock_reply_held(runtime, case_id, monkeypatch)
     decision = asyncio.ensure_future(
         client.post(f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer)
     )
@@ -697,17 +694,11 @@ async def test_a_retried_submit_cancelled_as_it_lets_go_starts_the_follow_up_que
     assert runtime.service.run_slots.taken == 0
 
 
-async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_the_follow_up(
-    runtime: Runtime,
-    client: httpx.AsyncClient,
-    case_id: str,
-    monkeypatch: pytest.MonkeyPatch,
+async def first_run_left_running(
+    runtime: Runtime, client: httpx.AsyncClient, case_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A submit's first run met a tier out of reach (503), left "running" with nobody on
-    it. Its retry takes the case's run lock to start that run; an interrupting follow-up
-    landing before the retry marks it finds the case taken and leaves its run (and the stop
-    of the first) to the holder. The retry is cancelled then: the follow-up's run starts all
-    the same (it was left, with the first run "running", for the timer)."""
+    """A submit whose first run meets a tier out of reach (503): the run is left "running"
+    with nobody on it, for a retry (or the timer) to start."""
     run = runtime.service._run
 
     async def cut(target: str, *args: Any, **kwargs: Any) -> Any:
@@ -720,6 +711,20 @@ async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_t
     assert failed.status_code == 503, failed.text
     await runtime.service.wait_idle()
     monkeypatch.undo()
+
+
+async def test_a_retried_submit_cancelled_before_it_marks_the_first_run_starts_the_follow_up(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submit's first run met a tier out of reach (503), left "running" with nobody on
+    it. Its retry takes the case's run lock to start that run; an interrupting follow-up
+    landing before the retry marks it finds the case taken and leaves its run (and the stop
+    of the first) to the holder. The retry is cancelled then: the follow-up's run starts all
+    the same (it was left, with the first run "running", for the timer)."""
+    await first_run_left_running(runtime, client, case_id, monkeypatch)
 
     record = runtime.service._record
     reached, go_on = asyncio.Event(), asyncio.Event()
@@ -760,32 +765,9 @@ async def test_a_retried_submit_cancelled_as_it_takes_the_run_lock_starts_a_stop
     while that lock is taken (its reply on the way) finds the case taken and leaves its run
     to the holder. The retry cancelled then, the lock was given back without looking at the
     queue (`_try_lock`, unlike `_acquire`): the stop waited for the timer."""
-    run = runtime.service._run
+    await first_run_left_running(runtime, client, case_id, monkeypatch)
 
-    async def cut(target: str, *args: Any, **kwargs: Any) -> Any:
-        if target == case_id:
-            raise BackendUnavailable("cold", "cut before the first run's first step")
-        return await run(target, *args, **kwargs)
-
-    monkeypatch.setattr(runtime.service, "_run", cut)
-    failed = await client.post("/api/cases", json=demo_case(case_id))
-    assert failed.status_code == 503, failed.text
-    await runtime.service.wait_idle()
-    monkeypatch.undo()
-
-    hot = runtime.backends.hot
-    assert hot is not None
-    acquire: Callable[..., Any] = hot.acquire_lock
-    taken, reply = asyncio.Event(), asyncio.Event()
-
-    async def reply_held(name: str, *, ttl_ms: int) -> Lock | None:
-        held: Lock | None = await acquire(name, ttl_ms=ttl_ms)
-        if name == run_lock_name(case_id) and not taken.is_set():
-            taken.set()
-            await reply.wait()
-        return held
-
-    monkeypatch.setattr(hot, "acquire_lock", reply_held)
+    taken, reply = run_lock_reply_held(runtime, case_id, monkeypatch)
     retry = asyncio.ensure_future(client.post("/api/cases", json=demo_case(case_id)))
     await asyncio.wait_for(taken.wait(), 10)
     stop = await client.post(

@@ -87,14 +87,22 @@ async def client(
             await runtime.close()
 
 
+async def fill_the_worker(http: httpx.AsyncClient, held: Held, case_id: str) -> tuple[str, str]:
+    """Two cases whose runs are held at their first step: the worker's maximum reached."""
+    first, second = f"{case_id}-1", f"{case_id}-2"
+    reached = held.reached
+    for one in (first, second):
+        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
+    await held.until_reached(reached + 2)
+    return first, second
+
+
 async def test_a_case_past_the_maximum_is_503_with_nothing_written_and_an_ended_run_makes_room(
     client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
 ) -> None:
     http, runtime = client
-    first, second, refused_id = f"{case_id}-1", f"{case_id}-2", f"{case_id}-3"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, second = await fill_the_worker(http, held, case_id)
+    refused_id = f"{case_id}-3"
 
     refused = await http.post("/api/cases", json=demo_case(refused_id))
     assert refused.status_code == 503, refused.text
@@ -143,10 +151,7 @@ async def test_a_replayed_submit_is_answered_with_its_case_while_the_maximum_is_
     run: it is answered as any replay is, not told to come back later; a submit naming
     that case with another body is still the conflict it is."""
     http, _ = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
 
     replayed = await http.post("/api/cases", json=demo_case(first))
     assert replayed.status_code == 200, replayed.text
@@ -163,7 +168,7 @@ async def test_a_replayed_message_whose_run_started_is_answered_while_the_maximu
     """As a replayed submit: a retried follow-up whose run has left the queue starts no
     run, and is answered with that run; a new message is still refused."""
     http, runtime = client
-    answered, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    answered = f"{case_id}-0"
     key = {"Idempotency-Key": f"{case_id}-message"}
     text = {"text": "any news?"}
     held.release.set()
@@ -172,10 +177,7 @@ async def test_a_replayed_message_whose_run_started_is_answered_while_the_maximu
     assert sent.status_code == 200, sent.text
     await runtime.service.wait_idle()
     held.release.clear()
-    reached = held.reached
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(reached + 2)
+    await fill_the_worker(http, held, case_id)
 
     replayed = await http.post(f"/api/cases/{answered}/messages", json=text, headers=key)
     assert replayed.status_code == 200, replayed.text
@@ -203,10 +205,7 @@ async def test_a_follow_up_stopping_a_run_is_taken_while_the_maximum_is_reached(
     """It frees work rather than adding any: the run it stops hands its slot on to the
     follow-up's run, which needs none of its own; a new case is still refused."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
 
     sent = await http.post(
         f"/api/cases/{first}/messages", json={"text": "forget it", "strategy": strategy}
@@ -234,10 +233,7 @@ async def test_a_follow_up_queued_behind_a_run_is_taken_while_the_maximum_is_rea
     (503) on a full worker, though, like a stop, it starts no run: that run's runner starts
     it next, in its slot. Its retry is its replay; a new case is still refused."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
     message = {"text": "any news?", "strategy": "enqueue"}
     key = {"Idempotency-Key": f"{case_id}-news"}
 
@@ -289,15 +285,12 @@ async def test_a_follow_up_queued_behind_a_review_is_taken_while_the_maximum_is_
     and its retry is its replay; a stop of that paused run would start one, still refused."""
     http, runtime = client
     reviewer = bearer("run-limit-reviewer")
-    paused, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    paused = f"{case_id}-0"
     held.release.set()
     waiting = await http.post("/api/cases", json=escalated(paused))
     assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
     held.release.clear()
-    reached = held.reached
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(reached + 2)
+    await fill_the_worker(http, held, case_id)
     taken = slots_taken_during(runtime, monkeypatch)
     message = {"text": "any news?", "strategy": "enqueue"}
     key = {"Idempotency-Key": f"{case_id}-news"}
@@ -346,10 +339,7 @@ async def test_a_follow_up_queued_behind_a_run_whose_runner_is_gone_takes_no_slo
     slot past the bound, for nothing: a plain follow-up waits for the stalled run's resume.
     Nor is its retry (its replay) a slot more."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
     hot = runtime.backends.hot
     assert isinstance(hot, RedisHotStore)
     raw = create_redis_client(runtime.settings)
@@ -380,7 +370,7 @@ async def test_a_retried_follow_up_left_queued_on_a_case_at_rest_is_refused_whil
     503 after its write, a crash): its retry on a full worker would start it, a run past the
     bound. Refused, it stays queued for a worker with room."""
     http, runtime = client
-    ended, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    ended = f"{case_id}-0"
     held.release.set()
     assert (await http.post("/api/cases", json=demo_case(ended))).status_code == 201
     key, text = f"{case_id}-news", "any news?"
@@ -392,10 +382,7 @@ async def test_a_retried_follow_up_left_queued_on_a_case_at_rest_is_refused_whil
         ended, left, FollowUpStrategy.ENQUEUE, agent_id="run-limit-test"
     )
     held.release.clear()
-    reached = held.reached
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(reached + 2)
+    await fill_the_worker(http, held, case_id)
 
     retried = await http.post(
         f"/api/cases/{ended}/messages",
@@ -415,17 +402,14 @@ async def test_a_follow_up_refused_while_the_maximum_is_reached_leaves_no_run_in
     take it next) indexed the case first, an entry for the timer to drop later."""
     http, runtime = client
     tracker = runtime.service._tracker
-    ended, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    ended = f"{case_id}-0"
     held.release.set()
     completed = await http.post("/api/cases", json=demo_case(ended))
     assert completed.status_code == 201 and completed.json()["status"] == "completed"
     await runtime.service.resume_stale()  # a case with nothing left to run leaves the index
     assert ended not in await tracker.active_cases()
     held.release.clear()
-    reached = held.reached
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(reached + 2)
+    await fill_the_worker(http, held, case_id)
 
     for strategy in ("interrupt", "rollback", "enqueue"):
         refused = await http.post(
@@ -446,15 +430,12 @@ async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_
     written, when it would start a run (a stop of a run nobody drives would)."""
     http, _ = client
     reviewer = bearer("run-limit-reviewer")
-    paused, first, second = f"{case_id}-0", f"{case_id}-1", f"{case_id}-2"
+    paused = f"{case_id}-0"
     held.release.set()
     waiting = await http.post("/api/cases", json=escalated(paused))
     assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
     held.release.clear()
-    reached = held.reached
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(reached + 2)
+    first, _ = await fill_the_worker(http, held, case_id)
 
     approve = {"decision": "approve"}
     rejected = await http.post(
@@ -497,10 +478,7 @@ async def test_the_slots_taken_and_the_requests_refused_show_in_the_metrics(
     meters.register_run_slots(runtime.service.run_slots)
     try:
         assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 0}
-        first, second = f"{case_id}-1", f"{case_id}-2"
-        for one in (first, second):
-            assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-        await held.until_reached(2)
+        first, _ = await fill_the_worker(http, held, case_id)
         assert points(reader, metrics.RUN_SLOTS_TAKEN) == {(): 2}
 
         for refused in (f"{case_id}-3", f"{case_id}-4"):
@@ -539,10 +517,7 @@ async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximu
     it stops) was refused (503) when its client, having lost the answer, sent it again: the
     replay of a run still queued read as a run more to start."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
     message = {"text": "forget it", "strategy": "interrupt"}
     key = {"Idempotency-Key": f"{case_id}-stop"}
     sent = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
@@ -571,10 +546,7 @@ async def test_a_stop_of_a_run_nobody_drives_starts_its_follow_up_while_the_maxi
     The runner gone only after the stop was taken, the client's retry of the stop (its
     replay) starts it so."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
     hot = runtime.backends.hot
     assert isinstance(hot, RedisHotStore)
 
@@ -619,10 +591,7 @@ async def test_a_stop_queued_while_a_refused_submit_looks_at_its_case_is_started
     meanwhile finds the case taken and leaves its run to the holder, which let go without
     looking at the queue: the stop waited for the timer to find the run stalled."""
     http, runtime = client
-    first, second = f"{case_id}-1", f"{case_id}-2"
-    for one in (first, second):
-        assert (await http.post("/api/cases", json=demo_case(one))).status_code == 202
-    await held.until_reached(2)
+    first, _ = await fill_the_worker(http, held, case_id)
     hot = runtime.backends.hot
     assert isinstance(hot, RedisHotStore)
     raw = create_redis_client(runtime.settings)

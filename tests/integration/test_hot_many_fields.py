@@ -36,19 +36,22 @@ from tests.support.records import unique_thread, workflow_record
 MANY = 10_000
 
 
-@pytest.fixture(params=["write-through", "write-behind"])
-async def backends(
-    request: pytest.FixtureRequest, stack_env: dict[str, str]
-) -> AsyncIterator[Backends]:
-    settings = Settings.model_validate(
+def postgres_redis(stack_env: dict[str, str], mode: WriteMode) -> Settings:
+    return Settings.model_validate(
         {
             "state_cold_backend": "postgres",
             "postgres_url": stack_env["POSTGRES_URL"],
             "redis_url": stack_env["REDIS_URL"],
-            "state_write_mode": request.param,
+            "state_write_mode": mode,
         }
     )
-    opened = await open_backends(settings)
+
+
+@pytest.fixture(params=["write-through", "write-behind"])
+async def backends(
+    request: pytest.FixtureRequest, stack_env: dict[str, str]
+) -> AsyncIterator[Backends]:
+    opened = await open_backends(postgres_redis(stack_env, WriteMode(request.param)))
     try:
         yield opened
     finally:
@@ -179,14 +182,7 @@ def test_a_sync_step_changing_thousands_of_channels_goes_to_the_cold_tier_whole(
     stack_env: dict[str, str],
 ) -> None:
     """The sync API's write-behind put (appended on the caller's thread) does the same."""
-    settings = Settings.model_validate(
-        {
-            "state_cold_backend": "postgres",
-            "postgres_url": stack_env["POSTGRES_URL"],
-            "redis_url": stack_env["REDIS_URL"],
-            "state_write_mode": "write-behind",
-        }
-    )
+    settings = postgres_redis(stack_env, WriteMode.WRITE_BEHIND)
     thread_id = unique_thread("many")
     thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
     step = wide_checkpoint()
@@ -256,14 +252,7 @@ def test_a_sync_step_with_thousands_of_writes_goes_to_the_cold_tier_whole(
 ) -> None:
     """The sync API's write-behind put_writes (appended on the caller's thread): more than
     one log entry holds, written to the cold tier at once, all of them."""
-    settings = Settings.model_validate(
-        {
-            "state_cold_backend": "postgres",
-            "postgres_url": stack_env["POSTGRES_URL"],
-            "redis_url": stack_env["REDIS_URL"],
-            "state_write_mode": "write-behind",
-        }
-    )
+    settings = postgres_redis(stack_env, WriteMode.WRITE_BEHIND)
     thread_id = unique_thread("many")
     thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
     writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
