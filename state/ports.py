@@ -1070,7 +1070,8 @@ class WriteBehindLog(Protocol):
         fence: int | None,
         fence_checked: bool = False,
     ) -> None:
-        """Fenced as `append_put` is."""
+        """Fenced as `append_put` is; `LogEntryTooLarge` (writing nothing) if the writes are
+        more than one entry holds."""
 
     async def pending(self, thread_id: str) -> bool:
         """Whether the thread has unflushed entries."""

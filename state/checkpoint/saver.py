@@ -15,8 +15,10 @@ Two write modes (`STATE_WRITE_MODE`):
   for it: a write carrying an interrupt or an error, `durability="sync"` or "exit", and
   `flush(thread_id)`. Reads the cold tier answers (a cache miss, `list`, a
   checkpoint by id) first flush the thread's backlog, so they never see a gap.
-  With Redis unreachable a put writes through instead, with every channel value,
-  so the cold checkpoint stands on its own whatever the log still holds.
+  With Redis unreachable, or a write too large for one log entry
+  (`LogEntryTooLarge`: then fenced in Redis as an append, its hot copy dropped), a put
+  writes through instead, with every channel value, so the cold checkpoint stands on
+  its own whatever the log still holds.
 
 Fencing: a write whose config carries a fencing token (`FENCING_TOKEN_KEY`) is
 refused with `StaleFencingToken` before it reaches the cold tier if a writer with a
@@ -718,7 +720,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except HotStateLost:
             raise
         except LogEntryTooLarge:
-            self._sync(self._put_cold_instead(put, checkpoint))
+            self._sync(self._put_cold_instead(put, checkpoint, redis_up=True))
         except BackendUnavailable as exc:
             self._raise_unless_redis(exc)
             self._sync(self._put_cold_instead(put, checkpoint))
@@ -815,7 +817,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     ),
                 )
             except LogEntryTooLarge:
-                self._sync(self._writes_cold_instead(put))
+                self._sync(self._writes_cold_instead(put, redis_up=True))
             except BackendUnavailable as exc:
                 self._raise_unless_redis(exc)
                 self._sync(self._writes_cold_instead(put))
@@ -1167,7 +1169,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             except HotStateLost:
                 raise
             except LogEntryTooLarge:
-                await self._put_cold_instead(put, checkpoint)
+                await self._put_cold_instead(put, checkpoint, redis_up=True)
             except BackendUnavailable as exc:
                 self._raise_unless_redis(exc)
                 await self._put_cold_instead(put, checkpoint)
@@ -1342,14 +1344,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             or metadata.get("source") in OUTSIDE_RUN_SOURCES,
         )
 
-    async def _put_cold_instead(self, put: _Put, checkpoint: Checkpoint) -> None:
+    async def _put_cold_instead(
+        self, put: _Put, checkpoint: Checkpoint, *, redis_up: bool = False
+    ) -> None:
         """Write-behind with Redis out, or a put too large for a log entry (`LogEntryTooLarge`):
         the checkpoint goes straight to the cold tier, every value with it (the log holding
         the older ones may never drain), and the hot copy is not trusted any more. It stands
         on its own unless a DeltaChannel is rebuilt from ancestors only the log may hold
-        (then as `_writes_cold_instead`)."""
+        (then as `_writes_cold_instead`). `redis_up` (a put too large): its fence checked and
+        raised in Redis as an append's is, or a stale writer's appends would still pass, and
+        the hot copy dropped at once (`_drop_hot_copy`)."""
         thread_id = put.stored.thread_id
-        await self._admit(thread_id, put.fence, hot=False)
+        await self._admit(thread_id, put.fence, hot=redis_up)
         values = checkpoint["channel_values"]
         every_value = [
             StoredBlob(channel, version, self.serde.dumps_typed(values[channel]))
@@ -1358,7 +1364,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         ]
         # Vouched: its parent may be in the log alone, which Redis being out cannot show.
         await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
-        self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
+        await self._drop_hot_copy(thread_id, put.stored.checkpoint_ns, redis_up=redis_up)
         # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
         # which may be in the Redis log alone.
         rebuilt = bool(put.stored.metadata.get("counters_since_delta_snapshot"))
@@ -1591,7 +1597,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 ),
             )
         except LogEntryTooLarge:
-            await self._writes_cold_instead(put)
+            await self._writes_cold_instead(put, redis_up=True)
         except BackendUnavailable as exc:
             self._raise_unless_redis(exc)
             await self._writes_cold_instead(put)
@@ -1600,18 +1606,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._writes_appended(put)
             await self._boundary(put.thread_id, self._is_boundary(put))
 
-    async def _writes_cold_instead(self, put: _Writes) -> None:
+    async def _writes_cold_instead(self, put: _Writes, *, redis_up: bool = False) -> None:
         """Write-behind with Redis out, or writes too many for a log entry (`LogEntryTooLarge`):
         the writes go straight to the cold tier. They stand
         on their own only beside their checkpoint: while a put of the namespace this
         process appended is not in the cold tier, the thread's newest state may live in
         Redis alone, so a boundary (an interrupt) flushes as after an append, and fails
-        the write unless Redis comes back with it."""
-        await self._admit(put.thread_id, put.fence, hot=False)
+        the write unless Redis comes back with it. `redis_up`: fenced, and the hot copy dropped,
+        as `_put_cold_instead`'s."""
+        await self._admit(put.thread_id, put.fence, hot=redis_up)
         await self.store.put_writes(
             put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
         )
-        self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)
+        await self._drop_hot_copy(put.thread_id, put.checkpoint_ns, redis_up=redis_up)
         boundary = self._is_boundary(put)
         if await self._stands_alone(put.thread_id, put.checkpoint_ns) and (
             not boundary or await self._all_stand_alone(put.thread_id)
@@ -1660,6 +1667,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if heads.get(checkpoint_ns) == head:
                 del heads[checkpoint_ns]
         return True
+
+    async def _drop_hot_copy(self, thread_id: str, checkpoint_ns: str, *, redis_up: bool) -> None:
+        """After a write-behind write went to the cold tier instead: the hot copy (the parent
+        as the latest, or the checkpoint without those writes) is never served by this
+        process, and with Redis answering (`redis_up`) is dropped before the write returns,
+        not left to another process until the drop of suspect entries comes round."""
+        self._distrust_hot_copy(thread_id, checkpoint_ns)
+        if redis_up and self.cache is not None:
+            await self.cache.invalidate(thread_id, checkpoint_ns)
 
     def _distrust_hot_copy(self, thread_id: str, checkpoint_ns: str) -> None:
         """Redis just failed and the cold tier moved past the hot copy: it is dropped on the

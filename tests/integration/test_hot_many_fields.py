@@ -17,7 +17,8 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
-from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint import FENCING_TOKEN_KEY, TieredCheckpointSaver
+from state.errors import StaleFencingToken
 from state.factory import Backends, open_backends
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import (
@@ -71,6 +72,10 @@ def wide_checkpoint() -> Checkpoint:
     step["channel_values"] = {f"c{i}": [i] * 20 for i in range(MANY // 2)} | {"big": "x" * 40_000}
     step["channel_versions"] = dict.fromkeys(step["channel_values"], 1)
     return step
+
+
+def fenced(config: RunnableConfig, fence: int) -> RunnableConfig:
+    return {"configurable": {**config["configurable"], FENCING_TOKEN_KEY: fence}}
 
 
 async def hot_fields(backends: Backends, config: RunnableConfig) -> list[bytes]:
@@ -267,3 +272,131 @@ def test_a_sync_step_with_thousands_of_writes_goes_to_the_cold_tier_whole(
     assert len(stored) == MANY
     assert loaded is not None
     assert [(channel, value) for _, channel, value in loaded.pending_writes or []] == writes
+
+
+async def test_a_write_too_large_for_the_log_is_fenced_as_a_hot_write(
+    stack_env: dict[str, str],
+) -> None:
+    """Redis is up when a write goes to the cold tier for being too large for a log entry:
+    it is checked against, and raises, the thread's fence in Redis, as an append is. A stale
+    writer's large write is refused, and so is a stale writer's append after a newer
+    writer's large write (a thread with no workflow record: only Redis fences it)."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": "write-behind",
+        }
+    )
+    opened = await open_backends(settings)
+    saver = TieredCheckpointSaver.from_backends(opened)
+    thread_id = unique_thread("many")
+    writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
+
+    try:
+        thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        first = await saver.aput(fenced(thread, 9), checkpoint(1), {"step": 1}, {})
+        wide = wide_checkpoint()
+        with pytest.raises(StaleFencingToken):
+            await saver.aput_writes(fenced(first, 5), writes, "stale-task")
+        with pytest.raises(StaleFencingToken):
+            await saver.aput(fenced(first, 5), wide, {"step": 2}, wide["channel_versions"])
+        cid = first["configurable"]["checkpoint_id"]
+        assert await opened.checkpoints.get_writes(thread_id, "", cid) == []
+        assert await opened.checkpoints.get_checkpoint(thread_id, "", wide["id"]) is None
+
+        await saver.aput_writes(fenced(first, 12), writes, "task-1")
+        with pytest.raises(StaleFencingToken):
+            await saver.aput(fenced(first, 9), checkpoint(2), {"step": 2}, {})
+        second = await saver.aput(fenced(first, 15), wide, {"step": 2}, wide["channel_versions"])
+        with pytest.raises(StaleFencingToken):
+            await saver.aput_writes(fenced(second, 12), [("ch0", 1)], "stale-task")
+        await saver.aflush(thread_id)
+    finally:
+        await opened.close()
+
+
+def test_a_sync_write_too_large_for_the_log_is_fenced_as_a_hot_write(
+    stack_env: dict[str, str],
+) -> None:
+    """The sync API's appends (made on the caller's thread) do the same."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": "write-behind",
+        }
+    )
+    thread_id = unique_thread("many")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        first = saver.put(fenced(thread, 9), checkpoint(1), {"step": 1}, {})
+        wide = wide_checkpoint()
+        with pytest.raises(StaleFencingToken):
+            saver.put_writes(fenced(first, 5), writes, "stale-task")
+        with pytest.raises(StaleFencingToken):
+            saver.put(fenced(first, 5), wide, {"step": 2}, wide["channel_versions"])
+        stored = asyncio.run_coroutine_threadsafe(
+            saver.store.get_writes(thread_id, "", first["configurable"]["checkpoint_id"]),
+            saver.loop,
+        ).result()
+        assert stored == []
+
+        saver.put_writes(fenced(first, 12), writes, "task-1")
+        with pytest.raises(StaleFencingToken):
+            saver.put(fenced(first, 9), checkpoint(2), {"step": 2}, {})
+        second = saver.put(fenced(first, 15), wide, {"step": 2}, wide["channel_versions"])
+        with pytest.raises(StaleFencingToken):
+            saver.put_writes(fenced(second, 12), [("ch0", 1)], "stale-task")
+        saver.flush(thread_id)
+
+
+async def test_another_process_reads_a_write_too_large_for_the_log_at_once(
+    stack_env: dict[str, str],
+) -> None:
+    """Redis answering, the hot copy a too large write leaves behind (the parent as the
+    latest, the checkpoint without those writes) is dropped before the write returns, not
+    served to another process until this one's drop of suspect entries comes round."""
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": stack_env["POSTGRES_URL"],
+            "redis_url": stack_env["REDIS_URL"],
+            "state_write_mode": "write-behind",
+        }
+    )
+    writing, reading = await open_backends(settings), await open_backends(settings)
+    writer = TieredCheckpointSaver.from_backends(writing)
+    reader = TieredCheckpointSaver.from_backends(reading)
+    writes: list[tuple[str, Any]] = [(f"ch{i % 7}", i) for i in range(MANY)]
+
+    async def cached_first_step() -> RunnableConfig:
+        thread: RunnableConfig = {
+            "configurable": {"thread_id": unique_thread("many"), "checkpoint_ns": ""}
+        }
+        first = await writer.aput(thread, checkpoint(1), {"step": 1}, {})
+        cached = await reader.aget_tuple(thread)
+        assert cached is not None and cached.config == first  # the hot copy's latest
+        return first
+
+    try:
+        first = await cached_first_step()
+        wide = wide_checkpoint()
+        second = await writer.aput(first, wide, {"step": 2}, wide["channel_versions"])
+        thread_id = first["configurable"]["thread_id"]
+        latest = await reader.aget_tuple({"configurable": {"thread_id": thread_id}})
+        assert latest is not None and latest.config == second
+        assert latest.checkpoint["channel_values"] == wide["channel_values"]
+        await writer.aflush(thread_id)
+
+        first = await cached_first_step()
+        await writer.aput_writes(first, writes, "task-1")
+        loaded = await reader.aget_tuple(first)
+        assert loaded is not None and len(loaded.pending_writes or []) == MANY
+        await writer.aflush(first["configurable"]["thread_id"])
+    finally:
+        await writing.close()
+        await reading.close()
