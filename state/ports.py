@@ -832,10 +832,18 @@ class CheckpointCache(Protocol):
         """After a cold put_writes: keep the cached checkpoint's pending writes exact."""
 
     async def invalidate(
-        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+        self,
+        thread_id: str,
+        checkpoint_ns: str | None = None,
+        *,
+        strict: bool = False,
+        deleted_at: str | None = None,
     ) -> None:
         """Drop one namespace of a thread, or all of them (None). `strict`: a failure
-        raises `BackendUnavailable` (the entries may still be served) instead."""
+        raises `BackendUnavailable` (the entries may still be served) instead.
+        `deleted_at` (all namespaces only): a checkpoint id made as checkpoints were
+        deleted, which the root entry keeps as dropped at (`seen`) in the same step, so a
+        root put no newer, stored before the deletion took it, is not cached after it."""
 
     async def logged(self, thread_id: str) -> bool:
         """Whether the thread's write-behind log holds entries (False if that cannot be

@@ -239,6 +239,13 @@ def _writable_thread(configurable: dict[str, Any]) -> str:
     return thread_id
 
 
+def _run_ids(run_ids: Sequence[str]) -> list[str]:
+    if isinstance(run_ids, str):
+        # A str is a sequence of one-character run ids: those runs would be deleted.
+        raise TypeError("run_ids must be a sequence of run ids, not a str")
+    return [str(run_id) for run_id in run_ids]
+
+
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread, namespace, checkpoint id or None for the latest) a config names."""
     configurable = config["configurable"]
@@ -531,7 +538,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         await self._on_loop(self._delete_thread(str(thread_id)))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._on_loop(self._delete_for_runs([str(run_id) for run_id in run_ids]))
+        await self._on_loop(self._delete_for_runs(_run_ids(run_ids)))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self._on_loop(self._copy_thread(str(source_thread_id), str(target_thread_id)))
@@ -861,7 +868,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._sync(self._delete_thread(str(thread_id)))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._sync(self._delete_for_runs([str(run_id) for run_id in run_ids]))
+        self._sync(self._delete_for_runs(_run_ids(run_ids)))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._sync(self._copy_thread(str(source_thread_id), str(target_thread_id)))
@@ -1352,8 +1359,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         the older ones may never drain), and the hot copy is not trusted any more. It stands
         on its own unless a DeltaChannel is rebuilt from ancestors only the log may hold
         (then as `_writes_cold_instead`). `redis_up` (a put too large): its fence checked and
-        raised in Redis as an append's is, or a stale writer's appends would still pass, and
-        the hot copy dropped at once (`_drop_hot_copy`)."""
+        raised in Redis as an append's is, or a stale writer's appends would still pass; its
+        parent checked as an append's is (a parent deleted since refuses it); and the hot
+        copy dropped at once (`_drop_hot_copy`)."""
         thread_id = put.stored.thread_id
         await self._admit(thread_id, put.fence, hot=redis_up)
         values = checkpoint["channel_values"]
@@ -1362,8 +1370,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for channel, version in checkpoint["channel_versions"].items()
             if channel in values and channel not in put.inline
         ]
-        # Vouched: its parent may be in the log alone, which Redis being out cannot show.
-        await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
+        if redis_up and put.stored.parent_checkpoint_id is not None:
+            try:
+                await self.store.put_checkpoint(put.stored, every_value)
+            except ParentGone:
+                # Not stored cold: a parent Redis holds neither as the cached head with a
+                # backlog is gone (deleted since, as an append on it is refused) or lost.
+                if not await self._hot_head_is_parent(put.stored):
+                    await self._parent_stored(put, fork=False)
+                await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
+        else:
+            # Vouched: its parent may be in the log alone, which Redis being out cannot show.
+            await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
         await self._drop_hot_copy(thread_id, put.stored.checkpoint_ns, redis_up=redis_up)
         # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
         # which may be in the Redis log alone.
@@ -1977,18 +1995,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # left in its log would be flushed back onto it. The cache is dropped before the
     # change (which checks Redis answers) and again after (what a reader cached meanwhile).
 
-    async def _drop_cached(self, thread_id: str) -> None:
-        if self.cache is not None:
-            await self.cache.invalidate(thread_id, strict=True)
+    async def _drop_cached(self, thread_id: str, *, deleting: bool = False) -> None:
+        if self.cache is None:
+            return
+        # Written through, a new thread's first put stored cold just before a deletion took
+        # it reaches the emptied entry after: a root needs no parent there, so the entry
+        # is left dropped at now, and such a root is not cached. (Write-behind appends
+        # are refused while a thread is deleted, and its log dropped with the entry.)
+        deleted_at = str(uuid6(clock_seq=-1)) if deleting and self.flusher is None else None
+        await self.cache.invalidate(thread_id, strict=True, deleted_at=deleted_at)
 
     async def _delete_thread(self, thread_id: str) -> None:
         self._forget_runs(thread_id)
-        await self._drop_cached(thread_id)
+        await self._drop_cached(thread_id, deleting=True)
         if self.flusher is None:
             await self.store.delete_thread(thread_id)
         else:
             await self.flusher.delete_thread(thread_id)
-        await self._drop_cached(thread_id)
+        await self._drop_cached(thread_id, deleting=True)
 
     async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
         if not run_ids:
@@ -2107,7 +2131,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         self._owed_drops.update(thread_ids)
         for thread_id in thread_ids:
             await self._forget_deleted_runs(thread_id)
-            await self._drop_cached(thread_id)
+            await self._drop_cached(thread_id, deleting=True)
             self._owed_drops.discard(thread_id)
 
     async def _forget_deleted_runs(self, thread_id: str) -> None:
@@ -2258,7 +2282,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         store_strategy: PruneStrategy = "delete" if strategy == "delete" else "keep_latest"
         if self.flusher is None:
             for thread_id in threads:
-                await self._drop_cached(thread_id)
+                await self._drop_cached(thread_id, deleting=strategy == "delete")
             await self.store.prune(threads, strategy=store_strategy)
         else:
             # A thread at a time, under its flush lock: a step flushed while the store reads
@@ -2275,7 +2299,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._flush_locked(thread_id, prune)
         for thread_id in threads:
             self._forget_histories(thread_id)
-            await self._drop_cached(thread_id)
+            await self._drop_cached(thread_id, deleting=strategy == "delete")
 
     # ----------------------------------------------------------------------- conversion
 

@@ -348,6 +348,19 @@ return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)
 """
 )
 
+# KEYS: the root entry, then every other key to delete. ARGV: checkpoint id, ttl.
+# `invalidate(deleted_at=...)`: the keys deleted and the root entry left dropped at that
+# id in one step, so no root put lands in between and stays cached.
+_DROP_MARKING = (
+    LUA_SLICED
+    + """
+sliced('DEL', KEYS[1], KEYS, 2)
+redis.call('HSET', KEYS[1], 'seen', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
 # KEYS: entry, namespace index. ARGV: lease token, checkpoint id, ttl, namespace, then
 # name/value pairs of every field of the checkpoint.
 _FILL = (
@@ -773,6 +786,7 @@ class RedisCheckpointCache:
         self._historyless = HistorylessEntries()
         self._read_listed = client.register_script(_READ_LISTED)
         self._drop_epochs = client.register_script(_DROP_EPOCHS)
+        self._drop_marking = client.register_script(_DROP_MARKING)
         self.epochs = ValueEpochs()
         # Entries a failed call may have left wrong: never served by this process, and
         # deleted on its next contact with them or by `_dropping` once Redis answers.
@@ -1351,7 +1365,12 @@ class RedisCheckpointCache:
             raise BackendUnavailable("redis", str(exc)) from exc
 
     async def invalidate(
-        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+        self,
+        thread_id: str,
+        checkpoint_ns: str | None = None,
+        *,
+        strict: bool = False,
+        deleted_at: str | None = None,
     ) -> None:
         self.epochs.forget(thread_id, checkpoint_ns)
         call = self._call_after_rest if strict else self._call_now
@@ -1378,7 +1397,15 @@ class RedisCheckpointCache:
         # A copy: a sync caller's thread may suspect or clear an entry meanwhile.
         keys += [key for key in list(self._suspect) if key.startswith(root)]
         others = [other for key in keys for other in self.other_formats(key)]
-        if await call(index, lambda: self._client.delete(index, *keys, *others)) is not None:
+
+        def drop() -> Awaitable[Any]:
+            if deleted_at is None:
+                return self._client.delete(index, *keys, *others)
+            return self._script(
+                self._drop_marking, [root, index, *keys, *others], [deleted_at, self._ttl]
+            )
+
+        if await call(index, drop) is not None:
             self._suspect.difference_update(keys)
         elif strict:
             raise _not_invalidated(thread_id)

@@ -159,3 +159,65 @@ async def test_a_write_through_step_goes_on_from_a_step_only_the_write_behind_lo
         )
         found = await TieredCheckpointSaver(through.checkpoints).aget_tuple(stored)
         assert found is not None
+
+
+@pytest.mark.parametrize("deletion", ["delete_thread", "prune_delete", "delete_for_runs"])
+async def test_a_write_through_first_step_stored_just_before_a_deletion_is_not_cached(
+    any_backend: str,
+    open_tiers: OpenBackends,
+    deletion: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new thread's first put, stored cold just before another caller deletes the thread,
+    reaches the hot tier after the deletion dropped its entry. A root needs no parent in the
+    entry, so it was installed there: the hot tier served a checkpoint the cold tier no
+    longer has, and the thread's next run went on from it, refused (`ParentGone`)."""
+    async with open_tiers(any_backend, mode=WriteMode.WRITE_THROUGH) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        deleter = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("root-race")
+        latest: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        store_put = saver.store.put_checkpoint
+
+        async def stored_then_deleted(*args: Any, **kwargs: Any) -> None:
+            await store_put(*args, **kwargs)
+            if deletion == "delete_thread":
+                await deleter.adelete_thread(thread_id)
+            elif deletion == "prune_delete":
+                await deleter.aprune([thread_id], strategy="delete")
+            else:
+                await deleter.adelete_for_runs(["run-doomed"])
+
+        monkeypatch.setattr(saver.store, "put_checkpoint", stored_then_deleted)
+        await saver.aput(latest, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+        monkeypatch.undo()
+
+        for reader in (saver, deleter, TieredCheckpointSaver(saver.store)):
+            assert await reader.aget_tuple(latest) is None
+        # The thread's next run starts it afresh, and is cached as it goes.
+        root = await saver.aput(latest, empty_checkpoint(), {"run_id": "run-next"}, {})
+        step = await saver.aput(root, empty_checkpoint(), {"run_id": "run-next"}, {})
+        assert backends.hot_checkpoints is not None
+        cached = await backends.hot_checkpoints.lookup(thread_id, "", lease=False)
+        assert cached.checkpoint is not None
+        assert cached.checkpoint.checkpoint_id == step["configurable"]["checkpoint_id"]
+        await assert_latest(saver, latest, step)
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+async def test_delete_for_runs_refuses_a_str_rather_than_deleting_its_characters(
+    any_backend: str, open_tiers: OpenBackends, mode: WriteMode
+) -> None:
+    """A run id passed alone is a str, a sequence of one-character run ids: taken as such,
+    it deleted the runs so named and left the run meant. Refused, as `prune` refuses one."""
+    async with open_tiers(any_backend, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        latest: RunnableConfig = {
+            "configurable": {"thread_id": unique_thread("str-runs"), "checkpoint_ns": ""}
+        }
+        first = await saver.aput(latest, empty_checkpoint(), {"run_id": "r"}, {})
+        await saver.aput(first, empty_checkpoint(), {"run_id": "run-x"}, {})
+        with pytest.raises(TypeError):
+            await saver.adelete_for_runs("run-x")  # type: ignore[arg-type]
+        runs = [found.metadata.get("run_id") async for found in saver.alist(latest)]
+        assert runs == ["run-x", "r"]

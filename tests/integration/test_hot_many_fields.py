@@ -18,7 +18,7 @@ from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 
 from state.checkpoint import FENCING_TOKEN_KEY, TieredCheckpointSaver
-from state.errors import StaleFencingToken
+from state.errors import HotStateLost, ParentGone, StaleFencingToken
 from state.factory import Backends, open_backends
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import (
@@ -400,3 +400,37 @@ async def test_another_process_reads_a_write_too_large_for_the_log_at_once(
     finally:
         await writing.close()
         await reading.close()
+
+
+@pytest.mark.parametrize("deletion", ["delete_thread", "delete_for_runs"])
+async def test_a_step_too_large_for_the_log_on_a_deleted_parent_is_refused(
+    backends: Backends, deletion: str
+) -> None:
+    """Write-behind, a step more than one log entry holds goes to the cold tier instead. On a
+    parent deleted since (the thread, or the run), it was stored there all the same (vouched,
+    as if its parent were in the log alone): the deleted thread came back as that step, on a
+    parent it no longer has. Refused as an append on that parent is; on a parent the log
+    alone holds, stored as before."""
+    if backends.flusher is None:
+        pytest.skip("write-through puts are refused by the store (ParentGone) already")
+    saver = TieredCheckpointSaver.from_backends(backends)
+    thread_id = unique_thread("many-deleted")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    # The parent in the log alone (not flushed): the step is stored, the thread goes on.
+    root = await saver.aput(thread, checkpoint(0), {"step": 0, "run_id": "run-1"}, {})
+    step = wide_checkpoint()
+    saved = await saver.aput(root, step, {"step": 1, "run_id": "run-1"}, step["channel_versions"])
+    await saver.aflush(thread_id)
+    loaded = await TieredCheckpointSaver(saver.store).aget_tuple(thread)
+    assert loaded is not None and loaded.config == saved
+    assert loaded.parent_config == root
+
+    if deletion == "delete_thread":
+        await saver.adelete_thread(thread_id)
+    else:
+        await saver.adelete_for_runs(["run-1"])
+    late = wide_checkpoint()
+    with pytest.raises((ParentGone, HotStateLost)):
+        await saver.aput(saved, late, {"step": 2, "run_id": "run-1"}, late["channel_versions"])
+    for reader in (saver, TieredCheckpointSaver(saver.store)):
+        assert await reader.aget_tuple(thread) is None

@@ -1080,7 +1080,12 @@ class MemoryCheckpointCache:
             raise BackendUnavailable(self.name, "down")
 
     async def invalidate(
-        self, thread_id: str, checkpoint_ns: str | None = None, *, strict: bool = False
+        self,
+        thread_id: str,
+        checkpoint_ns: str | None = None,
+        *,
+        strict: bool = False,
+        deleted_at: str | None = None,
     ) -> None:
         keys = [
             key
@@ -1096,6 +1101,8 @@ class MemoryCheckpointCache:
         for key in keys:
             self._entries.pop(key, None)
             self._suspect.discard(key)
+        if deleted_at is not None and checkpoint_ns is None:
+            self._entries[(thread_id, "")] = _CacheEntry(seen=deleted_at)
 
 
 # --------------------------------------------------------------------------- hot: write-behind
