@@ -1370,18 +1370,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for channel, version in checkpoint["channel_versions"].items()
             if channel in values and channel not in put.inline
         ]
-        if redis_up and put.stored.parent_checkpoint_id is not None:
-            try:
-                await self.store.put_checkpoint(put.stored, every_value)
-            except ParentGone:
-                # Not stored cold: a parent Redis holds neither as the cached head with a
-                # backlog is gone (deleted since, as an append on it is refused) or lost.
-                if not await self._hot_head_is_parent(put.stored):
-                    await self._parent_stored(put, fork=False)
-                await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
-        else:
-            # Vouched: its parent may be in the log alone, which Redis being out cannot show.
-            await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
+        try:
+            await self._put_cold_checked(put, every_value, redis_up=redis_up)
+        except BaseException:
+            # As a write-through put's: it may have landed all the same (its reply lost).
+            self._distrust_hot_copy(thread_id, put.stored.checkpoint_ns)
+            raise
         await self._drop_hot_copy(thread_id, put.stored.checkpoint_ns, redis_up=redis_up)
         # A DeltaChannel's value is not among them: it is rebuilt from the ancestors' writes,
         # which may be in the Redis log alone.
@@ -1624,6 +1618,22 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             self._writes_appended(put)
             await self._boundary(put.thread_id, self._is_boundary(put))
 
+    async def _put_cold_checked(
+        self, put: _Put, every_value: Sequence[StoredBlob], *, redis_up: bool
+    ) -> None:
+        if redis_up and put.stored.parent_checkpoint_id is not None:
+            try:
+                await self.store.put_checkpoint(put.stored, every_value)
+            except ParentGone:
+                # Not stored cold: a parent Redis holds neither as the cached head with a
+                # backlog is gone (deleted since, as an append on it is refused) or lost.
+                if not await self._hot_head_is_parent(put.stored):
+                    await self._parent_stored(put, fork=False)
+                await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
+        else:
+            # Vouched: its parent may be in the log alone, which Redis being out cannot show.
+            await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
+
     async def _writes_cold_instead(self, put: _Writes, *, redis_up: bool = False) -> None:
         """Write-behind with Redis out, or writes too many for a log entry (`LogEntryTooLarge`):
         the writes go straight to the cold tier. They stand
@@ -1633,9 +1643,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         the write unless Redis comes back with it. `redis_up`: fenced, and the hot copy dropped,
         as `_put_cold_instead`'s."""
         await self._admit(put.thread_id, put.fence, hot=redis_up)
-        await self.store.put_writes(
-            put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
-        )
+        try:
+            await self.store.put_writes(
+                put.thread_id, put.checkpoint_ns, put.checkpoint_id, put.writes, upsert=put.upsert
+            )
+        except BaseException:
+            self._distrust_hot_copy(put.thread_id, put.checkpoint_ns)  # as a put's
+            raise
         await self._drop_hot_copy(put.thread_id, put.checkpoint_ns, redis_up=redis_up)
         boundary = self._is_boundary(put)
         if await self._stands_alone(put.thread_id, put.checkpoint_ns) and (

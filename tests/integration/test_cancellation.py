@@ -37,6 +37,8 @@ LOCK_TTL_MS = 2_000
 PROMPT_SECONDS = 1.0
 # The round trip a slowed call takes.
 SLOW_SECONDS = 0.05
+# Channels or writes past what one write-behind log entry holds (`LogEntryTooLarge`).
+MANY_VALUES = 5_000
 
 
 @asynccontextmanager
@@ -178,6 +180,50 @@ async def test_write_through_writes_cancelled_after_their_cold_write_are_read_wi
         assert latest is not None
         assert [write[1:] for write in latest.pending_writes or []] == [("messages", "w")]
         assert latest.pending_writes == listed[0].pending_writes
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+@pytest.mark.parametrize("write", ["put", "put_writes"])
+async def test_a_write_too_large_for_the_log_cancelled_after_its_cold_write_is_read_with_it(
+    stack_env: dict[str, str], backend: str, write: str
+) -> None:
+    """Found by review: a write-behind write too large for one log entry goes to the cold
+    tier instead; cancelled once the cold tier has it (its reply lost), it left the hot
+    copy trusted, and a read was served the parent as the latest, or the checkpoint without
+    those writes, as a write-through write's is not."""
+    async with opened(stack_env, backend, "write-behind") as tiers:
+        saver = tiers.saver
+        thread_id = f"cx-{uuid.uuid4().hex[:12]}"
+        first = await put(saver, thread_id, None, "a")
+        await saver.aflush(thread_id)
+        assert (await saver.aget_tuple(thread_config(thread_id))) is not None  # cached
+        wide = step(saver, "b")
+        wide["channel_values"] |= {f"c{i}": [i] * 20 for i in range(MANY_VALUES)}
+        wide["channel_versions"] |= dict.fromkeys(wide["channel_values"], 1)
+        writes = [(f"c{i % 7}", i) for i in range(MANY_VALUES)]
+        stored_by = "put_checkpoint" if write == "put" else "put_writes"
+        real = getattr(tiers.store, stored_by)
+        wrapper, reached = slowed(real, sent=True)
+        setattr(tiers.store, stored_by, wrapper)
+        if write == "put":
+            sent = saver.aput(
+                thread_config(thread_id, first),
+                wide,
+                {"source": "loop", "step": 1},
+                wide["channel_versions"],
+            )
+        else:
+            sent = saver.aput_writes(thread_config(thread_id, first), writes, "task-1")
+        await cancelled_at(reached, sent)
+        setattr(tiers.store, stored_by, real)
+
+        latest = await saver.aget_tuple(thread_config(thread_id))
+        assert latest is not None
+        if write == "put":
+            assert latest.checkpoint["id"] == wide["id"]
+        else:
+            assert latest.checkpoint["id"] == first
+            assert len(latest.pending_writes or []) == MANY_VALUES
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
