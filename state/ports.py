@@ -843,7 +843,8 @@ class CheckpointCache(Protocol):
         raises `BackendUnavailable` (the entries may still be served) instead.
         `deleted_at` (all namespaces only): a checkpoint id made as checkpoints were
         deleted, which the root entry keeps as dropped at (`seen`) in the same step, so a
-        root put no newer, stored before the deletion took it, is not cached after it."""
+        root put no newer, stored before the deletion took it, is not cached after it (nor
+        a subgraph's first put, whose entry `advance` drops instead)."""
 
     async def logged(self, thread_id: str) -> bool:
         """Whether the thread's write-behind log holds entries (False if that cannot be

@@ -1621,13 +1621,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _put_cold_checked(
         self, put: _Put, every_value: Sequence[StoredBlob], *, redis_up: bool
     ) -> None:
-        if redis_up and put.stored.parent_checkpoint_id is not None:
+        parent = put.stored.parent_checkpoint_id
+        if redis_up and parent is not None:
             try:
                 await self.store.put_checkpoint(put.stored, every_value)
             except ParentGone:
                 # Not stored cold: a parent Redis holds neither as the cached head with a
-                # backlog is gone (deleted since, as an append on it is refused) or lost.
-                if not await self._hot_head_is_parent(put.stored):
+                # backlog nor in the log is gone (deleted since, as an append on it is
+                # refused) or lost. The log alone may hold it: the entry is dropped by a put
+                # too large (the next put then only marks it), and may be evicted.
+                if not (
+                    await self._hot_head_is_parent(put.stored)
+                    or await self._logs_put(put.stored.thread_id, put.stored.checkpoint_ns, parent)
+                ):
                     await self._parent_stored(put, fork=False)
                 await self.store.put_checkpoint(put.stored, every_value, parent_vouched=True)
         else:
@@ -2013,9 +2019,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if self.cache is None:
             return
         # Written through, a new thread's first put stored cold just before a deletion took
-        # it reaches the emptied entry after: a root needs no parent there, so the entry
-        # is left dropped at now, and such a root is not cached. (Write-behind appends
-        # are refused while a thread is deleted, and its log dropped with the entry.)
+        # it reaches the emptied entry after: a root needs no parent there, so the root entry
+        # is left dropped at now, and such a root (a subgraph's too) is not cached.
+        # (Write-behind appends are refused while a thread is deleted, and its log dropped
+        # with the entry.)
         deleted_at = str(uuid6(clock_seq=-1)) if deleting and self.flusher is None else None
         await self.cache.invalidate(thread_id, strict=True, deleted_at=deleted_at)
 
@@ -2244,6 +2251,29 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if any(
                 isinstance(entry.op, CheckpointPut)
                 and entry.op.checkpoint.metadata.get("run_id") in run_ids
+                for entry in entries
+            ):
+                return True
+            after = entries[-1].entry_id
+
+    async def _logs_put(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+        """Whether the thread's backlog holds the put of the checkpoint (as an append finds
+        its parent there); False if an entry cannot be read (the cautious answer)."""
+        assert self.flusher is not None
+        after: str | None = None
+        while True:
+            try:
+                entries = await self.flusher.log.read(thread_id, count=ALL_LOGGED, after=after)
+            except BackendUnavailable:
+                raise  # Redis failing is no answer: not taken for a loss of the parent
+            except StateError:
+                return False
+            if not entries:
+                return False
+            if any(
+                isinstance(entry.op, CheckpointPut)
+                and entry.op.checkpoint.checkpoint_ns == checkpoint_ns
+                and entry.op.checkpoint.checkpoint_id == checkpoint_id
                 for entry in entries
             ):
                 return True

@@ -25,7 +25,9 @@ step, and the other version misses and reads the log and the cold tier. Fields:
   the newest checkpoint id it was at or dropped at: a put no newer is not installed. An
   empty entry is not an empty thread: concurrent first runs on a new thread each put a
   root (no parent), and one landing late, after another run's fork dropped the entry,
-  would otherwise be cached as the latest though the cold tier holds newer checkpoints;
+  would otherwise be cached as the latest though the cold tier holds newer checkpoints.
+  A write-through deletion leaves it on the root entry (`invalidate(deleted_at=...)`),
+  where it also holds back a subgraph's first checkpoint no newer (`advance`'s `root`);
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
   belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
@@ -172,14 +174,21 @@ end
 -- an empty thread, so a root put (parent '') that lands late, older than a checkpoint
 -- the thread already has (concurrent first runs), is not installed as the latest.
 -- `cached_id`: the entry's `id` field if the caller read it already in this script (false
--- when it has none), nil to read it here.
+-- when it has none), nil to read it here. `root` (write-through): the thread's root entry,
+-- whose `seen` a deletion left (`invalidate(deleted_at=...)`) holds back a subgraph's first
+-- checkpoint (no parent) no newer as it holds back the thread's: the entry is dropped.
 local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known,
-    cached_id)
+    cached_id, root)
   local current = cached_id
   if current == nil then current = redis.call('HGET', key, 'id') end
   local newest = current or redis.call('HGET', key, 'seen')
   if newest and not older(newest, id) then return 0 end
-  if (current or '') ~= parent then
+  local held_back = false
+  if root and parent == '' then
+    local mark = redis.call('HGET', root, 'seen')
+    held_back = mark and not older(mark, id)
+  end
+  if held_back or (current or '') ~= parent then
     drop_entry(key, cached, held, known)
     redis.call('HSET', key, 'seen', id)
     keep(key, ttl, index, namespace)
@@ -318,21 +327,22 @@ end
 """
 )
 
-# KEYS: entry, namespace index, held epochs, cached epochs, the entry's other formats, then
-# the put's epochs and the others the writer knows the entry refers to (`LUA_VALUES`). ARGV:
+# KEYS: entry, namespace index, held epochs, cached epochs, the entry's other formats, the
+# thread's root entry, then the put's epochs and the others the writer knows the entry
+# refers to (`LUA_VALUES`). ARGV:
 # new id, parent id ('' for none), ttl, namespace, the value ops (`LUA_VALUES`), then
 # name/value pairs of the fields that changed. Returns `advance`'s outcome, or -4, with
 # nothing written, when an epoch is not at the length its writer saw.
 _ADVANCE = (
     LUA_HELPERS
     + """
-local ops, known = value_ops(7, 5), declared(7)
+local ops, known = value_ops(8, 5), declared(8)
 local first = 6 + 4 * #ops
 if not values_ready(ops) then return -4 end
 redis.call('DEL', KEYS[5], KEYS[6])
 write_values(ops, KEYS[3], false, ARGV[3])
 local moved = advance(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], first, ops, KEYS[4],
-  KEYS[3], known)
+  KEYS[3], known, nil, KEYS[7])
 if moved ~= 1 then release_unreferenced(ops, KEYS[4], KEYS[3], known) end
 return moved
 """
@@ -1114,6 +1124,7 @@ class RedisCheckpointCache:
             self.namespaces_key(thread_id),
             *self.epoch_keys(thread_id),
             *self.other_formats(key),
+            self.key(thread_id, ""),
             *plan.keys,
         ]
         args = [

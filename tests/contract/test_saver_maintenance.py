@@ -221,3 +221,43 @@ async def test_delete_for_runs_refuses_a_str_rather_than_deleting_its_characters
             await saver.adelete_for_runs("run-x")  # type: ignore[arg-type]
         runs = [found.metadata.get("run_id") async for found in saver.alist(latest)]
         assert runs == ["run-x", "r"]
+
+
+async def test_a_write_through_subgraph_first_step_stored_just_before_a_deletion_is_not_cached(
+    any_backend: str, open_tiers: OpenBackends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a thread's first put, a subgraph's (its namespace's first checkpoint, no parent)
+    stored cold just before another caller deletes the thread reaches the hot tier after the
+    deletion dropped the namespace's entry: installed there, it was served though the cold
+    tier no longer has it."""
+    async with open_tiers(any_backend, mode=WriteMode.WRITE_THROUGH) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        deleter = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("sub-race")
+        root: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        child: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": "child:1"}
+        }
+        await saver.aput(root, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+        store_put = saver.store.put_checkpoint
+
+        async def stored_then_deleted(*args: Any, **kwargs: Any) -> None:
+            await store_put(*args, **kwargs)
+            await deleter.adelete_thread(thread_id)
+
+        monkeypatch.setattr(saver.store, "put_checkpoint", stored_then_deleted)
+        await saver.aput(child, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+        monkeypatch.undo()
+
+        for reader in (saver, deleter, TieredCheckpointSaver(saver.store)):
+            assert await reader.aget_tuple(child) is None
+            assert await reader.aget_tuple(root) is None
+        # The thread's next run, and its subgraph, are cached as they go.
+        await saver.aput(root, empty_checkpoint(), {"run_id": "run-next"}, {})
+        first = await saver.aput(child, empty_checkpoint(), {"run_id": "run-next"}, {})
+        step = await saver.aput(first, empty_checkpoint(), {"run_id": "run-next"}, {})
+        assert backends.hot_checkpoints is not None
+        cached = await backends.hot_checkpoints.lookup(thread_id, "child:1", lease=False)
+        assert cached.checkpoint is not None
+        assert cached.checkpoint.checkpoint_id == step["configurable"]["checkpoint_id"]
+        await assert_latest(saver, child, step)

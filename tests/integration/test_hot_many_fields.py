@@ -434,3 +434,41 @@ async def test_a_step_too_large_for_the_log_on_a_deleted_parent_is_refused(
         await saver.aput(saved, late, {"step": 2, "run_id": "run-1"}, late["channel_versions"])
     for reader in (saver, TieredCheckpointSaver(saver.store)):
         assert await reader.aget_tuple(thread) is None
+
+
+async def test_a_step_too_large_for_the_log_goes_on_from_a_step_the_log_alone_holds(
+    backends: Backends,
+) -> None:
+    """Write-behind, a step too large for the log goes on from its parent. A parent the log
+    holds but the cache entry does not show as its head (the entry dropped by the previous
+    step too large for the log, which the step after it could only mark; or evicted) is no
+    loss: an append on it passes, as the log holds it. Refused by the cold tier (the parent
+    not flushed yet), the step too large was taken for a loss of the parent (`HotStateLost`,
+    the thread marked lost) though the log held it."""
+    if backends.flusher is None:
+        pytest.skip("write-through puts never go through the log")
+    await backends.flusher.stop()  # the steps stay in the log alone until flushed below
+    saver = TieredCheckpointSaver.from_backends(backends)
+    thread_id = unique_thread("many-logged")
+    thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    root = await saver.aput(thread, checkpoint(0), {"step": 0}, {})
+    wide = wide_checkpoint()
+    first_wide = await saver.aput(root, wide, {"step": 1}, wide["channel_versions"])
+    # On a parent stored cold and no longer cached: in the log, not the cache entry's head.
+    narrow = await saver.aput(first_wide, checkpoint(2), {"step": 2}, {})
+    assert backends.hot_checkpoints is not None
+    cached = await backends.hot_checkpoints.lookup(thread_id, "", lease=False)
+    assert cached.checkpoint is None
+    assert (
+        await saver.store.get_checkpoint(
+            thread_id, "", narrow["configurable"]["checkpoint_id"], with_history=False
+        )
+        is None
+    )
+
+    wide = wide_checkpoint()
+    saved = await saver.aput(narrow, wide, {"step": 3}, wide["channel_versions"])
+    await saver.aflush(thread_id)
+    loaded = await TieredCheckpointSaver(saver.store).aget_tuple(thread)
+    assert loaded is not None and loaded.config == saved
+    assert loaded.parent_config == narrow

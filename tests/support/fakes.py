@@ -987,14 +987,22 @@ class MemoryCheckpointCache:
         for write in checkpoint.writes or []:
             entry.writes[(write.task_id, write.idx)] = write
 
-    def _advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
+    def _advance(
+        self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob], *, marked: bool = False
+    ) -> None:
         key = (checkpoint.thread_id, checkpoint.checkpoint_ns)
         entry = self._entries.get(key)
         current = entry.checkpoint.checkpoint_id if entry and entry.checkpoint else None
         newest = current or (entry.seen if entry else None)
         if newest is not None and newest >= checkpoint.checkpoint_id:
             return
-        if (current or "") != (checkpoint.parent_checkpoint_id or ""):
+        # `marked` (write-through): a root no newer than a deletion's mark is held back.
+        root = self._entries.get((checkpoint.thread_id, ""))
+        mark = root.seen if marked and root else None
+        held_back = checkpoint.parent_checkpoint_id is None and (
+            mark is not None and mark >= checkpoint.checkpoint_id
+        )
+        if held_back or (current or "") != (checkpoint.parent_checkpoint_id or ""):
             self._entries[key] = _CacheEntry(seen=checkpoint.checkpoint_id)
             return
         entry = entry or self._entries.setdefault(key, _CacheEntry())
@@ -1009,7 +1017,7 @@ class MemoryCheckpointCache:
 
     async def advance(self, checkpoint: StoredCheckpoint, blobs: Sequence[StoredBlob]) -> None:
         if self._reachable((checkpoint.thread_id, checkpoint.checkpoint_ns)):
-            self._advance(checkpoint, blobs)
+            self._advance(checkpoint, blobs, marked=True)
 
     def _add_writes(
         self,
