@@ -205,7 +205,8 @@ def listed(record: WorkflowRecord) -> dict[str, str]:
 
 
 def has_work(record: WorkflowRecord) -> bool:
-    """Whether the case belongs in the run index: a run running, stalled, paused or queued.
+    """Whether the case has a run running, stalled, paused or queued (a repair indexes it;
+    a tick puts back a case paused for review alone only once a run is queued behind it).
     `CorruptState` for a record whose runs are not of a case's shape (written by hand): a
     caller reports that one case, not an untyped error ending its whole pass."""
     try:
@@ -795,7 +796,13 @@ class RunTracker:
 
     async def _keep_if_busy(self, case_id: str) -> None:
         record = await self._store.get_fresh(case_id)
-        if record is not None and has_work(record):
+        if record is None or not has_work(record):
+            return
+        # Not a run paused for review alone: the timer has nothing to do for it and let it
+        # go as resting; put back, it would cost its shard a write every tick for as long as
+        # the review takes. A run queued behind it, or its decision's run, keeps it here.
+        run = record.sections.get(RUN_SECTION) or {}
+        if queued(runs_of(record)) or run.get("status") not in AT_REST:
             await self._index(case_id)
 
     async def _drop(self, shard: str, dropped: set[str]) -> None:

@@ -731,11 +731,18 @@ class CaseService:
     def _awaiting_review(self, case_id: str, record: WorkflowRecord) -> dict[str, Any] | None:
         """The run awaiting a decision as the record tells (None if it lists none);
         `CaseConflict` if the case awaits none."""
-        paused = current_run(runs_of(record))
-        if paused is not None and paused.get("stop"):
+        runs = runs_of(record)
+        paused = current_run(runs)
+        run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
+        # Stopped and ended too: its runner died before the follow-up's run was marked, so
+        # the record still says "awaiting review" of a run that no longer awaits anything.
+        stopped = (
+            paused if paused is not None else next((e for e in runs if e["run_id"] == run_id), None)
+        )
+        if stopped is not None and stopped.get("stop"):
             raise CaseConflict(
                 f"case {case_id!r}: the run awaiting review was stopped by follow-up "
-                f"{paused.get('stopped_by')} ({paused['stop']}); its run decides anew"
+                f"{stopped.get('stopped_by')} ({stopped['stop']}); its run decides anew"
             )
         status = self._status_of(record)
         if status is not CaseStatus.AWAITING_REVIEW:
@@ -790,9 +797,14 @@ class CaseService:
         wait_until_rest: bool = False,
         deadline: float | None = None,
         caller: Caller | None = None,
+        stalled_only: bool = False,
     ) -> Outcome:
         """Continue a stalled or failed run from its last checkpoint. `deadline` (a
-        `time.monotonic()` time): with `wait_until_rest`, stop waiting then (the run goes on)."""
+        `time.monotonic()` time): with `wait_until_rest`, stop waiting then (the run goes on).
+        `stalled_only`: the timer's resume, which a failed run is not (nobody asked for it)."""
+        resumable = (
+            (CaseStatus.STALLED,) if stalled_only else (CaseStatus.STALLED, CaseStatus.FAILED)
+        )
         if not wait_until_rest:
             wait_seconds: float | None = self._sync_wait
         elif deadline is None:
@@ -802,27 +814,31 @@ class CaseService:
         with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
-                    return await self._resume(case_id, wait_seconds)
+                    return await self._resume(case_id, wait_seconds, resumable)
             except RunsBusy:
                 # As a decision's: a case with nothing to resume is said so first.
-                self._resumable(case_id, await self._record(case_id, fresh=True))
+                self._resumable(case_id, await self._record(case_id, fresh=True), resumable)
                 raise
 
-    def _resumable(self, case_id: str, record: WorkflowRecord) -> None:
-        """`CaseConflict` unless the case's run stalled or failed."""
+    def _resumable(
+        self, case_id: str, record: WorkflowRecord, resumable: tuple[CaseStatus, ...]
+    ) -> None:
+        """`CaseConflict` unless the case's status is one of `resumable`."""
         status = self._status_of(record)
-        if status not in (CaseStatus.STALLED, CaseStatus.FAILED):
+        if status not in resumable:
             raise CaseConflict(
                 f"case {case_id!r} has nothing to resume (status: {status.value}); "
-                "only stalled or failed runs are resumed"
+                f"only {' or '.join(s.value for s in resumable)} runs are resumed"
             )
 
-    async def _resume(self, case_id: str, wait_seconds: float | None) -> Outcome:
+    async def _resume(
+        self, case_id: str, wait_seconds: float | None, resumable: tuple[CaseStatus, ...]
+    ) -> Outcome:
         await self._record(case_id)
 
         async def continue_run(snapshot: StateSnapshot | None) -> GraphInput:
             record = await self._record(case_id, fresh=True)
-            self._resumable(case_id, record)
+            self._resumable(case_id, record, resumable)
             return self._continuation(case_id, record, snapshot)
 
         return await self._launch(
@@ -830,7 +846,7 @@ class CaseService:
             continue_run,
             wait_seconds=wait_seconds,
             fresh=True,
-            still=self._still(case_id, CaseStatus.STALLED, CaseStatus.FAILED),
+            still=self._still(case_id, *resumable),
         )
 
     def _continuation(
@@ -924,7 +940,14 @@ class CaseService:
                 # tick's budget (a run past it goes on; its lease keeps it from the next tick).
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await asyncio.wait({task}, timeout=left)
+                # Failed before its end (nothing else logs a queue that could not start):
+                # logged and counted as failed, as a resume's failure is.
+                if task.done() and not task.cancelled() and (error := task.exception()):
+                    raise error
                 report.resumed.append(case_id)
+            else:
+                # Counted, and spared by the tick's sweep, as a stalled case held elsewhere is.
+                report.skipped[case_id] = "another runner holds it: it takes the queue"
             return False
         if record is None and not self._tracker.indexed_long_ago(indexed_at):
             # A submit indexes its case before creating it: dropped now, a case created just
@@ -944,8 +967,9 @@ class CaseService:
             report.skipped[case_id] = "left for the next tick: its flush lock is held elsewhere"
             return False
         # The timer waits for the run (within its budget): a Functions instance may freeze
-        # once it returns.
-        await self.resume(case_id, wait_until_rest=True, deadline=deadline)
+        # once it returns. Stalled still under the lock: another worker's tick may have
+        # resumed the run since this look, and left it failed.
+        await self.resume(case_id, wait_until_rest=True, deadline=deadline, stalled_only=True)
         report.resumed.append(case_id)
         return False
 
@@ -1327,7 +1351,10 @@ class CaseService:
             await asyncio.wait({task}, timeout=wait_seconds)
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
-        return Outcome(await self.status(case_id), created=created, finished=task.done())
+        # A run cancelled (the worker shutting down) did not come to rest: the timer
+        # resumes it.
+        finished = task.done() and not task.cancelled()
+        return Outcome(await self.status(case_id), created=created, finished=finished)
 
     async def _drive_once_marked(
         self,

@@ -629,3 +629,42 @@ async def test_a_stop_queued_while_a_refused_submit_looks_at_its_case_is_started
 
     await asyncio.wait_for(follow_up_started(), 10)
     await ends_stopped_then_followed(http, runtime, held, first)
+
+
+async def test_the_timer_leaves_a_dead_workers_queue_for_a_later_tick_while_the_maximum_is_reached(
+    client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
+) -> None:
+    """Runs queued on a case at rest by a worker that died before starting them: a tick on
+    a full worker starts none of them (skipped, still queued); a tick with room starts them."""
+    http, runtime = client
+    ended = f"{case_id}-0"
+    held.release.set()
+    assert (await http.post("/api/cases", json=demo_case(ended))).status_code == 201
+    left = new_run_entry(
+        message_run_id(ended, f"{case_id}-left"),
+        "message",
+        RunStatus.QUEUED,
+        text="any news?",
+        strategy=FollowUpStrategy.ENQUEUE,
+    )
+    await runtime.service._tracker.enqueue(
+        ended, left, FollowUpStrategy.ENQUEUE, agent_id="run-limit-test"
+    )
+    held.release.clear()
+    await fill_the_worker(http, held, case_id)
+
+    report = await runtime.service.resume_stale()
+    assert not report.resumed and not report.failed, report
+    assert "most runs" in report.skipped[ended], report
+    runs = (await http.get(f"/api/cases/{ended}/runs")).json()["runs"]
+    assert [run["status"] for run in runs] == ["completed", "queued"], runs
+    assert runtime.service.run_slots.taken == 2
+
+    held.release.set()
+    await runtime.service.wait_idle()
+    report = await runtime.service.resume_stale()
+    assert report.resumed == [ended], report
+    await runtime.service.wait_idle()
+    runs = (await http.get(f"/api/cases/{ended}/runs")).json()["runs"]
+    assert [run["status"] for run in runs] == ["completed", "completed"], runs
+    assert runtime.service.run_slots.taken == 0

@@ -293,6 +293,35 @@ async def test_cases_at_rest_leave_the_index_with_the_timer_one_write_a_shard() 
         assert cases[2] in await track.active_cases()
 
 
+async def test_a_case_paused_for_review_leaves_the_index_with_the_timer_and_stays_out() -> None:
+    """The timer lets a paused case go as resting (it has nothing to resume): put back as
+    it is dropped, it would cost its shard a write every tick for as long as the review
+    takes. A run queued behind the review keeps it there."""
+    settings = AppSettings.model_validate({"cosmos_endpoint": "https://localhost:1/"})
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        track = RunTracker(store, backends.retention, settings)
+        cold = backends.cold
+        assert isinstance(cold, MemoryColdStore)
+        paused, waiting = "case-paused-0", "case-paused-1"
+        for case_id in (paused, waiting):
+            await started_case(store, track, case_id)
+            await track.mark(case_id, CaseStatus.AWAITING_REVIEW)
+        await track.enqueue(
+            waiting,
+            follow_up("f1", FollowUpStrategy.ENQUEUE),
+            FollowUpStrategy.ENQUEUE,
+            agent_id="test",
+        )
+        await track.forget([paused, waiting])
+        left = await track.active_cases()
+        assert paused not in left and waiting in left
+
+        before = cold.requests.copy()
+        await track.forget([paused])
+        assert (cold.requests - before)["update_section"] == 0  # nothing left to drop
+
+
 async def test_a_busy_shard_does_not_keep_a_case_with_work_out_of_the_index(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
