@@ -27,7 +27,8 @@ step, and the other version misses and reads the log and the cold tier. Fields:
   root (no parent), and one landing late, after another run's fork dropped the entry,
   would otherwise be cached as the latest though the cold tier holds newer checkpoints.
   A write-through deletion leaves it on the root entry (`invalidate(deleted_at=...)`),
-  where it also holds back a subgraph's first checkpoint no newer (`advance`'s `root`);
+  and its time in a key of its own (`DELETED_KIND`), which holds back every namespace's
+  first checkpoint no newer (`advance`'s `deleted`): a root put installed since drops `seen`;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
   belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
@@ -123,6 +124,10 @@ LOG_KIND = "wb-log"
 # the cache refers to (`redis_values`).
 HELD_EPOCHS_KIND = "wb-epochs"
 CACHED_EPOCHS_KIND = "ep-cached"
+# Key kind of the checkpoint id a write-through deletion made (`invalidate(deleted_at=...)`):
+# apart from the root entry, whose `seen` the next run's first put drops, so a subgraph's
+# first put, stored before the deletion and landing after that, is still held back.
+DELETED_KIND = "cp-deleted"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
 # How often entries a failed call left suspect are tried again (`_drop_suspects`).
@@ -174,18 +179,18 @@ end
 -- an empty thread, so a root put (parent '') that lands late, older than a checkpoint
 -- the thread already has (concurrent first runs), is not installed as the latest.
 -- `cached_id`: the entry's `id` field if the caller read it already in this script (false
--- when it has none), nil to read it here. `root` (write-through): the thread's root entry,
--- whose `seen` a deletion left (`invalidate(deleted_at=...)`) holds back a subgraph's first
--- checkpoint (no parent) no newer as it holds back the thread's: the entry is dropped.
+-- when it has none), nil to read it here. `deleted` (write-through): the thread's mark of a
+-- deletion (`invalidate(deleted_at=...)`), which holds back a first checkpoint (no parent)
+-- of any namespace no newer: the entry is dropped.
 local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known,
-    cached_id, root)
+    cached_id, deleted)
   local current = cached_id
   if current == nil then current = redis.call('HGET', key, 'id') end
   local newest = current or redis.call('HGET', key, 'seen')
   if newest and not older(newest, id) then return 0 end
   local held_back = false
-  if root and parent == '' then
-    local mark = redis.call('HGET', root, 'seen')
+  if deleted and parent == '' then
+    local mark = redis.call('GET', deleted)
     held_back = mark and not older(mark, id)
   end
   if held_back or (current or '') ~= parent then
@@ -328,8 +333,8 @@ end
 )
 
 # KEYS: entry, namespace index, held epochs, cached epochs, the entry's other formats, the
-# thread's root entry, then the put's epochs and the others the writer knows the entry
-# refers to (`LUA_VALUES`). ARGV:
+# thread's deletion mark (`DELETED_KIND`), then the put's epochs and the others the writer
+# knows the entry refers to (`LUA_VALUES`). ARGV:
 # new id, parent id ('' for none), ttl, namespace, the value ops (`LUA_VALUES`), then
 # name/value pairs of the fields that changed. Returns `advance`'s outcome, or -4, with
 # nothing written, when an epoch is not at the length its writer saw.
@@ -358,15 +363,16 @@ return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)
 """
 )
 
-# KEYS: the root entry, then every other key to delete. ARGV: checkpoint id, ttl.
-# `invalidate(deleted_at=...)`: the keys deleted and the root entry left dropped at that
-# id in one step, so no root put lands in between and stays cached.
+# KEYS: the root entry, the deletion mark, then every other key to delete. ARGV: checkpoint
+# id, ttl. `invalidate(deleted_at=...)`: the keys deleted, and the root entry left dropped
+# and the mark set at that id, in one step, so no first put lands in between and stays cached.
 _DROP_MARKING = (
     LUA_SLICED
     + """
-sliced('DEL', KEYS[1], KEYS, 2)
+sliced('DEL', KEYS[1], KEYS, 3)
 redis.call('HSET', KEYS[1], 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 )
@@ -1124,7 +1130,7 @@ class RedisCheckpointCache:
             self.namespaces_key(thread_id),
             *self.epoch_keys(thread_id),
             *self.other_formats(key),
-            self.key(thread_id, ""),
+            self.thread_key(thread_id, DELETED_KIND),
             *plan.keys,
         ]
         args = [
@@ -1413,7 +1419,9 @@ class RedisCheckpointCache:
             if deleted_at is None:
                 return self._client.delete(index, *keys, *others)
             return self._script(
-                self._drop_marking, [root, index, *keys, *others], [deleted_at, self._ttl]
+                self._drop_marking,
+                [root, self.thread_key(thread_id, DELETED_KIND), index, *keys, *others],
+                [deleted_at, self._ttl],
             )
 
         if await call(index, drop) is not None:

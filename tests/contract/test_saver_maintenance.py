@@ -261,3 +261,35 @@ async def test_a_write_through_subgraph_first_step_stored_just_before_a_deletion
         assert cached.checkpoint is not None
         assert cached.checkpoint.checkpoint_id == step["configurable"]["checkpoint_id"]
         await assert_latest(saver, child, step)
+
+
+async def test_a_subgraph_first_step_stored_before_a_deletion_is_not_cached_after_the_next_run(
+    any_backend: str, open_tiers: OpenBackends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the thread's next run puts its root before the late subgraph step
+    reaches the hot tier. That root is cached, dropping the deletion's mark on the root
+    entry (`seen`), which held back the late step: it was then cached and served though the
+    cold tier no longer has it."""
+    async with open_tiers(any_backend, mode=WriteMode.WRITE_THROUGH) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        deleter = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("sub-race")
+        root: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        child: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": "child:1"}
+        }
+        await saver.aput(root, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+        store_put = saver.store.put_checkpoint
+
+        async def stored_then_deleted_and_run_again(*args: Any, **kwargs: Any) -> None:
+            await store_put(*args, **kwargs)
+            monkeypatch.undo()  # the next run's put is stored as usual
+            await deleter.adelete_thread(thread_id)
+            await deleter.aput(root, empty_checkpoint(), {"run_id": "run-next"}, {})
+
+        monkeypatch.setattr(saver.store, "put_checkpoint", stored_then_deleted_and_run_again)
+        await saver.aput(child, empty_checkpoint(), {"run_id": "run-doomed"}, {})
+
+        assert await TieredCheckpointSaver(saver.store).aget_tuple(child) is None
+        for reader in (saver, deleter):
+            assert await reader.aget_tuple(child) is None

@@ -925,6 +925,8 @@ class MemoryCheckpointCache:
         self.outage = outage or Outage()
         self.stats = CacheCounts()
         self._entries: dict[tuple[str, str], _CacheEntry] = {}
+        # A write-through deletion's checkpoint id per thread (Redis: `DELETED_KIND`).
+        self._deleted: dict[str, str] = {}
         self._suspect: set[tuple[str, str]] = set()
         self.log: MemoryWriteBehindLog | None = None  # the log over it, which sets it
 
@@ -996,9 +998,8 @@ class MemoryCheckpointCache:
         newest = current or (entry.seen if entry else None)
         if newest is not None and newest >= checkpoint.checkpoint_id:
             return
-        # `marked` (write-through): a root no newer than a deletion's mark is held back.
-        root = self._entries.get((checkpoint.thread_id, ""))
-        mark = root.seen if marked and root else None
+        # `marked` (write-through): a first put no newer than a deletion's mark is held back.
+        mark = self._deleted.get(checkpoint.thread_id) if marked else None
         held_back = checkpoint.parent_checkpoint_id is None and (
             mark is not None and mark >= checkpoint.checkpoint_id
         )
@@ -1111,6 +1112,7 @@ class MemoryCheckpointCache:
             self._suspect.discard(key)
         if deleted_at is not None and checkpoint_ns is None:
             self._entries[(thread_id, "")] = _CacheEntry(seen=deleted_at)
+            self._deleted[thread_id] = deleted_at
 
 
 # --------------------------------------------------------------------------- hot: write-behind
