@@ -510,6 +510,22 @@ async def ends_stopped_then_followed(
     assert runtime.service.run_slots.taken == 0
 
 
+async def started_then_ends_stopped_then_followed(
+    http: httpx.AsyncClient, runtime: Runtime, held: Held, case_id: str, run_id: str
+) -> None:
+    """The stop's run (`run_id`) leaves `queued` within 10 s; then as `ends_stopped_then_followed`."""
+
+    async def follow_up_started() -> None:
+        while True:
+            runs = (await http.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(follow_up_started(), 10)
+    await ends_stopped_then_followed(http, runtime, held, case_id)
+
+
 async def test_a_retried_follow_up_stopping_a_run_is_its_replay_while_the_maximum_is_reached(
     client: tuple[httpx.AsyncClient, Runtime], held: Held, case_id: str
 ) -> None:
@@ -568,16 +584,7 @@ async def test_a_stop_of_a_run_nobody_drives_starts_its_follow_up_while_the_maxi
         await runner_gone()
         replayed = await http.post(f"/api/cases/{first}/messages", json=message, headers=key)
         assert replayed.status_code == 200, replayed.text
-
-    async def follow_up_started() -> None:
-        while True:
-            runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
-                return
-            await asyncio.sleep(0.1)
-
-    await asyncio.wait_for(follow_up_started(), 10)
-    await ends_stopped_then_followed(http, runtime, held, first)
+    await started_then_ends_stopped_then_followed(http, runtime, held, first, run_id)
 
 
 async def test_a_stop_queued_while_a_refused_submit_looks_at_its_case_is_started(
@@ -619,16 +626,7 @@ async def test_a_stop_queued_while_a_refused_submit_looks_at_its_case_is_started
     assert retried.status_code == 503, retried.text  # its first run is left: a run more
     assert [answer.status_code for answer in stopped] == [202], stopped
     run_id = stopped[0].json()["run"]["run_id"]
-
-    async def follow_up_started() -> None:
-        while True:
-            runs = (await http.get(f"/api/cases/{first}/runs")).json()["runs"]
-            if next(run for run in runs if run["run_id"] == run_id)["status"] != "queued":
-                return
-            await asyncio.sleep(0.1)
-
-    await asyncio.wait_for(follow_up_started(), 10)
-    await ends_stopped_then_followed(http, runtime, held, first)
+    await started_then_ends_stopped_then_followed(http, runtime, held, first, run_id)
 
 
 async def test_the_timer_leaves_a_dead_workers_queue_for_a_later_tick_while_the_maximum_is_reached(
