@@ -124,6 +124,8 @@ GraphInput = dict[str, Any] | Command | None
 T = TypeVar("T")
 # Ids of the app's own records, which share the thread-id space with case ids.
 RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
+# A keyed follow-up's run entry: the id of the caller whose Idempotency-Key made it.
+KEYED_BY_FIELD = "keyed_by"
 # Expired threads the timer deletes per tick: keeps one tick short; the next takes the rest.
 SWEEP_LIMIT = 500
 # Renewals of a run's lock or lease per STATE_LOCK_TTL_MS: one may be late or fail and
@@ -1005,7 +1007,7 @@ class CaseService:
         with acting_for(caller), self._slots.refusals_counted():
             try:
                 with self._slots.admitted():
-                    return await self._post_message(case_id, message, idempotency_key)
+                    return await self._post_message(case_id, message, idempotency_key, caller)
             except RunsBusy:
                 # As a replayed submit: a client retrying a message whose answer it lost is
                 # answered with its run, not sent back for as long as the worker stays busy.
@@ -1016,14 +1018,14 @@ class CaseService:
                         None,
                     )
                     if stored is not None and stored["status"] != RunStatus.QUEUED.value:
-                        return await self._replayed_message(case_id, stored, message)
+                        return await self._replayed_message(case_id, stored, message, caller)
                 # Queued behind a run that is going (a stop, or a plain enqueue), it needs no
                 # slot: that run's runner starts it next, in the slot it holds; nor does a
                 # plain one behind a review, which the decision's run starts. One still
                 # queued, taken so before, is its replay (a stop's started only if its runner
                 # is gone). Else it would start a run more, and is refused.
                 return await self._post_message(
-                    case_id, message, idempotency_key, without_slot=True
+                    case_id, message, idempotency_key, caller, without_slot=True
                 )
 
     async def _post_message(
@@ -1031,6 +1033,7 @@ class CaseService:
         case_id: str,
         message: FollowUp,
         idempotency_key: str | None,
+        caller: Caller | None,
         *,
         without_slot: bool = False,
     ) -> MessageOutcome:
@@ -1046,6 +1049,9 @@ class CaseService:
             text=message.text,
             strategy=strategy,
         )
+        if idempotency_key and caller is not None:
+            # The key is the caller's: another caller's message under it is not its retry.
+            entry[KEYED_BY_FIELD] = caller.id
 
         async def queued_now() -> None:
             # Before the run index's re-check: a busy shard refuses the request (503)
@@ -1074,7 +1080,7 @@ class CaseService:
         if replayed:
             # Without a slot too: a stop still queued, its runner gone since it was taken,
             # is started here, as below.
-            return await self._replayed_message(case_id, stored, message)
+            return await self._replayed_message(case_id, stored, message, caller)
         # Without a slot, the run it is queued behind is going (its runner reads the queue
         # once that run rests, after this write, and starts this one), or paused for review
         # (the decision's run starts it). A stop's runner gone (the case free) leaves it to
@@ -1089,10 +1095,18 @@ class CaseService:
         return MessageOutcome(view, replayed=False, finished=view.status not in BUSY)
 
     async def _replayed_message(
-        self, case_id: str, stored: dict[str, Any], message: FollowUp
+        self, case_id: str, stored: dict[str, Any], message: FollowUp, caller: Caller | None
     ) -> MessageOutcome:
         """The answer to a message whose Idempotency-Key queued `stored` before; a run still
         queued is started if nobody runs the case."""
+        keyed_by = stored.get(KEYED_BY_FIELD)
+        if keyed_by is not None and caller is not None and keyed_by != caller.id:
+            # The case's submitter and an operator both write to it: one's message under
+            # the other's key was answered as a replay of a request it never made.
+            raise IdempotencyMismatch(
+                f"Idempotency-Key already used on case {case_id!r} by another caller; "
+                "use a new key for a new message"
+            )
         strategy = message.strategy or self._settings.case_default_strategy
         # The same message is the same text and the same strategy: a retry that asks for
         # another strategy is another request, not a replay.

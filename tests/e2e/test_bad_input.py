@@ -215,6 +215,22 @@ async def test_oversized_chunked_body_is_413(
     assert await runtime.store.get(case_id) is None
 
 
+async def test_a_content_length_of_more_digits_than_python_converts_is_413(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """A declared length past `sys.get_int_max_str_digits()` (4300) is larger than any limit:
+    converting it raised ValueError in the body limit, a bare 500. uvicorn's parser refuses
+    such a header itself; an ASGI server that passes it on must not crash the app."""
+    response = await client.post(
+        "/api/cases",
+        content=json.dumps(demo_case(case_id)).encode(),
+        headers={"content-type": "application/json", "content-length": "1" * 5000},
+    )
+    assert response.status_code == 413, response.text
+    assert "larger than" in response.json()["error"]
+    assert await runtime.store.get(case_id) is None
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

@@ -142,6 +142,33 @@ async def test_a_follow_up_retried_with_another_strategy_is_refused_not_replayed
     assert same.json()["run"]["run_id"] == first.json()["run"]["run_id"]
 
 
+async def test_a_follow_up_key_another_caller_used_on_the_case_is_refused_not_replayed(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    bearer: Callable[..., dict[str, str]],
+) -> None:
+    """An operator (who may write to any case) and the case's submitter are two callers: the
+    submitter's message under a key the operator used is not the operator's request retried.
+    It was answered 200 `Idempotent-Replayed` with the operator's run, and never queued."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    key = f"msg-{uuid.uuid4().hex}"
+    path = f"/api/cases/{case_id}/messages"
+    message = {"text": "any news?", "strategy": "enqueue"}
+    operator = {**bearer("e2e-operator"), "Idempotency-Key": key}
+    first = await client.post(path, json=message, headers=operator)
+    assert first.status_code in (200, 202), first.text
+    await runtime.service.wait_idle()
+    runs = (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]
+    other = await client.post(path, json=message, headers={"Idempotency-Key": key})
+    assert other.status_code == 422, other.text
+    assert "another caller" in other.json()["error"]
+    assert (await client.get(f"/api/cases/{case_id}/runs")).json()["runs"] == runs
+    again = await client.post(path, json=message, headers=operator)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["run"]["run_id"] == first.json()["run"]["run_id"]
+
+
 @pytest.mark.parametrize(("cuts", "worker"), [(1, "free"), (1, "full"), (2, "free")])
 async def test_a_retry_after_a_503_whose_run_never_got_going_starts_that_run(
     cuts: int,
