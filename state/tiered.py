@@ -86,6 +86,7 @@ from opentelemetry import trace
 from .errors import (
     BackendUnavailable,
     CorruptState,
+    InvalidValue,
     LockNotAcquired,
     RequestRejected,
     StaleFencingToken,
@@ -109,7 +110,7 @@ from .ports import (
 )
 from .settings import Settings
 from .shielding import taken_or_given_back
-from .size import ColdRecordArchive, StateSizeManager
+from .size import ARCHIVE_SEPARATOR, ColdRecordArchive, StateSizeManager
 from .sized import SizedStateStore
 
 if TYPE_CHECKING:
@@ -250,6 +251,9 @@ class CacheAsideStore:
     async def create(
         self, thread_id: str, sections: dict[str, JSON], *, agent_id: str
     ) -> WorkflowRecord:
+        if ARCHIVE_SEPARATOR in thread_id:
+            # Retention would take it for an archive record and delete it with its "owner".
+            raise InvalidValue("records", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
         with _span("create", thread_id=thread_id):
             # A copy left from an earlier record of this thread id would outrank the new
             # version 1; clearing it first is safe because cold has nothing older. Cleared

@@ -43,6 +43,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import random
 import threading
 from collections import OrderedDict
@@ -112,6 +113,7 @@ from ..ports import (
     TypedBytes,
     WritesPut,
 )
+from ..size import ARCHIVE_SEPARATOR
 from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
@@ -236,7 +238,19 @@ def _writable_thread(configurable: dict[str, Any]) -> str:
         raise InvalidValue(
             "checkpoints", f"a thread id of {size} bytes (at most {MAX_THREAD_ID_BYTES})"
         )
+    _refuse_nul("thread id", [thread_id])
+    if ARCHIVE_SEPARATOR in thread_id:
+        # Retention would take it for an archive record and delete it with its "owner".
+        raise InvalidValue("checkpoints", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
     return thread_id
+
+
+def _refuse_nul(what: str, names: Iterable[str]) -> None:
+    """Postgres text and jsonb cannot hold a NUL character: a name with one is refused on
+    every backend (a thread works alike on each), before write-behind acknowledges a step
+    whose flush would be refused for good, holding back the thread's later steps."""
+    if any("\0" in name for name in names):
+        raise InvalidValue("checkpoints", f"a NUL character in a {what}")
 
 
 def _run_ids(run_ids: Sequence[str]) -> list[str]:
@@ -1293,6 +1307,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id = configurable.get("checkpoint_id")
         values = checkpoint["channel_values"]
         versions = checkpoint["channel_versions"]
+        _refuse_nul("checkpoint namespace", [checkpoint_ns])
+        _refuse_nul("channel name", itertools.chain(values, versions, new_versions))
         kept = self._kept_inline.of(thread_id, checkpoint_ns, parent_id)
         inline: dict[str, Any] = {}
         inline_bytes: dict[str, TypedBytes] = {}
@@ -1457,6 +1473,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_path: str,
     ) -> _Writes:
         configurable = config["configurable"]
+        _refuse_nul(
+            "checkpoint namespace, task id or task path",
+            [configurable.get("checkpoint_ns", ""), task_id, task_path],
+        )
+        _refuse_nul("channel name", (channel for channel, _ in writes))
         # Special channels (errors, interrupts, resume) replace; ordinary writes are
         # keyed by position and a repeat is ignored, as in LangGraph's own savers.
         upsert = all(channel in WRITES_IDX_MAP for channel, _ in writes)
@@ -2280,6 +2301,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             after = entries[-1].entry_id
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        # The copy is a thread a put could not write to (nor Cosmos in Azure hold) otherwise.
+        _writable_thread({"thread_id": target_thread_id})
         if self.flusher is not None:
             await self.flusher.settle_thread(target_thread_id, strict=True)
 

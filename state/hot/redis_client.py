@@ -75,8 +75,17 @@ def hot_key(thread_id: str, kind: str, *, namespace: str) -> str:
 
     The hash tag `{thread_id}` puts every key of a thread on one cluster slot; the
     namespace (see `hot_namespace`) keeps apart cold stores that share one Redis.
+    A thread id that is empty or holds a `}` is replaced by its digest, and its keys
+    read `{<digest>}}:...`: raw, a leading `}` (or none) empties the tag, so Redis
+    would hash each whole key to its own slot (CROSSSLOT in a cluster), and one
+    inside lets two threads spell the same key ("a" with checkpoint namespace "b}:<ns>:cp4:c"
+    is "a}:<ns>:cp4:b" with "c"). The doubled `}` keeps the two forms apart: a raw
+    id has none, so its tag is followed by `:`.
     """
-    return f"{{{thread_id}}}:{namespace}:{kind}"
+    if thread_id and "}" not in thread_id:
+        return f"{{{thread_id}}}:{namespace}:{kind}"
+    digest = hashlib.sha256(thread_id.encode()).hexdigest()
+    return f"{{{digest}}}}}:{namespace}:{kind}"
 
 
 def hot_namespace(settings: Settings) -> str:

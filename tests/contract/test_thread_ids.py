@@ -5,12 +5,17 @@ flush could store: Cosmos refuses a partition key value over 2 KB, the emulator 
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 from langgraph.checkpoint.base import empty_checkpoint
+from redis.crc import key_slot
 
 from state import InvalidValue
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.saver import MAX_THREAD_ID_BYTES
+from state.hot.redis_client import create_redis_client, hot_namespace
 from state.settings import WriteMode
+from state.size import ARCHIVE_SEPARATOR
+from state.tiered import TieredStateStore
 from tests.contract.conftest import OpenBackends
 from tests.support.records import unique_thread
 
@@ -57,3 +62,160 @@ async def test_a_thread_id_too_long_for_cosmos_is_refused_before_anything_is_sto
             await saver.aput_writes({"configurable": refused}, [("a", 1)], "task")
         await saver.aflush(too_long)
         assert await saver.aget_tuple({"configurable": refused}) is None
+
+
+async def _hot_keys(redis: aioredis.Redis, namespace: str) -> set[bytes]:
+    return {key async for key in redis.scan_iter(match=f"*:{namespace}:*")}
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+@pytest.mark.parametrize("prefix", ["}", ""], ids=["closing-brace-first", "empty"])
+async def test_a_thread_id_that_would_empty_the_hash_tag_keeps_its_keys_on_one_slot(
+    cold_backend: str, mode: WriteMode, prefix: str, open_tiers: OpenBackends
+) -> None:
+    # `{}` is no hash tag: Redis would hash each whole key, scattering one thread's keys
+    # over slots, and a cluster refuses the scripts that touch several (CROSSSLOT).
+    async with open_tiers(cold_backend, hot=True, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = prefix + unique_thread("tag") if prefix else ""
+        await saver.adelete_thread(thread_id)
+        namespace = hot_namespace(backends.settings)
+        redis = create_redis_client(backends.settings)
+        try:
+            before = await _hot_keys(redis, namespace)
+            stored = await saver.aput(
+                {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+                empty_checkpoint(),
+                {},
+                {},
+            )
+            await saver.aput_writes(stored, [("a", 1)], "task")
+            found = await saver.aget_tuple(stored)
+            assert found is not None and found.pending_writes == [("task", "a", 1)]
+            written = await _hot_keys(redis, namespace) - before
+            assert written
+            assert len({key_slot(key) for key in written}) == 1, sorted(written)
+            await saver.aflush(thread_id)
+            await saver.adelete_thread(thread_id)
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+async def test_a_closing_brace_in_a_thread_id_never_reaches_another_threads_checkpoints(
+    cold_backend: str, mode: WriteMode, open_tiers: OpenBackends
+) -> None:
+    async with open_tiers(cold_backend, hot=True, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        namespace = hot_namespace(backends.settings)
+        base = unique_thread("brace")
+        # Spelled so that, joined raw into `{thread}:<store>:cp4:<ns>`, both are one key.
+        first = {"thread_id": base, "checkpoint_ns": f"y}}:{namespace}:cp4:z"}
+        second = {"thread_id": f"{base}}}:{namespace}:cp4:y", "checkpoint_ns": "z"}
+        mine = await saver.aput({"configurable": first}, empty_checkpoint(), {}, {})
+        await saver.aput_writes(mine, [("a", 1)], "task")
+        theirs = empty_checkpoint()
+        theirs["channel_values"], theirs["channel_versions"] = {"x": "theirs"}, {"x": 1}
+        stored = await saver.aput({"configurable": second}, theirs, {}, {"x": 1})
+        await saver.aput_writes(stored, [("b", 2)], "other")
+
+        found = await saver.aget_tuple({"configurable": first})
+        assert found is not None
+        assert found.checkpoint["id"] == mine["configurable"]["checkpoint_id"]
+        assert found.pending_writes == [("task", "a", 1)]
+        found = await saver.aget_tuple({"configurable": second})
+        assert found is not None and found.checkpoint["channel_values"] == {"x": "theirs"}
+        for thread in (first, second):
+            await saver.aflush(thread["thread_id"])
+            await saver.adelete_thread(thread["thread_id"])
+
+
+@pytest.mark.parametrize(
+    ("hot", "mode"),
+    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
+    ids=["redis-write-through", "redis-write-behind", "cold-only"],
+)
+async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_stored(
+    any_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    open_tiers: OpenBackends,
+) -> None:
+    # Postgres text and jsonb cannot hold one: write-behind would acknowledge a step whose
+    # flush is refused for good, holding back the thread's later steps.
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("nul")
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        with_channel = empty_checkpoint()
+        with_channel["channel_values"], with_channel["channel_versions"] = {"c\0h": 1}, {"c\0h": 1}
+        refused_puts = [
+            ({"thread_id": thread_id + "\0", "checkpoint_ns": ""}, empty_checkpoint(), {}),
+            ({"thread_id": thread_id, "checkpoint_ns": "n\0s"}, empty_checkpoint(), {}),
+            ({"thread_id": thread_id, "checkpoint_ns": ""}, with_channel, {"c\0h": 1}),
+        ]
+        for configurable, checkpoint, versions in refused_puts:
+            with pytest.raises(InvalidValue, match="NUL"):
+                await saver.aput({"configurable": configurable}, checkpoint, {}, versions)
+        await saver.aflush(thread_id)
+        assert [
+            found async for found in saver.alist({"configurable": {"thread_id": thread_id}})
+        ] == []
+
+        stored = await saver.aput(config, empty_checkpoint(), {}, {})
+        for writes, task_id, task_path in [
+            ([("c\0h", 1)], "task", ""),
+            ([("ch", 1)], "ta\0sk", ""),
+            ([("ch", 1)], "task", "pa\0th"),
+        ]:
+            with pytest.raises(InvalidValue, match="NUL"):
+                await saver.aput_writes(stored, writes, task_id, task_path)
+        await saver.aput_writes(stored, [("ch", 1)], "task")
+        await saver.aflush(thread_id)
+        found = await saver.aget_tuple(stored)
+        assert found is not None and found.pending_writes == [("task", "ch", 1)]
+        await saver.adelete_thread(thread_id)
+
+
+@pytest.mark.parametrize(
+    ("hot", "mode"),
+    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
+    ids=["redis-write-through", "redis-write-behind", "cold-only"],
+)
+async def test_a_copy_never_makes_a_thread_whose_id_a_put_would_refuse(
+    any_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    open_tiers: OpenBackends,
+) -> None:
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        source = unique_thread("copy-from")
+        config = {"configurable": {"thread_id": source, "checkpoint_ns": ""}}
+        await saver.aput(config, empty_checkpoint(), {}, {})
+        too_long = source + "é" * MAX_THREAD_ID_BYTES
+        with pytest.raises(InvalidValue, match="thread id"):
+            await saver.acopy_thread(source, too_long)
+        assert await saver.aget_tuple({"configurable": {"thread_id": too_long}}) is None
+        with pytest.raises(InvalidValue, match="NUL"):
+            await saver.acopy_thread(source, source + "\0")
+        await saver.adelete_thread(source)
+
+
+async def test_a_thread_id_shaped_as_another_threads_archive_record_is_refused(
+    any_backend: str, open_tiers: OpenBackends
+) -> None:
+    # Retention takes `<owner>~archive~...` for the owner's archive records and deletes
+    # them with it, held or not (see `state.size`): such a thread would go with another.
+    async with open_tiers(any_backend, hot=True) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        records = TieredStateStore(backends.cold, backends.hot, backends.settings)
+        lookalike = unique_thread("owner") + ARCHIVE_SEPARATOR + "mine"
+        config = {"configurable": {"thread_id": lookalike, "checkpoint_ns": ""}}
+        with pytest.raises(InvalidValue, match="archive"):
+            await saver.aput(config, empty_checkpoint(), {}, {})
+        with pytest.raises(InvalidValue, match="archive"):
+            await records.create(lookalike, {"n": 1}, agent_id="test")
+        await saver.aflush(lookalike)
+        assert await saver.aget_tuple(config) is None
+        assert await backends.cold.get(lookalike) is None
