@@ -411,8 +411,6 @@ async def test_a_step_too_large_for_the_log_on_a_deleted_parent_is_refused(
     as if its parent were in the log alone): the deleted thread came back as that step, on a
     parent it no longer has. Refused as an append on that parent is; on a parent the log
     alone holds, stored as before."""
-    if backends.flusher is None:
-        pytest.skip("write-through puts are refused by the store (ParentGone) already")
     saver = TieredCheckpointSaver.from_backends(backends)
     thread_id = unique_thread("many-deleted")
     thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
@@ -437,7 +435,7 @@ async def test_a_step_too_large_for_the_log_on_a_deleted_parent_is_refused(
 
 
 async def test_a_step_too_large_for_the_log_goes_on_from_a_step_the_log_alone_holds(
-    backends: Backends,
+    stack_env: dict[str, str],
 ) -> None:
     """Write-behind, a step too large for the log goes on from its parent. A parent the log
     holds but the cache entry does not show as its head (the entry dropped by the previous
@@ -445,8 +443,15 @@ async def test_a_step_too_large_for_the_log_goes_on_from_a_step_the_log_alone_ho
     loss: an append on it passes, as the log holds it. Refused by the cold tier (the parent
     not flushed yet), the step too large was taken for a loss of the parent (`HotStateLost`,
     the thread marked lost) though the log held it."""
-    if backends.flusher is None:
-        pytest.skip("write-through puts never go through the log")
+    backends = await open_backends(postgres_redis(stack_env, WriteMode.WRITE_BEHIND))
+    try:
+        await steps_too_large_on_a_parent_the_log_alone_holds(backends)
+    finally:
+        await backends.close()
+
+
+async def steps_too_large_on_a_parent_the_log_alone_holds(backends: Backends) -> None:
+    assert backends.flusher is not None
     await backends.flusher.stop()  # the steps stay in the log alone until flushed below
     saver = TieredCheckpointSaver.from_backends(backends)
     thread_id = unique_thread("many-logged")
