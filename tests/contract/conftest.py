@@ -18,6 +18,14 @@ COLD_BACKENDS = ["cosmos", "postgres"]
 OpenBackends = Callable[..., AbstractAsyncContextManager[Backends]]
 
 
+# Each saver shape a contract runs against: Redis in front in either write mode, cold only.
+every_configuration = pytest.mark.parametrize(
+    ("hot", "mode"),
+    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
+    ids=["redis-write-through", "redis-write-behind", "cold-only"],
+)
+
+
 @pytest.fixture(params=COLD_BACKENDS)
 def cold_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -4,20 +4,15 @@ on the in-memory fakes."""
 
 from __future__ import annotations
 
-import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
 from state.checkpoint import TieredCheckpointSaver
 from state.settings import WriteMode
-from tests.contract.conftest import OpenBackends
+from tests.contract.conftest import OpenBackends, every_configuration
 from tests.support.records import unique_thread
 
 
-@pytest.mark.parametrize(
-    ("hot", "mode"),
-    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
-    ids=["redis-write-through", "redis-write-behind", "cold-only"],
-)
+@every_configuration
 async def test_repeated_writes_keep_the_first_and_special_ones_the_last(
     any_backend: str,
     hot: bool,

@@ -16,15 +16,11 @@ from state.hot.redis_client import create_redis_client, hot_namespace
 from state.settings import WriteMode
 from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
-from tests.contract.conftest import OpenBackends
+from tests.contract.conftest import OpenBackends, every_configuration
 from tests.support.records import unique_thread
 
 
-@pytest.mark.parametrize(
-    ("hot", "mode"),
-    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
-    ids=["redis-write-through", "redis-write-behind", "cold-only"],
-)
+@every_configuration
 async def test_a_thread_id_too_long_for_cosmos_is_refused_before_anything_is_stored(
     any_backend: str,
     hot: bool,
@@ -130,11 +126,7 @@ async def test_a_closing_brace_in_a_thread_id_never_reaches_another_threads_chec
             await saver.adelete_thread(thread["thread_id"])
 
 
-@pytest.mark.parametrize(
-    ("hot", "mode"),
-    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
-    ids=["redis-write-through", "redis-write-behind", "cold-only"],
-)
+@every_configuration
 async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_stored(
     any_backend: str,
     hot: bool,
@@ -177,11 +169,7 @@ async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_st
         await saver.adelete_thread(thread_id)
 
 
-@pytest.mark.parametrize(
-    ("hot", "mode"),
-    [(True, WriteMode.WRITE_THROUGH), (True, WriteMode.WRITE_BEHIND), (False, None)],
-    ids=["redis-write-through", "redis-write-behind", "cold-only"],
-)
+@every_configuration
 async def test_a_copy_never_makes_a_thread_whose_id_a_put_would_refuse(
     any_backend: str,
     hot: bool,

@@ -28,7 +28,7 @@ from test_conversation_hunt import THANKS, heartbeat_long_ago, until_idle
 
 from state.errors import BackendUnavailable
 from support_cases.demo import demo_case
-from support_cases.models import FollowUpStrategy, RunStatus
+from support_cases.models import FollowUpStrategy, ResumeReport, RunStatus
 from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, new_run_entry
 from support_cases.runtime import Runtime
@@ -263,6 +263,27 @@ async def queued_by_a_worker_that_died(runtime: Runtime, case_id: str) -> None:
         )
 
 
+async def ticks_racing_a_follow_up(
+    runtime: Runtime, client: httpx.AsyncClient, case_id: str, text: str, *, late_tick: bool = False
+) -> tuple[list[ResumeReport], list[dict[str, Any]]]:
+    """Another worker's tick, this one's (and, `late_tick`, this one's again) and a follow-up
+    (`text`, accepted) at once; their reports, and the case's runs once it rests."""
+    other = await Runtime.open(runtime.settings)
+    try:
+        ticks = [other.service.resume_stale(), runtime.service.resume_stale()]
+        if late_tick:
+            ticks.append(runtime.service.resume_stale())
+        follow_up = client.post(f"/api/cases/{case_id}/messages", json={"text": text})
+        sent, *reports = await asyncio.gather(follow_up, *ticks)
+        assert sent.status_code in (200, 202), sent.text
+        await other.service.wait_idle()
+        runs = await until_idle(runtime, client, case_id)
+    finally:
+        await other.service.wait_idle()
+        await other.close()
+    return reports, runs
+
+
 async def test_two_workers_ticks_and_a_follow_up_start_a_dead_workers_queue_once_in_order(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str
 ) -> None:
@@ -271,20 +292,7 @@ async def test_two_workers_ticks_and_a_follow_up_start_a_dead_workers_queue_once
     await until_idle(runtime, client, case_id)
     await queued_by_a_worker_that_died(runtime, case_id)
 
-    other = await Runtime.open(runtime.settings)
-    try:
-        reports = await asyncio.gather(
-            runtime.service.resume_stale(),
-            other.service.resume_stale(),
-            client.post(f"/api/cases/{case_id}/messages", json={"text": THANKS}),
-            runtime.service.resume_stale(),
-        )
-        assert reports[2].status_code in (200, 202), reports[2].text
-        await other.service.wait_idle()
-        runs = await until_idle(runtime, client, case_id)
-    finally:
-        await other.service.wait_idle()
-        await other.close()
+    _, runs = await ticks_racing_a_follow_up(runtime, client, case_id, THANKS, late_tick=True)
     assert [r["status"] for r in runs] == ["completed"] * 5, runs
     assert [r["text"] for r in runs[1:]] == [*FOLLOW_UPS, THANKS], runs
     messages = customer_messages(await conversation(runtime, case_id))
@@ -313,20 +321,8 @@ async def test_two_ticks_resume_a_dead_workers_follow_up_run_then_its_queue_each
     gate.open()
     await write_section(runtime.store, case_id, RUN_SECTION, heartbeat_long_ago, agent_id=RUNNER_ID)
 
-    other = await Runtime.open(runtime.settings)
-    try:
-        reports = await asyncio.gather(
-            other.service.resume_stale(),
-            runtime.service.resume_stale(),
-            client.post(f"/api/cases/{case_id}/messages", json={"text": THANKS}),
-        )
-        assert reports[2].status_code in (200, 202), reports[2].text
-        assert case_id in reports[0].resumed + reports[1].resumed, reports
-        await other.service.wait_idle()
-        runs = await until_idle(runtime, client, case_id)
-    finally:
-        await other.service.wait_idle()
-        await other.close()
+    reports, runs = await ticks_racing_a_follow_up(runtime, client, case_id, THANKS)
+    assert case_id in reports[0].resumed + reports[1].resumed, reports
     assert [r["status"] for r in runs] == ["completed"] * 6, runs
     messages = customer_messages(await conversation(runtime, case_id))
     assert messages[1:] == [INVOICE, *FOLLOW_UPS, THANKS], messages
@@ -366,19 +362,7 @@ async def test_two_ticks_and_a_follow_up_racing_over_a_dead_workers_stop_end_it_
     await died_before_the_next_run(
         client, runtime, gate, case_id, strategy, monkeypatch, dies_in="end_stopped"
     )
-    other = await Runtime.open(runtime.settings)
-    try:
-        reports = await asyncio.gather(
-            other.service.resume_stale(),
-            runtime.service.resume_stale(),
-            client.post(f"/api/cases/{case_id}/messages", json={"text": LOGIN_AGAIN}),
-        )
-        assert reports[2].status_code in (200, 202), reports[2].text
-        await other.service.wait_idle()
-        runs = await until_idle(runtime, client, case_id)
-    finally:
-        await other.service.wait_idle()
-        await other.close()
+    _, runs = await ticks_racing_a_follow_up(runtime, client, case_id, LOGIN_AGAIN)
     stopped = "rolled_back" if strategy == "rollback" else "interrupted"
     assert [r["status"] for r in runs] == ["completed", stopped, "completed", "completed"], runs
     messages = customer_messages(await conversation(runtime, case_id))
