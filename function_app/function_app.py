@@ -15,12 +15,16 @@ from support_cases.api import create_app
 from support_cases.maintenance import run_tick
 from support_cases.runtime import process_runtime
 from support_cases.telemetry import traced
+from support_cases.unconvertible_requests import refuse_unconvertible_requests
 
 # Every route is under /api: host.json keeps the default routePrefix "api" and the
 # ASGI function passes the full path through to FastAPI. No host key: callers present
 # Entra ID access tokens, which the app validates on every request (support_cases.auth),
 # and /api/health must answer the availability test without any credential.
 app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS)
+# A path that is not UTF-8 once decoded, or an unreadable port, raised in the SDK's own
+# conversion of the request (a bare 500 from the host): a 400 in the app's error shape.
+refuse_unconvertible_requests(app.middleware)
 
 
 @app.function_name(name="resume_stale_runs")

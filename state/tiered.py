@@ -254,6 +254,11 @@ class CacheAsideStore:
         if ARCHIVE_SEPARATOR in thread_id:
             # Retention would take it for an archive record and delete it with its "owner".
             raise InvalidValue("records", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
+        try:
+            # No store takes text that is not UTF-8; each failed deep in its own client.
+            thread_id.encode()
+        except UnicodeEncodeError:
+            raise InvalidValue("records", "a lone surrogate (not UTF-8) in a thread id") from None
         with _span("create", thread_id=thread_id):
             # A copy left from an earlier record of this thread id would outrank the new
             # version 1; clearing it first is safe because cold has nothing older. Cleared

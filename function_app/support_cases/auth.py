@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ KEYS_FETCH_TIMEOUT_SECONDS = 10.0
 # (and those queued behind that fetch) are refused at once, not each a call to the issuer.
 KEYS_RETRY_SECONDS = 5.0
 ANONYMOUS = Caller(id="local-anonymous", name="anonymous (AUTH_DISABLED)")
+# RFC 6750's b64token: one access token, no space or comma in it.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+NOT_BEARER = "the Authorization header is not 'Bearer <access token>'"
 
 
 class AuthError(Exception):
@@ -382,7 +386,11 @@ async def principal(request: Request, credentials: Credentials) -> Principal:
     """The authenticated caller; 401 without a valid token."""
     gate: AuthGate = request.app.state.auth_gate
     if credentials is None and presents_token(request.scope):
-        raise Unauthenticated("the Authorization header is not 'Bearer <access token>'")
+        raise Unauthenticated(NOT_BEARER)
+    if credentials is not None and not BEARER_TOKEN.fullmatch(credentials.credentials):
+        # The Functions host joins two Authorization headers into one ("Bearer a,Bearer
+        # b"): not one token, whichever of them a proxy checked.
+        raise Unauthenticated(NOT_BEARER)
     return await gate.get().principal(credentials.credentials if credentials else None)
 
 
@@ -401,7 +409,9 @@ def role(required: str) -> Callable[..., Any]:
 class RequireToken:
     """ASGI middleware: a request without a token (no Authorization header, or an empty
     one) is answered 401 before its input is read or validated (the routes' dependencies
-    then validate the token).
+    then validate the token). One with more than one Authorization header is answered 400
+    on every path: which of them counts is ambiguous, and a proxy in front may have
+    checked another one than the app would.
 
     `public` paths (health, the OpenAPI document and its UI) pass without one.
     """
@@ -412,6 +422,12 @@ class RequireToken:
         self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _authorization_header_count(scope) > 1:
+            refused = error_response(
+                400, "more than one Authorization header: send one bearer token"
+            )
+            await refused(scope, receive, send)
+            return
         if (
             scope["type"] != "http"
             or scope["path"] in self.public
@@ -431,6 +447,10 @@ class RequireToken:
             return self.gate.get().disabled
         except AuthNotConfigured:
             return True  # not decided here: the routes answer 503 naming the problem
+
+
+def _authorization_header_count(scope: Scope) -> int:
+    return sum(1 for name, _ in scope["headers"] if name == b"authorization")
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")

@@ -233,24 +233,32 @@ def _writable_thread(configurable: dict[str, Any]) -> str:
     """The thread a put or put_writes goes to; one Cosmos could not hold is refused here,
     before write-behind acknowledges a step no flush could ever store."""
     thread_id = str(configurable["thread_id"])
+    # First: a thread id that is not UTF-8 has no size in bytes.
+    _refuse_unstorable("thread id", [thread_id])
     size = len(thread_id.encode())
     if size > MAX_THREAD_ID_BYTES:
         raise InvalidValue(
             "checkpoints", f"a thread id of {size} bytes (at most {MAX_THREAD_ID_BYTES})"
         )
-    _refuse_nul("thread id", [thread_id])
     if ARCHIVE_SEPARATOR in thread_id:
         # Retention would take it for an archive record and delete it with its "owner".
         raise InvalidValue("checkpoints", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
     return thread_id
 
 
-def _refuse_nul(what: str, names: Iterable[str]) -> None:
-    """Postgres text and jsonb cannot hold a NUL character: a name with one is refused on
-    every backend (a thread works alike on each), before write-behind acknowledges a step
-    whose flush would be refused for good, holding back the thread's later steps."""
-    if any("\0" in name for name in names):
-        raise InvalidValue("checkpoints", f"a NUL character in a {what}")
+def _refuse_unstorable(what: str, names: Iterable[str]) -> None:
+    """Postgres text and jsonb cannot hold a NUL character, and no store takes text that is
+    not UTF-8 (a lone surrogate: JSON's "\\ud800" decodes to one): a name with either is
+    refused on every backend (a thread works alike on each), before write-behind
+    acknowledges a step whose flush would be refused for good, holding back the thread's
+    later steps."""
+    for name in names:
+        if "\0" in name:
+            raise InvalidValue("checkpoints", f"a NUL character in a {what}")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise InvalidValue("checkpoints", f"a lone surrogate (not UTF-8) in a {what}") from None
 
 
 def _run_ids(run_ids: Sequence[str]) -> list[str]:
@@ -1307,8 +1315,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id = configurable.get("checkpoint_id")
         values = checkpoint["channel_values"]
         versions = checkpoint["channel_versions"]
-        _refuse_nul("checkpoint namespace", [checkpoint_ns])
-        _refuse_nul("channel name", itertools.chain(values, versions, new_versions))
+        _refuse_unstorable("checkpoint namespace", [checkpoint_ns])
+        _refuse_unstorable("channel name", itertools.chain(values, versions, new_versions))
         kept = self._kept_inline.of(thread_id, checkpoint_ns, parent_id)
         inline: dict[str, Any] = {}
         inline_bytes: dict[str, TypedBytes] = {}
@@ -1473,11 +1481,11 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         task_path: str,
     ) -> _Writes:
         configurable = config["configurable"]
-        _refuse_nul(
+        _refuse_unstorable(
             "checkpoint namespace, task id or task path",
             [configurable.get("checkpoint_ns", ""), task_id, task_path],
         )
-        _refuse_nul("channel name", (channel for channel, _ in writes))
+        _refuse_unstorable("channel name", (channel for channel, _ in writes))
         # Special channels (errors, interrupts, resume) replace; ordinary writes are
         # keyed by position and a repeat is ignored, as in LangGraph's own savers.
         upsert = all(channel in WRITES_IDX_MAP for channel, _ in writes)

@@ -170,6 +170,54 @@ async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_st
 
 
 @every_configuration
+async def test_a_lone_surrogate_in_an_identifier_is_refused_before_anything_is_stored(
+    any_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    open_tiers: OpenBackends,
+) -> None:
+    # JSON's "\\ud800" decodes to one; no store can encode it as UTF-8. Each refused with a
+    # plain UnicodeEncodeError from its own client (or the saver's size check), and the
+    # in-memory tiers stored a record no other backend could.
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        records = TieredStateStore(backends.cold, backends.hot, backends.settings)
+        thread_id = unique_thread("surrogate")
+        lone = "\ud800"
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        with_channel = empty_checkpoint()
+        with_channel["channel_values"], with_channel["channel_versions"] = {lone: 1}, {lone: 1}
+        refused_puts = [
+            ({"thread_id": thread_id + lone, "checkpoint_ns": ""}, empty_checkpoint(), {}),
+            ({"thread_id": thread_id, "checkpoint_ns": lone}, empty_checkpoint(), {}),
+            ({"thread_id": thread_id, "checkpoint_ns": ""}, with_channel, {lone: 1}),
+        ]
+        for configurable, checkpoint, versions in refused_puts:
+            with pytest.raises(InvalidValue, match="surrogate"):
+                await saver.aput({"configurable": configurable}, checkpoint, {}, versions)
+        with pytest.raises(InvalidValue, match="surrogate"):
+            await records.create(thread_id + lone, {"n": 1}, agent_id="test")
+        await saver.aflush(thread_id)
+        assert [found async for found in saver.alist(config)] == []
+
+        stored = await saver.aput(config, empty_checkpoint(), {}, {})
+        for writes, task_id, task_path in [
+            ([(lone, 1)], "task", ""),
+            ([("ch", 1)], "ta" + lone, ""),
+            ([("ch", 1)], "task", lone),
+        ]:
+            with pytest.raises(InvalidValue, match="surrogate"):
+                await saver.aput_writes(stored, writes, task_id, task_path)
+        with pytest.raises(InvalidValue, match="surrogate"):
+            await saver.acopy_thread(thread_id, thread_id + lone)
+        await saver.aput_writes(stored, [("ch", 1)], "task")
+        await saver.aflush(thread_id)
+        found = await saver.aget_tuple(stored)
+        assert found is not None and found.pending_writes == [("task", "ch", 1)]
+        await saver.adelete_thread(thread_id)
+
+
+@every_configuration
 async def test_a_copy_never_makes_a_thread_whose_id_a_put_would_refuse(
     any_backend: str,
     hot: bool,

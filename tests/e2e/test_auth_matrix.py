@@ -470,20 +470,14 @@ async def test_an_empty_authorization_header_is_no_token(
     assert await runtime.store.get(case_id) is None
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        [(b"Authorization", b"\xa0")],  # no ASCII space: a token to HTTP, none to str.strip
-        [(b"Authorization", b""), (b"Authorization", b"Bearer garbage")],  # the first read
-    ],
-    ids=["non-breaking space", "an empty one first"],
-)
 async def test_a_token_the_routes_find_none_of_is_a_401_before_the_input_is_read(
-    api: httpx.AsyncClient, runtime: Runtime, headers: list[tuple[bytes, bytes]]
+    api: httpx.AsyncClient, runtime: Runtime
 ) -> None:
     """`RequireToken` and the routes must agree whether a token was presented: a header the
     middleware let through as a token, but the routes took for none, had the router answer
     (404, 405, OPTIONS) and the input described (422) to a caller without any token."""
+    # No ASCII space: a token to HTTP, none to str.strip.
+    headers = [(b"Authorization", b"\xa0")]
     case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
     malformed = await api.post(
         "/api/cases",
@@ -496,6 +490,61 @@ async def test_a_token_the_routes_find_none_of_is_a_401_before_the_input_is_read
         assert refused.status_code == 401, (method, path, refused.text)
     submitted = await api.post("/api/cases", json=demo_case(case_id), headers=headers)
     assert submitted.status_code == 401, submitted.text
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("", "garbage"), ("owner", "garbage"), ("garbage", "owner"), ("owner", "owner")],
+)
+async def test_two_authorization_headers_are_a_400_before_the_input_is_read(
+    api: httpx.AsyncClient,
+    runtime: Runtime,
+    callers: dict[str, dict[str, str]],
+    first: str,
+    second: str,
+) -> None:
+    """The first header was the one read: a proxy in front that checked the other one let
+    through a request the app then answered as someone else, or as no one. Which counts is
+    ambiguous, so neither does, on every path (a token on /health shows its details)."""
+
+    def authorization(caller: str) -> bytes:
+        return callers[caller]["Authorization"].encode() if caller else b""
+
+    headers = [(b"Authorization", authorization(first)), (b"Authorization", authorization(second))]
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    answers = [
+        await api.post("/api/cases", json=demo_case(case_id), headers=headers),
+        await api.post(
+            "/api/cases",
+            content=b'{"case_id": ',
+            headers=[*headers, (b"Content-Type", b"application/json")],
+        ),
+        await api.get(f"/api/cases/{case_id}", headers=headers),
+        await api.options(f"/api/cases/{case_id}", headers=headers),
+        await api.get("/api/health", headers=headers),
+    ]
+    for answer in answers:
+        assert answer.status_code == 400, (answer.request.url, answer.text)
+        assert answer.json() == {
+            "error": "more than one Authorization header: send one bearer token"
+        }
+    assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize("separator", [",", ", "])
+async def test_one_authorization_header_holding_two_tokens_is_a_401(
+    api: httpx.AsyncClient, runtime: Runtime, issue_token: Callable[..., str], separator: str
+) -> None:
+    """What the Functions host makes of two Authorization headers (it joins them with a
+    comma, see test_worker_requests): not one bearer token, whichever a proxy checked."""
+    owner, other = issue_token(OWNER, [ROLE_SUBMIT]), issue_token("matrix-other", [ROLE_SUBMIT])
+    joined = {"Authorization": f"Bearer {owner}{separator}Bearer {other}"}
+    case_id = f"case-matrix-{uuid.uuid4().hex[:12]}"
+    submitted = await api.post("/api/cases", json=demo_case(case_id), headers=joined)
+    assert submitted.status_code == 401, submitted.text
+    assert submitted.json()["error"] == "the Authorization header is not 'Bearer <access token>'"
+    assert submitted.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
     assert await runtime.store.get(case_id) is None
 
 

@@ -337,6 +337,21 @@ async def test_a_value_the_cold_store_cannot_hold_is_422(
     assert await runtime.store.get(case_id) is None
 
 
+async def test_a_lone_surrogate_in_a_case_id_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """JSON's "\\ud800" decodes to a lone surrogate, which no store can encode as UTF-8
+    (the state library refuses such a thread id with InvalidValue): refused as input."""
+    body = json.dumps({**demo_case(case_id), "case_id": case_id + "\ud800"})
+    assert "\\ud800" in body
+    response = await client.post(
+        "/api/cases", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request: body.case_id:"), response.text
+    assert await runtime.store.get(case_id) is None
+
+
 async def test_a_review_note_no_cold_store_can_hold_is_422_and_the_case_still_waits(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
 ) -> None:
