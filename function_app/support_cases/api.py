@@ -58,7 +58,14 @@ from .models import (
     TierView,
 )
 from .runtime import Runtime, RuntimeHolder, process_runtime
-from .service import CaseConflict, CaseNotFound, CaseService, DecisionTakenBack, Outcome
+from .service import (
+    CaseConflict,
+    CaseNotFound,
+    CaseService,
+    DecisionTakenBack,
+    Outcome,
+    RunUnfinished,
+)
 from .settings import AppSettings
 
 log = logging.getLogger(__name__)
@@ -250,7 +257,7 @@ async def review_case(
         )
     try:
         outcome = await cases.decide(case_id, decision, caller.caller)
-    except DecisionTakenBack:
+    except (DecisionTakenBack, RunUnfinished):
         raise  # the decision was taken: its reviewer saw the case awaiting review
     except (CaseConflict, VersionConflict):
         # Reviewers see only cases awaiting review: a refused decision (not awaiting

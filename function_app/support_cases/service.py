@@ -183,6 +183,18 @@ class CaseBusy(CaseConflict):
         super().__init__(message)
 
 
+class RunUnfinished(CaseConflict):
+    """The request's run stopped before coming to rest: another runner took the case over,
+    or it was left for the timer (maps to 409). Not 200: the case is not where the request
+    took it, and what the run did is for the one that carries it on."""
+
+    def __init__(self, case_id: str) -> None:
+        super().__init__(
+            f"case {case_id!r}: the run stopped before coming to rest (another runner took "
+            "the case over, or left it for the timer's resume); read the case's status"
+        )
+
+
 class IdempotencyMismatch(CaseError):
     """An idempotency key reused with a different request body (maps to 422, as the IETF
     Idempotency-Key draft has it); a case id reused so is a CaseConflict (409)."""
@@ -400,9 +412,10 @@ class CaseService:
             await asyncio.shield(creating)
         except asyncio.CancelledError:
             self._spawn(
+                case_id,
                 self._first_run_once_created(
                     creating, case_id, run_id, request, indexed_at, guard, tell_queued=True
-                )
+                ),
             )
             raise
         except WorkflowExists:
@@ -454,12 +467,16 @@ class CaseService:
                 needs_snapshot=False,
                 guard=guard,
             )
+        except RunUnfinished:
+            # Its first run lost the case to another runner (or was left for the timer):
+            # the case exists, and is that runner's.
+            return Outcome(await self.status(case_id), created=True, finished=False)
         except CaseBusy:
             # A follow-up (or a retry) took the case's run lock between its creation and
             # here: the case exists, and is being worked on (a 409 would read as "not
             # created"). The holder leaves the first run, marked running, to its runner: this
             # one, once it can (none if a retry started it).
-            self._spawn(self._first_run_when_free(case_id, run_id, request))
+            self._spawn(case_id, self._first_run_when_free(case_id, run_id, request))
             return Outcome(await self.status(case_id), created=True, finished=False)
         except CaseConflict:
             if not let_go:
@@ -469,6 +486,7 @@ class CaseService:
         except asyncio.CancelledError:
             if not launched:  # as above
                 self._spawn(
+                    case_id,
                     self._first_run_once_created(
                         creating,
                         case_id,
@@ -477,7 +495,7 @@ class CaseService:
                         indexed_at,
                         None if handed else guard,
                         tell_queued=not told_queued,
-                    )
+                    ),
                 )
             raise
         except BaseException:
@@ -535,7 +553,7 @@ class CaseService:
                     record = await self._record(case_id, fresh=True)
                     return self._continuation(case_id, record, snapshot)
 
-                with contextlib.suppress(CaseConflict):
+                try:
                     outcome = await self._launch(
                         case_id,
                         continue_first_run,
@@ -546,6 +564,12 @@ class CaseService:
                         guard=guard,
                         locked=True,
                     )
+                except RunUnfinished:
+                    # As in `_submit`: the run it got going lost the case to another runner.
+                    return Outcome(await self.status(case_id), created=True, finished=False)
+                except CaseConflict:
+                    pass
+                else:
                     # The submit that got this run going: answered as a first submit is.
                     return replace(outcome, created=True)
         return Outcome(await self.status(case_id), created=False, finished=True)
@@ -942,8 +966,7 @@ class CaseService:
                 # tick's budget (a run past it goes on; its lease keeps it from the next tick).
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await asyncio.wait({task}, timeout=left)
-                # Failed before its end (nothing else logs a queue that could not start):
-                # logged and counted as failed, as a resume's failure is.
+                # Failed before its end: counted as failed, as a resume's failure is.
                 if task.done() and not task.cancelled() and (error := task.exception()):
                     raise error
                 report.resumed.append(case_id)
@@ -1392,14 +1415,14 @@ class CaseService:
             raise
         await self._drive(case_id, graph_input, guard, marked=True, run_id=run_id)
 
-    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
-        """`work` (a run, and what follows it under its guard) in the background, holding
-        one of the worker's run slots to its end."""
+    def _spawn(self, case_id: str, work: Awaitable[None]) -> asyncio.Task[None]:
+        """`work` (a run of case `case_id`, and what follows it under its guard) in the
+        background, holding one of the worker's run slots to its end."""
         give_back = self._slots.for_run()
         task = asyncio.ensure_future(work)
         task.add_done_callback(lambda _: give_back())
         self._tasks.add(task)
-        task.add_done_callback(self._forget)
+        task.add_done_callback(lambda done: self._forget(case_id, done))
         return task
 
     def _spawn_holding(
@@ -1415,16 +1438,24 @@ class CaseService:
             started = True
             await work()
 
-        task = self._spawn(run())
+        task = self._spawn(case_id, run())
         task.add_done_callback(lambda _: started or self._let_go(case_id, guard))
         return task
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
+    def _forget(self, case_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        # Retrieved here so a run nobody waited for does not log "never retrieved";
-        # _drive has already logged what went wrong.
-        if not task.cancelled():
-            task.exception()
+        # Logged here, the one place every background failure passes: a queue a follow-up
+        # or a release started has nobody waiting for it. What it left (a run marked
+        # running, runs queued) is the timer's. Cancelled is `close`, not a failure.
+        error = None if task.cancelled() else task.exception()
+        # A run that stopped unfinished was logged where it stopped (`_drive_one`).
+        if error is not None and not isinstance(error, RunUnfinished):
+            log.error(
+                "case %s: background run failed (%s); left for the timer",
+                case_id,
+                type(error).__name__,
+                exc_info=error,
+            )
 
     async def _drive(
         self,
@@ -1438,7 +1469,8 @@ class CaseService:
     ) -> None:
         """Run the graph under `guard`, then the case's queued runs; releases the guard.
         `marked`: the record already says this run is running. `new_case`: this is the
-        first run of a case this process has just created."""
+        first run of a case this process has just created. `RunUnfinished` if the run
+        stopped before coming to rest (a caller waiting for it must not read it as done)."""
         try:
             going = await self._drive_one(
                 case_id, graph_input, guard, marked=marked, run_id=run_id, new_case=new_case
@@ -1446,10 +1478,10 @@ class CaseService:
         except BaseException:
             await self._release(case_id, guard)
             raise
-        if going:
-            await self._pump(case_id, guard)
-        else:
+        if not going:
             await self._release(case_id, guard)
+            raise RunUnfinished(case_id)
+        await self._pump(case_id, guard)
 
     async def _drive_one(
         self,
@@ -1524,8 +1556,7 @@ class CaseService:
             )
         except HotStateLost as lost:
             if redone >= REDOS_AFTER_HOT_STATE_LOST:
-                log.exception("case %s: Redis lost the run's checkpoints again", case_id)
-                raise
+                raise  # logged as the run's task fails (`_forget`)
             # Redis lost checkpoints the run wrote (its record sections are in the cold
             # tier): the run goes on from the cold tier's latest at once, as the timer would
             # resume it; the effects ledger keeps its side effects from happening twice.
@@ -1536,8 +1567,8 @@ class CaseService:
                 case_id, graph_input, guard, marked=True, run_id=run_id, redone=redone + 1
             )
         except BackendUnavailable:
-            # Left "running": its heartbeat goes stale and the timer resumes it.
-            log.exception("case %s: a tier is unavailable; run left for the timer", case_id)
+            # Left "running": its heartbeat goes stale and the timer resumes it. Logged as
+            # the run's task fails (`_forget`).
             raise
         except Exception as error:
             log.exception("case %s: run failed", case_id)

@@ -9,6 +9,7 @@ time would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -455,3 +456,76 @@ async def test_a_case_awaiting_review_leaves_the_run_index_with_a_tick_until_a_r
     report = await runtime.service.resume_stale()
     assert "behind a review" in report.skipped.get(case_id, ""), report
     assert case_id in await tracker.active_cases()
+
+
+async def test_a_queue_a_follow_up_started_that_fails_in_the_background_is_logged(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A follow-up on a case at rest starts its queue in the background; that queue meets a
+    tier out of reach after the request's answer: its failure is logged at error level with
+    the case's id (nobody waits for it), and the timer then starts what it left queued."""
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+    starting = asyncio.Event()
+
+    async def out_of_reach(*args: Any, **kwargs: Any) -> Any:
+        # After the request stops waiting for its run: a failure only the task sees.
+        await starting.wait()
+        raise BackendUnavailable("postgres", "connection refused (injected)")
+
+    monkeypatch.setattr(runtime.service._tracker, "start_next", out_of_reach)
+    monkeypatch.setattr(runtime.service, "_sync_wait", 0.0)
+    with caplog.at_level(logging.ERROR, logger="support_cases.service"):
+        queued = await client.post(f"/api/cases/{case_id}/messages", json={"text": INVOICE})
+        assert queued.status_code == 202, queued.text
+        starting.set()
+        await runtime.service.wait_idle()
+    failed = [
+        record
+        for record in caplog.records
+        if record.name == "support_cases.service"
+        and record.levelno >= logging.ERROR
+        and case_id in record.getMessage()
+    ]
+    assert failed, caplog.text
+    assert any(
+        record.exc_info and isinstance(record.exc_info[1], BackendUnavailable) for record in failed
+    ), caplog.text
+
+    monkeypatch.undo()
+    report = await runtime.service.resume_stale()
+    assert case_id in report.resumed, report
+    runs = await until_idle(runtime, client, case_id)
+    assert [r["status"] for r in runs] == ["completed", "completed"], runs
+
+
+async def test_a_queue_cancelled_as_the_worker_stops_is_not_logged_as_failed(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Shutdown (`close`) cancels a queue going in the background: not an error."""
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+    reached, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await never.wait()
+
+    monkeypatch.setattr(runtime.service._tracker, "start_next", stuck)
+    monkeypatch.setattr(runtime.service, "_sync_wait", 0.0)
+    with caplog.at_level(logging.ERROR, logger="support_cases.service"):
+        queued = await client.post(f"/api/cases/{case_id}/messages", json={"text": INVOICE})
+        assert queued.status_code == 202, queued.text
+        await asyncio.wait_for(reached.wait(), 30)
+        await runtime.service.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

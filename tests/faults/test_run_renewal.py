@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from state.errors import LockNotAcquired
@@ -19,8 +20,11 @@ from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import LOCK_KIND, RedisHotStore
 from state.settings import Settings
 from state.tiered import TieredStateStore
+from support_cases.api import create_app
+from support_cases.auth import ROLE_REVIEW
 from support_cases.models import CaseStatus
 from support_cases.runs import RUN_SECTION
+from support_cases.runtime import Runtime
 from support_cases.service import RUN_LEASE_SECTION, run_lock_name
 from tests.step_pause import pause_after
 
@@ -51,6 +55,33 @@ async def wait_for_step(store: TieredStateStore, case_id: str, section: str) -> 
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"case {case_id}: no {section!r} section")
+
+
+async def take_over(runtime: Runtime, case_id: str, tier: str) -> int:
+    """Another runner takes the case over (its `tier`'s lock or lease), as after a pause
+    past the TTL; its fencing token."""
+    store = runtime.store
+    if tier == "redis":
+        hot = runtime.backends.hot
+        assert isinstance(hot, RedisHotStore)
+        raw = create_redis_client(runtime.settings)
+        try:
+            await raw.delete(hot.key(run_lock_name(case_id), LOCK_KIND))
+        finally:
+            await raw.aclose()
+        return (await store.lock(run_lock_name(case_id), ttl_ms=60_000)).fence
+    record = await store.get(case_id)
+    assert record is not None
+    fence = record.fence + 1
+    await store.update_section(
+        case_id,
+        RUN_LEASE_SECTION,
+        {"token": "the-taker", "until": 4_000_000_000},
+        agent_id="taker",
+        expected_version=record.version,
+        fencing_token=fence,
+    )
+    return fence
 
 
 @pytest.mark.parametrize("tier", ["redis", "cold"])
@@ -90,29 +121,7 @@ async def test_a_renewal_that_finds_the_lock_taken_stops_the_run(
         store, service = runtime.store, runtime.service
         await service.submit(submission(case_id), None)
         await wait_for_step(store, case_id, "refund")
-        # Another runner takes the case over, as after a pause past the TTL.
-        if tier == "redis":
-            hot = runtime.backends.hot
-            assert isinstance(hot, RedisHotStore)
-            raw = create_redis_client(runtime.settings)
-            try:
-                await raw.delete(hot.key(run_lock_name(case_id), LOCK_KIND))
-            finally:
-                await raw.aclose()
-            taker = await store.lock(run_lock_name(case_id), ttl_ms=60_000)
-            fence = taker.fence
-        else:
-            record = await store.get(case_id)
-            assert record is not None
-            fence = record.fence + 1
-            await store.update_section(
-                case_id,
-                RUN_LEASE_SECTION,
-                {"token": "the-taker", "until": 4_000_000_000},
-                agent_id="taker",
-                expected_version=record.version,
-                fencing_token=fence,
-            )
+        fence = await take_over(runtime, case_id, tier)
         checkpoints = [
             c async for c in runtime.saver.alist({"configurable": {"thread_id": case_id}})
         ]
@@ -128,3 +137,65 @@ async def test_a_renewal_that_finds_the_lock_taken_stops_the_run(
         assert "response" not in record.sections
         if tier == "cold":
             assert record.fence == fence  # no write of the stopped run landed after the claim
+
+
+@pytest.mark.parametrize("tier", ["redis", "cold"])
+async def test_a_decision_whose_run_another_runner_took_over_is_not_answered_200(
+    tier: str, settings_for: Callable[..., Settings], issue_token: Callable[..., str]
+) -> None:
+    """The reviewer waits for the decision's run, which loses the case to another runner
+    mid-way and stops: the answer says so (409, the app's error shape), not 200 with the
+    case as the other runner has it, as if the decision's run had come to rest."""
+    case_id = f"decided-{tier}-{uuid.uuid4().hex[:10]}"
+    settings = run_settings(settings_for, "postgres", tier).model_copy(
+        update={"case_sync_wait_seconds": 30.0}
+    )
+    async with open_runtime(settings, after_step=PAUSE_REFUND) as app:
+        runtime = app.runtime
+        store, service = runtime.store, runtime.service
+        await service.submit(submission(case_id, amount=750.0), None)
+        assert (await service.status(case_id)).status is CaseStatus.AWAITING_REVIEW
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        reviewer = {"Authorization": f"Bearer {issue_token('lost-run-reviewer', [ROLE_REVIEW])}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://f.test") as http:
+            deciding = asyncio.ensure_future(
+                http.post(
+                    f"/api/cases/{case_id}/review",
+                    json={"decision": "approve"},
+                    headers=reviewer,
+                    timeout=60,
+                )
+            )
+            await wait_for_step(store, case_id, "refund")
+            await take_over(runtime, case_id, tier)
+            answer = await asyncio.wait_for(deciding, timeout=PAUSE_SECONDS * 3)
+        assert answer.status_code == 409, answer.text
+        assert case_id in answer.json()["error"], answer.text
+        await service.wait_idle()
+        # The stopped run wrote nothing after losing the case: the taker's to finish.
+        record = await store.get(case_id)
+        assert record is not None
+        assert record.sections[RUN_SECTION]["status"] == CaseStatus.RUNNING.value
+        assert "response" not in record.sections
+
+
+async def test_a_submit_whose_first_run_another_runner_took_over_is_not_reported_finished(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """As for a decision, a submit waiting for its case's first run, which loses the case
+    mid-way: the case was created (not a 409, which would read "not created"), and its
+    run is not reported at rest (201), but going on elsewhere (202)."""
+    case_id = f"submitted-{uuid.uuid4().hex[:10]}"
+    settings = run_settings(settings_for, "postgres", "redis").model_copy(
+        update={"case_sync_wait_seconds": 30.0}
+    )
+    async with open_runtime(settings, after_step=PAUSE_REFUND) as app:
+        runtime = app.runtime
+        submitting = asyncio.ensure_future(runtime.service.submit(submission(case_id), None))
+        await wait_for_step(runtime.store, case_id, "refund")
+        await take_over(runtime, case_id, "redis")
+        outcome = await asyncio.wait_for(submitting, timeout=PAUSE_SECONDS * 3)
+        assert outcome.created
+        assert not outcome.finished
+        assert outcome.view.status is CaseStatus.RUNNING
+        await runtime.service.wait_idle()
