@@ -21,10 +21,11 @@ from support_cases.unconvertible_requests import refuse_unconvertible_requests
 # ASGI function passes the full path through to FastAPI. No host key: callers present
 # Entra ID access tokens, which the app validates on every request (support_cases.auth),
 # and /api/health must answer the availability test without any credential.
-app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS)
+api = create_app()
+app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.ANONYMOUS)
 # A path that is not UTF-8 once decoded, or an unreadable port, raised in the SDK's own
 # conversion of the request (a bare 500 from the host): a 400 in the app's error shape.
-refuse_unconvertible_requests(app.middleware)
+refuse_unconvertible_requests(app.middleware, api.state.settings_source)
 
 
 @app.function_name(name="resume_stale_runs")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec
-from .errors import CorruptState, WorkflowExists, WorkflowNotFound
+from .errors import CorruptState, InvalidValue, WorkflowExists, WorkflowNotFound
 from .ports import JSON, ColdStateStore, SectionArchive
 from .settings import Settings
 
@@ -51,7 +51,18 @@ ARCHIVE_SEPARATOR = "~archive~"
 
 def canonical_json(value: JSON) -> bytes:
     """The bytes a value occupies as stored: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return storable_utf8("records", "section name or value", text)
+
+
+def storable_utf8(backend: str, what: str, text: str) -> bytes:
+    """`text` as UTF-8. No store takes text that is not (a lone surrogate: JSON's "\\ud800"
+    decodes to one); each client failed on it with a plain UnicodeEncodeError, the in-memory
+    tiers not at all. Refused as a value the store cannot hold, on every backend alike."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidValue(backend, f"a lone surrogate (not UTF-8) in a {what}") from None
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ from .ports import (
 )
 from .settings import Settings
 from .shielding import taken_or_given_back
-from .size import ARCHIVE_SEPARATOR, ColdRecordArchive, StateSizeManager
+from .size import ARCHIVE_SEPARATOR, ColdRecordArchive, StateSizeManager, storable_utf8
 from .sized import SizedStateStore
 
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ class CacheAsideStore:
     # ----------------------------------------------------------------- records
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
+        storable_utf8("records", "thread id", thread_id)
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
             if hot is None and self._hot is not None:
@@ -226,6 +227,7 @@ class CacheAsideStore:
         """Whether the hot tier holds a copy of the record it may serve now; never a cold
         read (False if the hot tier is absent or out of reach). A hint that the record
         exists, not the truth: a copy may outlive a record retention removed from cold."""
+        storable_utf8("records", "thread id", thread_id)
         with _span("is_cached", thread_id=thread_id):
             hot = await self._usable_hot(thread_id)
             if hot is None:
@@ -245,6 +247,7 @@ class CacheAsideStore:
         another process wrote past while it could not reach Redis (a partition; README:
         the loss window), and a run started on it would undo what that process
         acknowledged."""
+        storable_utf8("records", "thread id", thread_id)
         with _span("get_fresh", thread_id=thread_id):
             return await self._cold.get(thread_id)
 
@@ -254,11 +257,7 @@ class CacheAsideStore:
         if ARCHIVE_SEPARATOR in thread_id:
             # Retention would take it for an archive record and delete it with its "owner".
             raise InvalidValue("records", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
-        try:
-            # No store takes text that is not UTF-8; each failed deep in its own client.
-            thread_id.encode()
-        except UnicodeEncodeError:
-            raise InvalidValue("records", "a lone surrogate (not UTF-8) in a thread id") from None
+        storable_utf8("records", "thread id", thread_id)
         with _span("create", thread_id=thread_id):
             # A copy left from an earlier record of this thread id would outrank the new
             # version 1; clearing it first is safe because cold has nothing older. Cleared
@@ -334,6 +333,7 @@ class CacheAsideStore:
         self, thread_id: str, write: Callable[[], Awaitable[WorkflowRecord]]
     ) -> WorkflowRecord:
         """One cold write under a write intent, then install what it returned."""
+        storable_utf8("records", "thread id", thread_id)
         intent = await self._begin_write(thread_id)
         try:
             record = await write()
@@ -358,6 +358,7 @@ class CacheAsideStore:
         self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
     ) -> WorkflowRecord:
         """The cold store's `replace_damaged` under a write intent, then install."""
+        storable_utf8("records", "thread id", thread_id)
         with _span("replace_damaged", thread_id=thread_id):
             intent = await self._begin_write(thread_id)
             try:
@@ -378,6 +379,7 @@ class CacheAsideStore:
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` as the layer above stored them."""
+        storable_utf8("records", "thread id", thread_id)
         with _span("audit_trail", thread_id=thread_id):
             return await self._cold.audit_trail(thread_id, limit=limit)
 

@@ -113,7 +113,7 @@ from ..ports import (
     TypedBytes,
     WritesPut,
 )
-from ..size import ARCHIVE_SEPARATOR
+from ..size import ARCHIVE_SEPARATOR, storable_utf8
 from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
@@ -255,27 +255,32 @@ def _refuse_unstorable(what: str, names: Iterable[str]) -> None:
     for name in names:
         if "\0" in name:
             raise InvalidValue("checkpoints", f"a NUL character in a {what}")
-        try:
-            name.encode()
-        except UnicodeEncodeError:
-            raise InvalidValue("checkpoints", f"a lone surrogate (not UTF-8) in a {what}") from None
+        storable_utf8("checkpoints", what, name)
+
+
+def _sendable(what: str, names: Iterable[str]) -> list[str]:
+    """`names` for a read or delete: none the store could hold is refused, as a write
+    refuses it, rather than fail in a client (Redis, Postgres) or find nothing (others)."""
+    sendable = [str(name) for name in names]
+    for name in sendable:
+        storable_utf8("checkpoints", what, name)
+    return sendable
 
 
 def _run_ids(run_ids: Sequence[str]) -> list[str]:
     if isinstance(run_ids, str):
         # A str is a sequence of one-character run ids: those runs would be deleted.
         raise TypeError("run_ids must be a sequence of run ids, not a str")
-    return [str(run_id) for run_id in run_ids]
+    return _sendable("run id", run_ids)
 
 
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread, namespace, checkpoint id or None for the latest) a config names."""
     configurable = config["configurable"]
-    return (
-        str(configurable["thread_id"]),
-        configurable.get("checkpoint_ns", ""),
-        get_checkpoint_id(config),
-    )
+    (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
+    checkpoint_ns = configurable.get("checkpoint_ns", "")
+    _sendable("checkpoint namespace", [checkpoint_ns])
+    return thread_id, checkpoint_ns, get_checkpoint_id(config)
 
 
 class TieredCheckpointSaver(BaseCheckpointSaver[str]):
@@ -1114,8 +1119,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         limit: int | None,
     ) -> AsyncGenerator[CheckpointTuple, None]:
         configurable = (config or {}).get("configurable") or {}
-        thread_id = str(configurable["thread_id"]) if "thread_id" in configurable else None
+        thread_id = None
+        if "thread_id" in configurable:
+            (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
         checkpoint_ns = configurable.get("checkpoint_ns")
+        if checkpoint_ns is not None:
+            _sendable("checkpoint namespace", [checkpoint_ns])
         before_id = get_checkpoint_id(before) if before else None
         if self.flusher is not None:
             if thread_id is not None:
@@ -2056,6 +2065,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         await self.cache.invalidate(thread_id, strict=True, deleted_at=deleted_at)
 
     async def _delete_thread(self, thread_id: str) -> None:
+        _sendable("thread id", [thread_id])
         self._forget_runs(thread_id)
         await self._drop_cached(thread_id, deleting=True)
         if self.flusher is None:
@@ -2309,6 +2319,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             after = entries[-1].entry_id
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        _sendable("thread id", [source_thread_id])
         # The copy is a thread a put could not write to (nor Cosmos in Azure hold) otherwise.
         _writable_thread({"thread_id": target_thread_id})
         if self.flusher is not None:
@@ -2346,7 +2357,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             raise TypeError("thread_ids must be a sequence of thread ids, not a str")
         if strategy not in PRUNE_STRATEGIES:
             raise ValueError(f"unknown prune strategy {strategy!r}; use one of {PRUNE_STRATEGIES}")
-        threads = [str(thread_id) for thread_id in thread_ids]
+        threads = _sendable("thread id", thread_ids)
         if not threads:
             return
         if strategy == "delete" and self.flusher is not None:

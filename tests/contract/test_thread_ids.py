@@ -255,3 +255,58 @@ async def test_a_thread_id_shaped_as_another_threads_archive_record_is_refused(
         await saver.aflush(lookalike)
         assert await saver.aget_tuple(config) is None
         assert await backends.cold.get(lookalike) is None
+
+
+@every_configuration
+async def test_a_lone_surrogate_is_an_invalid_value_to_every_call_on_every_backend(
+    any_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    open_tiers: OpenBackends,
+) -> None:
+    # Redis and Postgres raised a plain UnicodeEncodeError from their clients where the
+    # in-memory tiers answered None; a record's section holding one left its write intent
+    # behind, hiding the record's hot copy until the intent expired.
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        records = TieredStateStore(backends.cold, backends.hot, backends.settings)
+        thread_id = unique_thread("surrogate-calls")
+        lone = thread_id + "\ud800"
+        config = {"configurable": {"thread_id": lone, "checkpoint_ns": ""}}
+        created = await records.create(thread_id, {"n": 1}, agent_id="test")
+        await records.get(thread_id)
+        calls = {
+            "aget_tuple": lambda: saver.aget_tuple(config),
+            "alist": lambda: anext(saver.alist(config), None),
+            "adelete_thread": lambda: saver.adelete_thread(lone),
+            "adelete_for_runs": lambda: saver.adelete_for_runs(["run\ud800"]),
+            "acopy_thread": lambda: saver.acopy_thread(lone, thread_id + "-copy"),
+            "aprune": lambda: saver.aprune([lone]),
+            "get": lambda: records.get(lone),
+            "get_fresh": lambda: records.get_fresh(lone),
+            "is_cached": lambda: records.is_cached(lone),
+            "audit_trail": lambda: records.audit_trail(lone),
+            "update_section": lambda: records.update_section(
+                lone, "n", 2, expected_version=1, agent_id="test"
+            ),
+            "a section's name": lambda: records.update_section(
+                thread_id, "n\ud800", 2, expected_version=1, agent_id="test"
+            ),
+            "a section's value": lambda: records.update_section(
+                thread_id, "n", "two\ud800", expected_version=1, agent_id="test"
+            ),
+        }
+        for what, call in calls.items():
+            try:
+                await call()
+            except InvalidValue as refused:
+                assert "surrogate" in str(refused), what
+            else:
+                pytest.fail(f"{what}: not refused")
+        assert await records.get(thread_id) == created
+        assert await records.is_cached(thread_id) == hot
+        updated = await records.update_section(
+            thread_id, "n", 2, expected_version=1, agent_id="test"
+        )
+        assert updated.sections == {"n": 2}
+        await saver.adelete_thread(thread_id)

@@ -101,3 +101,47 @@ async def test_two_authorization_headers_joined_by_the_host_are_a_401(
     error = json.loads(response.get_body())["error"]
     assert error == "the Authorization header is not 'Bearer <access token>'"
     assert await runtime.store.get(case_id) is None
+
+
+async def test_a_request_the_sdk_cannot_convert_is_refused_with_what_a_page_needs_to_read_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The app's other answers (its 401s included) carry the CORS headers an allowed page
+    needs to read them; the 400 answered outside the app carried none, and the browser
+    showed the page a network error instead."""
+    portal = "https://portal.example.com"
+    # Settings the app can read (no request here reaches a store); the origin allowed.
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:1/")
+    monkeypatch.setenv("CORS_ALLOWED_ORIGINS", portal)
+    entry = load_function_app()
+    (http,) = [f for f in entry.app.get_functions() if f.get_function_name() == "http_app_func"]
+    handle = http.get_user_function()
+    url = "http://worker.test/api/cases/%ff"
+    try:
+        refused = await handle(
+            func.HttpRequest("GET", url, headers={"Origin": portal}, body=b""), None
+        )
+        assert refused.status_code == 400, refused.get_body()
+        assert refused.headers["Access-Control-Allow-Origin"] == portal
+        assert json.loads(refused.get_body())["error"].startswith("invalid request: ")
+        preflight = await handle(
+            func.HttpRequest(
+                "OPTIONS",
+                url,
+                headers={"Origin": portal, "Access-Control-Request-Method": "GET"},
+                body=b"",
+            ),
+            None,
+        )
+        assert preflight.status_code == 200, preflight.get_body()
+        assert preflight.headers["Access-Control-Allow-Origin"] == portal
+        elsewhere = await handle(
+            func.HttpRequest("GET", url, headers={"Origin": "https://elsewhere.example"}, body=b""),
+            None,
+        )
+        assert elsewhere.status_code == 400, elsewhere.get_body()
+        assert "Access-Control-Allow-Origin" not in elsewhere.headers
+    finally:
+        if entry.app.startup_task_done:
+            await entry.app.middleware.notify_shutdown()
+            entry.app.startup_task_done = False  # else its __del__ shuts down again
