@@ -436,3 +436,40 @@ async def test_a_fork_from_a_checkpoint_spared_since_this_process_wrote_it_is_re
         assert (await graph.aget_state(config)).values["messages"] == told
         left = {runs.index(s.metadata["run_id"]) async for s in other.aget_state_history(config)}
         assert left == {0, 1, 2, 4, 5}
+
+
+@pytest.mark.parametrize("durability", ["exit", "async"])
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_delete_for_runs_rolls_back_a_run_whose_delta_writes_sit_on_its_parent(
+    backend: str, redis: bool, mode: str, durability: str, stack_env: dict[str, str]
+) -> None:
+    """With `durability="exit"` LangGraph stores a run's DeltaChannel writes on the checkpoint
+    the run started from (the previous run's): deleting the run must take them too, or the
+    next run from there brings the deleted run's messages back."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    reference = delta_graph(InMemorySaver())
+    ref_cfg = thread_config("ref")
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver)
+        cfg = thread_config()
+        runs = []
+        for n in range(4):
+            run_id = str(uuid.uuid4())
+            runs.append(run_id)
+            run_cfg: RunnableConfig = {"configurable": {**cfg["configurable"], "run_id": run_id}}
+            await graph.ainvoke({"messages": [f"user {n}"]}, run_cfg, durability=durability)
+            if n < 3:
+                await reference.ainvoke({"messages": [f"user {n}"]}, ref_cfg, durability=durability)
+        # A run in the middle first: the later runs' checkpoints rebuild as they did.
+        before = await by_step(graph, cfg)
+        await saver.adelete_for_runs([runs[1]])
+        after = await by_step(graph, cfg)
+        assert max(after) == max(before)
+        assert all(after[step] == before[step] for step in after)
+        await saver.adelete_for_runs([runs[-1]])
+        assert (await graph.aget_state(cfg)).values == (await reference.aget_state(ref_cfg)).values
+        got = await graph.ainvoke({"messages": ["again"]}, cfg, durability=durability)
+        assert got == await reference.ainvoke(
+            {"messages": ["again"]}, ref_cfg, durability=durability
+        )
