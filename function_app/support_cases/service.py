@@ -650,16 +650,21 @@ class CaseService:
                 await self._let_go_of_case(case_id, guard)  # as `_submit` does
                 guard = None
             handed, guard = guard, None  # released by `_first_run_when_free` from here
-            await self._first_run_when_free(case_id, run_id, request, handed)
         except (CaseError, RunIndexBusy, StateError):
             # Nobody else would hear of it; the case, created "running", is the timer's.
-            log.warning("case %s: a cancelled submit's first run failed", case_id, exc_info=True)
+            log.warning(
+                "case %s: a cancelled submit's first run did not start", case_id, exc_info=True
+            )
+            return
         finally:
             if guard is not None:
                 if exists:
                     await self._let_go_of_case(case_id, guard)
                 else:
                     await self._release(case_id, guard)
+        # What the run raises is logged as this task fails (`_forget`), as any background
+        # run's failure is; a run that stopped unfinished, where it stopped.
+        await self._first_run_when_free(case_id, run_id, request, handed)
 
     async def _first_run_when_free(
         self, case_id: str, run_id: str, request: dict[str, Any], guard: RunGuard | None = None
@@ -966,9 +971,11 @@ class CaseService:
                 # tick's budget (a run past it goes on; its lease keeps it from the next tick).
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await asyncio.wait({task}, timeout=left)
-                # Failed before its end: counted as failed, as a resume's failure is.
+                # Failed before its end: counted as failed, as a resume's failure is; not
+                # raised, which would log it again (its task's end logged it, `_forget`).
                 if task.done() and not task.cancelled() and (error := task.exception()):
-                    raise error
+                    report.failed[case_id] = f"{type(error).__name__}: {error}"
+                    return False
                 report.resumed.append(case_id)
             else:
                 # Counted, and spared by the tick's sweep, as a stalled case held elsewhere is.
@@ -1409,8 +1416,8 @@ class CaseService:
             await self._let_go_of_case(case_id, guard)
             return  # refused: nobody is left to tell
         except BaseException:
-            # Logged here: the request that would have answered with it is gone.
-            log.warning("case %s: a cancelled request's run did not start", case_id, exc_info=True)
+            # Logged as its task fails (`_forget`): the request that would have answered
+            # with it is gone.
             await self._release(case_id, guard)
             raise
         await self._drive(case_id, graph_input, guard, marked=True, run_id=run_id)
@@ -1602,6 +1609,10 @@ class CaseService:
         while True:
             try:
                 await self._drain_queue(case_id, guard)
+            except (StaleFencingToken, LockLost, ParentGone) as lost:
+                # Between its runs (starting or ending one): the queue is the new holder's.
+                log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
+                return
             finally:
                 await self._release(case_id, guard)
             record = await self._store.get(case_id)

@@ -29,7 +29,13 @@ from test_conversation_hunt import THANKS, heartbeat_long_ago, until_idle
 
 from state.errors import BackendUnavailable
 from support_cases.demo import demo_case
-from support_cases.models import FollowUpStrategy, ResumeReport, RunStatus
+from support_cases.models import (
+    CaseStatus,
+    CaseSubmission,
+    FollowUpStrategy,
+    ResumeReport,
+    RunStatus,
+)
 from support_cases.records import write_section
 from support_cases.runs import RUN_SECTION, RUNNER_ID, new_run_entry
 from support_cases.runtime import Runtime
@@ -529,3 +535,125 @@ async def test_a_queue_cancelled_as_the_worker_stops_is_not_logged_as_failed(
         await asyncio.wait_for(reached.wait(), 30)
         await runtime.service.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def errors_naming(caplog: pytest.LogCaptureFixture, case_id: str) -> list[logging.LogRecord]:
+    """The service's records at warning level or above that name `case_id`."""
+    return [
+        record
+        for record in caplog.records
+        if record.name == "support_cases.service"
+        and record.levelno >= logging.WARNING
+        and case_id in record.getMessage()
+    ]
+
+
+async def test_a_queue_the_tick_could_not_start_is_logged_once(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The tick's start of a dead worker's queue fails in the queue's task: that failure is
+    logged once, with its traceback (the task's end logs it), not once more by the tick."""
+    response = await client.post("/api/cases", json=demo_case(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+    await queued_by_a_worker_that_died(runtime, case_id)
+
+    async def out_of_reach(*args: Any, **kwargs: Any) -> Any:
+        raise BackendUnavailable("postgres", "connection refused (injected)")
+
+    monkeypatch.setattr(runtime.service._tracker, "start_next", out_of_reach)
+    with caplog.at_level(logging.WARNING, logger="support_cases.service"):
+        report = await runtime.service.resume_stale()
+    assert "BackendUnavailable" in report.failed.get(case_id, ""), report
+    logged = errors_naming(caplog, case_id)
+    assert len(logged) == 1, caplog.text
+    assert logged[0].levelno == logging.ERROR and logged[0].exc_info, caplog.text
+    assert isinstance(logged[0].exc_info[1], BackendUnavailable), caplog.text
+
+
+async def test_a_cancelled_decisions_run_that_could_not_start_is_logged_once(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    reviewer: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A decision cancelled (its client gone) while marking its run running, and the mark
+    then meets a tier out of reach: nobody waits for that run, whose failure is logged once
+    at error level with the case's id (the task's end), not a warning more besides."""
+    response = await client.post("/api/cases", json=escalated(case_id))
+    assert response.status_code in (201, 202), response.text
+    await until_idle(runtime, client, case_id)
+    tracker = runtime.service._tracker
+    marking, fail = asyncio.Event(), asyncio.Event()
+
+    async def mark_out_of_reach(*args: Any, **kwargs: Any) -> Any:
+        marking.set()
+        await fail.wait()
+        raise BackendUnavailable("postgres", "connection refused (injected)")
+
+    monkeypatch.setattr(tracker, "mark", mark_out_of_reach)
+    with caplog.at_level(logging.WARNING, logger="support_cases.service"):
+        deciding = asyncio.ensure_future(
+            client.post(
+                f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+            )
+        )
+        await asyncio.wait_for(marking.wait(), 30)
+        deciding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await deciding
+        fail.set()
+        await runtime.service.wait_idle()
+    logged = errors_naming(caplog, case_id)
+    assert len(logged) == 1, caplog.text
+    assert logged[0].levelno == logging.ERROR, caplog.text
+    assert isinstance(logged[0].exc_info and logged[0].exc_info[1], BackendUnavailable)
+
+
+async def test_a_cancelled_submits_first_run_that_fails_in_the_background_is_logged_as_error(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    case_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A submit cancelled while its case is created: the case's first run starts in the
+    background, and meets a tier out of reach as it ends. Nobody waits for it: logged once,
+    at error level with the case's id, as any background run's failure is."""
+    store, tracker = runtime.store, runtime.service._tracker
+    create, mark = store.create, tracker.mark
+    creating, created = asyncio.Event(), asyncio.Event()
+
+    async def create_held(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == case_id:
+            creating.set()
+            await created.wait()
+        return await create(name, *args, **kwargs)
+
+    async def rest_out_of_reach(name: str, status: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == case_id and status is not CaseStatus.RUNNING:
+            raise BackendUnavailable("postgres", "connection refused (injected)")
+        return await mark(name, status, *args, **kwargs)
+
+    monkeypatch.setattr(store, "create", create_held)
+    monkeypatch.setattr(tracker, "mark", rest_out_of_reach)
+    with caplog.at_level(logging.WARNING, logger="support_cases.service"):
+        submitting = asyncio.ensure_future(
+            runtime.service.submit(CaseSubmission.model_validate(demo_case(case_id)), None)
+        )
+        await asyncio.wait_for(creating.wait(), 30)
+        submitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submitting
+        created.set()
+        await runtime.service.wait_idle()
+    logged = errors_naming(caplog, case_id)
+    assert len(logged) == 1, caplog.text
+    assert logged[0].levelno == logging.ERROR, caplog.text
+    assert isinstance(logged[0].exc_info and logged[0].exc_info[1], BackendUnavailable)
