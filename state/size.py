@@ -214,6 +214,18 @@ def _is_reference(value: JSON) -> bool:
     return is_archived(value) or is_offloaded(value)
 
 
+def escaped(value: JSON) -> JSON:
+    """A caller's plain value in the form `shrink` takes: one shaped like an envelope (a
+    one-key object under a reserved key) goes inside a raw compressed envelope of its own,
+    which no step takes for a reference and `expand` unwraps to the value as written.
+    `shrink` also takes its own output (stored forms), so only a caller knows a value is
+    plain: the store layer escapes what it is given."""
+    if not (is_compressed(value) or _is_reference(value)):
+        return value
+    raw = canonical_json(value)
+    return {COMPRESSED_KEY: {"codec": codec.RAW, "bytes": len(raw), "data": codec.to_text(raw)}}
+
+
 def wrap_compressed(value: JSON, threshold_bytes: int, *, size: int | None = None) -> JSON:
     """A JSON value in its compressed envelope (bytes via `codec.compress`); the value
     itself below the threshold, or when the envelope would not be smaller. `size`: the
@@ -475,6 +487,9 @@ class StateSizeManager:
                 if cut:
                     value = truncated
                     actions.truncated[name] = cut
+            if value is not stored:
+                # Pruned or truncated from what `unwrap_compressed` gave: plain again.
+                value = escaped(value)
             size = sizes[name] if value is stored else len(canonical_json(value))
             packed = wrap_compressed(value, policy.compress_threshold_bytes, size=size)
             if packed is not value:

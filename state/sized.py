@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from .errors import StateTooLarge, WorkflowNotFound
 from .ports import JSON, AuditEntry, RecordStore, SectionWrite, WorkflowRecord, attributed
-from .size import ARCHIVE_AGENT_ID, StateSizeManager, is_archived, is_offloaded
+from .size import ARCHIVE_AGENT_ID, StateSizeManager, escaped, is_archived, is_offloaded
 
 
 class SizedStateStore:
@@ -81,7 +81,9 @@ class SizedStateStore:
         """Store version 1; `completed_sections` that are archivable are archived."""
         with attributed("state.create"):
             stored, actions = await self.size.shrink(
-                thread_id, sections, completed=completed_sections
+                thread_id,
+                {name: escaped(value) for name, value in sections.items()},
+                completed=completed_sections,
             )
             self._stored_size("create", actions.after.total)
             record = await self._inner.create(thread_id, stored, agent_id=agent_id)
@@ -119,7 +121,7 @@ class SizedStateStore:
                 )
 
             shrunk, actions = await self.size.shrink(
-                thread_id, {section: value}, completed=(section,) if completed else ()
+                thread_id, {section: escaped(value)}, completed=(section,) if completed else ()
             )
             self._stored_size("update_section", actions.after.sections[section])
             stored = shrunk[section]
@@ -153,11 +155,14 @@ class SizedStateStore:
         `update_section` does. If the store below refuses the record as too large
         (`StateTooLarge`), nothing was written: the error goes to the caller, which may
         write the sections offloaded, and `make_room` (then) so that the record's largest
-        other inline sections move out too if that is still refused."""
+        other inline sections move out too if that is still refused. So a value shaped like
+        an offload reference is taken for one (what `size.offload` returned); any other
+        value is plain, as for `update_section`."""
         with attributed("state.update_sections"):
             stored: list[SectionWrite] = []
             for write in writes:
-                shrunk, actions = await self.size.shrink(thread_id, {write.section: write.value})
+                value = write.value if is_offloaded(write.value) else escaped(write.value)
+                shrunk, actions = await self.size.shrink(thread_id, {write.section: value})
                 self._stored_size("update_section", actions.after.sections[write.section])
                 stored.append(dataclasses.replace(write, value=shrunk[write.section]))
             try:

@@ -110,7 +110,13 @@ from .ports import (
 )
 from .settings import Settings
 from .shielding import taken_or_given_back
-from .size import ARCHIVE_SEPARATOR, ColdRecordArchive, StateSizeManager, storable_utf8
+from .size import (
+    ARCHIVE_SEPARATOR,
+    ColdRecordArchive,
+    StateSizeManager,
+    escaped,
+    storable_utf8,
+)
 from .sized import SizedStateStore
 
 if TYPE_CHECKING:
@@ -808,7 +814,9 @@ class TieredStateStore(SizedStateStore):
         as `ColdStateStore.replace_damaged` says, stored bounded as `create` stores them; the
         hot copy follows."""
         with attributed("state.replace_damaged"):
-            stored, actions = await self.size.shrink(thread_id, sections)
+            stored, actions = await self.size.shrink(
+                thread_id, {name: escaped(value) for name, value in sections.items()}
+            )
             self._stored_size("replace_damaged", actions.after.total)
             record = await self.cache.replace_damaged(
                 thread_id, stored, expected_version=expected_version, agent_id=agent_id

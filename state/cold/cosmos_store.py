@@ -163,6 +163,8 @@ class CosmosStateStore:
             if existing is not None and existing.get("last_write_id") == write_id:
                 # The SDK re-sent a batch of ours that had landed.
                 return WorkflowRecord.from_document(existing)
+            if existing is not None and await self._written_over(thread_id, record, existing):
+                return WorkflowRecord.from_document(record)
             if existing is None:
                 raise batch_refusal(refused) from refused
             raise WorkflowExists(thread_id) from refused
@@ -214,7 +216,9 @@ class CosmosStateStore:
                 expected_version=expected_version,
                 fencing_token=fencing_token,
             )
-        except VersionConflict:
+        except (VersionConflict, StaleFencingToken, StateTooLarge, CorruptState):
+            # Refused on what this process knew, unread: a version moved past elsewhere
+            # (shrunk, fenced, repaired) is a conflict, as the other backends report it.
             if known is None:
                 raise
         # What this process knew was stale (a change elsewhere): read, and once more.
@@ -308,11 +312,37 @@ class CosmosStateStore:
                 # The SDK re-sent a batch of ours that had landed (connection lost after
                 # the write); its ETag no longer matched our own change.
                 return WorkflowRecord.from_document(self._remember(thread_id, now_stored))
+            written = replace[1][1]
+            if now_stored is not None and await self._written_over(thread_id, written, now_stored):
+                return WorkflowRecord.from_document(written)
             if refused.status not in (409, 412):
                 raise batch_refusal(refused) from refused
             actual = None if now_stored is None else int(now_stored["version"])
             raise VersionConflict(thread_id, expected_version, actual) from refused
         return WorkflowRecord.from_document(self._remember(thread_id, replaced, sizes[-1]))
+
+    async def _written_over(
+        self, thread_id: str, written: dict[str, Any], stored: dict[str, Any]
+    ) -> bool:
+        """Whether `written` (the record of a batch the SDK re-sent, which the service then
+        refused) landed and another write followed before the resend: the entry after it
+        names its write as the one before, which only a writer that read it can (write ids
+        are fresh). Asked only of a record `stored` past its version; one at it or before
+        was another writer's."""
+        if int(stored["version"]) <= int(written["version"]):
+            return False
+        following = await self._io.query_all(
+            "SELECT VALUE c.id FROM c WHERE c.thread_id = @thread_id AND c.type = @type"
+            " AND c.version = @version AND c.prev_write_id = @write_id",
+            {
+                "@thread_id": thread_id,
+                "@type": AUDIT_TYPE,
+                "@version": int(written["version"]) + 1,
+                "@write_id": written["last_write_id"],
+            },
+            partition=thread_id,
+        )
+        return bool(following)
 
     async def stored_version(self, thread_id: str) -> int | None:
         # The document as stored: `_read_record` would upcast sections it cannot read.

@@ -633,6 +633,57 @@ async def test_cosmos_a_retried_write_that_had_landed_is_not_a_conflict(
         await connection.close()
 
 
+async def test_cosmos_a_retried_write_that_had_landed_before_another_is_not_refused(
+    make_settings: Callable[..., Settings], cosmos_connection: CosmosConnection
+) -> None:
+    """The connection drops after the server applied the batch, and another process writes
+    on top before the SDK sends it again: the resent batch is refused, yet the write (and
+    the create) happened, so the caller must not be told it did not (a caller told of a
+    conflict or an existing record re-reads, and may write it all again)."""
+    settings = make_settings("cosmos", hot=False)
+    transport = FaultyTransport()
+    connection = CosmosConnection(settings.cosmos, transport=transport)
+    elsewhere = CosmosStateStore(cosmos_connection, max_item_bytes=settings.state_max_item_bytes)
+    try:
+        store = CosmosStateStore(connection, max_item_bytes=settings.state_max_item_bytes)
+        thread = unique_thread()
+
+        async def write_on_top(version: int) -> None:
+            await elsewhere.update_section(
+                thread, "other", version, expected_version=version, agent_id="b"
+            )
+
+        transport.inject(
+            Fault(
+                "reset_after",
+                frozenset({"batch"}),
+                body_contains=thread,
+                meanwhile=lambda: write_on_top(1),
+            )
+        )
+        created = await store.create(thread, {"s": 0}, agent_id="a")
+        assert created.version == 1
+        transport.inject(
+            Fault(
+                "reset_after",
+                frozenset({"batch"}),
+                body_contains=thread,
+                meanwhile=lambda: write_on_top(3),
+            )
+        )
+        updated = await store.update_section(thread, "s", 1, expected_version=2, agent_id="a")
+        assert transport.count("batch", "reset_after") == 2
+        assert (updated.version, updated.sections) == (3, {"s": 1, "other": 1})
+        assert [(e.version, e.agent_id) for e in await store.audit_trail(thread)] == [
+            (4, "b"),
+            (3, "a"),
+            (2, "b"),
+            (1, "a"),
+        ]
+    finally:
+        await connection.close()
+
+
 @pytest.mark.parametrize("backend", ["cosmos", MEMORY])
 async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
     backend: str, request: pytest.FixtureRequest
@@ -666,6 +717,78 @@ async def test_an_item_limit_refuses_a_document_over_it_and_writes_nothing(
     finally:
         if connection is not None:
             await connection.close()
+
+
+@pytest.mark.parametrize("backend", ["cosmos", "postgres", MEMORY])
+async def test_a_write_at_a_version_moved_past_elsewhere_is_a_conflict_whatever_its_size(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Another process shrank the record: a write at the version before is a conflict (the
+    caller must re-read), never `StateTooLarge` measured against sections no longer stored,
+    which would send the size layer offloading a value for a write that cannot land."""
+    limit = 64 * 1024
+    opened = []
+    here: ColdStateStore
+    elsewhere: ColdStateStore
+    if backend == MEMORY:
+        here = elsewhere = MemoryColdStore(max_item_bytes=limit)
+    else:
+        make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+        settings = make_settings(backend, hot=False, state_max_item_bytes=limit)
+        opened = [await open_backends(settings), await open_backends(settings)]
+        here, elsewhere = (backends.cold for backends in opened)
+    try:
+        thread = unique_thread()
+        await here.create(thread, {"notes": "x" * (limit // 2)}, agent_id="a")
+        await elsewhere.update_section(thread, "notes", "", expected_version=1, agent_id="b")
+
+        with pytest.raises(VersionConflict) as conflict:
+            await here.update_section(
+                thread, "transcript", "y" * (limit // 2), expected_version=1, agent_id="a"
+            )
+        assert conflict.value.actual == 2
+        done = await here.update_section(
+            thread, "transcript", "y" * (limit // 2), expected_version=2, agent_id="a"
+        )
+        assert done.version == 3 and done.sections["notes"] == ""
+        assert [e.agent_id for e in await here.audit_trail(thread)] == ["a", "b", "a"]
+    finally:
+        for backends in opened:
+            await backends.close()
+
+
+@pytest.mark.parametrize("backend", ["cosmos", "postgres", MEMORY])
+async def test_a_stale_holder_at_a_version_moved_past_elsewhere_sees_the_conflict_first(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The precedence every backend keeps (a stale version, then the fence) holds for a
+    process that wrote the version it expects: what it remembers is not what decides."""
+    opened = []
+    here: ColdStateStore
+    elsewhere: ColdStateStore
+    if backend == MEMORY:
+        here = elsewhere = MemoryColdStore()
+    else:
+        make_settings: Callable[..., Settings] = request.getfixturevalue("make_settings")
+        settings = make_settings(backend, hot=False)
+        opened = [await open_backends(settings), await open_backends(settings)]
+        here, elsewhere = (backends.cold for backends in opened)
+    try:
+        thread = unique_thread()
+        await here.create(thread, {"n": 0}, agent_id="a")
+        await here.update_section(thread, "n", 1, expected_version=1, agent_id="a", fencing_token=5)
+        await elsewhere.update_section(
+            thread, "n", 2, expected_version=2, agent_id="b", fencing_token=7
+        )
+
+        with pytest.raises(VersionConflict) as conflict:
+            await here.update_section(
+                thread, "n", 3, expected_version=2, agent_id="a", fencing_token=4
+            )
+        assert conflict.value.actual == 3
+    finally:
+        for backends in opened:
+            await backends.close()
 
 
 async def test_cosmos_refuses_a_record_written_by_newer_code(

@@ -254,3 +254,25 @@ async def test_a_reader_installs_only_under_the_lease_its_miss_took(hot: HotStat
     stored = workflow_record(thread_id, 3, s="v3")
     assert await hot.install(stored, ttl_seconds=60, lease=again.lease)
     assert await hot.get(thread_id) == stored
+
+
+async def test_a_writer_finding_its_intent_lost_revokes_the_leases_taken_since(
+    hot: HotStateStore,
+) -> None:
+    """The entry is evicted while a writer's cold write is in flight; a reader then misses,
+    takes a lease and reads v1 from the cold tier before the writer commits v2. The writer's
+    install, finding its intent gone, drops what the entry holds, the reader's lease too:
+    that reader's v1 would otherwise be served over the acknowledged v2."""
+    thread_id = unique_thread("hot")
+    await hot.install(workflow_record(thread_id, 1, s="v1"), ttl_seconds=60)
+    writer = await hot.begin_write(thread_id, bound_ms=LIVE_MS, ttl_seconds=60)
+    await evict(hot, thread_id)
+    missed = await hot.read(thread_id)
+    assert missed.record is None and missed.lease is not None
+    assert not await hot.install(
+        workflow_record(thread_id, 2, s="v2"), ttl_seconds=60, intent=writer, written=True
+    )
+    assert not await hot.install(
+        workflow_record(thread_id, 1, s="v1"), ttl_seconds=60, lease=missed.lease
+    )
+    assert await hot.get(thread_id) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +58,9 @@ class Fault:
     retry_after_ms: int = 20
     # Only requests whose body contains this text (e.g. a thread id) match.
     body_contains: str | None = None
+    # Awaited after the server applied a request that then fails (`timeout_after`,
+    # `reset_after`), before the failure: what another process did meanwhile.
+    meanwhile: Callable[[], Awaitable[object]] | None = None
     hits: int = 0
 
 
@@ -173,6 +177,8 @@ class FaultyTransport(AsyncHttpTransport):
             raise ServiceResponseTimeoutError("injected: no answer within the read timeout")
         response = await self.inner.send(request, **kwargs)
         await response.load_body()
+        if fault.meanwhile is not None:
+            await fault.meanwhile()
         if fault.kind == "timeout_after":
             raise ServiceResponseTimeoutError(
                 "injected: read timed out after the server applied it"

@@ -716,30 +716,41 @@ class MemoryRetention:
         if self._ttl < 0:
             return 0
         clock = time.time() if now is None else now
+        # A thread's last activity is its own record's and checkpoints' (as Cosmos's
+        # partition, Postgres's rows): archive records are apart. One no thread owns (an
+        # offload whose record write failed) expires alone, by its own age.
+        owners = {t for t in self._cold.last_write if self._owner(t) == t}
+        owners |= set(self._checkpoints.last_write)
         last: dict[str, float] = {}
         for source in (self._cold.last_write, self._checkpoints.last_write):
             for thread_id, at in source.items():
                 owner = self._owner(thread_id)
-                last[owner] = max(last.get(owner, 0.0), at, self._released_at.get(owner, 0.0))
+                if owner == thread_id:
+                    last[owner] = max(last.get(owner, 0.0), at, self._released_at.get(owner, 0.0))
+                elif owner not in owners:
+                    last[thread_id] = at
         expired = [
             t
             for t, at in sorted(last.items())
             if t not in self._held and t not in spare and at + self._ttl < clock
         ][:limit]
         swept = 0
-        for owner in expired:
+        for thread_id in expired:
             if expiring is not None:
-                await expiring(owner)
-            if deleting is not None and not await deleting(owner):
+                await expiring(thread_id)
+            if deleting is not None and not await deleting(thread_id):
                 if spared is not None:
-                    await spared(owner)
+                    await spared(thread_id)
                 continue
             swept += 1
+            if self._owner(thread_id) != thread_id:
+                await self._cold.delete(thread_id)
+                continue
             for record_id in self._cold.thread_ids():
-                if self._owner(record_id) == owner:
+                if self._owner(record_id) == thread_id:
                     await self._cold.delete(record_id)
-            self._checkpoints._delete_threads([owner])
-            self._released_at.pop(owner, None)
+            self._checkpoints._delete_threads([thread_id])
+            self._released_at.pop(thread_id, None)
         return swept
 
 
@@ -840,7 +851,10 @@ class MemoryHotStore(_Tier):
         self._call("install")
         entry = self._entry(record.thread_id) or _HotEntry()
         if written and intent is not None and intent.token not in entry.intents:
+            # As the script's drop: the leases go with the record (a reader's since the
+            # eviction may hold what cold held before this write).
             entry.record = None
+            entry.leases.clear()
             return False
         if not written and lease is not None and lease not in entry.leases:
             return False

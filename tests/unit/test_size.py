@@ -20,6 +20,7 @@ from state.size import (
     SizePolicy,
     StateSizeManager,
     canonical_json,
+    escaped,
     measure,
     prune_messages,
     pruned_count,
@@ -367,3 +368,15 @@ def test_defaults_prune_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     shrunk, actions = manager.compact(sections)
     assert not actions.pruned and not actions.truncated
     assert {name: unwrap_compressed(value) for name, value in shrunk.items()} == sections
+
+
+async def test_a_truncated_value_shaped_like_an_envelope_stays_a_plain_value() -> None:
+    """Truncation makes a plain value again, which may be shaped like an envelope too."""
+    manager = StateSizeManager(policy(reasoning_max_chars=80), MemoryArchive())
+    value = {COMPRESSED_KEY: "r" * 200}
+    shrunk, actions = await manager.shrink("c", {"reasoning": escaped(value)})
+    assert set(actions.truncated) == {"reasoning"}
+    assert actions.after == measure(shrunk)
+    expanded = await manager.expand(shrunk)
+    assert set(expanded["reasoning"]) == {COMPRESSED_KEY}
+    assert len(expanded["reasoning"][COMPRESSED_KEY]) == 80

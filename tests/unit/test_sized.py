@@ -9,6 +9,7 @@ import os
 import pytest
 
 from state.errors import StateTooLarge, VersionConflict, WorkflowNotFound
+from state.ports import SectionWrite
 from state.size import (
     ARCHIVED_KEY,
     ColdRecordArchive,
@@ -128,3 +129,52 @@ async def test_stored_forms_go_below_plain_values_come_back_and_sizes_are_report
     await store.update_section("t", "notes", "n", agent_id="x")
     assert [operation for operation, _ in reported] == ["create", "update_section"]
     assert reported[1][1] == len(canonical_json("n"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"$compressed": "not an envelope"},
+        {"$archived": True},
+        {"$offloaded": {"ref": "elsewhere~archive~0", "sha256": "0", "bytes": 1}},
+    ],
+    ids=["compressed", "archived", "offloaded"],
+)
+async def test_a_value_shaped_like_an_envelope_comes_back_as_written(
+    value: dict[str, object],
+) -> None:
+    """The layer's envelopes are one-key objects any caller may write too: such a value is
+    stored so that reading it back returns it, not taken for a reference (which made the
+    whole record unreadable, or fetched whatever the reference named)."""
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold)
+    created = await store.create("t", {"a": value}, agent_id="x")
+    updated = await store.update_section("t", "b", value, agent_id="x", expected_version=1)
+    assert created.sections == {"a": value}
+    assert updated.sections == {"a": value, "b": value}
+    fetched = await store.get("t", fetch_archived=True)
+    assert fetched is not None and fetched.sections == {"a": value, "b": value}
+    # Archived when completed, and fetched back whole.
+    await store.update_section(
+        "t", "billing", value, agent_id="x", expected_version=2, completed=True
+    )
+    fetched = await store.get("t", fetch_archived=True)
+    assert fetched is not None and fetched.sections["billing"] == value
+
+
+async def test_several_sections_shaped_like_envelopes_come_back_as_written() -> None:
+    """`update_sections` takes offload references (`size.offload`) as what they are, and
+    any other value as plain."""
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold)
+    await store.create("t", {}, agent_id="x")
+    big = noise(1000)
+    offloaded = await store.size.offload("t", "big", big)
+    lookalikes = {"c": {"$compressed": "not an envelope"}, "a": {"$archived": True}}
+    writes = [SectionWrite(name, value, "x") for name, value in lookalikes.items()]
+    record = await store.update_sections(
+        "t", [*writes, SectionWrite("big", offloaded, "x")], expected_version=1
+    )
+    assert record.sections == {**lookalikes, "big": big}
+    fetched = await store.get("t")
+    assert fetched is not None and fetched.sections == {**lookalikes, "big": big}
