@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -75,13 +75,14 @@ errors = Console(stderr=True)
 
 
 def _checked_api(api: str) -> str:
-    """A URL that does not parse (`http://[::1`), lacks a scheme or host (`localhost:7071`),
-    or names the `/api` prefix the CLI adds itself is a usage error, not a traceback, a
-    token refusal or a bare 404."""
+    """A URL that does not parse (`http://[::1`, a port over 65535), lacks a scheme or host
+    (`localhost:7071`), or names the `/api` prefix the CLI adds itself is a usage error, not
+    a traceback, a token refusal, a bare 404 or a misleading "connection refused"."""
     try:
         httpx.URL(api)
         where = urlsplit(api)
         host = where.hostname
+        where.port  # noqa: B018  # raises on a port out of range, which httpx takes as given
     except (httpx.InvalidURL, ValueError) as error:
         raise typer.BadParameter(f"{api!r} is not a URL: {error}") from error
     if where.scheme not in ("http", "https") or not host:
@@ -104,6 +105,16 @@ def _checked_case(case: str) -> str:
             f"{case!r} is not a case id (letters, digits, '_', '.', '-'; at most 64)"
         )
     return case
+
+
+def _checked_idempotency_key(key: str | None) -> str | None:
+    """It travels as a header, which holds visible ASCII (and inner spaces) only: anything
+    else raised UnicodeEncodeError in httpx, or passed for a connection failure."""
+    if key is not None and not re.fullmatch(r"[!-~]([ -~]*[!-~])?", key):
+        raise typer.BadParameter(
+            f"{key!r} cannot be sent as a header: use letters, digits and ASCII punctuation"
+        )
+    return key
 
 
 CaseArgument = Annotated[str, typer.Argument(help="The case id.", callback=_checked_case)]
@@ -472,8 +483,8 @@ def _refuse_ports_the_running_stack_ignores(
 # --------------------------------------------------------------------------- API client
 
 
-def _call(method: str, api: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    return _answer(*_send(method, api, path, **kwargs))
+def _call(method: str, api: str, path: str, *, expects: str, **kwargs: Any) -> dict[str, Any]:
+    return _answer(*_send(method, api, path, **kwargs), expects=expects)
 
 
 def _send(method: str, api: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
@@ -511,18 +522,35 @@ def _auth_headers(api: str, *, required: bool = True) -> dict[str, str]:
 
 
 def _body(response: httpx.Response) -> dict[str, Any]:
+    if not response.content:
+        if response.is_success:  # every answer of this API that succeeds has a body
+            _refuse_foreign(response, "nothing")
+        return {}
     try:
-        body = response.json() if response.content else {}
-    except ValueError:  # not JSON: a proxy's or the Functions host's own error page
-        return {"error": response.text}
+        body = response.json()
+    except ValueError:
+        if response.is_success:  # another web server's page, not to be shown as an answer
+            _refuse_foreign(response, response.headers.get("content-type", "something else"))
+        return {"error": response.text}  # a proxy's or the Functions host's own error page
     if not isinstance(body, dict):  # every answer of this API is an object
-        errors.print(
-            f"[red]{response.status_code}: {escape(str(response.request.url))} answered a JSON "
-            f"{type(body).__name__}, not this API's answer[/red] (is --api this API's URL?)",
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+        _refuse_foreign(response, f"a JSON {type(body).__name__}")
     return body
+
+
+def _refuse_unless_it_has(response: httpx.Response, body: dict[str, Any], field: str) -> None:
+    if field not in body:
+        _refuse_foreign(response, f"a JSON object without {field!r}")
+
+
+def _refuse_foreign(response: httpx.Response, what: str) -> NoReturn:
+    """An answer this API never gives ends the command in one line (not a KeyError, nor
+    `--json` printing it with exit 0): --api most likely names another server."""
+    errors.print(
+        f"[red]{response.status_code}: {escape(str(response.request.url))} answered "
+        f"{escape(what)}, not this API's answer[/red] (is --api this API's URL?)",
+        soft_wrap=True,
+    )
+    raise typer.Exit(1)
 
 
 def _refuse_errors(response: httpx.Response, body: dict[str, Any]) -> None:
@@ -550,9 +578,11 @@ def _unsent_token_hint(response: httpx.Response) -> str:
     )
 
 
-def _answer(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any]:
-    """The body of a successful answer; an error is printed and ends the command."""
+def _answer(response: httpx.Response, body: dict[str, Any], *, expects: str) -> dict[str, Any]:
+    """The body of a successful answer, which has the field `expects`; an error is printed
+    and ends the command."""
     _refuse_errors(response, body)
+    _refuse_unless_it_has(response, body, expects)
     if response.status_code == 202:
         errors.print(f"[yellow]still running; status at {response.headers.get('location')}[/]")
     return body
@@ -616,7 +646,12 @@ def submit(
     ] = None,
     case_id: Annotated[str | None, typer.Option("--case-id", help="Override the case id.")] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option("--idempotency-key", help="Makes a retried submit safe.")
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Makes a retried submit safe.",
+            callback=_checked_idempotency_key,
+        ),
     ] = None,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
@@ -628,7 +663,7 @@ def submit(
     if case_id:
         body["case_id"] = case_id
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    case = _call("POST", api, "/cases", json=body, headers=headers)
+    case = _call("POST", api, "/cases", expects="case_id", json=body, headers=headers)
     _print_json(case) if as_json else _print_case(case)
 
 
@@ -645,7 +680,7 @@ def _request_body(file: Path) -> dict[str, Any]:
 @app.command()
 def show(case: CaseArgument, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
     """A case's status and result."""
-    answer = _call("GET", api, f"/cases/{case}")
+    answer = _call("GET", api, f"/cases/{case}", expects="case_id")
     _print_json(answer) if as_json else _print_case(answer)
 
 
@@ -660,7 +695,9 @@ def checkpoints(
     as_json: JsonOption = False,
 ) -> None:
     """A case's checkpoint history, newest first."""
-    answer = _call("GET", api, f"/cases/{case}/checkpoints", params={"limit": limit})
+    answer = _call(
+        "GET", api, f"/cases/{case}/checkpoints", expects="checkpoints", params={"limit": limit}
+    )
     if as_json:
         _print_json(answer)
         return
@@ -688,7 +725,7 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """A case's audit trail: who wrote which section, at which version."""
-    answer = _call("GET", api, f"/cases/{case}/audit", params={"limit": limit})
+    answer = _call("GET", api, f"/cases/{case}/audit", expects="entries", params={"limit": limit})
     if as_json:
         _print_json(answer)
         return
@@ -716,7 +753,13 @@ def review(
     """Approve or reject an escalated refund (as the token's caller); the case then runs on."""
     if decision not in ("approve", "reject"):
         raise typer.BadParameter("decision must be approve or reject")
-    answer = _call("POST", api, f"/cases/{case}/review", json={"decision": decision, "note": note})
+    answer = _call(
+        "POST",
+        api,
+        f"/cases/{case}/review",
+        expects="case_id",
+        json={"decision": decision, "note": note},
+    )
     _print_json(answer) if as_json else _print_case(answer)
 
 
@@ -750,7 +793,7 @@ def resume(
             break
         errors.print(f"[yellow]{body.get('error')}: waiting {pause} s (--no-wait not to)[/yellow]")
         time.sleep(pause)
-    answer = _answer(response, body)
+    answer = _answer(response, body, expects="case_id")
     _print_json(answer) if as_json else _print_case(answer)
 
 
@@ -763,7 +806,7 @@ def health(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
     # A `down` API answers 503 with the same report: shown as such, not as an error dump.
     down = response.status_code == 503 and answer.get("status") == "down"
     if not down:
-        _answer(response, answer)
+        _answer(response, answer, expects="status")
     if as_json:
         _print_json(answer)
     elif answer.get("tiers") is None:
@@ -835,7 +878,12 @@ def reply(
         ),
     ] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option("--idempotency-key", help="Makes a retried reply safe.")
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Makes a retried reply safe.",
+            callback=_checked_idempotency_key,
+        ),
     ] = None,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
@@ -847,6 +895,8 @@ def reply(
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     response, answer = _send("POST", api, f"/cases/{case}/messages", json=body, headers=headers)
     _refuse_errors(response, answer)
+    # Not `_answer`: a 202 is told in the table ("follow it"), not as "still running".
+    _refuse_unless_it_has(response, answer, "run")
     if as_json:
         _print_json(answer)
         return
@@ -879,7 +929,7 @@ def list_runs(
     case: CaseArgument, api: ApiOption = DEFAULT_API, as_json: JsonOption = False
 ) -> None:
     """A case's runs, oldest first: its intake, then one per follow-up message."""
-    answer = _call("GET", api, f"/cases/{case}/runs")
+    answer = _call("GET", api, f"/cases/{case}/runs", expects="runs")
     if as_json:
         _print_json(answer)
         return
@@ -928,7 +978,7 @@ def follow(
     show = _print_event_json if as_json else _print_event
     # An API out of reach now ends the command (as any command); later, it is a dropped
     # connection, tried again.
-    at_rest = not _busy(_call("GET", api, f"/cases/{case}/runs")["runs"])
+    at_rest = not _busy(_call("GET", api, f"/cases/{case}/runs", expects="runs")["runs"])
     last_id: str | None = None
     drops = 0
     while True:
@@ -973,8 +1023,7 @@ def follow(
 def _case_runs(api: str, case: str) -> list[dict[str, Any]]:
     """The case's runs; an API out of reach raises (for `follow` a dropped connection)."""
     response, body = _request("GET", api, f"/cases/{case}/runs")
-    _refuse_errors(response, body)
-    return list(body["runs"])
+    return list(_answer(response, body, expects="runs")["runs"])
 
 
 def _busy(runs: list[dict[str, Any]]) -> bool:

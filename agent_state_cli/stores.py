@@ -17,9 +17,10 @@ errors = Console(stderr=True)
 
 T = TypeVar("T")
 
-# The clients log each failed connection attempt, and the flusher closing with the stores
-# warns when it leaves the backlog to another flusher (nothing lost): a failure is said
-# once, in the one-line error.
+# The clients log each failed connection attempt (azure-identity each credential it tried,
+# for the client commands' token too), and the flusher closing with the stores warns when
+# it leaves the backlog to another flusher (nothing lost): a failure is said once, in the
+# command's own error.
 CHATTY_LOGGERS = ("azure", "psycopg", "state.checkpoint.flusher")
 
 SETTINGS_SOURCE = (

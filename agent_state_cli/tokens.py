@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import urllib.error
 from urllib.parse import urlsplit
 
+# RFC 6750's b64token, the form of the `Authorization: Bearer` credential.
+BEARER_TOKEN = r"[A-Za-z0-9\-._~+/]+=*"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 ALL_ROLES = ("Cases.Submit", "Cases.Review", "Cases.Operate")
 
@@ -41,8 +44,15 @@ def access_token(api: str) -> str | None:
 
 
 def _found_token(api: str) -> str | None:
-    explicit = os.environ.get("AGENT_STATE_TOKEN")
+    explicit = os.environ.get("AGENT_STATE_TOKEN", "").strip()
     if explicit:
+        # Checked here: httpx raises UnicodeEncodeError on a non-ASCII header (a traceback),
+        # and a line break in it passes for a connection failure.
+        if not re.fullmatch(BEARER_TOKEN, explicit):
+            raise TokenUnavailable(
+                "AGENT_STATE_TOKEN is not a bearer token: it holds only letters, digits and"
+                " -._~+/ (with = at the end); was something else pasted with it?"
+            )
         return explicit
     if urlsplit(api).hostname in LOOPBACK_HOSTS:
         issuer = os.environ.get("AGENT_STATE_ISSUER") or _stack_issuer()
@@ -86,8 +96,12 @@ def _entra_token(scope: str) -> str:
     from azure.core.exceptions import ClientAuthenticationError
     from azure.identity import DefaultAzureCredential
 
+    from .stores import quiet_clients
+
     try:
-        with DefaultAzureCredential() as credential:
+        # Its logger would print the report of every credential tried, which the error
+        # below already carries: said once.
+        with quiet_clients(), DefaultAzureCredential() as credential:
             return credential.get_token(scope).token
     except ClientAuthenticationError as error:
         raise TokenUnavailable(

@@ -62,12 +62,17 @@ def _serving(host: str) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
             status, body = answers.pop(0)
             self.send_response(status)
-            self.send_header("content-type", "application/json")
+            # A web page where this API's JSON was expected, as another server would answer.
+            page = body.startswith(b"<")
+            self.send_header("content-type", "text/html" if page else "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        do_POST = do_GET
 
         def log_message(self, format: str, *args: object) -> None:
             pass
@@ -142,6 +147,137 @@ def test_a_json_answer_that_is_not_an_object_is_named(
     answers.append((200, json.dumps([1, 2]).encode()))
     error = one_line_error(agent_state("show", "case_1", "--api", api), 1)
     assert "answered a JSON list, not this API's answer" in error and "--api" in error
+
+
+CLIENT_COMMANDS = [
+    ["show", "case_1"],
+    ["show", "case_1", "--json"],
+    ["submit", "--demo"],
+    ["checkpoints", "case_1"],
+    ["audit", "case_1", "--json"],
+    ["review", "case_1", "approve"],
+    ["resume", "case_1"],
+    ["health"],
+    ["health", "--json"],
+    ["reply", "case_1", "hi"],
+    ["runs", "case_1"],
+    ["follow", "case_1"],
+]
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS, ids=" ".join)
+def test_a_web_page_answered_with_200_is_named_not_a_traceback(
+    foreign_api: tuple[str, list[tuple[int, bytes]]], command: list[str]
+) -> None:
+    """--api naming another web server: every command raised KeyError (a traceback), and
+    `--json` printed `{"error": "<html>..."}` with exit 0, as if the call had succeeded."""
+    api, answers = foreign_api
+    answers.append((200, b"<html>Welcome to nginx!</html>"))
+    result = agent_state(*command, "--api", api)
+    error = one_line_error(result, 1)
+    assert result.stdout == ""
+    assert "answered text/html, not this API's answer (is --api this API's URL?)" in error
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS, ids=" ".join)
+def test_a_json_object_of_another_service_is_named_not_a_traceback(
+    foreign_api: tuple[str, list[tuple[int, bytes]]], command: list[str]
+) -> None:
+    """Another JSON service's object (here one this API never sends): KeyError before."""
+    api, answers = foreign_api
+    answers.append((200, json.dumps({"name": "another service"}).encode()))
+    result = agent_state(*command, "--api", api)
+    error = one_line_error(result, 1)
+    assert result.stdout == ""
+    assert "answered a JSON object without '" in error and "(is --api this API's URL?)" in error
+
+
+def test_an_empty_200_answer_is_named_not_printed_as_success(
+    foreign_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    """`show --json` printed `{}` with exit 0 (without `--json`: a KeyError)."""
+    api, answers = foreign_api
+    answers.append((200, b""))
+    result = agent_state("show", "case_1", "--json", "--api", api)
+    error = one_line_error(result, 1)
+    assert result.stdout == ""
+    assert error == (
+        f"200: {api}/api/cases/case_1 answered nothing, not this API's answer"
+        " (is --api this API's URL?)"
+    )
+
+
+@pytest.mark.parametrize("port", ["99999", "65536"])
+def test_an_api_port_that_is_no_port_is_not_a_url(port: str) -> None:
+    """Port 99999 was taken as given: the command said "Connection refused" (exit 2) as if
+    the API were merely down."""
+    result = agent_state("show", "case_1", "--api", f"http://127.0.0.1:{port}")
+    error = one_line_error(result, 2)
+    assert f"'http://127.0.0.1:{port}' is not a URL" in error
+    assert "cannot reach" not in error
+
+
+def test_no_azure_credential_for_the_scope_is_said_once() -> None:
+    """azure-identity's logger printed its report of every credential tried (a dozen lines)
+    before the command's own error repeated it whole."""
+    result = agent_state(
+        "show",
+        "case_1",
+        "--api",
+        f"https://{FOREIGN_HOST}:{free_port()}",
+        AGENT_STATE_SCOPE="api://agent-state-test/.default",
+        # One credential tried, which finds nothing here: no managed identity probe, no az.
+        AZURE_TOKEN_CREDENTIALS="EnvironmentCredential",
+        AZURE_CLIENT_ID="",
+        AZURE_TENANT_ID="",
+    )
+    one_line_error(result, 2)
+    assert result.stderr.startswith(
+        "no access token: azure-identity found no credential for api://agent-state-test/.default"
+    ), result.stderr
+    assert result.stderr.count("EnvironmentCredential authentication unavailable") == 1, (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "token", ["eyJ0eXAi…", "eyJ0eXAi\neyJhbGci"], ids=["non-ascii", "two-lines"]
+)
+def test_a_token_that_is_no_bearer_token_is_named_without_calling(
+    loopback_api: tuple[str, list[tuple[int, bytes]]], token: str
+) -> None:
+    """A token pasted with a character outside ASCII ended the command in httpx's
+    UnicodeEncodeError traceback; one with a line break in it said "cannot reach" the API."""
+    api, _ = loopback_api  # answers nothing: the command must not call
+    result = agent_state("show", "case_1", "--api", api, AGENT_STATE_TOKEN=token)
+    error = one_line_error(result, 2)
+    assert error.startswith("no access token: AGENT_STATE_TOKEN is not a bearer token"), error
+    assert token not in result.stderr  # a secret, not echoed
+
+
+def test_a_token_read_from_a_file_with_its_line_end_is_sent_without_it(
+    loopback_api: tuple[str, list[tuple[int, bytes]]],
+) -> None:
+    api, answers = loopback_api
+    answers.append((200, json.dumps({"status": "ok", "tiers": None}).encode()))
+    result = agent_state("health", "--api", api, AGENT_STATE_TOKEN="eyJ0eXAi.x-y_z~+/==\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "overall: ok" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["submit", "--demo"], ["reply", "case_1", "hi"]], ids=" ".join)
+@pytest.mark.parametrize("key", ["clé-1", "key\n2"], ids=["non-ascii", "two-lines"])
+def test_an_idempotency_key_no_header_can_carry_is_a_usage_error(
+    loopback_api: tuple[str, list[tuple[int, bytes]]], command: list[str], key: str
+) -> None:
+    """A key outside ASCII ended the command in httpx's UnicodeEncodeError traceback; one
+    with a line break in it said "cannot reach" the API."""
+    api, _ = loopback_api  # answers nothing: the command must not call
+    result = agent_state(*command, "--idempotency-key", key, "--api", api, AGENT_STATE_TOKEN="t")
+    error = one_line_error(result, 2)
+    assert (
+        "Invalid value for '--idempotency-key'" in error and "cannot be sent as a header" in error
+    )
 
 
 def test_a_401_to_a_call_without_a_token_says_where_tokens_come_from(
