@@ -1,6 +1,7 @@
 """`agent-state`: run the local stack and API, submit cases, read them back, decide reviews, reply.
 
     agent-state stack up|down|status       the local Redis + Cosmos emulator (+ Postgres)
+    agent-state stack env                  its settings as `export` lines: eval "$(...)"
     agent-state serve                      stack up (if needed) + the API on 127.0.0.1:7071
     agent-state submit --demo              submit case_8842
     agent-state show CASE | checkpoints CASE | audit CASE
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -300,6 +302,27 @@ def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> 
     _print_env(status)
 
 
+@stack_app.command("env")
+def stack_env(workdir: WorkdirOption = None) -> None:
+    """Print the running stack's settings as shell `export` lines, for
+    `eval "$(agent-state stack env)"`; a stack not running is an error, not empty output."""
+    where = _stack_workdir(workdir)
+    status = _stack_status(where)
+    if not status.get("running"):
+        errors.print(
+            f"[red]the local stack is not running[/red] (start it: "
+            f"{escape(_stack_command('up', workdir))})",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    _refuse_a_stack_with_dead_servers(
+        where, status, f"start it again ({_stack_command('up', where)})"
+    )
+    for name, value in _stack_env(status).items():
+        # Not rich: it would wrap long lines and take `[...]` in a value for markup.
+        sys.stdout.write(f"export {name}={shlex.quote(value)}\n")
+
+
 def _stack_env(description: dict[str, object]) -> dict[str, str]:
     env = description.get("env")
     return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
@@ -441,7 +464,9 @@ def _with_postgres_if_asked(
     return added
 
 
-def _refuse_a_stack_with_dead_servers(where: Path, status: dict[str, object]) -> None:
+def _refuse_a_stack_with_dead_servers(
+    where: Path, status: dict[str, object], restart: str = "serve again, which starts it afresh"
+) -> None:
     """A stack counts as running while any of its servers does: one that died since
     (a crashed Redis, a killed emulator) would leave the API serving degraded or down,
     or its callers without tokens, with nothing said."""
@@ -451,7 +476,7 @@ def _refuse_a_stack_with_dead_servers(where: Path, status: dict[str, object]) ->
         errors.print(
             f"[red]the stack running from {escape(str(where))} has lost {', '.join(dead)}"
             f"[/red] ({escape(_stack_command('status', where))}): stop it "
-            f"({escape(_stack_command('down', where))}) and serve again, which starts it afresh",
+            f"({escape(_stack_command('down', where))}) and {escape(restart)}",
             soft_wrap=True,
         )
         raise typer.Exit(1)

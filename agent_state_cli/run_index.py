@@ -9,10 +9,13 @@ Like `write-behind`, it opens the stores itself, with the app's settings from th
 environment: run it where they reach Redis and the cold tier. Workers may run meanwhile.
 A shard that cannot be repaired, or a case record that cannot be read, is printed and the
 others repaired all the same; the exit status is then 1 (run it again once that is fixed).
+While it reads the records, it says how far it got on stderr every 5 s (`--progress-every`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -22,7 +25,7 @@ from rich.markup import escape
 from .stores import run_on_stores
 
 if TYPE_CHECKING:
-    from support_cases.runs import ShardRepair
+    from support_cases.runs import RepairProgress, ShardRepair
 
 run_index_app = typer.Typer(
     help="The timer's index of active cases (8 shard records).", no_args_is_help=True
@@ -40,12 +43,36 @@ def _shard_id(name: str) -> str:
     return shard_id
 
 
+def _progress_printer(every: float) -> Callable[[RepairProgress], None]:
+    """A line on stderr at most every `every` seconds: the records are read one by one
+    before any shard is written, and a large store would look hung meanwhile."""
+    last = time.monotonic()
+
+    def report(progress: RepairProgress) -> None:
+        nonlocal last
+        if time.monotonic() - last < every:
+            return
+        last = time.monotonic()
+        errors.print(
+            f"read {progress.examined} of {progress.total} records: {progress.active} cases"
+            f" with work found, {progress.unread} unreadable",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+    return report
+
+
 @run_index_app.command("repair")
 def repair(
     shards: Annotated[
         list[str] | None,
         typer.Argument(help="Shards to rebuild (number or id); default: every one."),
     ] = None,
+    progress_every: Annotated[
+        float,
+        typer.Option(help="Seconds between progress lines (on stderr) while it reads.", min=0),
+    ] = 5.0,
 ) -> None:
     """Rebuild shards from the case records (a query across every thread).
 
@@ -67,7 +94,9 @@ def repair(
             tracker = RunTracker(
                 TieredStateStore.from_backends(backends), backends.retention, settings
             )
-            return await tracker.repair_index(backends.cold, wanted)
+            return await tracker.repair_index(
+                backends.cold, wanted, _progress_printer(progress_every)
+            )
         finally:
             await backends.close()
 

@@ -237,6 +237,18 @@ class ShardRepair:
     unread: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RepairProgress:
+    """How far `repair_index` has got through the records, after each one."""
+
+    examined: int
+    total: int
+    # Cases with work found so far (each indexed once the records are all read), and
+    # records that could not be read.
+    active: int
+    unread: int
+
+
 class RunTracker:
     def __init__(
         self, store: TieredStateStore, retention: ColdRetention, settings: AppSettings
@@ -709,7 +721,10 @@ class RunTracker:
         return list(shards)
 
     async def repair_index(
-        self, cold: ColdStateStore, shards: Collection[str] = INDEX_IDS
+        self,
+        cold: ColdStateStore,
+        shards: Collection[str] = INDEX_IDS,
+        on_progress: Callable[[RepairProgress], None] | None = None,
     ) -> list[ShardRepair]:
         """Rebuild `shards` from the case records (every case with work, `has_work`), for an
         operator: a damaged shard is overwritten, conditioned on its damaged version (a shard
@@ -721,22 +736,28 @@ class RunTracker:
         decoding it (`stored_version`).
         A shard that fails (its version unreadable too, as a schema version newer than this
         code; the tier out of reach) and a case whose record cannot be read are reported in
-        its `ShardRepair` (`failed`, `unread`), and the others repaired all the same."""
+        its `ShardRepair` (`failed`, `unread`), and the others repaired all the same.
+        `on_progress` is told after each record: a large store takes a while to read."""
         wanted = set(shards)
         repairs = {shard_id: ShardRepair(shard_id) for shard_id in wanted}
         active: dict[str, list[str]] = {shard_id: [] for shard_id in wanted}
-        for case_id in await cold.record_ids():
+        record_ids = await cold.record_ids()
+        found = unread = 0
+        for examined, case_id in enumerate(record_ids, start=1):
             shard = shard_of(case_id)
-            if shard not in wanted or case_id in INDEX_IDS:
-                continue
-            try:
-                record = await self._store.get_fresh(case_id)
-                # Archive records (`<case>~archive~...`) and other threads hold no `run`.
-                if record is not None and RUN_SECTION in record.sections and has_work(record):
-                    active[shard].append(case_id)
-            except StateError as error:
-                # Corrupt, a section offloaded and lost (WorkflowNotFound), out of reach.
-                repairs[shard].unread[case_id] = f"{type(error).__name__}: {error}"
+            if shard in wanted and case_id not in INDEX_IDS:
+                try:
+                    record = await self._store.get_fresh(case_id)
+                    # Archive records (`<case>~archive~...`) and other threads hold no `run`.
+                    if record is not None and RUN_SECTION in record.sections and has_work(record):
+                        active[shard].append(case_id)
+                        found += 1
+                except StateError as error:
+                    # Corrupt, a section offloaded and lost (WorkflowNotFound), out of reach.
+                    repairs[shard].unread[case_id] = f"{type(error).__name__}: {error}"
+                    unread += 1
+            if on_progress is not None:
+                on_progress(RepairProgress(examined, len(record_ids), found, unread))
         for shard in sorted(wanted):
             try:
                 await self._repair_shard(repairs[shard], sorted(active[shard]), cold)

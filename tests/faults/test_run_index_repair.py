@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from click.testing import Result
 from support.cosmos import drop_container, rewrite_record
 from typer.testing import CliRunner
 
@@ -629,3 +631,47 @@ async def test_a_repair_of_an_unshaped_shard_raced_by_another_loses_no_entry(
         assert looks >= 3, f"the race was not staged: {looks} looks"
         assert "rebuilt meanwhile by another repair, merged into" in printed, printed
         assert set(await runtime.service._tracker.active_cases()) == {stalled, submitted}
+
+
+PROGRESS = re.compile(r"read (\d+) of (\d+) records: (\d+) cases with work found, (\d+) unreadable")
+
+
+def progress_of(stderr: str) -> list[tuple[int, ...]]:
+    """The repair's progress lines as (read, of, found, unreadable); any other line fails."""
+    matches = [PROGRESS.fullmatch(line) for line in stderr.splitlines()]
+    assert all(matches), stderr
+    return [tuple(int(number) for number in match.groups()) for match in matches if match]
+
+
+@pytest.mark.parametrize("own_store", ["postgres"], indirect=True)
+async def test_the_repair_says_how_far_it_read_on_stderr_and_its_result_is_unchanged(
+    own_store: dict[str, str],
+) -> None:
+    """Found by review: it printed nothing until it had read every record, so a large store
+    looked hung. Progress goes to stderr (here after every record), the result to stdout."""
+    async with opened(own_store) as runtime:
+        stalled = [case_in_shard("repair-progress", INDEX_IDS[3]) for _ in range(3)]
+        for case_id in stalled:
+            await stale_case(runtime, case_id)
+        await damage(runtime, INDEX_IDS[3])
+
+        def run(*options: str) -> Result:
+            return CliRunner().invoke(app, ["run-index", "repair", *options], env=own_store)
+
+        first = await asyncio.to_thread(run, "--progress-every", "0")
+        assert first.exit_code == 0, first.output
+        progress = progress_of(first.stderr)
+        total = progress[-1][1]  # the cases and the shard records
+        assert total > len(stalled) and {line[1] for line in progress} == {total}, progress
+        assert [line[0] for line in progress] == list(range(1, total + 1)), progress
+        assert progress[-1][2:] == (len(stalled), 0), progress
+        assert f"{INDEX_IDS[3]}: damaged (CorruptState" in first.stdout, first.stdout
+        assert f"rebuilt with 3 cases: {', '.join(sorted(stalled))}" in first.stdout
+        assert "records:" not in first.stdout, first.stdout
+
+        # The default interval (5 s) passes no line on so small a store; stdout is the same.
+        quiet = await asyncio.to_thread(run)
+        reported = await asyncio.to_thread(run, "--progress-every", "0")
+        assert quiet.exit_code == reported.exit_code == 0, quiet.output + reported.output
+        assert quiet.stderr == "" and len(progress_of(reported.stderr)) == total
+        assert quiet.stdout == reported.stdout, (quiet.stdout, reported.stdout)

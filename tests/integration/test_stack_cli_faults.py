@@ -503,3 +503,74 @@ def test_a_server_record_without_its_port_is_named_not_a_traceback(
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "the record of redis has no port" in lines[0], result.stderr
+
+
+# How the README loads the stack's settings into a shell (said there twice).
+README_ENV_SNIPPET = 'settings="$(.venv/bin/agent-state stack env)" && eval "$settings"'
+
+
+def _readme_env_snippet(workdir: Path) -> str:
+    """The README's way to load the stack's settings into a shell, aimed at `workdir`."""
+    assert (REPO_ROOT / "README.md").read_text().count(README_ENV_SNIPPET) == 2
+    return README_ENV_SNIPPET.replace(
+        "stack env", f"stack env --workdir {shlex.quote(str(workdir))}"
+    )
+
+
+def _in_bash(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", script],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_loading_the_settings_of_a_stack_not_running_fails_in_one_line(tmp_path: Path) -> None:
+    """Found by review: the README's snippet piped `stack status --json` into Python that
+    ended in a KeyError traceback when the stack was not running (no `env` then)."""
+    loaded = _in_bash(_readme_env_snippet(tmp_path / "stack"))
+    assert loaded.returncode != 0, loaded.stdout + loaded.stderr
+    assert "Traceback" not in loaded.stderr, loaded.stderr
+    [line] = loaded.stderr.strip().splitlines()
+    assert "the local stack is not running" in line, line
+    assert "agent-state stack up --workdir" in line, line
+
+
+def test_the_settings_of_a_running_stack_load_into_a_shell_as_they_are(tmp_path: Path) -> None:
+    """The `export` lines survive the shell: values with spaces, quotes and `$` arrive
+    whole. The stack is a record naming this test's own process as its (live) server."""
+    env = {"REDIS_URL": "redis://127.0.0.1:6399/0", "ODD_VALUE": "a b 'c' \"d\" $HOME [x] `e`"}
+    me = {"pid": os.getpid(), "port": 6399, "started": devstack.servers.process_start(os.getpid())}
+    state_file(tmp_path).write_text(
+        json.dumps({"workdir": str(tmp_path), "servers": {"redis": me}, "env": env})
+    )
+    try:
+        loaded = _in_bash(
+            f'{_readme_env_snippet(tmp_path)} && printf "%s\\n" "$REDIS_URL" "$ODD_VALUE"'
+        )
+    finally:
+        state_file(tmp_path).unlink()  # not `stack down`: it would stop this test's process
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert loaded.stdout.splitlines() == [env["REDIS_URL"], env["ODD_VALUE"]], loaded.stdout
+
+
+def test_loading_the_settings_of_a_stack_that_lost_a_server_names_it(tmp_path: Path) -> None:
+    """Settings pointing at a server that died would load without a word."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    servers = {
+        "redis": {"pid": os.getpid(), "port": 6399},
+        "cosmos": {"pid": dead.pid, "port": 8099},
+    }
+    state_file(tmp_path).write_text(json.dumps({"servers": servers, "env": {"A": "1"}}))
+    try:
+        loaded = _in_bash(_readme_env_snippet(tmp_path))
+    finally:
+        state_file(tmp_path).unlink()
+    assert loaded.returncode != 0, loaded.stdout + loaded.stderr
+    [line] = loaded.stderr.strip().splitlines()
+    assert "has lost cosmos" in line and "stack up --workdir" in line, line
