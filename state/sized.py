@@ -149,19 +149,22 @@ class SizedStateStore:
         *,
         expected_version: int,
         fencing_token: int | None = None,
+        offloaded: bool = False,
         make_room: bool = False,
     ) -> WorkflowRecord:
         """Several distinct sections in one write below, each shrunk alone as
         `update_section` does. If the store below refuses the record as too large
         (`StateTooLarge`), nothing was written: the error goes to the caller, which may
-        write the sections offloaded, and `make_room` (then) so that the record's largest
-        other inline sections move out too if that is still refused. So a value shaped like
-        an offload reference is taken for one (what `size.offload` returned); any other
-        value is plain, as for `update_section`."""
+        write the sections `offloaded` (each moved to the archive, by reference), and
+        `make_room` (then) so that the record's largest other inline sections move out too
+        if that is still refused. Every value is plain, as for `update_section`: one shaped
+        like a reference is not taken for one (a caller's value may have any shape)."""
         with attributed("state.update_sections"):
             stored: list[SectionWrite] = []
             for write in writes:
-                value = write.value if is_offloaded(write.value) else escaped(write.value)
+                value = escaped(write.value)
+                if offloaded:
+                    value = await self.size.offload(thread_id, write.section, value)
                 shrunk, actions = await self.size.shrink(thread_id, {write.section: value})
                 self._stored_size("update_section", actions.after.sections[write.section])
                 stored.append(dataclasses.replace(write, value=shrunk[write.section]))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -169,19 +168,12 @@ async def write_sections(
                 writes = compute(found)
                 if not writes:
                     return found
-                if offload:
-                    writes = [
-                        dataclasses.replace(
-                            write,
-                            value=await store.size.offload(thread_id, write.section, write.value),
-                        )
-                        for write in writes
-                    ]
                 return await store.update_sections(
                     thread_id,
                     writes,
                     expected_version=found.version,
                     fencing_token=fencing_token,
+                    offloaded=offload,
                     make_room=offload,
                 )
         except StateTooLarge:

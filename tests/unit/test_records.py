@@ -4,8 +4,11 @@ parallel writers never spend a refused cold write on each other; over in-memory 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 from state import SectionWrite, TieredStateStore, WorkflowRecord
+from state.errors import StateTooLarge
 from support_cases.records import ComputeMany, set_section, write_sections
 from tests.support.fakes import MemoryColdStore, memory_backends
 
@@ -59,3 +62,31 @@ async def test_parallel_writers_of_one_record_never_conflict() -> None:
         # One cold write per writer: none was refused and retried.
         writes = cold.requests - before
         assert writes["update_section"] + writes["update_sections"] == 2 * WRITERS
+
+
+async def test_sections_shaped_like_envelopes_written_offloaded_come_back_as_written() -> None:
+    """A write the cold store refuses as too large goes again with its sections offloaded:
+    a caller's value shaped like a compressed envelope is archived as written, not as what
+    that envelope would hold."""
+    async with memory_backends() as backends:
+        store = TieredStateStore.from_backends(backends)
+        await store.create(CASE, {}, agent_id="test")
+        written = {"$compressed": {"codec": "raw", "bytes": 2, "data": "e30="}}
+        update_sections = store.update_sections
+        refused: list[bool] = []
+
+        async def refuse_unless_making_room(
+            thread_id: str, writes: Sequence[SectionWrite], **kw: Any
+        ) -> WorkflowRecord:
+            if not kw.get("make_room"):
+                refused.append(True)
+                raise StateTooLarge("record", 1, 0)
+            return await update_sections(thread_id, writes, **kw)
+
+        store.update_sections = refuse_unless_making_room  # type: ignore[method-assign]
+        record = await write_sections(store, CASE, lambda _: [SectionWrite("note", written, "t")])
+
+        assert refused, "the write was not refused: the offload path did not run"
+        assert record.sections["note"] == written
+        fresh = await store.get_fresh(CASE)
+        assert fresh is not None and fresh.sections["note"] == written

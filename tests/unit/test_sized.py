@@ -163,18 +163,44 @@ async def test_a_value_shaped_like_an_envelope_comes_back_as_written(
 
 
 async def test_several_sections_shaped_like_envelopes_come_back_as_written() -> None:
-    """`update_sections` takes offload references (`size.offload`) as what they are, and
-    any other value as plain."""
+    """`update_sections` takes every value as plain, written inline or `offloaded`."""
     cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
     store = sized(cold)
     await store.create("t", {}, agent_id="x")
-    big = noise(1000)
-    offloaded = await store.size.offload("t", "big", big)
     lookalikes = {"c": {"$compressed": "not an envelope"}, "a": {"$archived": True}}
     writes = [SectionWrite(name, value, "x") for name, value in lookalikes.items()]
+    await store.update_sections("t", writes, expected_version=1)
+    moved = {"moved-c": {"$compressed": {"codec": "raw", "bytes": 2, "data": "e30="}}}
     record = await store.update_sections(
-        "t", [*writes, SectionWrite("big", offloaded, "x")], expected_version=1
+        "t", [SectionWrite(k, v, "x") for k, v in moved.items()], expected_version=3, offloaded=True
     )
-    assert record.sections == {**lookalikes, "big": big}
+    stored = await cold.get("t")
+    assert stored is not None and is_offloaded(stored.sections["moved-c"])
+    assert record.sections == {**lookalikes, **moved}
     fetched = await store.get("t")
-    assert fetched is not None and fetched.sections == {**lookalikes, "big": big}
+    assert fetched is not None and fetched.sections == {**lookalikes, **moved}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"$offloaded": True},
+        {"$offloaded": {"ref": "elsewhere~archive~0", "sha256": "0", "bytes": 1}},
+    ],
+    ids=["not-a-reference", "a-reference-elsewhere"],
+)
+async def test_a_plain_value_shaped_like_an_offload_reference_written_with_others_comes_back(
+    value: dict[str, object],
+) -> None:
+    """`update_sections` is the app's write of several sections (`write_sections`): a value
+    shaped like an offload reference is as plain there as in `update_section`, never taken
+    for one (which made the record unreadable, or fetched whatever the reference named)."""
+    cold = MemoryColdStore(max_item_bytes=ITEM_LIMIT)
+    store = sized(cold)
+    await store.create("t", {}, agent_id="x")
+    record = await store.update_sections(
+        "t", [SectionWrite("a", value, "x"), SectionWrite("b", 1, "x")], expected_version=1
+    )
+    assert record.sections == {"a": value, "b": 1}
+    fetched = await store.get("t", fetch_archived=True)
+    assert fetched is not None and fetched.sections == {"a": value, "b": 1}
