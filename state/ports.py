@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .errors import CorruptState, LogEntryLost, RequestRejected
@@ -494,6 +495,22 @@ class StoredEvent:
     data: JSON
 
 
+class ResumePoint(Enum):
+    """Where an id stands in a thread's event log, for a reader resuming after it."""
+
+    # Every event after it is in the log (none yet, maybe).
+    KEPT = "kept"
+    # Past the log's newest id (none kept: past the server's clock, as a log expired or
+    # deleted starts again there): not an id it gave out. Ids to come are below it until
+    # the clock passes it, so a read after it misses every event until then; another
+    # thread's newer id is one.
+    PAST_NEWEST = "past_newest"
+    # Older than the oldest kept, once the log dropped some of its oldest: events after it
+    # may be gone (none only if it was the newest dropped), and a read after it starts at
+    # the oldest kept as if none were.
+    TRIMMED = "trimmed"
+
+
 @runtime_checkable
 class EventLog(Protocol):
     """A bounded, per-thread, append-only log of events that any process can read from
@@ -512,6 +529,10 @@ class EventLog(Protocol):
 
     def valid_id(self, event_id: str) -> bool:
         """Whether `event_id` has the form of this log's ids (a client's Last-Event-ID)."""
+
+    async def resume_point(self, thread_id: str, after: str) -> ResumePoint:
+        """What a reader resuming after `after` (a valid id) would miss, if anything: see
+        `ResumePoint`. `0` asks for the oldest kept: KEPT."""
 
     async def delete(self, thread_id: str) -> None: ...
 

@@ -341,6 +341,11 @@ async def case_runs(case_id: CaseId, caller: Caller, cases: Cases) -> RunsView:
             "`data` as JSON), a `: keep-alive` comment while quiet; ends after `seconds`",
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         },
+        410: {
+            "model": ErrorBody,
+            "description": "Events after the Last-Event-ID are no longer kept (the case's "
+            "log keeps its newest): read the case, then its events from 0",
+        },
         429: {
             "model": ErrorBody,
             "description": "The caller holds as many of the worker's event streams as one "
@@ -377,7 +382,8 @@ async def case_events(
     start = last_event_id or after or None
     cases.events.check(start)  # 503 without an event log, 422 for an id of another form
     # 429 while the caller holds as many streams as one caller may; 503 while this worker
-    # serves as many as it may, or with the log out of reach.
+    # serves as many as it may, or with the log out of reach; 422 for an id past the case's
+    # newest event, 410 for one whose successors were dropped.
     stream = await cases.events.opened(case_id, start, seconds=seconds, caller=caller.id)
     # A reviewer reads the case only while it awaits review: checked again before each
     # event, or the stream would go on serving what is written after the decision.

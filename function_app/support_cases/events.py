@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from state import BackendUnavailable, EventLog, StoredEvent
+from state import BackendUnavailable, EventLog, ResumePoint, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class EventsUnavailable(Exception):
 
 class InvalidEventId(Exception):
     """A Last-Event-ID not of the log's form: maps to 422."""
+
+
+class EventsTrimmed(Exception):
+    """A Last-Event-ID older than the case's oldest kept event, once its log dropped some
+    (events after it may be gone): maps to 410."""
 
 
 class StreamsBusy(Exception):
@@ -100,6 +105,8 @@ class CaseEvents:
         give_back = self._take_slot(caller)
         try:
             first = await events.read(case_id, after=after, wait_ms=0, count=PAGE)
+            if after is not None:
+                await self._check_resume_point(events, case_id, after)
         except BaseException:
             give_back()
             raise
@@ -108,6 +115,24 @@ class CaseEvents:
         # its `finally`: its slot comes back when it is collected.
         weakref.finalize(stream, give_back)
         return stream
+
+    @staticmethod
+    async def _check_resume_point(events: EventLog, case_id: str, after: str) -> None:
+        """Refuses a resume that would miss events without a sign (`ResumePoint`). Checked
+        after the read it vouches for: a log that still keeps what follows `after` kept it
+        when read (it only ever drops its oldest)."""
+        point = await events.resume_point(case_id, after)
+        if point is ResumePoint.PAST_NEWEST:
+            raise InvalidEventId(
+                f"Last-Event-ID {after!r} is past every event of case {case_id!r} (not one "
+                "of its ids): resume after the last id its stream sent, or from 0"
+            )
+        if point is ResumePoint.TRIMMED:
+            raise EventsTrimmed(
+                f"events of case {case_id!r} after Last-Event-ID {after!r} are no longer "
+                "kept (a case keeps its newest events): read the case (GET) for where it "
+                "stands, then its events from 0"
+            )
 
     def _take_slot(self, caller: str) -> Callable[[], None]:
         """One of this worker's stream slots for `caller`, and what gives it back (once,
@@ -182,7 +207,12 @@ class CaseEvents:
                     found, first = first, None
                 else:
                     found = await events.read(case_id, after=after, wait_ms=wait_ms, count=PAGE)
-            except BackendUnavailable as error:
+                    # A client reading slower than the case writes: the log may have dropped
+                    # what the stream has not served yet. It ends then, and the client,
+                    # reconnecting after the last id it got, is told (410).
+                    if found and after is not None:
+                        await self._check_resume_point(events, case_id, after)
+            except (BackendUnavailable, EventsTrimmed) as error:
                 log.warning("case %s: event stream ended: %s", case_id, error)
                 return
             for event in found:

@@ -31,7 +31,13 @@ from state import (
 )
 
 from .admission import RunsBusy
-from .events import CallerStreamsBusy, EventsUnavailable, InvalidEventId, StreamsBusy
+from .events import (
+    CallerStreamsBusy,
+    EventsTrimmed,
+    EventsUnavailable,
+    InvalidEventId,
+    StreamsBusy,
+)
 from .runs import RunIndexBusy, RunIndexDamaged
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
@@ -54,6 +60,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyMismatch, 422),
     (ReservedCaseId, 422),
     (InvalidEventId, 422),
+    (EventsTrimmed, 410),
     (StateTooLarge, 413),
     # The caller's value cannot be stored as given (e.g. a NUL character on Postgres).
     (InvalidValue, 422),

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from ..ports import JSON, StoredEvent
+from ..ports import JSON, ResumePoint, StoredEvent
 from . import redis_client
 from .redis_client import hot_key
 from .redis_store import redis_errors
@@ -61,8 +61,36 @@ return id
 """
 
 
+# KEYS[1] stream. The server's TIME; then, for a stream, its last generated id, its oldest
+# kept and how many entries it dropped (Redis 7's `entries-added`; 0 before, unknown).
+_RESUME_POINT = """
+local now = redis.call('TIME')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return now
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local field = {}
+for i = 1, #info, 2 do
+  field[info[i]] = info[i + 1]
+end
+local newest = field['last-generated-id']
+local oldest = newest
+if type(field['first-entry']) == 'table' then
+  oldest = field['first-entry'][1]
+end
+local dropped = (field['entries-added'] or field['length']) - field['length']
+return {now[1], now[2], newest, oldest, dropped}
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ordered(event_id: str) -> tuple[int, int]:
+    """A stream id as what orders it (`<ms>` alone is `<ms>-0`)."""
+    millis, _, seq = event_id.partition("-")
+    return int(millis), int(seq or 0)
 
 
 class RedisEventLog:
@@ -85,6 +113,7 @@ class RedisEventLog:
         self._max_events = max_events
         self._ttl_seconds = ttl_seconds
         self._append = client.register_script(_APPEND)
+        self._resume_point = client.register_script(_RESUME_POINT)
 
     def _key(self, thread_id: str) -> str:
         return hot_key(thread_id, EVENTS_KIND, namespace=self._namespace)
@@ -143,6 +172,26 @@ class RedisEventLog:
 
     def valid_id(self, event_id: str) -> bool:
         return bool(_STREAM_ID.fullmatch(event_id))
+
+    async def resume_point(self, thread_id: str, after: str) -> ResumePoint:
+        if _ordered(after) == (0, 0):
+            return ResumePoint.KEPT
+        with redis_errors():
+            found = await redis_client.run_script(
+                self._client, self._resume_point, [self._key(thread_id)], []
+            )
+        seconds, micros, *log = found
+        if not log:
+            # None kept: a log expired or deleted starts again at the server's clock (an
+            # id is the time of its append in ms), past every id it gave out before.
+            now = (int(seconds) * 1000 + int(micros) // 1000, 0)
+            return ResumePoint.KEPT if _ordered(after) <= now else ResumePoint.PAST_NEWEST
+        newest, oldest_kept, dropped = _text(log[0]), _text(log[1]), int(log[2])
+        if _ordered(after) > _ordered(newest):
+            return ResumePoint.PAST_NEWEST
+        if dropped and _ordered(after) < _ordered(oldest_kept):
+            return ResumePoint.TRIMMED
+        return ResumePoint.KEPT
 
     async def delete(self, thread_id: str) -> None:
         with redis_errors():

@@ -11,7 +11,7 @@ import pytest
 
 from state.hot.redis_client import create_redis_client, hot_namespace
 from state.hot.redis_events import MAX_WAIT_MS, RedisEventLog
-from state.ports import EventLog
+from state.ports import EventLog, ResumePoint
 from state.settings import Settings
 from tests.support.fakes import MEMORY, MemoryEventLog
 from tests.support.records import unique_thread
@@ -110,3 +110,34 @@ async def test_ids_of_another_form_are_not_valid_and_a_bare_time_reads_after_it(
     assert [e.data for e in await events.read(thread, after="0")] == [{"n": 0}]
     millis = first.split("-")[0]
     assert await events.read(thread, after=str(int(millis) + 1)) == []
+
+
+async def test_an_id_past_every_id_the_log_gave_out_is_past_the_newest(events: EventLog) -> None:
+    """A reader resuming after an id the log never reached would wait for ids that come
+    only once the clock passes it: every event until then missed, without a sign."""
+    thread = unique_thread("events")
+    assert await events.resume_point(thread, "0") is ResumePoint.KEPT
+    # Empty: any id up to now may be the last of a log since expired or deleted.
+    recent = f"{int(time.time() * 1000) - 1000}-0"
+    assert await events.resume_point(thread, recent) is ResumePoint.KEPT
+    later = f"{int(time.time() * 1000) + 3_600_000}-0"
+    assert await events.resume_point(thread, later) is ResumePoint.PAST_NEWEST
+    newest = await events.append(thread, {"n": 0})
+    assert await events.resume_point(thread, newest) is ResumePoint.KEPT
+    millis, _, seq = newest.partition("-")
+    next_one = f"{millis}-{int(seq) + 1}"
+    assert await events.resume_point(thread, next_one) is ResumePoint.PAST_NEWEST
+
+
+async def test_an_id_whose_successors_were_trimmed_says_so(events: EventLog) -> None:
+    """Resuming after an id older than the oldest kept event, once the log dropped some,
+    would skip the dropped events without a sign."""
+    thread = unique_thread("events")
+    ids = [await events.append(thread, {"n": n}) for n in range(MAX_EVENTS * 2)]
+    oldest_kept = (await events.read(thread, count=1))[0].id
+    assert oldest_kept != ids[0]
+    assert await events.resume_point(thread, ids[0]) is ResumePoint.TRIMMED
+    assert await events.resume_point(thread, oldest_kept) is ResumePoint.KEPT
+    assert await events.resume_point(thread, ids[-1]) is ResumePoint.KEPT
+    # From the oldest kept, by asking for it: no resume, nothing to say.
+    assert await events.resume_point(thread, "0") is ResumePoint.KEPT

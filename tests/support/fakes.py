@@ -62,6 +62,7 @@ from state.ports import (
     Lock,
     LogEntry,
     PruneStrategy,
+    ResumePoint,
     SectionWrite,
     StoredBlob,
     StoredCheckpoint,
@@ -1403,6 +1404,8 @@ class MemoryEventLog(_Tier):
         super().__init__(outage)
         self._max_events = max_events
         self._logs: dict[str, list[StoredEvent]] = {}
+        # Events each thread's log dropped, its oldest past `max_events`.
+        self._dropped: dict[str, int] = {}
         self._appended = asyncio.Condition()
 
     async def append(self, thread_id: str, data: JSON) -> str:
@@ -1415,18 +1418,21 @@ class MemoryEventLog(_Tier):
         else:
             event_id = f"{millis}-0"
         log.append(StoredEvent(event_id, json.loads(json.dumps(data))))
-        del log[: -self._max_events]
+        if len(log) > self._max_events:
+            self._dropped[thread_id] = self._dropped.get(thread_id, 0) + 1
+            del log[0]
         async with self._appended:
             self._appended.notify_all()
         return event_id
 
-    def _after(self, thread_id: str, after: str | None, count: int) -> list[StoredEvent]:
-        def key(event_id: str) -> tuple[int, int]:
-            millis, _, seq = event_id.partition("-")
-            return int(millis), int(seq or 0)
+    @staticmethod
+    def _key(event_id: str) -> tuple[int, int]:
+        millis, _, seq = event_id.partition("-")
+        return int(millis), int(seq or 0)
 
-        start = key(after or "0-0")
-        return [e for e in self._logs.get(thread_id, []) if key(e.id) > start][:count]
+    def _after(self, thread_id: str, after: str | None, count: int) -> list[StoredEvent]:
+        start = self._key(after or "0-0")
+        return [e for e in self._logs.get(thread_id, []) if self._key(e.id) > start][:count]
 
     async def read(
         self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
@@ -1446,9 +1452,25 @@ class MemoryEventLog(_Tier):
     def valid_id(self, event_id: str) -> bool:
         return bool(re.fullmatch(r"[0-9]{1,19}(-[0-9]{1,19})?", event_id))
 
+    async def resume_point(self, thread_id: str, after: str) -> ResumePoint:
+        self._call("read")
+        log = self._logs.get(thread_id, [])
+        point = self._key(after)
+        if point == (0, 0):
+            return ResumePoint.KEPT
+        if not log:
+            now = (int(time.time() * 1000), 0)
+            return ResumePoint.KEPT if point <= now else ResumePoint.PAST_NEWEST
+        if point > self._key(log[-1].id):
+            return ResumePoint.PAST_NEWEST
+        if self._dropped.get(thread_id) and point < self._key(log[0].id):
+            return ResumePoint.TRIMMED
+        return ResumePoint.KEPT
+
     async def delete(self, thread_id: str) -> None:
         self._call("delete")
         self._logs.pop(thread_id, None)
+        self._dropped.pop(thread_id, None)
 
 
 @dataclass
