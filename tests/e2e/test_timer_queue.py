@@ -537,15 +537,29 @@ async def test_a_queue_cancelled_as_the_worker_stops_is_not_logged_as_failed(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def errors_naming(caplog: pytest.LogCaptureFixture, case_id: str) -> list[logging.LogRecord]:
-    """The service's records at warning level or above that name `case_id`."""
-    return [
+def assert_logged_once_as_error(
+    caplog: pytest.LogCaptureFixture, case_id: str, error: type[BaseException]
+) -> None:
+    """The service logged one record at warning level or above naming `case_id`: at error
+    level, with `error`'s traceback."""
+    logged = [
         record
         for record in caplog.records
         if record.name == "support_cases.service"
         and record.levelno >= logging.WARNING
         and case_id in record.getMessage()
     ]
+    assert len(logged) == 1, caplog.text
+    assert logged[0].levelno == logging.ERROR, caplog.text
+    assert isinstance(logged[0].exc_info and logged[0].exc_info[1], error), caplog.text
+
+
+async def cancel_once(started: asyncio.Event, request: asyncio.Future[Any]) -> None:
+    """Cancels `request` once `started` is set; it ends cancelled."""
+    await asyncio.wait_for(started.wait(), 30)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
 
 
 async def test_a_queue_the_tick_could_not_start_is_logged_once(
@@ -569,10 +583,7 @@ async def test_a_queue_the_tick_could_not_start_is_logged_once(
     with caplog.at_level(logging.WARNING, logger="support_cases.service"):
         report = await runtime.service.resume_stale()
     assert "BackendUnavailable" in report.failed.get(case_id, ""), report
-    logged = errors_naming(caplog, case_id)
-    assert len(logged) == 1, caplog.text
-    assert logged[0].levelno == logging.ERROR and logged[0].exc_info, caplog.text
-    assert isinstance(logged[0].exc_info[1], BackendUnavailable), caplog.text
+    assert_logged_once_as_error(caplog, case_id, BackendUnavailable)
 
 
 async def test_a_cancelled_decisions_run_that_could_not_start_is_logged_once(
@@ -604,16 +615,10 @@ async def test_a_cancelled_decisions_run_that_could_not_start_is_logged_once(
                 f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
             )
         )
-        await asyncio.wait_for(marking.wait(), 30)
-        deciding.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await deciding
+        await cancel_once(marking, deciding)
         fail.set()
         await runtime.service.wait_idle()
-    logged = errors_naming(caplog, case_id)
-    assert len(logged) == 1, caplog.text
-    assert logged[0].levelno == logging.ERROR, caplog.text
-    assert isinstance(logged[0].exc_info and logged[0].exc_info[1], BackendUnavailable)
+    assert_logged_once_as_error(caplog, case_id, BackendUnavailable)
 
 
 async def test_a_cancelled_submits_first_run_that_fails_in_the_background_is_logged_as_error(
@@ -647,13 +652,7 @@ async def test_a_cancelled_submits_first_run_that_fails_in_the_background_is_log
         submitting = asyncio.ensure_future(
             runtime.service.submit(CaseSubmission.model_validate(demo_case(case_id)), None)
         )
-        await asyncio.wait_for(creating.wait(), 30)
-        submitting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await submitting
+        await cancel_once(creating, submitting)
         created.set()
         await runtime.service.wait_idle()
-    logged = errors_naming(caplog, case_id)
-    assert len(logged) == 1, caplog.text
-    assert logged[0].levelno == logging.ERROR, caplog.text
-    assert isinstance(logged[0].exc_info and logged[0].exc_info[1], BackendUnavailable)
+    assert_logged_once_as_error(caplog, case_id, BackendUnavailable)
