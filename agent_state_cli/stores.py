@@ -25,7 +25,8 @@ CHATTY_LOGGERS = ("azure", "psycopg", "state.checkpoint.flusher")
 
 SETTINGS_SOURCE = (
     "the app's settings are read from this environment, under the names in"
-    " local.settings.sample.json; for the local stack `agent-state stack status` prints them"
+    " local.settings.sample.json; for the local stack `agent-state stack env` prints them as"
+    " shell exports"
 )
 
 

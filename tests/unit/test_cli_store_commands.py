@@ -50,7 +50,7 @@ def test_a_missing_setting_says_where_the_settings_come_from(command: list[str])
     assert line.startswith("STATE_COLD_BACKEND=cosmos needs COSMOS_ENDPOINT ("), line
     assert "this environment" in line, line
     assert "local.settings.sample.json" in line, line
-    assert "`agent-state stack status` prints them" in line, line
+    assert "`agent-state stack env` prints them as shell exports" in line, line
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
