@@ -84,6 +84,11 @@ param pythonVersion string = '3.11'
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
+@description('Concurrent HTTP requests one Function App instance takes before the platform adds another (Flex Consumption gives Python apps 1 unless set). Default: CASE_MAX_RUNS, the runs one worker drives at once.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 32
+
 @description('VNET_ENABLED: private networking. The Function App joins a VNet; Storage, Cosmos DB, Redis and Postgres get private endpoints and private DNS zones, and their public network access is disabled.')
 param vnetEnabled bool = false
 
@@ -366,6 +371,7 @@ module functionApp 'modules/function-app.bicep' = {
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     pythonVersion: pythonVersion
     maximumInstanceCount: maximumInstanceCount
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
     stateColdBackend: stateColdBackend
     cosmosEndpoint: usePostgres ? '' : cosmos.outputs.endpoint
     cosmosDatabase: cosmosDatabaseName

@@ -51,6 +51,11 @@ param instanceMemoryMB int = 2048
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
+@description('Concurrent HTTP requests the platform sends one instance before it scales out. Unset, Flex Consumption gives Python apps 1: each event stream (up to 200 s) would hold a whole instance, and maximumInstanceCount open streams would leave no instance for any other request. The default is CASE_MAX_RUNS (32), the runs one worker drives at once, so a burst of submits scales out before the worker refuses runs.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 32
+
 @description('STATE_COLD_BACKEND.')
 @allowed([
   'cosmos'
@@ -160,6 +165,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         instanceMemoryMB: instanceMemoryMB
         maximumInstanceCount: maximumInstanceCount
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'

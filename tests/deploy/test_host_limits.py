@@ -2,7 +2,8 @@
 
 The Flex Consumption front end ends any HTTP request at 230 s whatever host.json says;
 host.json `functionTimeout` ends an invocation (the timer's included); the worker's
-Python is the Bicep `pythonVersion`, which the locks must have been resolved for.
+Python is the Bicep `pythonVersion`, which the locks must have been resolved for; an
+instance takes as many concurrent requests as the plan's HTTP concurrency lets through.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
+from test_infra import infra_file
 
 from support_cases.api import create_app
 from support_cases.maintenance import (
@@ -28,6 +30,8 @@ HOST_JSON = REPO / "function_app" / "host.json"
 ENTRY = REPO / "function_app" / "function_app.py"
 # Azure's load balancer idle timeout for an HTTP-triggered function, on every plan.
 HTTP_FRONT_END_SECONDS = 230
+# Flex Consumption's HTTP concurrency per instance for a Python app when none is set.
+PYTHON_DEFAULT_HTTP_CONCURRENCY = 1
 
 
 def _seconds(timespan: str) -> int:
@@ -97,3 +101,23 @@ def test_the_worker_python_versions_are_the_ones_the_locks_cover() -> None:
         assert declared.group(2) == locked_for.group(1), bicep
     # Universal: markers for every supported version stay in, and each wheel has its hash.
     assert "--universal" in lock_command and "--generate-hashes" in lock_command
+
+
+def test_an_instance_takes_concurrent_requests_up_to_the_runs_its_worker_drives() -> None:
+    """Left at the platform's Python default (1), one open event stream holds a whole
+    instance: maximumInstanceCount streams would leave no instance for any other request."""
+    site = infra_file("function-app.bicep").of_type("Microsoft.Web/sites")[0]
+    concurrency = site.get(
+        "properties.functionAppConfig.scaleAndConcurrency.triggers.http.perInstanceConcurrency",
+        assume_defaults=True,
+    )
+    assert isinstance(concurrency, int), "HTTP perInstanceConcurrency is not set"
+    assert concurrency > PYTHON_DEFAULT_HTTP_CONCURRENCY
+    # No more than the worker drives runs at once: a burst of submits scales out first,
+    # rather than meeting the worker's 503.
+    assert concurrency <= AppSettings.model_fields["case_max_runs"].default
+    main = infra_file("main.bicep")
+    module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
+    passed = module.params().get("httpPerInstanceConcurrency")
+    assert passed is not None and passed.text == b"httpPerInstanceConcurrency"
+    assert main.evaluate(main.params["httpPerInstanceConcurrency"].default) == concurrency

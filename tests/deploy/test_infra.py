@@ -1468,6 +1468,57 @@ def test_postprovision_fails_clearly_before_provisioning(tmp_path: Path) -> None
     assert not output.exists()
 
 
+def _run_postprovision(
+    tmp_path: Path, azd_values: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """The posix postprovision hook as azd runs it, with an `azd` on PATH that answers
+    `azd env get-values` with these values."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    fake_azd = bin_dir / "azd"
+    fake_azd.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(azd_values)}\nEOF\n")
+    fake_azd.chmod(0o755)
+    hook = REPO / azure_yaml()["hooks"]["postprovision"]["posix"]["run"]
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "STATE_COLD_BACKEND": azd_values.get("STATE_COLD_BACKEND", "cosmos"),
+    }
+    return subprocess.run(
+        ["sh", str(hook), "--output", str(tmp_path / "local.settings.json")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_failed_postgres_role_hook_stops_azd_up_before_deploy(tmp_path: Path) -> None:
+    """The deployed code needs the app's Postgres role and the migrations the hook applies:
+    when the hook fails, `azd up` must stop rather than deploy (continueOnError false), and
+    the hook's exit status must say so. A local.settings.json it cannot write only warns."""
+    postprovision = azure_yaml()["hooks"]["postprovision"]
+    assert postprovision["posix"]["continueOnError"] is False
+    assert postprovision["windows"]["continueOnError"] is False
+    assert "exit $LASTEXITCODE" in postprovision["windows"]["run"]
+    # No AZURE_PRINCIPAL_NAME: the role hook refuses before reaching any server.
+    postgres = {
+        "STATE_COLD_BACKEND": "postgres",
+        "POSTGRES_HOST": "psql-abc.postgres.database.azure.com",
+        "POSTGRES_DATABASE": "agentstate",
+        "POSTGRES_USER": "id-api-abc",
+        "REDIS_HOST": "redis-abc.redis.azure.net",
+    }
+    failed = _run_postprovision(tmp_path / "postgres", postgres)
+    assert failed.returncode != 0, failed.stderr
+    assert "[azd] postgres:" in failed.stderr
+    # Outputs missing: the local file cannot be written, which stops nothing.
+    no_outputs = _run_postprovision(tmp_path / "cosmos", {"STATE_COLD_BACKEND": "cosmos"})
+    assert no_outputs.returncode == 0, no_outputs.stderr
+    assert "local.settings.json not written" in no_outputs.stderr
+
+
 def test_preprovision_refuses_postgres_without_its_entra_administrator(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
