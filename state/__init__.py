@@ -98,6 +98,7 @@ from .ports import (
     TierHealth,
     WorkflowRecord,
     acting_for,
+    event_order,
 )
 from .settings import ColdBackend, Settings, WriteMode, get_settings
 from .shielding import taken_or_given_back
@@ -157,6 +158,7 @@ __all__ = [
     "WriteMode",
     "acting_for",
     "backends_for",
+    "event_order",
     "get_settings",
     "open_backends",
     "taken_or_given_back",

@@ -493,6 +493,16 @@ class StoredEvent:
 
     id: str
     data: JSON
+    # The id of the entry appended just before it (None for a log's first, or one written
+    # before entries recorded it): a reader after an id below it missed that entry, which
+    # the log dropped. Read with the entry, so it cannot race the trimming.
+    previous: str | None = None
+
+
+def event_order(event_id: str) -> tuple[int, int]:
+    """A stream id as what orders it (`<ms>` alone is `<ms>-0`)."""
+    millis, _, seq = event_id.partition("-")
+    return int(millis), int(seq or 0)
 
 
 class ResumePoint(Enum):
@@ -505,9 +515,8 @@ class ResumePoint(Enum):
     # the clock passes it, so a read after it misses every event until then; another
     # thread's newer id is one.
     PAST_NEWEST = "past_newest"
-    # Older than the oldest kept, once the log dropped some of its oldest: events after it
-    # may be gone (none only if it was the newest dropped), and a read after it starts at
-    # the oldest kept as if none were.
+    # Below the newest event the log dropped (the `previous` of its oldest kept): events
+    # after it are gone, and a read after it starts at the oldest kept as if none were.
     TRIMMED = "trimmed"
 
 

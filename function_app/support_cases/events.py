@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from state import BackendUnavailable, EventLog, ResumePoint, StoredEvent
+from state import BackendUnavailable, EventLog, ResumePoint, StoredEvent, event_order
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ class CaseEvents:
         try:
             first = await events.read(case_id, after=after, wait_ms=0, count=PAGE)
             if after is not None:
-                await self._check_resume_point(events, case_id, after)
+                if first:
+                    self._check_no_gap(case_id, after, first[0])
+                else:
+                    await self._check_resume_point(events, case_id, after)
         except BaseException:
             give_back()
             raise
@@ -118,9 +121,9 @@ class CaseEvents:
 
     @staticmethod
     async def _check_resume_point(events: EventLog, case_id: str, after: str) -> None:
-        """Refuses a resume that would miss events without a sign (`ResumePoint`). Checked
-        after the read it vouches for: a log that still keeps what follows `after` kept it
-        when read (it only ever drops its oldest)."""
+        """Refuses a resume that would miss events without a sign (`ResumePoint`), once a
+        read after it found none. Checked after that read: an id past the newest then is
+        past it when checked (the newest only grows)."""
         point = await events.resume_point(case_id, after)
         if point is ResumePoint.PAST_NEWEST:
             raise InvalidEventId(
@@ -128,11 +131,20 @@ class CaseEvents:
                 "of its ids): resume after the last id its stream sent, or from 0"
             )
         if point is ResumePoint.TRIMMED:
-            raise EventsTrimmed(
-                f"events of case {case_id!r} after Last-Event-ID {after!r} are no longer "
-                "kept (a case keeps its newest events): read the case (GET) for where it "
-                "stands, then its events from 0"
-            )
+            raise _trimmed(case_id, after)
+
+    @staticmethod
+    def _check_no_gap(case_id: str, after: str, first_found: StoredEvent) -> None:
+        """Refuses a read after `after` whose first event follows one the log dropped,
+        above `after`: it came with the read, so trimming after the read (which drops what
+        the stream read already, maybe `after` too) is no gap. `0` asks for the oldest kept."""
+        previous = first_found.previous
+        if (
+            previous is not None
+            and event_order(after) != (0, 0)
+            and event_order(previous) > event_order(after)
+        ):
+            raise _trimmed(case_id, after)
 
     def _take_slot(self, caller: str) -> Callable[[], None]:
         """One of this worker's stream slots for `caller`, and what gives it back (once,
@@ -211,7 +223,7 @@ class CaseEvents:
                     # what the stream has not served yet. It ends then, and the client,
                     # reconnecting after the last id it got, is told (410).
                     if found and after is not None:
-                        await self._check_resume_point(events, case_id, after)
+                        self._check_no_gap(case_id, after, found[0])
             except (BackendUnavailable, EventsTrimmed) as error:
                 log.warning("case %s: event stream ended: %s", case_id, error)
                 return
@@ -226,6 +238,14 @@ class CaseEvents:
                 yield None
             if left_ms <= 0 and not more:
                 return
+
+
+def _trimmed(case_id: str, after: str) -> EventsTrimmed:
+    return EventsTrimmed(
+        f"events of case {case_id!r} after Last-Event-ID {after!r} are no longer kept (a "
+        "case keeps its newest events): read the case (GET) for where it stands, then its "
+        "events from 0"
+    )
 
 
 def sse_frame(event: StoredEvent | None) -> str:

@@ -8,7 +8,9 @@ whose first attempt did land (by redis-py's retry, or ours) is stored once. Ever
 looks, the first too: one that timed out may reach Redis after its retry ran (its bytes held
 up in the network or a proxy while the retry went on a new connection). Stream
 ids (`<ms>-<seq>`) are the event ids, so a reader resumes from any id it saw; a
-blocking XREAD waits for the next one without polling.
+blocking XREAD waits for the next one without polling. Each entry carries its
+predecessor's id (`p`): a reader after an id below it knows, from what it read, that the
+log dropped events it missed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from ..ports import JSON, ResumePoint, StoredEvent
+from ..ports import JSON, ResumePoint, StoredEvent, event_order
 from . import redis_client
 from .redis_client import hot_key
 from .redis_store import redis_errors
@@ -55,14 +57,21 @@ for _, entry in ipairs(recent) do
     end
   end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'd', ARGV[2])
+local entry = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'd', ARGV[2]}
+if recent[1] then
+  -- Its predecessor: a reader after an id below it, once trimmed, missed it.
+  table.insert(entry, 'p')
+  table.insert(entry, recent[1][1])
+end
+local id = redis.call(unpack(entry))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return id
 """
 
 
-# KEYS[1] stream. The server's TIME; then, for a stream, its last generated id, its oldest
-# kept and how many entries it dropped (Redis 7's `entries-added`; 0 before, unknown).
+# KEYS[1] stream. The server's TIME; then, for a stream, its last generated id and the
+# predecessor of its oldest kept entry ('' when it has none: nothing dropped). Inside a
+# script XINFO answers RESP2 (a flat list) whatever protocol the client speaks.
 _RESUME_POINT = """
 local now = redis.call('TIME')
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -73,24 +82,21 @@ local field = {}
 for i = 1, #info, 2 do
   field[info[i]] = info[i + 1]
 end
-local newest = field['last-generated-id']
-local oldest = newest
+local dropped = ''
 if type(field['first-entry']) == 'table' then
-  oldest = field['first-entry'][1]
+  local fields = field['first-entry'][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' then
+      dropped = fields[i + 1]
+    end
+  end
 end
-local dropped = (field['entries-added'] or field['length']) - field['length']
-return {now[1], now[2], newest, oldest, dropped}
+return {now[1], now[2], field['last-generated-id'], dropped}
 """
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ordered(event_id: str) -> tuple[int, int]:
-    """A stream id as what orders it (`<ms>` alone is `<ms>-0`)."""
-    millis, _, seq = event_id.partition("-")
-    return int(millis), int(seq or 0)
 
 
 class RedisEventLog:
@@ -166,15 +172,23 @@ class RedisEventLog:
         for entries in streams:
             for event_id, fields in entries:
                 values = dict(zip(fields[::2], fields[1::2], strict=True))
-                raw = values[b"d"] if b"d" in values else values["d"]  # decode_responses
-                events.append(StoredEvent(_text(event_id), json.loads(raw)))
+                # Keys are bytes, or str with decode_responses.
+                raw = values[b"d"] if b"d" in values else values["d"]
+                previous = values.get(b"p", values.get("p"))
+                events.append(
+                    StoredEvent(
+                        _text(event_id),
+                        json.loads(raw),
+                        None if previous is None else _text(previous),
+                    )
+                )
         return events
 
     def valid_id(self, event_id: str) -> bool:
         return bool(_STREAM_ID.fullmatch(event_id))
 
     async def resume_point(self, thread_id: str, after: str) -> ResumePoint:
-        if _ordered(after) == (0, 0):
+        if event_order(after) == (0, 0):
             return ResumePoint.KEPT
         with redis_errors():
             found = await redis_client.run_script(
@@ -185,11 +199,11 @@ class RedisEventLog:
             # None kept: a log expired or deleted starts again at the server's clock (an
             # id is the time of its append in ms), past every id it gave out before.
             now = (int(seconds) * 1000 + int(micros) // 1000, 0)
-            return ResumePoint.KEPT if _ordered(after) <= now else ResumePoint.PAST_NEWEST
-        newest, oldest_kept, dropped = _text(log[0]), _text(log[1]), int(log[2])
-        if _ordered(after) > _ordered(newest):
+            return ResumePoint.KEPT if event_order(after) <= now else ResumePoint.PAST_NEWEST
+        newest, newest_dropped = _text(log[0]), _text(log[1])
+        if event_order(after) > event_order(newest):
             return ResumePoint.PAST_NEWEST
-        if dropped and _ordered(after) < _ordered(oldest_kept):
+        if newest_dropped and event_order(after) < event_order(newest_dropped):
             return ResumePoint.TRIMMED
         return ResumePoint.KEPT
 

@@ -141,3 +141,15 @@ async def test_an_id_whose_successors_were_trimmed_says_so(events: EventLog) -> 
     assert await events.resume_point(thread, ids[-1]) is ResumePoint.KEPT
     # From the oldest kept, by asking for it: no resume, nothing to say.
     assert await events.resume_point(thread, "0") is ResumePoint.KEPT
+
+
+async def test_the_newest_dropped_id_resumes_without_missing_anything(events: EventLog) -> None:
+    """A client holding the last event the log dropped has every event after it still kept:
+    nothing to refuse (a 410 would send it back to 0 for nothing)."""
+    thread = unique_thread("events")
+    ids = [await events.append(thread, {"n": n}) for n in range(MAX_EVENTS * 2)]
+    oldest_kept = (await events.read(thread, count=1))[0].id
+    newest_dropped = ids[ids.index(oldest_kept) - 1]
+    assert await events.resume_point(thread, newest_dropped) is ResumePoint.KEPT
+    older = ids[ids.index(oldest_kept) - 2]
+    assert await events.resume_point(thread, older) is ResumePoint.TRIMMED

@@ -77,6 +77,7 @@ from state.ports import (
     acting_caller,
     check_distinct,
     checkpoint_time_us,
+    event_order,
     timed_probe,
 )
 from state.retention import TieredRetention
@@ -1404,8 +1405,6 @@ class MemoryEventLog(_Tier):
         super().__init__(outage)
         self._max_events = max_events
         self._logs: dict[str, list[StoredEvent]] = {}
-        # Events each thread's log dropped, its oldest past `max_events`.
-        self._dropped: dict[str, int] = {}
         self._appended = asyncio.Condition()
 
     async def append(self, thread_id: str, data: JSON) -> str:
@@ -1417,22 +1416,16 @@ class MemoryEventLog(_Tier):
             event_id = f"{last_ms}-{last_seq + 1}" if millis <= last_ms else f"{millis}-0"
         else:
             event_id = f"{millis}-0"
-        log.append(StoredEvent(event_id, json.loads(json.dumps(data))))
-        if len(log) > self._max_events:
-            self._dropped[thread_id] = self._dropped.get(thread_id, 0) + 1
-            del log[0]
+        previous = log[-1].id if log else None
+        log.append(StoredEvent(event_id, json.loads(json.dumps(data)), previous))
+        del log[: -self._max_events]
         async with self._appended:
             self._appended.notify_all()
         return event_id
 
-    @staticmethod
-    def _key(event_id: str) -> tuple[int, int]:
-        millis, _, seq = event_id.partition("-")
-        return int(millis), int(seq or 0)
-
     def _after(self, thread_id: str, after: str | None, count: int) -> list[StoredEvent]:
-        start = self._key(after or "0-0")
-        return [e for e in self._logs.get(thread_id, []) if self._key(e.id) > start][:count]
+        start = event_order(after or "0-0")
+        return [e for e in self._logs.get(thread_id, []) if event_order(e.id) > start][:count]
 
     async def read(
         self, thread_id: str, *, after: str | None = None, wait_ms: int = 0, count: int = 100
@@ -1455,22 +1448,22 @@ class MemoryEventLog(_Tier):
     async def resume_point(self, thread_id: str, after: str) -> ResumePoint:
         self._call("read")
         log = self._logs.get(thread_id, [])
-        point = self._key(after)
+        point = event_order(after)
         if point == (0, 0):
             return ResumePoint.KEPT
         if not log:
             now = (int(time.time() * 1000), 0)
             return ResumePoint.KEPT if point <= now else ResumePoint.PAST_NEWEST
-        if point > self._key(log[-1].id):
+        if point > event_order(log[-1].id):
             return ResumePoint.PAST_NEWEST
-        if self._dropped.get(thread_id) and point < self._key(log[0].id):
+        dropped = log[0].previous
+        if dropped is not None and point < event_order(dropped):
             return ResumePoint.TRIMMED
         return ResumePoint.KEPT
 
     async def delete(self, thread_id: str) -> None:
         self._call("delete")
         self._logs.pop(thread_id, None)
-        self._dropped.pop(thread_id, None)
 
 
 @dataclass
