@@ -29,6 +29,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, DataError, OperationalError
 from psycopg.abc import RV, Params, PQGen, Query, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.errors import ReadOnlySqlTransaction
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed
@@ -75,6 +76,11 @@ CANCEL_SECONDS = 1.0
 # migration goes through the deploy hook (scripts/azd/postgres_access.py), which has no
 # bound.
 MIGRATION_SECONDS = 300.0
+# SQLSTATE class 54, program_limit_exceeded (psycopg files it under OperationalError, with
+# transient trouble), and its general code: a value over a server limit (an index entry
+# over btree's 2704 bytes, a jsonb value over 256 MB).
+PROGRAM_LIMIT_CLASS = "54"
+PROGRAM_LIMIT_EXCEEDED = "54000"
 
 
 class ServerSilent(OperationalError):
@@ -443,6 +449,13 @@ class PostgresConnection:
                         # connections now, so one caller sees the outage instead of each.
                         await pool.check()
                     raise
+                except ReadOnlySqlTransaction:
+                    # Connected to a server in recovery (a failover demoted it, or the
+                    # host name still points at it): every session opened there refuses
+                    # writes alike, for as long as it lives. Open new ones, which reach
+                    # whichever server is writable by then.
+                    await pool.drain()
+                    raise
                 finally:
                     conn.deadline = None
 
@@ -468,6 +481,9 @@ class PostgresConnection:
             except OperationalError:
                 if conn.broken:
                     pool.check()
+                raise
+            except ReadOnlySqlTransaction:
+                pool.drain()  # as in `connection`
                 raise
             finally:
                 conn.deadline = None
@@ -565,10 +581,11 @@ def dump_json(value: Any) -> str:
 
 @contextmanager
 def postgres_errors() -> Iterator[None]:
-    """Connection failures, pool timeouts and stalled servers become `BackendUnavailable`;
-    data errors (SQLSTATE class 22: a NUL character in JSON, a number JSON cannot carry)
-    become `InvalidValue`, and any other error the server or driver raises becomes
-    `RequestRejected`."""
+    """Connection failures, pool timeouts, stalled servers and a server in recovery (a
+    write refused as read-only after a failover) become `BackendUnavailable`; data errors
+    (SQLSTATE class 22: a NUL character in JSON, a number JSON cannot carry), text that is
+    not UTF-8 and values over a server limit (54000) become `InvalidValue`, and any other
+    error the server or driver raises becomes `RequestRejected`."""
     try:
         yield
     except PoolClosed as exc:
@@ -577,11 +594,28 @@ def postgres_errors() -> Iterator[None]:
     except ServerSilent as exc:
         raise NoAnswer("postgres", "no answer in time") from exc
     except OperationalError as exc:
+        if exc.sqlstate is not None and exc.sqlstate.startswith(PROGRAM_LIMIT_CLASS):
+            # Past a fixed limit of the server's: sent again, it fails the same way.
+            # 54000 is a value too large for it (an index entry, a jsonb value).
+            refusal = InvalidValue if exc.sqlstate == PROGRAM_LIMIT_EXCEEDED else RequestRejected
+            raise refusal("postgres", _describe(exc), code=exc.sqlstate) from exc
         raise BackendUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+    except ReadOnlySqlTransaction as exc:
+        # A server in recovery (after a failover) refuses a write until the pool reaches
+        # the new primary: an outage, not a refusal for good.
+        raise BackendUnavailable("postgres", _describe(exc)) from exc
     except TimeoutError as exc:
         raise NoAnswer("postgres", "no answer in time") from exc
     except DataError as exc:
         raise InvalidValue("postgres", _describe(exc), code=exc.sqlstate) from exc
+    except UnicodeEncodeError as exc:
+        # psycopg encoding a text parameter with a lone surrogate: found before sending.
+        raise InvalidValue(
+            "postgres",
+            "a lone surrogate (not UTF-8) in a text value",
+            # What the server answers for text that is not UTF-8 (character_not_in_repertoire).
+            code="22021",
+        ) from exc
     except psycopg.Error as exc:
         raise RequestRejected("postgres", _describe(exc), code=exc.sqlstate) from exc
 

@@ -3,6 +3,7 @@ SDK's or the driver's own exceptions (real Cosmos emulator and real Postgres).""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -97,3 +98,41 @@ async def test_checkpoint_metadata_json_cannot_carry_is_invalid_value(
             await backends.checkpoints.put_checkpoint(checkpoint, [])
         assert refused.value.backend == backend
         assert await backends.checkpoints.get_checkpoint(thread, "", None) is None
+
+
+async def test_a_key_over_a_postgres_index_limit_is_invalid_value_not_an_outage(
+    postgres: Backends,
+) -> None:
+    """A key whose index entry passes btree's limit (2704 bytes; random text does not
+    compress under it) fails the same way however often it is sent: `InvalidValue`,
+    not `BackendUnavailable`, which callers retry as an outage."""
+    thread = unique_thread("typed") + secrets.token_urlsafe(4000)
+    with pytest.raises(InvalidValue) as refused:
+        await postgres.cold.create(thread, {"s": 1}, agent_id="a")
+    assert refused.value.backend == "postgres" and refused.value.code == "54000"
+    checkpoint = StoredCheckpoint(
+        thread_id=thread,
+        checkpoint_ns="",
+        checkpoint_id="1f000000-0000-6000-8000-000000000001",
+        parent_checkpoint_id=None,
+        checkpoint=("msgpack", b"checkpoint"),
+        metadata={},
+        channel_versions={},
+    )
+    with pytest.raises(InvalidValue):
+        await postgres.checkpoints.put_checkpoint(checkpoint, [])
+
+
+async def test_text_postgres_cannot_encode_is_invalid_value(postgres: Backends) -> None:
+    """A lone surrogate (not UTF-8) in a text parameter (an agent id, a run id, a checkpoint
+    namespace) is refused as `InvalidValue`, as every store refuses it, not psycopg's
+    encoder failing with a plain UnicodeEncodeError; nothing is stored."""
+    thread = unique_thread("typed")
+    with pytest.raises(InvalidValue) as refused:
+        await postgres.cold.create(thread, {"s": 1}, agent_id="agent \ud800")
+    assert refused.value.backend == "postgres"
+    assert await postgres.cold.get(thread) is None
+    with pytest.raises(InvalidValue):
+        await postgres.checkpoints.delete_for_runs(["run \ud800"])
+    with pytest.raises(InvalidValue):
+        await postgres.checkpoints.get_checkpoint(thread, "ns \udc00", None)
