@@ -21,7 +21,10 @@ SUDO=""
 missing=()
 has python3 || missing+=("python3: Python 3 (apt-get install python3)")
 has node || missing+=("node: Node.js, for the Cosmos emulator (apt-get install nodejs npm)")
-has npm || missing+=("npm: installs the Cosmos emulator (apt-get install npm)")
+# npm only installs the emulator: none needed once node_modules holds it.
+if [ ! -d node_modules/@vercel/cosmosdb-server ] && ! has npm; then
+  missing+=("npm: installs the Cosmos emulator (apt-get install npm)")
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if ! has apt-get; then
     missing+=("apt-get, to install ${need_apt[*]}: on a non-Debian machine install them yourself")

@@ -515,8 +515,9 @@ class ResumePoint(Enum):
     # the clock passes it, so a read after it misses every event until then; another
     # thread's newer id is one.
     PAST_NEWEST = "past_newest"
-    # Below the newest event the log dropped (the `previous` of its oldest kept): events
-    # after it are gone, and a read after it starts at the oldest kept as if none were.
+    # Below the newest event the log dropped (the `previous` of its oldest kept; below the
+    # oldest kept, once the log dropped some, when that names none): events after it are
+    # gone, and a read after it starts at the oldest kept as if none were.
     TRIMMED = "trimmed"
 
 

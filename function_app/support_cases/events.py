@@ -106,10 +106,7 @@ class CaseEvents:
         try:
             first = await events.read(case_id, after=after, wait_ms=0, count=PAGE)
             if after is not None:
-                if first:
-                    self._check_no_gap(case_id, after, first[0])
-                else:
-                    await self._check_resume_point(events, case_id, after)
+                await self._check_no_gap(events, case_id, after, first)
         except BaseException:
             give_back()
             raise
@@ -133,17 +130,26 @@ class CaseEvents:
         if point is ResumePoint.TRIMMED:
             raise _trimmed(case_id, after)
 
-    @staticmethod
-    def _check_no_gap(case_id: str, after: str, first_found: StoredEvent) -> None:
+    @classmethod
+    async def _check_no_gap(
+        cls, events: EventLog, case_id: str, after: str, found: list[StoredEvent]
+    ) -> None:
         """Refuses a read after `after` whose first event follows one the log dropped,
         above `after`: it came with the read, so trimming after the read (which drops what
-        the stream read already, maybe `after` too) is no gap. `0` asks for the oldest kept."""
-        previous = first_found.previous
-        if (
-            previous is not None
-            and event_order(after) != (0, 0)
-            and event_order(previous) > event_order(after)
-        ):
+        the stream read already, maybe `after` too) is no gap. `0` asks for the oldest kept.
+        A read that found none asks the log (`_check_resume_point`); so does one whose first
+        event names no predecessor (the log's first, or written by an older release)."""
+        if event_order(after) == (0, 0):
+            return
+        if not found:
+            await cls._check_resume_point(events, case_id, after)
+            return
+        previous = found[0].previous
+        if previous is None:
+            trimmed = await events.resume_point(case_id, after) is ResumePoint.TRIMMED
+        else:
+            trimmed = event_order(previous) > event_order(after)
+        if trimmed:
             raise _trimmed(case_id, after)
 
     def _take_slot(self, caller: str) -> Callable[[], None]:
@@ -223,7 +229,7 @@ class CaseEvents:
                     # what the stream has not served yet. It ends then, and the client,
                     # reconnecting after the last id it got, is told (410).
                     if found and after is not None:
-                        self._check_no_gap(case_id, after, found[0])
+                        await self._check_no_gap(events, case_id, after, found)
             except (BackendUnavailable, EventsTrimmed) as error:
                 log.warning("case %s: event stream ended: %s", case_id, error)
                 return

@@ -69,9 +69,11 @@ return id
 """
 
 
-# KEYS[1] stream. The server's TIME; then, for a stream, its last generated id and the
-# predecessor of its oldest kept entry ('' when it has none: nothing dropped). Inside a
-# script XINFO answers RESP2 (a flat list) whatever protocol the client speaks.
+# KEYS[1] stream. The server's TIME; then, for a stream, its last generated id, the
+# predecessor of its oldest kept entry ('' when it has none), that entry's id and how many
+# entries the stream dropped (Redis 7's `entries-added`; 0 before, unknown): an entry
+# written before entries carried `p` has none, dropped or not. Inside a script XINFO
+# answers RESP2 (a flat list) whatever protocol the client speaks.
 _RESUME_POINT = """
 local now = redis.call('TIME')
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -82,16 +84,20 @@ local field = {}
 for i = 1, #info, 2 do
   field[info[i]] = info[i + 1]
 end
-local dropped = ''
+local newest = field['last-generated-id']
+local previous = ''
+local oldest = newest
 if type(field['first-entry']) == 'table' then
+  oldest = field['first-entry'][1]
   local fields = field['first-entry'][2]
   for i = 1, #fields, 2 do
     if fields[i] == 'p' then
-      dropped = fields[i + 1]
+      previous = fields[i + 1]
     end
   end
 end
-return {now[1], now[2], field['last-generated-id'], dropped}
+local dropped = (field['entries-added'] or field['length']) - field['length']
+return {now[1], now[2], newest, previous, oldest, dropped}
 """
 
 
@@ -200,12 +206,17 @@ class RedisEventLog:
             # id is the time of its append in ms), past every id it gave out before.
             now = (int(seconds) * 1000 + int(micros) // 1000, 0)
             return ResumePoint.KEPT if event_order(after) <= now else ResumePoint.PAST_NEWEST
-        newest, newest_dropped = _text(log[0]), _text(log[1])
+        newest, newest_dropped, oldest_kept = (_text(value) for value in log[:3])
         if event_order(after) > event_order(newest):
             return ResumePoint.PAST_NEWEST
-        if newest_dropped and event_order(after) < event_order(newest_dropped):
-            return ResumePoint.TRIMMED
-        return ResumePoint.KEPT
+        if newest_dropped:
+            trimmed = event_order(after) < event_order(newest_dropped)
+        else:
+            # Its oldest kept entry names no predecessor: the log's first, or one written
+            # before entries carried it (an older release), whose dropped predecessor is
+            # unknown: any id below it may have missed some.
+            trimmed = int(log[3]) > 0 and event_order(after) < event_order(oldest_kept)
+        return ResumePoint.TRIMMED if trimmed else ResumePoint.KEPT
 
     async def delete(self, thread_id: str) -> None:
         with redis_errors():

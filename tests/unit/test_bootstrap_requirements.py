@@ -103,3 +103,23 @@ def test_without_python3_venv_and_without_sudo_it_says_what_to_install(tmp_path:
         "[bootstrap] python3 cannot make a venv: install python3-venv (as root), then run"
         " this again"
     ), result.stderr
+
+
+def test_with_the_emulator_installed_it_does_not_ask_for_npm(tmp_path: Path) -> None:
+    """Found by review: npm only installs the emulator (`npm ci`), skipped once
+    node_modules holds it, yet a machine without npm (a CI cache of node_modules, node
+    alone in the image) was refused; it ran before the check came."""
+    (tmp_path / "project" / "node_modules" / "@vercel" / "cosmosdb-server").mkdir(parents=True)
+    tools = {
+        "python3": STUB,  # no uv from pip nor a venv: it stops there, having installed none
+        "node": None,
+        "redis-server": STUB,
+        "initdb": STUB,
+        "id": "#!/bin/sh\necho 0\n",  # root: no sudo needed; and no apt-get
+    }
+    result = _bootstrap(tmp_path, tools)
+    assert "lacks" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "[bootstrap] python3 cannot make a venv: install python3-venv (as root), then run"
+        " this again"
+    ), result.stderr
