@@ -37,6 +37,17 @@ param principalName string = ''
 ])
 param stateColdBackend string = 'cosmos'
 
+@description('POSTGRES_SKU: compute of the Postgres server (STATE_COLD_BACKEND=postgres). Its connections are shared by every instance, at least 2 each: Burstable B1ms (35 user connections) cannot serve the 40 instances Flex Consumption scales to at least, so it is not offered. The instance cap and POSTGRES_POOL_MAX_SIZE follow from it (postgresMaxInstances, postgresPoolMaxSize).')
+@allowed([
+  'Standard_B2s'
+  'Standard_B2ms'
+  'Standard_B4ms'
+  'Standard_D2ds_v5'
+  'Standard_D4ds_v5'
+  'Standard_E2ds_v5'
+])
+param postgresSkuName string = 'Standard_B2s'
+
 @description('Hot tier service. Azure Managed Redis is the default; Azure Cache for Redis is retiring (new caches only where the subscription may still create them): see README.md "Hot tier".')
 @allowed([
   'AzureCacheForRedis'
@@ -79,7 +90,7 @@ param authAllowedClientIds string = ''
 ])
 param pythonVersion string = '3.11'
 
-@description('Function App scale-out limit (cost ceiling). Flex Consumption accepts 40..1000.')
+@description('Function App scale-out limit (cost ceiling). Flex Consumption accepts 40..1000. With Postgres, lowered to the instances the server can give 2 connections each (see postgresSkuName).')
 @minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
@@ -124,6 +135,46 @@ var tags = {
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 var usePostgres = stateColdBackend == 'postgres'
+// Connections: each instance's pool may fill at once under load, so instances x
+// POSTGRES_POOL_MAX_SIZE must fit the server's user connections, or requests fail with
+// "too many connections". userConnections: the default max_connections of each compute less
+// the 15 Azure keeps for replication and monitoring (Azure Database for PostgreSQL Flexible
+// Server, "Limits": https://learn.microsoft.com/azure/postgresql/flexible-server/concepts-limits).
+var postgresSkus = {
+  Standard_B2s: {
+    tier: 'Burstable'
+    userConnections: 414
+  }
+  Standard_B2ms: {
+    tier: 'Burstable'
+    userConnections: 844
+  }
+  Standard_B4ms: {
+    tier: 'Burstable'
+    userConnections: 1703
+  }
+  Standard_D2ds_v5: {
+    tier: 'GeneralPurpose'
+    userConnections: 844
+  }
+  Standard_D4ds_v5: {
+    tier: 'GeneralPurpose'
+    userConnections: 1703
+  }
+  Standard_E2ds_v5: {
+    tier: 'MemoryOptimized'
+    userConnections: 1703
+  }
+}
+// The postprovision role hook signs in as the administrator (one connection at a time)
+// while the app may be running; the maintenance timer shares its worker's pool.
+var postgresAppConnections = postgresSkus[postgresSkuName].userConnections - 1
+// Fewer than 2 connections per worker would queue every run behind one: past that many
+// instances, the cap is lowered (never below 40 for the SKUs offered: 413 / 2 = 206).
+var postgresMaxInstances = min(maximumInstanceCount, postgresAppConnections / 2)
+var appMaxInstances = usePostgres ? postgresMaxInstances : maximumInstanceCount
+// The app's default pool (10) unless the server cannot give every instance that many.
+var postgresPoolMaxSize = usePostgres ? min(10, postgresAppConnections / appMaxInstances) : 10
 var useManagedRedis = redisKind == 'AzureManagedRedis'
 // STATE_COLD_TTL_SECONDS: -1 or >= 1, never 0 (the app refuses 0). The app's timer sweeps
 // whole threads past it; the Cosmos container's own default TTL stays -1 (cosmos.bicep).
@@ -257,6 +308,8 @@ module postgres 'modules/postgres.bicep' = if (usePostgres) {
     allowAzureServices: !vnetEnabled && postgresAllowAzureServices
     clientIpAddress: vnetEnabled ? '' : postgresClientIp
     logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
+    skuName: postgresSkuName
+    skuTier: postgresSkus[postgresSkuName].tier
   }
 }
 
@@ -370,7 +423,7 @@ module functionApp 'modules/function-app.bicep' = {
     deploymentContainerName: deploymentContainerName
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     pythonVersion: pythonVersion
-    maximumInstanceCount: maximumInstanceCount
+    maximumInstanceCount: appMaxInstances
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
     stateColdBackend: stateColdBackend
     cosmosEndpoint: usePostgres ? '' : cosmos.outputs.endpoint
@@ -381,6 +434,7 @@ module functionApp 'modules/function-app.bicep' = {
     postgresHost: usePostgres ? postgres.outputs.host : ''
     postgresDatabase: postgresDatabaseName
     postgresUser: usePostgres ? postgres.outputs.user : ''
+    postgresPoolMaxSize: postgresPoolMaxSize
     stateHotTtlSeconds: stateHotTtlSeconds
     stateColdTtlSeconds: stateColdTtl
     corsAllowedOrigins: corsAllowedOrigins

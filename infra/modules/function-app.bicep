@@ -87,6 +87,10 @@ param postgresDatabase string
 @description('POSTGRES_USER (empty when the Postgres backend is not deployed).')
 param postgresUser string = ''
 
+@description('POSTGRES_POOL_MAX_SIZE: connections one worker opens at most; main.bicep sizes it so maximumInstanceCount pools fit the server.')
+@minValue(2)
+param postgresPoolMaxSize int = 10
+
 @description('STATE_HOT_TTL_SECONDS.')
 @minValue(1)
 param stateHotTtlSeconds int = 86400
@@ -211,7 +215,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       POSTGRES_DATABASE: postgresDatabase
       POSTGRES_USER: postgresUser
       POSTGRES_POOL_MIN_SIZE: '1'
-      POSTGRES_POOL_MAX_SIZE: '10'
+      POSTGRES_POOL_MAX_SIZE: string(postgresPoolMaxSize)
       POSTGRES_POOL_TIMEOUT_SECONDS: '10'
       POSTGRES_OPERATION_TIMEOUT_SECONDS: '30'
       // Hot tier (Entra auth, TLS only).

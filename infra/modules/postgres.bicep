@@ -55,8 +55,8 @@ param clientIpAddress string = ''
 @description('Log Analytics workspace for diagnostic settings. Empty: none.')
 param logAnalyticsWorkspaceId string = ''
 
-@description('Compute SKU (Burstable B1ms is the smallest).')
-param skuName string = 'Standard_B1ms'
+@description('Compute SKU: main.bicep postgresSkuName, whose connections it shares among the Function App instances.')
+param skuName string
 
 @description('Compute tier of skuName.')
 @allowed([
@@ -64,7 +64,7 @@ param skuName string = 'Standard_B1ms'
   'GeneralPurpose'
   'MemoryOptimized'
 ])
-param skuTier string = 'Burstable'
+param skuTier string
 
 @description('Postgres major version.')
 param version string = '16'

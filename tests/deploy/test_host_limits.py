@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
-from test_infra import infra_file
+from test_infra import Expr, app_settings_resource, infra_file
 
 from support_cases.api import create_app
 from support_cases.maintenance import (
@@ -121,3 +121,103 @@ def test_an_instance_takes_concurrent_requests_up_to_the_runs_its_worker_drives(
     passed = module.params().get("httpPerInstanceConcurrency")
     assert passed is not None and passed.text == b"httpPerInstanceConcurrency"
     assert main.evaluate(main.params["httpPerInstanceConcurrency"].default) == concurrency
+
+
+# Azure Database for PostgreSQL Flexible Server, "Limits", maximum connections
+# (https://learn.microsoft.com/azure/postgresql/flexible-server/concepts-limits): the
+# "maximum user connections" of each compute, its default max_connections less the 15 that
+# Azure keeps for physical replication and monitoring.
+POSTGRES_USER_CONNECTIONS = {
+    "Standard_B1ms": 50 - 15,
+    "Standard_B2s": 429 - 15,
+    "Standard_B2ms": 859 - 15,
+    "Standard_B4ms": 1718 - 15,
+    "Standard_D2ds_v5": 859 - 15,
+    "Standard_D4ds_v5": 1718 - 15,
+    "Standard_E2ds_v5": 1718 - 15,
+}
+# The postprovision role hook (scripts/azd/postgres_access.py) signs in as the Entra
+# administrator, one connection at a time, while the app may already be running.
+POSTGRES_HOOK_CONNECTIONS = 1
+# Flex Consumption's lowest maximumInstanceCount (README, "Platform bounds").
+FLEX_MIN_INSTANCES = 40
+
+
+def _deployed_app(**main_params: object) -> tuple[str, int, object]:
+    """(Postgres SKU, instance cap, POSTGRES_POOL_MAX_SIZE) as main.bicep deploys them."""
+    main = infra_file("main.bicep").bind(**main_params)
+
+    def passed(module_file: str) -> dict[str, object]:
+        module = next(m for m in main.modules if m.path.endswith(module_file))
+        return {
+            name: main.evaluate(node, assume_defaults=True)
+            for name, node in module.params().items()
+        }
+
+    postgres_module = infra_file("postgres.bicep")
+    sku = passed("postgres.bicep").get("skuName")
+    if sku is None:
+        sku = postgres_module.evaluate(postgres_module.params["skuName"].default)
+    function_app = infra_file("function-app.bicep").bind(
+        **{k: v for k, v in passed("function-app.bicep").items() if not isinstance(v, Expr)}
+    )
+    site = function_app.of_type("Microsoft.Web/sites")[0]
+    instances = site.get(
+        "properties.functionAppConfig.scaleAndConcurrency.maximumInstanceCount",
+        assume_defaults=True,
+    )
+    pool = app_settings_resource([function_app]).get(
+        "properties.POSTGRES_POOL_MAX_SIZE", assume_defaults=True
+    )
+    assert isinstance(sku, str) and isinstance(instances, int)
+    return sku, instances, pool
+
+
+def _allowed(name: str) -> list[object]:
+    param = infra_file("main.bicep").params.get(name)
+    return [] if param is None else param.decorator_args.get("allowed", [[]])[0]
+
+
+def test_postgres_connections_of_every_instance_fit_the_server() -> None:
+    """Each instance's pool may fill at once under load: instances x POSTGRES_POOL_MAX_SIZE
+    past the server's user connections fails requests with "too many connections"."""
+    main = infra_file("main.bicep")
+    bounds = main.params["maximumInstanceCount"].decorator_args
+    instance_caps = {
+        main.evaluate(main.params["maximumInstanceCount"].default),
+        bounds["minValue"][0],
+        bounds["maxValue"][0],
+    }
+    skus = _allowed("postgresSkuName") or [None]
+    checked = []
+    for sku_choice in skus:
+        for cap in sorted(instance_caps):
+            chosen = {"stateColdBackend": "postgres", "maximumInstanceCount": cap}
+            if sku_choice is not None:
+                chosen["postgresSkuName"] = sku_choice
+            sku, instances, pool = _deployed_app(**chosen)
+            assert sku in POSTGRES_USER_CONNECTIONS, f"{sku}: add its documented user connections"
+            budget = POSTGRES_USER_CONNECTIONS[sku] - POSTGRES_HOOK_CONNECTIONS
+            assert isinstance(pool, str), f"{sku}, {cap} instances: pool size {pool} not folded"
+            # Two at least: one connection per worker would serialize every run on it.
+            assert int(pool) >= 2, (sku, cap, pool)
+            assert FLEX_MIN_INSTANCES <= instances <= cap, (sku, cap, instances)
+            assert instances * int(pool) <= budget, (
+                f"{sku}, maximumInstanceCount {cap}: {instances} instances x pool {pool} "
+                f"= {instances * int(pool)} connections, the server takes {budget}"
+            )
+            checked.append((sku, cap))
+    # The default deployment is among those checked, and keeps the app's default pool.
+    default_sku, default_instances, default_pool = _deployed_app(stateColdBackend="postgres")
+    assert (default_sku, default_instances, int(str(default_pool))) in {
+        (s, c, AppSettings.model_fields["postgres_pool_max_size"].default) for s, c in checked
+    }
+
+
+def test_cosmos_deployments_keep_the_instance_cap_and_the_default_pool() -> None:
+    main = infra_file("main.bicep")
+    bounds = main.params["maximumInstanceCount"].decorator_args
+    for cap in (bounds["minValue"][0], bounds["maxValue"][0]):
+        _, instances, pool = _deployed_app(stateColdBackend="cosmos", maximumInstanceCount=cap)
+        assert instances == cap
+        assert pool == str(AppSettings.model_fields["postgres_pool_max_size"].default)

@@ -396,6 +396,15 @@ class BicepFile:
                     return left != right
                 if operator in {"&&", "||"} and isinstance(left, bool) and isinstance(right, bool):
                     return left and right if operator == "&&" else left or right
+                if _is_int(left) and _is_int(right):
+                    return _integer_operation(operator, left, right, text(node))
+            return Expr(text(node))
+        if kind == "subscript_expression" and len(node.named_children) == 2:
+            target, key = (ev(child) for child in node.named_children)
+            if isinstance(target, dict) and isinstance(key, str) and key in target:
+                return target[key]
+            if isinstance(target, list) and _is_int(key) and 0 <= key < len(target):
+                return target[key]
             return Expr(text(node))
         if kind == "call_expression":
             return self._call(node, ev)
@@ -468,6 +477,8 @@ class BicepFile:
             return str(args[0]).lower() if isinstance(args[0], bool) else str(args[0])
         if name == "empty" and len(args) == 1 and isinstance(args[0], (str, list, dict)):
             return len(args[0]) == 0
+        if name in {"min", "max"} and args and all(_is_int(arg) for arg in args):
+            return min(args) if name == "min" else max(args)
         return Expr(text(node))
 
     def _apply(self, lambda_node: Node, item: Any, ev: Callable[[Node], Any]) -> Any:
@@ -479,6 +490,28 @@ class BicepFile:
             return ev(lambda_node.named_children[-1])
         finally:
             self.bound = saved
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer_operation(operator: str, left: int, right: int, source: str) -> Any:
+    """Bicep's integer arithmetic and comparisons; `/` truncates toward zero, as ARM's div()."""
+    if operator == "/" and right != 0:
+        quotient = abs(left) // abs(right)
+        return quotient if (left < 0) == (right < 0) else -quotient
+    operations: dict[str, Callable[[int, int], Any]] = {
+        "+": lambda a, b: a + b,
+        "-": lambda a, b: a - b,
+        "*": lambda a, b: a * b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
+    }
+    operation = operations.get(operator)
+    return Expr(source) if operation is None else operation(left, right)
 
 
 def text(node: Node) -> str:
@@ -1263,6 +1296,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         "postgresHost": "",
         "postgresDatabase": "agentstate",
         "postgresUser": "",
+        "string(postgresPoolMaxSize)": "10",
         "redisHost": "redis-abc.redis.cache.windows.net",
         "string(redisPort)": "6380",
         "string(stateHotTtlSeconds)": "86400",
@@ -2178,3 +2212,20 @@ def test_settings_parity_fails_when_the_app_gains_a_setting() -> None:
     assert (
         bicep_app_setting_names() != (with_new_field - set(ABSENT_IN_AZURE)) | AZURE_HOST_SETTINGS
     )
+
+
+def test_evaluator_folds_integer_arithmetic_lookups_and_min_max_as_bicep_does() -> None:
+    snippet = parse(
+        """
+var limits = { small: { connections: 414 } }
+var budget = limits['small'].connections - 1
+var perInstance = min(10, budget / 40)
+var truncated = -7 / 2
+var fits = 40 * perInstance <= budget
+"""
+    )
+    values = {name: snippet.evaluate(node) for name, node in snippet.variables.items()}
+    assert values["budget"] == 413
+    assert values["perInstance"] == 10
+    assert values["truncated"] == -3
+    assert values["fits"] is True
