@@ -282,6 +282,12 @@ def _check_postgres_url(url: SecretStr) -> None:
             "in a URL, a `/` in the password is written %2F). The value is not repeated "
             "here: a password cut short may have become it"
         )
+    if options.get("target_session_attrs") in _POSTGRES_STANDBY_ATTRS:
+        raise SettingsError(
+            "POSTGRES_URL's target_session_attrs picks a standby: the app writes (its "
+            "migrations first), and a standby refuses every write read-only, which it "
+            "takes for a failover in progress and retries. Use read-write (or primary)"
+        )
 
 
 _POSTGRES_CHOICES = {
@@ -291,6 +297,8 @@ _POSTGRES_CHOICES = {
     ),
     "gssencmode": ("disable", "prefer", "require"),
 }  # fmt: skip
+# target_session_attrs values that may pick a standby (or a read-only session) over the primary.
+_POSTGRES_STANDBY_ATTRS = ("read-only", "standby", "prefer-standby")
 # Read by libpq as whole numbers. Not `connect_timeout`: psycopg reads that one itself (as
 # `int(float(value))`, so `2.5` is fine) and connects by polling, where libpq never does.
 _POSTGRES_INTEGERS = (

@@ -172,6 +172,8 @@ class CountedConnection(AsyncConnection[DictRow]):
     deadline: float | None = None  # monotonic, while an operation has the connection
     answer_timeout: float | None = None
     circuit: AnswerCircuit | None = None
+    # Monotonic: when first lent, which is after the pool dated it (for its drains).
+    first_lent: float = float("inf")
 
     async def wait(
         self,
@@ -252,6 +254,8 @@ class CountedBlockingConnection(psycopg.Connection[DictRow]):
     deadline: float | None = None
     answer_timeout: float | None = None
     circuit: AnswerCircuit | None = None
+    # Monotonic: when first lent, which is after the pool dated it (for its drains).
+    first_lent: float = float("inf")
 
     def wait(
         self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None
@@ -317,6 +321,8 @@ class PostgresConnection:
         self.counters = Counters()
         self._blocking_pool: ConnectionPool[CountedBlockingConnection] | None = None
         self._blocking_lock = threading.Lock()
+        # When each pool was last drained (`_drain_for`).
+        self._drained_at = self._blocking_drained_at = float("-inf")
         self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
         # Once closed, never opened again: a call still in flight while the owner closes
         # (a sync caller's thread, a task finishing) would open a pool nobody closes.
@@ -439,6 +445,7 @@ class PostgresConnection:
             ):
                 conn.operation = operation
                 conn.deadline = started + seconds
+                conn.first_lent = min(conn.first_lent, time.monotonic())
                 try:
                     yield conn
                 except ServerSilent:
@@ -454,7 +461,8 @@ class PostgresConnection:
                     # host name still points at it): every session opened there refuses
                     # writes alike, for as long as it lives. Open new ones, which reach
                     # whichever server is writable by then.
-                    await pool.drain()
+                    if self._drain_for(conn.first_lent):
+                        await pool.drain()
                     raise
                 finally:
                     conn.deadline = None
@@ -474,6 +482,7 @@ class PostgresConnection:
         with self._circuit.call(), postgres_errors(), _live_blocking_connection(pool) as conn:
             conn.operation = operation
             conn.deadline = deadline + NO_ANSWER_GRACE_SECONDS
+            conn.first_lent = min(conn.first_lent, time.monotonic())
             try:
                 yield conn
             except ServerSilent:
@@ -483,10 +492,26 @@ class PostgresConnection:
                     pool.check()
                 raise
             except ReadOnlySqlTransaction:
-                pool.drain()  # as in `connection`
+                if self._drain_for(conn.first_lent, blocking=True):
+                    pool.drain()  # as in `connection`
                 raise
             finally:
                 conn.deadline = None
+
+    def _drain_for(self, first_lent: float, *, blocking: bool = False) -> bool:
+        """Whether a session refused read-only calls for a drain of its pool (now dated),
+        not only its own close. One lent before the last drain is closed as it returns
+        (the pool dated it earlier still): draining again would close those opened since,
+        on the writable server by then, once per request of a storm refused at once.
+        (Two threads checking at once may both drain: harmless.)"""
+        last = self._blocking_drained_at if blocking else self._drained_at
+        if first_lent <= last:
+            return False
+        if blocking:
+            self._blocking_drained_at = time.monotonic()
+        else:
+            self._drained_at = time.monotonic()
+        return True
 
     def _open_blocking(self) -> ConnectionPool[CountedBlockingConnection]:
         with self._blocking_lock:

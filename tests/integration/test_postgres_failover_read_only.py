@@ -137,3 +137,40 @@ def test_blocking_writes_to_a_read_only_server_are_unavailable_and_heal(
                 conn.execute("INSERT INTO written VALUES (%s)", (n,))
     finally:
         asyncio.run(pg.close())
+
+
+def _sessions(url: str) -> set[int]:
+    """The server processes of the test database's other sessions (the pool's)."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+async def test_a_refusal_on_a_session_an_earlier_drain_condemned_closes_none_opened_since(
+    pg: PostgresConnection, fresh_postgres_url: str
+) -> None:
+    """Requests refused read-only at once each drained the pool: one whose session dated from
+    before the last drain (closed as it returns anyway) closed those opened since, on the
+    writable server by then, and a storm of refusals reopened the pool once per request."""
+    store = PostgresStateStore(pg)
+    await store.create("t-1", {"a": 1}, agent_id="test")
+    _set_read_only(fresh_postgres_url, True)
+    await asyncio.sleep(0.2)
+    await store.get("t-1")  # passes over the cut sessions: the pool reopens on the read-only one
+    await asyncio.sleep(SETTLE_SECONDS)
+    with pytest.raises(BackendUnavailable):
+        async with pg.connection("stale") as stale:
+            _set_read_only(fresh_postgres_url, False)
+            with pytest.raises(BackendUnavailable):  # the other read-only session: drains
+                await store.update_section("t-1", "a", 2, expected_version=1, agent_id="test")
+            await asyncio.sleep(SETTLE_SECONDS)
+            opened_since = _sessions(fresh_postgres_url) - {stale.info.backend_pid}
+            assert opened_since
+            await stale.execute("CREATE TABLE written (n integer)")
+    await asyncio.sleep(SETTLE_SECONDS)
+    assert opened_since <= _sessions(fresh_postgres_url)
+    updated = await store.update_section("t-1", "a", 2, expected_version=1, agent_id="test")
+    assert updated.version == 2

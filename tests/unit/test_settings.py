@@ -211,6 +211,23 @@ def test_a_postgres_url_option_libpq_would_refuse_is_refused_at_start(
     assert "hunter2" not in str(refused.value) and "bogus" not in str(refused.value)
 
 
+@pytest.mark.parametrize("attrs", ["read-only", "standby", "prefer-standby"])
+def test_a_postgres_url_that_picks_a_standby_is_refused_at_start(
+    attrs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write (the startup migration first) on a standby is refused read-only, which
+    the app takes for a failover in progress: an outage retried for good, never healing."""
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv(
+        "POSTGRES_URL",
+        f"postgresql://app@db1.example,db2.example/agentstate?target_session_attrs={attrs}",
+    )
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert "target_session_attrs" in str(refused.value)
+    assert "read-write" in str(refused.value)
+
+
 @pytest.mark.parametrize(
     "url",
     [
