@@ -11,8 +11,9 @@ closes the circuit. Other calls answering while
 one waits mean the store is alive and that call was slow: it opens nothing. An answer
 counts from when its request was sent, not from when it was read: one sent before that
 call began (a pooled connection's setup, read late on a busy event loop after a link
-went silent) tells nothing of the store since. A refused connection fails fast on its
-own and opens nothing either.
+went silent) tells nothing of the store since. A refused connection (the server down)
+opens nothing either, but is not answered fast: a Postgres call waits out the pool
+timeout (10 s by default, measured) for a connection the pool cannot make.
 
 Shared by every caller of one connection object (the event loop's and the sync API's
 threads alike).

@@ -366,11 +366,18 @@ class PostgresConnection:
             if part
         )
 
+    def _connect_timeout(self) -> int:
+        """Each pool's bound on one connection attempt (per host of the URL): without it
+        psycopg waits 130 s on a server that swallows packets (a partition, a vanished
+        host), and the pool makes no other attempt meanwhile. psycopg waits 2 s at least."""
+        return max(1, int(self._config.operation_timeout_seconds))
+
     async def _connect_kwargs(self) -> dict[str, Any]:
         """Called by the pool for every new connection, so each gets a fresh token."""
         kwargs: dict[str, Any] = {
             # Reads need no transaction; writes open one explicitly.
             "autocommit": True,
+            "connect_timeout": self._connect_timeout(),
             # Once the client's own cancel had its time: a server that is reached ends
             # a slow statement at the operation timeout, as before, on the client's word.
             "options": self._session_options(
@@ -539,7 +546,7 @@ class PostgresConnection:
                         "cursor_factory": CountingBlockingCursor,
                         "options": self._session_options(config.operation_timeout_seconds),
                         "tcp_user_timeout": timeout_ms,
-                        "connect_timeout": max(1, int(config.operation_timeout_seconds)),
+                        "connect_timeout": self._connect_timeout(),
                     },
                     configure=configure,
                     min_size=1,

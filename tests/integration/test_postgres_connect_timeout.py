@@ -1,0 +1,86 @@
+"""Connection attempts of the async pool against a blackholed server (packets swallowed,
+never a reset): each attempt ends within the connect bound the blocking pool uses too,
+instead of psycopg's default 130 s, so the pool tries again (or the next host of the
+URL) and a caller learns of the outage within its bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from state.cold.postgres_client import PostgresConnection
+from state.errors import BackendUnavailable
+from state.settings import Settings
+from tests.faults.proxy import LOOPBACK, LoopbackProxy
+
+# psycopg waits at least 2 s for a connection, whatever connect_timeout asks.
+CONNECT_BOUND_SECONDS = 2.0
+
+
+def _pg(url: str, *, operation_timeout: float, pool_timeout: float) -> PostgresConnection:
+    settings = Settings.model_validate(
+        {
+            "state_cold_backend": "postgres",
+            "postgres_url": url,
+            "postgres_operation_timeout_seconds": operation_timeout,
+            "postgres_pool_timeout_seconds": pool_timeout,
+            "postgres_pool_min_size": 1,
+            "postgres_pool_max_size": 1,
+        }
+    )
+    return PostgresConnection(settings.postgres)
+
+
+async def test_an_attempt_against_a_blackholed_server_ends_within_the_bound(
+    fresh_postgres_url: str,
+) -> None:
+    with LoopbackProxy(int(str(conninfo_to_dict(fresh_postgres_url)["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(fresh_postgres_url, host=LOOPBACK, port=proxy.port)
+        pg = _pg(url, operation_timeout=1.0, pool_timeout=CONNECT_BOUND_SECONDS)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                async with pg.connection("probe") as conn:
+                    await conn.execute("SELECT 1")
+            assert time.monotonic() - started < 3 * CONNECT_BOUND_SECONDS
+            # The pool's own attempt gave up too (and will try again), not only the caller.
+            pool = await pg.pool()
+            deadline = time.monotonic() + 3 * CONNECT_BOUND_SECONDS
+            while not pool.get_stats().get("connections_errors"):
+                assert time.monotonic() < deadline, "the connection attempt never ended"
+                await asyncio.sleep(0.1)
+        finally:
+            await pg.close()
+
+
+async def test_a_blackholed_first_host_gives_way_to_the_next(fresh_postgres_url: str) -> None:
+    """A URL naming two servers (a primary and its standby, say), the first of which
+    vanished without a reset: the pool reaches the second once its attempt at the first
+    ends."""
+    params = conninfo_to_dict(fresh_postgres_url)
+    with LoopbackProxy(int(str(params["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(
+            fresh_postgres_url,
+            host=f"{LOOPBACK},{LOOPBACK}",
+            port=f"{proxy.port},{params['port']}",
+        )
+        pg = _pg(url, operation_timeout=CONNECT_BOUND_SECONDS, pool_timeout=5.0)
+        try:
+            # Waited for outside any call: the attempt at the first host takes all of one
+            # call's budget (the operation timeout bounds both).
+            pool = await pg.pool()
+            deadline = time.monotonic() + 3 * CONNECT_BOUND_SECONDS
+            while not pool.get_stats().get("pool_available"):
+                assert time.monotonic() < deadline, "the second host was never reached"
+                await asyncio.sleep(0.1)
+            async with pg.connection("probe") as conn:
+                cursor = await conn.execute("SELECT 1 AS one")
+                assert await cursor.fetchone() == {"one": 1}
+            assert proxy.stats.accepted >= 1  # the first host was tried, and left
+        finally:
+            await pg.close()
