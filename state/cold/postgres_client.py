@@ -366,18 +366,22 @@ class PostgresConnection:
             if part
         )
 
-    def _connect_timeout(self) -> int:
-        """Each pool's bound on one connection attempt (per host of the URL): without it
-        psycopg waits 130 s on a server that swallows packets (a partition, a vanished
-        host), and the pool makes no other attempt meanwhile. psycopg waits 2 s at least."""
-        return max(1, int(self._config.operation_timeout_seconds))
+    def _connect_timeout(self) -> dict[str, int]:
+        """Each pool's bound on one connection attempt (per host of the URL), as keyword
+        arguments: without one psycopg waits 130 s on a server that swallows packets (a
+        partition, a vanished host), and the pool makes no other attempt meanwhile.
+        psycopg waits 2 s at least. Empty when the URL sets its own: keyword arguments
+        override the URL's, and the operator's choice (validated by the settings) wins."""
+        if conninfo_to_dict(self._conninfo()).get("connect_timeout"):
+            return {}
+        return {"connect_timeout": max(1, int(self._config.operation_timeout_seconds))}
 
     async def _connect_kwargs(self) -> dict[str, Any]:
         """Called by the pool for every new connection, so each gets a fresh token."""
         kwargs: dict[str, Any] = {
             # Reads need no transaction; writes open one explicitly.
             "autocommit": True,
-            "connect_timeout": self._connect_timeout(),
+            **self._connect_timeout(),
             # Once the client's own cancel had its time: a server that is reached ends
             # a slow statement at the operation timeout, as before, on the client's word.
             "options": self._session_options(
@@ -438,21 +442,25 @@ class PostgresConnection:
         self, operation: str, *, seconds: float | None = None
     ) -> AsyncIterator[CountedConnection]:
         """A pooled connection (autocommit) whose statements count under `operation`,
-        bounded by `seconds` (default: the operation timeout)."""
+        bounded by `seconds` (default: the operation timeout) from when it is lent; the
+        wait for it by the pool's timeout and the call's own bound."""
         pool = await self.pool()
         if seconds is None:
             seconds = self._config.operation_timeout_seconds
-        started = time.monotonic()
+        # The connection's deadline ends a wait for the server; this bounds the rest (a
+        # wait for a pooled connection), past what ending such a wait may take.
+        bound = seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS
         with self._circuit.call(), postgres_errors():
-            # The connection's deadline ends a wait for the server; this bounds the rest
-            # (a wait for a pooled connection), past what ending such a wait may take.
-            async with (
-                asyncio.timeout(seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS),
-                _live_connection(pool) as conn,
-            ):
+            async with asyncio.timeout(bound) as call_bound, _live_connection(pool) as conn:
+                lent = time.monotonic()
+                # Counted from the lending, not the call's start: time spent waiting for
+                # the connection (a busy pool, a slow connect) is no silence of the
+                # server's, and cutting its first statement short would drop a healthy
+                # connection and report NoAnswer.
+                conn.deadline = lent + seconds
+                call_bound.reschedule(asyncio.get_running_loop().time() + bound)
                 conn.operation = operation
-                conn.deadline = started + seconds
-                conn.first_lent = min(conn.first_lent, time.monotonic())
+                conn.first_lent = min(conn.first_lent, lent)
                 try:
                     yield conn
                 except ServerSilent:
@@ -485,11 +493,13 @@ class PostgresConnection:
         if not self.blocking_available:
             raise StateError("blocking Postgres calls need POSTGRES_URL (no Entra sign-in)")
         pool = self._blocking_pool or self._open_blocking()
-        deadline = time.monotonic() + self._config.operation_timeout_seconds
         with self._circuit.call(), postgres_errors(), _live_blocking_connection(pool) as conn:
+            lent = time.monotonic()
+            # From the lending, as in `connection`: the pool's wait is bounded by its own
+            # timeout.
+            conn.deadline = lent + self._config.operation_timeout_seconds + NO_ANSWER_GRACE_SECONDS
             conn.operation = operation
-            conn.deadline = deadline + NO_ANSWER_GRACE_SECONDS
-            conn.first_lent = min(conn.first_lent, time.monotonic())
+            conn.first_lent = min(conn.first_lent, lent)
             try:
                 yield conn
             except ServerSilent:
@@ -546,7 +556,7 @@ class PostgresConnection:
                         "cursor_factory": CountingBlockingCursor,
                         "options": self._session_options(config.operation_timeout_seconds),
                         "tcp_user_timeout": timeout_ms,
-                        "connect_timeout": self._connect_timeout(),
+                        **self._connect_timeout(),
                     },
                     configure=configure,
                     min_size=1,

@@ -1,7 +1,7 @@
 """Connection attempts of the async pool against a blackholed server (packets swallowed,
 never a reset): each attempt ends within the connect bound the blocking pool uses too,
 instead of psycopg's default 130 s, so the pool tries again (or the next host of the
-URL) and a caller learns of the outage within its bounds."""
+URL) and a caller learns of the outage within its bounds. A bound the URL sets wins."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ async def test_a_blackholed_first_host_gives_way_to_the_next(fresh_postgres_url:
         )
         pg = _pg(url, operation_timeout=CONNECT_BOUND_SECONDS, pool_timeout=5.0)
         try:
-            # Waited for outside any call: the attempt at the first host takes all of one
-            # call's budget (the operation timeout bounds both).
+            # Waited for outside any call: the pool's own attempts (a call waiting for them
+            # is the next test's).
             pool = await pg.pool()
             deadline = time.monotonic() + 3 * CONNECT_BOUND_SECONDS
             while not pool.get_stats().get("pool_available"):
@@ -84,3 +84,50 @@ async def test_a_blackholed_first_host_gives_way_to_the_next(fresh_postgres_url:
             assert proxy.stats.accepted >= 1  # the first host was tried, and left
         finally:
             await pg.close()
+
+
+async def test_a_call_that_waited_out_a_blackholed_first_host_succeeds(
+    fresh_postgres_url: str,
+) -> None:
+    """The first call waits for the pool's attempt at the first host to end, about the
+    whole operation timeout: it still gets its time with the second host's connection,
+    instead of failing with NoAnswer and dropping that connection."""
+    params = conninfo_to_dict(fresh_postgres_url)
+    with LoopbackProxy(int(str(params["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(
+            fresh_postgres_url,
+            host=f"{LOOPBACK},{LOOPBACK}",
+            port=f"{proxy.port},{params['port']}",
+        )
+        pg = _pg(url, operation_timeout=CONNECT_BOUND_SECONDS, pool_timeout=5.0)
+        try:
+            async with pg.connection("first") as conn:
+                cursor = await conn.execute("SELECT pg_backend_pid() AS pid")
+                first = await cursor.fetchone()
+            assert proxy.stats.accepted >= 1  # the first host was tried, and left
+            async with pg.connection("second") as conn:
+                cursor = await conn.execute("SELECT pg_backend_pid() AS pid")
+                assert await cursor.fetchone() == first  # the connection was kept
+        finally:
+            await pg.close()
+
+
+async def test_the_urls_connect_timeout_wins_over_the_pools(fresh_postgres_url: str) -> None:
+    """An operator's `connect_timeout` in POSTGRES_URL reaches both pools' connections;
+    the pools' own bound (from the operation timeout) applies only to a URL without one."""
+    url = make_conninfo(fresh_postgres_url, connect_timeout="7")
+    pg = _pg(url, operation_timeout=1.0, pool_timeout=5.0)
+    try:
+        async with pg.connection("probe") as conn:
+            assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "7"
+        with pg.blocking_connection("probe") as blocking:
+            assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "7"
+    finally:
+        await pg.close()
+    pg = _pg(fresh_postgres_url, operation_timeout=3.0, pool_timeout=5.0)
+    try:
+        async with pg.connection("probe") as conn:
+            assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "3"
+    finally:
+        await pg.close()
