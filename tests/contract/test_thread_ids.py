@@ -4,6 +4,8 @@ flush could store: Cosmos refuses a partition key value over 2 KB, the emulator 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import redis.asyncio as aioredis
 from langgraph.checkpoint.base import empty_checkpoint
@@ -126,6 +128,49 @@ async def test_a_closing_brace_in_a_thread_id_never_reaches_another_threads_chec
             await saver.adelete_thread(thread["thread_id"])
 
 
+async def refused_in_every_identifier(
+    saver: TieredCheckpointSaver,
+    thread_id: str,
+    bad: str,
+    match: str,
+    also_refused: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Puts and writes with `bad` in the thread id, namespace, a channel, the task id or
+    path are refused (`InvalidValue` matching `match`) and store nothing; `also_refused`
+    (once the thread holds a checkpoint) is refused alike; the thread then works."""
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    with_channel = empty_checkpoint()
+    channel = f"c{bad}h"
+    with_channel["channel_values"], with_channel["channel_versions"] = {channel: 1}, {channel: 1}
+    refused_puts = [
+        ({"thread_id": thread_id + bad, "checkpoint_ns": ""}, empty_checkpoint(), {}),
+        ({"thread_id": thread_id, "checkpoint_ns": f"n{bad}s"}, empty_checkpoint(), {}),
+        ({"thread_id": thread_id, "checkpoint_ns": ""}, with_channel, {channel: 1}),
+    ]
+    for configurable, checkpoint, versions in refused_puts:
+        with pytest.raises(InvalidValue, match=match):
+            await saver.aput({"configurable": configurable}, checkpoint, {}, versions)
+    await saver.aflush(thread_id)
+    assert [found async for found in saver.alist(config)] == []
+
+    stored = await saver.aput(config, empty_checkpoint(), {}, {})
+    for writes, task_id, task_path in [
+        ([(channel, 1)], "task", ""),
+        ([("ch", 1)], f"ta{bad}sk", ""),
+        ([("ch", 1)], "task", f"pa{bad}th"),
+    ]:
+        with pytest.raises(InvalidValue, match=match):
+            await saver.aput_writes(stored, writes, task_id, task_path)
+    if also_refused is not None:
+        with pytest.raises(InvalidValue, match=match):
+            await also_refused()
+    await saver.aput_writes(stored, [("ch", 1)], "task")
+    await saver.aflush(thread_id)
+    found = await saver.aget_tuple(stored)
+    assert found is not None and found.pending_writes == [("task", "ch", 1)]
+    await saver.adelete_thread(thread_id)
+
+
 @every_configuration
 async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_stored(
     any_backend: str,
@@ -137,36 +182,7 @@ async def test_a_nul_character_in_an_identifier_is_refused_before_anything_is_st
     # flush is refused for good, holding back the thread's later steps.
     async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
-        thread_id = unique_thread("nul")
-        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
-        with_channel = empty_checkpoint()
-        with_channel["channel_values"], with_channel["channel_versions"] = {"c\0h": 1}, {"c\0h": 1}
-        refused_puts = [
-            ({"thread_id": thread_id + "\0", "checkpoint_ns": ""}, empty_checkpoint(), {}),
-            ({"thread_id": thread_id, "checkpoint_ns": "n\0s"}, empty_checkpoint(), {}),
-            ({"thread_id": thread_id, "checkpoint_ns": ""}, with_channel, {"c\0h": 1}),
-        ]
-        for configurable, checkpoint, versions in refused_puts:
-            with pytest.raises(InvalidValue, match="NUL"):
-                await saver.aput({"configurable": configurable}, checkpoint, {}, versions)
-        await saver.aflush(thread_id)
-        assert [
-            found async for found in saver.alist({"configurable": {"thread_id": thread_id}})
-        ] == []
-
-        stored = await saver.aput(config, empty_checkpoint(), {}, {})
-        for writes, task_id, task_path in [
-            ([("c\0h", 1)], "task", ""),
-            ([("ch", 1)], "ta\0sk", ""),
-            ([("ch", 1)], "task", "pa\0th"),
-        ]:
-            with pytest.raises(InvalidValue, match="NUL"):
-                await saver.aput_writes(stored, writes, task_id, task_path)
-        await saver.aput_writes(stored, [("ch", 1)], "task")
-        await saver.aflush(thread_id)
-        found = await saver.aget_tuple(stored)
-        assert found is not None and found.pending_writes == [("task", "ch", 1)]
-        await saver.adelete_thread(thread_id)
+        await refused_in_every_identifier(saver, unique_thread("nul"), "\0", "NUL")
 
 
 @every_configuration
@@ -184,37 +200,15 @@ async def test_a_lone_surrogate_in_an_identifier_is_refused_before_anything_is_s
         records = TieredStateStore(backends.cold, backends.hot, backends.settings)
         thread_id = unique_thread("surrogate")
         lone = "\ud800"
-        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
-        with_channel = empty_checkpoint()
-        with_channel["channel_values"], with_channel["channel_versions"] = {lone: 1}, {lone: 1}
-        refused_puts = [
-            ({"thread_id": thread_id + lone, "checkpoint_ns": ""}, empty_checkpoint(), {}),
-            ({"thread_id": thread_id, "checkpoint_ns": lone}, empty_checkpoint(), {}),
-            ({"thread_id": thread_id, "checkpoint_ns": ""}, with_channel, {lone: 1}),
-        ]
-        for configurable, checkpoint, versions in refused_puts:
-            with pytest.raises(InvalidValue, match="surrogate"):
-                await saver.aput({"configurable": configurable}, checkpoint, {}, versions)
         with pytest.raises(InvalidValue, match="surrogate"):
             await records.create(thread_id + lone, {"n": 1}, agent_id="test")
-        await saver.aflush(thread_id)
-        assert [found async for found in saver.alist(config)] == []
-
-        stored = await saver.aput(config, empty_checkpoint(), {}, {})
-        for writes, task_id, task_path in [
-            ([(lone, 1)], "task", ""),
-            ([("ch", 1)], "ta" + lone, ""),
-            ([("ch", 1)], "task", lone),
-        ]:
-            with pytest.raises(InvalidValue, match="surrogate"):
-                await saver.aput_writes(stored, writes, task_id, task_path)
-        with pytest.raises(InvalidValue, match="surrogate"):
-            await saver.acopy_thread(thread_id, thread_id + lone)
-        await saver.aput_writes(stored, [("ch", 1)], "task")
-        await saver.aflush(thread_id)
-        found = await saver.aget_tuple(stored)
-        assert found is not None and found.pending_writes == [("task", "ch", 1)]
-        await saver.adelete_thread(thread_id)
+        await refused_in_every_identifier(
+            saver,
+            thread_id,
+            lone,
+            "surrogate",
+            also_refused=lambda: saver.acopy_thread(thread_id, thread_id + lone),
+        )
 
 
 @every_configuration
