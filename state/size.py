@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,10 @@ from . import codec
 from .errors import CorruptState, InvalidValue, WorkflowExists, WorkflowNotFound
 from .ports import JSON, ColdStateStore, SectionArchive
 from .settings import Settings
+
+# json.dumps writes a NUL character as \u0000. Preceded by an even run of backslashes it
+# is that escape; after an odd one it is literal text.
+NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 # Reserved single-key envelopes that replace a section's value.
 COMPRESSED_KEY = "$compressed"
@@ -52,13 +57,19 @@ ARCHIVE_SEPARATOR = "~archive~"
 def canonical_json(value: JSON) -> bytes:
     """The bytes a value occupies as stored: sorted keys, no whitespace, UTF-8."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return storable_utf8("records", "section name or value", text)
+    if "\\u0000" in text and NUL_ESCAPE.search(text):
+        raise InvalidValue("records", "a NUL character in a section name or value")
+    return storable_text("records", "section name or value", text)
 
 
-def storable_utf8(backend: str, what: str, text: str) -> bytes:
-    """`text` as UTF-8. No store takes text that is not (a lone surrogate: JSON's "\\ud800"
-    decodes to one); each client failed on it with a plain UnicodeEncodeError, the in-memory
-    tiers not at all. Refused as a value the store cannot hold, on every backend alike."""
+def storable_text(backend: str, what: str, text: str) -> bytes:
+    """`text` as UTF-8, refused as a value the store cannot hold, on every backend alike,
+    if one cannot: a NUL character (Postgres text and jsonb refuse it; Cosmos and the
+    in-memory tiers took it, so a thread worked on one backend only), or text that is not
+    UTF-8 (a lone surrogate: JSON's "\\ud800" decodes to one; each client failed on it
+    with a plain UnicodeEncodeError, the in-memory tiers not at all)."""
+    if "\0" in text:
+        raise InvalidValue(backend, f"a NUL character in a {what}")
     try:
         return text.encode()
     except UnicodeEncodeError:

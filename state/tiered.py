@@ -115,7 +115,7 @@ from .size import (
     ColdRecordArchive,
     StateSizeManager,
     escaped,
-    storable_utf8,
+    storable_text,
 )
 from .sized import SizedStateStore
 
@@ -196,7 +196,7 @@ class CacheAsideStore:
     # ----------------------------------------------------------------- records
 
     async def get(self, thread_id: str) -> WorkflowRecord | None:
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
         with _span("get", thread_id=thread_id) as span:
             hot = await self._usable_hot(thread_id)
             if hot is None and self._hot is not None:
@@ -233,7 +233,7 @@ class CacheAsideStore:
         """Whether the hot tier holds a copy of the record it may serve now; never a cold
         read (False if the hot tier is absent or out of reach). A hint that the record
         exists, not the truth: a copy may outlive a record retention removed from cold."""
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
         with _span("is_cached", thread_id=thread_id):
             hot = await self._usable_hot(thread_id)
             if hot is None:
@@ -253,7 +253,7 @@ class CacheAsideStore:
         another process wrote past while it could not reach Redis (a partition; README:
         the loss window), and a run started on it would undo what that process
         acknowledged."""
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
         with _span("get_fresh", thread_id=thread_id):
             return await self._cold.get(thread_id)
 
@@ -263,7 +263,8 @@ class CacheAsideStore:
         if ARCHIVE_SEPARATOR in thread_id:
             # Retention would take it for an archive record and delete it with its "owner".
             raise InvalidValue("records", f"a thread id holding {ARCHIVE_SEPARATOR!r}")
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
+        storable_text("records", "agent id", agent_id)
         with _span("create", thread_id=thread_id):
             # A copy left from an earlier record of this thread id would outrank the new
             # version 1; clearing it first is safe because cold has nothing older. Cleared
@@ -296,6 +297,7 @@ class CacheAsideStore:
     ) -> WorkflowRecord:
         """One cold write under a write intent, then install: an intent covers exactly
         one cold write, so nothing else lengthens the window the hot copy is hidden."""
+        storable_text("records", "agent id", agent_id)
         with _span("update_section", thread_id=thread_id, section=section):
             return await self._under_intent(
                 thread_id,
@@ -320,6 +322,8 @@ class CacheAsideStore:
         """Several distinct sections in one cold write (one audit entry each, under its
         own agent), then one install: what a batch of `update_section` calls would leave,
         for one write's cost."""
+        for write in writes:
+            storable_text("records", "agent id", write.agent_id)
         with _span(
             "update_sections",
             thread_id=thread_id,
@@ -339,7 +343,7 @@ class CacheAsideStore:
         self, thread_id: str, write: Callable[[], Awaitable[WorkflowRecord]]
     ) -> WorkflowRecord:
         """One cold write under a write intent, then install what it returned."""
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
         intent = await self._begin_write(thread_id)
         try:
             record = await write()
@@ -364,7 +368,8 @@ class CacheAsideStore:
         self, thread_id: str, sections: dict[str, JSON], *, expected_version: int, agent_id: str
     ) -> WorkflowRecord:
         """The cold store's `replace_damaged` under a write intent, then install."""
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
+        storable_text("records", "agent id", agent_id)
         with _span("replace_damaged", thread_id=thread_id):
             intent = await self._begin_write(thread_id)
             try:
@@ -385,13 +390,14 @@ class CacheAsideStore:
 
     async def audit_trail(self, thread_id: str, *, limit: int = 50) -> list[AuditEntry]:
         """Newest first; `before` and `after` as the layer above stored them."""
-        storable_utf8("records", "thread id", thread_id)
+        storable_text("records", "thread id", thread_id)
         with _span("audit_trail", thread_id=thread_id):
             return await self._cold.audit_trail(thread_id, limit=limit)
 
     # ----------------------------------------------------------------- locks
 
     async def lock(self, name: str, *, ttl_ms: int | None = None) -> Lock:
+        storable_text("locks", "lock name", name)
         with _span("lock", lock=name):
             if self._hot is None:
                 raise BackendUnavailable("redis", "no hot tier configured: locks need Redis")
@@ -421,6 +427,7 @@ class CacheAsideStore:
     async def lock_expires_in(self, name: str) -> float | None:
         """Seconds until the lock's current holder loses it; None if nobody holds it, or
         the hot tier cannot say (absent or unreachable)."""
+        storable_text("locks", "lock name", name)
         with _span("lock_ttl", lock=name):
             if self._hot is None or self._hot_skipped():
                 return None

@@ -113,7 +113,7 @@ from ..ports import (
     TypedBytes,
     WritesPut,
 )
-from ..size import ARCHIVE_SEPARATOR, storable_utf8
+from ..size import ARCHIVE_SEPARATOR, storable_text
 from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
@@ -253,9 +253,7 @@ def _refuse_unstorable(what: str, names: Iterable[str]) -> None:
     acknowledges a step whose flush would be refused for good, holding back the thread's
     later steps."""
     for name in names:
-        if "\0" in name:
-            raise InvalidValue("checkpoints", f"a NUL character in a {what}")
-        storable_utf8("checkpoints", what, name)
+        storable_text("checkpoints", what, name)
 
 
 def _sendable(what: str, names: Iterable[str]) -> list[str]:
@@ -263,7 +261,7 @@ def _sendable(what: str, names: Iterable[str]) -> list[str]:
     refuses it, rather than fail in a client (Redis, Postgres) or find nothing (others)."""
     sendable = [str(name) for name in names]
     for name in sendable:
-        storable_utf8("checkpoints", what, name)
+        storable_text("checkpoints", what, name)
     return sendable
 
 

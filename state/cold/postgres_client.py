@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import select
 import selectors
 import threading
@@ -44,6 +43,7 @@ from ..errors import (
 )
 from ..ports import Counters
 from ..settings import PostgresConfig
+from ..size import NUL_ESCAPE
 from .circuit import AnswerCircuit
 from .migrations import migrate
 
@@ -54,9 +54,6 @@ POSTGRES_PORT = 5432
 # Azure's roots (DigiCert Global Root G2, Microsoft RSA Root CA 2017) are in the Mozilla
 # bundle certifi ships.
 VERIFIED_TLS = {"sslmode": "verify-full", "sslrootcert": certifi.where()}
-# json.dumps writes a NUL character as \u0000, which jsonb refuses. Preceded by an
-# even run of backslashes it is that escape; after an odd one it is literal text.
-NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # The planner cannot tell how many rows the recursive walks of a delta history return
 # (it assumes a thousand per generate_series), so their estimated cost passes
 # jit_above_cost and PostgreSQL compiles a statement that runs in a millisecond: 80 ms

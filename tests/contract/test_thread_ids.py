@@ -15,6 +15,7 @@ from state import InvalidValue
 from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint.saver import MAX_THREAD_ID_BYTES
 from state.hot.redis_client import create_redis_client, hot_namespace
+from state.ports import SectionWrite
 from state.settings import WriteMode
 from state.size import ARCHIVE_SEPARATOR
 from state.tiered import TieredStateStore
@@ -252,55 +253,80 @@ async def test_a_thread_id_shaped_as_another_threads_archive_record_is_refused(
 
 
 @every_configuration
-async def test_a_lone_surrogate_is_an_invalid_value_to_every_call_on_every_backend(
+@pytest.mark.parametrize(
+    ("bad", "match"), [("\ud800", "surrogate"), ("\0", "NUL")], ids=["surrogate", "nul"]
+)
+async def test_text_no_store_can_hold_is_an_invalid_value_to_every_call_on_every_backend(
     any_backend: str,
     hot: bool,
     mode: WriteMode | None,
     open_tiers: OpenBackends,
+    bad: str,
+    match: str,
 ) -> None:
-    # Redis and Postgres raised a plain UnicodeEncodeError from their clients where the
-    # in-memory tiers answered None; a record's section holding one left its write intent
-    # behind, hiding the record's hot copy until the intent expired.
+    # A lone surrogate: Redis and Postgres raised a plain UnicodeEncodeError from their
+    # clients where the in-memory tiers answered None; a record's section holding one left
+    # its write intent behind, hiding the record's hot copy until the intent expired. A NUL
+    # character: Postgres refused every record call naming one, Cosmos and the in-memory
+    # tiers stored it (a record that worked on one backend only) or found nothing.
     async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         records = TieredStateStore(backends.cold, backends.hot, backends.settings)
-        thread_id = unique_thread("surrogate-calls")
-        lone = thread_id + "\ud800"
-        config = {"configurable": {"thread_id": lone, "checkpoint_ns": ""}}
+        thread_id = unique_thread(f"{match}-calls")
+        named = thread_id + bad
+        config = {"configurable": {"thread_id": named, "checkpoint_ns": ""}}
         created = await records.create(thread_id, {"n": 1}, agent_id="test")
         await records.get(thread_id)
         calls = {
             "aget_tuple": lambda: saver.aget_tuple(config),
             "alist": lambda: anext(saver.alist(config), None),
-            "adelete_thread": lambda: saver.adelete_thread(lone),
-            "adelete_for_runs": lambda: saver.adelete_for_runs(["run\ud800"]),
-            "acopy_thread": lambda: saver.acopy_thread(lone, thread_id + "-copy"),
-            "aprune": lambda: saver.aprune([lone]),
-            "get": lambda: records.get(lone),
-            "get_fresh": lambda: records.get_fresh(lone),
-            "is_cached": lambda: records.is_cached(lone),
-            "audit_trail": lambda: records.audit_trail(lone),
+            "adelete_thread": lambda: saver.adelete_thread(named),
+            "adelete_for_runs": lambda: saver.adelete_for_runs([f"run{bad}"]),
+            "acopy_thread": lambda: saver.acopy_thread(named, thread_id + "-copy"),
+            "aprune": lambda: saver.aprune([named]),
+            "get": lambda: records.get(named),
+            "get_fresh": lambda: records.get_fresh(named),
+            "is_cached": lambda: records.is_cached(named),
+            "audit_trail": lambda: records.audit_trail(named),
+            "create": lambda: records.create(named, {"n": 1}, agent_id="test"),
             "update_section": lambda: records.update_section(
-                lone, "n", 2, expected_version=1, agent_id="test"
+                named, "n", 2, expected_version=1, agent_id="test"
             ),
             "a section's name": lambda: records.update_section(
-                thread_id, "n\ud800", 2, expected_version=1, agent_id="test"
+                thread_id, f"n{bad}", 2, expected_version=1, agent_id="test"
             ),
             "a section's value": lambda: records.update_section(
-                thread_id, "n", "two\ud800", expected_version=1, agent_id="test"
+                thread_id, "n", f"two{bad}", expected_version=1, agent_id="test"
+            ),
+            "a value deep in a section": lambda: records.update_section(
+                thread_id, "n", {"list": [1, {"text": bad}]}, expected_version=1, agent_id="t"
+            ),
+            "an agent id": lambda: records.update_section(
+                thread_id, "n", 2, expected_version=1, agent_id=f"agent{bad}"
+            ),
+            "an agent id of several sections": lambda: records.update_sections(
+                thread_id,
+                [SectionWrite("n", 2, "test"), SectionWrite("m", 3, f"agent{bad}")],
+                expected_version=1,
             ),
         }
+        if hot:  # locks need Redis: without it every lock call is BackendUnavailable
+            calls["lock"] = lambda: records.lock(named)
+            calls["lock_expires_in"] = lambda: records.lock_expires_in(named)
         for what, call in calls.items():
             try:
                 await call()
             except InvalidValue as refused:
-                assert "surrogate" in str(refused), what
+                assert match in str(refused), what
             else:
                 pytest.fail(f"{what}: not refused")
         assert await records.get(thread_id) == created
         assert await records.is_cached(thread_id) == hot
+        # Text that only reads like the escape (a backslash, then "u0000") is stored as is.
         updated = await records.update_section(
-            thread_id, "n", 2, expected_version=1, agent_id="test"
+            thread_id, "n", "\\u0000", expected_version=1, agent_id="test"
         )
-        assert updated.sections == {"n": 2}
+        assert updated.sections == {"n": "\\u0000"}
+        fresh = await records.get_fresh(thread_id)
+        assert fresh is not None and fresh.sections == {"n": "\\u0000"}
         await saver.adelete_thread(thread_id)
