@@ -50,6 +50,7 @@ from support_cases.models import (
     AUDIT_PAGE_MAX,
     CASE_ID_PATTERN,
     HISTORY_PAGE_MAX,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
     FollowUpStrategy,
 )
 
@@ -77,16 +78,19 @@ errors = Console(stderr=True)
 
 
 def _checked_api(api: str) -> str:
-    """A URL that does not parse (`http://[::1`, a port over 65535), lacks a scheme or host
-    (`localhost:7071`), or names the `/api` prefix the CLI adds itself is a usage error, not
-    a traceback, a token refusal, a bare 404 or a misleading "connection refused"."""
+    """A URL that does not parse (`http://[::1`, a port over 65535 or 0), lacks a scheme or
+    host (`localhost:7071`), or names the `/api` prefix the CLI adds itself is a usage error,
+    not a traceback, a token refusal, a bare 404 or a misleading "connection refused"."""
     try:
         httpx.URL(api)
         where = urlsplit(api)
         host = where.hostname
-        where.port  # noqa: B018  # raises on a port out of range, which httpx takes as given
+        # Raises on a port over 65535, which httpx takes as given.
+        port = where.port
     except (httpx.InvalidURL, ValueError) as error:
         raise typer.BadParameter(f"{api!r} is not a URL: {error}") from error
+    if port == 0:  # urlsplit's range takes it, yet no server listens there
+        raise typer.BadParameter(f"{api!r} is not a URL: port 0 is no server's port")
     if where.scheme not in ("http", "https") or not host:
         raise typer.BadParameter(
             f"{api!r} is not a URL: give its scheme and host, e.g. {DEFAULT_API}"
@@ -111,10 +115,15 @@ def _checked_case(case: str) -> str:
 
 def _checked_idempotency_key(key: str | None) -> str | None:
     """It travels as a header, which holds visible ASCII (and inner spaces) only: anything
-    else raised UnicodeEncodeError in httpx, or passed for a connection failure."""
+    else raised UnicodeEncodeError in httpx, or passed for a connection failure. A longer
+    key than the API takes is refused here too, not after a token and a call."""
     if key is not None and not re.fullmatch(r"[!-~]([ -~]*[!-~])?", key):
         raise typer.BadParameter(
             f"{key!r} cannot be sent as a header: use letters, digits and ASCII punctuation"
+        )
+    if key is not None and len(key) > IDEMPOTENCY_KEY_MAX_LENGTH:
+        raise typer.BadParameter(
+            f"it has {len(key)} characters: the API takes at most {IDEMPOTENCY_KEY_MAX_LENGTH}"
         )
     return key
 

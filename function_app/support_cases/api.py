@@ -43,6 +43,7 @@ from .models import (
     CASE_ID_PATTERN,
     CHECKPOINT_ID_PATTERN,
     HISTORY_PAGE_MAX,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
     AuditTrailView,
     CaseLinks,
     CaseStatus,
@@ -82,7 +83,7 @@ PUBLIC_PATHS = frozenset(
 
 CaseId = Annotated[str, Path(pattern=CASE_ID_PATTERN, description="the case (thread) id")]
 IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LENGTH)
 ]
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 410, 413, 422, 500, 503)

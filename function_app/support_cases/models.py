@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 CHECKPOINT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# The Idempotency-Key header (and the body's `client_key`), which the CLI checks too.
+IDEMPOTENCY_KEY_MAX_LENGTH = 200
 # Page sizes the API serves (and the CLI offers) for a case's history and audit trail.
 HISTORY_PAGE_MAX = 100
 AUDIT_PAGE_MAX = 500
@@ -60,7 +62,9 @@ class CaseSubmission(BaseModel):
     transactions: list[Transaction] = Field(default_factory=list, max_length=1000)
     case_id: str | None = Field(default=None, pattern=CASE_ID_PATTERN)
     # Alternative to the Idempotency-Key header for clients that cannot set headers.
-    client_key: str | None = Field(default=None, min_length=1, max_length=200)
+    client_key: str | None = Field(
+        default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LENGTH
+    )
 
 
 class ReviewDecision(BaseModel):

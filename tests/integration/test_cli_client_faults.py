@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from devstack import COSMOS_EMULATOR_KEY, free_port
+from support_cases.models import IDEMPOTENCY_KEY_MAX_LENGTH
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join(str(REPO_ROOT / part) for part in (".", "function_app", "scripts"))
@@ -207,10 +208,10 @@ def test_an_empty_200_answer_is_named_not_printed_as_success(
     )
 
 
-@pytest.mark.parametrize("port", ["99999", "65536"])
+@pytest.mark.parametrize("port", ["99999", "65536", "0"])
 def test_an_api_port_that_is_no_port_is_not_a_url(port: str) -> None:
     """Port 99999 was taken as given: the command said "Connection refused" (exit 2) as if
-    the API were merely down."""
+    the API were merely down. So was port 0, which urlsplit's range lets through."""
     result = agent_state("show", "case_1", "--api", f"http://127.0.0.1:{port}")
     error = one_line_error(result, 2)
     assert f"'http://127.0.0.1:{port}' is not a URL" in error
@@ -278,6 +279,27 @@ def test_an_idempotency_key_no_header_can_carry_is_a_usage_error(
     assert (
         "Invalid value for '--idempotency-key'" in error and "cannot be sent as a header" in error
     )
+
+
+@pytest.mark.parametrize("command", [["submit", "--demo"], ["reply", "case_1", "hi"]], ids=" ".join)
+def test_an_idempotency_key_longer_than_the_api_takes_is_a_usage_error(
+    loopback_api: tuple[str, list[tuple[int, bytes]]], command: list[str]
+) -> None:
+    """Found by review: a key over the API's bound was sent, after a token was fetched, and
+    refused there (422); the bound is the API's own."""
+    api, answers = loopback_api
+    answers.append((503, json.dumps({"error": "asked"}).encode()))
+    key = "k" * (IDEMPOTENCY_KEY_MAX_LENGTH + 1)
+    result = agent_state(*command, "--idempotency-key", key, "--api", api, AGENT_STATE_TOKEN="t")
+    error = one_line_error(result, 2)
+    assert "Invalid value for '--idempotency-key'" in error, error
+    assert f"the API takes at most {IDEMPOTENCY_KEY_MAX_LENGTH}" in error, error
+    assert answers, "the API was called"
+    # The longest key the API takes is sent: the server is asked (and answers 503).
+    result = agent_state(
+        *command, "--idempotency-key", key[1:], "--api", api, AGENT_STATE_TOKEN="t"
+    )
+    assert "asked" in one_line_error(result, 1) and not answers
 
 
 def test_a_401_to_a_call_without_a_token_says_where_tokens_come_from(
