@@ -229,6 +229,17 @@ class _Writes:
     boundary: bool  # an interrupt, an error, or durability "sync" or "exit"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tracked:
+    """A thread's run tracking (`_unconfirmed`, `_unconfirmed_writes`, `_paused`,
+    `_boundary_checkpoints`) at one moment."""
+
+    heads: dict[str, str]
+    writes: dict[str, tuple[str, set[tuple[str, int]]]]
+    paused: set[str]
+    boundaries: dict[str, str]
+
+
 def _writable_thread(configurable: dict[str, Any]) -> str:
     """The thread a put or put_writes goes to; one Cosmos could not hold is refused here,
     before write-behind acknowledges a step no flush could ever store."""
@@ -2064,13 +2075,53 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _delete_thread(self, thread_id: str) -> None:
         _sendable("thread id", [thread_id])
+        tracked = self._tracked_runs(thread_id)
         self._forget_runs(thread_id)
+        try:
+            await self._drop_cached(thread_id, deleting=True)
+            if self.flusher is None:
+                await self.store.delete_thread(thread_id)
+            else:
+                await self.flusher.delete_thread(thread_id)
+        except BaseException:
+            # Refused (Redis unreachable, the flush lock busy) or failed, the delete may have
+            # left the run's steps in the log: Redis losing them later must still fail the
+            # run's boundary, as if no delete had been asked.
+            self._retrack_runs(thread_id, tracked)
+            raise
         await self._drop_cached(thread_id, deleting=True)
-        if self.flusher is None:
-            await self.store.delete_thread(thread_id)
-        else:
-            await self.flusher.delete_thread(thread_id)
-        await self._drop_cached(thread_id, deleting=True)
+
+    def _tracked_runs(self, thread_id: str) -> _Tracked:
+        """What `_forget_runs` drops of the thread's runs' steps, as it stands now."""
+        with self._histories_lock:
+            return _Tracked(
+                heads=dict(self._unconfirmed.get(thread_id, {})),
+                writes={
+                    ns: (checkpoint_id, set(keys))
+                    for ns, (checkpoint_id, keys) in self._unconfirmed_writes.get(
+                        thread_id, {}
+                    ).items()
+                },
+                paused=set(self._paused.get(thread_id, ())),
+                boundaries=dict(self._boundary_checkpoints.get(thread_id, {})),
+            )
+
+    def _retrack_runs(self, thread_id: str, tracked: _Tracked) -> None:
+        """Track again what `_tracked_runs` saw; a step tracked since (newer) is kept."""
+        with self._histories_lock:
+            for memo, before in (
+                (self._unconfirmed, tracked.heads),
+                (self._unconfirmed_writes, tracked.writes),
+                (self._boundary_checkpoints, tracked.boundaries),
+            ):
+                if before:
+                    now: dict[str, Any] = memo.setdefault(thread_id, {})
+                    for checkpoint_ns, value in before.items():
+                        now.setdefault(checkpoint_ns, value)
+                    _keep_newest(memo, thread_id)
+            if tracked.paused:
+                self._paused.setdefault(thread_id, set()).update(tracked.paused)
+                _keep_newest(self._paused, thread_id)
 
     async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
         if not run_ids:

@@ -26,7 +26,7 @@ from langgraph.types import Command
 from state.checkpoint import TieredCheckpointSaver
 from state.cold import cosmos_layout as layout
 from state.cold import postgres_checkpoints
-from state.errors import BackendUnavailable
+from state.errors import BackendUnavailable, HotStateLost
 from state.hot import redis_client
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
@@ -81,6 +81,37 @@ async def test_prune_delete_is_refused_during_a_redis_partition_then_not_undone(
         latest = await fresh.aget_tuple(cfg)
         assert latest is None, latest and latest.checkpoint["channel_values"].get("messages")
         assert await tiers.saver.aget_tuple(cfg) is None
+
+
+@pytest.mark.parametrize("operation", ["delete_thread", "prune_delete"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_delete_refused_during_a_redis_partition_still_checks_the_runs_boundary(
+    backend: str, operation: str, stack_env: dict[str, str], redis_proxy: tuple[LoopbackProxy, str]
+) -> None:
+    """A refused delete deleted nothing: the run's acknowledged steps still in the log must
+    still be confirmed at its boundary, so Redis losing them afterwards (a restart without
+    persistence) fails the boundary instead of acknowledging a state only Redis held."""
+    proxy, url = redis_proxy
+    async with open_write_behind(settings_for(stack_env, backend, url)) as tiers:
+        graph = chat_graph(tiers.saver)
+        cfg = config()
+        thread_id = cfg["configurable"]["thread_id"]
+        await graph.ainvoke({"messages": ["flushed"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
+        assert await tiers.flusher.log.pending(thread_id)
+
+        proxy.cut("reset")
+        with pytest.raises(BackendUnavailable):
+            if operation == "delete_thread":
+                await tiers.saver.adelete_thread(thread_id)
+            else:
+                await tiers.saver.aprune([thread_id], strategy="delete")
+        proxy.restore()
+        await tiers.redis.flushall()
+
+        with pytest.raises(HotStateLost):
+            await tiers.saver.aflush(thread_id)
 
 
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
