@@ -368,8 +368,10 @@ class PostgresConnection:
         arguments: without one psycopg waits 130 s on a server that swallows packets (a
         partition, a vanished host), and the pool makes no other attempt meanwhile.
         psycopg waits 2 s at least. Empty when the URL sets its own: keyword arguments
-        override the URL's, and the operator's choice (validated by the settings) wins."""
-        if conninfo_to_dict(self._conninfo()).get("connect_timeout"):
+        override the URL's, and the operator's choice (validated by the settings) wins,
+        unless it is 0 or less: libpq's "no bound", which psycopg makes its 130 s."""
+        own = conninfo_to_dict(self._conninfo()).get("connect_timeout")
+        if own is not None and int(float(str(own))) > 0:
             return {}
         return {"connect_timeout": max(1, int(self._config.operation_timeout_seconds))}
 
@@ -440,22 +442,23 @@ class PostgresConnection:
     ) -> AsyncIterator[CountedConnection]:
         """A pooled connection (autocommit) whose statements count under `operation`,
         bounded by `seconds` (default: the operation timeout) from when it is lent; the
-        wait for it by the pool's timeout and the call's own bound."""
+        wait for it by the pool's timeout alone (`BackendUnavailable`: nothing was sent)."""
         pool = await self.pool()
         if seconds is None:
             seconds = self._config.operation_timeout_seconds
-        # The connection's deadline ends a wait for the server; this bounds the rest (a
-        # wait for a pooled connection), past what ending such a wait may take.
-        bound = seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS
         with self._circuit.call(), postgres_errors():
-            async with asyncio.timeout(bound) as call_bound, _live_connection(pool) as conn:
+            # Counted from the lending, not the call's start: time spent waiting for the
+            # connection (a busy pool, a slow connect) is no silence of the server's, and
+            # cutting it short (or its first statement) would report NoAnswer, an outcome
+            # unknown, for a call that sent nothing, or drop a healthy connection. The
+            # connection's deadline ends a wait for the server; the timeout bounds the rest,
+            # past what ending such a wait may take.
+            async with (
+                _live_connection(pool) as conn,
+                asyncio.timeout(seconds + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS),
+            ):
                 lent = time.monotonic()
-                # Counted from the lending, not the call's start: time spent waiting for
-                # the connection (a busy pool, a slow connect) is no silence of the
-                # server's, and cutting its first statement short would drop a healthy
-                # connection and report NoAnswer.
                 conn.deadline = lent + seconds
-                call_bound.reschedule(asyncio.get_running_loop().time() + bound)
                 conn.operation = operation
                 conn.first_lent = min(conn.first_lent, lent)
                 try:

@@ -131,3 +131,20 @@ async def test_the_urls_connect_timeout_wins_over_the_pools(fresh_postgres_url: 
             assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "3"
     finally:
         await pg.close()
+
+
+@pytest.mark.parametrize("unbounded", ["0", "-1"])
+async def test_a_url_connect_timeout_asking_for_no_bound_gets_the_pools(
+    fresh_postgres_url: str, unbounded: str
+) -> None:
+    """0 or less is libpq's "wait indefinitely" (psycopg's 130 s): taken as the URL's
+    choice, a blackholed host would again hold the pool's only attempt that long."""
+    url = make_conninfo(fresh_postgres_url, connect_timeout=unbounded)
+    pg = _pg(url, operation_timeout=3.0, pool_timeout=5.0)
+    try:
+        async with pg.connection("probe") as conn:
+            assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "3"
+        with pg.blocking_connection("probe") as blocking:
+            assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "3"
+    finally:
+        await pg.close()

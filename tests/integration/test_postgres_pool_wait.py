@@ -9,7 +9,11 @@ import asyncio
 import threading
 import time
 
-from state.cold.postgres_client import NO_ANSWER_GRACE_SECONDS, PostgresConnection
+from state.cold.postgres_client import (
+    CANCEL_SECONDS,
+    NO_ANSWER_GRACE_SECONDS,
+    PostgresConnection,
+)
 from state.settings import Settings
 
 OPERATION_SECONDS = 1.0
@@ -93,5 +97,35 @@ async def test_a_blocking_call_that_waited_for_the_pool_keeps_its_answer_time(
         pid = await asyncio.to_thread(wait_then_sleep)
         await holder
         assert [pid] == pids  # the same connection, kept
+    finally:
+        await pg.close()
+
+
+async def test_a_pool_wait_past_the_calls_own_bound_is_no_silence_of_the_servers(
+    stack_env: dict[str, str],
+) -> None:
+    """A wait for a busy pool longer than the call's bound (the operation timeout, its
+    cancel and its grace), still within the pool's timeout: nothing was sent, so it is not
+    `NoAnswer` (an outcome unknown, which opens the circuit); the call gets the connection
+    and its whole answer time."""
+    pg = _pg(stack_env["POSTGRES_URL"])
+    held = asyncio.Event()
+    bound = OPERATION_SECONDS + CANCEL_SECONDS + NO_ANSWER_GRACE_SECONDS
+    try:
+
+        async def hold() -> None:
+            # A call of its own longer bound (as the migration's) keeps the connection past
+            # the waiter's, within the pool's timeout (10 s).
+            async with pg.connection("holder", seconds=bound + 3.0) as conn:
+                await conn.execute("SELECT 1")
+                held.set()
+                await asyncio.sleep(bound + 1.0)
+
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        async with pg.connection("waiter") as conn:
+            cursor = await conn.execute("SELECT 1 AS one")
+            assert await cursor.fetchone() == {"one": 1}
+        await holder
     finally:
         await pg.close()
