@@ -76,6 +76,22 @@ def storable_text(backend: str, what: str, text: str) -> bytes:
         raise InvalidValue(backend, f"a lone surrogate (not UTF-8) in a {what}") from None
 
 
+def storable_json(backend: str, what: str, value: Any) -> None:
+    """Every string in `value`, object keys too, as `storable_text` takes it. Checkpoint
+    metadata and a listing's metadata filter: Postgres jsonb refused a NUL or a lone
+    surrogate in either (a write-behind put acknowledged, then its flush refused for good),
+    Cosmos and the in-memory tiers stored it or found nothing."""
+    if isinstance(value, str):
+        storable_text(backend, what, value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_json(backend, what, key)
+            storable_json(backend, what, item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            storable_json(backend, what, item)
+
+
 @dataclass(frozen=True)
 class SizeReport:
     """Canonical-JSON bytes per section and of the whole sections document."""

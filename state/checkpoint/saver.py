@@ -113,7 +113,7 @@ from ..ports import (
     TypedBytes,
     WritesPut,
 )
-from ..size import ARCHIVE_SEPARATOR, storable_text
+from ..size import ARCHIVE_SEPARATOR, storable_json, storable_text
 from .chains import WrittenChains
 from .fencing import RecordFence
 from .flusher import Flusher
@@ -1134,6 +1134,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         checkpoint_ns = configurable.get("checkpoint_ns")
         if checkpoint_ns is not None:
             _sendable("checkpoint namespace", [checkpoint_ns])
+        # No stored metadata holds what this refuses: found nothing, or refused (Postgres).
+        storable_json("checkpoints", "metadata filter", filter)
         before_id = get_checkpoint_id(before) if before else None
         if self.flusher is not None:
             if thread_id is not None:
@@ -1373,13 +1375,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             for channel, version in stored_versions.items()
             if channel in values and channel not in inline
         ]
+        # LangGraph drops a NUL from a top-level string (its own savers' rule); one left
+        # deeper, or in a key, or a lone surrogate anywhere is refused here, before
+        # write-behind acknowledges a step Postgres would refuse to flush.
+        stored_metadata = dict(get_serializable_checkpoint_metadata(config, metadata))
+        storable_json("checkpoints", "metadata key or value", stored_metadata)
         stored = StoredCheckpoint(
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint["id"],
             parent_checkpoint_id=parent_id,
             checkpoint=dump_checkpoint(self.serde, checkpoint, inline),
-            metadata=dict(get_serializable_checkpoint_metadata(config, metadata)),
+            metadata=stored_metadata,
             channel_versions=dict(versions),
         )
         return _Put(

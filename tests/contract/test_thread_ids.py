@@ -330,3 +330,42 @@ async def test_text_no_store_can_hold_is_an_invalid_value_to_every_call_on_every
         fresh = await records.get_fresh(thread_id)
         assert fresh is not None and fresh.sections == {"n": "\\u0000"}
         await saver.adelete_thread(thread_id)
+
+
+@every_configuration
+@pytest.mark.parametrize(
+    ("bad", "match"), [("\ud800", "surrogate"), ("\0", "NUL")], ids=["surrogate", "nul"]
+)
+async def test_metadata_no_store_can_hold_is_refused_before_anything_is_acknowledged(
+    any_backend: str,
+    hot: bool,
+    mode: WriteMode | None,
+    open_tiers: OpenBackends,
+    bad: str,
+    match: str,
+) -> None:
+    # Postgres jsonb refused a NUL in a key or below the top level, and a lone surrogate
+    # anywhere: written behind, the put was acknowledged and its flush refused for good
+    # (EntryStuck, the thread's later steps held back); Cosmos and the in-memory tiers
+    # stored it. A filter naming one: Postgres refused it, the others found nothing.
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread(f"{match}-metadata")
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        for metadata in ({f"k{bad}": 1}, {"k": {"deep": [f"v{bad}"]}}, {"k": f"v{bad}"}):
+            if bad == "\0" and metadata == {"k": "v\0"}:
+                continue  # LangGraph drops a NUL from a top-level string before a saver
+            with pytest.raises(InvalidValue, match=match):
+                await saver.aput(config, empty_checkpoint(), metadata, {})
+            with pytest.raises(InvalidValue, match=match):
+                await anext(saver.alist(config, filter=metadata), None)
+        through_config = {"configurable": {**config["configurable"], "note": f"n{bad}"}}
+        if bad != "\0":  # a config's string joins the metadata, a NUL dropped from it
+            with pytest.raises(InvalidValue, match=match):
+                await saver.aput(through_config, empty_checkpoint(), {}, {})
+        stored = await saver.aput(config, empty_checkpoint(), {"k": "v"}, {})
+        await saver.aflush(thread_id)
+        found = await saver.aget_tuple(config)
+        assert found is not None and found.config == stored
+        assert [t.config async for t in saver.alist(config, filter={"k": "v"})] == [stored]
+        await saver.adelete_thread(thread_id)
