@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from langgraph.channels.delta import DeltaChannel
 
@@ -67,6 +67,9 @@ class RefundResult(TypedDict):
     amount: float
     currency: str | None
     reference: str | None
+    # Duplicates in several currencies (`currency` None): the amount in each one, which is
+    # what is refunded (`amount` is only the policy's figure).
+    amounts: NotRequired[dict[str, float]]
 
 
 class Message(TypedDict):

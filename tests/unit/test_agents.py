@@ -112,6 +112,8 @@ def test_duplicates_in_several_currencies_have_no_single_currency() -> None:
         ("I was charged twice, and I can't log in", "login"),
         ("I was charged twice, and I can\u2019t log in", "login"),
         ("Cannot sign in to the app since yesterday", "login"),
+        ("I can't log-in since Monday", "login"),
+        ("Sign-in fails every time", "login"),
         ("I forgot my password", "password"),
         ("Please reset my PASSWORD", "password"),
         ("My account is locked after three attempts", "locked"),

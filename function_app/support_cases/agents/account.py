@@ -23,7 +23,8 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
     (
         "login",
         re.compile(
-            r"\b(log ?in|logon|sign ?in|signin)\b"
+            # "log in", "login" and "log-in" alike.
+            r"\b(log[ -]?in|logon|sign[ -]?in)\b"
             r"|\b(can ?not|can't|cannot|unable to) (access|get into) (my )?account\b"
         ),
     ),
@@ -47,6 +48,18 @@ class AccountAgent(StatefulAgent):
     async def decide(self, state: CaseState, step: Step) -> JSON:
         issue = classify_account_request(state["text"])
         if issue is None:
+            # A rolled-back run may have sent one (its message gone with it): the link went
+            # out all the same, and the case says so, as for a refund.
+            performed = await self.deps.effects.performed(
+                state["case_id"], "reset_link", agent_id=self.agent_id, done_with=step.effects_done
+            )
+            if performed is not None:
+                request, result = performed
+                return AccountResult(
+                    issue=request["issue"],
+                    reset_link_sent=True,
+                    reset_reference=result["reference"],
+                )
             return AccountResult(issue=None, reset_link_sent=False, reset_reference=None)
         sent = await self.deps.effects.once(
             state["case_id"],

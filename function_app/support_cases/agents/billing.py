@@ -70,6 +70,14 @@ def find_duplicate_charges(
     return duplicates
 
 
+def amounts_by_currency(charges: list[Charge]) -> dict[str, float]:
+    """Each currency's total: amounts in different currencies are refunded apart, never added."""
+    cents: dict[str, int] = defaultdict(int)
+    for charge in charges:
+        cents[charge["currency"]] += _cents(charge["amount"])
+    return {currency: cents[currency] / 100 for currency in sorted(cents)}
+
+
 def summarize_duplicates(duplicates: list[Charge]) -> BillingResult:
     currencies = {charge["currency"] for charge in duplicates}
     merchants = sorted({charge["merchant"] for charge in duplicates})

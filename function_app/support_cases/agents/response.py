@@ -6,12 +6,20 @@ from typing import Any
 
 from state import JSON
 
-from ..case_state import CaseState, Message
+from ..case_state import CaseState, Message, RefundResult
 from .base import StatefulAgent, Step
 
 
 def _money(amount: float, currency: str | None) -> str:
     return f"{amount:.2f} {currency}" if currency else f"{amount:.2f}"
+
+
+def _refund_money(refund: RefundResult) -> str:
+    # A refund in several currencies is told in each one, not as their sum.
+    amounts = refund.get("amounts")
+    if amounts:
+        return " and ".join(_money(amount, currency) for currency, amount in amounts.items())
+    return _money(refund["amount"], refund["currency"])
 
 
 def compose_response(state: CaseState) -> str:
@@ -29,12 +37,12 @@ def compose_response(state: CaseState) -> str:
     if refund["status"] == "issued":
         parts.append(
             f"We found a duplicate charge at {billing['merchant']} and have refunded "
-            f"{_money(refund['amount'], refund['currency'])} (refund reference {refund['reference']})."
+            f"{_refund_money(refund)} (refund reference {refund['reference']})."
         )
     elif refund["status"] == "refused":
         parts.append(
             f"We reviewed the duplicate charge at {billing['merchant']} of "
-            f"{_money(refund['amount'], refund['currency'])} and are unable to approve a refund "
+            f"{_refund_money(refund)} and are unable to approve a refund "
             "for it; please reply if you have more details."
         )
     elif billing["duplicate_found"] is False and state.get("transactions"):

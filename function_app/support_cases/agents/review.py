@@ -10,13 +10,14 @@ from state import JSON
 
 from ..case_state import CaseState, ReviewResult
 from .base import StatefulAgent, Step
+from .billing import amounts_by_currency
 
 
 def review_request(state: CaseState) -> dict[str, Any]:
     """What a reviewer is shown (the interrupt payload)."""
     billing = state["billing"]
     policy = state["policy"]
-    return {
+    request = {
         "question": "approve or reject the refund",
         "case_id": state["case_id"],
         "customer_id": state["customer_id"],
@@ -26,6 +27,10 @@ def review_request(state: CaseState) -> dict[str, Any]:
         "reason": policy["reason"],
         "duplicates": billing["duplicates"],
     }
+    if billing["currency"] is None:
+        # `refund_amount` adds up several currencies: the reviewer decides on each one's.
+        request["amounts"] = amounts_by_currency(billing["duplicates"])
+    return request
 
 
 class HumanReview(StatefulAgent):
