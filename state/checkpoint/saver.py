@@ -289,7 +289,8 @@ def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
     (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
     checkpoint_ns = configurable.get("checkpoint_ns", "")
     _sendable("checkpoint namespace", [checkpoint_ns])
-    return thread_id, checkpoint_ns, get_checkpoint_id(config)
+    # An empty id names no checkpoint, as LangGraph's savers read it: the latest.
+    return thread_id, checkpoint_ns, get_checkpoint_id(config) or None
 
 
 class TieredCheckpointSaver(BaseCheckpointSaver[str]):
@@ -1136,7 +1137,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             _sendable("checkpoint namespace", [checkpoint_ns])
         # No stored metadata holds what this refuses: found nothing, or refused (Postgres).
         storable_json("checkpoints", "metadata filter", filter)
-        before_id = get_checkpoint_id(before) if before else None
+        # As in `_address`: an empty id names no checkpoint, so it bounds nothing.
+        before_id = (get_checkpoint_id(before) if before else None) or None
         if self.flusher is not None:
             if thread_id is not None:
                 await self.flusher.settle_thread(thread_id)

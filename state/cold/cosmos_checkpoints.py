@@ -576,10 +576,13 @@ class CosmosCheckpointStore:
         if not spared:
             where.append("NOT IS_DEFINED(c.spared)")
         # Scalars are filtered by the server; null and structured values (whose equality
-        # Cosmos SQL does not define like Python's) are compared here.
+        # Cosmos SQL does not define like Python's) are compared here, and so are numbers
+        # past 2**53, which the server compares rounded (`layout.EXACT_INT`).
         local_filter: dict[str, JSON] = {}
         for n, (key, value) in enumerate(sorted((metadata_filter or {}).items())):
-            if isinstance(value, str | int | float | bool):
+            if isinstance(value, str | bool) or (
+                isinstance(value, int | float) and abs(value) < layout.EXACT_INT
+            ):
                 where.append(f"c.metadata[{_sql_name(key)}] = @m{n}")
                 params[f"@m{n}"] = value
             else:
@@ -595,7 +598,10 @@ class CosmosCheckpointStore:
                 matching = [
                     doc
                     for doc in page
-                    if all(doc["metadata"].get(key) == value for key, value in local_filter.items())
+                    if all(
+                        layout.metadata_of(doc).get(key) == value
+                        for key, value in local_filter.items()
+                    )
                 ]
                 if remaining is not None:
                     matching = matching[:remaining]

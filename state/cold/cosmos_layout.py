@@ -80,6 +80,9 @@ ENTRY_FIELDS = ("serde", "enc", "data", "parts", "chunk_set")
 
 # Cosmos caps ids at 1023 bytes; longer ones are replaced by a digest.
 MAX_ID_LENGTH = 1000
+# Cosmos holds every JSON number as a double: an integer past 2**53 in a checkpoint's
+# metadata would come back rounded, so such metadata is also kept exactly, as JSON text.
+EXACT_INT = 2**53
 ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -349,11 +352,30 @@ def stored_checkpoint(
         checkpoint_id=doc["checkpoint_id"],
         parent_checkpoint_id=doc.get("parent_checkpoint_id"),
         checkpoint=decode(doc["id"], doc["checkpoint"], chunks),
-        metadata=doc["metadata"],
+        metadata=metadata_of(doc),
         channel_versions=versions,
         blobs=blobs,
         writes=writes,
     )
+
+
+def metadata_of(doc: Doc) -> dict[str, Any]:
+    """A checkpoint document's metadata as written (`EXACT_INT`)."""
+    exact = doc.get("metadata_json")
+    metadata: dict[str, Any] = json.loads(exact) if exact is not None else doc["metadata"]
+    return metadata
+
+
+def _rounded_by_cosmos(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > EXACT_INT
+    if isinstance(value, dict):
+        return any(_rounded_by_cosmos(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_rounded_by_cosmos(v) for v in value)
+    return False
 
 
 def stored_writes(docs: Iterable[Doc], chunks: Mapping[str, Doc]) -> list[StoredWrite]:
@@ -410,6 +432,8 @@ def _checkpoint_doc(
     }
     if seeds:
         doc["delta_seed"] = seeds
+    if _rounded_by_cosmos(checkpoint.metadata):
+        doc["metadata_json"] = json.dumps(checkpoint.metadata)
     return doc
 
 

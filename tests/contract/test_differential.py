@@ -804,7 +804,7 @@ def difference(got: Any, want: Any, path: str = "") -> str | None:
     if isinstance(got, dict) and isinstance(want, dict) and got.keys() == want.keys():
         found = (difference(got[k], want[k], f"{path}.{k}") for k in got)
         return next((d for d in found if d), None)
-    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+    if isinstance(got, list | tuple) and type(got) is type(want) and len(got) == len(want):
         found = (
             difference(g, w, f"{path}[{n}]") for n, (g, w) in enumerate(zip(got, want, strict=True))
         )
