@@ -178,3 +178,6 @@ def test_response_states_a_refused_refund() -> None:
     text = compose_response(state)
     assert "unable to approve a refund" in text
     assert "reset link" not in text
+    # A decided review stands for later runs (README): a reply would change nothing, so
+    # the answer must not ask for one as if it could.
+    assert "reply" not in text

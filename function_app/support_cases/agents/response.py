@@ -42,8 +42,7 @@ def compose_response(state: CaseState) -> str:
     elif refund["status"] == "refused":
         parts.append(
             f"We reviewed the duplicate charge at {billing['merchant']} of "
-            f"{_refund_money(refund)} and are unable to approve a refund "
-            "for it; please reply if you have more details."
+            f"{_refund_money(refund)} and are unable to approve a refund for it."
         )
     elif billing["duplicate_found"] is False and state.get("transactions"):
         parts.append("We did not find a duplicate charge among the transactions you sent.")
