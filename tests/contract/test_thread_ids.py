@@ -252,10 +252,14 @@ async def test_a_thread_id_shaped_as_another_threads_archive_record_is_refused(
         assert await backends.cold.get(lookalike) is None
 
 
-@every_configuration
-@pytest.mark.parametrize(
+# Text no store can hold: a lone surrogate (not UTF-8), a NUL character (not in Postgres).
+unstorable_text = pytest.mark.parametrize(
     ("bad", "match"), [("\ud800", "surrogate"), ("\0", "NUL")], ids=["surrogate", "nul"]
 )
+
+
+@every_configuration
+@unstorable_text
 async def test_text_no_store_can_hold_is_an_invalid_value_to_every_call_on_every_backend(
     any_backend: str,
     hot: bool,
@@ -333,9 +337,7 @@ async def test_text_no_store_can_hold_is_an_invalid_value_to_every_call_on_every
 
 
 @every_configuration
-@pytest.mark.parametrize(
-    ("bad", "match"), [("\ud800", "surrogate"), ("\0", "NUL")], ids=["surrogate", "nul"]
-)
+@unstorable_text
 async def test_metadata_no_store_can_hold_is_refused_before_anything_is_acknowledged(
     any_backend: str,
     hot: bool,

@@ -33,7 +33,7 @@ from tests.contract.test_subgraph_namespaces import drafting
 from tests.faults.proxy import LoopbackProxy
 from tests.integration.delta_graph import STACK_IDS, STACKS, append, delta_graph, open_stack
 from tests.integration.delta_graph import settings_for as stack_settings
-from tests.integration.test_write_behind import open_write_behind, settings_for
+from tests.integration.test_write_behind import WriteBehind, open_write_behind, settings_for
 
 COLD_BACKENDS = ["cosmos", "postgres"]
 
@@ -55,19 +55,25 @@ def redis_proxy(stack_env: dict[str, str]) -> Iterator[tuple[LoopbackProxy, str]
         proxy.stop()
 
 
+async def flushed_then_unflushed_run(tiers: WriteBehind) -> tuple[RunnableConfig, str]:
+    """A thread whose first run is flushed and whose second is still in the log only."""
+    graph = chat_graph(tiers.saver)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    await graph.ainvoke({"messages": ["flushed"]}, cfg)
+    await tiers.saver.aflush(thread_id)
+    await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
+    assert await tiers.flusher.log.pending(thread_id)
+    return cfg, thread_id
+
+
 @pytest.mark.parametrize("backend", COLD_BACKENDS)
 async def test_prune_delete_is_refused_during_a_redis_partition_then_not_undone(
     backend: str, stack_env: dict[str, str], redis_proxy: tuple[LoopbackProxy, str]
 ) -> None:
     proxy, url = redis_proxy
     async with open_write_behind(settings_for(stack_env, backend, url)) as tiers:
-        graph = chat_graph(tiers.saver)
-        cfg = config()
-        thread_id = cfg["configurable"]["thread_id"]
-        await graph.ainvoke({"messages": ["flushed"]}, cfg)
-        await tiers.saver.aflush(thread_id)
-        await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
-        assert await tiers.flusher.log.pending(thread_id)
+        cfg, thread_id = await flushed_then_unflushed_run(tiers)
 
         proxy.cut("reset")
         with pytest.raises(BackendUnavailable):
@@ -93,13 +99,7 @@ async def test_a_delete_refused_during_a_redis_partition_still_checks_the_runs_b
     persistence) fails the boundary instead of acknowledging a state only Redis held."""
     proxy, url = redis_proxy
     async with open_write_behind(settings_for(stack_env, backend, url)) as tiers:
-        graph = chat_graph(tiers.saver)
-        cfg = config()
-        thread_id = cfg["configurable"]["thread_id"]
-        await graph.ainvoke({"messages": ["flushed"]}, cfg)
-        await tiers.saver.aflush(thread_id)
-        await graph.ainvoke({"messages": ["unflushed"]}, cfg, durability="async")
-        assert await tiers.flusher.log.pending(thread_id)
+        _cfg, thread_id = await flushed_then_unflushed_run(tiers)
 
         proxy.cut("reset")
         with pytest.raises(BackendUnavailable):
