@@ -95,10 +95,10 @@ param pythonVersion string = '3.11'
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
-@description('Concurrent HTTP requests one Function App instance takes before the platform adds another (Flex Consumption gives Python apps 1 unless set). Default: CASE_MAX_RUNS, the runs one worker drives at once.')
+@description('CASE_MAX_RUNS: case runs one Function App worker drives at once, and the concurrent HTTP requests one instance takes before the platform adds another (Flex Consumption gives Python apps 1 unless set). One value for both: concurrency above it meets the worker\'s 503 before scaling out; below it, instances idle.')
 @minValue(1)
 @maxValue(1000)
-param httpPerInstanceConcurrency int = 32
+param caseMaxRuns int = 32
 
 @description('VNET_ENABLED: private networking. The Function App joins a VNet; Storage, Cosmos DB, Redis and Postgres get private endpoints and private DNS zones, and their public network access is disabled.')
 param vnetEnabled bool = false
@@ -424,7 +424,7 @@ module functionApp 'modules/function-app.bicep' = {
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     pythonVersion: pythonVersion
     maximumInstanceCount: appMaxInstances
-    httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    caseMaxRuns: caseMaxRuns
     stateColdBackend: stateColdBackend
     cosmosEndpoint: usePostgres ? '' : cosmos.outputs.endpoint
     cosmosDatabase: cosmosDatabaseName
@@ -501,7 +501,14 @@ output AZURE_APPLICATION_INSIGHTS_NAME string = monitoring.outputs.applicationIn
 output AZURE_POSTGRES_SERVER_NAME string = usePostgres ? postgres.outputs.name : ''
 output VNET_ENABLED bool = vnetEnabled
 output STATE_COLD_BACKEND string = stateColdBackend
+// Every app setting the deployment chooses (a parameter, or computed from one) is output
+// under its own name, so `azd env get-values` shows what the app runs with and the
+// postprovision hook gives a local run the same values.
 output STATE_COLD_TTL_SECONDS int = stateColdTtl
+output STATE_HOT_TTL_SECONDS int = stateHotTtlSeconds
+output CASE_MAX_RUNS int = caseMaxRuns
+output POSTGRES_POOL_MAX_SIZE int = postgresPoolMaxSize
+output CORS_ALLOWED_ORIGINS string = corsAllowedOrigins
 output COSMOS_ENDPOINT string = usePostgres ? '' : cosmos.outputs.endpoint
 // Callers (and `agent-state` with AGENT_STATE_SCOPE=<AUTH_AUDIENCE>/.default) ask Entra
 // for tokens for this client id.

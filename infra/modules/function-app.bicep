@@ -51,10 +51,10 @@ param instanceMemoryMB int = 2048
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
-@description('Concurrent HTTP requests the platform sends one instance before it scales out. Unset, Flex Consumption gives Python apps 1: each event stream (up to 200 s) would hold a whole instance, and maximumInstanceCount open streams would leave no instance for any other request. The default is CASE_MAX_RUNS (32), the runs one worker drives at once, so a burst of submits scales out before the worker refuses runs.')
+@description('CASE_MAX_RUNS: case runs one worker drives at once. Also the HTTP concurrency per instance (the requests the platform sends one instance before it scales out): unset, Flex Consumption gives Python apps 1, so each event stream (up to 200 s) would hold a whole instance and maximumInstanceCount open streams would leave no instance for any other request; above CASE_MAX_RUNS, a burst of submits would meet the worker\'s 503 instead of scaling out. One parameter feeds both, so they cannot drift apart.')
 @minValue(1)
 @maxValue(1000)
-param httpPerInstanceConcurrency int = 32
+param caseMaxRuns int = 32
 
 @description('STATE_COLD_BACKEND.')
 @allowed([
@@ -171,7 +171,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         maximumInstanceCount: maximumInstanceCount
         triggers: {
           http: {
-            perInstanceConcurrency: httpPerInstanceConcurrency
+            perInstanceConcurrency: caseMaxRuns
           }
         }
       }
@@ -246,7 +246,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       CASE_SYNC_WAIT_SECONDS: '20'
       API_REQUEST_DEADLINE_SECONDS: '10'
       CASE_EFFECT_TIMEOUT_SECONDS: '30'
-      CASE_MAX_RUNS: '32'
+      CASE_MAX_RUNS: string(caseMaxRuns)
       CASE_MAX_EVENT_STREAMS: '100'
       CASE_MAX_EVENT_STREAMS_PER_CALLER: '10'
       CASE_DUPLICATE_WINDOW_SECONDS: '86400'

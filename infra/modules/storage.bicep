@@ -66,23 +66,19 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   }
 }
 
-// Identity-based AzureWebJobsStorage: blobs (host leases, timer singletons, deployment
-// packages), queues and tables (host internals and diagnostics).
+// Identity-based AzureWebJobsStorage, only what the Functions host uses for this app (an
+// HTTP trigger and a timer; no queue, blob or Durable trigger or binding): blobs for
+// host coordination (leases, timer locks and schedule status, the key store) and the
+// deployment packages, and tables for the host's diagnostic events. Per "Connecting to
+// host storage with an identity" (Azure Functions docs): Storage Blob Data Owner on the
+// account (the host creates its own containers, so no container scope); Storage Table
+// Data Contributor for diagnostic events (the host creates its own tables too). No
+// queue role: only blob triggers and queue bindings would use queues.
 resource appBlobDataOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(storage.id, identityPrincipalId, roles.azure.storageBlobDataOwner)
   scope: storage
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.azure.storageBlobDataOwner)
-    principalId: identityPrincipalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-resource appQueueDataContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, identityPrincipalId, roles.azure.storageQueueDataContributor)
-  scope: storage
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.azure.storageQueueDataContributor)
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -98,8 +94,8 @@ resource appTableDataContributor 'Microsoft.Authorization/roleAssignments@2022-0
   }
 }
 
-// Diagnostics per service (the host's leases and timers live in blobs, its
-// internals in queues and tables).
+// Diagnostics per service (the host's leases and timers live in blobs, its diagnostic
+// events in tables; queues are unused, and their logs would show any attempt).
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' existing = {
   parent: storage
   name: 'default'

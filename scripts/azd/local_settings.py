@@ -48,7 +48,13 @@ FROM_AZURE = (
     "AUTH_TENANT_ID",
     "AUTH_AUDIENCE",
     "AUTH_ALLOWED_CLIENT_IDS",
+    # What the deployment chose for the app: a local run against the same Redis and cold
+    # tier keeps the deployed TTLs, run limit, pool size and browser origins.
     "STATE_COLD_TTL_SECONDS",
+    "STATE_HOT_TTL_SECONDS",
+    "CASE_MAX_RUNS",
+    "POSTGRES_POOL_MAX_SIZE",
+    "CORS_ALLOWED_ORIGINS",
 )
 # Outputs without which the file would point at nothing in Azure, per cold backend
 # (Cosmos DB is not deployed when Postgres is the cold tier).

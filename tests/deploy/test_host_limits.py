@@ -118,9 +118,9 @@ def test_an_instance_takes_concurrent_requests_up_to_the_runs_its_worker_drives(
     assert concurrency <= AppSettings.model_fields["case_max_runs"].default
     main = infra_file("main.bicep")
     module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
-    passed = module.params().get("httpPerInstanceConcurrency")
-    assert passed is not None and passed.text == b"httpPerInstanceConcurrency"
-    assert main.evaluate(main.params["httpPerInstanceConcurrency"].default) == concurrency
+    passed = module.params().get("caseMaxRuns")
+    assert passed is not None and passed.text == b"caseMaxRuns"
+    assert main.evaluate(main.params["caseMaxRuns"].default) == concurrency
 
 
 # Azure Database for PostgreSQL Flexible Server, "Limits", maximum connections
@@ -221,3 +221,47 @@ def test_cosmos_deployments_keep_the_instance_cap_and_the_default_pool() -> None
         _, instances, pool = _deployed_app(stateColdBackend="cosmos", maximumInstanceCount=cap)
         assert instances == cap
         assert pool == str(AppSettings.model_fields["postgres_pool_max_size"].default)
+
+
+def _concurrency_and_max_runs(**main_params: object) -> tuple[object, object]:
+    """(HTTP perInstanceConcurrency, CASE_MAX_RUNS) as main.bicep deploys them."""
+    main = infra_file("main.bicep").bind(**main_params)
+    module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
+    passed = {
+        name: main.evaluate(node, assume_defaults=True) for name, node in module.params().items()
+    }
+    function_app = infra_file("function-app.bicep").bind(
+        **{k: v for k, v in passed.items() if not isinstance(v, Expr)}
+    )
+    site = function_app.of_type("Microsoft.Web/sites")[0]
+    concurrency = site.get(
+        "properties.functionAppConfig.scaleAndConcurrency.triggers.http.perInstanceConcurrency",
+        assume_defaults=True,
+    )
+    max_runs = app_settings_resource([function_app]).get(
+        "properties.CASE_MAX_RUNS", assume_defaults=True
+    )
+    return concurrency, max_runs
+
+
+def test_http_concurrency_follows_case_max_runs_whatever_is_overridden() -> None:
+    """Concurrency above CASE_MAX_RUNS sends an instance submits its worker answers 503;
+    below it, runs the worker could drive go to new instances. Whichever parameter an
+    operator overrides, both must move together."""
+    main = infra_file("main.bicep")
+    assert _concurrency_and_max_runs() == (32, "32")
+    overridable = [
+        name
+        for name, param in main.params.items()
+        if param.default is not None and isinstance(main.evaluate(param.default), int)
+    ]
+    for name in overridable:
+        concurrency, max_runs = _concurrency_and_max_runs(**{name: 7})
+        assert isinstance(concurrency, int), (name, concurrency)
+        assert str(concurrency) == max_runs, (
+            f"{name}=7 deploys perInstanceConcurrency {concurrency}, CASE_MAX_RUNS {max_runs}"
+        )
+    # The one value fits both: the app takes any positive CASE_MAX_RUNS, Flex Consumption
+    # an HTTP concurrency of 1..1000.
+    bounds = main.params["caseMaxRuns"].decorator_args
+    assert bounds["minValue"] == [1] and bounds["maxValue"] == [1000]

@@ -12,6 +12,7 @@ deliberately broken snippet to prove it can fail.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -58,10 +59,8 @@ DAEMON_CLIENT_ID = "33333333-3333-3333-3333-333333333333"
 ROLE_IDS = {
     # "Storage Blob Data Owner": Azure built-in roles reference (Storage), role JSON "name".
     "storageBlobDataOwner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
-    # "Storage Queue Data Contributor": published role definition JSON ("name"/"id").
-    "storageQueueDataContributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
-    # "Storage Table Data Contributor": same id in independent public Bicep modules and
-    # an SDK constants table (not yet confirmed against the built-in roles page).
+    # "Storage Table Data Contributor": Azure built-in roles reference (Storage), role JSON
+    # "name" (MicrosoftDocs/azure-docs, role-based-access-control/built-in-roles/storage.md).
     "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
     # "Monitoring Metrics Publisher": Azure built-in roles reference (Monitor), role JSON "name".
     "monitoringMetricsPublisher": "3913510d-42f4-4e42-8a64-420c390055eb",
@@ -73,7 +72,6 @@ ROLE_IDS = {
 # (file, resource symbol) -> the role each assignment must grant.
 EXPECTED_ROLE_ASSIGNMENTS = {
     ("storage.bicep", "appBlobDataOwner"): ROLE_IDS["storageBlobDataOwner"],
-    ("storage.bicep", "appQueueDataContributor"): ROLE_IDS["storageQueueDataContributor"],
     ("storage.bicep", "appTableDataContributor"): ROLE_IDS["storageTableDataContributor"],
     ("monitoring.bicep", "appMetricsPublisher"): ROLE_IDS["monitoringMetricsPublisher"],
     ("cosmos.bicep", "appDataContributor"): ROLE_IDS["cosmosBuiltInDataContributor"],
@@ -1211,7 +1209,6 @@ def test_roles_json_holds_the_verified_role_ids() -> None:
         key: ROLE_IDS[key]
         for key in (
             "storageBlobDataOwner",
-            "storageQueueDataContributor",
             "storageTableDataContributor",
             "monitoringMetricsPublisher",
         )
@@ -1224,6 +1221,102 @@ def test_roles_json_holds_the_verified_role_ids() -> None:
 
 def test_each_role_assignment_grants_its_intended_role() -> None:
     assert check_role_assignments(infra_files(), EXPECTED_ROLE_ASSIGNMENTS) == []
+
+
+# What the Functions host keeps in AzureWebJobsStorage, and the built-in roles that
+# covers ("Connecting to host storage with an identity", Azure Functions docs): the host
+# alone needs Storage Blob Data Owner (coordination, key store, containers it creates) and
+# Storage Table Data Contributor for its diagnostic events; a timer's locks are blobs.
+HOST_STORAGE_ROLES = {"storageBlobDataOwner", "storageTableDataContributor"}
+# Roles each trigger or binding decorator of function_app.py adds to the host's.
+BINDING_STORAGE_ROLES: dict[str, set[str]] = {
+    "timer_trigger": set(),
+    "queue_trigger": {"storageQueueDataContributor"},
+    "queue_output": {"storageQueueDataContributor"},
+    # The blob trigger keeps receipts in blobs and poison blobs in a queue.
+    "blob_trigger": {"storageQueueDataContributor", "storageAccountContributor"},
+    "durable_client_input": {"storageQueueDataContributor"},
+}
+
+
+def _binding_decorators() -> set[str]:
+    """Trigger and binding decorators (`@app.timer_trigger(...)`) of the Functions entry."""
+    tree = ast.parse((REPO / "function_app" / "function_app.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for decorator in node.decorator_list:
+                call = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if isinstance(call, ast.Attribute) and re.search(
+                    r"_(trigger|input|output)$", call.attr
+                ):
+                    found.add(call.attr)
+    return found
+
+
+def test_the_app_identity_gets_only_the_storage_roles_the_host_uses() -> None:
+    """Queue Data Contributor was granted for nothing: no trigger or binding of this app
+    uses queues, so the identity could read and write every queue of the account."""
+    decorators = _binding_decorators()
+    unknown = decorators - set(BINDING_STORAGE_ROLES)
+    assert not unknown, f"add the host storage roles of {sorted(unknown)}"
+    needed = HOST_STORAGE_ROLES.union(*(BINDING_STORAGE_ROLES[d] for d in decorators))
+    by_id = {role_id: key for key, role_id in ROLE_IDS.items()}
+    storage = infra_file("storage.bicep")
+    granted = set()
+    for assignment in storage.of_type("Microsoft.Authorization/roleAssignments"):
+        role = str(assignment.get("properties.roleDefinitionId"))
+        guids = GUID.findall(role)
+        granted.add(by_id.get(guids[-1].lower(), role) if guids else role)
+        # The account: the host creates its own containers and diagnostics tables.
+        assert assignment.get("scope") == Expr("storage"), assignment.label
+        assert assignment.get("properties.principalId") == Expr("identityPrincipalId")
+    assert granted == needed, f"granted {sorted(granted)}, the host uses {sorted(needed)}"
+
+
+def test_every_app_setting_the_deployment_chooses_is_an_output() -> None:
+    """README: `azd env get-values` shows what the deployment chose, and the postprovision
+    hook gives a local run the same values. STATE_HOT_TTL_SECONDS (parameter
+    stateHotTtlSeconds) and the computed POSTGRES_POOL_MAX_SIZE were set on the app but
+    never output, so neither could be read back, and a local run used the sample's."""
+    # Settings tied to the Function App's own identity and resources, not for a local run;
+    # APPLICATIONINSIGHTS_CONNECTION_STRING is also named like a secret (no such output).
+    app_only = {
+        "AzureWebJobsStorage__accountName",
+        "AzureWebJobsStorage__clientId",
+        "AZURE_CLIENT_ID",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    }
+    main = infra_file("main.bicep")
+    module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
+    passed = {name: text(node) for name, node in module.params().items()}
+    outputs = {o.name: text(o.value) for o in main.outputs}
+    settings = app_settings_resource(infra_files()).get("properties") or {}
+    chosen = {
+        name: value.text
+        for name, value in settings.items()
+        if isinstance(value, Expr) and name not in app_only
+    }
+
+    def unwrap(expression: str) -> str:
+        match = re.fullmatch(r"string\((.*)\)", expression)
+        return match.group(1) if match else expression
+
+    for name, expression in chosen.items():
+        assert name in outputs, f"app setting {name} is not a main.bicep output"
+        # The setting's expression, each module parameter replaced by what main passes it.
+        in_main = re.sub(
+            r"\b[A-Za-z_][A-Za-z0-9_]*\b",
+            lambda m: passed.get(m.group(0), m.group(0)),
+            unwrap(expression),
+        )
+        assert outputs[name] == in_main, f"output {name} = {outputs[name]}, the app gets {in_main}"
+    assert {"STATE_HOT_TTL_SECONDS", "CASE_MAX_RUNS", "POSTGRES_POOL_MAX_SIZE"} <= set(chosen)
+    local_settings = load_script("local_settings")
+    assert set(chosen) <= set(local_settings.FROM_AZURE), set(chosen) - set(
+        local_settings.FROM_AZURE
+    )
 
 
 def test_function_app_is_flex_consumption_with_identity() -> None:
@@ -1300,6 +1393,7 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
         "redisHost": "redis-abc.redis.cache.windows.net",
         "string(redisPort)": "6380",
         "string(stateHotTtlSeconds)": "86400",
+        "string(caseMaxRuns)": "32",
         "string(stateColdTtlSeconds)": "-1",
         "tenant().tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
         "authClientId": "22222222-2222-2222-2222-222222222222",
