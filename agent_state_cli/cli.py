@@ -626,6 +626,17 @@ def _print_json(value: object) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
+def _billed(billing: dict[str, Any]) -> str:
+    """The duplicates' amount; in several currencies each one's (`refund_amount` adds them up,
+    a figure in no currency), as the reviewer decides on them."""
+    if billing["currency"] is not None or not billing["duplicates"]:
+        return f"{billing['refund_amount']:.2f} {billing['currency'] or ''}".strip()
+    cents: dict[str, int] = {}
+    for charge in billing["duplicates"]:
+        cents[charge["currency"]] = cents.get(charge["currency"], 0) + round(charge["amount"] * 100)
+    return " + ".join(f"{cents[currency] / 100:.2f} {currency}" for currency in sorted(cents))
+
+
 def _print_case(case: dict[str, Any]) -> None:
     table = Table("field", "value", show_header=False)
     table.add_row("case", case["case_id"])
@@ -636,8 +647,8 @@ def _print_case(case: dict[str, Any]) -> None:
         billing = case["billing"]
         table.add_row(
             "billing",
-            f"{len(billing['duplicates'])} duplicate(s), {billing['refund_amount']:.2f} "
-            f"{billing['currency'] or ''} at {billing['merchant'] or '-'}",
+            f"{len(billing['duplicates'])} duplicate(s), {_billed(billing)} "
+            f"at {billing['merchant'] or '-'}",
         )
     if case.get("account"):
         table.add_row("account", f"issue: {case['account']['issue'] or 'none'}")

@@ -1790,7 +1790,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         configurable = config["configurable"]
         thread_id = str(configurable["thread_id"])
         checkpoint_ns = configurable.get("checkpoint_ns", "")
-        checkpoint_id = get_checkpoint_id(config)
+        # As in `_address`: an empty id names no checkpoint, so the latest's history.
+        checkpoint_id = get_checkpoint_id(config) or None
         if checkpoint_id is None:
             latest = await self._get_tuple(config)
             if latest is None:

@@ -81,7 +81,9 @@ ENTRY_FIELDS = ("serde", "enc", "data", "parts", "chunk_set")
 # Cosmos caps ids at 1023 bytes; longer ones are replaced by a digest.
 MAX_ID_LENGTH = 1000
 # Cosmos holds every JSON number as a double: an integer past 2**53 in a checkpoint's
-# metadata would come back rounded, so such metadata is also kept exactly, as JSON text.
+# metadata would come back rounded, and a float without a fraction as an integer (2.0 as 2,
+# 2.0**60 as the integer of its shortest digits, another number), so such metadata is also
+# kept exactly, as JSON text.
 EXACT_INT = 2**53
 ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -366,15 +368,17 @@ def metadata_of(doc: Doc) -> dict[str, Any]:
     return metadata
 
 
-def _rounded_by_cosmos(value: Any) -> bool:
+def _changed_by_cosmos(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
         return abs(value) > EXACT_INT
+    if isinstance(value, float):
+        return value.is_integer()
     if isinstance(value, dict):
-        return any(_rounded_by_cosmos(v) for v in value.values())
+        return any(_changed_by_cosmos(v) for v in value.values())
     if isinstance(value, list):
-        return any(_rounded_by_cosmos(v) for v in value)
+        return any(_changed_by_cosmos(v) for v in value)
     return False
 
 
@@ -432,7 +436,7 @@ def _checkpoint_doc(
     }
     if seeds:
         doc["delta_seed"] = seeds
-    if _rounded_by_cosmos(checkpoint.metadata):
+    if _changed_by_cosmos(checkpoint.metadata):
         doc["metadata_json"] = json.dumps(checkpoint.metadata)
     return doc
 

@@ -236,3 +236,38 @@ async def test_a_run_from_an_empty_checkpoint_id_goes_on_from_the_latest(
     assert want[0] == {"n": 4, "trail": ["inc1", "dbl2"]}
     async with open_tiers(cold_backend, hot=hot, mode=mode) as backends:
         assert await states(TieredCheckpointSaver.from_backends(backends)) == want
+
+
+@pytest.mark.parametrize(
+    ("hot", "mode"), [(False, None), (True, WriteMode.WRITE_BEHIND)], ids=["cold", "flushed"]
+)
+async def test_whole_floats_read_back_from_cosmos_as_written(
+    hot: bool, mode: WriteMode | None, open_tiers: OpenBackends
+) -> None:
+    """A float with no fraction is printed by Cosmos as an integer: 2.0 comes back 2, and
+    2.0**60 as the integer of its shortest digits (1152921504606847000), another number.
+    Read from the cold tier alone, metadata and filters on it are InMemorySaver's."""
+    metadata: Any = {"whole": 2.0, "huge": 2.0**60, "neg": -(2.0**55), "in": [3.0]}
+    filters: list[dict[str, Any]] = [{"huge": 2.0**60}, {"huge": 2**60}, {"neg": -(2**55)}]
+    thread_id = f"diff-floats-{uuid.uuid4().hex}"
+    memory = InMemorySaver()
+    await memory.aput(configurable(thread_id, checkpoint_ns=""), empty_checkpoint(), metadata, {})
+    async with open_tiers("cosmos", hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        await saver.aput(
+            configurable(thread_id, checkpoint_ns=""), empty_checkpoint(), metadata, {}
+        )
+        if backends.hot_checkpoints is not None:
+            await saver.aflush(thread_id)
+            await backends.hot_checkpoints._client.flushall()
+            saver = TieredCheckpointSaver.from_backends(backends)
+        found = await saver.aget_tuple(configurable(thread_id))
+        assert found is not None
+        # Compared by repr: `==` holds 2 and 2.0 the same.
+        assert {k: repr(v) for k, v in found.metadata.items()} == {
+            k: repr(v) for k, v in metadata.items()
+        }
+        for query in filters:
+            got = [t async for t in saver.alist(configurable(thread_id), filter=query)]
+            want = [t async for t in memory.alist(configurable(thread_id), filter=query)]
+            assert len(got) == len(want) == 1, query

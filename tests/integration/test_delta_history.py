@@ -126,6 +126,27 @@ async def test_history_contract(
         assert empty == {"messages": {"writes": []}}
 
 
+@pytest.mark.parametrize(("backend", "redis", "mode"), STACKS, ids=STACK_IDS)
+async def test_history_at_an_empty_checkpoint_id_is_the_latest_checkpoints(
+    backend: str, redis: bool, mode: str, stack_env: dict[str, str]
+) -> None:
+    """`checkpoint_id: ""` names no checkpoint (as `get_tuple` and InMemorySaver read it):
+    the history asked of it is the latest checkpoint's, not an empty one."""
+    settings = settings_for(stack_env, backend, redis, mode)
+    async with open_stack(settings) as opened:
+        saver = opened.saver
+        graph = delta_graph(saver, snapshot_frequency=4)
+        cfg = thread_config()
+        for n in range(5):
+            await graph.ainvoke({"messages": [f"user {n}"]}, cfg)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None
+        want = await saver.aget_delta_channel_history(config=latest.config, channels=["messages"])
+        assert want["messages"]["writes"]
+        blank = {"configurable": {**cfg["configurable"], "checkpoint_id": ""}}
+        assert await saver.aget_delta_channel_history(config=blank, channels=["messages"]) == want
+
+
 @contextmanager
 def cosmos_requests() -> Iterator[list[tuple[float, float]]]:
     """(start, end) of every Cosmos HTTP request made inside, at the SDK's transport."""
