@@ -1142,6 +1142,23 @@ def test_parameters_file_matches_main_params() -> None:
     assert parameters["principalId"]["value"] == "${AZURE_PRINCIPAL_ID}"
 
 
+def test_an_output_of_a_parameter_is_read_back_from_its_azd_variable() -> None:
+    """azd keeps every output as an environment variable: one that only echoes a
+    parameter must also feed it (main.parameters.json), or `azd env set NAME` shows a
+    value the next provision ignores and overwrites (CASE_MAX_RUNS, STATE_HOT_TTL_SECONDS
+    were output, never read)."""
+    main = infra_file("main.bicep")
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    for output in main.outputs:
+        param = text(output.value)
+        if param not in main.params:
+            continue
+        value = parameters.get(param, {}).get("value", "")
+        assert value == "${" + output.name + "}" or value.startswith("${" + output.name + "="), (
+            f"output {output.name} = {param}, read back from {value!r}"
+        )
+
+
 def test_storage_has_no_shared_key_access() -> None:
     assert check_storage(infra_files()) == []
 
@@ -1274,49 +1291,85 @@ def test_the_app_identity_gets_only_the_storage_roles_the_host_uses() -> None:
     assert granted == needed, f"granted {sorted(granted)}, the host uses {sorted(needed)}"
 
 
+# Settings tied to the Function App's own identity and resources, not for a local run;
+# APPLICATIONINSIGHTS_CONNECTION_STRING is also named like a secret (no such output).
+APP_ONLY_SETTINGS = {
+    "AzureWebJobsStorage__accountName",
+    "AzureWebJobsStorage__clientId",
+    "AZURE_CLIENT_ID",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+}
+# A bare name in a setting's expression: not a property (`.x`), not a function (`f(`).
+BARE_NAME = re.compile(r"(?<![.\w])([A-Za-z_]\w*)\b(?!\s*\()")
+
+
+def chosen_app_settings(files: list[BicepFile] | tuple[BicepFile, ...]) -> dict[str, str]:
+    """App settings the deployment chooses (an expression, not a literal): name -> source."""
+    settings = app_settings_resource(files).get("properties") or {}
+    return {
+        name: value.text
+        for name, value in settings.items()
+        if isinstance(value, Expr) and name not in APP_ONLY_SETTINGS
+    }
+
+
+def check_outputs_match_app_settings(
+    main: BicepFile, function_app: BicepFile, chosen: dict[str, str]
+) -> list[str]:
+    """Each chosen setting is a main.bicep output whose expression is the setting's, each
+    module parameter replaced by what main passes it."""
+    module = next(m for m in main.modules if m.path.endswith(function_app.name))
+    passed = {name: text(node) for name, node in module.params().items()}
+    outputs = {o.name: text(o.value) for o in main.outputs}
+
+    def in_main(match: re.Match[str]) -> str:
+        name = match.group(1)
+        # A name main does not pass is the module's own (a parameter's default, a
+        # variable): same-named in main or not, the app does not get main's value.
+        return passed.get(name, f"<{function_app.name}'s own {name}>")
+
+    problems = []
+    for name, expression in chosen.items():
+        if name not in outputs:
+            problems.append(f"app setting {name} is not a main.bicep output")
+            continue
+        unwrapped = re.fullmatch(r"string\((.*)\)", expression)
+        expected = BARE_NAME.sub(in_main, unwrapped.group(1) if unwrapped else expression)
+        if outputs[name] != expected:
+            problems.append(f"output {name} = {outputs[name]}, the app gets {expected}")
+    return problems
+
+
 def test_every_app_setting_the_deployment_chooses_is_an_output() -> None:
     """README: `azd env get-values` shows what the deployment chose, and the postprovision
     hook gives a local run the same values. STATE_HOT_TTL_SECONDS (parameter
     stateHotTtlSeconds) and the computed POSTGRES_POOL_MAX_SIZE were set on the app but
     never output, so neither could be read back, and a local run used the sample's."""
-    # Settings tied to the Function App's own identity and resources, not for a local run;
-    # APPLICATIONINSIGHTS_CONNECTION_STRING is also named like a secret (no such output).
-    app_only = {
-        "AzureWebJobsStorage__accountName",
-        "AzureWebJobsStorage__clientId",
-        "AZURE_CLIENT_ID",
-        "APPLICATIONINSIGHTS_CONNECTION_STRING",
-        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
-    }
-    main = infra_file("main.bicep")
-    module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
-    passed = {name: text(node) for name, node in module.params().items()}
-    outputs = {o.name: text(o.value) for o in main.outputs}
-    settings = app_settings_resource(infra_files()).get("properties") or {}
-    chosen = {
-        name: value.text
-        for name, value in settings.items()
-        if isinstance(value, Expr) and name not in app_only
-    }
-
-    def unwrap(expression: str) -> str:
-        match = re.fullmatch(r"string\((.*)\)", expression)
-        return match.group(1) if match else expression
-
-    for name, expression in chosen.items():
-        assert name in outputs, f"app setting {name} is not a main.bicep output"
-        # The setting's expression, each module parameter replaced by what main passes it.
-        in_main = re.sub(
-            r"\b[A-Za-z_][A-Za-z0-9_]*\b",
-            lambda m: passed.get(m.group(0), m.group(0)),
-            unwrap(expression),
-        )
-        assert outputs[name] == in_main, f"output {name} = {outputs[name]}, the app gets {in_main}"
+    chosen = chosen_app_settings(infra_files())
+    main, function_app = infra_file("main.bicep"), infra_file("function-app.bicep")
+    assert check_outputs_match_app_settings(main, function_app, chosen) == []
     assert {"STATE_HOT_TTL_SECONDS", "CASE_MAX_RUNS", "POSTGRES_POOL_MAX_SIZE"} <= set(chosen)
     local_settings = load_script("local_settings")
     assert set(chosen) <= set(local_settings.FROM_AZURE), set(chosen) - set(
         local_settings.FROM_AZURE
     )
+
+
+def test_an_output_of_a_parameter_main_does_not_pass_is_refused() -> None:
+    """main.bicep without `stateHotTtlSeconds: stateHotTtlSeconds` in the module's params
+    deploys the module's default (86400) whatever the parameter says, while the output
+    STATE_HOT_TTL_SECONDS = stateHotTtlSeconds reports the parameter: same text, another
+    value."""
+    main, function_app = infra_file("main.bicep"), infra_file("function-app.bicep")
+    chosen = chosen_app_settings(infra_files())
+    line = "    stateHotTtlSeconds: stateHotTtlSeconds\n"
+    assert line in main.source
+    broken = parse(main.source.replace(line, ""), name="main.bicep")
+    assert check_outputs_match_app_settings(broken, function_app, chosen) == [
+        "output STATE_HOT_TTL_SECONDS = stateHotTtlSeconds, the app gets"
+        " <function-app.bicep's own stateHotTtlSeconds>"
+    ]
 
 
 def test_function_app_is_flex_consumption_with_identity() -> None:
