@@ -373,3 +373,15 @@ class SaverLoopMissing(StateError, asyncio.InvalidStateError):
             "TieredCheckpointSaver needs the event loop its stores run on: build it "
             "inside that loop, pass `loop=`, or use TieredCheckpointSaver.open_sync()"
         )
+
+
+class SaverLoopStopped(StateError, asyncio.InvalidStateError):
+    """A call a checkpoint saver hands to its loop while that loop is not running (stopped,
+    or closed): nothing would ever run it, so it is refused instead of waited for."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the event loop TieredCheckpointSaver's stores run on is not running (stopped "
+            "or closed): keep it running while the saver is used, or use "
+            "TieredCheckpointSaver.open_sync()"
+        )

@@ -93,6 +93,7 @@ from ..errors import (
     RunsStillWriting,
     SaverClosed,
     SaverLoopMissing,
+    SaverLoopStopped,
     StateError,
     SyncCallOnSaverLoop,
     UnknownParent,
@@ -928,18 +929,28 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         if asyncio.get_running_loop() is self.loop:
             return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        try:
+            self._refuse_loop_stopped()
+            call = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except (SaverLoopStopped, RuntimeError):
+            coro.close()
+            # RuntimeError: the loop closed between the look and the hand-over.
+            raise SaverClosed() if self._closed else SaverLoopStopped() from None
+        return await asyncio.wrap_future(call)
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         tracked = self._tracked(coro)
         try:
             with self._caller_call():
+                self._refuse_loop_stopped()
                 call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
         except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
             tracked.close()
             coro.close()
             if self._closed:
                 raise SaverClosed() from None
+            if self.loop.is_closed():  # closed between the look and the hand-over
+                raise SaverLoopStopped() from None
             raise
         try:
             return call.result()
@@ -1019,6 +1030,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return
         if running is self.loop:
             raise SyncCallOnSaverLoop()
+
+    def _refuse_loop_stopped(self) -> None:
+        """Before a hand-over to the loop: a loop not running (the caller's own between
+        `run_until_complete` calls, one `asyncio.run` closed) would never run the call, and
+        its caller would wait forever."""
+        if not self.loop.is_running():
+            raise SaverLoopStopped()
 
     def _boundary_sync(self, thread_id: str, boundary: bool) -> None:
         """`_boundary` after a sync caller's own append: a boundary's flush waits on the

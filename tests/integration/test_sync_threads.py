@@ -16,7 +16,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-from state import StateError, SyncCallOnSaverLoop, open_backends
+from state import SaverLoopStopped, StateError, SyncCallOnSaverLoop, open_backends
 from state.checkpoint import TieredCheckpointSaver
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
@@ -192,3 +192,55 @@ async def test_every_sync_call_on_the_saver_loop_is_refused_with_a_typed_error(
         assert [t async for t in saver.alist(cfg)] == []
     finally:
         await backends.close()
+
+
+def _outcome_within(seconds: float, call: Any) -> BaseException | None:
+    """What `call` raised on a thread of its own, or None; the test fails if it hangs."""
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            raised.append(None)
+        except BaseException as exc:  # whatever it is, the test looks at it
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the call hangs"
+    return raised[0]
+
+
+def test_calls_handed_to_a_loop_that_is_not_running_are_refused_typed(
+    stack_env: dict[str, str],
+) -> None:
+    """The saver built on a loop its owner runs only in turns (`run_until_complete`), and
+    on one `asyncio.run` has closed: a call that would wait for that loop is refused at
+    once with `SaverLoopStopped` (sync, and async from another loop), not left hanging or
+    raised as a bare RuntimeError. Cosmos: every call goes through the loop."""
+    settings = _settings(stack_env, "cosmos", "write-through")
+    cfg = _config(f"stopped-{uuid.uuid4().hex[:12]}")
+    loop = asyncio.new_event_loop()
+    try:
+        backends = loop.run_until_complete(open_backends(settings))
+        saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+        try:
+            graph = chat_graph(saver)
+            invoked = _outcome_within(30, lambda: graph.invoke({"messages": ["hi"]}, cfg))
+            assert isinstance(invoked, SaverLoopStopped), invoked
+            read = _outcome_within(30, lambda: asyncio.run(saver.aget_tuple(cfg)))
+            assert isinstance(read, SaverLoopStopped), read
+        finally:
+            loop.run_until_complete(backends.close())
+    finally:
+        loop.close()
+
+    async def opened_and_closed() -> TieredCheckpointSaver:
+        backends = await open_backends(settings)
+        await backends.close()
+        return TieredCheckpointSaver.from_backends(backends)
+
+    closed = asyncio.run(opened_and_closed())
+    listed = _outcome_within(30, lambda: list(closed.list(cfg)))
+    assert isinstance(listed, SaverLoopStopped), listed
