@@ -16,6 +16,7 @@ A token is never sent over plain `http://` to an address other than loopback.
 from __future__ import annotations
 
 import getpass
+import http.client
 import os
 import re
 import urllib.error
@@ -88,7 +89,15 @@ def _local_token(issuer: str) -> str:
     roles = [r.strip() for r in wanted.split(",") if r.strip()] if wanted else list(ALL_ROLES)
     try:
         return request_token(issuer, name, roles)
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+    # HTTPException: a port that is no number (InvalidURL) or a server that answers no HTTP
+    # (BadStatusLine), neither an OSError nor a ValueError.
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        OSError,
+        ValueError,
+        KeyError,
+    ) as error:
         raise TokenUnavailable(f"the local issuer {issuer} gave no token: {error}") from error
 
 

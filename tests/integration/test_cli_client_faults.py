@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -216,6 +217,35 @@ def test_an_api_port_that_is_no_port_is_not_a_url(port: str) -> None:
     error = one_line_error(result, 2)
     assert f"'http://127.0.0.1:{port}' is not a URL" in error
     assert "cannot reach" not in error
+
+
+@pytest.fixture
+def no_http_server() -> Iterator[str]:
+    """A loopback server that answers every connection with a line that is no HTTP."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def answer() -> None:
+            while True:
+                try:
+                    client, _ = server.accept()
+                except OSError:
+                    return  # closed at the end of the test
+                with client:
+                    client.sendall(b"not http\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("case", ["a port that is no number", "a server that is no HTTP"])
+def test_an_issuer_that_gives_no_token_is_named_not_a_traceback(
+    case: str, no_http_server: str
+) -> None:
+    """AGENT_STATE_ISSUER with a port that is no number, or naming a server that answers no
+    HTTP, ended the command with http.client's InvalidURL or BadStatusLine traceback."""
+    issuer = "http://127.0.0.1:x" if case == "a port that is no number" else no_http_server
+    result = agent_state("show", "case_1", "--api", "http://127.0.0.1:1", AGENT_STATE_ISSUER=issuer)
+    assert f"the local issuer {issuer} gave no token" in one_line_error(result, 2)
 
 
 def test_no_azure_credential_for_the_scope_is_said_once() -> None:
