@@ -43,9 +43,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
@@ -170,6 +172,14 @@ ROOT_UNKNOWN = "\0unknown"
 # threads, then for those in flight on its loop thread, to finish before it closes the
 # backends under them (then cancels the rest).
 CLOSE_WAIT_SECONDS = 5.0
+# How long a hand-over waits for a saver loop that is not running (nor closed) to run,
+# before `SaverLoopStopped`: a loop whose thread is starting (`run_forever` not begun yet)
+# runs within it; one stopped between its owner's `run_until_complete` turns is refused.
+LOOP_START_WAIT_SECONDS = 2.0
+LOOP_START_POLL_SECONDS = 0.01
+# How often a caller waiting for its call on the loop looks whether the loop closed (its
+# owner stopped it before the call ran, then closed it): nothing would ever answer it.
+LOOP_CLOSED_POLL_SECONDS = 0.5
 # Cosmos refuses a partition key value over 2 KB (the emulator does not): a thread id is
 # held to half that on every backend, so a thread works alike on each.
 MAX_THREAD_ID_BYTES = 1024
@@ -930,19 +940,28 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if asyncio.get_running_loop() is self.loop:
             return await coro
         try:
-            self._refuse_loop_stopped()
+            for pause in self._loop_start_pauses():
+                await asyncio.sleep(pause)
             call = asyncio.run_coroutine_threadsafe(coro, self.loop)
         except (SaverLoopStopped, RuntimeError):
             coro.close()
             # RuntimeError: the loop closed between the look and the hand-over.
             raise SaverClosed() if self._closed else SaverLoopStopped() from None
-        return await asyncio.wrap_future(call)
+        called = asyncio.wrap_future(call)
+        try:
+            while not (await asyncio.wait({called}, timeout=LOOP_CLOSED_POLL_SECONDS))[0]:
+                self._refuse_loop_closed(coro)
+        except asyncio.CancelledError:
+            called.cancel()  # as awaiting `called` itself would: the call on the loop too
+            raise
+        return called.result()
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         tracked = self._tracked(coro)
         try:
             with self._caller_call():
-                self._refuse_loop_stopped()
+                for pause in self._loop_start_pauses():
+                    time.sleep(pause)
                 call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
         except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
             tracked.close()
@@ -953,7 +972,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 raise SaverLoopStopped() from None
             raise
         try:
-            return call.result()
+            while True:
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    return call.result(timeout=LOOP_CLOSED_POLL_SECONDS)
+                if call.done():  # the call's own TimeoutError
+                    return call.result()
+                self._refuse_loop_closed(tracked, coro)
         except (concurrent.futures.CancelledError, BackendClosed):
             if self._closed:
                 raise SaverClosed() from None
@@ -1031,12 +1055,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if running is self.loop:
             raise SyncCallOnSaverLoop()
 
-    def _refuse_loop_stopped(self) -> None:
-        """Before a hand-over to the loop: a loop not running (the caller's own between
-        `run_until_complete` calls, one `asyncio.run` closed) would never run the call, and
-        its caller would wait forever."""
-        if not self.loop.is_running():
-            raise SaverLoopStopped()
+    def _loop_start_pauses(self) -> Iterator[float]:
+        """The pauses a hand-over makes before it gives its call to the loop: none while the
+        loop runs; while it is not running yet (its thread starting, `run_forever` not begun)
+        up to `LOOP_START_WAIT_SECONDS`, then `SaverLoopStopped`, and at once for a closed
+        loop: a loop not running (the caller's own between `run_until_complete` calls, one
+        `asyncio.run` closed) would never run the call, and its caller would wait forever."""
+        deadline: float | None = None
+        while not self.loop.is_running():
+            now = time.monotonic()
+            deadline = now + LOOP_START_WAIT_SECONDS if deadline is None else deadline
+            if self._closed or self.loop.is_closed() or now >= deadline:
+                raise SaverLoopStopped()  # `SaverClosed` instead once closed: see the callers
+            yield LOOP_START_POLL_SECONDS
+
+    def _refuse_loop_closed(self, *handed: Coroutine[Any, Any, Any]) -> None:
+        """While a caller waits for its call handed to the loop: a loop closed since will
+        never finish it. The call's coroutines it never started are closed (else each
+        warns it was never awaited); one it left suspended is left as it is."""
+        if not self.loop.is_closed():
+            return
+        for coro in handed:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+        raise SaverClosed() if self._closed else SaverLoopStopped()
 
     def _boundary_sync(self, thread_id: str, boundary: bool) -> None:
         """`_boundary` after a sync caller's own append: a boundary's flush waits on the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -244,3 +245,110 @@ def test_calls_handed_to_a_loop_that_is_not_running_are_refused_typed(
     closed = asyncio.run(opened_and_closed())
     listed = _outcome_within(30, lambda: list(closed.list(cfg)))
     assert isinstance(listed, SaverLoopStopped), listed
+
+
+def test_a_call_made_while_the_saver_loop_is_starting_is_served(
+    stack_env: dict[str, str],
+) -> None:
+    """The backends opened with `run_until_complete`, then the loop served on a thread of
+    its own (as `LoopThread` does): a call made before that thread's `run_forever` has
+    begun waits for it, as before `SaverLoopStopped`, instead of being refused."""
+    settings = _settings(stack_env, "cosmos", "write-through")
+    cfg = _config(f"starting-{uuid.uuid4().hex[:12]}")
+    loop = asyncio.new_event_loop()
+    backends = loop.run_until_complete(open_backends(settings))
+    saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+    go = threading.Event()
+
+    def serve() -> None:
+        go.wait()  # a thread slow to start: the first call is made before the loop runs
+        loop.run_forever()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        threading.Timer(0.3, go.set).start()
+        assert _outcome_within(30, lambda: saver.get_tuple(cfg)) is None
+        assert _outcome_within(30, lambda: asyncio.run(saver.aget_tuple(cfg))) is None
+    finally:
+        go.set()
+        asyncio.run_coroutine_threadsafe(backends.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        server.join()
+        loop.close()
+
+
+def test_a_call_handed_over_as_the_saver_loop_stops_is_refused_when_it_closes(
+    stack_env: dict[str, str],
+) -> None:
+    """A call handed to the loop while it still runs its owner's last turn, which ends
+    before the call ran, then the loop closed: the caller gets `SaverLoopStopped` (sync,
+    and async from another loop) instead of waiting forever for the closed loop."""
+    settings = _settings(stack_env, "cosmos", "write-through")
+    cfg = _config(f"stopping-{uuid.uuid4().hex[:12]}")
+    opener = asyncio.new_event_loop()
+    backends = opener.run_until_complete(open_backends(settings))
+    # Given a loop of its own (the calls never run there): the backends stay on the
+    # loop that opened them, which closes them.
+    loop = asyncio.new_event_loop()
+    saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+    handed: list[threading.Thread] = []
+    outcomes: list[BaseException | None] = [None, None]
+
+    def call(index: int, read: Any) -> None:
+        try:
+            read()
+        except BaseException as exc:  # whatever it is, the test looks at it
+            outcomes[index] = exc
+
+    async def last_turn() -> None:
+        # The loop runs, blocked here so that it does not get to the calls handed over
+        # meanwhile; this turn is its last.
+        for index, read in enumerate(
+            [lambda: saver.get_tuple(cfg), lambda: asyncio.run(saver.aget_tuple(cfg))]
+        ):
+            handed.append(threading.Thread(target=call, args=(index, read), daemon=True))
+            handed[-1].start()
+        time.sleep(1.0)  # noqa: ASYNC251
+
+    try:
+        try:
+            loop.run_until_complete(last_turn())
+        finally:
+            loop.close()
+        for caller in handed:
+            caller.join(30)
+            assert not caller.is_alive(), "the call hangs"
+        assert all(isinstance(outcome, SaverLoopStopped) for outcome in outcomes), outcomes
+    finally:
+        opener.run_until_complete(backends.close())
+        opener.close()
+
+
+def test_an_async_caller_cancelled_cancels_its_call_on_the_saver_loop(
+    stack_env: dict[str, str],
+) -> None:
+    """An async call from another loop, cancelled while it waits for the saver's loop
+    thread: the call there is cancelled too, not left to run on."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        started = threading.Event()
+        cancelled = threading.Event()
+
+        async def long_call() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def caller() -> None:
+            waiting = asyncio.ensure_future(saver._on_loop(long_call()))
+            await asyncio.to_thread(started.wait, 10)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+
+        asyncio.run(caller())
+        assert cancelled.wait(10), "the call on the saver loop runs on"
