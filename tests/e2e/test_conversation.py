@@ -375,21 +375,10 @@ async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_don
     assert case["refund"]["reference"] == discarded["refund"]["result"]["reference"]
     for kind in ("refund", "reset_link"):
         assert len(await provider_calls(runtime, case_id, kind)) == 1
-
-
-async def test_a_rolled_back_first_runs_reset_link_is_still_reported_sent(
-    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
-) -> None:
     # The follow-up speaks of no access problem, so the new run's account step finds no
-    # issue in it: the link the rolled-back run sent went out all the same.
-    await start_held(client, gate, case_id, "refund")
-    response = await post(client, case_id, INVOICE, "rollback")
-    assert response.status_code == 202, response.text
-    gate.open()
-    runs = await until_idle(runtime, client, case_id)
-    assert [r["status"] for r in runs] == ["rolled_back", "completed"]
-    [sent] = [e for e in runs[0]["discarded_effects"] if e["kind"] == "reset_link"]
-    case = (await client.get(f"/api/cases/{case_id}")).json()
+    # issue in it: the link the rolled-back run sent went out all the same, and the case
+    # says so.
+    sent = discarded["reset_link"]
     assert case["account"]["reset_link_sent"] is True
     assert case["account"]["reset_reference"] == sent["result"]["reference"]
     assert sent["result"]["reference"] in case["final_response"]
