@@ -644,8 +644,18 @@ def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable
     inner.add_edge(START, "inc")
     inner.add_edge("inc", END)
     counting = inner.compile()  # the parent's checkpointer, a namespace of its own
+    cfg = config()
+    opened: list[TieredCheckpointSaver] = []
 
     def ask(_: dict[str, Any]) -> dict[str, Any]:
+        # Durability "async" saves step 0 while this node runs: wait until it is in the
+        # log, or it may reach the cold tier directly once Redis is gone.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            newest = opened[0].get_tuple(cfg)
+            if newest is not None and newest.metadata.get("step") == 0:
+                break
+            time.sleep(0.05)
         redis.stop()
         counting.invoke({"x": 0})
         return {"answer": interrupt("approve?")}
@@ -658,9 +668,10 @@ def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable
         with TieredCheckpointSaver.open_sync(settings_for(stack_env, backend, redis.url)) as saver:
             assert saver.flusher is not None
             saver._sync(saver.flusher.stop())  # only boundaries flush
+            opened.append(saver)
             graph = builder.compile(checkpointer=saver)
             with pytest.raises(BackendUnavailable):
-                graph.invoke({"messages": ["hello"], "answer": ""}, config())
+                graph.invoke({"messages": ["hello"], "answer": ""}, cfg)
     finally:
         redis.stop()
 
