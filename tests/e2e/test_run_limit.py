@@ -119,8 +119,9 @@ async def test_a_case_past_the_maximum_is_503_with_nothing_written_and_an_ended_
     held.release.set()
     await runtime.service.wait_idle()
     retried = await http.post("/api/cases", json=demo_case(refused_id))
-    assert retried.status_code == 201, retried.text
-    assert retried.json()["status"] == "completed"
+    assert retried.status_code in (201, 202), retried.text  # 202: past the sync wait
+    await runtime.service.wait_idle()
+    assert (await http.get(f"/api/cases/{refused_id}")).json()["status"] == "completed"
 
 
 async def test_a_burst_of_cases_at_once_is_held_to_the_maximum(
@@ -138,10 +139,13 @@ async def test_a_burst_of_cases_at_once_is_held_to_the_maximum(
     held.release.set()
     await runtime.service.wait_idle()
     # Every slot was given back: the runs ended, and the refused never kept one.
-    again = await asyncio.gather(
-        *(http.post("/api/cases", json=demo_case(f"{i}-again")) for i in ids[:2])
-    )
-    assert [answer.status_code for answer in again] == [201, 201]
+    again_ids = [f"{i}-again" for i in ids[:2]]
+    again = await asyncio.gather(*(http.post("/api/cases", json=demo_case(i)) for i in again_ids))
+    # Both started (202 when a loaded machine runs them past the sync wait), none refused.
+    assert {answer.status_code for answer in again} <= {201, 202}, [a.text for a in again]
+    await runtime.service.wait_idle()
+    for one in again_ids:
+        assert (await http.get(f"/api/cases/{one}")).json()["status"] == "completed"
 
 
 async def test_a_replayed_submit_is_answered_with_its_case_while_the_maximum_is_reached(
