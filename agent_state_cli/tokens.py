@@ -90,13 +90,15 @@ def _local_token(issuer: str) -> str:
     try:
         return request_token(issuer, name, roles)
     # HTTPException: a port that is no number (InvalidURL) or a server that answers no HTTP
-    # (BadStatusLine), neither an OSError nor a ValueError.
+    # (BadStatusLine), neither an OSError nor a ValueError. TypeError: JSON that is no object
+    # (another service), which has no "access_token" to look up.
     except (
         urllib.error.URLError,
         http.client.HTTPException,
         OSError,
         ValueError,
         KeyError,
+        TypeError,
     ) as error:
         raise TokenUnavailable(f"the local issuer {issuer} gave no token: {error}") from error
 

@@ -954,7 +954,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         except asyncio.CancelledError:
             called.cancel()  # as awaiting `called` itself would: the call on the loop too
             raise
-        return called.result()
+        try:
+            return called.result()
+        except (asyncio.CancelledError, BackendClosed):
+            # Cut off on the loop, not cancelled here: the saver closed under the call (its
+            # close cancels what still runs there), as `_sync` tells its callers.
+            if self._closed:
+                raise SaverClosed() from None
+            raise
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         tracked = self._tracked(coro)

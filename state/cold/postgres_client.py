@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import select
 import selectors
 import threading
@@ -618,7 +619,27 @@ def dump_json(value: Any) -> str:
             # What the server answers for it (untranslatable_character): found before sending.
             code="22P05",
         )
+    if "e+" in text:
+        # Marked floats as strings, then written bare: no string of the value can hold the
+        # marker's NUL (refused above).
+        text = _WHOLE_FLOAT.sub(r"\1", json.dumps(_whole_floats_marked(value)))
     return text
+
+
+# jsonb keeps a number's digits, not its type: a float Python writes with an exponent
+# (every one from 1e16 on, all whole) comes back an integer, 2.0**60 (1.152921504606847e+18)
+# as 1152921504606847000, another number. Written with all its digits and ".0", it is kept.
+_WHOLE_FLOAT = re.compile(r'"\\u0000(-?\d+\.0)"')
+
+
+def _whole_floats_marked(value: Any) -> Any:
+    if isinstance(value, float) and "e+" in repr(value):
+        return f"\x00{int(value)}.0"
+    if isinstance(value, dict):
+        return {key: _whole_floats_marked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_whole_floats_marked(item) for item in value]
+    return value
 
 
 @contextmanager

@@ -238,11 +238,12 @@ async def test_a_run_from_an_empty_checkpoint_id_goes_on_from_the_latest(
         assert await states(TieredCheckpointSaver.from_backends(backends)) == want
 
 
+@pytest.mark.parametrize("backend", ["cosmos", "postgres"])
 @pytest.mark.parametrize(
     ("hot", "mode"), [(False, None), (True, WriteMode.WRITE_BEHIND)], ids=["cold", "flushed"]
 )
-async def test_whole_floats_read_back_from_cosmos_as_written(
-    hot: bool, mode: WriteMode | None, open_tiers: OpenBackends
+async def test_whole_floats_read_back_from_the_cold_tier_as_written(
+    backend: str, hot: bool, mode: WriteMode | None, open_tiers: OpenBackends
 ) -> None:
     """A float with no fraction is printed by Cosmos as an integer: 2.0 comes back 2, and
     2.0**60 as the integer of its shortest digits (1152921504606847000), another number.
@@ -252,7 +253,7 @@ async def test_whole_floats_read_back_from_cosmos_as_written(
     thread_id = f"diff-floats-{uuid.uuid4().hex}"
     memory = InMemorySaver()
     await memory.aput(configurable(thread_id, checkpoint_ns=""), empty_checkpoint(), metadata, {})
-    async with open_tiers("cosmos", hot=hot, mode=mode) as backends:
+    async with open_tiers(backend, hot=hot, mode=mode) as backends:
         saver = TieredCheckpointSaver.from_backends(backends)
         await saver.aput(
             configurable(thread_id, checkpoint_ns=""), empty_checkpoint(), metadata, {}

@@ -248,6 +248,18 @@ def test_an_issuer_that_gives_no_token_is_named_not_a_traceback(
     assert f"the local issuer {issuer} gave no token" in one_line_error(result, 2)
 
 
+@pytest.mark.parametrize("body", [b"[]", b'"token"', b"null"], ids=["list", "string", "null"])
+def test_an_issuer_answering_json_that_is_no_object_is_named_not_a_traceback(
+    body: bytes, loopback_api: tuple[str, list[tuple[int, bytes]]]
+) -> None:
+    """An AGENT_STATE_ISSUER naming another service that answers 200 with JSON that is no
+    object (so has no `access_token`) ended the command with a TypeError traceback."""
+    issuer, answers = loopback_api
+    answers.append((200, body))
+    result = agent_state("show", "case_1", "--api", "http://127.0.0.1:1", AGENT_STATE_ISSUER=issuer)
+    assert f"the local issuer {issuer} gave no token" in one_line_error(result, 2)
+
+
 def test_no_azure_credential_for_the_scope_is_said_once() -> None:
     """azure-identity's logger printed its report of every credential tried (a dozen lines)
     before the command's own error repeated it whole."""

@@ -17,7 +17,13 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-from state import SaverLoopStopped, StateError, SyncCallOnSaverLoop, open_backends
+from state import (
+    SaverClosed,
+    SaverLoopStopped,
+    StateError,
+    SyncCallOnSaverLoop,
+    open_backends,
+)
 from state.checkpoint import TieredCheckpointSaver
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
@@ -352,3 +358,36 @@ def test_an_async_caller_cancelled_cancels_its_call_on_the_saver_loop(
 
         asyncio.run(caller())
         assert cancelled.wait(10), "the call on the saver loop runs on"
+
+
+def test_an_async_call_from_another_loop_cut_off_by_the_close_is_saver_closed(
+    stack_env: dict[str, str],
+) -> None:
+    """An async call from another loop still running on an `open_sync` saver's loop as the
+    saver closes: its caller gets `SaverClosed`, as a sync caller does, not the cancellation
+    of the call on the saver loop (a `CancelledError` its own task never asked for)."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    started = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    async def long_call() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    async def caller(saver: TieredCheckpointSaver) -> None:
+        await saver._on_loop(long_call())
+
+    def call(saver: TieredCheckpointSaver) -> None:
+        try:
+            asyncio.run(caller(saver))
+            outcome.append(None)
+        except BaseException as exc:  # whatever it is, the test looks at it
+            outcome.append(exc)
+
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        calling = threading.Thread(target=call, args=(saver,), daemon=True)
+        calling.start()
+        assert started.wait(10)
+    calling.join(30)
+    assert not calling.is_alive(), "the call hangs"
+    assert len(outcome) == 1 and isinstance(outcome[0], SaverClosed), outcome

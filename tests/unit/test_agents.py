@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from support_cases.agents.account import classify_account_request
-from support_cases.agents.billing import find_duplicate_charges, summarize_duplicates
+from support_cases.agents.base import AgentDeps
+from support_cases.agents.billing import BillingAgent, find_duplicate_charges, summarize_duplicates
 from support_cases.agents.policy import apply_policy
 from support_cases.agents.response import compose_response
 from support_cases.case_state import CaseState
@@ -104,6 +105,23 @@ def test_duplicates_in_several_currencies_have_no_single_currency() -> None:
     billing = summarize_duplicates(find_duplicate_charges(transactions, DAY))
     assert billing["currency"] is None
     assert apply_policy(billing, 500.0)["decision"] == "needs_review"
+
+
+def test_the_billing_note_tells_each_currencys_amount_not_their_sum() -> None:
+    """The note (the case's billing message, the `node_finished` summary `agent-state
+    watch` shows) gave "300.30 (several currencies)", a sum in no currency."""
+    transactions = [
+        tx("u1", "Air", 300.0, "2024-05-01T10:00:00+00:00", "USD"),
+        tx("u2", "Air", 300.0, "2024-05-01T10:01:00+00:00", "USD"),
+        tx("e1", "Air", 0.3, "2024-05-01T10:00:00+00:00", "EUR"),
+        tx("e2", "Air", 0.3, "2024-05-01T10:01:00+00:00", "EUR"),
+    ]
+    billing = summarize_duplicates(find_duplicate_charges(transactions, DAY))
+    # The agent's deps serve its step, not its note.
+    agent = BillingAgent(cast(AgentDeps, None))
+    assert agent.note(billing) == "2 duplicate charge(s) at Air, 0.30 EUR + 300.00 USD."
+    one = summarize_duplicates(find_duplicate_charges(transactions[:2], DAY))
+    assert agent.note(one) == "1 duplicate charge(s) at Air, 300.00 USD."
 
 
 @pytest.mark.parametrize(

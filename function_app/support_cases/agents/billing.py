@@ -104,7 +104,10 @@ class BillingAgent(StatefulAgent):
     def note(self, value: JSON) -> str | None:
         if not value["duplicate_found"]:
             return "No duplicate charge found."
-        return (
-            f"{len(value['duplicates'])} duplicate charge(s) at {value['merchant']}, "
-            f"{value['refund_amount']:.2f} {value['currency'] or '(several currencies)'}."
-        )
+        if value["currency"] is None:
+            # `refund_amount` adds up several currencies, a figure in none: each one's instead.
+            amounts = amounts_by_currency(value["duplicates"])
+            money = " + ".join(f"{amount:.2f} {currency}" for currency, amount in amounts.items())
+        else:
+            money = f"{value['refund_amount']:.2f} {value['currency']}"
+        return f"{len(value['duplicates'])} duplicate charge(s) at {value['merchant']}, {money}."
