@@ -2125,13 +2125,29 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _gone_past(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
         """Whether the namespace's latest cold checkpoint is newer than `checkpoint_id`, a
-        step of this process neither applied here nor found cold: another process went on
-        past it (a run of its own, after flushing it), and a prune may have taken it since,
-        no longer the latest. Its absence is then no loss of the thread's state, as a cold
-        root moved past a lost one ends that loss (`_flush_thread`). Asked only then: a
-        boundary that finds its steps costs no read more."""
+        step of this process neither applied here nor found cold, and goes on from it:
+        another process went on past it (a run of its own, after flushing it), and a prune
+        may have taken it since, no longer the latest. Its absence is then no loss of the
+        thread's state, as a cold root moved past a lost one ends that loss
+        (`_flush_thread`). Not when that newer checkpoint's parents lead to a stored one
+        older than the step without passing it: another process went on from the cold
+        tier after Redis lost the step (its lock gone with it), which nobody stored. A gap
+        in the parents (a prune took them) cannot tell, and counts as gone past. Asked only
+        then: a boundary that finds its steps costs no read more."""
         latest = await self.store.get_checkpoint(thread_id, checkpoint_ns, None, with_history=False)
-        return latest is not None and latest.checkpoint_id > checkpoint_id
+        if latest is None or latest.checkpoint_id <= checkpoint_id:
+            return False
+        parent = latest.parent_checkpoint_id
+        while parent is not None and parent > checkpoint_id:
+            found = await self.store.get_checkpoint(
+                thread_id, checkpoint_ns, parent, with_history=False
+            )
+            if found is None:
+                return True
+            parent = found.parent_checkpoint_id
+        if parent is None or parent == checkpoint_id:
+            return True
+        return not await self._in_cold(thread_id, checkpoint_ns, parent)
 
     # Maintenance changes the cold tier under the hot one, which must follow: with Redis
     # unreachable it is refused (`BackendUnavailable`) rather than done in the cold tier

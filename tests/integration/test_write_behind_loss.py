@@ -376,3 +376,29 @@ async def test_a_boundary_waits_for_redis_no_longer_than_its_bound(
         waited = time.monotonic() - started
     assert not isinstance(raised.value, HotStateLost)
     assert REDIS_RETURN_SECONDS <= waited < REDIS_RETURN_SECONDS + 3
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_flush_reports_lost_what_redis_lost_though_another_worker_went_on_since(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """As above, but before this worker's flush another worker (its lock gone with Redis)
+    runs the thread from what the cold tier holds, the last boundary: its newer checkpoint
+    does not descend from the lost one, which no process ever stored. The flush must not
+    take that newer checkpoint for the lost one flushed and gone past."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with (
+        saver_on(stack_env, backend, own_redis.url) as saver,
+        saver_on(stack_env, backend, own_redis.url) as other,
+    ):
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        await saver.aflush(thread_id)
+        await graph.ainvoke({"messages": ["u2"]}, cfg)
+        redis.Redis.from_url(own_redis.url).flushall()  # after the run, before its flush
+        await two_steps(other, "add").ainvoke({"messages": ["u3"]}, cfg)
+        await other.aflush(thread_id)
+        with pytest.raises(HotStateLost):
+            await saver.aflush(thread_id)
+        assert saver.losses_found == 1
