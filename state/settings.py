@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     # Neither set: the app runs on the cold tier alone.
     redis_url: SecretStr | None = None
     redis_host: str | None = None
-    redis_port: int = 6380
+    # Checked here as REDIS_URL's port is: out of range, every command would fail as the
+    # tier's BackendUnavailable, a misconfiguration reported as an outage.
+    redis_port: int = Field(default=6380, gt=0, lt=65536)
     redis_ssl: bool = True
     # Connections one process opens to Redis for its commands (the async client's; the
     # sync client's, for the saver's callers' threads, as many again). A command finding

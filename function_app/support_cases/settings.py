@@ -122,6 +122,27 @@ class AppSettings(Settings):
             value = value.split(",")
         return tuple(written.strip().lower() for written in value if written.strip())
 
+    @field_validator("applicationinsights_connection_string")
+    @classmethod
+    def _check_connection_string(cls, value: SecretStr | None) -> SecretStr | None:
+        """Parse it as the exporter will when the runtime opens: its ValueError there was a
+        bare 500 on the first request, and every later one went on without an exporter."""
+        if value is not None:
+            from azure.monitor.opentelemetry.exporter._connection_string_parser import (
+                ConnectionStringParser,
+            )
+
+            try:
+                ConnectionStringParser(value.get_secret_value())
+            except ValueError:
+                raise SettingsError(
+                    "APPLICATIONINSIGHTS_CONNECTION_STRING is not an Application Insights "
+                    "connection string (InstrumentationKey=<lower-case GUID>;IngestionEndpoint="
+                    "https://...;..., as the resource's Overview shows it). Its text is not "
+                    "repeated here"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _check_event_streams_fit_their_pool(self) -> AppSettings:
         # Each open stream waits at Redis on a connection of the waiting reads' pool: a

@@ -73,14 +73,18 @@ def configure_telemetry(settings: AppSettings) -> str:
 def _ingestion_credential(settings: AppSettings) -> object | None:
     """An Entra credential when the authentication string asks for AAD ingestion."""
     raw = settings.applicationinsights_authentication_string or ""
-    parts = dict(
-        part.split("=", 1) for part in raw.split(";") if "=" in part
-    )  # "Authorization=AAD;ClientId=<uuid>"
-    if parts.get("Authorization", "").upper() != "AAD":
+    # "Authorization=AAD;ClientId=<uuid>", its names in any case and spaced as the Functions
+    # host reads it too: read otherwise, the app would export without the credential, every
+    # batch refused (local auth is disabled) while the host's own telemetry arrives.
+    parts = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (part.partition("=") for part in raw.split(";"))
+    }
+    if parts.get("authorization", "").upper() != "AAD":
         return None
     from azure.identity import ManagedIdentityCredential
 
-    client_id = parts.get("ClientId") or settings.azure_client_id
+    client_id = parts.get("clientid") or settings.azure_client_id
     return (
         ManagedIdentityCredential(client_id=client_id) if client_id else ManagedIdentityCredential()
     )

@@ -1434,7 +1434,9 @@ def test_bicep_app_settings_parse_as_the_app_settings(monkeypatch: pytest.Monkey
     deployed = {
         "storage.name": "stabc",
         "identityClientId": "11111111-1111-1111-1111-111111111111",
-        "applicationInsights.properties.ConnectionString": "InstrumentationKey=0;IngestionEndpoint=https://x/",
+        "applicationInsights.properties.ConnectionString": (
+            "InstrumentationKey=33333333-3333-3333-3333-333333333333;IngestionEndpoint=https://x/"
+        ),
         "stateColdBackend": "cosmos",
         "cosmosEndpoint": "https://cosmos-abc.documents.azure.com:443/",
         "cosmosDatabase": "agentstate",

@@ -69,6 +69,9 @@ def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     ("variable", "value", "problem"),
     [
         ("REDIS_PORT", "hunter2", "valid integer"),
+        # Not a TCP port: REDIS_HOST's every command would fail as if Redis were down.
+        ("REDIS_PORT", "70000", "less than 65536"),
+        ("REDIS_PORT", "0", "greater than 0"),
         ("REDIS_SSL", "maybe", "valid boolean"),
         ("STATE_WRITE_MODE", "fast", "'write-through' or 'write-behind'"),
         ("STATE_HOT_TTL_SECONDS", "0", "greater than 0"),

@@ -11,8 +11,10 @@ import pytest
 from azure.identity import ManagedIdentityCredential
 from opentelemetry.sdk.resources import SERVICE_NAME
 
+from state.errors import SettingsError
 from support_cases import telemetry
 from support_cases.settings import AppSettings
+from tests.support.misconfigured import api_from_environment
 
 EMULATOR = {"cosmos_endpoint": "https://127.0.0.1:8091/"}
 
@@ -107,6 +109,27 @@ def test_connection_string_without_aad_configures_without_a_credential(
     assert RecordingManagedIdentityCredential.built == []
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        f"authorization=aad;clientid={CLIENT_ID}",
+        f"Authorization=AAD; ClientId={CLIENT_ID}",
+        f" ClientId = {CLIENT_ID} ;Authorization = AAD ",
+    ],
+)
+def test_the_authentication_string_is_read_in_any_case_and_spacing(
+    azure_monitor_calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """As the Functions host reads it: otherwise the app exported without its credential,
+    every batch refused (local auth is disabled), with the host's own telemetry arriving."""
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", CONNECTION_STRING)
+    monkeypatch.setenv("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", written)
+    assert telemetry.configure_telemetry(AppSettings()) == "azure-monitor"
+    (call,) = azure_monitor_calls
+    assert isinstance(call["credential"], ManagedIdentityCredential)
+    assert RecordingManagedIdentityCredential.built == [{"client_id": CLIENT_ID}]
+
+
 def test_no_connection_string_never_configures_azure_monitor(
     azure_monitor_calls: list[dict[str, Any]],
 ) -> None:
@@ -136,3 +159,57 @@ def test_the_deployed_setting_keeps_the_worker_quiet(
     with caplog.at_level("WARNING", logger=telemetry.__name__):
         telemetry.configure_telemetry(AppSettings())
     assert not any(telemetry.WORKER_EXPORTER_SETTING in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------- a wrong connection string
+
+VALID_KEY = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        VALID_KEY,  # the instrumentation key alone
+        "InstrumentationKey=not-a-guid-but-hunter2",
+        f"InstrumentationKey={VALID_KEY.upper().replace('0', 'A')}",  # the exporter wants lower case
+        f"InstrumentationKey={VALID_KEY};IngestionEndpoint",
+        f"InstrumentationKey={VALID_KEY};IngestionEndpoint=https://x.example/;",  # trailing `;`
+    ],
+)
+def test_a_connection_string_the_exporter_refuses_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, connection_string: str
+) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", EMULATOR["cosmos_endpoint"])
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", connection_string)
+    with pytest.raises(SettingsError) as refused:
+        AppSettings()
+    assert str(refused.value).startswith("APPLICATIONINSIGHTS_CONNECTION_STRING is not")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_portals_connection_string_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    portal = (
+        f"InstrumentationKey={VALID_KEY};IngestionEndpoint=https://westeurope-5.in."
+        "applicationinsights.azure.com/;LiveEndpoint=https://westeurope.livediagnostics."
+        f"monitor.azure.com/;ApplicationId={VALID_KEY}"
+    )
+    monkeypatch.setenv("COSMOS_ENDPOINT", EMULATOR["cosmos_endpoint"])
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", portal)
+    connection = AppSettings().applicationinsights_connection_string
+    assert connection is not None and connection.get_secret_value() == portal
+
+
+async def test_an_api_with_a_wrong_connection_string_answers_503_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a bare 500 on the first request (the exporter's ValueError as the runtime opened)
+    and then, telemetry counted as set up, an API that runs on exporting nothing."""
+    monkeypatch.setattr(telemetry, "_configured", False)
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:1/")
+    monkeypatch.setenv("AUTH_DISABLED", "true")
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=not-a-guid")
+    async with api_from_environment() as client:
+        for _ in range(2):
+            health = await client.get("/api/health")
+            assert health.status_code == 503, health.text
+            assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in health.json()["error"]
