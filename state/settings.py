@@ -76,8 +76,14 @@ class PostgresConfig:
 
 class Settings(BaseSettings):
     # An empty value means "unset": Bicep and local.settings files write "" for absent options.
+    # Whitespace around a value is a paste's, never meant: stripped, so that a host or URL
+    # of spaces alone reads as unset, as an empty one does, not as a host to connect to.
     model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
+        str_strip_whitespace=True,
     )
 
     # Which cold tier is the source of truth for the whole app.

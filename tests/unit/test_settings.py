@@ -58,6 +58,19 @@ def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not settings.hot_tier_configured
 
 
+def test_whitespace_around_values_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSMOS_ENDPOINT", " https://127.0.0.1:8091/\n")
+    monkeypatch.setenv("REDIS_HOST", "   ")
+    monkeypatch.setenv("COSMOS_DATABASE", "cases ")
+    monkeypatch.setenv("REDIS_URL", " redis://127.0.0.1:6390/0 ")
+    settings = Settings()
+    assert settings.cosmos_endpoint == "https://127.0.0.1:8091/"
+    assert not settings.redis_host
+    assert settings.cosmos_database == "cases"
+    assert settings.redis_url is not None
+    assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6390/0"
+
+
 def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
     monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
