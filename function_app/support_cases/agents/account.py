@@ -23,8 +23,8 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
     (
         "login",
         re.compile(
-            # "log in", "login" and "log-in" alike.
-            r"\b(log[ -]?in|logon|sign[ -]?in)\b"
+            # "log in", "login", "log-in" and "log into" alike.
+            r"\b(log[ -]?in(?:to)?|logon|sign[ -]?in(?:to)?)\b"
             r"|\b(can ?not|can't|cannot|unable to) (access|get into) (my )?account\b"
         ),
     ),
