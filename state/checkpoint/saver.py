@@ -2130,22 +2130,27 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         may have taken it since, no longer the latest. Its absence is then no loss of the
         thread's state, as a cold root moved past a lost one ends that loss
         (`_flush_thread`). Not when that newer checkpoint's parents lead to a stored one
-        older than the step without passing it: another process went on from the cold
-        tier after Redis lost the step (its lock gone with it), which nobody stored. A gap
-        in the parents (a prune took them) cannot tell, and counts as gone past. Asked only
-        then: a boundary that finds its steps costs no read more."""
+        older than the step without passing it, or to a root newer than the step: another
+        process went on from the cold tier (or started the thread afresh) after Redis lost
+        the step (its lock gone with it), which nobody stored. A gap in the parents (a
+        prune took them) cannot tell, and counts as gone past. A parent no older than its
+        child (`aput` takes any ids) ends the walk, which could go round, as a loss (the
+        cautious answer). Asked only then: a boundary that finds its steps costs no read
+        more."""
         latest = await self.store.get_checkpoint(thread_id, checkpoint_ns, None, with_history=False)
         if latest is None or latest.checkpoint_id <= checkpoint_id:
             return False
-        parent = latest.parent_checkpoint_id
-        while parent is not None and parent > checkpoint_id:
+        child, parent = latest.checkpoint_id, latest.parent_checkpoint_id
+        while parent is not None and checkpoint_id < parent < child:
             found = await self.store.get_checkpoint(
                 thread_id, checkpoint_ns, parent, with_history=False
             )
             if found is None:
                 return True
-            parent = found.parent_checkpoint_id
-        if parent is None or parent == checkpoint_id:
+            child, parent = parent, found.parent_checkpoint_id
+        if parent is None or parent >= child:
+            return False
+        if parent == checkpoint_id:
             return True
         return not await self._in_cold(thread_id, checkpoint_ns, parent)
 

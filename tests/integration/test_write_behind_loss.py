@@ -402,3 +402,54 @@ async def test_a_flush_reports_lost_what_redis_lost_though_another_worker_went_o
         with pytest.raises(HotStateLost):
             await saver.aflush(thread_id)
         assert saver.losses_found == 1
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_flush_reports_lost_what_redis_lost_though_another_worker_started_afresh(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """As above, but the lost steps were the thread's first: the cold tier held nothing, so
+    the other worker starts the thread afresh. Its newer checkpoints go back to a root of
+    their own, never through the lost steps: no more a flush of them gone past."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with (
+        saver_on(stack_env, backend, own_redis.url) as saver,
+        saver_on(stack_env, backend, own_redis.url) as other,
+    ):
+        await two_steps(saver, "add").ainvoke({"messages": ["u1"]}, cfg)
+        redis.Redis.from_url(own_redis.url).flushall()  # after the run, before its flush
+        await two_steps(other, "add").ainvoke({"messages": ["u3"]}, cfg)
+        await other.aflush(thread_id)
+        with pytest.raises(HotStateLost):
+            await saver.aflush(thread_id)
+        assert saver.losses_found == 1
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_flush_after_a_loss_ends_on_a_checkpoint_that_names_itself_its_parent(
+    backend: str, stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """The lost steps' flush walks the parents of the newer cold checkpoint another worker
+    wrote: one put with itself as its parent (LangGraph's `aput` takes any id) must not
+    make that walk go round for ever."""
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with (
+        saver_on(stack_env, backend, own_redis.url) as saver,
+        saver_on(stack_env, backend, own_redis.url) as other,
+    ):
+        graph = two_steps(saver, "add")
+        await graph.ainvoke({"messages": ["u1"]}, cfg)
+        await saver.aflush(thread_id)
+        boundary = (await saver.aget_tuple(cfg)).config  # type: ignore[union-attr]
+        await graph.ainvoke({"messages": ["u2"]}, cfg)
+        redis.Redis.from_url(own_redis.url).flushall()  # after the run, before its flush
+        again = empty_checkpoint()
+        named = await other.aput(boundary, again, {"source": "update", "step": 9}, {})
+        await other.aput(named, again, {"source": "update", "step": 9}, {})
+        await other.aflush(thread_id)
+        stored = await other.store.get_checkpoint(thread_id, "", None, with_history=False)
+        assert stored is not None and stored.parent_checkpoint_id == stored.checkpoint_id
+        with pytest.raises(HotStateLost):
+            await asyncio.wait_for(saver.aflush(thread_id), 30)
