@@ -165,6 +165,20 @@ class Settings(BaseSettings):
             # Not chained: pydantic's error quotes the value, which may be a secret.
             raise SettingsError(described(invalid)) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: Any) -> Any:
+        # Stripping alone would leave "" in place of spaces: a value, where an empty one
+        # is ignored (the default applies). REDIS_URL of spaces beside REDIS_HOST was then
+        # connected to as "", POSTGRES_URL of spaces as libpq's local default server.
+        if isinstance(values, dict):
+            return {
+                name: value
+                for name, value in values.items()
+                if not (isinstance(value, str) and not value.strip())
+            }
+        return values
+
     @field_validator(
         "state_message_sections",
         "state_reasoning_sections",

@@ -71,6 +71,26 @@ def test_whitespace_around_values_is_dropped(monkeypatch: pytest.MonkeyPatch) ->
     assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6390/0"
 
 
+def test_a_value_of_whitespace_alone_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As an empty one is: the default applies, not "" (a URL beside REDIS_HOST, a
+    # database name, a key that would turn off Entra sign-in).
+    monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
+    monkeypatch.setenv("REDIS_URL", "  ")
+    monkeypatch.setenv("REDIS_HOST", "cache.example.com")
+    monkeypatch.setenv("COSMOS_KEY", "\n")
+    monkeypatch.setenv("COSMOS_DATABASE", " ")
+    settings = Settings()
+    assert settings.redis_url is None
+    assert settings.redis_host == "cache.example.com"
+    assert settings.cosmos.key is None
+    assert settings.cosmos_database == "agentstate"
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv("POSTGRES_URL", " ")
+    monkeypatch.setenv("POSTGRES_HOST", "pg.example.com")
+    monkeypatch.setenv("POSTGRES_USER", "cases")
+    assert Settings().postgres.url is None
+
+
 def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COSMOS_ENDPOINT", "https://127.0.0.1:8091/")
     monkeypatch.setenv("STATE_COLD_TTL_SECONDS", "0")
