@@ -29,8 +29,10 @@ container's default TTL is -1 (on, but nothing expires by itself:
   settled, so a tick cut short by `limit` repeats that slice; an empty slice
   jumps to the next write, so a quiet stretch costs one query. A thread kept
   there because the caller spared it (`spare`) may never be written again: it
-  gets a marker in the watermark's partition, and each sweep looks first at the
-  marked threads it does not spare (then drops their markers).
+  gets a marker in the watermark's partition, as does one kept on the second look
+  (`deleting` said no: its flush lock busy past the deadline), and each sweep looks
+  first at the marked threads it does not spare (then drops the markers of those it
+  deleted, or found written since or held).
 
 `hold` writes one marker item into the thread's partition (`HOLD_ID`, `ttl: -1`);
 the sweep spares a thread any of whose items carries `ttl: -1`. `release` removes
@@ -148,15 +150,26 @@ class CosmosRetention:
         if start is None:
             start = await self._oldest_ts(since=0)
         swept = 0
+        # Expired but kept on the second look (`deleting` said no: its flush lock busy past
+        # the deadline, a backlog): nothing may ever write it again, so it is marked as a
+        # thread in `spare` is.
+        refused: set[str] = set()
+
+        async def keep(thread_id: str) -> None:
+            refused.add(thread_id)
+            if spared is not None:
+                await spared(thread_id)
+
         for thread_id in await self._spared_earlier():
             if swept >= limit or (deadline is not None and time.monotonic() >= deadline):
                 return swept
             if thread_id in spare:
                 continue
-            if await self._sweep_thread(thread_id, cutoff, expiring, deleting, spared):
+            if await self._sweep_thread(thread_id, cutoff, expiring, deleting, keep):
                 swept += 1
-            # Kept (written since, or held): a write after the watermark brings it back.
-            await self._io.delete(_spared_id(thread_id), WATERMARK_PARTITION)
+            if thread_id not in refused:
+                # Kept (written since, or held): a write after the watermark brings it back.
+                await self._io.delete(_spared_id(thread_id), WATERMARK_PARTITION)
         for _ in range(SLICES_PER_SWEEP):
             if start is None or start >= cutoff:
                 break
@@ -168,8 +181,10 @@ class CosmosRetention:
                     return swept  # this slice again next time: not all of it was settled
                 if thread_id in spare:
                     kept.append(thread_id)
-                elif await self._sweep_thread(thread_id, cutoff, expiring, deleting, spared):
+                elif await self._sweep_thread(thread_id, cutoff, expiring, deleting, keep):
                     swept += 1
+                if thread_id in refused:
+                    kept.append(thread_id)
             await gather([self._io.upsert(_spared_marker(thread_id)) for thread_id in kept])
             # Past a quiet stretch in one step: the next slice starts at the next write.
             start = end if seen else await self._oldest_ts(since=end)

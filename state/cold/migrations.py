@@ -4,7 +4,10 @@
 recorded yet, in id order. It first takes a transaction-scoped advisory lock,
 so two processes starting at once queue instead of racing (the second sees the
 first one's records and applies nothing); running it again is a no-op, and one
-that finds every migration recorded takes no lock at all.
+that finds every migration recorded takes no lock at all. A statement waits for a
+table's lock LOCK_WAIT_SECONDS at most (a long transaction of the running release
+holding it), then the migration rolls back and tries again: queued for the lock, it
+would stall every later query of that table behind it.
 
 To change the schema, append a migration with the next id; never edit or
 reorder one that has shipped (databases have already applied it). A migration only
@@ -15,14 +18,27 @@ meeting a database migrated past what it knows applies nothing and goes on.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.errors import LockNotAvailable
 from psycopg.rows import tuple_row
 
 # Any fixed 64-bit number works; it only has to be the same in every process of the app.
 MIGRATION_LOCK_KEY = 7_146_320_551_820_913_731
+
+# How long a migration statement waits for a table lock (`lock_timeout`) before the
+# migration gives way: while it waits, every query of that table queues behind it.
+LOCK_WAIT_SECONDS = 2.0
+# Pause before trying again (jittered up to twice this): the app's queries run meanwhile.
+RETRY_PAUSE_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -280,10 +296,31 @@ async def migrate(
     while another process migrates further (a newer release, the deploy hook) does not
     wait for it. `statement_timeout_seconds` bounds each statement of the migration
     transaction server-side (waiting for another process's migration included) in place
-    of the session's own `statement_timeout`; None keeps the session's."""
+    of the session's own `statement_timeout`, and the tries at it (`LOCK_WAIT_SECONDS`)
+    together; None keeps the session's and tries until the tables are free."""
     recorded = await _recorded_ids(conn)
     if recorded is not None and all(migration.id in recorded for migration in MIGRATIONS):
         return []
+    started = time.monotonic()
+    while True:
+        try:
+            return await _apply(conn, statement_timeout_seconds)
+        except LockNotAvailable as exc:
+            # Rolled back: the tables it locked are free again until the next try.
+            pause = RETRY_PAUSE_SECONDS * (1 + random.random())
+            if (
+                statement_timeout_seconds is not None
+                and time.monotonic() - started + pause >= statement_timeout_seconds
+            ):
+                raise
+            log.warning("migration waits for a table another transaction holds: %s", exc)
+            await asyncio.sleep(pause)
+
+
+async def _apply(
+    conn: AsyncConnection[Any], statement_timeout_seconds: float | None
+) -> list[Migration]:
+    """One try at the migrations not recorded yet, in one transaction."""
     applied_now: list[Migration] = []
     async with conn.transaction():
         if statement_timeout_seconds is not None:
@@ -292,6 +329,10 @@ async def migrate(
                 (str(int(statement_timeout_seconds * 1000)),),
             )
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        # Only once the migration lock is taken: another process's migration is waited for.
+        await conn.execute(
+            "SELECT set_config('lock_timeout', %s, true)", (str(int(LOCK_WAIT_SECONDS * 1000)),)
+        )
         recorded = await _recorded_ids(conn)
         if recorded is None:
             await conn.execute(CREATE_MIGRATIONS_TABLE)

@@ -405,6 +405,49 @@ async def test_a_thread_spared_once_goes_with_the_next_sweep_that_does_not_spare
         assert not await intact(backends, still)
 
 
+async def test_a_spared_thread_whose_flush_lock_is_busy_goes_with_a_later_sweep(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """A case the timer spared once (on Cosmos, in a slice the watermark then moved past),
+    whose flush lock a stuck flusher then holds past the next sweep's deadline: that sweep
+    spares it again, and once the lock is free a later sweep deletes it, as Postgres, which
+    looks at every thread each time, does (on Cosmos the second sweep had dropped the
+    thread's marker, and it was kept for good, never written again)."""
+    async with open_cold(cold_backend, hot=True, state_cold_ttl_seconds=TTL) as backends:
+        assert backends.flusher is not None
+        thread_id = unique_thread("busy")
+        await seed(backends, thread_id)
+        now = await age_everything(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now, spare=[thread_id]) == 0
+        token = await backends.flusher.log.lock_thread(thread_id, ttl_ms=60_000)
+        assert token is not None
+        deadline = time.monotonic() + 1
+        assert await backends.retention.sweep(limit=100, now=now, deadline=deadline) == 0
+        assert await intact(backends, thread_id)
+        await backends.flusher.log.unlock_thread(thread_id, token)
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert not await intact(backends, thread_id)
+
+
+async def test_a_thread_deleting_refused_goes_with_a_later_sweep(
+    cold_backend: str, open_cold: Open
+) -> None:
+    """`deleting` says no to an expired thread nothing writes again: the next sweep deletes
+    it (on Cosmos, the watermark had moved past its slice, and it was kept for good)."""
+    async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("refused")
+        await seed(backends, thread_id)
+        now = await age_everything(backends, thread_id)
+
+        async def no(_: str) -> bool:
+            return False
+
+        assert await backends.retention.sweep(limit=100, now=now, deleting=no) == 0
+        assert await intact(backends, thread_id)
+        assert await backends.retention.sweep(limit=100, now=now) == 1
+        assert not await intact(backends, thread_id)
+
+
 async def test_a_sweep_past_its_deadline_starts_nothing(cold_backend: str, open_cold: Open) -> None:
     """`deadline`: no deletion starts after it; the next sweep deletes what it left."""
     async with open_cold(cold_backend, state_cold_ttl_seconds=TTL) as backends:

@@ -196,3 +196,51 @@ async def test_a_migration_longer_than_the_operation_timeout_completes_at_app_st
             assert await recorded_migrations(conn) == [*CODE_MIGRATIONS, (slow.id, slow.name)]
     finally:
         await pg.close()
+
+
+def _waiting_for_a_table_lock(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_an_upgrade_waiting_for_a_table_lock_never_stalls_the_apps_queries(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database an older release created (migrations 1-8) upgraded while that release
+    still runs (a rolling deploy): migration 9 alters `cp_checkpoints`, and a long
+    transaction of the old release reading it holds the alter off. Queued for its lock,
+    the alter would stall every later query of the table (each waits behind it) until
+    that transaction ends; it gives way after a short wait instead and tries again, so
+    the app's reads go on, and the upgrade completes once the table is free."""
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:8])
+    async with await AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        assert [m.id for m in await migrate(conn)] == list(range(1, 9))
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    old_release = await AsyncConnection.connect(fresh_postgres_url)
+    reader = await AsyncConnection.connect(fresh_postgres_url, autocommit=True)
+    upgrader = await AsyncConnection.connect(fresh_postgres_url, autocommit=True)
+    try:
+        await old_release.execute("SELECT count(*) FROM cp_checkpoints")  # its lock kept
+        upgrade = asyncio.create_task(migrate(upgrader, statement_timeout_seconds=60))
+        deadline = time.monotonic() + 10
+        while _waiting_for_a_table_lock(fresh_postgres_url) < 1:
+            assert time.monotonic() < deadline, "the upgrade never waited for the table"
+            assert not upgrade.done(), "the upgrade ended without waiting for the table"
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        read = asyncio.create_task(reader.execute("SELECT count(*) FROM cp_checkpoints"))
+        done, _ = await asyncio.wait({read}, timeout=6)
+        assert done, "a read of cp_checkpoints stalled behind the waiting migration"
+        assert time.monotonic() - started < 5
+        assert not upgrade.done()
+        await old_release.rollback()
+        applied = await asyncio.wait_for(upgrade, timeout=30)
+        assert [m.id for m in applied] == [m.id for m in MIGRATIONS[8:]]
+        assert await recorded_migrations(upgrader) == CODE_MIGRATIONS
+    finally:
+        await old_release.close()
+        await reader.close()
+        await upgrader.close()
