@@ -307,7 +307,12 @@ class Clients:
                 base_url=url,
                 timeout=60,
                 headers={"Authorization": f"Bearer {self._tokens[who]}"},
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                # Idle connections dropped before uvicorn's 5 s keep-alive closes them: at
+                # the same 5 s (httpx's default) a request could go out on one the server
+                # was closing, a ReadError on a loaded machine.
+                limits=httpx.Limits(
+                    max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0
+                ),
             )
         return self._clients[key]
 
