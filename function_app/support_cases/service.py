@@ -69,7 +69,7 @@ from .effects import (
 )
 from .events import CaseEvents
 from .graph import CaseGraph
-from .metrics import app_metrics
+from .metrics import RunMeasure, app_metrics
 from .models import (
     AuditEntryView,
     AuditTrailView,
@@ -1455,7 +1455,7 @@ class CaseService:
         # or a release started has nobody waiting for it. What it left (a run marked
         # running, runs queued) is the timer's. Cancelled is `close`, not a failure.
         error = None if task.cancelled() else task.exception()
-        # A run that stopped unfinished was logged where it stopped (`_drive_one`).
+        # A run that stopped unfinished was logged where it stopped (`_attempt`).
         if error is not None and not isinstance(error, RunUnfinished):
             log.error(
                 "case %s: background run failed (%s); left for the timer",
@@ -1498,34 +1498,57 @@ class CaseService:
         *,
         marked: bool,
         run_id: str | None,
+        new_case: bool = False,
+    ) -> bool:
+        """One run to rest (see `_attempt`), measured once: a run that went on after a loss
+        of its checkpoints or a wait for a claim is one run, with its last attempt's outcome."""
+        with app_metrics.measure_run() as run:
+            return await self._attempt(
+                case_id, graph_input, guard, run, marked=marked, run_id=run_id, new_case=new_case
+            )
+
+    async def _attempt(
+        self,
+        case_id: str,
+        graph_input: GraphInput,
+        guard: RunGuard,
+        run: RunMeasure,
+        *,
+        marked: bool,
+        run_id: str | None,
         redone: int = 0,
         waits: int = 0,
         new_case: bool = False,
     ) -> bool:
-        """One run to rest; False when this runner must stop (it lost the case), True when
-        the case's queue may go on (the run rested, failed, or a follow-up stopped it).
+        """One attempt at a run; False when this runner must stop (it lost the case), True
+        when the case's queue may go on (the run rested, failed, or a follow-up stopped it).
         `redone`: how many times this run went on after Redis lost its checkpoints; `waits`:
         after waiting out another attempt's claim on a side effect."""
         fence = guard.fence
         await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
-            with (
-                app_metrics.measure_run() as run,
-                traced("case.run", case_id=case_id, fencing_token=fence),
-            ):
-                rest = await self._while_held(
-                    case_id,
-                    guard,
-                    self._run(
+            # A follow-up's stop is what its caller asked for, not a failure of the run.
+            with traced("case.run", expected=(RunStopped,), case_id=case_id, fencing_token=fence):
+                try:
+                    rest = await self._while_held(
                         case_id,
-                        graph_input,
-                        fence,
-                        marked=marked,
-                        run_id=run_id,
-                        # After Redis lost the run's checkpoints it may have lost the lock too.
-                        new_case_until=self._held_until(guard) if new_case and not redone else 0.0,
-                    ),
-                )
+                        guard,
+                        self._run(
+                            case_id,
+                            graph_input,
+                            fence,
+                            marked=marked,
+                            run_id=run_id,
+                            # After Redis lost the run's checkpoints it may have lost the lock.
+                            new_case_until=(
+                                self._held_until(guard) if new_case and not redone else 0.0
+                            ),
+                        ),
+                    )
+                except BaseException as error:
+                    # The run's outcome unless a later attempt goes on with it.
+                    run.outcome = type(error).__name__
+                    raise
                 run.outcome = rest.value
             return True
         except RunStopped as stopped:
@@ -1552,10 +1575,11 @@ class CaseService:
                 return False
             snapshot = await self._graph.aget_state(case_config(case_id))
             graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
-            return await self._drive_one(
+            return await self._attempt(
                 case_id,
                 graph_input,
                 guard,
+                run,
                 marked=True,
                 run_id=run_id,
                 redone=redone,
@@ -1570,8 +1594,8 @@ class CaseService:
             log.warning("case %s: %s; the run goes on from the cold tier", case_id, lost)
             snapshot = await self._graph.aget_state(case_config(case_id))
             graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
-            return await self._drive_one(
-                case_id, graph_input, guard, marked=True, run_id=run_id, redone=redone + 1
+            return await self._attempt(
+                case_id, graph_input, guard, run, marked=True, run_id=run_id, redone=redone + 1
             )
         except BackendUnavailable:
             # Left "running": its heartbeat goes stale and the timer resumes it. Logged as

@@ -19,6 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from support_cases.api import create_app
 from support_cases.auth import ROLE_REVIEW, ROLE_SUBMIT
@@ -351,6 +356,40 @@ async def test_interrupt_stops_the_run_at_its_next_step_and_the_new_run_starts_f
         if (s.metadata or {}).get("run_id") == runs[0]["run_id"]
     ]
     assert first_run
+
+
+async def test_a_run_an_interrupt_stopped_is_not_traced_as_a_failure(
+    client: httpx.AsyncClient, runtime: Runtime, gate: StepGate, case_id: str
+) -> None:
+    """A follow-up's stop ends the run at a step boundary by raising `RunStopped`: what the
+    caller asked for, as LangGraph's interrupt is for an agent's span, not an error for
+    Application Insights to count among the failures."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "the app installs an SDK provider"
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    try:
+        await start_held(client, gate, case_id, "billing")
+        assert (await post(client, case_id, INVOICE, "interrupt")).status_code == 202
+        gate.open()
+        runs = await until_idle(runtime, client, case_id)
+        assert [r["status"] for r in runs] == ["interrupted", "completed"]
+        spans = [
+            span
+            for span in exporter.get_finished_spans()
+            if span.name == "case.run" and span.attributes.get("case_id") == case_id
+        ]
+    finally:
+        processor.shutdown()
+    assert len(spans) == 2
+    assert all(span.status.status_code is not StatusCode.ERROR for span in spans), [
+        (span.status.status_code, [event.name for event in span.events]) for span in spans
+    ]
+    assert sorted(str(span.attributes.get("outcome")) for span in spans) == [
+        "None",
+        "RunStopped",
+    ]
 
 
 async def test_rollback_discards_the_run_and_reports_the_side_effects_it_had_done(
