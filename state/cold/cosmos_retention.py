@@ -150,12 +150,12 @@ class CosmosRetention:
         if start is None:
             start = await self._oldest_ts(since=0)
         swept = 0
-        # Expired but kept on the second look (`deleting` said no: its flush lock busy past
-        # the deadline, a backlog): nothing may ever write it again, so it is marked as a
-        # thread in `spare` is.
+        # Still expired on the second look, but `deleting` said no (its flush lock busy
+        # past the deadline, a backlog): nothing may ever write it again, so it is marked
+        # as a thread in `spare` is. Not one found written since: the write brings it back.
         refused: set[str] = set()
 
-        async def keep(thread_id: str) -> None:
+        async def refuse(thread_id: str) -> None:
             refused.add(thread_id)
             if spared is not None:
                 await spared(thread_id)
@@ -165,7 +165,7 @@ class CosmosRetention:
                 return swept
             if thread_id in spare:
                 continue
-            if await self._sweep_thread(thread_id, cutoff, expiring, deleting, keep):
+            if await self._sweep_thread(thread_id, cutoff, expiring, deleting, spared, refuse):
                 swept += 1
             if thread_id not in refused:
                 # Kept (written since, or held): a write after the watermark brings it back.
@@ -181,7 +181,9 @@ class CosmosRetention:
                     return swept  # this slice again next time: not all of it was settled
                 if thread_id in spare:
                     kept.append(thread_id)
-                elif await self._sweep_thread(thread_id, cutoff, expiring, deleting, keep):
+                elif await self._sweep_thread(
+                    thread_id, cutoff, expiring, deleting, spared, refuse
+                ):
                     swept += 1
                 if thread_id in refused:
                     kept.append(thread_id)
@@ -200,8 +202,10 @@ class CosmosRetention:
         expiring: Callable[[str], Awaitable[int | None]] | None,
         deleting: Callable[[str], Awaitable[bool]] | None,
         spared: Callable[[str], Awaitable[None]] | None,
+        refused: Callable[[str], Awaitable[None]],
     ) -> bool:
-        """Delete `thread_id` if it expired (True); archive records only as orphans."""
+        """Delete `thread_id` if it expired (True); archive records only as orphans. Kept on
+        the second look, `spared` is told, or `refused` if `deleting` said no."""
         if thread_id == WATERMARK_PARTITION:
             return False
         owner, separator, _ = thread_id.partition(ARCHIVE_SEPARATOR)
@@ -216,7 +220,7 @@ class CosmosRetention:
             if expiring is not None:
                 await expiring(thread_id)  # an archive record has no flush fence to raise
             if deleting is not None and not await deleting(thread_id):
-                return await _kept(thread_id, spared)
+                return await _kept(thread_id, refused)
             await self._io.delete_matching(thread_id, "true", {})
             return True
         last = await self._last_write(thread_id)
@@ -240,8 +244,10 @@ class CosmosRetention:
         last = await self._last_write(thread_id)
         if last is None:
             return False  # another sweep deleted it since the first look: that one counts it
-        if last >= cutoff or (deleting is not None and not await deleting(thread_id)):
+        if last >= cutoff:
             return await _kept(thread_id, spared)
+        if deleting is not None and not await deleting(thread_id):
+            return await _kept(thread_id, refused)
         return await self._delete_thread(thread_id)
 
     async def _delete_thread(self, thread_id: str) -> bool:

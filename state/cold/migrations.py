@@ -7,7 +7,8 @@ first one's records and applies nothing); running it again is a no-op, and one
 that finds every migration recorded takes no lock at all. A statement waits for a
 table's lock LOCK_WAIT_SECONDS at most (a long transaction of the running release
 holding it), then the migration rolls back and tries again: queued for the lock, it
-would stall every later query of that table behind it.
+would stall every later query of that table behind it. A deadlock with such a
+transaction is given way to alike.
 
 To change the schema, append a migration with the next id; never edit or
 reorder one that has shipped (databases have already applied it). A migration only
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.errors import LockNotAvailable
+from psycopg.errors import DeadlockDetected, LockNotAvailable
 from psycopg.rows import tuple_row
 
 # Any fixed 64-bit number works; it only has to be the same in every process of the app.
@@ -305,15 +306,21 @@ async def migrate(
     while True:
         try:
             return await _apply(conn, statement_timeout_seconds)
-        except LockNotAvailable as exc:
-            # Rolled back: the tables it locked are free again until the next try.
+        except (LockNotAvailable, DeadlockDetected) as exc:
+            # Rolled back: the tables it locked are free again until the next try. A deadlock
+            # with an app transaction (a table an earlier migration locked, written while
+            # this one waits) fails the migration, which waited first: given way to alike.
             pause = RETRY_PAUSE_SECONDS * (1 + random.random())
             if (
                 statement_timeout_seconds is not None
                 and time.monotonic() - started + pause >= statement_timeout_seconds
             ):
                 raise
-            log.warning("migration waits for a table another transaction holds: %s", exc)
+            log.warning(
+                "migration gave way to another transaction (%s), tries again in %.1f s",
+                exc.diag.message_primary or type(exc).__name__,
+                pause,
+            )
             await asyncio.sleep(pause)
 
 

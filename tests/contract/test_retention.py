@@ -1094,6 +1094,41 @@ async def test_cosmos_sweep_drops_the_flush_fence_a_deleted_thread_left_uncounte
             assert await partition_of(backends.settings, thread_id) == []
 
 
+async def spared_markers(backends: Backends) -> list[str]:
+    """The threads the Cosmos sweep's markers have it look at again."""
+    items = await partition_of(backends.settings, cosmos_retention.WATERMARK_PARTITION)
+    return [item["spared"] for item in items if item["type"] == cosmos_retention.SPARED_TYPE]
+
+
+async def test_cosmos_a_marked_thread_written_between_the_looks_loses_its_marker(
+    open_cold: Open,
+) -> None:
+    """A thread with a marker (spared once) that a run writes while the sweep waits for its
+    flush lock (between the two looks) is kept, its marker dropped: the write brings it
+    back in a later slice. (Counted as refused by `deleting`, it kept its marker.)"""
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        thread_id = unique_thread("written-between")
+        await seed(backends, thread_id)
+        latest = await last_write(backends, thread_id)
+        now = latest + TTL + 1
+        assert await backends.retention.sweep(limit=100, now=now, spare=[thread_id]) == 0
+        assert await spared_markers(backends) == [thread_id]
+        kept: list[str] = []
+
+        async def expiring(expired: str) -> None:
+            await next_second(latest)
+            await step_two(backends, expired)  # a run resumed it
+
+        async def spared(thread: str) -> None:
+            kept.append(thread)
+
+        swept = await backends.retention.sweep(limit=100, now=now, expiring=expiring, spared=spared)
+        assert swept == 0
+        assert kept == [thread_id]  # the caller is told it was kept, as before
+        assert await spared_markers(backends) == []
+        assert await backends.retention.sweep(limit=100, now=now) == 0
+
+
 @pytest.mark.parametrize("when", ["between-the-looks", "after-the-second-look"])
 async def test_cosmos_a_thread_another_sweep_deleted_meanwhile_is_counted_by_that_one_alone(
     when: str, open_cold: Open

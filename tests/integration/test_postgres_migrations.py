@@ -244,3 +244,47 @@ async def test_an_upgrade_waiting_for_a_table_lock_never_stalls_the_apps_queries
         await old_release.close()
         await reader.close()
         await upgrader.close()
+
+
+async def test_an_upgrade_in_a_deadlock_with_the_apps_transaction_gives_way_and_completes(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade past migration 6 while the old release runs: migration 7 indexes
+    `workflow_records` (its writes wait for the migration from then on), migration 9 waits
+    for `cp_checkpoints`, which a transaction of the old release read, and that transaction
+    then writes a record: a deadlock, which the server ends by failing the migration (it
+    waited first). Rolled back, the migration holds nothing, as after a lock timeout: it
+    tries again, and completes once the table is free (it failed the app's start, or the
+    deploy hook, with DeadlockDetected)."""
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:6])
+    async with await AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        assert [m.id for m in await migrate(conn)] == list(range(1, 7))
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    old_release = await AsyncConnection.connect(fresh_postgres_url)
+    upgrader = await AsyncConnection.connect(fresh_postgres_url, autocommit=True)
+    try:
+        # The migration alone finds the deadlock (a loaded machine sending the update late).
+        await old_release.execute("SET deadlock_timeout = '1min'")
+        await old_release.execute("SELECT count(*) FROM cp_checkpoints")  # its lock kept
+        upgrade = asyncio.create_task(migrate(upgrader, statement_timeout_seconds=60))
+        deadline = time.monotonic() + 10
+        while _waiting_for_a_table_lock(fresh_postgres_url) < 1:
+            assert time.monotonic() < deadline, "the upgrade never waited for the table"
+            assert not upgrade.done(), "the upgrade ended without waiting for the table"
+            await asyncio.sleep(0.05)
+        # Within the migration's deadlock_timeout (1 s) of its wait.
+        await asyncio.wait_for(
+            old_release.execute(
+                "UPDATE workflow_records SET version = version + 1 WHERE thread_id = %s",
+                ("absent",),
+            ),
+            timeout=10,
+        )
+        assert not upgrade.done(), "the upgrade failed on the deadlock"
+        await old_release.rollback()
+        applied = await asyncio.wait_for(upgrade, timeout=30)
+        assert [m.id for m in applied] == [m.id for m in MIGRATIONS[6:]]
+        assert await recorded_migrations(upgrader) == CODE_MIGRATIONS
+    finally:
+        await old_release.close()
+        await upgrader.close()
