@@ -100,7 +100,8 @@ class RunSlotsLike(Protocol):
 
 @dataclass
 class RunMeasure:
-    """What `measure_run` records; the caller sets `outcome` on success."""
+    """What `measure_run` records; the caller sets `outcome` for a run no exception ends
+    (at rest, or a failure it handled)."""
 
     outcome: str = "completed"
 

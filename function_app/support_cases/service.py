@@ -1571,6 +1571,8 @@ class CaseService:
                     case_id, guard, asyncio.sleep(max(0.0, busy.lease_until - time.time()))
                 )
             except LockLost as lost:
+                # Why the run stopped, not the claim it waited out (read as the wait limit).
+                run.outcome = type(lost).__name__
                 log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
                 return False
             snapshot = await self._graph.aget_state(case_config(case_id))

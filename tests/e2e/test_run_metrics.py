@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
+from e2e_payloads import duplicate_charges
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -13,7 +17,9 @@ from state.errors import HotStateLost
 from support_cases import metrics, service
 from support_cases.api import create_app
 from support_cases.demo import demo_case
+from support_cases.models import CaseStatus, CaseSubmission
 from support_cases.runtime import Runtime
+from support_cases.service import RunUnfinished
 from support_cases.settings import AppSettings
 from tests.support.metric_points import points
 
@@ -53,4 +59,60 @@ async def test_a_run_redone_after_redis_lost_its_checkpoints_counts_once(
         assert duration.count == 1
     finally:
         await runtime.close()
+        provider.shutdown()
+
+
+async def test_a_run_that_loses_its_case_while_waiting_out_a_claim_counts_as_lost(
+    e2e_settings: Callable[..., AppSettings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A resume meets the refund's claim still leased and waits it out; a newer runner takes
+    the case meanwhile and the run stops there. The one run's outcome is why it stopped
+    (`LockLost`), not the claim it was waiting out (which reads as the wait limit)."""
+    caplog.set_level(logging.INFO, logger="support_cases.service")
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    monkeypatch.setattr(service, "app_metrics", metrics.AppMetrics(provider.get_meter("test")))
+    own = await Runtime.open(e2e_settings("postgres", state_lock_ttl_ms=3_000))
+    try:
+        perform = own.provider.perform
+        lost: list[dict[str, Any]] = []
+
+        async def reply_lost(key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+            done = await perform(key, kind, request)
+            if kind == "refund" and not lost:
+                lost.append(done)
+                raise ConnectionError("the provider's reply was lost")
+            return done
+
+        monkeypatch.setattr(own.provider, "perform", reply_lost)
+        renew = own.store.renew
+
+        async def taken_once_waiting(lock: Any) -> bool:
+            # Another runner has the case from the moment this run starts waiting.
+            waiting = any("waits for its lease" in r.getMessage() for r in caplog.records)
+            return False if waiting else await renew(lock)
+
+        monkeypatch.setattr(own.store, "renew", taken_once_waiting)
+        case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+        submission = CaseSubmission(
+            case_id=case_id,
+            customer_id="cust-fx",
+            text="I was charged twice for my subscription",
+            transactions=duplicate_charges(42.0),
+        )
+        failed = await own.service.submit(submission, None)
+        assert failed.view.status is CaseStatus.FAILED, failed.view
+        with pytest.raises(RunUnfinished):
+            await own.service.resume(case_id, wait_until_rest=True)
+        await own.service.wait_idle()
+        assert any("a newer run took over" in r.getMessage() for r in caplog.records)
+        assert points(reader, metrics.RUNS) == {
+            (("outcome", "ConnectionError"),): 1,
+            (("outcome", "LockLost"),): 1,
+        }
+    finally:
+        await own.service.wait_idle()
+        await own.close()
         provider.shutdown()
