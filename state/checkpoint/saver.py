@@ -2167,8 +2167,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # it reaches the emptied entry after: a root needs no parent there, so the root entry
         # is left dropped at now, and such a root (a subgraph's too) is not cached.
         # (Write-behind appends are refused while a thread is deleted, and its log dropped
-        # with the entry.)
-        deleted_at = str(uuid6(clock_seq=-1)) if deleting and self.flusher is None else None
+        # with the entry.) In both modes no reader's fill of a checkpoint no newer is cached:
+        # one that read the cold tier before the delete would otherwise cache the deleted
+        # thread again, served once Redis is back should the delete's last drop fail.
+        deleted_at = str(uuid6(clock_seq=-1)) if deleting else None
         await self.cache.invalidate(thread_id, strict=True, deleted_at=deleted_at)
 
     async def _delete_thread(self, thread_id: str) -> None:

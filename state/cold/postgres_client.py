@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import select
 import selectors
@@ -374,7 +375,18 @@ class PostgresConnection:
         own = conninfo_to_dict(self._conninfo()).get("connect_timeout")
         if own is not None and int(float(str(own))) > 0:
             return {}
-        return {"connect_timeout": max(1, int(self._config.operation_timeout_seconds))}
+        # libpq's own setting, read by psycopg when no keyword argument overrides it.
+        environment = os.environ.get("PGCONNECT_TIMEOUT")
+        try:
+            if own is None and environment is not None and int(float(environment)) > 0:
+                return {}
+        except ValueError:
+            pass  # not a number: psycopg would refuse every connection for it
+        config = self._config
+        # No longer than a caller waits for a connection either: an attempt past that
+        # only delays the pool's next one, or the URL's next host.
+        bound = min(config.operation_timeout_seconds, config.pool_timeout_seconds)
+        return {"connect_timeout": max(1, int(bound))}
 
     async def _connect_kwargs(self) -> dict[str, Any]:
         """Called by the pool for every new connection, so each gets a fresh token."""

@@ -26,9 +26,10 @@ step, and the other version misses and reads the log and the cold tier. Fields:
   empty entry is not an empty thread: concurrent first runs on a new thread each put a
   root (no parent), and one landing late, after another run's fork dropped the entry,
   would otherwise be cached as the latest though the cold tier holds newer checkpoints.
-  A write-through deletion leaves it on the root entry (`invalidate(deleted_at=...)`),
-  and its time in a key of its own (`DELETED_KIND`), which holds back every namespace's
-  first checkpoint no newer (`advance`'s `deleted`): a root put installed since drops `seen`;
+  A deletion leaves it on the root entry (`invalidate(deleted_at=...)`), and its time in
+  a key of its own (`DELETED_KIND`), which holds back every namespace's first checkpoint
+  no newer (`advance`'s `deleted`) and a reader's fill of one no newer: a root put
+  installed since drops `seen`;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
   belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
@@ -124,7 +125,7 @@ LOG_KIND = "wb-log"
 # the cache refers to (`redis_values`).
 HELD_EPOCHS_KIND = "wb-epochs"
 CACHED_EPOCHS_KIND = "ep-cached"
-# Key kind of the checkpoint id a write-through deletion made (`invalidate(deleted_at=...)`):
+# Key kind of the checkpoint id a deletion made (`invalidate(deleted_at=...)`):
 # apart from the root entry, whose `seen` the next run's first put drops, so a subgraph's
 # first put, stored before the deletion and landing after that, is still held back.
 DELETED_KIND = "cp-deleted"
@@ -179,7 +180,7 @@ end
 -- an empty thread, so a root put (parent '') that lands late, older than a checkpoint
 -- the thread already has (concurrent first runs), is not installed as the latest.
 -- `cached_id`: the entry's `id` field if the caller read it already in this script (false
--- when it has none), nil to read it here. `deleted` (write-through): the thread's mark of a
+-- when it has none), nil to read it here. `deleted`: the thread's mark of a
 -- deletion (`invalidate(deleted_at=...)`), which holds back a first checkpoint (no parent)
 -- of any namespace no newer: the entry is dropped.
 local function advance(key, index, id, parent, ttl, namespace, first, ops, cached, held, known,
@@ -377,12 +378,20 @@ return 1
 """
 )
 
-# KEYS: entry, namespace index. ARGV: lease token, checkpoint id, ttl, namespace, then
-# name/value pairs of every field of the checkpoint.
+# KEYS: entry, namespace index, the thread's deletion mark. ARGV: lease token, checkpoint
+# id, ttl, namespace, then name/value pairs of every field of the checkpoint. A checkpoint
+# no newer than the mark was read before or during a deletion: not installed, so a reader
+# that read the cold tier just before a delete does not cache the deleted thread again
+# (the deletion's last drop may fail, Redis cut, and leave it served once Redis is back).
 _FILL = (
     LUA_HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+local deleted = redis.call('GET', KEYS[3])
+if deleted and not older(deleted, ARGV[2]) then
+  redis.call('HDEL', KEYS[1], 'lease')
+  return 0
+end
 -- What was dropped (`seen`) is in what was filled: its put preceded the lease.
 local done = {'lease', 'seen'}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -1090,7 +1099,11 @@ class RedisCheckpointCache:
             key,
             self._script(
                 self._fill,
-                [key, self.namespaces_key(checkpoint.thread_id)],
+                [
+                    key,
+                    self.namespaces_key(checkpoint.thread_id),
+                    self.thread_key(checkpoint.thread_id, DELETED_KIND),
+                ],
                 [
                     lease,
                     checkpoint.checkpoint_id,

@@ -753,3 +753,41 @@ async def test_a_cosmos_copy_whose_source_a_prune_changes_meanwhile_is_whole(
         await opened.saver.acopy_thread(thread_id, target["configurable"]["thread_id"])
         cold = growing_profile_graph(TieredCheckpointSaver(opened.backends.checkpoints))
         assert (await cold.aget_state(target)).values == want
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_write_behind_delete_whose_last_cache_drop_fails_is_never_served(
+    backend: str,
+    stack_env: dict[str, str],
+    redis_proxy: tuple[LoopbackProxy, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another worker reads the thread while the delete is under way (its first cache drop
+    done, the cold delete not yet), caching it again; Redis is then cut before the delete's
+    last drop. Once Redis answers again, no worker serves the deleted thread from it."""
+    proxy, url = redis_proxy
+    settings = settings_for(stack_env, backend, url)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_write_behind(settings) as tiers, open_write_behind(settings) as reader:
+        graph = chat_graph(tiers.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        cold_delete = tiers.store.delete_thread
+
+        async def read_then_delete(thread: str, **kwargs: Any) -> None:
+            assert await reader.saver.aget_tuple(cfg) is not None  # cached again
+            await cold_delete(thread, **kwargs)
+            proxy.cut("reset")
+
+        monkeypatch.setattr(tiers.store, "delete_thread", read_then_delete)
+        try:
+            await tiers.saver.adelete_thread(thread_id)
+        except BackendUnavailable:
+            pass  # refused is fine, as long as nothing deleted is served after
+        finally:
+            proxy.restore()
+        assert await tiers.store.get_checkpoint(thread_id, "", None) is None  # deleted
+        async with open_write_behind(settings) as other:  # another worker, Redis back
+            served = await other.saver.aget_tuple(cfg)
+            assert served is None, served.checkpoint["channel_values"]

@@ -148,3 +148,39 @@ async def test_a_url_connect_timeout_asking_for_no_bound_gets_the_pools(
             assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "3"
     finally:
         await pg.close()
+
+
+async def test_an_attempt_ends_within_the_pools_wait(fresh_postgres_url: str) -> None:
+    """The connect bound is the pool's wait when that is shorter than the operation
+    timeout: an attempt no caller still waits for would only delay the pool's next one
+    (or the URL's next host)."""
+    with LoopbackProxy(int(str(conninfo_to_dict(fresh_postgres_url)["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(fresh_postgres_url, host=LOOPBACK, port=proxy.port)
+        pg = _pg(url, operation_timeout=6.0, pool_timeout=CONNECT_BOUND_SECONDS)
+        try:
+            pool = await pg.pool()
+            started = time.monotonic()
+            while not pool.get_stats().get("connections_errors"):
+                assert time.monotonic() - started < 2 * CONNECT_BOUND_SECONDS, (
+                    "the attempt outlasted the pool's wait"
+                )
+                await asyncio.sleep(0.1)
+        finally:
+            await pg.close()
+
+
+async def test_pgconnect_timeout_in_the_environment_wins_over_the_pools(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq's PGCONNECT_TIMEOUT, set by an operator for a URL without `connect_timeout`,
+    is honoured like the URL's own."""
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
+    pg = _pg(fresh_postgres_url, operation_timeout=3.0, pool_timeout=5.0)
+    try:
+        async with pg.connection("probe") as conn:
+            assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "7"
+        with pg.blocking_connection("probe") as blocking:
+            assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "7"
+    finally:
+        await pg.close()
