@@ -706,10 +706,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 if len(batch) < SYNC_LIST_BATCH:
                     return
         finally:
-            # Refused, the saver closed (this generator kept past that): its loop's
-            # shutdown closed `found` already.
-            with contextlib.suppress(SaverClosed):
-                self._sync(_close(found))
+            # Not handed to a loop that is not running (refused only after the wait for a
+            # starting loop, in place of the refusal at hand): `found` never started then,
+            # or its loop's async generator finalizer closes it. Refused, the saver closed
+            # (this generator kept past that): its loop's shutdown closed `found` already.
+            if self.loop.is_running():
+                with contextlib.suppress(SaverClosed, SaverLoopStopped):
+                    self._sync(_close(found))
 
     def put(
         self,
@@ -949,16 +952,22 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             raise SaverClosed() if self._closed else SaverLoopStopped() from None
         called = asyncio.wrap_future(call)
         try:
-            while not (await asyncio.wait({called}, timeout=LOOP_CLOSED_POLL_SECONDS))[0]:
-                self._refuse_loop_closed(coro)
+            while not call.done():
+                if (await asyncio.wait({called}, timeout=LOOP_CLOSED_POLL_SECONDS))[0]:
+                    break
+                self._refuse_loop_closed(call, coro)
         except asyncio.CancelledError:
             called.cancel()  # as awaiting `called` itself would: the call on the loop too
             raise
+        # The call may have ended just before its loop closed, its result still on the way
+        # to this loop: `call` has it already (and `called`, cancelled, drops its copy).
+        called.cancel()
         try:
-            return called.result()
-        except (asyncio.CancelledError, BackendClosed):
-            # Cut off on the loop, not cancelled here: the saver closed under the call (its
-            # close cancels what still runs there), as `_sync` tells its callers.
+            return call.result()
+        except concurrent.futures.CancelledError:
+            # Cut off on the loop, not cancelled here, as `_sync` tells its callers.
+            raise self._cut_off() from None
+        except BackendClosed:
             if self._closed:
                 raise SaverClosed() from None
             raise
@@ -984,11 +993,19 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     return call.result(timeout=LOOP_CLOSED_POLL_SECONDS)
                 if call.done():  # the call's own TimeoutError
                     return call.result()
-                self._refuse_loop_closed(tracked, coro)
-        except (concurrent.futures.CancelledError, BackendClosed):
+                self._refuse_loop_closed(call, tracked, coro)
+        except concurrent.futures.CancelledError:
+            raise self._cut_off() from None
+        except BackendClosed:
             if self._closed:
                 raise SaverClosed() from None
             raise
+
+    def _cut_off(self) -> SaverClosed | SaverLoopStopped:
+        """What a caller gets for its call cancelled on the saver loop (it never asked for
+        that): the saver's close cancelled what still ran there, or else the loop's owner
+        ended it (`asyncio.run` cancels the tasks left as it returns)."""
+        return SaverClosed() if self._closed else SaverLoopStopped()
 
     async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
         """A sync call's coroutine on the loop thread, known to `_settle_in_flight`."""
@@ -1076,11 +1093,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 raise SaverLoopStopped()  # `SaverClosed` instead once closed: see the callers
             yield LOOP_START_POLL_SECONDS
 
-    def _refuse_loop_closed(self, *handed: Coroutine[Any, Any, Any]) -> None:
+    def _refuse_loop_closed(
+        self, call: concurrent.futures.Future[Any], *handed: Coroutine[Any, Any, Any]
+    ) -> None:
         """While a caller waits for its call handed to the loop: a loop closed since will
-        never finish it. The call's coroutines it never started are closed (else each
-        warns it was never awaited); one it left suspended is left as it is."""
-        if not self.loop.is_closed():
+        never finish it, unless it did just before closing (its result on the way: looked at
+        after the loop, it is seen). The call's coroutines it never started are closed (else
+        each warns it was never awaited); one it left suspended is left as it is."""
+        if not self.loop.is_closed() or call.done():
             return
         for coro in handed:
             if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:

@@ -5,6 +5,7 @@ history and interrupts InMemorySaver gives the same calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from state import (
     open_backends,
 )
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint.saver import LOOP_START_WAIT_SECONDS
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -391,3 +393,133 @@ def test_an_async_call_from_another_loop_cut_off_by_the_close_is_saver_closed(
     calling.join(30)
     assert not calling.is_alive(), "the call hangs"
     assert len(outcome) == 1 and isinstance(outcome[0], SaverClosed), outcome
+
+
+@pytest.mark.parametrize("caller", ["sync", "async"])
+def test_a_call_that_ends_as_the_saver_loop_closes_gets_its_result(
+    caller: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that ends on the saver's loop just before its owner closes that loop, while
+    its caller's look for a closed loop is due: the caller gets the call's result (a put
+    that was stored is not reported refused), not `SaverLoopStopped`. The look is held
+    until the call has ended and the loop closed, so the race shows every time."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    opener = asyncio.new_event_loop()
+    backends = opener.run_until_complete(open_backends(settings))
+    # Given a loop of its own (the call never touches the backends), served on a thread
+    # that closes it once it stops.
+    loop = asyncio.new_event_loop()
+    saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+    gate = asyncio.Event()
+    closed = threading.Event()
+
+    def serve() -> None:
+        loop.run_forever()
+        loop.close()
+        closed.set()
+
+    async def stored() -> str:
+        await gate.wait()
+        # Stops the loop right after the call's result went to its caller.
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(lambda _: loop.stop())
+        return "stored"
+
+    refuse_loop_closed = saver._refuse_loop_closed
+
+    def looked_late(*handed: Any) -> None:
+        # The first look, due while the call waits: the call ends and its loop closes
+        # before the look is made.
+        loop.call_soon_threadsafe(gate.set)
+        assert closed.wait(10), "the saver loop did not close"
+        refuse_loop_closed(*handed)
+
+    monkeypatch.setattr(saver, "_refuse_loop_closed", looked_late)
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        result: list[str] = []
+
+        def call() -> None:
+            if caller == "sync":
+                result.append(saver._sync(stored()))
+            else:
+                result.append(asyncio.run(saver._on_loop(stored())))
+
+        assert _outcome_within(30, call) is None
+        assert result == ["stored"]
+    finally:
+        if not closed.is_set():  # the test failed early: the loop still serves
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(loop.stop)
+        server.join(10)
+        opener.run_until_complete(backends.close())
+        opener.close()
+
+
+def test_calls_running_as_their_loops_asyncio_run_ends_are_saver_loop_stopped(
+    stack_env: dict[str, str],
+) -> None:
+    """The saver used on a loop its caller owns (`asyncio.run`), which returns while a sync
+    call and an async call from another loop still run there: `asyncio.run` cancels them,
+    and each caller gets `SaverLoopStopped`, not a bare `CancelledError` it never asked for."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    outcomes: list[BaseException | None] = [None, None]
+    started = [threading.Event(), threading.Event()]
+
+    async def long_call(index: int) -> None:
+        started[index].set()
+        await asyncio.sleep(30)
+
+    def call(index: int, run: Any) -> None:
+        try:
+            run()
+        except BaseException as exc:  # whatever it is, the test looks at it
+            outcomes[index] = exc
+
+    async def owner() -> list[threading.Thread]:
+        backends = await open_backends(settings)
+        await backends.close()  # the calls never touch them
+        saver = TieredCheckpointSaver.from_backends(backends)
+        callers = [
+            threading.Thread(target=call, args=(0, lambda: saver._sync(long_call(0)))),
+            threading.Thread(
+                target=call, args=(1, lambda: asyncio.run(saver._on_loop(long_call(1))))
+            ),
+        ]
+        for caller in callers:
+            caller.daemon = True
+            caller.start()
+        for event in started:
+            assert await asyncio.to_thread(event.wait, 10)
+        return callers  # the calls still run: `asyncio.run` cancels them
+
+    for caller in asyncio.run(owner()):
+        caller.join(30)
+        assert not caller.is_alive(), "the call hangs"
+    assert all(isinstance(outcome, SaverLoopStopped) for outcome in outcomes), outcomes
+
+
+def test_a_listing_on_a_stopped_loop_is_refused_after_one_wait(
+    stack_env: dict[str, str],
+) -> None:
+    """A sync `list` on a loop its owner runs only in turns, between them: refused with
+    `SaverLoopStopped` after the one wait for a starting loop, not a second one for closing
+    the listing it never began."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    cfg = _config(f"stopped-list-{uuid.uuid4().hex[:12]}")
+    loop = asyncio.new_event_loop()
+    try:
+        backends = loop.run_until_complete(open_backends(settings))
+        saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+        try:
+            began = time.monotonic()
+            listed = _outcome_within(30, lambda: list(saver.list(cfg)))
+            took = time.monotonic() - began
+            assert isinstance(listed, SaverLoopStopped), listed
+            assert took < 1.5 * LOOP_START_WAIT_SECONDS, took
+        finally:
+            loop.run_until_complete(backends.close())
+    finally:
+        loop.close()
