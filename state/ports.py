@@ -869,13 +869,18 @@ class CheckpointCache(Protocol):
         *,
         strict: bool = False,
         deleted_at: str | None = None,
+        fence_fills: bool = False,
+        lift_fence: str | None = None,
     ) -> None:
         """Drop one namespace of a thread, or all of them (None). `strict`: a failure
         raises `BackendUnavailable` (the entries may still be served) instead.
         `deleted_at` (all namespaces only): a checkpoint id made as checkpoints were
         deleted, which the root entry keeps as dropped at (`seen`) in the same step, so a
         root put no newer, stored before the deletion took it, is not cached after it (nor
-        a subgraph's first put, whose entry `advance` drops instead)."""
+        a subgraph's first put, whose entry `advance` drops instead). With it, `fence_fills`
+        (a drop before a cold delete of the whole thread): no reader's fill of a checkpoint
+        no newer than `deleted_at` is cached until `lift_fence`, that `deleted_at`, is given
+        to the drop after the delete (which drops every fill lease taken before it)."""
 
     async def logged(self, thread_id: str) -> bool:
         """Whether the thread's write-behind log holds entries (False if that cannot be

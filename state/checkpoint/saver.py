@@ -2180,25 +2180,42 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # left in its log would be flushed back onto it. The cache is dropped before the
     # change (which checks Redis answers) and again after (what a reader cached meanwhile).
 
-    async def _drop_cached(self, thread_id: str, *, deleting: bool = False) -> None:
+    async def _drop_cached(
+        self,
+        thread_id: str,
+        *,
+        deleting: bool = False,
+        fence_fills: bool = False,
+        lift_fence: str | None = None,
+    ) -> str | None:
+        """Returns the deletion's mark when `deleting`: the fence a drop before a cold delete
+        of the whole thread sets (`fence_fills`), which the drop after it lifts."""
         if self.cache is None:
-            return
+            return None
         # Written through, a new thread's first put stored cold just before a deletion took
         # it reaches the emptied entry after: a root needs no parent there, so the root entry
         # is left dropped at now, and such a root (a subgraph's too) is not cached.
         # (Write-behind appends are refused while a thread is deleted, and its log dropped
-        # with the entry.) In both modes no reader's fill of a checkpoint no newer is cached:
-        # one that read the cold tier before the delete would otherwise cache the deleted
-        # thread again, served once Redis is back should the delete's last drop fail.
+        # with the entry.) In both modes, until the drop after a whole thread's delete, no
+        # reader's fill of a checkpoint no newer is cached: one that read the cold tier before
+        # the delete would otherwise cache the deleted thread again, served once Redis is
+        # back should that drop fail.
         deleted_at = str(uuid6(clock_seq=-1)) if deleting else None
-        await self.cache.invalidate(thread_id, strict=True, deleted_at=deleted_at)
+        await self.cache.invalidate(
+            thread_id,
+            strict=True,
+            deleted_at=deleted_at,
+            fence_fills=fence_fills,
+            lift_fence=lift_fence,
+        )
+        return deleted_at
 
     async def _delete_thread(self, thread_id: str) -> None:
         _sendable("thread id", [thread_id])
         tracked = self._tracked_runs(thread_id)
         self._forget_runs(thread_id)
         try:
-            await self._drop_cached(thread_id, deleting=True)
+            fence = await self._drop_cached(thread_id, deleting=True, fence_fills=True)
             if self.flusher is None:
                 await self.store.delete_thread(thread_id)
             else:
@@ -2209,7 +2226,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # run's boundary, as if no delete had been asked.
             self._retrack_runs(thread_id, tracked)
             raise
-        await self._drop_cached(thread_id, deleting=True)
+        await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
 
     def _tracked_runs(self, thread_id: str) -> _Tracked:
         """What `_forget_runs` drops of the thread's runs' steps, as it stands now."""
@@ -2535,9 +2552,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._delete_thread(thread_id)
             return
         store_strategy: PruneStrategy = "delete" if strategy == "delete" else "keep_latest"
+        fences: dict[str, str | None] = {}
         if self.flusher is None:
             for thread_id in threads:
-                await self._drop_cached(thread_id, deleting=strategy == "delete")
+                fences[thread_id] = await self._drop_cached(
+                    thread_id, deleting=strategy == "delete", fence_fills=strategy == "delete"
+                )
             await self.store.prune(threads, strategy=store_strategy)
         else:
             # A thread at a time, under its flush lock: a step flushed while the store reads
@@ -2554,7 +2574,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._flush_locked(thread_id, prune)
         for thread_id in threads:
             self._forget_histories(thread_id)
-            await self._drop_cached(thread_id, deleting=strategy == "delete")
+            await self._drop_cached(
+                thread_id, deleting=strategy == "delete", lift_fence=fences.get(thread_id)
+            )
 
     # ----------------------------------------------------------------------- conversion
 

@@ -380,8 +380,8 @@ class PostgresConnection:
         try:
             if own is None and environment is not None and int(float(environment)) > 0:
                 return {}
-        except ValueError:
-            pass  # not a number: psycopg would refuse every connection for it
+        except (ValueError, OverflowError):
+            pass  # not a number (or infinite): the keyword argument overrides it
         config = self._config
         # No longer than a caller waits for a connection either: an attempt past that
         # only delays the pool's next one, or the URL's next host.

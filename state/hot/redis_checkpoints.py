@@ -28,8 +28,9 @@ step, and the other version misses and reads the log and the cold tier. Fields:
   would otherwise be cached as the latest though the cold tier holds newer checkpoints.
   A deletion leaves it on the root entry (`invalidate(deleted_at=...)`), and its time in
   a key of its own (`DELETED_KIND`), which holds back every namespace's first checkpoint
-  no newer (`advance`'s `deleted`) and a reader's fill of one no newer: a root put
-  installed since drops `seen`;
+  no newer (`advance`'s `deleted`): a root put installed since drops `seen`. A deletion of
+  the whole thread also fences off a reader's fill of one no newer (`FILL_FENCE_KIND`)
+  until its drop after the cold delete;
 - the delta history of the cached checkpoint (LangGraph's DeltaChannel), once a
   reader filled it from the cold tier for some channels: `d@` (the checkpoint it
   belongs to), `dc` (the channels tracked), per channel `df:{channel}` (the checkpoint
@@ -129,6 +130,14 @@ CACHED_EPOCHS_KIND = "ep-cached"
 # apart from the root entry, whose `seen` the next run's first put drops, so a subgraph's
 # first put, stored before the deletion and landing after that, is still held back.
 DELETED_KIND = "cp-deleted"
+# Key kind of the checkpoint id a drop made before a cold delete of the whole thread
+# (`invalidate(fence_fills=True)`): a reader's fill of a checkpoint no newer, which may
+# have read the cold tier before the delete, is refused, should the delete's drop after it
+# fail (Redis cut) and leave that fill served once Redis is back. That drop lifts it: it
+# drops every lease taken before it, and what the thread holds later (a copy into it) is
+# cached again. Not for delete_for_runs, whose only drop follows its cold delete: the
+# thread goes on, and its checkpoints older than the call would never be cached again.
+FILL_FENCE_KIND = "cp-fill-fence"
 # A reader's lease on an empty entry outlives any cold read it waits for.
 LEASE_TTL_MS = 30_000
 # How often entries a failed call left suspect are tried again (`_drop_suspects`).
@@ -364,25 +373,33 @@ return add_writes(KEYS[1], ARGV[1], ARGV[2] == '1', ARGV[3], 4)
 """
 )
 
-# KEYS: the root entry, the deletion mark, then every other key to delete. ARGV: checkpoint
-# id, ttl. `invalidate(deleted_at=...)`: the keys deleted, and the root entry left dropped
-# and the mark set at that id, in one step, so no first put lands in between and stays cached.
+# KEYS: the root entry, the deletion mark, the fill fence, then every other key to delete.
+# ARGV: checkpoint id, ttl, '1' to set the fill fence at that id, the fence to lift (or '').
+# `invalidate(deleted_at=...)`: the keys deleted, and the root entry left dropped and the
+# mark set at that id, in one step, so no first put lands in between and stays cached.
 _DROP_MARKING = (
     LUA_SLICED
     + """
-sliced('DEL', KEYS[1], KEYS, 3)
+sliced('DEL', KEYS[1], KEYS, 4)
 redis.call('HSET', KEYS[1], 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
+elseif ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then
+  -- Only the fence this deletion set: another one under way keeps its own.
+  redis.call('DEL', KEYS[3])
+end
 return 1
 """
 )
 
-# KEYS: entry, namespace index, the thread's deletion mark. ARGV: lease token, checkpoint
-# id, ttl, namespace, then name/value pairs of every field of the checkpoint. A checkpoint
-# no newer than the mark was read before or during a deletion: not installed, so a reader
-# that read the cold tier just before a delete does not cache the deleted thread again
-# (the deletion's last drop may fail, Redis cut, and leave it served once Redis is back).
+# KEYS: entry, namespace index, the thread's fill fence (`FILL_FENCE_KIND`). ARGV: lease
+# token, checkpoint id, ttl, namespace, then name/value pairs of every field of the
+# checkpoint. A checkpoint no newer than the fence was read before or during a deletion:
+# not installed, so a reader that read the cold tier just before a delete does not cache
+# the deleted thread again (the deletion's last drop may fail, Redis cut, and leave it
+# served once Redis is back).
 _FILL = (
     LUA_HELPERS
     + """
@@ -1102,7 +1119,7 @@ class RedisCheckpointCache:
                 [
                     key,
                     self.namespaces_key(checkpoint.thread_id),
-                    self.thread_key(checkpoint.thread_id, DELETED_KIND),
+                    self.thread_key(checkpoint.thread_id, FILL_FENCE_KIND),
                 ],
                 [
                     lease,
@@ -1401,6 +1418,8 @@ class RedisCheckpointCache:
         *,
         strict: bool = False,
         deleted_at: str | None = None,
+        fence_fills: bool = False,
+        lift_fence: str | None = None,
     ) -> None:
         self.epochs.forget(thread_id, checkpoint_ns)
         call = self._call_after_rest if strict else self._call_now
@@ -1433,8 +1452,15 @@ class RedisCheckpointCache:
                 return self._client.delete(index, *keys, *others)
             return self._script(
                 self._drop_marking,
-                [root, self.thread_key(thread_id, DELETED_KIND), index, *keys, *others],
-                [deleted_at, self._ttl],
+                [
+                    root,
+                    self.thread_key(thread_id, DELETED_KIND),
+                    self.thread_key(thread_id, FILL_FENCE_KIND),
+                    index,
+                    *keys,
+                    *others,
+                ],
+                [deleted_at, self._ttl, "1" if fence_fills else "", lift_fence or ""],
             )
 
         if await call(index, drop) is not None:

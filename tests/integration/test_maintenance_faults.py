@@ -791,3 +791,43 @@ async def test_a_write_behind_delete_whose_last_cache_drop_fails_is_never_served
         async with open_write_behind(settings) as other:  # another worker, Redis back
             served = await other.saver.aget_tuple(cfg)
             assert served is None, served.checkpoint["channel_values"]
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_thread_delete_for_runs_left_is_cached_again(
+    backend: str, mode: str, stack_env: dict[str, str]
+) -> None:
+    """delete_for_runs deletes some runs of a thread that goes on: the kept run's
+    checkpoint, older than the call, is cached again by the next read, not read from the
+    cold tier by every read for the hot TTL (a day)."""
+    settings = stack_settings(stack_env, backend, True, mode)
+    thread_id = f"runs-{uuid.uuid4().hex[:12]}"
+    kept_run, deleted_run = (f"run-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    cfg: RunnableConfig = {"configurable": {"thread_id": thread_id}}
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        await graph.ainvoke(
+            {"messages": ["kept"]}, {"configurable": {**cfg["configurable"], "run_id": kept_run}}
+        )
+        want = (await graph.aget_state(cfg)).values
+        await graph.ainvoke(
+            {"messages": ["deleted"]},
+            {"configurable": {**cfg["configurable"], "run_id": deleted_run}},
+        )
+        await opened.saver.adelete_for_runs([deleted_run])
+        assert (await graph.aget_state(cfg)).values == want  # a miss: read cold, cached
+        store = opened.backends.checkpoints
+        cold_reads: list[str | None] = []
+        get_checkpoint = store.get_checkpoint
+
+        async def counted(thread: str, ns: str, checkpoint_id: str | None, **kwargs: Any) -> Any:
+            cold_reads.append(checkpoint_id)
+            return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
+
+        store.get_checkpoint = counted  # type: ignore[method-assign]
+        try:
+            assert (await graph.aget_state(cfg)).values == want
+        finally:
+            store.get_checkpoint = get_checkpoint  # type: ignore[method-assign]
+        assert cold_reads == [], "the kept run's checkpoint was not cached again"

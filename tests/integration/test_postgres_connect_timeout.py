@@ -184,3 +184,20 @@ async def test_pgconnect_timeout_in_the_environment_wins_over_the_pools(
             assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "7"
     finally:
         await pg.close()
+
+
+@pytest.mark.parametrize("value", ["soon", "inf"])
+async def test_a_pgconnect_timeout_that_is_no_number_gets_the_pools_bound(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A PGCONNECT_TIMEOUT psycopg could not use is overridden by the pool's bound (the
+    keyword argument wins over the environment), not a failure of every connection."""
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", value)
+    pg = _pg(fresh_postgres_url, operation_timeout=3.0, pool_timeout=5.0)
+    try:
+        async with pg.connection("probe") as conn:
+            assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "3"
+        with pg.blocking_connection("probe") as blocking:
+            assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "3"
+    finally:
+        await pg.close()

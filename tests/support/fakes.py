@@ -943,6 +943,8 @@ class MemoryCheckpointCache:
         self._entries: dict[tuple[str, str], _CacheEntry] = {}
         # A write-through deletion's checkpoint id per thread (Redis: `DELETED_KIND`).
         self._deleted: dict[str, str] = {}
+        # A whole thread's deletion under way: no fill no newer (Redis: `FILL_FENCE_KIND`).
+        self._fill_fences: dict[str, str] = {}
         self._suspect: set[tuple[str, str]] = set()
         self.log: MemoryWriteBehindLog | None = None  # the log over it, which sets it
 
@@ -994,6 +996,10 @@ class MemoryCheckpointCache:
             return
         entry = self._entries.get(key)
         if entry is None or entry.lease != lease:
+            return
+        fence = self._fill_fences.get(checkpoint.thread_id)
+        if fence is not None and fence >= checkpoint.checkpoint_id:
+            entry.lease = None
             return
         entry.lease = None
         entry.seen = None
@@ -1111,6 +1117,8 @@ class MemoryCheckpointCache:
         *,
         strict: bool = False,
         deleted_at: str | None = None,
+        fence_fills: bool = False,
+        lift_fence: str | None = None,
     ) -> None:
         keys = [
             key
@@ -1129,6 +1137,10 @@ class MemoryCheckpointCache:
         if deleted_at is not None and checkpoint_ns is None:
             self._entries[(thread_id, "")] = _CacheEntry(seen=deleted_at)
             self._deleted[thread_id] = deleted_at
+            if fence_fills:
+                self._fill_fences[thread_id] = deleted_at
+            elif lift_fence is not None and self._fill_fences.get(thread_id) == lift_fence:
+                del self._fill_fences[thread_id]
 
 
 # --------------------------------------------------------------------------- hot: write-behind
