@@ -337,6 +337,20 @@ def _stack_env(description: dict[str, object]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
 
 
+def _still_ours(workdir: Path, started: dict[str, object]) -> bool:
+    """Whether the stack recorded in `workdir` is still the one `serve` started
+    (`started`): one stopped meanwhile (`stack down`) and started again by `stack up` is
+    that command's, not for `serve` to stop as it ends."""
+    import devstack
+
+    recorded = devstack.status(workdir).get("servers")
+    ours = started.get("servers")
+    if not isinstance(recorded, dict) or not isinstance(ours, dict):
+        return False
+    # Same pid and process start: a server `serve` started (Postgres may have joined since).
+    return any(recorded.get(name) == info for name, info in ours.items())
+
+
 def _print_env(description: dict[str, object]) -> None:
     env = _stack_env(description)
     console.print("settings for this stack:")
@@ -431,7 +445,7 @@ def serve(
         finally:
             # As `stack down` says it (so Ctrl-C on scripts/run.sh too): what the stack
             # held is lost with it.
-            if started_here and devstack.down(where).stopped:
+            if started_here and _still_ours(where, status) and devstack.down(where).stopped:
                 console.print(f"note: {_memory_only_note()}")
 
 

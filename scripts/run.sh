@@ -14,7 +14,13 @@ if "$cli" stack status --json | grep -q '"running": true'; then
   echo "[run] reusing the local stack that is already running"
 else
   if [ "$backend" = postgres ]; then "$cli" stack up --postgres; else "$cli" stack up; fi
-  trap '"$cli" stack down' EXIT
+  # Its Redis (pid and process start) tells this stack from one another terminal started
+  # after a `stack down`: that one is not ours to stop on exit.
+  redis_of_stack() {
+    "$cli" stack status --json | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin).get("servers", {}).get("redis"), sort_keys=True))'
+  }
+  ours=$(redis_of_stack)
+  trap 'if [ "$(redis_of_stack)" = "$ours" ]; then "$cli" stack down; fi' EXIT
 fi
 
 # The stack's own issuer, wherever it listens (AGENT_STATE_ISSUER_PORT, or a stack reused).

@@ -574,3 +574,62 @@ def test_loading_the_settings_of_a_stack_that_lost_a_server_names_it(tmp_path: P
     assert loaded.returncode != 0, loaded.stdout + loaded.stderr
     [line] = loaded.stderr.strip().splitlines()
     assert "has lost cosmos" in line and "stack up --workdir" in line, line
+
+
+def test_serve_leaves_running_a_stack_started_after_it_stopped_its_own(workdir: Path) -> None:
+    """`stack down` then `stack up` from another terminal while `serve` ran: Ctrl-C on
+    `serve` stopped that new stack too, which it never started (and `stack down` is the
+    command that owns it), leaving the user's next commands on a dead stack."""
+    with _serving(workdir):
+        assert agent_state("stack", "down", "--workdir", str(workdir)).returncode == 0
+        again = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+        assert again.returncode == 0, again.stdout + again.stderr
+        theirs = devstack.status(workdir)
+    after = devstack.status(workdir)
+    assert after.get("running") is True, after
+    assert after["servers"] == theirs["servers"]
+    assert all(after["alive"].values()), after  # type: ignore[union-attr]
+
+
+def test_run_sh_leaves_running_a_stack_started_after_it_stopped_its_own(tmp_path: Path) -> None:
+    """As `serve`: Ctrl-C on `scripts/run.sh` ran `stack down` on whatever stack was then
+    recorded, also one `stack up` started from another terminal after a `stack down`."""
+    repo, workdir = tmp_path / "repo", tmp_path / "stack"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / "scripts" / "run.sh").write_text((REPO_ROOT / "scripts" / "run.sh").read_text())
+    (repo / "scripts" / "bootstrap.sh").write_text("exit 0\n")
+    # The real CLI, its stack in this test's workdir (run.sh names none: the default one).
+    cli = repo / ".venv" / "bin" / "agent-state"
+    cli.write_text(
+        f'#!/usr/bin/env bash\nexec {shlex.join(CLI)} "$@" --workdir {shlex.quote(str(workdir))}\n'
+    )
+    cli.chmod(0o755)
+    port = devstack.free_port()
+    zero = {f"AGENT_STATE_{name.upper()}_PORT": "0" for name in ("redis", "cosmos", "issuer")}
+    run = subprocess.Popen(
+        ["bash", str(repo / "scripts" / "run.sh")],
+        env=cli_env(PORT=str(port), **zero),
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _listening(port)
+        assert agent_state("stack", "down", "--workdir", str(workdir)).returncode == 0
+        again = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+        assert again.returncode == 0, again.stdout + again.stderr
+        theirs = devstack.status(workdir)
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(60)
+    try:
+        after = devstack.status(workdir)
+        assert after.get("running") is True, after
+        assert after["servers"] == theirs["servers"]
+    finally:
+        devstack.down(workdir)
