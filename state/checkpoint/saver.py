@@ -62,7 +62,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph._internal._constants import CONFIG_KEY_RUNTIME
@@ -945,7 +945,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             for pause in self._loop_start_pauses():
                 await asyncio.sleep(pause)
-            call = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            ended: _Ended[T] = _Ended()
+            ending = _ending(coro, ended)
+            try:
+                call = asyncio.run_coroutine_threadsafe(ending, self.loop)
+            except RuntimeError:
+                ending.close()
+                raise
         except (SaverLoopStopped, RuntimeError):
             coro.close()
             # RuntimeError: the loop closed between the look and the hand-over.
@@ -955,7 +961,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             while not call.done():
                 if (await asyncio.wait({called}, timeout=LOOP_CLOSED_POLL_SECONDS))[0]:
                     break
-                self._refuse_loop_closed(call, coro)
+                if self._ended_unsaid(call, ended):
+                    break
+                self._refuse_loop_closed(call, ending, coro)
         except asyncio.CancelledError:
             called.cancel()  # as awaiting `called` itself would: the call on the loop too
             raise
@@ -963,6 +971,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # to this loop: `call` has it already (and `called`, cancelled, drops its copy).
         called.cancel()
         try:
+            if not call.done():
+                return ended.outcome()
             return call.result()
         except concurrent.futures.CancelledError:
             # Cut off on the loop, not cancelled here, as `_sync` tells its callers.
@@ -973,7 +983,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             raise
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        tracked = self._tracked(coro)
+        ended: _Ended[T] = _Ended()
+        tracked = self._tracked(coro, ended)
         try:
             with self._caller_call():
                 for pause in self._loop_start_pauses():
@@ -993,6 +1004,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                     return call.result(timeout=LOOP_CLOSED_POLL_SECONDS)
                 if call.done():  # the call's own TimeoutError
                     return call.result()
+                if self._ended_unsaid(call, ended):
+                    return ended.outcome()
                 self._refuse_loop_closed(call, tracked, coro)
         except concurrent.futures.CancelledError:
             raise self._cut_off() from None
@@ -1007,7 +1020,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         ended it (`asyncio.run` cancels the tasks left as it returns)."""
         return SaverClosed() if self._closed else SaverLoopStopped()
 
-    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _tracked(self, coro: Coroutine[Any, Any, T], ended: _Ended[T]) -> T:
         """A sync call's coroutine on the loop thread, known to `_settle_in_flight`."""
         if self._settling:
             coro.close()
@@ -1016,7 +1029,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         assert task is not None
         self._in_flight.add(task)
         try:
-            return await coro
+            return await _ending(coro, ended)
         finally:
             self._in_flight.discard(task)
 
@@ -1092,6 +1105,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             if self._closed or self.loop.is_closed() or now >= deadline:
                 raise SaverLoopStopped()  # `SaverClosed` instead once closed: see the callers
             yield LOOP_START_POLL_SECONDS
+
+    def _ended_unsaid(self, call: concurrent.futures.Future[Any], ended: _Ended[Any]) -> bool:
+        """The call ended in the very turn its loop was stopped in, and the loop closed
+        before its next turn would have told `call` (a task's end reaches its future a turn
+        later): `ended` holds what it returned or raised."""
+        return self.loop.is_closed() and not call.done() and ended.done
 
     def _refuse_loop_closed(
         self, call: concurrent.futures.Future[Any], *handed: Coroutine[Any, Any, Any]
@@ -2633,6 +2652,34 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
 async def _next(iterator: AsyncIterator[T]) -> T:
     return await anext(iterator)
+
+
+class _Ended(Generic[T]):
+    """What a call's coroutine returned or raised, kept as it ends on the saver loop: its
+    caller reads it when the loop closed before telling the call's future."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return cast(T, self.value)
+
+
+async def _ending(coro: Coroutine[Any, Any, T], ended: _Ended[T]) -> T:
+    """`coro`, its end kept in `ended` (a cancellation is not an end: the call was cut off)."""
+    try:
+        value = await coro
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        ended.error, ended.done = exc, True
+        raise
+    ended.value, ended.done = value, True
+    return value
 
 
 async def _take(iterator: AsyncIterator[T], count: int) -> list[T]:

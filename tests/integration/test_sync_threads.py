@@ -458,6 +458,52 @@ def test_a_call_that_ends_as_the_saver_loop_closes_gets_its_result(
         opener.close()
 
 
+@pytest.mark.parametrize("caller", ["sync", "async"])
+def test_a_call_that_ends_in_the_turn_its_loop_stops_gets_its_result(
+    caller: str, stack_env: dict[str, str]
+) -> None:
+    """The loop's owner stops it in the very turn the call ends, then closes it: the
+    call's end would reach its future only a turn later, which never comes. Its caller
+    still gets what it returned (a put that was stored), not `SaverLoopStopped`."""
+    settings = _settings(stack_env, "postgres", "write-through")
+    opener = asyncio.new_event_loop()
+    backends = opener.run_until_complete(open_backends(settings))
+    loop = asyncio.new_event_loop()
+    saver = TieredCheckpointSaver.from_backends(backends, loop=loop)
+    running = threading.Event()
+
+    def serve() -> None:
+        loop.call_soon(running.set)
+        loop.run_forever()
+        loop.close()
+
+    async def stored() -> str:
+        loop.stop()  # this turn is the loop's last
+        return "stored"
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        assert running.wait(10)
+        result: list[str] = []
+
+        def call() -> None:
+            if caller == "sync":
+                result.append(saver._sync(stored()))
+            else:
+                result.append(asyncio.run(saver._on_loop(stored())))
+
+        assert _outcome_within(30, call) is None
+        assert result == ["stored"]
+    finally:
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(loop.stop)
+        server.join(10)
+        opener.run_until_complete(backends.close())
+        opener.close()
+
+
 def test_calls_running_as_their_loops_asyncio_run_ends_are_saver_loop_stopped(
     stack_env: dict[str, str],
 ) -> None:
