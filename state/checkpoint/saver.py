@@ -86,6 +86,7 @@ from ..errors import (
     BackendUnavailable,
     EntryStuck,
     FenceUnknown,
+    FlushLockBusy,
     HotStateLost,
     InvalidValue,
     LockLost,
@@ -2233,17 +2234,23 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         _sendable("thread id", [thread_id])
         tracked = self._tracked_runs(thread_id)
         self._forget_runs(thread_id)
+        fence: str | None = None
         try:
             fence = await self._drop_cached(thread_id, deleting=True, fence_fills=True)
             if self.flusher is None:
                 await self.store.delete_thread(thread_id)
             else:
                 await self.flusher.delete_thread(thread_id)
-        except BaseException:
+        except BaseException as exc:
             # Refused (Redis unreachable, the flush lock busy) or failed, the delete may have
             # left the run's steps in the log: Redis losing them later must still fail the
             # run's boundary, as if no delete had been asked.
             self._retrack_runs(thread_id, tracked)
+            if isinstance(exc, FlushLockBusy) and fence is not None:
+                # Refused before any change: the thread goes on, its checkpoints cached
+                # again (the fence would refuse them for the hot TTL). Best effort.
+                with contextlib.suppress(BackendUnavailable):
+                    await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
             raise
         await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
 

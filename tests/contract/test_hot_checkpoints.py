@@ -215,6 +215,33 @@ async def test_invalidating_a_thread_drops_every_namespace(hot: HotCheckpoints) 
     assert (await hot.cache.lookup(thread, "", lease=False)).checkpoint is None
 
 
+async def test_a_fill_no_newer_than_a_deletions_fence_is_refused_until_that_deletion_lifts_it(
+    hot: HotCheckpoints,
+) -> None:
+    """A whole thread's deletion fences off fills of checkpoints no newer than its drop
+    before the cold delete; only its own drop after lifts the fence (a second deletion
+    under way keeps its own), and a fill of a newer checkpoint is not refused."""
+    thread = unique_thread("cpc")
+
+    async def filled(n: int) -> bool:
+        miss = await hot.cache.lookup(thread, "", lease=True)
+        assert miss.lease is not None
+        await hot.cache.fill(checkpoint(thread, n), miss.lease)
+        found = (await hot.cache.lookup(thread, "", lease=False)).checkpoint
+        await hot.cache.invalidate(thread)  # a plain drop: no fence set or lifted
+        return found is not None and found.checkpoint_id == checkpoint(thread, n).checkpoint_id
+
+    first, second = "00000005", "00000006"
+    await hot.cache.invalidate(thread, strict=True, deleted_at=first, fence_fills=True)
+    assert not await filled(3)
+    await hot.cache.invalidate(thread, strict=True, deleted_at=second, fence_fills=True)
+    await hot.cache.invalidate(thread, strict=True, deleted_at="00000007", lift_fence=first)
+    assert not await filled(6)  # the second deletion's fence holds
+    assert await filled(8)  # newer than the fence
+    await hot.cache.invalidate(thread, strict=True, deleted_at="00000009", lift_fence=second)
+    assert await filled(3)
+
+
 # --------------------------------------------------------------------------- write-behind log
 
 

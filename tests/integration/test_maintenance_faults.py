@@ -24,9 +24,10 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from state.checkpoint import TieredCheckpointSaver
+from state.checkpoint import flusher as flusher_module
 from state.cold import cosmos_layout as layout
 from state.cold import postgres_checkpoints
-from state.errors import BackendUnavailable, HotStateLost
+from state.errors import BackendUnavailable, FlushLockBusy, HotStateLost
 from state.hot import redis_client
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
@@ -831,3 +832,36 @@ async def test_a_thread_delete_for_runs_left_is_cached_again(
         finally:
             store.get_checkpoint = get_checkpoint  # type: ignore[method-assign]
         assert cold_reads == [], "the kept run's checkpoint was not cached again"
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_write_behind_delete_refused_for_a_busy_flush_lock_leaves_the_thread_cached(
+    backend: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker holds the thread's flush lock past the delete's wait: the delete is
+    refused before any change (`FlushLockBusy`) and the thread goes on. Its checkpoint,
+    older than the refused delete, is cached again by the next read, not read from the
+    cold tier by every read for the hot TTL (a day) under the delete's fill fence."""
+    monkeypatch.setattr(flusher_module, "LOCK_WAIT_SECONDS", 0.5)
+    settings = settings_for(stack_env, backend, stack_env["REDIS_URL"])
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_write_behind(settings) as tiers, open_write_behind(settings) as other:
+        graph = chat_graph(tiers.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        want = (await graph.aget_state(cfg)).values
+        async with other.flusher.holding(thread_id):
+            with pytest.raises(FlushLockBusy):
+                await tiers.saver.adelete_thread(thread_id)
+        assert (await graph.aget_state(cfg)).values == want  # a miss: read cold, cached
+        cold_reads: list[str | None] = []
+        get_checkpoint = tiers.store.get_checkpoint
+
+        async def counted(thread: str, ns: str, checkpoint_id: str | None, **kwargs: Any) -> Any:
+            cold_reads.append(checkpoint_id)
+            return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
+
+        monkeypatch.setattr(tiers.store, "get_checkpoint", counted)
+        assert (await graph.aget_state(cfg)).values == want
+        assert cold_reads == [], "the thread's checkpoint was not cached again"
