@@ -30,6 +30,7 @@ from state.checkpoint import saver as saver_module
 from state.checkpoint.saver import DURABILITY_KEY
 from state.errors import BackendUnavailable, HotStateLost, SaverClosed, StaleFencingToken
 from state.hot.redis_checkpoints import RedisCheckpointCache
+from state.ports import CheckpointPut
 from state.settings import Settings, WriteMode
 from tests.chat_graph import chat_graph
 from tests.integration.test_write_behind import settings_for
@@ -649,11 +650,18 @@ def test_a_subgraphs_cold_write_does_not_make_its_parents_interrupt_look_durable
 
     def ask(_: dict[str, Any]) -> dict[str, Any]:
         # Durability "async" saves step 0 while this node runs: wait until it is in the
-        # log, or it may reach the cold tier directly once Redis is gone.
+        # log, or it may reach the cold tier directly once Redis is gone. Looked at in the
+        # log itself: a read of the thread would flush it.
+        saver = opened[0]
+        assert saver.flusher is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            newest = opened[0].get_tuple(cfg)
-            if newest is not None and newest.metadata.get("step") == 0:
+            logged = saver._sync(saver.flusher.log.read(cfg["configurable"]["thread_id"], count=50))
+            if any(
+                isinstance(entry.op, CheckpointPut)
+                and entry.op.checkpoint.metadata.get("step") == 0
+                for entry in logged
+            ):
                 break
             time.sleep(0.05)
         redis.stop()
