@@ -86,7 +86,6 @@ from ..errors import (
     BackendUnavailable,
     EntryStuck,
     FenceUnknown,
-    FlushLockBusy,
     HotStateLost,
     InvalidValue,
     LockLost,
@@ -2246,13 +2245,24 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             # left the run's steps in the log: Redis losing them later must still fail the
             # run's boundary, as if no delete had been asked.
             self._retrack_runs(thread_id, tracked)
-            if isinstance(exc, FlushLockBusy) and fence is not None:
-                # Refused before any change: the thread goes on, its checkpoints cached
-                # again (the fence would refuse them for the hot TTL). Best effort.
-                with contextlib.suppress(BackendUnavailable):
-                    await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
+            if isinstance(exc, Exception):  # cancelled, it is left to the hot TTL
+                await self._lift_fences({thread_id: fence}, exc)
             raise
         await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
+
+    async def _lift_fences(self, fences: Mapping[str, str | None], failure: Exception) -> None:
+        """After a whole thread's cold delete refused or failed (the cold tier unreachable,
+        the flush lock busy), the drop that lifts its fill fence, best effort: the thread
+        may go on, and the fence would refuse its checkpoints for the hot TTL. As after a
+        delete done, the drop takes what a reader filled meanwhile (its lease too), so what
+        is cached after it was read from the cold tier as the delete left it. Not when Redis
+        failed it: the drop would only wait that Redis out again."""
+        if isinstance(failure, BackendUnavailable) and failure.backend == "redis":
+            return
+        for thread_id, fence in fences.items():
+            if fence is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await self._drop_cached(thread_id, deleting=True, lift_fence=fence)
 
     def _tracked_runs(self, thread_id: str) -> _Tracked:
         """What `_forget_runs` drops of the thread's runs' steps, as it stands now."""
@@ -2580,11 +2590,15 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         store_strategy: PruneStrategy = "delete" if strategy == "delete" else "keep_latest"
         fences: dict[str, str | None] = {}
         if self.flusher is None:
-            for thread_id in threads:
-                fences[thread_id] = await self._drop_cached(
-                    thread_id, deleting=strategy == "delete", fence_fills=strategy == "delete"
-                )
-            await self.store.prune(threads, strategy=store_strategy)
+            try:
+                for thread_id in threads:
+                    fences[thread_id] = await self._drop_cached(
+                        thread_id, deleting=strategy == "delete", fence_fills=strategy == "delete"
+                    )
+                await self.store.prune(threads, strategy=store_strategy)
+            except Exception as exc:
+                await self._lift_fences(fences, exc)
+                raise
         else:
             # A thread at a time, under its flush lock: a step flushed while the store reads
             # the thread in several requests (its checkpoints, then its chunks) would lose

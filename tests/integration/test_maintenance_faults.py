@@ -865,3 +865,51 @@ async def test_a_write_behind_delete_refused_for_a_busy_flush_lock_leaves_the_th
         monkeypatch.setattr(tiers.store, "get_checkpoint", counted)
         assert (await graph.aget_state(cfg)).values == want
         assert cold_reads == [], "the thread's checkpoint was not cached again"
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-behind"])
+@pytest.mark.parametrize("operation", ["delete_thread", "prune_delete"])
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_delete_the_cold_tier_refused_leaves_the_thread_cached(
+    backend: str,
+    operation: str,
+    mode: str,
+    stack_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cold tier refuses a delete (unreachable) and the thread goes on:
+    its checkpoint, older than the refused delete, is cached again by the next read, not
+    read from the cold tier by every read for the hot TTL (a day) under the delete's fill
+    fence, which the drop after a delete lifts whether the delete was done or not."""
+    settings = stack_settings(stack_env, backend, True, mode)
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_stack(settings) as opened:
+        graph = chat_graph(opened.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        await opened.saver.aflush(thread_id)
+        want = (await graph.aget_state(cfg)).values
+        store = opened.backends.checkpoints
+
+        async def unreachable(*args: Any, **kwargs: Any) -> None:
+            raise BackendUnavailable(backend, "cut")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store, "delete_thread", unreachable)
+            patched.setattr(store, "prune", unreachable)
+            with pytest.raises(BackendUnavailable):
+                if operation == "delete_thread":
+                    await opened.saver.adelete_thread(thread_id)
+                else:
+                    await opened.saver.aprune([thread_id], strategy="delete")
+        assert (await graph.aget_state(cfg)).values == want  # a miss: read cold, cached
+        cold_reads: list[str | None] = []
+        get_checkpoint = store.get_checkpoint
+
+        async def counted(thread: str, ns: str, checkpoint_id: str | None, **kwargs: Any) -> Any:
+            cold_reads.append(checkpoint_id)
+            return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
+
+        monkeypatch.setattr(store, "get_checkpoint", counted)
+        assert (await graph.aget_state(cfg)).values == want
+        assert cold_reads == [], "the thread's checkpoint was not cached again"
