@@ -40,6 +40,19 @@ def running_in_azure() -> bool:
     return any(os.environ.get(name) for name in AZURE_HOST_MARKERS)
 
 
+def authentication_parts(raw: str) -> dict[str, str]:
+    """APPLICATIONINSIGHTS_AUTHENTICATION_STRING ("Authorization=AAD;ClientId=<uuid>") by
+    lower-cased name, the authorization lower-cased too: read in any case and spacing, as
+    the Functions host reads it."""
+    parts = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (part.partition("=") for part in raw.split(";"))
+    }
+    if "authorization" in parts:
+        parts["authorization"] = parts["authorization"].lower()
+    return parts
+
+
 class AppSettings(Settings):
     # Workflow.
     case_review_threshold: float = Field(default=500.0, ge=0)
@@ -141,6 +154,20 @@ class AppSettings(Settings):
                     "https://...;..., as the resource's Overview shows it). Its text is not "
                     "repeated here"
                 ) from None
+        return value
+
+    @field_validator("applicationinsights_authentication_string")
+    @classmethod
+    def _check_authentication_string(cls, value: str | None) -> str | None:
+        """Read as the exporter's credential is (`authentication_parts`): one that does not
+        ask for AAD gave no credential, and every batch was refused (local auth is
+        disabled) while the host's own telemetry arrived, nothing said."""
+        if value is not None and authentication_parts(value).get("authorization", "") != "aad":
+            raise SettingsError(
+                "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must say Authorization=AAD "
+                "(Authorization=AAD;ClientId=<identity client id>); unset it for no Entra "
+                "authentication"
+            )
         return value
 
     @model_validator(mode="after")

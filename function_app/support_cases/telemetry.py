@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-from .settings import AppSettings
+from .settings import AppSettings, authentication_parts
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,11 @@ def configure_telemetry(settings: AppSettings) -> str:
 
 def _ingestion_credential(settings: AppSettings) -> object | None:
     """An Entra credential when the authentication string asks for AAD ingestion."""
-    raw = settings.applicationinsights_authentication_string or ""
-    # "Authorization=AAD;ClientId=<uuid>", its names in any case and spaced as the Functions
-    # host reads it too: read otherwise, the app would export without the credential, every
-    # batch refused (local auth is disabled) while the host's own telemetry arrives.
-    parts = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (part.partition("=") for part in raw.split(";"))
-    }
-    if parts.get("authorization", "").upper() != "AAD":
+    raw = settings.applicationinsights_authentication_string
+    if raw is None:
         return None
+    # Set, it asks for AAD: the settings refuse any other value.
+    parts = authentication_parts(raw)
     from azure.identity import ManagedIdentityCredential
 
     client_id = parts.get("clientid") or settings.azure_client_id

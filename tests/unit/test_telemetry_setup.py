@@ -213,3 +213,28 @@ async def test_an_api_with_a_wrong_connection_string_answers_503_naming_it(
             health = await client.get("/api/health")
             assert health.status_code == 503, health.text
             assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in health.json()["error"]
+
+
+# ------------------------------------------------------------- a wrong authentication string
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        f"ClientId={CLIENT_ID}",  # Authorization=AAD left out
+        f"Authorisation=AAD;ClientId={CLIENT_ID}",
+        f"Authorization=Entra;ClientId={CLIENT_ID}",
+        "Authorization=ikey",
+    ],
+)
+def test_an_authentication_string_not_asking_for_aad_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """Read as no credential, it exported without one: every batch refused (local auth is
+    disabled), the host's own telemetry arriving, nothing said."""
+    monkeypatch.setenv("COSMOS_ENDPOINT", EMULATOR["cosmos_endpoint"])
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", CONNECTION_STRING)
+    monkeypatch.setenv("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", written)
+    with pytest.raises(SettingsError) as refused:
+        AppSettings()
+    assert str(refused.value).startswith("APPLICATIONINSIGHTS_AUTHENTICATION_STRING must")
