@@ -288,12 +288,27 @@ def _memory_only_note() -> str:
     return MEMORY_ONLY_NOTE
 
 
+# `stack status` exit status when a server of the stack it shows has stopped: apart from 1
+# (the state file is unreadable) and 2 (usage), so a script can tell a broken stack.
+STACK_LOST_A_SERVER = 3
+
+
 @stack_app.command("status")
 def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> None:
-    """Show which local servers run and the settings that point at them."""
+    """Show which local servers run and the settings that point at them; exit 3 when
+    one of them does not run."""
     status = _stack_status(_stack_workdir(workdir))
+    alive = status.get("alive")
+    # A stack none of whose servers runs is "not running" (exit 0), as `stack up` can start it.
+    dead = (
+        [name for name, up in alive.items() if not up]
+        if isinstance(alive, dict) and status.get("running")
+        else []
+    )
     if as_json:
         _print_json(status)
+        if dead:
+            raise typer.Exit(STACK_LOST_A_SERVER)
         return
     if not status.get("running"):
         console.print(
@@ -302,13 +317,20 @@ def stack_status(workdir: WorkdirOption = None, as_json: JsonOption = False) -> 
         )
         return
     table = Table("server", "port", "pid", "alive")
-    alive = status.get("alive")
     servers = status.get("servers")
     for name, info in (servers if isinstance(servers, dict) else {}).items():
         up = isinstance(alive, dict) and alive.get(name)
         table.add_row(name, str(info["port"]), str(info["pid"]), "yes" if up else "NO")
     console.print(table)
     _print_env(status)
+    if dead:
+        errors.print(
+            f"[red]not running: {', '.join(dead)}[/red]; stop the stack "
+            f"({escape(_stack_command('down', workdir))}) and start it again "
+            f"({escape(_stack_command('up', workdir))})",
+            soft_wrap=True,
+        )
+        raise typer.Exit(STACK_LOST_A_SERVER)
 
 
 @stack_app.command("env")

@@ -194,10 +194,10 @@ var cosmosDatabaseName = 'agentstate'
 var cosmosContainerName = 'state'
 var postgresDatabaseName = 'agentstate'
 // Private DNS zones, in a fixed order the private endpoints below index into:
-// blob, queue, table, the cold tier, Redis.
+// blob, table, the cold tier, Redis. No queue endpoint (nor zone): the app has an HTTP and
+// a timer trigger, and the host keeps its timer locks in blobs (storage.bicep).
 var privateDnsZoneNames = [
   'privatelink.blob.${environment().suffixes.storage}'
-  'privatelink.queue.${environment().suffixes.storage}'
   'privatelink.table.${environment().suffixes.storage}'
   usePostgres ? 'privatelink.postgres.database.azure.com' : 'privatelink.documents.azure.com'
   useManagedRedis ? 'privatelink.redis.azure.net' : 'privatelink.redis.cache.windows.net'
@@ -329,20 +329,6 @@ module storageBlobEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
   }
 }
 
-module storageQueueEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
-  name: 'pe-storage-queue'
-  scope: rg
-  params: {
-    name: '${abbrs.networkPrivateEndpoints}queue-${resourceToken}'
-    location: location
-    tags: tags
-    subnetId: network.outputs.privateEndpointSubnetId
-    serviceId: storage.outputs.id
-    groupId: 'queue'
-    privateDnsZoneId: network.outputs.zoneIds[1]
-  }
-}
-
 module storageTableEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
   name: 'pe-storage-table'
   scope: rg
@@ -353,7 +339,7 @@ module storageTableEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) 
     subnetId: network.outputs.privateEndpointSubnetId
     serviceId: storage.outputs.id
     groupId: 'table'
-    privateDnsZoneId: network.outputs.zoneIds[2]
+    privateDnsZoneId: network.outputs.zoneIds[1]
   }
 }
 
@@ -367,7 +353,7 @@ module cosmosEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled && !use
     subnetId: network.outputs.privateEndpointSubnetId
     serviceId: cosmos.outputs.id
     groupId: 'Sql'
-    privateDnsZoneId: network.outputs.zoneIds[3]
+    privateDnsZoneId: network.outputs.zoneIds[2]
   }
 }
 
@@ -381,7 +367,7 @@ module postgresEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled && us
     subnetId: network.outputs.privateEndpointSubnetId
     serviceId: postgres.outputs.id
     groupId: 'postgresqlServer'
-    privateDnsZoneId: network.outputs.zoneIds[3]
+    privateDnsZoneId: network.outputs.zoneIds[2]
   }
 }
 
@@ -395,7 +381,7 @@ module redisEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {
     subnetId: network.outputs.privateEndpointSubnetId
     serviceId: redis.outputs.id
     groupId: useManagedRedis ? 'redisEnterprise' : 'redisCache'
-    privateDnsZoneId: network.outputs.zoneIds[4]
+    privateDnsZoneId: network.outputs.zoneIds[3]
   }
 }
 
@@ -445,7 +431,6 @@ module functionApp 'modules/function-app.bicep' = {
   // With private endpoints, the host must not start before its storage is reachable.
   dependsOn: [
     storageBlobEndpoint
-    storageQueueEndpoint
     storageTableEndpoint
   ]
 }

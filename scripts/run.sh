@@ -10,21 +10,25 @@ backend="${STATE_COLD_BACKEND:-cosmos}"
 port="${PORT:-7071}"
 cli=.venv/bin/agent-state
 
-if "$cli" stack status --json | grep -q '"running": true'; then
+# The stack's record; exit 3 (a server of it stopped) still prints it, and `serve` then
+# refuses that stack naming the server, rather than `stack up` calling it running.
+stack_json() { "$cli" stack status --json || [ $? = 3 ]; }
+
+if stack_json | grep -q '"running": true'; then
   echo "[run] reusing the local stack that is already running"
 else
   if [ "$backend" = postgres ]; then "$cli" stack up --postgres; else "$cli" stack up; fi
   # Its Redis (pid and process start) tells this stack from one another terminal started
   # after a `stack down`: that one is not ours to stop on exit.
   redis_of_stack() {
-    "$cli" stack status --json | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin).get("servers", {}).get("redis"), sort_keys=True))'
+    stack_json | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin).get("servers", {}).get("redis"), sort_keys=True))'
   }
   ours=$(redis_of_stack)
   trap 'if [ "$(redis_of_stack)" = "$ours" ]; then "$cli" stack down; fi' EXIT
 fi
 
 # The stack's own issuer, wherever it listens (AGENT_STATE_ISSUER_PORT, or a stack reused).
-issuer=$("$cli" stack status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["env"]["AUTH_ISSUER"])')
+issuer=$(stack_json | python3 -c 'import json, sys; print(json.load(sys.stdin)["env"]["AUTH_ISSUER"])')
 
 cat <<HINT
 [run] API: http://127.0.0.1:${port}/api   (OpenAPI UI: http://127.0.0.1:${port}/api/docs)

@@ -152,8 +152,12 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     publicNetworkAccess: 'Enabled'
     virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
+    // TLS 1.2 at least on both the app and its Kudu (scm) endpoint, and no FTP(S) server
+    // at all: azd deploys through the platform with an Entra token, never over FTP.
     siteConfig: {
       minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
     }
     functionAppConfig: {
       deployment: {

@@ -19,7 +19,7 @@ param deploymentContainerName string
 @description('Principal (object) id of the Function App identity.')
 param identityPrincipalId string
 
-@description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled): the Function App then reaches blobs, queues and tables through them.')
+@description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled): the Function App then reaches blobs and tables through them (no queue endpoint: queues are unused).')
 @allowed([
   'Enabled'
   'Disabled'

@@ -985,6 +985,24 @@ def check_basic_publishing(files: list[BicepFile] | tuple[BicepFile, ...]) -> li
     return problems
 
 
+# Every site's transport settings (Microsoft.Web/sites siteConfig): TLS 1.2 at least on
+# the app and on its Kudu (scm) endpoint, and the FTP/FTPS server off.
+SITE_TRANSPORT = {"minTlsVersion": "1.2", "scmMinTlsVersion": "1.2", "ftpsState": "Disabled"}
+
+
+def check_site_transport(files: list[BicepFile] | tuple[BicepFile, ...]) -> list[str]:
+    problems = []
+    for f in files:
+        for site in f.of_type("Microsoft.Web/sites"):
+            config = site.get("properties.siteConfig", assume_defaults=True) or {}
+            problems.extend(
+                f"{site.label}: siteConfig.{name} is {config.get(name)!r}, not {wanted!r}"
+                for name, wanted in SITE_TRANSPORT.items()
+                if config.get(name) != wanted
+            )
+    return problems
+
+
 def app_settings_resource(files: list[BicepFile] | tuple[BicepFile, ...]) -> Resource:
     matches = [
         r
@@ -1379,6 +1397,10 @@ def test_function_app_is_flex_consumption_with_identity() -> None:
 
 def test_function_app_publishes_with_entra_tokens_only() -> None:
     assert check_basic_publishing(infra_files()) == []
+
+
+def test_function_app_takes_tls_1_2_only_and_runs_no_ftp() -> None:
+    assert check_site_transport(infra_files()) == []
 
 
 def test_function_app_settings_use_identities_not_keys() -> None:
@@ -2174,6 +2196,29 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     )
     assert check_basic_publishing([parse(snippet % ("false", ""))]) == [
         "no basicPublishingCredentialsPolicies 'ftp'"
+    ]
+
+
+def test_checker_catches_ftp_left_on_and_an_old_scm_tls() -> None:
+    snippet = """
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: 's'
+  kind: 'functionapp,linux'
+  properties: {
+    siteConfig: {
+      minTlsVersion: '1.2'
+      %s
+    }
+  }
+}
+"""
+    good = "scmMinTlsVersion: '1.2'\n      ftpsState: 'Disabled'"
+    assert check_site_transport([parse(snippet % good)]) == []
+    assert check_site_transport([parse(snippet % good.replace("Disabled", "FtpsOnly"))]) == [
+        "snippet.bicep:site: siteConfig.ftpsState is 'FtpsOnly', not 'Disabled'"
+    ]
+    assert check_site_transport([parse(snippet % "ftpsState: 'Disabled'")]) == [
+        "snippet.bicep:site: siteConfig.scmMinTlsVersion is None, not '1.2'"
     ]
 
 

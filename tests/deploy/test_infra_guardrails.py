@@ -46,20 +46,15 @@ EXPECTED_BOUNDS = {
     ("main.bicep", "stateColdTtlSeconds"): (1, COSMOS_TTL_MAX),
     ("function-app.bicep", "stateColdTtlSeconds"): (-1, COSMOS_TTL_MAX),
 }
+# No queue endpoint: the app has an HTTP and a timer trigger, whose host keeps its locks in
+# blobs; the identity has no queue role either (storage.bicep), so one would serve nothing.
 PRIVATE_GROUPS = {
-    ("cosmos", "AzureManagedRedis"): {"blob", "queue", "table", "Sql", "redisEnterprise"},
-    ("postgres", "AzureCacheForRedis"): {
-        "blob",
-        "queue",
-        "table",
-        "postgresqlServer",
-        "redisCache",
-    },
+    ("cosmos", "AzureManagedRedis"): {"blob", "table", "Sql", "redisEnterprise"},
+    ("postgres", "AzureCacheForRedis"): {"blob", "table", "postgresqlServer", "redisCache"},
 }
 # Private DNS zone of each private endpoint group (Azure private endpoint DNS reference).
 ZONE_PREFIX = {
     "blob": "privatelink.blob.",
-    "queue": "privatelink.queue.",
     "table": "privatelink.table.",
     "Sql": "privatelink.documents.azure.com",
     "postgresqlServer": "privatelink.postgres.database.azure.com",
@@ -671,6 +666,8 @@ def check_private_networking(main: BicepFile, modules: Files) -> list[str]:
             if endpoints != (groups if vnet else set()):
                 problems.append(f"{where}: private endpoints {sorted(map(str, endpoints))}")
             zones = bound.evaluate(bound.variables["privateDnsZoneNames"])
+            # A zone no endpoint registers in (left behind by a removed endpoint).
+            unused = set(map(str, zones))
             for m in module_by_file(bound, "private-endpoint.bicep"):
                 if deployed(bound, m) is not True:
                     continue
@@ -681,8 +678,11 @@ def check_private_networking(main: BicepFile, modules: Files) -> list[str]:
                 )
                 position = int(index.group(1)) if index else len(zones)
                 zone = zones[position] if position < len(zones) else None
+                unused.discard(str(zone))
                 if not str(zone).startswith(ZONE_PREFIX.get(str(group), "?")):
                     problems.append(f"{where}: endpoint {group} registered in zone {zone!r}")
+            if vnet and unused:
+                problems.append(f"{where}: private DNS zones no endpoint uses {sorted(unused)}")
             networks = [m for m in module_by_file(bound, "network.bicep") if deployed(bound, m)]
             if bool(networks) != vnet:
                 problems.append(f"{where}: network deployed={bool(networks)}")
@@ -754,10 +754,32 @@ def test_networking_checker_fails_when_a_service_stays_public() -> None:
     )
     swapped = BicepFile(
         name="main.bicep",
-        source=main.source.replace("zoneIds[4]", "zoneIds[9]").replace("zoneIds[3]", "zoneIds[4]"),
+        source=main.source.replace("zoneIds[3]", "zoneIds[9]").replace("zoneIds[2]", "zoneIds[3]"),
         path=main.path,
     )
     assert any("registered in zone" in p for p in check_private_networking(swapped, infra_files()))
+    queue_zone = "  'privatelink.queue.${environment().suffixes.storage}'\n"
+    table_zone = "  'privatelink.table.${environment().suffixes.storage}'\n"
+    queue_endpoint = (
+        "module storageQueueEndpoint 'modules/private-endpoint.bicep' = if (vnetEnabled) {\n"
+        "  name: 'pe-storage-queue'\n  scope: rg\n  params: {\n"
+        "    subnetId: network.outputs.privateEndpointSubnetId\n"
+        "    serviceId: storage.outputs.id\n    groupId: 'queue'\n"
+        "    privateDnsZoneId: network.outputs.zoneIds[4]\n  }\n}\n\n"
+    )
+    assert table_zone in main.source
+    with_queue = main.source.replace(table_zone, table_zone + queue_zone)
+    queue_problems = check_private_networking(
+        BicepFile(name="main.bicep", source=with_queue, path=main.path), infra_files()
+    )
+    assert any("private DNS zones no endpoint uses" in p for p in queue_problems)
+    with_queue = with_queue.replace(
+        "module cosmosEndpoint", queue_endpoint + "module cosmosEndpoint"
+    )
+    queue_problems = check_private_networking(
+        BicepFile(name="main.bicep", source=with_queue, path=main.path), infra_files()
+    )
+    assert any("private endpoints" in p and "'queue'" in p for p in queue_problems)
     modules = [f for f in infra_files() if f.name != "redis.bicep"] + [
         parse(
             infra_file("redis.bicep").source.replace(

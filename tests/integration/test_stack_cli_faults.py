@@ -398,6 +398,30 @@ def test_stack_down_names_a_server_that_had_already_died(workdir: Path) -> None:
     assert "already stopped before `stack down`: redis" in down.stdout, down.stdout
 
 
+def test_stack_status_exits_3_while_a_server_of_the_stack_is_down(workdir: Path) -> None:
+    """It showed the server `NO` and exited 0, so a script (or CI step) checking the stack
+    with it went on against a stack without Redis."""
+    up = agent_state("stack", "up", "--workdir", str(workdir), *FREE_PORTS)
+    assert up.returncode == 0, up.stdout + up.stderr
+    for extra in ((), ("--json",)):
+        healthy = agent_state("stack", "status", "--workdir", str(workdir), *extra)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    redis_pid = devstack.status(workdir)["servers"]["redis"]["pid"]  # type: ignore[index]
+    os.kill(redis_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(redis_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shown = agent_state("stack", "status", "--workdir", str(workdir))
+    assert shown.returncode == 3, shown.stdout + shown.stderr
+    [redis_row] = [line for line in shown.stdout.splitlines() if "redis" in line.split()[:2]]
+    assert "NO" in redis_row.split(), shown.stdout
+    [line] = shown.stderr.strip().splitlines()
+    assert "not running: redis" in line and "stack down --workdir" in line, line
+    as_json = agent_state("stack", "status", "--workdir", str(workdir), "--json")
+    assert as_json.returncode == 3, as_json.stdout + as_json.stderr
+    assert json.loads(as_json.stdout)["alive"] == {"redis": False, "cosmos": True, "issuer": True}
+
+
 @pytest.mark.parametrize("command", [("status",), ("down",), ("up", *FREE_PORTS)])
 def test_an_unreadable_state_file_is_named_not_a_traceback(
     workdir: Path, command: tuple[str, ...]
@@ -591,20 +615,56 @@ def test_serve_leaves_running_a_stack_started_after_it_stopped_its_own(workdir: 
     assert all(after["alive"].values()), after  # type: ignore[union-attr]
 
 
-def test_run_sh_leaves_running_a_stack_started_after_it_stopped_its_own(tmp_path: Path) -> None:
-    """As `serve`: Ctrl-C on `scripts/run.sh` ran `stack down` on whatever stack was then
-    recorded, also one `stack up` started from another terminal after a `stack down`."""
+def test_run_sh_on_a_stack_that_lost_a_server_names_it(tmp_path: Path) -> None:
+    """`stack status` exits 3 for such a stack: run.sh (`set -o pipefail`) took that for no
+    stack and ran `stack up`, which called the stack already running. The stack is a record
+    naming this test's own process as its (live) Redis and a finished one as its emulator."""
+    repo, workdir = _run_sh_repo(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    servers = {
+        "redis": {"pid": os.getpid(), "port": 6399},
+        "cosmos": {"pid": dead.pid, "port": 8099},
+    }
+    env = {"AUTH_ISSUER": "http://127.0.0.1:8098"}
+    state_file(workdir).write_text(json.dumps({"servers": servers, "env": env}))
+    try:
+        run = subprocess.run(
+            ["bash", str(repo / "scripts" / "run.sh")],
+            env=cli_env(PORT=str(devstack.free_port())),
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        state_file(workdir).unlink()  # not `stack down`: it would stop this test's process
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "has lost cosmos" in run.stderr, run.stdout + run.stderr
+
+
+def _run_sh_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A repo holding scripts/run.sh, whose `.venv/bin/agent-state` is the real CLI aimed
+    at a workdir of this test (run.sh names none: the default one); and that workdir."""
     repo, workdir = tmp_path / "repo", tmp_path / "stack"
     (repo / "scripts").mkdir(parents=True)
     (repo / ".venv" / "bin").mkdir(parents=True)
+    workdir.mkdir()
     (repo / "scripts" / "run.sh").write_text((REPO_ROOT / "scripts" / "run.sh").read_text())
     (repo / "scripts" / "bootstrap.sh").write_text("exit 0\n")
-    # The real CLI, its stack in this test's workdir (run.sh names none: the default one).
     cli = repo / ".venv" / "bin" / "agent-state"
     cli.write_text(
         f'#!/usr/bin/env bash\nexec {shlex.join(CLI)} "$@" --workdir {shlex.quote(str(workdir))}\n'
     )
     cli.chmod(0o755)
+    return repo, workdir
+
+
+def test_run_sh_leaves_running_a_stack_started_after_it_stopped_its_own(tmp_path: Path) -> None:
+    """As `serve`: Ctrl-C on `scripts/run.sh` ran `stack down` on whatever stack was then
+    recorded, also one `stack up` started from another terminal after a `stack down`."""
+    repo, workdir = _run_sh_repo(tmp_path)
     port = devstack.free_port()
     zero = {f"AGENT_STATE_{name.upper()}_PORT": "0" for name in ("redis", "cosmos", "issuer")}
     run = subprocess.Popen(
