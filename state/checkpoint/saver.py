@@ -97,6 +97,7 @@ from ..errors import (
     SaverLoopMissing,
     SaverLoopStopped,
     StateError,
+    StillWriting,
     SyncCallOnSaverLoop,
     UnknownParent,
 )
@@ -2256,8 +2257,13 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         may go on, and the fence would refuse its checkpoints for the hot TTL. As after a
         delete done, the drop takes what a reader filled meanwhile (its lease too), so what
         is cached after it was read from the cold tier as the delete left it. Not when Redis
-        failed it: the drop would only wait that Redis out again."""
-        if isinstance(failure, BackendUnavailable) and failure.backend == "redis":
+        failed it: the drop would only wait that Redis out again. (Appends outpacing the
+        backlog's discard, `StillWriting`, are no Redis failure: Redis answered.)"""
+        if (
+            isinstance(failure, BackendUnavailable)
+            and failure.backend == "redis"
+            and not isinstance(failure, StillWriting)
+        ):
             return
         for thread_id, fence in fences.items():
             if fence is not None:

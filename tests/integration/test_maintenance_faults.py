@@ -27,8 +27,8 @@ from state.checkpoint import TieredCheckpointSaver
 from state.checkpoint import flusher as flusher_module
 from state.cold import cosmos_layout as layout
 from state.cold import postgres_checkpoints
-from state.errors import BackendUnavailable, FlushLockBusy, HotStateLost
-from state.hot import redis_client
+from state.errors import BackendUnavailable, FlushLockBusy, HotStateLost, StillWriting
+from state.hot import redis_client, redis_write_behind
 from tests.chat_graph import chat_graph
 from tests.contract.test_subgraph_namespaces import drafting
 from tests.faults.proxy import LoopbackProxy
@@ -911,5 +911,40 @@ async def test_a_delete_the_cold_tier_refused_leaves_the_thread_cached(
             return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
 
         monkeypatch.setattr(store, "get_checkpoint", counted)
+        assert (await graph.aget_state(cfg)).values == want
+        assert cold_reads == [], "the thread's checkpoint was not cached again"
+
+
+@pytest.mark.parametrize("backend", COLD_BACKENDS)
+async def test_a_write_behind_delete_appends_outpaced_leaves_the_thread_cached(
+    backend: str, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends kept landing during each of the backlog discard's tries: the delete gives up
+    before any change (`StillWriting`, named for Redis, which answered every call) and the
+    thread goes on. Its checkpoint, older than the refused delete, is cached again by the
+    next read, not read from the cold tier by every read for the hot TTL under the delete's
+    fill fence (Redis is up: the drop that lifts it goes through)."""
+    # No try left: as if an append had landed during each of them.
+    monkeypatch.setattr(redis_write_behind, "DISCARD_ATTEMPTS", 0)
+    settings = settings_for(stack_env, backend, stack_env["REDIS_URL"])
+    cfg = config()
+    thread_id = cfg["configurable"]["thread_id"]
+    async with open_write_behind(settings) as tiers:
+        graph = chat_graph(tiers.saver)
+        await graph.ainvoke({"messages": ["hello"]}, cfg)
+        await tiers.saver.aflush(thread_id)
+        want = (await graph.aget_state(cfg)).values
+        with pytest.raises(StillWriting) as refused:
+            await tiers.saver.adelete_thread(thread_id)
+        assert refused.value.backend == "redis"
+        assert (await graph.aget_state(cfg)).values == want  # a miss: read cold, cached
+        cold_reads: list[str | None] = []
+        get_checkpoint = tiers.store.get_checkpoint
+
+        async def counted(thread: str, ns: str, checkpoint_id: str | None, **kwargs: Any) -> Any:
+            cold_reads.append(checkpoint_id)
+            return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
+
+        monkeypatch.setattr(tiers.store, "get_checkpoint", counted)
         assert (await graph.aget_state(cfg)).values == want
         assert cold_reads == [], "the thread's checkpoint was not cached again"
