@@ -66,6 +66,11 @@ if TYPE_CHECKING:
 
 DEFAULT_API = "http://127.0.0.1:7071"
 DEFAULT_PORT = 7071
+# A libpq key=value string's password: its value unquoted (up to a space) or quoted
+# ('...', a backslash escaping the next character).
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# libpq reads a password from a URL's query as well (`?password=...`).
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
 stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)
@@ -381,13 +386,16 @@ def _print_env(description: dict[str, object]) -> None:
 
 
 def _masked(name: str, value: str) -> str:
-    """Keys hidden whole; a URL (REDIS_URL, POSTGRES_URL) only loses its password."""
+    """Keys hidden whole; a URL (REDIS_URL, POSTGRES_URL) or a libpq key=value string
+    (`host=... password=...`) only loses its password, in a URL's query too."""
     if "KEY" in name:
         return "***"
+    if not re.match(r"\w+://", value):
+        return _CONNINFO_PASSWORD.sub(r"\1***", value)
     parts = urlsplit(value)
-    if parts.password is None:
-        return value
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query)).geturl()
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -118,7 +119,9 @@ class Settings(BaseSettings):
     cosmos_create_if_missing: bool = False
     # How long one Cosmos call may take, the SDK's own retries included, before the
     # backend counts as unavailable (a cut network must not hang a worker).
-    cosmos_operation_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Durations are finite: inf is no bound at all (a hung call never ends), and a float
+    # reads "inf" and "nan" from the environment unless told not to.
+    cosmos_operation_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     # Postgres. POSTGRES_URL locally; in Azure host/database/user with an Entra token.
     postgres_url: SecretStr | None = None
@@ -130,8 +133,8 @@ class Settings(BaseSettings):
     # the backend counts as unavailable (a paused server or a cut network must not hang).
     postgres_pool_min_size: int = Field(default=1, ge=0)
     postgres_pool_max_size: int = Field(default=10, gt=0)
-    postgres_pool_timeout_seconds: float = Field(default=10.0, gt=0)
-    postgres_operation_timeout_seconds: float = Field(default=30.0, gt=0)
+    postgres_pool_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    postgres_operation_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     # Client id of the user-assigned managed identity (read by azure-identity too).
     azure_client_id: str | None = None
@@ -141,7 +144,10 @@ class Settings(BaseSettings):
     state_cold_ttl_seconds: int = Field(default=-1, ge=-1)  # -1: keep forever
     state_compress_threshold_bytes: int = Field(default=16 * 1024, gt=0)
     state_max_item_bytes: int = Field(default=1_800_000, gt=1024, le=2 * 1024 * 1024)
-    state_lock_ttl_ms: int = Field(default=30_000, gt=0)
+    # The case app renews its run lock or lease every third of this (the lease with a cold
+    # read and write): at least a renewal every 100 ms with 200 ms to land, else the lock
+    # runs out before a renewal can, and every run stops as having lost it.
+    state_lock_ttl_ms: int = Field(default=30_000, ge=300)
     # The write-behind flush lock: renewed while held, so short; a paused or dead flusher
     # holds its threads up for this long at most.
     state_flush_lock_ttl_ms: int = Field(default=5_000, ge=100)
@@ -213,6 +219,8 @@ class Settings(BaseSettings):
             )
         if self.state_cold_backend is ColdBackend.POSTGRES and self.postgres_url:
             _check_postgres_url(self.postgres_url)
+        if self.state_cold_backend is ColdBackend.POSTGRES:
+            _check_pgconnect_timeout(self.postgres_url)
         if self.state_cold_backend is ColdBackend.COSMOS and self.cosmos_endpoint:
             _check_cosmos_endpoint(self.cosmos_endpoint)
         if self.state_cold_backend is ColdBackend.COSMOS and self.cosmos_key:
@@ -405,6 +413,27 @@ def _postgres_options_libpq_refuses(options: dict[str, Any]) -> list[str]:
         except ProgrammingError:
             refused.append("connect_timeout")
     return refused
+
+
+def _check_pgconnect_timeout(url: SecretStr | None) -> None:
+    """libpq's PGCONNECT_TIMEOUT, the connection's `connect_timeout` when the URL sets
+    none: libpq refuses to connect with one that is not a number, so it is refused here,
+    read as the URL's own is (psycopg reads it, `2.5` included; 0 or less is no bound).
+    The pool would otherwise replace it with its own bound, the operator's choice unsaid."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
+
+    value = os.environ.get("PGCONNECT_TIMEOUT")
+    if value is None or (url and "connect_timeout" in conninfo_to_dict(url.get_secret_value())):
+        return
+    try:
+        timeout_from_conninfo({"connect_timeout": value})
+    except ProgrammingError:
+        raise SettingsError(
+            "PGCONNECT_TIMEOUT is not a number of seconds (libpq's connection timeout, as "
+            "POSTGRES_URL's connect_timeout; 0 or less for none): libpq refuses to connect "
+            "with it. Unset it, or set a number"
+        ) from None
 
 
 def _check_cosmos_endpoint(endpoint: str) -> None:

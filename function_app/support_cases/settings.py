@@ -66,7 +66,7 @@ class AppSettings(Settings):
     api_request_deadline_seconds: float = Field(default=10.0, gt=0, le=200)
     # How long a side effect's provider call may take before it is abandoned (its claim
     # stays pending, settled by asking the provider by key after the claim's lease).
-    case_effect_timeout_seconds: float = Field(default=30.0, gt=0)
+    case_effect_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # Case runs one worker drives at once (each holds store connections as it goes); a
     # request that would start one more answers 503, the timer leaves it for a later tick.
     case_max_runs: int = Field(default=32, gt=0)

@@ -191,9 +191,11 @@ async def test_a_pgconnect_timeout_that_is_no_number_gets_the_pools_bound(
     fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     """A PGCONNECT_TIMEOUT psycopg could not use is overridden by the pool's bound (the
-    keyword argument wins over the environment), not a failure of every connection."""
-    monkeypatch.setenv("PGCONNECT_TIMEOUT", value)
+    keyword argument wins over the environment), not a failure of every connection. The
+    settings refuse it at start; this is one set after them (or a PostgresConfig made
+    without them)."""
     pg = _pg(fresh_postgres_url, operation_timeout=3.0, pool_timeout=5.0)
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", value)
     try:
         async with pg.connection("probe") as conn:
             assert conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "3"

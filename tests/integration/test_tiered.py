@@ -463,7 +463,8 @@ async def test_a_reader_install_cannot_clear_a_live_writers_intent(
     other_process: Callable[[ColdStateStore], TieredStateStore],
 ) -> None:
     thread = _thread()
-    writer_settings = settings_for(state_lock_ttl_ms=1)  # its intent expires almost at once
+    # Its intent expires almost at once: below the settings' floor, so not validated.
+    writer_settings = settings_for().model_copy(update={"state_lock_ttl_ms": 1})
     writer = TieredStateStore(DyingCold(cold), hot, writer_settings)  # type: ignore[arg-type]
     await writer.create(thread, {"billing": "v1"}, agent_id="intake")
     held, reader, reading = await evicted_then_read(hot, cold, other_process, thread)

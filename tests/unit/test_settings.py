@@ -109,6 +109,15 @@ def test_cold_ttl_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         ("STATE_WRITE_MODE", "fast", "'write-through' or 'write-behind'"),
         ("STATE_HOT_TTL_SECONDS", "0", "greater than 0"),
         ("STATE_COLD_TTL_SECONDS", "0", "-1 (keep forever) or > 0"),
+        # No bound at all, or none comparable: a duration is a finite number.
+        ("COSMOS_OPERATION_TIMEOUT_SECONDS", "inf", "finite number"),
+        ("COSMOS_OPERATION_TIMEOUT_SECONDS", "nan", "finite number"),
+        ("COSMOS_OPERATION_TIMEOUT_SECONDS", "1e400", "finite number"),
+        ("POSTGRES_POOL_TIMEOUT_SECONDS", "inf", "finite number"),
+        ("POSTGRES_OPERATION_TIMEOUT_SECONDS", "infinity", "finite number"),
+        # Renewed every third of it: 1 ms runs out before any renewal lands.
+        ("STATE_LOCK_TTL_MS", "1", "greater than or equal to 300"),
+        ("STATE_LOCK_TTL_MS", "299", "greater than or equal to 300"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_variable(
@@ -245,6 +254,51 @@ def test_a_postgres_url_option_libpq_would_refuse_is_refused_at_start(
     assert str(refused.value).startswith("POSTGRES_URL"), refused.value
     assert named in str(refused.value)
     assert "hunter2" not in str(refused.value) and "bogus" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["soon", "inf", "", "10s"])
+@pytest.mark.parametrize(
+    "url", ["postgresql://app@db.example/agentstate", "host=db.example dbname=agentstate", None]
+)
+def test_a_pgconnect_timeout_libpq_would_refuse_is_refused_at_start(
+    value: str, url: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq refuses to connect with it ("invalid integer value ... connect_timeout"); the
+    pool replaced it with its own bound, the operator's timeout silently not used."""
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    if url is None:
+        monkeypatch.delenv("POSTGRES_URL", raising=False)
+        monkeypatch.setenv("POSTGRES_HOST", "db.example")
+        monkeypatch.setenv("POSTGRES_USER", "app")
+    else:
+        monkeypatch.setenv("POSTGRES_URL", url)
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", value)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value).startswith("PGCONNECT_TIMEOUT"), refused.value
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("10", "postgresql://app@db.example/agentstate"),
+        # psycopg reads it (and connects by polling, where libpq never does).
+        ("2.5", "postgresql://app@db.example/agentstate"),
+        # libpq's "no bound": the pool's own applies.
+        ("-1", "postgresql://app@db.example/agentstate"),
+        ("0", "postgresql://app@db.example/agentstate"),
+        # The URL's own connect_timeout wins: libpq never reads the variable.
+        ("soon", "postgresql://app@db.example/agentstate?connect_timeout=5"),
+    ],
+)
+def test_a_pgconnect_timeout_libpq_reads_or_never_uses_passes(
+    value: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_COLD_BACKEND", "postgres")
+    monkeypatch.setenv("POSTGRES_URL", url)
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", value)
+    assert Settings().postgres.url is not None
 
 
 @pytest.mark.parametrize("attrs", ["read-only", "standby", "prefer-standby"])
