@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
-from state import HEALTH_PROBE_SECONDS, BackendUnavailable, VersionConflict
+from state import HEALTH_PROBE_SECONDS, BackendUnavailable, RequestRejected, VersionConflict
 from state.errors import NoAnswer, SettingsError
 
 from .auth import (
@@ -422,9 +422,11 @@ async def health(
 ) -> HealthView:
     try:
         cases = await _opened_within_probe(request)
-    except BackendUnavailable as down:
+    except (BackendUnavailable, RequestRejected) as down:
         # The process opens its tiers on first use: a cold tier down since the start is
-        # this report (which tier, for Cases.Operate), like one that went down later.
+        # this report (which tier, for Cases.Operate), like one that went down later. So
+        # is one that refuses the open for good (a container that does not exist, no
+        # permission): a tier's probe reports that down too, not as a 500.
         log.warning("health: the tiers could not be opened: %s", down)
         tier = TierView(name=down.backend, up=False, detail=f"{type(down).__name__}: {down}")
         report = HealthView(status="down", tiers=[tier])

@@ -16,7 +16,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.transport import AioHttpTransport, AsyncHttpTransport
 from azure.cosmos import PartitionKey
@@ -27,7 +31,13 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from ..errors import BackendUnavailable, InvalidValue, NoAnswer, RequestRejected
+from ..errors import (
+    BackendUnavailable,
+    InvalidValue,
+    NoAnswer,
+    RequestRejected,
+    SettingsError,
+)
 from ..ports import Counters, cold_operation
 from ..settings import CosmosConfig
 from .circuit import AnswerCircuit
@@ -223,7 +233,18 @@ class CosmosConnection:
         else:
             from azure.identity.aio import DefaultAzureCredential
 
-            self._credential = DefaultAzureCredential(managed_identity_client_id=config.client_id)
+            try:
+                self._credential = DefaultAzureCredential(
+                    managed_identity_client_id=config.client_id
+                )
+            except ValueError as exc:
+                # The SDK reads the AZURE_* variables only here, at the first request: one it
+                # cannot use (a malformed AZURE_TENANT_ID, an unknown AZURE_TOKEN_CREDENTIALS)
+                # is the operator's to fix, not a crash on every request.
+                raise SettingsError(
+                    "COSMOS_KEY is unset and no Entra credential can be built from the"
+                    f" AZURE_* variables: {exc}"
+                ) from exc
             credential = self._credential
         return CosmosClient(
             config.endpoint,
@@ -292,7 +313,8 @@ class CosmosConnection:
 def cosmos_errors() -> Iterator[None]:
     """Transport failures, timeouts and throttling become `BackendUnavailable`; a request
     Cosmos refuses for good becomes `InvalidValue` (the document or query is malformed,
-    or too large) or `RequestRejected` (not authorized, anything else).
+    or too large) or `RequestRejected` (not authorized, anything else). A credential that
+    gets no Entra token is `BackendUnavailable` too.
 
     404, 409 and 412 stay the SDK's own exceptions: they answer a conditional request
     (absent, already exists, changed meanwhile), and every adapter call site that can
@@ -312,6 +334,11 @@ def cosmos_errors() -> Iterator[None]:
         if status in INVALID_VALUE_STATUS:
             raise InvalidValue("cosmos", detail, code=status) from exc
         raise RequestRejected("cosmos", detail, code=status) from exc
+    except ClientAuthenticationError as exc:
+        # No Entra token (no COSMOS_KEY, and no identity found, or the token service down):
+        # nothing was sent. Unavailable, not refused: once the process has an identity the
+        # next call goes through, and write-behind entries wait for it rather than stick.
+        raise BackendUnavailable("cosmos", f"no access token: {_first_line(exc.message)}") from exc
 
 
 def _first_line(message: str | None) -> str:
