@@ -66,11 +66,14 @@ if TYPE_CHECKING:
 
 DEFAULT_API = "http://127.0.0.1:7071"
 DEFAULT_PORT = 7071
-# A libpq key=value string's password: its value unquoted (up to a space) or quoted
-# ('...', a backslash escaping the next character).
-_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# A libpq key=value string's password, or sslpassword (its client key's): its value
+# unquoted (up to a space) or quoted ('...'), a backslash escaping the next character in
+# both (`a\ b` is one value). Any case: libpq refuses `PASSWORD=`, but it was meant.
+_CONNINFO_PASSWORD = re.compile(
+    r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE
+)
 # libpq reads a password from a URL's query as well (`?password=...`).
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*", re.IGNORECASE)
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
 stack_app = typer.Typer(help="Start, stop or inspect the local stack.", no_args_is_help=True)

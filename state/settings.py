@@ -134,7 +134,12 @@ class Settings(BaseSettings):
     postgres_pool_min_size: int = Field(default=1, ge=0)
     postgres_pool_max_size: int = Field(default=10, gt=0)
     postgres_pool_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
-    postgres_operation_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    # At most 24 days: it becomes the sessions' statement_timeout (plus a second) and
+    # libpq's tcp_user_timeout, in ms, which the server and libpq read as 32-bit integers:
+    # past about 24.8 days every connection is refused, retried by the pool as an outage.
+    postgres_operation_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=24 * 24 * 3600, allow_inf_nan=False
+    )
 
     # Client id of the user-assigned managed identity (read by azure-identity too).
     azure_client_id: str | None = None
