@@ -954,6 +954,7 @@ EVENT_STYLES = {
     "interrupt": "yellow",
     "run_interrupted": "yellow",
     "run_rolled_back": "yellow",
+    "run_redone": "yellow",
 }
 
 
@@ -1253,6 +1254,8 @@ def _event_detail(event: dict[str, Any]) -> str:
             return f"queued: {event.get('queued')}"
         case "run_failed":
             return f"{event.get('error')}; queued: {event.get('queued')}"
+        case "run_redone":
+            return f"Redis lost its checkpoints; from the cold tier (redo {event.get('redone')})"
         case "run_interrupted" | "run_rolled_back":
             stopped = f"by {_short_run(event.get('stopped_by'))}"
             effects = _effects(event.get("discarded_effects") or [])

@@ -1503,6 +1503,8 @@ class CaseService:
         """One run to rest (see `_attempt`), measured once: a run that went on after a loss
         of its checkpoints or a wait for a claim is one run, with its last attempt's outcome."""
         with app_metrics.measure_run() as run:
+            # Told once per run id: an attempt that goes on with the run does not start another.
+            await self._events.publish(case_id, "run_started", run_id=run_id)
             return await self._attempt(
                 case_id, graph_input, guard, run, marked=marked, run_id=run_id, new_case=new_case
             )
@@ -1525,7 +1527,6 @@ class CaseService:
         `redone`: how many times this run went on after Redis lost its checkpoints; `waits`:
         after waiting out another attempt's claim on a side effect."""
         fence = guard.fence
-        await self._events.publish(case_id, "run_started", run_id=run_id)
         try:
             # A follow-up's stop is what its caller asked for, not a failure of the run.
             with traced("case.run", expected=(RunStopped,), case_id=case_id, fencing_token=fence):
@@ -1594,6 +1595,8 @@ class CaseService:
             # tier): the run goes on from the cold tier's latest at once, as the timer would
             # resume it; the effects ledger keeps its side effects from happening twice.
             log.warning("case %s: %s; the run goes on from the cold tier", case_id, lost)
+            # Its steps since the last cold checkpoint start again: the stream says why.
+            await self._events.publish(case_id, "run_redone", run_id=run_id, redone=redone + 1)
             snapshot = await self._graph.aget_state(case_config(case_id))
             graph_input = self._continuation(case_id, await self._record(case_id), snapshot)
             return await self._attempt(

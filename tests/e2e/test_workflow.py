@@ -88,6 +88,25 @@ async def test_case_8842_completes_with_refund_and_reset_link(
     assert await performed(runtime, case_id, "reset_link") == 1
 
 
+async def test_a_case_that_only_mentions_logging_in_sends_no_reset_link(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Found by review: "I log into the app every morning" read as a login problem, and the
+    customer got a password reset link nobody asked for."""
+    body = {
+        **demo_case(case_id),
+        "text": "I log into the app every morning and saw two charges",
+    }
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 201, response.text
+    case = response.json()
+    assert case["status"] == "completed"
+    assert case["refund"]["status"] == "issued"
+    assert case["account"] == {"issue": None, "reset_link_sent": False, "reset_reference": None}
+    assert "reset link" not in case["final_response"]
+    assert await performed(runtime, case_id, "reset_link") == 0
+
+
 async def test_a_new_cases_run_reads_no_record_from_the_cold_tier(
     client: httpx.AsyncClient, runtime: Runtime, case_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

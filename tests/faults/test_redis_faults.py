@@ -223,3 +223,49 @@ async def test_a_run_that_redis_loses_several_times_goes_on_from_the_cold_tier(
             )
     finally:
         await client.aclose()
+
+
+async def test_a_run_redone_after_redis_lost_its_checkpoints_is_not_started_twice(
+    redis_server: Callable[..., RedisServer],
+    settings_for: Callable[..., Settings],
+) -> None:
+    """Found by review: the run that went on from the cold tier after a FLUSHALL published
+    `run_started` again under its run id, and a follower saw the run start twice. It is
+    told once, and the redo as `run_redone`."""
+    server = redis_server()
+    settings = settings_for("cosmos", redis_url=server.url)
+    client = aioredis.Redis.from_url(server.url)
+    case_id = f"redis-redo-events-{os.getpid()}"
+    # What a follower heard: the events up to the flush (which takes the log with it), then
+    # those published after it.
+    heard: list[dict[str, object]] = []
+    flushes_left = 1
+
+    async def flush_after_policy(step: str) -> None:
+        nonlocal flushes_left
+        if step == "policy" and flushes_left > 0:
+            flushes_left -= 1
+            await hear()
+            await client.flushall()
+
+    try:
+        async with open_runtime(settings, after_step=flush_after_policy) as app:
+            events = app.runtime.backends.events
+            assert events is not None
+
+            async def hear() -> None:
+                heard.extend(e.data for e in await events.read(case_id, count=1000))
+
+            await app.runtime.service.submit(submission(case_id), None)
+            await app.runtime.service.wait_idle()
+            assert flushes_left == 0
+            assert (await app.runtime.service.status(case_id)).status.value == "completed"
+            await hear()
+    finally:
+        await client.aclose()
+    kinds = [event["event"] for event in heard]
+    assert len({event["run_id"] for event in heard}) == 1, heard
+    assert kinds.count("run_started") == 1, kinds
+    assert kinds.count("run_redone") == 1, kinds
+    assert next(e for e in heard if e["event"] == "run_redone")["redone"] == 1
+    assert kinds.index("run_started") < kinds.index("run_redone") < kinds.index("run_completed")

@@ -147,6 +147,47 @@ def test_account_intent(text: str, issue: str | None) -> None:
     assert classify_account_request(text) == issue
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I log into the app every morning and saw two charges",
+        "I log in every day; I was charged twice",
+        "When I sign in I see two charges of 49.99",
+        "Whenever I login the balance shows 49.99 twice",
+        "I had no problems logging in but was charged twice",
+        "My login email is the one on file and I was charged twice",
+        "I log in and the payment fails",
+        "I changed my password last week and was charged twice",
+        "And my password?",
+    ],
+)
+def test_a_mention_of_logging_in_or_a_password_is_no_access_problem(text: str) -> None:
+    """Found by review: any "log in(to)" or "password" sent a reset link the customer did
+    not ask for."""
+    assert classify_account_request(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "issue"),
+    [
+        ("I'm having trouble logging in", "login"),
+        ("The app won't let me sign in", "login"),
+        ("I couldn't log on yesterday", "login"),
+        ("Login doesn't work", "login"),
+        ("I paid 49.99. I can't log in", "login"),
+        ("The 2FA code never arrives", "login"),
+        ("I never receive the verification code", "login"),
+        ("I don't get the two-factor authentication code", "login"),
+        ("The reset link did not arrive, I still cannot log in", "login"),
+        ("My password doesn't work", "password"),
+        ("I can't remember my password", "password"),
+        ("Password reset please", "password"),
+    ],
+)
+def test_an_access_problem_in_other_words(text: str, issue: str) -> None:
+    assert classify_account_request(text) == issue
+
+
 def _billing(amount: float, found: bool = True) -> Any:
     return {
         "duplicate_found": found,

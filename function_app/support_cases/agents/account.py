@@ -9,7 +9,37 @@ from state import JSON
 from ..case_state import AccountIssue, AccountResult, CaseState
 from .base import StatefulAgent, Step
 
-# Most specific first: a locked account needs more than a forgotten password.
+# What a customer says when they cannot get in. A mere mention of logging in ("I log into
+# the app every morning") or of a password is no access problem: a reset link is a side
+# effect, sent only when the customer is kept out.
+_CANNOT = (
+    r"(?:can ?not|can'?t|could ?n'?t|could not|unable to|not able to|impossible to"
+    r"|fail(?:s|ed|ing)? to|wo ?n'?t let me|does ?n'?t let me|did ?n'?t let me"
+    # "No problems logging in" is none.
+    r"|(?<!\bno )(?<!without )(?:trouble|problems?|issues?|difficult(?:y|ies)))"
+)
+_GET_IN = (
+    r"(?:log(?:ging)?[ -]?(?:in|on)(?:to)?|logon|sign(?:ing)?[ -]?(?:in|on)(?:to)?"
+    r"|(?:access|get into) (?:my |the )?account)"
+)
+_LOGIN_NOUN = r"(?:log[ -]?in|logon|sign[ -]?in)"
+_FAILS = (
+    r"(?:fail(?:s|ed|ing)?|keeps failing|does ?n'?t work|does not work|is ?n'?t working"
+    r"|not working|wo ?n'?t work|stopped working|broken|errors?|rejected)"
+)
+_PASSWORD = r"(?:password|passcode|passphrase)"
+# A second factor's code that does not come (or is refused) keeps the customer out too.
+_CODE = (
+    r"(?:2fa|two[- ]factor(?: authentication)?|mfa|multi[- ]factor|verification|security"
+    r"|one[- ]time|otp|authenticator|login|sign[- ]in) (?:codes?|texts?|sms|emails?|app)"
+)
+_NOT_COMING = (
+    r"(?:not|never|no longer|does ?n'?t|did ?n'?t|do ?n'?t|is ?n'?t|has ?n'?t|have ?n'?t"
+    r"|wo ?n'?t)(?: \S+){0,2}? (?:arriv\w*|receiv\w*|come|came|get|got|work\w*|sent|accept\w*)"
+)
+
+# Most specific first: a locked account needs more than a forgotten password. Each pattern
+# is matched within one sentence, so words of different sentences do not combine.
 _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
     (
         "locked",
@@ -19,13 +49,25 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
             r"|\blocked out\b"
         ),
     ),
-    ("password", re.compile(r"\b(password|passcode|passphrase)\b")),
+    (
+        "password",
+        re.compile(
+            rf"\b(?:forg[eo]t\w*|lost|reset\w*|recover\w*|wrong|incorrect|invalid|expired"
+            rf"|change|(?:can ?not|can'?t|do ?n'?t) remember)(?: \S+){{0,2}}? {_PASSWORD}\b"
+            rf"|\b{_PASSWORD} (?:\S+ ){{0,2}}?(?:reset|forgotten|expired|wrong|incorrect"
+            rf"|invalid|rejected|not accepted|{_FAILS})\b"
+        ),
+    ),
     (
         "login",
         re.compile(
-            # "log in", "login", "log-in" and "log into" alike.
-            r"\b(log[ -]?in(?:to)?|logon|sign[ -]?in(?:to)?)\b"
-            r"|\b(can ?not|can't|cannot|unable to) (access|get into) (my )?account\b"
+            # "log in", "login", "log-in" and "log into" alike, after a "cannot" of any kind.
+            rf"\b{_CANNOT}(?: \S+){{0,2}}? {_GET_IN}\b"
+            rf"|\b{_LOGIN_NOUN}(?: \S+)?? {_FAILS}\b"
+            rf"|\b{_CODE}\b(?: \S+){{0,3}}? {_NOT_COMING}\b"
+            rf"|\b{_NOT_COMING}(?: \S+){{0,3}}? {_CODE}\b"
+            # "The reset link did not arrive": the customer is still kept out.
+            rf"|\breset (?:link|email|mail)s?(?: \S+){{0,2}}? {_NOT_COMING}\b"
         ),
     ),
 )
@@ -33,8 +75,10 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
 
 def classify_account_request(text: str) -> AccountIssue | None:
     normalized = " ".join(text.casefold().replace("\u2019", "'").split())
+    # Sentences end at a stop and a space, not at the point of an amount ("49.99").
+    sentences = re.split(r"[.!?;]+(?:\s|$)", normalized)
     for issue, pattern in _ISSUE_PATTERNS:
-        if pattern.search(normalized):
+        if any(pattern.search(sentence) for sentence in sentences):
             return issue
     return None
 
