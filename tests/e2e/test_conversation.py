@@ -272,6 +272,18 @@ async def test_a_follow_up_after_rest_runs_the_agents_it_needs_and_answers_every
     assert all(r["status"] == "completed" and r["duration_seconds"] >= 0 for r in runs)
 
 
+async def test_a_follow_up_saying_the_customer_still_cannot_log_in_reaches_the_account_agent(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """Found by review: "I haven't been able to log in since Monday" read as no access
+    problem, so the follow-up went straight to policy and nobody looked at the account."""
+    await submitted(client, runtime, demo_case(case_id))
+    run = await answered(client, runtime, case_id, "I haven't been able to log in since Monday")
+    assert run["status"] == "completed"
+    steps = (await client.get(f"/api/cases/{case_id}")).json()["completed_steps"]
+    assert steps.count("account") == 2 and steps.count("policy") == 2
+
+
 async def test_a_failure_armed_by_a_test_that_ended_first_does_not_fail_the_next_tests_run(
     runtime: Runtime, gate: StepGate, bearer: Callable[..., dict[str, str]], case_id: str
 ) -> None:

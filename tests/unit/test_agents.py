@@ -188,6 +188,33 @@ def test_an_access_problem_in_other_words(text: str, issue: str) -> None:
     assert classify_account_request(text) == issue
 
 
+@pytest.mark.parametrize(
+    ("text", "issue"),
+    [
+        ("I haven't been able to log in since Monday", "login"),
+        ("I can no longer log in", "login"),
+        ("I'm no longer able to sign in", "login"),
+        ("I keep getting an error when I try to log in", "login"),
+        ("I get an error when logging in", "login"),
+        ("Login page keeps saying error", "login"),
+        ("I tried to log in but it didn't work", "login"),
+        ("I can't log back in", "login"),
+        ("I can't get in to my account", "login"),
+        ("I can\u2018t log in", "login"),
+        ("I can\u02bct log in", "login"),
+    ],
+)
+def test_an_access_problem_as_customers_also_put_it(text: str, issue: str) -> None:
+    """Found by review: each read as an access problem before the classifier asked for one
+    (any "log in" did), and none did after: no reset link, and a follow-up saying so never
+    reached the account agent."""
+    assert classify_account_request(text) == issue
+
+
+def test_any_issues_logging_in_denied_is_no_access_problem() -> None:
+    assert classify_account_request("I don't have any issues logging in, refund please") is None
+
+
 def _billing(amount: float, found: bool = True) -> Any:
     return {
         "duplicate_found": found,

@@ -15,16 +15,20 @@ from .base import StatefulAgent, Step
 _CANNOT = (
     r"(?:can ?not|can'?t|could ?n'?t|could not|unable to|not able to|impossible to"
     r"|fail(?:s|ed|ing)? to|wo ?n'?t let me|does ?n'?t let me|did ?n'?t let me"
-    # "No problems logging in" is none.
-    r"|(?<!\bno )(?<!without )(?:trouble|problems?|issues?|difficult(?:y|ies)))"
+    # "I haven't been able to log in since Monday", "I can no longer log in".
+    r"|ha(?:ve|s|d) ?(?:n'?t|not|never) been able to|(?:no longer|never) able to"
+    r"|can (?:no longer|never)"
+    # "No problems logging in", "I don't have any issues logging in" are none.
+    r"|(?<!\bno )(?<!without )(?<!\bany )(?:trouble|problems?|issues?|difficult(?:y|ies)))"
 )
 _GET_IN = (
-    r"(?:log(?:ging)?[ -]?(?:in|on)(?:to)?|logon|sign(?:ing)?[ -]?(?:in|on)(?:to)?"
-    r"|(?:access|get into) (?:my |the )?account)"
+    r"(?:log(?:ging)?(?: back)?[ -]?(?:in|on)(?:to)?|logon"
+    r"|sign(?:ing)?(?: back)?[ -]?(?:in|on)(?:to)?|(?:access|get into|get in to) (?:my |the )?account)"
 )
 _LOGIN_NOUN = r"(?:log[ -]?in|logon|sign[ -]?in)"
 _FAILS = (
-    r"(?:fail(?:s|ed|ing)?|keeps failing|does ?n'?t work|does not work|is ?n'?t working"
+    r"(?:fail(?:s|ed|ing)?|keeps failing|does ?n'?t work|does not work|did ?n'?t work"
+    r"|is ?n'?t working"
     r"|not working|wo ?n'?t work|stopped working|broken|errors?|rejected)"
 )
 _PASSWORD = r"(?:password|passcode|passphrase)"
@@ -64,6 +68,11 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
             # "log in", "login", "log-in" and "log into" alike, after a "cannot" of any kind.
             rf"\b{_CANNOT}(?: \S+){{0,2}}? {_GET_IN}\b"
             rf"|\b{_LOGIN_NOUN}(?: \S+)?? {_FAILS}\b"
+            # "Login page keeps saying error".
+            rf"|\b{_LOGIN_NOUN} (?:page|screen|form|button|attempts?)(?: \S+){{0,2}}? {_FAILS}\b"
+            # "I keep getting an error when I try to log in".
+            rf"|\berrors?(?: \S+){{0,4}}? {_GET_IN}\b"
+            rf"|\btr(?:y|ies|ied|ying) to {_GET_IN} but (?:\S+ ){{0,2}}?{_FAILS}\b"
             rf"|\b{_CODE}\b(?: \S+){{0,3}}? {_NOT_COMING}\b"
             rf"|\b{_NOT_COMING}(?: \S+){{0,3}}? {_CODE}\b"
             # "The reset link did not arrive": the customer is still kept out.
@@ -73,8 +82,12 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
 )
 
 
+# Apostrophes other than the ASCII one, as phones type them and documents paste them.
+_APOSTROPHES = str.maketrans(dict.fromkeys("\u2018\u2019\u02bc\u00b4\u2032`", "'"))
+
+
 def classify_account_request(text: str) -> AccountIssue | None:
-    normalized = " ".join(text.casefold().replace("\u2019", "'").split())
+    normalized = " ".join(text.casefold().translate(_APOSTROPHES).split())
     # Sentences end at a stop and a space, not at the point of an amount ("49.99").
     sentences = re.split(r"[.!?;]+(?:\s|$)", normalized)
     for issue, pattern in _ISSUE_PATTERNS:
