@@ -140,6 +140,7 @@ class SigningKeys:
         self._tried_at = float("-inf")
         self._failed_at = float("-inf")
         self._refreshing = asyncio.Lock()
+        self._fetching: asyncio.Future[None] | None = None
 
     async def key(self, kid: str) -> jwt.PyJWK:
         if kid not in self._keys:
@@ -157,11 +158,20 @@ class SigningKeys:
         return found
 
     async def _fetch_missing(self) -> None:
-        if _since(self._failed_at) < KEYS_RETRY_SECONDS:
-            raise BackendUnavailable(
-                "token issuer keys",
-                f"{self._named}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
-            )
+        if self._fetching is None or self._fetching.done():
+            if _since(self._failed_at) < KEYS_RETRY_SECONDS:
+                raise BackendUnavailable(
+                    "token issuer keys",
+                    f"{self._named}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
+                )
+            self._fetching = asyncio.ensure_future(self._fetch_noting_failure())
+            self._fetching.add_done_callback(_retrieved)
+        # Shielded: a request cut off meanwhile (its deadline, its client gone) leaves the
+        # fetch to its own timeout, which records a failure; else the next request asked
+        # the issuer again at once, and no request was ever refused without waiting.
+        await asyncio.shield(self._fetching)
+
+    async def _fetch_noting_failure(self) -> None:
         try:
             await self._fetch()
         except BackendUnavailable:
@@ -182,7 +192,12 @@ class SigningKeys:
 
     async def _fetch(self) -> None:
         try:
-            async with httpx.AsyncClient(timeout=KEYS_FETCH_TIMEOUT_SECONDS) as client:
+            # The whole fetch: httpx's timeout bounds each read, which an issuer (or a proxy)
+            # sending its answer a few bytes at a time renews for as long as it goes on.
+            async with (
+                asyncio.timeout(KEYS_FETCH_TIMEOUT_SECONDS),
+                httpx.AsyncClient(timeout=KEYS_FETCH_TIMEOUT_SECONDS) as client,
+            ):
                 response = await client.get(self._url)
                 if not response.is_success:
                     # Not raise_for_status(): its message holds the full URL.
@@ -190,6 +205,11 @@ class SigningKeys:
                         "token issuer keys", f"{self._named}: answered {response.status_code}"
                     )
                 document = response.json()
+        except TimeoutError:
+            raise BackendUnavailable(
+                "token issuer keys",
+                f"{self._named}: no answer within {KEYS_FETCH_TIMEOUT_SECONDS:g} s",
+            ) from None
         except (httpx.HTTPError, ValueError) as error:
             raise BackendUnavailable("token issuer keys", f"{self._named}: {error}") from error
         try:
@@ -202,6 +222,12 @@ class SigningKeys:
 
 def _since(moment: float) -> float:
     return time.monotonic() - moment
+
+
+def _retrieved(fetching: asyncio.Future[None]) -> None:
+    # A fetch whose requests were all cut off fails unawaited: not logged as unretrieved.
+    if not fetching.cancelled():
+        fetching.exception()
 
 
 class TokenValidator:

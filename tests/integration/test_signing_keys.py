@@ -25,14 +25,18 @@ from support_cases.auth import SigningKeys, Unauthenticated
 from support_cases.runtime import RuntimeHolder
 from support_cases.settings import AZURE_HOST_MARKERS, AppSettings
 
+TRICKLED_PARTS = 10
+
 
 class JwksEndpoint:
-    """Serves `document` at /keys; `available` False answers 503, after `delay` seconds."""
+    """Serves `document` at /keys; `available` False answers 503, after `delay` seconds;
+    `trickle` seconds between each of its body's TRICKLED_PARTS."""
 
     def __init__(self) -> None:
         self.document: dict[str, Any] = {"keys": []}
         self.available = True
         self.delay = 0.0
+        self.trickle = 0.0
         self.requests = 0
         endpoint = self
 
@@ -45,7 +49,17 @@ class JwksEndpoint:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not endpoint.trickle:
+                    self.wfile.write(body)
+                    return
+                step = -(-len(body) // TRICKLED_PARTS)
+                try:
+                    for start in range(0, len(body), step):
+                        self.wfile.write(body[start : start + step])
+                        self.wfile.flush()
+                        time.sleep(endpoint.trickle)
+                except OSError:
+                    pass  # the client gave up on it
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -221,6 +235,68 @@ async def test_the_api_refuses_callers_while_the_issuer_is_out_of_reach(
             assert answer.status_code == 503, answer.text
             assert "token issuer keys unavailable" in answer.json()["error"]
             assert answer.headers["Retry-After"]
+    assert jwks.requests == 1
+
+
+async def test_requests_cut_off_by_their_deadline_leave_the_fetch_to_end_and_refuse_the_next(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An issuer that does not answer, under a request deadline shorter than the keys'
+    fetch timeout: each request is cut off (503) while the fetch waits, but that fetch is
+    not abandoned with it. Otherwise every request sent the issuer a fetch of its own, and
+    no failure was ever recorded, so none was refused at once: each waited its whole
+    deadline."""
+    for name in AZURE_HOST_MARKERS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(auth, "KEYS_FETCH_TIMEOUT_SECONDS", 1.0)
+    issuer = Issuer("http://issuer.test", "api://keys-test")
+    jwks.document, jwks.delay = issuer.jwks(), 3.0
+    settings = AppSettings.model_validate(
+        {
+            "cosmos_endpoint": "https://127.0.0.1:8091/",
+            "auth_issuer": issuer.base_url,
+            "auth_audience": issuer.audience,
+            "auth_jwks_url": jwks.url,
+            "api_request_deadline_seconds": 0.3,
+        }
+    )
+    token = issuer.mint({"name": "keys-test"})["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    app = create_app(holder=RuntimeHolder(lambda: settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keys.test") as client:
+        first = time.monotonic()
+        for _ in range(3):
+            answer = await client.get("/api/cases/case-1", headers=headers)
+            assert answer.status_code == 503, answer.text
+            assert "no answer within" in answer.json()["error"]
+        assert jwks.requests == 1
+        # The one fetch timed out: the requests after it are refused at once, unasked.
+        await asyncio.sleep(max(0.0, first + 1.3 - time.monotonic()))
+        started = time.monotonic()
+        answer = await client.get("/api/cases/case-1", headers=headers)
+        assert answer.status_code == 503, answer.text
+        assert "token issuer keys unavailable" in answer.json()["error"]
+        assert time.monotonic() - started < 0.2
+    assert jwks.requests == 1
+
+
+async def test_an_issuer_trickling_its_answer_is_given_up_on_within_the_fetch_timeout(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KEYS_FETCH_TIMEOUT_SECONDS bounds the whole fetch, not each read of it: an issuer
+    (or a proxy in front of it) sending its answer a few bytes at a time held the fetch,
+    and every request queued behind it, for as long as it went on."""
+    monkeypatch.setattr(auth, "KEYS_FETCH_TIMEOUT_SECONDS", 1.0)
+    issuer = Issuer("http://issuer.test", "api")
+    jwks.document, jwks.trickle = issuer.jwks(), 0.5
+    keys = SigningKeys(jwks.url)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="no answer within 1 s"):
+        await keys.key(issuer.kid)
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(BackendUnavailable, match="last fetch failed"):
+        await keys.key(issuer.kid)  # a failure as any other: not asked again at once
     assert jwks.requests == 1
 
 
