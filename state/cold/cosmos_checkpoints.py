@@ -93,6 +93,7 @@ from .cosmos_io import (
     strip_system,
 )
 from .cosmos_maintenance import CheckpointMaintenance
+from .metadata_filters import equal_scalars
 
 DEFAULT_PAGE_SIZE = 50
 # Lineage of the last put (or latest read) per (thread, namespace): the next put
@@ -575,16 +576,20 @@ class CosmosCheckpointStore:
             params["@id"] = checkpoint_id
         if not spared:
             where.append("NOT IS_DEFINED(c.spared)")
-        # Scalars are filtered by the server; null and structured values (whose equality
-        # Cosmos SQL does not define like Python's) are compared here, and so are numbers
-        # past 2**53, which the server compares rounded (`layout.EXACT_INT`).
+        # Scalars are filtered by the server, as each value `==` holds equal to them (a
+        # boolean and 0 or 1); null and structured values (whose equality Cosmos SQL does
+        # not define like Python's) are compared here, and so are numbers past 2**53,
+        # which the server compares rounded (`layout.EXACT_INT`).
         local_filter: dict[str, JSON] = {}
         for n, (key, value) in enumerate(sorted((metadata_filter or {}).items())):
             if isinstance(value, str | bool) or (
                 isinstance(value, int | float) and abs(value) < layout.EXACT_INT
             ):
-                where.append(f"c.metadata[{_sql_name(key)}] = @m{n}")
-                params[f"@m{n}"] = value
+                equal = equal_scalars(value)
+                names = [f"@m{n}_{k}" for k in range(len(equal))]
+                compared = f"IN ({', '.join(names)})" if len(names) > 1 else f"= {names[0]}"
+                where.append(f"c.metadata[{_sql_name(key)}] {compared}")
+                params.update(zip(names, equal, strict=True))
             else:
                 local_filter[key] = value
         query = f"SELECT * FROM c WHERE {' AND '.join(where)} ORDER BY c.checkpoint_id DESC"

@@ -65,6 +65,7 @@ from .chunks import (
     resolve,
     resolve_checkpoints,
 )
+from .metadata_filters import compared_here, equal_scalars
 from .postgres_client import (
     CountedConnection,
     CountingBlockingRawCursor,
@@ -934,19 +935,32 @@ class PostgresCheckpointStore:
             params.append(checkpoint_id)
         if not spared:
             conditions.append("NOT spared")
+        local_filter: dict[str, JSON] = {}
         for key, value in (metadata_filter or {}).items():
+            if compared_here(value):
+                # Compared after reading; the query keeps values of the same JSON type.
+                local_filter[key] = value
+                conditions.append("jsonb_typeof(metadata -> %s) = %s")
+                params.extend([key, "array" if isinstance(value, list) else "object"])
+                continue
             # Equality, as LangGraph's InMemorySaver compares and the Cosmos store does: `@>`
             # would let {} or [x] match any object or array holding them, and None never
             # match a missing key.
-            conditions.append("COALESCE(metadata -> %s, 'null'::jsonb) = %s")
-            params.extend([key, Jsonb(value)])
+            equal = equal_scalars(value)
+            compared = f"IN ({', '.join(['%s'] * len(equal))})" if len(equal) > 1 else "= %s"
+            conditions.append(f"COALESCE(metadata -> %s, 'null'::jsonb) {compared}")
+            params.extend([key, *(Jsonb(each) for each in equal)])
         key = ", ".join(key_columns)
         order = ", ".join(f"{column} DESC" for column in key_columns)
 
         remaining = limit
         last_key: list[Any] | None = None
         while remaining is None or remaining > 0:
-            page_size = LIST_PAGE_SIZE if remaining is None else min(LIST_PAGE_SIZE, remaining)
+            page_size = (
+                LIST_PAGE_SIZE
+                if remaining is None or local_filter
+                else min(LIST_PAGE_SIZE, remaining)
+            )
             page_conditions = list(conditions)
             page_params = list(params)
             if last_key is not None:
@@ -960,16 +974,20 @@ class PostgresCheckpointStore:
                     binary=True,
                 )
                 rows = await cursor.fetchall()
-                page = await _with_chunks(
-                    conn, [_stored_checkpoint(row)[0] for row in rows], self._chunker.value_of
-                )
+                matching = [
+                    stored
+                    for stored in (_stored_checkpoint(row)[0] for row in rows)
+                    if all(stored.metadata.get(k) == v for k, v in local_filter.items())
+                ]
+                if remaining is not None:
+                    matching = matching[:remaining]
+                    remaining -= len(matching)
+                page = await _with_chunks(conn, matching, self._chunker.value_of)
             # Yielded after the connection went back to the pool: a slow consumer holds none.
             for stored in page:
                 yield stored
             if len(rows) < page_size:
                 return
-            if remaining is not None:
-                remaining -= len(rows)
             last_key = [rows[-1][column] for column in key_columns]
 
     async def delta_history(

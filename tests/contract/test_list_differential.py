@@ -272,3 +272,52 @@ async def test_whole_floats_read_back_from_the_cold_tier_as_written(
             got = [t async for t in saver.alist(configurable(thread_id), filter=query)]
             want = [t async for t in memory.alist(configurable(thread_id), filter=query)]
             assert len(got) == len(want) == 1, query
+
+
+BOOL_NUMBER_METADATAS: list[dict[str, Any]] = [
+    {"v": True},
+    {"v": 1},
+    {"v": 1.0},
+    {"v": False},
+    {"v": 0},
+    {"v": -0.0},
+    {"v": 2},
+    {"v": "1"},
+    {"v": None},
+    {"v": [True, 0]},
+    {"v": [1, False]},
+    {"v": {"x": 1.0}},
+    {"v": {"x": True}},
+]
+
+
+@every_configuration
+async def test_bool_and_number_filters_match_as_python_compares(
+    cold_backend: str, hot: bool, mode: WriteMode | None, open_tiers: OpenBackends
+) -> None:
+    """InMemorySaver filters with `==`, where True == 1 == 1.0 and False == 0 == -0.0, also
+    inside lists and objects; JSON (Cosmos SQL, jsonb) holds a boolean and a number apart."""
+    thread_id = f"diff-bool-number-{uuid.uuid4().hex}"
+    memory = InMemorySaver()
+    async with open_tiers(cold_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        for n, metadata in enumerate(BOOL_NUMBER_METADATAS):
+            checkpoint = empty_checkpoint()
+            checkpoint["id"] = str(uuid6(clock_seq=n))
+            for each in (memory, saver):
+                await each.aput(configurable(thread_id, checkpoint_ns=""), checkpoint, metadata, {})  # type: ignore[arg-type]
+        diffs: list[str] = []
+        for query in [*BOOL_NUMBER_METADATAS, {"v": 1, "absent": None}]:
+            for limit in (None, 1):
+                got, want = [
+                    [
+                        t.checkpoint["id"]
+                        async for t in each.alist(
+                            configurable(thread_id), filter=query, limit=limit
+                        )
+                    ]
+                    for each in (saver, memory)
+                ]
+                if got != want:
+                    diffs.append(f"{query} limit={limit}: saver {got} != in-memory {want}")
+        assert not diffs, "\n".join(diffs)
