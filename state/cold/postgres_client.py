@@ -27,6 +27,7 @@ from typing import Any, Self, cast
 import certifi
 import psycopg
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, DataError, OperationalError
 from psycopg.abc import RV, Params, PQGen, Query, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -41,6 +42,7 @@ from ..errors import (
     InvalidValue,
     NoAnswer,
     RequestRejected,
+    SettingsError,
     StateError,
 )
 from ..ports import Counters
@@ -75,6 +77,8 @@ CANCEL_SECONDS = 1.0
 # migration goes through the deploy hook (scripts/azd/postgres_access.py), which has no
 # bound.
 MIGRATION_SECONDS = 300.0
+# How long after a failed first connection (`_reachable`) the next call tries again.
+OPEN_RETRY_SECONDS = 1.0
 # SQLSTATE class 54, program_limit_exceeded (psycopg files it under OperationalError, with
 # transient trouble), and its general code: a value over a server limit (an index entry
 # over btree's 2704 bytes, a jsonb value over 256 MB).
@@ -326,6 +330,8 @@ class PostgresConnection:
         # Once closed, never opened again: a call still in flight while the owner closes
         # (a sync caller's thread, a task finishing) would open a pool nobody closes.
         self._closed = False
+        # When the connection before the pool's open last failed, and how (`_reachable`).
+        self._open_failed: tuple[float, str] | None = None
 
     @property
     def blocking_available(self) -> bool:
@@ -425,15 +431,48 @@ class PostgresConnection:
                 self._pool = await self._open()
         return self._pool
 
+    async def _reachable(self) -> None:
+        """One connection, closed at once, before the pool opens: the pool only logs a
+        failed connect (a closed port, no access token, a refused sign-in) and tries again,
+        while every caller waits out its timeout for "couldn't get a connection" (or the
+        request its deadline). Failed, the pool is not opened: a call tries again, once per
+        OPEN_RETRY_SECONDS at most (the others meanwhile fail as it did), so a server
+        refusing sign-ins is not asked by every request."""
+        failed = self._open_failed
+        if failed is not None and time.monotonic() - failed[0] < OPEN_RETRY_SECONDS:
+            raise BackendUnavailable(self.name, failed[1])
+        try:
+            connection = await AsyncConnection.connect(
+                self._conninfo(), **await self._connect_kwargs()
+            )
+        except (ClientAuthenticationError, OperationalError) as exc:
+            detail = _first_line(exc)
+            if isinstance(exc, ClientAuthenticationError):
+                # No Entra token (no identity found, the identity endpoint down): not sent.
+                detail = f"no access token: {detail}"
+            self._open_failed = (time.monotonic(), detail)
+            raise BackendUnavailable(self.name, detail) from exc
+        await connection.close()
+        self._open_failed = None
+
     async def _open(self) -> AsyncConnectionPool[CountedConnection]:
         config = self._config
         if self._credential is None and config.url is None:
             from azure.identity.aio import DefaultAzureCredential
 
-            self._owned_credential = DefaultAzureCredential(
-                managed_identity_client_id=config.client_id
-            )
+            try:
+                self._owned_credential = DefaultAzureCredential(
+                    managed_identity_client_id=config.client_id
+                )
+            except ValueError as exc:
+                # As for Cosmos: the SDK reads the AZURE_* variables only here, at the first
+                # request. One it cannot use is the operator's to fix, not a crash each time.
+                raise SettingsError(
+                    "POSTGRES_URL is unset and no Entra credential can be built from the"
+                    f" AZURE_* variables: {exc}"
+                ) from exc
             self._credential = self._owned_credential
+        await self._reachable()
         pool = AsyncConnectionPool(
             self._conninfo(),
             connection_class=CountedConnection,
@@ -445,7 +484,7 @@ class PostgresConnection:
             name="agent-state",
             open=False,
         )
-        # Not waiting: an unreachable server surfaces on first use, as BackendUnavailable.
+        # Not waiting for min_size connections: the server answered just now.
         await pool.open(wait=False)
         return pool
 
@@ -702,3 +741,9 @@ def _describe(exc: psycopg.Error) -> str:
     detail = exc.diag.message_detail
     text = f"{primary} ({detail})" if detail else primary
     return text or type(exc).__name__
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's first line: the credential chain's message goes on for lines."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__

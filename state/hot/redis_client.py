@@ -441,6 +441,13 @@ ENTRA_REFRESH_RATIO = 0.7
 ENTRA_REFRESH_RETRY_SECONDS = 10.0
 
 
+class NoAccessToken(RedisError):
+    """No Entra ID token to sign a new connection in with (no identity found, the identity
+    endpoint down). A `RedisError`, so the tier reports itself unavailable and redis-py
+    closes the connection it opened (any other error left it open, never signed in). Not a
+    `ConnectionError`, which the client's `Retry` would ask the identity endpoint again for."""
+
+
 class EntraTokens(StreamingCredentialProvider):
     """Entra ID tokens for Redis clients from redis-entraid's identity provider
     (azure-identity or MSAL), refreshed before they expire: one for the async clients of
@@ -499,8 +506,16 @@ class EntraTokens(StreamingCredentialProvider):
         self._current = token
         return token
 
+    def _requested(self, token: Callable[[], TokenInterface]) -> TokenInterface:
+        """`token()`, kept; a failure to get one as `NoAccessToken`."""
+        try:
+            return self._obtained(token())
+        except RequestTokenErr as error:
+            lines = str(error).splitlines()
+            raise NoAccessToken(f"no access token: {lines[0] if lines else error!r}") from error
+
     def get_credentials(self) -> tuple[str, str]:
-        token = self._held() or self._obtained(self.identity.request_token())
+        token = self._held() or self._requested(self.identity.request_token)
         with self._start_lock:
             if self._refresh is None and not self._stopped.is_set():
                 self._refresh = threading.Thread(
@@ -510,7 +525,9 @@ class EntraTokens(StreamingCredentialProvider):
         return _entra_credentials(token)
 
     async def get_credentials_async(self) -> tuple[str, str]:
-        token = self._held() or self._obtained(await self._off_loop(self.identity.request_token))
+        token = self._held() or await self._off_loop(
+            lambda: self._requested(self.identity.request_token)
+        )
         if self._refresh is None and not self._stopped.is_set():
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_async(token))
         return _entra_credentials(token)
@@ -634,16 +651,24 @@ def _entra_tokens(settings: Settings) -> EntraTokens:
     from redis_entraid.identity_provider import ManagedIdentityIdType, ManagedIdentityType
 
     # The user-assigned identity when its client id is known, else the default chain.
-    provider = (
-        create_from_managed_identity(
-            identity_type=ManagedIdentityType.USER_ASSIGNED,
-            resource=REDIS_ENTRA_SCOPE.removesuffix("/.default"),
-            id_type=ManagedIdentityIdType.CLIENT_ID,
-            id_value=settings.azure_client_id,
+    try:
+        provider = (
+            create_from_managed_identity(
+                identity_type=ManagedIdentityType.USER_ASSIGNED,
+                resource=REDIS_ENTRA_SCOPE.removesuffix("/.default"),
+                id_type=ManagedIdentityIdType.CLIENT_ID,
+                id_value=settings.azure_client_id,
+            )
+            if settings.azure_client_id
+            else create_from_default_azure_credential((REDIS_ENTRA_SCOPE,))
         )
-        if settings.azure_client_id
-        else create_from_default_azure_credential((REDIS_ENTRA_SCOPE,))
-    )
+    except ValueError as exc:
+        # The SDK reads the AZURE_* variables here (an unknown AZURE_TOKEN_CREDENTIALS, a
+        # malformed AZURE_TENANT_ID): the operator's to fix, not a crash on every request.
+        raise SettingsError(
+            "REDIS_URL is unset and no Entra credential can be built from the AZURE_*"
+            f" variables: {exc}"
+        ) from exc
     # Its identity provider only: `EntraTokens` replaces its token manager.
     return EntraTokens(provider._idp)
 

@@ -41,7 +41,7 @@ from state.cold.postgres_checkpoints import (
     SELECT_CHECKPOINTS_SQL,
     PostgresCheckpointStore,
 )
-from state.cold.postgres_client import ENTRA_SCOPE, PostgresConnection
+from state.cold.postgres_client import ENTRA_SCOPE, OPEN_RETRY_SECONDS, PostgresConnection
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
@@ -274,6 +274,43 @@ async def test_unreachable_server_is_backend_unavailable() -> None:
         assert not health.up and "postgres" in health.detail
     finally:
         await pg.close()
+
+
+async def test_a_server_refusing_every_connection_fails_calls_at_once_not_asked_by_each() -> None:
+    """A server that closes every connection at once (as one refusing sign-ins does): the
+    pool only logged each failed connect, every call waiting out the pool's timeout
+    (10 s) for "couldn't get a connection". Now each call fails at once, saying why; and
+    the calls of a burst do not each connect: one tries, the others fail as it did."""
+    accepted = 0
+
+    async def refuse(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(
+        state_cold_backend="postgres",
+        postgres_url=f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable",
+    )
+    pg = PostgresConnection(settings.postgres)
+    try:
+        store = PostgresStateStore(pg)
+        began = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(BackendUnavailable, match="server closed the connection"):
+                await store.get("t")
+        assert time.monotonic() - began < 0.9
+        assert accepted == 1
+        await asyncio.sleep(OPEN_RETRY_SECONDS)
+        with pytest.raises(BackendUnavailable):
+            await store.get("t")
+        assert accepted == 2
+    finally:
+        await pg.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_pool_size_and_timeouts_come_from_the_settings(

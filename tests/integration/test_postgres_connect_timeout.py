@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
 
-from state.cold.postgres_client import PostgresConnection
+from state.cold.postgres_client import OPEN_RETRY_SECONDS, PostgresConnection
 from state.errors import BackendUnavailable
 from state.settings import Settings
 from tests.faults.proxy import LOOPBACK, LoopbackProxy
@@ -34,6 +36,19 @@ def _pg(url: str, *, operation_timeout: float, pool_timeout: float) -> PostgresC
     return PostgresConnection(settings.postgres)
 
 
+async def _blackholed_pool(
+    pg: PostgresConnection, proxy: LoopbackProxy
+) -> AsyncConnectionPool[Any]:
+    """`pg`'s pool, opened while the server answers, then making its next connection
+    attempts at a blackholed one."""
+    proxy.restore()
+    await asyncio.sleep(OPEN_RETRY_SECONDS)  # a failed first connection is not tried sooner
+    pool = await pg.pool()
+    proxy.cut("blackhole")
+    await pool.drain()  # its connections are replaced: new attempts
+    return pool
+
+
 async def test_an_attempt_against_a_blackholed_server_ends_within_the_bound(
     fresh_postgres_url: str,
 ) -> None:
@@ -47,8 +62,9 @@ async def test_an_attempt_against_a_blackholed_server_ends_within_the_bound(
                 async with pg.connection("probe") as conn:
                     await conn.execute("SELECT 1")
             assert time.monotonic() - started < 3 * CONNECT_BOUND_SECONDS
-            # The pool's own attempt gave up too (and will try again), not only the caller.
-            pool = await pg.pool()
+            # The pool's own attempts give up too (and try again), not only the caller's
+            # first connection (the pool opens only once one was made).
+            pool = await _blackholed_pool(pg, proxy)
             deadline = time.monotonic() + 3 * CONNECT_BOUND_SECONDS
             while not pool.get_stats().get("connections_errors"):
                 assert time.monotonic() < deadline, "the connection attempt never ended"
@@ -155,11 +171,10 @@ async def test_an_attempt_ends_within_the_pools_wait(fresh_postgres_url: str) ->
     timeout: an attempt no caller still waits for would only delay the pool's next one
     (or the URL's next host)."""
     with LoopbackProxy(int(str(conninfo_to_dict(fresh_postgres_url)["port"]))) as proxy:
-        proxy.cut("blackhole")
         url = make_conninfo(fresh_postgres_url, host=LOOPBACK, port=proxy.port)
         pg = _pg(url, operation_timeout=6.0, pool_timeout=CONNECT_BOUND_SECONDS)
         try:
-            pool = await pg.pool()
+            pool = await _blackholed_pool(pg, proxy)
             started = time.monotonic()
             while not pool.get_stats().get("connections_errors"):
                 assert time.monotonic() - started < 2 * CONNECT_BOUND_SECONDS, (

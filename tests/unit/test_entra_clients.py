@@ -345,6 +345,20 @@ class FakeTokenCredential:
         self.closed = True
 
 
+class FakeConnection:
+    """Stands in for psycopg's AsyncConnection: records each connect, never connects."""
+
+    opened: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    @classmethod
+    async def connect(cls, conninfo: str, **kwargs: Any) -> FakeConnection:
+        cls.opened.append((conninfo, kwargs))
+        return cls()
+
+    async def close(self) -> None:
+        pass
+
+
 class FakePool:
     """Stands in for psycopg_pool.AsyncConnectionPool: records how it was built, never connects."""
 
@@ -365,6 +379,8 @@ async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
     FakeTokenCredential.built, FakeTokenCredential.scopes = [], []
     monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", FakeTokenCredential)
     monkeypatch.setattr(postgres_client, "AsyncConnectionPool", FakePool)
+    monkeypatch.setattr(postgres_client, "AsyncConnection", FakeConnection)
+    FakeConnection.opened = []
     settings = env(
         STATE_COLD_BACKEND="postgres",
         POSTGRES_HOST=POSTGRES_HOST,
@@ -384,13 +400,18 @@ async def test_postgres_host_signs_in_with_an_entra_token_over_tls(
         roots = await asyncio.to_thread(Path(info["sslrootcert"]).read_text)
         assert "BEGIN CERTIFICATE" in roots
         assert "password" not in info
-        # The pool calls this for every new connection: a fresh token each time.
-        connect_kwargs = await pool.kwargs["kwargs"]()
-        assert connect_kwargs["password"] == TOKEN
+        # One connection before the pool opens (a server or a credential that fails is
+        # reported at once), signed in as the pool's are...
+        [(conninfo, kwargs)] = FakeConnection.opened
+        assert conninfo == pool.conninfo and kwargs["password"] == TOKEN
         assert FakeTokenCredential.scopes == [(ENTRA_SCOPE,)]
         assert ENTRA_SCOPE == "https://ossrdbms-aad.database.windows.net/.default"
+        # ...and the pool calls this for every new connection: a fresh token each time.
+        connect_kwargs = await pool.kwargs["kwargs"]()
+        assert connect_kwargs["password"] == TOKEN
+        assert FakeTokenCredential.scopes == [(ENTRA_SCOPE,)] * 2
         await pool.kwargs["kwargs"]()
-        assert len(FakeTokenCredential.scopes) == 2
+        assert len(FakeTokenCredential.scopes) == 3
     finally:
         await connection.close()
 
