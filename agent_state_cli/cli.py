@@ -484,14 +484,18 @@ def serve(
 
 def serving_app(port: int, holder: RuntimeHolder | None = None) -> ASGIApp:
     """The API as `serve` runs it on 127.0.0.1:`port`; with AUTH_DISABLED, answering
-    loopback host names only (`LoopbackHostOnly`: any web page could call it otherwise)."""
+    loopback host names, and browser pages of loopback origins or those CORS allows, only
+    (`LoopbackHostOnly`: any web page could call it otherwise)."""
     from support_cases.api import create_app
     from support_cases.auth import LoopbackHostOnly
     from support_cases.runtime import process_runtime
 
     holder = holder or process_runtime
     api = create_app(holder=holder)
-    return LoopbackHostOnly(api, port) if holder.settings().auth_disabled else api
+    settings = holder.settings()
+    if not settings.auth_disabled:
+        return api
+    return LoopbackHostOnly(api, port, settings.cors_allowed_origins)
 
 
 def _check_app_settings() -> None:

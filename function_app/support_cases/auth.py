@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from state import BackendUnavailable, Caller, SettingsError
 
 from .http_errors import error_response
-from .settings import AppSettings
+from .settings import AppSettings, browser_origin
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,9 @@ class SigningKeys:
         except (jwt.PyJWKSetError, jwt.InvalidKeyError, AttributeError) as error:
             raise BackendUnavailable("token issuer keys", f"{self._named}: {error}") from error
         self._fetched_at = time.monotonic()
-        self._keys = {key.key_id: key for key in keys if key.key_id}
+        # RSA keys only: tokens are RS256, and PyJWT verifying one with another type's key
+        # raises TypeError (a 500) where a token naming it is just invalid (401).
+        self._keys = {key.key_id: key for key in keys if key.key_id and key.key_type == "RSA"}
 
 
 def _since(moment: float) -> float:
@@ -480,6 +482,7 @@ def _authorization_header_count(scope: Scope) -> int:
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class LoopbackHostOnly:
@@ -488,25 +491,60 @@ class LoopbackHostOnly:
     leave port 80 out: `serve --port 80`), is answered 421. Listening on loopback is not
     enough: a web page that re-points its own host name at 127.0.0.1 (DNS rebinding) calls
     the API as same-origin, every role included; its browser sends that host name, never
-    a loopback one. The local token issuer checks its `Host` so too (devstack/issuer.py)."""
+    a loopback one. The local token issuer checks its `Host` so too (devstack/issuer.py).
 
-    def __init__(self, app: ASGIApp, port: int) -> None:
+    A request a browser sends for a page of another origin is answered 403: a page may
+    send a form's POST (no preflight) to 127.0.0.1 with a loopback `Host`, and acts with
+    every role though it never reads the answer. Its browser names the page's origin in
+    `Origin` (or, without one, says `Sec-Fetch-Site: cross-site`). Loopback origins (the
+    API's own /api/docs, a page served on this machine) and those `allowed_origins`
+    (CORS_ALLOWED_ORIGINS) names pass; its `*` does not: it lets pages of any origin call
+    with a token, which this API then asks for of none. No `Origin`: not a page (curl,
+    the CLI)."""
+
+    def __init__(self, app: ASGIApp, port: int, allowed_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.port = port
         self.names = frozenset({*LOOPBACK_NAMES, *(f"{name}:{port}" for name in LOOPBACK_NAMES)})
+        self.allowed_origins = frozenset(allowed_origins) - {"*"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = next((v for k, v in scope["headers"] if k == b"host"), b"")
-            if host.decode("latin-1").lower() not in self.names:
-                response = error_response(
-                    421,
-                    "with AUTH_DISABLED this API answers a loopback Host only: "
-                    f"127.0.0.1, localhost or [::1], with port {self.port} or none",
-                )
-                await response(scope, receive, send)
+            refusal = self._refusal(dict(_latin1_headers(scope)))
+            if refusal is not None:
+                await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[str, str]) -> Response | None:
+        if headers.get("host", "").lower() not in self.names:
+            return error_response(
+                421,
+                "with AUTH_DISABLED this API answers a loopback Host only: "
+                f"127.0.0.1, localhost or [::1], with port {self.port} or none",
+            )
+        origin = headers.get("origin")
+        cross_site = origin is None and headers.get("sec-fetch-site") == "cross-site"
+        if cross_site or (origin is not None and not self._allowed(origin)):
+            return error_response(
+                403,
+                "with AUTH_DISABLED this API answers browser pages of a loopback origin "
+                "(http://127.0.0.1, localhost or [::1], any port) or of one "
+                "CORS_ALLOWED_ORIGINS names only",
+            )
+        return None
+
+    def _allowed(self, origin: str) -> bool:
+        spelled = browser_origin(origin)
+        if spelled is None:
+            return False  # `null` (a sandboxed frame, a file:// page), or no origin at all
+        return urlsplit(spelled).hostname in LOOPBACK_HOSTS or spelled in self.allowed_origins
+
+
+def _latin1_headers(scope: Scope) -> list[tuple[str, str]]:
+    # Reversed: dict() of them keeps the first of each name, as Starlette reads a header.
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in reversed(headers)]
 
 
 def install_auth_errors(app: FastAPI) -> None:

@@ -115,7 +115,7 @@ class AppSettings(Settings):
             value = tuple(origin.strip() for origin in value.split(",") if origin.strip())
         origins = []
         for position, written in enumerate(value, start=1):
-            origin = "*" if written == "*" else _origin(written)
+            origin = "*" if written == "*" else browser_origin(written)
             if origin is None:
                 # A browser sends its origin exactly so (no path, no trailing slash): one
                 # written otherwise would never match, and every call be refused. Named by
@@ -230,7 +230,7 @@ def get_app_settings() -> AppSettings:
     return AppSettings()
 
 
-def _origin(text: str) -> str | None:
+def browser_origin(text: str) -> str | None:
     """`text` as a browser spells it in its `Origin` header, which CORS compares exactly
     (the host in lower case, no default port); None if no browser sends it so."""
     parts = urlsplit(text)

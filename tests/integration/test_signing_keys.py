@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 from devstack.issuer import Issuer
 from state import BackendUnavailable
@@ -298,6 +300,36 @@ async def test_an_issuer_trickling_its_answer_is_given_up_on_within_the_fetch_ti
     with pytest.raises(BackendUnavailable, match="last fetch failed"):
         await keys.key(issuer.kid)  # a failure as any other: not asked again at once
     assert jwks.requests == 1
+
+
+async def test_a_token_naming_a_key_of_another_type_is_refused_as_invalid(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An issuer's JWKS may hold EC (or other) keys beside its RSA ones: an RS256 token
+    naming one is an invalid token (401), not a key PyJWT cannot use (TypeError, 500)."""
+    for name in AZURE_HOST_MARKERS:
+        monkeypatch.delenv(name, raising=False)
+    issuer = Issuer("http://issuer.test", "api://keys-test")
+    elliptic = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    rsa_key = issuer.jwks()["keys"][0]
+    jwks.document = {"keys": [{**rsa_key, "kid": "rsa"}, {**elliptic, "kid": issuer.kid}]}
+    settings = AppSettings.model_validate(
+        {
+            "cosmos_endpoint": "https://127.0.0.1:8091/",
+            "auth_issuer": issuer.base_url,
+            "auth_audience": issuer.audience,
+            "auth_jwks_url": jwks.url,
+        }
+    )
+    token = issuer.mint({"name": "keys-test"})["access_token"]
+    app = create_app(holder=RuntimeHolder(lambda: settings))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keys.test") as client:
+        answer = await client.get("/api/cases/case-1", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 401, answer.text
+    assert f"no signing key {issuer.kid!r}" in answer.json()["error"]
+    keys = SigningKeys(jwks.url)
+    assert (await keys.key("rsa")).key_id == "rsa"  # the set's RSA keys are still used
 
 
 async def _age() -> None:
