@@ -158,17 +158,23 @@ class SigningKeys:
         return found
 
     async def _fetch_missing(self) -> None:
+        idle = self._fetching is None or self._fetching.done()
+        if idle and _since(self._failed_at) < KEYS_RETRY_SECONDS:
+            raise BackendUnavailable(
+                "token issuer keys",
+                f"{self._named}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
+            )
+        await self._shared_fetch()
+
+    async def _shared_fetch(self) -> None:
         if self._fetching is None or self._fetching.done():
-            if _since(self._failed_at) < KEYS_RETRY_SECONDS:
-                raise BackendUnavailable(
-                    "token issuer keys",
-                    f"{self._named}: its last fetch failed under {KEYS_RETRY_SECONDS:g} s ago",
-                )
             self._fetching = asyncio.ensure_future(self._fetch_noting_failure())
             self._fetching.add_done_callback(_retrieved)
         # Shielded: a request cut off meanwhile (its deadline, its client gone) leaves the
         # fetch to its own timeout, which records a failure; else the next request asked
-        # the issuer again at once, and no request was ever refused without waiting.
+        # the issuer again at once, and no request was ever refused without waiting. A
+        # refresh cut off so was not tried again for KEYS_REFRESH_MIN_SECONDS: a withdrawn
+        # key stayed in use while the issuer answered slower than the requests' deadline.
         await asyncio.shield(self._fetching)
 
     async def _fetch_noting_failure(self) -> None:
@@ -184,7 +190,7 @@ class SigningKeys:
             return
         self._tried_at = time.monotonic()
         try:
-            await self._fetch()
+            await self._shared_fetch()
         except BackendUnavailable as error:
             # The issuer is out of reach: the keys as last fetched stay in use until it
             # answers (asked again at most once a KEYS_REFRESH_MIN_SECONDS).

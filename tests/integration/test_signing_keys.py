@@ -182,6 +182,30 @@ async def test_a_slow_refresh_of_expired_keys_holds_up_no_other_request(
     assert jwks.requests == 2
 
 
+async def test_a_refresh_cut_off_by_its_request_deadline_still_withdraws_the_old_key(
+    jwks: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys past their age, the issuer slower than the refreshing request has left: that
+    request is cut off, but its fetch is not. Otherwise the refresh was abandoned and not
+    tried again for KEYS_REFRESH_MIN_SECONDS, and a withdrawn key stayed accepted for as
+    long as the issuer answered slower than the requests' deadline."""
+    monkeypatch.setattr(auth, "KEYS_MAX_AGE_SECONDS", 0.2)
+    old, new = Issuer("http://issuer.test", "api"), Issuer("http://issuer.test", "api")
+    jwks.document = old.jwks()
+    keys = SigningKeys(jwks.url)
+    await keys.key(old.kid)
+    jwks.document, jwks.delay = new.jwks(), 0.5  # rollover, answered slowly
+    await _age()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # the request's deadline
+            await keys.key(old.kid)
+    await asyncio.sleep(0.6)  # the issuer has answered
+    with pytest.raises(Unauthenticated, match="no signing key"):
+        await keys.key(old.kid)
+    assert (await keys.key(new.kid)).key_id == new.kid
+    assert jwks.requests == 2
+
+
 async def test_credentials_in_the_jwks_url_are_never_logged(
     jwks: JwksEndpoint, short_lived_keys: None, caplog: pytest.LogCaptureFixture
 ) -> None:
