@@ -320,10 +320,15 @@ class PostgresConnection:
         self._credential = credential
         self._owned_credential: AsyncTokenCredential | None = None
         self._lock = asyncio.Lock()
+        # The connection `_reachable` makes while `pool()` holds the lock: `close` ends it
+        # rather than wait out a blackholed server's connect timeout for the lock.
+        self._reaching: asyncio.Task[None] | None = None
         self._migrated = False
         self.counters = Counters()
         self._blocking_pool: ConnectionPool[CountedBlockingConnection] | None = None
         self._blocking_lock = threading.Lock()
+        # Held while the blocking pool's first connection is made (`_open_blocking`).
+        self._blocking_open_lock = threading.Lock()
         # When each pool was last drained (`_drain_for`).
         self._drained_at = self._blocking_drained_at = float("-inf")
         self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
@@ -438,22 +443,40 @@ class PostgresConnection:
         request its deadline). Failed, the pool is not opened: a call tries again, once per
         OPEN_RETRY_SECONDS at most (the others meanwhile fail as it did), so a server
         refusing sign-ins is not asked by every request."""
-        failed = self._open_failed
-        if failed is not None and time.monotonic() - failed[0] < OPEN_RETRY_SECONDS:
-            raise BackendUnavailable(self.name, failed[1])
+        self._raise_recent_failure()
         try:
             connection = await AsyncConnection.connect(
                 self._conninfo(), **await self._connect_kwargs()
             )
         except (ClientAuthenticationError, OperationalError) as exc:
-            detail = _first_line(exc)
-            if isinstance(exc, ClientAuthenticationError):
-                # No Entra token (no identity found, the identity endpoint down): not sent.
-                detail = f"no access token: {detail}"
-            self._open_failed = (time.monotonic(), detail)
-            raise BackendUnavailable(self.name, detail) from exc
+            raise self._unreachable(exc) from exc
         await connection.close()
         self._open_failed = None
+
+    def _reachable_blocking(self) -> None:
+        """`_reachable` before the blocking pool opens (the same server: either pool's
+        failure holds for both)."""
+        self._raise_recent_failure()
+        try:
+            connection = psycopg.Connection.connect(self._conninfo(), **self._blocking_kwargs())
+        except OperationalError as exc:
+            raise self._unreachable(exc) from exc
+        connection.close()
+        self._open_failed = None
+
+    def _raise_recent_failure(self) -> None:
+        failed = self._open_failed
+        if failed is not None and time.monotonic() - failed[0] < OPEN_RETRY_SECONDS:
+            raise BackendUnavailable(self.name, failed[1])
+
+    def _unreachable(self, exc: ClientAuthenticationError | OperationalError) -> BackendUnavailable:
+        """A failed first connection, remembered (`_reachable`)."""
+        detail = _first_line(exc)
+        if isinstance(exc, ClientAuthenticationError):
+            # No Entra token (no identity found, the identity endpoint down): not sent.
+            detail = f"no access token: {detail}"
+        self._open_failed = (time.monotonic(), detail)
+        return BackendUnavailable(self.name, detail)
 
     async def _open(self) -> AsyncConnectionPool[CountedConnection]:
         config = self._config
@@ -472,7 +495,16 @@ class PostgresConnection:
                     f" AZURE_* variables: {exc}"
                 ) from exc
             self._credential = self._owned_credential
-        await self._reachable()
+        reaching = self._reaching = asyncio.create_task(self._reachable())
+        try:
+            await reaching
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                raise BackendClosed(self.name) from None  # ended by `close`
+            raise
+        finally:
+            self._reaching = None
         pool = AsyncConnectionPool(
             self._conninfo(),
             connection_class=CountedConnection,
@@ -582,13 +614,32 @@ class PostgresConnection:
             self._drained_at = time.monotonic()
         return True
 
+    def _blocking_kwargs(self) -> dict[str, Any]:
+        """The blocking pool's connection arguments (its first connection's too)."""
+        timeout_ms = int(self._config.operation_timeout_seconds * 1000)
+        return {
+            "autocommit": True,
+            "row_factory": dict_row,
+            "cursor_factory": CountingBlockingCursor,
+            "options": self._session_options(self._config.operation_timeout_seconds),
+            "tcp_user_timeout": timeout_ms,
+            **self._connect_timeout(),
+        }
+
     def _open_blocking(self) -> ConnectionPool[CountedBlockingConnection]:
+        # Its own lock, not `_blocking_lock`: `close` takes that on the event loop, which
+        # must not wait out a connection attempt at a blackholed server.
+        with self._blocking_open_lock:
+            if self._blocking_pool is None and not self._closed:
+                self._reachable_blocking()
+            return self._blocking_pool_opened()
+
+    def _blocking_pool_opened(self) -> ConnectionPool[CountedBlockingConnection]:
         with self._blocking_lock:
             if self._closed:
                 raise BackendClosed(self.name)
             if self._blocking_pool is None:
                 config = self._config
-                timeout_ms = int(config.operation_timeout_seconds * 1000)
 
                 def configure(connection: CountedBlockingConnection) -> None:
                     connection.answer_timeout = (
@@ -602,14 +653,7 @@ class PostgresConnection:
                 pool = ConnectionPool(
                     self._conninfo(),
                     connection_class=CountedBlockingConnection,
-                    kwargs={
-                        "autocommit": True,
-                        "row_factory": dict_row,
-                        "cursor_factory": CountingBlockingCursor,
-                        "options": self._session_options(config.operation_timeout_seconds),
-                        "tcp_user_timeout": timeout_ms,
-                        **self._connect_timeout(),
-                    },
+                    kwargs=self._blocking_kwargs(),
                     configure=configure,
                     min_size=1,
                     max_size=config.pool_max_size,
@@ -639,9 +683,11 @@ class PostgresConnection:
         self._migrated = True
 
     async def close(self) -> None:
+        self._closed = True  # before the lock: `pool()` may hold it, connecting
+        if self._reaching is not None:
+            self._reaching.cancel()
         async with self._lock:
-            with self._blocking_lock:
-                self._closed = True
+            with self._blocking_lock:  # a blocking pool being opened is taken once it is
                 blocking, self._blocking_pool = self._blocking_pool, None
             pool, self._pool = self._pool, None
         if pool is not None:

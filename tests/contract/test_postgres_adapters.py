@@ -313,6 +313,31 @@ async def test_a_server_refusing_every_connection_fails_calls_at_once_not_asked_
         await server.wait_closed()
 
 
+async def test_a_closed_port_fails_blocking_calls_at_once_as_async_ones() -> None:
+    """The saver's sync API (the blocking pool) against a closed port: as the async pool,
+    its call fails at once naming the refusal, not after the pool's timeout (10 s) with
+    "couldn't get a connection"; and the failure is remembered for either pool."""
+    settings = Settings(
+        state_cold_backend="postgres",
+        postgres_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?sslmode=disable",
+    )
+    pg = PostgresConnection(settings.postgres)
+
+    def blocking_call() -> None:
+        with pg.blocking_connection("probe") as conn:
+            conn.execute("SELECT 1")
+
+    try:
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="refused"):
+            await asyncio.to_thread(blocking_call)
+        assert time.monotonic() - began < 2.0
+        with pytest.raises(BackendUnavailable, match="refused"):
+            await PostgresStateStore(pg).get("t")  # within OPEN_RETRY_SECONDS: not asked
+    finally:
+        await pg.close()
+
+
 async def test_pool_size_and_timeouts_come_from_the_settings(
     make_settings: Callable[..., Settings],
 ) -> None:

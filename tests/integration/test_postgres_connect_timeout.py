@@ -14,7 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from state.cold.postgres_client import OPEN_RETRY_SECONDS, PostgresConnection
-from state.errors import BackendUnavailable
+from state.errors import BackendClosed, BackendUnavailable
 from state.settings import Settings
 from tests.faults.proxy import LOOPBACK, LoopbackProxy
 
@@ -218,3 +218,22 @@ async def test_a_pgconnect_timeout_that_is_no_number_gets_the_pools_bound(
             assert conninfo_to_dict(blocking.info.dsn)["connect_timeout"] == "3"
     finally:
         await pg.close()
+
+
+async def test_close_does_not_wait_for_a_first_connection_to_a_blackholed_server(
+    fresh_postgres_url: str,
+) -> None:
+    """The app shutting down (or a failed start closing what it opened) while the first
+    call's connection before the pool opens waits on a blackholed server: the close ends
+    at once, the waiting call with `BackendClosed`, and no pool is opened after it."""
+    with LoopbackProxy(int(str(conninfo_to_dict(fresh_postgres_url)["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(fresh_postgres_url, host=LOOPBACK, port=proxy.port)
+        pg = _pg(url, operation_timeout=5.0, pool_timeout=5.0)
+        call = asyncio.create_task(pg.pool())
+        await asyncio.sleep(0.5)  # connecting
+        started = time.monotonic()
+        await pg.close()
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(BackendClosed):
+            await call
