@@ -57,6 +57,9 @@ def not_in_azure(monkeypatch: pytest.MonkeyPatch) -> None:
         ("localhost.evil.example", 421),
         ("127.0.0.1.evil.example", 421),
         (f"[::1]:{PORT + 1}", 421),
+        # What a page of any site calling http://0.0.0.0:<port> sends: that address reaches
+        # a server listening on loopback on Linux and macOS, and names no loopback host.
+        (f"0.0.0.0:{PORT}", 421),
         ("", 421),
     ],
 )
@@ -123,6 +126,15 @@ async def test_with_auth_disabled_browser_pages_of_other_origins_are_refused(
             {"auth_disabled": True}, "GET", "/api/openapi.json", {**LOOPBACK_HOST, **browser}
         )
         assert answer.status_code == 200
+
+
+async def test_with_auth_disabled_a_foreign_page_opens_no_event_stream() -> None:
+    """EventSource names its page's origin: a foreign page would otherwise hold the local
+    principal's streams (every caller is that one), and `agent-state follow` be refused (429)."""
+    stream = {**LOOPBACK_HOST, "Origin": "https://evil.example", "Accept": "text/event-stream"}
+    answer = await answer_to({"auth_disabled": True}, "GET", "/api/cases/case-1/events", stream)
+    assert answer.status_code == 403, answer.text
+    assert "loopback origin" in answer.json()["error"]
 
 
 async def test_with_auth_disabled_the_origins_cors_allows_are_answered() -> None:
