@@ -38,6 +38,7 @@ from .deadline import RequestDeadline
 from .encoded_slash import KeepEncodedSlashes
 from .events import sse_frame
 from .http_errors import install_error_handlers
+from .json_body import UniqueKeysRoute
 from .models import (
     AUDIT_PAGE_MAX,
     CASE_ID_PATTERN,
@@ -185,7 +186,7 @@ def may_see_decision(caller: Principal, view: CaseView) -> bool:
     return may_read(caller, view) or decided_by == caller.id
 
 
-router = APIRouter(prefix=API_PREFIX, responses=ERRORS)
+router = APIRouter(prefix=API_PREFIX, responses=ERRORS, route_class=UniqueKeysRoute)
 
 
 @router.post(

@@ -38,6 +38,7 @@ from .events import (
     InvalidEventId,
     StreamsBusy,
 )
+from .json_body import DuplicateKey
 from .runs import RunIndexBusy, RunIndexDamaged
 from .service import CaseBusy, CaseConflict, CaseNotFound, IdempotencyMismatch, ReservedCaseId
 
@@ -83,6 +84,8 @@ def _unparsable_body(cause: BaseException | None) -> str | None:
         return "cannot be decoded as UTF-8"
     if isinstance(cause, RecursionError):
         return "nested too deeply"
+    if isinstance(cause, DuplicateKey):
+        return str(cause)
     if isinstance(cause, ValueError):
         # An integer of more digits than Python converts (sys.get_int_max_str_digits); its
         # message tells a Python programmer how to lift the limit, not the caller.

@@ -516,3 +516,45 @@ async def test_an_event_id_of_digits_of_another_script_is_422_not_an_empty_strea
     assert response.json()["error"].startswith("invalid request:")
     valid = await client.get(f"/api/cases/{case_id}/events", params={"seconds": 0, "after": "0"})
     assert valid.status_code == 200 and "event: run_queued" in valid.text
+
+
+async def test_a_decision_naming_its_verdict_twice_is_422_and_the_case_still_waits(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, reviewer: dict[str, str]
+) -> None:
+    """Python's JSON parser keeps the last of a repeated key: `{"decision": "approve",
+    "decision": "reject"}` refused the refund, though nobody can tell which was meant."""
+    body = {**demo_case(case_id), "transactions": duplicate_charges(612.40)}
+    submitted = await client.post("/api/cases", json=body)
+    assert submitted.json()["status"] == "awaiting_review", submitted.text
+    before = await runtime.store.get(case_id)
+    response = await client.post(
+        f"/api/cases/{case_id}/review",
+        content=b'{"decision": "approve", "decision": "reject"}',
+        headers={**reviewer, "content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == (
+        "invalid request: body: not valid JSON (the key 'decision' appears more than once "
+        "in one object)"
+    )
+    after = await runtime.store.get(case_id)
+    assert before is not None and after is not None and after.version == before.version
+    approved = await client.post(
+        f"/api/cases/{case_id}/review", json={"decision": "approve"}, headers=reviewer
+    )
+    assert approved.json()["refund"]["status"] == "issued", approved.text
+
+
+async def test_a_charge_naming_its_amount_twice_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """The charge was taken at whichever amount came last (612.40 here, no longer the
+    duplicate of a 49.99 charge the client may have meant it to be): stated once, or 422."""
+    body = json.dumps({**demo_case(case_id), "transactions": duplicate_charges(49.99)})
+    body = body.replace('"amount": 49.99,', '"amount": 49.99, "amount": 612.40,', 1)
+    response = await client.post(
+        "/api/cases", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "the key 'amount' appears more than once" in response.json()["error"]
+    assert await runtime.store.get(case_id) is None
