@@ -631,7 +631,14 @@ class PostgresConnection:
         # must not wait out a connection attempt at a blackholed server.
         with self._blocking_open_lock:
             if self._blocking_pool is None and not self._closed:
-                self._reachable_blocking()
+                try:
+                    self._reachable_blocking()
+                except BackendUnavailable:
+                    # Closed meanwhile (`close` cannot end this attempt as it ends
+                    # `_reachable`'s): the call fails as closed, as that one does.
+                    if self._closed:
+                        raise BackendClosed(self.name) from None
+                    raise
             return self._blocking_pool_opened()
 
     def _blocking_pool_opened(self) -> ConnectionPool[CountedBlockingConnection]:

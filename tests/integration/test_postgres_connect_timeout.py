@@ -237,3 +237,29 @@ async def test_close_does_not_wait_for_a_first_connection_to_a_blackholed_server
         assert time.monotonic() - started < 1.0
         with pytest.raises(BackendClosed):
             await call
+
+
+async def test_close_during_a_blocking_first_connection_ends_its_call_as_closed(
+    fresh_postgres_url: str,
+) -> None:
+    """As above for the saver's sync API: its call's first connection (on the caller's
+    thread, which `close` cannot interrupt) waits on a blackholed server as the owner
+    closes. Its attempt then times out: the call fails as closed (`SaverClosed` at the
+    saver), as the async one does, not as the server's outage, and opens no pool."""
+    with LoopbackProxy(int(str(conninfo_to_dict(fresh_postgres_url)["port"]))) as proxy:
+        proxy.cut("blackhole")
+        url = make_conninfo(fresh_postgres_url, host=LOOPBACK, port=proxy.port)
+        pg = _pg(url, operation_timeout=1.0, pool_timeout=CONNECT_BOUND_SECONDS)
+
+        def blocking_call() -> None:
+            with pg.blocking_connection("probe") as conn:
+                conn.execute("SELECT 1")
+
+        call = asyncio.ensure_future(asyncio.to_thread(blocking_call))
+        await asyncio.sleep(0.5)  # connecting
+        started = time.monotonic()
+        await pg.close()
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(BackendClosed):
+            await call
+        assert pg._blocking_pool is None
