@@ -764,8 +764,14 @@ def submit(
 
 
 def _request_body(file: Path) -> dict[str, Any]:
+    # Here, not at the top: the module loads FastAPI, which the CLI's start-up otherwise skips.
+    from support_cases.json_body import DuplicateKey, loads_unique_keys
+
     try:
-        body = json.loads(file.read_text())
+        # As the API reads it: a key named twice is refused, not settled here at the last.
+        body = loads_unique_keys(file.read_text())
+    except DuplicateKey as error:
+        raise typer.BadParameter(f"{file}: {error}", param_hint="--file") from error
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise typer.BadParameter(f"{file} is not JSON: {error}", param_hint="--file") from error
     if not isinstance(body, dict):

@@ -32,10 +32,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+def loads_unique_keys(text: str | bytes) -> Any:
+    """`json.loads`, raising `DuplicateKey` for an object that names a key twice."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 class UniqueKeysRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+            self._json = loads_unique_keys(await self.body())
         return self._json
 
 

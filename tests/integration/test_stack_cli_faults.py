@@ -458,8 +458,14 @@ def test_submit_to_a_malformed_api_url_is_a_usage_error() -> None:
         (None, "does not exist"),
         ("not json", "is not JSON"),
         ("[1, 2]", "is not a JSON object"),
+        # The API refuses a key named twice; the CLI kept the last (`"amount": 612.4` here)
+        # and sent a body the API took, the ambiguity settled for the caller.
+        (
+            '{"transactions": [{"amount": 49.99, "amount": 612.40}]}',
+            "the key 'amount' appears more than once in one object",
+        ),
     ],
-    ids=["missing", "not-json", "not-an-object"],
+    ids=["missing", "not-json", "not-an-object", "duplicate-key"],
 )
 def test_submit_a_file_it_cannot_use_is_a_usage_error(
     tmp_path: Path, content: str | None, expected: str
