@@ -66,6 +66,22 @@ class CaseSubmission(BaseModel):
         default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LENGTH
     )
 
+    @field_validator("transactions")
+    @classmethod
+    def _one_charge_per_id(cls, value: list[Transaction]) -> list[Transaction]:
+        # Billing counts an id once (a repeat as it was is one charge), so an id listed
+        # with other details would be judged at whichever listing came first.
+        seen: dict[str, Transaction] = {}
+        for transaction in value:
+            first = seen.setdefault(transaction.id, transaction)
+            if first != transaction:
+                raise ValueError(
+                    f"transaction {transaction.id!r} is listed more than once with different "
+                    "details (merchant, amount, currency or timestamp): which one was meant "
+                    "cannot be told"
+                )
+        return value
+
 
 class ReviewDecision(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)

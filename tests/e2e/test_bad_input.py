@@ -558,3 +558,63 @@ async def test_a_charge_naming_its_amount_twice_is_422_and_writes_nothing(
     assert response.status_code == 422, response.text
     assert "the key 'amount' appears more than once" in response.json()["error"]
     assert await runtime.store.get(case_id) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"amount": 612.40},
+        {"merchant": "Hotel Europa"},
+        {"currency": "EUR"},
+        {"timestamp": "2024-05-02T10:00:00Z"},
+    ],
+    ids=["amount", "merchant", "currency", "timestamp"],
+)
+async def test_one_transaction_id_listed_twice_with_other_details_is_422_naming_it(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str, change: dict[str, Any]
+) -> None:
+    """The first listing was kept and the other dropped unsaid: txn_1001 at 49.99, then
+    at 612.40, was judged (and refunded) as the 49.99 duplicate of txn_1002; listed the
+    other way round, it was no duplicate at all."""
+    body = demo_case(case_id)
+    body["transactions"].append({**body["transactions"][0], **change})
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("invalid request: body.transactions:"), error
+    assert "'txn_1001' is listed more than once with different details" in error
+    assert await runtime.store.get(case_id) is None
+
+
+async def test_one_transaction_listed_twice_alike_is_one_charge(
+    client: httpx.AsyncClient, case_id: str
+) -> None:
+    """A repeat of a transaction as it was (however written) is no ambiguity, and no
+    second charge: the case is the demo's, one duplicate refunded."""
+    body = demo_case(case_id)
+    repeat = {key: value for key, value in body["transactions"][0].items() if key != "currency"}
+    body["transactions"].append({**repeat, "timestamp": "2024-05-01T10:00:00+00:00"})
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 201, response.text
+    billing = response.json()["billing"]
+    assert [charge["transaction_id"] for charge in billing["duplicates"]] == ["txn_1002"]
+    assert billing["refund_amount"] == 49.99
+
+
+async def test_a_follow_up_carrying_transactions_is_422_and_queues_nothing(
+    client: httpx.AsyncClient, runtime: Runtime, case_id: str
+) -> None:
+    """A follow-up is text only: the case's transactions are those it was submitted with,
+    so one it knows cannot come again with other details."""
+    assert (await client.post("/api/cases", json=demo_case(case_id))).status_code == 201
+    before = await runtime.store.get(case_id)
+    changed = {**demo_case(case_id)["transactions"][0], "amount": 612.40}
+    response = await client.post(
+        f"/api/cases/{case_id}/messages",
+        json={"text": "It was 612.40, not 49.99", "transactions": [changed]},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request: body.transactions:")
+    after = await runtime.store.get(case_id)
+    assert before is not None and after is not None and after.version == before.version
+    assert len((await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]) == 1
