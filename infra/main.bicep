@@ -65,13 +65,15 @@ param redisPersistence string = 'None'
 @description('Cosmos DB capacity mode: serverless (pay per request) or provisioned autoscale.')
 param cosmosServerless bool = true
 
-@description('Keep cold state forever (STATE_COLD_TTL_SECONDS=-1, the app default). False: cold state expires stateColdTtlSeconds after a thread\'s last activity.')
-param stateColdKeepForever bool = true
+@description('Cosmos DB autoscale maximum RU/s of the container when cosmosServerless is false (whole thousands). The point of leaving serverless is more than its 5,000 RU/s per container (docs/CAPACITY.md), so the default is twice that; autoscale bills at least a tenth of it every hour.')
+@minValue(1000)
+@maxValue(1000000)
+param cosmosAutoscaleMaxThroughput int = 10000
 
-@description('Cold-state retention in seconds when stateColdKeepForever is false: the app\'s timer deletes a thread, whole, this long after its last activity.')
-@minValue(1)
+@description('STATE_COLD_TTL_SECONDS: cold-state retention in seconds; the app\'s timer deletes a thread, whole, this long after its last activity. -1 (the app default) keeps it forever. 0 is not a retention (the app refuses it; the preprovision hook stops `azd up` on it): read as -1 here, so nothing deploys 0.')
+@minValue(-1)
 @maxValue(2147483647)
-param stateColdTtlSeconds int = 2592000
+param stateColdTtlSeconds int = -1
 
 @description('STATE_HOT_TTL_SECONDS: TTL of cached workflow documents in Redis.')
 @minValue(1)
@@ -176,9 +178,11 @@ var appMaxInstances = usePostgres ? postgresMaxInstances : maximumInstanceCount
 // The app's default pool (10) unless the server cannot give every instance that many.
 var postgresPoolMaxSize = usePostgres ? min(10, postgresAppConnections / appMaxInstances) : 10
 var useManagedRedis = redisKind == 'AzureManagedRedis'
-// STATE_COLD_TTL_SECONDS: -1 or >= 1, never 0 (the app refuses 0). The app's timer sweeps
-// whole threads past it; the Cosmos container's own default TTL stays -1 (cosmos.bicep).
-var stateColdTtl = stateColdKeepForever ? -1 : stateColdTtlSeconds
+// STATE_COLD_TTL_SECONDS: -1 or >= 1, never 0 (the app refuses 0). One parameter, fed back
+// from the azd variable of the same name (main.parameters.json), so `azd env set` of the
+// value `azd env get-values` shows is what the next provision deploys. The app's timer
+// sweeps whole threads past it; the Cosmos container's own default TTL stays -1 (cosmos.bicep).
+var stateColdTtl = stateColdTtlSeconds == 0 ? -1 : stateColdTtlSeconds
 var publicNetworkAccess = vnetEnabled ? 'Disabled' : 'Enabled'
 // Client applications whose access tokens the API accepts (the app's AUTH_ALLOWED_CLIENT_IDS
 // and built-in authentication's allowedApplications): any other client a user consented
@@ -269,6 +273,7 @@ module cosmos 'modules/cosmos.bicep' = if (!usePostgres) {
     databaseName: cosmosDatabaseName
     containerName: cosmosContainerName
     serverless: cosmosServerless
+    autoscaleMaxThroughput: cosmosAutoscaleMaxThroughput
     identityPrincipalId: identity.outputs.principalId
     developerPrincipalId: principalId
     publicNetworkAccess: publicNetworkAccess

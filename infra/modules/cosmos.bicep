@@ -20,8 +20,10 @@ param containerName string
 @description('Serverless capacity mode (pay per request). False: provisioned autoscale throughput on the container.')
 param serverless bool = true
 
-@description('Autoscale maximum RU/s when not serverless.')
-param autoscaleMaxThroughput int = 1000
+@description('Autoscale maximum RU/s when not serverless (whole thousands): above the 5,000 RU/s a serverless container serves, or leaving serverless gains nothing.')
+@minValue(1000)
+@maxValue(1000000)
+param autoscaleMaxThroughput int = 10000
 
 @description('Public network access. Disabled when the deployment uses private endpoints (vnetEnabled).')
 @allowed([

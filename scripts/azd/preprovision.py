@@ -10,7 +10,7 @@ the firewall rule that admits every Azure-hosted client (any Azure customer), wh
 not opened unless POSTGRES_ALLOW_AZURE_SERVICES says so: refused until one is chosen,
 rather than deploying an app that cannot connect. Likewise an AUTH_ALLOWED_CLIENT_IDS
 entry that is no application id: the app refuses it at start, and would answer every
-request 503. Standard library only: it runs before any venv exists.
+request 503; and a STATE_COLD_TTL_SECONDS of 0, which the app refuses too. Standard library only: it runs before any venv exists.
 
     python scripts/azd/preprovision.py
 """
@@ -30,6 +30,8 @@ GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 # Bool parameters of main.bicep read from the azd environment (main.parameters.json).
 SWITCHES = ("VNET_ENABLED", "POSTGRES_ALLOW_AZURE_SERVICES")
 COLD_BACKENDS = ("cosmos", "postgres")
+# main.bicep's @maxValue of stateColdTtlSeconds (Cosmos DB's largest TTL, 2^31 - 1).
+COLD_TTL_MAX = 2147483647
 
 
 def enabled(env: Mapping[str, str], name: str) -> bool:
@@ -50,6 +52,22 @@ def misspelled(env: Mapping[str, str]) -> str | None:
         return (
             f"STATE_COLD_BACKEND is {backend!r}, not one of {', '.join(COLD_BACKENDS)} "
             "(lower case): `azd env set STATE_COLD_BACKEND cosmos`"
+        )
+    return None
+
+
+def cold_ttl_problem(value: str) -> str | None:
+    """STATE_COLD_TTL_SECONDS as main.bicep's stateColdTtlSeconds takes it: -1 or
+    1..2147483647 seconds. 0 is no retention the app accepts (it refuses it at start), and
+    Bicep, which never deploys it, would read it as -1: kept forever, not what was asked."""
+    if not value:
+        return None
+    seconds = int(value) if re.fullmatch(r"-?[0-9]+", value) else None
+    if seconds is None or not (seconds == -1 or 1 <= seconds <= COLD_TTL_MAX):
+        return (
+            f"STATE_COLD_TTL_SECONDS is {value!r}: the cold-state retention is -1 (keep "
+            f"forever) or a whole number of seconds, 1 to {COLD_TTL_MAX}, never 0: "
+            "`azd env set STATE_COLD_TTL_SECONDS 2592000` (30 days), then `azd up`"
         )
     return None
 
@@ -75,6 +93,8 @@ def problem(env: Mapping[str, str]) -> str | None:
             "out). Either `azd env set VNET_ENABLED true` (private endpoint) or "
             "`azd env set POSTGRES_ALLOW_AZURE_SERVICES true`, then `azd up`"
         )
+    if (found := cold_ttl_problem(env.get("STATE_COLD_TTL_SECONDS", "").strip())) is not None:
+        return found
     written = [entry.strip() for entry in env.get("AUTH_ALLOWED_CLIENT_IDS", "").split(",")]
     for position, client_id in enumerate((entry for entry in written if entry), start=1):
         if not GUID.fullmatch(client_id.lower()):

@@ -1177,6 +1177,80 @@ def test_an_output_of_a_parameter_is_read_back_from_its_azd_variable() -> None:
         )
 
 
+AZD_REFERENCE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?:=([^}]*))?\}")
+
+
+def azd_bound_main(env: dict[str, str]) -> BicepFile:
+    """main.bicep bound to the parameters `azd provision` gives it from this azd
+    environment: main.parameters.json's `${NAME}` / `${NAME=default}` substituted, as
+    azd does, then read as the parameter's type (a number or a bool as such)."""
+    main = infra_file("main.bicep")
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    values: dict[str, Any] = {}
+    for name, entry in parameters.items():
+        written = AZD_REFERENCE.sub(
+            lambda match: env.get(match.group(1)) or (match.group(2) or ""), entry["value"]
+        )
+        if written == "":
+            continue  # empty: the parameter's own default
+        if re.fullmatch(r"-?[0-9]+", written):
+            values[name] = int(written)
+        elif written in ("true", "false"):
+            values[name] = written == "true"
+        else:
+            values[name] = written
+    for name, value in values.items():
+        bounds = main.params[name].decorator_args
+        low, high = bounds.get("minValue", [None])[0], bounds.get("maxValue", [None])[0]
+        # A value outside a parameter's bounds fails the provision before anything deploys.
+        assert low is None or value >= low, f"{name}={value} is below @minValue({low})"
+        assert high is None or value <= high, f"{name}={value} is above @maxValue({high})"
+    return main.bind(**values)
+
+
+@pytest.mark.parametrize(
+    ("variable", "chosen"),
+    [
+        ("STATE_COLD_TTL_SECONDS", 2592000),
+        ("STATE_COLD_TTL_SECONDS", -1),
+        ("STATE_HOT_TTL_SECONDS", 3600),
+        ("CASE_MAX_RUNS", 8),
+    ],
+)
+def test_an_app_setting_set_in_the_azd_environment_reaches_the_app(
+    variable: str, chosen: int
+) -> None:
+    """`azd env get-values` lists the app settings the deployment chose; `azd env set` of
+    one of them, then `azd provision`, must deploy it, and the output read back again
+    (the next provision starts from the outputs of the last). STATE_COLD_TTL_SECONDS
+    came from two parameters no azd variable fed (stateColdKeepForever,
+    stateColdTtlSeconds): set in the environment, it was ignored, the app kept every
+    thread forever and the provision wrote -1 back over the operator's retention."""
+    main = azd_bound_main({variable: str(chosen)})
+    outputs = {o.name: o.value for o in main.outputs}
+    # Parameters azd leaves unset take their defaults, as in ARM.
+    assert main.evaluate(outputs[variable], assume_defaults=True) == chosen
+    module = next(m for m in main.modules if m.path.endswith("function-app.bicep"))
+    setting = {
+        "STATE_COLD_TTL_SECONDS": "stateColdTtlSeconds",
+        "STATE_HOT_TTL_SECONDS": "stateHotTtlSeconds",
+        "CASE_MAX_RUNS": "caseMaxRuns",
+    }[variable]
+    assert main.evaluate(module.params()[setting], assume_defaults=True) == chosen
+
+
+def test_an_unset_azd_environment_deploys_the_app_defaults() -> None:
+    main = azd_bound_main({})
+    outputs = {o.name: o.value for o in main.outputs}
+    for variable, field_name in (
+        ("STATE_COLD_TTL_SECONDS", "state_cold_ttl_seconds"),
+        ("STATE_HOT_TTL_SECONDS", "state_hot_ttl_seconds"),
+        ("CASE_MAX_RUNS", "case_max_runs"),
+    ):
+        value = main.evaluate(outputs[variable], assume_defaults=True)
+        assert value == AppSettings.model_fields[field_name].default
+
+
 def test_storage_has_no_shared_key_access() -> None:
     assert check_storage(infra_files()) == []
 
@@ -1827,6 +1901,23 @@ def test_preprovision_refuses_allowed_client_ids_the_app_would_refuse(
     messy = f" {DAEMON_CLIENT_ID.upper()} , ,{AZURE_CLI_CLIENT_ID},"
     for accepted in ("", " ", messy, f"{AZURE_CLI_CLIENT_ID},{DAEMON_CLIENT_ID}"):
         assert preprovision.main({"AUTH_ALLOWED_CLIENT_IDS": accepted}) == 0, accepted
+
+
+def test_preprovision_refuses_a_cold_retention_the_app_would_refuse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """STATE_COLD_TTL_SECONDS now feeds stateColdTtlSeconds: 0 (the app refuses it) or a
+    value Bicep's bounds refuse stops `azd up` before anything is provisioned, with the
+    command that fixes it."""
+    preprovision = load_script("preprovision")
+    for refused in ("0", "-5", "30d", "2147483648"):
+        assert preprovision.main({"STATE_COLD_TTL_SECONDS": refused}) == 1, refused
+        assert "azd env set STATE_COLD_TTL_SECONDS" in capsys.readouterr().err
+    for accepted in ("", "-1", "1", "2592000", "2147483647"):
+        assert preprovision.main({"STATE_COLD_TTL_SECONDS": accepted}) == 0, accepted
+    main = infra_file("main.bicep")
+    bounds = main.params["stateColdTtlSeconds"].decorator_args
+    assert (bounds["minValue"][0], bounds["maxValue"][0]) == (-1, preprovision.COLD_TTL_MAX)
 
 
 def test_deploy_doc_covers_deployment_and_every_setting() -> None:

@@ -43,7 +43,7 @@ COSMOS_TTL_MAX = 2147483647
 EXPECTED_BOUNDS = {
     ("main.bicep", "maximumInstanceCount"): (40, 1000),
     ("function-app.bicep", "maximumInstanceCount"): (40, 1000),
-    ("main.bicep", "stateColdTtlSeconds"): (1, COSMOS_TTL_MAX),
+    ("main.bicep", "stateColdTtlSeconds"): (-1, COSMOS_TTL_MAX),
     ("function-app.bicep", "stateColdTtlSeconds"): (-1, COSMOS_TTL_MAX),
 }
 # No queue endpoint: the app has an HTTP and a timer trigger, whose host keeps its locks in
@@ -221,11 +221,12 @@ def check_cold_ttl_never_zero(main: BicepFile) -> list[str]:
     low = param.decorator_args.get("minValue", [None])[0] if param else None
     if not isinstance(low, int):
         return ["main.bicep: stateColdTtlSeconds has no @minValue"]
-    for keep in (True, False):
-        bound = main.bind(stateColdKeepForever=keep, stateColdTtlSeconds=low)
+    # Every value the bounds admit up to 1 (-1, and the 0 the app refuses, included).
+    for chosen in range(low, 2):
+        bound = main.bind(stateColdTtlSeconds=chosen)
         ttl = bound.evaluate(bound.variables["stateColdTtl"])
         if not isinstance(ttl, int) or ttl == 0 or ttl < -1:
-            problems.append(f"main.bicep: keepForever={keep} gives a cold TTL of {ttl!r}")
+            problems.append(f"main.bicep: stateColdTtlSeconds={chosen} gives a cold TTL of {ttl!r}")
     for file_name, name in (("function-app.bicep", "stateColdTtlSeconds"),):
         for module in module_by_file(main, file_name):
             passed = module.params().get(name)
@@ -240,31 +241,59 @@ def test_platform_bounds_are_declared() -> None:
 
 
 BOUNDS_SNIPPET = """
-param stateColdKeepForever bool = true
-@minValue(1)
+@minValue(-1)
 @maxValue(2147483647)
-param stateColdTtlSeconds int = 2592000
+param stateColdTtlSeconds int = -1
 @minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
-var stateColdTtl = stateColdKeepForever ? -1 : stateColdTtlSeconds
+var stateColdTtl = stateColdTtlSeconds == 0 ? -1 : stateColdTtlSeconds
 """
 
 
 def test_bounds_checkers_fail_on_values_the_platform_rejects() -> None:
     expected = {
         ("main.bicep", "maximumInstanceCount"): (40, 1000),
-        ("main.bicep", "stateColdTtlSeconds"): (1, COSMOS_TTL_MAX),
+        ("main.bicep", "stateColdTtlSeconds"): (-1, COSMOS_TTL_MAX),
     }
     good = parse(BOUNDS_SNIPPET, name="main.bicep")
     assert check_param_bounds([good], expected) == []
     low_scale = parse(BOUNDS_SNIPPET.replace("@minValue(40)", "@minValue(1)"), name="main.bicep")
     assert any("maximumInstanceCount" in p for p in check_param_bounds([low_scale], expected))
-    zero_ttl = parse(BOUNDS_SNIPPET.replace("@minValue(1)\n", "@minValue(0)\n"), name="main.bicep")
+    zero_ttl = parse(BOUNDS_SNIPPET.replace("@minValue(-1)\n", "@minValue(0)\n"), name="main.bicep")
     assert any("stateColdTtlSeconds" in p for p in check_param_bounds([zero_ttl], expected))
-    assert any("0" in p for p in check_cold_ttl_never_zero(zero_ttl))
+    zero_passed = parse(BOUNDS_SNIPPET.replace("== 0 ? -1 :", "== -2 ? -1 :"), name="main.bicep")
+    assert any("0" in p for p in check_cold_ttl_never_zero(zero_passed))
     unbounded = parse(BOUNDS_SNIPPET.replace("@maxValue(1000)\n", ""), name="main.bicep")
     assert check_param_bounds([unbounded], expected)
+
+
+# A serverless container serves up to 5,000 RU/s ("Azure Cosmos DB serverless performance",
+# https://learn.microsoft.com/azure/cosmos-db/serverless-performance; docs/CAPACITY.md).
+SERVERLESS_CONTAINER_RU = 5000
+
+
+def provisioned_cosmos_ru(main: BicepFile, cosmos: BicepFile) -> Any:
+    """The autoscale maximum the container gets with cosmosServerless=false: what main
+    passes, else cosmos.bicep's own default."""
+    modules = module_by_file(main, "cosmos.bicep")
+    passed = module_param(main, modules[0], "autoscaleMaxThroughput") if modules else None
+    return passed if passed is not None else param_default(cosmos, "autoscaleMaxThroughput")
+
+
+def test_provisioned_cosmos_serves_more_than_serverless() -> None:
+    """README and docs/CAPACITY.md: past the serverless container's 5,000 RU/s, provisioned
+    (autoscale) throughput (cosmosServerless=false). It deployed an autoscale maximum of
+    1,000 RU/s, a fifth of serverless, that no main.bicep parameter could raise: the
+    switch made for more throughput throttled (429) at a fifth of the load."""
+    main, cosmos = infra_file("main.bicep"), infra_file("cosmos.bicep")
+    ru = provisioned_cosmos_ru(main, cosmos)
+    assert isinstance(ru, int) and ru > SERVERLESS_CONTAINER_RU, ru
+    # Autoscale maxima are whole thousands of RU/s, from 1,000.
+    assert ru % 1000 == 0
+    param = main.params.get("cosmosAutoscaleMaxThroughput")
+    assert param is not None, "main.bicep does not offer the autoscale maximum"
+    assert param.decorator_args.get("minValue") == [1000]
 
 
 # ================================================================== 3. worker telemetry
