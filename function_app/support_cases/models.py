@@ -35,6 +35,16 @@ class CaseStatus(StrEnum):
     FAILED = "failed"
 
 
+def merchant_key(merchant: str) -> str:
+    """A merchant as billing matches it: neither case nor runs of whitespace tell two apart."""
+    return " ".join(merchant.casefold().split())
+
+
+def amount_cents(amount: float) -> int:
+    """An amount as billing matches (and refunds) it: to the cent."""
+    return round(amount * 100)
+
+
 class Transaction(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -53,6 +63,10 @@ class Transaction(BaseModel):
             raise ValueError("timestamp needs a time zone (e.g. 2024-05-01T10:00:00Z)")
         return value
 
+    def charge_key(self) -> tuple[str, str, int, datetime]:
+        """What billing judges this charge by; an aware datetime compares as an instant."""
+        return merchant_key(self.merchant), self.currency, amount_cents(self.amount), self.timestamp
+
 
 class CaseSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -69,12 +83,12 @@ class CaseSubmission(BaseModel):
     @field_validator("transactions")
     @classmethod
     def _one_charge_per_id(cls, value: list[Transaction]) -> list[Transaction]:
-        # Billing counts an id once (a repeat as it was is one charge), so an id listed
-        # with other details would be judged at whichever listing came first.
+        # Billing counts an id once (a repeat as billing sees it is one charge), so an id
+        # listed with other details would be judged at whichever listing came first.
         seen: dict[str, Transaction] = {}
         for transaction in value:
             first = seen.setdefault(transaction.id, transaction)
-            if first != transaction:
+            if first.charge_key() != transaction.charge_key():
                 raise ValueError(
                     f"transaction {transaction.id!r} is listed more than once with different "
                     "details (merchant, amount, currency or timestamp): which one was meant "

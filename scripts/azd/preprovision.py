@@ -93,7 +93,9 @@ def problem(env: Mapping[str, str]) -> str | None:
             "out). Either `azd env set VNET_ENABLED true` (private endpoint) or "
             "`azd env set POSTGRES_ALLOW_AZURE_SERVICES true`, then `azd up`"
         )
-    if (found := cold_ttl_problem(env.get("STATE_COLD_TTL_SECONDS", "").strip())) is not None:
+    # Unstripped: azd passes the value as written, and one ParseInt cannot read whole
+    # (" 2592000 ") reaches ARM as a string, which refuses it for an int parameter.
+    if (found := cold_ttl_problem(env.get("STATE_COLD_TTL_SECONDS", ""))) is not None:
         return found
     written = [entry.strip() for entry in env.get("AUTH_ALLOWED_CLIENT_IDS", "").split(",")]
     for position, client_id in enumerate((entry for entry in written if entry), start=1):

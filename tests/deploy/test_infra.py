@@ -1920,6 +1920,18 @@ def test_preprovision_refuses_a_cold_retention_the_app_would_refuse(
     assert (bounds["minValue"][0], bounds["maxValue"][0]) == (-1, preprovision.COLD_TTL_MAX)
 
 
+def test_preprovision_refuses_a_cold_retention_azd_passes_as_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """azd substitutes the variable as written and reads it as a number only if Go's
+    strconv.ParseInt takes it whole: " 2592000 " reached ARM as the string " 2592000 ",
+    which refuses it for an int parameter after the hook had let it through."""
+    preprovision = load_script("preprovision")
+    for written in (" 2592000 ", "2592000\n", " -1", "  "):
+        assert preprovision.main({"STATE_COLD_TTL_SECONDS": written}) == 1, repr(written)
+        assert "azd env set STATE_COLD_TTL_SECONDS" in capsys.readouterr().err
+
+
 def test_deploy_doc_covers_deployment_and_every_setting() -> None:
     doc = DEPLOY_DOC.read_text()
     for needle in (

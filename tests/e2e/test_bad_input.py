@@ -618,3 +618,31 @@ async def test_a_follow_up_carrying_transactions_is_422_and_queues_nothing(
     after = await runtime.store.get(case_id)
     assert before is not None and after is not None and after.version == before.version
     assert len((await client.get(f"/api/cases/{case_id}/runs")).json()["runs"]) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"merchant": "STREAMFLIX"},
+        {"merchant": "Stream  Flix"},
+        {"amount": 49.990000001},
+        {"timestamp": "2024-05-01T12:00:00+02:00"},
+    ],
+    ids=["merchant-case", "merchant-spacing", "sub-cent-amount", "same-instant"],
+)
+async def test_one_transaction_listed_twice_as_billing_sees_it_is_one_charge(
+    client: httpx.AsyncClient, case_id: str, change: dict[str, Any]
+) -> None:
+    """Billing matches a merchant whatever its case, an amount to the cent and a timestamp
+    as an instant: a repeat that differs only so is judged the same at either listing, so
+    it is no ambiguity to refuse (an export listing `STREAMFLIX` was answered 422)."""
+    body = demo_case(case_id)
+    if change.get("merchant") == "Stream  Flix":
+        for charge in body["transactions"][:2]:
+            charge["merchant"] = "Stream Flix"
+    body["transactions"].append({**body["transactions"][0], **change})
+    response = await client.post("/api/cases", json=body)
+    assert response.status_code == 201, response.text
+    billing = response.json()["billing"]
+    assert [charge["transaction_id"] for charge in billing["duplicates"]] == ["txn_1002"]
+    assert billing["refund_amount"] == 49.99

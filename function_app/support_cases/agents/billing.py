@@ -15,15 +15,8 @@ from typing import Any
 from state import JSON
 
 from ..case_state import BillingResult, CaseState, Charge
+from ..models import amount_cents, merchant_key
 from .base import StatefulAgent, Step
-
-
-def _merchant_key(merchant: str) -> str:
-    return " ".join(merchant.casefold().split())
-
-
-def _cents(amount: float) -> int:
-    return round(amount * 100)
 
 
 def _charge(transaction: Mapping[str, Any]) -> Charge:
@@ -33,7 +26,7 @@ def _charge(transaction: Mapping[str, Any]) -> Charge:
     return Charge(
         transaction_id=str(transaction["id"]),
         merchant=str(transaction["merchant"]),
-        amount=_cents(float(transaction["amount"])) / 100,
+        amount=amount_cents(float(transaction["amount"])) / 100,
         currency=str(transaction.get("currency", "USD")),
         timestamp=str(timestamp),
     )
@@ -49,10 +42,10 @@ def find_duplicate_charges(
         unique.setdefault(charge["transaction_id"], charge)
     groups: dict[tuple[str, str, int], list[Charge]] = defaultdict(list)
     for charge in unique.values():
-        cents = _cents(charge["amount"])
+        cents = amount_cents(charge["amount"])
         if cents == 0:
             continue  # less than half a cent: nothing a refund could return
-        groups[(_merchant_key(charge["merchant"]), charge["currency"], cents)].append(charge)
+        groups[(merchant_key(charge["merchant"]), charge["currency"], cents)].append(charge)
     duplicates: list[Charge] = []
     for group in groups.values():
         group.sort(key=lambda charge: datetime.fromisoformat(charge["timestamp"]))
@@ -74,7 +67,7 @@ def amounts_by_currency(charges: list[Charge]) -> dict[str, float]:
     """Each currency's total: amounts in different currencies are refunded apart, never added."""
     cents: dict[str, int] = defaultdict(int)
     for charge in charges:
-        cents[charge["currency"]] += _cents(charge["amount"])
+        cents[charge["currency"]] += amount_cents(charge["amount"])
     return {currency: cents[currency] / 100 for currency in sorted(cents)}
 
 
@@ -84,7 +77,7 @@ def summarize_duplicates(duplicates: list[Charge]) -> BillingResult:
     return BillingResult(
         duplicate_found=bool(duplicates),
         duplicates=duplicates,
-        refund_amount=sum(_cents(charge["amount"]) for charge in duplicates) / 100,
+        refund_amount=sum(amount_cents(charge["amount"]) for charge in duplicates) / 100,
         # Amounts in several currencies cannot be added up: policy sends those to a person.
         currency=currencies.pop() if len(currencies) == 1 else None,
         merchant=", ".join(merchants) if merchants else None,
