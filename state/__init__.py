@@ -37,7 +37,8 @@ Errors
     `StillWriting` and its `RunsStillWriting`),
     `RequestRejected` (and its `InvalidValue`), `UnsupportedSchemaVersion`,
     `SettingsError`, `CorruptState`, `ThreadExpiring`, `ParentGone`, `EntryStuck` (a
-    write-behind entry the cold store refuses for good), `NotStuck`, `DiscardOutpaced`.
+    write-behind entry the cold store refuses for good), `NotStuck`, `DiscardOutpaced`,
+    `SaverForked` (a saver used in a process forked from the one that opened it).
 
 Using the saver from any LangGraph program (the README's example)::
 
@@ -66,6 +67,7 @@ from .errors import (
     RunsPartlyDeleted,
     RunsStillWriting,
     SaverClosed,
+    SaverForked,
     SaverLoopMissing,
     SaverLoopStopped,
     SettingsError,
@@ -137,6 +139,7 @@ __all__ = [
     "RunsPartlyDeleted",
     "RunsStillWriting",
     "SaverClosed",
+    "SaverForked",
     "SaverLoopMissing",
     "SaverLoopStopped",
     "SectionWrite",

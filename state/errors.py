@@ -348,7 +348,23 @@ class SaverClosed(StateError):
     """A call to a checkpoint saver after it was closed, or one it was closed under."""
 
     def __init__(self) -> None:
-        super().__init__("the checkpoint saver is closed (its open_sync block has ended)")
+        super().__init__(
+            "the checkpoint saver is closed (its open_sync block has ended, or the "
+            "backends it was built on were closed)"
+        )
+
+
+class SaverForked(StateError):
+    """A call to a checkpoint saver in a process forked from the one that opened it: its
+    loop thread did not survive the fork, and its connections are the parent's (a reply
+    could go to either process), so it is refused before anything is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the checkpoint saver was opened in another process (this one was forked from "
+            "it): open a saver of its own in this process (TieredCheckpointSaver.open_sync(), "
+            "or from_backends over backends opened here)"
+        )
 
 
 class SyncCallOnSaverLoop(StateError, asyncio.InvalidStateError):

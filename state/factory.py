@@ -66,8 +66,11 @@ class Backends:
     events: EventLog | None = field(default=None, kw_only=True)
     # Round trips (and request charge) of the cold connection, by operation (metrics).
     cold_counters: Counters = field(default_factory=Counters, kw_only=True)
+    # Set as `close` begins: a saver built on these backends refuses its calls from then on.
+    closed: bool = field(default=False, init=False)
 
     async def close(self) -> None:
+        self.closed = True
         for close in reversed(self._closers):
             await close()
         self._closers.clear()

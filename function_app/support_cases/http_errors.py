@@ -21,6 +21,7 @@ from state import (
     RequestRejected,
     RunsPartlyDeleted,
     RunsStillWriting,
+    SaverClosed,
     SettingsError,
     StaleFencingToken,
     StateTooLarge,
@@ -212,7 +213,16 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             f" (incident {incident})",
         )
 
+    async def closing(request: Request, error: Exception) -> JSONResponse:
+        """The worker's saver closed under the request (the process shutting down): another
+        worker answers it, so the caller retries, as after a store outage."""
+        log.warning("%s %s answered 503: %s", request.method, request.url.path, error)
+        response = error_response(503, "this worker is shutting down, retry later")
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+        return response
+
     app.add_exception_handler(BackendUnavailable, store_fault)
+    app.add_exception_handler(SaverClosed, closing)
     app.add_exception_handler(EntryStuck, stuck)
     # InvalidValue, a RequestRejected for the caller's value, keeps its 422 above.
     app.add_exception_handler(RequestRejected, store_fault)

@@ -8,6 +8,7 @@ this loop and waits for the result.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ T = TypeVar("T")
 class LoopThread:
     def __init__(self, name: str = "checkpoint-saver-loop") -> None:
         self.loop = asyncio.new_event_loop()
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -32,7 +34,8 @@ class LoopThread:
     def stop(self) -> None:
         """Cancel what still runs (a caller waiting on a call in flight gets its future
         cancelled instead of waiting forever), then stop and close the loop."""
-        if self.loop.is_closed():
+        if self.loop.is_closed() or os.getpid() != self._pid:
+            # In a forked child the thread is the parent's: nothing here would run the stop.
             return
         self.run(_cancel_pending())
         self.run(self.loop.shutdown_asyncgens())

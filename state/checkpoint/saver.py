@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import os
 import random
 import threading
 import time
@@ -94,6 +95,7 @@ from ..errors import (
     RunsPartlyDeleted,
     RunsStillWriting,
     SaverClosed,
+    SaverForked,
     SaverLoopMissing,
     SaverLoopStopped,
     StateError,
@@ -295,11 +297,22 @@ def _run_ids(run_ids: Sequence[str]) -> list[str]:
     return _sendable("run id", run_ids)
 
 
+def _namespace(configurable: Mapping[str, Any]) -> str:
+    """The checkpoint namespace a config names ("" for none). One that is not a str is
+    refused on every backend alike: Postgres refused a read of an int one, Cosmos found
+    nothing for it, and a write failed with a plain TypeError."""
+    checkpoint_ns = configurable.get("checkpoint_ns", "")
+    if not isinstance(checkpoint_ns, str):
+        kind = type(checkpoint_ns).__name__
+        raise InvalidValue("checkpoints", f"a checkpoint namespace of type {kind} (not a str)")
+    return checkpoint_ns
+
+
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread, namespace, checkpoint id or None for the latest) a config names."""
     configurable = config["configurable"]
     (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
-    checkpoint_ns = configurable.get("checkpoint_ns", "")
+    checkpoint_ns = _namespace(configurable)
     _sendable("checkpoint namespace", [checkpoint_ns])
     # An empty id names no checkpoint, as LangGraph's savers read it: the latest.
     return thread_id, checkpoint_ns, get_checkpoint_id(config) or None
@@ -403,6 +416,12 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Threads whose runs delete_for_runs deleted but whose cached checkpoints it could not
         # drop (Redis failed in between): dropped by its next call before anything else.
         self._owed_drops: set[str] = set()
+        # Set by `from_backends`: once they are closed, every call is refused (`SaverClosed`)
+        # rather than reach a client that would connect again, which nothing would close.
+        self._backends: Backends | None = None
+        # The process that opened it: a forked child has neither its loop thread nor
+        # connections of its own (see `_refuse_forked`).
+        self._pid = os.getpid()
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -420,7 +439,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> TieredCheckpointSaver:
         """The saver over opened backends (call it on the loop that opened them), in the
         write mode the settings chose."""
-        return cls(
+        saver = cls(
             backends.checkpoints,
             backends.hot_checkpoints,
             flusher=backends.flusher,
@@ -432,6 +451,8 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             blocking_cache=backends.blocking_cache,
             blocking_store=backends.blocking_store,
         )
+        saver._backends = backends
+        return saver
 
     @classmethod
     @contextmanager
@@ -448,22 +469,30 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             try:
                 yield saver
             finally:
-                # First: a call from another thread now fails at once (`SaverClosed`), and
-                # those at work on their callers' threads finish. The calls in flight on
-                # the loop thread finish (or are cancelled, their callers
-                # get `SaverClosed`) before the backends close: none of them then meets a
-                # closed client, or opens a connection again that nothing would close.
-                saver._close_to_callers(CLOSE_WAIT_SECONDS)
-                try:
-                    runner.run(saver._settle_in_flight(CLOSE_WAIT_SECONDS))
-                finally:
-                    runner.run(backends.close())
+                # A forked child leaving the block closes nothing: the loop thread is not in
+                # this process, and closing the clients would end the parent's connections.
+                if not saver.forked:
+                    saver._close_in_opener(runner, backends)
         finally:
             runner.stop()
+
+    def _close_in_opener(self, runner: LoopThread, backends: Backends) -> None:
+        """`open_sync`'s close, in the process that opened the saver."""
+        # First: a call from another thread now fails at once (`SaverClosed`), and
+        # those at work on their callers' threads finish. The calls in flight on
+        # the loop thread finish (or are cancelled, their callers
+        # get `SaverClosed`) before the backends close: none of them then meets a
+        # closed client, or opens a connection again that nothing would close.
+        self._close_to_callers(CLOSE_WAIT_SECONDS)
+        try:
+            runner.run(self._settle_in_flight(CLOSE_WAIT_SECONDS))
+        finally:
+            runner.run(backends.close())
 
     # ----------------------------------------------------------------------- async API
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        self._refuse_closed()
         if asyncio.get_running_loop() is self.loop:  # the hot path: no extra coroutine layer
             return await self._get_tuple(config)
         return await self._on_loop(self._get_tuple(config))
@@ -476,6 +505,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
+        self._refuse_closed()
         found = self._list(config, filter=filter, before=before, limit=limit)
         if asyncio.get_running_loop() is self.loop:
             async for item in found:
@@ -512,6 +542,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
     ) -> Mapping[str, DeltaChannelHistory]:
+        self._refuse_closed()
         if asyncio.get_running_loop() is self.loop:
             return await self._delta_history(config, channels)
         return await self._on_loop(self._delta_history(config, channels))
@@ -941,8 +972,14 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     # ----------------------------------------------------------------------- loop bridging
 
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._backends is not None and self._backends.closed:
+            coro.close()
+            raise SaverClosed()
         if asyncio.get_running_loop() is self.loop:
             return await coro
+        if self.forked:  # see `_refuse_forked`
+            coro.close()
+            raise SaverForked()
         try:
             for pause in self._loop_start_pauses():
                 await asyncio.sleep(pause)
@@ -1083,15 +1120,32 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _refuse_on_loop(self) -> None:
         """Checked first by every sync call: refused after the saver was closed, and from the
-        loop it would wait for."""
-        if self._closed:
-            raise SaverClosed()
+        loop it would wait for, and in a forked child."""
+        self._refuse_forked()
+        self._refuse_closed()
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             return
         if running is self.loop:
             raise SyncCallOnSaverLoop()
+
+    def _refuse_closed(self) -> None:
+        """Refused once `open_sync` closed the saver, or the owner of the backends it was
+        built on (`from_backends`) closed them."""
+        if self._closed or (self._backends is not None and self._backends.closed):
+            raise SaverClosed()
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a forked child's copy of a saver its parent opened."""
+        return os.getpid() != self._pid
+
+    def _refuse_forked(self) -> None:
+        """A forked child's call would wait forever for the loop thread (threads do not
+        survive a fork), or send over sockets the parent shares and read its replies."""
+        if self.forked:
+            raise SaverForked()
 
     def _loop_start_pauses(self) -> Iterator[float]:
         """The pauses a hand-over makes before it gives its call to the loop: none while the
@@ -1239,7 +1293,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         thread_id = None
         if "thread_id" in configurable:
             (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
-        checkpoint_ns = configurable.get("checkpoint_ns")
+        # None (or none given): every namespace.
+        checkpoint_ns = (
+            None if configurable.get("checkpoint_ns") is None else _namespace(configurable)
+        )
         if checkpoint_ns is not None:
             _sendable("checkpoint namespace", [checkpoint_ns])
         # No stored metadata holds what this refuses: found nothing, or refused (Postgres).
@@ -1440,7 +1497,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> _Put:
         configurable = config["configurable"]
         thread_id = _writable_thread(configurable)
-        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        checkpoint_ns = _namespace(configurable)
         parent_id = configurable.get("checkpoint_id")
         values = checkpoint["channel_values"]
         versions = checkpoint["channel_versions"]
@@ -1617,7 +1674,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         configurable = config["configurable"]
         _refuse_unstorable(
             "checkpoint namespace, task id or task path",
-            [configurable.get("checkpoint_ns", ""), task_id, task_path],
+            [_namespace(configurable), task_id, task_path],
         )
         _refuse_unstorable("channel name", (channel for channel, _ in writes))
         # Special channels (errors, interrupts, resume) replace; ordinary writes are
@@ -1634,7 +1691,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 )
         return _Writes(
             thread_id=_writable_thread(configurable),
-            checkpoint_ns=configurable.get("checkpoint_ns", ""),
+            checkpoint_ns=_namespace(configurable),
             checkpoint_id=configurable["checkpoint_id"],
             writes=list(by_key.values()),
             upsert=upsert,
@@ -1896,7 +1953,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
             return {}
         configurable = config["configurable"]
         thread_id = str(configurable["thread_id"])
-        checkpoint_ns = configurable.get("checkpoint_ns", "")
+        checkpoint_ns = _namespace(configurable)
         # As in `_address`: an empty id names no checkpoint, so the latest's history.
         checkpoint_id = get_checkpoint_id(config) or None
         if checkpoint_id is None:

@@ -32,6 +32,7 @@ from azure.cosmos.exceptions import (
 )
 
 from ..errors import (
+    BackendClosed,
     BackendUnavailable,
     InvalidValue,
     NoAnswer,
@@ -129,6 +130,9 @@ class CosmosConnection:
         self._client: CosmosClient | None = None
         self._container: ContainerProxy | None = None
         self._credential: Any = None
+        # Set by `close`: a call after it is refused, as Postgres refuses it, rather than
+        # open a client again that nothing would close (its HTTP session leaked).
+        self._closed = False
         self._lock = asyncio.Lock()
         self.counters = Counters()
         self._circuit = AnswerCircuit(self.name, probe_seconds=config.operation_timeout_seconds)
@@ -191,6 +195,8 @@ class CosmosConnection:
         if self._container is not None:
             return self._container
         async with self._lock:
+            if self._closed:
+                raise BackendClosed(self.name)
             if self._container is None:
                 self._container = await self._open()
         return self._container
@@ -300,6 +306,7 @@ class CosmosConnection:
         return self._hook
 
     async def close(self) -> None:
+        self._closed = True
         if self._client is not None:
             await self._client.close()
             self._client = None

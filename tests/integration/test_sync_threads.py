@@ -526,7 +526,6 @@ def test_calls_running_as_their_loops_asyncio_run_ends_are_saver_loop_stopped(
 
     async def owner() -> list[threading.Thread]:
         backends = await open_backends(settings)
-        await backends.close()  # the calls never touch them
         saver = TieredCheckpointSaver.from_backends(backends)
         callers = [
             threading.Thread(target=call, args=(0, lambda: saver._sync(long_call(0)))),
@@ -539,6 +538,8 @@ def test_calls_running_as_their_loops_asyncio_run_ends_are_saver_loop_stopped(
             caller.start()
         for event in started:
             assert await asyncio.to_thread(event.wait, 10)
+        # Once both calls run (a call made after would be `SaverClosed`): they never touch them.
+        await backends.close()
         return callers  # the calls still run: `asyncio.run` cancels them
 
     for caller in asyncio.run(owner()):

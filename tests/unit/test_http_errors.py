@@ -16,6 +16,7 @@ from state.errors import (
     RequestRejected,
     RunsPartlyDeleted,
     RunsStillWriting,
+    SaverClosed,
     StillWriting,
     VersionConflict,
 )
@@ -127,3 +128,21 @@ async def test_a_case_still_written_to_while_deleted_is_a_409_to_retry_not_a_sto
     assert response.headers.get("Retry-After") == "1"
     answer = "the case is still being written to, retry later"
     assert re.fullmatch(re.escape(answer) + INCIDENT, response.json()["error"])
+
+
+async def test_a_saver_closed_under_a_request_answers_503_to_retry() -> None:
+    """The worker shutting down closed its saver under the request: another worker answers
+    it, so the caller is told to retry, not given a 500."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise SaverClosed()
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 503
+    assert response.headers.get("Retry-After") == "1"
+    assert response.json()["error"] == "this worker is shutting down, retry later"
