@@ -578,7 +578,10 @@ class RunTracker:
         def compute(record: WorkflowRecord) -> object:
             run = record.sections.get(RUN_SECTION, {})
             last = run.get("heartbeat_at")
-            if last and utcnow() - datetime.fromisoformat(last) < self._stale_after / 4:
+            # At rest (the run's last step marked it so as its keeper beat): nothing to tell.
+            if run.get("status") in AT_REST or (
+                last and utcnow() - datetime.fromisoformat(last) < self._stale_after / 4
+            ):
                 return UNCHANGED
             return {**run, "heartbeat_at": utcnow().isoformat()}
 

@@ -1342,9 +1342,10 @@ class CaseService:
         handed_over = False
         try:
             if run_id is None:
-                run_id = ((await self._record(case_id)).sections.get(RUN_SECTION) or {}).get(
-                    "run_id"
-                )
+                # With `fresh`, from the cold tier too: a run a worker cut off from Redis
+                # started (a follow-up's) is not the one Redis's older copy names.
+                record = await self._record(case_id, fresh=fresh)
+                run_id = (record.sections.get(RUN_SECTION) or {}).get("run_id")
             if needs_snapshot and fresh and self._saver is not None:
                 await self._saver.arefresh(case_id)
             snapshot = (
@@ -1791,10 +1792,7 @@ class CaseService:
             await self._saver.aseed_fence(
                 case_id, fence, record_checked=time.monotonic() < new_case_until
             )
-        # The heartbeat is due a quarter of the stale period after the last one: checked
-        # here on the clock, so steps in between cost no read of the record.
-        beat_every = self._settings.case_stale_after_seconds / 4
-        beat_due = time.monotonic() + beat_every
+        # Driven to its end; the heartbeat is the guard keeper's meanwhile (`_keep`).
         async for _ in self._graph.astream(
             graph_input,
             config,
@@ -1811,9 +1809,7 @@ class CaseService:
             stream_mode="updates",
             durability=durability,
         ):
-            if time.monotonic() >= beat_due:
-                await self._tracker.heartbeat(case_id, fencing_token=fence)
-                beat_due = time.monotonic() + beat_every
+            pass
         await self._flush(case_id)
         snapshot = await self._graph.aget_state(config)
         rest = CaseStatus.AWAITING_REVIEW if snapshot.interrupts else CaseStatus.COMPLETED
@@ -1860,12 +1856,22 @@ class CaseService:
         return guard.taken_at + self._settings.state_lock_ttl_ms / 1000
 
     async def _keep(self, case_id: str, guard: RunGuard) -> None:
-        """Renew the run's lock or lease until cancelled; raises `LockLost` when another
-        runner has it, or when no renewal landed before it could have run out."""
+        """Renew the run's lock or lease until cancelled, and its heartbeat; raises
+        `LockLost` when another runner has it, or when no renewal landed before it could
+        have run out.
+
+        The heartbeat goes with the renewals, not with the graph's steps: a step longer
+        than the stale period (a slow provider) would read stalled though its runner is
+        alive, and a worker cut off from Redis, whose cold-tier lease the run lock knows
+        nothing of, would take the run over."""
         ttl = self._settings.state_lock_ttl_ms / 1000
         name = run_lock_name(case_id)
         # From when each successful claim or renewal was sent: never later than the truth.
         held_until = self._held_until(guard)
+        # Due a quarter of the stale period after the last one: checked on the clock, so
+        # renewals in between cost no read of the record.
+        beat_every = self._settings.case_stale_after_seconds / 4
+        beat_due = time.monotonic() + beat_every
         while True:
             await asyncio.sleep(ttl / RENEWALS_PER_TTL)
             sent = time.monotonic()
@@ -1879,6 +1885,14 @@ class CaseService:
             if not renewed:
                 raise LockLost(name, "taken by another runner, or run out")
             held_until = sent + ttl
+            if time.monotonic() >= beat_due:
+                try:
+                    await self._tracker.heartbeat(case_id, fencing_token=guard.fence)
+                except (BackendUnavailable, VersionConflict) as error:
+                    # Tried again at the next renewal; the run's own writes meet the tier too.
+                    log.warning("case %s: could not refresh the heartbeat yet: %s", case_id, error)
+                    continue
+                beat_due = time.monotonic() + beat_every
 
     async def _renew(self, case_id: str, guard: RunGuard) -> bool:
         if guard.lock is not None:

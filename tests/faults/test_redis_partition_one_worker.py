@@ -315,3 +315,57 @@ async def test_a_follow_up_run_by_another_worker_goes_on_from_a_cut_off_workers_
             f"interrupts {state.interrupts}, case {run['status']}, runs {runs}"
         )
         assert run["status"] == CaseStatus.COMPLETED.value, (run, runs)
+
+
+async def test_a_follow_up_run_a_cut_off_worker_left_is_resumed_under_its_own_run_id(
+    settings_for: Callable[..., AppSettings],
+    redis_proxy: tuple[RedisServer, LoopbackProxy],
+) -> None:
+    """A, cut off from Redis, starts a follow-up's run and hangs in it (a worker frozen
+    mid-run); Redis still caches the record from before, whose current run is the first.
+    B's timer resumes the stalled follow-up run: its events must name that run, the one
+    the case's runs list shows completed, not the first run Redis's copy names."""
+    _, proxy = redis_proxy
+    hold = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hang(step: str) -> None:
+        if hold.is_set():
+            await release.wait()
+
+    quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
+    async with _workers(settings_for, "postgres", redis_proxy, after_step_a=hang, **quick) as (
+        a,
+        b,
+    ):
+        case_id = f"partition-resume-id-{uuid.uuid4().hex[:8]}"
+        try:
+            await b.runtime.service.submit(submission(case_id), None)
+            await b.runtime.service.wait_idle()
+            assert (await b.runtime.service.status(case_id)).status is CaseStatus.COMPLETED
+            proxy.cut("reset")
+            hold.set()
+            sent = await a.runtime.service.post_message(
+                case_id, FollowUp(text="thanks, when will I see it?"), None
+            )
+            follow_up = sent.run.run_id
+            await asyncio.sleep(2.0)  # A's heartbeat goes stale (it hangs inside a step)
+
+            report = await b.runtime.service.resume_stale()
+            await b.runtime.service.wait_idle()
+        finally:
+            release.set()
+            proxy.restore()
+        assert case_id in report.resumed, report
+        record = await b.runtime.backends.cold.get(case_id)
+        assert record is not None
+        runs = {e["run_id"]: e["status"] for e in record.sections["runs"]}
+        assert runs[follow_up] == "completed", runs
+        events = b.runtime.backends.events
+        assert events is not None
+        told = [(e.data["event"], e.data["run_id"]) for e in await events.read(case_id)]
+        # The first run's, as B ran it; then the follow-up run's, as B's timer resumed it
+        # (A's events went nowhere: it could not reach Redis).
+        first_ends = told.index(("run_completed", told[0][1])) + 1
+        assert {run_id for _, run_id in told[first_ends:]} == {follow_up}, (follow_up, told)
+        assert ("run_completed", follow_up) in told, told

@@ -235,3 +235,36 @@ async def test_a_queue_whose_case_another_runner_took_over_between_runs_is_not_a
         record = await runtime.store.get(case_id)
         assert record is not None
         assert [e["status"] for e in record.sections["runs"]][-1] == "queued", record.sections
+
+
+async def test_a_run_alive_in_a_step_longer_than_the_stale_period_is_not_resumed(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """Worker A runs the case under the Redis run lock, its refund step held open past the
+    stale period (renewing its lock all along). Worker B, cut off from Redis, guards with
+    the cold-tier lease, which the run lock knows nothing of: only the run's heartbeat tells
+    B the run is alive, so a renewing runner must keep it fresh within a long step."""
+    case_id = f"renew-alive-{uuid.uuid4().hex[:10]}"
+    shared: dict[str, object] = {
+        "state_lock_ttl_ms": LOCK_TTL_MS,
+        "case_sync_wait_seconds": 0,
+        "state_write_mode": "write-through",
+        "case_stale_after_seconds": 1,
+    }
+    async with (
+        open_runtime(settings_for("postgres", **shared), after_step=PAUSE_REFUND) as a,
+        open_runtime(settings_for("postgres", redis_url=None, **shared)) as b,
+    ):
+        await a.runtime.service.submit(submission(case_id), None)
+        await wait_for_step(a.runtime.store, case_id, "refund")
+        await asyncio.sleep(2.0)  # past the stale period, A still inside its refund step
+
+        assert (await a.runtime.service.status(case_id)).status is CaseStatus.RUNNING
+        report = await b.runtime.service.resume_stale()
+        await b.runtime.service.wait_idle()
+        await a.runtime.service.wait_idle()
+
+        assert case_id not in report.resumed, f"B resumed A's live run: {report}"
+        record = await a.runtime.backends.cold.get(case_id)
+        assert record is not None
+        assert record.sections[RUN_SECTION]["status"] == CaseStatus.COMPLETED.value
