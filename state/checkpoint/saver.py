@@ -1028,7 +1028,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
                 for pause in self._loop_start_pauses():
                     time.sleep(pause)
                 call = asyncio.run_coroutine_threadsafe(tracked, self.loop)
-        except (asyncio.InvalidStateError, SaverClosed, RuntimeError):
+        # SaverForked too: refused before the hand-over, its coroutines closed all the same
+        # (never awaited, each would warn in the child's log).
+        except (asyncio.InvalidStateError, SaverClosed, SaverForked, RuntimeError):
             tracked.close()
             coro.close()
             if self._closed:

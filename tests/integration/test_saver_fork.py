@@ -5,11 +5,13 @@ parent's sockets."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
 import time
 import uuid
+import warnings
 from typing import Any
 
 import pytest
@@ -146,3 +148,55 @@ def test_a_forked_child_leaving_the_open_sync_block_leaves_the_parents_saver_ope
         assert len(latest.checkpoint["channel_values"]["messages"]) == 4 * (1 + len(NODES))
     finally:
         opened.__exit__(None, None, None)
+
+
+def _calls_in_child(
+    saver: TieredCheckpointSaver, thread_id: str, answer: multiprocessing.connection.Connection
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refused: list[str] = []
+        for call in (
+            lambda: saver.delete_thread(thread_id),
+            lambda: list(saver.list(_config(thread_id))),
+            lambda: saver.put_writes(
+                {"configurable": {**_config(thread_id)["configurable"], "checkpoint_id": "1"}},
+                [("messages", "x")],
+                "task",
+            ),
+        ):
+            try:
+                call()
+                refused.append("served")
+            except Exception as exc:
+                refused.append(type(exc).__name__)
+        gc.collect()
+    answer.send((refused, [str(w.message) for w in caught]))
+
+
+@pytest.mark.parametrize("hot", [True, False])
+def test_a_forked_childs_refused_calls_leave_no_coroutine_unawaited(
+    stack_env: dict[str, str], hot: bool
+) -> None:
+    """A refused sync call in a forked child closes what it made for the loop thread: no
+    "coroutine ... was never awaited" warning for each call in the child's log."""
+    settings = settings_for(stack_env, "postgres", stack_env["REDIS_URL"]).model_copy(
+        update={"state_write_mode": WriteMode.WRITE_THROUGH}
+    )
+    if not hot:
+        settings = settings.model_copy(update={"redis_url": None})
+    with TieredCheckpointSaver.open_sync(settings) as saver:
+        context = multiprocessing.get_context("fork")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(
+            target=_calls_in_child, args=(saver, f"fork-warn-{uuid.uuid4().hex[:12]}", send)
+        )
+        child.start()
+        try:
+            assert receive.poll(CHILD_SECONDS), "the child's calls hung"
+            refused, warned = receive.recv()
+        finally:
+            child.kill()
+            child.join()
+    assert refused == ["SaverForked"] * 3
+    assert warned == []
