@@ -1572,8 +1572,9 @@ class CaseService:
                 await self._while_held(
                     case_id, guard, asyncio.sleep(max(0.0, busy.lease_until - time.time()))
                 )
-            except LockLost as lost:
+            except (StaleFencingToken, LockLost) as lost:
                 # Why the run stopped, not the claim it waited out (read as the wait limit).
+                # A fence: the keeper's heartbeat met a newer runner's (a cold-tier lease).
                 run.outcome = type(lost).__name__
                 log.warning("case %s: a newer run took over (%s); this one stops", case_id, lost)
                 return False

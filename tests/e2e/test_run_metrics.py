@@ -116,3 +116,76 @@ async def test_a_run_that_loses_its_case_while_waiting_out_a_claim_counts_as_los
         await own.service.wait_idle()
         await own.close()
         provider.shutdown()
+
+
+async def test_a_run_fenced_off_while_waiting_out_a_claim_stops_as_taken_over(
+    e2e_settings: Callable[..., AppSettings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As above, but the newer runner is one cut off from Redis: it raises the record's
+    fence (its cold-tier lease) and the run lock renews on. The waiting run's heartbeat,
+    which its guard's keeper writes, meets the fence: the run stops as taken over, not as a
+    failed run task with the fence error (found by the heartbeat-in-keeper review)."""
+    caplog.set_level(logging.INFO, logger="support_cases.service")
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    monkeypatch.setattr(service, "app_metrics", metrics.AppMetrics(provider.get_meter("test")))
+    own = await Runtime.open(
+        e2e_settings("postgres", state_lock_ttl_ms=3_000, case_stale_after_seconds=1)
+    )
+    try:
+        perform = own.provider.perform
+        lost: list[dict[str, Any]] = []
+
+        async def reply_lost(key: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+            done = await perform(key, kind, request)
+            if kind == "refund" and not lost:
+                lost.append(done)
+                raise ConnectionError("the provider's reply was lost")
+            return done
+
+        monkeypatch.setattr(own.provider, "perform", reply_lost)
+        renew = own.store.renew
+        fenced: list[int] = []
+
+        async def fenced_once_waiting(lock: Any) -> bool:
+            # The cut-off runner claims its lease from the moment this run starts waiting.
+            waiting = any("waits for its lease" in r.getMessage() for r in caplog.records)
+            if waiting and not fenced:
+                record = await own.store.get_fresh(case_id)
+                assert record is not None
+                fenced.append(record.fence + 1)
+                await own.store.update_section(
+                    case_id,
+                    "run_lease",
+                    {"token": "cut-off-worker", "until": 0},
+                    agent_id="case-runner",
+                    expected_version=record.version,
+                    fencing_token=fenced[0],
+                )
+            return await renew(lock)
+
+        monkeypatch.setattr(own.store, "renew", fenced_once_waiting)
+        case_id = f"case-fx-{uuid.uuid4().hex[:12]}"
+        submission = CaseSubmission(
+            case_id=case_id,
+            customer_id="cust-fx",
+            text="I was charged twice for my subscription",
+            transactions=duplicate_charges(42.0),
+        )
+        failed = await own.service.submit(submission, None)
+        assert failed.view.status is CaseStatus.FAILED, failed.view
+        with pytest.raises(RunUnfinished):
+            await own.service.resume(case_id, wait_until_rest=True)
+        await own.service.wait_idle()
+        assert fenced, "the run waited out the claim"
+        assert any("a newer run took over" in r.getMessage() for r in caplog.records)
+        assert points(reader, metrics.RUNS) == {
+            (("outcome", "ConnectionError"),): 1,
+            (("outcome", "StaleFencingToken"),): 1,
+        }
+    finally:
+        await own.service.wait_idle()
+        await own.close()
+        provider.shutdown()
