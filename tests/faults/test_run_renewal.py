@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from state.errors import LockNotAcquired
+from state.errors import LockNotAcquired, VersionConflict
 from state.hot.redis_client import create_redis_client
 from state.hot.redis_store import LOCK_KIND, RedisHotStore
 from state.settings import Settings
@@ -72,18 +72,25 @@ async def take_over(runtime: Runtime, case_id: str, tier: str) -> int:
         finally:
             await raw.aclose()
         return (await store.lock(run_lock_name(case_id), ttl_ms=60_000)).fence
-    record = await store.get(case_id)
-    assert record is not None
-    fence = record.fence + 1
-    await store.update_section(
-        case_id,
-        RUN_LEASE_SECTION,
-        {"token": "the-taker", "until": 4_000_000_000},
-        agent_id="taker",
-        expected_version=record.version,
-        fencing_token=fence,
-    )
-    return fence
+    # Read again on a conflict, as a runner claiming the lease does: the running one's keeper
+    # renews its lease (and writes its heartbeat) meanwhile.
+    for _ in range(20):
+        record = await store.get(case_id)
+        assert record is not None
+        fence = record.fence + 1
+        try:
+            await store.update_section(
+                case_id,
+                RUN_LEASE_SECTION,
+                {"token": "the-taker", "until": 4_000_000_000},
+                agent_id="taker",
+                expected_version=record.version,
+                fencing_token=fence,
+            )
+        except VersionConflict:
+            continue
+        return fence
+    raise AssertionError(f"case {case_id}: the lease could not be taken over")
 
 
 @pytest.mark.parametrize("tier", ["redis", "cold"])
