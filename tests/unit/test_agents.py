@@ -215,6 +215,20 @@ def test_any_issues_logging_in_denied_is_no_access_problem() -> None:
     assert classify_account_request("I don't have any issues logging in, refund please") is None
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I don't get any errors logging in, but I was charged twice",
+        "No errors when logging in, but I was double charged",
+        "The login page showed no errors, but my refund is missing",
+    ],
+)
+def test_errors_logging_in_denied_are_no_access_problem(text: str) -> None:
+    """Found by review: errors denied as troubles are ("no errors when logging in") read
+    as an access problem once an error on logging in was one, and sent a reset link."""
+    assert classify_account_request(text) is None
+
+
 def _billing(amount: float, found: bool = True) -> Any:
     return {
         "duplicate_found": found,

@@ -9,6 +9,8 @@ from state import JSON
 from ..case_state import AccountIssue, AccountResult, CaseState
 from .base import StatefulAgent, Step
 
+# A trouble or an error denied: "no problems logging in", "I don't get any errors".
+_NOT_DENIED = r"(?<!\bno )(?<!without )(?<!\bany )"
 # What a customer says when they cannot get in. A mere mention of logging in ("I log into
 # the app every morning") or of a password is no access problem: a reset link is a side
 # effect, sent only when the customer is kept out.
@@ -19,7 +21,7 @@ _CANNOT = (
     r"|ha(?:ve|s|d) ?(?:n'?t|not|never) been able to|(?:no longer|never) able to"
     r"|can (?:no longer|never)"
     # "No problems logging in", "I don't have any issues logging in" are none.
-    r"|(?<!\bno )(?<!without )(?<!\bany )(?:trouble|problems?|issues?|difficult(?:y|ies)))"
+    rf"|{_NOT_DENIED}(?:trouble|problems?|issues?|difficult(?:y|ies)))"
 )
 _GET_IN = (
     r"(?:log(?:ging)?(?: back)?[ -]?(?:in|on)(?:to)?|logon"
@@ -29,7 +31,7 @@ _LOGIN_NOUN = r"(?:log[ -]?in|logon|sign[ -]?in)"
 _FAILS = (
     r"(?:fail(?:s|ed|ing)?|keeps failing|does ?n'?t work|does not work|did ?n'?t work"
     r"|is ?n'?t working"
-    r"|not working|wo ?n'?t work|stopped working|broken|errors?|rejected)"
+    rf"|not working|wo ?n'?t work|stopped working|broken|{_NOT_DENIED}errors?|rejected)"
 )
 _PASSWORD = r"(?:password|passcode|passphrase)"
 # A second factor's code that does not come (or is refused) keeps the customer out too.
@@ -71,7 +73,7 @@ _ISSUE_PATTERNS: tuple[tuple[AccountIssue, re.Pattern[str]], ...] = (
             # "Login page keeps saying error".
             rf"|\b{_LOGIN_NOUN} (?:page|screen|form|button|attempts?)(?: \S+){{0,2}}? {_FAILS}\b"
             # "I keep getting an error when I try to log in".
-            rf"|\berrors?(?: \S+){{0,4}}? {_GET_IN}\b"
+            rf"|\b{_NOT_DENIED}errors?(?: \S+){{0,4}}? {_GET_IN}\b"
             rf"|\btr(?:y|ies|ied|ying) to {_GET_IN} but (?:\S+ ){{0,2}}?{_FAILS}\b"
             rf"|\b{_CODE}\b(?: \S+){{0,3}}? {_NOT_COMING}\b"
             rf"|\b{_NOT_COMING}(?: \S+){{0,3}}? {_CODE}\b"
