@@ -29,14 +29,18 @@ GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 # Bool parameters of main.bicep read from the azd environment (main.parameters.json).
 SWITCHES = ("VNET_ENABLED", "POSTGRES_ALLOW_AZURE_SERVICES")
+# The words of Go's strconv.ParseBool, which azd reads a bool parameter with, whole: any
+# other spelling (" true", "tRuE") reaches ARM as a string, which it refuses for a bool.
+TRUE_WORDS = ("true", "True", "TRUE")
+FALSE_WORDS = ("false", "False", "FALSE")
 COLD_BACKENDS = ("cosmos", "postgres")
 # main.bicep's @maxValue of stateColdTtlSeconds (Cosmos DB's largest TTL, 2^31 - 1).
 COLD_TTL_MAX = 2147483647
 
 
 def enabled(env: Mapping[str, str], name: str) -> bool:
-    # As Bicep reads a bool parameter from the azd environment.
-    return env.get(name, "").strip().lower() == "true"
+    # As azd reads a bool parameter for Bicep (see TRUE_WORDS).
+    return env.get(name, "") in TRUE_WORDS
 
 
 def misspelled(env: Mapping[str, str]) -> str | None:
@@ -45,7 +49,7 @@ def misspelled(env: Mapping[str, str]) -> str | None:
     a `Postgres` deploy that backend past the checks meant for it."""
     for name in SWITCHES:
         value = env.get(name, "")
-        if value.strip().lower() not in ("", "true", "false"):
+        if value not in ("", *TRUE_WORDS, *FALSE_WORDS):
             return f"{name} is {value!r}, not true or false: `azd env set {name} true`"
     backend = env.get("STATE_COLD_BACKEND", "")
     if backend not in ("", *COLD_BACKENDS):

@@ -1884,6 +1884,23 @@ def test_preprovision_refuses_a_switch_or_backend_it_would_misread(
     assert f"{name} is {value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["VNET_ENABLED", "POSTGRES_ALLOW_AZURE_SERVICES"])
+@pytest.mark.parametrize("written", [" true", "true ", "true\n", "tRuE", " false", "  "])
+def test_preprovision_refuses_a_switch_azd_passes_as_text(
+    name: str, written: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """azd reads a bool parameter only if Go's strconv.ParseBool takes the value whole (no
+    spaces; `true`, `True` or `TRUE`): " true" reached ARM as the string " true", which it
+    refuses for a bool parameter, after this hook had read it as true (as it did the cold
+    retention's spaced number)."""
+    preprovision = load_script("preprovision")
+    ready = {"STATE_COLD_BACKEND": "postgres", "AZURE_PRINCIPAL_NAME": "dev@contoso.com"}
+    for spelled in ("true", "True", "TRUE"):
+        assert preprovision.main({**ready, name: spelled}) == 0
+    assert preprovision.main({**ready, "VNET_ENABLED": "true", name: written}) == 1
+    assert f"{name} is {written!r}" in capsys.readouterr().err
+
+
 def test_preprovision_refuses_allowed_client_ids_the_app_would_refuse(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
