@@ -133,7 +133,12 @@ class Settings(BaseSettings):
     # the backend counts as unavailable (a paused server or a cut network must not hang).
     postgres_pool_min_size: int = Field(default=1, ge=0)
     postgres_pool_max_size: int = Field(default=10, gt=0)
-    postgres_pool_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    # At most 24 days, as the operation timeout: past about 292 years (threading.TIMEOUT_MAX)
+    # the blocking pool's wait for a connection, the saver's sync callers', raised a bare
+    # OverflowError on every call, and a wait of days is a hung caller in all but name.
+    postgres_pool_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=24 * 24 * 3600, allow_inf_nan=False
+    )
     # At most 24 days: it becomes the sessions' statement_timeout (plus a second) and
     # libpq's tcp_user_timeout, in ms, which the server and libpq read as 32-bit integers:
     # past about 24.8 days every connection is refused, retried by the pool as an outage.

@@ -43,7 +43,7 @@ from state import (
 from .admission import RunsBusy
 from .models import CaseStatus, FollowUpStrategy, RunStatus
 from .records import UNCHANGED, write_section, write_sections
-from .settings import AppSettings
+from .settings import BEATS_PER_STALE_PERIOD, AppSettings
 
 log = logging.getLogger(__name__)
 
@@ -580,7 +580,9 @@ class RunTracker:
             last = run.get("heartbeat_at")
             # At rest (the run's last step marked it so as its keeper beat): nothing to tell.
             if run.get("status") in AT_REST or (
-                last and utcnow() - datetime.fromisoformat(last) < self._stale_after / 4
+                last
+                and utcnow() - datetime.fromisoformat(last)
+                < self._stale_after / BEATS_PER_STALE_PERIOD
             ):
                 return UNCHANGED
             return {**run, "heartbeat_at": utcnow().isoformat()}

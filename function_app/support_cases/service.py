@@ -114,7 +114,7 @@ from .runs import (
     runs_of,
     utcnow,
 )
-from .settings import AppSettings
+from .settings import BEATS_PER_STALE_PERIOD, RENEWALS_PER_TTL, AppSettings
 from .telemetry import traced
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,6 @@ RESERVED_ID_PREFIXES = (INDEX_PREFIX, SimulatedProvider.LEDGER_PREFIX)
 KEYED_BY_FIELD = "keyed_by"
 # Expired threads the timer deletes per tick: keeps one tick short; the next takes the rest.
 SWEEP_LIMIT = 500
-# Renewals of a run's lock or lease per STATE_LOCK_TTL_MS: one may be late or fail and
-# the next still lands before the lock runs out.
-RENEWALS_PER_TTL = 3
 # Times a run goes on from the cold tier after Redis lost its unflushed checkpoints (a
 # FLUSHALL, a failover; each loss costs the steps since the last boundary) before it is
 # left for the timer: a Redis that keeps losing them is an outage, not a blip.
@@ -1871,7 +1868,7 @@ class CaseService:
         held_until = self._held_until(guard)
         # Due a quarter of the stale period after the last one: checked on the clock, so
         # renewals in between cost no read of the record.
-        beat_every = self._settings.case_stale_after_seconds / 4
+        beat_every = self._settings.case_stale_after_seconds / BEATS_PER_STALE_PERIOD
         beat_due = time.monotonic() + beat_every
         while True:
             await asyncio.sleep(ttl / RENEWALS_PER_TTL)

@@ -34,6 +34,12 @@ ENTRA_LOGIN = "https://login.microsoftonline.com"
 DEFAULT_PORTS = {"https": 443, "http": 80}
 # An Entra application (client) id.
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Renewals of a run's lock or lease per STATE_LOCK_TTL_MS: one may be late or fail and
+# the next still lands before the lock runs out.
+RENEWALS_PER_TTL = 3
+# A run's keeper refreshes its heartbeat at the first renewal this part of
+# CASE_STALE_AFTER_SECONDS after the last (see `CaseService._keep`).
+BEATS_PER_STALE_PERIOD = 4
 
 
 def running_in_azure() -> bool:
@@ -55,8 +61,13 @@ def authentication_parts(raw: str) -> dict[str, str]:
 
 class AppSettings(Settings):
     # Workflow.
-    case_review_threshold: float = Field(default=500.0, ge=0)
-    case_stale_after_seconds: int = Field(default=300, gt=0)
+    # Refunds above it go to human review: finite, since `inf` (or an overflowing 1e400)
+    # would send none there, and a float reads "inf" from the environment unless told not to.
+    case_review_threshold: float = Field(default=500.0, ge=0, allow_inf_nan=False)
+    # At most 24 days, as the longest timeouts: a run found stalled later is lost in all
+    # but name, and past about 2.7 million years it overflowed a timedelta, every runtime's
+    # start failing with a bare OverflowError.
+    case_stale_after_seconds: int = Field(default=300, gt=0, le=24 * 24 * 3600)
     case_max_body_bytes: int = Field(default=256 * 1024, gt=0)
     # How long an HTTP call waits for a run before answering 202 with a status URL
     # (below the Functions HTTP limit of 230 s).
@@ -76,7 +87,8 @@ class AppSettings(Settings):
     # cannot take every slot.
     case_max_event_streams_per_caller: int = Field(default=10, gt=0)
     # Two charges at the same merchant for the same amount within this window are a duplicate.
-    case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0)
+    # At most a year: one past a timedelta's range failed every run at its billing step.
+    case_duplicate_window_seconds: int = Field(default=24 * 3600, gt=0, le=366 * 24 * 3600)
     # What a follow-up message without a strategy does to a run in progress.
     case_default_strategy: FollowUpStrategy = FollowUpStrategy.ENQUEUE
     # Health reports "degraded" when the oldest unflushed write-behind entry is older.
@@ -180,6 +192,26 @@ class AppSettings(Settings):
                 f"CASE_MAX_EVENT_STREAMS ({self.case_max_event_streams}) must not exceed "
                 f"REDIS_MAX_WAITING_READS ({self.redis_max_waiting_reads}): each open event "
                 "stream waits on one of those Redis connections"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_stale_period_outlasts_heartbeats(self) -> AppSettings:
+        # A live run's keeper beats at its first renewal a quarter of the stale period
+        # after the last beat, and renews every third of the lock TTL: its heartbeat is
+        # up to stale/4 + TTL/3 old (the round trips aside). A stale period no longer
+        # than that read a live run as stalled between its beats. In whole ms, exactly.
+        stale_ms = self.case_stale_after_seconds * 1000
+        silent_ms = stale_ms / BEATS_PER_STALE_PERIOD + self.state_lock_ttl_ms / RENEWALS_PER_TTL
+        if stale_ms * BEATS_PER_STALE_PERIOD * RENEWALS_PER_TTL <= (
+            stale_ms * RENEWALS_PER_TTL + self.state_lock_ttl_ms * BEATS_PER_STALE_PERIOD
+        ):
+            raise SettingsError(
+                f"CASE_STALE_AFTER_SECONDS ({self.case_stale_after_seconds}) is too short for "
+                f"STATE_LOCK_TTL_MS ({self.state_lock_ttl_ms}): a live run renews its lock "
+                f"every third of the TTL and beats with its renewals, so its heartbeat may be "
+                f"{silent_ms / 1000:g} s old; the stale period must exceed a quarter of itself "
+                "plus a third of the TTL (more than 4/9 of the TTL), or live runs read as stalled"
             )
         return self
 

@@ -254,10 +254,20 @@ class _Tracked:
     boundaries: dict[str, str]
 
 
+def _thread_of(configurable: Mapping[str, Any]) -> str:
+    """The thread a config names, as text (an int one as LangGraph's savers take it). None
+    is refused: as text it is the thread "None", another caller's perhaps, where
+    InMemorySaver keeps a thread of its own and Postgres refuses it."""
+    thread_id = configurable["thread_id"]
+    if thread_id is None:
+        raise InvalidValue("checkpoints", "a thread id of None (a config names its thread)")
+    return str(thread_id)
+
+
 def _writable_thread(configurable: dict[str, Any]) -> str:
     """The thread a put or put_writes goes to; one Cosmos could not hold is refused here,
     before write-behind acknowledges a step no flush could ever store."""
-    thread_id = str(configurable["thread_id"])
+    thread_id = _thread_of(configurable)
     # First: a thread id that is not UTF-8 has no size in bytes.
     _refuse_unstorable("thread id", [thread_id])
     size = len(thread_id.encode())
@@ -311,7 +321,7 @@ def _namespace(configurable: Mapping[str, Any]) -> str:
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread, namespace, checkpoint id or None for the latest) a config names."""
     configurable = config["configurable"]
-    (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
+    (thread_id,) = _sendable("thread id", [_thread_of(configurable)])
     checkpoint_ns = _namespace(configurable)
     _sendable("checkpoint namespace", [checkpoint_ns])
     # An empty id names no checkpoint, as LangGraph's savers read it: the latest.
@@ -1294,7 +1304,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         configurable = (config or {}).get("configurable") or {}
         thread_id = None
         if "thread_id" in configurable:
-            (thread_id,) = _sendable("thread id", [configurable["thread_id"]])
+            (thread_id,) = _sendable("thread id", [_thread_of(configurable)])
         # None (or none given): every namespace.
         checkpoint_ns = (
             None if configurable.get("checkpoint_ns") is None else _namespace(configurable)
@@ -1954,7 +1964,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         if not channels:
             return {}
         configurable = config["configurable"]
-        thread_id = str(configurable["thread_id"])
+        thread_id = _thread_of(configurable)
         checkpoint_ns = _namespace(configurable)
         # As in `_address`: an empty id names no checkpoint, so the latest's history.
         checkpoint_id = get_checkpoint_id(config) or None

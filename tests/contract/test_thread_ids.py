@@ -371,3 +371,32 @@ async def test_metadata_no_store_can_hold_is_refused_before_anything_is_acknowle
         assert found is not None and found.config == stored
         assert [t.config async for t in saver.alist(config, filter={"k": "v"})] == [stored]
         await saver.adelete_thread(thread_id)
+
+
+@pytest.mark.parametrize("mode", [WriteMode.WRITE_THROUGH, WriteMode.WRITE_BEHIND])
+async def test_a_thread_id_of_none_is_refused_not_read_as_the_thread_named_none(
+    any_backend: str, mode: WriteMode, open_tiers: OpenBackends
+) -> None:
+    # LangGraph's InMemorySaver keeps None a thread of its own and Postgres refuses it: as
+    # text it was the thread "None", another caller's checkpoints read and written.
+    async with open_tiers(any_backend, hot=True, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        unnamed = {"configurable": {"thread_id": None, "checkpoint_ns": ""}}
+        with pytest.raises(InvalidValue, match="thread id of None"):
+            await saver.aget_tuple(unnamed)
+        with pytest.raises(InvalidValue, match="thread id of None"):
+            await anext(saver.alist(unnamed))
+        with pytest.raises(InvalidValue, match="thread id of None"):
+            await saver.aput(unnamed, empty_checkpoint(), {}, {})
+        thread_id = unique_thread("none")
+        stored = await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {},
+            {},
+        )
+        pinned = {**stored["configurable"], "thread_id": None}
+        with pytest.raises(InvalidValue, match="thread id of None"):
+            await saver.aput_writes({"configurable": pinned}, [("a", 1)], "task")
+        await saver.aflush(thread_id)
+        await saver.adelete_thread(thread_id)

@@ -22,6 +22,7 @@ from support_cases.runtime import Runtime
 from support_cases.service import RunUnfinished
 from support_cases.settings import AppSettings
 from tests.support.metric_points import points
+from tests.support.stale import stalling_quickly
 
 
 async def test_a_run_redone_after_redis_lost_its_checkpoints_counts_once(
@@ -131,9 +132,7 @@ async def test_a_run_fenced_off_while_waiting_out_a_claim_stops_as_taken_over(
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     monkeypatch.setattr(service, "app_metrics", metrics.AppMetrics(provider.get_meter("test")))
-    own = await Runtime.open(
-        e2e_settings("postgres", state_lock_ttl_ms=3_000, case_stale_after_seconds=1)
-    )
+    own = await Runtime.open(stalling_quickly(e2e_settings("postgres", state_lock_ttl_ms=3_000)))
     try:
         perform = own.provider.perform
         lost: list[dict[str, Any]] = []

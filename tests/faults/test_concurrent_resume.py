@@ -29,6 +29,7 @@ from support_cases.service import CaseConflict, Outcome
 from tests.step_pause import pause_after
 from tests.support.cosmos import drop_container
 from tests.support.effects import provider_calls
+from tests.support.stale import stalling_quickly
 
 from .apps import EFFECT_KEYS, App, open_runtime, review_case, submission
 from .conftest import Deadline, Recorder
@@ -162,7 +163,6 @@ RESUME_CASES = 4
 # Where the dying worker stops: after policy, so the refund is still to be paid and
 # whichever worker resumes pays it (two drivers would be two chances to pay twice).
 STALL_AFTER_STEP = "policy"
-STALE_AFTER_SECONDS = 1
 
 
 @asynccontextmanager
@@ -177,15 +177,15 @@ async def isolated_settings(
     The timer resumes every stale case of its store: on the shared one it would
     also pick up cases other tests left running, and they would skew the counts.
     """
-    overrides: dict[str, object] = {"case_stale_after_seconds": STALE_AFTER_SECONDS}
+    overrides: dict[str, object] = {}
     if not hot:
         overrides["redis_url"] = None
     if backend == "postgres":
         overrides["postgres_url"] = request.getfixturevalue("fresh_postgres_url")
-        yield settings_for(backend, **overrides)
+        yield stalling_quickly(settings_for(backend, **overrides))
         return
     overrides["cosmos_container"] = f"resume-{uuid.uuid4().hex[:8]}"
-    settings = settings_for(backend, **overrides)
+    settings = stalling_quickly(settings_for(backend, **overrides))
     try:
         yield settings
     finally:

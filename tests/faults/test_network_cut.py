@@ -35,6 +35,7 @@ from state.cold.cosmos_store import CosmosStateStore
 from state.errors import BackendUnavailable, NoAnswer
 from state.factory import backends_for
 from state.settings import Settings
+from tests.support.stale import stalling_quickly
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
 from .conftest import Deadline, Recorder
@@ -171,23 +172,20 @@ async def test_network_cut_mid_workflow(
     if tier == "redis":
         # A run whose boundary flush cannot reach Redis is left for the timer (the state it
         # would acknowledge may live only in Redis): it must go stale within the deadline.
-        settings = settings_for(
-            "postgres", redis_url=proxied.rsplit("/", 1)[0] + "/3", case_stale_after_seconds=1
-        )
+        settings = settings_for("postgres", redis_url=proxied.rsplit("/", 1)[0] + "/3")
     elif tier == "postgres":
         settings = settings_for(
             "postgres",
             postgres_url=proxied,
-            case_stale_after_seconds=1,
             state_lock_ttl_ms=COLD_CUT_LOCK_TTL_MS,
         )
     else:
         settings = settings_for(
             "cosmos",
             cosmos_endpoint=proxied,
-            case_stale_after_seconds=1,
             state_lock_ttl_ms=COLD_CUT_LOCK_TTL_MS,
         )
+    settings = stalling_quickly(settings)
     deadline = Deadline(150)
     async with open_runtime(settings) as app:
         reference = await reference_of(app, deadline)

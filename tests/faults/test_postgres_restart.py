@@ -20,6 +20,7 @@ import pytest
 from devstack import PostgresServer
 from state.settings import Settings
 from tests.support.effects import provider_calls
+from tests.support.stale import stalling_quickly
 
 from .apps import App, normalized, open_runtime, settle, submit_until_accepted
 from .conftest import Deadline, Recorder
@@ -56,9 +57,7 @@ async def test_postgres_restart_mid_workflow(
     settings_for: Callable[..., Settings],
     reliability: Recorder,
 ) -> None:
-    settings = settings_for(
-        "postgres", postgres_url=postgres_server.url, case_stale_after_seconds=1
-    )
+    settings = stalling_quickly(settings_for("postgres", postgres_url=postgres_server.url))
     deadline = Deadline(150)
     async with open_runtime(settings) as app:
         reference_id = f"pg-reference-{uuid.uuid4().hex[:8]}"

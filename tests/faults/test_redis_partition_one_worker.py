@@ -23,6 +23,7 @@ from support_cases.models import CaseStatus, FollowUp, FollowUpStrategy
 from support_cases.runs import shard_of
 from support_cases.settings import AppSettings
 from tests.support.effects import provider_calls
+from tests.support.stale import stalling_quickly
 
 from .apps import App, Decided, open_runtime, review_case, submission
 from .proxy import LoopbackProxy
@@ -48,15 +49,25 @@ async def _workers(
     *,
     after_step_a: StepHook | None = None,
     after_step_b: StepHook | None = None,
+    quick: bool = False,
     **overrides: object,
 ) -> AsyncIterator[tuple[App, App]]:
-    """Worker A, reaching Redis through the proxy the test cuts, and worker B, directly."""
+    """Worker A, reaching Redis through the proxy the test cuts, and worker B, directly;
+    `quick`: runs read stalled after a second, and calls wait a second for a run."""
     server, proxy = redis_proxy
     direct = f"redis://127.0.0.1:{server.port}/0"
     through = f"redis://127.0.0.1:{proxy.port}/0"
+
+    def settings(redis_url: str) -> AppSettings:
+        if not quick:
+            return settings_for(backend, redis_url=redis_url, **overrides)
+        return stalling_quickly(
+            settings_for(backend, redis_url=redis_url, case_sync_wait_seconds=1, **overrides)
+        )
+
     async with (
-        open_runtime(settings_for(backend, redis_url=through, **overrides), after_step_a) as a,
-        open_runtime(settings_for(backend, redis_url=direct, **overrides), after_step_b) as b,
+        open_runtime(settings(through), after_step_a) as a,
+        open_runtime(settings(direct), after_step_b) as b,
     ):
         yield a, b
 
@@ -125,9 +136,8 @@ async def test_a_decision_run_left_by_a_cut_off_worker_is_resumed_by_another_wor
         if step == "refund" and hold.is_set():
             await release.wait()
 
-    quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
     async with _workers(
-        settings_for, backend, redis_proxy, after_step_a=hang_after_refund, **quick
+        settings_for, backend, redis_proxy, after_step_a=hang_after_refund, quick=True
     ) as (a, b):
         case_id = f"partition-hang-{uuid.uuid4().hex[:8]}"
         try:
@@ -248,8 +258,10 @@ async def test_a_run_started_after_a_cut_off_timer_dropped_its_case_stays_in_the
         if hold.is_set():
             await release.wait()
 
-    quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
-    async with _workers(settings_for, backend, redis_proxy, after_step_b=hang, **quick) as (a, b):
+    async with _workers(settings_for, backend, redis_proxy, after_step_b=hang, quick=True) as (
+        a,
+        b,
+    ):
         case_id = f"partition-index-{uuid.uuid4().hex[:8]}"
         shard = shard_of(case_id)
         try:
@@ -333,8 +345,7 @@ async def test_a_follow_up_run_a_cut_off_worker_left_is_resumed_under_its_own_ru
         if hold.is_set():
             await release.wait()
 
-    quick = {"case_stale_after_seconds": 1, "case_sync_wait_seconds": 1}
-    async with _workers(settings_for, "postgres", redis_proxy, after_step_a=hang, **quick) as (
+    async with _workers(settings_for, "postgres", redis_proxy, after_step_a=hang, quick=True) as (
         a,
         b,
     ):
