@@ -283,7 +283,8 @@ return fenced(KEYS[1], ARGV[1], ARGV[2]) or 0
 """
 )
 
-# KEYS: dirty, since, entries. ARGV: thread id. `since` only when the thread was not
+# KEYS: dirty, since, entries. ARGV: thread id, entries to count (an append's 1; 0 to list
+# a thread again whose entries their appends counted). `since` only when the thread was not
 # listed (its `dirty` score is 1 now): `dirty` and `since` list and unlist a thread together
 # (`_SETTLE`), so a listed thread has its `since` already.
 _MARK_DIRTY = """
@@ -291,7 +292,7 @@ if tonumber(redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])) == 1 then
   local now = redis.call('TIME')
   redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
 end
-redis.call('INCR', KEYS[3])
+redis.call('INCRBY', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -468,14 +469,22 @@ return acknowledge(ttl, ARGV, #KEYS > 5 + cached)
 )
 
 # KEYS: entries, since, stuck. ARGV: entries that left the thread's log, thread id, the
-# time (ms) of its oldest entry left, or ''. The count never goes below 0; a thread still
-# listed is listed from its oldest unflushed entry on, not from when it first became dirty.
+# time (ms) of its oldest entry left, or '' (none left). The count never goes below 0; a
+# thread still listed is listed from its oldest unflushed entry on, not from when it first
+# became dirty; with none left, from now: an append landing before the flusher unlists the
+# thread keeps it listed, and its entry is no older than this (else the thread would look
+# unflushed since the batch just flushed, to the backlog's age and the timer's pass).
 # Entries leave in order (a discard takes the oldest too): its stuck entry, the oldest, left
 # with any that did.
 _ACKED = """
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 if tonumber(ARGV[1]) > 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[2]) end
+local oldest = ARGV[3]
+if oldest == '' and tonumber(ARGV[1]) > 0 then
+  local now = redis.call('TIME')
+  oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+if oldest ~= '' then redis.call('ZADD', KEYS[2], 'XX', oldest, ARGV[2]) end
 return 1
 """
 
@@ -782,7 +791,7 @@ class RedisWriteBehindLog:
         return [
             *(("SET", epoch, payload, "PX", STAGED_TTL_MS, "NX") for epoch, payload in staged),
             ("EVALSHA", self._scripts[script][1], len(keys), *keys, *args),
-            ("EVALSHA", self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id),
+            ("EVALSHA", self._scripts["dirty"][1], len(dirty_keys), *dirty_keys, thread_id, 1),
         ]
 
     async def _load_scripts(self) -> None:
@@ -1089,7 +1098,9 @@ class RedisWriteBehindLog:
         return [self._dirty, self._since, self._entries, self._stuck]
 
     async def mark_dirty(self, thread_id: str) -> None:
-        await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id])
+        # Not counted again: each entry's append counted it (before this, or after, its
+        # listing landing after the settle this follows).
+        await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id, 0])
 
     async def fence_now(self) -> int:
         # Lock tokens are the server's clock in microseconds when granted (`_LOCK`).
@@ -1303,6 +1314,26 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
+def _head(raw: bytes) -> dict[str, Any]:
+    """A put entry's head, its fields of the types a put writes: a damaged one is refused
+    here (`ValueError`, the entry damaged), not sent on to fail the cold store's packing with
+    an untyped error that would stop the drain pass, not record the entry stuck."""
+    head = json.loads(raw)
+    if not (
+        isinstance(head, dict)
+        and isinstance(head.get("id"), str)
+        and isinstance(head.get("parent"), str | None)
+        and isinstance(head.get("metadata"), dict)
+        and isinstance(head.get("versions"), dict)
+        and all(
+            isinstance(version, str | int | float) and not isinstance(version, bool)
+            for version in head["versions"].values()
+        )
+    ):
+        raise ValueError("a put entry's head is not of a put's shape")
+    return head
+
+
 def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, EpochBytes]) -> FlushOp:
     """A stream entry back into the operation it recorded.
 
@@ -1317,7 +1348,7 @@ def _op(thread_id: str, fields: dict[bytes, bytes], epochs: Mapping[str, EpochBy
     try:
         checkpoint_ns = fields[b"ns"].decode()
         if fields[b"op"] == b"put":
-            head = json.loads(fields[b"head"])
+            head = _head(fields[b"head"])
             blobs = []
             for name, value in fields.items():
                 if name.startswith(b"b:"):

@@ -34,7 +34,7 @@ from state.errors import (
 from state.hot.redis_checkpoints import ENTRY_FORMAT, LOG_KIND, RedisCheckpointCache
 from state.hot.redis_client import create_redis_client, hot_key, hot_namespace
 from state.hot.redis_write_behind import RedisWriteBehindLog
-from state.ports import CheckpointStore, Counters, WritesPut
+from state.ports import CheckpointStore, Counters, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.chat_graph import CHECKPOINTS_PER_INVOKE, chat_graph
 from tests.support.redis_round_trips import RedisRoundTrips
@@ -1026,3 +1026,34 @@ async def test_a_block_cancelled_as_it_ends_its_refusal_leaves_appends_accepted(
         await swept
     monkeypatch.undo()
     await assert_appends_accepted(graph, cfg)
+
+
+async def test_a_thread_an_append_reaches_as_its_flush_ends_is_listed_from_that_append(
+    tiers: WriteBehind,
+) -> None:
+    """A flush that empties the log, then finds the thread's listing moved (an append landed
+    between its last acknowledgement and its unlisting), leaves the thread listed: from that
+    append on, not from the oldest entry it just flushed. It stayed listed that old: the
+    backlog's age reported the flushed batch's, and the timer's pass took a thread its own
+    worker was flushing as one left behind."""
+    _, _, thread_id, hot = await invoked_once(tiers)
+    await asyncio.sleep(0.6)
+    log = tiers.flusher.log
+    settle = log.settle
+
+    async def append_first(thread: str, marker: float) -> bool:
+        write = StoredWrite("task-late", "", 0, "messages", ("json", b'"late"'))
+        checkpoint_id = hot.config["configurable"]["checkpoint_id"]
+        await log.append_writes(thread, "", checkpoint_id, [write], upsert=False, fence=None)
+        return await settle(thread, marker)
+
+    log.settle = append_first  # type: ignore[method-assign]
+    try:
+        await tiers.flusher.flush_thread(thread_id)
+    finally:
+        del log.settle
+
+    assert await log.pending(thread_id)  # the late append, left listed
+    assert thread_id in [t for t, _ in await log.dirty_threads(limit=1000)]
+    assert thread_id not in [t for t, _ in await log.dirty_threads(limit=1000, unflushed_for=0.5)]
+    await tiers.flusher.flush_thread(thread_id)

@@ -822,3 +822,76 @@ def test_the_cli_says_redis_is_unavailable_in_one_line(stack_env: dict[str, str]
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("redis unavailable"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"metadata": 5}, {"versions": ["messages"]}, {"versions": {"messages": None}}, {"id": 5}],
+    ids=["metadata-not-an-object", "versions-not-an-object", "a-version-null", "id-not-a-string"],
+)
+async def test_a_log_entry_whose_head_holds_a_field_of_the_wrong_type_is_recorded_stuck(
+    tiers: WriteBehind, damage: dict[str, Any]
+) -> None:
+    """A put's head that is an object but holds a field of the wrong type (damaged in Redis)
+    is a damaged entry as any other: recorded stuck, holding back its thread only. It failed
+    the cold store's packing with an untyped error instead: the whole drain pass raised (its
+    later threads never reached), nothing was recorded, and a boundary raised a TypeError."""
+    _, _, thread_id, _ = await invoked_once(tiers)
+    _, _, healthy, hot = await invoked_once(tiers)
+    key = log_key(tiers, thread_id)
+    logged = await tiers.redis.xrange(key)
+    at = next(i for i, (_, fields) in enumerate(logged) if fields[b"op"] == b"put")
+    await tiers.redis.delete(key)
+    ids = []
+    for i, (_, fields) in enumerate(logged):
+        if i == at:
+            head = {**json.loads(fields[b"head"]), **damage}
+            fields = {**fields, b"head": json.dumps(head).encode()}
+        ids.append((await tiers.redis.xadd(key, fields)).decode())
+
+    await tiers.flusher.drain()
+
+    assert await cold_latest_id(tiers, healthy) == hot.config["configurable"]["checkpoint_id"]
+    [stuck] = await tiers.flusher.stuck()
+    assert (stuck.thread_id, stuck.entry_id, stuck.kind) == (thread_id, ids[at], "put")
+    assert stuck.reason.startswith("damaged: ")
+    assert await tiers.redis.xlen(key) == len(logged) - at
+    with pytest.raises(EntryStuck) as boundary:
+        await tiers.saver.aflush(thread_id)
+    assert boundary.value.entry_id == ids[at]
+    await tiers.flusher.discard_stuck(thread_id, ids[at])
+    await tiers.flusher.flush_thread(thread_id)
+    assert await tiers.flusher.stuck() == []
+
+
+async def test_a_thread_listed_again_after_its_flush_is_not_counted_twice_in_the_backlog(
+    tiers: WriteBehind,
+) -> None:
+    """A flush unlists a thread whose log it emptied, and finds an entry landed in between
+    (the append's own listing, its second command, not run yet): it lists the thread again.
+    The entry is counted by its append; the relisting counted it once more, and the backlog
+    stayed one entry high for as long as any thread was listed (on a busy store, for good)."""
+    _, _, other, _ = await invoked_once(tiers)  # keeps the listing from emptying
+    _, _, thread_id, _ = await invoked_once(tiers)
+    log = tiers.flusher.log
+    key = log_key(tiers, thread_id)
+    late = next(fields for _, fields in await tiers.redis.xrange(key) if fields[b"op"] == b"writes")
+    settle = log.settle
+
+    async def late_append_first(thread: str, marker: float) -> bool:
+        await tiers.redis.xadd(key, late)  # the append's script: its listing comes after
+        return await settle(thread, marker)
+
+    log.settle = late_append_first  # type: ignore[method-assign]
+    try:
+        await tiers.flusher.flush_thread(thread_id)
+    finally:
+        del log.settle
+    await log._run("dirty", [log._dirty, log._since, log._entries], [thread_id, 1])
+
+    backlog = await tiers.flusher.backlog()
+    assert backlog.threads == 2
+    assert backlog.entries == await tiers.redis.xlen(log_key(tiers, other)) + 1
+    await tiers.flusher.flush_thread(thread_id)
+    await tiers.flusher.flush_thread(other)
+    assert (await tiers.flusher.backlog()).entries == 0
