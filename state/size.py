@@ -354,13 +354,20 @@ class ColdRecordArchive:
         head = await self._cold.get(ref)
         if head is None:
             raise WorkflowNotFound(ref)
+        count, encoding = head.sections.get("chunks"), head.sections.get("encoding")
+        # Damaged records read as damage (typed), never as a KeyError or ValueError.
+        if not isinstance(count, int) or isinstance(count, bool) or not isinstance(encoding, str):
+            raise CorruptState(f"archived value {ref!r} has a damaged head record")
         chunks = []
-        for index in range(int(head.sections["chunks"])):
+        for index in range(count):
             record = await self._cold.get(f"{ref}~{index}")
             if record is None:
                 raise CorruptState(f"archived value {ref!r} lost chunk {index}")
-            chunks.append(codec.from_text(record.sections["data"]))
-        raw = codec.decode(head.sections["encoding"], chunks)
+            data = record.sections.get("data")
+            if not isinstance(data, str):
+                raise CorruptState(f"archived value {ref!r} has a damaged chunk {index}")
+            chunks.append(codec.from_text(data))
+        raw = codec.decode(encoding, chunks)
         if hashlib.sha256(raw).hexdigest() != ref.rsplit(ARCHIVE_SEPARATOR, 1)[1]:
             raise CorruptState(f"archived value {ref!r} does not match its reference")
         return json.loads(raw)
@@ -536,6 +543,13 @@ class StateSizeManager:
             key = next(iter(value)) if _is_reference(value) else None
             if key == OFFLOADED_KEY or (key == ARCHIVED_KEY and fetch_archived):
                 envelope = value[key]
+                # Only this layer writes a reference (a caller's look-alike is `escaped`).
+                if not (
+                    isinstance(envelope, dict)
+                    and isinstance(envelope.get("ref"), str)
+                    and isinstance(envelope.get("sha256"), str)
+                ):
+                    raise CorruptState(f"section {name!r} holds a damaged reference")
                 fetched = await self._require_archive().fetch_archived(envelope["ref"])
                 if hashlib.sha256(canonical_json(fetched)).hexdigest() != envelope["sha256"]:
                     raise CorruptState(f"section {name!r} does not match its stored digest")

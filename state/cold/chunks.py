@@ -545,19 +545,25 @@ async def resolve(
     if not manifests:
         return resolved
     found: dict[bytes, Chunk] = {}
-    wanted = {digest for data in manifests.values() for digest in manifest_digests(data)}
-    while wanted:
-        found.update(await fetch(sorted(wanted)))
+    # One level of the manifests' trees at a time, from their roots: only the nodes they
+    # reach are walked down. A fetch may return more (a store's descendants, or every
+    # block of a snapshot's tag, older snapshots' too): a node no manifest reaches may
+    # have outlived its children in a collection.
+    level = {digest for data in manifests.values() for digest in manifest_digests(data)}
+    seen = set(level)
+    while level:
+        asked = [digest for digest in level if digest not in found]
+        if asked:
+            found.update(await fetch(sorted(asked)))
         # The store has no chunk of that digest: asking again would not find it either.
-        missing = wanted - found.keys()
+        missing = level - found.keys()
         if missing:
             raise CorruptState(f"chunk {min(missing).hex()} is missing")
-        # Children of the nodes found, down to the leaves, not fetched yet (a store that
-        # returned the descendants with the roots leaves nothing to ask for).
-        wanted = set()
-        pending = [chunk for chunk in found.values() if chunk.node]
-        for node in pending:
-            wanted.update(child for child in children(node) if child not in found)
+        below = {
+            child for digest in level if found[digest].node for child in children(found[digest])
+        }
+        level = below - seen
+        seen |= level
     for key, data in manifests.items():
         resolved[key] = (values[key][0].removeprefix(MANIFEST_TYPE_PREFIX), assemble(data, found))
     return resolved

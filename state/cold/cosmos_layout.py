@@ -152,7 +152,11 @@ def block_of(doc: Doc) -> Chunk:
         digest = bytes.fromhex(doc["id"].removeprefix("blk:"))
     except ValueError as exc:
         raise CorruptState(f"{doc['id']} is not a block id") from exc
-    return Chunk(digest, bool(doc["node"]), codec.from_text(doc["data"]))
+    node, data = doc.get("node"), doc.get("data")
+    # A damaged document is damage (typed), not a KeyError reaching the caller.
+    if not isinstance(node, bool) or not isinstance(data, str):
+        raise CorruptState(f"{doc['id']} is not a block document")
+    return Chunk(digest, node, codec.from_text(data))
 
 
 def snapshot_channels(doc: Doc) -> list[str]:

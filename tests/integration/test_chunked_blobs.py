@@ -7,6 +7,7 @@ wrong value."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import operator
 import random
@@ -496,3 +497,81 @@ async def test_a_large_snapshot_after_a_small_one_and_another_process_pruning_re
         async with stack(stack_env, backend) as reader:
             state = await graph_of.compile(checkpointer=reader.saver).aget_state(cfg)
         assert state.values["context"] == documents
+
+
+class PickedContext(TypedDict):
+    pick: str
+    context: Annotated[list[str], DeltaChannel(_replace_batches, snapshot_frequency=1)]
+
+
+# ~1 KB each: 250 fill 62 leaves (the roots of the manifest), 275 fill 68 (a node over
+# the first 64, another over the rest); "other" shares none of their bytes.
+POOL = [text(random.Random(1000 + n)) for n in range(275)]
+PICKS = {"short": POOL[:250], "long": POOL, "other": [text(random.Random(-n)) for n in range(40)]}
+
+
+async def test_a_snapshot_reads_back_beside_an_unreached_node_whose_leaves_were_collected(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: a snapshot's blocks come by their tag, older snapshots' unreached
+    # blocks with them. A node younger than the grace outlives its older leaves in a
+    # collection; the read walked down every node fetched, and reported the value it
+    # did not need as missing chunks (`CorruptState`).
+    graph_of = StateGraph(PickedContext)
+    graph_of.add_node("fetch", lambda state: {"context": Overwrite(list(PICKS[state["pick"]]))})
+    graph_of.add_edge(START, "fetch")
+    graph_of.add_edge("fetch", END)
+    cfg = thread_config("tagged")
+    thread = cfg["configurable"]["thread_id"]
+    async with stack(stack_env, "cosmos") as writer:
+        graph = graph_of.compile(checkpointer=writer.saver)
+        await graph.ainvoke({"pick": "short", "context": []}, _with_run(cfg, str(uuid.uuid4())))
+        await asyncio.sleep(
+            1.5
+        )  # `_ts` counts seconds: the short value's leaves are older than ...
+        between = time.time()
+        await asyncio.sleep(1.5)
+        # ... the node the long one adds over them (this process builds on its split).
+        await graph.ainvoke({"pick": "long", "context": []}, _with_run(cfg, str(uuid.uuid4())))
+        await graph.ainvoke({"pick": "other", "context": []}, _with_run(cfg, str(uuid.uuid4())))
+        store = writer.backends.checkpoints
+        assert isinstance(store, CosmosCheckpointStore)
+        grace = block_grace_seconds(writer.backends.settings.cosmos_operation_timeout_seconds)
+        # Collected as by a collection whose grace ends between the two.
+        monkeypatch.setattr(store, "_clock", lambda: between + grace)
+        await writer.saver.aprune([thread], strategy="keep_latest")
+    async with stack(stack_env, "cosmos") as reader:
+        state = await graph_of.compile(checkpointer=reader.saver).aget_state(cfg)
+    assert state.values["context"] == PICKS["other"]
+
+
+@pytest.mark.parametrize(
+    "damage", [{"data": None}, {"data": 7}, {"node": None}], ids=["no data", "data", "no kind"]
+)
+async def test_a_damaged_block_document_is_corrupt_state(
+    damage: dict[str, Any], stack_env: dict[str, str]
+) -> None:
+    cfg = thread_config("damaged-block")
+    thread = cfg["configurable"]["thread_id"]
+    settings = settings_for(stack_env, "cosmos", False, "write-through")
+    async with stack(stack_env, "cosmos") as opened:
+        await grow(growing_graph(opened.saver), cfg, 12)
+    connection = CosmosConnection(settings.cosmos)
+    try:
+        container = await connection.container()
+        async for doc in container.query_items(
+            "SELECT * FROM c WHERE c.thread_id = @thread AND c.type = @type",
+            parameters=[
+                {"name": "@thread", "value": thread},
+                {"name": "@type", "value": layout.BLOCK},
+            ],
+            partition_key=thread,
+        ):
+            changed = {**doc, **damage}
+            await container.upsert_item({k: v for k, v in changed.items() if v is not None})
+    finally:
+        await connection.close()
+    # Read by another process: the writer serves the values it wrote from memory.
+    async with stack(stack_env, "cosmos") as reader:
+        with pytest.raises(CorruptState):
+            await reader.backends.checkpoints.get_checkpoint(thread, "", None)

@@ -1,0 +1,71 @@
+"""A damaged archived value (`state.size.ColdRecordArchive`) on real servers: whatever part
+of its records is damaged, reading it is a `CorruptState`, never another error."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from state.errors import CorruptState
+from state.size import OFFLOADED_KEY, ColdRecordArchive, StateSizeManager
+from state.sized import SizedStateStore
+from tests.integration.delta_graph import open_stack, settings_for
+
+# The record to damage (the head or its first chunk), and the sections written over it.
+DAMAGE = {
+    "chunk count not a number": ("head", {"chunks": "two"}),
+    "chunk count missing": ("head", {"chunks": None}),
+    "encoding missing": ("head", {"encoding": None}),
+    "chunk data missing": ("chunk", {"data": None}),
+    "chunk data not text": ("chunk", {"data": 7}),
+}
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+async def test_a_damaged_archived_value_reads_as_corrupt_state(
+    backend: str, damage: str, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        cold = opened.backends.cold
+        archive = ColdRecordArchive.from_settings(cold, settings)
+        value = {"notes": [f"note {n}" for n in range(50)]}
+        ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", value)
+        assert await archive.fetch_archived(ref) == value
+        which, sections = DAMAGE[damage]
+        target = ref if which == "head" else f"{ref}~0"
+        record = await cold.get(target)
+        assert record is not None
+        damaged: dict[str, Any] = {**record.sections}
+        for name, section in sections.items():
+            if section is None:
+                damaged.pop(name)
+            else:
+                damaged[name] = section
+        await cold.delete(target)
+        await cold.create(target, damaged, agent_id="damage")
+        with pytest.raises(CorruptState):
+            await archive.fetch_archived(ref)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+@pytest.mark.parametrize(
+    "envelope", ["x", {}, {"ref": 7, "sha256": "00"}], ids=["text", "empty", "ref not text"]
+)
+async def test_a_damaged_reference_to_an_offloaded_section_reads_as_corrupt_state(
+    backend: str, envelope: Any, stack_env: dict[str, str]
+) -> None:
+    # A caller's value shaped like a reference is stored escaped (`size.escaped`): a
+    # reference as read is one the size layer wrote, and one it cannot read is damage.
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        cold = opened.backends.cold
+        archive = ColdRecordArchive.from_settings(cold, settings)
+        sized = SizedStateStore(cold, StateSizeManager.from_settings(settings, archive))
+        thread = f"damaged-ref-{uuid.uuid4().hex[:12]}"
+        await cold.create(thread, {"notes": {OFFLOADED_KEY: envelope}}, agent_id="damage")
+        with pytest.raises(CorruptState):
+            await sized.get(thread)
