@@ -24,8 +24,11 @@ expired, just before its deletion, the cached checkpoints go, then the backlog, 
 the event log. A reader
 that caches the thread again from the cold tier before the deletion is undone once
 the sweep ends: the caches of every thread it forgot are dropped again (best effort:
-a failure is logged). An archive record (`<thread>~archive~...`) has only a cached
-record to forget. A thread whose flush lock another process holds (a second sweeper, a
+a failure is logged). So that such a failure (Redis cut) cannot leave a reader's fill
+served once Redis is back, the checkpoints' drop before the deletion fences off fills
+of what the thread held then, as delete_thread's does, and the drop at the end lifts
+that fence (one it could not lift lapses with the hot TTL). An archive record
+(`<thread>~archive~...`) has only a cached record to forget. A thread whose flush lock another process holds (a second sweeper, a
 stuck flusher) is waited for until the sweep's deadline at most (LOCK_WAIT_SECONDS
 without one), then spared: left whole in both tiers (but for its cached record) to the
 next sweep, so a timer tick ends in time.
@@ -42,6 +45,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
+
+from langgraph.checkpoint.base.id import uuid6
 
 from .errors import BackendUnavailable, FlushLockBusy
 from .ports import CheckpointCache, ColdRetention, EventLog, HotStateStore
@@ -96,6 +101,8 @@ class TieredRetention:
         refused: dict[str, contextlib.AsyncExitStack] = {}
         # Threads whose flush lock the sweep could not take in time: spared.
         busy: set[str] = set()
+        # The fill fence each deleted thread's checkpoint drop set, for the last drop to lift.
+        fences: dict[str, str] = {}
         try:
             async with contextlib.AsyncExitStack() as held:
 
@@ -117,7 +124,9 @@ class TieredRetention:
                         return False
                     if deleting is not None and not await deleting(thread_id):
                         return False
-                    await self._delete(thread_id)
+                    fence = await self._delete(thread_id)
+                    if fence is not None:
+                        fences[thread_id] = fence
                     return True
 
                 async def kept(thread_id: str) -> None:
@@ -136,7 +145,7 @@ class TieredRetention:
                 )
         finally:
             for thread_id in forgotten:
-                await self._drop_cached(thread_id)
+                await self._drop_cached(thread_id, fences.get(thread_id))
 
     async def _forget(
         self, thread_id: str, held: contextlib.AsyncExitStack, deadline: float | None
@@ -157,23 +166,37 @@ class TieredRetention:
             return False
         return await self._flusher.log.pending(thread_id)
 
-    async def _delete(self, thread_id: str) -> None:
-        """The thread's hot state, once the sweep has looked again and is deleting it."""
+    async def _delete(self, thread_id: str) -> str | None:
+        """The thread's hot state, once the sweep has looked again and is deleting it; the
+        fill fence its checkpoints' drop set, if any (`_drop_cached` lifts it)."""
         if ARCHIVE_SEPARATOR in thread_id:
-            return
+            return None
+        fence = None
         # Before the backlog goes: a cached checkpoint whose log is gone would be a parent
-        # for a run's next put, should the sweep stop before deleting the thread.
+        # for a run's next put, should the sweep stop before deleting the thread. Strict:
+        # a copy Redis may still serve must not outlive the cold delete.
         if self._checkpoints is not None:
-            await self._checkpoints.invalidate(thread_id)
+            fence = str(uuid6(clock_seq=-1))
+            await self._checkpoints.invalidate(
+                thread_id, strict=True, deleted_at=fence, fence_fills=True
+            )
         if self._flusher is not None:
             await self._flusher.discard_refused(thread_id)
         if self._events is not None:
             await self._events.delete(thread_id)
+        return fence
 
-    async def _drop_cached(self, thread_id: str) -> None:
+    async def _drop_cached(self, thread_id: str, fence: str | None) -> None:
         try:
             await self._records.invalidate(thread_id)
             if self._checkpoints is not None and ARCHIVE_SEPARATOR not in thread_id:
-                await self._checkpoints.invalidate(thread_id)
+                if fence is None:
+                    await self._checkpoints.invalidate(thread_id)
+                else:
+                    # Marked as the drop after delete_thread's is: what a reader filled
+                    # meanwhile (its lease too) goes, and the fence with it.
+                    await self._checkpoints.invalidate(
+                        thread_id, deleted_at=str(uuid6(clock_seq=-1)), lift_fence=fence
+                    )
         except BackendUnavailable as exc:
             log.warning("the hot copy of expired %r may outlive it: %s", thread_id, exc)

@@ -25,9 +25,12 @@ container's default TTL is -1 (on, but nothing expires by itself:
   cutoff, oldest slice first. A live thread seen there is skipped: its newest
   item falls in a later slice and brings it back. So each tick reads only what
   crossed the cutoff since the last one, not every old item of every thread.
-  The watermark moves past a slice only once every thread seen in it was
-  settled, so a tick cut short by `limit` repeats that slice; an empty slice
-  jumps to the next write, so a quiet stretch costs one query. A thread kept
+  Threads are looked at in order of their first item in the slice, so a tick
+  cut short by `limit` or its deadline moves the watermark up to the first
+  write of the thread it stopped at (every thread written before was settled)
+  and the next tick goes on from there instead of looking at the same kept
+  threads again, never reaching those behind them; an empty slice jumps to the
+  next write, so a quiet stretch costs one query. A thread kept
   there because the caller spared it (`spare`) may never be written again: it
   gets a marker in the watermark's partition, as does one kept on the second look
   (`deleting` said no: its flush lock busy past the deadline), and each sweep looks
@@ -176,9 +179,13 @@ class CosmosRetention:
             end = min(cutoff, start + SLICE_SECONDS)
             seen = await self._threads_in(start, end)
             kept: list[str] = []
-            for thread_id in seen:
+            for thread_id, first in seen.items():
                 if swept >= limit or (deadline is not None and time.monotonic() >= deadline):
-                    return swept  # this slice again next time: not all of it was settled
+                    # The rest of the slice next time: from this thread's first write (a
+                    # thread first written in the same second as it is looked at again).
+                    await gather([self._io.upsert(_spared_marker(t)) for t in kept])
+                    await self._set_watermark(first)
+                    return swept
                 if thread_id in spare:
                     kept.append(thread_id)
                 elif await self._sweep_thread(
@@ -289,17 +296,20 @@ class CosmosRetention:
             await self._io.delete_matching(archive, "true", {})
         return await self._io.delete(WORKFLOW_ID, thread_id) or removed
 
-    async def _threads_in(self, start: int, end: int) -> list[str]:
-        """Threads with an item last written in [start, end), in order of first sight."""
-        seen: dict[str, None] = {}
+    async def _threads_in(self, start: int, end: int) -> dict[str, int]:
+        """Threads with an item last written in [start, end), each with the `_ts` of its
+        first such item, in that order."""
+        seen: dict[str, int] = {}
         async for page in self._io.pages(
-            "SELECT VALUE c.thread_id FROM c WHERE c._ts >= @start AND c._ts < @end",
+            "SELECT c.thread_id, c._ts FROM c WHERE c._ts >= @start AND c._ts < @end"
+            " ORDER BY c._ts",
             {"@start": start, "@end": end},
             partition=None,
             page_size=BULK_PAGE_SIZE,
         ):
-            seen.update(dict.fromkeys(str(thread_id) for thread_id in page))
-        return list(seen)
+            for item in page:
+                seen.setdefault(str(item["thread_id"]), int(item["_ts"]))
+        return seen
 
     async def _last_write(self, thread_id: str) -> int | None:
         """`_ts` of the thread's newest item but its flush fence, or of the fence if that is

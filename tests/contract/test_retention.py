@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -693,6 +694,46 @@ async def test_postgres_a_run_writing_a_thread_the_sweep_is_forgetting_waits_and
             await writer[0]
         assert await backends.cold.get(thread_id) is None
         assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+
+
+async def test_postgres_a_reader_filling_the_cache_as_the_sweep_deletes_never_serves_it_after(
+    open_cold: Open,
+) -> None:
+    """A reader misses the cache while the sweep deletes the thread and fills it from what
+    the cold tier still shows (the batch not committed yet); Redis is cut as the sweep
+    ends, so its last drop fails. The fill was refused (the fill fence delete_thread sets,
+    now set by the sweep too): once Redis is back, no reader is served the expired thread
+    (it was, up to the hot TTL)."""
+    async with open_cold(
+        "postgres", hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-through"
+    ) as backends:
+        assert backends.events is not None and backends.hot_checkpoints is not None
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("refilled")
+        await saver.aput(latest(thread_id), empty_checkpoint(), {"step": 0}, {})
+        now = await age_everything(backends, thread_id)
+        reader = TieredCheckpointSaver.from_backends(backends)
+        round_trips = RedisRoundTrips()
+        unwatch = round_trips.watch(backends.hot_checkpoints._client)  # the hot store's too
+        events = backends.events
+        working = events.delete
+        read: list[Any] = []
+
+        async def reader_fills_then_redis_is_cut(forgotten: str) -> None:
+            await working(forgotten)
+            read.append(await reader.aget_tuple(latest(thread_id)))
+            round_trips.refuse = redis.exceptions.ConnectionError("Connection reset (injected)")
+
+        events.delete = reader_fills_then_redis_is_cut  # type: ignore[method-assign]
+        try:
+            assert await backends.retention.sweep(limit=100, now=now) == 1
+        finally:
+            events.delete = working  # type: ignore[method-assign]
+            unwatch()
+        assert read and read[0] is not None  # the cold tier still showed it
+        assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
+        later = TieredCheckpointSaver.from_backends(backends)
+        assert await later.aget_tuple(latest(thread_id)) is None
 
 
 async def test_postgres_two_delete_for_runs_whose_threads_share_a_lock_key_do_not_deadlock(
@@ -1612,6 +1653,42 @@ async def test_cosmos_sweep_reads_time_slices_a_few_per_tick(
         assert await backends.retention.sweep(limit=100, now=now) == 0
         later = await last_write(backends, late) + TTL + 1
         assert await backends.retention.sweep(limit=100, now=later) == 1
+
+
+async def test_cosmos_sweeps_cut_short_amid_a_slice_of_kept_threads_still_reach_its_end(
+    open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slice holding more kept threads (held, for review) than one tick can look at before
+    its deadline: each tick read the slice again from its start, looked at the same
+    threads again and stopped at the same place, so an expired thread behind them was
+    never deleted. The watermark now moves past the threads a tick settled."""
+    ticks = [0.0]  # one per held thread looked at: a deadline two looks away
+    monkeypatch.setattr(
+        cosmos_retention,
+        "time",
+        SimpleNamespace(monotonic=lambda: ticks[0], time=time.time),
+    )
+    async with open_cold("cosmos", state_cold_ttl_seconds=TTL) as backends:
+        retention = backends.retention
+        assert isinstance(retention, cosmos_retention.CosmosRetention)
+        held = retention._held
+
+        async def slow_held(thread_id: str) -> bool:
+            ticks[0] += 1
+            return await held(thread_id)
+
+        monkeypatch.setattr(retention, "_held", slow_held)
+        kept = [unique_thread("under-review") for _ in range(4)]
+        for thread_id in kept:
+            await backends.cold.create(thread_id, {"n": 0}, agent_id="seed")
+            await retention.hold(thread_id)
+            await next_second(await last_write(backends, thread_id))
+        expired = unique_thread("behind")
+        await backends.cold.create(expired, {"n": 0}, agent_id="seed")
+        now = await last_write(backends, *kept, expired) + TTL + 1
+        swept = [await retention.sweep(limit=100, now=now, deadline=ticks[0] + 2) for _ in range(4)]
+        assert sum(swept) == 1 and await backends.cold.get(expired) is None, swept
+        assert all([await backends.cold.get(thread_id) is not None for thread_id in kept])
 
 
 async def test_cosmos_an_orphan_archive_swept_in_write_behind_is_gone_for_good(
