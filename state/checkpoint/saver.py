@@ -255,13 +255,17 @@ class _Tracked:
 
 
 def _thread_of(configurable: Mapping[str, Any]) -> str:
-    """The thread a config names, as text (an int one as LangGraph's savers take it). None
-    is refused: as text it is the thread "None", another caller's perhaps, where
-    InMemorySaver keeps a thread of its own and Postgres refuses it."""
-    thread_id = configurable["thread_id"]
-    if thread_id is None:
-        raise InvalidValue("checkpoints", "a thread id of None (a config names its thread)")
-    return str(thread_id)
+    """The thread a config names, as text (an int one as LangGraph's savers take it)."""
+    return _named("thread id", configurable["thread_id"])
+
+
+def _named(what: str, name: object) -> str:
+    """A thread (or run) id as text. None is refused: as text it is the thread "None",
+    another caller's perhaps, where InMemorySaver keeps a thread of its own and Postgres
+    refuses it; a delete, copy or flush given None would act on that caller's thread."""
+    if name is None:
+        raise InvalidValue("checkpoints", f"a {what} of None")
+    return str(name)
 
 
 def _writable_thread(configurable: dict[str, Any]) -> str:
@@ -294,7 +298,7 @@ def _refuse_unstorable(what: str, names: Iterable[str]) -> None:
 def _sendable(what: str, names: Iterable[str]) -> list[str]:
     """`names` for a read or delete: none the store could hold is refused, as a write
     refuses it, rather than fail in a client (Redis, Postgres) or find nothing (others)."""
-    sendable = [str(name) for name in names]
+    sendable = [_named(what, name) for name in names]
     for name in sendable:
         storable_text("checkpoints", what, name)
     return sendable
@@ -562,7 +566,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         creation has just claimed): LangGraph's first read of it then asks no tier. Wrong
         only if checkpoints of that id exist, and then the run starts the thread afresh
         rather than continue a stranger's state."""
-        self._chains.declare_new(thread_id)
+        self._chains.declare_new(_named("thread id", thread_id))
 
     async def aseed_fence(
         self, thread_id: str, fence: int, *, record_checked: bool = False
@@ -575,6 +579,7 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         or lost since a newer holder's seed) the token is checked against the record
         first, unless `record_checked`: the caller knows the record's fence is not above
         `fence`. Without Redis, the first write checks the record as always."""
+        named = _named("thread id", thread_id)
         if self.fence is None:
             return
         # Not `checked` unless the caller vouches: a fence Redis lost (evicted, restarted)
@@ -582,17 +587,18 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # stale run waking after that must be checked against the record, as its first
         # write would be.
         with contextlib.suppress(BackendUnavailable):
-            await self._on_loop(self._seed_fence(str(thread_id), int(fence), record_checked))
+            await self._on_loop(self._seed_fence(named, int(fence), record_checked))
 
     def seed_fence(self, thread_id: str, fence: int, *, record_checked: bool = False) -> None:
         """Synchronous `aseed_fence`: call it as the run takes the thread's lock, before its
         first write (README, "Fencing")."""
         # Refused from the saver's loop even without a hot tier, as `flush`.
         self._refuse_on_loop()
+        named = _named("thread id", thread_id)
         if self.fence is None:
             return
         with contextlib.suppress(BackendUnavailable):
-            self._sync(self._seed_fence(str(thread_id), int(fence), record_checked))
+            self._sync(self._seed_fence(named, int(fence), record_checked))
 
     async def _seed_fence(self, thread_id: str, fence: int, record_checked: bool) -> None:
         assert self.fence is not None
@@ -605,8 +611,10 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
     async def aflush(self, thread_id: str) -> None:
         """Return once the thread's write-behind backlog is in the cold tier (a no-op in
         write-through mode): call it at the end of a run before reporting its outcome."""
+        # Refused in either mode, as a write naming None is.
+        named = _named("thread id", thread_id)
         if self.flusher is not None:
-            await self._on_loop(self._flush_thread(str(thread_id)))
+            await self._on_loop(self._flush_thread(named))
 
     async def arefresh(self, thread_id: str) -> None:
         """Make the next read of the thread's latest checkpoint come from the cold tier
@@ -614,8 +622,9 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         go on from that checkpoint under a new lock: Redis may still hold a copy another
         process moved past while it could not reach Redis (README: the loss window), and
         going on from it would fork past what that process acknowledged."""
+        named = _named("thread id", thread_id)
         if self.cache is not None:
-            await self._on_loop(self._refresh(str(thread_id)))
+            await self._on_loop(self._refresh(named))
 
     async def _refresh(self, thread_id: str) -> None:
         assert self.cache is not None
@@ -625,13 +634,17 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         await self.cache.invalidate(thread_id)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await self._on_loop(self._delete_thread(str(thread_id)))
+        await self._on_loop(self._delete_thread(_named("thread id", thread_id)))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         await self._on_loop(self._delete_for_runs(_run_ids(run_ids)))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await self._on_loop(self._copy_thread(str(source_thread_id), str(target_thread_id)))
+        await self._on_loop(
+            self._copy_thread(
+                _named("thread id", source_thread_id), _named("thread id", target_thread_id)
+            )
+        )
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         await self._on_loop(self._prune(thread_ids, strategy))
@@ -954,17 +967,22 @@ class TieredCheckpointSaver(BaseCheckpointSaver[str]):
         # Refused from the saver's loop even in write-through mode: code that works there
         # would hang once switched to write-behind.
         self._refuse_on_loop()
+        named = _named("thread id", thread_id)
         if self.flusher is not None:
-            self._sync(self._flush_thread(str(thread_id)))
+            self._sync(self._flush_thread(named))
 
     def delete_thread(self, thread_id: str) -> None:
-        self._sync(self._delete_thread(str(thread_id)))
+        self._sync(self._delete_thread(_named("thread id", thread_id)))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._sync(self._delete_for_runs(_run_ids(run_ids)))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._sync(self._copy_thread(str(source_thread_id), str(target_thread_id)))
+        self._sync(
+            self._copy_thread(
+                _named("thread id", source_thread_id), _named("thread id", target_thread_id)
+            )
+        )
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._sync(self._prune(thread_ids, strategy))

@@ -283,16 +283,21 @@ return fenced(KEYS[1], ARGV[1], ARGV[2]) or 0
 """
 )
 
-# KEYS: dirty, since, entries. ARGV: thread id, entries to count (an append's 1; 0 to list
-# a thread again whose entries their appends counted). `since` only when the thread was not
-# listed (its `dirty` score is 1 now): `dirty` and `since` list and unlist a thread together
-# (`_SETTLE`), so a listed thread has its `since` already.
+# KEYS: dirty, since, entries. ARGV: thread id, entries to count (an append's 1; to list a
+# thread again, the entries its log holds), then '1' to count them only while the count is
+# 0 (a re-listing). `since` only when the thread was not listed (its `dirty` score is 1 now):
+# `dirty` and `since` list and unlist a thread together (`_SETTLE`), so a listed thread has
+# its `since` already. A re-listed thread's entries were counted by their appends, unless the
+# settle before it unlisted the last thread and zeroed the count after they landed: then the
+# count reads 0 (with entries in this log), and they are counted here.
 _MARK_DIRTY = """
 if tonumber(redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])) == 1 then
   local now = redis.call('TIME')
   redis.call('ZADD', KEYS[2], 'NX', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[1])
 end
-redis.call('INCRBY', KEYS[3], ARGV[2])
+if ARGV[3] ~= '1' or tonumber(redis.call('GET', KEYS[3]) or '0') <= 0 then
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+end
 return 1
 """
 
@@ -1098,9 +1103,12 @@ class RedisWriteBehindLog:
         return [self._dirty, self._since, self._entries, self._stuck]
 
     async def mark_dirty(self, thread_id: str) -> None:
-        # Not counted again: each entry's append counted it (before this, or after, its
-        # listing landing after the settle this follows).
-        await self._run("dirty", [self._dirty, self._since, self._entries], [thread_id, 0])
+        # Not counted again unless the settle this follows zeroed their count (`_MARK_DIRTY`):
+        # each entry's append counted it, before this or after.
+        length = await self._length(thread_id)
+        await self._run(
+            "dirty", [self._dirty, self._since, self._entries], [thread_id, length, "1"]
+        )
 
     async def fence_now(self) -> int:
         # Lock tokens are the server's clock in microseconds when granted (`_LOCK`).

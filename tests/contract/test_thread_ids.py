@@ -4,7 +4,9 @@ flush could store: Cosmos refuses a partition key value over 2 KB, the emulator 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -399,4 +401,53 @@ async def test_a_thread_id_of_none_is_refused_not_read_as_the_thread_named_none(
         with pytest.raises(InvalidValue, match="thread id of None"):
             await saver.aput_writes({"configurable": pinned}, [("a", 1)], "task")
         await saver.aflush(thread_id)
+        await saver.adelete_thread(thread_id)
+
+
+@every_configuration
+async def test_a_thread_id_of_none_is_refused_by_every_call_naming_threads_directly(
+    any_backend: str, hot: bool, mode: WriteMode | None, open_tiers: OpenBackends
+) -> None:
+    # As text None is the thread "None", another caller's perhaps: a config naming it is
+    # refused, and so must a delete, copy, prune, flush or fence seed be (they deleted,
+    # copied or flushed that caller's thread), in every mode alike.
+    async with open_tiers(any_backend, hot=hot, mode=mode) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        thread_id = unique_thread("none-direct")
+        stored = await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {},
+            {},
+        )
+        unnamed = cast("str", None)
+        calls = {
+            "adelete_thread": lambda: saver.adelete_thread(unnamed),
+            "delete_thread": lambda: asyncio.to_thread(saver.delete_thread, unnamed),
+            "acopy_thread source": lambda: saver.acopy_thread(unnamed, thread_id + "-copy"),
+            "copy_thread source": lambda: asyncio.to_thread(
+                saver.copy_thread, unnamed, thread_id + "-copy"
+            ),
+            "acopy_thread target": lambda: saver.acopy_thread(thread_id, unnamed),
+            "aprune": lambda: saver.aprune([thread_id, unnamed]),
+            "aprune delete": lambda: saver.aprune([thread_id, unnamed], strategy="delete"),
+            "adelete_for_runs": lambda: saver.adelete_for_runs([cast("str", None)]),
+            "aflush": lambda: saver.aflush(unnamed),
+            "flush": lambda: asyncio.to_thread(saver.flush, unnamed),
+            "arefresh": lambda: saver.arefresh(unnamed),
+            "aseed_fence": lambda: saver.aseed_fence(unnamed, 1),
+            "seed_fence": lambda: asyncio.to_thread(saver.seed_fence, unnamed, 1),
+        }
+        for what, call in calls.items():
+            try:
+                await call()
+            except InvalidValue as refused:
+                assert "of None" in str(refused), what
+            else:
+                pytest.fail(f"{what}: not refused")
+        with pytest.raises(InvalidValue, match="thread id of None"):
+            saver.expect_new_thread(unnamed)
+        # Nothing of the named thread went with the refused calls.
+        found = await saver.aget_tuple(stored)
+        assert found is not None and found.config == stored
         await saver.adelete_thread(thread_id)

@@ -895,3 +895,39 @@ async def test_a_thread_listed_again_after_its_flush_is_not_counted_twice_in_the
     await tiers.flusher.flush_thread(thread_id)
     await tiers.flusher.flush_thread(other)
     assert (await tiers.flusher.backlog()).entries == 0
+
+
+async def test_a_thread_listed_again_as_the_only_one_keeps_its_entry_counted(
+    tiers: WriteBehind,
+) -> None:
+    """As above, on a cluster (the listing and the log on different nodes): the late
+    append's listing lands before the flush reads its marker, its entry after the flush read
+    the log. The settle then unlists the only listed thread and zeroes the count, the
+    append's with it: the relisting must count the entry again, or the backlog reads one
+    thread of no entries for as long as any thread is listed."""
+    _, _, thread_id, _ = await invoked_once(tiers)
+    log = tiers.flusher.log
+    key = log_key(tiers, thread_id)
+    late = next(fields for _, fields in await tiers.redis.xrange(key) if fields[b"op"] == b"writes")
+    marker, settle = log.marker, log.settle
+
+    async def late_listing_first(thread: str) -> float | None:
+        # The append's second command, counting its entry, before its first.
+        await log._run("dirty", [log._dirty, log._since, log._entries], [thread, 1])
+        return await marker(thread)
+
+    async def late_entry_first(thread: str, listed: float) -> bool:
+        await tiers.redis.xadd(key, late)
+        return await settle(thread, listed)
+
+    log.marker = late_listing_first  # type: ignore[method-assign]
+    log.settle = late_entry_first  # type: ignore[method-assign]
+    try:
+        await tiers.flusher.flush_thread(thread_id)
+    finally:
+        del log.marker, log.settle
+
+    backlog = await tiers.flusher.backlog()
+    assert (backlog.threads, backlog.entries) == (1, 1)
+    await tiers.flusher.flush_thread(thread_id)
+    assert (await tiers.flusher.backlog()).entries == 0
