@@ -37,7 +37,7 @@ from typing import Any
 
 from . import codec
 from .errors import CorruptState, InvalidValue, WorkflowExists, WorkflowNotFound
-from .ports import JSON, ColdStateStore, SectionArchive
+from .ports import JSON, ColdStateStore, SectionArchive, WorkflowRecord
 from .settings import Settings
 
 # json.dumps writes a NUL character as \u0000. Preceded by an even run of backslashes it
@@ -350,14 +350,35 @@ class ColdRecordArchive:
         with contextlib.suppress(WorkflowExists):
             await self._cold.create(record_id, sections, agent_id=ARCHIVE_AGENT_ID)
 
+    @staticmethod
+    def _digest_of(ref: str) -> str:
+        """The value's sha256 a reference names. Refused before any record is read: a
+        reference without the separator names some other record (a workflow's own)."""
+        _, separator, digest = ref.rpartition(ARCHIVE_SEPARATOR)
+        if not separator:
+            raise CorruptState(f"{ref!r} is not an archive reference")
+        return digest
+
+    @staticmethod
+    def _head_of(ref: str, head: WorkflowRecord) -> tuple[int, str]:
+        """The chunk count and encoding a head record holds; damaged ones read as damage
+        (typed), never as a KeyError or ValueError."""
+        count, encoding = head.sections.get("chunks"), head.sections.get("encoding")
+        if (
+            not isinstance(count, int)
+            or isinstance(count, bool)
+            or count < 0
+            or not isinstance(encoding, str)
+        ):
+            raise CorruptState(f"archived value {ref!r} has a damaged head record")
+        return count, encoding
+
     async def fetch_archived(self, ref: str) -> JSON:
+        digest = self._digest_of(ref)
         head = await self._cold.get(ref)
         if head is None:
             raise WorkflowNotFound(ref)
-        count, encoding = head.sections.get("chunks"), head.sections.get("encoding")
-        # Damaged records read as damage (typed), never as a KeyError or ValueError.
-        if not isinstance(count, int) or isinstance(count, bool) or not isinstance(encoding, str):
-            raise CorruptState(f"archived value {ref!r} has a damaged head record")
+        count, encoding = self._head_of(ref, head)
         chunks = []
         for index in range(count):
             record = await self._cold.get(f"{ref}~{index}")
@@ -368,17 +389,21 @@ class ColdRecordArchive:
                 raise CorruptState(f"archived value {ref!r} has a damaged chunk {index}")
             chunks.append(codec.from_text(data))
         raw = codec.decode(encoding, chunks)
-        if hashlib.sha256(raw).hexdigest() != ref.rsplit(ARCHIVE_SEPARATOR, 1)[1]:
+        if hashlib.sha256(raw).hexdigest() != digest:
             raise CorruptState(f"archived value {ref!r} does not match its reference")
         return json.loads(raw)
 
     async def delete(self, ref: str) -> None:
-        """Remove an archived value (its head first, so it is never half-readable)."""
+        """Remove an archived value (its head first, so it is never half-readable). One
+        whose head is damaged is left as it is (`CorruptState`): which records are its
+        chunks is unknown, and retention removes them with their owner's thread."""
+        self._digest_of(ref)
         head = await self._cold.get(ref)
         if head is None:
             return
+        count, _ = self._head_of(ref, head)
         await self._cold.delete(ref)
-        for index in range(int(head.sections["chunks"])):
+        for index in range(count):
             await self._cold.delete(f"{ref}~{index}")
 
 

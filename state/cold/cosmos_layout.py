@@ -285,7 +285,11 @@ def decode(owner_id: str, entry: Mapping[str, Any], chunks: Mapping[str, Doc]) -
         chunk = chunks.get(chunk_id)
         if chunk is None:
             raise CorruptState(f"{owner_id} is missing its chunk {chunk_id}")
-        parts.append(codec.from_text(chunk["data"]))
+        data = chunk.get("data")
+        # A damaged chunk document is damage (typed), as a damaged block is (`block_of`).
+        if not isinstance(data, str):
+            raise CorruptState(f"{chunk_id} is not a chunk document")
+        parts.append(codec.from_text(data))
     return entry["serde"], codec.decode(entry["enc"], parts, expected_chunks=int(entry["parts"]))
 
 

@@ -69,3 +69,58 @@ async def test_a_damaged_reference_to_an_offloaded_section_reads_as_corrupt_stat
         await cold.create(thread, {"notes": {OFFLOADED_KEY: envelope}}, agent_id="damage")
         with pytest.raises(CorruptState):
             await sized.get(thread)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+@pytest.mark.parametrize("count", ["two", None, -1], ids=["not a number", "missing", "negative"])
+async def test_deleting_an_archived_value_with_a_damaged_head_is_corrupt_state(
+    backend: str, count: Any, stack_env: dict[str, str]
+) -> None:
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        cold = opened.backends.cold
+        archive = ColdRecordArchive.from_settings(cold, settings)
+        ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", {"n": 1})
+        record = await cold.get(ref)
+        assert record is not None
+        damaged: dict[str, Any] = {**record.sections}
+        damaged.pop("chunks")
+        if count is not None:
+            damaged["chunks"] = count
+        await cold.delete(ref)
+        await cold.create(ref, damaged, agent_id="damage")
+        with pytest.raises(CorruptState):
+            await archive.delete(ref)
+        # Left as it was: its chunks are unknown, and retention takes them with the owner.
+        assert await cold.get(ref) is not None
+        assert await cold.get(f"{ref}~0") is not None
+
+
+@pytest.mark.parametrize("backend", ["postgres", "cosmos"])
+async def test_a_reference_without_the_archive_separator_reads_as_corrupt_state(
+    backend: str, stack_env: dict[str, str]
+) -> None:
+    # A stored reference that lost its separator names a record that is no archive's
+    # (here one shaped like a head, with its chunk): damage, not an IndexError.
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        cold = opened.backends.cold
+        archive = ColdRecordArchive.from_settings(cold, settings)
+        sized = SizedStateStore(cold, StateSizeManager.from_settings(settings, archive))
+        value = {"notes": [f"note {n}" for n in range(50)]}
+        ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", value)
+        plain = f"plain-{uuid.uuid4().hex[:12]}"
+        for source, target in [(ref, plain), (f"{ref}~0", f"{plain}~0")]:
+            record = await cold.get(source)
+            assert record is not None
+            await cold.create(target, {**record.sections}, agent_id="damage")
+        with pytest.raises(CorruptState):
+            await archive.fetch_archived(plain)
+        thread = f"damaged-ref-{uuid.uuid4().hex[:12]}"
+        envelope = {"ref": plain, "sha256": "0" * 64, "bytes": 1}
+        await cold.create(thread, {"notes": {OFFLOADED_KEY: envelope}}, agent_id="damage")
+        with pytest.raises(CorruptState):
+            await sized.get(thread)
+        with pytest.raises(CorruptState):
+            await archive.delete(plain)
+        assert await cold.get(plain) is not None

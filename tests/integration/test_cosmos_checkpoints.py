@@ -23,7 +23,7 @@ from state.cold.cosmos_client import CosmosConnection, EnvironmentProxyTransport
 from state.cold.cosmos_fences import FENCE_TYPE
 from state.cold.cosmos_io import CONCURRENT_REQUESTS, BatchRefused, PartitionIO
 from state.cold.cosmos_maintenance import CheckpointMaintenance
-from state.errors import InvalidValue, ParentGone, StaleFencingToken
+from state.errors import CorruptState, InvalidValue, ParentGone, StaleFencingToken
 from state.ports import CheckpointPut, StoredBlob, StoredCheckpoint, StoredWrite, WritesPut
 from state.settings import Settings
 from tests.support.cosmos import partition
@@ -942,3 +942,23 @@ async def test_a_copied_thread_reads_like_its_source(
         (c.checkpoint_id, c.blobs, c.writes) for c in original
     ]
     assert {c.thread_id for c in copied} == {target}
+
+
+@pytest.mark.parametrize("damage", [{"data": None}, {"data": 7}], ids=["no data", "data"])
+async def test_a_damaged_chunk_document_is_corrupt_state(
+    small_items: CosmosCheckpointStore, connection: CosmosConnection, damage: dict[str, Any]
+) -> None:
+    # As a damaged block document is (`layout.block_of`): a spilled value's chunk that
+    # lost its data, or holds something else, reads as damage, not a KeyError.
+    thread_id = thread()
+    await small_items.put_checkpoint(stored(thread_id, 1, {}), [])
+    big = ("bytes", os.urandom(20_000))  # incompressible: several chunks
+    write = StoredWrite("task-1", "", 0, "attachment", big)
+    await small_items.put_writes(thread_id, "", checkpoint_id(1), [write], upsert=False)
+    container = await connection.container()
+    docs = await partition(connection, thread_id)
+    chunk = next(doc for doc in docs if doc["type"] == layout.CHUNK)
+    changed = {k: v for k, v in {**chunk, **damage}.items() if not k.startswith("_")}
+    await container.upsert_item({k: v for k, v in changed.items() if v is not None})
+    with pytest.raises(CorruptState):
+        await small_items.get_writes(thread_id, "", checkpoint_id(1))
