@@ -124,9 +124,7 @@ class TieredRetention:
                         return False
                     if deleting is not None and not await deleting(thread_id):
                         return False
-                    fence = await self._delete(thread_id)
-                    if fence is not None:
-                        fences[thread_id] = fence
+                    await self._delete(thread_id, fences)
                     return True
 
                 async def kept(thread_id: str) -> None:
@@ -166,25 +164,25 @@ class TieredRetention:
             return False
         return await self._flusher.log.pending(thread_id)
 
-    async def _delete(self, thread_id: str) -> str | None:
+    async def _delete(self, thread_id: str, fences: dict[str, str]) -> None:
         """The thread's hot state, once the sweep has looked again and is deleting it; the
-        fill fence its checkpoints' drop set, if any (`_drop_cached` lifts it)."""
+        fill fence its checkpoints' drop sets goes into `fences` (`_drop_cached` lifts it)."""
         if ARCHIVE_SEPARATOR in thread_id:
-            return None
-        fence = None
+            return
         # Before the backlog goes: a cached checkpoint whose log is gone would be a parent
         # for a run's next put, should the sweep stop before deleting the thread. Strict:
         # a copy Redis may still serve must not outlive the cold delete.
         if self._checkpoints is not None:
-            fence = str(uuid6(clock_seq=-1))
+            # Kept before the drop: should a later step fail (the backlog's discard, the
+            # cold delete), the thread stays and the fence must still be lifted at the end.
+            fences[thread_id] = str(uuid6(clock_seq=-1))
             await self._checkpoints.invalidate(
-                thread_id, strict=True, deleted_at=fence, fence_fills=True
+                thread_id, strict=True, deleted_at=fences[thread_id], fence_fills=True
             )
         if self._flusher is not None:
             await self._flusher.discard_refused(thread_id)
         if self._events is not None:
             await self._events.delete(thread_id)
-        return fence
 
     async def _drop_cached(self, thread_id: str, fence: str | None) -> None:
         try:

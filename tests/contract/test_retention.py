@@ -42,11 +42,13 @@ from state.errors import (
     ParentGone,
     StaleFencingToken,
     StateError,
+    StillWriting,
     ThreadExpiring,
     VersionConflict,
     WorkflowNotFound,
 )
 from state.factory import Backends, backends_for
+from state.hot import redis_write_behind
 from state.ports import (
     CheckpointPut,
     ColdRetention,
@@ -734,6 +736,39 @@ async def test_postgres_a_reader_filling_the_cache_as_the_sweep_deletes_never_se
         assert await backends.checkpoints.get_checkpoint(thread_id, "", None) is None
         later = TieredCheckpointSaver.from_backends(backends)
         assert await later.aget_tuple(latest(thread_id)) is None
+
+
+async def test_a_sweep_failing_after_fencing_a_threads_fills_lifts_the_fence(
+    cold_backend: str, open_cold: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep fences off fills of a thread it deletes, then fails before the cold delete
+    (appends outpacing the backlog's discard: Redis answered). The thread is left whole
+    and goes on: its checkpoint, older than the fence, is cached again by the next read,
+    not read from the cold tier by every read for the hot TTL (the sweep's last drop did
+    not lift the fence it had set)."""
+    monkeypatch.setattr(redis_write_behind, "DISCARD_ATTEMPTS", 0)
+    async with open_cold(
+        cold_backend, hot=True, state_cold_ttl_seconds=TTL, state_write_mode="write-behind"
+    ) as backends:
+        saver = TieredCheckpointSaver.from_backends(backends)
+        at_first = await expiring_thread(backends, saver)
+        thread_id = at_first["configurable"]["thread_id"]
+        now = await age_everything(backends, thread_id)
+        with pytest.raises(StillWriting):
+            await backends.retention.sweep(limit=100, now=now)
+        assert await backends.cold.get(thread_id) is not None
+        reader = TieredCheckpointSaver.from_backends(backends)
+        assert await reader.aget_tuple(latest(thread_id)) is not None  # a miss: read cold
+        cold_reads: list[str | None] = []
+        get_checkpoint = backends.checkpoints.get_checkpoint
+
+        async def counted(thread: str, ns: str, checkpoint_id: str | None, **kwargs: Any) -> Any:
+            cold_reads.append(checkpoint_id)
+            return await get_checkpoint(thread, ns, checkpoint_id, **kwargs)
+
+        monkeypatch.setattr(backends.checkpoints, "get_checkpoint", counted)
+        assert await reader.aget_tuple(latest(thread_id)) is not None
+        assert cold_reads == [], "the thread's checkpoint was not cached again"
 
 
 async def test_postgres_two_delete_for_runs_whose_threads_share_a_lock_key_do_not_deadlock(
