@@ -51,7 +51,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..errors import BackendUnavailable, ParentGone, RunsPartlyDeleted, VersionConflict
+from ..errors import (
+    BackendUnavailable,
+    CorruptState,
+    ParentGone,
+    RunsPartlyDeleted,
+    VersionConflict,
+)
 from ..ports import (
     JSON,
     ChannelHistory,
@@ -780,6 +786,8 @@ class CosmosCheckpointStore:
         )
         # Only layout 2 holds manifests (layout 1 was written before them).
         docs = [doc for doc in holders if doc.get("layout", 1) >= layout.LAYOUT]
+        for doc in docs:
+            layout.check_values(doc)
         manifests = layout.manifests_of(docs, await self._chunks(thread_id, docs))
         # Every block, the new ones too: a node a step stored again (a new `_ts`) may be
         # what reaches older blocks from a manifest read.
@@ -1077,6 +1085,11 @@ class _ChainWalk:
                     continue
                 version = str(row[f"v{n}"])
                 holder = row.get(f"a{n}")
+                if holder is not None and not isinstance(holder, str):
+                    raise CorruptState(
+                        f"checkpoint {self._next} of namespace {self.checkpoint_ns!r} has a"
+                        f" damaged value_at: {holder!r} for {ch!r}"
+                    )
                 if holder is None and row.get("layout", 1) < layout.LAYOUT:
                     holder = layout.blob_doc_id(self.checkpoint_ns, ch, version)
                 if holder is not None:

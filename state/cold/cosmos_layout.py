@@ -211,14 +211,114 @@ def packed_size(doc: Doc) -> int:
 
 
 def to_layout_2(doc: Doc) -> Doc:
-    """Any stored document in the current layout, then upcast to the current logical schema."""
-    if doc.get("layout", 1) < LAYOUT:
-        if doc.get("type") == CHECKPOINT:
-            doc = _checkpoint_1_to_2(doc)
-        elif doc.get("type") == WRITE:
-            doc = _write_1_to_2(doc)
+    """Any stored document in the current layout, then upcast to the current logical schema.
+
+    The boundary where a stored document becomes one the readers take apart: one of the
+    wrong shape is `CorruptState` naming it here, not a KeyError or TypeError from a reader.
+    """
     kind = SCHEMA_KIND.get(doc.get("type", ""))
-    return upcast(kind, doc) if kind is not None else doc
+    if kind is None:
+        return doc
+    try:
+        if doc.get("layout", 1) < LAYOUT:
+            if doc["type"] == CHECKPOINT:
+                doc = _checkpoint_1_to_2(doc)
+            elif doc["type"] == WRITE:
+                doc = _write_1_to_2(doc)
+        doc = upcast(kind, doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(doc, repr(exc)) from exc
+    _check_shape(doc)
+    return doc
+
+
+def _damaged(doc: Doc, what: str) -> CorruptState:
+    return CorruptState(f"{doc.get('id')!r} is not a {doc.get('type')} document: {what}")
+
+
+def _check_entry(doc: Doc, entry: Any) -> None:
+    """An entry `decode` and `chunk_ids` can read (`Packer.entry`)."""
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("serde"), str)
+        and isinstance(entry.get("enc"), str)
+        and isinstance(entry.get("data"), str)
+        and type(entry.get("parts")) is int
+        and entry["parts"] >= 1
+        and isinstance(entry.get("chunk_set"), str)
+    ):
+        raise _damaged(doc, "a damaged value entry")
+
+
+def check_values(doc: Doc) -> None:
+    """`CorruptState` unless its `values` are channel -> entry with a `version` (also for
+    documents queried by their values alone, that skip `to_layout_2`)."""
+    values = doc.get("values")
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise _damaged(doc, "its values are not a mapping")
+    for entry in values.values():
+        _check_entry(doc, entry)
+        if not isinstance(entry.get("version"), str | int | float):
+            raise _damaged(doc, "a value without a version")
+
+
+def _check_shape(doc: Doc) -> None:
+    """`CorruptState` unless a (layout-2, upcast) document has the fields its readers take."""
+    if not isinstance(doc.get("id"), str):
+        raise _damaged(doc, "no id")
+    kind = doc["type"]
+    if kind == BLOB:
+        _check_entry(doc, doc)
+        if not isinstance(doc.get("channel"), str) or not isinstance(
+            doc.get("version"), str | int | float
+        ):
+            raise _damaged(doc, "no channel or version")
+        return
+    if kind == VALUES:
+        check_values(doc)
+        return
+    if not isinstance(doc.get("checkpoint_ns"), str) or not isinstance(
+        doc.get("checkpoint_id"), str
+    ):
+        raise _damaged(doc, "no namespace or checkpoint id")
+    if kind == WRITE:
+        writes = doc.get("writes")
+        if not (
+            isinstance(writes, list)
+            and isinstance(doc.get("task_id"), str)
+            and isinstance(doc.get("task_path"), str)
+        ):
+            raise _damaged(doc, "no writes list, task id or task path")
+        for entry in writes:
+            _check_entry(doc, entry)
+            if type(entry.get("idx")) is not int or not isinstance(entry.get("channel"), str):
+                raise _damaged(doc, "a write without an index or channel")
+        return
+    check_values(doc)
+    _check_entry(doc, doc.get("checkpoint"))
+    parent = doc.get("parent_checkpoint_id")
+    value_at = doc.get("value_at")
+    seeds = doc.get("delta_seed")
+    if not (
+        isinstance(doc.get("thread_id"), str)
+        and (parent is None or isinstance(parent, str))
+        and isinstance(doc.get("channel_versions"), dict)
+        and isinstance(doc.get("metadata"), dict)
+        and isinstance(doc.get("metadata_json") or "", str)
+        and isinstance(value_at, dict)
+        and all(isinstance(holder, str) for holder in value_at.values())
+        and (seeds is None or isinstance(seeds, dict))
+    ):
+        raise _damaged(doc, "a damaged thread id, parent, versions, metadata or value_at")
+    for seed in (seeds or {}).values():
+        if not (
+            isinstance(seed, dict)
+            and isinstance(seed.get("since"), str)
+            and isinstance(seed.get("holder") or "", str)
+        ):
+            raise _damaged(doc, "a damaged delta_seed")
 
 
 def _checkpoint_1_to_2(doc: Doc) -> Doc:
@@ -372,7 +472,15 @@ def stored_checkpoint(
 def metadata_of(doc: Doc) -> dict[str, Any]:
     """A checkpoint document's metadata as written (`EXACT_INT`)."""
     exact = doc.get("metadata_json")
-    metadata: dict[str, Any] = json.loads(exact) if exact is not None else doc["metadata"]
+    metadata = doc.get("metadata")
+    if exact is not None:
+        try:
+            metadata = json.loads(exact)
+        except (ValueError, TypeError) as exc:
+            raise _damaged(doc, f"its metadata_json is not JSON: {exc}") from exc
+    # Also read from documents as queried (a list's metadata filter), before `to_layout_2`.
+    if not isinstance(metadata, dict):
+        raise _damaged(doc, "its metadata is not an object")
     return metadata
 
 

@@ -32,6 +32,7 @@ from psycopg.types.json import Jsonb
 
 from ..errors import (
     BackendUnavailable,
+    CorruptState,
     ParentGone,
     RequestRejected,
     RunsPartlyDeleted,
@@ -97,7 +98,9 @@ SELECT {CHECKPOINT_COLUMNS},
     (
         SELECT array_agg(ARRAY[convert_to(b.channel, 'UTF8'), convert_to(b.type, 'UTF8'),
                                b.blob, convert_to(b.schema_version::text, 'UTF8')])
-        FROM jsonb_each_text(c.channel_versions) AS v
+        -- A damaged (non-object) column reads as no blobs, refused as damage after.
+        FROM jsonb_each_text(CASE jsonb_typeof(c.channel_versions)
+                             WHEN 'object' THEN c.channel_versions END) AS v
         CROSS JOIN LATERAL (
             SELECT channel, type, blob, schema_version FROM cp_blobs
             WHERE thread_id = c.thread_id AND checkpoint_ns = c.checkpoint_ns
@@ -1480,6 +1483,7 @@ def _stored_checkpoint(row: dict[str, Any]) -> tuple[StoredCheckpoint, dict[byte
     """A checkpoint row, with the blobs, writes and history its query loaded alongside
     it, and the chunks of its history's seeds."""
     document = upcast("checkpoint", row)
+    _check_shape(document)
     blobs = {}
     for channel, type_, blob, schema_version in row["blob_rows"] or ():
         loaded = upcast(
@@ -1520,6 +1524,24 @@ def _stored_checkpoint(row: dict[str, Any]) -> tuple[StoredCheckpoint, dict[byte
         history=history,
     )
     return stored, chunks
+
+
+def _check_shape(document: dict[str, Any]) -> None:
+    """`CorruptState` unless its JSON columns hold what the port's types say (a column
+    of the wrong shape, edited by hand or a bad migration, is damage, typed, not a list
+    as metadata going on to the saver)."""
+    metadata, versions = document["metadata"], document["channel_versions"]
+    if not (
+        isinstance(metadata, dict)
+        and isinstance(versions, dict)
+        and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in versions.values()
+        )
+    ):
+        raise CorruptState(
+            f"checkpoint {document['checkpoint_id']} of {document['thread_id']!r}"
+            f" (namespace {document['checkpoint_ns']!r}) has damaged metadata or channel_versions"
+        )
 
 
 def _history(

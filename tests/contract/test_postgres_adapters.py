@@ -45,6 +45,7 @@ from state.cold.postgres_client import ENTRA_SCOPE, OPEN_RETRY_SECONDS, Postgres
 from state.cold.postgres_store import PostgresStateStore
 from state.errors import (
     BackendUnavailable,
+    CorruptState,
     InvalidValue,
     ParentGone,
     RequestRejected,
@@ -1465,3 +1466,43 @@ async def test_delete_for_runs_of_a_run_on_many_threads_is_not_refused(
             "SELECT count(*) AS left FROM cp_checkpoints WHERE metadata ->> 'run_id' = %s", (run,)
         )
         assert (await cursor.fetchone())["left"] == 0
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("metadata", [1]),
+        ("metadata", "text"),
+        ("channel_versions", [1]),
+        ("channel_versions", 7),
+        ("channel_versions", {"messages": {"v": 2}}),
+    ],
+    ids=[
+        "metadata array",
+        "metadata string",
+        "versions array",
+        "versions number",
+        "version object",
+    ],
+)
+async def test_a_damaged_checkpoint_row_is_corrupt_state(
+    pg: PostgresConnection, checkpoints: PostgresCheckpointStore, column: str, value: object
+) -> None:
+    """A JSON column of the wrong shape (a hand edit, a bad migration) reads as damage,
+    typed, as a damaged Cosmos document does: not a list as metadata past the port, nor an
+    untyped error from the reader."""
+    thread = unique_thread()
+    [first] = _ids(1)
+    blob = [StoredBlob("messages", "v2", ("json", b"[2]"))]
+    await checkpoints.put_checkpoint(_checkpoint(thread, first, versions={"messages": "v2"}), blob)
+    async with pg.connection("inspect") as conn:
+        await conn.execute(
+            f"UPDATE cp_checkpoints SET {column} = %s WHERE thread_id = %s",
+            (Jsonb(value), thread),
+        )
+    with pytest.raises(CorruptState):
+        await checkpoints.get_checkpoint(thread, "", first)
+    with pytest.raises(CorruptState):
+        await checkpoints.get_checkpoint(thread, "", None)
+    with pytest.raises(CorruptState):
+        [c async for c in _list(checkpoints, thread)]

@@ -4,6 +4,7 @@ documents, write-behind batches and maintenance that keeps what a checkpoint nam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import operator
@@ -962,3 +963,169 @@ async def test_a_damaged_chunk_document_is_corrupt_state(
     await container.upsert_item({k: v for k, v in changed.items() if v is not None})
     with pytest.raises(CorruptState):
         await small_items.get_writes(thread_id, "", checkpoint_id(1))
+
+
+async def _damage(
+    connection: CosmosConnection, thread_id: str, doc_id: str, damage: dict[str, Any]
+) -> None:
+    """The stored document `doc_id` with `damage` applied (a field None: removed; a
+    callable: applied to the document)."""
+    container = await connection.container()
+    [doc] = [doc for doc in await partition(connection, thread_id) if doc["id"] == doc_id]
+    doc = {k: v for k, v in doc.items() if not k.startswith("_")}
+    for key, value in damage.items():
+        doc[key] = value(doc) if callable(value) else value
+    await container.upsert_item({k: v for k, v in doc.items() if v is not None})
+
+
+def _in_entry(field: str, value: Any) -> Any:
+    """Damage to the checkpoint's own entry (None: the field removed)."""
+    return lambda doc: {
+        k: v for k, v in {**doc["checkpoint"], field: value}.items() if v is not None
+    }
+
+
+def _in_value(field: str, value: Any) -> Any:
+    """Damage to the entry of the `ledger` value the checkpoint holds."""
+    return lambda doc: {
+        "ledger": {
+            k: v for k, v in {**doc["values"]["ledger"], field: value}.items() if v is not None
+        }
+    }
+
+
+CHECKPOINT_DAMAGE = {
+    "no parts": {"checkpoint": _in_entry("parts", None)},
+    "parts text": {"checkpoint": _in_entry("parts", "x")},
+    "no data": {"checkpoint": _in_entry("data", None)},
+    "data number": {"checkpoint": _in_entry("data", 5)},
+    "no enc": {"checkpoint": _in_entry("enc", None)},
+    "no serde": {"checkpoint": _in_entry("serde", None)},
+    "entry a list": {"checkpoint": []},
+    "value parts": {"values": _in_value("parts", [2])},
+    "value no version": {"values": _in_value("version", None)},
+    "value a string": {"values": {"ledger": "x"}},
+    "values a list": {"values": []},
+    "metadata a list": {"metadata": [1]},
+    "metadata_json not JSON": {"metadata_json": "{"},
+    "no metadata": {"metadata": None},
+    "versions a list": {"channel_versions": ["ledger"]},
+    "no versions": {"channel_versions": None},
+    "value_at a list": {"value_at": ["x"]},
+    "value_at holder a list": {"value_at": {"ledger": ["x"]}},
+    "parent a list": {"parent_checkpoint_id": [1]},
+    "delta_seed a list": {"delta_seed": [1]},
+    "delta_seed entry a string": {"delta_seed": {"ledger": "x"}},
+    "delta_seed entry without since": {"delta_seed": {"ledger": {"holder": None}}},
+    "layout text": {"layout": "two"},
+    "schema_version text": {"schema_version": "x"},
+}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE.values(), ids=CHECKPOINT_DAMAGE.keys())
+async def test_a_damaged_checkpoint_document_is_corrupt_state(
+    store: CosmosCheckpointStore, connection: CosmosConnection, damage: dict[str, Any]
+) -> None:
+    # A checkpoint document of the wrong shape reads as damage, typed, from every reader
+    # (not a KeyError or TypeError past the saver's handlers). The damaged one has a
+    # parent, so one with a `delta_seed` is read by the delta-history fast path.
+    thread_id = thread()
+    ledger = ("json", b'"ledger"')
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    await store.put_checkpoint(
+        stored(thread_id, 2, {"ledger": "1"}), [StoredBlob("ledger", "1", ledger)]
+    )
+    await _damage(connection, thread_id, layout.checkpoint_doc_id("", checkpoint_id(2)), damage)
+    with pytest.raises(CorruptState):
+        await store.get_checkpoint(thread_id, "", checkpoint_id(2))
+    with pytest.raises(CorruptState):
+        await store.get_checkpoint(thread_id, "", None)
+    with pytest.raises(CorruptState):
+        [c async for c in _list(store, thread_id)]
+    # Maintenance reads less of a checkpoint (not its metadata_json): damage there or none.
+    with contextlib.suppress(CorruptState):
+        await store.copy_thread(thread_id, thread())
+    with contextlib.suppress(CorruptState):
+        await store.prune([thread_id], strategy="keep_latest")
+
+
+WRITE_DAMAGE = {
+    "writes a dict": {"writes": {"a": 1}},
+    "no writes": {"writes": None},
+    "write no idx": {"writes": lambda doc: [{**doc["writes"][0], "idx": None}]},
+    "write idx text": {"writes": lambda doc: [{**doc["writes"][0], "idx": "zero"}]},
+    "write no channel": {
+        "writes": lambda doc: [{k: v for k, v in doc["writes"][0].items() if k != "channel"}]
+    },
+    "write no data": {
+        "writes": lambda doc: [{k: v for k, v in doc["writes"][0].items() if k != "data"}]
+    },
+    "write parts a list": {"writes": lambda doc: [{**doc["writes"][0], "parts": [2]}]},
+    "write a string": {"writes": ["x"]},
+    "no task_id": {"task_id": None},
+    "no task_path": {"task_path": None},
+}
+
+
+@pytest.mark.parametrize("damage", WRITE_DAMAGE.values(), ids=WRITE_DAMAGE.keys())
+async def test_a_damaged_write_document_is_corrupt_state(
+    store: CosmosCheckpointStore, connection: CosmosConnection, damage: dict[str, Any]
+) -> None:
+    thread_id = thread()
+    await store.put_checkpoint(stored(thread_id, 1, {}), [])
+    write = StoredWrite("task-1", "", 0, "x", ("json", b"1"))
+    await store.put_writes(thread_id, "", checkpoint_id(1), [write], upsert=False)
+    doc_id = layout.task_writes_doc_id("", checkpoint_id(1), "task-1")
+    await _damage(connection, thread_id, doc_id, damage)
+    with pytest.raises(CorruptState):
+        await store.get_writes(thread_id, "", checkpoint_id(1))
+    with pytest.raises(CorruptState):
+        await store.get_checkpoint(thread_id, "", checkpoint_id(1))
+    # A later write of the task merges into the stored document (as a flush does).
+    more = StoredWrite("task-1", "", 1, "y", ("json", b"2"))
+    with pytest.raises(CorruptState):
+        await store.put_writes(thread_id, "", checkpoint_id(1), [more], upsert=False)
+    with pytest.raises(CorruptState):
+        [c async for c in _list(store, thread_id)]
+
+
+async def test_a_damaged_values_holder_is_corrupt_state(
+    store: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    # The values a pruned checkpoint leaves for a kept one (a `checkpoint_values`
+    # document) are read by the kept one and by the collection of blocks.
+    thread_id = thread()
+    ledger = ("json", b'"ledger"')
+    await store.put_checkpoint(
+        stored(thread_id, 1, {"ledger": "1"}), [StoredBlob("ledger", "1", ledger)]
+    )
+    await store.put_checkpoint(stored(thread_id, 2, {"ledger": "1"}), [])
+    await store.prune([thread_id], strategy="keep_latest")
+    holder_id = layout.checkpoint_doc_id("", checkpoint_id(1))
+    docs = {doc["id"]: doc for doc in await partition(connection, thread_id)}
+    assert docs[holder_id]["type"] == layout.VALUES
+    await _damage(connection, thread_id, holder_id, {"values": _in_value("parts", None)})
+    with pytest.raises(CorruptState):
+        await store.get_checkpoint(thread_id, "", checkpoint_id(2))
+    with pytest.raises(CorruptState):
+        await store.prune([thread_id], strategy="keep_latest")
+
+
+async def test_a_damaged_value_at_is_corrupt_state_to_a_delta_history(
+    store: CosmosCheckpointStore, connection: CosmosConnection
+) -> None:
+    # The lineage `delta_history` walks is read as rows of a query, not whole documents.
+    thread_id = thread()
+    ledger = ("json", b'"ledger"')
+    await store.put_checkpoint(
+        stored(thread_id, 1, {"ledger": "1"}), [StoredBlob("ledger", "1", ledger)]
+    )
+    await store.put_checkpoint(stored(thread_id, 2, {"ledger": "1"}), [])
+    await _damage(
+        connection,
+        thread_id,
+        layout.checkpoint_doc_id("", checkpoint_id(1)),
+        {"value_at": {"ledger": ["x"]}},
+    )
+    with pytest.raises(CorruptState):
+        await store.delta_history(thread_id, "", checkpoint_id(2), ["ledger"])
