@@ -9,6 +9,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -697,7 +698,11 @@ class _WaitingConnectionPool(aioredis.ConnectionPool):
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
+                self._pass_on(waiter)
                 raise RedisConnectionError("No connection available.") from None
+            except asyncio.CancelledError:
+                self._pass_on(waiter)
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
@@ -709,6 +714,13 @@ class _WaitingConnectionPool(aioredis.ConnectionPool):
     async def release(self, connection: AbstractConnection) -> None:
         await super().release(connection)
         self._wake(1)
+
+    def _pass_on(self, waiter: asyncio.Future[None]) -> None:
+        """A caller woken for a connection given back, then cancelled (an event stream's
+        client gone) or out of time before it took it: the wake goes to the next waiter,
+        which would otherwise wait out POOL_WAIT_SECONDS, the connection idle."""
+        if waiter.done() and not waiter.cancelled():
+            self._wake(1)
 
     def _wake(self, count: int) -> None:
         """Tell up to `count` waiting callers a connection is back."""
@@ -827,12 +839,25 @@ async def round_trip(
     read_timeout = socket_timeout + wait_seconds if wait_seconds and socket_timeout else None
     try:
 
+        async def reply() -> Any:
+            if read_timeout is None:
+                return await connection.read_response()
+            # Not redis-py's own `timeout`: past it, redis-py answers None (a blocking read's
+            # "nothing came") and leaves the connection, its reply still to come, to the
+            # next command on it, which read that reply as its own (another case's events).
+            # Cancelled, the read drops the connection; it fails typed, and opens no circuit.
+            try:
+                async with asyncio.timeout(read_timeout):
+                    return await connection.read_response(timeout=math.inf)
+            except TimeoutError:
+                raise RedisTimeoutError(f"no reply within {read_timeout:g} s") from None
+
         async def exchange() -> list[Any]:
             await connection.send_packed_command([_packed(commands)])
             replies: list[Any] = []
             for _ in commands:
                 try:
-                    replies.append(await connection.read_response(timeout=read_timeout))
+                    replies.append(await reply())
                 except ResponseError as error:
                     replies.append(error)
             _raise_first_error(replies)

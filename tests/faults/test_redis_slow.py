@@ -7,6 +7,7 @@ the server gone silent, which would fail every other caller's commands for a whi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -45,6 +46,40 @@ async def test_an_event_read_waiting_on_a_slow_redis_ends_with_its_wait_and_open
             assert await client.ping()
             later = await events.read("case-slow", after=None, wait_ms=0)
             assert [event.data for event in later] == [{"event": "run_queued"}]
+        finally:
+            proxy.latency_seconds = 0.0
+            await client.aclose()
+
+
+async def test_an_event_read_answered_past_its_wait_hands_its_late_reply_to_no_other_read(
+    settings_for: Callable[..., Settings],
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    """A reply later than the socket timeout plus the read's wait: redis-py answers None
+    for a read past a timeout its caller gave, and left the connection, its reply still to
+    come, in the pool. The read said nothing came (an open stream waited on, events missed),
+    and the next command on that connection got that reply: another case's events read as
+    this one's."""
+    server = redis_server()
+    with LoopbackProxy(server.port) as proxy:
+        client = create_redis_client(
+            settings_for("postgres", redis_url=f"redis://{LOOPBACK}:{proxy.port}/0")
+        )
+        events = RedisEventLog(client, namespace="late", max_events=100, ttl_seconds=60)
+        try:
+            await events.append("case-late-a", {"event": "a"})
+            await events.append("case-late-b", {"event": "b"})
+            # The read's reply held 1.5 s each way: 3 s, past the socket timeout plus its
+            # 0.5 s wait. The server is quick again by the time the read is retried.
+            proxy.latency_seconds = 1.5
+            reading = asyncio.ensure_future(events.read("case-late-a", after=None, wait_ms=500))
+            await asyncio.sleep(2.0)  # its request went through, its reply is held
+            proxy.latency_seconds = 0.0
+            assert [event.data for event in await reading] == [{"event": "a"}]
+            assert circuit_for(LOOPBACK, proxy.port).open_until == 0.0
+            later = await events.read("case-late-b", after=None, wait_ms=0)
+            assert [event.data for event in later] == [{"event": "b"}]
+            assert await client.ping()
         finally:
             proxy.latency_seconds = 0.0
             await client.aclose()

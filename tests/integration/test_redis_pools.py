@@ -122,3 +122,28 @@ async def test_the_health_probe_measures_redis_not_a_full_pool(
         finally:
             for connection in held:
                 await pool.release(connection)
+
+
+async def test_a_connection_given_back_to_a_waiter_that_is_cancelled_serves_the_next_one(
+    stack_env: dict[str, str], own_redis: RedisServer
+) -> None:
+    """A connection given back wakes one waiting caller. That caller cancelled before it
+    took the connection (an event stream whose client left) took the wake with it: the next
+    waiter waited out POOL_WAIT_SECONDS and failed, the connection idle in the pool."""
+    settings = _settings(stack_env, own_redis.url, redis_max_connections=1)
+    client = create_redis_client(settings)
+    pool = client.connection_pool
+    try:
+        held = await pool.get_connection()
+        gone = asyncio.create_task(pool.get_connection())
+        waiting = asyncio.create_task(pool.get_connection())
+        await asyncio.sleep(0)  # both wait for a connection
+        await pool.release(held)  # wakes `gone`, cancelled before it runs again
+        assert not gone.done()
+        gone.cancel()
+        connection = await asyncio.wait_for(waiting, POOL_WAIT_SECONDS / 2)
+        await pool.release(connection)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    finally:
+        await client.aclose()
