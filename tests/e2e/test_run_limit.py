@@ -87,6 +87,19 @@ async def client(
             await runtime.close()
 
 
+async def submitted_until(http: httpx.AsyncClient, body: dict[str, Any], status: str) -> None:
+    """Submits a case its runs are released for, and waits for it to reach `status`: within
+    the sync wait (0.5 s here) a slow machine may answer 202 first."""
+    answer = await http.post("/api/cases", json=body)
+    assert answer.status_code in (201, 202), answer.text
+    deadline = asyncio.get_running_loop().time() + 30
+    while answer.json()["status"] != status:
+        assert asyncio.get_running_loop().time() < deadline, answer.text
+        await asyncio.sleep(0.05)
+        answer = await http.get(f"/api/cases/{body['case_id']}")
+        assert answer.status_code == 200, answer.text
+
+
 async def fill_the_worker(http: httpx.AsyncClient, held: Held, case_id: str) -> tuple[str, str]:
     """Two cases whose runs are held at their first step: the worker's maximum reached."""
     first, second = f"{case_id}-1", f"{case_id}-2"
@@ -291,8 +304,7 @@ async def test_a_follow_up_queued_behind_a_review_is_taken_while_the_maximum_is_
     reviewer = bearer("run-limit-reviewer")
     paused = f"{case_id}-0"
     held.release.set()
-    waiting = await http.post("/api/cases", json=escalated(paused))
-    assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
+    await submitted_until(http, escalated(paused), "awaiting_review")
     held.release.clear()
     await fill_the_worker(http, held, case_id)
     taken = slots_taken_during(runtime, monkeypatch)
@@ -408,8 +420,7 @@ async def test_a_follow_up_refused_while_the_maximum_is_reached_leaves_no_run_in
     tracker = runtime.service._tracker
     ended = f"{case_id}-0"
     held.release.set()
-    completed = await http.post("/api/cases", json=demo_case(ended))
-    assert completed.status_code == 201 and completed.json()["status"] == "completed"
+    await submitted_until(http, demo_case(ended), "completed")
     await runtime.service.resume_stale()  # a case with nothing left to run leaves the index
     assert ended not in await tracker.active_cases()
     held.release.clear()
@@ -436,8 +447,7 @@ async def test_a_follow_up_to_a_case_in_the_wrong_state_is_its_404_or_409_while_
     reviewer = bearer("run-limit-reviewer")
     paused = f"{case_id}-0"
     held.release.set()
-    waiting = await http.post("/api/cases", json=escalated(paused))
-    assert waiting.status_code == 201 and waiting.json()["status"] == "awaiting_review"
+    await submitted_until(http, escalated(paused), "awaiting_review")
     held.release.clear()
     first, _ = await fill_the_worker(http, held, case_id)
 

@@ -495,7 +495,7 @@ async def test_an_append_to_a_listed_thread_costs_the_server_these_commands(
             "xadd": 1,
             # Listed already: its score bumped, its `since` kept, the server's clock unread.
             "zincrby": 1,
-            "incr": 1,
+            "incrby": 1,  # the entry counted
         }
         fence = hot_key(thread_id, "wb-fence", namespace=cache.namespace)
         assert await counters.get(fence) == b"7"
