@@ -4,11 +4,14 @@ of its records is damaged, reading it is a `CorruptState`, never another error."
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 from state.errors import CorruptState
+from state.ports import ColdStateStore
 from state.size import OFFLOADED_KEY, ColdRecordArchive, StateSizeManager
 from state.sized import SizedStateStore
 from tests.integration.delta_graph import open_stack, settings_for
@@ -23,15 +26,28 @@ DAMAGE = {
 }
 
 
+@asynccontextmanager
+async def archive_stack(
+    backend: str, stack_env: dict[str, str]
+) -> AsyncIterator[tuple[ColdStateStore, ColdRecordArchive, SizedStateStore]]:
+    """The cold store of `backend`, its record archive and the sized store over both."""
+    settings = settings_for(stack_env, backend, False, "write-through")
+    async with open_stack(settings) as opened:
+        cold = opened.backends.cold
+        archive = ColdRecordArchive.from_settings(cold, settings)
+        yield (
+            cold,
+            archive,
+            SizedStateStore(cold, StateSizeManager.from_settings(settings, archive)),
+        )
+
+
 @pytest.mark.parametrize("backend", ["postgres", "cosmos"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
 async def test_a_damaged_archived_value_reads_as_corrupt_state(
     backend: str, damage: str, stack_env: dict[str, str]
 ) -> None:
-    settings = settings_for(stack_env, backend, False, "write-through")
-    async with open_stack(settings) as opened:
-        cold = opened.backends.cold
-        archive = ColdRecordArchive.from_settings(cold, settings)
+    async with archive_stack(backend, stack_env) as (cold, archive, _):
         value = {"notes": [f"note {n}" for n in range(50)]}
         ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", value)
         assert await archive.fetch_archived(ref) == value
@@ -60,11 +76,7 @@ async def test_a_damaged_reference_to_an_offloaded_section_reads_as_corrupt_stat
 ) -> None:
     # A caller's value shaped like a reference is stored escaped (`size.escaped`): a
     # reference as read is one the size layer wrote, and one it cannot read is damage.
-    settings = settings_for(stack_env, backend, False, "write-through")
-    async with open_stack(settings) as opened:
-        cold = opened.backends.cold
-        archive = ColdRecordArchive.from_settings(cold, settings)
-        sized = SizedStateStore(cold, StateSizeManager.from_settings(settings, archive))
+    async with archive_stack(backend, stack_env) as (cold, _, sized):
         thread = f"damaged-ref-{uuid.uuid4().hex[:12]}"
         await cold.create(thread, {"notes": {OFFLOADED_KEY: envelope}}, agent_id="damage")
         with pytest.raises(CorruptState):
@@ -76,10 +88,7 @@ async def test_a_damaged_reference_to_an_offloaded_section_reads_as_corrupt_stat
 async def test_deleting_an_archived_value_with_a_damaged_head_is_corrupt_state(
     backend: str, count: Any, stack_env: dict[str, str]
 ) -> None:
-    settings = settings_for(stack_env, backend, False, "write-through")
-    async with open_stack(settings) as opened:
-        cold = opened.backends.cold
-        archive = ColdRecordArchive.from_settings(cold, settings)
+    async with archive_stack(backend, stack_env) as (cold, archive, _):
         ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", {"n": 1})
         record = await cold.get(ref)
         assert record is not None
@@ -102,11 +111,7 @@ async def test_a_reference_without_the_archive_separator_reads_as_corrupt_state(
 ) -> None:
     # A stored reference that lost its separator names a record that is no archive's
     # (here one shaped like a head, with its chunk): damage, not an IndexError.
-    settings = settings_for(stack_env, backend, False, "write-through")
-    async with open_stack(settings) as opened:
-        cold = opened.backends.cold
-        archive = ColdRecordArchive.from_settings(cold, settings)
-        sized = SizedStateStore(cold, StateSizeManager.from_settings(settings, archive))
+    async with archive_stack(backend, stack_env) as (cold, archive, sized):
         value = {"notes": [f"note {n}" for n in range(50)]}
         ref = await archive.archive(f"damaged-{uuid.uuid4().hex[:12]}", "notes", value)
         plain = f"plain-{uuid.uuid4().hex[:12]}"
